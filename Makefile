@@ -1,0 +1,52 @@
+# jobtrace: `make run` serves on 127.0.0.1:50051, `make test` runs everything CI runs.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard proto/jobtrace/v1/*.proto)
+
+.DEFAULT_GOAL := help
+.PHONY: help venv run test generate check-generated lint fmt bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv and install the pinned dependencies
+
+run: $(STAMP) ## Serve on 127.0.0.1:50051 with ./jobtrace.db
+	$(BIN)/jobtrace serve
+
+generate: $(STAMP) ## Regenerate generated/ from proto/
+	$(BIN)/python scripts/generate.py generated
+
+check-generated: $(STAMP) ## Fail when generated/ is stale
+	$(BIN)/python scripts/generate.py --check generated
+
+lint: $(STAMP) ## ruff, mypy, buf lint, buf format -d
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/buf lint
+	$(BIN)/buf format -d --exit-code
+	$(BIN)/mypy src
+
+fmt: $(STAMP) ## Format Python and protos
+	$(BIN)/ruff format src tests scripts
+	$(BIN)/ruff check --fix src tests scripts
+	$(BIN)/buf format -w
+
+test: $(STAMP) check-generated ## Contract checks and the whole test suite
+	$(BIN)/buf lint
+	$(BIN)/buf format -d --exit-code
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP) ## Run the benchmark with its defaults
+	$(BIN)/jobtrace bench
+
+clean: ## Remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

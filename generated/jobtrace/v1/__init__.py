@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of jobtrace.v1; do not edit (make generate)."""
