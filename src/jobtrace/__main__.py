@@ -1,0 +1,5 @@
+"""`python -m jobtrace` is the `jobtrace` command."""
+
+from jobtrace.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""gRPC servicers: decode, authorise, call the domain, encode, map errors."""

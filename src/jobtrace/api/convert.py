@@ -1,0 +1,239 @@
+"""Conversion between protobuf messages and domain records, in one place."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from jobtrace.domain.jobs import (
+    JobSubmission,
+    SizedAnnotation,
+    StepSubmission,
+    WorkflowSubmission,
+)
+from jobtrace.model import JSON, AnnotationInput, Backoff, Failure, Job, JobSpec, Workflow
+from jobtrace.pb import common_pb2, duration_pb2, struct_pb2, timestamp_pb2
+
+
+def request_hash(message: Message) -> str:
+    """Identity of a request's content: deterministic serialisation, hashed."""
+    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+
+
+def ts_to_us(ts: timestamp_pb2.Timestamp) -> int:
+    return ts.seconds * 1_000_000 + ts.nanos // 1_000
+
+
+def us_to_ts(us: int) -> timestamp_pb2.Timestamp | None:
+    if not us:
+        return None
+    return timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1_000)
+
+
+def duration_ms(d: duration_pb2.Duration) -> int:
+    return d.seconds * 1000 + d.nanos // 1_000_000
+
+
+def ms_to_duration(ms: int) -> duration_pb2.Duration:
+    return duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+def struct_to_dict(s: struct_pb2.Struct) -> JSON:
+    return json_format.MessageToDict(s)
+
+
+def dict_to_struct(d: JSON | None) -> struct_pb2.Struct | None:
+    if d is None:
+        return None
+    s = struct_pb2.Struct()
+    s.update(d)
+    return s
+
+
+def value_to_py(v: struct_pb2.Value) -> Any:
+    return json_format.MessageToDict(v)
+
+
+def py_to_value(x: Any) -> struct_pb2.Value:
+    v = struct_pb2.Value()
+    json_format.ParseDict(x, v)
+    return v
+
+
+def message_to_dict(m: Message) -> JSON:
+    return json_format.MessageToDict(m, preserving_proto_field_name=True)
+
+
+# --- requests -> domain -------------------------------------------------------
+
+
+def spec_from_proto(p: common_pb2.JobSpec) -> tuple[JobSpec, int]:
+    backoff = Backoff(
+        initial_ms=duration_ms(p.backoff.initial_interval),
+        multiplier=p.backoff.multiplier,
+        maximum_ms=duration_ms(p.backoff.maximum_interval),
+    )
+    timeout_ms = duration_ms(p.timeout)
+    if p.timeout.nanos and not timeout_ms:  # sub-millisecond: round up, never to "none"
+        timeout_ms = 1
+    spec = JobSpec(
+        service=p.service,
+        payload=struct_to_dict(p.payload),
+        priority=p.priority,
+        max_attempts=p.max_attempts,
+        timeout_ms=timeout_ms,
+        not_before_us=ts_to_us(p.not_before) if p.HasField("not_before") else 0,
+        affinity_keys=tuple(p.affinity_keys),
+        labels=dict(p.labels),
+        backoff=backoff,
+    )
+    return spec, p.payload.ByteSize()
+
+
+def annotation_input_from_proto(p: common_pb2.AnnotationInput) -> SizedAnnotation:
+    item = AnnotationInput(
+        actor_kind=p.actor.kind,
+        actor_id=p.actor.id,
+        actor_version=p.actor.version,
+        attributes={k: value_to_py(v) for k, v in p.attributes.items()},
+        payload=struct_to_dict(p.payload) if p.HasField("payload") else None,
+        idempotency_key=p.idempotency_key,
+    )
+    return SizedAnnotation(item, p.payload.ByteSize())
+
+
+def job_submission(request: Any, traceparent: str = "") -> JobSubmission:
+    spec, payload_bytes = spec_from_proto(request.job)
+    return JobSubmission(
+        request_id=request.request_id,
+        spec=spec,
+        payload_bytes=payload_bytes,
+        request_hash=request_hash(request),
+        request_context=message_to_dict(request.request_context),
+        context_bytes=request.request_context.ByteSize(),
+        annotations=tuple(annotation_input_from_proto(a) for a in request.annotations),
+        traceparent=traceparent,
+    )
+
+
+def workflow_submission(request: Any, traceparent: str = "") -> WorkflowSubmission:
+    steps = []
+    for step in request.steps:
+        spec, size = spec_from_proto(step.job) if step.HasField("job") else (None, 0)
+        steps.append(
+            StepSubmission(
+                name=step.name,
+                spec=spec,
+                payload_bytes=size,
+                depends_on=tuple(step.depends_on),
+                independent=step.independent,
+            )
+        )
+    return WorkflowSubmission(
+        request_id=request.request_id,
+        name=request.name,
+        steps=tuple(steps),
+        request_hash=request_hash(request),
+        priority=request.priority,
+        request_context=message_to_dict(request.request_context),
+        context_bytes=request.request_context.ByteSize(),
+        annotations=tuple(annotation_input_from_proto(a) for a in request.annotations),
+        labels=dict(request.labels),
+        traceparent=traceparent,
+    )
+
+
+def request_context_to_proto(d: JSON) -> common_pb2.RequestContext:
+    out = common_pb2.RequestContext()
+    json_format.ParseDict(d, out, ignore_unknown_fields=True)
+    return out
+
+
+# --- domain -> responses ------------------------------------------------------
+
+
+def spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
+    return common_pb2.JobSpec(
+        service=spec.service,
+        payload=dict_to_struct(spec.payload),
+        priority=spec.priority,
+        max_attempts=spec.max_attempts,
+        timeout=ms_to_duration(spec.timeout_ms) if spec.timeout_ms else None,
+        not_before=us_to_ts(spec.not_before_us),
+        affinity_keys=list(spec.affinity_keys),
+        labels=spec.labels,
+        backoff=common_pb2.BackoffPolicy(
+            initial_interval=ms_to_duration(spec.backoff.initial_ms),
+            multiplier=spec.backoff.multiplier,
+            maximum_interval=ms_to_duration(spec.backoff.maximum_ms),
+        ),
+    )
+
+
+def failure_to_proto(f: Failure | None) -> common_pb2.Failure | None:
+    if f is None:
+        return None
+    return common_pb2.Failure(
+        reason=f.reason, code=f.code, retryable=f.retryable, details=f.details, attempt=f.attempt
+    )
+
+
+def job_to_proto(job: Job) -> common_pb2.Job:
+    return common_pb2.Job(
+        id=job.id,
+        workflow_id=job.workflow_id,
+        step_name=job.step_name,
+        spec=spec_to_proto(job.spec),
+        state=int(job.state),  # type: ignore[arg-type]
+        attempt=job.attempt,
+        progress=common_pb2.JobProgress(percent=job.progress_percent, message=job.progress_message),
+        result=dict_to_struct(job.result),
+        failure=failure_to_proto(job.failure),
+        worker_id=job.worker_id,
+        created_at=us_to_ts(job.created_us),
+        started_at=us_to_ts(job.started_us),
+        updated_at=us_to_ts(job.updated_us),
+        completed_at=us_to_ts(job.completed_us),
+        request_id=job.request_id,
+        tenant=job.tenant,
+        lease_deadline=us_to_ts(job.lease_deadline_us),
+        next_attempt_at=us_to_ts(job.next_attempt_us),
+        traceparent=job.traceparent,
+    )
+
+
+def workflow_to_proto(w: Workflow) -> common_pb2.Workflow:
+    total = len(w.steps)
+    done = w.completed_steps
+    return common_pb2.Workflow(
+        id=w.id,
+        name=w.name,
+        state=int(w.state),  # type: ignore[arg-type]
+        steps=[
+            common_pb2.WorkflowStep(
+                name=s.name,
+                job_id=s.job_id,
+                state=int(s.state),  # type: ignore[arg-type]
+                depends_on=list(s.depends_on),
+                attempt=s.attempt,
+            )
+            for s in w.steps
+        ],
+        progress=common_pb2.WorkflowProgress(
+            completed_steps=done,
+            total_steps=total,
+            percent=(100.0 * done / total) if total else 0.0,
+        ),
+        priority=w.priority,
+        created_at=us_to_ts(w.created_us),
+        started_at=us_to_ts(w.started_us),
+        updated_at=us_to_ts(w.updated_us),
+        completed_at=us_to_ts(w.completed_us),
+        request_id=w.request_id,
+        tenant=w.tenant,
+        failure=failure_to_proto(w.failure),
+        labels=w.labels,
+    )

@@ -1,0 +1,86 @@
+"""Maps domain exceptions to gRPC status codes with google.rpc.Status details, in one place."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from jobtrace.domain import errors as de
+
+DOMAIN = "jobtrace"
+
+_CODES: list[tuple[type[de.DomainError], grpc.StatusCode]] = [
+    (de.Invalid, grpc.StatusCode.INVALID_ARGUMENT),
+    (de.NotFound, grpc.StatusCode.NOT_FOUND),
+    (de.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (de.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (de.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (de.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (de.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (de.Unavailable, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_code(exc: de.DomainError) -> grpc.StatusCode:
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def to_rpc_status(exc: de.DomainError) -> status_pb2.Status:
+    code = status_code(exc)
+    status = status_pb2.Status(code=code.value[0], message=exc.message)
+    status.details.add().Pack(
+        error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata)
+    )
+    if isinstance(exc, de.Invalid):
+        status.details.add().Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in exc.violations
+                ]
+            )
+        )
+    return status
+
+
+def to_status(exc: de.DomainError) -> grpc.Status:
+    return rpc_status.to_status(to_rpc_status(exc))
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def rpc(fn: F) -> F:
+    """Wrap a servicer method (unary or server-streaming) so that domain errors
+    end the call with their status and details."""
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except de.DomainError as exc:
+                await context.abort_with_status(to_status(exc))
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    async def unary(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await fn(self, request, context)
+        except de.DomainError as exc:
+            await context.abort_with_status(to_status(exc))
+
+    return unary  # type: ignore[return-value]

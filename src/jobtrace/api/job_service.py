@@ -1,0 +1,110 @@
+"""JobService: submission, queries and cancellation of jobs and workflows."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from jobtrace.api import convert
+from jobtrace.api.errors import rpc
+from jobtrace.auth import Authenticator, Role
+from jobtrace.domain.jobs import Jobs
+from jobtrace.pb import job_service_pb2 as pb
+from jobtrace.pb import job_service_pb2_grpc as pb_grpc
+
+TRACEPARENT_RE = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def traceparent(context: Any) -> str:
+    """The caller's W3C traceparent, if well formed (ignored otherwise, per the spec)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent" and isinstance(value, str) and TRACEPARENT_RE.match(value):
+            return value
+    return ""
+
+
+class JobServicer(pb_grpc.JobServiceServicer):
+    def __init__(self, jobs: Jobs, auth: Authenticator) -> None:
+        self._jobs = jobs
+        self._auth = auth
+
+    @rpc
+    async def SubmitJob(self, request: pb.SubmitJobRequest, context: Any) -> pb.SubmitJobResponse:
+        principal = self._auth.require(context, Role.SUBMITTER)
+        submission = convert.job_submission(request, traceparent(context))
+        job, deduplicated = await self._jobs.submit_job(principal.tenant, submission)
+        return pb.SubmitJobResponse(job=convert.job_to_proto(job), deduplicated=deduplicated)
+
+    @rpc
+    async def SubmitWorkflow(
+        self, request: pb.SubmitWorkflowRequest, context: Any
+    ) -> pb.SubmitWorkflowResponse:
+        principal = self._auth.require(context, Role.SUBMITTER)
+        submission = convert.workflow_submission(request, traceparent(context))
+        workflow, deduplicated = await self._jobs.submit_workflow(principal.tenant, submission)
+        return pb.SubmitWorkflowResponse(
+            workflow=convert.workflow_to_proto(workflow), deduplicated=deduplicated
+        )
+
+    @rpc
+    async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.GetJobResponse:
+        principal = self._auth.require(context, Role.READER)
+        job = await self._jobs.get_job(principal.read_scope, request.job_id)
+        return pb.GetJobResponse(job=convert.job_to_proto(job))
+
+    @rpc
+    async def GetWorkflow(
+        self, request: pb.GetWorkflowRequest, context: Any
+    ) -> pb.GetWorkflowResponse:
+        principal = self._auth.require(context, Role.READER)
+        workflow = await self._jobs.get_workflow(principal.read_scope, request.workflow_id)
+        return pb.GetWorkflowResponse(workflow=convert.workflow_to_proto(workflow))
+
+    @rpc
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
+        principal = self._auth.require(context, Role.READER)
+        page = await self._jobs.list_jobs(
+            principal.read_scope,
+            state=request.state,
+            service=request.service,
+            workflow_id=request.workflow_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListJobsResponse(
+            jobs=[convert.job_to_proto(j) for j in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    @rpc
+    async def ListWorkflows(
+        self, request: pb.ListWorkflowsRequest, context: Any
+    ) -> pb.ListWorkflowsResponse:
+        principal = self._auth.require(context, Role.READER)
+        page = await self._jobs.list_workflows(
+            principal.read_scope,
+            state=request.state,
+            name=request.name,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListWorkflowsResponse(
+            workflows=[convert.workflow_to_proto(w) for w in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    @rpc
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.CancelJobResponse:
+        principal = self._auth.require(context, Role.SUBMITTER)
+        job = await self._jobs.cancel_job(principal.read_scope, request.job_id, request.reason)
+        return pb.CancelJobResponse(job=convert.job_to_proto(job))
+
+    @rpc
+    async def CancelWorkflow(
+        self, request: pb.CancelWorkflowRequest, context: Any
+    ) -> pb.CancelWorkflowResponse:
+        principal = self._auth.require(context, Role.SUBMITTER)
+        workflow = await self._jobs.cancel_workflow(
+            principal.read_scope, request.workflow_id, request.reason
+        )
+        return pb.CancelWorkflowResponse(workflow=convert.workflow_to_proto(workflow))

@@ -1,0 +1,67 @@
+"""Typed settings, built from CLI flags over JOBTRACE_* environment variables over defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DB = "sqlite+aiosqlite:///./jobtrace.db"
+
+
+def database_url(value: str) -> str:
+    """A SQLAlchemy async URL; a bare path means a SQLite file."""
+    if "://" in value:
+        return value
+    return f"sqlite+aiosqlite:///{Path(value)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Address to listen on, HOST:PORT; port 0 picks a free one.
+    listen: str = "127.0.0.1:50051"
+    # SQLAlchemy async URL of the database (or a SQLite file path).
+    db: str = DEFAULT_DB
+    # Largest request or response message, in bytes.
+    max_message_bytes: int = 8 * 1024 * 1024
+    # Lease length granted per assignment, renewed by heartbeats.
+    lease_seconds: float = 30.0
+    # Heartbeat interval asked of workers.
+    heartbeat_seconds: float = 10.0
+    # On SIGTERM: how long in-flight calls may take to finish.
+    shutdown_grace_seconds: float = 10.0
+    # Logging level name.
+    log_level: str = "INFO"
+
+    @classmethod
+    def load(
+        cls, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None
+    ) -> Settings:
+        env = dict(os.environ) if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"JOBTRACE_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _parse(f.type, raw)
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                values[key] = value
+        settings = cls(**values)
+        return settings.normalized()
+
+    def normalized(self) -> Settings:
+        from dataclasses import replace
+
+        return replace(self, db=database_url(self.db))
+
+
+def _parse(kind: Any, raw: str) -> Any:
+    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind == "bool":
+        return raw.lower() in {"1", "true", "yes", "on"}
+    return raw

@@ -1,0 +1,1 @@
+"""The rules of jobtrace: lifecycle, scheduling, validation; no gRPC, no SQL."""

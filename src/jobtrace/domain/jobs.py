@@ -1,0 +1,596 @@
+"""Job and workflow submission, queries and cancellation."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from jobtrace.clock import now_us
+from jobtrace.domain import annotations as annotation_rules
+from jobtrace.domain.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    Violations,
+)
+from jobtrace.domain.pagination import PageTokens
+from jobtrace.domain.validation import (
+    MAX_STEPS,
+    STEP_NAME_RE,
+    check_id,
+    check_labels,
+    check_page_size,
+    check_request_id,
+    check_size,
+    check_text,
+    normalize_spec,
+)
+from jobtrace.ids import JOB_PREFIX, WORKFLOW_PREFIX, new_id
+from jobtrace.model import (
+    JSON,
+    AnnotationInput,
+    Failure,
+    Job,
+    JobSpec,
+    RunState,
+    Workflow,
+    WorkflowStep,
+)
+from jobtrace.store import jobs as store
+from jobtrace.store.db import Database, Tx
+
+CANCELLED_BY_USER = "Run cancelled by user"
+MAX_SUBMIT_ANNOTATIONS = 16
+MAX_REASON = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class SizedAnnotation:
+    item: AnnotationInput
+    payload_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobSubmission:
+    request_id: str
+    spec: JobSpec
+    payload_bytes: int
+    request_hash: str
+    request_context: JSON = field(default_factory=dict)
+    context_bytes: int = 0
+    annotations: tuple[SizedAnnotation, ...] = ()
+    traceparent: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StepSubmission:
+    name: str
+    spec: JobSpec | None
+    payload_bytes: int
+    depends_on: tuple[str, ...] = ()
+    independent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowSubmission:
+    request_id: str
+    name: str
+    steps: tuple[StepSubmission, ...]
+    request_hash: str
+    priority: int = 0
+    request_context: JSON = field(default_factory=dict)
+    context_bytes: int = 0
+    annotations: tuple[SizedAnnotation, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    traceparent: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[Any]
+    next_page_token: str
+
+
+# Called after commit with the ids of jobs whose state changed.
+ChangeListener = Callable[[list[Job]], None]
+
+
+def iso(us: int) -> str:
+    return dt.datetime.fromtimestamp(us / 1e6, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def complete_request_context(ctx: JSON, request_id: str, received_us: int) -> JSON:
+    """Fill the metadata the caller left out: the request id and receive time."""
+    out = dict(ctx)
+    metadata = dict(out.get("metadata") or {})
+    metadata.setdefault("request_id", request_id)
+    metadata.setdefault("timestamp", iso(received_us))
+    out["metadata"] = metadata
+    return out
+
+
+def _check_annotations(v: Violations, field: str, items: tuple[SizedAnnotation, ...]) -> None:
+    if len(items) > MAX_SUBMIT_ANNOTATIONS:
+        v.add(field, f"at most {MAX_SUBMIT_ANNOTATIONS} entries")
+    for i, a in enumerate(items):
+        annotation_rules.check_input(v, f"{field}[{i}]", a.item, a.payload_bytes)
+
+
+def resolve_dependencies(v: Violations, steps: tuple[StepSubmission, ...]) -> list[tuple[str, ...]]:
+    """Each step's dependencies (defaulting to the previous step); reports unknown
+    names, self-references and cycles."""
+    names = [s.name for s in steps]
+    known = set(names)
+    resolved: list[tuple[str, ...]] = []
+    for i, step in enumerate(steps):
+        if step.independent and step.depends_on:
+            v.add(f"steps[{i}].depends_on", "must be empty when independent is set")
+        if step.depends_on:
+            deps = tuple(dict.fromkeys(step.depends_on))
+        elif step.independent or i == 0:
+            deps = ()
+        else:
+            deps = (names[i - 1],)
+        for j, dep in enumerate(step.depends_on):
+            if dep == step.name:
+                v.add(f"steps[{i}].depends_on[{j}]", f"step {step.name!r} depends on itself")
+            elif dep not in known:
+                v.add(f"steps[{i}].depends_on[{j}]", f"unknown step {dep!r}")
+        resolved.append(deps)
+    if v.items:
+        return resolved
+    # Kahn's algorithm: whatever is never freed sits on a cycle.
+    waiting = {name: set(deps) for name, deps in zip(names, resolved, strict=True)}
+    ready = [n for n, d in waiting.items() if not d]
+    while ready:
+        done = ready.pop()
+        for name, deps in waiting.items():
+            if done in deps:
+                deps.discard(done)
+                if not deps:
+                    ready.append(name)
+        waiting[done] = set()
+    cyclic = sorted(n for n, d in waiting.items() if d)
+    if cyclic:
+        v.add("steps", "dependency cycle among steps: " + ", ".join(cyclic))
+    return resolved
+
+
+def _state_filter(v: Violations, state: int) -> RunState | None:
+    try:
+        return RunState(state) or None
+    except ValueError:
+        v.add("state", f"unknown RunState value {state}")
+        return None
+
+
+class Jobs:
+    """The JobService rules over one database."""
+
+    def __init__(self, db: Database, tokens: PageTokens) -> None:
+        self._db = db
+        self._tokens = tokens
+        self._listeners: list[ChangeListener] = []
+
+    @classmethod
+    async def open(cls, db: Database) -> Jobs:
+        async def load_secret(session: AsyncSession, tx: Tx) -> str:
+            secret = await store.get_meta(session, "page_token_secret")
+            if secret is None:
+                secret = secrets.token_hex(32)
+                await store.put_meta(session, "page_token_secret", secret)
+            return secret
+
+        secret = await db.write(load_secret)
+        return cls(db, PageTokens(bytes.fromhex(secret)))
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    def _changed(self, tx: Tx, jobs: list[Job]) -> None:
+        if jobs:
+            for listener in self._listeners:
+                tx.on_commit(lambda listener=listener: listener(jobs))
+
+    # --- submission -------------------------------------------------------
+
+    async def submit_job(self, tenant: str, sub: JobSubmission) -> tuple[Job, bool]:
+        v = Violations()
+        check_request_id(v, "request_id", sub.request_id)
+        spec = normalize_spec(v, "job", sub.spec, sub.payload_bytes)
+        check_size(v, "request_context", sub.context_bytes)
+        _check_annotations(v, "annotations", sub.annotations)
+        v.raise_if_any()
+
+        async def op(session: AsyncSession, tx: Tx) -> tuple[Job, bool]:
+            existing = await self._existing(
+                session, tenant, sub.request_id, sub.request_hash, "job"
+            )
+            if existing is not None:
+                job = await store.get_job(session, existing)
+                assert job is not None
+                return job, True
+            now = now_us()
+            job = Job(
+                id=new_id(JOB_PREFIX),
+                tenant=tenant,
+                request_id=sub.request_id,
+                spec=spec,
+                state=RunState.QUEUED,
+                created_us=now,
+                updated_us=now,
+                traceparent=sub.traceparent,
+            )
+            context = complete_request_context(sub.request_context, sub.request_id, now)
+            await store.insert_submission(
+                session,
+                tenant=tenant,
+                request_id=sub.request_id,
+                kind="job",
+                entity_id=job.id,
+                request_hash=sub.request_hash,
+                created_us=now,
+            )
+            await store.insert_jobs(session, [store.job_values(job, context)])
+            await store.insert_annotations(
+                session,
+                [
+                    a
+                    for s in sub.annotations
+                    for a in annotation_rules.build(
+                        s.item, tenant=tenant, run_id=job.id, now_us=now
+                    )
+                ],
+            )
+            stored = await store.get_job(session, job.id)
+            assert stored is not None
+            self._changed(tx, [stored])
+            return stored, False
+
+        return await self._db.write(op)
+
+    async def submit_workflow(self, tenant: str, sub: WorkflowSubmission) -> tuple[Workflow, bool]:
+        v = Violations()
+        check_request_id(v, "request_id", sub.request_id)
+        if not sub.name:
+            v.add("name", "required")
+        check_text(v, "name", sub.name, 256)
+        if not sub.steps:
+            v.add("steps", "required: at least one step")
+        elif len(sub.steps) > MAX_STEPS:
+            v.add("steps", f"at most {MAX_STEPS} steps (got {len(sub.steps)})")
+        if not -1000 <= sub.priority <= 1000:
+            v.add("priority", "must be between -1000 and 1000")
+        check_labels(v, "labels", sub.labels)
+        check_size(v, "request_context", sub.context_bytes)
+        _check_annotations(v, "annotations", sub.annotations)
+        specs: list[JobSpec] = []
+        seen: set[str] = set()
+        for i, step in enumerate(sub.steps):
+            if not STEP_NAME_RE.match(step.name):
+                v.add(f"steps[{i}].name", "required: 1-128 characters of [A-Za-z0-9._-]")
+            elif step.name in seen:
+                v.add(f"steps[{i}].name", f"duplicate step name {step.name!r}")
+            seen.add(step.name)
+            if step.spec is None:
+                v.add(f"steps[{i}].job", "required")
+                specs.append(JobSpec(service=""))
+            else:
+                specs.append(
+                    normalize_spec(
+                        v,
+                        f"steps[{i}].job",
+                        step.spec,
+                        step.payload_bytes,
+                        default_priority=sub.priority,
+                    )
+                )
+        if not v.items:
+            deps = resolve_dependencies(v, sub.steps)
+        v.raise_if_any()
+
+        async def op(session: AsyncSession, tx: Tx) -> tuple[Workflow, bool]:
+            existing = await self._existing(
+                session, tenant, sub.request_id, sub.request_hash, "workflow"
+            )
+            if existing is not None:
+                workflow = await store.get_workflow(session, existing)
+                assert workflow is not None
+                return workflow, True
+            now = now_us()
+            workflow_id = new_id(WORKFLOW_PREFIX)
+            context = complete_request_context(sub.request_context, sub.request_id, now)
+            jobs = [
+                Job(
+                    id=new_id(JOB_PREFIX),
+                    tenant=tenant,
+                    request_id=sub.request_id,
+                    spec=spec,
+                    state=RunState.PENDING if step_deps else RunState.QUEUED,
+                    created_us=now,
+                    updated_us=now,
+                    workflow_id=workflow_id,
+                    step_name=step.name,
+                    depends_on=step_deps,
+                    traceparent=sub.traceparent,
+                )
+                for step, spec, step_deps in zip(sub.steps, specs, deps, strict=True)
+            ]
+            workflow = Workflow(
+                id=workflow_id,
+                tenant=tenant,
+                request_id=sub.request_id,
+                name=sub.name,
+                state=RunState.QUEUED,
+                priority=sub.priority,
+                steps=tuple(
+                    WorkflowStep(j.step_name, j.id, j.state, j.depends_on, 0) for j in jobs
+                ),
+                created_us=now,
+                updated_us=now,
+                labels=dict(sub.labels),
+            )
+            await store.insert_submission(
+                session,
+                tenant=tenant,
+                request_id=sub.request_id,
+                kind="workflow",
+                entity_id=workflow_id,
+                request_hash=sub.request_hash,
+                created_us=now,
+            )
+            await store.insert_workflow(session, workflow, context)
+            # Steps read the request context from their workflow.
+            await store.insert_jobs(
+                session, [store.job_values(j, {}, step_index=i) for i, j in enumerate(jobs)]
+            )
+            await store.insert_annotations(
+                session,
+                [
+                    a
+                    for s in sub.annotations
+                    for a in annotation_rules.build(
+                        s.item, tenant=tenant, run_id=workflow_id, now_us=now
+                    )
+                ],
+            )
+            stored = await store.get_workflow(session, workflow_id)
+            assert stored is not None
+            self._changed(tx, [j for j in jobs if j.state == RunState.QUEUED])
+            return stored, False
+
+        return await self._db.write(op)
+
+    async def _existing(
+        self, session: AsyncSession, tenant: str, request_id: str, request_hash: str, kind: str
+    ) -> str | None:
+        """The id an identical earlier submission created; ALREADY_EXISTS when the
+        request id was used for a different request."""
+        found = await store.get_submission(session, tenant, request_id)
+        if found is None:
+            return None
+        if found.kind != kind or found.request_hash != request_hash:
+            raise AlreadyExists(
+                f"request_id {request_id!r} was already used for a different request "
+                f"({found.kind} {found.entity_id})",
+                reason="IDEMPOTENCY_CONFLICT",
+                metadata={"existing_id": found.entity_id, "existing_kind": found.kind},
+            )
+        return found.entity_id
+
+    # --- reads ------------------------------------------------------------
+
+    async def get_job(self, tenant: str | None, job_id: str) -> Job:
+        v = Violations()
+        check_id(v, "job_id", job_id)
+        v.raise_if_any()
+        async with self._db.read() as session:
+            job = await store.get_job(session, job_id, tenant)
+        if job is None:
+            raise NotFound(
+                f"job {job_id!r} not found", reason="JOB_NOT_FOUND", metadata={"job_id": job_id}
+            )
+        return job
+
+    async def get_workflow(self, tenant: str | None, workflow_id: str) -> Workflow:
+        v = Violations()
+        check_id(v, "workflow_id", workflow_id)
+        v.raise_if_any()
+        async with self._db.read() as session:
+            workflow = await store.get_workflow(session, workflow_id, tenant)
+        if workflow is None:
+            raise NotFound(
+                f"workflow {workflow_id!r} not found",
+                reason="WORKFLOW_NOT_FOUND",
+                metadata={"workflow_id": workflow_id},
+            )
+        return workflow
+
+    async def list_jobs(
+        self,
+        tenant: str | None,
+        *,
+        state: int,
+        service: str,
+        workflow_id: str,
+        page_size: int,
+        page_token: str,
+    ) -> Page:
+        v = Violations()
+        limit = check_page_size(v, "page_size", page_size)
+        run_state = _state_filter(v, state)
+        filters = {
+            "state": int(state),
+            "service": service,
+            "workflow_id": workflow_id,
+            "tenant": tenant,
+        }
+        before = self._decode(v, page_token, "jobs", filters)
+        v.raise_if_any()
+        async with self._db.read() as session:
+            jobs = await store.list_jobs(
+                session,
+                tenant=tenant,
+                state=run_state,
+                service=service,
+                workflow_id=workflow_id,
+                before_seq=before,
+                limit=limit + 1,
+            )
+        return self._page(jobs, limit, "jobs", filters)
+
+    async def list_workflows(
+        self, tenant: str | None, *, state: int, name: str, page_size: int, page_token: str
+    ) -> Page:
+        v = Violations()
+        limit = check_page_size(v, "page_size", page_size)
+        run_state = _state_filter(v, state)
+        filters = {"state": int(state), "name": name, "tenant": tenant}
+        before = self._decode(v, page_token, "workflows", filters)
+        v.raise_if_any()
+        async with self._db.read() as session:
+            workflows = await store.list_workflows(
+                session,
+                tenant=tenant,
+                state=run_state,
+                name=name,
+                before_seq=before,
+                limit=limit + 1,
+            )
+        return self._page(workflows, limit, "workflows", filters)
+
+    def _decode(self, v: Violations, token: str, query: str, filters: dict[str, Any]) -> int | None:
+        try:
+            return self._tokens.decode("page_token", token, query, filters)
+        except Exception as exc:  # Invalid: merge with the other violations
+            violations = getattr(exc, "violations", None)
+            if violations is None:
+                raise
+            v.items.extend(violations)
+            return None
+
+    def _page(self, items: list[Any], limit: int, query: str, filters: dict[str, Any]) -> Page:
+        # One extra row was read to know whether another page exists, so an
+        # empty last page never carries a token.
+        if len(items) > limit:
+            items = items[:limit]
+            return Page(items, self._tokens.encode(query, filters, items[-1].seq))
+        return Page(items, "")
+
+    # --- cancellation -----------------------------------------------------
+
+    async def cancel_job(self, tenant: str | None, job_id: str, reason: str) -> Job:
+        v = Violations()
+        check_id(v, "job_id", job_id)
+        check_text(v, "reason", reason, MAX_REASON)
+        v.raise_if_any()
+
+        async def op(session: AsyncSession, tx: Tx) -> Job:
+            job = await store.get_job(session, job_id, tenant)
+            if job is None:
+                raise NotFound(
+                    f"job {job_id!r} not found", reason="JOB_NOT_FOUND", metadata={"job_id": job_id}
+                )
+            if job.state.terminal:
+                raise FailedPrecondition(
+                    f"job {job_id!r} already ended {job.state.name}",
+                    reason="JOB_TERMINAL",
+                    metadata={"job_id": job_id, "state": job.state.name},
+                )
+            now = now_us()
+            changed = [await self._cancel(session, job, reason or CANCELLED_BY_USER, now)]
+            if job.workflow_id:
+                changed += await self._end_workflow(
+                    session,
+                    job.workflow_id,
+                    RunState.CANCELLED,
+                    Failure(reason=f"step {job.step_name!r} cancelled", code="CANCELLED"),
+                    reason or CANCELLED_BY_USER,
+                    now,
+                )
+            self._changed(tx, changed)
+            return changed[0]
+
+        return await self._db.write(op)
+
+    async def cancel_workflow(self, tenant: str | None, workflow_id: str, reason: str) -> Workflow:
+        v = Violations()
+        check_id(v, "workflow_id", workflow_id)
+        check_text(v, "reason", reason, MAX_REASON)
+        v.raise_if_any()
+
+        async def op(session: AsyncSession, tx: Tx) -> Workflow:
+            workflow = await store.get_workflow(session, workflow_id, tenant)
+            if workflow is None:
+                raise NotFound(
+                    f"workflow {workflow_id!r} not found",
+                    reason="WORKFLOW_NOT_FOUND",
+                    metadata={"workflow_id": workflow_id},
+                )
+            if workflow.state.terminal:
+                raise FailedPrecondition(
+                    f"workflow {workflow_id!r} already ended {workflow.state.name}",
+                    reason="WORKFLOW_TERMINAL",
+                    metadata={"workflow_id": workflow_id, "state": workflow.state.name},
+                )
+            now = now_us()
+            changed = await self._end_workflow(
+                session, workflow_id, RunState.CANCELLED, None, reason or CANCELLED_BY_USER, now
+            )
+            self._changed(tx, changed)
+            stored = await store.get_workflow(session, workflow_id)
+            assert stored is not None
+            return stored
+
+        return await self._db.write(op)
+
+    async def _cancel(self, session: AsyncSession, job: Job, reason: str, now: int) -> Job:
+        failure = Failure(reason=reason, code="CANCELLED", attempt=job.attempt)
+        await store.update_job(
+            session,
+            job.id,
+            state=int(RunState.CANCELLED),
+            failure=store.codec.failure_dumps(failure),
+            updated_us=now,
+            completed_us=now,
+            lease_deadline_us=0,
+            next_attempt_us=0,
+        )
+        return replace(
+            job,
+            state=RunState.CANCELLED,
+            failure=failure,
+            updated_us=now,
+            completed_us=now,
+            lease_deadline_us=0,
+            next_attempt_us=0,
+        )
+
+    async def _end_workflow(
+        self,
+        session: AsyncSession,
+        workflow_id: str,
+        state: RunState,
+        failure: Failure | None,
+        reason: str,
+        now: int,
+    ) -> list[Job]:
+        """End a workflow and cancel every step that has not ended."""
+        steps = (await store.workflow_jobs(session, [workflow_id]))[workflow_id]
+        changed = [
+            await self._cancel(session, j, reason, now) for j in steps if not j.state.terminal
+        ]
+        await store.update_workflow(
+            session,
+            workflow_id,
+            state=int(state),
+            failure=store.codec.failure_dumps(failure),
+            updated_us=now,
+            completed_us=now,
+        )
+        return changed

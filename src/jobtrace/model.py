@@ -1,0 +1,168 @@
+"""Plain typed records shared by the domain and the store: no rules, no I/O."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+JSON = dict[str, Any]
+
+
+class RunState(enum.IntEnum):
+    """Mirrors jobtrace.v1.RunState by number."""
+
+    UNSPECIFIED = 0
+    QUEUED = 1
+    RUNNING = 2
+    COMPLETED = 3
+    FAILED = 4
+    CANCELLED = 5
+    TERMINATED = 6
+    TIMED_OUT = 7
+    PENDING = 8
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {
+        RunState.COMPLETED,
+        RunState.FAILED,
+        RunState.CANCELLED,
+        RunState.TERMINATED,
+        RunState.TIMED_OUT,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    initial_ms: int = 1_000
+    multiplier: float = 2.0
+    maximum_ms: int = 300_000
+
+    def delay_ms(self, retry_number: int) -> int:
+        """Delay before retry `retry_number` (1 for the first retry)."""
+        delay = self.initial_ms * self.multiplier ** max(0, retry_number - 1)
+        return int(min(delay, self.maximum_ms))
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    service: str
+    payload: JSON = field(default_factory=dict)
+    priority: int = 0
+    max_attempts: int = 3
+    timeout_ms: int = 0
+    not_before_us: int = 0
+    affinity_keys: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    backoff: Backoff = field(default_factory=Backoff)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    reason: str
+    code: str = ""
+    retryable: bool = False
+    details: str = ""
+    attempt: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AnnotationInput:
+    actor_kind: int
+    actor_id: str
+    actor_version: str
+    attributes: JSON
+    payload: JSON | None = None
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: str
+    tenant: str
+    request_id: str
+    spec: JobSpec
+    state: RunState
+    created_us: int
+    updated_us: int
+    workflow_id: str = ""
+    step_name: str = ""
+    depends_on: tuple[str, ...] = ()
+    attempt: int = 0
+    progress_percent: float = 0.0
+    progress_message: str = ""
+    result: JSON | None = None
+    failure: Failure | None = None
+    worker_id: str = ""
+    started_us: int = 0
+    completed_us: int = 0
+    lease_deadline_us: int = 0
+    next_attempt_us: int = 0
+    traceparent: str = ""
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowStep:
+    name: str
+    job_id: str
+    state: RunState
+    depends_on: tuple[str, ...]
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Workflow:
+    id: str
+    tenant: str
+    request_id: str
+    name: str
+    state: RunState
+    priority: int
+    steps: tuple[WorkflowStep, ...]
+    created_us: int
+    updated_us: int
+    labels: dict[str, str] = field(default_factory=dict)
+    started_us: int = 0
+    completed_us: int = 0
+    failure: Failure | None = None
+    seq: int = 0
+
+    @property
+    def completed_steps(self) -> int:
+        return sum(1 for s in self.steps if s.state == RunState.COMPLETED)
+
+
+class AnnotationScope(enum.IntEnum):
+    """Mirrors jobtrace.v1.AnnotationScope by number."""
+
+    UNSPECIFIED = 0
+    RUN = 1
+    STEP = 2
+    ATTEMPT = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Annotation:
+    id: str
+    tenant: str
+    run_id: str
+    key: str
+    value: Any
+    actor_kind: int
+    actor_id: str
+    created_us: int
+    actor_version: str = ""
+    job_id: str = ""
+    attempt: int = 0
+    scope: AnnotationScope = AnnotationScope.RUN
+    scope_id: str = ""
+    payload: JSON | None = None
+    idempotency_key: str = ""
+    seq: int = 0

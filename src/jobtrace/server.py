@@ -1,0 +1,137 @@
+"""Boot and shutdown: the gRPC server, health, reflection and the services."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jobtrace.api.job_service import JobServicer
+from jobtrace.auth import Authenticator
+from jobtrace.config import Settings
+from jobtrace.domain.jobs import Jobs
+from jobtrace.pb import (
+    SERVICE_NAMES,
+    attestation_service_pb2_grpc,
+    job_service_pb2_grpc,
+    trace_service_pb2_grpc,
+    worker_service_pb2_grpc,
+)
+from jobtrace.store.db import Database
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class JobtraceServer:
+    """One jobtrace replica: start() binds and serves, stop() drains and closes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db = Database(settings.db)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.shutting_down = asyncio.Event()
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        s = self.settings
+        await self.db.start()
+        jobs = await Jobs.open(self.db)
+        auth = Authenticator()
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        server = grpc.aio.server(options=options)
+        job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(jobs, auth), server)
+        # Defined in the contract; their behaviour arrives with later issues and
+        # answers UNIMPLEMENTED until then.
+        worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
+            worker_service_pb2_grpc.WorkerServiceServicer(), server
+        )
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
+            trace_service_pb2_grpc.TraceServiceServicer(), server
+        )
+        attestation_service_pb2_grpc.add_AttestationServiceServicer_to_server(
+            attestation_service_pb2_grpc.AttestationServiceServicer(), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, HEALTH_SERVICE, reflection.SERVICE_NAME),
+            server,
+            pool=_MethodAwarePool(descriptor_pool.Default()),
+        )
+        try:
+            self.port = server.add_insecure_port(s.listen)
+        except RuntimeError as exc:
+            self.port = 0
+            cause = exc
+        else:
+            cause = None
+        if self.port == 0:
+            await self.db.close()
+            raise OSError(f"could not listen on {s.listen} (address in use or invalid)") from cause
+        await server.start()
+        self._server = server
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        for name in SERVICE_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "jobtrace listening on %s (port %d), database %s", s.listen, self.port, _redact(s.db)
+        )
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight unary calls finish, end streams, close the DB."""
+        if self._server is None:
+            return
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.shutting_down.set()
+        await self._server.stop(grace)
+        self._server = None
+        await self.db.close()
+        log.info("jobtrace stopped")
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+class _MethodAwarePool:
+    """The default descriptor pool, plus lookups of methods (and fields) by full
+    name, which the upb pool does not index: `grpcurl describe pkg.Service.Method`
+    asks for the file containing the method."""
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, name: str) -> Any:
+        try:
+            return self._pool.FindFileContainingSymbol(name)
+        except KeyError:
+            parent = name.rpartition(".")[0]
+            if not parent:
+                raise
+            return self._pool.FindFileContainingSymbol(parent)
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

@@ -1,0 +1,49 @@
+"""JSON columns: compact, deterministic encoding of documents stored as text."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from jobtrace.model import Backoff, Failure
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
+def loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def failure_dumps(failure: Failure | None) -> str | None:
+    if failure is None:
+        return None
+    return dumps(
+        {
+            "reason": failure.reason,
+            "code": failure.code,
+            "retryable": failure.retryable,
+            "details": failure.details,
+            "attempt": failure.attempt,
+        }
+    )
+
+
+def failure_loads(text: str | None) -> Failure | None:
+    data = loads(text)
+    return None if data is None else Failure(**data)
+
+
+def backoff_dumps(backoff: Backoff) -> str:
+    return dumps(
+        {
+            "initial_ms": backoff.initial_ms,
+            "multiplier": backoff.multiplier,
+            "maximum_ms": backoff.maximum_ms,
+        }
+    )
+
+
+def backoff_loads(text: str) -> Backoff:
+    return Backoff(**json.loads(text))

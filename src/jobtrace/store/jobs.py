@@ -1,0 +1,340 @@
+"""Queries over jobs, workflows, submissions and annotations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from jobtrace.model import (
+    JSON,
+    Annotation,
+    AnnotationScope,
+    Job,
+    JobSpec,
+    RunState,
+    Workflow,
+    WorkflowStep,
+)
+from jobtrace.store import codec
+from jobtrace.store.tables import AnnotationRow, JobRow, Meta, Submission, WorkflowRow
+
+
+async def get_meta(session: AsyncSession, key: str) -> str | None:
+    return (await session.execute(select(Meta.value).where(Meta.key == key))).scalar()
+
+
+async def put_meta(session: AsyncSession, key: str, value: str) -> None:
+    await session.execute(insert(Meta).values(key=key, value=value))
+
+
+async def get_submission(session: AsyncSession, tenant: str, request_id: str) -> Submission | None:
+    stmt = select(Submission).where(
+        Submission.tenant == tenant, Submission.request_id == request_id
+    )
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def insert_submission(
+    session: AsyncSession,
+    *,
+    tenant: str,
+    request_id: str,
+    kind: str,
+    entity_id: str,
+    request_hash: str,
+    created_us: int,
+) -> None:
+    await session.execute(
+        insert(Submission).values(
+            tenant=tenant,
+            request_id=request_id,
+            kind=kind,
+            entity_id=entity_id,
+            request_hash=request_hash,
+            created_us=created_us,
+        )
+    )
+
+
+def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str, Any]:
+    spec = job.spec
+    return {
+        "id": job.id,
+        "tenant": job.tenant,
+        "request_id": job.request_id,
+        "workflow_id": job.workflow_id,
+        "step_name": job.step_name,
+        "step_index": step_index,
+        "depends_on": codec.dumps(list(job.depends_on)),
+        "service": spec.service,
+        "payload": codec.dumps(spec.payload),
+        "priority": spec.priority,
+        "max_attempts": spec.max_attempts,
+        "timeout_ms": spec.timeout_ms,
+        "not_before_us": spec.not_before_us,
+        "affinity_keys": codec.dumps(list(spec.affinity_keys)),
+        "labels": codec.dumps(spec.labels),
+        "backoff": codec.backoff_dumps(spec.backoff),
+        "request_context": codec.dumps(request_context),
+        "state": int(job.state),
+        "attempt": job.attempt,
+        "progress_percent": job.progress_percent,
+        "progress_message": job.progress_message,
+        "result": None if job.result is None else codec.dumps(job.result),
+        "failure": codec.failure_dumps(job.failure),
+        "worker_id": job.worker_id,
+        "lease_deadline_us": job.lease_deadline_us,
+        "next_attempt_us": job.next_attempt_us,
+        "traceparent": job.traceparent,
+        "created_us": job.created_us,
+        "updated_us": job.updated_us,
+        "started_us": job.started_us,
+        "completed_us": job.completed_us,
+    }
+
+
+async def insert_jobs(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        await session.execute(insert(JobRow), list(rows))
+
+
+def job_from_row(row: JobRow) -> Job:
+    return Job(
+        id=row.id,
+        tenant=row.tenant,
+        request_id=row.request_id,
+        spec=JobSpec(
+            service=row.service,
+            payload=codec.loads(row.payload),
+            priority=row.priority,
+            max_attempts=row.max_attempts,
+            timeout_ms=row.timeout_ms,
+            not_before_us=row.not_before_us,
+            affinity_keys=tuple(codec.loads(row.affinity_keys)),
+            labels=codec.loads(row.labels),
+            backoff=codec.backoff_loads(row.backoff),
+        ),
+        state=RunState(row.state),
+        created_us=row.created_us,
+        updated_us=row.updated_us,
+        workflow_id=row.workflow_id,
+        step_name=row.step_name,
+        depends_on=tuple(codec.loads(row.depends_on)),
+        attempt=row.attempt,
+        progress_percent=row.progress_percent,
+        progress_message=row.progress_message,
+        result=codec.loads(row.result),
+        failure=codec.failure_loads(row.failure),
+        worker_id=row.worker_id,
+        started_us=row.started_us,
+        completed_us=row.completed_us,
+        lease_deadline_us=row.lease_deadline_us,
+        next_attempt_us=row.next_attempt_us,
+        traceparent=row.traceparent,
+        seq=row.seq,
+    )
+
+
+async def get_job_row(
+    session: AsyncSession, job_id: str, tenant: str | None = None
+) -> JobRow | None:
+    stmt = select(JobRow).where(JobRow.id == job_id)
+    if tenant is not None:
+        stmt = stmt.where(JobRow.tenant == tenant)
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def get_job(session: AsyncSession, job_id: str, tenant: str | None = None) -> Job | None:
+    row = await get_job_row(session, job_id, tenant)
+    return None if row is None else job_from_row(row)
+
+
+async def list_jobs(
+    session: AsyncSession,
+    *,
+    tenant: str | None,
+    state: RunState | None,
+    service: str,
+    workflow_id: str,
+    before_seq: int | None,
+    limit: int,
+) -> list[Job]:
+    """Newest first; keyset on seq, which only grows, so pages never shift."""
+    stmt = select(JobRow)
+    if tenant is not None:
+        stmt = stmt.where(JobRow.tenant == tenant)
+    if state is not None:
+        stmt = stmt.where(JobRow.state == int(state))
+    if service:
+        stmt = stmt.where(JobRow.service == service)
+    if workflow_id:
+        stmt = stmt.where(JobRow.workflow_id == workflow_id)
+    if before_seq is not None:
+        stmt = stmt.where(JobRow.seq < before_seq)
+    stmt = stmt.order_by(JobRow.seq.desc()).limit(limit)
+    return [job_from_row(r) for r in (await session.execute(stmt)).scalars()]
+
+
+async def workflow_jobs(session: AsyncSession, workflow_ids: Iterable[str]) -> dict[str, list[Job]]:
+    ids = list(workflow_ids)
+    out: dict[str, list[Job]] = {i: [] for i in ids}
+    if not ids:
+        return out
+    stmt = (
+        select(JobRow)
+        .where(JobRow.workflow_id.in_(ids))
+        .order_by(JobRow.workflow_id, JobRow.step_index)
+    )
+    for row in (await session.execute(stmt)).scalars():
+        out[row.workflow_id].append(job_from_row(row))
+    return out
+
+
+def workflow_from_row(row: WorkflowRow, jobs: Sequence[Job]) -> Workflow:
+    return Workflow(
+        id=row.id,
+        tenant=row.tenant,
+        request_id=row.request_id,
+        name=row.name,
+        state=RunState(row.state),
+        priority=row.priority,
+        steps=tuple(
+            WorkflowStep(
+                name=j.step_name,
+                job_id=j.id,
+                state=j.state,
+                depends_on=j.depends_on,
+                attempt=j.attempt,
+            )
+            for j in jobs
+        ),
+        created_us=row.created_us,
+        updated_us=row.updated_us,
+        labels=codec.loads(row.labels),
+        started_us=row.started_us,
+        completed_us=row.completed_us,
+        failure=codec.failure_loads(row.failure),
+        seq=row.seq,
+    )
+
+
+async def insert_workflow(session: AsyncSession, workflow: Workflow, request_context: JSON) -> None:
+    await session.execute(
+        insert(WorkflowRow).values(
+            id=workflow.id,
+            tenant=workflow.tenant,
+            request_id=workflow.request_id,
+            name=workflow.name,
+            state=int(workflow.state),
+            priority=workflow.priority,
+            labels=codec.dumps(workflow.labels),
+            request_context=codec.dumps(request_context),
+            total_steps=len(workflow.steps),
+            completed_steps=workflow.completed_steps,
+            failure=codec.failure_dumps(workflow.failure),
+            created_us=workflow.created_us,
+            updated_us=workflow.updated_us,
+            started_us=workflow.started_us,
+            completed_us=workflow.completed_us,
+        )
+    )
+
+
+async def get_workflow_row(
+    session: AsyncSession, workflow_id: str, tenant: str | None = None
+) -> WorkflowRow | None:
+    stmt = select(WorkflowRow).where(WorkflowRow.id == workflow_id)
+    if tenant is not None:
+        stmt = stmt.where(WorkflowRow.tenant == tenant)
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def get_workflow(
+    session: AsyncSession, workflow_id: str, tenant: str | None = None
+) -> Workflow | None:
+    row = await get_workflow_row(session, workflow_id, tenant)
+    if row is None:
+        return None
+    jobs = await workflow_jobs(session, [row.id])
+    return workflow_from_row(row, jobs[row.id])
+
+
+async def list_workflows(
+    session: AsyncSession,
+    *,
+    tenant: str | None,
+    state: RunState | None,
+    name: str,
+    before_seq: int | None,
+    limit: int,
+) -> list[Workflow]:
+    stmt = select(WorkflowRow)
+    if tenant is not None:
+        stmt = stmt.where(WorkflowRow.tenant == tenant)
+    if state is not None:
+        stmt = stmt.where(WorkflowRow.state == int(state))
+    if name:
+        stmt = stmt.where(WorkflowRow.name == name)
+    if before_seq is not None:
+        stmt = stmt.where(WorkflowRow.seq < before_seq)
+    stmt = stmt.order_by(WorkflowRow.seq.desc()).limit(limit)
+    rows = list((await session.execute(stmt)).scalars())
+    jobs = await workflow_jobs(session, [r.id for r in rows])
+    return [workflow_from_row(r, jobs[r.id]) for r in rows]
+
+
+async def update_job(session: AsyncSession, job_id: str, **values: Any) -> None:
+    await session.execute(update(JobRow).where(JobRow.id == job_id).values(**values))
+
+
+async def update_workflow(session: AsyncSession, workflow_id: str, **values: Any) -> None:
+    await session.execute(update(WorkflowRow).where(WorkflowRow.id == workflow_id).values(**values))
+
+
+async def insert_annotations(session: AsyncSession, annotations: Sequence[Annotation]) -> None:
+    if annotations:
+        await session.execute(insert(AnnotationRow), [annotation_values(a) for a in annotations])
+
+
+def annotation_values(a: Annotation) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "tenant": a.tenant,
+        "run_id": a.run_id,
+        "job_id": a.job_id,
+        "attempt": a.attempt,
+        "scope": int(a.scope),
+        "scope_id": a.scope_id,
+        "actor_kind": a.actor_kind,
+        "actor_id": a.actor_id,
+        "actor_version": a.actor_version,
+        "key": a.key,
+        "value": codec.dumps(a.value),
+        "payload": None if a.payload is None else codec.dumps(a.payload),
+        "idempotency_key": a.idempotency_key,
+        "created_us": a.created_us,
+    }
+
+
+def annotation_from_row(row: AnnotationRow) -> Annotation:
+    return Annotation(
+        id=row.id,
+        tenant=row.tenant,
+        run_id=row.run_id,
+        key=row.key,
+        value=codec.loads(row.value),
+        actor_kind=row.actor_kind,
+        actor_id=row.actor_id,
+        actor_version=row.actor_version,
+        created_us=row.created_us,
+        job_id=row.job_id,
+        attempt=row.attempt,
+        scope=AnnotationScope(row.scope),
+        scope_id=row.scope_id,
+        payload=codec.loads(row.payload),
+        idempotency_key=row.idempotency_key,
+        seq=row.seq,
+    )

@@ -1,0 +1,137 @@
+"""The schema, in SQLAlchemy 2 typed style. Times are integer microseconds (UTC)."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Float, Index, Integer, String, Text, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only makes INTEGER PRIMARY KEY an alias of rowid (autoincrementing);
+# BIGINT elsewhere.
+SeqType = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    """Server-wide settings that must survive restarts (e.g. the page-token secret)."""
+
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Submission(Base):
+    """Idempotency record: one per (tenant, request_id), across jobs and workflows."""
+
+    __tablename__ = "submissions"
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    entity_id: Mapped[str] = mapped_column(String(64))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    created_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class WorkflowRow(Base):
+    __tablename__ = "workflows"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    request_id: Mapped[str] = mapped_column(String(256))
+    name: Mapped[str] = mapped_column(String(256))
+    state: Mapped[int] = mapped_column(Integer)
+    priority: Mapped[int] = mapped_column(Integer)
+    labels: Mapped[str] = mapped_column(Text)
+    request_context: Mapped[str] = mapped_column(Text)
+    total_steps: Mapped[int] = mapped_column(Integer)
+    completed_steps: Mapped[int] = mapped_column(Integer, default=0)
+    failure: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    updated_us: Mapped[int] = mapped_column(BigInteger)
+    started_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    completed_us: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (
+        Index("ix_workflows_tenant_seq", "tenant", "seq"),
+        Index("ix_workflows_tenant_state_seq", "tenant", "state", "seq"),
+    )
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    request_id: Mapped[str] = mapped_column(String(256))
+    workflow_id: Mapped[str] = mapped_column(String(64), default="")
+    step_name: Mapped[str] = mapped_column(String(128), default="")
+    step_index: Mapped[int] = mapped_column(Integer, default=0)
+    depends_on: Mapped[str] = mapped_column(Text, default="[]")
+    service: Mapped[str] = mapped_column(String(128))
+    payload: Mapped[str] = mapped_column(Text)
+    priority: Mapped[int] = mapped_column(Integer)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    timeout_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    not_before_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    affinity_keys: Mapped[str] = mapped_column(Text, default="[]")
+    labels: Mapped[str] = mapped_column(Text, default="{}")
+    backoff: Mapped[str] = mapped_column(Text)
+    request_context: Mapped[str] = mapped_column(Text, default="{}")
+    state: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    progress_percent: Mapped[float] = mapped_column(Float, default=0.0)
+    progress_message: Mapped[str] = mapped_column(Text, default="")
+    result: Mapped[str | None] = mapped_column(Text, nullable=True)
+    failure: Mapped[str | None] = mapped_column(Text, nullable=True)
+    worker_id: Mapped[str] = mapped_column(String(128), default="")
+    lease_deadline_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    next_attempt_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    traceparent: Mapped[str] = mapped_column(String(64), default="")
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    updated_us: Mapped[int] = mapped_column(BigInteger)
+    started_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    completed_us: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (
+        Index("ix_jobs_tenant_seq", "tenant", "seq"),
+        Index("ix_jobs_tenant_state_seq", "tenant", "state", "seq"),
+        Index("ix_jobs_workflow", "workflow_id", "step_index"),
+        # The dispatcher's scan: eligible jobs by priority, then age.
+        Index("ix_jobs_dispatch", "state", "priority", "seq"),
+    )
+
+
+class AnnotationRow(Base):
+    __tablename__ = "annotations"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    run_id: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(64), default="")
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    scope: Mapped[int] = mapped_column(Integer)
+    scope_id: Mapped[str] = mapped_column(String(128), default="")
+    actor_kind: Mapped[int] = mapped_column(Integer)
+    actor_id: Mapped[str] = mapped_column(String(256))
+    actor_version: Mapped[str] = mapped_column(String(128), default="")
+    key: Mapped[str] = mapped_column(String(256))
+    value: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str | None] = mapped_column(Text, nullable=True)
+    idempotency_key: Mapped[str] = mapped_column(String(256), default="")
+    created_us: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        Index("ix_annotations_run_seq", "run_id", "seq"),
+        Index("ix_annotations_run_key", "run_id", "key"),
+        Index(
+            "ux_annotations_idempotency",
+            "run_id",
+            "key",
+            "idempotency_key",
+            unique=True,
+            sqlite_where=text("idempotency_key <> ''"),
+            postgresql_where=text("idempotency_key <> ''"),
+        ),
+    )

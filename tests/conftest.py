@@ -1,0 +1,150 @@
+"""Fixtures: a real jobtrace server on an ephemeral loopback port with a real database."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from jobtrace.config import Settings
+from jobtrace.pb import (
+    attestation_service_pb2_grpc,
+    job_service_pb2_grpc,
+    trace_service_pb2_grpc,
+    worker_service_pb2_grpc,
+)
+from jobtrace.server import JobtraceServer
+
+
+async def wait_for(
+    predicate: Callable[[], Any | Awaitable[Any]], timeout: float = 5.0, interval: float = 0.01
+) -> Any:
+    """Poll a condition until it holds or the deadline passes (then fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class Stubs:
+    channel: grpc.aio.Channel
+    jobs: job_service_pb2_grpc.JobServiceStub
+    workers: worker_service_pb2_grpc.WorkerServiceStub
+    trace: trace_service_pb2_grpc.TraceServiceStub
+    attest: attestation_service_pb2_grpc.AttestationServiceStub
+
+
+def stubs_for(channel: grpc.aio.Channel) -> Stubs:
+    return Stubs(
+        channel=channel,
+        jobs=job_service_pb2_grpc.JobServiceStub(channel),
+        workers=worker_service_pb2_grpc.WorkerServiceStub(channel),
+        trace=trace_service_pb2_grpc.TraceServiceStub(channel),
+        attest=attestation_service_pb2_grpc.AttestationServiceStub(channel),
+    )
+
+
+class Harness:
+    """Starts and restarts servers on one database, and hands out channels."""
+
+    def __init__(self, db_url: str, **settings: Any) -> None:
+        self.db_url = db_url
+        self.settings = settings
+        self.server: JobtraceServer | None = None
+        self._channels: list[grpc.aio.Channel] = []
+
+    async def start(self, **overrides: Any) -> JobtraceServer:
+        values = {"listen": "127.0.0.1:0", "db": self.db_url, **self.settings, **overrides}
+        self.server = JobtraceServer(Settings(**values))
+        await self.server.start()
+        return self.server
+
+    async def stop(self, grace: float = 1.0) -> None:
+        for channel in self._channels:
+            await channel.close()
+        self._channels.clear()
+        if self.server is not None:
+            await self.server.stop(grace)
+            self.server = None
+
+    @property
+    def target(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.port}"
+
+    def stubs(self) -> Stubs:
+        channel = grpc.aio.insecure_channel(self.target)
+        self._channels.append(channel)
+        return stubs_for(channel)
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'jobtrace.db'}"
+
+
+@pytest.fixture
+async def harness(db_url: str) -> AsyncIterator[Harness]:
+    h = Harness(db_url)
+    await h.start()
+    try:
+        yield h
+    finally:
+        await h.stop()
+
+
+@pytest.fixture
+async def api(harness: Harness) -> Stubs:
+    return harness.stubs()
+
+
+def error_details(
+    err: grpc.aio.AioRpcError,
+) -> tuple[error_details_pb2.ErrorInfo | None, list[tuple[str, str]]]:
+    """The ErrorInfo and BadRequest field violations carried by a failed call."""
+    status = rpc_status.from_call(err)
+    info = None
+    violations: list[tuple[str, str]] = []
+    if status is None:
+        return info, violations
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations += [(v.field, v.description) for v in bad.field_violations]
+    return info, violations
+
+
+async def expect_error(
+    call: Awaitable[Any], code: grpc.StatusCode
+) -> tuple[grpc.aio.AioRpcError, error_details_pb2.ErrorInfo | None, list[tuple[str, str]]]:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    err = caught.value
+    assert err.code() == code, f"expected {code}, got {err.code()}: {err.details()}"
+    info, violations = error_details(err)
+    assert info is not None and info.domain == "jobtrace", "every error carries an ErrorInfo"
+    return err, info, violations
+
+
+def require_pg() -> bool:
+    return os.environ.get("JOBTRACE_REQUIRE_PG") == "1"
