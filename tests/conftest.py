@@ -77,10 +77,10 @@ class Harness:
 
     async def stop(self, grace: float = 1.0) -> None:
         for channel in self._channels:
-            await channel.close()
+            await _bounded(channel.close(), "channel close")
         self._channels.clear()
         if self.server is not None:
-            await self.server.stop(grace)
+            await _bounded(self.server.stop(grace), "server stop")
             self.server = None
 
     @property
@@ -92,6 +92,23 @@ class Harness:
         channel = grpc.aio.insecure_channel(self.target)
         self._channels.append(channel)
         return stubs_for(channel)
+
+
+async def _bounded(step: Awaitable[Any], what: str, timeout: float = 20.0) -> None:
+    """Fail loudly (with every task's stack) instead of hanging a teardown."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        import io
+
+        out = io.StringIO()
+        for t in asyncio.all_tasks():
+            print("task", t.get_name(), file=out)
+            for frame in t.get_stack(limit=8):
+                code = frame.f_code
+                print(f"  {code.co_filename}:{frame.f_lineno} {code.co_name}", file=out)
+        raise AssertionError(f"{what} did not finish within {timeout}s\n{out.getvalue()}")
+    task.result()
 
 
 @pytest.fixture

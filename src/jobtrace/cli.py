@@ -47,6 +47,45 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from jobtrace.client.worker import JobContext, Worker
+
+    if not args.demo:
+        print(
+            "jobtrace worker: only --demo is built in; write handlers with jobtrace.client.Worker",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    worker = Worker(
+        args.target, worker_id=args.worker_id, max_concurrency=args.concurrency, token=args.token
+    )
+
+    async def demo(job: JobContext) -> dict[str, object]:
+        """Sleeps payload.seconds (default 2) in four steps, reporting progress."""
+        seconds = float(job.payload.get("seconds", 2))
+        if job.payload.get("fail"):
+            raise RuntimeError(str(job.payload["fail"]))
+        for step in range(1, 5):
+            await asyncio.sleep(seconds / 4)
+            await job.progress(step * 25.0, f"step {step} of 4")
+        return {"slept_seconds": seconds, "worker_id": worker.worker_id, "attempt": job.attempt}
+
+    for service in args.service or ["demo"]:
+        worker.handler(service)(demo)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.drain()))
+        await worker.run()
+
+    asyncio.run(run())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jobtrace", description="jobs, workflows, evidence")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--heartbeat-seconds", type=float, help="heartbeat interval (default 10)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     serve.set_defaults(func=_serve)
+    worker = sub.add_parser("worker", help="run a worker")
+    worker.add_argument("--demo", action="store_true", help="run the built-in demo handler")
+    worker.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
+    worker.add_argument("--worker-id", help="stable worker id (default host-pid)")
+    worker.add_argument("--service", action="append", help="service to serve (default demo)")
+    worker.add_argument("--concurrency", type=int, default=4, help="jobs at once (default 4)")
+    worker.add_argument("--token", help="bearer token")
+    worker.add_argument("--log-level", default="INFO")
+    worker.set_defaults(func=_worker)
     return parser
 
 

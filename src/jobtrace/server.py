@@ -12,9 +12,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jobtrace.api.job_service import JobServicer
+from jobtrace.api.worker_service import WorkerServicer
 from jobtrace.auth import Authenticator
 from jobtrace.config import Settings
 from jobtrace.domain.jobs import Jobs
+from jobtrace.domain.scheduler import Scheduler
 from jobtrace.pb import (
     SERVICE_NAMES,
     attestation_service_pb2_grpc,
@@ -44,6 +46,13 @@ class JobtraceServer:
         s = self.settings
         await self.db.start()
         jobs = await Jobs.open(self.db)
+        self.jobs = jobs
+        self.scheduler = Scheduler(
+            self.db,
+            jobs,
+            lease_ms=int(s.lease_seconds * 1000),
+            heartbeat_ms=int(s.heartbeat_seconds * 1000),
+        )
         auth = Authenticator()
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -59,7 +68,7 @@ class JobtraceServer:
         # Defined in the contract; their behaviour arrives with later issues and
         # answers UNIMPLEMENTED until then.
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
-            worker_service_pb2_grpc.WorkerServiceServicer(), server
+            WorkerServicer(self.scheduler, auth), server
         )
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
             trace_service_pb2_grpc.TraceServiceServicer(), server
@@ -85,6 +94,7 @@ class JobtraceServer:
             raise OSError(f"could not listen on {s.listen} (address in use or invalid)") from cause
         await server.start()
         self._server = server
+        self.scheduler.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for name in SERVICE_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -100,6 +110,8 @@ class JobtraceServer:
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
         self.shutting_down.set()
+        self.jobs.stopping.set()
+        await self.scheduler.drain(int(grace * 1000))
         await self._server.stop(grace)
         self._server = None
         await self.db.close()

@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from jobtrace.v1 import common_pb2 as jobtrace_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n jobtrace/v1/worker_service.proto\x12\x0bjobtrace.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18jobtrace/v1/common.proto\"\xf3\x02\n\x0e\x43onnectRequest\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x18.jobtrace.v1.WorkerHelloH\x00\x12\x31\n\theartbeat\x18\x02 \x01(\x0b\x32\x1c.jobtrace.v1.WorkerHeartbeatH\x00\x12/\n\x08progress\x18\x03 \x01(\x0b\x32\x1b.jobtrace.v1.ProgressReportH\x00\x12)\n\x05trace\x18\x04 \x01(\x0b\x32\x18.jobtrace.v1.TraceReportH\x00\x12\x31\n\x08\x61nnotate\x18\x05 \x01(\x0b\x32\x1d.jobtrace.v1.AnnotationReportH\x00\x12/\n\x08\x63omplete\x18\x06 \x01(\x0b\x32\x1b.jobtrace.v1.CompleteReportH\x00\x12\'\n\x04\x66\x61il\x18\x07 \x01(\x0b\x32\x17.jobtrace.v1.FailReportH\x00\x12\x12\n\nmessage_id\x18\x14 \x01(\x04\x42\x06\n\x04kind\"\x82\x02\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08services\x18\x02 \x03(\t\x12\x17\n\x0fmax_concurrency\x18\x03 \x01(\x05\x12\x34\n\x06labels\x18\x04 \x03(\x0b\x32$.jobtrace.v1.WorkerHello.LabelsEntry\x12\x15\n\raffinity_keys\x18\x05 \x03(\t\x12(\n\x07running\x18\x06 \x03(\x0b\x32\x17.jobtrace.v1.JobAttempt\x12\x0f\n\x07version\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"-\n\nJobAttempt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"R\n\x0fWorkerHeartbeat\x12(\n\x07running\x18\x01 \x03(\x0b\x32\x17.jobtrace.v1.JobAttempt\x12\x15\n\raffinity_keys\x18\x02 \x03(\t\"S\n\x0eProgressReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0f\n\x07percent\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\"W\n\x0bTraceReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\'\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x17.jobtrace.v1.TraceEvent\"\x8e\x02\n\x10\x41nnotationReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12!\n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x12.jobtrace.v1.Actor\x12\x41\n\nattributes\x18\x04 \x03(\x0b\x32-.jobtrace.v1.AnnotationReport.AttributesEntry\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x1aI\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"Z\n\x0e\x43ompleteReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\'\n\x06result\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"i\n\nFailReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.jobtrace.v1.ErrorDetail\x12\x11\n\tretryable\x18\x04 \x01(\x08\"\xc3\x02\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.jobtrace.v1.WelcomeH\x00\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x17.jobtrace.v1.AssignmentH\x00\x12+\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x19.jobtrace.v1.CancelNoticeH\x00\x12\x1f\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x10.jobtrace.v1.AckH\x00\x12)\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x18.jobtrace.v1.StreamErrorH\x00\x12#\n\x05\x64rain\x18\x06 \x01(\x0b\x32\x12.jobtrace.v1.DrainH\x00\x12\x32\n\rheartbeat_ack\x18\x07 \x01(\x0b\x32\x19.jobtrace.v1.HeartbeatAckH\x00\x42\x06\n\x04kind\"\xdb\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0elease_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x07resumed\x18\x04 \x03(\x0b\x32\x17.jobtrace.v1.JobAttempt\x12(\n\x07revoked\x18\x05 \x03(\x0b\x32\x17.jobtrace.v1.JobAttempt\"\xbb\x01\n\nAssignment\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x32\n\x0elease_deadline\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x0frequest_context\x18\x04 \x01(\x0b\x32\x1b.jobtrace.v1.RequestContext\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\"?\n\x0c\x43\x61ncelNotice\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\":\n\x03\x41\x63k\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\"\x82\x01\n\x0cHeartbeatAck\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\x32\n\x0elease_deadline\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07\x63\x61ncels\x18\x03 \x03(\x0b\x32\x19.jobtrace.v1.CancelNotice\"\x96\x01\n\x0bStreamError\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\x14\n\x0cmessage_kind\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x05 \x01(\x05\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x08 \x01(\x08\"A\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12(\n\x05grace\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration2Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1b.jobtrace.v1.ConnectRequest\x1a\x1c.jobtrace.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n jobtrace/v1/worker_service.proto\x12\x0bjobtrace.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18jobtrace/v1/common.proto\"\xf3\x02\n\x0e\x43onnectRequest\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x18.jobtrace.v1.WorkerHelloH\x00\x12\x31\n\theartbeat\x18\x02 \x01(\x0b\x32\x1c.jobtrace.v1.WorkerHeartbeatH\x00\x12/\n\x08progress\x18\x03 \x01(\x0b\x32\x1b.jobtrace.v1.ProgressReportH\x00\x12)\n\x05trace\x18\x04 \x01(\x0b\x32\x18.jobtrace.v1.TraceReportH\x00\x12\x31\n\x08\x61nnotate\x18\x05 \x01(\x0b\x32\x1d.jobtrace.v1.AnnotationReportH\x00\x12/\n\x08\x63omplete\x18\x06 \x01(\x0b\x32\x1b.jobtrace.v1.CompleteReportH\x00\x12\'\n\x04\x66\x61il\x18\x07 \x01(\x0b\x32\x17.jobtrace.v1.FailReportH\x00\x12\x12\n\nmessage_id\x18\x14 \x01(\x04\x42\x06\n\x04kind\"\x82\x02\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08services\x18\x02 \x03(\t\x12\x17\n\x0fmax_concurrency\x18\x03 \x01(\x05\x12\x34\n\x06labels\x18\x04 \x03(\x0b\x32$.jobtrace.v1.WorkerHello.LabelsEntry\x12\x15\n\raffinity_keys\x18\x05 \x03(\t\x12(\n\x07running\x18\x06 \x03(\x0b\x32\x17.jobtrace.v1.JobAttempt\x12\x0f\n\x07version\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"-\n\nJobAttempt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"d\n\x0fWorkerHeartbeat\x12(\n\x07running\x18\x01 \x03(\x0b\x32\x17.jobtrace.v1.JobAttempt\x12\x15\n\raffinity_keys\x18\x02 \x03(\t\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"S\n\x0eProgressReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0f\n\x07percent\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\"W\n\x0bTraceReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\'\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x17.jobtrace.v1.TraceEvent\"\x8e\x02\n\x10\x41nnotationReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12!\n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x12.jobtrace.v1.Actor\x12\x41\n\nattributes\x18\x04 \x03(\x0b\x32-.jobtrace.v1.AnnotationReport.AttributesEntry\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x1aI\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"Z\n\x0e\x43ompleteReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\'\n\x06result\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"i\n\nFailReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.jobtrace.v1.ErrorDetail\x12\x11\n\tretryable\x18\x04 \x01(\x08\"\xc3\x02\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.jobtrace.v1.WelcomeH\x00\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x17.jobtrace.v1.AssignmentH\x00\x12+\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x19.jobtrace.v1.CancelNoticeH\x00\x12\x1f\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x10.jobtrace.v1.AckH\x00\x12)\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x18.jobtrace.v1.StreamErrorH\x00\x12#\n\x05\x64rain\x18\x06 \x01(\x0b\x32\x12.jobtrace.v1.DrainH\x00\x12\x32\n\rheartbeat_ack\x18\x07 \x01(\x0b\x32\x19.jobtrace.v1.HeartbeatAckH\x00\x42\x06\n\x04kind\"\xdb\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0elease_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x07resumed\x18\x04 \x03(\x0b\x32\x17.jobtrace.v1.JobAttempt\x12(\n\x07revoked\x18\x05 \x03(\x0b\x32\x17.jobtrace.v1.JobAttempt\"\xbb\x01\n\nAssignment\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x32\n\x0elease_deadline\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x0frequest_context\x18\x04 \x01(\x0b\x32\x1b.jobtrace.v1.RequestContext\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\"?\n\x0c\x43\x61ncelNotice\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\":\n\x03\x41\x63k\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\"\x82\x01\n\x0cHeartbeatAck\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\x32\n\x0elease_deadline\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07\x63\x61ncels\x18\x03 \x03(\x0b\x32\x19.jobtrace.v1.CancelNotice\"\x96\x01\n\x0bStreamError\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\x14\n\x0cmessage_kind\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x05 \x01(\x05\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x08 \x01(\x08\"A\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12(\n\x05grace\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration2Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1b.jobtrace.v1.ConnectRequest\x1a\x1c.jobtrace.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,35 +48,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBATTEMPT']._serialized_start=805
   _globals['_JOBATTEMPT']._serialized_end=850
   _globals['_WORKERHEARTBEAT']._serialized_start=852
-  _globals['_WORKERHEARTBEAT']._serialized_end=934
-  _globals['_PROGRESSREPORT']._serialized_start=936
-  _globals['_PROGRESSREPORT']._serialized_end=1019
-  _globals['_TRACEREPORT']._serialized_start=1021
-  _globals['_TRACEREPORT']._serialized_end=1108
-  _globals['_ANNOTATIONREPORT']._serialized_start=1111
-  _globals['_ANNOTATIONREPORT']._serialized_end=1381
-  _globals['_ANNOTATIONREPORT_ATTRIBUTESENTRY']._serialized_start=1308
-  _globals['_ANNOTATIONREPORT_ATTRIBUTESENTRY']._serialized_end=1381
-  _globals['_COMPLETEREPORT']._serialized_start=1383
-  _globals['_COMPLETEREPORT']._serialized_end=1473
-  _globals['_FAILREPORT']._serialized_start=1475
-  _globals['_FAILREPORT']._serialized_end=1580
-  _globals['_CONNECTRESPONSE']._serialized_start=1583
-  _globals['_CONNECTRESPONSE']._serialized_end=1906
-  _globals['_WELCOME']._serialized_start=1909
-  _globals['_WELCOME']._serialized_end=2128
-  _globals['_ASSIGNMENT']._serialized_start=2131
-  _globals['_ASSIGNMENT']._serialized_end=2318
-  _globals['_CANCELNOTICE']._serialized_start=2320
-  _globals['_CANCELNOTICE']._serialized_end=2383
-  _globals['_ACK']._serialized_start=2385
-  _globals['_ACK']._serialized_end=2443
-  _globals['_HEARTBEATACK']._serialized_start=2446
-  _globals['_HEARTBEATACK']._serialized_end=2576
-  _globals['_STREAMERROR']._serialized_start=2579
-  _globals['_STREAMERROR']._serialized_end=2729
-  _globals['_DRAIN']._serialized_start=2731
-  _globals['_DRAIN']._serialized_end=2796
-  _globals['_WORKERSERVICE']._serialized_start=2798
-  _globals['_WORKERSERVICE']._serialized_end=2887
+  _globals['_WORKERHEARTBEAT']._serialized_end=952
+  _globals['_PROGRESSREPORT']._serialized_start=954
+  _globals['_PROGRESSREPORT']._serialized_end=1037
+  _globals['_TRACEREPORT']._serialized_start=1039
+  _globals['_TRACEREPORT']._serialized_end=1126
+  _globals['_ANNOTATIONREPORT']._serialized_start=1129
+  _globals['_ANNOTATIONREPORT']._serialized_end=1399
+  _globals['_ANNOTATIONREPORT_ATTRIBUTESENTRY']._serialized_start=1326
+  _globals['_ANNOTATIONREPORT_ATTRIBUTESENTRY']._serialized_end=1399
+  _globals['_COMPLETEREPORT']._serialized_start=1401
+  _globals['_COMPLETEREPORT']._serialized_end=1491
+  _globals['_FAILREPORT']._serialized_start=1493
+  _globals['_FAILREPORT']._serialized_end=1598
+  _globals['_CONNECTRESPONSE']._serialized_start=1601
+  _globals['_CONNECTRESPONSE']._serialized_end=1924
+  _globals['_WELCOME']._serialized_start=1927
+  _globals['_WELCOME']._serialized_end=2146
+  _globals['_ASSIGNMENT']._serialized_start=2149
+  _globals['_ASSIGNMENT']._serialized_end=2336
+  _globals['_CANCELNOTICE']._serialized_start=2338
+  _globals['_CANCELNOTICE']._serialized_end=2401
+  _globals['_ACK']._serialized_start=2403
+  _globals['_ACK']._serialized_end=2461
+  _globals['_HEARTBEATACK']._serialized_start=2464
+  _globals['_HEARTBEATACK']._serialized_end=2594
+  _globals['_STREAMERROR']._serialized_start=2597
+  _globals['_STREAMERROR']._serialized_end=2747
+  _globals['_DRAIN']._serialized_start=2749
+  _globals['_DRAIN']._serialized_end=2814
+  _globals['_WORKERSERVICE']._serialized_start=2816
+  _globals['_WORKERSERVICE']._serialized_end=2905
 # @@protoc_insertion_point(module_scope)

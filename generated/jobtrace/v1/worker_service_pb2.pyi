@@ -202,6 +202,11 @@ class WorkerHeartbeat(_message.Message):
 
     RUNNING_FIELD_NUMBER: _builtins.int
     AFFINITY_KEYS_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    draining: _builtins.bool
+    """Optional. The worker is shutting down: send it no new assignments; the jobs
+    it holds keep their leases while it finishes them.
+    """
     @_builtins.property
     def running(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobAttempt]:
         """Optional. The jobs the worker is running; leases not listed are kept
@@ -217,10 +222,11 @@ class WorkerHeartbeat(_message.Message):
         *,
         running: _abc.Iterable[Global___JobAttempt] | None = ...,
         affinity_keys: _abc.Iterable[_builtins.str] | None = ...,
+        draining: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_keys", b"affinity_keys", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_keys", b"affinity_keys", "draining", b"draining", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -237,3 +237,86 @@ def workflow_to_proto(w: Workflow) -> common_pb2.Workflow:
         failure=failure_to_proto(w.failure),
         labels=w.labels,
     )
+
+
+# --- the worker stream ----------------------------------------------------------
+
+
+def hello_from_proto(p: Any, allowed_services: frozenset[str] | None) -> Any:
+    from jobtrace.domain.scheduler import Hello
+
+    return Hello(
+        worker_id=p.worker_id,
+        services=tuple(dict.fromkeys(p.services)),
+        max_concurrency=p.max_concurrency,
+        labels=dict(p.labels),
+        affinity_keys=tuple(p.affinity_keys),
+        running=tuple((r.job_id, r.attempt) for r in p.running),
+        allowed_services=allowed_services,
+    )
+
+
+def outgoing_to_proto(message: Any) -> Any:
+    from jobtrace.api.errors import status_code
+    from jobtrace.domain import scheduler as sch
+    from jobtrace.pb import worker_service_pb2 as w
+
+    if isinstance(message, sch.Assign):
+        return w.ConnectResponse(
+            assignment=w.Assignment(
+                job=job_to_proto(message.job),
+                attempt=message.job.attempt,
+                lease_deadline=us_to_ts(message.lease_deadline_us),
+                request_context=request_context_to_proto(message.request_context),
+                traceparent=message.job.traceparent,
+            )
+        )
+    if isinstance(message, sch.Acked):
+        return w.ConnectResponse(
+            ack=w.Ack(message_id=message.message_id, job_id=message.job_id, attempt=message.attempt)
+        )
+    if isinstance(message, sch.HeartbeatAcked):
+        return w.ConnectResponse(
+            heartbeat_ack=w.HeartbeatAck(
+                message_id=message.message_id,
+                lease_deadline=us_to_ts(message.lease_deadline_us),
+                cancels=[
+                    w.CancelNotice(job_id=c.job_id, attempt=c.attempt, reason=c.reason)
+                    for c in message.cancels
+                ],
+            )
+        )
+    if isinstance(message, sch.Cancel):
+        return w.ConnectResponse(
+            cancel=w.CancelNotice(
+                job_id=message.job_id, attempt=message.attempt, reason=message.reason
+            )
+        )
+    if isinstance(message, sch.Refused):
+        return w.ConnectResponse(
+            error=w.StreamError(
+                message_id=message.message_id,
+                message_kind=message.kind,
+                job_id=message.job_id,
+                attempt=message.attempt,
+                code=status_code(message.error).value[0],
+                reason=message.error.reason,
+                message=message.error.message,
+                fatal=message.fatal,
+            )
+        )
+    if isinstance(message, sch.Welcome):
+        return w.ConnectResponse(
+            welcome=w.Welcome(
+                session_id=message.session_id,
+                heartbeat_interval=ms_to_duration(message.heartbeat_ms),
+                lease_duration=ms_to_duration(message.lease_ms),
+                resumed=[w.JobAttempt(job_id=j, attempt=a) for j, a in message.resumed],
+                revoked=[w.JobAttempt(job_id=j, attempt=a) for j, a in message.revoked],
+            )
+        )
+    if isinstance(message, sch.Drained):
+        return w.ConnectResponse(
+            drain=w.Drain(reason=message.reason, grace=ms_to_duration(message.grace_ms))
+        )
+    raise TypeError(f"no conversion for {type(message).__name__}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 from jobtrace.api import convert
@@ -108,3 +109,24 @@ class JobServicer(pb_grpc.JobServiceServicer):
             principal.read_scope, request.workflow_id, request.reason
         )
         return pb.CancelWorkflowResponse(workflow=convert.workflow_to_proto(workflow))
+
+    @rpc
+    async def WatchJob(
+        self, request: pb.WatchJobRequest, context: Any
+    ) -> AsyncIterator[pb.WatchJobResponse]:
+        principal = self._auth.require(context, Role.READER)
+        async for job in self._jobs.watch_job(principal.read_scope, request.job_id):
+            yield pb.WatchJobResponse(job=convert.job_to_proto(job))
+
+    @rpc
+    async def WatchWorkflow(
+        self, request: pb.WatchWorkflowRequest, context: Any
+    ) -> AsyncIterator[pb.WatchWorkflowResponse]:
+        principal = self._auth.require(context, Role.READER)
+        async for workflow, job in self._jobs.watch_workflow(
+            principal.read_scope, request.workflow_id
+        ):
+            yield pb.WatchWorkflowResponse(
+                workflow=convert.workflow_to_proto(workflow),
+                changed_job=convert.job_to_proto(job) if job is not None else None,
+            )

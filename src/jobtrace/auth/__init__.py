@@ -32,6 +32,8 @@ class Principal:
     subject: str
     tenant: str
     roles: frozenset[Role]
+    # For workers: the services they may serve; None means any.
+    allowed_services: frozenset[str] | None = None
 
     def may(self, role: Role) -> bool:
         return any(role in _IMPLIES[r] for r in self.roles)

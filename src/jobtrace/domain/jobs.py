@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
 from jobtrace.domain import annotations as annotation_rules
+from jobtrace.domain import lifecycle
 from jobtrace.domain.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -30,6 +32,7 @@ from jobtrace.domain.validation import (
     check_text,
     normalize_spec,
 )
+from jobtrace.events.feed import JobFeed, Subscription
 from jobtrace.ids import JOB_PREFIX, WORKFLOW_PREFIX, new_id
 from jobtrace.model import (
     JSON,
@@ -176,6 +179,9 @@ class Jobs:
         self._db = db
         self._tokens = tokens
         self._listeners: list[ChangeListener] = []
+        self.feed = JobFeed()
+        self.stopping = asyncio.Event()
+        self.add_listener(self.feed.publish)
 
     @classmethod
     async def open(cls, db: Database) -> Jobs:
@@ -191,6 +197,10 @@ class Jobs:
 
     def add_listener(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
+
+    def notify(self, tx: Tx, jobs: list[Job]) -> None:
+        """After `tx` commits, tell listeners (feeds, dispatcher) about these jobs."""
+        self._changed(tx, jobs)
 
     def _changed(self, tx: Tx, jobs: list[Job]) -> None:
         if jobs:
@@ -502,17 +512,10 @@ class Jobs:
                     reason="JOB_TERMINAL",
                     metadata={"job_id": job_id, "state": job.state.name},
                 )
-            now = now_us()
-            changed = [await self._cancel(session, job, reason or CANCELLED_BY_USER, now)]
-            if job.workflow_id:
-                changed += await self._end_workflow(
-                    session,
-                    job.workflow_id,
-                    RunState.CANCELLED,
-                    Failure(reason=f"step {job.step_name!r} cancelled", code="CANCELLED"),
-                    reason or CANCELLED_BY_USER,
-                    now,
-                )
+            failure = Failure(
+                reason=reason or CANCELLED_BY_USER, code="CANCELLED", attempt=job.attempt
+            )
+            changed = await lifecycle.end_job(session, job, RunState.CANCELLED, failure, now_us())
             self._changed(tx, changed)
             return changed[0]
 
@@ -549,28 +552,6 @@ class Jobs:
 
         return await self._db.write(op)
 
-    async def _cancel(self, session: AsyncSession, job: Job, reason: str, now: int) -> Job:
-        failure = Failure(reason=reason, code="CANCELLED", attempt=job.attempt)
-        await store.update_job(
-            session,
-            job.id,
-            state=int(RunState.CANCELLED),
-            failure=store.codec.failure_dumps(failure),
-            updated_us=now,
-            completed_us=now,
-            lease_deadline_us=0,
-            next_attempt_us=0,
-        )
-        return replace(
-            job,
-            state=RunState.CANCELLED,
-            failure=failure,
-            updated_us=now,
-            completed_us=now,
-            lease_deadline_us=0,
-            next_attempt_us=0,
-        )
-
     async def _end_workflow(
         self,
         session: AsyncSession,
@@ -583,7 +564,18 @@ class Jobs:
         """End a workflow and cancel every step that has not ended."""
         steps = (await store.workflow_jobs(session, [workflow_id]))[workflow_id]
         changed = [
-            await self._cancel(session, j, reason, now) for j in steps if not j.state.terminal
+            await lifecycle.set_job(
+                session,
+                j,
+                state=RunState.CANCELLED,
+                updated_us=now,
+                completed_us=now,
+                lease_deadline_us=0,
+                next_attempt_us=0,
+                failure=Failure(reason=reason, code="CANCELLED", attempt=j.attempt),
+            )
+            for j in steps
+            if not j.state.terminal
         ]
         await store.update_workflow(
             session,
@@ -594,3 +586,53 @@ class Jobs:
             completed_us=now,
         )
         return changed
+
+    # --- live feeds -------------------------------------------------------
+
+    async def _next_changes(self, sub: Subscription) -> tuple[list[Job], bool] | None:
+        """Wait for changes; None when the server is stopping."""
+        if not sub.wakeup.is_set():
+            stop = asyncio.ensure_future(self.stopping.wait())
+            woken = asyncio.ensure_future(sub.wakeup.wait())
+            try:
+                await asyncio.wait({stop, woken}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                woken.cancel()
+        if self.stopping.is_set():
+            return None
+        return sub.drain()
+
+    async def watch_job(self, tenant: str | None, job_id: str) -> AsyncIterator[Job]:
+        """The job now, then each change, until a terminal state. Subscribes before
+        reading the snapshot so nothing committed in between is missed."""
+        with self.feed.subscribe(job_id) as sub:
+            last = await self.get_job(tenant, job_id)
+            yield last
+            while not last.state.terminal:
+                changes = await self._next_changes(sub)
+                if changes is None:
+                    return
+                items, overflowed = changes
+                if overflowed:
+                    items = [await self.get_job(tenant, job_id)]
+                for job in items:
+                    if job.updated_us >= last.updated_us and job != last:
+                        last = job
+                        yield job
+
+    async def watch_workflow(
+        self, tenant: str | None, workflow_id: str
+    ) -> AsyncIterator[tuple[Workflow, Job | None]]:
+        with self.feed.subscribe(workflow_id) as sub:
+            last = await self.get_workflow(tenant, workflow_id)
+            yield last, None
+            while not last.state.terminal:
+                changes = await self._next_changes(sub)
+                if changes is None:
+                    return
+                items, _ = changes
+                current = await self.get_workflow(tenant, workflow_id)
+                if current != last:
+                    last = current
+                    yield current, (items[-1] if items else None)

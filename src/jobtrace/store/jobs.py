@@ -338,3 +338,117 @@ def annotation_from_row(row: AnnotationRow) -> Annotation:
         idempotency_key=row.idempotency_key,
         seq=row.seq,
     )
+
+
+async def eligible_jobs(session: AsyncSession, service: str, now: int, limit: int) -> list[Job]:
+    """QUEUED jobs of a service that may run now: higher priority first, then oldest."""
+    stmt = (
+        select(JobRow)
+        .where(
+            JobRow.state == int(RunState.QUEUED),
+            JobRow.service == service,
+            JobRow.not_before_us <= now,
+            JobRow.next_attempt_us <= now,
+        )
+        .order_by(JobRow.priority.desc(), JobRow.seq)
+        .limit(limit)
+    )
+    return [job_from_row(r) for r in (await session.execute(stmt)).scalars()]
+
+
+async def next_eligible_us(session: AsyncSession, services: Iterable[str], now: int) -> int | None:
+    """When the next waiting (not_before or backoff) job of these services becomes eligible."""
+    svc = list(services)
+    if not svc:
+        return None
+    from sqlalchemy import func
+
+    later = func.max(JobRow.not_before_us, JobRow.next_attempt_us)
+    if not _is_sqlite(session):
+        later = func.greatest(JobRow.not_before_us, JobRow.next_attempt_us)
+    stmt = select(func.min(later)).where(
+        JobRow.state == int(RunState.QUEUED), JobRow.service.in_(svc), later > now
+    )
+    return (await session.execute(stmt)).scalar()
+
+
+def _is_sqlite(session: AsyncSession) -> bool:
+    return session.get_bind().dialect.name == "sqlite"
+
+
+async def claim_job(
+    session: AsyncSession, job_id: str, worker_id: str, lease_deadline_us: int, now: int
+) -> bool:
+    """Lease a QUEUED job to a worker: compare-and-set on the state, attempt + 1."""
+    result = await session.execute(
+        update(JobRow)
+        .where(JobRow.id == job_id, JobRow.state == int(RunState.QUEUED))
+        .values(
+            state=int(RunState.RUNNING),
+            attempt=JobRow.attempt + 1,
+            worker_id=worker_id,
+            lease_deadline_us=lease_deadline_us,
+            next_attempt_us=0,
+            started_us=now,
+            updated_us=now,
+            progress_percent=0.0,
+            progress_message="",
+        )
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def extend_leases(
+    session: AsyncSession, worker_id: str, attempts: dict[str, int], deadline_us: int
+) -> list[Job]:
+    """Renew the leases this worker still holds; return the current rows of all
+    the jobs asked about, so the caller can see which were taken away."""
+    if not attempts:
+        return []
+    await session.execute(
+        update(JobRow)
+        .where(
+            JobRow.id.in_(list(attempts)),
+            JobRow.worker_id == worker_id,
+            JobRow.state == int(RunState.RUNNING),
+        )
+        .values(lease_deadline_us=deadline_us)
+    )
+    stmt = select(JobRow).where(JobRow.id.in_(list(attempts)))
+    return [job_from_row(r) for r in (await session.execute(stmt)).scalars()]
+
+
+async def expired_leases(session: AsyncSession, now: int, limit: int = 500) -> list[Job]:
+    stmt = (
+        select(JobRow)
+        .where(
+            JobRow.state == int(RunState.RUNNING),
+            JobRow.lease_deadline_us > 0,
+            JobRow.lease_deadline_us < now,
+        )
+        .limit(limit)
+    )
+    return [job_from_row(r) for r in (await session.execute(stmt)).scalars()]
+
+
+async def timed_out_jobs(session: AsyncSession, now: int, limit: int = 500) -> list[Job]:
+    stmt = (
+        select(JobRow)
+        .where(
+            JobRow.state == int(RunState.RUNNING),
+            JobRow.timeout_ms > 0,
+            JobRow.started_us + JobRow.timeout_ms * 1000 < now,
+        )
+        .limit(limit)
+    )
+    return [job_from_row(r) for r in (await session.execute(stmt)).scalars()]
+
+
+async def request_context_for(session: AsyncSession, job: Job) -> JSON:
+    """The request that triggered a job: its own, or its workflow's."""
+    if job.workflow_id:
+        stmt = select(WorkflowRow.request_context).where(WorkflowRow.id == job.workflow_id)
+    else:
+        stmt = select(JobRow.request_context).where(JobRow.id == job.id)
+    text = (await session.execute(stmt)).scalar()
+    return codec.loads(text) or {}

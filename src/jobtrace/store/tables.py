@@ -98,8 +98,10 @@ class JobRow(Base):
         Index("ix_jobs_tenant_seq", "tenant", "seq"),
         Index("ix_jobs_tenant_state_seq", "tenant", "state", "seq"),
         Index("ix_jobs_workflow", "workflow_id", "step_index"),
-        # The dispatcher's scan: eligible jobs by priority, then age.
-        Index("ix_jobs_dispatch", "state", "priority", "seq"),
+        # The dispatcher's scan: eligible jobs of a service by priority, then age.
+        Index("ix_jobs_dispatch", "state", "service", "priority", "seq"),
+        # The supervisor's scan of leases.
+        Index("ix_jobs_lease", "state", "lease_deadline_us"),
     )
 
 

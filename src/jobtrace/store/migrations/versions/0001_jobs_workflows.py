@@ -92,7 +92,8 @@ def upgrade() -> None:
     op.create_index("ix_jobs_tenant_seq", "jobs", ["tenant", "seq"])
     op.create_index("ix_jobs_tenant_state_seq", "jobs", ["tenant", "state", "seq"])
     op.create_index("ix_jobs_workflow", "jobs", ["workflow_id", "step_index"])
-    op.create_index("ix_jobs_dispatch", "jobs", ["state", "priority", "seq"])
+    op.create_index("ix_jobs_dispatch", "jobs", ["state", "service", "priority", "seq"])
+    op.create_index("ix_jobs_lease", "jobs", ["state", "lease_deadline_us"])
     op.create_table(
         "annotations",
         sa.Column("seq", SEQ, primary_key=True, autoincrement=True),

@@ -1,0 +1,134 @@
+"""WorkerService.Connect: the bidirectional worker stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from jobtrace.api import convert
+from jobtrace.api.errors import to_status
+from jobtrace.auth import Authenticator, Role
+from jobtrace.domain import scheduler as sch
+from jobtrace.domain.errors import DomainError, FailedPrecondition, Invalid
+from jobtrace.model import Failure
+from jobtrace.pb import worker_service_pb2 as pb
+from jobtrace.pb import worker_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT_S = 30.0
+
+
+class WorkerServicer(pb_grpc.WorkerServiceServicer):
+    def __init__(self, scheduler: sch.Scheduler, auth: Authenticator) -> None:
+        self._scheduler = scheduler
+        self._auth = auth
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[pb.ConnectRequest], context: Any
+    ) -> AsyncIterator[pb.ConnectResponse]:
+        try:
+            principal = self._auth.require(context, Role.WORKER)
+        except DomainError as exc:
+            await context.abort_with_status(to_status(exc))
+            return
+        try:
+            first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT_S)
+        except (StopAsyncIteration, TimeoutError):
+            return
+        if first.WhichOneof("kind") != "hello":
+            error = FailedPrecondition("the first message must be hello", reason="HELLO_REQUIRED")
+            yield convert.outgoing_to_proto(refused(first, error, fatal=True))
+            return
+        hello = convert.hello_from_proto(first.hello, principal.allowed_services)
+        try:
+            session, welcome = await self._scheduler.open_session(hello)
+        except DomainError as exc:
+            yield convert.outgoing_to_proto(refused(first, exc, fatal=True))
+            return
+        yield convert.outgoing_to_proto(welcome)
+        reader = asyncio.create_task(self._read(request_iterator, session))
+        lost = True
+        try:
+            while True:
+                message = await session.next_outgoing()
+                if message is None:
+                    break
+                yield convert.outgoing_to_proto(message)
+            lost = not self._scheduler_draining(session)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            await self._scheduler.close_session(session, lost=lost)
+
+    def _scheduler_draining(self, session: sch.WorkerSession) -> bool:
+        return session.close_reason == "server shutting down"
+
+    async def _read(
+        self, request_iterator: AsyncIterator[pb.ConnectRequest], session: sch.WorkerSession
+    ) -> None:
+        try:
+            async for message in request_iterator:
+                if session.closed:
+                    break
+                try:
+                    reply = await self._handle(session, message)
+                except DomainError as exc:
+                    reply = refused(message, exc)
+                if reply is not None:
+                    await session.send_reply(reply)
+        except (asyncio.CancelledError, grpc.RpcError):
+            raise
+        finally:
+            # The worker half-closed or went away: end the session.
+            session.close(session.close_reason or "worker closed the stream")
+
+    async def _handle(self, session: sch.WorkerSession, m: pb.ConnectRequest) -> Any:
+        kind = m.WhichOneof("kind")
+        s = self._scheduler
+        if kind == "heartbeat":
+            hb = m.heartbeat
+            return await s.heartbeat(session, m.message_id, tuple(hb.affinity_keys), hb.draining)
+        if kind == "progress":
+            p = m.progress
+            await s.progress(session, p.job_id, p.attempt, p.percent, p.message)
+            return sch.Acked(m.message_id, p.job_id, p.attempt)
+        if kind == "complete":
+            c = m.complete
+            result = convert.struct_to_dict(c.result) if c.HasField("result") else None
+            await s.complete(session, c.job_id, c.attempt, result, c.result.ByteSize())
+            return sch.Acked(m.message_id, c.job_id, c.attempt)
+        if kind == "fail":
+            f = m.fail
+            failure = Failure(
+                reason=f.error.message,
+                code=f.error.code,
+                details=f.error.details or f.error.stack,
+                retryable=f.retryable,
+                attempt=f.attempt,
+            )
+            await s.fail(session, f.job_id, f.attempt, failure, f.retryable)
+            return sch.Acked(m.message_id, f.job_id, f.attempt)
+        if kind == "hello":
+            raise FailedPrecondition(
+                "hello was already sent on this stream", reason="DUPLICATE_HELLO"
+            )
+        if kind in ("trace", "annotate"):
+            raise FailedPrecondition(
+                f"{kind} reports are not accepted by this server yet", reason="UNSUPPORTED_MESSAGE"
+            )
+        raise Invalid([], message="empty message: set one of the ConnectRequest kinds")
+
+
+def refused(message: pb.ConnectRequest, exc: DomainError, fatal: bool = False) -> sch.Refused:
+    kind = message.WhichOneof("kind") or ""
+    body = getattr(message, kind) if kind else None
+    job_id = getattr(body, "job_id", "")
+    attempt = getattr(body, "attempt", 0)
+    return sch.Refused(message.message_id, kind, job_id, attempt, exc, fatal)

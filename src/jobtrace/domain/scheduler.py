@@ -1,0 +1,628 @@
+"""Worker sessions, push dispatch, leases, heartbeats and supervision."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from jobtrace.clock import now_us
+from jobtrace.domain import lifecycle
+from jobtrace.domain.errors import (
+    AlreadyExists,
+    DomainError,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    StaleAttempt,
+    Violations,
+)
+from jobtrace.domain.jobs import Jobs
+from jobtrace.domain.validation import SERVICE_RE, check_affinity, check_size, check_text
+from jobtrace.ids import new_id
+from jobtrace.model import JSON, Failure, Job, RunState
+from jobtrace.store import jobs as store
+from jobtrace.store.db import Database, Tx
+
+log = logging.getLogger(__name__)
+
+OUTBOX_HIGH_WATER = 1024
+
+
+# --- messages to a worker (the api turns them into ConnectResponse) -----------
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    session_id: str
+    heartbeat_ms: int
+    lease_ms: int
+    resumed: list[tuple[str, int]]
+    revoked: list[tuple[str, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Assign:
+    job: Job
+    lease_deadline_us: int
+    request_context: JSON
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    job_id: str
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    message_id: int
+    job_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatAcked:
+    message_id: int
+    lease_deadline_us: int
+    cancels: list[Cancel]
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    message_id: int
+    kind: str
+    job_id: str
+    attempt: int
+    error: DomainError
+    fatal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Drained:
+    reason: str
+    grace_ms: int
+
+
+Outgoing = Welcome | Assign | Cancel | Acked | HeartbeatAcked | Refused | Drained
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    worker_id: str
+    services: tuple[str, ...]
+    max_concurrency: int
+    labels: dict[str, str]
+    affinity_keys: tuple[str, ...]
+    running: tuple[tuple[str, int], ...] = ()
+    allowed_services: frozenset[str] | None = None  # None: any
+
+
+@dataclass(eq=False)
+class WorkerSession:
+    """One connected worker stream on this replica."""
+
+    worker_id: str
+    session_id: str
+    services: frozenset[str]
+    max_concurrency: int
+    affinity_keys: frozenset[str]
+    labels: dict[str, str]
+    held: dict[str, int] = field(default_factory=dict)  # job id -> attempt
+    last_heartbeat_us: int = 0
+    draining: bool = False
+    closed: bool = False
+    close_reason: str = ""
+    _outbox: deque[Outgoing | None] = field(default_factory=deque)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _space: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def free_slots(self) -> int:
+        if self.closed or self.draining:
+            return 0
+        return max(0, self.max_concurrency - len(self.held))
+
+    def send(self, message: Outgoing) -> None:
+        if not self.closed:
+            self._outbox.append(message)
+            self._ready.set()
+
+    async def send_reply(self, message: Outgoing) -> None:
+        """Replies wait while the worker is not reading (backpressure on its reports)."""
+        while len(self._outbox) >= OUTBOX_HIGH_WATER and not self.closed:
+            self._space.clear()
+            await self._space.wait()
+        self.send(message)
+
+    def close(self, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.close_reason = reason
+            self._outbox.append(None)
+            self._ready.set()
+            self._space.set()
+
+    async def next_outgoing(self) -> Outgoing | None:
+        """The next message to write; None once the session is closed and flushed."""
+        while not self._outbox:
+            self._ready.clear()
+            await self._ready.wait()
+        message = self._outbox.popleft()
+        if len(self._outbox) < OUTBOX_HIGH_WATER:
+            self._space.set()
+        return message
+
+
+def fence(job: Job | None, job_id: str, worker_id: str, attempt: int, kind: str) -> Job:
+    """The job a report is about, if the reporter holds its current lease."""
+    if job is None:
+        raise NotFound(f"unknown job {job_id!r}", reason="UNKNOWN_JOB", metadata={"job_id": job_id})
+    meta = {"job_id": job_id, "attempt": str(attempt), "current_attempt": str(job.attempt)}
+    if attempt < job.attempt:
+        raise StaleAttempt(
+            f"attempt {attempt} of job {job_id!r} is stale (current attempt {job.attempt})",
+            metadata=meta,
+        )
+    if attempt > job.attempt:
+        raise FailedPrecondition(
+            f"job {job_id!r} has no attempt {attempt}", reason="UNKNOWN_ATTEMPT", metadata=meta
+        )
+    if job.worker_id != worker_id:
+        raise PermissionDenied(
+            f"job {job_id!r} is leased to another worker", reason="NOT_LEASE_HOLDER", metadata=meta
+        )
+    if job.state == RunState.COMPLETED and kind in {"complete", "fail"}:
+        raise AlreadyExists(
+            f"job {job_id!r} attempt {attempt} already completed",
+            reason="DUPLICATE_REPORT",
+            metadata=meta,
+        )
+    if job.state.terminal:
+        raise FailedPrecondition(
+            f"job {job_id!r} already ended {job.state.name}",
+            reason="JOB_TERMINAL",
+            metadata={**meta, "state": job.state.name},
+        )
+    if job.state != RunState.RUNNING:
+        raise FailedPrecondition(
+            f"the lease of job {job_id!r} attempt {attempt} was lost",
+            reason="LEASE_LOST",
+            metadata=meta,
+        )
+    return job
+
+
+class Scheduler:
+    """Dispatches eligible jobs to connected workers and supervises leases."""
+
+    def __init__(
+        self,
+        db: Database,
+        jobs: Jobs,
+        *,
+        lease_ms: int,
+        heartbeat_ms: int,
+    ) -> None:
+        self._db = db
+        self._jobs = jobs
+        self.lease_ms = lease_ms
+        self.heartbeat_ms = heartbeat_ms
+        self.sessions: dict[str, WorkerSession] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._draining = False
+        jobs.add_listener(self._on_jobs_changed)
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._dispatch_loop(), name="jobtrace-dispatch"),
+            asyncio.create_task(self._supervise_loop(), name="jobtrace-supervise"),
+        ]
+
+    async def drain(self, grace_ms: int) -> None:
+        """Shutdown: tell every worker, end their streams, keep their leases."""
+        self._draining = True
+        for session in list(self.sessions.values()):
+            session.send(Drained("server shutting down", grace_ms))
+            session.close("server shutting down")
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # --- sessions ----------------------------------------------------------
+
+    async def open_session(self, hello: Hello) -> tuple[WorkerSession, Welcome]:
+        v = Violations()
+        if not hello.worker_id:
+            v.add("hello.worker_id", "required")
+        check_text(v, "hello.worker_id", hello.worker_id, 128)
+        if not hello.services:
+            v.add("hello.services", "required: at least one service")
+        elif len(hello.services) > 256:
+            v.add("hello.services", "at most 256 services")
+        for i, service in enumerate(hello.services):
+            if not SERVICE_RE.match(service):
+                v.add(f"hello.services[{i}]", "must be 1-128 characters of [A-Za-z0-9._:/-]")
+            elif hello.allowed_services is not None and service not in hello.allowed_services:
+                v.add(f"hello.services[{i}]", f"this worker may not serve {service!r}")
+        if not 0 <= hello.max_concurrency <= 1000:
+            v.add("hello.max_concurrency", "must be between 1 and 1000 (0 means 1)")
+        if len(hello.affinity_keys) > 1000:
+            v.add("hello.affinity_keys", "at most 1000 keys")
+        v.raise_if_any()
+        if self._draining:
+            raise FailedPrecondition("server is shutting down", reason="DRAINING")
+
+        previous = self.sessions.get(hello.worker_id)
+        if previous is not None:
+            # A proxy may keep a dead stream open: the new stream wins, and the
+            # leases it claims in hello are resumed, not released.
+            previous.close("replaced by a new session of the same worker")
+        session = WorkerSession(
+            worker_id=hello.worker_id,
+            session_id=new_id("ses"),
+            services=frozenset(hello.services),
+            max_concurrency=hello.max_concurrency or 1,
+            affinity_keys=frozenset(hello.affinity_keys),
+            labels=dict(hello.labels),
+            last_heartbeat_us=now_us(),
+        )
+        resumed, revoked = await self._resume(session, dict(hello.running))
+        self.sessions[hello.worker_id] = session
+        self.wake()
+        welcome = Welcome(session.session_id, self.heartbeat_ms, self.lease_ms, resumed, revoked)
+        return session, welcome
+
+    async def _resume(
+        self, session: WorkerSession, running: dict[str, int]
+    ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        if not running:
+            return [], []
+        deadline = now_us() + self.lease_ms * 1000
+
+        async def op(db: AsyncSession, tx: Tx) -> list[Job]:
+            return await store.extend_leases(db, session.worker_id, running, deadline)
+
+        current = {j.id: j for j in await self._db.write(op)}
+        resumed, revoked = [], []
+        for job_id, attempt in running.items():
+            job = current.get(job_id)
+            if (
+                job is not None
+                and job.state == RunState.RUNNING
+                and job.worker_id == session.worker_id
+                and job.attempt == attempt
+            ):
+                session.held[job_id] = attempt
+                resumed.append((job_id, attempt))
+            else:
+                revoked.append((job_id, attempt))
+        return resumed, revoked
+
+    async def close_session(self, session: WorkerSession, *, lost: bool) -> None:
+        """The stream ended. Unless the server is draining (or a newer session of
+        the same worker took over), its leases are given back at once."""
+        session.close(session.close_reason or "stream ended")
+        if self.sessions.get(session.worker_id) is session:
+            del self.sessions[session.worker_id]
+        replaced = session.worker_id in self.sessions
+        if lost and not self._draining and not replaced and session.held:
+            await self._release(session.worker_id, dict(session.held), "worker stream lost")
+        session.held.clear()
+        self.wake()
+
+    async def _release(self, worker_id: str, held: dict[str, int], details: str) -> None:
+        async def op(db: AsyncSession, tx: Tx) -> None:
+            now = now_us()
+            changed: list[Job] = []
+            for job_id, attempt in held.items():
+                job = await store.get_job(db, job_id)
+                if (
+                    job is not None
+                    and job.state == RunState.RUNNING
+                    and job.worker_id == worker_id
+                    and job.attempt == attempt
+                ):
+                    changed += await self._lease_lost(db, job, details, now)
+            self._jobs.notify(tx, changed)
+
+        await self._db.write(op)
+
+    async def _lease_lost(self, db: AsyncSession, job: Job, details: str, now: int) -> list[Job]:
+        failure = Failure(
+            reason=lifecycle.LEASE_EXPIRED,
+            code="LEASE_EXPIRED",
+            retryable=True,
+            details=details,
+            attempt=job.attempt,
+        )
+        return await lifecycle.fail_attempt(db, job, failure, True, now)
+
+    # --- reports from a worker --------------------------------------------
+
+    async def heartbeat(
+        self,
+        session: WorkerSession,
+        message_id: int,
+        affinity_keys: tuple[str, ...],
+        draining: bool = False,
+    ) -> HeartbeatAcked:
+        session.last_heartbeat_us = now_us()
+        session.draining = session.draining or draining
+        if affinity_keys:
+            v = Violations()
+            check_affinity(v, "heartbeat.affinity_keys", affinity_keys[:1000])
+            v.raise_if_any()
+            session.affinity_keys = frozenset(affinity_keys)
+        deadline = session.last_heartbeat_us + self.lease_ms * 1000
+        held = dict(session.held)
+
+        async def op(db: AsyncSession, tx: Tx) -> list[Job]:
+            return await store.extend_leases(db, session.worker_id, held, deadline)
+
+        cancels = []
+        for job in await self._db.write(op):
+            attempt = held[job.id]
+            if (
+                job.state != RunState.RUNNING
+                or job.attempt != attempt
+                or (job.worker_id != session.worker_id)
+            ):
+                reason = job.failure.reason if job.failure else f"job is {job.state.name}"
+                cancels.append(Cancel(job.id, attempt, reason))
+                session.held.pop(job.id, None)
+        if cancels:
+            self.wake()
+        return HeartbeatAcked(message_id, deadline, cancels)
+
+    async def progress(
+        self, session: WorkerSession, job_id: str, attempt: int, percent: float, message: str
+    ) -> None:
+        v = Violations()
+        if not 0.0 <= percent <= 100.0 or percent != percent:
+            v.add("progress.percent", "must be between 0 and 100")
+        check_text(v, "progress.message", message, 10_000)
+        v.raise_if_any()
+
+        async def op(db: AsyncSession, tx: Tx) -> None:
+            job = fence(
+                await store.get_job(db, job_id), job_id, session.worker_id, attempt, "progress"
+            )
+            updated = await lifecycle.set_job(
+                db, job, progress_percent=percent, progress_message=message, updated_us=now_us()
+            )
+            self._jobs.notify(tx, [updated])
+
+        await self._db.write(op)
+
+    async def complete(
+        self,
+        session: WorkerSession,
+        job_id: str,
+        attempt: int,
+        result: JSON | None,
+        result_bytes: int,
+    ) -> None:
+        v = Violations()
+        check_size(v, "complete.result", result_bytes)
+        v.raise_if_any()
+
+        async def op(db: AsyncSession, tx: Tx) -> None:
+            job = fence(
+                await store.get_job(db, job_id), job_id, session.worker_id, attempt, "complete"
+            )
+            self._jobs.notify(tx, await lifecycle.complete(db, job, result, now_us()))
+
+        await self._db.write(op)
+        self._release_slot(session, job_id)
+
+    async def fail(
+        self, session: WorkerSession, job_id: str, attempt: int, failure: Failure, retryable: bool
+    ) -> None:
+        v = Violations()
+        if not failure.reason:
+            v.add("fail.error.message", "required")
+        check_text(v, "fail.error.message", failure.reason, 10_000)
+        check_text(v, "fail.error.code", failure.code, 128)
+        check_text(v, "fail.error.details", failure.details, 64 * 1024)
+        v.raise_if_any()
+
+        async def op(db: AsyncSession, tx: Tx) -> None:
+            job = fence(await store.get_job(db, job_id), job_id, session.worker_id, attempt, "fail")
+            changed = await lifecycle.fail_attempt(db, job, failure, retryable, now_us())
+            self._jobs.notify(tx, changed)
+
+        await self._db.write(op)
+        self._release_slot(session, job_id)
+
+    def _release_slot(self, session: WorkerSession, job_id: str) -> None:
+        if session.held.pop(job_id, None) is not None:
+            self.wake()
+
+    # --- dispatch ------------------------------------------------------------
+
+    def _on_jobs_changed(self, jobs: list[Job]) -> None:
+        wake = False
+        for job in jobs:
+            if job.state == RunState.QUEUED:
+                wake = True
+            elif job.state in (RunState.CANCELLED, RunState.TIMED_OUT) and job.worker_id:
+                session = self.sessions.get(job.worker_id)
+                if session is not None and session.held.get(job.id) == job.attempt:
+                    reason = job.failure.reason if job.failure else job.state.name
+                    session.send(Cancel(job.id, job.attempt, reason))
+                    del session.held[job.id]
+                    wake = True
+        if wake:
+            self.wake()
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            timeout = await self._dispatch_once()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _dispatch_once(self) -> float:
+        """Assign what can be assigned now; return how long to sleep at most."""
+        self._wake.clear()
+        try:
+            return await self._assign_eligible()
+        except Exception:
+            log.exception("dispatch failed; retrying")
+            return 0.5
+
+    async def _assign_eligible(self) -> float:
+        free = [s for s in self.sessions.values() if s.free_slots > 0]
+        if not free:
+            return 5.0
+        now = now_us()
+        capacity: dict[str, int] = {}
+        for s in free:
+            for service in s.services:
+                capacity[service] = capacity.get(service, 0) + s.free_slots
+        async with self._db.read() as db:
+            candidates: list[Job] = []
+            for service, slots in capacity.items():
+                candidates += await store.eligible_jobs(db, service, now, slots)
+            next_us = await store.next_eligible_us(db, capacity, now)
+        candidates.sort(key=lambda j: (-j.spec.priority, j.seq))
+        plan: list[tuple[Job, WorkerSession]] = []
+        slots = {s.session_id: s.free_slots for s in free}
+        for job in candidates:
+            best = _pick_worker(job, free, slots)
+            if best is not None:
+                slots[best.session_id] -= 1
+                plan.append((job, best))
+        sleep = 5.0 if next_us is None else max(0.0, (next_us - now) / 1e6)
+        if not plan:
+            return min(sleep, 5.0)
+        await self._claim(plan)
+        return 0.0  # look again at once: more may have become eligible meanwhile
+
+    async def _claim(self, plan: list[tuple[Job, WorkerSession]]) -> None:
+        lost: list[tuple[str, dict[str, int]]] = []
+
+        def hand_over(assign: Assign, session: WorkerSession) -> None:
+            # Runs right after the commit, in commit order: a cancel committed
+            # later finds the job held and reaches the worker.
+            if session.closed:
+                lost.append((session.worker_id, {assign.job.id: assign.job.attempt}))
+                return
+            session.held[assign.job.id] = assign.job.attempt
+            session.send(assign)
+
+        async def op(db: AsyncSession, tx: Tx) -> None:
+            now = now_us()
+            deadline = now + self.lease_ms * 1000
+            changed = []
+            for job, session in plan:
+                if session.closed:
+                    continue
+                if not await store.claim_job(db, job.id, session.worker_id, deadline, now):
+                    continue  # another replica (or a cancel) got there first
+                await lifecycle.started(db, job, now)
+                claimed = await store.get_job(db, job.id)
+                assert claimed is not None
+                context = await store.request_context_for(db, claimed)
+                assign = Assign(claimed, deadline, context)
+                tx.on_commit(lambda a=assign, s=session: hand_over(a, s))
+                changed.append(claimed)
+            self._jobs.notify(tx, changed)
+
+        await self._db.write(op)
+        for worker_id, held in lost:
+            # The stream ended while the claim committed: give the job back.
+            await self._release(worker_id, held, "worker stream lost before assignment")
+
+    # --- supervision ---------------------------------------------------------
+
+    async def _supervise_loop(self) -> None:
+        tick = max(0.05, min(1.0, self.lease_ms / 4000))
+        while True:
+            await asyncio.sleep(tick)
+            try:
+                await self.supervise_once()
+            except Exception:
+                log.exception("supervision failed; retrying")
+
+    async def supervise_once(self) -> None:
+        now = now_us()
+        # Liveness comes from heartbeats, not from an open stream.
+        for session in list(self.sessions.values()):
+            if now - session.last_heartbeat_us > self.lease_ms * 1000:
+                session.send(
+                    Refused(
+                        0,
+                        "heartbeat",
+                        "",
+                        0,
+                        FailedPrecondition(
+                            "no heartbeat within the lease; leases given back",
+                            reason="HEARTBEAT_TIMEOUT",
+                        ),
+                        fatal=True,
+                    )
+                )
+                session.close("heartbeat timeout")
+                await self.close_session(session, lost=True)
+
+        async def op(db: AsyncSession, tx: Tx) -> None:
+            changed: list[Job] = []
+            for job in await store.timed_out_jobs(db, now):
+                failure = Failure(
+                    reason=f"timed out after {job.spec.timeout_ms} ms",
+                    code="TIMED_OUT",
+                    attempt=job.attempt,
+                )
+                changed += await lifecycle.end_job(db, job, RunState.TIMED_OUT, failure, now)
+            for job in await store.expired_leases(db, now):
+                changed += await self._lease_lost(db, job, "no heartbeat before the deadline", now)
+            self._jobs.notify(tx, changed)
+
+        async with self._db.read() as db:
+            due = bool(
+                await store.timed_out_jobs(db, now, 1) or await store.expired_leases(db, now, 1)
+            )
+        if due:
+            await self._db.write(op)
+
+    # --- introspection -------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            w: {"held": dict(s.held), "max": s.max_concurrency} for w, s in self.sessions.items()
+        }
+
+
+def _pick_worker(
+    job: Job, free: list[WorkerSession], slots: dict[str, int]
+) -> WorkerSession | None:
+    """Among capable workers with a free slot: most affinity keys in common first
+    (a preference, never a wait), then the most free slots."""
+    best: WorkerSession | None = None
+    best_score: tuple[int, int] = (-1, -1)
+    wanted = set(job.spec.affinity_keys)
+    for s in free:
+        if slots[s.session_id] <= 0 or job.spec.service not in s.services or s.closed:
+            continue
+        score = (len(wanted & s.affinity_keys), slots[s.session_id])
+        if score > best_score:
+            best, best_score = s, score
+    return best

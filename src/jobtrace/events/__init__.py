@@ -1,0 +1,1 @@
+"""Fan-out of job changes and trace events to live subscribers."""
