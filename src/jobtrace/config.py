@@ -31,6 +31,10 @@ class Settings:
     heartbeat_seconds: float = 10.0
     # On SIGTERM: how long in-flight calls may take to finish.
     shutdown_grace_seconds: float = 10.0
+    # Trace events older than this are deleted by a background sweep.
+    trace_retention_days: float = 30.0
+    # Idle trace streams get a keepalive frame this often.
+    keepalive_seconds: float = 15.0
     # Logging level name.
     log_level: str = "INFO"
 

@@ -166,3 +166,66 @@ class Annotation:
     payload: JSON | None = None
     idempotency_key: str = ""
     seq: int = 0
+
+
+class TraceType(enum.IntEnum):
+    UNSPECIFIED = 0
+    STARTED = 1
+    PROGRESS = 2
+    COMPLETED = 3
+    FAILED = 4
+    LOG = 5
+
+
+class Level(enum.IntEnum):
+    UNSPECIFIED = 0
+    DEBUG = 1
+    INFO = 2
+    WARN = 3
+    ERROR = 4
+    CRITICAL = 5
+
+
+class Category(enum.IntEnum):
+    UNSPECIFIED = 0
+    BUSINESS = 1
+    TECHNICAL = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    message: str
+    code: str = ""
+    details: str = ""
+    stack: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TraceEvent:
+    """A trace event; `seq` is 0 until stored."""
+
+    run_id: str
+    node_id: str = ""
+    type: TraceType = TraceType.LOG
+    level: Level = Level.INFO
+    category: Category = Category.TECHNICAL
+    ts_us: int = 0
+    message: str = ""
+    user_message: str = ""
+    error: ErrorInfo | None = None
+    output_summary: JSON | None = None
+    data: JSON | None = None
+    step_number: int = 0
+    total_steps: int = 0
+    percent: float = 0.0
+    display_priority: int = 5
+    milestone: bool = False
+    event_key: str = ""
+    truncated: bool = False
+    job_id: str = ""
+    attempt: int = 0
+    worker_id: str = ""
+    traceparent: str = ""
+    tenant: str = ""
+    seq: int = 0
+    created_us: int = 0

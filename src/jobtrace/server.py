@@ -12,11 +12,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jobtrace.api.job_service import JobServicer
+from jobtrace.api.trace_service import TraceServicer
 from jobtrace.api.worker_service import WorkerServicer
 from jobtrace.auth import Authenticator
 from jobtrace.config import Settings
 from jobtrace.domain.jobs import Jobs
+from jobtrace.domain.lifecycle import Lifecycle
+from jobtrace.domain.pagination import open_tokens
 from jobtrace.domain.scheduler import Scheduler
+from jobtrace.domain.trace import Trace
 from jobtrace.pb import (
     SERVICE_NAMES,
     attestation_service_pb2_grpc,
@@ -45,11 +49,20 @@ class JobtraceServer:
     async def start(self) -> int:
         s = self.settings
         await self.db.start()
-        jobs = await Jobs.open(self.db)
+        tokens = await open_tokens(self.db)
+        self.trace = Trace(
+            self.db,
+            tokens,
+            retention_s=s.trace_retention_days * 86400,
+            keepalive_s=s.keepalive_seconds,
+        )
+        life = Lifecycle(self.trace)
+        jobs = Jobs(self.db, tokens, life)
         self.jobs = jobs
         self.scheduler = Scheduler(
             self.db,
             jobs,
+            life,
             lease_ms=int(s.lease_seconds * 1000),
             heartbeat_ms=int(s.heartbeat_seconds * 1000),
         )
@@ -71,7 +84,7 @@ class JobtraceServer:
             WorkerServicer(self.scheduler, auth), server
         )
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
-            trace_service_pb2_grpc.TraceServiceServicer(), server
+            TraceServicer(self.trace, auth), server
         )
         attestation_service_pb2_grpc.add_AttestationServiceServicer_to_server(
             attestation_service_pb2_grpc.AttestationServiceServicer(), server
@@ -95,6 +108,7 @@ class JobtraceServer:
         await server.start()
         self._server = server
         self.scheduler.start()
+        self.trace.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for name in SERVICE_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -111,6 +125,7 @@ class JobtraceServer:
         await self.health.enter_graceful_shutdown()
         self.shutting_down.set()
         self.jobs.stopping.set()
+        await self.trace.stop()
         await self.scheduler.drain(int(grace * 1000))
         await self._server.stop(grace)
         self._server = None

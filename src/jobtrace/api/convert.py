@@ -320,3 +320,108 @@ def outgoing_to_proto(message: Any) -> Any:
             drain=w.Drain(reason=message.reason, grace=ms_to_duration(message.grace_ms))
         )
     raise TypeError(f"no conversion for {type(message).__name__}")
+
+
+# --- trace ------------------------------------------------------------------------
+
+
+def event_input_from_proto(p: Any) -> Any:
+    from jobtrace.domain.trace import EventInput
+    from jobtrace.model import Category, ErrorInfo, Level, TraceEvent, TraceType
+
+    def enum(kind: Any, value: int) -> Any:
+        try:
+            return kind(value)
+        except ValueError:
+            return value  # validation reports it
+
+    event = TraceEvent(
+        run_id="",
+        node_id=p.node_id,
+        type=enum(TraceType, p.type),
+        level=enum(Level, p.level),
+        category=enum(Category, p.category),
+        ts_us=ts_to_us(p.timestamp) if p.HasField("timestamp") else 0,
+        message=p.message,
+        user_message=p.user_message,
+        error=ErrorInfo(p.error.message, p.error.code, p.error.details, p.error.stack)
+        if p.HasField("error")
+        else None,
+        output_summary=struct_to_dict(p.output_summary) if p.HasField("output_summary") else None,
+        data=struct_to_dict(p.data) if p.HasField("data") else None,
+        step_number=p.step_number,
+        total_steps=p.total_steps,
+        percent=p.percent,
+        display_priority=p.display_priority,
+        milestone=p.milestone,
+        event_key=p.event_key,
+    )
+    return EventInput(event, p.data.ByteSize(), p.output_summary.ByteSize())
+
+
+def event_to_proto(e: Any) -> common_pb2.TraceEvent:
+    return common_pb2.TraceEvent(
+        id=f"{e.run_id}:{e.seq}",
+        sequence=e.seq,
+        run_id=e.run_id,
+        node_id=e.node_id,
+        type=int(e.type),
+        level=int(e.level),
+        category=int(e.category),
+        timestamp=us_to_ts(e.ts_us),
+        message=e.message,
+        user_message=e.user_message,
+        error=common_pb2.ErrorDetail(
+            message=e.error.message,
+            code=e.error.code,
+            details=e.error.details,
+            stack=e.error.stack,
+        )
+        if e.error is not None
+        else None,
+        output_summary=dict_to_struct(e.output_summary),
+        data=dict_to_struct(e.data),
+        step_number=e.step_number,
+        total_steps=e.total_steps,
+        percent=e.percent,
+        display_priority=e.display_priority,
+        milestone=e.milestone,
+        event_key=e.event_key,
+        truncated=e.truncated,
+        job_id=e.job_id,
+        attempt=e.attempt,
+        worker_id=e.worker_id,
+        traceparent=e.traceparent,
+    )
+
+
+def event_filter(request: Any) -> Any:
+    from jobtrace.store.trace import EventFilter
+
+    return EventFilter(
+        min_level=request.min_level,
+        category=request.category,
+        node_id=request.node_id,
+        type=request.type,
+        since_us=ts_to_us(request.since) if request.HasField("since") else 0,
+        until_us=ts_to_us(request.until) if request.HasField("until") else 0,
+        milestones_only=request.milestones_only,
+    )
+
+
+def run_status_to_proto(s: Any) -> Any:
+    from jobtrace.pb import trace_service_pb2 as t
+
+    return t.RunStatus(
+        run_id=s.run_id,
+        state=int(s.state),
+        started_at=us_to_ts(s.started_us),
+        updated_at=us_to_ts(s.updated_us),
+        completed_at=us_to_ts(s.completed_us),
+        progress=t.RunProgress(
+            completed_actions=s.completed_actions, total_actions=s.total_actions
+        ),
+        service=s.service,
+        history_length=s.history_length,
+        failure=failure_to_proto(s.failure),
+    )

@@ -38,7 +38,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             await context.abort_with_status(to_status(exc))
             return
         try:
-            first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT_S)
+            async with asyncio.timeout(HELLO_TIMEOUT_S):
+                first = await anext(request_iterator)
         except (StopAsyncIteration, TimeoutError):
             return
         if first.WhichOneof("kind") != "hello":
@@ -85,6 +86,11 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                     await session.send_reply(reply)
         except (asyncio.CancelledError, grpc.RpcError):
             raise
+        except BaseException:
+            log.exception("worker %s: reading the stream failed", session.worker_id)
+            raise
+        else:
+            log.debug("worker %s half-closed its stream", session.worker_id)
         finally:
             # The worker half-closed or went away: end the session.
             session.close(session.close_reason or "worker closed the stream")
@@ -119,7 +125,12 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             raise FailedPrecondition(
                 "hello was already sent on this stream", reason="DUPLICATE_HELLO"
             )
-        if kind in ("trace", "annotate"):
+        if kind == "trace":
+            t = m.trace
+            inputs = [convert.event_input_from_proto(e) for e in t.events]
+            await s.trace_report(session, t.job_id, t.attempt, inputs)
+            return sch.Acked(m.message_id, t.job_id, t.attempt)
+        if kind == "annotate":
             raise FailedPrecondition(
                 f"{kind} reports are not accepted by this server yet", reason="UNSUPPORTED_MESSAGE"
             )

@@ -135,7 +135,8 @@ class Worker:
             if self._stop.is_set() or (self._draining and not self._running):
                 break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay * (0.5 + random.random()))
+                async with asyncio.timeout(delay * (0.5 + random.random())):
+                    await self._stop.wait()
             delay = min(delay * 2, self._reconnect[1])
 
     async def drain(self, timeout: float = 30.0) -> None:

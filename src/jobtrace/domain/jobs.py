@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +46,7 @@ from jobtrace.model import (
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Database, Tx
 
-CANCELLED_BY_USER = "Run cancelled by user"
+CANCELLED_BY_USER = lifecycle.CANCELLED_BY_USER
 MAX_SUBMIT_ANNOTATIONS = 16
 MAX_REASON = 1000
 
@@ -175,25 +174,14 @@ def _state_filter(v: Violations, state: int) -> RunState | None:
 class Jobs:
     """The JobService rules over one database."""
 
-    def __init__(self, db: Database, tokens: PageTokens) -> None:
+    def __init__(self, db: Database, tokens: PageTokens, life: lifecycle.Lifecycle) -> None:
         self._db = db
         self._tokens = tokens
+        self._life = life
         self._listeners: list[ChangeListener] = []
         self.feed = JobFeed()
         self.stopping = asyncio.Event()
         self.add_listener(self.feed.publish)
-
-    @classmethod
-    async def open(cls, db: Database) -> Jobs:
-        async def load_secret(session: AsyncSession, tx: Tx) -> str:
-            secret = await store.get_meta(session, "page_token_secret")
-            if secret is None:
-                secret = secrets.token_hex(32)
-                await store.put_meta(session, "page_token_secret", secret)
-            return secret
-
-        secret = await db.write(load_secret)
-        return cls(db, PageTokens(bytes.fromhex(secret)))
 
     def add_listener(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
@@ -515,7 +503,9 @@ class Jobs:
             failure = Failure(
                 reason=reason or CANCELLED_BY_USER, code="CANCELLED", attempt=job.attempt
             )
-            changed = await lifecycle.end_job(session, job, RunState.CANCELLED, failure, now_us())
+            changed = await self._life.end_job(
+                session, tx, job, RunState.CANCELLED, failure, now_us()
+            )
             self._changed(tx, changed)
             return changed[0]
 
@@ -542,8 +532,17 @@ class Jobs:
                     metadata={"workflow_id": workflow_id, "state": workflow.state.name},
                 )
             now = now_us()
-            changed = await self._end_workflow(
-                session, workflow_id, RunState.CANCELLED, None, reason or CANCELLED_BY_USER, now
+            why = reason or CANCELLED_BY_USER
+            steps = (await store.workflow_jobs(session, [workflow_id]))[workflow_id]
+            changed = await self._life.cancel_steps(session, tx, steps, why, "CANCELLED", now)
+            await self._life.end_workflow(
+                session,
+                tx,
+                workflow_id,
+                workflow.tenant,
+                RunState.CANCELLED,
+                Failure(reason=why, code="CANCELLED"),
+                now,
             )
             self._changed(tx, changed)
             stored = await store.get_workflow(session, workflow_id)
@@ -551,41 +550,6 @@ class Jobs:
             return stored
 
         return await self._db.write(op)
-
-    async def _end_workflow(
-        self,
-        session: AsyncSession,
-        workflow_id: str,
-        state: RunState,
-        failure: Failure | None,
-        reason: str,
-        now: int,
-    ) -> list[Job]:
-        """End a workflow and cancel every step that has not ended."""
-        steps = (await store.workflow_jobs(session, [workflow_id]))[workflow_id]
-        changed = [
-            await lifecycle.set_job(
-                session,
-                j,
-                state=RunState.CANCELLED,
-                updated_us=now,
-                completed_us=now,
-                lease_deadline_us=0,
-                next_attempt_us=0,
-                failure=Failure(reason=reason, code="CANCELLED", attempt=j.attempt),
-            )
-            for j in steps
-            if not j.state.terminal
-        ]
-        await store.update_workflow(
-            session,
-            workflow_id,
-            state=int(state),
-            failure=store.codec.failure_dumps(failure),
-            updated_us=now,
-            completed_us=now,
-        )
-        return changed
 
     # --- live feeds -------------------------------------------------------
 

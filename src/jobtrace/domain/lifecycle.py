@@ -1,4 +1,4 @@
-"""State transitions of jobs and their workflows, inside one write transaction."""
+"""State transitions of jobs and workflows, with their trace events, in one transaction."""
 
 from __future__ import annotations
 
@@ -6,11 +6,25 @@ from dataclasses import replace
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from jobtrace.model import JSON, Failure, Job, RunState
+from jobtrace.domain.trace import Trace
+from jobtrace.model import (
+    JSON,
+    Category,
+    ErrorInfo,
+    Failure,
+    Job,
+    Level,
+    RunState,
+    TraceEvent,
+    TraceType,
+)
 from jobtrace.store import codec
 from jobtrace.store import jobs as store
+from jobtrace.store.db import Tx
 
 LEASE_EXPIRED = "lease expired"
+CANCELLED_BY_USER = "Run cancelled by user"
+WORKFLOW_NODE = "workflow"
 
 
 async def set_job(session: AsyncSession, job: Job, **changes: object) -> Job:
@@ -30,127 +44,338 @@ async def set_job(session: AsyncSession, job: Job, **changes: object) -> Job:
     return new
 
 
-async def complete(session: AsyncSession, job: Job, result: JSON | None, now: int) -> list[Job]:
-    done = await set_job(
-        session,
-        job,
-        state=RunState.COMPLETED,
-        result=result,
-        completed_us=now,
-        updated_us=now,
-        lease_deadline_us=0,
-        failure=None,
-        progress_percent=100.0,
-    )
-    return [done, *await _step_finished(session, done, now)]
+def run_of(job: Job) -> str:
+    return job.workflow_id or job.id
 
 
-async def fail_attempt(
-    session: AsyncSession, job: Job, failure: Failure, retryable: bool, now: int
-) -> list[Job]:
-    """A failed attempt: retry with backoff while attempts remain and the failure
-    is retryable, else fail the job (and its workflow)."""
-    if retryable and job.attempt < job.spec.max_attempts:
-        delay_us = job.spec.backoff.delay_ms(job.attempt) * 1000
-        queued = await set_job(
-            session,
+def node_of(job: Job) -> str:
+    return job.step_name or job.id
+
+
+class Lifecycle:
+    """Every transition of a job, its workflow, and the trace events they emit."""
+
+    def __init__(self, trace: Trace) -> None:
+        self.trace = trace
+
+    def _event(self, job: Job, **fields: object) -> TraceEvent:
+        return TraceEvent(
+            run_id=run_of(job),
+            node_id=node_of(job),
+            job_id=job.id,
+            attempt=job.attempt,
+            worker_id=job.worker_id,
+            traceparent=job.traceparent,
+            **fields,  # type: ignore[arg-type]
+        )
+
+    async def _record(self, db: AsyncSession, tx: Tx, job: Job, *events: TraceEvent) -> None:
+        await self.trace.record(db, tx, job.tenant, list(events))
+
+    async def started(self, db: AsyncSession, tx: Tx, job: Job, now: int) -> None:
+        """A job's attempt started; a step's first start makes its workflow RUNNING."""
+        await self._record(
+            db,
+            tx,
             job,
-            state=RunState.QUEUED,
-            failure=replace(failure, retryable=True),
-            lease_deadline_us=0,
-            next_attempt_us=now + delay_us,
-            updated_us=now,
+            self._event(
+                job,
+                type=TraceType.STARTED,
+                category=Category.BUSINESS,
+                milestone=True,
+                message=f"{node_of(job)} started (attempt {job.attempt})",
+            ),
         )
-        return [queued]
-    return await end_job(session, job, RunState.FAILED, replace(failure, retryable=retryable), now)
-
-
-async def end_job(
-    session: AsyncSession, job: Job, state: RunState, failure: Failure | None, now: int
-) -> list[Job]:
-    ended = await set_job(
-        session,
-        job,
-        state=state,
-        failure=failure,
-        completed_us=now,
-        updated_us=now,
-        lease_deadline_us=0,
-        next_attempt_us=0,
-    )
-    return [ended, *await _step_finished(session, ended, now)]
-
-
-async def started(session: AsyncSession, job: Job, now: int) -> None:
-    """A step's first start makes its workflow RUNNING."""
-    if not job.workflow_id:
-        return
-    row = await store.get_workflow_row(session, job.workflow_id)
-    if row is not None and row.state == int(RunState.QUEUED):
-        await store.update_workflow(
-            session, job.workflow_id, state=int(RunState.RUNNING), started_us=now, updated_us=now
-        )
-
-
-async def _step_finished(session: AsyncSession, step: Job, now: int) -> list[Job]:
-    """Advance or end the workflow of a step that reached a terminal state."""
-    if not step.workflow_id:
-        return []
-    steps = (await store.workflow_jobs(session, [step.workflow_id]))[step.workflow_id]
-    changed: list[Job] = []
-    if step.state == RunState.COMPLETED:
-        done = {s.step_name for s in steps if s.state == RunState.COMPLETED}
-        for s in steps:
-            if s.state == RunState.PENDING and all(d in done for d in s.depends_on):
-                changed.append(await set_job(session, s, state=RunState.QUEUED, updated_us=now))
-        if len(done) == len(steps):
+        if not job.workflow_id:
+            return
+        row = await store.get_workflow_row(db, job.workflow_id)
+        if row is not None and row.state == int(RunState.QUEUED):
             await store.update_workflow(
-                session,
-                step.workflow_id,
-                state=int(RunState.COMPLETED),
-                completed_steps=len(done),
-                completed_us=now,
+                db, job.workflow_id, state=int(RunState.RUNNING), started_us=now, updated_us=now
+            )
+
+    async def progress(
+        self, db: AsyncSession, tx: Tx, job: Job, percent: float, message: str, now: int
+    ) -> Job:
+        updated = await set_job(
+            db, job, progress_percent=percent, progress_message=message, updated_us=now
+        )
+        await self._record(
+            db,
+            tx,
+            job,
+            self._event(
+                job,
+                type=TraceType.PROGRESS,
+                category=Category.BUSINESS,
+                percent=percent,
+                message=message or f"{node_of(job)} at {percent:g}%",
+            ),
+        )
+        return updated
+
+    async def complete(
+        self, db: AsyncSession, tx: Tx, job: Job, result: JSON | None, now: int
+    ) -> list[Job]:
+        done = await set_job(
+            db,
+            job,
+            state=RunState.COMPLETED,
+            result=result,
+            completed_us=now,
+            updated_us=now,
+            lease_deadline_us=0,
+            failure=None,
+            progress_percent=100.0,
+        )
+        await self._record(
+            db,
+            tx,
+            job,
+            self._event(
+                job,
+                type=TraceType.COMPLETED,
+                category=Category.BUSINESS,
+                milestone=True,
+                percent=100.0,
+                message=f"{node_of(job)} completed",
+            ),
+        )
+        return [done, *await self._step_finished(db, tx, done, now)]
+
+    async def fail_attempt(
+        self, db: AsyncSession, tx: Tx, job: Job, failure: Failure, retryable: bool, now: int
+    ) -> list[Job]:
+        """A failed attempt: retry with backoff while attempts remain and the failure
+        is retryable, else fail the job (and its workflow)."""
+        if retryable and job.attempt < job.spec.max_attempts:
+            delay_us = job.spec.backoff.delay_ms(job.attempt) * 1000
+            queued = await set_job(
+                db,
+                job,
+                state=RunState.QUEUED,
+                failure=replace(failure, retryable=True),
+                lease_deadline_us=0,
+                next_attempt_us=now + delay_us,
                 updated_us=now,
             )
-        else:
-            await store.update_workflow(
-                session, step.workflow_id, completed_steps=len(done), updated_us=now
+            await self._record(
+                db,
+                tx,
+                job,
+                self._failed_event(
+                    job,
+                    failure,
+                    Level.ERROR,
+                    f"{node_of(job)} attempt {job.attempt} failed: {failure.reason}; "
+                    f"retrying in {delay_us / 1e6:g}s",
+                ),
             )
+            return [queued]
+        return await self.end_job(
+            db, tx, job, RunState.FAILED, replace(failure, retryable=retryable), now
+        )
+
+    def _failed_event(self, job: Job, failure: Failure, level: Level, message: str) -> TraceEvent:
+        return self._event(
+            job,
+            type=TraceType.FAILED,
+            level=level,
+            category=Category.BUSINESS,
+            milestone=level >= Level.CRITICAL,
+            message=message,
+            error=ErrorInfo(message=failure.reason, code=failure.code, stack=failure.details),
+        )
+
+    async def end_job(
+        self,
+        db: AsyncSession,
+        tx: Tx,
+        job: Job,
+        state: RunState,
+        failure: Failure | None,
+        now: int,
+    ) -> list[Job]:
+        ended = await set_job(
+            db,
+            job,
+            state=state,
+            failure=failure,
+            completed_us=now,
+            updated_us=now,
+            lease_deadline_us=0,
+            next_attempt_us=0,
+        )
+        if state == RunState.CANCELLED:
+            event = self._event(
+                job,
+                type=TraceType.LOG,
+                level=Level.WARN,
+                category=Category.BUSINESS,
+                milestone=True,
+                message=CANCELLED_BY_USER,
+                data={"reason": failure.reason} if failure else None,
+            )
+        else:
+            reason = failure.reason if failure else state.name.lower()
+            event = self._failed_event(
+                ended,
+                failure or Failure(reason=reason),
+                Level.CRITICAL,
+                f"{node_of(job)} {state.name.lower().replace('_', ' ')}: {reason}",
+            )
+        await self._record(db, tx, job, event)
+        if not job.workflow_id:
+            self.trace.run_ended(tx, job.id)
+        return [ended, *await self._step_finished(db, tx, ended, now)]
+
+    async def _step_finished(self, db: AsyncSession, tx: Tx, step: Job, now: int) -> list[Job]:
+        """Advance or end the workflow of a step that reached a terminal state."""
+        if not step.workflow_id:
+            return []
+        steps = (await store.workflow_jobs(db, [step.workflow_id]))[step.workflow_id]
+        changed: list[Job] = []
+        if step.state == RunState.COMPLETED:
+            done = {s.step_name for s in steps if s.state == RunState.COMPLETED}
+            for s in steps:
+                if s.state == RunState.PENDING and all(d in done for d in s.depends_on):
+                    changed.append(await set_job(db, s, state=RunState.QUEUED, updated_us=now))
+            if len(done) == len(steps):
+                await store.update_workflow(
+                    db,
+                    step.workflow_id,
+                    state=int(RunState.COMPLETED),
+                    completed_steps=len(done),
+                    completed_us=now,
+                    updated_us=now,
+                )
+                await self.trace.record(
+                    db,
+                    tx,
+                    step.tenant,
+                    [
+                        TraceEvent(
+                            run_id=step.workflow_id,
+                            node_id=WORKFLOW_NODE,
+                            type=TraceType.COMPLETED,
+                            category=Category.BUSINESS,
+                            milestone=True,
+                            percent=100.0,
+                            step_number=len(done),
+                            total_steps=len(steps),
+                            message=f"workflow completed ({len(done)} steps)",
+                        )
+                    ],
+                )
+                self.trace.run_ended(tx, step.workflow_id)
+            else:
+                await store.update_workflow(
+                    db, step.workflow_id, completed_steps=len(done), updated_us=now
+                )
+            return changed
+        # A step ended without completing: the workflow fails (or is cancelled)
+        # and every step that has not ended is cancelled.
+        workflow_state = RunState.CANCELLED if step.state == RunState.CANCELLED else RunState.FAILED
+        failure = Failure(
+            reason=f"step {step.step_name!r} {step.state.name.lower()}"
+            + (f": {step.failure.reason}" if step.failure else ""),
+            code=step.failure.code if step.failure else step.state.name,
+            attempt=step.attempt,
+        )
+        changed += await self.cancel_steps(
+            db,
+            tx,
+            steps,
+            f"workflow {workflow_state.name.lower()}: step {step.step_name!r} did not complete",
+            "DEPENDENCY_FAILED",
+            now,
+            quiet=True,
+        )
+        await self.end_workflow(db, tx, step.workflow_id, step.tenant, workflow_state, failure, now)
         return changed
-    # A step ended without completing: the workflow fails (or is cancelled) and
-    # every step that has not ended is cancelled.
-    workflow_state = RunState.CANCELLED if step.state == RunState.CANCELLED else RunState.FAILED
-    failure = Failure(
-        reason=f"step {step.step_name!r} {step.state.name.lower()}"
-        + (f": {step.failure.reason}" if step.failure else ""),
-        code=step.failure.code if step.failure else step.state.name,
-        attempt=step.attempt,
-    )
-    for s in steps:
-        if not s.state.terminal:
+
+    async def cancel_steps(
+        self,
+        db: AsyncSession,
+        tx: Tx,
+        steps: list[Job],
+        reason: str,
+        code: str,
+        now: int,
+        *,
+        quiet: bool = False,
+    ) -> list[Job]:
+        changed = []
+        for s in steps:
+            if s.state.terminal:
+                continue
             changed.append(
                 await set_job(
-                    session,
+                    db,
                     s,
                     state=RunState.CANCELLED,
                     completed_us=now,
                     updated_us=now,
                     lease_deadline_us=0,
                     next_attempt_us=0,
-                    failure=Failure(
-                        reason=f"workflow {workflow_state.name.lower()}: "
-                        f"step {step.step_name!r} did not complete",
-                        code="DEPENDENCY_FAILED",
-                        attempt=s.attempt,
-                    ),
+                    failure=Failure(reason=reason, code=code, attempt=s.attempt),
                 )
             )
-    await store.update_workflow(
-        session,
-        step.workflow_id,
-        state=int(workflow_state),
-        failure=codec.failure_dumps(failure),
-        completed_us=now,
-        updated_us=now,
-    )
-    return changed
+            if not quiet or s.state == RunState.RUNNING:
+                await self._record(
+                    db,
+                    tx,
+                    s,
+                    self._event(
+                        s,
+                        type=TraceType.LOG,
+                        level=Level.WARN,
+                        category=Category.TECHNICAL,
+                        message=f"{node_of(s)} cancelled: {reason}",
+                    ),
+                )
+        return changed
+
+    async def end_workflow(
+        self,
+        db: AsyncSession,
+        tx: Tx,
+        workflow_id: str,
+        tenant: str,
+        state: RunState,
+        failure: Failure | None,
+        now: int,
+    ) -> None:
+        await store.update_workflow(
+            db,
+            workflow_id,
+            state=int(state),
+            failure=codec.failure_dumps(failure),
+            completed_us=now,
+            updated_us=now,
+        )
+        if state == RunState.CANCELLED:
+            event = TraceEvent(
+                run_id=workflow_id,
+                node_id=WORKFLOW_NODE,
+                type=TraceType.LOG,
+                level=Level.WARN,
+                category=Category.BUSINESS,
+                milestone=True,
+                message=CANCELLED_BY_USER,
+                data={"reason": failure.reason} if failure else None,
+            )
+        else:
+            reason = failure.reason if failure else "failed"
+            event = TraceEvent(
+                run_id=workflow_id,
+                node_id=WORKFLOW_NODE,
+                type=TraceType.FAILED,
+                level=Level.CRITICAL,
+                category=Category.BUSINESS,
+                milestone=True,
+                message=f"workflow {state.name.lower()}: {reason}",
+                error=ErrorInfo(message=reason, code=failure.code if failure else ""),
+            )
+        await self.trace.record(db, tx, tenant, [event])
+        self.trace.run_ended(tx, workflow_id)

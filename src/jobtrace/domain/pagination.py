@@ -6,9 +6,14 @@ import base64
 import hashlib
 import hmac
 import json
+import secrets
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from jobtrace.domain.errors import FieldViolation, Invalid
+from jobtrace.store import jobs as store
+from jobtrace.store.db import Database, Tx
 
 
 class PageTokens:
@@ -50,3 +55,17 @@ class PageTokens:
                 [FieldViolation(field, "page token belongs to a query with other filters")]
             )
         return position
+
+
+async def open_tokens(db: Database) -> PageTokens:
+    """The page-token signer, with its secret created on first start and kept in
+    the database (shared by every replica, stable across restarts)."""
+
+    async def load(session: AsyncSession, tx: Tx) -> str:
+        secret = await store.get_meta(session, "page_token_secret")
+        if secret is None:
+            secret = secrets.token_hex(32)
+            await store.put_meta(session, "page_token_secret", secret)
+        return secret
+
+    return PageTokens(bytes.fromhex(await db.write(load)))

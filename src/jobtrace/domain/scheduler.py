@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -23,6 +23,7 @@ from jobtrace.domain.errors import (
     Violations,
 )
 from jobtrace.domain.jobs import Jobs
+from jobtrace.domain.trace import EventInput, check_event, check_sizes
 from jobtrace.domain.validation import SERVICE_RE, check_affinity, check_size, check_text
 from jobtrace.ids import new_id
 from jobtrace.model import JSON, Failure, Job, RunState
@@ -206,12 +207,14 @@ class Scheduler:
         self,
         db: Database,
         jobs: Jobs,
+        life: lifecycle.Lifecycle,
         *,
         lease_ms: int,
         heartbeat_ms: int,
     ) -> None:
         self._db = db
         self._jobs = jobs
+        self._life = life
         self.lease_ms = lease_ms
         self.heartbeat_ms = heartbeat_ms
         self.sessions: dict[str, WorkerSession] = {}
@@ -318,6 +321,12 @@ class Scheduler:
         """The stream ended. Unless the server is draining (or a newer session of
         the same worker took over), its leases are given back at once."""
         session.close(session.close_reason or "stream ended")
+        log.info(
+            "worker %s session %s closed: %s",
+            session.worker_id,
+            session.session_id,
+            session.close_reason,
+        )
         if self.sessions.get(session.worker_id) is session:
             del self.sessions[session.worker_id]
         replaced = session.worker_id in self.sessions
@@ -338,12 +347,14 @@ class Scheduler:
                     and job.worker_id == worker_id
                     and job.attempt == attempt
                 ):
-                    changed += await self._lease_lost(db, job, details, now)
+                    changed += await self._lease_lost(db, tx, job, details, now)
             self._jobs.notify(tx, changed)
 
         await self._db.write(op)
 
-    async def _lease_lost(self, db: AsyncSession, job: Job, details: str, now: int) -> list[Job]:
+    async def _lease_lost(
+        self, db: AsyncSession, tx: Tx, job: Job, details: str, now: int
+    ) -> list[Job]:
         failure = Failure(
             reason=lifecycle.LEASE_EXPIRED,
             code="LEASE_EXPIRED",
@@ -351,7 +362,7 @@ class Scheduler:
             details=details,
             attempt=job.attempt,
         )
-        return await lifecycle.fail_attempt(db, job, failure, True, now)
+        return await self._life.fail_attempt(db, tx, job, failure, True, now)
 
     # --- reports from a worker --------------------------------------------
 
@@ -403,9 +414,7 @@ class Scheduler:
             job = fence(
                 await store.get_job(db, job_id), job_id, session.worker_id, attempt, "progress"
             )
-            updated = await lifecycle.set_job(
-                db, job, progress_percent=percent, progress_message=message, updated_us=now_us()
-            )
+            updated = await self._life.progress(db, tx, job, percent, message, now_us())
             self._jobs.notify(tx, [updated])
 
         await self._db.write(op)
@@ -426,7 +435,7 @@ class Scheduler:
             job = fence(
                 await store.get_job(db, job_id), job_id, session.worker_id, attempt, "complete"
             )
-            self._jobs.notify(tx, await lifecycle.complete(db, job, result, now_us()))
+            self._jobs.notify(tx, await self._life.complete(db, tx, job, result, now_us()))
 
         await self._db.write(op)
         self._release_slot(session, job_id)
@@ -444,11 +453,44 @@ class Scheduler:
 
         async def op(db: AsyncSession, tx: Tx) -> None:
             job = fence(await store.get_job(db, job_id), job_id, session.worker_id, attempt, "fail")
-            changed = await lifecycle.fail_attempt(db, job, failure, retryable, now_us())
+            changed = await self._life.fail_attempt(db, tx, job, failure, retryable, now_us())
             self._jobs.notify(tx, changed)
 
         await self._db.write(op)
         self._release_slot(session, job_id)
+
+    async def trace_report(
+        self, session: WorkerSession, job_id: str, attempt: int, inputs: list[EventInput]
+    ) -> None:
+        v = Violations()
+        if not inputs:
+            v.add("trace.events", "required: 1 to 1000 events")
+        elif len(inputs) > 1000:
+            v.add("trace.events", f"at most 1000 events per report (got {len(inputs)})")
+        for i, item in enumerate(inputs[:1000]):
+            check_event(v, f"trace.events[{i}]", item.event, key_required=False)
+        v.raise_if_any()
+        check_sizes("trace.events", inputs)
+
+        async def op(db: AsyncSession, tx: Tx) -> None:
+            job = fence(
+                await store.get_job(db, job_id), job_id, session.worker_id, attempt, "trace"
+            )
+            events = [
+                replace(
+                    item.event,
+                    run_id=lifecycle.run_of(job),
+                    node_id=item.event.node_id or lifecycle.node_of(job),
+                    job_id=job.id,
+                    attempt=job.attempt,
+                    worker_id=session.worker_id,
+                    traceparent=job.traceparent,
+                )
+                for item in inputs
+            ]
+            await self._life.trace.record(db, tx, job.tenant, events)
+
+        await self._db.write(op)
 
     def _release_slot(self, session: WorkerSession, job_id: str) -> None:
         if session.held.pop(job_id, None) is not None:
@@ -472,12 +514,13 @@ class Scheduler:
             self.wake()
 
     async def _dispatch_loop(self) -> None:
-        while True:
+        while not self._draining:
             timeout = await self._dispatch_once()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+            # cancellation that races with the event being set.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     async def _dispatch_once(self) -> float:
         """Assign what can be assigned now; return how long to sleep at most."""
@@ -489,19 +532,22 @@ class Scheduler:
             return 0.5
 
     async def _assign_eligible(self) -> float:
-        free = [s for s in self.sessions.values() if s.free_slots > 0]
-        if not free:
+        if not any(s.free_slots for s in self.sessions.values()):
             return 5.0
         now = now_us()
         capacity: dict[str, int] = {}
-        for s in free:
+        for s in self.sessions.values():
             for service in s.services:
                 capacity[service] = capacity.get(service, 0) + s.free_slots
         async with self._db.read() as db:
             candidates: list[Job] = []
             for service, slots in capacity.items():
-                candidates += await store.eligible_jobs(db, service, now, slots)
+                if slots:
+                    candidates += await store.eligible_jobs(db, service, now, slots)
             next_us = await store.next_eligible_us(db, capacity, now)
+        # Pick among the sessions as they are now, after the reads: a worker that
+        # connected meanwhile competes (affinity must not lose to a stale view).
+        free = [s for s in self.sessions.values() if s.free_slots > 0]
         candidates.sort(key=lambda j: (-j.spec.priority, j.seq))
         plan: list[tuple[Job, WorkerSession]] = []
         slots = {s.session_id: s.free_slots for s in free}
@@ -537,9 +583,9 @@ class Scheduler:
                     continue
                 if not await store.claim_job(db, job.id, session.worker_id, deadline, now):
                     continue  # another replica (or a cancel) got there first
-                await lifecycle.started(db, job, now)
                 claimed = await store.get_job(db, job.id)
                 assert claimed is not None
+                await self._life.started(db, tx, claimed, now)
                 context = await store.request_context_for(db, claimed)
                 assign = Assign(claimed, deadline, context)
                 tx.on_commit(lambda a=assign, s=session: hand_over(a, s))
@@ -555,7 +601,7 @@ class Scheduler:
 
     async def _supervise_loop(self) -> None:
         tick = max(0.05, min(1.0, self.lease_ms / 4000))
-        while True:
+        while not self._draining:
             await asyncio.sleep(tick)
             try:
                 await self.supervise_once()
@@ -591,9 +637,11 @@ class Scheduler:
                     code="TIMED_OUT",
                     attempt=job.attempt,
                 )
-                changed += await lifecycle.end_job(db, job, RunState.TIMED_OUT, failure, now)
+                changed += await self._life.end_job(db, tx, job, RunState.TIMED_OUT, failure, now)
             for job in await store.expired_leases(db, now):
-                changed += await self._lease_lost(db, job, "no heartbeat before the deadline", now)
+                changed += await self._lease_lost(
+                    db, tx, job, "no heartbeat before the deadline", now
+                )
             self._jobs.notify(tx, changed)
 
         async with self._db.read() as db:

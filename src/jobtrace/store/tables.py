@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Float, Index, Integer, String, Text, text
+from sqlalchemy import BigInteger, Boolean, Float, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # SQLite only makes INTEGER PRIMARY KEY an alias of rowid (autoincrementing);
@@ -136,4 +136,56 @@ class AnnotationRow(Base):
             sqlite_where=text("idempotency_key <> ''"),
             postgresql_where=text("idempotency_key <> ''"),
         ),
+    )
+
+
+class TraceRunRow(Base):
+    """Per-run trace sequence: the last number handed out, bumped in the same
+    transaction that stores the events (the row lock orders concurrent writers)."""
+
+    __tablename__ = "trace_runs"
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    last_seq: Mapped[int] = mapped_column(BigInteger)
+
+
+class TraceEventRow(Base):
+    __tablename__ = "trace_events"
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    event_key: Mapped[str] = mapped_column(String(256))
+    node_id: Mapped[str] = mapped_column(String(128))
+    type: Mapped[int] = mapped_column(Integer)
+    level: Mapped[int] = mapped_column(Integer)
+    category: Mapped[int] = mapped_column(Integer)
+    ts_us: Mapped[int] = mapped_column(BigInteger)
+    message: Mapped[str] = mapped_column(Text)
+    user_message: Mapped[str] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    output_summary: Mapped[str | None] = mapped_column(Text, nullable=True)
+    data: Mapped[str | None] = mapped_column(Text, nullable=True)
+    step_number: Mapped[int] = mapped_column(Integer)
+    total_steps: Mapped[int] = mapped_column(Integer)
+    percent: Mapped[float] = mapped_column(Float)
+    display_priority: Mapped[int] = mapped_column(Integer)
+    milestone: Mapped[bool] = mapped_column(Boolean)
+    truncated: Mapped[bool] = mapped_column(Boolean)
+    job_id: Mapped[str] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker_id: Mapped[str] = mapped_column(String(128))
+    traceparent: Mapped[str] = mapped_column(String(64))
+    created_us: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        Index(
+            "ux_trace_events_key",
+            "run_id",
+            "event_key",
+            unique=True,
+            sqlite_where=text("event_key <> ''"),
+            postgresql_where=text("event_key <> ''"),
+        ),
+        # The retention sweep deletes by age.
+        Index("ix_trace_events_created", "created_us"),
     )

@@ -1,0 +1,78 @@
+"""TraceService: appends, cursor pages, live streams and run status."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from jobtrace.api import convert
+from jobtrace.api.errors import rpc
+from jobtrace.auth import Authenticator, Role
+from jobtrace.domain.trace import Trace
+from jobtrace.pb import trace_service_pb2 as pb
+from jobtrace.pb import trace_service_pb2_grpc as pb_grpc
+
+
+class TraceServicer(pb_grpc.TraceServiceServicer):
+    def __init__(self, trace: Trace, auth: Authenticator) -> None:
+        self._trace = trace
+        self._auth = auth
+
+    @rpc
+    async def AppendTraceEvents(
+        self, request: pb.AppendTraceEventsRequest, context: Any
+    ) -> pb.AppendTraceEventsResponse:
+        principal = self._auth.require(context, Role.SUBMITTER)
+        inputs = [convert.event_input_from_proto(e) for e in request.events]
+        stored = await self._trace.append(principal.tenant, request.run_id, inputs)
+        return pb.AppendTraceEventsResponse(events=[convert.event_to_proto(e) for e in stored])
+
+    @rpc
+    async def ListTraceEvents(
+        self, request: pb.ListTraceEventsRequest, context: Any
+    ) -> pb.ListTraceEventsResponse:
+        principal = self._auth.require(context, Role.READER)
+        events, cursor, more = await self._trace.list(
+            principal.read_scope,
+            request.run_id,
+            request.cursor,
+            convert.event_filter(request),
+            request.page_size,
+        )
+        return pb.ListTraceEventsResponse(
+            events=[convert.event_to_proto(e) for e in events], next_cursor=cursor, more=more
+        )
+
+    @rpc
+    async def StreamTraceEvents(
+        self, request: pb.StreamTraceEventsRequest, context: Any
+    ) -> AsyncIterator[pb.StreamTraceEventsResponse]:
+        principal = self._auth.require(context, Role.READER)
+        async for item in self._trace.stream(
+            principal.read_scope,
+            request.run_id,
+            request.cursor,
+            convert.event_filter(request),
+            request.follow,
+        ):
+            if item.event is not None:
+                yield pb.StreamTraceEventsResponse(
+                    event=convert.event_to_proto(item.event), cursor=item.cursor
+                )
+            elif item.final is not None:
+                yield pb.StreamTraceEventsResponse(
+                    final_status=convert.run_status_to_proto(item.final), cursor=item.cursor
+                )
+            else:
+                yield pb.StreamTraceEventsResponse(
+                    keepalive=pb.Keepalive(time=convert.us_to_ts(item.keepalive_us)),
+                    cursor=item.cursor,
+                )
+
+    @rpc
+    async def GetRunStatus(
+        self, request: pb.GetRunStatusRequest, context: Any
+    ) -> pb.GetRunStatusResponse:
+        principal = self._auth.require(context, Role.READER)
+        status = await self._trace.run_status(principal.read_scope, request.run_id)
+        return pb.GetRunStatusResponse(status=convert.run_status_to_proto(status))

@@ -1,0 +1,424 @@
+"""Trace rules: sequenced, idempotent appends; filtered cursor pages; resumable live streams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from jobtrace.clock import now_us
+from jobtrace.domain.errors import FieldViolation, NotFound, ResourceExhausted, Violations
+from jobtrace.domain.pagination import PageTokens
+from jobtrace.domain.validation import check_page_size, check_text
+from jobtrace.events.trace_bus import TraceBus
+from jobtrace.ids import run_kind
+from jobtrace.model import (
+    Category,
+    Failure,
+    Level,
+    RunState,
+    TraceEvent,
+    TraceType,
+)
+from jobtrace.store import jobs as job_store
+from jobtrace.store import trace as store
+from jobtrace.store.db import Database, Tx
+from jobtrace.store.trace import EventFilter
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 10 * 1024
+MAX_BLOB_BYTES = 64 * 1024
+MAX_BATCH = 1000
+REPLAY_PAGE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class EventInput:
+    """An event as submitted, with the serialised sizes of its free-form parts."""
+
+    event: TraceEvent
+    data_bytes: int = 0
+    summary_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RunStatus:
+    run_id: str
+    state: RunState
+    started_us: int
+    updated_us: int
+    completed_us: int
+    completed_actions: int
+    total_actions: int
+    service: str
+    history_length: int
+    failure: Failure | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamItem:
+    """One message of a trace stream: exactly one of event/final/keepalive_us."""
+
+    cursor: str
+    event: TraceEvent | None = None
+    final: RunStatus | None = None
+    keepalive_us: int = 0
+
+
+def truncate_message(message: str) -> tuple[str, bool]:
+    raw = message.encode()
+    if len(raw) <= MAX_MESSAGE_BYTES:
+        return message, False
+    return raw[:MAX_MESSAGE_BYTES].decode(errors="ignore"), True
+
+
+def check_event(v: Violations, field: str, e: TraceEvent, *, key_required: bool) -> None:
+    if key_required and not e.event_key:
+        v.add(f"{field}.event_key", "required: a client-chosen key that makes retries idempotent")
+    check_text(v, f"{field}.event_key", e.event_key, 256)
+    check_text(v, f"{field}.node_id", e.node_id, 128)
+    if len(e.user_message.encode()) > MAX_MESSAGE_BYTES:
+        v.add(f"{field}.user_message", f"must be at most {MAX_MESSAGE_BYTES} bytes")
+    for name, enum_type, value in (
+        ("type", TraceType, e.type),
+        ("level", Level, e.level),
+        ("category", Category, e.category),
+    ):
+        if value not in enum_type.__members__.values():
+            v.add(f"{field}.{name}", f"unknown value {int(value)}")
+    if not 0 <= e.display_priority <= 10:
+        v.add(f"{field}.display_priority", "must be between 1 and 10 (0 means 5)")
+    if not 0.0 <= e.percent <= 100.0:
+        v.add(f"{field}.percent", "must be between 0 and 100")
+    if e.step_number < 0 or e.total_steps < 0:
+        v.add(f"{field}.step_number", "must not be negative")
+    if e.error is not None:
+        check_text(v, f"{field}.error.message", e.error.message, MAX_MESSAGE_BYTES)
+        check_text(v, f"{field}.error.code", e.error.code, 128)
+        check_text(v, f"{field}.error.stack", e.error.stack, MAX_BLOB_BYTES)
+
+
+def check_sizes(field: str, inputs: list[EventInput]) -> None:
+    too_big = [
+        FieldViolation(f"{field}[{i}].{name}", f"must be at most {MAX_BLOB_BYTES} bytes")
+        for i, item in enumerate(inputs)
+        for name, size in (("data", item.data_bytes), ("output_summary", item.summary_bytes))
+        if size > MAX_BLOB_BYTES
+    ]
+    if too_big:
+        error = ResourceExhausted(
+            "; ".join(f"{v.field}: {v.description}" for v in too_big), reason="EVENT_TOO_LARGE"
+        )
+        error.violations = too_big  # type: ignore[attr-defined]
+        raise error
+
+
+def normalize(e: TraceEvent, now: int) -> TraceEvent:
+    message, truncated = truncate_message(e.message)
+    return replace(
+        e,
+        type=e.type or TraceType.LOG,
+        level=e.level or Level.INFO,
+        category=e.category or Category.TECHNICAL,
+        ts_us=e.ts_us or now,
+        message=message,
+        truncated=truncated or e.truncated,
+        display_priority=e.display_priority or 5,
+        created_us=now,
+    )
+
+
+class Trace:
+    def __init__(
+        self,
+        db: Database,
+        tokens: PageTokens,
+        *,
+        retention_s: float = 30 * 86400,
+        keepalive_s: float = 15.0,
+    ) -> None:
+        self._db = db
+        self._tokens = tokens
+        self.bus = TraceBus()
+        self.retention_s = retention_s
+        self.keepalive_s = keepalive_s
+        self.stopping = asyncio.Event()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # --- writing (inside other transactions too) -------------------------------
+
+    async def record(
+        self, session: AsyncSession, tx: Tx, tenant: str, events: list[TraceEvent]
+    ) -> list[TraceEvent]:
+        """Store events with their run's next sequence numbers, in this transaction;
+        publish them to live streams once it commits."""
+        if not events:
+            return []
+        now = now_us()
+        stored: list[TraceEvent] = []
+        by_run: dict[str, list[TraceEvent]] = {}
+        for e in events:
+            by_run.setdefault(e.run_id, []).append(e)
+        for run_id, items in by_run.items():
+            first = await store.reserve_sequence(session, run_id, tenant, len(items))
+            numbered = [
+                replace(normalize(e, now), seq=first + i, tenant=tenant)
+                for i, e in enumerate(items)
+            ]
+            await store.insert_events(session, numbered)
+            tx.on_commit(lambda r=run_id, n=numbered: self.bus.publish(r, n))
+            stored += numbered
+        return stored
+
+    def run_ended(self, tx: Tx, run_id: str) -> None:
+        tx.on_commit(lambda: self.bus.publish(run_id, [], run_ended=True))
+
+    # --- TraceService -----------------------------------------------------------
+
+    async def append(self, tenant: str, run_id: str, inputs: list[EventInput]) -> list[TraceEvent]:
+        v = Violations()
+        if not run_id:
+            v.add("run_id", "required")
+        if not inputs:
+            v.add("events", "required: 1 to 1000 events")
+        elif len(inputs) > MAX_BATCH:
+            v.add("events", f"at most {MAX_BATCH} events per call (got {len(inputs)})")
+        for i, item in enumerate(inputs[:MAX_BATCH]):
+            check_event(v, f"events[{i}]", item.event, key_required=True)
+        v.raise_if_any()
+        check_sizes("events", inputs)
+
+        async def op(session: AsyncSession, tx: Tx) -> list[TraceEvent]:
+            await self._require_run(session, tenant, run_id)
+            keys = [item.event.event_key for item in inputs]
+            existing = await store.events_by_key(session, run_id, keys)
+            fresh: dict[str, TraceEvent] = {}
+            for item in inputs:
+                key = item.event.event_key
+                if key not in existing and key not in fresh:
+                    fresh[key] = replace(item.event, run_id=run_id)
+            for e in await self.record(session, tx, tenant, list(fresh.values())):
+                existing[e.event_key] = e
+            return [existing[k] for k in keys]
+
+        return await self._db.write(op)
+
+    async def _require_run(self, session: AsyncSession, tenant: str | None, run_id: str) -> None:
+        kind = run_kind(run_id)
+        if kind == "job":
+            job = await job_store.get_job(session, run_id, tenant)
+            if job is not None and job.workflow_id:
+                raise NotFound(
+                    f"job {run_id!r} is a step of workflow {job.workflow_id!r}; "
+                    "its run id is the workflow id",
+                    reason="RUN_NOT_FOUND",
+                    metadata={"run_id": run_id, "workflow_id": job.workflow_id},
+                )
+            if job is not None:
+                return
+        elif kind == "workflow":
+            if await job_store.get_workflow_row(session, run_id, tenant) is not None:
+                return
+        raise NotFound(
+            f"run {run_id!r} not found", reason="RUN_NOT_FOUND", metadata={"run_id": run_id}
+        )
+
+    def _cursor(self, run_id: str, seq: int) -> str:
+        return self._tokens.encode(f"trace:{run_id}", {}, seq) if seq else ""
+
+    def _after(self, v: Violations, run_id: str, cursor: str) -> int:
+        try:
+            return self._tokens.decode("cursor", cursor, f"trace:{run_id}", {}) or 0
+        except Exception as exc:
+            violations = getattr(exc, "violations", None)
+            if violations is None:
+                raise
+            v.items += [FieldViolation("cursor", "malformed cursor, or one of another run")]
+            return 0
+
+    async def list(
+        self, tenant: str | None, run_id: str, cursor: str, flt: EventFilter, page_size: int
+    ) -> tuple[list[TraceEvent], str, bool]:
+        v = Violations()
+        if not run_id:
+            v.add("run_id", "required")
+        limit = check_page_size(v, "page_size", page_size)
+        after = self._after(v, run_id, cursor)
+        _check_filter(v, flt)
+        v.raise_if_any()
+        async with self._db.read() as session:
+            await self._require_run(session, tenant, run_id)
+            events = await store.list_events(session, run_id, after, flt, limit + 1)
+        more = len(events) > limit
+        events = events[:limit]
+        last = events[-1].seq if events else after
+        return events, self._cursor(run_id, last), more
+
+    async def run_status(self, tenant: str | None, run_id: str) -> RunStatus:
+        v = Violations()
+        if not run_id:
+            v.add("run_id", "required")
+        v.raise_if_any()
+        async with self._db.read() as session:
+            return await self._status(session, tenant, run_id)
+
+    async def _status(self, session: AsyncSession, tenant: str | None, run_id: str) -> RunStatus:
+        await self._require_run(session, tenant, run_id)
+        history = await store.history_length(session, run_id)
+        if run_kind(run_id) == "job":
+            job = await job_store.get_job(session, run_id, tenant)
+            assert job is not None
+            return RunStatus(
+                run_id=run_id,
+                state=job.state,
+                started_us=job.started_us,
+                updated_us=job.updated_us,
+                completed_us=job.completed_us,
+                completed_actions=1 if job.state == RunState.COMPLETED else 0,
+                total_actions=1,
+                service=job.spec.service,
+                history_length=history,
+                failure=job.failure if job.state in _FAILED else None,
+            )
+        workflow = await job_store.get_workflow(session, run_id, tenant)
+        assert workflow is not None
+        return RunStatus(
+            run_id=run_id,
+            state=workflow.state,
+            started_us=workflow.started_us,
+            updated_us=workflow.updated_us,
+            completed_us=workflow.completed_us,
+            completed_actions=workflow.completed_steps,
+            total_actions=len(workflow.steps),
+            service="",
+            history_length=history,
+            failure=workflow.failure if workflow.state in _FAILED else None,
+        )
+
+    async def stream(
+        self, tenant: str | None, run_id: str, cursor: str, flt: EventFilter, follow: bool
+    ) -> AsyncIterator[StreamItem]:
+        """Replay after the cursor, then follow live. The subscription is bound
+        before the first read, and live events already replayed are dropped by
+        sequence, so nothing falls between replay and live."""
+        v = Violations()
+        if not run_id:
+            v.add("run_id", "required")
+        last = self._after(v, run_id, cursor)
+        _check_filter(v, flt)
+        v.raise_if_any()
+        with self.bus.subscribe(run_id) as sub:
+            while True:
+                # Catch up from the database: replay, or recovery after a gap or
+                # an overflow of the live buffer.
+                async with self._db.read() as session:
+                    status = await self._status(session, tenant, run_id)
+                    upto = await store.last_sequence(session, run_id)
+                while last < upto:
+                    async with self._db.read() as session:
+                        page = await store.list_events(session, run_id, last, flt, REPLAY_PAGE)
+                    page = [e for e in page if e.seq <= upto]
+                    for e in page:
+                        yield StreamItem(self._cursor(run_id, e.seq), event=e)
+                    if len(page) < REPLAY_PAGE:
+                        last = upto
+                    else:
+                        last = page[-1].seq
+                if status.state.terminal:
+                    yield StreamItem(self._cursor(run_id, last), final=status)
+                    return
+                if not follow:
+                    return
+                # Follow live, pushed.
+                while True:
+                    woke = await self._wait(sub.wakeup)
+                    if self.stopping.is_set():
+                        return
+                    if not woke:
+                        yield StreamItem(self._cursor(run_id, last), keepalive_us=now_us())
+                        continue
+                    events, overflowed = sub.take()
+                    if overflowed or sub.run_ended:
+                        break
+                    gap = False
+                    for e in events:
+                        if e.seq <= last:
+                            continue  # already sent by the replay
+                        if e.seq != last + 1:
+                            gap = True  # missed something: read it from the database
+                            break
+                        last = e.seq
+                        if flt.matches(e):
+                            yield StreamItem(self._cursor(run_id, e.seq), event=e)
+                    if gap:
+                        break
+
+    async def _wait(self, wakeup: asyncio.Event) -> bool:
+        """True when woken, False after the keepalive interval (or on stop)."""
+        if wakeup.is_set():
+            return True
+        stop = asyncio.ensure_future(self.stopping.wait())
+        woke = asyncio.ensure_future(wakeup.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {stop, woke}, timeout=self.keepalive_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stop.cancel()
+            woke.cancel()
+        return woke in done
+
+    # --- retention -----------------------------------------------------------------
+
+    def start(self, sweep_every_s: float = 60.0) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_loop(sweep_every_s), name="trace-sweep")
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+    async def _sweep_loop(self, every_s: float) -> None:
+        while True:
+            try:
+                await self.sweep_once()
+            except Exception:
+                log.exception("trace retention sweep failed; retrying later")
+            await asyncio.sleep(every_s)
+
+    async def sweep_once(self, batch: int = 1000) -> int:
+        """Delete expired events in small batches, each its own short write, so
+        writers are never blocked behind one long delete."""
+        cutoff = now_us() - int(self.retention_s * 1_000_000)
+        total = 0
+        while True:
+
+            async def op(session: AsyncSession, tx: Tx) -> int:
+                return await store.delete_older_than(session, cutoff, batch)
+
+            deleted = await self._db.write(op)
+            total += deleted
+            if deleted < batch:
+                return total
+
+
+_FAILED = frozenset({RunState.FAILED, RunState.TIMED_OUT, RunState.TERMINATED, RunState.CANCELLED})
+
+
+def _check_filter(v: Violations, flt: EventFilter) -> None:
+    if flt.min_level not in Level.__members__.values():
+        v.add("min_level", f"unknown level {flt.min_level}")
+    if flt.category not in Category.__members__.values():
+        v.add("category", f"unknown category {flt.category}")
+    if flt.type not in TraceType.__members__.values():
+        v.add("type", f"unknown type {flt.type}")
+    if flt.since_us and flt.until_us and flt.until_us <= flt.since_us:
+        v.add("until", "must be after since")

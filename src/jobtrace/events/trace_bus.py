@@ -1,0 +1,69 @@
+"""In-process fan-out of committed trace events to live stream subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from jobtrace.model import TraceEvent
+
+SUBSCRIBER_BUFFER = 1024
+
+
+class TraceSubscription:
+    """Events of one run for one stream, bounded. A reader that falls behind is
+    marked `overflowed` and catches up from the database; the server never
+    buffers more than SUBSCRIBER_BUFFER events for it."""
+
+    def __init__(self, maxsize: int = SUBSCRIBER_BUFFER) -> None:
+        self._events: deque[TraceEvent] = deque()
+        self._maxsize = maxsize
+        self.overflowed = False
+        self.run_ended = False
+        self.wakeup = asyncio.Event()
+
+    def push(self, events: list[TraceEvent], run_ended: bool) -> None:
+        if not self.overflowed:
+            if len(self._events) + len(events) > self._maxsize:
+                self.overflowed = True
+                self._events.clear()
+            else:
+                self._events.extend(events)
+        self.run_ended = self.run_ended or run_ended
+        self.wakeup.set()
+
+    def take(self) -> tuple[list[TraceEvent], bool]:
+        """(events, overflowed); resets both."""
+        events = list(self._events)
+        self._events.clear()
+        overflowed, self.overflowed = self.overflowed, False
+        self.wakeup.clear()
+        return events, overflowed
+
+
+class TraceBus:
+    def __init__(self) -> None:
+        self._subs: defaultdict[str, set[TraceSubscription]] = defaultdict(set)
+
+    @contextmanager
+    def subscribe(self, run_id: str) -> Iterator[TraceSubscription]:
+        sub = TraceSubscription()
+        self._subs[run_id].add(sub)
+        try:
+            yield sub
+        finally:
+            subs = self._subs.get(run_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._subs[run_id]
+
+    def publish(self, run_id: str, events: list[TraceEvent], run_ended: bool = False) -> None:
+        for sub in self._subs.get(run_id, ()):
+            sub.push(events, run_ended)
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(len(s) for s in self._subs.values())

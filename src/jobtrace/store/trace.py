@@ -1,0 +1,189 @@
+"""Queries over trace events and per-run sequences."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, func, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from jobtrace.model import Category, ErrorInfo, Level, TraceEvent, TraceType
+from jobtrace.store import codec
+from jobtrace.store.tables import TraceEventRow, TraceRunRow
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    min_level: int = 0
+    category: int = 0
+    node_id: str = ""
+    type: int = 0
+    since_us: int = 0
+    until_us: int = 0
+    milestones_only: bool = False
+
+    def matches(self, e: TraceEvent) -> bool:
+        return (
+            (not self.min_level or e.level >= self.min_level)
+            and (not self.category or e.category == self.category)
+            and (not self.node_id or e.node_id == self.node_id)
+            and (not self.type or e.type == self.type)
+            and (not self.since_us or e.ts_us >= self.since_us)
+            and (not self.until_us or e.ts_us < self.until_us)
+            and (not self.milestones_only or e.milestone)
+        )
+
+
+async def reserve_sequence(session: AsyncSession, run_id: str, tenant: str, count: int) -> int:
+    """Reserve `count` numbers of a run's sequence; return the first. The row
+    stays locked until commit, so commit order is sequence order per run."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(TraceRunRow).values(run_id=run_id, tenant=tenant, last_seq=count)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[TraceRunRow.run_id],
+        set_={"last_seq": TraceRunRow.last_seq + count},
+    ).returning(TraceRunRow.last_seq)
+    last = (await session.execute(stmt)).scalar_one()
+    return int(last) - count + 1
+
+
+def _values(e: TraceEvent) -> dict[str, Any]:
+    return {
+        "run_id": e.run_id,
+        "seq": e.seq,
+        "tenant": e.tenant,
+        "event_key": e.event_key,
+        "node_id": e.node_id,
+        "type": int(e.type),
+        "level": int(e.level),
+        "category": int(e.category),
+        "ts_us": e.ts_us,
+        "message": e.message,
+        "user_message": e.user_message,
+        "error": None
+        if e.error is None
+        else codec.dumps(
+            {
+                "message": e.error.message,
+                "code": e.error.code,
+                "details": e.error.details,
+                "stack": e.error.stack,
+            }
+        ),
+        "output_summary": None if e.output_summary is None else codec.dumps(e.output_summary),
+        "data": None if e.data is None else codec.dumps(e.data),
+        "step_number": e.step_number,
+        "total_steps": e.total_steps,
+        "percent": e.percent,
+        "display_priority": e.display_priority,
+        "milestone": e.milestone,
+        "truncated": e.truncated,
+        "job_id": e.job_id,
+        "attempt": e.attempt,
+        "worker_id": e.worker_id,
+        "traceparent": e.traceparent,
+        "created_us": e.created_us,
+    }
+
+
+def event_from_row(r: TraceEventRow) -> TraceEvent:
+    error = codec.loads(r.error)
+    return TraceEvent(
+        run_id=r.run_id,
+        node_id=r.node_id,
+        type=TraceType(r.type),
+        level=Level(r.level),
+        category=Category(r.category),
+        ts_us=r.ts_us,
+        message=r.message,
+        user_message=r.user_message,
+        error=None if error is None else ErrorInfo(**error),
+        output_summary=codec.loads(r.output_summary),
+        data=codec.loads(r.data),
+        step_number=r.step_number,
+        total_steps=r.total_steps,
+        percent=r.percent,
+        display_priority=r.display_priority,
+        milestone=r.milestone,
+        event_key=r.event_key,
+        truncated=r.truncated,
+        job_id=r.job_id,
+        attempt=r.attempt,
+        worker_id=r.worker_id,
+        traceparent=r.traceparent,
+        tenant=r.tenant,
+        seq=r.seq,
+        created_us=r.created_us,
+    )
+
+
+async def insert_events(session: AsyncSession, events: Sequence[TraceEvent]) -> None:
+    if events:
+        await session.execute(TraceEventRow.__table__.insert(), [_values(e) for e in events])
+
+
+async def events_by_key(
+    session: AsyncSession, run_id: str, keys: Sequence[str]
+) -> dict[str, TraceEvent]:
+    if not keys:
+        return {}
+    stmt = select(TraceEventRow).where(
+        TraceEventRow.run_id == run_id, TraceEventRow.event_key.in_(list(keys))
+    )
+    return {r.event_key: event_from_row(r) for r in (await session.execute(stmt)).scalars()}
+
+
+async def list_events(
+    session: AsyncSession, run_id: str, after_seq: int, flt: EventFilter, limit: int
+) -> list[TraceEvent]:
+    stmt = select(TraceEventRow).where(
+        TraceEventRow.run_id == run_id, TraceEventRow.seq > after_seq
+    )
+    if flt.min_level:
+        stmt = stmt.where(TraceEventRow.level >= flt.min_level)
+    if flt.category:
+        stmt = stmt.where(TraceEventRow.category == flt.category)
+    if flt.node_id:
+        stmt = stmt.where(TraceEventRow.node_id == flt.node_id)
+    if flt.type:
+        stmt = stmt.where(TraceEventRow.type == flt.type)
+    if flt.since_us:
+        stmt = stmt.where(TraceEventRow.ts_us >= flt.since_us)
+    if flt.until_us:
+        stmt = stmt.where(TraceEventRow.ts_us < flt.until_us)
+    if flt.milestones_only:
+        stmt = stmt.where(TraceEventRow.milestone.is_(True))
+    stmt = stmt.order_by(TraceEventRow.seq).limit(limit)
+    return [event_from_row(r) for r in (await session.execute(stmt)).scalars()]
+
+
+async def last_sequence(session: AsyncSession, run_id: str) -> int:
+    stmt = select(TraceRunRow.last_seq).where(TraceRunRow.run_id == run_id)
+    return int((await session.execute(stmt)).scalar() or 0)
+
+
+async def history_length(session: AsyncSession, run_id: str) -> int:
+    stmt = select(func.count()).select_from(TraceEventRow).where(TraceEventRow.run_id == run_id)
+    return int((await session.execute(stmt)).scalar() or 0)
+
+
+async def delete_older_than(session: AsyncSession, cutoff_us: int, limit: int) -> int:
+    """Delete up to `limit` of the oldest events created before the cutoff."""
+    victims = (
+        select(TraceEventRow.run_id, TraceEventRow.seq)
+        .where(TraceEventRow.created_us < cutoff_us)
+        .order_by(TraceEventRow.created_us)
+        .limit(limit)
+    ).subquery()
+    result = await session.execute(
+        delete(TraceEventRow).where(
+            tuple_(TraceEventRow.run_id, TraceEventRow.seq).in_(
+                select(victims.c.run_id, victims.c.seq)
+            )
+        )
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
