@@ -22,6 +22,8 @@ def _serve(args: argparse.Namespace) -> int:
             "lease_seconds": args.lease_seconds,
             "heartbeat_seconds": args.heartbeat_seconds,
             "log_level": args.log_level,
+            "trace_retention_days": args.trace_retention_days,
+            "keepalive_seconds": args.keepalive_seconds,
         }
     )
     logging.basicConfig(
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-message-bytes", type=int, help="largest message (default 8 MiB)")
     serve.add_argument("--lease-seconds", type=float, help="lease length (default 30)")
     serve.add_argument("--heartbeat-seconds", type=float, help="heartbeat interval (default 10)")
+    serve.add_argument("--trace-retention-days", type=float, help="trace retention (default 30)")
+    serve.add_argument("--keepalive-seconds", type=float, help="idle stream keepalive (default 15)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     serve.set_defaults(func=_serve)
     worker = sub.add_parser("worker", help="run a worker")

@@ -141,6 +141,8 @@ class Lifecycle:
                 message=f"{node_of(job)} completed",
             ),
         )
+        if not job.workflow_id:
+            self.trace.run_ended(tx, job.id)
         return [done, *await self._step_finished(db, tx, done, now)]
 
     async def fail_attempt(

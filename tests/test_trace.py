@@ -1,0 +1,570 @@
+"""TraceService over a real server: sequencing, idempotency, filters, cursors, live streams."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+import pytest
+
+from jobtrace.pb import common_pb2 as c
+from jobtrace.pb import job_service_pb2 as j
+from jobtrace.pb import trace_service_pb2 as t
+from jobtrace.pb import worker_service_pb2 as w
+
+from .conftest import Harness, Stubs, expect_error, stubs_for, wait_for
+from .workers import RawWorker
+
+
+def ev(key: str, message: str = "", **fields: Any) -> c.TraceEvent:
+    data = fields.pop("data", None)
+    e = c.TraceEvent(event_key=key, message=message or key, **fields)
+    if data is not None:
+        e.data.update(data)
+    return e
+
+
+async def new_run(api: Stubs, rid: str = "run") -> str:
+    job = await api.jobs.SubmitJob(j.SubmitJobRequest(request_id=rid, job=c.JobSpec(service="svc")))
+    return job.job.id
+
+
+async def append(api: Stubs, run_id: str, *events: c.TraceEvent) -> list[c.TraceEvent]:
+    response = await api.trace.AppendTraceEvents(
+        t.AppendTraceEventsRequest(run_id=run_id, events=events)
+    )
+    return list(response.events)
+
+
+async def all_events(api: Stubs, run_id: str, **filters: Any) -> list[c.TraceEvent]:
+    out: list[c.TraceEvent] = []
+    cursor = ""
+    while True:
+        page = await api.trace.ListTraceEvents(
+            t.ListTraceEventsRequest(run_id=run_id, cursor=cursor, page_size=1000, **filters)
+        )
+        out += page.events
+        cursor = page.next_cursor
+        if not page.more:
+            return out
+
+
+async def drain_stream(call: Any) -> tuple[list[c.TraceEvent], t.RunStatus | None, str]:
+    events: list[c.TraceEvent] = []
+    final = None
+    cursor = ""
+    async for message in call:
+        cursor = message.cursor or cursor
+        kind = message.WhichOneof("kind")
+        if kind == "event":
+            events.append(message.event)
+        elif kind == "final_status":
+            final = message.final_status
+    return events, final, cursor
+
+
+async def test_lifecycle_is_traced_in_order(harness: Harness) -> None:
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    run_id = await new_run(api)
+    await raw.expect("assignment")
+    await raw.send(progress=w.ProgressReport(job_id=run_id, attempt=1, percent=50, message="half"))
+    await raw.expect("ack")
+    await raw.send(complete=w.CompleteReport(job_id=run_id, attempt=1))
+    await raw.expect("ack")
+    events = await all_events(api, run_id)
+    assert [(e.type, e.sequence) for e in events] == [
+        (c.TRACE_EVENT_TYPE_STARTED, 1),
+        (c.TRACE_EVENT_TYPE_PROGRESS, 2),
+        (c.TRACE_EVENT_TYPE_COMPLETED, 3),
+    ]
+    assert [e.id for e in events] == [f"{run_id}:{n}" for n in (1, 2, 3)]
+    assert events[1].percent == 50 and events[1].message == "half"
+    assert all(e.worker_id == "w1" and e.attempt == 1 and e.job_id == run_id for e in events)
+    assert events[0].category == c.CATEGORY_BUSINESS and events[0].milestone
+    await raw.close()
+
+
+async def test_retryable_failure_is_an_error_event_and_terminal_one_is_final(
+    harness: Harness,
+) -> None:
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    job = await api.jobs.SubmitJob(
+        j.SubmitJobRequest(
+            request_id="f",
+            job=c.JobSpec(
+                service="svc",
+                max_attempts=2,
+                backoff=c.BackoffPolicy(initial_interval={"nanos": 1000000}),
+            ),
+        )
+    )
+    run_id = job.job.id
+    await raw.expect("assignment")
+    await raw.send(
+        fail=w.FailReport(
+            job_id=run_id, attempt=1, retryable=True, error=c.ErrorDetail(message="flaky", code="E")
+        )
+    )
+    await raw.expect("ack")
+    status = (await api.trace.GetRunStatus(t.GetRunStatusRequest(run_id=run_id))).status
+    assert status.state not in (c.RUN_STATE_FAILED,)
+    failed = [e for e in await all_events(api, run_id) if e.type == c.TRACE_EVENT_TYPE_FAILED]
+    assert len(failed) == 1 and failed[0].level == c.LEVEL_ERROR
+    assert failed[0].error.message == "flaky" and failed[0].error.code == "E"
+    await raw.expect("assignment")
+    await raw.send(
+        fail=w.FailReport(
+            job_id=run_id, attempt=2, retryable=True, error=c.ErrorDetail(message="again")
+        )
+    )
+    await raw.expect("ack")
+    events = await all_events(api, run_id)
+    assert events[-1].type == c.TRACE_EVENT_TYPE_FAILED and events[-1].level == c.LEVEL_CRITICAL
+    status = (await api.trace.GetRunStatus(t.GetRunStatusRequest(run_id=run_id))).status
+    assert status.state == c.RUN_STATE_FAILED and status.failure.reason == "again"
+    assert status.history_length == len(events)
+    stream = api.trace.StreamTraceEvents(t.StreamTraceEventsRequest(run_id=run_id, follow=True))
+    replayed, final, _ = await drain_stream(stream)
+    assert [e.sequence for e in replayed] == [e.sequence for e in events]
+    assert final is not None and final.state == c.RUN_STATE_FAILED
+    await raw.close()
+
+
+async def test_cancellation_is_a_warn_event(api: Stubs) -> None:
+    run_id = await new_run(api)
+    await api.jobs.CancelJob(j.CancelJobRequest(job_id=run_id))
+    (event,) = await all_events(api, run_id)
+    assert event.level == c.LEVEL_WARN and event.message == "Run cancelled by user"
+
+
+async def test_append_is_idempotent_by_event_key(api: Stubs) -> None:
+    run_id = await new_run(api)
+    first = await append(api, run_id, ev("a"), ev("b"))
+    again = await append(api, run_id, ev("a"), ev("b"), ev("c"))
+    assert [e.sequence for e in first] == [1, 2]
+    assert [e.sequence for e in again] == [1, 2, 3]
+    assert again[:2] == first
+    dup_in_batch = await append(api, run_id, ev("d"), ev("d"))
+    assert dup_in_batch[0] == dup_in_batch[1]
+    assert [e.event_key for e in await all_events(api, run_id)] == ["a", "b", "c", "d"]
+
+
+async def test_bad_appends_are_refused_and_store_nothing(api: Stubs) -> None:
+    run_id = await new_run(api)
+    _, _, v = await expect_error(
+        api.trace.AppendTraceEvents(t.AppendTraceEventsRequest(run_id=run_id, events=[ev("")])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert [f for f, _ in v] == ["events[0].event_key"]
+    await expect_error(
+        api.trace.AppendTraceEvents(t.AppendTraceEventsRequest(run_id=run_id)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    too_many = [ev(f"k{i}") for i in range(1001)]
+    await expect_error(
+        api.trace.AppendTraceEvents(t.AppendTraceEventsRequest(run_id=run_id, events=too_many)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    _, info, _ = await expect_error(
+        api.trace.AppendTraceEvents(
+            t.AppendTraceEventsRequest(
+                run_id=run_id, events=[ev("ok"), ev("big", data={"x": "y" * 70_000})]
+            )
+        ),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    assert info is not None and info.reason == "EVENT_TOO_LARGE"
+    await expect_error(
+        api.trace.AppendTraceEvents(
+            t.AppendTraceEventsRequest(run_id="job_nope", events=[ev("a")])
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    await expect_error(
+        api.trace.AppendTraceEvents(
+            t.AppendTraceEventsRequest(run_id=run_id, events=[ev("p", display_priority=11)])
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert await all_events(api, run_id) == []
+
+
+async def test_long_message_is_stored_truncated(api: Stubs) -> None:
+    run_id = await new_run(api)
+    (stored,) = await append(api, run_id, ev("long", "x" * 20_000))
+    assert stored.truncated and len(stored.message) == 10 * 1024
+    (short,) = await append(api, run_id, ev("short", "fine"))
+    assert not short.truncated
+
+
+async def test_concurrent_appends_get_gapless_unique_sequences(harness: Harness) -> None:
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    run_id = await new_run(api)
+    await raw.expect("assignment")
+    extra = [stubs_for(grpc.aio.insecure_channel(harness.target)) for _ in range(3)]
+
+    async def appender(stubs: Stubs, name: str) -> None:
+        for batch in range(10):
+            await append(stubs, run_id, *(ev(f"{name}-{batch}-{i}") for i in range(5)))
+
+    async def worker_reports() -> None:
+        for batch in range(10):
+            await raw.send(
+                trace=w.TraceReport(
+                    job_id=run_id,
+                    attempt=1,
+                    events=[c.TraceEvent(message=f"log {batch}-{i}") for i in range(5)],
+                )
+            )
+
+    await asyncio.gather(*(appender(s, f"s{i}") for i, s in enumerate(extra)), worker_reports())
+    total = 1 + 3 * 50 + 50  # STARTED + appends + worker events
+
+    async def stored() -> list[c.TraceEvent] | None:
+        events = await all_events(api, run_id)
+        return events if len(events) >= total else None
+
+    events = await wait_for(stored, timeout=10)
+    assert [e.sequence for e in events] == list(range(1, total + 1))
+    keys = [e.event_key for e in events if e.event_key]
+    assert len(keys) == len(set(keys)) == 150
+    worker_events = [e for e in events if e.message.startswith("log ")]
+    assert len(worker_events) == 50 and all(e.worker_id == "w1" for e in worker_events)
+    for s in extra:
+        await s.channel.close()
+    await raw.close()
+
+
+async def test_every_filter(api: Stubs) -> None:
+    run_id = await new_run(api)
+    base = time.time_ns()
+
+    def at(offset_s: int) -> Any:
+        ts = c.TraceEvent().timestamp
+        ts.FromNanoseconds(base + offset_s * 1_000_000_000)
+        return ts
+
+    await append(
+        api,
+        run_id,
+        ev("d", level=c.LEVEL_DEBUG, node_id="a", timestamp=at(0)),
+        ev("i", level=c.LEVEL_INFO, category=c.CATEGORY_BUSINESS, node_id="b", timestamp=at(10)),
+        ev("w", level=c.LEVEL_WARN, milestone=True, node_id="a", timestamp=at(20)),
+        ev("e", level=c.LEVEL_ERROR, type=c.TRACE_EVENT_TYPE_FAILED, node_id="b", timestamp=at(30)),
+    )
+
+    async def keys(**f: Any) -> list[str]:
+        return [e.event_key for e in await all_events(api, run_id, **f)]
+
+    assert await keys() == ["d", "i", "w", "e"]
+    assert await keys(min_level=c.LEVEL_WARN) == ["w", "e"]
+    assert await keys(category=c.CATEGORY_BUSINESS) == ["i"]
+    assert await keys(category=c.CATEGORY_TECHNICAL) == ["d", "w", "e"]
+    assert await keys(node_id="a") == ["d", "w"]
+    assert await keys(type=c.TRACE_EVENT_TYPE_FAILED) == ["e"]
+    assert await keys(type=c.TRACE_EVENT_TYPE_LOG) == ["d", "i", "w"]
+    assert await keys(since=at(10), until=at(30)) == ["i", "w"]
+    assert await keys(milestones_only=True) == ["w"]
+    assert await keys(node_id="b", min_level=c.LEVEL_ERROR) == ["e"]
+    await expect_error(
+        api.trace.ListTraceEvents(
+            t.ListTraceEventsRequest(run_id=run_id, since=at(5), until=at(1))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+
+
+async def test_cursor_pages_cover_the_run_exactly_once(api: Stubs) -> None:
+    run_id = await new_run(api)
+    await append(api, run_id, *(ev(f"k{i:03}") for i in range(57)))
+    seen: list[int] = []
+    cursor = ""
+    while True:
+        page = await api.trace.ListTraceEvents(
+            t.ListTraceEventsRequest(run_id=run_id, cursor=cursor, page_size=10)
+        )
+        seen += [e.sequence for e in page.events]
+        cursor = page.next_cursor
+        if not page.more:
+            break
+    assert seen == list(range(1, 58))
+    # The last cursor resumes after the end: later events appear, nothing repeats.
+    await append(api, run_id, ev("later"))
+    page = await api.trace.ListTraceEvents(t.ListTraceEventsRequest(run_id=run_id, cursor=cursor))
+    assert [e.event_key for e in page.events] == ["later"]
+    other = await new_run(api, "other")
+    for bad in ("junk", cursor):
+        _, _, v = await expect_error(
+            api.trace.ListTraceEvents(t.ListTraceEventsRequest(run_id=other, cursor=bad)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert [f for f, _ in v] == ["cursor"]
+    await expect_error(
+        api.trace.ListTraceEvents(t.ListTraceEventsRequest(run_id=run_id, page_size=5000)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    await expect_error(
+        api.trace.ListTraceEvents(t.ListTraceEventsRequest(run_id="wf_nope")),
+        grpc.StatusCode.NOT_FOUND,
+    )
+
+
+async def test_cut_stream_resumes_from_its_cursor_without_gap_or_duplicate(api: Stubs) -> None:
+    run_id = await new_run(api)
+    await append(api, run_id, *(ev(f"a{i}") for i in range(20)))
+    stream = api.trace.StreamTraceEvents(t.StreamTraceEventsRequest(run_id=run_id, follow=True))
+    got: list[int] = []
+    cursor = ""
+    async for message in stream:
+        got.append(message.event.sequence)
+        cursor = message.cursor
+        if len(got) == 7:
+            break
+    stream.cancel()
+    await append(api, run_id, *(ev(f"b{i}") for i in range(10)))
+    await api.jobs.CancelJob(j.CancelJobRequest(job_id=run_id))  # ends the run
+    resumed = api.trace.StreamTraceEvents(
+        t.StreamTraceEventsRequest(run_id=run_id, cursor=cursor, follow=True)
+    )
+    events, final, _ = await drain_stream(resumed)
+    got += [e.sequence for e in events]
+    assert got == list(range(1, 32))
+    assert final is not None and final.state == c.RUN_STATE_CANCELLED
+
+
+async def test_stream_opened_before_the_run_starts_follows_it_to_the_end(
+    harness: Harness,
+) -> None:
+    api = harness.stubs()
+    run_id = await new_run(api)
+    stream = api.trace.StreamTraceEvents(t.StreamTraceEventsRequest(run_id=run_id, follow=True))
+    collector = asyncio.create_task(drain_stream(stream))
+    assert harness.server is not None
+    await wait_for(lambda: harness.server.trace.bus.subscriber_count == 1)
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    await raw.expect("assignment")
+    for pct in (20, 40):
+        await raw.send(progress=w.ProgressReport(job_id=run_id, attempt=1, percent=pct))
+    await raw.send(complete=w.CompleteReport(job_id=run_id, attempt=1))
+    events, final, _cursor = await asyncio.wait_for(collector, 10)
+    assert [e.type for e in events] == [
+        c.TRACE_EVENT_TYPE_STARTED,
+        c.TRACE_EVENT_TYPE_PROGRESS,
+        c.TRACE_EVENT_TYPE_PROGRESS,
+        c.TRACE_EVENT_TYPE_COMPLETED,
+    ]
+    assert final is not None and final.state == c.RUN_STATE_COMPLETED
+    assert final.progress.completed_actions == 1 and final.history_length == 4
+    await wait_for(lambda: harness.server.trace.bus.subscriber_count == 0)
+    await raw.close()
+
+
+async def test_stream_after_the_end_replays_then_closes_with_final_status(api: Stubs) -> None:
+    run_id = await new_run(api)
+    await append(api, run_id, ev("x"))
+    await api.jobs.CancelJob(j.CancelJobRequest(job_id=run_id))
+    for follow in (True, False):
+        stream = api.trace.StreamTraceEvents(
+            t.StreamTraceEventsRequest(run_id=run_id, follow=follow)
+        )
+        events, final, _ = await drain_stream(stream)
+        assert [e.event_key for e in events][:1] == ["x"] and len(events) == 2
+        assert final is not None and final.state == c.RUN_STATE_CANCELLED
+
+
+async def test_stream_without_follow_ends_after_the_replay(api: Stubs) -> None:
+    run_id = await new_run(api)
+    await append(api, run_id, ev("x"), ev("y"))
+    stream = api.trace.StreamTraceEvents(t.StreamTraceEventsRequest(run_id=run_id, follow=False))
+    events, final, cursor = await asyncio.wait_for(drain_stream(stream), 5)
+    assert [e.event_key for e in events] == ["x", "y"] and final is None and cursor
+
+
+async def test_stream_filters_apply_live(api: Stubs) -> None:
+    run_id = await new_run(api)
+    stream = api.trace.StreamTraceEvents(
+        t.StreamTraceEventsRequest(run_id=run_id, follow=True, min_level=c.LEVEL_WARN)
+    )
+    collector = asyncio.create_task(drain_stream(stream))
+    await append(api, run_id, ev("info"), ev("warn", level=c.LEVEL_WARN))
+    await api.jobs.CancelJob(j.CancelJobRequest(job_id=run_id))
+    events, final, _ = await asyncio.wait_for(collector, 10)
+    assert [e.event_key or e.message for e in events] == ["warn", "Run cancelled by user"]
+    assert final is not None
+
+
+async def test_five_hundred_streams_each_receive_every_event_in_order(harness: Harness) -> None:
+    api = harness.stubs()
+    run_id = await new_run(api)
+    channels = [grpc.aio.insecure_channel(harness.target) for _ in range(5)]
+    streams = [
+        stubs_for(channels[i % 5]).trace.StreamTraceEvents(
+            t.StreamTraceEventsRequest(run_id=run_id, follow=True)
+        )
+        for i in range(500)
+    ]
+    collectors = [asyncio.create_task(drain_stream(s)) for s in streams]
+    assert harness.server is not None
+    await wait_for(lambda: harness.server.trace.bus.subscriber_count == 500, timeout=30)
+    for batch in range(10):
+        await append(api, run_id, *(ev(f"e{batch}-{i}") for i in range(10)))
+    await api.jobs.CancelJob(j.CancelJobRequest(job_id=run_id))
+    results = await asyncio.wait_for(asyncio.gather(*collectors), 60)
+    expected = list(range(1, 102))
+    for events, final, _ in results:
+        assert [e.sequence for e in events] == expected
+        assert final is not None and final.state == c.RUN_STATE_CANCELLED
+    for ch in channels:
+        await ch.close()
+
+
+async def test_a_stalled_reader_neither_stalls_others_nor_grows_without_bound(
+    harness: Harness,
+) -> None:
+    from jobtrace.events.trace_bus import SUBSCRIBER_BUFFER
+
+    api = harness.stubs()
+    run_id = await new_run(api)
+    stalled_channel = grpc.aio.insecure_channel(harness.target)
+    stalled = stubs_for(stalled_channel).trace.StreamTraceEvents(
+        t.StreamTraceEventsRequest(run_id=run_id, follow=True)
+    )
+    healthy = api.trace.StreamTraceEvents(t.StreamTraceEventsRequest(run_id=run_id, follow=True))
+    collector = asyncio.create_task(drain_stream(healthy))
+    assert harness.server is not None
+    bus = harness.server.trace.bus
+    await wait_for(lambda: bus.subscriber_count == 2)
+    payload = "p" * 2000
+    for batch in range(30):
+        await append(api, run_id, *(ev(f"k{batch}-{i}", payload) for i in range(100)))
+        for subs in bus._subs.values():
+            assert all(len(s._events) <= SUBSCRIBER_BUFFER for s in subs)
+    await api.jobs.CancelJob(j.CancelJobRequest(job_id=run_id))
+    events, final, _ = await asyncio.wait_for(collector, 30)
+    assert len(events) == 3001 and final is not None
+    # The stalled reader, once it reads, still gets everything in order.
+    late, late_final, _ = await asyncio.wait_for(drain_stream(stalled), 60)
+    assert [e.sequence for e in late] == list(range(1, 3002))
+    assert late_final is not None
+    await stalled_channel.close()
+
+
+async def test_resume_after_a_server_restart(harness: Harness) -> None:
+    api = harness.stubs()
+    run_id = await new_run(api)
+    await append(api, run_id, *(ev(f"a{i}") for i in range(5)))
+    page = await api.trace.ListTraceEvents(t.ListTraceEventsRequest(run_id=run_id, page_size=3))
+    await harness.stop()
+    await harness.start()
+    api = harness.stubs()
+    await append(api, run_id, ev("after-restart"))
+    stream = api.trace.StreamTraceEvents(
+        t.StreamTraceEventsRequest(run_id=run_id, cursor=page.next_cursor, follow=False)
+    )
+    events, _, _ = await drain_stream(stream)
+    assert [e.sequence for e in events] == [4, 5, 6]
+    assert events[-1].event_key == "after-restart"
+
+
+async def test_idle_stream_gets_keepalives(db_url: str) -> None:
+    h = Harness(db_url, keepalive_seconds=0.1)
+    await h.start()
+    try:
+        api = h.stubs()
+        run_id = await new_run(api)
+        stream = api.trace.StreamTraceEvents(t.StreamTraceEventsRequest(run_id=run_id, follow=True))
+        kinds = []
+        async for message in stream:
+            kinds.append(message.WhichOneof("kind"))
+            if len(kinds) == 2:
+                break
+        assert kinds == ["keepalive", "keepalive"]
+        stream.cancel()
+    finally:
+        await h.stop()
+
+
+async def test_run_status_of_a_workflow(harness: Harness) -> None:
+    api = harness.stubs()
+    wf = (
+        await api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(
+                request_id="wf",
+                name="w",
+                steps=[
+                    c.WorkflowStepSpec(name="a", job=c.JobSpec(service="svc")),
+                    c.WorkflowStepSpec(name="b", job=c.JobSpec(service="svc")),
+                ],
+            )
+        )
+    ).workflow
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    a = await raw.expect("assignment")
+    await raw.send(complete=w.CompleteReport(job_id=a.job.id, attempt=1))
+    await raw.expect("assignment")
+    status = (await api.trace.GetRunStatus(t.GetRunStatusRequest(run_id=wf.id))).status
+    assert status.state == c.RUN_STATE_RUNNING and status.HasField("started_at")
+    assert (status.progress.completed_actions, status.progress.total_actions) == (1, 2)
+    assert status.history_length == 3 and status.service == ""
+    nodes = [e.node_id for e in await all_events(api, wf.id)]
+    assert nodes == ["a", "a", "b"]
+    _, info, _ = await expect_error(
+        api.trace.GetRunStatus(t.GetRunStatusRequest(run_id=a.job.id)), grpc.StatusCode.NOT_FOUND
+    )
+    assert info is not None and info.metadata["workflow_id"] == wf.id
+    await raw.close()
+
+
+async def test_worker_trace_for_a_stale_attempt_is_refused(harness: Harness) -> None:
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    run_id = await new_run(api)
+    await raw.expect("assignment")
+    await raw.send(
+        trace=w.TraceReport(job_id=run_id, attempt=0, events=[c.TraceEvent(message="x")])
+    )
+    error = await raw.expect("error")
+    assert error.reason == "STALE_ATTEMPT"
+    out = c.TraceEvent(message="out")
+    out.data.update({"stream": "stdout"})
+    await raw.send(trace=w.TraceReport(job_id=run_id, attempt=1, events=[out]))
+    await raw.expect("ack")
+    events = await all_events(api, run_id)
+    assert [e.message for e in events][1:] == ["out"] and events[1].data["stream"] == "stdout"
+    await raw.close()
+
+
+async def test_retention_sweep_deletes_old_events(harness: Harness) -> None:
+    api = harness.stubs()
+    run_id = await new_run(api)
+    for batch in range(5):
+        await append(api, run_id, *(ev(f"k{batch}-{i}") for i in range(500)))
+    assert harness.server is not None
+    trace = harness.server.trace
+    trace.retention_s = 3600.0
+    assert await trace.sweep_once() == 0
+    trace.retention_s = -1.0  # everything is older than "now + 1 s"
+    assert await trace.sweep_once(batch=1000) == 2500
+    assert await all_events(api, run_id) == []
+    # The sequence keeps counting: a pruned run never reuses a number.
+    (later,) = await append(api, run_id, ev("later"))
+    assert later.sequence == 2501
+
+
+@pytest.mark.parametrize("follow", [True, False])
+async def test_stream_of_unknown_run_is_not_found(api: Stubs, follow: bool) -> None:
+    stream = api.trace.StreamTraceEvents(t.StreamTraceEventsRequest(run_id="job_x", follow=follow))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stream.read()
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
