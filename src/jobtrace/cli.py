@@ -24,6 +24,8 @@ def _serve(args: argparse.Namespace) -> int:
             "log_level": args.log_level,
             "trace_retention_days": args.trace_retention_days,
             "keepalive_seconds": args.keepalive_seconds,
+            "signing_key_file": args.signing_key_file,
+            "attestation_retention_days": args.attestation_retention_days,
         }
     )
     logging.basicConfig(
@@ -88,6 +90,49 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attest_verify(args: argparse.Namespace) -> int:
+    """Offline: check an exported DSSE envelope against public keys alone."""
+    import json
+    from pathlib import Path
+
+    from jobtrace.domain.attest import key_id_of, load_public_key, verify_offline
+
+    keys = {}
+    for path in args.public_key:
+        key = load_public_key(Path(path).read_text())
+        from cryptography.hazmat.primitives import serialization
+
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        keys[key_id_of(raw)] = key
+    try:
+        envelope = json.loads(Path(args.envelope).read_text())
+        verdict = verify_offline(envelope, keys)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"jobtrace attest verify: cannot read envelope: {exc}", file=sys.stderr)
+        return 2
+    result = {
+        "valid": verdict.valid,
+        "digest_valid": verdict.digest_valid,
+        "signature_valid": verdict.signature_valid,
+        "reason": verdict.reason,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("valid" if verdict.valid else f"INVALID: {verdict.reason}")
+    return 0 if verdict.valid else 1
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jobtrace.domain.attest import rotate_key_file
+
+    old, new = rotate_key_file(Path(args.key_file))
+    print(f"retired {old}; new signing key {new} (takes effect when the server restarts)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jobtrace", description="jobs, workflows, evidence")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--heartbeat-seconds", type=float, help="heartbeat interval (default 10)")
     serve.add_argument("--trace-retention-days", type=float, help="trace retention (default 30)")
     serve.add_argument("--keepalive-seconds", type=float, help="idle stream keepalive (default 15)")
+    serve.add_argument("--signing-key-file", help="Ed25519 key (default beside the database)")
+    serve.add_argument("--attestation-retention-days", type=float, help="default 7")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     serve.set_defaults(func=_serve)
     worker = sub.add_parser("worker", help="run a worker")
@@ -110,6 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--token", help="bearer token")
     worker.add_argument("--log-level", default="INFO")
     worker.set_defaults(func=_worker)
+    attest = sub.add_parser("attest", help="attestations").add_subparsers(
+        dest="attest_command", required=True
+    )
+    verify = attest.add_parser("verify", help="verify an exported DSSE envelope offline")
+    verify.add_argument("envelope", help="envelope JSON file (GetAttestation include_envelope)")
+    verify.add_argument(
+        "--public-key",
+        action="append",
+        required=True,
+        help="public key file: hex or base64 of the raw key, or PEM; repeatable",
+    )
+    verify.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    verify.set_defaults(func=_attest_verify)
+    keys = sub.add_parser("keys", help="signing keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    rotate = keys.add_parser("rotate", help="retire the signing key and create a new one")
+    rotate.add_argument("--key-file", required=True, help="the server's signing key file")
+    rotate.set_defaults(func=_keys_rotate)
     return parser
 
 

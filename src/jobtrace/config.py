@@ -35,6 +35,10 @@ class Settings:
     trace_retention_days: float = 30.0
     # Idle trace streams get a keepalive frame this often.
     keepalive_seconds: float = 15.0
+    # Ed25519 signing key (PEM); created on first start. Default: beside the database.
+    signing_key_file: str = ""
+    # Attestations older than this are deleted by a background sweep.
+    attestation_retention_days: float = 7.0
     # Logging level name.
     log_level: str = "INFO"
 
@@ -58,6 +62,18 @@ class Settings:
         from dataclasses import replace
 
         return replace(self, db=database_url(self.db))
+
+    def key_path(self) -> Path:
+        """Where the signing key lives: the configured file, or beside a SQLite
+        database, or ./jobtrace-signing.key."""
+        if self.signing_key_file:
+            return Path(self.signing_key_file)
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.db)
+        if url.get_backend_name() == "sqlite" and url.database:
+            return Path(url.database).parent / "jobtrace-signing.key"
+        return Path("jobtrace-signing.key")
 
 
 def _parse(kind: Any, raw: str) -> Any:

@@ -229,3 +229,45 @@ class TraceEvent:
     tenant: str = ""
     seq: int = 0
     created_us: int = 0
+
+
+class AttestationType(enum.IntEnum):
+    UNSPECIFIED = 0
+    WORKER_COMPLETION = 1
+    WORKER_FAILURE = 2
+    WORKFLOW_COMPLETION = 3
+    WORKFLOW_FAILURE = 4
+    WORKFLOW_CANCELLATION = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Attestation:
+    key: str
+    tenant: str
+    type: AttestationType
+    entity_type: str
+    entity_id: str
+    workflow_id: str
+    job_id: str
+    worker_id: str
+    attempt: int
+    state: RunState
+    data: JSON
+    chain_id: str
+    chain_seq: int
+    digest: str
+    previous_digest: str
+    signature: bytes
+    key_id: str
+    created_us: int
+    expire_us: int
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    key_id: str
+    public_key: bytes
+    algorithm: str
+    created_us: int
+    active: bool

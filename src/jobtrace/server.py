@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -11,11 +12,14 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from jobtrace.api.attestation_service import AttestationServicer
 from jobtrace.api.job_service import JobServicer
 from jobtrace.api.trace_service import TraceServicer
 from jobtrace.api.worker_service import WorkerServicer
 from jobtrace.auth import Authenticator
 from jobtrace.config import Settings
+from jobtrace.domain.annotations import Annotations
+from jobtrace.domain.attest import Attestor, Signer
 from jobtrace.domain.jobs import Jobs
 from jobtrace.domain.lifecycle import Lifecycle
 from jobtrace.domain.pagination import open_tokens
@@ -56,7 +60,15 @@ class JobtraceServer:
             retention_s=s.trace_retention_days * 86400,
             keepalive_s=s.keepalive_seconds,
         )
-        life = Lifecycle(self.trace)
+        self.attestor = Attestor(
+            self.db,
+            Signer.load_or_create(s.key_path()),
+            tokens,
+            retention_s=s.attestation_retention_days * 86400,
+        )
+        await self.attestor.register_key()
+        self.annotations = Annotations(self.db, tokens, self.trace)
+        life = Lifecycle(self.trace, self.attestor)
         jobs = Jobs(self.db, tokens, life)
         self.jobs = jobs
         self.scheduler = Scheduler(
@@ -78,8 +90,6 @@ class JobtraceServer:
         ]
         server = grpc.aio.server(options=options)
         job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(jobs, auth), server)
-        # Defined in the contract; their behaviour arrives with later issues and
-        # answers UNIMPLEMENTED until then.
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerServicer(self.scheduler, auth), server
         )
@@ -87,7 +97,7 @@ class JobtraceServer:
             TraceServicer(self.trace, auth), server
         )
         attestation_service_pb2_grpc.add_AttestationServiceServicer_to_server(
-            attestation_service_pb2_grpc.AttestationServiceServicer(), server
+            AttestationServicer(self.attestor, self.annotations, auth), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -109,6 +119,7 @@ class JobtraceServer:
         self._server = server
         self.scheduler.start()
         self.trace.start()
+        self._maintenance = asyncio.create_task(self._maintain(), name="jobtrace-retention")
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for name in SERVICE_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -126,11 +137,25 @@ class JobtraceServer:
         self.shutting_down.set()
         self.jobs.stopping.set()
         await self.trace.stop()
+        self._maintenance.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._maintenance
         await self.scheduler.drain(int(grace * 1000))
         await self._server.stop(grace)
         self._server = None
         await self.db.close()
         log.info("jobtrace stopped")
+
+    async def _maintain(self, every_s: float = 60.0) -> None:
+        """Retention of attestations; each sweep is a series of short writes."""
+        while True:
+            try:
+                pruned = await self.attestor.sweep_once()
+                if pruned:
+                    log.info("pruned %d expired attestations", pruned)
+            except Exception:
+                log.exception("attestation sweep failed; retrying later")
+            await asyncio.sleep(every_s)
 
     async def wait(self) -> None:
         if self._server is not None:

@@ -425,3 +425,73 @@ def run_status_to_proto(s: Any) -> Any:
         history_length=s.history_length,
         failure=failure_to_proto(s.failure),
     )
+
+
+# --- attestations and annotations -----------------------------------------------
+
+
+def attestation_to_proto(a: Any) -> Any:
+    from jobtrace.pb import attestation_service_pb2 as pa
+
+    return pa.Attestation(
+        key=a.key,
+        type=int(a.type),
+        entity_type=a.entity_type,
+        entity_id=a.entity_id,
+        workflow_id=a.workflow_id,
+        job_id=a.job_id,
+        worker_id=a.worker_id,
+        attempt=a.attempt,
+        state=int(a.state),
+        data=dict_to_struct(a.data),
+        digest=a.digest,
+        previous_digest=a.previous_digest,
+        signature=a.signature,
+        key_id=a.key_id,
+        create_time=us_to_ts(a.created_us),
+        expire_time=us_to_ts(a.expire_us),
+        chain_sequence=a.chain_seq,
+        tenant=a.tenant,
+    )
+
+
+def envelope_to_proto(e: Any) -> Any:
+    from jobtrace.pb import attestation_service_pb2 as pa
+
+    return pa.DsseEnvelope(
+        payload=e.payload,
+        payload_type=e.payload_type,
+        signatures=[pa.DsseSignature(keyid=k, sig=s) for k, s in e.signatures],
+    )
+
+
+def annotation_to_proto(a: Any) -> common_pb2.Annotation:
+    return common_pb2.Annotation(
+        id=a.id,
+        run_id=a.run_id,
+        job_id=a.job_id,
+        attempt=a.attempt,
+        scope=int(a.scope),
+        scope_id=a.scope_id,
+        actor=common_pb2.Actor(kind=a.actor_kind, id=a.actor_id, version=a.actor_version),
+        key=a.key,
+        value=py_to_value(a.value),
+        payload=dict_to_struct(a.payload),
+        idempotency_key=a.idempotency_key,
+        create_time=us_to_ts(a.created_us),
+        tenant=a.tenant,
+    )
+
+
+def annotation_input(
+    actor: Any, attributes: Any, payload: Any, has_payload: bool, idempotency_key: str = ""
+) -> tuple[AnnotationInput, int]:
+    item = AnnotationInput(
+        actor_kind=actor.kind,
+        actor_id=actor.id,
+        actor_version=actor.version,
+        attributes={k: value_to_py(v) for k, v in attributes.items()},
+        payload=struct_to_dict(payload) if has_payload else None,
+        idempotency_key=idempotency_key,
+    )
+    return item, payload.ByteSize()

@@ -131,10 +131,20 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             await s.trace_report(session, t.job_id, t.attempt, inputs)
             return sch.Acked(m.message_id, t.job_id, t.attempt)
         if kind == "annotate":
-            raise FailedPrecondition(
-                f"{kind} reports are not accepted by this server yet", reason="UNSUPPORTED_MESSAGE"
+            a = m.annotate
+            actor = a.actor if a.HasField("actor") else _worker_actor(session.worker_id)
+            item, size = convert.annotation_input(
+                actor, a.attributes, a.payload, a.HasField("payload")
             )
+            await s.annotate(session, a.job_id, a.attempt, item, size)
+            return sch.Acked(m.message_id, a.job_id, a.attempt)
         raise Invalid([], message="empty message: set one of the ConnectRequest kinds")
+
+
+def _worker_actor(worker_id: str) -> Any:
+    from jobtrace.pb import common_pb2
+
+    return common_pb2.Actor(kind=common_pb2.ACTOR_KIND_WORKER, id=worker_id)
 
 
 def refused(message: pb.ConnectRequest, exc: DomainError, fatal: bool = False) -> sch.Refused:

@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jobtrace.domain.errors import Violations
-from jobtrace.domain.validation import check_text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from jobtrace.clock import now_us
+from jobtrace.domain.errors import FieldViolation, Invalid, NotFound, Violations
+from jobtrace.domain.pagination import PageTokens
+from jobtrace.domain.validation import check_page_size, check_text
 from jobtrace.ids import new_id
-from jobtrace.model import Annotation, AnnotationInput, AnnotationScope
+from jobtrace.model import (
+    Annotation,
+    AnnotationInput,
+    AnnotationScope,
+    Category,
+    Level,
+    TraceEvent,
+    TraceType,
+)
+from jobtrace.store import jobs as store
+from jobtrace.store.db import Database, Tx
+
+if TYPE_CHECKING:
+    from jobtrace.domain.trace import Trace
 
 KEY_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
 MAX_KEY = 256
@@ -130,3 +147,167 @@ def build(
         )
         for key in sorted(item.attributes)
     ]
+
+
+class Annotations:
+    """AttachAnnotations and ListAnnotations."""
+
+    def __init__(self, db: Database, tokens: PageTokens, trace: Trace) -> None:
+        self._db = db
+        self._tokens = tokens
+        self._trace = trace
+
+    async def attach(
+        self,
+        tenant: str,
+        *,
+        run_id: str,
+        job_id: str,
+        attempt: int,
+        scope: int,
+        scope_id: str,
+        item: AnnotationInput,
+        payload_bytes: int,
+        emit_event: bool,
+    ) -> list[Annotation]:
+        v = Violations()
+        if not run_id:
+            v.add("run_id", "required")
+        check_input(v, "", item, payload_bytes)
+        if scope not in AnnotationScope.__members__.values():
+            v.add("scope", f"unknown AnnotationScope value {scope}")
+        if attempt < 0:
+            v.add("attempt", "must not be negative")
+        if attempt and not job_id:
+            v.add("attempt", "requires job_id")
+        if scope == AnnotationScope.ATTEMPT and not (job_id and attempt):
+            v.add("scope", "ATTEMPT scope requires job_id and attempt")
+        check_text(v, "scope_id", scope_id, 128)
+        # check_input reports paths like ".actor.kind"; drop the leading dot.
+        v.items = [FieldViolation(x.field.lstrip("."), x.description) for x in v.items]
+        v.raise_if_any()
+
+        async def op(session: AsyncSession, tx: Tx) -> list[Annotation]:
+            await self._trace.require_run(session, tenant, run_id)
+            resolved_scope = AnnotationScope(scope or AnnotationScope.RUN)
+            resolved_scope_id = scope_id
+            if job_id:
+                job = await store.get_job(session, job_id, tenant)
+                if job is None or (job.id != run_id and job.workflow_id != run_id):
+                    raise NotFound(
+                        f"job {job_id!r} is not part of run {run_id!r}",
+                        reason="JOB_NOT_FOUND",
+                        metadata={"job_id": job_id},
+                    )
+                if attempt > job.attempt:
+                    raise Invalid(
+                        [FieldViolation("attempt", f"job {job_id!r} has no attempt {attempt} yet")]
+                    )
+                if resolved_scope == AnnotationScope.STEP and not resolved_scope_id:
+                    resolved_scope_id = job.step_name
+            keys = sorted(item.attributes)
+            existing: dict[str, Annotation] = {}
+            if item.idempotency_key:
+                existing = await store.annotations_by_idempotency(
+                    session, run_id, item.idempotency_key, keys
+                )
+            fresh = [
+                a
+                for a in build(
+                    item,
+                    tenant=tenant,
+                    run_id=run_id,
+                    now_us=now_us(),
+                    job_id=job_id,
+                    attempt=attempt,
+                    scope=resolved_scope,
+                    scope_id=resolved_scope_id,
+                )
+                if a.key not in existing
+            ]
+            await store.insert_annotations(session, fresh)
+            if emit_event and fresh:
+                await self._trace.record(
+                    session,
+                    tx,
+                    tenant,
+                    [
+                        TraceEvent(
+                            run_id=run_id,
+                            node_id=resolved_scope_id or job_id or "",
+                            job_id=job_id,
+                            attempt=attempt,
+                            type=TraceType.LOG,
+                            level=Level.INFO,
+                            category=Category.TECHNICAL,
+                            message="annotated " + ", ".join(a.key for a in fresh),
+                            data={
+                                "annotations": {a.key: a.value for a in fresh},
+                                "actor": {"kind": item.actor_kind, "id": item.actor_id},
+                            },
+                        )
+                    ],
+                )
+            stored = (
+                await store.annotations_by_idempotency(session, run_id, item.idempotency_key, keys)
+                if item.idempotency_key
+                else {a.key: a for a in fresh}
+            )
+            return [stored[k] for k in keys]
+
+        return await self._db.write(op)
+
+    async def list(
+        self,
+        tenant: str | None,
+        *,
+        run_id: str,
+        key_prefix: str,
+        actor_id: str,
+        since_us: int,
+        attempt: int,
+        scope: int,
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[Annotation], str]:
+        v = Violations()
+        if not run_id:
+            v.add("run_id", "required")
+        limit = check_page_size(v, "page_size", page_size)
+        if scope not in AnnotationScope.__members__.values():
+            v.add("scope", f"unknown AnnotationScope value {scope}")
+        if attempt < 0:
+            v.add("attempt", "must not be negative")
+        filters = {
+            "run_id": run_id,
+            "key_prefix": key_prefix,
+            "actor_id": actor_id,
+            "since": since_us,
+            "attempt": attempt,
+            "scope": scope,
+            "tenant": tenant,
+        }
+        after = 0
+        try:
+            after = self._tokens.decode("page_token", page_token, "annotations", filters) or 0
+        except Invalid as exc:
+            v.items += exc.violations
+        v.raise_if_any()
+        async with self._db.read() as session:
+            await self._trace.require_run(session, tenant, run_id)
+            items = await store.list_annotations(
+                session,
+                tenant=tenant,
+                run_id=run_id,
+                key_prefix=key_prefix,
+                actor_id=actor_id,
+                since_us=since_us,
+                attempt=attempt,
+                scope=scope,
+                after_seq=after,
+                limit=limit + 1,
+            )
+        if len(items) > limit:
+            items = items[:limit]
+            return items, self._tokens.encode("annotations", filters, items[-1].seq)
+        return items, ""

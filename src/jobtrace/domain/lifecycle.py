@@ -6,9 +6,12 @@ from dataclasses import replace
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from jobtrace.clock import iso
+from jobtrace.domain.attest import Attestor
 from jobtrace.domain.trace import Trace
 from jobtrace.model import (
     JSON,
+    AttestationType,
     Category,
     ErrorInfo,
     Failure,
@@ -53,10 +56,105 @@ def node_of(job: Job) -> str:
 
 
 class Lifecycle:
-    """Every transition of a job, its workflow, and the trace events they emit."""
+    """Every transition of a job and its workflow, with the trace events and the
+    attestations it produces, all in the caller's transaction."""
 
-    def __init__(self, trace: Trace) -> None:
+    def __init__(self, trace: Trace, attestor: Attestor) -> None:
         self.trace = trace
+        self.attestor = attestor
+
+    async def _attest_job(
+        self, db: AsyncSession, job: Job, type: AttestationType, key: str, extra: JSON
+    ) -> None:
+        context = await store.request_context_for(db, job)
+        data: JSON = {
+            "request_context": context,
+            "job_payload": job.spec.payload,
+            "service": job.spec.service,
+            "step_name": job.step_name,
+            "max_attempts": job.spec.max_attempts,
+            "created_at": iso(job.created_us),
+            "started_at": iso(job.started_us),
+            "completed_at": iso(job.completed_us),
+            **extra,
+        }
+        await self.attestor.attest(
+            db,
+            key=key,
+            type=type,
+            tenant=job.tenant,
+            entity_type="job",
+            entity_id=job.id,
+            chain_id=run_of(job),
+            state=job.state,
+            data=data,
+            workflow_id=job.workflow_id,
+            job_id=job.id,
+            worker_id=job.worker_id,
+            attempt=job.attempt,
+        )
+
+    async def _attest_failure(
+        self, db: AsyncSession, job: Job, failure: Failure, will_retry: bool
+    ) -> None:
+        await self._attest_job(
+            db,
+            job,
+            AttestationType.WORKER_FAILURE,
+            f"worker-failure:{job.id}:{job.attempt}",
+            {
+                "error": {
+                    "message": failure.reason,
+                    "code": failure.code,
+                    "details": failure.details,
+                    "retryable": failure.retryable,
+                },
+                "will_retry": will_retry,
+            },
+        )
+
+    async def _attest_workflow(
+        self,
+        db: AsyncSession,
+        workflow_id: str,
+        tenant: str,
+        state: RunState,
+        failure: Failure | None,
+    ) -> None:
+        row = await store.get_workflow_row(db, workflow_id)
+        assert row is not None
+        steps = (await store.workflow_jobs(db, [workflow_id]))[workflow_id]
+        type, prefix = {
+            RunState.COMPLETED: (AttestationType.WORKFLOW_COMPLETION, "workflow-completion"),
+            RunState.CANCELLED: (AttestationType.WORKFLOW_CANCELLATION, "workflow-cancellation"),
+        }.get(state, (AttestationType.WORKFLOW_FAILURE, "workflow-failure"))
+        data: JSON = {
+            "request_context": codec.loads(row.request_context) or {},
+            "name": row.name,
+            "outputs": {s.step_name: s.result for s in steps if s.state == RunState.COMPLETED},
+            "total_steps": len(steps),
+            "completed_steps": sum(1 for s in steps if s.state == RunState.COMPLETED),
+            "steps": {
+                s.step_name: {"job_id": s.id, "state": s.state.name, "attempt": s.attempt}
+                for s in steps
+            },
+            "created_at": iso(row.created_us),
+            "started_at": iso(row.started_us),
+        }
+        if failure is not None:
+            data["failure"] = {"reason": failure.reason, "code": failure.code}
+        await self.attestor.attest(
+            db,
+            key=f"{prefix}:{workflow_id}",
+            type=type,
+            tenant=tenant,
+            entity_type="workflow",
+            entity_id=workflow_id,
+            chain_id=workflow_id,
+            state=state,
+            data=data,
+            workflow_id=workflow_id,
+        )
 
     def _event(self, job: Job, **fields: object) -> TraceEvent:
         return TraceEvent(
@@ -141,6 +239,13 @@ class Lifecycle:
                 message=f"{node_of(job)} completed",
             ),
         )
+        await self._attest_job(
+            db,
+            done,
+            AttestationType.WORKER_COMPLETION,
+            f"worker-completion:{job.id}",
+            {"result": result},
+        )
         if not job.workflow_id:
             self.trace.run_ended(tx, job.id)
         return [done, *await self._step_finished(db, tx, done, now)]
@@ -173,9 +278,16 @@ class Lifecycle:
                     f"retrying in {delay_us / 1e6:g}s",
                 ),
             )
+            await self._attest_failure(db, queued, failure, will_retry=True)
             return [queued]
         return await self.end_job(
-            db, tx, job, RunState.FAILED, replace(failure, retryable=retryable), now
+            db,
+            tx,
+            job,
+            RunState.FAILED,
+            replace(failure, retryable=retryable),
+            now,
+            failed_attempt=True,
         )
 
     def _failed_event(self, job: Job, failure: Failure, level: Level, message: str) -> TraceEvent:
@@ -197,6 +309,8 @@ class Lifecycle:
         state: RunState,
         failure: Failure | None,
         now: int,
+        *,
+        failed_attempt: bool = False,
     ) -> list[Job]:
         ended = await set_job(
             db,
@@ -227,6 +341,8 @@ class Lifecycle:
                 f"{node_of(job)} {state.name.lower().replace('_', ' ')}: {reason}",
             )
         await self._record(db, tx, job, event)
+        if failed_attempt and failure is not None:
+            await self._attest_failure(db, ended, failure, will_retry=False)
         if not job.workflow_id:
             self.trace.run_ended(tx, job.id)
         return [ended, *await self._step_finished(db, tx, ended, now)]
@@ -268,6 +384,9 @@ class Lifecycle:
                             message=f"workflow completed ({len(done)} steps)",
                         )
                     ],
+                )
+                await self._attest_workflow(
+                    db, step.workflow_id, step.tenant, RunState.COMPLETED, None
                 )
                 self.trace.run_ended(tx, step.workflow_id)
             else:
@@ -380,4 +499,5 @@ class Lifecycle:
                 error=ErrorInfo(message=reason, code=failure.code if failure else ""),
             )
         await self.trace.record(db, tx, tenant, [event])
+        await self._attest_workflow(db, workflow_id, tenant, state, failure)
         self.trace.run_ended(tx, workflow_id)

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
+from jobtrace.domain import annotations as annotation_rules
 from jobtrace.domain import lifecycle
 from jobtrace.domain.errors import (
     AlreadyExists,
@@ -19,6 +20,7 @@ from jobtrace.domain.errors import (
     FailedPrecondition,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     StaleAttempt,
     Violations,
 )
@@ -26,13 +28,22 @@ from jobtrace.domain.jobs import Jobs
 from jobtrace.domain.trace import EventInput, check_event, check_sizes
 from jobtrace.domain.validation import SERVICE_RE, check_affinity, check_size, check_text
 from jobtrace.ids import new_id
-from jobtrace.model import JSON, Failure, Job, RunState
+from jobtrace.model import (
+    JSON,
+    Annotation,
+    AnnotationInput,
+    AnnotationScope,
+    Failure,
+    Job,
+    RunState,
+)
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Database, Tx
 
 log = logging.getLogger(__name__)
 
 OUTBOX_HIGH_WATER = 1024
+MAX_BUFFERED_ANNOTATIONS = 1000
 
 
 # --- messages to a worker (the api turns them into ConnectResponse) -----------
@@ -116,6 +127,8 @@ class WorkerSession:
     affinity_keys: frozenset[str]
     labels: dict[str, str]
     held: dict[str, int] = field(default_factory=dict)  # job id -> attempt
+    # Annotations sent for a held attempt, written with its completion or failure.
+    pending_annotations: dict[tuple[str, int], list[Annotation]] = field(default_factory=dict)
     last_heartbeat_us: int = 0
     draining: bool = False
     closed: bool = False
@@ -435,6 +448,9 @@ class Scheduler:
             job = fence(
                 await store.get_job(db, job_id), job_id, session.worker_id, attempt, "complete"
             )
+            await store.insert_annotations(
+                db, session.pending_annotations.get((job_id, attempt), [])
+            )
             self._jobs.notify(tx, await self._life.complete(db, tx, job, result, now_us()))
 
         await self._db.write(op)
@@ -453,6 +469,9 @@ class Scheduler:
 
         async def op(db: AsyncSession, tx: Tx) -> None:
             job = fence(await store.get_job(db, job_id), job_id, session.worker_id, attempt, "fail")
+            await store.insert_annotations(
+                db, session.pending_annotations.get((job_id, attempt), [])
+            )
             changed = await self._life.fail_attempt(db, tx, job, failure, retryable, now_us())
             self._jobs.notify(tx, changed)
 
@@ -492,7 +511,41 @@ class Scheduler:
 
         await self._db.write(op)
 
+    async def annotate(
+        self,
+        session: WorkerSession,
+        job_id: str,
+        attempt: int,
+        item: AnnotationInput,
+        payload_bytes: int,
+    ) -> None:
+        v = Violations()
+        annotation_rules.check_input(v, "annotate", item, payload_bytes)
+        v.raise_if_any()
+        async with self._db.read() as db:
+            job = fence(
+                await store.get_job(db, job_id), job_id, session.worker_id, attempt, "annotate"
+            )
+        buffered = session.pending_annotations.setdefault((job_id, attempt), [])
+        if len(buffered) + len(item.attributes) > MAX_BUFFERED_ANNOTATIONS:
+            raise ResourceExhausted(
+                f"at most {MAX_BUFFERED_ANNOTATIONS} annotations per attempt",
+                reason="TOO_MANY_ANNOTATIONS",
+            )
+        buffered += annotation_rules.build(
+            item,
+            tenant=job.tenant,
+            run_id=lifecycle.run_of(job),
+            now_us=now_us(),
+            job_id=job_id,
+            attempt=attempt,
+            scope=AnnotationScope.ATTEMPT,
+            scope_id=job.step_name,
+        )
+
     def _release_slot(self, session: WorkerSession, job_id: str) -> None:
+        for key in [k for k in session.pending_annotations if k[0] == job_id]:
+            del session.pending_annotations[key]
         if session.held.pop(job_id, None) is not None:
             self.wake()
 
@@ -637,7 +690,9 @@ class Scheduler:
                     code="TIMED_OUT",
                     attempt=job.attempt,
                 )
-                changed += await self._life.end_job(db, tx, job, RunState.TIMED_OUT, failure, now)
+                changed += await self._life.end_job(
+                    db, tx, job, RunState.TIMED_OUT, failure, now, failed_attempt=True
+                )
             for job in await store.expired_leases(db, now):
                 changed += await self._lease_lost(
                     db, tx, job, "no heartbeat before the deadline", now

@@ -194,7 +194,7 @@ class Trace:
         check_sizes("events", inputs)
 
         async def op(session: AsyncSession, tx: Tx) -> list[TraceEvent]:
-            await self._require_run(session, tenant, run_id)
+            await self.require_run(session, tenant, run_id)
             keys = [item.event.event_key for item in inputs]
             existing = await store.events_by_key(session, run_id, keys)
             fresh: dict[str, TraceEvent] = {}
@@ -208,7 +208,7 @@ class Trace:
 
         return await self._db.write(op)
 
-    async def _require_run(self, session: AsyncSession, tenant: str | None, run_id: str) -> None:
+    async def require_run(self, session: AsyncSession, tenant: str | None, run_id: str) -> None:
         kind = run_kind(run_id)
         if kind == "job":
             job = await job_store.get_job(session, run_id, tenant)
@@ -252,7 +252,7 @@ class Trace:
         _check_filter(v, flt)
         v.raise_if_any()
         async with self._db.read() as session:
-            await self._require_run(session, tenant, run_id)
+            await self.require_run(session, tenant, run_id)
             events = await store.list_events(session, run_id, after, flt, limit + 1)
         more = len(events) > limit
         events = events[:limit]
@@ -268,7 +268,7 @@ class Trace:
             return await self._status(session, tenant, run_id)
 
     async def _status(self, session: AsyncSession, tenant: str | None, run_id: str) -> RunStatus:
-        await self._require_run(session, tenant, run_id)
+        await self.require_run(session, tenant, run_id)
         history = await store.history_length(session, run_id)
         if run_kind(run_id) == "job":
             job = await job_store.get_job(session, run_id, tenant)

@@ -452,3 +452,47 @@ async def request_context_for(session: AsyncSession, job: Job) -> JSON:
         stmt = select(JobRow.request_context).where(JobRow.id == job.id)
     text = (await session.execute(stmt)).scalar()
     return codec.loads(text) or {}
+
+
+async def annotations_by_idempotency(
+    session: AsyncSession, run_id: str, idempotency_key: str, keys: list[str]
+) -> dict[str, Annotation]:
+    stmt = select(AnnotationRow).where(
+        AnnotationRow.run_id == run_id,
+        AnnotationRow.idempotency_key == idempotency_key,
+        AnnotationRow.key.in_(keys),
+    )
+    return {r.key: annotation_from_row(r) for r in (await session.execute(stmt)).scalars()}
+
+
+async def list_annotations(
+    session: AsyncSession,
+    *,
+    tenant: str | None,
+    run_id: str,
+    key_prefix: str,
+    actor_id: str,
+    since_us: int,
+    attempt: int,
+    scope: int,
+    after_seq: int,
+    limit: int,
+) -> list[Annotation]:
+    stmt = select(AnnotationRow).where(
+        AnnotationRow.run_id == run_id, AnnotationRow.seq > after_seq
+    )
+    if tenant is not None:
+        stmt = stmt.where(AnnotationRow.tenant == tenant)
+    if key_prefix:
+        escaped = key_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        stmt = stmt.where(AnnotationRow.key.like(escaped + "%", escape="\\"))
+    if actor_id:
+        stmt = stmt.where(AnnotationRow.actor_id == actor_id)
+    if since_us:
+        stmt = stmt.where(AnnotationRow.created_us >= since_us)
+    if attempt:
+        stmt = stmt.where(AnnotationRow.attempt == attempt)
+    if scope:
+        stmt = stmt.where(AnnotationRow.scope == scope)
+    stmt = stmt.order_by(AnnotationRow.seq).limit(limit)
+    return [annotation_from_row(r) for r in (await session.execute(stmt)).scalars()]

@@ -189,3 +189,56 @@ class TraceEventRow(Base):
         # The retention sweep deletes by age.
         Index("ix_trace_events_created", "created_us"),
     )
+
+
+class SigningKeyRow(Base):
+    """Public keys that signed attestations; kept after rotation for verification."""
+
+    __tablename__ = "signing_keys"
+    key_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    public_key: Mapped[str] = mapped_column(String(128))  # raw Ed25519, hex
+    algorithm: Mapped[str] = mapped_column(String(32))
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    active: Mapped[bool] = mapped_column(Boolean)
+
+
+class AttestationRow(Base):
+    __tablename__ = "attestations"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    type: Mapped[int] = mapped_column(Integer)
+    entity_type: Mapped[str] = mapped_column(String(16))
+    entity_id: Mapped[str] = mapped_column(String(64))
+    workflow_id: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(64))
+    worker_id: Mapped[str] = mapped_column(String(128))
+    attempt: Mapped[int] = mapped_column(Integer)
+    state: Mapped[int] = mapped_column(Integer)
+    data: Mapped[str] = mapped_column(Text)
+    chain_id: Mapped[str] = mapped_column(String(64))
+    chain_seq: Mapped[int] = mapped_column(BigInteger)
+    digest: Mapped[str] = mapped_column(String(80))
+    previous_digest: Mapped[str] = mapped_column(String(80))
+    signature: Mapped[str] = mapped_column(String(200))  # hex
+    key_id: Mapped[str] = mapped_column(String(64))
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    expire_us: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        Index("ux_attestations_chain", "chain_id", "chain_seq", unique=True),
+        Index("ix_attestations_workflow", "workflow_id", "seq"),
+        Index("ix_attestations_job", "job_id", "seq"),
+        Index("ix_attestations_expire", "expire_us"),
+    )
+
+
+class PrunedAttestationRow(Base):
+    """What retention deleted, so a chain can tell 'pruned' from 'tampered'."""
+
+    __tablename__ = "pruned_attestations"
+    chain_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    chain_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    key: Mapped[str] = mapped_column(String(200))
+    digest: Mapped[str] = mapped_column(String(80))
+    pruned_us: Mapped[int] = mapped_column(BigInteger)

@@ -1,0 +1,133 @@
+"""AttestationService: signed evidence and annotations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jobtrace.api import convert
+from jobtrace.api.errors import rpc
+from jobtrace.auth import Authenticator, Role
+from jobtrace.domain.annotations import Annotations
+from jobtrace.domain.attest import Attestor
+from jobtrace.pb import attestation_service_pb2 as pb
+from jobtrace.pb import attestation_service_pb2_grpc as pb_grpc
+
+
+class AttestationServicer(pb_grpc.AttestationServiceServicer):
+    def __init__(self, attestor: Attestor, annotations: Annotations, auth: Authenticator) -> None:
+        self._attestor = attestor
+        self._annotations = annotations
+        self._auth = auth
+
+    @rpc
+    async def GetAttestation(
+        self, request: pb.GetAttestationRequest, context: Any
+    ) -> pb.GetAttestationResponse:
+        principal = self._auth.require(context, Role.READER)
+        found = await self._attestor.get(principal.read_scope, request.key)
+        envelope = (
+            convert.envelope_to_proto(self._attestor.envelope(found))
+            if request.include_envelope
+            else None
+        )
+        return pb.GetAttestationResponse(
+            attestation=convert.attestation_to_proto(found), envelope=envelope
+        )
+
+    @rpc
+    async def ListAttestations(
+        self, request: pb.ListAttestationsRequest, context: Any
+    ) -> pb.ListAttestationsResponse:
+        principal = self._auth.require(context, Role.READER)
+        items, token = await self._attestor.list(
+            principal.read_scope,
+            workflow_id=request.workflow_id,
+            job_id=request.job_id,
+            type=request.type,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListAttestationsResponse(
+            attestations=[convert.attestation_to_proto(a) for a in items], next_page_token=token
+        )
+
+    @rpc
+    async def VerifyAttestation(
+        self, request: pb.VerifyAttestationRequest, context: Any
+    ) -> pb.VerifyAttestationResponse:
+        principal = self._auth.require(context, Role.READER)
+        verdict = await self._attestor.verify(principal.read_scope, request.key)
+        return pb.VerifyAttestationResponse(
+            valid=verdict.valid,
+            signature_valid=verdict.signature_valid,
+            chain_valid=verdict.chain_valid,
+            reason=verdict.reason,
+            digest_valid=verdict.digest_valid,
+            previous_pruned=verdict.previous_pruned,
+        )
+
+    @rpc
+    async def GetSigningKeys(
+        self, request: pb.GetSigningKeysRequest, context: Any
+    ) -> pb.GetSigningKeysResponse:
+        self._auth.require(context, Role.READER)
+        keys = await self._attestor.keys()
+        return pb.GetSigningKeysResponse(
+            keys=[
+                pb.SigningKey(
+                    key_id=k.key_id,
+                    public_key=k.public_key,
+                    algorithm=k.algorithm,
+                    create_time=convert.us_to_ts(k.created_us),
+                    active=k.active,
+                )
+                for k in keys
+            ]
+        )
+
+    @rpc
+    async def AttachAnnotations(
+        self, request: pb.AttachAnnotationsRequest, context: Any
+    ) -> pb.AttachAnnotationsResponse:
+        principal = self._auth.require(context, Role.SUBMITTER)
+        item, payload_bytes = convert.annotation_input(
+            request.actor,
+            request.attributes,
+            request.payload,
+            request.HasField("payload"),
+            request.idempotency_key,
+        )
+        stored = await self._annotations.attach(
+            principal.tenant,
+            run_id=request.run_id,
+            job_id=request.job_id,
+            attempt=request.attempt,
+            scope=request.scope,
+            scope_id=request.scope_id,
+            item=item,
+            payload_bytes=payload_bytes,
+            emit_event=request.emit_event,
+        )
+        return pb.AttachAnnotationsResponse(
+            annotations=[convert.annotation_to_proto(a) for a in stored]
+        )
+
+    @rpc
+    async def ListAnnotations(
+        self, request: pb.ListAnnotationsRequest, context: Any
+    ) -> pb.ListAnnotationsResponse:
+        principal = self._auth.require(context, Role.READER)
+        items, token = await self._annotations.list(
+            principal.read_scope,
+            run_id=request.run_id,
+            key_prefix=request.key_prefix,
+            actor_id=request.actor_id,
+            since_us=convert.ts_to_us(request.since) if request.HasField("since") else 0,
+            attempt=request.attempt,
+            scope=request.scope,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListAnnotationsResponse(
+            annotations=[convert.annotation_to_proto(a) for a in items], next_page_token=token
+        )

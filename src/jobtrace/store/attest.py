@@ -1,0 +1,183 @@
+"""Queries over attestations, signing keys and pruning records."""
+
+from __future__ import annotations
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from jobtrace.model import Attestation, AttestationType, RunState, SigningKey
+from jobtrace.store import codec
+from jobtrace.store.tables import AttestationRow, PrunedAttestationRow, SigningKeyRow
+
+
+def _from_row(r: AttestationRow) -> Attestation:
+    return Attestation(
+        key=r.key,
+        tenant=r.tenant,
+        type=AttestationType(r.type),
+        entity_type=r.entity_type,
+        entity_id=r.entity_id,
+        workflow_id=r.workflow_id,
+        job_id=r.job_id,
+        worker_id=r.worker_id,
+        attempt=r.attempt,
+        state=RunState(r.state),
+        data=codec.loads(r.data),
+        chain_id=r.chain_id,
+        chain_seq=r.chain_seq,
+        digest=r.digest,
+        previous_digest=r.previous_digest,
+        signature=bytes.fromhex(r.signature),
+        key_id=r.key_id,
+        created_us=r.created_us,
+        expire_us=r.expire_us,
+        seq=r.seq,
+    )
+
+
+async def chain_head(session: AsyncSession, chain_id: str) -> tuple[int, str]:
+    """(last chain_seq, its digest) of a chain, counting pruned links; (0, '') if new."""
+    stmt = (
+        select(AttestationRow.chain_seq, AttestationRow.digest)
+        .where(AttestationRow.chain_id == chain_id)
+        .order_by(AttestationRow.chain_seq.desc())
+        .limit(1)
+    )
+    row = (await session.execute(stmt)).first()
+    pruned_stmt = (
+        select(PrunedAttestationRow.chain_seq, PrunedAttestationRow.digest)
+        .where(PrunedAttestationRow.chain_id == chain_id)
+        .order_by(PrunedAttestationRow.chain_seq.desc())
+        .limit(1)
+    )
+    pruned = (await session.execute(pruned_stmt)).first()
+    best = max([r for r in (row, pruned) if r is not None], key=lambda r: r[0], default=None)
+    return (int(best[0]), str(best[1])) if best is not None else (0, "")
+
+
+async def insert_attestation(session: AsyncSession, a: Attestation) -> None:
+    await session.execute(
+        insert(AttestationRow).values(
+            key=a.key,
+            tenant=a.tenant,
+            type=int(a.type),
+            entity_type=a.entity_type,
+            entity_id=a.entity_id,
+            workflow_id=a.workflow_id,
+            job_id=a.job_id,
+            worker_id=a.worker_id,
+            attempt=a.attempt,
+            state=int(a.state),
+            data=codec.dumps(a.data),
+            chain_id=a.chain_id,
+            chain_seq=a.chain_seq,
+            digest=a.digest,
+            previous_digest=a.previous_digest,
+            signature=a.signature.hex(),
+            key_id=a.key_id,
+            created_us=a.created_us,
+            expire_us=a.expire_us,
+        )
+    )
+
+
+async def get(session: AsyncSession, key: str, tenant: str | None = None) -> Attestation | None:
+    stmt = select(AttestationRow).where(AttestationRow.key == key)
+    if tenant is not None:
+        stmt = stmt.where(AttestationRow.tenant == tenant)
+    row = (await session.execute(stmt)).scalar_one_or_none()
+    return None if row is None else _from_row(row)
+
+
+async def link(session: AsyncSession, chain_id: str, chain_seq: int) -> Attestation | None:
+    stmt = select(AttestationRow).where(
+        AttestationRow.chain_id == chain_id, AttestationRow.chain_seq == chain_seq
+    )
+    row = (await session.execute(stmt)).scalar_one_or_none()
+    return None if row is None else _from_row(row)
+
+
+async def pruned_link(session: AsyncSession, chain_id: str, chain_seq: int) -> str | None:
+    stmt = select(PrunedAttestationRow.digest).where(
+        PrunedAttestationRow.chain_id == chain_id, PrunedAttestationRow.chain_seq == chain_seq
+    )
+    return (await session.execute(stmt)).scalar()
+
+
+async def list_page(
+    session: AsyncSession,
+    *,
+    tenant: str | None,
+    workflow_id: str,
+    job_id: str,
+    type: int,
+    after_seq: int,
+    limit: int,
+) -> list[Attestation]:
+    stmt = select(AttestationRow).where(AttestationRow.seq > after_seq)
+    if tenant is not None:
+        stmt = stmt.where(AttestationRow.tenant == tenant)
+    if workflow_id:
+        stmt = stmt.where(AttestationRow.workflow_id == workflow_id)
+    if job_id:
+        stmt = stmt.where(AttestationRow.job_id == job_id)
+    if type:
+        stmt = stmt.where(AttestationRow.type == type)
+    stmt = stmt.order_by(AttestationRow.seq).limit(limit)
+    return [_from_row(r) for r in (await session.execute(stmt)).scalars()]
+
+
+async def prune_expired(session: AsyncSession, now_us: int, limit: int) -> int:
+    stmt = (
+        select(AttestationRow)
+        .where(AttestationRow.expire_us < now_us)
+        .order_by(AttestationRow.expire_us)
+        .limit(limit)
+    )
+    rows = list((await session.execute(stmt)).scalars())
+    if not rows:
+        return 0
+    await session.execute(
+        insert(PrunedAttestationRow),
+        [
+            {
+                "chain_id": r.chain_id,
+                "chain_seq": r.chain_seq,
+                "key": r.key,
+                "digest": r.digest,
+                "pruned_us": now_us,
+            }
+            for r in rows
+        ],
+    )
+    await session.execute(
+        delete(AttestationRow).where(AttestationRow.seq.in_([r.seq for r in rows]))
+    )
+    return len(rows)
+
+
+async def register_key(session: AsyncSession, key: SigningKey) -> None:
+    await session.execute(update(SigningKeyRow).values(active=False))
+    existing = (
+        await session.execute(select(SigningKeyRow).where(SigningKeyRow.key_id == key.key_id))
+    ).scalar_one_or_none()
+    if existing is None:
+        await session.execute(
+            insert(SigningKeyRow).values(
+                key_id=key.key_id,
+                public_key=key.public_key.hex(),
+                algorithm=key.algorithm,
+                created_us=key.created_us,
+                active=True,
+            )
+        )
+    else:
+        existing.active = True
+
+
+async def keys(session: AsyncSession) -> list[SigningKey]:
+    stmt = select(SigningKeyRow).order_by(SigningKeyRow.created_us.desc())
+    return [
+        SigningKey(r.key_id, bytes.fromhex(r.public_key), r.algorithm, r.created_us, r.active)
+        for r in (await session.execute(stmt)).scalars()
+    ]
