@@ -39,6 +39,24 @@ class Settings:
     signing_key_file: str = ""
     # Attestations older than this are deleted by a background sweep.
     attestation_retention_days: float = 7.0
+    # Bearer tokens: a YAML/JSON file of token hashes -> subject, tenant, roles.
+    tokens_file: str = ""
+    # JWT bearer tokens: HS256 (secret) or RS256 (public key PEM file).
+    jwt_algorithm: str = "HS256"
+    jwt_secret: str = ""
+    jwt_public_key_file: str = ""
+    jwt_issuer: str = ""
+    jwt_audience: str = "jobtrace"
+    # TLS: server certificate and key (PEM); a client CA makes client certificates required.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # Open streams (watches, trace streams, worker sessions) one caller may hold.
+    max_streams_per_caller: int = 1000
+    # Jobs a tenant may have waiting (QUEUED or PENDING) at once.
+    max_queued_per_tenant: int = 100_000
+    # Connections are recycled after this long (clients reconnect transparently).
+    max_connection_age_seconds: float = 3600.0
     # Logging level name.
     log_level: str = "INFO"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,9 +15,10 @@ from grpc_reflection.v1alpha import reflection
 
 from jobtrace.api.attestation_service import AttestationServicer
 from jobtrace.api.job_service import JobServicer
+from jobtrace.api.limits import StreamLimiter
 from jobtrace.api.trace_service import TraceServicer
 from jobtrace.api.worker_service import WorkerServicer
-from jobtrace.auth import Authenticator
+from jobtrace.auth import Authenticator, JwtSettings
 from jobtrace.config import Settings
 from jobtrace.domain.annotations import Annotations
 from jobtrace.domain.attest import Attestor, Signer
@@ -52,6 +54,10 @@ class JobtraceServer:
 
     async def start(self) -> int:
         s = self.settings
+        auth = build_authenticator(s)
+        check_exposure(s, auth)
+        streams = StreamLimiter(s.max_streams_per_caller)
+        self.streams = streams
         await self.db.start()
         tokens = await open_tokens(self.db)
         self.trace = Trace(
@@ -69,7 +75,7 @@ class JobtraceServer:
         await self.attestor.register_key()
         self.annotations = Annotations(self.db, tokens, self.trace)
         life = Lifecycle(self.trace, self.attestor)
-        jobs = Jobs(self.db, tokens, life)
+        jobs = Jobs(self.db, tokens, life, max_queued_per_tenant=s.max_queued_per_tenant)
         self.jobs = jobs
         self.scheduler = Scheduler(
             self.db,
@@ -78,7 +84,6 @@ class JobtraceServer:
             lease_ms=int(s.lease_seconds * 1000),
             heartbeat_ms=int(s.heartbeat_seconds * 1000),
         )
-        auth = Authenticator()
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
@@ -87,14 +92,18 @@ class JobtraceServer:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.max_connection_age_ms", int(s.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(s.shutdown_grace_seconds * 1000)),
         ]
         server = grpc.aio.server(options=options)
-        job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(jobs, auth), server)
+        job_service_pb2_grpc.add_JobServiceServicer_to_server(
+            JobServicer(jobs, auth, streams), server
+        )
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerServicer(self.scheduler, auth), server
+            WorkerServicer(self.scheduler, auth, streams), server
         )
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
-            TraceServicer(self.trace, auth), server
+            TraceServicer(self.trace, auth, streams), server
         )
         attestation_service_pb2_grpc.add_AttestationServiceServicer_to_server(
             AttestationServicer(self.attestor, self.annotations, auth), server
@@ -106,7 +115,10 @@ class JobtraceServer:
             pool=_MethodAwarePool(descriptor_pool.Default()),
         )
         try:
-            self.port = server.add_insecure_port(s.listen)
+            if s.tls_cert:
+                self.port = server.add_secure_port(s.listen, server_credentials(s))
+            else:
+                self.port = server.add_insecure_port(s.listen)
         except RuntimeError as exc:
             self.port = 0
             cause = exc
@@ -181,6 +193,53 @@ class _MethodAwarePool:
             if not parent:
                 raise
             return self._pool.FindFileContainingSymbol(parent)
+
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def listen_host(listen: str) -> str:
+    host, _, _ = listen.rpartition(":")
+    return host
+
+
+def check_exposure(s: Settings, auth: Authenticator) -> None:
+    """Without credentials configured, refuse to listen beyond loopback."""
+    host = listen_host(s.listen)
+    if not auth.enabled and not (host in LOOPBACK_HOSTS or host.startswith("127.")):
+        raise OSError(
+            f"refusing to listen on {s.listen} without authentication: configure "
+            "--tokens-file or --jwt-* (and --tls-cert/--tls-key), or listen on 127.0.0.1"
+        )
+
+
+def build_authenticator(s: Settings) -> Authenticator:
+    jwt = None
+    if s.jwt_secret or s.jwt_public_key_file:
+        key = (
+            s.jwt_secret if s.jwt_algorithm == "HS256" else Path(s.jwt_public_key_file).read_text()
+        )
+        if s.jwt_algorithm not in ("HS256", "RS256"):
+            raise OSError(f"unsupported JWT algorithm {s.jwt_algorithm!r} (HS256 or RS256)")
+        if not s.jwt_issuer:
+            raise OSError("--jwt-issuer is required with JWT authentication")
+        jwt = JwtSettings(s.jwt_algorithm, key, s.jwt_issuer, s.jwt_audience)
+    try:
+        return Authenticator.from_files(s.tokens_file, jwt)
+    except (OSError, ValueError) as exc:
+        raise OSError(f"cannot load tokens: {exc}") from exc
+
+
+def server_credentials(s: Settings) -> grpc.ServerCredentials:
+    try:
+        cert = Path(s.tls_cert).read_bytes()
+        key = Path(s.tls_key).read_bytes()
+        ca = Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None
+    except OSError as exc:
+        raise OSError(f"cannot read TLS files: {exc}") from exc
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
 
 
 def _redact(url: str) -> str:

@@ -242,17 +242,23 @@ def workflow_to_proto(w: Workflow) -> common_pb2.Workflow:
 # --- the worker stream ----------------------------------------------------------
 
 
-def hello_from_proto(p: Any, allowed_services: frozenset[str] | None) -> Any:
+def hello_from_proto(p: Any, principal: Any) -> Any:
+    """The hello of an authenticated worker is scoped to its subject: two callers
+    can never share (or take over) a worker id."""
     from jobtrace.domain.scheduler import Hello
 
+    worker_id = p.worker_id
+    if principal.authenticated and worker_id:
+        worker_id = f"{principal.subject}/{worker_id}"
     return Hello(
-        worker_id=p.worker_id,
+        worker_id=worker_id,
         services=tuple(dict.fromkeys(p.services)),
         max_concurrency=p.max_concurrency,
         labels=dict(p.labels),
         affinity_keys=tuple(p.affinity_keys),
         running=tuple((r.job_id, r.attempt) for r in p.running),
-        allowed_services=allowed_services,
+        allowed_services=principal.allowed_services,
+        allowed_tenants=None if principal.is_admin else principal.allowed_tenants,
     )
 
 

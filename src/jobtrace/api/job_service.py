@@ -8,6 +8,7 @@ from typing import Any
 
 from jobtrace.api import convert
 from jobtrace.api.errors import rpc
+from jobtrace.api.limits import StreamLimiter
 from jobtrace.auth import Authenticator, Role
 from jobtrace.domain.jobs import Jobs
 from jobtrace.pb import job_service_pb2 as pb
@@ -25,9 +26,10 @@ def traceparent(context: Any) -> str:
 
 
 class JobServicer(pb_grpc.JobServiceServicer):
-    def __init__(self, jobs: Jobs, auth: Authenticator) -> None:
+    def __init__(self, jobs: Jobs, auth: Authenticator, streams: StreamLimiter) -> None:
         self._jobs = jobs
         self._auth = auth
+        self._streams = streams
 
     @rpc
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: Any) -> pb.SubmitJobResponse:
@@ -115,18 +117,20 @@ class JobServicer(pb_grpc.JobServiceServicer):
         self, request: pb.WatchJobRequest, context: Any
     ) -> AsyncIterator[pb.WatchJobResponse]:
         principal = self._auth.require(context, Role.READER)
-        async for job in self._jobs.watch_job(principal.read_scope, request.job_id):
-            yield pb.WatchJobResponse(job=convert.job_to_proto(job))
+        with self._streams.hold(principal):
+            async for job in self._jobs.watch_job(principal.read_scope, request.job_id):
+                yield pb.WatchJobResponse(job=convert.job_to_proto(job))
 
     @rpc
     async def WatchWorkflow(
         self, request: pb.WatchWorkflowRequest, context: Any
     ) -> AsyncIterator[pb.WatchWorkflowResponse]:
         principal = self._auth.require(context, Role.READER)
-        async for workflow, job in self._jobs.watch_workflow(
-            principal.read_scope, request.workflow_id
-        ):
-            yield pb.WatchWorkflowResponse(
-                workflow=convert.workflow_to_proto(workflow),
-                changed_job=convert.job_to_proto(job) if job is not None else None,
-            )
+        with self._streams.hold(principal):
+            async for workflow, job in self._jobs.watch_workflow(
+                principal.read_scope, request.workflow_id
+            ):
+                yield pb.WatchWorkflowResponse(
+                    workflow=convert.workflow_to_proto(workflow),
+                    changed_job=convert.job_to_proto(job) if job is not None else None,
+                )

@@ -7,6 +7,7 @@ from typing import Any
 
 from jobtrace.api import convert
 from jobtrace.api.errors import rpc
+from jobtrace.api.limits import StreamLimiter
 from jobtrace.auth import Authenticator, Role
 from jobtrace.domain.trace import Trace
 from jobtrace.pb import trace_service_pb2 as pb
@@ -14,9 +15,10 @@ from jobtrace.pb import trace_service_pb2_grpc as pb_grpc
 
 
 class TraceServicer(pb_grpc.TraceServiceServicer):
-    def __init__(self, trace: Trace, auth: Authenticator) -> None:
+    def __init__(self, trace: Trace, auth: Authenticator, streams: StreamLimiter) -> None:
         self._trace = trace
         self._auth = auth
+        self._streams = streams
 
     @rpc
     async def AppendTraceEvents(
@@ -48,26 +50,27 @@ class TraceServicer(pb_grpc.TraceServiceServicer):
         self, request: pb.StreamTraceEventsRequest, context: Any
     ) -> AsyncIterator[pb.StreamTraceEventsResponse]:
         principal = self._auth.require(context, Role.READER)
-        async for item in self._trace.stream(
-            principal.read_scope,
-            request.run_id,
-            request.cursor,
-            convert.event_filter(request),
-            request.follow,
-        ):
-            if item.event is not None:
-                yield pb.StreamTraceEventsResponse(
-                    event=convert.event_to_proto(item.event), cursor=item.cursor
-                )
-            elif item.final is not None:
-                yield pb.StreamTraceEventsResponse(
-                    final_status=convert.run_status_to_proto(item.final), cursor=item.cursor
-                )
-            else:
-                yield pb.StreamTraceEventsResponse(
-                    keepalive=pb.Keepalive(time=convert.us_to_ts(item.keepalive_us)),
-                    cursor=item.cursor,
-                )
+        with self._streams.hold(principal):
+            async for item in self._trace.stream(
+                principal.read_scope,
+                request.run_id,
+                request.cursor,
+                convert.event_filter(request),
+                request.follow,
+            ):
+                if item.event is not None:
+                    yield pb.StreamTraceEventsResponse(
+                        event=convert.event_to_proto(item.event), cursor=item.cursor
+                    )
+                elif item.final is not None:
+                    yield pb.StreamTraceEventsResponse(
+                        final_status=convert.run_status_to_proto(item.final), cursor=item.cursor
+                    )
+                else:
+                    yield pb.StreamTraceEventsResponse(
+                        keepalive=pb.Keepalive(time=convert.us_to_ts(item.keepalive_us)),
+                        cursor=item.cursor,
+                    )
 
     @rpc
     async def GetRunStatus(

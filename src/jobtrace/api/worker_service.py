@@ -12,6 +12,7 @@ import grpc
 
 from jobtrace.api import convert
 from jobtrace.api.errors import to_status
+from jobtrace.api.limits import StreamLimiter
 from jobtrace.auth import Authenticator, Role
 from jobtrace.domain import scheduler as sch
 from jobtrace.domain.errors import DomainError, FailedPrecondition, Invalid
@@ -25,18 +26,32 @@ HELLO_TIMEOUT_S = 30.0
 
 
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
-    def __init__(self, scheduler: sch.Scheduler, auth: Authenticator) -> None:
+    def __init__(
+        self, scheduler: sch.Scheduler, auth: Authenticator, streams: StreamLimiter
+    ) -> None:
         self._scheduler = scheduler
         self._auth = auth
+        self._streams = streams
 
     async def Connect(
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: Any
     ) -> AsyncIterator[pb.ConnectResponse]:
         try:
             principal = self._auth.require(context, Role.WORKER)
+            hold = self._streams.hold(principal)
+            hold.__enter__()
         except DomainError as exc:
             await context.abort_with_status(to_status(exc))
             return
+        try:
+            async for message in self._session(request_iterator, context, principal):
+                yield message
+        finally:
+            hold.__exit__(None, None, None)
+
+    async def _session(
+        self, request_iterator: AsyncIterator[pb.ConnectRequest], context: Any, principal: Any
+    ) -> AsyncIterator[pb.ConnectResponse]:
         try:
             async with asyncio.timeout(HELLO_TIMEOUT_S):
                 first = await anext(request_iterator)
@@ -46,7 +61,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             error = FailedPrecondition("the first message must be hello", reason="HELLO_REQUIRED")
             yield convert.outgoing_to_proto(refused(first, error, fatal=True))
             return
-        hello = convert.hello_from_proto(first.hello, principal.allowed_services)
+        hello = convert.hello_from_proto(first.hello, principal)
         try:
             session, welcome = await self._scheduler.open_session(hello)
         except DomainError as exc:

@@ -1,12 +1,17 @@
-"""Who is calling: principals, roles and the checks servicers make."""
+"""Who is calling: bearer tokens (a hashed tokens file, or JWTs), principals and roles."""
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from jobtrace.domain.errors import PermissionDenied
+from jobtrace.domain.errors import PermissionDenied, Unauthenticated
 
 DEFAULT_TENANT = "default"
 
@@ -34,6 +39,9 @@ class Principal:
     roles: frozenset[Role]
     # For workers: the services they may serve; None means any.
     allowed_services: frozenset[str] | None = None
+    # For workers: the tenants whose jobs they may run; None means any.
+    allowed_tenants: frozenset[str] | None = None
+    authenticated: bool = True
 
     def may(self, role: Role) -> bool:
         return any(role in _IMPLIES[r] for r in self.roles)
@@ -48,15 +56,154 @@ class Principal:
         return None if self.is_admin else self.tenant
 
 
-ANONYMOUS = Principal("anonymous", DEFAULT_TENANT, frozenset({Role.ADMIN}))
+ANONYMOUS = Principal("anonymous", DEFAULT_TENANT, frozenset({Role.ADMIN}), authenticated=False)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _roles(raw: Any, where: str) -> frozenset[Role]:
+    names = raw.split() if isinstance(raw, str) else list(raw or [])
+    try:
+        return frozenset(Role(n) for n in names)
+    except ValueError as exc:
+        raise ValueError(f"{where}: unknown role in {names!r}") from exc
+
+
+def _optional_set(raw: Any) -> frozenset[str] | None:
+    if raw is None or raw == "*" or raw == ["*"]:
+        return None
+    return frozenset(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class JwtSettings:
+    algorithm: str  # HS256 or RS256
+    key: str  # the HMAC secret, or the RSA public key (PEM)
+    issuer: str
+    audience: str
 
 
 class Authenticator:
-    """With no credentials configured every caller is the local admin of the
-    default tenant; the server then binds loopback only."""
+    """Resolves the `authorization: Bearer <token>` metadata to a principal.
+
+    With no tokens file and no JWT settings every caller is the local admin of
+    the default tenant, and the server refuses to listen beyond loopback."""
+
+    def __init__(
+        self, tokens: dict[str, Principal] | None = None, jwt: JwtSettings | None = None
+    ) -> None:
+        self._tokens = tokens or {}
+        self._jwt = jwt
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._tokens) or self._jwt is not None
+
+    @classmethod
+    def from_files(cls, tokens_file: str = "", jwt: JwtSettings | None = None) -> Authenticator:
+        tokens: dict[str, Principal] = {}
+        if tokens_file:
+            tokens = load_tokens_file(Path(tokens_file))
+        return cls(tokens, jwt)
+
+    def authenticate(self, metadata: Iterable[tuple[str, Any]] | None) -> Principal:
+        if not self.enabled:
+            return ANONYMOUS
+        header = ""
+        for key, value in metadata or ():
+            if key == "authorization":
+                header = value if isinstance(value, str) else value.decode()
+                break
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("missing bearer token", reason="TOKEN_MISSING")
+        token = token.strip()
+        hashed = hash_token(token)
+        for known, principal in self._tokens.items():
+            if hmac.compare_digest(known, hashed):
+                return principal
+        if self._jwt is not None and token.count(".") == 2:
+            return self._from_jwt(token)
+        raise Unauthenticated("unknown or invalid token", reason="TOKEN_INVALID")
+
+    def _from_jwt(self, token: str) -> Principal:
+        import jwt
+
+        s = self._jwt
+        assert s is not None
+        try:
+            claims = jwt.decode(
+                token,
+                s.key,
+                algorithms=[s.algorithm],
+                audience=s.audience,
+                issuer=s.issuer,
+                options={"require": ["exp", "sub", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise Unauthenticated("token expired", reason="TOKEN_EXPIRED") from exc
+        except jwt.InvalidTokenError as exc:
+            raise Unauthenticated(f"invalid token: {exc}", reason="TOKEN_INVALID") from exc
+        try:
+            roles = _roles(claims.get("roles", []), "token")
+        except ValueError as exc:
+            raise Unauthenticated(str(exc), reason="TOKEN_INVALID") from exc
+        tenant = claims.get("tenant")
+        if not isinstance(tenant, str) or not tenant:
+            raise Unauthenticated("token has no tenant claim", reason="TOKEN_INVALID")
+        return Principal(
+            subject=str(claims["sub"]),
+            tenant=tenant,
+            roles=roles,
+            allowed_services=_optional_set(claims.get("services")),
+            allowed_tenants=_optional_set(claims.get("tenants", [tenant])),
+        )
 
     def require(self, context: Any, role: Role) -> Principal:
-        principal = ANONYMOUS
+        principal = self.authenticate(context.invocation_metadata())
         if not principal.may(role):
-            raise PermissionDenied(f"role {role.value!r} required", reason="ROLE_REQUIRED")
+            raise PermissionDenied(
+                f"{principal.subject!r} lacks the {role.value!r} role",
+                reason="ROLE_REQUIRED",
+                metadata={"role": role.value},
+            )
         return principal
+
+
+def load_tokens_file(path: Path) -> dict[str, Principal]:
+    """A YAML or JSON file:
+
+    tokens:
+      - sha256: <hex sha256 of the token>   # `jobtrace token new` prints one
+        subject: billing-api
+        tenant: acme
+        roles: [submitter]
+        services: [resize]      # workers: services they may serve (default any)
+        tenants: [acme]         # workers: tenants whose jobs they run (default own)
+    """
+    text = path.read_text()
+    if path.suffix == ".json":
+        doc = json.loads(text)
+    else:
+        import yaml
+
+        doc = yaml.safe_load(text)
+    out: dict[str, Principal] = {}
+    for i, entry in enumerate((doc or {}).get("tokens", [])):
+        where = f"{path}: tokens[{i}]"
+        digest = str(entry.get("sha256", "")).lower()
+        if len(digest) != 64:
+            raise ValueError(f"{where}: sha256 must be the 64-character hex digest of the token")
+        tenant = entry.get("tenant") or ""
+        if not entry.get("subject") or not tenant:
+            raise ValueError(f"{where}: subject and tenant are required")
+        out[digest] = Principal(
+            subject=str(entry["subject"]),
+            tenant=str(tenant),
+            roles=_roles(entry.get("roles"), where),
+            allowed_services=_optional_set(entry.get("services")),
+            allowed_tenants=_optional_set(entry.get("tenants", [tenant])),
+        )
+    return out

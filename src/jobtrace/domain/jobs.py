@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from jobtrace.domain.errors import (
     AlreadyExists,
     FailedPrecondition,
     NotFound,
+    ResourceExhausted,
     Violations,
 )
 from jobtrace.domain.pagination import PageTokens
@@ -174,7 +176,17 @@ def _state_filter(v: Violations, state: int) -> RunState | None:
 class Jobs:
     """The JobService rules over one database."""
 
-    def __init__(self, db: Database, tokens: PageTokens, life: lifecycle.Lifecycle) -> None:
+    def __init__(
+        self,
+        db: Database,
+        tokens: PageTokens,
+        life: lifecycle.Lifecycle,
+        *,
+        max_queued_per_tenant: int = 100_000,
+    ) -> None:
+        self.max_queued_per_tenant = max_queued_per_tenant
+        # tenant -> (waiting jobs counted, when, admitted since); see _admit.
+        self._waiting: dict[str, tuple[int, float]] = {}
         self._db = db
         self._tokens = tokens
         self._life = life
@@ -213,6 +225,7 @@ class Jobs:
                 job = await store.get_job(session, existing)
                 assert job is not None
                 return job, True
+            await self._admit(session, tenant, 1)
             now = now_us()
             job = Job(
                 id=new_id(JOB_PREFIX),
@@ -300,6 +313,7 @@ class Jobs:
                 workflow = await store.get_workflow(session, existing)
                 assert workflow is not None
                 return workflow, True
+            await self._admit(session, tenant, len(sub.steps))
             now = now_us()
             workflow_id = new_id(WORKFLOW_PREFIX)
             context = complete_request_context(sub.request_context, sub.request_id, now)
@@ -363,6 +377,25 @@ class Jobs:
             return stored, False
 
         return await self._db.write(op)
+
+    async def _admit(self, session: AsyncSession, tenant: str, adding: int) -> None:
+        """Enforce the per-tenant quota of waiting jobs. An exact (bounded) count
+        is taken when the cached estimate is stale or near the limit, so the
+        common case costs no query."""
+        limit = self.max_queued_per_tenant
+        count, at = self._waiting.get(tenant, (0, 0.0))
+        now = time.monotonic()
+        if now - at > 1.0 or count + adding > limit * 0.9:
+            count = await store.count_waiting(session, tenant, limit + 1)
+            at = now
+        if count + adding > limit:
+            self._waiting[tenant] = (count, at)
+            raise ResourceExhausted(
+                f"tenant {tenant!r} has {count} jobs waiting; the quota is {limit}",
+                reason="QUEUED_JOB_QUOTA",
+                metadata={"limit": str(limit)},
+            )
+        self._waiting[tenant] = (count + adding, at)
 
     async def _existing(
         self, session: AsyncSession, tenant: str, request_id: str, request_hash: str, kind: str

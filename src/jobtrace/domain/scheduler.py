@@ -114,6 +114,7 @@ class Hello:
     affinity_keys: tuple[str, ...]
     running: tuple[tuple[str, int], ...] = ()
     allowed_services: frozenset[str] | None = None  # None: any
+    allowed_tenants: frozenset[str] | None = None  # None: any
 
 
 @dataclass(eq=False)
@@ -126,6 +127,7 @@ class WorkerSession:
     max_concurrency: int
     affinity_keys: frozenset[str]
     labels: dict[str, str]
+    tenants: frozenset[str] | None = None  # whose jobs it may run; None: any
     held: dict[str, int] = field(default_factory=dict)  # job id -> attempt
     # Annotations sent for a held attempt, written with its completion or failure.
     pending_annotations: dict[tuple[str, int], list[Annotation]] = field(default_factory=dict)
@@ -296,6 +298,7 @@ class Scheduler:
             max_concurrency=hello.max_concurrency or 1,
             affinity_keys=frozenset(hello.affinity_keys),
             labels=dict(hello.labels),
+            tenants=hello.allowed_tenants,
             last_heartbeat_us=now_us(),
         )
         resumed, revoked = await self._resume(session, dict(hello.running))
@@ -588,23 +591,25 @@ class Scheduler:
         if not any(s.free_slots for s in self.sessions.values()):
             return 5.0
         now = now_us()
-        capacity: dict[str, int] = {}
+        capacity: dict[tuple[str, frozenset[str] | None], int] = {}
         for s in self.sessions.values():
             for service in s.services:
-                capacity[service] = capacity.get(service, 0) + s.free_slots
+                key = (service, s.tenants)
+                capacity[key] = capacity.get(key, 0) + s.free_slots
         async with self._db.read() as db:
-            candidates: list[Job] = []
-            for service, slots in capacity.items():
+            candidates: dict[str, Job] = {}
+            for (service, tenants), slots in capacity.items():
                 if slots:
-                    candidates += await store.eligible_jobs(db, service, now, slots)
-            next_us = await store.next_eligible_us(db, capacity, now)
+                    for job in await store.eligible_jobs(db, service, now, slots, tenants):
+                        candidates[job.id] = job
+            next_us = await store.next_eligible_us(db, {svc for svc, _ in capacity}, now)
         # Pick among the sessions as they are now, after the reads: a worker that
         # connected meanwhile competes (affinity must not lose to a stale view).
         free = [s for s in self.sessions.values() if s.free_slots > 0]
-        candidates.sort(key=lambda j: (-j.spec.priority, j.seq))
+        ordered = sorted(candidates.values(), key=lambda j: (-j.spec.priority, j.seq))
         plan: list[tuple[Job, WorkerSession]] = []
         slots = {s.session_id: s.free_slots for s in free}
-        for job in candidates:
+        for job in ordered:
             best = _pick_worker(job, free, slots)
             if best is not None:
                 slots[best.session_id] -= 1
@@ -724,6 +729,8 @@ def _pick_worker(
     wanted = set(job.spec.affinity_keys)
     for s in free:
         if slots[s.session_id] <= 0 or job.spec.service not in s.services or s.closed:
+            continue
+        if s.tenants is not None and job.tenant not in s.tenants:
             continue
         score = (len(wanted & s.affinity_keys), slots[s.session_id])
         if score > best_score:

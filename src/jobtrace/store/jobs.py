@@ -340,20 +340,24 @@ def annotation_from_row(row: AnnotationRow) -> Annotation:
     )
 
 
-async def eligible_jobs(session: AsyncSession, service: str, now: int, limit: int) -> list[Job]:
+async def eligible_jobs(
+    session: AsyncSession,
+    service: str,
+    now: int,
+    limit: int,
+    tenants: frozenset[str] | None = None,
+) -> list[Job]:
     """QUEUED jobs of a service that may run now: higher priority first, then oldest."""
-    stmt = (
-        select(JobRow)
-        .where(
-            JobRow.state == int(RunState.QUEUED),
-            JobRow.service == service,
-            JobRow.not_before_us <= now,
-            JobRow.next_attempt_us <= now,
-        )
-        .order_by(JobRow.priority.desc(), JobRow.seq)
-        .limit(limit)
-    )
-    return [job_from_row(r) for r in (await session.execute(stmt)).scalars()]
+    conditions = [
+        JobRow.state == int(RunState.QUEUED),
+        JobRow.service == service,
+        JobRow.not_before_us <= now,
+        JobRow.next_attempt_us <= now,
+    ]
+    if tenants is not None:
+        conditions.append(JobRow.tenant.in_(sorted(tenants)))
+    stmt = select(JobRow).where(*conditions).order_by(JobRow.priority.desc(), JobRow.seq)
+    return [job_from_row(r) for r in (await session.execute(stmt.limit(limit))).scalars()]
 
 
 async def next_eligible_us(session: AsyncSession, services: Iterable[str], now: int) -> int | None:
@@ -496,3 +500,18 @@ async def list_annotations(
         stmt = stmt.where(AnnotationRow.scope == scope)
     stmt = stmt.order_by(AnnotationRow.seq).limit(limit)
     return [annotation_from_row(r) for r in (await session.execute(stmt)).scalars()]
+
+
+async def count_waiting(session: AsyncSession, tenant: str, cap: int) -> int:
+    """Jobs of a tenant waiting to run (QUEUED or PENDING), counted up to `cap`."""
+    from sqlalchemy import func
+
+    inner = (
+        select(JobRow.seq)
+        .where(
+            JobRow.tenant == tenant, JobRow.state.in_([int(RunState.QUEUED), int(RunState.PENDING)])
+        )
+        .limit(cap)
+        .subquery()
+    )
+    return int((await session.execute(select(func.count()).select_from(inner))).scalar() or 0)
