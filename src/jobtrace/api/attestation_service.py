@@ -98,7 +98,7 @@ class AttestationServicer(pb_grpc.AttestationServiceServicer):
             request.idempotency_key,
         )
         stored = await self._annotations.attach(
-            principal.tenant,
+            principal.read_scope,
             run_id=request.run_id,
             job_id=request.job_id,
             attempt=request.attempt,

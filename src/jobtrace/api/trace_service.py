@@ -26,7 +26,7 @@ class TraceServicer(pb_grpc.TraceServiceServicer):
     ) -> pb.AppendTraceEventsResponse:
         principal = self._auth.require(context, Role.SUBMITTER)
         inputs = [convert.event_input_from_proto(e) for e in request.events]
-        stored = await self._trace.append(principal.tenant, request.run_id, inputs)
+        stored = await self._trace.append(principal.read_scope, request.run_id, inputs)
         return pb.AppendTraceEventsResponse(events=[convert.event_to_proto(e) for e in stored])
 
     @rpc

@@ -159,7 +159,7 @@ class Annotations:
 
     async def attach(
         self,
-        tenant: str,
+        scope_tenant: str | None,
         *,
         run_id: str,
         job_id: str,
@@ -188,7 +188,7 @@ class Annotations:
         v.raise_if_any()
 
         async def op(session: AsyncSession, tx: Tx) -> list[Annotation]:
-            await self._trace.require_run(session, tenant, run_id)
+            tenant = await self._trace.require_run(session, scope_tenant, run_id)
             resolved_scope = AnnotationScope(scope or AnnotationScope.RUN)
             resolved_scope_id = scope_id
             if job_id:

@@ -180,7 +180,9 @@ class Trace:
 
     # --- TraceService -----------------------------------------------------------
 
-    async def append(self, tenant: str, run_id: str, inputs: list[EventInput]) -> list[TraceEvent]:
+    async def append(
+        self, scope: str | None, run_id: str, inputs: list[EventInput]
+    ) -> list[TraceEvent]:
         v = Violations()
         if not run_id:
             v.add("run_id", "required")
@@ -194,7 +196,7 @@ class Trace:
         check_sizes("events", inputs)
 
         async def op(session: AsyncSession, tx: Tx) -> list[TraceEvent]:
-            await self.require_run(session, tenant, run_id)
+            tenant = await self.require_run(session, scope, run_id)
             keys = [item.event.event_key for item in inputs]
             existing = await store.events_by_key(session, run_id, keys)
             fresh: dict[str, TraceEvent] = {}
@@ -208,7 +210,8 @@ class Trace:
 
         return await self._db.write(op)
 
-    async def require_run(self, session: AsyncSession, tenant: str | None, run_id: str) -> None:
+    async def require_run(self, session: AsyncSession, tenant: str | None, run_id: str) -> str:
+        """The run's tenant, if it exists and `tenant` (None: any) may see it."""
         kind = run_kind(run_id)
         if kind == "job":
             job = await job_store.get_job(session, run_id, tenant)
@@ -220,10 +223,11 @@ class Trace:
                     metadata={"run_id": run_id, "workflow_id": job.workflow_id},
                 )
             if job is not None:
-                return
+                return job.tenant
         elif kind == "workflow":
-            if await job_store.get_workflow_row(session, run_id, tenant) is not None:
-                return
+            row = await job_store.get_workflow_row(session, run_id, tenant)
+            if row is not None:
+                return row.tenant
         raise NotFound(
             f"run {run_id!r} not found", reason="RUN_NOT_FOUND", metadata={"run_id": run_id}
         )

@@ -1,0 +1,554 @@
+"""Authentication, roles, tenancy, TLS, exposure and limits, against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+import yaml
+from google.protobuf import struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jobtrace.auth import hash_token
+from jobtrace.pb import attestation_service_pb2 as a
+from jobtrace.pb import common_pb2 as c
+from jobtrace.pb import job_service_pb2 as j
+from jobtrace.pb import trace_service_pb2 as t
+from jobtrace.pb import worker_service_pb2 as w
+
+from .conftest import Harness, Stubs, stubs_for, wait_for
+
+SECRET = "test-secret-of-at-least-32-bytes-long!!"
+ISSUER = "https://issuer.test"
+ROLES = ("reader", "submitter", "worker", "admin")
+
+
+def token(role: str, tenant: str) -> str:
+    return f"tok-{role}-{tenant}"
+
+
+def bearer(tok: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {tok}"),)
+
+
+def write_tokens(path: Path) -> None:
+    entries = [
+        {
+            "sha256": hash_token(token(role, tenant)),
+            "subject": f"{role}-{tenant}",
+            "tenant": tenant,
+            "roles": [role],
+        }
+        for role in ROLES
+        for tenant in ("acme", "umbrella")
+    ]
+    entries.append(
+        {
+            "sha256": hash_token("tok-resize-only"),
+            "subject": "resizer",
+            "tenant": "acme",
+            "roles": ["worker"],
+            "services": ["resize"],
+        }
+    )
+    path.write_text(yaml.safe_dump({"tokens": entries}))
+
+
+@pytest.fixture
+async def secured(db_url: str, tmp_path: Path) -> AsyncIterator[Harness]:
+    tokens = tmp_path / "tokens.yaml"
+    write_tokens(tokens)
+    h = Harness(db_url, tokens_file=str(tokens), jwt_secret=SECRET, jwt_issuer=ISSUER)
+    await h.start()
+    try:
+        yield h
+    finally:
+        await h.stop()
+
+
+def make_jwt(**overrides: Any) -> str:
+    claims = {
+        "sub": "jwt-user",
+        "tenant": "acme",
+        "roles": ["submitter"],
+        "iss": ISSUER,
+        "aud": "jobtrace",
+        "exp": int(time.time()) + 300,
+    }
+    claims.update(overrides)
+    key = claims.pop("_key", SECRET)
+    return jwt.encode({k: v for k, v in claims.items() if v is not None}, key, algorithm="HS256")
+
+
+async def code_of(call: Any) -> str:
+    try:
+        await call
+    except grpc.aio.AioRpcError as err:
+        return err.code().name
+    return "OK"
+
+
+async def test_bad_tokens_are_unauthenticated_and_missing_role_is_denied(secured: Harness) -> None:
+    api = secured.stubs()
+    get = lambda md: api.jobs.ListJobs(j.ListJobsRequest(), metadata=md)  # noqa: E731
+    assert await code_of(get(None)) == "UNAUTHENTICATED"
+    assert await code_of(get((("authorization", "Basic xyz"),))) == "UNAUTHENTICATED"
+    assert await code_of(get(bearer("no-such-token"))) == "UNAUTHENTICATED"
+    assert await code_of(get(bearer(make_jwt()))) == "OK"
+    assert await code_of(get(bearer(make_jwt(exp=int(time.time()) - 10)))) == "UNAUTHENTICATED"
+    assert await code_of(get(bearer(make_jwt(_key="another-secret-of-32-bytes-or-more!!")))) == (
+        "UNAUTHENTICATED"
+    )
+    assert await code_of(get(bearer(make_jwt(aud="someone-else")))) == "UNAUTHENTICATED"
+    assert await code_of(get(bearer(make_jwt(iss="https://evil.test")))) == "UNAUTHENTICATED"
+    assert await code_of(get(bearer(make_jwt(exp=None)))) == "UNAUTHENTICATED"
+    assert await code_of(get(bearer(make_jwt(tenant=None)))) == "UNAUTHENTICATED"
+    reader_jwt = make_jwt(roles=["reader"])
+    submit = api.jobs.SubmitJob(
+        j.SubmitJobRequest(request_id="r", job=c.JobSpec(service="s")), metadata=bearer(reader_jwt)
+    )
+    assert await code_of(submit) == "PERMISSION_DENIED"
+    # Health and reflection stay open for probes.
+    health = health_pb2_grpc.HealthStub(api.channel)
+    assert (await health.Check(health_pb2.HealthCheckRequest())).status == (
+        health_pb2.HealthCheckResponse.SERVING
+    )
+
+
+async def test_rs256_tokens(db_url: str, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (tmp_path / "jwt.pub").write_bytes(public_pem)
+    h = Harness(
+        db_url,
+        jwt_algorithm="RS256",
+        jwt_public_key_file=str(tmp_path / "jwt.pub"),
+        jwt_issuer=ISSUER,
+    )
+    await h.start()
+    try:
+        api = h.stubs()
+        claims = {
+            "sub": "s",
+            "tenant": "acme",
+            "roles": "reader",
+            "iss": ISSUER,
+            "aud": "jobtrace",
+            "exp": int(time.time()) + 60,
+        }
+        good = jwt.encode(claims, private, algorithm="RS256")
+        assert await code_of(api.jobs.ListJobs(j.ListJobsRequest(), metadata=bearer(good))) == "OK"
+        forged = jwt.encode(claims, SECRET, algorithm="HS256")  # algorithm confusion
+        assert await code_of(api.jobs.ListJobs(j.ListJobsRequest(), metadata=bearer(forged))) == (
+            "UNAUTHENTICATED"
+        )
+    finally:
+        await h.stop()
+
+
+# --- the authorization matrix ---------------------------------------------------------
+
+OK, PD, NF, UA = "OK", "PERMISSION_DENIED", "NOT_FOUND", "UNAUTHENTICATED"
+
+# rpc -> expected status per caller: (reader, submitter, worker, admin) of the resource's
+# own tenant, then the same four roles from another tenant. Lists of another tenant
+# answer OK with nothing in them (checked separately).
+MATRIX: dict[str, tuple[str, ...]] = {
+    "SubmitJob": (PD, OK, PD, OK, PD, OK, PD, OK),
+    "SubmitWorkflow": (PD, OK, PD, OK, PD, OK, PD, OK),
+    "GetJob": (OK, OK, PD, OK, NF, NF, PD, OK),
+    "GetWorkflow": (OK, OK, PD, OK, NF, NF, PD, OK),
+    "ListJobs": (OK, OK, PD, OK, OK, OK, PD, OK),
+    "ListWorkflows": (OK, OK, PD, OK, OK, OK, PD, OK),
+    "CancelJob": (PD, OK, PD, OK, PD, NF, PD, OK),
+    "CancelWorkflow": (PD, OK, PD, OK, PD, NF, PD, OK),
+    "WatchJob": (OK, OK, PD, OK, NF, NF, PD, OK),
+    "WatchWorkflow": (OK, OK, PD, OK, NF, NF, PD, OK),
+    "Connect": (PD, PD, OK, OK, PD, PD, OK, OK),
+    "AppendTraceEvents": (PD, OK, PD, OK, PD, NF, PD, OK),
+    "ListTraceEvents": (OK, OK, PD, OK, NF, NF, PD, OK),
+    "StreamTraceEvents": (OK, OK, PD, OK, NF, NF, PD, OK),
+    "GetRunStatus": (OK, OK, PD, OK, NF, NF, PD, OK),
+    "GetAttestation": (OK, OK, PD, OK, NF, NF, PD, OK),
+    "ListAttestations": (OK, OK, PD, OK, OK, OK, PD, OK),
+    "VerifyAttestation": (OK, OK, PD, OK, NF, NF, PD, OK),
+    "GetSigningKeys": (OK, OK, PD, OK, OK, OK, PD, OK),
+    "AttachAnnotations": (PD, OK, PD, OK, PD, NF, PD, OK),
+    "ListAnnotations": (OK, OK, PD, OK, NF, NF, PD, OK),
+}
+
+
+async def _fixture_data(h: Harness) -> dict[str, str]:
+    """A finished job with an attestation, and a workflow, in tenant acme."""
+    api = h.stubs()
+    md = bearer(token("submitter", "acme"))
+    job = (
+        await api.jobs.SubmitJob(
+            j.SubmitJobRequest(request_id="m1", job=c.JobSpec(service="svc")), metadata=md
+        )
+    ).job
+    wf = (
+        await api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(
+                request_id="m2",
+                name="w",
+                steps=[c.WorkflowStepSpec(name="a", job=c.JobSpec(service="x"))],
+            ),
+            metadata=md,
+        )
+    ).workflow
+    worker = api.workers.Connect(metadata=bearer(token("worker", "acme")))
+    await worker.write(w.ConnectRequest(hello=w.WorkerHello(worker_id="m", services=["svc"])))
+    assert (await worker.read()).WhichOneof("kind") == "welcome"
+    assignment = (await worker.read()).assignment
+    assert assignment.job.id == job.id
+    await worker.write(w.ConnectRequest(complete=w.CompleteReport(job_id=job.id, attempt=1)))
+    assert (await worker.read()).WhichOneof("kind") == "ack"
+    worker.cancel()
+    return {"job": job.id, "wf": wf.id, "key": f"worker-completion:{job.id}"}
+
+
+def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any], Any]]:
+    async def stream_first(call: Any) -> None:
+        async for _ in call:
+            break
+
+    async def connect(md: Any) -> None:
+        call = api.workers.Connect(metadata=md)
+        await call.write(w.ConnectRequest(hello=w.WorkerHello(worker_id=f"x{n}", services=["z"])))
+        message = await call.read()
+        call.cancel()
+        if message is grpc.aio.EOF:
+            await call  # raises the status
+        assert message.WhichOneof("kind") == "welcome"
+
+    async def fresh_job_cancel(md: Any) -> None:
+        admin = bearer(token("admin", "acme"))
+        job = (
+            await api.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id=f"c{n}", job=c.JobSpec(service="zz")), metadata=admin
+            )
+        ).job
+        await api.jobs.CancelJob(j.CancelJobRequest(job_id=job.id), metadata=md)
+
+    async def fresh_wf_cancel(md: Any) -> None:
+        admin = bearer(token("admin", "acme"))
+        wf = (
+            await api.jobs.SubmitWorkflow(
+                j.SubmitWorkflowRequest(
+                    request_id=f"cw{n}",
+                    name="w",
+                    steps=[c.WorkflowStepSpec(name="a", job=c.JobSpec(service="zz"))],
+                ),
+                metadata=admin,
+            )
+        ).workflow
+        await api.jobs.CancelWorkflow(j.CancelWorkflowRequest(workflow_id=wf.id), metadata=md)
+
+    attrs = {"decision.outcome": struct_pb2.Value(string_value="ok")}
+    return {
+        "SubmitJob": lambda md: api.jobs.SubmitJob(
+            j.SubmitJobRequest(request_id=f"s{n}", job=c.JobSpec(service="zz")), metadata=md
+        ),
+        "SubmitWorkflow": lambda md: api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(
+                request_id=f"sw{n}",
+                name="w",
+                steps=[c.WorkflowStepSpec(name="a", job=c.JobSpec(service="zz"))],
+            ),
+            metadata=md,
+        ),
+        "GetJob": lambda md: api.jobs.GetJob(j.GetJobRequest(job_id=ids["job"]), metadata=md),
+        "GetWorkflow": lambda md: api.jobs.GetWorkflow(
+            j.GetWorkflowRequest(workflow_id=ids["wf"]), metadata=md
+        ),
+        "ListJobs": lambda md: api.jobs.ListJobs(j.ListJobsRequest(), metadata=md),
+        "ListWorkflows": lambda md: api.jobs.ListWorkflows(j.ListWorkflowsRequest(), metadata=md),
+        "CancelJob": fresh_job_cancel,
+        "CancelWorkflow": fresh_wf_cancel,
+        "WatchJob": lambda md: stream_first(
+            api.jobs.WatchJob(j.WatchJobRequest(job_id=ids["job"]), metadata=md)
+        ),
+        "WatchWorkflow": lambda md: stream_first(
+            api.jobs.WatchWorkflow(j.WatchWorkflowRequest(workflow_id=ids["wf"]), metadata=md)
+        ),
+        "Connect": connect,
+        "AppendTraceEvents": lambda md: api.trace.AppendTraceEvents(
+            t.AppendTraceEventsRequest(run_id=ids["job"], events=[c.TraceEvent(event_key=f"e{n}")]),
+            metadata=md,
+        ),
+        "ListTraceEvents": lambda md: api.trace.ListTraceEvents(
+            t.ListTraceEventsRequest(run_id=ids["job"]), metadata=md
+        ),
+        "StreamTraceEvents": lambda md: stream_first(
+            api.trace.StreamTraceEvents(t.StreamTraceEventsRequest(run_id=ids["job"]), metadata=md)
+        ),
+        "GetRunStatus": lambda md: api.trace.GetRunStatus(
+            t.GetRunStatusRequest(run_id=ids["job"]), metadata=md
+        ),
+        "GetAttestation": lambda md: api.attest.GetAttestation(
+            a.GetAttestationRequest(key=ids["key"]), metadata=md
+        ),
+        "ListAttestations": lambda md: api.attest.ListAttestations(
+            a.ListAttestationsRequest(), metadata=md
+        ),
+        "VerifyAttestation": lambda md: api.attest.VerifyAttestation(
+            a.VerifyAttestationRequest(key=ids["key"]), metadata=md
+        ),
+        "GetSigningKeys": lambda md: api.attest.GetSigningKeys(
+            a.GetSigningKeysRequest(), metadata=md
+        ),
+        "AttachAnnotations": lambda md: api.attest.AttachAnnotations(
+            a.AttachAnnotationsRequest(
+                run_id=ids["job"], actor=c.Actor(kind=c.ACTOR_KIND_USER, id="u"), attributes=attrs
+            ),
+            metadata=md,
+        ),
+        "ListAnnotations": lambda md: api.attest.ListAnnotations(
+            a.ListAnnotationsRequest(run_id=ids["job"]), metadata=md
+        ),
+    }
+
+
+async def test_authorization_matrix(secured: Harness) -> None:
+    ids = await _fixture_data(secured)
+    api = secured.stubs()
+    all_rpcs = {
+        m.name
+        for s in (j, w, t, a)
+        for svc in s.DESCRIPTOR.services_by_name.values()
+        for m in svc.methods
+    }
+    assert set(MATRIX) == all_rpcs, "every RPC is in the table"
+    callers = [(role, "acme") for role in ROLES] + [(role, "umbrella") for role in ROLES]
+    mismatches = []
+    n = 0
+    for rpc, expected in MATRIX.items():
+        calls = _calls(api, ids, n)
+        for (role, tenant), want in zip(callers, expected, strict=True):
+            n += 1
+            calls = _calls(api, ids, n)
+            got = await code_of(calls[rpc](bearer(token(role, tenant))))
+            if got != want:
+                mismatches.append((rpc, role, tenant, want, got))
+        got = await code_of(_calls(api, ids, n + 1000)[rpc](None))
+        if got != UA:
+            mismatches.append((rpc, "none", "-", UA, got))
+    assert not mismatches, "\n".join(map(str, mismatches))
+
+
+async def test_lists_never_cross_tenants(secured: Harness) -> None:
+    await _fixture_data(secured)
+    api = secured.stubs()
+    other = bearer(token("admin", "umbrella"))
+    umbrella_reader = bearer(token("reader", "umbrella"))
+    assert (await api.jobs.ListJobs(j.ListJobsRequest(), metadata=umbrella_reader)).jobs == []
+    assert (
+        await api.jobs.ListWorkflows(j.ListWorkflowsRequest(), metadata=umbrella_reader)
+    ).workflows == []
+    assert (
+        await api.attest.ListAttestations(a.ListAttestationsRequest(), metadata=umbrella_reader)
+    ).attestations == []
+    assert len((await api.jobs.ListJobs(j.ListJobsRequest(), metadata=other)).jobs) == 2
+
+
+async def test_worker_tokens_are_limited_to_their_services_and_tenants(secured: Harness) -> None:
+    api = secured.stubs()
+    call = api.workers.Connect(metadata=bearer("tok-resize-only"))
+    await call.write(w.ConnectRequest(hello=w.WorkerHello(worker_id="r", services=["encode"])))
+    error = (await call.read()).error
+    assert error.fatal and error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "may not serve 'encode'" in error.message
+    call.cancel()
+    # A worker of acme never receives umbrella's jobs.
+    await api.jobs.SubmitJob(
+        j.SubmitJobRequest(request_id="u", job=c.JobSpec(service="resize")),
+        metadata=bearer(token("submitter", "umbrella")),
+    )
+    acme_job = (
+        await api.jobs.SubmitJob(
+            j.SubmitJobRequest(request_id="a", job=c.JobSpec(service="resize")),
+            metadata=bearer(token("submitter", "acme")),
+        )
+    ).job
+    worker = api.workers.Connect(metadata=bearer("tok-resize-only"))
+    await worker.write(
+        w.ConnectRequest(hello=w.WorkerHello(worker_id="r", services=["resize"], max_concurrency=5))
+    )
+    assert (await worker.read()).WhichOneof("kind") == "welcome"
+    first = await asyncio.wait_for(worker.read(), 5)
+    assert first.assignment.job.id == acme_job.id
+    assert first.assignment.job.worker_id == "resizer/r", "worker ids are scoped to the caller"
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(worker.read(), 0.5)
+    worker.cancel()
+
+
+async def test_no_auth_refuses_non_loopback_listen(db_url: str) -> None:
+    h = Harness(db_url)
+    with pytest.raises(OSError, match="refusing to listen on 0.0.0.0:0 without authentication"):
+        await h.start(listen="0.0.0.0:0")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "jobtrace",
+        "serve",
+        "--listen",
+        "0.0.0.0:0",
+        "--db",
+        db_url.split("///", 1)[1],
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1 and b"refusing to listen" in err and b"Traceback" not in err
+
+
+def _make_ca_and_cert(tmp: Path) -> dict[str, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("test-ca"))
+        .issuer_name(name("test-ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out = {"ca": tmp / "ca.pem"}
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for who, san in (("server", "localhost"), ("client", "worker-1")):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(san))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(2 if who == "server" else 3)
+            .not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        out[f"{who}_cert"] = tmp / f"{who}.pem"
+        out[f"{who}_key"] = tmp / f"{who}.key"
+        out[f"{who}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        out[f"{who}_key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return out
+
+
+async def test_tls_with_client_certificates(db_url: str, tmp_path: Path) -> None:
+    files = _make_ca_and_cert(tmp_path)
+    h = Harness(
+        db_url,
+        tls_cert=str(files["server_cert"]),
+        tls_key=str(files["server_key"]),
+        tls_client_ca=str(files["ca"]),
+    )
+    await h.start()
+    try:
+        target = f"localhost:{h.server.port}"  # type: ignore[union-attr]
+        ca = files["ca"].read_bytes()
+        good = grpc.ssl_channel_credentials(
+            root_certificates=ca,
+            private_key=files["client_key"].read_bytes(),
+            certificate_chain=files["client_cert"].read_bytes(),
+        )
+        async with grpc.aio.secure_channel(target, good) as channel:
+            jobs = stubs_for(channel).jobs
+            assert (await jobs.ListJobs(j.ListJobsRequest())).jobs == []
+        no_cert = grpc.ssl_channel_credentials(root_certificates=ca)
+        async with grpc.aio.secure_channel(target, no_cert) as channel:
+            assert (
+                await code_of(stubs_for(channel).jobs.ListJobs(j.ListJobsRequest(), timeout=5))
+                == "UNAVAILABLE"
+            )
+        async with grpc.aio.insecure_channel(target) as channel:
+            assert (
+                await code_of(stubs_for(channel).jobs.ListJobs(j.ListJobsRequest(), timeout=5))
+                == "UNAVAILABLE"
+            )
+    finally:
+        await h.stop()
+
+
+async def test_stream_limit_per_caller(db_url: str) -> None:
+    h = Harness(db_url, max_streams_per_caller=2)
+    await h.start()
+    try:
+        api = h.stubs()
+        job = (
+            await api.jobs.SubmitJob(j.SubmitJobRequest(request_id="r", job=c.JobSpec(service="s")))
+        ).job
+        watches = [api.jobs.WatchJob(j.WatchJobRequest(job_id=job.id)) for _ in range(2)]
+        for watch in watches:
+            await watch.read()
+        third = api.jobs.WatchJob(j.WatchJobRequest(job_id=job.id))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await third.read()
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        watches[0].cancel()
+        assert h.server is not None
+        await wait_for(lambda: h.server.streams.open_streams() == 1)  # type: ignore[union-attr]
+        again = api.jobs.WatchJob(j.WatchJobRequest(job_id=job.id))
+        assert (await again.read()).job.id == job.id
+    finally:
+        await h.stop()
+
+
+async def test_queued_job_quota_per_tenant(db_url: str) -> None:
+    h = Harness(db_url, max_queued_per_tenant=5)
+    await h.start()
+    try:
+        api = h.stubs()
+        for i in range(5):
+            await api.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id=f"q{i}", job=c.JobSpec(service="s"))
+            )
+        code = await code_of(
+            api.jobs.SubmitJob(j.SubmitJobRequest(request_id="q5", job=c.JobSpec(service="s")))
+        )
+        assert code == "RESOURCE_EXHAUSTED"
+        assert len((await api.jobs.ListJobs(j.ListJobsRequest())).jobs) == 5
+        first = (await api.jobs.ListJobs(j.ListJobsRequest(page_size=1))).jobs[0]
+        await api.jobs.CancelJob(j.CancelJobRequest(job_id=first.id))
+        # Idempotent retries of accepted submissions are never refused.
+        again = await api.jobs.SubmitJob(
+            j.SubmitJobRequest(request_id="q1", job=c.JobSpec(service="s"))
+        )
+        assert again.deduplicated
+        ok = await code_of(
+            api.jobs.SubmitJob(j.SubmitJobRequest(request_id="q6", job=c.JobSpec(service="s")))
+        )
+        assert ok == "OK"
+    finally:
+        await h.stop()
