@@ -399,7 +399,7 @@ async def test_worker_tokens_are_limited_to_their_services_and_tenants(secured: 
 
 async def test_no_auth_refuses_non_loopback_listen(db_url: str) -> None:
     h = Harness(db_url)
-    with pytest.raises(OSError, match="refusing to listen on 0.0.0.0:0 without authentication"):
+    with pytest.raises(OSError, match=r"refusing to listen on 0\.0\.0\.0:0 without authentication"):
         await h.start(listen="0.0.0.0:0")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -1,6 +1,7 @@
 """The one import point of the generated stubs; the rest of the code imports from here."""
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from google.protobuf.descriptor import ServiceDescriptor
 
 from jobtrace.v1 import (
     attestation_service_pb2,
@@ -35,3 +36,10 @@ SERVICE_NAMES = (
     trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name,
     attestation_service_pb2.DESCRIPTOR.services_by_name["AttestationService"].full_name,
 )
+
+
+def service_descriptor(name: str) -> ServiceDescriptor:
+    for module in (job_service_pb2, worker_service_pb2, trace_service_pb2, attestation_service_pb2):
+        if name in module.DESCRIPTOR.services_by_name:
+            return module.DESCRIPTOR.services_by_name[name]
+    raise KeyError(name)

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jobtrace.api.attestation_service import AttestationServicer
+from jobtrace.api.handlers import add_service
 from jobtrace.api.job_service import JobServicer
 from jobtrace.api.limits import StreamLimiter
 from jobtrace.api.trace_service import TraceServicer
@@ -27,13 +28,7 @@ from jobtrace.domain.lifecycle import Lifecycle
 from jobtrace.domain.pagination import open_tokens
 from jobtrace.domain.scheduler import Scheduler
 from jobtrace.domain.trace import Trace
-from jobtrace.pb import (
-    SERVICE_NAMES,
-    attestation_service_pb2_grpc,
-    job_service_pb2_grpc,
-    trace_service_pb2_grpc,
-    worker_service_pb2_grpc,
-)
+from jobtrace.pb import SERVICE_NAMES, service_descriptor
 from jobtrace.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -96,17 +91,19 @@ class JobtraceServer:
             ("grpc.max_connection_age_grace_ms", int(s.shutdown_grace_seconds * 1000)),
         ]
         server = grpc.aio.server(options=options)
-        job_service_pb2_grpc.add_JobServiceServicer_to_server(
-            JobServicer(jobs, auth, streams), server
+        add_service(server, service_descriptor("JobService"), JobServicer(jobs, auth, streams))
+        add_service(
+            server,
+            service_descriptor("WorkerService"),
+            WorkerServicer(self.scheduler, auth, streams),
         )
-        worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerServicer(self.scheduler, auth, streams), server
+        add_service(
+            server, service_descriptor("TraceService"), TraceServicer(self.trace, auth, streams)
         )
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
-            TraceServicer(self.trace, auth, streams), server
-        )
-        attestation_service_pb2_grpc.add_AttestationServiceServicer_to_server(
-            AttestationServicer(self.attestor, self.annotations, auth), server
+        add_service(
+            server,
+            service_descriptor("AttestationService"),
+            AttestationServicer(self.attestor, self.annotations, auth),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -61,6 +61,16 @@ def to_status(exc: de.DomainError) -> grpc.Status:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _check_parsed(request: Any) -> None:
+    from jobtrace.api.handlers import MalformedRequest
+
+    if isinstance(request, MalformedRequest):
+        raise de.Invalid(
+            [de.FieldViolation("", f"request is not a valid protobuf message: {request.reason}")],
+            message=f"malformed request: {request.reason}",
+        )
+
+
 def rpc(fn: F) -> F:
     """Wrap a servicer method (unary or server-streaming) so that domain errors
     end the call with their status and details."""
@@ -69,6 +79,7 @@ def rpc(fn: F) -> F:
         @functools.wraps(fn)
         async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
             try:
+                _check_parsed(request)
                 async for item in fn(self, request, context):
                     yield item
             except de.DomainError as exc:
@@ -79,6 +90,7 @@ def rpc(fn: F) -> F:
     @functools.wraps(fn)
     async def unary(self: Any, request: Any, context: Any) -> Any:
         try:
+            _check_parsed(request)
             return await fn(self, request, context)
         except de.DomainError as exc:
             await context.abort_with_status(to_status(exc))

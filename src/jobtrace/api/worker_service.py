@@ -12,6 +12,7 @@ import grpc
 
 from jobtrace.api import convert
 from jobtrace.api.errors import to_status
+from jobtrace.api.handlers import MalformedRequest
 from jobtrace.api.limits import StreamLimiter
 from jobtrace.auth import Authenticator, Role
 from jobtrace.domain import scheduler as sch
@@ -153,6 +154,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             )
             await s.annotate(session, a.job_id, a.attempt, item, size)
             return sch.Acked(m.message_id, a.job_id, a.attempt)
+        if isinstance(m, MalformedRequest):
+            raise Invalid([], message=f"malformed message: {m.reason}")
         raise Invalid([], message="empty message: set one of the ConnectRequest kinds")
 
 

@@ -101,6 +101,7 @@ class Worker:
         self._next_id = 0
         self._draining = False
         self._stop = asyncio.Event()
+        self._call: Any = None
         self._acked = asyncio.Event()  # set on every ack and when a stream ends
         self.connected = asyncio.Event()
         self.completed = 0
@@ -131,6 +132,9 @@ class Worker:
                 log.warning("worker stream ended: %s %s", exc.code().name, exc.details())
             except ConnectionError as exc:
                 log.warning("worker stream ended: %s", exc)
+            except asyncio.CancelledError:
+                if not self._stop.is_set():
+                    raise
             self.connected.clear()
             if self._stop.is_set() or (self._draining and not self._running):
                 break
@@ -158,10 +162,13 @@ class Worker:
                 while self._unacked and self.connected.is_set():
                     self._acked.clear()
                     await self._acked.wait()
-        self._stop.set()
+        self.stop()
 
     def stop(self) -> None:
+        """Stop now: end the stream (held jobs keep their leases until they expire)."""
         self._stop.set()
+        if self._call is not None:
+            self._call.cancel()
 
     # --- one stream -------------------------------------------------------------
 
@@ -198,6 +205,7 @@ class Worker:
         async with channel:
             stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
             call = stub.Connect(requests(), metadata=metadata)
+            self._call = call
             try:
                 async for response in call:
                     kind = response.WhichOneof("kind")

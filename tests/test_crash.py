@@ -1,0 +1,218 @@
+"""Crash safety: kill -9 the server under load, restart it on the same database,
+and check that nothing acknowledged was lost and nothing ran twice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import socket
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from jobtrace.pb import attestation_service_pb2 as a
+from jobtrace.pb import common_pb2 as c
+from jobtrace.pb import job_service_pb2 as j
+from jobtrace.pb import trace_service_pb2 as t
+
+from .conftest import Stubs, stubs_for, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def start_server(port: int, db: Path) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "jobtrace",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--db",
+        str(db),
+        "--lease-seconds",
+        "2",
+        "--heartbeat-seconds",
+        "0.5",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    async with asyncio.timeout(30):
+        while True:
+            line = (await proc.stderr.readline()).decode()
+            assert line, "server exited during start"
+            if re.search(r"\(port \d+\)", line):
+                break
+    # Keep draining its log so the pipe never fills.
+    asyncio.get_running_loop().create_task(_drain(proc.stderr))
+    return proc
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.readline():
+        pass
+
+
+async def test_kill_dash_nine_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    port = free_port()
+    db = tmp_path / "crash.db"
+    server = await start_server(port, db)
+    workers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "jobtrace",
+            "worker",
+            "--demo",
+            "--target",
+            f"127.0.0.1:{port}",
+            "--worker-id",
+            f"w{i}",
+            "--concurrency",
+            "4",
+            "--log-level",
+            "WARNING",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        for i in range(4)
+    ]
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    api = stubs_for(channel)
+    acked_jobs: dict[str, str] = {}  # request id -> job id
+    acked_events: dict[str, str] = {}  # event key -> run id
+    acked_notes: list[tuple[str, str]] = []  # (run id, key)
+    stop = asyncio.Event()
+
+    async def submitter(n: int) -> None:
+        i = 0
+        while not stop.is_set() and i < 400:
+            i += 1
+            rid = f"s{n}-{i}"
+            payload = struct_pb2.Struct()
+            payload.update({"seconds": 0.2, "n": i})
+            try:
+                job = (
+                    await api.jobs.SubmitJob(
+                        j.SubmitJobRequest(
+                            request_id=rid,
+                            job=c.JobSpec(service="demo", payload=payload, max_attempts=10),
+                        ),
+                        timeout=5,
+                    )
+                ).job
+                acked_jobs[rid] = job.id
+                key = f"ev-{rid}"
+                await api.trace.AppendTraceEvents(
+                    t.AppendTraceEventsRequest(
+                        run_id=job.id, events=[c.TraceEvent(event_key=key, message="hello")]
+                    ),
+                    timeout=5,
+                )
+                acked_events[key] = job.id
+                await api.attest.AttachAnnotations(
+                    a.AttachAnnotationsRequest(
+                        run_id=job.id,
+                        actor=c.Actor(kind=c.ACTOR_KIND_SERVICE, id="crash-test"),
+                        attributes={"trigger.source": struct_pb2.Value(string_value="crash")},
+                    ),
+                    timeout=5,
+                )
+                acked_notes.append((job.id, "trigger.source"))
+            except grpc.aio.AioRpcError:
+                if stop.is_set():
+                    return
+                await asyncio.sleep(0.05)  # back off while the server is down
+
+    try:
+        tasks = [asyncio.create_task(submitter(n)) for n in range(3)]
+        await wait_for(lambda: len(acked_jobs) >= 60, timeout=60)
+        server.send_signal(signal.SIGKILL)
+        await server.wait()
+        stop.set()
+        await asyncio.gather(*tasks)
+        assert len(acked_jobs) >= 60
+        server = await start_server(port, db)
+        await channel.close()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        api = stubs_for(channel)
+
+        # Every acknowledged write survived.
+        for rid, job_id in acked_jobs.items():
+            got = (await api.jobs.GetJob(j.GetJobRequest(job_id=job_id))).job
+            assert got.request_id == rid
+        for key, run_id in acked_events.items():
+            events = (
+                await api.trace.ListTraceEvents(
+                    t.ListTraceEventsRequest(run_id=run_id, page_size=1000)
+                )
+            ).events
+            assert key in {e.event_key for e in events}
+        for run_id, key in acked_notes:
+            notes = (
+                await api.attest.ListAnnotations(a.ListAnnotationsRequest(run_id=run_id))
+            ).annotations
+            assert key in {n.key for n in notes}
+
+        # Leases held at the crash expire and the jobs finish on the reconnected workers.
+        async def all_completed() -> bool:
+            for job_id in acked_jobs.values():
+                job = (await api.jobs.GetJob(j.GetJobRequest(job_id=job_id))).job
+                if job.state != c.RUN_STATE_COMPLETED:
+                    return False
+            return True
+
+        await wait_for(all_completed, timeout=90, interval=0.5)
+        attestations = await _all_attestations(api)
+        completions = [x for x in attestations if x.type == a.ATTESTATION_TYPE_WORKER_COMPLETION]
+        assert len(completions) == len(acked_jobs)
+        for item in attestations:
+            verdict = await api.attest.VerifyAttestation(a.VerifyAttestationRequest(key=item.key))
+            assert verdict.valid, (item.key, verdict.reason)
+    finally:
+        stop.set()
+        for w in workers:
+            with contextlib.suppress(ProcessLookupError):
+                w.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                async with asyncio.timeout(30):
+                    await w.wait()
+            except TimeoutError:
+                w.kill()
+        await channel.close()
+        if server.returncode is None:
+            server.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(30):
+                await server.wait()
+
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        twice = conn.execute(
+            "SELECT run_id, count(*) FROM trace_events WHERE type = 3 GROUP BY run_id "
+            "HAVING count(*) > 1"
+        ).fetchall()
+        assert twice == [], "no job completed twice"
+
+
+async def _all_attestations(api: Stubs) -> list[Any]:
+    out: list[Any] = []
+    token = ""
+    while True:
+        page = await api.attest.ListAttestations(
+            a.ListAttestationsRequest(page_size=1000, page_token=token)
+        )
+        out += page.attestations
+        token = page.next_page_token
+        if not token:
+            return out
