@@ -26,6 +26,16 @@ def _serve(args: argparse.Namespace) -> int:
             "keepalive_seconds": args.keepalive_seconds,
             "signing_key_file": args.signing_key_file,
             "attestation_retention_days": args.attestation_retention_days,
+            "tokens_file": args.tokens_file,
+            "jwt_algorithm": args.jwt_algorithm,
+            "jwt_public_key_file": args.jwt_public_key_file,
+            "jwt_issuer": args.jwt_issuer,
+            "jwt_audience": args.jwt_audience,
+            "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key,
+            "tls_client_ca": args.tls_client_ca,
+            "max_streams_per_caller": args.max_streams_per_caller,
+            "max_queued_per_tenant": args.max_queued_per_tenant,
         }
     )
     logging.basicConfig(
@@ -133,6 +143,34 @@ def _keys_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_new(args: argparse.Namespace) -> int:
+    """Print a new random token and the tokens-file entry that admits it."""
+    import secrets
+
+    import yaml
+
+    from jobtrace.auth import Role, hash_token
+
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+    try:
+        [Role(r) for r in roles]
+    except ValueError:
+        print(f"jobtrace token new: roles must be among {[r.value for r in Role]}", file=sys.stderr)
+        return 2
+    token = "jt_" + secrets.token_urlsafe(32)
+    entry: dict[str, object] = {
+        "sha256": hash_token(token),
+        "subject": args.subject,
+        "tenant": args.tenant,
+        "roles": roles,
+    }
+    if args.services:
+        entry["services"] = args.services.split(",")
+    print(f"# token (give it to the caller; it is not stored anywhere): {token}")
+    print(yaml.safe_dump({"tokens": [entry]}, sort_keys=False), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jobtrace", description="jobs, workflows, evidence")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--keepalive-seconds", type=float, help="idle stream keepalive (default 15)")
     serve.add_argument("--signing-key-file", help="Ed25519 key (default beside the database)")
     serve.add_argument("--attestation-retention-days", type=float, help="default 7")
+    serve.add_argument("--tokens-file", help="YAML/JSON of token hashes (jobtrace token new)")
+    serve.add_argument("--jwt-algorithm", choices=["HS256", "RS256"], help="default HS256")
+    serve.add_argument("--jwt-public-key-file", help="RS256 public key (PEM)")
+    serve.add_argument("--jwt-issuer", help="required issuer (iss)")
+    serve.add_argument("--jwt-audience", help="required audience (aud), default jobtrace")
+    serve.add_argument("--tls-cert", help="server certificate (PEM)")
+    serve.add_argument("--tls-key", help="server private key (PEM)")
+    serve.add_argument("--tls-client-ca", help="CA for client certificates (makes them required)")
+    serve.add_argument("--max-streams-per-caller", type=int, help="default 1000")
+    serve.add_argument("--max-queued-per-tenant", type=int, help="default 100000")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     serve.set_defaults(func=_serve)
     worker = sub.add_parser("worker", help="run a worker")
@@ -170,6 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--json", action="store_true", help="print the verdict as JSON")
     verify.set_defaults(func=_attest_verify)
+    token = sub.add_parser("token", help="bearer tokens").add_subparsers(
+        dest="token_command", required=True
+    )
+    new = token.add_parser("new", help="create a token and its tokens-file entry")
+    new.add_argument("--subject", required=True, help="who the token is for")
+    new.add_argument("--tenant", required=True, help="the tenant it acts in")
+    new.add_argument(
+        "--roles", required=True, help="comma-separated: reader,submitter,worker,admin"
+    )
+    new.add_argument("--services", help="workers: comma-separated services it may serve")
+    new.set_defaults(func=_token_new)
     keys = sub.add_parser("keys", help="signing keys").add_subparsers(
         dest="keys_command", required=True
     )
