@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -65,6 +66,9 @@ class Harness:
 
     def __init__(self, db_url: str, **settings: Any) -> None:
         self.db_url = db_url
+        settings.setdefault(
+            "signing_key_file", str(Path(tempfile.mkdtemp(prefix="jt-key-")) / "signing.key")
+        )
         self.settings = settings
         self.server: JobtraceServer | None = None
         self._channels: list[grpc.aio.Channel] = []
@@ -111,9 +115,67 @@ async def _bounded(step: Awaitable[Any], what: str, timeout: float = 20.0) -> No
     task.result()
 
 
+PG_ADMIN_URL = os.environ.get("JOBTRACE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+async def pg_problem() -> str:
+    """'' when PostgreSQL answers, else why not (probed once per run)."""
+    global _PG_PROBLEM
+    if _PG_PROBLEM is None:
+        try:
+            import asyncpg
+
+            conn = await asyncpg.connect(PG_ADMIN_URL, timeout=3)
+            await conn.close()
+            _PG_PROBLEM = ""
+        except Exception as exc:
+            _PG_PROBLEM = f"PostgreSQL at {PG_ADMIN_URL} is not reachable: {exc}"
+    return _PG_PROBLEM
+
+
+_PG_PROBLEM: str | None = None
+
+
+async def _pg_admin(sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
+async def pg_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database for one test (so runs never collide)."""
+    problem = await pg_problem()
+    if problem:
+        if require_pg():
+            pytest.fail(f"JOBTRACE_REQUIRE_PG=1 but {problem}")
+        pytest.skip(problem)
+    import uuid
+
+    name = f"jt_{uuid.uuid4().hex[:12]}"
+    await _pg_admin(f"CREATE DATABASE {name}")
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        await _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'jobtrace.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every test that takes a database runs on both backends."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'jobtrace.db'}"
+    return str(request.getfixturevalue("pg_url"))
 
 
 @pytest.fixture
@@ -165,3 +227,17 @@ async def expect_error(
 
 def require_pg() -> bool:
     return os.environ.get("JOBTRACE_REQUIRE_PG") == "1"
+
+
+async def execute_sql(db_url: str, sql: str, **params: Any) -> list[Any]:
+    """Run SQL directly against a test database (to tamper with it, as an attacker would)."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(db_url)
+    try:
+        async with engine.begin() as conn:
+            result = await conn.execute(text(sql), params)
+            return list(result.fetchall()) if result.returns_rows else []
+    finally:
+        await engine.dispose()

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import itertools
 import json
-import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from jobtrace.pb import job_service_pb2 as j
 from jobtrace.pb import trace_service_pb2 as t
 from jobtrace.pb import worker_service_pb2 as w
 
-from .conftest import Harness, Stubs, expect_error, wait_for
+from .conftest import Harness, Stubs, execute_sql, expect_error, wait_for
 from .workers import RawWorker, runtime_worker
 
 PNG = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + b"\x00" * 3000).decode()
@@ -244,34 +243,38 @@ async def test_terminal_failure_attests_the_workflow_failure(harness: Harness) -
     await raw.close()
 
 
-def _db_path(harness: Harness) -> str:
-    return harness.db_url.split("///", 1)[1]
-
-
 async def test_tampered_row_fails_verification_and_says_why(harness: Harness) -> None:
     api = harness.stubs()
     wf = await run_workflow(harness, api)
     items = await attestations(api, workflow_id=wf.id)
     target = items[1]
-    with sqlite3.connect(_db_path(harness)) as db:
-        data = json.loads(
-            db.execute("SELECT data FROM attestations WHERE key = ?", (target.key,)).fetchone()[0]
-        )
-        data["result"]["n"] = 999
-        db.execute("UPDATE attestations SET data = ? WHERE key = ?", (json.dumps(data), target.key))
+    ((raw,),) = await execute_sql(
+        harness.db_url, "SELECT data FROM attestations WHERE key = :k", k=target.key
+    )
+    data = json.loads(raw)
+    data["result"]["n"] = 999
+    await execute_sql(
+        harness.db_url,
+        "UPDATE attestations SET data = :d WHERE key = :k",
+        d=json.dumps(data),
+        k=target.key,
+    )
     verdict = await verify(api, target.key)
     assert not verdict.valid and not verdict.digest_valid
     assert "content altered" in verdict.reason
     assert verdict.signature_valid and verdict.chain_valid  # the rest still checks out
     # Deleting a link is caught too: its successor's chain check fails.
-    with sqlite3.connect(_db_path(harness)) as db:
-        db.execute("DELETE FROM attestations WHERE key = ?", (items[2].key,))
+    await execute_sql(harness.db_url, "DELETE FROM attestations WHERE key = :k", k=items[2].key)
     verdict = await verify(api, items[3].key)
     assert not verdict.valid and not verdict.chain_valid and not verdict.previous_pruned
     assert "missing and was not pruned" in verdict.reason
     # A forged signature.
-    with sqlite3.connect(_db_path(harness)) as db:
-        db.execute("UPDATE attestations SET signature = ? WHERE key = ?", ("00" * 64, items[0].key))
+    await execute_sql(
+        harness.db_url,
+        "UPDATE attestations SET signature = :s WHERE key = :k",
+        s="00" * 64,
+        k=items[0].key,
+    )
     verdict = await verify(api, items[0].key)
     assert not verdict.valid and not verdict.signature_valid and "signature" in verdict.reason
 
@@ -282,11 +285,12 @@ async def test_retention_prunes_and_verification_tells_pruned_from_tampered(
     api = harness.stubs()
     wf = await run_workflow(harness, api)
     items = await attestations(api, workflow_id=wf.id)
-    with sqlite3.connect(_db_path(harness)) as db:
-        db.execute(
-            "UPDATE attestations SET expire_us = 1 WHERE key IN (?, ?)",
-            (items[0].key, items[1].key),
-        )
+    await execute_sql(
+        harness.db_url,
+        "UPDATE attestations SET expire_us = 1 WHERE key IN (:a, :b)",
+        a=items[0].key,
+        b=items[1].key,
+    )
     assert harness.server is not None
     assert await harness.server.attestor.sweep_once() == 2
     await expect_error(
@@ -304,7 +308,7 @@ async def test_verification_survives_key_rotation(harness: Harness, tmp_path: Pa
     assert len(old_keys) == 1 and old_keys[0].active and len(old_keys[0].public_key) == 32
     assert old_keys[0].algorithm == "ed25519"
     await harness.stop()
-    key_file = Path(_db_path(harness)).parent / "jobtrace-signing.key"
+    key_file = Path(harness.settings["signing_key_file"])
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

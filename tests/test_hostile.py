@@ -93,8 +93,7 @@ class Server:
     def fingerprint(self) -> dict[str, tuple[Any, ...]]:
         with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True) as db:
             return {
-                t: db.execute(f"SELECT {cols} FROM {t}").fetchone()
-                for t, cols in TABLES.items()
+                t: db.execute(f"SELECT {cols} FROM {t}").fetchone() for t, cols in TABLES.items()
             }
 
     def alive(self) -> bool:

@@ -397,7 +397,8 @@ async def test_worker_tokens_are_limited_to_their_services_and_tenants(secured: 
     worker.cancel()
 
 
-async def test_no_auth_refuses_non_loopback_listen(db_url: str) -> None:
+async def test_no_auth_refuses_non_loopback_listen(sqlite_url: str) -> None:
+    db_url = sqlite_url
     h = Harness(db_url)
     with pytest.raises(OSError, match=r"refusing to listen on 0\.0\.0\.0:0 without authentication"):
         await h.start(listen="0.0.0.0:0")
