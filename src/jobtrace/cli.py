@@ -198,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     worker = sub.add_parser("worker", help="run a worker")
     worker.add_argument("--demo", action="store_true", help="run the built-in demo handler")
-    worker.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
+    worker.add_argument(
+        "--target",
+        default="127.0.0.1:50051",
+        help="server HOST:PORT; several replicas comma-separated (fail-over)",
+    )
     worker.add_argument("--worker-id", help="stable worker id (default host-pid)")
     worker.add_argument("--service", action="append", help="service to serve (default demo)")
     worker.add_argument("--concurrency", type=int, default=4, help="jobs at once (default 4)")

@@ -126,6 +126,7 @@ class JobtraceServer:
             raise OSError(f"could not listen on {s.listen} (address in use or invalid)") from cause
         await server.start()
         self._server = server
+        await self.db.listen(self._on_notices)
         self.scheduler.start()
         self.trace.start()
         self._maintenance = asyncio.create_task(self._maintain(), name="jobtrace-retention")
@@ -154,6 +155,17 @@ class JobtraceServer:
         self._server = None
         await self.db.close()
         log.info("jobtrace stopped")
+
+    def _on_notices(self, notices: list[dict[str, Any]]) -> None:
+        """Changes committed by other replicas (PostgreSQL LISTEN/NOTIFY)."""
+        for n in notices:
+            kind = n.get("k")
+            if kind == "jobs":
+                for job_id, workflow_id, state, worker_id, attempt in n.get("j", []):
+                    self.scheduler.remote_change(job_id, state, worker_id, attempt)
+                    self.jobs.feed.poke(job_id, workflow_id)
+            elif kind in ("trace", "end"):
+                self.trace.bus.poke(n.get("run", ""), run_ended=kind == "end")
 
     async def _maintain(self, every_s: float = 60.0) -> None:
         """Retention of attestations; each sweep is a series of short writes."""

@@ -85,7 +85,9 @@ class Worker:
         reconnect_initial: float = 0.2,
         reconnect_max: float = 10.0,
     ) -> None:
-        self.target = target
+        # Several comma-separated replicas: the worker fails over between them.
+        self.targets = [t.strip() for t in target.split(",") if t.strip()]
+        self.target = self.targets[0]
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.max_concurrency = max_concurrency
         self.affinity_keys = affinity_keys
@@ -138,6 +140,8 @@ class Worker:
             self.connected.clear()
             if self._stop.is_set() or (self._draining and not self._running):
                 break
+            # Try the next replica; the leases of running jobs move with us (hello.running).
+            self.target = self.targets[(self.targets.index(self.target) + 1) % len(self.targets)]
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay * (0.5 + random.random())):
                     await self._stop.wait()

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
@@ -204,6 +205,14 @@ class Jobs:
 
     def _changed(self, tx: Tx, jobs: list[Job]) -> None:
         if jobs:
+            tx.notify(
+                {
+                    "k": "jobs",
+                    "j": [
+                        [j.id, j.workflow_id, int(j.state), j.worker_id, j.attempt] for j in jobs
+                    ],
+                }
+            )
             for listener in self._listeners:
                 tx.on_commit(lambda listener=listener: listener(jobs))
 
@@ -263,7 +272,7 @@ class Jobs:
             self._changed(tx, [stored])
             return stored, False
 
-        return await self._db.write(op)
+        return await self._write_submission(op)
 
     async def submit_workflow(self, tenant: str, sub: WorkflowSubmission) -> tuple[Workflow, bool]:
         v = Violations()
@@ -376,7 +385,15 @@ class Jobs:
             self._changed(tx, [j for j in jobs if j.state == RunState.QUEUED])
             return stored, False
 
-        return await self._db.write(op)
+        return await self._write_submission(op)
+
+    async def _write_submission(self, op: Any) -> Any:
+        """A concurrent submission of the same request id on another replica
+        makes the insert conflict; the retry then finds it and deduplicates."""
+        try:
+            return await self._db.write(op)
+        except IntegrityError:
+            return await self._db.write(op)
 
     async def _admit(self, session: AsyncSession, tenant: str, adding: int) -> None:
         """Enforce the per-tenant quota of waiting jobs. An exact (bounded) count
@@ -522,7 +539,7 @@ class Jobs:
         v.raise_if_any()
 
         async def op(session: AsyncSession, tx: Tx) -> Job:
-            job = await store.get_job(session, job_id, tenant)
+            job = await store.load_locked(session, job_id, tenant)
             if job is None:
                 raise NotFound(
                     f"job {job_id!r} not found", reason="JOB_NOT_FOUND", metadata={"job_id": job_id}
@@ -551,6 +568,7 @@ class Jobs:
         v.raise_if_any()
 
         async def op(session: AsyncSession, tx: Tx) -> Workflow:
+            await store.lock_workflow(session, workflow_id)
             workflow = await store.get_workflow(session, workflow_id, tenant)
             if workflow is None:
                 raise NotFound(

@@ -64,8 +64,7 @@ async def open_tokens(db: Database) -> PageTokens:
     async def load(session: AsyncSession, tx: Tx) -> str:
         secret = await store.get_meta(session, "page_token_secret")
         if secret is None:
-            secret = secrets.token_hex(32)
-            await store.put_meta(session, "page_token_secret", secret)
+            secret = await store.put_meta(session, "page_token_secret", secrets.token_hex(32))
         return secret
 
     return PageTokens(bytes.fromhex(await db.write(load)))

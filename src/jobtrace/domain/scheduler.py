@@ -356,7 +356,7 @@ class Scheduler:
             now = now_us()
             changed: list[Job] = []
             for job_id, attempt in held.items():
-                job = await store.get_job(db, job_id)
+                job = await store.load_locked(db, job_id)
                 if (
                     job is not None
                     and job.state == RunState.RUNNING
@@ -428,7 +428,7 @@ class Scheduler:
 
         async def op(db: AsyncSession, tx: Tx) -> None:
             job = fence(
-                await store.get_job(db, job_id), job_id, session.worker_id, attempt, "progress"
+                await store.load_locked(db, job_id), job_id, session.worker_id, attempt, "progress"
             )
             updated = await self._life.progress(db, tx, job, percent, message, now_us())
             self._jobs.notify(tx, [updated])
@@ -449,7 +449,7 @@ class Scheduler:
 
         async def op(db: AsyncSession, tx: Tx) -> None:
             job = fence(
-                await store.get_job(db, job_id), job_id, session.worker_id, attempt, "complete"
+                await store.load_locked(db, job_id), job_id, session.worker_id, attempt, "complete"
             )
             await store.insert_annotations(
                 db, session.pending_annotations.get((job_id, attempt), [])
@@ -471,7 +471,9 @@ class Scheduler:
         v.raise_if_any()
 
         async def op(db: AsyncSession, tx: Tx) -> None:
-            job = fence(await store.get_job(db, job_id), job_id, session.worker_id, attempt, "fail")
+            job = fence(
+                await store.load_locked(db, job_id), job_id, session.worker_id, attempt, "fail"
+            )
             await store.insert_annotations(
                 db, session.pending_annotations.get((job_id, attempt), [])
             )
@@ -569,6 +571,18 @@ class Scheduler:
         if wake:
             self.wake()
 
+    def remote_change(self, job_id: str, state: int, worker_id: str, attempt: int) -> None:
+        """Another replica changed a job: wake the dispatcher for queued work, and
+        pass a cancel to the worker here that runs it."""
+        if state == RunState.QUEUED:
+            self.wake()
+        elif state in (RunState.CANCELLED, RunState.TIMED_OUT):
+            session = self.sessions.get(worker_id)
+            if session is not None and session.held.get(job_id) == attempt:
+                session.send(Cancel(job_id, attempt, RunState(state).name.lower()))
+                del session.held[job_id]
+                self.wake()
+
     async def _dispatch_loop(self) -> None:
         while not self._draining:
             timeout = await self._dispatch_once()
@@ -636,11 +650,16 @@ class Scheduler:
             now = now_us()
             deadline = now + self.lease_ms * 1000
             changed = []
+            # Lock order everywhere: workflows, then jobs. Jobs another replica is
+            # claiming right now are skipped, not waited for.
+            for workflow_id in sorted({j.workflow_id for j, _ in plan if j.workflow_id}):
+                await store.lock_workflow(db, workflow_id)
+            free = await store.lock_queued(db, [j.id for j, _ in plan])
             for job, session in plan:
-                if session.closed:
+                if session.closed or job.id not in free:
                     continue
                 if not await store.claim_job(db, job.id, session.worker_id, deadline, now):
-                    continue  # another replica (or a cancel) got there first
+                    continue
                 claimed = await store.get_job(db, job.id)
                 assert claimed is not None
                 await self._life.started(db, tx, claimed, now)
@@ -689,7 +708,11 @@ class Scheduler:
 
         async def op(db: AsyncSession, tx: Tx) -> None:
             changed: list[Job] = []
-            for job in await store.timed_out_jobs(db, now):
+            for candidate in await store.timed_out_jobs(db, now):
+                # Re-read under lock: another replica may have handled it already.
+                job = await store.load_locked(db, candidate.id)
+                if job is None or job.state != RunState.RUNNING or job.attempt != candidate.attempt:
+                    continue
                 failure = Failure(
                     reason=f"timed out after {job.spec.timeout_ms} ms",
                     code="TIMED_OUT",
@@ -698,7 +721,15 @@ class Scheduler:
                 changed += await self._life.end_job(
                     db, tx, job, RunState.TIMED_OUT, failure, now, failed_attempt=True
                 )
-            for job in await store.expired_leases(db, now):
+            for candidate in await store.expired_leases(db, now):
+                job = await store.load_locked(db, candidate.id)
+                if (
+                    job is None
+                    or job.state != RunState.RUNNING
+                    or job.attempt != candidate.attempt
+                    or not 0 < job.lease_deadline_us < now
+                ):
+                    continue
                 changed += await self._lease_lost(
                     db, tx, job, "no heartbeat before the deadline", now
                 )

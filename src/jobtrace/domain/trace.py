@@ -172,11 +172,13 @@ class Trace:
             ]
             await store.insert_events(session, numbered)
             tx.on_commit(lambda r=run_id, n=numbered: self.bus.publish(r, n))
+            tx.notify({"k": "trace", "run": run_id})
             stored += numbered
         return stored
 
     def run_ended(self, tx: Tx, run_id: str) -> None:
         tx.on_commit(lambda: self.bus.publish(run_id, [], run_ended=True))
+        tx.notify({"k": "end", "run": run_id})
 
     # --- TraceService -----------------------------------------------------------
 

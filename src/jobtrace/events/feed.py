@@ -66,6 +66,13 @@ class JobFeed:
                 for sub in self._subs.get(key, ()) if key else ():
                     sub.push(job)
 
+    def poke(self, *keys: str) -> None:
+        """Another replica changed these jobs or workflows: watchers re-read them."""
+        for key in keys:
+            for sub in self._subs.get(key, ()) if key else ():
+                sub.overflowed = True
+                sub.wakeup.set()
+
     @property
     def subscriber_count(self) -> int:
         return sum(len(s) for s in self._subs.values())

@@ -64,6 +64,14 @@ class TraceBus:
         for sub in self._subs.get(run_id, ()):
             sub.push(events, run_ended)
 
+    def poke(self, run_id: str, run_ended: bool = False) -> None:
+        """Another replica stored events of this run: its subscribers catch up
+        from the database (which holds them in sequence order)."""
+        for sub in self._subs.get(run_id, ()):
+            sub.overflowed = True
+            sub.run_ended = sub.run_ended or run_ended
+            sub.wakeup.set()
+
     @property
     def subscriber_count(self) -> int:
         return sum(len(s) for s in self._subs.values())

@@ -133,6 +133,7 @@ async def prune_expired(session: AsyncSession, now_us: int, limit: int) -> int:
         .where(AttestationRow.expire_us < now_us)
         .order_by(AttestationRow.expire_us)
         .limit(limit)
+        .with_for_update(skip_locked=True)  # replicas sweeping together never collide
     )
     rows = list((await session.execute(stmt)).scalars())
     if not rows:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any, Generic, TypeVar
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
+from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -28,13 +31,19 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 class Tx:
-    """What a write operation sees besides its session: hooks that run after commit."""
+    """What a write operation sees besides its session: hooks that run after
+    commit, and notices for the other replicas (sent with the commit)."""
 
     def __init__(self) -> None:
         self._after: list[Callable[[], None]] = []
+        self._notices: list[dict[str, Any]] = []
 
     def on_commit(self, callback: Callable[[], None]) -> None:
         self._after.append(callback)
+
+    def notify(self, notice: dict[str, Any]) -> None:
+        """Tell other replicas (PostgreSQL NOTIFY, delivered only if this commits)."""
+        self._notices.append(notice)
 
 
 WriteOp = Callable[[AsyncSession, Tx], Awaitable[T]]
@@ -68,6 +77,8 @@ class Database:
         self._writer: asyncio.Task[None] | None = None
         self.batches_committed = 0
         self.ops_committed = 0
+        self.replica_id = os.urandom(6).hex()
+        self._listener: Any = None
 
     @property
     def is_sqlite(self) -> bool:
@@ -87,6 +98,7 @@ class Database:
         self._writer = asyncio.create_task(self._write_loop(), name="jobtrace-writer")
 
     async def close(self) -> None:
+        await self._close_listener()
         if self._writer is not None:
             # Let queued writes finish: their callers are waiting for an answer.
             await self._queue.join()
@@ -140,6 +152,14 @@ class Database:
                                 outcomes.append((True, await item.op(session, item.tx)))
                         except Exception as exc:  # handed to that caller, not swallowed
                             outcomes.append((False, exc))
+                if not self.is_sqlite:
+                    notices = [
+                        n
+                        for item, (ok, _) in zip(batch, outcomes, strict=True)
+                        if ok
+                        for n in item.tx._notices
+                    ]
+                    await self._send_notices(session, notices)
         except Exception as exc:
             # The single operation failed, or the commit itself did: nothing was stored.
             for item in batch:
@@ -162,8 +182,58 @@ class Database:
             else:
                 item.future.set_exception(value)
 
+    async def _send_notices(self, session: AsyncSession, notices: list[dict[str, Any]]) -> None:
+        """One NOTIFY per ~7 KB of notices; PostgreSQL delivers them at commit."""
+        chunk: list[dict[str, Any]] = []
+        size = 0
+        for notice in [*notices, None]:
+            text = json.dumps(notice, separators=(",", ":")) if notice is not None else ""
+            if chunk and (notice is None or size + len(text) > 7000):
+                payload = json.dumps({"r": self.replica_id, "n": chunk}, separators=(",", ":"))
+                await session.execute(
+                    sql_text("SELECT pg_notify(:channel, :payload)"),
+                    {"channel": NOTIFY_CHANNEL, "payload": payload},
+                )
+                chunk, size = [], 0
+            if notice is not None:
+                chunk.append(notice)
+                size += len(text)
+
+    async def listen(self, on_notices: Callable[[list[dict[str, Any]]], None]) -> None:
+        """Receive the other replicas' notices (PostgreSQL LISTEN); a no-op on SQLite."""
+        if self.is_sqlite:
+            return
+        import asyncpg
+
+        dsn = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+        def received(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+            try:
+                doc = json.loads(payload)
+            except ValueError:
+                log.warning("ignoring a malformed notice")
+                return
+            if doc.get("r") != self.replica_id:
+                on_notices(doc.get("n", []))
+
+        self._listener = await asyncpg.connect(dsn)
+        await self._listener.add_listener(NOTIFY_CHANNEL, received)
+
+    async def _close_listener(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+            self._listener = None
+
+
+NOTIFY_CHANNEL = "jobtrace"
+MIGRATION_LOCK = 0x6A6F6274  # "jobt"
+
 
 def _upgrade(connection: Connection) -> None:
+    if connection.dialect.name == "postgresql":
+        # Replicas starting together migrate one at a time.
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.model import (
@@ -26,8 +27,17 @@ async def get_meta(session: AsyncSession, key: str) -> str | None:
     return (await session.execute(select(Meta.value).where(Meta.key == key))).scalar()
 
 
-async def put_meta(session: AsyncSession, key: str, value: str) -> None:
-    await session.execute(insert(Meta).values(key=key, value=value))
+async def put_meta(session: AsyncSession, key: str, value: str) -> str:
+    """Store a value unless one is there already (another replica may have won);
+    return the stored value."""
+    dialect = session.get_bind().dialect.name
+    insert_ = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    await session.execute(
+        insert_(Meta).values(key=key, value=value).on_conflict_do_nothing(index_elements=["key"])
+    )
+    stored = await get_meta(session, key)
+    assert stored is not None
+    return stored
 
 
 async def get_submission(session: AsyncSession, tenant: str, request_id: str) -> Submission | None:
@@ -139,17 +149,53 @@ def job_from_row(row: JobRow) -> Job:
 
 
 async def get_job_row(
-    session: AsyncSession, job_id: str, tenant: str | None = None
+    session: AsyncSession, job_id: str, tenant: str | None = None, *, for_update: bool = False
 ) -> JobRow | None:
     stmt = select(JobRow).where(JobRow.id == job_id)
     if tenant is not None:
         stmt = stmt.where(JobRow.tenant == tenant)
+    if for_update:
+        stmt = stmt.with_for_update()
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
-async def get_job(session: AsyncSession, job_id: str, tenant: str | None = None) -> Job | None:
-    row = await get_job_row(session, job_id, tenant)
+async def get_job(
+    session: AsyncSession, job_id: str, tenant: str | None = None, *, for_update: bool = False
+) -> Job | None:
+    row = await get_job_row(session, job_id, tenant, for_update=for_update)
     return None if row is None else job_from_row(row)
+
+
+async def lock_workflow(session: AsyncSession, workflow_id: str) -> None:
+    """Row-lock a workflow (PostgreSQL; SQLite's single writer needs none). Every
+    transition of a step locks its workflow first, then the step: one order, so
+    replicas serialise on the workflow and never deadlock."""
+    await session.execute(
+        select(WorkflowRow.seq).where(WorkflowRow.id == workflow_id).with_for_update()
+    )
+
+
+async def load_locked(session: AsyncSession, job_id: str, tenant: str | None = None) -> Job | None:
+    """A job read under its row lock (after its workflow's), for a transition."""
+    job = await get_job(session, job_id, tenant)
+    if job is None:
+        return None
+    if job.workflow_id:
+        await lock_workflow(session, job.workflow_id)
+    return await get_job(session, job_id, tenant, for_update=True)
+
+
+async def lock_queued(session: AsyncSession, job_ids: list[str]) -> set[str]:
+    """Of these jobs, the ones still QUEUED and not being claimed by another
+    replica right now (SELECT ... FOR UPDATE SKIP LOCKED); they stay locked."""
+    if not job_ids:
+        return set()
+    stmt = (
+        select(JobRow.id)
+        .where(JobRow.id.in_(job_ids), JobRow.state == int(RunState.QUEUED))
+        .with_for_update(skip_locked=True)
+    )
+    return set((await session.execute(stmt)).scalars())
 
 
 async def list_jobs(

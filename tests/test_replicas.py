@@ -1,0 +1,263 @@
+"""Several jobtrace replicas on one PostgreSQL: cross-replica dispatch and streams,
+and a replica killed mid-load whose workers finish every job on another."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+
+from jobtrace.pb import common_pb2 as c
+from jobtrace.pb import job_service_pb2 as j
+from jobtrace.pb import trace_service_pb2 as t
+
+from .conftest import Stubs, execute_sql, stubs_for, wait_for
+from .workers import RawWorker
+
+
+class Replica:
+    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.target = f"127.0.0.1:{port}"
+
+
+async def start_replica(db_url: str, key: Path) -> Replica:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "jobtrace",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        db_url,
+        "--signing-key-file",
+        str(key),
+        "--lease-seconds",
+        "3",
+        "--heartbeat-seconds",
+        "0.5",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    async with asyncio.timeout(60):
+        while True:
+            line = (await proc.stderr.readline()).decode()
+            assert line, "replica exited during start"
+            if m := re.search(r"\(port (\d+)\)", line):
+                port = int(m.group(1))
+                break
+
+    async def drain(stream: asyncio.StreamReader) -> None:
+        while await stream.readline():
+            pass
+
+    asyncio.get_running_loop().create_task(drain(proc.stderr))
+    return Replica(proc, port)
+
+
+@contextlib.asynccontextmanager
+async def replicas(db_url: str, tmp: Path, n: int) -> AsyncIterator[list[Replica]]:
+    started: list[Replica] = []
+    try:
+        for i in range(n):  # one after the other: they share the migrations
+            started.append(await start_replica(db_url, tmp / f"key{i}.pem"))
+        yield started
+    finally:
+        for r in started:
+            if r.proc.returncode is None:
+                r.proc.send_signal(signal.SIGTERM)
+        for r in started:
+            try:
+                async with asyncio.timeout(30):
+                    await r.proc.wait()
+            except TimeoutError:
+                r.proc.kill()
+
+
+@contextlib.asynccontextmanager
+async def client(target: str) -> AsyncIterator[Stubs]:
+    channel = grpc.aio.insecure_channel(target)
+    try:
+        yield stubs_for(channel)
+    finally:
+        await channel.close()
+
+
+async def test_job_submitted_on_one_replica_reaches_a_worker_on_another(
+    pg_url: str, tmp_path: Path
+) -> None:
+    async with (
+        replicas(pg_url, tmp_path, 2) as (a, b),
+        client(a.target) as on_a,
+        client(b.target) as on_b,
+    ):
+        raw = RawWorker(on_a)
+        await raw.hello("w", ["svc"])
+        t0 = time.monotonic()
+        job = (
+            await on_b.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="x", job=c.JobSpec(service="svc"))
+            )
+        ).job
+        assignment = await raw.expect("assignment", timeout=5)
+        assert assignment.job.id == job.id
+        assert time.monotonic() - t0 < 2.0, "woken by NOTIFY, not by a poll"
+        # A cancel on B reaches the worker on A.
+        await on_b.jobs.CancelJob(j.CancelJobRequest(job_id=job.id))
+        cancel = await raw.expect("cancel", timeout=5)
+        assert cancel.job_id == job.id
+        # A watch on A sees B's change.
+        second = (
+            await on_b.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="y", job=c.JobSpec(service="nobody"))
+            )
+        ).job
+        watch = on_a.jobs.WatchJob(j.WatchJobRequest(job_id=second.id))
+        assert (await watch.read()).job.state == c.RUN_STATE_QUEUED
+        await on_b.jobs.CancelJob(j.CancelJobRequest(job_id=second.id))
+        last = await asyncio.wait_for(watch.read(), 5)
+        assert last.job.state == c.RUN_STATE_CANCELLED
+        await raw.close()
+
+
+async def test_events_appended_on_one_replica_stream_on_another_in_order(
+    pg_url: str, tmp_path: Path
+) -> None:
+    async with (
+        replicas(pg_url, tmp_path, 2) as (a, b),
+        client(a.target) as on_a,
+        client(b.target) as on_b,
+    ):
+        job = (
+            await on_b.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="r", job=c.JobSpec(service="none"))
+            )
+        ).job
+        stream = on_a.trace.StreamTraceEvents(
+            t.StreamTraceEventsRequest(run_id=job.id, follow=True)
+        )
+        received: list[int] = []
+
+        async def collect() -> None:
+            async for message in stream:
+                if message.WhichOneof("kind") == "event":
+                    received.append(message.event.sequence)
+                elif message.WhichOneof("kind") == "final_status":
+                    return
+
+        collector = asyncio.create_task(collect())
+        writers = [on_a, on_b]
+        for batch in range(20):
+            api = writers[batch % 2]
+            await api.trace.AppendTraceEvents(
+                t.AppendTraceEventsRequest(
+                    run_id=job.id,
+                    events=[c.TraceEvent(event_key=f"k{batch}-{i}") for i in range(5)],
+                )
+            )
+        await on_b.jobs.CancelJob(j.CancelJobRequest(job_id=job.id))
+        await asyncio.wait_for(collector, 20)
+        assert received == list(range(1, 102)), "no gap, no duplicate, in cursor order"
+
+
+async def test_a_replica_killed_mid_load_loses_no_job(pg_url: str, tmp_path: Path) -> None:
+    async with replicas(pg_url, tmp_path, 2) as (a, b):
+        workers = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "jobtrace",
+                "worker",
+                "--demo",
+                "--target",
+                f"{a.target},{b.target}",
+                "--worker-id",
+                f"w{i}",
+                "--concurrency",
+                "8",
+                "--log-level",
+                "WARNING",
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            for i in range(2)
+        ]
+        try:
+            async with client(b.target) as on_b:
+                ids = []
+                for i in range(80):
+                    payload = struct_pb2.Struct()
+                    payload.update({"seconds": 0.4})
+                    ids.append(
+                        (
+                            await on_b.jobs.SubmitJob(
+                                j.SubmitJobRequest(
+                                    request_id=f"j{i}",
+                                    job=c.JobSpec(service="demo", payload=payload, max_attempts=5),
+                                )
+                            )
+                        ).job.id
+                    )
+
+                async def running() -> bool:
+                    page = await on_b.jobs.ListJobs(j.ListJobsRequest(state=c.RUN_STATE_RUNNING))
+                    return len(page.jobs) >= 4
+
+                await wait_for(running, timeout=30)
+                a.proc.send_signal(signal.SIGKILL)
+                await a.proc.wait()
+
+                async def all_done() -> bool:
+                    page = await on_b.jobs.ListJobs(
+                        j.ListJobsRequest(state=c.RUN_STATE_COMPLETED, page_size=1000)
+                    )
+                    return len(page.jobs) == len(ids)
+
+                await wait_for(all_done, timeout=90, interval=0.5)
+        finally:
+            for w in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    w.send_signal(signal.SIGTERM)
+            for w in workers:
+                try:
+                    async with asyncio.timeout(30):
+                        await w.wait()
+                except TimeoutError:
+                    w.kill()
+    twice = await execute_sql(
+        pg_url,
+        "SELECT run_id FROM trace_events WHERE type = 3 GROUP BY run_id HAVING count(*) > 1",
+    )
+    assert twice == [], "no job completed twice"
+    completions = await execute_sql(pg_url, "SELECT count(*) FROM attestations WHERE type = 1")
+    assert completions == [(80,)]
+
+
+@pytest.mark.parametrize("n", [3])
+async def test_replicas_start_together_on_a_fresh_database(
+    pg_url: str, tmp_path: Path, n: int
+) -> None:
+    procs = await asyncio.gather(*(start_replica(pg_url, tmp_path / f"k{i}") for i in range(n)))
+    try:
+        for r in procs:
+            async with client(r.target) as api:
+                assert (await api.jobs.ListJobs(j.ListJobsRequest())).jobs == []
+        keys = await execute_sql(pg_url, "SELECT count(*) FROM signing_keys")
+        assert keys == [(n,)]
+    finally:
+        for r in procs:
+            r.proc.send_signal(signal.SIGTERM)
+        for r in procs:
+            async with asyncio.timeout(30):
+                await r.proc.wait()
