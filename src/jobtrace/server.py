@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,9 @@ class JobtraceServer:
             AttestationServicer(self.attestor, self.annotations, auth),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if os.environ.get("JOBTRACE_BENCH_NOOP") == "1":
+            # `jobtrace bench` measures the gRPC ceiling against this empty handler.
+            server.add_generic_rpc_handlers((_noop_handler(),))
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, HEALTH_SERVICE, reflection.SERVICE_NAME),
             server,
@@ -181,6 +185,15 @@ class JobtraceServer:
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _noop_handler() -> grpc.GenericRpcHandler:
+    async def ping(request: bytes, context: Any) -> bytes:
+        return b""
+
+    return grpc.method_handlers_generic_handler(
+        "jobtrace.bench.Noop", {"Ping": grpc.unary_unary_rpc_method_handler(ping)}
+    )
 
 
 class _MethodAwarePool:

@@ -108,6 +108,8 @@ class Worker:
         self.connected = asyncio.Event()
         self.completed = 0
         self.failed = 0
+        # Called when a completion is acknowledged (stored) or refused: (job id, stored).
+        self.on_completed: Callable[[str, bool], None] | None = None
 
     def handler(self, service: str) -> Callable[[Handler], Handler]:
         def register(fn: Handler) -> Handler:
@@ -280,7 +282,9 @@ class Worker:
         return await future if future is not None else None
 
     def _settle(self, message_id: int, response: worker_service_pb2.ConnectResponse) -> None:
-        self._unacked.pop(message_id, None)
+        report = self._unacked.pop(message_id, None)
+        if report is not None and report.WhichOneof("kind") == "complete" and self.on_completed:
+            self.on_completed(report.complete.job_id, response.WhichOneof("kind") == "ack")
         self._acked.set()
         future = self._pending.pop(message_id, None)
         if future is not None and not future.done():

@@ -138,36 +138,44 @@ class Database:
                     self._queue.task_done()
 
     async def _commit_batch(self, batch: list[_Pending[Any]]) -> None:
+        """Fast path: every operation of the batch in one transaction, no
+        savepoints. If one raises, nothing of the batch is kept: each operation
+        is then run again in a transaction of its own, so one caller's error
+        never costs another caller its write."""
+        try:
+            outcomes = await self._run_batch(batch)
+        except _BatchFailed:
+            for item in batch:
+                item.tx = Tx()
+                try:
+                    outcomes = await self._run_batch([item])
+                except _BatchFailed as failed:
+                    outcomes = [(False, failed.error)]
+                except Exception as exc:  # the commit itself failed: nothing stored
+                    outcomes = [(False, exc)]
+                self._settle([item], outcomes)
+            return
+        except Exception as exc:  # the commit itself failed: nothing was stored
+            self._settle(batch, [(False, exc)] * len(batch))
+            return
+        self._settle(batch, outcomes)
+
+    async def _run_batch(self, batch: list[_Pending[Any]]) -> list[tuple[bool, Any]]:
         assert self._writes is not None
         outcomes: list[tuple[bool, Any]] = []
-        try:
-            async with self._writes() as session, session.begin():
-                if len(batch) == 1:
-                    # No savepoint needed: a failure rolls back the whole transaction.
-                    outcomes.append((True, await batch[0].op(session, batch[0].tx)))
-                else:
-                    for item in batch:
-                        try:
-                            async with session.begin_nested():
-                                outcomes.append((True, await item.op(session, item.tx)))
-                        except Exception as exc:  # handed to that caller, not swallowed
-                            outcomes.append((False, exc))
-                if not self.is_sqlite:
-                    notices = [
-                        n
-                        for item, (ok, _) in zip(batch, outcomes, strict=True)
-                        if ok
-                        for n in item.tx._notices
-                    ]
-                    await self._send_notices(session, notices)
-        except Exception as exc:
-            # The single operation failed, or the commit itself did: nothing was stored.
+        async with self._writes() as session, session.begin():
             for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-            return
+                try:
+                    outcomes.append((True, await item.op(session, item.tx)))
+                except Exception as exc:
+                    raise _BatchFailed(exc) from exc
+            if not self.is_sqlite:
+                await self._send_notices(session, [n for i in batch for n in i.tx._notices])
         self.batches_committed += 1
         self.ops_committed += len(batch)
+        return outcomes
+
+    def _settle(self, batch: list[_Pending[Any]], outcomes: list[tuple[bool, Any]]) -> None:
         for item, (ok, value) in zip(batch, outcomes, strict=True):
             if ok:
                 for callback in item.tx._after:
@@ -224,6 +232,12 @@ class Database:
             with contextlib.suppress(Exception):
                 await self._listener.close()
             self._listener = None
+
+
+class _BatchFailed(Exception):
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 NOTIFY_CHANNEL = "jobtrace"

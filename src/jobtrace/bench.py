@@ -1,0 +1,429 @@
+"""`jobtrace bench`: end-to-end throughput and latency on loopback, with the gRPC
+unary ceiling measured by the same harness on the same server settings."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from jobtrace.pb import (
+    common_pb2,
+    job_service_pb2,
+    job_service_pb2_grpc,
+    trace_service_pb2,
+    trace_service_pb2_grpc,
+)
+
+NOOP_METHOD = "/jobtrace.bench.Noop/Ping"
+MAX_SECONDS = 300  # every phase is bounded in time as well as in count
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Server:
+    proc: asyncio.subprocess.Process
+    target: str
+    peak_rss_mb: float = 0.0
+    _sampler: asyncio.Task[None] | None = None
+
+    def sample(self) -> None:
+        try:
+            text = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return
+        if m := re.search(r"VmHWM:\s+(\d+) kB", text):
+            self.peak_rss_mb = max(self.peak_rss_mb, int(m.group(1)) / 1024)
+
+
+async def start_server(db: str, key: Path, extra: list[str]) -> Server:
+    env = {**os.environ, "JOBTRACE_BENCH_NOOP": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "jobtrace",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        db,
+        "--signing-key-file",
+        str(key),
+        *extra,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stderr is not None
+    async with asyncio.timeout(60):
+        while True:
+            line = (await proc.stderr.readline()).decode()
+            if not line:
+                raise RuntimeError("server exited during start")
+            if m := re.search(r"\(port (\d+)\)", line):
+                break
+    server = Server(proc, f"127.0.0.1:{m.group(1)}")
+
+    async def drain_and_sample() -> None:
+        assert proc.stderr is not None
+        while True:
+            server.sample()
+            try:
+                async with asyncio.timeout(0.5):
+                    if not await proc.stderr.readline():
+                        return
+            except TimeoutError:
+                continue
+
+    server._sampler = asyncio.create_task(drain_and_sample())
+    return server
+
+
+async def stop_server(server: Server) -> None:
+    server.sample()
+    if server.proc.returncode is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(30):
+                await server.proc.wait()
+        except TimeoutError:
+            server.proc.kill()
+    if server._sampler is not None:
+        server._sampler.cancel()
+
+
+# --- the bench worker (a separate process) -------------------------------------------
+
+
+async def worker_main(target: str, log: Any, concurrency: int) -> None:
+    """Runs 'bench' jobs (3 progress reports, then complete) and writes a line per
+    stored completion: '<job id> <unix time>'."""
+    from jobtrace.client.worker import JobContext, Worker
+
+    worker = Worker(target, worker_id=f"bench-{os.getpid()}", max_concurrency=concurrency)
+
+    def completed(job_id: str, stored: bool) -> None:
+        if stored:
+            log.write(f"{job_id} {time.time()}\n")
+
+    worker.on_completed = completed
+
+    @worker.handler("bench")
+    async def run(job: JobContext) -> dict[str, Any]:
+        for step in (1, 2, 3):
+            await job.progress(step * 33.0, f"step {step}")
+        return {"ok": True}
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, worker.stop)
+    await worker.run()
+
+
+# --- phases -----------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    params: dict[str, Any]
+    jobs_per_s: float = 0.0
+    submit_ms: list[float] = field(default_factory=list)
+    e2e_ms: list[float] = field(default_factory=list)
+    trace_ms: list[float] = field(default_factory=list)
+    trace_deliveries: int = 0
+    unary_ceiling_rps: float = 0.0
+    unary_p50_ms: float = 0.0
+    server_peak_rss_mb: float = 0.0
+    completed: int = 0
+
+
+async def unary_ceiling(target: str, calls: int, concurrency: int) -> tuple[float, float]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        ping = channel.unary_unary(NOOP_METHOD)
+        latencies: list[float] = []
+        queue = iter(range(calls))
+
+        async def loop() -> None:
+            for _ in queue:
+                t0 = time.perf_counter()
+                await ping(b"", timeout=10)
+                latencies.append((time.perf_counter() - t0) * 1000)
+
+        t0 = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*(loop() for _ in range(concurrency))), MAX_SECONDS)
+        return calls / (time.perf_counter() - t0), statistics.median(latencies)
+
+
+async def run_jobs(
+    targets: list[str], jobs: int, concurrency: int, done_files: list[Path], results: Results
+) -> None:
+    channels = [grpc.aio.insecure_channel(t) for t in targets]
+    stubs = [job_service_pb2_grpc.JobServiceStub(c) for c in channels]
+    submitted: dict[str, float] = {}
+    queue = iter(range(jobs))
+    run_id = os.urandom(4).hex()
+
+    async def submitter(n: int) -> None:
+        stub = stubs[n % len(stubs)]
+        for i in queue:
+            payload = struct_pb2.Struct()
+            payload.update({"i": i})
+            request = job_service_pb2.SubmitJobRequest(
+                request_id=f"bench-{run_id}-{i}",
+                job=common_pb2.JobSpec(service="bench", payload=payload),
+            )
+            t0 = time.time()
+            response = await stub.SubmitJob(request, timeout=30)
+            results.submit_ms.append((time.time() - t0) * 1000)
+            submitted[response.job.id] = t0
+
+    start = time.time()
+    await asyncio.wait_for(asyncio.gather(*(submitter(n) for n in range(concurrency))), MAX_SECONDS)
+    completions: dict[str, float] = {}
+    deadline = time.monotonic() + MAX_SECONDS
+    while len(completions) < jobs and time.monotonic() < deadline:
+        for f in done_files:
+            if f.exists():
+                for line in f.read_text().splitlines():
+                    job_id, at = line.split()
+                    completions[job_id] = float(at)
+        if len(completions) < jobs:
+            await asyncio.sleep(0.1)
+    for channel in channels:
+        await channel.close()
+    results.completed = len(completions)
+    if completions:
+        results.jobs_per_s = len(completions) / (max(completions.values()) - start)
+        results.e2e_ms = [
+            (at - submitted[j]) * 1000 for j, at in completions.items() if j in submitted
+        ]
+
+
+async def trace_fanout(
+    targets: list[str], subscribers: int, rate: float, seconds: float, results: Results
+) -> None:
+    channels = [grpc.aio.insecure_channel(targets[i % len(targets)]) for i in range(4)]
+    jobs = job_service_pb2_grpc.JobServiceStub(channels[0])
+    run = (
+        await jobs.SubmitJob(
+            job_service_pb2.SubmitJobRequest(
+                request_id=f"bench-trace-{os.urandom(4).hex()}",
+                job=common_pb2.JobSpec(service="bench-trace-idle"),
+            )
+        )
+    ).job.id
+    acked: dict[str, float] = {}
+    received: list[tuple[str, float]] = []
+    ready = asyncio.Event()
+    connected = 0
+
+    async def subscriber(i: int) -> None:
+        nonlocal connected
+        stub = trace_service_pb2_grpc.TraceServiceStub(channels[i % len(channels)])
+        stream = stub.StreamTraceEvents(
+            trace_service_pb2.StreamTraceEventsRequest(run_id=run, follow=True)
+        )
+        first = True
+        async for message in stream:
+            if first:
+                first = False
+                connected += 1
+                if connected == subscribers:
+                    ready.set()
+            if message.WhichOneof("kind") == "event" and message.event.event_key:
+                received.append((message.event.event_key, time.time()))
+            if message.WhichOneof("kind") == "final_status":
+                return
+
+    appender = trace_service_pb2_grpc.TraceServiceStub(channels[0])
+    # A first event makes every subscriber answer once: all are then live.
+    await appender.AppendTraceEvents(
+        trace_service_pb2.AppendTraceEventsRequest(
+            run_id=run, events=[common_pb2.TraceEvent(event_key="warmup")]
+        )
+    )
+    tasks = [asyncio.create_task(subscriber(i)) for i in range(subscribers)]
+    await asyncio.wait_for(ready.wait(), 60)
+    received.clear()
+    total = int(rate * seconds)
+    for n in range(total):
+        key = f"e{n}"
+        await appender.AppendTraceEvents(
+            trace_service_pb2.AppendTraceEventsRequest(
+                run_id=run, events=[common_pb2.TraceEvent(event_key=key, message="tick")]
+            )
+        )
+        acked[key] = time.time()
+        await asyncio.sleep(1 / rate)
+    await jobs.CancelJob(job_service_pb2.CancelJobRequest(job_id=run))
+    await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    results.trace_deliveries = len(received)
+    results.trace_ms = [max(0.0, (at - acked[k]) * 1000) for k, at in received if k in acked]
+    for channel in channels:
+        await channel.close()
+
+
+async def bench(args: argparse.Namespace) -> Results:
+    params = {
+        "jobs": args.jobs,
+        "workers": args.workers,
+        "subscribers": args.subscribers,
+        "replicas": args.replicas,
+        "db": args.db or "sqlite (temporary)",
+        "submit_concurrency": args.concurrency,
+        "trace_events_per_s": args.rate,
+        "trace_seconds": args.trace_seconds,
+        "target": args.target or "",
+    }
+    results = Results(params)
+    tmp = Path(tempfile.mkdtemp(prefix="jobtrace-bench-"))
+    servers: list[Server] = []
+    workers: list[asyncio.subprocess.Process] = []
+    try:
+        if args.target:
+            targets = args.target.split(",")
+        else:
+            db = args.db or f"sqlite+aiosqlite:///{tmp / 'bench.db'}"
+            for r in range(max(1, args.replicas)):
+                servers.append(await start_server(db, tmp / f"key{r}", []))
+            targets = [s.target for s in servers]
+        done_files = [tmp / f"done-{i}.txt" for i in range(args.workers)]
+        for i in range(args.workers):
+            workers.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "jobtrace.bench",
+                    "--worker",
+                    targets[i % len(targets)],
+                    str(done_files[i]),
+                    str(args.worker_concurrency),
+                )
+            )
+        if servers:
+            results.unary_ceiling_rps, results.unary_p50_ms = await unary_ceiling(
+                targets[0], min(args.jobs * 2, 20000), args.concurrency
+            )
+        await run_jobs(targets, args.jobs, args.concurrency, done_files, results)
+        if args.subscribers:
+            await trace_fanout(targets, args.subscribers, args.rate, args.trace_seconds, results)
+    finally:
+        for w in workers:
+            with contextlib.suppress(ProcessLookupError):
+                w.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                async with asyncio.timeout(20):
+                    await w.wait()
+            except TimeoutError:
+                w.kill()
+        for s in servers:
+            await stop_server(s)
+        results.server_peak_rss_mb = max((s.peak_rss_mb for s in servers), default=0.0)
+    return results
+
+
+def summary(r: Results) -> dict[str, Any]:
+    ceiling = r.unary_ceiling_rps or float("nan")
+    return {
+        "jobs_per_s": round(r.jobs_per_s, 1),
+        "jobs_completed": r.completed,
+        "submit_p50_ms": round(pct(r.submit_ms, 0.5), 2),
+        "submit_p99_ms": round(pct(r.submit_ms, 0.99), 2),
+        "e2e_p50_ms": round(pct(r.e2e_ms, 0.5), 2),
+        "e2e_p99_ms": round(pct(r.e2e_ms, 0.99), 2),
+        "trace_p50_ms": round(pct(r.trace_ms, 0.5), 2),
+        "trace_p99_ms": round(pct(r.trace_ms, 0.99), 2),
+        "trace_deliveries": r.trace_deliveries,
+        "unary_ceiling_rps": round(r.unary_ceiling_rps, 1),
+        "unary_p50_ms": round(r.unary_p50_ms, 2),
+        "jobs_per_s_vs_ceiling": round(r.jobs_per_s / ceiling, 3),
+        "submit_rps_vs_ceiling": round(
+            (1000 / pct(r.submit_ms, 0.5) * r.params["submit_concurrency"]) / ceiling, 3
+        )
+        if r.submit_ms
+        else None,
+        "server_peak_rss_mb": round(r.server_peak_rss_mb, 1),
+        "params": r.params,
+    }
+
+
+def print_table(s: dict[str, Any]) -> None:
+    rows = [
+        ("jobs/s end to end", f"{s['jobs_per_s']}", f"{s['jobs_per_s_vs_ceiling']:.1%} of ceiling"),
+        ("submit latency p50 / p99", f"{s['submit_p50_ms']} / {s['submit_p99_ms']} ms", ""),
+        ("submit -> complete p50 / p99", f"{s['e2e_p50_ms']} / {s['e2e_p99_ms']} ms", ""),
+        (
+            "trace delivery p50 / p99",
+            f"{s['trace_p50_ms']} / {s['trace_p99_ms']} ms",
+            f"{s['trace_deliveries']} deliveries",
+        ),
+        (
+            "unary ceiling (empty handler)",
+            f"{s['unary_ceiling_rps']} rps",
+            f"p50 {s['unary_p50_ms']} ms",
+        ),
+        ("server peak RSS", f"{s['server_peak_rss_mb']} MB", ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:<22} {note}")
+    print("params:", json.dumps(s["params"]))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs", type=int, default=2000, help="jobs to run (default 2000)")
+    p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    p.add_argument("--worker-concurrency", type=int, default=32, help="slots per worker")
+    p.add_argument("--subscribers", type=int, default=200, help="trace stream subscribers")
+    p.add_argument("--rate", type=float, default=50.0, help="trace events per second")
+    p.add_argument("--trace-seconds", type=float, default=5.0, help="trace phase length")
+    p.add_argument("--concurrency", type=int, default=32, help="submits in flight")
+    p.add_argument("--db", help="database URL (default: a temporary SQLite file)")
+    p.add_argument("--replicas", type=int, default=1, help="server processes (PostgreSQL)")
+    p.add_argument("--target", help="benchmark running server(s) instead (HOST:PORT[,...])")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.jobs < 1 or args.jobs > 1_000_000 or args.workers < 1:
+        print("jobtrace bench: --jobs must be 1..1000000 and --workers at least 1", file=sys.stderr)
+        return 2
+    if args.replicas > 1 and not (args.db or "").startswith("postgresql"):
+        print("jobtrace bench: --replicas needs --db postgresql+asyncpg://...", file=sys.stderr)
+        return 2
+    results = asyncio.run(bench(args))
+    s = summary(results)
+    if args.json:
+        print(json.dumps(s))
+    else:
+        print_table(s)
+    return 0 if results.completed == args.jobs else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        with open(sys.argv[3], "a", buffering=1) as completions:
+            asyncio.run(worker_main(sys.argv[2], completions, int(sys.argv[4])))
+    else:
+        parser = argparse.ArgumentParser(prog="jobtrace bench")
+        add_arguments(parser)
+        sys.exit(main(parser.parse_args()))
