@@ -390,7 +390,7 @@ def print_table(s: dict[str, Any]) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--jobs", type=int, default=2000, help="jobs to run (default 2000)")
+    p.add_argument("--jobs", type=int, default=1000, help="jobs to run (default 1000)")
     p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
     p.add_argument("--worker-concurrency", type=int, default=32, help="slots per worker")
     p.add_argument("--subscribers", type=int, default=200, help="trace stream subscribers")

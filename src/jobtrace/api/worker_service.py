@@ -24,6 +24,8 @@ from jobtrace.pb import worker_service_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 30.0
+# Reports of one stream handled at once; more wait (backpressure on the worker).
+MAX_IN_FLIGHT = 256
 
 
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
@@ -90,16 +92,24 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     async def _read(
         self, request_iterator: AsyncIterator[pb.ConnectRequest], session: sch.WorkerSession
     ) -> None:
+        """Reports about different jobs are handled concurrently (so one stream
+        fills a group commit); reports about the same job keep their order."""
+        chains: dict[str, asyncio.Task[None]] = {}
+        slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         try:
             async for message in request_iterator:
                 if session.closed:
                     break
-                try:
-                    reply = await self._handle(session, message)
-                except DomainError as exc:
-                    reply = refused(message, exc)
-                if reply is not None:
-                    await session.send_reply(reply)
+                await slots.acquire()
+                key = _order_key(message)
+                task = asyncio.create_task(self._process(session, message, chains.get(key), slots))
+                chains[key] = task
+                task.add_done_callback(
+                    lambda t, k=key: chains.pop(k) if chains.get(k) is t else None
+                )
+            # Half-closed: what was received is still handled (and acknowledged).
+            if chains:
+                await asyncio.wait(list(chains.values()), timeout=30)
         except (asyncio.CancelledError, grpc.RpcError):
             raise
         except BaseException:
@@ -108,8 +118,29 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         else:
             log.debug("worker %s half-closed its stream", session.worker_id)
         finally:
+            for task in list(chains.values()):
+                task.cancel()
             # The worker half-closed or went away: end the session.
             session.close(session.close_reason or "worker closed the stream")
+
+    async def _process(
+        self,
+        session: sch.WorkerSession,
+        message: pb.ConnectRequest,
+        after: asyncio.Task[None] | None,
+        slots: asyncio.Semaphore,
+    ) -> None:
+        try:
+            if after is not None:
+                await asyncio.wait({after})
+            try:
+                reply = await self._handle(session, message)
+            except DomainError as exc:
+                reply = refused(message, exc)
+            if reply is not None:
+                await session.send_reply(reply)
+        finally:
+            slots.release()
 
     async def _handle(self, session: sch.WorkerSession, m: pb.ConnectRequest) -> Any:
         kind = m.WhichOneof("kind")
@@ -157,6 +188,13 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         if isinstance(m, MalformedRequest):
             raise Invalid([], message=f"malformed message: {m.reason}")
         raise Invalid([], message="empty message: set one of the ConnectRequest kinds")
+
+
+def _order_key(message: Any) -> str:
+    """Messages with the same key are handled in arrival order."""
+    kind = message.WhichOneof("kind") or ""
+    job_id = getattr(getattr(message, kind, None), "job_id", "") if kind else ""
+    return job_id or kind
 
 
 def _worker_actor(worker_id: str) -> Any:

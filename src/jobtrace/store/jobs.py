@@ -177,6 +177,8 @@ async def lock_workflow(session: AsyncSession, workflow_id: str) -> None:
 
 async def load_locked(session: AsyncSession, job_id: str, tenant: str | None = None) -> Job | None:
     """A job read under its row lock (after its workflow's), for a transition."""
+    if _is_sqlite(session):  # one writer connection: the transaction is the lock
+        return await get_job(session, job_id, tenant)
     job = await get_job(session, job_id, tenant)
     if job is None:
         return None
