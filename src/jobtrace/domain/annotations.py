@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
 from jobtrace.domain.errors import FieldViolation, Invalid, NotFound, Violations
-from jobtrace.domain.pagination import PageTokens
+from jobtrace.domain.pagination import PageTokens, position
 from jobtrace.domain.validation import check_page_size, check_text
 from jobtrace.ids import new_id
 from jobtrace.model import (
@@ -287,11 +287,7 @@ class Annotations:
             "scope": scope,
             "tenant": tenant,
         }
-        after = 0
-        try:
-            after = self._tokens.decode("page_token", page_token, "annotations", filters) or 0
-        except Invalid as exc:
-            v.items += exc.violations
+        after = position(self._tokens, v, "page_token", page_token, "annotations", filters)
         v.raise_if_any()
         async with self._db.read() as session:
             await self._trace.require_run(session, tenant, run_id)

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
 from jobtrace.domain.errors import NotFound, Violations
-from jobtrace.domain.pagination import PageTokens
+from jobtrace.domain.pagination import PageTokens, position
 from jobtrace.domain.validation import check_page_size
 from jobtrace.model import JSON, Attestation, AttestationType, RunState, SigningKey
 from jobtrace.store import attest as store
@@ -353,13 +353,7 @@ class Attestor:
         if type not in AttestationType.__members__.values():
             v.add("type", f"unknown AttestationType value {type}")
         filters = {"workflow_id": workflow_id, "job_id": job_id, "type": type, "tenant": tenant}
-        after = 0
-        try:
-            after = self._tokens.decode("page_token", page_token, "attestations", filters) or 0
-        except Exception as exc:
-            if not hasattr(exc, "violations"):
-                raise
-            v.items += exc.violations
+        after = position(self._tokens, v, "page_token", page_token, "attestations", filters)
         v.raise_if_any()
         async with self._db.read() as session:
             items = await store.list_page(

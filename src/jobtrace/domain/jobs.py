@@ -22,7 +22,7 @@ from jobtrace.domain.errors import (
     ResourceExhausted,
     Violations,
 )
-from jobtrace.domain.pagination import PageTokens
+from jobtrace.domain.pagination import PageTokens, position
 from jobtrace.domain.validation import (
     MAX_STEPS,
     STEP_NAME_RE,
@@ -513,14 +513,7 @@ class Jobs:
         return self._page(workflows, limit, "workflows", filters)
 
     def _decode(self, v: Violations, token: str, query: str, filters: dict[str, Any]) -> int | None:
-        try:
-            return self._tokens.decode("page_token", token, query, filters)
-        except Exception as exc:  # Invalid: merge with the other violations
-            violations = getattr(exc, "violations", None)
-            if violations is None:
-                raise
-            v.items.extend(violations)
-            return None
+        return position(self._tokens, v, "page_token", token, query, filters) or None
 
     def _page(self, items: list[Any], limit: int, query: str, filters: dict[str, Any]) -> Page:
         # One extra row was read to know whether another page exists, so an

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from jobtrace.domain.errors import FieldViolation, Invalid
+from jobtrace.domain.errors import FieldViolation, Invalid, Violations
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Database, Tx
 
@@ -55,6 +55,27 @@ class PageTokens:
                 [FieldViolation(field, "page token belongs to a query with other filters")]
             )
         return position
+
+
+def position(
+    tokens: PageTokens,
+    v: Violations,
+    field: str,
+    token: str,
+    query: str,
+    filters: dict[str, Any],
+    description: str = "",
+) -> int:
+    """Decode a token, reporting a bad one as a field violation next to the
+    request's others; 0 (the start) when there is no token."""
+    try:
+        return tokens.decode(field, token, query, filters) or 0
+    except Invalid as exc:
+        if description:
+            v.add(field, description)
+        else:
+            v.items.extend(exc.violations)
+        return 0
 
 
 async def open_tokens(db: Database) -> PageTokens:

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
 from jobtrace.domain.errors import FieldViolation, NotFound, ResourceExhausted, Violations
-from jobtrace.domain.pagination import PageTokens
+from jobtrace.domain.pagination import PageTokens, position
 from jobtrace.domain.validation import check_page_size, check_text
 from jobtrace.events.trace_bus import TraceBus
 from jobtrace.ids import run_kind
@@ -238,14 +238,15 @@ class Trace:
         return self._tokens.encode(f"trace:{run_id}", {}, seq) if seq else ""
 
     def _after(self, v: Violations, run_id: str, cursor: str) -> int:
-        try:
-            return self._tokens.decode("cursor", cursor, f"trace:{run_id}", {}) or 0
-        except Exception as exc:
-            violations = getattr(exc, "violations", None)
-            if violations is None:
-                raise
-            v.items += [FieldViolation("cursor", "malformed cursor, or one of another run")]
-            return 0
+        return position(
+            self._tokens,
+            v,
+            "cursor",
+            cursor,
+            f"trace:{run_id}",
+            {},
+            "malformed cursor, or one of another run",
+        )
 
     async def list(
         self, tenant: str | None, run_id: str, cursor: str, flt: EventFilter, page_size: int
