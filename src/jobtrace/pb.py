@@ -41,5 +41,6 @@ SERVICE_NAMES = (
 def service_descriptor(name: str) -> ServiceDescriptor:
     for module in (job_service_pb2, worker_service_pb2, trace_service_pb2, attestation_service_pb2):
         if name in module.DESCRIPTOR.services_by_name:
-            return module.DESCRIPTOR.services_by_name[name]
+            found: ServiceDescriptor = module.DESCRIPTOR.services_by_name[name]
+            return found
     raise KeyError(name)

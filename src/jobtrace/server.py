@@ -122,7 +122,7 @@ class JobtraceServer:
                 self.port = server.add_insecure_port(s.listen)
         except RuntimeError as exc:
             self.port = 0
-            cause = exc
+            cause: Exception | None = exc
         else:
             cause = None
         if self.port == 0:

@@ -39,7 +39,7 @@ class AttestationServicer(pb_grpc.AttestationServiceServicer):
         self, request: pb.ListAttestationsRequest, context: Any
     ) -> pb.ListAttestationsResponse:
         principal = self._auth.require(context, Role.READER)
-        items, token = await self._attestor.list(
+        items, token = await self._attestor.list_attestations(
             principal.read_scope,
             workflow_id=request.workflow_id,
             job_id=request.job_id,

@@ -371,9 +371,9 @@ def event_to_proto(e: Any) -> common_pb2.TraceEvent:
         sequence=e.seq,
         run_id=e.run_id,
         node_id=e.node_id,
-        type=int(e.type),
-        level=int(e.level),
-        category=int(e.category),
+        type=int(e.type),  # type: ignore[arg-type]
+        level=int(e.level),  # type: ignore[arg-type]
+        category=int(e.category),  # type: ignore[arg-type]
         timestamp=us_to_ts(e.ts_us),
         message=e.message,
         user_message=e.user_message,
@@ -420,7 +420,7 @@ def run_status_to_proto(s: Any) -> Any:
 
     return t.RunStatus(
         run_id=s.run_id,
-        state=int(s.state),
+        state=int(s.state),  # type: ignore[arg-type]
         started_at=us_to_ts(s.started_us),
         updated_at=us_to_ts(s.updated_us),
         completed_at=us_to_ts(s.completed_us),
@@ -441,14 +441,14 @@ def attestation_to_proto(a: Any) -> Any:
 
     return pa.Attestation(
         key=a.key,
-        type=int(a.type),
+        type=int(a.type),  # type: ignore[arg-type]
         entity_type=a.entity_type,
         entity_id=a.entity_id,
         workflow_id=a.workflow_id,
         job_id=a.job_id,
         worker_id=a.worker_id,
         attempt=a.attempt,
-        state=int(a.state),
+        state=int(a.state),  # type: ignore[arg-type]
         data=dict_to_struct(a.data),
         digest=a.digest,
         previous_digest=a.previous_digest,
@@ -477,7 +477,7 @@ def annotation_to_proto(a: Any) -> common_pb2.Annotation:
         run_id=a.run_id,
         job_id=a.job_id,
         attempt=a.attempt,
-        scope=int(a.scope),
+        scope=int(a.scope),  # type: ignore[arg-type]
         scope_id=a.scope_id,
         actor=common_pb2.Actor(kind=a.actor_kind, id=a.actor_id, version=a.actor_version),
         key=a.key,

@@ -105,7 +105,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 task = asyncio.create_task(self._process(session, message, chains.get(key), slots))
                 chains[key] = task
                 task.add_done_callback(
-                    lambda t, k=key: chains.pop(k) if chains.get(k) is t else None
+                    lambda t, k=key: chains.pop(k) if chains.get(k) is t else None  # type: ignore[misc]
                 )
             # Half-closed: what was received is still handled (and acknowledged).
             if chains:

@@ -338,7 +338,7 @@ class Attestor:
             )
         return found
 
-    async def list(
+    async def list_attestations(
         self,
         tenant: str | None,
         *,

@@ -154,10 +154,10 @@ def resolve_dependencies(v: Violations, steps: tuple[StepSubmission, ...]) -> li
     ready = [n for n, d in waiting.items() if not d]
     while ready:
         done = ready.pop()
-        for name, deps in waiting.items():
-            if done in deps:
-                deps.discard(done)
-                if not deps:
+        for name, pending in waiting.items():
+            if done in pending:
+                pending.discard(done)
+                if not pending:
                     ready.append(name)
         waiting[done] = set()
     cyclic = sorted(n for n, d in waiting.items() if d)
@@ -214,7 +214,7 @@ class Jobs:
                 }
             )
             for listener in self._listeners:
-                tx.on_commit(lambda listener=listener: listener(jobs))
+                tx.on_commit(lambda listener=listener: listener(jobs))  # type: ignore[misc]
 
     # --- submission -------------------------------------------------------
 
@@ -272,7 +272,8 @@ class Jobs:
             self._changed(tx, [stored])
             return stored, False
 
-        return await self._write_submission(op)
+        result: tuple[Job, bool] = await self._write_submission(op)
+        return result
 
     async def submit_workflow(self, tenant: str, sub: WorkflowSubmission) -> tuple[Workflow, bool]:
         v = Violations()
@@ -385,7 +386,8 @@ class Jobs:
             self._changed(tx, [j for j in jobs if j.state == RunState.QUEUED])
             return stored, False
 
-        return await self._write_submission(op)
+        result: tuple[Workflow, bool] = await self._write_submission(op)
+        return result
 
     async def _write_submission(self, op: Any) -> Any:
         """A concurrent submission of the same request id on another replica

@@ -622,11 +622,11 @@ class Scheduler:
         free = [s for s in self.sessions.values() if s.free_slots > 0]
         ordered = sorted(candidates.values(), key=lambda j: (-j.spec.priority, j.seq))
         plan: list[tuple[Job, WorkerSession]] = []
-        slots = {s.session_id: s.free_slots for s in free}
+        open_slots = {s.session_id: s.free_slots for s in free}
         for job in ordered:
-            best = _pick_worker(job, free, slots)
+            best = _pick_worker(job, free, open_slots)
             if best is not None:
-                slots[best.session_id] -= 1
+                open_slots[best.session_id] -= 1
                 plan.append((job, best))
         sleep = 5.0 if next_us is None else max(0.0, (next_us - now) / 1e6)
         if not plan:
@@ -665,7 +665,7 @@ class Scheduler:
                 await self._life.started(db, tx, claimed, now)
                 context = await store.request_context_for(db, claimed)
                 assign = Assign(claimed, deadline, context)
-                tx.on_commit(lambda a=assign, s=session: hand_over(a, s))
+                tx.on_commit(lambda a=assign, s=session: hand_over(a, s))  # type: ignore[misc]
                 changed.append(claimed)
             self._jobs.notify(tx, changed)
 

@@ -171,7 +171,7 @@ class Trace:
                 for i, e in enumerate(items)
             ]
             await store.insert_events(session, numbered)
-            tx.on_commit(lambda r=run_id, n=numbered: self.bus.publish(r, n))
+            tx.on_commit(lambda r=run_id, n=numbered: self.bus.publish(r, n))  # type: ignore[misc]
             tx.notify({"k": "trace", "run": run_id})
             stored += numbered
         return stored

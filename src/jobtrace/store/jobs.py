@@ -415,7 +415,7 @@ async def next_eligible_us(session: AsyncSession, services: Iterable[str], now: 
         return None
     from sqlalchemy import func
 
-    later = func.max(JobRow.not_before_us, JobRow.next_attempt_us)
+    later: Any = func.max(JobRow.not_before_us, JobRow.next_attempt_us)
     if not _is_sqlite(session):
         later = func.greatest(JobRow.not_before_us, JobRow.next_attempt_us)
     stmt = select(func.min(later)).where(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, func, select, tuple_
+from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -42,8 +43,8 @@ async def reserve_sequence(session: AsyncSession, run_id: str, tenant: str, coun
     stays locked until commit, so commit order is sequence order per run."""
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(TraceRunRow).values(run_id=run_id, tenant=tenant, last_seq=count)
-    stmt = stmt.on_conflict_do_update(
+    upsert = insert(TraceRunRow).values(run_id=run_id, tenant=tenant, last_seq=count)
+    stmt = upsert.on_conflict_do_update(
         index_elements=[TraceRunRow.run_id],
         set_={"last_seq": TraceRunRow.last_seq + count},
     ).returning(TraceRunRow.last_seq)
@@ -123,7 +124,7 @@ def event_from_row(r: TraceEventRow) -> TraceEvent:
 
 async def insert_events(session: AsyncSession, events: Sequence[TraceEvent]) -> None:
     if events:
-        await session.execute(TraceEventRow.__table__.insert(), [_values(e) for e in events])
+        await session.execute(sa_insert(TraceEventRow), [_values(e) for e in events])
 
 
 async def events_by_key(
