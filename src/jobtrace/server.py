@@ -168,8 +168,10 @@ class JobtraceServer:
                 for job_id, workflow_id, state, worker_id, attempt in n.get("j", []):
                     self.scheduler.remote_change(job_id, state, worker_id, attempt)
                     self.jobs.feed.poke(job_id, workflow_id)
-            elif kind in ("trace", "end"):
-                self.trace.bus.poke(n.get("run", ""), run_ended=kind == "end")
+            elif kind == "trace":
+                self.trace.remote_events(n.get("run", ""))
+            elif kind == "end":
+                self.trace.bus.poke(n.get("run", ""), run_ended=True)
 
     async def _maintain(self, every_s: float = 60.0) -> None:
         """Retention of attestations; each sweep is a series of short writes."""

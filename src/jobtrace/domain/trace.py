@@ -149,6 +149,8 @@ class Trace:
         self.keepalive_s = keepalive_s
         self.stopping = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
+        self._fetching: dict[str, asyncio.Task[None]] = {}
+        self._fetch_again: set[str] = set()
 
     # --- writing (inside other transactions too) -------------------------------
 
@@ -175,6 +177,47 @@ class Trace:
             tx.notify({"k": "trace", "run": run_id})
             stored += numbered
         return stored
+
+    def remote_events(self, run_id: str) -> None:
+        """Another replica stored events of this run. One read per run (not one
+        per subscriber) brings them here; they are published locally in
+        sequence order, and a subscriber that sees a gap still reads for itself."""
+        if not self.bus.watched(run_id):
+            return
+        if run_id in self._fetching:
+            self._fetch_again.add(run_id)
+            return
+        self._fetching[run_id] = asyncio.create_task(self._fetch_remote(run_id))
+
+    async def _fetch_remote(self, run_id: str) -> None:
+        try:
+            while True:
+                self._fetch_again.discard(run_id)
+                after = self.bus.high_water.get(run_id, 0)
+                if not after:
+                    # Nothing published here yet: the subscribers catch up by
+                    # themselves once; later events are fetched after this point.
+                    async with self._db.read() as session:
+                        upto = await store.last_sequence(session, run_id)
+                    if not self.bus.watched(run_id):
+                        return
+                    self.bus.high_water[run_id] = max(self.bus.high_water.get(run_id, 0), upto)
+                    self.bus.poke(run_id)
+                    if run_id not in self._fetch_again:
+                        return
+                    continue
+                async with self._db.read() as session:
+                    events = await store.list_events(
+                        session, run_id, after, EventFilter(), REPLAY_PAGE
+                    )
+                self.bus.publish(run_id, events)
+                if len(events) < REPLAY_PAGE and run_id not in self._fetch_again:
+                    return
+        except Exception:
+            log.exception("fetching remote events of %s failed; subscribers catch up", run_id)
+            self.bus.poke(run_id)
+        finally:
+            self._fetching.pop(run_id, None)
 
     def run_ended(self, tx: Tx, run_id: str) -> None:
         tx.on_commit(lambda: self.bus.publish(run_id, [], run_ended=True))

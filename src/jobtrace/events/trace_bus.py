@@ -46,6 +46,8 @@ class TraceSubscription:
 class TraceBus:
     def __init__(self) -> None:
         self._subs: defaultdict[str, set[TraceSubscription]] = defaultdict(set)
+        # Highest sequence published per run with subscribers here.
+        self.high_water: dict[str, int] = {}
 
     @contextmanager
     def subscribe(self, run_id: str) -> Iterator[TraceSubscription]:
@@ -59,10 +61,19 @@ class TraceBus:
                 subs.discard(sub)
                 if not subs:
                     del self._subs[run_id]
+                    self.high_water.pop(run_id, None)
 
     def publish(self, run_id: str, events: list[TraceEvent], run_ended: bool = False) -> None:
-        for sub in self._subs.get(run_id, ()):
+        subs = self._subs.get(run_id)
+        if not subs:
+            return
+        if events:
+            self.high_water[run_id] = max(self.high_water.get(run_id, 0), events[-1].seq)
+        for sub in subs:
             sub.push(events, run_ended)
+
+    def watched(self, run_id: str) -> bool:
+        return bool(self._subs.get(run_id))
 
     def poke(self, run_id: str, run_ended: bool = False) -> None:
         """Another replica stored events of this run: its subscribers catch up
