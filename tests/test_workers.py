@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -597,9 +598,11 @@ async def test_reconnect_after_losing_the_lease_is_told_it_was_revoked(harness: 
     await back.close()
 
 
+@pytest.mark.timeout(300)
 async def test_thousand_jobs_over_four_workers_complete_exactly_once(harness: Harness) -> None:
     api = harness.stubs()
     seen: dict[str, list[str]] = {}
+    stored: set[str] = set()
 
     def handler_for(name: str) -> Any:
         async def handle(ctx: JobContext) -> dict[str, Any]:
@@ -617,41 +620,30 @@ async def test_thousand_jobs_over_four_workers_complete_exactly_once(harness: Ha
             )
         )
         ids |= {r.job.id for r in responses}
-    workers = [f"w{i}" for i in range(4)]
-    async with (
-        runtime_worker(
-            harness.target,
-            {"svc": handler_for(workers[0])},
-            worker_id=workers[0],
-            max_concurrency=8,
-        ),
-        runtime_worker(
-            harness.target,
-            {"svc": handler_for(workers[1])},
-            worker_id=workers[1],
-            max_concurrency=8,
-        ),
-        runtime_worker(
-            harness.target,
-            {"svc": handler_for(workers[2])},
-            worker_id=workers[2],
-            max_concurrency=8,
-        ),
-        runtime_worker(
-            harness.target,
-            {"svc": handler_for(workers[3])},
-            worker_id=workers[3],
-            max_concurrency=8,
-        ),
-    ):
-
-        async def all_completed() -> bool:
-            page = await api.jobs.ListJobs(
-                j.ListJobsRequest(state=c.RUN_STATE_COMPLETED, page_size=1000)
+    async with contextlib.AsyncExitStack() as stack:
+        for i in range(4):
+            worker = await stack.enter_async_context(
+                runtime_worker(
+                    harness.target,
+                    {"svc": handler_for(f"w{i}")},
+                    worker_id=f"w{i}",
+                    max_concurrency=8,
+                )
             )
-            return len(page.jobs) == 1000
-
-        await wait_for(all_completed, timeout=60, interval=0.1)
+            # Counted when the server acknowledges the stored completion.
+            worker.on_completed = lambda job_id, ok: stored.add(job_id) if ok else None
+        await wait_for(lambda: len(stored) == len(ids), timeout=240, interval=0.2)
+    completed: list[str] = []
+    token = ""
+    while True:
+        page = await api.jobs.ListJobs(
+            j.ListJobsRequest(state=c.RUN_STATE_COMPLETED, page_size=1000, page_token=token)
+        )
+        completed += [x.id for x in page.jobs]
+        token = page.next_page_token
+        if not token:
+            break
+    assert set(completed) == ids and len(completed) == len(ids)
     assert set(seen) == ids
     assert all(len(v) == 1 for v in seen.values()), "each job ran exactly once"
     assert len({v[0] for v in seen.values()}) == 4, "every worker took part"
