@@ -1,5 +1,43 @@
-"""Python clients of jobtrace: the worker runtime (and, later, typed API clients)."""
+"""Python clients of jobtrace: typed async and sync API clients and the worker runtime."""
 
+from jobtrace.client.api import Client, Page, RetryPolicy, TracePage, job_spec
+from jobtrace.client.channel import Endpoint
+from jobtrace.client.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    JobtraceError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from jobtrace.client.sync import SyncClient
 from jobtrace.client.worker import JobContext, NonRetryableError, Worker
 
-__all__ = ["JobContext", "NonRetryableError", "Worker"]
+__all__ = [
+    "AlreadyExists",
+    "Client",
+    "DeadlineExceeded",
+    "Endpoint",
+    "FailedPrecondition",
+    "FieldViolation",
+    "InvalidArgument",
+    "JobContext",
+    "JobtraceError",
+    "NonRetryableError",
+    "NotFound",
+    "Page",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "RetryPolicy",
+    "SyncClient",
+    "TracePage",
+    "Unauthenticated",
+    "Unavailable",
+    "Worker",
+    "job_spec",
+]

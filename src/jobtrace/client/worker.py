@@ -1,6 +1,6 @@
 """The worker runtime: handlers for services, one stream, heartbeats, reconnects, drain.
 
-worker = Worker("127.0.0.1:50051", services_concurrency=4)
+worker = Worker("127.0.0.1:50051", max_concurrency=4)
 
 @worker.handler("resize")
 async def resize(job: JobContext) -> dict:
@@ -14,22 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import random
 import socket
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2
 
+from jobtrace.client.channel import Endpoint
 from jobtrace.pb import common_pb2, worker_service_pb2, worker_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[["JobContext"], Awaitable[dict[str, Any] | None]]
+HandlerFn = Callable[..., Awaitable[dict[str, Any] | None]]
 
 
 class NonRetryableError(Exception):
@@ -65,35 +69,43 @@ class JobContext:
         await self._cancelled.wait()
 
     async def progress(self, percent: float, message: str = "") -> None:
+        """Report progress (0-100). Best effort: while the worker is reconnecting
+        the report is dropped (the next one carries the newer state)."""
         report = worker_service_pb2.ProgressReport(
             job_id=self.job.id, attempt=self.attempt, percent=percent, message=message
         )
-        await self._worker._send(worker_service_pb2.ConnectRequest(progress=report), wait=False)
+        with contextlib.suppress(ConnectionError):
+            await self._worker._send(worker_service_pb2.ConnectRequest(progress=report), wait=False)
 
 
 class Worker:
     def __init__(
         self,
-        target: str,
+        target: str | None = None,
         *,
         worker_id: str | None = None,
         max_concurrency: int = 1,
         affinity_keys: tuple[str, ...] = (),
         labels: dict[str, str] | None = None,
         token: str | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
+        endpoint: Endpoint | None = None,
         reconnect_initial: float = 0.2,
         reconnect_max: float = 10.0,
     ) -> None:
+        # TLS, client certificates and keepalive come with `endpoint`; an explicit
+        # target or token overrides its own.
+        self.endpoint = endpoint or Endpoint()
+        if target is not None:
+            self.endpoint = replace(self.endpoint, target=target)
+        if token is not None:
+            self.endpoint = replace(self.endpoint, token=token)
         # Several comma-separated replicas: the worker fails over between them.
-        self.targets = [t.strip() for t in target.split(",") if t.strip()]
+        self.targets = self.endpoint.targets
         self.target = self.targets[0]
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.max_concurrency = max_concurrency
         self.affinity_keys = affinity_keys
         self.labels = labels or {}
-        self._token = token
-        self._credentials = credentials
         self._reconnect = (reconnect_initial, reconnect_max)
         self._handlers: dict[str, Handler] = {}
         self._running: dict[str, tuple[JobContext, asyncio.Task[None]]] = {}
@@ -105,15 +117,18 @@ class Worker:
         self._stop = asyncio.Event()
         self._call: Any = None
         self._acked = asyncio.Event()  # set on every ack and when a stream ends
+        self._background: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
         self.completed = 0
         self.failed = 0
         # Called when a completion is acknowledged (stored) or refused: (job id, stored).
         self.on_completed: Callable[[str, bool], None] | None = None
 
-    def handler(self, service: str) -> Callable[[Handler], Handler]:
-        def register(fn: Handler) -> Handler:
-            self._handlers[service] = fn
+    def handler(self, service: str) -> Callable[[HandlerFn], HandlerFn]:
+        """Register `async def run(ctx)` or `async def run(job, ctx)` for a service."""
+
+        def register(fn: HandlerFn) -> HandlerFn:
+            self._handlers[service] = _adapt(fn)
             return fn
 
         return register
@@ -179,11 +194,8 @@ class Worker:
     # --- one stream -------------------------------------------------------------
 
     async def _session(self) -> None:
-        metadata = (("authorization", f"Bearer {self._token}"),) if self._token else None
-        if self._credentials is not None:
-            channel = grpc.aio.secure_channel(self.target, self._credentials)
-        else:
-            channel = grpc.aio.insecure_channel(self.target)
+        metadata = self.endpoint.metadata()
+        channel = self.endpoint.channel(self.target)
         outbox: asyncio.Queue[worker_service_pb2.ConnectRequest] = asyncio.Queue()
         self._outbox = outbox
         hello = worker_service_pb2.WorkerHello(
@@ -283,6 +295,16 @@ class Worker:
 
     def _settle(self, message_id: int, response: worker_service_pb2.ConnectResponse) -> None:
         report = self._unacked.pop(message_id, None)
+        kind = report.WhichOneof("kind") if report is not None else None
+        if (
+            report is not None
+            and response.WhichOneof("kind") == "error"
+            and response.error.code in REFUSED_AS_MALFORMED
+            and (kind == "complete" or (kind == "fail" and report.fail.error.code != REFUSED))
+        ):
+            task = asyncio.create_task(self._replace_refused(report, response.error))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         if report is not None and report.WhichOneof("kind") == "complete" and self.on_completed:
             self.on_completed(report.complete.job_id, response.WhichOneof("kind") == "ack")
         self._acked.set()
@@ -322,6 +344,11 @@ class Worker:
             result = await handler(ctx)
             body = struct_pb2.Struct()
             body.update(result or {})
+            if body.ByteSize() > MAX_RESULT_BYTES:
+                raise NonRetryableError(
+                    f"the result is {body.ByteSize()} bytes; at most {MAX_RESULT_BYTES} are stored",
+                    code="RESULT_TOO_LARGE",
+                )
             report = worker_service_pb2.ConnectRequest(
                 complete=worker_service_pb2.CompleteReport(
                     job_id=ctx.job.id, attempt=ctx.attempt, result=body
@@ -333,20 +360,83 @@ class Worker:
                 raise
             return  # the server ended the job; nothing to report
         except Exception as exc:
-            retryable = not isinstance(exc, NonRetryableError)
-            report = worker_service_pb2.ConnectRequest(
-                fail=worker_service_pb2.FailReport(
-                    job_id=ctx.job.id,
-                    attempt=ctx.attempt,
-                    error=common_pb2.ErrorDetail(
-                        message=str(exc) or type(exc).__name__,
-                        code=getattr(exc, "code", "") or type(exc).__name__,
-                    ),
-                    retryable=retryable,
-                )
+            report = fail_report(
+                ctx.job.id,
+                ctx.attempt,
+                str(exc) or type(exc).__name__,
+                code=getattr(exc, "code", "") or type(exc).__name__,
+                retryable=not isinstance(exc, NonRetryableError),
+                details="".join(traceback.format_exception(exc)),
             )
             self.failed += 1
         finally:
             self._running.pop(ctx.job.id, None)
             if report is not None:
                 await self._send(report, wait=False, keep=True)
+
+    async def _replace_refused(
+        self, report: worker_service_pb2.ConnectRequest, error: worker_service_pb2.StreamError
+    ) -> None:
+        """A terminal report the server refused as malformed would leave the job
+        running until its lease ran out: report a (non-retryable) failure instead."""
+        body = report.complete if report.HasField("complete") else report.fail
+        kind = "complete" if report.HasField("complete") else "fail"
+        job_id, attempt = body.job_id, body.attempt
+        log.error("the server refused the %s of job %s: %s", kind, job_id, error.message)
+        replacement = fail_report(
+            job_id,
+            attempt,
+            f"the server refused the worker's {kind} report ({error.reason}): {error.message}",
+            code=REFUSED,
+            retryable=False,
+        )
+        replacement.fail.error.details = ""  # the smallest report that can be stored
+        await self._send(replacement, wait=False, keep=True)
+
+
+MAX_RESULT_BYTES = 1024 * 1024
+REFUSED = "REPORT_REFUSED"
+REFUSED_AS_MALFORMED = {
+    grpc.StatusCode.INVALID_ARGUMENT.value[0],
+    grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+}
+
+
+def fail_report(
+    job_id: str, attempt: int, message: str, *, code: str, retryable: bool, details: str = ""
+) -> worker_service_pb2.ConnectRequest:
+    """A failure report cut to the sizes the server stores (message 10,000
+    characters, code 128, details 64 KiB), so it is never refused for its size."""
+    return worker_service_pb2.ConnectRequest(
+        fail=worker_service_pb2.FailReport(
+            job_id=job_id,
+            attempt=attempt,
+            error=common_pb2.ErrorDetail(
+                message=_cut(message, 10_000),
+                code=_cut(code, 128),
+                details=_cut(details, 60_000),
+            ),
+            retryable=retryable,
+        )
+    )
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _adapt(fn: Callable[..., Awaitable[dict[str, Any] | None]]) -> Handler:
+    """Handlers take the context alone (`async def run(ctx)`) or the job and the
+    context (`async def run(job, ctx)`)."""
+    positional = [
+        p
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(positional) >= 2:
+
+        async def both(ctx: JobContext) -> dict[str, Any] | None:
+            return await fn(ctx.job, ctx)
+
+        return both
+    return fn

@@ -1,0 +1,796 @@
+"""CLI commands that talk to a running server: submit, watch, get, cancel, jobs,
+workflows, trace, attest, annotate, annotations, keys list|export."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from jobtrace.cli import render
+from jobtrace.cli.render import Style, as_json, print_json, state_name, when
+from jobtrace.client import Client, Endpoint
+from jobtrace.client.api import Page
+from jobtrace.ids import run_kind
+from jobtrace.pb import attestation_service_pb2, common_pb2
+
+Command = Callable[[argparse.Namespace, Client], Awaitable[int]]
+
+
+def client_options() -> argparse.ArgumentParser:
+    """Options shared by every command that calls the server (also JOBTRACE_* variables)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection (defaults from JOBTRACE_TARGET, JOBTRACE_TOKEN, ...)")
+    g.add_argument("--target", help="server HOST:PORT (JOBTRACE_TARGET, default 127.0.0.1:50051)")
+    g.add_argument("--token", help="bearer token (JOBTRACE_TOKEN)")
+    g.add_argument("--tls", action="store_true", default=None, help="use TLS (JOBTRACE_TLS=1)")
+    g.add_argument("--tls-ca", help="CA certificate of the server, PEM (JOBTRACE_TLS_CA)")
+    g.add_argument("--client-cert", help="client certificate, PEM (JOBTRACE_CLIENT_CERT)")
+    g.add_argument("--client-key", help="client private key, PEM (JOBTRACE_CLIENT_KEY)")
+    g.add_argument("--tls-server-name", help="name expected in the server certificate")
+    g.add_argument("--timeout", type=float, default=10.0, help="deadline per call, s (10)")
+    return p
+
+
+def endpoint_of(args: argparse.Namespace) -> Endpoint:
+    return Endpoint.from_env(
+        target=args.target,
+        token=args.token,
+        tls=args.tls,
+        ca_file=args.tls_ca,
+        client_cert_file=args.client_cert,
+        client_key_file=args.client_key,
+        server_name=args.tls_server_name,
+    )
+
+
+def run_command(command: Command) -> Callable[[argparse.Namespace], int]:
+    """Run an async command with a client built from the connection options."""
+
+    def run(args: argparse.Namespace) -> int:
+        async def main() -> int:
+            async with Client(endpoint=endpoint_of(args), timeout=args.timeout) as client:
+                return await command(args, client)
+
+        return asyncio.run(main())
+
+    return run
+
+
+# --- parsing helpers ------------------------------------------------------------------
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+
+
+def parse_when(text: str) -> datetime:
+    """An ISO 8601 time (UTC unless it says otherwise) or an age: 30s, 10m, 2h, 1d."""
+    if m := _RELATIVE.match(text.strip()):
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
+        return datetime.now(UTC) - timedelta(**{unit: float(m.group(1))})
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"not a time: {text!r} (ISO 8601, or an age such as 10m, 2h)") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def parse_json_object(text: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object")
+    return value
+
+
+def read_text(path: str) -> str:
+    return sys.stdin.read() if path == "-" else Path(path).read_text()
+
+
+def write_file(path: str, text: str) -> None:
+    Path(path).write_text(text)
+
+
+def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    pairs = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} must be KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+def load_document(path: str) -> dict[str, Any]:
+    """A YAML or JSON file (or - for standard input) holding one mapping."""
+    import yaml
+
+    text = read_text(path)
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML/JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return doc
+
+
+# --- submit, get, cancel, watch ------------------------------------------------------
+
+
+async def submit(args: argparse.Namespace, client: Client) -> int:
+    if args.workflow:
+        if args.service:
+            raise ValueError("give either SERVICE (a job) or --workflow FILE, not both")
+        workflow = await submit_workflow_file(client, args.workflow, args.request_id)
+        print(
+            f"submitted workflow {workflow.name!r} ({len(workflow.steps)} steps): "
+            f"{state_name(workflow.state)}",
+            file=sys.stderr,
+        )
+        if args.json:
+            print_json(as_json(workflow))
+        else:
+            print(workflow.id)
+        run_id = workflow.id
+    else:
+        if not args.service:
+            raise ValueError("give the SERVICE to run (or --workflow FILE)")
+        if args.payload is not None and args.payload_file:
+            raise ValueError("give the payload as an argument or with --payload-file, not both")
+        payload: dict[str, Any] | None = None
+        if args.payload is not None:
+            payload = parse_json_object(args.payload, "the payload")
+        elif args.payload_file:
+            payload = parse_json_object(read_text(args.payload_file), args.payload_file)
+        context = {"user_context": {"user_id": args.user}} if args.user else None
+        job = await client.submit_job(
+            args.service,
+            payload,
+            request_id=args.request_id,
+            priority=args.priority,
+            max_attempts=args.max_attempts,
+            timeout=args.job_timeout,
+            not_before=parse_when(args.not_before) if args.not_before else None,
+            affinity_keys=args.affinity or (),
+            labels=parse_pairs(args.label, "--label"),
+            request_context=context,
+        )
+        print(f"submitted job for {job.spec.service!r}: {state_name(job.state)}", file=sys.stderr)
+        if args.json:
+            print_json(as_json(job))
+        else:
+            print(job.id)
+        run_id = job.id
+    if args.watch:
+        from jobtrace.cli.watch import watch
+
+        style = Style.choose(args.color, sys.stdout)
+        return await watch(
+            client, run_id, sys.stdout, json_lines=args.json, style=style, live=_live(args)
+        )
+    return 0
+
+
+async def submit_workflow_file(
+    client: Client, path: str, request_id: str | None
+) -> common_pb2.Workflow:
+    """Submit the workflow a YAML/JSON file describes:
+
+    name: nightly-report
+    request_id: report-2026-11-24      # optional; makes re-submitting idempotent
+    request_context: {user_context: {user_id: alice}, body: {...}}
+    steps:
+      - name: fetch
+        service: demo                  # shorthand for job: {service: ..., payload: ...}
+        payload: {seconds: 1}
+      - name: render
+        job: {service: demo, payload: {seconds: 2}, max_attempts: 3}
+        depends_on: [fetch]            # default: the previous step
+    """
+    doc = load_document(path)
+    unknown = set(doc) - {"name", "request_id", "priority", "labels", "steps"}
+    unknown -= {"request_context", "annotations"}
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+    steps = []
+    for i, raw in enumerate(doc.get("steps") or []):
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: steps[{i}] must be a mapping")
+        step = dict(raw)
+        shorthand = {k: step.pop(k) for k in ("service", "payload") if k in step}
+        if shorthand:
+            step["job"] = {**step.get("job", {}), **shorthand}
+        steps.append(step)
+    return await client.submit_workflow(
+        str(doc.get("name", "")),
+        steps,
+        request_id=request_id or doc.get("request_id"),
+        priority=int(doc.get("priority", 0)),
+        labels={str(k): str(v) for k, v in (doc.get("labels") or {}).items()},
+        request_context=doc.get("request_context"),
+        annotations=doc.get("annotations") or (),
+    )
+
+
+async def watch_command(args: argparse.Namespace, client: Client) -> int:
+    from jobtrace.cli.watch import watch
+
+    style = Style.choose(args.color, sys.stdout)
+    return await watch(
+        client, args.id, sys.stdout, json_lines=args.json, style=style, live=_live(args)
+    )
+
+
+def _live(args: argparse.Namespace) -> bool:
+    return not args.json and not args.plain and sys.stdout.isatty()
+
+
+async def get(args: argparse.Namespace, client: Client) -> int:
+    kind = _kind(args.id)
+    if kind == "workflow":
+        workflow = await client.get_workflow(args.id)
+        if args.json:
+            print_json(as_json(workflow))
+        else:
+            describe_workflow(workflow, Style.choose("auto", sys.stdout))
+    else:
+        job = await client.get_job(args.id)
+        if args.json:
+            print_json(as_json(job))
+        else:
+            describe_job(job, Style.choose("auto", sys.stdout))
+    return 0
+
+
+async def cancel(args: argparse.Namespace, client: Client) -> int:
+    if _kind(args.id) == "workflow":
+        workflow = await client.cancel_workflow(args.id, args.reason)
+        print_json(as_json(workflow)) if args.json else print(
+            f"{workflow.id}: {state_name(workflow.state)}"
+        )
+    else:
+        job = await client.cancel_job(args.id, args.reason)
+        print_json(as_json(job)) if args.json else print(f"{job.id}: {state_name(job.state)}")
+    return 0
+
+
+def _kind(run_id: str) -> str:
+    kind = run_kind(run_id)
+    if not kind:
+        raise ValueError(f"{run_id!r} is neither a job id (job_...) nor a workflow id (wf_...)")
+    return kind
+
+
+def describe_job(job: common_pb2.Job, s: Style) -> None:
+    rows = [
+        ("id", job.id),
+        ("service", job.spec.service),
+        ("state", s.state(job.state)),
+        ("attempt", str(job.attempt)),
+        ("progress", f"{job.progress.percent:.0f}% {job.progress.message}".rstrip()),
+        ("workflow", f"{job.workflow_id} step {job.step_name}" if job.workflow_id else "-"),
+        ("worker", job.worker_id or "-"),
+        ("created", when(job.created_at)),
+        ("started", when(job.started_at)),
+        ("completed", when(job.completed_at)),
+        ("payload", json.dumps(as_json(job.spec.payload)) if job.spec.HasField("payload") else "-"),
+    ]
+    if job.HasField("result"):
+        rows.append(("result", json.dumps(as_json(job.result))))
+    if job.HasField("failure"):
+        f = job.failure
+        rows.append(("failure", f"{f.code or '-'}: {f.reason} (retryable: {f.retryable})"))
+    for key, value in rows:
+        print(f"{key:>10}  {value}")
+
+
+def describe_workflow(workflow: common_pb2.Workflow, s: Style) -> None:
+    p = workflow.progress
+    print(f"{'id':>10}  {workflow.id}")
+    print(f"{'name':>10}  {workflow.name}")
+    print(f"{'state':>10}  {s.state(workflow.state)}")
+    print(f"{'progress':>10}  {p.completed_steps}/{p.total_steps} steps")
+    print(f"{'created':>10}  {when(workflow.created_at)}")
+    print(f"{'completed':>10}  {when(workflow.completed_at)}")
+    if workflow.HasField("failure"):
+        print(f"{'failure':>10}  {workflow.failure.code or '-'}: {workflow.failure.reason}")
+    render.table(
+        ["  STEP", "STATE", "ATTEMPT", "JOB", "DEPENDS ON"],
+        [
+            [
+                "  " + step.name,
+                s.state(step.state),
+                str(step.attempt),
+                step.job_id,
+                ",".join(step.depends_on) or "-",
+            ]
+            for step in workflow.steps
+        ],
+    )
+
+
+# --- lists ---------------------------------------------------------------------------
+
+
+async def collect(
+    fetch: Callable[[str], Awaitable[Page[Any]]], limit: int
+) -> tuple[list[Any], str]:
+    """Up to `limit` items, page after page; and the token to continue from."""
+    items: list[Any] = []
+    token = ""
+    while True:
+        page = await fetch(token)
+        items += page.items
+        token = page.next_page_token
+        if not token or len(items) >= limit:
+            return items[:limit], token if len(items) <= limit else ""
+
+
+async def jobs(args: argparse.Namespace, client: Client) -> int:
+    found, token = await collect(
+        lambda t: client.list_jobs(
+            state=args.state,
+            service=args.service or "",
+            workflow_id=args.workflow or "",
+            page_size=min(args.limit, 1000),
+            page_token=t,
+        ),
+        args.limit,
+    )
+    if args.json:
+        print_json({"jobs": [as_json(j) for j in found], "next_page_token": token})
+        return 0
+    s = Style.choose("auto", sys.stdout)
+    render.table(
+        ["ID", "SERVICE", "STATE", "ATTEMPT", "PROGRESS", "WORKER", "CREATED"],
+        [
+            [
+                j.id,
+                j.spec.service,
+                s.state(j.state),
+                str(j.attempt),
+                f"{j.progress.percent:.0f}%",
+                j.worker_id or "-",
+                when(j.created_at),
+            ]
+            for j in found
+        ],
+    )
+    return 0
+
+
+async def workflows(args: argparse.Namespace, client: Client) -> int:
+    found, token = await collect(
+        lambda t: client.list_workflows(
+            state=args.state, name=args.name or "", page_size=min(args.limit, 1000), page_token=t
+        ),
+        args.limit,
+    )
+    if args.json:
+        print_json({"workflows": [as_json(w) for w in found], "next_page_token": token})
+        return 0
+    s = Style.choose("auto", sys.stdout)
+    render.table(
+        ["ID", "NAME", "STATE", "STEPS", "CREATED", "COMPLETED"],
+        [
+            [
+                w.id,
+                w.name,
+                s.state(w.state),
+                f"{w.progress.completed_steps}/{w.progress.total_steps}",
+                when(w.created_at),
+                when(w.completed_at),
+            ]
+            for w in found
+        ],
+    )
+    return 0
+
+
+# --- trace ---------------------------------------------------------------------------
+
+
+def trace_filters(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "min_level": args.level,
+        "category": args.category,
+        "node_id": args.node or "",
+        "type": args.type,
+        "since": parse_when(args.since) if args.since else None,
+        "until": parse_when(args.until) if args.until else None,
+        "milestones_only": args.milestones,
+    }
+
+
+def event_line(event: common_pb2.TraceEvent, s: Style) -> str:
+    text = event.message
+    if event.user_message and event.user_message != event.message:
+        text += f" ({event.user_message})"
+    if event.HasField("error") and event.error.message:
+        text += f" — {event.error.code + ': ' if event.error.code else ''}{event.error.message}"
+    mark = "*" if event.milestone else " "
+    kind = common_pb2.TraceEventType.Name(event.type).removeprefix("TRACE_EVENT_TYPE_")
+    return (
+        f"{s.dim(str(event.sequence).rjust(5))} {when(event.timestamp)} "
+        f"{s.level(event.level, render.level_name(event.level).ljust(8))}{mark}"
+        f"{kind.ljust(9)} {event.node_id}: {text}"
+    )
+
+
+async def trace_list(args: argparse.Namespace, client: Client) -> int:
+    events: list[common_pb2.TraceEvent] = []
+    cursor = args.cursor or ""
+    more = True
+    while more and len(events) < args.limit:
+        page = await client.list_trace_events(
+            args.run_id,
+            cursor=cursor,
+            page_size=min(1000, args.limit - len(events)),
+            **trace_filters(args),
+        )
+        events += page.events
+        cursor, more = page.next_cursor or cursor, page.more
+    if args.json:
+        print_json({"events": [as_json(e) for e in events], "next_cursor": cursor, "more": more})
+        return 0
+    s = Style.choose(args.color, sys.stdout)
+    for event in events:
+        print(event_line(event, s))
+    print(f"next cursor: {cursor}" + (" (more)" if more else ""), file=sys.stderr)
+    return 0
+
+
+async def trace_tail(args: argparse.Namespace, client: Client) -> int:
+    s = Style.choose(args.color, sys.stdout)
+    async for item in client.stream_trace_events(
+        args.run_id, cursor=args.cursor or "", follow=not args.no_follow, **trace_filters(args)
+    ):
+        if item.WhichOneof("kind") == "event":
+            if args.json:
+                print_json({"event": as_json(item.event), "cursor": item.cursor})
+            else:
+                print(event_line(item.event, s), flush=True)
+        elif item.WhichOneof("kind") == "final_status":
+            status = item.final_status
+            if args.json:
+                print_json({"final_status": as_json(status), "cursor": item.cursor})
+            else:
+                print(f"run {status.run_id} ended {s.state(status.state)}", flush=True)
+            return render.exit_code_for(status.state)
+    return 0
+
+
+# --- attestations and keys ---------------------------------------------------------
+
+
+async def attest_get(args: argparse.Namespace, client: Client) -> int:
+    a = await client.get_attestation(args.key)
+    if args.json:
+        print_json(as_json(a))
+        return 0
+    kind = attestation_service_pb2.AttestationType.Name(a.type).removeprefix("ATTESTATION_TYPE_")
+    for key, value in [
+        ("key", a.key),
+        ("type", kind.lower()),
+        ("entity", f"{a.entity_type} {a.entity_id}"),
+        ("state", state_name(a.state)),
+        ("worker", a.worker_id or "-"),
+        ("attempt", str(a.attempt)),
+        ("created", when(a.create_time)),
+        ("expires", when(a.expire_time)),
+        ("digest", a.digest),
+        ("previous", a.previous_digest or "-"),
+        ("key id", a.key_id),
+    ]:
+        print(f"{key:>9}  {value}")
+    print(json.dumps(as_json(a.data), indent=2, ensure_ascii=False))
+    return 0
+
+
+async def attest_list(args: argparse.Namespace, client: Client) -> int:
+    found, token = await collect(
+        lambda t: client.list_attestations(
+            workflow_id=args.workflow or "",
+            job_id=args.job or "",
+            type=args.type,
+            page_size=min(args.limit, 1000),
+            page_token=t,
+        ),
+        args.limit,
+    )
+    if args.json:
+        print_json({"attestations": [as_json(a) for a in found], "next_page_token": token})
+        return 0
+    render.table(
+        ["KEY", "STATE", "ATTEMPT", "CREATED", "DIGEST"],
+        [
+            [a.key, state_name(a.state), str(a.attempt), when(a.create_time), a.digest[:23]]
+            for a in found
+        ],
+    )
+    return 0
+
+
+async def attest_verify_online(args: argparse.Namespace, client: Client) -> int:
+    verdict = await client.verify_attestation(args.target_key)
+    if args.json:
+        print_json(as_json(verdict) | {"valid": verdict.valid})
+    elif verdict.valid:
+        print(f"{args.target_key}: valid (signature and chain)")
+    else:
+        print(f"{args.target_key}: INVALID: {verdict.reason}")
+    return 0 if verdict.valid else 1
+
+
+async def attest_export(args: argparse.Namespace, client: Client) -> int:
+    envelope = await client.export_attestation(args.key)
+    text = json.dumps(envelope, indent=2) + "\n"
+    if args.output and args.output != "-":
+        write_file(args.output, text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+async def keys_list(args: argparse.Namespace, client: Client) -> int:
+    keys = await client.get_signing_keys()
+    if args.json:
+        print_json({"keys": [as_json(k) for k in keys]})
+        return 0
+    render.table(
+        ["KEY ID", "ALGORITHM", "ACTIVE", "CREATED", "PUBLIC KEY (hex)"],
+        [
+            [
+                k.key_id,
+                k.algorithm,
+                "yes" if k.active else "no",
+                when(k.create_time),
+                k.public_key.hex(),
+            ]
+            for k in keys
+        ],
+    )
+    return 0
+
+
+async def keys_export(args: argparse.Namespace, client: Client) -> int:
+    """A public signing key as PEM: the active one, or --key-id."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    keys = await client.get_signing_keys()
+    chosen = [k for k in keys if (k.key_id == args.key_id if args.key_id else k.active)]
+    if not chosen:
+        raise ValueError(f"no signing key {args.key_id!r}" if args.key_id else "no active key")
+    pem = (
+        Ed25519PublicKey.from_public_bytes(chosen[0].public_key)
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    if args.output and args.output != "-":
+        write_file(args.output, pem)
+        print(f"wrote {args.output} ({chosen[0].key_id})", file=sys.stderr)
+    else:
+        sys.stdout.write(pem)
+    return 0
+
+
+# --- annotations -----------------------------------------------------------------------
+
+
+def parse_actor(text: str) -> dict[str, str]:
+    """KIND:ID[@VERSION], e.g. user:alice or model:ranker@2.1."""
+    kind, sep, rest = text.partition(":")
+    if not sep or not rest:
+        raise ValueError(f"--actor must be KIND:ID[@VERSION], got {text!r}")
+    ident, _, version = rest.partition("@")
+    return {"kind": f"ACTOR_KIND_{kind.upper()}", "id": ident, "version": version}
+
+
+def parse_value(text: str) -> Any:
+    """JSON when it parses (numbers, booleans, objects), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+async def annotate(args: argparse.Namespace, client: Client) -> int:
+    attributes = {k: parse_value(v) for k, v in parse_pairs(args.pairs, "an attribute").items()}
+    if not attributes:
+        raise ValueError("give at least one KEY=VALUE")
+    stored = await client.attach_annotations(
+        args.run_id,
+        attributes,
+        actor=parse_actor(args.actor),
+        job_id=args.job or "",
+        attempt=args.attempt,
+        scope=args.scope,
+        scope_id=args.scope_id or "",
+        payload=parse_json_object(args.payload, "--payload") if args.payload else None,
+        idempotency_key=args.idempotency_key,
+        emit_event=args.emit_event,
+    )
+    if args.json:
+        print_json({"annotations": [as_json(a) for a in stored]})
+    else:
+        for a in stored:
+            print(f"{a.id}  {a.key} = {json.dumps(as_json(a.value))}")
+    return 0
+
+
+async def annotations_command(args: argparse.Namespace, client: Client) -> int:
+    found, token = await collect(
+        lambda t: client.list_annotations(
+            args.run_id,
+            key_prefix=args.prefix or "",
+            actor_id=args.actor or "",
+            since=parse_when(args.since) if args.since else None,
+            attempt=args.attempt,
+            scope=args.scope,
+            page_size=min(args.limit, 1000),
+            page_token=t,
+        ),
+        args.limit,
+    )
+    if args.json:
+        print_json({"annotations": [as_json(a) for a in found], "next_page_token": token})
+        return 0
+    render.table(
+        ["TIME", "KEY", "VALUE", "ACTOR", "JOB", "ATTEMPT"],
+        [
+            [
+                when(a.create_time),
+                a.key,
+                render.shorten(json.dumps(as_json(a.value), ensure_ascii=False), 40),
+                f"{common_pb2.ActorKind.Name(a.actor.kind).removeprefix('ACTOR_KIND_').lower()}:"
+                f"{a.actor.id}",
+                a.job_id or "-",
+                str(a.attempt or "-"),
+            ]
+            for a in found
+        ],
+    )
+    return 0
+
+
+# --- the parser ---------------------------------------------------------------------
+
+
+def add_commands(sub: Any, attest: Any, keys: Any) -> None:
+    """Register the client commands on the top-level, `attest` and `keys` sub-parsers."""
+    conn = client_options()
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--json", action="store_true", help="print JSON instead of text")
+    colour = argparse.ArgumentParser(add_help=False)
+    colour.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    states = [state_name(v) for v in common_pb2.RunState.values()][1:]
+
+    p = sub.add_parser(
+        "submit",
+        parents=[conn, out, colour],
+        help="submit a job (SERVICE [PAYLOAD]) or a workflow (--workflow FILE)",
+    )
+    p.add_argument("service", nargs="?", help="the service (capability) that runs the job")
+    p.add_argument("payload", nargs="?", help="the job's payload as a JSON object")
+    p.add_argument("--payload-file", help="read the payload from a JSON file (- for stdin)")
+    p.add_argument("--workflow", metavar="FILE", help="submit the workflow a YAML/JSON file holds")
+    p.add_argument("--request-id", help="idempotency key (default: random)")
+    p.add_argument("--priority", type=int, default=0, help="higher runs first")
+    p.add_argument("--max-attempts", type=int, default=0, help="attempts in all (default 3)")
+    p.add_argument("--job-timeout", type=float, help="seconds an attempt may run")
+    p.add_argument("--not-before", help="earliest start: ISO 8601 time")
+    p.add_argument("--affinity", action="append", help="affinity key (repeatable)")
+    p.add_argument("--label", action="append", help="KEY=VALUE label (repeatable)")
+    p.add_argument("--user", help="user id recorded in the request context")
+    p.add_argument("--watch", action="store_true", help="then watch it until it ends")
+    p.add_argument("--plain", action="store_true", help="with --watch: one line per change")
+    p.set_defaults(func=run_command(submit))
+
+    p = sub.add_parser(
+        "watch",
+        parents=[conn, out, colour],
+        help="live progress of a job or workflow until it ends (exit code: its final state)",
+    )
+    p.add_argument("id", help="job id (job_...) or workflow id (wf_...)")
+    p.add_argument("--plain", action="store_true", help="one line per change, even on a terminal")
+    p.set_defaults(func=run_command(watch_command))
+
+    p = sub.add_parser("get", parents=[conn, out], help="show a job or workflow")
+    p.add_argument("id", help="job id (job_...) or workflow id (wf_...)")
+    p.set_defaults(func=run_command(get))
+
+    p = sub.add_parser("cancel", parents=[conn, out], help="cancel a job or workflow")
+    p.add_argument("id", help="job id (job_...) or workflow id (wf_...)")
+    p.add_argument("--reason", default="", help="recorded with the cancellation")
+    p.set_defaults(func=run_command(cancel))
+
+    p = sub.add_parser("jobs", parents=[conn, out], help="list jobs, newest first")
+    p.add_argument("--state", choices=states, type=str.upper, help="only jobs in this state")
+    p.add_argument("--service", help="only jobs of this service")
+    p.add_argument("--workflow", help="only the steps of this workflow")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    p.set_defaults(func=run_command(jobs))
+
+    p = sub.add_parser("workflows", parents=[conn, out], help="list workflows, newest first")
+    p.add_argument("--state", choices=states, type=str.upper, help="only workflows in this state")
+    p.add_argument("--name", help="only workflows of this name")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    p.set_defaults(func=run_command(workflows))
+
+    trace = sub.add_parser("trace", help="a run's trace events").add_subparsers(
+        dest="trace_command", required=True
+    )
+    filters = argparse.ArgumentParser(add_help=False)
+    filters.add_argument("run_id", help="a workflow id, or a standalone job id")
+    filters.add_argument("--level", help="minimum level: debug, info, warn, error, critical")
+    filters.add_argument("--category", help="business or technical")
+    filters.add_argument("--node", help="only events of this step (node id)")
+    filters.add_argument("--type", help="started, progress, completed, failed or log")
+    filters.add_argument("--since", help="from this time (ISO 8601, or an age: 10m, 2h)")
+    filters.add_argument("--until", help="up to this time")
+    filters.add_argument("--milestones", action="store_true", help="milestones only")
+    filters.add_argument("--cursor", help="resume after this cursor")
+    p = trace.add_parser(
+        "list", parents=[conn, out, colour, filters], help="page through stored events"
+    )
+    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    p.set_defaults(func=run_command(trace_list))
+    p = trace.add_parser(
+        "tail", parents=[conn, out, colour, filters], help="replay, then follow live to the end"
+    )
+    p.add_argument("--no-follow", action="store_true", help="stop after the replay")
+    p.set_defaults(func=run_command(trace_tail))
+
+    p = attest.add_parser("get", parents=[conn, out], help="show an attestation by key")
+    p.add_argument("key", help="e.g. workflow-completion:wf_...")
+    p.set_defaults(func=run_command(attest_get))
+    p = attest.add_parser("list", parents=[conn, out], help="list attestations")
+    p.add_argument("--workflow", help="of this workflow")
+    p.add_argument("--job", help="of this job")
+    p.add_argument("--type", help="e.g. worker_completion, workflow_failure")
+    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    p.set_defaults(func=run_command(attest_list))
+    p = attest.add_parser("export", parents=[conn], help="an attestation as a DSSE envelope")
+    p.add_argument("key", help="e.g. workflow-completion:wf_...")
+    p.add_argument("-o", "--output", help="write to this file (default: standard output)")
+    p.set_defaults(func=run_command(attest_export))
+
+    p = keys.add_parser("list", parents=[conn, out], help="the server's public signing keys")
+    p.set_defaults(func=run_command(keys_list))
+    p = keys.add_parser("export", parents=[conn], help="a public signing key as PEM")
+    p.add_argument("--key-id", help="this key (default: the active one)")
+    p.add_argument("-o", "--output", help="write to this file (default: standard output)")
+    p.set_defaults(func=run_command(keys_export))
+
+    p = sub.add_parser("annotate", parents=[conn, out], help="attach annotations to a run")
+    p.add_argument("run_id", help="a workflow id, or a standalone job id")
+    p.add_argument("pairs", nargs="*", metavar="KEY=VALUE", help="values are JSON or text")
+    p.add_argument("--actor", default="user:cli", help="KIND:ID[@VERSION] (default user:cli)")
+    p.add_argument("--job", help="about this job of the run")
+    p.add_argument("--attempt", type=int, default=0, help="about this attempt of --job")
+    p.add_argument("--scope", help="run, step or attempt")
+    p.add_argument("--scope-id", help="the step name or attempt the scope names")
+    p.add_argument("--payload", help="rich JSON object kept with it (not indexed)")
+    p.add_argument("--idempotency-key", help="a retry with the same key stores nothing twice")
+    p.add_argument("--emit-event", action="store_true", help="also record a trace event")
+    p.set_defaults(func=run_command(annotate))
+
+    p = sub.add_parser("annotations", parents=[conn, out], help="list a run's annotations")
+    p.add_argument("run_id", help="a workflow id, or a standalone job id")
+    p.add_argument("--prefix", help="key prefix, e.g. decision.")
+    p.add_argument("--actor", help="only by this actor id")
+    p.add_argument("--since", help="from this time (ISO 8601, or an age: 10m, 2h)")
+    p.add_argument("--attempt", type=int, default=0, help="only this attempt")
+    p.add_argument("--scope", help="run, step or attempt")
+    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    p.set_defaults(func=run_command(annotations_command))

@@ -1,0 +1,165 @@
+"""Terminal output: tables, colours, progress bars, times and JSON forms of messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, TextIO, cast
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from jobtrace.pb import common_pb2, timestamp_pb2
+
+TERMINAL_STATES = {
+    common_pb2.RUN_STATE_COMPLETED,
+    common_pb2.RUN_STATE_FAILED,
+    common_pb2.RUN_STATE_CANCELLED,
+    common_pb2.RUN_STATE_TERMINATED,
+    common_pb2.RUN_STATE_TIMED_OUT,
+}
+
+
+def exit_code_for(state: int) -> int:
+    """0 completed; 1 failed, timed out or terminated; 3 cancelled (2 is for errors)."""
+    if state == common_pb2.RUN_STATE_COMPLETED:
+        return 0
+    if state == common_pb2.RUN_STATE_CANCELLED:
+        return 3
+    return 1
+
+
+def as_json(message: Message) -> dict[str, Any]:
+    """A message in its proto3 JSON form, with the .proto field names."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def print_json(value: Any, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    out.write(json.dumps(value, ensure_ascii=False) + "\n")
+    out.flush()
+
+
+class Style:
+    """ANSI colours, on only for a terminal and when NO_COLOR is unset (or forced)."""
+
+    _LEVELS: dict[int, str] = {
+        common_pb2.LEVEL_DEBUG: "2",
+        common_pb2.LEVEL_INFO: "36",
+        common_pb2.LEVEL_WARN: "33",
+        common_pb2.LEVEL_ERROR: "31",
+        common_pb2.LEVEL_CRITICAL: "1;31",
+    }
+    _STATES: dict[int, str] = {
+        common_pb2.RUN_STATE_PENDING: "2",
+        common_pb2.RUN_STATE_QUEUED: "34",
+        common_pb2.RUN_STATE_RUNNING: "36",
+        common_pb2.RUN_STATE_COMPLETED: "32",
+        common_pb2.RUN_STATE_FAILED: "31",
+        common_pb2.RUN_STATE_TIMED_OUT: "31",
+        common_pb2.RUN_STATE_TERMINATED: "31",
+        common_pb2.RUN_STATE_CANCELLED: "33",
+    }
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    @classmethod
+    def choose(cls, mode: str, out: TextIO) -> Style:
+        if mode == "always":
+            return cls(True)
+        if mode == "never":
+            return cls(False)
+        return cls(out.isatty() and not os.environ.get("NO_COLOR"))
+
+    def paint(self, code: str, text: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.enabled and code else text
+
+    def level(self, level: int, text: str | None = None) -> str:
+        return self.paint(self._LEVELS.get(level, ""), text or level_name(level))
+
+    def state(self, state: int, text: str | None = None) -> str:
+        return self.paint(self._STATES.get(state, ""), text or state_name(state))
+
+    def dim(self, text: str) -> str:
+        return self.paint("2", text)
+
+    def bold(self, text: str) -> str:
+        return self.paint("1", text)
+
+
+def state_name(state: int) -> str:
+    return common_pb2.RunState.Name(cast(Any, state)).removeprefix("RUN_STATE_")
+
+
+def level_name(level: int) -> str:
+    return common_pb2.Level.Name(cast(Any, level)).removeprefix("LEVEL_")
+
+
+def when(ts: timestamp_pb2.Timestamp, *, date: bool = True) -> str:
+    """A timestamp in UTC, to the second; '-' when unset."""
+    if not ts.seconds and not ts.nanos:
+        return "-"
+    moment = datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S")
+
+
+def bar(fraction: float, width: int = 20) -> str:
+    fraction = min(max(fraction, 0.0), 1.0)
+    filled = round(fraction * width)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO | None = None) -> None:
+    """Columns aligned to their widest cell (ANSI colour codes do not count)."""
+    out = out or sys.stdout
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], visible_len(cell))
+    lines = [headers, *rows]
+    for n, row in enumerate(lines):
+        cells = [cell + " " * (widths[i] - visible_len(cell)) for i, cell in enumerate(row)]
+        out.write("  ".join(cells).rstrip() + "\n")
+        if n == 0 and not rows:
+            break
+    out.flush()
+
+
+def visible_len(text: str) -> int:
+    length, escape = 0, False
+    for ch in text:
+        if escape:
+            escape = ch != "m"
+        elif ch == "\x1b":
+            escape = True
+        else:
+            length += 1
+    return length
+
+
+def clip(text: str, width: int) -> str:
+    """At most `width` visible characters; colour codes are kept, and reset if cut."""
+    if visible_len(text) <= width:
+        return text
+    out: list[str] = []
+    length, escape = 0, False
+    for ch in text:
+        if escape:
+            escape = ch != "m"
+        elif ch == "\x1b":
+            escape = True
+        elif length >= width:
+            break
+        else:
+            length += 1
+        out.append(ch)
+    return "".join(out) + ("\x1b[0m" if "\x1b" in text else "")
+
+
+def shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: max(0, width - 1)] + "…"

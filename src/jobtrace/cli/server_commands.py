@@ -1,0 +1,186 @@
+"""CLI commands that run or administer a server: serve, worker, token new, keys rotate,
+and the offline `attest verify`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from jobtrace.config import Settings
+
+
+def serve(args: argparse.Namespace) -> int:
+    from jobtrace.server import JobtraceServer
+
+    settings = Settings.load(
+        {
+            "listen": args.listen,
+            "db": args.db,
+            "max_message_bytes": args.max_message_bytes,
+            "lease_seconds": args.lease_seconds,
+            "heartbeat_seconds": args.heartbeat_seconds,
+            "log_level": args.log_level,
+            "trace_retention_days": args.trace_retention_days,
+            "keepalive_seconds": args.keepalive_seconds,
+            "signing_key_file": args.signing_key_file,
+            "attestation_retention_days": args.attestation_retention_days,
+            "tokens_file": args.tokens_file,
+            "jwt_algorithm": args.jwt_algorithm,
+            "jwt_public_key_file": args.jwt_public_key_file,
+            "jwt_issuer": args.jwt_issuer,
+            "jwt_audience": args.jwt_audience,
+            "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key,
+            "tls_client_ca": args.tls_client_ca,
+            "max_streams_per_caller": args.max_streams_per_caller,
+            "max_queued_per_tenant": args.max_queued_per_tenant,
+        }
+    )
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+    # The database driver works in a thread: hand the GIL over sooner than the
+    # default 5 ms so a busy event loop does not stall every query behind it.
+    sys.setswitchinterval(0.0005)
+
+    async def run() -> None:
+        server = JobtraceServer(settings)
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop()
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        print(f"jobtrace serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    from jobtrace.client.worker import JobContext, Worker
+
+    if not args.demo:
+        print(
+            "jobtrace worker: only --demo is built in; write handlers with jobtrace.client.Worker",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    from jobtrace.cli.client_commands import endpoint_of
+
+    worker = Worker(
+        endpoint=endpoint_of(args),
+        worker_id=args.worker_id,
+        max_concurrency=args.concurrency,
+        affinity_keys=tuple(args.affinity or ()),
+    )
+
+    async def demo(job: JobContext) -> dict[str, object]:
+        """Sleeps payload.seconds (default 2) in four steps, reporting progress."""
+        seconds = float(job.payload.get("seconds", 2))
+        if job.payload.get("fail"):
+            raise RuntimeError(str(job.payload["fail"]))
+        for step in range(1, 5):
+            await asyncio.sleep(seconds / 4)
+            await job.progress(step * 25.0, f"step {step} of 4")
+        return {"slept_seconds": seconds, "worker_id": worker.worker_id, "attempt": job.attempt}
+
+    for service in args.service or ["demo"]:
+        worker.handler(service)(demo)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.drain()))
+        await worker.run()
+
+    asyncio.run(run())
+    return 0
+
+
+def attest_verify_offline(args: argparse.Namespace) -> int:
+    """Offline: check an exported DSSE envelope against public keys alone."""
+    import json
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives import serialization
+
+    from jobtrace.domain.attest import key_id_of, load_public_key, verify_offline
+
+    keys = {}
+    try:
+        for path in args.public_key:
+            key = load_public_key(Path(path).read_text())
+            raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            keys[key_id_of(raw)] = key
+    except (OSError, ValueError) as exc:
+        print(f"jobtrace attest verify: cannot read public key: {exc}", file=sys.stderr)
+        return 2
+    try:
+        envelope = json.loads(Path(args.target_key).read_text())
+        verdict = verify_offline(envelope, keys)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"jobtrace attest verify: cannot read envelope: {exc}", file=sys.stderr)
+        return 2
+    result = {
+        "valid": verdict.valid,
+        "offline": True,
+        "digest_valid": verdict.digest_valid,
+        "signature_valid": verdict.signature_valid,
+        "reason": verdict.reason,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("valid" if verdict.valid else f"INVALID: {verdict.reason}")
+    return 0 if verdict.valid else 1
+
+
+def keys_rotate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jobtrace.domain.attest import rotate_key_file
+
+    old, new = rotate_key_file(Path(args.key_file))
+    print(f"retired {old}; new signing key {new} (takes effect when the server restarts)")
+    return 0
+
+
+def token_new(args: argparse.Namespace) -> int:
+    """Print a new random token and the tokens-file entry that admits it."""
+    import secrets
+
+    import yaml
+
+    from jobtrace.auth import Role, hash_token
+
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+    try:
+        [Role(r) for r in roles]
+    except ValueError:
+        print(f"jobtrace token new: roles must be among {[r.value for r in Role]}", file=sys.stderr)
+        return 2
+    token = "jt_" + secrets.token_urlsafe(32)
+    entry: dict[str, object] = {
+        "sha256": hash_token(token),
+        "subject": args.subject,
+        "tenant": args.tenant,
+        "roles": roles,
+    }
+    if args.services:
+        entry["services"] = args.services.split(",")
+    print(f"# token (give it to the caller; it is not stored anywhere): {token}")
+    print(yaml.safe_dump({"tokens": [entry]}, sort_keys=False), end="")
+    return 0

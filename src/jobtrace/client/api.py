@@ -1,0 +1,726 @@
+"""The typed asyncio client: one method per RPC, deadlines, retries and resumable streams.
+
+async with Client("127.0.0.1:50051", token=...) as jt:
+    job = await jt.submit_job("resize", {"image": "cat.png"})
+    async for snapshot in jt.watch_job(job.id):
+        print(snapshot.state, snapshot.progress.percent)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Generic, TypeVar
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from jobtrace.client.channel import Endpoint
+from jobtrace.client.errors import from_rpc_error
+from jobtrace.pb import (
+    attestation_service_pb2,
+    attestation_service_pb2_grpc,
+    common_pb2,
+    duration_pb2,
+    job_service_pb2,
+    job_service_pb2_grpc,
+    struct_pb2,
+    timestamp_pb2,
+    trace_service_pb2,
+    trace_service_pb2_grpc,
+)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+
+Seconds = float | timedelta
+When = datetime | timestamp_pb2.Timestamp
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Retries of calls that are safe to repeat, when the server is UNAVAILABLE:
+    exponential backoff with jitter (each delay between half and all of its
+    ceiling, so the retries of many clients spread out but always span a
+    reconnect). A stream that delivered something starts its count afresh."""
+
+    # Tries in all, the first included; 1 disables retries.
+    attempts: int = 6
+    initial_backoff: float = 0.1
+    max_backoff: float = 3.0
+    multiplier: float = 2.0
+
+    def delays(self) -> Iterator[float]:
+        ceiling = self.initial_backoff
+        for _ in range(self.attempts - 1):
+            yield random.uniform(ceiling / 2, ceiling)
+            ceiling = min(ceiling * self.multiplier, self.max_backoff)
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a list; pass `next_page_token` back for the next (empty: the last)."""
+
+    items: list[T]
+    next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class TracePage:
+    """One page of trace events; `next_cursor` resumes exactly after the last one."""
+
+    events: list[common_pb2.TraceEvent]
+    next_cursor: str
+    more: bool
+
+
+class Client:
+    """Typed access to every jobtrace RPC over one channel.
+
+    Unary calls get a default deadline (`timeout`, seconds). Calls that are safe
+    to repeat are retried on UNAVAILABLE: reads, and submissions, trace appends
+    and annotations, which carry an idempotency key (generated when not given) so
+    a retry never duplicates. Cancels are not retried. Failures raise
+    `jobtrace.client.JobtraceError` subclasses carrying the status, the server's
+    ErrorInfo and the field violations.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
+        client_cert_file: str | None = None,
+        client_key_file: str | None = None,
+        endpoint: Endpoint | None = None,
+        timeout: float | None = 10.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        if endpoint is None:
+            endpoint = Endpoint.from_env(
+                {},
+                target=target,
+                token=token,
+                tls=tls,
+                ca_file=ca_file,
+                client_cert_file=client_cert_file,
+                client_key_file=client_key_file,
+            )
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._channel: grpc.aio.Channel | None = None
+        self._jobs: job_service_pb2_grpc.JobServiceStub | None = None
+        self._trace: trace_service_pb2_grpc.TraceServiceStub | None = None
+        self._attest: attestation_service_pb2_grpc.AttestationServiceStub | None = None
+
+    @classmethod
+    def from_env(cls, **options: Any) -> Client:
+        """Settings from JOBTRACE_TARGET, JOBTRACE_TOKEN, JOBTRACE_TLS... (see Endpoint)."""
+        endpoint_keys = {"target", "token", "tls", "ca_file", "client_cert_file"}
+        endpoint_keys |= {"client_key_file", "server_name"}
+        chosen = {k: options.pop(k) for k in list(options) if k in endpoint_keys}
+        return cls(endpoint=Endpoint.from_env(**chosen), **options)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    # --- plumbing -------------------------------------------------------------
+
+    def _open(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            self._channel = self.endpoint.channel()
+            self._jobs = job_service_pb2_grpc.JobServiceStub(self._channel)
+            self._trace = trace_service_pb2_grpc.TraceServiceStub(self._channel)
+            self._attest = attestation_service_pb2_grpc.AttestationServiceStub(self._channel)
+        return self._channel
+
+    @property
+    def jobs_stub(self) -> job_service_pb2_grpc.JobServiceStub:
+        self._open()
+        assert self._jobs is not None
+        return self._jobs
+
+    @property
+    def trace_stub(self) -> trace_service_pb2_grpc.TraceServiceStub:
+        self._open()
+        assert self._trace is not None
+        return self._trace
+
+    @property
+    def attest_stub(self) -> attestation_service_pb2_grpc.AttestationServiceStub:
+        self._open()
+        assert self._attest is not None
+        return self._attest
+
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[Any]],
+        request: Message,
+        *,
+        retry: bool,
+        extra_metadata: tuple[tuple[str, str], ...] = (),
+    ) -> Any:
+        delays = self.retry.delays() if retry else iter(())
+        while True:
+            try:
+                return await method(
+                    request,
+                    timeout=self.timeout,
+                    metadata=self.endpoint.metadata(*extra_metadata),
+                )
+            except grpc.aio.AioRpcError as err:
+                delay = next(delays, None) if _retryable(err) else None
+                if delay is None:
+                    raise from_rpc_error(err) from err
+                await asyncio.sleep(delay)
+
+    async def _stream(
+        self, open_call: Callable[[], Any], *, resume: Callable[[Any], None] | None = None
+    ) -> AsyncIterator[Any]:
+        """Items of a server stream, reopened after a broken connection (UNAVAILABLE)
+        by `open_call`, which resumes from what `resume` has seen."""
+        delays = self.retry.delays()
+        while True:
+            call = open_call()
+            try:
+                async for item in call:
+                    delays = self.retry.delays()  # progress: a fresh retry budget
+                    if resume is not None:
+                        resume(item)
+                    yield item
+                return
+            except grpc.aio.AioRpcError as err:
+                delay = next(delays, None) if _retryable(err) else None
+                if delay is None:
+                    raise from_rpc_error(err) from err
+                await asyncio.sleep(delay)
+            finally:
+                call.cancel()
+
+    # --- JobService ---------------------------------------------------------------
+
+    async def submit_job(
+        self,
+        service: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+        max_attempts: int = 0,
+        timeout: Seconds | None = None,
+        not_before: When | None = None,
+        affinity_keys: Sequence[str] = (),
+        labels: Mapping[str, str] | None = None,
+        backoff: common_pb2.BackoffPolicy | None = None,
+        request_context: common_pb2.RequestContext | Mapping[str, Any] | None = None,
+        annotations: Sequence[common_pb2.AnnotationInput | Mapping[str, Any]] = (),
+        traceparent: str | None = None,
+    ) -> common_pb2.Job:
+        """Submit one job. Idempotent by `request_id` (a random one when not given),
+        so a retried submit returns the same job."""
+        spec = job_spec(
+            service,
+            payload,
+            priority=priority,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            not_before=not_before,
+            affinity_keys=affinity_keys,
+            labels=labels,
+            backoff=backoff,
+        )
+        request = job_service_pb2.SubmitJobRequest(
+            request_id=request_id or _new_request_id(),
+            job=spec,
+            request_context=_message(common_pb2.RequestContext, request_context),
+            annotations=[_required(common_pb2.AnnotationInput, a) for a in annotations],
+        )
+        extra = (("traceparent", traceparent),) if traceparent else ()
+        response: job_service_pb2.SubmitJobResponse = await self._call(
+            self.jobs_stub.SubmitJob, request, retry=True, extra_metadata=extra
+        )
+        return response.job
+
+    async def submit_workflow(
+        self,
+        name: str,
+        steps: Sequence[common_pb2.WorkflowStepSpec | Mapping[str, Any]],
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+        labels: Mapping[str, str] | None = None,
+        request_context: common_pb2.RequestContext | Mapping[str, Any] | None = None,
+        annotations: Sequence[common_pb2.AnnotationInput | Mapping[str, Any]] = (),
+        traceparent: str | None = None,
+    ) -> common_pb2.Workflow:
+        """Submit a workflow. Steps are WorkflowStepSpec messages or mappings in their
+        JSON form (`{"name": ..., "job": {"service": ...}, "depends_on": [...]}`)."""
+        request = job_service_pb2.SubmitWorkflowRequest(
+            request_id=request_id or _new_request_id(),
+            name=name,
+            steps=[_required(common_pb2.WorkflowStepSpec, s) for s in steps],
+            priority=priority,
+            labels=dict(labels or {}),
+            request_context=_message(common_pb2.RequestContext, request_context),
+            annotations=[_required(common_pb2.AnnotationInput, a) for a in annotations],
+        )
+        extra = (("traceparent", traceparent),) if traceparent else ()
+        response: job_service_pb2.SubmitWorkflowResponse = await self._call(
+            self.jobs_stub.SubmitWorkflow, request, retry=True, extra_metadata=extra
+        )
+        return response.workflow
+
+    async def get_job(self, job_id: str) -> common_pb2.Job:
+        request = job_service_pb2.GetJobRequest(job_id=job_id)
+        response: job_service_pb2.GetJobResponse = await self._call(
+            self.jobs_stub.GetJob, request, retry=True
+        )
+        return response.job
+
+    async def get_workflow(self, workflow_id: str) -> common_pb2.Workflow:
+        request = job_service_pb2.GetWorkflowRequest(workflow_id=workflow_id)
+        response: job_service_pb2.GetWorkflowResponse = await self._call(
+            self.jobs_stub.GetWorkflow, request, retry=True
+        )
+        return response.workflow
+
+    async def list_jobs(
+        self,
+        *,
+        state: int | str | None = None,
+        service: str = "",
+        workflow_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Page[common_pb2.Job]:
+        """One page, newest first; `state` is a RunState value or name ("RUNNING")."""
+        request = job_service_pb2.ListJobsRequest(
+            state=run_state(state),
+            service=service,
+            workflow_id=workflow_id,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        response: job_service_pb2.ListJobsResponse = await self._call(
+            self.jobs_stub.ListJobs, request, retry=True
+        )
+        return Page(list(response.jobs), response.next_page_token)
+
+    async def iter_jobs(self, /, **filters: Any) -> AsyncIterator[common_pb2.Job]:
+        """Every job matching the filters of list_jobs, page after page."""
+        token = ""
+        while True:
+            page = await self.list_jobs(page_token=token, **filters)
+            for job in page.items:
+                yield job
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    async def list_workflows(
+        self,
+        *,
+        state: int | str | None = None,
+        name: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Page[common_pb2.Workflow]:
+        request = job_service_pb2.ListWorkflowsRequest(
+            state=run_state(state), name=name, page_size=page_size, page_token=page_token
+        )
+        response: job_service_pb2.ListWorkflowsResponse = await self._call(
+            self.jobs_stub.ListWorkflows, request, retry=True
+        )
+        return Page(list(response.workflows), response.next_page_token)
+
+    async def iter_workflows(self, /, **filters: Any) -> AsyncIterator[common_pb2.Workflow]:
+        token = ""
+        while True:
+            page = await self.list_workflows(page_token=token, **filters)
+            for workflow in page.items:
+                yield workflow
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    async def cancel_job(self, job_id: str, reason: str = "") -> common_pb2.Job:
+        """Cancel a job; its worker hears of it at once. Not retried: a repeat of
+        a cancel that did land would fail as FAILED_PRECONDITION."""
+        request = job_service_pb2.CancelJobRequest(job_id=job_id, reason=reason)
+        response: job_service_pb2.CancelJobResponse = await self._call(
+            self.jobs_stub.CancelJob, request, retry=False
+        )
+        return response.job
+
+    async def cancel_workflow(self, workflow_id: str, reason: str = "") -> common_pb2.Workflow:
+        request = job_service_pb2.CancelWorkflowRequest(workflow_id=workflow_id, reason=reason)
+        response: job_service_pb2.CancelWorkflowResponse = await self._call(
+            self.jobs_stub.CancelWorkflow, request, retry=False
+        )
+        return response.workflow
+
+    async def watch_job(self, job_id: str) -> AsyncIterator[common_pb2.Job]:
+        """The job now, then every change, until it ends (a lost connection is
+        reopened; the first snapshot after it is the current state)."""
+        request = job_service_pb2.WatchJobRequest(job_id=job_id)
+        metadata = self.endpoint.metadata()
+        stream = self._stream(lambda: self.jobs_stub.WatchJob(request, metadata=metadata))
+        async with contextlib.aclosing(stream):
+            async for response in stream:
+                yield response.job
+
+    async def watch_workflow(
+        self, workflow_id: str
+    ) -> AsyncIterator[job_service_pb2.WatchWorkflowResponse]:
+        """The workflow now, then every change (with the step that changed), until it ends."""
+        request = job_service_pb2.WatchWorkflowRequest(workflow_id=workflow_id)
+        metadata = self.endpoint.metadata()
+        stream = self._stream(lambda: self.jobs_stub.WatchWorkflow(request, metadata=metadata))
+        async with contextlib.aclosing(stream):
+            async for response in stream:
+                yield response
+
+    # --- TraceService ---------------------------------------------------------------
+
+    async def append_trace_events(
+        self, run_id: str, events: Sequence[common_pb2.TraceEvent | Mapping[str, Any]]
+    ) -> list[common_pb2.TraceEvent]:
+        """Append up to 1,000 events to a run. Events without an `event_key` get a
+        random one first, so the retried append of a lost answer stores nothing twice."""
+        messages = [_required(common_pb2.TraceEvent, e) for e in events]
+        for message in messages:
+            if not message.event_key:
+                message.event_key = _new_request_id()
+        request = trace_service_pb2.AppendTraceEventsRequest(run_id=run_id, events=messages)
+        response: trace_service_pb2.AppendTraceEventsResponse = await self._call(
+            self.trace_stub.AppendTraceEvents, request, retry=True
+        )
+        return list(response.events)
+
+    async def list_trace_events(
+        self, /, run_id: str, *, cursor: str = "", page_size: int = 0, **filters: Any
+    ) -> TracePage:
+        """One page of a run's events after `cursor`. Filters: min_level, category,
+        node_id, type, since, until, milestones_only (enum names or values)."""
+        request = trace_service_pb2.ListTraceEventsRequest(
+            run_id=run_id, cursor=cursor, page_size=page_size, **trace_filters(**filters)
+        )
+        response: trace_service_pb2.ListTraceEventsResponse = await self._call(
+            self.trace_stub.ListTraceEvents, request, retry=True
+        )
+        return TracePage(list(response.events), response.next_cursor, response.more)
+
+    async def stream_trace_events(
+        self,
+        /,
+        run_id: str,
+        *,
+        cursor: str = "",
+        follow: bool = True,
+        keepalives: bool = False,
+        **filters: Any,
+    ) -> AsyncIterator[trace_service_pb2.StreamTraceEventsResponse]:
+        """Replay a run's events after `cursor`, then (with `follow`) follow it live
+        until the message that carries its `final_status`. A broken connection
+        is reopened from the last cursor received: no gap, no duplicate."""
+        last = {"cursor": cursor}
+        chosen = trace_filters(**filters)
+        metadata = self.endpoint.metadata()
+
+        def open_call() -> Any:
+            request = trace_service_pb2.StreamTraceEventsRequest(
+                run_id=run_id, cursor=last["cursor"], follow=follow, **chosen
+            )
+            return self.trace_stub.StreamTraceEvents(request, metadata=metadata)
+
+        def seen(item: trace_service_pb2.StreamTraceEventsResponse) -> None:
+            if item.cursor:
+                last["cursor"] = item.cursor
+
+        stream = self._stream(open_call, resume=seen)
+        async with contextlib.aclosing(stream):  # a reader that stops early ends the call
+            async for item in stream:
+                if item.WhichOneof("kind") == "keepalive" and not keepalives:
+                    continue
+                yield item
+
+    async def get_run_status(self, run_id: str) -> trace_service_pb2.RunStatus:
+        request = trace_service_pb2.GetRunStatusRequest(run_id=run_id)
+        response: trace_service_pb2.GetRunStatusResponse = await self._call(
+            self.trace_stub.GetRunStatus, request, retry=True
+        )
+        return response.status
+
+    # --- AttestationService ------------------------------------------------------------
+
+    async def get_attestation(self, key: str) -> attestation_service_pb2.Attestation:
+        request = attestation_service_pb2.GetAttestationRequest(key=key)
+        response: attestation_service_pb2.GetAttestationResponse = await self._call(
+            self.attest_stub.GetAttestation, request, retry=True
+        )
+        return response.attestation
+
+    async def export_attestation(self, key: str) -> dict[str, Any]:
+        """The attestation as a DSSE envelope (in-toto Statement) in its standard
+        JSON form, for `jobtrace attest verify` and other supply-chain verifiers."""
+        request = attestation_service_pb2.GetAttestationRequest(key=key, include_envelope=True)
+        response: attestation_service_pb2.GetAttestationResponse = await self._call(
+            self.attest_stub.GetAttestation, request, retry=True
+        )
+        return envelope_json(response.envelope)
+
+    async def list_attestations(
+        self,
+        *,
+        workflow_id: str = "",
+        job_id: str = "",
+        type: int | str | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Page[attestation_service_pb2.Attestation]:
+        """Attestations, filtered; `type` is an AttestationType value or name
+        ("workflow_completion", "WORKER_FAILURE")."""
+        request = attestation_service_pb2.ListAttestationsRequest(
+            workflow_id=workflow_id,
+            job_id=job_id,
+            type=_enum(attestation_service_pb2.AttestationType, "ATTESTATION_TYPE_", type),
+            page_size=page_size,
+            page_token=page_token,
+        )
+        response: attestation_service_pb2.ListAttestationsResponse = await self._call(
+            self.attest_stub.ListAttestations, request, retry=True
+        )
+        return Page(list(response.attestations), response.next_page_token)
+
+    async def verify_attestation(
+        self, key: str
+    ) -> attestation_service_pb2.VerifyAttestationResponse:
+        request = attestation_service_pb2.VerifyAttestationRequest(key=key)
+        response: attestation_service_pb2.VerifyAttestationResponse = await self._call(
+            self.attest_stub.VerifyAttestation, request, retry=True
+        )
+        return response
+
+    async def get_signing_keys(self) -> list[attestation_service_pb2.SigningKey]:
+        request = attestation_service_pb2.GetSigningKeysRequest()
+        response: attestation_service_pb2.GetSigningKeysResponse = await self._call(
+            self.attest_stub.GetSigningKeys, request, retry=True
+        )
+        return list(response.keys)
+
+    async def attach_annotations(
+        self,
+        run_id: str,
+        attributes: Mapping[str, Any],
+        *,
+        actor: common_pb2.Actor | Mapping[str, Any] | None = None,
+        job_id: str = "",
+        attempt: int = 0,
+        scope: int | str | None = None,
+        scope_id: str = "",
+        payload: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        emit_event: bool = False,
+    ) -> list[common_pb2.Annotation]:
+        """Attach key/value provenance to a run (or one job and attempt). Idempotent
+        by `idempotency_key` (a random one when not given): a retry returns the
+        annotations already stored."""
+        request = attestation_service_pb2.AttachAnnotationsRequest(
+            run_id=run_id,
+            job_id=job_id,
+            attempt=attempt,
+            scope=_enum(common_pb2.AnnotationScope, "ANNOTATION_SCOPE_", scope),
+            scope_id=scope_id,
+            actor=_message(common_pb2.Actor, actor),
+            attributes={k: _value(v) for k, v in attributes.items()},
+            payload=_struct(payload),
+            idempotency_key=idempotency_key or _new_request_id(),
+            emit_event=emit_event,
+        )
+        response: attestation_service_pb2.AttachAnnotationsResponse = await self._call(
+            self.attest_stub.AttachAnnotations, request, retry=True
+        )
+        return list(response.annotations)
+
+    async def list_annotations(
+        self,
+        run_id: str,
+        *,
+        key_prefix: str = "",
+        actor_id: str = "",
+        since: When | None = None,
+        attempt: int = 0,
+        scope: int | str | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Page[common_pb2.Annotation]:
+        request = attestation_service_pb2.ListAnnotationsRequest(
+            run_id=run_id,
+            key_prefix=key_prefix,
+            actor_id=actor_id,
+            since=_timestamp(since),
+            attempt=attempt,
+            scope=_enum(common_pb2.AnnotationScope, "ANNOTATION_SCOPE_", scope),
+            page_size=page_size,
+            page_token=page_token,
+        )
+        response: attestation_service_pb2.ListAnnotationsResponse = await self._call(
+            self.attest_stub.ListAnnotations, request, retry=True
+        )
+        return Page(list(response.annotations), response.next_page_token)
+
+
+# --- building requests --------------------------------------------------------------
+
+
+def job_spec(
+    service: str,
+    payload: Mapping[str, Any] | None = None,
+    *,
+    priority: int = 0,
+    max_attempts: int = 0,
+    timeout: Seconds | None = None,
+    not_before: When | None = None,
+    affinity_keys: Sequence[str] = (),
+    labels: Mapping[str, str] | None = None,
+    backoff: common_pb2.BackoffPolicy | None = None,
+) -> common_pb2.JobSpec:
+    """A JobSpec from plain Python values."""
+    return common_pb2.JobSpec(
+        service=service,
+        payload=_struct(payload),
+        priority=priority,
+        max_attempts=max_attempts,
+        timeout=_duration(timeout),
+        not_before=_timestamp(not_before),
+        affinity_keys=list(affinity_keys),
+        labels=dict(labels or {}),
+        backoff=backoff,
+    )
+
+
+def run_state(value: int | str | None) -> Any:
+    """A RunState from its value or name ("RUNNING", "RUN_STATE_RUNNING", "running")."""
+    return _enum(common_pb2.RunState, "RUN_STATE_", value)
+
+
+def trace_filters(
+    *,
+    min_level: int | str | None = None,
+    category: int | str | None = None,
+    node_id: str = "",
+    type: int | str | None = None,
+    since: When | None = None,
+    until: When | None = None,
+    milestones_only: bool = False,
+) -> dict[str, Any]:
+    """The filter fields shared by ListTraceEvents and StreamTraceEvents."""
+    return {
+        "min_level": _enum(common_pb2.Level, "LEVEL_", min_level),
+        "category": _enum(common_pb2.Category, "CATEGORY_", category),
+        "node_id": node_id,
+        "type": _enum(common_pb2.TraceEventType, "TRACE_EVENT_TYPE_", type),
+        "since": _timestamp(since),
+        "until": _timestamp(until),
+        "milestones_only": milestones_only,
+    }
+
+
+def envelope_json(envelope: attestation_service_pb2.DsseEnvelope) -> dict[str, Any]:
+    """A DSSE envelope in its standard JSON form (base64 payload and signatures)."""
+    import base64
+
+    return {
+        "payloadType": envelope.payload_type,
+        "payload": base64.b64encode(envelope.payload).decode(),
+        "signatures": [
+            {"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode()} for s in envelope.signatures
+        ],
+    }
+
+
+def _enum(enum: Any, prefix: str, value: int | str | None) -> Any:
+    """An enum value from its number or its name, with or without the prefix."""
+    if value is None or value == "":
+        return 0
+    if isinstance(value, int):
+        return value
+    name = value.strip().upper()
+    if not name.startswith(prefix):
+        name = prefix + name
+    try:
+        return int(enum.Value(name))
+    except ValueError:
+        known = ", ".join(n.removeprefix(prefix) for n in enum.keys()[1:])
+        raise ValueError(
+            f"unknown {prefix.rstrip('_').lower()} {value!r} (one of {known})"
+        ) from None
+
+
+def _message(kind: type[M], value: M | Mapping[str, Any] | None) -> M | None:
+    """A message from itself or from its JSON form (a mapping)."""
+    if value is None:
+        return None
+    return _required(kind, value)
+
+
+def _required(kind: type[M], value: M | Mapping[str, Any]) -> M:
+    if isinstance(value, kind):
+        return value
+    assert not isinstance(value, Message), f"expected {kind.__name__}, got {type(value).__name__}"
+    return json_format.ParseDict(dict(value), kind())
+
+
+def _struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
+    if value is None:
+        return None
+    struct = struct_pb2.Struct()
+    struct.update(value)
+    return struct
+
+
+def _value(value: Any) -> struct_pb2.Value:
+    if isinstance(value, struct_pb2.Value):
+        return value
+    return json_format.ParseDict(value, struct_pb2.Value())
+
+
+def _duration(value: Seconds | None) -> duration_pb2.Duration | None:
+    if value is None:
+        return None
+    d = duration_pb2.Duration()
+    d.FromTimedelta(value if isinstance(value, timedelta) else timedelta(seconds=value))
+    return d
+
+
+def _timestamp(value: When | None) -> timestamp_pb2.Timestamp | None:
+    if value is None or isinstance(value, timestamp_pb2.Timestamp):
+        return value
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _retryable(err: grpc.aio.AioRpcError) -> bool:
+    return bool(err.code() == grpc.StatusCode.UNAVAILABLE)
