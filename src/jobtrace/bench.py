@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -151,13 +150,24 @@ class Results:
     trace_deliveries: int = 0
     unary_ceiling_rps: float = 0.0
     unary_p50_ms: float = 0.0
+    unary_p99_ms: float = 0.0
+    submit_rps: float = 0.0
     server_peak_rss_mb: float = 0.0
     completed: int = 0
 
 
-async def unary_ceiling(target: str, calls: int, concurrency: int) -> tuple[float, float]:
+async def unary_ceiling(target: str, calls: int, concurrency: int) -> tuple[float, float, float]:
+    """Calls/s, p50 and p99 ms of an empty unary handler on the same server, with the
+    submitters' concurrency: what gRPC alone allows here. Zeros when the server has no
+    such handler (a --target started without JOBTRACE_BENCH_NOOP=1)."""
     async with grpc.aio.insecure_channel(target) as channel:
         ping = channel.unary_unary(NOOP_METHOD)
+        try:
+            await ping(b"", timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return 0.0, 0.0, 0.0
+            raise
         latencies: list[float] = []
         queue = iter(range(calls))
 
@@ -169,7 +179,7 @@ async def unary_ceiling(target: str, calls: int, concurrency: int) -> tuple[floa
 
         t0 = time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(loop() for _ in range(concurrency))), MAX_SECONDS)
-        return calls / (time.perf_counter() - t0), statistics.median(latencies)
+        return calls / (time.perf_counter() - t0), pct(latencies, 0.5), pct(latencies, 0.99)
 
 
 async def run_jobs(
@@ -197,6 +207,7 @@ async def run_jobs(
 
     start = time.time()
     await asyncio.wait_for(asyncio.gather(*(submitter(n) for n in range(concurrency))), MAX_SECONDS)
+    results.submit_rps = jobs / max(time.time() - start, 1e-9)
     completions: dict[str, float] = {}
     deadline = time.monotonic() + MAX_SECONDS
     while len(completions) < jobs and time.monotonic() < deadline:
@@ -318,10 +329,11 @@ async def bench(args: argparse.Namespace) -> Results:
                     str(args.worker_concurrency),
                 )
             )
-        if servers:
-            results.unary_ceiling_rps, results.unary_p50_ms = await unary_ceiling(
-                targets[0], min(args.jobs * 2, 20000), args.concurrency
-            )
+        (
+            results.unary_ceiling_rps,
+            results.unary_p50_ms,
+            results.unary_p99_ms,
+        ) = await unary_ceiling(targets[0], min(args.jobs * 2, 20000), args.concurrency)
         await run_jobs(targets, args.jobs, args.concurrency, done_files, results)
         if args.subscribers:
             await trace_fanout(targets, args.subscribers, args.rate, args.trace_seconds, results)
@@ -342,46 +354,85 @@ async def bench(args: argparse.Namespace) -> Results:
 
 
 def summary(r: Results) -> dict[str, Any]:
-    ceiling = r.unary_ceiling_rps or float("nan")
-    return {
+    """The figures, each also as a ratio to gRPC alone on this machine: throughputs
+    as a fraction of the empty handler's calls/s, latencies as a multiple of its
+    latency. Figures that were not measured are null."""
+
+    def ms(values: list[float], q: float) -> float | None:
+        return round(pct(values, q), 2) if values else None
+
+    def ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
+        return round(a / b, digits) if a and b else None
+
+    ceiling = r.unary_ceiling_rps or None
+    p50, p99 = r.unary_p50_ms or None, r.unary_p99_ms or None
+    out: dict[str, Any] = {
         "jobs_per_s": round(r.jobs_per_s, 1),
         "jobs_completed": r.completed,
-        "submit_p50_ms": round(pct(r.submit_ms, 0.5), 2),
-        "submit_p99_ms": round(pct(r.submit_ms, 0.99), 2),
-        "e2e_p50_ms": round(pct(r.e2e_ms, 0.5), 2),
-        "e2e_p99_ms": round(pct(r.e2e_ms, 0.99), 2),
-        "trace_p50_ms": round(pct(r.trace_ms, 0.5), 2),
-        "trace_p99_ms": round(pct(r.trace_ms, 0.99), 2),
+        "submit_per_s": round(r.submit_rps, 1),
+        "submit_p50_ms": ms(r.submit_ms, 0.5),
+        "submit_p99_ms": ms(r.submit_ms, 0.99),
+        "e2e_p50_ms": ms(r.e2e_ms, 0.5),
+        "e2e_p99_ms": ms(r.e2e_ms, 0.99),
+        "trace_p50_ms": ms(r.trace_ms, 0.5),
+        "trace_p99_ms": ms(r.trace_ms, 0.99),
         "trace_deliveries": r.trace_deliveries,
-        "unary_ceiling_rps": round(r.unary_ceiling_rps, 1),
-        "unary_p50_ms": round(r.unary_p50_ms, 2),
-        "jobs_per_s_vs_ceiling": round(r.jobs_per_s / ceiling, 3),
-        "submit_rps_vs_ceiling": round(
-            (1000 / pct(r.submit_ms, 0.5) * r.params["submit_concurrency"]) / ceiling, 3
-        )
-        if r.submit_ms
-        else None,
-        "server_peak_rss_mb": round(r.server_peak_rss_mb, 1),
+        "unary_ceiling_rps": round(r.unary_ceiling_rps, 1) if ceiling else None,
+        "unary_p50_ms": round(r.unary_p50_ms, 2) if p50 else None,
+        "unary_p99_ms": round(r.unary_p99_ms, 2) if p99 else None,
+        "server_peak_rss_mb": round(r.server_peak_rss_mb, 1) if r.server_peak_rss_mb else None,
         "params": r.params,
     }
+    out["vs_ceiling"] = {
+        "jobs_per_s": ratio(r.jobs_per_s, ceiling),
+        "submit_per_s": ratio(r.submit_rps, ceiling),
+        "submit_p50_x": ratio(out["submit_p50_ms"], p50, 2),
+        "submit_p99_x": ratio(out["submit_p99_ms"], p99, 2),
+        "e2e_p50_x": ratio(out["e2e_p50_ms"], p50, 2),
+        "e2e_p99_x": ratio(out["e2e_p99_ms"], p99, 2),
+        "trace_p50_x": ratio(out["trace_p50_ms"], p50, 2),
+        "trace_p99_x": ratio(out["trace_p99_ms"], p99, 2),
+    }
+    out["jobs_per_s_vs_ceiling"] = out["vs_ceiling"]["jobs_per_s"]
+    return out
 
 
 def print_table(s: dict[str, Any]) -> None:
+    v = s["vs_ceiling"]
+
+    def show(value: Any, unit: str = "") -> str:
+        return "n/a" if value is None else f"{value}{unit}"
+
+    def share(value: float | None) -> str:
+        return "" if value is None else f"{value:.1%} of ceiling"
+
+    def times(a: float | None, b: float | None) -> str:
+        return "" if a is None or b is None else f"{a} x / {b} x gRPC alone"
+
     rows = [
-        ("jobs/s end to end", f"{s['jobs_per_s']}", f"{s['jobs_per_s_vs_ceiling']:.1%} of ceiling"),
-        ("submit latency p50 / p99", f"{s['submit_p50_ms']} / {s['submit_p99_ms']} ms", ""),
-        ("submit -> complete p50 / p99", f"{s['e2e_p50_ms']} / {s['e2e_p99_ms']} ms", ""),
+        ("jobs/s end to end", show(s["jobs_per_s"]), share(v["jobs_per_s"])),
+        ("submits/s", show(s["submit_per_s"]), share(v["submit_per_s"])),
+        (
+            "submit latency p50 / p99",
+            f"{show(s['submit_p50_ms'])} / {show(s['submit_p99_ms'], ' ms')}",
+            times(v["submit_p50_x"], v["submit_p99_x"]),
+        ),
+        (
+            "submit -> complete p50 / p99",
+            f"{show(s['e2e_p50_ms'])} / {show(s['e2e_p99_ms'], ' ms')}",
+            times(v["e2e_p50_x"], v["e2e_p99_x"]),
+        ),
         (
             "trace delivery p50 / p99",
-            f"{s['trace_p50_ms']} / {s['trace_p99_ms']} ms",
-            f"{s['trace_deliveries']} deliveries",
+            f"{show(s['trace_p50_ms'])} / {show(s['trace_p99_ms'], ' ms')}",
+            times(v["trace_p50_x"], v["trace_p99_x"]) + f" ({s['trace_deliveries']} deliveries)",
         ),
         (
             "unary ceiling (empty handler)",
-            f"{s['unary_ceiling_rps']} rps",
-            f"p50 {s['unary_p50_ms']} ms",
+            show(s["unary_ceiling_rps"], " rps"),
+            f"p50 {show(s['unary_p50_ms'])} / p99 {show(s['unary_p99_ms'], ' ms')}",
         ),
-        ("server peak RSS", f"{s['server_peak_rss_mb']} MB", ""),
+        ("server peak RSS", show(s["server_peak_rss_mb"], " MB"), ""),
     ]
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
@@ -407,6 +458,11 @@ def main(args: argparse.Namespace) -> int:
     if args.jobs < 1 or args.jobs > 1_000_000 or args.workers < 1:
         print("jobtrace bench: --jobs must be 1..1000000 and --workers at least 1", file=sys.stderr)
         return 2
+    for target in (args.target or "").split(","):
+        host = target.rpartition(":")[0].strip("[]")
+        if target and host not in {"127.0.0.1", "localhost", "::1"}:
+            print(f"jobtrace bench: --target must be on loopback, not {target}", file=sys.stderr)
+            return 2
     if args.replicas > 1 and not (args.db or "").startswith("postgresql"):
         print("jobtrace bench: --replicas needs --db postgresql+asyncpg://...", file=sys.stderr)
         return 2

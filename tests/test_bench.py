@@ -1,0 +1,63 @@
+"""`jobtrace bench` runs end to end (tiny sizes here: the figures are for `make bench`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+REQUIRED = {
+    "jobs_per_s",
+    "submit_p50_ms",
+    "submit_p99_ms",
+    "e2e_p50_ms",
+    "e2e_p99_ms",
+    "trace_p50_ms",
+    "trace_p99_ms",
+    "unary_ceiling_rps",
+    "server_peak_rss_mb",
+    "params",
+}
+
+
+async def bench(*args: str, timeout: float = 240) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "jobtrace",
+        "bench",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+SMALL = ("--jobs", "60", "--workers", "2", "--subscribers", "5", "--rate", "20")
+
+
+async def test_bench_prints_every_figure_as_json() -> None:
+    code, out, err = await bench(*SMALL, "--trace-seconds", "1", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert REQUIRED <= set(result)
+    assert result["jobs_completed"] == 60 and result["jobs_per_s"] > 0
+    assert result["params"]["jobs"] == 60 and result["params"]["subscribers"] == 5
+    assert result["trace_deliveries"] == 5 * 20, "every subscriber got every event"
+    assert 0 < result["submit_p50_ms"] <= result["submit_p99_ms"]
+    assert 0 < result["unary_ceiling_rps"] and 0 < result["server_peak_rss_mb"]
+    ratios = result["vs_ceiling"]
+    assert all(isinstance(v, float) and v > 0 for v in ratios.values()), ratios
+
+
+async def test_bench_prints_a_table() -> None:
+    code, out, err = await bench(*SMALL, "--trace-seconds", "0.5")
+    assert code == 0, err
+    assert "jobs/s end to end" in out and "of ceiling" in out and "gRPC alone" in out
+
+
+async def test_bench_refuses_a_target_beyond_loopback() -> None:
+    code, _, err = await bench("--target", "203.0.113.7:50051", "--json")
+    assert code == 2 and "loopback" in err
