@@ -7,10 +7,8 @@ import asyncio
 import contextlib
 import re
 import signal
-import socket
 import sqlite3
 import sys
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,16 +19,11 @@ from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
 from jobtrace.pb import trace_service_pb2 as t
 
-from .conftest import Stubs, stubs_for, wait_for
+from .conftest import Stubs, execute_sql, stubs_for, wait_for
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def start_server(port: int, db: Path) -> asyncio.subprocess.Process:
+async def start_server(port: int, db: str) -> tuple[asyncio.subprocess.Process, int]:
+    """`jobtrace serve` on 127.0.0.1:PORT (0: any free port); the process and its port."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -39,7 +32,7 @@ async def start_server(port: int, db: Path) -> asyncio.subprocess.Process:
         "--listen",
         f"127.0.0.1:{port}",
         "--db",
-        str(db),
+        db,
         "--lease-seconds",
         "2",
         "--heartbeat-seconds",
@@ -51,11 +44,11 @@ async def start_server(port: int, db: Path) -> asyncio.subprocess.Process:
         while True:
             line = (await proc.stderr.readline()).decode()
             assert line, "server exited during start"
-            if re.search(r"\(port \d+\)", line):
+            if m := re.search(r"\(port (\d+)\)", line):
                 break
     # Keep draining its log so the pipe never fills.
     asyncio.get_running_loop().create_task(_drain(proc.stderr))
-    return proc
+    return proc, int(m.group(1))
 
 
 async def _drain(stream: asyncio.StreamReader) -> None:
@@ -63,30 +56,32 @@ async def _drain(stream: asyncio.StreamReader) -> None:
         pass
 
 
-async def test_kill_dash_nine_loses_nothing_acknowledged(tmp_path: Path) -> None:
-    port = free_port()
-    db = tmp_path / "crash.db"
-    server = await start_server(port, db)
-    workers = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "jobtrace",
-            "worker",
-            "--demo",
-            "--target",
-            f"127.0.0.1:{port}",
-            "--worker-id",
-            f"w{i}",
-            "--concurrency",
-            "4",
-            "--log-level",
-            "WARNING",
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        for i in range(4)
-    ]
+async def start_worker(port: int, worker_id: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "jobtrace",
+        "worker",
+        "--demo",
+        "--target",
+        f"127.0.0.1:{port}",
+        "--worker-id",
+        worker_id,
+        "--concurrency",
+        "4",
+        "--log-level",
+        "WARNING",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+async def test_kill_dash_nine_loses_nothing_acknowledged(db_url: str) -> None:
+    """The server and two of the four workers are killed with SIGKILL under load.
+    The survivors reconnect to the restarted server and keep their leases; the
+    leases of the dead workers expire and their jobs run again elsewhere."""
+    server, port = await start_server(0, db_url)
+    workers = [await start_worker(port, f"w{i}") for i in range(4)]
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     api = stubs_for(channel)
     acked_jobs: dict[str, str] = {}  # request id -> job id
@@ -134,15 +129,27 @@ async def test_kill_dash_nine_loses_nothing_acknowledged(tmp_path: Path) -> None
                     return
                 await asyncio.sleep(0.05)  # back off while the server is down
 
+    async def held_by_the_doomed() -> set[str]:
+        running = (
+            await api.jobs.ListJobs(
+                j.ListJobsRequest(state=c.RUN_STATE_RUNNING, page_size=1000), timeout=5
+            )
+        ).jobs
+        return {job.id for job in running if job.worker_id in {"w0", "w1"}}
+
     try:
         tasks = [asyncio.create_task(submitter(n)) for n in range(3)]
         await wait_for(lambda: len(acked_jobs) >= 60, timeout=60)
-        server.send_signal(signal.SIGKILL)
-        await server.wait()
+        doomed_jobs = await wait_for(held_by_the_doomed, timeout=30)
+        for victim in (server, workers[0], workers[1]):
+            victim.send_signal(signal.SIGKILL)
+        for victim in (server, workers[0], workers[1]):
+            await victim.wait()
         stop.set()
         await asyncio.gather(*tasks)
         assert len(acked_jobs) >= 60
-        server = await start_server(port, db)
+        server, _ = await start_server(port, db_url)  # the same port: workers reconnect
+        workers += [await start_worker(port, f"w{i}") for i in (4, 5)]  # new ids
         await channel.close()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         api = stubs_for(channel)
@@ -164,18 +171,26 @@ async def test_kill_dash_nine_loses_nothing_acknowledged(tmp_path: Path) -> None
             ).annotations
             assert key in {n.key for n in notes}
 
-        # Leases held at the crash expire and the jobs finish on the reconnected workers.
+        # Every job finishes: the dead workers' leases expire and are requeued.
         async def all_completed() -> bool:
-            for job_id in acked_jobs.values():
+            for job_id in {*acked_jobs.values(), *doomed_jobs}:
                 job = (await api.jobs.GetJob(j.GetJobRequest(job_id=job_id))).job
                 if job.state != c.RUN_STATE_COMPLETED:
                     return False
             return True
 
         await wait_for(all_completed, timeout=90, interval=0.5)
+        for job_id in doomed_jobs:
+            job = (await api.jobs.GetJob(j.GetJobRequest(job_id=job_id))).job
+            assert job.attempt >= 2 and job.worker_id not in {"w0", "w1"}, job
         attestations = await _all_attestations(api)
-        completions = [x for x in attestations if x.type == a.ATTESTATION_TYPE_WORKER_COMPLETION]
-        assert len(completions) == len(acked_jobs)
+        completed = [
+            x.job_id for x in attestations if x.type == a.ATTESTATION_TYPE_WORKER_COMPLETION
+        ]
+        assert len(completed) == len(set(completed)), "no job completed twice"
+        assert set(acked_jobs.values()) <= set(completed)
+        failures = [x for x in attestations if x.type == a.ATTESTATION_TYPE_WORKER_FAILURE]
+        assert {x.job_id for x in failures} >= doomed_jobs, "each lost lease is attested"
         for item in attestations:
             verdict = await api.attest.VerifyAttestation(a.VerifyAttestationRequest(key=item.key))
             assert verdict.valid, (item.key, verdict.reason)
@@ -196,13 +211,15 @@ async def test_kill_dash_nine_loses_nothing_acknowledged(tmp_path: Path) -> None
             async with asyncio.timeout(30):
                 await server.wait()
 
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        twice = conn.execute(
-            "SELECT run_id, count(*) FROM trace_events WHERE type = 3 GROUP BY run_id "
-            "HAVING count(*) > 1"
-        ).fetchall()
-        assert twice == [], "no job completed twice"
+    twice = await execute_sql(
+        db_url,
+        "SELECT run_id, count(*) FROM trace_events WHERE type = 3 GROUP BY run_id "
+        "HAVING count(*) > 1",
+    )
+    assert twice == [], "no job recorded COMPLETED twice"
+    if db_url.startswith("sqlite"):
+        with sqlite3.connect(db_url.split("///", 1)[1]) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
 async def _all_attestations(api: Stubs) -> list[Any]:
