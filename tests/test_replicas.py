@@ -19,6 +19,7 @@ from google.protobuf import struct_pb2
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
 from jobtrace.pb import trace_service_pb2 as t
+from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Stubs, execute_sql, stubs_for, wait_for
 from .workers import RawWorker
@@ -261,3 +262,114 @@ async def test_replicas_start_together_on_a_fresh_database(
         for r in procs:
             async with asyncio.timeout(30):
                 await r.proc.wait()
+
+
+async def test_replicas_contending_for_jobs_lease_each_attempt_once(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Three replicas, a worker on each, submitters on each: every job is leased
+    once (one assignment per attempt across the whole cluster) and completes once."""
+    async with replicas(pg_url, tmp_path, 3) as nodes, contextlib.AsyncExitStack() as stack:
+        apis = [await stack.enter_async_context(client(r.target)) for r in nodes]
+        seen: list[tuple[str, int, int]] = []  # (job id, attempt, worker)
+
+        async def serve(n: int, api: Stubs) -> None:
+            raw = RawWorker(api)
+            await raw.hello(f"w{n}", ["svc"], max_concurrency=16)
+
+            async def beat() -> None:
+                while True:
+                    await raw.send(heartbeat=w.WorkerHeartbeat())
+                    await asyncio.sleep(0.5)  # the heartbeat interval asked for
+
+            beating = asyncio.create_task(beat())
+            try:
+                while True:
+                    message = await raw.recv(timeout=60)
+                    if message.WhichOneof("kind") == "assignment":
+                        job = message.assignment.job
+                        seen.append((job.id, message.assignment.attempt, n))
+                        await raw.send(
+                            complete=w.CompleteReport(
+                                job_id=job.id, attempt=message.assignment.attempt
+                            )
+                        )
+            finally:
+                beating.cancel()
+                await raw.close()
+
+        servers = [asyncio.create_task(serve(n, api)) for n, api in enumerate(apis)]
+
+        async def submit(n: int) -> list[str]:
+            ids = []
+            for i in range(100):
+                request = j.SubmitJobRequest(request_id=f"c{n}-{i}", job=c.JobSpec(service="svc"))
+                ids.append((await apis[n].jobs.SubmitJob(request)).job.id)
+            return ids
+
+        batches = await asyncio.gather(*(submit(n) for n in range(3)))
+        ids = {i for batch in batches for i in batch}
+
+        async def all_done() -> bool:
+            page = await apis[0].jobs.ListJobs(
+                j.ListJobsRequest(state=c.RUN_STATE_COMPLETED, page_size=1000)
+            )
+            return len(page.jobs) == len(ids)
+
+        await wait_for(all_done, timeout=60, interval=0.2)
+        for task in servers:
+            task.cancel()
+        await asyncio.gather(*servers, return_exceptions=True)
+    assignments = [(job_id, attempt) for job_id, attempt, _ in seen]
+    assert len(assignments) == len(set(assignments)) == len(ids), "each attempt leased once"
+    assert {job_id for job_id, _ in assignments} == ids
+    assert {attempt for _, attempt in assignments} == {1}
+    assert len({n for _, _, n in seen}) == 3, "every replica's worker got work"
+    completions = await execute_sql(pg_url, "SELECT count(*) FROM attestations WHERE type = 1")
+    assert completions == [(300,)]
+
+
+async def test_an_expired_lease_is_retried_once_across_replicas(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Supervision runs on every replica; a lost lease is handled exactly once."""
+    async with (
+        replicas(pg_url, tmp_path, 3) as (a, b, _c),
+        client(a.target) as on_a,
+        client(b.target) as on_b,
+    ):
+        silent = RawWorker(on_a)
+        await silent.hello("silent", ["svc"])
+        job = (
+            await on_b.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="lost", job=c.JobSpec(service="svc", max_attempts=5))
+            )
+        ).job
+        await silent.expect("assignment", timeout=10)
+        # No heartbeats: the 3 s lease runs out; another worker gets attempt 2.
+        rescuer = RawWorker(on_b)
+        await rescuer.hello("rescuer", ["svc"])
+
+        async def beat() -> None:  # the rescuer stays alive meanwhile
+            while True:
+                await rescuer.send(heartbeat=w.WorkerHeartbeat())
+                await asyncio.sleep(0.5)  # the heartbeat interval asked for
+
+        beating = asyncio.create_task(beat())
+        second = await rescuer.expect("assignment", timeout=20)
+        beating.cancel()
+        assert second.job.id == job.id and second.attempt == 2
+        await rescuer.send(complete=w.CompleteReport(job_id=job.id, attempt=2))
+        await rescuer.expect("ack")
+        done = (await on_a.jobs.GetJob(j.GetJobRequest(job_id=job.id))).job
+        assert done.state == c.RUN_STATE_COMPLETED and done.attempt == 2
+        await silent.close()
+        await rescuer.close()
+    failures = await execute_sql(pg_url, "SELECT key FROM attestations WHERE type = 2 ORDER BY key")
+    assert failures == [(f"worker-failure:{job.id}:1",)], "one failed attempt, attested once"
+    failed_events = await execute_sql(
+        pg_url,
+        "SELECT count(*) FROM trace_events WHERE run_id = :run AND type = 4",
+        run=job.id,
+    )
+    assert failed_events == [(1,)]
