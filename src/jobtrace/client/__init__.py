@@ -4,6 +4,7 @@ from jobtrace.client.api import Client, Page, RetryPolicy, TracePage, job_spec
 from jobtrace.client.channel import Endpoint
 from jobtrace.client.errors import (
     AlreadyExists,
+    DataLoss,
     DeadlineExceeded,
     FailedPrecondition,
     FieldViolation,
@@ -21,6 +22,7 @@ from jobtrace.client.worker import JobContext, NonRetryableError, Worker
 __all__ = [
     "AlreadyExists",
     "Client",
+    "DataLoss",
     "DeadlineExceeded",
     "Endpoint",
     "FailedPrecondition",

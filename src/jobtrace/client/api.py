@@ -12,7 +12,15 @@ import asyncio
 import contextlib
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -193,7 +201,7 @@ class Client:
 
     async def _stream(
         self, open_call: Callable[[], Any], *, resume: Callable[[Any], None] | None = None
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """Items of a server stream, reopened after a broken connection (UNAVAILABLE)
         by `open_call`, which resumes from what `resume` has seen."""
         delays = self.retry.delays()

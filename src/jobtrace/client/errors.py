@@ -85,6 +85,10 @@ class DeadlineExceeded(JobtraceError):
     """The call took longer than its deadline."""
 
 
+class DataLoss(JobtraceError):
+    """Stored data is damaged (e.g. an attestation row edited by hand)."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[JobtraceError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -95,6 +99,7 @@ _BY_CODE: dict[grpc.StatusCode, type[JobtraceError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.DATA_LOSS: DataLoss,
 }
 
 
