@@ -4,17 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import itertools
 import json
+import struct
 import sys
 import time
+import zlib
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf import json_format, struct_pb2
 
 from jobtrace.client.worker import JobContext
+from jobtrace.domain.attest import (
+    canonical,
+    digest_of,
+    load_public_key,
+    rotate_key_file,
+    sanitize,
+    verify_offline,
+)
 from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
@@ -610,3 +623,471 @@ async def test_annotations_of_an_attempt_that_never_reported_are_dropped(harness
     await raw.close()
     await wait_for(lambda: _state(api, job.id, c.RUN_STATE_FAILED))
     assert await listed(api, job.id) == []
+
+
+# --- audit: keys, encoding, sanitising, malformed rows, timestamps -----------------
+
+
+def envelope_json(env: a.DsseEnvelope) -> dict[str, Any]:
+    """A DSSE envelope in its standard JSON form."""
+    return {
+        "payloadType": env.payload_type,
+        "payload": base64.b64encode(env.payload).decode(),
+        "signatures": [
+            {"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode()} for s in env.signatures
+        ],
+    }
+
+
+async def test_envelope_after_rotation_verifies_with_the_attestations_own_key(
+    harness: Harness,
+) -> None:
+    api = harness.stubs()
+    wf = await run_workflow(harness, api)
+    (old,) = (await api.attest.GetSigningKeys(a.GetSigningKeysRequest())).keys
+    await harness.stop()
+    rotate_key_file(Path(harness.settings["signing_key_file"]))
+    await harness.start()
+    api = harness.stubs()
+    job = (await api.jobs.SubmitJob(j.SubmitJobRequest(request_id="after", job=spec()))).job
+    async with runtime_worker(harness.target, {"svc": echo}):
+        await wait_for(lambda: _state(api, job.id, c.RUN_STATE_COMPLETED), timeout=10)
+    new = next(
+        k for k in (await api.attest.GetSigningKeys(a.GetSigningKeysRequest())).keys if k.active
+    )
+    for key, signer in [
+        (f"workflow-completion:{wf.id}", old),
+        (f"worker-completion:{job.id}", new),
+    ]:
+        got = await api.attest.GetAttestation(
+            a.GetAttestationRequest(key=key, include_envelope=True)
+        )
+        assert got.attestation.key_id == signer.key_id
+        assert [s.keyid for s in got.envelope.signatures] == [signer.key_id]
+        # A verifier holding only the public key named by the attestation.
+        only = {signer.key_id: load_public_key(signer.public_key.hex())}
+        offline = verify_offline(envelope_json(got.envelope), only)
+        assert offline.valid and offline.signature_valid and offline.digest_valid, offline.reason
+        # One attestation alone says nothing about its chain, and says so.
+        assert not offline.chain_checked and not offline.chain_valid
+        again = await api.attest.GetAttestation(
+            a.GetAttestationRequest(key=key, include_envelope=True)
+        )
+        assert again.envelope == got.envelope  # deterministic: same key, same bytes
+    wrong = {new.key_id: load_public_key(new.public_key.hex())}
+    got = await api.attest.GetAttestation(
+        a.GetAttestationRequest(key=f"workflow-completion:{wf.id}", include_envelope=True)
+    )
+    refused = verify_offline(envelope_json(got.envelope), wrong)
+    assert not refused.valid and old.key_id in refused.reason
+    # Without the retired private key (removed, or another replica's key) the
+    # envelope is still served, signed by the active key, and names that key.
+    await harness.stop()
+    key_file = Path(harness.settings["signing_key_file"])
+    (retired,) = key_file.parent.glob(key_file.name + ".*.retired")
+    retired.unlink()
+    await harness.start()
+    api = harness.stubs()
+    got = await api.attest.GetAttestation(
+        a.GetAttestationRequest(key=f"workflow-completion:{wf.id}", include_envelope=True)
+    )
+    assert [s.keyid for s in got.envelope.signatures] == [new.key_id]
+    both = {k.key_id: load_public_key(k.public_key.hex()) for k in (old, new)}
+    assert verify_offline(envelope_json(got.envelope), both).valid
+    refused = verify_offline(
+        envelope_json(got.envelope), {old.key_id: load_public_key(old.public_key.hex())}
+    )
+    assert not refused.valid and new.key_id in refused.reason and refused.digest_valid
+
+
+# RFC 8785 appendix B: IEEE 754 bit patterns and their canonical form.
+JCS_NUMBERS = [
+    ("0000000000000000", "0"),
+    ("8000000000000000", "0"),
+    ("0000000000000001", "5e-324"),
+    ("8000000000000001", "-5e-324"),
+    ("7fefffffffffffff", "1.7976931348623157e+308"),
+    ("ffefffffffffffff", "-1.7976931348623157e+308"),
+    ("4340000000000000", "9007199254740992"),
+    ("c340000000000000", "-9007199254740992"),
+    ("4430000000000000", "295147905179352830000"),
+    ("44b52d02c7e14af5", "9.999999999999997e+22"),
+    ("44b52d02c7e14af6", "1e+23"),
+    ("44b52d02c7e14af7", "1.0000000000000001e+23"),
+    ("444b1ae4d6e2ef4e", "999999999999999700000"),
+    ("444b1ae4d6e2ef4f", "999999999999999900000"),
+    ("444b1ae4d6e2ef50", "1e+21"),
+    ("3eb0c6f7a0b5ed8c", "9.999999999999997e-7"),
+    ("3eb0c6f7a0b5ed8d", "0.000001"),
+    ("41b3de4355555553", "333333333.3333332"),
+    ("41b3de4355555554", "333333333.33333325"),
+    ("41b3de4355555555", "333333333.3333333"),
+    ("41b3de4355555556", "333333333.3333334"),
+    ("41b3de4355555557", "333333333.33333343"),
+    ("becbf647612f3696", "-0.0000033333333333333333"),
+    ("43143ff3c1cb0959", "1424953923781206.2"),
+]
+
+
+@pytest.mark.parametrize(("bits", "expected"), JCS_NUMBERS)
+def test_canonical_numbers_are_rfc8785(bits: str, expected: str) -> None:
+    (x,) = struct.unpack(">d", bytes.fromhex(bits))
+    assert canonical(x) == expected.encode()
+
+
+def test_canonical_encoding_is_rfc8785() -> None:
+    # RFC 8785 section 3.2.2 and 3.2.3 examples.
+    source = (
+        '{"numbers": [333333333.33333329, 1E30, 4.50, 2e-3, 0.000000000000000000000000001],'
+        ' "string": "\\u20ac$\\u000F\\u000aA\'\\u0042\\u0022\\u005c\\\\\\"\\/",'
+        ' "literals": [null, true, false]}'
+    )
+    assert (
+        canonical(json.loads(source))
+        == (
+            '{"literals":[null,true,false],"numbers":[333333333.3333333,1e+30,4.5,0.002,1e-27],'
+            '"string":"€$\\u000f\\nA\'B\\"\\\\\\\\\\"/"}'
+        ).encode()
+    )
+    members = json.loads(
+        '{"\\u20ac": "Euro Sign", "\\r": "Carriage Return", "\\ufb33": "Hebrew Letter Dalet'
+        ' With Dagesh", "1": "One", "\\ud83d\\ude00": "Emoji: Grinning Face", "\\u0080":'
+        ' "Control", "\\u00f6": "Latin Small Letter O With Diaeresis"}'
+    )
+    # Sorted by UTF-16 code units: the emoji's surrogates sort before U+FB33.
+    assert list(json.loads(canonical(members)).values()) == [
+        "Carriage Return",
+        "One",
+        "Control",
+        "Latin Small Letter O With Diaeresis",
+        "Euro Sign",
+        "Emoji: Grinning Face",
+        "Hebrew Letter Dalet With Dagesh",
+    ]
+    assert canonical({"b": 1.0, "a": [1e16, 1e21, 1e-7, -0.0, 10**21]}) == (
+        b'{"a":[10000000000000000,1e+21,1e-7,0,1e+21],"b":1}'
+    )
+    # An integer is the double nearest to it, as for a verifier parsing JSON text.
+    assert canonical([2**53 + 1, 1712345678901234567]) == b"[9007199254740992,1712345678901234700]"
+    assert canonical("\x00\x1f\x7f\u2028/é") == b'"\\u0000\\u001f\x7f\xe2\x80\xa8/\xc3\xa9"'
+    digest = hashlib.sha256(b'{"a":1,"b":[true,null,"x"]}').hexdigest()
+    assert digest_of({"b": [True, None, "x"], "a": 1.0}) == "sha256:" + digest
+
+
+@pytest.mark.parametrize(
+    "bad", [float("nan"), float("inf"), float("-inf"), 10**400, {1: "x"}, "\ud800", b"x"]
+)
+def test_canonical_encoding_refuses_what_json_cannot_say(bad: Any) -> None:
+    with pytest.raises(ValueError):
+        canonical({"x": [bad]})
+
+
+AWKWARD_NUMBERS = {"ns": 1712345678901234567, "big": 1e21, "tiny": 1e-7, "one": 1.0, "x": 0.1}
+
+
+async def test_digest_is_reproducible_from_the_message_alone(harness: Harness) -> None:
+    api = harness.stubs()
+    wf = await run_workflow(harness, api)
+    job = (
+        await api.jobs.SubmitJob(
+            j.SubmitJobRequest(request_id="numbers", job=spec("num", **AWKWARD_NUMBERS))
+        )
+    ).job
+
+    async def numbers(ctx_: JobContext) -> dict[str, Any]:
+        return {**AWKWARD_NUMBERS, "echo": ctx_.payload}
+
+    async with runtime_worker(harness.target, {"num": numbers}):
+        await wait_for(lambda: _state(api, job.id, c.RUN_STATE_COMPLETED), timeout=10)
+    items = [*await attestations(api, workflow_id=wf.id), *await attestations(api, job_id=job.id)]
+    assert len(items) == 5
+    result = json_format.MessageToDict(items[-1].data)["result"]
+    assert result["ns"] == float(AWKWARD_NUMBERS["ns"]) and result["tiny"] == 1e-7
+    for item in items:
+        assert (await verify(api, item.key)).valid, item.key
+        # Struct numbers come back as doubles (3.0): JCS writes them as stored (3).
+        rebuilt = {
+            "key": item.key,
+            "type": a.AttestationType.Name(item.type).removeprefix("ATTESTATION_TYPE_").lower(),
+            "tenant": item.tenant,
+            "entity_type": item.entity_type,
+            "entity_id": item.entity_id,
+            "workflow_id": item.workflow_id,
+            "job_id": item.job_id,
+            "worker_id": item.worker_id,
+            "attempt": item.attempt,
+            "state": c.RunState.Name(item.state).removeprefix("RUN_STATE_"),
+            "data": json_format.MessageToDict(item.data),
+            "chain_id": item.workflow_id or item.job_id,
+            "chain_seq": item.chain_sequence,
+            "previous_digest": item.previous_digest,
+            "key_id": item.key_id,
+            "create_time_us": item.create_time.ToMicroseconds(),
+            "expire_time_us": item.expire_time.ToMicroseconds(),
+        }
+        assert "sha256:" + hashlib.sha256(canonical(rebuilt)).hexdigest() == item.digest
+
+
+def png_bytes(size: int, comment: bytes = b"") -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    rows = b"".join(
+        b"\x00" + bytes((x * 7 + y) % 256 for x in range(size * 3)) for y in range(size)
+    )
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    text = chunk(b"tEXt", comment) if comment else b""
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + text
+        + chunk(b"IDAT", zlib.compress(rows, 9))
+        + chunk(b"IEND", b"")
+    )
+
+
+SMALL_PNG = base64.b64encode(png_bytes(4, b"Comment\x00" + b"x" * 22)).decode()
+RANDOM_BLOB = base64.b64encode(bytes((i * 151 + 7) % 256 for i in range(600))).decode()
+SVG_URI = 'data:image/svg+xml,<svg xmlns="http://www.w3.org/2000/svg"><circle r="4"/></svg>'
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "kind", "media_type"),
+    [
+        ("mime wrapped", base64.encodebytes(RANDOM_BLOB.encode()).decode(), "base64", None),
+        (
+            "mime crlf",
+            base64.encodebytes(bytes(range(256))).decode().replace("\n", "\r\n"),
+            "base64",
+            None,
+        ),
+        (
+            "pem-like 64",
+            "\n".join(RANDOM_BLOB[i : i + 64] for i in range(0, 800, 64)),
+            "base64",
+            None,
+        ),
+        ("small png", SMALL_PNG, "base64", "image/png"),
+        ("url-safe", base64.urlsafe_b64encode(bytes(range(255, 0, -1))).decode(), "base64", None),
+        (
+            "gif unpadded",
+            base64.b64encode(b"GIF89a\x01\x00\x01\x00\x80\x00\x00").decode().rstrip("="),
+            "base64",
+            "image/gif",
+        ),
+        (
+            "pdf",
+            base64.b64encode(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n").decode(),
+            "base64",
+            "application/pdf",
+        ),
+        (
+            "webp",
+            base64.b64encode(b"RIFF\x24\x00\x00\x00WEBPVP8 ").decode(),
+            "base64",
+            "image/webp",
+        ),
+        ("svg data uri", SVG_URI, "data_uri", "image/svg+xml"),
+        ("plain data uri", "data:,Hello%2C%20World", "data_uri", "text/plain"),
+        ("charset data uri", "DATA:text/plain;charset=utf-8,hi", "data_uri", "text/plain"),
+        ("base64 data uri", "data:image/png;name=a.png;base64," + SMALL_PNG, "base64", "image/png"),
+    ],
+)
+def test_sanitize_redacts_encoded_content(
+    name: str, value: str, kind: str, media_type: str | None
+) -> None:
+    if name == "small png":
+        assert len(value) == 212
+    marker = sanitize({"v": value})["v"]
+    assert marker["redacted"] == kind, name
+    assert marker.get("media_type") == media_type, name
+    assert marker["length"] == len(value)
+    assert marker["sha256"] == hashlib.sha256(value.encode()).hexdigest()
+    # As an object member's name, too.
+    (redacted_key,) = sanitize({value: 1})
+    assert value not in redacted_key and redacted_key.startswith(f"[redacted {kind} ")
+    assert hashlib.sha256(value.encode()).hexdigest() in redacted_key
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "a" * 300,
+        "abcd" * 100,
+        "AbCdEfGhIj" * 40,  # letters only: no digits
+        hashlib.sha512(b"x").hexdigest(),
+        hashlib.sha512(b"x").hexdigest().upper(),
+        hashlib.sha256(b"x").hexdigest() * 8,
+        base64.b64encode(hashlib.sha256(b"x").digest()).decode(),
+        base64.b64encode(hashlib.sha512(b"x").digest()).decode(),
+        "The quick brown fox jumps over the lazy dog. " * 20,
+        "data: 3 rows, 2 columns",
+        "metadata:image/png,1",
+        "https://example.com/a/b/c?q=" + "x1Y" * 40,
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+        "line one\nline two\nline three",
+        "550e8400-e29b-41d4-a716-446655440000",
+    ],
+)
+def test_sanitize_keeps_words_digests_and_text(value: str) -> None:
+    assert sanitize({"v": value, value: 1}) == {"v": value, value: 1}
+
+
+ENCODED_SVG_URI = (
+    "data:image/svg+xml,%3Csvg%20xmlns%3D%27http%3A%2F%2Fwww.w3.org%2F2000%2Fsvg%27%2F%3E"
+)
+
+
+def test_sanitize_redacts_data_uris_inside_text_and_is_idempotent() -> None:
+    text = f"chart: ![c](data:image/png;base64,{SMALL_PNG}) icon: <img src='{ENCODED_SVG_URI}'>"
+    out = sanitize({"note": text})["note"]
+    png_marker = f"[redacted base64 image/png sha256:{_sha(f'data:image/png;base64,{SMALL_PNG}')}"
+    svg_marker = f"[redacted data_uri image/svg+xml sha256:{_sha(ENCODED_SVG_URI)}"
+    assert out == (
+        f"chart: ![c]({png_marker} length:{len(SMALL_PNG) + 22}]) "
+        f"icon: <img src='{svg_marker} length:{len(ENCODED_SVG_URI)}]'>"
+    )
+    payload = {"image": PNG, "blob": BLOB, SMALL_PNG: [SVG_URI, "keep"], "note": text}
+    once = sanitize(payload)
+    assert sanitize(once) == once
+    assert all(s not in json.dumps(once) for s in (PNG, BLOB, SMALL_PNG, SVG_URI))
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def test_malformed_rows_get_a_verdict_or_data_loss_never_unknown(harness: Harness) -> None:
+    api = harness.stubs()
+    wf = await run_workflow(harness, api)
+    items = await attestations(api, workflow_id=wf.id)
+    target, successor = items[1], items[2]
+    edits: list[tuple[str, Any, str]] = [
+        ("type", 99, "type 99"),
+        ("type", 0, "type 0"),
+        ("state", 77, "state 77"),
+        ("signature", "not hex", "signature is not hex"),
+        ("data", "{not json", "data is not JSON"),
+        ("data", '{"x": NaN}', "data is not JSON"),
+        ("data", '{"x": 1e400}', "beyond the range of a double"),
+        ("data", '{"x": 1' + "0" * 400 + "}", "beyond the range of a double"),
+        ("data", '{"x": "\\ud800"}', "surrogates not allowed"),
+        ("data", "[1, 2]", "data is not a JSON object"),
+    ]
+    if harness.db_url.startswith("sqlite"):
+        edits.append(("attempt", "one", "attempt 'one' is not an integer"))  # SQLite only
+    for column, bad, words in edits:
+        ((before,),) = await execute_sql(
+            harness.db_url, f"SELECT {column} FROM attestations WHERE key = :k", k=target.key
+        )
+        await execute_sql(
+            harness.db_url,
+            f"UPDATE attestations SET {column} = :v WHERE key = :k",
+            v=bad,
+            k=target.key,
+        )
+        verdict = await verify(api, target.key)
+        assert not verdict.valid and not verdict.signature_valid and not verdict.digest_valid
+        assert verdict.reason.startswith("row is malformed: ") and words in verdict.reason, (
+            column,
+            verdict.reason,
+        )
+        _, info, _ = await expect_error(
+            api.attest.GetAttestation(a.GetAttestationRequest(key=target.key)),
+            grpc.StatusCode.DATA_LOSS,
+        )
+        assert info is not None and info.reason == "ATTESTATION_MALFORMED"
+        assert info.metadata["key"] == target.key and words in info.metadata["problems"]
+        _, info, _ = await expect_error(
+            api.attest.ListAttestations(a.ListAttestationsRequest(workflow_id=wf.id)),
+            grpc.StatusCode.DATA_LOSS,
+        )
+        assert info is not None and info.metadata["key"] == target.key
+        # The next link only needs the malformed row's digest, which still reads.
+        assert (await verify(api, successor.key)).valid
+        await execute_sql(
+            harness.db_url,
+            f"UPDATE attestations SET {column} = :v WHERE key = :k",
+            v=before,
+            k=target.key,
+        )
+        assert (await verify(api, target.key)).valid, column
+    # A signing key row edited too.
+    await execute_sql(harness.db_url, "UPDATE signing_keys SET public_key = 'zz'")
+    verdict = await verify(api, target.key)
+    assert not verdict.valid and not verdict.signature_valid and verdict.digest_valid
+    assert "signing_keys row" in verdict.reason and "public_key is not hex" in verdict.reason
+    await expect_error(
+        api.attest.GetSigningKeys(a.GetSigningKeysRequest()), grpc.StatusCode.DATA_LOSS
+    )
+
+
+def _us(iso: str) -> int:
+    return (datetime.fromisoformat(iso) - datetime.fromisoformat("1970-01-01T00:00:00Z")) // (
+        timedelta(microseconds=1)
+    )
+
+
+async def test_attestations_carry_attempt_and_run_timestamps(harness: Harness) -> None:
+    api = harness.stubs()
+    wf = await run_workflow(harness, api)
+    items = await attestations(api, workflow_id=wf.id)
+    stored = (await api.jobs.GetWorkflow(j.GetWorkflowRequest(workflow_id=wf.id))).workflow
+    final = json_format.MessageToDict(items[-1].data)
+    assert _us(final["completed_at"]) == stored.completed_at.ToMicroseconds()
+    assert _us(final["started_at"]) == stored.started_at.ToMicroseconds()
+    for item in items[:-1]:
+        data = json_format.MessageToDict(item.data)
+        assert data["ended_at"] == data["completed_at"] != ""
+        assert _us(data["started_at"]) <= _us(data["ended_at"]) <= _us(final["completed_at"])
+
+    # A failed attempt that is retried: it ended, the job did not complete.
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    job = (
+        await api.jobs.SubmitJob(
+            j.SubmitJobRequest(
+                request_id="retry-times",
+                job=c.JobSpec(
+                    service="svc", backoff=c.BackoffPolicy(initial_interval={"nanos": 1_000_000})
+                ),
+            )
+        )
+    ).job
+    await raw.expect("assignment")
+    await raw.send(
+        fail=w.FailReport(
+            job_id=job.id, attempt=1, retryable=True, error=c.ErrorDetail(message="flaky")
+        )
+    )
+    await raw.expect("ack")
+    await raw.expect("assignment")
+    await raw.send(complete=w.CompleteReport(job_id=job.id, attempt=2))
+    await raw.expect("ack")
+    failed, done = (
+        json_format.MessageToDict(x.data) for x in await attestations(api, job_id=job.id)
+    )
+    assert failed["completed_at"] == "" and failed["ended_at"] and failed["started_at"]
+    assert _us(failed["started_at"]) <= _us(failed["ended_at"]) <= _us(done["started_at"])
+    assert done["ended_at"] == done["completed_at"] and done["started_at"] != failed["started_at"]
+    await raw.close()
+
+    # A workflow cancelled before it started.
+    wf2 = (
+        await api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(
+                request_id="wf-times",
+                name="w",
+                steps=[c.WorkflowStepSpec(name="x", job=c.JobSpec(service="none"))],
+            )
+        )
+    ).workflow
+    await api.jobs.CancelWorkflow(j.CancelWorkflowRequest(workflow_id=wf2.id))
+    (cancelled,) = await attestations(api, workflow_id=wf2.id)
+    data = json_format.MessageToDict(cancelled.data)
+    stored = (await api.jobs.GetWorkflow(j.GetWorkflowRequest(workflow_id=wf2.id))).workflow
+    assert (
+        data["started_at"] == ""
+        and _us(data["completed_at"]) == stored.completed_at.ToMicroseconds()
+    )

@@ -101,7 +101,18 @@ class Attestation(_message.Message):
     state: _common_pb2.RunState.ValueType
     """Output only. The entity's state when attested."""
     digest: _builtins.str
-    """Output only. "sha256:<hex>" over the canonical encoding."""
+    """Output only. "sha256:<hex>": SHA-256 of the RFC 8785 (JSON Canonicalization
+    Scheme, JCS) encoding of the statement, the JSON object of every other field:
+    key, type (lower case without prefix, "worker_completion"), tenant,
+    entity_type, entity_id, workflow_id, job_id, worker_id, attempt, state
+    (without prefix, "COMPLETED"), data, chain_id (workflow_id, or job_id for a
+    standalone job), chain_seq (chain_sequence), previous_digest, key_id,
+    create_time_us and expire_time_us (microseconds since the Unix epoch). JCS
+    writes numbers as ECMAScript does (1 not 1.0, 1e+21, 1e-7; no NaN or
+    Infinity), sorts members by UTF-16 code units and adds no whitespace, so any
+    JCS library reproduces the bytes. The DSSE envelope's predicate is this
+    statement plus digest and signature.
+    """
     previous_digest: _builtins.str
     """Output only. Digest of the previous attestation of the same chain (workflow
     or standalone job); empty for the first.
@@ -160,7 +171,11 @@ Global___Attestation: _TypeAlias = Attestation  # noqa: Y015
 
 @_typing.final
 class DsseEnvelope(_message.Message):
-    """A DSSE envelope holding an in-toto Statement."""
+    """A DSSE envelope holding an in-toto Statement. It is signed by the key that
+    signed the attestation (its key_id), so that one public key verifies both;
+    only a server that lacks that private key (another replica's key) signs with
+    its active key instead.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -168,7 +183,7 @@ class DsseEnvelope(_message.Message):
     PAYLOAD_TYPE_FIELD_NUMBER: _builtins.int
     SIGNATURES_FIELD_NUMBER: _builtins.int
     payload: _builtins.bytes
-    """The serialised in-toto Statement (JSON)."""
+    """The serialised in-toto Statement (RFC 8785 canonical JSON)."""
     payload_type: _builtins.str
     """"application/vnd.in-toto+json"."""
     @_builtins.property

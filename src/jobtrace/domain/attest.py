@@ -4,12 +4,14 @@ per workflow (or standalone job), signed with Ed25519; verification and DSSE exp
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
-from jobtrace.domain.errors import NotFound, Violations
+from jobtrace.domain import jcs
+from jobtrace.domain.errors import DataLoss, NotFound, Violations
 from jobtrace.domain.pagination import PageTokens, position
 from jobtrace.domain.validation import check_page_size
 from jobtrace.model import JSON, Attestation, AttestationType, RunState, SigningKey
@@ -32,9 +35,6 @@ ALGORITHM = "ed25519"
 DSSE_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://jobtrace.dev/attestation/v1"
-DATA_URI_RE = re.compile(r"^data:([^,;]*)(;[^,]*)?;base64,", re.IGNORECASE)
-BASE64_RE = re.compile(r"^[A-Za-z0-9+/_-]+={0,2}$")
-MIN_BASE64_LENGTH = 256
 
 
 # --- keys ------------------------------------------------------------------------
@@ -49,28 +49,66 @@ def public_raw(key: Ed25519PrivateKey) -> bytes:
 
 
 class Signer:
-    """The server's Ed25519 key, kept in a PEM file created on first start."""
+    """The server's Ed25519 keys: the active one, kept in a PEM file created on first
+    start, and the ones `rotate_key_file` retired beside it. Retired keys sign
+    nothing new; they sign the DSSE envelopes of the attestations they signed, so
+    the attestation's own public key verifies its envelope too."""
 
-    def __init__(self, key: Ed25519PrivateKey, created_us: int) -> None:
+    def __init__(
+        self, key: Ed25519PrivateKey, created_us: int, retired: Iterable[Ed25519PrivateKey] = ()
+    ) -> None:
         self._key = key
         self.public_key = public_raw(key)
         self.key_id = key_id_of(self.public_key)
         self.created_us = created_us
+        self._keys = {key_id_of(public_raw(k)): k for k in retired}
+        self._keys[self.key_id] = key
 
     @classmethod
     def load_or_create(cls, path: Path) -> Signer:
+        retired = _retired_keys(path)
         if path.exists():
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            if not isinstance(key, Ed25519PrivateKey):
-                raise ValueError(f"{path} does not hold an Ed25519 private key")
-            return cls(key, int(path.stat().st_mtime * 1e6))
-        return cls(_write_new_key(path), now_us())
+            return cls(_load_private_key(path), int(path.stat().st_mtime * 1e6), retired)
+        return cls(_write_new_key(path), now_us(), retired)
 
     def sign(self, message: bytes) -> bytes:
         return self._key.sign(message)
 
+    def sign_as(self, key_id: str, message: bytes) -> bytes | None:
+        """Sign with the key `key_id`, active or retired; None if this server lacks it."""
+        key = self._keys.get(key_id)
+        return None if key is None else key.sign(message)
+
     def as_signing_key(self) -> SigningKey:
         return SigningKey(self.key_id, self.public_key, ALGORITHM, self.created_us, True)
+
+
+def _load_private_key(path: Path) -> Ed25519PrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} does not hold an Ed25519 private key")
+    return key
+
+
+def _retired_path(path: Path, key_id: str) -> Path:
+    return path.with_name(f"{path.name}.{key_id.split(':')[1]}.retired")
+
+
+def _retired_keys(path: Path) -> list[Ed25519PrivateKey]:
+    """The keys rotate_key_file retired beside `path`. One that does not load is
+    skipped with a warning: it only costs envelopes signed by another key."""
+    if not path.parent.is_dir():
+        return []
+    keys = []
+    for candidate in sorted(path.parent.iterdir()):
+        name = candidate.name
+        if not (name.startswith(path.name + ".") and name.endswith(".retired")):
+            continue
+        try:
+            keys.append(_load_private_key(candidate))
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("retired signing key %s not loaded: %s", candidate, exc)
+    return keys
 
 
 def _write_new_key(path: Path) -> Ed25519PrivateKey:
@@ -93,10 +131,10 @@ def _write_new_key(path: Path) -> Ed25519PrivateKey:
 
 def rotate_key_file(path: Path) -> tuple[str, str]:
     """Retire the key in `path` (kept beside it) and write a new one. Public keys
-    stay in the database, so older attestations keep verifying."""
+    stay in the database, so older attestations keep verifying; the server keeps
+    loading the retired private key to sign those attestations' DSSE envelopes."""
     old = Signer.load_or_create(path)
-    retired = path.with_name(f"{path.name}.{old.key_id.split(':')[1]}.retired")
-    os.replace(path, retired)
+    os.replace(path, _retired_path(path, old.key_id))
     new = Signer(_write_new_key(path), now_us())
     return old.key_id, new.key_id
 
@@ -120,29 +158,198 @@ def load_public_key(text: str) -> Ed25519PublicKey:
 
 
 def canonical(value: Any) -> bytes:
-    """Canonical JSON: sorted keys, no whitespace, UTF-8."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The bytes a digest covers: RFC 8785 (JCS) canonical JSON, so a verifier in any
+    language reproduces them with a JCS library (see jobtrace.domain.jcs). Raises
+    jcs.NotCanonicalizable (a ValueError) for NaN, infinities and other non-JSON."""
+    return jcs.dumps(value)
+
+
+# A data: URI (RFC 2397): "data:" [type/subtype] *(";" parameter) ["base64"] ",".
+# Strict enough that prose such as "data: 3 rows, 2 columns" is not one.
+_TOKEN = r"[a-z0-9!#$&^_.+-]+"
+_DATA_URI = rf"data:(?P<type>{_TOKEN}/{_TOKEN})?(?P<params>(?:;{_TOKEN}(?:=[^;,\s]*)?)*),"
+DATA_URI_RE = re.compile(r"\s*" + _DATA_URI, re.IGNORECASE)
+EMBEDDED_DATA_URI_RE = re.compile(r"(?<![\w.+-])" + _DATA_URI, re.IGNORECASE)
+# Where an embedded data: URI ends: its base64 run, or the first character a URI
+# in prose, markup or markdown cannot hold.
+_EMBEDDED_BASE64_END = re.compile(r"[A-Za-z0-9+/_-]*=*")
+_EMBEDDED_TEXT_END = re.compile(r"[^\s\"'()<>\[\]]*")
+_BASE64_STD = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+_BASE64_URL = re.compile(r"[A-Za-z0-9_-]+={0,2}")
+# Shorter bare base64 is kept unless it decodes to a known binary format: it is
+# mostly ids, tokens, cursors and digests (a SHA-512 is 88 characters), which are
+# evidence worth keeping.
+MIN_BARE_BASE64 = 100
+MIN_MAGIC_BASE64 = 12
+# Leading bytes of binary formats: (offset, bytes, media type).
+MAGIC: list[tuple[int, bytes, str]] = [
+    (0, b"\x89PNG\r\n\x1a\n", "image/png"),
+    (0, b"\xff\xd8\xff", "image/jpeg"),
+    (0, b"GIF87a", "image/gif"),
+    (0, b"GIF89a", "image/gif"),
+    (8, b"WEBP", "image/webp"),
+    (8, b"WAVE", "audio/wav"),
+    (8, b"AVI ", "video/x-msvideo"),
+    (0, b"II*\x00", "image/tiff"),
+    (0, b"MM\x00*", "image/tiff"),
+    (0, b"\x00\x00\x01\x00", "image/vnd.microsoft.icon"),
+    (0, b"<svg", "image/svg+xml"),
+    (0, b"<?xml", "application/xml"),
+    (0, b"%PDF-", "application/pdf"),
+    (0, b"PK\x03\x04", "application/zip"),
+    (0, b"\x1f\x8b\x08", "application/gzip"),
+    (0, b"(\xb5/\xfd", "application/zstd"),
+    (0, b"7z\xbc\xaf\x27\x1c", "application/x-7z-compressed"),
+    (0, b"OggS", "audio/ogg"),
+    (0, b"fLaC", "audio/flac"),
+    (0, b"ID3", "audio/mpeg"),
+    (0, b"\x1aE\xdf\xa3", "video/webm"),
+    (4, b"ftyp", "video/mp4"),
+    (0, b"wOFF", "font/woff"),
+    (0, b"wOF2", "font/woff2"),
+    (0, b"\x00asm", "application/wasm"),
+    (0, b"\x7fELF", "application/x-executable"),
+]
 
 
 def sanitize(value: Any) -> Any:
-    """Replace base64 content (data: URIs, long base64 strings) by a marker with
-    its SHA-256 and length, so attestations stay small and carry no images."""
+    """Replace encoded content by a marker with its SHA-256 and length, so
+    attestations stay small and carry no images. Encoded content is:
+    - any data: URI, base64 or not (`data:image/svg+xml,<svg ...`);
+    - bare base64, standard or URL-safe, also when wrapped in lines (MIME, PEM),
+      that decodes to a known binary format (PNG, JPEG, GIF, WebP, PDF, ZIP...) or
+      is at least MIN_BARE_BASE64 characters mixing upper case, lower case and
+      digits. Words, hex digests and prose never qualify.
+    A whole value becomes a marker object; a data: URI inside longer text, or in an
+    object member's name, becomes a marker string in place."""
     if isinstance(value, dict):
-        return {k: sanitize(v) for k, v in value.items()}
+        return {_sanitize_text(k): sanitize(v) for k, v in value.items()}
     if isinstance(value, list):
         return [sanitize(v) for v in value]
     if isinstance(value, str):
-        match = DATA_URI_RE.match(value)
-        if match or (len(value) >= MIN_BASE64_LENGTH and BASE64_RE.match(value)):
+        found = _encoded(value)
+        if found is not None:
+            kind, media_type = found
             marker: dict[str, Any] = {
-                "redacted": "base64",
+                "redacted": kind,
                 "sha256": hashlib.sha256(value.encode()).hexdigest(),
                 "length": len(value),
             }
-            if match:
-                marker["media_type"] = match.group(1) or "text/plain"
+            if media_type:
+                marker["media_type"] = media_type
             return marker
+        return _redact_embedded(value)
     return value
+
+
+def _encoded(text: str) -> tuple[str, str] | None:
+    """(marker kind, media type or '') when the whole of `text` is encoded content."""
+    match = DATA_URI_RE.match(text)
+    if match:
+        return _data_uri_kind(match), match.group("type") or "text/plain"
+    compact = _unwrapped(text)
+    if compact is None or len(compact) < MIN_MAGIC_BASE64:
+        return None
+    head = _decoded_head(compact)
+    if head is None:
+        return None
+    media_type = _magic(head)
+    if media_type:
+        return "base64", media_type
+    if len(compact) >= MIN_BARE_BASE64 and _mixes_character_classes(compact):
+        return "base64", ""
+    return None
+
+
+def _data_uri_kind(match: re.Match[str]) -> str:
+    return "base64" if match.group("params").lower().endswith(";base64") else "data_uri"
+
+
+def _sanitize_text(text: str) -> str:
+    """`text`, or a marker string if the whole of it is encoded content."""
+    found = _encoded(text)
+    if found is not None:
+        return _marker_text(found[0], found[1], text)
+    return _redact_embedded(text)
+
+
+def _redact_embedded(text: str) -> str:
+    """`text` with each data: URI in it replaced by a marker string."""
+    if "data:" not in text.lower():
+        return text
+    parts: list[str] = []
+    position = 0
+    for match in EMBEDDED_DATA_URI_RE.finditer(text):
+        if match.start() < position:
+            continue
+        kind = _data_uri_kind(match)
+        body = _EMBEDDED_BASE64_END if kind == "base64" else _EMBEDDED_TEXT_END
+        end = body.match(text, match.end())
+        stop = end.end() if end else match.end()
+        parts += [
+            text[position : match.start()],
+            _marker_text(kind, match.group("type") or "text/plain", text[match.start() : stop]),
+        ]
+        position = stop
+    return "".join(parts) + text[position:]
+
+
+def _marker_text(kind: str, media_type: str, content: str) -> str:
+    digest = hashlib.sha256(content.encode()).hexdigest()
+    return f"[redacted {kind} {media_type or 'content'} sha256:{digest} length:{len(content)}]"
+
+
+def _unwrapped(text: str) -> str | None:
+    """`text` without the line breaks of wrapped base64 (equal lines, a shorter last
+    one), or None if it has line breaks laid out otherwise."""
+    if "\n" not in text:
+        return text
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines[-1] == "":
+        lines.pop()
+    width = len(lines[0]) if lines else 0
+    if width == 0 or width % 4:
+        return None
+    if any(len(line) != width for line in lines[:-1]) or not 0 < len(lines[-1]) <= width:
+        return None
+    return "".join(lines)
+
+
+def _decoded_head(compact: str) -> bytes | None:
+    """The first bytes `compact` decodes to, if it is well-formed base64 in one
+    alphabet (padding optional), else None."""
+    if len(compact) % 4 == 1 or ("=" in compact and len(compact) % 4):
+        return None
+    if _BASE64_STD.fullmatch(compact):
+        altchars = None
+    elif _BASE64_URL.fullmatch(compact):
+        altchars = b"-_"
+    else:
+        return None
+    head = compact.rstrip("=")[:64]
+    try:
+        return base64.b64decode(head + "=" * (-len(head) % 4), altchars=altchars, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _magic(head: bytes) -> str:
+    for offset, signature, media_type in MAGIC:
+        if head[offset : offset + len(signature)] == signature:
+            if offset == 8 and not head.startswith(b"RIFF"):
+                continue
+            return media_type
+    if head.startswith(b"BM") and head[6:10] == b"\x00\x00\x00\x00" and len(head) >= 14:
+        return "image/bmp"
+    return ""
+
+
+def _mixes_character_classes(text: str) -> bool:
+    return (
+        any(c.isupper() for c in text)
+        and any(c.islower() for c in text)
+        and any(c.isdigit() for c in text)
+    )
 
 
 TYPE_NAMES = {
@@ -215,15 +422,24 @@ class Verdict:
     chain_valid: bool
     previous_pruned: bool
     reason: str
+    # False when the chain link was not examined (offline, one attestation alone):
+    # chain_valid is then False for "not established", not for "broken".
+    chain_checked: bool = True
 
 
 def verify_offline(envelope: JSON, public_keys: dict[str, Ed25519PublicKey]) -> Verdict:
     """Check an exported DSSE envelope with public keys alone: the envelope
-    signature, the statement's digest and the attestation's own signature."""
+    signature, the statement's digest and the attestation's own signature. The
+    envelope is signed by the attestation's key (key_id), so that one public key
+    suffices. What this cannot establish is the chain: that previous_digest is
+    the digest of a real previous attestation, and that none was deleted after
+    this one, needs the rest of the chain (VerifyAttestation on the server)."""
     problems: list[str] = []
     payload = base64.b64decode(envelope["payload"])
     envelope_ok = False
+    signed_by: list[str] = []
     for sig in envelope.get("signatures", []):
+        signed_by.append(sig.get("keyid", ""))
         key = public_keys.get(sig.get("keyid", ""))
         if key is None:
             continue
@@ -233,12 +449,18 @@ def verify_offline(envelope: JSON, public_keys: dict[str, Ed25519PublicKey]) -> 
         except InvalidSignature:
             pass
     if not envelope_ok:
-        problems.append("no envelope signature verifies with the given public keys")
+        problems.append(
+            f"no envelope signature verifies with the given public keys (signed by {signed_by})"
+        )
     doc = json.loads(payload)
     predicate = dict(doc.get("predicate", {}))
     stored_digest = predicate.pop("digest", "")
-    signature = bytes.fromhex(predicate.pop("signature", ""))
-    digest_ok = digest_of(predicate) == stored_digest
+    signature_hex = predicate.pop("signature", "")
+    try:
+        digest_ok = digest_of(predicate) == stored_digest
+    except ValueError as exc:
+        digest_ok = False
+        problems.append(f"content has no canonical (RFC 8785) encoding: {exc}")
     subject = (doc.get("subject") or [{}])[0].get("digest", {}).get("sha256", "")
     digest_ok = digest_ok and stored_digest == "sha256:" + subject
     if not digest_ok:
@@ -249,15 +471,31 @@ def verify_offline(envelope: JSON, public_keys: dict[str, Ed25519PublicKey]) -> 
         problems.append(f"no public key {predicate.get('key_id')!r} given")
     else:
         try:
-            key.verify(signature, digest_bytes(stored_digest))
+            key.verify(bytes.fromhex(signature_hex), digest_bytes(stored_digest))
             signature_ok = True
-        except (InvalidSignature, ValueError):
+        except (InvalidSignature, ValueError, TypeError):
             problems.append("attestation signature does not verify")
     valid = envelope_ok and digest_ok and signature_ok
-    return Verdict(valid, digest_ok, signature_ok and envelope_ok, True, False, "; ".join(problems))
+    return Verdict(
+        valid,
+        digest_ok,
+        signature_ok and envelope_ok,
+        chain_valid=False,
+        previous_pruned=False,
+        reason="; ".join(problems),
+        chain_checked=False,
+    )
 
 
 # --- the service ----------------------------------------------------------------------
+
+
+def _malformed(exc: store.MalformedRow) -> DataLoss:
+    return DataLoss(
+        str(exc),
+        reason="ATTESTATION_MALFORMED",
+        metadata={"table": exc.table, "key": exc.key, "problems": "; ".join(exc.problems)},
+    )
 
 
 class Attestor:
@@ -324,18 +562,14 @@ class Attestor:
         return signed
 
     async def get(self, tenant: str | None, key: str) -> Attestation:
-        v = Violations()
-        if not key:
-            v.add("key", "required")
-        v.raise_if_any()
+        _require_key(key)
         async with self._db.read() as session:
-            found = await store.get(session, key, tenant)
+            try:
+                found = await store.get(session, key, tenant)
+            except store.MalformedRow as exc:
+                raise _malformed(exc) from None
         if found is None:
-            raise NotFound(
-                f"attestation {key!r} not found",
-                reason="ATTESTATION_NOT_FOUND",
-                metadata={"key": key},
-            )
+            raise _not_found(key)
         return found
 
     async def list_attestations(
@@ -356,26 +590,45 @@ class Attestor:
         after = position(self._tokens, v, "page_token", page_token, "attestations", filters)
         v.raise_if_any()
         async with self._db.read() as session:
-            items = await store.list_page(
-                session,
-                tenant=tenant,
-                workflow_id=workflow_id,
-                job_id=job_id,
-                type=type,
-                after_seq=after,
-                limit=limit + 1,
-            )
+            try:
+                items = await store.list_page(
+                    session,
+                    tenant=tenant,
+                    workflow_id=workflow_id,
+                    job_id=job_id,
+                    type=type,
+                    after_seq=after,
+                    limit=limit + 1,
+                )
+            except store.MalformedRow as exc:
+                raise _malformed(exc) from None
         if len(items) > limit:
             items = items[:limit]
             return items, self._tokens.encode("attestations", filters, items[-1].seq)
         return items, ""
 
     async def verify(self, tenant: str | None, key: str) -> Verdict:
-        a = await self.get(tenant, key)
+        """Digest, signature and chain link of a stored attestation. Whatever was
+        done to the row, the answer is a verdict, never an error (but NOT_FOUND)."""
+        _require_key(key)
         async with self._db.read() as session:
-            public = {k.key_id: k for k in await store.keys(session)}
+            try:
+                a = await store.get(session, key, tenant)
+            except store.MalformedRow as exc:
+                reason = "row is malformed: " + "; ".join(exc.problems)
+                return Verdict(False, False, False, False, False, reason, chain_checked=False)
+            if a is None:
+                raise _not_found(key)
+            try:
+                signing_key = await store.key(session, a.key_id)
+            except store.MalformedRow as exc:
+                signing_key, key_problem = None, f"{exc}"
+            else:
+                key_problem = f"signing key {a.key_id!r} is unknown"
             previous = (
-                await store.link(session, a.chain_id, a.chain_seq - 1) if a.chain_seq > 1 else None
+                await store.link_digest(session, a.chain_id, a.chain_seq - 1)
+                if a.chain_seq > 1
+                else None
             )
             pruned_digest = (
                 await store.pruned_link(session, a.chain_id, a.chain_seq - 1)
@@ -383,13 +636,16 @@ class Attestor:
                 else None
             )
         problems: list[str] = []
-        digest_ok = digest_of(statement(a)) == a.digest
+        try:
+            digest_ok = digest_of(statement(a)) == a.digest
+        except ValueError as exc:
+            digest_ok = False
+            problems.append(f"stored content has no canonical (RFC 8785) encoding: {exc}")
         if not digest_ok:
             problems.append("stored content does not hash to the stored digest (content altered)")
         signature_ok = False
-        signing_key = public.get(a.key_id)
         if signing_key is None:
-            problems.append(f"signing key {a.key_id!r} is unknown")
+            problems.append(key_problem)
         else:
             try:
                 Ed25519PublicKey.from_public_bytes(signing_key.public_key).verify(
@@ -404,10 +660,11 @@ class Attestor:
             if not chain_ok:
                 problems.append("first link of its chain names a previous digest")
         elif previous is not None:
-            chain_ok = previous.digest == a.previous_digest
+            previous_key, previous_digest = previous
+            chain_ok = previous_digest == a.previous_digest
             if not chain_ok:
                 problems.append(
-                    f"previous_digest does not match attestation {previous.key!r} "
+                    f"previous_digest does not match attestation {previous_key!r} "
                     f"(chain {a.chain_id} link {a.chain_seq - 1})"
                 )
         elif pruned_digest is not None:
@@ -426,9 +683,17 @@ class Attestor:
 
     async def keys(self) -> list[SigningKey]:
         async with self._db.read() as session:
-            return await store.keys(session)
+            try:
+                return await store.keys(session)
+            except store.MalformedRow as exc:
+                raise _malformed(exc) from None
 
     def envelope(self, a: Attestation) -> Envelope:
+        """`a` as a DSSE envelope holding an in-toto Statement, signed by the key that
+        signed `a` (key_id), so that one public key verifies both signatures. Ed25519
+        is deterministic: the same attestation always gives the same envelope. Only
+        when this server lacks that private key (another replica's key, or a retired
+        key file removed) is the envelope signed by the active key instead."""
         predicate = {**statement(a), "digest": a.digest, "signature": a.signature.hex()}
         doc = {
             "_type": STATEMENT_TYPE,
@@ -436,9 +701,17 @@ class Attestor:
             "predicateType": PREDICATE_TYPE,
             "predicate": predicate,
         }
-        payload = canonical(doc)
-        signature = self.signer.sign(pae(DSSE_PAYLOAD_TYPE, payload))
-        return Envelope(payload, DSSE_PAYLOAD_TYPE, [(self.signer.key_id, signature)])
+        try:
+            payload = canonical(doc)
+        except ValueError as exc:
+            raise _malformed(store.MalformedRow("attestations", a.key, [str(exc)])) from None
+        message = pae(DSSE_PAYLOAD_TYPE, payload)
+        signature = self.signer.sign_as(a.key_id, message)
+        if signature is not None:
+            return Envelope(payload, DSSE_PAYLOAD_TYPE, [(a.key_id, signature)])
+        return Envelope(
+            payload, DSSE_PAYLOAD_TYPE, [(self.signer.key_id, self.signer.sign(message))]
+        )
 
     async def sweep_once(self, batch: int = 500) -> int:
         total = 0
@@ -453,13 +726,22 @@ class Attestor:
                 return total
 
 
-def _replace_data(a: Attestation, data: JSON) -> Attestation:
-    from dataclasses import replace
+def _require_key(key: str) -> None:
+    v = Violations()
+    if not key:
+        v.add("key", "required")
+    v.raise_if_any()
 
+
+def _not_found(key: str) -> NotFound:
+    return NotFound(
+        f"attestation {key!r} not found", reason="ATTESTATION_NOT_FOUND", metadata={"key": key}
+    )
+
+
+def _replace_data(a: Attestation, data: JSON) -> Attestation:
     return replace(a, data=data)
 
 
 def _sign(a: Attestation, digest: str, signature: bytes) -> Attestation:
-    from dataclasses import replace
-
     return replace(a, digest=digest, signature=signature)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
+from typing import Any
+
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -10,29 +14,103 @@ from jobtrace.store import codec
 from jobtrace.store.tables import AttestationRow, PrunedAttestationRow, SigningKeyRow
 
 
+class MalformedRow(ValueError):
+    """A stored row whose columns do not decode: edited outside jobtrace."""
+
+    def __init__(self, table: str, key: str, problems: list[str]) -> None:
+        super().__init__(f"{table} row {key!r} is malformed: {'; '.join(problems)}")
+        self.table = table
+        self.key = key
+        self.problems = problems
+
+
 def _from_row(r: AttestationRow) -> Attestation:
+    problems: list[str] = []
+    kind = _enum(AttestationType, r.type, "type", problems)
+    if kind == AttestationType.UNSPECIFIED:
+        problems.append("type 0 is not an attestation type")
+    state = _enum(RunState, r.state, "state", problems)
+    try:
+        signature = bytes.fromhex(r.signature)
+    except (TypeError, ValueError):
+        problems.append("signature is not hex")
+        signature = b""
+    data = _json_object(r.data, problems)
+    for name in ("attempt", "chain_seq", "created_us", "expire_us"):
+        value = getattr(r, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            problems.append(f"{name} {value!r} is not an integer")  # SQLite stores any type
+    if problems:
+        raise MalformedRow("attestations", r.key, problems)
     return Attestation(
         key=r.key,
         tenant=r.tenant,
-        type=AttestationType(r.type),
+        type=kind,
         entity_type=r.entity_type,
         entity_id=r.entity_id,
         workflow_id=r.workflow_id,
         job_id=r.job_id,
         worker_id=r.worker_id,
         attempt=r.attempt,
-        state=RunState(r.state),
-        data=codec.loads(r.data),
+        state=state,
+        data=data,
         chain_id=r.chain_id,
         chain_seq=r.chain_seq,
         digest=r.digest,
         previous_digest=r.previous_digest,
-        signature=bytes.fromhex(r.signature),
+        signature=signature,
         key_id=r.key_id,
         created_us=r.created_us,
         expire_us=r.expire_us,
         seq=r.seq,
     )
+
+
+def _enum(kind: Any, value: Any, name: str, problems: list[str]) -> Any:
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        problems.append(f"{name} {value!r} is not a known {kind.__name__}")
+        return None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond the range of a double")
+    return value
+
+
+def _double_sized_int(text: str) -> int:
+    value = int(text)
+    try:
+        float(value)
+    except OverflowError:
+        raise ValueError(f"integer of {len(text)} digits is beyond the range of a double") from None
+    return value
+
+
+def _json_object(text: str, problems: list[str]) -> Any:
+    """The data column: a JSON object of values every JSON reader can hold."""
+    try:
+        data = json.loads(
+            text,
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+            parse_int=_double_sized_int,
+        )
+        if "\\ud" in text.lower():  # an escaped surrogate: is it paired?
+            json.dumps(data, ensure_ascii=False).encode()
+    except (TypeError, ValueError) as exc:
+        problems.append(f"data is not JSON: {exc}")
+        return None
+    if not isinstance(data, dict):
+        problems.append("data is not a JSON object")
+    return data
 
 
 async def chain_head(session: AsyncSession, chain_id: str) -> tuple[int, str]:
@@ -89,12 +167,16 @@ async def get(session: AsyncSession, key: str, tenant: str | None = None) -> Att
     return None if row is None else _from_row(row)
 
 
-async def link(session: AsyncSession, chain_id: str, chain_seq: int) -> Attestation | None:
-    stmt = select(AttestationRow).where(
+async def link_digest(
+    session: AsyncSession, chain_id: str, chain_seq: int
+) -> tuple[str, str] | None:
+    """(key, digest) of one link of a chain: all a chain check needs, and readable
+    even when the rest of that row is malformed."""
+    stmt = select(AttestationRow.key, AttestationRow.digest).where(
         AttestationRow.chain_id == chain_id, AttestationRow.chain_seq == chain_seq
     )
-    row = (await session.execute(stmt)).scalar_one_or_none()
-    return None if row is None else _from_row(row)
+    row = (await session.execute(stmt)).first()
+    return None if row is None else (str(row[0]), str(row[1]))
 
 
 async def pruned_link(session: AsyncSession, chain_id: str, chain_seq: int) -> str | None:
@@ -176,9 +258,20 @@ async def register_key(session: AsyncSession, key: SigningKey) -> None:
         existing.active = True
 
 
+def _key_from_row(r: SigningKeyRow) -> SigningKey:
+    try:
+        public_key = bytes.fromhex(r.public_key)
+    except (TypeError, ValueError):
+        raise MalformedRow("signing_keys", r.key_id, ["public_key is not hex"]) from None
+    return SigningKey(r.key_id, public_key, r.algorithm, r.created_us, r.active)
+
+
 async def keys(session: AsyncSession) -> list[SigningKey]:
     stmt = select(SigningKeyRow).order_by(SigningKeyRow.created_us.desc())
-    return [
-        SigningKey(r.key_id, bytes.fromhex(r.public_key), r.algorithm, r.created_us, r.active)
-        for r in (await session.execute(stmt)).scalars()
-    ]
+    return [_key_from_row(r) for r in (await session.execute(stmt)).scalars()]
+
+
+async def key(session: AsyncSession, key_id: str) -> SigningKey | None:
+    stmt = select(SigningKeyRow).where(SigningKeyRow.key_id == key_id)
+    row = (await session.execute(stmt)).scalar_one_or_none()
+    return None if row is None else _key_from_row(row)
