@@ -59,6 +59,12 @@ class Settings:
     max_connection_age_seconds: float = 3600.0
     # Logging level name.
     log_level: str = "INFO"
+    # Log lines: "json" (one object per line) or "text".
+    log_format: str = "json"
+    # Prometheus metrics over HTTP on this port; None: off, 0: pick a free port.
+    metrics_port: int | None = None
+    # Address the metrics endpoint binds; empty: the host part of `listen`.
+    metrics_host: str = ""
 
     @classmethod
     def load(
@@ -96,6 +102,10 @@ class Settings:
 
 def _parse(kind: Any, raw: str) -> Any:
     kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    inner = kind.replace(" ", "").removesuffix("|None")
+    if inner != kind.replace(" ", ""):
+        # Optional: empty, "none" or "off" means unset.
+        return None if raw.strip().lower() in {"", "none", "off"} else _parse(inner, raw)
     if kind == "int":
         return int(raw)
     if kind == "float":

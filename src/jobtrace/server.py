@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jobtrace.api.attestation_service import AttestationServicer
 from jobtrace.api.handlers import add_service
+from jobtrace.api.interceptor import CallObserver
 from jobtrace.api.job_service import JobServicer
 from jobtrace.api.limits import StreamLimiter
 from jobtrace.api.trace_service import TraceServicer
@@ -29,12 +31,15 @@ from jobtrace.domain.lifecycle import Lifecycle
 from jobtrace.domain.pagination import open_tokens
 from jobtrace.domain.scheduler import Scheduler
 from jobtrace.domain.trace import Trace
+from jobtrace.metrics import Metrics, StateSample
 from jobtrace.pb import SERVICE_NAMES, service_descriptor
 from jobtrace.store.db import Database
 
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# How long a scrape waits for the queue-depth query before reporting without it.
+QUEUE_DEPTH_TIMEOUT_S = 3.0
 
 
 class JobtraceServer:
@@ -45,6 +50,9 @@ class JobtraceServer:
         self.db = Database(settings.db)
         self.health = health.aio.HealthServicer()
         self.port = 0
+        # The bound metrics port, once serving (settings.metrics_port None: off).
+        self.metrics_port: int | None = None
+        self.metrics: Metrics | None = None
         self.shutting_down = asyncio.Event()
         self._server: grpc.aio.Server | None = None
 
@@ -54,6 +62,11 @@ class JobtraceServer:
         check_exposure(s, auth)
         streams = StreamLimiter(s.max_streams_per_caller)
         self.streams = streams
+        if s.metrics_port is not None:
+            if not 0 <= s.metrics_port <= 65535:
+                raise OSError(f"invalid metrics port {s.metrics_port} (0-65535)")
+            self.metrics = Metrics()
+            self.db.on_batch = self.metrics.batch_committed
         await self.db.start()
         tokens = await open_tokens(self.db)
         self.trace = Trace(
@@ -71,6 +84,7 @@ class JobtraceServer:
         await self.attestor.register_key()
         self.annotations = Annotations(self.db, tokens, self.trace)
         life = Lifecycle(self.trace, self.attestor)
+        self.lifecycle = life
         jobs = Jobs(self.db, tokens, life, max_queued_per_tenant=s.max_queued_per_tenant)
         self.jobs = jobs
         self.scheduler = Scheduler(
@@ -91,7 +105,7 @@ class JobtraceServer:
             ("grpc.max_connection_age_ms", int(s.max_connection_age_seconds * 1000)),
             ("grpc.max_connection_age_grace_ms", int(s.shutdown_grace_seconds * 1000)),
         ]
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=options, interceptors=[CallObserver(self.metrics)])
         add_service(server, service_descriptor("JobService"), JobServicer(jobs, auth, streams))
         add_service(
             server,
@@ -128,6 +142,15 @@ class JobtraceServer:
         if self.port == 0:
             await self.db.close()
             raise OSError(f"could not listen on {s.listen} (address in use or invalid)") from cause
+        if self.metrics is not None and s.metrics_port is not None:
+            self.metrics.sample_state(self._sample_state, asyncio.get_running_loop())
+            try:
+                self.metrics_port = self.metrics.serve(
+                    s.metrics_host or listen_host(s.listen), s.metrics_port
+                )
+            except OSError:
+                await self.db.close()
+                raise
         await server.start()
         self._server = server
         await self.db.listen(self._on_notices)
@@ -138,8 +161,18 @@ class JobtraceServer:
         for name in SERVICE_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "jobtrace listening on %s (port %d), database %s", s.listen, self.port, _redact(s.db)
+            "jobtrace listening on %s (port %d), database %s",
+            s.listen,
+            self.port,
+            _redact(s.db),
+            extra={"port": self.port, "metrics_port": self.metrics_port},
         )
+        if self.metrics_port is not None:
+            log.info(
+                "metrics on http://%s:%d/metrics",
+                s.metrics_host or listen_host(s.listen),
+                self.metrics_port,
+            )
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -157,8 +190,38 @@ class JobtraceServer:
         await self.scheduler.drain(int(grace * 1000))
         await self._server.stop(grace)
         self._server = None
+        if self.metrics is not None:
+            await self.metrics.close()
+            self.metrics_port = None
         await self.db.close()
         log.info("jobtrace stopped")
+
+    async def _sample_state(self) -> StateSample:
+        """The state metrics report at each scrape (called on the event loop)."""
+        sessions = list(self.scheduler.sessions.values())
+        watches = self.jobs.feed.subscribers_by_kind()
+        sample = StateSample(
+            queue_depth=None,
+            connected_workers=len(sessions),
+            active_leases=sum(len(session.held) for session in sessions),
+            subscribers={
+                "trace_stream": self.trace.bus.subscriber_count,
+                "job_watch": watches["job"],
+                "workflow_watch": watches["workflow"],
+                "worker_session": len(sessions),
+            },
+            retries=dict(self.lifecycle.retries),
+            lease_expiries=dict(self.scheduler.lease_expiries),
+            events_appended=self.trace.events_appended,
+            events_delivered=self.trace.events_delivered,
+        )
+        try:
+            async with asyncio.timeout(QUEUE_DEPTH_TIMEOUT_S):
+                depth = await self.jobs.queue_depth()
+        except Exception:
+            log.warning("metrics: reading the queue depth failed", exc_info=True)
+            return sample
+        return replace(sample, queue_depth=[(svc, st.name, n) for svc, st, n in depth])
 
     def _on_notices(self, notices: list[dict[str, Any]]) -> None:
         """Changes committed by other replicas (PostgreSQL LISTEN/NOTIFY)."""

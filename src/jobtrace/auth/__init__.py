@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobtrace import logs
 from jobtrace.domain.errors import PermissionDenied, Unauthenticated
 
 DEFAULT_TENANT = "default"
@@ -163,6 +164,7 @@ class Authenticator:
 
     def require(self, context: Any, role: Role) -> Principal:
         principal = self.authenticate(context.invocation_metadata())
+        logs.bind_tenant(principal.tenant)
         if not principal.may(role):
             raise PermissionDenied(
                 f"{principal.subject!r} lacks the {role.value!r} role",

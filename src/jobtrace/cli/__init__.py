@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-streams-per-caller", type=int, help="default 1000")
     serve.add_argument("--max-queued-per-tenant", type=int, help="default 100000")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    serve.add_argument("--log-format", choices=["json", "text"], help="default json")
+    serve.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)"
+    )
+    serve.add_argument("--metrics-host", help="metrics address (default: the --listen host)")
     serve.set_defaults(func=server_commands.serve)
 
     worker = sub.add_parser("worker", parents=[conn], help="run a worker")
@@ -54,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--service", action="append", help="service to serve (default demo)")
     worker.add_argument("--concurrency", type=int, default=4, help="jobs at once (default 4)")
     worker.add_argument("--affinity", action="append", help="cached affinity key (repeatable)")
-    worker.add_argument("--log-level", default="INFO")
+    worker.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
+    worker.add_argument("--log-format", choices=["json", "text"], default="text")
     worker.set_defaults(func=server_commands.worker)
 
     attest = sub.add_parser("attest", help="attestations").add_subparsers(

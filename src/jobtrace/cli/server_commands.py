@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 
@@ -37,12 +36,14 @@ def serve(args: argparse.Namespace) -> int:
             "tls_client_ca": args.tls_client_ca,
             "max_streams_per_caller": args.max_streams_per_caller,
             "max_queued_per_tenant": args.max_queued_per_tenant,
+            "metrics_port": args.metrics_port,
+            "metrics_host": args.metrics_host,
+            "log_format": args.log_format,
         }
     )
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    from jobtrace import logs
+
+    logs.configure(settings.log_level, settings.log_format)
 
     # The database driver works in a thread: hand the GIL over sooner than the
     # default 5 ms so a busy event loop does not stall every query behind it.
@@ -75,10 +76,10 @@ def worker(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    from jobtrace import logs
     from jobtrace.cli.client_commands import endpoint_of
+
+    logs.configure(args.log_level, args.log_format)
 
     worker = Worker(
         endpoint=endpoint_of(args),
@@ -139,12 +140,17 @@ def attest_verify_offline(args: argparse.Namespace) -> int:
         "offline": True,
         "digest_valid": verdict.digest_valid,
         "signature_valid": verdict.signature_valid,
+        # One attestation alone cannot show its place in the hash chain: the
+        # server's VerifyAttestation (`jobtrace attest verify KEY`) checks that.
+        "chain_checked": verdict.chain_checked,
         "reason": verdict.reason,
     }
     if args.json:
         print(json.dumps(result))
+    elif verdict.valid:
+        print("valid (signature and digest; the hash chain is checked by the server)")
     else:
-        print("valid" if verdict.valid else f"INVALID: {verdict.reason}")
+        print(f"INVALID: {verdict.reason}")
     return 0 if verdict.valid else 1
 
 

@@ -68,6 +68,12 @@ class Unavailable(DomainError):
     reason = "UNAVAILABLE"
 
 
+class DataLoss(DomainError):
+    """Stored data that no longer decodes: edited or corrupted outside jobtrace."""
+
+    reason = "DATA_LOSS"
+
+
 class Violations:
     """Collects every field violation of one request before raising."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ from jobtrace.model import (
 )
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Database, Tx
+
+log = logging.getLogger(__name__)
 
 CANCELLED_BY_USER = lifecycle.CANCELLED_BY_USER
 MAX_SUBMIT_ANNOTATIONS = 16
@@ -273,6 +276,12 @@ class Jobs:
             return stored, False
 
         result: tuple[Job, bool] = await self._write_submission(op)
+        job, deduplicated = result
+        if not deduplicated:
+            log.info(
+                "job submitted",
+                extra={"job_id": job.id, "tenant": tenant, "service": job.spec.service},
+            )
         return result
 
     async def submit_workflow(self, tenant: str, sub: WorkflowSubmission) -> tuple[Workflow, bool]:
@@ -387,6 +396,16 @@ class Jobs:
             return stored, False
 
         result: tuple[Workflow, bool] = await self._write_submission(op)
+        workflow, deduplicated = result
+        if not deduplicated:
+            log.info(
+                "workflow submitted",
+                extra={
+                    "workflow_id": workflow.id,
+                    "tenant": tenant,
+                    "steps": len(workflow.steps),
+                },
+            )
         return result
 
     async def _write_submission(self, op: Any) -> Any:
@@ -589,6 +608,7 @@ class Jobs:
                 RunState.CANCELLED,
                 Failure(reason=why, code="CANCELLED"),
                 now,
+                traceparent=steps[0].traceparent if steps else "",
             )
             self._changed(tx, changed)
             stored = await store.get_workflow(session, workflow_id)
@@ -598,6 +618,11 @@ class Jobs:
         return await self._db.write(op)
 
     # --- live feeds -------------------------------------------------------
+
+    async def queue_depth(self) -> list[tuple[str, RunState, int]]:
+        """(service, state, jobs) of every non-terminal state, across tenants."""
+        async with self._db.read() as session:
+            return await store.queue_depth(session)
 
     async def _next_changes(self, sub: Subscription) -> tuple[list[Job], bool] | None:
         """Wait for changes; None when the server is stopping."""

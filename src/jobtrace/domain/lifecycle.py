@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import replace
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -24,6 +26,8 @@ from jobtrace.model import (
 from jobtrace.store import codec
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Tx
+
+log = logging.getLogger(__name__)
 
 LEASE_EXPIRED = "lease expired"
 CANCELLED_BY_USER = "Run cancelled by user"
@@ -62,6 +66,24 @@ class Lifecycle:
     def __init__(self, trace: Trace, attestor: Attestor) -> None:
         self.trace = trace
         self.attestor = attestor
+        # Failed attempts requeued for another attempt, by service (metrics).
+        self.retries: Counter[str] = Counter()
+
+    def log_after(self, tx: Tx, level: int, message: str, job: Job, **fields: object) -> None:
+        """Log a transition of `job` once `tx` commits (a rolled-back batch is
+        rerun, so logging inside it could tell of something that never happened)."""
+        if not log.isEnabledFor(level):
+            return
+        extra: dict[str, object] = {
+            "job_id": job.id,
+            "tenant": job.tenant,
+            "service": job.spec.service,
+            "attempt": job.attempt,
+        }
+        if job.workflow_id:
+            extra["workflow_id"] = job.workflow_id
+        extra.update(fields)
+        tx.on_commit(lambda: log.log(level, message, extra=extra))
 
     async def _attest_job(
         self, db: AsyncSession, job: Job, type: AttestationType, key: str, extra: JSON
@@ -74,7 +96,10 @@ class Lifecycle:
             "step_name": job.step_name,
             "max_attempts": job.spec.max_attempts,
             "created_at": iso(job.created_us),
-            "started_at": iso(job.started_us),
+            "started_at": iso(job.started_us),  # this attempt's start: each claim sets it
+            # This attempt's end: every transition that attests sets updated_us to it,
+            # also a failed attempt that is retried (which leaves completed_at empty).
+            "ended_at": iso(job.updated_us),
             "completed_at": iso(job.completed_us),
             **extra,
         }
@@ -140,6 +165,7 @@ class Lifecycle:
             },
             "created_at": iso(row.created_us),
             "started_at": iso(row.started_us),
+            "completed_at": iso(row.completed_us),
         }
         if failure is not None:
             data["failure"] = {"reason": failure.reason, "code": failure.code}
@@ -155,6 +181,13 @@ class Lifecycle:
             data=data,
             workflow_id=workflow_id,
         )
+
+    def _log_workflow(
+        self, tx: Tx, level: int, message: str, workflow_id: str, tenant: str, **fields: object
+    ) -> None:
+        if log.isEnabledFor(level):
+            extra = {"workflow_id": workflow_id, "tenant": tenant, **fields}
+            tx.on_commit(lambda: log.log(level, message, extra=extra))
 
     def _event(self, job: Job, **fields: object) -> TraceEvent:
         return TraceEvent(
@@ -246,6 +279,7 @@ class Lifecycle:
             f"worker-completion:{job.id}",
             {"result": result},
         )
+        self.log_after(tx, logging.INFO, "job completed", job, worker_id=job.worker_id)
         if not job.workflow_id:
             self.trace.run_ended(tx, job.id)
         return [done, *await self._step_finished(db, tx, done, now)]
@@ -279,6 +313,22 @@ class Lifecycle:
                 ),
             )
             await self._attest_failure(db, queued, failure, will_retry=True)
+            service = job.spec.service
+
+            def count_retry() -> None:
+                self.retries[service] += 1
+
+            tx.on_commit(count_retry)
+            self.log_after(
+                tx,
+                logging.WARNING,
+                "job attempt failed; retrying",
+                job,
+                worker_id=job.worker_id,
+                reason=failure.reason,
+                code=failure.code,
+                retry_in_s=delay_us / 1e6,
+            )
             return [queued]
         return await self.end_job(
             db,
@@ -341,6 +391,14 @@ class Lifecycle:
                 f"{node_of(job)} {state.name.lower().replace('_', ' ')}: {reason}",
             )
         await self._record(db, tx, job, event)
+        self.log_after(
+            tx,
+            logging.INFO if state == RunState.CANCELLED else logging.WARNING,
+            f"job {state.name.lower().replace('_', ' ')}",
+            job,
+            reason=failure.reason if failure else "",
+            code=failure.code if failure else "",
+        )
         if failed_attempt and failure is not None:
             await self._attest_failure(db, ended, failure, will_retry=False)
         if not job.workflow_id:
@@ -382,8 +440,12 @@ class Lifecycle:
                             step_number=len(done),
                             total_steps=len(steps),
                             message=f"workflow completed ({len(done)} steps)",
+                            traceparent=step.traceparent,
                         )
                     ],
+                )
+                self._log_workflow(
+                    tx, logging.INFO, "workflow completed", step.workflow_id, step.tenant
                 )
                 await self._attest_workflow(
                     db, step.workflow_id, step.tenant, RunState.COMPLETED, None
@@ -412,7 +474,16 @@ class Lifecycle:
             now,
             quiet=True,
         )
-        await self.end_workflow(db, tx, step.workflow_id, step.tenant, workflow_state, failure, now)
+        await self.end_workflow(
+            db,
+            tx,
+            step.workflow_id,
+            step.tenant,
+            workflow_state,
+            failure,
+            now,
+            traceparent=step.traceparent,
+        )
         return changed
 
     async def cancel_steps(
@@ -442,6 +513,7 @@ class Lifecycle:
                     failure=Failure(reason=reason, code=code, attempt=s.attempt),
                 )
             )
+            self.log_after(tx, logging.INFO, "job cancelled", s, reason=reason, code=code)
             if not quiet or s.state == RunState.RUNNING:
                 await self._record(
                     db,
@@ -466,6 +538,8 @@ class Lifecycle:
         state: RunState,
         failure: Failure | None,
         now: int,
+        *,
+        traceparent: str = "",
     ) -> None:
         await store.update_workflow(
             db,
@@ -485,6 +559,7 @@ class Lifecycle:
                 milestone=True,
                 message=CANCELLED_BY_USER,
                 data={"reason": failure.reason} if failure else None,
+                traceparent=traceparent,
             )
         else:
             reason = failure.reason if failure else "failed"
@@ -497,7 +572,16 @@ class Lifecycle:
                 milestone=True,
                 message=f"workflow {state.name.lower()}: {reason}",
                 error=ErrorInfo(message=reason, code=failure.code if failure else ""),
+                traceparent=traceparent,
             )
         await self.trace.record(db, tx, tenant, [event])
+        self._log_workflow(
+            tx,
+            logging.INFO if state == RunState.CANCELLED else logging.WARNING,
+            f"workflow {state.name.lower().replace('_', ' ')}",
+            workflow_id,
+            tenant,
+            reason=failure.reason if failure else "",
+        )
         await self._attest_workflow(db, workflow_id, tenant, state, failure)
         self.trace.run_ended(tx, workflow_id)

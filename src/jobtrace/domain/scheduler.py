@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -236,6 +236,8 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._draining = False
+        # Leases lost (deadline passed or stream ended), by service (metrics).
+        self.lease_expiries: Counter[str] = Counter()
         jobs.add_listener(self._on_jobs_changed)
 
     # --- lifecycle ---------------------------------------------------------
@@ -304,6 +306,16 @@ class Scheduler:
         resumed, revoked = await self._resume(session, dict(hello.running))
         self.sessions[hello.worker_id] = session
         self.wake()
+        log.info(
+            "worker connected",
+            extra={
+                "worker_id": session.worker_id,
+                "session_id": session.session_id,
+                "services": sorted(session.services),
+                "max_concurrency": session.max_concurrency,
+                "resumed": len(resumed),
+            },
+        )
         welcome = Welcome(session.session_id, self.heartbeat_ms, self.lease_ms, resumed, revoked)
         return session, welcome
 
@@ -338,10 +350,13 @@ class Scheduler:
         the same worker took over), its leases are given back at once."""
         session.close(session.close_reason or "stream ended")
         log.info(
-            "worker %s session %s closed: %s",
-            session.worker_id,
-            session.session_id,
-            session.close_reason,
+            "worker disconnected",
+            extra={
+                "worker_id": session.worker_id,
+                "session_id": session.session_id,
+                "reason": session.close_reason,
+                "held": len(session.held),
+            },
         )
         if self.sessions.get(session.worker_id) is session:
             del self.sessions[session.worker_id]
@@ -371,6 +386,15 @@ class Scheduler:
     async def _lease_lost(
         self, db: AsyncSession, tx: Tx, job: Job, details: str, now: int
     ) -> list[Job]:
+        service = job.spec.service
+
+        def count_expiry() -> None:
+            self.lease_expiries[service] += 1
+
+        tx.on_commit(count_expiry)
+        self._life.log_after(
+            tx, logging.WARNING, "lease expired", job, worker_id=job.worker_id, reason=details
+        )
         failure = Failure(
             reason=lifecycle.LEASE_EXPIRED,
             code="LEASE_EXPIRED",
@@ -645,6 +669,18 @@ class Scheduler:
                 return
             session.held[assign.job.id] = assign.job.attempt
             session.send(assign)
+            if log.isEnabledFor(logging.INFO):
+                job = assign.job
+                log.info(
+                    "job assigned",
+                    extra={
+                        "job_id": job.id,
+                        "tenant": job.tenant,
+                        "service": job.spec.service,
+                        "attempt": job.attempt,
+                        "worker_id": session.worker_id,
+                    },
+                )
 
         async def op(db: AsyncSession, tx: Tx) -> None:
             now = now_us()

@@ -151,6 +151,9 @@ class Trace:
         self._sweeper: asyncio.Task[None] | None = None
         self._fetching: dict[str, asyncio.Task[None]] = {}
         self._fetch_again: set[str] = set()
+        # Events stored by this replica, and sent on its live streams (metrics).
+        self.events_appended = 0
+        self.events_delivered = 0
 
     # --- writing (inside other transactions too) -------------------------------
 
@@ -173,10 +176,14 @@ class Trace:
                 for i, e in enumerate(items)
             ]
             await store.insert_events(session, numbered)
-            tx.on_commit(lambda r=run_id, n=numbered: self.bus.publish(r, n))  # type: ignore[misc]
+            tx.on_commit(lambda r=run_id, n=numbered: self._committed(r, n))  # type: ignore[misc]
             tx.notify({"k": "trace", "run": run_id})
             stored += numbered
         return stored
+
+    def _committed(self, run_id: str, events: list[TraceEvent]) -> None:
+        self.events_appended += len(events)
+        self.bus.publish(run_id, events)
 
     def remote_events(self, run_id: str) -> None:
         """Another replica stored events of this run. One read per run (not one
@@ -241,14 +248,14 @@ class Trace:
         check_sizes("events", inputs)
 
         async def op(session: AsyncSession, tx: Tx) -> list[TraceEvent]:
-            tenant = await self.require_run(session, scope, run_id)
+            tenant, traceparent = await self._run_owner(session, scope, run_id)
             keys = [item.event.event_key for item in inputs]
             existing = await store.events_by_key(session, run_id, keys)
             fresh: dict[str, TraceEvent] = {}
             for item in inputs:
                 key = item.event.event_key
                 if key not in existing and key not in fresh:
-                    fresh[key] = replace(item.event, run_id=run_id)
+                    fresh[key] = replace(item.event, run_id=run_id, traceparent=traceparent)
             for e in await self.record(session, tx, tenant, list(fresh.values())):
                 existing[e.event_key] = e
             return [existing[k] for k in keys]
@@ -257,6 +264,13 @@ class Trace:
 
     async def require_run(self, session: AsyncSession, tenant: str | None, run_id: str) -> str:
         """The run's tenant, if it exists and `tenant` (None: any) may see it."""
+        owner, _ = await self._run_owner(session, tenant, run_id)
+        return owner
+
+    async def _run_owner(
+        self, session: AsyncSession, tenant: str | None, run_id: str
+    ) -> tuple[str, str]:
+        """(tenant, traceparent) of a run that exists and `tenant` may see."""
         kind = run_kind(run_id)
         if kind == "job":
             job = await job_store.get_job(session, run_id, tenant)
@@ -268,11 +282,11 @@ class Trace:
                     metadata={"run_id": run_id, "workflow_id": job.workflow_id},
                 )
             if job is not None:
-                return job.tenant
+                return job.tenant, job.traceparent
         elif kind == "workflow":
             row = await job_store.get_workflow_row(session, run_id, tenant)
             if row is not None:
-                return row.tenant
+                return row.tenant, await job_store.workflow_traceparent(session, run_id)
         raise NotFound(
             f"run {run_id!r} not found", reason="RUN_NOT_FOUND", metadata={"run_id": run_id}
         )
@@ -374,6 +388,7 @@ class Trace:
                         page = await store.list_events(session, run_id, last, flt, REPLAY_PAGE)
                     page = [e for e in page if e.seq <= upto]
                     for e in page:
+                        self.events_delivered += 1
                         yield StreamItem(self._cursor(run_id, e.seq), event=e)
                     if len(page) < REPLAY_PAGE:
                         last = upto
@@ -404,6 +419,7 @@ class Trace:
                             break
                         last = e.seq
                         if flt.matches(e):
+                            self.events_delivered += 1
                             yield StreamItem(self._cursor(run_id, e.seq), event=e)
                     if gap:
                         break

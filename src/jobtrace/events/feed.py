@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from jobtrace.ids import run_kind
 from jobtrace.model import Job
 
 WATCH_BUFFER = 256
@@ -76,3 +77,12 @@ class JobFeed:
     @property
     def subscriber_count(self) -> int:
         return sum(len(s) for s in self._subs.values())
+
+    def subscribers_by_kind(self) -> dict[str, int]:
+        """Watchers of jobs ("job") and of workflows ("workflow")."""
+        counts = {"job": 0, "workflow": 0}
+        for key, subs in self._subs.items():
+            kind = run_kind(key)
+            if kind:
+                counts[kind] += len(subs)
+        return counts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -54,6 +55,9 @@ class _Pending(Generic[T]):
     op: WriteOp[T]
     future: asyncio.Future[T]
     tx: Tx = field(default_factory=Tx)
+    # The caller's context (e.g. its request id for logs): after-commit hooks
+    # run in it, not in the writer task's.
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
 
 
 class Database:
@@ -77,6 +81,9 @@ class Database:
         self._writer: asyncio.Task[None] | None = None
         self.batches_committed = 0
         self.ops_committed = 0
+        # Called with the number of operations of each committed transaction
+        # (metrics); runs on the event loop, must be cheap and must not raise.
+        self.on_batch: Callable[[int], None] | None = None
         self.replica_id = os.urandom(6).hex()
         self._listener: Any = None
 
@@ -173,6 +180,8 @@ class Database:
                 await self._send_notices(session, [n for i in batch for n in i.tx._notices])
         self.batches_committed += 1
         self.ops_committed += len(batch)
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
         return outcomes
 
     def _settle(self, batch: list[_Pending[Any]], outcomes: list[tuple[bool, Any]]) -> None:
@@ -180,7 +189,7 @@ class Database:
             if ok:
                 for callback in item.tx._after:
                     try:
-                        callback()
+                        item.context.run(callback)
                     except Exception:
                         log.exception("after-commit hook failed")
             if item.future.done():  # the caller went away

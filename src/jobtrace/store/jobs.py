@@ -563,3 +563,27 @@ async def count_waiting(session: AsyncSession, tenant: str, cap: int) -> int:
         .subquery()
     )
     return int((await session.execute(select(func.count()).select_from(inner))).scalar() or 0)
+
+
+NON_TERMINAL = (RunState.PENDING, RunState.QUEUED, RunState.RUNNING)
+
+
+async def queue_depth(session: AsyncSession) -> list[tuple[str, RunState, int]]:
+    """(service, state, jobs) of every non-terminal state, across tenants; one
+    GROUP BY over the dispatch index."""
+    from sqlalchemy import func
+
+    rows = await session.execute(
+        select(JobRow.service, JobRow.state, func.count())
+        .where(JobRow.state.in_([int(s) for s in NON_TERMINAL]))
+        .group_by(JobRow.state, JobRow.service)
+    )
+    return [(service, RunState(state), int(n)) for service, state, n in rows.all()]
+
+
+async def workflow_traceparent(session: AsyncSession, workflow_id: str) -> str:
+    """The traceparent a workflow was submitted with (each of its steps carries it)."""
+    row = await session.execute(
+        select(JobRow.traceparent).where(JobRow.workflow_id == workflow_id).limit(1)
+    )
+    return row.scalar() or ""

@@ -1,0 +1,256 @@
+"""Prometheus metrics of one server instance: its own registry and HTTP endpoint.
+
+RPC counters and histograms are updated as calls end; the group-commit histogram
+as batches commit. Everything else (queue depth, workers, leases, subscribers
+and the domain's own counters) is sampled at scrape time: the collector runs on
+the HTTP thread and asks the server's event loop for one `StateSample`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+RPC_SECONDS_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    60.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# The first scrape of a slow database must not hang Prometheus' own timeout (10 s).
+SAMPLE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class StateSample:
+    """What the server reports at scrape time, read on its event loop."""
+
+    # (service, state name, jobs) for non-terminal states; None if the database
+    # did not answer in time.
+    queue_depth: list[tuple[str, str, int]] | None
+    connected_workers: int
+    active_leases: int
+    # Open live streams by kind: trace_stream, job_watch, workflow_watch, worker_session.
+    subscribers: Mapping[str, int]
+    retries: Mapping[str, int] = field(default_factory=dict)  # by service
+    lease_expiries: Mapping[str, int] = field(default_factory=dict)  # by service
+    events_appended: int = 0
+    events_delivered: int = 0
+
+
+Sampler = Callable[[], Coroutine[Any, Any, StateSample]]
+
+
+class RpcCounters:
+    """The children of one method's series, cached so that a finished call costs
+    a dict lookup, a counter increment and a histogram observation."""
+
+    __slots__ = ("_handled", "_labels", "_seconds", "_states", "started")
+
+    def __init__(self, metrics: Metrics, service: str, method: str, kind: str) -> None:
+        self._labels = (service, method, kind)
+        self._handled = metrics.rpc_handled
+        self._seconds = metrics.rpc_seconds
+        self.started = metrics.rpc_started.labels(*self._labels)
+        self._states: dict[str, tuple[Any, Any]] = {}
+
+    def handled(self, code: str, seconds: float) -> None:
+        children = self._states.get(code)
+        if children is None:
+            labels = (*self._labels, code)
+            children = (self._handled.labels(*labels), self._seconds.labels(*labels))
+            self._states[code] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+
+class Metrics:
+    """The registry of one JobtraceServer and, once served, its HTTP endpoint."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        rpc = ["grpc_service", "grpc_method", "grpc_type"]
+        self.rpc_started = Counter(
+            "grpc_server_started_total",
+            "RPCs started on the server.",
+            rpc,
+            registry=self.registry,
+        )
+        self.rpc_handled = Counter(
+            "grpc_server_handled_total",
+            "RPCs completed on the server, by status code.",
+            [*rpc, "grpc_code"],
+            registry=self.registry,
+        )
+        self.rpc_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Time from the start of an RPC to its status (streams: the whole stream), seconds.",
+            [*rpc, "grpc_code"],
+            buckets=RPC_SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "jobtrace_db_group_commit_ops",
+            "Write operations per committed group-commit transaction.",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self._rpcs: dict[str, RpcCounters] = {}
+        self._http: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def rpc(self, full_method: str, kind: str) -> RpcCounters:
+        """The series of one method ("/pkg.Service/Method")."""
+        counters = self._rpcs.get(full_method)
+        if counters is None:
+            service, _, method = full_method.lstrip("/").rpartition("/")
+            counters = RpcCounters(self, service, method, kind)
+            self._rpcs[full_method] = counters
+        return counters
+
+    def batch_committed(self, ops: int) -> None:
+        self.batch_size.observe(ops)
+
+    def sample_state(self, sampler: Sampler, loop: asyncio.AbstractEventLoop) -> None:
+        """Report the server's state at each scrape, read by `sampler` on `loop`."""
+        self.registry.register(StateCollector(sampler, loop))
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics on host:port (0: any free port); return the bound port."""
+        bind = host.strip("[]") or "0.0.0.0"
+        try:
+            self._http, self._thread = start_http_server(port, bind, registry=self.registry)
+        except OSError as exc:
+            raise OSError(f"could not serve metrics on {host}:{port}: {exc}") from exc
+        return int(self._http.server_port)
+
+    async def close(self) -> None:
+        """Stop the HTTP endpoint (off the event loop: a scrape in progress may be
+        waiting for it)."""
+        http, thread = self._http, self._thread
+        self._http = self._thread = None
+        if http is None:
+            return
+        await asyncio.to_thread(http.shutdown)
+        http.server_close()
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 5.0)
+
+
+class StateCollector(Collector):
+    """Runs on the HTTP thread: one sample per scrape, taken on the event loop."""
+
+    def __init__(self, sampler: Sampler, loop: asyncio.AbstractEventLoop) -> None:
+        self._sampler = sampler
+        self._loop = loop
+        self._lock = threading.Lock()
+        # Queues seen once are reported as 0 when empty, rather than vanishing.
+        self._queues: set[tuple[str, str]] = set()
+
+    def describe(self) -> list[Metric]:
+        # Registering must not sample (that would block the loop on itself).
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        sample = self._take()
+        if sample is None:
+            return
+        yield from self._families(sample)
+
+    def _take(self) -> StateSample | None:
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._sampler(), self._loop)
+        except RuntimeError:  # the loop is closed: the server is stopping
+            return None
+        try:
+            return future.result(SAMPLE_TIMEOUT_S)
+        except TimeoutError:
+            future.cancel()
+            log.warning("metrics: the server did not answer within %.0fs", SAMPLE_TIMEOUT_S)
+        except Exception:
+            log.exception("metrics: sampling the server state failed")
+        return None
+
+    def _families(self, s: StateSample) -> Iterator[Metric]:
+        if s.queue_depth is not None:
+            depth = GaugeMetricFamily(
+                "jobtrace_queue_depth",
+                "Jobs in a non-terminal state (PENDING, QUEUED, RUNNING) by service, "
+                "read from the database (the same on every replica).",
+                labels=["service", "state"],
+            )
+            counts = {(service, state): n for service, state, n in s.queue_depth}
+            with self._lock:
+                self._queues.update(counts)
+                seen = sorted(self._queues)
+            for key in seen:
+                depth.add_metric(list(key), counts.get(key, 0))
+            yield depth
+        yield GaugeMetricFamily(
+            "jobtrace_connected_workers",
+            "Worker sessions connected to this replica.",
+            value=s.connected_workers,
+        )
+        yield GaugeMetricFamily(
+            "jobtrace_active_leases",
+            "Job leases held by workers connected to this replica.",
+            value=s.active_leases,
+        )
+        subscribers = GaugeMetricFamily(
+            "jobtrace_stream_subscribers",
+            "Open live streams on this replica, by kind.",
+            labels=["kind"],
+        )
+        for kind, n in sorted(s.subscribers.items()):
+            subscribers.add_metric([kind], n)
+        yield subscribers
+        retries = CounterMetricFamily(
+            "jobtrace_job_retries",
+            "Failed attempts requeued for another attempt, by service.",
+            labels=["service"],
+        )
+        for service, n in sorted(s.retries.items()):
+            retries.add_metric([service], n)
+        yield retries
+        expiries = CounterMetricFamily(
+            "jobtrace_lease_expiries",
+            "Leases lost (no heartbeat before the deadline, or the worker's stream "
+            "ended), by service.",
+            labels=["service"],
+        )
+        for service, n in sorted(s.lease_expiries.items()):
+            expiries.add_metric([service], n)
+        yield expiries
+        yield CounterMetricFamily(
+            "jobtrace_trace_events_appended",
+            "Trace events stored by this replica (lifecycle, worker and API appends).",
+            value=s.events_appended,
+        )
+        yield CounterMetricFamily(
+            "jobtrace_trace_events_delivered",
+            "Trace events sent to StreamTraceEvents subscribers on this replica.",
+            value=s.events_delivered,
+        )
