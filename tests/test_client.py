@@ -13,6 +13,7 @@ import pytest
 
 from jobtrace.client import (
     AlreadyExists,
+    AnnotationRefused,
     Client,
     FailedPrecondition,
     InvalidArgument,
@@ -313,6 +314,34 @@ async def test_handlers_may_take_the_job_and_the_context(server: Harness, client
         done = [j async for j in client.watch_job(job.id)][-1]
     assert done.state == c.RUN_STATE_COMPLETED
     assert done.result["service"] == "svc" and done.result["attempt"] == 1
+
+
+async def test_handlers_log_to_the_trace_and_annotate_their_attempt(
+    server: Harness, client: Client
+) -> None:
+    async def run(ctx: JobContext) -> dict[str, Any]:
+        await ctx.log("loaded 3 rows", data={"stream": "stdout"}, milestone=True)
+        await ctx.log("cache miss", level="debug", category="technical")
+        await ctx.annotate({"decision.outcome": "approve", "decision.confidence": 0.8})
+        with pytest.raises(AnnotationRefused):
+            await ctx.annotate({"decision.confidence": 7})  # outside [0, 1]
+        return {}
+
+    async with runtime_worker(server.target, {"svc": run}, worker_id="logger"):
+        job = await client.submit_job("svc")
+        done = [j async for j in client.watch_job(job.id)][-1]
+    assert done.state == c.RUN_STATE_COMPLETED
+    logged = (await client.list_trace_events(job.id, type="log")).events
+    assert [(e.message, e.data["stream"] if e.data else "") for e in logged][:1] == [
+        ("loaded 3 rows", "stdout")
+    ]
+    assert logged[0].milestone and logged[0].worker_id == "logger" and logged[0].attempt == 1
+    assert [e.level for e in logged] == [c.LEVEL_INFO, c.LEVEL_DEBUG]
+    notes = (await client.list_annotations(job.id, key_prefix="decision.")).items
+    assert sorted((a.key, a.attempt, a.actor.id) for a in notes) == [
+        ("decision.confidence", 1, "logger"),
+        ("decision.outcome", 1, "logger"),
+    ]
 
 
 async def test_a_result_too_large_fails_the_job_instead_of_hanging(

@@ -17,10 +17,11 @@ from jobtrace.client.errors import (
     Unavailable,
 )
 from jobtrace.client.sync import SyncClient
-from jobtrace.client.worker import JobContext, NonRetryableError, Worker
+from jobtrace.client.worker import AnnotationRefused, JobContext, NonRetryableError, Worker
 
 __all__ = [
     "AlreadyExists",
+    "AnnotationRefused",
     "Client",
     "DataLoss",
     "DeadlineExceeded",

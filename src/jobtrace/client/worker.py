@@ -77,6 +77,76 @@ class JobContext:
         with contextlib.suppress(ConnectionError):
             await self._worker._send(worker_service_pb2.ConnectRequest(progress=report), wait=False)
 
+    async def log(
+        self,
+        message: str,
+        *,
+        level: str = "info",
+        category: str = "business",
+        user_message: str = "",
+        data: dict[str, Any] | None = None,
+        milestone: bool = False,
+        node_id: str = "",
+        event_key: str | None = None,
+    ) -> None:
+        """Add an event to the run's trace (level debug..critical, category business
+        or technical; `data={"stream": "stdout"}` for captured output). Kept and sent
+        again after a reconnect until the server acknowledges it; its `event_key`
+        (random unless given) makes the resend idempotent."""
+        event = common_pb2.TraceEvent(
+            type=common_pb2.TRACE_EVENT_TYPE_LOG,
+            level=common_pb2.Level.Value("LEVEL_" + level.upper()),
+            category=common_pb2.Category.Value("CATEGORY_" + category.upper()),
+            message=message,
+            user_message=user_message,
+            milestone=milestone,
+            node_id=node_id,
+            event_key=event_key or os.urandom(12).hex(),
+        )
+        if data is not None:
+            event.data.update(data)
+        report = worker_service_pb2.TraceReport(
+            job_id=self.job.id, attempt=self.attempt, events=[event]
+        )
+        await self._worker._send(
+            worker_service_pb2.ConnectRequest(trace=report), wait=False, keep=True
+        )
+
+    async def annotate(
+        self,
+        attributes: dict[str, Any],
+        *,
+        actor: common_pb2.Actor | None = None,
+        payload: dict[str, Any] | None = None,
+    ) -> None:
+        """Record annotations (e.g. `{"decision.outcome": "approve"}`) for this
+        attempt; the server makes them visible with the attempt's completion or
+        failure. Returns once the server has accepted them; raises
+        AnnotationRefused if it refused them, ConnectionError if the stream broke."""
+        report = worker_service_pb2.AnnotationReport(
+            job_id=self.job.id,
+            attempt=self.attempt,
+            actor=actor
+            or common_pb2.Actor(kind=common_pb2.ACTOR_KIND_WORKER, id=self._worker.worker_id),
+        )
+        for key, value in attributes.items():
+            json_format.ParseDict(value, report.attributes[key])
+        if payload is not None:
+            report.payload.update(payload)
+        answer = await self._worker._send(
+            worker_service_pb2.ConnectRequest(annotate=report), wait=True
+        )
+        if answer is not None and answer.WhichOneof("kind") == "error":
+            raise AnnotationRefused(answer.error.message, answer.error.reason)
+
+
+class AnnotationRefused(Exception):
+    """The server refused a worker's annotations (e.g. a bad key or value)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
 
 class Worker:
     def __init__(
@@ -258,6 +328,10 @@ class Worker:
             finally:
                 self.connected.clear()
                 self._acked.set()
+                for future in self._pending.values():  # answers that will never come
+                    if not future.done():
+                        future.set_exception(ConnectionError("the stream ended"))
+                self._pending.clear()
                 self._outbox = None
                 if heartbeats is not None:
                     heartbeats.cancel()
