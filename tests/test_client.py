@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from jobtrace.client import (
     AlreadyExists,
     AnnotationRefused,
     Client,
+    Endpoint,
     FailedPrecondition,
     InvalidArgument,
     JobContext,
@@ -398,3 +400,58 @@ async def _state(jt: Client, job_id: str, state: int) -> bool:
     with contextlib.suppress(Unavailable):
         return (await jt.get_job(job_id)).state == state
     return False
+
+
+async def test_client_worker_and_cli_over_mutual_tls_with_tokens(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    from .test_cli import jobtrace
+    from .test_security import _make_ca_and_cert, token, write_tokens
+
+    files = _make_ca_and_cert(tmp_path)
+    tokens = tmp_path / "tokens.yaml"
+    write_tokens(tokens)
+    h = Harness(
+        sqlite_url,
+        tokens_file=str(tokens),
+        tls_cert=str(files["server_cert"]),
+        tls_key=str(files["server_key"]),
+        tls_client_ca=str(files["ca"]),
+    )
+    await h.start()
+    assert h.server is not None
+    target = f"localhost:{h.server.port}"
+    tls = {
+        "ca_file": str(files["ca"]),
+        "client_cert_file": str(files["client_cert"]),
+        "client_key_file": str(files["client_key"]),
+    }
+    try:
+        endpoint = Endpoint(target=target, token=token("worker", "acme"), **tls)
+
+        async def run(ctx: JobContext) -> dict[str, Any]:
+            return {"secure": True}
+
+        async with (
+            Client(target, token=token("submitter", "acme"), **tls) as jt,
+            runtime_worker(target, {"svc": run}, endpoint=endpoint),
+        ):
+            job = await jt.submit_job("svc")
+            done = [j async for j in jt.watch_job(job.id)][-1]
+            assert done.state == c.RUN_STATE_COMPLETED and done.result["secure"] is True
+        tls_flags = [
+            "--target", target, "--tls-ca", tls["ca_file"],
+            "--client-cert", tls["client_cert_file"], "--client-key", tls["client_key_file"],
+        ]  # fmt: skip
+        code, out, err = await jobtrace(
+            "get", job.id, "--json", "--token", token("reader", "acme"), *tls_flags
+        )
+        assert code == 0 and json.loads(out)["state"] == "RUN_STATE_COMPLETED", err
+        code, _, err = await jobtrace("get", job.id, *tls_flags)
+        assert code == 2 and "UNAUTHENTICATED" in err and "--token" in err
+        code, _, err = await jobtrace(
+            "get", job.id, "--token", token("reader", "umbrella"), *tls_flags
+        )
+        assert code == 2 and "NOT_FOUND" in err, "another tenant's job does not exist for you"
+    finally:
+        await h.stop()
