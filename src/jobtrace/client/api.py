@@ -331,16 +331,9 @@ class Client:
         )
         return Page(list(response.jobs), response.next_page_token)
 
-    async def iter_jobs(self, /, **filters: Any) -> AsyncIterator[common_pb2.Job]:
+    def iter_jobs(self, /, **filters: Any) -> AsyncIterator[common_pb2.Job]:
         """Every job matching the filters of list_jobs, page after page."""
-        token = ""
-        while True:
-            page = await self.list_jobs(page_token=token, **filters)
-            for job in page.items:
-                yield job
-            if not page.next_page_token:
-                return
-            token = page.next_page_token
+        return _every(self.list_jobs, filters)
 
     async def list_workflows(
         self,
@@ -358,15 +351,9 @@ class Client:
         )
         return Page(list(response.workflows), response.next_page_token)
 
-    async def iter_workflows(self, /, **filters: Any) -> AsyncIterator[common_pb2.Workflow]:
-        token = ""
-        while True:
-            page = await self.list_workflows(page_token=token, **filters)
-            for workflow in page.items:
-                yield workflow
-            if not page.next_page_token:
-                return
-            token = page.next_page_token
+    def iter_workflows(self, /, **filters: Any) -> AsyncIterator[common_pb2.Workflow]:
+        """Every workflow matching the filters of list_workflows, page after page."""
+        return _every(self.list_workflows, filters)
 
     async def cancel_job(self, job_id: str, reason: str = "") -> common_pb2.Job:
         """Cancel a job; its worker hears of it at once. Not retried: a repeat of
@@ -593,6 +580,19 @@ class Client:
             self.attest_stub.ListAnnotations, request, retry=True
         )
         return Page(list(response.annotations), response.next_page_token)
+
+
+async def _every(
+    list_page: Callable[..., Awaitable[Page[T]]], filters: dict[str, Any]
+) -> AsyncIterator[T]:
+    token = ""
+    while True:
+        page = await list_page(page_token=token, **filters)
+        for item in page.items:
+            yield item
+        if not page.next_page_token:
+            return
+        token = page.next_page_token
 
 
 # --- building requests --------------------------------------------------------------
