@@ -455,3 +455,31 @@ async def test_client_worker_and_cli_over_mutual_tls_with_tokens(
         assert code == 2 and "NOT_FOUND" in err, "another tenant's job does not exist for you"
     finally:
         await h.stop()
+
+
+async def test_the_runtime_resends_a_report_the_server_could_not_store(
+    server: Harness, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy import exc as sa_exc
+
+    assert server.server is not None
+    scheduler = server.server.scheduler
+    real_complete = scheduler.complete
+    refusals: list[str] = []
+
+    async def flaky(*args: Any, **kwargs: Any) -> None:
+        if not refusals:  # the first try meets a database outage
+            refusals.append("down")
+            raise sa_exc.OperationalError("UPDATE jobs", {}, ConnectionResetError("reset"))
+        await real_complete(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "complete", flaky)
+
+    async def run(ctx: JobContext) -> dict[str, Any]:
+        return {"n": 1}
+
+    async with runtime_worker(server.target, {"svc": run}):
+        job = await client.submit_job("svc", max_attempts=1)
+        done = [j async for j in client.watch_job(job.id)][-1]
+    assert refusals == ["down"]
+    assert done.state == c.RUN_STATE_COMPLETED and done.attempt == 1 and done.result["n"] == 1

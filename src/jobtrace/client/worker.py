@@ -373,18 +373,39 @@ class Worker:
         if (
             report is not None
             and response.WhichOneof("kind") == "error"
+            and response.error.code == UNAVAILABLE
+        ):
+            # The server could not store it just now (e.g. its database is down):
+            # keep it and send it again shortly; fenced by (job, attempt), so safe.
+            self._background_task(self._resend_later(report))
+            self._acked.set()
+            return
+        if (
+            report is not None
+            and response.WhichOneof("kind") == "error"
             and response.error.code in REFUSED_AS_MALFORMED
             and (kind == "complete" or (kind == "fail" and report.fail.error.code != REFUSED))
         ):
-            task = asyncio.create_task(self._replace_refused(report, response.error))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._background_task(self._replace_refused(report, response.error))
         if report is not None and report.WhichOneof("kind") == "complete" and self.on_completed:
             self.on_completed(report.complete.job_id, response.WhichOneof("kind") == "ack")
         self._acked.set()
         future = self._pending.pop(message_id, None)
         if future is not None and not future.done():
             future.set_result(response)
+
+    def _background_task(self, step: Awaitable[None]) -> None:
+        async def run() -> None:
+            await step
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _resend_later(self, report: worker_service_pb2.ConnectRequest) -> None:
+        await asyncio.sleep(random.uniform(0.2, 1.0))  # back off before the retry
+        if not self._stop.is_set():
+            await self._send(report, wait=False, keep=True)
 
     # --- jobs --------------------------------------------------------------------
 
@@ -469,6 +490,7 @@ class Worker:
 
 
 MAX_RESULT_BYTES = 1024 * 1024
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 REFUSED = "REPORT_REFUSED"
 REFUSED_AS_MALFORMED = {
     grpc.StatusCode.INVALID_ARGUMENT.value[0],
