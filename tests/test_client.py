@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,23 +196,42 @@ async def test_unary_calls_are_retried_while_the_server_is_unreachable(server: H
             job = await jt.submit_job("svc", {"n": 1}, request_id="through-faults")
             assert (await jt.get_job(job.id)).spec.payload["n"] == 1
         assert proxy.refused == 2 and proxy.accepted >= 1
+        proxy.cut()  # gRPC shares connections between channels: none may survive
         async with Client(f"127.0.0.1:{port}", retry=RetryPolicy(attempts=1)) as once:
-            proxy.refuse_next = 1
+            proxy.refuse_next = 1_000  # down for good: without retries, the first failure is final
             with pytest.raises(Unavailable):
                 await once.get_job(job.id)
+            proxy.refuse_next = 0
     finally:
         await proxy.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingRetry(RetryPolicy):
+    """A fast policy that counts the retries it grants."""
+
+    granted: list[float] = dataclasses.field(default_factory=list)
+
+    def delays(self) -> Iterator[float]:
+        for delay in super().delays():
+            self.granted.append(delay)
+            yield delay
 
 
 async def test_cancel_is_not_retried(server: Harness) -> None:
     proxy = FaultyProxy(server.server.port if server.server else 0)
     port = await proxy.start()
+    proxy.refuse_next = 1_000  # the server is unreachable for this client
+    retry = CountingRetry(attempts=3, initial_backoff=0.01, max_backoff=0.02)
     try:
-        async with Client(server.target) as direct, Client(f"127.0.0.1:{port}", retry=FAST) as jt:
+        async with Client(server.target) as direct, Client(f"127.0.0.1:{port}", retry=retry) as jt:
             job = await direct.submit_job("svc")
-            proxy.refuse_next = 1
             with pytest.raises(Unavailable):
                 await jt.cancel_job(job.id)
+            assert retry.granted == [], "a cancel is never repeated"
+            with pytest.raises(Unavailable):
+                await jt.get_job(job.id)
+            assert len(retry.granted) == 2, "a read is retried while attempts remain"
             assert (await direct.get_job(job.id)).state == c.RUN_STATE_QUEUED
     finally:
         await proxy.close()
