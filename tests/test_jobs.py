@@ -377,3 +377,19 @@ async def test_message_size_limit_is_a_server_option(db_url: str) -> None:
         assert await count_jobs(api) == 0
     finally:
         await h.stop()
+
+
+async def test_watch_ends_unavailable_when_the_server_shuts_down(harness: Harness) -> None:
+    """An empty OK would read as "no more changes" although the job goes on."""
+    api = harness.stubs()
+    job = (await api.jobs.SubmitJob(job_request("watched"))).job
+    watch = api.jobs.WatchJob(j.WatchJobRequest(job_id=job.id))
+    assert (await watch.read()).job.state == Q
+    assert harness.server is not None
+    stopping = asyncio.create_task(harness.server.stop(grace=2.0))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        message = await watch.read()
+        assert message is not grpc.aio.EOF, "ended with an empty OK"
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    await stopping
+    harness.server = None

@@ -624,10 +624,17 @@ async def test_traceparent_reaches_the_worker_and_every_trace_event(harness: Har
         await ctx.progress(50, "half way")
         return {"ok": True}
 
+    request = j.SubmitJobRequest(request_id="tp", job=c.JobSpec(service="traced"))
+    job = (await api.jobs.SubmitJob(request, metadata=(("traceparent", TRACEPARENT),))).job
+    assert job.traceparent == TRACEPARENT
+    # An event appended through the API belongs to the run as well (appended
+    # while the run is open: an ended run takes no more events).
+    await api.trace.AppendTraceEvents(
+        t.AppendTraceEventsRequest(
+            run_id=job.id, events=[c.TraceEvent(event_key="note", message="note")]
+        )
+    )
     async with runtime_worker(harness.target, {"traced": handle}):
-        request = j.SubmitJobRequest(request_id="tp", job=c.JobSpec(service="traced"))
-        job = (await api.jobs.SubmitJob(request, metadata=(("traceparent", TRACEPARENT),))).job
-        assert job.traceparent == TRACEPARENT
 
         async def completed() -> bool:
             got = await api.jobs.GetJob(j.GetJobRequest(job_id=job.id))
@@ -636,12 +643,6 @@ async def test_traceparent_reaches_the_worker_and_every_trace_event(harness: Har
         await wait_for(completed, timeout=10)
     assert seen == [TRACEPARENT]
 
-    # An event appended through the API belongs to the run as well.
-    await api.trace.AppendTraceEvents(
-        t.AppendTraceEventsRequest(
-            run_id=job.id, events=[c.TraceEvent(event_key="after", message="note")]
-        )
-    )
     events = await events_of(api, job.id)
     kinds = {e.type for e in events}
     assert {c.TRACE_EVENT_TYPE_STARTED, c.TRACE_EVENT_TYPE_PROGRESS} <= kinds

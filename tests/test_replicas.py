@@ -172,6 +172,78 @@ async def test_events_appended_on_one_replica_stream_on_another_in_order(
         assert received == list(range(1, 102)), "no gap, no duplicate, in cursor order"
 
 
+async def _listeners(db_url: str) -> set[int]:
+    """Backend pids of the replicas' LISTEN connections on this test's database."""
+    rows = await execute_sql(
+        db_url,
+        "SELECT pid FROM pg_stat_activity "
+        "WHERE application_name = 'jobtrace-listener' AND datname = current_database()",
+    )
+    return {pid for (pid,) in rows}
+
+
+async def test_a_lost_listen_connection_is_re_established_and_streams_catch_up(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The LISTEN connection's backend is terminated: the replica reconnects, and
+    its live stream gets what was appended on the other replica meanwhile (that
+    notice was lost), what comes after, and the final status."""
+    async with (
+        replicas(pg_url, tmp_path, 2) as (a, b),
+        client(a.target) as on_a,
+        client(b.target) as on_b,
+    ):
+        job = (
+            await on_b.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="l", job=c.JobSpec(service="none"))
+            )
+        ).job
+        stream = on_a.trace.StreamTraceEvents(
+            t.StreamTraceEventsRequest(run_id=job.id, follow=True)
+        )
+        received: list[str] = []
+        final: list[t.RunStatus] = []
+
+        async def collect() -> None:
+            async for message in stream:
+                if message.WhichOneof("kind") == "event":
+                    received.append(message.event.event_key or message.event.message)
+                elif message.WhichOneof("kind") == "final_status":
+                    final.append(message.final_status)
+                    return
+
+        async def append(key: str) -> None:
+            await on_b.trace.AppendTraceEvents(
+                t.AppendTraceEventsRequest(run_id=job.id, events=[c.TraceEvent(event_key=key)])
+            )
+
+        collector = asyncio.create_task(collect())
+        await append("before")
+        await wait_for(lambda: received == ["before"], timeout=10)
+        old = await _listeners(pg_url)
+        assert len(old) == 2, "one LISTEN connection per replica, named"
+        killed = await execute_sql(
+            pg_url,
+            "SELECT pg_terminate_backend(pid) FROM unnest(CAST(:pids AS int[])) AS pid",
+            pids=sorted(old),
+        )
+        assert killed == [(True,), (True,)]
+        await append("during")  # most likely while no replica listens: its notice is lost
+
+        async def restored() -> bool:
+            now = await _listeners(pg_url)
+            return len(now) == 2 and not now & old
+
+        await wait_for(restored, timeout=20, interval=0.1)
+        await wait_for(lambda: received == ["before", "during"], timeout=10)
+        await append("after")
+        await wait_for(lambda: received == ["before", "during", "after"], timeout=10)
+        await on_b.jobs.CancelJob(j.CancelJobRequest(job_id=job.id))
+        await asyncio.wait_for(collector, 10)
+        assert received == ["before", "during", "after", "Run cancelled by user"]
+        assert final[0].state == c.RUN_STATE_CANCELLED
+
+
 async def test_a_replica_killed_mid_load_loses_no_job(pg_url: str, tmp_path: Path) -> None:
     async with replicas(pg_url, tmp_path, 2) as (a, b):
         workers = [

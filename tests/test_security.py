@@ -287,7 +287,8 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
         ),
         "Connect": connect,
         "AppendTraceEvents": lambda md: api.trace.AppendTraceEvents(
-            t.AppendTraceEventsRequest(run_id=ids["job"], events=[c.TraceEvent(event_key=f"e{n}")]),
+            # The workflow: still running (the job has ended, and takes no events).
+            t.AppendTraceEventsRequest(run_id=ids["wf"], events=[c.TraceEvent(event_key=f"e{n}")]),
             metadata=md,
         ),
         "ListTraceEvents": lambda md: api.trace.ListTraceEvents(
@@ -395,6 +396,74 @@ async def test_worker_tokens_are_limited_to_their_services_and_tenants(secured: 
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(worker.read(), 0.5)
     worker.cancel()
+
+
+async def test_tokens_file_names_given_as_a_string_are_one_name(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """`services: resize` is the service "resize", not the letters r, e, s, i, z."""
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(
+        "tokens:\n"
+        f"  - sha256: {hash_token('tok-one')}\n"
+        "    subject: resizer\n"
+        "    tenant: acme\n"
+        "    roles: worker\n"
+        "    services: resize\n"
+        "    tenants: acme\n"
+        f"  - sha256: {hash_token('tok-submit')}\n"
+        "    subject: api\n"
+        "    tenant: acme\n"
+        "    roles: submitter\n"
+    )
+    h = Harness(sqlite_url, tokens_file=str(tokens))
+    await h.start()
+    try:
+        api = h.stubs()
+        job = (
+            await api.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="r", job=c.JobSpec(service="resize")),
+                metadata=bearer("tok-submit"),
+            )
+        ).job
+        for services, welcomed in ((["r"], False), (["resize"], True)):
+            call = api.workers.Connect(metadata=bearer("tok-one"))
+            await call.write(
+                w.ConnectRequest(hello=w.WorkerHello(worker_id="r", services=services))
+            )
+            reply = await call.read()
+            assert (reply.WhichOneof("kind") == "welcome") is welcomed, (services, reply)
+            if welcomed:  # `tenants: acme` is the tenant acme: its job is served
+                assignment = (await asyncio.wait_for(call.read(), 5)).assignment
+                assert assignment.job.id == job.id
+            call.cancel()
+    finally:
+        await h.stop()
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("5", "tokens[0].services: must be a name or a list of names, got 5"),
+        ("'resize encode'", "tokens[0].services: 'resize encode' is not one name"),
+        ("[resize, 7]", "tokens[0].services: must be a name or a list of names"),
+    ],
+)
+async def test_tokens_file_with_a_malformed_service_list_refuses_to_load(
+    sqlite_url: str, tmp_path: Path, value: str, problem: str
+) -> None:
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(
+        "tokens:\n"
+        f"  - sha256: {hash_token('tok-one')}\n"
+        "    subject: resizer\n"
+        "    tenant: acme\n"
+        "    roles: [worker]\n"
+        f"    services: {value}\n"
+    )
+    with pytest.raises(OSError, match="cannot load tokens") as caught:
+        await Harness(sqlite_url, tokens_file=str(tokens)).start()
+    assert problem in str(caught.value)
 
 
 async def test_no_auth_refuses_non_loopback_listen(sqlite_url: str) -> None:

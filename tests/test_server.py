@@ -15,9 +15,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobtrace.pb import SERVICE_NAMES
+from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
+from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, wait_for
+from .workers import RawWorker
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -64,6 +67,43 @@ async def test_health_turns_not_serving_during_shutdown(harness: Harness) -> Non
     await stopping
     harness.server = None
     assert seen[-1] == NOT_SERVING
+
+
+async def test_worker_stream_outlives_the_max_connection_age(db_url: str) -> None:
+    """When its connection ages out, new calls move to a fresh connection, while
+    the worker stream on the old one lives on: its lease is kept and the job
+    completes on attempt 1 (a job may run far longer than the connection age)."""
+    h = Harness(db_url, max_connection_age_seconds=0.25, shutdown_grace_seconds=0.5)
+    await h.start()
+    try:
+        api = h.stubs()
+        raw = RawWorker(api)
+        await raw.hello("w1", ["svc"])
+        job = (
+            await api.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="long", job=c.JobSpec(service="svc"))
+            )
+        ).job
+        assignment = await raw.expect("assignment")
+        assert assignment.attempt == 1
+        # Several connection lifetimes, together longer than any grace period:
+        # each time the connection in use ages out (the channel goes IDLE), a
+        # unary call opens a fresh one, and the old stream still answers.
+        for _ in range(6):
+            await wait_for(
+                lambda: api.channel.get_state() == grpc.ChannelConnectivity.IDLE, timeout=10
+            )
+            got = await api.jobs.GetJob(j.GetJobRequest(job_id=job.id))
+            assert got.job.state == c.RUN_STATE_RUNNING
+            await raw.send(heartbeat=w.WorkerHeartbeat())
+            await raw.expect("heartbeat_ack")
+        await raw.send(complete=w.CompleteReport(job_id=job.id, attempt=1))
+        await raw.expect("ack")
+        done = (await api.jobs.GetJob(j.GetJobRequest(job_id=job.id))).job
+        assert done.state == c.RUN_STATE_COMPLETED and done.attempt == 1
+        await raw.close()
+    finally:
+        await h.stop()
 
 
 async def test_grpcurl_lists_describes_submits_and_checks_health(harness: Harness) -> None:

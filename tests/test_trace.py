@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -193,6 +194,206 @@ async def test_bad_appends_are_refused_and_store_nothing(api: Stubs) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert await all_events(api, run_id) == []
+
+
+async def test_oversized_error_details_are_refused(api: Stubs) -> None:
+    run_id = await new_run(api)
+    big = c.ErrorDetail(message="boom", details="d" * (64 * 1024 + 1))
+    _, _, v = await expect_error(
+        api.trace.AppendTraceEvents(
+            t.AppendTraceEventsRequest(run_id=run_id, events=[ev("e", error=big)])
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert [f for f, _ in v] == ["events[0].error.details"]
+    fits = c.ErrorDetail(message="boom", details="d" * (64 * 1024))
+    (stored,) = await append(api, run_id, ev("e", error=fits))
+    assert stored.error.details == fits.details
+
+
+async def test_append_to_an_ended_run_is_refused_and_stores_nothing(api: Stubs) -> None:
+    run_id = await new_run(api)
+    (before,) = await append(api, run_id, ev("before"))
+    await api.jobs.CancelJob(j.CancelJobRequest(job_id=run_id))
+    _, info, _ = await expect_error(
+        api.trace.AppendTraceEvents(t.AppendTraceEventsRequest(run_id=run_id, events=[ev("late")])),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert info is not None and info.reason == "RUN_ENDED"
+    assert info.metadata == {"run_id": run_id, "state": "CANCELLED"}
+    # A retried append that was stored before the end gets its event back.
+    (again,) = await append(api, run_id, ev("before"))
+    assert again == before
+    await expect_error(
+        api.trace.AppendTraceEvents(
+            t.AppendTraceEventsRequest(run_id=run_id, events=[ev("before"), ev("late")])
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    events = await all_events(api, run_id)
+    assert [e.event_key for e in events] == ["before", ""]
+    assert events[-1].message == "Run cancelled by user"
+    # Workflows too.
+    wf = (
+        await api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(
+                request_id="wf",
+                name="w",
+                steps=[c.WorkflowStepSpec(name="a", job=c.JobSpec(service="svc"))],
+            )
+        )
+    ).workflow
+    await api.jobs.CancelWorkflow(j.CancelWorkflowRequest(workflow_id=wf.id))
+    _, info, _ = await expect_error(
+        api.trace.AppendTraceEvents(t.AppendTraceEventsRequest(run_id=wf.id, events=[ev("x")])),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert info is not None and info.reason == "RUN_ENDED"
+
+
+async def test_appends_racing_the_end_of_their_run_never_follow_the_final_event(
+    harness: Harness,
+) -> None:
+    """An append and the transition that ends the run serialise on the run's lock:
+    every accepted event is stored before the final one, and a stream that was
+    following gets each of them and then the final status."""
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"], max_concurrency=10)
+    for n in range(10):
+        run_id = await new_run(api, f"race-{n}")
+        await raw.expect("assignment")
+        stream = api.trace.StreamTraceEvents(t.StreamTraceEventsRequest(run_id=run_id, follow=True))
+        reader = asyncio.create_task(drain_stream(stream))
+
+        async def appender(k: int, run_id: str = run_id) -> bool:
+            try:
+                await append(api, run_id, ev(f"e{k}"))
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err
+                return False
+            return True
+
+        appends = [asyncio.create_task(appender(k)) for k in range(8)]
+        await raw.send(complete=w.CompleteReport(job_id=run_id, attempt=1))
+        accepted = sum(await asyncio.gather(*appends))
+        await raw.expect("ack")
+        events = await all_events(api, run_id)
+        assert events[-1].type == c.TRACE_EVENT_TYPE_COMPLETED, [e.event_key for e in events]
+        assert len([e for e in events if e.event_key]) == accepted
+        streamed, final, _ = await asyncio.wait_for(reader, 10)
+        assert [e.sequence for e in streamed] == [e.sequence for e in events]
+        assert final is not None and final.state == c.RUN_STATE_COMPLETED
+    await raw.close()
+
+
+async def test_appends_on_another_replica_racing_the_end_never_follow_the_final_event(
+    pg_url: str,
+) -> None:
+    """Two replicas on one PostgreSQL: the run ends on A while B appends. B's
+    check holds the run's row lock, so it sees the end or commits before it."""
+    a, b = Harness(pg_url), Harness(pg_url)
+    await a.start()
+    await b.start()
+    try:
+        on_a, on_b = a.stubs(), b.stubs()
+        raw = RawWorker(on_a)
+        await raw.hello("w1", ["svc"], max_concurrency=20)
+        for n in range(20):
+            run_id = await new_run(on_b, f"race-{n}")
+            await raw.expect("assignment")
+
+            async def appender(k: int, run_id: str = run_id) -> None:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await append(on_b, run_id, ev(f"e{k}"))
+
+            appends = [asyncio.create_task(appender(k)) for k in range(6)]
+            await raw.send(complete=w.CompleteReport(job_id=run_id, attempt=1))
+            await asyncio.gather(*appends)
+            await raw.expect("ack")
+            events = await all_events(on_a, run_id)
+            assert events[-1].type == c.TRACE_EVENT_TYPE_COMPLETED, [e.event_key for e in events]
+        await raw.close()
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_run_status_of_a_job_waiting_to_retry_is_running(harness: Harness) -> None:
+    """DESIGN: retryable failures emit FAILED events while the run stays RUNNING."""
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    run_id = (
+        await api.jobs.SubmitJob(
+            j.SubmitJobRequest(
+                request_id="retry",
+                job=c.JobSpec(
+                    service="svc",
+                    max_attempts=3,
+                    backoff=c.BackoffPolicy(initial_interval={"seconds": 3600}),
+                ),
+            )
+        )
+    ).job.id
+    status = (await api.trace.GetRunStatus(t.GetRunStatusRequest(run_id=run_id))).status
+    assert status.state in (c.RUN_STATE_QUEUED, c.RUN_STATE_RUNNING)
+    await raw.expect("assignment")
+    await raw.send(
+        fail=w.FailReport(
+            job_id=run_id, attempt=1, retryable=True, error=c.ErrorDetail(message="flaky")
+        )
+    )
+    await raw.expect("ack")
+    job = (await api.jobs.GetJob(j.GetJobRequest(job_id=run_id))).job
+    assert job.state == c.RUN_STATE_QUEUED, "the job itself waits for its next attempt"
+    status = (await api.trace.GetRunStatus(t.GetRunStatusRequest(run_id=run_id))).status
+    assert status.state == c.RUN_STATE_RUNNING, "the run has started and goes on"
+    assert not status.HasField("completed_at")
+    await raw.close()
+
+
+async def test_run_status_of_a_job_never_started_is_queued(api: Stubs) -> None:
+    run_id = await new_run(api)
+    status = (await api.trace.GetRunStatus(t.GetRunStatusRequest(run_id=run_id))).status
+    assert status.state == c.RUN_STATE_QUEUED
+
+
+async def test_following_stream_ends_unavailable_when_the_server_shuts_down(
+    harness: Harness,
+) -> None:
+    api = harness.stubs()
+    run_id = await new_run(api)
+    await append(api, run_id, ev("a"), ev("b"))
+    stream = api.trace.StreamTraceEvents(t.StreamTraceEventsRequest(run_id=run_id, follow=True))
+    cursor = ""
+    for _ in range(2):
+        message = await stream.read()
+        cursor = message.cursor
+    assert harness.server is not None
+    stopping = asyncio.create_task(harness.server.stop(grace=2.0))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        while True:
+            message = await stream.read()
+            assert message is not grpc.aio.EOF, "ended with an empty OK"
+            assert message.WhichOneof("kind") == "keepalive", message
+    err = caught.value
+    assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+    assert "resume from your cursor" in (err.details() or "")
+    await stopping
+    harness.server = None
+    # The reader resumes from its cursor on the restarted server and misses nothing.
+    await harness.start()
+    api = harness.stubs()
+    await append(api, run_id, ev("c"))
+    await api.jobs.CancelJob(j.CancelJobRequest(job_id=run_id))
+    resumed, final, _ = await drain_stream(
+        api.trace.StreamTraceEvents(
+            t.StreamTraceEventsRequest(run_id=run_id, cursor=cursor, follow=True)
+        )
+    )
+    assert [e.sequence for e in resumed] == [3, 4]
+    assert final is not None and final.state == c.RUN_STATE_CANCELLED
 
 
 async def test_long_message_is_stored_truncated(api: Stubs) -> None:

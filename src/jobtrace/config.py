@@ -55,7 +55,9 @@ class Settings:
     max_streams_per_caller: int = 1000
     # Jobs a tenant may have waiting (QUEUED or PENDING) at once.
     max_queued_per_tenant: int = 100_000
-    # Connections are recycled after this long (clients reconnect transparently).
+    # Connections are recycled after this long: new calls move to a fresh
+    # connection (clients reconnect transparently); streams already open on the
+    # old one, such as worker streams, live on until they end.
     max_connection_age_seconds: float = 3600.0
     # Logging level name.
     log_level: str = "INFO"

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # How long a scrape waits for the queue-depth query before reporting without it.
 QUEUE_DEPTH_TIMEOUT_S = 3.0
+# gRPC's "no limit" for millisecond channel arguments (INT_MAX).
+UNBOUNDED_MS = 2**31 - 1
 
 
 class JobtraceServer:
@@ -102,8 +104,12 @@ class JobtraceServer:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            # An aged connection takes no new calls (they move to a fresh one),
+            # but its streams live on however long they last: a worker stream
+            # holds leases of jobs that may run for hours. Keepalive, not age,
+            # finds dead peers.
             ("grpc.max_connection_age_ms", int(s.max_connection_age_seconds * 1000)),
-            ("grpc.max_connection_age_grace_ms", int(s.shutdown_grace_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", UNBOUNDED_MS),
         ]
         server = grpc.aio.server(options=options, interceptors=[CallObserver(self.metrics)])
         add_service(server, service_descriptor("JobService"), JobServicer(jobs, auth, streams))
@@ -153,7 +159,7 @@ class JobtraceServer:
                 raise
         await server.start()
         self._server = server
-        await self.db.listen(self._on_notices)
+        await self.db.listen(self._on_notices, self._on_listen_restored)
         self.scheduler.start()
         self.trace.start()
         self._maintenance = asyncio.create_task(self._maintain(), name="jobtrace-retention")
@@ -235,6 +241,14 @@ class JobtraceServer:
                 self.trace.remote_events(n.get("run", ""))
             elif kind == "end":
                 self.trace.bus.poke(n.get("run", ""), run_ended=True)
+
+    def _on_listen_restored(self) -> None:
+        """The LISTEN connection was lost and is back; notices sent meanwhile
+        are gone. Every local trace stream and watch catches up from the
+        database, and the dispatcher looks for queued work."""
+        self.trace.bus.poke_all()
+        self.jobs.feed.poke_all()
+        self.scheduler.wake()
 
     async def _maintain(self, every_s: float = 60.0) -> None:
         """Retention of attestations; each sweep is a series of short writes."""

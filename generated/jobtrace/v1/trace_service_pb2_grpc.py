@@ -63,7 +63,11 @@ class TraceServiceServicer:
 
     def AppendTraceEvents(self, request, context):
         """Appends up to 1,000 events to a run in one transaction. Idempotent by each
-        event's event_key: a retried append returns the stored events.
+        event's event_key: a retried append returns the stored events. A run that
+        has ended (readers already got its final status) takes no new events:
+        FAILED_PRECONDITION with reason RUN_ENDED, checked under the run's lock so
+        an end committed concurrently cannot slip in between; a retry whose events
+        were all stored before the end still returns them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -35,7 +35,11 @@ class TraceServiceStub:
     def __new__(cls, channel: _aio.Channel) -> TraceServiceAsyncStub: ...
     AppendTraceEvents: _grpc.UnaryUnaryMultiCallable[_trace_service_pb2.AppendTraceEventsRequest, _trace_service_pb2.AppendTraceEventsResponse]
     """Appends up to 1,000 events to a run in one transaction. Idempotent by each
-    event's event_key: a retried append returns the stored events.
+    event's event_key: a retried append returns the stored events. A run that
+    has ended (readers already got its final status) takes no new events:
+    FAILED_PRECONDITION with reason RUN_ENDED, checked under the run's lock so
+    an end committed concurrently cannot slip in between; a retry whose events
+    were all stored before the end still returns them.
     """
     ListTraceEvents: _grpc.UnaryUnaryMultiCallable[_trace_service_pb2.ListTraceEventsRequest, _trace_service_pb2.ListTraceEventsResponse]
     """Lists a run's events in sequence order, filtered, one page at a time."""
@@ -53,7 +57,11 @@ class TraceServiceAsyncStub(TraceServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     AppendTraceEvents: _aio.UnaryUnaryMultiCallable[_trace_service_pb2.AppendTraceEventsRequest, _trace_service_pb2.AppendTraceEventsResponse]  # type: ignore[assignment]
     """Appends up to 1,000 events to a run in one transaction. Idempotent by each
-    event's event_key: a retried append returns the stored events.
+    event's event_key: a retried append returns the stored events. A run that
+    has ended (readers already got its final status) takes no new events:
+    FAILED_PRECONDITION with reason RUN_ENDED, checked under the run's lock so
+    an end committed concurrently cannot slip in between; a retry whose events
+    were all stored before the end still returns them.
     """
     ListTraceEvents: _aio.UnaryUnaryMultiCallable[_trace_service_pb2.ListTraceEventsRequest, _trace_service_pb2.ListTraceEventsResponse]  # type: ignore[assignment]
     """Lists a run's events in sequence order, filtered, one page at a time."""
@@ -74,7 +82,11 @@ class TraceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trace_service_pb2.AppendTraceEventsResponse, _abc.Awaitable[_trace_service_pb2.AppendTraceEventsResponse]]:
         """Appends up to 1,000 events to a run in one transaction. Idempotent by each
-        event's event_key: a retried append returns the stored events.
+        event's event_key: a retried append returns the stored events. A run that
+        has ended (readers already got its final status) takes no new events:
+        FAILED_PRECONDITION with reason RUN_ENDED, checked under the run's lock so
+        an end committed concurrently cannot slip in between; a retry whose events
+        were all stored before the end still returns them.
         """
 
     @_abc_1.abstractmethod

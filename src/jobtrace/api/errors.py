@@ -11,6 +11,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from jobtrace.api.wellformed import check_request
 from jobtrace.domain import errors as de
 
 DOMAIN = "jobtrace"
@@ -63,6 +64,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _check_parsed(request: Any) -> None:
+    """Refuse a request that did not parse, or that holds what no field may
+    (a NUL character, a non-finite number), before the servicer sees it."""
     from jobtrace.api.handlers import MalformedRequest
 
     if isinstance(request, MalformedRequest):
@@ -70,6 +73,7 @@ def _check_parsed(request: Any) -> None:
             [de.FieldViolation("", f"request is not a valid protobuf message: {request.reason}")],
             message=f"malformed request: {request.reason}",
         )
+    check_request(request)
 
 
 def rpc(fn: F) -> F:

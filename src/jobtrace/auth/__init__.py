@@ -72,10 +72,23 @@ def _roles(raw: Any, where: str) -> frozenset[Role]:
         raise ValueError(f"{where}: unknown role in {names!r}") from exc
 
 
-def _optional_set(raw: Any) -> frozenset[str] | None:
-    if raw is None or raw == "*" or raw == ["*"]:
+def _optional_set(raw: Any, where: str) -> frozenset[str] | None:
+    """A list of names, or one name given as a string; absent or "*" means any."""
+    if raw is None:
         return None
-    return frozenset(raw)
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple) or not all(
+        isinstance(item, str) and item for item in items
+    ):
+        raise ValueError(f"{where}: must be a name or a list of names, got {raw!r}")
+    if "*" in items:
+        return None
+    for item in items:
+        if item != item.strip() or "," in item or any(ch.isspace() for ch in item):
+            raise ValueError(
+                f"{where}: {item!r} is not one name; list several as [a, b], one per item"
+            )
+    return frozenset(items)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,12 +167,17 @@ class Authenticator:
         tenant = claims.get("tenant")
         if not isinstance(tenant, str) or not tenant:
             raise Unauthenticated("token has no tenant claim", reason="TOKEN_INVALID")
+        try:
+            services = _optional_set(claims.get("services"), "token claim 'services'")
+            tenants = _optional_set(claims.get("tenants", [tenant]), "token claim 'tenants'")
+        except ValueError as exc:
+            raise Unauthenticated(str(exc), reason="TOKEN_INVALID") from exc
         return Principal(
             subject=str(claims["sub"]),
             tenant=tenant,
             roles=roles,
-            allowed_services=_optional_set(claims.get("services")),
-            allowed_tenants=_optional_set(claims.get("tenants", [tenant])),
+            allowed_services=services,
+            allowed_tenants=tenants,
         )
 
     def require(self, context: Any, role: Role) -> Principal:
@@ -182,7 +200,8 @@ def load_tokens_file(path: Path) -> dict[str, Principal]:
         subject: billing-api
         tenant: acme
         roles: [submitter]
-        services: [resize]      # workers: services they may serve (default any)
+        services: [resize]      # workers: services they may serve (default any;
+                                #   one name may be given as a string; "*" is any)
         tenants: [acme]         # workers: tenants whose jobs they run (default own)
     """
     text = path.read_text()
@@ -205,7 +224,7 @@ def load_tokens_file(path: Path) -> dict[str, Principal]:
             subject=str(entry["subject"]),
             tenant=str(tenant),
             roles=_roles(entry.get("roles"), where),
-            allowed_services=_optional_set(entry.get("services")),
-            allowed_tenants=_optional_set(entry.get("tenants", [tenant])),
+            allowed_services=_optional_set(entry.get("services"), f"{where}.services"),
+            allowed_tenants=_optional_set(entry.get("tenants", [tenant]), f"{where}.tenants"),
         )
     return out

@@ -21,6 +21,7 @@ from jobtrace.domain.errors import (
     FailedPrecondition,
     NotFound,
     ResourceExhausted,
+    Unavailable,
     Violations,
 )
 from jobtrace.domain.pagination import PageTokens, position
@@ -125,8 +126,20 @@ def complete_request_context(ctx: JSON, request_id: str, received_us: int) -> JS
 def _check_annotations(v: Violations, field: str, items: tuple[SizedAnnotation, ...]) -> None:
     if len(items) > MAX_SUBMIT_ANNOTATIONS:
         v.add(field, f"at most {MAX_SUBMIT_ANNOTATIONS} entries")
+    # (idempotency key, attribute key) is unique per run: two annotations of one
+    # submission may not both claim it.
+    claimed: dict[tuple[str, str], int] = {}
     for i, a in enumerate(items):
         annotation_rules.check_input(v, f"{field}[{i}]", a.item, a.payload_bytes)
+        if not a.item.idempotency_key:
+            continue
+        for key in sorted(a.item.attributes):
+            first = claimed.setdefault((a.item.idempotency_key, key), i)
+            if first != i:
+                v.add(
+                    f"{field}[{i}].idempotency_key",
+                    f"{field}[{first}] already records {key!r} under this idempotency key",
+                )
 
 
 def resolve_dependencies(v: Violations, steps: tuple[StepSubmission, ...]) -> list[tuple[str, ...]]:
@@ -624,8 +637,9 @@ class Jobs:
         async with self._db.read() as session:
             return await store.queue_depth(session)
 
-    async def _next_changes(self, sub: Subscription) -> tuple[list[Job], bool] | None:
-        """Wait for changes; None when the server is stopping."""
+    async def _next_changes(self, sub: Subscription) -> tuple[list[Job], bool]:
+        """Wait for changes. When the server stops, the watch ends UNAVAILABLE (not
+        an empty OK, which would read as "no more changes"): watch again elsewhere."""
         if not sub.wakeup.is_set():
             stop = asyncio.ensure_future(self.stopping.wait())
             woken = asyncio.ensure_future(sub.wakeup.wait())
@@ -635,7 +649,7 @@ class Jobs:
                 stop.cancel()
                 woken.cancel()
         if self.stopping.is_set():
-            return None
+            raise Unavailable("server shutting down; watch again", reason="SHUTTING_DOWN")
         return sub.drain()
 
     async def watch_job(self, tenant: str | None, job_id: str) -> AsyncIterator[Job]:
@@ -645,10 +659,7 @@ class Jobs:
             last = await self.get_job(tenant, job_id)
             yield last
             while not last.state.terminal:
-                changes = await self._next_changes(sub)
-                if changes is None:
-                    return
-                items, overflowed = changes
+                items, overflowed = await self._next_changes(sub)
                 if overflowed:
                     items = [await self.get_job(tenant, job_id)]
                 for job in items:
@@ -663,10 +674,7 @@ class Jobs:
             last = await self.get_workflow(tenant, workflow_id)
             yield last, None
             while not last.state.terminal:
-                changes = await self._next_changes(sub)
-                if changes is None:
-                    return
-                items, _ = changes
+                items, _ = await self._next_changes(sub)
                 current = await self.get_workflow(tenant, workflow_id)
                 if current != last:
                     last = current

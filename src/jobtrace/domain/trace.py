@@ -11,7 +11,14 @@ from dataclasses import dataclass, replace
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
-from jobtrace.domain.errors import FieldViolation, NotFound, ResourceExhausted, Violations
+from jobtrace.domain.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    Violations,
+)
 from jobtrace.domain.pagination import PageTokens, position
 from jobtrace.domain.validation import check_page_size, check_text
 from jobtrace.events.trace_bus import TraceBus
@@ -100,6 +107,7 @@ def check_event(v: Violations, field: str, e: TraceEvent, *, key_required: bool)
     if e.error is not None:
         check_text(v, f"{field}.error.message", e.error.message, MAX_MESSAGE_BYTES)
         check_text(v, f"{field}.error.code", e.error.code, 128)
+        check_text(v, f"{field}.error.details", e.error.details, MAX_BLOB_BYTES)
         check_text(v, f"{field}.error.stack", e.error.stack, MAX_BLOB_BYTES)
 
 
@@ -248,7 +256,9 @@ class Trace:
         check_sizes("events", inputs)
 
         async def op(session: AsyncSession, tx: Tx) -> list[TraceEvent]:
-            tenant, traceparent = await self._run_owner(session, scope, run_id)
+            # Under the run's row lock: the transition that ends a run takes the
+            # same lock, so it cannot commit between this check and these events.
+            tenant, traceparent, state = await self._run_owner(session, scope, run_id, lock=True)
             keys = [item.event.event_key for item in inputs]
             existing = await store.events_by_key(session, run_id, keys)
             fresh: dict[str, TraceEvent] = {}
@@ -256,6 +266,14 @@ class Trace:
                 key = item.event.event_key
                 if key not in existing and key not in fresh:
                     fresh[key] = replace(item.event, run_id=run_id, traceparent=traceparent)
+            if fresh and state.terminal:
+                # Readers already have the final status; a retry of an append
+                # stored before the end still gets its events back.
+                raise FailedPrecondition(
+                    f"run {run_id!r} has ended ({state.name}); it takes no more events",
+                    reason="RUN_ENDED",
+                    metadata={"run_id": run_id, "state": state.name},
+                )
             for e in await self.record(session, tx, tenant, list(fresh.values())):
                 existing[e.event_key] = e
             return [existing[k] for k in keys]
@@ -264,16 +282,18 @@ class Trace:
 
     async def require_run(self, session: AsyncSession, tenant: str | None, run_id: str) -> str:
         """The run's tenant, if it exists and `tenant` (None: any) may see it."""
-        owner, _ = await self._run_owner(session, tenant, run_id)
+        owner, _, _ = await self._run_owner(session, tenant, run_id)
         return owner
 
     async def _run_owner(
-        self, session: AsyncSession, tenant: str | None, run_id: str
-    ) -> tuple[str, str]:
-        """(tenant, traceparent) of a run that exists and `tenant` may see."""
+        self, session: AsyncSession, tenant: str | None, run_id: str, *, lock: bool = False
+    ) -> tuple[str, str, RunState]:
+        """(tenant, traceparent, state) of a run that exists and `tenant` may see.
+        With `lock`, read under the row lock of the job or workflow (PostgreSQL;
+        SQLite's one writer needs none), taken in the order transitions take it."""
         kind = run_kind(run_id)
         if kind == "job":
-            job = await job_store.get_job(session, run_id, tenant)
+            job = await job_store.get_job(session, run_id, tenant, for_update=lock)
             if job is not None and job.workflow_id:
                 raise NotFound(
                     f"job {run_id!r} is a step of workflow {job.workflow_id!r}; "
@@ -282,11 +302,14 @@ class Trace:
                     metadata={"run_id": run_id, "workflow_id": job.workflow_id},
                 )
             if job is not None:
-                return job.tenant, job.traceparent
+                return job.tenant, job.traceparent, job.state
         elif kind == "workflow":
+            if lock:
+                await job_store.lock_workflow(session, run_id)
             row = await job_store.get_workflow_row(session, run_id, tenant)
             if row is not None:
-                return row.tenant, await job_store.workflow_traceparent(session, run_id)
+                traceparent = await job_store.workflow_traceparent(session, run_id)
+                return row.tenant, traceparent, RunState(row.state)
         raise NotFound(
             f"run {run_id!r} not found", reason="RUN_NOT_FOUND", metadata={"run_id": run_id}
         )
@@ -339,7 +362,7 @@ class Trace:
             assert job is not None
             return RunStatus(
                 run_id=run_id,
-                state=job.state,
+                state=_run_state(job.state, job.attempt),
                 started_us=job.started_us,
                 updated_us=job.updated_us,
                 completed_us=job.completed_us,
@@ -403,7 +426,12 @@ class Trace:
                 while True:
                     woke = await self._wait(sub.wakeup)
                     if self.stopping.is_set():
-                        return
+                        # Not an empty OK: the run goes on, the reader must resume.
+                        raise Unavailable(
+                            "server shutting down; resume from your cursor",
+                            reason="SHUTTING_DOWN",
+                            metadata={"run_id": run_id, "cursor": self._cursor(run_id, last)},
+                        )
                     if not woke:
                         yield StreamItem(self._cursor(run_id, last), keepalive_us=now_us())
                         continue
@@ -477,6 +505,14 @@ class Trace:
 
 
 _FAILED = frozenset({RunState.FAILED, RunState.TIMED_OUT, RunState.TERMINATED, RunState.CANCELLED})
+
+
+def _run_state(job_state: RunState, attempt: int) -> RunState:
+    """A standalone job's state as its run's: once an attempt has started, the
+    run stays RUNNING while the job waits (QUEUED) for its next attempt."""
+    if job_state == RunState.QUEUED and attempt > 0:
+        return RunState.RUNNING
+    return job_state
 
 
 def _check_filter(v: Violations, flt: EventFilter) -> None:

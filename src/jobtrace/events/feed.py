@@ -74,6 +74,10 @@ class JobFeed:
                 sub.overflowed = True
                 sub.wakeup.set()
 
+    def poke_all(self) -> None:
+        """Notices may have been lost: every watcher re-reads the database."""
+        self.poke(*self._subs)
+
     @property
     def subscriber_count(self) -> int:
         return sum(len(s) for s in self._subs.values())

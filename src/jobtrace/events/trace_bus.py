@@ -83,6 +83,11 @@ class TraceBus:
             sub.run_ended = sub.run_ended or run_ended
             sub.wakeup.set()
 
+    def poke_all(self) -> None:
+        """Notices may have been lost: every subscriber catches up from the database."""
+        for run_id in list(self._subs):
+            self.poke(run_id)
+
     @property
     def subscriber_count(self) -> int:
         return sum(len(s) for s in self._subs.values())

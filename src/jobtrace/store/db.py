@@ -18,6 +18,7 @@ from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -63,9 +64,10 @@ class _Pending(Generic[T]):
 class Database:
     """One database: a read engine, a write engine and a group-commit writer.
 
-    Writes are queued; one writer task takes whatever is waiting, runs each
-    operation in its own savepoint inside one transaction and commits once, so
-    throughput is bound by the CPU rather than by one fsync per request. A
+    Writes are queued; one writer task takes whatever is waiting, runs every
+    operation in one transaction and commits once, so throughput is bound by the
+    CPU rather than by one fsync per request (an operation that raises is
+    isolated by running the batch again with savepoints: `_commit_batch`). A
     caller's future resolves only after the commit: acknowledged means durable.
     """
 
@@ -86,6 +88,9 @@ class Database:
         self.on_batch: Callable[[int], None] | None = None
         self.replica_id = os.urandom(6).hex()
         self._listener: Any = None
+        self._listening: asyncio.Task[None] | None = None
+        self._on_notices: Callable[[list[dict[str, Any]]], None] | None = None
+        self._on_restored: Callable[[], None] | None = None
 
     @property
     def is_sqlite(self) -> bool:
@@ -146,26 +151,58 @@ class Database:
 
     async def _commit_batch(self, batch: list[_Pending[Any]]) -> None:
         """Fast path: every operation of the batch in one transaction, no
-        savepoints. If one raises, nothing of the batch is kept: each operation
-        is then run again in a transaction of its own, so one caller's error
-        never costs another caller its write."""
+        savepoints. If one raises, nothing of the batch is kept, and the batch
+        runs once more in one transaction with each operation in a savepoint of
+        its own: only the operations that raise are rolled back (their hooks and
+        notices dropped), the others commit together. Only if that commit fails
+        does each operation run in a transaction of its own. One caller's error
+        never costs another caller its write, nor the batch one fsync per op."""
         try:
             outcomes = await self._run_batch(batch)
         except _BatchFailed:
-            for item in batch:
-                item.tx = Tx()
-                try:
-                    outcomes = await self._run_batch([item])
-                except _BatchFailed as failed:
-                    outcomes = [(False, failed.error)]
-                except Exception as exc:  # the commit itself failed: nothing stored
-                    outcomes = [(False, exc)]
-                self._settle([item], outcomes)
-            return
+            pass
         except Exception as exc:  # the commit itself failed: nothing was stored
             self._settle(batch, [(False, exc)] * len(batch))
             return
-        self._settle(batch, outcomes)
+        else:
+            self._settle(batch, outcomes)
+            return
+        for item in batch:
+            item.tx = Tx()
+        try:
+            outcomes = await self._run_isolated(batch)
+        except _CommitFailed as failed:
+            if _outcome_unknown(failed.error):
+                # The connection went away during COMMIT: the batch may or may
+                # not be stored, so running it again could apply it twice.
+                self._settle(batch, [(False, failed.error)] * len(batch))
+                return
+            log.warning("group commit with savepoints failed; committing one by one")
+            await self._one_by_one(batch)
+            return
+        except Exception:  # rolled back before any commit: safe to run again
+            log.warning("group commit with savepoints failed; committing one by one", exc_info=True)
+            await self._one_by_one(batch)
+            return
+        # A database error (a deadlock with another replica, say) is no answer
+        # to give a caller: that operation gets one more try on its own.
+        again = {
+            i for i, (ok, error) in enumerate(outcomes) if not ok and isinstance(error, DBAPIError)
+        }
+        settled = [i for i in range(len(batch)) if i not in again]
+        self._settle([batch[i] for i in settled], [outcomes[i] for i in settled])
+        await self._one_by_one([batch[i] for i in sorted(again)])
+
+    async def _one_by_one(self, items: list[_Pending[Any]]) -> None:
+        for item in items:
+            item.tx = Tx()
+            try:
+                outcomes = await self._run_batch([item])
+            except _BatchFailed as op_failed:
+                outcomes = [(False, op_failed.error)]
+            except Exception as exc:  # the commit itself failed: nothing stored
+                outcomes = [(False, exc)]
+            self._settle([item], outcomes)
 
     async def _run_batch(self, batch: list[_Pending[Any]]) -> list[tuple[bool, Any]]:
         assert self._writes is not None
@@ -178,11 +215,46 @@ class Database:
                     raise _BatchFailed(exc) from exc
             if not self.is_sqlite:
                 await self._send_notices(session, [n for i in batch for n in i.tx._notices])
-        self.batches_committed += 1
-        self.ops_committed += len(batch)
-        if self.on_batch is not None:
-            self.on_batch(len(batch))
+        self._committed(len(batch))
         return outcomes
+
+    async def _run_isolated(self, batch: list[_Pending[Any]]) -> list[tuple[bool, Any]]:
+        """The batch in one transaction, each operation in its own savepoint."""
+        assert self._writes is not None
+        outcomes: list[tuple[bool, Any]] = []
+        committing = False
+        async with self._writes() as session:
+            try:
+                async with session.begin():
+                    for item in batch:
+                        savepoint = await session.begin_nested()
+                        try:
+                            result = await item.op(session, item.tx)
+                        except Exception as exc:
+                            # Its error is its caller's answer; a failure to roll
+                            # back the savepoint is the batch's (and propagates).
+                            await savepoint.rollback()
+                            item.tx = Tx()
+                            outcomes.append((False, exc))
+                        else:
+                            await savepoint.commit()
+                            outcomes.append((True, result))
+                    if not self.is_sqlite:
+                        notices = [n for i in batch for n in i.tx._notices]
+                        await self._send_notices(session, notices)
+                    committing = True  # what raises from here on is COMMIT
+            except Exception as exc:
+                if committing:
+                    raise _CommitFailed(exc) from exc
+                raise
+        self._committed(sum(1 for ok, _ in outcomes if ok))
+        return outcomes
+
+    def _committed(self, ops: int) -> None:
+        self.batches_committed += 1
+        self.ops_committed += ops
+        if self.on_batch is not None:
+            self.on_batch(ops)
 
     def _settle(self, batch: list[_Pending[Any]], outcomes: list[tuple[bool, Any]]) -> None:
         for item, (ok, value) in zip(batch, outcomes, strict=True):
@@ -216,40 +288,148 @@ class Database:
                 chunk.append(notice)
                 size += len(text)
 
-    async def listen(self, on_notices: Callable[[list[dict[str, Any]]], None]) -> None:
-        """Receive the other replicas' notices (PostgreSQL LISTEN); a no-op on SQLite."""
+    async def listen(
+        self,
+        on_notices: Callable[[list[dict[str, Any]]], None],
+        on_restored: Callable[[], None] | None = None,
+    ) -> None:
+        """Receive the other replicas' notices (PostgreSQL LISTEN); a no-op on SQLite.
+
+        The first connection must succeed. A connection lost later (a database
+        restart, pg_terminate_backend, a half-open socket that stops answering
+        the probe) is re-established with backoff, and then `on_restored` runs:
+        notices sent meanwhile are gone, so whoever waits for them must catch
+        up from the database."""
         if self.is_sqlite:
             return
+        self._on_notices = on_notices
+        self._on_restored = on_restored
+        conn, lost = await self._open_listener()
+        self._listener = conn
+        self._listening = asyncio.create_task(
+            self._keep_listening(conn, lost), name="jobtrace-listener"
+        )
+
+    def _received(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            log.warning("ignoring a malformed notice")
+            return
+        if doc.get("r") != self.replica_id and self._on_notices is not None:
+            self._on_notices(doc.get("n", []))
+
+    async def _open_listener(self) -> tuple[Any, asyncio.Event]:
         import asyncpg
 
         dsn = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+        conn = await asyncpg.connect(
+            dsn, server_settings={"application_name": LISTENER_APPLICATION_NAME}
+        )
+        lost = asyncio.Event()
+        try:
+            conn.add_termination_listener(lambda _conn: lost.set())
+            await conn.add_listener(NOTIFY_CHANNEL, self._received)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn, lost
 
-        def received(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
-            try:
-                doc = json.loads(payload)
-            except ValueError:
-                log.warning("ignoring a malformed notice")
+    async def _keep_listening(self, conn: Any, lost: asyncio.Event) -> None:
+        while True:
+            await self._until_lost(conn, lost)
+            log.warning("the LISTEN connection was lost; reconnecting")
+            conn.terminate()
+            self._listener = None
+            delay = LISTEN_RETRY_INITIAL_S
+            while True:
+                # A pause before each attempt: right after a database restart
+                # an immediate attempt mostly fails.
+                await asyncio.sleep(delay)
+                try:
+                    conn, lost = await self._open_listener()
+                    break
+                except Exception as exc:  # keep trying: a replica without LISTEN goes stale
+                    delay = min(delay * 2, LISTEN_RETRY_MAX_S)
+                    log.warning(
+                        "LISTEN reconnect failed (%s); next try in %.1fs",
+                        exc,
+                        delay,
+                        exc_info=not isinstance(exc, _connection_errors()),
+                    )
+            self._listener = conn
+            log.info("LISTEN re-established; local streams and the dispatcher catch up")
+            if self._on_restored is not None:
+                try:
+                    self._on_restored()
+                except Exception:
+                    log.exception("catching up after LISTEN was re-established failed")
+
+    async def _until_lost(self, conn: Any, lost: asyncio.Event) -> None:
+        """Return once the connection is closed, or stops answering a probe."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LISTEN_PROBE_EVERY_S):
+                    await lost.wait()
                 return
-            if doc.get("r") != self.replica_id:
-                on_notices(doc.get("n", []))
-
-        self._listener = await asyncpg.connect(dsn)
-        await self._listener.add_listener(NOTIFY_CHANNEL, received)
+            try:
+                async with asyncio.timeout(LISTEN_PROBE_TIMEOUT_S):
+                    await conn.fetchval("SELECT 1")
+            except _connection_errors() as exc:
+                log.warning("the LISTEN connection does not answer (%s)", exc)
+                return
 
     async def _close_listener(self) -> None:
+        if self._listening is not None:
+            self._listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listening
+            self._listening = None
         if self._listener is not None:
             with contextlib.suppress(Exception):
-                await self._listener.close()
+                await self._listener.close(timeout=5)
             self._listener = None
 
 
+def _connection_errors() -> tuple[type[Exception], ...]:
+    """What connecting, or using, a connection that failed or went away raises."""
+    import asyncpg
+
+    return (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
 class _BatchFailed(Exception):
+    """An operation of the batch raised `error`; the transaction was rolled back."""
+
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
 
 
+class _CommitFailed(Exception):
+    """COMMIT itself raised `error`."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _outcome_unknown(error: Exception) -> bool:
+    """Whether a failed COMMIT may nevertheless have committed: the connection
+    was lost (rather than the database refusing, e.g. a deferred constraint)."""
+    if isinstance(error, DBAPIError):
+        return bool(error.connection_invalidated)
+    return isinstance(error, OSError)
+
+
 NOTIFY_CHANNEL = "jobtrace"
+# The LISTEN connection's application_name (pg_stat_activity shows it).
+LISTENER_APPLICATION_NAME = "jobtrace-listener"
+LISTEN_RETRY_INITIAL_S = 0.1
+LISTEN_RETRY_MAX_S = 5.0
+# A half-open connection never reports its loss: probe it this often.
+LISTEN_PROBE_EVERY_S = 15.0
+LISTEN_PROBE_TIMEOUT_S = 10.0
 MIGRATION_LOCK = 0x6A6F6274  # "jobt"
 
 
