@@ -604,7 +604,11 @@ async def test_worker_annotations_are_committed_with_the_failure(harness: Harnes
     await raw.close()
 
 
-async def test_annotations_of_an_attempt_that_never_reported_are_dropped(harness: Harness) -> None:
+async def test_annotations_of_an_attempt_whose_stream_was_lost_persist_with_its_failure(
+    harness: Harness,
+) -> None:
+    """Acknowledged means stored: annotations sent before the stream was lost are
+    not dropped but written with the attempt's failure (lease lost)."""
     api = harness.stubs()
     raw = RawWorker(api)
     await raw.hello("w1", ["svc"])
@@ -620,9 +624,17 @@ async def test_annotations_of_an_attempt_that_never_reported_are_dropped(harness
         )
     )
     await raw.expect("ack")
+    assert await listed(api, job.id) == [], "invisible while the attempt runs"
     await raw.close()
     await wait_for(lambda: _state(api, job.id, c.RUN_STATE_FAILED))
-    assert await listed(api, job.id) == []
+    page = await api.attest.ListAnnotations(a.ListAnnotationsRequest(run_id=job.id))
+    (note,) = page.annotations
+    assert (note.key, note.job_id, note.attempt) == ("decision.outcome", job.id, 1)
+    assert note.scope == c.ANNOTATION_SCOPE_ATTEMPT and note.actor.id == "w1"
+    failure = await api.attest.GetAttestation(
+        a.GetAttestationRequest(key=f"worker-failure:{job.id}:1")
+    )
+    assert failure.attestation.data["error"]["code"] == "LEASE_EXPIRED"
 
 
 # --- audit: keys, encoding, sanitising, malformed rows, timestamps -----------------

@@ -18,9 +18,9 @@ from .conftest import Stubs, wait_for
 class RawWorker:
     """Drives WorkerService.Connect message by message."""
 
-    def __init__(self, stubs: Stubs) -> None:
+    def __init__(self, stubs: Stubs, metadata: Any = None) -> None:
         self._out: asyncio.Queue[w.ConnectRequest | None] = asyncio.Queue()
-        self.call = stubs.workers.Connect(self._requests())
+        self.call = stubs.workers.Connect(self._requests(), metadata=metadata)
         self._next = 0
         self._stash: list[w.ConnectResponse] = []
 

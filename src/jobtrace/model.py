@@ -106,6 +106,8 @@ class Job:
     next_attempt_us: int = 0
     traceparent: str = ""
     seq: int = 0
+    # The worker session (stream) holding the current lease, if any.
+    lease_session: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,7 +58,9 @@ class ConnectRequest(_message.Message):
 
     @_builtins.property
     def annotate(self) -> Global___AnnotationReport:
-        """Annotations of a held job, written with the attempt's completion or failure."""
+        """Annotations of a held job, stored when acknowledged, visible once the
+        attempt ends.
+        """
 
     @_builtins.property
     def complete(self) -> Global___CompleteReport:
@@ -137,16 +139,21 @@ class WorkerHello(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Optional. Free labels describing the worker."""
+        """Optional. Free labels describing the worker; at most 64, keys 1-128
+        characters, values at most 256 characters.
+        """
 
     @_builtins.property
     def affinity_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional. Affinity keys this worker has cached; at most 1,000."""
+        """Optional. Affinity keys this worker has cached; at most 1,000, each 1-256
+        characters.
+        """
 
     @_builtins.property
     def running(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobAttempt]:
         """Optional. Jobs still running in this process after a reconnect; the server
-        resumes the leases it still holds for them and revokes the rest.
+        resumes the leases it still holds for them and revokes the rest; at most
+        1,000 entries.
         """
 
     def __init__(
@@ -215,7 +222,10 @@ class WorkerHeartbeat(_message.Message):
 
     @_builtins.property
     def affinity_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional. Replaces the worker's cached affinity keys when non-empty."""
+        """Optional. Replaces the worker's cached affinity keys when non-empty; at
+        most 1,000, each 1-256 characters. A heartbeat refused for its keys renews
+        nothing.
+        """
 
     def __init__(
         self,
@@ -281,7 +291,10 @@ class TraceReport(_message.Message):
     """Required. The attempt from the assignment."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TraceEvent]:
-        """Required. 1 to 1,000 events; event_key is optional here."""
+        """Required. 1 to 1,000 events; event_key is optional here. An event whose
+        key the run already has is not stored again, so a resent report is
+        idempotent.
+        """
 
     def __init__(
         self,
@@ -300,8 +313,10 @@ Global___TraceReport: _TypeAlias = TraceReport  # noqa: Y015
 
 @_typing.final
 class AnnotationReport(_message.Message):
-    """Annotations of a held job; buffered and written atomically with the
-    attempt's completion or failure.
+    """Annotations of a held job: stored before they are acknowledged, invisible
+    while the attempt runs, and made visible, with the attempt number, in the
+    transaction that ends the attempt (completion, failure, lost or expired
+    lease, timeout or cancel).
     """
 
     DESCRIPTOR: _descriptor.Descriptor

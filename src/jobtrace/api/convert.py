@@ -263,7 +263,6 @@ def hello_from_proto(p: Any, principal: Any) -> Any:
 
 
 def outgoing_to_proto(message: Any) -> Any:
-    from jobtrace.api.errors import status_code
     from jobtrace.domain import scheduler as sch
     from jobtrace.pb import worker_service_pb2 as w
 
@@ -305,7 +304,7 @@ def outgoing_to_proto(message: Any) -> Any:
                 message_kind=message.kind,
                 job_id=message.job_id,
                 attempt=message.attempt,
-                code=status_code(message.error).value[0],
+                code=_stream_code(message.error),
                 reason=message.error.reason,
                 message=message.error.message,
                 fatal=message.fatal,
@@ -326,6 +325,19 @@ def outgoing_to_proto(message: Any) -> Any:
             drain=w.Drain(reason=message.reason, grace=ms_to_duration(message.grace_ms))
         )
     raise TypeError(f"no conversion for {type(message).__name__}")
+
+
+def _stream_code(error: Any) -> int:
+    """The google.rpc.Code of a refusal on the worker stream. INTERNAL answers
+    only the stream's catch-all, so the shared mapping does not know it."""
+    import grpc
+
+    from jobtrace.api.errors import status_code
+    from jobtrace.domain.errors import Internal
+
+    if isinstance(error, Internal):
+        return int(grpc.StatusCode.INTERNAL.value[0])
+    return int(status_code(error).value[0])
 
 
 # --- trace ------------------------------------------------------------------------

@@ -14,12 +14,14 @@ from jobtrace.api import convert
 from jobtrace.api.errors import to_status
 from jobtrace.api.handlers import MalformedRequest
 from jobtrace.api.limits import StreamLimiter
+from jobtrace.api.wellformed import check_request
 from jobtrace.auth import Authenticator, Role
 from jobtrace.domain import scheduler as sch
-from jobtrace.domain.errors import DomainError, FailedPrecondition, Invalid
+from jobtrace.domain.errors import DomainError, FailedPrecondition, Internal, Invalid, Unavailable
 from jobtrace.model import Failure
 from jobtrace.pb import worker_service_pb2 as pb
 from jobtrace.pb import worker_service_pb2_grpc as pb_grpc
+from jobtrace.store.errors import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +68,13 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             return
         hello = convert.hello_from_proto(first.hello, principal)
         try:
+            check_request(first)
             session, welcome = await self._scheduler.open_session(hello)
         except DomainError as exc:
             yield convert.outgoing_to_proto(refused(first, exc, fatal=True))
+            return
+        except Exception as exc:
+            yield convert.outgoing_to_proto(unexpected(hello.worker_id, first, exc, fatal=True))
             return
         yield convert.outgoing_to_proto(welcome)
         reader = asyncio.create_task(self._read(request_iterator, session))
@@ -134,9 +140,12 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             if after is not None:
                 await asyncio.wait({after})
             try:
+                check_request(message)
                 reply = await self._handle(session, message)
             except DomainError as exc:
                 reply = refused(message, exc)
+            except Exception as exc:  # a fault of ours: answered, logged, stream kept
+                reply = unexpected(session.worker_id, message, exc)
             if reply is not None:
                 await session.send_reply(reply)
         finally:
@@ -201,6 +210,31 @@ def _worker_actor(worker_id: str) -> Any:
     from jobtrace.pb import common_pb2
 
     return common_pb2.Actor(kind=common_pb2.ACTOR_KIND_WORKER, id=worker_id)
+
+
+def unexpected(
+    worker_id: str, message: pb.ConnectRequest, exc: Exception, fatal: bool = False
+) -> sch.Refused:
+    """The answer to a message whose handling failed for a reason of the server's:
+    UNAVAILABLE when storage failed (nothing was stored; the worker sends it
+    again), INTERNAL otherwise. The worker is never left waiting."""
+    kind = message.WhichOneof("kind") or ""
+    log.error(
+        "worker %s: handling %s failed",
+        worker_id,
+        kind or "a message",
+        exc_info=exc,
+        extra={"worker_id": worker_id, "message_kind": kind},
+    )
+    error: DomainError
+    if is_transient(exc):
+        error = Unavailable(
+            "storage is unavailable; nothing was stored, send the message again",
+            reason="STORAGE_UNAVAILABLE",
+        )
+    else:
+        error = Internal(f"internal error ({type(exc).__name__}); see the server log")
+    return refused(message, error, fatal)
 
 
 def refused(message: pb.ConnectRequest, exc: DomainError, fatal: bool = False) -> sch.Refused:

@@ -28,7 +28,7 @@ from jobtrace.store.db import Database, Tx
 if TYPE_CHECKING:
     from jobtrace.domain.trace import Trace
 
-KEY_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
+KEY_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
 MAX_KEY = 256
 MAX_ATTRIBUTES = 64
 MAX_ANNOTATION_PAYLOAD = 64 * 1024

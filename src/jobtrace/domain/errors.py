@@ -68,6 +68,13 @@ class Unavailable(DomainError):
     reason = "UNAVAILABLE"
 
 
+class Internal(DomainError):
+    """A fault of the server, not of the caller: never raised by a rule, only
+    used to answer a message whose handling failed unexpectedly."""
+
+    reason = "INTERNAL"
+
+
 class DataLoss(DomainError):
     """Stored data that no longer decodes: edited or corrupted outside jobtrace."""
 

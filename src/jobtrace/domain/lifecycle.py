@@ -35,8 +35,15 @@ WORKFLOW_NODE = "workflow"
 
 
 async def set_job(session: AsyncSession, job: Job, **changes: object) -> Job:
-    """Write the changed fields of a job and return the new record."""
+    """Write the changed fields of a job and return the new record.
+
+    Every transition out of RUNNING ends the current attempt, whatever ends it
+    (completion, failure, lost or expired lease, timeout, cancel of the job or
+    its workflow): the annotations its worker sent become visible in the same
+    transaction."""
     new = replace(job, **changes)  # type: ignore[arg-type]
+    if job.state == RunState.RUNNING and new.state != RunState.RUNNING:
+        await store.publish_annotations(session, job.id, job.attempt)
     values: dict[str, object] = {}
     for name, value in changes.items():
         if name == "state":

@@ -26,11 +26,19 @@ from jobtrace.domain.errors import (
 )
 from jobtrace.domain.jobs import Jobs
 from jobtrace.domain.trace import EventInput, check_event, check_sizes
-from jobtrace.domain.validation import SERVICE_RE, check_affinity, check_size, check_text
+from jobtrace.domain.validation import (
+    MAX_CONCURRENCY,
+    MAX_WORKER_AFFINITY_KEYS,
+    SERVICE_RE,
+    check_affinity,
+    check_id,
+    check_size,
+    check_text,
+    check_worker_labels,
+)
 from jobtrace.ids import new_id
 from jobtrace.model import (
     JSON,
-    Annotation,
     AnnotationInput,
     AnnotationScope,
     Failure,
@@ -38,12 +46,13 @@ from jobtrace.model import (
     RunState,
 )
 from jobtrace.store import jobs as store
+from jobtrace.store import trace as trace_store
 from jobtrace.store.db import Database, Tx
 
 log = logging.getLogger(__name__)
 
 OUTBOX_HIGH_WATER = 1024
-MAX_BUFFERED_ANNOTATIONS = 1000
+MAX_ATTEMPT_ANNOTATIONS = 1000
 
 
 # --- messages to a worker (the api turns them into ConnectResponse) -----------
@@ -129,8 +138,6 @@ class WorkerSession:
     labels: dict[str, str]
     tenants: frozenset[str] | None = None  # whose jobs it may run; None: any
     held: dict[str, int] = field(default_factory=dict)  # job id -> attempt
-    # Annotations sent for a held attempt, written with its completion or failure.
-    pending_annotations: dict[tuple[str, int], list[Annotation]] = field(default_factory=dict)
     last_heartbeat_us: int = 0
     draining: bool = False
     closed: bool = False
@@ -176,9 +183,18 @@ class WorkerSession:
         return message
 
 
-def fence(job: Job | None, job_id: str, worker_id: str, attempt: int, kind: str) -> Job:
-    """The job a report is about, if the reporter holds its current lease."""
-    if job is None:
+def fence(
+    job: Job | None,
+    job_id: str,
+    worker_id: str,
+    attempt: int,
+    kind: str,
+    tenants: frozenset[str] | None = None,
+) -> Job:
+    """The job a report is about, if the reporter holds its current lease. A job
+    of a tenant the worker may not serve does not exist for it (nothing about
+    it, not even its attempt, is told)."""
+    if job is None or (tenants is not None and job.tenant not in tenants):
         raise NotFound(f"unknown job {job_id!r}", reason="UNKNOWN_JOB", metadata={"job_id": job_id})
     meta = {"job_id": job_id, "attempt": str(attempt), "current_attempt": str(job.attempt)}
     if attempt < job.attempt:
@@ -280,19 +296,22 @@ class Scheduler:
                 v.add(f"hello.services[{i}]", "must be 1-128 characters of [A-Za-z0-9._:/-]")
             elif hello.allowed_services is not None and service not in hello.allowed_services:
                 v.add(f"hello.services[{i}]", f"this worker may not serve {service!r}")
-        if not 0 <= hello.max_concurrency <= 1000:
-            v.add("hello.max_concurrency", "must be between 1 and 1000 (0 means 1)")
-        if len(hello.affinity_keys) > 1000:
-            v.add("hello.affinity_keys", "at most 1000 keys")
+        if not 0 <= hello.max_concurrency <= MAX_CONCURRENCY:
+            v.add("hello.max_concurrency", f"must be between 1 and {MAX_CONCURRENCY} (0 means 1)")
+        check_worker_labels(v, "hello.labels", hello.labels)
+        check_affinity(v, "hello.affinity_keys", hello.affinity_keys, MAX_WORKER_AFFINITY_KEYS)
+        if len(hello.running) > MAX_CONCURRENCY:
+            v.add("hello.running", f"at most {MAX_CONCURRENCY} jobs (got {len(hello.running)})")
+        else:
+            for i, (job_id, attempt) in enumerate(hello.running):
+                check_id(v, f"hello.running[{i}].job_id", job_id)
+                if attempt < 1:
+                    v.add(f"hello.running[{i}].attempt", "must be an attempt number (1 or more)")
         v.raise_if_any()
         if self._draining:
             raise FailedPrecondition("server is shutting down", reason="DRAINING")
 
-        previous = self.sessions.get(hello.worker_id)
-        if previous is not None:
-            # A proxy may keep a dead stream open: the new stream wins, and the
-            # leases it claims in hello are resumed, not released.
-            previous.close("replaced by a new session of the same worker")
+        running = dict(hello.running)
         session = WorkerSession(
             worker_id=hello.worker_id,
             session_id=new_id("ses"),
@@ -302,9 +321,22 @@ class Scheduler:
             labels=dict(hello.labels),
             tenants=hello.allowed_tenants,
             last_heartbeat_us=now_us(),
+            # The claimed jobs take their slots while their leases are checked.
+            held=dict(running),
         )
-        resumed, revoked = await self._resume(session, dict(hello.running))
+        # The new stream takes over before anything is awaited: once the old
+        # one is closed, its end must find it replaced and keep the leases this
+        # hello resumes (a proxy may keep a dead stream open meanwhile).
+        previous = self.sessions.get(hello.worker_id)
         self.sessions[hello.worker_id] = session
+        if previous is not None:
+            previous.close("replaced by a new session of the same worker")
+        try:
+            resumed, revoked = await self._resume(session, running)
+        except BaseException:
+            session.close("hello failed")
+            await self.close_session(session, lost=True)
+            raise
         self.wake()
         log.info(
             "worker connected",
@@ -322,12 +354,17 @@ class Scheduler:
     async def _resume(
         self, session: WorkerSession, running: dict[str, int]
     ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """Take over the leases hello claims that this worker still holds (the
+        new session becomes their holder, in the database too, so the end of
+        an older stream, here or on another replica, cannot give them back)."""
         if not running:
             return [], []
         deadline = now_us() + self.lease_ms * 1000
 
         async def op(db: AsyncSession, tx: Tx) -> list[Job]:
-            return await store.extend_leases(db, session.worker_id, running, deadline)
+            return await store.extend_leases(
+                db, session.worker_id, running, deadline, session_id=session.session_id
+            )
 
         current = {j.id: j for j in await self._db.write(op)}
         resumed, revoked = [], []
@@ -338,10 +375,13 @@ class Scheduler:
                 and job.state == RunState.RUNNING
                 and job.worker_id == session.worker_id
                 and job.attempt == attempt
+                and job.lease_session == session.session_id
+                # A cancel that committed meanwhile has already taken it back.
+                and session.held.get(job_id) == attempt
             ):
-                session.held[job_id] = attempt
                 resumed.append((job_id, attempt))
             else:
+                session.held.pop(job_id, None)
                 revoked.append((job_id, attempt))
         return resumed, revoked
 
@@ -361,12 +401,15 @@ class Scheduler:
         if self.sessions.get(session.worker_id) is session:
             del self.sessions[session.worker_id]
         replaced = session.worker_id in self.sessions
-        if lost and not self._draining and not replaced and session.held:
-            await self._release(session.worker_id, dict(session.held), "worker stream lost")
+        held = dict(session.held)
         session.held.clear()
+        if lost and not self._draining and not replaced and held:
+            await self._release(session, held, "worker stream lost")
         self.wake()
 
-    async def _release(self, worker_id: str, held: dict[str, int], details: str) -> None:
+    async def _release(self, session: WorkerSession, held: dict[str, int], details: str) -> None:
+        """Give back the leases of these attempts that this session still holds."""
+
         async def op(db: AsyncSession, tx: Tx) -> None:
             now = now_us()
             changed: list[Job] = []
@@ -375,8 +418,9 @@ class Scheduler:
                 if (
                     job is not None
                     and job.state == RunState.RUNNING
-                    and job.worker_id == worker_id
+                    and job.worker_id == session.worker_id
                     and job.attempt == attempt
+                    and job.lease_session == session.session_id
                 ):
                     changed += await self._lease_lost(db, tx, job, details, now)
             self._jobs.notify(tx, changed)
@@ -413,12 +457,15 @@ class Scheduler:
         affinity_keys: tuple[str, ...],
         draining: bool = False,
     ) -> HeartbeatAcked:
+        # Check first: a refused heartbeat changes nothing, not even liveness
+        # (a session kept alive by heartbeats that renew no lease would hold
+        # its slots while its leases expire).
+        v = Violations()
+        check_affinity(v, "heartbeat.affinity_keys", affinity_keys, MAX_WORKER_AFFINITY_KEYS)
+        v.raise_if_any()
         session.last_heartbeat_us = now_us()
         session.draining = session.draining or draining
         if affinity_keys:
-            v = Violations()
-            check_affinity(v, "heartbeat.affinity_keys", affinity_keys[:1000])
-            v.raise_if_any()
             session.affinity_keys = frozenset(affinity_keys)
         deadline = session.last_heartbeat_us + self.lease_ms * 1000
         held = dict(session.held)
@@ -452,7 +499,12 @@ class Scheduler:
 
         async def op(db: AsyncSession, tx: Tx) -> None:
             job = fence(
-                await store.load_locked(db, job_id), job_id, session.worker_id, attempt, "progress"
+                await store.load_locked(db, job_id),
+                job_id,
+                session.worker_id,
+                attempt,
+                "progress",
+                session.tenants,
             )
             updated = await self._life.progress(db, tx, job, percent, message, now_us())
             self._jobs.notify(tx, [updated])
@@ -473,10 +525,12 @@ class Scheduler:
 
         async def op(db: AsyncSession, tx: Tx) -> None:
             job = fence(
-                await store.load_locked(db, job_id), job_id, session.worker_id, attempt, "complete"
-            )
-            await store.insert_annotations(
-                db, session.pending_annotations.get((job_id, attempt), [])
+                await store.load_locked(db, job_id),
+                job_id,
+                session.worker_id,
+                attempt,
+                "complete",
+                session.tenants,
             )
             self._jobs.notify(tx, await self._life.complete(db, tx, job, result, now_us()))
 
@@ -496,10 +550,12 @@ class Scheduler:
 
         async def op(db: AsyncSession, tx: Tx) -> None:
             job = fence(
-                await store.load_locked(db, job_id), job_id, session.worker_id, attempt, "fail"
-            )
-            await store.insert_annotations(
-                db, session.pending_annotations.get((job_id, attempt), [])
+                await store.load_locked(db, job_id),
+                job_id,
+                session.worker_id,
+                attempt,
+                "fail",
+                session.tenants,
             )
             changed = await self._life.fail_attempt(db, tx, job, failure, retryable, now_us())
             self._jobs.notify(tx, changed)
@@ -521,21 +577,40 @@ class Scheduler:
         check_sizes("trace.events", inputs)
 
         async def op(db: AsyncSession, tx: Tx) -> None:
+            # Under the job's lock: a cancel or timeout committing meanwhile
+            # either precedes this report (which is then refused) or follows
+            # it, so no event lands after the run's final one.
             job = fence(
-                await store.get_job(db, job_id), job_id, session.worker_id, attempt, "trace"
+                await store.load_locked(db, job_id),
+                job_id,
+                session.worker_id,
+                attempt,
+                "trace",
+                session.tenants,
             )
-            events = [
-                replace(
-                    item.event,
-                    run_id=lifecycle.run_of(job),
-                    node_id=item.event.node_id or lifecycle.node_of(job),
-                    job_id=job.id,
-                    attempt=job.attempt,
-                    worker_id=session.worker_id,
-                    traceparent=job.traceparent,
+            run_id = lifecycle.run_of(job)
+            # Keyed events are idempotent, as with AppendTraceEvents: a resent
+            # report stores each key once.
+            keys = [item.event.event_key for item in inputs if item.event.event_key]
+            seen = set(await trace_store.events_by_key(db, run_id, keys))
+            events = []
+            for item in inputs:
+                key = item.event.event_key
+                if key:
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                events.append(
+                    replace(
+                        item.event,
+                        run_id=run_id,
+                        node_id=item.event.node_id or lifecycle.node_of(job),
+                        job_id=job.id,
+                        attempt=job.attempt,
+                        worker_id=session.worker_id,
+                        traceparent=job.traceparent,
+                    )
                 )
-                for item in inputs
-            ]
             await self._life.trace.record(db, tx, job.tenant, events)
 
         await self._db.write(op)
@@ -548,33 +623,46 @@ class Scheduler:
         item: AnnotationInput,
         payload_bytes: int,
     ) -> None:
+        """Store annotations of a running attempt before acknowledging them:
+        durable at once, visible (see lifecycle.set_job) in the transaction that
+        ends the attempt, however it ends."""
         v = Violations()
         annotation_rules.check_input(v, "annotate", item, payload_bytes)
         v.raise_if_any()
-        async with self._db.read() as db:
+
+        async def op(db: AsyncSession, tx: Tx) -> None:
+            # Under the job's lock, so the attempt cannot end between the fence
+            # and the insert (which would leave the annotations pending forever).
             job = fence(
-                await store.get_job(db, job_id), job_id, session.worker_id, attempt, "annotate"
+                await store.load_locked(db, job_id),
+                job_id,
+                session.worker_id,
+                attempt,
+                "annotate",
+                session.tenants,
             )
-        buffered = session.pending_annotations.setdefault((job_id, attempt), [])
-        if len(buffered) + len(item.attributes) > MAX_BUFFERED_ANNOTATIONS:
-            raise ResourceExhausted(
-                f"at most {MAX_BUFFERED_ANNOTATIONS} annotations per attempt",
-                reason="TOO_MANY_ANNOTATIONS",
+            stored = await store.count_pending_annotations(db, job_id, attempt)
+            if stored + len(item.attributes) > MAX_ATTEMPT_ANNOTATIONS:
+                raise ResourceExhausted(
+                    f"at most {MAX_ATTEMPT_ANNOTATIONS} annotations per attempt",
+                    reason="TOO_MANY_ANNOTATIONS",
+                    metadata={"job_id": job_id, "attempt": str(attempt)},
+                )
+            annotations = annotation_rules.build(
+                item,
+                tenant=job.tenant,
+                run_id=lifecycle.run_of(job),
+                now_us=now_us(),
+                job_id=job_id,
+                attempt=attempt,
+                scope=AnnotationScope.ATTEMPT,
+                scope_id=job.step_name,
             )
-        buffered += annotation_rules.build(
-            item,
-            tenant=job.tenant,
-            run_id=lifecycle.run_of(job),
-            now_us=now_us(),
-            job_id=job_id,
-            attempt=attempt,
-            scope=AnnotationScope.ATTEMPT,
-            scope_id=job.step_name,
-        )
+            await store.insert_pending_annotations(db, annotations)
+
+        await self._db.write(op)
 
     def _release_slot(self, session: WorkerSession, job_id: str) -> None:
-        for key in [k for k in session.pending_annotations if k[0] == job_id]:
-            del session.pending_annotations[key]
         if session.held.pop(job_id, None) is not None:
             self.wake()
 
@@ -659,13 +747,13 @@ class Scheduler:
         return 0.0  # look again at once: more may have become eligible meanwhile
 
     async def _claim(self, plan: list[tuple[Job, WorkerSession]]) -> None:
-        lost: list[tuple[str, dict[str, int]]] = []
+        lost: list[tuple[WorkerSession, dict[str, int]]] = []
 
         def hand_over(assign: Assign, session: WorkerSession) -> None:
             # Runs right after the commit, in commit order: a cancel committed
             # later finds the job held and reaches the worker.
             if session.closed:
-                lost.append((session.worker_id, {assign.job.id: assign.job.attempt}))
+                lost.append((session, {assign.job.id: assign.job.attempt}))
                 return
             session.held[assign.job.id] = assign.job.attempt
             session.send(assign)
@@ -694,7 +782,9 @@ class Scheduler:
             for job, session in plan:
                 if session.closed or job.id not in free:
                     continue
-                if not await store.claim_job(db, job.id, session.worker_id, deadline, now):
+                if not await store.claim_job(
+                    db, job.id, session.worker_id, deadline, now, session.session_id
+                ):
                     continue
                 claimed = await store.get_job(db, job.id)
                 assert claimed is not None
@@ -706,9 +796,9 @@ class Scheduler:
             self._jobs.notify(tx, changed)
 
         await self._db.write(op)
-        for worker_id, held in lost:
+        for session, held in lost:
             # The stream ended while the claim committed: give the job back.
-            await self._release(worker_id, held, "worker stream lost before assignment")
+            await self._release(session, held, "worker stream lost before assignment")
 
     # --- supervision ---------------------------------------------------------
 

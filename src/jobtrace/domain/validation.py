@@ -17,6 +17,10 @@ MAX_LABELS = 64
 MAX_LABEL_VALUE = 256
 MAX_AFFINITY_KEYS = 32
 MAX_AFFINITY_KEY = 256
+# A worker may cache more keys than one job names (hello and heartbeat alike).
+MAX_WORKER_AFFINITY_KEYS = 1000
+MAX_WORKER_LABEL_KEY = 128
+MAX_CONCURRENCY = 1000
 MAX_PRIORITY = 1000
 DEFAULT_MAX_ATTEMPTS = 3
 MAX_ATTEMPTS = 100
@@ -58,6 +62,18 @@ def check_labels(v: Violations, field: str, labels: Mapping[str, str]) -> None:
             v.add(f"{field}[{key!r}]", "key must be 1-63 characters of [a-z0-9._/-]")
         if len(value) > MAX_LABEL_VALUE:
             v.add(f"{field}[{key!r}]", f"value must be at most {MAX_LABEL_VALUE} characters")
+
+
+def check_worker_labels(v: Violations, field: str, labels: Mapping[str, str]) -> None:
+    """Free-form labels a worker describes itself with: bounded, not patterned."""
+    if len(labels) > MAX_LABELS:
+        v.add(field, f"at most {MAX_LABELS} labels (got {len(labels)})")
+        return
+    for key, value in labels.items():
+        if not key or len(key) > MAX_WORKER_LABEL_KEY:
+            v.add(f"{field}[{key[:64]!r}]", f"key must be 1-{MAX_WORKER_LABEL_KEY} characters")
+        if len(value) > MAX_LABEL_VALUE:
+            v.add(f"{field}[{key[:64]!r}]", f"value must be at most {MAX_LABEL_VALUE} characters")
 
 
 def check_page_size(v: Violations, field: str, page_size: int) -> int:
@@ -113,9 +129,13 @@ def normalize_spec(
     )
 
 
-def check_affinity(v: Violations, field: str, keys: Sequence[str]) -> None:
-    if len(keys) > MAX_AFFINITY_KEYS:
-        v.add(field, f"at most {MAX_AFFINITY_KEYS} keys (got {len(keys)})")
+def check_affinity(
+    v: Violations, field: str, keys: Sequence[str], limit: int = MAX_AFFINITY_KEYS
+) -> None:
+    if len(keys) > limit:
+        # One violation, not one per key of a list that may be huge.
+        v.add(field, f"at most {limit} keys (got {len(keys)})")
+        return
     for i, key in enumerate(keys):
         if not key or len(key) > MAX_AFFINITY_KEY:
             v.add(f"{field}[{i}]", f"must be 1-{MAX_AFFINITY_KEY} characters")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -20,7 +20,14 @@ from jobtrace.model import (
     WorkflowStep,
 )
 from jobtrace.store import codec
-from jobtrace.store.tables import AnnotationRow, JobRow, Meta, Submission, WorkflowRow
+from jobtrace.store.tables import (
+    AnnotationRow,
+    JobRow,
+    Meta,
+    PendingAnnotationRow,
+    Submission,
+    WorkflowRow,
+)
 
 
 async def get_meta(session: AsyncSession, key: str) -> str | None:
@@ -96,6 +103,7 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         "result": None if job.result is None else codec.dumps(job.result),
         "failure": codec.failure_dumps(job.failure),
         "worker_id": job.worker_id,
+        "lease_session": job.lease_session,
         "lease_deadline_us": job.lease_deadline_us,
         "next_attempt_us": job.next_attempt_us,
         "traceparent": job.traceparent,
@@ -145,6 +153,7 @@ def job_from_row(row: JobRow) -> Job:
         next_attempt_us=row.next_attempt_us,
         traceparent=row.traceparent,
         seq=row.seq,
+        lease_session=row.lease_session,
     )
 
 
@@ -367,6 +376,58 @@ def annotation_values(a: Annotation) -> dict[str, Any]:
     }
 
 
+async def insert_pending_annotations(
+    session: AsyncSession, annotations: Sequence[Annotation]
+) -> None:
+    """Store a running attempt's annotations, invisible until the attempt ends."""
+    if annotations:
+        values = [annotation_values(a) for a in annotations]
+        await session.execute(insert(PendingAnnotationRow), values)
+
+
+async def count_pending_annotations(session: AsyncSession, job_id: str, attempt: int) -> int:
+    stmt = select(func.count()).where(
+        PendingAnnotationRow.job_id == job_id, PendingAnnotationRow.attempt == attempt
+    )
+    return int((await session.execute(stmt)).scalar() or 0)
+
+
+_ANNOTATION_COLUMNS = (
+    "id",
+    "tenant",
+    "run_id",
+    "job_id",
+    "attempt",
+    "scope",
+    "scope_id",
+    "actor_kind",
+    "actor_id",
+    "actor_version",
+    "key",
+    "value",
+    "payload",
+    "idempotency_key",
+    "created_us",
+)
+
+
+async def publish_annotations(session: AsyncSession, job_id: str, attempt: int) -> None:
+    """Make an ended attempt's annotations visible, in the caller's transaction.
+    They are moved, so they take their place (seq) in the run's annotations now,
+    after whatever a reader may already have paged past."""
+    pending = (
+        PendingAnnotationRow.job_id == job_id,
+        PendingAnnotationRow.attempt == attempt,
+    )
+    source = (
+        select(*(getattr(PendingAnnotationRow, c) for c in _ANNOTATION_COLUMNS))
+        .where(*pending)
+        .order_by(PendingAnnotationRow.seq)
+    )
+    await session.execute(insert(AnnotationRow).from_select(list(_ANNOTATION_COLUMNS), source))
+    await session.execute(delete(PendingAnnotationRow).where(*pending))
+
+
 def annotation_from_row(row: AnnotationRow) -> Annotation:
     return Annotation(
         id=row.id,
@@ -429,9 +490,14 @@ def _is_sqlite(session: AsyncSession) -> bool:
 
 
 async def claim_job(
-    session: AsyncSession, job_id: str, worker_id: str, lease_deadline_us: int, now: int
+    session: AsyncSession,
+    job_id: str,
+    worker_id: str,
+    lease_deadline_us: int,
+    now: int,
+    session_id: str = "",
 ) -> bool:
-    """Lease a QUEUED job to a worker: compare-and-set on the state, attempt + 1."""
+    """Lease a QUEUED job to a worker session: compare-and-set on the state, attempt + 1."""
     result = await session.execute(
         update(JobRow)
         .where(JobRow.id == job_id, JobRow.state == int(RunState.QUEUED))
@@ -439,6 +505,7 @@ async def claim_job(
             state=int(RunState.RUNNING),
             attempt=JobRow.attempt + 1,
             worker_id=worker_id,
+            lease_session=session_id,
             lease_deadline_us=lease_deadline_us,
             next_attempt_us=0,
             started_us=now,
@@ -451,21 +518,36 @@ async def claim_job(
 
 
 async def extend_leases(
-    session: AsyncSession, worker_id: str, attempts: dict[str, int], deadline_us: int
+    session: AsyncSession,
+    worker_id: str,
+    attempts: dict[str, int],
+    deadline_us: int,
+    *,
+    session_id: str = "",
 ) -> list[Job]:
-    """Renew the leases this worker still holds; return the current rows of all
-    the jobs asked about, so the caller can see which were taken away."""
+    """Renew the leases this worker still holds for exactly these attempts (a
+    lease of another attempt of the same job is left alone); with `session_id`,
+    that session takes the leases over. Return the current rows of all the jobs
+    asked about, so the caller can see which were taken away."""
     if not attempts:
         return []
-    await session.execute(
-        update(JobRow)
-        .where(
-            JobRow.id.in_(list(attempts)),
-            JobRow.worker_id == worker_id,
-            JobRow.state == int(RunState.RUNNING),
+    values: dict[str, Any] = {"lease_deadline_us": deadline_us}
+    if session_id:
+        values["lease_session"] = session_id
+    by_attempt: dict[int, list[str]] = {}
+    for job_id, attempt in attempts.items():
+        by_attempt.setdefault(attempt, []).append(job_id)
+    for attempt, job_ids in by_attempt.items():  # one statement per attempt number
+        await session.execute(
+            update(JobRow)
+            .where(
+                JobRow.id.in_(job_ids),
+                JobRow.attempt == attempt,
+                JobRow.worker_id == worker_id,
+                JobRow.state == int(RunState.RUNNING),
+            )
+            .values(**values)
         )
-        .values(lease_deadline_us=deadline_us)
-    )
     stmt = select(JobRow).where(JobRow.id.in_(list(attempts)))
     return [job_from_row(r) for r in (await session.execute(stmt)).scalars()]
 

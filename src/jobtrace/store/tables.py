@@ -86,6 +86,10 @@ class JobRow(Base):
     result: Mapped[str | None] = mapped_column(Text, nullable=True)
     failure: Mapped[str | None] = mapped_column(Text, nullable=True)
     worker_id: Mapped[str] = mapped_column(String(128), default="")
+    # The worker session (stream) that holds the lease: a stream that ended
+    # gives back only the leases it still holds, not those a newer stream of
+    # the same worker resumed (on this replica or another).
+    lease_session: Mapped[str] = mapped_column(String(64), default="")
     lease_deadline_us: Mapped[int] = mapped_column(BigInteger, default=0)
     next_attempt_us: Mapped[int] = mapped_column(BigInteger, default=0)
     traceparent: Mapped[str] = mapped_column(String(64), default="")
@@ -136,6 +140,35 @@ class AnnotationRow(Base):
             sqlite_where=text("idempotency_key <> ''"),
             postgresql_where=text("idempotency_key <> ''"),
         ),
+    )
+
+
+class PendingAnnotationRow(Base):
+    """Annotations a worker sent for the attempt it runs: stored (durable) when
+    acknowledged, invisible to every read, and moved into `annotations` in the
+    transaction that ends the attempt, however it ends."""
+
+    __tablename__ = "pending_annotations"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    run_id: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer)
+    scope: Mapped[int] = mapped_column(Integer)
+    scope_id: Mapped[str] = mapped_column(String(128), default="")
+    actor_kind: Mapped[int] = mapped_column(Integer)
+    actor_id: Mapped[str] = mapped_column(String(256))
+    actor_version: Mapped[str] = mapped_column(String(128), default="")
+    key: Mapped[str] = mapped_column(String(256))
+    value: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str | None] = mapped_column(Text, nullable=True)
+    idempotency_key: Mapped[str] = mapped_column(String(256), default="")
+    created_us: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        # Publishing (and counting) the annotations of one attempt.
+        Index("ix_pending_annotations_attempt", "job_id", "attempt", "seq"),
     )
 
 
