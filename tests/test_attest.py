@@ -1103,3 +1103,44 @@ async def test_attestations_carry_attempt_and_run_timestamps(harness: Harness) -
         data["started_at"] == ""
         and _us(data["completed_at"]) == stored.completed_at.ToMicroseconds()
     )
+
+
+async def test_an_annotation_event_never_follows_the_end_of_its_run(harness: Harness) -> None:
+    api = harness.stubs()
+    job = (
+        await api.jobs.SubmitJob(
+            j.SubmitJobRequest(request_id="ended", job=c.JobSpec(service="nobody"))
+        )
+    ).job
+
+    def attach(key: str, emit: bool) -> a.AttachAnnotationsRequest:
+        return a.AttachAnnotationsRequest(
+            run_id=job.id,
+            actor=actor(),
+            attributes={"review.note": value("ok")},
+            idempotency_key=key,
+            emit_event=emit,
+        )
+
+    before = await api.attest.AttachAnnotations(attach("before", True))
+    await api.jobs.CancelJob(j.CancelJobRequest(job_id=job.id))
+    events_at_end = (
+        await api.trace.ListTraceEvents(t.ListTraceEventsRequest(run_id=job.id))
+    ).events
+    _, info, _ = await expect_error(
+        api.attest.AttachAnnotations(attach("after", True)), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert info is not None and info.reason == "RUN_ENDED"
+    retried = await api.attest.AttachAnnotations(attach("before", True))
+    assert [x.id for x in retried.annotations] == [x.id for x in before.annotations]
+    quiet = await api.attest.AttachAnnotations(attach("quiet", False))
+    assert len(quiet.annotations) == 1, "annotating an ended run without an event is fine"
+    events = (await api.trace.ListTraceEvents(t.ListTraceEventsRequest(run_id=job.id))).events
+    assert events == events_at_end
+    keys = {
+        x.idempotency_key
+        for x in (
+            await api.attest.ListAnnotations(a.ListAnnotationsRequest(run_id=job.id))
+        ).annotations
+    }
+    assert keys == {"before", "quiet"}, "the refused attach stored nothing"

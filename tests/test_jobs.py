@@ -393,3 +393,39 @@ async def test_watch_ends_unavailable_when_the_server_shuts_down(harness: Harnes
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     await stopping
     harness.server = None
+
+
+@pytest.mark.parametrize(
+    ("failure", "code", "reason"),
+    [
+        ("programming", grpc.StatusCode.INTERNAL, "INTERNAL"),
+        ("connection", grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE"),
+    ],
+)
+async def test_an_unexpected_failure_is_answered_without_leaking_its_text(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, failure: str, code: grpc.StatusCode,
+    reason: str,
+) -> None:  # fmt: skip
+    from sqlalchemy import exc as sa_exc
+
+    api = harness.stubs()
+    assert harness.server is not None
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        secret = "SELECT secret_column FROM jobs"
+        if failure == "connection":
+            raise sa_exc.OperationalError(secret, {}, ConnectionResetError("reset"))
+        raise sa_exc.ProgrammingError(secret, {}, RuntimeError("syntax error"))
+
+    monkeypatch.setattr(harness.server.jobs, "get_job", broken)
+    err, info, _ = await expect_error(
+        api.jobs.GetJob(
+            j.GetJobRequest(job_id="job_00000000000000000000000000"),
+            metadata=(("x-request-id", "req-42"),),
+        ),
+        code,
+    )
+    assert info is not None and info.reason == reason
+    assert "secret_column" not in (err.details() or "")
+    if code == grpc.StatusCode.INTERNAL:
+        assert "req-42" in (err.details() or ""), "the request id leads to the server log"

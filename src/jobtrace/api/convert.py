@@ -8,6 +8,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from jobtrace.api.errors import status_code
 from jobtrace.domain.jobs import (
     JobSubmission,
     SizedAnnotation,
@@ -304,7 +305,7 @@ def outgoing_to_proto(message: Any) -> Any:
                 message_kind=message.kind,
                 job_id=message.job_id,
                 attempt=message.attempt,
-                code=_stream_code(message.error),
+                code=int(status_code(message.error).value[0]),
                 reason=message.error.reason,
                 message=message.error.message,
                 fatal=message.fatal,
@@ -325,19 +326,6 @@ def outgoing_to_proto(message: Any) -> Any:
             drain=w.Drain(reason=message.reason, grace=ms_to_duration(message.grace_ms))
         )
     raise TypeError(f"no conversion for {type(message).__name__}")
-
-
-def _stream_code(error: Any) -> int:
-    """The google.rpc.Code of a refusal on the worker stream. INTERNAL answers
-    only the stream's catch-all, so the shared mapping does not know it."""
-    import grpc
-
-    from jobtrace.api.errors import status_code
-    from jobtrace.domain.errors import Internal
-
-    if isinstance(error, Internal):
-        return int(grpc.StatusCode.INTERNAL.value[0])
-    return int(status_code(error).value[0])
 
 
 # --- trace ------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -11,8 +12,12 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from jobtrace import logs
 from jobtrace.api.wellformed import check_request
 from jobtrace.domain import errors as de
+from jobtrace.store.errors import is_transient
+
+log = logging.getLogger(__name__)
 
 DOMAIN = "jobtrace"
 
@@ -25,6 +30,7 @@ _CODES: list[tuple[type[de.DomainError], grpc.StatusCode]] = [
     (de.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (de.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (de.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (de.Internal, grpc.StatusCode.INTERNAL),
     (de.DataLoss, grpc.StatusCode.DATA_LOSS),
 ]
 
@@ -76,9 +82,25 @@ def _check_parsed(request: Any) -> None:
     check_request(request)
 
 
+def unexpected(exc: Exception) -> de.DomainError:
+    """What the caller is told of a failure that is not a rule's: UNAVAILABLE when
+    storage is unreachable (nothing was stored; send it again), INTERNAL otherwise.
+    Neither carries the exception's text (it may hold SQL); the log does."""
+    if is_transient(exc):
+        return de.Unavailable(
+            "storage is unavailable; nothing was stored, send the request again",
+            reason="STORAGE_UNAVAILABLE",
+        )
+    return de.Internal(
+        f"internal error ({type(exc).__name__}); the server log has the details"
+        + (f" under request id {logs.request_id.get()}" if logs.request_id.get() else "")
+    )
+
+
 def rpc(fn: F) -> F:
     """Wrap a servicer method (unary or server-streaming) so that domain errors
-    end the call with their status and details."""
+    end the call with their status and details, and an unexpected failure is
+    logged and answered without leaking its text."""
     if inspect.isasyncgenfunction(fn):
 
         @functools.wraps(fn)
@@ -89,6 +111,11 @@ def rpc(fn: F) -> F:
                     yield item
             except de.DomainError as exc:
                 await context.abort_with_status(to_status(exc))
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                log.exception("%s failed unexpectedly", fn.__name__)
+                await context.abort_with_status(to_status(unexpected(exc)))
 
         return stream  # type: ignore[return-value]
 
@@ -99,5 +126,10 @@ def rpc(fn: F) -> F:
             return await fn(self, request, context)
         except de.DomainError as exc:
             await context.abort_with_status(to_status(exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            log.exception("%s failed unexpectedly", fn.__name__)
+            await context.abort_with_status(to_status(unexpected(exc)))
 
     return unary  # type: ignore[return-value]

@@ -11,17 +11,17 @@ from typing import Any
 import grpc
 
 from jobtrace.api import convert
+from jobtrace.api import errors as api_errors
 from jobtrace.api.errors import to_status
 from jobtrace.api.handlers import MalformedRequest
 from jobtrace.api.limits import StreamLimiter
 from jobtrace.api.wellformed import check_request
 from jobtrace.auth import Authenticator, Role
 from jobtrace.domain import scheduler as sch
-from jobtrace.domain.errors import DomainError, FailedPrecondition, Internal, Invalid, Unavailable
+from jobtrace.domain.errors import DomainError, FailedPrecondition, Invalid
 from jobtrace.model import Failure
 from jobtrace.pb import worker_service_pb2 as pb
 from jobtrace.pb import worker_service_pb2_grpc as pb_grpc
-from jobtrace.store.errors import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +215,8 @@ def _worker_actor(worker_id: str) -> Any:
 def unexpected(
     worker_id: str, message: pb.ConnectRequest, exc: Exception, fatal: bool = False
 ) -> sch.Refused:
-    """The answer to a message whose handling failed for a reason of the server's:
-    UNAVAILABLE when storage failed (nothing was stored; the worker sends it
-    again), INTERNAL otherwise. The worker is never left waiting."""
+    """The answer to a message whose handling failed for a reason of the server's
+    (see api.errors.unexpected). The worker is never left waiting."""
     kind = message.WhichOneof("kind") or ""
     log.error(
         "worker %s: handling %s failed",
@@ -226,15 +225,7 @@ def unexpected(
         exc_info=exc,
         extra={"worker_id": worker_id, "message_kind": kind},
     )
-    error: DomainError
-    if is_transient(exc):
-        error = Unavailable(
-            "storage is unavailable; nothing was stored, send the message again",
-            reason="STORAGE_UNAVAILABLE",
-        )
-    else:
-        error = Internal(f"internal error ({type(exc).__name__}); see the server log")
-    return refused(message, error, fatal)
+    return refused(message, api_errors.unexpected(exc), fatal)
 
 
 def refused(message: pb.ConnectRequest, exc: DomainError, fatal: bool = False) -> sch.Refused:

@@ -19,6 +19,7 @@ from jobtrace.model import (
     AnnotationScope,
     Category,
     Level,
+    RunState,
     TraceEvent,
     TraceType,
 )
@@ -188,7 +189,11 @@ class Annotations:
         v.raise_if_any()
 
         async def op(session: AsyncSession, tx: Tx) -> list[Annotation]:
-            tenant = await self._trace.require_run(session, scope_tenant, run_id)
+            state: RunState | None = None
+            if emit_event:  # under the run's lock: its event must not follow the final one
+                tenant, state = await self._trace.locked_run(session, scope_tenant, run_id)
+            else:
+                tenant = await self._trace.require_run(session, scope_tenant, run_id)
             resolved_scope = AnnotationScope(scope or AnnotationScope.RUN)
             resolved_scope_id = scope_id
             if job_id:
@@ -225,6 +230,10 @@ class Annotations:
                 )
                 if a.key not in existing
             ]
+            if emit_event and fresh and state is not None and state.terminal:
+                from jobtrace.domain.trace import run_ended  # (trace imports this module)
+
+                raise run_ended(run_id, state)  # a retry of an earlier attach still answers
             await store.insert_annotations(session, fresh)
             if emit_event and fresh:
                 await self._trace.record(

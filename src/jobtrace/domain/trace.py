@@ -141,6 +141,16 @@ def normalize(e: TraceEvent, now: int) -> TraceEvent:
     )
 
 
+def run_ended(run_id: str, state: RunState) -> FailedPrecondition:
+    """The refusal of an event for a run that has ended: readers already have
+    its final status, so an event after it would never reach them."""
+    return FailedPrecondition(
+        f"run {run_id!r} has ended ({state.name}); it takes no more events",
+        reason="RUN_ENDED",
+        metadata={"run_id": run_id, "state": state.name},
+    )
+
+
 class Trace:
     def __init__(
         self,
@@ -269,11 +279,7 @@ class Trace:
             if fresh and state.terminal:
                 # Readers already have the final status; a retry of an append
                 # stored before the end still gets its events back.
-                raise FailedPrecondition(
-                    f"run {run_id!r} has ended ({state.name}); it takes no more events",
-                    reason="RUN_ENDED",
-                    metadata={"run_id": run_id, "state": state.name},
-                )
+                raise run_ended(run_id, state)
             for e in await self.record(session, tx, tenant, list(fresh.values())):
                 existing[e.event_key] = e
             return [existing[k] for k in keys]
@@ -284,6 +290,14 @@ class Trace:
         """The run's tenant, if it exists and `tenant` (None: any) may see it."""
         owner, _, _ = await self._run_owner(session, tenant, run_id)
         return owner
+
+    async def locked_run(
+        self, session: AsyncSession, tenant: str | None, run_id: str
+    ) -> tuple[str, RunState]:
+        """(tenant, state) of a run read under its row lock, so that no transition
+        that ends it can commit before this transaction does."""
+        owner, _, state = await self._run_owner(session, tenant, run_id, lock=True)
+        return owner, state
 
     async def _run_owner(
         self, session: AsyncSession, tenant: str | None, run_id: str, *, lock: bool = False
