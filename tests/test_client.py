@@ -163,14 +163,12 @@ async def test_workflow_watch_trace_attestations_and_annotations(
         {"decision.outcome": "approve", "decision.confidence": 0.75},
         actor={"kind": "ACTOR_KIND_REVIEWER", "id": "carol"},
         idempotency_key="review-1",
-        emit_event=True,
     )
     retried = await client.attach_annotations(
         workflow.id,
         {"decision.outcome": "approve", "decision.confidence": 0.75},
         actor={"kind": "ACTOR_KIND_REVIEWER", "id": "carol"},
         idempotency_key="review-1",
-        emit_event=True,
     )
     assert {a.id for a in retried} == {a.id for a in stored}, "idempotent by its key"
     decisions = await client.list_annotations(workflow.id, key_prefix="decision.", actor_id="carol")

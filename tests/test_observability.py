@@ -199,7 +199,7 @@ async def test_unary_rpcs_are_counted_by_method_and_code(observed: Harness) -> N
     assert [b.value for b in buckets if b.labels["le"] == "+Inf"] == [1]
 
 
-async def test_an_unexpected_exception_is_counted_unknown(
+async def test_an_unexpected_exception_is_answered_and_counted_internal(
     observed: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert observed.server is not None
@@ -211,9 +211,10 @@ async def test_an_unexpected_exception_is_counted_unknown(
     api = observed.stubs()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await api.jobs.GetJob(j.GetJobRequest(job_id=UNKNOWN_JOB))
-    assert caught.value.code() == grpc.StatusCode.UNKNOWN
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert "a bug" not in (caught.value.details() or ""), "the text stays in the log"
     s = await scrape(observed.server)
-    assert handled(s, JOBS, "GetJob", "unary", "UNKNOWN") == 1
+    assert handled(s, JOBS, "GetJob", "unary", "INTERNAL") == 1
 
 
 async def test_streams_are_counted_with_how_they_ended(observed: Harness) -> None:
