@@ -654,3 +654,64 @@ async def test_thousand_jobs_over_four_workers_complete_exactly_once(harness: Ha
     assert set(seen) == ids
     assert all(len(v) == 1 for v in seen.values()), "each job ran exactly once"
     assert len({v[0] for v in seen.values()}) == 4, "every worker took part"
+
+
+async def test_cancel_workflow_reaches_its_running_step(harness: Harness) -> None:
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"])
+    workflow = (
+        await api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(
+                request_id="wf-cancel",
+                name="long",
+                steps=[
+                    c.WorkflowStepSpec(name="first", job=spec()),
+                    c.WorkflowStepSpec(name="second", job=spec()),
+                ],
+            )
+        )
+    ).workflow
+    assignment = await raw.expect("assignment")
+    await api.jobs.CancelWorkflow(j.CancelWorkflowRequest(workflow_id=workflow.id))
+    cancel = await raw.expect("cancel", timeout=5)
+    assert cancel.job_id == assignment.job.id
+    await raw.send(complete=w.CompleteReport(job_id=assignment.job.id, attempt=1))
+    error = await raw.expect("error")
+    assert error.reason == "JOB_TERMINAL", "a late result of a cancelled step changes nothing"
+    ended = (await api.jobs.GetWorkflow(j.GetWorkflowRequest(workflow_id=workflow.id))).workflow
+    assert ended.state == c.RUN_STATE_CANCELLED
+    assert {s.state for s in ended.steps} == {c.RUN_STATE_CANCELLED}
+    await raw.close()
+
+
+async def test_worker_process_drains_on_sigterm(harness: Harness) -> None:
+    """`jobtrace worker` on SIGTERM finishes the job it runs, takes no new one, exits 0."""
+    api = harness.stubs()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "jobtrace",
+        "worker",
+        "--demo",
+        "--target",
+        harness.target,
+        "--worker-id",
+        "drainer",
+        "--concurrency",
+        "1",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        running = await submit(api, "d1", "demo", payload={"seconds": 1.0})
+        await wait_for(lambda: state_is(api, running.id, c.RUN_STATE_RUNNING), timeout=20)
+        proc.send_signal(signal.SIGTERM)
+        later = await submit(api, "d2", "demo", payload={"seconds": 0.1})
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    done = await get(api, running.id)
+    assert done.state == c.RUN_STATE_COMPLETED and done.attempt == 1
+    assert (await get(api, later.id)).state == c.RUN_STATE_QUEUED, "no new work while draining"
