@@ -61,3 +61,10 @@ async def test_bench_prints_a_table() -> None:
 async def test_bench_refuses_a_target_beyond_loopback() -> None:
     code, _, err = await bench("--target", "203.0.113.7:50051", "--json")
     assert code == 2 and "loopback" in err
+
+
+async def test_a_phase_past_its_time_bound_is_reported() -> None:
+    code, _, err = await bench(
+        "--jobs", "20000", "--workers", "1", "--subscribers", "0", "--max-seconds", "1"
+    )
+    assert code == 1 and "did not finish within 1 s" in err

@@ -29,7 +29,11 @@ from jobtrace.pb import (
 )
 
 NOOP_METHOD = "/jobtrace.bench.Noop/Ping"
-MAX_SECONDS = 300  # every phase is bounded in time as well as in count
+MAX_SECONDS = 300.0  # default bound of each phase, in time as well as in count
+
+
+class PhaseTimeout(Exception):
+    """A phase of the benchmark ran past its time bound."""
 
 
 def pct(values: list[float], q: float) -> float:
@@ -156,7 +160,18 @@ class Results:
     completed: int = 0
 
 
-async def unary_ceiling(target: str, calls: int, concurrency: int) -> tuple[float, float, float]:
+async def bounded(step: Any, seconds: float, phase: str) -> Any:
+    try:
+        return await asyncio.wait_for(step, seconds)
+    except TimeoutError:
+        raise PhaseTimeout(
+            f"the {phase} phase did not finish within {seconds:g} s (see --max-seconds)"
+        ) from None
+
+
+async def unary_ceiling(
+    target: str, calls: int, concurrency: int, max_seconds: float = MAX_SECONDS
+) -> tuple[float, float, float]:
     """Calls/s, p50 and p99 ms of an empty unary handler on the same server, with the
     submitters' concurrency: what gRPC alone allows here. Zeros when the server has no
     such handler (a --target started without JOBTRACE_BENCH_NOOP=1)."""
@@ -178,12 +193,17 @@ async def unary_ceiling(target: str, calls: int, concurrency: int) -> tuple[floa
                 latencies.append((time.perf_counter() - t0) * 1000)
 
         t0 = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(loop() for _ in range(concurrency))), MAX_SECONDS)
+        await bounded(asyncio.gather(*(loop() for _ in range(concurrency))), max_seconds, "ceiling")
         return calls / (time.perf_counter() - t0), pct(latencies, 0.5), pct(latencies, 0.99)
 
 
 async def run_jobs(
-    targets: list[str], jobs: int, concurrency: int, done_files: list[Path], results: Results
+    targets: list[str],
+    jobs: int,
+    concurrency: int,
+    done_files: list[Path],
+    results: Results,
+    max_seconds: float = MAX_SECONDS,
 ) -> None:
     channels = [grpc.aio.insecure_channel(t) for t in targets]
     stubs = [job_service_pb2_grpc.JobServiceStub(c) for c in channels]
@@ -206,10 +226,12 @@ async def run_jobs(
             submitted[response.job.id] = t0
 
     start = time.time()
-    await asyncio.wait_for(asyncio.gather(*(submitter(n) for n in range(concurrency))), MAX_SECONDS)
+    await bounded(
+        asyncio.gather(*(submitter(n) for n in range(concurrency))), max_seconds, "submit"
+    )
     results.submit_rps = jobs / max(time.time() - start, 1e-9)
     completions: dict[str, float] = {}
-    deadline = time.monotonic() + MAX_SECONDS
+    deadline = time.monotonic() + max_seconds
     while len(completions) < jobs and time.monotonic() < deadline:
         for f in done_files:
             if f.exists():
@@ -272,7 +294,7 @@ async def trace_fanout(
         )
     )
     tasks = [asyncio.create_task(subscriber(i)) for i in range(subscribers)]
-    await asyncio.wait_for(ready.wait(), 60)
+    await bounded(ready.wait(), 60, "subscribe")
     received.clear()
     total = int(rate * seconds)
     for n in range(total):
@@ -285,7 +307,7 @@ async def trace_fanout(
         acked[key] = time.time()
         await asyncio.sleep(1 / rate)
     await jobs.CancelJob(job_service_pb2.CancelJobRequest(job_id=run))
-    await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    await bounded(asyncio.gather(*tasks), 60, "trace delivery")
     results.trace_deliveries = len(received)
     results.trace_ms = [max(0.0, (at - acked[k]) * 1000) for k, at in received if k in acked]
     for channel in channels:
@@ -302,6 +324,7 @@ async def bench(args: argparse.Namespace) -> Results:
         "submit_concurrency": args.concurrency,
         "trace_events_per_s": args.rate,
         "trace_seconds": args.trace_seconds,
+        "max_seconds": args.max_seconds,
         "target": args.target or "",
     }
     results = Results(params)
@@ -333,8 +356,10 @@ async def bench(args: argparse.Namespace) -> Results:
             results.unary_ceiling_rps,
             results.unary_p50_ms,
             results.unary_p99_ms,
-        ) = await unary_ceiling(targets[0], min(args.jobs * 2, 20000), args.concurrency)
-        await run_jobs(targets, args.jobs, args.concurrency, done_files, results)
+        ) = await unary_ceiling(
+            targets[0], min(args.jobs * 2, 20000), args.concurrency, args.max_seconds
+        )
+        await run_jobs(targets, args.jobs, args.concurrency, done_files, results, args.max_seconds)
         if args.subscribers:
             await trace_fanout(targets, args.subscribers, args.rate, args.trace_seconds, results)
     finally:
@@ -451,6 +476,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", help="database URL (default: a temporary SQLite file)")
     p.add_argument("--replicas", type=int, default=1, help="server processes (PostgreSQL)")
     p.add_argument("--target", help="benchmark running server(s) instead (HOST:PORT[,...])")
+    p.add_argument(
+        "--max-seconds", type=float, default=MAX_SECONDS, help="time bound of each phase (300)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -466,7 +494,11 @@ def main(args: argparse.Namespace) -> int:
     if args.replicas > 1 and not (args.db or "").startswith("postgresql"):
         print("jobtrace bench: --replicas needs --db postgresql+asyncpg://...", file=sys.stderr)
         return 2
-    results = asyncio.run(bench(args))
+    try:
+        results = asyncio.run(bench(args))
+    except PhaseTimeout as exc:
+        print(f"jobtrace bench: {exc}", file=sys.stderr)
+        return 1
     s = summary(results)
     if args.json:
         print(json.dumps(s))
