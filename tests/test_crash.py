@@ -129,17 +129,30 @@ async def test_kill_dash_nine_loses_nothing_acknowledged(db_url: str) -> None:
                     return
                 await asyncio.sleep(0.05)  # back off while the server is down
 
+    long_jobs: set[str] = set()
+
     async def held_by_the_doomed() -> set[str]:
+        """Long jobs running on w0 or w1: they cannot finish before the kill."""
         running = (
             await api.jobs.ListJobs(
                 j.ListJobsRequest(state=c.RUN_STATE_RUNNING, page_size=1000), timeout=5
             )
         ).jobs
-        return {job.id for job in running if job.worker_id in {"w0", "w1"}}
+        return {job.id for job in running if job.worker_id in {"w0", "w1"} and job.id in long_jobs}
 
     try:
         tasks = [asyncio.create_task(submitter(n)) for n in range(3)]
         await wait_for(lambda: len(acked_jobs) >= 60, timeout=60)
+        for i in range(8):
+            payload = struct_pb2.Struct()
+            payload.update({"seconds": 4})
+            request = j.SubmitJobRequest(
+                request_id=f"long-{i}",
+                job=c.JobSpec(service="demo", payload=payload, max_attempts=10),
+            )
+            long_job = (await api.jobs.SubmitJob(request, timeout=5)).job.id
+            long_jobs.add(long_job)
+            acked_jobs[f"long-{i}"] = long_job
         doomed_jobs = await wait_for(held_by_the_doomed, timeout=30)
         for victim in (server, workers[0], workers[1]):
             victim.send_signal(signal.SIGKILL)
