@@ -189,6 +189,18 @@ async def harness(db_url: str) -> AsyncIterator[Harness]:
 
 
 @pytest.fixture
+async def sqlite_harness(sqlite_url: str) -> AsyncIterator[Harness]:
+    """A server on SQLite only, for what does not depend on the backend (the
+    clients and the CLI speak to the server through its API alone)."""
+    h = Harness(sqlite_url)
+    await h.start()
+    try:
+        yield h
+    finally:
+        await h.stop()
+
+
+@pytest.fixture
 async def api(harness: Harness) -> Stubs:
     return harness.stubs()
 

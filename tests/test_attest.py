@@ -19,6 +19,7 @@ import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
 
+from jobtrace.client.api import envelope_json
 from jobtrace.client.worker import JobContext
 from jobtrace.domain.attest import (
     canonical,
@@ -381,13 +382,7 @@ async def test_exported_envelope_verifies_offline(harness: Harness, tmp_path: Pa
     statement = json.loads(env.payload)
     assert statement["_type"] == "https://in-toto.io/Statement/v1"
     assert statement["subject"][0]["digest"]["sha256"] == got.attestation.digest[7:]
-    envelope = {
-        "payloadType": env.payload_type,
-        "payload": base64.b64encode(env.payload).decode(),
-        "signatures": [
-            {"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode()} for s in env.signatures
-        ],
-    }
+    envelope = envelope_json(env)  # the form `jobtrace attest export` writes
     (signing_key,) = (await api.attest.GetSigningKeys(a.GetSigningKeysRequest())).keys
     key_file = tmp_path / "key.pub"
     key_file.write_text(signing_key.public_key.hex())
@@ -638,17 +633,6 @@ async def test_annotations_of_an_attempt_whose_stream_was_lost_persist_with_its_
 
 
 # --- audit: keys, encoding, sanitising, malformed rows, timestamps -----------------
-
-
-def envelope_json(env: a.DsseEnvelope) -> dict[str, Any]:
-    """A DSSE envelope in its standard JSON form."""
-    return {
-        "payloadType": env.payload_type,
-        "payload": base64.b64encode(env.payload).decode(),
-        "signatures": [
-            {"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode()} for s in env.signatures
-        ],
-    }
 
 
 async def test_envelope_after_rotation_verifies_with_the_attestations_own_key(

@@ -12,11 +12,8 @@ import re
 import signal
 import stat
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from jobtrace.client import Client, JobContext
 
@@ -25,17 +22,6 @@ from .workers import runtime_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-@pytest.fixture
-async def server(sqlite_url: str) -> AsyncIterator[Harness]:
-    """The CLI speaks to the server through the client: one backend is enough here."""
-    h = Harness(sqlite_url)
-    await h.start()
-    try:
-        yield h
-    finally:
-        await h.stop()
 
 
 async def jobtrace(
@@ -158,7 +144,7 @@ async def _drain(stream: asyncio.StreamReader) -> None:
 # --- watch ---------------------------------------------------------------------------
 
 
-async def test_watch_draws_live_progress_bars_in_a_terminal(server: Harness) -> None:
+async def test_watch_draws_live_progress_bars_in_a_terminal(sqlite_harness: Harness) -> None:
     halfway = asyncio.Event()
     release = asyncio.Event()
 
@@ -169,8 +155,8 @@ async def test_watch_draws_live_progress_bars_in_a_terminal(server: Harness) -> 
             await release.wait()
         return {}
 
-    async with runtime_worker(server.target, {"demo": step}, max_concurrency=2):
-        async with Client(server.target) as jt:
+    async with runtime_worker(sqlite_harness.target, {"demo": step}, max_concurrency=2):
+        async with Client(sqlite_harness.target) as jt:
             workflow = await jt.submit_workflow(
                 "draw",
                 [
@@ -180,7 +166,7 @@ async def test_watch_draws_live_progress_bars_in_a_terminal(server: Harness) -> 
                 ],
             )
         primary, secondary = pty.openpty()
-        env = {**os.environ, "JOBTRACE_TARGET": server.target, "COLUMNS": "120"}
+        env = {**os.environ, "JOBTRACE_TARGET": sqlite_harness.target, "COLUMNS": "120"}
         env.pop("NO_COLOR", None)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -236,24 +222,26 @@ def _plain(screen: bytearray | bytes) -> bytes:
     return ANSI.sub("", bytes(screen).decode(errors="replace")).encode()
 
 
-async def test_watch_exit_code_reflects_the_final_state(server: Harness) -> None:
-    async with runtime_worker(server.target, {"demo": instant}):
-        async with Client(server.target) as jt:
+async def test_watch_exit_code_reflects_the_final_state(sqlite_harness: Harness) -> None:
+    async with runtime_worker(sqlite_harness.target, {"demo": instant}):
+        async with Client(sqlite_harness.target) as jt:
             ok = await jt.submit_job("demo")
             failed = await jt.submit_job("demo", {"fail": "boom"}, max_attempts=1)
             cancelled = await jt.submit_job("nobody-serves-this")
             await jt.cancel_job(cancelled.id)
-        code_ok, out_ok, _ = await jobtrace("watch", ok.id, target=server.target)
-        code_failed, out_failed, _ = await jobtrace("watch", failed.id, target=server.target)
-        code_cancelled, _, _ = await jobtrace("watch", cancelled.id, target=server.target)
+        code_ok, out_ok, _ = await jobtrace("watch", ok.id, target=sqlite_harness.target)
+        code_failed, out_failed, _ = await jobtrace(
+            "watch", failed.id, target=sqlite_harness.target
+        )
+        code_cancelled, _, _ = await jobtrace("watch", cancelled.id, target=sqlite_harness.target)
     assert (code_ok, code_failed, code_cancelled) == (0, 1, 3)
     assert out_ok.rstrip().endswith("COMPLETED") and "boom" in out_failed
 
 
-async def test_watch_json_lines_end_with_the_final_state(server: Harness) -> None:
-    async with runtime_worker(server.target, {"demo": instant}):
+async def test_watch_json_lines_end_with_the_final_state(sqlite_harness: Harness) -> None:
+    async with runtime_worker(sqlite_harness.target, {"demo": instant}):
         code, out, _ = await jobtrace(
-            "submit", "demo", '{"n": 1}', "--watch", "--json", target=server.target
+            "submit", "demo", '{"n": 1}', "--watch", "--json", target=sqlite_harness.target
         )
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and lines[0]["spec"]["payload"] == {"n": 1}
@@ -264,19 +252,24 @@ async def test_watch_json_lines_end_with_the_final_state(server: Harness) -> Non
 # --- reading commands, JSON, errors ------------------------------------------------------
 
 
-async def test_reading_commands_print_json(server: Harness, tmp_path: Path) -> None:
+async def test_reading_commands_print_json(sqlite_harness: Harness, tmp_path: Path) -> None:
     workflow_file = tmp_path / "wf.yaml"
     workflow_file.write_text(
         "name: report\nrequest_context: {user_context: {user_id: dana}}\n"
         "steps:\n  - {name: a, service: demo}\n  - {name: b, service: demo, payload: {x: 1}}\n"
     )
-    async with runtime_worker(server.target, {"demo": instant}):
+    async with runtime_worker(sqlite_harness.target, {"demo": instant}):
         code, wf_id, _ = await jobtrace(
-            "submit", "--workflow", str(workflow_file), "--watch", "--plain", target=server.target
+            "submit",
+            "--workflow",
+            str(workflow_file),
+            "--watch",
+            "--plain",
+            target=sqlite_harness.target,
         )
         assert code == 0
         wf_id = wf_id.splitlines()[0].strip()
-    t = server.target
+    t = sqlite_harness.target
     _, out, _ = await jobtrace("get", wf_id, "--json", target=t)
     workflow = json.loads(out)
     assert workflow["state"] == "RUN_STATE_COMPLETED" and len(workflow["steps"]) == 2
@@ -315,8 +308,8 @@ async def test_reading_commands_print_json(server: Harness, tmp_path: Path) -> N
     assert [k["active"] for k in json.loads(out)["keys"]] == [True]
 
 
-async def test_trace_tail_colours_levels_and_resumes_from_a_cursor(server: Harness) -> None:
-    async with Client(server.target) as jt:
+async def test_trace_tail_colours_levels_and_resumes_from_a_cursor(sqlite_harness: Harness) -> None:
+    async with Client(sqlite_harness.target) as jt:
         job = await jt.submit_job("svc")
         await jt.append_trace_events(
             job.id,
@@ -328,28 +321,37 @@ async def test_trace_tail_colours_levels_and_resumes_from_a_cursor(server: Harne
         )
         await jt.cancel_job(job.id)
     code, out, _ = await jobtrace(
-        "trace", "tail", job.id, "--color", "always", "--level", "warn", target=server.target
+        "trace",
+        "tail",
+        job.id,
+        "--color",
+        "always",
+        "--level",
+        "warn",
+        target=sqlite_harness.target,
     )
     assert code == 3, "the run ended CANCELLED"
     assert "\x1b[33mWARN" in out and "\x1b[31mERROR" in out and "fine" not in out
     _, page, _ = await jobtrace(
-        "trace", "list", job.id, "--limit", "1", "--json", target=server.target
+        "trace", "list", job.id, "--limit", "1", "--json", target=sqlite_harness.target
     )
     cursor = json.loads(page)["next_cursor"]
     _, rest, _ = await jobtrace(
-        "trace", "list", job.id, "--cursor", cursor, "--json", target=server.target
+        "trace", "list", job.id, "--cursor", cursor, "--json", target=sqlite_harness.target
     )
     assert [e["message"] for e in json.loads(rest)["events"]][:2] == ["odd", "bad"]
 
 
-async def test_errors_are_explained_not_tracebacks(server: Harness) -> None:
-    code, _, err = await jobtrace("get", "job_00000000000000000000000000", target=server.target)
+async def test_errors_are_explained_not_tracebacks(sqlite_harness: Harness) -> None:
+    code, _, err = await jobtrace(
+        "get", "job_00000000000000000000000000", target=sqlite_harness.target
+    )
     assert code == 2 and "NOT_FOUND" in err and "Traceback" not in err
-    code, _, err = await jobtrace("submit", "demo", "{not json", target=server.target)
+    code, _, err = await jobtrace("submit", "demo", "{not json", target=sqlite_harness.target)
     assert code == 2 and "not valid JSON" in err and "Traceback" not in err
-    code, _, err = await jobtrace("submit", "bad service!", target=server.target)
+    code, _, err = await jobtrace("submit", "bad service!", target=sqlite_harness.target)
     assert code == 2 and "INVALID_ARGUMENT" in err and "job.service" in err
-    code, _, err = await jobtrace("get", "nonsense", target=server.target)
+    code, _, err = await jobtrace("get", "nonsense", target=sqlite_harness.target)
     assert code == 2 and "neither a job id" in err
     with contextlib.closing(__import__("socket").socket()) as probe:
         probe.bind(("127.0.0.1", 0))  # a port nobody listens on while we hold it

@@ -38,19 +38,8 @@ FAST = RetryPolicy(attempts=8, initial_backoff=0.05, max_backoff=0.5)
 
 
 @pytest.fixture
-async def server(sqlite_url: str) -> AsyncIterator[Harness]:
-    """The client is backend-agnostic: one backend is enough here."""
-    h = Harness(sqlite_url)
-    await h.start()
-    try:
-        yield h
-    finally:
-        await h.stop()
-
-
-@pytest.fixture
-async def client(server: Harness) -> AsyncIterator[Client]:
-    async with Client(server.target, retry=FAST) as jt:
+async def client(sqlite_harness: Harness) -> AsyncIterator[Client]:
+    async with Client(sqlite_harness.target, retry=FAST) as jt:
         yield jt
 
 
@@ -110,13 +99,13 @@ async def test_errors_carry_status_reason_and_field_violations(client: Client) -
 
 
 async def test_workflow_watch_trace_attestations_and_annotations(
-    client: Client, server: Harness, tmp_path: Path
+    client: Client, sqlite_harness: Harness, tmp_path: Path
 ) -> None:
     async def step(ctx: JobContext) -> dict[str, Any]:
         await ctx.progress(50, "halfway")
         return {"step": ctx.job.step_name}
 
-    async with runtime_worker(server.target, {"demo": step}, max_concurrency=2):
+    async with runtime_worker(sqlite_harness.target, {"demo": step}, max_concurrency=2):
         workflow = await client.submit_workflow(
             "pipeline",
             [
@@ -185,8 +174,10 @@ async def test_trace_appends_are_idempotent_and_keys_are_generated(client: Clien
     assert again[0].sequence == first[0].sequence
 
 
-async def test_unary_calls_are_retried_while_the_server_is_unreachable(server: Harness) -> None:
-    proxy = FaultyProxy(server.server.port if server.server else 0)
+async def test_unary_calls_are_retried_while_the_server_is_unreachable(
+    sqlite_harness: Harness,
+) -> None:
+    proxy = FaultyProxy(sqlite_harness.server.port if sqlite_harness.server else 0)
     port = await proxy.start()
     proxy.refuse_next = 2
     try:
@@ -216,13 +207,16 @@ class CountingRetry(RetryPolicy):
             yield delay
 
 
-async def test_cancel_is_not_retried(server: Harness) -> None:
-    proxy = FaultyProxy(server.server.port if server.server else 0)
+async def test_cancel_is_not_retried(sqlite_harness: Harness) -> None:
+    proxy = FaultyProxy(sqlite_harness.server.port if sqlite_harness.server else 0)
     port = await proxy.start()
     proxy.refuse_next = 1_000  # the server is unreachable for this client
     retry = CountingRetry(attempts=3, initial_backoff=0.01, max_backoff=0.02)
     try:
-        async with Client(server.target) as direct, Client(f"127.0.0.1:{port}", retry=retry) as jt:
+        async with (
+            Client(sqlite_harness.target) as direct,
+            Client(f"127.0.0.1:{port}", retry=retry) as jt,
+        ):
             job = await direct.submit_job("svc")
             with pytest.raises(Unavailable):
                 await jt.cancel_job(job.id)
@@ -235,12 +229,17 @@ async def test_cancel_is_not_retried(server: Harness) -> None:
         await proxy.close()
 
 
-async def test_trace_stream_resumes_from_its_cursor_after_a_network_cut(server: Harness) -> None:
-    api = server.stubs()
-    proxy = FaultyProxy(server.server.port if server.server else 0)
+async def test_trace_stream_resumes_from_its_cursor_after_a_network_cut(
+    sqlite_harness: Harness,
+) -> None:
+    api = sqlite_harness.stubs()
+    proxy = FaultyProxy(sqlite_harness.server.port if sqlite_harness.server else 0)
     port = await proxy.start()
     try:
-        async with Client(server.target) as direct, Client(f"127.0.0.1:{port}", retry=FAST) as jt:
+        async with (
+            Client(sqlite_harness.target) as direct,
+            Client(f"127.0.0.1:{port}", retry=FAST) as jt,
+        ):
             job = await direct.submit_job("svc")
             raw = RawWorker(api)
             await raw.hello("w", ["svc"])
@@ -274,9 +273,9 @@ async def test_trace_stream_resumes_from_its_cursor_after_a_network_cut(server: 
     assert more[-1].sequence in seen and proxy.accepted >= 2
 
 
-async def test_sync_client(server: Harness) -> None:
+async def test_sync_client(sqlite_harness: Harness) -> None:
     def use() -> tuple[str, list[int], str]:
-        with SyncClient(server.target, retry=FAST) as jt:
+        with SyncClient(sqlite_harness.target, retry=FAST) as jt:
             job = jt.submit_job("svc", {"n": 2})
             assert jt.get_job(job.id).spec.payload["n"] == 2
             listed = jt.list_jobs()
@@ -297,16 +296,16 @@ async def test_sync_client(server: Harness) -> None:
     assert tail.endswith(":RUN_STATE_CANCELLED") and tail.split(":")[0]
 
 
-async def test_sync_stream_stopped_early_ends_the_server_stream(server: Harness) -> None:
-    api = server.stubs()
-    jt = await asyncio.to_thread(SyncClient, server.target)
+async def test_sync_stream_stopped_early_ends_the_server_stream(sqlite_harness: Harness) -> None:
+    api = sqlite_harness.stubs()
+    jt = await asyncio.to_thread(SyncClient, sqlite_harness.target)
     try:
         job = await asyncio.to_thread(jt.submit_job, "svc")
         raw = RawWorker(api)
         await raw.hello("w", ["svc"])
         await raw.expect("assignment")
-        assert server.server is not None
-        streams = server.server.streams
+        assert sqlite_harness.server is not None
+        streams = sqlite_harness.server.streams
         before = streams.open_streams()  # the worker's own stream
 
         def first_event() -> tuple[int, int]:
@@ -324,12 +323,14 @@ async def test_sync_stream_stopped_early_ends_the_server_stream(server: Harness)
 # --- the worker runtime -------------------------------------------------------------
 
 
-async def test_handlers_may_take_the_job_and_the_context(server: Harness, client: Client) -> None:
+async def test_handlers_may_take_the_job_and_the_context(
+    sqlite_harness: Harness, client: Client
+) -> None:
     async def run(job: c.Job, ctx: JobContext) -> dict[str, Any]:
         await ctx.progress(10)
         return {"service": job.spec.service, "attempt": ctx.attempt}
 
-    async with runtime_worker(server.target, {"svc": run}):
+    async with runtime_worker(sqlite_harness.target, {"svc": run}):
         job = await client.submit_job("svc")
         done = [j async for j in client.watch_job(job.id)][-1]
     assert done.state == c.RUN_STATE_COMPLETED
@@ -337,7 +338,7 @@ async def test_handlers_may_take_the_job_and_the_context(server: Harness, client
 
 
 async def test_handlers_log_to_the_trace_and_annotate_their_attempt(
-    server: Harness, client: Client
+    sqlite_harness: Harness, client: Client
 ) -> None:
     async def run(ctx: JobContext) -> dict[str, Any]:
         await ctx.log("loaded 3 rows", data={"stream": "stdout"}, milestone=True)
@@ -347,7 +348,7 @@ async def test_handlers_log_to_the_trace_and_annotate_their_attempt(
             await ctx.annotate({"decision.confidence": 7})  # outside [0, 1]
         return {}
 
-    async with runtime_worker(server.target, {"svc": run}, worker_id="logger"):
+    async with runtime_worker(sqlite_harness.target, {"svc": run}, worker_id="logger"):
         job = await client.submit_job("svc")
         done = [j async for j in client.watch_job(job.id)][-1]
     assert done.state == c.RUN_STATE_COMPLETED
@@ -365,7 +366,7 @@ async def test_handlers_log_to_the_trace_and_annotate_their_attempt(
 
 
 async def test_a_result_too_large_fails_the_job_instead_of_hanging(
-    server: Harness, client: Client
+    sqlite_harness: Harness, client: Client
 ) -> None:
     async def huge(ctx: JobContext) -> dict[str, Any]:
         return {"blob": "x" * (2 * 1024 * 1024)}
@@ -373,7 +374,7 @@ async def test_a_result_too_large_fails_the_job_instead_of_hanging(
     async def verbose(ctx: JobContext) -> dict[str, Any]:
         raise RuntimeError("e" * 50_000)
 
-    async with runtime_worker(server.target, {"big": huge, "loud": verbose}):
+    async with runtime_worker(sqlite_harness.target, {"big": huge, "loud": verbose}):
         big = await client.submit_job("big", max_attempts=3)
         loud = await client.submit_job("loud", max_attempts=1)
         ended_big = [j async for j in client.watch_job(big.id)][-1]
@@ -385,7 +386,7 @@ async def test_a_result_too_large_fails_the_job_instead_of_hanging(
 
 
 async def test_a_worker_rides_out_a_server_restart_without_losing_the_attempt(
-    server: Harness,
+    sqlite_harness: Harness,
 ) -> None:
     release = asyncio.Event()
     reported: list[str] = []
@@ -397,16 +398,16 @@ async def test_a_worker_rides_out_a_server_restart_without_losing_the_attempt(
         reported.append("done")
         return {"ok": True}
 
-    async with Client(server.target, retry=FAST) as jt:
+    async with Client(sqlite_harness.target, retry=FAST) as jt:
         job = await jt.submit_job("svc", max_attempts=1)
-    port = server.server.port if server.server else 0
-    async with runtime_worker(server.target, {"svc": slow}) as worker:
+    port = sqlite_harness.server.port if sqlite_harness.server else 0
+    async with runtime_worker(sqlite_harness.target, {"svc": slow}) as worker:
         await wait_for(lambda: worker.running_jobs == [job.id], timeout=10)
-        await server.stop()  # drain: the worker keeps its lease
+        await sqlite_harness.stop()  # drain: the worker keeps its lease
         release.set()
         await wait_for(lambda: reported == ["done"], timeout=10)
-        await server.start(listen=f"127.0.0.1:{port}")
-        async with Client(server.target, retry=FAST) as jt:
+        await sqlite_harness.start(listen=f"127.0.0.1:{port}")
+        async with Client(sqlite_harness.target, retry=FAST) as jt:
             await wait_for(
                 lambda: _state(jt, job.id, c.RUN_STATE_COMPLETED), timeout=20, interval=0.1
             )
@@ -476,12 +477,12 @@ async def test_client_worker_and_cli_over_mutual_tls_with_tokens(
 
 
 async def test_the_runtime_resends_a_report_the_server_could_not_store(
-    server: Harness, client: Client, monkeypatch: pytest.MonkeyPatch
+    sqlite_harness: Harness, client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from sqlalchemy import exc as sa_exc
 
-    assert server.server is not None
-    scheduler = server.server.scheduler
+    assert sqlite_harness.server is not None
+    scheduler = sqlite_harness.server.scheduler
     real_complete = scheduler.complete
     refusals: list[str] = []
 
@@ -496,7 +497,7 @@ async def test_the_runtime_resends_a_report_the_server_could_not_store(
     async def run(ctx: JobContext) -> dict[str, Any]:
         return {"n": 1}
 
-    async with runtime_worker(server.target, {"svc": run}):
+    async with runtime_worker(sqlite_harness.target, {"svc": run}):
         job = await client.submit_job("svc", max_attempts=1)
         done = [j async for j in client.watch_job(job.id)][-1]
     assert refusals == ["down"]

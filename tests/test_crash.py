@@ -4,7 +4,6 @@ and check that nothing acknowledged was lost and nothing ran twice."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import signal
 import sqlite3
@@ -20,6 +19,7 @@ from jobtrace.pb import job_service_pb2 as j
 from jobtrace.pb import trace_service_pb2 as t
 
 from .conftest import Stubs, execute_sql, stubs_for, wait_for
+from .workers import demo_worker_process, terminate
 
 
 async def start_server(port: int, db: str) -> tuple[asyncio.subprocess.Process, int]:
@@ -56,32 +56,12 @@ async def _drain(stream: asyncio.StreamReader) -> None:
         pass
 
 
-async def start_worker(port: int, worker_id: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jobtrace",
-        "worker",
-        "--demo",
-        "--target",
-        f"127.0.0.1:{port}",
-        "--worker-id",
-        worker_id,
-        "--concurrency",
-        "4",
-        "--log-level",
-        "WARNING",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-
-
 async def test_kill_dash_nine_loses_nothing_acknowledged(db_url: str) -> None:
     """The server and two of the four workers are killed with SIGKILL under load.
     The survivors reconnect to the restarted server and keep their leases; the
     leases of the dead workers expire and their jobs run again elsewhere."""
     server, port = await start_server(0, db_url)
-    workers = [await start_worker(port, f"w{i}") for i in range(4)]
+    workers = [await demo_worker_process(f"127.0.0.1:{port}", f"w{i}") for i in range(4)]
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     api = stubs_for(channel)
     acked_jobs: dict[str, str] = {}  # request id -> job id
@@ -162,7 +142,9 @@ async def test_kill_dash_nine_loses_nothing_acknowledged(db_url: str) -> None:
         await asyncio.gather(*tasks)
         assert len(acked_jobs) >= 60
         server, _ = await start_server(port, db_url)  # the same port: workers reconnect
-        workers += [await start_worker(port, f"w{i}") for i in (4, 5)]  # new ids
+        workers += [
+            await demo_worker_process(f"127.0.0.1:{port}", f"w{i}") for i in (4, 5)
+        ]  # new ids
         await channel.close()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         api = stubs_for(channel)
@@ -209,20 +191,9 @@ async def test_kill_dash_nine_loses_nothing_acknowledged(db_url: str) -> None:
             assert verdict.valid, (item.key, verdict.reason)
     finally:
         stop.set()
-        for w in workers:
-            with contextlib.suppress(ProcessLookupError):
-                w.send_signal(signal.SIGTERM)
-        for w in workers:
-            try:
-                async with asyncio.timeout(30):
-                    await w.wait()
-            except TimeoutError:
-                w.kill()
+        await terminate(*workers)
         await channel.close()
-        if server.returncode is None:
-            server.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(30):
-                await server.wait()
+        await terminate(server)
 
     twice = await execute_sql(
         db_url,

@@ -22,7 +22,7 @@ from jobtrace.pb import trace_service_pb2 as t
 from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Stubs, execute_sql, stubs_for, wait_for
-from .workers import RawWorker
+from .workers import RawWorker, demo_worker_process, terminate
 
 
 class Replica:
@@ -75,15 +75,7 @@ async def replicas(db_url: str, tmp: Path, n: int) -> AsyncIterator[list[Replica
             started.append(await start_replica(db_url, tmp / f"key{i}.pem"))
         yield started
     finally:
-        for r in started:
-            if r.proc.returncode is None:
-                r.proc.send_signal(signal.SIGTERM)
-        for r in started:
-            try:
-                async with asyncio.timeout(30):
-                    await r.proc.wait()
-            except TimeoutError:
-                r.proc.kill()
+        await terminate(*(r.proc for r in started))
 
 
 @contextlib.asynccontextmanager
@@ -247,23 +239,7 @@ async def test_a_lost_listen_connection_is_re_established_and_streams_catch_up(
 async def test_a_replica_killed_mid_load_loses_no_job(pg_url: str, tmp_path: Path) -> None:
     async with replicas(pg_url, tmp_path, 2) as (a, b):
         workers = [
-            await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "jobtrace",
-                "worker",
-                "--demo",
-                "--target",
-                f"{a.target},{b.target}",
-                "--worker-id",
-                f"w{i}",
-                "--concurrency",
-                "8",
-                "--log-level",
-                "WARNING",
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
+            await demo_worker_process(f"{a.target},{b.target}", f"w{i}", concurrency=8)
             for i in range(2)
         ]
         try:
@@ -299,15 +275,7 @@ async def test_a_replica_killed_mid_load_loses_no_job(pg_url: str, tmp_path: Pat
 
                 await wait_for(all_done, timeout=90, interval=0.5)
         finally:
-            for w in workers:
-                with contextlib.suppress(ProcessLookupError):
-                    w.send_signal(signal.SIGTERM)
-            for w in workers:
-                try:
-                    async with asyncio.timeout(30):
-                        await w.wait()
-                except TimeoutError:
-                    w.kill()
+            await terminate(*workers)
     twice = await execute_sql(
         pg_url,
         "SELECT run_id FROM trace_events WHERE type = 3 GROUP BY run_id HAVING count(*) > 1",
@@ -329,11 +297,7 @@ async def test_replicas_start_together_on_a_fresh_database(
         keys = await execute_sql(pg_url, "SELECT count(*) FROM signing_keys")
         assert keys == [(n,)]
     finally:
-        for r in procs:
-            r.proc.send_signal(signal.SIGTERM)
-        for r in procs:
-            async with asyncio.timeout(30):
-                await r.proc.wait()
+        await terminate(*(r.proc for r in procs))
 
 
 async def test_replicas_contending_for_jobs_lease_each_attempt_once(

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from jobtrace.pb import job_service_pb2 as j
 from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, Stubs, wait_for
-from .workers import RawWorker, runtime_worker
+from .workers import RawWorker, demo_worker_process, runtime_worker
 
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
 
@@ -180,23 +178,7 @@ async def test_worker_killed_mid_job_is_retried_on_another_worker(
     harness: Harness, tmp_path: Path
 ) -> None:
     api = harness.stubs()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jobtrace",
-        "worker",
-        "--demo",
-        "--target",
-        harness.target,
-        "--worker-id",
-        "doomed",
-        "--concurrency",
-        "1",
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    proc = await demo_worker_process(harness.target, "doomed", concurrency=1)
     try:
         job = await submit(api, "long", "demo", payload={"seconds": 120})
         running = await wait_for(lambda: state_is(api, job.id, c.RUN_STATE_RUNNING), timeout=20)
@@ -688,21 +670,7 @@ async def test_cancel_workflow_reaches_its_running_step(harness: Harness) -> Non
 async def test_worker_process_drains_on_sigterm(harness: Harness) -> None:
     """`jobtrace worker` on SIGTERM finishes the job it runs, takes no new one, exits 0."""
     api = harness.stubs()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jobtrace",
-        "worker",
-        "--demo",
-        "--target",
-        harness.target,
-        "--worker-id",
-        "drainer",
-        "--concurrency",
-        "1",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    proc = await demo_worker_process(harness.target, "drainer", concurrency=1)
     try:
         running = await submit(api, "d1", "demo", payload={"seconds": 1.0})
         await wait_for(lambda: state_is(api, running.id, c.RUN_STATE_RUNNING), timeout=20)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -93,3 +95,41 @@ async def runtime_worker(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+
+
+async def demo_worker_process(
+    target: str, worker_id: str, concurrency: int = 4
+) -> asyncio.subprocess.Process:
+    """`jobtrace worker --demo` as a real process (several targets: fail-over)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "jobtrace",
+        "worker",
+        "--demo",
+        "--target",
+        target,
+        "--worker-id",
+        worker_id,
+        "--concurrency",
+        str(concurrency),
+        "--log-level",
+        "WARNING",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+async def terminate(*procs: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
+    """SIGTERM every process still running, wait for each, SIGKILL what hangs."""
+    for proc in procs:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            async with asyncio.timeout(timeout):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()

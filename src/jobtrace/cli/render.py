@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -120,25 +121,17 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO | N
     for row in rows:
         for i, cell in enumerate(row):
             widths[i] = max(widths[i], visible_len(cell))
-    lines = [headers, *rows]
-    for n, row in enumerate(lines):
+    for row in [headers, *rows]:
         cells = [cell + " " * (widths[i] - visible_len(cell)) for i, cell in enumerate(row)]
         out.write("  ".join(cells).rstrip() + "\n")
-        if n == 0 and not rows:
-            break
     out.flush()
 
 
+ANSI = re.compile(r"(\x1b\[[0-9;]*m)")
+
+
 def visible_len(text: str) -> int:
-    length, escape = 0, False
-    for ch in text:
-        if escape:
-            escape = ch != "m"
-        elif ch == "\x1b":
-            escape = True
-        else:
-            length += 1
-    return length
+    return len(ANSI.sub("", text))
 
 
 def clip(text: str, width: int) -> str:
@@ -146,18 +139,14 @@ def clip(text: str, width: int) -> str:
     if visible_len(text) <= width:
         return text
     out: list[str] = []
-    length, escape = 0, False
-    for ch in text:
-        if escape:
-            escape = ch != "m"
-        elif ch == "\x1b":
-            escape = True
-        elif length >= width:
-            break
-        else:
-            length += 1
-        out.append(ch)
-    return "".join(out) + ("\x1b[0m" if "\x1b" in text else "")
+    left = width
+    for part in ANSI.split(text):  # text and colour codes, alternating
+        if ANSI.fullmatch(part):
+            out.append(part)
+        elif left > 0:
+            out.append(part[:left])
+            left -= len(out[-1])
+    return "".join(out) + "\x1b[0m"
 
 
 def shorten(text: str, width: int) -> str:

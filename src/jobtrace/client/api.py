@@ -29,7 +29,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from jobtrace.client.channel import Endpoint
+from jobtrace.client.channel import DEFAULT_TARGET, Endpoint
 from jobtrace.client.errors import from_rpc_error
 from jobtrace.pb import (
     attestation_service_pb2,
@@ -112,17 +112,14 @@ class Client:
         timeout: float | None = 10.0,
         retry: RetryPolicy | None = None,
     ) -> None:
-        if endpoint is None:
-            endpoint = Endpoint.from_env(
-                {},
-                target=target,
-                token=token,
-                tls=tls,
-                ca_file=ca_file,
-                client_cert_file=client_cert_file,
-                client_key_file=client_key_file,
-            )
-        self.endpoint = endpoint
+        self.endpoint = endpoint or Endpoint(
+            target=target or DEFAULT_TARGET,
+            token=token,
+            tls=tls,
+            ca_file=ca_file,
+            client_cert_file=client_cert_file,
+            client_key_file=client_key_file,
+        )
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._channel: grpc.aio.Channel | None = None

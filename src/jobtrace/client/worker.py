@@ -485,7 +485,6 @@ class Worker:
             code=REFUSED,
             retryable=False,
         )
-        replacement.fail.error.details = ""  # the smallest report that can be stored
         await self._send(replacement, wait=False, keep=True)
 
 

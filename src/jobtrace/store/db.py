@@ -469,6 +469,7 @@ def _sqlite_engine(url: str, *, write: bool) -> AsyncEngine:
     if not path or path == ":memory:":
         raise ValueError("SQLite needs a database file (sqlite+aiosqlite:///path/to.db)")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+
     async def connect() -> Any:
         return await _InlineSqlite(
             partial(sqlite3.connect, path, check_same_thread=False), iter_chunk_size=64

@@ -109,14 +109,13 @@ class JobRow(Base):
     )
 
 
-class AnnotationRow(Base):
-    __tablename__ = "annotations"
+class _AnnotationColumns:
+    """What an annotation is, published or pending."""
+
     seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True)
     tenant: Mapped[str] = mapped_column(String(128))
     run_id: Mapped[str] = mapped_column(String(64))
-    job_id: Mapped[str] = mapped_column(String(64), default="")
-    attempt: Mapped[int] = mapped_column(Integer, default=0)
     scope: Mapped[int] = mapped_column(Integer)
     scope_id: Mapped[str] = mapped_column(String(128), default="")
     actor_kind: Mapped[int] = mapped_column(Integer)
@@ -127,6 +126,12 @@ class AnnotationRow(Base):
     payload: Mapped[str | None] = mapped_column(Text, nullable=True)
     idempotency_key: Mapped[str] = mapped_column(String(256), default="")
     created_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class AnnotationRow(_AnnotationColumns, Base):
+    __tablename__ = "annotations"
+    job_id: Mapped[str] = mapped_column(String(64), default="")
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
 
     __table_args__ = (
         Index("ix_annotations_run_seq", "run_id", "seq"),
@@ -143,28 +148,14 @@ class AnnotationRow(Base):
     )
 
 
-class PendingAnnotationRow(Base):
+class PendingAnnotationRow(_AnnotationColumns, Base):
     """Annotations a worker sent for the attempt it runs: stored (durable) when
     acknowledged, invisible to every read, and moved into `annotations` in the
     transaction that ends the attempt, however it ends."""
 
     __tablename__ = "pending_annotations"
-    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
-    id: Mapped[str] = mapped_column(String(64), unique=True)
-    tenant: Mapped[str] = mapped_column(String(128))
-    run_id: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[str] = mapped_column(String(64))
     attempt: Mapped[int] = mapped_column(Integer)
-    scope: Mapped[int] = mapped_column(Integer)
-    scope_id: Mapped[str] = mapped_column(String(128), default="")
-    actor_kind: Mapped[int] = mapped_column(Integer)
-    actor_id: Mapped[str] = mapped_column(String(256))
-    actor_version: Mapped[str] = mapped_column(String(128), default="")
-    key: Mapped[str] = mapped_column(String(256))
-    value: Mapped[str] = mapped_column(Text)
-    payload: Mapped[str | None] = mapped_column(Text, nullable=True)
-    idempotency_key: Mapped[str] = mapped_column(String(256), default="")
-    created_us: Mapped[int] = mapped_column(BigInteger)
 
     __table_args__ = (
         # Publishing (and counting) the annotations of one attempt.
