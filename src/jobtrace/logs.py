@@ -52,13 +52,11 @@ def bind_tenant(name: str) -> None:
 
 
 def fields(record: logging.LogRecord) -> dict[str, Any]:
-    """The record's context and extra fields: explicit `extra=` values win over
-    the context of the RPC that logged it."""
-    out: dict[str, Any] = {}
-    for name, var in CONTEXT:
-        value = var.get()
-        if value:
-            out[name] = value
+    """The record's context (put there by ContextFilter when it was logged, unless
+    `extra=` gave it explicitly) and its other extra fields, context first."""
+    out: dict[str, Any] = {
+        name: record.__dict__[name] for name, _ in CONTEXT if name in record.__dict__
+    }
     for key, value in record.__dict__.items():
         if key not in _STANDARD and not key.startswith("_"):
             out[key] = value

@@ -108,6 +108,8 @@ class Job:
     seq: int = 0
     # The worker session (stream) holding the current lease, if any.
     lease_session: str = ""
+    # Annotations the running attempt's worker sent, published when it ends.
+    pending_annotations: int = 0
 
 
 @dataclass(frozen=True, slots=True)

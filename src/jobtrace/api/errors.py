@@ -12,10 +12,8 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from jobtrace import logs
 from jobtrace.api.wellformed import check_request
 from jobtrace.domain import errors as de
-from jobtrace.store.errors import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -82,21 +80,6 @@ def _check_parsed(request: Any) -> None:
     check_request(request)
 
 
-def unexpected(exc: Exception) -> de.DomainError:
-    """What the caller is told of a failure that is not a rule's: UNAVAILABLE when
-    storage is unreachable (nothing was stored; send it again), INTERNAL otherwise.
-    Neither carries the exception's text (it may hold SQL); the log does."""
-    if is_transient(exc):
-        return de.Unavailable(
-            "storage is unavailable; nothing was stored, send the request again",
-            reason="STORAGE_UNAVAILABLE",
-        )
-    return de.Internal(
-        f"internal error ({type(exc).__name__}); the server log has the details"
-        + (f" under request id {logs.request_id.get()}" if logs.request_id.get() else "")
-    )
-
-
 def rpc(fn: F) -> F:
     """Wrap a servicer method (unary or server-streaming) so that domain errors
     end the call with their status and details, and an unexpected failure is
@@ -115,7 +98,7 @@ def rpc(fn: F) -> F:
                 raise
             except Exception as exc:
                 log.exception("%s failed unexpectedly", fn.__name__)
-                await context.abort_with_status(to_status(unexpected(exc)))
+                await context.abort_with_status(to_status(de.unexpected(exc)))
 
         return stream  # type: ignore[return-value]
 
@@ -130,6 +113,6 @@ def rpc(fn: F) -> F:
             raise
         except Exception as exc:
             log.exception("%s failed unexpectedly", fn.__name__)
-            await context.abort_with_status(to_status(unexpected(exc)))
+            await context.abort_with_status(to_status(de.unexpected(exc)))
 
     return unary  # type: ignore[return-value]

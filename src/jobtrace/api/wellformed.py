@@ -44,28 +44,62 @@ def check_request(message: Any) -> None:
     if not isinstance(message, Message):
         return  # a request that did not parse is refused elsewhere
     out: list[FieldViolation] = []
-    _message(message, "", out)
+    _message(message, (), out)
     if out:
         raise Invalid(out[:MAX_VIOLATIONS])
 
 
-# Per field: how to check it (computed once per descriptor, not per request).
-_Plan = dict[str, tuple[int, bool, int]]
-_plans: dict[Any, _Plan] = {}
+# A field path, built as a chain of (parent, how, segment) and spelled out only
+# for a violation: most requests have none, and formatting every element's
+# path would cost more than the walk itself.
+Path = tuple[Any, ...]
+_FIELD, _INDEX, _KEY = range(3)
 
 
-def _plan(descriptor: Any) -> _Plan:
+def _spell(path: Path) -> str:
+    parts: list[str] = []
+    while path:
+        path, how, segment = path
+        if how == _FIELD:
+            parts.append("." + segment)
+        elif how == _INDEX:
+            parts.append(f"[{segment}]")
+        else:
+            short = repr(segment[:60]) + "..." if len(segment) > 64 else repr(segment)
+            parts.append(f"[{short}]")
+    return "".join(reversed(parts)).lstrip(".")
+
+
+def _bad(out: list[FieldViolation], path: Path, problem: str) -> None:
+    out.append(FieldViolation(_spell(path), problem))
+
+
+# Per message type: a well-known type's own check, or per field how to check it
+# (computed once per descriptor, not per request).
+_plans: dict[Any, Any] = {}
+
+
+def _plan(descriptor: Any) -> Any:
     plan = _plans.get(descriptor)
     if plan is None:
-        plan = {}
-        for field in descriptor.fields:
-            repeated = field.is_repeated
-            if field.message_type is not None and field.message_type.GetOptions().map_entry:
-                key_field, value_field = field.message_type.fields
-                value_kind = _kind(value_field)
-                plan[field.name] = (_MAP, key_field.type == FieldDescriptor.TYPE_STRING, value_kind)
-            else:
-                plan[field.name] = (_kind(field), repeated, _OTHER)
+        special = {
+            _STRUCT: _struct,
+            _VALUE: _value,
+            _LIST: _list,
+            _TIMESTAMP: _timestamp,
+            _DURATION: _duration,
+        }.get(descriptor.full_name)
+        if special is not None:
+            plan = special
+        else:
+            plan = {}
+            for field in descriptor.fields:
+                if field.message_type is not None and field.message_type.GetOptions().map_entry:
+                    key_field, value_field = field.message_type.fields
+                    is_text = key_field.type == FieldDescriptor.TYPE_STRING
+                    plan[field.name] = (_MAP, is_text, _kind(value_field))
+                else:
+                    plan[field.name] = (_kind(field), field.is_repeated, _OTHER)
         _plans[descriptor] = plan
     return plan
 
@@ -80,105 +114,77 @@ def _kind(field: FieldDescriptor) -> int:
     return _OTHER
 
 
-def _key(key: Any) -> str:
-    """A map key as it appears in a field path (long ones shortened)."""
-    if isinstance(key, str) and len(key) > 64:
-        return repr(key[:60]) + "..."
-    return repr(key)
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
-
-
-def _message(message: Message, path: str, out: list[FieldViolation]) -> None:
-    descriptor = message.DESCRIPTOR
-    name = descriptor.full_name
-    if name == _STRUCT:
-        _struct(message, path, out)
+def _message(message: Message, path: Path, out: list[FieldViolation]) -> None:
+    plan = _plan(message.DESCRIPTOR)
+    if not isinstance(plan, dict):
+        plan(message, path, out)
         return
-    if name == _VALUE:
-        _value(message, path, out)
-        return
-    if name == _LIST:
-        for i, item in enumerate(message.values):  # type: ignore[attr-defined]
-            _value(item, f"{path}[{i}]", out)
-        return
-    if name == _TIMESTAMP:
-        _timestamp(message, path, out)
-        return
-    if name == _DURATION:
-        _duration(message, path, out)
-        return
-    plan = _plan(descriptor)
     for field, value in message.ListFields():
         kind, flag, value_kind = plan[field.name]
         if kind == _OTHER:
             continue
-        where = _join(path, field.name)
+        where = (path, _FIELD, field.name)
         if kind == _MAP:
             for key, item in value.items():
-                at = f"{where}[{_key(key)}]"
+                at = (where, _KEY, key)
                 if flag and "\x00" in key:
-                    out.append(FieldViolation(at, "key " + NUL))
+                    _bad(out, at, "key " + NUL)
                 _scalar_or_message(value_kind, item, at, out)
         elif flag:  # repeated
             for i, item in enumerate(value):
-                _scalar_or_message(kind, item, f"{where}[{i}]", out)
+                _scalar_or_message(kind, item, (where, _INDEX, i), out)
         else:
             _scalar_or_message(kind, value, where, out)
 
 
-def _scalar_or_message(kind: int, value: Any, path: str, out: list[FieldViolation]) -> None:
+def _scalar_or_message(kind: int, value: Any, path: Path, out: list[FieldViolation]) -> None:
     if kind == _TEXT:
         if "\x00" in value:
-            out.append(FieldViolation(path, NUL))
+            _bad(out, path, NUL)
     elif kind == _FLOAT:
         if not math.isfinite(value):
-            out.append(FieldViolation(path, f"{NON_FINITE} (got {value})"))
+            _bad(out, path, f"{NON_FINITE} (got {value})")
     elif kind == _MESSAGE:
         _message(value, path, out)
 
 
-def _struct(struct: Any, path: str, out: list[FieldViolation]) -> None:
+def _struct(struct: Any, path: Path, out: list[FieldViolation]) -> None:
     for key, item in struct.fields.items():
-        at = f"{path}[{_key(key)}]"
+        at = (path, _KEY, key)
         if "\x00" in key:
-            out.append(FieldViolation(at, "key " + NUL))
+            _bad(out, at, "key " + NUL)
         _value(item, at, out)
 
 
-def _value(value: Any, path: str, out: list[FieldViolation]) -> None:
+def _list(values: Any, path: Path, out: list[FieldViolation]) -> None:
+    for i, item in enumerate(values.values):
+        _value(item, (path, _INDEX, i), out)
+
+
+def _value(value: Any, path: Path, out: list[FieldViolation]) -> None:
     kind = value.WhichOneof("kind")
     if kind == "string_value":
         if "\x00" in value.string_value:
-            out.append(FieldViolation(path, NUL))
+            _bad(out, path, NUL)
     elif kind == "number_value":
         if not math.isfinite(value.number_value):
-            out.append(FieldViolation(path, f"{NON_FINITE} (got {value.number_value})"))
+            _bad(out, path, f"{NON_FINITE} (got {value.number_value})")
     elif kind == "struct_value":
         _struct(value.struct_value, path, out)
     elif kind == "list_value":
-        for i, item in enumerate(value.list_value.values):
-            _value(item, f"{path}[{i}]", out)
+        _list(value.list_value, path, out)
 
 
-def _timestamp(ts: Any, path: str, out: list[FieldViolation]) -> None:
+def _timestamp(ts: Any, path: Path, out: list[FieldViolation]) -> None:
     if not (_MIN_TS_SECONDS <= ts.seconds <= _MAX_TS_SECONDS and 0 <= ts.nanos <= _MAX_NANOS):
-        out.append(
-            FieldViolation(
-                path,
-                "must be a valid Timestamp: years 0001 to 9999, nanos 0 to 999,999,999",
-            )
-        )
+        _bad(out, path, "must be a valid Timestamp: years 0001 to 9999, nanos 0 to 999,999,999")
 
 
-def _duration(d: Any, path: str, out: list[FieldViolation]) -> None:
+def _duration(d: Any, path: Path, out: list[FieldViolation]) -> None:
     same_sign = d.seconds == 0 or d.nanos == 0 or (d.seconds < 0) == (d.nanos < 0)
     if not (abs(d.seconds) <= _MAX_DURATION_SECONDS and abs(d.nanos) <= _MAX_NANOS and same_sign):
-        out.append(
-            FieldViolation(
-                path,
-                "must be a valid Duration: at most 10,000 years, seconds and nanos of one sign",
-            )
+        _bad(
+            out,
+            path,
+            "must be a valid Duration: at most 10,000 years, seconds and nanos of one sign",
         )

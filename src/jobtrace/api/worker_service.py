@@ -11,12 +11,12 @@ from typing import Any
 import grpc
 
 from jobtrace.api import convert
-from jobtrace.api import errors as api_errors
 from jobtrace.api.errors import to_status
 from jobtrace.api.handlers import MalformedRequest
 from jobtrace.api.limits import StreamLimiter
 from jobtrace.api.wellformed import check_request
 from jobtrace.auth import Authenticator, Role
+from jobtrace.domain import errors as domain_errors
 from jobtrace.domain import scheduler as sch
 from jobtrace.domain.errors import DomainError, FailedPrecondition, Invalid
 from jobtrace.model import Failure
@@ -225,7 +225,7 @@ def unexpected(
         exc_info=exc,
         extra={"worker_id": worker_id, "message_kind": kind},
     )
-    return refused(message, api_errors.unexpected(exc), fatal)
+    return refused(message, domain_errors.unexpected(exc), fatal)
 
 
 def refused(message: pb.ConnectRequest, exc: DomainError, fatal: bool = False) -> sch.Refused:

@@ -190,8 +190,11 @@ class Annotations:
 
         async def op(session: AsyncSession, tx: Tx) -> list[Annotation]:
             state: RunState | None = None
+            traceparent = ""
             if emit_event:  # under the run's lock: its event must not follow the final one
-                tenant, state = await self._trace.locked_run(session, scope_tenant, run_id)
+                tenant, traceparent, state = await self._trace.locked_run(
+                    session, scope_tenant, run_id
+                )
             else:
                 tenant = await self._trace.require_run(session, scope_tenant, run_id)
             resolved_scope = AnnotationScope(scope or AnnotationScope.RUN)
@@ -243,6 +246,7 @@ class Annotations:
                     [
                         TraceEvent(
                             run_id=run_id,
+                            traceparent=traceparent,
                             node_id=resolved_scope_id or job_id or "",
                             job_id=job_id,
                             attempt=attempt,

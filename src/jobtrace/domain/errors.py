@@ -93,3 +93,23 @@ class Violations:
     def raise_if_any(self) -> None:
         if self.items:
             raise Invalid(self.items)
+
+
+def unexpected(exc: Exception) -> DomainError:
+    """What a caller is told of a failure that is not a rule's: UNAVAILABLE when
+    storage is unreachable (send the request again), INTERNAL otherwise. Neither
+    carries the exception's text (it may hold SQL); the log does, under the
+    request id the message gives."""
+    from jobtrace import logs
+    from jobtrace.store.errors import is_transient
+
+    if is_transient(exc):
+        return Unavailable(
+            "storage is unavailable; the request may not have been stored: send it again",
+            reason="STORAGE_UNAVAILABLE",
+        )
+    rid = logs.request_id.get()
+    return Internal(
+        f"internal error ({type(exc).__name__}); the server log has the details"
+        + (f" under request id {rid}" if rid else "")
+    )

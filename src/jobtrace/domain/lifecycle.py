@@ -41,9 +41,11 @@ async def set_job(session: AsyncSession, job: Job, **changes: object) -> Job:
     (completion, failure, lost or expired lease, timeout, cancel of the job or
     its workflow): the annotations its worker sent become visible in the same
     transaction."""
+    if job.state == RunState.RUNNING and changes.get("state", job.state) != RunState.RUNNING:
+        if job.pending_annotations:  # most attempts have none: no query then
+            await store.publish_annotations(session, job.id, job.attempt)
+            changes["pending_annotations"] = 0
     new = replace(job, **changes)  # type: ignore[arg-type]
-    if job.state == RunState.RUNNING and new.state != RunState.RUNNING:
-        await store.publish_annotations(session, job.id, job.attempt)
     values: dict[str, object] = {}
     for name, value in changes.items():
         if name == "state":
@@ -56,6 +58,19 @@ async def set_job(session: AsyncSession, job: Job, **changes: object) -> Job:
             values[name] = value
     await store.update_job(session, job.id, **values)
     return new
+
+
+def job_log_fields(job: Job) -> dict[str, object]:
+    """What a log line about a job says of it (besides the request's context)."""
+    out: dict[str, object] = {
+        "job_id": job.id,
+        "tenant": job.tenant,
+        "service": job.spec.service,
+        "attempt": job.attempt,
+    }
+    if job.workflow_id:
+        out["workflow_id"] = job.workflow_id
+    return out
 
 
 def run_of(job: Job) -> str:
@@ -81,15 +96,7 @@ class Lifecycle:
         rerun, so logging inside it could tell of something that never happened)."""
         if not log.isEnabledFor(level):
             return
-        extra: dict[str, object] = {
-            "job_id": job.id,
-            "tenant": job.tenant,
-            "service": job.spec.service,
-            "attempt": job.attempt,
-        }
-        if job.workflow_id:
-            extra["workflow_id"] = job.workflow_id
-        extra.update(fields)
+        extra = {**job_log_fields(job), **fields}
         tx.on_commit(lambda: log.log(level, message, extra=extra))
 
     async def _attest_job(

@@ -32,9 +32,9 @@ from jobtrace.domain.validation import (
     SERVICE_RE,
     check_affinity,
     check_id,
+    check_labels,
     check_size,
     check_text,
-    check_worker_labels,
 )
 from jobtrace.ids import new_id
 from jobtrace.model import (
@@ -46,7 +46,6 @@ from jobtrace.model import (
     RunState,
 )
 from jobtrace.store import jobs as store
-from jobtrace.store import trace as trace_store
 from jobtrace.store.db import Database, Tx
 
 log = logging.getLogger(__name__)
@@ -298,7 +297,7 @@ class Scheduler:
                 v.add(f"hello.services[{i}]", f"this worker may not serve {service!r}")
         if not 0 <= hello.max_concurrency <= MAX_CONCURRENCY:
             v.add("hello.max_concurrency", f"must be between 1 and {MAX_CONCURRENCY} (0 means 1)")
-        check_worker_labels(v, "hello.labels", hello.labels)
+        check_labels(v, "hello.labels", hello.labels, free_keys=True)
         check_affinity(v, "hello.affinity_keys", hello.affinity_keys, MAX_WORKER_AFFINITY_KEYS)
         if len(hello.running) > MAX_CONCURRENCY:
             v.add("hello.running", f"at most {MAX_CONCURRENCY} jobs (got {len(hello.running)})")
@@ -589,29 +588,21 @@ class Scheduler:
                 session.tenants,
             )
             run_id = lifecycle.run_of(job)
-            # Keyed events are idempotent, as with AppendTraceEvents: a resent
-            # report stores each key once.
-            keys = [item.event.event_key for item in inputs if item.event.event_key]
-            seen = set(await trace_store.events_by_key(db, run_id, keys))
-            events = []
-            for item in inputs:
-                key = item.event.event_key
-                if key:
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                events.append(
-                    replace(
-                        item.event,
-                        run_id=run_id,
-                        node_id=item.event.node_id or lifecycle.node_of(job),
-                        job_id=job.id,
-                        attempt=job.attempt,
-                        worker_id=session.worker_id,
-                        traceparent=job.traceparent,
-                    )
+            events = [
+                replace(
+                    item.event,
+                    run_id=run_id,
+                    node_id=item.event.node_id or lifecycle.node_of(job),
+                    job_id=job.id,
+                    attempt=job.attempt,
+                    worker_id=session.worker_id,
+                    traceparent=job.traceparent,
                 )
-            await self._life.trace.record(db, tx, job.tenant, events)
+                for item in inputs
+            ]
+            # Keyed events are idempotent, as with AppendTraceEvents.
+            fresh, _ = await self._life.trace.unseen(db, run_id, events)
+            await self._life.trace.record(db, tx, job.tenant, fresh)
 
         await self._db.write(op)
 
@@ -641,8 +632,7 @@ class Scheduler:
                 "annotate",
                 session.tenants,
             )
-            stored = await store.count_pending_annotations(db, job_id, attempt)
-            if stored + len(item.attributes) > MAX_ATTEMPT_ANNOTATIONS:
+            if job.pending_annotations + len(item.attributes) > MAX_ATTEMPT_ANNOTATIONS:
                 raise ResourceExhausted(
                     f"at most {MAX_ATTEMPT_ANNOTATIONS} annotations per attempt",
                     reason="TOO_MANY_ANNOTATIONS",
@@ -659,6 +649,9 @@ class Scheduler:
                 scope_id=job.step_name,
             )
             await store.insert_pending_annotations(db, annotations)
+            await store.update_job(
+                db, job_id, pending_annotations=job.pending_annotations + len(annotations)
+            )
 
         await self._db.write(op)
 
@@ -761,13 +754,7 @@ class Scheduler:
                 job = assign.job
                 log.info(
                     "job assigned",
-                    extra={
-                        "job_id": job.id,
-                        "tenant": job.tenant,
-                        "service": job.spec.service,
-                        "attempt": job.attempt,
-                        "worker_id": session.worker_id,
-                    },
+                    extra={**lifecycle.job_log_fields(job), "worker_id": session.worker_id},
                 )
 
         async def op(db: AsyncSession, tx: Tx) -> None:

@@ -268,23 +268,38 @@ class Trace:
         async def op(session: AsyncSession, tx: Tx) -> list[TraceEvent]:
             # Under the run's row lock: the transition that ends a run takes the
             # same lock, so it cannot commit between this check and these events.
-            tenant, traceparent, state = await self._run_owner(session, scope, run_id, lock=True)
-            keys = [item.event.event_key for item in inputs]
-            existing = await store.events_by_key(session, run_id, keys)
-            fresh: dict[str, TraceEvent] = {}
-            for item in inputs:
-                key = item.event.event_key
-                if key not in existing and key not in fresh:
-                    fresh[key] = replace(item.event, run_id=run_id, traceparent=traceparent)
+            tenant, traceparent, state = await self._run_owner(
+                session, scope, run_id, lock=True, traceparent=True
+            )
+            events = [replace(i.event, run_id=run_id, traceparent=traceparent) for i in inputs]
+            fresh, existing = await self.unseen(session, run_id, events)
             if fresh and state.terminal:
                 # Readers already have the final status; a retry of an append
                 # stored before the end still gets its events back.
                 raise run_ended(run_id, state)
-            for e in await self.record(session, tx, tenant, list(fresh.values())):
+            for e in await self.record(session, tx, tenant, fresh):
                 existing[e.event_key] = e
-            return [existing[k] for k in keys]
+            return [existing[e.event_key] for e in events]
 
         return await self._db.write(op)
+
+    async def unseen(
+        self, session: AsyncSession, run_id: str, events: list[TraceEvent]
+    ) -> tuple[list[TraceEvent], dict[str, TraceEvent]]:
+        """The events not stored yet, and the stored events of the keys given.
+        Each event_key is stored once, so a retried append or a resent worker
+        report stores nothing twice; an event without a key is always new."""
+        keys = [e.event_key for e in events if e.event_key]
+        existing = await store.events_by_key(session, run_id, keys) if keys else {}
+        seen = set(existing)
+        fresh = []
+        for e in events:
+            if e.event_key:
+                if e.event_key in seen:
+                    continue
+                seen.add(e.event_key)
+            fresh.append(e)
+        return fresh, existing
 
     async def require_run(self, session: AsyncSession, tenant: str | None, run_id: str) -> str:
         """The run's tenant, if it exists and `tenant` (None: any) may see it."""
@@ -293,18 +308,24 @@ class Trace:
 
     async def locked_run(
         self, session: AsyncSession, tenant: str | None, run_id: str
-    ) -> tuple[str, RunState]:
-        """(tenant, state) of a run read under its row lock, so that no transition
-        that ends it can commit before this transaction does."""
-        owner, _, state = await self._run_owner(session, tenant, run_id, lock=True)
-        return owner, state
+    ) -> tuple[str, str, RunState]:
+        """(tenant, traceparent, state) of a run read under its row lock, so that
+        no transition that ends it can commit before this transaction does."""
+        return await self._run_owner(session, tenant, run_id, lock=True, traceparent=True)
 
     async def _run_owner(
-        self, session: AsyncSession, tenant: str | None, run_id: str, *, lock: bool = False
+        self,
+        session: AsyncSession,
+        tenant: str | None,
+        run_id: str,
+        *,
+        lock: bool = False,
+        traceparent: bool = False,
     ) -> tuple[str, str, RunState]:
         """(tenant, traceparent, state) of a run that exists and `tenant` may see.
         With `lock`, read under the row lock of the job or workflow (PostgreSQL;
-        SQLite's one writer needs none), taken in the order transitions take it."""
+        SQLite's one writer needs none), taken in the order transitions take it.
+        A workflow's traceparent costs a query: it is read only when asked for."""
         kind = run_kind(run_id)
         if kind == "job":
             job = await job_store.get_job(session, run_id, tenant, for_update=lock)
@@ -322,8 +343,10 @@ class Trace:
                 await job_store.lock_workflow(session, run_id)
             row = await job_store.get_workflow_row(session, run_id, tenant)
             if row is not None:
-                traceparent = await job_store.workflow_traceparent(session, run_id)
-                return row.tenant, traceparent, RunState(row.state)
+                parent = (
+                    await job_store.workflow_traceparent(session, run_id) if traceparent else ""
+                )
+                return row.tenant, parent, RunState(row.state)
         raise NotFound(
             f"run {run_id!r} not found", reason="RUN_NOT_FOUND", metadata={"run_id": run_id}
         )

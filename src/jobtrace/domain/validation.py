@@ -53,27 +53,23 @@ def check_text(v: Violations, field: str, value: str, limit: int) -> None:
         v.add(field, f"must be at most {limit} characters (got {len(value)})")
 
 
-def check_labels(v: Violations, field: str, labels: Mapping[str, str]) -> None:
+def check_labels(
+    v: Violations, field: str, labels: Mapping[str, str], *, free_keys: bool = False
+) -> None:
+    """Bounded labels; keys match LABEL_KEY_RE, or with `free_keys` (the labels a
+    worker describes itself with) are any 1-MAX_WORKER_LABEL_KEY characters."""
     if len(labels) > MAX_LABELS:
         v.add(field, f"at most {MAX_LABELS} labels (got {len(labels)})")
         return
     for key, value in labels.items():
-        if not LABEL_KEY_RE.match(key):
-            v.add(f"{field}[{key!r}]", "key must be 1-63 characters of [a-z0-9._/-]")
+        at = f"{field}[{key[:64]!r}]"
+        if free_keys:
+            if not key or len(key) > MAX_WORKER_LABEL_KEY:
+                v.add(at, f"key must be 1-{MAX_WORKER_LABEL_KEY} characters")
+        elif not LABEL_KEY_RE.match(key):
+            v.add(at, "key must be 1-63 characters of [a-z0-9._/-]")
         if len(value) > MAX_LABEL_VALUE:
-            v.add(f"{field}[{key!r}]", f"value must be at most {MAX_LABEL_VALUE} characters")
-
-
-def check_worker_labels(v: Violations, field: str, labels: Mapping[str, str]) -> None:
-    """Free-form labels a worker describes itself with: bounded, not patterned."""
-    if len(labels) > MAX_LABELS:
-        v.add(field, f"at most {MAX_LABELS} labels (got {len(labels)})")
-        return
-    for key, value in labels.items():
-        if not key or len(key) > MAX_WORKER_LABEL_KEY:
-            v.add(f"{field}[{key[:64]!r}]", f"key must be 1-{MAX_WORKER_LABEL_KEY} characters")
-        if len(value) > MAX_LABEL_VALUE:
-            v.add(f"{field}[{key[:64]!r}]", f"value must be at most {MAX_LABEL_VALUE} characters")
+            v.add(at, f"value must be at most {MAX_LABEL_VALUE} characters")
 
 
 def check_page_size(v: Violations, field: str, page_size: int) -> int:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -453,14 +454,32 @@ class _InlineSqlite(aiosqlite.Connection):  # type: ignore[misc]
     costs far more than the statement itself (SQLite answers in microseconds
     from its page cache); with one writer running a group commit's statements
     one after the other, those round trips set the write throughput. Here only
-    COMMIT (the fsync) and connection set-up go to the thread."""
+    what may wait goes to the thread: COMMIT (the fsync), BEGIN IMMEDIATE (which
+    waits out another process's write lock, up to busy_timeout), closing and
+    set-up.
+
+    A sqlite3 connection must never be used by two threads at once. A caller
+    cancelled while the thread runs its COMMIT goes on (SQLAlchemy then rolls
+    back or closes) while the COMMIT is still running, so every use, here and
+    in the thread, holds the connection's lock."""
+
+    _THREADED = frozenset({"commit", "close"})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard = threading.Lock()
 
     async def _execute(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if not self._running or not self._connection:
             raise ValueError("Connection closed")
-        if getattr(fn, "__name__", "") == "commit":
-            return await super()._execute(fn, *args, **kwargs)
-        return fn(*args, **kwargs)
+        name = getattr(fn, "__name__", "")
+        if name in self._THREADED or (name == "execute" and args and args[0] == "BEGIN IMMEDIATE"):
+            return await super()._execute(self._guarded, fn, *args, **kwargs)
+        return self._guarded(fn, *args, **kwargs)
+
+    def _guarded(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._guard:
+            return fn(*args, **kwargs)
 
 
 def _sqlite_engine(url: str, *, write: bool) -> AsyncEngine:

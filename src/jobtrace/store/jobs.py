@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -104,6 +104,7 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         "failure": codec.failure_dumps(job.failure),
         "worker_id": job.worker_id,
         "lease_session": job.lease_session,
+        "pending_annotations": job.pending_annotations,
         "lease_deadline_us": job.lease_deadline_us,
         "next_attempt_us": job.next_attempt_us,
         "traceparent": job.traceparent,
@@ -154,6 +155,7 @@ def job_from_row(row: JobRow) -> Job:
         traceparent=row.traceparent,
         seq=row.seq,
         lease_session=row.lease_session,
+        pending_annotations=row.pending_annotations,
     )
 
 
@@ -385,13 +387,6 @@ async def insert_pending_annotations(
         await session.execute(insert(PendingAnnotationRow), values)
 
 
-async def count_pending_annotations(session: AsyncSession, job_id: str, attempt: int) -> int:
-    stmt = select(func.count()).where(
-        PendingAnnotationRow.job_id == job_id, PendingAnnotationRow.attempt == attempt
-    )
-    return int((await session.execute(stmt)).scalar() or 0)
-
-
 _ANNOTATION_COLUMNS = (
     "id",
     "tenant",
@@ -474,7 +469,6 @@ async def next_eligible_us(session: AsyncSession, services: Iterable[str], now: 
     svc = list(services)
     if not svc:
         return None
-    from sqlalchemy import func
 
     later: Any = func.max(JobRow.not_before_us, JobRow.next_attempt_us)
     if not _is_sqlite(session):
@@ -534,20 +528,15 @@ async def extend_leases(
     values: dict[str, Any] = {"lease_deadline_us": deadline_us}
     if session_id:
         values["lease_session"] = session_id
-    by_attempt: dict[int, list[str]] = {}
-    for job_id, attempt in attempts.items():
-        by_attempt.setdefault(attempt, []).append(job_id)
-    for attempt, job_ids in by_attempt.items():  # one statement per attempt number
-        await session.execute(
-            update(JobRow)
-            .where(
-                JobRow.id.in_(job_ids),
-                JobRow.attempt == attempt,
-                JobRow.worker_id == worker_id,
-                JobRow.state == int(RunState.RUNNING),
-            )
-            .values(**values)
+    await session.execute(
+        update(JobRow)
+        .where(
+            tuple_(JobRow.id, JobRow.attempt).in_(list(attempts.items())),
+            JobRow.worker_id == worker_id,
+            JobRow.state == int(RunState.RUNNING),
         )
+        .values(**values)
+    )
     stmt = select(JobRow).where(JobRow.id.in_(list(attempts)))
     return [job_from_row(r) for r in (await session.execute(stmt)).scalars()]
 
@@ -634,7 +623,6 @@ async def list_annotations(
 
 async def count_waiting(session: AsyncSession, tenant: str, cap: int) -> int:
     """Jobs of a tenant waiting to run (QUEUED or PENDING), counted up to `cap`."""
-    from sqlalchemy import func
 
     inner = (
         select(JobRow.seq)
@@ -647,13 +635,12 @@ async def count_waiting(session: AsyncSession, tenant: str, cap: int) -> int:
     return int((await session.execute(select(func.count()).select_from(inner))).scalar() or 0)
 
 
-NON_TERMINAL = (RunState.PENDING, RunState.QUEUED, RunState.RUNNING)
+NON_TERMINAL = tuple(s for s in RunState if s and not s.terminal)
 
 
 async def queue_depth(session: AsyncSession) -> list[tuple[str, RunState, int]]:
     """(service, state, jobs) of every non-terminal state, across tenants; one
     GROUP BY over the dispatch index."""
-    from sqlalchemy import func
 
     rows = await session.execute(
         select(JobRow.service, JobRow.state, func.count())
