@@ -463,8 +463,6 @@ class _InlineSqlite(aiosqlite.Connection):  # type: ignore[misc]
     back or closes) while the COMMIT is still running, so every use, here and
     in the thread, holds the connection's lock."""
 
-    _THREADED = frozenset({"commit", "close"})
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._guard = threading.Lock()
@@ -472,8 +470,9 @@ class _InlineSqlite(aiosqlite.Connection):  # type: ignore[misc]
     async def _execute(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if not self._running or not self._connection:
             raise ValueError("Connection closed")
-        name = getattr(fn, "__name__", "")
-        if name in self._THREADED or (name == "execute" and args and args[0] == "BEGIN IMMEDIATE"):
+        conn = self._connection
+        # The connection's own commit and close go (a cursor's close stays here).
+        if fn == conn.commit or fn == conn.close or (args and args[0] == "BEGIN IMMEDIATE"):
             return await super()._execute(self._guarded, fn, *args, **kwargs)
         return self._guarded(fn, *args, **kwargs)
 
