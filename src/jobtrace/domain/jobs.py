@@ -456,14 +456,15 @@ class Jobs:
         found = await store.get_submission(session, tenant, request_id)
         if found is None:
             return None
-        if found.kind != kind or found.request_hash != request_hash:
+        found_kind, entity_id = str(found["kind"]), str(found["entity_id"])
+        if found_kind != kind or found["request_hash"] != request_hash:
             raise AlreadyExists(
                 f"request_id {request_id!r} was already used for a different request "
-                f"({found.kind} {found.entity_id})",
+                f"({found_kind} {entity_id})",
                 reason="IDEMPOTENCY_CONFLICT",
-                metadata={"existing_id": found.entity_id, "existing_kind": found.kind},
+                metadata={"existing_id": entity_id, "existing_kind": found_kind},
             )
-        return found.entity_id
+        return entity_id
 
     # --- reads ------------------------------------------------------------
 

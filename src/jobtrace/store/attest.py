@@ -10,7 +10,8 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.model import Attestation, AttestationType, RunState, SigningKey
-from jobtrace.store import codec
+from jobtrace.store import codec, sql
+from jobtrace.store.sql import Query
 from jobtrace.store.tables import AttestationRow, PrunedAttestationRow, SigningKeyRow
 
 
@@ -113,49 +114,77 @@ def _json_object(text: str, problems: list[str]) -> Any:
     return data
 
 
+_CHAIN_HEAD = Query(
+    "SELECT chain_seq, digest FROM attestations WHERE chain_id = :chain_id"
+    " ORDER BY chain_seq DESC LIMIT 1"
+)
+_PRUNED_HEAD = Query(
+    "SELECT chain_seq, digest FROM pruned_attestations WHERE chain_id = :chain_id"
+    " ORDER BY chain_seq DESC LIMIT 1"
+)
+_ATTESTATION_COLUMNS = (
+    "key",
+    "tenant",
+    "type",
+    "entity_type",
+    "entity_id",
+    "workflow_id",
+    "job_id",
+    "worker_id",
+    "attempt",
+    "state",
+    "data",
+    "chain_id",
+    "chain_seq",
+    "digest",
+    "previous_digest",
+    "signature",
+    "key_id",
+    "created_us",
+    "expire_us",
+)
+_INSERT_ATTESTATION = Query(
+    f"INSERT INTO attestations ({', '.join(map(sql.quoted, _ATTESTATION_COLUMNS))})"
+    f" VALUES ({', '.join(':' + c for c in _ATTESTATION_COLUMNS)})"
+)
+
+
 async def chain_head(session: AsyncSession, chain_id: str) -> tuple[int, str]:
     """(last chain_seq, its digest) of a chain, counting pruned links; (0, '') if new."""
-    stmt = (
-        select(AttestationRow.chain_seq, AttestationRow.digest)
-        .where(AttestationRow.chain_id == chain_id)
-        .order_by(AttestationRow.chain_seq.desc())
-        .limit(1)
-    )
-    row = (await session.execute(stmt)).first()
-    pruned_stmt = (
-        select(PrunedAttestationRow.chain_seq, PrunedAttestationRow.digest)
-        .where(PrunedAttestationRow.chain_id == chain_id)
-        .order_by(PrunedAttestationRow.chain_seq.desc())
-        .limit(1)
-    )
-    pruned = (await session.execute(pruned_stmt)).first()
-    best = max([r for r in (row, pruned) if r is not None], key=lambda r: r[0], default=None)
-    return (int(best[0]), str(best[1])) if best is not None else (0, "")
+    params = {"chain_id": chain_id}
+    heads = [
+        (int(row["chain_seq"]), str(row["digest"]))
+        for q in (_CHAIN_HEAD, _PRUNED_HEAD)
+        if (row := await sql.fetch_one(session, q, params)) is not None
+    ]
+    return max(heads, default=(0, ""))
 
 
 async def insert_attestation(session: AsyncSession, a: Attestation) -> None:
-    await session.execute(
-        insert(AttestationRow).values(
-            key=a.key,
-            tenant=a.tenant,
-            type=int(a.type),
-            entity_type=a.entity_type,
-            entity_id=a.entity_id,
-            workflow_id=a.workflow_id,
-            job_id=a.job_id,
-            worker_id=a.worker_id,
-            attempt=a.attempt,
-            state=int(a.state),
-            data=codec.dumps(a.data),
-            chain_id=a.chain_id,
-            chain_seq=a.chain_seq,
-            digest=a.digest,
-            previous_digest=a.previous_digest,
-            signature=a.signature.hex(),
-            key_id=a.key_id,
-            created_us=a.created_us,
-            expire_us=a.expire_us,
-        )
+    await sql.execute(
+        session,
+        _INSERT_ATTESTATION,
+        {
+            "key": a.key,
+            "tenant": a.tenant,
+            "type": int(a.type),
+            "entity_type": a.entity_type,
+            "entity_id": a.entity_id,
+            "workflow_id": a.workflow_id,
+            "job_id": a.job_id,
+            "worker_id": a.worker_id,
+            "attempt": a.attempt,
+            "state": int(a.state),
+            "data": codec.dumps(a.data),
+            "chain_id": a.chain_id,
+            "chain_seq": a.chain_seq,
+            "digest": a.digest,
+            "previous_digest": a.previous_digest,
+            "signature": a.signature.hex(),
+            "key_id": a.key_id,
+            "created_us": a.created_us,
+            "expire_us": a.expire_us,
+        },
     )
 
 

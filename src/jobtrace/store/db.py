@@ -447,7 +447,7 @@ def _upgrade(connection: Connection) -> None:
     command.upgrade(config, "head")
 
 
-class _InlineSqlite(aiosqlite.Connection):  # type: ignore[misc]
+class InlineSqlite(aiosqlite.Connection):  # type: ignore[misc]
     """An aiosqlite connection that runs statements on the event loop's thread.
 
     aiosqlite hands every statement to a thread and back, a round trip that
@@ -480,6 +480,34 @@ class _InlineSqlite(aiosqlite.Connection):  # type: ignore[misc]
         with self._guard:
             return fn(*args, **kwargs)
 
+    # Statements run by jobtrace.store.sql, straight on the sqlite3 connection.
+
+    def _sqlite3(self) -> sqlite3.Connection:
+        if not self._running or not self._connection:
+            raise ValueError("Connection closed")
+        return self._connection  # type: ignore[no-any-return]
+
+    def fetch(self, sql: str, params: Any) -> list[sqlite3.Row]:
+        with self._guard:
+            cursor = self._sqlite3().cursor()
+            try:
+                cursor.row_factory = sqlite3.Row
+                return cursor.execute(sql, params).fetchall()
+            finally:
+                cursor.close()
+
+    def change(self, sql: str, params: Any) -> int:
+        with self._guard:
+            cursor = self._sqlite3().execute(sql, params)
+            try:
+                return cursor.rowcount
+            finally:
+                cursor.close()
+
+    def change_many(self, sql: str, rows: Any) -> None:
+        with self._guard:
+            self._sqlite3().executemany(sql, rows).close()
+
 
 def _sqlite_engine(url: str, *, write: bool) -> AsyncEngine:
     """SQLite in WAL mode: one writer connection with BEGIN IMMEDIATE, pooled readers."""
@@ -489,7 +517,7 @@ def _sqlite_engine(url: str, *, write: bool) -> AsyncEngine:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
 
     async def connect() -> Any:
-        return await _InlineSqlite(
+        return await InlineSqlite(
             partial(sqlite3.connect, path, check_same_thread=False), iter_chunk_size=64
         )
 

@@ -19,13 +19,13 @@ from jobtrace.model import (
     Workflow,
     WorkflowStep,
 )
-from jobtrace.store import codec
+from jobtrace.store import codec, sql
+from jobtrace.store.sql import Query, Row
 from jobtrace.store.tables import (
     AnnotationRow,
     JobRow,
     Meta,
     PendingAnnotationRow,
-    Submission,
     WorkflowRow,
 )
 
@@ -47,11 +47,21 @@ async def put_meta(session: AsyncSession, key: str, value: str) -> str:
     return stored
 
 
-async def get_submission(session: AsyncSession, tenant: str, request_id: str) -> Submission | None:
-    stmt = select(Submission).where(
-        Submission.tenant == tenant, Submission.request_id == request_id
+_GET_SUBMISSION = Query(
+    "SELECT kind, entity_id, request_hash FROM submissions"
+    " WHERE tenant = :tenant AND request_id = :request_id"
+)
+_INSERT_SUBMISSION = Query(
+    "INSERT INTO submissions (tenant, request_id, kind, entity_id, request_hash, created_us)"
+    " VALUES (:tenant, :request_id, :kind, :entity_id, :request_hash, :created_us)"
+)
+
+
+async def get_submission(session: AsyncSession, tenant: str, request_id: str) -> Row | None:
+    """The earlier submission of a request id: its kind, entity_id and request_hash."""
+    return await sql.fetch_one(
+        session, _GET_SUBMISSION, {"tenant": tenant, "request_id": request_id}
     )
-    return (await session.execute(stmt)).scalar_one_or_none()
 
 
 async def insert_submission(
@@ -64,15 +74,17 @@ async def insert_submission(
     request_hash: str,
     created_us: int,
 ) -> None:
-    await session.execute(
-        insert(Submission).values(
-            tenant=tenant,
-            request_id=request_id,
-            kind=kind,
-            entity_id=entity_id,
-            request_hash=request_hash,
-            created_us=created_us,
-        )
+    await sql.execute(
+        session,
+        _INSERT_SUBMISSION,
+        {
+            "tenant": tenant,
+            "request_id": request_id,
+            "kind": kind,
+            "entity_id": entity_id,
+            "request_hash": request_hash,
+            "created_us": created_us,
+        },
     )
 
 
@@ -115,66 +127,112 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
     }
 
 
+JOB_COLUMNS = (
+    "id",
+    "tenant",
+    "request_id",
+    "workflow_id",
+    "step_name",
+    "step_index",
+    "depends_on",
+    "service",
+    "payload",
+    "priority",
+    "max_attempts",
+    "timeout_ms",
+    "not_before_us",
+    "affinity_keys",
+    "labels",
+    "backoff",
+    "request_context",
+    "state",
+    "attempt",
+    "progress_percent",
+    "progress_message",
+    "result",
+    "failure",
+    "worker_id",
+    "lease_session",
+    "pending_annotations",
+    "lease_deadline_us",
+    "next_attempt_us",
+    "traceparent",
+    "created_us",
+    "updated_us",
+    "started_us",
+    "completed_us",
+)
+_INSERT_JOB = Query(
+    f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)})"
+    f" VALUES ({', '.join(':' + c for c in JOB_COLUMNS)})"
+)
+_JOB = "SELECT * FROM jobs WHERE id = :id"
+_GET_JOB = {
+    (False, False): Query(_JOB),
+    (True, False): Query(_JOB + " AND tenant = :tenant"),
+    (False, True): Query(_JOB, _JOB + " FOR UPDATE"),
+    (True, True): Query(_JOB + " AND tenant = :tenant", _JOB + " AND tenant = :tenant FOR UPDATE"),
+}
+
+
 async def insert_jobs(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
-    if rows:
-        await session.execute(insert(JobRow), list(rows))
+    await sql.execute_many(session, _INSERT_JOB, rows)
 
 
-def job_from_row(row: JobRow) -> Job:
+def job_from_row(row: Row) -> Job:
+    """A job from its row (any mapping of column name to value)."""
     return Job(
-        id=row.id,
-        tenant=row.tenant,
-        request_id=row.request_id,
+        id=row["id"],
+        tenant=row["tenant"],
+        request_id=row["request_id"],
         spec=JobSpec(
-            service=row.service,
-            payload=codec.loads(row.payload),
-            priority=row.priority,
-            max_attempts=row.max_attempts,
-            timeout_ms=row.timeout_ms,
-            not_before_us=row.not_before_us,
-            affinity_keys=tuple(codec.loads(row.affinity_keys)),
-            labels=codec.loads(row.labels),
-            backoff=codec.backoff_loads(row.backoff),
+            service=row["service"],
+            payload=codec.loads(row["payload"]),
+            priority=row["priority"],
+            max_attempts=row["max_attempts"],
+            timeout_ms=row["timeout_ms"],
+            not_before_us=row["not_before_us"],
+            affinity_keys=tuple(codec.loads(row["affinity_keys"])),
+            labels=codec.loads(row["labels"]),
+            backoff=codec.backoff_loads(row["backoff"]),
         ),
-        state=RunState(row.state),
-        created_us=row.created_us,
-        updated_us=row.updated_us,
-        workflow_id=row.workflow_id,
-        step_name=row.step_name,
-        depends_on=tuple(codec.loads(row.depends_on)),
-        attempt=row.attempt,
-        progress_percent=row.progress_percent,
-        progress_message=row.progress_message,
-        result=codec.loads(row.result),
-        failure=codec.failure_loads(row.failure),
-        worker_id=row.worker_id,
-        started_us=row.started_us,
-        completed_us=row.completed_us,
-        lease_deadline_us=row.lease_deadline_us,
-        next_attempt_us=row.next_attempt_us,
-        traceparent=row.traceparent,
-        seq=row.seq,
-        lease_session=row.lease_session,
-        pending_annotations=row.pending_annotations,
+        state=RunState(row["state"]),
+        created_us=row["created_us"],
+        updated_us=row["updated_us"],
+        workflow_id=row["workflow_id"],
+        step_name=row["step_name"],
+        depends_on=tuple(codec.loads(row["depends_on"])),
+        attempt=row["attempt"],
+        progress_percent=row["progress_percent"],
+        progress_message=row["progress_message"],
+        result=codec.loads(row["result"]),
+        failure=codec.failure_loads(row["failure"]),
+        worker_id=row["worker_id"],
+        started_us=row["started_us"],
+        completed_us=row["completed_us"],
+        lease_deadline_us=row["lease_deadline_us"],
+        next_attempt_us=row["next_attempt_us"],
+        traceparent=row["traceparent"],
+        seq=row["seq"],
+        lease_session=row["lease_session"],
+        pending_annotations=row["pending_annotations"],
     )
-
-
-async def get_job_row(
-    session: AsyncSession, job_id: str, tenant: str | None = None, *, for_update: bool = False
-) -> JobRow | None:
-    stmt = select(JobRow).where(JobRow.id == job_id)
-    if tenant is not None:
-        stmt = stmt.where(JobRow.tenant == tenant)
-    if for_update:
-        stmt = stmt.with_for_update()
-    return (await session.execute(stmt)).scalar_one_or_none()
 
 
 async def get_job(
     session: AsyncSession, job_id: str, tenant: str | None = None, *, for_update: bool = False
 ) -> Job | None:
-    row = await get_job_row(session, job_id, tenant, for_update=for_update)
+    params = {"id": job_id} if tenant is None else {"id": job_id, "tenant": tenant}
+    row = await sql.fetch_one(session, _GET_JOB[tenant is not None, for_update], params)
     return None if row is None else job_from_row(row)
+
+
+async def _jobs(session: AsyncSession, stmt: Any) -> list[Job]:
+    """The jobs a Core select of whole job rows finds."""
+    return [job_from_row(r) for r in (await session.execute(stmt)).mappings()]
+
+
+JOBS = JobRow.__table__
 
 
 async def lock_workflow(session: AsyncSession, workflow_id: str) -> None:
@@ -222,7 +280,7 @@ async def list_jobs(
     limit: int,
 ) -> list[Job]:
     """Newest first; keyset on seq, which only grows, so pages never shift."""
-    stmt = select(JobRow)
+    stmt = select(JOBS)
     if tenant is not None:
         stmt = stmt.where(JobRow.tenant == tenant)
     if state is not None:
@@ -234,7 +292,7 @@ async def list_jobs(
     if before_seq is not None:
         stmt = stmt.where(JobRow.seq < before_seq)
     stmt = stmt.order_by(JobRow.seq.desc()).limit(limit)
-    return [job_from_row(r) for r in (await session.execute(stmt)).scalars()]
+    return await _jobs(session, stmt)
 
 
 async def workflow_jobs(session: AsyncSession, workflow_ids: Iterable[str]) -> dict[str, list[Job]]:
@@ -243,12 +301,12 @@ async def workflow_jobs(session: AsyncSession, workflow_ids: Iterable[str]) -> d
     if not ids:
         return out
     stmt = (
-        select(JobRow)
+        select(JOBS)
         .where(JobRow.workflow_id.in_(ids))
         .order_by(JobRow.workflow_id, JobRow.step_index)
     )
-    for row in (await session.execute(stmt)).scalars():
-        out[row.workflow_id].append(job_from_row(row))
+    for job in await _jobs(session, stmt):
+        out[job.workflow_id].append(job)
     return out
 
 
@@ -345,8 +403,19 @@ async def list_workflows(
     return [workflow_from_row(r, jobs[r.id]) for r in rows]
 
 
+_UPDATE_JOB: dict[tuple[str, ...], Query] = {}
+
+
 async def update_job(session: AsyncSession, job_id: str, **values: Any) -> None:
-    await session.execute(update(JobRow).where(JobRow.id == job_id).values(**values))
+    """Set these columns of a job (plain values, not SQL expressions)."""
+    columns = tuple(values)
+    q = _UPDATE_JOB.get(columns)
+    if q is None:
+        if not set(columns) <= set(JOB_COLUMNS) - {"id"}:
+            raise ValueError(f"not a job column: {sorted(set(columns) - set(JOB_COLUMNS))}")
+        assignments = ", ".join(f"{c} = :{c}" for c in columns)
+        q = _UPDATE_JOB[columns] = Query(f"UPDATE jobs SET {assignments} WHERE id = :job_id_")
+    await sql.execute(session, q, {**values, "job_id_": job_id})
 
 
 async def update_workflow(session: AsyncSession, workflow_id: str, **values: Any) -> None:
@@ -460,8 +529,8 @@ async def eligible_jobs(
     ]
     if tenants is not None:
         conditions.append(JobRow.tenant.in_(sorted(tenants)))
-    stmt = select(JobRow).where(*conditions).order_by(JobRow.priority.desc(), JobRow.seq)
-    return [job_from_row(r) for r in (await session.execute(stmt.limit(limit))).scalars()]
+    stmt = select(JOBS).where(*conditions).order_by(JobRow.priority.desc(), JobRow.seq)
+    return await _jobs(session, stmt.limit(limit))
 
 
 async def next_eligible_us(session: AsyncSession, services: Iterable[str], now: int) -> int | None:
@@ -483,6 +552,15 @@ def _is_sqlite(session: AsyncSession) -> bool:
     return session.get_bind().dialect.name == "sqlite"
 
 
+_CLAIM = Query(
+    "UPDATE jobs SET state = :running, attempt = attempt + 1, worker_id = :worker_id,"
+    " lease_session = :session_id, lease_deadline_us = :lease_deadline_us,"
+    " next_attempt_us = 0, started_us = :now, updated_us = :now,"
+    " progress_percent = 0.0, progress_message = ''"
+    " WHERE id = :id AND state = :queued"
+)
+
+
 async def claim_job(
     session: AsyncSession,
     job_id: str,
@@ -492,23 +570,20 @@ async def claim_job(
     session_id: str = "",
 ) -> bool:
     """Lease a QUEUED job to a worker session: compare-and-set on the state, attempt + 1."""
-    result = await session.execute(
-        update(JobRow)
-        .where(JobRow.id == job_id, JobRow.state == int(RunState.QUEUED))
-        .values(
-            state=int(RunState.RUNNING),
-            attempt=JobRow.attempt + 1,
-            worker_id=worker_id,
-            lease_session=session_id,
-            lease_deadline_us=lease_deadline_us,
-            next_attempt_us=0,
-            started_us=now,
-            updated_us=now,
-            progress_percent=0.0,
-            progress_message="",
-        )
+    changed = await sql.execute(
+        session,
+        _CLAIM,
+        {
+            "id": job_id,
+            "running": int(RunState.RUNNING),
+            "queued": int(RunState.QUEUED),
+            "worker_id": worker_id,
+            "session_id": session_id,
+            "lease_deadline_us": lease_deadline_us,
+            "now": now,
+        },
     )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return bool(changed)
 
 
 async def extend_leases(
@@ -537,13 +612,12 @@ async def extend_leases(
         )
         .values(**values)
     )
-    stmt = select(JobRow).where(JobRow.id.in_(list(attempts)))
-    return [job_from_row(r) for r in (await session.execute(stmt)).scalars()]
+    return await _jobs(session, select(JOBS).where(JobRow.id.in_(list(attempts))))
 
 
 async def expired_leases(session: AsyncSession, now: int, limit: int = 500) -> list[Job]:
     stmt = (
-        select(JobRow)
+        select(JOBS)
         .where(
             JobRow.state == int(RunState.RUNNING),
             JobRow.lease_deadline_us > 0,
@@ -551,12 +625,12 @@ async def expired_leases(session: AsyncSession, now: int, limit: int = 500) -> l
         )
         .limit(limit)
     )
-    return [job_from_row(r) for r in (await session.execute(stmt)).scalars()]
+    return await _jobs(session, stmt)
 
 
 async def timed_out_jobs(session: AsyncSession, now: int, limit: int = 500) -> list[Job]:
     stmt = (
-        select(JobRow)
+        select(JOBS)
         .where(
             JobRow.state == int(RunState.RUNNING),
             JobRow.timeout_ms > 0,
@@ -564,16 +638,19 @@ async def timed_out_jobs(session: AsyncSession, now: int, limit: int = 500) -> l
         )
         .limit(limit)
     )
-    return [job_from_row(r) for r in (await session.execute(stmt)).scalars()]
+    return await _jobs(session, stmt)
+
+
+_JOB_CONTEXT = Query("SELECT request_context FROM jobs WHERE id = :id")
+_WORKFLOW_CONTEXT = Query("SELECT request_context FROM workflows WHERE id = :id")
 
 
 async def request_context_for(session: AsyncSession, job: Job) -> JSON:
     """The request that triggered a job: its own, or its workflow's."""
     if job.workflow_id:
-        stmt = select(WorkflowRow.request_context).where(WorkflowRow.id == job.workflow_id)
+        text = await sql.scalar(session, _WORKFLOW_CONTEXT, {"id": job.workflow_id})
     else:
-        stmt = select(JobRow.request_context).where(JobRow.id == job.id)
-    text = (await session.execute(stmt)).scalar()
+        text = await sql.scalar(session, _JOB_CONTEXT, {"id": job.id})
     return codec.loads(text) or {}
 
 

@@ -7,12 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, func, select, tuple_
-from sqlalchemy import insert as sa_insert
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.model import Category, ErrorInfo, Level, TraceEvent, TraceType
-from jobtrace.store import codec
+from jobtrace.store import codec, sql
+from jobtrace.store.sql import Query, Row
 from jobtrace.store.tables import TraceEventRow, TraceRunRow
 
 
@@ -38,18 +37,53 @@ class EventFilter:
         )
 
 
+_RESERVE = Query(
+    "INSERT INTO trace_runs (run_id, tenant, last_seq) VALUES (:run_id, :tenant, :count)"
+    " ON CONFLICT (run_id) DO UPDATE SET last_seq = trace_runs.last_seq + :count"
+    " RETURNING last_seq"
+)
+
+
 async def reserve_sequence(session: AsyncSession, run_id: str, tenant: str, count: int) -> int:
     """Reserve `count` numbers of a run's sequence; return the first. The row
     stays locked until commit, so commit order is sequence order per run."""
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    upsert = insert(TraceRunRow).values(run_id=run_id, tenant=tenant, last_seq=count)
-    stmt = upsert.on_conflict_do_update(
-        index_elements=[TraceRunRow.run_id],
-        set_={"last_seq": TraceRunRow.last_seq + count},
-    ).returning(TraceRunRow.last_seq)
-    last = (await session.execute(stmt)).scalar_one()
+    params = {"run_id": run_id, "tenant": tenant, "count": count}
+    last = await sql.scalar(session, _RESERVE, params)
     return int(last) - count + 1
+
+
+EVENT_COLUMNS = (
+    "run_id",
+    "seq",
+    "tenant",
+    "event_key",
+    "node_id",
+    "type",
+    "level",
+    "category",
+    "ts_us",
+    "message",
+    "user_message",
+    "error",
+    "output_summary",
+    "data",
+    "step_number",
+    "total_steps",
+    "percent",
+    "display_priority",
+    "milestone",
+    "truncated",
+    "job_id",
+    "attempt",
+    "worker_id",
+    "traceparent",
+    "created_us",
+)
+_INSERT_EVENT = Query(
+    f"INSERT INTO trace_events ({', '.join(EVENT_COLUMNS)})"
+    f" VALUES ({', '.join(':' + c for c in EVENT_COLUMNS)})"
+)
+EVENTS = TraceEventRow.__table__
 
 
 def _values(e: TraceEvent) -> dict[str, Any]:
@@ -91,40 +125,40 @@ def _values(e: TraceEvent) -> dict[str, Any]:
     }
 
 
-def event_from_row(r: TraceEventRow) -> TraceEvent:
-    error = codec.loads(r.error)
+def event_from_row(r: Row) -> TraceEvent:
+    """An event from its row (any mapping of column name to value)."""
+    error = codec.loads(r["error"])
     return TraceEvent(
-        run_id=r.run_id,
-        node_id=r.node_id,
-        type=TraceType(r.type),
-        level=Level(r.level),
-        category=Category(r.category),
-        ts_us=r.ts_us,
-        message=r.message,
-        user_message=r.user_message,
+        run_id=r["run_id"],
+        node_id=r["node_id"],
+        type=TraceType(r["type"]),
+        level=Level(r["level"]),
+        category=Category(r["category"]),
+        ts_us=r["ts_us"],
+        message=r["message"],
+        user_message=r["user_message"],
         error=None if error is None else ErrorInfo(**error),
-        output_summary=codec.loads(r.output_summary),
-        data=codec.loads(r.data),
-        step_number=r.step_number,
-        total_steps=r.total_steps,
-        percent=r.percent,
-        display_priority=r.display_priority,
-        milestone=r.milestone,
-        event_key=r.event_key,
-        truncated=r.truncated,
-        job_id=r.job_id,
-        attempt=r.attempt,
-        worker_id=r.worker_id,
-        traceparent=r.traceparent,
-        tenant=r.tenant,
-        seq=r.seq,
-        created_us=r.created_us,
+        output_summary=codec.loads(r["output_summary"]),
+        data=codec.loads(r["data"]),
+        step_number=r["step_number"],
+        total_steps=r["total_steps"],
+        percent=r["percent"],
+        display_priority=r["display_priority"],
+        milestone=bool(r["milestone"]),
+        event_key=r["event_key"],
+        truncated=bool(r["truncated"]),
+        job_id=r["job_id"],
+        attempt=r["attempt"],
+        worker_id=r["worker_id"],
+        traceparent=r["traceparent"],
+        tenant=r["tenant"],
+        seq=r["seq"],
+        created_us=r["created_us"],
     )
 
 
 async def insert_events(session: AsyncSession, events: Sequence[TraceEvent]) -> None:
-    if events:
-        await session.execute(sa_insert(TraceEventRow), [_values(e) for e in events])
+    await sql.execute_many(session, _INSERT_EVENT, [_values(e) for e in events])
 
 
 async def events_by_key(
@@ -132,18 +166,16 @@ async def events_by_key(
 ) -> dict[str, TraceEvent]:
     if not keys:
         return {}
-    stmt = select(TraceEventRow).where(
+    stmt = select(EVENTS).where(
         TraceEventRow.run_id == run_id, TraceEventRow.event_key.in_(list(keys))
     )
-    return {r.event_key: event_from_row(r) for r in (await session.execute(stmt)).scalars()}
+    return {r["event_key"]: event_from_row(r) for r in (await session.execute(stmt)).mappings()}
 
 
 async def list_events(
     session: AsyncSession, run_id: str, after_seq: int, flt: EventFilter, limit: int
 ) -> list[TraceEvent]:
-    stmt = select(TraceEventRow).where(
-        TraceEventRow.run_id == run_id, TraceEventRow.seq > after_seq
-    )
+    stmt = select(EVENTS).where(TraceEventRow.run_id == run_id, TraceEventRow.seq > after_seq)
     if flt.min_level:
         stmt = stmt.where(TraceEventRow.level >= flt.min_level)
     if flt.category:
@@ -159,7 +191,7 @@ async def list_events(
     if flt.milestones_only:
         stmt = stmt.where(TraceEventRow.milestone.is_(True))
     stmt = stmt.order_by(TraceEventRow.seq).limit(limit)
-    return [event_from_row(r) for r in (await session.execute(stmt)).scalars()]
+    return [event_from_row(r) for r in (await session.execute(stmt)).mappings()]
 
 
 async def last_sequence(session: AsyncSession, run_id: str) -> int:
