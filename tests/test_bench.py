@@ -50,12 +50,18 @@ async def test_bench_prints_every_figure_as_json() -> None:
     assert 0 < result["unary_ceiling_rps"] and 0 < result["server_peak_rss_mb"]
     ratios = result["vs_ceiling"]
     assert all(isinstance(v, float) and v > 0 for v in ratios.values()), ratios
+    # The same jobs against a server that stores nothing: what gRPC alone allows.
+    assert result["grpc_alone_jobs_per_s"] > 0 and result["params"]["grpc_floor"] is True
+    share = result["jobs_per_s"] / result["grpc_alone_jobs_per_s"]
+    assert abs(result["jobs_per_s_vs_grpc_alone"] - share) < 0.01 * share + 0.002
 
 
 async def test_bench_prints_a_table() -> None:
-    code, out, err = await bench(*SMALL, "--trace-seconds", "0.5")
+    code, out, err = await bench(*SMALL, "--trace-seconds", "0.5", "--no-floor")
     assert code == 0, err
     assert "jobs/s end to end" in out and "of ceiling" in out and "gRPC alone" in out
+    floor_row = next(line for line in out.splitlines() if line.startswith("jobs/s, gRPC alone"))
+    assert floor_row.split()[3] == "n/a", "--no-floor skips the gRPC-alone run"
 
 
 async def test_bench_refuses_a_target_beyond_loopback() -> None:

@@ -60,21 +60,17 @@ class Server:
 
 
 async def start_server(db: str, key: Path, extra: list[str]) -> Server:
+    return await _start(
+        "jobtrace", "serve", "--listen", "127.0.0.1:0", "--db", db,
+        "--signing-key-file", str(key), *extra,
+    )  # fmt: skip
+
+
+async def _start(*args: str) -> Server:
+    """Start `python -m <args>`, a server that logs "(port N)" once it listens."""
     env = {**os.environ, "JOBTRACE_BENCH_NOOP": "1"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jobtrace",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--db",
-        db,
-        "--signing-key-file",
-        str(key),
-        *extra,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
+        sys.executable, "-m", *args, stderr=asyncio.subprocess.PIPE, env=env
     )
     assert proc.stderr is not None
     async with asyncio.timeout(60):
@@ -141,6 +137,101 @@ async def worker_main(target: str, log: Any, concurrency: int) -> None:
     await worker.run()
 
 
+# --- gRPC alone: the job's messages with no storage (a separate process) ---------------
+
+
+async def floor_server_main() -> None:
+    """A server that answers the bench's job traffic and does nothing else: a
+    submit is queued in memory, handed to a worker as an assignment, and every
+    report is acknowledged unread. Run by the same submitters and workers as
+    the real server, it shows what gRPC alone allows for a job's messages (one
+    unary submit, an assignment, three progress reports, a completion and four
+    acks) on this machine."""
+    from google.protobuf import duration_pb2
+
+    from jobtrace.pb import worker_service_pb2 as wpb
+    from jobtrace.server import _noop_handler
+
+    queued: asyncio.Queue[common_pb2.Job] = asyncio.Queue()
+    count = iter(range(1, 1 << 62))
+
+    async def submit(request: Any, context: Any) -> Any:
+        job = common_pb2.Job(id=f"job_floor{next(count)}", spec=request.job, attempt=1)
+        queued.put_nowait(job)
+        return job_service_pb2.SubmitJobResponse(job=job)
+
+    async def connect(requests: Any, context: Any) -> Any:
+        hello = (await anext(requests)).hello
+        slots = asyncio.Semaphore(max(1, hello.max_concurrency))
+        out: asyncio.Queue[Any] = asyncio.Queue()
+        yield wpb.ConnectResponse(
+            welcome=wpb.Welcome(
+                session_id="floor",
+                heartbeat_interval=duration_pb2.Duration(seconds=10),
+                lease_duration=duration_pb2.Duration(seconds=60),
+            )
+        )
+
+        async def dispatch() -> None:
+            while True:
+                await slots.acquire()
+                job = await queued.get()
+                out.put_nowait(wpb.ConnectResponse(assignment=wpb.Assignment(job=job, attempt=1)))
+
+        async def read() -> None:
+            async for m in requests:
+                kind = m.WhichOneof("kind")
+                if kind == "heartbeat":
+                    out.put_nowait(
+                        wpb.ConnectResponse(heartbeat_ack=wpb.HeartbeatAck(message_id=m.message_id))
+                    )
+                elif kind in ("progress", "complete", "fail", "trace", "annotate"):
+                    report = getattr(m, kind)
+                    ack = wpb.Ack(message_id=m.message_id, job_id=report.job_id, attempt=1)
+                    out.put_nowait(wpb.ConnectResponse(ack=ack))
+                    if kind in ("complete", "fail"):
+                        slots.release()
+            out.put_nowait(None)
+
+        tasks = [asyncio.create_task(dispatch()), asyncio.create_task(read())]
+        try:
+            while (message := await out.get()) is not None:
+                yield message
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    server = grpc.aio.server()
+    jobs = grpc.method_handlers_generic_handler(
+        "jobtrace.v1.JobService",
+        {
+            "SubmitJob": grpc.unary_unary_rpc_method_handler(
+                submit,
+                request_deserializer=job_service_pb2.SubmitJobRequest.FromString,
+                response_serializer=job_service_pb2.SubmitJobResponse.SerializeToString,
+            )
+        },
+    )
+    workers = grpc.method_handlers_generic_handler(
+        "jobtrace.v1.WorkerService",
+        {
+            "Connect": grpc.stream_stream_rpc_method_handler(
+                connect,
+                request_deserializer=wpb.ConnectRequest.FromString,
+                response_serializer=wpb.ConnectResponse.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((jobs, workers, _noop_handler()))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"gRPC-alone bench server listening (port {port})", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
 # --- phases -----------------------------------------------------------------------------
 
 
@@ -158,6 +249,7 @@ class Results:
     submit_rps: float = 0.0
     server_peak_rss_mb: float = 0.0
     completed: int = 0
+    floor_jobs_per_s: float = 0.0
 
 
 async def bounded(step: Any, seconds: float, phase: str) -> Any:
@@ -314,10 +406,57 @@ async def trace_fanout(
         await channel.close()
 
 
+async def start_workers(
+    targets: list[str], done_files: list[Path], concurrency: int
+) -> list[asyncio.subprocess.Process]:
+    return [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "jobtrace.bench",
+            "--worker",
+            targets[i % len(targets)],
+            str(done),
+            str(concurrency),
+        )
+        for i, done in enumerate(done_files)
+    ]
+
+
+async def stop_workers(workers: list[asyncio.subprocess.Process]) -> None:
+    for w in workers:
+        with contextlib.suppress(ProcessLookupError):
+            w.send_signal(signal.SIGTERM)
+    for w in workers:
+        try:
+            async with asyncio.timeout(20):
+                await w.wait()
+        except TimeoutError:
+            w.kill()
+
+
+async def grpc_floor(args: argparse.Namespace, tmp: Path, results: Results) -> None:
+    """The same jobs, submitters and workers against the gRPC-alone server."""
+    server = await _start("jobtrace.bench", "--floor-server")
+    workers: list[asyncio.subprocess.Process] = []
+    try:
+        done_files = [tmp / f"floor-done-{i}.txt" for i in range(args.workers)]
+        workers = await start_workers([server.target], done_files, args.worker_concurrency)
+        floor = Results({})
+        await run_jobs(
+            [server.target], args.jobs, args.concurrency, done_files, floor, args.max_seconds
+        )
+        results.floor_jobs_per_s = floor.jobs_per_s
+    finally:
+        await stop_workers(workers)
+        await stop_server(server)
+
+
 async def bench(args: argparse.Namespace) -> Results:
     params = {
         "jobs": args.jobs,
         "workers": args.workers,
+        "worker_concurrency": args.worker_concurrency,
         "subscribers": args.subscribers,
         "replicas": args.replicas,
         "db": args.db or "sqlite (temporary)",
@@ -326,12 +465,15 @@ async def bench(args: argparse.Namespace) -> Results:
         "trace_seconds": args.trace_seconds,
         "max_seconds": args.max_seconds,
         "target": args.target or "",
+        "grpc_floor": args.floor,
     }
     results = Results(params)
     tmp = Path(tempfile.mkdtemp(prefix="jobtrace-bench-"))
     servers: list[Server] = []
     workers: list[asyncio.subprocess.Process] = []
     try:
+        if args.floor:
+            await grpc_floor(args, tmp, results)
         if args.target:
             targets = args.target.split(",")
         else:
@@ -340,18 +482,7 @@ async def bench(args: argparse.Namespace) -> Results:
                 servers.append(await start_server(db, tmp / f"key{r}", []))
             targets = [s.target for s in servers]
         done_files = [tmp / f"done-{i}.txt" for i in range(args.workers)]
-        for i in range(args.workers):
-            workers.append(
-                await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "jobtrace.bench",
-                    "--worker",
-                    targets[i % len(targets)],
-                    str(done_files[i]),
-                    str(args.worker_concurrency),
-                )
-            )
+        workers = await start_workers(targets, done_files, args.worker_concurrency)
         (
             results.unary_ceiling_rps,
             results.unary_p50_ms,
@@ -363,15 +494,7 @@ async def bench(args: argparse.Namespace) -> Results:
         if args.subscribers:
             await trace_fanout(targets, args.subscribers, args.rate, args.trace_seconds, results)
     finally:
-        for w in workers:
-            with contextlib.suppress(ProcessLookupError):
-                w.send_signal(signal.SIGTERM)
-        for w in workers:
-            try:
-                async with asyncio.timeout(20):
-                    await w.wait()
-            except TimeoutError:
-                w.kill()
+        await stop_workers(workers)
         for s in servers:
             await stop_server(s)
         results.server_peak_rss_mb = max((s.peak_rss_mb for s in servers), default=0.0)
@@ -403,6 +526,7 @@ def summary(r: Results) -> dict[str, Any]:
         "trace_p99_ms": ms(r.trace_ms, 0.99),
         "trace_deliveries": r.trace_deliveries,
         "unary_ceiling_rps": round(r.unary_ceiling_rps, 1) if ceiling else None,
+        "grpc_alone_jobs_per_s": round(r.floor_jobs_per_s, 1) if r.floor_jobs_per_s else None,
         "unary_p50_ms": round(r.unary_p50_ms, 2) if p50 else None,
         "unary_p99_ms": round(r.unary_p99_ms, 2) if p99 else None,
         "server_peak_rss_mb": round(r.server_peak_rss_mb, 1) if r.server_peak_rss_mb else None,
@@ -410,6 +534,7 @@ def summary(r: Results) -> dict[str, Any]:
     }
     out["vs_ceiling"] = {
         "jobs_per_s": ratio(r.jobs_per_s, ceiling),
+        "grpc_alone_jobs_per_s": ratio(r.floor_jobs_per_s, ceiling),
         "submit_per_s": ratio(r.submit_rps, ceiling),
         "submit_p50_x": ratio(out["submit_p50_ms"], p50, 2),
         "submit_p99_x": ratio(out["submit_p99_ms"], p99, 2),
@@ -419,6 +544,7 @@ def summary(r: Results) -> dict[str, Any]:
         "trace_p99_x": ratio(out["trace_p99_ms"], p99, 2),
     }
     out["jobs_per_s_vs_ceiling"] = out["vs_ceiling"]["jobs_per_s"]
+    out["jobs_per_s_vs_grpc_alone"] = ratio(r.jobs_per_s, r.floor_jobs_per_s or None)
     return out
 
 
@@ -436,6 +562,11 @@ def print_table(s: dict[str, Any]) -> None:
 
     rows = [
         ("jobs/s end to end", show(s["jobs_per_s"]), share(v["jobs_per_s"])),
+        (
+            "jobs/s, gRPC alone",
+            show(s["grpc_alone_jobs_per_s"]),
+            share(v["grpc_alone_jobs_per_s"]) + " (the same jobs, nothing stored)",
+        ),
         ("submits/s", show(s["submit_per_s"]), share(v["submit_per_s"])),
         (
             "submit latency p50 / p99",
@@ -479,6 +610,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-seconds", type=float, default=MAX_SECONDS, help="time bound of each phase (300)"
     )
+    p.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="skip the gRPC-alone run of the same jobs against a server that stores nothing",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -511,6 +648,8 @@ if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--worker":
         with open(sys.argv[3], "a", buffering=1) as completions:
             asyncio.run(worker_main(sys.argv[2], completions, int(sys.argv[4])))
+    elif sys.argv[1:] == ["--floor-server"]:
+        asyncio.run(floor_server_main())
     else:
         parser = argparse.ArgumentParser(prog="jobtrace bench")
         add_arguments(parser)
