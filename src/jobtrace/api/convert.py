@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 from typing import Any
 
@@ -148,9 +149,44 @@ def workflow_submission(request: Any, traceparent: str = "") -> WorkflowSubmissi
 
 
 def request_context_to_proto(d: JSON) -> common_pb2.RequestContext:
+    """A stored request context (MessageToDict's shape) as its message. Built
+    field by field: every assignment carries one, and ParseDict (with its
+    strptime for the timestamp) cost more than the rest of the assignment."""
     out = common_pb2.RequestContext()
-    json_format.ParseDict(d, out, ignore_unknown_fields=True)
+    if (body := d.get("body")) is not None:
+        out.body.SetInParent()
+        out.body.update(body)
+    if (user := d.get("user_context")) is not None:
+        u = out.user_context
+        u.SetInParent()
+        u.user_id = user.get("user_id", "")
+        u.display_name = user.get("display_name", "")
+        u.email = user.get("email", "")
+        u.roles.extend(user.get("roles", ()))
+        u.attributes.update(user.get("attributes", {}))
+    if (meta := d.get("metadata")) is not None:
+        m = out.metadata
+        m.SetInParent()
+        if stamp := meta.get("timestamp"):
+            _parse_timestamp(m.timestamp, stamp)
+        m.request_id = meta.get("request_id", "")
+        m.source = meta.get("source", "")
+        m.headers.update(meta.get("headers", {}))
     return out
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+def _parse_timestamp(ts: timestamp_pb2.Timestamp, text: str) -> None:
+    """RFC 3339, as MessageToDict and jobtrace.clock.iso write it."""
+    fraction = text.rpartition(".")[2].rstrip("Z")
+    if "." in text and len(fraction) > 6:  # nanoseconds: beyond datetime
+        ts.FromJsonString(text)
+        return
+    delta = datetime.datetime.fromisoformat(text) - _EPOCH
+    ts.seconds = delta.days * 86400 + delta.seconds
+    ts.nanos = delta.microseconds * 1000
 
 
 # --- domain -> responses ------------------------------------------------------

@@ -272,7 +272,7 @@ class Jobs:
                 request_hash=sub.request_hash,
                 created_us=now,
             )
-            await store.insert_jobs(session, [store.job_values(job, context)])
+            stored = await store.insert_job(session, job, context)
             await store.insert_annotations(
                 session,
                 [
@@ -283,8 +283,6 @@ class Jobs:
                     )
                 ],
             )
-            stored = await store.get_job(session, job.id)
-            assert stored is not None
             self._changed(tx, [stored])
             return stored, False
 

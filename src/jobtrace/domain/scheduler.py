@@ -769,12 +769,11 @@ class Scheduler:
             for job, session in plan:
                 if session.closed or job.id not in free:
                     continue
-                if not await store.claim_job(
+                claimed = await store.claim_job(
                     db, job.id, session.worker_id, deadline, now, session.session_id
-                ):
+                )
+                if claimed is None:
                     continue
-                claimed = await store.get_job(db, job.id)
-                assert claimed is not None
                 await self._life.started(db, tx, claimed, now)
                 context = await store.request_context_for(db, claimed)
                 assign = Assign(claimed, deadline, context)

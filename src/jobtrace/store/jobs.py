@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, tuple_, update
@@ -166,6 +167,7 @@ _INSERT_JOB = Query(
     f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)})"
     f" VALUES ({', '.join(':' + c for c in JOB_COLUMNS)})"
 )
+_INSERT_JOB_RETURNING_SEQ = Query(_INSERT_JOB.sqlite + " RETURNING seq")
 _JOB = "SELECT * FROM jobs WHERE id = :id"
 _GET_JOB = {
     (False, False): Query(_JOB),
@@ -177,6 +179,12 @@ _GET_JOB = {
 
 async def insert_jobs(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
     await sql.execute_many(session, _INSERT_JOB, rows)
+
+
+async def insert_job(session: AsyncSession, job: Job, request_context: JSON) -> Job:
+    """Store a new job; return it with the position (seq) it was given."""
+    seq = await sql.scalar(session, _INSERT_JOB_RETURNING_SEQ, job_values(job, request_context))
+    return replace(job, seq=int(seq))
 
 
 def job_from_row(row: Row) -> Job:
@@ -261,6 +269,8 @@ async def lock_queued(session: AsyncSession, job_ids: list[str]) -> set[str]:
     replica right now (SELECT ... FOR UPDATE SKIP LOCKED); they stay locked."""
     if not job_ids:
         return set()
+    if _is_sqlite(session):  # one writer connection: nobody else is claiming
+        return set(job_ids)
     stmt = (
         select(JobRow.id)
         .where(JobRow.id.in_(job_ids), JobRow.state == int(RunState.QUEUED))
@@ -557,7 +567,7 @@ _CLAIM = Query(
     " lease_session = :session_id, lease_deadline_us = :lease_deadline_us,"
     " next_attempt_us = 0, started_us = :now, updated_us = :now,"
     " progress_percent = 0.0, progress_message = ''"
-    " WHERE id = :id AND state = :queued"
+    " WHERE id = :id AND state = :queued RETURNING *"
 )
 
 
@@ -568,9 +578,10 @@ async def claim_job(
     lease_deadline_us: int,
     now: int,
     session_id: str = "",
-) -> bool:
-    """Lease a QUEUED job to a worker session: compare-and-set on the state, attempt + 1."""
-    changed = await sql.execute(
+) -> Job | None:
+    """Lease a QUEUED job to a worker session: compare-and-set on the state,
+    attempt + 1. The job as claimed, or None if it was no longer QUEUED."""
+    row = await sql.fetch_one(
         session,
         _CLAIM,
         {
@@ -583,7 +594,7 @@ async def claim_job(
             "now": now,
         },
     )
-    return bool(changed)
+    return None if row is None else job_from_row(row)
 
 
 async def extend_leases(
