@@ -523,6 +523,15 @@ def annotation_from_row(row: AnnotationRow) -> Annotation:
     )
 
 
+_ELIGIBLE: dict[int, Query] = {}
+_NEXT_ELIGIBLE: dict[int, Query] = {}
+
+
+def _in(name: str, count: int) -> str:
+    """`(:name0, :name1, ...)`: an IN list of `count` parameters."""
+    return "(" + ", ".join(f":{name}{i}" for i in range(count)) + ")"
+
+
 async def eligible_jobs(
     session: AsyncSession,
     service: str,
@@ -531,31 +540,48 @@ async def eligible_jobs(
     tenants: frozenset[str] | None = None,
 ) -> list[Job]:
     """QUEUED jobs of a service that may run now: higher priority first, then oldest."""
-    conditions = [
-        JobRow.state == int(RunState.QUEUED),
-        JobRow.service == service,
-        JobRow.not_before_us <= now,
-        JobRow.next_attempt_us <= now,
-    ]
-    if tenants is not None:
-        conditions.append(JobRow.tenant.in_(sorted(tenants)))
-    stmt = select(JOBS).where(*conditions).order_by(JobRow.priority.desc(), JobRow.seq)
-    return await _jobs(session, stmt.limit(limit))
+    names = sorted(tenants) if tenants is not None else None
+    shape = -1 if names is None else len(names)
+    q = _ELIGIBLE.get(shape)
+    if q is None:
+        where = (
+            "state = :queued AND service = :service"
+            " AND not_before_us <= :now AND next_attempt_us <= :now"
+        )
+        if names is not None:
+            where += f" AND tenant IN {_in('tenant', len(names))}" if names else " AND 0 = 1"
+        q = _ELIGIBLE[shape] = Query(
+            f"SELECT * FROM jobs WHERE {where} ORDER BY priority DESC, seq LIMIT :limit"
+        )
+    params: dict[str, Any] = {
+        "queued": int(RunState.QUEUED),
+        "service": service,
+        "now": now,
+        "limit": limit,
+    }
+    params.update((f"tenant{i}", t) for i, t in enumerate(names or ()))
+    return [job_from_row(r) for r in await sql.fetch(session, q, params)]
 
 
 async def next_eligible_us(session: AsyncSession, services: Iterable[str], now: int) -> int | None:
     """When the next waiting (not_before or backoff) job of these services becomes eligible."""
-    svc = list(services)
+    svc = sorted(services)
     if not svc:
         return None
-
-    later: Any = func.max(JobRow.not_before_us, JobRow.next_attempt_us)
-    if not _is_sqlite(session):
-        later = func.greatest(JobRow.not_before_us, JobRow.next_attempt_us)
-    stmt = select(func.min(later)).where(
-        JobRow.state == int(RunState.QUEUED), JobRow.service.in_(svc), later > now
-    )
-    return (await session.execute(stmt)).scalar()
+    q = _NEXT_ELIGIBLE.get(len(svc))
+    if q is None:
+        template = (
+            "SELECT min({f}(not_before_us, next_attempt_us)) FROM jobs"
+            f" WHERE state = :queued AND service IN {_in('service', len(svc))}"
+            " AND {f}(not_before_us, next_attempt_us) > :now"
+        )
+        q = _NEXT_ELIGIBLE[len(svc)] = Query(
+            template.format(f="max"), postgresql=template.format(f="greatest")
+        )
+    params: dict[str, Any] = {"queued": int(RunState.QUEUED), "now": now}
+    params.update((f"service{i}", name) for i, name in enumerate(svc))
+    found = await sql.scalar(session, q, params)
+    return None if found is None else int(found)
 
 
 def _is_sqlite(session: AsyncSession) -> bool:
