@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -99,8 +100,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self, request_iterator: AsyncIterator[pb.ConnectRequest], session: sch.WorkerSession
     ) -> None:
         """Reports about different jobs are handled concurrently (so one stream
-        fills a group commit); reports about the same job keep their order."""
-        chains: dict[str, asyncio.Task[None]] = {}
+        fills a group commit); reports about the same job keep their order: one
+        task per job takes them from that job's queue one after the other."""
+        queues: dict[str, deque[pb.ConnectRequest]] = {}
+        runners: set[asyncio.Task[None]] = set()
         slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         try:
             async for message in request_iterator:
@@ -108,14 +111,17 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                     break
                 await slots.acquire()
                 key = _order_key(message)
-                task = asyncio.create_task(self._process(session, message, chains.get(key), slots))
-                chains[key] = task
-                task.add_done_callback(
-                    lambda t, k=key: chains.pop(k) if chains.get(k) is t else None  # type: ignore[misc]
-                )
+                waiting = queues.get(key)
+                if waiting is not None:  # its runner takes it after the earlier ones
+                    waiting.append(message)
+                    continue
+                queues[key] = deque((message,))
+                runner = asyncio.create_task(self._run_queue(session, key, queues, slots))
+                runners.add(runner)
+                runner.add_done_callback(runners.discard)
             # Half-closed: what was received is still handled (and acknowledged).
-            if chains:
-                await asyncio.wait(list(chains.values()), timeout=30)
+            if runners:
+                await asyncio.wait(list(runners), timeout=30)
         except (asyncio.CancelledError, grpc.RpcError):
             raise
         except BaseException:
@@ -124,32 +130,42 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         else:
             log.debug("worker %s half-closed its stream", session.worker_id)
         finally:
-            for task in list(chains.values()):
-                task.cancel()
+            for runner in list(runners):
+                runner.cancel()
             # The worker half-closed or went away: end the session.
             session.close(session.close_reason or "worker closed the stream")
 
-    async def _process(
+    async def _run_queue(
         self,
         session: sch.WorkerSession,
-        message: pb.ConnectRequest,
-        after: asyncio.Task[None] | None,
+        key: str,
+        queues: dict[str, deque[pb.ConnectRequest]],
         slots: asyncio.Semaphore,
     ) -> None:
+        """Handle one key's messages in order until its queue is empty; a message
+        arriving after that starts a new runner (nothing awaits in between)."""
+        waiting = queues[key]
         try:
-            if after is not None:
-                await asyncio.wait({after})
-            try:
-                check_request(message)
-                reply = await self._handle(session, message)
-            except DomainError as exc:
-                reply = refused(message, exc)
-            except Exception as exc:  # a fault of ours: answered, logged, stream kept
-                reply = unexpected(session.worker_id, message, exc)
-            if reply is not None:
-                await session.send_reply(reply)
+            while waiting:
+                try:
+                    await self._process(session, waiting[0])
+                finally:
+                    waiting.popleft()
+                    slots.release()
         finally:
-            slots.release()
+            if queues.get(key) is waiting:
+                del queues[key]
+
+    async def _process(self, session: sch.WorkerSession, message: pb.ConnectRequest) -> None:
+        try:
+            check_request(message)
+            reply = await self._handle(session, message)
+        except DomainError as exc:
+            reply = refused(message, exc)
+        except Exception as exc:  # a fault of ours: answered, logged, stream kept
+            reply = unexpected(session.worker_id, message, exc)
+        if reply is not None:
+            await session.send_reply(reply)
 
     async def _handle(self, session: sch.WorkerSession, m: pb.ConnectRequest) -> Any:
         kind = m.WhichOneof("kind")

@@ -126,10 +126,13 @@ def check_sizes(field: str, inputs: list[EventInput]) -> None:
         raise error
 
 
-def normalize(e: TraceEvent, now: int) -> TraceEvent:
+def normalize(e: TraceEvent, now: int, seq: int, tenant: str) -> TraceEvent:
+    """The event as stored: defaults filled in, its message bounded, numbered."""
     message, truncated = truncate_message(e.message)
     return replace(
         e,
+        seq=seq,
+        tenant=tenant,
         type=e.type or TraceType.LOG,
         level=e.level or Level.INFO,
         category=e.category or Category.TECHNICAL,
@@ -189,10 +192,7 @@ class Trace:
             by_run.setdefault(e.run_id, []).append(e)
         for run_id, items in by_run.items():
             first = await store.reserve_sequence(session, run_id, tenant, len(items))
-            numbered = [
-                replace(normalize(e, now), seq=first + i, tenant=tenant)
-                for i, e in enumerate(items)
-            ]
+            numbered = [normalize(e, now, first + i, tenant) for i, e in enumerate(items)]
             await store.insert_events(session, numbered)
             tx.on_commit(lambda r=run_id, n=numbered: self._committed(r, n))  # type: ignore[misc]
             tx.notify({"k": "trace", "run": run_id})
