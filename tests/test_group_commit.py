@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from jobtrace.store import sql
 from jobtrace.store.db import NOTIFY_CHANNEL, Database, Tx
 
 from .conftest import execute_sql
@@ -166,3 +168,58 @@ async def test_an_operation_failing_with_a_database_error_gets_one_more_try_alon
     assert sizes == [2, 1]
     assert await stored(db_url) == ["a", "b", "flaky"]
     assert sorted(hooks) == ["a", "b", "flaky"]
+
+
+# --- literal SQL (jobtrace.store.sql) inside group commits --------------------------
+
+PROBE_INSERT = sql.Query("INSERT INTO probe (k, parent) VALUES (:k, :p)")
+PROBE_MOVE = sql.Query("UPDATE probe SET k = :new WHERE k = :old")
+PROBE_ROWS = sql.Query("SELECT k, parent FROM probe WHERE k >= :low ORDER BY k")
+
+
+def raw_insert(key: str, *, then_raise: bool = False) -> Op:
+    async def op(session: AsyncSession, tx: Tx) -> str:
+        await sql.execute(session, PROBE_INSERT, {"k": key, "p": None})
+        if then_raise:
+            raise Stale(key)
+        return key
+
+    return op
+
+
+async def test_literal_sql_shares_the_batch_transaction_and_its_savepoints(
+    db: Database, db_url: str
+) -> None:
+    sizes: list[int] = []
+    db.on_batch = sizes.append
+    hooks: list[str] = []
+    # Expression-layer and literal statements interleaved in one batch; op 2's
+    # literal insert is undone with its savepoint, op 4 is refused by the database.
+    ops = [
+        insert("a", hooks),
+        raw_insert("b"),
+        raw_insert("c", then_raise=True),
+        raw_insert("d"),
+        raw_insert("a"),  # duplicate primary key
+    ]
+    results = await one_batch(db, ops)
+    assert results[:2] == ["a", "b"] and results[3] == "d"
+    assert isinstance(results[2], Stale)
+    assert isinstance(results[4], IntegrityError), "the driver's error, wrapped as SQLAlchemy's"
+    assert sizes == [3], "the three that succeeded committed together"
+    assert await stored(db_url) == ["a", "b", "d"]
+
+
+async def test_literal_sql_reads_rows_by_column_and_counts_changed_rows(db: Database) -> None:
+    await one_batch(db, [raw_insert("m1"), raw_insert("m2")])
+
+    async def move(session: AsyncSession, tx: Tx) -> tuple[int, int, list[tuple[str, Any]]]:
+        moved = await sql.execute(session, PROBE_MOVE, {"new": "m9", "old": "m1"})
+        missing = await sql.execute(session, PROBE_MOVE, {"new": "m8", "old": "nope"})
+        rows = await sql.fetch(session, PROBE_ROWS, {"low": "m"})
+        return moved, missing, [(r["k"], r["parent"]) for r in rows]
+
+    assert await db.write(move) == (1, 0, [("m2", None), ("m9", None)])
+    async with db.read() as session:
+        assert await sql.scalar(session, PROBE_ROWS, {"low": "m3"}) == "m9"
+        assert await sql.fetch_one(session, PROBE_ROWS, {"low": "n"}) is None

@@ -232,6 +232,9 @@ class Database:
                 async with session.begin():
                     for item in batch:
                         savepoint = await session.begin_nested()
+                        # SAVEPOINT now, not at the session's next statement:
+                        # literal SQL (store.sql) runs on the connection directly.
+                        await session.connection()
                         try:
                             result = await item.op(session, item.tx)
                         except Exception as exc:
