@@ -26,13 +26,16 @@ from .workers import RawWorker, demo_worker_process, terminate
 
 
 class Replica:
-    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, port: int, metrics_port: int | None = None
+    ) -> None:
         self.proc = proc
         self.port = port
         self.target = f"127.0.0.1:{port}"
+        self.metrics_port = metrics_port
 
 
-async def start_replica(db_url: str, key: Path) -> Replica:
+async def start_replica(db_url: str, key: Path, *extra: str) -> Replica:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -48,6 +51,7 @@ async def start_replica(db_url: str, key: Path) -> Replica:
         "3",
         "--heartbeat-seconds",
         "0.5",
+        *extra,
         stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
@@ -57,6 +61,7 @@ async def start_replica(db_url: str, key: Path) -> Replica:
             assert line, "replica exited during start"
             if m := re.search(r"\(port (\d+)\)", line):
                 port = int(m.group(1))
+                metrics = re.search(r'"metrics_port": (\d+)', line)
                 break
 
     async def drain(stream: asyncio.StreamReader) -> None:
@@ -64,15 +69,15 @@ async def start_replica(db_url: str, key: Path) -> Replica:
             pass
 
     asyncio.get_running_loop().create_task(drain(proc.stderr))
-    return Replica(proc, port)
+    return Replica(proc, port, int(metrics.group(1)) if metrics else None)
 
 
 @contextlib.asynccontextmanager
-async def replicas(db_url: str, tmp: Path, n: int) -> AsyncIterator[list[Replica]]:
+async def replicas(db_url: str, tmp: Path, n: int, *extra: str) -> AsyncIterator[list[Replica]]:
     started: list[Replica] = []
     try:
         for i in range(n):  # one after the other: they share the migrations
-            started.append(await start_replica(db_url, tmp / f"key{i}.pem"))
+            started.append(await start_replica(db_url, tmp / f"key{i}.pem", *extra))
         yield started
     finally:
         await terminate(*(r.proc for r in started))
@@ -162,6 +167,61 @@ async def test_events_appended_on_one_replica_stream_on_another_in_order(
         await on_b.jobs.CancelJob(j.CancelJobRequest(job_id=job.id))
         await asyncio.wait_for(collector, 20)
         assert received == list(range(1, 102)), "no gap, no duplicate, in cursor order"
+
+
+async def test_subscribers_follow_another_replicas_appends_with_one_read_for_all(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Events appended on B reach A's live subscribers through one read on A per
+    notice: none of them falls back to reading the database for itself (which,
+    with many subscribers at once, queued them all behind the connection pool)."""
+    from .test_observability import scrape
+
+    extra = ("--metrics-port", "0", "--keepalive-seconds", "0.3")
+    async with (
+        replicas(pg_url, tmp_path, 2, *extra) as (a, b),
+        client(a.target) as on_a,
+        client(b.target) as on_b,
+    ):
+        job = (
+            await on_b.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="fan", job=c.JobSpec(service="none"))
+            )
+        ).job
+        subscribers = 20
+        received: list[list[int]] = [[] for _ in range(subscribers)]
+        live: list[asyncio.Event] = [asyncio.Event() for _ in range(subscribers)]
+
+        async def follow(i: int) -> None:
+            request = t.StreamTraceEventsRequest(run_id=job.id, follow=True)
+            async for message in on_a.trace.StreamTraceEvents(request):
+                kind = message.WhichOneof("kind")
+                if kind == "keepalive":  # sent only from the live loop
+                    live[i].set()
+                elif kind == "event":
+                    received[i].append(message.event.sequence)
+                elif kind == "final_status":
+                    return
+
+        followers = [asyncio.create_task(follow(i)) for i in range(subscribers)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in live)), 20)
+        for batch in range(10):
+            await on_b.trace.AppendTraceEvents(
+                t.AppendTraceEventsRequest(
+                    run_id=job.id,
+                    events=[c.TraceEvent(event_key=f"k{batch}-{i}") for i in range(3)],
+                )
+            )
+        expected = list(range(1, 31))
+        await wait_for(
+            lambda: all(r[: len(expected)] == expected for r in received) or None, timeout=20
+        )
+        metrics = await scrape(a.metrics_port)
+        assert metrics.value("jobtrace_trace_events_delivered_total") == subscribers * 30
+        assert metrics.value("jobtrace_trace_stream_catchups_total") == 0
+        await on_b.jobs.CancelJob(j.CancelJobRequest(job_id=job.id))
+        await asyncio.wait_for(asyncio.gather(*followers), 20)
+        assert all(r[:30] == expected for r in received), "no gap, no duplicate"
 
 
 async def _listeners(db_url: str) -> set[int]:

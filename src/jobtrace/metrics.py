@@ -59,6 +59,7 @@ class StateSample:
     lease_expiries: Mapping[str, int] = field(default_factory=dict)  # by service
     events_appended: int = 0
     events_delivered: int = 0
+    stream_catchups: int = 0
 
 
 Sampler = Callable[[], Coroutine[Any, Any, StateSample]]
@@ -253,4 +254,10 @@ class StateCollector(Collector):
             "jobtrace_trace_events_delivered",
             "Trace events sent to StreamTraceEvents subscribers on this replica.",
             value=s.events_delivered,
+        )
+        yield CounterMetricFamily(
+            "jobtrace_trace_stream_catchups",
+            "Times a live StreamTraceEvents stream on this replica read from the "
+            "database to recover (a gap, an overflowed buffer, a lost notice).",
+            value=s.stream_catchups,
         )

@@ -220,6 +220,7 @@ class JobtraceServer:
             lease_expiries=dict(self.scheduler.lease_expiries),
             events_appended=self.trace.events_appended,
             events_delivered=self.trace.events_delivered,
+            stream_catchups=self.trace.stream_catchups,
         )
         try:
             async with asyncio.timeout(QUEUE_DEPTH_TIMEOUT_S):

@@ -175,6 +175,9 @@ class Trace:
         # Events stored by this replica, and sent on its live streams (metrics).
         self.events_appended = 0
         self.events_delivered = 0
+        # Live streams that went back to the database (a gap, an overflow of
+        # their buffer, a lost notice): each costs a few reads (metrics).
+        self.stream_catchups = 0
 
     # --- writing (inside other transactions too) -------------------------------
 
@@ -218,10 +221,15 @@ class Trace:
         try:
             while True:
                 self._fetch_again.discard(run_id)
-                after = self.bus.high_water.get(run_id, 0)
-                if not after:
-                    # Nothing published here yet: the subscribers catch up by
-                    # themselves once; later events are fetched after this point.
+                after = self.bus.high_water.get(run_id) or None
+                if after is None:
+                    # Nothing published here yet: read from where the furthest-behind
+                    # live subscriber is (one read for all of them; each drops what
+                    # it already has), not one catch-up read per subscriber.
+                    after = self.bus.lowest_position(run_id)
+                if after is None:
+                    # No subscriber is live yet: they catch up by themselves once;
+                    # later events are fetched after this point.
                     async with self._db.read() as session:
                         upto = await store.last_sequence(session, run_id)
                     if not self.bus.watched(run_id):
@@ -440,6 +448,8 @@ class Trace:
             while True:
                 # Catch up from the database: replay, or recovery after a gap or
                 # an overflow of the live buffer.
+                if sub.position is not None:
+                    self.stream_catchups += 1
                 async with self._db.read() as session:
                     status = await self._status(session, tenant, run_id)
                     upto = await store.last_sequence(session, run_id)
@@ -460,6 +470,7 @@ class Trace:
                 if not follow:
                     return
                 # Follow live, pushed.
+                sub.position = last
                 while True:
                     woke = await self._wait(sub.wakeup)
                     if self.stopping.is_set():
@@ -486,6 +497,7 @@ class Trace:
                         if flt.matches(e):
                             self.events_delivered += 1
                             yield StreamItem(self._cursor(run_id, e.seq), event=e)
+                        sub.position = last
                     if gap:
                         break
 

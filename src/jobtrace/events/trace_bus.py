@@ -23,6 +23,9 @@ class TraceSubscription:
         self.overflowed = False
         self.run_ended = False
         self.wakeup = asyncio.Event()
+        # The last sequence the stream has handled; None until its first read
+        # from the database is done.
+        self.position: int | None = None
 
     def push(self, events: list[TraceEvent], run_ended: bool) -> None:
         if not self.overflowed:
@@ -74,6 +77,12 @@ class TraceBus:
 
     def watched(self, run_id: str) -> bool:
         return bool(self._subs.get(run_id))
+
+    def lowest_position(self, run_id: str) -> int | None:
+        """The least sequence a live subscriber of the run has handled (None when
+        none is live yet): events after it reach every one of them without a gap."""
+        positions = [s.position for s in self._subs.get(run_id, ()) if s.position is not None]
+        return min(positions, default=None)
 
     def poke(self, run_id: str, run_ended: bool = False) -> None:
         """Another replica stored events of this run: its subscribers catch up
