@@ -52,5 +52,15 @@ def backoff_dumps(backoff: Backoff) -> str:
     )
 
 
+_BACKOFFS: dict[str, Backoff] = {}
+
+
 def backoff_loads(text: str) -> Backoff:
-    return Backoff(**json.loads(text))
+    """Backoff is immutable and most jobs share a few policies: decoded once each."""
+    found = _BACKOFFS.get(text)
+    if found is None:
+        found = Backoff(**json.loads(text))
+        if len(_BACKOFFS) >= 1024:  # bounded: policies are the caller's to choose
+            _BACKOFFS.clear()
+        _BACKOFFS[text] = found
+    return found

@@ -60,7 +60,8 @@ def quoted(name: str) -> str:
 async def _inline(session: AsyncSession) -> InlineSqlite | None:
     """The session's SQLite connection (its transaction begun), or None on
     another backend. Looked up once per session: each lives one transaction."""
-    found = session.info.get(_CONNECTION, _NONE)
+    info = session.sync_session.info
+    found = info.get(_CONNECTION, _NONE)
     if found is _NONE:
         found = None
         if session.get_bind().dialect.name == "sqlite":
@@ -68,7 +69,7 @@ async def _inline(session: AsyncSession) -> InlineSqlite | None:
             raw = await connection.get_raw_connection()
             if isinstance(raw.driver_connection, InlineSqlite):
                 found = raw.driver_connection
-        session.info[_CONNECTION] = found
+        info[_CONNECTION] = found
     return cast(InlineSqlite | None, found)
 
 
