@@ -56,6 +56,17 @@ async def test_submit_then_get_returns_the_stored_job(api: Stubs) -> None:
     assert got == submitted
 
 
+async def test_the_submit_reply_is_byte_for_byte_the_stored_job(api: Stubs) -> None:
+    """The reply is built without reading the job back: it must still encode
+    exactly as the stored job does when read (maps, numbers, nulls, labels)."""
+    request = job_request("bytes", zeta=1, alpha={"y": [2.5, None], "b": True}, mid="m")
+    request.job.labels.update({"z-last": "1", "a-first": "2"})
+    submitted = (await api.jobs.SubmitJob(request)).job
+    got = (await api.jobs.GetJob(j.GetJobRequest(job_id=submitted.id))).job
+    again = (await api.jobs.SubmitJob(request)).job  # deduplicated: read from storage
+    assert submitted.SerializeToString() == got.SerializeToString() == again.SerializeToString()
+
+
 async def test_same_request_id_and_body_returns_the_same_job(api: Stubs) -> None:
     first = await api.jobs.SubmitJob(job_request("same"))
     again = await api.jobs.SubmitJob(job_request("same"))

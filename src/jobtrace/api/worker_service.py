@@ -149,6 +149,13 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             while waiting:
                 try:
                     await self._process(session, waiting[0])
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # the stream is ending
+                    log.warning("worker %s: handling a message was cancelled", session.worker_id)
+                except Exception:  # not answered; the job's later messages still are
+                    log.exception("worker %s: handling a message failed", session.worker_id)
                 finally:
                     waiting.popleft()
                     slots.release()

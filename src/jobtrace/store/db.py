@@ -487,7 +487,8 @@ class InlineSqlite(aiosqlite.Connection):  # type: ignore[misc]
 
     def _sqlite3(self) -> sqlite3.Connection:
         if not self._running or not self._connection:
-            raise ValueError("Connection closed")
+            # An OperationalError, as the driver's own would be: storage unavailable.
+            raise sqlite3.OperationalError("the database connection is closed")
         return self._connection  # type: ignore[no-any-return]
 
     def fetch(self, sql: str, params: Any) -> list[sqlite3.Row]:

@@ -182,9 +182,14 @@ async def insert_jobs(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> 
 
 
 async def insert_job(session: AsyncSession, job: Job, request_context: JSON) -> Job:
-    """Store a new job; return it with the position (seq) it was given."""
-    seq = await sql.scalar(session, _INSERT_JOB_RETURNING_SEQ, job_values(job, request_context))
-    return replace(job, seq=int(seq))
+    """Store a new job; return it as a read would: with the position (seq) it was
+    given, and its payload and labels as stored (keys in their stored order)."""
+    values = job_values(job, request_context)
+    seq = await sql.scalar(session, _INSERT_JOB_RETURNING_SEQ, values)
+    spec = replace(
+        job.spec, payload=codec.loads(values["payload"]), labels=codec.loads(values["labels"])
+    )
+    return replace(job, seq=int(seq), spec=spec)
 
 
 def job_from_row(row: Row) -> Job:
