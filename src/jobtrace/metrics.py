@@ -220,31 +220,31 @@ class StateCollector(Collector):
             "Job leases held by workers connected to this replica.",
             value=s.active_leases,
         )
-        subscribers = GaugeMetricFamily(
-            "jobtrace_stream_subscribers",
-            "Open live streams on this replica, by kind.",
-            labels=["kind"],
+        yield _by_label(
+            GaugeMetricFamily(
+                "jobtrace_stream_subscribers",
+                "Open live streams on this replica, by kind.",
+                labels=["kind"],
+            ),
+            s.subscribers,
         )
-        for kind, n in sorted(s.subscribers.items()):
-            subscribers.add_metric([kind], n)
-        yield subscribers
-        retries = CounterMetricFamily(
-            "jobtrace_job_retries",
-            "Failed attempts requeued for another attempt, by service.",
-            labels=["service"],
+        yield _by_label(
+            CounterMetricFamily(
+                "jobtrace_job_retries",
+                "Failed attempts requeued for another attempt, by service.",
+                labels=["service"],
+            ),
+            s.retries,
         )
-        for service, n in sorted(s.retries.items()):
-            retries.add_metric([service], n)
-        yield retries
-        expiries = CounterMetricFamily(
-            "jobtrace_lease_expiries",
-            "Leases lost (no heartbeat before the deadline, or the worker's stream "
-            "ended), by service.",
-            labels=["service"],
+        yield _by_label(
+            CounterMetricFamily(
+                "jobtrace_lease_expiries",
+                "Leases lost (no heartbeat before the deadline, or the worker's stream "
+                "ended), by service.",
+                labels=["service"],
+            ),
+            s.lease_expiries,
         )
-        for service, n in sorted(s.lease_expiries.items()):
-            expiries.add_metric([service], n)
-        yield expiries
         yield CounterMetricFamily(
             "jobtrace_trace_events_appended",
             "Trace events stored by this replica (lifecycle, worker and API appends).",
@@ -261,3 +261,10 @@ class StateCollector(Collector):
             "database to recover (a gap, an overflowed buffer, a lost notice).",
             value=s.stream_catchups,
         )
+
+
+def _by_label(family: Any, values: Mapping[str, int]) -> Any:
+    """A one-label family with a sample per value, in label order."""
+    for label, n in sorted(values.items()):
+        family.add_metric([label], n)
+    return family

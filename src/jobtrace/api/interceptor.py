@@ -9,7 +9,7 @@ import inspect
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -118,16 +118,8 @@ def _observe_call(
         logs.bind_request(_request_id(context), method)
         if counters is None:
             return await behavior(request, context)
-        counters.started.inc()
-        start = time.perf_counter()
-        code = ""
-        try:
+        with _counted(counters, context):
             return await behavior(request, context)
-        except BaseException as exc:
-            code = status_name(exc, context, time.perf_counter() - start)
-            raise
-        finally:
-            counters.handled(code or _ok_name(context), time.perf_counter() - start)
 
     return call
 
@@ -139,24 +131,26 @@ def _observe_stream(
 ) -> Callable[[Any, Any], AsyncIterator[Any]]:
     async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
         logs.bind_request(_request_id(context), method)
-        if counters is None:
-            async with contextlib.aclosing(behavior(request, context)) as responses:
-                async for response in responses:
-                    yield response
-            return
-        counters.started.inc()
-        start = time.perf_counter()
-        code = ""
-        try:
+        with contextlib.nullcontext() if counters is None else _counted(counters, context):
             # aclosing: if grpc drops this stream at a yield, the handler's own
             # cleanup still runs, before the call is counted.
             async with contextlib.aclosing(behavior(request, context)) as responses:
                 async for response in responses:
                     yield response
-        except BaseException as exc:
-            code = status_name(exc, context, time.perf_counter() - start)
-            raise
-        finally:
-            counters.handled(code or _ok_name(context), time.perf_counter() - start)
 
     return stream
+
+
+@contextlib.contextmanager
+def _counted(counters: RpcCounters, context: Any) -> Iterator[None]:
+    """Count a call started now and, when it ends, handled with its code and duration."""
+    counters.started.inc()
+    start = time.perf_counter()
+    code = ""
+    try:
+        yield
+    except BaseException as exc:
+        code = status_name(exc, context, time.perf_counter() - start)
+        raise
+    finally:
+        counters.handled(code or _ok_name(context), time.perf_counter() - start)

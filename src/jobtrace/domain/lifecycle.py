@@ -73,6 +73,12 @@ def job_log_fields(job: Job) -> dict[str, object]:
     return out
 
 
+def log_on_commit(tx: Tx, level: int, message: str, extra: dict[str, object]) -> None:
+    """Log once `tx` commits: a rolled-back batch is rerun, so logging inside it
+    could tell of something that never happened."""
+    tx.on_commit(lambda: log.log(level, message, extra=extra))
+
+
 def run_of(job: Job) -> str:
     return job.workflow_id or job.id
 
@@ -92,12 +98,9 @@ class Lifecycle:
         self.retries: Counter[str] = Counter()
 
     def log_after(self, tx: Tx, level: int, message: str, job: Job, **fields: object) -> None:
-        """Log a transition of `job` once `tx` commits (a rolled-back batch is
-        rerun, so logging inside it could tell of something that never happened)."""
-        if not log.isEnabledFor(level):
-            return
-        extra = {**job_log_fields(job), **fields}
-        tx.on_commit(lambda: log.log(level, message, extra=extra))
+        """Log a transition of `job` once `tx` commits."""
+        if log.isEnabledFor(level):
+            log_on_commit(tx, level, message, {**job_log_fields(job), **fields})
 
     async def _attest_job(
         self, db: AsyncSession, job: Job, type: AttestationType, key: str, extra: JSON
@@ -200,8 +203,9 @@ class Lifecycle:
         self, tx: Tx, level: int, message: str, workflow_id: str, tenant: str, **fields: object
     ) -> None:
         if log.isEnabledFor(level):
-            extra = {"workflow_id": workflow_id, "tenant": tenant, **fields}
-            tx.on_commit(lambda: log.log(level, message, extra=extra))
+            log_on_commit(
+                tx, level, message, {"workflow_id": workflow_id, "tenant": tenant, **fields}
+            )
 
     def _event(self, job: Job, **fields: object) -> TraceEvent:
         return TraceEvent(

@@ -182,6 +182,14 @@ class WorkerSession:
         return message
 
 
+async def _fenced(
+    db: AsyncSession, session: WorkerSession, job_id: str, attempt: int, kind: str
+) -> Job:
+    """The job a session's report is about, read under its lock and fenced."""
+    job = await store.load_locked(db, job_id)
+    return fence(job, job_id, session.worker_id, attempt, kind, session.tenants)
+
+
 def fence(
     job: Job | None,
     job_id: str,
@@ -497,14 +505,7 @@ class Scheduler:
         v.raise_if_any()
 
         async def op(db: AsyncSession, tx: Tx) -> None:
-            job = fence(
-                await store.load_locked(db, job_id),
-                job_id,
-                session.worker_id,
-                attempt,
-                "progress",
-                session.tenants,
-            )
+            job = await _fenced(db, session, job_id, attempt, "progress")
             updated = await self._life.progress(db, tx, job, percent, message, now_us())
             self._jobs.notify(tx, [updated])
 
@@ -523,14 +524,7 @@ class Scheduler:
         v.raise_if_any()
 
         async def op(db: AsyncSession, tx: Tx) -> None:
-            job = fence(
-                await store.load_locked(db, job_id),
-                job_id,
-                session.worker_id,
-                attempt,
-                "complete",
-                session.tenants,
-            )
+            job = await _fenced(db, session, job_id, attempt, "complete")
             self._jobs.notify(tx, await self._life.complete(db, tx, job, result, now_us()))
 
         await self._db.write(op)
@@ -548,14 +542,7 @@ class Scheduler:
         v.raise_if_any()
 
         async def op(db: AsyncSession, tx: Tx) -> None:
-            job = fence(
-                await store.load_locked(db, job_id),
-                job_id,
-                session.worker_id,
-                attempt,
-                "fail",
-                session.tenants,
-            )
+            job = await _fenced(db, session, job_id, attempt, "fail")
             changed = await self._life.fail_attempt(db, tx, job, failure, retryable, now_us())
             self._jobs.notify(tx, changed)
 
@@ -579,14 +566,7 @@ class Scheduler:
             # Under the job's lock: a cancel or timeout committing meanwhile
             # either precedes this report (which is then refused) or follows
             # it, so no event lands after the run's final one.
-            job = fence(
-                await store.load_locked(db, job_id),
-                job_id,
-                session.worker_id,
-                attempt,
-                "trace",
-                session.tenants,
-            )
+            job = await _fenced(db, session, job_id, attempt, "trace")
             run_id = lifecycle.run_of(job)
             events = [
                 replace(
@@ -624,14 +604,7 @@ class Scheduler:
         async def op(db: AsyncSession, tx: Tx) -> None:
             # Under the job's lock, so the attempt cannot end between the fence
             # and the insert (which would leave the annotations pending forever).
-            job = fence(
-                await store.load_locked(db, job_id),
-                job_id,
-                session.worker_id,
-                attempt,
-                "annotate",
-                session.tenants,
-            )
+            job = await _fenced(db, session, job_id, attempt, "annotate")
             if job.pending_annotations + len(item.attributes) > MAX_ATTEMPT_ANNOTATIONS:
                 raise ResourceExhausted(
                     f"at most {MAX_ATTEMPT_ANNOTATIONS} annotations per attempt",

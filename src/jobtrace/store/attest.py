@@ -122,30 +122,8 @@ _PRUNED_HEAD = Query(
     "SELECT chain_seq, digest FROM pruned_attestations WHERE chain_id = :chain_id"
     " ORDER BY chain_seq DESC LIMIT 1"
 )
-_ATTESTATION_COLUMNS = (
-    "key",
-    "tenant",
-    "type",
-    "entity_type",
-    "entity_id",
-    "workflow_id",
-    "job_id",
-    "worker_id",
-    "attempt",
-    "state",
-    "data",
-    "chain_id",
-    "chain_seq",
-    "digest",
-    "previous_digest",
-    "signature",
-    "key_id",
-    "created_us",
-    "expire_us",
-)
-_INSERT_ATTESTATION = Query(
-    f"INSERT INTO attestations ({', '.join(map(sql.quoted, _ATTESTATION_COLUMNS))})"
-    f" VALUES ({', '.join(':' + c for c in _ATTESTATION_COLUMNS)})"
+_INSERT_ATTESTATION = sql.insert_query(
+    AttestationRow.__table__, sql.columns(AttestationRow.__table__, without=("seq",))
 )
 
 

@@ -22,7 +22,7 @@ from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -471,9 +471,7 @@ class InlineSqlite(aiosqlite.Connection):  # type: ignore[misc]
         self._guard = threading.Lock()
 
     async def _execute(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if not self._running or not self._connection:
-            raise ValueError("Connection closed")
-        conn = self._connection
+        conn = self._sqlite3()
         # The connection's own commit and close go (a cursor's close stays here).
         if fn == conn.commit or fn == conn.close or (args and args[0] == "BEGIN IMMEDIATE"):
             return await super()._execute(self._guarded, fn, *args, **kwargs)
@@ -483,7 +481,8 @@ class InlineSqlite(aiosqlite.Connection):  # type: ignore[misc]
         with self._guard:
             return fn(*args, **kwargs)
 
-    # Statements run by jobtrace.store.sql, straight on the sqlite3 connection.
+    # Statements run by jobtrace.store.sql, straight on the sqlite3 connection;
+    # a driver error is raised as SQLAlchemy's wrapper of it, as from a session.
 
     def _sqlite3(self) -> sqlite3.Connection:
         if not self._running or not self._connection:
@@ -493,24 +492,37 @@ class InlineSqlite(aiosqlite.Connection):  # type: ignore[misc]
 
     def fetch(self, sql: str, params: Any) -> list[sqlite3.Row]:
         with self._guard:
-            cursor = self._sqlite3().cursor()
             try:
-                cursor.row_factory = sqlite3.Row
-                return cursor.execute(sql, params).fetchall()
-            finally:
-                cursor.close()
+                cursor = self._sqlite3().cursor()
+                try:
+                    cursor.row_factory = sqlite3.Row
+                    return cursor.execute(sql, params).fetchall()
+                finally:
+                    cursor.close()
+            except sqlite3.Error as exc:
+                raise _wrapped(sql, params, exc) from exc
 
     def change(self, sql: str, params: Any) -> int:
         with self._guard:
-            cursor = self._sqlite3().execute(sql, params)
             try:
-                return cursor.rowcount
-            finally:
-                cursor.close()
+                cursor = self._sqlite3().execute(sql, params)
+                try:
+                    return cursor.rowcount
+                finally:
+                    cursor.close()
+            except sqlite3.Error as exc:
+                raise _wrapped(sql, params, exc) from exc
 
     def change_many(self, sql: str, rows: Any) -> None:
         with self._guard:
-            self._sqlite3().executemany(sql, rows).close()
+            try:
+                self._sqlite3().executemany(sql, rows).close()
+            except sqlite3.Error as exc:
+                raise _wrapped(sql, rows, exc) from exc
+
+
+def _wrapped(sql: str, params: Any, exc: sqlite3.Error) -> StatementError:
+    return DBAPIError.instance(sql, params, exc, sqlite3.Error)
 
 
 def _sqlite_engine(url: str, *, write: bool) -> AsyncEngine:

@@ -38,8 +38,7 @@ async def get_meta(session: AsyncSession, key: str) -> str | None:
 async def put_meta(session: AsyncSession, key: str, value: str) -> str:
     """Store a value unless one is there already (another replica may have won);
     return the stored value."""
-    dialect = session.get_bind().dialect.name
-    insert_ = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert_ = postgresql.insert if sql.dialect(session) == "postgresql" else sqlite.insert
     await session.execute(
         insert_(Meta).values(key=key, value=value).on_conflict_do_nothing(index_elements=["key"])
     )
@@ -128,46 +127,10 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
     }
 
 
-JOB_COLUMNS = (
-    "id",
-    "tenant",
-    "request_id",
-    "workflow_id",
-    "step_name",
-    "step_index",
-    "depends_on",
-    "service",
-    "payload",
-    "priority",
-    "max_attempts",
-    "timeout_ms",
-    "not_before_us",
-    "affinity_keys",
-    "labels",
-    "backoff",
-    "request_context",
-    "state",
-    "attempt",
-    "progress_percent",
-    "progress_message",
-    "result",
-    "failure",
-    "worker_id",
-    "lease_session",
-    "pending_annotations",
-    "lease_deadline_us",
-    "next_attempt_us",
-    "traceparent",
-    "created_us",
-    "updated_us",
-    "started_us",
-    "completed_us",
-)
-_INSERT_JOB = Query(
-    f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)})"
-    f" VALUES ({', '.join(':' + c for c in JOB_COLUMNS)})"
-)
-_INSERT_JOB_RETURNING_SEQ = Query(_INSERT_JOB.sqlite + " RETURNING seq")
+JOBS = JobRow.__table__
+JOB_COLUMNS = sql.columns(JOBS, without=("seq",))
+_INSERT_JOB = sql.insert_query(JOBS, JOB_COLUMNS)
+_INSERT_JOB_RETURNING_SEQ = sql.insert_query(JOBS, JOB_COLUMNS, " RETURNING seq")
 _JOB = "SELECT * FROM jobs WHERE id = :id"
 _GET_JOB = {
     (False, False): Query(_JOB),
@@ -243,9 +206,6 @@ async def get_job(
 async def _jobs(session: AsyncSession, stmt: Any) -> list[Job]:
     """The jobs a Core select of whole job rows finds."""
     return [job_from_row(r) for r in (await session.execute(stmt)).mappings()]
-
-
-JOBS = JobRow.__table__
 
 
 async def lock_workflow(session: AsyncSession, workflow_id: str) -> None:
@@ -471,23 +431,7 @@ async def insert_pending_annotations(
         await session.execute(insert(PendingAnnotationRow), values)
 
 
-_ANNOTATION_COLUMNS = (
-    "id",
-    "tenant",
-    "run_id",
-    "job_id",
-    "attempt",
-    "scope",
-    "scope_id",
-    "actor_kind",
-    "actor_id",
-    "actor_version",
-    "key",
-    "value",
-    "payload",
-    "idempotency_key",
-    "created_us",
-)
+_ANNOTATION_COLUMNS = sql.columns(PendingAnnotationRow.__table__, without=("seq",))
 
 
 async def publish_annotations(session: AsyncSession, job_id: str, attempt: int) -> None:
@@ -590,7 +534,7 @@ async def next_eligible_us(session: AsyncSession, services: Iterable[str], now: 
 
 
 def _is_sqlite(session: AsyncSession) -> bool:
-    return session.get_bind().dialect.name == "sqlite"
+    return sql.dialect(session) == "sqlite"
 
 
 _CLAIM = Query(

@@ -11,17 +11,15 @@ it); on PostgreSQL they go through SQLAlchemy as `text()`, compiled once.
 
 Rows come back as mappings (`row["column"]`). A driver error is raised as
 SQLAlchemy's wrapper of it (IntegrityError, OperationalError...), as it would
-be from `session.execute`.
+be from `session.execute` (InlineSqlite wraps it).
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from typing import Any, cast
 
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import TextClause
 
@@ -52,9 +50,21 @@ class Query:
         return self._clauses[dialect]
 
 
-def quoted(name: str) -> str:
-    """A column name quoted for both dialects ("key", say, is a keyword)."""
-    return f'"{name}"'
+def columns(table: Any, *, without: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """A table's column names, in their declared order (the schema is the one list)."""
+    return tuple(c.name for c in table.columns if c.name not in without)
+
+
+def insert_query(table: Any, names: Sequence[str], suffix: str = "") -> Query:
+    """INSERT of these columns, one :named parameter each; names are quoted
+    for both dialects ("key", say, is a keyword)."""
+    quoted = ", ".join(f'"{n}"' for n in names)
+    params = ", ".join(f":{n}" for n in names)
+    return Query(f"INSERT INTO {table.name} ({quoted}) VALUES ({params}){suffix}")
+
+
+def dialect(session: AsyncSession) -> str:
+    return session.get_bind().dialect.name
 
 
 async def _inline(session: AsyncSession) -> InlineSqlite | None:
@@ -64,7 +74,7 @@ async def _inline(session: AsyncSession) -> InlineSqlite | None:
     found = info.get(_CONNECTION, _NONE)
     if found is _NONE:
         found = None
-        if session.get_bind().dialect.name == "sqlite":
+        if dialect(session) == "sqlite":
             connection = await session.connection()  # begins the transaction
             raw = await connection.get_raw_connection()
             if isinstance(raw.driver_connection, InlineSqlite):
@@ -73,23 +83,12 @@ async def _inline(session: AsyncSession) -> InlineSqlite | None:
     return cast(InlineSqlite | None, found)
 
 
-def _dialect(session: AsyncSession) -> str:
-    return session.get_bind().dialect.name
-
-
-def _wrap(q: Query, params: Any, exc: sqlite3.Error) -> StatementError:
-    return DBAPIError.instance(q.sqlite, params, exc, sqlite3.Error)
-
-
 async def fetch(session: AsyncSession, q: Query, params: Params) -> list[Row]:
     """Every row the statement returns."""
     conn = await _inline(session)
     if conn is None:
-        return list((await session.execute(q.clause(_dialect(session)), params)).mappings())
-    try:
-        return conn.fetch(q.sqlite, params)
-    except sqlite3.Error as exc:
-        raise _wrap(q, params, exc) from exc
+        return list((await session.execute(q.clause(dialect(session)), params)).mappings())
+    return conn.fetch(q.sqlite, params)
 
 
 async def fetch_one(session: AsyncSession, q: Query, params: Params) -> Row | None:
@@ -102,11 +101,8 @@ async def scalar(session: AsyncSession, q: Query, params: Params) -> Any:
     """The first column of the first row, or None."""
     conn = await _inline(session)
     if conn is None:
-        return (await session.execute(q.clause(_dialect(session)), params)).scalar()
-    try:
-        rows = conn.fetch(q.sqlite, params)
-    except sqlite3.Error as exc:
-        raise _wrap(q, params, exc) from exc
+        return (await session.execute(q.clause(dialect(session)), params)).scalar()
+    rows = conn.fetch(q.sqlite, params)
     return rows[0][0] if rows else None
 
 
@@ -114,12 +110,9 @@ async def execute(session: AsyncSession, q: Query, params: Params) -> int:
     """Run a statement that returns no rows; the number of rows it changed."""
     conn = await _inline(session)
     if conn is None:
-        result = await session.execute(q.clause(_dialect(session)), params)
+        result = await session.execute(q.clause(dialect(session)), params)
         return int(result.rowcount)  # type: ignore[attr-defined]
-    try:
-        return conn.change(q.sqlite, params)
-    except sqlite3.Error as exc:
-        raise _wrap(q, params, exc) from exc
+    return conn.change(q.sqlite, params)
 
 
 async def execute_many(session: AsyncSession, q: Query, rows: Sequence[Params]) -> None:
@@ -128,9 +121,6 @@ async def execute_many(session: AsyncSession, q: Query, rows: Sequence[Params]) 
         return
     conn = await _inline(session)
     if conn is None:
-        await session.execute(q.clause(_dialect(session)), list(rows))
+        await session.execute(q.clause(dialect(session)), list(rows))
         return
-    try:
-        conn.change_many(q.sqlite, rows)
-    except sqlite3.Error as exc:
-        raise _wrap(q, list(rows), exc) from exc
+    conn.change_many(q.sqlite, rows)

@@ -52,38 +52,8 @@ async def reserve_sequence(session: AsyncSession, run_id: str, tenant: str, coun
     return int(last) - count + 1
 
 
-EVENT_COLUMNS = (
-    "run_id",
-    "seq",
-    "tenant",
-    "event_key",
-    "node_id",
-    "type",
-    "level",
-    "category",
-    "ts_us",
-    "message",
-    "user_message",
-    "error",
-    "output_summary",
-    "data",
-    "step_number",
-    "total_steps",
-    "percent",
-    "display_priority",
-    "milestone",
-    "truncated",
-    "job_id",
-    "attempt",
-    "worker_id",
-    "traceparent",
-    "created_us",
-)
-_INSERT_EVENT = Query(
-    f"INSERT INTO trace_events ({', '.join(EVENT_COLUMNS)})"
-    f" VALUES ({', '.join(':' + c for c in EVENT_COLUMNS)})"
-)
 EVENTS = TraceEventRow.__table__
+_INSERT_EVENT = sql.insert_query(EVENTS, sql.columns(EVENTS))
 
 
 def _values(e: TraceEvent) -> dict[str, Any]:
