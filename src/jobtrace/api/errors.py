@@ -80,6 +80,20 @@ def _check_parsed(request: Any) -> None:
     check_request(request)
 
 
+async def _answer(context: Any, name: str, exc: Exception) -> None:
+    """End the call for `exc`: a domain error with its status and details, an
+    unexpected failure logged and answered without its text (an abort already
+    under way goes on)."""
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    if isinstance(exc, de.DomainError):
+        status = to_status(exc)
+    else:
+        log.exception("%s failed unexpectedly", name)
+        status = to_status(de.unexpected(exc))
+    await context.abort_with_status(status)  # raises AbortError
+
+
 def rpc(fn: F) -> F:
     """Wrap a servicer method (unary or server-streaming) so that domain errors
     end the call with their status and details, and an unexpected failure is
@@ -92,13 +106,8 @@ def rpc(fn: F) -> F:
                 _check_parsed(request)
                 async for item in fn(self, request, context):
                     yield item
-            except de.DomainError as exc:
-                await context.abort_with_status(to_status(exc))
-            except grpc.aio.AbortError:
-                raise
             except Exception as exc:
-                log.exception("%s failed unexpectedly", fn.__name__)
-                await context.abort_with_status(to_status(de.unexpected(exc)))
+                await _answer(context, fn.__name__, exc)
 
         return stream  # type: ignore[return-value]
 
@@ -107,12 +116,7 @@ def rpc(fn: F) -> F:
         try:
             _check_parsed(request)
             return await fn(self, request, context)
-        except de.DomainError as exc:
-            await context.abort_with_status(to_status(exc))
-        except grpc.aio.AbortError:
-            raise
         except Exception as exc:
-            log.exception("%s failed unexpectedly", fn.__name__)
-            await context.abort_with_status(to_status(de.unexpected(exc)))
+            await _answer(context, fn.__name__, exc)
 
     return unary  # type: ignore[return-value]
