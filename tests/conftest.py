@@ -189,6 +189,17 @@ async def harness(db_url: str) -> AsyncIterator[Harness]:
 
 
 @pytest.fixture
+async def fast(db_url: str) -> AsyncIterator[Harness]:
+    """A server with short leases and heartbeats, so that expiry happens within a test."""
+    h = Harness(db_url, lease_seconds=1.0, heartbeat_seconds=0.2)
+    await h.start()
+    try:
+        yield h
+    finally:
+        await h.stop()
+
+
+@pytest.fixture
 async def sqlite_harness(sqlite_url: str) -> AsyncIterator[Harness]:
     """A server on SQLite only, for what does not depend on the backend (the
     clients and the CLI speak to the server through its API alone)."""

@@ -96,6 +96,24 @@ async def run_workflow(harness: Harness, api: Stubs) -> c.Workflow:
     return wf
 
 
+async def cancel_unstarted_workflow(
+    api: Stubs, rid: str, service: str
+) -> tuple[c.Workflow, a.Attestation]:
+    """A one-step workflow no worker serves, cancelled before it starts; its only attestation."""
+    wf = (
+        await api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(
+                request_id=rid,
+                name="w",
+                steps=[c.WorkflowStepSpec(name="x", job=c.JobSpec(service=service))],
+            )
+        )
+    ).workflow
+    await api.jobs.CancelWorkflow(j.CancelWorkflowRequest(workflow_id=wf.id))
+    (cancelled,) = await attestations(api, workflow_id=wf.id)
+    return wf, cancelled
+
+
 async def test_workflow_yields_a_valid_chain_with_the_evidence(harness: Harness) -> None:
     api = harness.stubs()
     wf = await run_workflow(harness, api)
@@ -241,17 +259,7 @@ async def test_terminal_failure_attests_the_workflow_failure(harness: Harness) -
     ]
     assert items[1].key == f"workflow-failure:{wf.id}"
     assert json_format.MessageToDict(items[1].data)["completed_steps"] == 0
-    wf2 = (
-        await api.jobs.SubmitWorkflow(
-            j.SubmitWorkflowRequest(
-                request_id="wf-c",
-                name="w",
-                steps=[c.WorkflowStepSpec(name="x", job=c.JobSpec(service="no"))],
-            )
-        )
-    ).workflow
-    await api.jobs.CancelWorkflow(j.CancelWorkflowRequest(workflow_id=wf2.id))
-    (cancelled,) = await attestations(api, workflow_id=wf2.id)
+    wf2, cancelled = await cancel_unstarted_workflow(api, "wf-c", service="no")
     assert cancelled.key == f"workflow-cancellation:{wf2.id}"
     assert cancelled.type == a.ATTESTATION_TYPE_WORKFLOW_CANCELLATION
     await raw.close()
@@ -1070,17 +1078,7 @@ async def test_attestations_carry_attempt_and_run_timestamps(harness: Harness) -
     await raw.close()
 
     # A workflow cancelled before it started.
-    wf2 = (
-        await api.jobs.SubmitWorkflow(
-            j.SubmitWorkflowRequest(
-                request_id="wf-times",
-                name="w",
-                steps=[c.WorkflowStepSpec(name="x", job=c.JobSpec(service="none"))],
-            )
-        )
-    ).workflow
-    await api.jobs.CancelWorkflow(j.CancelWorkflowRequest(workflow_id=wf2.id))
-    (cancelled,) = await attestations(api, workflow_id=wf2.id)
+    wf2, cancelled = await cancel_unstarted_workflow(api, "wf-times", service="none")
     data = json_format.MessageToDict(cancelled.data)
     stored = (await api.jobs.GetWorkflow(j.GetWorkflowRequest(workflow_id=wf2.id))).workflow
     assert (

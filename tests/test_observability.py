@@ -103,6 +103,21 @@ def handled(s: Scrape, service: str, method: str, kind: str, code: str) -> float
     )
 
 
+async def until_handled(
+    harness: Harness, service: str, method: str, kind: str, code: str
+) -> Scrape:
+    """Scrape until one call of this method has been counted as ending with this code."""
+    return await until_metric(
+        harness,
+        "grpc_server_handled_total",
+        1,
+        grpc_service=service,
+        grpc_method=method,
+        grpc_type=kind,
+        grpc_code=code,
+    )
+
+
 async def submit(api: Stubs, rid: str, service: str = "svc", **fields: Any) -> c.Job:
     request = j.SubmitJobRequest(request_id=rid, job=c.JobSpec(service=service, **fields))
     return (await api.jobs.SubmitJob(request)).job
@@ -253,25 +268,9 @@ async def test_streams_are_counted_with_how_they_ended(observed: Harness) -> Non
     await rude.hello("rude", ["svc"])
     await rude.close()
 
-    s = await until_metric(
-        observed,
-        "grpc_server_handled_total",
-        1,
-        grpc_service=WORKERS,
-        grpc_method="Connect",
-        grpc_type="bidi_stream",
-        grpc_code="CANCELLED",
-    )
+    s = await until_handled(observed, WORKERS, "Connect", "bidi_stream", "CANCELLED")
     assert handled(s, WORKERS, "Connect", "bidi_stream", "OK") == 1
-    s = await until_metric(
-        observed,
-        "grpc_server_handled_total",
-        1,
-        grpc_service=JOBS,
-        grpc_method="WatchJob",
-        grpc_type="server_stream",
-        grpc_code="CANCELLED",
-    )
+    s = await until_handled(observed, JOBS, "WatchJob", "server_stream", "CANCELLED")
     assert handled(s, JOBS, "WatchJob", "server_stream", "DEADLINE_EXCEEDED") == 1
     assert handled(s, JOBS, "WatchJob", "server_stream", "NOT_FOUND") == 1
     assert handled(s, JOBS, "WatchJob", "server_stream", "OK") == 1
@@ -285,14 +284,8 @@ async def test_health_checks_are_counted(observed: Harness) -> None:
     watch = health.Watch(health_pb2.HealthCheckRequest(service=JOBS))
     assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
     watch.cancel()
-    s = await until_metric(
-        observed,
-        "grpc_server_handled_total",
-        1,
-        grpc_service="grpc.health.v1.Health",
-        grpc_method="Watch",
-        grpc_type="server_stream",
-        grpc_code="CANCELLED",
+    s = await until_handled(
+        observed, "grpc.health.v1.Health", "Watch", "server_stream", "CANCELLED"
     )
     assert handled(s, "grpc.health.v1.Health", "Check", "unary", "OK") == 1
 

@@ -27,7 +27,8 @@ from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, Stubs, stubs_for, wait_for
 from .test_crash import start_server
-from .workers import RawWorker
+from .test_workers import get, state_is
+from .workers import RawWorker, terminate
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
@@ -45,15 +46,6 @@ def value(x: Any) -> struct_pb2.Value:
 async def submit(api: Stubs, rid: str, service: str = "svc", **fields: Any) -> c.Job:
     request = j.SubmitJobRequest(request_id=rid, job=c.JobSpec(service=service, **fields))
     return (await api.jobs.SubmitJob(request)).job
-
-
-async def get(api: Stubs, job_id: str) -> c.Job:
-    return (await api.jobs.GetJob(j.GetJobRequest(job_id=job_id))).job
-
-
-async def state_is(api: Stubs, job_id: str, state: int) -> c.Job | None:
-    job = await get(api, job_id)
-    return job if job.state == state else None
 
 
 async def notes(api: Stubs, run_id: str) -> list[c.Annotation]:
@@ -80,17 +72,6 @@ def track_session_ends(scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(scheduler, "close_session", close_session)
     return ended
-
-
-@pytest.fixture
-async def fast(db_url: str) -> AsyncIterator[Harness]:
-    """Short leases so that expiry happens within a test."""
-    h = Harness(db_url, lease_seconds=1.0, heartbeat_seconds=0.2)
-    await h.start()
-    try:
-        yield h
-    finally:
-        await h.stop()
 
 
 # --- reconnects: resume the lease or lose it cleanly, never both ----------------
@@ -557,30 +538,23 @@ async def test_annotations_persist_when_the_attempt_is_cancelled_or_times_out(
     await raw.hello("w", ["svc"], max_concurrency=10)
     cancelled = await submit(api, "c")
     timed = await submit(api, "t", timeout={"seconds": 1})
-    wf = (
-        await api.jobs.SubmitWorkflow(
-            j.SubmitWorkflowRequest(
-                request_id="wf",
-                name="w",
-                steps=[
-                    c.WorkflowStepSpec(name="a", job=c.JobSpec(service="svc")),
-                    c.WorkflowStepSpec(name="b", job=c.JobSpec(service="svc"), independent=True),
-                ],
+    wf, failing = [
+        (
+            await api.jobs.SubmitWorkflow(
+                j.SubmitWorkflowRequest(
+                    request_id=rid,
+                    name="w",
+                    steps=[
+                        c.WorkflowStepSpec(name=first, job=c.JobSpec(service="svc")),
+                        c.WorkflowStepSpec(
+                            name=second, job=c.JobSpec(service="svc"), independent=True
+                        ),
+                    ],
+                )
             )
-        )
-    ).workflow
-    failing = (
-        await api.jobs.SubmitWorkflow(
-            j.SubmitWorkflowRequest(
-                request_id="wf-fail",
-                name="w",
-                steps=[
-                    c.WorkflowStepSpec(name="bad", job=c.JobSpec(service="svc")),
-                    c.WorkflowStepSpec(name="side", job=c.JobSpec(service="svc"), independent=True),
-                ],
-            )
-        )
-    ).workflow
+        ).workflow
+        for rid, first, second in (("wf", "a", "b"), ("wf-fail", "bad", "side"))
+    ]
     assigned = {}
     for _ in range(6):
         assignment = await raw.expect("assignment")
@@ -639,7 +613,4 @@ async def test_acknowledged_annotations_survive_a_server_crash(db_url: str) -> N
         assert json_format.MessageToDict(note.value) == "before the crash"
     finally:
         await channel.close()
-        if server.returncode is None:
-            server.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(30):
-                await server.wait()
+        await terminate(server)

@@ -47,17 +47,6 @@ async def state_is(api: Stubs, job_id: str, state: int) -> c.Job | None:
     return job if job.state == state else None
 
 
-@pytest.fixture
-async def fast(db_url: str) -> Any:
-    """A server with short leases and heartbeats so expiry tests finish quickly."""
-    h = Harness(db_url, lease_seconds=1.0, heartbeat_seconds=0.2)
-    await h.start()
-    try:
-        yield h
-    finally:
-        await h.stop()
-
-
 async def test_submitted_job_is_pushed_to_a_waiting_worker_and_completes(harness: Harness) -> None:
     api = harness.stubs()
     raw = RawWorker(api)
