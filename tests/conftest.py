@@ -79,6 +79,13 @@ class Harness:
         await self.server.start()
         return self.server
 
+    async def __aenter__(self) -> Harness:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.stop()
+
     async def stop(self, grace: float = 1.0) -> None:
         for channel in self._channels:
             await _bounded(channel.close(), "channel close")
@@ -180,35 +187,23 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 async def harness(db_url: str) -> AsyncIterator[Harness]:
-    h = Harness(db_url)
-    await h.start()
-    try:
+    async with Harness(db_url) as h:
         yield h
-    finally:
-        await h.stop()
 
 
 @pytest.fixture
 async def fast(db_url: str) -> AsyncIterator[Harness]:
     """A server with short leases and heartbeats, so that expiry happens within a test."""
-    h = Harness(db_url, lease_seconds=1.0, heartbeat_seconds=0.2)
-    await h.start()
-    try:
+    async with Harness(db_url, lease_seconds=1.0, heartbeat_seconds=0.2) as h:
         yield h
-    finally:
-        await h.stop()
 
 
 @pytest.fixture
 async def sqlite_harness(sqlite_url: str) -> AsyncIterator[Harness]:
     """A server on SQLite only, for what does not depend on the backend (the
     clients and the CLI speak to the server through its API alone)."""
-    h = Harness(sqlite_url)
-    await h.start()
-    try:
+    async with Harness(sqlite_url) as h:
         yield h
-    finally:
-        await h.stop()
 
 
 @pytest.fixture
