@@ -228,7 +228,8 @@ async def test_an_unexpected_exception_is_answered_and_counted_internal(
         await api.jobs.GetJob(j.GetJobRequest(job_id=UNKNOWN_JOB))
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert "a bug" not in (caught.value.details() or ""), "the text stays in the log"
-    s = await scrape(observed.server)
+    # The interceptor counts the call after its answer has left, so wait for it.
+    s = await until_handled(observed, JOBS, "GetJob", "unary", "INTERNAL")
     assert handled(s, JOBS, "GetJob", "unary", "INTERNAL") == 1
 
 
