@@ -199,6 +199,14 @@ async def fast(db_url: str) -> AsyncIterator[Harness]:
 
 
 @pytest.fixture
+async def no_grace(db_url: str) -> AsyncIterator[Harness]:
+    """A server that gives a lost worker stream's leases back at once (no
+    reconnect grace): for what happens when a worker does not come back."""
+    async with Harness(db_url, reconnect_grace_seconds=0.0) as h:
+        yield h
+
+
+@pytest.fixture
 async def sqlite_harness(sqlite_url: str) -> AsyncIterator[Harness]:
     """A server on SQLite only, for what does not depend on the backend (the
     clients and the CLI speak to the server through its API alone)."""

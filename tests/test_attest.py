@@ -608,11 +608,11 @@ async def test_worker_annotations_are_committed_with_the_failure(harness: Harnes
 
 
 async def test_annotations_of_an_attempt_whose_stream_was_lost_persist_with_its_failure(
-    harness: Harness,
+    no_grace: Harness,
 ) -> None:
     """Acknowledged means stored: annotations sent before the stream was lost are
     not dropped but written with the attempt's failure (lease lost)."""
-    api = harness.stubs()
+    api = no_grace.stubs()
     raw = RawWorker(api)
     await raw.hello("w1", ["svc"])
     job = (

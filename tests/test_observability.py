@@ -132,8 +132,9 @@ async def events_of(api: Stubs, run_id: str) -> list[c.TraceEvent]:
 
 @pytest.fixture
 async def observed(db_url: str) -> AsyncIterator[Harness]:
-    """A server with metrics on an ephemeral port."""
-    h = Harness(db_url, metrics_port=0)
+    """A server with metrics on an ephemeral port (a lost worker stream's leases
+    are given back at once: no reconnect grace)."""
+    h = Harness(db_url, metrics_port=0, reconnect_grace_seconds=0.0)
     await h.start()
     try:
         yield h
@@ -539,8 +540,8 @@ async def test_lifecycle_log_lines_name_the_job_and_worker(
     assert gone["level"] == "INFO"
 
 
-async def test_lease_expiry_is_logged_with_the_job(harness: Harness, json_lines: Lines) -> None:
-    api = harness.stubs()
+async def test_lease_expiry_is_logged_with_the_job(no_grace: Harness, json_lines: Lines) -> None:
+    api = no_grace.stubs()
     raw = RawWorker(api)
     await raw.hello("lost-w", ["svc"])
     job = await submit(api, "lost", max_attempts=1)

@@ -25,6 +25,7 @@ from jobtrace.pb import trace_service_pb2 as t
 from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, Stubs, stubs_for, wait_for
+from .workers import RawWorker
 
 SECRET = "test-secret-of-at-least-32-bytes-long!!"
 ISSUER = "https://issuer.test"
@@ -396,6 +397,90 @@ async def test_worker_tokens_are_limited_to_their_services_and_tenants(secured: 
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(worker.read(), 0.5)
     worker.cancel()
+
+
+@pytest.fixture
+async def pools(db_url: str, tmp_path: Path) -> AsyncIterator[Harness]:
+    """Worker credentials whose names collide: subject `pool` in two tenants, and
+    subjects `team` and `team/x` in one."""
+    entries = [
+        ("pool-acme", "pool", "acme", "worker"),
+        ("pool-globex", "pool", "globex", "worker"),
+        ("team", "team", "acme", "worker"),
+        ("team-x", "team/x", "acme", "worker"),
+        ("billing-acme", "billing", "acme", "submitter"),
+    ]
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(
+        yaml.safe_dump(
+            {
+                "tokens": [
+                    {"sha256": hash_token(tok), "subject": sub, "tenant": ten, "roles": [role]}
+                    for tok, sub, ten, role in entries
+                ]
+            }
+        )
+    )
+    async with Harness(db_url, tokens_file=str(tokens)) as h:
+        yield h
+
+
+@pytest.mark.parametrize(
+    ("owner_token", "owner_id", "other_token", "other_id"),
+    [
+        ("pool-acme", "p1", "pool-globex", "p1"),  # the same subject in another tenant
+        ("team", "x/w1", "team-x", "w1"),  # subject + "/" + id spelled the same
+    ],
+    ids=["tenant", "subject"],
+)
+async def test_a_worker_cannot_take_over_or_watch_another_callers_session(
+    pools: Harness, owner_token: str, owner_id: str, other_token: str, other_id: str
+) -> None:
+    api = pools.stubs()
+    acme = bearer("billing-acme")
+    owner = RawWorker(api, bearer(owner_token))
+    await owner.hello(owner_id, ["svc"])
+    job = (
+        await api.jobs.SubmitJob(
+            j.SubmitJobRequest(request_id="j4", job=c.JobSpec(service="svc")), metadata=acme
+        )
+    ).job
+    assert (await owner.expect("assignment")).job.id == job.id
+    # Another caller says hello with the same worker id, claiming the job.
+    other = RawWorker(api, bearer(other_token))
+    welcome = await other.hello(
+        other_id,
+        ["svc"],
+        running=[
+            w.JobAttempt(job_id=job.id, attempt=1),
+            w.JobAttempt(job_id="job_doesnotexist", attempt=1),
+        ],
+    )
+    assert not welcome.resumed, "nothing of the owner's is resumed"
+    revoked = [(r.job_id, r.attempt) for r in welcome.revoked]
+    assert revoked == [(job.id, 1), ("job_doesnotexist", 1)], "answered as for an unknown job"
+    # The owner's session was not replaced: it still holds the lease.
+    mid = await owner.send(progress=w.ProgressReport(job_id=job.id, attempt=1, percent=10))
+    assert (await owner.expect("ack")).message_id == mid
+    held = (await api.jobs.GetJob(j.GetJobRequest(job_id=job.id), metadata=acme)).job
+    assert held.state == c.RUN_STATE_RUNNING and held.attempt == 1
+    assert held.progress.percent == 10
+    # The owner's cancel notice, reason included, reaches the owner alone.
+    await api.jobs.CancelJob(
+        j.CancelJobRequest(job_id=job.id, reason="acme's private reason"), metadata=acme
+    )
+    cancel = await owner.expect("cancel")
+    assert (cancel.job_id, cancel.attempt) == (job.id, 1)
+    # A notice to the other session would have been queued before the owner's:
+    # the other stream's next message is the answer to its heartbeat.
+    mid = await other.send(
+        heartbeat=w.WorkerHeartbeat(running=[w.JobAttempt(job_id=job.id, attempt=1)])
+    )
+    reply = await other.recv()
+    assert reply.WhichOneof("kind") == "heartbeat_ack", reply
+    assert reply.heartbeat_ack.message_id == mid and not reply.heartbeat_ack.cancels
+    await owner.close()
+    await other.close()
 
 
 async def test_tokens_file_names_given_as_a_string_are_one_name(

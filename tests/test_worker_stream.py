@@ -4,9 +4,14 @@ jobs, and the durability of the annotations a worker sends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import math
+import re
+import resource
 import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +21,10 @@ import pytest
 import yaml
 from google.protobuf import json_format, struct_pb2
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
 
 from jobtrace.auth import hash_token
+from jobtrace.clock import now_us
 from jobtrace.domain.scheduler import Scheduler, WorkerSession
 from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2 as c
@@ -25,7 +32,7 @@ from jobtrace.pb import job_service_pb2 as j
 from jobtrace.pb import trace_service_pb2 as t
 from jobtrace.pb import worker_service_pb2 as w
 
-from .conftest import Harness, Stubs, stubs_for, wait_for
+from .conftest import Harness, Stubs, _pg_admin, stubs_for, wait_for
 from .test_crash import start_server
 from .test_workers import get, state_is
 from .workers import RawWorker, terminate
@@ -64,9 +71,9 @@ def track_session_ends(scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch) ->
     ended: list[str] = []
     original = scheduler.close_session
 
-    async def close_session(session: WorkerSession, *, lost: bool) -> None:
+    async def close_session(session: WorkerSession, **how: Any) -> None:
         try:
-            await original(session, lost=lost)
+            await original(session, **how)
         finally:
             ended.append(session.session_id)
 
@@ -195,14 +202,228 @@ async def test_a_stale_resume_does_not_renew_the_lease_of_a_later_attempt(
     assert (await old.expect("assignment")).attempt == 2
     before = await get(api, job.id)
     assert before.state == c.RUN_STATE_RUNNING and before.attempt == 2
-    # A reconnect that claims the first attempt, which is over.
+    # A reconnect that claims the first attempt, which is over (and not the
+    # second, which the worker therefore no longer runs).
     new = RawWorker(api)
     welcome = await new.hello("w", ["svc"], running=[w.JobAttempt(job_id=job.id, attempt=1)])
     assert [(r.job_id, r.attempt) for r in welcome.revoked] == [(job.id, 1)]
     assert not welcome.resumed
-    after = await get(api, job.id)
-    assert after.attempt == 2 and after.lease_deadline == before.lease_deadline
+    # The second attempt's lease was neither resumed nor renewed: the replaced
+    # stream gives it back, and the job runs again.
+    third = await new.expect("assignment")
+    assert (third.job.id, third.attempt) == (job.id, 3)
+    assert third.job.failure.attempt == 2 and third.job.failure.details == "worker stream lost"
     await new.close()
+
+
+async def test_a_worker_reconnecting_within_the_grace_resumes_its_leases(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A network blip: the stream is lost, the worker comes back under the same
+    id (within the default grace, one heartbeat interval) and goes on with the
+    job it still runs; the one it no longer runs is given back and retried."""
+    api = harness.stubs()
+    ended = track_session_ends(scheduler_of(harness), monkeypatch)
+    old = RawWorker(api)
+    old_session = (await old.hello("w", ["svc"], max_concurrency=2)).session_id
+    kept = await submit(api, "kept")
+    dropped = await submit(api, "dropped", backoff=QUICK_RETRY)
+    first = {(await old.expect("assignment")).job.id for _ in range(2)}
+    assert first == {kept.id, dropped.id}
+    started = (await get(api, kept.id)).started_at
+    await old.close()
+    await wait_for(lambda: old_session in ended)  # the server has handled the loss
+    new = RawWorker(api)
+    welcome = await new.hello(
+        "w", ["svc"], max_concurrency=2, running=[w.JobAttempt(job_id=kept.id, attempt=1)]
+    )
+    assert [(r.job_id, r.attempt) for r in welcome.resumed] == [(kept.id, 1)]
+    assert not welcome.revoked
+    again = await new.expect("assignment", timeout=30)
+    assert (again.job.id, again.attempt) == (dropped.id, 2)
+    assert again.job.failure.details == "worker stream lost"
+    await new.send(complete=w.CompleteReport(job_id=kept.id, attempt=1))
+    await new.expect("ack")
+    done = await get(api, kept.id)
+    assert done.state == c.RUN_STATE_COMPLETED and done.attempt == 1
+    assert done.started_at == started, "the attempt went on, it did not run again"
+    await new.close()
+
+
+async def test_a_worker_that_does_not_come_back_loses_its_leases_when_the_grace_ends(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grace_us = 500_000
+    async with Harness(db_url, reconnect_grace_seconds=grace_us / 1e6) as h:  # 30 s leases
+        scheduler = scheduler_of(h)
+        lost_at: dict[str, int] = {}
+        close_session = scheduler.close_session
+
+        async def timed_close(session: WorkerSession, **how: Any) -> None:
+            lost_at[session.session_id] = now_us()  # the server's clock
+            await close_session(session, **how)
+
+        monkeypatch.setattr(scheduler, "close_session", timed_close)
+        api = h.stubs()
+        raw = RawWorker(api)
+        session = (await raw.hello("w", ["svc"])).session_id
+        job = await submit(api, "gone")
+        await raw.expect("assignment")
+        await raw.close()
+        requeued = await wait_for(lambda: state_is(api, job.id, c.RUN_STATE_QUEUED), timeout=20)
+    # Given back when the grace ended, long before the lease would have expired.
+    assert requeued.failure.code == "LEASE_EXPIRED" and requeued.failure.attempt == 1
+    assert requeued.failure.details == "worker stream lost"
+    kept_us = requeued.updated_at.ToMicroseconds() - lost_at[session]
+    assert kept_us >= grace_us - 1_000, f"given back after {kept_us} us, within the grace"
+
+
+async def migrate_down(db_url: str, revision: str) -> None:
+    """Take the schema back to an older revision (as a database written by an
+    older jobtrace is)."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from jobtrace.store.db import MIGRATIONS
+
+    def downgrade(connection: Any) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        command.downgrade(config, revision)
+
+    engine = create_async_engine(db_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(downgrade)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_lease_taken_before_the_upgrade_is_resumed_after_it(db_url: str) -> None:
+    """Leases record their holder since revision 0006; one held across the
+    upgrade by a worker of a server without authentication is still its own."""
+    h = Harness(db_url)
+    await h.start()
+    raw = RawWorker(h.stubs())
+    await raw.hello("w", ["svc"])
+    job = await submit(h.stubs(), "old")
+    await raw.expect("assignment")
+    await h.stop()  # a shutdown keeps the lease
+    await migrate_down(db_url, "0005")
+    await h.start()  # migrates up again
+    try:
+        api = h.stubs()
+        back = RawWorker(api)
+        welcome = await back.hello("w", ["svc"], running=[w.JobAttempt(job_id=job.id, attempt=1)])
+        assert [(r.job_id, r.attempt) for r in welcome.resumed] == [(job.id, 1)]
+        await back.send(complete=w.CompleteReport(job_id=job.id, attempt=1))
+        await back.expect("ack")
+        done = await get(api, job.id)
+        assert done.state == c.RUN_STATE_COMPLETED and done.attempt == 1
+        await back.close()
+    finally:
+        await h.stop()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    db_url: str, *flags: str
+) -> AsyncIterator[tuple[int, asyncio.subprocess.Process, list[dict[str, Any]]]]:
+    """`jobtrace serve` as a real process on any free port: its port, the
+    process, and its log (one JSON object per line, collected as it comes)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jobtrace", "serve", "--listen", "127.0.0.1:0", "--db", db_url,
+        "--log-format", "json", *flags,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    lines: list[dict[str, Any]] = []
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def collect(stream: asyncio.StreamReader) -> None:
+        while raw := await stream.readline():
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                line = {"message": raw.decode(errors="replace")}
+            lines.append(line)
+            if not port.done() and (m := re.search(r"\(port (\d+)\)", line["message"])):
+                port.set_result(int(m.group(1)))
+        if not port.done():
+            port.set_exception(AssertionError("server exited during start"))
+
+    reader = asyncio.create_task(collect(proc.stderr))
+    try:
+        async with asyncio.timeout(30):
+            started = await port
+        yield started, proc, lines
+    finally:
+        await terminate(proc)
+        await reader
+
+
+@contextlib.asynccontextmanager
+async def storage_outage(db_url: str, server: asyncio.subprocess.Process) -> AsyncIterator[None]:
+    """The server's storage refuses every write meanwhile. SQLite: the server
+    process may write no file past its first byte (RLIMIT_FSIZE, so its writes
+    fail as on a full disk). PostgreSQL: the database stops accepting
+    connections and the server's are terminated."""
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        limits = resource.prlimit(server.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(server.pid, resource.RLIMIT_FSIZE, (1, limits[1]))
+        try:
+            yield
+        finally:
+            resource.prlimit(server.pid, resource.RLIMIT_FSIZE, limits)
+        return
+    name = url.database
+    await _pg_admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+    await _pg_admin(
+        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+    )
+    try:
+        yield
+    finally:
+        await _pg_admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+
+
+async def test_a_disconnect_during_a_storage_outage_gives_the_leases_back_afterwards(
+    db_url: str,
+) -> None:
+    # Leases far longer than the test: the jobs can only come back given back.
+    flags = ("--lease-seconds", "120", "--reconnect-grace-seconds", "0.1")
+    async with serving(db_url, *flags) as (port, server, log):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            api = stubs_for(channel)
+            raw = RawWorker(api)
+            await raw.hello("w", ["svc"], max_concurrency=2)
+            jobs = [await submit(api, f"d{i}") for i in range(2)]
+            for _ in jobs:
+                await raw.expect("assignment")
+
+            def give_back_failed() -> list[dict[str, Any]]:
+                return [r for r in log if "could not give back" in r["message"]]
+
+            async with storage_outage(db_url, server):
+                await raw.close()
+                await wait_for(give_back_failed, timeout=30)
+
+            async def requeued(job_id: str) -> c.Job | None:
+                try:
+                    return await state_is(api, job_id, c.RUN_STATE_QUEUED)
+                except grpc.aio.AioRpcError as exc:  # storage is coming back: ask again
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                    return None
+
+            for job in jobs:
+                back = await wait_for(lambda job=job: requeued(job.id), timeout=30, interval=0.1)
+                assert back.failure.details == "worker stream lost", "given back, not expired"
+        (failed,) = give_back_failed()
+        assert failed["level"] == "WARNING" and "exception" not in failed, "one line, once"
+        assert not [r for r in log if "raised by servicer method" in r["message"]]
 
 
 # --- heartbeat and hello bounds ---------------------------------------------------
@@ -219,7 +440,8 @@ async def test_heartbeats_with_many_affinity_keys_keep_the_lease_alive(fast: Har
     loop = asyncio.get_running_loop()
     until = loop.time() + 2.5  # two and a half lease lengths
     while loop.time() < until:
-        await raw.send(heartbeat=w.WorkerHeartbeat(affinity_keys=keys))
+        running = [w.JobAttempt(job_id=job.id, attempt=1)]
+        await raw.send(heartbeat=w.WorkerHeartbeat(running=running, affinity_keys=keys))
         ack = await raw.expect("heartbeat_ack")
         assert not ack.cancels
         await asyncio.sleep(0.2)  # the worker's heartbeat interval
@@ -227,11 +449,44 @@ async def test_heartbeats_with_many_affinity_keys_keep_the_lease_alive(fast: Har
     assert still.state == c.RUN_STATE_RUNNING and still.attempt == 1
 
 
+async def test_heartbeats_renew_only_the_leases_they_list(fast: Harness) -> None:
+    """A job the worker's heartbeats no longer list (its completion report was
+    lost, say) keeps its lease only until it expires: then the worker is told to
+    stop it and it is retried, on the same open stream, while the lease the
+    heartbeats list lives on."""
+    api = fast.stubs()
+    raw = RawWorker(api)
+    session = (await raw.hello("w", ["svc"], max_concurrency=2)).session_id
+    listed = await submit(api, "listed")
+    unlisted = await submit(api, "unlisted", backoff=QUICK_RETRY)
+    assert {(await raw.expect("assignment")).job.id for _ in range(2)} == {listed.id, unlisted.id}
+
+    async def beat() -> None:
+        while True:
+            running = [w.JobAttempt(job_id=listed.id, attempt=1)]
+            await raw.send(heartbeat=w.WorkerHeartbeat(running=running))
+            await asyncio.sleep(0.2)  # the heartbeat interval asked for
+
+    beating = asyncio.create_task(beat())
+    try:
+        cancel = await raw.expect("cancel", timeout=20)
+        assert (cancel.job_id, cancel.attempt) == (unlisted.id, 1)
+        retry = await raw.expect("assignment", timeout=20)
+        assert (retry.job.id, retry.attempt) == (unlisted.id, 2)
+        assert retry.job.failure.code == "LEASE_EXPIRED" and retry.job.failure.attempt == 1
+        still = await get(api, listed.id)
+        assert still.state == c.RUN_STATE_RUNNING and still.attempt == 1
+        assert [s.session_id for s in scheduler_of(fast).sessions.values()] == [session]
+    finally:
+        beating.cancel()
+    await raw.close()
+
+
 async def test_a_refused_heartbeat_changes_nothing(harness: Harness) -> None:
     api = harness.stubs()
     raw = RawWorker(api)
     await raw.hello("w", ["svc"], affinity_keys=["a"])
-    session = scheduler_of(harness).sessions["w"]
+    (session,) = scheduler_of(harness).sessions.values()
     before = (session.last_heartbeat_us, session.affinity_keys, session.draining)
     for keys, field in [
         ([f"k{i}" for i in range(1001)], "heartbeat.affinity_keys"),

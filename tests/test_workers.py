@@ -438,8 +438,8 @@ async def test_heartbeats_keep_the_lease_alive(fast: Harness) -> None:
     await raw.expect("ack")
 
 
-async def test_closed_stream_gives_jobs_back_for_retry(harness: Harness) -> None:
-    api = harness.stubs()
+async def test_closed_stream_gives_jobs_back_for_retry(no_grace: Harness) -> None:
+    api = no_grace.stubs()
     first = RawWorker(api)
     await first.hello("first", ["svc"])
     job = await submit(api, "x", backoff=c.BackoffPolicy(initial_interval={"nanos": 1_000_000}))
@@ -561,13 +561,13 @@ async def test_shutdown_drains_workers_and_a_reconnect_resumes_the_lease(harness
     await back.close()
 
 
-async def test_reconnect_after_losing_the_lease_is_told_it_was_revoked(harness: Harness) -> None:
-    api = harness.stubs()
+async def test_reconnect_after_losing_the_lease_is_told_it_was_revoked(no_grace: Harness) -> None:
+    api = no_grace.stubs()
     raw = RawWorker(api)
     await raw.hello("w", ["svc"])
     job = await submit(api, "rv", max_attempts=1)
     await raw.expect("assignment")
-    await raw.close()  # lost stream: the lease is given back at once
+    await raw.close()  # lost stream: without a grace the lease is given back at once
     await wait_for(lambda: state_is(api, job.id, c.RUN_STATE_FAILED))
     back = RawWorker(api)
     welcome = await back.hello("w", ["svc"], running=[w.JobAttempt(job_id=job.id, attempt=1)])

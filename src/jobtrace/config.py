@@ -29,6 +29,10 @@ class Settings:
     lease_seconds: float = 30.0
     # Heartbeat interval asked of workers.
     heartbeat_seconds: float = 10.0
+    # A lost worker stream's leases wait this long for the worker to reconnect
+    # (and resume them) before they are given back; None: one heartbeat
+    # interval. Never beyond the lease.
+    reconnect_grace_seconds: float | None = None
     # On SIGTERM: how long in-flight calls may take to finish.
     shutdown_grace_seconds: float = 10.0
     # Trace events older than this are deleted by a background sweep.

@@ -108,6 +108,9 @@ class Job:
     seq: int = 0
     # The worker session (stream) holding the current lease, if any.
     lease_session: str = ""
+    # Who holds the lease: the holder digest of the worker's identity (tenant,
+    # subject, worker id; see domain.worker_identity). `worker_id` only names it.
+    lease_holder: str = ""
     # Annotations the running attempt's worker sent, published when it ends.
     pending_annotations: int = 0
 

@@ -95,6 +95,9 @@ class JobtraceServer:
             life,
             lease_ms=int(s.lease_seconds * 1000),
             heartbeat_ms=int(s.heartbeat_seconds * 1000),
+            reconnect_grace_ms=(
+                None if s.reconnect_grace_seconds is None else int(s.reconnect_grace_seconds * 1000)
+            ),
         )
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -235,8 +238,8 @@ class JobtraceServer:
         for n in notices:
             kind = n.get("k")
             if kind == "jobs":
-                for job_id, workflow_id, state, worker_id, attempt in n.get("j", []):
-                    self.scheduler.remote_change(job_id, state, worker_id, attempt)
+                for job_id, workflow_id, state, holder, attempt in n.get("j", []):
+                    self.scheduler.remote_change(job_id, state, holder, attempt)
                     self.jobs.feed.poke(job_id, workflow_id)
             elif kind == "trace":
                 self.trace.remote_events(n.get("run", ""))

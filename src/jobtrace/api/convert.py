@@ -280,15 +280,15 @@ def workflow_to_proto(w: Workflow) -> common_pb2.Workflow:
 
 
 def hello_from_proto(p: Any, principal: Any) -> Any:
-    """The hello of an authenticated worker is scoped to its subject: two callers
-    can never share (or take over) a worker id."""
+    """A worker id is scoped to the caller's tenant and subject: two callers can
+    never share (or take over) a worker session."""
     from jobtrace.domain.scheduler import Hello
+    from jobtrace.domain.worker_identity import WorkerIdentity
 
-    worker_id = p.worker_id
-    if principal.authenticated and worker_id:
-        worker_id = f"{principal.subject}/{worker_id}"
     return Hello(
-        worker_id=worker_id,
+        identity=WorkerIdentity(
+            principal.tenant, principal.subject, p.worker_id, principal.authenticated
+        ),
         services=tuple(dict.fromkeys(p.services)),
         max_concurrency=p.max_concurrency,
         labels=dict(p.labels),

@@ -179,7 +179,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         s = self._scheduler
         if kind == "heartbeat":
             hb = m.heartbeat
-            return await s.heartbeat(session, m.message_id, tuple(hb.affinity_keys), hb.draining)
+            running = tuple((r.job_id, r.attempt) for r in hb.running)
+            return await s.heartbeat(
+                session, m.message_id, tuple(hb.affinity_keys), hb.draining, running
+            )
         if kind == "progress":
             p = m.progress
             await s.progress(session, p.job_id, p.attempt, p.percent, p.message)

@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-message-bytes", type=int, help="largest message (default 8 MiB)")
     serve.add_argument("--lease-seconds", type=float, help="lease length (default 30)")
     serve.add_argument("--heartbeat-seconds", type=float, help="heartbeat interval (default 10)")
+    serve.add_argument(
+        "--reconnect-grace-seconds",
+        type=float,
+        help="how long a lost worker stream's leases wait for it to reconnect"
+        " (default one heartbeat interval; at most the lease)",
+    )
     serve.add_argument("--trace-retention-days", type=float, help="trace retention (default 30)")
     serve.add_argument("--keepalive-seconds", type=float, help="idle stream keepalive (default 15)")
     serve.add_argument("--signing-key-file", help="Ed25519 key (default beside the database)")

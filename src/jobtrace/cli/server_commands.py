@@ -21,6 +21,7 @@ def serve(args: argparse.Namespace) -> int:
             "max_message_bytes": args.max_message_bytes,
             "lease_seconds": args.lease_seconds,
             "heartbeat_seconds": args.heartbeat_seconds,
+            "reconnect_grace_seconds": args.reconnect_grace_seconds,
             "log_level": args.log_level,
             "trace_retention_days": args.trace_retention_days,
             "keepalive_seconds": args.keepalive_seconds,

@@ -225,7 +225,7 @@ class Jobs:
                 {
                     "k": "jobs",
                     "j": [
-                        [j.id, j.workflow_id, int(j.state), j.worker_id, j.attempt] for j in jobs
+                        [j.id, j.workflow_id, int(j.state), j.lease_holder, j.attempt] for j in jobs
                     ],
                 }
             )

@@ -36,6 +36,7 @@ from jobtrace.domain.validation import (
     check_size,
     check_text,
 )
+from jobtrace.domain.worker_identity import WorkerIdentity
 from jobtrace.ids import new_id
 from jobtrace.model import (
     JSON,
@@ -52,6 +53,9 @@ log = logging.getLogger(__name__)
 
 OUTBOX_HIGH_WATER = 1024
 MAX_ATTEMPT_ANNOTATIONS = 1000
+# Giving back a lost stream's leases while storage fails: retried this often.
+GIVE_BACK_RETRY_INITIAL_S = 0.1
+GIVE_BACK_RETRY_MAX_S = 2.0
 
 
 # --- messages to a worker (the api turns them into ConnectResponse) -----------
@@ -115,7 +119,7 @@ Outgoing = Welcome | Assign | Cancel | Acked | HeartbeatAcked | Refused | Draine
 
 @dataclass(frozen=True, slots=True)
 class Hello:
-    worker_id: str
+    identity: WorkerIdentity
     services: tuple[str, ...]
     max_concurrency: int
     labels: dict[str, str]
@@ -124,12 +128,16 @@ class Hello:
     allowed_services: frozenset[str] | None = None  # None: any
     allowed_tenants: frozenset[str] | None = None  # None: any
 
+    @property
+    def worker_id(self) -> str:
+        return self.identity.name
+
 
 @dataclass(eq=False)
 class WorkerSession:
     """One connected worker stream on this replica."""
 
-    worker_id: str
+    identity: WorkerIdentity
     session_id: str
     services: frozenset[str]
     max_concurrency: int
@@ -141,9 +149,20 @@ class WorkerSession:
     draining: bool = False
     closed: bool = False
     close_reason: str = ""
+    # Hello has taken over the leases it resumes (an older session of the same
+    # worker may give back the rest).
+    resumed: bool = False
+    # Who holds this session's leases (WorkerIdentity.holder; the key of
+    # Scheduler.sessions), and the worker's name (jobs, events and logs show it).
+    holder: str = field(init=False)
+    worker_id: str = field(init=False)
     _outbox: deque[Outgoing | None] = field(default_factory=deque)
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
     _space: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.holder = self.identity.holder
+        self.worker_id = self.identity.name
 
     @property
     def free_slots(self) -> int:
@@ -187,13 +206,13 @@ async def _fenced(
 ) -> Job:
     """The job a session's report is about, read under its lock and fenced."""
     job = await store.load_locked(db, job_id)
-    return fence(job, job_id, session.worker_id, attempt, kind, session.tenants)
+    return fence(job, job_id, session.holder, attempt, kind, session.tenants)
 
 
 def fence(
     job: Job | None,
     job_id: str,
-    worker_id: str,
+    holder: str,
     attempt: int,
     kind: str,
     tenants: frozenset[str] | None = None,
@@ -213,7 +232,7 @@ def fence(
         raise FailedPrecondition(
             f"job {job_id!r} has no attempt {attempt}", reason="UNKNOWN_ATTEMPT", metadata=meta
         )
-    if job.worker_id != worker_id:
+    if job.lease_holder != holder:
         raise PermissionDenied(
             f"job {job_id!r} is leased to another worker", reason="NOT_LEASE_HOLDER", metadata=meta
         )
@@ -249,16 +268,26 @@ class Scheduler:
         *,
         lease_ms: int,
         heartbeat_ms: int,
+        reconnect_grace_ms: int | None = None,
     ) -> None:
         self._db = db
         self._jobs = jobs
         self._life = life
         self.lease_ms = lease_ms
         self.heartbeat_ms = heartbeat_ms
+        # How long a lost stream's leases wait for the worker to come back:
+        # one heartbeat interval unless told, never beyond the lease.
+        grace = heartbeat_ms if reconnect_grace_ms is None else reconnect_grace_ms
+        self.reconnect_grace_ms = max(0, min(grace, lease_ms))
+        # Connected sessions by holder (WorkerIdentity.holder).
         self.sessions: dict[str, WorkerSession] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._draining = False
+        # Lost sessions' leases waiting for their worker or their grace.
+        self._give_backs: set[asyncio.Task[None]] = set()
+        # Set (and replaced) each time a session has resumed its leases or ended.
+        self._session_changes = asyncio.Event()
         # Leases lost (deadline passed or stream ended), by service (metrics).
         self.lease_expiries: Counter[str] = Counter()
         jobs.add_listener(self._on_jobs_changed)
@@ -277,9 +306,11 @@ class Scheduler:
         for session in list(self.sessions.values()):
             session.send(Drained("server shutting down", grace_ms))
             session.close("server shutting down")
-        for task in self._tasks:
+        # Leases waiting for their worker are kept too: after a restart they
+        # expire, unless the worker resumes them.
+        for task in [*self._tasks, *self._give_backs]:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._give_backs]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
@@ -291,8 +322,9 @@ class Scheduler:
 
     async def open_session(self, hello: Hello) -> tuple[WorkerSession, Welcome]:
         v = Violations()
-        if not hello.worker_id:
+        if not hello.identity.worker_id:
             v.add("hello.worker_id", "required")
+        # The name the job records (subject/worker id) fits its column.
         check_text(v, "hello.worker_id", hello.worker_id, 128)
         if not hello.services:
             v.add("hello.services", "required: at least one service")
@@ -307,20 +339,14 @@ class Scheduler:
             v.add("hello.max_concurrency", f"must be between 1 and {MAX_CONCURRENCY} (0 means 1)")
         check_labels(v, "hello.labels", hello.labels, free_keys=True)
         check_affinity(v, "hello.affinity_keys", hello.affinity_keys, MAX_WORKER_AFFINITY_KEYS)
-        if len(hello.running) > MAX_CONCURRENCY:
-            v.add("hello.running", f"at most {MAX_CONCURRENCY} jobs (got {len(hello.running)})")
-        else:
-            for i, (job_id, attempt) in enumerate(hello.running):
-                check_id(v, f"hello.running[{i}].job_id", job_id)
-                if attempt < 1:
-                    v.add(f"hello.running[{i}].attempt", "must be an attempt number (1 or more)")
+        _check_running(v, "hello.running", hello.running)
         v.raise_if_any()
         if self._draining:
             raise FailedPrecondition("server is shutting down", reason="DRAINING")
 
         running = dict(hello.running)
         session = WorkerSession(
-            worker_id=hello.worker_id,
+            identity=hello.identity,
             session_id=new_id("ses"),
             services=frozenset(hello.services),
             max_concurrency=hello.max_concurrency or 1,
@@ -334,8 +360,9 @@ class Scheduler:
         # The new stream takes over before anything is awaited: once the old
         # one is closed, its end must find it replaced and keep the leases this
         # hello resumes (a proxy may keep a dead stream open meanwhile).
-        previous = self.sessions.get(hello.worker_id)
-        self.sessions[hello.worker_id] = session
+        # Only the same tenant, subject and worker id is the same worker.
+        previous = self.sessions.get(session.holder)
+        self.sessions[session.holder] = session
         if previous is not None:
             previous.close("replaced by a new session of the same worker")
         try:
@@ -344,6 +371,10 @@ class Scheduler:
             session.close("hello failed")
             await self.close_session(session, lost=True)
             raise
+        # An older stream's leases that this hello did not resume are not
+        # running anywhere: they need not wait out its grace.
+        session.resumed = True
+        self._sessions_changed()
         self.wake()
         log.info(
             "worker connected",
@@ -369,18 +400,26 @@ class Scheduler:
         deadline = now_us() + self.lease_ms * 1000
 
         async def op(db: AsyncSession, tx: Tx) -> list[Job]:
-            return await store.extend_leases(
-                db, session.worker_id, running, deadline, session_id=session.session_id
+            await store.extend_leases(
+                db,
+                session.holder,
+                running,
+                deadline,
+                take_over=session.session_id,
+                tenants=session.tenants,
             )
+            return await store.jobs_by_id(db, running)
 
         current = {j.id: j for j in await self._db.write(op)}
         resumed, revoked = [], []
         for job_id, attempt in running.items():
             job = current.get(job_id)
+            # Any other job, whoever's it is, is revoked as an unknown one is.
             if (
                 job is not None
                 and job.state == RunState.RUNNING
-                and job.worker_id == session.worker_id
+                and job.lease_holder == session.holder
+                and (session.tenants is None or job.tenant in session.tenants)
                 and job.attempt == attempt
                 and job.lease_session == session.session_id
                 # A cancel that committed meanwhile has already taken it back.
@@ -392,9 +431,13 @@ class Scheduler:
                 revoked.append((job_id, attempt))
         return resumed, revoked
 
-    async def close_session(self, session: WorkerSession, *, lost: bool) -> None:
-        """The stream ended. Unless the server is draining (or a newer session of
-        the same worker took over), its leases are given back at once."""
+    async def close_session(
+        self, session: WorkerSession, *, lost: bool, grace: bool = True
+    ) -> None:
+        """The stream ended. Unless the server is draining, the leases it still
+        holds are given back once its worker is back (a newer session of it has
+        resumed what it still runs) or, if it is not, when the reconnect grace
+        ends (at once without `grace`). Nothing here waits for storage."""
         session.close(session.close_reason or "stream ended")
         log.info(
             "worker disconnected",
@@ -405,17 +448,98 @@ class Scheduler:
                 "held": len(session.held),
             },
         )
-        if self.sessions.get(session.worker_id) is session:
-            del self.sessions[session.worker_id]
-        replaced = session.worker_id in self.sessions
+        if self.sessions.get(session.holder) is session:
+            del self.sessions[session.holder]
+            self._sessions_changed()
         held = dict(session.held)
         session.held.clear()
-        if lost and not self._draining and not replaced and held:
-            await self._release(session, held, "worker stream lost")
+        if lost and not self._draining and held:
+            self._give_back(session, held, self.reconnect_grace_ms if grace else 0)
         self.wake()
 
+    def _sessions_changed(self) -> None:
+        """Wake whoever waits for a worker to come back (see _worker_back_or_gone)."""
+        self._session_changes.set()
+        self._session_changes = asyncio.Event()
+
+    def _give_back(
+        self,
+        session: WorkerSession,
+        held: dict[str, int],
+        grace_ms: int,
+        details: str = "worker stream lost",
+    ) -> None:
+        task = asyncio.create_task(
+            self._give_back_when_due(session, held, grace_ms, details),
+            name=f"jobtrace-give-back-{session.session_id}",
+        )
+        self._give_backs.add(task)
+        task.add_done_callback(self._give_backs.discard)
+
+    async def _give_back_when_due(
+        self, session: WorkerSession, held: dict[str, int], grace_ms: int, details: str
+    ) -> None:
+        """Give back a lost session's leases when they are due (see close_session).
+        A storage failure meanwhile is retried, with backoff, for as long as the
+        leases could still be live; after that their deadlines have passed and
+        the supervisor requeues them once storage is back. Logged once, in one
+        line: storage being away is not a bug of ours."""
+        loop = asyncio.get_running_loop()
+        expiry = loop.time() + self.lease_ms / 1000
+        await self._worker_back_or_gone(session.holder, loop.time() + grace_ms / 1000, expiry)
+        delay, failures = GIVE_BACK_RETRY_INITIAL_S, 0
+        while True:
+            try:
+                await self._release(session, held, details)
+            except Exception as exc:  # retried (bounded), and the leases expire anyway
+                failures += 1
+                if failures == 1:
+                    log.warning(
+                        "could not give back the %d leases of worker %s's lost stream (%s);"
+                        " retrying until they would expire",
+                        len(held),
+                        session.worker_id,
+                        _one_line(exc),
+                        extra={"worker_id": session.worker_id, "session_id": session.session_id},
+                    )
+                if loop.time() + delay >= expiry:
+                    log.warning(
+                        "leases of worker %s's lost stream left to expire (%d tries failed)",
+                        session.worker_id,
+                        failures,
+                    )
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, GIVE_BACK_RETRY_MAX_S)
+            else:
+                if failures:
+                    log.info(
+                        "gave back the leases of worker %s's lost stream (%d tries failed)",
+                        session.worker_id,
+                        failures,
+                    )
+                return
+
+    async def _worker_back_or_gone(self, holder: str, grace_end: float, expiry: float) -> None:
+        """Return once a newer session of this worker has resumed what it still
+        runs, or once the grace has passed with no newer session; a session that
+        is still saying hello is waited for (up to the leases' expiry)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            changed = self._session_changes
+            successor = self.sessions.get(holder)
+            if successor is not None and successor.resumed:
+                return
+            left = (expiry if successor is not None else grace_end) - loop.time()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await changed.wait()
+
     async def _release(self, session: WorkerSession, held: dict[str, int], details: str) -> None:
-        """Give back the leases of these attempts that this session still holds."""
+        """Give back the leases of these attempts that this session still holds
+        (not those a newer session of its worker took over)."""
 
         async def op(db: AsyncSession, tx: Tx) -> None:
             now = now_us()
@@ -425,7 +549,7 @@ class Scheduler:
                 if (
                     job is not None
                     and job.state == RunState.RUNNING
-                    and job.worker_id == session.worker_id
+                    and job.lease_holder == session.holder
                     and job.attempt == attempt
                     and job.lease_session == session.session_id
                 ):
@@ -437,10 +561,12 @@ class Scheduler:
     async def _lease_lost(
         self, db: AsyncSession, tx: Tx, job: Job, details: str, now: int
     ) -> list[Job]:
-        service = job.spec.service
+        service, holder, job_id, attempt = job.spec.service, job.lease_holder, job.id, job.attempt
 
         def count_expiry() -> None:
             self.lease_expiries[service] += 1
+            # A worker still connected here is told to stop the attempt.
+            self._revoke(holder, job_id, attempt, lifecycle.LEASE_EXPIRED)
 
         tx.on_commit(count_expiry)
         self._life.log_after(
@@ -463,12 +589,14 @@ class Scheduler:
         message_id: int,
         affinity_keys: tuple[str, ...],
         draining: bool = False,
+        running: tuple[tuple[str, int], ...] = (),
     ) -> HeartbeatAcked:
         # Check first: a refused heartbeat changes nothing, not even liveness
         # (a session kept alive by heartbeats that renew no lease would hold
         # its slots while its leases expire).
         v = Violations()
         check_affinity(v, "heartbeat.affinity_keys", affinity_keys, MAX_WORKER_AFFINITY_KEYS)
+        _check_running(v, "heartbeat.running", running)
         v.raise_if_any()
         session.last_heartbeat_us = now_us()
         session.draining = session.draining or draining
@@ -476,9 +604,16 @@ class Scheduler:
             session.affinity_keys = frozenset(affinity_keys)
         deadline = session.last_heartbeat_us + self.lease_ms * 1000
         held = dict(session.held)
+        # Only the leases of the jobs the worker says it runs are renewed: one
+        # it no longer lists (its end was never reported, or the report was
+        # lost) runs out, and its job is retried.
+        renew = {job_id: attempt for job_id, attempt in running if held.get(job_id) == attempt}
 
         async def op(db: AsyncSession, tx: Tx) -> list[Job]:
-            return await store.extend_leases(db, session.worker_id, held, deadline)
+            await store.extend_leases(
+                db, session.holder, renew, deadline, held_by=session.session_id
+            )
+            return await store.jobs_by_id(db, held)
 
         cancels = []
         for job in await self._db.write(op):
@@ -486,11 +621,12 @@ class Scheduler:
             if (
                 job.state != RunState.RUNNING
                 or job.attempt != attempt
-                or (job.worker_id != session.worker_id)
-            ):
+                or job.lease_holder != session.holder
+                or job.lease_session != session.session_id
+            ) and session.held.get(job.id) == attempt:
                 reason = job.failure.reason if job.failure else f"job is {job.state.name}"
                 cancels.append(Cancel(job.id, attempt, reason))
-                session.held.pop(job.id, None)
+                del session.held[job.id]
         if cancels:
             self.wake()
         return HeartbeatAcked(message_id, deadline, cancels)
@@ -639,27 +775,31 @@ class Scheduler:
         for job in jobs:
             if job.state == RunState.QUEUED:
                 wake = True
-            elif job.state in (RunState.CANCELLED, RunState.TIMED_OUT) and job.worker_id:
-                session = self.sessions.get(job.worker_id)
-                if session is not None and session.held.get(job.id) == job.attempt:
-                    reason = job.failure.reason if job.failure else job.state.name
-                    session.send(Cancel(job.id, job.attempt, reason))
-                    del session.held[job.id]
-                    wake = True
+            elif job.state in (RunState.CANCELLED, RunState.TIMED_OUT) and job.lease_holder:
+                reason = job.failure.reason if job.failure else job.state.name
+                self._revoke(job.lease_holder, job.id, job.attempt, reason)
         if wake:
             self.wake()
 
-    def remote_change(self, job_id: str, state: int, worker_id: str, attempt: int) -> None:
+    def remote_change(self, job_id: str, state: int, holder: str, attempt: int) -> None:
         """Another replica changed a job: wake the dispatcher for queued work, and
-        pass a cancel to the worker here that runs it."""
+        tell the worker here that held the attempt when its lease is gone
+        (cancelled, timed out, expired)."""
         if state == RunState.QUEUED:
             self.wake()
-        elif state in (RunState.CANCELLED, RunState.TIMED_OUT):
-            session = self.sessions.get(worker_id)
-            if session is not None and session.held.get(job_id) == attempt:
-                session.send(Cancel(job_id, attempt, RunState(state).name.lower()))
-                del session.held[job_id]
-                self.wake()
+        if state in (RunState.CANCELLED, RunState.TIMED_OUT):
+            self._revoke(holder, job_id, attempt, RunState(state).name.lower())
+        elif state != RunState.RUNNING:
+            self._revoke(holder, job_id, attempt, "the lease was lost")
+
+    def _revoke(self, holder: str, job_id: str, attempt: int, reason: str) -> None:
+        """The lease of this attempt is gone: the session here that holds it
+        (only the worker it was leased to) is told to stop, and its slot frees."""
+        session = self.sessions.get(holder)
+        if session is not None and session.held.get(job_id) == attempt:
+            session.send(Cancel(job_id, attempt, reason))
+            del session.held[job_id]
+            self.wake()
 
     async def _dispatch_loop(self) -> None:
         while not self._draining:
@@ -743,7 +883,7 @@ class Scheduler:
                 if session.closed or job.id not in free:
                     continue
                 claimed = await store.claim_job(
-                    db, job.id, session.worker_id, deadline, now, session.session_id
+                    db, job.id, session.worker_id, deadline, now, session.session_id, session.holder
                 )
                 if claimed is None:
                     continue
@@ -756,8 +896,9 @@ class Scheduler:
 
         await self._db.write(op)
         for session, held in lost:
-            # The stream ended while the claim committed: give the job back.
-            await self._release(session, held, "worker stream lost before assignment")
+            # The stream ended while the claim committed: the worker never saw
+            # the job, so it is given back without waiting for the worker.
+            self._give_back(session, held, 0, "worker stream lost before assignment")
 
     # --- supervision ---------------------------------------------------------
 
@@ -789,7 +930,8 @@ class Scheduler:
                     )
                 )
                 session.close("heartbeat timeout")
-                await self.close_session(session, lost=True)
+                # Silent for a whole lease: no grace for a reconnect.
+                await self.close_session(session, lost=True, grace=False)
 
         async def op(db: AsyncSession, tx: Tx) -> None:
             changed: list[Job] = []
@@ -830,8 +972,10 @@ class Scheduler:
     # --- introspection -------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
+        """The connected sessions by session id."""
         return {
-            w: {"held": dict(s.held), "max": s.max_concurrency} for w, s in self.sessions.items()
+            s.session_id: {"worker_id": s.worker_id, "held": dict(s.held), "max": s.max_concurrency}
+            for s in self.sessions.values()
         }
 
 
@@ -852,3 +996,21 @@ def _pick_worker(
         if score > best_score:
             best, best_score = s, score
     return best
+
+
+def _check_running(v: Violations, field: str, running: tuple[tuple[str, int], ...]) -> None:
+    """The jobs a worker says it runs (hello or heartbeat)."""
+    if len(running) > MAX_CONCURRENCY:
+        v.add(field, f"at most {MAX_CONCURRENCY} jobs (got {len(running)})")
+        return
+    for i, (job_id, attempt) in enumerate(running):
+        check_id(v, f"{field}[{i}].job_id", job_id)
+        if attempt < 1:
+            v.add(f"{field}[{i}].attempt", "must be an attempt number (1 or more)")
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one short log line: its driver's message, without SQL."""
+    cause = getattr(exc, "orig", None) or exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0][:200] if text else ''}"

@@ -116,6 +116,7 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         "failure": codec.failure_dumps(job.failure),
         "worker_id": job.worker_id,
         "lease_session": job.lease_session,
+        "lease_holder": job.lease_holder,
         "pending_annotations": job.pending_annotations,
         "lease_deadline_us": job.lease_deadline_us,
         "next_attempt_us": job.next_attempt_us,
@@ -191,6 +192,7 @@ def job_from_row(row: Row) -> Job:
         traceparent=row["traceparent"],
         seq=row["seq"],
         lease_session=row["lease_session"],
+        lease_holder=row["lease_holder"],
         pending_annotations=row["pending_annotations"],
     )
 
@@ -539,7 +541,7 @@ def _is_sqlite(session: AsyncSession) -> bool:
 
 _CLAIM = Query(
     "UPDATE jobs SET state = :running, attempt = attempt + 1, worker_id = :worker_id,"
-    " lease_session = :session_id, lease_deadline_us = :lease_deadline_us,"
+    " lease_holder = :holder, lease_session = :session_id, lease_deadline_us = :lease_deadline_us,"
     " next_attempt_us = 0, started_us = :now, updated_us = :now,"
     " progress_percent = 0.0, progress_message = ''"
     " WHERE id = :id AND state = :queued RETURNING *"
@@ -553,9 +555,11 @@ async def claim_job(
     lease_deadline_us: int,
     now: int,
     session_id: str = "",
+    holder: str = "",
 ) -> Job | None:
-    """Lease a QUEUED job to a worker session: compare-and-set on the state,
-    attempt + 1. The job as claimed, or None if it was no longer QUEUED."""
+    """Lease a QUEUED job to a worker session (`holder` is who the worker is,
+    `worker_id` its name): compare-and-set on the state, attempt + 1. The job as
+    claimed, or None if it was no longer QUEUED."""
     row = await sql.fetch_one(
         session,
         _CLAIM,
@@ -564,6 +568,7 @@ async def claim_job(
             "running": int(RunState.RUNNING),
             "queued": int(RunState.QUEUED),
             "worker_id": worker_id,
+            "holder": holder,
             "session_id": session_id,
             "lease_deadline_us": lease_deadline_us,
             "now": now,
@@ -574,31 +579,40 @@ async def claim_job(
 
 async def extend_leases(
     session: AsyncSession,
-    worker_id: str,
+    holder: str,
     attempts: dict[str, int],
     deadline_us: int,
     *,
-    session_id: str = "",
-) -> list[Job]:
-    """Renew the leases this worker still holds for exactly these attempts (a
-    lease of another attempt of the same job is left alone); with `session_id`,
-    that session takes the leases over. Return the current rows of all the jobs
-    asked about, so the caller can see which were taken away."""
+    held_by: str = "",
+    take_over: str = "",
+    tenants: frozenset[str] | None = None,
+) -> None:
+    """Renew the leases this worker (`holder`) still holds for exactly these
+    attempts (a lease of another attempt of the same job is left alone): only
+    those of session `held_by` if given; with `take_over`, that session becomes
+    their holder. With `tenants`, only jobs of those tenants."""
     if not attempts:
-        return []
+        return
     values: dict[str, Any] = {"lease_deadline_us": deadline_us}
-    if session_id:
-        values["lease_session"] = session_id
-    await session.execute(
-        update(JobRow)
-        .where(
-            tuple_(JobRow.id, JobRow.attempt).in_(list(attempts.items())),
-            JobRow.worker_id == worker_id,
-            JobRow.state == int(RunState.RUNNING),
-        )
-        .values(**values)
-    )
-    return await _jobs(session, select(JOBS).where(JobRow.id.in_(list(attempts))))
+    if take_over:
+        values["lease_session"] = take_over
+    conditions = [
+        tuple_(JobRow.id, JobRow.attempt).in_(list(attempts.items())),
+        JobRow.lease_holder == holder,
+        JobRow.state == int(RunState.RUNNING),
+    ]
+    if held_by:
+        conditions.append(JobRow.lease_session == held_by)
+    if tenants is not None:
+        conditions.append(JobRow.tenant.in_(sorted(tenants)))
+    await session.execute(update(JobRow).where(*conditions).values(**values))
+
+
+async def jobs_by_id(session: AsyncSession, job_ids: Iterable[str]) -> list[Job]:
+    ids = list(job_ids)
+    if not ids:
+        return []
+    return await _jobs(session, select(JOBS).where(JobRow.id.in_(ids)))
 
 
 async def expired_leases(session: AsyncSession, now: int, limit: int = 500) -> list[Job]:

@@ -90,6 +90,9 @@ class JobRow(Base):
     # gives back only the leases it still holds, not those a newer stream of
     # the same worker resumed (on this replica or another).
     lease_session: Mapped[str] = mapped_column(String(64), default="")
+    # Who holds the lease (a digest of the worker's tenant, subject and id):
+    # worker_id is a display name that two callers may share.
+    lease_holder: Mapped[str] = mapped_column(String(64), default="")
     # Annotations the running attempt's worker sent (in pending_annotations).
     pending_annotations: Mapped[int] = mapped_column(Integer, default=0)
     lease_deadline_us: Mapped[int] = mapped_column(BigInteger, default=0)
