@@ -4,21 +4,26 @@ cannot be forged, and no accepted value nests too deep for a response to carry."
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import json
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from google.protobuf import json_format, struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobtrace.api.interceptor import REQUEST_ID_RE
 from jobtrace.api.job_service import TRACEPARENT_RE
 from jobtrace.api.wellformed import check_request
 from jobtrace.auth import Authenticator, JwtSettings, Principal, Role, hash_token
+from jobtrace.domain import attest
 from jobtrace.domain.annotations import KEY_RE, check_key_value
-from jobtrace.domain.attest import canonical, sanitize
+from jobtrace.domain.attest import INLINE_EVIDENCE, canonical, larger_than, sanitize
 from jobtrace.domain.errors import DomainError, Violations
 from jobtrace.domain.validation import (
     STEP_NAME_RE,
@@ -31,8 +36,10 @@ from jobtrace.model import JobSpec
 from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
+from jobtrace.pb import worker_service_pb2 as w
 
-from .conftest import Harness, Stubs
+from .conftest import Harness, Stubs, wait_for
+from .workers import RawWorker
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -108,6 +115,7 @@ RULES: list[tuple[str, Callable[[str], Any], Callable[[int], str]]] = [
     ("sanitize: member name", lambda t: sanitize({t: 1}), lambda n: NOTE[:n]),
     ("sanitize: forged marker name", lambda t: sanitize({t: 1}), lambda n: "$" * n + "redacted"),
     ("canonical: escapes", canonical, lambda n: '\x01"\\' * (n // 3)),
+    ("evidence weight", lambda t: larger_than([t], INLINE_EVIDENCE), lambda n: "data:" * (n // 5)),
     (
         "service name",
         lambda t: normalize_spec(Violations(), "job", JobSpec(service=t), 0),
@@ -166,6 +174,64 @@ def test_a_data_uri_right_after_another_is_redacted_too() -> None:
     assert out.count("[redacted ") == 2
 
 
+# --- the event loop stays free -------------------------------------------------------
+
+
+class ParkedSanitiser:
+    """Wraps the sanitiser: a call on evidence holding `needle` records whether it
+    ran on the event loop's thread and, off it, waits there until released, so
+    the test can show the server answering others while the work is under way."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._loop_thread = threading.get_ident()
+        self._real = attest.sanitize
+        self.needle = ""
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.on_loop: list[bool] = []
+        self._inside = threading.local()
+        monkeypatch.setattr(attest, "sanitize", self._sanitize)
+
+    def arm(self, needle: str) -> None:
+        self.needle = needle
+        self.entered.clear()
+        self.release.clear()
+        self.on_loop.clear()
+
+    def _sanitize(self, value: Any) -> Any:
+        # sanitize recurses through this wrapper: only the outermost call counts.
+        outermost = not getattr(self._inside, "active", False)
+        if outermost and self.needle and self.needle in json.dumps(value):
+            on_loop = threading.get_ident() == self._loop_thread
+            self.on_loop.append(on_loop)
+            self.entered.set()
+            if not on_loop:  # parking the loop itself would hang the test
+                self.release.wait(60)
+        self._inside.active = True
+        try:
+            return self._real(value)
+        finally:
+            self._inside.active = not outermost
+
+
+async def answered_meanwhile(
+    parked: ParkedSanitiser, call: Awaitable[Any], other: Stubs, job_id: str
+) -> Any:
+    """Wait for `call` to reach the sanitiser, show another client's health check
+    and GetJob answered while it is parked there, then let it finish."""
+    pending = asyncio.ensure_future(call)
+    await wait_for(lambda: parked.entered.is_set() or pending.done(), timeout=60)
+    assert parked.on_loop == [False], "the evidence was sanitised on the event loop"
+    health = health_pb2_grpc.HealthStub(other.channel)
+    check = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
+    got = await other.jobs.GetJob(j.GetJobRequest(job_id=job_id), timeout=10)
+    assert got.job.id == job_id
+    assert not pending.done(), "the call was still in flight while the others were answered"
+    parked.release.set()
+    return await asyncio.wait_for(pending, 30)
+
+
 def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(value)
@@ -177,6 +243,72 @@ async def _data(api: Stubs, key: str) -> dict[str, Any]:
     verdict = await api.attest.VerifyAttestation(a.VerifyAttestationRequest(key=key))
     assert verdict.valid, verdict.reason
     return json_format.MessageToDict(got.attestation.data)
+
+
+async def test_the_reported_note_is_cancelled_promptly_while_others_are_served(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api, other = harness.stubs(), harness.stubs()
+    steps = [c.WorkflowStepSpec(name="x", job=c.JobSpec(service="nobody"))]
+
+    async def workflow(rid: str, body: dict[str, Any]) -> c.Workflow:
+        context = c.RequestContext(body=_struct(body))
+        request = j.SubmitWorkflowRequest(
+            request_id=rid, name="w", steps=steps, request_context=context
+        )
+        return (await api.jobs.SubmitWorkflow(request)).workflow
+
+    # The report as filed, nothing parked: before the fix this cancel held the
+    # whole server (this test included) for 33 s to minutes.
+    wf = await workflow("report", {"note": NOTE})
+    await api.jobs.CancelWorkflow(j.CancelWorkflowRequest(workflow_id=wf.id), timeout=30)
+    data = await _data(api, f"workflow-cancellation:{wf.id}")
+    assert data["request_context"]["body"]["note"] == NOTE  # no data: URI in it: kept
+
+    # The same, with the sanitiser parked in its thread: the loop answers others.
+    parked = ParkedSanitiser(monkeypatch)
+    parked.arm("phase-cancel")
+    wf = await workflow("parked", {"note": NOTE, "phase": "phase-cancel"})
+    call = api.jobs.CancelWorkflow(j.CancelWorkflowRequest(workflow_id=wf.id), timeout=60)
+    await answered_meanwhile(parked, call, other, wf.steps[0].job_id)
+    data = await _data(api, f"workflow-cancellation:{wf.id}")
+    assert data["request_context"]["body"]["note"] == NOTE
+
+    # A worker's result and failure text of the same shape.
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    for rid, report in (("done", "complete"), ("failed", "fail")):
+        job = (
+            await api.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id=rid, job=c.JobSpec(service="svc"))
+            )
+        ).job
+        assignment = await raw.expect("assignment", timeout=30)
+        assert assignment.job.id == job.id
+        needle = f"phase-{report}"
+        parked.arm(needle)
+        if report == "complete":
+            result = _struct({"note": NOTE, "phase": needle})
+            await raw.send(complete=w.CompleteReport(job_id=job.id, attempt=1, result=result))
+        else:
+            text = NOTE[: 64 * KIB - len(needle)] + needle
+            error = c.ErrorDetail(message="failed", details=text)
+            await raw.send(fail=w.FailReport(job_id=job.id, attempt=1, error=error))
+
+        async def acked() -> Any:
+            return await raw.expect("ack", timeout=60)
+
+        ack = await answered_meanwhile(parked, acked(), other, job.id)
+        assert ack.job_id == job.id
+    await raw.close()
+    listed = await api.attest.ListAttestations(a.ListAttestationsRequest(page_size=100))
+    by_type = {x.type: json_format.MessageToDict(x.data) for x in listed.attestations}
+    assert by_type[a.ATTESTATION_TYPE_WORKER_COMPLETION]["result"]["note"] == NOTE
+    details = by_type[a.ATTESTATION_TYPE_WORKER_FAILURE]["error"]["details"]
+    assert details.startswith(NOTE[:1024]) and details.endswith("phase-fail")
+    for item in listed.attestations:
+        verdict = await api.attest.VerifyAttestation(a.VerifyAttestationRequest(key=item.key))
+        assert verdict.valid, verdict.reason
 
 
 # --- markers cannot be forged -----------------------------------------------------------

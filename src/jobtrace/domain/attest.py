@@ -3,6 +3,7 @@ per workflow (or standalone job), signed with Ed25519; verification and DSSE exp
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -10,10 +11,10 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -573,6 +574,56 @@ def verify_offline(envelope: JSON, public_keys: dict[str, Ed25519PublicKey]) -> 
 
 # --- the service ----------------------------------------------------------------------
 
+# Evidence weighing more than this (characters of text and member names,
+# SCALAR_WEIGHT per value and MARKER_WEIGHT per "data:", which may become a marker
+# with its own SHA-256) is sanitised, encoded and signed in a worker thread;
+# below it the work takes a millisecond or two on the event loop, cheaper there
+# than a thread hop for the small attestations of the hot path.
+INLINE_EVIDENCE = 32 * 1024
+SCALAR_WEIGHT = 16
+MARKER_WEIGHT = 256
+_T = TypeVar("_T")
+
+
+def larger_than(value: Any, limit: int) -> bool:
+    """Whether JSON `value` weighs more than `limit` (see INLINE_EVIDENCE). Each
+    value is weighed when its container is, so the walk stops once it knows, after
+    at most about limit / SCALAR_WEIGHT values."""
+    weight = SCALAR_WEIGHT
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            weight += len(item)
+            if weight <= limit:
+                weight += MARKER_WEIGHT * item.lower().count("data:")
+        elif isinstance(item, dict):
+            weight += SCALAR_WEIGHT * len(item)
+            if weight > limit:
+                return True
+            for name, member in item.items():
+                weight += len(name) if isinstance(name, str) else 0
+                pending.append(member)
+        elif isinstance(item, list | tuple):
+            weight += SCALAR_WEIGHT * len(item)
+            if weight > limit:
+                return True
+            pending.extend(item)
+        if weight > limit:
+            return True
+    return False
+
+
+async def off_loop_if_large(
+    evidence: Any, work: Callable[..., _T], *args: Any, limit: int = INLINE_EVIDENCE
+) -> _T:
+    """`work(*args)`, in a worker thread if `evidence` (what it reads) is larger
+    than `limit`, else inline: CPU-bound work on caller data never holds the event
+    loop for longer than `limit` allows."""
+    if larger_than(evidence, limit):
+        return await asyncio.to_thread(work, *args)
+    return work(*args)
+
 
 def _malformed(exc: store.MalformedRow) -> DataLoss:
     return DataLoss(
@@ -614,7 +665,10 @@ class Attestor:
         worker_id: str = "",
         attempt: int = 0,
     ) -> Attestation:
-        """Build, chain, sign and store one attestation inside the caller's transaction."""
+        """Build, chain, sign and store one attestation inside the caller's transaction.
+
+        Sanitising, encoding and signing large evidence runs in a worker thread
+        (see INLINE_EVIDENCE): the event loop keeps serving every other caller."""
         last_seq, last_digest = await store.chain_head(session, chain_id)
         now = now_us()
         draft = Attestation(
@@ -628,7 +682,7 @@ class Attestor:
             worker_id=worker_id,
             attempt=attempt,
             state=state,
-            data=sanitize(data),
+            data=data,
             chain_id=chain_id,
             chain_seq=last_seq + 1,
             digest="",
@@ -638,12 +692,19 @@ class Attestor:
             created_us=now,
             expire_us=now + int(self.retention_s * 1e6),
         )
-        # Round-trip through JSON so the digest covers exactly what is stored.
-        draft = _replace_data(draft, json.loads(canonical(draft.data)))
-        digest = digest_of(statement(draft))
-        signed = _sign(draft, digest, self.signer.sign(digest_bytes(digest)))
+        signed = await off_loop_if_large(data, self._seal, draft)
         await store.insert_attestation(session, signed)
         return signed
+
+    def _seal(self, draft: Attestation) -> Attestation:
+        """`draft` with its data sanitised, then digested and signed: CPU only."""
+        encoded = canonical(sanitize(draft.data))
+        # The stored data is the canonical text read back, so the digest covers
+        # exactly what is stored; it is spliced in as is, not encoded again.
+        draft = _replace_data(draft, json.loads(encoded))
+        stmt = {**statement(draft), "data": jcs.Encoded(encoded.decode())}
+        digest = "sha256:" + hashlib.sha256(canonical(stmt)).hexdigest()
+        return _sign(draft, digest, self.signer.sign(digest_bytes(digest)))
 
     async def get(self, tenant: str | None, key: str) -> Attestation:
         _require_key(key)
@@ -721,7 +782,7 @@ class Attestor:
             )
         problems: list[str] = []
         try:
-            digest_ok = digest_of(statement(a)) == a.digest
+            digest_ok = await off_loop_if_large(a.data, digest_of, statement(a)) == a.digest
         except ValueError as exc:
             digest_ok = False
             problems.append(f"stored content has no canonical (RFC 8785) encoding: {exc}")
@@ -771,6 +832,10 @@ class Attestor:
                 return await store.keys(session)
             except store.MalformedRow as exc:
                 raise _malformed(exc) from None
+
+    async def export(self, a: Attestation) -> Envelope:
+        """`envelope(a)`, encoded and signed in a worker thread when `a` is large."""
+        return await off_loop_if_large(a.data, self.envelope, a)
 
     def envelope(self, a: Attestation) -> Envelope:
         """`a` as a DSSE envelope holding an in-toto Statement, signed by the key that
