@@ -13,13 +13,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobtrace.api.interceptor import REQUEST_ID_RE
 from jobtrace.api.job_service import TRACEPARENT_RE
-from jobtrace.api.wellformed import check_request
+from jobtrace.api.wellformed import MAX_NESTING, check_request
 from jobtrace.auth import Authenticator, JwtSettings, Principal, Role, hash_token
 from jobtrace.domain import attest
 from jobtrace.domain.annotations import KEY_RE, check_key_value
@@ -38,7 +39,7 @@ from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
 from jobtrace.pb import worker_service_pb2 as w
 
-from .conftest import Harness, Stubs, wait_for
+from .conftest import Harness, Stubs, execute_sql, expect_error, wait_for
 from .workers import RawWorker
 
 KIB = 1024
@@ -370,3 +371,120 @@ async def test_a_payload_cannot_forge_a_marker_nor_make_a_value_disappear(
     assert objects == [got["real"]]
     assert got["real"]["sha256"] == hashlib.sha256(PNG_URI.encode()).hexdigest()
     assert texts == [key_marker]
+
+
+# --- nesting ------------------------------------------------------------------------
+
+
+def nested(levels: int, container: str = "object") -> Any:
+    """A value of `levels` nested objects (or lists) around one string."""
+    value: Any = "leaf"
+    for _ in range(levels):
+        value = {"k": value} if container == "object" else [value]
+    return value
+
+
+STORED = ["jobs", "workflows", "submissions", "attestations", "trace_events", "annotations"]
+
+
+async def _stored(harness: Harness) -> list[Any]:
+    return [(await execute_sql(harness.db_url, f"SELECT count(*) FROM {t}"))[0][0] for t in STORED]
+
+
+async def test_the_deepest_accepted_value_is_readable_everywhere_and_one_deeper_is_refused(
+    harness: Harness,
+) -> None:
+    api = harness.stubs()
+    deep = nested(MAX_NESTING)
+    request = j.SubmitJobRequest(
+        request_id="deep",
+        job=c.JobSpec(service="svc", payload=_struct(deep)),
+        request_context=c.RequestContext(body=_struct(deep)),
+    )
+    job = (await api.jobs.SubmitJob(request)).job
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    assignment = await raw.expect("assignment")
+    assert json_format.MessageToDict(assignment.request_context.body) == deep
+    await raw.send(complete=w.CompleteReport(job_id=job.id, attempt=1, result=_struct(deep)))
+    await raw.expect("ack")
+    # Every response that embeds the values parses in this (Python, upb) client;
+    # the attestation nests the request body two levels further down.
+    got = (await api.jobs.GetJob(j.GetJobRequest(job_id=job.id))).job
+    assert json_format.MessageToDict(got.spec.payload) == deep
+    assert json_format.MessageToDict(got.result) == deep
+    listed = await api.attest.ListAttestations(a.ListAttestationsRequest(job_id=job.id))
+    (item,) = listed.attestations
+    full = await api.attest.GetAttestation(
+        a.GetAttestationRequest(key=item.key, include_envelope=True)
+    )
+    for attestation in (item, full.attestation):
+        data = json_format.MessageToDict(attestation.data)
+        assert data["job_payload"] == data["result"] == data["request_context"]["body"] == deep
+    assert json.loads(full.envelope.payload)["predicate"]["data"]["result"] == deep
+    verdict = await api.attest.VerifyAttestation(a.VerifyAttestationRequest(key=item.key))
+    assert verdict.valid, verdict.reason
+
+    # One level deeper, anywhere, is refused with the field named; nothing is stored.
+    before = await _stored(harness)
+    too_deep = _struct(nested(MAX_NESTING + 1))
+    listed_deep = _struct({"k": nested(MAX_NESTING, "list")})  # lists count as levels
+    refused = [
+        (
+            api.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="d1", job=c.JobSpec(service="svc", payload=too_deep))
+            ),
+            "job.payload",
+        ),
+        (
+            api.jobs.SubmitJob(
+                j.SubmitJobRequest(
+                    request_id="d2",
+                    job=c.JobSpec(service="svc", payload=listed_deep),
+                )
+            ),
+            "job.payload",
+        ),
+        (
+            api.jobs.SubmitJob(
+                j.SubmitJobRequest(
+                    request_id="d3",
+                    job=c.JobSpec(service="svc"),
+                    request_context=c.RequestContext(body=too_deep),
+                )
+            ),
+            "request_context.body",
+        ),
+        (
+            api.jobs.SubmitWorkflow(
+                j.SubmitWorkflowRequest(
+                    request_id="d4",
+                    name="w",
+                    steps=[
+                        c.WorkflowStepSpec(name="x", job=c.JobSpec(service="svc", payload=too_deep))
+                    ],
+                )
+            ),
+            "steps[0].job.payload",
+        ),
+    ]
+    for call, field in refused:
+        _, _, violations = await expect_error(call, grpc.StatusCode.INVALID_ARGUMENT)
+        assert violations == [
+            (field, f"must nest at most {MAX_NESTING} levels of objects and lists")
+        ]
+    assert await _stored(harness) == before
+    # A worker's result, too: the report is refused, the job stays as it was.
+    job = (
+        await api.jobs.SubmitJob(j.SubmitJobRequest(request_id="d5", job=c.JobSpec(service="svc")))
+    ).job
+    await raw.expect("assignment")
+    before = await _stored(harness)
+    await raw.send(complete=w.CompleteReport(job_id=job.id, attempt=1, result=too_deep))
+    error = await raw.expect("error")
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "complete.result" in error.message and str(MAX_NESTING) in error.message
+    assert await _stored(harness) == before
+    still = (await api.jobs.GetJob(j.GetJobRequest(job_id=job.id))).job
+    assert still.state == c.RUN_STATE_RUNNING and not still.HasField("result")
+    await raw.close()
