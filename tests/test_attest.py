@@ -943,7 +943,7 @@ ENCODED_SVG_URI = (
 )
 
 
-def test_sanitize_redacts_data_uris_inside_text_and_is_idempotent() -> None:
+def test_sanitize_redacts_data_uris_inside_text_and_a_second_pass_only_escapes() -> None:
     text = f"chart: ![c](data:image/png;base64,{SMALL_PNG}) icon: <img src='{ENCODED_SVG_URI}'>"
     out = sanitize({"note": text})["note"]
     png_marker = f"[redacted base64 image/png sha256:{_sha(f'data:image/png;base64,{SMALL_PNG}')}"
@@ -954,7 +954,12 @@ def test_sanitize_redacts_data_uris_inside_text_and_is_idempotent() -> None:
     )
     payload = {"image": PNG, "blob": BLOB, SMALL_PNG: [SVG_URI, "keep"], "note": text}
     once = sanitize(payload)
-    assert sanitize(once) == once
+    # Sanitised output fed back in is caller data: its markers come back escaped
+    # (a server marker cannot be forged), and nothing else changes.
+    twice = sanitize(once)
+    assert twice != once and twice["image"]["$redacted"] == "base64"
+    unescaped = json.dumps(twice).replace('"$redacted"', '"redacted"')
+    assert unescaped.replace("[\\\\redacted", "[redacted") == json.dumps(once)
     assert all(s not in json.dumps(once) for s in (PNG, BLOB, SMALL_PNG, SVG_URI))
 
 

@@ -26,7 +26,7 @@ class AttestationServicer(pb_grpc.AttestationServiceServicer):
         principal = self._auth.require(context, Role.READER)
         found = await self._attestor.get(principal.read_scope, request.key)
         envelope = (
-            convert.envelope_to_proto(self._attestor.envelope(found))
+            convert.envelope_to_proto(await self._attestor.export(found))
             if request.include_envelope
             else None
         )

@@ -20,7 +20,7 @@ from jobtrace.metrics import Metrics, RpcCounters
 log = logging.getLogger(__name__)
 
 # A caller's x-request-id is kept when it is printable ASCII without spaces.
-REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}+")
 
 _KINDS = {
     (False, False): "unary",
@@ -64,7 +64,7 @@ def _ok_name(context: Any) -> str:
 def _request_id(context: Any) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id":
-            if isinstance(value, str) and REQUEST_ID_RE.match(value):
+            if isinstance(value, str) and REQUEST_ID_RE.fullmatch(value):
                 return value
             break
     return logs.new_request_id()

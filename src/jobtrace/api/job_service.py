@@ -14,13 +14,13 @@ from jobtrace.domain.jobs import Jobs
 from jobtrace.pb import job_service_pb2 as pb
 from jobtrace.pb import job_service_pb2_grpc as pb_grpc
 
-TRACEPARENT_RE = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+TRACEPARENT_RE = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def traceparent(context: Any) -> str:
     """The caller's W3C traceparent, if well formed (ignored otherwise, per the spec)."""
     for key, value in context.invocation_metadata() or ():
-        if key == "traceparent" and isinstance(value, str) and TRACEPARENT_RE.match(value):
+        if key == "traceparent" and isinstance(value, str) and TRACEPARENT_RE.fullmatch(value):
             return value
     return ""
 

@@ -1,11 +1,13 @@
 """Refuses what no field of any request may hold: NUL characters, non-finite numbers,
-and Timestamps or Durations out of their documented range.
+Timestamps or Durations out of their documented range, and free-form values
+(Struct, Value, ListValue) nested deeper than MAX_NESTING.
 
 PostgreSQL text cannot store a NUL, and JSON (so a stored Struct) has no NaN or
 Infinity; SQLite would store both and hand them back unusable; an out-of-range
-Timestamp cannot be converted. One walk over the message rejects them everywhere
-(strings, map keys, nested messages, Struct, Value and ListValue), with the path
-of each field, before any rule runs."""
+Timestamp cannot be converted; a value nested too deep cannot be read back by
+clients once a response embeds it (see MAX_NESTING). One walk over the message
+rejects them everywhere (strings, map keys, nested messages, Struct, Value and
+ListValue), with the path of each field, before any rule runs."""
 
 from __future__ import annotations
 
@@ -18,6 +20,16 @@ from google.protobuf.message import Message
 from jobtrace.domain.errors import FieldViolation, Invalid
 
 NUL = "must not contain NUL characters (\\x00)"
+# Levels of objects and lists a free-form value (payload, request body, result,
+# trace data, annotation values...) may nest. Protobuf parsers stop at 100 nested
+# messages (python's upb, Java, C++), and each object level costs three of them
+# (Struct, its map entry, Value). The deepest response embeds a request body two
+# objects below an attestation's data (data.request_context.body, and a step's
+# result at data.outputs.<step>), which is itself two messages down
+# (ListAttestationsResponse.attestations.data): 31 levels still parse there, so 24
+# leave 7 levels (21 messages) of margin for whatever embeds them next.
+MAX_NESTING = 24
+TOO_DEEP = f"must nest at most {MAX_NESTING} levels of objects and lists"
 NON_FINITE = "must be a finite number"
 # One message of a worker stream or one request: beyond this many problems the
 # caller has enough to fix.
@@ -148,20 +160,39 @@ def _scalar_or_message(kind: int, value: Any, path: Path, out: list[FieldViolati
         _message(value, path, out)
 
 
-def _struct(struct: Any, path: Path, out: list[FieldViolation]) -> None:
+# A free-form value is walked with its depth (the levels of objects and lists
+# around the item at hand) and its root (the path of the field holding it, the
+# one named when it nests too deep).
+
+
+def _struct(
+    struct: Any, path: Path, out: list[FieldViolation], depth: int = 1, root: Any = None
+) -> None:
+    root = path if root is None else root
+    if depth > MAX_NESTING:
+        _bad(out, root, TOO_DEEP)
+        return
     for key, item in struct.fields.items():
         at = (path, _KEY, key)
         if "\x00" in key:
             _bad(out, at, "key " + NUL)
-        _value(item, at, out)
+        _value(item, at, out, depth, root)
 
 
-def _list(values: Any, path: Path, out: list[FieldViolation]) -> None:
+def _list(
+    values: Any, path: Path, out: list[FieldViolation], depth: int = 1, root: Any = None
+) -> None:
+    root = path if root is None else root
+    if depth > MAX_NESTING:
+        _bad(out, root, TOO_DEEP)
+        return
     for i, item in enumerate(values.values):
-        _value(item, (path, _INDEX, i), out)
+        _value(item, (path, _INDEX, i), out, depth, root)
 
 
-def _value(value: Any, path: Path, out: list[FieldViolation]) -> None:
+def _value(
+    value: Any, path: Path, out: list[FieldViolation], depth: int = 0, root: Any = None
+) -> None:
     kind = value.WhichOneof("kind")
     if kind == "string_value":
         if "\x00" in value.string_value:
@@ -170,9 +201,9 @@ def _value(value: Any, path: Path, out: list[FieldViolation]) -> None:
         if not math.isfinite(value.number_value):
             _bad(out, path, f"{NON_FINITE} (got {value.number_value})")
     elif kind == "struct_value":
-        _struct(value.struct_value, path, out)
+        _struct(value.struct_value, path, out, depth + 1, path if root is None else root)
     elif kind == "list_value":
-        _list(value.list_value, path, out)
+        _list(value.list_value, path, out, depth + 1, path if root is None else root)
 
 
 def _timestamp(ts: Any, path: Path, out: list[FieldViolation]) -> None:

@@ -29,7 +29,8 @@ from jobtrace.store.db import Database, Tx
 if TYPE_CHECKING:
     from jobtrace.domain.trace import Trace
 
-KEY_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
+# Applied with fullmatch to at most MAX_KEY characters; possessive, so no backtracking.
+KEY_RE = re.compile(r"[a-z][a-z0-9_]*+(?:\.[a-z0-9_]++)++")
 MAX_KEY = 256
 MAX_ATTRIBUTES = 64
 MAX_ANNOTATION_PAYLOAD = 64 * 1024
@@ -87,7 +88,7 @@ PREFIX_RULES: dict[str, Callable[[Any], str | None]] = {
 
 
 def check_key_value(v: Violations, field: str, key: str, value: Any) -> None:
-    if len(key) > MAX_KEY or not KEY_RE.match(key):
+    if len(key) > MAX_KEY or not KEY_RE.fullmatch(key):
         v.add(field, "key must be a dotted lowercase name such as 'decision.outcome'")
         return
     rule = WELL_KNOWN.get(key)

@@ -3,6 +3,7 @@ per workflow (or standalone job), signed with Ed25519; verification and DSSE exp
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -10,10 +11,10 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -166,16 +167,24 @@ def canonical(value: Any) -> bytes:
 
 # A data: URI (RFC 2397): "data:" [type/subtype] *(";" parameter) ["base64"] ",".
 # Strict enough that prose such as "data: 3 rows, 2 columns" is not one.
-_TOKEN = r"[a-z0-9!#$&^_.+-]+"
-_DATA_URI = rf"data:(?P<type>{_TOKEN}/{_TOKEN})?(?P<params>(?:;{_TOKEN}(?:=[^;,\s]*)?)*),"
-DATA_URI_RE = re.compile(r"\s*" + _DATA_URI, re.IGNORECASE)
-EMBEDDED_DATA_URI_RE = re.compile(r"(?<![\w.+-])" + _DATA_URI, re.IGNORECASE)
+#
+# The header is parsed by _Headers, not by one regular expression searched
+# through the text: each failed search attempt scans to the end of its parameter
+# run, and "data:;a=" * n starts n attempts on one run (quadratic: 33 s of a frozen
+# server for 128 KB). Every quantifier below is possessive, so no match
+# backtracks, and _Headers reads a parameter run once however many "data:" share it.
+_TOKEN = r"[a-z0-9!#$&^_.+-]++"
+_MEDIA_TYPE = rf"((?:{_TOKEN}/{_TOKEN})?)"
+# "data:" and the media type, where a ";" or "," follows: where a header may start.
+_HEADER_START = re.compile(rf"\s*+data:{_MEDIA_TYPE}(?=[;,])", re.IGNORECASE)
+_EMBEDDED_HEADER_START = re.compile(rf"(?<![\w.+-])data:{_MEDIA_TYPE}(?=[;,])", re.IGNORECASE)
+_PARAMETERS = re.compile(rf"(?:;{_TOKEN}(?:=[^;,\s]*+)?)*+", re.IGNORECASE)
 # Where an embedded data: URI ends: its base64 run, or the first character a URI
 # in prose, markup or markdown cannot hold.
-_EMBEDDED_BASE64_END = re.compile(r"[A-Za-z0-9+/_-]*=*")
-_EMBEDDED_TEXT_END = re.compile(r"[^\s\"'()<>\[\]]*")
-_BASE64_STD = re.compile(r"[A-Za-z0-9+/]+={0,2}")
-_BASE64_URL = re.compile(r"[A-Za-z0-9_-]+={0,2}")
+_EMBEDDED_BASE64_END = re.compile(r"[A-Za-z0-9+/_-]*+=*+")
+_EMBEDDED_TEXT_END = re.compile(r"[^\s\"'()<>\[\]]*+")
+_BASE64_STD = re.compile(r"[A-Za-z0-9+/]++={0,2}+")
+_BASE64_URL = re.compile(r"[A-Za-z0-9_-]++={0,2}+")
 # Shorter bare base64 is kept unless it decodes to a known binary format: it is
 # mostly ids, tokens, cursors and digests (a SHA-512 is 88 characters), which are
 # evidence worth keeping.
@@ -221,9 +230,14 @@ def sanitize(value: Any) -> Any:
       is at least MIN_BARE_BASE64 characters mixing upper case, lower case and
       digits. Words, hex digests and prose never qualify.
     A whole value becomes a marker object; a data: URI inside longer text, or in an
-    object member's name, becomes a marker string in place."""
+    object member's name, becomes a marker string in place.
+
+    Markers cannot be forged: caller data shaped like one is escaped, so that an
+    object with a member named "redacted" and text holding "[redacted" are the
+    server's alone (see _escape_text and _escape_name). Time and memory are
+    linear in the size of `value`."""
     if isinstance(value, dict):
-        return {_sanitize_text(k): sanitize(v) for k, v in value.items()}
+        return {_escape_name(_sanitize_text(k)): sanitize(v) for k, v in value.items()}
     if isinstance(value, list):
         return [sanitize(v) for v in value]
     if isinstance(value, str):
@@ -231,7 +245,7 @@ def sanitize(value: Any) -> Any:
         if found is not None:
             kind, media_type = found
             marker: dict[str, Any] = {
-                "redacted": kind,
+                MARKER_MEMBER: kind,
                 "sha256": hashlib.sha256(value.encode()).hexdigest(),
                 "length": len(value),
             }
@@ -242,11 +256,83 @@ def sanitize(value: Any) -> Any:
     return value
 
 
+# A marker object is an object with this member; a marker string starts with
+# MARKER_TEXT. Caller data of either shape gets one more escape character, so a
+# reader tells the two apart and no two caller values (or names) become one:
+#   member name  "redacted", "$redacted", "$$redacted", ...  -> one more leading "$"
+#   text         "[redacted", "[\redacted", "[\\redacted", ...  -> one more "\" after "["
+MARKER_MEMBER = "redacted"
+MARKER_TEXT = "[redacted "
+_FORGED_MARKER_TEXT = re.compile(r"\[(?=\\*+redacted)")
+
+
+def _escape_text(text: str) -> str:
+    """Caller text with every "[", "\\"*n, "redacted" given one more backslash: it can
+    then hold no marker string, and distinct texts stay distinct."""
+    if "redacted" not in text:
+        return text
+    return _FORGED_MARKER_TEXT.sub(r"[\\", text)
+
+
+def _escape_name(name: str) -> str:
+    """A member name of the form "$"*n + "redacted" gets one more "$" (marker
+    strings, the only other names sanitize writes, never have this form)."""
+    if name.endswith(MARKER_MEMBER) and name.lstrip("$") == MARKER_MEMBER:
+        return "$" + name
+    return name
+
+
+class _Headers:
+    """Parses the data: URI headers of one text in time linear in its length.
+
+    Where a header may start, and its media type, are found by one search (a
+    media type holds no ":", so two candidates never scan the same characters).
+    The parameter run that follows ("*(;token[=value])") can be shared by many
+    candidates: every ";" in it starts a parameter, so a run entered at any of
+    its ";" ends where it ended before. The last run read is remembered with
+    its outcome, and a failed run is skipped up to its last ";", the first
+    place a header that does not share it can start."""
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        # The last parameter run read: where it started, where it ended, where
+        # its last ";" is.
+        self._run = (-1, -1, -1)
+        # After a failed candidate: where the next one may start.
+        self.resume = 0
+
+    def parse(self, start: re.Match[str]) -> tuple[int, str, str] | None:
+        """For a match of a *_HEADER_START pattern: (index past the header's ",",
+        media type, marker kind), or None if no header follows (then `resume`
+        says where the next candidate may start)."""
+        text = self._text
+        params = end = start.end()
+        if text.startswith(";", params):
+            run_start, run_end, last = self._run
+            if not run_start <= params <= run_end:
+                run = _PARAMETERS.match(text, params)
+                assert run is not None  # it matches the empty string
+                run_start, run_end = params, run.end()
+                last = text.rfind(";", params, run_end + 1)
+                self._run = (run_start, run_end, last)
+            end = run_end
+            self.resume = last - 4  # "data:" ending past the last ";"
+        if not text.startswith(",", end):
+            self.resume = max(self.resume, start.start() + 1)
+            return None
+        # Lower-casing never shortens text, so the last 7 characters decide.
+        base64 = text[max(params, end - 7) : end].lower().endswith(";base64")
+        return end + 1, start.group(1) or "text/plain", "base64" if base64 else "data_uri"
+
+
 def _encoded(text: str) -> tuple[str, str] | None:
     """(marker kind, media type or '') when the whole of `text` is encoded content."""
-    match = DATA_URI_RE.match(text)
-    if match:
-        return _data_uri_kind(match), match.group("type") or "text/plain"
+    start = _HEADER_START.match(text)
+    if start:
+        header = _Headers(text).parse(start)
+        if header is not None:
+            _, media_type, kind = header
+            return kind, media_type
     compact = _unwrapped(text)
     if compact is None or len(compact) < MIN_MAGIC_BASE64:
         return None
@@ -261,10 +347,6 @@ def _encoded(text: str) -> tuple[str, str] | None:
     return None
 
 
-def _data_uri_kind(match: re.Match[str]) -> str:
-    return "base64" if match.group("params").lower().endswith(";base64") else "data_uri"
-
-
 def _sanitize_text(text: str) -> str:
     """`text`, or a marker string if the whole of it is encoded content."""
     found = _encoded(text)
@@ -274,29 +356,32 @@ def _sanitize_text(text: str) -> str:
 
 
 def _redact_embedded(text: str) -> str:
-    """`text` with each data: URI in it replaced by a marker string."""
+    """`text` with each data: URI in it replaced by a marker string, the rest escaped."""
     if "data:" not in text.lower():
-        return text
+        return _escape_text(text)
+    headers = _Headers(text)
     parts: list[str] = []
-    position = 0
-    for match in EMBEDDED_DATA_URI_RE.finditer(text):
-        if match.start() < position:
+    copied = search = 0
+    while start := _EMBEDDED_HEADER_START.search(text, search):
+        header = headers.parse(start)
+        if header is None:
+            search = headers.resume
             continue
-        kind = _data_uri_kind(match)
+        body_start, media_type, kind = header
         body = _EMBEDDED_BASE64_END if kind == "base64" else _EMBEDDED_TEXT_END
-        end = body.match(text, match.end())
-        stop = end.end() if end else match.end()
+        end = body.match(text, body_start)
+        stop = end.end() if end else body_start
         parts += [
-            text[position : match.start()],
-            _marker_text(kind, match.group("type") or "text/plain", text[match.start() : stop]),
+            _escape_text(text[copied : start.start()]),
+            _marker_text(kind, media_type, text[start.start() : stop]),
         ]
-        position = stop
-    return "".join(parts) + text[position:]
+        copied = search = stop
+    return "".join(parts) + _escape_text(text[copied:])
 
 
 def _marker_text(kind: str, media_type: str, content: str) -> str:
     digest = hashlib.sha256(content.encode()).hexdigest()
-    return f"[redacted {kind} {media_type or 'content'} sha256:{digest} length:{len(content)}]"
+    return f"{MARKER_TEXT}{kind} {media_type or 'content'} sha256:{digest} length:{len(content)}]"
 
 
 def _unwrapped(text: str) -> str | None:
@@ -344,12 +429,12 @@ def _magic(head: bytes) -> str:
     return ""
 
 
-def _mixes_character_classes(text: str) -> bool:
-    return (
-        any(c.isupper() for c in text)
-        and any(c.islower() for c in text)
-        and any(c.isdigit() for c in text)
-    )
+def _mixes_character_classes(compact: str) -> bool:
+    # `compact` is base64, so ASCII: one search per class, at C speed.
+    return all(pattern.search(compact) for pattern in _CHARACTER_CLASSES)
+
+
+_CHARACTER_CLASSES = [re.compile("[A-Z]"), re.compile("[a-z]"), re.compile("[0-9]")]
 
 
 TYPE_NAMES = {
@@ -489,6 +574,56 @@ def verify_offline(envelope: JSON, public_keys: dict[str, Ed25519PublicKey]) -> 
 
 # --- the service ----------------------------------------------------------------------
 
+# Evidence weighing more than this (characters of text and member names,
+# SCALAR_WEIGHT per value and MARKER_WEIGHT per "data:", which may become a marker
+# with its own SHA-256) is sanitised, encoded and signed in a worker thread;
+# below it the work takes a millisecond or two on the event loop, cheaper there
+# than a thread hop for the small attestations of the hot path.
+INLINE_EVIDENCE = 32 * 1024
+SCALAR_WEIGHT = 16
+MARKER_WEIGHT = 256
+_T = TypeVar("_T")
+
+
+def larger_than(value: Any, limit: int) -> bool:
+    """Whether JSON `value` weighs more than `limit` (see INLINE_EVIDENCE). Each
+    value is weighed when its container is, so the walk stops once it knows, after
+    at most about limit / SCALAR_WEIGHT values."""
+    weight = SCALAR_WEIGHT
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            weight += len(item)
+            if weight <= limit:
+                weight += MARKER_WEIGHT * item.lower().count("data:")
+        elif isinstance(item, dict):
+            weight += SCALAR_WEIGHT * len(item)
+            if weight > limit:
+                return True
+            for name, member in item.items():
+                weight += len(name) if isinstance(name, str) else 0
+                pending.append(member)
+        elif isinstance(item, list | tuple):
+            weight += SCALAR_WEIGHT * len(item)
+            if weight > limit:
+                return True
+            pending.extend(item)
+        if weight > limit:
+            return True
+    return False
+
+
+async def off_loop_if_large(
+    evidence: Any, work: Callable[..., _T], *args: Any, limit: int = INLINE_EVIDENCE
+) -> _T:
+    """`work(*args)`, in a worker thread if `evidence` (what it reads) is larger
+    than `limit`, else inline: CPU-bound work on caller data never holds the event
+    loop for longer than `limit` allows."""
+    if larger_than(evidence, limit):
+        return await asyncio.to_thread(work, *args)
+    return work(*args)
+
 
 def _malformed(exc: store.MalformedRow) -> DataLoss:
     return DataLoss(
@@ -530,7 +665,10 @@ class Attestor:
         worker_id: str = "",
         attempt: int = 0,
     ) -> Attestation:
-        """Build, chain, sign and store one attestation inside the caller's transaction."""
+        """Build, chain, sign and store one attestation inside the caller's transaction.
+
+        Sanitising, encoding and signing large evidence runs in a worker thread
+        (see INLINE_EVIDENCE): the event loop keeps serving every other caller."""
         last_seq, last_digest = await store.chain_head(session, chain_id)
         now = now_us()
         draft = Attestation(
@@ -544,7 +682,7 @@ class Attestor:
             worker_id=worker_id,
             attempt=attempt,
             state=state,
-            data=sanitize(data),
+            data=data,
             chain_id=chain_id,
             chain_seq=last_seq + 1,
             digest="",
@@ -554,12 +692,19 @@ class Attestor:
             created_us=now,
             expire_us=now + int(self.retention_s * 1e6),
         )
-        # Round-trip through JSON so the digest covers exactly what is stored.
-        draft = _replace_data(draft, json.loads(canonical(draft.data)))
-        digest = digest_of(statement(draft))
-        signed = _sign(draft, digest, self.signer.sign(digest_bytes(digest)))
+        signed = await off_loop_if_large(data, self._seal, draft)
         await store.insert_attestation(session, signed)
         return signed
+
+    def _seal(self, draft: Attestation) -> Attestation:
+        """`draft` with its data sanitised, then digested and signed: CPU only."""
+        encoded = canonical(sanitize(draft.data))
+        # The stored data is the canonical text read back, so the digest covers
+        # exactly what is stored; it is spliced in as is, not encoded again.
+        draft = _replace_data(draft, json.loads(encoded))
+        stmt = {**statement(draft), "data": jcs.Encoded(encoded.decode())}
+        digest = "sha256:" + hashlib.sha256(canonical(stmt)).hexdigest()
+        return _sign(draft, digest, self.signer.sign(digest_bytes(digest)))
 
     async def get(self, tenant: str | None, key: str) -> Attestation:
         _require_key(key)
@@ -637,7 +782,7 @@ class Attestor:
             )
         problems: list[str] = []
         try:
-            digest_ok = digest_of(statement(a)) == a.digest
+            digest_ok = await off_loop_if_large(a.data, digest_of, statement(a)) == a.digest
         except ValueError as exc:
             digest_ok = False
             problems.append(f"stored content has no canonical (RFC 8785) encoding: {exc}")
@@ -687,6 +832,10 @@ class Attestor:
                 return await store.keys(session)
             except store.MalformedRow as exc:
                 raise _malformed(exc) from None
+
+    async def export(self, a: Attestation) -> Envelope:
+        """`envelope(a)`, encoded and signed in a worker thread when `a` is large."""
+        return await off_loop_if_large(a.data, self.envelope, a)
 
     def envelope(self, a: Attestation) -> Envelope:
         """`a` as a DSSE envelope holding an in-toto Statement, signed by the key that

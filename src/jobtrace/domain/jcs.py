@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -26,6 +27,14 @@ _encode_string: Any = getattr(json.encoder, "c_encode_basestring", None) or (
     json.encoder.py_encode_basestring
 )
 MAX_EXACT_INT = 2**53
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A value already in RFC 8785 form (the text of `dumps`), written as is: a
+    document that embeds a large value encodes it once, not twice."""
+
+    text: str
 
 
 class NotCanonicalizable(ValueError):
@@ -112,6 +121,8 @@ def _write(value: Any, out: list[str]) -> None:
         out.append("false")
     elif isinstance(value, int | float):
         out.append(number(value))
+    elif kind is Encoded:
+        out.append(value.text)
     elif isinstance(value, str):
         out.append(_encode_string(value))
     elif isinstance(value, dict):

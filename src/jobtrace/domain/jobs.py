@@ -313,7 +313,7 @@ class Jobs:
         specs: list[JobSpec] = []
         seen: set[str] = set()
         for i, step in enumerate(sub.steps):
-            if not STEP_NAME_RE.match(step.name):
+            if not STEP_NAME_RE.fullmatch(step.name):
                 v.add(f"steps[{i}].name", "required: 1-128 characters of [A-Za-z0-9._-]")
             elif step.name in seen:
                 v.add(f"steps[{i}].name", f"duplicate step name {step.name!r}")

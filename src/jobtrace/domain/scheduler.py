@@ -331,7 +331,7 @@ class Scheduler:
         elif len(hello.services) > 256:
             v.add("hello.services", "at most 256 services")
         for i, service in enumerate(hello.services):
-            if not SERVICE_RE.match(service):
+            if not SERVICE_RE.fullmatch(service):
                 v.add(f"hello.services[{i}]", "must be 1-128 characters of [A-Za-z0-9._:/-]")
             elif hello.allowed_services is not None and service not in hello.allowed_services:
                 v.add(f"hello.services[{i}]", f"this worker may not serve {service!r}")

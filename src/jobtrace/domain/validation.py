@@ -8,9 +8,11 @@ from collections.abc import Mapping, Sequence
 from jobtrace.domain.errors import Violations
 from jobtrace.model import Backoff, JobSpec
 
-SERVICE_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
-STEP_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-LABEL_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,62}$")
+# Applied with fullmatch (a "$" would also accept a trailing newline); each reads
+# at most one character past its bound, so the cost never grows with the input.
+SERVICE_RE = re.compile(r"[A-Za-z0-9._:/-]{1,128}+")
+STEP_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}+")
+LABEL_KEY_RE = re.compile(r"[a-z0-9][a-z0-9._/-]{0,62}+")
 
 MAX_PAYLOAD_BYTES = 1 << 20
 MAX_LABELS = 64
@@ -66,7 +68,7 @@ def check_labels(
         if free_keys:
             if not key or len(key) > MAX_WORKER_LABEL_KEY:
                 v.add(at, f"key must be 1-{MAX_WORKER_LABEL_KEY} characters")
-        elif not LABEL_KEY_RE.match(key):
+        elif not LABEL_KEY_RE.fullmatch(key):
             v.add(at, "key must be 1-63 characters of [a-z0-9._/-]")
         if len(value) > MAX_LABEL_VALUE:
             v.add(at, f"value must be at most {MAX_LABEL_VALUE} characters")
@@ -97,7 +99,7 @@ def normalize_spec(
     """Check a submitted spec and return it with defaults applied."""
     if not spec.service:
         v.add(f"{field}.service", "required: the capability a worker must have")
-    elif not SERVICE_RE.match(spec.service):
+    elif not SERVICE_RE.fullmatch(spec.service):
         v.add(f"{field}.service", "must be 1-128 characters of [A-Za-z0-9._:/-]")
     check_size(v, f"{field}.payload", payload_bytes)
     if not -MAX_PRIORITY <= spec.priority <= MAX_PRIORITY:
