@@ -5,6 +5,7 @@ leaves the heavy fields out, so it stays small."""
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ from jobtrace.pb import job_service_pb2 as j
 from jobtrace.pb import trace_service_pb2 as t
 from jobtrace.pb import worker_service_pb2 as w
 
-from .conftest import Harness, Stubs, expect_error
+from .conftest import Harness, Stubs, expect_error, stubs_for
 from .workers import RawWorker
 
 # What a gRPC client accepts by default: every page must fit it.
@@ -428,3 +429,39 @@ async def test_a_basic_listing_never_reads_the_heavy_columns(
     )
     for s in reads:
         assert not any(column in s for column in heavy), s
+
+
+async def peak_memory(call: Callable[[], Awaitable[Any]]) -> int:
+    """The most memory Python held (client and server: one process) during a
+    call; the least of three runs, as a benchmark takes it."""
+    peaks = []
+    for _ in range(3):
+        tracemalloc.start()
+        try:
+            await call()
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    return min(peaks)
+
+
+async def test_the_memory_of_a_listing_does_not_grow_with_what_is_stored(
+    harness: Harness,
+) -> None:
+    # A client that takes what the server may send, so that a page holding
+    # every job (before pages were bounded in bytes) would arrive too.
+    channel = grpc.aio.insecure_channel(
+        harness.target, options=[("grpc.max_receive_message_length", 2 * SERVER_MAX)]
+    )
+    try:
+        api = stubs_for(channel)
+        full = j.ListJobsRequest(page_size=1000, view=j.JOB_VIEW_FULL)
+        await submit_large_jobs(api, count=4)  # 3.6 MB: more than one page holds
+        few = await peak_memory(lambda: api.jobs.ListJobs(full))
+        await submit_large_jobs(api, count=4, service="more")  # twice as much stored
+        many = await peak_memory(lambda: api.jobs.ListJobs(full))
+        assert many < 1.25 * few, (few, many)
+        basic = await peak_memory(lambda: api.jobs.ListJobs(j.ListJobsRequest(page_size=1000)))
+        assert basic < BIG, "a BASIC listing never holds even one payload"
+    finally:
+        await channel.close()

@@ -132,15 +132,16 @@ async def fill(
 ) -> Filled[E]:
     """One page of at most `count` items after `start`, and at most
     `out.budget` bytes. `read(after, limit, max_bytes)` reads the next rows a
-    chunk at a time (bounded by their stored size, so a page of huge rows is
-    never loaded whole); one item past the page is read to know whether
-    another page exists."""
+    chunk at a time (bounded by their stored size, the first row whatever its
+    size, so a page of huge rows is never loaded whole); one item past the
+    page is read to know whether another page exists."""
     items: list[E] = []
     used = 0
     last: int | None = None
     after = start
     while True:
-        chunk = await read(after, count - len(items) + 1, out.budget)
+        # Stored and encoded sizes are close: read no more than the page has room for.
+        chunk = await read(after, count - len(items) + 1, out.budget - used)
         for item in chunk.items:
             if len(items) == count:
                 return Filled(items, last, True)
