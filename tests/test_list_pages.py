@@ -133,17 +133,18 @@ async def test_a_default_job_listing_leaves_heavy_fields_out_and_fits_one_page(
     assert got.failure.details == "d" * 60_000
 
 
-async def append_large_events(api: Stubs) -> tuple[str, list[c.TraceEvent]]:
-    run_id = (
-        await api.jobs.SubmitJob(
-            j.SubmitJobRequest(request_id="traced", job=c.JobSpec(service="traced"))
-        )
-    ).job.id
+async def append_large_events(
+    api: Stubs, run_id: str = "", keys: str = "e"
+) -> tuple[str, list[c.TraceEvent]]:
+    """40 events of ~240 KB each (9.6 MB), on a new job's run unless given one."""
+    if not run_id:
+        submit = j.SubmitJobRequest(request_id="traced", job=c.JobSpec(service="traced"))
+        run_id = (await api.jobs.SubmitJob(submit)).job.id
     stored: list[c.TraceEvent] = []
     for batch in range(4):  # the reply echoes the events: 10 at a time fit a client
         events = [
             c.TraceEvent(
-                event_key=f"e{batch}-{i}",
+                event_key=f"{keys}{batch}-{i}",
                 message=f"event {batch}-{i}",
                 error=c.ErrorDetail(
                     message="boom", details="d" * EVENT_PART, stack="s" * EVENT_PART
@@ -465,3 +466,16 @@ async def test_the_memory_of_a_listing_does_not_grow_with_what_is_stored(
         assert basic < BIG, "a BASIC listing never holds even one payload"
     finally:
         await channel.close()
+
+
+async def test_the_memory_of_a_trace_replay_does_not_grow_with_the_trace(api: Stubs) -> None:
+    run_id, _ = await append_large_events(api)
+
+    async def replay() -> None:
+        request = t.StreamTraceEventsRequest(run_id=run_id, follow=False)
+        assert len([m async for m in api.trace.StreamTraceEvents(request)]) > 0
+
+    few = await peak_memory(replay)
+    await append_large_events(api, run_id, keys="more")  # twice as long a trace
+    many = await peak_memory(replay)
+    assert many < 1.25 * few, (few, many)

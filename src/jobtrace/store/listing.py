@@ -56,7 +56,7 @@ def stored_size(session: AsyncSession, columns: Sequence[Any]) -> Any:
         if sql.dialect(session) == "postgresql":
             size = func.octet_length(column)  # from the TOAST pointer: no detoasting
         else:
-            size = func.length(cast(column, LargeBinary))  # a blob's length: no decoding
+            size = func.length(cast(column, LargeBinary))  # bytes, no counting of characters
         total = total + func.coalesce(size, 0)
     return total
 
