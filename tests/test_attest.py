@@ -63,7 +63,8 @@ async def echo(job: JobContext) -> dict[str, Any]:
 
 
 async def attestations(api: Stubs, **filters: Any) -> list[a.Attestation]:
-    page = await api.attest.ListAttestations(a.ListAttestationsRequest(page_size=1000, **filters))
+    request = a.ListAttestationsRequest(page_size=1000, view=a.ATTESTATION_VIEW_FULL, **filters)
+    page = await api.attest.ListAttestations(request)
     return list(page.attestations)
 
 
@@ -1009,7 +1010,9 @@ async def test_malformed_rows_get_a_verdict_or_data_loss_never_unknown(harness: 
         assert info is not None and info.reason == "ATTESTATION_MALFORMED"
         assert info.metadata["key"] == target.key and words in info.metadata["problems"]
         _, info, _ = await expect_error(
-            api.attest.ListAttestations(a.ListAttestationsRequest(workflow_id=wf.id)),
+            api.attest.ListAttestations(
+                a.ListAttestationsRequest(workflow_id=wf.id, view=a.ATTESTATION_VIEW_FULL)
+            ),
             grpc.StatusCode.DATA_LOSS,
         )
         assert info is not None and info.metadata["key"] == target.key

@@ -274,9 +274,11 @@ async def test_reading_commands_print_json(sqlite_harness: Harness, tmp_path: Pa
     workflow = json.loads(out)
     assert workflow["state"] == "RUN_STATE_COMPLETED" and len(workflow["steps"]) == 2
     _, out, _ = await jobtrace("jobs", "--workflow", wf_id, "--json", target=t)
-    assert {j["step_name"] for j in json.loads(out)["jobs"]} == {"a", "b"}
+    # --json prints items whole (the FULL view), as before lists had views.
+    listed = {j["step_name"]: j for j in json.loads(out)["jobs"]}
+    assert listed.keys() == {"a", "b"} and listed["b"]["spec"]["payload"] == {"x": 1}
     _, out, _ = await jobtrace("workflows", "--state", "completed", "--json", target=t)
-    assert [w["id"] for w in json.loads(out)["workflows"]] == [wf_id]
+    assert [(w["id"], len(w["steps"])) for w in json.loads(out)["workflows"]] == [(wf_id, 2)]
     _, out, _ = await jobtrace("trace", "list", wf_id, "--type", "completed", "--json", target=t)
     events = json.loads(out)["events"]
     assert {e["node_id"] for e in events} == {"a", "b", "workflow"}
@@ -285,6 +287,7 @@ async def test_reading_commands_print_json(sqlite_harness: Harness, tmp_path: Pa
     assert streamed[-1]["final_status"]["state"] == "RUN_STATE_COMPLETED"
     _, out, _ = await jobtrace("attest", "list", "--workflow", wf_id, "--json", target=t)
     assert len(json.loads(out)["attestations"]) == 3
+    assert all("request_context" in x["data"] for x in json.loads(out)["attestations"])
     code, out, _ = await jobtrace(
         "attest", "get", f"workflow-completion:{wf_id}", "--json", target=t
     )

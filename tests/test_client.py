@@ -352,7 +352,7 @@ async def test_handlers_log_to_the_trace_and_annotate_their_attempt(
         job = await client.submit_job("svc")
         done = [j async for j in client.watch_job(job.id)][-1]
     assert done.state == c.RUN_STATE_COMPLETED
-    logged = (await client.list_trace_events(job.id, type="log")).events
+    logged = (await client.list_trace_events(job.id, type="log", view="full")).events
     assert [(e.message, e.data["stream"] if e.data else "") for e in logged][:1] == [
         ("loaded 3 rows", "stdout")
     ]

@@ -292,10 +292,11 @@ async def test_list_workflows_pages_and_filters(api: Stubs) -> None:
                 steps=[step("a"), step("b")],
             )
         )
-    even = await api.jobs.ListWorkflows(j.ListWorkflowsRequest(name="even", page_size=2))
+    full = j.WORKFLOW_VIEW_FULL
+    even = await api.jobs.ListWorkflows(j.ListWorkflowsRequest(name="even", page_size=2, view=full))
     assert len(even.workflows) == 2 and even.next_page_token
     rest = await api.jobs.ListWorkflows(
-        j.ListWorkflowsRequest(name="even", page_size=2, page_token=even.next_page_token)
+        j.ListWorkflowsRequest(name="even", page_size=2, page_token=even.next_page_token, view=full)
     )
     assert len(rest.workflows) == 1 and rest.next_page_token == ""
     assert all(len(w.steps) == 2 for w in even.workflows)

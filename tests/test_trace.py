@@ -44,7 +44,13 @@ async def all_events(api: Stubs, run_id: str, **filters: Any) -> list[c.TraceEve
     cursor = ""
     while True:
         page = await api.trace.ListTraceEvents(
-            t.ListTraceEventsRequest(run_id=run_id, cursor=cursor, page_size=1000, **filters)
+            t.ListTraceEventsRequest(
+                run_id=run_id,
+                cursor=cursor,
+                page_size=1000,
+                view=t.TRACE_EVENT_VIEW_FULL,
+                **filters,
+            )
         )
         out += page.events
         cursor = page.next_cursor

@@ -38,6 +38,15 @@ TERMINAL_STATES = frozenset(
 )
 
 
+class View(enum.IntEnum):
+    """How much of each item a listing returns. Mirrors by number jobtrace.v1's
+    JobView, WorkflowView, TraceEventView, AttestationView and AnnotationView."""
+
+    UNSPECIFIED = 0  # BASIC
+    BASIC = 1
+    FULL = 2
+
+
 @dataclass(frozen=True, slots=True)
 class Backoff:
     initial_ms: int = 1_000
@@ -140,10 +149,18 @@ class Workflow:
     completed_us: int = 0
     failure: Failure | None = None
     seq: int = 0
+    # (completed, all) steps, set when `steps` was left out (a BASIC listing).
+    step_counts: tuple[int, int] | None = None
 
     @property
     def completed_steps(self) -> int:
+        if self.step_counts is not None:
+            return self.step_counts[0]
         return sum(1 for s in self.steps if s.state == RunState.COMPLETED)
+
+    @property
+    def total_steps(self) -> int:
+        return self.step_counts[1] if self.step_counts is not None else len(self.steps)
 
 
 class AnnotationScope(enum.IntEnum):

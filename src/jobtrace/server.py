@@ -19,7 +19,7 @@ from jobtrace.api.attestation_service import AttestationServicer
 from jobtrace.api.handlers import add_service
 from jobtrace.api.interceptor import CallObserver
 from jobtrace.api.job_service import JobServicer
-from jobtrace.api.limits import StreamLimiter
+from jobtrace.api.limits import PageBytes, StreamLimiter
 from jobtrace.api.trace_service import TraceServicer
 from jobtrace.api.worker_service import WorkerServicer
 from jobtrace.auth import Authenticator, JwtSettings
@@ -115,19 +115,24 @@ class JobtraceServer:
             ("grpc.max_connection_age_grace_ms", UNBOUNDED_MS),
         ]
         server = grpc.aio.server(options=options, interceptors=[CallObserver(self.metrics)])
-        add_service(server, service_descriptor("JobService"), JobServicer(jobs, auth, streams))
+        pages = PageBytes(s.max_message_bytes)
+        add_service(
+            server, service_descriptor("JobService"), JobServicer(jobs, auth, streams, pages=pages)
+        )
         add_service(
             server,
             service_descriptor("WorkerService"),
             WorkerServicer(self.scheduler, auth, streams),
         )
         add_service(
-            server, service_descriptor("TraceService"), TraceServicer(self.trace, auth, streams)
+            server,
+            service_descriptor("TraceService"),
+            TraceServicer(self.trace, auth, streams, pages=pages),
         )
         add_service(
             server,
             service_descriptor("AttestationService"),
-            AttestationServicer(self.attestor, self.annotations, auth),
+            AttestationServicer(self.attestor, self.annotations, auth, pages=pages),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if os.environ.get("JOBTRACE_BENCH_NOOP") == "1":

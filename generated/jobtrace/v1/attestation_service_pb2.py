@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from jobtrace.v1 import common_pb2 as jobtrace_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%jobtrace/v1/attestation_service.proto\x12\x0bjobtrace.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18jobtrace/v1/common.proto\"\xda\x03\n\x0b\x41ttestation\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x04type\x18\x02 \x01(\x0e\x32\x1c.jobtrace.v1.AttestationType\x12\x13\n\x0b\x65ntity_type\x18\x03 \x01(\t\x12\x11\n\tentity_id\x18\x04 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x05 \x01(\t\x12\x0e\n\x06job_id\x18\x06 \x01(\t\x12\x11\n\tworker_id\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12$\n\x05state\x18\t \x01(\x0e\x32\x15.jobtrace.v1.RunState\x12%\n\x04\x64\x61ta\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06\x64igest\x18\x0b \x01(\t\x12\x17\n\x0fprevious_digest\x18\x0c \x01(\t\x12\x11\n\tsignature\x18\r \x01(\x0c\x12\x0e\n\x06key_id\x18\x0e \x01(\t\x12/\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63hain_sequence\x18\x11 \x01(\x03\x12\x0e\n\x06tenant\x18\x12 \x01(\t\"e\n\x0c\x44sseEnvelope\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x14\n\x0cpayload_type\x18\x02 \x01(\t\x12.\n\nsignatures\x18\x03 \x03(\x0b\x32\x1a.jobtrace.v1.DsseSignature\"+\n\rDsseSignature\x12\r\n\x05keyid\x18\x01 \x01(\t\x12\x0b\n\x03sig\x18\x02 \x01(\x0c\">\n\x15GetAttestationRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x18\n\x10include_envelope\x18\x02 \x01(\x08\"t\n\x16GetAttestationResponse\x12-\n\x0b\x61ttestation\x18\x01 \x01(\x0b\x32\x18.jobtrace.v1.Attestation\x12+\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x19.jobtrace.v1.DsseEnvelope\"\x91\x01\n\x17ListAttestationsRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12*\n\x04type\x18\x03 \x01(\x0e\x32\x1c.jobtrace.v1.AttestationType\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"c\n\x18ListAttestationsResponse\x12.\n\x0c\x61ttestations\x18\x01 \x03(\x0b\x32\x18.jobtrace.v1.Attestation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x18VerifyAttestationRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x97\x01\n\x19VerifyAttestationResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x17\n\x0fsignature_valid\x18\x02 \x01(\x08\x12\x13\n\x0b\x63hain_valid\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0c\x64igest_valid\x18\x05 \x01(\x08\x12\x17\n\x0fprevious_pruned\x18\x06 \x01(\x08\"\x17\n\x15GetSigningKeysRequest\"?\n\x16GetSigningKeysResponse\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.jobtrace.v1.SigningKey\"\x84\x01\n\nSigningKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\talgorithm\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\x05 \x01(\x08\"\x9a\x03\n\x18\x41ttachAnnotationsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12+\n\x05scope\x18\x04 \x01(\x0e\x32\x1c.jobtrace.v1.AnnotationScope\x12\x10\n\x08scope_id\x18\x05 \x01(\t\x12!\n\x05\x61\x63tor\x18\x06 \x01(\x0b\x32\x12.jobtrace.v1.Actor\x12I\n\nattributes\x18\x07 \x03(\x0b\x32\x35.jobtrace.v1.AttachAnnotationsRequest.AttributesEntry\x12(\n\x07payload\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x12\n\nemit_event\x18\n \x01(\x08\x1aI\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"I\n\x19\x41ttachAnnotationsResponse\x12,\n\x0b\x61nnotations\x18\x01 \x03(\x0b\x32\x17.jobtrace.v1.Annotation\"\xde\x01\n\x16ListAnnotationsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nkey_prefix\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63tor_id\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12+\n\x05scope\x18\x06 \x01(\x0e\x32\x1c.jobtrace.v1.AnnotationScope\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\t\"`\n\x17ListAnnotationsResponse\x12,\n\x0b\x61nnotations\x18\x01 \x03(\x0b\x32\x17.jobtrace.v1.Annotation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xfd\x01\n\x0f\x41ttestationType\x12 \n\x1c\x41TTESTATION_TYPE_UNSPECIFIED\x10\x00\x12&\n\"ATTESTATION_TYPE_WORKER_COMPLETION\x10\x01\x12#\n\x1f\x41TTESTATION_TYPE_WORKER_FAILURE\x10\x02\x12(\n$ATTESTATION_TYPE_WORKFLOW_COMPLETION\x10\x03\x12%\n!ATTESTATION_TYPE_WORKFLOW_FAILURE\x10\x04\x12*\n&ATTESTATION_TYPE_WORKFLOW_CANCELLATION\x10\x05\x32\xd1\x04\n\x12\x41ttestationService\x12Y\n\x0eGetAttestation\x12\".jobtrace.v1.GetAttestationRequest\x1a#.jobtrace.v1.GetAttestationResponse\x12_\n\x10ListAttestations\x12$.jobtrace.v1.ListAttestationsRequest\x1a%.jobtrace.v1.ListAttestationsResponse\x12\x62\n\x11VerifyAttestation\x12%.jobtrace.v1.VerifyAttestationRequest\x1a&.jobtrace.v1.VerifyAttestationResponse\x12Y\n\x0eGetSigningKeys\x12\".jobtrace.v1.GetSigningKeysRequest\x1a#.jobtrace.v1.GetSigningKeysResponse\x12\x62\n\x11\x41ttachAnnotations\x12%.jobtrace.v1.AttachAnnotationsRequest\x1a&.jobtrace.v1.AttachAnnotationsResponse\x12\\\n\x0fListAnnotations\x12#.jobtrace.v1.ListAnnotationsRequest\x1a$.jobtrace.v1.ListAnnotationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%jobtrace/v1/attestation_service.proto\x12\x0bjobtrace.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18jobtrace/v1/common.proto\"\xda\x03\n\x0b\x41ttestation\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x04type\x18\x02 \x01(\x0e\x32\x1c.jobtrace.v1.AttestationType\x12\x13\n\x0b\x65ntity_type\x18\x03 \x01(\t\x12\x11\n\tentity_id\x18\x04 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x05 \x01(\t\x12\x0e\n\x06job_id\x18\x06 \x01(\t\x12\x11\n\tworker_id\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12$\n\x05state\x18\t \x01(\x0e\x32\x15.jobtrace.v1.RunState\x12%\n\x04\x64\x61ta\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06\x64igest\x18\x0b \x01(\t\x12\x17\n\x0fprevious_digest\x18\x0c \x01(\t\x12\x11\n\tsignature\x18\r \x01(\x0c\x12\x0e\n\x06key_id\x18\x0e \x01(\t\x12/\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63hain_sequence\x18\x11 \x01(\x03\x12\x0e\n\x06tenant\x18\x12 \x01(\t\"e\n\x0c\x44sseEnvelope\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x14\n\x0cpayload_type\x18\x02 \x01(\t\x12.\n\nsignatures\x18\x03 \x03(\x0b\x32\x1a.jobtrace.v1.DsseSignature\"+\n\rDsseSignature\x12\r\n\x05keyid\x18\x01 \x01(\t\x12\x0b\n\x03sig\x18\x02 \x01(\x0c\">\n\x15GetAttestationRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x18\n\x10include_envelope\x18\x02 \x01(\x08\"t\n\x16GetAttestationResponse\x12-\n\x0b\x61ttestation\x18\x01 \x01(\x0b\x32\x18.jobtrace.v1.Attestation\x12+\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x19.jobtrace.v1.DsseEnvelope\"\xbd\x01\n\x17ListAttestationsRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12*\n\x04type\x18\x03 \x01(\x0e\x32\x1c.jobtrace.v1.AttestationType\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12*\n\x04view\x18\x06 \x01(\x0e\x32\x1c.jobtrace.v1.AttestationView\"c\n\x18ListAttestationsResponse\x12.\n\x0c\x61ttestations\x18\x01 \x03(\x0b\x32\x18.jobtrace.v1.Attestation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x18VerifyAttestationRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x97\x01\n\x19VerifyAttestationResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x17\n\x0fsignature_valid\x18\x02 \x01(\x08\x12\x13\n\x0b\x63hain_valid\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0c\x64igest_valid\x18\x05 \x01(\x08\x12\x17\n\x0fprevious_pruned\x18\x06 \x01(\x08\"\x17\n\x15GetSigningKeysRequest\"?\n\x16GetSigningKeysResponse\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.jobtrace.v1.SigningKey\"\x84\x01\n\nSigningKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\talgorithm\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\x05 \x01(\x08\"\x9a\x03\n\x18\x41ttachAnnotationsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12+\n\x05scope\x18\x04 \x01(\x0e\x32\x1c.jobtrace.v1.AnnotationScope\x12\x10\n\x08scope_id\x18\x05 \x01(\t\x12!\n\x05\x61\x63tor\x18\x06 \x01(\x0b\x32\x12.jobtrace.v1.Actor\x12I\n\nattributes\x18\x07 \x03(\x0b\x32\x35.jobtrace.v1.AttachAnnotationsRequest.AttributesEntry\x12(\n\x07payload\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x12\n\nemit_event\x18\n \x01(\x08\x1aI\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"I\n\x19\x41ttachAnnotationsResponse\x12,\n\x0b\x61nnotations\x18\x01 \x03(\x0b\x32\x17.jobtrace.v1.Annotation\"\x89\x02\n\x16ListAnnotationsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nkey_prefix\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63tor_id\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12+\n\x05scope\x18\x06 \x01(\x0e\x32\x1c.jobtrace.v1.AnnotationScope\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\t\x12)\n\x04view\x18\t \x01(\x0e\x32\x1b.jobtrace.v1.AnnotationView\"`\n\x17ListAnnotationsResponse\x12,\n\x0b\x61nnotations\x18\x01 \x03(\x0b\x32\x17.jobtrace.v1.Annotation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xfd\x01\n\x0f\x41ttestationType\x12 \n\x1c\x41TTESTATION_TYPE_UNSPECIFIED\x10\x00\x12&\n\"ATTESTATION_TYPE_WORKER_COMPLETION\x10\x01\x12#\n\x1f\x41TTESTATION_TYPE_WORKER_FAILURE\x10\x02\x12(\n$ATTESTATION_TYPE_WORKFLOW_COMPLETION\x10\x03\x12%\n!ATTESTATION_TYPE_WORKFLOW_FAILURE\x10\x04\x12*\n&ATTESTATION_TYPE_WORKFLOW_CANCELLATION\x10\x05*j\n\x0f\x41ttestationView\x12 \n\x1c\x41TTESTATION_VIEW_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41TTESTATION_VIEW_BASIC\x10\x01\x12\x19\n\x15\x41TTESTATION_VIEW_FULL\x10\x02*f\n\x0e\x41nnotationView\x12\x1f\n\x1b\x41NNOTATION_VIEW_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41NNOTATION_VIEW_BASIC\x10\x01\x12\x18\n\x14\x41NNOTATION_VIEW_FULL\x10\x02\x32\xd1\x04\n\x12\x41ttestationService\x12Y\n\x0eGetAttestation\x12\".jobtrace.v1.GetAttestationRequest\x1a#.jobtrace.v1.GetAttestationResponse\x12_\n\x10ListAttestations\x12$.jobtrace.v1.ListAttestationsRequest\x1a%.jobtrace.v1.ListAttestationsResponse\x12\x62\n\x11VerifyAttestation\x12%.jobtrace.v1.VerifyAttestationRequest\x1a&.jobtrace.v1.VerifyAttestationResponse\x12Y\n\x0eGetSigningKeys\x12\".jobtrace.v1.GetSigningKeysRequest\x1a#.jobtrace.v1.GetSigningKeysResponse\x12\x62\n\x11\x41ttachAnnotations\x12%.jobtrace.v1.AttachAnnotationsRequest\x1a&.jobtrace.v1.AttachAnnotationsResponse\x12\\\n\x0fListAnnotations\x12#.jobtrace.v1.ListAnnotationsRequest\x1a$.jobtrace.v1.ListAnnotationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ATTACHANNOTATIONSREQUEST_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_ATTACHANNOTATIONSREQUEST_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_ATTESTATIONTYPE']._serialized_start=2431
-  _globals['_ATTESTATIONTYPE']._serialized_end=2684
+  _globals['_ATTESTATIONTYPE']._serialized_start=2518
+  _globals['_ATTESTATIONTYPE']._serialized_end=2771
+  _globals['_ATTESTATIONVIEW']._serialized_start=2773
+  _globals['_ATTESTATIONVIEW']._serialized_end=2879
+  _globals['_ANNOTATIONVIEW']._serialized_start=2881
+  _globals['_ANNOTATIONVIEW']._serialized_end=2983
   _globals['_ATTESTATION']._serialized_start=144
   _globals['_ATTESTATION']._serialized_end=618
   _globals['_DSSEENVELOPE']._serialized_start=620
@@ -49,29 +53,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETATTESTATIONRESPONSE']._serialized_start=832
   _globals['_GETATTESTATIONRESPONSE']._serialized_end=948
   _globals['_LISTATTESTATIONSREQUEST']._serialized_start=951
-  _globals['_LISTATTESTATIONSREQUEST']._serialized_end=1096
-  _globals['_LISTATTESTATIONSRESPONSE']._serialized_start=1098
-  _globals['_LISTATTESTATIONSRESPONSE']._serialized_end=1197
-  _globals['_VERIFYATTESTATIONREQUEST']._serialized_start=1199
-  _globals['_VERIFYATTESTATIONREQUEST']._serialized_end=1238
-  _globals['_VERIFYATTESTATIONRESPONSE']._serialized_start=1241
-  _globals['_VERIFYATTESTATIONRESPONSE']._serialized_end=1392
-  _globals['_GETSIGNINGKEYSREQUEST']._serialized_start=1394
-  _globals['_GETSIGNINGKEYSREQUEST']._serialized_end=1417
-  _globals['_GETSIGNINGKEYSRESPONSE']._serialized_start=1419
-  _globals['_GETSIGNINGKEYSRESPONSE']._serialized_end=1482
-  _globals['_SIGNINGKEY']._serialized_start=1485
-  _globals['_SIGNINGKEY']._serialized_end=1617
-  _globals['_ATTACHANNOTATIONSREQUEST']._serialized_start=1620
-  _globals['_ATTACHANNOTATIONSREQUEST']._serialized_end=2030
-  _globals['_ATTACHANNOTATIONSREQUEST_ATTRIBUTESENTRY']._serialized_start=1957
-  _globals['_ATTACHANNOTATIONSREQUEST_ATTRIBUTESENTRY']._serialized_end=2030
-  _globals['_ATTACHANNOTATIONSRESPONSE']._serialized_start=2032
-  _globals['_ATTACHANNOTATIONSRESPONSE']._serialized_end=2105
-  _globals['_LISTANNOTATIONSREQUEST']._serialized_start=2108
-  _globals['_LISTANNOTATIONSREQUEST']._serialized_end=2330
-  _globals['_LISTANNOTATIONSRESPONSE']._serialized_start=2332
-  _globals['_LISTANNOTATIONSRESPONSE']._serialized_end=2428
-  _globals['_ATTESTATIONSERVICE']._serialized_start=2687
-  _globals['_ATTESTATIONSERVICE']._serialized_end=3280
+  _globals['_LISTATTESTATIONSREQUEST']._serialized_end=1140
+  _globals['_LISTATTESTATIONSRESPONSE']._serialized_start=1142
+  _globals['_LISTATTESTATIONSRESPONSE']._serialized_end=1241
+  _globals['_VERIFYATTESTATIONREQUEST']._serialized_start=1243
+  _globals['_VERIFYATTESTATIONREQUEST']._serialized_end=1282
+  _globals['_VERIFYATTESTATIONRESPONSE']._serialized_start=1285
+  _globals['_VERIFYATTESTATIONRESPONSE']._serialized_end=1436
+  _globals['_GETSIGNINGKEYSREQUEST']._serialized_start=1438
+  _globals['_GETSIGNINGKEYSREQUEST']._serialized_end=1461
+  _globals['_GETSIGNINGKEYSRESPONSE']._serialized_start=1463
+  _globals['_GETSIGNINGKEYSRESPONSE']._serialized_end=1526
+  _globals['_SIGNINGKEY']._serialized_start=1529
+  _globals['_SIGNINGKEY']._serialized_end=1661
+  _globals['_ATTACHANNOTATIONSREQUEST']._serialized_start=1664
+  _globals['_ATTACHANNOTATIONSREQUEST']._serialized_end=2074
+  _globals['_ATTACHANNOTATIONSREQUEST_ATTRIBUTESENTRY']._serialized_start=2001
+  _globals['_ATTACHANNOTATIONSREQUEST_ATTRIBUTESENTRY']._serialized_end=2074
+  _globals['_ATTACHANNOTATIONSRESPONSE']._serialized_start=2076
+  _globals['_ATTACHANNOTATIONSRESPONSE']._serialized_end=2149
+  _globals['_LISTANNOTATIONSREQUEST']._serialized_start=2152
+  _globals['_LISTANNOTATIONSREQUEST']._serialized_end=2417
+  _globals['_LISTANNOTATIONSRESPONSE']._serialized_start=2419
+  _globals['_LISTANNOTATIONSRESPONSE']._serialized_end=2515
+  _globals['_ATTESTATIONSERVICE']._serialized_start=2986
+  _globals['_ATTESTATIONSERVICE']._serialized_end=3579
 # @@protoc_insertion_point(module_scope)

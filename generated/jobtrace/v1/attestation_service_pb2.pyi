@@ -58,6 +58,60 @@ ATTESTATION_TYPE_WORKFLOW_CANCELLATION: AttestationType.ValueType  # 5
 """A workflow was cancelled; key "workflow-cancellation:<workflow id>"."""
 Global___AttestationType: _TypeAlias = AttestationType  # noqa: Y015
 
+class _AttestationView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AttestationViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AttestationView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ATTESTATION_VIEW_UNSPECIFIED: _AttestationView.ValueType  # 0
+    """The default: BASIC."""
+    ATTESTATION_VIEW_BASIC: _AttestationView.ValueType  # 1
+    """Every field but data (the evidence), which is left unset; digest and
+    signature are there, but checking them offline needs data: use FULL or
+    GetAttestation.
+    """
+    ATTESTATION_VIEW_FULL: _AttestationView.ValueType  # 2
+    """Every field, as GetAttestation returns it."""
+
+class AttestationView(_AttestationView, metaclass=_AttestationViewEnumTypeWrapper):
+    """How much of each attestation a listing returns."""
+
+ATTESTATION_VIEW_UNSPECIFIED: AttestationView.ValueType  # 0
+"""The default: BASIC."""
+ATTESTATION_VIEW_BASIC: AttestationView.ValueType  # 1
+"""Every field but data (the evidence), which is left unset; digest and
+signature are there, but checking them offline needs data: use FULL or
+GetAttestation.
+"""
+ATTESTATION_VIEW_FULL: AttestationView.ValueType  # 2
+"""Every field, as GetAttestation returns it."""
+Global___AttestationView: _TypeAlias = AttestationView  # noqa: Y015
+
+class _AnnotationView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AnnotationViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AnnotationView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ANNOTATION_VIEW_UNSPECIFIED: _AnnotationView.ValueType  # 0
+    """The default: BASIC."""
+    ANNOTATION_VIEW_BASIC: _AnnotationView.ValueType  # 1
+    """Every field but payload, which is left unset."""
+    ANNOTATION_VIEW_FULL: _AnnotationView.ValueType  # 2
+    """Every field."""
+
+class AnnotationView(_AnnotationView, metaclass=_AnnotationViewEnumTypeWrapper):
+    """How much of each annotation a listing returns."""
+
+ANNOTATION_VIEW_UNSPECIFIED: AnnotationView.ValueType  # 0
+"""The default: BASIC."""
+ANNOTATION_VIEW_BASIC: AnnotationView.ValueType  # 1
+"""Every field but payload, which is left unset."""
+ANNOTATION_VIEW_FULL: AnnotationView.ValueType  # 2
+"""Every field."""
+Global___AnnotationView: _TypeAlias = AnnotationView  # noqa: Y015
+
 @_typing.final
 class Attestation(_message.Message):
     """A signed statement built by the server from what it stored."""
@@ -298,6 +352,7 @@ class ListAttestationsRequest(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
     """Optional. Only attestations of this workflow."""
     job_id: _builtins.str
@@ -308,6 +363,8 @@ class ListAttestationsRequest(_message.Message):
     """Optional. Items per page; 1-1000, 0 means 100."""
     page_token: _builtins.str
     """Optional. next_page_token of the previous page, with the same filters."""
+    view: Global___AttestationView.ValueType
+    """Optional. How much of each attestation to return; unspecified means BASIC."""
     def __init__(
         self,
         *,
@@ -316,10 +373,11 @@ class ListAttestationsRequest(_message.Message):
         type: Global___AttestationType.ValueType = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        view: Global___AttestationView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "page_size", b"page_size", "page_token", b"page_token", "type", b"type", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "page_size", b"page_size", "page_token", b"page_token", "type", b"type", "view", b"view", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -334,10 +392,15 @@ class ListAttestationsResponse(_message.Message):
     ATTESTATIONS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Token of the next page; empty on the last page."""
+    """Token of the next page, which continues right after this one's last item;
+    empty on the last page.
+    """
     @_builtins.property
     def attestations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attestation]:
-        """The page, oldest first."""
+        """The page, oldest first. It may hold fewer than page_size attestations when
+        their bytes reached the page budget: only an empty next_page_token ends a
+        listing.
+        """
 
     def __init__(
         self,
@@ -623,6 +686,7 @@ class ListAnnotationsRequest(_message.Message):
     SCOPE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Required. A workflow id or standalone job id."""
     key_prefix: _builtins.str
@@ -637,6 +701,8 @@ class ListAnnotationsRequest(_message.Message):
     """Optional. Items per page; 1-1000, 0 means 100."""
     page_token: _builtins.str
     """Optional. next_page_token of the previous page, with the same filters."""
+    view: Global___AnnotationView.ValueType
+    """Optional. How much of each annotation to return; unspecified means BASIC."""
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """Optional. Only stored at or after this time."""
@@ -652,10 +718,11 @@ class ListAnnotationsRequest(_message.Message):
         scope: _common_pb2.AnnotationScope.ValueType = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        view: Global___AnnotationView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "attempt", b"attempt", "key_prefix", b"key_prefix", "page_size", b"page_size", "page_token", b"page_token", "run_id", b"run_id", "scope", b"scope", "since", b"since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "attempt", b"attempt", "key_prefix", b"key_prefix", "page_size", b"page_size", "page_token", b"page_token", "run_id", b"run_id", "scope", b"scope", "since", b"since", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -670,10 +737,15 @@ class ListAnnotationsResponse(_message.Message):
     ANNOTATIONS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Token of the next page; empty on the last page."""
+    """Token of the next page, which continues right after this one's last item;
+    empty on the last page.
+    """
     @_builtins.property
     def annotations(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Annotation]:
-        """The page, oldest first."""
+        """The page, oldest first. It may hold fewer than page_size annotations when
+        their bytes reached the page budget: only an empty next_page_token ends a
+        listing.
+        """
 
     def __init__(
         self,

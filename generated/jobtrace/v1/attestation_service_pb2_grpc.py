@@ -81,7 +81,11 @@ class AttestationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAttestations(self, request, context):
-        """Lists attestations by workflow, job and type, in chain order.
+        """Lists attestations by workflow, job and type, in chain order. A page holds
+        at most page_size attestations and stops early, before the one that would
+        take it past the server's page byte budget (3 MiB by default); its first
+        attestation always comes, alone if need be. The BASIC view (the default)
+        leaves out data; FULL returns each attestation as GetAttestation does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,7 +114,9 @@ class AttestationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAnnotations(self, request, context):
-        """Lists annotations in time order with filters.
+        """Lists annotations in time order with filters; pages are bounded in items
+        and in bytes as in ListAttestations. The BASIC view (the default) leaves
+        out payload; FULL returns each annotation whole.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

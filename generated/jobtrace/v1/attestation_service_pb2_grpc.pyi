@@ -38,7 +38,12 @@ class AttestationServiceStub:
     GetAttestation: _grpc.UnaryUnaryMultiCallable[_attestation_service_pb2.GetAttestationRequest, _attestation_service_pb2.GetAttestationResponse]
     """Returns one attestation by key, optionally as a DSSE envelope."""
     ListAttestations: _grpc.UnaryUnaryMultiCallable[_attestation_service_pb2.ListAttestationsRequest, _attestation_service_pb2.ListAttestationsResponse]
-    """Lists attestations by workflow, job and type, in chain order."""
+    """Lists attestations by workflow, job and type, in chain order. A page holds
+    at most page_size attestations and stops early, before the one that would
+    take it past the server's page byte budget (3 MiB by default); its first
+    attestation always comes, alone if need be. The BASIC view (the default)
+    leaves out data; FULL returns each attestation as GetAttestation does.
+    """
     VerifyAttestation: _grpc.UnaryUnaryMultiCallable[_attestation_service_pb2.VerifyAttestationRequest, _attestation_service_pb2.VerifyAttestationResponse]
     """Checks an attestation's digest, signature and chain link."""
     GetSigningKeys: _grpc.UnaryUnaryMultiCallable[_attestation_service_pb2.GetSigningKeysRequest, _attestation_service_pb2.GetSigningKeysResponse]
@@ -48,7 +53,10 @@ class AttestationServiceStub:
     idempotency_key.
     """
     ListAnnotations: _grpc.UnaryUnaryMultiCallable[_attestation_service_pb2.ListAnnotationsRequest, _attestation_service_pb2.ListAnnotationsResponse]
-    """Lists annotations in time order with filters."""
+    """Lists annotations in time order with filters; pages are bounded in items
+    and in bytes as in ListAttestations. The BASIC view (the default) leaves
+    out payload; FULL returns each annotation whole.
+    """
 
 @_typing.type_check_only
 class AttestationServiceAsyncStub(AttestationServiceStub):
@@ -60,7 +68,12 @@ class AttestationServiceAsyncStub(AttestationServiceStub):
     GetAttestation: _aio.UnaryUnaryMultiCallable[_attestation_service_pb2.GetAttestationRequest, _attestation_service_pb2.GetAttestationResponse]  # type: ignore[assignment]
     """Returns one attestation by key, optionally as a DSSE envelope."""
     ListAttestations: _aio.UnaryUnaryMultiCallable[_attestation_service_pb2.ListAttestationsRequest, _attestation_service_pb2.ListAttestationsResponse]  # type: ignore[assignment]
-    """Lists attestations by workflow, job and type, in chain order."""
+    """Lists attestations by workflow, job and type, in chain order. A page holds
+    at most page_size attestations and stops early, before the one that would
+    take it past the server's page byte budget (3 MiB by default); its first
+    attestation always comes, alone if need be. The BASIC view (the default)
+    leaves out data; FULL returns each attestation as GetAttestation does.
+    """
     VerifyAttestation: _aio.UnaryUnaryMultiCallable[_attestation_service_pb2.VerifyAttestationRequest, _attestation_service_pb2.VerifyAttestationResponse]  # type: ignore[assignment]
     """Checks an attestation's digest, signature and chain link."""
     GetSigningKeys: _aio.UnaryUnaryMultiCallable[_attestation_service_pb2.GetSigningKeysRequest, _attestation_service_pb2.GetSigningKeysResponse]  # type: ignore[assignment]
@@ -70,7 +83,10 @@ class AttestationServiceAsyncStub(AttestationServiceStub):
     idempotency_key.
     """
     ListAnnotations: _aio.UnaryUnaryMultiCallable[_attestation_service_pb2.ListAnnotationsRequest, _attestation_service_pb2.ListAnnotationsResponse]  # type: ignore[assignment]
-    """Lists annotations in time order with filters."""
+    """Lists annotations in time order with filters; pages are bounded in items
+    and in bytes as in ListAttestations. The BASIC view (the default) leaves
+    out payload; FULL returns each annotation whole.
+    """
 
 class AttestationServiceServicer(metaclass=_abc_1.ABCMeta):
     """Signed, hash-chained evidence of what was requested, what ran and what came
@@ -91,7 +107,12 @@ class AttestationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _attestation_service_pb2.ListAttestationsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_attestation_service_pb2.ListAttestationsResponse, _abc.Awaitable[_attestation_service_pb2.ListAttestationsResponse]]:
-        """Lists attestations by workflow, job and type, in chain order."""
+        """Lists attestations by workflow, job and type, in chain order. A page holds
+        at most page_size attestations and stops early, before the one that would
+        take it past the server's page byte budget (3 MiB by default); its first
+        attestation always comes, alone if need be. The BASIC view (the default)
+        leaves out data; FULL returns each attestation as GetAttestation does.
+        """
 
     @_abc_1.abstractmethod
     def VerifyAttestation(
@@ -125,6 +146,9 @@ class AttestationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _attestation_service_pb2.ListAnnotationsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_attestation_service_pb2.ListAnnotationsResponse, _abc.Awaitable[_attestation_service_pb2.ListAnnotationsResponse]]:
-        """Lists annotations in time order with filters."""
+        """Lists annotations in time order with filters; pages are bounded in items
+        and in bytes as in ListAttestations. The BASIC view (the default) leaves
+        out payload; FULL returns each annotation whole.
+        """
 
 def add_AttestationServiceServicer_to_server(servicer: AttestationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from jobtrace.v1 import common_pb2 as jobtrace_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1djobtrace/v1/job_service.proto\x12\x0bjobtrace.v1\x1a\x18jobtrace/v1/common.proto\"\xb2\x01\n\x10SubmitJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x03job\x18\x02 \x01(\x0b\x32\x14.jobtrace.v1.JobSpec\x12\x34\n\x0frequest_context\x18\x03 \x01(\x0b\x32\x1b.jobtrace.v1.RequestContext\x12\x31\n\x0b\x61nnotations\x18\x04 \x03(\x0b\x32\x1c.jobtrace.v1.AnnotationInput\"H\n\x11SubmitJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"\xd1\x02\n\x15SubmitWorkflowRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12,\n\x05steps\x18\x03 \x03(\x0b\x32\x1d.jobtrace.v1.WorkflowStepSpec\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x34\n\x0frequest_context\x18\x05 \x01(\x0b\x32\x1b.jobtrace.v1.RequestContext\x12\x31\n\x0b\x61nnotations\x18\x06 \x03(\x0b\x32\x1c.jobtrace.v1.AnnotationInput\x12>\n\x06labels\x18\x07 \x03(\x0b\x32..jobtrace.v1.SubmitWorkflowRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x16SubmitWorkflowResponse\x12\'\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.jobtrace.v1.Workflow\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\x0eGetJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\")\n\x12GetWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\">\n\x13GetWorkflowResponse\x12\'\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.jobtrace.v1.Workflow\"\x84\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.jobtrace.v1.RunState\x12\x0f\n\x07service\x18\x04 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x05 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.jobtrace.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"q\n\x14ListWorkflowsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.jobtrace.v1.RunState\x12\x0c\n\x04name\x18\x04 \x01(\t\"Z\n\x15ListWorkflowsResponse\x12(\n\tworkflows\x18\x01 \x03(\x0b\x32\x15.jobtrace.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x11\x43\x61ncelJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\"<\n\x15\x43\x61ncelWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"A\n\x16\x43\x61ncelWorkflowResponse\x12\'\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.jobtrace.v1.Workflow\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x10WatchJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\"+\n\x14WatchWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\"g\n\x15WatchWorkflowResponse\x12\'\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.jobtrace.v1.Workflow\x12%\n\x0b\x63hanged_job\x18\x02 \x01(\x0b\x32\x10.jobtrace.v1.Job2\xb5\x06\n\nJobService\x12J\n\tSubmitJob\x12\x1d.jobtrace.v1.SubmitJobRequest\x1a\x1e.jobtrace.v1.SubmitJobResponse\x12Y\n\x0eSubmitWorkflow\x12\".jobtrace.v1.SubmitWorkflowRequest\x1a#.jobtrace.v1.SubmitWorkflowResponse\x12\x41\n\x06GetJob\x12\x1a.jobtrace.v1.GetJobRequest\x1a\x1b.jobtrace.v1.GetJobResponse\x12P\n\x0bGetWorkflow\x12\x1f.jobtrace.v1.GetWorkflowRequest\x1a .jobtrace.v1.GetWorkflowResponse\x12G\n\x08ListJobs\x12\x1c.jobtrace.v1.ListJobsRequest\x1a\x1d.jobtrace.v1.ListJobsResponse\x12V\n\rListWorkflows\x12!.jobtrace.v1.ListWorkflowsRequest\x1a\".jobtrace.v1.ListWorkflowsResponse\x12J\n\tCancelJob\x12\x1d.jobtrace.v1.CancelJobRequest\x1a\x1e.jobtrace.v1.CancelJobResponse\x12Y\n\x0e\x43\x61ncelWorkflow\x12\".jobtrace.v1.CancelWorkflowRequest\x1a#.jobtrace.v1.CancelWorkflowResponse\x12I\n\x08WatchJob\x12\x1c.jobtrace.v1.WatchJobRequest\x1a\x1d.jobtrace.v1.WatchJobResponse0\x01\x12X\n\rWatchWorkflow\x12!.jobtrace.v1.WatchWorkflowRequest\x1a\".jobtrace.v1.WatchWorkflowResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1djobtrace/v1/job_service.proto\x12\x0bjobtrace.v1\x1a\x18jobtrace/v1/common.proto\"\xb2\x01\n\x10SubmitJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x03job\x18\x02 \x01(\x0b\x32\x14.jobtrace.v1.JobSpec\x12\x34\n\x0frequest_context\x18\x03 \x01(\x0b\x32\x1b.jobtrace.v1.RequestContext\x12\x31\n\x0b\x61nnotations\x18\x04 \x03(\x0b\x32\x1c.jobtrace.v1.AnnotationInput\"H\n\x11SubmitJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"\xd1\x02\n\x15SubmitWorkflowRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12,\n\x05steps\x18\x03 \x03(\x0b\x32\x1d.jobtrace.v1.WorkflowStepSpec\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x34\n\x0frequest_context\x18\x05 \x01(\x0b\x32\x1b.jobtrace.v1.RequestContext\x12\x31\n\x0b\x61nnotations\x18\x06 \x03(\x0b\x32\x1c.jobtrace.v1.AnnotationInput\x12>\n\x06labels\x18\x07 \x03(\x0b\x32..jobtrace.v1.SubmitWorkflowRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x16SubmitWorkflowResponse\x12\'\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.jobtrace.v1.Workflow\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\x0eGetJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\")\n\x12GetWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\">\n\x13GetWorkflowResponse\x12\'\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.jobtrace.v1.Workflow\"\xa8\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.jobtrace.v1.RunState\x12\x0f\n\x07service\x18\x04 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x05 \x01(\t\x12\"\n\x04view\x18\x06 \x01(\x0e\x32\x14.jobtrace.v1.JobView\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.jobtrace.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9a\x01\n\x14ListWorkflowsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.jobtrace.v1.RunState\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\'\n\x04view\x18\x05 \x01(\x0e\x32\x19.jobtrace.v1.WorkflowView\"Z\n\x15ListWorkflowsResponse\x12(\n\tworkflows\x18\x01 \x03(\x0b\x32\x15.jobtrace.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x11\x43\x61ncelJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\"<\n\x15\x43\x61ncelWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"A\n\x16\x43\x61ncelWorkflowResponse\x12\'\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.jobtrace.v1.Workflow\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x10WatchJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\"+\n\x14WatchWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\"g\n\x15WatchWorkflowResponse\x12\'\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.jobtrace.v1.Workflow\x12%\n\x0b\x63hanged_job\x18\x02 \x01(\x0b\x32\x10.jobtrace.v1.Job*J\n\x07JobView\x12\x18\n\x14JOB_VIEW_UNSPECIFIED\x10\x00\x12\x12\n\x0eJOB_VIEW_BASIC\x10\x01\x12\x11\n\rJOB_VIEW_FULL\x10\x02*^\n\x0cWorkflowView\x12\x1d\n\x19WORKFLOW_VIEW_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKFLOW_VIEW_BASIC\x10\x01\x12\x16\n\x12WORKFLOW_VIEW_FULL\x10\x02\x32\xb5\x06\n\nJobService\x12J\n\tSubmitJob\x12\x1d.jobtrace.v1.SubmitJobRequest\x1a\x1e.jobtrace.v1.SubmitJobResponse\x12Y\n\x0eSubmitWorkflow\x12\".jobtrace.v1.SubmitWorkflowRequest\x1a#.jobtrace.v1.SubmitWorkflowResponse\x12\x41\n\x06GetJob\x12\x1a.jobtrace.v1.GetJobRequest\x1a\x1b.jobtrace.v1.GetJobResponse\x12P\n\x0bGetWorkflow\x12\x1f.jobtrace.v1.GetWorkflowRequest\x1a .jobtrace.v1.GetWorkflowResponse\x12G\n\x08ListJobs\x12\x1c.jobtrace.v1.ListJobsRequest\x1a\x1d.jobtrace.v1.ListJobsResponse\x12V\n\rListWorkflows\x12!.jobtrace.v1.ListWorkflowsRequest\x1a\".jobtrace.v1.ListWorkflowsResponse\x12J\n\tCancelJob\x12\x1d.jobtrace.v1.CancelJobRequest\x1a\x1e.jobtrace.v1.CancelJobResponse\x12Y\n\x0e\x43\x61ncelWorkflow\x12\".jobtrace.v1.CancelWorkflowRequest\x1a#.jobtrace.v1.CancelWorkflowResponse\x12I\n\x08WatchJob\x12\x1c.jobtrace.v1.WatchJobRequest\x1a\x1d.jobtrace.v1.WatchJobResponse0\x01\x12X\n\rWatchWorkflow\x12!.jobtrace.v1.WatchWorkflowRequest\x1a\".jobtrace.v1.WatchWorkflowResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITWORKFLOWREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_SUBMITWORKFLOWREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_JOBVIEW']._serialized_start=1911
+  _globals['_JOBVIEW']._serialized_end=1985
+  _globals['_WORKFLOWVIEW']._serialized_start=1987
+  _globals['_WORKFLOWVIEW']._serialized_end=2081
   _globals['_SUBMITJOBREQUEST']._serialized_start=73
   _globals['_SUBMITJOBREQUEST']._serialized_end=251
   _globals['_SUBMITJOBRESPONSE']._serialized_start=253
@@ -53,29 +57,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETWORKFLOWRESPONSE']._serialized_start=881
   _globals['_GETWORKFLOWRESPONSE']._serialized_end=943
   _globals['_LISTJOBSREQUEST']._serialized_start=946
-  _globals['_LISTJOBSREQUEST']._serialized_end=1078
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1080
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1155
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=1157
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=1270
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=1272
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=1362
-  _globals['_CANCELJOBREQUEST']._serialized_start=1364
-  _globals['_CANCELJOBREQUEST']._serialized_end=1414
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1416
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1466
-  _globals['_CANCELWORKFLOWREQUEST']._serialized_start=1468
-  _globals['_CANCELWORKFLOWREQUEST']._serialized_end=1528
-  _globals['_CANCELWORKFLOWRESPONSE']._serialized_start=1530
-  _globals['_CANCELWORKFLOWRESPONSE']._serialized_end=1595
-  _globals['_WATCHJOBREQUEST']._serialized_start=1597
-  _globals['_WATCHJOBREQUEST']._serialized_end=1630
-  _globals['_WATCHJOBRESPONSE']._serialized_start=1632
-  _globals['_WATCHJOBRESPONSE']._serialized_end=1681
-  _globals['_WATCHWORKFLOWREQUEST']._serialized_start=1683
-  _globals['_WATCHWORKFLOWREQUEST']._serialized_end=1726
-  _globals['_WATCHWORKFLOWRESPONSE']._serialized_start=1728
-  _globals['_WATCHWORKFLOWRESPONSE']._serialized_end=1831
-  _globals['_JOBSERVICE']._serialized_start=1834
-  _globals['_JOBSERVICE']._serialized_end=2655
+  _globals['_LISTJOBSREQUEST']._serialized_end=1114
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1116
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1191
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=1194
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=1348
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=1350
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=1440
+  _globals['_CANCELJOBREQUEST']._serialized_start=1442
+  _globals['_CANCELJOBREQUEST']._serialized_end=1492
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1494
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1544
+  _globals['_CANCELWORKFLOWREQUEST']._serialized_start=1546
+  _globals['_CANCELWORKFLOWREQUEST']._serialized_end=1606
+  _globals['_CANCELWORKFLOWRESPONSE']._serialized_start=1608
+  _globals['_CANCELWORKFLOWRESPONSE']._serialized_end=1673
+  _globals['_WATCHJOBREQUEST']._serialized_start=1675
+  _globals['_WATCHJOBREQUEST']._serialized_end=1708
+  _globals['_WATCHJOBRESPONSE']._serialized_start=1710
+  _globals['_WATCHJOBRESPONSE']._serialized_end=1759
+  _globals['_WATCHWORKFLOWREQUEST']._serialized_start=1761
+  _globals['_WATCHWORKFLOWREQUEST']._serialized_end=1804
+  _globals['_WATCHWORKFLOWRESPONSE']._serialized_start=1806
+  _globals['_WATCHWORKFLOWRESPONSE']._serialized_end=1909
+  _globals['_JOBSERVICE']._serialized_start=2084
+  _globals['_JOBSERVICE']._serialized_end=2905
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from jobtrace.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,58 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _JobView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_VIEW_UNSPECIFIED: _JobView.ValueType  # 0
+    """The default: BASIC."""
+    JOB_VIEW_BASIC: _JobView.ValueType  # 1
+    """Every field but the heavy ones, which are left unset: spec.payload, result
+    and failure.details.
+    """
+    JOB_VIEW_FULL: _JobView.ValueType  # 2
+    """Every field, as GetJob returns it."""
+
+class JobView(_JobView, metaclass=_JobViewEnumTypeWrapper):
+    """How much of each job a listing returns."""
+
+JOB_VIEW_UNSPECIFIED: JobView.ValueType  # 0
+"""The default: BASIC."""
+JOB_VIEW_BASIC: JobView.ValueType  # 1
+"""Every field but the heavy ones, which are left unset: spec.payload, result
+and failure.details.
+"""
+JOB_VIEW_FULL: JobView.ValueType  # 2
+"""Every field, as GetJob returns it."""
+Global___JobView: _TypeAlias = JobView  # noqa: Y015
+
+class _WorkflowView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WorkflowViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkflowView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WORKFLOW_VIEW_UNSPECIFIED: _WorkflowView.ValueType  # 0
+    """The default: BASIC."""
+    WORKFLOW_VIEW_BASIC: _WorkflowView.ValueType  # 1
+    """Every field but steps, which is left empty (progress still counts them)."""
+    WORKFLOW_VIEW_FULL: _WorkflowView.ValueType  # 2
+    """Every field, as GetWorkflow returns it."""
+
+class WorkflowView(_WorkflowView, metaclass=_WorkflowViewEnumTypeWrapper):
+    """How much of each workflow a listing returns."""
+
+WORKFLOW_VIEW_UNSPECIFIED: WorkflowView.ValueType  # 0
+"""The default: BASIC."""
+WORKFLOW_VIEW_BASIC: WorkflowView.ValueType  # 1
+"""Every field but steps, which is left empty (progress still counts them)."""
+WORKFLOW_VIEW_FULL: WorkflowView.ValueType  # 2
+"""Every field, as GetWorkflow returns it."""
+Global___WorkflowView: _TypeAlias = WorkflowView  # noqa: Y015
 
 @_typing.final
 class SubmitJobRequest(_message.Message):
@@ -304,6 +357,7 @@ class ListJobsRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     SERVICE_FIELD_NUMBER: _builtins.int
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Optional. Items per page; 1-1000, 0 means 100."""
     page_token: _builtins.str
@@ -314,6 +368,8 @@ class ListJobsRequest(_message.Message):
     """Optional. Only jobs of this service."""
     workflow_id: _builtins.str
     """Optional. Only the steps of this workflow."""
+    view: Global___JobView.ValueType
+    """Optional. How much of each job to return; unspecified means BASIC."""
     def __init__(
         self,
         *,
@@ -322,10 +378,11 @@ class ListJobsRequest(_message.Message):
         state: _common_pb2.RunState.ValueType = ...,
         service: _builtins.str = ...,
         workflow_id: _builtins.str = ...,
+        view: Global___JobView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "service", b"service", "state", b"state", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "service", b"service", "state", b"state", "view", b"view", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -340,10 +397,14 @@ class ListJobsResponse(_message.Message):
     JOBS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Token of the next page; empty on the last page."""
+    """Token of the next page, which continues right after this one's last item;
+    empty on the last page.
+    """
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Job]:
-        """The page, newest first."""
+        """The page, newest first. It may hold fewer than page_size jobs when their
+        bytes reached the page budget: only an empty next_page_token ends a listing.
+        """
 
     def __init__(
         self,
@@ -369,6 +430,7 @@ class ListWorkflowsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Optional. Items per page; 1-1000, 0 means 100."""
     page_token: _builtins.str
@@ -377,6 +439,8 @@ class ListWorkflowsRequest(_message.Message):
     """Optional. Only workflows in this state."""
     name: _builtins.str
     """Optional. Only workflows with this name."""
+    view: Global___WorkflowView.ValueType
+    """Optional. How much of each workflow to return; unspecified means BASIC."""
     def __init__(
         self,
         *,
@@ -384,10 +448,11 @@ class ListWorkflowsRequest(_message.Message):
         page_token: _builtins.str = ...,
         state: _common_pb2.RunState.ValueType = ...,
         name: _builtins.str = ...,
+        view: Global___WorkflowView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -402,10 +467,14 @@ class ListWorkflowsResponse(_message.Message):
     WORKFLOWS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Token of the next page; empty on the last page."""
+    """Token of the next page, which continues right after this one's last item;
+    empty on the last page.
+    """
     @_builtins.property
     def workflows(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Workflow]:
-        """The page, newest first."""
+        """The page, newest first. It may hold fewer than page_size workflows when their
+        bytes reached the page budget: only an empty next_page_token ends a listing.
+        """
 
     def __init__(
         self,

@@ -123,14 +123,21 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Lists jobs, newest first, with filters and keyset pagination.
+        """Lists jobs, newest first, with filters and keyset pagination. A page holds
+        at most page_size jobs and stops early, before the job that would take it
+        past the server's page byte budget (3 MiB by default); its first job always
+        comes, alone if need be. The BASIC view (the default) leaves out the heavy
+        fields; FULL returns each job as GetJob does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListWorkflows(self, request, context):
-        """Lists workflows, newest first, with filters and keyset pagination.
+        """Lists workflows, newest first, with filters and keyset pagination; pages
+        are bounded in items and in bytes as in ListJobs. The BASIC view (the
+        default) leaves out the steps; FULL returns each workflow as GetWorkflow
+        does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -47,9 +47,18 @@ class JobServiceStub:
     GetWorkflow: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetWorkflowRequest, _job_service_pb2.GetWorkflowResponse]
     """Returns one workflow with its steps."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListJobsRequest, _job_service_pb2.ListJobsResponse]
-    """Lists jobs, newest first, with filters and keyset pagination."""
+    """Lists jobs, newest first, with filters and keyset pagination. A page holds
+    at most page_size jobs and stops early, before the job that would take it
+    past the server's page byte budget (3 MiB by default); its first job always
+    comes, alone if need be. The BASIC view (the default) leaves out the heavy
+    fields; FULL returns each job as GetJob does.
+    """
     ListWorkflows: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListWorkflowsRequest, _job_service_pb2.ListWorkflowsResponse]
-    """Lists workflows, newest first, with filters and keyset pagination."""
+    """Lists workflows, newest first, with filters and keyset pagination; pages
+    are bounded in items and in bytes as in ListJobs. The BASIC view (the
+    default) leaves out the steps; FULL returns each workflow as GetWorkflow
+    does.
+    """
     CancelJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.CancelJobRequest, _job_service_pb2.CancelJobResponse]
     """Cancels a job: a waiting job becomes CANCELLED at once; a running one is
     cancelled on its worker's stream. A terminal job is FAILED_PRECONDITION.
@@ -84,9 +93,18 @@ class JobServiceAsyncStub(JobServiceStub):
     GetWorkflow: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetWorkflowRequest, _job_service_pb2.GetWorkflowResponse]  # type: ignore[assignment]
     """Returns one workflow with its steps."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListJobsRequest, _job_service_pb2.ListJobsResponse]  # type: ignore[assignment]
-    """Lists jobs, newest first, with filters and keyset pagination."""
+    """Lists jobs, newest first, with filters and keyset pagination. A page holds
+    at most page_size jobs and stops early, before the job that would take it
+    past the server's page byte budget (3 MiB by default); its first job always
+    comes, alone if need be. The BASIC view (the default) leaves out the heavy
+    fields; FULL returns each job as GetJob does.
+    """
     ListWorkflows: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListWorkflowsRequest, _job_service_pb2.ListWorkflowsResponse]  # type: ignore[assignment]
-    """Lists workflows, newest first, with filters and keyset pagination."""
+    """Lists workflows, newest first, with filters and keyset pagination; pages
+    are bounded in items and in bytes as in ListJobs. The BASIC view (the
+    default) leaves out the steps; FULL returns each workflow as GetWorkflow
+    does.
+    """
     CancelJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.CancelJobRequest, _job_service_pb2.CancelJobResponse]  # type: ignore[assignment]
     """Cancels a job: a waiting job becomes CANCELLED at once; a running one is
     cancelled on its worker's stream. A terminal job is FAILED_PRECONDITION.
@@ -148,7 +166,12 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _job_service_pb2.ListJobsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_job_service_pb2.ListJobsResponse, _abc.Awaitable[_job_service_pb2.ListJobsResponse]]:
-        """Lists jobs, newest first, with filters and keyset pagination."""
+        """Lists jobs, newest first, with filters and keyset pagination. A page holds
+        at most page_size jobs and stops early, before the job that would take it
+        past the server's page byte budget (3 MiB by default); its first job always
+        comes, alone if need be. The BASIC view (the default) leaves out the heavy
+        fields; FULL returns each job as GetJob does.
+        """
 
     @_abc_1.abstractmethod
     def ListWorkflows(
@@ -156,7 +179,11 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _job_service_pb2.ListWorkflowsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_job_service_pb2.ListWorkflowsResponse, _abc.Awaitable[_job_service_pb2.ListWorkflowsResponse]]:
-        """Lists workflows, newest first, with filters and keyset pagination."""
+        """Lists workflows, newest first, with filters and keyset pagination; pages
+        are bounded in items and in bytes as in ListJobs. The BASIC view (the
+        default) leaves out the steps; FULL returns each workflow as GetWorkflow
+        does.
+        """
 
     @_abc_1.abstractmethod
     def CancelJob(

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from jobtrace.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -19,6 +20,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _TraceEventView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TraceEventViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TraceEventView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TRACE_EVENT_VIEW_UNSPECIFIED: _TraceEventView.ValueType  # 0
+    """The default: BASIC."""
+    TRACE_EVENT_VIEW_BASIC: _TraceEventView.ValueType  # 1
+    """Every field but the heavy ones, which are left unset: data,
+    output_summary, error.details and error.stack.
+    """
+    TRACE_EVENT_VIEW_FULL: _TraceEventView.ValueType  # 2
+    """Every field, as StreamTraceEvents sends it."""
+
+class TraceEventView(_TraceEventView, metaclass=_TraceEventViewEnumTypeWrapper):
+    """How much of each trace event a listing returns."""
+
+TRACE_EVENT_VIEW_UNSPECIFIED: TraceEventView.ValueType  # 0
+"""The default: BASIC."""
+TRACE_EVENT_VIEW_BASIC: TraceEventView.ValueType  # 1
+"""Every field but the heavy ones, which are left unset: data,
+output_summary, error.details and error.stack.
+"""
+TRACE_EVENT_VIEW_FULL: TraceEventView.ValueType  # 2
+"""Every field, as StreamTraceEvents sends it."""
+Global___TraceEventView: _TypeAlias = TraceEventView  # noqa: Y015
 
 @_typing.final
 class AppendTraceEventsRequest(_message.Message):
@@ -88,6 +117,7 @@ class ListTraceEventsRequest(_message.Message):
     SINCE_FIELD_NUMBER: _builtins.int
     UNTIL_FIELD_NUMBER: _builtins.int
     MILESTONES_ONLY_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Required. A workflow id or standalone job id."""
     page_size: _builtins.int
@@ -106,6 +136,8 @@ class ListTraceEventsRequest(_message.Message):
     """Optional. Only events of this type."""
     milestones_only: _builtins.bool
     """Optional. Only milestones."""
+    view: Global___TraceEventView.ValueType
+    """Optional. How much of each event to return; unspecified means BASIC."""
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """Optional. Only events at or after this time."""
@@ -127,10 +159,11 @@ class ListTraceEventsRequest(_message.Message):
         since: _timestamp_pb2.Timestamp | None = ...,
         until: _timestamp_pb2.Timestamp | None = ...,
         milestones_only: _builtins.bool = ...,
+        view: Global___TraceEventView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "cursor", b"cursor", "milestones_only", b"milestones_only", "min_level", b"min_level", "node_id", b"node_id", "page_size", b"page_size", "run_id", b"run_id", "since", b"since", "type", b"type", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "cursor", b"cursor", "milestones_only", b"milestones_only", "min_level", b"min_level", "node_id", b"node_id", "page_size", b"page_size", "run_id", b"run_id", "since", b"since", "type", b"type", "until", b"until", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -153,7 +186,9 @@ class ListTraceEventsResponse(_message.Message):
     """True when more matching events are stored past this page."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TraceEvent]:
-        """The page, in sequence order."""
+        """The page, in sequence order. It may hold fewer than page_size events when
+        their bytes reached the page budget: more says whether others follow.
+        """
 
     def __init__(
         self,

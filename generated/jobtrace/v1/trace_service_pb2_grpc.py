@@ -74,7 +74,11 @@ class TraceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTraceEvents(self, request, context):
-        """Lists a run's events in sequence order, filtered, one page at a time.
+        """Lists a run's events in sequence order, filtered, one page at a time. A page
+        holds at most page_size events and stops early, before the event that would
+        take it past the server's page byte budget (3 MiB by default); its first
+        event always comes, alone if need be. The BASIC view (the default) leaves
+        out the heavy fields; FULL returns each event as StreamTraceEvents does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

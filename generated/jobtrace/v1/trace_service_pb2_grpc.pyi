@@ -42,7 +42,12 @@ class TraceServiceStub:
     were all stored before the end still returns them.
     """
     ListTraceEvents: _grpc.UnaryUnaryMultiCallable[_trace_service_pb2.ListTraceEventsRequest, _trace_service_pb2.ListTraceEventsResponse]
-    """Lists a run's events in sequence order, filtered, one page at a time."""
+    """Lists a run's events in sequence order, filtered, one page at a time. A page
+    holds at most page_size events and stops early, before the event that would
+    take it past the server's page byte budget (3 MiB by default); its first
+    event always comes, alone if need be. The BASIC view (the default) leaves
+    out the heavy fields; FULL returns each event as StreamTraceEvents does.
+    """
     StreamTraceEvents: _grpc.UnaryStreamMultiCallable[_trace_service_pb2.StreamTraceEventsRequest, _trace_service_pb2.StreamTraceEventsResponse]
     """Replays a run's events after a cursor, then (with follow) pushes new ones
     live and ends with the run's final status.
@@ -64,7 +69,12 @@ class TraceServiceAsyncStub(TraceServiceStub):
     were all stored before the end still returns them.
     """
     ListTraceEvents: _aio.UnaryUnaryMultiCallable[_trace_service_pb2.ListTraceEventsRequest, _trace_service_pb2.ListTraceEventsResponse]  # type: ignore[assignment]
-    """Lists a run's events in sequence order, filtered, one page at a time."""
+    """Lists a run's events in sequence order, filtered, one page at a time. A page
+    holds at most page_size events and stops early, before the event that would
+    take it past the server's page byte budget (3 MiB by default); its first
+    event always comes, alone if need be. The BASIC view (the default) leaves
+    out the heavy fields; FULL returns each event as StreamTraceEvents does.
+    """
     StreamTraceEvents: _aio.UnaryStreamMultiCallable[_trace_service_pb2.StreamTraceEventsRequest, _trace_service_pb2.StreamTraceEventsResponse]  # type: ignore[assignment]
     """Replays a run's events after a cursor, then (with follow) pushes new ones
     live and ends with the run's final status.
@@ -95,7 +105,12 @@ class TraceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _trace_service_pb2.ListTraceEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trace_service_pb2.ListTraceEventsResponse, _abc.Awaitable[_trace_service_pb2.ListTraceEventsResponse]]:
-        """Lists a run's events in sequence order, filtered, one page at a time."""
+        """Lists a run's events in sequence order, filtered, one page at a time. A page
+        holds at most page_size events and stops early, before the event that would
+        take it past the server's page byte budget (3 MiB by default); its first
+        event always comes, alone if need be. The BASIC view (the default) leaves
+        out the heavy fields; FULL returns each event as StreamTraceEvents does.
+        """
 
     @_abc_1.abstractmethod
     def StreamTraceEvents(

@@ -6,6 +6,7 @@ from typing import Any
 
 from jobtrace.api import convert
 from jobtrace.api.errors import rpc
+from jobtrace.api.limits import PageBytes
 from jobtrace.auth import Authenticator, Role
 from jobtrace.domain.annotations import Annotations
 from jobtrace.domain.attest import Attestor
@@ -14,10 +15,18 @@ from jobtrace.pb import attestation_service_pb2_grpc as pb_grpc
 
 
 class AttestationServicer(pb_grpc.AttestationServiceServicer):
-    def __init__(self, attestor: Attestor, annotations: Annotations, auth: Authenticator) -> None:
+    def __init__(
+        self,
+        attestor: Attestor,
+        annotations: Annotations,
+        auth: Authenticator,
+        *,
+        pages: PageBytes,
+    ) -> None:
         self._attestor = attestor
         self._annotations = annotations
         self._auth = auth
+        self._pages = pages
 
     @rpc
     async def GetAttestation(
@@ -46,10 +55,14 @@ class AttestationServicer(pb_grpc.AttestationServiceServicer):
             type=request.type,
             page_size=request.page_size,
             page_token=request.page_token,
+            view=request.view,
+            out=self._pages.encoder(
+                lambda a: convert.attestation_to_proto(
+                    a, full=request.view == pb.ATTESTATION_VIEW_FULL
+                )
+            ),
         )
-        return pb.ListAttestationsResponse(
-            attestations=[convert.attestation_to_proto(a) for a in items], next_page_token=token
-        )
+        return pb.ListAttestationsResponse(attestations=items, next_page_token=token)
 
     @rpc
     async def VerifyAttestation(
@@ -127,7 +140,11 @@ class AttestationServicer(pb_grpc.AttestationServiceServicer):
             scope=request.scope,
             page_size=request.page_size,
             page_token=request.page_token,
+            view=request.view,
+            out=self._pages.encoder(
+                lambda a: convert.annotation_to_proto(
+                    a, full=request.view == pb.ANNOTATION_VIEW_FULL
+                )
+            ),
         )
-        return pb.ListAnnotationsResponse(
-            annotations=[convert.annotation_to_proto(a) for a in items], next_page_token=token
-        )
+        return pb.ListAnnotationsResponse(annotations=items, next_page_token=token)

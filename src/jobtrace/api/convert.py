@@ -192,10 +192,10 @@ def _parse_timestamp(ts: timestamp_pb2.Timestamp, text: str) -> None:
 # --- domain -> responses ------------------------------------------------------
 
 
-def spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
+def spec_to_proto(spec: JobSpec, *, full: bool = True) -> common_pb2.JobSpec:
     return common_pb2.JobSpec(
         service=spec.service,
-        payload=dict_to_struct(spec.payload),
+        payload=dict_to_struct(spec.payload) if full else None,
         priority=spec.priority,
         max_attempts=spec.max_attempts,
         timeout=ms_to_duration(spec.timeout_ms) if spec.timeout_ms else None,
@@ -210,25 +210,31 @@ def spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
     )
 
 
-def failure_to_proto(f: Failure | None) -> common_pb2.Failure | None:
+def failure_to_proto(f: Failure | None, *, full: bool = True) -> common_pb2.Failure | None:
     if f is None:
         return None
     return common_pb2.Failure(
-        reason=f.reason, code=f.code, retryable=f.retryable, details=f.details, attempt=f.attempt
+        reason=f.reason,
+        code=f.code,
+        retryable=f.retryable,
+        details=f.details if full else "",
+        attempt=f.attempt,
     )
 
 
-def job_to_proto(job: Job) -> common_pb2.Job:
+def job_to_proto(job: Job, *, full: bool = True) -> common_pb2.Job:
+    """The job; without `full` (a BASIC listing), without spec.payload,
+    result and failure.details."""
     return common_pb2.Job(
         id=job.id,
         workflow_id=job.workflow_id,
         step_name=job.step_name,
-        spec=spec_to_proto(job.spec),
+        spec=spec_to_proto(job.spec, full=full),
         state=int(job.state),  # type: ignore[arg-type]
         attempt=job.attempt,
         progress=common_pb2.JobProgress(percent=job.progress_percent, message=job.progress_message),
-        result=dict_to_struct(job.result),
-        failure=failure_to_proto(job.failure),
+        result=dict_to_struct(job.result) if full else None,
+        failure=failure_to_proto(job.failure, full=full),
         worker_id=job.worker_id,
         created_at=us_to_ts(job.created_us),
         started_at=us_to_ts(job.started_us),
@@ -243,7 +249,9 @@ def job_to_proto(job: Job) -> common_pb2.Job:
 
 
 def workflow_to_proto(w: Workflow) -> common_pb2.Workflow:
-    total = len(w.steps)
+    """The workflow; its steps are those it was read with (none in a BASIC
+    listing, whose progress still counts them)."""
+    total = w.total_steps
     done = w.completed_steps
     return common_pb2.Workflow(
         id=w.id,
@@ -401,7 +409,9 @@ def event_input_from_proto(p: Any) -> Any:
     return EventInput(event, p.data.ByteSize(), p.output_summary.ByteSize())
 
 
-def event_to_proto(e: Any) -> common_pb2.TraceEvent:
+def event_to_proto(e: Any, *, full: bool = True) -> common_pb2.TraceEvent:
+    """The event; without `full` (a BASIC listing), without data,
+    output_summary, error.details and error.stack."""
     return common_pb2.TraceEvent(
         id=f"{e.run_id}:{e.seq}",
         sequence=e.seq,
@@ -416,13 +426,13 @@ def event_to_proto(e: Any) -> common_pb2.TraceEvent:
         error=common_pb2.ErrorDetail(
             message=e.error.message,
             code=e.error.code,
-            details=e.error.details,
-            stack=e.error.stack,
+            details=e.error.details if full else "",
+            stack=e.error.stack if full else "",
         )
         if e.error is not None
         else None,
-        output_summary=dict_to_struct(e.output_summary),
-        data=dict_to_struct(e.data),
+        output_summary=dict_to_struct(e.output_summary) if full else None,
+        data=dict_to_struct(e.data) if full else None,
         step_number=e.step_number,
         total_steps=e.total_steps,
         percent=e.percent,
@@ -472,7 +482,8 @@ def run_status_to_proto(s: Any) -> Any:
 # --- attestations and annotations -----------------------------------------------
 
 
-def attestation_to_proto(a: Any) -> Any:
+def attestation_to_proto(a: Any, *, full: bool = True) -> Any:
+    """The attestation; without `full` (a BASIC listing), without data."""
     from jobtrace.pb import attestation_service_pb2 as pa
 
     return pa.Attestation(
@@ -485,7 +496,7 @@ def attestation_to_proto(a: Any) -> Any:
         worker_id=a.worker_id,
         attempt=a.attempt,
         state=int(a.state),  # type: ignore[arg-type]
-        data=dict_to_struct(a.data),
+        data=dict_to_struct(a.data) if full else None,
         digest=a.digest,
         previous_digest=a.previous_digest,
         signature=a.signature,
@@ -507,7 +518,8 @@ def envelope_to_proto(e: Any) -> Any:
     )
 
 
-def annotation_to_proto(a: Any) -> common_pb2.Annotation:
+def annotation_to_proto(a: Any, *, full: bool = True) -> common_pb2.Annotation:
+    """The annotation; without `full` (a BASIC listing), without payload."""
     return common_pb2.Annotation(
         id=a.id,
         run_id=a.run_id,
@@ -518,7 +530,7 @@ def annotation_to_proto(a: Any) -> common_pb2.Annotation:
         actor=common_pb2.Actor(kind=a.actor_kind, id=a.actor_id, version=a.actor_version),
         key=a.key,
         value=py_to_value(a.value),
-        payload=dict_to_struct(a.payload),
+        payload=dict_to_struct(a.payload) if full else None,
         idempotency_key=a.idempotency_key,
         create_time=us_to_ts(a.created_us),
         tenant=a.tenant,

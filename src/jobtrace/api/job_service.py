@@ -8,7 +8,7 @@ from typing import Any
 
 from jobtrace.api import convert
 from jobtrace.api.errors import rpc
-from jobtrace.api.limits import StreamLimiter
+from jobtrace.api.limits import PageBytes, StreamLimiter
 from jobtrace.auth import Authenticator, Role
 from jobtrace.domain.jobs import Jobs
 from jobtrace.pb import job_service_pb2 as pb
@@ -26,10 +26,13 @@ def traceparent(context: Any) -> str:
 
 
 class JobServicer(pb_grpc.JobServiceServicer):
-    def __init__(self, jobs: Jobs, auth: Authenticator, streams: StreamLimiter) -> None:
+    def __init__(
+        self, jobs: Jobs, auth: Authenticator, streams: StreamLimiter, *, pages: PageBytes
+    ) -> None:
         self._jobs = jobs
         self._auth = auth
         self._streams = streams
+        self._pages = pages
 
     @rpc
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: Any) -> pb.SubmitJobResponse:
@@ -73,11 +76,12 @@ class JobServicer(pb_grpc.JobServiceServicer):
             workflow_id=request.workflow_id,
             page_size=request.page_size,
             page_token=request.page_token,
+            view=request.view,
+            out=self._pages.encoder(
+                lambda j: convert.job_to_proto(j, full=request.view == pb.JOB_VIEW_FULL)
+            ),
         )
-        return pb.ListJobsResponse(
-            jobs=[convert.job_to_proto(j) for j in page.items],
-            next_page_token=page.next_page_token,
-        )
+        return pb.ListJobsResponse(jobs=page.items, next_page_token=page.next_page_token)
 
     @rpc
     async def ListWorkflows(
@@ -90,11 +94,10 @@ class JobServicer(pb_grpc.JobServiceServicer):
             name=request.name,
             page_size=request.page_size,
             page_token=request.page_token,
+            view=request.view,
+            out=self._pages.encoder(convert.workflow_to_proto),
         )
-        return pb.ListWorkflowsResponse(
-            workflows=[convert.workflow_to_proto(w) for w in page.items],
-            next_page_token=page.next_page_token,
-        )
+        return pb.ListWorkflowsResponse(workflows=page.items, next_page_token=page.next_page_token)
 
     @rpc
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.CancelJobResponse:

@@ -7,7 +7,7 @@ from typing import Any
 
 from jobtrace.api import convert
 from jobtrace.api.errors import rpc
-from jobtrace.api.limits import StreamLimiter
+from jobtrace.api.limits import PageBytes, StreamLimiter
 from jobtrace.auth import Authenticator, Role
 from jobtrace.domain.trace import Trace
 from jobtrace.pb import trace_service_pb2 as pb
@@ -15,10 +15,13 @@ from jobtrace.pb import trace_service_pb2_grpc as pb_grpc
 
 
 class TraceServicer(pb_grpc.TraceServiceServicer):
-    def __init__(self, trace: Trace, auth: Authenticator, streams: StreamLimiter) -> None:
+    def __init__(
+        self, trace: Trace, auth: Authenticator, streams: StreamLimiter, *, pages: PageBytes
+    ) -> None:
         self._trace = trace
         self._auth = auth
         self._streams = streams
+        self._pages = pages
 
     @rpc
     async def AppendTraceEvents(
@@ -40,10 +43,12 @@ class TraceServicer(pb_grpc.TraceServiceServicer):
             request.cursor,
             convert.event_filter(request),
             request.page_size,
+            view=request.view,
+            out=self._pages.encoder(
+                lambda e: convert.event_to_proto(e, full=request.view == pb.TRACE_EVENT_VIEW_FULL)
+            ),
         )
-        return pb.ListTraceEventsResponse(
-            events=[convert.event_to_proto(e) for e in events], next_cursor=cursor, more=more
-        )
+        return pb.ListTraceEventsResponse(events=events, next_cursor=cursor, more=more)
 
     @rpc
     async def StreamTraceEvents(

@@ -320,6 +320,12 @@ def describe_workflow(workflow: common_pb2.Workflow, s: Style) -> None:
 # --- lists ---------------------------------------------------------------------------
 
 
+def whole(args: argparse.Namespace) -> str | None:
+    """The list view a command asks for: --json prints items whole (FULL); a
+    table shows only what the default (BASIC) view returns."""
+    return "full" if args.json else None
+
+
 async def collect(
     fetch: Callable[[str], Awaitable[Page[Any]]], limit: int
 ) -> tuple[list[Any], str]:
@@ -342,6 +348,7 @@ async def jobs(args: argparse.Namespace, client: Client) -> int:
             workflow_id=args.workflow or "",
             page_size=min(args.limit, 1000),
             page_token=t,
+            view=whole(args),
         ),
         args.limit,
     )
@@ -370,7 +377,11 @@ async def jobs(args: argparse.Namespace, client: Client) -> int:
 async def workflows(args: argparse.Namespace, client: Client) -> int:
     found, token = await collect(
         lambda t: client.list_workflows(
-            state=args.state, name=args.name or "", page_size=min(args.limit, 1000), page_token=t
+            state=args.state,
+            name=args.name or "",
+            page_size=min(args.limit, 1000),
+            page_token=t,
+            view=whole(args),
         ),
         args.limit,
     )
@@ -434,6 +445,7 @@ async def trace_list(args: argparse.Namespace, client: Client) -> int:
             args.run_id,
             cursor=cursor,
             page_size=min(1000, args.limit - len(events)),
+            view=whole(args),
             **trace_filters(args),
         )
         events += page.events
@@ -503,6 +515,7 @@ async def attest_list(args: argparse.Namespace, client: Client) -> int:
             type=args.type,
             page_size=min(args.limit, 1000),
             page_token=t,
+            view=whole(args),
         ),
         args.limit,
     )
@@ -639,6 +652,7 @@ async def annotations_command(args: argparse.Namespace, client: Client) -> int:
             scope=args.scope,
             page_size=min(args.limit, 1000),
             page_token=t,
+            view=whole(args),
         ),
         args.limit,
     )

@@ -314,14 +314,20 @@ class Client:
         workflow_id: str = "",
         page_size: int = 0,
         page_token: str = "",
+        view: int | str | None = None,
     ) -> Page[common_pb2.Job]:
-        """One page, newest first; `state` is a RunState value or name ("RUNNING")."""
+        """One page, newest first; `state` is a RunState value or name ("RUNNING").
+        `view` "full" returns each job whole; the default ("basic") leaves out
+        spec.payload, result and failure.details. A page may hold fewer than
+        `page_size` jobs (it is bounded in bytes too): only an empty
+        `next_page_token` ends the listing."""
         request = job_service_pb2.ListJobsRequest(
             state=run_state(state),
             service=service,
             workflow_id=workflow_id,
             page_size=page_size,
             page_token=page_token,
+            view=_enum(job_service_pb2.JobView, "JOB_VIEW_", view),
         )
         response: job_service_pb2.ListJobsResponse = await self._call(
             self.jobs_stub.ListJobs, request, retry=True
@@ -339,9 +345,16 @@ class Client:
         name: str = "",
         page_size: int = 0,
         page_token: str = "",
+        view: int | str | None = None,
     ) -> Page[common_pb2.Workflow]:
+        """One page, newest first; `view` "full" returns each workflow with its
+        steps, the default ("basic") without them (progress still counts them)."""
         request = job_service_pb2.ListWorkflowsRequest(
-            state=run_state(state), name=name, page_size=page_size, page_token=page_token
+            state=run_state(state),
+            name=name,
+            page_size=page_size,
+            page_token=page_token,
+            view=_enum(job_service_pb2.WorkflowView, "WORKFLOW_VIEW_", view),
         )
         response: job_service_pb2.ListWorkflowsResponse = await self._call(
             self.jobs_stub.ListWorkflows, request, retry=True
@@ -407,12 +420,25 @@ class Client:
         return list(response.events)
 
     async def list_trace_events(
-        self, /, run_id: str, *, cursor: str = "", page_size: int = 0, **filters: Any
+        self,
+        /,
+        run_id: str,
+        *,
+        cursor: str = "",
+        page_size: int = 0,
+        view: int | str | None = None,
+        **filters: Any,
     ) -> TracePage:
         """One page of a run's events after `cursor`. Filters: min_level, category,
-        node_id, type, since, until, milestones_only (enum names or values)."""
+        node_id, type, since, until, milestones_only (enum names or values).
+        `view` "full" returns each event whole; the default ("basic") leaves
+        out data, output_summary, error.details and error.stack."""
         request = trace_service_pb2.ListTraceEventsRequest(
-            run_id=run_id, cursor=cursor, page_size=page_size, **trace_filters(**filters)
+            run_id=run_id,
+            cursor=cursor,
+            page_size=page_size,
+            view=_enum(trace_service_pb2.TraceEventView, "TRACE_EVENT_VIEW_", view),
+            **trace_filters(**filters),
         )
         response: trace_service_pb2.ListTraceEventsResponse = await self._call(
             self.trace_stub.ListTraceEvents, request, retry=True
@@ -486,15 +512,18 @@ class Client:
         type: int | str | None = None,
         page_size: int = 0,
         page_token: str = "",
+        view: int | str | None = None,
     ) -> Page[attestation_service_pb2.Attestation]:
         """Attestations, filtered; `type` is an AttestationType value or name
-        ("workflow_completion", "WORKER_FAILURE")."""
+        ("workflow_completion", "WORKER_FAILURE"). `view` "full" returns each
+        whole; the default ("basic") leaves out data."""
         request = attestation_service_pb2.ListAttestationsRequest(
             workflow_id=workflow_id,
             job_id=job_id,
             type=_enum(attestation_service_pb2.AttestationType, "ATTESTATION_TYPE_", type),
             page_size=page_size,
             page_token=page_token,
+            view=_enum(attestation_service_pb2.AttestationView, "ATTESTATION_VIEW_", view),
         )
         response: attestation_service_pb2.ListAttestationsResponse = await self._call(
             self.attest_stub.ListAttestations, request, retry=True
@@ -562,7 +591,10 @@ class Client:
         scope: int | str | None = None,
         page_size: int = 0,
         page_token: str = "",
+        view: int | str | None = None,
     ) -> Page[common_pb2.Annotation]:
+        """One page of a run's annotations; `view` "full" returns each whole,
+        the default ("basic") without its payload."""
         request = attestation_service_pb2.ListAnnotationsRequest(
             run_id=run_id,
             key_prefix=key_prefix,
@@ -572,6 +604,7 @@ class Client:
             scope=_enum(common_pb2.AnnotationScope, "ANNOTATION_SCOPE_", scope),
             page_size=page_size,
             page_token=page_token,
+            view=_enum(attestation_service_pb2.AnnotationView, "ANNOTATION_VIEW_", view),
         )
         response: attestation_service_pb2.ListAnnotationsResponse = await self._call(
             self.attest_stub.ListAnnotations, request, retry=True

@@ -10,8 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
 from jobtrace.domain.errors import FieldViolation, Invalid, NotFound, Violations
-from jobtrace.domain.pagination import PageTokens, position
-from jobtrace.domain.validation import check_page_size, check_text
+from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
+from jobtrace.domain.validation import check_page_size, check_text, check_view
 from jobtrace.ids import new_id
 from jobtrace.model import (
     Annotation,
@@ -283,7 +283,10 @@ class Annotations:
         scope: int,
         page_size: int,
         page_token: str,
-    ) -> tuple[list[Annotation], str]:
+        view: int,
+        out: Encoder[Annotation, Any],
+    ) -> tuple[list[Any], str]:
+        """One page, as `out` encodes it, and the token of the next."""
         v = Violations()
         if not run_id:
             v.add("run_id", "required")
@@ -292,6 +295,7 @@ class Annotations:
             v.add("scope", f"unknown AnnotationScope value {scope}")
         if attempt < 0:
             v.add("attempt", "must not be negative")
+        full = check_view(v, "view", view)
         filters = {
             "run_id": run_id,
             "key_prefix": key_prefix,
@@ -305,19 +309,27 @@ class Annotations:
         v.raise_if_any()
         async with self._db.read() as session:
             await self._trace.require_run(session, tenant, run_id)
-            items = await store.list_annotations(
-                session,
-                tenant=tenant,
-                run_id=run_id,
-                key_prefix=key_prefix,
-                actor_id=actor_id,
-                since_us=since_us,
-                attempt=attempt,
-                scope=scope,
-                after_seq=after,
-                limit=limit + 1,
+            filled = await fill(
+                lambda start, n, max_bytes: store.read_annotations(
+                    session,
+                    tenant=tenant,
+                    run_id=run_id,
+                    key_prefix=key_prefix,
+                    actor_id=actor_id,
+                    since_us=since_us,
+                    attempt=attempt,
+                    scope=scope,
+                    after=start,
+                    limit=n,
+                    max_bytes=max_bytes,
+                    full=full,
+                ),
+                start=after,
+                count=limit,
+                out=out,
+                position=lambda a: a.seq,
+                name=lambda a: f"annotation {a.id}",
             )
-        if len(items) > limit:
-            items = items[:limit]
-            return items, self._tokens.encode("annotations", filters, items[-1].seq)
-        return items, ""
+        if filled.more and filled.last is not None:
+            return filled.items, self._tokens.encode("annotations", filters, filled.last)
+        return filled.items, ""

@@ -24,8 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from jobtrace.clock import now_us
 from jobtrace.domain import jcs
 from jobtrace.domain.errors import DataLoss, NotFound, Violations
-from jobtrace.domain.pagination import PageTokens, position
-from jobtrace.domain.validation import check_page_size
+from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
+from jobtrace.domain.validation import check_page_size, check_view
 from jobtrace.model import JSON, Attestation, AttestationType, RunState, SigningKey
 from jobtrace.store import attest as store
 from jobtrace.store.db import Database, Tx
@@ -726,31 +726,43 @@ class Attestor:
         type: int,
         page_size: int,
         page_token: str,
-    ) -> tuple[list[Attestation], str]:
+        view: int,
+        out: Encoder[Attestation, Any],
+    ) -> tuple[list[Any], str]:
+        """One page, as `out` encodes it, and the token of the next."""
         v = Violations()
         limit = check_page_size(v, "page_size", page_size)
         if type not in AttestationType.__members__.values():
             v.add("type", f"unknown AttestationType value {type}")
+        full = check_view(v, "view", view)
         filters = {"workflow_id": workflow_id, "job_id": job_id, "type": type, "tenant": tenant}
         after = position(self._tokens, v, "page_token", page_token, "attestations", filters)
         v.raise_if_any()
         async with self._db.read() as session:
             try:
-                items = await store.list_page(
-                    session,
-                    tenant=tenant,
-                    workflow_id=workflow_id,
-                    job_id=job_id,
-                    type=type,
-                    after_seq=after,
-                    limit=limit + 1,
+                filled = await fill(
+                    lambda start, n, max_bytes: store.read_attestations(
+                        session,
+                        tenant=tenant,
+                        workflow_id=workflow_id,
+                        job_id=job_id,
+                        type=type,
+                        after=start,
+                        limit=n,
+                        max_bytes=max_bytes,
+                        full=full,
+                    ),
+                    start=after,
+                    count=limit,
+                    out=out,
+                    position=lambda a: a.seq,
+                    name=lambda a: f"attestation {a.key}",
                 )
             except store.MalformedRow as exc:
                 raise _malformed(exc) from None
-        if len(items) > limit:
-            items = items[:limit]
-            return items, self._tokens.encode("attestations", filters, items[-1].seq)
-        return items, ""
+        if filled.more and filled.last is not None:
+            return filled.items, self._tokens.encode("attestations", filters, filled.last)
+        return filled.items, ""
 
     async def verify(self, tenant: str | None, key: str) -> Verdict:
         """Digest, signature and chain link of a stored attestation. Whatever was

@@ -24,7 +24,7 @@ from jobtrace.domain.errors import (
     Unavailable,
     Violations,
 )
-from jobtrace.domain.pagination import PageTokens, position
+from jobtrace.domain.pagination import Encoder, Filled, PageTokens, fill, position
 from jobtrace.domain.validation import (
     MAX_STEPS,
     STEP_NAME_RE,
@@ -34,6 +34,7 @@ from jobtrace.domain.validation import (
     check_request_id,
     check_size,
     check_text,
+    check_view,
     normalize_spec,
 )
 from jobtrace.events.feed import JobFeed, Subscription
@@ -501,10 +502,13 @@ class Jobs:
         workflow_id: str,
         page_size: int,
         page_token: str,
+        view: int,
+        out: Encoder[Job, Any],
     ) -> Page:
         v = Violations()
         limit = check_page_size(v, "page_size", page_size)
         run_state = _state_filter(v, state)
+        full = check_view(v, "view", view)
         filters = {
             "state": int(state),
             "service": service,
@@ -514,47 +518,71 @@ class Jobs:
         before = self._decode(v, page_token, "jobs", filters)
         v.raise_if_any()
         async with self._db.read() as session:
-            jobs = await store.list_jobs(
-                session,
-                tenant=tenant,
-                state=run_state,
-                service=service,
-                workflow_id=workflow_id,
-                before_seq=before,
-                limit=limit + 1,
+            filled = await fill(
+                lambda after, n, max_bytes: store.read_jobs(
+                    session,
+                    tenant=tenant,
+                    state=run_state,
+                    service=service,
+                    workflow_id=workflow_id,
+                    after=after,
+                    limit=n,
+                    max_bytes=max_bytes,
+                    full=full,
+                ),
+                start=before,
+                count=limit,
+                out=out,
+                position=lambda job: job.seq,
+                name=lambda job: f"job {job.id}",
             )
-        return self._page(jobs, limit, "jobs", filters)
+        return self._page(filled, "jobs", filters)
 
     async def list_workflows(
-        self, tenant: str | None, *, state: int, name: str, page_size: int, page_token: str
+        self,
+        tenant: str | None,
+        *,
+        state: int,
+        name: str,
+        page_size: int,
+        page_token: str,
+        view: int,
+        out: Encoder[Workflow, Any],
     ) -> Page:
         v = Violations()
         limit = check_page_size(v, "page_size", page_size)
         run_state = _state_filter(v, state)
+        full = check_view(v, "view", view)
         filters = {"state": int(state), "name": name, "tenant": tenant}
         before = self._decode(v, page_token, "workflows", filters)
         v.raise_if_any()
         async with self._db.read() as session:
-            workflows = await store.list_workflows(
-                session,
-                tenant=tenant,
-                state=run_state,
-                name=name,
-                before_seq=before,
-                limit=limit + 1,
+            filled = await fill(
+                lambda after, n, max_bytes: store.read_workflows(
+                    session,
+                    tenant=tenant,
+                    state=run_state,
+                    name=name,
+                    after=after,
+                    limit=n,
+                    max_bytes=max_bytes,
+                    full=full,
+                ),
+                start=before,
+                count=limit,
+                out=out,
+                position=lambda workflow: workflow.seq,
+                name=lambda workflow: f"workflow {workflow.id}",
             )
-        return self._page(workflows, limit, "workflows", filters)
+        return self._page(filled, "workflows", filters)
 
     def _decode(self, v: Violations, token: str, query: str, filters: dict[str, Any]) -> int | None:
         return position(self._tokens, v, "page_token", token, query, filters) or None
 
-    def _page(self, items: list[Any], limit: int, query: str, filters: dict[str, Any]) -> Page:
-        # One extra row was read to know whether another page exists, so an
-        # empty last page never carries a token.
-        if len(items) > limit:
-            items = items[:limit]
-            return Page(items, self._tokens.encode(query, filters, items[-1].seq))
-        return Page(items, "")
+    def _page(self, filled: Filled[Any], query: str, filters: dict[str, Any]) -> Page:
+        if filled.more and filled.last is not None:
+            return Page(filled.items, self._tokens.encode(query, filters, filled.last))
+        return Page(filled.items, "")
 
     # --- cancellation -----------------------------------------------------
 

@@ -1,19 +1,27 @@
-"""Opaque page tokens: a signed keyset position bound to the query's filters."""
+"""List pages: opaque page tokens (a signed keyset position bound to the
+query's filters), and pages bounded in items and in bytes."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import secrets
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from jobtrace.domain.errors import FieldViolation, Invalid, Violations
+from jobtrace.domain.errors import FieldViolation, Invalid, ResourceExhausted, Violations
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Database, Tx
+from jobtrace.store.listing import Chunk
+
+T = TypeVar("T")
+E = TypeVar("E")
 
 
 class PageTokens:
@@ -89,3 +97,69 @@ async def open_tokens(db: Database) -> PageTokens:
         return secret
 
     return PageTokens(bytes.fromhex(await db.write(load)))
+
+
+@dataclass(frozen=True, slots=True)
+class Encoder(Generic[T, E]):
+    """How a page's items go out (the api layer's): `encode` gives an item as
+    sent and the bytes it adds to the response. A page stops before the item
+    that would take it past `budget` bytes; its first item comes whatever its
+    size, up to `ceiling`, past which no response can carry it."""
+
+    encode: Callable[[T], tuple[E, int]]
+    budget: int
+    ceiling: int
+
+
+@dataclass(frozen=True, slots=True)
+class Filled(Generic[E]):
+    """A page's items as sent; `last` is the position of its last item (None
+    when empty) and `more` says whether matching items follow it."""
+
+    items: list[E]
+    last: int | None
+    more: bool
+
+
+async def fill(
+    read: Callable[[int | None, int, int], Awaitable[Chunk[T]]],
+    *,
+    start: int | None,
+    count: int,
+    out: Encoder[T, E],
+    position: Callable[[T], int],
+    name: Callable[[T], str],
+) -> Filled[E]:
+    """One page of at most `count` items after `start`, and at most
+    `out.budget` bytes. `read(after, limit, max_bytes)` reads the next rows a
+    chunk at a time (bounded by their stored size, the first row whatever its
+    size, so a page of huge rows is never loaded whole); one item past the
+    page is read to know whether another page exists."""
+    items: list[E] = []
+    used = 0
+    last: int | None = None
+    after = start
+    while True:
+        # Stored and encoded sizes are close: read no more than the page has room for.
+        chunk = await read(after, count - len(items) + 1, out.budget - used)
+        for item in chunk.items:
+            if len(items) == count:
+                return Filled(items, last, True)
+            encoded, size = out.encode(item)
+            if items and used + size > out.budget:
+                return Filled(items, last, True)
+            if size > out.ceiling:
+                raise ResourceExhausted(
+                    f"{name(item)} is {size} bytes encoded, more than a response may carry "
+                    f"({out.ceiling}); the BASIC view leaves its heavy fields out",
+                    reason="ITEM_TOO_LARGE",
+                    metadata={"item": name(item), "bytes": str(size), "limit": str(out.ceiling)},
+                )
+            items.append(encoded)
+            used += size
+            last = position(item)
+        if chunk.exhausted:
+            return Filled(items, last, False)
+        after = chunk.after
+        # Encoding a chunk of large items takes a while: let other calls run.
+        await asyncio.sleep(0)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -19,8 +20,8 @@ from jobtrace.domain.errors import (
     Unavailable,
     Violations,
 )
-from jobtrace.domain.pagination import PageTokens, position
-from jobtrace.domain.validation import check_page_size, check_text
+from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
+from jobtrace.domain.validation import check_page_size, check_text, check_view
 from jobtrace.events.trace_bus import TraceBus
 from jobtrace.ids import run_kind
 from jobtrace.model import (
@@ -41,7 +42,10 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 10 * 1024
 MAX_BLOB_BYTES = 64 * 1024
 MAX_BATCH = 1000
+# A replay or a fetch for live subscribers reads at most this many events,
+# and this many stored bytes (one event whatever its size), at a time.
 REPLAY_PAGE = 500
+REPLAY_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,11 +244,16 @@ class Trace:
                         return
                     continue
                 async with self._db.read() as session:
-                    events = await store.list_events(
-                        session, run_id, after, EventFilter(), REPLAY_PAGE
+                    chunk = await store.read_events(
+                        session,
+                        run_id,
+                        after,
+                        EventFilter(),
+                        limit=REPLAY_PAGE,
+                        max_bytes=REPLAY_BYTES,
                     )
-                self.bus.publish(run_id, events)
-                if len(events) < REPLAY_PAGE and run_id not in self._fetch_again:
+                self.bus.publish(run_id, chunk.items)
+                if chunk.exhausted and run_id not in self._fetch_again:
                     return
         except Exception:
             log.exception("fetching remote events of %s failed; subscribers catch up", run_id)
@@ -374,22 +383,40 @@ class Trace:
         )
 
     async def list(
-        self, tenant: str | None, run_id: str, cursor: str, flt: EventFilter, page_size: int
-    ) -> tuple[list[TraceEvent], str, bool]:
+        self,
+        tenant: str | None,
+        run_id: str,
+        cursor: str,
+        flt: EventFilter,
+        page_size: int,
+        *,
+        view: int,
+        out: Encoder[TraceEvent, Any],
+    ) -> tuple[list[Any], str, bool]:
+        """One page of events after the cursor, as `out` encodes them; the
+        cursor after its last event; whether more follow."""
         v = Violations()
         if not run_id:
             v.add("run_id", "required")
         limit = check_page_size(v, "page_size", page_size)
+        full = check_view(v, "view", view)
         after = self._after(v, run_id, cursor)
         _check_filter(v, flt)
         v.raise_if_any()
         async with self._db.read() as session:
             await self.require_run(session, tenant, run_id)
-            events = await store.list_events(session, run_id, after, flt, limit + 1)
-        more = len(events) > limit
-        events = events[:limit]
-        last = events[-1].seq if events else after
-        return events, self._cursor(run_id, last), more
+            filled = await fill(
+                lambda start, n, max_bytes: store.read_events(
+                    session, run_id, start or 0, flt, limit=n, max_bytes=max_bytes, full=full
+                ),
+                start=after,
+                count=limit,
+                out=out,
+                position=lambda e: e.seq,
+                name=lambda e: f"event {run_id}:{e.seq}",
+            )
+        last = filled.last if filled.last is not None else after
+        return filled.items, self._cursor(run_id, last), filled.more
 
     async def run_status(self, tenant: str | None, run_id: str) -> RunStatus:
         v = Violations()
@@ -455,15 +482,18 @@ class Trace:
                     upto = await store.last_sequence(session, run_id)
                 while last < upto:
                     async with self._db.read() as session:
-                        page = await store.list_events(session, run_id, last, flt, REPLAY_PAGE)
-                    page = [e for e in page if e.seq <= upto]
-                    for e in page:
+                        chunk = await store.read_events(
+                            session, run_id, last, flt, limit=REPLAY_PAGE, max_bytes=REPLAY_BYTES
+                        )
+                    for e in chunk.items:
+                        if e.seq > upto:
+                            break
                         self.events_delivered += 1
                         yield StreamItem(self._cursor(run_id, e.seq), event=e)
-                    if len(page) < REPLAY_PAGE:
+                    if chunk.exhausted or chunk.after is None or chunk.after >= upto:
                         last = upto
                     else:
-                        last = page[-1].seq
+                        last = chunk.after
                 if status.state.terminal:
                     yield StreamItem(self._cursor(run_id, last), final=status)
                     return

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from jobtrace.domain.errors import Violations
-from jobtrace.model import Backoff, JobSpec
+from jobtrace.model import Backoff, JobSpec, View
 
 # Applied with fullmatch (a "$" would also accept a trailing newline); each reads
 # at most one character past its bound, so the cost never grows with the input.
@@ -151,3 +151,11 @@ def _normalize_backoff(v: Violations, field: str, raw: Backoff) -> Backoff:
     if not 0 < maximum <= 86_400_000:
         v.add(f"{field}.maximum_interval", "must be between 1 ms and 1 day")
     return Backoff(initial_ms=initial, multiplier=multiplier, maximum_ms=max(maximum, initial))
+
+
+def check_view(v: Violations, field: str, view: int) -> bool:
+    """Whether a listing returns its items whole: FULL; UNSPECIFIED means BASIC."""
+    if view not in View.__members__.values():
+        v.add(field, f"unknown value {view}: BASIC (1) or FULL (2)")
+        return False
+    return view == View.FULL

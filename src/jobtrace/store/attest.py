@@ -11,7 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.model import Attestation, AttestationType, RunState, SigningKey
 from jobtrace.store import codec, sql
-from jobtrace.store.sql import Query
+from jobtrace.store.listing import Chunk, Listing, read_chunk
+from jobtrace.store.sql import Query, Row
 from jobtrace.store.tables import AttestationRow, PrunedAttestationRow, SigningKeyRow
 
 
@@ -25,45 +26,50 @@ class MalformedRow(ValueError):
         self.problems = problems
 
 
-def _from_row(r: AttestationRow) -> Attestation:
+ATTESTATIONS = AttestationRow.__table__
+
+
+def _from_row(r: Row, *, full: bool = True) -> Attestation:
+    """An attestation from its row (a mapping); without `full`, one read
+    without its data (left empty)."""
     problems: list[str] = []
-    kind = _enum(AttestationType, r.type, "type", problems)
+    kind = _enum(AttestationType, r["type"], "type", problems)
     if kind == AttestationType.UNSPECIFIED:
         problems.append("type 0 is not an attestation type")
-    state = _enum(RunState, r.state, "state", problems)
+    state = _enum(RunState, r["state"], "state", problems)
     try:
-        signature = bytes.fromhex(r.signature)
+        signature = bytes.fromhex(r["signature"])
     except (TypeError, ValueError):
         problems.append("signature is not hex")
         signature = b""
-    data = _json_object(r.data, problems)
+    data = _json_object(r["data"], problems) if full else {}
     for name in ("attempt", "chain_seq", "created_us", "expire_us"):
-        value = getattr(r, name)
+        value = r[name]
         if not isinstance(value, int) or isinstance(value, bool):
             problems.append(f"{name} {value!r} is not an integer")  # SQLite stores any type
     if problems:
-        raise MalformedRow("attestations", r.key, problems)
+        raise MalformedRow("attestations", r["key"], problems)
     return Attestation(
-        key=r.key,
-        tenant=r.tenant,
+        key=r["key"],
+        tenant=r["tenant"],
         type=kind,
-        entity_type=r.entity_type,
-        entity_id=r.entity_id,
-        workflow_id=r.workflow_id,
-        job_id=r.job_id,
-        worker_id=r.worker_id,
-        attempt=r.attempt,
+        entity_type=r["entity_type"],
+        entity_id=r["entity_id"],
+        workflow_id=r["workflow_id"],
+        job_id=r["job_id"],
+        worker_id=r["worker_id"],
+        attempt=r["attempt"],
         state=state,
         data=data,
-        chain_id=r.chain_id,
-        chain_seq=r.chain_seq,
-        digest=r.digest,
-        previous_digest=r.previous_digest,
+        chain_id=r["chain_id"],
+        chain_seq=r["chain_seq"],
+        digest=r["digest"],
+        previous_digest=r["previous_digest"],
         signature=signature,
-        key_id=r.key_id,
-        created_us=r.created_us,
-        expire_us=r.expire_us,
-        seq=r.seq,
+        key_id=r["key_id"],
+        created_us=r["created_us"],
+        expire_us=r["expire_us"],
+        seq=r["seq"],
     )
 
 
@@ -167,10 +173,10 @@ async def insert_attestation(session: AsyncSession, a: Attestation) -> None:
 
 
 async def get(session: AsyncSession, key: str, tenant: str | None = None) -> Attestation | None:
-    stmt = select(AttestationRow).where(AttestationRow.key == key)
+    stmt = select(ATTESTATIONS).where(AttestationRow.key == key)
     if tenant is not None:
         stmt = stmt.where(AttestationRow.tenant == tenant)
-    row = (await session.execute(stmt)).scalar_one_or_none()
+    row = (await session.execute(stmt)).mappings().one_or_none()
     return None if row is None else _from_row(row)
 
 
@@ -193,27 +199,42 @@ async def pruned_link(session: AsyncSession, chain_id: str, chain_seq: int) -> s
     return (await session.execute(stmt)).scalar()
 
 
-async def list_page(
+async def read_attestations(
     session: AsyncSession,
     *,
     tenant: str | None,
     workflow_id: str,
     job_id: str,
     type: int,
-    after_seq: int,
+    after: int | None,
     limit: int,
-) -> list[Attestation]:
-    stmt = select(AttestationRow).where(AttestationRow.seq > after_seq)
+    max_bytes: int,
+    full: bool,
+) -> Chunk[Attestation]:
+    """In the order they were written; data only when `full`."""
+    where = []
     if tenant is not None:
-        stmt = stmt.where(AttestationRow.tenant == tenant)
+        where.append(AttestationRow.tenant == tenant)
     if workflow_id:
-        stmt = stmt.where(AttestationRow.workflow_id == workflow_id)
+        where.append(AttestationRow.workflow_id == workflow_id)
     if job_id:
-        stmt = stmt.where(AttestationRow.job_id == job_id)
+        where.append(AttestationRow.job_id == job_id)
     if type:
-        stmt = stmt.where(AttestationRow.type == type)
-    stmt = stmt.order_by(AttestationRow.seq).limit(limit)
-    return [_from_row(r) for r in (await session.execute(stmt)).scalars()]
+        where.append(AttestationRow.type == type)
+    listing = Listing(
+        key=AttestationRow.seq,
+        where=where,
+        columns=[c for c in ATTESTATIONS.c if full or c.name != "data"],
+        sized=[AttestationRow.data] if full else [],
+    )
+    return await read_chunk(
+        session,
+        listing,
+        after=after,
+        limit=limit,
+        max_bytes=max_bytes,
+        build=lambda row: _from_row(row, full=full),
+    )
 
 
 async def prune_expired(session: AsyncSession, now_us: int, limit: int) -> int:

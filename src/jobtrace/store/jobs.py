@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, tuple_, update
+from sqlalchemy import case, delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -21,6 +21,7 @@ from jobtrace.model import (
     WorkflowStep,
 )
 from jobtrace.store import codec, sql
+from jobtrace.store.listing import Chunk, Listing, read_chunk, stored_size
 from jobtrace.store.sql import Query, Row
 from jobtrace.store.tables import (
     AnnotationRow,
@@ -156,15 +157,16 @@ async def insert_job(session: AsyncSession, job: Job, request_context: JSON) -> 
     return replace(job, seq=int(seq), spec=spec)
 
 
-def job_from_row(row: Row) -> Job:
-    """A job from its row (any mapping of column name to value)."""
+def job_from_row(row: Row, *, full: bool = True) -> Job:
+    """A job from its row (any mapping of column name to value); without
+    `full`, a row read without payload and result (both left empty)."""
     return Job(
         id=row["id"],
         tenant=row["tenant"],
         request_id=row["request_id"],
         spec=JobSpec(
             service=row["service"],
-            payload=codec.loads(row["payload"]),
+            payload=codec.loads(row["payload"]) if full else {},
             priority=row["priority"],
             max_attempts=row["max_attempts"],
             timeout_ms=row["timeout_ms"],
@@ -182,7 +184,7 @@ def job_from_row(row: Row) -> Job:
         attempt=row["attempt"],
         progress_percent=row["progress_percent"],
         progress_message=row["progress_message"],
-        result=codec.loads(row["result"]),
+        result=codec.loads(row["result"]) if full else None,
         failure=codec.failure_loads(row["failure"]),
         worker_id=row["worker_id"],
         started_us=row["started_us"],
@@ -246,30 +248,51 @@ async def lock_queued(session: AsyncSession, job_ids: list[str]) -> set[str]:
     return set((await session.execute(stmt)).scalars())
 
 
-async def list_jobs(
+# What a job listing reads: never request_context (a Job does not carry it),
+# and payload and result only for the FULL view.
+_JOB_HEAVY = ("payload", "result")
+_JOB_SIZED = ("depends_on", "affinity_keys", "labels", "progress_message", "failure")
+_JOB_LISTED = [c for c in JOBS.c if c.name != "request_context"]
+
+
+async def read_jobs(
     session: AsyncSession,
     *,
     tenant: str | None,
     state: RunState | None,
     service: str,
     workflow_id: str,
-    before_seq: int | None,
+    after: int | None,
     limit: int,
-) -> list[Job]:
+    max_bytes: int,
+    full: bool,
+) -> Chunk[Job]:
     """Newest first; keyset on seq, which only grows, so pages never shift."""
-    stmt = select(JOBS)
+    where = []
     if tenant is not None:
-        stmt = stmt.where(JobRow.tenant == tenant)
+        where.append(JobRow.tenant == tenant)
     if state is not None:
-        stmt = stmt.where(JobRow.state == int(state))
+        where.append(JobRow.state == int(state))
     if service:
-        stmt = stmt.where(JobRow.service == service)
+        where.append(JobRow.service == service)
     if workflow_id:
-        stmt = stmt.where(JobRow.workflow_id == workflow_id)
-    if before_seq is not None:
-        stmt = stmt.where(JobRow.seq < before_seq)
-    stmt = stmt.order_by(JobRow.seq.desc()).limit(limit)
-    return await _jobs(session, stmt)
+        where.append(JobRow.workflow_id == workflow_id)
+    heavy = _JOB_HEAVY if full else ()
+    listing = Listing(
+        key=JobRow.seq,
+        where=where,
+        columns=[c for c in _JOB_LISTED if full or c.name not in _JOB_HEAVY],
+        sized=[JOBS.c[name] for name in (*_JOB_SIZED, *heavy)],
+        descending=True,
+    )
+    return await read_chunk(
+        session,
+        listing,
+        after=after,
+        limit=limit,
+        max_bytes=max_bytes,
+        build=lambda row: job_from_row(row, full=full),
+    )
 
 
 async def workflow_jobs(session: AsyncSession, workflow_ids: Iterable[str]) -> dict[str, list[Job]]:
@@ -287,31 +310,82 @@ async def workflow_jobs(session: AsyncSession, workflow_ids: Iterable[str]) -> d
     return out
 
 
-def workflow_from_row(row: WorkflowRow, jobs: Sequence[Job]) -> Workflow:
-    return Workflow(
-        id=row.id,
-        tenant=row.tenant,
-        request_id=row.request_id,
-        name=row.name,
-        state=RunState(row.state),
-        priority=row.priority,
-        steps=tuple(
+_STEP_COLUMNS = (
+    JobRow.workflow_id,
+    JobRow.id,
+    JobRow.step_name,
+    JobRow.state,
+    JobRow.depends_on,
+    JobRow.attempt,
+)
+
+
+async def workflow_steps(
+    session: AsyncSession, workflow_ids: Iterable[str]
+) -> dict[str, list[WorkflowStep]]:
+    """The steps of these workflows in submission order, read from their jobs'
+    step columns alone (never a payload or a result)."""
+    ids = list(workflow_ids)
+    out: dict[str, list[WorkflowStep]] = {i: [] for i in ids}
+    if not ids:
+        return out
+    stmt = (
+        select(*_STEP_COLUMNS)
+        .where(JobRow.workflow_id.in_(ids))
+        .order_by(JobRow.workflow_id, JobRow.step_index)
+    )
+    for r in (await session.execute(stmt)).mappings():
+        out[r["workflow_id"]].append(
             WorkflowStep(
-                name=j.step_name,
-                job_id=j.id,
-                state=j.state,
-                depends_on=j.depends_on,
-                attempt=j.attempt,
+                name=r["step_name"],
+                job_id=r["id"],
+                state=RunState(r["state"]),
+                depends_on=tuple(codec.loads(r["depends_on"])),
+                attempt=r["attempt"],
             )
-            for j in jobs
-        ),
-        created_us=row.created_us,
-        updated_us=row.updated_us,
-        labels=codec.loads(row.labels),
-        started_us=row.started_us,
-        completed_us=row.completed_us,
-        failure=codec.failure_loads(row.failure),
-        seq=row.seq,
+        )
+    return out
+
+
+async def step_counts(
+    session: AsyncSession, workflow_ids: Iterable[str]
+) -> dict[str, tuple[int, int]]:
+    """(completed, all) steps of these workflows, counted by the database."""
+    ids = list(workflow_ids)
+    if not ids:
+        return {}
+    completed = func.sum(case((JobRow.state == int(RunState.COMPLETED), 1), else_=0))
+    stmt = (
+        select(JobRow.workflow_id, completed, func.count())
+        .where(JobRow.workflow_id.in_(ids))
+        .group_by(JobRow.workflow_id)
+    )
+    return {w: (int(done or 0), int(n)) for w, done, n in (await session.execute(stmt)).all()}
+
+
+def workflow_from_row(
+    row: Row,
+    steps: Sequence[WorkflowStep],
+    counts: tuple[int, int] | None = None,
+) -> Workflow:
+    """A workflow from its row (a mapping) and its steps; with `counts` (a
+    listing that leaves the steps out), from the step counts instead."""
+    return Workflow(
+        id=row["id"],
+        tenant=row["tenant"],
+        request_id=row["request_id"],
+        name=row["name"],
+        state=RunState(row["state"]),
+        priority=row["priority"],
+        steps=tuple(steps),
+        created_us=row["created_us"],
+        updated_us=row["updated_us"],
+        labels=codec.loads(row["labels"]),
+        started_us=row["started_us"],
+        completed_us=row["completed_us"],
+        failure=codec.failure_loads(row["failure"]),
+        seq=row["seq"],
+        step_counts=counts,
     )
 
 
@@ -346,38 +420,72 @@ async def get_workflow_row(
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
+WORKFLOWS = WorkflowRow.__table__
+# request_context is read only to hand it to workers and attestations.
+_WORKFLOW_LISTED = [c for c in WORKFLOWS.c if c.name != "request_context"]
+
+
 async def get_workflow(
     session: AsyncSession, workflow_id: str, tenant: str | None = None
 ) -> Workflow | None:
-    row = await get_workflow_row(session, workflow_id, tenant)
+    stmt = select(*_WORKFLOW_LISTED).where(WorkflowRow.id == workflow_id)
+    if tenant is not None:
+        stmt = stmt.where(WorkflowRow.tenant == tenant)
+    row = (await session.execute(stmt)).mappings().first()
     if row is None:
         return None
-    jobs = await workflow_jobs(session, [row.id])
-    return workflow_from_row(row, jobs[row.id])
+    steps = await workflow_steps(session, [row["id"]])
+    return workflow_from_row(row, steps[row["id"]])
 
 
-async def list_workflows(
+async def read_workflows(
     session: AsyncSession,
     *,
     tenant: str | None,
     state: RunState | None,
     name: str,
-    before_seq: int | None,
+    after: int | None,
     limit: int,
-) -> list[Workflow]:
-    stmt = select(WorkflowRow)
+    max_bytes: int,
+    full: bool,
+) -> Chunk[Workflow]:
+    """Newest first, keyset on seq. FULL reads the steps (their stored size is
+    counted before they are read); BASIC only counts them."""
+    where = []
     if tenant is not None:
-        stmt = stmt.where(WorkflowRow.tenant == tenant)
+        where.append(WorkflowRow.tenant == tenant)
     if state is not None:
-        stmt = stmt.where(WorkflowRow.state == int(state))
+        where.append(WorkflowRow.state == int(state))
     if name:
-        stmt = stmt.where(WorkflowRow.name == name)
-    if before_seq is not None:
-        stmt = stmt.where(WorkflowRow.seq < before_seq)
-    stmt = stmt.order_by(WorkflowRow.seq.desc()).limit(limit)
-    rows = list((await session.execute(stmt)).scalars())
-    jobs = await workflow_jobs(session, [r.id for r in rows])
-    return [workflow_from_row(r, jobs[r.id]) for r in rows]
+        where.append(WorkflowRow.name == name)
+    step_bytes = None
+    if full:
+        step_bytes = (
+            select(func.coalesce(func.sum(stored_size(session, [JobRow.depends_on])), 0))
+            .where(JobRow.workflow_id == WorkflowRow.id)
+            .scalar_subquery()
+        )
+    listing = Listing(
+        key=WorkflowRow.seq,
+        where=where,
+        columns=_WORKFLOW_LISTED,
+        sized=[WorkflowRow.labels, WorkflowRow.failure],
+        descending=True,
+        extra_size=step_bytes,
+    )
+    chunk = await read_chunk(
+        session, listing, after=after, limit=limit, max_bytes=max_bytes, build=lambda row: row
+    )
+    ids = [row["id"] for row in chunk.items]
+    if full:
+        steps = await workflow_steps(session, ids)
+        workflows = [workflow_from_row(row, steps[row["id"]]) for row in chunk.items]
+    else:
+        counts = await step_counts(session, ids)
+        workflows = [
+            workflow_from_row(row, (), counts.get(row["id"], (0, 0))) for row in chunk.items
+        ]
+    return Chunk(workflows, chunk.after, chunk.exhausted)
 
 
 _UPDATE_JOB: dict[tuple[str, ...], Query] = {}
@@ -453,24 +561,29 @@ async def publish_annotations(session: AsyncSession, job_id: str, attempt: int) 
     await session.execute(delete(PendingAnnotationRow).where(*pending))
 
 
-def annotation_from_row(row: AnnotationRow) -> Annotation:
+ANNOTATIONS = AnnotationRow.__table__
+
+
+def annotation_from_row(row: Row, *, full: bool = True) -> Annotation:
+    """An annotation from its row (a mapping); without `full`, one read
+    without its payload."""
     return Annotation(
-        id=row.id,
-        tenant=row.tenant,
-        run_id=row.run_id,
-        key=row.key,
-        value=codec.loads(row.value),
-        actor_kind=row.actor_kind,
-        actor_id=row.actor_id,
-        actor_version=row.actor_version,
-        created_us=row.created_us,
-        job_id=row.job_id,
-        attempt=row.attempt,
-        scope=AnnotationScope(row.scope),
-        scope_id=row.scope_id,
-        payload=codec.loads(row.payload),
-        idempotency_key=row.idempotency_key,
-        seq=row.seq,
+        id=row["id"],
+        tenant=row["tenant"],
+        run_id=row["run_id"],
+        key=row["key"],
+        value=codec.loads(row["value"]),
+        actor_kind=row["actor_kind"],
+        actor_id=row["actor_id"],
+        actor_version=row["actor_version"],
+        created_us=row["created_us"],
+        job_id=row["job_id"],
+        attempt=row["attempt"],
+        scope=AnnotationScope(row["scope"]),
+        scope_id=row["scope_id"],
+        payload=codec.loads(row["payload"]) if full else None,
+        idempotency_key=row["idempotency_key"],
+        seq=row["seq"],
     )
 
 
@@ -657,15 +770,15 @@ async def request_context_for(session: AsyncSession, job: Job) -> JSON:
 async def annotations_by_idempotency(
     session: AsyncSession, run_id: str, idempotency_key: str, keys: list[str]
 ) -> dict[str, Annotation]:
-    stmt = select(AnnotationRow).where(
+    stmt = select(ANNOTATIONS).where(
         AnnotationRow.run_id == run_id,
         AnnotationRow.idempotency_key == idempotency_key,
         AnnotationRow.key.in_(keys),
     )
-    return {r.key: annotation_from_row(r) for r in (await session.execute(stmt)).scalars()}
+    return {r["key"]: annotation_from_row(r) for r in (await session.execute(stmt)).mappings()}
 
 
-async def list_annotations(
+async def read_annotations(
     session: AsyncSession,
     *,
     tenant: str | None,
@@ -675,27 +788,40 @@ async def list_annotations(
     since_us: int,
     attempt: int,
     scope: int,
-    after_seq: int,
+    after: int | None,
     limit: int,
-) -> list[Annotation]:
-    stmt = select(AnnotationRow).where(
-        AnnotationRow.run_id == run_id, AnnotationRow.seq > after_seq
-    )
+    max_bytes: int,
+    full: bool,
+) -> Chunk[Annotation]:
+    """In the order they were stored (published); payload only when `full`."""
+    where = [AnnotationRow.run_id == run_id]
     if tenant is not None:
-        stmt = stmt.where(AnnotationRow.tenant == tenant)
+        where.append(AnnotationRow.tenant == tenant)
     if key_prefix:
         escaped = key_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        stmt = stmt.where(AnnotationRow.key.like(escaped + "%", escape="\\"))
+        where.append(AnnotationRow.key.like(escaped + "%", escape="\\"))
     if actor_id:
-        stmt = stmt.where(AnnotationRow.actor_id == actor_id)
+        where.append(AnnotationRow.actor_id == actor_id)
     if since_us:
-        stmt = stmt.where(AnnotationRow.created_us >= since_us)
+        where.append(AnnotationRow.created_us >= since_us)
     if attempt:
-        stmt = stmt.where(AnnotationRow.attempt == attempt)
+        where.append(AnnotationRow.attempt == attempt)
     if scope:
-        stmt = stmt.where(AnnotationRow.scope == scope)
-    stmt = stmt.order_by(AnnotationRow.seq).limit(limit)
-    return [annotation_from_row(r) for r in (await session.execute(stmt)).scalars()]
+        where.append(AnnotationRow.scope == scope)
+    listing = Listing(
+        key=AnnotationRow.seq,
+        where=where,
+        columns=[c for c in ANNOTATIONS.c if full or c.name != "payload"],
+        sized=[AnnotationRow.value, *([AnnotationRow.payload] if full else [])],
+    )
+    return await read_chunk(
+        session,
+        listing,
+        after=after,
+        limit=limit,
+        max_bytes=max_bytes,
+        build=lambda row: annotation_from_row(row, full=full),
+    )
 
 
 async def count_waiting(session: AsyncSession, tenant: str, cap: int) -> int:

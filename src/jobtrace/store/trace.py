@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.model import Category, ErrorInfo, Level, TraceEvent, TraceType
 from jobtrace.store import codec, sql
+from jobtrace.store.listing import Chunk, Listing, read_chunk
 from jobtrace.store.sql import Query, Row
 from jobtrace.store.tables import TraceEventRow, TraceRunRow
 
@@ -95,8 +96,9 @@ def _values(e: TraceEvent) -> dict[str, Any]:
     }
 
 
-def event_from_row(r: Row) -> TraceEvent:
-    """An event from its row (any mapping of column name to value)."""
+def event_from_row(r: Row, *, full: bool = True) -> TraceEvent:
+    """An event from its row (any mapping of column name to value); without
+    `full`, a row read without data and output_summary (both left unset)."""
     error = codec.loads(r["error"])
     return TraceEvent(
         run_id=r["run_id"],
@@ -108,8 +110,8 @@ def event_from_row(r: Row) -> TraceEvent:
         message=r["message"],
         user_message=r["user_message"],
         error=None if error is None else ErrorInfo(**error),
-        output_summary=codec.loads(r["output_summary"]),
-        data=codec.loads(r["data"]),
+        output_summary=codec.loads(r["output_summary"]) if full else None,
+        data=codec.loads(r["data"]) if full else None,
         step_number=r["step_number"],
         total_steps=r["total_steps"],
         percent=r["percent"],
@@ -142,26 +144,51 @@ async def events_by_key(
     return {r["event_key"]: event_from_row(r) for r in (await session.execute(stmt)).mappings()}
 
 
-async def list_events(
-    session: AsyncSession, run_id: str, after_seq: int, flt: EventFilter, limit: int
-) -> list[TraceEvent]:
-    stmt = select(EVENTS).where(TraceEventRow.run_id == run_id, TraceEventRow.seq > after_seq)
+_EVENT_HEAVY = ("output_summary", "data")
+
+
+async def read_events(
+    session: AsyncSession,
+    run_id: str,
+    after_seq: int,
+    flt: EventFilter,
+    *,
+    limit: int,
+    max_bytes: int,
+    full: bool = True,
+) -> Chunk[TraceEvent]:
+    """A run's events after a sequence number, in order; data and
+    output_summary only when `full`."""
+    where = [TraceEventRow.run_id == run_id]
     if flt.min_level:
-        stmt = stmt.where(TraceEventRow.level >= flt.min_level)
+        where.append(TraceEventRow.level >= flt.min_level)
     if flt.category:
-        stmt = stmt.where(TraceEventRow.category == flt.category)
+        where.append(TraceEventRow.category == flt.category)
     if flt.node_id:
-        stmt = stmt.where(TraceEventRow.node_id == flt.node_id)
+        where.append(TraceEventRow.node_id == flt.node_id)
     if flt.type:
-        stmt = stmt.where(TraceEventRow.type == flt.type)
+        where.append(TraceEventRow.type == flt.type)
     if flt.since_us:
-        stmt = stmt.where(TraceEventRow.ts_us >= flt.since_us)
+        where.append(TraceEventRow.ts_us >= flt.since_us)
     if flt.until_us:
-        stmt = stmt.where(TraceEventRow.ts_us < flt.until_us)
+        where.append(TraceEventRow.ts_us < flt.until_us)
     if flt.milestones_only:
-        stmt = stmt.where(TraceEventRow.milestone.is_(True))
-    stmt = stmt.order_by(TraceEventRow.seq).limit(limit)
-    return [event_from_row(r) for r in (await session.execute(stmt)).mappings()]
+        where.append(TraceEventRow.milestone.is_(True))
+    heavy = _EVENT_HEAVY if full else ()
+    listing = Listing(
+        key=TraceEventRow.seq,
+        where=where,
+        columns=[c for c in EVENTS.c if full or c.name not in _EVENT_HEAVY],
+        sized=[EVENTS.c[name] for name in ("message", "user_message", "error", *heavy)],
+    )
+    return await read_chunk(
+        session,
+        listing,
+        after=after_seq,
+        limit=limit,
+        max_bytes=max_bytes,
+        build=lambda row: event_from_row(row, full=full),
+    )
 
 
 async def last_sequence(session: AsyncSession, run_id: str) -> int:
