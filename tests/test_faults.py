@@ -1,0 +1,174 @@
+"""Storage faults: a real PostgreSQL of the test's own restarted under load,
+health that follows storage, durability settings checked on every connection,
+and retention sweeps running on their own timer."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Any
+
+import grpc
+import pytest
+
+from jobtrace.client.worker import JobContext
+from jobtrace.pb import common_pb2 as c
+from jobtrace.pb import job_service_pb2 as j
+
+from .conftest import Harness, Stubs, wait_for
+from .pgcluster import PgCluster, pg_cluster
+from .workers import runtime_worker
+
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.fixture
+async def cluster() -> Any:
+    async with pg_cluster() as running:
+        yield running
+
+
+class Load:
+    """Submits, reads and lists in bounded loops, recording every answer's code."""
+
+    def __init__(self, api: Stubs, limit: int = 5000) -> None:
+        self.api = api
+        self.limit = limit
+        self.codes: collections.Counter[str] = collections.Counter()
+        self.acknowledged: dict[str, str] = {}  # request id -> job id
+        self.stop = asyncio.Event()
+        self._calls = 0
+
+    def _more(self) -> bool:
+        self._calls += 1
+        return not self.stop.is_set() and self._calls <= self.limit
+
+    async def _call(self, call: Any) -> Any:
+        try:
+            answer = await call
+        except grpc.aio.AioRpcError as err:
+            self.codes[err.code().name] += 1
+            return None
+        self.codes["OK"] += 1
+        return answer
+
+    async def submits(self) -> None:
+        n = 0
+        while self._more():
+            rid = f"r{n}"
+            request = j.SubmitJobRequest(request_id=rid, job=c.JobSpec(service="svc"))
+            answer = await self._call(self.api.jobs.SubmitJob(request, timeout=10))
+            if answer is not None:  # else the same request id is sent again
+                self.acknowledged[rid] = answer.job.id
+                n += 1
+            await asyncio.sleep(0.02)  # pace the load (not a synchronisation)
+
+    async def reads(self) -> None:
+        while self._more():
+            ids = list(self.acknowledged.values())
+            if ids:
+                await self._call(self.api.jobs.GetJob(j.GetJobRequest(job_id=ids[-1]), timeout=10))
+            await self._call(self.api.jobs.ListJobs(j.ListJobsRequest(page_size=20), timeout=10))
+            await asyncio.sleep(0.02)  # pace the load (not a synchronisation)
+
+
+async def test_a_postgresql_restart_under_load_is_answered_unavailable_and_loses_nothing(
+    cluster: PgCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL is stopped with `-m immediate` and started again twice while
+    jobs are submitted, read, listed and run: every refusal (connection
+    refused, "the database system is starting up", terminated sessions) is
+    UNAVAILABLE, never INTERNAL, and every acknowledged job completes once."""
+    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.INFO, logger="jobtrace.client.worker")
+    runs: collections.Counter[str] = collections.Counter()
+    stored: collections.Counter[str] = collections.Counter()
+
+    async def run(ctx: JobContext) -> dict[str, Any]:
+        runs[ctx.job_id] += 1
+        return {"ok": True}
+
+    async with Harness(cluster.url, heartbeat_seconds=0.3) as h:
+        load = Load(h.stubs())
+        async with runtime_worker(h.target, {"svc": run}, max_concurrency=4) as worker:
+            worker.on_completed = lambda job_id, ok: stored.update([job_id] if ok else [])
+            loops = [asyncio.create_task(load.submits()), asyncio.create_task(load.reads())]
+            try:
+                for _cycle in range(2):
+                    done = len(stored)
+                    await wait_for(lambda d=done: len(stored) >= d + 5, timeout=20)  # type: ignore[misc]
+                    refused = load.codes[UNAVAILABLE.name]
+                    await cluster.stop("immediate")
+                    # Down until the load has met the outage a few times.
+                    await wait_for(
+                        lambda r=refused: load.codes[UNAVAILABLE.name] >= r + 150,  # type: ignore[misc]
+                        timeout=20,
+                    )
+                    acked = len(load.acknowledged)
+                    await cluster.start(wait=False)  # calls now meet "starting up"
+                    await wait_for(lambda a=acked: len(load.acknowledged) > a, timeout=20)  # type: ignore[misc]
+            finally:
+                load.stop.set()
+                await asyncio.gather(*loops)
+            jobs = set(load.acknowledged.values())
+            await wait_for(lambda: jobs <= set(stored), timeout=30, interval=0.1)
+        api = h.stubs()
+        for job_id in jobs:
+            job = (await api.jobs.GetJob(j.GetJobRequest(job_id=job_id))).job
+            assert job.state == c.RUN_STATE_COMPLETED and job.attempt == 1, job
+    refusals = [r for r in caplog.records if r.getMessage().startswith("server refused")]
+    internal = [r.getMessage() for r in refusals if getattr(r, "code", "") == "INTERNAL"]
+    assert load.codes["INTERNAL"] == 0 and not internal, (load.codes, internal)
+    assert set(load.codes) <= {"OK", UNAVAILABLE.name}, load.codes
+    assert load.codes[UNAVAILABLE.name] >= 10, "the outages were met by the load"
+    assert all(stored[job_id] == 1 for job_id in jobs), "each completion acknowledged once"
+    assert all(runs[job_id] == 1 for job_id in jobs), "each job ran once"
+
+
+async def test_terminated_sessions_and_too_many_connections_are_unavailable(
+    cluster: PgCluster,
+) -> None:
+    """The server's sessions are terminated by an administrator (57P01) and its
+    role may open no connection (53300, "too many connections"): every call is
+    UNAVAILABLE with STORAGE_UNAVAILABLE, never INTERNAL, until the limit is
+    lifted."""
+    from .conftest import error_details
+
+    await cluster.execute("CREATE ROLE jt LOGIN")
+    await cluster.execute("CREATE DATABASE jt OWNER jt")
+    url = f"postgresql+asyncpg://jt@127.0.0.1:{cluster.port}/jt"
+    async with Harness(url) as h:
+        api = h.stubs()
+        job = (
+            await api.jobs.SubmitJob(j.SubmitJobRequest(request_id="a", job=c.JobSpec(service="s")))
+        ).job
+        await cluster.execute("ALTER ROLE jt CONNECTION LIMIT 0")
+        await cluster.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'jt'"
+        )
+        for i in range(3):
+            for call in (
+                api.jobs.SubmitJob(
+                    j.SubmitJobRequest(request_id=f"b{i}", job=c.JobSpec(service="s"))
+                ),
+                api.jobs.GetJob(j.GetJobRequest(job_id=job.id)),
+                api.jobs.ListJobs(j.ListJobsRequest()),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                info, _ = error_details(caught.value)
+                assert caught.value.code() == UNAVAILABLE, caught.value.details()
+                assert info is not None and info.reason == "STORAGE_UNAVAILABLE"
+        await cluster.execute("ALTER ROLE jt CONNECTION LIMIT -1")
+
+        async def submitted() -> bool:
+            request = j.SubmitJobRequest(request_id="c", job=c.JobSpec(service="s"))
+            try:
+                await api.jobs.SubmitJob(request)
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == UNAVAILABLE, err.details()
+                return False
+            return True
+
+        await wait_for(submitted, timeout=20, interval=0.1)
