@@ -172,3 +172,120 @@ async def test_terminated_sessions_and_too_many_connections_are_unavailable(
             return True
 
         await wait_for(submitted, timeout=20, interval=0.1)
+
+
+# --- the worker runtime resends a terminal report until it is stored ------------
+
+
+async def test_a_completion_answered_internal_is_sent_again_until_stored(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault of the server's (INTERNAL) does not lose the handler's result:
+    the runtime keeps the report and sends it again, with backoff."""
+    assert harness.server is not None
+    scheduler = harness.server.scheduler
+    real_complete = scheduler.complete
+    faults: list[str] = []
+
+    async def faulty(*args: Any, **kwargs: Any) -> None:
+        if len(faults) < 2:  # a bug of the server's, twice (cannot be caused for real)
+            faults.append("bug")
+            raise KeyError("a bug")
+        await real_complete(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "complete", faulty)
+    outcomes: list[tuple[str, bool]] = []
+
+    async def run(ctx: JobContext) -> dict[str, Any]:
+        return {"n": 7}
+
+    api = harness.stubs()
+    async with runtime_worker(harness.target, {"svc": run}) as worker:
+        worker.on_completed = lambda job_id, ok: outcomes.append((job_id, ok))
+        job = (
+            await api.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="r", job=c.JobSpec(service="svc", max_attempts=1))
+            )
+        ).job
+        await wait_for(lambda: outcomes, timeout=20)
+    done = (await api.jobs.GetJob(j.GetJobRequest(job_id=job.id))).job
+    assert faults == ["bug", "bug"]
+    assert outcomes == [(job.id, True)]
+    assert done.state == c.RUN_STATE_COMPLETED and done.attempt == 1 and done.result["n"] == 7
+
+
+async def test_a_completion_found_already_stored_counts_as_acknowledged(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The completion is stored but its answer is lost (the database connection
+    dropped as COMMIT returned): the resend is answered "already completed",
+    which means stored, not "refused"."""
+    from sqlalchemy import exc as sa_exc
+
+    assert harness.server is not None
+    scheduler = harness.server.scheduler
+    real_complete = scheduler.complete
+    lost: list[str] = []
+
+    async def answer_lost(*args: Any, **kwargs: Any) -> None:
+        await real_complete(*args, **kwargs)
+        if not lost:
+            lost.append("answer")
+            raise sa_exc.OperationalError("COMMIT", {}, ConnectionResetError("reset"))
+
+    monkeypatch.setattr(scheduler, "complete", answer_lost)
+    outcomes: list[tuple[str, bool]] = []
+
+    async def run(ctx: JobContext) -> dict[str, Any]:
+        return {"n": 1}
+
+    api = harness.stubs()
+    caplog.set_level(logging.INFO, logger="jobtrace.client.worker")
+    async with runtime_worker(harness.target, {"svc": run}) as worker:
+        worker.on_completed = lambda job_id, ok: outcomes.append((job_id, ok))
+        job = (
+            await api.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="r", job=c.JobSpec(service="svc", max_attempts=1))
+            )
+        ).job
+        await wait_for(lambda: outcomes, timeout=20)
+        assert not worker._unacked, "nothing is owed any more"
+    assert lost == ["answer"]
+    assert outcomes == [(job.id, True)], "already stored is stored"
+    messages = [r.getMessage() for r in caplog.records if r.name == "jobtrace.client.worker"]
+    assert any("already stored" in m for m in messages), messages
+    assert not any("refused complete" in m and "DUPLICATE" in m for m in messages), messages
+
+
+async def test_a_completion_refused_for_good_is_not_sent_again(harness: Harness) -> None:
+    """A report the server refuses for a reason resending cannot change (here
+    the job was cancelled while the handler, ignoring the cancel, went on) is
+    dropped at once: nothing kept, no resend scheduled."""
+    outcomes: list[tuple[str, bool]] = []
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def stubborn(ctx: JobContext) -> dict[str, Any]:
+        started.set()
+        while True:
+            try:
+                await release.wait()
+                return {"late": True}
+            except asyncio.CancelledError:  # ignores the cancel and reports anyway
+                release.set()
+
+    api = harness.stubs()
+    async with runtime_worker(harness.target, {"svc": stubborn}) as worker:
+        worker.on_completed = lambda job_id, ok: outcomes.append((job_id, ok))
+        job = (
+            await api.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="r", job=c.JobSpec(service="svc"))
+            )
+        ).job
+        await asyncio.wait_for(started.wait(), 10)
+        await api.jobs.CancelJob(j.CancelJobRequest(job_id=job.id))
+        await wait_for(lambda: outcomes, timeout=10)
+        assert outcomes == [(job.id, False)]
+        assert not worker._unacked and not worker._background, "no resend pending"
+    done = (await api.jobs.GetJob(j.GetJobRequest(job_id=job.id))).job
+    assert done.state == c.RUN_STATE_CANCELLED
