@@ -11,8 +11,10 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobtrace.client.worker import JobContext
+from jobtrace.pb import SERVICE_NAMES
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
 
@@ -21,6 +23,8 @@ from .pgcluster import PgCluster, pg_cluster
 from .workers import runtime_worker
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.fixture
@@ -124,6 +128,8 @@ async def test_a_postgresql_restart_under_load_is_answered_unavailable_and_loses
     assert load.codes[UNAVAILABLE.name] >= 10, "the outages were met by the load"
     assert all(stored[job_id] == 1 for job_id in jobs), "each completion acknowledged once"
     assert all(runs[job_id] == 1 for job_id in jobs), "each job ran once"
+    unexpected = [r.getMessage() for r in caplog.records if "unexpectedly" in r.getMessage()]
+    assert not unexpected, unexpected
 
 
 async def test_terminated_sessions_and_too_many_connections_are_unavailable(
@@ -289,3 +295,55 @@ async def test_a_completion_refused_for_good_is_not_sent_again(harness: Harness)
         assert not worker._unacked and not worker._background, "no resend pending"
     done = (await api.jobs.GetJob(j.GetJobRequest(job_id=job.id))).job
     assert done.state == c.RUN_STATE_CANCELLED
+
+
+# --- health follows storage ------------------------------------------------------
+
+
+async def test_health_is_not_serving_while_storage_is_unreachable(
+    cluster: PgCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With PostgreSQL down, the overall and every per-service status turn
+    NOT_SERVING (the probe notices without any call), calls are UNAVAILABLE, and
+    both turn back when it returns; the outage is logged once when it begins and
+    once when it ends, with the count of failed calls, and no traceback."""
+    caplog.set_level(logging.WARNING)
+    async with Harness(cluster.url, storage_probe_seconds=0.2) as h:
+        api = h.stubs()
+        health = health_pb2_grpc.HealthStub(api.channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert (await watch.read()).status == SERVING
+        await api.jobs.SubmitJob(j.SubmitJobRequest(request_id="a", job=c.JobSpec(service="svc")))
+
+        await cluster.stop("immediate")
+        assert (await asyncio.wait_for(watch.read(), 20)).status == NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            answer = await health.Check(health_pb2.HealthCheckRequest(service=name))
+            assert answer.status == NOT_SERVING, name
+        calls = [
+            api.jobs.ListJobs(j.ListJobsRequest()),
+            api.jobs.SubmitJob(j.SubmitJobRequest(request_id="b", job=c.JobSpec(service="svc"))),
+            api.jobs.GetJob(j.GetJobRequest(job_id="job_00000000000000000000000000")),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == UNAVAILABLE, caught.value.details()
+
+        await cluster.start(wait=False)
+        assert (await asyncio.wait_for(watch.read(), 30)).status == SERVING
+        for name in ("", *SERVICE_NAMES):
+            answer = await health.Check(health_pb2.HealthCheckRequest(service=name))
+            assert answer.status == SERVING, name
+        await api.jobs.SubmitJob(j.SubmitJobRequest(request_id="b", job=c.JobSpec(service="svc")))
+        watch.cancel()
+    messages = [r.getMessage() for r in caplog.records]
+    down = [m for m in messages if m.startswith("storage unavailable")]
+    back = [m for m in messages if m.startswith("storage back after")]
+    assert len(down) == 1 and len(back) == 1, messages
+    failed = int(back[0].split()[3])
+    assert failed >= len(calls), back
+    traced = [
+        r.getMessage() for r in caplog.records if r.exc_info and r.name.startswith("jobtrace")
+    ]
+    assert not traced, traced

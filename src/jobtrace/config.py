@@ -23,6 +23,8 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     # SQLAlchemy async URL of the database (or a SQLite file path).
     db: str = DEFAULT_DB
+    # How often storage is probed (SELECT 1); health is NOT_SERVING while it fails.
+    storage_probe_seconds: float = 1.0
     # Largest request or response message, in bytes.
     max_message_bytes: int = 8 * 1024 * 1024
     # Lease length granted per assignment, renewed by heartbeats.
