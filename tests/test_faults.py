@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from typing import Any
 
@@ -347,3 +348,89 @@ async def test_health_is_not_serving_while_storage_is_unreachable(
         r.getMessage() for r in caplog.records if r.exc_info and r.name.startswith("jobtrace")
     ]
     assert not traced, traced
+
+
+# --- durability settings are checked, not assumed --------------------------------
+
+
+async def _settings_of_every_connection(h: Harness) -> list[str]:
+    """The durability setting as each of the server's own pooled connections
+    reports it (every connection each pool can hold is checked out at once, so
+    none is skipped): SQLite's synchronous level, PostgreSQL's synchronous_commit."""
+    from sqlalchemy import text
+
+    assert h.server is not None
+    db = h.server.db
+    query = "PRAGMA synchronous" if db.is_sqlite else "SHOW synchronous_commit"
+    seen: list[str] = []
+    for engine in (db._write_engine, db._read_engine):
+        assert engine is not None
+        pool = engine.sync_engine.pool
+        capacity = pool.size() + max(pool._max_overflow, 0)  # type: ignore[attr-defined]
+        async with contextlib.AsyncExitStack() as held:
+            for _ in range(capacity):
+                conn = await held.enter_async_context(engine.connect())
+                seen.append(str((await conn.execute(text(query))).scalar()))
+    return seen
+
+
+async def test_every_connection_the_server_opens_is_durable(db_url: str) -> None:
+    async with Harness(db_url) as h:
+        api = h.stubs()
+        await asyncio.gather(
+            *(
+                api.jobs.SubmitJob(
+                    j.SubmitJobRequest(request_id=f"r{i}", job=c.JobSpec(service="s"))
+                )
+                for i in range(50)
+            ),
+            *(api.jobs.ListJobs(j.ListJobsRequest()) for _ in range(20)),
+        )
+        seen = await _settings_of_every_connection(h)
+    durable = "2" if db_url.startswith("sqlite") else "on"  # 2: FULL
+    assert seen and all(value == durable for value in seen), seen
+
+
+async def test_a_sqlite_connection_below_full_is_refused(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A regression to synchronous=NORMAL (which passes every crash test, and
+    loses acknowledged writes on power failure) stops the server from starting."""
+    from jobtrace.store import db
+
+    monkeypatch.setattr(db, "SQLITE_SYNCHRONOUS", "NORMAL")  # the regression
+    h = Harness(sqlite_url)
+    with pytest.raises(OSError, match=r"synchronous is NORMAL.*not FULL"):
+        await h.start()
+
+
+async def test_postgresql_with_synchronous_commit_off_is_refused_unless_allowed(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from .conftest import _pg_admin
+    from .test_cli import jobtrace
+
+    name = pg_url.rsplit("/", 1)[1]
+    await _pg_admin(f"ALTER DATABASE {name} SET synchronous_commit = off")
+    code, _, err = await jobtrace("serve", "--listen", "127.0.0.1:0", "--db", pg_url)
+    assert code == 1, err
+    assert "synchronous_commit is off" in err and "--allow-async-commit" in err, err
+    assert "Traceback" not in err
+
+    with pytest.raises(OSError, match="synchronous_commit is off"):
+        await Harness(pg_url).start()
+
+    caplog.set_level(logging.WARNING)
+    async with Harness(pg_url, allow_async_commit=True) as h:
+        api = h.stubs()
+        await api.jobs.SubmitJob(j.SubmitJobRequest(request_id="r", job=c.JobSpec(service="s")))
+        assert set(await _settings_of_every_connection(h)) == {"off"}
+    warnings = [r.getMessage() for r in caplog.records if "--allow-async-commit" in r.getMessage()]
+    assert len(warnings) == 1 and "synchronous_commit is off" in warnings[0], warnings
+
+
+def test_allow_async_commit_is_read_from_the_environment() -> None:
+    from jobtrace.config import Settings
+
+    assert Settings.load(env={"JOBTRACE_ALLOW_ASYNC_COMMIT": "1"}).allow_async_commit
+    assert not Settings.load(env={}).allow_async_commit

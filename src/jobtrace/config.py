@@ -23,6 +23,9 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     # SQLAlchemy async URL of the database (or a SQLite file path).
     db: str = DEFAULT_DB
+    # Start on a PostgreSQL whose synchronous_commit is off (refused otherwise:
+    # a database crash would lose acknowledged writes); logged as a warning.
+    allow_async_commit: bool = False
     # How often storage is probed (SELECT 1); health is NOT_SERVING while it fails.
     storage_probe_seconds: float = 1.0
     # Largest request or response message, in bytes.

@@ -54,6 +54,7 @@ class JobtraceServer:
         self.db = Database(
             settings.db,
             probe_every_s=settings.storage_probe_seconds,
+            allow_async_commit=settings.allow_async_commit,
         )
         self.health = health.aio.HealthServicer()
         self.port = 0

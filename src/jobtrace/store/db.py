@@ -84,6 +84,7 @@ class Database:
         *,
         max_batch: int = 256,
         probe_every_s: float = 1.0,
+        allow_async_commit: bool = False,
     ) -> None:
         self.url = url
         self.dialect = make_url(url).get_backend_name()
@@ -107,6 +108,7 @@ class Database:
         # Whether storage answers (health follows it); probed in the background.
         self.availability = Availability(probe_every_s)
         self._probing: asyncio.Task[None] | None = None
+        self.allow_async_commit = allow_async_commit
 
     @property
     def is_sqlite(self) -> bool:
@@ -119,10 +121,18 @@ class Database:
         else:
             self._write_engine = create_async_engine(self.url, pool_size=4, max_overflow=4)
             self._read_engine = create_async_engine(self.url, pool_size=8, max_overflow=8)
+            _require_synchronous_commit(
+                (self._write_engine, self._read_engine), allowed_off=self.allow_async_commit
+            )
         self._writes = async_sessionmaker(self._write_engine, expire_on_commit=False)
         self._reads = async_sessionmaker(self._read_engine, expire_on_commit=False)
-        async with self._write_engine.begin() as conn:
-            await conn.run_sync(_upgrade)
+        try:
+            async with self._write_engine.begin() as conn:
+                await conn.run_sync(_upgrade)
+        except BaseException:
+            for engine in (self._read_engine, self._write_engine):
+                await engine.dispose()
+            raise
         self._writer = asyncio.create_task(self._write_loop(), name="jobtrace-writer")
         self._probing = asyncio.create_task(
             self.availability.watch(self._probe), name="jobtrace-storage-probe"
@@ -609,12 +619,24 @@ def _sqlite_engine(url: str, *, write: bool) -> AsyncEngine:
         # Let SQLAlchemy, not the sqlite3 module, emit BEGIN/SAVEPOINT.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before the caller is told it is stored.
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA busy_timeout=10000")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before the caller is told it is stored.
+            cursor.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
+            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA synchronous")
+            (level,) = cursor.fetchone()
+        finally:
+            cursor.close()
+        if level < SQLITE_FULL:
+            # NORMAL in WAL mode survives a crash of the process but not of the
+            # machine: acknowledged writes could be lost on power failure.
+            raise DurabilityError(
+                f"SQLite synchronous is {SQLITE_LEVELS.get(level, level)} on {path}, "
+                "not FULL: acknowledged writes could be lost on power failure; "
+                "refusing to use this connection"
+            )
 
     begin = "BEGIN IMMEDIATE" if write else "BEGIN"
 
@@ -623,6 +645,54 @@ def _sqlite_engine(url: str, *, write: bool) -> AsyncEngine:
         conn.exec_driver_sql(begin)
 
     return engine
+
+
+# The synchronous level set on every SQLite connection, and the least accepted.
+SQLITE_SYNCHRONOUS = "FULL"
+SQLITE_FULL = 2
+SQLITE_LEVELS = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+
+
+class DurabilityError(OSError):
+    """The database would acknowledge writes it may lose (SQLite synchronous
+    below FULL, PostgreSQL synchronous_commit off): jobtrace refuses it, since
+    acknowledged means durable."""
+
+
+def _require_synchronous_commit(engines: tuple[AsyncEngine, ...], *, allowed_off: bool) -> None:
+    """Check `synchronous_commit` on every new PostgreSQL connection (a database,
+    role or server setting may have turned it off): off acknowledges commits
+    before they reach the disk, so a database crash loses acknowledged writes.
+    Refused unless `allowed_off` (then a warning, once)."""
+    warned = False
+
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        nonlocal warned
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SHOW synchronous_commit")
+            (setting,) = cursor.fetchone()
+        finally:
+            cursor.close()
+        dbapi_connection.rollback()  # hand the connection over with no transaction open
+        if setting != "off":
+            return
+        if not allowed_off:
+            raise DurabilityError(
+                "PostgreSQL synchronous_commit is off for this database: a database "
+                "crash would lose writes jobtrace has acknowledged; turn it on "
+                "(ALTER DATABASE ... SET synchronous_commit = on), or accept the "
+                "risk with --allow-async-commit (JOBTRACE_ALLOW_ASYNC_COMMIT=1)"
+            )
+        if not warned:
+            warned = True
+            log.warning(
+                "PostgreSQL synchronous_commit is off and --allow-async-commit is set: "
+                "a database crash may lose the last writes jobtrace acknowledged"
+            )
+
+    for engine in engines:
+        event.listen(engine.sync_engine, "connect", _on_connect)
 
 
 def sqlite_url(path: str | Path) -> str:
