@@ -434,3 +434,81 @@ def test_allow_async_commit_is_read_from_the_environment() -> None:
 
     assert Settings.load(env={"JOBTRACE_ALLOW_ASYNC_COMMIT": "1"}).allow_async_commit
     assert not Settings.load(env={}).allow_async_commit
+
+
+# --- retention runs on its own timer ---------------------------------------------
+
+
+async def test_retention_sweeps_prune_on_their_own_and_the_chain_still_verifies(
+    db_url: str,
+) -> None:
+    """With retention of half a second and a short sweep interval, a failed
+    attempt's attestation and the run's trace events disappear without anyone
+    calling the sweep; after a restart with normal retention the next attempt's
+    attestation, chained to the pruned one, still verifies."""
+    from jobtrace.pb import attestation_service_pb2 as a
+    from jobtrace.pb import trace_service_pb2 as t
+    from jobtrace.pb import worker_service_pb2 as w
+
+    from .workers import RawWorker
+
+    half_second = 0.5 / 86400  # in days
+    h = Harness(
+        db_url,
+        attestation_retention_days=half_second,
+        trace_retention_days=half_second,
+        retention_sweep_seconds=0.1,
+    )
+    await h.start()
+    try:
+        api = h.stubs()
+        raw = RawWorker(api)
+        await raw.hello("w", ["svc"])
+        job = (
+            await api.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="r", job=c.JobSpec(service="svc", max_attempts=2))
+            )
+        ).job
+        await raw.expect("assignment")
+        error = c.ErrorDetail(message="flaky", code="E")
+        await raw.send(fail=w.FailReport(job_id=job.id, attempt=1, error=error, retryable=True))
+        await raw.expect("ack")
+        await raw.close()
+
+        async def attestations() -> list[Any]:
+            page = await api.attest.ListAttestations(a.ListAttestationsRequest(job_id=job.id))
+            return list(page.attestations)
+
+        async def events() -> list[Any]:
+            page = await api.trace.ListTraceEvents(t.ListTraceEventsRequest(run_id=job.id))
+            return list(page.events)
+
+        first = await attestations()
+        assert len(first) == 1, "the failed attempt is attested"
+        # Pruned by the timer: nobody calls a sweep here.
+        await wait_for(lambda: _empty(attestations()), timeout=30, interval=0.05)
+        await wait_for(lambda: _empty(events()), timeout=30, interval=0.05)
+        await h.stop()
+
+        await h.start(
+            attestation_retention_days=7.0, trace_retention_days=30.0, retention_sweep_seconds=0.1
+        )
+        api = h.stubs()
+        raw = RawWorker(api)
+        await raw.hello("w", ["svc"])
+        assignment = await raw.expect("assignment", timeout=30)
+        assert assignment.job.id == job.id and assignment.attempt == 2
+        await raw.send(complete=w.CompleteReport(job_id=job.id, attempt=2))
+        await raw.expect("ack")
+        await raw.close()
+        (last,) = await attestations()
+        assert last.attempt == 2 and last.previous_digest == first[0].digest
+        verdict = await api.attest.VerifyAttestation(a.VerifyAttestationRequest(key=last.key))
+        assert verdict.valid and verdict.chain_valid and verdict.previous_pruned, verdict
+        assert await events(), "the new attempt's events are kept"
+    finally:
+        await h.stop()
+
+
+async def _empty(items: Any) -> bool:
+    return not await items

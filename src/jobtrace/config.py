@@ -44,6 +44,8 @@ class Settings:
     signing_key_file: str = ""
     # Attestations older than this are deleted by a background sweep.
     attestation_retention_days: float = 7.0
+    # How often the retention sweeps delete expired attestations and trace events.
+    retention_sweep_seconds: float = 60.0
     # Bearer tokens: a YAML/JSON file of token hashes -> subject, tenant, roles.
     tokens_file: str = ""
     # JWT bearer tokens: HS256 (secret) or RS256 (public key PEM file).

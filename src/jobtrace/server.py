@@ -167,8 +167,10 @@ class JobtraceServer:
         self._server = server
         await self.db.listen(self._on_notices, self._on_listen_restored)
         self.scheduler.start()
-        self.trace.start()
-        self._maintenance = asyncio.create_task(self._maintain(), name="jobtrace-retention")
+        self.trace.start(s.retention_sweep_seconds)
+        self._maintenance = asyncio.create_task(
+            self._maintain(s.retention_sweep_seconds), name="jobtrace-retention"
+        )
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for name in SERVICE_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--signing-key-file", help="Ed25519 key (default beside the database)")
     serve.add_argument("--attestation-retention-days", type=float, help="default 7")
     serve.add_argument(
+        "--retention-sweep-seconds", type=float, help="retention sweep interval (default 60)"
+    )
+    serve.add_argument(
         "--allow-async-commit",
         action="store_true",
         default=None,

@@ -26,6 +26,7 @@ def serve(args: argparse.Namespace) -> int:
             "keepalive_seconds": args.keepalive_seconds,
             "signing_key_file": args.signing_key_file,
             "attestation_retention_days": args.attestation_retention_days,
+            "retention_sweep_seconds": args.retention_sweep_seconds,
             "allow_async_commit": args.allow_async_commit,
             "storage_probe_seconds": args.storage_probe_seconds,
             "tokens_file": args.tokens_file,
