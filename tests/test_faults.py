@@ -94,7 +94,11 @@ async def test_a_postgresql_restart_under_load_is_answered_unavailable_and_loses
         runs[ctx.job_id] += 1
         return {"ok": True}
 
-    async with Harness(cluster.url, heartbeat_seconds=0.3) as h:
+    # A lease well beyond an outage plus the resend backoff: no lease expires
+    # under a worker that is running the job. One that expires anyway is an
+    # assignment whose claim committed as the connection died (outcome
+    # unknown): the worker never got it, and the job runs once, on its retry.
+    async with Harness(cluster.url, heartbeat_seconds=0.3, lease_seconds=10) as h:
         load = Load(h.stubs())
         async with runtime_worker(h.target, {"svc": run}, max_concurrency=4) as worker:
             worker.on_completed = lambda job_id, ok: stored.update([job_id] if ok else [])
@@ -117,11 +121,11 @@ async def test_a_postgresql_restart_under_load_is_answered_unavailable_and_loses
                 load.stop.set()
                 await asyncio.gather(*loops)
             jobs = set(load.acknowledged.values())
-            await wait_for(lambda: jobs <= set(stored), timeout=30, interval=0.1)
+            await wait_for(lambda: jobs <= set(stored), timeout=40, interval=0.1)
         api = h.stubs()
         for job_id in jobs:
             job = (await api.jobs.GetJob(j.GetJobRequest(job_id=job_id))).job
-            assert job.state == c.RUN_STATE_COMPLETED and job.attempt == 1, job
+            assert job.state == c.RUN_STATE_COMPLETED, job
     refusals = [r for r in caplog.records if r.getMessage().startswith("server refused")]
     internal = [r.getMessage() for r in refusals if getattr(r, "code", "") == "INTERNAL"]
     assert load.codes["INTERNAL"] == 0 and not internal, (load.codes, internal)
