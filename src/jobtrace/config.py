@@ -23,6 +23,11 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     # SQLAlchemy async URL of the database (or a SQLite file path).
     db: str = DEFAULT_DB
+    # Start on a PostgreSQL whose synchronous_commit is off (refused otherwise:
+    # a database crash would lose acknowledged writes); logged as a warning.
+    allow_async_commit: bool = False
+    # How often storage is probed (SELECT 1); health is NOT_SERVING while it fails.
+    storage_probe_seconds: float = 1.0
     # Largest request or response message, in bytes.
     max_message_bytes: int = 8 * 1024 * 1024
     # Lease length granted per assignment, renewed by heartbeats.
@@ -43,6 +48,8 @@ class Settings:
     signing_key_file: str = ""
     # Attestations older than this are deleted by a background sweep.
     attestation_retention_days: float = 7.0
+    # How often the retention sweeps delete expired attestations and trace events.
+    retention_sweep_seconds: float = 60.0
     # Bearer tokens: a YAML/JSON file of token hashes -> subject, tenant, roles.
     tokens_file: str = ""
     # JWT bearer tokens: HS256 (secret) or RS256 (public key PEM file).

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jobtrace.api.attestation_service import AttestationServicer
 from jobtrace.api.handlers import add_service
+from jobtrace.api.health import follow_storage
 from jobtrace.api.interceptor import CallObserver
 from jobtrace.api.job_service import JobServicer
 from jobtrace.api.limits import PageBytes, StreamLimiter
@@ -26,6 +27,7 @@ from jobtrace.auth import Authenticator, JwtSettings
 from jobtrace.config import Settings
 from jobtrace.domain.annotations import Annotations
 from jobtrace.domain.attest import Attestor, Signer
+from jobtrace.domain.errors import log_failure
 from jobtrace.domain.jobs import Jobs
 from jobtrace.domain.lifecycle import Lifecycle
 from jobtrace.domain.pagination import open_tokens
@@ -49,7 +51,11 @@ class JobtraceServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.db = Database(settings.db)
+        self.db = Database(
+            settings.db,
+            probe_every_s=settings.storage_probe_seconds,
+            allow_async_commit=settings.allow_async_commit,
+        )
         self.health = health.aio.HealthServicer()
         self.port = 0
         # The bound metrics port, once serving (settings.metrics_port None: off).
@@ -169,11 +175,17 @@ class JobtraceServer:
         self._server = server
         await self.db.listen(self._on_notices, self._on_listen_restored)
         self.scheduler.start()
-        self.trace.start()
-        self._maintenance = asyncio.create_task(self._maintain(), name="jobtrace-retention")
+        self.trace.start(s.retention_sweep_seconds)
+        self._maintenance = asyncio.create_task(
+            self._maintain(s.retention_sweep_seconds), name="jobtrace-retention"
+        )
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for name in SERVICE_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._health = asyncio.create_task(
+            follow_storage(self.health, self.db.availability, SERVICE_NAMES),
+            name="jobtrace-health",
+        )
         log.info(
             "jobtrace listening on %s (port %d), database %s",
             s.listen,
@@ -194,6 +206,9 @@ class JobtraceServer:
         if self._server is None:
             return
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        self._health.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._health
         await self.health.enter_graceful_shutdown()
         self.shutting_down.set()
         self.jobs.stopping.set()
@@ -266,8 +281,8 @@ class JobtraceServer:
                 pruned = await self.attestor.sweep_once()
                 if pruned:
                     log.info("pruned %d expired attestations", pruned)
-            except Exception:
-                log.exception("attestation sweep failed; retrying later")
+            except Exception as exc:
+                log_failure(log, exc, "attestation sweep failed; retrying later")
             await asyncio.sleep(every_s)
 
     async def wait(self) -> None:

@@ -14,6 +14,7 @@ from grpc_status import rpc_status
 
 from jobtrace.api.wellformed import check_request
 from jobtrace.domain import errors as de
+from jobtrace.domain.errors import log_failure
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ async def _answer(context: Any, name: str, exc: Exception) -> None:
     if isinstance(exc, de.DomainError):
         status = to_status(exc)
     else:
-        log.exception("%s failed unexpectedly", name)
+        log_failure(log, exc, "%s failed unexpectedly", name)
         status = to_status(de.unexpected(exc))
     await context.abort_with_status(status)  # raises AbortError
 

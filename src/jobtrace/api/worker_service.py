@@ -19,7 +19,7 @@ from jobtrace.api.wellformed import check_request
 from jobtrace.auth import Authenticator, Role
 from jobtrace.domain import errors as domain_errors
 from jobtrace.domain import scheduler as sch
-from jobtrace.domain.errors import DomainError, FailedPrecondition, Invalid
+from jobtrace.domain.errors import DomainError, FailedPrecondition, Invalid, log_failure
 from jobtrace.model import Failure
 from jobtrace.pb import worker_service_pb2 as pb
 from jobtrace.pb import worker_service_pb2_grpc as pb_grpc
@@ -244,11 +244,12 @@ def unexpected(
     """The answer to a message whose handling failed for a reason of the server's
     (see api.errors.unexpected). The worker is never left waiting."""
     kind = message.WhichOneof("kind") or ""
-    log.error(
+    log_failure(
+        log,
+        exc,
         "worker %s: handling %s failed",
         worker_id,
         kind or "a message",
-        exc_info=exc,
         extra={"worker_id": worker_id, "message_kind": kind},
     )
     return refused(message, domain_errors.unexpected(exc), fatal)

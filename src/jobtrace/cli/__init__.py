@@ -41,6 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--keepalive-seconds", type=float, help="idle stream keepalive (default 15)")
     serve.add_argument("--signing-key-file", help="Ed25519 key (default beside the database)")
     serve.add_argument("--attestation-retention-days", type=float, help="default 7")
+    serve.add_argument(
+        "--retention-sweep-seconds", type=float, help="retention sweep interval (default 60)"
+    )
+    serve.add_argument(
+        "--allow-async-commit",
+        action="store_true",
+        default=None,
+        help="start on a PostgreSQL with synchronous_commit off (may lose acknowledged writes)",
+    )
+    serve.add_argument(
+        "--storage-probe-seconds", type=float, help="storage health probe interval (default 1)"
+    )
     serve.add_argument("--tokens-file", help="YAML/JSON of token hashes (jobtrace token new)")
     serve.add_argument("--jwt-algorithm", choices=["HS256", "RS256"], help="default HS256")
     serve.add_argument("--jwt-public-key-file", help="RS256 public key (PEM)")

@@ -182,6 +182,9 @@ class Worker:
         self._outbox: asyncio.Queue[worker_service_pb2.ConnectRequest] | None = None
         self._pending: dict[int, asyncio.Future[worker_service_pb2.ConnectResponse]] = {}
         self._unacked: dict[int, worker_service_pb2.ConnectRequest] = {}
+        # The backoff before the next resend of a report the server could not
+        # store, by the message id it was last sent with.
+        self._backoff: dict[int, float] = {}
         self._next_id = 0
         self._draining = False
         self._stop = asyncio.Event()
@@ -191,7 +194,8 @@ class Worker:
         self.connected = asyncio.Event()
         self.completed = 0
         self.failed = 0
-        # Called when a completion is acknowledged (stored) or refused: (job id, stored).
+        # Called when a completion is acknowledged (stored, or found already
+        # stored) or refused for good: (job id, stored).
         self.on_completed: Callable[[str, bool], None] | None = None
 
     def handler(self, service: str) -> Callable[[HandlerFn], HandlerFn]:
@@ -314,11 +318,7 @@ class Worker:
                     elif kind == "ack":
                         self._settle(response.ack.message_id, response)
                     elif kind == "error":
-                        log.warning(
-                            "server refused %s: %s",
-                            response.error.message_kind,
-                            response.error.message,
-                        )
+                        _log_refusal(response.error)
                         self._settle(response.error.message_id, response)
                         if response.error.fatal:
                             break
@@ -368,27 +368,31 @@ class Worker:
         return await future if future is not None else None
 
     def _settle(self, message_id: int, response: worker_service_pb2.ConnectResponse) -> None:
+        """A report was answered. A kept report (a completion, a failure, trace
+        events) that the server did not store for a reason of its own
+        (UNAVAILABLE, INTERNAL, ...) stays kept and is sent again after a
+        backoff, until it is stored or refused for a reason resending cannot
+        change (a stale attempt, an unknown job, a lost lease); all are fenced
+        by (job, attempt), so a resend never applies twice."""
         report = self._unacked.pop(message_id, None)
+        delay = self._backoff.pop(message_id, RESEND_INITIAL_S)
         kind = report.WhichOneof("kind") if report is not None else None
-        if (
-            report is not None
-            and response.WhichOneof("kind") == "error"
-            and response.error.code == UNAVAILABLE
-        ):
-            # The server could not store it just now (e.g. its database is down):
-            # keep it and send it again shortly; fenced by (job, attempt), so safe.
-            self._background_task(self._resend_later(report))
+        error = response.error if response.WhichOneof("kind") == "error" else None
+        if report is not None and error is not None and error.code in RESEND_CODES:
+            self._unacked[message_id] = report  # still owed: drain waits, a reconnect resends
+            self._background_task(self._resend_later(message_id, report, delay))
             self._acked.set()
             return
         if (
             report is not None
-            and response.WhichOneof("kind") == "error"
-            and response.error.code in REFUSED_AS_MALFORMED
+            and error is not None
+            and error.code in REFUSED_AS_MALFORMED
             and (kind == "complete" or (kind == "fail" and report.fail.error.code != REFUSED))
         ):
-            self._background_task(self._replace_refused(report, response.error))
-        if report is not None and report.WhichOneof("kind") == "complete" and self.on_completed:
-            self.on_completed(report.complete.job_id, response.WhichOneof("kind") == "ack")
+            self._background_task(self._replace_refused(report, error))
+        if report is not None and kind == "complete" and self.on_completed:
+            stored = error is None or already_stored(error)
+            self.on_completed(report.complete.job_id, stored)
         self._acked.set()
         future = self._pending.pop(message_id, None)
         if future is not None and not future.done():
@@ -402,10 +406,20 @@ class Worker:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _resend_later(self, report: worker_service_pb2.ConnectRequest) -> None:
-        await asyncio.sleep(random.uniform(0.2, 1.0))  # back off before the retry
-        if not self._stop.is_set():
-            await self._send(report, wait=False, keep=True)
+    async def _resend_later(
+        self, message_id: int, report: worker_service_pb2.ConnectRequest, delay: float
+    ) -> None:
+        """Send `report` again after `delay` (with jitter), unless it was settled
+        meanwhile (a reconnect sends every kept report again by itself)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay * random.uniform(0.5, 1.0)):
+                await self._stop.wait()
+        if self._stop.is_set() or self._unacked.pop(message_id, None) is None:
+            return
+        again = worker_service_pb2.ConnectRequest()
+        again.CopyFrom(report)
+        await self._send(again, wait=False, keep=True)
+        self._backoff[again.message_id] = min(delay * 2, RESEND_MAX_S)
 
     # --- jobs --------------------------------------------------------------------
 
@@ -490,11 +504,66 @@ class Worker:
 
 MAX_RESULT_BYTES = 1024 * 1024
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+# Answers to a report that mean it was not stored for a reason of the server's
+# (its database unreachable, a fault of its own): the same report may be stored
+# when sent again. Every other refusal is final.
+RESEND_CODES = {
+    grpc.StatusCode.UNAVAILABLE.value[0],
+    grpc.StatusCode.INTERNAL.value[0],
+    grpc.StatusCode.UNKNOWN.value[0],
+    grpc.StatusCode.ABORTED.value[0],
+    grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
+}
+RESEND_INITIAL_S = 0.2
+RESEND_MAX_S = 10.0
+ALREADY_EXISTS = grpc.StatusCode.ALREADY_EXISTS.value[0]
+# The reports kept until the server stores them (sent again after a reconnect).
+KEPT = {"complete", "fail", "trace"}
 REFUSED = "REPORT_REFUSED"
 REFUSED_AS_MALFORMED = {
     grpc.StatusCode.INVALID_ARGUMENT.value[0],
     grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
 }
+
+
+def already_stored(error: worker_service_pb2.StreamError) -> bool:
+    """The server refused a completion because that attempt's completion is
+    already stored (this is a resend whose first answer was lost): done."""
+    return (
+        error.message_kind == "complete"
+        and error.code == ALREADY_EXISTS
+        and error.reason == "DUPLICATE_REPORT"
+    )
+
+
+def _log_refusal(error: worker_service_pb2.StreamError) -> None:
+    code = _code_name(error.code)
+    if already_stored(error):
+        log.info(
+            "the completion of job %s attempt %d was already stored", error.job_id, error.attempt
+        )
+        return
+    again = (
+        " (sent again later)" if error.code in RESEND_CODES and error.message_kind in KEPT else ""
+    )
+    # The server's storage unavailable is expected in an outage (reports are kept).
+    log.log(
+        logging.INFO if error.code == UNAVAILABLE else logging.WARNING,
+        "server refused %s: %s %s: %s%s",
+        error.message_kind,
+        code,
+        error.reason,
+        error.message,
+        again,
+        extra={"code": code, "reason": error.reason, "job_id": error.job_id},
+    )
+
+
+def _code_name(code: int) -> str:
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return str(status.name)
+    return str(code)
 
 
 def fail_report(

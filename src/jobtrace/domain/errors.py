@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,3 +115,22 @@ def unexpected(exc: Exception) -> DomainError:
         f"internal error ({type(exc).__name__}); the server log has the details"
         + (f" under request id {rid}" if rid else "")
     )
+
+
+def log_failure(
+    logger: logging.Logger,
+    exc: BaseException,
+    message: str,
+    *args: object,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Log a failure that is not a rule's, with its traceback, unless storage
+    refused or lost the operation: an outage is reported once, with a count,
+    by `store.availability`, not once per call or per retry of background work
+    (then only at DEBUG)."""
+    from jobtrace.store.errors import is_transient
+
+    if is_transient(exc):
+        logger.debug(message + " (storage unavailable: %s)", *args, type(exc).__name__, extra=extra)
+    else:
+        logger.error(message, *args, exc_info=exc, extra=extra)

@@ -23,6 +23,7 @@ from jobtrace.domain.errors import (
     ResourceExhausted,
     StaleAttempt,
     Violations,
+    log_failure,
 )
 from jobtrace.domain.jobs import Jobs
 from jobtrace.domain.trace import EventInput, check_event, check_sizes
@@ -815,8 +816,8 @@ class Scheduler:
         self._wake.clear()
         try:
             return await self._assign_eligible()
-        except Exception:
-            log.exception("dispatch failed; retrying")
+        except Exception as exc:
+            log_failure(log, exc, "dispatch failed; retrying")
             return 0.5
 
     async def _assign_eligible(self) -> float:
@@ -908,8 +909,8 @@ class Scheduler:
             await asyncio.sleep(tick)
             try:
                 await self.supervise_once()
-            except Exception:
-                log.exception("supervision failed; retrying")
+            except Exception as exc:
+                log_failure(log, exc, "supervision failed; retrying")
 
     async def supervise_once(self) -> None:
         now = now_us()

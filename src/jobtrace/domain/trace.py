@@ -19,6 +19,7 @@ from jobtrace.domain.errors import (
     ResourceExhausted,
     Unavailable,
     Violations,
+    log_failure,
 )
 from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
 from jobtrace.domain.validation import check_page_size, check_text, check_view
@@ -255,8 +256,10 @@ class Trace:
                 self.bus.publish(run_id, chunk.items)
                 if chunk.exhausted and run_id not in self._fetch_again:
                     return
-        except Exception:
-            log.exception("fetching remote events of %s failed; subscribers catch up", run_id)
+        except Exception as exc:
+            log_failure(
+                log, exc, "fetching remote events of %s failed; subscribers catch up", run_id
+            )
             self.bus.poke(run_id)
         finally:
             self._fetching.pop(run_id, None)
@@ -563,8 +566,8 @@ class Trace:
         while True:
             try:
                 await self.sweep_once()
-            except Exception:
-                log.exception("trace retention sweep failed; retrying later")
+            except Exception as exc:
+                log_failure(log, exc, "trace retention sweep failed; retrying later")
             await asyncio.sleep(every_s)
 
     async def sweep_once(self, batch: int = 1000) -> int:

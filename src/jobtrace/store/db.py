@@ -30,6 +30,9 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from jobtrace.store.availability import Availability
+from jobtrace.store.errors import is_transient
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -75,7 +78,14 @@ class Database:
     caller's future resolves only after the commit: acknowledged means durable.
     """
 
-    def __init__(self, url: str, *, max_batch: int = 256) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_batch: int = 256,
+        probe_every_s: float = 1.0,
+        allow_async_commit: bool = False,
+    ) -> None:
         self.url = url
         self.dialect = make_url(url).get_backend_name()
         self.max_batch = max_batch
@@ -95,6 +105,10 @@ class Database:
         self._listening: asyncio.Task[None] | None = None
         self._on_notices: Callable[[list[dict[str, Any]]], None] | None = None
         self._on_restored: Callable[[], None] | None = None
+        # Whether storage answers (health follows it); probed in the background.
+        self.availability = Availability(probe_every_s)
+        self._probing: asyncio.Task[None] | None = None
+        self.allow_async_commit = allow_async_commit
 
     @property
     def is_sqlite(self) -> bool:
@@ -107,14 +121,30 @@ class Database:
         else:
             self._write_engine = create_async_engine(self.url, pool_size=4, max_overflow=4)
             self._read_engine = create_async_engine(self.url, pool_size=8, max_overflow=8)
+            _require_synchronous_commit(
+                (self._write_engine, self._read_engine), allowed_off=self.allow_async_commit
+            )
         self._writes = async_sessionmaker(self._write_engine, expire_on_commit=False)
         self._reads = async_sessionmaker(self._read_engine, expire_on_commit=False)
-        async with self._write_engine.begin() as conn:
-            await conn.run_sync(_upgrade)
+        try:
+            async with self._write_engine.begin() as conn:
+                await conn.run_sync(_upgrade)
+        except BaseException:
+            for engine in (self._read_engine, self._write_engine):
+                await engine.dispose()
+            raise
         self._writer = asyncio.create_task(self._write_loop(), name="jobtrace-writer")
+        self._probing = asyncio.create_task(
+            self.availability.watch(self._probe), name="jobtrace-storage-probe"
+        )
 
     async def close(self) -> None:
         await self._close_listener()
+        if self._probing is not None:
+            self._probing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probing
+            self._probing = None
         if self._writer is not None:
             # Let queued writes finish: their callers are waiting for an answer.
             await self._queue.join()
@@ -130,8 +160,12 @@ class Database:
     async def read(self) -> AsyncIterator[AsyncSession]:
         """A read-only session in one transaction (a consistent snapshot)."""
         assert self._reads is not None, "database not started"
-        async with self._reads() as session, session.begin():
-            yield session
+        try:
+            async with self._reads() as session, session.begin():
+                yield session
+        except Exception as exc:
+            self._seen(exc)
+            raise
 
     async def write(self, op: WriteOp[T]) -> T:
         """Run `op` in the next group commit; return its result once committed."""
@@ -139,7 +173,30 @@ class Database:
             raise RuntimeError("database writer is not running")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Pending(op, future))
-        return await future
+        try:
+            return await future
+        except Exception as exc:
+            self._seen(exc)
+            raise
+
+    def _seen(self, exc: Exception) -> None:
+        """An operation failed: if storage refused or lost it, storage is down."""
+        if is_transient(exc):
+            self.availability.failed(exc)
+
+    async def _probe(self) -> None:
+        """`SELECT 1` on a read connection; a second try on a fresh connection
+        if the first met one that died with a database restart (the pool then
+        drops every connection older than the failure)."""
+        assert self._reads is not None
+        for attempt in (1, 2):
+            try:
+                async with self._reads() as session:
+                    await session.execute(sql_text("SELECT 1"))
+                return
+            except Exception as exc:
+                if attempt == 2 or not is_transient(exc):
+                    raise
 
     async def _write_loop(self) -> None:
         assert self._writes is not None
@@ -184,7 +241,12 @@ class Database:
             log.warning("group commit with savepoints failed; committing one by one")
             await self._one_by_one(batch)
             return
-        except Exception:  # rolled back before any commit: safe to run again
+        except Exception as exc:  # rolled back before any commit: safe to run again
+            if is_transient(exc):
+                # The database is unreachable: one by one would only knock on
+                # a closed door once per operation. Nothing was stored.
+                self._settle(batch, [(False, exc)] * len(batch))
+                return
             log.warning("group commit with savepoints failed; committing one by one", exc_info=True)
             await self._one_by_one(batch)
             return
@@ -349,23 +411,33 @@ class Database:
             conn.terminate()
             self._listener = None
             delay = LISTEN_RETRY_INITIAL_S
+            attempts = 0
             while True:
                 # A pause before each attempt: right after a database restart
                 # an immediate attempt mostly fails.
                 await asyncio.sleep(delay)
+                attempts += 1
                 try:
                     conn, lost = await self._open_listener()
                     break
                 except Exception as exc:  # keep trying: a replica without LISTEN goes stale
                     delay = min(delay * 2, LISTEN_RETRY_MAX_S)
-                    log.warning(
+                    # Once per outage at WARNING (storage availability tells the
+                    # rest); an unexpected kind of failure every time, in full.
+                    expected = isinstance(exc, _connection_errors())
+                    log.log(
+                        logging.WARNING if attempts == 1 or not expected else logging.DEBUG,
                         "LISTEN reconnect failed (%s); next try in %.1fs",
                         exc,
                         delay,
-                        exc_info=not isinstance(exc, _connection_errors()),
+                        exc_info=not expected,
                     )
             self._listener = conn
-            log.info("LISTEN re-established; local streams and the dispatcher catch up")
+            log.info(
+                "LISTEN re-established after %d attempts; local streams and the dispatcher "
+                "catch up",
+                attempts,
+            )
             if self._on_restored is not None:
                 try:
                     self._on_restored()
@@ -547,12 +619,24 @@ def _sqlite_engine(url: str, *, write: bool) -> AsyncEngine:
         # Let SQLAlchemy, not the sqlite3 module, emit BEGIN/SAVEPOINT.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before the caller is told it is stored.
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA busy_timeout=10000")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before the caller is told it is stored.
+            cursor.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
+            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA synchronous")
+            (level,) = cursor.fetchone()
+        finally:
+            cursor.close()
+        if level < SQLITE_FULL:
+            # NORMAL in WAL mode survives a crash of the process but not of the
+            # machine: acknowledged writes could be lost on power failure.
+            raise DurabilityError(
+                f"SQLite synchronous is {SQLITE_LEVELS.get(level, level)} on {path}, "
+                "not FULL: acknowledged writes could be lost on power failure; "
+                "refusing to use this connection"
+            )
 
     begin = "BEGIN IMMEDIATE" if write else "BEGIN"
 
@@ -561,6 +645,54 @@ def _sqlite_engine(url: str, *, write: bool) -> AsyncEngine:
         conn.exec_driver_sql(begin)
 
     return engine
+
+
+# The synchronous level set on every SQLite connection, and the least accepted.
+SQLITE_SYNCHRONOUS = "FULL"
+SQLITE_FULL = 2
+SQLITE_LEVELS = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+
+
+class DurabilityError(OSError):
+    """The database would acknowledge writes it may lose (SQLite synchronous
+    below FULL, PostgreSQL synchronous_commit off): jobtrace refuses it, since
+    acknowledged means durable."""
+
+
+def _require_synchronous_commit(engines: tuple[AsyncEngine, ...], *, allowed_off: bool) -> None:
+    """Check `synchronous_commit` on every new PostgreSQL connection (a database,
+    role or server setting may have turned it off): off acknowledges commits
+    before they reach the disk, so a database crash loses acknowledged writes.
+    Refused unless `allowed_off` (then a warning, once)."""
+    warned = False
+
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        nonlocal warned
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SHOW synchronous_commit")
+            (setting,) = cursor.fetchone()
+        finally:
+            cursor.close()
+        dbapi_connection.rollback()  # hand the connection over with no transaction open
+        if setting != "off":
+            return
+        if not allowed_off:
+            raise DurabilityError(
+                "PostgreSQL synchronous_commit is off for this database: a database "
+                "crash would lose writes jobtrace has acknowledged; turn it on "
+                "(ALTER DATABASE ... SET synchronous_commit = on), or accept the "
+                "risk with --allow-async-commit (JOBTRACE_ALLOW_ASYNC_COMMIT=1)"
+            )
+        if not warned:
+            warned = True
+            log.warning(
+                "PostgreSQL synchronous_commit is off and --allow-async-commit is set: "
+                "a database crash may lose the last writes jobtrace acknowledged"
+            )
+
+    for engine in engines:
+        event.listen(engine.sync_engine, "connect", _on_connect)
 
 
 def sqlite_url(path: str | Path) -> str:
