@@ -314,7 +314,9 @@ async def test_the_reported_note_is_cancelled_promptly_while_others_are_served(
         ack = await answered_meanwhile(parked, acked(), other, job.id)
         assert ack.job_id == job.id
     await raw.close()
-    listed = await api.attest.ListAttestations(a.ListAttestationsRequest(page_size=100))
+    listed = await api.attest.ListAttestations(
+        a.ListAttestationsRequest(page_size=100, view=a.ATTESTATION_VIEW_FULL)
+    )
     by_type = {x.type: json_format.MessageToDict(x.data) for x in listed.attestations}
     assert by_type[a.ATTESTATION_TYPE_WORKER_COMPLETION]["result"]["note"] == NOTE
     details = by_type[a.ATTESTATION_TYPE_WORKER_FAILURE]["error"]["details"]
@@ -425,7 +427,9 @@ async def test_the_deepest_accepted_value_is_readable_everywhere_and_one_deeper_
     got = (await api.jobs.GetJob(j.GetJobRequest(job_id=job.id))).job
     assert json_format.MessageToDict(got.spec.payload) == deep
     assert json_format.MessageToDict(got.result) == deep
-    listed = await api.attest.ListAttestations(a.ListAttestationsRequest(job_id=job.id))
+    listed = await api.attest.ListAttestations(
+        a.ListAttestationsRequest(job_id=job.id, view=a.ATTESTATION_VIEW_FULL)
+    )
     (item,) = listed.attestations
     full = await api.attest.GetAttestation(
         a.GetAttestationRequest(key=item.key, include_envelope=True)
