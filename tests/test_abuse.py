@@ -17,6 +17,8 @@ import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from jobtrace.api.interceptor import REQUEST_ID_RE
 from jobtrace.api.job_service import TRACEPARENT_RE
@@ -27,6 +29,7 @@ from jobtrace.domain.annotations import KEY_RE, check_key_value
 from jobtrace.domain.attest import INLINE_EVIDENCE, canonical, larger_than, sanitize
 from jobtrace.domain.errors import DomainError, Violations
 from jobtrace.domain.validation import (
+    MAX_PAYLOAD_BYTES,
     STEP_NAME_RE,
     check_id,
     check_labels,
@@ -53,7 +56,7 @@ def notes(n: int) -> str:
     return ("data:;a=" * (n // 8 + 1))[:n]
 
 
-PNG_URI = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(64)).decode()
+PNG_URI = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(256)).decode()
 
 
 # --- linear time ------------------------------------------------------------------
@@ -120,6 +123,21 @@ RULES: list[tuple[str, Callable[[str], Any], Callable[[int], str]]] = [
         lambda t: sanitize({"v": t}),
         lambda n: "[\\redacted" * (n // 10),
     ),
+    (
+        "sanitize: tiny data: URIs as list items",
+        lambda t: sanitize(t.split(" ")),
+        lambda n: " ".join(["data:,"] * (n // 7)),
+    ),
+    (
+        "sanitize: tiny base64 images as list items",
+        lambda t: sanitize(t.split(" ")),
+        lambda n: " ".join(["iVBORw0KGgoAAAAA"] * (n // 17)),
+    ),
+    (
+        "sanitize: tiny data: URIs as member names",
+        lambda t: sanitize(dict.fromkeys(t.split(" "), 0)),
+        lambda n: " ".join(f"data:,{i}" for i in range(n // 12)),
+    ),
     ("sanitize: member name", lambda t: sanitize({t: 1}), lambda n: notes(n)),
     ("sanitize: forged marker name", lambda t: sanitize({t: 1}), lambda n: "$" * n + "redacted"),
     ("canonical: escapes", canonical, lambda n: '\x01"\\' * (n // 3)),
@@ -180,11 +198,137 @@ def test_every_rule_on_caller_data_runs_in_linear_time(
 
 def test_a_data_uri_right_after_another_is_redacted_too() -> None:
     # The regex search this replaced resumed inside a skipped header and missed
-    # the "data:," after "[" here, so it stayed in the attestation.
-    text = "['data:;base64,Data:;base64K=+][data:,data:text/plain;charset=utf-8,\"rest"
+    # the "data:," after "[" here, so it stayed in the attestation. (Both bodies
+    # are padded to outgrow their markers: shorter ones are kept.)
+    pad_b64, pad_text = "A" * 200, "y" * 200
+    text = (
+        f"['data:;base64,{pad_b64}Data:;base64K=+]"
+        f'[data:,data:text/plain;charset=utf-8,{pad_text}"rest'
+    )
     out = sanitize({"v": text})["v"]
     assert "data:" not in out.lower() and out.endswith('"rest')
     assert out.count("[redacted ") == 2
+
+
+# --- sanitising never amplifies -----------------------------------------------------------
+
+# Escaping is the only growth: 2 bytes of canonical JSON (a backslash) for each
+# "[redacted" (9 characters) the caller wrote; see attest.sanitize.
+ESCAPE_GROWTH = 11 / 9
+
+
+def _bound(value: Any) -> int:
+    """The most canonical bytes sanitize may make of `value`."""
+    size = len(canonical(value))
+    return int(size * ESCAPE_GROWTH) if b"redacted" in canonical(value) else size
+
+
+# Evidence of about n bytes built so that sanitising it would grow it the most.
+AMPLIFIERS: list[tuple[str, Callable[[int], Any]]] = [
+    ("tiny data: URIs in text", lambda n: "x " + "data:, " * (n // 7)),
+    ("tiny data: URIs as list items", lambda n: ["data:,"] * (n // 9)),
+    ("tiny base64 data: URIs as list items", lambda n: ["data:;base64,"] * (n // 16)),
+    ("tiny base64 images as list items", lambda n: ["iVBORw0KGgoAAAAA"] * (n // 19)),
+    ("tiny data: URIs as member names", lambda n: {f"data:,{i}": 0 for i in range(n // 14)}),
+    (
+        "data: URIs around the marker's length",
+        lambda n: ["data:," + "x" * k for k in range(80, 160)] * (n // 9600),
+    ),
+    (
+        "data: URIs around the marker's length, in text",
+        lambda n: " ".join("data:," + "x" * k for k in range(80, 160)) * (n // 9600),
+    ),
+    ("a long media type", lambda n: ["data:a/" + "b" * (n // 2) + ",", "data:a/" + "b" * 200]),
+    ("marker text escapes", lambda n: "[redacted" * (n // 9)),
+    ("marker text escapes, escaped", lambda n: "[\\redacted" * (n // 10)),
+    ("marker text escapes as list items", lambda n: ["[redacted"] * (n // 12)),
+    ("marker text in kept data: URIs", lambda n: ["data:,[redacted"] * (n // 18)),
+    ("marker text escapes as member names", lambda n: {f"[redacted{i}": 0 for i in range(n // 16)}),
+    ("marker member names", lambda n: {"$" * i + "redacted": 0 for i in range(1400)}),
+]
+
+
+@pytest.mark.parametrize(("name", "make"), AMPLIFIERS, ids=[s[0] for s in AMPLIFIERS])
+def test_sanitising_never_makes_evidence_larger_but_by_its_escapes(
+    name: str, make: Callable[[int], Any]
+) -> None:
+    value = {"v": make(MIB)}
+    size = len(canonical(value))
+    assert MIB // 2 < size < 2 * MIB, f"{name}: the shape is about 1 MiB ({size})"
+    out = len(canonical(sanitize(value)))
+    assert out <= _bound(value), f"{name}: {size} bytes became {out} ({out / size:.3f}x)"
+
+
+_FRAGMENTS = st.sampled_from(
+    [
+        *["data:", "data:,", ";base64", ";a=b", ",", "image/png", "[", "\\", "redacted", "$"],
+        *[" ", "(", "x", "=", "iVBORw0KGgo", "R0lGODlh", "A" * 64, "x" * 64],
+        *["\u00e9", "\U0001f600"],
+    ]
+)
+_TEXTS = st.lists(_FRAGMENTS, max_size=24).map("".join)
+_EVIDENCE = st.recursive(
+    _TEXTS | st.integers(),
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(_TEXTS, inner, max_size=6),
+    max_leaves=24,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_EVIDENCE)
+def test_no_evidence_grows_but_by_its_escapes(value: Any) -> None:
+    assert len(canonical(sanitize(value))) <= _bound(value)
+
+
+def _tiny_uris() -> tuple[dict[str, Any], dict[str, Any]]:
+    """About 1 MiB of job payload (the most accepted) and 200 KB of request
+    body, all tiny data: URIs: before, their markers made an attestation of
+    about 16 MiB, too large to be fetched."""
+    payload = {"uris": ["data:,"] * 60000, "note": "x " + "data:, " * 64000}
+    body = {"names": {f"data:,{i}": i for i in range(8000)}}
+    return payload, body
+
+
+async def test_a_megabyte_of_tiny_data_uris_is_attested_as_sent_and_can_be_fetched(
+    harness: Harness,
+) -> None:
+    api = harness.stubs()
+    payload, body = _tiny_uris()
+    request = j.SubmitJobRequest(
+        request_id="tiny",
+        job=c.JobSpec(service="svc", payload=_struct(payload)),
+        request_context=c.RequestContext(body=_struct(body)),
+    )
+    assert 1000 * KIB < request.job.payload.ByteSize() <= MAX_PAYLOAD_BYTES
+    job = (await api.jobs.SubmitJob(request, timeout=60)).job
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    assignment = await raw.expect("assignment", timeout=60)
+    assert assignment.job.id == job.id
+    result = _struct({"thumbnail": "data:,", "data:;base64,": "named"})
+    await raw.send(complete=w.CompleteReport(job_id=job.id, attempt=1, result=result))
+    assert (await raw.expect("ack", timeout=60)).job_id == job.id
+    await raw.close()
+
+    key = f"worker-completion:{job.id}"
+    got = await api.attest.GetAttestation(
+        a.GetAttestationRequest(key=key, include_envelope=True), timeout=60
+    )
+    listed = await api.attest.ListAttestations(a.ListAttestationsRequest(job_id=job.id), timeout=60)
+    (item,) = listed.attestations
+    evidence = request.job.payload.ByteSize() + request.request_context.ByteSize()
+    for attestation in (got.attestation, item):
+        assert attestation.key == key
+        assert attestation.data.ByteSize() < evidence + 4 * KIB
+        data = json_format.MessageToDict(attestation.data)
+        assert data["job_payload"] == payload  # kept as sent: shorter than any marker
+        assert data["request_context"]["body"] == body
+        assert data["result"] == {"thumbnail": "data:,", "data:;base64,": "named"}
+    statement = json.loads(got.envelope.payload)
+    assert statement["predicate"]["data"]["job_payload"] == payload
+    assert statement["predicate"]["digest"] == got.attestation.digest
+    verdict = await api.attest.VerifyAttestation(a.VerifyAttestationRequest(key=key), timeout=60)
+    assert verdict.valid, verdict.reason
 
 
 # --- the event loop stays free -------------------------------------------------------
@@ -352,7 +496,7 @@ async def test_a_payload_cannot_forge_a_marker_nor_make_a_value_disappear(
     harness: Harness,
 ) -> None:
     api = harness.stubs()
-    uri = "data:,x"
+    uri = "data:," + "x" * 200  # longer than its marker: shorter ones are kept
     digest = hashlib.sha256(uri.encode()).hexdigest()
     # Exactly what the server writes for `uri` as a member name.
     key_marker = f"[redacted data_uri text/plain sha256:{digest} length:{len(uri)}]"

@@ -854,7 +854,14 @@ def png_bytes(size: int, comment: bytes = b"") -> bytes:
 
 SMALL_PNG = base64.b64encode(png_bytes(4, b"Comment\x00" + b"x" * 22)).decode()
 RANDOM_BLOB = base64.b64encode(bytes((i * 151 + 7) % 256 for i in range(600))).decode()
-SVG_URI = 'data:image/svg+xml,<svg xmlns="http://www.w3.org/2000/svg"><circle r="4"/></svg>'
+SVG_URI = (
+    'data:image/svg+xml,<svg xmlns="http://www.w3.org/2000/svg">'
+    + "".join(f'<circle r="{r}"/>' for r in range(1, 9))
+    + "</svg>"
+)
+GIF = b"GIF89a\x01\x00\x01\x00\x80\x00\x00"
+PDF = b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n"
+WEBP = b"RIFF\x24\x00\x00\x00WEBPVP8 "
 
 
 @pytest.mark.parametrize(
@@ -877,25 +884,25 @@ SVG_URI = 'data:image/svg+xml,<svg xmlns="http://www.w3.org/2000/svg"><circle r=
         ("url-safe", base64.urlsafe_b64encode(bytes(range(255, 0, -1))).decode(), "base64", None),
         (
             "gif unpadded",
-            base64.b64encode(b"GIF89a\x01\x00\x01\x00\x80\x00\x00").decode().rstrip("="),
+            base64.b64encode(GIF + bytes(120)).decode().rstrip("="),
             "base64",
             "image/gif",
         ),
         (
             "pdf",
-            base64.b64encode(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n").decode(),
+            base64.b64encode(PDF + b"1 0 obj << /Type /Catalog >> endobj\n" * 4).decode(),
             "base64",
             "application/pdf",
         ),
-        (
-            "webp",
-            base64.b64encode(b"RIFF\x24\x00\x00\x00WEBPVP8 ").decode(),
-            "base64",
-            "image/webp",
-        ),
+        ("webp", base64.b64encode(WEBP + bytes(120)).decode(), "base64", "image/webp"),
         ("svg data uri", SVG_URI, "data_uri", "image/svg+xml"),
-        ("plain data uri", "data:,Hello%2C%20World", "data_uri", "text/plain"),
-        ("charset data uri", "DATA:text/plain;charset=utf-8,hi", "data_uri", "text/plain"),
+        ("plain data uri", "data:,Hello%2C%20World" + "%2C%20again" * 12, "data_uri", "text/plain"),
+        (
+            "charset data uri",
+            "DATA:text/plain;charset=utf-8," + "hi" * 60,
+            "data_uri",
+            "text/plain",
+        ),
         ("base64 data uri", "data:image/png;name=a.png;base64," + SMALL_PNG, "base64", "image/png"),
     ],
 )
@@ -904,6 +911,8 @@ def test_sanitize_redacts_encoded_content(
 ) -> None:
     if name == "small png":
         assert len(value) == 212
+    if name == "gif unpadded":
+        assert len(value) % 4
     marker = sanitize({"v": value})["v"]
     assert marker["redacted"] == kind, name
     assert marker.get("media_type") == media_type, name
@@ -939,8 +948,76 @@ def test_sanitize_keeps_words_digests_and_text(value: str) -> None:
     assert sanitize({"v": value, value: 1}) == {"v": value, value: 1}
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        base64.b64encode(GIF).decode().rstrip("="),
+        base64.b64encode(PDF).decode(),
+        base64.b64encode(WEBP).decode(),
+        base64.b64encode(b"\x89PNG\r\n\x1a\n").decode(),
+        'data:image/svg+xml,<svg xmlns="http://www.w3.org/2000/svg"><circle r="4"/></svg>',
+        "data:,Hello%2C%20World",
+        "DATA:text/plain;charset=utf-8,hi",
+        "data:,",
+        "data:;base64,",
+        "data:,[redacted",
+    ],
+)
+def test_sanitize_keeps_encoded_content_shorter_than_its_marker(value: str) -> None:
+    # Its marker would be larger than the content: kept, as text (escaped).
+    want = value.replace("[redacted", "[\\redacted")
+    assert sanitize({"v": value, value: 1}) == {"v": want, want: 1}
+    assert sanitize({"note": f"see {value} here"}) == {"note": f"see {want} here"}
+
+
+def _would_be_markers(value: str, kind: str, media_type: str) -> tuple[dict[str, Any], str]:
+    """The marker object and the marker string that would replace `value`."""
+    marker = {"redacted": kind, "sha256": _sha(value), "length": len(value)}
+    text = f"[redacted {kind} {media_type or 'content'} sha256:{_sha(value)} length:{len(value)}]"
+    return ({**marker, "media_type": media_type} if media_type else marker), text
+
+
+@pytest.mark.parametrize(
+    ("prefix", "fill", "kind", "media_type"),
+    [
+        ("data:,", "x", "data_uri", "text/plain"),
+        ("data:application/" + "v" * 40 + ";base64,", "A", "base64", "application/" + "v" * 40),
+        (base64.b64encode(GIF + bytes(2)).decode(), "AAAA", "base64", "image/gif"),
+        ("aB1+", "aB1+", "base64", ""),  # bare: from MIN_BARE_BASE64 characters on
+    ],
+)
+def test_content_is_replaced_exactly_when_its_marker_is_shorter(
+    prefix: str, fill: str, kind: str, media_type: str
+) -> None:
+    replaced = []
+    for n in range(0, 240, len(fill)):
+        value = prefix + fill * (n // len(fill))
+        marker, text_marker = _would_be_markers(value, kind, media_type)
+        # A whole value: a marker object where that is shorter (as canonical JSON),
+        # else it is read as text.
+        out = sanitize({"v": value})["v"]
+        if isinstance(out, dict):
+            assert out == marker and len(canonical(marker)) < len(value)
+            replaced.append(len(value))
+        else:
+            assert len(canonical(marker)) >= len(value)
+            assert out == value or (out == text_marker and len(text_marker) < len(value))
+        # A member name, and a data: URI inside text (bare base64 is only ever
+        # a whole value or name): a marker string where that is shorter.
+        names = [next(iter(sanitize({value: 1})))]
+        inside = [sanitize({"v": f"({value})"})["v"][1:-1]] if value.startswith("data:") else []
+        for got in names + inside:
+            if got == value:
+                assert len(text_marker) >= len(value)
+            else:
+                assert got == text_marker and len(text_marker) < len(value)
+    assert replaced, "the lengths tried reach past the marker's"
+
+
 ENCODED_SVG_URI = (
-    "data:image/svg+xml,%3Csvg%20xmlns%3D%27http%3A%2F%2Fwww.w3.org%2F2000%2Fsvg%27%2F%3E"
+    "data:image/svg+xml,%3Csvg%20xmlns%3D%27http%3A%2F%2Fwww.w3.org%2F2000%2Fsvg%27%3E"
+    + "%3Ccircle%20r%3D%274%27%2F%3E" * 3
+    + "%3C%2Fsvg%3E"
 )
 
 

@@ -232,9 +232,23 @@ def sanitize(value: Any) -> Any:
     A whole value becomes a marker object; a data: URI inside longer text, or in an
     object member's name, becomes a marker string in place.
 
+    Content is replaced only by a marker shorter than itself (108 to about 140
+    characters, more for a long media type; see _marker_object and _marker_text),
+    so that no request makes evidence larger than it sent; shorter content is kept
+    verbatim, as text: it is smaller than any evidence of it, and too small to be
+    a meaningful image. A whole value too short for a marker object is then read
+    as text, whose data: URIs may still be long enough for a marker string.
+
     Markers cannot be forged: caller data shaped like one is escaped, so that an
     object with a member named "redacted" and text holding "[redacted" are the
-    server's alone (see _escape_text and _escape_name). Time and memory are
+    server's alone (see _escape_text and _escape_name).
+
+    So the evidence never grows but by its escapes: each "[" + "\\"*n + "redacted"
+    in caller text gains a backslash (2 bytes of canonical JSON for at least 9
+    characters) and each member named "$"*n + "redacted" a "$" (1 byte for a member
+    of at least 12), hence
+        len(canonical(sanitize(v))) <= len(canonical(v)) * 11 / 9,
+    and <= len(canonical(v)) for evidence that holds neither. Time and memory are
     linear in the size of `value`."""
     if isinstance(value, dict):
         return {_escape_name(_sanitize_text(k)): sanitize(v) for k, v in value.items()}
@@ -243,15 +257,9 @@ def sanitize(value: Any) -> Any:
     if isinstance(value, str):
         found = _encoded(value)
         if found is not None:
-            kind, media_type = found
-            marker: dict[str, Any] = {
-                MARKER_MEMBER: kind,
-                "sha256": hashlib.sha256(value.encode()).hexdigest(),
-                "length": len(value),
-            }
-            if media_type:
-                marker["media_type"] = media_type
-            return marker
+            marker = _marker_object(found[0], found[1], value)
+            if marker is not None:
+                return marker
         return _redact_embedded(value)
     return value
 
@@ -348,10 +356,13 @@ def _encoded(text: str) -> tuple[str, str] | None:
 
 
 def _sanitize_text(text: str) -> str:
-    """`text`, or a marker string if the whole of it is encoded content."""
+    """`text`, or a marker string if the whole of it is encoded content longer
+    than that marker."""
     found = _encoded(text)
     if found is not None:
-        return _marker_text(found[0], found[1], text)
+        marker = _marker_text(found[0], found[1], text)
+        if marker is not None:
+            return marker
     return _redact_embedded(text)
 
 
@@ -371,17 +382,52 @@ def _redact_embedded(text: str) -> str:
         body = _EMBEDDED_BASE64_END if kind == "base64" else _EMBEDDED_TEXT_END
         end = body.match(text, body_start)
         stop = end.end() if end else body_start
-        parts += [
-            _escape_text(text[copied : start.start()]),
-            _marker_text(kind, media_type, text[start.start() : stop]),
-        ]
-        copied = search = stop
+        marker = _marker_text(kind, media_type, text[start.start() : stop])
+        if marker is not None:
+            parts += [_escape_text(text[copied : start.start()]), marker]
+            copied = stop
+        # else the URI is kept, and escaped with the text around it.
+        search = stop
     return "".join(parts) + _escape_text(text[copied:])
 
 
-def _marker_text(kind: str, media_type: str, content: str) -> str:
+# The size of a marker but for its media type and the digits of its length:
+#   "[redacted " kind " " media type " sha256:" 64 hex digits " length:" digits "]"
+#   {"length":digits,"media_type":"media type","redacted":"kind","sha256":"64 hex digits"}
+# (canonical JSON of the object; without media type, no "media_type" member).
+_MARKER_TEXT_SIZE = len(MARKER_TEXT + "  sha256: length:]") + 64
+_MARKER_OBJECT_SIZE = len('{"length":,"' + MARKER_MEMBER + '":"","sha256":""}') + 64
+_MEDIA_TYPE_MEMBER_SIZE = len(',"media_type":""')
+
+
+def _marker_text(kind: str, media_type: str, content: str) -> str | None:
+    """The marker string for `content`, or None if it would not be shorter than
+    `content` (which is then kept)."""
+    media_type = media_type or "content"
+    length = len(content)
+    if _MARKER_TEXT_SIZE + len(kind) + len(media_type) + len(str(length)) >= length:
+        return None
     digest = hashlib.sha256(content.encode()).hexdigest()
-    return f"{MARKER_TEXT}{kind} {media_type or 'content'} sha256:{digest} length:{len(content)}]"
+    return f"{MARKER_TEXT}{kind} {media_type} sha256:{digest} length:{length}]"
+
+
+def _marker_object(kind: str, media_type: str, content: str) -> dict[str, Any] | None:
+    """The marker object for `content`, or None if its canonical encoding would not
+    be shorter than `content` (which is then kept)."""
+    length = len(content)
+    size = _MARKER_OBJECT_SIZE + len(kind) + len(str(length))
+    if media_type:
+        size += _MEDIA_TYPE_MEMBER_SIZE + len(media_type)
+    if size >= length:
+        return None
+    marker: dict[str, Any] = {
+        MARKER_MEMBER: kind,
+        "sha256": hashlib.sha256(content.encode()).hexdigest(),
+        "length": length,
+    }
+    if media_type:
+        marker["media_type"] = media_type
+    return marker
 
 
 def _unwrapped(text: str) -> str | None:
