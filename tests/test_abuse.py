@@ -314,7 +314,9 @@ async def test_a_megabyte_of_tiny_data_uris_is_attested_as_sent_and_can_be_fetch
     got = await api.attest.GetAttestation(
         a.GetAttestationRequest(key=key, include_envelope=True), timeout=60
     )
-    listed = await api.attest.ListAttestations(a.ListAttestationsRequest(job_id=job.id), timeout=60)
+    listed = await api.attest.ListAttestations(
+        a.ListAttestationsRequest(job_id=job.id, view=a.ATTESTATION_VIEW_FULL), timeout=60
+    )
     (item,) = listed.attestations
     evidence = request.job.payload.ByteSize() + request.request_context.ByteSize()
     for attestation in (got.attestation, item):
