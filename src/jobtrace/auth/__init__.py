@@ -64,12 +64,30 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+ROLE_NAMES = tuple(r.value for r in Role)
+
+
+def _brief(raw: Any, limit: int = 80) -> str:
+    text = repr(raw)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _roles(raw: Any, where: str) -> frozenset[Role]:
-    names = raw.split() if isinstance(raw, str) else list(raw or [])
-    try:
-        return frozenset(Role(n) for n in names)
-    except ValueError as exc:
-        raise ValueError(f"{where}: unknown role in {names!r}") from exc
+    """A list of role names, or one role name given as a string; absent means no
+    role. Anything else is refused: an object such as {"admin": false} must not
+    be read as the names of its keys."""
+    if raw is None:
+        return frozenset()
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple) or not all(isinstance(item, str) for item in items):
+        raise ValueError(f"{where}: must be a role name or a list of role names, got {_brief(raw)}")
+    for item in items:
+        if item not in ROLE_NAMES:
+            hint = "; list several as [a, b]" if any(ch.isspace() for ch in item.strip()) else ""
+            raise ValueError(
+                f"{where}: unknown role {_brief(item)} (known: {', '.join(ROLE_NAMES)}){hint}"
+            )
+    return frozenset(Role(item) for item in items)
 
 
 def _optional_set(raw: Any, where: str) -> frozenset[str] | None:
@@ -161,7 +179,7 @@ class Authenticator:
         except jwt.InvalidTokenError as exc:
             raise Unauthenticated(f"invalid token: {exc}", reason="TOKEN_INVALID") from exc
         try:
-            roles = _roles(claims.get("roles", []), "token")
+            roles = _roles(claims.get("roles"), "token claim 'roles'")
         except ValueError as exc:
             raise Unauthenticated(str(exc), reason="TOKEN_INVALID") from exc
         tenant = claims.get("tenant")
@@ -199,32 +217,50 @@ def load_tokens_file(path: Path) -> dict[str, Principal]:
       - sha256: <hex sha256 of the token>   # `jobtrace token new` prints one
         subject: billing-api
         tenant: acme
-        roles: [submitter]
+        roles: [submitter]      # role names (reader, submitter, worker, admin); one
+                                #   may be given as a string
         services: [resize]      # workers: services they may serve (default any;
                                 #   one name may be given as a string; "*" is any)
         tenants: [acme]         # workers: tenants whose jobs they run (default own)
-    """
+
+    The `tokens` list must be there (`tokens: []` admits nobody), so an empty or
+    truncated file is an error, never "no tokens". Any malformed entry fails the
+    whole load with a ValueError naming it."""
     text = path.read_text()
     if path.suffix == ".json":
-        doc = json.loads(text)
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from exc
     else:
         import yaml
 
-        doc = yaml.safe_load(text)
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("tokens"), list):
+        raise ValueError(f"{path}: must hold a `tokens:` list (`tokens: []` admits nobody)")
     out: dict[str, Principal] = {}
-    for i, entry in enumerate((doc or {}).get("tokens", [])):
+    for i, entry in enumerate(doc["tokens"]):
         where = f"{path}: tokens[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: must be a mapping (sha256, subject, tenant, roles)")
         digest = str(entry.get("sha256", "")).lower()
-        if len(digest) != 64:
+        if len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
             raise ValueError(f"{where}: sha256 must be the 64-character hex digest of the token")
-        tenant = entry.get("tenant") or ""
-        if not entry.get("subject") or not tenant:
+        if digest in out:
+            raise ValueError(f"{where}: the same token (sha256) is listed twice")
+        subject, tenant = entry.get("subject"), entry.get("tenant")
+        if not isinstance(subject, str | int) or not isinstance(tenant, str | int):
+            raise ValueError(f"{where}: subject and tenant are required (names)")
+        if not str(subject) or not str(tenant):
             raise ValueError(f"{where}: subject and tenant are required")
         out[digest] = Principal(
-            subject=str(entry["subject"]),
+            subject=str(subject),
             tenant=str(tenant),
-            roles=_roles(entry.get("roles"), where),
+            roles=_roles(entry.get("roles"), f"{where}.roles"),
             allowed_services=_optional_set(entry.get("services"), f"{where}.services"),
-            allowed_tenants=_optional_set(entry.get("tenants", [tenant]), f"{where}.tenants"),
+            allowed_tenants=_optional_set(entry.get("tenants", [str(tenant)]), f"{where}.tenants"),
         )
     return out
