@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
+import socket
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -297,22 +300,55 @@ class _MethodAwarePool:
             return self._pool.FindFileContainingSymbol(parent)
 
 
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
-
-
 def listen_host(listen: str) -> str:
     host, _, _ = listen.rpartition(":")
     return host
 
 
-def check_exposure(s: Settings, auth: Authenticator) -> None:
-    """Without credentials configured, refuse to listen beyond loopback."""
-    host = listen_host(s.listen)
-    if not auth.enabled and not (host in LOOPBACK_HOSTS or host.startswith("127.")):
-        raise OSError(
-            f"refusing to listen on {s.listen} without authentication: configure "
-            "--tokens-file or --jwt-* (and --tls-cert/--tls-key), or listen on 127.0.0.1"
-        )
+Resolver = Callable[[str], list[str]]
+
+
+def resolve(host: str) -> list[str]:
+    """Every address `host` resolves to (an address resolves to itself)."""
+    infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def check_exposure(s: Settings, auth: Authenticator, resolve: Resolver = resolve) -> None:
+    """Without credentials configured, refuse to listen (or serve metrics)
+    beyond loopback: every address the host resolves to must be a loopback
+    address; a host that does not resolve is an error."""
+    if auth.enabled:
+        return
+    endpoints = [("listen on", s.listen, listen_host(s.listen))]
+    if s.metrics_port is not None:
+        host = s.metrics_host or listen_host(s.listen)
+        endpoints.append(("serve metrics on", f"{host}:{s.metrics_port}", host))
+    for action, where, host in endpoints:
+        if where.startswith(("unix:", "unix-abstract:")):
+            continue  # a local socket
+        name = host.removeprefix("[").removesuffix("]")
+        if name in ("", "*"):
+            addresses = ["0.0.0.0"]  # every interface
+        else:
+            try:
+                addresses = resolve(name)
+            except (OSError, UnicodeError) as exc:
+                raise OSError(f"cannot resolve {name!r} (to {action} {where}): {exc}") from exc
+        outside = [a for a in addresses if not _loopback(a)]
+        if outside or not addresses:
+            raise OSError(
+                f"refusing to {action} {where} without authentication: {name!r} resolves to "
+                f"{', '.join(outside) or 'nothing'}, not a loopback address; configure "
+                "--tokens-file or --jwt-* (and --tls-cert/--tls-key), or use 127.0.0.1"
+            )
 
 
 def build_authenticator(s: Settings) -> Authenticator:
