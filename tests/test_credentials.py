@@ -1,16 +1,22 @@
-"""Credentials against a real server: the roles rule, and the exposure check on
-resolved addresses."""
+"""Credentials against a real server: the roles rule, reloading the credential
+files (on change and on SIGHUP), and the exposure check on resolved addresses."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import re
+import signal
 import sys
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import yaml
 
 from jobtrace.auth import Authenticator, hash_token
 from jobtrace.config import Settings
@@ -18,8 +24,21 @@ from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
 from jobtrace.server import check_exposure
 
-from .conftest import Harness
+from .conftest import Harness, stubs_for, wait_for
 from .test_security import ISSUER, SECRET, bearer, code_of, make_jwt
+from .workers import terminate
+
+
+def tokens_doc(*entries: tuple[str, str, str, list[str]]) -> str:
+    """A tokens file admitting (token, subject, tenant, roles) for each entry."""
+    return yaml.safe_dump(
+        {
+            "tokens": [
+                {"sha256": hash_token(tok), "subject": sub, "tenant": tenant, "roles": roles}
+                for tok, sub, tenant, roles in entries
+            ]
+        }
+    )
 
 
 async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
@@ -190,3 +209,249 @@ def _any_jwt() -> Any:
     from jobtrace.auth import JwtSettings
 
     return JwtSettings("HS256", SECRET, ISSUER, "jobtrace")
+
+
+# --- reloading the tokens file -----------------------------------------------------------
+
+
+@pytest.fixture
+async def reloading(sqlite_url: str, tmp_path: Path) -> AsyncIterator[tuple[Harness, Path]]:
+    """A server whose tokens file is checked for changes every 50 ms."""
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(
+        tokens_doc(
+            ("tok-admin", "ops", "acme", ["admin"]),
+            ("tok-old", "old-reader", "acme", ["reader"]),
+            ("tok-pool", "pool", "acme", ["worker"]),
+        )
+    )
+    async with Harness(
+        sqlite_url, tokens_file=str(tokens), reload_interval_seconds=0.05, heartbeat_seconds=0.5
+    ) as h:
+        yield h, tokens
+
+
+async def test_a_changed_tokens_file_is_reloaded(
+    reloading: tuple[Harness, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    h, tokens = reloading
+    api = h.stubs()
+    assert await code_of(api.jobs.ListJobs(j.ListJobsRequest(), metadata=bearer("tok-new"))) == (
+        "UNAUTHENTICATED"
+    )
+    caplog.set_level(logging.INFO, logger="jobtrace.auth.reload")
+    tokens.write_text(
+        tokens_doc(
+            ("tok-admin", "ops", "acme", ["admin"]),
+            ("tok-new", "new-reader", "acme", ["reader"]),
+        )
+    )
+    await wait_for(lambda: _code(api, bearer("tok-new"), "OK"))
+    # New calls: the removed token is refused, the added one admitted.
+    for tok, code in (("tok-old", "UNAUTHENTICATED"), ("tok-new", "OK"), ("tok-admin", "OK")):
+        assert await code_of(api.jobs.ListJobs(j.ListJobsRequest(), metadata=bearer(tok))) == code
+    (changed,) = [
+        r.getMessage() for r in caplog.records if "tokens file reloaded" in r.getMessage()
+    ]
+    assert "added acme/new-reader" in changed and "removed acme/old-reader, acme/pool" in changed
+    assert "tok-" not in caplog.text and hash_token("tok-new") not in caplog.text
+
+    # A half-written or invalid file keeps the tokens in service and logs why.
+    for broken in ("tokens:\n  - sha256: ", "", "tokens: [{sha256: x, subject: a}]\n"):
+        caplog.clear()
+        tokens.write_text(broken)
+        await wait_for(lambda: "reloading the tokens file failed" in caplog.text)
+        assert [r.levelno for r in caplog.records if r.name == "jobtrace.auth.reload"] == [
+            logging.ERROR
+        ]
+        for tok in ("tok-new", "tok-admin"):
+            assert await code_of(api.jobs.ListJobs(j.ListJobsRequest(), metadata=bearer(tok))) == (
+                "OK"
+            )
+    # An emptied list admits nobody (authentication stays on: no anonymous admin).
+    tokens.write_text("tokens: []\n")
+    await wait_for(
+        lambda: _code(api, bearer("tok-admin"), "UNAUTHENTICATED"),
+    )
+    assert await code_of(api.jobs.ListJobs(j.ListJobsRequest())) == "UNAUTHENTICATED"
+
+
+async def _code(api: Any, md: Any, code: str) -> bool:
+    return await code_of(api.jobs.ListJobs(j.ListJobsRequest(), metadata=md)) == code
+
+
+async def test_sighup_reloads_the_tokens_file_and_the_server_survives(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(
+        tokens_doc(("tok-a", "alpha", "acme", ["submitter"]), ("tok-b", "beta", "acme", ["reader"]))
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "jobtrace",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        str(tmp_path / "jobtrace.db"),
+        "--tokens-file",
+        str(tokens),
+        "--log-format",
+        "text",
+        stderr=asyncio.subprocess.PIPE,
+        # SIGHUP only: no poll can be what reloads (--reload-interval-seconds 0).
+        env={**os.environ, "JOBTRACE_RELOAD_INTERVAL_SECONDS": "0"},
+    )
+    assert proc.stderr is not None
+    log_lines: list[str] = []
+
+    async def collect(stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            log_lines.append(line.decode())
+
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                line = (await proc.stderr.readline()).decode()
+                assert line, "server exited during start"
+                if m := re.search(r"\(port (\d+)\)", line):
+                    break
+        collector = asyncio.create_task(collect(proc.stderr))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{m.group(1)}") as channel:
+            api = stubs_for(channel)
+
+            async def code(tok: str) -> str:
+                return await code_of(api.jobs.ListJobs(j.ListJobsRequest(), metadata=bearer(tok)))
+
+            assert (await code("tok-a"), await code("tok-c")) == ("OK", "UNAUTHENTICATED")
+            tokens.write_text(
+                tokens_doc(
+                    ("tok-b", "beta", "acme", ["reader"]), ("tok-c", "gamma", "acme", ["reader"])
+                )
+            )
+            proc.send_signal(signal.SIGHUP)
+            await wait_for(lambda: any("tokens file reloaded" in ln for ln in log_lines), 20)
+            assert proc.returncode is None, "SIGHUP ended the server"
+            assert await code("tok-a") == "UNAUTHENTICATED"
+            assert await code("tok-c") == "OK"
+            assert await code("tok-b") == "OK"
+            (reloaded,) = [ln for ln in log_lines if "tokens file reloaded" in ln]
+            assert "added acme/gamma" in reloaded and "removed acme/alpha" in reloaded
+        await terminate(proc)
+        assert proc.returncode == 0
+        await collector
+        assert not any("tok-" in ln for ln in log_lines), "a token was logged"
+    finally:
+        await terminate(proc)
+
+
+def _rsa_key() -> Any:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _pem_public(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _self_signed(serial: int) -> tuple[bytes, bytes]:
+    """A certificate for localhost, its own CA, and its key (PEM)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"server-{serial}")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+async def test_the_jwt_public_key_and_the_tls_certificate_follow_their_files(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import jwt
+
+    signers = [_rsa_key(), _rsa_key()]
+    certs = [_self_signed(1), _self_signed(2)]
+    public, cert_file, key_file = tmp_path / "jwt.pub", tmp_path / "tls.pem", tmp_path / "tls.key"
+    public.write_bytes(_pem_public(signers[0]))
+    cert_file.write_bytes(certs[0][0])
+    key_file.write_bytes(certs[0][1])
+    async with Harness(
+        sqlite_url,
+        jwt_algorithm="RS256",
+        jwt_public_key_file=str(public),
+        jwt_issuer=ISSUER,
+        tls_cert=str(cert_file),
+        tls_key=str(key_file),
+        reload_interval_seconds=0.05,
+    ) as h:
+        assert h.server is not None
+        target = f"localhost:{h.server.port}"
+
+        async def code(trusted: int, signer: int) -> str:
+            """ListJobs over a new connection trusting certs[trusted] only, with a
+            JWT signed by signers[signer]."""
+            claims = {"sub": "s", "tenant": "acme", "roles": "reader", "iss": ISSUER}
+            claims.update(aud="jobtrace", exp=int(time.time()) + 60)
+            token = jwt.encode(claims, signers[signer], algorithm="RS256")
+            credentials = grpc.ssl_channel_credentials(certs[trusted][0])
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            async with grpc.aio.secure_channel(target, credentials, options) as channel:
+                api = stubs_for(channel)
+                return await code_of(
+                    api.jobs.ListJobs(j.ListJobsRequest(), metadata=bearer(token), timeout=5)
+                )
+
+        assert (await code(0, 0), await code(1, 0), await code(0, 1)) == (
+            "OK",
+            "UNAVAILABLE",
+            "UNAUTHENTICATED",
+        )
+        caplog.set_level(logging.INFO, logger="jobtrace.auth.reload")
+        public.write_bytes(_pem_public(signers[1]))
+        key_file.write_bytes(certs[1][1])
+        cert_file.write_bytes(certs[1][0])
+        await wait_for(lambda: _is(code(1, 1), "OK"), timeout=20)
+        assert (await code(1, 0), await code(0, 1)) == ("UNAUTHENTICATED", "UNAVAILABLE")
+        assert "JWT public key reloaded: new key in use" in caplog.text
+        # Files that do not load keep what is in service.
+        caplog.clear()
+        key_file.write_bytes(certs[0][1])  # not the key of certs[1]
+        public.write_text("-----BEGIN PUBLIC KEY-----\nnot a key\n")
+        await wait_for(
+            lambda: (
+                "reloading the TLS certificate failed" in caplog.text
+                and "reloading the JWT public key failed" in caplog.text
+            )
+        )
+        assert "is not the key of the certificate" in caplog.text
+        assert await code(1, 1) == "OK"
+
+
+async def _is(call: Any, expected: str) -> bool:
+    return await call == expected

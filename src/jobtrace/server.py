@@ -26,6 +26,7 @@ from jobtrace.api.limits import StreamLimiter
 from jobtrace.api.trace_service import TraceServicer
 from jobtrace.api.worker_service import WorkerServicer
 from jobtrace.auth import Authenticator, JwtSettings
+from jobtrace.auth.reload import CredentialFiles, read_jwt_public_key
 from jobtrace.config import Settings
 from jobtrace.domain.annotations import Annotations
 from jobtrace.domain.attest import Attestor, Signer
@@ -60,11 +61,15 @@ class JobtraceServer:
         self.metrics: Metrics | None = None
         self.shutting_down = asyncio.Event()
         self._server: grpc.aio.Server | None = None
+        self.credential_files: CredentialFiles | None = None
 
     async def start(self) -> int:
         s = self.settings
         auth = build_authenticator(s)
         check_exposure(s, auth)
+        self.auth = auth
+        files = CredentialFiles.open(s, auth)
+        self.credential_files = files
         streams = StreamLimiter(s.max_streams_per_caller)
         self.streams = streams
         if s.metrics_port is not None:
@@ -140,7 +145,7 @@ class JobtraceServer:
         )
         try:
             if s.tls_cert:
-                self.port = server.add_secure_port(s.listen, server_credentials(s))
+                self.port = server.add_secure_port(s.listen, files.server_credentials())
             else:
                 self.port = server.add_insecure_port(s.listen)
         except RuntimeError as exc:
@@ -165,6 +170,7 @@ class JobtraceServer:
         await self.db.listen(self._on_notices, self._on_listen_restored)
         self.scheduler.start()
         self.trace.start()
+        files.start(s.reload_interval_seconds)
         self._maintenance = asyncio.create_task(self._maintain(), name="jobtrace-retention")
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for name in SERVICE_NAMES:
@@ -193,6 +199,8 @@ class JobtraceServer:
         self.shutting_down.set()
         self.jobs.stopping.set()
         await self.trace.stop()
+        if self.credential_files is not None:
+            await self.credential_files.stop()
         self._maintenance.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._maintenance
@@ -204,6 +212,12 @@ class JobtraceServer:
             self.metrics_port = None
         await self.db.close()
         log.info("jobtrace stopped")
+
+    def reload_credentials(self) -> None:
+        """Reload the tokens file, the JWT public key and the TLS files now (SIGHUP);
+        before the server has started there is nothing to reload."""
+        if self.credential_files is not None:
+            self.credential_files.request_reload()
 
     async def _sample_state(self) -> StateSample:
         """The state metrics report at each scrape (called on the event loop)."""
@@ -354,11 +368,16 @@ def check_exposure(s: Settings, auth: Authenticator, resolve: Resolver = resolve
 def build_authenticator(s: Settings) -> Authenticator:
     jwt = None
     if s.jwt_secret or s.jwt_public_key_file:
-        key = (
-            s.jwt_secret if s.jwt_algorithm == "HS256" else Path(s.jwt_public_key_file).read_text()
-        )
         if s.jwt_algorithm not in ("HS256", "RS256"):
             raise OSError(f"unsupported JWT algorithm {s.jwt_algorithm!r} (HS256 or RS256)")
+        try:
+            key = (
+                s.jwt_secret
+                if s.jwt_algorithm == "HS256"
+                else read_jwt_public_key(Path(s.jwt_public_key_file))
+            )
+        except (OSError, ValueError) as exc:
+            raise OSError(f"cannot load the JWT public key: {exc}") from exc
         if not s.jwt_issuer:
             raise OSError("--jwt-issuer is required with JWT authentication")
         jwt = JwtSettings(s.jwt_algorithm, key, s.jwt_issuer, s.jwt_audience)
@@ -366,18 +385,6 @@ def build_authenticator(s: Settings) -> Authenticator:
         return Authenticator.from_files(s.tokens_file, jwt)
     except (OSError, ValueError) as exc:
         raise OSError(f"cannot load tokens: {exc}") from exc
-
-
-def server_credentials(s: Settings) -> grpc.ServerCredentials:
-    try:
-        cert = Path(s.tls_cert).read_bytes()
-        key = Path(s.tls_key).read_bytes()
-        ca = Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None
-    except OSError as exc:
-        raise OSError(f"cannot read TLS files: {exc}") from exc
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
-    )
 
 
 def _redact(url: str) -> str:

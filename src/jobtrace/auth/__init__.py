@@ -121,24 +121,49 @@ class Authenticator:
     """Resolves the `authorization: Bearer <token>` metadata to a principal.
 
     With no tokens file and no JWT settings every caller is the local admin of
-    the default tenant, and the server refuses to listen beyond loopback."""
+    the default tenant, and the server refuses to listen beyond loopback. The
+    tokens and the JWT key can be replaced while serving (a reload)."""
 
     def __init__(
-        self, tokens: dict[str, Principal] | None = None, jwt: JwtSettings | None = None
+        self,
+        tokens: dict[str, Principal] | None = None,
+        jwt: JwtSettings | None = None,
+        *,
+        tokens_file: bool = False,
     ) -> None:
-        self._tokens = tokens or {}
+        self._tokens = dict(tokens or {})
         self._jwt = jwt
+        # A configured tokens file keeps authentication on even when a reload
+        # empties it: nobody is admitted, rather than everybody as admin.
+        self._tokens_file = tokens_file or bool(tokens)
 
     @property
     def enabled(self) -> bool:
-        return bool(self._tokens) or self._jwt is not None
+        return self._tokens_file or self._jwt is not None
+
+    @property
+    def jwt(self) -> JwtSettings | None:
+        return self._jwt
 
     @classmethod
     def from_files(cls, tokens_file: str = "", jwt: JwtSettings | None = None) -> Authenticator:
         tokens: dict[str, Principal] = {}
         if tokens_file:
             tokens = load_tokens_file(Path(tokens_file))
-        return cls(tokens, jwt)
+        return cls(tokens, jwt, tokens_file=bool(tokens_file))
+
+    def replace_tokens(self, tokens: dict[str, Principal]) -> TokenChanges:
+        """Serve these tokens from now on (a reload)."""
+        if not self._tokens_file:
+            raise ValueError("no tokens file is configured")
+        old, self._tokens = self._tokens, dict(tokens)
+        return TokenChanges.between(old, self._tokens)
+
+    def replace_jwt(self, jwt: JwtSettings) -> None:
+        """Verify JWTs with these settings from now on (a reloaded public key)."""
+        if self._jwt is None:
+            raise ValueError("JWT authentication is not configured")
+        self._jwt = jwt
 
     def authenticate(self, metadata: Iterable[tuple[str, Any]] | None) -> Principal:
         if not self.enabled:
@@ -208,6 +233,38 @@ class Authenticator:
                 metadata={"role": role.value},
             )
         return principal
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChanges:
+    """What a reload of the tokens file changed, by `tenant/subject` (never the token)."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+
+    @classmethod
+    def between(cls, old: dict[str, Principal], new: dict[str, Principal]) -> TokenChanges:
+        def names(digests: Iterable[str], side: dict[str, Principal]) -> tuple[str, ...]:
+            return tuple(sorted(f"{side[d].tenant}/{side[d].subject}" for d in digests))
+
+        return cls(
+            added=names(new.keys() - old.keys(), new),
+            removed=names(old.keys() - new.keys(), old),
+            changed=names((d for d in new.keys() & old.keys() if new[d] != old[d]), new),
+        )
+
+    def __str__(self) -> str:
+        parts = [
+            f"{label} {', '.join(names)}"
+            for label, names in (
+                ("added", self.added),
+                ("removed", self.removed),
+                ("changed", self.changed),
+            )
+            if names
+        ]
+        return "; ".join(parts) or "no entry changed"
 
 
 def load_tokens_file(path: Path) -> dict[str, Principal]:
