@@ -1,5 +1,6 @@
-"""Credentials against a real server: the roles rule, reloading the credential
-files (on change and on SIGHUP), and the exposure check on resolved addresses."""
+"""Credentials over time, against a real server: the roles rule, reloading the
+credential files (on change and on SIGHUP), streams that end when their
+credentials lapse, and the exposure check on resolved addresses."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from jobtrace.auth import Authenticator, hash_token
 from jobtrace.config import Settings
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
+from jobtrace.pb import trace_service_pb2 as t
+from jobtrace.pb import worker_service_pb2 as w
 from jobtrace.server import check_exposure
 
 from .conftest import Harness, stubs_for, wait_for
@@ -45,6 +48,19 @@ async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     return caught.value
+
+
+async def read_until_error(call: Any, timeout: float = 20.0) -> tuple[list[Any], Any]:
+    """Every message of a stream until it ends with an error: (messages, error)."""
+    messages = []
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                message = await call.read()
+            except grpc.aio.AioRpcError as err:
+                return messages, err
+            assert message is not grpc.aio.EOF, "the stream ended OK"
+            messages.append(message)
 
 
 # --- the roles rule --------------------------------------------------------------------
@@ -140,6 +156,67 @@ async def test_malformed_tokens_file_refuses_to_load(
     assert problem in str(caught.value)
 
 
+# --- streams end when their credentials lapse -------------------------------------------
+
+
+async def test_streams_opened_with_a_jwt_end_when_it_expires(db_url: str) -> None:
+    async with Harness(
+        db_url, jwt_secret=SECRET, jwt_issuer=ISSUER, lease_seconds=30, heartbeat_seconds=1
+    ) as h:
+        api = h.stubs()
+        admin = bearer(make_jwt(roles=["admin"]))
+        first = (
+            await api.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="a", job=c.JobSpec(service="s")), metadata=admin
+            )
+        ).job
+        expires = int(time.time()) + 3
+        short = bearer(make_jwt(sub="pool", roles=["worker", "reader"], exp=expires))
+        worker = api.workers.Connect(metadata=short)
+        await worker.write(
+            w.ConnectRequest(hello=w.WorkerHello(worker_id="p1", services=["s"], max_concurrency=4))
+        )
+        assert (await worker.read()).WhichOneof("kind") == "welcome"
+        assert (await worker.read()).assignment.job.id == first.id
+        watch = api.jobs.WatchJob(j.WatchJobRequest(job_id=first.id), metadata=short)
+        assert (await watch.read()).job.id == first.id
+        trace = api.trace.StreamTraceEvents(
+            t.StreamTraceEventsRequest(run_id=first.id, follow=True), metadata=short
+        )
+
+        await wait_for(lambda: time.time() >= expires, timeout=10)
+        second = (
+            await api.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="b", job=c.JobSpec(service="s")), metadata=admin
+            )
+        ).job
+        messages, error = await read_until_error(worker)
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "token expired" in error.details()
+        assigned = [m.assignment.job.id for m in messages if m.WhichOneof("kind") == "assignment"]
+        assert second.id not in assigned and not assigned, "an assignment after the expiry"
+        for stream in (watch, trace):
+            _, error = await read_until_error(stream)
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "token expired" in error.details()
+        # The expired worker's job went back to the queue, as for a lost stream,
+        # and a worker with a valid token gets both jobs.
+        await wait_for(lambda: _state(api, first.id, admin, c.RUN_STATE_QUEUED), timeout=30)
+        fresh = api.workers.Connect(metadata=bearer(make_jwt(sub="pool", roles=["worker"])))
+        await fresh.write(
+            w.ConnectRequest(hello=w.WorkerHello(worker_id="p1", services=["s"], max_concurrency=4))
+        )
+        assert (await fresh.read()).WhichOneof("kind") == "welcome"
+        got = set()
+        async with asyncio.timeout(20):
+            while len(got) < 2:
+                message = await fresh.read()
+                if message.WhichOneof("kind") == "assignment":
+                    got.add(message.assignment.job.id)
+        assert got == {first.id, second.id}
+        fresh.cancel()
+
+
 # --- the exposure check resolves addresses -------------------------------------------
 
 
@@ -231,14 +308,37 @@ async def reloading(sqlite_url: str, tmp_path: Path) -> AsyncIterator[tuple[Harn
         yield h, tokens
 
 
-async def test_a_changed_tokens_file_is_reloaded(
+async def test_a_changed_tokens_file_is_reloaded_and_ends_the_streams_of_removed_tokens(
     reloading: tuple[Harness, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     h, tokens = reloading
+    assert h.server is not None
     api = h.stubs()
+    admin = bearer("tok-admin")
+    job = (
+        await api.jobs.SubmitJob(
+            j.SubmitJobRequest(request_id="r", job=c.JobSpec(service="s")), metadata=admin
+        )
+    ).job
     assert await code_of(api.jobs.ListJobs(j.ListJobsRequest(), metadata=bearer("tok-new"))) == (
         "UNAUTHENTICATED"
     )
+    # Streams opened with the tokens about to be removed: a watch and a worker
+    # holding the job.
+    watch = api.jobs.WatchJob(j.WatchJobRequest(job_id=job.id), metadata=bearer("tok-old"))
+    assert (await watch.read()).job.id == job.id
+    worker = api.workers.Connect(metadata=bearer("tok-pool"))
+    await worker.write(w.ConnectRequest(hello=w.WorkerHello(worker_id="p1", services=["s"])))
+    assert (await worker.read()).WhichOneof("kind") == "welcome"
+    assert (await worker.read()).assignment.job.id == job.id
+    # Each stream waits on its credentials; a cancelled one stops waiting.
+    await wait_for(lambda: h.server is not None and h.server.auth.watchers == 2)
+    cancelled = api.jobs.WatchJob(j.WatchJobRequest(job_id=job.id), metadata=admin)
+    assert (await cancelled.read()).job.id == job.id
+    await wait_for(lambda: h.server is not None and h.server.auth.watchers == 3)
+    cancelled.cancel()
+    await wait_for(lambda: h.server is not None and h.server.auth.watchers == 2)
+
     caplog.set_level(logging.INFO, logger="jobtrace.auth.reload")
     tokens.write_text(
         tokens_doc(
@@ -246,7 +346,17 @@ async def test_a_changed_tokens_file_is_reloaded(
             ("tok-new", "new-reader", "acme", ["reader"]),
         )
     )
-    await wait_for(lambda: _code(api, bearer("tok-new"), "OK"))
+    _, watch_error = await read_until_error(watch)
+    assert watch_error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "token revoked" in watch_error.details()
+    messages, worker_error = await read_until_error(worker)
+    assert worker_error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "token revoked" in worker_error.details()
+    assert not [m for m in messages if m.WhichOneof("kind") == "assignment"]
+    # The worker's lease was given back like a lost stream's.
+    await wait_for(
+        lambda: _state(api, job.id, admin, c.RUN_STATE_QUEUED, c.RUN_STATE_FAILED), timeout=30
+    )
     # New calls: the removed token is refused, the added one admitted.
     for tok, code in (("tok-old", "UNAUTHENTICATED"), ("tok-new", "OK"), ("tok-admin", "OK")):
         assert await code_of(api.jobs.ListJobs(j.ListJobsRequest(), metadata=bearer(tok))) == code
@@ -255,6 +365,7 @@ async def test_a_changed_tokens_file_is_reloaded(
     ]
     assert "added acme/new-reader" in changed and "removed acme/old-reader, acme/pool" in changed
     assert "tok-" not in caplog.text and hash_token("tok-new") not in caplog.text
+    await wait_for(lambda: h.server is not None and h.server.auth.watchers == 0)
 
     # A half-written or invalid file keeps the tokens in service and logs why.
     for broken in ("tokens:\n  - sha256: ", "", "tokens: [{sha256: x, subject: a}]\n"):
@@ -274,6 +385,11 @@ async def test_a_changed_tokens_file_is_reloaded(
         lambda: _code(api, bearer("tok-admin"), "UNAUTHENTICATED"),
     )
     assert await code_of(api.jobs.ListJobs(j.ListJobsRequest())) == "UNAUTHENTICATED"
+
+
+async def _state(api: Any, job_id: str, md: Any, *states: int) -> bool:
+    job = (await api.jobs.GetJob(j.GetJobRequest(job_id=job_id), metadata=md)).job
+    return job.state in states
 
 
 async def _code(api: Any, md: Any, code: str) -> bool:

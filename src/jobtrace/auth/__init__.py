@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,9 @@ class Principal:
     # For workers: the tenants whose jobs they may run; None means any.
     allowed_tenants: frozenset[str] | None = None
     authenticated: bool = True
+    # For JWTs: when the token expires (`exp`, seconds since the epoch); None for
+    # tokens from the tokens file, which hold until a reload removes them.
+    expires_at: float | None = None
 
     def may(self, role: Role) -> bool:
         return any(role in _IMPLIES[r] for r in self.roles)
@@ -122,7 +128,8 @@ class Authenticator:
 
     With no tokens file and no JWT settings every caller is the local admin of
     the default tenant, and the server refuses to listen beyond loopback. The
-    tokens and the JWT key can be replaced while serving (a reload)."""
+    tokens and the JWT key can be replaced while serving (a reload); long-lived
+    streams wait in `wait_lapsed` to learn when their credentials stop holding."""
 
     def __init__(
         self,
@@ -136,6 +143,9 @@ class Authenticator:
         # A configured tokens file keeps authentication on even when a reload
         # empties it: nobody is admitted, rather than everybody as admin.
         self._tokens_file = tokens_file or bool(tokens)
+        self._changed = asyncio.Event()
+        # Streams currently waiting for their credentials to lapse.
+        self.watchers = 0
 
     @property
     def enabled(self) -> bool:
@@ -153,10 +163,11 @@ class Authenticator:
         return cls(tokens, jwt, tokens_file=bool(tokens_file))
 
     def replace_tokens(self, tokens: dict[str, Principal]) -> TokenChanges:
-        """Serve these tokens from now on (a reload)."""
+        """Serve these tokens from now on (a reload); streams re-check theirs."""
         if not self._tokens_file:
             raise ValueError("no tokens file is configured")
         old, self._tokens = self._tokens, dict(tokens)
+        self._notify()
         return TokenChanges.between(old, self._tokens)
 
     def replace_jwt(self, jwt: JwtSettings) -> None:
@@ -164,6 +175,11 @@ class Authenticator:
         if self._jwt is None:
             raise ValueError("JWT authentication is not configured")
         self._jwt = jwt
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def authenticate(self, metadata: Iterable[tuple[str, Any]] | None) -> Principal:
         if not self.enabled:
@@ -184,6 +200,48 @@ class Authenticator:
         if self._jwt is not None and token.count(".") == 2:
             return self._from_jwt(token)
         raise Unauthenticated("unknown or invalid token", reason="TOKEN_INVALID")
+
+    def recheck(
+        self, metadata: Iterable[tuple[str, Any]] | None, principal: Principal
+    ) -> Unauthenticated | None:
+        """Why the credentials a stream was opened with no longer hold (None
+        while they do): the JWT expired, or a reload removed or changed the token."""
+        try:
+            current = self.authenticate(metadata)
+        except Unauthenticated as exc:
+            if principal.expires_at is None and exc.reason == "TOKEN_INVALID":
+                return Unauthenticated(
+                    "token revoked: it is no longer in the tokens file", reason="TOKEN_REVOKED"
+                )
+            return Unauthenticated(f"credentials lapsed: {exc.message}", reason=exc.reason)
+        if current != principal:
+            return Unauthenticated(
+                "token changed: its entry in the tokens file was edited; reconnect",
+                reason="TOKEN_CHANGED",
+            )
+        return None
+
+    async def wait_lapsed(
+        self, metadata: Iterable[tuple[str, Any]] | None, principal: Principal
+    ) -> Unauthenticated:
+        """Wait until the credentials stop holding (at the JWT's expiry, or at a
+        reload that removes or changes the token) and say why."""
+        self.watchers += 1
+        try:
+            while True:
+                error = self.recheck(metadata, principal)
+                if error is not None:
+                    return error
+                changed = self._changed
+                until = principal.expires_at
+                if until is None:
+                    await changed.wait()
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, until - time.time())):
+                        await changed.wait()
+        finally:
+            self.watchers -= 1
 
     def _from_jwt(self, token: str) -> Principal:
         import jwt
@@ -221,6 +279,7 @@ class Authenticator:
             roles=roles,
             allowed_services=services,
             allowed_tenants=tenants,
+            expires_at=float(claims["exp"]),
         )
 
     def require(self, context: Any, role: Role) -> Principal:
