@@ -62,6 +62,9 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    # The tokens file, the JWT public key file and the TLS files are checked for
+    # changes this often, and reloaded when changed (also on SIGHUP); 0: on SIGHUP only.
+    reload_interval_seconds: float = 2.0
     # Open streams (watches, trace streams, worker sessions) one caller may hold.
     max_streams_per_caller: int = 1000
     # Jobs a tenant may have waiting (QUEUED or PENDING) at once.

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
+import socket
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from jobtrace.api.limits import PageBytes, StreamLimiter
 from jobtrace.api.trace_service import TraceServicer
 from jobtrace.api.worker_service import WorkerServicer
 from jobtrace.auth import Authenticator, JwtSettings
+from jobtrace.auth.reload import CredentialFiles, read_jwt_public_key
 from jobtrace.config import Settings
 from jobtrace.domain.annotations import Annotations
 from jobtrace.domain.attest import Attestor, Signer
@@ -63,11 +67,15 @@ class JobtraceServer:
         self.metrics: Metrics | None = None
         self.shutting_down = asyncio.Event()
         self._server: grpc.aio.Server | None = None
+        self.credential_files: CredentialFiles | None = None
 
     async def start(self) -> int:
         s = self.settings
         auth = build_authenticator(s)
         check_exposure(s, auth)
+        self.auth = auth
+        files = CredentialFiles.open(s, auth)
+        self.credential_files = files
         streams = StreamLimiter(s.max_streams_per_caller)
         self.streams = streams
         if s.metrics_port is not None:
@@ -151,7 +159,7 @@ class JobtraceServer:
         )
         try:
             if s.tls_cert:
-                self.port = server.add_secure_port(s.listen, server_credentials(s))
+                self.port = server.add_secure_port(s.listen, files.server_credentials())
             else:
                 self.port = server.add_insecure_port(s.listen)
         except RuntimeError as exc:
@@ -176,6 +184,7 @@ class JobtraceServer:
         await self.db.listen(self._on_notices, self._on_listen_restored)
         self.scheduler.start()
         self.trace.start(s.retention_sweep_seconds)
+        files.start(s.reload_interval_seconds)
         self._maintenance = asyncio.create_task(
             self._maintain(s.retention_sweep_seconds), name="jobtrace-retention"
         )
@@ -213,6 +222,8 @@ class JobtraceServer:
         self.shutting_down.set()
         self.jobs.stopping.set()
         await self.trace.stop()
+        if self.credential_files is not None:
+            await self.credential_files.stop()
         self._maintenance.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._maintenance
@@ -224,6 +235,12 @@ class JobtraceServer:
             self.metrics_port = None
         await self.db.close()
         log.info("jobtrace stopped")
+
+    def reload_credentials(self) -> None:
+        """Reload the tokens file, the JWT public key and the TLS files now (SIGHUP);
+        before the server has started there is nothing to reload."""
+        if self.credential_files is not None:
+            self.credential_files.request_reload()
 
     async def _sample_state(self) -> StateSample:
         """The state metrics report at each scrape (called on the event loop)."""
@@ -320,32 +337,70 @@ class _MethodAwarePool:
             return self._pool.FindFileContainingSymbol(parent)
 
 
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
-
-
 def listen_host(listen: str) -> str:
     host, _, _ = listen.rpartition(":")
     return host
 
 
-def check_exposure(s: Settings, auth: Authenticator) -> None:
-    """Without credentials configured, refuse to listen beyond loopback."""
-    host = listen_host(s.listen)
-    if not auth.enabled and not (host in LOOPBACK_HOSTS or host.startswith("127.")):
-        raise OSError(
-            f"refusing to listen on {s.listen} without authentication: configure "
-            "--tokens-file or --jwt-* (and --tls-cert/--tls-key), or listen on 127.0.0.1"
-        )
+Resolver = Callable[[str], list[str]]
+
+
+def resolve(host: str) -> list[str]:
+    """Every address `host` resolves to (an address resolves to itself)."""
+    infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def check_exposure(s: Settings, auth: Authenticator, resolve: Resolver = resolve) -> None:
+    """Without credentials configured, refuse to listen (or serve metrics)
+    beyond loopback: every address the host resolves to must be a loopback
+    address; a host that does not resolve is an error."""
+    if auth.enabled:
+        return
+    endpoints = [("listen on", s.listen, listen_host(s.listen))]
+    if s.metrics_port is not None:
+        host = s.metrics_host or listen_host(s.listen)
+        endpoints.append(("serve metrics on", f"{host}:{s.metrics_port}", host))
+    for action, where, host in endpoints:
+        if where.startswith(("unix:", "unix-abstract:")):
+            continue  # a local socket
+        name = host.removeprefix("[").removesuffix("]")
+        if name in ("", "*"):
+            addresses = ["0.0.0.0"]  # every interface
+        else:
+            try:
+                addresses = resolve(name)
+            except (OSError, UnicodeError) as exc:
+                raise OSError(f"cannot resolve {name!r} (to {action} {where}): {exc}") from exc
+        outside = [a for a in addresses if not _loopback(a)]
+        if outside or not addresses:
+            raise OSError(
+                f"refusing to {action} {where} without authentication: {name!r} resolves to "
+                f"{', '.join(outside) or 'nothing'}, not a loopback address; configure "
+                "--tokens-file or --jwt-* (and --tls-cert/--tls-key), or use 127.0.0.1"
+            )
 
 
 def build_authenticator(s: Settings) -> Authenticator:
     jwt = None
     if s.jwt_secret or s.jwt_public_key_file:
-        key = (
-            s.jwt_secret if s.jwt_algorithm == "HS256" else Path(s.jwt_public_key_file).read_text()
-        )
         if s.jwt_algorithm not in ("HS256", "RS256"):
             raise OSError(f"unsupported JWT algorithm {s.jwt_algorithm!r} (HS256 or RS256)")
+        try:
+            key = (
+                s.jwt_secret
+                if s.jwt_algorithm == "HS256"
+                else read_jwt_public_key(Path(s.jwt_public_key_file))
+            )
+        except (OSError, ValueError) as exc:
+            raise OSError(f"cannot load the JWT public key: {exc}") from exc
         if not s.jwt_issuer:
             raise OSError("--jwt-issuer is required with JWT authentication")
         jwt = JwtSettings(s.jwt_algorithm, key, s.jwt_issuer, s.jwt_audience)
@@ -353,18 +408,6 @@ def build_authenticator(s: Settings) -> Authenticator:
         return Authenticator.from_files(s.tokens_file, jwt)
     except (OSError, ValueError) as exc:
         raise OSError(f"cannot load tokens: {exc}") from exc
-
-
-def server_credentials(s: Settings) -> grpc.ServerCredentials:
-    try:
-        cert = Path(s.tls_cert).read_bytes()
-        key = Path(s.tls_key).read_bytes()
-        ca = Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None
-    except OSError as exc:
-        raise OSError(f"cannot read TLS files: {exc}") from exc
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
-    )
 
 
 def _redact(url: str) -> str:

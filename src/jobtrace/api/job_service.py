@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from jobtrace.api import convert
+from jobtrace.api.credentials import guarded
 from jobtrace.api.errors import rpc
 from jobtrace.api.limits import PageBytes, StreamLimiter
 from jobtrace.auth import Authenticator, Role
@@ -120,20 +122,22 @@ class JobServicer(pb_grpc.JobServiceServicer):
         self, request: pb.WatchJobRequest, context: Any
     ) -> AsyncIterator[pb.WatchJobResponse]:
         principal = self._auth.require(context, Role.READER)
+        watch = self._jobs.watch_job(principal.read_scope, request.job_id)
         with self._streams.hold(principal):
-            async for job in self._jobs.watch_job(principal.read_scope, request.job_id):
-                yield pb.WatchJobResponse(job=convert.job_to_proto(job))
+            async with aclosing(guarded(self._auth, context, principal, watch)) as jobs:
+                async for job in jobs:
+                    yield pb.WatchJobResponse(job=convert.job_to_proto(job))
 
     @rpc
     async def WatchWorkflow(
         self, request: pb.WatchWorkflowRequest, context: Any
     ) -> AsyncIterator[pb.WatchWorkflowResponse]:
         principal = self._auth.require(context, Role.READER)
+        watch = self._jobs.watch_workflow(principal.read_scope, request.workflow_id)
         with self._streams.hold(principal):
-            async for workflow, job in self._jobs.watch_workflow(
-                principal.read_scope, request.workflow_id
-            ):
-                yield pb.WatchWorkflowResponse(
-                    workflow=convert.workflow_to_proto(workflow),
-                    changed_job=convert.job_to_proto(job) if job is not None else None,
-                )
+            async with aclosing(guarded(self._auth, context, principal, watch)) as changes:
+                async for workflow, job in changes:
+                    yield pb.WatchWorkflowResponse(
+                        workflow=convert.workflow_to_proto(workflow),
+                        changed_job=convert.job_to_proto(job) if job is not None else None,
+                    )

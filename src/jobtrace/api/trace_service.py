@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from jobtrace.api import convert
+from jobtrace.api.credentials import guarded
 from jobtrace.api.errors import rpc
 from jobtrace.api.limits import PageBytes, StreamLimiter
 from jobtrace.auth import Authenticator, Role
@@ -55,27 +57,30 @@ class TraceServicer(pb_grpc.TraceServiceServicer):
         self, request: pb.StreamTraceEventsRequest, context: Any
     ) -> AsyncIterator[pb.StreamTraceEventsResponse]:
         principal = self._auth.require(context, Role.READER)
+        stream = self._trace.stream(
+            principal.read_scope,
+            request.run_id,
+            request.cursor,
+            convert.event_filter(request),
+            request.follow,
+        )
         with self._streams.hold(principal):
-            async for item in self._trace.stream(
-                principal.read_scope,
-                request.run_id,
-                request.cursor,
-                convert.event_filter(request),
-                request.follow,
-            ):
-                if item.event is not None:
-                    yield pb.StreamTraceEventsResponse(
-                        event=convert.event_to_proto(item.event), cursor=item.cursor
-                    )
-                elif item.final is not None:
-                    yield pb.StreamTraceEventsResponse(
-                        final_status=convert.run_status_to_proto(item.final), cursor=item.cursor
-                    )
-                else:
-                    yield pb.StreamTraceEventsResponse(
-                        keepalive=pb.Keepalive(time=convert.us_to_ts(item.keepalive_us)),
-                        cursor=item.cursor,
-                    )
+            async with aclosing(guarded(self._auth, context, principal, stream)) as items:
+                async for item in items:
+                    if item.event is not None:
+                        yield pb.StreamTraceEventsResponse(
+                            event=convert.event_to_proto(item.event), cursor=item.cursor
+                        )
+                    elif item.final is not None:
+                        yield pb.StreamTraceEventsResponse(
+                            final_status=convert.run_status_to_proto(item.final),
+                            cursor=item.cursor,
+                        )
+                    else:
+                        yield pb.StreamTraceEventsResponse(
+                            keepalive=pb.Keepalive(time=convert.us_to_ts(item.keepalive_us)),
+                            cursor=item.cursor,
+                        )
 
     @rpc
     async def GetRunStatus(

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from jobtrace.api import convert
+from jobtrace.api.credentials import CredentialWatch
 from jobtrace.api.errors import to_status
 from jobtrace.api.handlers import MalformedRequest
 from jobtrace.api.limits import StreamLimiter
@@ -49,14 +50,23 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         except DomainError as exc:
             await context.abort_with_status(to_status(exc))
             return
+        watch = CredentialWatch(self._auth, context, principal)
         try:
-            async for message in self._session(request_iterator, context, principal):
+            async for message in self._session(request_iterator, context, principal, watch):
                 yield message
         finally:
+            await watch.stop()
             hold.__exit__(None, None, None)
+        if watch.lapsed is not None:
+            # The session ended like a lost stream (its leases handled as such).
+            await context.abort_with_status(to_status(watch.lapsed))
 
     async def _session(
-        self, request_iterator: AsyncIterator[pb.ConnectRequest], context: Any, principal: Any
+        self,
+        request_iterator: AsyncIterator[pb.ConnectRequest],
+        context: Any,
+        principal: Any,
+        watch: CredentialWatch,
     ) -> AsyncIterator[pb.ConnectResponse]:
         try:
             async with asyncio.timeout(HELLO_TIMEOUT_S):
@@ -77,14 +87,15 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         except Exception as exc:
             yield convert.outgoing_to_proto(unexpected(hello.worker_id, first, exc, fatal=True))
             return
+        watch.start(lambda error: session.close(f"credentials lapsed: {error.message}"))
         yield convert.outgoing_to_proto(welcome)
         reader = asyncio.create_task(self._read(request_iterator, session))
         lost = True
         try:
             while True:
                 message = await session.next_outgoing()
-                if message is None:
-                    break
+                if message is None or watch.check() is not None:
+                    break  # nothing is sent once the credentials have lapsed
                 yield convert.outgoing_to_proto(message)
             lost = not self._scheduler_draining(session)
         finally:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,9 @@ class Principal:
     # For workers: the tenants whose jobs they may run; None means any.
     allowed_tenants: frozenset[str] | None = None
     authenticated: bool = True
+    # For JWTs: when the token expires (`exp`, seconds since the epoch); None for
+    # tokens from the tokens file, which hold until a reload removes them.
+    expires_at: float | None = None
 
     def may(self, role: Role) -> bool:
         return any(role in _IMPLIES[r] for r in self.roles)
@@ -64,12 +70,30 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+ROLE_NAMES = tuple(r.value for r in Role)
+
+
+def _brief(raw: Any, limit: int = 80) -> str:
+    text = repr(raw)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _roles(raw: Any, where: str) -> frozenset[Role]:
-    names = raw.split() if isinstance(raw, str) else list(raw or [])
-    try:
-        return frozenset(Role(n) for n in names)
-    except ValueError as exc:
-        raise ValueError(f"{where}: unknown role in {names!r}") from exc
+    """A list of role names, or one role name given as a string; absent means no
+    role. Anything else is refused: an object such as {"admin": false} must not
+    be read as the names of its keys."""
+    if raw is None:
+        return frozenset()
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple) or not all(isinstance(item, str) for item in items):
+        raise ValueError(f"{where}: must be a role name or a list of role names, got {_brief(raw)}")
+    for item in items:
+        if item not in ROLE_NAMES:
+            hint = "; list several as [a, b]" if any(ch.isspace() for ch in item.strip()) else ""
+            raise ValueError(
+                f"{where}: unknown role {_brief(item)} (known: {', '.join(ROLE_NAMES)}){hint}"
+            )
+    return frozenset(Role(item) for item in items)
 
 
 def _optional_set(raw: Any, where: str) -> frozenset[str] | None:
@@ -103,24 +127,59 @@ class Authenticator:
     """Resolves the `authorization: Bearer <token>` metadata to a principal.
 
     With no tokens file and no JWT settings every caller is the local admin of
-    the default tenant, and the server refuses to listen beyond loopback."""
+    the default tenant, and the server refuses to listen beyond loopback. The
+    tokens and the JWT key can be replaced while serving (a reload); long-lived
+    streams wait in `wait_lapsed` to learn when their credentials stop holding."""
 
     def __init__(
-        self, tokens: dict[str, Principal] | None = None, jwt: JwtSettings | None = None
+        self,
+        tokens: dict[str, Principal] | None = None,
+        jwt: JwtSettings | None = None,
+        *,
+        tokens_file: bool = False,
     ) -> None:
-        self._tokens = tokens or {}
+        self._tokens = dict(tokens or {})
         self._jwt = jwt
+        # A configured tokens file keeps authentication on even when a reload
+        # empties it: nobody is admitted, rather than everybody as admin.
+        self._tokens_file = tokens_file or bool(tokens)
+        self._changed = asyncio.Event()
+        # Streams currently waiting for their credentials to lapse.
+        self.watchers = 0
 
     @property
     def enabled(self) -> bool:
-        return bool(self._tokens) or self._jwt is not None
+        return self._tokens_file or self._jwt is not None
+
+    @property
+    def jwt(self) -> JwtSettings | None:
+        return self._jwt
 
     @classmethod
     def from_files(cls, tokens_file: str = "", jwt: JwtSettings | None = None) -> Authenticator:
         tokens: dict[str, Principal] = {}
         if tokens_file:
             tokens = load_tokens_file(Path(tokens_file))
-        return cls(tokens, jwt)
+        return cls(tokens, jwt, tokens_file=bool(tokens_file))
+
+    def replace_tokens(self, tokens: dict[str, Principal]) -> TokenChanges:
+        """Serve these tokens from now on (a reload); streams re-check theirs."""
+        if not self._tokens_file:
+            raise ValueError("no tokens file is configured")
+        old, self._tokens = self._tokens, dict(tokens)
+        self._notify()
+        return TokenChanges.between(old, self._tokens)
+
+    def replace_jwt(self, jwt: JwtSettings) -> None:
+        """Verify JWTs with these settings from now on (a reloaded public key)."""
+        if self._jwt is None:
+            raise ValueError("JWT authentication is not configured")
+        self._jwt = jwt
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def authenticate(self, metadata: Iterable[tuple[str, Any]] | None) -> Principal:
         if not self.enabled:
@@ -142,6 +201,48 @@ class Authenticator:
             return self._from_jwt(token)
         raise Unauthenticated("unknown or invalid token", reason="TOKEN_INVALID")
 
+    def recheck(
+        self, metadata: Iterable[tuple[str, Any]] | None, principal: Principal
+    ) -> Unauthenticated | None:
+        """Why the credentials a stream was opened with no longer hold (None
+        while they do): the JWT expired, or a reload removed or changed the token."""
+        try:
+            current = self.authenticate(metadata)
+        except Unauthenticated as exc:
+            if principal.expires_at is None and exc.reason == "TOKEN_INVALID":
+                return Unauthenticated(
+                    "token revoked: it is no longer in the tokens file", reason="TOKEN_REVOKED"
+                )
+            return Unauthenticated(f"credentials lapsed: {exc.message}", reason=exc.reason)
+        if current != principal:
+            return Unauthenticated(
+                "token changed: its entry in the tokens file was edited; reconnect",
+                reason="TOKEN_CHANGED",
+            )
+        return None
+
+    async def wait_lapsed(
+        self, metadata: Iterable[tuple[str, Any]] | None, principal: Principal
+    ) -> Unauthenticated:
+        """Wait until the credentials stop holding (at the JWT's expiry, or at a
+        reload that removes or changes the token) and say why."""
+        self.watchers += 1
+        try:
+            while True:
+                error = self.recheck(metadata, principal)
+                if error is not None:
+                    return error
+                changed = self._changed
+                until = principal.expires_at
+                if until is None:
+                    await changed.wait()
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, until - time.time())):
+                        await changed.wait()
+        finally:
+            self.watchers -= 1
+
     def _from_jwt(self, token: str) -> Principal:
         import jwt
 
@@ -161,7 +262,7 @@ class Authenticator:
         except jwt.InvalidTokenError as exc:
             raise Unauthenticated(f"invalid token: {exc}", reason="TOKEN_INVALID") from exc
         try:
-            roles = _roles(claims.get("roles", []), "token")
+            roles = _roles(claims.get("roles"), "token claim 'roles'")
         except ValueError as exc:
             raise Unauthenticated(str(exc), reason="TOKEN_INVALID") from exc
         tenant = claims.get("tenant")
@@ -178,6 +279,7 @@ class Authenticator:
             roles=roles,
             allowed_services=services,
             allowed_tenants=tenants,
+            expires_at=float(claims["exp"]),
         )
 
     def require(self, context: Any, role: Role) -> Principal:
@@ -192,6 +294,38 @@ class Authenticator:
         return principal
 
 
+@dataclass(frozen=True, slots=True)
+class TokenChanges:
+    """What a reload of the tokens file changed, by `tenant/subject` (never the token)."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+
+    @classmethod
+    def between(cls, old: dict[str, Principal], new: dict[str, Principal]) -> TokenChanges:
+        def names(digests: Iterable[str], side: dict[str, Principal]) -> tuple[str, ...]:
+            return tuple(sorted(f"{side[d].tenant}/{side[d].subject}" for d in digests))
+
+        return cls(
+            added=names(new.keys() - old.keys(), new),
+            removed=names(old.keys() - new.keys(), old),
+            changed=names((d for d in new.keys() & old.keys() if new[d] != old[d]), new),
+        )
+
+    def __str__(self) -> str:
+        parts = [
+            f"{label} {', '.join(names)}"
+            for label, names in (
+                ("added", self.added),
+                ("removed", self.removed),
+                ("changed", self.changed),
+            )
+            if names
+        ]
+        return "; ".join(parts) or "no entry changed"
+
+
 def load_tokens_file(path: Path) -> dict[str, Principal]:
     """A YAML or JSON file:
 
@@ -199,32 +333,50 @@ def load_tokens_file(path: Path) -> dict[str, Principal]:
       - sha256: <hex sha256 of the token>   # `jobtrace token new` prints one
         subject: billing-api
         tenant: acme
-        roles: [submitter]
+        roles: [submitter]      # role names (reader, submitter, worker, admin); one
+                                #   may be given as a string
         services: [resize]      # workers: services they may serve (default any;
                                 #   one name may be given as a string; "*" is any)
         tenants: [acme]         # workers: tenants whose jobs they run (default own)
-    """
+
+    The `tokens` list must be there (`tokens: []` admits nobody), so an empty or
+    truncated file is an error, never "no tokens". Any malformed entry fails the
+    whole load with a ValueError naming it."""
     text = path.read_text()
     if path.suffix == ".json":
-        doc = json.loads(text)
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from exc
     else:
         import yaml
 
-        doc = yaml.safe_load(text)
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("tokens"), list):
+        raise ValueError(f"{path}: must hold a `tokens:` list (`tokens: []` admits nobody)")
     out: dict[str, Principal] = {}
-    for i, entry in enumerate((doc or {}).get("tokens", [])):
+    for i, entry in enumerate(doc["tokens"]):
         where = f"{path}: tokens[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: must be a mapping (sha256, subject, tenant, roles)")
         digest = str(entry.get("sha256", "")).lower()
-        if len(digest) != 64:
+        if len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
             raise ValueError(f"{where}: sha256 must be the 64-character hex digest of the token")
-        tenant = entry.get("tenant") or ""
-        if not entry.get("subject") or not tenant:
+        if digest in out:
+            raise ValueError(f"{where}: the same token (sha256) is listed twice")
+        subject, tenant = entry.get("subject"), entry.get("tenant")
+        if not isinstance(subject, str | int) or not isinstance(tenant, str | int):
+            raise ValueError(f"{where}: subject and tenant are required (names)")
+        if not str(subject) or not str(tenant):
             raise ValueError(f"{where}: subject and tenant are required")
         out[digest] = Principal(
-            subject=str(entry["subject"]),
+            subject=str(subject),
             tenant=str(tenant),
-            roles=_roles(entry.get("roles"), where),
+            roles=_roles(entry.get("roles"), f"{where}.roles"),
             allowed_services=_optional_set(entry.get("services"), f"{where}.services"),
-            allowed_tenants=_optional_set(entry.get("tenants", [tenant]), f"{where}.tenants"),
+            allowed_tenants=_optional_set(entry.get("tenants", [str(tenant)]), f"{where}.tenants"),
         )
     return out

@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", help="server certificate (PEM)")
     serve.add_argument("--tls-key", help="server private key (PEM)")
     serve.add_argument("--tls-client-ca", help="CA for client certificates (makes them required)")
+    serve.add_argument(
+        "--reload-interval-seconds",
+        type=float,
+        help="check the tokens, JWT key and TLS files for changes this often (default 2; "
+        "0: only on SIGHUP)",
+    )
     serve.add_argument("--max-streams-per-caller", type=int, help="default 1000")
     serve.add_argument("--max-queued-per-tenant", type=int, help="default 100000")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")

@@ -38,6 +38,7 @@ def serve(args: argparse.Namespace) -> int:
             "tls_cert": args.tls_cert,
             "tls_key": args.tls_key,
             "tls_client_ca": args.tls_client_ca,
+            "reload_interval_seconds": args.reload_interval_seconds,
             "max_streams_per_caller": args.max_streams_per_caller,
             "max_queued_per_tenant": args.max_queued_per_tenant,
             "metrics_port": args.metrics_port,
@@ -55,11 +56,13 @@ def serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         server = JobtraceServer(settings)
-        await server.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP reloads the credential files (by default it would end the process).
+        loop.add_signal_handler(signal.SIGHUP, server.reload_credentials)
+        await server.start()
         await stop.wait()
         await server.stop()
 
