@@ -67,6 +67,11 @@ class Settings:
     metrics_port: int | None = None
     # Address the metrics endpoint binds; empty: the host part of `listen`.
     metrics_host: str = ""
+    # Services (tenant-chosen names) with a metrics label value of their own;
+    # the rest are counted under service="(other)", so series stay bounded.
+    metrics_max_services: int = 200
+    # A metrics connection that sends nothing for this long is closed.
+    metrics_idle_timeout_seconds: float = 10.0
 
     @classmethod
     def load(

@@ -67,7 +67,12 @@ class JobtraceServer:
         if s.metrics_port is not None:
             if not 0 <= s.metrics_port <= 65535:
                 raise OSError(f"invalid metrics port {s.metrics_port} (0-65535)")
-            self.metrics = Metrics()
+            if not s.metrics_idle_timeout_seconds > 0 or s.metrics_max_services < 0:
+                raise OSError(
+                    "--metrics-idle-timeout-seconds must be positive and "
+                    "--metrics-max-services not negative"
+                )
+            self.metrics = Metrics(max_services=s.metrics_max_services)
             self.db.on_batch = self.metrics.batch_committed
         await self.db.start()
         tokens = await open_tokens(self.db)
@@ -152,7 +157,9 @@ class JobtraceServer:
             self.metrics.sample_state(self._sample_state, asyncio.get_running_loop())
             try:
                 self.metrics_port = self.metrics.serve(
-                    s.metrics_host or listen_host(s.listen), s.metrics_port
+                    s.metrics_host or listen_host(s.listen),
+                    s.metrics_port,
+                    idle_timeout_s=s.metrics_idle_timeout_seconds,
                 )
             except OSError:
                 await self.db.close()

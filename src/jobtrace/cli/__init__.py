@@ -51,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)"
     )
     serve.add_argument("--metrics-host", help="metrics address (default: the --listen host)")
+    serve.add_argument(
+        "--metrics-max-services",
+        type=int,
+        help='services labelled by name in metrics; the rest count as "(other)" (default 200)',
+    )
+    serve.add_argument(
+        "--metrics-idle-timeout-seconds",
+        type=float,
+        help="close a metrics connection idle this long (default 10)",
+    )
     serve.set_defaults(func=server_commands.serve)
 
     worker = sub.add_parser("worker", parents=[conn], help="run a worker")

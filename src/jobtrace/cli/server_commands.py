@@ -38,6 +38,8 @@ def serve(args: argparse.Namespace) -> int:
             "max_queued_per_tenant": args.max_queued_per_tenant,
             "metrics_port": args.metrics_port,
             "metrics_host": args.metrics_host,
+            "metrics_max_services": args.metrics_max_services,
+            "metrics_idle_timeout_seconds": args.metrics_idle_timeout_seconds,
             "log_format": args.log_format,
         }
     )
