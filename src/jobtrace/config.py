@@ -59,6 +59,10 @@ class Settings:
     # connection (clients reconnect transparently); streams already open on the
     # old one, such as worker streams, live on until they end.
     max_connection_age_seconds: float = 3600.0
+    # A server stream (trace stream, watch, worker session) whose reader takes
+    # nothing for this long ends RESOURCE_EXHAUSTED (READER_STALLED), releasing
+    # what it holds.
+    stream_stall_seconds: float = 30.0
     # Logging level name.
     log_level: str = "INFO"
     # Log lines: "json" (one object per line) or "text".

@@ -62,6 +62,8 @@ class JobtraceServer:
         s = self.settings
         auth = build_authenticator(s)
         check_exposure(s, auth)
+        if not s.stream_stall_seconds > 0:
+            raise OSError("--stream-stall-seconds must be positive")
         streams = StreamLimiter(s.max_streams_per_caller)
         self.streams = streams
         if s.metrics_port is not None:
@@ -116,7 +118,8 @@ class JobtraceServer:
             ("grpc.max_connection_age_ms", int(s.max_connection_age_seconds * 1000)),
             ("grpc.max_connection_age_grace_ms", UNBOUNDED_MS),
         ]
-        server = grpc.aio.server(options=options, interceptors=[CallObserver(self.metrics)])
+        observer = CallObserver(self.metrics, stall_s=s.stream_stall_seconds)
+        server = grpc.aio.server(options=options, interceptors=[observer])
         add_service(server, service_descriptor("JobService"), JobServicer(jobs, auth, streams))
         add_service(
             server,

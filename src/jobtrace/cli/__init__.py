@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-client-ca", help="CA for client certificates (makes them required)")
     serve.add_argument("--max-streams-per-caller", type=int, help="default 1000")
     serve.add_argument("--max-queued-per-tenant", type=int, help="default 100000")
+    serve.add_argument(
+        "--stream-stall-seconds",
+        type=float,
+        help="end a stream whose reader takes nothing this long (default 30)",
+    )
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     serve.add_argument("--log-format", choices=["json", "text"], help="default json")
     serve.add_argument(

@@ -36,6 +36,7 @@ def serve(args: argparse.Namespace) -> int:
             "tls_client_ca": args.tls_client_ca,
             "max_streams_per_caller": args.max_streams_per_caller,
             "max_queued_per_tenant": args.max_queued_per_tenant,
+            "stream_stall_seconds": args.stream_stall_seconds,
             "metrics_port": args.metrics_port,
             "metrics_host": args.metrics_host,
             "metrics_max_services": args.metrics_max_services,
