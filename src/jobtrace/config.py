@@ -53,6 +53,14 @@ class Settings:
     tls_client_ca: str = ""
     # Open streams (watches, trace streams, worker sessions) one caller may hold.
     max_streams_per_caller: int = 1000
+    # Calls (HTTP/2 streams: unary calls and streams alike) one connection may
+    # have in progress; the peer's next one is refused at the HTTP/2 layer
+    # (RST_STREAM REFUSED_STREAM), and a well-behaved client queues it.
+    max_calls_per_connection: int = 1000
+    # Calls in progress in the whole server, over all connections, including
+    # ones whose request has not arrived yet; past it a new call is answered
+    # RESOURCE_EXHAUSTED at once. Bounds the memory that calls can hold.
+    max_concurrent_calls: int = 10_000
     # Jobs a tenant may have waiting (QUEUED or PENDING) at once.
     max_queued_per_tenant: int = 100_000
     # Connections are recycled after this long: new calls move to a fresh

@@ -64,6 +64,8 @@ class JobtraceServer:
         check_exposure(s, auth)
         if not s.stream_stall_seconds > 0:
             raise OSError("--stream-stall-seconds must be positive")
+        if s.max_calls_per_connection < 1 or s.max_concurrent_calls < 1:
+            raise OSError("--max-calls-per-connection and --max-concurrent-calls must be positive")
         streams = StreamLimiter(s.max_streams_per_caller)
         self.streams = streams
         if s.metrics_port is not None:
@@ -117,9 +119,18 @@ class JobtraceServer:
             # finds dead peers.
             ("grpc.max_connection_age_ms", int(s.max_connection_age_seconds * 1000)),
             ("grpc.max_connection_age_grace_ms", UNBOUNDED_MS),
+            # Every call is an HTTP/2 stream: a connection may have this many
+            # open at once; the peer's next HEADERS is refused (RST_STREAM).
+            ("grpc.max_concurrent_streams", s.max_calls_per_connection),
         ]
         observer = CallObserver(self.metrics, stall_s=s.stream_stall_seconds)
-        server = grpc.aio.server(options=options, interceptors=[observer])
+        # Calls in progress, whole server: past this, a new call is answered
+        # RESOURCE_EXHAUSTED at once (its memory is freed at once too).
+        server = grpc.aio.server(
+            options=options,
+            interceptors=[observer],
+            maximum_concurrent_rpcs=s.max_concurrent_calls,
+        )
         add_service(server, service_descriptor("JobService"), JobServicer(jobs, auth, streams))
         add_service(
             server,

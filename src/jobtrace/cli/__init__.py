@@ -46,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-streams-per-caller", type=int, help="default 1000")
     serve.add_argument("--max-queued-per-tenant", type=int, help="default 100000")
     serve.add_argument(
+        "--max-calls-per-connection",
+        type=int,
+        help="calls (HTTP/2 streams) one connection may have open (default 1000)",
+    )
+    serve.add_argument(
+        "--max-concurrent-calls",
+        type=int,
+        help="calls in progress in the whole server (default 10000)",
+    )
+    serve.add_argument(
         "--stream-stall-seconds",
         type=float,
         help="end a stream whose reader takes nothing this long (default 30)",

@@ -37,6 +37,8 @@ def serve(args: argparse.Namespace) -> int:
             "max_streams_per_caller": args.max_streams_per_caller,
             "max_queued_per_tenant": args.max_queued_per_tenant,
             "stream_stall_seconds": args.stream_stall_seconds,
+            "max_calls_per_connection": args.max_calls_per_connection,
+            "max_concurrent_calls": args.max_concurrent_calls,
             "metrics_port": args.metrics_port,
             "metrics_host": args.metrics_host,
             "metrics_max_services": args.metrics_max_services,
