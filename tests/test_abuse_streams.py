@@ -73,7 +73,7 @@ def open_streams(server: JobtraceServer | None) -> int:
 
 
 async def test_a_trace_stream_whose_reader_stalls_is_ended_and_released(db_url: str) -> None:
-    async with Harness(db_url, stream_stall_seconds=STALL_S) as h:
+    async with Harness(db_url, stream_stall_seconds=STALL_S, metrics_port=0) as h:
         assert h.server is not None
         bus = h.server.trace.bus
         api = h.stubs()
@@ -106,6 +106,18 @@ async def test_a_trace_stream_whose_reader_stalls_is_ended_and_released(db_url: 
         )
         rest = [m.event.event_key async for m in resumed if m.WhichOneof("kind") == "event"]
         assert rest == [f"k{i}" for i in range(len(received), len(events))]
+        # Counted with the status it ended with.
+        assert h.server.metrics is not None
+        handled = h.server.metrics.registry.get_sample_value(
+            "grpc_server_handled_total",
+            {
+                "grpc_service": "jobtrace.v1.TraceService",
+                "grpc_method": "StreamTraceEvents",
+                "grpc_type": "server_stream",
+                "grpc_code": "RESOURCE_EXHAUSTED",
+            },
+        )
+        assert handled == 1
 
 
 async def test_a_job_watch_whose_reader_stalls_is_ended_and_released(db_url: str) -> None:
