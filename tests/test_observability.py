@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import socket
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -451,6 +452,48 @@ async def test_metrics_endpoint_closes_with_the_server(db_url: str) -> None:
         await scrape(port)
 
 
+async def test_series_per_service_are_bounded_with_an_other_bucket(db_url: str) -> None:
+    """Service names are the callers' choice: past the limit, services share
+    the "(other)" label value, so a scrape's series stay bounded and no job
+    goes uncounted."""
+    async with Harness(db_url, metrics_port=0, metrics_max_services=3) as h:
+        api = h.stubs()
+        # The busiest services get the names; 12 distinct services in all.
+        for n, service in [(4, "big"), (3, "mid"), (2, "small")]:
+            for i in range(n):
+                await submit(api, f"{service}-{i}", service=service)
+        for i in range(9):
+            await submit(api, f"rare-{i}", service=f"tenant-chosen-{i}")
+        s = await scrape(h.server)
+        queued = s.matching("jobtrace_queue_depth", state="QUEUED")
+        by_service = {sample.labels["service"]: sample.value for sample in queued}
+        assert by_service == {"big": 4, "mid": 3, "small": 2, "(other)": 9}, by_service
+        # Services that come later share the bucket too; the named ones keep their series.
+        for i in range(9, 20):
+            await submit(api, f"rare-{i}", service=f"tenant-chosen-{i}")
+        s = await scrape(h.server)
+        services = {sample.labels["service"] for sample in s.matching("jobtrace_queue_depth")}
+        assert services == {"big", "mid", "small", "(other)"}, services
+        assert s.value("jobtrace_queue_depth", service="(other)", state="QUEUED") == 20
+
+
+async def test_an_idle_metrics_connection_is_closed(sqlite_url: str) -> None:
+    """A connection that sends nothing is closed after the idle timeout, and
+    the endpoint keeps serving scrapes."""
+    async with Harness(sqlite_url, metrics_port=0, metrics_idle_timeout_seconds=0.2) as h:
+        assert h.server is not None and h.server.metrics_port
+
+        def idle_connection(port: int) -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                # A generous bound against a hang: the server closes it long before.
+                return sock.recv(1)
+
+        idle = [asyncio.to_thread(idle_connection, h.server.metrics_port) for _ in range(3)]
+        assert await asyncio.gather(*idle) == [b""] * 3  # EOF: the server hung up
+        s = await scrape(h.server)
+        assert s.value("jobtrace_connected_workers") == 0
+
+
 def test_metrics_settings_come_from_the_environment() -> None:
     assert Settings.load(env={}).metrics_port is None
     assert Settings.load(env={"JOBTRACE_METRICS_PORT": "9464"}).metrics_port == 9464
@@ -460,6 +503,13 @@ def test_metrics_settings_come_from_the_environment() -> None:
     loaded = Settings.load(env={"JOBTRACE_METRICS_HOST": "0.0.0.0", "JOBTRACE_LOG_FORMAT": "text"})
     assert loaded.metrics_host == "0.0.0.0" and loaded.log_format == "text"
     assert Settings.load(env={}).log_format == "json"
+    limits = Settings.load(
+        env={
+            "JOBTRACE_METRICS_MAX_SERVICES": "50",
+            "JOBTRACE_METRICS_IDLE_TIMEOUT_SECONDS": "2.5",
+        }
+    )
+    assert (limits.metrics_max_services, limits.metrics_idle_timeout_seconds) == (50, 2.5)
 
 
 # --- logs ------------------------------------------------------------------------------

@@ -133,6 +133,11 @@ async def test_retryable_failure_is_an_error_event_and_terminal_one_is_final(
     await raw.expect("ack")
     events = await all_events(api, run_id)
     assert events[-1].type == c.TRACE_EVENT_TYPE_FAILED and events[-1].level == c.LEVEL_CRITICAL
+    only_failed = await all_events(api, run_id, type=c.TRACE_EVENT_TYPE_FAILED)
+    assert [e.sequence for e in only_failed] == [
+        e.sequence for e in events if e.type == c.TRACE_EVENT_TYPE_FAILED
+    ]
+    assert len(only_failed) == 2 and len(events) > 2
     status = (await api.trace.GetRunStatus(t.GetRunStatusRequest(run_id=run_id))).status
     assert status.state == c.RUN_STATE_FAILED and status.failure.reason == "again"
     assert status.history_length == len(events)
@@ -465,7 +470,7 @@ async def test_every_filter(api: Stubs) -> None:
         ev("d", level=c.LEVEL_DEBUG, node_id="a", timestamp=at(0)),
         ev("i", level=c.LEVEL_INFO, category=c.CATEGORY_BUSINESS, node_id="b", timestamp=at(10)),
         ev("w", level=c.LEVEL_WARN, milestone=True, node_id="a", timestamp=at(20)),
-        ev("e", level=c.LEVEL_ERROR, type=c.TRACE_EVENT_TYPE_FAILED, node_id="b", timestamp=at(30)),
+        ev("e", level=c.LEVEL_ERROR, node_id="b", timestamp=at(30)),
     )
 
     async def keys(**f: Any) -> list[str]:
@@ -476,8 +481,10 @@ async def test_every_filter(api: Stubs) -> None:
     assert await keys(category=c.CATEGORY_BUSINESS) == ["i"]
     assert await keys(category=c.CATEGORY_TECHNICAL) == ["d", "w", "e"]
     assert await keys(node_id="a") == ["d", "w"]
-    assert await keys(type=c.TRACE_EVENT_TYPE_FAILED) == ["e"]
-    assert await keys(type=c.TRACE_EVENT_TYPE_LOG) == ["d", "i", "w"]
+    # Callers append LOG events only (the type filter over lifecycle events is
+    # checked where a worker's failures record them).
+    assert await keys(type=c.TRACE_EVENT_TYPE_LOG) == ["d", "i", "w", "e"]
+    assert await keys(type=c.TRACE_EVENT_TYPE_FAILED) == []
     assert await keys(since=at(10), until=at(30)) == ["i", "w"]
     assert await keys(milestones_only=True) == ["w"]
     assert await keys(node_id="b", min_level=c.LEVEL_ERROR) == ["e"]
@@ -749,6 +756,83 @@ async def test_worker_trace_for_a_stale_attempt_is_refused(harness: Harness) -> 
     await raw.expect("ack")
     events = await all_events(api, run_id)
     assert [e.message for e in events][1:] == ["out"] and events[1].data["stream"] == "stdout"
+    await raw.close()
+
+
+LIFECYCLE_TYPES = [
+    c.TRACE_EVENT_TYPE_STARTED,
+    c.TRACE_EVENT_TYPE_COMPLETED,
+    c.TRACE_EVENT_TYPE_FAILED,
+]
+
+
+async def test_callers_cannot_append_lifecycle_or_progress_events(harness: Harness) -> None:
+    """Lifecycle event types are the server's alone: a submitter appending
+    STARTED, COMPLETED, FAILED (or PROGRESS, which only the holding worker
+    reports) is refused with the field, and nothing is stored."""
+    api = harness.stubs()
+    run_id = await new_run(api)
+    await append(api, run_id, ev("first"))
+    for kind in [*LIFECYCLE_TYPES, c.TRACE_EVENT_TYPE_PROGRESS]:
+        _, _, violations = await expect_error(
+            api.trace.AppendTraceEvents(
+                t.AppendTraceEventsRequest(
+                    run_id=run_id, events=[ev("ok"), ev("forged", "done", type=kind)]
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        fields = dict(violations)
+        assert list(fields) == ["events[1].type"], violations
+        assert "server's own" in fields["events[1].type"] and "LOG" in fields["events[1].type"]
+    assert [e.event_key for e in await all_events(api, run_id)] == ["first"]
+    job = await api.jobs.GetJob(j.GetJobRequest(job_id=run_id))
+    assert job.job.state == c.RUN_STATE_QUEUED
+    # LOG, and no type (which means LOG), are what callers append.
+    stored = await append(api, run_id, ev("log", type=c.TRACE_EVENT_TYPE_LOG), ev("default"))
+    assert [e.type for e in stored] == [c.TRACE_EVENT_TYPE_LOG] * 2
+
+
+async def test_worker_trace_reports_may_not_claim_lifecycle_events(harness: Harness) -> None:
+    """The holding worker reports LOG and PROGRESS events; a report typed
+    STARTED, COMPLETED or FAILED is refused with the field, the stream and the
+    lease survive, and the run is untouched."""
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    run_id = await new_run(api)
+    await raw.expect("assignment")
+    for kind in LIFECYCLE_TYPES:
+        await raw.send(
+            trace=w.TraceReport(
+                job_id=run_id,
+                attempt=1,
+                events=[c.TraceEvent(message="fine"), c.TraceEvent(message="done", type=kind)],
+            )
+        )
+        error = await raw.expect("error")
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], error
+        assert "trace.events[1].type" in error.message and not error.fatal, error
+        assert error.job_id == run_id
+    status = (await api.trace.GetRunStatus(t.GetRunStatusRequest(run_id=run_id))).status
+    assert status.state == c.RUN_STATE_RUNNING
+    assert [e.type for e in await all_events(api, run_id)] == [c.TRACE_EVENT_TYPE_STARTED]
+    await raw.send(
+        trace=w.TraceReport(
+            job_id=run_id,
+            attempt=1,
+            events=[
+                c.TraceEvent(message="half", type=c.TRACE_EVENT_TYPE_PROGRESS, percent=50),
+                c.TraceEvent(message="line", type=c.TRACE_EVENT_TYPE_LOG),
+            ],
+        )
+    )
+    await raw.expect("ack")
+    assert [e.type for e in await all_events(api, run_id)] == [
+        c.TRACE_EVENT_TYPE_STARTED,
+        c.TRACE_EVENT_TYPE_PROGRESS,
+        c.TRACE_EVENT_TYPE_LOG,
+    ]
     await raw.close()
 
 

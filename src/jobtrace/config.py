@@ -67,12 +67,24 @@ class Settings:
     reload_interval_seconds: float = 2.0
     # Open streams (watches, trace streams, worker sessions) one caller may hold.
     max_streams_per_caller: int = 1000
+    # Calls (HTTP/2 streams: unary calls and streams alike) one connection may
+    # have in progress; the peer's next one is refused at the HTTP/2 layer
+    # (RST_STREAM REFUSED_STREAM), and a well-behaved client queues it.
+    max_calls_per_connection: int = 1000
+    # Calls in progress in the whole server, over all connections, including
+    # ones whose request has not arrived yet; past it a new call is answered
+    # RESOURCE_EXHAUSTED at once. Bounds the memory that calls can hold.
+    max_concurrent_calls: int = 10_000
     # Jobs a tenant may have waiting (QUEUED or PENDING) at once.
     max_queued_per_tenant: int = 100_000
     # Connections are recycled after this long: new calls move to a fresh
     # connection (clients reconnect transparently); streams already open on the
     # old one, such as worker streams, live on until they end.
     max_connection_age_seconds: float = 3600.0
+    # A server stream (trace stream, watch, worker session) whose reader takes
+    # nothing for this long ends RESOURCE_EXHAUSTED (READER_STALLED), releasing
+    # what it holds.
+    stream_stall_seconds: float = 30.0
     # Logging level name.
     log_level: str = "INFO"
     # Log lines: "json" (one object per line) or "text".
@@ -81,6 +93,11 @@ class Settings:
     metrics_port: int | None = None
     # Address the metrics endpoint binds; empty: the host part of `listen`.
     metrics_host: str = ""
+    # Services (tenant-chosen names) with a metrics label value of their own;
+    # the rest are counted under service="(other)", so series stay bounded.
+    metrics_max_services: int = 200
+    # A metrics connection that sends nothing for this long is closed.
+    metrics_idle_timeout_seconds: float = 10.0
 
     @classmethod
     def load(

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections import Counter as Tally
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -42,6 +45,9 @@ RPC_SECONDS_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # The first scrape of a slow database must not hang Prometheus' own timeout (10 s).
 SAMPLE_TIMEOUT_S = 5.0
+# The label value that stands for every service past the limit of named ones.
+# Service names cannot contain parentheses, so no real service reads as it.
+OTHER_SERVICES = "(other)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +94,42 @@ class RpcCounters:
         children[1].observe(seconds)
 
 
+class ServiceLabels:
+    """Service names are chosen by callers: each would be a series of its own, so
+    at most `limit` of them get their own label value (the first seen, largest
+    first within one scrape) and every other service counts under
+    OTHER_SERVICES. Series, and the memory behind them, stay bounded."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._named: set[str] = set()
+        self._lock = threading.Lock()
+
+    def fold(self, counts: Iterable[tuple[str, int]]) -> Tally[str]:
+        """Counts per service, summed per label value; services are named in
+        order of their counts (largest first) while there is room."""
+        per_service: Tally[str] = Tally()
+        for service, n in counts:
+            per_service[service] += n
+        folded: Tally[str] = Tally()
+        with self._lock:
+            for service, n in sorted(per_service.items(), key=lambda item: (-item[1], item[0])):
+                if service not in self._named and len(self._named) < self.limit:
+                    self._named.add(service)
+                folded[service if service in self._named else OTHER_SERVICES] += n
+        return folded
+
+    def label(self, service: str) -> str:
+        """The label value of one service already folded (or OTHER_SERVICES)."""
+        with self._lock:
+            return service if service in self._named else OTHER_SERVICES
+
+
 class Metrics:
     """The registry of one JobtraceServer and, once served, its HTTP endpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_services: int = 200) -> None:
+        self.services = ServiceLabels(max_services)
         self.registry = CollectorRegistry(auto_describe=True)
         rpc = ["grpc_service", "grpc_method", "grpc_type"]
         self.rpc_started = Counter(
@@ -137,15 +175,21 @@ class Metrics:
 
     def sample_state(self, sampler: Sampler, loop: asyncio.AbstractEventLoop) -> None:
         """Report the server's state at each scrape, read by `sampler` on `loop`."""
-        self.registry.register(StateCollector(sampler, loop))
+        self.registry.register(StateCollector(sampler, loop, self.services))
 
-    def serve(self, host: str, port: int) -> int:
-        """Serve /metrics on host:port (0: any free port); return the bound port."""
+    def serve(self, host: str, port: int, idle_timeout_s: float = 10.0) -> int:
+        """Serve /metrics on host:port (0: any free port); return the bound port.
+        A connection that sends nothing for `idle_timeout_s` is closed, so idle
+        connections cannot pile up (each holds a thread)."""
         bind = host.strip("[]") or "0.0.0.0"
         try:
-            self._http, self._thread = start_http_server(port, bind, registry=self.registry)
+            self._http = _metrics_http_server(bind, port, self.registry, idle_timeout_s)
         except OSError as exc:
             raise OSError(f"could not serve metrics on {host}:{port}: {exc}") from exc
+        self._thread = threading.Thread(
+            target=self._http.serve_forever, name="jobtrace-metrics", daemon=True
+        )
+        self._thread.start()
         return int(self._http.server_port)
 
     async def close(self) -> None:
@@ -164,9 +208,12 @@ class Metrics:
 class StateCollector(Collector):
     """Runs on the HTTP thread: one sample per scrape, taken on the event loop."""
 
-    def __init__(self, sampler: Sampler, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, sampler: Sampler, loop: asyncio.AbstractEventLoop, services: ServiceLabels
+    ) -> None:
         self._sampler = sampler
         self._loop = loop
+        self._services = services
         self._lock = threading.Lock()
         # Queues seen once are reported as 0 when empty, rather than vanishing.
         self._queues: set[tuple[str, str]] = set()
@@ -203,7 +250,11 @@ class StateCollector(Collector):
                 "read from the database (the same on every replica).",
                 labels=["service", "state"],
             )
-            counts = {(service, state): n for service, state, n in s.queue_depth}
+            # Name services by their jobs in all states, then count per state.
+            self._services.fold((service, n) for service, _, n in s.queue_depth)
+            counts: Tally[tuple[str, str]] = Tally()
+            for service, state, n in s.queue_depth:
+                counts[self._services.label(service), state] += n
             with self._lock:
                 self._queues.update(counts)
                 seen = sorted(self._queues)
@@ -234,7 +285,7 @@ class StateCollector(Collector):
                 "Failed attempts requeued for another attempt, by service.",
                 labels=["service"],
             ),
-            s.retries,
+            self._folded(s.retries),
         )
         yield _by_label(
             CounterMetricFamily(
@@ -243,7 +294,7 @@ class StateCollector(Collector):
                 "ended), by service.",
                 labels=["service"],
             ),
-            s.lease_expiries,
+            self._folded(s.lease_expiries),
         )
         yield CounterMetricFamily(
             "jobtrace_trace_events_appended",
@@ -261,6 +312,46 @@ class StateCollector(Collector):
             "database to recover (a gap, an overflowed buffer, a lost notice).",
             value=s.stream_catchups,
         )
+
+    def _folded(self, by_service: Mapping[str, int]) -> Mapping[str, int]:
+        return self._services.fold(by_service.items())
+
+
+class _IdleClosingHandler(WSGIRequestHandler):
+    """Serves one scrape per connection, logs nothing, and gives up on a
+    connection that sends nothing for `timeout` seconds (set per server)."""
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except TimeoutError:
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Log nothing (every scrape would be a line)."""
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def _metrics_http_server(
+    host: str, port: int, registry: CollectorRegistry, idle_timeout_s: float
+) -> WSGIServer:
+    """prometheus_client's start_http_server, with an idle timeout on connections."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    class Server(_ThreadingWSGIServer):
+        address_family = family
+
+    class Handler(_IdleClosingHandler):
+        timeout = idle_timeout_s
+
+    return make_server(
+        str(sockaddr[0]), port, make_wsgi_app(registry), Server, handler_class=Handler
+    )
 
 
 def _by_label(family: Any, values: Mapping[str, int]) -> Any:

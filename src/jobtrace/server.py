@@ -73,6 +73,10 @@ class JobtraceServer:
         s = self.settings
         auth = build_authenticator(s)
         check_exposure(s, auth)
+        if not s.stream_stall_seconds > 0:
+            raise OSError("--stream-stall-seconds must be positive")
+        if s.max_calls_per_connection < 1 or s.max_concurrent_calls < 1:
+            raise OSError("--max-calls-per-connection and --max-concurrent-calls must be positive")
         self.auth = auth
         files = CredentialFiles.open(s, auth)
         self.credential_files = files
@@ -81,7 +85,12 @@ class JobtraceServer:
         if s.metrics_port is not None:
             if not 0 <= s.metrics_port <= 65535:
                 raise OSError(f"invalid metrics port {s.metrics_port} (0-65535)")
-            self.metrics = Metrics()
+            if not s.metrics_idle_timeout_seconds > 0 or s.metrics_max_services < 0:
+                raise OSError(
+                    "--metrics-idle-timeout-seconds must be positive and "
+                    "--metrics-max-services not negative"
+                )
+            self.metrics = Metrics(max_services=s.metrics_max_services)
             self.db.on_batch = self.metrics.batch_committed
         await self.db.start()
         tokens = await open_tokens(self.db)
@@ -127,8 +136,18 @@ class JobtraceServer:
             # finds dead peers.
             ("grpc.max_connection_age_ms", int(s.max_connection_age_seconds * 1000)),
             ("grpc.max_connection_age_grace_ms", UNBOUNDED_MS),
+            # Every call is an HTTP/2 stream: a connection may have this many
+            # open at once; the peer's next HEADERS is refused (RST_STREAM).
+            ("grpc.max_concurrent_streams", s.max_calls_per_connection),
         ]
-        server = grpc.aio.server(options=options, interceptors=[CallObserver(self.metrics)])
+        observer = CallObserver(self.metrics, stall_s=s.stream_stall_seconds)
+        # Calls in progress, whole server: past this, a new call is answered
+        # RESOURCE_EXHAUSTED at once (its memory is freed at once too).
+        server = grpc.aio.server(
+            options=options,
+            interceptors=[observer],
+            maximum_concurrent_rpcs=s.max_concurrent_calls,
+        )
         pages = PageBytes(s.max_message_bytes)
         add_service(
             server, service_descriptor("JobService"), JobServicer(jobs, auth, streams, pages=pages)
@@ -174,7 +193,9 @@ class JobtraceServer:
             self.metrics.sample_state(self._sample_state, asyncio.get_running_loop())
             try:
                 self.metrics_port = self.metrics.serve(
-                    s.metrics_host or listen_host(s.listen), s.metrics_port
+                    s.metrics_host or listen_host(s.listen),
+                    s.metrics_port,
+                    idle_timeout_s=s.metrics_idle_timeout_seconds,
                 )
             except OSError:
                 await self.db.close()

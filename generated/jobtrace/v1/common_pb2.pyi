@@ -1201,7 +1201,10 @@ class TraceEvent(_message.Message):
     default for worker events; at most 128 characters.
     """
     type: Global___TraceEventType.ValueType
-    """Input, optional. Default LOG."""
+    """Input, optional. Default LOG. Callers append LOG; a worker's TraceReport
+    may also carry PROGRESS. STARTED, COMPLETED and FAILED are the server's
+    own (INVALID_ARGUMENT on input).
+    """
     level: Global___Level.ValueType
     """Input, optional. Default INFO."""
     category: Global___Category.ValueType

@@ -1,5 +1,6 @@
-"""The server interceptor: each RPC's log context and, when metrics are on, its
-count and latency by status code."""
+"""The server interceptor: each RPC's log context, the write deadline of its
+responses when it streams them, and, when metrics are on, its count and
+latency by status code."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import inspect
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
 
 from jobtrace import logs
+from jobtrace.api.delivery import deliver
 from jobtrace.metrics import Metrics, RpcCounters
 
 log = logging.getLogger(__name__)
@@ -73,10 +75,13 @@ def _request_id(context: Any) -> str:
 class CallObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Wraps every handler once per method. A call binds its log context
     (request id, method) in its own task context and, with metrics, counts
-    itself started and, when it ends, handled with its code and duration."""
+    itself started and, when it ends, handled with its code and duration. A
+    streaming handler's responses are written under a deadline of `stall_s`
+    seconds each (see delivery.deliver)."""
 
-    def __init__(self, metrics: Metrics | None) -> None:
+    def __init__(self, metrics: Metrics | None, stall_s: float = 30.0) -> None:
         self._metrics = metrics
+        self._stall_s = stall_s
         self._handlers: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(
@@ -99,7 +104,7 @@ class CallObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         behavior = getattr(handler, attribute)
         counters = self._metrics.rpc(method, kind) if self._metrics is not None else None
         if inspect.isasyncgenfunction(behavior):
-            observed: Any = _observe_stream(behavior, method, counters)
+            observed: Any = _observe_stream(behavior, method, counters, self._stall_s)
         elif inspect.iscoroutinefunction(behavior):
             observed = _observe_call(behavior, method, counters)
         else:
@@ -128,15 +133,13 @@ def _observe_stream(
     behavior: Callable[[Any, Any], AsyncGenerator[Any, None]],
     method: str,
     counters: RpcCounters | None,
-) -> Callable[[Any, Any], AsyncIterator[Any]]:
-    async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+    stall_s: float,
+) -> Callable[[Any, Any], Awaitable[None]]:
+    async def stream(request: Any, context: Any) -> None:
         logs.bind_request(_request_id(context), method)
         with contextlib.nullcontext() if counters is None else _counted(counters, context):
-            # aclosing: if grpc drops this stream at a yield, the handler's own
-            # cleanup still runs, before the call is counted.
-            async with contextlib.aclosing(behavior(request, context)) as responses:
-                async for response in responses:
-                    yield response
+            # The handler is closed (its cleanup runs) before the call is counted.
+            await deliver(behavior(request, context), context, stall_s, method)
 
     return stream
 

@@ -69,12 +69,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-streams-per-caller", type=int, help="default 1000")
     serve.add_argument("--max-queued-per-tenant", type=int, help="default 100000")
+    serve.add_argument(
+        "--max-calls-per-connection",
+        type=int,
+        help="calls (HTTP/2 streams) one connection may have open (default 1000)",
+    )
+    serve.add_argument(
+        "--max-concurrent-calls",
+        type=int,
+        help="calls in progress in the whole server (default 10000)",
+    )
+    serve.add_argument(
+        "--stream-stall-seconds",
+        type=float,
+        help="end a stream whose reader takes nothing this long (default 30)",
+    )
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     serve.add_argument("--log-format", choices=["json", "text"], help="default json")
     serve.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)"
     )
     serve.add_argument("--metrics-host", help="metrics address (default: the --listen host)")
+    serve.add_argument(
+        "--metrics-max-services",
+        type=int,
+        help='services labelled by name in metrics; the rest count as "(other)" (default 200)',
+    )
+    serve.add_argument(
+        "--metrics-idle-timeout-seconds",
+        type=float,
+        help="close a metrics connection idle this long (default 10)",
+    )
     serve.set_defaults(func=server_commands.serve)
 
     worker = sub.add_parser("worker", parents=[conn], help="run a worker")

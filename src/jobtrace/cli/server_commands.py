@@ -41,8 +41,13 @@ def serve(args: argparse.Namespace) -> int:
             "reload_interval_seconds": args.reload_interval_seconds,
             "max_streams_per_caller": args.max_streams_per_caller,
             "max_queued_per_tenant": args.max_queued_per_tenant,
+            "stream_stall_seconds": args.stream_stall_seconds,
+            "max_calls_per_connection": args.max_calls_per_connection,
+            "max_concurrent_calls": args.max_concurrent_calls,
             "metrics_port": args.metrics_port,
             "metrics_host": args.metrics_host,
+            "metrics_max_services": args.metrics_max_services,
+            "metrics_idle_timeout_seconds": args.metrics_idle_timeout_seconds,
             "log_format": args.log_format,
         }
     )
@@ -123,6 +128,7 @@ def attest_verify_offline(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
     from jobtrace.domain.attest import key_id_of, load_public_key, verify_offline
@@ -133,14 +139,19 @@ def attest_verify_offline(args: argparse.Namespace) -> int:
             key = load_public_key(Path(path).read_text())
             raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
             keys[key_id_of(raw)] = key
-    except (OSError, ValueError) as exc:
-        print(f"jobtrace attest verify: cannot read public key: {exc}", file=sys.stderr)
+    except (OSError, ValueError, UnsupportedAlgorithm) as exc:
+        print(f"jobtrace attest verify: cannot read public key: {_one_line(exc)}", file=sys.stderr)
         return 2
     try:
         envelope = json.loads(Path(args.target_key).read_text())
+        # verify_offline checks the envelope's shape first: a malformed one is
+        # a ValueError naming its first wrong part.
         verdict = verify_offline(envelope, keys)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"jobtrace attest verify: cannot read envelope: {exc}", file=sys.stderr)
+    except RecursionError:
+        print("jobtrace attest verify: cannot read envelope: nested too deeply", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"jobtrace attest verify: cannot read envelope: {_one_line(exc)}", file=sys.stderr)
         return 2
     result = {
         "valid": verdict.valid,
@@ -159,6 +170,11 @@ def attest_verify_offline(args: argparse.Namespace) -> int:
     else:
         print(f"INVALID: {verdict.reason}")
     return 0 if verdict.valid else 1
+
+
+def _one_line(exc: Exception) -> str:
+    """An error as one line of text (some carry newlines, or nothing at all)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def keys_rotate(args: argparse.Namespace) -> int:

@@ -558,24 +558,89 @@ class Verdict:
     chain_checked: bool = True
 
 
-def verify_offline(envelope: JSON, public_keys: dict[str, Ed25519PublicKey]) -> Verdict:
+class MalformedEnvelope(ValueError):
+    """An exported envelope, or the statement in it, that is not the shape
+    `jobtrace attest export` writes: named by its first wrong part, in one line."""
+
+
+_KINDS: dict[type, str] = {dict: "an object", list: "a list", str: "a string"}
+
+
+def _member(obj: dict[str, Any], name: str, kind: type, where: str) -> Any:
+    value = obj.get(name)
+    if not isinstance(value, kind):
+        got = "missing" if value is None else f"{_json_kind(value)}"
+        raise MalformedEnvelope(f"{where}.{name} must be {_KINDS[kind]} (got {got})")
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return _KINDS.get(type(value), type(value).__name__)
+
+
+def _base64(text: str, where: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise MalformedEnvelope(f"{where} is not base64: {exc}") from None
+
+
+def parse_envelope(envelope: Any) -> tuple[Envelope, JSON]:
+    """The envelope (as loaded from its JSON file) and the statement it carries,
+    checked for shape before anything is verified: MalformedEnvelope otherwise."""
+    if not isinstance(envelope, dict):
+        raise MalformedEnvelope(f"envelope must be a JSON object (got {_json_kind(envelope)})")
+    payload_type = _member(envelope, "payloadType", str, "envelope")
+    payload = _base64(_member(envelope, "payload", str, "envelope"), "envelope.payload")
+    signatures: list[tuple[str, bytes]] = []
+    for i, sig in enumerate(_member(envelope, "signatures", list, "envelope")):
+        where = f"envelope.signatures[{i}]"
+        if not isinstance(sig, dict):
+            raise MalformedEnvelope(f"{where} must be an object (got {_json_kind(sig)})")
+        keyid = _member(sig, "keyid", str, where)
+        signatures.append((keyid, _base64(_member(sig, "sig", str, where), f"{where}.sig")))
+    try:
+        doc = json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        # UnicodeDecodeError and JSONDecodeError are ValueErrors.
+        message = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
+        raise MalformedEnvelope(f"envelope.payload is not JSON: {message}") from None
+    if not isinstance(doc, dict):
+        raise MalformedEnvelope(f"statement must be a JSON object (got {_json_kind(doc)})")
+    predicate = _member(doc, "predicate", dict, "statement")
+    for name in ("digest", "signature", "key_id"):
+        _member(predicate, name, str, "statement.predicate")
+    subjects = _member(doc, "subject", list, "statement")
+    if not subjects or not isinstance(subjects[0], dict):
+        raise MalformedEnvelope("statement.subject[0] must be an object")
+    digests = _member(subjects[0], "digest", dict, "statement.subject[0]")
+    _member(digests, "sha256", str, "statement.subject[0].digest")
+    return Envelope(payload, payload_type, signatures), doc
+
+
+def verify_offline(envelope: Any, public_keys: dict[str, Ed25519PublicKey]) -> Verdict:
     """Check an exported DSSE envelope with public keys alone: the envelope
     signature, the statement's digest and the attestation's own signature. The
     envelope is signed by the attestation's key (key_id), so that one public key
     suffices. What this cannot establish is the chain: that previous_digest is
     the digest of a real previous attestation, and that none was deleted after
-    this one, needs the rest of the chain (VerifyAttestation on the server)."""
+    this one, needs the rest of the chain (VerifyAttestation on the server).
+    A malformed envelope raises MalformedEnvelope (a ValueError)."""
+    parsed, doc = parse_envelope(envelope)
     problems: list[str] = []
-    payload = base64.b64decode(envelope["payload"])
     envelope_ok = False
     signed_by: list[str] = []
-    for sig in envelope.get("signatures", []):
-        signed_by.append(sig.get("keyid", ""))
-        key = public_keys.get(sig.get("keyid", ""))
+    for keyid, sig in parsed.signatures:
+        signed_by.append(keyid)
+        key = public_keys.get(keyid)
         if key is None:
             continue
         try:
-            key.verify(base64.b64decode(sig["sig"]), pae(envelope["payloadType"], payload))
+            key.verify(sig, pae(parsed.payload_type, parsed.payload))
             envelope_ok = True
         except InvalidSignature:
             pass
@@ -583,28 +648,27 @@ def verify_offline(envelope: JSON, public_keys: dict[str, Ed25519PublicKey]) -> 
         problems.append(
             f"no envelope signature verifies with the given public keys (signed by {signed_by})"
         )
-    doc = json.loads(payload)
-    predicate = dict(doc.get("predicate", {}))
-    stored_digest = predicate.pop("digest", "")
-    signature_hex = predicate.pop("signature", "")
+    predicate = dict(doc["predicate"])
+    stored_digest: str = predicate.pop("digest")
+    signature_hex: str = predicate.pop("signature")
     try:
         digest_ok = digest_of(predicate) == stored_digest
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         digest_ok = False
         problems.append(f"content has no canonical (RFC 8785) encoding: {exc}")
-    subject = (doc.get("subject") or [{}])[0].get("digest", {}).get("sha256", "")
+    subject = doc["subject"][0]["digest"]["sha256"]
     digest_ok = digest_ok and stored_digest == "sha256:" + subject
     if not digest_ok:
         problems.append("content does not hash to the attested digest")
     signature_ok = False
-    key = public_keys.get(predicate.get("key_id", ""))
+    key = public_keys.get(predicate["key_id"])
     if key is None:
-        problems.append(f"no public key {predicate.get('key_id')!r} given")
+        problems.append(f"no public key {predicate['key_id']!r} given")
     else:
         try:
             key.verify(bytes.fromhex(signature_hex), digest_bytes(stored_digest))
             signature_ok = True
-        except (InvalidSignature, ValueError, TypeError):
+        except (InvalidSignature, ValueError):
             problems.append("attestation signature does not verify")
     valid = envelope_ok and digest_ok and signature_ok
     return Verdict(

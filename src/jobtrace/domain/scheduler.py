@@ -26,7 +26,7 @@ from jobtrace.domain.errors import (
     log_failure,
 )
 from jobtrace.domain.jobs import Jobs
-from jobtrace.domain.trace import EventInput, check_event, check_sizes
+from jobtrace.domain.trace import WORKER_TYPES, EventInput, check_event, check_sizes
 from jobtrace.domain.validation import (
     MAX_CONCURRENCY,
     MAX_WORKER_AFFINITY_KEYS,
@@ -695,7 +695,13 @@ class Scheduler:
         elif len(inputs) > 1000:
             v.add("trace.events", f"at most 1000 events per report (got {len(inputs)})")
         for i, item in enumerate(inputs[:1000]):
-            check_event(v, f"trace.events[{i}]", item.event, key_required=False)
+            check_event(
+                v,
+                f"trace.events[{i}]",
+                item.event,
+                key_required=False,
+                allowed_types=WORKER_TYPES,
+            )
         v.raise_if_any()
         check_sizes("trace.events", inputs)
 

@@ -47,6 +47,12 @@ MAX_BATCH = 1000
 # and this many stored bytes (one event whatever its size), at a time.
 REPLAY_PAGE = 500
 REPLAY_BYTES = 4 * 1024 * 1024
+# What a caller may append: lifecycle events (STARTED, COMPLETED, FAILED) are
+# the server's alone, written by the transitions they record, so no caller can
+# make a run look finished or failed. UNSPECIFIED means LOG.
+APPEND_TYPES = frozenset({TraceType.UNSPECIFIED, TraceType.LOG})
+# The worker holding the job may also report PROGRESS events on its stream.
+WORKER_TYPES = APPEND_TYPES | {TraceType.PROGRESS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +95,14 @@ def truncate_message(message: str) -> tuple[str, bool]:
     return raw[:MAX_MESSAGE_BYTES].decode(errors="ignore"), True
 
 
-def check_event(v: Violations, field: str, e: TraceEvent, *, key_required: bool) -> None:
+def check_event(
+    v: Violations,
+    field: str,
+    e: TraceEvent,
+    *,
+    key_required: bool,
+    allowed_types: frozenset[TraceType] = APPEND_TYPES,
+) -> None:
     if key_required and not e.event_key:
         v.add(f"{field}.event_key", "required: a client-chosen key that makes retries idempotent")
     check_text(v, f"{field}.event_key", e.event_key, 256)
@@ -103,6 +116,13 @@ def check_event(v: Violations, field: str, e: TraceEvent, *, key_required: bool)
     ):
         if value not in enum_type.__members__.values():
             v.add(f"{field}.{name}", f"unknown value {int(value)}")
+    if e.type in TraceType.__members__.values() and e.type not in allowed_types:
+        kinds = " or ".join(t.name for t in sorted(allowed_types - {TraceType.UNSPECIFIED}))
+        v.add(
+            f"{field}.type",
+            f"{TraceType(e.type).name} events are the server's own (it records each "
+            f"lifecycle transition); callers append {kinds}",
+        )
     if not 0 <= e.display_priority <= 10:
         v.add(f"{field}.display_priority", "must be between 1 and 10 (0 means 5)")
     if not 0.0 <= e.percent <= 100.0:
