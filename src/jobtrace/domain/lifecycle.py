@@ -427,19 +427,33 @@ class Lifecycle:
         """Advance or end the workflow of a step that reached a terminal state."""
         if not step.workflow_id:
             return []
-        steps = (await store.workflow_jobs(db, [step.workflow_id]))[step.workflow_id]
+        # Reads what this step's end can change, not every step whole: a
+        # workflow has up to MAX_STEPS steps, each result up to 1 MiB, and
+        # every step's end passes here.
+        workflow_id = step.workflow_id
         changed: list[Job] = []
         if step.state == RunState.COMPLETED:
-            done = {s.step_name for s in steps if s.state == RunState.COMPLETED}
-            for s in steps:
-                if s.state == RunState.PENDING and all(d in done for d in s.depends_on):
-                    changed.append(await set_job(db, s, state=RunState.QUEUED, updated_us=now))
-            if len(done) == len(steps):
+            pending = await store.workflow_steps(db, [workflow_id], states=[RunState.PENDING])
+            if pending[workflow_id]:
+                completed = await store.workflow_steps(
+                    db, [workflow_id], states=[RunState.COMPLETED]
+                )
+                done = {s.name for s in completed[workflow_id]}
+                ready = [
+                    s.job_id for s in pending[workflow_id] if all(d in done for d in s.depends_on)
+                ]
+                whole = {j.id: j for j in await store.jobs_by_id(db, ready)}
+                for job_id in ready:
+                    changed.append(
+                        await set_job(db, whole[job_id], state=RunState.QUEUED, updated_us=now)
+                    )
+            done_count, total = (await store.step_counts(db, [workflow_id]))[workflow_id]
+            if done_count == total:
                 await store.update_workflow(
                     db,
                     step.workflow_id,
                     state=int(RunState.COMPLETED),
-                    completed_steps=len(done),
+                    completed_steps=done_count,
                     completed_us=now,
                     updated_us=now,
                 )
@@ -455,9 +469,9 @@ class Lifecycle:
                             category=Category.BUSINESS,
                             milestone=True,
                             percent=100.0,
-                            step_number=len(done),
-                            total_steps=len(steps),
-                            message=f"workflow completed ({len(done)} steps)",
+                            step_number=done_count,
+                            total_steps=total,
+                            message=f"workflow completed ({done_count} steps)",
                             traceparent=step.traceparent,
                         )
                     ],
@@ -471,7 +485,7 @@ class Lifecycle:
                 self.trace.run_ended(tx, step.workflow_id)
             else:
                 await store.update_workflow(
-                    db, step.workflow_id, completed_steps=len(done), updated_us=now
+                    db, step.workflow_id, completed_steps=done_count, updated_us=now
                 )
             return changed
         # A step ended without completing: the workflow fails (or is cancelled)
@@ -486,7 +500,7 @@ class Lifecycle:
         changed += await self.cancel_steps(
             db,
             tx,
-            steps,
+            (await store.workflow_jobs(db, [workflow_id], unfinished=True))[workflow_id],
             f"workflow {workflow_state.name.lower()}: step {step.step_name!r} did not complete",
             "DEPENDENCY_FAILED",
             now,
