@@ -235,11 +235,7 @@ def sanitize(value: Any) -> Any:
     Markers cannot be forged: caller data shaped like one is escaped, so that an
     object with a member named "redacted" and text holding "[redacted" are the
     server's alone (see _escape_text and _escape_name). Time and memory are
-    linear in the size of `value`.
-
-    A `Sanitized` value is the server's, sanitised already: it is taken as is."""
-    if isinstance(value, Sanitized):
-        return value.value
+    linear in the size of `value`."""
     if isinstance(value, dict):
         return {sanitize_name(k): sanitize(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -263,7 +259,7 @@ def sanitize(value: Any) -> Any:
 @dataclass(frozen=True, slots=True)
 class Sanitized:
     """Evidence the server sanitised already, and may have given markers of its
-    own (see jobtrace.domain.evidence): `sanitize` takes it as is, since
+    own (see jobtrace.domain.evidence): an attestation takes it as is, since
     sanitising it again would escape those markers as if a caller wrote them."""
 
     value: Any
@@ -718,7 +714,7 @@ class Attestor:
 
     def _seal(self, draft: Attestation, data: JSON | Sanitized) -> Attestation:
         """`draft` with `data` sanitised, then digested and signed: CPU only."""
-        encoded = canonical(sanitize(data))
+        encoded = canonical(data.value if isinstance(data, Sanitized) else sanitize(data))
         # The stored data is the canonical text read back, so the digest covers
         # exactly what is stored; it is spliced in as is, not encoded again.
         draft = _replace_data(draft, json.loads(encoded))
