@@ -287,6 +287,7 @@ class Database:
         head = f'{{"r":{json.dumps(self.replica_id)},"n":['
         chunk: list[str] = []
         size = len(head) + 2  # "]}"
+        catch_up = False
         for notice in notices:
             text = json.dumps(notice, separators=(",", ":"))  # ASCII: characters are bytes
             if len(head) + len(text) + 2 > NOTIFY_PAYLOAD_BYTES:
@@ -294,7 +295,9 @@ class Database:
                     "a notice of %d bytes exceeds a NOTIFY payload; other replicas catch up",
                     len(text),
                 )
-                await self._notify(session, json.dumps({"r": self.replica_id, "catch_up": True}))
+                if not catch_up:
+                    await self._notify(session, json.dumps({"r": self.replica_id, "catch_up": 1}))
+                    catch_up = True
                 continue
             if chunk and size + 1 + len(text) > NOTIFY_PAYLOAD_BYTES:
                 await self._notify(session, head + ",".join(chunk) + "]}")
