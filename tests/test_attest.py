@@ -40,6 +40,7 @@ from .workers import RawWorker, runtime_worker
 
 PNG = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + b"\x00" * 3000).decode()
 BLOB = base64.b64encode(bytes(range(256)) * 8).decode()
+MAX_RESULT = 1024 * 1024  # bytes of a result's Struct
 
 
 def ctx(user: str = "u-7") -> c.RequestContext:
@@ -405,6 +406,87 @@ async def test_exported_envelope_verifies_offline(harness: Harness, tmp_path: Pa
     env_file.write_text(json.dumps(forged))
     code, out = await _offline_verify(env_file, key_file)
     assert code == 1 and json.loads(out)["valid"] is False
+
+
+async def test_a_workflow_of_near_max_results_keeps_its_evidence_fetchable(
+    harness: Harness,
+) -> None:
+    """Nine steps each return a result of almost 1 MiB (the most a result may
+    be): embedded whole, they would make an attestation larger than any
+    response. Outputs are taken smallest first within the budget; the largest
+    are replaced by markers with the SHA-256 and length of the result's RFC
+    8785 encoding, computed before signing, so the attestation is fetchable,
+    listable, verifies, and still proves what came back."""
+    from jobtrace.domain.evidence import ATTESTATION_DATA_BYTES
+
+    api = harness.stubs()
+    sizes = {f"big{i}": MAX_RESULT - 64 - 1000 * i for i in range(9)}
+    sizes |= {"tiny": 10, "small": 2000, "forged": 0}
+    forged = {"redacted": "oversize", "sha256": "0" * 64, "length": 1}
+
+    async def sized(job: JobContext) -> dict[str, Any]:
+        if job.job.step_name == "forged":  # a worker's result shaped as a marker
+            return forged
+        return {"blob": "x" * sizes[job.job.step_name]}
+
+    wf = (
+        await api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(
+                request_id="big-results",
+                name="big",
+                request_context=ctx(),
+                steps=[
+                    c.WorkflowStepSpec(name=name, job=spec(), independent=True) for name in sizes
+                ],
+            )
+        )
+    ).workflow
+    async with runtime_worker(harness.target, {"svc": sized}):
+
+        async def done() -> bool:
+            got = await api.jobs.GetWorkflow(j.GetWorkflowRequest(workflow_id=wf.id))
+            return got.workflow.state == c.RUN_STATE_COMPLETED
+
+        await wait_for(done, timeout=60)
+    key = f"workflow-completion:{wf.id}"
+    got = await api.attest.GetAttestation(a.GetAttestationRequest(key=key, include_envelope=True))
+    verdict = await verify(api, key)
+    assert verdict.valid, verdict.reason
+    (signing_key,) = (await api.attest.GetSigningKeys(a.GetSigningKeysRequest())).keys
+    offline = verify_offline(
+        envelope_json(got.envelope),
+        {signing_key.key_id: load_public_key(signing_key.public_key.hex())},
+    )
+    assert offline.valid, offline.reason
+    data = json_format.MessageToDict(got.attestation.data)
+    assert got.attestation.data.ByteSize() <= ATTESTATION_DATA_BYTES
+    assert len(canonical(data)) <= ATTESTATION_DATA_BYTES
+    kept, replaced = [], []
+    for step_ in wf.steps:
+        result = json_format.MessageToDict(
+            (await api.jobs.GetJob(j.GetJobRequest(job_id=step_.job_id))).job.result
+        )
+        output = data["outputs"][step_.name]
+        if step_.name == "forged":  # kept whole, told apart from the server's markers
+            assert result == forged
+            assert output == {"$redacted": "oversize", "sha256": "0" * 64, "length": 1}
+            continue
+        if output == result:
+            kept.append(step_.name)
+            continue
+        encoded = canonical(result)
+        assert output == {
+            "redacted": "oversize",
+            "media_type": "application/json",
+            "sha256": hashlib.sha256(encoded).hexdigest(),
+            "length": len(encoded),
+        }
+        replaced.append(step_.name)
+    assert {"tiny", "small"} <= set(kept) and len(replaced) >= 8
+    assert max(sizes[n] for n in kept) < min(sizes[n] for n in replaced), "the largest go"
+    # A FULL listing carries it too.
+    listed = await attestations(api, workflow_id=wf.id, type=a.ATTESTATION_TYPE_WORKFLOW_COMPLETION)
+    assert [x.digest for x in listed] == [got.attestation.digest]
 
 
 def value(x: Any) -> struct_pb2.Value:

@@ -8,10 +8,13 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
+from jobtrace.domain.validation import MAX_STEPS
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
+from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, Stubs, expect_error
+from .workers import RawWorker
 
 Q = c.RUN_STATE_QUEUED
 
@@ -343,6 +346,50 @@ async def test_cancelling_a_step_cancels_its_workflow(api: Stubs) -> None:
     after = (await api.jobs.GetWorkflow(j.GetWorkflowRequest(workflow_id=wf.id))).workflow
     assert after.state == c.RUN_STATE_CANCELLED
     assert {s.state for s in after.steps} == {c.RUN_STATE_CANCELLED}
+
+
+async def test_a_workflow_of_the_most_steps_goes_through_every_transition(api: Stubs) -> None:
+    """Workflows take at most MAX_STEPS steps, and each transition below changes
+    every one of them in one transaction (on PostgreSQL, telling the other
+    replicas in NOTIFYs of under 8000 bytes each): a submit queueing every
+    root, a cancel, a completion releasing every dependant, a failure
+    cancelling every other step. Each goes through."""
+    wide = [step(f"s{i}", independent=True) for i in range(MAX_STEPS)]
+    wf = (
+        await api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(request_id="wide", name="wide", steps=wide)
+        )
+    ).workflow
+    assert len(wf.steps) == MAX_STEPS and {s.state for s in wf.steps} == {Q}
+    done = (await api.jobs.CancelWorkflow(j.CancelWorkflowRequest(workflow_id=wf.id))).workflow
+    assert done.state == c.RUN_STATE_CANCELLED
+    assert {s.state for s in done.steps} == {c.RUN_STATE_CANCELLED}
+
+    fan = [step("root"), *(step(f"s{i}", "root") for i in range(MAX_STEPS - 1))]
+    wf = (
+        await api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(request_id="fan", name="fan", steps=fan)
+        )
+    ).workflow
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"])
+    root = await raw.expect("assignment")
+    assert root.job.step_name == "root"
+    mid = await raw.send(complete=w.CompleteReport(job_id=root.job.id, attempt=1))
+    assert (await raw.expect("ack")).message_id == mid
+    released = (await raw.expect("assignment")).job
+    assert released.step_name != "root"
+    queued = await api.jobs.ListJobs(j.ListJobsRequest(workflow_id=wf.id, state=Q, page_size=1000))
+    assert len(queued.jobs) == MAX_STEPS - 2, "the others wait for the worker's only slot"
+    mid = await raw.send(
+        fail=w.FailReport(job_id=released.id, attempt=1, error=c.ErrorDetail(message="no"))
+    )
+    assert (await raw.expect("ack")).message_id == mid
+    after = (await api.jobs.GetWorkflow(j.GetWorkflowRequest(workflow_id=wf.id))).workflow
+    assert after.state == c.RUN_STATE_FAILED
+    states = [s.state for s in after.steps]
+    assert states.count(c.RUN_STATE_CANCELLED) == MAX_STEPS - 2
+    await raw.close()
 
 
 async def test_data_survives_a_restart(harness: Harness) -> None:

@@ -129,6 +129,86 @@ async def test_job_submitted_on_one_replica_reaches_a_worker_on_another(
         await raw.close()
 
 
+async def test_another_replica_sees_every_step_of_the_largest_workflow(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """A workflow of MAX_STEPS steps submitted and cancelled on A: every step's
+    change reaches B, though the notices of one transaction (one NOTIFY
+    payload is under 8000 bytes) list every step. B's dispatcher hands each
+    step to its worker, and each cancel reaches that worker."""
+    from jobtrace.domain.validation import MAX_STEPS
+
+    # Leases longer than the test: the raw worker sends no heartbeats.
+    lease = ("--lease-seconds", "120", "--heartbeat-seconds", "60")
+    async with (
+        replicas(pg_url, tmp_path, 2, *lease) as (a, b),
+        client(a.target) as on_a,
+        client(b.target) as on_b,
+    ):
+        raw = RawWorker(on_b)
+        await raw.hello("w", ["svc"], max_concurrency=MAX_STEPS)
+        steps = [
+            c.WorkflowStepSpec(name=f"s{i}", job=c.JobSpec(service="svc"), independent=True)
+            for i in range(MAX_STEPS)
+        ]
+        wf = (
+            await on_a.jobs.SubmitWorkflow(
+                j.SubmitWorkflowRequest(request_id="wide", name="wide", steps=steps)
+            )
+        ).workflow
+        expected = {s.job_id for s in wf.steps}
+        assigned = {(await raw.expect("assignment", timeout=30)).job.id for _ in expected}
+        assert assigned == expected
+        watch = on_b.jobs.WatchWorkflow(j.WatchWorkflowRequest(workflow_id=wf.id))
+        assert (await watch.read()).workflow.state == c.RUN_STATE_RUNNING
+        await on_a.jobs.CancelWorkflow(j.CancelWorkflowRequest(workflow_id=wf.id))
+        cancelled = {(await raw.expect("cancel", timeout=30)).job_id for _ in expected}
+        assert cancelled == expected, "each step's cancel reached its worker on B"
+        last = (await asyncio.wait_for(watch.read(), 30)).workflow
+        while not last.state == c.RUN_STATE_CANCELLED:
+            last = (await asyncio.wait_for(watch.read(), 30)).workflow
+        assert {s.state for s in last.steps} == {c.RUN_STATE_CANCELLED}
+        await raw.close()
+
+
+async def test_notices_reach_other_replicas_whatever_their_size(pg_url: str) -> None:
+    """A transaction's notices travel in NOTIFY payloads of under 8000 bytes
+    (PostgreSQL refuses longer ones, failing the transaction): many notices
+    are spread over several payloads, all delivered in order; a notice too
+    large for any payload commits too, and tells the other replicas to catch
+    up from the database instead."""
+    from jobtrace.store.db import Database, Tx
+
+    sender, receiver = Database(pg_url), Database(pg_url)
+    await sender.start()
+    await receiver.start()
+    received: list[dict[str, object]] = []
+    caught_up = asyncio.Event()
+    try:
+        await receiver.listen(received.extend, caught_up.set)
+        many = [{"k": "test", "n": i, "pad": "x" * 100} for i in range(500)]
+
+        async def notify_many(session: object, tx: Tx) -> None:
+            for notice in many:
+                tx.notify(notice)
+
+        await sender.write(notify_many)
+        await wait_for(lambda: len(received) == len(many), timeout=10)
+        assert received == many
+        assert not caught_up.is_set()
+
+        async def notify_huge(session: object, tx: Tx) -> str:
+            tx.notify({"k": "test", "pad": "x" * 10_000})
+            return "committed"
+
+        assert await sender.write(notify_huge) == "committed"
+        await asyncio.wait_for(caught_up.wait(), 10)
+        assert received == many
+    finally:
+        await sender.close()
+        await receiver.close()
+
+
 async def test_events_appended_on_one_replica_stream_on_another_in_order(
     pg_url: str, tmp_path: Path
 ) -> None:

@@ -207,6 +207,65 @@ async def test_bad_appends_are_refused_and_store_nothing(api: Stubs) -> None:
     assert await all_events(api, run_id) == []
 
 
+async def test_an_append_whose_reply_could_not_be_sent_is_refused_and_stores_nothing(
+    db_url: str,
+) -> None:
+    """The reply echoes every event as stored, a little larger than sent (ids,
+    sequences, times): an append near the largest message would be stored,
+    then answered by an error, on every retry. It is refused before anything
+    is stored; the largest append whose reply fits gets its reply."""
+    limit = 256 * 1024  # the server's largest message; the same rule at any size
+    async with Harness(db_url, max_message_bytes=limit) as h:
+        api = h.stubs()
+        run_id = await new_run(api)
+        count = 40
+
+        def request(last_blob: int, blob: int) -> t.AppendTraceEventsRequest:
+            events = [ev(f"k{i}", data={"blob": "x" * blob}) for i in range(count - 1)]
+            events.append(ev(f"k{count - 1}", data={"blob": "x" * last_blob}))
+            return t.AppendTraceEventsRequest(run_id=run_id, events=events)
+
+        # A request of just under the limit (blobs of about 6 KB each).
+        blob = (limit - 2048 - request(1000, 1000).ByteSize()) // count + 1000
+        too_large = request(blob, blob)
+        assert limit - 2048 - count < too_large.ByteSize() < limit - 1024, "it is accepted"
+        _, info, _ = await expect_error(
+            api.trace.AppendTraceEvents(too_large), grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+        assert info is not None and info.reason == "REPLY_TOO_LARGE"
+        assert int(info.metadata["limit"]) == limit - 1024
+        excess = int(info.metadata["bytes"]) - int(info.metadata["limit"])
+        assert excess > 0
+        assert await all_events(api, run_id) == [], "a refused append stores nothing"
+
+        # One byte more than fits is refused; exactly what fits is stored and answered.
+        await expect_error(
+            api.trace.AppendTraceEvents(request(blob - excess + 1, blob)),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+        assert await all_events(api, run_id) == []
+        largest = await api.trace.AppendTraceEvents(request(blob - excess, blob))
+        assert largest.ByteSize() == limit - 1024
+        assert [e.sequence for e in largest.events] == list(range(1, count + 1))
+        assert len(await all_events(api, run_id)) == count
+
+        # A retry names stored events, whose reply echoes them whole whatever
+        # the retry holds: one more event would take it past the limit.
+        retry = [ev(f"k{i}") for i in range(count)]
+        again = await api.trace.AppendTraceEvents(
+            t.AppendTraceEventsRequest(run_id=run_id, events=retry)
+        )
+        assert list(again.events) == list(largest.events)
+        _, info, _ = await expect_error(
+            api.trace.AppendTraceEvents(
+                t.AppendTraceEventsRequest(run_id=run_id, events=[*retry, ev("new")])
+            ),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+        assert info is not None and info.reason == "REPLY_TOO_LARGE"
+        assert len(await all_events(api, run_id)) == count, "the new event was not stored"
+
+
 async def test_oversized_error_details_are_refused(api: Stubs) -> None:
     run_id = await new_run(api)
     big = c.ErrorDetail(message="boom", details="d" * (64 * 1024 + 1))

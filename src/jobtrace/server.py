@@ -32,6 +32,7 @@ from jobtrace.config import Settings
 from jobtrace.domain.annotations import Annotations
 from jobtrace.domain.attest import Attestor, Signer
 from jobtrace.domain.errors import log_failure
+from jobtrace.domain.evidence import data_budget
 from jobtrace.domain.jobs import Jobs
 from jobtrace.domain.lifecycle import Lifecycle
 from jobtrace.domain.pagination import open_tokens
@@ -108,7 +109,9 @@ class JobtraceServer:
         )
         await self.attestor.register_key()
         self.annotations = Annotations(self.db, tokens, self.trace)
-        life = Lifecycle(self.trace, self.attestor)
+        life = Lifecycle(
+            self.trace, self.attestor, evidence_budget=data_budget(s.max_message_bytes)
+        )
         self.lifecycle = life
         jobs = Jobs(self.db, tokens, life, max_queued_per_tenant=s.max_queued_per_tenant)
         self.jobs = jobs

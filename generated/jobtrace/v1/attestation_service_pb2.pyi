@@ -182,7 +182,15 @@ class Attestation(_message.Message):
     @_builtins.property
     def data(self) -> _struct_pb2.Struct:
         """Output only. The sanitised evidence: request_context, job_payload,
-        result, error, outputs, total_steps, completed_steps, timestamps.
+        result, error, outputs, total_steps, completed_steps, timestamps. A
+        workflow attestation's outputs (each completed step's result) are embedded
+        smallest first while data stays within 1.5 MiB (a quarter of the server's
+        largest message if that is less), both as RFC 8785 JSON and as this
+        Struct; each larger one is replaced by {"redacted": "oversize",
+        "media_type": "application/json", "sha256": <hex>, "length": <bytes>}, the
+        SHA-256 and byte length of the RFC 8785 encoding of the result GetJob
+        returns. Caller data never holds a "redacted" member (it is escaped as
+        "$redacted"), so every such marker is the server's.
         """
 
     @_builtins.property

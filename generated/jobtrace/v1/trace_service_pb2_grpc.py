@@ -67,7 +67,11 @@ class TraceServiceServicer:
         has ended (readers already got its final status) takes no new events:
         FAILED_PRECONDITION with reason RUN_ENDED, checked under the run's lock so
         an end committed concurrently cannot slip in between; a retry whose events
-        were all stored before the end still returns them.
+        were all stored before the end still returns them. The response holds
+        every event as stored (a little larger than sent): an append whose
+        response would exceed the server's largest message less 1 KiB is refused
+        before anything is stored, RESOURCE_EXHAUSTED with reason REPLY_TOO_LARGE
+        (metadata: bytes, limit).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,7 +39,11 @@ class TraceServiceStub:
     has ended (readers already got its final status) takes no new events:
     FAILED_PRECONDITION with reason RUN_ENDED, checked under the run's lock so
     an end committed concurrently cannot slip in between; a retry whose events
-    were all stored before the end still returns them.
+    were all stored before the end still returns them. The response holds
+    every event as stored (a little larger than sent): an append whose
+    response would exceed the server's largest message less 1 KiB is refused
+    before anything is stored, RESOURCE_EXHAUSTED with reason REPLY_TOO_LARGE
+    (metadata: bytes, limit).
     """
     ListTraceEvents: _grpc.UnaryUnaryMultiCallable[_trace_service_pb2.ListTraceEventsRequest, _trace_service_pb2.ListTraceEventsResponse]
     """Lists a run's events in sequence order, filtered, one page at a time. A page
@@ -66,7 +70,11 @@ class TraceServiceAsyncStub(TraceServiceStub):
     has ended (readers already got its final status) takes no new events:
     FAILED_PRECONDITION with reason RUN_ENDED, checked under the run's lock so
     an end committed concurrently cannot slip in between; a retry whose events
-    were all stored before the end still returns them.
+    were all stored before the end still returns them. The response holds
+    every event as stored (a little larger than sent): an append whose
+    response would exceed the server's largest message less 1 KiB is refused
+    before anything is stored, RESOURCE_EXHAUSTED with reason REPLY_TOO_LARGE
+    (metadata: bytes, limit).
     """
     ListTraceEvents: _aio.UnaryUnaryMultiCallable[_trace_service_pb2.ListTraceEventsRequest, _trace_service_pb2.ListTraceEventsResponse]  # type: ignore[assignment]
     """Lists a run's events in sequence order, filtered, one page at a time. A page
@@ -96,7 +104,11 @@ class TraceServiceServicer(metaclass=_abc_1.ABCMeta):
         has ended (readers already got its final status) takes no new events:
         FAILED_PRECONDITION with reason RUN_ENDED, checked under the run's lock so
         an end committed concurrently cannot slip in between; a retry whose events
-        were all stored before the end still returns them.
+        were all stored before the end still returns them. The response holds
+        every event as stored (a little larger than sent): an append whose
+        response would exceed the server's largest message less 1 KiB is refused
+        before anything is stored, RESOURCE_EXHAUSTED with reason REPLY_TOO_LARGE
+        (metadata: bytes, limit).
         """
 
     @_abc_1.abstractmethod

@@ -53,7 +53,8 @@ class PageBytes:
     """The bytes one list page may carry: at most PAGE_BYTES of items (half the
     largest message when that is smaller); a page stops before the item that
     would take it past that, but its first item comes alone whatever its
-    size, up to the largest message less RESPONSE_RESERVE."""
+    size, up to the largest message less RESPONSE_RESERVE (`ceiling`, also
+    the most that the items of a reply that cannot stop early may take)."""
 
     def __init__(self, max_message_bytes: int) -> None:
         self.budget = min(PAGE_BYTES, max_message_bytes // 2)

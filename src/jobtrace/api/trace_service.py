@@ -31,8 +31,13 @@ class TraceServicer(pb_grpc.TraceServiceServicer):
     ) -> pb.AppendTraceEventsResponse:
         principal = self._auth.require(context, Role.SUBMITTER)
         inputs = [convert.event_input_from_proto(e) for e in request.events]
-        stored = await self._trace.append(principal.read_scope, request.run_id, inputs)
-        return pb.AppendTraceEventsResponse(events=[convert.event_to_proto(e) for e in stored])
+        stored = await self._trace.append(
+            principal.read_scope,
+            request.run_id,
+            inputs,
+            out=self._pages.encoder(convert.event_to_proto),
+        )
+        return pb.AppendTraceEventsResponse(events=stored)
 
     @rpc
     async def ListTraceEvents(

@@ -251,7 +251,7 @@ def sanitize(value: Any) -> Any:
     and <= len(canonical(v)) for evidence that holds neither. Time and memory are
     linear in the size of `value`."""
     if isinstance(value, dict):
-        return {_escape_name(_sanitize_text(k)): sanitize(v) for k, v in value.items()}
+        return {sanitize_name(k): sanitize(v) for k, v in value.items()}
     if isinstance(value, list):
         return [sanitize(v) for v in value]
     if isinstance(value, str):
@@ -262,6 +262,20 @@ def sanitize(value: Any) -> Any:
                 return marker
         return _redact_embedded(value)
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class Sanitized:
+    """Evidence the server sanitised already, and may have given markers of its
+    own (see jobtrace.domain.evidence): an attestation takes it as is, since
+    sanitising it again would escape those markers as if a caller wrote them."""
+
+    value: Any
+
+
+def sanitize_name(name: str) -> str:
+    """An object member's name as `sanitize` writes it."""
+    return _escape_name(_sanitize_text(name))
 
 
 # A marker object is an object with this member; a marker string starts with
@@ -703,7 +717,9 @@ def larger_than(value: Any, limit: int) -> bool:
     pending = [value]
     while pending:
         item = pending.pop()
-        if isinstance(item, str):
+        if isinstance(item, Sanitized):
+            pending.append(item.value)
+        elif isinstance(item, str):
             weight += len(item)
             if weight <= limit:
                 weight += MARKER_WEIGHT * item.lower().count("data:")
@@ -769,7 +785,7 @@ class Attestor:
         entity_id: str,
         chain_id: str,
         state: RunState,
-        data: JSON,
+        data: JSON | Sanitized,
         workflow_id: str = "",
         job_id: str = "",
         worker_id: str = "",
@@ -792,7 +808,7 @@ class Attestor:
             worker_id=worker_id,
             attempt=attempt,
             state=state,
-            data=data,
+            data={},  # set by _seal, sanitised
             chain_id=chain_id,
             chain_seq=last_seq + 1,
             digest="",
@@ -802,13 +818,13 @@ class Attestor:
             created_us=now,
             expire_us=now + int(self.retention_s * 1e6),
         )
-        signed = await off_loop_if_large(data, self._seal, draft)
+        signed = await off_loop_if_large(data, self._seal, draft, data)
         await store.insert_attestation(session, signed)
         return signed
 
-    def _seal(self, draft: Attestation) -> Attestation:
-        """`draft` with its data sanitised, then digested and signed: CPU only."""
-        encoded = canonical(sanitize(draft.data))
+    def _seal(self, draft: Attestation, data: JSON | Sanitized) -> Attestation:
+        """`draft` with `data` sanitised, then digested and signed: CPU only."""
+        encoded = canonical(data.value if isinstance(data, Sanitized) else sanitize(data))
         # The stored data is the canonical text read back, so the digest covers
         # exactly what is stored; it is spliced in as is, not encoded again.
         draft = _replace_data(draft, json.loads(encoded))

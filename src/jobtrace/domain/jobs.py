@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 CANCELLED_BY_USER = lifecycle.CANCELLED_BY_USER
 MAX_SUBMIT_ANNOTATIONS = 16
 MAX_REASON = 1000
+# Jobs listed in one notice to the other replicas (see Jobs._changed).
+JOBS_PER_NOTICE = 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,14 +224,20 @@ class Jobs:
 
     def _changed(self, tx: Tx, jobs: list[Job]) -> None:
         if jobs:
-            tx.notify(
-                {
-                    "k": "jobs",
-                    "j": [
-                        [j.id, j.workflow_id, int(j.state), j.lease_holder, j.attempt] for j in jobs
-                    ],
-                }
-            )
+            # One notice per JOBS_PER_NOTICE jobs: a notice travels in one
+            # NOTIFY payload (under 8000 bytes), and one transaction may change
+            # every step of a workflow (MAX_STEPS). The ids are the server's,
+            # the holder a digest: each entry is at most about 150 bytes.
+            for start in range(0, len(jobs), JOBS_PER_NOTICE):
+                tx.notify(
+                    {
+                        "k": "jobs",
+                        "j": [
+                            [j.id, j.workflow_id, int(j.state), j.lease_holder, j.attempt]
+                            for j in jobs[start : start + JOBS_PER_NOTICE]
+                        ],
+                    }
+                )
             for listener in self._listeners:
                 tx.on_commit(lambda listener=listener: listener(jobs))  # type: ignore[misc]
 
@@ -638,7 +646,10 @@ class Jobs:
                 )
             now = now_us()
             why = reason or CANCELLED_BY_USER
-            steps = (await store.workflow_jobs(session, [workflow_id]))[workflow_id]
+            # Only the steps a cancel changes are read whole (not every result).
+            steps = (await store.workflow_jobs(session, [workflow_id], unfinished=True))[
+                workflow_id
+            ]
             changed = await self._life.cancel_steps(session, tx, steps, why, "CANCELLED", now)
             await self._life.end_workflow(
                 session,
@@ -648,7 +659,7 @@ class Jobs:
                 RunState.CANCELLED,
                 Failure(reason=why, code="CANCELLED"),
                 now,
-                traceparent=steps[0].traceparent if steps else "",
+                traceparent=await store.workflow_traceparent(session, workflow_id),
             )
             self._changed(tx, changed)
             stored = await store.get_workflow(session, workflow_id)

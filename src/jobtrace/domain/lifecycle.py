@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import iso
 from jobtrace.domain.attest import Attestor
+from jobtrace.domain.evidence import ATTESTATION_DATA_BYTES, StoredOutput, fit_outputs
 from jobtrace.domain.trace import Trace
 from jobtrace.model import (
     JSON,
@@ -91,9 +92,13 @@ class Lifecycle:
     """Every transition of a job and its workflow, with the trace events and the
     attestations it produces, all in the caller's transaction."""
 
-    def __init__(self, trace: Trace, attestor: Attestor) -> None:
+    def __init__(
+        self, trace: Trace, attestor: Attestor, *, evidence_budget: int = ATTESTATION_DATA_BYTES
+    ) -> None:
         self.trace = trace
         self.attestor = attestor
+        # The most a workflow attestation's data weighs (see domain/evidence.py).
+        self.evidence_budget = evidence_budget
         # Failed attempts requeued for another attempt, by service (metrics).
         self.retries: Counter[str] = Counter()
 
@@ -165,7 +170,7 @@ class Lifecycle:
     ) -> None:
         row = await store.get_workflow_row(db, workflow_id)
         assert row is not None
-        steps = (await store.workflow_jobs(db, [workflow_id]))[workflow_id]
+        steps = (await store.workflow_steps(db, [workflow_id]))[workflow_id]
         type, prefix = {
             RunState.COMPLETED: (AttestationType.WORKFLOW_COMPLETION, "workflow-completion"),
             RunState.CANCELLED: (AttestationType.WORKFLOW_CANCELLATION, "workflow-cancellation"),
@@ -173,11 +178,10 @@ class Lifecycle:
         data: JSON = {
             "request_context": codec.loads(row.request_context) or {},
             "name": row.name,
-            "outputs": {s.step_name: s.result for s in steps if s.state == RunState.COMPLETED},
             "total_steps": len(steps),
             "completed_steps": sum(1 for s in steps if s.state == RunState.COMPLETED),
             "steps": {
-                s.step_name: {"job_id": s.id, "state": s.state.name, "attempt": s.attempt}
+                s.name: {"job_id": s.job_id, "state": s.state.name, "attempt": s.attempt}
                 for s in steps
             },
             "created_at": iso(row.created_us),
@@ -186,6 +190,19 @@ class Lifecycle:
         }
         if failure is not None:
             data["failure"] = {"reason": failure.reason, "code": failure.code}
+        # Each completed step's result, as many as the budget holds (up to
+        # MAX_STEPS results of up to 1 MiB each would not fit any response).
+        outputs = [
+            StoredOutput(name, job_id, size)
+            for job_id, name, size in await store.result_sizes(db, workflow_id)
+        ]
+        evidence = await fit_outputs(
+            data,
+            "outputs",
+            outputs,
+            lambda job_ids: store.results(db, job_ids),
+            budget=self.evidence_budget,
+        )
         await self.attestor.attest(
             db,
             key=f"{prefix}:{workflow_id}",
@@ -195,7 +212,7 @@ class Lifecycle:
             entity_id=workflow_id,
             chain_id=workflow_id,
             state=state,
-            data=data,
+            data=evidence,
             workflow_id=workflow_id,
         )
 
@@ -427,19 +444,33 @@ class Lifecycle:
         """Advance or end the workflow of a step that reached a terminal state."""
         if not step.workflow_id:
             return []
-        steps = (await store.workflow_jobs(db, [step.workflow_id]))[step.workflow_id]
+        # Reads what this step's end can change, not every step whole: a
+        # workflow has up to MAX_STEPS steps, each result up to 1 MiB, and
+        # every step's end passes here.
+        workflow_id = step.workflow_id
         changed: list[Job] = []
         if step.state == RunState.COMPLETED:
-            done = {s.step_name for s in steps if s.state == RunState.COMPLETED}
-            for s in steps:
-                if s.state == RunState.PENDING and all(d in done for d in s.depends_on):
-                    changed.append(await set_job(db, s, state=RunState.QUEUED, updated_us=now))
-            if len(done) == len(steps):
+            pending = await store.workflow_steps(db, [workflow_id], states=[RunState.PENDING])
+            if pending[workflow_id]:
+                completed = await store.workflow_steps(
+                    db, [workflow_id], states=[RunState.COMPLETED]
+                )
+                done = {s.name for s in completed[workflow_id]}
+                ready = [
+                    s.job_id for s in pending[workflow_id] if all(d in done for d in s.depends_on)
+                ]
+                whole = {j.id: j for j in await store.jobs_by_id(db, ready)}
+                for job_id in ready:
+                    changed.append(
+                        await set_job(db, whole[job_id], state=RunState.QUEUED, updated_us=now)
+                    )
+            done_count, total = (await store.step_counts(db, [workflow_id]))[workflow_id]
+            if done_count == total:
                 await store.update_workflow(
                     db,
                     step.workflow_id,
                     state=int(RunState.COMPLETED),
-                    completed_steps=len(done),
+                    completed_steps=done_count,
                     completed_us=now,
                     updated_us=now,
                 )
@@ -455,9 +486,9 @@ class Lifecycle:
                             category=Category.BUSINESS,
                             milestone=True,
                             percent=100.0,
-                            step_number=len(done),
-                            total_steps=len(steps),
-                            message=f"workflow completed ({len(done)} steps)",
+                            step_number=done_count,
+                            total_steps=total,
+                            message=f"workflow completed ({done_count} steps)",
                             traceparent=step.traceparent,
                         )
                     ],
@@ -471,7 +502,7 @@ class Lifecycle:
                 self.trace.run_ended(tx, step.workflow_id)
             else:
                 await store.update_workflow(
-                    db, step.workflow_id, completed_steps=len(done), updated_us=now
+                    db, step.workflow_id, completed_steps=done_count, updated_us=now
                 )
             return changed
         # A step ended without completing: the workflow fails (or is cancelled)
@@ -486,7 +517,7 @@ class Lifecycle:
         changed += await self.cancel_steps(
             db,
             tx,
-            steps,
+            (await store.workflow_jobs(db, [workflow_id], unfinished=True))[workflow_id],
             f"workflow {workflow_state.name.lower()}: step {step.step_name!r} did not complete",
             "DEPENDENCY_FAILED",
             now,

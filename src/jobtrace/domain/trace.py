@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -39,6 +39,8 @@ from jobtrace.store.db import Database, Tx
 from jobtrace.store.trace import EventFilter
 
 log = logging.getLogger(__name__)
+
+E = TypeVar("E")
 
 MAX_MESSAGE_BYTES = 10 * 1024
 MAX_BLOB_BYTES = 64 * 1024
@@ -179,6 +181,31 @@ def run_ended(run_id: str, state: RunState) -> FailedPrecondition:
     )
 
 
+def _reply(run_id: str, events: list[TraceEvent], out: Encoder[TraceEvent, E]) -> list[E]:
+    """The events as `out` encodes them, or RESOURCE_EXHAUSTED if together
+    they are more than a response may carry."""
+    encoded: list[E] = []
+    total = 0
+    for e in events:
+        message, size = out.encode(e)
+        encoded.append(message)
+        total += size
+    if total > out.ceiling:
+        raise ResourceExhausted(
+            f"the reply to this append would be {total} bytes, more than a response may "
+            f"carry ({out.ceiling}), so nothing was stored: append these {len(events)} "
+            "events in smaller calls",
+            reason="REPLY_TOO_LARGE",
+            metadata={
+                "run_id": run_id,
+                "events": str(len(events)),
+                "bytes": str(total),
+                "limit": str(out.ceiling),
+            },
+        )
+    return encoded
+
+
 class Trace:
     def __init__(
         self,
@@ -291,8 +318,14 @@ class Trace:
     # --- TraceService -----------------------------------------------------------
 
     async def append(
-        self, scope: str | None, run_id: str, inputs: list[EventInput]
-    ) -> list[TraceEvent]:
+        self, scope: str | None, run_id: str, inputs: list[EventInput], out: Encoder[TraceEvent, E]
+    ) -> list[E]:
+        """Store the events not stored yet (by event_key) and return every one
+        as stored, as `out` encodes them. The reply holds each event whole, a
+        stored one too (which a retry with the same key may name, whatever
+        the retry's own event holds): an append whose reply would be larger
+        than `out.ceiling` is refused before anything is stored, so no
+        stored events are ever answered by an error, on every retry."""
         v = Violations()
         if not run_id:
             v.add("run_id", "required")
@@ -305,7 +338,7 @@ class Trace:
         v.raise_if_any()
         check_sizes("events", inputs)
 
-        async def op(session: AsyncSession, tx: Tx) -> list[TraceEvent]:
+        async def op(session: AsyncSession, tx: Tx) -> list[E]:
             # Under the run's row lock: the transition that ends a run takes the
             # same lock, so it cannot commit between this check and these events.
             tenant, traceparent, state = await self._run_owner(
@@ -319,7 +352,9 @@ class Trace:
                 raise run_ended(run_id, state)
             for e in await self.record(session, tx, tenant, fresh):
                 existing[e.event_key] = e
-            return [existing[e.event_key] for e in events]
+            # Raising here rolls back this operation alone (the group commit
+            # isolates it): nothing of a refused append is stored.
+            return _reply(run_id, [existing[e.event_key] for e in events], out)
 
         return await self._db.write(op)
 

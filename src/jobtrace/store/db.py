@@ -341,21 +341,39 @@ class Database:
                 item.future.set_exception(value)
 
     async def _send_notices(self, session: AsyncSession, notices: list[dict[str, Any]]) -> None:
-        """One NOTIFY per ~7 KB of notices; PostgreSQL delivers them at commit."""
-        chunk: list[dict[str, Any]] = []
-        size = 0
-        for notice in [*notices, None]:
-            text = json.dumps(notice, separators=(",", ":")) if notice is not None else ""
-            if chunk and (notice is None or size + len(text) > 7000):
-                payload = json.dumps({"r": self.replica_id, "n": chunk}, separators=(",", ":"))
-                await session.execute(
-                    sql_text("SELECT pg_notify(:channel, :payload)"),
-                    {"channel": NOTIFY_CHANNEL, "payload": payload},
+        """As few NOTIFYs as fit the notices, each payload under NOTIFY_PAYLOAD_BYTES
+        (PostgreSQL refuses a longer one, failing the transaction); PostgreSQL
+        delivers them at commit. A notice too large for any payload is not
+        sent: the other replicas are told to catch up from the database
+        instead, as after a lost LISTEN connection."""
+        head = f'{{"r":{json.dumps(self.replica_id)},"n":['
+        chunk: list[str] = []
+        size = len(head) + 2  # "]}"
+        catch_up = False
+        for notice in notices:
+            text = json.dumps(notice, separators=(",", ":"))  # ASCII: characters are bytes
+            if len(head) + len(text) + 2 > NOTIFY_PAYLOAD_BYTES:
+                log.warning(
+                    "a notice of %d bytes exceeds a NOTIFY payload; other replicas catch up",
+                    len(text),
                 )
-                chunk, size = [], 0
-            if notice is not None:
-                chunk.append(notice)
-                size += len(text)
+                if not catch_up:
+                    await self._notify(session, json.dumps({"r": self.replica_id, "catch_up": 1}))
+                    catch_up = True
+                continue
+            if chunk and size + 1 + len(text) > NOTIFY_PAYLOAD_BYTES:
+                await self._notify(session, head + ",".join(chunk) + "]}")
+                chunk, size = [], len(head) + 2
+            size += len(text) + (1 if chunk else 0)
+            chunk.append(text)
+        if chunk:
+            await self._notify(session, head + ",".join(chunk) + "]}")
+
+    async def _notify(self, session: AsyncSession, payload: str) -> None:
+        await session.execute(
+            sql_text("SELECT pg_notify(:channel, :payload)"),
+            {"channel": NOTIFY_CHANNEL, "payload": payload},
+        )
 
     async def listen(
         self,
@@ -385,7 +403,12 @@ class Database:
         except ValueError:
             log.warning("ignoring a malformed notice")
             return
-        if doc.get("r") != self.replica_id and self._on_notices is not None:
+        if doc.get("r") == self.replica_id:
+            return
+        if doc.get("catch_up"):
+            if self._on_restored is not None:
+                self._on_restored()
+        elif self._on_notices is not None:
             self._on_notices(doc.get("n", []))
 
     async def _open_listener(self) -> tuple[Any, asyncio.Event]:
@@ -502,6 +525,9 @@ def _outcome_unknown(error: Exception) -> bool:
 
 
 NOTIFY_CHANNEL = "jobtrace"
+# PostgreSQL refuses a NOTIFY payload of 8000 bytes or more (the default
+# build's limit); one payload carries at most this many.
+NOTIFY_PAYLOAD_BYTES = 7900
 # The LISTEN connection's application_name (pg_stat_activity shows it).
 LISTENER_APPLICATION_NAME = "jobtrace-listener"
 LISTEN_RETRY_INITIAL_S = 0.1

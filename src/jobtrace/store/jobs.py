@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.model import (
     JSON,
+    TERMINAL_STATES,
     Annotation,
     AnnotationScope,
     Job,
@@ -295,16 +296,19 @@ async def read_jobs(
     )
 
 
-async def workflow_jobs(session: AsyncSession, workflow_ids: Iterable[str]) -> dict[str, list[Job]]:
+async def workflow_jobs(
+    session: AsyncSession, workflow_ids: Iterable[str], *, unfinished: bool = False
+) -> dict[str, list[Job]]:
+    """The steps of these workflows, whole, in submission order; with
+    `unfinished`, only those that have not ended."""
     ids = list(workflow_ids)
     out: dict[str, list[Job]] = {i: [] for i in ids}
     if not ids:
         return out
-    stmt = (
-        select(JOBS)
-        .where(JobRow.workflow_id.in_(ids))
-        .order_by(JobRow.workflow_id, JobRow.step_index)
-    )
+    where = [JobRow.workflow_id.in_(ids)]
+    if unfinished:
+        where.append(JobRow.state.not_in([int(s) for s in TERMINAL_STATES]))
+    stmt = select(JOBS).where(*where).order_by(JobRow.workflow_id, JobRow.step_index)
     for job in await _jobs(session, stmt):
         out[job.workflow_id].append(job)
     return out
@@ -321,19 +325,19 @@ _STEP_COLUMNS = (
 
 
 async def workflow_steps(
-    session: AsyncSession, workflow_ids: Iterable[str]
+    session: AsyncSession, workflow_ids: Iterable[str], *, states: Collection[RunState] = ()
 ) -> dict[str, list[WorkflowStep]]:
-    """The steps of these workflows in submission order, read from their jobs'
-    step columns alone (never a payload or a result)."""
+    """The steps of these workflows in submission order (only those in
+    `states`, if given), read from their jobs' step columns alone (never a
+    payload or a result)."""
     ids = list(workflow_ids)
     out: dict[str, list[WorkflowStep]] = {i: [] for i in ids}
     if not ids:
         return out
-    stmt = (
-        select(*_STEP_COLUMNS)
-        .where(JobRow.workflow_id.in_(ids))
-        .order_by(JobRow.workflow_id, JobRow.step_index)
-    )
+    where = [JobRow.workflow_id.in_(ids)]
+    if states:
+        where.append(JobRow.state.in_([int(s) for s in states]))
+    stmt = select(*_STEP_COLUMNS).where(*where).order_by(JobRow.workflow_id, JobRow.step_index)
     for r in (await session.execute(stmt)).mappings():
         out[r["workflow_id"]].append(
             WorkflowStep(
@@ -361,6 +365,27 @@ async def step_counts(
         .group_by(JobRow.workflow_id)
     )
     return {w: (int(done or 0), int(n)) for w, done, n in (await session.execute(stmt)).all()}
+
+
+async def result_sizes(session: AsyncSession, workflow_id: str) -> list[tuple[str, str, int]]:
+    """(job id, step name, stored bytes of its result) of each completed step
+    of a workflow, smallest result first; no result is read."""
+    size = stored_size(session, [JobRow.result])
+    stmt = (
+        select(JobRow.id, JobRow.step_name, size)
+        .where(JobRow.workflow_id == workflow_id, JobRow.state == int(RunState.COMPLETED))
+        .order_by(size, JobRow.step_index)
+    )
+    return [(i, name, int(n)) for i, name, n in (await session.execute(stmt)).all()]
+
+
+async def results(session: AsyncSession, job_ids: Iterable[str]) -> dict[str, JSON]:
+    """The results of these jobs, by job id."""
+    ids = list(job_ids)
+    if not ids:
+        return {}
+    stmt = select(JobRow.id, JobRow.result).where(JobRow.id.in_(ids))
+    return {i: codec.loads(r) for i, r in (await session.execute(stmt)).all()}
 
 
 def workflow_from_row(
