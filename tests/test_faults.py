@@ -487,6 +487,65 @@ async def test_a_completion_found_already_stored_counts_as_acknowledged(
     assert not any("refused complete" in m and "DUPLICATE" in m for m in messages), messages
 
 
+async def test_a_finished_job_keeps_its_lease_while_its_result_is_resent(
+    fast: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Storage refuses the completion (UNAVAILABLE) past the moment its lease
+    would have run out, while heartbeats get through: the worker still lists
+    the attempt whose result it holds, so the lease is renewed and the job does
+    not run again; the result is stored on attempt 1 once storage takes it."""
+    from sqlalchemy import exc as sa_exc
+
+    from jobtrace.clock import now_us
+
+    assert fast.server is not None
+    scheduler = fast.server.scheduler
+    real_complete, real_supervise = scheduler.complete, scheduler.supervise_once
+    lease_us = scheduler.lease_ms * 1000
+    first_refusal: list[int] = []
+    swept_after_lease: list[int] = []  # supervision passes begun past the lease
+
+    async def supervise_once() -> None:
+        began = now_us()
+        await real_supervise()
+        if first_refusal and began > first_refusal[0] + lease_us:
+            swept_after_lease.append(began)
+
+    async def refusing(*args: Any, **kwargs: Any) -> None:
+        # Storage away for the completion (a fault that cannot be aimed at one
+        # call for real): refused until a sweep has run where an unrenewed
+        # lease would have expired.
+        if not swept_after_lease:
+            first_refusal[:] = first_refusal or [now_us()]
+            lost = ConnectionRefusedError("connection refused")
+            raise sa_exc.OperationalError("COMMIT", {}, lost)
+        await real_complete(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "supervise_once", supervise_once)
+    monkeypatch.setattr(scheduler, "complete", refusing)
+    runs: list[int] = []
+    outcomes: list[tuple[str, bool]] = []
+
+    async def run(ctx: JobContext) -> dict[str, Any]:
+        runs.append(ctx.attempt)
+        return {"n": 1}
+
+    api = fast.stubs()
+    async with runtime_worker(fast.target, {"svc": run}) as worker:
+        worker.on_completed = lambda job_id, ok: outcomes.append((job_id, ok))
+        job = (
+            await api.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="r", job=c.JobSpec(service="svc"))
+            )
+        ).job
+        await wait_for(lambda: outcomes, timeout=30)
+    done = (await api.jobs.GetJob(j.GetJobRequest(job_id=job.id))).job
+    assert first_refusal and swept_after_lease, "refused past the lease, and swept"
+    assert runs == [1], "ran once"
+    assert outcomes == [(job.id, True)]
+    assert done.state == c.RUN_STATE_COMPLETED and done.attempt == 1, done
+
+
 async def test_a_completion_refused_for_good_is_not_sent_again(harness: Harness) -> None:
     """A report the server refuses for a reason resending cannot change (here
     the job was cancelled while the handler, ignoring the cancel, went on) is
