@@ -8,6 +8,8 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -18,10 +20,13 @@ from jobtrace.client.worker import JobContext
 from jobtrace.pb import SERVICE_NAMES
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
+from jobtrace.pb import trace_service_pb2 as t
+from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, Stubs, wait_for
 from .pgcluster import PgCluster, pg_cluster
-from .workers import runtime_worker
+from .proxy import FaultyProxy
+from .workers import RawWorker, runtime_worker
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -84,7 +89,8 @@ async def test_a_postgresql_restart_under_load_is_answered_unavailable_and_loses
     """PostgreSQL is stopped with `-m immediate` and started again twice while
     jobs are submitted, read, listed and run: every refusal (connection
     refused, "the database system is starting up", terminated sessions) is
-    UNAVAILABLE, never INTERNAL, and every acknowledged job completes once."""
+    UNAVAILABLE, never INTERNAL, and every acknowledged job completes once,
+    on its first attempt."""
     caplog.set_level(logging.WARNING)
     caplog.set_level(logging.INFO, logger="jobtrace.client.worker")
     runs: collections.Counter[str] = collections.Counter()
@@ -94,10 +100,11 @@ async def test_a_postgresql_restart_under_load_is_answered_unavailable_and_loses
         runs[ctx.job_id] += 1
         return {"ok": True}
 
-    # A lease well beyond an outage plus the resend backoff: no lease expires
-    # under a worker that is running the job. One that expires anyway is an
-    # assignment whose claim committed as the connection died (outcome
-    # unknown): the worker never got it, and the job runs once, on its retry.
+    # A lease beyond an outage: no lease expires under a worker that runs the
+    # job or resends its result (both are listed in its heartbeats), and a
+    # claim whose COMMIT was cut as PostgreSQL stopped reaches its worker once
+    # storage is back. A job left stuck would show here as a lease expiry and a
+    # second attempt, well within the test's bound.
     async with Harness(cluster.url, heartbeat_seconds=0.3, lease_seconds=10) as h:
         load = Load(h.stubs())
         async with runtime_worker(h.target, {"svc": run}, max_concurrency=4) as worker:
@@ -125,7 +132,7 @@ async def test_a_postgresql_restart_under_load_is_answered_unavailable_and_loses
         api = h.stubs()
         for job_id in jobs:
             job = (await api.jobs.GetJob(j.GetJobRequest(job_id=job_id))).job
-            assert job.state == c.RUN_STATE_COMPLETED, job
+            assert job.state == c.RUN_STATE_COMPLETED and job.attempt == 1, job
     refusals = [r for r in caplog.records if r.getMessage().startswith("server refused")]
     internal = [r.getMessage() for r in refusals if getattr(r, "code", "") == "INTERNAL"]
     assert load.codes["INTERNAL"] == 0 and not internal, (load.codes, internal)
@@ -183,6 +190,220 @@ async def test_terminated_sessions_and_too_many_connections_are_unavailable(
             return True
 
         await wait_for(submitted, timeout=20, interval=0.1)
+
+
+# --- a claim whose COMMIT went unanswered -----------------------------------------
+
+LONG_LEASE_S = 60.0  # far beyond each test: no lease expires, nothing is retried
+
+
+def cut_claim_commits(
+    monkeypatch: pytest.MonkeyPatch,
+    h: Harness,
+    *,
+    stored: bool,
+    before_answer: Callable[[], Awaitable[None]] | None = None,
+) -> list[str]:
+    """The first group commit that holds a dispatch claim fails as a lost
+    connection does at COMMIT (the dispatcher cannot tell whether it was
+    stored): with `stored`, after the commit (the answer was lost; a real
+    PostgreSQL cut of exactly that moment is in the test below), else before
+    it (nothing stored). `before_answer` runs between the two. Returns a list
+    that gets one item when the cut has happened."""
+    from sqlalchemy import exc as sa_exc
+
+    assert h.server is not None
+    db = h.server.db
+    real_run_batch = db._run_batch
+    cut: list[str] = []
+
+    async def run_batch(batch: list[Any]) -> list[tuple[bool, Any]]:
+        claims = any(item.op.__qualname__.startswith("Scheduler._claim.") for item in batch)
+        if cut or not claims:
+            return await real_run_batch(batch)
+        if stored:
+            await real_run_batch(batch)
+        if before_answer is not None:
+            await before_answer()
+        cut.append("stored" if stored else "not stored")
+        lost = ConnectionResetError("connection reset by peer")
+        raise sa_exc.OperationalError("COMMIT", {}, lost, connection_invalidated=True)
+
+    monkeypatch.setattr(db, "_run_batch", run_batch)
+    return cut
+
+
+async def submit(api: Stubs, request_id: str, **spec: Any) -> c.Job:
+    request = j.SubmitJobRequest(request_id=request_id, job=c.JobSpec(service="svc", **spec))
+    return (await api.jobs.SubmitJob(request)).job
+
+
+async def trace_of(api: Stubs, job_id: str) -> list[tuple[str, int, str]]:
+    page = await api.trace.ListTraceEvents(t.ListTraceEventsRequest(run_id=job_id))
+    return [(c.TraceEventType.Name(e.type), e.attempt, e.message) for e in page.events]
+
+
+def started(trace: list[tuple[str, int, str]]) -> list[int]:
+    return [attempt for kind, attempt, _ in trace if kind == "TRACE_EVENT_TYPE_STARTED"]
+
+
+def lease_left_s(assignment: Any) -> float:
+    return assignment.lease_deadline.ToMicroseconds() / 1e6 - time.time()
+
+
+async def test_a_claim_stored_but_answered_as_failed_reaches_its_worker_as_attempt_1(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dispatch claim is stored but its COMMIT answered as failed: once
+    storage answers, the dispatcher finds the job RUNNING under the worker's
+    lease and hands that very attempt over, with a fresh lease, instead of
+    leaving the job stuck until the lease expires and runs it again. The
+    worker's only slot stays taken meanwhile: a job submitted after waits."""
+    async with Harness(db_url, lease_seconds=LONG_LEASE_S) as h:
+        api = h.stubs()
+        cut = cut_claim_commits(monkeypatch, h, stored=True)
+        raw = RawWorker(api)
+        await raw.hello("w", ["svc"], max_concurrency=1)
+        first = await submit(api, "a")
+        await wait_for(lambda: cut, timeout=10)
+        second = await submit(api, "b")
+
+        assignment = await raw.expect("assignment", timeout=20)
+        assert (assignment.job.id, assignment.attempt) == (first.id, 1)
+        assert lease_left_s(assignment) > LONG_LEASE_S / 2, "a lease that starts now"
+        waiting = (await api.jobs.GetJob(j.GetJobRequest(job_id=second.id))).job
+        assert waiting.state == c.RUN_STATE_QUEUED, "one slot: the second job waits"
+
+        await raw.send(complete=w.CompleteReport(job_id=first.id, attempt=1))
+        await raw.expect("ack")
+        assignment = await raw.expect("assignment", timeout=20)
+        assert (assignment.job.id, assignment.attempt) == (second.id, 1)
+        await raw.close()
+        done = (await api.jobs.GetJob(j.GetJobRequest(job_id=first.id))).job
+        assert done.state == c.RUN_STATE_COMPLETED and done.attempt == 1
+        assert started(await trace_of(api, first.id)) == [1], "claimed once: the stored claim"
+    assert cut == ["stored"]
+
+
+async def test_a_claim_stored_for_a_worker_that_left_is_queued_again_without_counting(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim is stored but answered as failed, and its worker's stream
+    ends before storage answers again: the claim is undone at once (not when
+    its 60 s lease expires), and no attempt is counted: a job allowed one
+    attempt runs, as attempt 1, on the next worker."""
+    async with Harness(db_url, lease_seconds=LONG_LEASE_S) as h:
+        assert h.server is not None
+        scheduler = h.server.scheduler
+        api = h.stubs()
+        gone = RawWorker(api)
+        await gone.hello("gone", ["svc"])
+
+        async def worker_leaves() -> None:
+            await gone.close()
+            await wait_for(lambda: not scheduler.sessions, timeout=10)
+
+        cut = cut_claim_commits(monkeypatch, h, stored=True, before_answer=worker_leaves)
+        job = await submit(api, "a", max_attempts=1)
+        await wait_for(lambda: cut, timeout=10)
+
+        other = RawWorker(api)
+        await other.hello("other", ["svc"])
+        assignment = await other.expect("assignment", timeout=20)
+        assert (assignment.job.id, assignment.attempt) == (job.id, 1)
+        await other.send(complete=w.CompleteReport(job_id=job.id, attempt=1))
+        await other.expect("ack")
+        await other.close()
+        done = (await api.jobs.GetJob(j.GetJobRequest(job_id=job.id))).job
+        assert done.state == c.RUN_STATE_COMPLETED and done.attempt == 1, done
+        trace = await trace_of(api, job.id)
+    assert cut == ["stored"]
+    assert started(trace) == [1, 1], trace
+    assert not [e for e in trace if e[0] == "TRACE_EVENT_TYPE_FAILED"], trace
+    assert any("never reached its worker" in message for _, _, message in trace), trace
+
+
+async def test_a_claim_that_was_not_stored_leaves_its_job_to_be_dispatched_as_usual(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim's commit fails and nothing was stored: the job is still QUEUED
+    and the worker's slot, kept while the outcome was unknown, is free again,
+    so the job reaches the worker as attempt 1."""
+    async with Harness(db_url, lease_seconds=LONG_LEASE_S) as h:
+        api = h.stubs()
+        cut = cut_claim_commits(monkeypatch, h, stored=False)
+        raw = RawWorker(api)
+        await raw.hello("w", ["svc"], max_concurrency=1)
+        job = await submit(api, "a")
+        assignment = await raw.expect("assignment", timeout=20)
+        assert (assignment.job.id, assignment.attempt) == (job.id, 1)
+        await raw.close()
+        assert started(await trace_of(api, job.id)) == [1]
+    assert cut == ["not stored"]
+
+
+async def test_a_claim_that_cannot_be_settled_does_not_hold_up_dispatch(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Settling a claim fails for a reason time does not mend (a bug, here):
+    it is logged and left to its lease, its slot is freed (the worker never
+    got the job), and other jobs are still dispatched."""
+    from jobtrace.store import jobs as store_jobs
+
+    async with Harness(db_url, lease_seconds=LONG_LEASE_S) as h:
+        api = h.stubs()
+        cut = cut_claim_commits(monkeypatch, h, stored=True)
+        real_load_locked = store_jobs.load_locked
+        bugs: list[str] = []
+
+        async def load_locked(db: Any, job_id: str, *args: Any) -> Any:
+            if cut:  # after the cut, only settling it reads a job under lock here
+                bugs.append(job_id)
+                raise KeyError("a bug")
+            return await real_load_locked(db, job_id, *args)
+
+        monkeypatch.setattr(store_jobs, "load_locked", load_locked)
+        raw = RawWorker(api)
+        await raw.hello("w", ["svc"], max_concurrency=1)
+        first = await submit(api, "a")
+        await wait_for(lambda: cut, timeout=10)
+        second = await submit(api, "b")
+        # The worker never got the first job: its one slot is free for the next.
+        assignment = await raw.expect("assignment", timeout=20)
+        assert (assignment.job.id, assignment.attempt) == (second.id, 1)
+        await raw.close()
+    assert bugs and set(bugs) == {first.id}, "settling the cut claim was tried"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["could not settle 1 claims; left to expire"], errors
+
+
+async def test_a_claim_whose_commit_answer_postgresql_never_sent_reaches_its_worker(
+    pg_url: str,
+) -> None:
+    """For real: PostgreSQL receives the claim's COMMIT and stores it, and the
+    connection is cut before its answer reaches the server (a proxy that
+    speaks just enough of the wire protocol). The worker gets attempt 1."""
+    from sqlalchemy.engine import make_url
+
+    upstream = make_url(pg_url)
+    proxy = FaultyProxy(upstream.port or 5432)
+    port = await proxy.start()
+    url = upstream.set(port=port).render_as_string(hide_password=False)
+    try:
+        async with Harness(url, lease_seconds=LONG_LEASE_S) as h:
+            api = h.stubs()
+            raw = RawWorker(api)
+            await raw.hello("w", ["svc"])
+            proxy.cut_answer_to_commit(b"attempt = attempt + 1")  # the claim's statement
+            job = await submit(api, "a")
+            assignment = await raw.expect("assignment", timeout=20)
+            assert (assignment.job.id, assignment.attempt) == (job.id, 1)
+            assert lease_left_s(assignment) > LONG_LEASE_S / 2
+            await raw.close()
+            assert started(await trace_of(api, job.id)) == [1], "the claim that was cut"
+    finally:
+        await proxy.close()
+    assert proxy.commits_cut == 1
 
 
 # --- the worker runtime resends a terminal report until it is stored ------------
@@ -266,6 +487,65 @@ async def test_a_completion_found_already_stored_counts_as_acknowledged(
     messages = [r.getMessage() for r in caplog.records if r.name == "jobtrace.client.worker"]
     assert any("already stored" in m for m in messages), messages
     assert not any("refused complete" in m and "DUPLICATE" in m for m in messages), messages
+
+
+async def test_a_finished_job_keeps_its_lease_while_its_result_is_resent(
+    fast: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Storage refuses the completion (UNAVAILABLE) past the moment its lease
+    would have run out, while heartbeats get through: the worker still lists
+    the attempt whose result it holds, so the lease is renewed and the job does
+    not run again; the result is stored on attempt 1 once storage takes it."""
+    from sqlalchemy import exc as sa_exc
+
+    from jobtrace.clock import now_us
+
+    assert fast.server is not None
+    scheduler = fast.server.scheduler
+    real_complete, real_supervise = scheduler.complete, scheduler.supervise_once
+    lease_us = scheduler.lease_ms * 1000
+    first_refusal: list[int] = []
+    swept_after_lease: list[int] = []  # supervision passes begun past the lease
+
+    async def supervise_once() -> None:
+        began = now_us()
+        await real_supervise()
+        if first_refusal and began > first_refusal[0] + lease_us:
+            swept_after_lease.append(began)
+
+    async def refusing(*args: Any, **kwargs: Any) -> None:
+        # Storage away for the completion (a fault that cannot be aimed at one
+        # call for real): refused until a sweep has run where an unrenewed
+        # lease would have expired.
+        if not swept_after_lease:
+            first_refusal[:] = first_refusal or [now_us()]
+            lost = ConnectionRefusedError("connection refused")
+            raise sa_exc.OperationalError("COMMIT", {}, lost)
+        await real_complete(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "supervise_once", supervise_once)
+    monkeypatch.setattr(scheduler, "complete", refusing)
+    runs: list[int] = []
+    outcomes: list[tuple[str, bool]] = []
+
+    async def run(ctx: JobContext) -> dict[str, Any]:
+        runs.append(ctx.attempt)
+        return {"n": 1}
+
+    api = fast.stubs()
+    async with runtime_worker(fast.target, {"svc": run}) as worker:
+        worker.on_completed = lambda job_id, ok: outcomes.append((job_id, ok))
+        job = (
+            await api.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="r", job=c.JobSpec(service="svc"))
+            )
+        ).job
+        await wait_for(lambda: outcomes, timeout=30)
+    done = (await api.jobs.GetJob(j.GetJobRequest(job_id=job.id))).job
+    assert first_refusal and swept_after_lease, "refused past the lease, and swept"
+    assert runs == [1], "ran once"
+    assert outcomes == [(job.id, True)]
+    assert done.state == c.RUN_STATE_COMPLETED and done.attempt == 1, done
 
 
 async def test_a_completion_refused_for_good_is_not_sent_again(harness: Harness) -> None:
@@ -451,10 +731,6 @@ async def test_retention_sweeps_prune_on_their_own_and_the_chain_still_verifies(
     calling the sweep; after a restart with normal retention the next attempt's
     attestation, chained to the pruned one, still verifies."""
     from jobtrace.pb import attestation_service_pb2 as a
-    from jobtrace.pb import trace_service_pb2 as t
-    from jobtrace.pb import worker_service_pb2 as w
-
-    from .workers import RawWorker
 
     half_second = 0.5 / 86400  # in days
     h = Harness(

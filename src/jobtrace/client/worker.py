@@ -278,10 +278,7 @@ class Worker:
             max_concurrency=self.max_concurrency,
             labels=self.labels,
             affinity_keys=list(self.affinity_keys),
-            running=[
-                worker_service_pb2.JobAttempt(job_id=j, attempt=ctx.attempt)
-                for j, (ctx, _) in self._running.items()
-            ],
+            running=self._held(),
         )
         await outbox.put(worker_service_pb2.ConnectRequest(hello=hello))
         # Reports not acknowledged on the previous stream are sent again.
@@ -340,14 +337,22 @@ class Worker:
     async def _heartbeat(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            beat = worker_service_pb2.WorkerHeartbeat(
-                running=[
-                    worker_service_pb2.JobAttempt(job_id=j, attempt=ctx.attempt)
-                    for j, (ctx, _) in self._running.items()
-                ],
-                draining=self._draining,
-            )
+            beat = worker_service_pb2.WorkerHeartbeat(running=self._held(), draining=self._draining)
             await self._send(worker_service_pb2.ConnectRequest(heartbeat=beat), wait=False)
+
+    def _held(self) -> list[worker_service_pb2.JobAttempt]:
+        """The attempts this worker holds, for hello and heartbeats (which renew
+        only the leases they list): those its handlers run, and those whose
+        result or failure the server has not stored yet. A finished attempt
+        whose report is still being resent (storage away, say) keeps its lease,
+        so it does not expire and run again while the worker holds its result."""
+        held = {j: ctx.attempt for j, (ctx, _) in self._running.items()}
+        for report in self._unacked.values():
+            kind = report.WhichOneof("kind")
+            if kind in ("complete", "fail"):
+                body = report.complete if kind == "complete" else report.fail
+                held.setdefault(body.job_id, body.attempt)
+        return [worker_service_pb2.JobAttempt(job_id=j, attempt=a) for j, a in held.items()]
 
     async def _send(
         self, message: worker_service_pb2.ConnectRequest, *, wait: bool, keep: bool = False

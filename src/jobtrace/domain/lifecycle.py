@@ -260,6 +260,40 @@ class Lifecycle:
                 db, job.workflow_id, state=int(RunState.RUNNING), started_us=now, updated_us=now
             )
 
+    async def unclaim(self, db: AsyncSession, tx: Tx, job: Job, reason: str, now: int) -> Job:
+        """Undo the claim of an attempt that never reached its worker (its stream
+        ended before the worker was told): the job is QUEUED again at once, with
+        the attempt number it had before the claim, so the attempt that never
+        ran is not counted (no failure, no backoff, no attempt used up). Its
+        number is reused by the next claim; no worker can hold it, since none
+        was told of it."""
+        queued = await set_job(
+            db,
+            job,
+            state=RunState.QUEUED,
+            attempt=job.attempt - 1,
+            lease_deadline_us=0,
+            next_attempt_us=0,
+            updated_us=now,
+        )
+        await self._record(
+            db,
+            tx,
+            job,
+            self._event(
+                job,
+                type=TraceType.LOG,
+                level=Level.WARN,
+                category=Category.TECHNICAL,
+                message=f"{node_of(job)} attempt {job.attempt} never reached its worker "
+                f"({reason}); queued again",
+            ),
+        )
+        self.log_after(
+            tx, logging.WARNING, "claim undone; job queued again", job, worker_id=job.worker_id
+        )
+        return queued
+
     async def progress(
         self, db: AsyncSession, tx: Tx, job: Job, percent: float, message: str, now: int
     ) -> Job:

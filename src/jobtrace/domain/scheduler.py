@@ -49,6 +49,7 @@ from jobtrace.model import (
 )
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Database, Tx
+from jobtrace.store.errors import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,15 @@ Outgoing = Welcome | Assign | Cancel | Acked | HeartbeatAcked | Refused | Draine
 
 
 @dataclass(frozen=True, slots=True)
+class _Claim:
+    """A claim of one attempt of a job for one session, whose worker was not told."""
+
+    job_id: str
+    attempt: int
+    session: WorkerSession
+
+
+@dataclass(frozen=True, slots=True)
 class Hello:
     identity: WorkerIdentity
     services: tuple[str, ...]
@@ -146,6 +156,9 @@ class WorkerSession:
     labels: dict[str, str]
     tenants: frozenset[str] | None = None  # whose jobs it may run; None: any
     held: dict[str, int] = field(default_factory=dict)  # job id -> attempt
+    # Claims for this session that its worker has not been told of and that may
+    # be stored (Scheduler._unsettled): their slots stay taken until settled.
+    claiming: dict[str, int] = field(default_factory=dict)  # job id -> attempt
     last_heartbeat_us: int = 0
     draining: bool = False
     closed: bool = False
@@ -169,7 +182,7 @@ class WorkerSession:
     def free_slots(self) -> int:
         if self.closed or self.draining:
             return 0
-        return max(0, self.max_concurrency - len(self.held))
+        return max(0, self.max_concurrency - len(self.held) - len(self.claiming))
 
     def send(self, message: Outgoing) -> None:
         if not self.closed:
@@ -289,6 +302,10 @@ class Scheduler:
         self._give_backs: set[asyncio.Task[None]] = set()
         # Set (and replaced) each time a session has resumed its leases or ended.
         self._session_changes = asyncio.Event()
+        # Claims that may be stored although their worker was not told (their
+        # commit went unanswered, or their stream ended as they committed), by
+        # job id: settled (see _settle_claims) before anything else is dispatched.
+        self._unsettled: dict[str, _Claim] = {}
         # Leases lost (deadline passed or stream ended), by service (metrics).
         self.lease_expiries: Counter[str] = Counter()
         jobs.add_listener(self._on_jobs_changed)
@@ -821,6 +838,8 @@ class Scheduler:
         """Assign what can be assigned now; return how long to sleep at most."""
         self._wake.clear()
         try:
+            if self._unsettled:
+                await self._settle_claims()
             return await self._assign_eligible()
         except Exception as exc:
             log_failure(log, exc, "dispatch failed; retrying")
@@ -860,14 +879,17 @@ class Scheduler:
         return 0.0  # look again at once: more may have become eligible meanwhile
 
     async def _claim(self, plan: list[tuple[Job, WorkerSession]]) -> None:
-        lost: list[tuple[WorkerSession, dict[str, int]]] = []
+        # The claims of the transaction that ran last (a group commit may run
+        # an operation more than once), and those handed to their worker.
+        claims: list[_Claim] = []
+        delivered: set[str] = set()
 
         def hand_over(assign: Assign, session: WorkerSession) -> None:
             # Runs right after the commit, in commit order: a cancel committed
             # later finds the job held and reaches the worker.
             if session.closed:
-                lost.append((session, {assign.job.id: assign.job.attempt}))
-                return
+                return  # the worker never saw the job: settled below
+            delivered.add(assign.job.id)
             session.held[assign.job.id] = assign.job.attempt
             session.send(assign)
             if log.isEnabledFor(logging.INFO):
@@ -878,6 +900,7 @@ class Scheduler:
                 )
 
         async def op(db: AsyncSession, tx: Tx) -> None:
+            claims.clear()
             now = now_us()
             deadline = now + self.lease_ms * 1000
             changed = []
@@ -898,14 +921,99 @@ class Scheduler:
                 context = await store.request_context_for(db, claimed)
                 assign = Assign(claimed, deadline, context)
                 tx.on_commit(lambda a=assign, s=session: hand_over(a, s))  # type: ignore[misc]
+                claims.append(_Claim(claimed.id, claimed.attempt, session))
                 changed.append(claimed)
             self._jobs.notify(tx, changed)
 
-        await self._db.write(op)
-        for session, held in lost:
-            # The stream ended while the claim committed: the worker never saw
-            # the job, so it is given back without waiting for the worker.
-            self._give_back(session, held, 0, "worker stream lost before assignment")
+        try:
+            await self._db.write(op)
+        except Exception:
+            # Storage failed at or during COMMIT (a connection lost as it
+            # committed, say): the claims may be stored though their workers
+            # were not told. Their jobs would sit RUNNING until their leases
+            # expire, so they are looked at again once storage answers.
+            self._unsure(claims)
+            raise
+        # Stored, but the stream ended as they committed: given back at once.
+        self._unsure([c for c in claims if c.job_id not in delivered])
+
+    def _unsure(self, claims: list[_Claim]) -> None:
+        """Remember claims that may be stored but whose worker was not told;
+        their slots stay taken until they are settled (next dispatch pass)."""
+        for claim in claims:
+            self._unsettled[claim.job_id] = claim
+            claim.session.claiming[claim.job_id] = claim.attempt
+        if claims:
+            self.wake()
+
+    async def _settle_claims(self) -> None:
+        """Settle the claims whose worker was not told, now that storage answers.
+        A claim that is stored (its job RUNNING under that session's lease, for
+        that attempt) goes to its worker, with a fresh lease, if the session is
+        still connected (its slot was kept); if the session is gone, the claim
+        is undone: the job is QUEUED again at once, with no attempt counted. A
+        claim that is not stored, or whose job has moved on since (cancelled,
+        say), is dropped: its job is dispatched, or not, as any other."""
+        claims = list(self._unsettled.values())
+        ended: list[_Claim] = []  # sessions that closed as the settling committed
+
+        def deliver(claim: _Claim, assign: Assign) -> None:
+            session = claim.session
+            if session.closed:
+                ended.append(claim)
+                return
+            session.claiming.pop(claim.job_id, None)
+            session.held[claim.job_id] = claim.attempt
+            session.send(assign)
+            log.info(
+                "job assigned after its claim's commit went unanswered",
+                extra={**lifecycle.job_log_fields(assign.job), "worker_id": session.worker_id},
+            )
+
+        async def op(db: AsyncSession, tx: Tx) -> None:
+            ended.clear()
+            now = now_us()
+            deadline = now + self.lease_ms * 1000
+            changed: list[Job] = []
+            for claim in claims:
+                job = await store.load_locked(db, claim.job_id)
+                if (
+                    job is None
+                    or job.state != RunState.RUNNING
+                    or job.attempt != claim.attempt
+                    or job.lease_session != claim.session.session_id
+                ):
+                    continue
+                if claim.session.closed:
+                    changed.append(
+                        await self._life.unclaim(
+                            db, tx, job, "worker stream lost before assignment", now
+                        )
+                    )
+                    continue
+                # The lease ran while storage was away: it starts now.
+                job = await lifecycle.set_job(db, job, lease_deadline_us=deadline)
+                context = await store.request_context_for(db, job)
+                assign = Assign(job, deadline, context)
+                tx.on_commit(lambda c=claim, a=assign: deliver(c, a))  # type: ignore[misc]
+            self._jobs.notify(tx, changed)
+
+        try:
+            await self._db.write(op)
+        except Exception as exc:
+            if is_transient(exc):
+                raise  # storage still away: tried again on the next pass
+            # Not something time mends: dispatch must not wait on it. Their
+            # leases run out as any other (the job is then retried).
+            log.error("could not settle %d claims; left to expire", len(claims), exc_info=exc)
+            ended.clear()
+        for claim in claims:
+            if claim in ended:  # settled again, now as a lost session's claim
+                continue
+            if self._unsettled.get(claim.job_id) is claim:
+                del self._unsettled[claim.job_id]
+            claim.session.claiming.pop(claim.job_id, None)
+        self.wake()
 
     # --- supervision ---------------------------------------------------------
 
