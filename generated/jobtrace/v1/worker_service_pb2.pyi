@@ -151,7 +151,8 @@ class WorkerHello(_message.Message):
 
     @_builtins.property
     def running(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobAttempt]:
-        """Optional. Jobs still running in this process after a reconnect; the server
+        """Optional. Jobs this process still holds after a reconnect: running, or
+        finished with a complete or fail report not yet acknowledged. The server
         resumes the leases it still holds for them and revokes the rest; at most
         1,000 entries.
         """
@@ -216,8 +217,9 @@ class WorkerHeartbeat(_message.Message):
     """
     @_builtins.property
     def running(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobAttempt]:
-        """Optional. The jobs the worker is running; leases not listed are kept
-        until they expire.
+        """Optional. The jobs the worker holds: running, or finished with a complete
+        or fail report not yet acknowledged. Only the leases listed are renewed;
+        a lease not listed runs out and its job is retried. At most 1,000 entries.
         """
 
     @_builtins.property
