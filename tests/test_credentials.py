@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from jobtrace.pb import worker_service_pb2 as w
 from jobtrace.server import check_exposure
 
 from .conftest import Harness, stubs_for, wait_for
+from .procs import drain, jobtrace, serve
 from .test_security import ISSUER, SECRET, bearer, code_of, make_jwt
 from .workers import terminate
 
@@ -261,19 +261,10 @@ async def test_exposure_check_resolves_the_host_instead_of_reading_it(
     # With authentication on, any address may be used.
     check_exposure(Settings(listen="127.evil.example:1"), Authenticator(jwt=_any_jwt()), names)
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jobtrace",
-        "serve",
-        "--listen",
-        "127.evil.example:0",
-        "--db",
-        sqlite_url.split("///", 1)[1],
-        stderr=asyncio.subprocess.PIPE,
+    code, _, err = await jobtrace(
+        "serve", "--listen", "127.evil.example:0", "--db", sqlite_url.split("///", 1)[1], timeout=30
     )
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 1 and b"cannot resolve" in err and b"Traceback" not in err
+    assert code == 1 and "cannot resolve" in err and "Traceback" not in err
 
 
 def _real(host: str) -> list[str]:
@@ -401,39 +392,20 @@ async def test_sighup_reloads_the_tokens_file_and_the_server_survives(tmp_path: 
     tokens.write_text(
         tokens_doc(("tok-a", "alpha", "acme", ["submitter"]), ("tok-b", "beta", "acme", ["reader"]))
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jobtrace",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
+    proc, port, _ = await serve(
         "--db",
         str(tmp_path / "jobtrace.db"),
         "--tokens-file",
         str(tokens),
         "--log-format",
         "text",
-        stderr=asyncio.subprocess.PIPE,
         # SIGHUP only: no poll can be what reloads (--reload-interval-seconds 0).
         env={**os.environ, "JOBTRACE_RELOAD_INTERVAL_SECONDS": "0"},
     )
-    assert proc.stderr is not None
     log_lines: list[str] = []
-
-    async def collect(stream: asyncio.StreamReader) -> None:
-        while line := await stream.readline():
-            log_lines.append(line.decode())
-
     try:
-        async with asyncio.timeout(30):
-            while True:
-                line = (await proc.stderr.readline()).decode()
-                assert line, "server exited during start"
-                if m := re.search(r"\(port (\d+)\)", line):
-                    break
-        collector = asyncio.create_task(collect(proc.stderr))
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{m.group(1)}") as channel:
+        collector = drain(proc, into=log_lines)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             api = stubs_for(channel)
 
             async def code(tok: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from jobtrace.pb import trace_service_pb2 as t
 from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, Stubs, stubs_for, wait_for
+from .procs import jobtrace
 from .workers import RawWorker
 
 SECRET = "test-secret-of-at-least-32-bytes-long!!"
@@ -556,19 +556,10 @@ async def test_no_auth_refuses_non_loopback_listen(sqlite_url: str) -> None:
     h = Harness(db_url)
     with pytest.raises(OSError, match=r"refusing to listen on 0\.0\.0\.0:0 without authentication"):
         await h.start(listen="0.0.0.0:0")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jobtrace",
-        "serve",
-        "--listen",
-        "0.0.0.0:0",
-        "--db",
-        db_url.split("///", 1)[1],
-        stderr=asyncio.subprocess.PIPE,
+    code, _, err = await jobtrace(
+        "serve", "--listen", "0.0.0.0:0", "--db", db_url.split("///", 1)[1], timeout=30
     )
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 1 and b"refusing to listen" in err and b"Traceback" not in err
+    assert code == 1 and "refusing to listen" in err and "Traceback" not in err
 
 
 def _make_ca_and_cert(tmp: Path) -> dict[str, Path]:
