@@ -28,7 +28,7 @@ from jobtrace.server import check_exposure
 
 from .conftest import Harness, stubs_for, wait_for
 from .procs import drain, jobtrace, serve
-from .test_security import ISSUER, SECRET, bearer, code_of, make_jwt
+from .test_security import ISSUER, SECRET, bearer, code_of, make_jwt, refusal_of_tokens_file
 from .workers import terminate
 
 
@@ -124,17 +124,14 @@ async def test_jwt_roles_that_are_not_role_names_are_unauthenticated(
 async def test_tokens_file_with_malformed_roles_refuses_to_load(
     sqlite_url: str, tmp_path: Path, roles: str, problem: str
 ) -> None:
-    tokens = tmp_path / "tokens.yaml"
-    tokens.write_text(
+    text = (
         "tokens:\n"
         f"  - sha256: {hash_token('tok-one')}\n"
         "    subject: api\n"
         "    tenant: acme\n"
         f"    roles: {roles}\n"
     )
-    with pytest.raises(OSError, match="cannot load tokens") as caught:
-        await Harness(sqlite_url, tokens_file=str(tokens)).start()
-    assert problem in str(caught.value)
+    assert problem in await refusal_of_tokens_file(sqlite_url, tmp_path, text)
 
 
 @pytest.mark.parametrize(
@@ -149,11 +146,7 @@ async def test_tokens_file_with_malformed_roles_refuses_to_load(
 async def test_malformed_tokens_file_refuses_to_load(
     sqlite_url: str, tmp_path: Path, text: str, problem: str
 ) -> None:
-    tokens = tmp_path / "tokens.yaml"
-    tokens.write_text(text)
-    with pytest.raises(OSError, match="cannot load tokens") as caught:
-        await Harness(sqlite_url, tokens_file=str(tokens)).start()
-    assert problem in str(caught.value)
+    assert problem in await refusal_of_tokens_file(sqlite_url, tmp_path, text)
 
 
 # --- streams end when their credentials lapse -------------------------------------------

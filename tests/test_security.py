@@ -89,6 +89,15 @@ def make_jwt(**overrides: Any) -> str:
     return jwt.encode({k: v for k, v in claims.items() if v is not None}, key, algorithm="HS256")
 
 
+async def refusal_of_tokens_file(db_url: str, tmp_path: Path, text: str) -> str:
+    """Why a server with a tokens file holding `text` refuses to start."""
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(text)
+    with pytest.raises(OSError, match="cannot load tokens") as caught:
+        await Harness(db_url, tokens_file=str(tokens)).start()
+    return str(caught.value)
+
+
 async def code_of(call: Any) -> str:
     try:
         await call
@@ -537,8 +546,7 @@ async def test_tokens_file_names_given_as_a_string_are_one_name(
 async def test_tokens_file_with_a_malformed_service_list_refuses_to_load(
     sqlite_url: str, tmp_path: Path, value: str, problem: str
 ) -> None:
-    tokens = tmp_path / "tokens.yaml"
-    tokens.write_text(
+    text = (
         "tokens:\n"
         f"  - sha256: {hash_token('tok-one')}\n"
         "    subject: resizer\n"
@@ -546,9 +554,7 @@ async def test_tokens_file_with_a_malformed_service_list_refuses_to_load(
         "    roles: [worker]\n"
         f"    services: {value}\n"
     )
-    with pytest.raises(OSError, match="cannot load tokens") as caught:
-        await Harness(sqlite_url, tokens_file=str(tokens)).start()
-    assert problem in str(caught.value)
+    assert problem in await refusal_of_tokens_file(sqlite_url, tmp_path, text)
 
 
 async def test_no_auth_refuses_non_loopback_listen(sqlite_url: str) -> None:
