@@ -3,11 +3,9 @@ envelopes answers one line on stderr and a non-zero exit code, never a traceback
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import copy
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
 
 from .conftest import Harness
+from .procs import jobtrace
 
 
 def b64(raw: bytes | str) -> str:
@@ -154,21 +153,11 @@ async def test_attest_verify_process_on_a_list_payload_prints_one_line(
     envelope, key_file = await exported_envelope(sqlite_harness, tmp_path)
     env_file = tmp_path / "envelope.json"
     env_file.write_text(json.dumps(dict(envelope, payload=b64("[1, 2, 3]"))))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jobtrace",
-        "attest",
-        "verify",
-        str(env_file),
-        "--public-key",
-        str(key_file),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    code, out, err = await jobtrace(
+        "attest", "verify", str(env_file), "--public-key", str(key_file)
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 2, (out, err)
-    assert err.decode().splitlines() == [
+    assert code == 2, (out, err)
+    assert err.splitlines() == [
         "jobtrace attest verify: cannot read envelope: statement must be a JSON object (got a list)"
     ]
-    assert out == b""
+    assert out == ""

@@ -6,11 +6,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +28,7 @@ from jobtrace.pb import worker_service_pb2 as w
 from jobtrace.server import JobtraceServer
 
 from .conftest import Harness, Stubs, error_details, stubs_for, wait_for
+from .procs import serve_blocking
 from .workers import RawWorker
 
 # A client that advertises a small HTTP/2 window and never widens it: once a
@@ -301,34 +300,18 @@ def test_half_open_http2_bursts_are_bounded_and_memory_returns(tmp_path: Path) -
     the limit however many connections come; repeated bursts do not ratchet
     its memory up."""
     connections, calls, rounds = 10, 500, 3
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jobtrace",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--db",
-            str(tmp_path / "burst.db"),
-            "--signing-key-file",
-            str(tmp_path / "signing.key"),
-            "--max-calls-per-connection",
-            str(CALLS_PER_CONNECTION),
-            "--max-concurrent-calls",
-            str(CONCURRENT_CALLS),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
+    proc, port = serve_blocking(
+        "--db",
+        str(tmp_path / "burst.db"),
+        "--signing-key-file",
+        str(tmp_path / "signing.key"),
+        "--max-calls-per-connection",
+        str(CALLS_PER_CONNECTION),
+        "--max-concurrent-calls",
+        str(CONCURRENT_CALLS),
     )
     try:
         assert proc.stderr is not None
-        port = 0
-        while not port:
-            line = proc.stderr.readline()
-            assert line, "server did not start"
-            if m := re.search(r"\(port (\d+)\)", line):
-                port = int(m.group(1))
         threading.Thread(target=lambda: collections.deque(proc.stderr, 0), daemon=True).start()
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)

@@ -18,30 +18,11 @@ from typing import Any
 from jobtrace.client import Client, JobContext
 
 from .conftest import Harness, wait_for
+from .procs import jobtrace
 from .workers import runtime_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-async def jobtrace(
-    *args: str, target: str = "", stdin: bytes | None = None, timeout: float = 60
-) -> tuple[int, str, str]:
-    """Run `jobtrace ARGS` as a process; (exit code, stdout, stderr)."""
-    env = {**os.environ, "JOBTRACE_TARGET": target, "NO_COLOR": "1"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jobtrace",
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def instant(ctx: JobContext) -> dict[str, Any]:

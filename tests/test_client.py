@@ -424,7 +424,7 @@ async def _state(jt: Client, job_id: str, state: int) -> bool:
 async def test_client_worker_and_cli_over_mutual_tls_with_tokens(
     sqlite_url: str, tmp_path: Path
 ) -> None:
-    from .test_cli import jobtrace
+    from .procs import jobtrace
     from .test_security import _make_ca_and_cert, token, write_tokens
 
     files = _make_ca_and_cert(tmp_path)

@@ -4,10 +4,8 @@ and check that nothing acknowledged was lost and nothing ran twice."""
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import sqlite3
-import sys
 from typing import Any
 
 import grpc
@@ -19,41 +17,17 @@ from jobtrace.pb import job_service_pb2 as j
 from jobtrace.pb import trace_service_pb2 as t
 
 from .conftest import Stubs, execute_sql, stubs_for, wait_for
+from .procs import drain, serve
 from .workers import demo_worker_process, terminate
 
 
 async def start_server(port: int, db: str) -> tuple[asyncio.subprocess.Process, int]:
     """`jobtrace serve` on 127.0.0.1:PORT (0: any free port); the process and its port."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jobtrace",
-        "serve",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--db",
-        db,
-        "--lease-seconds",
-        "2",
-        "--heartbeat-seconds",
-        "0.5",
-        stderr=asyncio.subprocess.PIPE,
+    proc, port, _ = await serve(
+        "--db", db, "--lease-seconds", "2", "--heartbeat-seconds", "0.5", listen=f"127.0.0.1:{port}"
     )
-    assert proc.stderr is not None
-    async with asyncio.timeout(30):
-        while True:
-            line = (await proc.stderr.readline()).decode()
-            assert line, "server exited during start"
-            if m := re.search(r"\(port (\d+)\)", line):
-                break
-    # Keep draining its log so the pipe never fills.
-    asyncio.get_running_loop().create_task(_drain(proc.stderr))
-    return proc, int(m.group(1))
-
-
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.readline():
-        pass
+    drain(proc)  # so the pipe never fills
+    return proc, port
 
 
 async def test_kill_dash_nine_loses_nothing_acknowledged(db_url: str) -> None:

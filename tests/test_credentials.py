@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,7 +27,8 @@ from jobtrace.pb import worker_service_pb2 as w
 from jobtrace.server import check_exposure
 
 from .conftest import Harness, stubs_for, wait_for
-from .test_security import ISSUER, SECRET, bearer, code_of, make_jwt
+from .procs import drain, jobtrace, serve
+from .test_security import ISSUER, SECRET, bearer, code_of, make_jwt, refusal_of_tokens_file
 from .workers import terminate
 
 
@@ -124,17 +124,14 @@ async def test_jwt_roles_that_are_not_role_names_are_unauthenticated(
 async def test_tokens_file_with_malformed_roles_refuses_to_load(
     sqlite_url: str, tmp_path: Path, roles: str, problem: str
 ) -> None:
-    tokens = tmp_path / "tokens.yaml"
-    tokens.write_text(
+    text = (
         "tokens:\n"
         f"  - sha256: {hash_token('tok-one')}\n"
         "    subject: api\n"
         "    tenant: acme\n"
         f"    roles: {roles}\n"
     )
-    with pytest.raises(OSError, match="cannot load tokens") as caught:
-        await Harness(sqlite_url, tokens_file=str(tokens)).start()
-    assert problem in str(caught.value)
+    assert problem in await refusal_of_tokens_file(sqlite_url, tmp_path, text)
 
 
 @pytest.mark.parametrize(
@@ -149,11 +146,7 @@ async def test_tokens_file_with_malformed_roles_refuses_to_load(
 async def test_malformed_tokens_file_refuses_to_load(
     sqlite_url: str, tmp_path: Path, text: str, problem: str
 ) -> None:
-    tokens = tmp_path / "tokens.yaml"
-    tokens.write_text(text)
-    with pytest.raises(OSError, match="cannot load tokens") as caught:
-        await Harness(sqlite_url, tokens_file=str(tokens)).start()
-    assert problem in str(caught.value)
+    assert problem in await refusal_of_tokens_file(sqlite_url, tmp_path, text)
 
 
 # --- streams end when their credentials lapse -------------------------------------------
@@ -261,19 +254,10 @@ async def test_exposure_check_resolves_the_host_instead_of_reading_it(
     # With authentication on, any address may be used.
     check_exposure(Settings(listen="127.evil.example:1"), Authenticator(jwt=_any_jwt()), names)
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jobtrace",
-        "serve",
-        "--listen",
-        "127.evil.example:0",
-        "--db",
-        sqlite_url.split("///", 1)[1],
-        stderr=asyncio.subprocess.PIPE,
+    code, _, err = await jobtrace(
+        "serve", "--listen", "127.evil.example:0", "--db", sqlite_url.split("///", 1)[1], timeout=30
     )
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 1 and b"cannot resolve" in err and b"Traceback" not in err
+    assert code == 1 and "cannot resolve" in err and "Traceback" not in err
 
 
 def _real(host: str) -> list[str]:
@@ -401,39 +385,20 @@ async def test_sighup_reloads_the_tokens_file_and_the_server_survives(tmp_path: 
     tokens.write_text(
         tokens_doc(("tok-a", "alpha", "acme", ["submitter"]), ("tok-b", "beta", "acme", ["reader"]))
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jobtrace",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
+    proc, port, _ = await serve(
         "--db",
         str(tmp_path / "jobtrace.db"),
         "--tokens-file",
         str(tokens),
         "--log-format",
         "text",
-        stderr=asyncio.subprocess.PIPE,
         # SIGHUP only: no poll can be what reloads (--reload-interval-seconds 0).
         env={**os.environ, "JOBTRACE_RELOAD_INTERVAL_SECONDS": "0"},
     )
-    assert proc.stderr is not None
     log_lines: list[str] = []
-
-    async def collect(stream: asyncio.StreamReader) -> None:
-        while line := await stream.readline():
-            log_lines.append(line.decode())
-
     try:
-        async with asyncio.timeout(30):
-            while True:
-                line = (await proc.stderr.readline()).decode()
-                assert line, "server exited during start"
-                if m := re.search(r"\(port (\d+)\)", line):
-                    break
-        collector = asyncio.create_task(collect(proc.stderr))
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{m.group(1)}") as channel:
+        collector = drain(proc, into=log_lines)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             api = stubs_for(channel)
 
             async def code(tok: str) -> str:

@@ -692,7 +692,7 @@ async def test_postgresql_with_synchronous_commit_off_is_refused_unless_allowed(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     from .conftest import _pg_admin
-    from .test_cli import jobtrace
+    from .procs import jobtrace
 
     name = pg_url.rsplit("/", 1)[1]
     await _pg_admin(f"ALTER DATABASE {name} SET synchronous_commit = off")

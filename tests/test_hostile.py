@@ -8,13 +8,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import re
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +44,7 @@ from .conftest import (
     pg_problem,
     require_pg,
 )
+from .procs import serve_blocking
 from .workers import RawWorker
 
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
@@ -85,34 +83,16 @@ class Server:
         self.sqlite_path = tmp / "hostile.db" if db_url.startswith("sqlite") else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pg: Any = None
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jobtrace",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--db",
-                db_url,
-                "--signing-key-file",
-                str(tmp / "signing.key"),
-                "--lease-seconds",
-                "2",
-                "--heartbeat-seconds",
-                "0.5",
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
+        self.proc, self.port = serve_blocking(
+            "--db",
+            db_url,
+            "--signing-key-file",
+            str(tmp / "signing.key"),
+            "--lease-seconds",
+            "2",
+            "--heartbeat-seconds",
+            "0.5",
         )
-        assert self.proc.stderr is not None
-        deadline = time.monotonic() + 30
-        self.port = 0
-        while not self.port:
-            line = self.proc.stderr.readline()
-            assert line and time.monotonic() < deadline, "server did not start"
-            if m := re.search(r"\(port (\d+)\)", line):
-                self.port = int(m.group(1))
         # Keep reading the log, so a chatty server never blocks on a full pipe;
         # its tail explains a failure.
         self.log: collections.deque[str] = collections.deque(maxlen=50)

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import re
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from jobtrace.pb import trace_service_pb2 as t
 from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Stubs, execute_sql, stubs_for, wait_for
+from .procs import drain, serve
 from .workers import RawWorker, demo_worker_process, terminate
 
 
@@ -36,13 +36,7 @@ class Replica:
 
 
 async def start_replica(db_url: str, key: Path, *extra: str) -> Replica:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jobtrace",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
+    proc, port, lines = await serve(
         "--db",
         db_url,
         "--signing-key-file",
@@ -52,23 +46,10 @@ async def start_replica(db_url: str, key: Path, *extra: str) -> Replica:
         "--heartbeat-seconds",
         "0.5",
         *extra,
-        stderr=asyncio.subprocess.PIPE,
+        timeout=60,
     )
-    assert proc.stderr is not None
-    async with asyncio.timeout(60):
-        while True:
-            line = (await proc.stderr.readline()).decode()
-            assert line, "replica exited during start"
-            if m := re.search(r"\(port (\d+)\)", line):
-                port = int(m.group(1))
-                metrics = re.search(r'"metrics_port": (\d+)', line)
-                break
-
-    async def drain(stream: asyncio.StreamReader) -> None:
-        while await stream.readline():
-            pass
-
-    asyncio.get_running_loop().create_task(drain(proc.stderr))
+    metrics = re.search(r'"metrics_port": (\d+)', lines[-1])
+    drain(proc)
     return Replica(proc, port, int(metrics.group(1)) if metrics else None)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from jobtrace.pb import trace_service_pb2 as t
 from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, Stubs, stubs_for, wait_for
+from .procs import jobtrace
 from .workers import RawWorker
 
 SECRET = "test-secret-of-at-least-32-bytes-long!!"
@@ -87,6 +87,15 @@ def make_jwt(**overrides: Any) -> str:
     claims.update(overrides)
     key = claims.pop("_key", SECRET)
     return jwt.encode({k: v for k, v in claims.items() if v is not None}, key, algorithm="HS256")
+
+
+async def refusal_of_tokens_file(db_url: str, tmp_path: Path, text: str) -> str:
+    """Why a server with a tokens file holding `text` refuses to start."""
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(text)
+    with pytest.raises(OSError, match="cannot load tokens") as caught:
+        await Harness(db_url, tokens_file=str(tokens)).start()
+    return str(caught.value)
 
 
 async def code_of(call: Any) -> str:
@@ -537,8 +546,7 @@ async def test_tokens_file_names_given_as_a_string_are_one_name(
 async def test_tokens_file_with_a_malformed_service_list_refuses_to_load(
     sqlite_url: str, tmp_path: Path, value: str, problem: str
 ) -> None:
-    tokens = tmp_path / "tokens.yaml"
-    tokens.write_text(
+    text = (
         "tokens:\n"
         f"  - sha256: {hash_token('tok-one')}\n"
         "    subject: resizer\n"
@@ -546,9 +554,7 @@ async def test_tokens_file_with_a_malformed_service_list_refuses_to_load(
         "    roles: [worker]\n"
         f"    services: {value}\n"
     )
-    with pytest.raises(OSError, match="cannot load tokens") as caught:
-        await Harness(sqlite_url, tokens_file=str(tokens)).start()
-    assert problem in str(caught.value)
+    assert problem in await refusal_of_tokens_file(sqlite_url, tmp_path, text)
 
 
 async def test_no_auth_refuses_non_loopback_listen(sqlite_url: str) -> None:
@@ -556,19 +562,10 @@ async def test_no_auth_refuses_non_loopback_listen(sqlite_url: str) -> None:
     h = Harness(db_url)
     with pytest.raises(OSError, match=r"refusing to listen on 0\.0\.0\.0:0 without authentication"):
         await h.start(listen="0.0.0.0:0")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jobtrace",
-        "serve",
-        "--listen",
-        "0.0.0.0:0",
-        "--db",
-        db_url.split("///", 1)[1],
-        stderr=asyncio.subprocess.PIPE,
+    code, _, err = await jobtrace(
+        "serve", "--listen", "0.0.0.0:0", "--db", db_url.split("///", 1)[1], timeout=30
     )
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 1 and b"refusing to listen" in err and b"Traceback" not in err
+    assert code == 1 and "refusing to listen" in err and "Traceback" not in err
 
 
 def _make_ca_and_cert(tmp: Path) -> dict[str, Path]:

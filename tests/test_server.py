@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from jobtrace.pb import job_service_pb2 as j
 from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, wait_for
+from .procs import jobtrace, serve
 from .workers import RawWorker
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
@@ -146,29 +146,9 @@ async def test_grpcurl_lists_describes_submits_and_checks_health(harness: Harnes
 
 async def test_serve_process_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     env = {**os.environ, "JOBTRACE_LOG_LEVEL": "INFO"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jobtrace",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--db",
-        str(tmp_path / "served.db"),
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
+    proc, port, _ = await serve("--db", str(tmp_path / "served.db"), env=env)
     assert proc.stderr is not None
-    port = 0
-    lines: list[str] = []
     try:
-        async with asyncio.timeout(30):
-            while not port:
-                line = (await proc.stderr.readline()).decode()
-                assert line, "server exited early: " + "".join(lines)
-                lines.append(line)
-                if m := re.search(r"\(port (\d+)\)", line):
-                    port = int(m.group(1))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             from jobtrace.pb import job_service_pb2_grpc
 
@@ -192,21 +172,12 @@ async def test_serve_process_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
 async def test_binding_a_taken_port_fails_with_a_clear_error(
     harness: Harness, tmp_path: Path
 ) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jobtrace",
-        "serve",
-        "--listen",
-        harness.target,
-        "--db",
-        str(tmp_path / "other.db"),
-        stderr=asyncio.subprocess.PIPE,
+    code, _, err = await jobtrace(
+        "serve", "--listen", harness.target, "--db", str(tmp_path / "other.db"), timeout=30
     )
-    _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
-    assert proc.returncode == 1
-    assert "could not listen on" in err.decode()
-    assert "Traceback" not in err.decode()
+    assert code == 1
+    assert "could not listen on" in err
+    assert "Traceback" not in err
 
 
 async def test_wait_for_fails_when_the_condition_never_holds() -> None:

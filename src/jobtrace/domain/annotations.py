@@ -330,6 +330,4 @@ class Annotations:
                 position=lambda a: a.seq,
                 name=lambda a: f"annotation {a.id}",
             )
-        if filled.more and filled.last is not None:
-            return filled.items, self._tokens.encode("annotations", filters, filled.last)
-        return filled.items, ""
+        return filled.items, self._tokens.next_token("annotations", filters, filled)

@@ -886,9 +886,7 @@ class Attestor:
                 )
             except store.MalformedRow as exc:
                 raise _malformed(exc) from None
-        if filled.more and filled.last is not None:
-            return filled.items, self._tokens.encode("attestations", filters, filled.last)
-        return filled.items, ""
+        return filled.items, self._tokens.next_token("attestations", filters, filled)
 
     async def verify(self, tenant: str | None, key: str) -> Verdict:
         """Digest, signature and chain link of a stored attestation. Whatever was

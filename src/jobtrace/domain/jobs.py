@@ -6,9 +6,9 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -24,7 +24,7 @@ from jobtrace.domain.errors import (
     Unavailable,
     Violations,
 )
-from jobtrace.domain.pagination import Encoder, Filled, PageTokens, fill, position
+from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
 from jobtrace.domain.validation import (
     MAX_STEPS,
     STEP_NAME_RE,
@@ -51,6 +51,7 @@ from jobtrace.model import (
 )
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Database, Tx
+from jobtrace.store.listing import Chunk
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,9 @@ class WorkflowSubmission:
 class Page:
     items: list[Any]
     next_page_token: str
+
+
+_Run = TypeVar("_Run", Job, Workflow)
 
 
 # Called after commit with the ids of jobs whose state changed.
@@ -523,28 +527,26 @@ class Jobs:
             "workflow_id": workflow_id,
             "tenant": tenant,
         }
-        before = self._decode(v, page_token, "jobs", filters)
-        v.raise_if_any()
-        async with self._db.read() as session:
-            filled = await fill(
-                lambda after, n, max_bytes: store.read_jobs(
-                    session,
-                    tenant=tenant,
-                    state=run_state,
-                    service=service,
-                    workflow_id=workflow_id,
-                    after=after,
-                    limit=n,
-                    max_bytes=max_bytes,
-                    full=full,
-                ),
-                start=before,
-                count=limit,
-                out=out,
-                position=lambda job: job.seq,
-                name=lambda job: f"job {job.id}",
-            )
-        return self._page(filled, "jobs", filters)
+        return await self._list(
+            v,
+            "jobs",
+            filters,
+            page_token,
+            limit,
+            out,
+            lambda session, after, n, max_bytes: store.read_jobs(
+                session,
+                tenant=tenant,
+                state=run_state,
+                service=service,
+                workflow_id=workflow_id,
+                after=after,
+                limit=n,
+                max_bytes=max_bytes,
+                full=full,
+            ),
+            kind="job",
+        )
 
     async def list_workflows(
         self,
@@ -562,35 +564,53 @@ class Jobs:
         run_state = _state_filter(v, state)
         full = check_view(v, "view", view)
         filters = {"state": int(state), "name": name, "tenant": tenant}
-        before = self._decode(v, page_token, "workflows", filters)
+        return await self._list(
+            v,
+            "workflows",
+            filters,
+            page_token,
+            limit,
+            out,
+            lambda session, after, n, max_bytes: store.read_workflows(
+                session,
+                tenant=tenant,
+                state=run_state,
+                name=name,
+                after=after,
+                limit=n,
+                max_bytes=max_bytes,
+                full=full,
+            ),
+            kind="workflow",
+        )
+
+    async def _list(
+        self,
+        v: Violations,
+        query: str,
+        filters: dict[str, Any],
+        page_token: str,
+        limit: int,
+        out: Encoder[_Run, Any],
+        read: Callable[[AsyncSession, int | None, int, int], Awaitable[Chunk[_Run]]],
+        *,
+        kind: str,
+    ) -> Page:
+        """One page of jobs or workflows, newest first, once the request's other
+        fields are checked (a bad page token is reported beside them)."""
+        # Newest first: no token starts from the top (None), not after position 0.
+        before = position(self._tokens, v, "page_token", page_token, query, filters) or None
         v.raise_if_any()
         async with self._db.read() as session:
             filled = await fill(
-                lambda after, n, max_bytes: store.read_workflows(
-                    session,
-                    tenant=tenant,
-                    state=run_state,
-                    name=name,
-                    after=after,
-                    limit=n,
-                    max_bytes=max_bytes,
-                    full=full,
-                ),
+                lambda after, n, max_bytes: read(session, after, n, max_bytes),
                 start=before,
                 count=limit,
                 out=out,
-                position=lambda workflow: workflow.seq,
-                name=lambda workflow: f"workflow {workflow.id}",
+                position=lambda run: run.seq,
+                name=lambda run: f"{kind} {run.id}",
             )
-        return self._page(filled, "workflows", filters)
-
-    def _decode(self, v: Violations, token: str, query: str, filters: dict[str, Any]) -> int | None:
-        return position(self._tokens, v, "page_token", token, query, filters) or None
-
-    def _page(self, filled: Filled[Any], query: str, filters: dict[str, Any]) -> Page:
-        if filled.more and filled.last is not None:
-            return Page(filled.items, self._tokens.encode(query, filters, filled.last))
-        return Page(filled.items, "")
+        return Page(filled.items, self._tokens.next_token(query, filters, filled))
 
     # --- cancellation -----------------------------------------------------
 

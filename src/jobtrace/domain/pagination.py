@@ -64,6 +64,12 @@ class PageTokens:
             )
         return position
 
+    def next_token(self, query: str, filters: dict[str, Any], filled: Filled[Any]) -> str:
+        """The token of the page after `filled`; "" when no matching item follows it."""
+        if filled.more and filled.last is not None:
+            return self.encode(query, filters, filled.last)
+        return ""
+
 
 def position(
     tokens: PageTokens,
