@@ -218,7 +218,7 @@ def cut_claim_commits(
     cut: list[str] = []
 
     async def run_batch(batch: list[Any]) -> list[tuple[bool, Any]]:
-        claims = any(item.op.__qualname__.startswith("Scheduler._claim.") for item in batch)
+        claims = any(item.op.__qualname__.startswith("Placement._claim.") for item in batch)
         if cut or not claims:
             return await real_run_batch(batch)
         if stored:

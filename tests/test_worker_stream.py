@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 
 from jobtrace.auth import hash_token
 from jobtrace.clock import now_us
-from jobtrace.domain.scheduler import Scheduler, WorkerSession
+from jobtrace.domain.dispatch import Scheduler, WorkerSession
 from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j

@@ -31,12 +31,12 @@ from jobtrace.auth.reload import CredentialFiles, read_jwt_public_key
 from jobtrace.config import Settings
 from jobtrace.domain.annotations import Annotations
 from jobtrace.domain.attest import Attestor, Signer
+from jobtrace.domain.dispatch import Scheduler
 from jobtrace.domain.errors import log_failure
 from jobtrace.domain.evidence import data_budget
 from jobtrace.domain.jobs import Jobs
 from jobtrace.domain.lifecycle import Lifecycle
 from jobtrace.domain.pagination import open_tokens
-from jobtrace.domain.scheduler import Scheduler
 from jobtrace.domain.trace import Trace
 from jobtrace.metrics import Metrics, StateSample
 from jobtrace.pb import SERVICE_NAMES, service_descriptor

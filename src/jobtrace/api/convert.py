@@ -290,7 +290,7 @@ def workflow_to_proto(w: Workflow) -> common_pb2.Workflow:
 def hello_from_proto(p: Any, principal: Any) -> Any:
     """A worker id is scoped to the caller's tenant and subject: two callers can
     never share (or take over) a worker session."""
-    from jobtrace.domain.scheduler import Hello
+    from jobtrace.domain.dispatch import Hello
     from jobtrace.domain.worker_identity import WorkerIdentity
 
     return Hello(
@@ -308,10 +308,10 @@ def hello_from_proto(p: Any, principal: Any) -> Any:
 
 
 def outgoing_to_proto(message: Any) -> Any:
-    from jobtrace.domain import scheduler as sch
+    from jobtrace.domain import dispatch
     from jobtrace.pb import worker_service_pb2 as w
 
-    if isinstance(message, sch.Assign):
+    if isinstance(message, dispatch.Assign):
         return w.ConnectResponse(
             assignment=w.Assignment(
                 job=job_to_proto(message.job),
@@ -321,11 +321,11 @@ def outgoing_to_proto(message: Any) -> Any:
                 traceparent=message.job.traceparent,
             )
         )
-    if isinstance(message, sch.Acked):
+    if isinstance(message, dispatch.Acked):
         return w.ConnectResponse(
             ack=w.Ack(message_id=message.message_id, job_id=message.job_id, attempt=message.attempt)
         )
-    if isinstance(message, sch.HeartbeatAcked):
+    if isinstance(message, dispatch.HeartbeatAcked):
         return w.ConnectResponse(
             heartbeat_ack=w.HeartbeatAck(
                 message_id=message.message_id,
@@ -336,13 +336,13 @@ def outgoing_to_proto(message: Any) -> Any:
                 ],
             )
         )
-    if isinstance(message, sch.Cancel):
+    if isinstance(message, dispatch.Cancel):
         return w.ConnectResponse(
             cancel=w.CancelNotice(
                 job_id=message.job_id, attempt=message.attempt, reason=message.reason
             )
         )
-    if isinstance(message, sch.Refused):
+    if isinstance(message, dispatch.Refused):
         return w.ConnectResponse(
             error=w.StreamError(
                 message_id=message.message_id,
@@ -355,7 +355,7 @@ def outgoing_to_proto(message: Any) -> Any:
                 fatal=message.fatal,
             )
         )
-    if isinstance(message, sch.Welcome):
+    if isinstance(message, dispatch.Welcome):
         return w.ConnectResponse(
             welcome=w.Welcome(
                 session_id=message.session_id,
@@ -365,7 +365,7 @@ def outgoing_to_proto(message: Any) -> Any:
                 revoked=[w.JobAttempt(job_id=j, attempt=a) for j, a in message.revoked],
             )
         )
-    if isinstance(message, sch.Drained):
+    if isinstance(message, dispatch.Drained):
         return w.ConnectResponse(
             drain=w.Drain(reason=message.reason, grace=ms_to_duration(message.grace_ms))
         )

@@ -18,8 +18,8 @@ from jobtrace.api.handlers import MalformedRequest
 from jobtrace.api.limits import StreamLimiter
 from jobtrace.api.wellformed import check_request
 from jobtrace.auth import Authenticator, Role
+from jobtrace.domain import dispatch
 from jobtrace.domain import errors as domain_errors
-from jobtrace.domain import scheduler as sch
 from jobtrace.domain.errors import DomainError, FailedPrecondition, Invalid, log_failure
 from jobtrace.model import Failure
 from jobtrace.pb import worker_service_pb2 as pb
@@ -34,7 +34,7 @@ MAX_IN_FLIGHT = 256
 
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def __init__(
-        self, scheduler: sch.Scheduler, auth: Authenticator, streams: StreamLimiter
+        self, scheduler: dispatch.Scheduler, auth: Authenticator, streams: StreamLimiter
     ) -> None:
         self._scheduler = scheduler
         self._auth = auth
@@ -104,11 +104,11 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 await reader
             await self._scheduler.close_session(session, lost=lost)
 
-    def _scheduler_draining(self, session: sch.WorkerSession) -> bool:
+    def _scheduler_draining(self, session: dispatch.WorkerSession) -> bool:
         return session.close_reason == "server shutting down"
 
     async def _read(
-        self, request_iterator: AsyncIterator[pb.ConnectRequest], session: sch.WorkerSession
+        self, request_iterator: AsyncIterator[pb.ConnectRequest], session: dispatch.WorkerSession
     ) -> None:
         """Reports about different jobs are handled concurrently (so one stream
         fills a group commit); reports about the same job keep their order: one
@@ -148,7 +148,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
     async def _run_queue(
         self,
-        session: sch.WorkerSession,
+        session: dispatch.WorkerSession,
         key: str,
         queues: dict[str, deque[pb.ConnectRequest]],
         slots: asyncio.Semaphore,
@@ -174,7 +174,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             if queues.get(key) is waiting:
                 del queues[key]
 
-    async def _process(self, session: sch.WorkerSession, message: pb.ConnectRequest) -> None:
+    async def _process(self, session: dispatch.WorkerSession, message: pb.ConnectRequest) -> None:
         try:
             check_request(message)
             reply = await self._handle(session, message)
@@ -185,7 +185,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         if reply is not None:
             await session.send_reply(reply)
 
-    async def _handle(self, session: sch.WorkerSession, m: pb.ConnectRequest) -> Any:
+    async def _handle(self, session: dispatch.WorkerSession, m: pb.ConnectRequest) -> Any:
         kind = m.WhichOneof("kind")
         s = self._scheduler
         if kind == "heartbeat":
@@ -197,12 +197,12 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         if kind == "progress":
             p = m.progress
             await s.progress(session, p.job_id, p.attempt, p.percent, p.message)
-            return sch.Acked(m.message_id, p.job_id, p.attempt)
+            return dispatch.Acked(m.message_id, p.job_id, p.attempt)
         if kind == "complete":
             c = m.complete
             result = convert.struct_to_dict(c.result) if c.HasField("result") else None
             await s.complete(session, c.job_id, c.attempt, result, c.result.ByteSize())
-            return sch.Acked(m.message_id, c.job_id, c.attempt)
+            return dispatch.Acked(m.message_id, c.job_id, c.attempt)
         if kind == "fail":
             f = m.fail
             failure = Failure(
@@ -213,7 +213,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 attempt=f.attempt,
             )
             await s.fail(session, f.job_id, f.attempt, failure, f.retryable)
-            return sch.Acked(m.message_id, f.job_id, f.attempt)
+            return dispatch.Acked(m.message_id, f.job_id, f.attempt)
         if kind == "hello":
             raise FailedPrecondition(
                 "hello was already sent on this stream", reason="DUPLICATE_HELLO"
@@ -222,7 +222,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             t = m.trace
             inputs = [convert.event_input_from_proto(e) for e in t.events]
             await s.trace_report(session, t.job_id, t.attempt, inputs)
-            return sch.Acked(m.message_id, t.job_id, t.attempt)
+            return dispatch.Acked(m.message_id, t.job_id, t.attempt)
         if kind == "annotate":
             a = m.annotate
             actor = a.actor if a.HasField("actor") else _worker_actor(session.worker_id)
@@ -230,7 +230,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 actor, a.attributes, a.payload, a.HasField("payload")
             )
             await s.annotate(session, a.job_id, a.attempt, item, size)
-            return sch.Acked(m.message_id, a.job_id, a.attempt)
+            return dispatch.Acked(m.message_id, a.job_id, a.attempt)
         if isinstance(m, MalformedRequest):
             raise Invalid([], message=f"malformed message: {m.reason}")
         raise Invalid([], message="empty message: set one of the ConnectRequest kinds")
@@ -251,7 +251,7 @@ def _worker_actor(worker_id: str) -> Any:
 
 def unexpected(
     worker_id: str, message: pb.ConnectRequest, exc: Exception, fatal: bool = False
-) -> sch.Refused:
+) -> dispatch.Refused:
     """The answer to a message whose handling failed for a reason of the server's
     (see api.errors.unexpected). The worker is never left waiting."""
     kind = message.WhichOneof("kind") or ""
@@ -266,9 +266,9 @@ def unexpected(
     return refused(message, domain_errors.unexpected(exc), fatal)
 
 
-def refused(message: pb.ConnectRequest, exc: DomainError, fatal: bool = False) -> sch.Refused:
+def refused(message: pb.ConnectRequest, exc: DomainError, fatal: bool = False) -> dispatch.Refused:
     kind = message.WhichOneof("kind") or ""
     body = getattr(message, kind) if kind else None
     job_id = getattr(body, "job_id", "")
     attempt = getattr(body, "attempt", 0)
-    return sch.Refused(message.message_id, kind, job_id, attempt, exc, fatal)
+    return dispatch.Refused(message.message_id, kind, job_id, attempt, exc, fatal)

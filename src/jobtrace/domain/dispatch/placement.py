@@ -1,0 +1,264 @@
+"""Placement: which worker runs which eligible job, its claim, and settling unanswered claims."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from jobtrace.clock import now_us
+from jobtrace.domain import lifecycle
+from jobtrace.domain.dispatch.leases import Leases
+from jobtrace.domain.dispatch.sessions import Assign, WorkerSession
+from jobtrace.domain.errors import log_failure
+from jobtrace.model import Job, RunState
+from jobtrace.store import jobs as store
+from jobtrace.store.db import Tx
+from jobtrace.store.errors import is_transient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    """A claim of one attempt of a job for one session, whose worker was not told."""
+
+    job_id: str
+    attempt: int
+    session: WorkerSession
+
+
+class Placement(Leases):
+    """The dispatch loop: eligible jobs are claimed for the best free worker."""
+
+    def _on_jobs_changed(self, jobs: list[Job]) -> None:
+        wake = False
+        for job in jobs:
+            if job.state == RunState.QUEUED:
+                wake = True
+            elif job.state in (RunState.CANCELLED, RunState.TIMED_OUT) and job.lease_holder:
+                reason = job.failure.reason if job.failure else job.state.name
+                self._revoke(job.lease_holder, job.id, job.attempt, reason)
+        if wake:
+            self.wake()
+
+    def remote_change(self, job_id: str, state: int, holder: str, attempt: int) -> None:
+        """Another replica changed a job: wake the dispatcher for queued work, and
+        tell the worker here that held the attempt when its lease is gone
+        (cancelled, timed out, expired)."""
+        if state == RunState.QUEUED:
+            self.wake()
+        if state in (RunState.CANCELLED, RunState.TIMED_OUT):
+            self._revoke(holder, job_id, attempt, RunState(state).name.lower())
+        elif state != RunState.RUNNING:
+            self._revoke(holder, job_id, attempt, "the lease was lost")
+
+    async def _dispatch_loop(self) -> None:
+        while not self._draining:
+            timeout = await self._dispatch_once()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+            # cancellation that races with the event being set.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+
+    async def _dispatch_once(self) -> float:
+        """Assign what can be assigned now; return how long to sleep at most."""
+        self._wake.clear()
+        try:
+            if self._unsettled:
+                await self._settle_claims()
+            return await self._assign_eligible()
+        except Exception as exc:
+            log_failure(log, exc, "dispatch failed; retrying")
+            return 0.5
+
+    async def _assign_eligible(self) -> float:
+        if not any(s.free_slots for s in self.sessions.values()):
+            return 5.0
+        now = now_us()
+        capacity: dict[tuple[str, frozenset[str] | None], int] = {}
+        for s in self.sessions.values():
+            for service in s.services:
+                key = (service, s.tenants)
+                capacity[key] = capacity.get(key, 0) + s.free_slots
+        async with self._db.read() as db:
+            candidates: dict[str, Job] = {}
+            for (service, tenants), slots in capacity.items():
+                if slots:
+                    for job in await store.eligible_jobs(db, service, now, slots, tenants):
+                        candidates[job.id] = job
+            next_us = await store.next_eligible_us(db, {svc for svc, _ in capacity}, now)
+        # Pick among the sessions as they are now, after the reads: a worker that
+        # connected meanwhile competes (affinity must not lose to a stale view).
+        free = [s for s in self.sessions.values() if s.free_slots > 0]
+        ordered = sorted(candidates.values(), key=lambda j: (-j.spec.priority, j.seq))
+        plan: list[tuple[Job, WorkerSession]] = []
+        open_slots = {s.session_id: s.free_slots for s in free}
+        for job in ordered:
+            best = pick_worker(job, free, open_slots)
+            if best is not None:
+                open_slots[best.session_id] -= 1
+                plan.append((job, best))
+        sleep = 5.0 if next_us is None else max(0.0, (next_us - now) / 1e6)
+        if not plan:
+            return min(sleep, 5.0)
+        await self._claim(plan)
+        return 0.0  # look again at once: more may have become eligible meanwhile
+
+    async def _claim(self, plan: list[tuple[Job, WorkerSession]]) -> None:
+        # The claims of the transaction that ran last (a group commit may run
+        # an operation more than once), and those handed to their worker.
+        claims: list[_Claim] = []
+        delivered: set[str] = set()
+
+        def hand_over(assign: Assign, session: WorkerSession) -> None:
+            # Runs right after the commit, in commit order: a cancel committed
+            # later finds the job held and reaches the worker.
+            if session.closed:
+                return  # the worker never saw the job: settled below
+            delivered.add(assign.job.id)
+            session.held[assign.job.id] = assign.job.attempt
+            session.send(assign)
+            if log.isEnabledFor(logging.INFO):
+                job = assign.job
+                log.info(
+                    "job assigned",
+                    extra={**lifecycle.job_log_fields(job), "worker_id": session.worker_id},
+                )
+
+        async def op(db: AsyncSession, tx: Tx) -> None:
+            claims.clear()
+            now = now_us()
+            deadline = now + self.lease_ms * 1000
+            changed = []
+            # Lock order everywhere: workflows, then jobs. Jobs another replica is
+            # claiming right now are skipped, not waited for.
+            for workflow_id in sorted({j.workflow_id for j, _ in plan if j.workflow_id}):
+                await store.lock_workflow(db, workflow_id)
+            free = await store.lock_queued(db, [j.id for j, _ in plan])
+            for job, session in plan:
+                if session.closed or job.id not in free:
+                    continue
+                claimed = await store.claim_job(
+                    db, job.id, session.worker_id, deadline, now, session.session_id, session.holder
+                )
+                if claimed is None:
+                    continue
+                await self._life.started(db, tx, claimed, now)
+                context = await store.request_context_for(db, claimed)
+                assign = Assign(claimed, deadline, context)
+                tx.on_commit(lambda a=assign, s=session: hand_over(a, s))  # type: ignore[misc]
+                claims.append(_Claim(claimed.id, claimed.attempt, session))
+                changed.append(claimed)
+            self._jobs.notify(tx, changed)
+
+        try:
+            await self._db.write(op)
+        except Exception:
+            # Storage failed at or during COMMIT (a connection lost as it
+            # committed, say): the claims may be stored though their workers
+            # were not told. Their jobs would sit RUNNING until their leases
+            # expire, so they are looked at again once storage answers.
+            self._unsure(claims)
+            raise
+        # Stored, but the stream ended as they committed: given back at once.
+        self._unsure([c for c in claims if c.job_id not in delivered])
+
+    def _unsure(self, claims: list[_Claim]) -> None:
+        """Remember claims that may be stored but whose worker was not told;
+        their slots stay taken until they are settled (next dispatch pass)."""
+        for claim in claims:
+            self._unsettled[claim.job_id] = claim
+            claim.session.claiming[claim.job_id] = claim.attempt
+        if claims:
+            self.wake()
+
+    async def _settle_claims(self) -> None:
+        """Settle the claims whose worker was not told, now that storage answers.
+        A claim that is stored (its job RUNNING under that session's lease, for
+        that attempt) goes to its worker, with a fresh lease, if the session is
+        still connected (its slot was kept); if the session is gone, the claim
+        is undone: the job is QUEUED again at once, with no attempt counted. A
+        claim that is not stored, or whose job has moved on since (cancelled,
+        say), is dropped: its job is dispatched, or not, as any other."""
+        claims = list(self._unsettled.values())
+        ended: list[_Claim] = []  # sessions that closed as the settling committed
+
+        def deliver(claim: _Claim, assign: Assign) -> None:
+            session = claim.session
+            if session.closed:
+                ended.append(claim)
+                return
+            session.claiming.pop(claim.job_id, None)
+            session.held[claim.job_id] = claim.attempt
+            session.send(assign)
+            log.info(
+                "job assigned after its claim's commit went unanswered",
+                extra={**lifecycle.job_log_fields(assign.job), "worker_id": session.worker_id},
+            )
+
+        async def op(db: AsyncSession, tx: Tx) -> None:
+            ended.clear()
+            now = now_us()
+            deadline = now + self.lease_ms * 1000
+            changed: list[Job] = []
+            for claim in claims:
+                job = await store.load_locked(db, claim.job_id)
+                if (
+                    job is None
+                    or job.state != RunState.RUNNING
+                    or job.attempt != claim.attempt
+                    or job.lease_session != claim.session.session_id
+                ):
+                    continue
+                if claim.session.closed:
+                    changed.append(
+                        await self._life.unclaim(
+                            db, tx, job, "worker stream lost before assignment", now
+                        )
+                    )
+                    continue
+                # The lease ran while storage was away: it starts now.
+                job = await lifecycle.set_job(db, job, lease_deadline_us=deadline)
+                context = await store.request_context_for(db, job)
+                assign = Assign(job, deadline, context)
+                tx.on_commit(lambda c=claim, a=assign: deliver(c, a))  # type: ignore[misc]
+            self._jobs.notify(tx, changed)
+
+        try:
+            await self._db.write(op)
+        except Exception as exc:
+            if is_transient(exc):
+                raise  # storage still away: tried again on the next pass
+            # Not something time mends: dispatch must not wait on it. Their
+            # leases run out as any other (the job is then retried).
+            log.error("could not settle %d claims; left to expire", len(claims), exc_info=exc)
+            ended.clear()
+        for claim in claims:
+            if claim in ended:  # settled again, now as a lost session's claim
+                continue
+            if self._unsettled.get(claim.job_id) is claim:
+                del self._unsettled[claim.job_id]
+            claim.session.claiming.pop(claim.job_id, None)
+        self.wake()
+
+
+def pick_worker(job: Job, free: list[WorkerSession], slots: dict[str, int]) -> WorkerSession | None:
+    """Among capable workers with a free slot: most affinity keys in common first
+    (a preference, never a wait), then the most free slots."""
+    best: WorkerSession | None = None
+    best_score: tuple[int, int] = (-1, -1)
+    wanted = set(job.spec.affinity_keys)
+    for s in free:
+        if slots[s.session_id] <= 0 or job.spec.service not in s.services or s.closed:
+            continue
+        if s.tenants is not None and job.tenant not in s.tenants:
+            continue
+        score = (len(wanted & s.affinity_keys), slots[s.session_id])
+        if score > best_score:
+            best, best_score = s, score
+    return best

@@ -1,0 +1,169 @@
+"""Reports on an attempt a worker holds: progress, result, failure, trace events, annotations."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from jobtrace.clock import now_us
+from jobtrace.domain import annotations as annotation_rules
+from jobtrace.domain import lifecycle
+from jobtrace.domain.dispatch.leases import fenced
+from jobtrace.domain.dispatch.sessions import WorkerSession
+from jobtrace.domain.dispatch.state import SchedulerState
+from jobtrace.domain.errors import ResourceExhausted, Violations
+from jobtrace.domain.trace import WORKER_TYPES, EventInput, check_event, check_sizes
+from jobtrace.domain.validation import check_size, check_text
+from jobtrace.model import JSON, AnnotationInput, AnnotationScope, Failure
+from jobtrace.store import jobs as store
+from jobtrace.store.db import Tx
+
+MAX_ATTEMPT_ANNOTATIONS = 1000
+
+
+class Reports(SchedulerState):
+    """Each report is fenced by (job id, attempt) under the job's lock, then stored."""
+
+    async def progress(
+        self, session: WorkerSession, job_id: str, attempt: int, percent: float, message: str
+    ) -> None:
+        v = Violations()
+        if not 0.0 <= percent <= 100.0 or percent != percent:
+            v.add("progress.percent", "must be between 0 and 100")
+        check_text(v, "progress.message", message, 10_000)
+        v.raise_if_any()
+
+        async def op(db: AsyncSession, tx: Tx) -> None:
+            job = await fenced(db, session, job_id, attempt, "progress")
+            updated = await self._life.progress(db, tx, job, percent, message, now_us())
+            self._jobs.notify(tx, [updated])
+
+        await self._db.write(op)
+
+    async def complete(
+        self,
+        session: WorkerSession,
+        job_id: str,
+        attempt: int,
+        result: JSON | None,
+        result_bytes: int,
+    ) -> None:
+        v = Violations()
+        check_size(v, "complete.result", result_bytes)
+        v.raise_if_any()
+
+        async def op(db: AsyncSession, tx: Tx) -> None:
+            job = await fenced(db, session, job_id, attempt, "complete")
+            self._jobs.notify(tx, await self._life.complete(db, tx, job, result, now_us()))
+
+        await self._db.write(op)
+        self._release_slot(session, job_id)
+
+    async def fail(
+        self, session: WorkerSession, job_id: str, attempt: int, failure: Failure, retryable: bool
+    ) -> None:
+        v = Violations()
+        if not failure.reason:
+            v.add("fail.error.message", "required")
+        check_text(v, "fail.error.message", failure.reason, 10_000)
+        check_text(v, "fail.error.code", failure.code, 128)
+        check_text(v, "fail.error.details", failure.details, 64 * 1024)
+        v.raise_if_any()
+
+        async def op(db: AsyncSession, tx: Tx) -> None:
+            job = await fenced(db, session, job_id, attempt, "fail")
+            changed = await self._life.fail_attempt(db, tx, job, failure, retryable, now_us())
+            self._jobs.notify(tx, changed)
+
+        await self._db.write(op)
+        self._release_slot(session, job_id)
+
+    async def trace_report(
+        self, session: WorkerSession, job_id: str, attempt: int, inputs: list[EventInput]
+    ) -> None:
+        v = Violations()
+        if not inputs:
+            v.add("trace.events", "required: 1 to 1000 events")
+        elif len(inputs) > 1000:
+            v.add("trace.events", f"at most 1000 events per report (got {len(inputs)})")
+        for i, item in enumerate(inputs[:1000]):
+            check_event(
+                v,
+                f"trace.events[{i}]",
+                item.event,
+                key_required=False,
+                allowed_types=WORKER_TYPES,
+            )
+        v.raise_if_any()
+        check_sizes("trace.events", inputs)
+
+        async def op(db: AsyncSession, tx: Tx) -> None:
+            # Under the job's lock: a cancel or timeout committing meanwhile
+            # either precedes this report (which is then refused) or follows
+            # it, so no event lands after the run's final one.
+            job = await fenced(db, session, job_id, attempt, "trace")
+            run_id = lifecycle.run_of(job)
+            events = [
+                replace(
+                    item.event,
+                    run_id=run_id,
+                    node_id=item.event.node_id or lifecycle.node_of(job),
+                    job_id=job.id,
+                    attempt=job.attempt,
+                    worker_id=session.worker_id,
+                    traceparent=job.traceparent,
+                )
+                for item in inputs
+            ]
+            # Keyed events are idempotent, as with AppendTraceEvents.
+            fresh, _ = await self._life.trace.unseen(db, run_id, events)
+            await self._life.trace.record(db, tx, job.tenant, fresh)
+
+        await self._db.write(op)
+
+    async def annotate(
+        self,
+        session: WorkerSession,
+        job_id: str,
+        attempt: int,
+        item: AnnotationInput,
+        payload_bytes: int,
+    ) -> None:
+        """Store annotations of a running attempt before acknowledging them:
+        durable at once, visible (see lifecycle.set_job) in the transaction that
+        ends the attempt, however it ends."""
+        v = Violations()
+        annotation_rules.check_input(v, "annotate", item, payload_bytes)
+        v.raise_if_any()
+
+        async def op(db: AsyncSession, tx: Tx) -> None:
+            # Under the job's lock, so the attempt cannot end between the fence
+            # and the insert (which would leave the annotations pending forever).
+            job = await fenced(db, session, job_id, attempt, "annotate")
+            if job.pending_annotations + len(item.attributes) > MAX_ATTEMPT_ANNOTATIONS:
+                raise ResourceExhausted(
+                    f"at most {MAX_ATTEMPT_ANNOTATIONS} annotations per attempt",
+                    reason="TOO_MANY_ANNOTATIONS",
+                    metadata={"job_id": job_id, "attempt": str(attempt)},
+                )
+            annotations = annotation_rules.build(
+                item,
+                tenant=job.tenant,
+                run_id=lifecycle.run_of(job),
+                now_us=now_us(),
+                job_id=job_id,
+                attempt=attempt,
+                scope=AnnotationScope.ATTEMPT,
+                scope_id=job.step_name,
+            )
+            await store.insert_pending_annotations(db, annotations)
+            await store.update_job(
+                db, job_id, pending_annotations=job.pending_annotations + len(annotations)
+            )
+
+        await self._db.write(op)
+
+    def _release_slot(self, session: WorkerSession, job_id: str) -> None:
+        if session.held.pop(job_id, None) is not None:
+            self.wake()

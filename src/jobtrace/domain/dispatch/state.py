@@ -1,0 +1,62 @@
+"""What the scheduler's parts share: storage, the connected sessions, and the wake-ups."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from jobtrace.domain import lifecycle
+from jobtrace.domain.dispatch.sessions import WorkerSession
+from jobtrace.domain.jobs import Jobs
+from jobtrace.store.db import Database
+
+if TYPE_CHECKING:
+    from jobtrace.domain.dispatch.placement import _Claim
+
+
+class SchedulerState:
+    """Storage, settings, connected sessions and the events the loops wait on."""
+
+    def __init__(
+        self,
+        db: Database,
+        jobs: Jobs,
+        life: lifecycle.Lifecycle,
+        *,
+        lease_ms: int,
+        heartbeat_ms: int,
+        reconnect_grace_ms: int | None = None,
+    ) -> None:
+        self._db = db
+        self._jobs = jobs
+        self._life = life
+        self.lease_ms = lease_ms
+        self.heartbeat_ms = heartbeat_ms
+        # How long a lost stream's leases wait for the worker to come back:
+        # one heartbeat interval unless told, never beyond the lease.
+        grace = heartbeat_ms if reconnect_grace_ms is None else reconnect_grace_ms
+        self.reconnect_grace_ms = max(0, min(grace, lease_ms))
+        # Connected sessions by holder (WorkerIdentity.holder).
+        self.sessions: dict[str, WorkerSession] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._draining = False
+        # Lost sessions' leases waiting for their worker or their grace.
+        self._give_backs: set[asyncio.Task[None]] = set()
+        # Set (and replaced) each time a session has resumed its leases or ended.
+        self._session_changes = asyncio.Event()
+        # Claims that may be stored although their worker was not told (their
+        # commit went unanswered, or their stream ended as they committed), by
+        # job id: settled (see _settle_claims) before anything else is dispatched.
+        self._unsettled: dict[str, _Claim] = {}
+        # Leases lost (deadline passed or stream ended), by service (metrics).
+        self.lease_expiries: Counter[str] = Counter()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _sessions_changed(self) -> None:
+        """Wake whoever waits for a worker to come back (see _worker_back_or_gone)."""
+        self._session_changes.set()
+        self._session_changes = asyncio.Event()
