@@ -43,6 +43,8 @@ test: $(STAMP) check-generated ## Contract checks and the whole test suite
 	$(BIN)/buf lint
 	$(BIN)/buf format -d --exit-code
 	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/mypy src
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP) ## Run the benchmark with its defaults
