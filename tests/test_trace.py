@@ -918,3 +918,276 @@ async def test_stream_of_unknown_run_is_not_found(api: Stubs, follow: bool) -> N
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stream.read()
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# --- display priority: 1 low, 10 high (the execution-log spec) ----------------------
+
+
+async def test_display_priority_is_one_low_to_ten_high_and_filters_lists(
+    harness: Harness,
+) -> None:
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    run_id = await new_run(api)
+    await raw.expect("assignment")
+    await raw.send(progress=w.ProgressReport(job_id=run_id, attempt=1, percent=50))
+    await raw.expect("ack")
+    await append(
+        api,
+        run_id,
+        ev("low", display_priority=1),
+        ev("default"),
+        ev("high", display_priority=10),
+    )
+    await raw.send(complete=w.CompleteReport(job_id=run_id, attempt=1))
+    await raw.expect("ack")
+    events = await all_events(api, run_id)
+    by = {e.event_key or c.TraceEventType.Name(e.type): e.display_priority for e in events}
+    assert by == {
+        "TRACE_EVENT_TYPE_STARTED": 7,
+        "TRACE_EVENT_TYPE_PROGRESS": 5,
+        "low": 1,
+        "default": 5,
+        "high": 10,
+        "TRACE_EVENT_TYPE_COMPLETED": 9,
+    }, "the run's outcome ranks above its start, above ordinary progress"
+
+    async def names(**f: Any) -> list[str]:
+        return [
+            e.event_key or c.TraceEventType.Name(e.type) for e in await all_events(api, run_id, **f)
+        ]
+
+    assert await names(min_display_priority=0) == list(by)
+    assert await names(min_display_priority=1) == list(by)
+    assert await names(min_display_priority=6) == [
+        "TRACE_EVENT_TYPE_STARTED",
+        "high",
+        "TRACE_EVENT_TYPE_COMPLETED",
+    ]
+    assert await names(min_display_priority=9) == ["high", "TRACE_EVENT_TYPE_COMPLETED"]
+    assert await names(min_display_priority=10) == ["high"]
+    assert await names(min_display_priority=6, min_level=c.LEVEL_INFO, milestones_only=True) == [
+        "TRACE_EVENT_TYPE_STARTED",
+        "TRACE_EVENT_TYPE_COMPLETED",
+    ]
+    # Paged one event at a time, the cursor resumes after each filtered event:
+    # the same events, none twice.
+    seen: list[int] = []
+    cursor = ""
+    while True:
+        page = await api.trace.ListTraceEvents(
+            t.ListTraceEventsRequest(
+                run_id=run_id, cursor=cursor, page_size=1, min_display_priority=6
+            )
+        )
+        seen += [e.sequence for e in page.events]
+        cursor = page.next_cursor
+        if not page.more:
+            break
+    assert seen == [e.sequence for e in events if e.display_priority >= 6]
+    await raw.close()
+
+
+async def test_stream_filters_by_display_priority_in_replay_live_and_resume(
+    harness: Harness,
+) -> None:
+    api = harness.stubs()
+    run_id = await new_run(api)
+    await append(api, run_id, ev("r1", display_priority=2), ev("r2", display_priority=8))
+    stream = api.trace.StreamTraceEvents(
+        t.StreamTraceEventsRequest(run_id=run_id, follow=True, min_display_priority=8)
+    )
+    first = await anext(aiter(stream))
+    assert first.event.event_key == "r2"
+    stream.cancel()
+    await append(
+        api,
+        run_id,
+        ev("l1", display_priority=3),
+        ev("l2", display_priority=9),
+        ev("l3"),
+    )
+    # Resumed from the cursor of r2 with the same filter: the rest, live too.
+    resumed = api.trace.StreamTraceEvents(
+        t.StreamTraceEventsRequest(
+            run_id=run_id, cursor=first.cursor, follow=True, min_display_priority=8
+        )
+    )
+    collector = asyncio.create_task(drain_stream(resumed))
+    assert harness.server is not None
+    await wait_for(lambda: harness.server.trace.bus.subscriber_count == 1)
+    await append(api, run_id, ev("l4", display_priority=8), ev("l5", display_priority=7))
+    await api.jobs.CancelJob(j.CancelJobRequest(job_id=run_id))
+    events, final, _ = await asyncio.wait_for(collector, 10)
+    # The cancellation is the run's outcome: 9.
+    assert [e.event_key or e.message for e in events] == ["l2", "l4", "Run cancelled by user"]
+    assert [e.display_priority for e in events] == [9, 8, 9]
+    assert final is not None and final.state == c.RUN_STATE_CANCELLED
+
+
+@pytest.mark.parametrize("bad", [-1, 11, 1000])
+async def test_min_display_priority_out_of_range_is_refused_before_anything(
+    harness: Harness, bad: int
+) -> None:
+    api = harness.stubs()
+    run_id = await new_run(api)
+    await append(api, run_id, ev("a"))
+    _, _, violations = await expect_error(
+        api.trace.ListTraceEvents(
+            t.ListTraceEventsRequest(run_id=run_id, min_display_priority=bad)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert [f for f, _ in violations] == ["min_display_priority"]
+    assert "1 (low)" in violations[0][1] and "10 (high)" in violations[0][1]
+    # Checked before the run is even looked up: an unknown run says the same.
+    _, _, violations = await expect_error(
+        api.trace.ListTraceEvents(
+            t.ListTraceEventsRequest(run_id="job_nope", min_display_priority=bad)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert [f for f, _ in violations] == ["min_display_priority"]
+    for follow in (True, False):
+        _, _, violations = await expect_error(
+            _first(
+                api.trace.StreamTraceEvents(
+                    t.StreamTraceEventsRequest(
+                        run_id=run_id, follow=follow, min_display_priority=bad
+                    )
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert [f for f, _ in violations] == ["min_display_priority"]
+    assert harness.server is not None
+    assert harness.server.trace.bus.subscriber_count == 0
+    _, _, violations = await expect_error(
+        api.trace.AppendTraceEvents(
+            t.AppendTraceEventsRequest(run_id=run_id, events=[ev("p", display_priority=bad)])
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert [f for f, _ in violations] == ["events[0].display_priority"]
+    assert [e.event_key for e in await all_events(api, run_id)] == ["a"]
+
+
+async def _first(call: Any) -> Any:
+    async for message in call:
+        return message
+    return None
+
+
+# --- started_at: the run's first start; attempt_started_at: the current attempt's ------
+
+
+async def test_run_started_at_is_the_first_start_whatever_retries_follow(
+    harness: Harness,
+) -> None:
+    api = harness.stubs()
+    run_id = (
+        await api.jobs.SubmitJob(
+            j.SubmitJobRequest(
+                request_id="twice",
+                job=c.JobSpec(
+                    service="svc",
+                    max_attempts=2,
+                    backoff=c.BackoffPolicy(initial_interval={"nanos": 1_000_000}),
+                ),
+            )
+        )
+    ).job.id
+
+    async def job() -> c.Job:
+        return (await api.jobs.GetJob(j.GetJobRequest(job_id=run_id))).job
+
+    async def status() -> t.RunStatus:
+        return (await api.trace.GetRunStatus(t.GetRunStatusRequest(run_id=run_id))).status
+
+    queued = await status()
+    assert not queued.HasField("started_at") and not queued.HasField("attempt_started_at")
+    assert not (await job()).HasField("first_started_at")
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    await raw.expect("assignment")
+    one = await job()
+    first = one.started_at.ToMicroseconds()
+    assert first and one.first_started_at.ToMicroseconds() == first
+    s = await status()
+    assert s.started_at.ToMicroseconds() == s.attempt_started_at.ToMicroseconds() == first
+    await raw.send(
+        fail=w.FailReport(
+            job_id=run_id, attempt=1, retryable=True, error=c.ErrorDetail(message="flaky")
+        )
+    )
+    await raw.expect("ack")
+    await raw.expect("assignment")
+    two = await job()
+    second = two.started_at.ToMicroseconds()
+    assert two.attempt == 2 and second > first
+    await raw.send(complete=w.CompleteReport(job_id=run_id, attempt=2))
+    await raw.expect("ack")
+    done = await job()
+    assert done.state == c.RUN_STATE_COMPLETED
+    assert done.first_started_at.ToMicroseconds() == first
+    assert done.started_at.ToMicroseconds() == second
+    s = await status()
+    assert s.started_at.ToMicroseconds() == first, "the run's first start"
+    assert s.attempt_started_at.ToMicroseconds() == second, "the last attempt's start"
+    _, final, _ = await drain_stream(
+        api.trace.StreamTraceEvents(t.StreamTraceEventsRequest(run_id=run_id))
+    )
+    assert final is not None
+    assert final.started_at.ToMicroseconds() == first
+    assert final.attempt_started_at.ToMicroseconds() == second
+    await raw.close()
+
+
+async def test_workflow_run_status_has_no_attempt_start(harness: Harness) -> None:
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    wf = await api.jobs.SubmitWorkflow(
+        j.SubmitWorkflowRequest(
+            request_id="wf",
+            name="wf",
+            steps=[c.WorkflowStepSpec(name="a", job=c.JobSpec(service="svc"))],
+        )
+    )
+    await raw.expect("assignment")
+    s = (await api.trace.GetRunStatus(t.GetRunStatusRequest(run_id=wf.workflow.id))).status
+    assert s.HasField("started_at") and not s.HasField("attempt_started_at")
+    await raw.close()
+
+
+async def test_first_start_of_jobs_started_before_the_upgrade_is_backfilled(
+    db_url: str,
+) -> None:
+    """Jobs record their first start since revision 0007; a job started before
+    it takes its current attempt's start as its first."""
+    from .test_worker_stream import migrate_down
+
+    h = Harness(db_url)
+    await h.start()
+    raw = RawWorker(h.stubs())
+    await raw.hello("w", ["svc"])
+    run_id = await new_run(h.stubs(), "old")
+    await raw.expect("assignment")
+    started = (await h.stubs().jobs.GetJob(j.GetJobRequest(job_id=run_id))).job.started_at
+    await raw.close()
+    await h.stop()
+    await migrate_down(db_url, "0006")
+    await h.start()  # migrates up again
+    try:
+        api = h.stubs()
+        job = (await api.jobs.GetJob(j.GetJobRequest(job_id=run_id))).job
+        assert job.first_started_at == started
+        s = (await api.trace.GetRunStatus(t.GetRunStatusRequest(run_id=run_id))).status
+        assert s.started_at == started
+        never = await new_run(api, "new")
+        assert not (await api.jobs.GetJob(j.GetJobRequest(job_id=never))).job.HasField(
+            "first_started_at"
+        )
+    finally:
+        await h.stop()

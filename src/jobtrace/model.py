@@ -109,6 +109,7 @@ class Job:
     result: JSON | None = None
     failure: Failure | None = None
     worker_id: str = ""
+    # When the current (or last) attempt started; each claim resets it.
     started_us: int = 0
     completed_us: int = 0
     lease_deadline_us: int = 0
@@ -122,6 +123,8 @@ class Job:
     lease_holder: str = ""
     # Annotations the running attempt's worker sent, published when it ends.
     pending_annotations: int = 0
+    # When the first attempt started (0 before): retries leave it as it is.
+    first_started_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)

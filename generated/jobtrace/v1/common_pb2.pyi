@@ -665,6 +665,7 @@ class Job(_message.Message):
     LEASE_DEADLINE_FIELD_NUMBER: _builtins.int
     NEXT_ATTEMPT_AT_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    FIRST_STARTED_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The job's id."""
     workflow_id: _builtins.str
@@ -707,7 +708,9 @@ class Job(_message.Message):
 
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When the current attempt started."""
+        """Output only. When the current (or last) attempt started; each attempt
+        resets it. The job's first start is first_started_at.
+        """
 
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp:
@@ -724,6 +727,12 @@ class Job(_message.Message):
     @_builtins.property
     def next_attempt_at(self) -> _timestamp_pb2.Timestamp:
         """Output only. While a retry waits: the earliest time it is dispatched."""
+
+    @_builtins.property
+    def first_started_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the job's first attempt started, whatever retries
+        followed; unset before the first start.
+        """
 
     def __init__(
         self,
@@ -747,10 +756,11 @@ class Job(_message.Message):
         lease_deadline: _timestamp_pb2.Timestamp | None = ...,
         next_attempt_at: _timestamp_pb2.Timestamp | None = ...,
         traceparent: _builtins.str = ...,
+        first_started_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "id", b"id", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "request_id", b"request_id", "result", b"result", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step_name", b"step_name", "tenant", b"tenant", "traceparent", b"traceparent", "updated_at", b"updated_at", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "id", b"id", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "request_id", b"request_id", "result", b"result", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step_name", b"step_name", "tenant", b"tenant", "traceparent", b"traceparent", "updated_at", b"updated_at", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1220,7 +1230,12 @@ class TraceEvent(_message.Message):
     percent: _builtins.float
     """Input, optional. Progress 0-100."""
     display_priority: _builtins.int
-    """Input, optional. 1 (most prominent) to 10; 0 means 5."""
+    """Input, optional. How prominently a reader should show the event, as the
+    execution-log spec defines it: 1 (low) to 10 (high); 0 means 5. The
+    server's own events carry 9 for a run's or step's outcome (completed,
+    failed for good, cancelled), 7 for a start, 6 for a failed attempt that
+    will be retried, 4 for technical warnings and 3 for annotation notes.
+    """
     milestone: _builtins.bool
     """Input, optional. Marks a milestone worth showing in summaries."""
     event_key: _builtins.str

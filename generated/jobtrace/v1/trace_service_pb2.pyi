@@ -118,6 +118,7 @@ class ListTraceEventsRequest(_message.Message):
     UNTIL_FIELD_NUMBER: _builtins.int
     MILESTONES_ONLY_FIELD_NUMBER: _builtins.int
     VIEW_FIELD_NUMBER: _builtins.int
+    MIN_DISPLAY_PRIORITY_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Required. A workflow id or standalone job id."""
     page_size: _builtins.int
@@ -138,6 +139,12 @@ class ListTraceEventsRequest(_message.Message):
     """Optional. Only milestones."""
     view: Global___TraceEventView.ValueType
     """Optional. How much of each event to return; unspecified means BASIC."""
+    min_display_priority: _builtins.int
+    """Optional. Only events whose display_priority is at least this (1 low to
+    10 high); 0 means no filter; anything else outside 1-10 is
+    INVALID_ARGUMENT. Like the other filters it is not part of the cursor:
+    pass the same value when resuming.
+    """
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """Optional. Only events at or after this time."""
@@ -160,10 +167,11 @@ class ListTraceEventsRequest(_message.Message):
         until: _timestamp_pb2.Timestamp | None = ...,
         milestones_only: _builtins.bool = ...,
         view: Global___TraceEventView.ValueType = ...,
+        min_display_priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "cursor", b"cursor", "milestones_only", b"milestones_only", "min_level", b"min_level", "node_id", b"node_id", "page_size", b"page_size", "run_id", b"run_id", "since", b"since", "type", b"type", "until", b"until", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "cursor", b"cursor", "milestones_only", b"milestones_only", "min_display_priority", b"min_display_priority", "min_level", b"min_level", "node_id", b"node_id", "page_size", b"page_size", "run_id", b"run_id", "since", b"since", "type", b"type", "until", b"until", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -221,6 +229,7 @@ class StreamTraceEventsRequest(_message.Message):
     SINCE_FIELD_NUMBER: _builtins.int
     UNTIL_FIELD_NUMBER: _builtins.int
     MILESTONES_ONLY_FIELD_NUMBER: _builtins.int
+    MIN_DISPLAY_PRIORITY_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Required. A workflow id or standalone job id."""
     cursor: _builtins.str
@@ -239,6 +248,12 @@ class StreamTraceEventsRequest(_message.Message):
     """Optional. Only events of this type."""
     milestones_only: _builtins.bool
     """Optional. Only milestones."""
+    min_display_priority: _builtins.int
+    """Optional. Only events whose display_priority is at least this (1 low to
+    10 high); 0 means no filter; anything else outside 1-10 is
+    INVALID_ARGUMENT. Like the other filters it is not part of the cursor:
+    pass the same value when resuming.
+    """
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """Optional. Only events at or after this time."""
@@ -260,10 +275,11 @@ class StreamTraceEventsRequest(_message.Message):
         since: _timestamp_pb2.Timestamp | None = ...,
         until: _timestamp_pb2.Timestamp | None = ...,
         milestones_only: _builtins.bool = ...,
+        min_display_priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "cursor", b"cursor", "follow", b"follow", "milestones_only", b"milestones_only", "min_level", b"min_level", "node_id", b"node_id", "run_id", b"run_id", "since", b"since", "type", b"type", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "cursor", b"cursor", "follow", b"follow", "milestones_only", b"milestones_only", "min_display_priority", b"min_display_priority", "min_level", b"min_level", "node_id", b"node_id", "run_id", b"run_id", "since", b"since", "type", b"type", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -396,6 +412,7 @@ class RunStatus(_message.Message):
     SERVICE_FIELD_NUMBER: _builtins.int
     HISTORY_LENGTH_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
+    ATTEMPT_STARTED_AT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run: a workflow id or standalone job id."""
     state: _common_pb2.RunState.ValueType
@@ -406,7 +423,9 @@ class RunStatus(_message.Message):
     """Trace events stored for the run."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
-        """When its first attempt or step started."""
+        """When the run started: a standalone job's first attempt (whatever retries
+        followed), a workflow's first step.
+        """
 
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp:
@@ -424,6 +443,13 @@ class RunStatus(_message.Message):
     def failure(self) -> _common_pb2.Failure:
         """Why it failed, timed out or was terminated."""
 
+    @_builtins.property
+    def attempt_started_at(self) -> _timestamp_pb2.Timestamp:
+        """When the current (or last) attempt of a standalone job started; equal to
+        started_at until a retry starts. Unset for a workflow (its steps' attempts
+        are on their jobs) and before the first start.
+        """
+
     def __init__(
         self,
         *,
@@ -436,10 +462,11 @@ class RunStatus(_message.Message):
         service: _builtins.str = ...,
         history_length: _builtins.int = ...,
         failure: _common_pb2.Failure | None = ...,
+        attempt_started_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "failure", b"failure", "progress", b"progress", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt_started_at", b"attempt_started_at", "completed_at", b"completed_at", "failure", b"failure", "progress", b"progress", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "failure", b"failure", "history_length", b"history_length", "progress", b"progress", "run_id", b"run_id", "service", b"service", "started_at", b"started_at", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_started_at", b"attempt_started_at", "completed_at", b"completed_at", "failure", b"failure", "history_length", b"history_length", "progress", b"progress", "run_id", b"run_id", "service", b"service", "started_at", b"started_at", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

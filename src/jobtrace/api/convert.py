@@ -245,6 +245,7 @@ def job_to_proto(job: Job, *, full: bool = True) -> common_pb2.Job:
         lease_deadline=us_to_ts(job.lease_deadline_us),
         next_attempt_at=us_to_ts(job.next_attempt_us),
         traceparent=job.traceparent,
+        first_started_at=us_to_ts(job.first_started_us),
     )
 
 
@@ -458,6 +459,7 @@ def event_filter(request: Any) -> Any:
         since_us=ts_to_us(request.since) if request.HasField("since") else 0,
         until_us=ts_to_us(request.until) if request.HasField("until") else 0,
         milestones_only=request.milestones_only,
+        min_display_priority=request.min_display_priority,
     )
 
 
@@ -476,6 +478,7 @@ def run_status_to_proto(s: Any) -> Any:
         service=s.service,
         history_length=s.history_length,
         failure=failure_to_proto(s.failure),
+        attempt_started_at=us_to_ts(s.attempt_started_us),
     )
 
 

@@ -418,6 +418,7 @@ def trace_filters(args: argparse.Namespace) -> dict[str, Any]:
         "since": parse_when(args.since) if args.since else None,
         "until": parse_when(args.until) if args.until else None,
         "milestones_only": args.milestones,
+        "min_display_priority": args.min_priority or 0,
     }
 
 
@@ -753,6 +754,11 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
     filters.add_argument("--since", help="from this time (ISO 8601, or an age: 10m, 2h)")
     filters.add_argument("--until", help="up to this time")
     filters.add_argument("--milestones", action="store_true", help="milestones only")
+    filters.add_argument(
+        "--min-priority",
+        type=int,
+        help="only events of at least this display priority (1 low to 10 high)",
+    )
     filters.add_argument("--cursor", help="resume after this cursor")
     p = trace.add_parser(
         "list", parents=[conn, out, colour, filters], help="page through stored events"

@@ -430,7 +430,8 @@ class Client:
         **filters: Any,
     ) -> TracePage:
         """One page of a run's events after `cursor`. Filters: min_level, category,
-        node_id, type, since, until, milestones_only (enum names or values).
+        node_id, type, since, until, milestones_only (enum names or values),
+        min_display_priority (1 low to 10 high).
         `view` "full" returns each event whole; the default ("basic") leaves
         out data, output_summary, error.details and error.stack."""
         request = trace_service_pb2.ListTraceEventsRequest(
@@ -668,8 +669,11 @@ def trace_filters(
     since: When | None = None,
     until: When | None = None,
     milestones_only: bool = False,
+    min_display_priority: int = 0,
 ) -> dict[str, Any]:
-    """The filter fields shared by ListTraceEvents and StreamTraceEvents."""
+    """The filter fields shared by ListTraceEvents and StreamTraceEvents.
+    `min_display_priority` keeps events at least this prominent (1 low to 10
+    high; 0 keeps all)."""
     return {
         "min_level": _enum(common_pb2.Level, "LEVEL_", min_level),
         "category": _enum(common_pb2.Category, "CATEGORY_", category),
@@ -678,6 +682,7 @@ def trace_filters(
         "since": _timestamp(since),
         "until": _timestamp(until),
         "milestones_only": milestones_only,
+        "min_display_priority": min_display_priority,
     }
 
 

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from jobtrace.clock import now_us
 from jobtrace.domain.errors import FieldViolation, Invalid, NotFound, Violations
 from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
+from jobtrace.domain.trace import PRIORITY_NOTE
 from jobtrace.domain.validation import check_page_size, check_text, check_view
 from jobtrace.ids import new_id
 from jobtrace.model import (
@@ -254,6 +255,7 @@ class Annotations:
                             type=TraceType.LOG,
                             level=Level.INFO,
                             category=Category.TECHNICAL,
+                            display_priority=PRIORITY_NOTE,
                             message="annotated " + ", ".join(a.key for a in fresh),
                             data={
                                 "annotations": {a.key: a.value for a in fresh},

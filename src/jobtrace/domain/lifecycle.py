@@ -11,7 +11,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from jobtrace.clock import iso
 from jobtrace.domain.attest import Attestor
 from jobtrace.domain.evidence import ATTESTATION_DATA_BYTES, StoredOutput, fit_outputs
-from jobtrace.domain.trace import Trace
+from jobtrace.domain.trace import (
+    PRIORITY_OUTCOME,
+    PRIORITY_RETRY,
+    PRIORITY_START,
+    PRIORITY_TECHNICAL,
+    Trace,
+)
 from jobtrace.model import (
     JSON,
     AttestationType,
@@ -249,6 +255,7 @@ class Lifecycle:
                 type=TraceType.STARTED,
                 category=Category.BUSINESS,
                 milestone=True,
+                display_priority=PRIORITY_START,
                 message=f"{node_of(job)} started (attempt {job.attempt})",
             ),
         )
@@ -267,6 +274,9 @@ class Lifecycle:
         ran is not counted (no failure, no backoff, no attempt used up). Its
         number is reused by the next claim; no worker can hold it, since none
         was told of it."""
+        # An attempt that never ran is no start: the first start is the next
+        # claim's when this was the first.
+        first: dict[str, object] = {"first_started_us": 0} if job.attempt <= 1 else {}
         queued = await set_job(
             db,
             job,
@@ -275,6 +285,7 @@ class Lifecycle:
             lease_deadline_us=0,
             next_attempt_us=0,
             updated_us=now,
+            **first,
         )
         await self._record(
             db,
@@ -285,6 +296,7 @@ class Lifecycle:
                 type=TraceType.LOG,
                 level=Level.WARN,
                 category=Category.TECHNICAL,
+                display_priority=PRIORITY_TECHNICAL,
                 message=f"{node_of(job)} attempt {job.attempt} never reached its worker "
                 f"({reason}); queued again",
             ),
@@ -337,6 +349,7 @@ class Lifecycle:
                 type=TraceType.COMPLETED,
                 category=Category.BUSINESS,
                 milestone=True,
+                display_priority=PRIORITY_OUTCOME,
                 percent=100.0,
                 message=f"{node_of(job)} completed",
             ),
@@ -416,6 +429,8 @@ class Lifecycle:
             level=level,
             category=Category.BUSINESS,
             milestone=level >= Level.CRITICAL,
+            # CRITICAL: failed for good; ERROR: an attempt, to be retried.
+            display_priority=PRIORITY_OUTCOME if level >= Level.CRITICAL else PRIORITY_RETRY,
             message=message,
             error=ErrorInfo(message=failure.reason, code=failure.code, stack=failure.details),
         )
@@ -448,6 +463,7 @@ class Lifecycle:
                 level=Level.WARN,
                 category=Category.BUSINESS,
                 milestone=True,
+                display_priority=PRIORITY_OUTCOME,
                 message=CANCELLED_BY_USER,
                 data={"reason": failure.reason} if failure else None,
             )
@@ -519,6 +535,7 @@ class Lifecycle:
                             type=TraceType.COMPLETED,
                             category=Category.BUSINESS,
                             milestone=True,
+                            display_priority=PRIORITY_OUTCOME,
                             percent=100.0,
                             step_number=done_count,
                             total_steps=total,
@@ -607,6 +624,7 @@ class Lifecycle:
                         type=TraceType.LOG,
                         level=Level.WARN,
                         category=Category.TECHNICAL,
+                        display_priority=PRIORITY_TECHNICAL,
                         message=f"{node_of(s)} cancelled: {reason}",
                     ),
                 )
@@ -640,6 +658,7 @@ class Lifecycle:
                 level=Level.WARN,
                 category=Category.BUSINESS,
                 milestone=True,
+                display_priority=PRIORITY_OUTCOME,
                 message=CANCELLED_BY_USER,
                 data={"reason": failure.reason} if failure else None,
                 traceparent=traceparent,
@@ -653,6 +672,7 @@ class Lifecycle:
                 level=Level.CRITICAL,
                 category=Category.BUSINESS,
                 milestone=True,
+                display_priority=PRIORITY_OUTCOME,
                 message=f"workflow {state.name.lower()}: {reason}",
                 error=ErrorInfo(message=reason, code=failure.code if failure else ""),
                 traceparent=traceparent,

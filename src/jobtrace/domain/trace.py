@@ -55,6 +55,17 @@ REPLAY_BYTES = 4 * 1024 * 1024
 APPEND_TYPES = frozenset({TraceType.UNSPECIFIED, TraceType.LOG})
 # The worker holding the job may also report PROGRESS events on its stream.
 WORKER_TYPES = APPEND_TYPES | {TraceType.PROGRESS}
+# display_priority, as the execution-log spec defines it: 1 is low, 10 high.
+MAX_DISPLAY_PRIORITY = 10
+DEFAULT_DISPLAY_PRIORITY = 5
+# The server's own events: a run's or step's outcome (completed, failed for
+# good, cancelled) first, then a start, a failed attempt that will be
+# retried, technical warnings, and annotation notes last.
+PRIORITY_OUTCOME = 9
+PRIORITY_START = 7
+PRIORITY_RETRY = 6
+PRIORITY_TECHNICAL = 4
+PRIORITY_NOTE = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +81,7 @@ class EventInput:
 class RunStatus:
     run_id: str
     state: RunState
+    # When the run started: a job's first attempt, a workflow's first step.
     started_us: int
     updated_us: int
     completed_us: int
@@ -78,6 +90,8 @@ class RunStatus:
     service: str
     history_length: int
     failure: Failure | None
+    # A standalone job's current (or last) attempt's start; 0 for a workflow.
+    attempt_started_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +139,12 @@ def check_event(
             f"{TraceType(e.type).name} events are the server's own (it records each "
             f"lifecycle transition); callers append {kinds}",
         )
-    if not 0 <= e.display_priority <= 10:
-        v.add(f"{field}.display_priority", "must be between 1 and 10 (0 means 5)")
+    if not 0 <= e.display_priority <= MAX_DISPLAY_PRIORITY:
+        v.add(
+            f"{field}.display_priority",
+            f"must be between 1 (low) and {MAX_DISPLAY_PRIORITY} (high); 0 means "
+            f"{DEFAULT_DISPLAY_PRIORITY}",
+        )
     if not 0.0 <= e.percent <= 100.0:
         v.add(f"{field}.percent", "must be between 0 and 100")
     if e.step_number < 0 or e.total_steps < 0:
@@ -166,7 +184,7 @@ def normalize(e: TraceEvent, now: int, seq: int, tenant: str) -> TraceEvent:
         ts_us=e.ts_us or now,
         message=message,
         truncated=truncated or e.truncated,
-        display_priority=e.display_priority or 5,
+        display_priority=e.display_priority or DEFAULT_DISPLAY_PRIORITY,
         created_us=now,
     )
 
@@ -493,7 +511,8 @@ class Trace:
             return RunStatus(
                 run_id=run_id,
                 state=_run_state(job.state, job.attempt),
-                started_us=job.started_us,
+                started_us=job.first_started_us,
+                attempt_started_us=job.started_us,
                 updated_us=job.updated_us,
                 completed_us=job.completed_us,
                 completed_actions=1 if job.state == RunState.COMPLETED else 0,
@@ -661,3 +680,9 @@ def _check_filter(v: Violations, flt: EventFilter) -> None:
         v.add("type", f"unknown type {flt.type}")
     if flt.since_us and flt.until_us and flt.until_us <= flt.since_us:
         v.add("until", "must be after since")
+    if not 0 <= flt.min_display_priority <= MAX_DISPLAY_PRIORITY:
+        v.add(
+            "min_display_priority",
+            f"must be between 1 (low) and {MAX_DISPLAY_PRIORITY} (high), or 0 for no filter "
+            f"(got {flt.min_display_priority})",
+        )

@@ -127,6 +127,7 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         "updated_us": job.updated_us,
         "started_us": job.started_us,
         "completed_us": job.completed_us,
+        "first_started_us": job.first_started_us,
     }
 
 
@@ -197,6 +198,7 @@ def job_from_row(row: Row, *, full: bool = True) -> Job:
         lease_session=row["lease_session"],
         lease_holder=row["lease_holder"],
         pending_annotations=row["pending_annotations"],
+        first_started_us=row["first_started_us"],
     )
 
 
@@ -681,6 +683,7 @@ _CLAIM = Query(
     "UPDATE jobs SET state = :running, attempt = attempt + 1, worker_id = :worker_id,"
     " lease_holder = :holder, lease_session = :session_id, lease_deadline_us = :lease_deadline_us,"
     " next_attempt_us = 0, started_us = :now, updated_us = :now,"
+    " first_started_us = CASE WHEN first_started_us = 0 THEN :now ELSE first_started_us END,"
     " progress_percent = 0.0, progress_message = ''"
     " WHERE id = :id AND state = :queued RETURNING *"
 )

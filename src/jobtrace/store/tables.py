@@ -102,6 +102,8 @@ class JobRow(Base):
     updated_us: Mapped[int] = mapped_column(BigInteger)
     started_us: Mapped[int] = mapped_column(BigInteger, default=0)
     completed_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    # When the first attempt started; started_us is the current attempt's.
+    first_started_us: Mapped[int] = mapped_column(BigInteger, default=0)
 
     __table_args__ = (
         Index("ix_jobs_tenant_seq", "tenant", "seq"),

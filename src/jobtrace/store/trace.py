@@ -25,6 +25,8 @@ class EventFilter:
     since_us: int = 0
     until_us: int = 0
     milestones_only: bool = False
+    # 1 (low) to 10 (high); 0: any.
+    min_display_priority: int = 0
 
     def matches(self, e: TraceEvent) -> bool:
         return (
@@ -35,6 +37,7 @@ class EventFilter:
             and (not self.since_us or e.ts_us >= self.since_us)
             and (not self.until_us or e.ts_us < self.until_us)
             and (not self.milestones_only or e.milestone)
+            and (not self.min_display_priority or e.display_priority >= self.min_display_priority)
         )
 
 
@@ -174,6 +177,8 @@ async def read_events(
         where.append(TraceEventRow.ts_us < flt.until_us)
     if flt.milestones_only:
         where.append(TraceEventRow.milestone.is_(True))
+    if flt.min_display_priority:
+        where.append(TraceEventRow.display_priority >= flt.min_display_priority)
     heavy = _EVENT_HEAVY if full else ()
     listing = Listing(
         key=TraceEventRow.seq,
