@@ -1293,3 +1293,71 @@ async def test_an_annotation_event_never_follows_the_end_of_its_run(harness: Har
         ).annotations
     }
     assert keys == {"before", "quiet"}, "the refused attach stored nothing"
+
+
+async def test_a_cancelled_queued_standalone_job_is_attested(harness: Harness) -> None:
+    api = harness.stubs()
+    job = (
+        await api.jobs.SubmitJob(
+            j.SubmitJobRequest(request_id="cq", request_context=ctx(), job=spec("nobody"))
+        )
+    ).job
+    await api.jobs.CancelJob(j.CancelJobRequest(job_id=job.id, reason="not needed"))
+    (att,) = await attestations(api, job_id=job.id)
+    assert att.key == f"worker-cancellation:{job.id}"
+    assert att.type == a.ATTESTATION_TYPE_WORKER_CANCELLATION
+    assert att.state == c.RUN_STATE_CANCELLED and att.entity_id == job.id
+    assert att.chain_sequence == 1 and att.previous_digest == ""
+    data = json_format.MessageToDict(att.data)
+    assert data["cancellation"] == {"reason": "not needed", "code": "CANCELLED"}
+    assert data["cancelled_while"] == "QUEUED" and data["job_payload"] == {"n": 1}
+    assert data["request_context"]["user_context"]["user_id"] == "u-7"
+    assert "base64," not in json.dumps(data), "sanitised like every attestation"
+    verdict = await verify(api, att.key)
+    assert verdict.valid and verdict.signature_valid and verdict.chain_valid, verdict.reason
+    assert (await attestations(api, type=a.ATTESTATION_TYPE_WORKER_CANCELLATION)) == [att]
+
+
+async def test_a_cancelled_running_standalone_job_is_attested_on_its_chain(
+    harness: Harness,
+) -> None:
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    job = (
+        await api.jobs.SubmitJob(
+            j.SubmitJobRequest(
+                request_id="cr",
+                request_context=ctx(),
+                job=c.JobSpec(
+                    service="svc",
+                    max_attempts=3,
+                    backoff=c.BackoffPolicy(initial_interval={"nanos": 1_000_000}),
+                ),
+            )
+        )
+    ).job
+    await raw.expect("assignment")
+    await raw.send(
+        fail=w.FailReport(
+            job_id=job.id, attempt=1, retryable=True, error=c.ErrorDetail(message="flaky")
+        )
+    )
+    await raw.expect("ack")
+    await raw.expect("assignment")
+    await api.jobs.CancelJob(j.CancelJobRequest(job_id=job.id))
+    await raw.expect("cancel")
+    failure, cancelled = await attestations(api, job_id=job.id)
+    assert failure.key == f"worker-failure:{job.id}:1"
+    assert cancelled.key == f"worker-cancellation:{job.id}"
+    assert cancelled.worker_id == "w1" and cancelled.attempt == 2
+    assert cancelled.chain_sequence == 2 and cancelled.previous_digest == failure.digest
+    data = json_format.MessageToDict(cancelled.data)
+    assert data["cancelled_while"] == "RUNNING"
+    assert data["cancellation"]["code"] == "CANCELLED"
+    verdict = await verify(api, cancelled.key)
+    assert verdict.valid and verdict.signature_valid and verdict.chain_valid, verdict.reason
+    # A step's cancellation stays in its workflow's attestation alone.
+    wf, only = await cancel_unstarted_workflow(api, "wf-c", service="no")
+    assert only.key == f"workflow-cancellation:{wf.id}"
+    await raw.close()

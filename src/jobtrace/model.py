@@ -265,6 +265,7 @@ class AttestationType(enum.IntEnum):
     WORKFLOW_COMPLETION = 3
     WORKFLOW_FAILURE = 4
     WORKFLOW_CANCELLATION = 5
+    WORKER_CANCELLATION = 6
 
 
 @dataclass(frozen=True, slots=True)

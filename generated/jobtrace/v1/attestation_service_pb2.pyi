@@ -40,6 +40,11 @@ class _AttestationTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attes
     """A workflow failed; key "workflow-failure:<workflow id>"."""
     ATTESTATION_TYPE_WORKFLOW_CANCELLATION: _AttestationType.ValueType  # 5
     """A workflow was cancelled; key "workflow-cancellation:<workflow id>"."""
+    ATTESTATION_TYPE_WORKER_CANCELLATION: _AttestationType.ValueType  # 6
+    """A standalone job was cancelled, queued or running; key
+    "worker-cancellation:<job id>". (A workflow's steps are covered by its
+    workflow-cancellation.)
+    """
 
 class AttestationType(_AttestationType, metaclass=_AttestationTypeEnumTypeWrapper):
     """What an attestation attests."""
@@ -56,6 +61,11 @@ ATTESTATION_TYPE_WORKFLOW_FAILURE: AttestationType.ValueType  # 4
 """A workflow failed; key "workflow-failure:<workflow id>"."""
 ATTESTATION_TYPE_WORKFLOW_CANCELLATION: AttestationType.ValueType  # 5
 """A workflow was cancelled; key "workflow-cancellation:<workflow id>"."""
+ATTESTATION_TYPE_WORKER_CANCELLATION: AttestationType.ValueType  # 6
+"""A standalone job was cancelled, queued or running; key
+"worker-cancellation:<job id>". (A workflow's steps are covered by its
+workflow-cancellation.)
+"""
 Global___AttestationType: _TypeAlias = AttestationType  # noqa: Y015
 
 class _AttestationView:

@@ -503,6 +503,7 @@ TYPE_NAMES = {
     AttestationType.WORKFLOW_COMPLETION: "workflow_completion",
     AttestationType.WORKFLOW_FAILURE: "workflow_failure",
     AttestationType.WORKFLOW_CANCELLATION: "workflow_cancellation",
+    AttestationType.WORKER_CANCELLATION: "worker_cancellation",
 }
 
 

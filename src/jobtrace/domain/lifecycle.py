@@ -486,6 +486,23 @@ class Lifecycle:
         )
         if failed_attempt and failure is not None:
             await self._attest_failure(db, ended, failure, will_retry=False)
+        if state == RunState.CANCELLED and not job.workflow_id:
+            # A step's cancellation is in its workflow's attestation.
+            await self._attest_job(
+                db,
+                ended,
+                AttestationType.WORKER_CANCELLATION,
+                f"worker-cancellation:{job.id}",
+                {
+                    "cancellation": {
+                        "reason": failure.reason if failure else CANCELLED_BY_USER,
+                        "code": failure.code if failure else "CANCELLED",
+                    },
+                    # What it was doing when cancelled: waiting (QUEUED, maybe
+                    # for a retry) or running its attempt.
+                    "cancelled_while": job.state.name,
+                },
+            )
         if not job.workflow_id:
             self.trace.run_ended(tx, job.id)
         return [ended, *await self._step_finished(db, tx, ended, now)]
