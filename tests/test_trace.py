@@ -238,14 +238,17 @@ async def test_an_append_whose_reply_could_not_be_sent_is_refused_and_stores_not
         assert excess > 0
         assert await all_events(api, run_id) == [], "a refused append stores nothing"
 
-        # One byte more than fits is refused; exactly what fits is stored and answered.
+        # The stored times differ from call to call, and a timestamp's encoded
+        # size with them (a few bytes per event): the boundary is exact only
+        # within that slack.
+        slack = 8 * count
         await expect_error(
-            api.trace.AppendTraceEvents(request(blob - excess + 1, blob)),
+            api.trace.AppendTraceEvents(request(blob - excess + slack, blob)),
             grpc.StatusCode.RESOURCE_EXHAUSTED,
         )
         assert await all_events(api, run_id) == []
-        largest = await api.trace.AppendTraceEvents(request(blob - excess, blob))
-        assert largest.ByteSize() == limit - 1024
+        largest = await api.trace.AppendTraceEvents(request(blob - excess - slack, blob))
+        assert limit - 1024 - 2 * slack <= largest.ByteSize() <= limit - 1024
         assert [e.sequence for e in largest.events] == list(range(1, count + 1))
         assert len(await all_events(api, run_id)) == count
 
@@ -256,9 +259,10 @@ async def test_an_append_whose_reply_could_not_be_sent_is_refused_and_stores_not
             t.AppendTraceEventsRequest(run_id=run_id, events=retry)
         )
         assert list(again.events) == list(largest.events)
+        more = ev("new", data={"blob": "x" * (4 * slack)})
         _, info, _ = await expect_error(
             api.trace.AppendTraceEvents(
-                t.AppendTraceEventsRequest(run_id=run_id, events=[*retry, ev("new")])
+                t.AppendTraceEventsRequest(run_id=run_id, events=[*retry, more])
             ),
             grpc.StatusCode.RESOURCE_EXHAUSTED,
         )
