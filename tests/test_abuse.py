@@ -26,8 +26,16 @@ from jobtrace.api.wellformed import MAX_NESTING, check_request
 from jobtrace.auth import Authenticator, JwtSettings, Principal, Role, hash_token
 from jobtrace.domain import attest
 from jobtrace.domain.annotations import KEY_RE, check_key_value
-from jobtrace.domain.attest import INLINE_EVIDENCE, canonical, larger_than, sanitize
+from jobtrace.domain.attest import (
+    INLINE_EVIDENCE,
+    canonical,
+    larger_than,
+    redact,
+    redact_text,
+    sanitize,
+)
 from jobtrace.domain.errors import DomainError, Violations
+from jobtrace.domain.redact import Redaction
 from jobtrace.domain.validation import (
     MAX_PAYLOAD_BYTES,
     STEP_NAME_RE,
@@ -85,6 +93,12 @@ def _submit(text: str) -> Any:
 
 
 _JWT = _jwt_authenticator()
+_CUSTOM = Redaction.configure(headers=["x-custom"], keys=[r"^internal_.*sig.*$", r"(a|b)*x"])
+
+
+def _redacted_all(t: str) -> Any:
+    return sanitize({"v": t, t: 1}), redact({"v": t, t: 1}), redact_text(t)
+
 
 # Each rule that reads caller text, with an input built to make it work hardest:
 # (what it is, the rule applied to a text, the text of about n characters).
@@ -140,6 +154,43 @@ RULES: list[tuple[str, Callable[[str], Any], Callable[[int], str]]] = [
     ),
     ("sanitize: member name", lambda t: sanitize({t: 1}), lambda n: notes(n)),
     ("sanitize: forged marker name", lambda t: sanitize({t: 1}), lambda n: "$" * n + "redacted"),
+    ("redact: Bearer runs", _redacted_all, lambda n: "Bearer " * (n // 7)),
+    ("redact: Bearer and blanks", _redacted_all, lambda n: "bearer" + " " * n + "!"),
+    ("redact: short Bearer words", _redacted_all, lambda n: "Bearer ab " * (n // 10)),
+    ("redact: one JWT-like run", _redacted_all, lambda n: "eyJ" * (n // 3)),
+    ("redact: JWT-like parts", _redacted_all, lambda n: "eyJa.eyJb." * (n // 10)),
+    ("redact: JWT-like dots", _redacted_all, lambda n: "eyJ." * (n // 4)),
+    ("redact: PEM headers", _redacted_all, lambda n: "-----BEGIN " * (n // 11)),
+    (
+        "redact: PEM without an end",
+        _redacted_all,
+        lambda n: "-----BEGIN PRIVATE KEY-----" + "----" * (n // 4),
+    ),
+    (
+        "redact: PEM blocks",
+        _redacted_all,
+        lambda n: "-----BEGIN RSA PRIVATE KEY-----x-" * (n // 33),
+    ),
+    ("redact: key prefix runs", _redacted_all, lambda n: "sk-" * (n // 3)),
+    ("redact: short key prefixes", _redacted_all, lambda n: "sk-a ghp_b xoxb-c " * (n // 18)),
+    ("redact: AWS-like runs", _redacted_all, lambda n: "AKIA" * (n // 4)),
+    ("redact: camel member names", lambda t: sanitize({t: 1}), lambda n: "aB" * (n // 2)),
+    ("redact: capital member names", lambda t: sanitize({t: 1}), lambda n: "A" * n + "Key"),
+    (
+        "redact: operator key rules",
+        lambda t: sanitize(dict.fromkeys(t.split(" "), 1), _CUSTOM),
+        lambda n: " ".join(["internal_" + "ab" * 40 + "!"] * (n // 90)),
+    ),
+    (
+        "redact: operator rules on one long name",
+        lambda t: sanitize({t: 1}, _CUSTOM),
+        lambda n: "internal_" + "ab" * n,
+    ),
+    (
+        "redact: member names holding credentials",
+        lambda t: sanitize(dict.fromkeys(t.split(" "), 1)),
+        lambda n: " ".join(f"Bearer tok{i}en-12345" for i in range(n // 20)),
+    ),
     ("canonical: escapes", canonical, lambda n: '\x01"\\' * (n // 3)),
     ("evidence weight", lambda t: larger_than([t], INLINE_EVIDENCE), lambda n: "data:" * (n // 5)),
     (
@@ -357,7 +408,7 @@ class ParkedSanitiser:
         self.release.clear()
         self.on_loop.clear()
 
-    def _sanitize(self, value: Any) -> Any:
+    def _sanitize(self, value: Any, *args: Any) -> Any:
         # sanitize recurses through this wrapper: only the outermost call counts.
         outermost = not getattr(self._inside, "active", False)
         if outermost and self.needle and self.needle in json.dumps(value):
@@ -368,7 +419,7 @@ class ParkedSanitiser:
                 self.release.wait(60)
         self._inside.active = True
         try:
-            return self._real(value)
+            return self._real(value, *args)
         finally:
             self._inside.active = not outermost
 

@@ -98,6 +98,14 @@ class Settings:
     metrics_max_services: int = 200
     # A metrics connection that sends nothing for this long is closed.
     metrics_idle_timeout_seconds: float = 10.0
+    # Redaction of evidence (attestations, trace events, annotations): member
+    # names matching these regular expressions (any case) are secrets too, and
+    # so are these header names; see jobtrace.domain.redact. As environment
+    # variables, one rule per line.
+    redact_keys: tuple[str, ...] = ()
+    redact_headers: tuple[str, ...] = ()
+    # Turn the default rules off (raw evidence; logged as a warning at startup).
+    no_default_redaction: bool = False
 
     @classmethod
     def load(
@@ -143,6 +151,8 @@ def _parse(kind: Any, raw: str) -> Any:
         return int(raw)
     if kind == "float":
         return float(raw)
+    if kind.startswith("tuple"):
+        return tuple(line.strip() for line in raw.splitlines() if line.strip())
     if kind == "bool":
         return raw.lower() in {"1", "true", "yes", "on"}
     return raw

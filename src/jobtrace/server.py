@@ -37,6 +37,7 @@ from jobtrace.domain.evidence import data_budget
 from jobtrace.domain.jobs import Jobs
 from jobtrace.domain.lifecycle import Lifecycle
 from jobtrace.domain.pagination import open_tokens
+from jobtrace.domain.redact import Redaction, UnsafePattern
 from jobtrace.domain.trace import Trace
 from jobtrace.metrics import Metrics, StateSample
 from jobtrace.pb import SERVICE_NAMES, service_descriptor
@@ -79,6 +80,7 @@ class JobtraceServer:
         if s.max_calls_per_connection < 1 or s.max_concurrent_calls < 1:
             raise OSError("--max-calls-per-connection and --max-concurrent-calls must be positive")
         self.auth = auth
+        redaction = _redaction(s)
         files = CredentialFiles.open(s, auth)
         self.credential_files = files
         streams = StreamLimiter(s.max_streams_per_caller)
@@ -100,12 +102,14 @@ class JobtraceServer:
             tokens,
             retention_s=s.trace_retention_days * 86400,
             keepalive_s=s.keepalive_seconds,
+            redaction=redaction,
         )
         self.attestor = Attestor(
             self.db,
             Signer.load_or_create(s.key_path()),
             tokens,
             retention_s=s.attestation_retention_days * 86400,
+            redaction=redaction,
         )
         await self.attestor.register_key()
         self.annotations = Annotations(self.db, tokens, self.trace)
@@ -438,3 +442,20 @@ def _redact(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+def _redaction(s: Settings) -> Redaction:
+    """The redaction rules from the settings; OSError (a startup error) for an
+    operator rule that is not safe to apply. Turning the defaults off is logged."""
+    try:
+        redaction = Redaction.configure(
+            defaults=not s.no_default_redaction, headers=s.redact_headers, keys=s.redact_keys
+        )
+    except UnsafePattern as exc:
+        raise OSError(str(exc)) from None
+    if s.no_default_redaction:
+        log.warning(
+            "default redaction is off (--no-default-redaction): credentials sent by "
+            "callers and workers may enter attestations, trace events and annotations"
+        )
+    return redaction

@@ -87,6 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     serve.add_argument("--log-format", choices=["json", "text"], help="default json")
     serve.add_argument(
+        "--redact-key",
+        action="append",
+        metavar="REGEX",
+        help="also redact members whose name matches REGEX, any case (repeatable)",
+    )
+    serve.add_argument(
+        "--redact-header",
+        action="append",
+        metavar="NAME",
+        help="also drop and redact this request header (repeatable)",
+    )
+    serve.add_argument(
+        "--no-default-redaction",
+        action="store_true",
+        default=None,
+        help="turn the default redaction rules off: credentials may enter evidence",
+    )
+    serve.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)"
     )
     serve.add_argument("--metrics-host", help="metrics address (default: the --listen host)")

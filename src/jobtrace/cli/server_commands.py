@@ -49,6 +49,9 @@ def serve(args: argparse.Namespace) -> int:
             "metrics_max_services": args.metrics_max_services,
             "metrics_idle_timeout_seconds": args.metrics_idle_timeout_seconds,
             "log_format": args.log_format,
+            "redact_keys": tuple(args.redact_key) if args.redact_key else None,
+            "redact_headers": tuple(args.redact_header) if args.redact_header else None,
+            "no_default_redaction": args.no_default_redaction,
         }
     )
     from jobtrace import logs

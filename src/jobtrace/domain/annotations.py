@@ -9,8 +9,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
+from jobtrace.domain import redact as redact_rules
+from jobtrace.domain.attest import redact, redact_text
 from jobtrace.domain.errors import FieldViolation, Invalid, NotFound, Violations
 from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
+from jobtrace.domain.redact import Redaction
 from jobtrace.domain.trace import PRIORITY_NOTE
 from jobtrace.domain.validation import check_page_size, check_text, check_view
 from jobtrace.ids import new_id
@@ -128,15 +131,18 @@ def build(
     attempt: int = 0,
     scope: AnnotationScope = AnnotationScope.RUN,
     scope_id: str = "",
+    redaction: Redaction,
 ) -> list[Annotation]:
-    """One annotation per attribute, ordered by key."""
+    """One annotation per attribute, ordered by key, value and payload redacted
+    (see attest.redact): a string value stays a string."""
+    payload = None if item.payload is None else redact(item.payload, redaction)
     return [
         Annotation(
             id=new_id("ann"),
             tenant=tenant,
             run_id=run_id,
             key=key,
-            value=item.attributes[key],
+            value=redact_value(key, item.attributes[key], redaction),
             actor_kind=item.actor_kind,
             actor_id=item.actor_id,
             actor_version=item.actor_version,
@@ -145,11 +151,22 @@ def build(
             attempt=attempt,
             scope=scope,
             scope_id=scope_id,
-            payload=item.payload,
+            payload=payload,
             idempotency_key=item.idempotency_key,
         )
         for key in sorted(item.attributes)
     ]
+
+
+def redact_value(key: str, value: Any, r: Redaction) -> Any:
+    """An annotation's value as stored: redacted whole if its key names a
+    secret, else its credentials redacted; text stays text."""
+    rule = r.secret_member(key)
+    if rule is not None:
+        return (
+            redact_rules.marker_text(rule) if isinstance(value, str) else redact_rules.marker(rule)
+        )
+    return redact_text(value, r) if isinstance(value, str) else redact(value, r)
 
 
 class Annotations:
@@ -232,6 +249,7 @@ class Annotations:
                     attempt=attempt,
                     scope=resolved_scope,
                     scope_id=resolved_scope_id,
+                    redaction=self._trace.redaction,
                 )
                 if a.key not in existing
             ]

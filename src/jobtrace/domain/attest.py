@@ -23,8 +23,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
 from jobtrace.domain import jcs
+from jobtrace.domain import redact as redact_rules
 from jobtrace.domain.errors import DataLoss, NotFound, Violations
 from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
+from jobtrace.domain.redact import Redaction
 from jobtrace.domain.validation import check_page_size, check_view
 from jobtrace.model import JSON, Attestation, AttestationType, RunState, SigningKey
 from jobtrace.store import attest as store
@@ -221,7 +223,7 @@ MAGIC: list[tuple[int, bytes, str]] = [
 ]
 
 
-def sanitize(value: Any) -> Any:
+def sanitize(value: Any, redaction: Redaction = redact_rules.DEFAULT) -> Any:
     """Replace encoded content by a marker with its SHA-256 and length, so
     attestations stay small and carry no images. Encoded content is:
     - any data: URI, base64 or not (`data:image/svg+xml,<svg ...`);
@@ -243,18 +245,60 @@ def sanitize(value: Any) -> Any:
     object with a member named "redacted" and text holding "[redacted" are the
     server's alone (see _escape_text and _escape_name).
 
-    So the evidence never grows but by its escapes: each "[" + "\\"*n + "redacted"
+    Credentials are redacted in the same pass (see jobtrace.domain.redact and
+    `redaction`): the value of a member whose name is a secret's, and a whole
+    value that is a credential, become {"redacted": "secret", "reason": rule}; a
+    credential inside longer text becomes "[redacted secret <rule>]". Those
+    markers are as unforgeable as the others, and carry no digest.
+
+    So the evidence never grows but by its escapes and its secret markers (at
+    most about 50 bytes each): each "[" + "\\"*n + "redacted"
     in caller text gains a backslash (2 bytes of canonical JSON for at least 9
     characters) and each member named "$"*n + "redacted" a "$" (1 byte for a member
     of at least 12), hence
         len(canonical(sanitize(v))) <= len(canonical(v)) * 11 / 9,
     and <= len(canonical(v)) for evidence that holds neither. Time and memory are
     linear in the size of `value`."""
+    return _clean(value, redaction, encoded=True)
+
+
+def redact(value: Any, redaction: Redaction = redact_rules.DEFAULT) -> Any:
+    """`value` with its credentials redacted and caller text shaped like a marker
+    escaped, as `sanitize` does, but encoded content kept: for trace events and
+    annotations, which readers see as written. Linear time, like `sanitize`."""
+    return _clean(value, redaction, encoded=False)
+
+
+def redact_text(text: str, redaction: Redaction = redact_rules.DEFAULT) -> str:
+    """Text that must stay text (a message, a stack trace): each credential in it
+    replaced by a marker string, the rest escaped, as `redact` does."""
+    spans = list(redaction.credentials(text))
+    return _splice(text, spans, encoded=False) if spans else _escape_text(text)
+
+
+def _clean(value: Any, r: Redaction, *, encoded: bool) -> Any:
     if isinstance(value, dict):
-        return {sanitize_name(k): sanitize(v) for k, v in value.items()}
+        out: dict[str, Any] = {}
+        for name, member in value.items():
+            rule = r.secret_member(name) if member is not None else None
+            clean_name = _clean_name(name, r, encoded=encoded)
+            out[clean_name] = (
+                redact_rules.marker(rule)
+                if rule is not None
+                else _clean(member, r, encoded=encoded)
+            )
+        return out
     if isinstance(value, list):
-        return [sanitize(v) for v in value]
+        return [_clean(v, r, encoded=encoded) for v in value]
     if isinstance(value, str):
+        spans = list(r.credentials(value))
+        if spans:
+            start, end, rule = spans[0]
+            if start == 0 and end == len(value):
+                return redact_rules.marker(rule)
+            return _splice(value, spans, encoded=encoded)
+        if not encoded:
+            return _escape_text(value)
         found = _encoded(value)
         if found is not None:
             marker = _marker_object(found[0], found[1], value)
@@ -262,6 +306,26 @@ def sanitize(value: Any) -> Any:
                 return marker
         return _redact_embedded(value)
     return value
+
+
+def _clean_name(name: str, r: Redaction, *, encoded: bool) -> str:
+    spans = list(r.credentials(name))
+    if spans:
+        return _escape_name(_splice(name, spans, encoded=encoded))
+    return sanitize_name(name) if encoded else _escape_name(_escape_text(name))
+
+
+def _splice(text: str, spans: list[tuple[int, int, str]], *, encoded: bool) -> str:
+    """`text` with each credential span replaced by a marker string, the text
+    between them sanitised (or only escaped)."""
+    rest = _redact_embedded if encoded else _escape_text
+    parts: list[str] = []
+    copied = 0
+    for start, end, rule in spans:
+        parts += [rest(text[copied:start]), redact_rules.marker_text(rule)]
+        copied = end
+    parts.append(rest(text[copied:]))
+    return "".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,8 +337,11 @@ class Sanitized:
     value: Any
 
 
-def sanitize_name(name: str) -> str:
-    """An object member's name as `sanitize` writes it."""
+def sanitize_name(name: str, redaction: Redaction | None = None) -> str:
+    """An object member's name as `sanitize` writes it (without redaction unless
+    `redaction` is given)."""
+    if redaction is not None:
+        return _clean_name(name, redaction, encoded=True)
     return _escape_name(_sanitize_text(name))
 
 
@@ -762,9 +829,16 @@ def _malformed(exc: store.MalformedRow) -> DataLoss:
 
 class Attestor:
     def __init__(
-        self, db: Database, signer: Signer, tokens: PageTokens, *, retention_s: float
+        self,
+        db: Database,
+        signer: Signer,
+        tokens: PageTokens,
+        *,
+        retention_s: float,
+        redaction: Redaction = redact_rules.DEFAULT,
     ) -> None:
         self._db = db
+        self.redaction = redaction
         self.signer = signer
         self._tokens = tokens
         self.retention_s = retention_s
@@ -825,7 +899,8 @@ class Attestor:
 
     def _seal(self, draft: Attestation, data: JSON | Sanitized) -> Attestation:
         """`draft` with `data` sanitised, then digested and signed: CPU only."""
-        encoded = canonical(data.value if isinstance(data, Sanitized) else sanitize(data))
+        clean = data.value if isinstance(data, Sanitized) else sanitize(data, self.redaction)
+        encoded = canonical(clean)
         # The stored data is the canonical text read back, so the digest covers
         # exactly what is stored; it is spliced in as is, not encoded again.
         draft = _replace_data(draft, json.loads(encoded))

@@ -16,6 +16,7 @@ from jobtrace.domain.attest import (
     off_loop_if_large,
     sanitize_name,
 )
+from jobtrace.domain.redact import DEFAULT, Redaction
 from jobtrace.model import JSON
 
 # The most an attestation's data weighs, both as RFC 8785 JSON (what its digest
@@ -117,6 +118,7 @@ async def fit_outputs(
     load: Callable[[list[str]], Awaitable[dict[str, Any]]],
     *,
     budget: int,
+    redaction: Redaction = DEFAULT,
 ) -> Sanitized:
     """`base` with `member` holding each step's result by step name, sanitised,
     so that the whole weighs at most `budget` (as JSON and as a Struct, see
@@ -128,12 +130,12 @@ async def fit_outputs(
     step list) is never replaced: with every output a marker, the data may
     weigh more than `budget` only if that rest does."""
     clean, (json_used, struct_used) = await off_loop_if_large(
-        base, _weighed_whole, {**base, member: {}}
+        base, _weighed_whole, {**base, member: {}}, redaction
     )
     json_left = budget - json_used
     struct_left = budget - struct_used - _STRUCT_SLACK
     # Every output holds at least a marker: their room is set aside first.
-    names = {o.job_id: sanitize_name(o.step_name) for o in outputs}
+    names = {o.job_id: sanitize_name(o.step_name, redaction) for o in outputs}
     reserved = {job_id: member_weight(name, _LARGEST_MARKER) for job_id, name in names.items()}
     json_left -= sum(j for j, _ in reserved.values())
     struct_left -= sum(s for _, s in reserved.values())
@@ -144,7 +146,7 @@ async def fit_outputs(
         for o in chunk:
             raw, name = results.get(o.job_id), names[o.job_id]
             if fitting:
-                value, (j, s) = await off_loop_if_large(raw, _weighed, name, raw)
+                value, (j, s) = await off_loop_if_large(raw, _weighed, name, raw, redaction)
                 marker_j, marker_s = reserved[o.job_id]
                 if j - marker_j <= json_left and s - marker_s <= struct_left:
                     fitted[name] = value
@@ -158,13 +160,13 @@ async def fit_outputs(
 
 # attest.sanitize is looked up when called (not imported by name): the tests
 # wrap it to observe on which thread evidence is sanitised.
-def _weighed_whole(raw: JSON) -> tuple[JSON, tuple[int, int]]:
-    value = attest.sanitize(raw)
+def _weighed_whole(raw: JSON, redaction: Redaction) -> tuple[JSON, tuple[int, int]]:
+    value = attest.sanitize(raw, redaction)
     return value, (len(canonical(value)), struct_bytes(value))
 
 
-def _weighed(name: str, raw: Any) -> tuple[Any, tuple[int, int]]:
-    value = attest.sanitize(raw)
+def _weighed(name: str, raw: Any, redaction: Redaction) -> tuple[Any, tuple[int, int]]:
+    value = attest.sanitize(raw, redaction)
     return value, member_weight(name, value)
 
 

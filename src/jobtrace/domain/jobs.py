@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from jobtrace.clock import now_us
 from jobtrace.domain import annotations as annotation_rules
 from jobtrace.domain import lifecycle
+from jobtrace.domain import redact as redact_rules
 from jobtrace.domain.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -25,6 +26,7 @@ from jobtrace.domain.errors import (
     Violations,
 )
 from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
+from jobtrace.domain.redact import Redaction
 from jobtrace.domain.validation import (
     MAX_STEPS,
     STEP_NAME_RE,
@@ -120,10 +122,19 @@ def iso(us: int) -> str:
     return dt.datetime.fromtimestamp(us / 1e6, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def complete_request_context(ctx: JSON, request_id: str, received_us: int) -> JSON:
-    """Fill the metadata the caller left out: the request id and receive time."""
+def complete_request_context(
+    ctx: JSON, request_id: str, received_us: int, redaction: Redaction = redact_rules.DEFAULT
+) -> JSON:
+    """Fill the metadata the caller left out: the request id and receive time.
+    Credential headers (see Redaction.secret_header) are dropped: never stored,
+    never sent to a worker, never in evidence."""
     out = dict(ctx)
     metadata = dict(out.get("metadata") or {})
+    headers = metadata.get("headers")
+    if isinstance(headers, dict):
+        metadata["headers"] = {
+            name: value for name, value in headers.items() if not redaction.secret_header(name)
+        }
     metadata.setdefault("request_id", request_id)
     metadata.setdefault("timestamp", iso(received_us))
     out["metadata"] = metadata
@@ -275,7 +286,9 @@ class Jobs:
                 updated_us=now,
                 traceparent=sub.traceparent,
             )
-            context = complete_request_context(sub.request_context, sub.request_id, now)
+            context = complete_request_context(
+                sub.request_context, sub.request_id, now, self._life.trace.redaction
+            )
             await store.insert_submission(
                 session,
                 tenant=tenant,
@@ -292,7 +305,11 @@ class Jobs:
                     a
                     for s in sub.annotations
                     for a in annotation_rules.build(
-                        s.item, tenant=tenant, run_id=job.id, now_us=now
+                        s.item,
+                        tenant=tenant,
+                        run_id=job.id,
+                        now_us=now,
+                        redaction=self._life.trace.redaction,
                     )
                 ],
             )
@@ -359,7 +376,9 @@ class Jobs:
             await self._admit(session, tenant, len(sub.steps))
             now = now_us()
             workflow_id = new_id(WORKFLOW_PREFIX)
-            context = complete_request_context(sub.request_context, sub.request_id, now)
+            context = complete_request_context(
+                sub.request_context, sub.request_id, now, self._life.trace.redaction
+            )
             jobs = [
                 Job(
                     id=new_id(JOB_PREFIX),
@@ -410,7 +429,11 @@ class Jobs:
                     a
                     for s in sub.annotations
                     for a in annotation_rules.build(
-                        s.item, tenant=tenant, run_id=workflow_id, now_us=now
+                        s.item,
+                        tenant=tenant,
+                        run_id=workflow_id,
+                        now_us=now,
+                        redaction=self._life.trace.redaction,
                     )
                 ],
             )

@@ -208,6 +208,7 @@ class Lifecycle:
             outputs,
             lambda job_ids: store.results(db, job_ids),
             budget=self.evidence_budget,
+            redaction=self.attestor.redaction,
         )
         await self.attestor.attest(
             db,

@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
+from jobtrace.domain import redact as redact_rules
+from jobtrace.domain.attest import off_loop_if_large, redact, redact_text
 from jobtrace.domain.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -22,6 +24,7 @@ from jobtrace.domain.errors import (
     log_failure,
 )
 from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
+from jobtrace.domain.redact import Redaction
 from jobtrace.domain.validation import check_page_size, check_text, check_view
 from jobtrace.events.trace_bus import TraceBus
 from jobtrace.ids import run_kind
@@ -171,6 +174,41 @@ def check_sizes(field: str, inputs: list[EventInput]) -> None:
         raise error
 
 
+def _evidence_of(e: TraceEvent) -> list[Any]:
+    """What of an event is caller text or data (what redaction reads)."""
+    parts: list[Any] = [e.message, e.user_message, e.output_summary, e.data]
+    if e.error is not None:
+        parts += [e.error.message, e.error.details, e.error.stack]
+    return parts
+
+
+def redact_event(e: TraceEvent, r: Redaction) -> TraceEvent:
+    """`e` with its credentials redacted (see attest.redact): message, user
+    message, error, output summary and data."""
+    if not r.active:
+        return e
+    error = e.error
+    if error is not None:
+        error = replace(
+            error,
+            message=redact_text(error.message, r),
+            details=redact_text(error.details, r),
+            stack=redact_text(error.stack, r),
+        )
+    return replace(
+        e,
+        message=redact_text(e.message, r),
+        user_message=redact_text(e.user_message, r),
+        error=error,
+        output_summary=None if e.output_summary is None else redact(e.output_summary, r),
+        data=None if e.data is None else redact(e.data, r),
+    )
+
+
+def _redact_events(events: list[TraceEvent], r: Redaction) -> list[TraceEvent]:
+    return [redact_event(e, r) for e in events]
+
+
 def normalize(e: TraceEvent, now: int, seq: int, tenant: str) -> TraceEvent:
     """The event as stored: defaults filled in, its message bounded, numbered."""
     message, truncated = truncate_message(e.message)
@@ -232,8 +270,11 @@ class Trace:
         *,
         retention_s: float = 30 * 86400,
         keepalive_s: float = 15.0,
+        redaction: Redaction = redact_rules.DEFAULT,
     ) -> None:
         self._db = db
+        # What every stored event, and every annotation, is redacted with.
+        self.redaction = redaction
         self._tokens = tokens
         self.bus = TraceBus()
         self.retention_s = retention_s
@@ -258,6 +299,11 @@ class Trace:
         publish them to live streams once it commits."""
         if not events:
             return []
+        # Redacted before anything is stored or published: off the event loop
+        # when the batch is large (see attest.INLINE_EVIDENCE).
+        events = await off_loop_if_large(
+            [_evidence_of(e) for e in events], _redact_events, events, self.redaction
+        )
         now = now_us()
         stored: list[TraceEvent] = []
         by_run: dict[str, list[TraceEvent]] = {}

@@ -156,6 +156,7 @@ class Reports(SchedulerState):
                 attempt=attempt,
                 scope=AnnotationScope.ATTEMPT,
                 scope_id=job.step_name,
+                redaction=self._life.trace.redaction,
             )
             await store.insert_pending_annotations(db, annotations)
             await store.update_job(
