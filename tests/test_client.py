@@ -502,3 +502,38 @@ async def test_the_runtime_resends_a_report_the_server_could_not_store(
         done = [j async for j in client.watch_job(job.id)][-1]
     assert refusals == ["down"]
     assert done.state == c.RUN_STATE_COMPLETED and done.attempt == 1 and done.result["n"] == 1
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "warns"),
+    [
+        ({"target": "203.0.113.7:50051", "token": "t"}, True),
+        ({"target": "jobtrace.internal:50051", "token": "t"}, True),  # names are not resolved
+        ({"target": "dns:///jobtrace.internal:50051", "token": "t"}, True),
+        ({"target": "[2001:db8::1]:50051", "token": "t"}, True),
+        ({"target": "127.0.0.1:50051", "token": "t"}, False),
+        ({"target": "127.0.0.2:50051", "token": "t"}, False),
+        ({"target": "localhost:50051", "token": "t"}, False),
+        ({"target": "[::1]:50051", "token": "t"}, False),
+        ({"target": "unix:/tmp/jobtrace.sock", "token": "t"}, False),
+        ({"target": "203.0.113.7:50051", "token": "t", "tls": True}, False),
+        ({"target": "203.0.113.7:50051"}, False),  # no token to leak
+    ],
+)
+async def test_a_token_without_tls_to_a_remote_host_warns(
+    endpoint: dict[str, Any], warns: bool
+) -> None:
+    """Building the channel is enough: no call is made, nothing leaves the host."""
+    import warnings
+
+    from jobtrace.client import InsecureTokenWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        channel = Endpoint(**endpoint).channel()
+    await channel.close()
+    mine = [w for w in caught if issubclass(w.category, InsecureTokenWarning)]
+    assert bool(mine) is warns, [str(w.message) for w in caught]
+    if warns:
+        assert "without TLS" in str(mine[0].message)
+        assert endpoint["target"] in str(mine[0].message)

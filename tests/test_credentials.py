@@ -251,13 +251,110 @@ async def test_exposure_check_resolves_the_host_instead_of_reading_it(
                 Settings(listen=listen), no_auth, names if "example" in listen else _real
             )
     check_exposure(Settings(listen="local.example:1"), no_auth, names)
-    # With authentication on, any address may be used.
-    check_exposure(Settings(listen="127.evil.example:1"), Authenticator(jwt=_any_jwt()), names)
+    # With authentication and TLS on, any address may be used.
+    check_exposure(
+        Settings(listen="127.evil.example:1", tls_cert="server.pem"),
+        Authenticator(jwt=_any_jwt()),
+        names,
+    )
 
     code, _, err = await jobtrace(
         "serve", "--listen", "127.evil.example:0", "--db", sqlite_url.split("///", 1)[1], timeout=30
     )
     assert code == 1 and "cannot resolve" in err and "Traceback" not in err
+
+
+# --- tokens over plaintext --------------------------------------------------------------
+
+
+async def test_tokens_over_plaintext_off_loopback_are_refused_at_startup(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Auth without TLS on a non-loopback address: refused before binding."""
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(tokens_doc(("tok-admin", "ops", "acme", ["admin"])))
+    for auth in ({"tokens_file": str(tokens)}, {"jwt_secret": SECRET, "jwt_issuer": ISSUER}):
+        h = Harness(sqlite_url, **auth)
+        with pytest.raises(
+            OSError, match=r"refusing to accept tokens over plaintext on 0\.0\.0\.0:0"
+        ) as caught:
+            await h.start(listen="0.0.0.0:0")
+        assert "--allow-insecure-auth" in str(caught.value) and h.server is not None
+        assert h.server.port == 0
+        # On loopback, plaintext is fine.
+        await h.start(listen="localhost:0")
+        await h.stop()
+    code, _, err = await jobtrace(
+        "serve", "--listen", "0.0.0.0:0", "--tokens-file", str(tokens),
+        "--db", sqlite_url.split("///", 1)[1], timeout=30,
+    )  # fmt: skip
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        "jobtrace serve: refusing to accept tokens over plaintext on 0.0.0.0:0: '0.0.0.0' "
+        "resolves to 0.0.0.0, not a loopback address; configure --tls-cert/--tls-key, "
+        "use 127.0.0.1, or pass --allow-insecure-auth"
+    ]
+
+
+async def test_allow_insecure_auth_starts_off_loopback_with_a_warning(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fake resolver says `localhost` is a LAN address: the server binds only
+    loopback for real, and takes the path of a non-loopback one."""
+    from jobtrace.server import JobtraceServer
+
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(tokens_doc(("tok-admin", "ops", "acme", ["admin"])))
+    values = {
+        "listen": "localhost:0",
+        "db": sqlite_url,
+        "tokens_file": str(tokens),
+        "signing_key_file": str(tmp_path / "signing.key"),
+    }
+
+    def lan(host: str) -> list[str]:
+        return {"localhost": ["192.0.2.10"]}[host]
+
+    refused = JobtraceServer(Settings(**values), resolve=lan)
+    with pytest.raises(OSError, match=r"'localhost' resolves to 192\.0\.2\.10"):
+        await refused.start()
+    allowed = JobtraceServer(Settings(**values, allow_insecure_auth=True), resolve=lan)
+    with caplog.at_level(logging.WARNING, logger="jobtrace.server"):
+        assert await allowed.start()
+    try:
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(
+            "--allow-insecure-auth: accepting tokens over plaintext on localhost:0" in m
+            and "192.0.2.10" in m
+            for m in warned
+        ), warned
+    finally:
+        await allowed.stop(0)
+    # The setting comes from the environment too (the flag is parsed below).
+    assert Settings.load(env={"JOBTRACE_ALLOW_INSECURE_AUTH": "1"}).allow_insecure_auth
+    assert not Settings.load(env={}).allow_insecure_auth
+    from jobtrace.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--allow-insecure-auth"])
+    assert args.allow_insecure_auth is True
+
+
+async def test_an_hs256_secret_shorter_than_32_bytes_is_refused(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    short = "s" * 31
+    with pytest.raises(OSError, match=r"HS256 JWT secret .* is 31 bytes; it must be at least 32"):
+        await Harness(sqlite_url, jwt_secret=short, jwt_issuer=ISSUER).start()
+    # Bytes, not characters: 11 three-byte characters are 33 bytes.
+    async with Harness(sqlite_url, jwt_secret="\u20ac" * 11, jwt_issuer=ISSUER) as h:
+        assert h.server is not None and h.server.port
+    monkeypatch.setenv("JOBTRACE_JWT_SECRET", short)
+    code, _, err = await jobtrace(
+        "serve", "--listen", "127.0.0.1:0", "--jwt-issuer", ISSUER,
+        "--db", sqlite_url.split("///", 1)[1], timeout=30,
+    )  # fmt: skip
+    assert code == 1 and "Traceback" not in err
+    assert "is 31 bytes; it must be at least 32" in err and len(err.strip().splitlines()) == 1
 
 
 def _real(host: str) -> list[str]:

@@ -452,6 +452,23 @@ async def test_metrics_endpoint_closes_with_the_server(db_url: str) -> None:
         await scrape(port)
 
 
+async def test_metrics_bind_127_0_0_1_whatever_the_listen_host(sqlite_url: str) -> None:
+    """--metrics-host defaults to 127.0.0.1, not the --listen host (here ::1);
+    an empty one still means the --listen host."""
+    h = Harness(sqlite_url, metrics_port=0)
+    server = await h.start(listen="[::1]:0")
+    try:
+        await scrape(server)  # scrape() asks 127.0.0.1
+    finally:
+        await h.stop()
+    server = await h.start(listen="[::1]:0", metrics_host="")
+    try:
+        with pytest.raises(OSError):
+            await scrape(server)
+    finally:
+        await h.stop()
+
+
 async def test_series_per_service_are_bounded_with_an_other_bucket(db_url: str) -> None:
     """Service names are the callers' choice: past the limit, services share
     the "(other)" label value, so a scrape's series stay bounded and no job
@@ -496,6 +513,7 @@ async def test_an_idle_metrics_connection_is_closed(sqlite_url: str) -> None:
 
 def test_metrics_settings_come_from_the_environment() -> None:
     assert Settings.load(env={}).metrics_port is None
+    assert Settings.load(env={}).metrics_host == "127.0.0.1"
     assert Settings.load(env={"JOBTRACE_METRICS_PORT": "9464"}).metrics_port == 9464
     assert Settings.load(env={"JOBTRACE_METRICS_PORT": "0"}).metrics_port == 0
     assert Settings.load(env={"JOBTRACE_METRICS_PORT": ""}).metrics_port is None

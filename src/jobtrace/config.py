@@ -52,12 +52,16 @@ class Settings:
     retention_sweep_seconds: float = 60.0
     # Bearer tokens: a YAML/JSON file of token hashes -> subject, tenant, roles.
     tokens_file: str = ""
-    # JWT bearer tokens: HS256 (secret) or RS256 (public key PEM file).
+    # JWT bearer tokens: HS256 (secret of at least 32 bytes) or RS256 (public key PEM file).
     jwt_algorithm: str = "HS256"
     jwt_secret: str = ""
     jwt_public_key_file: str = ""
     jwt_issuer: str = ""
     jwt_audience: str = "jobtrace"
+    # Accept bearer tokens over plaintext on a non-loopback address (no
+    # --tls-cert); refused otherwise, since anyone on the path could read them.
+    # Logged as a warning.
+    allow_insecure_auth: bool = False
     # TLS: server certificate and key (PEM); a client CA makes client certificates required.
     tls_cert: str = ""
     tls_key: str = ""
@@ -92,7 +96,7 @@ class Settings:
     # Prometheus metrics over HTTP on this port; None: off, 0: pick a free port.
     metrics_port: int | None = None
     # Address the metrics endpoint binds; empty: the host part of `listen`.
-    metrics_host: str = ""
+    metrics_host: str = "127.0.0.1"
     # Services (tenant-chosen names) with a metrics label value of their own;
     # the rest are counted under service="(other)", so series stay bounded.
     metrics_max_services: int = 200

@@ -55,8 +55,10 @@ UNBOUNDED_MS = 2**31 - 1
 class JobtraceServer:
     """One jobtrace replica: start() binds and serves, stop() drains and closes."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, resolve: Resolver | None = None) -> None:
         self.settings = settings
+        # How host names become addresses for the exposure check (tests fake it).
+        self._resolve = resolve
         self.db = Database(
             settings.db,
             probe_every_s=settings.storage_probe_seconds,
@@ -74,7 +76,7 @@ class JobtraceServer:
     async def start(self) -> int:
         s = self.settings
         auth = build_authenticator(s)
-        check_exposure(s, auth)
+        check_exposure(s, auth, self._resolve or resolve)
         if not s.stream_stall_seconds > 0:
             raise OSError("--stream-stall-seconds must be positive")
         if s.max_calls_per_connection < 1 or s.max_concurrent_calls < 1:
@@ -388,32 +390,68 @@ def _loopback(address: str) -> bool:
 
 def check_exposure(s: Settings, auth: Authenticator, resolve: Resolver = resolve) -> None:
     """Without credentials configured, refuse to listen (or serve metrics)
-    beyond loopback: every address the host resolves to must be a loopback
-    address; a host that does not resolve is an error."""
+    beyond loopback; with credentials but no TLS, refuse to listen beyond
+    loopback (tokens would cross the network in clear) unless
+    --allow-insecure-auth says so. Beyond loopback: any address the host
+    resolves to is not a loopback address; a host that does not resolve is an
+    error."""
     if auth.enabled:
+        if s.tls_cert:
+            return
+        outside = _outside("listen on", s.listen, listen_host(s.listen), resolve)
+        if outside is None:
+            return
+        name, addresses = outside
+        if not s.allow_insecure_auth:
+            raise OSError(
+                f"refusing to accept tokens over plaintext on {s.listen}: {name!r} resolves to "
+                f"{addresses}, not a loopback address; configure --tls-cert/--tls-key, "
+                "use 127.0.0.1, or pass --allow-insecure-auth"
+            )
+        log.warning(
+            "--allow-insecure-auth: accepting tokens over plaintext on %s (%r resolves to %s); "
+            "anyone on the network path can read them",
+            s.listen,
+            name,
+            addresses,
+        )
         return
     endpoints = [("listen on", s.listen, listen_host(s.listen))]
     if s.metrics_port is not None:
         host = s.metrics_host or listen_host(s.listen)
         endpoints.append(("serve metrics on", f"{host}:{s.metrics_port}", host))
     for action, where, host in endpoints:
-        if where.startswith(("unix:", "unix-abstract:")):
-            continue  # a local socket
-        name = host.removeprefix("[").removesuffix("]")
-        if name in ("", "*"):
-            addresses = ["0.0.0.0"]  # every interface
-        else:
-            try:
-                addresses = resolve(name)
-            except (OSError, UnicodeError) as exc:
-                raise OSError(f"cannot resolve {name!r} (to {action} {where}): {exc}") from exc
-        outside = [a for a in addresses if not _loopback(a)]
-        if outside or not addresses:
+        outside = _outside(action, where, host, resolve)
+        if outside is not None:
+            name, addresses = outside
             raise OSError(
                 f"refusing to {action} {where} without authentication: {name!r} resolves to "
-                f"{', '.join(outside) or 'nothing'}, not a loopback address; configure "
+                f"{addresses}, not a loopback address; configure "
                 "--tokens-file or --jwt-* (and --tls-cert/--tls-key), or use 127.0.0.1"
             )
+
+
+def _outside(action: str, where: str, host: str, resolve: Resolver) -> tuple[str, str] | None:
+    """None when `host` is loopback only (or `where` a local socket); else the
+    host's name and its non-loopback addresses, for the message."""
+    if where.startswith(("unix:", "unix-abstract:")):
+        return None  # a local socket
+    name = host.removeprefix("[").removesuffix("]")
+    if name in ("", "*"):
+        addresses = ["0.0.0.0"]  # every interface
+    else:
+        try:
+            addresses = resolve(name)
+        except (OSError, UnicodeError) as exc:
+            raise OSError(f"cannot resolve {name!r} (to {action} {where}): {exc}") from exc
+    outside = [a for a in addresses if not _loopback(a)]
+    if outside or not addresses:
+        return name, ", ".join(outside) or "nothing"
+    return None
+
+
+# RFC 7518 section 3.2: an HS256 key of at least the hash's size (256 bits).
+MIN_HS256_SECRET_BYTES = 32
 
 
 def build_authenticator(s: Settings) -> Authenticator:
@@ -429,6 +467,11 @@ def build_authenticator(s: Settings) -> Authenticator:
             )
         except (OSError, ValueError) as exc:
             raise OSError(f"cannot load the JWT public key: {exc}") from exc
+        if s.jwt_algorithm == "HS256" and len(key.encode()) < MIN_HS256_SECRET_BYTES:
+            raise OSError(
+                f"the HS256 JWT secret (JOBTRACE_JWT_SECRET) is {len(key.encode())} bytes; "
+                f"it must be at least {MIN_HS256_SECRET_BYTES} (a short one can be guessed offline)"
+            )
         if not s.jwt_issuer:
             raise OSError("--jwt-issuer is required with JWT authentication")
         jwt = JwtSettings(s.jwt_algorithm, key, s.jwt_issuer, s.jwt_audience)

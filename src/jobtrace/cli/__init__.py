@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--jwt-public-key-file", help="RS256 public key (PEM)")
     serve.add_argument("--jwt-issuer", help="required issuer (iss)")
     serve.add_argument("--jwt-audience", help="required audience (aud), default jobtrace")
+    serve.add_argument(
+        "--allow-insecure-auth",
+        action="store_true",
+        default=None,
+        help="accept tokens over plaintext on a non-loopback address (without --tls-cert)",
+    )
     serve.add_argument("--tls-cert", help="server certificate (PEM)")
     serve.add_argument("--tls-key", help="server private key (PEM)")
     serve.add_argument("--tls-client-ca", help="CA for client certificates (makes them required)")
@@ -107,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)"
     )
-    serve.add_argument("--metrics-host", help="metrics address (default: the --listen host)")
+    serve.add_argument(
+        "--metrics-host",
+        help='metrics address (default 127.0.0.1; "" means the --listen host)',
+    )
     serve.add_argument(
         "--metrics-max-services",
         type=int,

@@ -35,6 +35,7 @@ def serve(args: argparse.Namespace) -> int:
             "jwt_public_key_file": args.jwt_public_key_file,
             "jwt_issuer": args.jwt_issuer,
             "jwt_audience": args.jwt_audience,
+            "allow_insecure_auth": args.allow_insecure_auth,
             "tls_cert": args.tls_cert,
             "tls_key": args.tls_key,
             "tls_client_ca": args.tls_client_ca,

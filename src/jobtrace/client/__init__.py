@@ -1,7 +1,7 @@
 """Python clients of jobtrace: typed async and sync API clients and the worker runtime."""
 
 from jobtrace.client.api import Client, Page, RetryPolicy, TracePage, job_spec
-from jobtrace.client.channel import Endpoint
+from jobtrace.client.channel import Endpoint, InsecureTokenWarning
 from jobtrace.client.errors import (
     AlreadyExists,
     DataLoss,
@@ -28,6 +28,7 @@ __all__ = [
     "Endpoint",
     "FailedPrecondition",
     "FieldViolation",
+    "InsecureTokenWarning",
     "InvalidArgument",
     "JobContext",
     "JobtraceError",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +12,10 @@ from pathlib import Path
 import grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+class InsecureTokenWarning(UserWarning):
+    """A bearer token is about to cross the network without TLS."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +90,13 @@ class Endpoint:
         """A new asyncio channel to `target` (default: the first of self.target)."""
         target = target or self.targets[0]
         credentials = self.credentials()
+        if credentials is None and self.token and not _loopback_target(target):
+            warnings.warn(
+                f"sending a bearer token to {target} without TLS: anyone on the network "
+                "path can read it; use tls=True (JOBTRACE_TLS=1) or a loopback address",
+                InsecureTokenWarning,
+                stacklevel=2,
+            )
         if credentials is None:
             return grpc.aio.insecure_channel(target, options=self.options())
         return grpc.aio.secure_channel(target, credentials, options=self.options())
@@ -95,3 +108,30 @@ class Endpoint:
     def metadata(self, *extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
         auth = (("authorization", f"Bearer {self.token}"),) if self.token else ()
         return (*auth, *extra)
+
+
+def _loopback_target(target: str) -> bool:
+    """Whether a gRPC target surely stays on this machine: a local socket,
+    `localhost`, or a loopback address. Names are not resolved (no lookup on
+    the caller's event loop), so any other name counts as remote."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    if target.startswith(("dns:", "ipv4:", "ipv6:")):
+        target = target.partition(":")[2].lstrip("/")
+        if "/" in target:  # dns://authority/host:port
+            target = target.rpartition("/")[2]
+    host = target
+    if not host.endswith("]") and host.count(":") == 1:
+        host = host.rpartition(":")[0]  # HOST:PORT
+    elif host.startswith("["):
+        host = host[1:].partition("]")[0]  # [V6]:PORT
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
