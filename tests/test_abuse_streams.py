@@ -212,14 +212,15 @@ class HalfOpenConnection:
     DATA. It reads what the server answers: RST_STREAM codes, and streams the
     server ended with trailers (a gRPC status) before any request arrived."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, frames: threading.Condition) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         self.sock.sendall(H2_PREFACE + h2_frame(H2_SETTINGS, 0, 0))
         self.refused = 0  # RST_STREAM REFUSED_STREAM / ENHANCE_YOUR_CALM
         self.ended = 0  # HEADERS with END_STREAM: the call was answered
         self.other_resets: list[int] = []
         self.goaway = False
-        self._lock = threading.Lock()
+        # Shared by a burst's connections: notified as each frame is counted.
+        self._lock = frames
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -262,6 +263,7 @@ class HalfOpenConnection:
                         self.ended += 1
                     elif kind == H2_GOAWAY:
                         self.goaway = True
+                    self._lock.notify_all()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -277,16 +279,23 @@ def rss_mib(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
+def memory_returns(proc: subprocess.Popen[str], limit_mib: float, timeout: float) -> float:
+    """Wait until the server's RSS is at most `limit_mib` (the allocator gives
+    pages back on its own time, so nothing can announce it); fail at once if
+    the server exits meanwhile. The last RSS read."""
     deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
+    while (rss := rss_mib(proc.pid)) > limit_mib and time.monotonic() < deadline:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(0.05)
+            raise AssertionError(f"the server exited ({proc.returncode}) after the bursts")
+    return rss
 
 
-def burst(port: int, connections: int, calls: int) -> list[HalfOpenConnection]:
+def burst(
+    port: int, connections: int, calls: int, frames: threading.Condition
+) -> list[HalfOpenConnection]:
     """`connections` connections, each opening `calls` calls that never send DATA."""
-    opened = [HalfOpenConnection(port) for _ in range(connections)]
+    opened = [HalfOpenConnection(port, frames) for _ in range(connections)]
     for conn in opened:
         conn.open_calls(calls, "/grpc.health.v1.Health/Check", f"127.0.0.1:{port}")
     return opened
@@ -319,17 +328,25 @@ def test_half_open_http2_bursts_are_bounded_and_memory_returns(tmp_path: Path) -
         baseline = rss_mib(proc.pid)
         sent = connections * calls
         for _ in range(rounds):
-            opened = burst(port, connections, calls)
+            frames = threading.Condition()
+            opened = burst(port, connections, calls, frames)
             # The server holds at most its limits; everything else is
             # answered at once: refused past a connection's limit, and
             # RESOURCE_EXHAUSTED past the whole server's.
-            wait_until(
-                lambda opened=opened: (
-                    all(conn.answered() >= calls - CALLS_PER_CONNECTION for conn in opened)
-                    and sum(conn.answered() for conn in opened) >= sent - CONCURRENT_CALLS
-                ),
-                60,
-                f"half-open calls held: {[calls - conn.answered() for conn in opened]}",
+            with frames:
+                held_to_limits = frames.wait_for(
+                    lambda opened=opened: (
+                        all(
+                            conn.refused + conn.ended >= calls - CALLS_PER_CONNECTION
+                            for conn in opened
+                        )
+                        and sum(conn.refused + conn.ended for conn in opened)
+                        >= sent - CONCURRENT_CALLS
+                    ),
+                    60,
+                )
+            assert held_to_limits, (
+                f"half-open calls held: {[calls - conn.answered() for conn in opened]}"
             )
             assert sum(conn.refused for conn in opened) and sum(conn.ended for conn in opened)
             assert all(conn.other_resets == [] and not conn.goaway for conn in opened)
@@ -338,10 +355,9 @@ def test_half_open_http2_bursts_are_bounded_and_memory_returns(tmp_path: Path) -
         # The calls of closed connections are freed: the server is back
         # within a bounded distance of where it started (unbounded, 5,000
         # half-open calls a round grew it by 60-80 MiB, never returned).
-        wait_until(
-            lambda: rss_mib(proc.pid) <= baseline + MEMORY_SLACK_MIB,
-            30,
-            f"RSS {rss_mib(proc.pid):.0f} MiB after the bursts, baseline {baseline:.0f} MiB",
+        rss = memory_returns(proc, baseline + MEMORY_SLACK_MIB, 30)
+        assert rss <= baseline + MEMORY_SLACK_MIB, (
+            f"RSS {rss:.0f} MiB after the bursts, baseline {baseline:.0f} MiB"
         )
         # And it still serves.
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
