@@ -4,9 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/jobtrace/v1/*.proto)
+# The released contract. Every change must be additive against it; refresh it
+# (make baseline) only in a commit that says it releases.
+BASELINE := proto/baseline/jobtrace-v1.binpb
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test generate check-generated lint fmt bench clean
+.PHONY: help venv run test generate check-generated breaking baseline lint fmt bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -27,11 +30,18 @@ generate: $(STAMP) ## Regenerate generated/ from proto/
 check-generated: $(STAMP) ## Fail when generated/ is stale
 	$(BIN)/python scripts/generate.py --check generated
 
-lint: $(STAMP) ## ruff, mypy, buf lint, buf format -d
+breaking: $(STAMP) ## Fail when proto/ breaks the released contract (the baseline image)
+	$(BIN)/buf breaking --against $(BASELINE)
+
+baseline: $(STAMP) ## Release: write the current contract as the new baseline image
+	$(BIN)/buf build -o $(BASELINE)
+
+lint: $(STAMP) ## ruff, mypy, buf lint, buf format -d, buf breaking
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
 	$(BIN)/buf lint
 	$(BIN)/buf format -d --exit-code
+	$(BIN)/buf breaking --against $(BASELINE)
 	$(BIN)/mypy src
 
 fmt: $(STAMP) ## Format Python and protos
@@ -42,6 +52,7 @@ fmt: $(STAMP) ## Format Python and protos
 test: $(STAMP) check-generated ## Contract checks and the whole test suite
 	$(BIN)/buf lint
 	$(BIN)/buf format -d --exit-code
+	$(BIN)/buf breaking --against $(BASELINE)
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
 	$(BIN)/mypy src
