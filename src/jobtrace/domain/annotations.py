@@ -1,9 +1,7 @@
-"""Annotation rules: key names, well-known value types, actors."""
+"""Annotation rules: attaching, listing and building annotations; their actors and sizes."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -11,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from jobtrace.clock import now_us
 from jobtrace.domain import redact as redact_rules
 from jobtrace.domain.attest import redact, redact_text
+from jobtrace.domain.conventions import check_key_value
 from jobtrace.domain.errors import FieldViolation, Invalid, NotFound, Violations
 from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
 from jobtrace.domain.redact import Redaction
@@ -33,74 +32,10 @@ from jobtrace.store.db import Database, Tx
 if TYPE_CHECKING:
     from jobtrace.domain.trace import Trace
 
-# Applied with fullmatch to at most MAX_KEY characters; possessive, so no backtracking.
-KEY_RE = re.compile(r"[a-z][a-z0-9_]*+(?:\.[a-z0-9_]++)++")
-MAX_KEY = 256
 MAX_ATTRIBUTES = 64
 MAX_ANNOTATION_PAYLOAD = 64 * 1024
 MAX_SUBMIT_ANNOTATIONS = 16
 ACTOR_KINDS = range(1, 8)
-
-
-def _number_0_1(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        return "must be a number in [0, 1]"
-    return None
-
-
-def _boolean(value: Any) -> str | None:
-    return None if isinstance(value, bool) else "must be a boolean"
-
-
-def _string(value: Any) -> str | None:
-    return None if isinstance(value, str) and value else "must be a non-empty string"
-
-
-def _scalar(value: Any) -> str | None:
-    if value is None or isinstance(value, dict | list):
-        return "must be a string, number or boolean"
-    return None
-
-
-def _number(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return "must be a number"
-    return None
-
-
-# Exact well-known keys first, then the rule of each well-known prefix.
-WELL_KNOWN: dict[str, Callable[[Any], str | None]] = {
-    "decision.confidence": _number_0_1,
-    "decision.outcome": _string,
-    "decision.reason": _string,
-    "approval.approved": _boolean,
-    "approval.approver": _string,
-    "revision.number": _number,
-    "revision.parent": _string,
-    "failure.category": _string,
-    "failure.retryable": _boolean,
-    "trigger.source": _string,
-    "trigger.type": _string,
-}
-PREFIX_RULES: dict[str, Callable[[Any], str | None]] = {
-    "trigger.": _scalar,
-    "decision.": lambda value: None,
-    "approval.": lambda value: None,
-    "revision.": lambda value: None,
-    "failure.": lambda value: None,
-}
-
-
-def check_key_value(v: Violations, field: str, key: str, value: Any) -> None:
-    if len(key) > MAX_KEY or not KEY_RE.fullmatch(key):
-        v.add(field, "key must be a dotted lowercase name such as 'decision.outcome'")
-        return
-    rule = WELL_KNOWN.get(key)
-    if rule is None:
-        rule = next((r for p, r in PREFIX_RULES.items() if key.startswith(p)), None)
-    problem = rule(value) if rule is not None else None
-    if problem:
-        v.add(field, f"{key} {problem}")
 
 
 def check_input(v: Violations, field: str, item: AnnotationInput, payload_bytes: int) -> None:
