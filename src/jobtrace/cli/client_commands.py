@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from jobtrace import conventions
 from jobtrace.cli import render
 from jobtrace.cli.render import Style, as_json, print_json, state_name, when
 from jobtrace.client import Client, Endpoint
@@ -618,8 +619,18 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def attribute_value(key: str, text: str) -> Any:
+    """parse_value, except that a convention key typed as text keeps the text:
+    `approval.policy.version=3` is the string "3", not the number."""
+    value = parse_value(text)
+    if conventions.check(key, value) is not None and conventions.check(key, text) is None:
+        return text
+    return value
+
+
 async def annotate(args: argparse.Namespace, client: Client) -> int:
-    attributes = {k: parse_value(v) for k, v in parse_pairs(args.pairs, "an attribute").items()}
+    pairs = parse_pairs(args.pairs, "an attribute")
+    attributes = {k: attribute_value(k, v) for k, v in pairs.items()}
     if not attributes:
         raise ValueError("give at least one KEY=VALUE")
     stored = await client.attach_annotations(
