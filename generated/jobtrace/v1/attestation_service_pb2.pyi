@@ -33,7 +33,13 @@ class _AttestationTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attes
     ATTESTATION_TYPE_WORKER_COMPLETION: _AttestationType.ValueType  # 1
     """A job completed; key "worker-completion:<job id>"."""
     ATTESTATION_TYPE_WORKER_FAILURE: _AttestationType.ValueType  # 2
-    """An attempt failed; key "worker-failure:<job id>:<attempt>"."""
+    """An attempt failed; key "worker-failure:<job id>:<attempt>". Also an
+    attempt the server ended: past the job's timeout (state TIMED_OUT,
+    data.error.code "TIMED_OUT", will_retry false: a standalone job's last
+    attestation) or whose lease expired (code "LEASE_EXPIRED"). Every
+    standalone job that ends has a last attestation: worker-completion,
+    worker-failure (will_retry false) or worker-cancellation.
+    """
     ATTESTATION_TYPE_WORKFLOW_COMPLETION: _AttestationType.ValueType  # 3
     """A workflow completed; key "workflow-completion:<workflow id>"."""
     ATTESTATION_TYPE_WORKFLOW_FAILURE: _AttestationType.ValueType  # 4
@@ -54,7 +60,13 @@ ATTESTATION_TYPE_UNSPECIFIED: AttestationType.ValueType  # 0
 ATTESTATION_TYPE_WORKER_COMPLETION: AttestationType.ValueType  # 1
 """A job completed; key "worker-completion:<job id>"."""
 ATTESTATION_TYPE_WORKER_FAILURE: AttestationType.ValueType  # 2
-"""An attempt failed; key "worker-failure:<job id>:<attempt>"."""
+"""An attempt failed; key "worker-failure:<job id>:<attempt>". Also an
+attempt the server ended: past the job's timeout (state TIMED_OUT,
+data.error.code "TIMED_OUT", will_retry false: a standalone job's last
+attestation) or whose lease expired (code "LEASE_EXPIRED"). Every
+standalone job that ends has a last attestation: worker-completion,
+worker-failure (will_retry false) or worker-cancellation.
+"""
 ATTESTATION_TYPE_WORKFLOW_COMPLETION: AttestationType.ValueType  # 3
 """A workflow completed; key "workflow-completion:<workflow id>"."""
 ATTESTATION_TYPE_WORKFLOW_FAILURE: AttestationType.ValueType  # 4
@@ -468,6 +480,9 @@ class VerifyAttestationResponse(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     DIGEST_VALID_FIELD_NUMBER: _builtins.int
     PREVIOUS_PRUNED_FIELD_NUMBER: _builtins.int
+    ANNOTATIONS_VALID_FIELD_NUMBER: _builtins.int
+    CHANGED_ANNOTATION_IDS_FIELD_NUMBER: _builtins.int
+    ANNOTATIONS_ATTESTED_FIELD_NUMBER: _builtins.int
     valid: _builtins.bool
     """True when the digest, the signature and the chain link all check out."""
     signature_valid: _builtins.bool
@@ -482,6 +497,43 @@ class VerifyAttestationResponse(_message.Message):
     """True when the stored content hashes to the stored digest."""
     previous_pruned: _builtins.bool
     """True when the previous attestation was deleted by retention, not tampered."""
+    annotations_valid: _builtins.bool
+    """True when the annotations the attestation covers (data.annotations) are
+    stored as they were when it was written: each listed item's SHA-256 and the
+    digest of all of them are recomputed from the stored annotations. Also
+    true when the attestation carries no data.annotations (see
+    annotations_attested). When false, valid is false and reason names each
+    changed or deleted annotation by id and key. Annotations are never deleted
+    by retention, so a missing one counts as tampered.
+    """
+    annotations_attested: _builtins.bool
+    """True when the attestation carries data.annotations, the digest of the
+    annotations it vouches for; false for attestations written before
+    annotations were attested, which verify as before. data.annotations is
+    {"version": 1, "run_id", "job_id", "attempts", "count", "digest",
+    "items": [{"id", "key", "sha256"}], "listed_all"}. It covers the stored
+    annotations of run_id (and of job_id when not empty) whose attempt is in
+    attempts, as stored when the attestation was written, in ListAnnotations
+    order: a workflow step's job attestation covers its attempt's ([A]); a
+    standalone job's covers its attempt's and the run-level ones ([0, A]); a
+    workflow attestation the run-level ones ([0]). digest is "sha256:" + hex
+    SHA-256 of the RFC 8785 encoding of the list of each covered annotation's
+    canonical form {"id", "tenant", "run_id", "job_id", "attempt", "scope"
+    (number), "scope_id", "key", "value", "actor": {"kind" (number), "id",
+    "version"}, "payload" (null when none), "idempotency_key",
+    "create_time_us"}, as ListAnnotations with the FULL view returns it; each
+    item's sha256 is the same hash of one canonical form. items lists the
+    first 1000 (listed_all says whether that is all of them); count and
+    digest cover them all.
+    """
+    @_builtins.property
+    def changed_annotation_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids of the covered annotations that changed or were deleted since the
+        attestation was written, in the attestation's order; empty when
+        annotations_valid. A change beyond the first 1000 listed items is reported
+        by annotations_valid and reason only.
+        """
+
     def __init__(
         self,
         *,
@@ -491,10 +543,13 @@ class VerifyAttestationResponse(_message.Message):
         reason: _builtins.str = ...,
         digest_valid: _builtins.bool = ...,
         previous_pruned: _builtins.bool = ...,
+        annotations_valid: _builtins.bool = ...,
+        changed_annotation_ids: _abc.Iterable[_builtins.str] | None = ...,
+        annotations_attested: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_valid", b"chain_valid", "digest_valid", b"digest_valid", "previous_pruned", b"previous_pruned", "reason", b"reason", "signature_valid", b"signature_valid", "valid", b"valid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations_attested", b"annotations_attested", "annotations_valid", b"annotations_valid", "chain_valid", b"chain_valid", "changed_annotation_ids", b"changed_annotation_ids", "digest_valid", b"digest_valid", "previous_pruned", b"previous_pruned", "reason", b"reason", "signature_valid", b"signature_valid", "valid", b"valid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

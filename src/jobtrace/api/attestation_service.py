@@ -77,6 +77,9 @@ class AttestationServicer(pb_grpc.AttestationServiceServicer):
             reason=verdict.reason,
             digest_valid=verdict.digest_valid,
             previous_pruned=verdict.previous_pruned,
+            annotations_valid=verdict.annotations_valid,
+            changed_annotation_ids=verdict.changed_annotation_ids,
+            annotations_attested=verdict.annotations_attested,
         )
 
     @rpc

@@ -539,7 +539,12 @@ async def attest_verify_online(args: argparse.Namespace, client: Client) -> int:
     if args.json:
         print_json(as_json(verdict) | {"valid": verdict.valid})
     elif verdict.valid:
-        print(f"{args.target_key}: valid (signature and chain)")
+        checked = (
+            "signature, chain and annotations"
+            if verdict.annotations_attested
+            else "signature and chain"
+        )
+        print(f"{args.target_key}: valid ({checked})")
     else:
         print(f"{args.target_key}: INVALID: {verdict.reason}")
     return 0 if verdict.valid else 1

@@ -9,8 +9,14 @@ from dataclasses import replace
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import iso
+from jobtrace.domain import annotated
 from jobtrace.domain.attest import Attestor
-from jobtrace.domain.evidence import ATTESTATION_DATA_BYTES, StoredOutput, fit_outputs
+from jobtrace.domain.evidence import (
+    ATTESTATION_DATA_BYTES,
+    StoredOutput,
+    fit_outputs,
+    member_weight,
+)
 from jobtrace.domain.trace import (
     PRIORITY_OUTCOME,
     PRIORITY_RETRY,
@@ -131,6 +137,9 @@ class Lifecycle:
             "completed_at": iso(job.completed_us),
             **extra,
         }
+        covers = annotated.selector(
+            run_id=run_of(job), workflow_id=job.workflow_id, job_id=job.id, attempt=job.attempt
+        )
         await self.attestor.attest(
             db,
             key=key,
@@ -145,6 +154,7 @@ class Lifecycle:
             job_id=job.id,
             worker_id=job.worker_id,
             attempt=job.attempt,
+            annotations=await annotated.evidence(db, covers),
         )
 
     async def _attest_failure(
@@ -202,12 +212,17 @@ class Lifecycle:
             StoredOutput(name, job_id, size)
             for job_id, name, size in await store.result_sizes(db, workflow_id)
         ]
+        annotations = await annotated.evidence(
+            db,
+            annotated.selector(run_id=workflow_id, workflow_id=workflow_id, job_id="", attempt=0),
+        )
         evidence = await fit_outputs(
             data,
             "outputs",
             outputs,
             lambda job_ids: store.results(db, job_ids),
-            budget=self.evidence_budget,
+            # data["annotations"] is added whole, after the outputs are fitted.
+            budget=self.evidence_budget - max(member_weight(annotated.MEMBER, annotations)),
             redaction=self.attestor.redaction,
         )
         await self.attestor.attest(
@@ -221,6 +236,7 @@ class Lifecycle:
             state=state,
             data=evidence,
             workflow_id=workflow_id,
+            annotations=annotations,
         )
 
     def _log_workflow(

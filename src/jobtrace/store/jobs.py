@@ -614,6 +614,43 @@ def annotation_from_row(row: Row, *, full: bool = True) -> Annotation:
     )
 
 
+# The annotations an attestation covers (see domain/annotated.py), in
+# publication order: one statement on ix_annotations_run_seq. The attempt
+# lists are fixed in shape: (A), (0) or (0, A).
+_ATTESTED_ANNOTATIONS = "SELECT * FROM annotations WHERE run_id = :run_id"
+_ATTESTED: dict[tuple[bool, int], Query] = {
+    (job, n): Query(
+        _ATTESTED_ANNOTATIONS
+        + (" AND job_id = :job_id" if job else "")
+        + " AND attempt IN ("
+        + ", ".join(f":attempt{i}" for i in range(n))
+        + ") ORDER BY seq LIMIT :limit"
+    )
+    for job in (False, True)
+    for n in (1, 2)
+}
+
+
+async def attested_annotations(
+    session: AsyncSession, run_id: str, job_id: str, attempts: Sequence[int], limit: int
+) -> list[Row]:
+    """Rows (mappings) of the run's annotations of `attempts` (and of `job_id`
+    if given), in publication (seq) order, at most `limit`."""
+    params: dict[str, Any] = {"run_id": run_id, "limit": limit}
+    if job_id:
+        params["job_id"] = job_id
+    params.update({f"attempt{i}": a for i, a in enumerate(attempts)})
+    return list(await sql.fetch(session, _ATTESTED[(bool(job_id), len(attempts))], params))
+
+
+async def annotations_by_id(session: AsyncSession, ids: Sequence[str]) -> dict[str, Row]:
+    """Rows (mappings) of the annotations with these ids (unique index), by id."""
+    if not ids:
+        return {}
+    stmt = select(ANNOTATIONS).where(AnnotationRow.id.in_(list(ids)))
+    return {r["id"]: r for r in (await session.execute(stmt)).mappings()}
+
+
 _ELIGIBLE: dict[int, Query] = {}
 _NEXT_ELIGIBLE: dict[int, Query] = {}
 
