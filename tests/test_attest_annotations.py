@@ -101,7 +101,7 @@ async def test_completion_vouches_for_its_annotations_and_verify_names_a_changed
     await raw.expect("assignment")
     # A run-level annotation from a reviewer, and two the worker sends for its attempt
     # (pending until the attempt ends, published with the completion).
-    (approval,) = await attach(api, job.id, {"approval.approver": "bob"})
+    (approval,) = await attach(api, job.id, {"approval.disposition": "approved"})
     payload = struct_pb2.Struct()
     payload.update({"why": "cheapest", "scores": [0.5, 1]})
     await raw.send(
@@ -125,7 +125,7 @@ async def test_completion_vouches_for_its_annotations_and_verify_names_a_changed
     attested = [x for x in stored if x.key != "revision.number"]
     assert [i["id"] for i in block["items"]] == [x.id for x in attested]
     assert {x.key for x in attested} == {
-        "approval.approver",
+        "approval.disposition",
         "decision.confidence",
         "decision.outcome",
     }
@@ -143,13 +143,13 @@ async def test_completion_vouches_for_its_annotations_and_verify_names_a_changed
     await execute_sql(
         harness.db_url,
         "UPDATE annotations SET value = :v WHERE id = :id",
-        v='"mallory"',
+        v='"rejected"',
         id=approval.id,
     )
     bad = await verify(api, key)
     assert not bad.valid and not bad.annotations_valid
     assert list(bad.changed_annotation_ids) == [approval.id]
-    assert f"annotation {approval.id} (approval.approver) changed" in bad.reason
+    assert f"annotation {approval.id} (approval.disposition) changed" in bad.reason
     # The attestation itself is intact: digest, signature and chain still check out.
     assert bad.digest_valid and bad.signature_valid and bad.chain_valid
     # A deleted one is named too, in the attestation's order.
