@@ -146,6 +146,7 @@ class Attestation(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     CHAIN_SEQUENCE_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    RECORDED_BY_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """Output only. Stable key, e.g. "worker-completion:<job id>"."""
     type: Global___AttestationType.ValueType
@@ -189,6 +190,16 @@ class Attestation(_message.Message):
     """Output only. Position in its chain, from 1."""
     tenant: _builtins.str
     """Output only. The tenant owning it."""
+    recorded_by: _builtins.str
+    """Output only. The authenticated subject whose action caused the
+    attestation, also in data.recorded_by (so the digest and signature cover
+    it): the worker for worker-completion and worker-failure, the canceller
+    for a cancellation, the worker whose step ended a workflow; "system"
+    when the server acted on its own (a lease that expired, a timeout);
+    "anonymous" on a server without authentication. Empty for an
+    attestation written before jobtrace recorded it (unknown; its data has
+    no recorded_by).
+    """
     @_builtins.property
     def data(self) -> _struct_pb2.Struct:
         """Output only. The sanitised evidence: request_context, job_payload,
@@ -232,10 +243,11 @@ class Attestation(_message.Message):
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         chain_sequence: _builtins.int = ...,
         tenant: _builtins.str = ...,
+        recorded_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "data", b"data", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chain_sequence", b"chain_sequence", "create_time", b"create_time", "data", b"data", "digest", b"digest", "entity_id", b"entity_id", "entity_type", b"entity_type", "expire_time", b"expire_time", "job_id", b"job_id", "key", b"key", "key_id", b"key_id", "previous_digest", b"previous_digest", "signature", b"signature", "state", b"state", "tenant", b"tenant", "type", b"type", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chain_sequence", b"chain_sequence", "create_time", b"create_time", "data", b"data", "digest", b"digest", "entity_id", b"entity_id", "entity_type", b"entity_type", "expire_time", b"expire_time", "job_id", b"job_id", "key", b"key", "key_id", b"key_id", "previous_digest", b"previous_digest", "recorded_by", b"recorded_by", "signature", b"signature", "state", b"state", "tenant", b"tenant", "type", b"type", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

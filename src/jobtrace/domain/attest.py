@@ -865,6 +865,7 @@ class Attestor:
         job_id: str = "",
         worker_id: str = "",
         attempt: int = 0,
+        recorded_by: str = "",
     ) -> Attestation:
         """Build, chain, sign and store one attestation inside the caller's transaction.
 
@@ -892,6 +893,7 @@ class Attestor:
             key_id=self.signer.key_id,
             created_us=now,
             expire_us=now + int(self.retention_s * 1e6),
+            recorded_by=recorded_by,
         )
         signed = await off_loop_if_large(data, self._seal, draft, data)
         await store.insert_attestation(session, signed)
