@@ -486,3 +486,46 @@ async def test_rows_stored_before_the_upgrade_record_nobody(db_url: str) -> None
         assert new.submitted_by == "anonymous"
     finally:
         await h.stop()
+
+
+# --- the CLI --------------------------------------------------------------------------
+
+
+async def test_cli_makes_reviewer_tokens_and_shows_who_is_recorded(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    from .procs import jobtrace
+
+    code, _, err = await jobtrace(
+        "token", "new", "--subject", "system", "--tenant", "acme", "--roles", "admin"
+    )
+    assert code == 2 and "reserved" in err
+    code, out, _ = await jobtrace(
+        "token", "new", "--subject", "rev", "--tenant", "acme", "--roles", "submitter,reviewer"
+    )
+    assert code == 0
+    tok = out.splitlines()[0].rsplit(" ", 1)[1]
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(out)
+    async with Harness(sqlite_url, tokens_file=str(tokens)) as h:
+        api = h.stubs()
+        meta = (("authorization", f"Bearer {tok}"),)
+        job = (
+            await api.jobs.SubmitJob(
+                j.SubmitJobRequest(
+                    request_id="cli",
+                    job=c.JobSpec(service="nobody"),
+                    annotations=[
+                        annotation_input(c.ACTOR_KIND_REVIEWER, "x", **{"approval.approved": True})
+                    ],
+                ),
+                metadata=meta,
+            )
+        ).job
+        code, out, _ = await jobtrace("get", job.id, "--token", tok, target=h.target)
+        assert code == 0 and any(
+            line.split() == ["submitter", "rev"] for line in out.splitlines()
+        ), out
+        code, out, _ = await jobtrace("annotations", job.id, "--token", tok, target=h.target)
+        header, row = out.splitlines()[:2]
+        assert "RECORDED BY" in header and "reviewer:x" in row and " rev " in row, out

@@ -650,7 +650,10 @@ class AttachAnnotationsRequest(_message.Message):
 
     @_builtins.property
     def attributes(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Value]:
-        """Required. Key to value, 1 to 64 entries; one annotation per entry."""
+        """Required. Key to value, 1 to 64 entries; one annotation per entry.
+        approval.* keys, like actor kind REVIEWER, need the reviewer role:
+        PERMISSION_DENIED (reason ROLE_REQUIRED) otherwise, and nothing is stored.
+        """
 
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct:

@@ -91,7 +91,9 @@ class _ActorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ActorKind.V
     ACTOR_KIND_PLUGIN: _ActorKind.ValueType  # 5
     """A plugin or integration."""
     ACTOR_KIND_REVIEWER: _ActorKind.ValueType  # 6
-    """A reviewer or approver."""
+    """A reviewer or approver. Only a caller (or worker) whose credentials
+    carry the reviewer role may name it: PERMISSION_DENIED otherwise.
+    """
     ACTOR_KIND_MODEL: _ActorKind.ValueType  # 7
     """A model or automated agent."""
 
@@ -111,7 +113,9 @@ ACTOR_KIND_SYSTEM: ActorKind.ValueType  # 4
 ACTOR_KIND_PLUGIN: ActorKind.ValueType  # 5
 """A plugin or integration."""
 ACTOR_KIND_REVIEWER: ActorKind.ValueType  # 6
-"""A reviewer or approver."""
+"""A reviewer or approver. Only a caller (or worker) whose credentials
+carry the reviewer role may name it: PERMISSION_DENIED otherwise.
+"""
 ACTOR_KIND_MODEL: ActorKind.ValueType  # 7
 """A model or automated agent."""
 Global___ActorKind: _TypeAlias = ActorKind  # noqa: Y015
@@ -688,7 +692,8 @@ class Job(_message.Message):
     submitted_by: _builtins.str
     """Output only. The authenticated subject whose SubmitJob or SubmitWorkflow
     created the job (the token's subject, never a claimed name);
-    "anonymous" on a server without authentication. Empty for a job
+    "anonymous" on a server without authentication. A submission
+    deduplicated by request_id keeps the first submitter. Empty for a job
     created before jobtrace recorded it (unknown).
     """
     @_builtins.property
@@ -946,7 +951,8 @@ class Workflow(_message.Message):
     submitted_by: _builtins.str
     """Output only. The authenticated subject whose SubmitWorkflow created it
     (the token's subject, never a claimed name); "anonymous" on a server
-    without authentication. Empty for a workflow created before jobtrace
+    without authentication. A submission deduplicated by request_id keeps
+    the first submitter. Empty for a workflow created before jobtrace
     recorded it (unknown).
     """
     @_builtins.property
@@ -1084,6 +1090,7 @@ class AnnotationInput(_message.Message):
         """Required. Key to value, at least one and at most 64 entries. Keys are dotted
         lowercase names (for example "trigger.source"); well-known prefixes
         (trigger., decision., approval., revision., failure.) have typed values.
+        approval.* keys need the reviewer role (PERMISSION_DENIED otherwise).
         """
 
     @_builtins.property
