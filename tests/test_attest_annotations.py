@@ -42,6 +42,7 @@ def auditor_form(x: c.Annotation) -> dict[str, Any]:
         "key": x.key,
         "value": json_format.MessageToDict(x.value),
         "actor": {"kind": x.actor.kind, "id": x.actor.id, "version": x.actor.version},
+        "recorded_by": x.recorded_by,
         "payload": json_format.MessageToDict(x.payload) if x.HasField("payload") else None,
         "idempotency_key": x.idempotency_key,
         "create_time_us": x.create_time.seconds * 1_000_000 + x.create_time.nanos // 1000,

@@ -158,6 +158,7 @@ class Attestation(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     CHAIN_SEQUENCE_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    RECORDED_BY_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """Output only. Stable key, e.g. "worker-completion:<job id>"."""
     type: Global___AttestationType.ValueType
@@ -201,6 +202,16 @@ class Attestation(_message.Message):
     """Output only. Position in its chain, from 1."""
     tenant: _builtins.str
     """Output only. The tenant owning it."""
+    recorded_by: _builtins.str
+    """Output only. The authenticated subject whose action caused the
+    attestation, also in data.recorded_by (so the digest and signature cover
+    it): the worker for worker-completion and worker-failure, the canceller
+    for a cancellation, the worker whose step ended a workflow; "system"
+    when the server acted on its own (a lease that expired, a timeout);
+    "anonymous" on a server without authentication. Empty for an
+    attestation written before jobtrace recorded it (unknown; its data has
+    no recorded_by).
+    """
     @_builtins.property
     def data(self) -> _struct_pb2.Struct:
         """Output only. The sanitised evidence: request_context, job_payload,
@@ -244,10 +255,11 @@ class Attestation(_message.Message):
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         chain_sequence: _builtins.int = ...,
         tenant: _builtins.str = ...,
+        recorded_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "data", b"data", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chain_sequence", b"chain_sequence", "create_time", b"create_time", "data", b"data", "digest", b"digest", "entity_id", b"entity_id", "entity_type", b"entity_type", "expire_time", b"expire_time", "job_id", b"job_id", "key", b"key", "key_id", b"key_id", "previous_digest", b"previous_digest", "signature", b"signature", "state", b"state", "tenant", b"tenant", "type", b"type", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chain_sequence", b"chain_sequence", "create_time", b"create_time", "data", b"data", "digest", b"digest", "entity_id", b"entity_id", "entity_type", b"entity_type", "expire_time", b"expire_time", "job_id", b"job_id", "key", b"key", "key_id", b"key_id", "previous_digest", b"previous_digest", "recorded_by", b"recorded_by", "signature", b"signature", "state", b"state", "tenant", b"tenant", "type", b"type", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -520,7 +532,7 @@ class VerifyAttestationResponse(_message.Message):
     SHA-256 of the RFC 8785 encoding of the list of each covered annotation's
     canonical form {"id", "tenant", "run_id", "job_id", "attempt", "scope"
     (number), "scope_id", "key", "value", "actor": {"kind" (number), "id",
-    "version"}, "payload" (null when none), "idempotency_key",
+    "version"}, "recorded_by", "payload" (null when none), "idempotency_key",
     "create_time_us"}, as ListAnnotations with the FULL view returns it; each
     item's sha256 is the same hash of one canonical form. items lists the
     first 1000 (listed_all says whether that is all of them); count and
@@ -693,7 +705,10 @@ class AttachAnnotationsRequest(_message.Message):
 
     @_builtins.property
     def attributes(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Value]:
-        """Required. Key to value, 1 to 64 entries; one annotation per entry."""
+        """Required. Key to value, 1 to 64 entries; one annotation per entry.
+        approval.* keys, like actor kind REVIEWER, need the reviewer role:
+        PERMISSION_DENIED (reason ROLE_REQUIRED) otherwise, and nothing is stored.
+        """
 
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct:

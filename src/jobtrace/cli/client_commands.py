@@ -279,6 +279,7 @@ def describe_job(job: common_pb2.Job, s: Style) -> None:
         ("progress", f"{job.progress.percent:.0f}% {job.progress.message}".rstrip()),
         ("workflow", f"{job.workflow_id} step {job.step_name}" if job.workflow_id else "-"),
         ("worker", job.worker_id or "-"),
+        ("submitter", job.submitted_by or "-"),
         ("created", when(job.created_at)),
         ("started", when(job.started_at)),
         ("completed", when(job.completed_at)),
@@ -299,6 +300,7 @@ def describe_workflow(workflow: common_pb2.Workflow, s: Style) -> None:
     print(f"{'name':>10}  {workflow.name}")
     print(f"{'state':>10}  {s.state(workflow.state)}")
     print(f"{'progress':>10}  {p.completed_steps}/{p.total_steps} steps")
+    print(f"{'submitter':>10}  {workflow.submitted_by or '-'}")
     print(f"{'created':>10}  {when(workflow.created_at)}")
     print(f"{'completed':>10}  {when(workflow.completed_at)}")
     if workflow.HasField("failure"):
@@ -498,6 +500,7 @@ async def attest_get(args: argparse.Namespace, client: Client) -> int:
         ("state", state_name(a.state)),
         ("worker", a.worker_id or "-"),
         ("attempt", str(a.attempt)),
+        ("recorder", a.recorded_by or "-"),
         ("created", when(a.create_time)),
         ("expires", when(a.expire_time)),
         ("digest", a.digest),
@@ -677,7 +680,7 @@ async def annotations_command(args: argparse.Namespace, client: Client) -> int:
         print_json({"annotations": [as_json(a) for a in found], "next_page_token": token})
         return 0
     render.table(
-        ["TIME", "KEY", "VALUE", "ACTOR", "JOB", "ATTEMPT"],
+        ["TIME", "KEY", "VALUE", "ACTOR", "RECORDED BY", "JOB", "ATTEMPT"],
         [
             [
                 when(a.create_time),
@@ -685,6 +688,7 @@ async def annotations_command(args: argparse.Namespace, client: Client) -> int:
                 render.shorten(json.dumps(as_json(a.value), ensure_ascii=False), 40),
                 f"{common_pb2.ActorKind.Name(a.actor.kind).removeprefix('ACTOR_KIND_').lower()}:"
                 f"{a.actor.id}",
+                a.recorded_by or "-",
                 a.job_id or "-",
                 str(a.attempt or "-"),
             ]

@@ -19,7 +19,7 @@ The digest, so that an auditor recomputes it from ListAnnotations (FULL view):
 covered in publication order (ListAnnotations order), canonical(a) being
     {"id", "tenant", "run_id", "job_id", "attempt", "scope" (AnnotationScope
      number), "scope_id", "key", "value", "actor": {"kind" (ActorKind number),
-     "id", "version"}, "payload" (null when none), "idempotency_key",
+     "id", "version"}, "recorded_by", "payload" (null when none), "idempotency_key",
      "create_time_us" (create_time in microseconds since the epoch)}
 and each item's "sha256" is the same hash of canonical(a) alone. The empty list's
 digest is that of "[]". Annotations are never deleted by retention (only trace
@@ -61,6 +61,7 @@ def canonical(a: Annotation) -> JSON:
         "key": a.key,
         "value": a.value,
         "actor": {"kind": a.actor_kind, "id": a.actor_id, "version": a.actor_version},
+        "recorded_by": a.recorded_by,
         "payload": a.payload,
         "idempotency_key": a.idempotency_key,
         "create_time_us": a.created_us,

@@ -10,7 +10,13 @@ from jobtrace.clock import now_us
 from jobtrace.domain import redact as redact_rules
 from jobtrace.domain.attest import redact, redact_text
 from jobtrace.domain.conventions import check_key_value
-from jobtrace.domain.errors import FieldViolation, Invalid, NotFound, Violations
+from jobtrace.domain.errors import (
+    FieldViolation,
+    Invalid,
+    NotFound,
+    PermissionDenied,
+    Violations,
+)
 from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
 from jobtrace.domain.redact import Redaction
 from jobtrace.domain.trace import PRIORITY_NOTE
@@ -20,6 +26,7 @@ from jobtrace.model import (
     Annotation,
     AnnotationInput,
     AnnotationScope,
+    Caller,
     Category,
     Level,
     RunState,
@@ -36,6 +43,10 @@ MAX_ATTRIBUTES = 64
 MAX_ANNOTATION_PAYLOAD = 64 * 1024
 MAX_SUBMIT_ANNOTATIONS = 16
 ACTOR_KINDS = range(1, 8)
+ACTOR_KIND_REVIEWER = 6  # jobtrace.v1.ActorKind
+# Keys only a principal with the reviewer role may write.
+REVIEWER_PREFIX = "approval."
+REVIEWER_ROLE = "reviewer"
 
 
 def check_input(v: Violations, field: str, item: AnnotationInput, payload_bytes: int) -> None:
@@ -56,9 +67,33 @@ def check_input(v: Violations, field: str, item: AnnotationInput, payload_bytes:
         v.add(f"{field}.payload", f"must be at most {MAX_ANNOTATION_PAYLOAD} bytes")
 
 
+def check_authority(item: AnnotationInput, caller: Caller) -> None:
+    """Claims that need a role: only a reviewer may write approval.* keys or
+    speak as actor kind REVIEWER. PERMISSION_DENIED names what needed it."""
+    if caller.reviewer:
+        return
+    metadata = {"role": REVIEWER_ROLE}
+    if item.actor_kind == ACTOR_KIND_REVIEWER:
+        raise PermissionDenied(
+            f"{caller.subject!r} lacks the {REVIEWER_ROLE!r} role that actor kind "
+            "ACTOR_KIND_REVIEWER requires",
+            reason="ROLE_REQUIRED",
+            metadata={**metadata, "actor_kind": "ACTOR_KIND_REVIEWER"},
+        )
+    for key in sorted(item.attributes):
+        if key.startswith(REVIEWER_PREFIX):
+            raise PermissionDenied(
+                f"{caller.subject!r} lacks the {REVIEWER_ROLE!r} role that annotation key "
+                f"{key!r} ({REVIEWER_PREFIX}*) requires",
+                reason="ROLE_REQUIRED",
+                metadata={**metadata, "key": key},
+            )
+
+
 def build(
     item: AnnotationInput,
     *,
+    recorded_by: str,
     tenant: str,
     run_id: str,
     now_us: int,
@@ -88,6 +123,7 @@ def build(
             scope_id=scope_id,
             payload=payload,
             idempotency_key=item.idempotency_key,
+            recorded_by=recorded_by,
         )
         for key in sorted(item.attributes)
     ]
@@ -116,6 +152,7 @@ class Annotations:
         self,
         scope_tenant: str | None,
         *,
+        caller: Caller,
         run_id: str,
         job_id: str,
         attempt: int,
@@ -125,6 +162,7 @@ class Annotations:
         payload_bytes: int,
         emit_event: bool,
     ) -> list[Annotation]:
+        check_authority(item, caller)
         v = Violations()
         if not run_id:
             v.add("run_id", "required")
@@ -177,6 +215,7 @@ class Annotations:
                 a
                 for a in build(
                     item,
+                    recorded_by=caller.subject,
                     tenant=tenant,
                     run_id=run_id,
                     now_us=now_us(),
@@ -214,6 +253,7 @@ class Annotations:
                                 "annotations": {a.key: a.value for a in fresh},
                                 "actor": {"kind": item.actor_kind, "id": item.actor_id},
                             },
+                            recorded_by=caller.subject,
                         )
                     ],
                 )

@@ -873,6 +873,7 @@ class Attestor:
         worker_id: str = "",
         attempt: int = 0,
         annotations: JSON | None = None,
+        recorded_by: str = "",
     ) -> Attestation:
         """Build, chain, sign and store one attestation inside the caller's transaction.
         `annotations` (see domain/annotated.py), built by the server, becomes
@@ -902,6 +903,7 @@ class Attestor:
             key_id=self.signer.key_id,
             created_us=now,
             expire_us=now + int(self.retention_s * 1e6),
+            recorded_by=recorded_by,
         )
         signed = await off_loop_if_large(data, self._seal, draft, data, annotations)
         await store.insert_attestation(session, signed)

@@ -26,6 +26,7 @@ from jobtrace.domain.trace import (
 )
 from jobtrace.model import (
     JSON,
+    SYSTEM_SUBJECT,
     AttestationType,
     Category,
     ErrorInfo,
@@ -120,10 +121,11 @@ class Lifecycle:
             log_on_commit(tx, level, message, {**job_log_fields(job), **fields})
 
     async def _attest_job(
-        self, db: AsyncSession, job: Job, type: AttestationType, key: str, extra: JSON
+        self, db: AsyncSession, job: Job, type: AttestationType, key: str, extra: JSON, by: str
     ) -> None:
         context = await store.request_context_for(db, job)
         data: JSON = {
+            "recorded_by": by,  # signed: who caused it (see Attestation.recorded_by)
             "request_context": context,
             "job_payload": job.spec.payload,
             "service": job.spec.service,
@@ -155,10 +157,11 @@ class Lifecycle:
             worker_id=job.worker_id,
             attempt=job.attempt,
             annotations=await annotated.evidence(db, covers),
+            recorded_by=by,
         )
 
     async def _attest_failure(
-        self, db: AsyncSession, job: Job, failure: Failure, will_retry: bool
+        self, db: AsyncSession, job: Job, failure: Failure, will_retry: bool, by: str
     ) -> None:
         await self._attest_job(
             db,
@@ -174,6 +177,7 @@ class Lifecycle:
                 },
                 "will_retry": will_retry,
             },
+            by,
         )
 
     async def _attest_workflow(
@@ -183,6 +187,7 @@ class Lifecycle:
         tenant: str,
         state: RunState,
         failure: Failure | None,
+        by: str,
     ) -> None:
         row = await store.get_workflow_row(db, workflow_id)
         assert row is not None
@@ -192,6 +197,7 @@ class Lifecycle:
             RunState.CANCELLED: (AttestationType.WORKFLOW_CANCELLATION, "workflow-cancellation"),
         }.get(state, (AttestationType.WORKFLOW_FAILURE, "workflow-failure"))
         data: JSON = {
+            "recorded_by": by,  # signed: who caused it (see Attestation.recorded_by)
             "request_context": codec.loads(row.request_context) or {},
             "name": row.name,
             "total_steps": len(steps),
@@ -237,6 +243,7 @@ class Lifecycle:
             data=evidence,
             workflow_id=workflow_id,
             annotations=annotations,
+            recorded_by=by,
         )
 
     def _log_workflow(
@@ -247,8 +254,9 @@ class Lifecycle:
                 tx, level, message, {"workflow_id": workflow_id, "tenant": tenant, **fields}
             )
 
-    def _event(self, job: Job, **fields: object) -> TraceEvent:
+    def _event(self, job: Job, by: str, **fields: object) -> TraceEvent:
         return TraceEvent(
+            recorded_by=by,
             run_id=run_of(job),
             node_id=node_of(job),
             job_id=job.id,
@@ -261,14 +269,16 @@ class Lifecycle:
     async def _record(self, db: AsyncSession, tx: Tx, job: Job, *events: TraceEvent) -> None:
         await self.trace.record(db, tx, job.tenant, list(events))
 
-    async def started(self, db: AsyncSession, tx: Tx, job: Job, now: int) -> None:
-        """A job's attempt started; a step's first start makes its workflow RUNNING."""
+    async def started(self, db: AsyncSession, tx: Tx, job: Job, now: int, *, by: str) -> None:
+        """A job's attempt started (`by`: the subject of the worker it went to);
+        a step's first start makes its workflow RUNNING."""
         await self._record(
             db,
             tx,
             job,
             self._event(
                 job,
+                by,
                 type=TraceType.STARTED,
                 category=Category.BUSINESS,
                 milestone=True,
@@ -310,6 +320,7 @@ class Lifecycle:
             job,
             self._event(
                 job,
+                SYSTEM_SUBJECT,
                 type=TraceType.LOG,
                 level=Level.WARN,
                 category=Category.TECHNICAL,
@@ -324,7 +335,7 @@ class Lifecycle:
         return queued
 
     async def progress(
-        self, db: AsyncSession, tx: Tx, job: Job, percent: float, message: str, now: int
+        self, db: AsyncSession, tx: Tx, job: Job, percent: float, message: str, now: int, by: str
     ) -> Job:
         updated = await set_job(
             db, job, progress_percent=percent, progress_message=message, updated_us=now
@@ -335,6 +346,7 @@ class Lifecycle:
             job,
             self._event(
                 job,
+                by,
                 type=TraceType.PROGRESS,
                 category=Category.BUSINESS,
                 percent=percent,
@@ -344,7 +356,7 @@ class Lifecycle:
         return updated
 
     async def complete(
-        self, db: AsyncSession, tx: Tx, job: Job, result: JSON | None, now: int
+        self, db: AsyncSession, tx: Tx, job: Job, result: JSON | None, now: int, by: str
     ) -> list[Job]:
         done = await set_job(
             db,
@@ -363,6 +375,7 @@ class Lifecycle:
             job,
             self._event(
                 job,
+                by,
                 type=TraceType.COMPLETED,
                 category=Category.BUSINESS,
                 milestone=True,
@@ -377,17 +390,27 @@ class Lifecycle:
             AttestationType.WORKER_COMPLETION,
             f"worker-completion:{job.id}",
             {"result": result},
+            by,
         )
         self.log_after(tx, logging.INFO, "job completed", job, worker_id=job.worker_id)
         if not job.workflow_id:
             self.trace.run_ended(tx, job.id)
-        return [done, *await self._step_finished(db, tx, done, now)]
+        return [done, *await self._step_finished(db, tx, done, now, by)]
 
     async def fail_attempt(
-        self, db: AsyncSession, tx: Tx, job: Job, failure: Failure, retryable: bool, now: int
+        self,
+        db: AsyncSession,
+        tx: Tx,
+        job: Job,
+        failure: Failure,
+        retryable: bool,
+        now: int,
+        *,
+        by: str,
     ) -> list[Job]:
         """A failed attempt: retry with backoff while attempts remain and the failure
-        is retryable, else fail the job (and its workflow)."""
+        is retryable, else fail the job (and its workflow). `by`: the worker's
+        subject when it reported the failure, SYSTEM_SUBJECT for a lost lease."""
         if retryable and job.attempt < job.spec.max_attempts:
             delay_us = job.spec.backoff.delay_ms(job.attempt) * 1000
             queued = await set_job(
@@ -405,13 +428,14 @@ class Lifecycle:
                 job,
                 self._failed_event(
                     job,
+                    by,
                     failure,
                     Level.ERROR,
                     f"{node_of(job)} attempt {job.attempt} failed: {failure.reason}; "
                     f"retrying in {delay_us / 1e6:g}s",
                 ),
             )
-            await self._attest_failure(db, queued, failure, will_retry=True)
+            await self._attest_failure(db, queued, failure, True, by)
             service = job.spec.service
 
             def count_retry() -> None:
@@ -436,12 +460,16 @@ class Lifecycle:
             RunState.FAILED,
             replace(failure, retryable=retryable),
             now,
+            by=by,
             failed_attempt=True,
         )
 
-    def _failed_event(self, job: Job, failure: Failure, level: Level, message: str) -> TraceEvent:
+    def _failed_event(
+        self, job: Job, by: str, failure: Failure, level: Level, message: str
+    ) -> TraceEvent:
         return self._event(
             job,
+            by,
             type=TraceType.FAILED,
             level=level,
             category=Category.BUSINESS,
@@ -461,8 +489,11 @@ class Lifecycle:
         failure: Failure | None,
         now: int,
         *,
+        by: str,
         failed_attempt: bool = False,
     ) -> list[Job]:
+        """End a job in `state`; `by` is the subject whose action ended it (the
+        canceller, the worker that failed it), SYSTEM_SUBJECT for a timeout."""
         ended = await set_job(
             db,
             job,
@@ -476,6 +507,7 @@ class Lifecycle:
         if state == RunState.CANCELLED:
             event = self._event(
                 job,
+                by,
                 type=TraceType.LOG,
                 level=Level.WARN,
                 category=Category.BUSINESS,
@@ -488,6 +520,7 @@ class Lifecycle:
             reason = failure.reason if failure else state.name.lower()
             event = self._failed_event(
                 ended,
+                by,
                 failure or Failure(reason=reason),
                 Level.CRITICAL,
                 f"{node_of(job)} {state.name.lower().replace('_', ' ')}: {reason}",
@@ -502,7 +535,7 @@ class Lifecycle:
             code=failure.code if failure else "",
         )
         if failed_attempt and failure is not None:
-            await self._attest_failure(db, ended, failure, will_retry=False)
+            await self._attest_failure(db, ended, failure, False, by)
         if state == RunState.CANCELLED and not job.workflow_id:
             # A step's cancellation is in its workflow's attestation.
             await self._attest_job(
@@ -519,12 +552,15 @@ class Lifecycle:
                     # for a retry) or running its attempt.
                     "cancelled_while": job.state.name,
                 },
+                by,
             )
         if not job.workflow_id:
             self.trace.run_ended(tx, job.id)
-        return [ended, *await self._step_finished(db, tx, ended, now)]
+        return [ended, *await self._step_finished(db, tx, ended, now, by)]
 
-    async def _step_finished(self, db: AsyncSession, tx: Tx, step: Job, now: int) -> list[Job]:
+    async def _step_finished(
+        self, db: AsyncSession, tx: Tx, step: Job, now: int, by: str
+    ) -> list[Job]:
         """Advance or end the workflow of a step that reached a terminal state."""
         if not step.workflow_id:
             return []
@@ -575,6 +611,7 @@ class Lifecycle:
                             total_steps=total,
                             message=f"workflow completed ({done_count} steps)",
                             traceparent=step.traceparent,
+                            recorded_by=by,
                         )
                     ],
                 )
@@ -582,7 +619,7 @@ class Lifecycle:
                     tx, logging.INFO, "workflow completed", step.workflow_id, step.tenant
                 )
                 await self._attest_workflow(
-                    db, step.workflow_id, step.tenant, RunState.COMPLETED, None
+                    db, step.workflow_id, step.tenant, RunState.COMPLETED, None, by
                 )
                 self.trace.run_ended(tx, step.workflow_id)
             else:
@@ -606,6 +643,7 @@ class Lifecycle:
             f"workflow {workflow_state.name.lower()}: step {step.step_name!r} did not complete",
             "DEPENDENCY_FAILED",
             now,
+            by=by,
             quiet=True,
         )
         await self.end_workflow(
@@ -616,6 +654,7 @@ class Lifecycle:
             workflow_state,
             failure,
             now,
+            by=by,
             traceparent=step.traceparent,
         )
         return changed
@@ -629,6 +668,7 @@ class Lifecycle:
         code: str,
         now: int,
         *,
+        by: str,
         quiet: bool = False,
     ) -> list[Job]:
         changed = []
@@ -655,6 +695,7 @@ class Lifecycle:
                     s,
                     self._event(
                         s,
+                        by,
                         type=TraceType.LOG,
                         level=Level.WARN,
                         category=Category.TECHNICAL,
@@ -674,6 +715,7 @@ class Lifecycle:
         failure: Failure | None,
         now: int,
         *,
+        by: str,
         traceparent: str = "",
     ) -> None:
         await store.update_workflow(
@@ -696,6 +738,7 @@ class Lifecycle:
                 message=CANCELLED_BY_USER,
                 data={"reason": failure.reason} if failure else None,
                 traceparent=traceparent,
+                recorded_by=by,
             )
         else:
             reason = failure.reason if failure else "failed"
@@ -710,6 +753,7 @@ class Lifecycle:
                 message=f"workflow {state.name.lower()}: {reason}",
                 error=ErrorInfo(message=reason, code=failure.code if failure else ""),
                 traceparent=traceparent,
+                recorded_by=by,
             )
         await self.trace.record(db, tx, tenant, [event])
         self._log_workflow(
@@ -720,5 +764,5 @@ class Lifecycle:
             tenant,
             reason=failure.reason if failure else "",
         )
-        await self._attest_workflow(db, workflow_id, tenant, state, failure)
+        await self._attest_workflow(db, workflow_id, tenant, state, failure, by)
         self.trace.run_ended(tx, workflow_id)

@@ -128,6 +128,7 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         "started_us": job.started_us,
         "completed_us": job.completed_us,
         "first_started_us": job.first_started_us,
+        "submitted_by": job.submitted_by,
     }
 
 
@@ -199,6 +200,7 @@ def job_from_row(row: Row, *, full: bool = True) -> Job:
         lease_holder=row["lease_holder"],
         pending_annotations=row["pending_annotations"],
         first_started_us=row["first_started_us"],
+        submitted_by=row["submitted_by"],
     )
 
 
@@ -413,6 +415,7 @@ def workflow_from_row(
         failure=codec.failure_loads(row["failure"]),
         seq=row["seq"],
         step_counts=counts,
+        submitted_by=row["submitted_by"],
     )
 
 
@@ -434,6 +437,7 @@ async def insert_workflow(session: AsyncSession, workflow: Workflow, request_con
             updated_us=workflow.updated_us,
             started_us=workflow.started_us,
             completed_us=workflow.completed_us,
+            submitted_by=workflow.submitted_by,
         )
     )
 
@@ -556,6 +560,7 @@ def annotation_values(a: Annotation) -> dict[str, Any]:
         "payload": None if a.payload is None else codec.dumps(a.payload),
         "idempotency_key": a.idempotency_key,
         "created_us": a.created_us,
+        "recorded_by": a.recorded_by,
     }
 
 
@@ -611,6 +616,7 @@ def annotation_from_row(row: Row, *, full: bool = True) -> Annotation:
         payload=codec.loads(row["payload"]) if full else None,
         idempotency_key=row["idempotency_key"],
         seq=row["seq"],
+        recorded_by=row["recorded_by"],
     )
 
 

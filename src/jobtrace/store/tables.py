@@ -52,6 +52,8 @@ class WorkflowRow(Base):
     updated_us: Mapped[int] = mapped_column(BigInteger)
     started_us: Mapped[int] = mapped_column(BigInteger, default=0)
     completed_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The authenticated subject that submitted it; '' when stored before 0008.
+    submitted_by: Mapped[str] = mapped_column(Text, default="")
 
     __table_args__ = (
         Index("ix_workflows_tenant_seq", "tenant", "seq"),
@@ -104,6 +106,8 @@ class JobRow(Base):
     completed_us: Mapped[int] = mapped_column(BigInteger, default=0)
     # When the first attempt started; started_us is the current attempt's.
     first_started_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The authenticated subject that submitted it; '' when stored before 0008.
+    submitted_by: Mapped[str] = mapped_column(Text, default="")
 
     __table_args__ = (
         Index("ix_jobs_tenant_seq", "tenant", "seq"),
@@ -133,6 +137,8 @@ class _AnnotationColumns:
     payload: Mapped[str | None] = mapped_column(Text, nullable=True)
     idempotency_key: Mapped[str] = mapped_column(String(256), default="")
     created_us: Mapped[int] = mapped_column(BigInteger)
+    # The authenticated subject that wrote it; '' when stored before 0008.
+    recorded_by: Mapped[str] = mapped_column(Text, default="")
 
 
 class AnnotationRow(_AnnotationColumns, Base):
@@ -207,6 +213,9 @@ class TraceEventRow(Base):
     worker_id: Mapped[str] = mapped_column(String(128))
     traceparent: Mapped[str] = mapped_column(String(64))
     created_us: Mapped[int] = mapped_column(BigInteger)
+    # The authenticated subject whose action caused it ("system": the server's
+    # own); '' when stored before 0008.
+    recorded_by: Mapped[str] = mapped_column(Text, default="")
 
     __table_args__ = (
         Index(
@@ -255,6 +264,9 @@ class AttestationRow(Base):
     key_id: Mapped[str] = mapped_column(String(64))
     created_us: Mapped[int] = mapped_column(BigInteger)
     expire_us: Mapped[int] = mapped_column(BigInteger)
+    # As data["recorded_by"] (which the signature covers), readable without
+    # the data; '' when written before 0008.
+    recorded_by: Mapped[str] = mapped_column(Text, default="")
 
     __table_args__ = (
         Index("ux_attestations_chain", "chain_id", "chain_seq", unique=True),

@@ -148,7 +148,7 @@ class Placement(Leases):
                 )
                 if claimed is None:
                     continue
-                await self._life.started(db, tx, claimed, now)
+                await self._life.started(db, tx, claimed, now, by=session.identity.subject)
                 context = await store.request_context_for(db, claimed)
                 assign = Assign(claimed, deadline, context)
                 tx.on_commit(lambda a=assign, s=session: hand_over(a, s))  # type: ignore[misc]
