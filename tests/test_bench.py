@@ -162,6 +162,28 @@ async def test_compare_backends_prints_each_backend_and_the_target_ratios() -> N
         await conn.close()
 
 
+def test_rounds_are_summarised_by_their_medians() -> None:
+    from jobtrace.bench_compare import median_of
+
+    rounds = [
+        {"jobs_per_s": 10.0, "jobs": 5, "kinds": {"INSERT": 13.0}, "label": "SQLite", "x": None},
+        {
+            "jobs_per_s": 30.0,
+            "jobs": 5,
+            "kinds": {"INSERT": 12.0, "SELECT": 2.0},
+            "label": "SQLite",
+        },
+        {"jobs_per_s": 20.0, "jobs": 6, "kinds": {"INSERT": 11.0}, "label": "SQLite", "x": None},
+    ]
+    assert median_of(rounds) == {
+        "jobs_per_s": 20.0,
+        "jobs": 5,
+        "kinds": {"INSERT": 12.0, "SELECT": 2.0},
+        "label": "SQLite",
+        "x": None,
+    }
+
+
 async def test_compare_backends_refuses_a_postgresql_server_beyond_loopback() -> None:
     code, _, err = await bench(
         "--compare-backends", "--pg-url", "postgresql+asyncpg://postgres@203.0.113.7/postgres"

@@ -931,6 +931,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the ratios issue 15 targets with PASS/MISS",
     )
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="--compare-backends: run every backend this many times, in turn, and show the "
+        "medians (default 1; 3 smooths out other work on the machine)",
+    )
+    p.add_argument(
         "--pg-url",
         help="PostgreSQL server for --compare-backends, on loopback "
         "(postgresql+asyncpg://USER@127.0.0.1:5432/DB; DB is only used to create and drop "

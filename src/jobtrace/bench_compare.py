@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -70,6 +71,7 @@ class Figures:
     latency_ms: list[float] = field(default_factory=list)
     latency_statements: dict[str, Any] | None = None
     postgres_counters: dict[str, Any] | None = None
+    postgres_latency_counters: dict[str, Any] | None = None
     ceiling: tuple[float, float, float] | None = None
     database: str = ""  # PostgreSQL: the database created (and dropped) for this run
 
@@ -170,19 +172,26 @@ async def run_backend(
     fig: Figures,
     start: Callable[[list[b.Server]], Awaitable[None]],
     *,
+    jobs: bool = True,
     latency: bool,
     ceiling: bool = False,
     pg: Postgres | None = None,
     database: str = "",
 ) -> None:
-    """The jobs phase (and the one-at-a-time phase) on servers `start` adds."""
+    """The jobs phase and/or the one-at-a-time phase on servers `start` adds."""
     servers: list[b.Server] = []
     workers: list[asyncio.subprocess.Process] = []
+    tag = f"{fig.key}-{os.urandom(3).hex()}"
     try:
         await start(servers)
         targets = [s.target for s in servers]
         pids = [s.proc.pid for s in servers]
-        done = [tmp / f"{fig.key}-done-{i}.txt" for i in range(args.workers)]
+        if not jobs:
+            if latency:
+                workers = await b.start_workers(targets[:1], [tmp / f"{tag}-one.txt"], 1)
+                await one_at_a_time(args, fig, targets)
+            return
+        done = [tmp / f"{tag}-done-{i}.txt" for i in range(args.workers)]
         workers = await b.start_workers(targets, done, args.worker_concurrency)
         if ceiling:
             fig.ceiling = await b.unary_ceiling(targets[0], args.ceiling_seconds, args.concurrency)
@@ -201,89 +210,122 @@ async def run_backend(
         )
         if latency:
             await b.stop_workers(workers)
-            workers = await b.start_workers(targets[:1], [tmp / f"{fig.key}-one.txt"], 1)
-            before = await b.read_statements(targets)
-            fig.latency_ms = await b.one_at_a_time(
-                targets[0], args.latency_jobs, args.latency_seconds
-            )
-            ran = len(fig.latency_ms) + b.LATENCY_WARMUP_JOBS
-            fig.latency_statements = b.statements_delta(
-                before, await b.read_statements(targets), ran
-            )
+            workers = await b.start_workers(targets[:1], [tmp / f"{tag}-one.txt"], 1)
+            await one_at_a_time(args, fig, targets)
     finally:
         await b.stop_workers(workers)
         for s in servers:
             await b.stop_server(s)
 
 
+async def one_at_a_time(args: argparse.Namespace, fig: Figures, targets: list[str]) -> None:
+    before = await b.read_statements(targets)
+    fig.latency_ms = await b.one_at_a_time(targets[0], args.latency_jobs, args.latency_seconds)
+    ran = len(fig.latency_ms) + b.LATENCY_WARMUP_JOBS
+    fig.latency_statements = b.statements_delta(before, await b.read_statements(targets), ran)
+
+
 async def run_postgres(
     args: argparse.Namespace, tmp: Path, pg: Postgres, fig: Figures, *, latency: bool
 ) -> None:
-    """One PostgreSQL configuration on a database of its own, dropped after."""
+    """One PostgreSQL configuration on a database of its own, dropped after. The
+    jobs phase and the one-at-a-time phase each run on servers of their own, so
+    that PostgreSQL's counters (which a backend may report up to seconds late,
+    and at the latest when it exits) are read with every server stopped."""
     name, url = await pg.create()
     fig.database = name
     try:
         statements = await pg.enable_statement_statistics(name)
-        await pg.wait_idle(name)
-        counters = await pg.counters(name)
-        calls = await pg.statement_calls(name) if statements else 0
 
         async def start(servers: list[b.Server]) -> None:
             for r in range(fig.replicas):
                 servers.append(await b.start_server(url, tmp / f"{fig.key}-key{r}", []))
 
-        await run_backend(args, tmp, fig, start, latency=latency, pg=pg, database=name)
-        await pg.wait_idle(name)
-        after = await pg.counters(name)
-        jobs = fig.results.completed + (
-            len(fig.latency_ms) + b.LATENCY_WARMUP_JOBS if fig.latency_ms else 0
-        )
-        if jobs:
+        async def counted(jobs: bool, one: bool) -> dict[str, Any]:
+            await pg.wait_idle(name)
+            counters = await pg.counters(name)
+            calls = await pg.statement_calls(name) if statements else 0
+            await run_backend(args, tmp, fig, start, jobs=jobs, latency=one, pg=pg, database=name)
+            await pg.wait_idle(name)
+            after = await pg.counters(name)
+            ran = fig.results.completed if jobs else len(fig.latency_ms) + b.LATENCY_WARMUP_JOBS
             per_job: dict[str, Any] = {
                 "source": "pg_stat_statements" if statements else "pg_stat_database",
-                "jobs": jobs,
+                "jobs": ran,
             }
             if statements:
-                per_job["statements_per_job"] = round(
-                    (await pg.statement_calls(name) - calls) / jobs, 2
-                )
+                calls = await pg.statement_calls(name) - calls
+                per_job["statements_per_job"] = round(calls / max(ran, 1), 2)
             for k in PG_COUNTERS:
-                per_job[f"{k}_per_job"] = round((after[k] - counters[k]) / jobs, 2)
-            fig.postgres_counters = per_job
+                per_job[f"{k}_per_job"] = round((after[k] - counters[k]) / max(ran, 1), 2)
+            return per_job
+
+        fig.postgres_counters = await counted(True, False)
+        if latency:
+            fig.postgres_latency_counters = await counted(False, True)
     finally:
         await pg.drop(name)
 
 
-async def compare(args: argparse.Namespace) -> dict[str, Figures]:
-    figures = {
+def new_round() -> dict[str, Figures]:
+    return {
         "grpc_alone": Figures("grpc_alone", "gRPC alone"),
         "sqlite": Figures("sqlite", "SQLite"),
         "postgresql_1": Figures("postgresql_1", "PostgreSQL, 1 replica"),
         "postgresql_2": Figures("postgresql_2", "PostgreSQL, 2 replicas", replicas=2),
     }
+
+
+async def compare(args: argparse.Namespace) -> list[dict[str, Figures]]:
+    """Each round runs every backend once, in turn, each on a fresh database, so
+    that the machine's drift (other work on it) falls on all of them alike."""
     tmp = Path(tempfile.mkdtemp(prefix="jobtrace-bench-"))
-
-    async def floor(servers: list[b.Server]) -> None:
-        servers.append(await b.start_floor_server())
-
-    async def sqlite(servers: list[b.Server]) -> None:
-        db = f"sqlite+aiosqlite:///{tmp / 'bench.db'}"
-        servers.append(await b.start_server(db, tmp / "key-sqlite", []))
-
-    await run_backend(args, tmp, figures["grpc_alone"], floor, latency=args.latency)
-    await run_backend(args, tmp, figures["sqlite"], sqlite, latency=args.latency, ceiling=True)
-    if not args.pg_url:
-        for key in ("postgresql_1", "postgresql_2"):
-            figures[key].skipped = "no --pg-url"
-        return figures
-    pg = Postgres(args.pg_url)
-    await pg.open()
+    rounds: list[dict[str, Figures]] = []
+    pg = Postgres(args.pg_url) if args.pg_url else None
+    if pg is not None:
+        await pg.open()
     try:
-        await run_postgres(args, tmp, pg, figures["postgresql_1"], latency=args.latency)
-        await run_postgres(args, tmp, pg, figures["postgresql_2"], latency=False)
+        for n in range(args.rounds):
+            figures = new_round()
+            rounds.append(figures)
+
+            async def floor(servers: list[b.Server]) -> None:
+                servers.append(await b.start_floor_server())
+
+            async def sqlite(servers: list[b.Server], n: int = n) -> None:
+                db = f"sqlite+aiosqlite:///{tmp / f'bench-{n}.db'}"
+                servers.append(await b.start_server(db, tmp / "key-sqlite", []))
+
+            await run_backend(args, tmp, figures["grpc_alone"], floor, latency=args.latency)
+            await run_backend(
+                args, tmp, figures["sqlite"], sqlite, latency=args.latency, ceiling=True
+            )
+            if pg is None:
+                for key in ("postgresql_1", "postgresql_2"):
+                    figures[key].skipped = "no --pg-url"
+                continue
+            await run_postgres(args, tmp, pg, figures["postgresql_1"], latency=args.latency)
+            await run_postgres(args, tmp, pg, figures["postgresql_2"], latency=False)
     finally:
-        await pg.close()
-    return figures
+        if pg is not None:
+            await pg.close()
+    return rounds
+
+
+def median_of(values: list[Any]) -> Any:
+    """The median of the rounds' figures: numbers by their median, dicts key by
+    key, anything else from the first round (or all of them when they differ)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+        middle = round(statistics.median(present), 3)
+        whole = all(isinstance(v, int) for v in present) and middle == int(middle)
+        return int(middle) if whole else middle
+    if all(isinstance(v, dict) for v in present):
+        keys = list(dict.fromkeys(k for v in present for k in v))
+        return {k: median_of([v.get(k) for v in present]) for k in keys}
+    return present[0] if len(set(map(str, present))) == 1 else present
 
 
 def _ms(values: list[float], q: float) -> float | None:
@@ -320,14 +362,22 @@ def backend_summary(f: Figures) -> dict[str, Any]:
         "one_at_a_time_statements_per_job": one.get("statements_per_job"),
         "one_at_a_time_transactions_per_job": one.get("transactions_per_job"),
         "postgres_counters": f.postgres_counters,
+        "postgres_one_at_a_time_counters": f.postgres_latency_counters,
         "database": f.database or None,
     }
 
 
-def summary(args: argparse.Namespace, figures: dict[str, Figures]) -> dict[str, Any]:
-    """One object: each backend's figures, then each target computed from the
-    figures shown (rounded as shown), with PASS, MISS or null (not measured)."""
-    backends = {key: backend_summary(f) for key, f in figures.items()}
+def summary(args: argparse.Namespace, rounds: list[dict[str, Figures]]) -> dict[str, Any]:
+    """One object: each backend's figures (medians over the rounds), then each
+    target computed from the figures shown (rounded as shown), with PASS, MISS
+    or null (not measured)."""
+    backends = {}
+    for key in rounds[0]:
+        each = [backend_summary(figures[key]) for figures in rounds]
+        backends[key] = median_of(each)
+        if len(rounds) > 1:
+            for name in ("jobs_per_s", "one_at_a_time_p50_ms"):
+                backends[key][f"{name}_rounds"] = [f[name] for f in each]
     targets = []
     for what, (nb, nf), den, op, goal in TARGETS:
         numerator = backends[nb][nf]
@@ -350,7 +400,10 @@ def summary(args: argparse.Namespace, figures: dict[str, Figures]) -> dict[str, 
                 "result": result,
             }
         )
-    ceiling = figures["sqlite"].ceiling
+    ceilings = [f["sqlite"].ceiling for f in rounds if f["sqlite"].ceiling]
+    ceiling = (
+        tuple(statistics.median(c[i] for c in ceilings) for i in range(3)) if ceilings else None
+    )
     return {
         "mode": "compare-backends",
         "backends": backends,
@@ -366,6 +419,7 @@ def summary(args: argparse.Namespace, figures: dict[str, Figures]) -> dict[str, 
             "latency_jobs": args.latency_jobs if args.latency else 0,
             "latency_seconds": args.latency_seconds,
             "ceiling_seconds": args.ceiling_seconds,
+            "rounds": args.rounds,
             "pg_url": _redacted(args.pg_url) if args.pg_url else None,
             "max_seconds": args.max_seconds,
         },
@@ -388,6 +442,7 @@ def print_table(s: dict[str, Any]) -> None:
         f"jobtrace bench --compare-backends: {p['jobs']} jobs, {p['workers']} workers x "
         f"{p['worker_concurrency']} slots, {p['submit_concurrency']} submits in flight; "
         f"one at a time: {p['latency_jobs']} jobs"
+        + (f"; medians of {p['rounds']} rounds" if p["rounds"] > 1 else "")
     )
     header = (
         "backend",
@@ -419,6 +474,13 @@ def print_table(s: dict[str, Any]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if p["rounds"] > 1:
+        for f in s["backends"].values():
+            if not f["skipped"]:
+                print(
+                    f"  {f['label']} by round: jobs/s {f['jobs_per_s_rounds']}, "
+                    f"one at a time p50 ms {f['one_at_a_time_p50_ms_rounds']}"
+                )
     print()
     print("statements per job by kind (jobs phase; one at a time in brackets):")
     for f in s["backends"].values():
@@ -430,15 +492,19 @@ def print_table(s: dict[str, Any]) -> None:
                 f"{show(f['one_at_a_time_transactions_per_job'])} transactions]"
             )
     for f in s["backends"].values():
-        c = f["postgres_counters"]
-        if c:
+        for phase, c in (
+            ("jobs phase", f["postgres_counters"]),
+            ("one at a time", f["postgres_one_at_a_time_counters"]),
+        ):
+            if not c:
+                continue
             own = f"statements {c['statements_per_job']}, " if "statements_per_job" in c else ""
             print(
-                f"  {f['label']}, PostgreSQL's own counters ({c['source']}, whole run incl. "
-                f"start-up, / {c['jobs']} jobs): {own}commits {c['xact_commit_per_job']}, "
-                f"rollbacks {c['xact_rollback_per_job']}, rows inserted "
-                f"{c['tup_inserted_per_job']}, updated {c['tup_updated_per_job']}, deleted "
-                f"{c['tup_deleted_per_job']}, fetched {c['tup_fetched_per_job']}"
+                f"  {f['label']}, {phase}, PostgreSQL's own counters ({c['source']}, "
+                f"server start to stop / {c['jobs']} jobs): {own}commits "
+                f"{c['xact_commit_per_job']}, rollbacks {c['xact_rollback_per_job']}, rows "
+                f"inserted {c['tup_inserted_per_job']}, updated {c['tup_updated_per_job']}, "
+                f"deleted {c['tup_deleted_per_job']}, fetched {c['tup_fetched_per_job']}"
             )
     print()
     rows = [("target", "value", "goal", "result")]
@@ -477,18 +543,23 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if not 1 <= args.rounds <= 10:
+        print("jobtrace bench: --rounds must be 1..10", file=sys.stderr)
+        return 2
     if args.pg_url and (problem := check_pg_url(args.pg_url)):
         print(f"jobtrace bench: {problem}", file=sys.stderr)
         return 2
     try:
-        figures = asyncio.run(compare(args))
+        rounds = asyncio.run(compare(args))
     except b.PhaseTimeout as exc:
         print(f"jobtrace bench: {exc}", file=sys.stderr)
         return 1
-    s = summary(args, figures)
+    s = summary(args, rounds)
     if args.json:
         print(json.dumps(s))
     else:
         print_table(s)
-    complete = all(f.skipped or f.results.completed == args.jobs for f in figures.values())
+    complete = all(
+        f.skipped or f.results.completed == args.jobs for r in rounds for f in r.values()
+    )
     return 0 if complete else 1
