@@ -84,7 +84,10 @@ async def start_server(db: str, key: Path, extra: list[str]) -> Server:
 
 async def _start(*args: str) -> Server:
     """Start `python -m <args>`, a server that logs "(port N)" once it listens."""
-    env = {**os.environ, "JOBTRACE_BENCH_NOOP": "1", "JOBTRACE_BENCH_COUNT_STATEMENTS": "1"}
+    # Statement counting is on unless the caller sets JOBTRACE_BENCH_COUNT_STATEMENTS=0
+    # (to see what the counting itself costs).
+    counting = os.environ.get("JOBTRACE_BENCH_COUNT_STATEMENTS", "1")
+    env = {**os.environ, "JOBTRACE_BENCH_NOOP": "1", "JOBTRACE_BENCH_COUNT_STATEMENTS": counting}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", *args, stderr=asyncio.subprocess.PIPE, env=env
     )
