@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.store import sql
-from jobtrace.store.db import Database, Tx
+from jobtrace.store.db import Database, Tx, WriteOp
 
 _CREATE = sql.Query("CREATE TABLE IF NOT EXISTS sqlprobe (k TEXT PRIMARY KEY, n BIGINT NOT NULL)")
 _INSERT = sql.Query("INSERT INTO sqlprobe (k, n) VALUES (:k, :n)")
@@ -87,3 +87,38 @@ async def test_driver_errors_arrive_as_sqlalchemy_errors_and_spare_the_batch(
     assert isinstance(results[0], IntegrityError), results[0]
     assert results[1] is None
     assert await _rows(database) == [("dup", 1), ("other", 5)]
+
+
+_COUNTER = sql.Query("UPDATE sqlprobe SET n = n + 1 WHERE k = :k RETURNING n")
+
+
+async def test_concurrent_batches_lose_no_update_and_answer_in_commit_order(
+    database: Database,
+) -> None:
+    """Many writers at once: batches follow each other (on PostgreSQL the next
+    runs while the one before commits), yet every increment counts, each value
+    is handed out once, and after-commit hooks run in the order of the values."""
+    keys = [f"row{i}" for i in range(4)]
+
+    async def seed(session: AsyncSession, tx: Tx) -> None:
+        await sql.execute_many(session, _INSERT, [{"k": k, "n": 0} for k in keys])
+
+    await database.write(seed)
+    hooked: dict[str, list[int]] = {k: [] for k in keys}
+
+    def bump(key: str) -> WriteOp[int]:
+        async def op(session: AsyncSession, tx: Tx) -> int:
+            value = int(await sql.scalar(session, _COUNTER, {"k": key}))
+            tx.on_commit(lambda: hooked[key].append(value))
+            return value
+
+        return op
+
+    per_key = 60
+    writes = [database.write(bump(keys[i % len(keys)])) for i in range(per_key * len(keys))]
+    answers = await asyncio.wait_for(asyncio.gather(*writes), 120)
+    assert sorted(answers) == sorted(list(range(1, per_key + 1)) * len(keys))
+    assert await _rows(database) == [(k, per_key) for k in keys]
+    for key in keys:
+        assert hooked[key] == list(range(1, per_key + 1)), key
+    assert database.batches_committed >= 2
