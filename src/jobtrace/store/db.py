@@ -277,7 +277,7 @@ class Database:
         try:
             await self._settled_ahead(ahead)  # commits, and answers, keep their order
             try:
-                await session.commit()
+                await self._commit_session(batch, session)
             except Exception as exc:  # nothing, or (connection lost) maybe all, stored
                 self._settle(batch, [(False, exc)] * len(batch))
                 return
@@ -287,6 +287,10 @@ class Database:
             with contextlib.suppress(Exception):
                 await session.close()
             self._done(batch)
+
+    async def _commit_session(self, batch: list[_Pending[Any]], session: AsyncSession) -> None:
+        """COMMIT of a pipelined batch (a seam the fault tests cut)."""
+        await session.commit()
 
     @staticmethod
     async def _settled_ahead(ahead: asyncio.Task[None] | None) -> None:
