@@ -229,7 +229,25 @@ def cut_claim_commits(
         lost = ConnectionResetError("connection reset by peer")
         raise sa_exc.OperationalError("COMMIT", {}, lost, connection_invalidated=True)
 
+    # PostgreSQL pipelines its group commits: the batch's COMMIT is its own step.
+    real_commit = db._commit_session
+
+    async def commit_session(batch: list[Any], session: Any) -> None:
+        claims = any(item.op.__qualname__.startswith("Placement._claim.") for item in batch)
+        if cut or not claims:
+            return await real_commit(batch, session)
+        if stored:
+            await real_commit(batch, session)
+        else:
+            await session.rollback()
+        if before_answer is not None:
+            await before_answer()
+        cut.append("stored" if stored else "not stored")
+        lost = ConnectionResetError("connection reset by peer")
+        raise sa_exc.OperationalError("COMMIT", {}, lost, connection_invalidated=True)
+
     monkeypatch.setattr(db, "_run_batch", run_batch)
+    monkeypatch.setattr(db, "_commit_session", commit_session)
     return cut
 
 

@@ -26,6 +26,9 @@ class Settings:
     # Start on a PostgreSQL whose synchronous_commit is off (refused otherwise:
     # a database crash would lose acknowledged writes); logged as a warning.
     allow_async_commit: bool = False
+    # Run the event loop on uvloop (a libuv loop, faster per call and per
+    # statement) when it is installed; off: asyncio's own loop.
+    uvloop: bool = True
     # How often storage is probed (SELECT 1); health is NOT_SERVING while it fails.
     storage_probe_seconds: float = 1.0
     # Largest request or response message, in bytes.

@@ -233,12 +233,14 @@ class JobtraceServer:
             follow_storage(self.health, self.db.availability, SERVICE_NAMES),
             name="jobtrace-health",
         )
+        loop_kind = type(asyncio.get_running_loop()).__module__.partition(".")[0]
         log.info(
-            "jobtrace listening on %s (port %d), database %s",
+            "jobtrace listening on %s (port %d), database %s, event loop %s",
             s.listen,
             self.port,
             _redact(s.db),
-            extra={"port": self.port, "metrics_port": self.metrics_port},
+            loop_kind,
+            extra={"port": self.port, "metrics_port": self.metrics_port, "event_loop": loop_kind},
         )
         if self.metrics_port is not None:
             log.info(

@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="start on a PostgreSQL with synchronous_commit off (may lose acknowledged writes)",
     )
     serve.add_argument(
+        "--no-uvloop",
+        dest="uvloop",
+        action="store_false",
+        default=None,
+        help="run on asyncio's own event loop instead of uvloop (JOBTRACE_UVLOOP=0)",
+    )
+    serve.add_argument(
         "--storage-probe-seconds", type=float, help="storage health probe interval (default 1)"
     )
     serve.add_argument("--tokens-file", help="YAML/JSON of token hashes (jobtrace token new)")

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import signal
 import sys
+from collections.abc import Callable
 
 from jobtrace.config import Settings
 
@@ -29,6 +30,7 @@ def serve(args: argparse.Namespace) -> int:
             "attestation_retention_days": args.attestation_retention_days,
             "retention_sweep_seconds": args.retention_sweep_seconds,
             "allow_async_commit": args.allow_async_commit,
+            "uvloop": args.uvloop,
             "storage_probe_seconds": args.storage_probe_seconds,
             "tokens_file": args.tokens_file,
             "jwt_algorithm": args.jwt_algorithm,
@@ -76,11 +78,24 @@ def serve(args: argparse.Namespace) -> int:
         await server.stop()
 
     try:
-        asyncio.run(run())
+        with asyncio.Runner(loop_factory=event_loop_factory(settings.uvloop)) as runner:
+            runner.run(run())
     except OSError as exc:
         print(f"jobtrace serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def event_loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when wanted and installed (it is a dependency, but a
+    platform without a wheel may lack it), else asyncio's default."""
+    if not use_uvloop:
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def worker(args: argparse.Namespace) -> int:

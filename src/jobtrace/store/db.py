@@ -86,6 +86,7 @@ class Database:
         max_batch: int = 256,
         probe_every_s: float = 1.0,
         allow_async_commit: bool = False,
+        pipeline: bool = True,
     ) -> None:
         self.url = url
         self.dialect = make_url(url).get_backend_name()
@@ -112,6 +113,10 @@ class Database:
         self.allow_async_commit = allow_async_commit
         # Set before start() to count every statement sent (`jobtrace bench`).
         self.statement_counter: StatementCounter | None = None
+        # PostgreSQL: a batch runs its statements while the one before it
+        # commits (see _pipelined); SQLite has one writer and commits in turn.
+        self.pipeline = pipeline
+        self._committing: asyncio.Task[None] | None = None
 
     @property
     def is_sqlite(self) -> bool:
@@ -210,11 +215,98 @@ class Database:
             batch: list[_Pending[Any]] = [await self._queue.get()]
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            if not self.is_sqlite and self.pipeline:
+                await self._pipelined(batch)  # marks the batch done once it is settled
+                continue
             try:
                 await self._commit_batch(batch)
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    async def _pipelined(self, batch: list[_Pending[Any]]) -> None:
+        """PostgreSQL: run the batch's operations now, and leave its COMMIT (the
+        WAL flush, most of a small batch's time) to a task, so the next batch
+        runs its statements while this one is flushed.
+
+        Only one batch runs statements at a time; the batches behind it only
+        commit, in order, and take no lock while doing so. So a batch that
+        waits for a row lock waits for a commit, never for a batch that waits
+        for it: no deadlock between them, exactly as between two replicas,
+        whose transactions already run side by side (every transition locks
+        what it reads before it decides). Callers are answered, and after-commit
+        hooks run, in commit order, each only once its COMMIT has returned.
+
+        A batch whose operation raises is rolled back and, once the commits
+        ahead of it are done, takes the same path as without pipelining."""
+        assert self._writes is not None
+        ahead = self._committing
+        session = self._writes()
+        try:
+            outcomes: list[tuple[bool, Any]] = []
+            try:
+                await session.begin()
+                for item in batch:
+                    try:
+                        outcomes.append((True, await item.op(session, item.tx)))
+                    except Exception as exc:
+                        raise _BatchFailed(exc) from exc
+                await self._send_notices(session, [n for i in batch for n in i.tx._notices])
+            except BaseException:
+                await session.close()  # rolls back
+                raise
+        except _BatchFailed:
+            await self._settled_ahead(ahead)
+            for item in batch:
+                item.tx = Tx()
+            await self._after_fast_path_failed(batch)
+            self._done(batch)
+            return
+        except Exception as exc:  # BEGIN, a statement outside any op, or NOTIFY failed
+            await self._settled_ahead(ahead)
+            self._settle(batch, [(False, exc)] * len(batch))
+            self._done(batch)
+            return
+        self._committing = asyncio.create_task(
+            self._commit_pipelined(batch, session, outcomes, ahead), name="jobtrace-commit"
+        )
+        # At most one batch waiting for its COMMIT while the next one runs.
+        await self._settled_ahead(ahead)
+
+    async def _commit_pipelined(
+        self,
+        batch: list[_Pending[Any]],
+        session: AsyncSession,
+        outcomes: list[tuple[bool, Any]],
+        ahead: asyncio.Task[None] | None,
+    ) -> None:
+        try:
+            await self._settled_ahead(ahead)  # commits, and answers, keep their order
+            try:
+                await self._commit_session(batch, session)
+            except Exception as exc:  # nothing, or (connection lost) maybe all, stored
+                self._settle(batch, [(False, exc)] * len(batch))
+                return
+            self._committed(len(batch))
+            self._settle(batch, outcomes)
+        finally:
+            with contextlib.suppress(Exception):
+                await session.close()
+            self._done(batch)
+
+    async def _commit_session(self, batch: list[_Pending[Any]], session: AsyncSession) -> None:
+        """COMMIT of a pipelined batch (a seam the fault tests cut)."""
+        await session.commit()
+
+    @staticmethod
+    async def _settled_ahead(ahead: asyncio.Task[None] | None) -> None:
+        if ahead is not None and not ahead.done():
+            # Its own errors are its callers' answers; it never raises.
+            await asyncio.wait([ahead])
+
+    def _done(self, batch: list[_Pending[Any]]) -> None:
+        for _ in batch:
+            self._queue.task_done()
 
     async def _commit_batch(self, batch: list[_Pending[Any]]) -> None:
         """Fast path: every operation of the batch in one transaction, no
@@ -236,6 +328,11 @@ class Database:
             return
         for item in batch:
             item.tx = Tx()
+        await self._after_fast_path_failed(batch)
+
+    async def _after_fast_path_failed(self, batch: list[_Pending[Any]]) -> None:
+        """An operation of the batch raised and the batch was rolled back: run
+        it again with a savepoint per operation (see _commit_batch)."""
         try:
             outcomes = await self._run_isolated(batch)
         except _CommitFailed as failed:

@@ -7,19 +7,24 @@ run it: building the statement, its cache key, the compiled-cache lookup, the
 execution context and a greenlet switch. The statements here are written once
 as SQL that both backends accept. On SQLite they run on the session's own
 sqlite3 connection (in its transaction and savepoints: the session has begun
-it); on PostgreSQL they go through SQLAlchemy as `text()`, compiled once.
+it). On PostgreSQL they run on the session's own asyncpg connection, inside the
+transaction SQLAlchemy's adapter holds on it (begun first if the session has
+not sent anything yet), as statements asyncpg prepares once per connection:
+no SQLAlchemy compile, execution context or greenlet switch per call.
 
 Rows come back as mappings (`row["column"]`). A driver error is raised as
 SQLAlchemy's wrapper of it (IntegrityError, OperationalError...), as it would
-be from `session.execute` (InlineSqlite wraps it).
+be from `session.execute` (InlineSqlite and _Asyncpg wrap it).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, cast
 
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import TextClause
 
@@ -30,24 +35,40 @@ Params = dict[str, Any]
 Row = Any
 
 _CONNECTION = "jobtrace.sqlite3"
+_ASYNCPG = "jobtrace.asyncpg"
 _NONE = object()
+# A :named parameter (not a PostgreSQL ::cast, not inside a word).
+_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
 
 
 class Query:
     """One statement with :named parameters; `postgresql` when that dialect
     needs other text (FOR UPDATE, say)."""
 
-    __slots__ = ("_clauses", "sqlite")
+    __slots__ = ("_clauses", "pg_names", "pg_sql", "sqlite")
 
     def __init__(self, sql: str, postgresql: str | None = None) -> None:
         self.sqlite = sql
-        self._clauses: dict[str, TextClause] = {
-            "sqlite": text(sql),
-            "postgresql": text(postgresql if postgresql is not None else sql),
-        }
+        pg = postgresql if postgresql is not None else sql
+        self._clauses: dict[str, TextClause] = {"sqlite": text(sql), "postgresql": text(pg)}
+        self.pg_sql, self.pg_names = positional(pg)
 
     def clause(self, dialect: str) -> TextClause:
         return self._clauses[dialect]
+
+    def pg_args(self, params: Params) -> list[Any]:
+        return [params[n] for n in self.pg_names]
+
+
+def positional(sql: str) -> tuple[str, tuple[str, ...]]:
+    """`sql` with :named parameters as PostgreSQL's $1, $2...; a name used
+    twice is one parameter. Returns the text and the names in number order."""
+    names: dict[str, int] = {}
+
+    def number(m: re.Match[str]) -> str:
+        return f"${names.setdefault(m.group(1), len(names) + 1)}"
+
+    return _NAMED.sub(number, sql), tuple(names)
 
 
 def columns(table: Any, *, without: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -83,10 +104,97 @@ async def _inline(session: AsyncSession) -> InlineSqlite | None:
     return cast(InlineSqlite | None, found)
 
 
+class _Asyncpg:
+    """The asyncpg connection under a session, used inside the transaction
+    SQLAlchemy's adapter keeps on it; errors come out as SQLAlchemy's."""
+
+    __slots__ = ("_adapter", "_dbapi_error", "_dialect")
+
+    def __init__(self, adapter: Any, dialect: Any) -> None:
+        self._adapter = adapter
+        self._dialect = dialect
+        self._dbapi_error = dialect.loaded_dbapi.Error
+
+    async def _connection(self) -> Any:
+        adapter = self._adapter
+        if adapter._transaction is None:  # nothing sent yet: BEGIN as the adapter would
+            async with adapter._execute_mutex:
+                if adapter._transaction is None:
+                    await adapter._start_transaction()
+        return adapter._connection
+
+    def _wrapped(self, q: Query, args: Any, error: Exception) -> DBAPIError:
+        """asyncpg's error as SQLAlchemy raises it from session.execute."""
+        try:
+            self._adapter._handle_exception(error)  # raises the DBAPI-level error
+        except Exception as translated:
+            if not isinstance(translated, self._dbapi_error):
+                raise
+            invalidated = self._dialect.is_disconnect(translated, None, None)
+            return cast(
+                DBAPIError,
+                DBAPIError.instance(
+                    q.pg_sql,
+                    args,
+                    translated,
+                    self._dbapi_error,
+                    connection_invalidated=invalidated,
+                    dialect=self._dialect,
+                ),
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def fetch(self, q: Query, params: Params) -> list[Row]:
+        args = q.pg_args(params)
+        conn = await self._connection()
+        try:
+            return cast(list[Row], await conn.fetch(q.pg_sql, *args))
+        except Exception as exc:
+            raise self._wrapped(q, args, exc) from exc
+
+    async def change(self, q: Query, params: Params) -> int:
+        args = q.pg_args(params)
+        conn = await self._connection()
+        try:
+            status: str = await conn.execute(q.pg_sql, *args)
+        except Exception as exc:
+            raise self._wrapped(q, args, exc) from exc
+        # "UPDATE 3", "DELETE 0", "INSERT 0 1": the last number is the row count.
+        count = status.rpartition(" ")[2]
+        return int(count) if count.isdigit() else -1
+
+    async def change_many(self, q: Query, rows: Sequence[Params]) -> None:
+        args = [q.pg_args(r) for r in rows]
+        conn = await self._connection()
+        try:
+            await conn.executemany(q.pg_sql, args)
+        except Exception as exc:
+            raise self._wrapped(q, args, exc) from exc
+
+
+async def _asyncpg(session: AsyncSession) -> _Asyncpg | None:
+    """The session's asyncpg connection on PostgreSQL, else None. Looked up
+    once per session (each lives one transaction, on one connection)."""
+    info = session.sync_session.info
+    found = info.get(_ASYNCPG, _NONE)
+    if found is _NONE:
+        found = None
+        bind = session.get_bind()
+        if bind.dialect.name == "postgresql" and bind.dialect.driver == "asyncpg":
+            connection = await session.connection()
+            raw = await connection.get_raw_connection()
+            found = _Asyncpg(raw.dbapi_connection, bind.dialect)
+        info[_ASYNCPG] = found
+    return cast(_Asyncpg | None, found)
+
+
 async def fetch(session: AsyncSession, q: Query, params: Params) -> list[Row]:
     """Every row the statement returns."""
     conn = await _inline(session)
     if conn is None:
+        pg = await _asyncpg(session)
+        if pg is not None:
+            return await pg.fetch(q, params)
         return list((await session.execute(q.clause(dialect(session)), params)).mappings())
     return conn.fetch(q.sqlite, params)
 
@@ -101,6 +209,10 @@ async def scalar(session: AsyncSession, q: Query, params: Params) -> Any:
     """The first column of the first row, or None."""
     conn = await _inline(session)
     if conn is None:
+        pg = await _asyncpg(session)
+        if pg is not None:
+            found = await pg.fetch(q, params)
+            return found[0][0] if found else None
         return (await session.execute(q.clause(dialect(session)), params)).scalar()
     rows = conn.fetch(q.sqlite, params)
     return rows[0][0] if rows else None
@@ -110,6 +222,9 @@ async def execute(session: AsyncSession, q: Query, params: Params) -> int:
     """Run a statement that returns no rows; the number of rows it changed."""
     conn = await _inline(session)
     if conn is None:
+        pg = await _asyncpg(session)
+        if pg is not None:
+            return await pg.change(q, params)
         result = await session.execute(q.clause(dialect(session)), params)
         return int(result.rowcount)  # type: ignore[attr-defined]
     return conn.change(q.sqlite, params)
@@ -121,6 +236,10 @@ async def execute_many(session: AsyncSession, q: Query, rows: Sequence[Params]) 
         return
     conn = await _inline(session)
     if conn is None:
+        pg = await _asyncpg(session)
+        if pg is not None:
+            await pg.change_many(q, rows)
+            return
         await session.execute(q.clause(dialect(session)), list(rows))
         return
     conn.change_many(q.sqlite, rows)

@@ -4,10 +4,11 @@ lowest layer each driver offers (for `jobtrace bench`; off unless asked for).
 SQLite: the sqlite3 connection's trace callback, which sees every statement
 SQLite runs on it, including those `store/sql.py` runs on the connection
 directly and each row of an executemany. PostgreSQL: SQLAlchemy's cursor events
-for every statement sent through an engine (an executemany is one statement),
-plus asyncpg's query logger for statements sent on the asyncpg connection
-directly (BEGIN, COMMIT, ROLLBACK and savepoints among them, which SQLAlchemy
-sends through asyncpg's transaction object).
+for the statements it prepares and runs, plus asyncpg's query logger for what
+is sent on the asyncpg connection otherwise: BEGIN, COMMIT, ROLLBACK and
+savepoints (SQLAlchemy sends them through asyncpg's transaction object),
+executemany (one statement each) and the hot-path statements store/sql.py
+runs on the asyncpg connection directly.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
-
-# Statements that open, end or nest a transaction, by their first word.
-CONTROL = frozenset({"BEGIN", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE", "START"})
 
 
 def kind_of(sql: str) -> str:
@@ -35,10 +33,6 @@ class StatementCounter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._kinds: Counter[str] = Counter()
-        # PostgreSQL: executemany calls SQLAlchemy saw, which asyncpg's query
-        # logger also sees; they are subtracted from the logger's count.
-        self._engine_many = 0
-        self._driver_other = 0
 
     def add(self, sql: str, n: int = 1) -> None:
         kind = kind_of(sql)
@@ -49,9 +43,6 @@ class StatementCounter:
         """{"statements", "transactions", "kinds"}: totals since the start."""
         with self._lock:
             kinds = dict(self._kinds)
-            direct = max(0, self._driver_other - self._engine_many)
-        if direct:
-            kinds["(asyncpg direct)"] = direct
         return {
             "statements": sum(kinds.values()),
             "transactions": kinds.get("COMMIT", 0) + kinds.get("END", 0),
@@ -74,10 +65,8 @@ class StatementCounter:
         def _statement(
             _conn: Any, _cursor: Any, sql: str, _params: Any, _ctx: Any, many: bool
         ) -> None:
-            self.add(sql)
-            if many:
-                with self._lock:
-                    self._engine_many += 1
+            if not many:  # asyncpg's query logger sees SQLAlchemy's executemany
+                self.add(sql)
 
         @event.listens_for(sync, "connect")
         def _log_driver(dbapi_connection: Any, _record: Any) -> None:
@@ -85,11 +74,6 @@ class StatementCounter:
 
     def _logged(self, record: Any) -> None:
         """asyncpg's query logger: transaction control, SQLAlchemy's executemany
-        and anything sent on the asyncpg connection directly (prepared
-        statements SQLAlchemy runs are not logged by asyncpg)."""
-        kind = kind_of(record.query)
-        with self._lock:
-            if kind in CONTROL:
-                self._kinds[kind] += 1
-            else:
-                self._driver_other += 1
+        and the statements store/sql.py sends on the asyncpg connection
+        directly (prepared statements SQLAlchemy runs are not logged by asyncpg)."""
+        self.add(record.query)
