@@ -125,6 +125,10 @@ class Job:
     pending_annotations: int = 0
     # When the first attempt started (0 before): retries leave it as it is.
     first_started_us: int = 0
+    # The triggering request of a standalone job as stored (JSON text), when
+    # the row it was read from carried it (a transition's locked row does):
+    # its attestation needs no second read. None: not read.
+    request_context: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

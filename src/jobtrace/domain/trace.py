@@ -310,9 +310,9 @@ class Trace:
         for e in events:
             by_run.setdefault(e.run_id, []).append(e)
         for run_id, items in by_run.items():
-            first = await store.reserve_sequence(session, run_id, tenant, len(items))
-            numbered = [normalize(e, now, first + i, tenant) for i, e in enumerate(items)]
-            await store.insert_events(session, numbered)
+            numbered = await store.store_events(
+                session, run_id, tenant, [normalize(e, now, 0, tenant) for e in items]
+            )
             tx.on_commit(lambda r=run_id, n=numbered: self._committed(r, n))  # type: ignore[misc]
             tx.notify({"k": "trace", "run": run_id})
             stored += numbered

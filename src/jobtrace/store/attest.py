@@ -120,13 +120,15 @@ def _json_object(text: str, problems: list[str]) -> Any:
     return data
 
 
+# The head of a chain, counting links retention pruned, in one statement.
 _CHAIN_HEAD = Query(
-    "SELECT chain_seq, digest FROM attestations WHERE chain_id = :chain_id"
-    " ORDER BY chain_seq DESC LIMIT 1"
-)
-_PRUNED_HEAD = Query(
-    "SELECT chain_seq, digest FROM pruned_attestations WHERE chain_id = :chain_id"
-    " ORDER BY chain_seq DESC LIMIT 1"
+    "SELECT chain_seq, digest FROM ("
+    "SELECT chain_seq, digest FROM (SELECT chain_seq, digest FROM attestations"
+    " WHERE chain_id = :chain_id ORDER BY chain_seq DESC LIMIT 1) AS kept"
+    " UNION ALL "
+    "SELECT chain_seq, digest FROM (SELECT chain_seq, digest FROM pruned_attestations"
+    " WHERE chain_id = :chain_id ORDER BY chain_seq DESC LIMIT 1) AS pruned"
+    ") AS heads ORDER BY chain_seq DESC LIMIT 1"
 )
 _INSERT_ATTESTATION = sql.insert_query(
     AttestationRow.__table__, sql.columns(AttestationRow.__table__, without=("seq",))
@@ -135,13 +137,8 @@ _INSERT_ATTESTATION = sql.insert_query(
 
 async def chain_head(session: AsyncSession, chain_id: str) -> tuple[int, str]:
     """(last chain_seq, its digest) of a chain, counting pruned links; (0, '') if new."""
-    params = {"chain_id": chain_id}
-    heads = [
-        (int(row["chain_seq"]), str(row["digest"]))
-        for q in (_CHAIN_HEAD, _PRUNED_HEAD)
-        if (row := await sql.fetch_one(session, q, params)) is not None
-    ]
-    return max(heads, default=(0, ""))
+    row = await sql.fetch_one(session, _CHAIN_HEAD, {"chain_id": chain_id})
+    return (0, "") if row is None else (int(row["chain_seq"]), str(row["digest"]))
 
 
 async def insert_attestation(session: AsyncSession, a: Attestation) -> None:

@@ -59,6 +59,39 @@ _INSERT_SUBMISSION = Query(
 )
 
 
+_CLAIM_SUBMISSION = Query(
+    _INSERT_SUBMISSION.sqlite + " ON CONFLICT (tenant, request_id) DO NOTHING"
+)
+
+
+async def claim_submission(
+    session: AsyncSession,
+    *,
+    tenant: str,
+    request_id: str,
+    kind: str,
+    entity_id: str,
+    request_hash: str,
+    created_us: int,
+) -> bool:
+    """Record a request id for a new entity unless it is recorded already:
+    whether it was (False: an earlier submission has it; see get_submission).
+    One statement for the common case, a request id never seen."""
+    changed = await sql.execute(
+        session,
+        _CLAIM_SUBMISSION,
+        {
+            "tenant": tenant,
+            "request_id": request_id,
+            "kind": kind,
+            "entity_id": entity_id,
+            "request_hash": request_hash,
+            "created_us": created_us,
+        },
+    )
+    return changed > 0
+
+
 async def get_submission(session: AsyncSession, tenant: str, request_id: str) -> Row | None:
     """The earlier submission of a request id: its kind, entity_id and request_hash."""
     return await sql.fetch_one(
@@ -156,12 +189,15 @@ async def insert_job(session: AsyncSession, job: Job, request_context: JSON) -> 
     spec = replace(
         job.spec, payload=codec.loads(values["payload"]), labels=codec.loads(values["labels"])
     )
-    return replace(job, seq=int(seq), spec=spec)
+    return _remember(
+        replace(job, seq=int(seq), spec=spec, request_context=values["request_context"])
+    )
 
 
-def job_from_row(row: Row, *, full: bool = True) -> Job:
+def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
     """A job from its row (any mapping of column name to value); without
-    `full`, a row read without payload and result (both left empty)."""
+    `full`, a row read without payload and result (both left empty); with
+    `context`, a whole row: the job carries its request_context."""
     return Job(
         id=row["id"],
         tenant=row["tenant"],
@@ -199,6 +235,7 @@ def job_from_row(row: Row, *, full: bool = True) -> Job:
         lease_holder=row["lease_holder"],
         pending_annotations=row["pending_annotations"],
         first_started_us=row["first_started_us"],
+        request_context=row["request_context"] if context else None,
     )
 
 
@@ -207,7 +244,7 @@ async def get_job(
 ) -> Job | None:
     params = {"id": job_id} if tenant is None else {"id": job_id, "tenant": tenant}
     row = await sql.fetch_one(session, _GET_JOB[tenant is not None, for_update], params)
-    return None if row is None else job_from_row(row)
+    return None if row is None else _remember(job_from_row(row, context=True))
 
 
 async def _jobs(session: AsyncSession, stmt: Any) -> list[Job]:
@@ -224,31 +261,35 @@ async def lock_workflow(session: AsyncSession, workflow_id: str) -> None:
     )
 
 
+# The workflow of jobs read or written lately ('' for a standalone job): a
+# job's workflow never changes, so a transition of a job seen before locks
+# it with one statement (its workflow's lock first, for a step). Bounded: the
+# oldest entry goes when it is full; a job not found is read first.
+_WORKFLOW_OF: dict[str, str] = {}
+WORKFLOW_OF_MAX = 65_536
+
+
+def _remember(job: Job) -> Job:
+    if job.id not in _WORKFLOW_OF:
+        if len(_WORKFLOW_OF) >= WORKFLOW_OF_MAX:
+            del _WORKFLOW_OF[next(iter(_WORKFLOW_OF))]
+        _WORKFLOW_OF[job.id] = job.workflow_id
+    return job
+
+
 async def load_locked(session: AsyncSession, job_id: str, tenant: str | None = None) -> Job | None:
     """A job read under its row lock (after its workflow's), for a transition."""
     if _is_sqlite(session):  # one writer connection: the transaction is the lock
         return await get_job(session, job_id, tenant)
-    job = await get_job(session, job_id, tenant)
-    if job is None:
-        return None
-    if job.workflow_id:
-        await lock_workflow(session, job.workflow_id)
+    workflow_id = _WORKFLOW_OF.get(job_id)
+    if workflow_id is None:
+        job = await get_job(session, job_id, tenant)
+        if job is None:
+            return None
+        workflow_id = job.workflow_id
+    if workflow_id:
+        await lock_workflow(session, workflow_id)
     return await get_job(session, job_id, tenant, for_update=True)
-
-
-async def lock_queued(session: AsyncSession, job_ids: list[str]) -> set[str]:
-    """Of these jobs, the ones still QUEUED and not being claimed by another
-    replica right now (SELECT ... FOR UPDATE SKIP LOCKED); they stay locked."""
-    if not job_ids:
-        return set()
-    if _is_sqlite(session):  # one writer connection: nobody else is claiming
-        return set(job_ids)
-    stmt = (
-        select(JobRow.id)
-        .where(JobRow.id.in_(job_ids), JobRow.state == int(RunState.QUEUED))
-        .with_for_update(skip_locked=True)
-    )
-    return set((await session.execute(stmt)).scalars())
 
 
 # What a job listing reads: never request_context (a Job does not carry it),
@@ -615,12 +656,35 @@ def annotation_from_row(row: Row, *, full: bool = True) -> Annotation:
 
 
 _ELIGIBLE: dict[int, Query] = {}
-_NEXT_ELIGIBLE: dict[int, Query] = {}
 
 
 def _in(name: str, count: int) -> str:
     """`(:name0, :name1, ...)`: an IN list of `count` parameters."""
     return "(" + ", ".join(f":{name}{i}" for i in range(count)) + ")"
+
+
+def _eligible_query(tenants: int) -> Query:
+    """The eligible jobs of a service (a page), and one more row whose job
+    columns are NULL and whose last column says when the service's next
+    waiting job (not_before or backoff) becomes eligible: one statement for
+    both questions a dispatch round asks."""
+    where = (
+        "state = :queued AND service = :service"
+        " AND not_before_us <= :now AND next_attempt_us <= :now"
+    )
+    if tenants >= 0:
+        where += f" AND tenant IN {_in('tenant', tenants)}" if tenants else " AND 0 = 1"
+    names = [c.name for c in JOBS.columns]
+    picked = ", ".join(f'"{n}"' for n in names)
+    nulls = ", ".join("NULL" for _ in names)
+    template = (
+        f"SELECT {picked}, NULL AS next_eligible_us FROM (SELECT {picked} FROM jobs"
+        f" WHERE {where} ORDER BY priority DESC, seq LIMIT :limit) AS page"
+        f" UNION ALL SELECT {nulls}, (SELECT min({{f}}(not_before_us, next_attempt_us))"
+        " FROM jobs WHERE state = :queued AND service = :service"
+        " AND {f}(not_before_us, next_attempt_us) > :now)"
+    )
+    return Query(template.format(f="max"), postgresql=template.format(f="greatest"))
 
 
 async def eligible_jobs(
@@ -629,21 +693,15 @@ async def eligible_jobs(
     now: int,
     limit: int,
     tenants: frozenset[str] | None = None,
-) -> list[Job]:
-    """QUEUED jobs of a service that may run now: higher priority first, then oldest."""
+) -> tuple[list[Job], int | None]:
+    """QUEUED jobs of a service that may run now (higher priority first, then
+    oldest), and when the next of its waiting (not_before or backoff) jobs
+    becomes eligible (None: none waits)."""
     names = sorted(tenants) if tenants is not None else None
     shape = -1 if names is None else len(names)
     q = _ELIGIBLE.get(shape)
     if q is None:
-        where = (
-            "state = :queued AND service = :service"
-            " AND not_before_us <= :now AND next_attempt_us <= :now"
-        )
-        if names is not None:
-            where += f" AND tenant IN {_in('tenant', len(names))}" if names else " AND 0 = 1"
-        q = _ELIGIBLE[shape] = Query(
-            f"SELECT * FROM jobs WHERE {where} ORDER BY priority DESC, seq LIMIT :limit"
-        )
+        q = _ELIGIBLE[shape] = _eligible_query(shape)
     params: dict[str, Any] = {
         "queued": int(RunState.QUEUED),
         "service": service,
@@ -651,41 +709,34 @@ async def eligible_jobs(
         "limit": limit,
     }
     params.update((f"tenant{i}", t) for i, t in enumerate(names or ()))
-    return [job_from_row(r) for r in await sql.fetch(session, q, params)]
-
-
-async def next_eligible_us(session: AsyncSession, services: Iterable[str], now: int) -> int | None:
-    """When the next waiting (not_before or backoff) job of these services becomes eligible."""
-    svc = sorted(services)
-    if not svc:
-        return None
-    q = _NEXT_ELIGIBLE.get(len(svc))
-    if q is None:
-        template = (
-            "SELECT min({f}(not_before_us, next_attempt_us)) FROM jobs"
-            f" WHERE state = :queued AND service IN {_in('service', len(svc))}"
-            " AND {f}(not_before_us, next_attempt_us) > :now"
-        )
-        q = _NEXT_ELIGIBLE[len(svc)] = Query(
-            template.format(f="max"), postgresql=template.format(f="greatest")
-        )
-    params: dict[str, Any] = {"queued": int(RunState.QUEUED), "now": now}
-    params.update((f"service{i}", name) for i, name in enumerate(svc))
-    found = await sql.scalar(session, q, params)
-    return None if found is None else int(found)
+    jobs: list[Job] = []
+    next_us: int | None = None
+    for r in await sql.fetch(session, q, params):
+        if r["id"] is not None:
+            jobs.append(job_from_row(r, context=True))
+        elif r["next_eligible_us"] is not None:
+            next_us = int(r["next_eligible_us"])
+    jobs.sort(key=lambda j: (-j.spec.priority, j.seq))
+    return jobs, next_us
 
 
 def _is_sqlite(session: AsyncSession) -> bool:
     return sql.dialect(session) == "sqlite"
 
 
-_CLAIM = Query(
+_CLAIM_SET = (
     "UPDATE jobs SET state = :running, attempt = attempt + 1, worker_id = :worker_id,"
     " lease_holder = :holder, lease_session = :session_id, lease_deadline_us = :lease_deadline_us,"
     " next_attempt_us = 0, started_us = :now, updated_us = :now,"
     " first_started_us = CASE WHEN first_started_us = 0 THEN :now ELSE first_started_us END,"
     " progress_percent = 0.0, progress_message = ''"
-    " WHERE id = :id AND state = :queued RETURNING *"
+)
+_CLAIM = Query(
+    _CLAIM_SET + " WHERE id = :id AND state = :queued RETURNING *",
+    # A job another replica is claiming right now (its row locked) is skipped,
+    # not waited for: the lock is taken, SKIP LOCKED, by the same statement.
+    postgresql=_CLAIM_SET + " WHERE id = (SELECT id FROM jobs WHERE id = :id AND state = :queued"
+    " FOR UPDATE SKIP LOCKED) AND state = :queued RETURNING *",
 )
 
 
@@ -700,7 +751,8 @@ async def claim_job(
 ) -> Job | None:
     """Lease a QUEUED job to a worker session (`holder` is who the worker is,
     `worker_id` its name): compare-and-set on the state, attempt + 1. The job as
-    claimed, or None if it was no longer QUEUED."""
+    claimed, or None if it was no longer QUEUED or (PostgreSQL) another
+    replica holds its row lock."""
     row = await sql.fetch_one(
         session,
         _CLAIM,
@@ -715,7 +767,7 @@ async def claim_job(
             "now": now,
         },
     )
-    return None if row is None else job_from_row(row)
+    return None if row is None else _remember(job_from_row(row, context=True))
 
 
 async def extend_leases(
@@ -787,9 +839,12 @@ _WORKFLOW_CONTEXT = Query("SELECT request_context FROM workflows WHERE id = :id"
 
 
 async def request_context_for(session: AsyncSession, job: Job) -> JSON:
-    """The request that triggered a job: its own, or its workflow's."""
+    """The request that triggered a job: its own (as the job carries it, when
+    it was read whole), or its workflow's."""
     if job.workflow_id:
         text = await sql.scalar(session, _WORKFLOW_CONTEXT, {"id": job.workflow_id})
+    elif job.request_context is not None:
+        text = job.request_context
     else:
         text = await sql.scalar(session, _JOB_CONTEXT, {"id": job.id})
     return codec.loads(text) or {}

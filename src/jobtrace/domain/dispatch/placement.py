@@ -85,13 +85,18 @@ class Placement(Leases):
             for service in s.services:
                 key = (service, s.tenants)
                 capacity[key] = capacity.get(key, 0) + s.free_slots
+        candidates: dict[str, Job] = {}
+        next_us: int | None = None
         async with self._db.read() as db:
-            candidates: dict[str, Job] = {}
+            # A service with no free slot is not read: a slot that frees wakes
+            # the dispatcher, which then reads it.
             for (service, tenants), slots in capacity.items():
                 if slots:
-                    for job in await store.eligible_jobs(db, service, now, slots, tenants):
+                    jobs, waiting_us = await store.eligible_jobs(db, service, now, slots, tenants)
+                    for job in jobs:
                         candidates[job.id] = job
-            next_us = await store.next_eligible_us(db, {svc for svc, _ in capacity}, now)
+                    if waiting_us is not None and (next_us is None or waiting_us < next_us):
+                        next_us = waiting_us
         # Pick among the sessions as they are now, after the reads: a worker that
         # connected meanwhile competes (affinity must not lose to a stale view).
         free = [s for s in self.sessions.values() if s.free_slots > 0]
@@ -136,12 +141,11 @@ class Placement(Leases):
             deadline = now + self.lease_ms * 1000
             changed = []
             # Lock order everywhere: workflows, then jobs. Jobs another replica is
-            # claiming right now are skipped, not waited for.
+            # claiming right now are skipped, not waited for (see claim_job).
             for workflow_id in sorted({j.workflow_id for j, _ in plan if j.workflow_id}):
                 await store.lock_workflow(db, workflow_id)
-            free = await store.lock_queued(db, [j.id for j, _ in plan])
             for job, session in plan:
-                if session.closed or job.id not in free:
+                if session.closed:
                     continue
                 claimed = await store.claim_job(
                     db, job.id, session.worker_id, deadline, now, session.session_id, session.holder

@@ -1,0 +1,99 @@
+"""Database statements per job on the hot path, counted at the database's door.
+
+One job at a time: submit, claim, three progress reports, completion (its
+trace events and its signed, chained attestation), through the real server
+and the real worker runtime, on both backends. Issue 15 sets the bound."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from jobtrace.pb import common_pb2, job_service_pb2
+
+from .conftest import Harness, wait_for
+from .statements import CountingPgProxy, Statements, kinds, traced_sqlite
+from .workers import runtime_worker
+
+# Issue 15: at most 12 statements per job (BEGIN/COMMIT not counted).
+MAX_STATEMENTS_PER_JOB = 12
+WARM_UP_JOBS = 3
+MEASURED_JOBS = 12
+
+
+@pytest.fixture
+async def counted(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Harness, Statements]]:
+    """A server whose every database statement is recorded."""
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        with traced_sqlite(monkeypatch) as seen:
+            async with Harness(db_url) as h:
+                yield h, seen
+        return
+    proxy = CountingPgProxy(url.host or "127.0.0.1", url.port or 5432)
+    port = await proxy.start()
+    proxied = url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+    try:
+        async with Harness(proxied) as h:
+            yield h, proxy.statements
+    finally:
+        await proxy.stop()
+
+
+def _background(statement: str) -> bool:
+    """Statements a server runs whatever its jobs do (storage probes)."""
+    return statement.strip().rstrip(";").upper() == "SELECT 1"
+
+
+async def test_a_job_costs_at_most_twelve_statements(
+    counted: tuple[Harness, Statements],
+) -> None:
+    h, seen = counted
+    stubs = h.stubs()
+    done: asyncio.Queue[str] = asyncio.Queue()
+
+    async def run(job: Any) -> dict[str, Any]:
+        for step in (1, 2, 3):
+            await job.progress(step * 33.0, f"step {step}")
+        return {"ok": True}
+
+    async with runtime_worker(h.target, {"bench": run}, worker_id="counted") as worker:
+        worker.on_completed = lambda job_id, stored: done.put_nowait(job_id) if stored else None
+
+        async def one_job(i: int) -> None:
+            response = await stubs.jobs.SubmitJob(
+                job_service_pb2.SubmitJobRequest(
+                    request_id=f"count-{i}", job=common_pb2.JobSpec(service="bench")
+                )
+            )
+            assert await asyncio.wait_for(done.get(), 10) == response.job.id
+
+        async def settled() -> bool:
+            # Nothing more arrives for a moment: the dispatcher went back to
+            # sleep after the last completion.
+            before = seen.mark()
+            await asyncio.sleep(0.05)
+            return seen.mark() == before
+
+        for i in range(WARM_UP_JOBS):
+            await one_job(i)
+        await wait_for(settled, timeout=10)
+        mark = seen.mark()
+        for i in range(WARM_UP_JOBS, WARM_UP_JOBS + MEASURED_JOBS):
+            await one_job(i)
+        await wait_for(settled, timeout=10)
+        statements = [s for s in seen.since(mark) if not _background(s)]
+    per_job = len(statements) / MEASURED_JOBS
+    breakdown = "\n".join(
+        f"{n / MEASURED_JOBS:6.2f}  {k}" for k, n in kinds(statements).most_common()
+    )
+    print(f"\n{per_job:.2f} statements per job\n{breakdown}")
+    assert per_job <= MAX_STATEMENTS_PER_JOB, (
+        f"{per_job:.2f} statements per job (at most {MAX_STATEMENTS_PER_JOB}):\n{breakdown}"
+    )
