@@ -865,12 +865,17 @@ class Attestor:
         job_id: str = "",
         worker_id: str = "",
         attempt: int = 0,
+        head: tuple[int, str] | None = None,
     ) -> Attestation:
         """Build, chain, sign and store one attestation inside the caller's transaction.
+        `head` is the chain's last (chain_seq, digest) when the caller knows it
+        (read under the lock that orders the chain's writers); else it is read.
 
         Sanitising, encoding and signing large evidence runs in a worker thread
         (see INLINE_EVIDENCE): the event loop keeps serving every other caller."""
-        last_seq, last_digest = await store.chain_head(session, chain_id)
+        last_seq, last_digest = (
+            head if head is not None else await store.chain_head(session, chain_id)
+        )
         now = now_us()
         draft = Attestation(
             key=key,

@@ -48,6 +48,16 @@ async def set_job(session: AsyncSession, job: Job, **changes: object) -> Job:
     (completion, failure, lost or expired lease, timeout, cancel of the job or
     its workflow): the annotations its worker sent become visible in the same
     transaction."""
+    new, values = await _changed(session, job, changes)
+    await store.update_job(session, job.id, **values)
+    return new
+
+
+async def _changed(
+    session: AsyncSession, job: Job, changes: dict[str, object]
+) -> tuple[Job, dict[str, object]]:
+    """The new record of a job and the column values to write (see set_job);
+    an ended attempt's annotations are published here."""
     if job.state == RunState.RUNNING and changes.get("state", job.state) != RunState.RUNNING:
         if job.pending_annotations:  # most attempts have none: no query then
             await store.publish_annotations(session, job.id, job.attempt)
@@ -61,10 +71,11 @@ async def set_job(session: AsyncSession, job: Job, **changes: object) -> Job:
             values["failure"] = codec.failure_dumps(value)  # type: ignore[arg-type]
         elif name == "result":
             values["result"] = None if value is None else codec.dumps(value)
+        elif name == "chain_head":
+            values["chain_seq"], values["chain_digest"] = value  # type: ignore[misc]
         else:  # record fields are named like their columns
             values[name] = value
-    await store.update_job(session, job.id, **values)
-    return new
+    return new, values
 
 
 def job_log_fields(job: Job) -> dict[str, object]:
@@ -114,8 +125,21 @@ class Lifecycle:
             log_on_commit(tx, level, message, {**job_log_fields(job), **fields})
 
     async def _attest_job(
-        self, db: AsyncSession, job: Job, type: AttestationType, key: str, extra: JSON
-    ) -> None:
+        self,
+        db: AsyncSession,
+        job: Job,
+        type: AttestationType,
+        key: str,
+        extra: JSON,
+        *,
+        keep_head: bool = True,
+    ) -> tuple[int, str] | None:
+        """Attest a job's transition. A standalone job's row records the head
+        of its chain: read from the (locked) job as loaded when it has it, else
+        from the attestations; the new head is written back to the row here,
+        or, without `keep_head`, returned for the caller's own UPDATE of the
+        row in this transaction (it must write it). A step's chain is its
+        workflow's: None."""
         context = await store.request_context_for(db, job)
         data: JSON = {
             "request_context": context,
@@ -131,7 +155,7 @@ class Lifecycle:
             "completed_at": iso(job.completed_us),
             **extra,
         }
-        await self.attestor.attest(
+        signed = await self.attestor.attest(
             db,
             key=key,
             type=type,
@@ -145,12 +169,20 @@ class Lifecycle:
             job_id=job.id,
             worker_id=job.worker_id,
             attempt=job.attempt,
+            head=None if job.workflow_id else job.chain_head,
         )
+        if job.workflow_id:
+            return None
+        head = (signed.chain_seq, signed.digest)
+        if keep_head:
+            await store.update_job(db, job.id, chain_seq=head[0], chain_digest=head[1])
+        return head
 
     async def _attest_failure(
         self, db: AsyncSession, job: Job, failure: Failure, will_retry: bool
-    ) -> None:
-        await self._attest_job(
+    ) -> Job:
+        """Attest a failed attempt; the job with its chain's new head."""
+        head = await self._attest_job(
             db,
             job,
             AttestationType.WORKER_FAILURE,
@@ -165,6 +197,7 @@ class Lifecycle:
                 "will_retry": will_retry,
             },
         )
+        return job if head is None else replace(job, chain_head=head)
 
     async def _attest_workflow(
         self,
@@ -245,21 +278,53 @@ class Lifecycle:
     async def _record(self, db: AsyncSession, tx: Tx, job: Job, *events: TraceEvent) -> None:
         await self.trace.record(db, tx, job.tenant, list(events))
 
-    async def started(self, db: AsyncSession, tx: Tx, job: Job, now: int) -> None:
-        """A job's attempt started; a step's first start makes its workflow RUNNING."""
-        await self._record(
-            db,
-            tx,
-            job,
-            self._event(
-                job,
-                type=TraceType.STARTED,
-                category=Category.BUSINESS,
-                milestone=True,
-                display_priority=PRIORITY_START,
-                message=f"{node_of(job)} started (attempt {job.attempt})",
-            ),
+    async def _set_and_record(
+        self, db: AsyncSession, tx: Tx, job: Job, changes: dict[str, object], *events: TraceEvent
+    ) -> Job:
+        """set_job and then _record (events of the job's run), in one
+        statement where the backend allows. The job must be locked."""
+        new, values = await _changed(db, job, changes)
+        update = store.job_update(job.id, values)
+        row = await self.trace.record_after_update(db, tx, job.tenant, list(events), update)
+        assert row is not None, f"job {job.id} vanished under its lock"
+        return new
+
+    async def claim(
+        self,
+        db: AsyncSession,
+        tx: Tx,
+        job: Job,
+        worker_id: str,
+        lease_deadline_us: int,
+        now: int,
+        session_id: str,
+        holder: str,
+    ) -> Job | None:
+        """Lease a QUEUED job (as a dispatch read saw it) to a worker session and
+        record its start, in one statement where the backend allows: the job
+        as claimed, or None with nothing changed if it is no longer QUEUED at
+        that attempt (or another replica is claiming it right now)."""
+        attempt = job.attempt + 1
+        event = self._event(
+            replace(job, attempt=attempt, worker_id=worker_id),
+            type=TraceType.STARTED,
+            category=Category.BUSINESS,
+            milestone=True,
+            display_priority=PRIORITY_START,
+            message=f"{node_of(job)} started (attempt {attempt})",
         )
+        update = store.claim_update(
+            job.id, job.attempt, worker_id, lease_deadline_us, now, session_id, holder
+        )
+        row = await self.trace.record_after_update(db, tx, job.tenant, [event], update)
+        if row is None:
+            return None
+        claimed = store.job_from_row(row, context=True)
+        await self._workflow_started(db, claimed, now)
+        return claimed
+
+    async def _workflow_started(self, db: AsyncSession, job: Job, now: int) -> None:
+        """A step's first start makes its workflow RUNNING."""
         if not job.workflow_id:
             return
         row = await store.get_workflow_row(db, job.workflow_id)
@@ -313,6 +378,49 @@ class Lifecycle:
         updated = await set_job(
             db, job, progress_percent=percent, progress_message=message, updated_us=now
         )
+        await self.progressed(db, tx, updated, percent, message)
+        return updated
+
+    async def progress_if_held(
+        self,
+        db: AsyncSession,
+        tx: Tx,
+        job_id: str,
+        attempt: int,
+        holder: str,
+        worker_id: str,
+        percent: float,
+        message: str,
+        now: int,
+    ) -> Job | None:
+        """Progress of an attempt whose lease `holder` holds, fenced and written
+        with its trace event in one statement under the job's row lock (where
+        the store allows it for this job): the job as updated, or None with
+        nothing changed (refused, or not for this path): the caller then takes
+        the general one (load_locked, fence, progress), which says why."""
+        run = store.one_statement_run(db, job_id)
+        if run is None:
+            return None
+        tenant, run_id, node_id = run
+        event = TraceEvent(
+            run_id=run_id,
+            node_id=node_id,
+            job_id=job_id,
+            attempt=attempt,
+            worker_id=worker_id,
+            type=TraceType.PROGRESS,
+            category=Category.BUSINESS,
+            percent=percent,
+            message=message or f"{node_id} at {percent:g}%",
+        )
+        update = store.progress_update(job_id, attempt, holder, percent, message, now)
+        row = await self.trace.record_after_update(db, tx, tenant, [event], update)
+        return None if row is None else store.job_from_row(row, context=True)
+
+    async def progressed(
+        self, db: AsyncSession, tx: Tx, job: Job, percent: float, message: str
+    ) -> None:
+        """The trace event of progress already written to the job."""
         await self._record(
             db,
             tx,
@@ -325,26 +433,36 @@ class Lifecycle:
                 message=message or f"{node_of(job)} at {percent:g}%",
             ),
         )
-        return updated
 
     async def complete(
         self, db: AsyncSession, tx: Tx, job: Job, result: JSON | None, now: int
     ) -> list[Job]:
-        done = await set_job(
+        changes: dict[str, object] = {
+            "state": RunState.COMPLETED,
+            "result": result,
+            "completed_us": now,
+            "updated_us": now,
+            "lease_deadline_us": 0,
+            "failure": None,
+            "progress_percent": 100.0,
+        }
+        # Attested first, so that the job's one UPDATE also records the new
+        # head of its attestation chain (same transaction, job row locked).
+        head = await self._attest_job(
             db,
-            job,
-            state=RunState.COMPLETED,
-            result=result,
-            completed_us=now,
-            updated_us=now,
-            lease_deadline_us=0,
-            failure=None,
-            progress_percent=100.0,
+            replace(job, **changes),  # type: ignore[arg-type]
+            AttestationType.WORKER_COMPLETION,
+            f"worker-completion:{job.id}",
+            {"result": result},
+            keep_head=False,
         )
-        await self._record(
+        if head is not None:
+            changes["chain_head"] = head
+        done = await self._set_and_record(
             db,
             tx,
             job,
+            changes,
             self._event(
                 job,
                 type=TraceType.COMPLETED,
@@ -354,13 +472,6 @@ class Lifecycle:
                 percent=100.0,
                 message=f"{node_of(job)} completed",
             ),
-        )
-        await self._attest_job(
-            db,
-            done,
-            AttestationType.WORKER_COMPLETION,
-            f"worker-completion:{job.id}",
-            {"result": result},
         )
         self.log_after(tx, logging.INFO, "job completed", job, worker_id=job.worker_id)
         if not job.workflow_id:
@@ -395,7 +506,7 @@ class Lifecycle:
                     f"retrying in {delay_us / 1e6:g}s",
                 ),
             )
-            await self._attest_failure(db, queued, failure, will_retry=True)
+            queued = await self._attest_failure(db, queued, failure, will_retry=True)
             service = job.spec.service
 
             def count_retry() -> None:
@@ -486,7 +597,7 @@ class Lifecycle:
             code=failure.code if failure else "",
         )
         if failed_attempt and failure is not None:
-            await self._attest_failure(db, ended, failure, will_retry=False)
+            ended = await self._attest_failure(db, ended, failure, will_retry=False)
         if state == RunState.CANCELLED and not job.workflow_id:
             # A step's cancellation is in its workflow's attestation.
             await self._attest_job(

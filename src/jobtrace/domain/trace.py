@@ -39,6 +39,7 @@ from jobtrace.model import (
 from jobtrace.store import jobs as job_store
 from jobtrace.store import trace as store
 from jobtrace.store.db import Database, Tx
+from jobtrace.store.sql import Params, Query, Row
 from jobtrace.store.trace import EventFilter
 
 log = logging.getLogger(__name__)
@@ -317,6 +318,32 @@ class Trace:
             tx.notify({"k": "trace", "run": run_id})
             stored += numbered
         return stored
+
+    async def record_after_update(
+        self,
+        session: AsyncSession,
+        tx: Tx,
+        tenant: str,
+        events: list[TraceEvent],
+        update: tuple[Query, Params],
+    ) -> Row | None:
+        """Run `update` (an UPDATE of one job RETURNING *, a transition) and,
+        if it matched, record these events of one run (as `record` does, with
+        the job's traceparent) in the same statement where the backend allows:
+        the job's row as updated, or None with nothing changed."""
+        events = await off_loop_if_large(
+            [_evidence_of(e) for e in events], _redact_events, events, self.redaction
+        )
+        now = now_us()
+        run_id = events[0].run_id
+        assert all(e.run_id == run_id for e in events), "events of one run"
+        row, numbered = await store.update_and_store_events(
+            session, update, run_id, tenant, [normalize(e, now, 0, tenant) for e in events]
+        )
+        if row is not None:
+            tx.on_commit(lambda: self._committed(run_id, numbered))
+            tx.notify({"k": "trace", "run": run_id})
+        return row
 
     def _committed(self, run_id: str, events: list[TraceEvent]) -> None:
         self.events_appended += len(events)

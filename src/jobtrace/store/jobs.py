@@ -23,7 +23,7 @@ from jobtrace.model import (
 )
 from jobtrace.store import codec, sql
 from jobtrace.store.listing import Chunk, Listing, read_chunk, stored_size
-from jobtrace.store.sql import Query, Row
+from jobtrace.store.sql import Params, Query, Row
 from jobtrace.store.tables import (
     AnnotationRow,
     JobRow,
@@ -161,6 +161,9 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         "started_us": job.started_us,
         "completed_us": job.completed_us,
         "first_started_us": job.first_started_us,
+        # A new standalone job's chain is empty; a step's is its workflow's.
+        "chain_seq": None if job.workflow_id else 0,
+        "chain_digest": None if job.workflow_id else "",
     }
 
 
@@ -189,9 +192,10 @@ async def insert_job(session: AsyncSession, job: Job, request_context: JSON) -> 
     spec = replace(
         job.spec, payload=codec.loads(values["payload"]), labels=codec.loads(values["labels"])
     )
-    return _remember(
-        replace(job, seq=int(seq), spec=spec, request_context=values["request_context"])
-    )
+    stored = replace(job, seq=int(seq), spec=spec, request_context=values["request_context"])
+    if not job.workflow_id:
+        stored = replace(stored, chain_head=(0, ""))
+    return _remember(stored)
 
 
 def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
@@ -236,7 +240,13 @@ def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
         pending_annotations=row["pending_annotations"],
         first_started_us=row["first_started_us"],
         request_context=row["request_context"] if context else None,
+        chain_head=_chain_head(row) if context else None,
     )
+
+
+def _chain_head(row: Row) -> tuple[int, str] | None:
+    seq = row["chain_seq"]
+    return None if seq is None else (int(seq), str(row["chain_digest"]))
 
 
 async def get_job(
@@ -267,14 +277,33 @@ async def lock_workflow(session: AsyncSession, workflow_id: str) -> None:
 # oldest entry goes when it is full; a job not found is read first.
 _WORKFLOW_OF: dict[str, str] = {}
 WORKFLOW_OF_MAX = 65_536
+# Likewise (bounded alike) what else of a job never changes: (tenant, step name).
+_IDENTITY_OF: dict[str, tuple[str, str]] = {}
 
 
 def _remember(job: Job) -> Job:
     if job.id not in _WORKFLOW_OF:
         if len(_WORKFLOW_OF) >= WORKFLOW_OF_MAX:
-            del _WORKFLOW_OF[next(iter(_WORKFLOW_OF))]
+            oldest = next(iter(_WORKFLOW_OF))
+            del _WORKFLOW_OF[oldest]
+            _IDENTITY_OF.pop(oldest, None)
         _WORKFLOW_OF[job.id] = job.workflow_id
+        _IDENTITY_OF[job.id] = (job.tenant, job.step_name)
     return job
+
+
+def one_statement_run(session: AsyncSession, job_id: str) -> tuple[str, str, str] | None:
+    """(tenant, run id, node id) of a job whose fenced transition may be
+    written by one statement (see progress_update): a job seen lately, and
+    on PostgreSQL a standalone one (a step is locked after its workflow)."""
+    workflow_id = _WORKFLOW_OF.get(job_id)
+    identity = _IDENTITY_OF.get(job_id)
+    if workflow_id is None or identity is None:
+        return None
+    if workflow_id and not _is_sqlite(session):
+        return None
+    tenant, step_name = identity
+    return tenant, workflow_id or job_id, step_name or job_id
 
 
 async def load_locked(session: AsyncSession, job_id: str, tenant: str | None = None) -> Job | None:
@@ -571,6 +600,24 @@ async def update_job(session: AsyncSession, job_id: str, **values: Any) -> None:
     await sql.execute(session, q, {**values, "job_id_": job_id})
 
 
+def job_update(job_id: str, values: dict[str, Any]) -> tuple[Query, Params]:
+    """The UPDATE of these columns of a job, RETURNING the row (to run with
+    the transition's trace events: store.trace.update_and_store_events)."""
+    columns = tuple(values)
+    q = _UPDATE_JOB_RETURNING.get(columns)
+    if q is None:
+        if not set(columns) <= set(JOB_COLUMNS) - {"id"}:
+            raise ValueError(f"not a job column: {sorted(set(columns) - set(JOB_COLUMNS))}")
+        assignments = ", ".join(f"{c} = :{c}" for c in columns)
+        q = _UPDATE_JOB_RETURNING[columns] = Query(
+            f"UPDATE jobs SET {assignments} WHERE id = :job_id_ RETURNING *"
+        )
+    return q, {**values, "job_id_": job_id}
+
+
+_UPDATE_JOB_RETURNING: dict[tuple[str, ...], Query] = {}
+
+
 async def update_workflow(session: AsyncSession, workflow_id: str, **values: Any) -> None:
     await session.execute(update(WorkflowRow).where(WorkflowRow.id == workflow_id).values(**values))
 
@@ -713,7 +760,7 @@ async def eligible_jobs(
     next_us: int | None = None
     for r in await sql.fetch(session, q, params):
         if r["id"] is not None:
-            jobs.append(job_from_row(r, context=True))
+            jobs.append(job_from_row(r))
         elif r["next_eligible_us"] is not None:
             next_us = int(r["next_eligible_us"])
     jobs.sort(key=lambda j: (-j.spec.priority, j.seq))
@@ -724,6 +771,30 @@ def _is_sqlite(session: AsyncSession) -> bool:
     return sql.dialect(session) == "sqlite"
 
 
+_PROGRESS_IF_HELD = Query(
+    "UPDATE jobs SET progress_percent = :percent, progress_message = :message,"
+    " updated_us = :now WHERE id = :id AND attempt = :attempt AND lease_holder = :holder"
+    " AND state = :running RETURNING *"
+)
+
+
+def progress_update(
+    job_id: str, attempt: int, holder: str, percent: float, message: str, now: int
+) -> tuple[Query, Params]:
+    """The fenced progress UPDATE of a RUNNING attempt whose lease `holder`
+    holds (RETURNING the job as updated; no row: refused, nothing changed),
+    to run with its trace event (store.trace.update_and_store_events)."""
+    return _PROGRESS_IF_HELD, {
+        "id": job_id,
+        "attempt": attempt,
+        "holder": holder,
+        "running": int(RunState.RUNNING),
+        "percent": percent,
+        "message": message,
+        "now": now,
+    }
+
+
 _CLAIM_SET = (
     "UPDATE jobs SET state = :running, attempt = attempt + 1, worker_id = :worker_id,"
     " lease_holder = :holder, lease_session = :session_id, lease_deadline_us = :lease_deadline_us,"
@@ -731,43 +802,40 @@ _CLAIM_SET = (
     " first_started_us = CASE WHEN first_started_us = 0 THEN :now ELSE first_started_us END,"
     " progress_percent = 0.0, progress_message = ''"
 )
-_CLAIM = Query(
-    _CLAIM_SET + " WHERE id = :id AND state = :queued RETURNING *",
-    # A job another replica is claiming right now (its row locked) is skipped,
-    # not waited for: the lock is taken, SKIP LOCKED, by the same statement.
+# A job another replica is claiming right now (its row locked) is skipped, not
+# waited for: the lock is taken, SKIP LOCKED, by the claim's own statement.
+_CLAIM_AT = Query(
+    _CLAIM_SET + " WHERE id = :id AND state = :queued AND attempt = :seen_attempt RETURNING *",
     postgresql=_CLAIM_SET + " WHERE id = (SELECT id FROM jobs WHERE id = :id AND state = :queued"
-    " FOR UPDATE SKIP LOCKED) AND state = :queued RETURNING *",
+    " FOR UPDATE SKIP LOCKED) AND state = :queued AND attempt = :seen_attempt RETURNING *",
 )
 
 
-async def claim_job(
-    session: AsyncSession,
+def claim_update(
     job_id: str,
+    attempt: int,
     worker_id: str,
     lease_deadline_us: int,
     now: int,
     session_id: str = "",
     holder: str = "",
-) -> Job | None:
+) -> tuple[Query, Params]:
     """Lease a QUEUED job to a worker session (`holder` is who the worker is,
-    `worker_id` its name): compare-and-set on the state, attempt + 1. The job as
-    claimed, or None if it was no longer QUEUED or (PostgreSQL) another
-    replica holds its row lock."""
-    row = await sql.fetch_one(
-        session,
-        _CLAIM,
-        {
-            "id": job_id,
-            "running": int(RunState.RUNNING),
-            "queued": int(RunState.QUEUED),
-            "worker_id": worker_id,
-            "holder": holder,
-            "session_id": session_id,
-            "lease_deadline_us": lease_deadline_us,
-            "now": now,
-        },
-    )
-    return None if row is None else _remember(job_from_row(row, context=True))
+    `worker_id` its name), compare-and-set on the state and on the attempt the
+    dispatch read saw, attempt + 1: an UPDATE RETURNING the claimed row (no
+    row: not claimed, nothing changed), to run with its start's trace event
+    (store.trace.update_and_store_events)."""
+    return _CLAIM_AT, {
+        "id": job_id,
+        "seen_attempt": attempt,
+        "running": int(RunState.RUNNING),
+        "queued": int(RunState.QUEUED),
+        "worker_id": worker_id,
+        "holder": holder,
+        "session_id": session_id,
+        "lease_deadline_us": lease_deadline_us,
+        "now": now,
+    }
 
 
 async def extend_leases(

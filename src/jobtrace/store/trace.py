@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from jobtrace.model import Category, ErrorInfo, Level, TraceEvent, TraceType
 from jobtrace.store import codec, sql
 from jobtrace.store.listing import Chunk, Listing, read_chunk
-from jobtrace.store.sql import Query, Row
+from jobtrace.store.sql import Params, Query, Row
 from jobtrace.store.tables import TraceEventRow, TraceRunRow
 
 
@@ -61,29 +61,59 @@ EVENTS = TraceEventRow.__table__
 _INSERT_EVENT = sql.insert_query(EVENTS, sql.columns(EVENTS))
 
 
-def _reserve_and_insert() -> Query:
+def _reserve_and_insert(update: str = "") -> Query:
     """PostgreSQL: reserve the run's numbers and insert its events in one
     statement (a data-modifying CTE): one array per column, numbered by
-    their position. The column list is the table's."""
+    their position. The column list is the table's. With `update` (an
+    UPDATE of one job RETURNING *), that runs first in the same statement,
+    and the events are stored only if it matched a row (they take its
+    traceparent); the statement returns the row and the last number."""
     names = [n for n in sql.columns(EVENTS) if n != "seq"]
     pg = postgresql.dialect()  # type: ignore[no-untyped-call]
     arrays = ", ".join(f"CAST(:a_{n} AS {EVENTS.c[n].type.compile(dialect=pg)}[])" for n in names)
     quoted = ", ".join(f'"{n}"' for n in names)
-    picked = ", ".join(f"u.{n}" for n in names)
-    text = (
-        "WITH r AS (INSERT INTO trace_runs (run_id, tenant, last_seq)"
-        " VALUES (:run_id, :tenant, CAST(:count AS BIGINT))"
+    if not update:
+        picked = ", ".join(f"u.{n}" for n in names)
+        return Query(
+            "WITH r AS (INSERT INTO trace_runs (run_id, tenant, last_seq)"
+            " VALUES (:run_id, :tenant, CAST(:count AS BIGINT))"
+            " ON CONFLICT (run_id) DO UPDATE SET last_seq = trace_runs.last_seq + EXCLUDED.last_seq"
+            " RETURNING last_seq),"
+            f" e AS (INSERT INTO trace_events (seq, {quoted})"
+            f" SELECT r.last_seq - CAST(:count AS BIGINT) + u.n, {picked}"
+            f" FROM r, unnest({arrays}) WITH ORDINALITY AS u({', '.join(names)}, n))"
+            " SELECT last_seq FROM r"
+        )
+    picked = ", ".join("j.traceparent" if n == "traceparent" else f"u.{n}" for n in names)
+    return Query(
+        f"WITH j AS ({update}),"
+        " r AS (INSERT INTO trace_runs (run_id, tenant, last_seq)"
+        " SELECT :run_id, :tenant, CAST(:count AS BIGINT) FROM j"
         " ON CONFLICT (run_id) DO UPDATE SET last_seq = trace_runs.last_seq + EXCLUDED.last_seq"
         " RETURNING last_seq),"
         f" e AS (INSERT INTO trace_events (seq, {quoted})"
         f" SELECT r.last_seq - CAST(:count AS BIGINT) + u.n, {picked}"
-        f" FROM r, unnest({arrays}) WITH ORDINALITY AS u({', '.join(names)}, n))"
-        " SELECT last_seq FROM r"
+        f" FROM r, j, unnest({arrays}) WITH ORDINALITY AS u({', '.join(names)}, n))"
+        " SELECT j.*, r.last_seq AS trace_last_seq_ FROM j, r"
     )
-    return Query(text)
 
 
 _RESERVE_AND_INSERT = _reserve_and_insert()
+_UPDATE_AND_INSERT: dict[str, Query] = {}
+
+
+def _event_params(run_id: str, tenant: str, events: Sequence[TraceEvent]) -> Params:
+    rows = [_values(e) for e in events]
+    params: Params = {"run_id": run_id, "tenant": tenant, "count": len(events)}
+    for name in rows[0]:
+        if name != "seq":
+            params[f"a_{name}"] = [r[name] for r in rows]
+    return params
+
+
+def _numbered(events: Sequence[TraceEvent], last: int, **fields: Any) -> list[TraceEvent]:
+    first = last - len(events) + 1
+    return [replace(e, seq=first + i, **fields) for i, e in enumerate(events)]
 
 
 async def store_events(
@@ -98,14 +128,39 @@ async def store_events(
         numbered = [replace(e, seq=first + i) for i, e in enumerate(events)]
         await insert_events(session, numbered)
         return numbered
-    rows = [_values(e) for e in events]
-    params: dict[str, Any] = {"run_id": run_id, "tenant": tenant, "count": len(events)}
-    for name in rows[0]:
-        if name != "seq":
-            params[f"a_{name}"] = [r[name] for r in rows]
-    last = int(await sql.scalar(session, _RESERVE_AND_INSERT, params))
-    first = last - len(events) + 1
-    return [replace(e, seq=first + i) for i, e in enumerate(events)]
+    params = _event_params(run_id, tenant, events)
+    return _numbered(events, int(await sql.scalar(session, _RESERVE_AND_INSERT, params)))
+
+
+async def update_and_store_events(
+    session: AsyncSession,
+    update: tuple[Query, Params],
+    run_id: str,
+    tenant: str,
+    events: Sequence[TraceEvent],
+) -> tuple[Row | None, list[TraceEvent]]:
+    """Run `update` (an UPDATE of one job, RETURNING *) and, if it matched its
+    row, store these events of the job's run as store_events does (with the
+    job's traceparent): the row as updated and the events as stored, or
+    (None, []) with nothing changed. One statement on PostgreSQL."""
+    query, update_params = update
+    if sql.dialect(session) != "postgresql":
+        row = await sql.fetch_one(session, query, update_params)
+        if row is None:
+            return None, []
+        marked = [replace(e, traceparent=row["traceparent"]) for e in events]
+        return row, await store_events(session, run_id, tenant, marked)
+    text = query.clause("postgresql").text
+    combined = _UPDATE_AND_INSERT.get(text)
+    if combined is None:
+        combined = _UPDATE_AND_INSERT[text] = _reserve_and_insert(text)
+    params = _event_params(run_id, tenant, events)
+    clash = params.keys() & update_params.keys()
+    assert not clash, f"parameters named twice: {sorted(clash)}"
+    row = await sql.fetch_one(session, combined, {**params, **update_params})
+    if row is None:
+        return None, []
+    return row, _numbered(events, int(row["trace_last_seq_"]), traceparent=row["traceparent"])
 
 
 def _values(e: TraceEvent) -> dict[str, Any]:
