@@ -272,29 +272,8 @@ class Jobs:
 
         async def op(session: AsyncSession, tx: Tx) -> tuple[Job, bool]:
             now = now_us()
-            job_id = new_id(JOB_PREFIX)
-            # The request id first: a new one (the common case) is recorded by
-            # the same statement that tells it is new. Refused below (quota),
-            # the whole operation is rolled back with it.
-            if not await store.claim_submission(
-                session,
-                tenant=tenant,
-                request_id=sub.request_id,
-                kind="job",
-                entity_id=job_id,
-                request_hash=sub.request_hash,
-                created_us=now,
-            ):
-                existing = await self._existing(
-                    session, tenant, sub.request_id, sub.request_hash, "job"
-                )
-                assert existing is not None  # submissions are never deleted
-                job = await store.get_job(session, existing)
-                assert job is not None
-                return job, True
-            await self._admit(session, tenant, 1)
             job = Job(
-                id=job_id,
+                id=new_id(JOB_PREFIX),
                 tenant=tenant,
                 request_id=sub.request_id,
                 spec=spec,
@@ -303,10 +282,22 @@ class Jobs:
                 updated_us=now,
                 traceparent=sub.traceparent,
             )
+            try:
+                await self._admit(session, tenant, 1)
+            except ResourceExhausted:
+                # An idempotent retry of an accepted submission is never refused.
+                if await self._existing(session, tenant, sub.request_id, sub.request_hash, "job"):
+                    return await self._deduplicated(session, tenant, sub)
+                raise
             context = complete_request_context(
                 sub.request_context, sub.request_id, now, self._life.trace.redaction
             )
-            stored = await store.insert_job(session, job, context)
+            # The request id is recorded by the statement that stores the job
+            # (on PostgreSQL), unless it is recorded already: a retry.
+            stored = await store.insert_job_if_new(session, job, context, sub.request_hash)
+            if stored is None:
+                self._unadmit(tenant, 1)
+                return await self._deduplicated(session, tenant, sub)
             await store.insert_annotations(
                 session,
                 [
@@ -470,6 +461,22 @@ class Jobs:
             return await self._db.write(op)
         except IntegrityError:
             return await self._db.write(op)
+
+    async def _deduplicated(
+        self, session: AsyncSession, tenant: str, sub: JobSubmission
+    ) -> tuple[Job, bool]:
+        """The job an identical earlier submission created (ALREADY_EXISTS
+        when the request id was used for a different request)."""
+        existing = await self._existing(session, tenant, sub.request_id, sub.request_hash, "job")
+        assert existing is not None  # submissions are never deleted
+        job = await store.get_job(session, existing)
+        assert job is not None
+        return job, True
+
+    def _unadmit(self, tenant: str, adding: int) -> None:
+        """An admission that stored nothing (a retry) leaves the bound as it was."""
+        count, at = self._waiting.get(tenant, (0, float("-inf")))
+        self._waiting[tenant] = (max(0, count - adding), at)
 
     async def _admit(self, session: AsyncSession, tenant: str, adding: int) -> None:
         """Enforce the per-tenant quota of waiting jobs without counting the

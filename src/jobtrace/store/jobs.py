@@ -184,15 +184,63 @@ async def insert_jobs(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> 
     await sql.execute_many(session, _INSERT_JOB, rows)
 
 
+def _insert_job_if_new() -> Query:
+    """PostgreSQL: record the request id and insert the job in one statement;
+    the job only if the request id was new (no row returned: it was not)."""
+    pg = postgresql.dialect()  # type: ignore[no-untyped-call]
+    quoted = ", ".join(f'"{n}"' for n in JOB_COLUMNS)
+    typed = ", ".join(f"CAST(:{n} AS {JOBS.c[n].type.compile(dialect=pg)})" for n in JOB_COLUMNS)
+    return Query(
+        "WITH s AS (INSERT INTO submissions"
+        " (tenant, request_id, kind, entity_id, request_hash, created_us)"
+        " VALUES (:tenant, :request_id, 'job', :id, :request_hash, :created_us)"
+        " ON CONFLICT (tenant, request_id) DO NOTHING RETURNING 1)"
+        f" INSERT INTO jobs ({quoted}) SELECT {typed} FROM s RETURNING seq"
+    )
+
+
+_INSERT_JOB_IF_NEW: list[Query] = []
+
+
+async def insert_job_if_new(
+    session: AsyncSession, job: Job, request_context: JSON, request_hash: str
+) -> Job | None:
+    """Record a new job's request id (see claim_submission) and store the job,
+    unless the request id is recorded already: then None, nothing stored. One
+    statement on PostgreSQL, two on SQLite."""
+    if _is_sqlite(session):
+        new = await claim_submission(
+            session,
+            tenant=job.tenant,
+            request_id=job.request_id,
+            kind="job",
+            entity_id=job.id,
+            request_hash=request_hash,
+            created_us=job.created_us,
+        )
+        return await insert_job(session, job, request_context) if new else None
+    if not _INSERT_JOB_IF_NEW:
+        _INSERT_JOB_IF_NEW.append(_insert_job_if_new())
+    values = job_values(job, request_context)
+    # The submission's tenant, request id, entity id (the job's id) and time
+    # are the job's own columns.
+    seq = await sql.scalar(session, _INSERT_JOB_IF_NEW[0], {**values, "request_hash": request_hash})
+    return None if seq is None else _stored(job, values, int(seq))
+
+
 async def insert_job(session: AsyncSession, job: Job, request_context: JSON) -> Job:
     """Store a new job; return it as a read would: with the position (seq) it was
     given, and its payload and labels as stored (keys in their stored order)."""
     values = job_values(job, request_context)
     seq = await sql.scalar(session, _INSERT_JOB_RETURNING_SEQ, values)
+    return _stored(job, values, int(seq))
+
+
+def _stored(job: Job, values: dict[str, Any], seq: int) -> Job:
     spec = replace(
         job.spec, payload=codec.loads(values["payload"]), labels=codec.loads(values["labels"])
     )
-    stored = replace(job, seq=int(seq), spec=spec, request_context=values["request_context"])
+    stored = replace(job, seq=seq, spec=spec, request_context=values["request_context"])
     if not job.workflow_id:
         stored = replace(stored, chain_head=(0, ""))
     return _remember(stored)
