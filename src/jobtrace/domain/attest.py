@@ -866,10 +866,13 @@ class Attestor:
         worker_id: str = "",
         attempt: int = 0,
         head: tuple[int, str] | None = None,
+        insert: bool = True,
     ) -> Attestation:
         """Build, chain, sign and store one attestation inside the caller's transaction.
         `head` is the chain's last (chain_seq, digest) when the caller knows it
         (read under the lock that orders the chain's writers); else it is read.
+        Without `insert` the caller stores it (store.attest.attestation_insert),
+        in this transaction.
 
         Sanitising, encoding and signing large evidence runs in a worker thread
         (see INLINE_EVIDENCE): the event loop keeps serving every other caller."""
@@ -899,7 +902,8 @@ class Attestor:
             expire_us=now + int(self.retention_s * 1e6),
         )
         signed = await off_loop_if_large(data, self._seal, draft, data)
-        await store.insert_attestation(session, signed)
+        if insert:
+            await store.insert_attestation(session, signed)
         return signed
 
     def _seal(self, draft: Attestation, data: JSON | Sanitized) -> Attestation:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import replace
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,9 +31,11 @@ from jobtrace.model import (
     TraceEvent,
     TraceType,
 )
+from jobtrace.store import attest as attest_store
 from jobtrace.store import codec
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Tx
+from jobtrace.store.sql import Params, Query
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +136,15 @@ class Lifecycle:
         extra: JSON,
         *,
         keep_head: bool = True,
+        fold: list[tuple[Query, Params]] | None = None,
     ) -> tuple[int, str] | None:
         """Attest a job's transition. A standalone job's row records the head
         of its chain: read from the (locked) job as loaded when it has it, else
         from the attestations; the new head is written back to the row here,
         or, without `keep_head`, returned for the caller's own UPDATE of the
         row in this transaction (it must write it). A step's chain is its
-        workflow's: None."""
+        workflow's: None. With `fold`, the attestation's INSERT is appended
+        there, for the caller to run in this transaction (_set_and_record)."""
         context = await store.request_context_for(db, job)
         data: JSON = {
             "request_context": context,
@@ -170,7 +175,10 @@ class Lifecycle:
             worker_id=job.worker_id,
             attempt=job.attempt,
             head=None if job.workflow_id else job.chain_head,
+            insert=fold is None,
         )
+        if fold is not None:
+            fold.append(attest_store.attestation_insert(signed))
         if job.workflow_id:
             return None
         head = (signed.chain_seq, signed.digest)
@@ -279,13 +287,20 @@ class Lifecycle:
         await self.trace.record(db, tx, job.tenant, list(events))
 
     async def _set_and_record(
-        self, db: AsyncSession, tx: Tx, job: Job, changes: dict[str, object], *events: TraceEvent
+        self,
+        db: AsyncSession,
+        tx: Tx,
+        job: Job,
+        changes: dict[str, object],
+        *events: TraceEvent,
+        also: Sequence[tuple[Query, Params]] = (),
     ) -> Job:
-        """set_job and then _record (events of the job's run), in one
-        statement where the backend allows. The job must be locked."""
+        """set_job and then _record (events of the job's run), and the INSERTs
+        `also`, in one statement where the backend allows. The job must be
+        locked (the UPDATE cannot miss it)."""
         new, values = await _changed(db, job, changes)
         update = store.job_update(job.id, values)
-        row = await self.trace.record_after_update(db, tx, job.tenant, list(events), update)
+        row = await self.trace.record_after_update(db, tx, job.tenant, list(events), update, also)
         assert row is not None, f"job {job.id} vanished under its lock"
         return new
 
@@ -448,6 +463,7 @@ class Lifecycle:
         }
         # Attested first, so that the job's one UPDATE also records the new
         # head of its attestation chain (same transaction, job row locked).
+        attestation: list[tuple[Query, Params]] = []
         head = await self._attest_job(
             db,
             replace(job, **changes),  # type: ignore[arg-type]
@@ -455,6 +471,7 @@ class Lifecycle:
             f"worker-completion:{job.id}",
             {"result": result},
             keep_head=False,
+            fold=attestation,
         )
         if head is not None:
             changes["chain_head"] = head
@@ -472,6 +489,7 @@ class Lifecycle:
                 percent=100.0,
                 message=f"{node_of(job)} completed",
             ),
+            also=attestation,
         )
         self.log_after(tx, logging.INFO, "job completed", job, worker_id=job.worker_id)
         if not job.workflow_id:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -326,6 +326,7 @@ class Trace:
         tenant: str,
         events: list[TraceEvent],
         update: tuple[Query, Params],
+        also: Sequence[tuple[Query, Params]] = (),
     ) -> Row | None:
         """Run `update` (an UPDATE of one job RETURNING *, a transition) and,
         if it matched, record these events of one run (as `record` does, with
@@ -338,7 +339,7 @@ class Trace:
         run_id = events[0].run_id
         assert all(e.run_id == run_id for e in events), "events of one run"
         row, numbered = await store.update_and_store_events(
-            session, update, run_id, tenant, [normalize(e, now, 0, tenant) for e in events]
+            session, update, run_id, tenant, [normalize(e, now, 0, tenant) for e in events], also
         )
         if row is not None:
             tx.on_commit(lambda: self._committed(run_id, numbered))

@@ -61,13 +61,14 @@ EVENTS = TraceEventRow.__table__
 _INSERT_EVENT = sql.insert_query(EVENTS, sql.columns(EVENTS))
 
 
-def _reserve_and_insert(update: str = "") -> Query:
+def _reserve_and_insert(update: str = "", also: Sequence[str] = ()) -> Query:
     """PostgreSQL: reserve the run's numbers and insert its events in one
     statement (a data-modifying CTE): one array per column, numbered by
     their position. The column list is the table's. With `update` (an
     UPDATE of one job RETURNING *), that runs first in the same statement,
     and the events are stored only if it matched a row (they take its
-    traceparent); the statement returns the row and the last number."""
+    traceparent); the statement returns the row and the last number. `also`:
+    INSERTs run in the same statement (whether the update matched or not)."""
     names = [n for n in sql.columns(EVENTS) if n != "seq"]
     pg = postgresql.dialect()  # type: ignore[no-untyped-call]
     arrays = ", ".join(f"CAST(:a_{n} AS {EVENTS.c[n].type.compile(dialect=pg)}[])" for n in names)
@@ -85,8 +86,9 @@ def _reserve_and_insert(update: str = "") -> Query:
             " SELECT last_seq FROM r"
         )
     picked = ", ".join("j.traceparent" if n == "traceparent" else f"u.{n}" for n in names)
+    more = "".join(f" x{i} AS ({text})," for i, text in enumerate(also))
     return Query(
-        f"WITH j AS ({update}),"
+        f"WITH j AS ({update}),{more}"
         " r AS (INSERT INTO trace_runs (run_id, tenant, last_seq)"
         " SELECT :run_id, :tenant, CAST(:count AS BIGINT) FROM j"
         " ON CONFLICT (run_id) DO UPDATE SET last_seq = trace_runs.last_seq + EXCLUDED.last_seq"
@@ -99,7 +101,7 @@ def _reserve_and_insert(update: str = "") -> Query:
 
 
 _RESERVE_AND_INSERT = _reserve_and_insert()
-_UPDATE_AND_INSERT: dict[str, Query] = {}
+_UPDATE_AND_INSERT: dict[tuple[str, ...], Query] = {}
 
 
 def _event_params(run_id: str, tenant: str, events: Sequence[TraceEvent]) -> Params:
@@ -138,26 +140,34 @@ async def update_and_store_events(
     run_id: str,
     tenant: str,
     events: Sequence[TraceEvent],
+    also: Sequence[tuple[Query, Params]] = (),
 ) -> tuple[Row | None, list[TraceEvent]]:
     """Run `update` (an UPDATE of one job, RETURNING *) and, if it matched its
     row, store these events of the job's run as store_events does (with the
     job's traceparent): the row as updated and the events as stored, or
-    (None, []) with nothing changed. One statement on PostgreSQL."""
+    (None, []) with nothing changed. One statement on PostgreSQL. `also`:
+    INSERTs (of other tables) to run too, with names of their own; they run
+    whatever the update matched, so they go with an update of a locked row
+    (which cannot miss)."""
     query, update_params = update
     if sql.dialect(session) != "postgresql":
         row = await sql.fetch_one(session, query, update_params)
         if row is None:
             return None, []
+        for q, p in also:
+            await sql.execute(session, q, p)
         marked = [replace(e, traceparent=row["traceparent"]) for e in events]
         return row, await store_events(session, run_id, tenant, marked)
-    text = query.clause("postgresql").text
-    combined = _UPDATE_AND_INSERT.get(text)
+    texts = (query.clause("postgresql").text, *(q.clause("postgresql").text for q, _ in also))
+    combined = _UPDATE_AND_INSERT.get(texts)
     if combined is None:
-        combined = _UPDATE_AND_INSERT[text] = _reserve_and_insert(text)
+        combined = _UPDATE_AND_INSERT[texts] = _reserve_and_insert(texts[0], texts[1:])
     params = _event_params(run_id, tenant, events)
-    clash = params.keys() & update_params.keys()
-    assert not clash, f"parameters named twice: {sorted(clash)}"
-    row = await sql.fetch_one(session, combined, {**params, **update_params})
+    for extra in (update_params, *(p for _, p in also)):
+        clash = params.keys() & extra.keys()
+        assert not clash, f"parameters named twice: {sorted(clash)}"
+        params.update(extra)
+    row = await sql.fetch_one(session, combined, params)
     if row is None:
         return None, []
     return row, _numbered(events, int(row["trace_last_seq_"]), traceparent=row["traceparent"])
