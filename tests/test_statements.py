@@ -7,6 +7,8 @@ and the real worker runtime, on both backends, against a bound per backend."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,25 +29,33 @@ WARM_UP_JOBS = 3
 MEASURED_JOBS = 12
 
 
-@pytest.fixture
-async def counted(
-    db_url: str, monkeypatch: pytest.MonkeyPatch
+@contextlib.asynccontextmanager
+async def counting(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, **settings: Any
 ) -> AsyncIterator[tuple[Harness, Statements]]:
     """A server whose every database statement is recorded."""
     url = make_url(db_url)
     if url.get_backend_name() == "sqlite":
         with traced_sqlite(monkeypatch) as seen:
-            async with Harness(db_url) as h:
+            async with Harness(db_url, **settings) as h:
                 yield h, seen
         return
     proxy = CountingPgProxy(url.host or "127.0.0.1", url.port or 5432)
     port = await proxy.start()
     proxied = url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
     try:
-        async with Harness(proxied) as h:
+        async with Harness(proxied, **settings) as h:
             yield h, proxy.statements
     finally:
         await proxy.stop()
+
+
+@pytest.fixture
+async def counted(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Harness, Statements]]:
+    async with counting(db_url, monkeypatch) as pair:
+        yield pair
 
 
 def _background(statement: str) -> bool:
@@ -105,3 +115,37 @@ async def test_a_job_costs_a_bounded_number_of_statements(
     )
     print(f"\n{per_job:.2f} statements per job\n{breakdown}")
     assert per_job <= bound, f"{per_job:.2f} statements per job (at most {bound}):\n{breakdown}"
+
+
+def _quota_count(statement: str) -> bool:
+    return statement.startswith("SELECT count(*) AS count_1 FROM (SELECT jobs.seq")
+
+
+async def test_the_quota_does_not_count_the_queue_per_submit(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waiting jobs of a tenant are counted (a scan of up to the quota)
+    when the count is a second old or the bound kept since says the quota
+    could be exceeded, not on every submit near the quota."""
+    async with counting(db_url, monkeypatch, max_queued_per_tenant=10) as (h, seen):
+        stubs = h.stubs()
+        mark = seen.mark()
+        started = time.monotonic()
+        for i in range(10):
+            await stubs.jobs.SubmitJob(
+                job_service_pb2.SubmitJobRequest(
+                    request_id=f"quota-{i}", job=common_pb2.JobSpec(service="nobody")
+                )
+            )
+        with pytest.raises(Exception) as refused:
+            await stubs.jobs.SubmitJob(
+                job_service_pb2.SubmitJobRequest(
+                    request_id="quota-10", job=common_pb2.JobSpec(service="nobody")
+                )
+            )
+        assert "QUEUED_JOB_QUOTA" in str(refused.value) or "quota" in str(refused.value)
+        elapsed = time.monotonic() - started
+        counts = sum(1 for s in seen.since(mark) if _quota_count(s))
+    # The first submit's count, the refusal's (twice: a refused operation's
+    # group commit runs again, with savepoints), and one per second passed.
+    assert counts <= 3 + int(elapsed), f"{counts} counts of the queue in {elapsed:.2f}s"
