@@ -25,7 +25,6 @@ from jobtrace.api.job_service import TRACEPARENT_RE
 from jobtrace.api.wellformed import MAX_NESTING, check_request
 from jobtrace.auth import Authenticator, JwtSettings, Principal, Role, hash_token
 from jobtrace.domain import attest
-from jobtrace.domain.annotations import KEY_RE, check_key_value
 from jobtrace.domain.attest import (
     INLINE_EVIDENCE,
     canonical,
@@ -34,6 +33,7 @@ from jobtrace.domain.attest import (
     redact_text,
     sanitize,
 )
+from jobtrace.domain.conventions import KEY_RE, check_key_value
 from jobtrace.domain.errors import DomainError, Violations
 from jobtrace.domain.redact import Redaction
 from jobtrace.domain.validation import (

@@ -542,7 +542,7 @@ async def test_annotation_filters_and_paging(harness: Harness) -> None:
     await attach(
         api,
         wf.id,
-        {"approval.approved": True},
+        {"approval.disposition": "approved"},
         actor=actor("bob"),
         job_id=step.job.id,
         attempt=1,
@@ -561,7 +561,7 @@ async def test_annotation_filters_and_paging(harness: Harness) -> None:
         "trigger.source",
         "decision.confidence",
         "decision.outcome",
-        "approval.approved",
+        "approval.disposition",
         "review.note",
     ]
     assert await listed(api, wf.id, key_prefix="decision.") == [
@@ -569,16 +569,16 @@ async def test_annotation_filters_and_paging(harness: Harness) -> None:
         ("decision.outcome", "approve"),
     ]
     assert [k for k, _ in await listed(api, wf.id, actor_id="bob")] == [
-        "approval.approved",
+        "approval.disposition",
         "review.note",
     ]
     since = c.Annotation().create_time
     since.FromNanoseconds(t_mid)
     assert [k for k, _ in await listed(api, wf.id, since=since)] == [
-        "approval.approved",
+        "approval.disposition",
         "review.note",
     ]
-    assert [k for k, _ in await listed(api, wf.id, attempt=1)] == ["approval.approved"]
+    assert [k for k, _ in await listed(api, wf.id, attempt=1)] == ["approval.disposition"]
     steps = await api.attest.ListAnnotations(
         a.ListAnnotationsRequest(run_id=wf.id, scope=c.ANNOTATION_SCOPE_STEP)
     )
@@ -617,7 +617,7 @@ async def test_bad_annotations_are_refused(api: Stubs) -> None:
     cases = [
         ({"decision.confidence": 1.5}, {}, "attributes['decision.confidence']"),
         ({"Bad Key": 1}, {}, "attributes['Bad Key']"),
-        ({"approval.approved": "yes"}, {}, "attributes['approval.approved']"),
+        ({"approval.disposition": "yes"}, {}, "attributes['approval.disposition']"),
         ({}, {}, "attributes"),
         ({"x.y": 1}, {"actor": c.Actor(id="a")}, "actor.kind"),
         ({"x.y": 1}, {"attempt": 1}, "attempt"),
@@ -652,7 +652,7 @@ async def test_worker_annotations_are_committed_with_the_failure(harness: Harnes
     await raw.expect("assignment")
     await raw.send(
         annotate=w.AnnotationReport(
-            job_id=job.id, attempt=1, attributes={"failure.category": value("network")}
+            job_id=job.id, attempt=1, attributes={"failure.kind": value("network")}
         )
     )
     await raw.expect("ack")
@@ -665,7 +665,7 @@ async def test_worker_annotations_are_committed_with_the_failure(harness: Harnes
     await raw.expect("ack")
     page = await api.attest.ListAnnotations(a.ListAnnotationsRequest(run_id=job.id))
     (note,) = page.annotations
-    assert note.key == "failure.category" and note.attempt == 1
+    assert note.key == "failure.kind" and note.attempt == 1
     assert note.actor.kind == c.ACTOR_KIND_WORKER and note.actor.id == "w1"
     assert note.scope == c.ANNOTATION_SCOPE_ATTEMPT
     await raw.expect("assignment")

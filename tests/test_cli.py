@@ -100,7 +100,9 @@ async def test_the_readme_tour_works_as_written(tmp_path: Path) -> None:
     assert codes == [0, 0], "the worker and the server stop cleanly on SIGTERM"
     assert re.search(r"workflow wf_\w+ 'tour': COMPLETED \(4/4 steps completed\)", text)
     assert text.count("worker-completion:job_") == 4 and "workflow-completion:wf_" in text
-    assert re.search(r"workflow-completion:wf_\w+: valid", text)
+    assert re.search(
+        r"workflow-completion:wf_\w+: valid \(signature, chain and annotations\)", text
+    )
     last = text.rstrip().splitlines()[-1]
     assert last.startswith("valid (signature and digest"), "the offline verification is last"
     assert json.loads((tmp_path / "tour.dsse.json").read_text())["payloadType"]

@@ -29,7 +29,23 @@ from jobtrace.pb import (
 )
 
 NOOP_METHOD = "/jobtrace.bench.Noop/Ping"
+STATEMENTS_METHOD = "/jobtrace.bench.Statements/Read"
 MAX_SECONDS = 300.0  # default bound of each phase, in time as well as in count
+CEILING_SECONDS = 3.0
+CEILING_WARMUP_SECONDS = 0.5
+LATENCY_JOBS = 300
+LATENCY_SECONDS = 60.0
+LATENCY_WARMUP_JOBS = 5
+READY = "ready"  # a worker's first line in its completions file
+TERMINAL = frozenset(
+    {
+        common_pb2.RUN_STATE_COMPLETED,
+        common_pb2.RUN_STATE_FAILED,
+        common_pb2.RUN_STATE_CANCELLED,
+        common_pb2.RUN_STATE_TERMINATED,
+        common_pb2.RUN_STATE_TIMED_OUT,
+    }
+)
 
 
 class PhaseTimeout(Exception):
@@ -68,7 +84,10 @@ async def start_server(db: str, key: Path, extra: list[str]) -> Server:
 
 async def _start(*args: str) -> Server:
     """Start `python -m <args>`, a server that logs "(port N)" once it listens."""
-    env = {**os.environ, "JOBTRACE_BENCH_NOOP": "1"}
+    # Statement counting is on unless the caller sets JOBTRACE_BENCH_COUNT_STATEMENTS=0
+    # (to see what the counting itself costs).
+    counting = os.environ.get("JOBTRACE_BENCH_COUNT_STATEMENTS", "1")
+    env = {**os.environ, "JOBTRACE_BENCH_NOOP": "1", "JOBTRACE_BENCH_COUNT_STATEMENTS": counting}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", *args, stderr=asyncio.subprocess.PIPE, env=env
     )
@@ -95,6 +114,11 @@ async def _start(*args: str) -> Server:
 
     server._sampler = asyncio.create_task(drain_and_sample())
     return server
+
+
+async def start_floor_server() -> Server:
+    """The gRPC-alone server (`floor_server_main`) in its own process."""
+    return await _start("jobtrace.bench", "--floor-server")
 
 
 async def stop_server(server: Server) -> None:
@@ -134,6 +158,11 @@ async def worker_main(target: str, log: Any, concurrency: int) -> None:
 
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, worker.stop)
+    # Tell the bench this process is up (imports take a second), so that a
+    # measured phase does not start with workers still starting.
+    async with grpc.aio.insecure_channel(target) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 60)
+    log.write(f"{READY} {os.getpid()}\n")
     await worker.run()
 
 
@@ -146,7 +175,11 @@ async def floor_server_main() -> None:
     report is acknowledged unread. Run by the same submitters and workers as
     the real server, it shows what gRPC alone allows for a job's messages (one
     unary submit, an assignment, three progress reports, a completion and four
-    acks) on this machine."""
+    acks) on this machine. WatchJob streams a job's snapshot at each change
+    (assignment, progress, completion) until it is terminal, as the real
+    server's does, so the one-at-a-time latency is seen the same way."""
+    from collections import OrderedDict
+
     from google.protobuf import duration_pb2
 
     from jobtrace.pb import worker_service_pb2 as wpb
@@ -154,11 +187,51 @@ async def floor_server_main() -> None:
 
     queued: asyncio.Queue[common_pb2.Job] = asyncio.Queue()
     count = iter(range(1, 1 << 62))
+    live: dict[str, common_pb2.Job] = {}  # submitted, not yet terminal
+    ended: OrderedDict[str, common_pb2.Job] = OrderedDict()  # the latest terminal ones
+    watchers: dict[str, set[asyncio.Queue[common_pb2.Job]]] = {}
+
+    def changed(job: common_pb2.Job) -> None:
+        for watcher in watchers.get(job.id, ()):
+            snapshot = common_pb2.Job()
+            snapshot.CopyFrom(job)
+            watcher.put_nowait(snapshot)
+        if job.state in TERMINAL:
+            live.pop(job.id, None)
+            ended[job.id] = job
+            while len(ended) > 10_000:
+                ended.popitem(last=False)
 
     async def submit(request: Any, context: Any) -> Any:
-        job = common_pb2.Job(id=f"job_floor{next(count)}", spec=request.job, attempt=1)
+        job = common_pb2.Job(
+            id=f"job_floor{next(count)}",
+            spec=request.job,
+            attempt=1,
+            state=common_pb2.RUN_STATE_QUEUED,
+        )
+        live[job.id] = job
         queued.put_nowait(job)
         return job_service_pb2.SubmitJobResponse(job=job)
+
+    async def watch(request: Any, context: Any) -> Any:
+        found = live.get(request.job_id) or ended.get(request.job_id)
+        if found is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such job")
+        assert found is not None
+        job = common_pb2.Job()
+        job.CopyFrom(found)  # the live one changes under us
+        changes: asyncio.Queue[common_pb2.Job] = asyncio.Queue()
+        watchers.setdefault(job.id, set()).add(changes)
+        try:
+            yield job_service_pb2.WatchJobResponse(job=job)
+            while job.state not in TERMINAL:
+                async with asyncio.timeout(MAX_SECONDS):
+                    job = await changes.get()
+                yield job_service_pb2.WatchJobResponse(job=job)
+        finally:
+            watchers[job.id].discard(changes)
+            if not watchers[job.id]:
+                del watchers[job.id]
 
     async def connect(requests: Any, context: Any) -> Any:
         hello = (await anext(requests)).hello
@@ -176,6 +249,8 @@ async def floor_server_main() -> None:
             while True:
                 await slots.acquire()
                 job = await queued.get()
+                job.state = common_pb2.RUN_STATE_RUNNING
+                changed(job)
                 out.put_nowait(wpb.ConnectResponse(assignment=wpb.Assignment(job=job, attempt=1)))
 
         async def read() -> None:
@@ -189,6 +264,15 @@ async def floor_server_main() -> None:
                     report = getattr(m, kind)
                     ack = wpb.Ack(message_id=m.message_id, job_id=report.job_id, attempt=1)
                     out.put_nowait(wpb.ConnectResponse(ack=ack))
+                    job = live.get(report.job_id)
+                    if job is not None and kind in ("progress", "complete", "fail"):
+                        if kind != "progress":
+                            job.state = (
+                                common_pb2.RUN_STATE_COMPLETED
+                                if kind == "complete"
+                                else common_pb2.RUN_STATE_FAILED
+                            )
+                        changed(job)
                     if kind in ("complete", "fail"):
                         slots.release()
             out.put_nowait(None)
@@ -209,7 +293,12 @@ async def floor_server_main() -> None:
                 submit,
                 request_deserializer=job_service_pb2.SubmitJobRequest.FromString,
                 response_serializer=job_service_pb2.SubmitJobResponse.SerializeToString,
-            )
+            ),
+            "WatchJob": grpc.unary_stream_rpc_method_handler(
+                watch,
+                request_deserializer=job_service_pb2.WatchJobRequest.FromString,
+                response_serializer=job_service_pb2.WatchJobResponse.SerializeToString,
+            ),
         },
     )
     workers = grpc.method_handlers_generic_handler(
@@ -250,6 +339,10 @@ class Results:
     server_peak_rss_mb: float = 0.0
     completed: int = 0
     floor_jobs_per_s: float = 0.0
+    statements: dict[str, Any] | None = None
+    server_cpu_s: float | None = None
+    latency_ms: list[float] = field(default_factory=list)
+    floor_latency_ms: list[float] = field(default_factory=list)
 
 
 async def bounded(step: Any, seconds: float, phase: str) -> Any:
@@ -262,11 +355,15 @@ async def bounded(step: Any, seconds: float, phase: str) -> Any:
 
 
 async def unary_ceiling(
-    target: str, calls: int, concurrency: int, max_seconds: float = MAX_SECONDS
+    target: str,
+    seconds: float,
+    concurrency: int,
+    warmup_s: float = CEILING_WARMUP_SECONDS,
 ) -> tuple[float, float, float]:
     """Calls/s, p50 and p99 ms of an empty unary handler on the same server, with the
-    submitters' concurrency: what gRPC alone allows here. Zeros when the server has no
-    such handler (a --target started without JOBTRACE_BENCH_NOOP=1)."""
+    submitters' concurrency: what gRPC alone allows here. Measured for a fixed time
+    after a warm-up (a count of calls would end before the rate settles). Zeros when
+    the server has no such handler (a --target started without JOBTRACE_BENCH_NOOP=1)."""
     async with grpc.aio.insecure_channel(target) as channel:
         ping = channel.unary_unary(NOOP_METHOD)
         try:
@@ -276,17 +373,126 @@ async def unary_ceiling(
                 return 0.0, 0.0, 0.0
             raise
         latencies: list[float] = []
-        queue = iter(range(calls))
 
-        async def loop() -> None:
-            for _ in queue:
+        async def loop(until: float, record: bool) -> int:
+            calls = 0
+            while time.perf_counter() < until:
                 t0 = time.perf_counter()
                 await ping(b"", timeout=10)
-                latencies.append((time.perf_counter() - t0) * 1000)
+                calls += 1
+                if record:
+                    latencies.append((time.perf_counter() - t0) * 1000)
+            return calls
 
+        warm = time.perf_counter() + warmup_s
+        await bounded(
+            asyncio.gather(*(loop(warm, False) for _ in range(concurrency))), 60, "warm-up"
+        )
         t0 = time.perf_counter()
-        await bounded(asyncio.gather(*(loop() for _ in range(concurrency))), max_seconds, "ceiling")
-        return calls / (time.perf_counter() - t0), pct(latencies, 0.5), pct(latencies, 0.99)
+        counts = await bounded(
+            asyncio.gather(*(loop(t0 + seconds, True) for _ in range(concurrency))),
+            seconds + 60,
+            "ceiling",
+        )
+        rate = sum(counts) / (time.perf_counter() - t0)
+        return rate, pct(latencies, 0.5), pct(latencies, 0.99)
+
+
+async def read_statements(targets: list[str]) -> dict[str, Any] | None:
+    """The statements and transactions the servers have sent their database so
+    far, summed over them (None when a server does not count: a --target)."""
+    total: dict[str, Any] = {"statements": 0, "transactions": 0, "kinds": {}}
+    for target in targets:
+        async with grpc.aio.insecure_channel(target) as channel:
+            try:
+                raw = await channel.unary_unary(STATEMENTS_METHOD)(b"", timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return None
+                raise
+        one = json.loads(raw)
+        total["statements"] += one["statements"]
+        total["transactions"] += one["transactions"]
+        for kind, n in one["kinds"].items():
+            total["kinds"][kind] = total["kinds"].get(kind, 0) + n
+    return total
+
+
+def statements_delta(
+    before: dict[str, Any] | None, after: dict[str, Any] | None, jobs: int
+) -> dict[str, Any] | None:
+    """Statements, transactions and statements by kind per job between two reads."""
+    if before is None or after is None or jobs <= 0:
+        return None
+    kinds = {
+        kind: round((n - before["kinds"].get(kind, 0)) / jobs, 2)
+        for kind, n in sorted(after["kinds"].items())
+        if n != before["kinds"].get(kind, 0)
+    }
+    return {
+        "statements_per_job": round((after["statements"] - before["statements"]) / jobs, 2),
+        "transactions_per_job": round((after["transactions"] - before["transactions"]) / jobs, 3),
+        "kinds_per_job": kinds,
+    }
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process has used so far (/proc/<pid>/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # Fields after the command name start at the 3rd (state); utime, stime are the 14th, 15th.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_total(pids: list[int]) -> float | None:
+    values = [cpu_seconds(pid) for pid in pids]
+    return None if not values or None in values else sum(v for v in values if v is not None)
+
+
+async def one_at_a_time(
+    target: str,
+    jobs: int = LATENCY_JOBS,
+    seconds: float = LATENCY_SECONDS,
+    warmup: int = LATENCY_WARMUP_JOBS,
+) -> list[float]:
+    """Submit -> completion seen by the client, ms, one job in flight: each job is
+    submitted, then watched (WatchJob) until its terminal snapshot arrives. The
+    watch opens while the job runs, so its set-up overlaps the job's own work; the
+    figure includes the server noticing the completion and streaming it out.
+    Stops early (with fewer samples) past `seconds`."""
+    samples: list[float] = []
+    run_id = os.urandom(4).hex()
+    deadline = time.monotonic() + seconds
+
+    async def measure() -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = job_service_pb2_grpc.JobServiceStub(channel)
+            for i in range(warmup + jobs):
+                if time.monotonic() > deadline:
+                    return
+                payload = struct_pb2.Struct()
+                payload.update({"i": i})
+                request = job_service_pb2.SubmitJobRequest(
+                    request_id=f"bench-one-{run_id}-{i}",
+                    job=common_pb2.JobSpec(service="bench", payload=payload),
+                )
+                t0 = time.perf_counter()
+                job = (await stub.SubmitJob(request, timeout=30)).job
+                call = stub.WatchJob(job_service_pb2.WatchJobRequest(job_id=job.id), timeout=30)
+                async for message in call:
+                    if message.job.state in TERMINAL:
+                        break
+                else:
+                    raise RuntimeError(f"the watch of {job.id} ended before the job did")
+                elapsed = (time.perf_counter() - t0) * 1000
+                call.cancel()
+                if i >= warmup:
+                    samples.append(elapsed)
+
+    await bounded(measure(), seconds + 60, "one-at-a-time")
+    return samples
 
 
 async def run_jobs(
@@ -329,7 +535,8 @@ async def run_jobs(
             if f.exists():
                 for line in f.read_text().splitlines():
                     job_id, at = line.split()
-                    completions[job_id] = float(at)
+                    if job_id != READY:
+                        completions[job_id] = float(at)
         if len(completions) < jobs:
             await asyncio.sleep(0.1)
     for channel in channels:
@@ -409,7 +616,8 @@ async def trace_fanout(
 async def start_workers(
     targets: list[str], done_files: list[Path], concurrency: int
 ) -> list[asyncio.subprocess.Process]:
-    return [
+    """Worker processes, one per completions file, returned once each is up."""
+    workers = [
         await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -421,6 +629,25 @@ async def start_workers(
         )
         for i, done in enumerate(done_files)
     ]
+    try:
+        await wait_workers_ready(done_files)
+    except BaseException:
+        await stop_workers(workers)
+        raise
+    return workers
+
+
+async def wait_workers_ready(done_files: list[Path], seconds: float = 60.0) -> None:
+    """Until every worker has written its ready line (bounded)."""
+
+    def ready(f: Path) -> bool:
+        return f.exists() and any(line.startswith(READY) for line in f.read_text().splitlines())
+
+    deadline = time.monotonic() + seconds
+    while not all(ready(f) for f in done_files):
+        if time.monotonic() > deadline:
+            raise PhaseTimeout(f"the workers were not ready within {seconds:g} s")
+        await asyncio.sleep(0.05)
 
 
 async def stop_workers(workers: list[asyncio.subprocess.Process]) -> None:
@@ -437,7 +664,7 @@ async def stop_workers(workers: list[asyncio.subprocess.Process]) -> None:
 
 async def grpc_floor(args: argparse.Namespace, tmp: Path, results: Results) -> None:
     """The same jobs, submitters and workers against the gRPC-alone server."""
-    server = await _start("jobtrace.bench", "--floor-server")
+    server = await start_floor_server()
     workers: list[asyncio.subprocess.Process] = []
     try:
         done_files = [tmp / f"floor-done-{i}.txt" for i in range(args.workers)]
@@ -447,6 +674,12 @@ async def grpc_floor(args: argparse.Namespace, tmp: Path, results: Results) -> N
             [server.target], args.jobs, args.concurrency, done_files, floor, args.max_seconds
         )
         results.floor_jobs_per_s = floor.jobs_per_s
+        if args.latency:
+            await stop_workers(workers)
+            workers = await start_workers([server.target], [tmp / "floor-one.txt"], 1)
+            results.floor_latency_ms = await one_at_a_time(
+                server.target, args.latency_jobs, args.latency_seconds
+            )
     finally:
         await stop_workers(workers)
         await stop_server(server)
@@ -466,6 +699,8 @@ async def bench(args: argparse.Namespace) -> Results:
         "max_seconds": args.max_seconds,
         "target": args.target or "",
         "grpc_floor": args.floor,
+        "ceiling_seconds": args.ceiling_seconds,
+        "latency_jobs": args.latency_jobs if args.latency else 0,
     }
     results = Results(params)
     tmp = Path(tempfile.mkdtemp(prefix="jobtrace-bench-"))
@@ -487,10 +722,23 @@ async def bench(args: argparse.Namespace) -> Results:
             results.unary_ceiling_rps,
             results.unary_p50_ms,
             results.unary_p99_ms,
-        ) = await unary_ceiling(
-            targets[0], min(args.jobs * 2, 20000), args.concurrency, args.max_seconds
-        )
+        ) = await unary_ceiling(targets[0], args.ceiling_seconds, args.concurrency)
+        before = await read_statements(targets)
+        pids = [s.proc.pid for s in servers]
+        cpu_before = cpu_total(pids)
         await run_jobs(targets, args.jobs, args.concurrency, done_files, results, args.max_seconds)
+        cpu_after = cpu_total(pids)
+        if cpu_before is not None and cpu_after is not None:
+            results.server_cpu_s = cpu_after - cpu_before
+        results.statements = statements_delta(
+            before, await read_statements(targets), results.completed
+        )
+        if args.latency:
+            await stop_workers(workers)
+            workers = await start_workers(targets[:1], [tmp / "one.txt"], 1)
+            results.latency_ms = await one_at_a_time(
+                targets[0], args.latency_jobs, args.latency_seconds
+            )
         if args.subscribers:
             await trace_fanout(targets, args.subscribers, args.rate, args.trace_seconds, results)
     finally:
@@ -545,6 +793,25 @@ def summary(r: Results) -> dict[str, Any]:
     }
     out["jobs_per_s_vs_ceiling"] = out["vs_ceiling"]["jobs_per_s"]
     out["jobs_per_s_vs_grpc_alone"] = ratio(r.jobs_per_s, r.floor_jobs_per_s or None)
+    per_job = r.statements or {}
+    out["statements_per_job"] = per_job.get("statements_per_job")
+    out["transactions_per_job"] = per_job.get("transactions_per_job")
+    out["statement_kinds_per_job"] = per_job.get("kinds_per_job")
+    out["server_cpu_ms_per_job"] = (
+        round(r.server_cpu_s * 1000 / r.completed, 3)
+        if r.server_cpu_s is not None and r.completed
+        else None
+    )
+    out["one_at_a_time"] = {
+        "jobs": len(r.latency_ms),
+        "p50_ms": ms(r.latency_ms, 0.5),
+        "p99_ms": ms(r.latency_ms, 0.99),
+        "grpc_alone_jobs": len(r.floor_latency_ms),
+        "grpc_alone_p50_ms": ms(r.floor_latency_ms, 0.5),
+        "grpc_alone_p99_ms": ms(r.floor_latency_ms, 0.99),
+    }
+    one = out["one_at_a_time"]
+    one["p50_vs_grpc_alone"] = ratio(one["p50_ms"], one["grpc_alone_p50_ms"], 2)
     return out
 
 
@@ -589,7 +856,24 @@ def print_table(s: dict[str, Any]) -> None:
             f"p50 {show(s['unary_p50_ms'])} / p99 {show(s['unary_p99_ms'], ' ms')}",
         ),
         ("server peak RSS", show(s["server_peak_rss_mb"], " MB"), ""),
+        (
+            "statements / transactions per job",
+            f"{show(s['statements_per_job'])} / {show(s['transactions_per_job'])}",
+            "counted by the server at the driver, over the jobs phase",
+        ),
+        ("server CPU per job", show(s["server_cpu_ms_per_job"], " ms"), ""),
     ]
+    one = s["one_at_a_time"]
+    if one["jobs"] or one["grpc_alone_jobs"]:
+        rows.append(
+            (
+                "one at a time p50 / p99",
+                f"{show(one['p50_ms'])} / {show(one['p99_ms'], ' ms')}",
+                f"gRPC alone {show(one['grpc_alone_p50_ms'])} / "
+                f"{show(one['grpc_alone_p99_ms'], ' ms')}; p50 {show(one['p50_vs_grpc_alone'])} x"
+                f" ({one['jobs']} jobs, submit -> completion seen by WatchJob)",
+            )
+        )
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:<22} {note}")
@@ -616,6 +900,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="skip the gRPC-alone run of the same jobs against a server that stores nothing",
     )
+    p.add_argument(
+        "--ceiling-seconds",
+        type=float,
+        default=CEILING_SECONDS,
+        help=f"how long the unary ceiling is measured, after a "
+        f"{CEILING_WARMUP_SECONDS:g} s warm-up (default {CEILING_SECONDS:g})",
+    )
+    p.add_argument(
+        "--latency",
+        action="store_true",
+        help="also run jobs one at a time (one submit in flight, one worker with one slot): "
+        "submit -> completion seen by the client through WatchJob, p50/p99, here and gRPC alone",
+    )
+    p.add_argument(
+        "--latency-jobs",
+        type=int,
+        default=LATENCY_JOBS,
+        help=f"jobs of the one-at-a-time run (default {LATENCY_JOBS}, after "
+        f"{LATENCY_WARMUP_JOBS} unmeasured)",
+    )
+    p.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=LATENCY_SECONDS,
+        help=f"time bound of each one-at-a-time run (default {LATENCY_SECONDS:g})",
+    )
+    p.add_argument(
+        "--compare-backends",
+        action="store_true",
+        help="run the same jobs against gRPC alone, SQLite and, with --pg-url, PostgreSQL "
+        "with 1 and 2 replicas (each on a database the bench creates and drops); print each "
+        "one's jobs/s, statements, transactions and CPU per job, and the speed targets as "
+        "ratios with PASS/MISS (SQLite >= 0.70 x gRPC alone, PG-1 >= 0.80 x SQLite, PG-2 >= "
+        "PG-1; with --latency, one-at-a-time p50 <= 3 x (SQLite) and 4 x (PG) gRPC alone; "
+        "<= 12 statements per job)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="--compare-backends: run every backend this many times, in turn, and show the "
+        "medians (default 1; 3 smooths out other work on the machine)",
+    )
+    p.add_argument(
+        "--pg-url",
+        help="PostgreSQL server for --compare-backends, on loopback "
+        "(postgresql+asyncpg://USER@127.0.0.1:5432/DB; DB is only used to create and drop "
+        "jobtrace_bench_<random> databases)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -628,6 +961,19 @@ def main(args: argparse.Namespace) -> int:
         if target and host not in {"127.0.0.1", "localhost", "::1"}:
             print(f"jobtrace bench: --target must be on loopback, not {target}", file=sys.stderr)
             return 2
+    if not 0 < args.ceiling_seconds <= 600 or not 0 < args.latency_seconds <= 3600:
+        print(
+            "jobtrace bench: --ceiling-seconds must be in (0, 600], --latency-seconds in (0, 3600]",
+            file=sys.stderr,
+        )
+        return 2
+    if not 1 <= args.latency_jobs <= 100_000:
+        print("jobtrace bench: --latency-jobs must be 1..100000", file=sys.stderr)
+        return 2
+    if args.compare_backends or args.pg_url:
+        from jobtrace import bench_compare
+
+        return bench_compare.main(args)
     if args.replicas > 1 and not (args.db or "").startswith("postgresql"):
         print("jobtrace bench: --replicas needs --db postgresql+asyncpg://...", file=sys.stderr)
         return 2

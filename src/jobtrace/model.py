@@ -8,6 +8,10 @@ from typing import Any
 
 JSON = dict[str, Any]
 
+# Who a write is recorded by when the server acted on its own (a lease that
+# expired, a timeout): no caller's action caused it.
+SYSTEM_SUBJECT = "system"
+
 
 class RunState(enum.IntEnum):
     """Mirrors jobtrace.v1.RunState by number."""
@@ -82,6 +86,16 @@ class Failure:
 
 
 @dataclass(frozen=True, slots=True)
+class Caller:
+    """Who writes, as authenticated (never as claimed): the subject recorded
+    as submitted_by / recorded_by, and whether its roles let it make a
+    reviewer's statements (approval.* keys, actor kind REVIEWER)."""
+
+    subject: str
+    reviewer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class AnnotationInput:
     actor_kind: int
     actor_id: str
@@ -125,6 +139,8 @@ class Job:
     pending_annotations: int = 0
     # When the first attempt started (0 before): retries leave it as it is.
     first_started_us: int = 0
+    # The authenticated subject that submitted it ('' if stored before 0008).
+    submitted_by: str = ""
     # The triggering request of a standalone job as stored (JSON text), when
     # the row it was read from carried it (a transition's locked row does):
     # its attestation needs no second read. None: not read.
@@ -162,6 +178,8 @@ class Workflow:
     seq: int = 0
     # (completed, all) steps, set when `steps` was left out (a BASIC listing).
     step_counts: tuple[int, int] | None = None
+    # The authenticated subject that submitted it ('' if stored before 0008).
+    submitted_by: str = ""
 
     @property
     def completed_steps(self) -> int:
@@ -201,6 +219,8 @@ class Annotation:
     payload: JSON | None = None
     idempotency_key: str = ""
     seq: int = 0
+    # The authenticated subject that wrote it, beside the claimed actor.
+    recorded_by: str = ""
 
 
 class TraceType(enum.IntEnum):
@@ -264,6 +284,8 @@ class TraceEvent:
     tenant: str = ""
     seq: int = 0
     created_us: int = 0
+    # The authenticated subject whose action caused it (SYSTEM_SUBJECT: none).
+    recorded_by: str = ""
 
 
 class AttestationType(enum.IntEnum):
@@ -298,6 +320,8 @@ class Attestation:
     created_us: int
     expire_us: int
     seq: int = 0
+    # The authenticated subject whose action caused it; also data["recorded_by"].
+    recorded_by: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -42,6 +43,7 @@ from jobtrace.domain.trace import Trace
 from jobtrace.metrics import Metrics, StateSample
 from jobtrace.pb import SERVICE_NAMES, service_descriptor
 from jobtrace.store.db import Database
+from jobtrace.store.statement_count import StatementCounter
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,9 @@ class JobtraceServer:
                 )
             self.metrics = Metrics(max_services=s.metrics_max_services)
             self.db.on_batch = self.metrics.batch_committed
+        counting = os.environ.get("JOBTRACE_BENCH_COUNT_STATEMENTS") == "1"
+        if counting:
+            self.db.statement_counter = StatementCounter()
         await self.db.start()
         tokens = await open_tokens(self.db)
         self.trace = Trace(
@@ -180,6 +185,9 @@ class JobtraceServer:
         if os.environ.get("JOBTRACE_BENCH_NOOP") == "1":
             # `jobtrace bench` measures the gRPC ceiling against this empty handler.
             server.add_generic_rpc_handlers((_noop_handler(),))
+        if self.db.statement_counter is not None:
+            # `jobtrace bench` reads the statements this process has sent.
+            server.add_generic_rpc_handlers((_statements_handler(self.db.statement_counter),))
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, HEALTH_SERVICE, reflection.SERVICE_NAME),
             server,
@@ -343,6 +351,18 @@ def _noop_handler() -> grpc.GenericRpcHandler:
 
     return grpc.method_handlers_generic_handler(
         "jobtrace.bench.Noop", {"Ping": grpc.unary_unary_rpc_method_handler(ping)}
+    )
+
+
+def _statements_handler(counter: StatementCounter) -> grpc.GenericRpcHandler:
+    """Bench-only (JOBTRACE_BENCH_COUNT_STATEMENTS=1): the statements and
+    transactions this process has sent its database, as JSON."""
+
+    async def read(request: bytes, context: Any) -> bytes:
+        return json.dumps({**counter.snapshot(), "pid": os.getpid()}).encode()
+
+    return grpc.method_handlers_generic_handler(
+        "jobtrace.bench.Statements", {"Read": grpc.unary_unary_rpc_method_handler(read)}
     )
 
 

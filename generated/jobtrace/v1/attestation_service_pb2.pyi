@@ -33,7 +33,13 @@ class _AttestationTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attes
     ATTESTATION_TYPE_WORKER_COMPLETION: _AttestationType.ValueType  # 1
     """A job completed; key "worker-completion:<job id>"."""
     ATTESTATION_TYPE_WORKER_FAILURE: _AttestationType.ValueType  # 2
-    """An attempt failed; key "worker-failure:<job id>:<attempt>"."""
+    """An attempt failed; key "worker-failure:<job id>:<attempt>". Also an
+    attempt the server ended: past the job's timeout (state TIMED_OUT,
+    data.error.code "TIMED_OUT", will_retry false: a standalone job's last
+    attestation) or whose lease expired (code "LEASE_EXPIRED"). Every
+    standalone job that ends has a last attestation: worker-completion,
+    worker-failure (will_retry false) or worker-cancellation.
+    """
     ATTESTATION_TYPE_WORKFLOW_COMPLETION: _AttestationType.ValueType  # 3
     """A workflow completed; key "workflow-completion:<workflow id>"."""
     ATTESTATION_TYPE_WORKFLOW_FAILURE: _AttestationType.ValueType  # 4
@@ -54,7 +60,13 @@ ATTESTATION_TYPE_UNSPECIFIED: AttestationType.ValueType  # 0
 ATTESTATION_TYPE_WORKER_COMPLETION: AttestationType.ValueType  # 1
 """A job completed; key "worker-completion:<job id>"."""
 ATTESTATION_TYPE_WORKER_FAILURE: AttestationType.ValueType  # 2
-"""An attempt failed; key "worker-failure:<job id>:<attempt>"."""
+"""An attempt failed; key "worker-failure:<job id>:<attempt>". Also an
+attempt the server ended: past the job's timeout (state TIMED_OUT,
+data.error.code "TIMED_OUT", will_retry false: a standalone job's last
+attestation) or whose lease expired (code "LEASE_EXPIRED"). Every
+standalone job that ends has a last attestation: worker-completion,
+worker-failure (will_retry false) or worker-cancellation.
+"""
 ATTESTATION_TYPE_WORKFLOW_COMPLETION: AttestationType.ValueType  # 3
 """A workflow completed; key "workflow-completion:<workflow id>"."""
 ATTESTATION_TYPE_WORKFLOW_FAILURE: AttestationType.ValueType  # 4
@@ -146,6 +158,7 @@ class Attestation(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     CHAIN_SEQUENCE_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    RECORDED_BY_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """Output only. Stable key, e.g. "worker-completion:<job id>"."""
     type: Global___AttestationType.ValueType
@@ -189,6 +202,16 @@ class Attestation(_message.Message):
     """Output only. Position in its chain, from 1."""
     tenant: _builtins.str
     """Output only. The tenant owning it."""
+    recorded_by: _builtins.str
+    """Output only. The authenticated subject whose action caused the
+    attestation, also in data.recorded_by (so the digest and signature cover
+    it): the worker for worker-completion and worker-failure, the canceller
+    for a cancellation, the worker whose step ended a workflow; "system"
+    when the server acted on its own (a lease that expired, a timeout);
+    "anonymous" on a server without authentication. Empty for an
+    attestation written before jobtrace recorded it (unknown; its data has
+    no recorded_by).
+    """
     @_builtins.property
     def data(self) -> _struct_pb2.Struct:
         """Output only. The sanitised evidence: request_context, job_payload,
@@ -232,10 +255,11 @@ class Attestation(_message.Message):
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         chain_sequence: _builtins.int = ...,
         tenant: _builtins.str = ...,
+        recorded_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "data", b"data", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chain_sequence", b"chain_sequence", "create_time", b"create_time", "data", b"data", "digest", b"digest", "entity_id", b"entity_id", "entity_type", b"entity_type", "expire_time", b"expire_time", "job_id", b"job_id", "key", b"key", "key_id", b"key_id", "previous_digest", b"previous_digest", "signature", b"signature", "state", b"state", "tenant", b"tenant", "type", b"type", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chain_sequence", b"chain_sequence", "create_time", b"create_time", "data", b"data", "digest", b"digest", "entity_id", b"entity_id", "entity_type", b"entity_type", "expire_time", b"expire_time", "job_id", b"job_id", "key", b"key", "key_id", b"key_id", "previous_digest", b"previous_digest", "recorded_by", b"recorded_by", "signature", b"signature", "state", b"state", "tenant", b"tenant", "type", b"type", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -468,6 +492,9 @@ class VerifyAttestationResponse(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     DIGEST_VALID_FIELD_NUMBER: _builtins.int
     PREVIOUS_PRUNED_FIELD_NUMBER: _builtins.int
+    ANNOTATIONS_VALID_FIELD_NUMBER: _builtins.int
+    CHANGED_ANNOTATION_IDS_FIELD_NUMBER: _builtins.int
+    ANNOTATIONS_ATTESTED_FIELD_NUMBER: _builtins.int
     valid: _builtins.bool
     """True when the digest, the signature and the chain link all check out."""
     signature_valid: _builtins.bool
@@ -482,6 +509,43 @@ class VerifyAttestationResponse(_message.Message):
     """True when the stored content hashes to the stored digest."""
     previous_pruned: _builtins.bool
     """True when the previous attestation was deleted by retention, not tampered."""
+    annotations_valid: _builtins.bool
+    """True when the annotations the attestation covers (data.annotations) are
+    stored as they were when it was written: each listed item's SHA-256 and the
+    digest of all of them are recomputed from the stored annotations. Also
+    true when the attestation carries no data.annotations (see
+    annotations_attested). When false, valid is false and reason names each
+    changed or deleted annotation by id and key. Annotations are never deleted
+    by retention, so a missing one counts as tampered.
+    """
+    annotations_attested: _builtins.bool
+    """True when the attestation carries data.annotations, the digest of the
+    annotations it vouches for; false for attestations written before
+    annotations were attested, which verify as before. data.annotations is
+    {"version": 1, "run_id", "job_id", "attempts", "count", "digest",
+    "items": [{"id", "key", "sha256"}], "listed_all"}. It covers the stored
+    annotations of run_id (and of job_id when not empty) whose attempt is in
+    attempts, as stored when the attestation was written, in ListAnnotations
+    order: a workflow step's job attestation covers its attempt's ([A]); a
+    standalone job's covers its attempt's and the run-level ones ([0, A]); a
+    workflow attestation the run-level ones ([0]). digest is "sha256:" + hex
+    SHA-256 of the RFC 8785 encoding of the list of each covered annotation's
+    canonical form {"id", "tenant", "run_id", "job_id", "attempt", "scope"
+    (number), "scope_id", "key", "value", "actor": {"kind" (number), "id",
+    "version"}, "recorded_by", "payload" (null when none), "idempotency_key",
+    "create_time_us"}, as ListAnnotations with the FULL view returns it; each
+    item's sha256 is the same hash of one canonical form. items lists the
+    first 1000 (listed_all says whether that is all of them); count and
+    digest cover them all.
+    """
+    @_builtins.property
+    def changed_annotation_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids of the covered annotations that changed or were deleted since the
+        attestation was written, in the attestation's order; empty when
+        annotations_valid. A change beyond the first 1000 listed items is reported
+        by annotations_valid and reason only.
+        """
+
     def __init__(
         self,
         *,
@@ -491,10 +555,13 @@ class VerifyAttestationResponse(_message.Message):
         reason: _builtins.str = ...,
         digest_valid: _builtins.bool = ...,
         previous_pruned: _builtins.bool = ...,
+        annotations_valid: _builtins.bool = ...,
+        changed_annotation_ids: _abc.Iterable[_builtins.str] | None = ...,
+        annotations_attested: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_valid", b"chain_valid", "digest_valid", b"digest_valid", "previous_pruned", b"previous_pruned", "reason", b"reason", "signature_valid", b"signature_valid", "valid", b"valid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations_attested", b"annotations_attested", "annotations_valid", b"annotations_valid", "chain_valid", b"chain_valid", "changed_annotation_ids", b"changed_annotation_ids", "digest_valid", b"digest_valid", "previous_pruned", b"previous_pruned", "reason", b"reason", "signature_valid", b"signature_valid", "valid", b"valid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -638,7 +705,10 @@ class AttachAnnotationsRequest(_message.Message):
 
     @_builtins.property
     def attributes(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Value]:
-        """Required. Key to value, 1 to 64 entries; one annotation per entry."""
+        """Required. Key to value, 1 to 64 entries; one annotation per entry.
+        approval.* keys, like actor kind REVIEWER, need the reviewer role:
+        PERMISSION_DENIED (reason ROLE_REQUIRED) otherwise, and nothing is stored.
+        """
 
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct:

@@ -92,7 +92,8 @@ class AttestationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def VerifyAttestation(self, request, context):
-        """Checks an attestation's digest, signature and chain link.
+        """Checks an attestation's digest, signature and chain link, and that the
+        annotations it vouches for (data.annotations) are stored unchanged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

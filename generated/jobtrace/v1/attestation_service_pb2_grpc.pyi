@@ -45,7 +45,9 @@ class AttestationServiceStub:
     leaves out data; FULL returns each attestation as GetAttestation does.
     """
     VerifyAttestation: _grpc.UnaryUnaryMultiCallable[_attestation_service_pb2.VerifyAttestationRequest, _attestation_service_pb2.VerifyAttestationResponse]
-    """Checks an attestation's digest, signature and chain link."""
+    """Checks an attestation's digest, signature and chain link, and that the
+    annotations it vouches for (data.annotations) are stored unchanged.
+    """
     GetSigningKeys: _grpc.UnaryUnaryMultiCallable[_attestation_service_pb2.GetSigningKeysRequest, _attestation_service_pb2.GetSigningKeysResponse]
     """Returns the public keys that signed attestations, current and retired."""
     AttachAnnotations: _grpc.UnaryUnaryMultiCallable[_attestation_service_pb2.AttachAnnotationsRequest, _attestation_service_pb2.AttachAnnotationsResponse]
@@ -75,7 +77,9 @@ class AttestationServiceAsyncStub(AttestationServiceStub):
     leaves out data; FULL returns each attestation as GetAttestation does.
     """
     VerifyAttestation: _aio.UnaryUnaryMultiCallable[_attestation_service_pb2.VerifyAttestationRequest, _attestation_service_pb2.VerifyAttestationResponse]  # type: ignore[assignment]
-    """Checks an attestation's digest, signature and chain link."""
+    """Checks an attestation's digest, signature and chain link, and that the
+    annotations it vouches for (data.annotations) are stored unchanged.
+    """
     GetSigningKeys: _aio.UnaryUnaryMultiCallable[_attestation_service_pb2.GetSigningKeysRequest, _attestation_service_pb2.GetSigningKeysResponse]  # type: ignore[assignment]
     """Returns the public keys that signed attestations, current and retired."""
     AttachAnnotations: _aio.UnaryUnaryMultiCallable[_attestation_service_pb2.AttachAnnotationsRequest, _attestation_service_pb2.AttachAnnotationsResponse]  # type: ignore[assignment]
@@ -120,7 +124,9 @@ class AttestationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _attestation_service_pb2.VerifyAttestationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_attestation_service_pb2.VerifyAttestationResponse, _abc.Awaitable[_attestation_service_pb2.VerifyAttestationResponse]]:
-        """Checks an attestation's digest, signature and chain link."""
+        """Checks an attestation's digest, signature and chain link, and that the
+        annotations it vouches for (data.annotations) are stored unchanged.
+        """
 
     @_abc_1.abstractmethod
     def GetSigningKeys(

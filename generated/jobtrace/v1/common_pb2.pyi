@@ -91,7 +91,9 @@ class _ActorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ActorKind.V
     ACTOR_KIND_PLUGIN: _ActorKind.ValueType  # 5
     """A plugin or integration."""
     ACTOR_KIND_REVIEWER: _ActorKind.ValueType  # 6
-    """A reviewer or approver."""
+    """A reviewer or approver. Only a caller (or worker) whose credentials
+    carry the reviewer role may name it: PERMISSION_DENIED otherwise.
+    """
     ACTOR_KIND_MODEL: _ActorKind.ValueType  # 7
     """A model or automated agent."""
 
@@ -111,7 +113,9 @@ ACTOR_KIND_SYSTEM: ActorKind.ValueType  # 4
 ACTOR_KIND_PLUGIN: ActorKind.ValueType  # 5
 """A plugin or integration."""
 ACTOR_KIND_REVIEWER: ActorKind.ValueType  # 6
-"""A reviewer or approver."""
+"""A reviewer or approver. Only a caller (or worker) whose credentials
+carry the reviewer role may name it: PERMISSION_DENIED otherwise.
+"""
 ACTOR_KIND_MODEL: ActorKind.ValueType  # 7
 """A model or automated agent."""
 Global___ActorKind: _TypeAlias = ActorKind  # noqa: Y015
@@ -666,6 +670,7 @@ class Job(_message.Message):
     NEXT_ATTEMPT_AT_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     FIRST_STARTED_AT_FIELD_NUMBER: _builtins.int
+    SUBMITTED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The job's id."""
     workflow_id: _builtins.str
@@ -684,6 +689,13 @@ class Job(_message.Message):
     """Output only. The tenant owning the job."""
     traceparent: _builtins.str
     """Output only. The W3C traceparent the job was submitted with, if any."""
+    submitted_by: _builtins.str
+    """Output only. The authenticated subject whose SubmitJob or SubmitWorkflow
+    created the job (the token's subject, never a claimed name);
+    "anonymous" on a server without authentication. A submission
+    deduplicated by request_id keeps the first submitter. Empty for a job
+    created before jobtrace recorded it (unknown).
+    """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
         """Output only. The spec as submitted (with defaults applied)."""
@@ -757,10 +769,11 @@ class Job(_message.Message):
         next_attempt_at: _timestamp_pb2.Timestamp | None = ...,
         traceparent: _builtins.str = ...,
         first_started_at: _timestamp_pb2.Timestamp | None = ...,
+        submitted_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "id", b"id", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "request_id", b"request_id", "result", b"result", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step_name", b"step_name", "tenant", b"tenant", "traceparent", b"traceparent", "updated_at", b"updated_at", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "id", b"id", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "request_id", b"request_id", "result", b"result", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step_name", b"step_name", "submitted_by", b"submitted_by", "tenant", b"tenant", "traceparent", b"traceparent", "updated_at", b"updated_at", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -919,6 +932,7 @@ class Workflow(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    SUBMITTED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The workflow's id."""
     name: _builtins.str
@@ -934,6 +948,13 @@ class Workflow(_message.Message):
     """Output only. The submission's idempotency key."""
     tenant: _builtins.str
     """Output only. The tenant owning it."""
+    submitted_by: _builtins.str
+    """Output only. The authenticated subject whose SubmitWorkflow created it
+    (the token's subject, never a claimed name); "anonymous" on a server
+    without authentication. A submission deduplicated by request_id keeps
+    the first submitter. Empty for a workflow created before jobtrace
+    recorded it (unknown).
+    """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkflowStep]:
         """Output only. Its steps in submission order."""
@@ -983,10 +1004,11 @@ class Workflow(_message.Message):
         tenant: _builtins.str = ...,
         failure: Global___Failure | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        submitted_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "progress", b"progress", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "id", b"id", "labels", b"labels", "name", b"name", "priority", b"priority", "progress", b"progress", "request_id", b"request_id", "started_at", b"started_at", "state", b"state", "steps", b"steps", "tenant", b"tenant", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "id", b"id", "labels", b"labels", "name", b"name", "priority", b"priority", "progress", b"progress", "request_id", b"request_id", "started_at", b"started_at", "state", b"state", "steps", b"steps", "submitted_by", b"submitted_by", "tenant", b"tenant", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1068,6 +1090,7 @@ class AnnotationInput(_message.Message):
         """Required. Key to value, at least one and at most 64 entries. Keys are dotted
         lowercase names (for example "trigger.source"); well-known prefixes
         (trigger., decision., approval., revision., failure.) have typed values.
+        approval.* keys need the reviewer role (PERMISSION_DENIED otherwise).
         """
 
     @_builtins.property
@@ -1109,6 +1132,7 @@ class Annotation(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    RECORDED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The annotation's id."""
     run_id: _builtins.str
@@ -1127,6 +1151,13 @@ class Annotation(_message.Message):
     """Output only. The idempotency key it was written with."""
     tenant: _builtins.str
     """Output only. The tenant owning it."""
+    recorded_by: _builtins.str
+    """Output only. The authenticated subject that wrote it, beside the actor
+    it claims: the caller of AttachAnnotations, SubmitJob or SubmitWorkflow,
+    or the worker (the subject of its credentials) for a worker's
+    AnnotationReport; "anonymous" on a server without authentication. Empty
+    for an annotation stored before jobtrace recorded it (unknown).
+    """
     @_builtins.property
     def actor(self) -> Global___Actor:
         """Output only. Who made it."""
@@ -1159,10 +1190,11 @@ class Annotation(_message.Message):
         idempotency_key: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         tenant: _builtins.str = ...,
+        recorded_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "create_time", b"create_time", "payload", b"payload", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "attempt", b"attempt", "create_time", b"create_time", "id", b"id", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "key", b"key", "payload", b"payload", "run_id", b"run_id", "scope", b"scope", "scope_id", b"scope_id", "tenant", b"tenant", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "attempt", b"attempt", "create_time", b"create_time", "id", b"id", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "key", b"key", "payload", b"payload", "recorded_by", b"recorded_by", "run_id", b"run_id", "scope", b"scope", "scope_id", b"scope_id", "tenant", b"tenant", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1200,6 +1232,7 @@ class TraceEvent(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    RECORDED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. Stable id "<run_id>:<sequence>"."""
     sequence: _builtins.int
@@ -1253,6 +1286,16 @@ class TraceEvent(_message.Message):
     """Output only. The worker that sent the event, if any."""
     traceparent: _builtins.str
     """Output only. The W3C traceparent of the run, if any."""
+    recorded_by: _builtins.str
+    """Output only. The authenticated subject whose action caused the event:
+    the caller of AppendTraceEvents (or of AttachAnnotations with
+    emit_event); the worker for its TraceReport, progress, and the start,
+    completion and failure of its attempt; the canceller for a
+    cancellation. "system" when the server acted on its own: a lease that
+    expired, a timeout, a claim undone, a workflow ended because a step
+    did. "anonymous" on a server without authentication. Empty for an event
+    stored before jobtrace recorded it (unknown).
+    """
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp:
         """Input, optional. When it happened; the server's receive time when unset."""
@@ -1298,10 +1341,11 @@ class TraceEvent(_message.Message):
         attempt: _builtins.int = ...,
         worker_id: _builtins.str = ...,
         traceparent: _builtins.str = ...,
+        recorded_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "error", b"error", "output_summary", b"output_summary", "timestamp", b"timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "category", b"category", "data", b"data", "display_priority", b"display_priority", "error", b"error", "event_key", b"event_key", "id", b"id", "job_id", b"job_id", "level", b"level", "message", b"message", "milestone", b"milestone", "node_id", b"node_id", "output_summary", b"output_summary", "percent", b"percent", "run_id", b"run_id", "sequence", b"sequence", "step_number", b"step_number", "timestamp", b"timestamp", "total_steps", b"total_steps", "traceparent", b"traceparent", "truncated", b"truncated", "type", b"type", "user_message", b"user_message", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "category", b"category", "data", b"data", "display_priority", b"display_priority", "error", b"error", "event_key", b"event_key", "id", b"id", "job_id", b"job_id", "level", b"level", "message", b"message", "milestone", b"milestone", "node_id", b"node_id", "output_summary", b"output_summary", "percent", b"percent", "recorded_by", b"recorded_by", "run_id", b"run_id", "sequence", b"sequence", "step_number", b"step_number", "timestamp", b"timestamp", "total_steps", b"total_steps", "traceparent", b"traceparent", "truncated", b"truncated", "type", b"type", "user_message", b"user_message", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

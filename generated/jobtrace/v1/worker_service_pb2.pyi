@@ -359,7 +359,11 @@ class AnnotationReport(_message.Message):
 
     @_builtins.property
     def attributes(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Value]:
-        """Required. Key to value, 1 to 64 entries; same rules as AttachAnnotations."""
+        """Required. Key to value, 1 to 64 entries; same rules as AttachAnnotations:
+        approval.* keys and actor kind REVIEWER need the reviewer role in the
+        worker's credentials, else a StreamError PERMISSION_DENIED (reason
+        ROLE_REQUIRED) refuses this report alone.
+        """
 
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct:

@@ -10,6 +10,7 @@ from jobtrace.api.limits import PageBytes
 from jobtrace.auth import Authenticator, Role
 from jobtrace.domain.annotations import Annotations
 from jobtrace.domain.attest import Attestor
+from jobtrace.model import Caller
 from jobtrace.pb import attestation_service_pb2 as pb
 from jobtrace.pb import attestation_service_pb2_grpc as pb_grpc
 
@@ -77,6 +78,9 @@ class AttestationServicer(pb_grpc.AttestationServiceServicer):
             reason=verdict.reason,
             digest_valid=verdict.digest_valid,
             previous_pruned=verdict.previous_pruned,
+            annotations_valid=verdict.annotations_valid,
+            changed_annotation_ids=verdict.changed_annotation_ids,
+            annotations_attested=verdict.annotations_attested,
         )
 
     @rpc
@@ -112,6 +116,7 @@ class AttestationServicer(pb_grpc.AttestationServiceServicer):
         )
         stored = await self._annotations.attach(
             principal.read_scope,
+            caller=Caller(principal.subject, principal.may(Role.REVIEWER)),
             run_id=request.run_id,
             job_id=request.job_id,
             attempt=request.attempt,

@@ -246,6 +246,7 @@ def job_to_proto(job: Job, *, full: bool = True) -> common_pb2.Job:
         next_attempt_at=us_to_ts(job.next_attempt_us),
         traceparent=job.traceparent,
         first_started_at=us_to_ts(job.first_started_us),
+        submitted_by=job.submitted_by,
     )
 
 
@@ -282,6 +283,7 @@ def workflow_to_proto(w: Workflow) -> common_pb2.Workflow:
         tenant=w.tenant,
         failure=failure_to_proto(w.failure),
         labels=w.labels,
+        submitted_by=w.submitted_by,
     )
 
 
@@ -291,6 +293,7 @@ def workflow_to_proto(w: Workflow) -> common_pb2.Workflow:
 def hello_from_proto(p: Any, principal: Any) -> Any:
     """A worker id is scoped to the caller's tenant and subject: two callers can
     never share (or take over) a worker session."""
+    from jobtrace.auth import Role
     from jobtrace.domain.dispatch import Hello
     from jobtrace.domain.worker_identity import WorkerIdentity
 
@@ -305,6 +308,7 @@ def hello_from_proto(p: Any, principal: Any) -> Any:
         running=tuple((r.job_id, r.attempt) for r in p.running),
         allowed_services=principal.allowed_services,
         allowed_tenants=None if principal.is_admin else principal.allowed_tenants,
+        reviewer=principal.may(Role.REVIEWER),
     )
 
 
@@ -445,6 +449,7 @@ def event_to_proto(e: Any, *, full: bool = True) -> common_pb2.TraceEvent:
         attempt=e.attempt,
         worker_id=e.worker_id,
         traceparent=e.traceparent,
+        recorded_by=e.recorded_by,
     )
 
 
@@ -508,6 +513,7 @@ def attestation_to_proto(a: Any, *, full: bool = True) -> Any:
         expire_time=us_to_ts(a.expire_us),
         chain_sequence=a.chain_seq,
         tenant=a.tenant,
+        recorded_by=a.recorded_by,
     )
 
 
@@ -537,6 +543,7 @@ def annotation_to_proto(a: Any, *, full: bool = True) -> common_pb2.Annotation:
         idempotency_key=a.idempotency_key,
         create_time=us_to_ts(a.created_us),
         tenant=a.tenant,
+        recorded_by=a.recorded_by,
     )
 
 

@@ -13,6 +13,7 @@ from jobtrace.api.errors import rpc
 from jobtrace.api.limits import PageBytes, StreamLimiter
 from jobtrace.auth import Authenticator, Role
 from jobtrace.domain.jobs import Jobs
+from jobtrace.model import Caller
 from jobtrace.pb import job_service_pb2 as pb
 from jobtrace.pb import job_service_pb2_grpc as pb_grpc
 
@@ -40,7 +41,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: Any) -> pb.SubmitJobResponse:
         principal = self._auth.require(context, Role.SUBMITTER)
         submission = convert.job_submission(request, traceparent(context))
-        job, deduplicated = await self._jobs.submit_job(principal.tenant, submission)
+        job, deduplicated = await self._jobs.submit_job(
+            principal.tenant, submission, Caller(principal.subject, principal.may(Role.REVIEWER))
+        )
         return pb.SubmitJobResponse(job=convert.job_to_proto(job), deduplicated=deduplicated)
 
     @rpc
@@ -49,7 +52,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
     ) -> pb.SubmitWorkflowResponse:
         principal = self._auth.require(context, Role.SUBMITTER)
         submission = convert.workflow_submission(request, traceparent(context))
-        workflow, deduplicated = await self._jobs.submit_workflow(principal.tenant, submission)
+        workflow, deduplicated = await self._jobs.submit_workflow(
+            principal.tenant, submission, Caller(principal.subject, principal.may(Role.REVIEWER))
+        )
         return pb.SubmitWorkflowResponse(
             workflow=convert.workflow_to_proto(workflow), deduplicated=deduplicated
         )
@@ -104,7 +109,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
     @rpc
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.CancelJobResponse:
         principal = self._auth.require(context, Role.SUBMITTER)
-        job = await self._jobs.cancel_job(principal.read_scope, request.job_id, request.reason)
+        job = await self._jobs.cancel_job(
+            principal.read_scope, request.job_id, request.reason, principal.subject
+        )
         return pb.CancelJobResponse(job=convert.job_to_proto(job))
 
     @rpc
@@ -113,7 +120,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
     ) -> pb.CancelWorkflowResponse:
         principal = self._auth.require(context, Role.SUBMITTER)
         workflow = await self._jobs.cancel_workflow(
-            principal.read_scope, request.workflow_id, request.reason
+            principal.read_scope, request.workflow_id, request.reason, principal.subject
         )
         return pb.CancelWorkflowResponse(workflow=convert.workflow_to_proto(workflow))
 

@@ -36,6 +36,7 @@ class TraceServicer(pb_grpc.TraceServiceServicer):
             request.run_id,
             inputs,
             out=self._pages.encoder(convert.event_to_proto),
+            recorded_by=principal.subject,
         )
         return pb.AppendTraceEventsResponse(events=stored)
 

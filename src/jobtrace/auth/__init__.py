@@ -16,6 +16,7 @@ from typing import Any
 
 from jobtrace import logs
 from jobtrace.domain.errors import PermissionDenied, Unauthenticated
+from jobtrace.model import SYSTEM_SUBJECT
 
 DEFAULT_TENANT = "default"
 
@@ -25,11 +26,16 @@ class Role(enum.Enum):
     SUBMITTER = "submitter"
     WORKER = "worker"
     ADMIN = "admin"
+    # May make a reviewer's statements: annotations with approval.* keys and
+    # the actor kind REVIEWER (on its own, nothing else: combine it with
+    # submitter or worker to write at all).
+    REVIEWER = "reviewer"
 
 
 # What each role may do besides its own name.
 _IMPLIES = {
-    Role.ADMIN: {Role.READER, Role.SUBMITTER, Role.WORKER, Role.ADMIN},
+    Role.ADMIN: {Role.READER, Role.SUBMITTER, Role.WORKER, Role.REVIEWER, Role.ADMIN},
+    Role.REVIEWER: {Role.REVIEWER},
     Role.SUBMITTER: {Role.READER, Role.SUBMITTER},
     Role.READER: {Role.READER},
     Role.WORKER: {Role.WORKER},
@@ -64,6 +70,10 @@ class Principal:
 
 
 ANONYMOUS = Principal("anonymous", DEFAULT_TENANT, frozenset({Role.ADMIN}), authenticated=False)
+# Subjects no credential may carry: what is recorded (submitted_by, recorded_by)
+# for the anonymous caller and for the server's own actions must never be
+# claimed by a token.
+RESERVED_SUBJECTS = frozenset({ANONYMOUS.subject, SYSTEM_SUBJECT})
 
 
 def hash_token(token: str) -> str:
@@ -273,6 +283,10 @@ class Authenticator:
             tenants = _optional_set(claims.get("tenants", [tenant]), "token claim 'tenants'")
         except ValueError as exc:
             raise Unauthenticated(str(exc), reason="TOKEN_INVALID") from exc
+        if str(claims["sub"]) in RESERVED_SUBJECTS:
+            raise Unauthenticated(
+                f"token subject {str(claims['sub'])!r} is reserved", reason="TOKEN_INVALID"
+            )
         return Principal(
             subject=str(claims["sub"]),
             tenant=tenant,
@@ -333,8 +347,8 @@ def load_tokens_file(path: Path) -> dict[str, Principal]:
       - sha256: <hex sha256 of the token>   # `jobtrace token new` prints one
         subject: billing-api
         tenant: acme
-        roles: [submitter]      # role names (reader, submitter, worker, admin); one
-                                #   may be given as a string
+        roles: [submitter]      # role names (reader, submitter, worker, reviewer,
+                                #   admin); one may be given as a string
         services: [resize]      # workers: services they may serve (default any;
                                 #   one name may be given as a string; "*" is any)
         tenants: [acme]         # workers: tenants whose jobs they run (default own)
@@ -372,6 +386,11 @@ def load_tokens_file(path: Path) -> dict[str, Principal]:
             raise ValueError(f"{where}: subject and tenant are required (names)")
         if not str(subject) or not str(tenant):
             raise ValueError(f"{where}: subject and tenant are required")
+        if str(subject) in RESERVED_SUBJECTS:
+            raise ValueError(
+                f"{where}: subject {str(subject)!r} is reserved (jobtrace records "
+                "'anonymous' for callers without credentials and 'system' for its own actions)"
+            )
         out[digest] = Principal(
             subject=str(subject),
             tenant=str(tenant),

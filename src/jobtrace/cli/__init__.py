@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--subject", required=True, help="who the token is for")
     new.add_argument("--tenant", required=True, help="the tenant it acts in")
     new.add_argument(
-        "--roles", required=True, help="comma-separated: reader,submitter,worker,admin"
+        "--roles", required=True, help="comma-separated: reader,submitter,worker,reviewer,admin"
     )
     new.add_argument("--services", help="workers: comma-separated services it may serve")
     new.set_defaults(func=server_commands.token_new)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from jobtrace import conventions
 from jobtrace.cli import render
 from jobtrace.cli.render import Style, as_json, print_json, state_name, when
 from jobtrace.client import Client, Endpoint
@@ -278,6 +279,7 @@ def describe_job(job: common_pb2.Job, s: Style) -> None:
         ("progress", f"{job.progress.percent:.0f}% {job.progress.message}".rstrip()),
         ("workflow", f"{job.workflow_id} step {job.step_name}" if job.workflow_id else "-"),
         ("worker", job.worker_id or "-"),
+        ("submitter", job.submitted_by or "-"),
         ("created", when(job.created_at)),
         ("started", when(job.started_at)),
         ("completed", when(job.completed_at)),
@@ -298,6 +300,7 @@ def describe_workflow(workflow: common_pb2.Workflow, s: Style) -> None:
     print(f"{'name':>10}  {workflow.name}")
     print(f"{'state':>10}  {s.state(workflow.state)}")
     print(f"{'progress':>10}  {p.completed_steps}/{p.total_steps} steps")
+    print(f"{'submitter':>10}  {workflow.submitted_by or '-'}")
     print(f"{'created':>10}  {when(workflow.created_at)}")
     print(f"{'completed':>10}  {when(workflow.completed_at)}")
     if workflow.HasField("failure"):
@@ -497,6 +500,7 @@ async def attest_get(args: argparse.Namespace, client: Client) -> int:
         ("state", state_name(a.state)),
         ("worker", a.worker_id or "-"),
         ("attempt", str(a.attempt)),
+        ("recorder", a.recorded_by or "-"),
         ("created", when(a.create_time)),
         ("expires", when(a.expire_time)),
         ("digest", a.digest),
@@ -538,7 +542,12 @@ async def attest_verify_online(args: argparse.Namespace, client: Client) -> int:
     if args.json:
         print_json(as_json(verdict) | {"valid": verdict.valid})
     elif verdict.valid:
-        print(f"{args.target_key}: valid (signature and chain)")
+        checked = (
+            "signature, chain and annotations"
+            if verdict.annotations_attested
+            else "signature and chain"
+        )
+        print(f"{args.target_key}: valid ({checked})")
     else:
         print(f"{args.target_key}: INVALID: {verdict.reason}")
     return 0 if verdict.valid else 1
@@ -618,8 +627,18 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def attribute_value(key: str, text: str) -> Any:
+    """parse_value, except that a convention key typed as text keeps the text:
+    `approval.policy.version=3` is the string "3", not the number."""
+    value = parse_value(text)
+    if conventions.check(key, value) is not None and conventions.check(key, text) is None:
+        return text
+    return value
+
+
 async def annotate(args: argparse.Namespace, client: Client) -> int:
-    attributes = {k: parse_value(v) for k, v in parse_pairs(args.pairs, "an attribute").items()}
+    pairs = parse_pairs(args.pairs, "an attribute")
+    attributes = {k: attribute_value(k, v) for k, v in pairs.items()}
     if not attributes:
         raise ValueError("give at least one KEY=VALUE")
     stored = await client.attach_annotations(
@@ -661,7 +680,7 @@ async def annotations_command(args: argparse.Namespace, client: Client) -> int:
         print_json({"annotations": [as_json(a) for a in found], "next_page_token": token})
         return 0
     render.table(
-        ["TIME", "KEY", "VALUE", "ACTOR", "JOB", "ATTEMPT"],
+        ["TIME", "KEY", "VALUE", "ACTOR", "RECORDED BY", "JOB", "ATTEMPT"],
         [
             [
                 when(a.create_time),
@@ -669,6 +688,7 @@ async def annotations_command(args: argparse.Namespace, client: Client) -> int:
                 render.shorten(json.dumps(as_json(a.value), ensure_ascii=False), 40),
                 f"{common_pb2.ActorKind.Name(a.actor.kind).removeprefix('ACTOR_KIND_').lower()}:"
                 f"{a.actor.id}",
+                a.recorded_by or "-",
                 a.job_id or "-",
                 str(a.attempt or "-"),
             ]

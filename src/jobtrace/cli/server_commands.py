@@ -197,8 +197,15 @@ def token_new(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from jobtrace.auth import Role, hash_token
+    from jobtrace.auth import RESERVED_SUBJECTS, Role, hash_token
 
+    if args.subject in RESERVED_SUBJECTS:
+        print(
+            f"jobtrace token new: subject {args.subject!r} is reserved "
+            f"({', '.join(sorted(RESERVED_SUBJECTS))} are what jobtrace records itself)",
+            file=sys.stderr,
+        )
+        return 2
     roles = [r.strip() for r in args.roles.split(",") if r.strip()]
     try:
         [Role(r) for r in roles]

@@ -563,7 +563,8 @@ class Client:
     ) -> list[common_pb2.Annotation]:
         """Attach key/value provenance to a run (or one job and attempt). Idempotent
         by `idempotency_key` (a random one when not given): a retry returns the
-        annotations already stored."""
+        annotations already stored. jobtrace.conventions names the typed keys
+        and builds checked attributes (`conventions.decision(outcome=...)`)."""
         request = attestation_service_pb2.AttachAnnotationsRequest(
             run_id=run_id,
             job_id=job_id,

@@ -119,7 +119,8 @@ class JobContext:
         actor: common_pb2.Actor | None = None,
         payload: dict[str, Any] | None = None,
     ) -> None:
-        """Record annotations (e.g. `{"decision.outcome": "approve"}`) for this
+        """Record annotations (e.g. `{"decision.outcome": "approve"}`, or
+        `conventions.failure(kind="timeout")` from jobtrace.conventions) for this
         attempt; the server makes them visible with the attempt's completion or
         failure. Returns once the server has accepted them; raises
         AnnotationRefused if it refused them, ConnectionError if the stream broke."""

@@ -1,9 +1,7 @@
-"""Annotation rules: key names, well-known value types, actors."""
+"""Annotation rules: attaching, listing and building annotations; their actors and sizes."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -11,7 +9,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from jobtrace.clock import now_us
 from jobtrace.domain import redact as redact_rules
 from jobtrace.domain.attest import redact, redact_text
-from jobtrace.domain.errors import FieldViolation, Invalid, NotFound, Violations
+from jobtrace.domain.conventions import check_key_value
+from jobtrace.domain.errors import (
+    FieldViolation,
+    Invalid,
+    NotFound,
+    PermissionDenied,
+    Violations,
+)
 from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
 from jobtrace.domain.redact import Redaction
 from jobtrace.domain.trace import PRIORITY_NOTE
@@ -21,6 +26,7 @@ from jobtrace.model import (
     Annotation,
     AnnotationInput,
     AnnotationScope,
+    Caller,
     Category,
     Level,
     RunState,
@@ -33,74 +39,14 @@ from jobtrace.store.db import Database, Tx
 if TYPE_CHECKING:
     from jobtrace.domain.trace import Trace
 
-# Applied with fullmatch to at most MAX_KEY characters; possessive, so no backtracking.
-KEY_RE = re.compile(r"[a-z][a-z0-9_]*+(?:\.[a-z0-9_]++)++")
-MAX_KEY = 256
 MAX_ATTRIBUTES = 64
 MAX_ANNOTATION_PAYLOAD = 64 * 1024
 MAX_SUBMIT_ANNOTATIONS = 16
 ACTOR_KINDS = range(1, 8)
-
-
-def _number_0_1(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        return "must be a number in [0, 1]"
-    return None
-
-
-def _boolean(value: Any) -> str | None:
-    return None if isinstance(value, bool) else "must be a boolean"
-
-
-def _string(value: Any) -> str | None:
-    return None if isinstance(value, str) and value else "must be a non-empty string"
-
-
-def _scalar(value: Any) -> str | None:
-    if value is None or isinstance(value, dict | list):
-        return "must be a string, number or boolean"
-    return None
-
-
-def _number(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return "must be a number"
-    return None
-
-
-# Exact well-known keys first, then the rule of each well-known prefix.
-WELL_KNOWN: dict[str, Callable[[Any], str | None]] = {
-    "decision.confidence": _number_0_1,
-    "decision.outcome": _string,
-    "decision.reason": _string,
-    "approval.approved": _boolean,
-    "approval.approver": _string,
-    "revision.number": _number,
-    "revision.parent": _string,
-    "failure.category": _string,
-    "failure.retryable": _boolean,
-    "trigger.source": _string,
-    "trigger.type": _string,
-}
-PREFIX_RULES: dict[str, Callable[[Any], str | None]] = {
-    "trigger.": _scalar,
-    "decision.": lambda value: None,
-    "approval.": lambda value: None,
-    "revision.": lambda value: None,
-    "failure.": lambda value: None,
-}
-
-
-def check_key_value(v: Violations, field: str, key: str, value: Any) -> None:
-    if len(key) > MAX_KEY or not KEY_RE.fullmatch(key):
-        v.add(field, "key must be a dotted lowercase name such as 'decision.outcome'")
-        return
-    rule = WELL_KNOWN.get(key)
-    if rule is None:
-        rule = next((r for p, r in PREFIX_RULES.items() if key.startswith(p)), None)
-    problem = rule(value) if rule is not None else None
-    if problem:
-        v.add(field, f"{key} {problem}")
+ACTOR_KIND_REVIEWER = 6  # jobtrace.v1.ActorKind
+# Keys only a principal with the reviewer role may write.
+REVIEWER_PREFIX = "approval."
+REVIEWER_ROLE = "reviewer"
 
 
 def check_input(v: Violations, field: str, item: AnnotationInput, payload_bytes: int) -> None:
@@ -121,9 +67,33 @@ def check_input(v: Violations, field: str, item: AnnotationInput, payload_bytes:
         v.add(f"{field}.payload", f"must be at most {MAX_ANNOTATION_PAYLOAD} bytes")
 
 
+def check_authority(item: AnnotationInput, caller: Caller) -> None:
+    """Claims that need a role: only a reviewer may write approval.* keys or
+    speak as actor kind REVIEWER. PERMISSION_DENIED names what needed it."""
+    if caller.reviewer:
+        return
+    metadata = {"role": REVIEWER_ROLE}
+    if item.actor_kind == ACTOR_KIND_REVIEWER:
+        raise PermissionDenied(
+            f"{caller.subject!r} lacks the {REVIEWER_ROLE!r} role that actor kind "
+            "ACTOR_KIND_REVIEWER requires",
+            reason="ROLE_REQUIRED",
+            metadata={**metadata, "actor_kind": "ACTOR_KIND_REVIEWER"},
+        )
+    for key in sorted(item.attributes):
+        if key.startswith(REVIEWER_PREFIX):
+            raise PermissionDenied(
+                f"{caller.subject!r} lacks the {REVIEWER_ROLE!r} role that annotation key "
+                f"{key!r} ({REVIEWER_PREFIX}*) requires",
+                reason="ROLE_REQUIRED",
+                metadata={**metadata, "key": key},
+            )
+
+
 def build(
     item: AnnotationInput,
     *,
+    recorded_by: str,
     tenant: str,
     run_id: str,
     now_us: int,
@@ -153,6 +123,7 @@ def build(
             scope_id=scope_id,
             payload=payload,
             idempotency_key=item.idempotency_key,
+            recorded_by=recorded_by,
         )
         for key in sorted(item.attributes)
     ]
@@ -181,6 +152,7 @@ class Annotations:
         self,
         scope_tenant: str | None,
         *,
+        caller: Caller,
         run_id: str,
         job_id: str,
         attempt: int,
@@ -190,6 +162,7 @@ class Annotations:
         payload_bytes: int,
         emit_event: bool,
     ) -> list[Annotation]:
+        check_authority(item, caller)
         v = Violations()
         if not run_id:
             v.add("run_id", "required")
@@ -242,6 +215,7 @@ class Annotations:
                 a
                 for a in build(
                     item,
+                    recorded_by=caller.subject,
                     tenant=tenant,
                     run_id=run_id,
                     now_us=now_us(),
@@ -279,6 +253,7 @@ class Annotations:
                                 "annotations": {a.key: a.value for a in fresh},
                                 "actor": {"kind": item.actor_kind, "id": item.actor_id},
                             },
+                            recorded_by=caller.subject,
                         )
                     ],
                 )

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
-from jobtrace.domain import jcs
+from jobtrace.domain import annotated, jcs
 from jobtrace.domain import redact as redact_rules
 from jobtrace.domain.errors import DataLoss, NotFound, Violations
 from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
@@ -638,6 +638,13 @@ class Verdict:
     # False when the chain link was not examined (offline, one attestation alone):
     # chain_valid is then False for "not established", not for "broken".
     chain_checked: bool = True
+    # Whether the attestation carries data.annotations (see domain/annotated.py);
+    # whether the stored annotations it covers still hash to it (True when it
+    # carries none, or when they were not examined: offline); the ids of those
+    # that changed or were deleted since.
+    annotations_attested: bool = False
+    annotations_valid: bool = True
+    changed_annotation_ids: tuple[str, ...] = ()
 
 
 class MalformedEnvelope(ValueError):
@@ -865,10 +872,14 @@ class Attestor:
         job_id: str = "",
         worker_id: str = "",
         attempt: int = 0,
+        annotations: JSON | None = None,
+        recorded_by: str = "",
         head: tuple[int, str] | None = None,
         insert: bool = True,
     ) -> Attestation:
         """Build, chain, sign and store one attestation inside the caller's transaction.
+        `annotations` (see domain/annotated.py), built by the server, becomes
+        data["annotations"] as is, after `data` is sanitised.
         `head` is the chain's last (chain_seq, digest) when the caller knows it
         (read under the lock that orders the chain's writers); else it is read.
         Without `insert` the caller stores it (store.attest.attestation_insert),
@@ -900,15 +911,20 @@ class Attestor:
             key_id=self.signer.key_id,
             created_us=now,
             expire_us=now + int(self.retention_s * 1e6),
+            recorded_by=recorded_by,
         )
-        signed = await off_loop_if_large(data, self._seal, draft, data)
+        signed = await off_loop_if_large(data, self._seal, draft, data, annotations)
         if insert:
             await store.insert_attestation(session, signed)
         return signed
 
-    def _seal(self, draft: Attestation, data: JSON | Sanitized) -> Attestation:
+    def _seal(
+        self, draft: Attestation, data: JSON | Sanitized, annotations: JSON | None = None
+    ) -> Attestation:
         """`draft` with `data` sanitised, then digested and signed: CPU only."""
         clean = data.value if isinstance(data, Sanitized) else sanitize(data, self.redaction)
+        if annotations is not None:
+            clean = {**clean, annotated.MEMBER: annotations}
         encoded = canonical(clean)
         # The stored data is the canonical text read back, so the digest covers
         # exactly what is stored; it is spliced in as is, not encoded again.
@@ -1001,6 +1017,7 @@ class Attestor:
                 if a.chain_seq > 1 and previous is None
                 else None
             )
+            annotations = await annotated.verify(session, a.data)
         problems: list[str] = []
         try:
             digest_ok = await off_loop_if_large(a.data, digest_of, statement(a)) == a.digest
@@ -1044,8 +1061,19 @@ class Attestor:
                 f"previous link {a.chain_seq - 1} of chain {a.chain_id} is missing and was not "
                 "pruned by retention (deleted or tampered)"
             )
-        valid = digest_ok and signature_ok and chain_ok
-        return Verdict(valid, digest_ok, signature_ok, chain_ok, pruned, "; ".join(problems))
+        problems += annotations.problems
+        valid = digest_ok and signature_ok and chain_ok and annotations.valid
+        return Verdict(
+            valid,
+            digest_ok,
+            signature_ok,
+            chain_ok,
+            pruned,
+            "; ".join(problems),
+            annotations_attested=annotations.attested,
+            annotations_valid=annotations.valid,
+            changed_annotation_ids=tuple(annotations.changed_ids),
+        )
 
     async def keys(self) -> list[SigningKey]:
         async with self._db.read() as session:

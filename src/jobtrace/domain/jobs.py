@@ -44,6 +44,7 @@ from jobtrace.ids import JOB_PREFIX, WORKFLOW_PREFIX, new_id
 from jobtrace.model import (
     JSON,
     AnnotationInput,
+    Caller,
     Failure,
     Job,
     JobSpec,
@@ -262,7 +263,9 @@ class Jobs:
 
     # --- submission -------------------------------------------------------
 
-    async def submit_job(self, tenant: str, sub: JobSubmission) -> tuple[Job, bool]:
+    async def submit_job(self, tenant: str, sub: JobSubmission, caller: Caller) -> tuple[Job, bool]:
+        for a in sub.annotations:
+            annotation_rules.check_authority(a.item, caller)
         v = Violations()
         check_request_id(v, "request_id", sub.request_id)
         spec = normalize_spec(v, "job", sub.spec, sub.payload_bytes)
@@ -281,6 +284,7 @@ class Jobs:
                 created_us=now,
                 updated_us=now,
                 traceparent=sub.traceparent,
+                submitted_by=caller.subject,
             )
             try:
                 await self._admit(session, tenant, 1)
@@ -305,6 +309,7 @@ class Jobs:
                     for s in sub.annotations
                     for a in annotation_rules.build(
                         s.item,
+                        recorded_by=caller.subject,
                         tenant=tenant,
                         run_id=job.id,
                         now_us=now,
@@ -324,7 +329,11 @@ class Jobs:
             )
         return result
 
-    async def submit_workflow(self, tenant: str, sub: WorkflowSubmission) -> tuple[Workflow, bool]:
+    async def submit_workflow(
+        self, tenant: str, sub: WorkflowSubmission, caller: Caller
+    ) -> tuple[Workflow, bool]:
+        for a in sub.annotations:
+            annotation_rules.check_authority(a.item, caller)
         v = Violations()
         check_request_id(v, "request_id", sub.request_id)
         if not sub.name:
@@ -391,6 +400,7 @@ class Jobs:
                     step_name=step.name,
                     depends_on=step_deps,
                     traceparent=sub.traceparent,
+                    submitted_by=caller.subject,
                 )
                 for step, spec, step_deps in zip(sub.steps, specs, deps, strict=True)
             ]
@@ -407,6 +417,7 @@ class Jobs:
                 created_us=now,
                 updated_us=now,
                 labels=dict(sub.labels),
+                submitted_by=caller.subject,
             )
             await store.insert_submission(
                 session,
@@ -429,6 +440,7 @@ class Jobs:
                     for s in sub.annotations
                     for a in annotation_rules.build(
                         s.item,
+                        recorded_by=caller.subject,
                         tenant=tenant,
                         run_id=workflow_id,
                         now_us=now,
@@ -658,7 +670,8 @@ class Jobs:
 
     # --- cancellation -----------------------------------------------------
 
-    async def cancel_job(self, tenant: str | None, job_id: str, reason: str) -> Job:
+    async def cancel_job(self, tenant: str | None, job_id: str, reason: str, by: str) -> Job:
+        """Cancel a job; `by` is the canceller's authenticated subject."""
         v = Violations()
         check_id(v, "job_id", job_id)
         check_text(v, "reason", reason, MAX_REASON)
@@ -680,14 +693,17 @@ class Jobs:
                 reason=reason or CANCELLED_BY_USER, code="CANCELLED", attempt=job.attempt
             )
             changed = await self._life.end_job(
-                session, tx, job, RunState.CANCELLED, failure, now_us()
+                session, tx, job, RunState.CANCELLED, failure, now_us(), by=by
             )
             self._changed(tx, changed)
             return changed[0]
 
         return await self._db.write(op)
 
-    async def cancel_workflow(self, tenant: str | None, workflow_id: str, reason: str) -> Workflow:
+    async def cancel_workflow(
+        self, tenant: str | None, workflow_id: str, reason: str, by: str
+    ) -> Workflow:
+        """Cancel a workflow; `by` is the canceller's authenticated subject."""
         v = Violations()
         check_id(v, "workflow_id", workflow_id)
         check_text(v, "reason", reason, MAX_REASON)
@@ -714,7 +730,9 @@ class Jobs:
             steps = (await store.workflow_jobs(session, [workflow_id], unfinished=True))[
                 workflow_id
             ]
-            changed = await self._life.cancel_steps(session, tx, steps, why, "CANCELLED", now)
+            changed = await self._life.cancel_steps(
+                session, tx, steps, why, "CANCELLED", now, by=by
+            )
             await self._life.end_workflow(
                 session,
                 tx,
@@ -723,6 +741,7 @@ class Jobs:
                 RunState.CANCELLED,
                 Failure(reason=why, code="CANCELLED"),
                 now,
+                by=by,
                 traceparent=await store.workflow_traceparent(session, workflow_id),
             )
             self._changed(tx, changed)

@@ -10,8 +10,14 @@ from dataclasses import replace
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import iso
+from jobtrace.domain import annotated
 from jobtrace.domain.attest import Attestor
-from jobtrace.domain.evidence import ATTESTATION_DATA_BYTES, StoredOutput, fit_outputs
+from jobtrace.domain.evidence import (
+    ATTESTATION_DATA_BYTES,
+    StoredOutput,
+    fit_outputs,
+    member_weight,
+)
 from jobtrace.domain.trace import (
     PRIORITY_OUTCOME,
     PRIORITY_RETRY,
@@ -21,6 +27,7 @@ from jobtrace.domain.trace import (
 )
 from jobtrace.model import (
     JSON,
+    SYSTEM_SUBJECT,
     AttestationType,
     Category,
     ErrorInfo,
@@ -134,6 +141,7 @@ class Lifecycle:
         type: AttestationType,
         key: str,
         extra: JSON,
+        by: str,
         *,
         keep_head: bool = True,
         fold: list[tuple[Query, Params]] | None = None,
@@ -147,6 +155,7 @@ class Lifecycle:
         there, for the caller to run in this transaction (_set_and_record)."""
         context = await store.request_context_for(db, job)
         data: JSON = {
+            "recorded_by": by,  # signed: who caused it (see Attestation.recorded_by)
             "request_context": context,
             "job_payload": job.spec.payload,
             "service": job.spec.service,
@@ -160,6 +169,9 @@ class Lifecycle:
             "completed_at": iso(job.completed_us),
             **extra,
         }
+        covers = annotated.selector(
+            run_id=run_of(job), workflow_id=job.workflow_id, job_id=job.id, attempt=job.attempt
+        )
         signed = await self.attestor.attest(
             db,
             key=key,
@@ -174,6 +186,8 @@ class Lifecycle:
             job_id=job.id,
             worker_id=job.worker_id,
             attempt=job.attempt,
+            annotations=await annotated.evidence(db, covers),
+            recorded_by=by,
             head=None if job.workflow_id else job.chain_head,
             insert=fold is None,
         )
@@ -187,7 +201,7 @@ class Lifecycle:
         return head
 
     async def _attest_failure(
-        self, db: AsyncSession, job: Job, failure: Failure, will_retry: bool
+        self, db: AsyncSession, job: Job, failure: Failure, will_retry: bool, by: str
     ) -> Job:
         """Attest a failed attempt; the job with its chain's new head."""
         head = await self._attest_job(
@@ -204,6 +218,7 @@ class Lifecycle:
                 },
                 "will_retry": will_retry,
             },
+            by,
         )
         return job if head is None else replace(job, chain_head=head)
 
@@ -214,6 +229,7 @@ class Lifecycle:
         tenant: str,
         state: RunState,
         failure: Failure | None,
+        by: str,
     ) -> None:
         row = await store.get_workflow_row(db, workflow_id)
         assert row is not None
@@ -223,6 +239,7 @@ class Lifecycle:
             RunState.CANCELLED: (AttestationType.WORKFLOW_CANCELLATION, "workflow-cancellation"),
         }.get(state, (AttestationType.WORKFLOW_FAILURE, "workflow-failure"))
         data: JSON = {
+            "recorded_by": by,  # signed: who caused it (see Attestation.recorded_by)
             "request_context": codec.loads(row.request_context) or {},
             "name": row.name,
             "total_steps": len(steps),
@@ -243,12 +260,17 @@ class Lifecycle:
             StoredOutput(name, job_id, size)
             for job_id, name, size in await store.result_sizes(db, workflow_id)
         ]
+        annotations = await annotated.evidence(
+            db,
+            annotated.selector(run_id=workflow_id, workflow_id=workflow_id, job_id="", attempt=0),
+        )
         evidence = await fit_outputs(
             data,
             "outputs",
             outputs,
             lambda job_ids: store.results(db, job_ids),
-            budget=self.evidence_budget,
+            # data["annotations"] is added whole, after the outputs are fitted.
+            budget=self.evidence_budget - max(member_weight(annotated.MEMBER, annotations)),
             redaction=self.attestor.redaction,
         )
         await self.attestor.attest(
@@ -262,6 +284,8 @@ class Lifecycle:
             state=state,
             data=evidence,
             workflow_id=workflow_id,
+            annotations=annotations,
+            recorded_by=by,
         )
 
     def _log_workflow(
@@ -272,8 +296,9 @@ class Lifecycle:
                 tx, level, message, {"workflow_id": workflow_id, "tenant": tenant, **fields}
             )
 
-    def _event(self, job: Job, **fields: object) -> TraceEvent:
+    def _event(self, job: Job, by: str, **fields: object) -> TraceEvent:
         return TraceEvent(
+            recorded_by=by,
             run_id=run_of(job),
             node_id=node_of(job),
             job_id=job.id,
@@ -314,6 +339,8 @@ class Lifecycle:
         now: int,
         session_id: str,
         holder: str,
+        *,
+        by: str,
     ) -> Job | None:
         """Lease a QUEUED job (as a dispatch read saw it) to a worker session and
         record its start, in one statement where the backend allows: the job
@@ -322,6 +349,7 @@ class Lifecycle:
         attempt = job.attempt + 1
         event = self._event(
             replace(job, attempt=attempt, worker_id=worker_id),
+            by,
             type=TraceType.STARTED,
             category=Category.BUSINESS,
             milestone=True,
@@ -374,6 +402,7 @@ class Lifecycle:
             job,
             self._event(
                 job,
+                SYSTEM_SUBJECT,
                 type=TraceType.LOG,
                 level=Level.WARN,
                 category=Category.TECHNICAL,
@@ -388,12 +417,12 @@ class Lifecycle:
         return queued
 
     async def progress(
-        self, db: AsyncSession, tx: Tx, job: Job, percent: float, message: str, now: int
+        self, db: AsyncSession, tx: Tx, job: Job, percent: float, message: str, now: int, by: str
     ) -> Job:
         updated = await set_job(
             db, job, progress_percent=percent, progress_message=message, updated_us=now
         )
-        await self.progressed(db, tx, updated, percent, message)
+        await self.progressed(db, tx, updated, percent, message, by)
         return updated
 
     async def progress_if_held(
@@ -407,6 +436,7 @@ class Lifecycle:
         percent: float,
         message: str,
         now: int,
+        by: str,
     ) -> Job | None:
         """Progress of an attempt whose lease `holder` holds, fenced and written
         with its trace event in one statement under the job's row lock (where
@@ -427,13 +457,14 @@ class Lifecycle:
             category=Category.BUSINESS,
             percent=percent,
             message=message or f"{node_id} at {percent:g}%",
+            recorded_by=by,
         )
         update = store.progress_update(job_id, attempt, holder, percent, message, now)
         row = await self.trace.record_after_update(db, tx, tenant, [event], update)
         return None if row is None else store.job_from_row(row, context=True)
 
     async def progressed(
-        self, db: AsyncSession, tx: Tx, job: Job, percent: float, message: str
+        self, db: AsyncSession, tx: Tx, job: Job, percent: float, message: str, by: str
     ) -> None:
         """The trace event of progress already written to the job."""
         await self._record(
@@ -442,6 +473,7 @@ class Lifecycle:
             job,
             self._event(
                 job,
+                by,
                 type=TraceType.PROGRESS,
                 category=Category.BUSINESS,
                 percent=percent,
@@ -450,7 +482,7 @@ class Lifecycle:
         )
 
     async def complete(
-        self, db: AsyncSession, tx: Tx, job: Job, result: JSON | None, now: int
+        self, db: AsyncSession, tx: Tx, job: Job, result: JSON | None, now: int, by: str
     ) -> list[Job]:
         changes: dict[str, object] = {
             "state": RunState.COMPLETED,
@@ -470,6 +502,7 @@ class Lifecycle:
             AttestationType.WORKER_COMPLETION,
             f"worker-completion:{job.id}",
             {"result": result},
+            by,
             keep_head=False,
             fold=attestation,
         )
@@ -482,6 +515,7 @@ class Lifecycle:
             changes,
             self._event(
                 job,
+                by,
                 type=TraceType.COMPLETED,
                 category=Category.BUSINESS,
                 milestone=True,
@@ -494,13 +528,22 @@ class Lifecycle:
         self.log_after(tx, logging.INFO, "job completed", job, worker_id=job.worker_id)
         if not job.workflow_id:
             self.trace.run_ended(tx, job.id)
-        return [done, *await self._step_finished(db, tx, done, now)]
+        return [done, *await self._step_finished(db, tx, done, now, by)]
 
     async def fail_attempt(
-        self, db: AsyncSession, tx: Tx, job: Job, failure: Failure, retryable: bool, now: int
+        self,
+        db: AsyncSession,
+        tx: Tx,
+        job: Job,
+        failure: Failure,
+        retryable: bool,
+        now: int,
+        *,
+        by: str,
     ) -> list[Job]:
         """A failed attempt: retry with backoff while attempts remain and the failure
-        is retryable, else fail the job (and its workflow)."""
+        is retryable, else fail the job (and its workflow). `by`: the worker's
+        subject when it reported the failure, SYSTEM_SUBJECT for a lost lease."""
         if retryable and job.attempt < job.spec.max_attempts:
             delay_us = job.spec.backoff.delay_ms(job.attempt) * 1000
             queued = await set_job(
@@ -518,13 +561,14 @@ class Lifecycle:
                 job,
                 self._failed_event(
                     job,
+                    by,
                     failure,
                     Level.ERROR,
                     f"{node_of(job)} attempt {job.attempt} failed: {failure.reason}; "
                     f"retrying in {delay_us / 1e6:g}s",
                 ),
             )
-            queued = await self._attest_failure(db, queued, failure, will_retry=True)
+            queued = await self._attest_failure(db, queued, failure, True, by)
             service = job.spec.service
 
             def count_retry() -> None:
@@ -549,12 +593,16 @@ class Lifecycle:
             RunState.FAILED,
             replace(failure, retryable=retryable),
             now,
+            by=by,
             failed_attempt=True,
         )
 
-    def _failed_event(self, job: Job, failure: Failure, level: Level, message: str) -> TraceEvent:
+    def _failed_event(
+        self, job: Job, by: str, failure: Failure, level: Level, message: str
+    ) -> TraceEvent:
         return self._event(
             job,
+            by,
             type=TraceType.FAILED,
             level=level,
             category=Category.BUSINESS,
@@ -574,8 +622,11 @@ class Lifecycle:
         failure: Failure | None,
         now: int,
         *,
+        by: str,
         failed_attempt: bool = False,
     ) -> list[Job]:
+        """End a job in `state`; `by` is the subject whose action ended it (the
+        canceller, the worker that failed it), SYSTEM_SUBJECT for a timeout."""
         ended = await set_job(
             db,
             job,
@@ -589,6 +640,7 @@ class Lifecycle:
         if state == RunState.CANCELLED:
             event = self._event(
                 job,
+                by,
                 type=TraceType.LOG,
                 level=Level.WARN,
                 category=Category.BUSINESS,
@@ -601,6 +653,7 @@ class Lifecycle:
             reason = failure.reason if failure else state.name.lower()
             event = self._failed_event(
                 ended,
+                by,
                 failure or Failure(reason=reason),
                 Level.CRITICAL,
                 f"{node_of(job)} {state.name.lower().replace('_', ' ')}: {reason}",
@@ -615,7 +668,7 @@ class Lifecycle:
             code=failure.code if failure else "",
         )
         if failed_attempt and failure is not None:
-            ended = await self._attest_failure(db, ended, failure, will_retry=False)
+            ended = await self._attest_failure(db, ended, failure, False, by)
         if state == RunState.CANCELLED and not job.workflow_id:
             # A step's cancellation is in its workflow's attestation.
             await self._attest_job(
@@ -632,12 +685,15 @@ class Lifecycle:
                     # for a retry) or running its attempt.
                     "cancelled_while": job.state.name,
                 },
+                by,
             )
         if not job.workflow_id:
             self.trace.run_ended(tx, job.id)
-        return [ended, *await self._step_finished(db, tx, ended, now)]
+        return [ended, *await self._step_finished(db, tx, ended, now, by)]
 
-    async def _step_finished(self, db: AsyncSession, tx: Tx, step: Job, now: int) -> list[Job]:
+    async def _step_finished(
+        self, db: AsyncSession, tx: Tx, step: Job, now: int, by: str
+    ) -> list[Job]:
         """Advance or end the workflow of a step that reached a terminal state."""
         if not step.workflow_id:
             return []
@@ -688,6 +744,7 @@ class Lifecycle:
                             total_steps=total,
                             message=f"workflow completed ({done_count} steps)",
                             traceparent=step.traceparent,
+                            recorded_by=by,
                         )
                     ],
                 )
@@ -695,7 +752,7 @@ class Lifecycle:
                     tx, logging.INFO, "workflow completed", step.workflow_id, step.tenant
                 )
                 await self._attest_workflow(
-                    db, step.workflow_id, step.tenant, RunState.COMPLETED, None
+                    db, step.workflow_id, step.tenant, RunState.COMPLETED, None, by
                 )
                 self.trace.run_ended(tx, step.workflow_id)
             else:
@@ -719,6 +776,7 @@ class Lifecycle:
             f"workflow {workflow_state.name.lower()}: step {step.step_name!r} did not complete",
             "DEPENDENCY_FAILED",
             now,
+            by=by,
             quiet=True,
         )
         await self.end_workflow(
@@ -729,6 +787,7 @@ class Lifecycle:
             workflow_state,
             failure,
             now,
+            by=by,
             traceparent=step.traceparent,
         )
         return changed
@@ -742,6 +801,7 @@ class Lifecycle:
         code: str,
         now: int,
         *,
+        by: str,
         quiet: bool = False,
     ) -> list[Job]:
         changed = []
@@ -768,6 +828,7 @@ class Lifecycle:
                     s,
                     self._event(
                         s,
+                        by,
                         type=TraceType.LOG,
                         level=Level.WARN,
                         category=Category.TECHNICAL,
@@ -787,6 +848,7 @@ class Lifecycle:
         failure: Failure | None,
         now: int,
         *,
+        by: str,
         traceparent: str = "",
     ) -> None:
         await store.update_workflow(
@@ -809,6 +871,7 @@ class Lifecycle:
                 message=CANCELLED_BY_USER,
                 data={"reason": failure.reason} if failure else None,
                 traceparent=traceparent,
+                recorded_by=by,
             )
         else:
             reason = failure.reason if failure else "failed"
@@ -823,6 +886,7 @@ class Lifecycle:
                 message=f"workflow {state.name.lower()}: {reason}",
                 error=ErrorInfo(message=reason, code=failure.code if failure else ""),
                 traceparent=traceparent,
+                recorded_by=by,
             )
         await self.trace.record(db, tx, tenant, [event])
         self._log_workflow(
@@ -833,5 +897,5 @@ class Lifecycle:
             tenant,
             reason=failure.reason if failure else "",
         )
-        await self._attest_workflow(db, workflow_id, tenant, state, failure)
+        await self._attest_workflow(db, workflow_id, tenant, state, failure, by)
         self.trace.run_ended(tx, workflow_id)

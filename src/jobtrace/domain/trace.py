@@ -410,7 +410,13 @@ class Trace:
     # --- TraceService -----------------------------------------------------------
 
     async def append(
-        self, scope: str | None, run_id: str, inputs: list[EventInput], out: Encoder[TraceEvent, E]
+        self,
+        scope: str | None,
+        run_id: str,
+        inputs: list[EventInput],
+        out: Encoder[TraceEvent, E],
+        *,
+        recorded_by: str,
     ) -> list[E]:
         """Store the events not stored yet (by event_key) and return every one
         as stored, as `out` encodes them. The reply holds each event whole, a
@@ -436,7 +442,10 @@ class Trace:
             tenant, traceparent, state = await self._run_owner(
                 session, scope, run_id, lock=True, traceparent=True
             )
-            events = [replace(i.event, run_id=run_id, traceparent=traceparent) for i in inputs]
+            events = [
+                replace(i.event, run_id=run_id, traceparent=traceparent, recorded_by=recorded_by)
+                for i in inputs
+            ]
             fresh, existing = await self.unseen(session, run_id, events)
             if fresh and state.terminal:
                 # Readers already have the final status; a retry of an append

@@ -70,6 +70,7 @@ def _from_row(r: Row, *, full: bool = True) -> Attestation:
         created_us=r["created_us"],
         expire_us=r["expire_us"],
         seq=r["seq"],
+        recorded_by=r["recorded_by"],
     )
 
 
@@ -181,6 +182,7 @@ def _values(a: Attestation) -> dict[str, Any]:
         "key_id": a.key_id,
         "created_us": a.created_us,
         "expire_us": a.expire_us,
+        "recorded_by": a.recorded_by,
     }
 
 

@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import (
 
 from jobtrace.store.availability import Availability
 from jobtrace.store.errors import is_transient
+from jobtrace.store.statement_count import StatementCounter
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class Database:
         self.availability = Availability(probe_every_s)
         self._probing: asyncio.Task[None] | None = None
         self.allow_async_commit = allow_async_commit
+        # Set before start() to count every statement sent (`jobtrace bench`).
+        self.statement_counter: StatementCounter | None = None
 
     @property
     def is_sqlite(self) -> bool:
@@ -124,6 +127,9 @@ class Database:
             _require_synchronous_commit(
                 (self._write_engine, self._read_engine), allowed_off=self.allow_async_commit
             )
+        if self.statement_counter is not None:
+            for engine in (self._write_engine, self._read_engine):
+                self.statement_counter.install(engine)
         self._writes = async_sessionmaker(self._write_engine, expire_on_commit=False)
         self._reads = async_sessionmaker(self._read_engine, expire_on_commit=False)
         try:

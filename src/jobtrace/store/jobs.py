@@ -161,6 +161,7 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         "started_us": job.started_us,
         "completed_us": job.completed_us,
         "first_started_us": job.first_started_us,
+        "submitted_by": job.submitted_by,
         # A new standalone job's chain is empty; a step's is its workflow's.
         "chain_seq": None if job.workflow_id else 0,
         "chain_digest": None if job.workflow_id else "",
@@ -287,6 +288,7 @@ def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
         lease_holder=row["lease_holder"],
         pending_annotations=row["pending_annotations"],
         first_started_us=row["first_started_us"],
+        submitted_by=row["submitted_by"],
         request_context=row["request_context"] if context else None,
         chain_head=_chain_head(row) if context else None,
     )
@@ -531,6 +533,7 @@ def workflow_from_row(
         failure=codec.failure_loads(row["failure"]),
         seq=row["seq"],
         step_counts=counts,
+        submitted_by=row["submitted_by"],
     )
 
 
@@ -552,6 +555,7 @@ async def insert_workflow(session: AsyncSession, workflow: Workflow, request_con
             updated_us=workflow.updated_us,
             started_us=workflow.started_us,
             completed_us=workflow.completed_us,
+            submitted_by=workflow.submitted_by,
         )
     )
 
@@ -692,6 +696,7 @@ def annotation_values(a: Annotation) -> dict[str, Any]:
         "payload": None if a.payload is None else codec.dumps(a.payload),
         "idempotency_key": a.idempotency_key,
         "created_us": a.created_us,
+        "recorded_by": a.recorded_by,
     }
 
 
@@ -747,7 +752,45 @@ def annotation_from_row(row: Row, *, full: bool = True) -> Annotation:
         payload=codec.loads(row["payload"]) if full else None,
         idempotency_key=row["idempotency_key"],
         seq=row["seq"],
+        recorded_by=row["recorded_by"],
     )
+
+
+# The annotations an attestation covers (see domain/annotated.py), in
+# publication order: one statement on ix_annotations_run_seq. The attempt
+# lists are fixed in shape: (A), (0) or (0, A).
+_ATTESTED_ANNOTATIONS = "SELECT * FROM annotations WHERE run_id = :run_id"
+_ATTESTED: dict[tuple[bool, int], Query] = {
+    (job, n): Query(
+        _ATTESTED_ANNOTATIONS
+        + (" AND job_id = :job_id" if job else "")
+        + " AND attempt IN ("
+        + ", ".join(f":attempt{i}" for i in range(n))
+        + ") ORDER BY seq LIMIT :limit"
+    )
+    for job in (False, True)
+    for n in (1, 2)
+}
+
+
+async def attested_annotations(
+    session: AsyncSession, run_id: str, job_id: str, attempts: Sequence[int], limit: int
+) -> list[Row]:
+    """Rows (mappings) of the run's annotations of `attempts` (and of `job_id`
+    if given), in publication (seq) order, at most `limit`."""
+    params: dict[str, Any] = {"run_id": run_id, "limit": limit}
+    if job_id:
+        params["job_id"] = job_id
+    params.update({f"attempt{i}": a for i, a in enumerate(attempts)})
+    return list(await sql.fetch(session, _ATTESTED[(bool(job_id), len(attempts))], params))
+
+
+async def annotations_by_id(session: AsyncSession, ids: Sequence[str]) -> dict[str, Row]:
+    """Rows (mappings) of the annotations with these ids (unique index), by id."""
+    if not ids:
+        return {}
+    stmt = select(ANNOTATIONS).where(AnnotationRow.id.in_(list(ids)))
+    return {r["id"]: r for r in (await session.execute(stmt)).mappings()}
 
 
 _ELIGIBLE: dict[int, Query] = {}

@@ -52,6 +52,8 @@ class WorkflowRow(Base):
     updated_us: Mapped[int] = mapped_column(BigInteger)
     started_us: Mapped[int] = mapped_column(BigInteger, default=0)
     completed_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The authenticated subject that submitted it; '' when stored before 0008.
+    submitted_by: Mapped[str] = mapped_column(Text, default="")
 
     __table_args__ = (
         Index("ix_workflows_tenant_seq", "tenant", "seq"),
@@ -104,6 +106,8 @@ class JobRow(Base):
     completed_us: Mapped[int] = mapped_column(BigInteger, default=0)
     # When the first attempt started; started_us is the current attempt's.
     first_started_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The authenticated subject that submitted it; '' when stored before 0008.
+    submitted_by: Mapped[str] = mapped_column(Text, default="")
     # The head of a standalone job's attestation chain (last chain_seq and its
     # digest; 0 and '' before its first attestation), kept by the transitions
     # that attest. NULL: not kept (a workflow step, or a job older than this
@@ -139,6 +143,8 @@ class _AnnotationColumns:
     payload: Mapped[str | None] = mapped_column(Text, nullable=True)
     idempotency_key: Mapped[str] = mapped_column(String(256), default="")
     created_us: Mapped[int] = mapped_column(BigInteger)
+    # The authenticated subject that wrote it; '' when stored before 0008.
+    recorded_by: Mapped[str] = mapped_column(Text, default="")
 
 
 class AnnotationRow(_AnnotationColumns, Base):
@@ -213,6 +219,9 @@ class TraceEventRow(Base):
     worker_id: Mapped[str] = mapped_column(String(128))
     traceparent: Mapped[str] = mapped_column(String(64))
     created_us: Mapped[int] = mapped_column(BigInteger)
+    # The authenticated subject whose action caused it ("system": the server's
+    # own); '' when stored before 0008.
+    recorded_by: Mapped[str] = mapped_column(Text, default="")
 
     __table_args__ = (
         Index(
@@ -261,6 +270,9 @@ class AttestationRow(Base):
     key_id: Mapped[str] = mapped_column(String(64))
     created_us: Mapped[int] = mapped_column(BigInteger)
     expire_us: Mapped[int] = mapped_column(BigInteger)
+    # As data["recorded_by"] (which the signature covers), readable without
+    # the data; '' when written before 0008.
+    recorded_by: Mapped[str] = mapped_column(Text, default="")
 
     __table_args__ = (
         Index("ux_attestations_chain", "chain_id", "chain_seq", unique=True),

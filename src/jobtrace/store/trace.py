@@ -209,6 +209,7 @@ def _values(e: TraceEvent) -> dict[str, Any]:
         "worker_id": e.worker_id,
         "traceparent": e.traceparent,
         "created_us": e.created_us,
+        "recorded_by": e.recorded_by,
     }
 
 
@@ -242,6 +243,7 @@ def event_from_row(r: Row, *, full: bool = True) -> TraceEvent:
         tenant=r["tenant"],
         seq=r["seq"],
         created_us=r["created_us"],
+        recorded_by=r["recorded_by"],
     )
 
 

@@ -26,7 +26,7 @@ from jobtrace.domain.errors import (
     Violations,
 )
 from jobtrace.domain.validation import MAX_WORKER_AFFINITY_KEYS, check_affinity
-from jobtrace.model import Failure, Job, RunState
+from jobtrace.model import SYSTEM_SUBJECT, Failure, Job, RunState
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Tx
 
@@ -281,7 +281,8 @@ class Leases(SchedulerState):
             details=details,
             attempt=job.attempt,
         )
-        return await self._life.fail_attempt(db, tx, job, failure, True, now)
+        # A lost lease is the server's own doing, whoever held it.
+        return await self._life.fail_attempt(db, tx, job, failure, True, now, by=SYSTEM_SUBJECT)
 
     async def heartbeat(
         self,

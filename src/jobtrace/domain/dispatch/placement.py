@@ -176,6 +176,7 @@ class Placement(Leases):
                     now,
                     session.session_id,
                     session.holder,
+                    by=session.identity.subject,
                 )
                 if claimed is None:
                     continue

@@ -15,7 +15,7 @@ from jobtrace.domain.dispatch.state import SchedulerState
 from jobtrace.domain.errors import ResourceExhausted, Violations
 from jobtrace.domain.trace import WORKER_TYPES, EventInput, check_event, check_sizes
 from jobtrace.domain.validation import check_size, check_text
-from jobtrace.model import JSON, AnnotationInput, AnnotationScope, Failure
+from jobtrace.model import JSON, AnnotationInput, AnnotationScope, Caller, Failure
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Tx
 
@@ -50,10 +50,13 @@ class Reports(SchedulerState):
                     percent,
                     message,
                     now,
+                    session.identity.subject,
                 )
             if updated is None:
                 job = await fenced(db, session, job_id, attempt, "progress")
-                updated = await self._life.progress(db, tx, job, percent, message, now)
+                updated = await self._life.progress(
+                    db, tx, job, percent, message, now, session.identity.subject
+                )
             self._jobs.notify(tx, [updated])
 
         await self._db.write(op)
@@ -72,7 +75,8 @@ class Reports(SchedulerState):
 
         async def op(db: AsyncSession, tx: Tx) -> None:
             job = await fenced(db, session, job_id, attempt, "complete")
-            self._jobs.notify(tx, await self._life.complete(db, tx, job, result, now_us()))
+            by = session.identity.subject
+            self._jobs.notify(tx, await self._life.complete(db, tx, job, result, now_us(), by))
 
         await self._db.write(op)
         self._release_slot(session, job_id)
@@ -90,7 +94,9 @@ class Reports(SchedulerState):
 
         async def op(db: AsyncSession, tx: Tx) -> None:
             job = await fenced(db, session, job_id, attempt, "fail")
-            changed = await self._life.fail_attempt(db, tx, job, failure, retryable, now_us())
+            changed = await self._life.fail_attempt(
+                db, tx, job, failure, retryable, now_us(), by=session.identity.subject
+            )
             self._jobs.notify(tx, changed)
 
         await self._db.write(op)
@@ -130,6 +136,7 @@ class Reports(SchedulerState):
                     attempt=job.attempt,
                     worker_id=session.worker_id,
                     traceparent=job.traceparent,
+                    recorded_by=session.identity.subject,
                 )
                 for item in inputs
             ]
@@ -150,6 +157,9 @@ class Reports(SchedulerState):
         """Store annotations of a running attempt before acknowledging them:
         durable at once, visible (see lifecycle.set_job) in the transaction that
         ends the attempt, however it ends."""
+        annotation_rules.check_authority(
+            item, Caller(session.identity.subject, reviewer=session.reviewer)
+        )
         v = Violations()
         annotation_rules.check_input(v, "annotate", item, payload_bytes)
         v.raise_if_any()
@@ -166,6 +176,7 @@ class Reports(SchedulerState):
                 )
             annotations = annotation_rules.build(
                 item,
+                recorded_by=session.identity.subject,
                 tenant=job.tenant,
                 run_id=lifecycle.run_of(job),
                 now_us=now_us(),

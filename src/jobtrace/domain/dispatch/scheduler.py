@@ -83,6 +83,7 @@ class Scheduler(Placement, Supervisor, Reports):
             affinity_keys=frozenset(hello.affinity_keys),
             labels=dict(hello.labels),
             tenants=hello.allowed_tenants,
+            reviewer=hello.reviewer,
             last_heartbeat_us=now_us(),
             # The claimed jobs take their slots while their leases are checked.
             held=dict(running),

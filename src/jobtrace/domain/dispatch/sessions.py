@@ -91,6 +91,8 @@ class Hello:
     running: tuple[tuple[str, int], ...] = ()
     allowed_services: frozenset[str] | None = None  # None: any
     allowed_tenants: frozenset[str] | None = None  # None: any
+    # Whether its credentials carry the reviewer role (approval.* annotations).
+    reviewer: bool = False
 
     @property
     def worker_id(self) -> str:
@@ -108,6 +110,8 @@ class WorkerSession:
     affinity_keys: frozenset[str]
     labels: dict[str, str]
     tenants: frozenset[str] | None = None  # whose jobs it may run; None: any
+    # Whether its credentials carry the reviewer role (approval.* annotations).
+    reviewer: bool = False
     held: dict[str, int] = field(default_factory=dict)  # job id -> attempt
     # Claims for this session that its worker has not been told of and that may
     # be stored (Scheduler._unsettled): their slots stay taken until settled.

@@ -6,7 +6,7 @@ workflow steps, whose chain is their workflow's): their head is then read
 from the attestations, as before.
 
 Revision ID: 0009
-Revises: 0007 (rebase onto 0008 when that lands)
+Revises: 0008
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0009"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
