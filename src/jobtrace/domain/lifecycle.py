@@ -63,15 +63,23 @@ async def set_job(session: AsyncSession, job: Job, **changes: object) -> Job:
     return new
 
 
+async def _publish_if_ending(session: AsyncSession, job: Job, changes: dict[str, object]) -> Job:
+    """If these changes end the running attempt, publish the annotations its
+    worker sent (see set_job): the job as it is then (none pending)."""
+    if job.state == RunState.RUNNING and changes.get("state", job.state) != RunState.RUNNING:
+        if job.pending_annotations:  # most attempts have none: no query then
+            await store.publish_annotations(session, job.id, job.attempt)
+            changes["pending_annotations"] = 0
+            return replace(job, pending_annotations=0)
+    return job
+
+
 async def _changed(
     session: AsyncSession, job: Job, changes: dict[str, object]
 ) -> tuple[Job, dict[str, object]]:
     """The new record of a job and the column values to write (see set_job);
     an ended attempt's annotations are published here."""
-    if job.state == RunState.RUNNING and changes.get("state", job.state) != RunState.RUNNING:
-        if job.pending_annotations:  # most attempts have none: no query then
-            await store.publish_annotations(session, job.id, job.attempt)
-            changes["pending_annotations"] = 0
+    job = await _publish_if_ending(session, job, changes)
     new = replace(job, **changes)  # type: ignore[arg-type]
     values: dict[str, object] = {}
     for name, value in changes.items():
@@ -493,8 +501,11 @@ class Lifecycle:
             "failure": None,
             "progress_percent": 100.0,
         }
-        # Attested first, so that the job's one UPDATE also records the new
-        # head of its attestation chain (same transaction, job row locked).
+        # The attempt's annotations are published first: the attestation
+        # vouches for them. It is sealed before the job's UPDATE, so that one
+        # statement also records the new head of its attestation chain (same
+        # transaction, job row locked).
+        job = await _publish_if_ending(db, job, changes)
         attestation: list[tuple[Query, Params]] = []
         head = await self._attest_job(
             db,
