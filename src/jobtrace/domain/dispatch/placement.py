@@ -89,10 +89,12 @@ class Placement(Leases):
                 capacity[key] = capacity.get(key, 0) + s.free_slots
         wanted = frozenset(key for key, slots in capacity.items() if slots)
         seen = self._queue_seen
-        if seen is not None and wanted <= seen[0]:
+        if seen is not None and wanted <= seen[0] and (seen[1] is None or seen[1] > now):
             # Only slots came free since the last read, which found (and
-            # claimed) every eligible job of these: nothing to read.
+            # claimed) every eligible job of these, and no waiting job is due
+            # yet: nothing to read.
             return _sleep_until(seen[1], now)
+        self._queue_seen = None
         wakes = self._wakes
         drained = True
         candidates: dict[str, Job] = {}
