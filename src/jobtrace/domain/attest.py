@@ -874,14 +874,22 @@ class Attestor:
         attempt: int = 0,
         annotations: JSON | None = None,
         recorded_by: str = "",
+        head: tuple[int, str] | None = None,
+        insert: bool = True,
     ) -> Attestation:
         """Build, chain, sign and store one attestation inside the caller's transaction.
         `annotations` (see domain/annotated.py), built by the server, becomes
         data["annotations"] as is, after `data` is sanitised.
+        `head` is the chain's last (chain_seq, digest) when the caller knows it
+        (read under the lock that orders the chain's writers); else it is read.
+        Without `insert` the caller stores it (store.attest.attestation_insert),
+        in this transaction.
 
         Sanitising, encoding and signing large evidence runs in a worker thread
         (see INLINE_EVIDENCE): the event loop keeps serving every other caller."""
-        last_seq, last_digest = await store.chain_head(session, chain_id)
+        last_seq, last_digest = (
+            head if head is not None else await store.chain_head(session, chain_id)
+        )
         now = now_us()
         draft = Attestation(
             key=key,
@@ -906,7 +914,8 @@ class Attestor:
             recorded_by=recorded_by,
         )
         signed = await off_loop_if_large(data, self._seal, draft, data, annotations)
-        await store.insert_attestation(session, signed)
+        if insert:
+            await store.insert_attestation(session, signed)
         return signed
 
     def _seal(
