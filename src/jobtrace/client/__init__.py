@@ -9,6 +9,7 @@ from jobtrace.client.errors import (
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
+    InvalidInput,
     JobtraceError,
     NotFound,
     PermissionDenied,
@@ -17,7 +18,15 @@ from jobtrace.client.errors import (
     Unavailable,
 )
 from jobtrace.client.sync import SyncClient
-from jobtrace.client.worker import AnnotationRefused, JobContext, NonRetryableError, Worker
+from jobtrace.client.verify import verify_offline
+from jobtrace.client.worker import (
+    AnnotationRefused,
+    JobContext,
+    NonRetryableError,
+    SyncJobContext,
+    Worker,
+)
+from jobtrace.dsse import OfflineVerdict
 
 __all__ = [
     "AlreadyExists",
@@ -30,18 +39,22 @@ __all__ = [
     "FieldViolation",
     "InsecureTokenWarning",
     "InvalidArgument",
+    "InvalidInput",
     "JobContext",
     "JobtraceError",
     "NonRetryableError",
     "NotFound",
+    "OfflineVerdict",
     "Page",
     "PermissionDenied",
     "ResourceExhausted",
     "RetryPolicy",
     "SyncClient",
+    "SyncJobContext",
     "TracePage",
     "Unauthenticated",
     "Unavailable",
     "Worker",
     "job_spec",
+    "verify_offline",
 ]

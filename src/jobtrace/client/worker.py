@@ -3,26 +3,43 @@
 worker = Worker("127.0.0.1:50051", max_concurrency=4)
 
 @worker.handler("resize")
-async def resize(job: JobContext) -> dict:
-    await job.progress(50, "halfway")
+async def resize(ctx: JobContext) -> dict[str, Any]:
+    await ctx.progress(50, "halfway")
+    return {"ok": True}
+
+@worker.handler("checksum")           # a plain def runs in a thread, with blocking ctx methods
+def checksum(ctx: SyncJobContext) -> dict[str, Any]:
+    ctx.progress(50, "halfway")
     return {"ok": True}
 
 await worker.run()
+
+Cancellation is what asyncio makes it: when the server cancels a job (a user's
+cancel, a lost lease, a workflow that failed elsewhere) the handler's task is
+cancelled, so the `await` it is in raises CancelledError; `ctx.cancelled` turns
+True first. Code that wants to stop at points of its own choosing polls
+`ctx.cancelled` or waits on `ctx.wait_cancelled()`. A plain `def` handler runs in
+a thread, which Python cannot interrupt: it polls `ctx.cancelled` (or blocks in
+`ctx.wait_cancelled(timeout)`), and whatever it returns after the cancel is
+dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import os
 import random
 import socket
+import threading
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -32,8 +49,19 @@ from jobtrace.pb import common_pb2, worker_service_pb2, worker_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[["JobContext"], Awaitable[dict[str, Any] | None]]
-HandlerFn = Callable[..., Awaitable[dict[str, Any] | None]]
+# What a handler returns: the job's result (a JSON object), or None for none.
+Result = Mapping[str, Any] | None
+Handler = Callable[["JobContext"], Awaitable[Result]]
+# The handler shapes Worker.handler accepts: async or plain, of (ctx) or (job, ctx).
+AnyHandler = (
+    Callable[["JobContext"], Awaitable[Result]]
+    | Callable[[common_pb2.Job, "JobContext"], Awaitable[Result]]
+    | Callable[["SyncJobContext"], Result]
+    | Callable[[common_pb2.Job, "SyncJobContext"], Result]
+)
+H = TypeVar("H", bound=AnyHandler)
+# The default of Worker.max_concurrency; see there.
+DEFAULT_CONCURRENCY = 4
 
 
 class NonRetryableError(Exception):
@@ -46,7 +74,9 @@ class NonRetryableError(Exception):
 
 @dataclass
 class JobContext:
-    """What a handler sees: the job, its payload and a way to report progress."""
+    """What an `async def` handler sees: the job, its payload, its cancellation
+    and ways to report progress, trace events and annotations. (A plain `def`
+    handler gets the same context as a SyncJobContext, whose methods block.)"""
 
     job: common_pb2.Job
     attempt: int
@@ -55,18 +85,31 @@ class JobContext:
     traceparent: str
     _worker: Worker
     _cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    # The same, for handlers running in a thread.
+    _cancelled_in_threads: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = ""
 
     @property
     def job_id(self) -> str:
+        """The job's id (job_...)."""
         return self.job.id
 
     @property
     def cancelled(self) -> bool:
+        """Whether the server cancelled this attempt. It turns True just before the
+        handler's task is cancelled, so cooperative code that polls it (or that
+        caught the CancelledError) can tell a cancel from other errors."""
         return self._cancelled.is_set()
 
     async def wait_cancelled(self) -> None:
+        """Return once the server has cancelled this attempt (e.g. to race a
+        subprocess: `asyncio.wait([proc_task, ctx.wait_cancelled()])`)."""
         await self._cancelled.wait()
+
+    def _mark_cancelled(self, reason: str) -> None:
+        self.cancel_reason = reason
+        self._cancelled.set()
+        self._cancelled_in_threads.set()
 
     async def progress(self, percent: float, message: str = "") -> None:
         """Report progress (0-100). Best effort: while the worker is reconnecting
@@ -141,6 +184,112 @@ class JobContext:
             raise AnnotationRefused(answer.error.message, answer.error.reason)
 
 
+class SyncJobContext:
+    """What a plain `def` handler sees: the same job, payload and cancellation as
+    JobContext, with blocking methods. The handler runs in the worker's thread
+    pool; each method hands its report to the worker's event loop and waits for
+    it there."""
+
+    def __init__(self, ctx: JobContext, loop: asyncio.AbstractEventLoop) -> None:
+        self.context = ctx
+        self._loop = loop
+
+    @property
+    def job(self) -> common_pb2.Job:
+        """The job as the server assigned it (spec, attempt, labels...)."""
+        return self.context.job
+
+    @property
+    def job_id(self) -> str:
+        """The job's id (job_...)."""
+        return self.context.job.id
+
+    @property
+    def attempt(self) -> int:
+        """This attempt's number (1 for the first run)."""
+        return self.context.attempt
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        """The job's payload, as plain Python values."""
+        return self.context.payload
+
+    @property
+    def request_context(self) -> common_pb2.RequestContext:
+        """The request that caused the job (body, user, metadata)."""
+        return self.context.request_context
+
+    @property
+    def traceparent(self) -> str:
+        """The W3C traceparent of the submitting call, if it carried one."""
+        return self.context.traceparent
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the server cancelled this attempt. A thread cannot be
+        interrupted: poll this, and return early when it turns True."""
+        return self.context._cancelled_in_threads.is_set()
+
+    @property
+    def cancel_reason(self) -> str:
+        """Why it was cancelled (empty until it is)."""
+        return self.context.cancel_reason
+
+    def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """Block until the attempt is cancelled or `timeout` seconds pass;
+        whether it was cancelled. A cancellable sleep: `if ctx.wait_cancelled(5): return`."""
+        return self.context._cancelled_in_threads.wait(timeout)
+
+    def progress(self, percent: float, message: str = "") -> None:
+        """Blocking JobContext.progress: report progress (0-100), best effort."""
+        self._call(self.context.progress(percent, message))
+
+    def log(
+        self,
+        message: str,
+        *,
+        level: str = "info",
+        category: str = "business",
+        user_message: str = "",
+        data: dict[str, Any] | None = None,
+        milestone: bool = False,
+        node_id: str = "",
+        event_key: str | None = None,
+    ) -> None:
+        """Blocking JobContext.log: add an event to the run's trace."""
+        self._call(
+            self.context.log(
+                message,
+                level=level,
+                category=category,
+                user_message=user_message,
+                data=data,
+                milestone=milestone,
+                node_id=node_id,
+                event_key=event_key,
+            )
+        )
+
+    def annotate(
+        self,
+        attributes: dict[str, Any],
+        *,
+        actor: common_pb2.Actor | None = None,
+        payload: dict[str, Any] | None = None,
+    ) -> None:
+        """Blocking JobContext.annotate: record annotations for this attempt;
+        returns once the server accepted them (AnnotationRefused otherwise)."""
+        self._call(self.context.annotate(attributes, actor=actor, payload=payload))
+
+    def _call(self, step: Awaitable[None]) -> None:
+        async def run() -> None:
+            await step
+
+        if self._loop.is_closed():
+            raise ConnectionError("the worker has stopped")
+        asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+
+
 class AnnotationRefused(Exception):
     """The server refused a worker's annotations (e.g. a bad key or value)."""
 
@@ -150,12 +299,24 @@ class AnnotationRefused(Exception):
 
 
 class Worker:
+    """Runs handlers for services: one stream to the server, which assigns jobs
+    up to `max_concurrency` at once; heartbeats renew their leases; a broken
+    stream is reopened (another replica when `target` lists several) with the
+    running jobs' leases carried over.
+
+    `max_concurrency` defaults to 4: handlers mostly wait (downloads, calls to
+    other services, subprocesses), so a few at once keep one worker busy without
+    one worker taking a whole queue from its peers; it is also what
+    `jobtrace worker --concurrency` defaults to. Plain `def` handlers run in a
+    thread pool of this size: for CPU-bound ones, use about one per core (or
+    run several worker processes)."""
+
     def __init__(
         self,
         target: str | None = None,
         *,
         worker_id: str | None = None,
-        max_concurrency: int = 1,
+        max_concurrency: int = DEFAULT_CONCURRENCY,
         affinity_keys: tuple[str, ...] = (),
         labels: dict[str, str] | None = None,
         token: str | None = None,
@@ -177,8 +338,11 @@ class Worker:
         self.max_concurrency = max_concurrency
         self.affinity_keys = affinity_keys
         self.labels = labels or {}
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         self._reconnect = (reconnect_initial, reconnect_max)
         self._handlers: dict[str, Handler] = {}
+        self._threads: ThreadPoolExecutor | None = None  # for plain `def` handlers
         self._running: dict[str, tuple[JobContext, asyncio.Task[None]]] = {}
         self._outbox: asyncio.Queue[worker_service_pb2.ConnectRequest] | None = None
         self._pending: dict[int, asyncio.Future[worker_service_pb2.ConnectResponse]] = {}
@@ -199,18 +363,59 @@ class Worker:
         # stored) or refused for good: (job id, stored).
         self.on_completed: Callable[[str, bool], None] | None = None
 
-    def handler(self, service: str) -> Callable[[HandlerFn], HandlerFn]:
-        """Register `async def run(ctx)` or `async def run(job, ctx)` for a service."""
+    def handler(self, service: str) -> Callable[[H], H]:
+        """Register the handler of a service; the decorated function is returned
+        unchanged (type checkers keep its signature). Accepted shapes:
+        `async def run(ctx: JobContext)`, `async def run(job, ctx: JobContext)`,
+        and the same as plain `def` taking a SyncJobContext, run in a thread
+        pool. What it returns (a mapping, or None) is the job's result; an
+        exception fails the attempt (NonRetryableError: with no retry). Anything
+        else (not callable, a generator, a function that cannot take (ctx) or
+        (job, ctx)) is refused here with a TypeError."""
 
-        def register(fn: HandlerFn) -> HandlerFn:
-            self._handlers[service] = _adapt(fn)
+        def register(fn: H) -> H:
+            self._handlers[service] = self._adapt(service, fn)
             return fn
 
         return register
 
     @property
     def running_jobs(self) -> list[str]:
+        """The ids of the jobs whose handlers are running now."""
         return list(self._running)
+
+    def _adapt(self, service: str, fn: Callable[..., Any]) -> Handler:
+        """The handler as one shape, `async (ctx) -> result`; see handler()."""
+        arity, is_async = handler_shape(service, fn)
+
+        async def run_in_thread(ctx: JobContext) -> Result:
+            loop = asyncio.get_running_loop()
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(
+                    self.max_concurrency, thread_name_prefix="jobtrace-handler"
+                )
+            sync_ctx = SyncJobContext(ctx, loop)
+            args = (ctx.job, sync_ctx) if arity == 2 else (sync_ctx,)
+            result = await loop.run_in_executor(self._threads, lambda: fn(*args))
+            if inspect.isawaitable(result):
+                if inspect.iscoroutine(result):
+                    result.close()
+                raise NonRetryableError(
+                    f"the handler of {service!r} is a plain def that returned an awaitable; "
+                    "declare it `async def`",
+                    code="HANDLER_SHAPE",
+                )
+            return result  # type: ignore[no-any-return]
+
+        if not is_async:
+            return run_in_thread
+        if arity == 2:
+
+            async def both(ctx: JobContext) -> Result:
+                return await fn(ctx.job, ctx)  # type: ignore[no-any-return]
+
+            return both
+        return fn
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -234,14 +439,22 @@ class Worker:
                 break
             # Try the next replica; the leases of running jobs move with us (hello.running).
             self.target = self.targets[(self.targets.index(self.target) + 1) % len(self.targets)]
+            pause = delay * (0.5 + random.random())
+            log.info("reconnecting to %s in %.1f s", self.target, pause)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay * (0.5 + random.random())):
+                async with asyncio.timeout(pause):
                     await self._stop.wait()
             delay = min(delay * 2, self._reconnect[1])
 
     async def drain(self, timeout: float = 30.0) -> None:
-        """Take no new work, let running handlers finish, then stop."""
+        """Take no new work, let running handlers finish (up to `timeout`
+        seconds), wait for the server to store their results, then stop."""
         self._draining = True
+        log.info(
+            "draining: %d running job(s) to finish, then disconnecting from %s",
+            len(self._running),
+            self.target,
+        )
         with contextlib.suppress(ConnectionError):
             await self._send(
                 worker_service_pb2.ConnectRequest(
@@ -265,6 +478,10 @@ class Worker:
         self._stop.set()
         if self._call is not None:
             self._call.cancel()
+        if self._threads is not None:
+            # Threads cannot be interrupted: those still running end on their own.
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads = None
 
     # --- one stream -------------------------------------------------------------
 
@@ -300,6 +517,13 @@ class Worker:
                 async for response in call:
                     kind = response.WhichOneof("kind")
                     if kind == "welcome":
+                        log.info(
+                            "connected to %s as worker %s (services %s, max concurrency %d)",
+                            self.target,
+                            self.worker_id,
+                            ", ".join(self._handlers) or "none",
+                            self.max_concurrency,
+                        )
                         self.connected.set()
                         interval = response.welcome.heartbeat_interval.ToTimedelta()
                         heartbeats = asyncio.create_task(self._heartbeat(interval.total_seconds()))
@@ -321,7 +545,11 @@ class Worker:
                         if response.error.fatal:
                             break
                     elif kind == "drain":
-                        log.info("server draining: %s", response.drain.reason)
+                        log.info(
+                            "server %s is draining (%s): reconnecting",
+                            self.target,
+                            response.drain.reason,
+                        )
                         break
             finally:
                 self.connected.clear()
@@ -446,8 +674,7 @@ class Worker:
         if entry is None:
             return
         ctx, task = entry
-        ctx.cancel_reason = reason
-        ctx._cancelled.set()
+        ctx._mark_cancelled(reason)
         task.cancel()
 
     async def _run_job(self, ctx: JobContext) -> None:
@@ -595,18 +822,30 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _adapt(fn: Callable[..., Awaitable[dict[str, Any] | None]]) -> Handler:
-    """Handlers take the context alone (`async def run(ctx)`) or the job and the
-    context (`async def run(job, ctx)`)."""
-    positional = [
-        p
-        for p in inspect.signature(fn).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    if len(positional) >= 2:
-
-        async def both(ctx: JobContext) -> dict[str, Any] | None:
-            return await fn(ctx.job, ctx)
-
-        return both
-    return fn
+def handler_shape(service: str, fn: object) -> tuple[int, bool]:
+    """How a handler is called: (1 for (ctx), 2 for (job, ctx); whether it is
+    async). A TypeError naming the service for anything else."""
+    where = f"the handler of {service!r}"
+    if not callable(fn):
+        raise TypeError(f"{where} must be a function, got {type(fn).__name__}")
+    # A callable object: what decides its shape is its __call__.
+    call = fn if inspect.isroutine(fn) or isinstance(fn, functools.partial) else type(fn).__call__
+    if inspect.isgeneratorfunction(call) or inspect.isasyncgenfunction(call):
+        raise TypeError(
+            f"{where} is a generator; it must return its result (a mapping or None), not yield"
+        )
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{where} has no signature to check: {exc}") from None
+    params = signature.parameters.values()
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    arity = 2 if len(positional) >= 2 else 1
+    try:
+        signature.bind(*([None] * arity))
+    except TypeError as exc:
+        raise TypeError(
+            f"{where} must take (ctx) or (job, ctx), but its signature is {signature} ({exc})"
+        ) from None
+    is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
+    return arity, is_async
