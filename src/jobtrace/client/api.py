@@ -31,7 +31,7 @@ from google.protobuf.message import Message
 
 from jobtrace.client.channel import DEFAULT_TARGET, Endpoint
 from jobtrace.client.errors import from_rpc_error
-from jobtrace.client.inputs import message_from
+from jobtrace.client.inputs import Inputs, message_from
 from jobtrace.pb import (
     attestation_service_pb2,
     attestation_service_pb2_grpc,
@@ -160,18 +160,21 @@ class Client:
 
     @property
     def jobs_stub(self) -> job_service_pb2_grpc.JobServiceStub:
+        """The raw grpc stub of JobService  (the raw stub)."""
         self._open()
         assert self._jobs is not None
         return self._jobs
 
     @property
     def trace_stub(self) -> trace_service_pb2_grpc.TraceServiceStub:
+        """The raw grpc stub of TraceService  (the raw stub)."""
         self._open()
         assert self._trace is not None
         return self._trace
 
     @property
     def attest_stub(self) -> attestation_service_pb2_grpc.AttestationServiceStub:
+        """The raw grpc stub of AttestationService  (the raw stub)."""
         self._open()
         assert self._attest is not None
         return self._attest
@@ -253,15 +256,19 @@ class Client:
             labels=labels,
             backoff=backoff,
         )
+        inputs = Inputs()
         request = job_service_pb2.SubmitJobRequest(
             request_id=request_id or _new_request_id(),
             job=spec,
-            request_context=_message(common_pb2.RequestContext, request_context, "request_context"),
+            request_context=inputs.optional(
+                common_pb2.RequestContext, request_context, "request_context"
+            ),
             annotations=[
-                _required(common_pb2.AnnotationInput, a, f"annotations[{i}]")
+                inputs.message(common_pb2.AnnotationInput, a, f"annotations[{i}]")
                 for i, a in enumerate(annotations)
             ],
         )
+        inputs.done()
         extra = (("traceparent", traceparent),) if traceparent else ()
         response: job_service_pb2.SubmitJobResponse = await self._call(
             self.jobs_stub.SubmitJob, request, retry=True, extra_metadata=extra
@@ -282,21 +289,25 @@ class Client:
     ) -> common_pb2.Workflow:
         """Submit a workflow. Steps are WorkflowStepSpec messages or mappings in their
         JSON form (`{"name": ..., "job": {"service": ...}, "depends_on": [...]}`)."""
+        inputs = Inputs()
         request = job_service_pb2.SubmitWorkflowRequest(
             request_id=request_id or _new_request_id(),
             name=name,
             steps=[
-                _required(common_pb2.WorkflowStepSpec, s, f"steps[{i}]")
+                inputs.message(common_pb2.WorkflowStepSpec, s, f"steps[{i}]")
                 for i, s in enumerate(steps)
             ],
             priority=priority,
             labels=dict(labels or {}),
-            request_context=_message(common_pb2.RequestContext, request_context, "request_context"),
+            request_context=inputs.optional(
+                common_pb2.RequestContext, request_context, "request_context"
+            ),
             annotations=[
-                _required(common_pb2.AnnotationInput, a, f"annotations[{i}]")
+                inputs.message(common_pb2.AnnotationInput, a, f"annotations[{i}]")
                 for i, a in enumerate(annotations)
             ],
         )
+        inputs.done()
         extra = (("traceparent", traceparent),) if traceparent else ()
         response: job_service_pb2.SubmitWorkflowResponse = await self._call(
             self.jobs_stub.SubmitWorkflow, request, retry=True, extra_metadata=extra

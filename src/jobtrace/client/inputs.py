@@ -57,6 +57,28 @@ def message_from(kind: type[M], value: M | Mapping[str, Any], path: str = "") ->
         raise InvalidInput([FieldViolation(path, _one_line(exc))]) from None
 
 
+class Inputs:
+    """The mappings of one call's arguments, checked together: done() raises one
+    InvalidInput listing the bad fields of all of them."""
+
+    def __init__(self) -> None:
+        self.violations: list[FieldViolation] = []
+
+    def message(self, kind: type[M], value: M | Mapping[str, Any], path: str) -> M:
+        try:
+            return message_from(kind, value, path)
+        except InvalidInput as exc:
+            self.violations.extend(exc.violations)
+            return kind()
+
+    def optional(self, kind: type[M], value: M | Mapping[str, Any] | None, path: str) -> M | None:
+        return None if value is None else self.message(kind, value, path)
+
+    def done(self) -> None:
+        if self.violations:
+            raise InvalidInput(self.violations)
+
+
 def check(
     descriptor: Descriptor, value: object, path: str, violations: list[FieldViolation]
 ) -> dict[str, Any]:

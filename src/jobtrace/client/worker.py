@@ -844,8 +844,12 @@ def handler_shape(service: str, fn: object) -> tuple[int, bool]:
     try:
         signature.bind(*([None] * arity))
     except TypeError as exc:
+        bare = signature.replace(
+            parameters=[p.replace(annotation=p.empty) for p in params],
+            return_annotation=signature.empty,
+        )
         raise TypeError(
-            f"{where} must take (ctx) or (job, ctx), but its signature is {signature} ({exc})"
+            f"{where} must take (ctx) or (job, ctx), but its signature is {bare} ({exc})"
         ) from None
     is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
     return arity, is_async
