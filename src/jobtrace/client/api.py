@@ -160,21 +160,21 @@ class Client:
 
     @property
     def jobs_stub(self) -> job_service_pb2_grpc.JobServiceStub:
-        """The raw grpc stub of JobService  (the raw stub)."""
+        """The raw grpc stub of JobService on this client's channel."""
         self._open()
         assert self._jobs is not None
         return self._jobs
 
     @property
     def trace_stub(self) -> trace_service_pb2_grpc.TraceServiceStub:
-        """The raw grpc stub of TraceService  (the raw stub)."""
+        """The raw grpc stub of TraceService on this client's channel."""
         self._open()
         assert self._trace is not None
         return self._trace
 
     @property
     def attest_stub(self) -> attestation_service_pb2_grpc.AttestationServiceStub:
-        """The raw grpc stub of AttestationService  (the raw stub)."""
+        """The raw grpc stub of AttestationService on this client's channel."""
         self._open()
         assert self._attest is not None
         return self._attest
