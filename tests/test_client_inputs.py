@@ -21,7 +21,7 @@ from jobtrace.client import (
     OfflineVerdict,
     verify_offline,
 )
-from jobtrace.client.workflow_file import load_workflow
+from jobtrace.client.workflow_file import SCHEMA, load_workflow
 from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2 as c
 
@@ -132,6 +132,8 @@ async def test_mappings_given_to_the_client_are_refused_with_field_paths_and_not
     ]
     with pytest.raises(InvalidInput, match=r"events\[0\]\.levle: unknown field; did you mean"):
         await client.append_trace_events("job_x", [{"message": "m", "levle": "info"}])
+    with pytest.raises(InvalidInput, match=r"^attributes\['decision.outcome'\]: .*set"):
+        await client.attach_annotations("job_x", {"decision.outcome": {"a", "b"}})
     assert not (await client.list_workflows()).items and not (await client.list_jobs()).items
     # Short enum names, JSON names and durations in seconds are understood.
     workflow = await client.submit_workflow(
@@ -227,3 +229,18 @@ async def test_verify_offline_checks_a_real_envelope_and_catches_tampering(
         "attest", "verify", str(tmp_path / "env.json"), "--public-key", str(tmp_path / "key.hex")
     )
     assert code == 1 and out.startswith("INVALID: no envelope signature verifies")
+
+
+def test_the_example_workflow_files_pass_the_check() -> None:
+    examples = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        workflow = load_workflow(path.read_text(), source=str(path))
+        assert workflow.name and workflow.steps
+
+
+def test_the_schema_in_submit_help_is_itself_a_valid_workflow_file() -> None:
+    example = "\n".join(line[2:] for line in SCHEMA.splitlines() if line.startswith("  "))
+    workflow = load_workflow(example)
+    assert [s["name"] for s in workflow.steps] == ["download", "transcode", "notify", "audit"]
+    assert workflow.steps[1]["job"]["max_attempts"] == 2

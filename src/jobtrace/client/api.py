@@ -26,7 +26,6 @@ from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import grpc
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from jobtrace.client.channel import DEFAULT_TARGET, Endpoint
@@ -608,7 +607,7 @@ class Client:
             scope=_enum(common_pb2.AnnotationScope, "ANNOTATION_SCOPE_", scope),
             scope_id=scope_id,
             actor=_message(common_pb2.Actor, actor, "actor"),
-            attributes={k: _value(v) for k, v in attributes.items()},
+            attributes={k: _value(v, f"attributes[{k!r}]") for k, v in attributes.items()},
             payload=_struct(payload),
             idempotency_key=idempotency_key or _new_request_id(),
             emit_event=emit_event,
@@ -774,10 +773,10 @@ def _struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
     return struct
 
 
-def _value(value: Any) -> struct_pb2.Value:
+def _value(value: Any, path: str) -> struct_pb2.Value:
     if isinstance(value, struct_pb2.Value):
         return value
-    return json_format.ParseDict(value, struct_pb2.Value())
+    return message_from(struct_pb2.Value, value, path)
 
 
 def _duration(value: Seconds | None) -> duration_pb2.Duration | None:

@@ -40,11 +40,16 @@ _INT_RANGES = {
 _FLOATS = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
 
 
-def message_from(kind: type[M], value: M | Mapping[str, Any], path: str = "") -> M:
+def message_from(kind: type[M], value: object, path: str = "") -> M:
     """`value` itself if it is a `kind`, else the `kind` its mapping describes;
     InvalidInput listing every bad field (by its path under `path`) otherwise."""
     if isinstance(value, kind):
         return value
+    if kind.DESCRIPTOR.full_name == "google.protobuf.Value":
+        try:  # any JSON value
+            return json_format.ParseDict(value, kind())  # type: ignore[arg-type]
+        except (json_format.ParseError, ValueError, TypeError) as exc:
+            raise InvalidInput([FieldViolation(path, _one_line(exc))]) from None
     violations: list[FieldViolation] = []
     descriptor: Descriptor = kind.DESCRIPTOR  # type: ignore[assignment]
     plain = check(descriptor, value, path, violations)
@@ -64,14 +69,14 @@ class Inputs:
     def __init__(self) -> None:
         self.violations: list[FieldViolation] = []
 
-    def message(self, kind: type[M], value: M | Mapping[str, Any], path: str) -> M:
+    def message(self, kind: type[M], value: object, path: str) -> M:
         try:
             return message_from(kind, value, path)
         except InvalidInput as exc:
             self.violations.extend(exc.violations)
             return kind()
 
-    def optional(self, kind: type[M], value: M | Mapping[str, Any] | None, path: str) -> M | None:
+    def optional(self, kind: type[M], value: object, path: str) -> M | None:
         return None if value is None else self.message(kind, value, path)
 
     def done(self) -> None:

@@ -45,6 +45,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from jobtrace.client.channel import Endpoint
+from jobtrace.client.inputs import message_from
 from jobtrace.pb import common_pb2, worker_service_pb2, worker_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,9 @@ class JobContext:
             or common_pb2.Actor(kind=common_pb2.ACTOR_KIND_WORKER, id=self._worker.worker_id),
         )
         for key, value in attributes.items():
-            json_format.ParseDict(value, report.attributes[key])
+            report.attributes[key].CopyFrom(
+                message_from(struct_pb2.Value, value, f"attributes[{key!r}]")
+            )
         if payload is not None:
             report.payload.update(payload)
         answer = await self._worker._send(

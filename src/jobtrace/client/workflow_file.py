@@ -37,8 +37,10 @@ are refused with their path (steps[1].job.max_attempts: ...):
         timeout: 600               # seconds per attempt, or "600s"
         backoff: {initial_interval: 1s, multiplier: 2, maximum_interval: 60s}
       depends_on: [download]       # default: the previous step
-    - name: notify
+    - name: notify                 # no depends_on: after the previous step
       service: notify
+    - name: audit
+      service: audit
       independent: true            # depends on nothing: starts with the workflow
 """
 
