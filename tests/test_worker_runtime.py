@@ -49,7 +49,7 @@ async def test_a_plain_def_handler_runs_in_a_thread_with_blocking_context_method
     ):
         job = await jt.submit_job("transcode", {"codec": "av1"})
         done = await wait_for(lambda: _ended(jt, job.id), timeout=10)
-        assert done.state == c.RUN_STATE_COMPLETED, done.failure.message
+        assert done.state == c.RUN_STATE_COMPLETED, done.failure.reason
         assert dict(done.result) == {"codec": "av1", "same_job": True, "in_a_thread": True}
         events = await jt.list_trace_events(job.id, type="log", view="full")
         assert [e.message for e in events.events] == ["transcoded"]
@@ -203,3 +203,22 @@ async def test_the_worker_logs_connect_reconnect_and_drain_with_the_address(
     assert f"reconnecting to {sqlite_harness.target} in" in "\n".join(lines)
     assert any(line.startswith(f"connected to {sqlite_harness.target} as worker") for line in lines)
     assert any("draining" in line and sqlite_harness.target in line for line in lines)
+
+
+async def test_a_plain_def_that_returns_a_coroutine_fails_without_retries(
+    sqlite_harness: Harness,
+) -> None:
+    async def real(ctx: Any) -> dict[str, Any]:
+        return {}
+
+    def wrapper(ctx: Any) -> Any:  # e.g. a decorator that lost `async`
+        return real(ctx)
+
+    async with (
+        Client(sqlite_harness.target) as jt,
+        runtime_worker(sqlite_harness.target, {"wrapped": wrapper}),
+    ):
+        job = await jt.submit_job("wrapped", {}, max_attempts=3)
+        done = await wait_for(lambda: _ended(jt, job.id), timeout=10)
+    assert done.state == c.RUN_STATE_FAILED and done.attempt == 1
+    assert done.failure.code == "HANDLER_SHAPE" and "declare it `async def`" in done.failure.reason

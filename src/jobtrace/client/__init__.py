@@ -17,15 +17,10 @@ from jobtrace.client.errors import (
     Unauthenticated,
     Unavailable,
 )
+from jobtrace.client.handlers import NonRetryableError, SyncJobContext
 from jobtrace.client.sync import SyncClient
 from jobtrace.client.verify import verify_offline
-from jobtrace.client.worker import (
-    AnnotationRefused,
-    JobContext,
-    NonRetryableError,
-    SyncJobContext,
-    Worker,
-)
+from jobtrace.client.worker import AnnotationRefused, JobContext, Worker
 from jobtrace.dsse import OfflineVerdict
 
 __all__ = [

@@ -28,49 +28,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import inspect
 import logging
 import os
 import random
 import socket
 import threading
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2
 
 from jobtrace.client.channel import Endpoint
+from jobtrace.client.handlers import H, Handler, adapt
+from jobtrace.client.handlers import NonRetryableError as NonRetryableError
+from jobtrace.client.handlers import SyncJobContext as SyncJobContext
 from jobtrace.client.inputs import message_from
 from jobtrace.pb import common_pb2, worker_service_pb2, worker_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# What a handler returns: the job's result (a JSON object), or None for none.
-Result = Mapping[str, Any] | None
-Handler = Callable[["JobContext"], Awaitable[Result]]
-# The handler shapes Worker.handler accepts: async or plain, of (ctx) or (job, ctx).
-AnyHandler = (
-    Callable[["JobContext"], Awaitable[Result]]
-    | Callable[[common_pb2.Job, "JobContext"], Awaitable[Result]]
-    | Callable[["SyncJobContext"], Result]
-    | Callable[[common_pb2.Job, "SyncJobContext"], Result]
-)
-H = TypeVar("H", bound=AnyHandler)
 # The default of Worker.max_concurrency; see there.
 DEFAULT_CONCURRENCY = 4
-
-
-class NonRetryableError(Exception):
-    """Raise from a handler to fail the job without retries."""
-
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -187,112 +169,6 @@ class JobContext:
             raise AnnotationRefused(answer.error.message, answer.error.reason)
 
 
-class SyncJobContext:
-    """What a plain `def` handler sees: the same job, payload and cancellation as
-    JobContext, with blocking methods. The handler runs in the worker's thread
-    pool; each method hands its report to the worker's event loop and waits for
-    it there."""
-
-    def __init__(self, ctx: JobContext, loop: asyncio.AbstractEventLoop) -> None:
-        self.context = ctx
-        self._loop = loop
-
-    @property
-    def job(self) -> common_pb2.Job:
-        """The job as the server assigned it (spec, attempt, labels...)."""
-        return self.context.job
-
-    @property
-    def job_id(self) -> str:
-        """The job's id (job_...)."""
-        return self.context.job.id
-
-    @property
-    def attempt(self) -> int:
-        """This attempt's number (1 for the first run)."""
-        return self.context.attempt
-
-    @property
-    def payload(self) -> dict[str, Any]:
-        """The job's payload, as plain Python values."""
-        return self.context.payload
-
-    @property
-    def request_context(self) -> common_pb2.RequestContext:
-        """The request that caused the job (body, user, metadata)."""
-        return self.context.request_context
-
-    @property
-    def traceparent(self) -> str:
-        """The W3C traceparent of the submitting call, if it carried one."""
-        return self.context.traceparent
-
-    @property
-    def cancelled(self) -> bool:
-        """Whether the server cancelled this attempt. A thread cannot be
-        interrupted: poll this, and return early when it turns True."""
-        return self.context._cancelled_in_threads.is_set()
-
-    @property
-    def cancel_reason(self) -> str:
-        """Why it was cancelled (empty until it is)."""
-        return self.context.cancel_reason
-
-    def wait_cancelled(self, timeout: float | None = None) -> bool:
-        """Block until the attempt is cancelled or `timeout` seconds pass;
-        whether it was cancelled. A cancellable sleep: `if ctx.wait_cancelled(5): return`."""
-        return self.context._cancelled_in_threads.wait(timeout)
-
-    def progress(self, percent: float, message: str = "") -> None:
-        """Blocking JobContext.progress: report progress (0-100), best effort."""
-        self._call(self.context.progress(percent, message))
-
-    def log(
-        self,
-        message: str,
-        *,
-        level: str = "info",
-        category: str = "business",
-        user_message: str = "",
-        data: dict[str, Any] | None = None,
-        milestone: bool = False,
-        node_id: str = "",
-        event_key: str | None = None,
-    ) -> None:
-        """Blocking JobContext.log: add an event to the run's trace."""
-        self._call(
-            self.context.log(
-                message,
-                level=level,
-                category=category,
-                user_message=user_message,
-                data=data,
-                milestone=milestone,
-                node_id=node_id,
-                event_key=event_key,
-            )
-        )
-
-    def annotate(
-        self,
-        attributes: dict[str, Any],
-        *,
-        actor: common_pb2.Actor | None = None,
-        payload: dict[str, Any] | None = None,
-    ) -> None:
-        """Blocking JobContext.annotate: record annotations for this attempt;
-        returns once the server accepted them (AnnotationRefused otherwise)."""
-        self._call(self.context.annotate(attributes, actor=actor, payload=payload))
-
-    def _call(self, step: Awaitable[None]) -> None:
-        async def run() -> None:
-            await step
-
-        if self._loop.is_closed():
-            raise ConnectionError("the worker has stopped")
-        asyncio.run_coroutine_threadsafe(run(), self._loop).result()
-
-
 class AnnotationRefused(Exception):
     """The server refused a worker's annotations (e.g. a bad key or value)."""
 
@@ -377,48 +253,23 @@ class Worker:
         (job, ctx)) is refused here with a TypeError."""
 
         def register(fn: H) -> H:
-            self._handlers[service] = self._adapt(service, fn)
+            self._handlers[service] = adapt(service, fn, self._thread_pool)
             return fn
 
         return register
+
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        """The threads of plain `def` handlers, as many as jobs run at once."""
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(
+                self.max_concurrency, thread_name_prefix="jobtrace-handler"
+            )
+        return self._threads
 
     @property
     def running_jobs(self) -> list[str]:
         """The ids of the jobs whose handlers are running now."""
         return list(self._running)
-
-    def _adapt(self, service: str, fn: Callable[..., Any]) -> Handler:
-        """The handler as one shape, `async (ctx) -> result`; see handler()."""
-        arity, is_async = handler_shape(service, fn)
-
-        async def run_in_thread(ctx: JobContext) -> Result:
-            loop = asyncio.get_running_loop()
-            if self._threads is None:
-                self._threads = ThreadPoolExecutor(
-                    self.max_concurrency, thread_name_prefix="jobtrace-handler"
-                )
-            sync_ctx = SyncJobContext(ctx, loop)
-            args = (ctx.job, sync_ctx) if arity == 2 else (sync_ctx,)
-            result = await loop.run_in_executor(self._threads, lambda: fn(*args))
-            if inspect.isawaitable(result):
-                if inspect.iscoroutine(result):
-                    result.close()
-                raise NonRetryableError(
-                    f"the handler of {service!r} is a plain def that returned an awaitable; "
-                    "declare it `async def`",
-                    code="HANDLER_SHAPE",
-                )
-            return result  # type: ignore[no-any-return]
-
-        if not is_async:
-            return run_in_thread
-        if arity == 2:
-
-            async def both(ctx: JobContext) -> Result:
-                return await fn(ctx.job, ctx)  # type: ignore[no-any-return]
-
-            return both
-        return fn
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -823,36 +674,3 @@ def fail_report(
 
 def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def handler_shape(service: str, fn: object) -> tuple[int, bool]:
-    """How a handler is called: (1 for (ctx), 2 for (job, ctx); whether it is
-    async). A TypeError naming the service for anything else."""
-    where = f"the handler of {service!r}"
-    if not callable(fn):
-        raise TypeError(f"{where} must be a function, got {type(fn).__name__}")
-    # A callable object: what decides its shape is its __call__.
-    call = fn if inspect.isroutine(fn) or isinstance(fn, functools.partial) else type(fn).__call__
-    if inspect.isgeneratorfunction(call) or inspect.isasyncgenfunction(call):
-        raise TypeError(
-            f"{where} is a generator; it must return its result (a mapping or None), not yield"
-        )
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{where} has no signature to check: {exc}") from None
-    params = signature.parameters.values()
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    arity = 2 if len(positional) >= 2 else 1
-    try:
-        signature.bind(*([None] * arity))
-    except TypeError as exc:
-        bare = signature.replace(
-            parameters=[p.replace(annotation=p.empty) for p in params],
-            return_annotation=signature.empty,
-        )
-        raise TypeError(
-            f"{where} must take (ctx) or (job, ctx), but its signature is {bare} ({exc})"
-        ) from None
-    is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
-    return arity, is_async
