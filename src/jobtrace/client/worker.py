@@ -85,8 +85,9 @@ class JobContext:
         return self._cancelled.is_set()
 
     async def wait_cancelled(self) -> None:
-        """Return once the server has cancelled this attempt (e.g. to race a
-        subprocess: `asyncio.wait([proc_task, ctx.wait_cancelled()])`)."""
+        """Return once the server has cancelled this attempt. The handler's own
+        task is cancelled then anyway; this is for code outside it, such as a
+        task the handler started that must stop (or kill a subprocess) too."""
         await self._cancelled.wait()
 
     def _mark_cancelled(self, reason: str) -> None:
