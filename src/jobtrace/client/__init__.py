@@ -9,6 +9,7 @@ from jobtrace.client.errors import (
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
+    InvalidInput,
     JobtraceError,
     NotFound,
     PermissionDenied,
@@ -16,8 +17,11 @@ from jobtrace.client.errors import (
     Unauthenticated,
     Unavailable,
 )
+from jobtrace.client.handlers import NonRetryableError, SyncJobContext
 from jobtrace.client.sync import SyncClient
-from jobtrace.client.worker import AnnotationRefused, JobContext, NonRetryableError, Worker
+from jobtrace.client.verify import verify_offline
+from jobtrace.client.worker import AnnotationRefused, JobContext, Worker
+from jobtrace.dsse import OfflineVerdict
 
 __all__ = [
     "AlreadyExists",
@@ -30,18 +34,22 @@ __all__ = [
     "FieldViolation",
     "InsecureTokenWarning",
     "InvalidArgument",
+    "InvalidInput",
     "JobContext",
     "JobtraceError",
     "NonRetryableError",
     "NotFound",
+    "OfflineVerdict",
     "Page",
     "PermissionDenied",
     "ResourceExhausted",
     "RetryPolicy",
     "SyncClient",
+    "SyncJobContext",
     "TracePage",
     "Unauthenticated",
     "Unavailable",
     "Worker",
     "job_spec",
+    "verify_offline",
 ]
