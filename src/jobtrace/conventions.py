@@ -23,6 +23,7 @@ from typing import Any, Final, Literal
 __all__ = [
     "KEYS",
     "RENAMED",
+    "RULES",
     "Approval",
     "ConventionError",
     "Decision",
@@ -196,7 +197,7 @@ def _non_negative_integer(value: Any) -> str | None:
     return None
 
 
-_RULES: Final[Mapping[str, Callable[[Any], str | None]]] = {
+RULES: Final[Mapping[str, Callable[[Any], str | None]]] = {
     Trigger.source: _string,
     Trigger.reason: _string,
     Trigger.parent_run_id: _run_id,
@@ -215,6 +216,8 @@ _RULES: Final[Mapping[str, Callable[[Any], str | None]]] = {
     Failure.kind: _string,
     Failure.retryable: _boolean,
 }
+"""Each key's rule: what is wrong with a value (as the server words it), or None.
+The server checks annotations with this same table."""
 
 
 def check(key: str, value: Any) -> str | None:
@@ -223,7 +226,7 @@ def check(key: str, value: Any) -> str | None:
     conventions. A key of RENAMED is always wrong."""
     if key in RENAMED:
         return f"was replaced by {RENAMED[key]}"
-    rule = _RULES.get(key)
+    rule = RULES.get(key)
     return rule(value) if rule is not None else None
 
 
