@@ -122,3 +122,33 @@ async def test_concurrent_batches_lose_no_update_and_answer_in_commit_order(
     for key in keys:
         assert hooked[key] == list(range(1, per_key + 1)), key
     assert database.batches_committed >= 2
+
+
+async def test_a_connection_that_died_is_a_transient_error_and_is_not_used_again(
+    pg_url: str,
+) -> None:
+    """PostgreSQL ends the session's connection (a restart, an administrator): the
+    next statement on it fails as a transient storage error (answered
+    UNAVAILABLE, never INTERNAL) and the pool drops it, so the one after works."""
+    from jobtrace.store.errors import is_transient
+
+    from .conftest import _pg_admin
+
+    db = Database(pg_url)
+    await db.start()
+    try:
+        pid = _PID
+        async with db.read() as session:
+            backend = await sql.scalar(session, pid, {})
+        await _pg_admin(f"SELECT pg_terminate_backend({int(backend)})")
+        with pytest.raises(Exception) as failed:
+            async with db.read() as session:
+                await sql.scalar(session, pid, {})
+        assert is_transient(failed.value), repr(failed.value)
+        async with db.read() as session:
+            assert await sql.scalar(session, pid, {}) != backend
+    finally:
+        await db.close()
+
+
+_PID = sql.Query("SELECT pg_backend_pid()")

@@ -19,6 +19,8 @@ be from `session.execute` (InlineSqlite and _Asyncpg wrap it).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 from collections.abc import Sequence
 from typing import Any, cast
@@ -29,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import TextClause
 
 from jobtrace.store.db import InlineSqlite
+from jobtrace.store.errors import refusing_sqlstate
 
 Params = dict[str, Any]
 # sqlite3.Row or SQLAlchemy's RowMapping: both answer row["column"].
@@ -36,6 +39,9 @@ Row = Any
 
 _CONNECTION = "jobtrace.sqlite3"
 _ASYNCPG = "jobtrace.asyncpg"
+# How long a failed statement waits for a dying connection to report its end.
+_SETTLE_TRIES = 5
+_SETTLE_STEP_S = 0.01
 _NONE = object()
 # A :named parameter (not a PostgreSQL ::cast, not inside a word).
 _NAMED = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
@@ -106,13 +112,16 @@ async def _inline(session: AsyncSession) -> InlineSqlite | None:
 
 class _Asyncpg:
     """The asyncpg connection under a session, used inside the transaction
-    SQLAlchemy's adapter keeps on it; errors come out as SQLAlchemy's."""
+    SQLAlchemy's adapter keeps on it; errors come out as SQLAlchemy's, and a
+    connection found dead is invalidated as SQLAlchemy would (the pool then
+    hands it out no more)."""
 
-    __slots__ = ("_adapter", "_dbapi_error", "_dialect")
+    __slots__ = ("_adapter", "_connection_sa", "_dbapi_error", "_dialect")
 
-    def __init__(self, adapter: Any, dialect: Any) -> None:
+    def __init__(self, adapter: Any, dialect: Any, connection: Any) -> None:
         self._adapter = adapter
         self._dialect = dialect
+        self._connection_sa = connection
         self._dbapi_error = dialect.loaded_dbapi.Error
 
     async def _connection(self) -> Any:
@@ -120,56 +129,109 @@ class _Asyncpg:
         if adapter._transaction is None:  # nothing sent yet: BEGIN as the adapter would
             async with adapter._execute_mutex:
                 if adapter._transaction is None:
-                    await adapter._start_transaction()
+                    try:
+                        await adapter._start_transaction()
+                    except Exception as exc:
+                        exc._jobtrace_begin = True  # type: ignore[attr-defined]
+                        raise
         return adapter._connection
 
-    def _wrapped(self, q: Query, args: Any, error: Exception) -> DBAPIError:
-        """asyncpg's error as SQLAlchemy raises it from session.execute."""
-        try:
-            self._adapter._handle_exception(error)  # raises the DBAPI-level error
-        except Exception as translated:
-            if not isinstance(translated, self._dbapi_error):
-                raise
-            invalidated = self._dialect.is_disconnect(translated, None, None)
-            return cast(
-                DBAPIError,
-                DBAPIError.instance(
-                    q.pg_sql,
-                    args,
-                    translated,
-                    self._dbapi_error,
-                    connection_invalidated=invalidated,
-                    dialect=self._dialect,
-                ),
-            )
-        raise AssertionError("unreachable")  # pragma: no cover
+    async def _wrapped(self, q: Query, args: Any, error: Exception) -> Exception:
+        """asyncpg's error (or the adapter's translation of it, as BEGIN raises)
+        as SQLAlchemy raises it from session.execute."""
+        translated: Exception = error
+        if not isinstance(error, self._dbapi_error):
+            try:
+                self._adapter._handle_exception(error)  # raises the DBAPI-level error
+            except Exception as exc:
+                translated = exc
+        if not isinstance(translated, self._dbapi_error):
+            return translated  # not a database error: as it is
+        invalidated = bool(self._dialect.is_disconnect(translated, None, None)) or any(
+            refusing_sqlstate(getattr(e, "sqlstate", None)) for e in (error, translated)
+        )  # the server ended the session (a restart, an administrator)
+        if not invalidated and _client_side(error):
+            # Not the server refusing a statement (that has a SQLSTATE) but the
+            # driver: at BEGIN, with no statement of ours in progress, "another
+            # operation is in progress" means the connection is stuck on what
+            # the server sent as it ended the session; else it may be closing.
+            invalidated = getattr(error, "_jobtrace_begin", False) or await self._lost()
+        if invalidated:
+            with contextlib.suppress(Exception):
+                await self._connection_sa.invalidate(translated)
+        return cast(
+            DBAPIError,
+            DBAPIError.instance(
+                q.pg_sql,
+                args,
+                translated,
+                self._dbapi_error,
+                connection_invalidated=invalidated,
+                dialect=self._dialect,
+            ),
+        )
+
+    async def _lost(self) -> bool:
+        """Whether the connection is gone. A server that ends a session (a
+        restart, pg_terminate_backend) says so in a message asyncpg may still
+        be reading when the next statement starts; that statement then fails
+        as "another operation is in progress" rather than as a lost connection:
+        give the protocol a moment to take the message in and close."""
+        connection = self._adapter._connection
+        for _ in range(_SETTLE_TRIES):
+            if connection.is_closed():
+                return True
+            await asyncio.sleep(_SETTLE_STEP_S)
+        return bool(connection.is_closed())
 
     async def fetch(self, q: Query, params: Params) -> list[Row]:
         args = q.pg_args(params)
-        conn = await self._connection()
         try:
+            conn = await self._connection()
             return cast(list[Row], await conn.fetch(q.pg_sql, *args))
         except Exception as exc:
-            raise self._wrapped(q, args, exc) from exc
+            wrapped = await self._wrapped(q, args, exc)
+            if wrapped is exc:
+                raise
+            raise wrapped from exc
 
     async def change(self, q: Query, params: Params) -> int:
         args = q.pg_args(params)
-        conn = await self._connection()
         try:
+            conn = await self._connection()
             status: str = await conn.execute(q.pg_sql, *args)
         except Exception as exc:
-            raise self._wrapped(q, args, exc) from exc
+            wrapped = await self._wrapped(q, args, exc)
+            if wrapped is exc:
+                raise
+            raise wrapped from exc
         # "UPDATE 3", "DELETE 0", "INSERT 0 1": the last number is the row count.
         count = status.rpartition(" ")[2]
         return int(count) if count.isdigit() else -1
 
     async def change_many(self, q: Query, rows: Sequence[Params]) -> None:
         args = [q.pg_args(r) for r in rows]
-        conn = await self._connection()
         try:
+            conn = await self._connection()
             await conn.executemany(q.pg_sql, args)
         except Exception as exc:
-            raise self._wrapped(q, args, exc) from exc
+            wrapped = await self._wrapped(q, args, exc)
+            if wrapped is exc:
+                raise
+            raise wrapped from exc
+
+
+def _client_side(error: BaseException) -> bool:
+    """An error of the driver itself, not a statement the server refused."""
+    import asyncpg
+
+    seen = 0
+    cause: BaseException | None = error
+    while cause is not None and seen < 8:
+        if isinstance(cause, asyncpg.PostgresError):
+            return False
+        cause, seen = cause.__cause__ or getattr(cause, "orig", None), seen + 1
+    return True
 
 
 async def _asyncpg(session: AsyncSession) -> _Asyncpg | None:
@@ -183,7 +245,7 @@ async def _asyncpg(session: AsyncSession) -> _Asyncpg | None:
         if bind.dialect.name == "postgresql" and bind.dialect.driver == "asyncpg":
             connection = await session.connection()
             raw = await connection.get_raw_connection()
-            found = _Asyncpg(raw.dbapi_connection, bind.dialect)
+            found = _Asyncpg(raw.dbapi_connection, bind.dialect, connection)
         info[_ASYNCPG] = found
     return cast(_Asyncpg | None, found)
 
