@@ -148,3 +148,43 @@ class JobServicer(pb_grpc.JobServiceServicer):
                         workflow=convert.workflow_to_proto(workflow),
                         changed_job=convert.job_to_proto(job) if job is not None else None,
                     )
+
+    @rpc
+    async def AwaitJob(self, request: pb.AwaitJobRequest, context: Any) -> pb.AwaitJobResponse:
+        principal = self._auth.require(context, Role.READER)
+        with self._streams.hold(principal):
+            job = await self._jobs.await_job(
+                principal.read_scope, request.job_id, await_seconds(request, context)
+            )
+        return pb.AwaitJobResponse(job=convert.job_to_proto(job))
+
+    @rpc
+    async def AwaitWorkflow(
+        self, request: pb.AwaitWorkflowRequest, context: Any
+    ) -> pb.AwaitWorkflowResponse:
+        principal = self._auth.require(context, Role.READER)
+        with self._streams.hold(principal):
+            workflow = await self._jobs.await_workflow(
+                principal.read_scope, request.workflow_id, await_seconds(request, context)
+            )
+        return pb.AwaitWorkflowResponse(workflow=convert.workflow_to_proto(workflow))
+
+
+# Answer a little before the call's deadline, so the caller gets AWAIT_TIMEOUT
+# with the current state rather than a bare DEADLINE_EXCEEDED of its own.
+_DEADLINE_MARGIN_S = 0.05
+
+
+def await_seconds(request: Any, context: Any) -> float | None:
+    """How long an Await call waits: its timeout, cut to the call's deadline;
+    None (until the run ends) when it has neither. A negative timeout is left
+    for the domain to refuse."""
+    wait: float | None = None
+    if request.HasField("timeout"):
+        t = request.timeout
+        wait = t.seconds + t.nanos / 1e9 or None
+    remaining = context.time_remaining()
+    if remaining is not None and (wait is None or wait >= 0):
+        cut = max(0.0, remaining - _DEADLINE_MARGIN_S)
+        wait = cut if wait is None else min(wait, cut)
+    return wait

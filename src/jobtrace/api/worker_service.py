@@ -61,6 +61,16 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             # The session ended like a lost stream (its leases handled as such).
             await context.abort_with_status(to_status(watch.lapsed))
 
+    async def GetStepResult(
+        self, request: pb.GetStepResultRequest, context: Any
+    ) -> pb.GetStepResultResponse:
+        try:
+            self._auth.require(context, Role.WORKER)
+        except DomainError as exc:
+            await context.abort_with_status(to_status(exc))
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not yet")
+        raise AssertionError
+
     async def _session(
         self,
         request_iterator: AsyncIterator[pb.ConnectRequest],

@@ -1,6 +1,15 @@
 """Python clients of jobtrace: typed async and sync API clients and the worker runtime."""
 
-from jobtrace.client.api import Client, Page, RetryPolicy, TracePage, job_spec
+from jobtrace.client.api import (
+    Client,
+    Page,
+    RetryPolicy,
+    TracePage,
+    job_payload,
+    job_result,
+    job_spec,
+    workflow_outputs,
+)
 from jobtrace.client.channel import Endpoint, InsecureTokenWarning
 from jobtrace.client.errors import (
     AlreadyExists,
@@ -13,6 +22,7 @@ from jobtrace.client.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    RunFailed,
     Unauthenticated,
     Unavailable,
 )
@@ -38,10 +48,14 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "RetryPolicy",
+    "RunFailed",
     "SyncClient",
     "TracePage",
     "Unauthenticated",
     "Unavailable",
     "Worker",
+    "job_payload",
+    "job_result",
     "job_spec",
+    "workflow_outputs",
 ]

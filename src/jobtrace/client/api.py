@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import uuid
 from collections.abc import (
@@ -30,7 +31,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from jobtrace.client.channel import DEFAULT_TARGET, Endpoint
-from jobtrace.client.errors import from_rpc_error
+from jobtrace.client.errors import RunFailed, from_rpc_error
 from jobtrace.pb import (
     attestation_service_pb2,
     attestation_service_pb2_grpc,
@@ -46,6 +47,11 @@ from jobtrace.pb import (
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
+
+# The longest single AwaitJob / AwaitWorkflow call; a longer wait makes several.
+AWAIT_ROUND_S = 60.0
+# How long past its own timeout an Await call may take before the client gives up.
+AWAIT_GRACE_S = 10.0
 
 Seconds = float | timedelta
 When = datetime | timestamp_pb2.Timestamp
@@ -402,6 +408,90 @@ class Client:
             async for response in stream:
                 yield response
 
+    async def await_job(self, job_id: str, *, timeout: Seconds | None = None) -> common_pb2.Job:
+        """Wait until the job ends and return it (COMPLETED with its result, or
+        FAILED, CANCELLED...: the job says how it ended). `timeout` (seconds)
+        bounds the wait: past it, DeadlineExceeded (reason AWAIT_TIMEOUT); None
+        waits as long as it takes. The server follows the job's changes (no
+        polling); a lost connection is retried."""
+        response: job_service_pb2.AwaitJobResponse = await self._await(
+            self.jobs_stub.AwaitJob,
+            lambda wait: job_service_pb2.AwaitJobRequest(job_id=job_id, timeout=wait),
+            timeout,
+        )
+        return response.job
+
+    async def await_workflow(
+        self, workflow_id: str, *, timeout: Seconds | None = None
+    ) -> common_pb2.Workflow:
+        """Wait until the workflow ends and return it, with its outputs when it
+        COMPLETED; `timeout` as in await_job."""
+        response: job_service_pb2.AwaitWorkflowResponse = await self._await(
+            self.jobs_stub.AwaitWorkflow,
+            lambda wait: job_service_pb2.AwaitWorkflowRequest(
+                workflow_id=workflow_id, timeout=wait
+            ),
+            timeout,
+        )
+        return response.workflow
+
+    async def result(self, job_id: str, *, timeout: Seconds | None = None) -> Any:
+        """The job's result as plain Python values (integers stay ints), once
+        it completes: Celery's `AsyncResult.get()`, Temporal's
+        `handle.result()`. Raises RunFailed when the job ended otherwise,
+        DeadlineExceeded when `timeout` seconds pass first."""
+        job = await self.await_job(job_id, timeout=timeout)
+        if job.state != common_pb2.RUN_STATE_COMPLETED:
+            raise RunFailed.of_job(job)
+        return job_result(job)
+
+    async def outputs(self, workflow_id: str, *, timeout: Seconds | None = None) -> dict[str, Any]:
+        """The workflow's outputs (step name -> result, as plain Python values)
+        once it completes; results too large to travel inline are fetched.
+        Raises RunFailed when the workflow ended otherwise, DeadlineExceeded
+        when `timeout` seconds pass first."""
+        workflow = await self.await_workflow(workflow_id, timeout=timeout)
+        if workflow.state != common_pb2.RUN_STATE_COMPLETED:
+            raise RunFailed.of_workflow(workflow)
+        out = workflow_outputs(workflow)
+        for ref in workflow.output_refs:
+            out[ref.step_name] = job_result(await self.get_job(ref.job_id))
+        return out
+
+    async def _await(
+        self,
+        method: Callable[..., Awaitable[Any]],
+        request: Callable[[duration_pb2.Duration], Message],
+        timeout: Seconds | None,
+    ) -> Any:
+        """One Await call after the other, each at most AWAIT_ROUND_S long (so
+        no proxy takes a silent call for a dead one), until the run ends or
+        `timeout` has passed."""
+        total = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        loop = asyncio.get_running_loop()
+        end = None if total is None else loop.time() + total
+        delays = self.retry.delays()
+        while True:
+            left = AWAIT_ROUND_S if end is None else max(0.0, end - loop.time())
+            wait = min(left, AWAIT_ROUND_S)
+            try:
+                return await method(
+                    request(_duration(wait) or duration_pb2.Duration()),
+                    # The server answers AWAIT_TIMEOUT at `wait`; the deadline
+                    # only covers a server that does not answer at all.
+                    timeout=wait + AWAIT_GRACE_S,
+                    metadata=self.endpoint.metadata(),
+                )
+            except grpc.aio.AioRpcError as err:
+                error = from_rpc_error(err)
+                if error.reason == "AWAIT_TIMEOUT" and (end is None or loop.time() < end):
+                    delays = self.retry.delays()
+                    continue  # this round ended; the wait goes on
+                delay = next(delays, None) if _retryable(err) else None
+                if delay is None:
+                    raise error from err
+                await asyncio.sleep(delay)
+
     # --- TraceService ---------------------------------------------------------------
 
     async def append_trace_events(
@@ -625,6 +715,40 @@ async def _every(
         if not page.next_page_token:
             return
         token = page.next_page_token
+
+
+# --- reading results ----------------------------------------------------------------
+
+
+def plain_json(exact: bytes, struct: struct_pb2.Struct | None) -> Any:
+    """A JSON value as plain Python: from its exact JSON when the server sent
+    it (integers stay ints), else from the Struct (whose numbers are floats)."""
+    if exact:
+        return json.loads(exact)
+    if struct is None:
+        return None
+    return json_format.MessageToDict(struct)
+
+
+def job_result(job: common_pb2.Job) -> Any:
+    """A job's result as plain Python values (None before it completes)."""
+    if not job.result_json and not job.HasField("result"):
+        return None
+    return plain_json(job.result_json, job.result)
+
+
+def job_payload(job: common_pb2.Job) -> dict[str, Any]:
+    """A job's payload as plain Python values (integers stay ints)."""
+    spec = job.spec
+    return plain_json(spec.payload_json, spec.payload) or {}
+
+
+def workflow_outputs(workflow: common_pb2.Workflow) -> dict[str, Any]:
+    """The outputs a workflow carries inline (step name -> result); the steps
+    in `workflow.output_refs` are not among them (see Client.outputs)."""
+    if not workflow.outputs_json and not workflow.HasField("outputs"):
+        return {}
+    return plain_json(workflow.outputs_json, workflow.outputs) or {}
 
 
 # --- building requests --------------------------------------------------------------

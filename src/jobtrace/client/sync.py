@@ -13,7 +13,8 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from jobtrace.client.api import Client
+from jobtrace.client.api import Client, Seconds
+from jobtrace.pb import common_pb2
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -122,3 +123,30 @@ class SyncClient:
     get_signing_keys = _blocking(Client.get_signing_keys)
     attach_annotations = _blocking(Client.attach_annotations)
     list_annotations = _blocking(Client.list_annotations)
+
+    # Waiting for results: written out, so help() and type checkers see them.
+
+    def await_job(self, job_id: str, *, timeout: Seconds | None = None) -> common_pb2.Job:
+        """Block until the job ends and return it (COMPLETED with its result, or
+        FAILED, CANCELLED...). `timeout` (seconds) bounds the wait: past it,
+        DeadlineExceeded (reason AWAIT_TIMEOUT); None waits as long as it takes."""
+        return self._run(self.client.await_job(job_id, timeout=timeout))
+
+    def await_workflow(
+        self, workflow_id: str, *, timeout: Seconds | None = None
+    ) -> common_pb2.Workflow:
+        """Block until the workflow ends and return it, with its outputs when it
+        COMPLETED; `timeout` as in await_job."""
+        return self._run(self.client.await_workflow(workflow_id, timeout=timeout))
+
+    def result(self, job_id: str, *, timeout: Seconds | None = None) -> Any:
+        """The job's result as plain Python values (integers stay ints), once it
+        completes. Raises RunFailed when it ended otherwise, DeadlineExceeded
+        when `timeout` seconds pass first."""
+        return self._run(self.client.result(job_id, timeout=timeout))
+
+    def outputs(self, workflow_id: str, *, timeout: Seconds | None = None) -> dict[str, Any]:
+        """The workflow's outputs (step name -> result, plain Python values) once
+        it completes. Raises RunFailed when it ended otherwise, DeadlineExceeded
+        when `timeout` seconds pass first."""
+        return self._run(self.client.outputs(workflow_id, timeout=timeout))

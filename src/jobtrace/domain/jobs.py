@@ -6,7 +6,8 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -19,6 +20,7 @@ from jobtrace.domain import lifecycle
 from jobtrace.domain import redact as redact_rules
 from jobtrace.domain.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     NotFound,
     ResourceExhausted,
@@ -63,6 +65,8 @@ MAX_SUBMIT_ANNOTATIONS = 16
 MAX_REASON = 1000
 # Jobs listed in one notice to the other replicas (see Jobs._changed).
 JOBS_PER_NOTICE = 40
+# The longest wait one AwaitJob / AwaitWorkflow call may ask for (seconds).
+MAX_AWAIT_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -752,7 +756,7 @@ class Jobs:
             raise Unavailable("server shutting down; watch again", reason="SHUTTING_DOWN")
         return sub.drain()
 
-    async def watch_job(self, tenant: str | None, job_id: str) -> AsyncIterator[Job]:
+    async def watch_job(self, tenant: str | None, job_id: str) -> AsyncGenerator[Job, None]:
         """The job now, then each change, until a terminal state. Subscribes before
         reading the snapshot so nothing committed in between is missed."""
         with self.feed.subscribe(job_id) as sub:
@@ -769,7 +773,7 @@ class Jobs:
 
     async def watch_workflow(
         self, tenant: str | None, workflow_id: str
-    ) -> AsyncIterator[tuple[Workflow, Job | None]]:
+    ) -> AsyncGenerator[tuple[Workflow, Job | None], None]:
         with self.feed.subscribe(workflow_id) as sub:
             last = await self.get_workflow(tenant, workflow_id)
             yield last, None
@@ -779,3 +783,51 @@ class Jobs:
                 if current != last:
                     last = current
                     yield current, (items[-1] if items else None)
+
+    # --- waiting for the end --------------------------------------------------
+
+    async def await_job(self, tenant: str | None, job_id: str, wait_s: float | None) -> Job:
+        """The job once it has ended, followed on its change feed (no polling);
+        DEADLINE_EXCEEDED (AWAIT_TIMEOUT) when `wait_s` seconds pass first. A
+        job that has already ended is answered whatever the wait."""
+        check_wait(wait_s)
+        async with aclosing(self.watch_job(tenant, job_id)) as jobs:
+            last = await anext(jobs)
+            try:
+                async with asyncio.timeout(wait_s):
+                    async for job in jobs:
+                        last = job
+            except TimeoutError:
+                raise _await_timeout("job", job_id, last.state) from None
+        return last
+
+    async def await_workflow(
+        self, tenant: str | None, workflow_id: str, wait_s: float | None
+    ) -> Workflow:
+        """The workflow once it has ended (with its outputs when it completed),
+        followed on its change feed; DEADLINE_EXCEEDED as await_job."""
+        check_wait(wait_s)
+        async with aclosing(self.watch_workflow(tenant, workflow_id)) as changes:
+            last, _ = await anext(changes)
+            try:
+                async with asyncio.timeout(wait_s):
+                    async for workflow, _ in changes:
+                        last = workflow
+            except TimeoutError:
+                raise _await_timeout("workflow", workflow_id, last.state) from None
+        return last
+
+
+def check_wait(wait_s: float | None) -> None:
+    v = Violations()
+    if wait_s is not None and not 0 <= wait_s <= MAX_AWAIT_S:
+        v.add("timeout", f"must be between 0 and {MAX_AWAIT_S:g} seconds")
+    v.raise_if_any()
+
+
+def _await_timeout(kind: str, run_id: str, state: RunState) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"{kind} {run_id!r} has not ended yet (it is {state.name}); await it again",
+        reason="AWAIT_TIMEOUT",
+        metadata={f"{kind}_id": run_id, "state": state.name},
+    )
