@@ -192,7 +192,8 @@ MATRIX: dict[str, tuple[str, ...]] = {
     "AwaitJob": (OK, OK, PD, OK, NF, NF, PD, OK),
     "AwaitWorkflow": (DE, DE, PD, DE, NF, NF, PD, DE),
     "Connect": (PD, PD, OK, OK, PD, PD, OK, OK),
-    "GetStepResult": (PD, PD, "UNIMPLEMENTED", "UNIMPLEMENTED") * 2,
+    # The job has ended: its own worker (m) is told so; anyone else, nothing.
+    "GetStepResult": (PD, PD, "FAILED_PRECONDITION", PD, PD, PD, NF, PD),
     "AppendTraceEvents": (PD, OK, PD, OK, PD, NF, PD, OK),
     "ListTraceEvents": (OK, OK, PD, OK, NF, NF, PD, OK),
     "StreamTraceEvents": (OK, OK, PD, OK, NF, NF, PD, OK),
@@ -307,7 +308,7 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
         ),
         "Connect": connect,
         "GetStepResult": lambda md: api.workers.GetStepResult(
-            w.GetStepResultRequest(job_id=ids["job"], attempt=1, worker_id="w", step_name="a"),
+            w.GetStepResultRequest(job_id=ids["job"], attempt=1, worker_id="m", step_name="a"),
             metadata=md,
         ),
         "AppendTraceEvents": lambda md: api.trace.AppendTraceEvents(

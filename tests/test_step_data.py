@@ -4,6 +4,7 @@ exact numbers and step progress: through the real server on both backends."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import grpc
@@ -165,3 +166,132 @@ async def test_client_result_waits_and_raises_for_a_run_that_failed(
             return sync.result(job.id, timeout=5)
 
     assert await asyncio.to_thread(blocking) == {"bytes": 1048576}
+
+
+# --- upstream results in the assignment ----------------------------------------------
+
+
+def fan_in(rid: str = "wf", **fields: Any) -> j.SubmitWorkflowRequest:
+    return j.SubmitWorkflowRequest(
+        request_id=rid,
+        name="fan-in",
+        steps=[
+            c.WorkflowStepSpec(name="a", job=c.JobSpec(service="svc"), independent=True),
+            c.WorkflowStepSpec(name="b", job=c.JobSpec(service="svc"), independent=True),
+            step("c", "svc", "a", "b"),
+        ],
+        **fields,
+    )
+
+
+async def run_roots(raw: RawWorker, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Complete the two root steps with these results; their assignments."""
+    seen = {}
+    for _ in results:
+        assignment = await raw.expect("assignment")
+        assert not assignment.upstream_json and not assignment.upstream_refs, "a root has none"
+        seen[assignment.job.step_name] = assignment
+        await complete(raw, assignment.job.id, result=struct(results[assignment.job.step_name]))
+    return seen
+
+
+async def test_a_dependent_step_receives_its_upstream_results(api: Stubs) -> None:
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"], max_concurrency=2)
+    await api.jobs.SubmitWorkflow(fan_in())
+    await run_roots(raw, {"a": {"bytes": 1048576, "path": "/tmp/x"}, "b": {"ok": True}})
+    c_step = await raw.expect("assignment")
+    assert c_step.job.step_name == "c"
+    assert json.loads(c_step.upstream_json) == {
+        "a": {"bytes": 1048576, "path": "/tmp/x"},
+        "b": {"ok": True},
+    }
+    assert json_format.MessageToDict(c_step.upstream)["a"]["path"] == "/tmp/x"
+    assert not c_step.upstream_refs
+    await raw.close()
+
+
+async def test_large_upstream_results_travel_by_reference(api: Stubs) -> None:
+    big = {"blob": "x" * 300_000}
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"], max_concurrency=2)
+    await api.jobs.SubmitWorkflow(fan_in())
+    roots = await run_roots(raw, {"a": big, "b": {"small": 1}})
+    c_step = await raw.expect("assignment")
+    assert json.loads(c_step.upstream_json) == {"b": {"small": 1}}, "what fits stays inline"
+    [ref] = c_step.upstream_refs
+    assert ref.step_name == "a" and ref.job_id == roots["a"].job.id
+    assert ref.size_bytes > 256 * 1024
+    ask = w.GetStepResultRequest(job_id=c_step.job.id, attempt=1, worker_id="w", step_name="a")
+    got = await api.workers.GetStepResult(ask)
+    assert json.loads(got.result_json) == big
+    assert json_format.MessageToDict(got.result) == big
+    # Only the holder of the job's current attempt may read, and only its workflow's steps.
+    for bad, code in [
+        (dict(worker_id="other"), grpc.StatusCode.PERMISSION_DENIED),
+        (dict(attempt=2), grpc.StatusCode.FAILED_PRECONDITION),
+        (dict(step_name="nope"), grpc.StatusCode.NOT_FOUND),
+        (dict(job_id="job_missing"), grpc.StatusCode.NOT_FOUND),
+        (dict(step_name="bad name!"), grpc.StatusCode.INVALID_ARGUMENT),
+    ]:
+        request = w.GetStepResultRequest()
+        request.CopyFrom(ask)
+        for k, v in bad.items():
+            setattr(request, k, v)
+        await expect_error(api.workers.GetStepResult(request), code)
+    await complete(raw, c_step.job.id)
+    _, info, _ = await expect_error(
+        api.workers.GetStepResult(ask), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert info is not None and info.reason == "JOB_TERMINAL"
+    await raw.close()
+
+
+async def test_a_step_not_completed_is_refused(api: Stubs) -> None:
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"], max_concurrency=2)
+    await api.jobs.SubmitWorkflow(
+        j.SubmitWorkflowRequest(
+            request_id="wf",
+            name="pair",
+            steps=[
+                c.WorkflowStepSpec(name="a", job=c.JobSpec(service="svc"), independent=True),
+                c.WorkflowStepSpec(name="b", job=c.JobSpec(service="svc"), independent=True),
+            ],
+        )
+    )
+    first = await raw.expect("assignment")
+    other = "b" if first.job.step_name == "a" else "a"
+    await raw.expect("assignment")
+    _, info, _ = await expect_error(
+        api.workers.GetStepResult(
+            w.GetStepResultRequest(job_id=first.job.id, attempt=1, worker_id="w", step_name=other)
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert info is not None and info.reason == "STEP_NOT_COMPLETED"
+    await raw.close()
+
+
+async def test_the_worker_runtime_exposes_upstream_results_on_ctx(harness: Harness) -> None:
+    from .workers import runtime_worker
+
+    api = harness.stubs()
+    seen: dict[str, Any] = {}
+
+    async def run(ctx: Any) -> dict[str, Any]:
+        if ctx.job.step_name == "a":
+            return {"blob": "y" * 300_000}
+        if ctx.job.step_name == "b":
+            return {"count": 7}
+        seen.update(ctx.upstream)
+        return {"sum": len(ctx.upstream["a"]["blob"]) + ctx.upstream["b"]["count"]}
+
+    async with runtime_worker(harness.target, {"svc": run}, max_concurrency=2):
+        wf = (await api.jobs.SubmitWorkflow(fan_in())).workflow
+        done = await api.jobs.AwaitWorkflow(
+            j.AwaitWorkflowRequest(workflow_id=wf.id, timeout={"seconds": 30})
+        )
+    assert done.workflow.state == c.RUN_STATE_COMPLETED
+    assert seen["a"] == {"blob": "y" * 300_000}, "fetched by reference, transparently"
+    assert seen["b"] == {"count": 7} and type(seen["b"]["count"]) is int

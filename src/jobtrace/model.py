@@ -144,6 +144,24 @@ class Job:
 
 
 @dataclass(frozen=True, slots=True)
+class StepResultRef:
+    """Where a step's result is read when it was too large to travel inline."""
+
+    step_name: str
+    job_id: str
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepResults:
+    """Results of some steps of a workflow: step name -> result inline, up to
+    a bound, and a reference for each one that did not fit."""
+
+    inline: JSON = field(default_factory=dict)
+    refs: tuple[StepResultRef, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class WorkflowStep:
     name: str
     job_id: str

@@ -13,7 +13,7 @@ import grpc
 
 from jobtrace.api import convert
 from jobtrace.api.credentials import CredentialWatch
-from jobtrace.api.errors import to_status
+from jobtrace.api.errors import rpc, to_status
 from jobtrace.api.handlers import MalformedRequest
 from jobtrace.api.limits import StreamLimiter
 from jobtrace.api.wellformed import check_request
@@ -21,6 +21,7 @@ from jobtrace.auth import Authenticator, Role
 from jobtrace.domain import dispatch
 from jobtrace.domain import errors as domain_errors
 from jobtrace.domain.errors import DomainError, FailedPrecondition, Invalid, log_failure
+from jobtrace.domain.worker_identity import WorkerIdentity
 from jobtrace.model import Failure
 from jobtrace.pb import worker_service_pb2 as pb
 from jobtrace.pb import worker_service_pb2_grpc as pb_grpc
@@ -61,15 +62,24 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             # The session ended like a lost stream (its leases handled as such).
             await context.abort_with_status(to_status(watch.lapsed))
 
+    @rpc
     async def GetStepResult(
         self, request: pb.GetStepResultRequest, context: Any
     ) -> pb.GetStepResultResponse:
-        try:
-            self._auth.require(context, Role.WORKER)
-        except DomainError as exc:
-            await context.abort_with_status(to_status(exc))
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not yet")
-        raise AssertionError
+        principal = self._auth.require(context, Role.WORKER)
+        identity = WorkerIdentity(
+            principal.tenant, principal.subject, request.worker_id, principal.authenticated
+        )
+        result = await self._scheduler.step_result(
+            identity,
+            None if principal.is_admin else principal.allowed_tenants,
+            request.job_id,
+            request.attempt,
+            request.step_name,
+        )
+        return pb.GetStepResultResponse(
+            result=convert.dict_to_struct(result), result_json=convert.json_bytes(result)
+        )
 
     async def _session(
         self,
@@ -210,8 +220,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             return dispatch.Acked(m.message_id, p.job_id, p.attempt)
         if kind == "complete":
             c = m.complete
-            result = convert.struct_to_dict(c.result) if c.HasField("result") else None
-            await s.complete(session, c.job_id, c.attempt, result, c.result.ByteSize())
+            result, size = convert.exact_object(
+                "complete.result_json", c.result_json, c.result, c.HasField("result")
+            )
+            await s.complete(session, c.job_id, c.attempt, result, size)
             return dispatch.Acked(m.message_id, c.job_id, c.attempt)
         if kind == "fail":
             f = m.fail

@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2
 
+from jobtrace.client.api import job_payload, plain_json
 from jobtrace.client.channel import Endpoint
 from jobtrace.pb import common_pb2, worker_service_pb2, worker_service_pb2_grpc
 
@@ -56,6 +57,11 @@ class JobContext:
     _worker: Worker
     _cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     cancel_reason: str = ""
+    # Step name -> result of each step this one depends on (a workflow step
+    # only), as plain Python values: `ctx.upstream["download"]`. Results too
+    # large to travel with the assignment are fetched before the handler runs.
+    upstream: dict[str, Any] = field(default_factory=dict)
+    _upstream_refs: tuple[common_pb2.StepResultRef, ...] = ()
 
     @property
     def job_id(self) -> str:
@@ -190,6 +196,8 @@ class Worker:
         self._draining = False
         self._stop = asyncio.Event()
         self._call: Any = None
+        self._stub: Any = None
+        self._metadata: Any = None
         self._acked = asyncio.Event()  # set on every ack and when a stream ends
         self._background: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
@@ -294,6 +302,7 @@ class Worker:
         heartbeats: asyncio.Task[None] | None = None
         async with channel:
             stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
+            self._stub, self._metadata = stub, metadata  # for GetStepResult
             call = stub.Connect(requests(), metadata=metadata)
             self._call = call
             try:
@@ -433,10 +442,12 @@ class Worker:
         ctx = JobContext(
             job=a.job,
             attempt=a.attempt,
-            payload=json_format.MessageToDict(a.job.spec.payload),
+            payload=job_payload(a.job),
             request_context=a.request_context,
             traceparent=a.traceparent,
             _worker=self,
+            upstream=plain_json(a.upstream_json, a.upstream) or {},
+            _upstream_refs=tuple(a.upstream_refs),
         )
         task = asyncio.create_task(self._run_job(ctx))
         self._running[a.job.id] = (ctx, task)
@@ -456,6 +467,7 @@ class Worker:
         try:
             if handler is None:
                 raise NonRetryableError(f"no handler for service {ctx.job.spec.service!r}")
+            await self._fetch_upstream(ctx)
             result = await handler(ctx)
             body = struct_pb2.Struct()
             body.update(result or {})
@@ -489,6 +501,23 @@ class Worker:
             if report is not None:
                 await self._send(report, wait=False, keep=True)
 
+    async def _fetch_upstream(self, ctx: JobContext) -> None:
+        """Read the upstream results the assignment carried by reference (too
+        large to travel inline) into ctx.upstream. A failure fails the attempt
+        (retryable) like any error before the handler's end."""
+        for ref in ctx._upstream_refs:
+            response = await self._stub.GetStepResult(
+                worker_service_pb2.GetStepResultRequest(
+                    job_id=ctx.job.id,
+                    attempt=ctx.attempt,
+                    worker_id=self.worker_id,
+                    step_name=ref.step_name,
+                ),
+                metadata=self._metadata,
+                timeout=UPSTREAM_FETCH_TIMEOUT_S,
+            )
+            ctx.upstream[ref.step_name] = plain_json(response.result_json, response.result)
+
     async def _replace_refused(
         self, report: worker_service_pb2.ConnectRequest, error: worker_service_pb2.StreamError
     ) -> None:
@@ -509,6 +538,7 @@ class Worker:
 
 
 MAX_RESULT_BYTES = 1024 * 1024
+UPSTREAM_FETCH_TIMEOUT_S = 60.0
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 # Answers to a report that mean it was not stored for a reason of the server's
 # (its database unreachable, a fault of its own): the same report may be stored

@@ -6,7 +6,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import case, delete, func, insert, select, tuple_, update
+from sqlalchemy import LargeBinary, case, cast, delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -381,6 +381,44 @@ async def result_sizes(session: AsyncSession, workflow_id: str) -> list[tuple[st
         .order_by(size, JobRow.step_index)
     )
     return [(i, name, int(n)) for i, name, n in (await session.execute(stmt)).all()]
+
+
+async def step_results(
+    session: AsyncSession, workflow_id: str, step_names: Collection[str], read_up_to: int
+) -> list[tuple[str, str, int, JSON | None]]:
+    """(step name, job id, stored bytes of its result, the result) of each
+    COMPLETED step of these names, in one query on the workflow's index; a
+    result larger than `read_up_to` bytes is not read (None)."""
+    if sql.dialect(session) == "postgresql":
+        size = func.octet_length(JobRow.result)
+    else:
+        size = func.length(cast(JobRow.result, LargeBinary))
+    size = func.coalesce(size, 0)
+    stmt = select(
+        JobRow.step_name,
+        JobRow.id,
+        size,
+        case((size <= read_up_to, JobRow.result), else_=None),
+    ).where(
+        JobRow.workflow_id == workflow_id,
+        JobRow.step_name.in_(sorted(step_names)),
+        JobRow.state == int(RunState.COMPLETED),
+    )
+    return [
+        (name, job_id, int(n), codec.loads(text) if text is not None else None)
+        for name, job_id, n, text in (await session.execute(stmt)).all()
+    ]
+
+
+async def step_result(
+    session: AsyncSession, workflow_id: str, step_name: str
+) -> tuple[RunState, JSON | None] | None:
+    """The state and result of one step of a workflow; None if it has no such step."""
+    stmt = select(JobRow.state, JobRow.result).where(
+        JobRow.workflow_id == workflow_id, JobRow.step_name == step_name
+    )
+    row = (await session.execute(stmt)).first()
+    return None if row is None else (RunState(row[0]), codec.loads(row[1]))
 
 
 async def results(session: AsyncSession, job_ids: Iterable[str]) -> dict[str, JSON]:
