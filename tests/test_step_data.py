@@ -19,6 +19,10 @@ from jobtrace.pb import worker_service_pb2 as w
 from .conftest import Harness, Stubs, expect_error
 from .workers import RawWorker
 
+# What the Python client and worker runtime send: answers carry exact JSON
+# (the *_json fields) instead of Structs.
+EXACT = (("jobtrace-json", "exact"),)
+
 
 def struct(d: dict[str, Any]) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
@@ -26,9 +30,11 @@ def struct(d: dict[str, Any]) -> struct_pb2.Struct:
     return s
 
 
-async def submit(api: Stubs, rid: str, service: str = "svc", **fields: Any) -> c.Job:
+async def submit(
+    api: Stubs, rid: str, service: str = "svc", metadata: Any = None, **fields: Any
+) -> c.Job:
     request = j.SubmitJobRequest(request_id=rid, job=c.JobSpec(service=service, **fields))
-    return (await api.jobs.SubmitJob(request)).job
+    return (await api.jobs.SubmitJob(request, metadata=metadata)).job
 
 
 def step(name: str, service: str, *depends_on: str, **fields: Any) -> c.WorkflowStepSpec:
@@ -196,7 +202,7 @@ async def run_roots(raw: RawWorker, results: dict[str, dict[str, Any]]) -> dict[
 
 
 async def test_a_dependent_step_receives_its_upstream_results(api: Stubs) -> None:
-    raw = RawWorker(api)
+    raw = RawWorker(api, metadata=EXACT)
     await raw.hello("w", ["svc"], max_concurrency=2)
     await api.jobs.SubmitWorkflow(fan_in())
     await run_roots(raw, {"a": {"bytes": 1048576, "path": "/tmp/x"}, "b": {"ok": True}})
@@ -206,14 +212,14 @@ async def test_a_dependent_step_receives_its_upstream_results(api: Stubs) -> Non
         "a": {"bytes": 1048576, "path": "/tmp/x"},
         "b": {"ok": True},
     }
-    assert json_format.MessageToDict(c_step.upstream)["a"]["path"] == "/tmp/x"
+    assert not c_step.HasField("upstream"), "one form only"
     assert not c_step.upstream_refs
     await raw.close()
 
 
 async def test_large_upstream_results_travel_by_reference(api: Stubs) -> None:
     big = {"blob": "x" * 300_000}
-    raw = RawWorker(api)
+    raw = RawWorker(api, metadata=EXACT)
     await raw.hello("w", ["svc"], max_concurrency=2)
     await api.jobs.SubmitWorkflow(fan_in())
     roots = await run_roots(raw, {"a": big, "b": {"small": 1}})
@@ -223,9 +229,10 @@ async def test_large_upstream_results_travel_by_reference(api: Stubs) -> None:
     assert ref.step_name == "a" and ref.job_id == roots["a"].job.id
     assert ref.size_bytes > 256 * 1024
     ask = w.GetStepResultRequest(job_id=c_step.job.id, attempt=1, worker_id="w", step_name="a")
+    got = await api.workers.GetStepResult(ask, metadata=EXACT)
+    assert json.loads(got.result_json) == big and not got.HasField("result")
     got = await api.workers.GetStepResult(ask)
-    assert json.loads(got.result_json) == big
-    assert json_format.MessageToDict(got.result) == big
+    assert json_format.MessageToDict(got.result) == big and not got.result_json
     # Only the holder of the job's current attempt may read, and only its workflow's steps.
     for bad, code in [
         (dict(worker_id="other"), grpc.StatusCode.PERMISSION_DENIED),
@@ -295,3 +302,303 @@ async def test_the_worker_runtime_exposes_upstream_results_on_ctx(harness: Harne
     assert done.workflow.state == c.RUN_STATE_COMPLETED
     assert seen["a"] == {"blob": "y" * 300_000}, "fetched by reference, transparently"
     assert seen["b"] == {"count": 7} and type(seen["b"]["count"]) is int
+
+
+# --- workflow outputs ----------------------------------------------------------------
+
+
+async def test_a_completed_workflow_has_the_results_of_its_last_steps_as_outputs(
+    harness: Harness,
+) -> None:
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"], max_concurrency=2)
+    request = j.SubmitWorkflowRequest(
+        request_id="wf",
+        name="chain",
+        steps=[step("a", "svc"), step("b", "svc", "a"), step("c", "svc", "a")],
+    )
+    wf = (await api.jobs.SubmitWorkflow(request)).workflow
+    assert not wf.outputs_json and not wf.HasField("outputs"), "none before it completes"
+    waiting = asyncio.ensure_future(
+        api.jobs.AwaitWorkflow(j.AwaitWorkflowRequest(workflow_id=wf.id), metadata=EXACT)
+    )
+    results = {"a": {"n": 1}, "b": {"n": 2}, "c": {"big": "z" * 300_000}}
+    for _ in range(3):
+        assignment = await raw.expect("assignment")
+        await complete(
+            raw,
+            assignment.job.id,
+            result_json=json.dumps(results[assignment.job.step_name]).encode(),
+        )
+    done = (await asyncio.wait_for(waiting, 5)).workflow
+    assert done.state == c.RUN_STATE_COMPLETED
+    # b and c end the workflow (nothing depends on them); c is too large to travel inline.
+    assert json.loads(done.outputs_json) == {"b": {"n": 2}}
+    assert not done.HasField("outputs"), "one form only"
+    assert [(r.step_name, r.size_bytes > 256 * 1024) for r in done.output_refs] == [("c", True)]
+    got = (
+        await api.jobs.GetWorkflow(j.GetWorkflowRequest(workflow_id=wf.id), metadata=EXACT)
+    ).workflow
+    assert got == done
+    as_struct = (await api.jobs.GetWorkflow(j.GetWorkflowRequest(workflow_id=wf.id))).workflow
+    assert json_format.MessageToDict(as_struct.outputs) == {"b": {"n": 2}}
+    assert not as_struct.outputs_json
+    basic = (await api.jobs.ListWorkflows(j.ListWorkflowsRequest(), metadata=EXACT)).workflows[0]
+    assert not basic.outputs_json and not basic.output_refs, "a BASIC listing leaves them out"
+    full = (
+        await api.jobs.ListWorkflows(
+            j.ListWorkflowsRequest(view=j.WORKFLOW_VIEW_FULL), metadata=EXACT
+        )
+    ).workflows[0]
+    assert full.outputs_json == done.outputs_json
+    await raw.close()
+    async with Client(harness.target) as jt:
+        outputs = await jt.outputs(wf.id, timeout=5)
+    assert outputs == {"b": {"n": 2}, "c": results["c"]}, "references are read by the client"
+    assert type(outputs["b"]["n"]) is int
+
+
+async def test_named_outputs_and_bad_names(api: Stubs) -> None:
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"])
+    steps = [step("a", "svc"), step("b", "svc", "a")]
+    _, _, violations = await expect_error(
+        api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(
+                request_id="bad", name="x", steps=steps, outputs=["a", "zz", "a"]
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert [v[0] for v in violations] == ["outputs[1]", "outputs[2]"]
+    assert not (await api.jobs.ListWorkflows(j.ListWorkflowsRequest())).workflows
+    wf = (
+        await api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(request_id="ok", name="x", steps=steps, outputs=["a"])
+        )
+    ).workflow
+    for name in ("a", "b"):
+        assignment = await raw.expect("assignment")
+        assert assignment.job.step_name == name
+        await complete(raw, assignment.job.id, result=struct({"step": name}))
+    done = await api.jobs.AwaitWorkflow(
+        j.AwaitWorkflowRequest(workflow_id=wf.id, timeout={"seconds": 5}), metadata=EXACT
+    )
+    assert json.loads(done.workflow.outputs_json) == {"a": {"step": "a"}}
+    await raw.close()
+
+
+# --- numbers keep their type -------------------------------------------------------------
+
+
+async def test_numbers_keep_their_type_in_payloads_results_and_attestations(
+    harness: Harness,
+) -> None:
+    api = harness.stubs()
+    raw = RawWorker(api, metadata=EXACT)
+    await raw.hello("w", ["svc"])
+    exact = b'{"bytes":1048576,"ratio":2.5,"float":2.0,"nested":[1,{"k":-3}]}'
+    job = await submit(api, "exact", payload_json=exact, metadata=EXACT)
+    assert json.loads(job.spec.payload_json) == json.loads(exact)
+    assert type(json.loads(job.spec.payload_json)["float"]) is float, "2.0 stays a float"
+    assignment = await raw.expect("assignment")
+    assert assignment.job.spec.payload_json == job.spec.payload_json
+    assert not assignment.job.spec.HasField("payload"), "one form only"
+    # A caller that does not ask for exact JSON gets the Struct alone, as before.
+    as_struct = (await api.jobs.GetJob(j.GetJobRequest(job_id=job.id))).job
+    assert json_format.MessageToDict(as_struct.spec.payload)["bytes"] == 1048576
+    assert not as_struct.spec.payload_json
+    await complete(raw, job.id, result_json=b'{"bytes":1048576,"parts":[1,2]}')
+    done = (await api.jobs.GetJob(j.GetJobRequest(job_id=job.id), metadata=EXACT)).job
+    result = json.loads(done.result_json)
+    assert result == {"bytes": 1048576, "parts": [1, 2]} and type(result["bytes"]) is int
+    # A Struct cannot tell 1048576 from 1048576.0: integral numbers read as integers.
+    via_struct = await submit(
+        api, "struct", payload=struct({"n": 1048576, "half": 0.5}), metadata=EXACT
+    )
+    assert via_struct.spec.payload_json == b'{"half":0.5,"n":1048576}'
+    # Attestations encode them canonically (RFC 8785): 1048576, never 1048576.0.
+    async with Client(harness.target) as jt:
+        envelope = await jt.export_attestation(f"worker-completion:{job.id}")
+        assert await jt.result(job.id) == {"bytes": 1048576, "parts": [1, 2]}
+        plain = await jt.submit_job("nobody", {"size": 1048576})
+        assert type(json.loads(plain.spec.payload_json)["size"]) is int
+    import base64
+
+    statement = base64.b64decode(envelope["payload"]).decode()
+    assert '"bytes":1048576,' in statement and "1048576.0" not in statement
+    await raw.close()
+
+
+async def test_exact_json_that_is_not_one_object_is_refused(api: Stubs) -> None:
+    cases = {
+        b"[1,2]": "must be one JSON object",
+        b"{": "not valid UTF-8 JSON",
+        b'{"x": NaN}': "not valid UTF-8 JSON",
+        b"\xff": "not valid UTF-8 JSON",
+    }
+    for body, why in cases.items():
+        _, _, violations = await expect_error(
+            api.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="x", job=c.JobSpec(service="svc", payload_json=body))
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert violations[0][0] == "job.payload_json" and why in violations[0][1], violations
+    _, _, violations = await expect_error(
+        api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(
+                request_id="y",
+                name="w",
+                steps=[step("a", "svc", payload=struct({"a": 1}), payload_json=b'{"a":1}')],
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert [v[0] for v in violations] == ["steps[0].job.payload_json"]
+    assert not (await api.jobs.ListJobs(j.ListJobsRequest())).jobs, "nothing stored"
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"])
+    job = await submit(api, "z")
+    await raw.expect("assignment")
+    await raw.send(
+        complete=w.CompleteReport(
+            job_id=job.id, attempt=1, result=struct({"a": 1}), result_json=b'{"a":1}'
+        )
+    )
+    error = await raw.expect("error")
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert (await api.jobs.GetJob(j.GetJobRequest(job_id=job.id))).job.state == (
+        c.RUN_STATE_RUNNING
+    )
+    await raw.close()
+
+
+def test_canonical_encoding_writes_integral_doubles_as_integers() -> None:
+    from jobtrace.domain import jcs
+
+    assert (
+        jcs.dumps({"a": 1048576.0, "b": 1048576, "c": 0.5}) == b'{"a":1048576,"b":1048576,"c":0.5}'
+    )
+
+
+# --- step progress in WatchWorkflow ------------------------------------------------------
+
+
+async def test_watch_workflow_sends_step_progress_throttled_with_the_last_value(
+    api: Stubs,
+) -> None:
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"])
+    wf = (
+        await api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(request_id="wf", name="one", steps=[step("a", "svc")])
+        )
+    ).workflow
+    assignment = await raw.expect("assignment")
+    watch = api.jobs.WatchWorkflow(j.WatchWorkflowRequest(workflow_id=wf.id))
+    await watch.read()  # the snapshot
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for percent in range(1, 21):  # a chatty worker: 20 reports in a burst
+        await raw.send(
+            progress=w.ProgressReport(
+                job_id=assignment.job.id, attempt=1, percent=percent, message=f"at {percent}"
+            )
+        )
+        await raw.expect("ack")
+    seen: list[tuple[float, float]] = []
+    while not seen or seen[-1][1] < 20:
+        message = await asyncio.wait_for(watch.read(), 5)
+        progress = message.workflow.steps[0].progress
+        seen.append((loop.time(), progress.percent))
+    elapsed = seen[-1][0] - started
+    # Throttled: far fewer messages than reports, at most one per 250 ms (plus the
+    # first), and the last value (20, with its message) always arrives.
+    assert len(seen) <= 2 + elapsed / 0.25, (len(seen), elapsed)
+    assert len(seen) < 20
+    assert message.workflow.steps[0].progress.message == "at 20"
+    # A state change is not held back.
+    await complete(raw, assignment.job.id)
+    t0 = loop.time()
+    while True:
+        message = await asyncio.wait_for(watch.read(), 5)
+        if message.workflow.state == c.RUN_STATE_COMPLETED:
+            break
+    assert loop.time() - t0 < 1.0
+    assert message.workflow.steps[0].progress.percent == 100
+    await raw.close()
+
+
+# --- the newcomer's scenario -------------------------------------------------------------
+
+
+async def test_download_transcode_notify_passes_data_and_awaits_outputs(
+    harness: Harness,
+) -> None:
+    """download -> transcode (fails once, retried) -> notify: transcode reads
+    ctx.upstream["download"], notify reads both; the client awaits the
+    workflow and gets its outputs with integers as ints."""
+    from .workers import runtime_worker
+
+    attempts: dict[str, int] = {}
+    seen: dict[str, Any] = {}
+
+    async def download(ctx: Any) -> dict[str, Any]:
+        return {"path": f"/tmp/{ctx.payload['url'].rsplit('/', 1)[1]}", "bytes": 1048576}
+
+    async def transcode(ctx: Any) -> dict[str, Any]:
+        attempts["transcode"] = attempts.get("transcode", 0) + 1
+        source = ctx.upstream["download"]
+        seen["transcode"] = source
+        await ctx.progress(50, "half way")
+        if attempts["transcode"] == 1:
+            raise RuntimeError("encoder crashed")  # retryable: tried again
+        return {"path": source["path"] + ".mp4", "bytes": source["bytes"] // 2, "ratio": 0.5}
+
+    async def notify(ctx: Any) -> dict[str, Any]:
+        seen["notify"] = dict(ctx.upstream)
+        return {"sent_to": ctx.payload["email"], "bytes": ctx.upstream["transcode"]["bytes"]}
+
+    quick = {"initialInterval": "0.01s"}
+    async with (
+        runtime_worker(
+            harness.target,
+            {"download": download, "transcode": transcode, "notify": notify},
+            max_concurrency=4,
+        ),
+        Client(harness.target) as jt,
+    ):
+        wf = await jt.submit_workflow(
+            "media",
+            [
+                {
+                    "name": "download",
+                    "job": {"service": "download", "payload": {"url": "https://x/cat.mov"}},
+                },
+                {"name": "transcode", "job": {"service": "transcode", "backoff": quick}},
+                {
+                    "name": "notify",
+                    "job": {"service": "notify", "payload": {"email": "a@example.com"}},
+                    "depends_on": ["download", "transcode"],
+                },
+            ],
+        )
+        outputs = await jt.outputs(wf.id, timeout=30)
+        done = await jt.await_workflow(wf.id, timeout=5)
+    assert attempts["transcode"] == 2, "the first attempt failed and was retried"
+    assert seen["transcode"] == {"path": "/tmp/cat.mov", "bytes": 1048576}
+    assert type(seen["transcode"]["bytes"]) is int
+    assert seen["notify"] == {
+        "download": {"path": "/tmp/cat.mov", "bytes": 1048576},
+        "transcode": {"path": "/tmp/cat.mov.mp4", "bytes": 524288, "ratio": 0.5},
+    }
+    assert outputs == {"notify": {"sent_to": "a@example.com", "bytes": 524288}}
+    assert type(outputs["notify"]["bytes"]) is int
+    assert done.state == c.RUN_STATE_COMPLETED
+    assert [(s.name, s.attempt) for s in done.steps] == [
+        ("download", 1),
+        ("transcode", 2),
+        ("notify", 1),
+    ]

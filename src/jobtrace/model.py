@@ -168,6 +168,8 @@ class WorkflowStep:
     state: RunState
     depends_on: tuple[str, ...]
     attempt: int
+    progress_percent: float = 0.0
+    progress_message: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +192,8 @@ class Workflow:
     step_counts: tuple[int, int] | None = None
     # The authenticated subject that submitted it ('' if stored before 0008).
     submitted_by: str = ""
+    # The results of its output steps, once COMPLETED (left out of a listing).
+    outputs: StepResults | None = None
 
     @property
     def completed_steps(self) -> int:

@@ -296,8 +296,10 @@ class JobSpec(_message.Message):
     """Optional. Immutable. The job's input as exact JSON (a UTF-8 JSON object),
     an alternative to payload that keeps integers integers (1048576, not
     1048576.0); set at most one of the two (INVALID_ARGUMENT otherwise); same
-    1 MiB bound. On output the server sets it beside payload, with integral
-    numbers that came in a payload Struct written as integers.
+    1 MiB bound. Integral numbers that came in a payload Struct are stored as
+    integers. On output the server sets one form only: payload_json instead of
+    payload when the call carries the metadata `jobtrace-json: exact` (as the
+    Python client and worker runtime do), payload otherwise.
     """
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct:
@@ -707,9 +709,10 @@ class Job(_message.Message):
     created before jobtrace recorded it (unknown).
     """
     result_json: _builtins.bytes
-    """Output only. The result as exact JSON (a UTF-8 JSON object), set with
-    result: integers stay integers. A result reported as a Struct has its
-    integral numbers written as integers.
+    """Output only. The result as exact JSON (a UTF-8 JSON object): integers
+    stay integers (a result reported as a Struct has its integral numbers
+    stored as integers). Set instead of result when the call carries the
+    metadata `jobtrace-json: exact` (see JobSpec.payload_json).
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
@@ -1016,7 +1019,8 @@ class Workflow(_message.Message):
     """
     outputs_json: _builtins.bytes
     """Output only. outputs as exact JSON (a UTF-8 JSON object): integers stay
-    integers.
+    integers. Set instead of outputs when the call carries the metadata
+    `jobtrace-json: exact` (see JobSpec.payload_json).
     """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkflowStep]:

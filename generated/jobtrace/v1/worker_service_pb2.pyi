@@ -588,7 +588,10 @@ class Assignment(_message.Message):
     traceparent: _builtins.str
     """The W3C traceparent of the submission, if any."""
     upstream_json: _builtins.bytes
-    """upstream as exact JSON (a UTF-8 JSON object): integers stay integers."""
+    """upstream as exact JSON (a UTF-8 JSON object): integers stay integers.
+    Set instead of upstream (and the job's payload_json instead of its
+    payload) when the Connect call carries the metadata `jobtrace-json: exact`.
+    """
     @_builtins.property
     def job(self) -> _common_pb2.Job:
         """The job, with its spec and payload."""
@@ -849,10 +852,12 @@ class GetStepResultResponse(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     RESULT_JSON_FIELD_NUMBER: _builtins.int
     result_json: _builtins.bytes
-    """The step's result as exact JSON (a UTF-8 JSON object)."""
+    """The step's result as exact JSON (a UTF-8 JSON object), set instead of
+    result when the call carries the metadata `jobtrace-json: exact`.
+    """
     @_builtins.property
     def result(self) -> _struct_pb2.Struct:
-        """The step's result."""
+        """The step's result (unless result_json is set)."""
 
     def __init__(
         self,

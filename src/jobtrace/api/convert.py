@@ -98,7 +98,30 @@ def json_bytes(value: JSON | None) -> bytes:
     return b"" if value is None else step_data.exact_json(value)
 
 
-def step_results_to_proto(r: StepResults | None) -> tuple[Any, bytes, list[Any]]:
+def wants_exact_json(context: Any) -> bool:
+    """Whether the caller asked (metadata `jobtrace-json: exact`) for payloads,
+    results and outputs as exact JSON (the *_json fields) instead of Structs.
+    One form only, never both: a 1 MiB payload sent twice would not fit the
+    messages it travels in."""
+    for key, value in context.invocation_metadata() or ():
+        if key == EXACT_JSON_HEADER:
+            return bool(value == "exact")
+    return False
+
+
+EXACT_JSON_HEADER = "jobtrace-json"
+
+
+def json_forms(value: JSON | None, exact: bool) -> tuple[struct_pb2.Struct | None, bytes]:
+    """(Struct, exact JSON) of a JSON object: one of the two, as the caller asked."""
+    if exact:
+        return None, json_bytes(value)
+    return dict_to_struct(value), b""
+
+
+def step_results_to_proto(
+    r: StepResults | None, exact: bool = False
+) -> tuple[Any, bytes, list[Any]]:
     """(Struct, exact JSON, refs) of some steps' results."""
     if r is None:
         return None, b"", []
@@ -106,7 +129,7 @@ def step_results_to_proto(r: StepResults | None) -> tuple[Any, bytes, list[Any]]
         common_pb2.StepResultRef(step_name=x.step_name, job_id=x.job_id, size_bytes=x.size_bytes)
         for x in r.refs
     ]
-    return dict_to_struct(r.inline), json_bytes(r.inline), refs
+    return (*json_forms(r.inline, exact), refs)
 
 
 def value_to_py(v: struct_pb2.Value) -> Any:
@@ -204,6 +227,7 @@ def workflow_submission(request: Any, traceparent: str = "") -> WorkflowSubmissi
         annotations=tuple(annotation_input_from_proto(a) for a in request.annotations),
         labels=dict(request.labels),
         traceparent=traceparent,
+        outputs=tuple(request.outputs),
     )
 
 
@@ -251,11 +275,12 @@ def _parse_timestamp(ts: timestamp_pb2.Timestamp, text: str) -> None:
 # --- domain -> responses ------------------------------------------------------
 
 
-def spec_to_proto(spec: JobSpec, *, full: bool = True) -> common_pb2.JobSpec:
+def spec_to_proto(spec: JobSpec, *, full: bool = True, exact: bool = False) -> common_pb2.JobSpec:
+    payload, payload_json = json_forms(spec.payload, exact) if full else (None, b"")
     return common_pb2.JobSpec(
         service=spec.service,
-        payload=dict_to_struct(spec.payload) if full else None,
-        payload_json=json_bytes(spec.payload) if full else b"",
+        payload=payload,
+        payload_json=payload_json,
         priority=spec.priority,
         max_attempts=spec.max_attempts,
         timeout=ms_to_duration(spec.timeout_ms) if spec.timeout_ms else None,
@@ -282,19 +307,21 @@ def failure_to_proto(f: Failure | None, *, full: bool = True) -> common_pb2.Fail
     )
 
 
-def job_to_proto(job: Job, *, full: bool = True) -> common_pb2.Job:
+def job_to_proto(job: Job, *, full: bool = True, exact: bool = False) -> common_pb2.Job:
     """The job; without `full` (a BASIC listing), without spec.payload,
-    result and failure.details."""
+    result and failure.details; with `exact`, payload and result as exact
+    JSON (payload_json, result_json) instead of Structs."""
+    result, result_json = json_forms(job.result, exact) if full else (None, b"")
     return common_pb2.Job(
         id=job.id,
         workflow_id=job.workflow_id,
         step_name=job.step_name,
-        spec=spec_to_proto(job.spec, full=full),
+        spec=spec_to_proto(job.spec, full=full, exact=exact),
         state=int(job.state),  # type: ignore[arg-type]
         attempt=job.attempt,
         progress=common_pb2.JobProgress(percent=job.progress_percent, message=job.progress_message),
-        result=dict_to_struct(job.result) if full else None,
-        result_json=json_bytes(job.result) if full else b"",
+        result=result,
+        result_json=result_json,
         failure=failure_to_proto(job.failure, full=full),
         worker_id=job.worker_id,
         created_at=us_to_ts(job.created_us),
@@ -311,11 +338,13 @@ def job_to_proto(job: Job, *, full: bool = True) -> common_pb2.Job:
     )
 
 
-def workflow_to_proto(w: Workflow) -> common_pb2.Workflow:
+def workflow_to_proto(w: Workflow, exact: bool = False) -> common_pb2.Workflow:
     """The workflow; its steps are those it was read with (none in a BASIC
-    listing, whose progress still counts them)."""
+    listing, whose progress still counts them); with `exact`, its outputs as
+    exact JSON."""
     total = w.total_steps
     done = w.completed_steps
+    outputs, outputs_json, output_refs = step_results_to_proto(w.outputs, exact)
     return common_pb2.Workflow(
         id=w.id,
         name=w.name,
@@ -327,6 +356,9 @@ def workflow_to_proto(w: Workflow) -> common_pb2.Workflow:
                 state=int(s.state),  # type: ignore[arg-type]
                 depends_on=list(s.depends_on),
                 attempt=s.attempt,
+                progress=common_pb2.JobProgress(
+                    percent=s.progress_percent, message=s.progress_message
+                ),
             )
             for s in w.steps
         ],
@@ -345,6 +377,9 @@ def workflow_to_proto(w: Workflow) -> common_pb2.Workflow:
         failure=failure_to_proto(w.failure),
         labels=w.labels,
         submitted_by=w.submitted_by,
+        outputs=outputs,
+        outputs_json=outputs_json,
+        output_refs=output_refs,
     )
 
 
@@ -373,15 +408,15 @@ def hello_from_proto(p: Any, principal: Any) -> Any:
     )
 
 
-def outgoing_to_proto(message: Any) -> Any:
+def outgoing_to_proto(message: Any, exact: bool = False) -> Any:
     from jobtrace.domain import dispatch
     from jobtrace.pb import worker_service_pb2 as w
 
     if isinstance(message, dispatch.Assign):
-        upstream, upstream_json, upstream_refs = step_results_to_proto(message.upstream)
+        upstream, upstream_json, upstream_refs = step_results_to_proto(message.upstream, exact)
         return w.ConnectResponse(
             assignment=w.Assignment(
-                job=job_to_proto(message.job),
+                job=job_to_proto(message.job, exact=exact),
                 attempt=message.job.attempt,
                 lease_deadline=us_to_ts(message.lease_deadline_us),
                 request_context=request_context_to_proto(message.request_context),

@@ -77,9 +77,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             request.attempt,
             request.step_name,
         )
-        return pb.GetStepResultResponse(
-            result=convert.dict_to_struct(result), result_json=convert.json_bytes(result)
-        )
+        struct, exact = convert.json_forms(result, convert.wants_exact_json(context))
+        return pb.GetStepResultResponse(result=struct, result_json=exact)
 
     async def _session(
         self,
@@ -108,6 +107,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             yield convert.outgoing_to_proto(unexpected(hello.worker_id, first, exc, fatal=True))
             return
         watch.start(lambda error: session.close(f"credentials lapsed: {error.message}"))
+        exact = convert.wants_exact_json(context)
         yield convert.outgoing_to_proto(welcome)
         reader = asyncio.create_task(self._read(request_iterator, session))
         lost = True
@@ -116,7 +116,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 message = await session.next_outgoing()
                 if message is None or watch.check() is not None:
                     break  # nothing is sent once the credentials have lapsed
-                yield convert.outgoing_to_proto(message)
+                yield convert.outgoing_to_proto(message, exact)
             lost = not self._scheduler_draining(session)
         finally:
             reader.cancel()

@@ -191,10 +191,12 @@ class Client:
         delays = self.retry.delays() if retry else iter(())
         while True:
             try:
-                return await method(
-                    request,
-                    timeout=self.timeout,
-                    metadata=self.endpoint.metadata(*extra_metadata),
+                return with_structs(
+                    await method(
+                        request,
+                        timeout=self.timeout,
+                        metadata=self.endpoint.metadata(*extra_metadata),
+                    )
                 )
             except grpc.aio.AioRpcError as err:
                 delay = next(delays, None) if _retryable(err) else None
@@ -215,7 +217,7 @@ class Client:
                     delays = self.retry.delays()  # progress: a fresh retry budget
                     if resume is not None:
                         resume(item)
-                    yield item
+                    yield with_structs(item)
                 return
             except grpc.aio.AioRpcError as err:
                 delay = next(delays, None) if _retryable(err) else None
@@ -280,9 +282,12 @@ class Client:
         request_context: common_pb2.RequestContext | Mapping[str, Any] | None = None,
         annotations: Sequence[common_pb2.AnnotationInput | Mapping[str, Any]] = (),
         traceparent: str | None = None,
+        outputs: Sequence[str] = (),
     ) -> common_pb2.Workflow:
         """Submit a workflow. Steps are WorkflowStepSpec messages or mappings in their
-        JSON form (`{"name": ..., "job": {"service": ...}, "depends_on": [...]}`)."""
+        JSON form (`{"name": ..., "job": {"service": ...}, "depends_on": [...]}`).
+        `outputs` names the steps whose results are the workflow's outputs
+        (default: the steps no other step depends on)."""
         request = job_service_pb2.SubmitWorkflowRequest(
             request_id=request_id or _new_request_id(),
             name=name,
@@ -291,6 +296,7 @@ class Client:
             labels=dict(labels or {}),
             request_context=_message(common_pb2.RequestContext, request_context),
             annotations=[_required(common_pb2.AnnotationInput, a) for a in annotations],
+            outputs=list(outputs),
         )
         extra = (("traceparent", traceparent),) if traceparent else ()
         response: job_service_pb2.SubmitWorkflowResponse = await self._call(
@@ -475,12 +481,14 @@ class Client:
             left = AWAIT_ROUND_S if end is None else max(0.0, end - loop.time())
             wait = min(left, AWAIT_ROUND_S)
             try:
-                return await method(
-                    request(_duration(wait) or duration_pb2.Duration()),
-                    # The server answers AWAIT_TIMEOUT at `wait`; the deadline
-                    # only covers a server that does not answer at all.
-                    timeout=wait + AWAIT_GRACE_S,
-                    metadata=self.endpoint.metadata(),
+                return with_structs(
+                    await method(
+                        request(_duration(wait) or duration_pb2.Duration()),
+                        # The server answers AWAIT_TIMEOUT at `wait`; the deadline
+                        # only covers a server that does not answer at all.
+                        timeout=wait + AWAIT_GRACE_S,
+                        metadata=self.endpoint.metadata(),
+                    )
                 )
             except grpc.aio.AioRpcError as err:
                 error = from_rpc_error(err)
@@ -720,6 +728,29 @@ async def _every(
 # --- reading results ----------------------------------------------------------------
 
 
+def with_structs(message: M) -> M:
+    """The message with the Struct twin of each exact JSON field filled in.
+    The client asks for exact JSON (metadata `jobtrace-json: exact`) and the
+    server sends one form only; code that reads `job.result` or
+    `job.spec.payload` keeps working, and `job_result(job)` reads the exact
+    form (integers as ints)."""
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_MESSAGE:
+            kind = field.message_type
+            if kind is None or kind.full_name.startswith("google.protobuf."):
+                continue
+            if isinstance(value, Message):
+                with_structs(value)
+            elif not kind.GetOptions().map_entry:  # repeated (a map's values are left)
+                for item in value:
+                    with_structs(item)
+        elif field.type == field.TYPE_BYTES and field.name.endswith("_json"):
+            twin = field.name.removesuffix("_json")
+            if twin in message.DESCRIPTOR.fields_by_name and not message.HasField(twin):
+                getattr(message, twin).update(json.loads(value))
+    return message
+
+
 def plain_json(exact: bytes, struct: struct_pb2.Struct | None) -> Any:
     """A JSON value as plain Python: from its exact JSON when the server sent
     it (integers stay ints), else from the Struct (whose numbers are floats)."""
@@ -766,10 +797,11 @@ def job_spec(
     labels: Mapping[str, str] | None = None,
     backoff: common_pb2.BackoffPolicy | None = None,
 ) -> common_pb2.JobSpec:
-    """A JobSpec from plain Python values."""
+    """A JobSpec from plain Python values; the payload travels as exact JSON
+    (payload_json), so integers stay integers."""
     return common_pb2.JobSpec(
         service=service,
-        payload=_struct(payload),
+        payload_json=_exact(payload),
         priority=priority,
         max_attempts=max_attempts,
         timeout=_duration(timeout),
@@ -854,6 +886,12 @@ def _required(kind: type[M], value: M | Mapping[str, Any]) -> M:
         return value
     assert not isinstance(value, Message), f"expected {kind.__name__}, got {type(value).__name__}"
     return json_format.ParseDict(dict(value), kind())
+
+
+def _exact(value: Mapping[str, Any] | None) -> bytes:
+    if value is None:
+        return b""
+    return json.dumps(dict(value), separators=(",", ":"), allow_nan=False).encode()
 
 
 def _struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
 import os
 import random
@@ -25,9 +26,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 
-from jobtrace.client.api import job_payload, plain_json
+from jobtrace.client.api import job_payload, plain_json, with_structs
 from jobtrace.client.channel import Endpoint
 from jobtrace.pb import common_pb2, worker_service_pb2, worker_service_pb2_grpc
 
@@ -439,6 +440,7 @@ class Worker:
     # --- jobs --------------------------------------------------------------------
 
     def _start(self, a: worker_service_pb2.Assignment) -> None:
+        with_structs(a)  # ctx.job.spec.payload as well as ctx.payload
         ctx = JobContext(
             job=a.job,
             attempt=a.attempt,
@@ -469,16 +471,16 @@ class Worker:
                 raise NonRetryableError(f"no handler for service {ctx.job.spec.service!r}")
             await self._fetch_upstream(ctx)
             result = await handler(ctx)
-            body = struct_pb2.Struct()
-            body.update(result or {})
-            if body.ByteSize() > MAX_RESULT_BYTES:
+            # Exact JSON, not a Struct: integers stay integers.
+            body = result_json(result)
+            if len(body) > MAX_RESULT_BYTES:
                 raise NonRetryableError(
-                    f"the result is {body.ByteSize()} bytes; at most {MAX_RESULT_BYTES} are stored",
+                    f"the result is {len(body)} bytes; at most {MAX_RESULT_BYTES} are stored",
                     code="RESULT_TOO_LARGE",
                 )
             report = worker_service_pb2.ConnectRequest(
                 complete=worker_service_pb2.CompleteReport(
-                    job_id=ctx.job.id, attempt=ctx.attempt, result=body
+                    job_id=ctx.job.id, attempt=ctx.attempt, result_json=body
                 )
             )
             self.completed += 1
@@ -538,6 +540,17 @@ class Worker:
 
 
 MAX_RESULT_BYTES = 1024 * 1024
+
+
+def result_json(result: dict[str, Any] | None) -> bytes:
+    """A handler's result as exact JSON; a value JSON cannot hold (NaN, a
+    set, an object) fails the attempt for good."""
+    try:
+        return json.dumps(result or {}, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise NonRetryableError(f"the result is not JSON: {exc}", code="RESULT_NOT_JSON") from exc
+
+
 UPSTREAM_FETCH_TIMEOUT_S = 60.0
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 # Answers to a report that mean it was not stored for a reason of the server's

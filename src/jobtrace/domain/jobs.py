@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
@@ -65,6 +65,9 @@ MAX_SUBMIT_ANNOTATIONS = 16
 MAX_REASON = 1000
 # Jobs listed in one notice to the other replicas (see Jobs._changed).
 JOBS_PER_NOTICE = 40
+# WatchWorkflow sends a step's progress at most this often (seconds); its
+# state changes go at once.
+STEP_PROGRESS_INTERVAL_S = 0.25
 # The longest wait one AwaitJob / AwaitWorkflow call may ask for (seconds).
 MAX_AWAIT_S = 3600.0
 
@@ -108,6 +111,8 @@ class WorkflowSubmission:
     annotations: tuple[SizedAnnotation, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)
     traceparent: str = ""
+    # The steps whose results are its outputs (): those no step depends on.
+    outputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,6 +379,13 @@ class Jobs:
                         default_priority=sub.priority,
                     )
                 )
+        claimed_outputs: set[str] = set()
+        for i, name in enumerate(sub.outputs):
+            if name not in seen:
+                v.add(f"outputs[{i}]", f"unknown step {name!r}")
+            elif name in claimed_outputs:
+                v.add(f"outputs[{i}]", f"step {name!r} is named twice")
+            claimed_outputs.add(name)
         if not v.items:
             deps = resolve_dependencies(v, sub.steps)
         v.raise_if_any()
@@ -433,7 +445,7 @@ class Jobs:
                 request_hash=sub.request_hash,
                 created_us=now,
             )
-            await store.insert_workflow(session, workflow, context)
+            await store.insert_workflow(session, workflow, context, sub.outputs)
             # Steps read the request context from their workflow.
             await store.insert_jobs(
                 session, [store.job_values(j, {}, step_index=i) for i, j in enumerate(jobs)]
@@ -741,14 +753,19 @@ class Jobs:
         async with self._db.read() as session:
             return await store.queue_depth(session)
 
-    async def _next_changes(self, sub: Subscription) -> tuple[list[Job], bool]:
-        """Wait for changes. When the server stops, the watch ends UNAVAILABLE (not
-        an empty OK, which would read as "no more changes"): watch again elsewhere."""
+    async def _next_changes(
+        self, sub: Subscription, timeout: float | None = None
+    ) -> tuple[list[Job], bool]:
+        """Wait for changes (at most `timeout` seconds: then none). When the
+        server stops, the watch ends UNAVAILABLE (not an empty OK, which would
+        read as "no more changes"): watch again elsewhere."""
         if not sub.wakeup.is_set():
             stop = asyncio.ensure_future(self.stopping.wait())
             woken = asyncio.ensure_future(sub.wakeup.wait())
             try:
-                await asyncio.wait({stop, woken}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {stop, woken}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
             finally:
                 stop.cancel()
                 woken.cancel()
@@ -774,15 +791,36 @@ class Jobs:
     async def watch_workflow(
         self, tenant: str | None, workflow_id: str
     ) -> AsyncGenerator[tuple[Workflow, Job | None], None]:
+        """The workflow now, then each change of it or of a step's state or
+        progress, until a terminal state. Progress alone is throttled: at most
+        one message per step per STEP_PROGRESS_INTERVAL_S, and the latest
+        value is always sent (held back, then sent when its time comes)."""
         with self.feed.subscribe(workflow_id) as sub:
             last = await self.get_workflow(tenant, workflow_id)
             yield last, None
+            sent_at: dict[str, float] = {}  # step name -> when its progress was last sent
+            due: float | None = None  # when a held-back progress change is to be sent
+            held_job: Job | None = None
             while not last.state.terminal:
-                items, _ = await self._next_changes(sub)
+                wait = None if due is None else max(0.0, due - time.monotonic())
+                items, _ = await self._next_changes(sub, wait)
+                held_job = items[-1] if items else held_job
                 current = await self.get_workflow(tenant, workflow_id)
-                if current != last:
-                    last = current
-                    yield current, (items[-1] if items else None)
+                if current == last:
+                    due = None
+                    continue
+                now = time.monotonic()
+                moved = _progress_only(last, current)
+                if moved is not None:
+                    next_due = min(sent_at.get(n, -1e9) + STEP_PROGRESS_INTERVAL_S for n in moved)
+                    if next_due > now:
+                        due = next_due
+                        continue
+                    for name in moved:
+                        sent_at[name] = now
+                last, due = current, None
+                yield current, held_job
+                held_job = None
 
     # --- waiting for the end --------------------------------------------------
 
@@ -816,6 +854,26 @@ class Jobs:
             except TimeoutError:
                 raise _await_timeout("workflow", workflow_id, last.state) from None
         return last
+
+
+def _progress_only(before: Workflow, after: Workflow) -> list[str] | None:
+    """The steps whose progress changed, when nothing but step progress did
+    (None otherwise)."""
+    if len(before.steps) != len(after.steps):
+        return None
+    moved = []
+    for b, a in zip(before.steps, after.steps, strict=True):
+        if b == a:
+            continue
+        same_but_progress = replace(
+            b, progress_percent=a.progress_percent, progress_message=a.progress_message
+        )
+        if same_but_progress != a:
+            return None
+        moved.append(a.name)
+    if not moved or replace(before, steps=after.steps, updated_us=after.updated_us) != after:
+        return None
+    return moved
 
 
 def check_wait(wait_s: float | None) -> None:

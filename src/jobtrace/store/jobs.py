@@ -325,6 +325,8 @@ _STEP_COLUMNS = (
     JobRow.state,
     JobRow.depends_on,
     JobRow.attempt,
+    JobRow.progress_percent,
+    JobRow.progress_message,
 )
 
 
@@ -350,6 +352,8 @@ async def workflow_steps(
                 state=RunState(r["state"]),
                 depends_on=tuple(codec.loads(r["depends_on"])),
                 attempt=r["attempt"],
+                progress_percent=r["progress_percent"],
+                progress_message=r["progress_message"],
             )
         )
     return out
@@ -454,10 +458,16 @@ def workflow_from_row(
         seq=row["seq"],
         step_counts=counts,
         submitted_by=row["submitted_by"],
+        outputs=codec.step_results_loads(row["outputs"]) if "outputs" in row else None,
     )
 
 
-async def insert_workflow(session: AsyncSession, workflow: Workflow, request_context: JSON) -> None:
+async def insert_workflow(
+    session: AsyncSession,
+    workflow: Workflow,
+    request_context: JSON,
+    output_steps: Sequence[str] = (),
+) -> None:
     await session.execute(
         insert(WorkflowRow).values(
             id=workflow.id,
@@ -476,8 +486,15 @@ async def insert_workflow(session: AsyncSession, workflow: Workflow, request_con
             started_us=workflow.started_us,
             completed_us=workflow.completed_us,
             submitted_by=workflow.submitted_by,
+            output_steps=codec.dumps(list(output_steps)),
         )
     )
+
+
+async def workflow_output_steps(session: AsyncSession, workflow_id: str) -> list[str]:
+    """The output step names a workflow was submitted with ([]: the default)."""
+    stmt = select(WorkflowRow.output_steps).where(WorkflowRow.id == workflow_id)
+    return list(codec.loads((await session.execute(stmt)).scalar_one()))
 
 
 async def get_workflow_row(
@@ -490,8 +507,10 @@ async def get_workflow_row(
 
 
 WORKFLOWS = WorkflowRow.__table__
-# request_context is read only to hand it to workers and attestations.
+# request_context is read only to hand it to workers and attestations;
+# outputs only for a whole workflow (not a BASIC listing).
 _WORKFLOW_LISTED = [c for c in WORKFLOWS.c if c.name != "request_context"]
+_WORKFLOW_BASIC = [c for c in _WORKFLOW_LISTED if c.name != "outputs"]
 
 
 async def get_workflow(
@@ -537,8 +556,8 @@ async def read_workflows(
     listing = Listing(
         key=WorkflowRow.seq,
         where=where,
-        columns=_WORKFLOW_LISTED,
-        sized=[WorkflowRow.labels, WorkflowRow.failure],
+        columns=_WORKFLOW_LISTED if full else _WORKFLOW_BASIC,
+        sized=[WorkflowRow.labels, WorkflowRow.failure, *([WorkflowRow.outputs] if full else [])],
         descending=True,
         extra_size=step_bytes,
     )
