@@ -602,3 +602,39 @@ async def test_download_transcode_notify_passes_data_and_awaits_outputs(
         ("transcode", 2),
         ("notify", 1),
     ]
+
+
+async def test_upstream_costs_one_query_for_a_dependent_step_and_none_otherwise(
+    api: Stubs,
+) -> None:
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement)
+
+    raw = RawWorker(api, metadata=EXACT)
+    await raw.hello("w", ["svc"])
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        alone = await submit(api, "alone")
+        assert (await raw.expect("assignment")).job.id == alone.id
+        standalone = [s for s in seen if "step_name IN" in s]
+        await complete(raw, alone.id)
+        await api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(
+                request_id="wf", name="two", steps=[step("a", "svc"), step("b", "svc", "a")]
+            )
+        )
+        a = await raw.expect("assignment")
+        seen.clear()
+        await complete(raw, a.job.id, result=struct({"n": 1}))
+        b = await raw.expect("assignment")
+        dependent = [s for s in seen if "step_name IN" in s]
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+    assert json.loads(b.upstream_json) == {"a": {"n": 1}}
+    assert standalone == [] and len(dependent) == 1, (standalone, dependent)
+    await raw.close()
