@@ -156,6 +156,10 @@ async def test_client_result_waits_and_raises_for_a_run_that_failed(
         with pytest.raises(DeadlineExceeded) as late:
             await jt.await_job((await jt.submit_job("nobody")).id, timeout=0.2)
         assert late.value.reason == "AWAIT_TIMEOUT"
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(DeadlineExceeded):
+            await jt.await_job((await jt.submit_job("nobody")).id, timeout=0)
+        assert asyncio.get_running_loop().time() - t0 < 2, "a zero timeout does not wait"
         failing = await jt.submit_job("svc", max_attempts=1)
         a = await raw.expect("assignment")
         await raw.send(

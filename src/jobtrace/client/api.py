@@ -480,10 +480,12 @@ class Client:
         while True:
             left = AWAIT_ROUND_S if end is None else max(0.0, end - loop.time())
             wait = min(left, AWAIT_ROUND_S)
+            # Zero means "no timeout" on the wire: the least wait instead.
+            bound = _duration(wait) if wait > 0 else None
             try:
                 return with_structs(
                     await method(
-                        request(_duration(wait) or duration_pb2.Duration()),
+                        request(bound or duration_pb2.Duration(nanos=1)),
                         # The server answers AWAIT_TIMEOUT at `wait`; the deadline
                         # only covers a server that does not answer at all.
                         timeout=wait + AWAIT_GRACE_S,
