@@ -38,6 +38,8 @@ def generate(out: Path) -> None:
     ]
     subprocess.run(cmd, check=True, cwd=PROTO_ROOT)
     (out / PACKAGE / "__init__.py").write_text(INIT)
+    # PEP 561: the stubs' types (the .pyi files) are for users' type checkers too.
+    (out / PACKAGE / "py.typed").write_text("")
 
 
 def differences(a: Path, b: Path) -> list[str]:

@@ -1361,3 +1361,60 @@ async def test_a_cancelled_running_standalone_job_is_attested_on_its_chain(
     wf, only = await cancel_unstarted_workflow(api, "wf-c", service="no")
     assert only.key == f"workflow-cancellation:{wf.id}"
     await raw.close()
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["head-on-row", "row-before-0009"])
+async def test_a_standalone_chain_continues_exactly_across_pruning(
+    harness: Harness, recorded: bool
+) -> None:
+    """The job's row keeps its chain's head; a row from before it did (NULL)
+    falls back to the attestations and the pruning records. Either way the
+    next link follows the pruned one, and the row then records the head."""
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    job = (
+        await api.jobs.SubmitJob(
+            j.SubmitJobRequest(
+                request_id="pruned-chain",
+                job=c.JobSpec(
+                    service="svc", backoff=c.BackoffPolicy(initial_interval={"nanos": 1_000_000})
+                ),
+            )
+        )
+    ).job
+    await raw.expect("assignment")
+    await raw.send(
+        fail=w.FailReport(
+            job_id=job.id, attempt=1, retryable=True, error=c.ErrorDetail(message="flaky")
+        )
+    )
+    await raw.expect("ack")
+    [failure] = await attestations(api, job_id=job.id)
+    rows = await execute_sql(
+        harness.db_url, "SELECT chain_seq, chain_digest FROM jobs WHERE id = :id", id=job.id
+    )
+    assert tuple(rows[0]) == (1, failure.digest)
+    if not recorded:
+        await execute_sql(
+            harness.db_url,
+            "UPDATE jobs SET chain_seq = NULL, chain_digest = NULL WHERE id = :id",
+            id=job.id,
+        )
+    await execute_sql(
+        harness.db_url, "UPDATE attestations SET expire_us = 1 WHERE key = :k", k=failure.key
+    )
+    assert harness.server is not None
+    assert await harness.server.attestor.sweep_once() == 1
+    await raw.expect("assignment")
+    await raw.send(complete=w.CompleteReport(job_id=job.id, attempt=2))
+    await raw.expect("ack")
+    [completion] = await attestations(api, job_id=job.id)
+    assert completion.chain_sequence == 2 and completion.previous_digest == failure.digest
+    verdict = await verify(api, completion.key)
+    assert verdict.valid and verdict.chain_valid and verdict.previous_pruned
+    rows = await execute_sql(
+        harness.db_url, "SELECT chain_seq, chain_digest FROM jobs WHERE id = :id", id=job.id
+    )
+    assert tuple(rows[0]) == (2, completion.digest)
+    await raw.close()

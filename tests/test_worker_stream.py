@@ -869,3 +869,58 @@ async def test_acknowledged_annotations_survive_a_server_crash(db_url: str) -> N
     finally:
         await channel.close()
         await terminate(server)
+
+
+# --- reports of one job, sent back to back, share a group commit ------------------------
+
+
+async def test_a_jobs_reports_sent_together_share_a_commit_and_apply_in_order(
+    harness: Harness,
+) -> None:
+    """Progress reports and the completion of one job, sent back to back, are all
+    queued for the writer without waiting for each other's commit (one group
+    commit can take them all), yet they apply and are acknowledged in order."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from jobtrace.store.db import Tx
+
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"])
+    job = await submit(api, "back-to-back")
+    await raw.expect("assignment")
+    assert harness.server is not None
+    db = harness.server.db
+    # Hold the writer in a transaction of its own, so the reports pile up behind it.
+    release = asyncio.Event()
+    holding = asyncio.Event()
+
+    async def hold(session: AsyncSession, tx: Tx) -> None:
+        holding.set()
+        await release.wait()
+
+    blocker = asyncio.create_task(db.write(hold))
+    try:
+        await asyncio.wait_for(holding.wait(), 10)
+        ids = []
+        for pct in (25.0, 50.0, 75.0):
+            progress = w.ProgressReport(job_id=job.id, attempt=1, percent=pct, message=f"{pct}")
+            ids.append(await raw.send(progress=progress))
+        ids.append(await raw.send(complete=w.CompleteReport(job_id=job.id, attempt=1)))
+        # All four are queued while the writer is held: none waited for another's commit.
+        await wait_for(lambda: db._queue.qsize() >= 4, timeout=10)
+        batches = db.batches_committed
+    finally:
+        release.set()
+        await blocker
+    acks = [(await raw.expect("ack")).message_id for _ in ids]
+    assert acks == ids
+    assert db.batches_committed - batches <= 2  # the blocker's, and one for all four
+    done = await get(api, job.id)
+    assert done.state == c.RUN_STATE_COMPLETED and done.progress.percent == 100.0
+    events = await api.trace.ListTraceEvents(t.ListTraceEventsRequest(run_id=job.id, page_size=100))
+    kinds = [(c.TraceEventType.Name(e.type), e.percent) for e in events.events]
+    progress_events = [p for k, p in kinds if k == "TRACE_EVENT_TYPE_PROGRESS"]
+    assert progress_events == [25.0, 50.0, 75.0]
+    assert kinds[-1][0] == "TRACE_EVENT_TYPE_COMPLETED"
+    await raw.close()

@@ -141,6 +141,14 @@ class Job:
     first_started_us: int = 0
     # The authenticated subject that submitted it ('' if stored before 0008).
     submitted_by: str = ""
+    # The triggering request of a standalone job as stored (JSON text), when
+    # the row it was read from carried it (a transition's locked row does):
+    # its attestation needs no second read. None: not read.
+    request_context: str | None = field(default=None, compare=False, repr=False)
+    # The head of a standalone job's attestation chain (last chain_seq, its
+    # digest) as its row records it, when the row was read whole; None: not
+    # recorded or not read (see store.attest.chain_head).
+    chain_head: tuple[int, str] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -687,7 +687,8 @@ class WatchWorkflowResponse(_message.Message):
     @_builtins.property
     def changed_job(self) -> _common_pb2.Job:
         """The step job whose change caused this message; unset for the first
-        snapshot and for changes of the workflow itself.
+        snapshot, for changes of the workflow itself, and when the step changed
+        again before the snapshot was read (the snapshot is then the newer).
         """
 
     def __init__(

@@ -178,7 +178,9 @@ class JobServiceServicer:
 
     def WatchWorkflow(self, request, context):
         """Streams the workflow: its current snapshot, then one snapshot per change
-        of it or of one of its steps; ends after a terminal state.
+        of it or of one of its steps (state, attempt, progress); ends after a
+        terminal state. A step's progress alone is sent at most once per 250 ms
+        per step, the latest value always; state changes are sent at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -71,7 +71,9 @@ class JobServiceStub:
     """
     WatchWorkflow: _grpc.UnaryStreamMultiCallable[_job_service_pb2.WatchWorkflowRequest, _job_service_pb2.WatchWorkflowResponse]
     """Streams the workflow: its current snapshot, then one snapshot per change
-    of it or of one of its steps; ends after a terminal state.
+    of it or of one of its steps (state, attempt, progress); ends after a
+    terminal state. A step's progress alone is sent at most once per 250 ms
+    per step, the latest value always; state changes are sent at once.
     """
     AwaitJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.AwaitJobRequest, _job_service_pb2.AwaitJobResponse]
     """Waits until the job ends and returns it, with its result or failure
@@ -131,7 +133,9 @@ class JobServiceAsyncStub(JobServiceStub):
     """
     WatchWorkflow: _aio.UnaryStreamMultiCallable[_job_service_pb2.WatchWorkflowRequest, _job_service_pb2.WatchWorkflowResponse]  # type: ignore[assignment]
     """Streams the workflow: its current snapshot, then one snapshot per change
-    of it or of one of its steps; ends after a terminal state.
+    of it or of one of its steps (state, attempt, progress); ends after a
+    terminal state. A step's progress alone is sent at most once per 250 ms
+    per step, the latest value always; state changes are sent at once.
     """
     AwaitJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.AwaitJobRequest, _job_service_pb2.AwaitJobResponse]  # type: ignore[assignment]
     """Waits until the job ends and returns it, with its result or failure
@@ -248,7 +252,9 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_job_service_pb2.WatchWorkflowResponse], _abc.AsyncIterator[_job_service_pb2.WatchWorkflowResponse]]:
         """Streams the workflow: its current snapshot, then one snapshot per change
-        of it or of one of its steps; ends after a terminal state.
+        of it or of one of its steps (state, attempt, progress); ends after a
+        terminal state. A step's progress alone is sent at most once per 250 ms
+        per step, the latest value always; state changes are sent at once.
         """
 
     @_abc_1.abstractmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
@@ -133,7 +134,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         """Reports about different jobs are handled concurrently (so one stream
         fills a group commit); reports about the same job keep their order: one
         task per job takes them from that job's queue one after the other."""
-        queues: dict[str, deque[pb.ConnectRequest]] = {}
+        queues: dict[str, _KeyQueue] = {}
         runners: set[asyncio.Task[None]] = set()
         slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         try:
@@ -144,9 +145,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 key = _order_key(message)
                 waiting = queues.get(key)
                 if waiting is not None:  # its runner takes it after the earlier ones
-                    waiting.append(message)
+                    waiting.messages.append(message)
+                    waiting.arrived.set()
                     continue
-                queues[key] = deque((message,))
+                queues[key] = _KeyQueue(message)
                 runner = asyncio.create_task(self._run_queue(session, key, queues, slots))
                 runners.add(runner)
                 runner.add_done_callback(runners.discard)
@@ -170,29 +172,61 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self,
         session: dispatch.WorkerSession,
         key: str,
-        queues: dict[str, deque[pb.ConnectRequest]],
+        queues: dict[str, _KeyQueue],
         slots: asyncio.Semaphore,
     ) -> None:
-        """Handle one key's messages in order until its queue is empty; a message
-        arriving after that starts a new runner (nothing awaits in between)."""
+        """Handle one key's messages in order until its queue is empty and they
+        are all answered; a message arriving after that starts a new runner
+        (nothing awaits in between).
+
+        A message's write is queued before the next message of the key is
+        handled, but the next one does not wait for that write's commit:
+        writes run in queue order, so a job's progress reports and its
+        completion, sent back to back, share a group commit and still apply
+        (and are acknowledged) in order."""
         waiting = queues[key]
+        handling: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
         try:
-            while waiting:
+            while True:
+                while waiting.messages:
+                    message = waiting.messages.popleft()
+                    queued: asyncio.Future[None] = loop.create_future()
+                    context = contextvars.copy_context()
+                    context.run(dispatch.REPORT_QUEUED.set, queued)
+                    task = loop.create_task(self._process_one(session, message), context=context)
+                    handling.add(task)
+                    task.add_done_callback(handling.discard)
+                    task.add_done_callback(lambda _t: slots.release())
+                    # Until its write is queued (or it is answered without one).
+                    await asyncio.wait((task, queued), return_when=asyncio.FIRST_COMPLETED)
+                if not handling:
+                    break
+                # Wait for an answer, or for the next message of the key.
+                waiting.arrived.clear()
+                arrival = loop.create_task(waiting.arrived.wait())
                 try:
-                    await self._process(session, waiting[0])
-                except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if task is not None and task.cancelling():
-                        raise  # the stream is ending
-                    log.warning("worker %s: handling a message was cancelled", session.worker_id)
-                except Exception:  # not answered; the job's later messages still are
-                    log.exception("worker %s: handling a message failed", session.worker_id)
+                    await asyncio.wait((*handling, arrival), return_when=asyncio.FIRST_COMPLETED)
                 finally:
-                    waiting.popleft()
-                    slots.release()
+                    arrival.cancel()
         finally:
+            for task in handling:
+                task.cancel()
             if queues.get(key) is waiting:
                 del queues[key]
+
+    async def _process_one(
+        self, session: dispatch.WorkerSession, message: pb.ConnectRequest
+    ) -> None:
+        try:
+            await self._process(session, message)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the stream is ending
+            log.warning("worker %s: handling a message was cancelled", session.worker_id)
+        except Exception:  # not answered; the job's later messages still are
+            log.exception("worker %s: handling a message failed", session.worker_id)
 
     async def _process(self, session: dispatch.WorkerSession, message: pb.ConnectRequest) -> None:
         try:
@@ -256,6 +290,16 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         if isinstance(m, MalformedRequest):
             raise Invalid([], message=f"malformed message: {m.reason}")
         raise Invalid([], message="empty message: set one of the ConnectRequest kinds")
+
+
+class _KeyQueue:
+    """The messages of one order key waiting for their runner."""
+
+    __slots__ = ("arrived", "messages")
+
+    def __init__(self, first: pb.ConnectRequest) -> None:
+        self.messages: deque[pb.ConnectRequest] = deque((first,))
+        self.arrived = asyncio.Event()
 
 
 def _order_key(message: Any) -> str:

@@ -18,6 +18,7 @@ from jobtrace.cli import render
 from jobtrace.cli.render import Style, as_json, print_json, state_name, when
 from jobtrace.client import Client, Endpoint
 from jobtrace.client.api import Page, job_payload, job_result
+from jobtrace.client.workflow_file import SCHEMA, load_workflow
 from jobtrace.ids import run_kind
 from jobtrace.pb import attestation_service_pb2, common_pb2
 
@@ -109,20 +110,6 @@ def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
     return pairs
 
 
-def load_document(path: str) -> dict[str, Any]:
-    """A YAML or JSON file (or - for standard input) holding one mapping."""
-    import yaml
-
-    text = read_text(path)
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML/JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    return doc
-
-
 # --- submit, get, cancel, watch ------------------------------------------------------
 
 
@@ -183,41 +170,16 @@ async def submit(args: argparse.Namespace, client: Client) -> int:
 async def submit_workflow_file(
     client: Client, path: str, request_id: str | None
 ) -> common_pb2.Workflow:
-    """Submit the workflow a YAML/JSON file describes:
-
-    name: nightly-report
-    request_id: report-2026-11-24      # optional; makes re-submitting idempotent
-    request_context: {user_context: {user_id: alice}, body: {...}}
-    steps:
-      - name: fetch
-        service: demo                  # shorthand for job: {service: ..., payload: ...}
-        payload: {seconds: 1}
-      - name: render
-        job: {service: demo, payload: {seconds: 2}, max_attempts: 3}
-        depends_on: [fetch]            # default: the previous step
-    """
-    doc = load_document(path)
-    unknown = set(doc) - {"name", "request_id", "priority", "labels", "steps"}
-    unknown -= {"request_context", "annotations"}
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-    steps = []
-    for i, raw in enumerate(doc.get("steps") or []):
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: steps[{i}] must be a mapping")
-        step = dict(raw)
-        shorthand = {k: step.pop(k) for k in ("service", "payload") if k in step}
-        if shorthand:
-            step["job"] = {**step.get("job", {}), **shorthand}
-        steps.append(step)
+    """Submit the workflow a YAML/JSON file describes (jobtrace.client.workflow_file.SCHEMA)."""
+    workflow = load_workflow(read_text(path), source=path)
     return await client.submit_workflow(
-        str(doc.get("name", "")),
-        steps,
-        request_id=request_id or doc.get("request_id"),
-        priority=int(doc.get("priority", 0)),
-        labels={str(k): str(v) for k, v in (doc.get("labels") or {}).items()},
-        request_context=doc.get("request_context"),
-        annotations=doc.get("annotations") or (),
+        workflow.name,
+        workflow.steps,
+        request_id=request_id or workflow.request_id,
+        priority=workflow.priority,
+        labels=workflow.labels,
+        request_context=workflow.request_context,
+        annotations=workflow.annotations,
     )
 
 
@@ -718,6 +680,9 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
         "submit",
         parents=[conn, out, colour],
         help="submit a job (SERVICE [PAYLOAD]) or a workflow (--workflow FILE)",
+        description="Submit a job (SERVICE [PAYLOAD]) or a workflow (--workflow FILE).",
+        epilog=SCHEMA,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("service", nargs="?", help="the service (capability) that runs the job")
     p.add_argument("payload", nargs="?", help="the job's payload as a JSON object")

@@ -150,7 +150,7 @@ def attest_verify_offline(args: argparse.Namespace) -> int:
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
-    from jobtrace.domain.attest import key_id_of, load_public_key, verify_offline
+    from jobtrace.dsse import key_id_of, load_public_key, verify_offline
 
     keys = {}
     try:

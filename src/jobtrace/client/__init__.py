@@ -18,6 +18,7 @@ from jobtrace.client.errors import (
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
+    InvalidInput,
     JobtraceError,
     NotFound,
     PermissionDenied,
@@ -26,8 +27,11 @@ from jobtrace.client.errors import (
     Unauthenticated,
     Unavailable,
 )
+from jobtrace.client.handlers import NonRetryableError, SyncJobContext
 from jobtrace.client.sync import SyncClient
-from jobtrace.client.worker import AnnotationRefused, JobContext, NonRetryableError, Worker
+from jobtrace.client.verify import verify_offline
+from jobtrace.client.worker import AnnotationRefused, JobContext, Worker
+from jobtrace.dsse import OfflineVerdict
 
 __all__ = [
     "AlreadyExists",
@@ -40,16 +44,19 @@ __all__ = [
     "FieldViolation",
     "InsecureTokenWarning",
     "InvalidArgument",
+    "InvalidInput",
     "JobContext",
     "JobtraceError",
     "NonRetryableError",
     "NotFound",
+    "OfflineVerdict",
     "Page",
     "PermissionDenied",
     "ResourceExhausted",
     "RetryPolicy",
     "RunFailed",
     "SyncClient",
+    "SyncJobContext",
     "TracePage",
     "Unauthenticated",
     "Unavailable",
@@ -57,5 +64,6 @@ __all__ = [
     "job_payload",
     "job_result",
     "job_spec",
+    "verify_offline",
     "workflow_outputs",
 ]

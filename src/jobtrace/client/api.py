@@ -31,7 +31,8 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from jobtrace.client.channel import DEFAULT_TARGET, Endpoint
-from jobtrace.client.errors import RunFailed, from_rpc_error
+from jobtrace.client.errors import FieldViolation, InvalidInput, RunFailed, from_rpc_error
+from jobtrace.client.inputs import Inputs, message_from
 from jobtrace.pb import (
     attestation_service_pb2,
     attestation_service_pb2_grpc,
@@ -148,6 +149,7 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
+        """Close the channel (calls in flight are cancelled)."""
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
@@ -164,18 +166,21 @@ class Client:
 
     @property
     def jobs_stub(self) -> job_service_pb2_grpc.JobServiceStub:
+        """The raw grpc stub of JobService on this client's channel."""
         self._open()
         assert self._jobs is not None
         return self._jobs
 
     @property
     def trace_stub(self) -> trace_service_pb2_grpc.TraceServiceStub:
+        """The raw grpc stub of TraceService on this client's channel."""
         self._open()
         assert self._trace is not None
         return self._trace
 
     @property
     def attest_stub(self) -> attestation_service_pb2_grpc.AttestationServiceStub:
+        """The raw grpc stub of AttestationService on this client's channel."""
         self._open()
         assert self._attest is not None
         return self._attest
@@ -259,12 +264,19 @@ class Client:
             labels=labels,
             backoff=backoff,
         )
+        inputs = Inputs()
         request = job_service_pb2.SubmitJobRequest(
             request_id=request_id or _new_request_id(),
             job=spec,
-            request_context=_message(common_pb2.RequestContext, request_context),
-            annotations=[_required(common_pb2.AnnotationInput, a) for a in annotations],
+            request_context=inputs.optional(
+                common_pb2.RequestContext, request_context, "request_context"
+            ),
+            annotations=[
+                inputs.message(common_pb2.AnnotationInput, a, f"annotations[{i}]")
+                for i, a in enumerate(annotations)
+            ],
         )
+        inputs.done()
         extra = (("traceparent", traceparent),) if traceparent else ()
         response: job_service_pb2.SubmitJobResponse = await self._call(
             self.jobs_stub.SubmitJob, request, retry=True, extra_metadata=extra
@@ -288,16 +300,26 @@ class Client:
         JSON form (`{"name": ..., "job": {"service": ...}, "depends_on": [...]}`).
         `outputs` names the steps whose results are the workflow's outputs
         (default: the steps no other step depends on)."""
+        inputs = Inputs()
         request = job_service_pb2.SubmitWorkflowRequest(
             request_id=request_id or _new_request_id(),
             name=name,
-            steps=[_required(common_pb2.WorkflowStepSpec, s) for s in steps],
+            steps=[
+                inputs.message(common_pb2.WorkflowStepSpec, s, f"steps[{i}]")
+                for i, s in enumerate(steps)
+            ],
             priority=priority,
             labels=dict(labels or {}),
-            request_context=_message(common_pb2.RequestContext, request_context),
-            annotations=[_required(common_pb2.AnnotationInput, a) for a in annotations],
+            request_context=inputs.optional(
+                common_pb2.RequestContext, request_context, "request_context"
+            ),
+            annotations=[
+                inputs.message(common_pb2.AnnotationInput, a, f"annotations[{i}]")
+                for i, a in enumerate(annotations)
+            ],
             outputs=list(outputs),
         )
+        inputs.done()
         extra = (("traceparent", traceparent),) if traceparent else ()
         response: job_service_pb2.SubmitWorkflowResponse = await self._call(
             self.jobs_stub.SubmitWorkflow, request, retry=True, extra_metadata=extra
@@ -305,6 +327,7 @@ class Client:
         return response.workflow
 
     async def get_job(self, job_id: str) -> common_pb2.Job:
+        """The job now: spec, state, progress, attempt, and its result or failure."""
         request = job_service_pb2.GetJobRequest(job_id=job_id)
         response: job_service_pb2.GetJobResponse = await self._call(
             self.jobs_stub.GetJob, request, retry=True
@@ -312,6 +335,7 @@ class Client:
         return response.job
 
     async def get_workflow(self, workflow_id: str) -> common_pb2.Workflow:
+        """The workflow now, with its steps and their states."""
         request = job_service_pb2.GetWorkflowRequest(workflow_id=workflow_id)
         response: job_service_pb2.GetWorkflowResponse = await self._call(
             self.jobs_stub.GetWorkflow, request, retry=True
@@ -387,6 +411,8 @@ class Client:
         return response.job
 
     async def cancel_workflow(self, workflow_id: str, reason: str = "") -> common_pb2.Workflow:
+        """Cancel a workflow and every step not yet finished; running workers
+        hear of it at once. Not retried (see cancel_job)."""
         request = job_service_pb2.CancelWorkflowRequest(workflow_id=workflow_id, reason=reason)
         response: job_service_pb2.CancelWorkflowResponse = await self._call(
             self.jobs_stub.CancelWorkflow, request, retry=False
@@ -509,7 +535,9 @@ class Client:
     ) -> list[common_pb2.TraceEvent]:
         """Append up to 1,000 events to a run. Events without an `event_key` get a
         random one first, so the retried append of a lost answer stores nothing twice."""
-        messages = [_required(common_pb2.TraceEvent, e) for e in events]
+        messages = [
+            _required(common_pb2.TraceEvent, e, f"events[{i}]") for i, e in enumerate(events)
+        ]
         for message in messages:
             if not message.event_key:
                 message.event_key = _new_request_id()
@@ -581,6 +609,8 @@ class Client:
                 yield item
 
     async def get_run_status(self, run_id: str) -> trace_service_pb2.RunStatus:
+        """The status of a run (a workflow, or a standalone job): state, times,
+        progress and the failure summary."""
         request = trace_service_pb2.GetRunStatusRequest(run_id=run_id)
         response: trace_service_pb2.GetRunStatusResponse = await self._call(
             self.trace_stub.GetRunStatus, request, retry=True
@@ -590,6 +620,8 @@ class Client:
     # --- AttestationService ------------------------------------------------------------
 
     async def get_attestation(self, key: str) -> attestation_service_pb2.Attestation:
+        """One attestation by key (e.g. "workflow-completion:wf_..."); see
+        export_attestation for its DSSE envelope and verify_offline to check one."""
         request = attestation_service_pb2.GetAttestationRequest(key=key)
         response: attestation_service_pb2.GetAttestationResponse = await self._call(
             self.attest_stub.GetAttestation, request, retry=True
@@ -634,6 +666,8 @@ class Client:
     async def verify_attestation(
         self, key: str
     ) -> attestation_service_pb2.VerifyAttestationResponse:
+        """The server's verdict on a stored attestation: digest, signature, its
+        place in the hash chain and the annotations it covers."""
         request = attestation_service_pb2.VerifyAttestationRequest(key=key)
         response: attestation_service_pb2.VerifyAttestationResponse = await self._call(
             self.attest_stub.VerifyAttestation, request, retry=True
@@ -641,6 +675,8 @@ class Client:
         return response
 
     async def get_signing_keys(self) -> list[attestation_service_pb2.SigningKey]:
+        """The server's public signing keys (active and retired), for
+        verify_offline."""
         request = attestation_service_pb2.GetSigningKeysRequest()
         response: attestation_service_pb2.GetSigningKeysResponse = await self._call(
             self.attest_stub.GetSigningKeys, request, retry=True
@@ -671,8 +707,8 @@ class Client:
             attempt=attempt,
             scope=_enum(common_pb2.AnnotationScope, "ANNOTATION_SCOPE_", scope),
             scope_id=scope_id,
-            actor=_message(common_pb2.Actor, actor),
-            attributes={k: _value(v) for k, v in attributes.items()},
+            actor=_message(common_pb2.Actor, actor, "actor"),
+            attributes={k: _value(v, f"attributes[{k!r}]") for k, v in attributes.items()},
             payload=_struct(payload),
             idempotency_key=idempotency_key or _new_request_id(),
             emit_event=emit_event,
@@ -876,24 +912,26 @@ def _enum(enum: Any, prefix: str, value: int | str | None) -> Any:
         ) from None
 
 
-def _message(kind: type[M], value: M | Mapping[str, Any] | None) -> M | None:
-    """A message from itself or from its JSON form (a mapping)."""
+def _message(kind: type[M], value: M | Mapping[str, Any] | None, path: str) -> M | None:
+    """A message from itself or from its JSON form (a mapping), checked with field
+    paths under `path` (see jobtrace.client.inputs)."""
     if value is None:
         return None
-    return _required(kind, value)
+    return message_from(kind, value, path)
 
 
-def _required(kind: type[M], value: M | Mapping[str, Any]) -> M:
-    if isinstance(value, kind):
-        return value
-    assert not isinstance(value, Message), f"expected {kind.__name__}, got {type(value).__name__}"
-    return json_format.ParseDict(dict(value), kind())
+def _required(kind: type[M], value: M | Mapping[str, Any], path: str) -> M:
+    return message_from(kind, value, path)
 
 
 def _exact(value: Mapping[str, Any] | None) -> bytes:
+    """A payload as exact JSON; InvalidInput (field `payload`) if JSON cannot hold it."""
     if value is None:
         return b""
-    return json.dumps(dict(value), separators=(",", ":"), allow_nan=False).encode()
+    try:
+        return json.dumps(dict(value), separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput([FieldViolation("payload", f"not JSON: {exc}")]) from None
 
 
 def _struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
@@ -904,10 +942,10 @@ def _struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
     return struct
 
 
-def _value(value: Any) -> struct_pb2.Value:
+def _value(value: Any, path: str) -> struct_pb2.Value:
     if isinstance(value, struct_pb2.Value):
         return value
-    return json_format.ParseDict(value, struct_pb2.Value())
+    return message_from(struct_pb2.Value, value, path)
 
 
 def _duration(value: Seconds | None) -> duration_pb2.Duration | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +52,29 @@ class JobtraceError(Exception):
 
 class InvalidArgument(JobtraceError):
     """The request was malformed; `violations` lists every bad field."""
+
+
+class InvalidInput(InvalidArgument, ValueError):
+    """Refused on the client, before any call: input that does not have its
+    documented shape (a workflow file, a step or request context given as a
+    mapping, an envelope, a public key). `violations` names each bad field by
+    its path (`steps[1].job.max_attempts`); str() is one line. Also a ValueError."""
+
+    def __init__(self, violations: Sequence[FieldViolation] | str, *, source: str = "") -> None:
+        if isinstance(violations, str):
+            violations = (FieldViolation("", violations),)
+        text = "; ".join(
+            f"{v.field}: {v.description}" if v.field else v.description for v in violations
+        )
+        super().__init__(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{source}: {text}" if source else text,
+            reason="INVALID_INPUT",
+            violations=tuple(violations),
+        )
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class NotFound(JobtraceError):

@@ -10,55 +10,47 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
-from jobtrace.client.api import Client, Seconds
-from jobtrace.pb import common_pb2
+from jobtrace.client.api import Client, Page, RetryPolicy, Seconds, TracePage, When
+from jobtrace.client.channel import Endpoint
+from jobtrace.pb import attestation_service_pb2, common_pb2, job_service_pb2, trace_service_pb2
 
-P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _blocking(
-    method: Callable[Concatenate[Client, P], Coroutine[Any, Any, R]],
-) -> Callable[Concatenate[SyncClient, P], R]:
-    def call(self: SyncClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self._run(method(self.client, *args, **kwargs))
-
-    call.__name__ = method.__name__
-    call.__doc__ = method.__doc__
-    return call
-
-
-def _iterating(
-    method: Callable[Concatenate[Client, P], AsyncIterator[R]],
-) -> Callable[Concatenate[SyncClient, P], Iterator[R]]:
-    def call(self: SyncClient, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[R]:
-        items = method(self.client, *args, **kwargs)
-        try:
-            while True:
-                try:
-                    yield self._run(items.__anext__())
-                except StopAsyncIteration:
-                    return
-        finally:
-            # Stopped early (break, exception): end the stream on the server too.
-            aclose = getattr(items, "aclose", None)
-            if aclose is not None and not self._closed:
-                self._run(aclose())
-
-    call.__name__ = method.__name__
-    call.__doc__ = method.__doc__
-    return call
-
-
 class SyncClient:
-    """Every method of `Client`, blocking; streams are plain iterators. Takes the
-    same arguments as Client. Safe to share between threads."""
+    """Every method of `Client`, blocking, with the same parameters; streams are
+    plain iterators. Takes the same arguments as Client. Safe to share between
+    threads. (tests/test_typed.py checks that it keeps up with Client.)"""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._start(Client(*args, **kwargs))
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
+        client_cert_file: str | None = None,
+        client_key_file: str | None = None,
+        endpoint: Endpoint | None = None,
+        timeout: float | None = 10.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self._start(
+            Client(
+                target,
+                token=token,
+                tls=tls,
+                ca_file=ca_file,
+                client_cert_file=client_cert_file,
+                client_key_file=client_key_file,
+                endpoint=endpoint,
+                timeout=timeout,
+                retry=retry,
+            )
+        )
 
     @classmethod
     def from_env(cls, **options: Any) -> SyncClient:
@@ -85,7 +77,21 @@ class SyncClient:
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
 
+    def _iterate(self, items: AsyncIterator[R]) -> Iterator[R]:
+        try:
+            while True:
+                try:
+                    yield self._run(items.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            # Stopped early (break, exception): end the stream on the server too.
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None and not self._closed:
+                self._run(aclose())
+
     def close(self) -> None:
+        """Close the client: its channel, then its event loop thread."""
         if self._closed:
             return
         self._run(self.client.close())
@@ -100,29 +106,309 @@ class SyncClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    submit_job = _blocking(Client.submit_job)
-    submit_workflow = _blocking(Client.submit_workflow)
-    get_job = _blocking(Client.get_job)
-    get_workflow = _blocking(Client.get_workflow)
-    list_jobs = _blocking(Client.list_jobs)
-    list_workflows = _blocking(Client.list_workflows)
-    cancel_job = _blocking(Client.cancel_job)
-    cancel_workflow = _blocking(Client.cancel_workflow)
-    watch_job = _iterating(Client.watch_job)
-    watch_workflow = _iterating(Client.watch_workflow)
-    iter_jobs = _iterating(Client.iter_jobs)
-    iter_workflows = _iterating(Client.iter_workflows)
-    append_trace_events = _blocking(Client.append_trace_events)
-    list_trace_events = _blocking(Client.list_trace_events)
-    stream_trace_events = _iterating(Client.stream_trace_events)
-    get_run_status = _blocking(Client.get_run_status)
-    get_attestation = _blocking(Client.get_attestation)
-    export_attestation = _blocking(Client.export_attestation)
-    list_attestations = _blocking(Client.list_attestations)
-    verify_attestation = _blocking(Client.verify_attestation)
-    get_signing_keys = _blocking(Client.get_signing_keys)
-    attach_annotations = _blocking(Client.attach_annotations)
-    list_annotations = _blocking(Client.list_annotations)
+    def submit_job(
+        self,
+        service: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+        max_attempts: int = 0,
+        timeout: Seconds | None = None,
+        not_before: When | None = None,
+        affinity_keys: Sequence[str] = (),
+        labels: Mapping[str, str] | None = None,
+        backoff: common_pb2.BackoffPolicy | None = None,
+        request_context: common_pb2.RequestContext | Mapping[str, Any] | None = None,
+        annotations: Sequence[common_pb2.AnnotationInput | Mapping[str, Any]] = (),
+        traceparent: str | None = None,
+    ) -> common_pb2.Job:
+        """Submit one job. Idempotent by `request_id` (a random one when not given),
+        so a retried submit returns the same job."""
+        return self._run(
+            self.client.submit_job(
+                service,
+                payload,
+                request_id=request_id,
+                priority=priority,
+                max_attempts=max_attempts,
+                timeout=timeout,
+                not_before=not_before,
+                affinity_keys=affinity_keys,
+                labels=labels,
+                backoff=backoff,
+                request_context=request_context,
+                annotations=annotations,
+                traceparent=traceparent,
+            )
+        )
+
+    def submit_workflow(
+        self,
+        name: str,
+        steps: Sequence[common_pb2.WorkflowStepSpec | Mapping[str, Any]],
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+        labels: Mapping[str, str] | None = None,
+        request_context: common_pb2.RequestContext | Mapping[str, Any] | None = None,
+        annotations: Sequence[common_pb2.AnnotationInput | Mapping[str, Any]] = (),
+        traceparent: str | None = None,
+        outputs: Sequence[str] = (),
+    ) -> common_pb2.Workflow:
+        """Submit a workflow. Steps are WorkflowStepSpec messages or mappings in their
+        JSON form (`{"name": ..., "job": {"service": ...}, "depends_on": [...]}`).
+        `outputs` names the steps whose results are the workflow's outputs
+        (default: the steps no other step depends on)."""
+        return self._run(
+            self.client.submit_workflow(
+                name,
+                steps,
+                request_id=request_id,
+                priority=priority,
+                labels=labels,
+                request_context=request_context,
+                annotations=annotations,
+                traceparent=traceparent,
+                outputs=outputs,
+            )
+        )
+
+    def get_job(self, job_id: str) -> common_pb2.Job:
+        """The job now: spec, state, progress, attempt, and its result or failure."""
+        return self._run(self.client.get_job(job_id))
+
+    def get_workflow(self, workflow_id: str) -> common_pb2.Workflow:
+        """The workflow now, with its steps and their states."""
+        return self._run(self.client.get_workflow(workflow_id))
+
+    def list_jobs(
+        self,
+        *,
+        state: int | str | None = None,
+        service: str = "",
+        workflow_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        view: int | str | None = None,
+    ) -> Page[common_pb2.Job]:
+        """One page, newest first; `state` is a RunState value or name ("RUNNING").
+        `view` "full" returns each job whole; the default ("basic") leaves out
+        spec.payload, result and failure.details. A page may hold fewer than
+        `page_size` jobs (it is bounded in bytes too): only an empty
+        `next_page_token` ends the listing."""
+        return self._run(
+            self.client.list_jobs(
+                state=state,
+                service=service,
+                workflow_id=workflow_id,
+                page_size=page_size,
+                page_token=page_token,
+                view=view,
+            )
+        )
+
+    def iter_jobs(self, /, **filters: Any) -> Iterator[common_pb2.Job]:
+        """Every job matching the filters of list_jobs, page after page."""
+        return self._iterate(self.client.iter_jobs(**filters))
+
+    def list_workflows(
+        self,
+        *,
+        state: int | str | None = None,
+        name: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        view: int | str | None = None,
+    ) -> Page[common_pb2.Workflow]:
+        """One page, newest first; `view` "full" returns each workflow with its
+        steps, the default ("basic") without them (progress still counts them)."""
+        return self._run(
+            self.client.list_workflows(
+                state=state, name=name, page_size=page_size, page_token=page_token, view=view
+            )
+        )
+
+    def iter_workflows(self, /, **filters: Any) -> Iterator[common_pb2.Workflow]:
+        """Every workflow matching the filters of list_workflows, page after page."""
+        return self._iterate(self.client.iter_workflows(**filters))
+
+    def cancel_job(self, job_id: str, reason: str = "") -> common_pb2.Job:
+        """Cancel a job; its worker hears of it at once. Not retried: a repeat of
+        a cancel that did land would fail as FAILED_PRECONDITION."""
+        return self._run(self.client.cancel_job(job_id, reason))
+
+    def cancel_workflow(self, workflow_id: str, reason: str = "") -> common_pb2.Workflow:
+        """Cancel a workflow and every step not yet finished; running workers
+        hear of it at once. Not retried (see cancel_job)."""
+        return self._run(self.client.cancel_workflow(workflow_id, reason))
+
+    def watch_job(self, job_id: str) -> Iterator[common_pb2.Job]:
+        """The job now, then every change, until it ends (a lost connection is
+        reopened; the first snapshot after it is the current state)."""
+        return self._iterate(self.client.watch_job(job_id))
+
+    def watch_workflow(self, workflow_id: str) -> Iterator[job_service_pb2.WatchWorkflowResponse]:
+        """The workflow now, then every change (with the step that changed), until it ends."""
+        return self._iterate(self.client.watch_workflow(workflow_id))
+
+    def append_trace_events(
+        self, run_id: str, events: Sequence[common_pb2.TraceEvent | Mapping[str, Any]]
+    ) -> list[common_pb2.TraceEvent]:
+        """Append up to 1,000 events to a run. Events without an `event_key` get a
+        random one first, so the retried append of a lost answer stores nothing twice."""
+        return self._run(self.client.append_trace_events(run_id, events))
+
+    def list_trace_events(
+        self,
+        /,
+        run_id: str,
+        *,
+        cursor: str = "",
+        page_size: int = 0,
+        view: int | str | None = None,
+        **filters: Any,
+    ) -> TracePage:
+        """One page of a run's events after `cursor`. Filters: min_level, category,
+        node_id, type, since, until, milestones_only (enum names or values),
+        min_display_priority (1 low to 10 high).
+        `view` "full" returns each event whole; the default ("basic") leaves
+        out data, output_summary, error.details and error.stack."""
+        return self._run(
+            self.client.list_trace_events(
+                run_id, cursor=cursor, page_size=page_size, view=view, **filters
+            )
+        )
+
+    def stream_trace_events(
+        self,
+        /,
+        run_id: str,
+        *,
+        cursor: str = "",
+        follow: bool = True,
+        keepalives: bool = False,
+        **filters: Any,
+    ) -> Iterator[trace_service_pb2.StreamTraceEventsResponse]:
+        """Replay a run's events after `cursor`, then (with `follow`) follow it live
+        until the message that carries its `final_status`. A broken connection
+        is reopened from the last cursor received: no gap, no duplicate."""
+        return self._iterate(
+            self.client.stream_trace_events(
+                run_id, cursor=cursor, follow=follow, keepalives=keepalives, **filters
+            )
+        )
+
+    def get_run_status(self, run_id: str) -> trace_service_pb2.RunStatus:
+        """The status of a run (a workflow, or a standalone job): state, times,
+        progress and the failure summary."""
+        return self._run(self.client.get_run_status(run_id))
+
+    def get_attestation(self, key: str) -> attestation_service_pb2.Attestation:
+        """One attestation by key (e.g. "workflow-completion:wf_..."); see
+        export_attestation for its DSSE envelope and verify_offline to check one."""
+        return self._run(self.client.get_attestation(key))
+
+    def export_attestation(self, key: str) -> dict[str, Any]:
+        """The attestation as a DSSE envelope (in-toto Statement) in its standard
+        JSON form, for `jobtrace attest verify` and other supply-chain verifiers."""
+        return self._run(self.client.export_attestation(key))
+
+    def list_attestations(
+        self,
+        *,
+        workflow_id: str = "",
+        job_id: str = "",
+        type: int | str | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        view: int | str | None = None,
+    ) -> Page[attestation_service_pb2.Attestation]:
+        """Attestations, filtered; `type` is an AttestationType value or name
+        ("workflow_completion", "WORKER_FAILURE"). `view` "full" returns each
+        whole; the default ("basic") leaves out data."""
+        return self._run(
+            self.client.list_attestations(
+                workflow_id=workflow_id,
+                job_id=job_id,
+                type=type,
+                page_size=page_size,
+                page_token=page_token,
+                view=view,
+            )
+        )
+
+    def verify_attestation(self, key: str) -> attestation_service_pb2.VerifyAttestationResponse:
+        """The server's verdict on a stored attestation: digest, signature, its
+        place in the hash chain and the annotations it covers."""
+        return self._run(self.client.verify_attestation(key))
+
+    def get_signing_keys(self) -> list[attestation_service_pb2.SigningKey]:
+        """The server's public signing keys (active and retired), for
+        verify_offline."""
+        return self._run(self.client.get_signing_keys())
+
+    def attach_annotations(
+        self,
+        run_id: str,
+        attributes: Mapping[str, Any],
+        *,
+        actor: common_pb2.Actor | Mapping[str, Any] | None = None,
+        job_id: str = "",
+        attempt: int = 0,
+        scope: int | str | None = None,
+        scope_id: str = "",
+        payload: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        emit_event: bool = False,
+    ) -> list[common_pb2.Annotation]:
+        """Attach key/value provenance to a run (or one job and attempt). Idempotent
+        by `idempotency_key` (a random one when not given): a retry returns the
+        annotations already stored. jobtrace.conventions names the typed keys
+        and builds checked attributes (`conventions.decision(outcome=...)`)."""
+        return self._run(
+            self.client.attach_annotations(
+                run_id,
+                attributes,
+                actor=actor,
+                job_id=job_id,
+                attempt=attempt,
+                scope=scope,
+                scope_id=scope_id,
+                payload=payload,
+                idempotency_key=idempotency_key,
+                emit_event=emit_event,
+            )
+        )
+
+    def list_annotations(
+        self,
+        run_id: str,
+        *,
+        key_prefix: str = "",
+        actor_id: str = "",
+        since: When | None = None,
+        attempt: int = 0,
+        scope: int | str | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        view: int | str | None = None,
+    ) -> Page[common_pb2.Annotation]:
+        """One page of a run's annotations; `view` "full" returns each whole,
+        the default ("basic") without its payload."""
+        return self._run(
+            self.client.list_annotations(
+                run_id,
+                key_prefix=key_prefix,
+                actor_id=actor_id,
+                since=since,
+                attempt=attempt,
+                scope=scope,
+                page_size=page_size,
+                page_token=page_token,
+                view=view,
+            )
+        )
 
     # Waiting for results: written out, so help() and type checkers see them.
 

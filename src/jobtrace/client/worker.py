@@ -3,52 +3,65 @@
 worker = Worker("127.0.0.1:50051", max_concurrency=4)
 
 @worker.handler("resize")
-async def resize(job: JobContext) -> dict:
-    await job.progress(50, "halfway")
+async def resize(ctx: JobContext) -> dict[str, Any]:
+    await ctx.progress(50, "halfway")
+    return {"ok": True}
+
+@worker.handler("checksum")           # a plain def runs in a thread, with blocking ctx methods
+def checksum(ctx: SyncJobContext) -> dict[str, Any]:
+    ctx.progress(50, "halfway")
     return {"ok": True}
 
 await worker.run()
+
+Cancellation is what asyncio makes it: when the server cancels a job (a user's
+cancel, a lost lease, a workflow that failed elsewhere) the handler's task is
+cancelled, so the `await` it is in raises CancelledError; `ctx.cancelled` turns
+True first. Code that wants to stop at points of its own choosing polls
+`ctx.cancelled` or waits on `ctx.wait_cancelled()`. A plain `def` handler runs in
+a thread, which Python cannot interrupt: it polls `ctx.cancelled` (or blocks in
+`ctx.wait_cancelled(timeout)`), and whatever it returns after the cancel is
+dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
 import os
 import random
 import socket
+import threading
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import struct_pb2
 
 from jobtrace.client.api import job_payload, plain_json, with_structs
 from jobtrace.client.channel import Endpoint
+from jobtrace.client.handlers import H, Handler, adapt
+from jobtrace.client.handlers import NonRetryableError as NonRetryableError
+from jobtrace.client.handlers import SyncJobContext as SyncJobContext
+from jobtrace.client.inputs import message_from
 from jobtrace.pb import common_pb2, worker_service_pb2, worker_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[["JobContext"], Awaitable[dict[str, Any] | None]]
-HandlerFn = Callable[..., Awaitable[dict[str, Any] | None]]
-
-
-class NonRetryableError(Exception):
-    """Raise from a handler to fail the job without retries."""
-
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
+# The default of Worker.max_concurrency; see there.
+DEFAULT_CONCURRENCY = 4
 
 
 @dataclass
 class JobContext:
-    """What a handler sees: the job, its payload and a way to report progress."""
+    """What an `async def` handler sees: the job, its payload, its cancellation
+    and ways to report progress, trace events and annotations. (A plain `def`
+    handler gets the same context as a SyncJobContext, whose methods block.)"""
 
     job: common_pb2.Job
     attempt: int
@@ -57,6 +70,8 @@ class JobContext:
     traceparent: str
     _worker: Worker
     _cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    # The same, for handlers running in a thread.
+    _cancelled_in_threads: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = ""
     # Step name -> result of each step this one depends on (a workflow step
     # only), as plain Python values: `ctx.upstream["download"]`. Results too
@@ -66,14 +81,26 @@ class JobContext:
 
     @property
     def job_id(self) -> str:
+        """The job's id (job_...)."""
         return self.job.id
 
     @property
     def cancelled(self) -> bool:
+        """Whether the server cancelled this attempt. It turns True just before the
+        handler's task is cancelled, so cooperative code that polls it (or that
+        caught the CancelledError) can tell a cancel from other errors."""
         return self._cancelled.is_set()
 
     async def wait_cancelled(self) -> None:
+        """Return once the server has cancelled this attempt. The handler's own
+        task is cancelled then anyway; this is for code outside it, such as a
+        task the handler started that must stop (or kill a subprocess) too."""
         await self._cancelled.wait()
+
+    def _mark_cancelled(self, reason: str) -> None:
+        self.cancel_reason = reason
+        self._cancelled.set()
+        self._cancelled_in_threads.set()
 
     async def progress(self, percent: float, message: str = "") -> None:
         """Report progress (0-100). Best effort: while the worker is reconnecting
@@ -138,7 +165,9 @@ class JobContext:
             or common_pb2.Actor(kind=common_pb2.ACTOR_KIND_WORKER, id=self._worker.worker_id),
         )
         for key, value in attributes.items():
-            json_format.ParseDict(value, report.attributes[key])
+            report.attributes[key].CopyFrom(
+                message_from(struct_pb2.Value, value, f"attributes[{key!r}]")
+            )
         if payload is not None:
             report.payload.update(payload)
         answer = await self._worker._send(
@@ -157,12 +186,24 @@ class AnnotationRefused(Exception):
 
 
 class Worker:
+    """Runs handlers for services: one stream to the server, which assigns jobs
+    up to `max_concurrency` at once; heartbeats renew their leases; a broken
+    stream is reopened (another replica when `target` lists several) with the
+    running jobs' leases carried over.
+
+    `max_concurrency` defaults to 4: handlers mostly wait (downloads, calls to
+    other services, subprocesses), so a few at once keep one worker busy without
+    one worker taking a whole queue from its peers; it is also what
+    `jobtrace worker --concurrency` defaults to. Plain `def` handlers run in a
+    thread pool of this size: for CPU-bound ones, use about one per core (or
+    run several worker processes)."""
+
     def __init__(
         self,
         target: str | None = None,
         *,
         worker_id: str | None = None,
-        max_concurrency: int = 1,
+        max_concurrency: int = DEFAULT_CONCURRENCY,
         affinity_keys: tuple[str, ...] = (),
         labels: dict[str, str] | None = None,
         token: str | None = None,
@@ -184,8 +225,11 @@ class Worker:
         self.max_concurrency = max_concurrency
         self.affinity_keys = affinity_keys
         self.labels = labels or {}
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         self._reconnect = (reconnect_initial, reconnect_max)
         self._handlers: dict[str, Handler] = {}
+        self._threads: ThreadPoolExecutor | None = None  # for plain `def` handlers
         self._running: dict[str, tuple[JobContext, asyncio.Task[None]]] = {}
         self._outbox: asyncio.Queue[worker_service_pb2.ConnectRequest] | None = None
         self._pending: dict[int, asyncio.Future[worker_service_pb2.ConnectResponse]] = {}
@@ -208,17 +252,33 @@ class Worker:
         # stored) or refused for good: (job id, stored).
         self.on_completed: Callable[[str, bool], None] | None = None
 
-    def handler(self, service: str) -> Callable[[HandlerFn], HandlerFn]:
-        """Register `async def run(ctx)` or `async def run(job, ctx)` for a service."""
+    def handler(self, service: str) -> Callable[[H], H]:
+        """Register the handler of a service; the decorated function is returned
+        unchanged (type checkers keep its signature). Accepted shapes:
+        `async def run(ctx: JobContext)`, `async def run(job, ctx: JobContext)`,
+        and the same as plain `def` taking a SyncJobContext, run in a thread
+        pool. What it returns (a mapping, or None) is the job's result; an
+        exception fails the attempt (NonRetryableError: with no retry). Anything
+        else (not callable, a generator, a function that cannot take (ctx) or
+        (job, ctx)) is refused here with a TypeError."""
 
-        def register(fn: HandlerFn) -> HandlerFn:
-            self._handlers[service] = _adapt(fn)
+        def register(fn: H) -> H:
+            self._handlers[service] = adapt(service, fn, self._thread_pool)
             return fn
 
         return register
 
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        """The threads of plain `def` handlers, as many as jobs run at once."""
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(
+                self.max_concurrency, thread_name_prefix="jobtrace-handler"
+            )
+        return self._threads
+
     @property
     def running_jobs(self) -> list[str]:
+        """The ids of the jobs whose handlers are running now."""
         return list(self._running)
 
     # --- lifecycle -------------------------------------------------------------
@@ -243,14 +303,22 @@ class Worker:
                 break
             # Try the next replica; the leases of running jobs move with us (hello.running).
             self.target = self.targets[(self.targets.index(self.target) + 1) % len(self.targets)]
+            pause = delay * (0.5 + random.random())
+            log.info("reconnecting to %s in %.1f s", self.target, pause)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay * (0.5 + random.random())):
+                async with asyncio.timeout(pause):
                     await self._stop.wait()
             delay = min(delay * 2, self._reconnect[1])
 
     async def drain(self, timeout: float = 30.0) -> None:
-        """Take no new work, let running handlers finish, then stop."""
+        """Take no new work, let running handlers finish (up to `timeout`
+        seconds), wait for the server to store their results, then stop."""
         self._draining = True
+        log.info(
+            "draining: %d running job(s) to finish, then disconnecting from %s",
+            len(self._running),
+            self.target,
+        )
         with contextlib.suppress(ConnectionError):
             await self._send(
                 worker_service_pb2.ConnectRequest(
@@ -274,6 +342,10 @@ class Worker:
         self._stop.set()
         if self._call is not None:
             self._call.cancel()
+        if self._threads is not None:
+            # Threads cannot be interrupted: those still running end on their own.
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads = None
 
     # --- one stream -------------------------------------------------------------
 
@@ -310,6 +382,13 @@ class Worker:
                 async for response in call:
                     kind = response.WhichOneof("kind")
                     if kind == "welcome":
+                        log.info(
+                            "connected to %s as worker %s (services %s, max concurrency %d)",
+                            self.target,
+                            self.worker_id,
+                            ", ".join(self._handlers) or "none",
+                            self.max_concurrency,
+                        )
                         self.connected.set()
                         interval = response.welcome.heartbeat_interval.ToTimedelta()
                         heartbeats = asyncio.create_task(self._heartbeat(interval.total_seconds()))
@@ -331,7 +410,11 @@ class Worker:
                         if response.error.fatal:
                             break
                     elif kind == "drain":
-                        log.info("server draining: %s", response.drain.reason)
+                        log.info(
+                            "server %s is draining (%s): reconnecting",
+                            self.target,
+                            response.drain.reason,
+                        )
                         break
             finally:
                 self.connected.clear()
@@ -459,8 +542,7 @@ class Worker:
         if entry is None:
             return
         ctx, task = entry
-        ctx.cancel_reason = reason
-        ctx._cancelled.set()
+        ctx._mark_cancelled(reason)
         task.cancel()
 
     async def _run_job(self, ctx: JobContext) -> None:
@@ -542,11 +624,11 @@ class Worker:
 MAX_RESULT_BYTES = 1024 * 1024
 
 
-def result_json(result: dict[str, Any] | None) -> bytes:
+def result_json(result: Mapping[str, Any] | None) -> bytes:
     """A handler's result as exact JSON; a value JSON cannot hold (NaN, a
     set, an object) fails the attempt for good."""
     try:
-        return json.dumps(result or {}, separators=(",", ":"), allow_nan=False).encode()
+        return json.dumps(dict(result or {}), separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
         raise NonRetryableError(f"the result is not JSON: {exc}", code="RESULT_NOT_JSON") from exc
 
@@ -636,20 +718,3 @@ def fail_report(
 
 def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _adapt(fn: Callable[..., Awaitable[dict[str, Any] | None]]) -> Handler:
-    """Handlers take the context alone (`async def run(ctx)`) or the job and the
-    context (`async def run(job, ctx)`)."""
-    positional = [
-        p
-        for p in inspect.signature(fn).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    if len(positional) >= 2:
-
-        async def both(ctx: JobContext) -> dict[str, Any] | None:
-            return await fn(ctx.job, ctx)
-
-        return both
-    return fn

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from jobtrace import dsse
 from jobtrace.clock import now_us
 from jobtrace.domain import annotated, jcs
 from jobtrace.domain import redact as redact_rules
@@ -28,6 +29,18 @@ from jobtrace.domain.errors import DataLoss, NotFound, Violations
 from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
 from jobtrace.domain.redact import Redaction
 from jobtrace.domain.validation import check_page_size, check_view
+from jobtrace.dsse import (  # the server signs what jobtrace.dsse verifies
+    DSSE_PAYLOAD_TYPE,
+    Envelope,
+    digest_bytes,
+    pae,
+)
+from jobtrace.dsse import MalformedEnvelope as MalformedEnvelope
+from jobtrace.dsse import canonical as canonical
+from jobtrace.dsse import digest_of as digest_of
+from jobtrace.dsse import key_id_of as key_id_of
+from jobtrace.dsse import load_public_key as load_public_key
+from jobtrace.dsse import parse_envelope as parse_envelope
 from jobtrace.model import JSON, Attestation, AttestationType, RunState, SigningKey
 from jobtrace.store import attest as store
 from jobtrace.store.db import Database, Tx
@@ -35,16 +48,11 @@ from jobtrace.store.db import Database, Tx
 log = logging.getLogger(__name__)
 
 ALGORITHM = "ed25519"
-DSSE_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://jobtrace.dev/attestation/v1"
 
 
 # --- keys ------------------------------------------------------------------------
-
-
-def key_id_of(public_raw: bytes) -> str:
-    return "ed25519:" + hashlib.sha256(public_raw).hexdigest()[:16]
 
 
 def public_raw(key: Ed25519PrivateKey) -> bytes:
@@ -142,29 +150,7 @@ def rotate_key_file(path: Path) -> tuple[str, str]:
     return old.key_id, new.key_id
 
 
-def load_public_key(text: str) -> Ed25519PublicKey:
-    """A public key as hex or base64 of the raw 32 bytes, or PEM."""
-    text = text.strip()
-    if text.startswith("-----BEGIN"):
-        key = serialization.load_pem_public_key(text.encode())
-        if not isinstance(key, Ed25519PublicKey):
-            raise ValueError("not an Ed25519 public key")
-        return key
-    try:
-        raw = bytes.fromhex(text)
-    except ValueError:
-        raw = base64.b64decode(text)
-    return Ed25519PublicKey.from_public_bytes(raw)
-
-
 # --- content ------------------------------------------------------------------------
-
-
-def canonical(value: Any) -> bytes:
-    """The bytes a digest covers: RFC 8785 (JCS) canonical JSON, so a verifier in any
-    language reproduces them with a JCS library (see jobtrace.domain.jcs). Raises
-    jcs.NotCanonicalizable (a ValueError) for NaN, infinities and other non-JSON."""
-    return jcs.dumps(value)
 
 
 # A data: URI (RFC 2397): "data:" [type/subtype] *(";" parameter) ["base64"] ",".
@@ -597,36 +583,6 @@ def statement(a: Attestation) -> JSON:
     }
 
 
-def digest_of(stmt: JSON) -> str:
-    return "sha256:" + hashlib.sha256(canonical(stmt)).hexdigest()
-
-
-def digest_bytes(digest: str) -> bytes:
-    return bytes.fromhex(digest.removeprefix("sha256:"))
-
-
-def pae(payload_type: str, payload: bytes) -> bytes:
-    """DSSE pre-authentication encoding."""
-    t = payload_type.encode()
-    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
-
-
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    payload: bytes
-    payload_type: str
-    signatures: list[tuple[str, bytes]]
-
-    def to_json(self) -> JSON:
-        return {
-            "payloadType": self.payload_type,
-            "payload": base64.b64encode(self.payload).decode(),
-            "signatures": [
-                {"keyid": k, "sig": base64.b64encode(s).decode()} for k, s in self.signatures
-            ],
-        }
-
-
 @dataclass(frozen=True, slots=True)
 class Verdict:
     valid: bool
@@ -647,126 +603,17 @@ class Verdict:
     changed_annotation_ids: tuple[str, ...] = ()
 
 
-class MalformedEnvelope(ValueError):
-    """An exported envelope, or the statement in it, that is not the shape
-    `jobtrace attest export` writes: named by its first wrong part, in one line."""
-
-
-_KINDS: dict[type, str] = {dict: "an object", list: "a list", str: "a string"}
-
-
-def _member(obj: dict[str, Any], name: str, kind: type, where: str) -> Any:
-    value = obj.get(name)
-    if not isinstance(value, kind):
-        got = "missing" if value is None else f"{_json_kind(value)}"
-        raise MalformedEnvelope(f"{where}.{name} must be {_KINDS[kind]} (got {got})")
-    return value
-
-
-def _json_kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    return _KINDS.get(type(value), type(value).__name__)
-
-
-def _base64(text: str, where: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except binascii.Error as exc:
-        raise MalformedEnvelope(f"{where} is not base64: {exc}") from None
-
-
-def parse_envelope(envelope: Any) -> tuple[Envelope, JSON]:
-    """The envelope (as loaded from its JSON file) and the statement it carries,
-    checked for shape before anything is verified: MalformedEnvelope otherwise."""
-    if not isinstance(envelope, dict):
-        raise MalformedEnvelope(f"envelope must be a JSON object (got {_json_kind(envelope)})")
-    payload_type = _member(envelope, "payloadType", str, "envelope")
-    payload = _base64(_member(envelope, "payload", str, "envelope"), "envelope.payload")
-    signatures: list[tuple[str, bytes]] = []
-    for i, sig in enumerate(_member(envelope, "signatures", list, "envelope")):
-        where = f"envelope.signatures[{i}]"
-        if not isinstance(sig, dict):
-            raise MalformedEnvelope(f"{where} must be an object (got {_json_kind(sig)})")
-        keyid = _member(sig, "keyid", str, where)
-        signatures.append((keyid, _base64(_member(sig, "sig", str, where), f"{where}.sig")))
-    try:
-        doc = json.loads(payload)
-    except (ValueError, RecursionError) as exc:
-        # UnicodeDecodeError and JSONDecodeError are ValueErrors.
-        message = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
-        raise MalformedEnvelope(f"envelope.payload is not JSON: {message}") from None
-    if not isinstance(doc, dict):
-        raise MalformedEnvelope(f"statement must be a JSON object (got {_json_kind(doc)})")
-    predicate = _member(doc, "predicate", dict, "statement")
-    for name in ("digest", "signature", "key_id"):
-        _member(predicate, name, str, "statement.predicate")
-    subjects = _member(doc, "subject", list, "statement")
-    if not subjects or not isinstance(subjects[0], dict):
-        raise MalformedEnvelope("statement.subject[0] must be an object")
-    digests = _member(subjects[0], "digest", dict, "statement.subject[0]")
-    _member(digests, "sha256", str, "statement.subject[0].digest")
-    return Envelope(payload, payload_type, signatures), doc
-
-
 def verify_offline(envelope: Any, public_keys: dict[str, Ed25519PublicKey]) -> Verdict:
-    """Check an exported DSSE envelope with public keys alone: the envelope
-    signature, the statement's digest and the attestation's own signature. The
-    envelope is signed by the attestation's key (key_id), so that one public key
-    suffices. What this cannot establish is the chain: that previous_digest is
-    the digest of a real previous attestation, and that none was deleted after
-    this one, needs the rest of the chain (VerifyAttestation on the server).
-    A malformed envelope raises MalformedEnvelope (a ValueError)."""
-    parsed, doc = parse_envelope(envelope)
-    problems: list[str] = []
-    envelope_ok = False
-    signed_by: list[str] = []
-    for keyid, sig in parsed.signatures:
-        signed_by.append(keyid)
-        key = public_keys.get(keyid)
-        if key is None:
-            continue
-        try:
-            key.verify(sig, pae(parsed.payload_type, parsed.payload))
-            envelope_ok = True
-        except InvalidSignature:
-            pass
-    if not envelope_ok:
-        problems.append(
-            f"no envelope signature verifies with the given public keys (signed by {signed_by})"
-        )
-    predicate = dict(doc["predicate"])
-    stored_digest: str = predicate.pop("digest")
-    signature_hex: str = predicate.pop("signature")
-    try:
-        digest_ok = digest_of(predicate) == stored_digest
-    except (ValueError, RecursionError) as exc:
-        digest_ok = False
-        problems.append(f"content has no canonical (RFC 8785) encoding: {exc}")
-    subject = doc["subject"][0]["digest"]["sha256"]
-    digest_ok = digest_ok and stored_digest == "sha256:" + subject
-    if not digest_ok:
-        problems.append("content does not hash to the attested digest")
-    signature_ok = False
-    key = public_keys.get(predicate["key_id"])
-    if key is None:
-        problems.append(f"no public key {predicate['key_id']!r} given")
-    else:
-        try:
-            key.verify(bytes.fromhex(signature_hex), digest_bytes(stored_digest))
-            signature_ok = True
-        except (InvalidSignature, ValueError):
-            problems.append("attestation signature does not verify")
-    valid = envelope_ok and digest_ok and signature_ok
+    """jobtrace.dsse.verify_offline as a Verdict (its chain not examined); a
+    malformed envelope raises MalformedEnvelope (a ValueError)."""
+    offline = dsse.verify_offline(envelope, public_keys)
     return Verdict(
-        valid,
-        digest_ok,
-        signature_ok and envelope_ok,
+        offline.valid,
+        offline.digest_valid,
+        offline.signature_valid,
         chain_valid=False,
         previous_pruned=False,
-        reason="; ".join(problems),
+        reason=offline.reason,
         chain_checked=False,
     )
 
@@ -874,14 +721,22 @@ class Attestor:
         attempt: int = 0,
         annotations: JSON | None = None,
         recorded_by: str = "",
+        head: tuple[int, str] | None = None,
+        insert: bool = True,
     ) -> Attestation:
         """Build, chain, sign and store one attestation inside the caller's transaction.
         `annotations` (see domain/annotated.py), built by the server, becomes
         data["annotations"] as is, after `data` is sanitised.
+        `head` is the chain's last (chain_seq, digest) when the caller knows it
+        (read under the lock that orders the chain's writers); else it is read.
+        Without `insert` the caller stores it (store.attest.attestation_insert),
+        in this transaction.
 
         Sanitising, encoding and signing large evidence runs in a worker thread
         (see INLINE_EVIDENCE): the event loop keeps serving every other caller."""
-        last_seq, last_digest = await store.chain_head(session, chain_id)
+        last_seq, last_digest = (
+            head if head is not None else await store.chain_head(session, chain_id)
+        )
         now = now_us()
         draft = Attestation(
             key=key,
@@ -906,7 +761,8 @@ class Attestor:
             recorded_by=recorded_by,
         )
         signed = await off_loop_if_large(data, self._seal, draft, data, annotations)
-        await store.insert_attestation(session, signed)
+        if insert:
+            await store.insert_attestation(session, signed)
         return signed
 
     def _seal(

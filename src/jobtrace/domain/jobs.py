@@ -218,6 +218,10 @@ def _state_filter(v: Violations, state: int) -> RunState | None:
         return None
 
 
+# How old the count of a tenant's waiting jobs may be before it is taken again.
+WAITING_RECOUNT_S = 1.0
+
+
 class Jobs:
     """The JobService rules over one database."""
 
@@ -279,14 +283,6 @@ class Jobs:
         v.raise_if_any()
 
         async def op(session: AsyncSession, tx: Tx) -> tuple[Job, bool]:
-            existing = await self._existing(
-                session, tenant, sub.request_id, sub.request_hash, "job"
-            )
-            if existing is not None:
-                job = await store.get_job(session, existing)
-                assert job is not None
-                return job, True
-            await self._admit(session, tenant, 1)
             now = now_us()
             job = Job(
                 id=new_id(JOB_PREFIX),
@@ -299,19 +295,22 @@ class Jobs:
                 traceparent=sub.traceparent,
                 submitted_by=caller.subject,
             )
+            try:
+                await self._admit(session, tenant, 1)
+            except ResourceExhausted:
+                # An idempotent retry of an accepted submission is never refused.
+                if await self._existing(session, tenant, sub.request_id, sub.request_hash, "job"):
+                    return await self._deduplicated(session, tenant, sub)
+                raise
             context = complete_request_context(
                 sub.request_context, sub.request_id, now, self._life.trace.redaction
             )
-            await store.insert_submission(
-                session,
-                tenant=tenant,
-                request_id=sub.request_id,
-                kind="job",
-                entity_id=job.id,
-                request_hash=sub.request_hash,
-                created_us=now,
-            )
-            stored = await store.insert_job(session, job, context)
+            # The request id is recorded by the statement that stores the job
+            # (on PostgreSQL), unless it is recorded already: a retry.
+            stored = await store.insert_job_if_new(session, job, context, sub.request_hash)
+            if stored is None:
+                self._unadmit(tenant, 1)
+                return await self._deduplicated(session, tenant, sub)
             await store.insert_annotations(
                 session,
                 [
@@ -491,14 +490,36 @@ class Jobs:
         except IntegrityError:
             return await self._db.write(op)
 
+    async def _deduplicated(
+        self, session: AsyncSession, tenant: str, sub: JobSubmission
+    ) -> tuple[Job, bool]:
+        """The job an identical earlier submission created (ALREADY_EXISTS
+        when the request id was used for a different request)."""
+        existing = await self._existing(session, tenant, sub.request_id, sub.request_hash, "job")
+        assert existing is not None  # submissions are never deleted
+        job = await store.get_job(session, existing)
+        assert job is not None
+        return job, True
+
+    def _unadmit(self, tenant: str, adding: int) -> None:
+        """An admission that stored nothing (a retry) leaves the bound as it was."""
+        count, at = self._waiting.get(tenant, (0, float("-inf")))
+        self._waiting[tenant] = (max(0, count - adding), at)
+
     async def _admit(self, session: AsyncSession, tenant: str, adding: int) -> None:
-        """Enforce the per-tenant quota of waiting jobs. An exact (bounded) count
-        is taken when the cached estimate is stale or near the limit, so the
-        common case costs no query."""
+        """Enforce the per-tenant quota of waiting jobs without counting the
+        queue per submit. The count (a bounded scan, O(quota)) is taken at most
+        once a second per tenant, and else only when the cached bound says this
+        admission could exceed the quota; in between, admissions add to the
+        bound (jobs that left the queue meanwhile still count: the bound only
+        errs high, and a refusal is checked against a fresh count). So a deep
+        queue costs no scan per submit. What other replicas admitted since the
+        last count is not in the bound: with several replicas the quota may be
+        overshot by about one second of their admissions."""
         limit = self.max_queued_per_tenant
-        count, at = self._waiting.get(tenant, (0, 0.0))
+        count, at = self._waiting.get(tenant, (0, float("-inf")))
         now = time.monotonic()
-        if now - at > 1.0 or count + adding > limit * 0.9:
+        if now - at > WAITING_RECOUNT_S or count + adding > limit:
             count = await store.count_waiting(session, tenant, limit + 1)
             at = now
         if count + adding > limit:
@@ -819,7 +840,7 @@ class Jobs:
                     for name in moved:
                         sent_at[name] = now
                 last, due = current, None
-                yield current, held_job
+                yield current, _as_of(held_job, current)
                 held_job = None
 
     # --- waiting for the end --------------------------------------------------
@@ -854,6 +875,18 @@ class Jobs:
             except TimeoutError:
                 raise _await_timeout("workflow", workflow_id, last.state) from None
         return last
+
+
+def _as_of(job: Job | None, workflow: Workflow) -> Job | None:
+    """The step job that caused a change, if the workflow as read agrees with
+    it: a snapshot read after a later change (the step completed meanwhile)
+    must not be paired with an older state of the step."""
+    if job is None:
+        return None
+    for step in workflow.steps:
+        if step.job_id == job.id:
+            return job if (step.state, step.attempt) == (job.state, job.attempt) else None
+    return None
 
 
 def _progress_only(before: Workflow, after: Workflow) -> list[str] | None:

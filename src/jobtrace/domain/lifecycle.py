@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import replace
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -38,9 +39,11 @@ from jobtrace.model import (
     TraceEvent,
     TraceType,
 )
+from jobtrace.store import attest as attest_store
 from jobtrace.store import codec
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Tx
+from jobtrace.store.sql import Params, Query
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +59,28 @@ async def set_job(session: AsyncSession, job: Job, **changes: object) -> Job:
     (completion, failure, lost or expired lease, timeout, cancel of the job or
     its workflow): the annotations its worker sent become visible in the same
     transaction."""
+    new, values = await _changed(session, job, changes)
+    await store.update_job(session, job.id, **values)
+    return new
+
+
+async def _publish_if_ending(session: AsyncSession, job: Job, changes: dict[str, object]) -> Job:
+    """If these changes end the running attempt, publish the annotations its
+    worker sent (see set_job): the job as it is then (none pending)."""
     if job.state == RunState.RUNNING and changes.get("state", job.state) != RunState.RUNNING:
         if job.pending_annotations:  # most attempts have none: no query then
             await store.publish_annotations(session, job.id, job.attempt)
             changes["pending_annotations"] = 0
+            return replace(job, pending_annotations=0)
+    return job
+
+
+async def _changed(
+    session: AsyncSession, job: Job, changes: dict[str, object]
+) -> tuple[Job, dict[str, object]]:
+    """The new record of a job and the column values to write (see set_job);
+    an ended attempt's annotations are published here."""
+    job = await _publish_if_ending(session, job, changes)
     new = replace(job, **changes)  # type: ignore[arg-type]
     values: dict[str, object] = {}
     for name, value in changes.items():
@@ -69,10 +90,11 @@ async def set_job(session: AsyncSession, job: Job, **changes: object) -> Job:
             values["failure"] = codec.failure_dumps(value)  # type: ignore[arg-type]
         elif name == "result":
             values["result"] = None if value is None else codec.dumps(value)
+        elif name == "chain_head":
+            values["chain_seq"], values["chain_digest"] = value  # type: ignore[misc]
         else:  # record fields are named like their columns
             values[name] = value
-    await store.update_job(session, job.id, **values)
-    return new
+    return new, values
 
 
 def job_log_fields(job: Job) -> dict[str, object]:
@@ -122,8 +144,24 @@ class Lifecycle:
             log_on_commit(tx, level, message, {**job_log_fields(job), **fields})
 
     async def _attest_job(
-        self, db: AsyncSession, job: Job, type: AttestationType, key: str, extra: JSON, by: str
-    ) -> None:
+        self,
+        db: AsyncSession,
+        job: Job,
+        type: AttestationType,
+        key: str,
+        extra: JSON,
+        by: str,
+        *,
+        keep_head: bool = True,
+        fold: list[tuple[Query, Params]] | None = None,
+    ) -> tuple[int, str] | None:
+        """Attest a job's transition. A standalone job's row records the head
+        of its chain: read from the (locked) job as loaded when it has it, else
+        from the attestations; the new head is written back to the row here,
+        or, without `keep_head`, returned for the caller's own UPDATE of the
+        row in this transaction (it must write it). A step's chain is its
+        workflow's: None. With `fold`, the attestation's INSERT is appended
+        there, for the caller to run in this transaction (_set_and_record)."""
         context = await store.request_context_for(db, job)
         data: JSON = {
             "recorded_by": by,  # signed: who caused it (see Attestation.recorded_by)
@@ -143,7 +181,7 @@ class Lifecycle:
         covers = annotated.selector(
             run_id=run_of(job), workflow_id=job.workflow_id, job_id=job.id, attempt=job.attempt
         )
-        await self.attestor.attest(
+        signed = await self.attestor.attest(
             db,
             key=key,
             type=type,
@@ -159,12 +197,23 @@ class Lifecycle:
             attempt=job.attempt,
             annotations=await annotated.evidence(db, covers),
             recorded_by=by,
+            head=None if job.workflow_id else job.chain_head,
+            insert=fold is None,
         )
+        if fold is not None:
+            fold.append(attest_store.attestation_insert(signed))
+        if job.workflow_id:
+            return None
+        head = (signed.chain_seq, signed.digest)
+        if keep_head:
+            await store.update_job(db, job.id, chain_seq=head[0], chain_digest=head[1])
+        return head
 
     async def _attest_failure(
         self, db: AsyncSession, job: Job, failure: Failure, will_retry: bool, by: str
-    ) -> None:
-        await self._attest_job(
+    ) -> Job:
+        """Attest a failed attempt; the job with its chain's new head."""
+        head = await self._attest_job(
             db,
             job,
             AttestationType.WORKER_FAILURE,
@@ -180,6 +229,7 @@ class Lifecycle:
             },
             by,
         )
+        return job if head is None else replace(job, chain_head=head)
 
     async def _attest_workflow(
         self,
@@ -270,23 +320,63 @@ class Lifecycle:
     async def _record(self, db: AsyncSession, tx: Tx, job: Job, *events: TraceEvent) -> None:
         await self.trace.record(db, tx, job.tenant, list(events))
 
-    async def started(self, db: AsyncSession, tx: Tx, job: Job, now: int, *, by: str) -> None:
-        """A job's attempt started (`by`: the subject of the worker it went to);
-        a step's first start makes its workflow RUNNING."""
-        await self._record(
-            db,
-            tx,
-            job,
-            self._event(
-                job,
-                by,
-                type=TraceType.STARTED,
-                category=Category.BUSINESS,
-                milestone=True,
-                display_priority=PRIORITY_START,
-                message=f"{node_of(job)} started (attempt {job.attempt})",
-            ),
+    async def _set_and_record(
+        self,
+        db: AsyncSession,
+        tx: Tx,
+        job: Job,
+        changes: dict[str, object],
+        *events: TraceEvent,
+        also: Sequence[tuple[Query, Params]] = (),
+    ) -> Job:
+        """set_job and then _record (events of the job's run), and the INSERTs
+        `also`, in one statement where the backend allows. The job must be
+        locked (the UPDATE cannot miss it)."""
+        new, values = await _changed(db, job, changes)
+        update = store.job_update(job.id, values)
+        row = await self.trace.record_after_update(db, tx, job.tenant, list(events), update, also)
+        assert row is not None, f"job {job.id} vanished under its lock"
+        return new
+
+    async def claim(
+        self,
+        db: AsyncSession,
+        tx: Tx,
+        job: Job,
+        worker_id: str,
+        lease_deadline_us: int,
+        now: int,
+        session_id: str,
+        holder: str,
+        *,
+        by: str,
+    ) -> Job | None:
+        """Lease a QUEUED job (as a dispatch read saw it) to a worker session and
+        record its start, in one statement where the backend allows: the job
+        as claimed, or None with nothing changed if it is no longer QUEUED at
+        that attempt (or another replica is claiming it right now)."""
+        attempt = job.attempt + 1
+        event = self._event(
+            replace(job, attempt=attempt, worker_id=worker_id),
+            by,
+            type=TraceType.STARTED,
+            category=Category.BUSINESS,
+            milestone=True,
+            display_priority=PRIORITY_START,
+            message=f"{node_of(job)} started (attempt {attempt})",
         )
+        update = store.claim_update(
+            job.id, job.attempt, worker_id, lease_deadline_us, now, session_id, holder
+        )
+        row = await self.trace.record_after_update(db, tx, job.tenant, [event], update)
+        if row is None:
+            return None
+        claimed = store.job_from_row(row, context=True)
+        await self._workflow_started(db, claimed, now)
+        return claimed
+
+    async def _workflow_started(self, db: AsyncSession, job: Job, now: int) -> None:
+        """A step's first start makes its workflow RUNNING."""
         if not job.workflow_id:
             return
         row = await store.get_workflow_row(db, job.workflow_id)
@@ -341,6 +431,51 @@ class Lifecycle:
         updated = await set_job(
             db, job, progress_percent=percent, progress_message=message, updated_us=now
         )
+        await self.progressed(db, tx, updated, percent, message, by)
+        return updated
+
+    async def progress_if_held(
+        self,
+        db: AsyncSession,
+        tx: Tx,
+        job_id: str,
+        attempt: int,
+        holder: str,
+        worker_id: str,
+        percent: float,
+        message: str,
+        now: int,
+        by: str,
+    ) -> Job | None:
+        """Progress of an attempt whose lease `holder` holds, fenced and written
+        with its trace event in one statement under the job's row lock (where
+        the store allows it for this job): the job as updated, or None with
+        nothing changed (refused, or not for this path): the caller then takes
+        the general one (load_locked, fence, progress), which says why."""
+        run = store.one_statement_run(db, job_id)
+        if run is None:
+            return None
+        tenant, run_id, node_id = run
+        event = TraceEvent(
+            run_id=run_id,
+            node_id=node_id,
+            job_id=job_id,
+            attempt=attempt,
+            worker_id=worker_id,
+            type=TraceType.PROGRESS,
+            category=Category.BUSINESS,
+            percent=percent,
+            message=message or f"{node_id} at {percent:g}%",
+            recorded_by=by,
+        )
+        update = store.progress_update(job_id, attempt, holder, percent, message, now)
+        row = await self.trace.record_after_update(db, tx, tenant, [event], update)
+        return None if row is None else store.job_from_row(row, context=True)
+
+    async def progressed(
+        self, db: AsyncSession, tx: Tx, job: Job, percent: float, message: str, by: str
+    ) -> None:
+        """The trace event of progress already written to the job."""
         await self._record(
             db,
             tx,
@@ -354,26 +489,42 @@ class Lifecycle:
                 message=message or f"{node_of(job)} at {percent:g}%",
             ),
         )
-        return updated
 
     async def complete(
         self, db: AsyncSession, tx: Tx, job: Job, result: JSON | None, now: int, by: str
     ) -> list[Job]:
-        done = await set_job(
+        changes: dict[str, object] = {
+            "state": RunState.COMPLETED,
+            "result": result,
+            "completed_us": now,
+            "updated_us": now,
+            "lease_deadline_us": 0,
+            "failure": None,
+            "progress_percent": 100.0,
+        }
+        # The attempt's annotations are published first: the attestation
+        # vouches for them. It is sealed before the job's UPDATE, so that one
+        # statement also records the new head of its attestation chain (same
+        # transaction, job row locked).
+        job = await _publish_if_ending(db, job, changes)
+        attestation: list[tuple[Query, Params]] = []
+        head = await self._attest_job(
             db,
-            job,
-            state=RunState.COMPLETED,
-            result=result,
-            completed_us=now,
-            updated_us=now,
-            lease_deadline_us=0,
-            failure=None,
-            progress_percent=100.0,
+            replace(job, **changes),  # type: ignore[arg-type]
+            AttestationType.WORKER_COMPLETION,
+            f"worker-completion:{job.id}",
+            {"result": result},
+            by,
+            keep_head=False,
+            fold=attestation,
         )
-        await self._record(
+        if head is not None:
+            changes["chain_head"] = head
+        done = await self._set_and_record(
             db,
             tx,
             job,
+            changes,
             self._event(
                 job,
                 by,
@@ -384,14 +535,7 @@ class Lifecycle:
                 percent=100.0,
                 message=f"{node_of(job)} completed",
             ),
-        )
-        await self._attest_job(
-            db,
-            done,
-            AttestationType.WORKER_COMPLETION,
-            f"worker-completion:{job.id}",
-            {"result": result},
-            by,
+            also=attestation,
         )
         self.log_after(tx, logging.INFO, "job completed", job, worker_id=job.worker_id)
         if not job.workflow_id:
@@ -436,7 +580,7 @@ class Lifecycle:
                     f"retrying in {delay_us / 1e6:g}s",
                 ),
             )
-            await self._attest_failure(db, queued, failure, True, by)
+            queued = await self._attest_failure(db, queued, failure, True, by)
             service = job.spec.service
 
             def count_retry() -> None:
@@ -536,7 +680,7 @@ class Lifecycle:
             code=failure.code if failure else "",
         )
         if failed_attempt and failure is not None:
-            await self._attest_failure(db, ended, failure, False, by)
+            ended = await self._attest_failure(db, ended, failure, False, by)
         if state == RunState.CANCELLED and not job.workflow_id:
             # A step's cancellation is in its workflow's attestation.
             await self._attest_job(

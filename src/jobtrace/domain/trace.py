@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -39,6 +39,7 @@ from jobtrace.model import (
 from jobtrace.store import jobs as job_store
 from jobtrace.store import trace as store
 from jobtrace.store.db import Database, Tx
+from jobtrace.store.sql import Params, Query, Row
 from jobtrace.store.trace import EventFilter
 
 log = logging.getLogger(__name__)
@@ -310,13 +311,40 @@ class Trace:
         for e in events:
             by_run.setdefault(e.run_id, []).append(e)
         for run_id, items in by_run.items():
-            first = await store.reserve_sequence(session, run_id, tenant, len(items))
-            numbered = [normalize(e, now, first + i, tenant) for i, e in enumerate(items)]
-            await store.insert_events(session, numbered)
+            numbered = await store.store_events(
+                session, run_id, tenant, [normalize(e, now, 0, tenant) for e in items]
+            )
             tx.on_commit(lambda r=run_id, n=numbered: self._committed(r, n))  # type: ignore[misc]
             tx.notify({"k": "trace", "run": run_id})
             stored += numbered
         return stored
+
+    async def record_after_update(
+        self,
+        session: AsyncSession,
+        tx: Tx,
+        tenant: str,
+        events: list[TraceEvent],
+        update: tuple[Query, Params],
+        also: Sequence[tuple[Query, Params]] = (),
+    ) -> Row | None:
+        """Run `update` (an UPDATE of one job RETURNING *, a transition) and,
+        if it matched, record these events of one run (as `record` does, with
+        the job's traceparent) in the same statement where the backend allows:
+        the job's row as updated, or None with nothing changed."""
+        events = await off_loop_if_large(
+            [_evidence_of(e) for e in events], _redact_events, events, self.redaction
+        )
+        now = now_us()
+        run_id = events[0].run_id
+        assert all(e.run_id == run_id for e in events), "events of one run"
+        row, numbered = await store.update_and_store_events(
+            session, update, run_id, tenant, [normalize(e, now, 0, tenant) for e in events], also
+        )
+        if row is not None:
+            tx.on_commit(lambda: self._committed(run_id, numbered))
+            tx.notify({"k": "trace", "run": run_id})
+        return row
 
     def _committed(self, run_id: str, events: list[TraceEvent]) -> None:
         self.events_appended += len(events)

@@ -121,57 +121,69 @@ def _json_object(text: str, problems: list[str]) -> Any:
     return data
 
 
+# The head of a chain, counting links retention pruned, in one statement.
 _CHAIN_HEAD = Query(
-    "SELECT chain_seq, digest FROM attestations WHERE chain_id = :chain_id"
-    " ORDER BY chain_seq DESC LIMIT 1"
-)
-_PRUNED_HEAD = Query(
-    "SELECT chain_seq, digest FROM pruned_attestations WHERE chain_id = :chain_id"
-    " ORDER BY chain_seq DESC LIMIT 1"
-)
-_INSERT_ATTESTATION = sql.insert_query(
-    AttestationRow.__table__, sql.columns(AttestationRow.__table__, without=("seq",))
+    "SELECT chain_seq, digest FROM ("
+    "SELECT chain_seq, digest FROM (SELECT chain_seq, digest FROM attestations"
+    " WHERE chain_id = :chain_id ORDER BY chain_seq DESC LIMIT 1) AS kept"
+    " UNION ALL "
+    "SELECT chain_seq, digest FROM (SELECT chain_seq, digest FROM pruned_attestations"
+    " WHERE chain_id = :chain_id ORDER BY chain_seq DESC LIMIT 1) AS pruned"
+    ") AS heads ORDER BY chain_seq DESC LIMIT 1"
 )
 
 
 async def chain_head(session: AsyncSession, chain_id: str) -> tuple[int, str]:
     """(last chain_seq, its digest) of a chain, counting pruned links; (0, '') if new."""
-    params = {"chain_id": chain_id}
-    heads = [
-        (int(row["chain_seq"]), str(row["digest"]))
-        for q in (_CHAIN_HEAD, _PRUNED_HEAD)
-        if (row := await sql.fetch_one(session, q, params)) is not None
-    ]
-    return max(heads, default=(0, ""))
+    row = await sql.fetch_one(session, _CHAIN_HEAD, {"chain_id": chain_id})
+    return (0, "") if row is None else (int(row["chain_seq"]), str(row["digest"]))
+
+
+_ATTESTATION_COLUMNS = sql.columns(AttestationRow.__table__, without=("seq",))
+_INSERT_ATTESTATION = sql.insert_query(AttestationRow.__table__, _ATTESTATION_COLUMNS)
+# The same INSERT with its parameters prefixed, to run inside another
+# statement (store.trace.update_and_store_events) whose names it must not meet.
+_INSERT_ATTESTATION_PREFIXED = Query(
+    _INSERT_ATTESTATION.sqlite.split(" VALUES ")[0]
+    + " VALUES ("
+    + ", ".join(f":att_{n}" for n in _ATTESTATION_COLUMNS)
+    + ")"
+)
+
+
+def attestation_insert(a: Attestation) -> tuple[Query, dict[str, Any]]:
+    """The INSERT of an attestation, to be run with the statement of its
+    transition (see store.trace.update_and_store_events)."""
+    return _INSERT_ATTESTATION_PREFIXED, {f"att_{k}": v for k, v in _values(a).items()}
 
 
 async def insert_attestation(session: AsyncSession, a: Attestation) -> None:
-    await sql.execute(
-        session,
-        _INSERT_ATTESTATION,
-        {
-            "key": a.key,
-            "tenant": a.tenant,
-            "type": int(a.type),
-            "entity_type": a.entity_type,
-            "entity_id": a.entity_id,
-            "workflow_id": a.workflow_id,
-            "job_id": a.job_id,
-            "worker_id": a.worker_id,
-            "attempt": a.attempt,
-            "state": int(a.state),
-            "data": codec.dumps(a.data),
-            "chain_id": a.chain_id,
-            "chain_seq": a.chain_seq,
-            "digest": a.digest,
-            "previous_digest": a.previous_digest,
-            "signature": a.signature.hex(),
-            "key_id": a.key_id,
-            "created_us": a.created_us,
-            "expire_us": a.expire_us,
-            "recorded_by": a.recorded_by,
-        },
-    )
+    await sql.execute(session, _INSERT_ATTESTATION, _values(a))
+
+
+def _values(a: Attestation) -> dict[str, Any]:
+    return {
+        "key": a.key,
+        "tenant": a.tenant,
+        "type": int(a.type),
+        "entity_type": a.entity_type,
+        "entity_id": a.entity_id,
+        "workflow_id": a.workflow_id,
+        "job_id": a.job_id,
+        "worker_id": a.worker_id,
+        "attempt": a.attempt,
+        "state": int(a.state),
+        "data": codec.dumps(a.data),
+        "chain_id": a.chain_id,
+        "chain_seq": a.chain_seq,
+        "digest": a.digest,
+        "previous_digest": a.previous_digest,
+        "signature": a.signature.hex(),
+        "key_id": a.key_id,
+        "created_us": a.created_us,
+        "expire_us": a.expire_us,
+        "recorded_by": a.recorded_by,
+    }
 
 
 async def get(session: AsyncSession, key: str, tenant: str | None = None) -> Attestation | None:

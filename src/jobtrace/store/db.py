@@ -58,6 +58,14 @@ class Tx:
 
 WriteOp = Callable[[AsyncSession, Tx], Awaitable[T]]
 
+# Set by a caller that wants to know when its write is queued (not yet
+# committed): Database.write resolves the future as it queues the operation.
+# Operations run in queue order, so a caller may start its next, dependent
+# write once this one is queued: both see their effects in order.
+WRITE_QUEUED: contextvars.ContextVar[asyncio.Future[None] | None] = contextvars.ContextVar(
+    "jobtrace_write_queued", default=None
+)
+
 
 @dataclass
 class _Pending(Generic[T]):
@@ -183,7 +191,10 @@ class Database:
         if self._writer is None or self._writer.done():
             raise RuntimeError("database writer is not running")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(op, future))
+        self._queue.put_nowait(_Pending(op, future))  # unbounded: never waits
+        queued = WRITE_QUEUED.get()
+        if queued is not None and not queued.done():
+            queued.set_result(None)
         try:
             return await future
         except Exception as exc:

@@ -23,7 +23,7 @@ from jobtrace.model import (
 )
 from jobtrace.store import codec, sql
 from jobtrace.store.listing import Chunk, Listing, read_chunk, stored_size
-from jobtrace.store.sql import Query, Row
+from jobtrace.store.sql import Params, Query, Row
 from jobtrace.store.tables import (
     AnnotationRow,
     JobRow,
@@ -57,6 +57,39 @@ _INSERT_SUBMISSION = Query(
     "INSERT INTO submissions (tenant, request_id, kind, entity_id, request_hash, created_us)"
     " VALUES (:tenant, :request_id, :kind, :entity_id, :request_hash, :created_us)"
 )
+
+
+_CLAIM_SUBMISSION = Query(
+    _INSERT_SUBMISSION.sqlite + " ON CONFLICT (tenant, request_id) DO NOTHING"
+)
+
+
+async def claim_submission(
+    session: AsyncSession,
+    *,
+    tenant: str,
+    request_id: str,
+    kind: str,
+    entity_id: str,
+    request_hash: str,
+    created_us: int,
+) -> bool:
+    """Record a request id for a new entity unless it is recorded already:
+    whether it was (False: an earlier submission has it; see get_submission).
+    One statement for the common case, a request id never seen."""
+    changed = await sql.execute(
+        session,
+        _CLAIM_SUBMISSION,
+        {
+            "tenant": tenant,
+            "request_id": request_id,
+            "kind": kind,
+            "entity_id": entity_id,
+            "request_hash": request_hash,
+            "created_us": created_us,
+        },
+    )
+    return changed > 0
 
 
 async def get_submission(session: AsyncSession, tenant: str, request_id: str) -> Row | None:
@@ -129,6 +162,9 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         "completed_us": job.completed_us,
         "first_started_us": job.first_started_us,
         "submitted_by": job.submitted_by,
+        # A new standalone job's chain is empty; a step's is its workflow's.
+        "chain_seq": None if job.workflow_id else 0,
+        "chain_digest": None if job.workflow_id else "",
     }
 
 
@@ -149,20 +185,72 @@ async def insert_jobs(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> 
     await sql.execute_many(session, _INSERT_JOB, rows)
 
 
+def _insert_job_if_new() -> Query:
+    """PostgreSQL: record the request id and insert the job in one statement;
+    the job only if the request id was new (no row returned: it was not)."""
+    pg = postgresql.dialect()  # type: ignore[no-untyped-call]
+    quoted = ", ".join(f'"{n}"' for n in JOB_COLUMNS)
+    typed = ", ".join(f"CAST(:{n} AS {JOBS.c[n].type.compile(dialect=pg)})" for n in JOB_COLUMNS)
+    return Query(
+        "WITH s AS (INSERT INTO submissions"
+        " (tenant, request_id, kind, entity_id, request_hash, created_us)"
+        " VALUES (:tenant, :request_id, 'job', :id, :request_hash, :created_us)"
+        " ON CONFLICT (tenant, request_id) DO NOTHING RETURNING 1)"
+        f" INSERT INTO jobs ({quoted}) SELECT {typed} FROM s RETURNING seq"
+    )
+
+
+_INSERT_JOB_IF_NEW: list[Query] = []
+
+
+async def insert_job_if_new(
+    session: AsyncSession, job: Job, request_context: JSON, request_hash: str
+) -> Job | None:
+    """Record a new job's request id (see claim_submission) and store the job,
+    unless the request id is recorded already: then None, nothing stored. One
+    statement on PostgreSQL, two on SQLite."""
+    if _is_sqlite(session):
+        new = await claim_submission(
+            session,
+            tenant=job.tenant,
+            request_id=job.request_id,
+            kind="job",
+            entity_id=job.id,
+            request_hash=request_hash,
+            created_us=job.created_us,
+        )
+        return await insert_job(session, job, request_context) if new else None
+    if not _INSERT_JOB_IF_NEW:
+        _INSERT_JOB_IF_NEW.append(_insert_job_if_new())
+    values = job_values(job, request_context)
+    # The submission's tenant, request id, entity id (the job's id) and time
+    # are the job's own columns.
+    seq = await sql.scalar(session, _INSERT_JOB_IF_NEW[0], {**values, "request_hash": request_hash})
+    return None if seq is None else _stored(job, values, int(seq))
+
+
 async def insert_job(session: AsyncSession, job: Job, request_context: JSON) -> Job:
     """Store a new job; return it as a read would: with the position (seq) it was
     given, and its payload and labels as stored (keys in their stored order)."""
     values = job_values(job, request_context)
     seq = await sql.scalar(session, _INSERT_JOB_RETURNING_SEQ, values)
+    return _stored(job, values, int(seq))
+
+
+def _stored(job: Job, values: dict[str, Any], seq: int) -> Job:
     spec = replace(
         job.spec, payload=codec.loads(values["payload"]), labels=codec.loads(values["labels"])
     )
-    return replace(job, seq=int(seq), spec=spec)
+    stored = replace(job, seq=seq, spec=spec, request_context=values["request_context"])
+    if not job.workflow_id:
+        stored = replace(stored, chain_head=(0, ""))
+    return _remember(stored)
 
 
-def job_from_row(row: Row, *, full: bool = True) -> Job:
+def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
     """A job from its row (any mapping of column name to value); without
-    `full`, a row read without payload and result (both left empty)."""
+    `full`, a row read without payload and result (both left empty); with
+    `context`, a whole row: the job carries its request_context."""
     return Job(
         id=row["id"],
         tenant=row["tenant"],
@@ -201,7 +289,14 @@ def job_from_row(row: Row, *, full: bool = True) -> Job:
         pending_annotations=row["pending_annotations"],
         first_started_us=row["first_started_us"],
         submitted_by=row["submitted_by"],
+        request_context=row["request_context"] if context else None,
+        chain_head=_chain_head(row) if context else None,
     )
+
+
+def _chain_head(row: Row) -> tuple[int, str] | None:
+    seq = row["chain_seq"]
+    return None if seq is None else (int(seq), str(row["chain_digest"]))
 
 
 async def get_job(
@@ -209,7 +304,7 @@ async def get_job(
 ) -> Job | None:
     params = {"id": job_id} if tenant is None else {"id": job_id, "tenant": tenant}
     row = await sql.fetch_one(session, _GET_JOB[tenant is not None, for_update], params)
-    return None if row is None else job_from_row(row)
+    return None if row is None else _remember(job_from_row(row, context=True))
 
 
 async def _jobs(session: AsyncSession, stmt: Any) -> list[Job]:
@@ -226,31 +321,54 @@ async def lock_workflow(session: AsyncSession, workflow_id: str) -> None:
     )
 
 
+# The workflow of jobs read or written lately ('' for a standalone job): a
+# job's workflow never changes, so a transition of a job seen before locks
+# it with one statement (its workflow's lock first, for a step). Bounded: the
+# oldest entry goes when it is full; a job not found is read first.
+_WORKFLOW_OF: dict[str, str] = {}
+WORKFLOW_OF_MAX = 65_536
+# Likewise (bounded alike) what else of a job never changes: (tenant, step name).
+_IDENTITY_OF: dict[str, tuple[str, str]] = {}
+
+
+def _remember(job: Job) -> Job:
+    if job.id not in _WORKFLOW_OF:
+        if len(_WORKFLOW_OF) >= WORKFLOW_OF_MAX:
+            oldest = next(iter(_WORKFLOW_OF))
+            del _WORKFLOW_OF[oldest]
+            _IDENTITY_OF.pop(oldest, None)
+        _WORKFLOW_OF[job.id] = job.workflow_id
+        _IDENTITY_OF[job.id] = (job.tenant, job.step_name)
+    return job
+
+
+def one_statement_run(session: AsyncSession, job_id: str) -> tuple[str, str, str] | None:
+    """(tenant, run id, node id) of a job whose fenced transition may be
+    written by one statement (see progress_update): a job seen lately, and
+    on PostgreSQL a standalone one (a step is locked after its workflow)."""
+    workflow_id = _WORKFLOW_OF.get(job_id)
+    identity = _IDENTITY_OF.get(job_id)
+    if workflow_id is None or identity is None:
+        return None
+    if workflow_id and not _is_sqlite(session):
+        return None
+    tenant, step_name = identity
+    return tenant, workflow_id or job_id, step_name or job_id
+
+
 async def load_locked(session: AsyncSession, job_id: str, tenant: str | None = None) -> Job | None:
     """A job read under its row lock (after its workflow's), for a transition."""
     if _is_sqlite(session):  # one writer connection: the transaction is the lock
         return await get_job(session, job_id, tenant)
-    job = await get_job(session, job_id, tenant)
-    if job is None:
-        return None
-    if job.workflow_id:
-        await lock_workflow(session, job.workflow_id)
+    workflow_id = _WORKFLOW_OF.get(job_id)
+    if workflow_id is None:
+        job = await get_job(session, job_id, tenant)
+        if job is None:
+            return None
+        workflow_id = job.workflow_id
+    if workflow_id:
+        await lock_workflow(session, workflow_id)
     return await get_job(session, job_id, tenant, for_update=True)
-
-
-async def lock_queued(session: AsyncSession, job_ids: list[str]) -> set[str]:
-    """Of these jobs, the ones still QUEUED and not being claimed by another
-    replica right now (SELECT ... FOR UPDATE SKIP LOCKED); they stay locked."""
-    if not job_ids:
-        return set()
-    if _is_sqlite(session):  # one writer connection: nobody else is claiming
-        return set(job_ids)
-    stmt = (
-        select(JobRow.id)
-        .where(JobRow.id.in_(job_ids), JobRow.state == int(RunState.QUEUED))
-        .with_for_update(skip_locked=True)
-    )
-    return set((await session.execute(stmt)).scalars())
 
 
 # What a job listing reads: never request_context (a Job does not carry it),
@@ -591,6 +709,24 @@ async def update_job(session: AsyncSession, job_id: str, **values: Any) -> None:
     await sql.execute(session, q, {**values, "job_id_": job_id})
 
 
+def job_update(job_id: str, values: dict[str, Any]) -> tuple[Query, Params]:
+    """The UPDATE of these columns of a job, RETURNING the row (to run with
+    the transition's trace events: store.trace.update_and_store_events)."""
+    columns = tuple(values)
+    q = _UPDATE_JOB_RETURNING.get(columns)
+    if q is None:
+        if not set(columns) <= set(JOB_COLUMNS) - {"id"}:
+            raise ValueError(f"not a job column: {sorted(set(columns) - set(JOB_COLUMNS))}")
+        assignments = ", ".join(f"{c} = :{c}" for c in columns)
+        q = _UPDATE_JOB_RETURNING[columns] = Query(
+            f"UPDATE jobs SET {assignments} WHERE id = :job_id_ RETURNING *"
+        )
+    return q, {**values, "job_id_": job_id}
+
+
+_UPDATE_JOB_RETURNING: dict[tuple[str, ...], Query] = {}
+
+
 async def update_workflow(session: AsyncSession, workflow_id: str, **values: Any) -> None:
     await session.execute(update(WorkflowRow).where(WorkflowRow.id == workflow_id).values(**values))
 
@@ -715,12 +851,35 @@ async def annotations_by_id(session: AsyncSession, ids: Sequence[str]) -> dict[s
 
 
 _ELIGIBLE: dict[int, Query] = {}
-_NEXT_ELIGIBLE: dict[int, Query] = {}
 
 
 def _in(name: str, count: int) -> str:
     """`(:name0, :name1, ...)`: an IN list of `count` parameters."""
     return "(" + ", ".join(f":{name}{i}" for i in range(count)) + ")"
+
+
+def _eligible_query(tenants: int) -> Query:
+    """The eligible jobs of a service (a page), and one more row whose job
+    columns are NULL and whose last column says when the service's next
+    waiting job (not_before or backoff) becomes eligible: one statement for
+    both questions a dispatch round asks."""
+    where = (
+        "state = :queued AND service = :service"
+        " AND not_before_us <= :now AND next_attempt_us <= :now"
+    )
+    if tenants >= 0:
+        where += f" AND tenant IN {_in('tenant', tenants)}" if tenants else " AND 0 = 1"
+    names = [c.name for c in JOBS.columns]
+    picked = ", ".join(f'"{n}"' for n in names)
+    nulls = ", ".join("NULL" for _ in names)
+    template = (
+        f"SELECT {picked}, NULL AS next_eligible_us FROM (SELECT {picked} FROM jobs"
+        f" WHERE {where} ORDER BY priority DESC, seq LIMIT :limit) AS page"
+        f" UNION ALL SELECT {nulls}, (SELECT min({{f}}(not_before_us, next_attempt_us))"
+        " FROM jobs WHERE state = :queued AND service = :service"
+        " AND {f}(not_before_us, next_attempt_us) > :now)"
+    )
+    return Query(template.format(f="max"), postgresql=template.format(f="greatest"))
 
 
 async def eligible_jobs(
@@ -729,21 +888,15 @@ async def eligible_jobs(
     now: int,
     limit: int,
     tenants: frozenset[str] | None = None,
-) -> list[Job]:
-    """QUEUED jobs of a service that may run now: higher priority first, then oldest."""
+) -> tuple[list[Job], int | None]:
+    """QUEUED jobs of a service that may run now (higher priority first, then
+    oldest), and when the next of its waiting (not_before or backoff) jobs
+    becomes eligible (None: none waits)."""
     names = sorted(tenants) if tenants is not None else None
     shape = -1 if names is None else len(names)
     q = _ELIGIBLE.get(shape)
     if q is None:
-        where = (
-            "state = :queued AND service = :service"
-            " AND not_before_us <= :now AND next_attempt_us <= :now"
-        )
-        if names is not None:
-            where += f" AND tenant IN {_in('tenant', len(names))}" if names else " AND 0 = 1"
-        q = _ELIGIBLE[shape] = Query(
-            f"SELECT * FROM jobs WHERE {where} ORDER BY priority DESC, seq LIMIT :limit"
-        )
+        q = _ELIGIBLE[shape] = _eligible_query(shape)
     params: dict[str, Any] = {
         "queued": int(RunState.QUEUED),
         "service": service,
@@ -751,71 +904,86 @@ async def eligible_jobs(
         "limit": limit,
     }
     params.update((f"tenant{i}", t) for i, t in enumerate(names or ()))
-    return [job_from_row(r) for r in await sql.fetch(session, q, params)]
-
-
-async def next_eligible_us(session: AsyncSession, services: Iterable[str], now: int) -> int | None:
-    """When the next waiting (not_before or backoff) job of these services becomes eligible."""
-    svc = sorted(services)
-    if not svc:
-        return None
-    q = _NEXT_ELIGIBLE.get(len(svc))
-    if q is None:
-        template = (
-            "SELECT min({f}(not_before_us, next_attempt_us)) FROM jobs"
-            f" WHERE state = :queued AND service IN {_in('service', len(svc))}"
-            " AND {f}(not_before_us, next_attempt_us) > :now"
-        )
-        q = _NEXT_ELIGIBLE[len(svc)] = Query(
-            template.format(f="max"), postgresql=template.format(f="greatest")
-        )
-    params: dict[str, Any] = {"queued": int(RunState.QUEUED), "now": now}
-    params.update((f"service{i}", name) for i, name in enumerate(svc))
-    found = await sql.scalar(session, q, params)
-    return None if found is None else int(found)
+    jobs: list[Job] = []
+    next_us: int | None = None
+    for r in await sql.fetch(session, q, params):
+        if r["id"] is not None:
+            jobs.append(job_from_row(r))
+        elif r["next_eligible_us"] is not None:
+            next_us = int(r["next_eligible_us"])
+    jobs.sort(key=lambda j: (-j.spec.priority, j.seq))
+    return jobs, next_us
 
 
 def _is_sqlite(session: AsyncSession) -> bool:
     return sql.dialect(session) == "sqlite"
 
 
-_CLAIM = Query(
+_PROGRESS_IF_HELD = Query(
+    "UPDATE jobs SET progress_percent = :percent, progress_message = :message,"
+    " updated_us = :now WHERE id = :id AND attempt = :attempt AND lease_holder = :holder"
+    " AND state = :running RETURNING *"
+)
+
+
+def progress_update(
+    job_id: str, attempt: int, holder: str, percent: float, message: str, now: int
+) -> tuple[Query, Params]:
+    """The fenced progress UPDATE of a RUNNING attempt whose lease `holder`
+    holds (RETURNING the job as updated; no row: refused, nothing changed),
+    to run with its trace event (store.trace.update_and_store_events)."""
+    return _PROGRESS_IF_HELD, {
+        "id": job_id,
+        "attempt": attempt,
+        "holder": holder,
+        "running": int(RunState.RUNNING),
+        "percent": percent,
+        "message": message,
+        "now": now,
+    }
+
+
+_CLAIM_SET = (
     "UPDATE jobs SET state = :running, attempt = attempt + 1, worker_id = :worker_id,"
     " lease_holder = :holder, lease_session = :session_id, lease_deadline_us = :lease_deadline_us,"
     " next_attempt_us = 0, started_us = :now, updated_us = :now,"
     " first_started_us = CASE WHEN first_started_us = 0 THEN :now ELSE first_started_us END,"
     " progress_percent = 0.0, progress_message = ''"
-    " WHERE id = :id AND state = :queued RETURNING *"
+)
+# A job another replica is claiming right now (its row locked) is skipped, not
+# waited for: the lock is taken, SKIP LOCKED, by the claim's own statement.
+_CLAIM_AT = Query(
+    _CLAIM_SET + " WHERE id = :id AND state = :queued AND attempt = :seen_attempt RETURNING *",
+    postgresql=_CLAIM_SET + " WHERE id = (SELECT id FROM jobs WHERE id = :id AND state = :queued"
+    " FOR UPDATE SKIP LOCKED) AND state = :queued AND attempt = :seen_attempt RETURNING *",
 )
 
 
-async def claim_job(
-    session: AsyncSession,
+def claim_update(
     job_id: str,
+    attempt: int,
     worker_id: str,
     lease_deadline_us: int,
     now: int,
     session_id: str = "",
     holder: str = "",
-) -> Job | None:
+) -> tuple[Query, Params]:
     """Lease a QUEUED job to a worker session (`holder` is who the worker is,
-    `worker_id` its name): compare-and-set on the state, attempt + 1. The job as
-    claimed, or None if it was no longer QUEUED."""
-    row = await sql.fetch_one(
-        session,
-        _CLAIM,
-        {
-            "id": job_id,
-            "running": int(RunState.RUNNING),
-            "queued": int(RunState.QUEUED),
-            "worker_id": worker_id,
-            "holder": holder,
-            "session_id": session_id,
-            "lease_deadline_us": lease_deadline_us,
-            "now": now,
-        },
-    )
-    return None if row is None else job_from_row(row)
+    `worker_id` its name), compare-and-set on the state and on the attempt the
+    dispatch read saw, attempt + 1: an UPDATE RETURNING the claimed row (no
+    row: not claimed, nothing changed), to run with its start's trace event
+    (store.trace.update_and_store_events)."""
+    return _CLAIM_AT, {
+        "id": job_id,
+        "seen_attempt": attempt,
+        "running": int(RunState.RUNNING),
+        "queued": int(RunState.QUEUED),
+        "worker_id": worker_id,
+        "holder": holder,
+        "session_id": session_id,
+        "lease_deadline_us": lease_deadline_us,
+        "now": now,
+    }
 
 
 async def extend_leases(
@@ -887,9 +1055,12 @@ _WORKFLOW_CONTEXT = Query("SELECT request_context FROM workflows WHERE id = :id"
 
 
 async def request_context_for(session: AsyncSession, job: Job) -> JSON:
-    """The request that triggered a job: its own, or its workflow's."""
+    """The request that triggered a job: its own (as the job carries it, when
+    it was read whole), or its workflow's."""
     if job.workflow_id:
         text = await sql.scalar(session, _WORKFLOW_CONTEXT, {"id": job.workflow_id})
+    elif job.request_context is not None:
+        text = job.request_context
     else:
         text = await sql.scalar(session, _JOB_CONTEXT, {"id": job.id})
     return codec.loads(text) or {}

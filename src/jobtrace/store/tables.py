@@ -112,6 +112,12 @@ class JobRow(Base):
     first_started_us: Mapped[int] = mapped_column(BigInteger, default=0)
     # The authenticated subject that submitted it; '' when stored before 0008.
     submitted_by: Mapped[str] = mapped_column(Text, default="")
+    # The head of a standalone job's attestation chain (last chain_seq and its
+    # digest; 0 and '' before its first attestation), kept by the transitions
+    # that attest. NULL: not kept (a workflow step, or a job older than this
+    # column): the head is read from the attestations.
+    chain_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    chain_digest: Mapped[str | None] = mapped_column(String(80), nullable=True)
 
     __table_args__ = (
         Index("ix_jobs_tenant_seq", "tenant", "seq"),

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import delete, func, select, tuple_
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.model import Category, ErrorInfo, Level, TraceEvent, TraceType
 from jobtrace.store import codec, sql
 from jobtrace.store.listing import Chunk, Listing, read_chunk
-from jobtrace.store.sql import Query, Row
+from jobtrace.store.sql import Params, Query, Row
 from jobtrace.store.tables import TraceEventRow, TraceRunRow
 
 
@@ -58,6 +59,118 @@ async def reserve_sequence(session: AsyncSession, run_id: str, tenant: str, coun
 
 EVENTS = TraceEventRow.__table__
 _INSERT_EVENT = sql.insert_query(EVENTS, sql.columns(EVENTS))
+
+
+def _reserve_and_insert(update: str = "", also: Sequence[str] = ()) -> Query:
+    """PostgreSQL: reserve the run's numbers and insert its events in one
+    statement (a data-modifying CTE): one array per column, numbered by
+    their position. The column list is the table's. With `update` (an
+    UPDATE of one job RETURNING *), that runs first in the same statement,
+    and the events are stored only if it matched a row (they take its
+    traceparent); the statement returns the row and the last number. `also`:
+    INSERTs run in the same statement (whether the update matched or not)."""
+    names = [n for n in sql.columns(EVENTS) if n != "seq"]
+    pg = postgresql.dialect()  # type: ignore[no-untyped-call]
+    arrays = ", ".join(f"CAST(:a_{n} AS {EVENTS.c[n].type.compile(dialect=pg)}[])" for n in names)
+    quoted = ", ".join(f'"{n}"' for n in names)
+    if not update:
+        picked = ", ".join(f"u.{n}" for n in names)
+        return Query(
+            "WITH r AS (INSERT INTO trace_runs (run_id, tenant, last_seq)"
+            " VALUES (:run_id, :tenant, CAST(:count AS BIGINT))"
+            " ON CONFLICT (run_id) DO UPDATE SET last_seq = trace_runs.last_seq + EXCLUDED.last_seq"
+            " RETURNING last_seq),"
+            f" e AS (INSERT INTO trace_events (seq, {quoted})"
+            f" SELECT r.last_seq - CAST(:count AS BIGINT) + u.n, {picked}"
+            f" FROM r, unnest({arrays}) WITH ORDINALITY AS u({', '.join(names)}, n))"
+            " SELECT last_seq FROM r"
+        )
+    picked = ", ".join("j.traceparent" if n == "traceparent" else f"u.{n}" for n in names)
+    more = "".join(f" x{i} AS ({text})," for i, text in enumerate(also))
+    return Query(
+        f"WITH j AS ({update}),{more}"
+        " r AS (INSERT INTO trace_runs (run_id, tenant, last_seq)"
+        " SELECT :run_id, :tenant, CAST(:count AS BIGINT) FROM j"
+        " ON CONFLICT (run_id) DO UPDATE SET last_seq = trace_runs.last_seq + EXCLUDED.last_seq"
+        " RETURNING last_seq),"
+        f" e AS (INSERT INTO trace_events (seq, {quoted})"
+        f" SELECT r.last_seq - CAST(:count AS BIGINT) + u.n, {picked}"
+        f" FROM r, j, unnest({arrays}) WITH ORDINALITY AS u({', '.join(names)}, n))"
+        " SELECT j.*, r.last_seq AS trace_last_seq_ FROM j, r"
+    )
+
+
+_RESERVE_AND_INSERT = _reserve_and_insert()
+_UPDATE_AND_INSERT: dict[tuple[str, ...], Query] = {}
+
+
+def _event_params(run_id: str, tenant: str, events: Sequence[TraceEvent]) -> Params:
+    rows = [_values(e) for e in events]
+    params: Params = {"run_id": run_id, "tenant": tenant, "count": len(events)}
+    for name in rows[0]:
+        if name != "seq":
+            params[f"a_{name}"] = [r[name] for r in rows]
+    return params
+
+
+def _numbered(events: Sequence[TraceEvent], last: int, **fields: Any) -> list[TraceEvent]:
+    first = last - len(events) + 1
+    return [replace(e, seq=first + i, **fields) for i, e in enumerate(events)]
+
+
+async def store_events(
+    session: AsyncSession, run_id: str, tenant: str, events: Sequence[TraceEvent]
+) -> list[TraceEvent]:
+    """Number events of one run with its next sequence numbers and store them;
+    return them numbered. The trace_runs row stays locked until commit, so
+    commit order is sequence order per run. One statement on PostgreSQL; two
+    on SQLite (its statements run in-process, in microseconds)."""
+    if sql.dialect(session) != "postgresql":
+        first = await reserve_sequence(session, run_id, tenant, len(events))
+        numbered = [replace(e, seq=first + i) for i, e in enumerate(events)]
+        await insert_events(session, numbered)
+        return numbered
+    params = _event_params(run_id, tenant, events)
+    return _numbered(events, int(await sql.scalar(session, _RESERVE_AND_INSERT, params)))
+
+
+async def update_and_store_events(
+    session: AsyncSession,
+    update: tuple[Query, Params],
+    run_id: str,
+    tenant: str,
+    events: Sequence[TraceEvent],
+    also: Sequence[tuple[Query, Params]] = (),
+) -> tuple[Row | None, list[TraceEvent]]:
+    """Run `update` (an UPDATE of one job, RETURNING *) and, if it matched its
+    row, store these events of the job's run as store_events does (with the
+    job's traceparent): the row as updated and the events as stored, or
+    (None, []) with nothing changed. One statement on PostgreSQL. `also`:
+    INSERTs (of other tables) to run too, with names of their own; they run
+    whatever the update matched, so they go with an update of a locked row
+    (which cannot miss)."""
+    query, update_params = update
+    if sql.dialect(session) != "postgresql":
+        row = await sql.fetch_one(session, query, update_params)
+        if row is None:
+            return None, []
+        for q, p in also:
+            await sql.execute(session, q, p)
+        marked = [replace(e, traceparent=row["traceparent"]) for e in events]
+        return row, await store_events(session, run_id, tenant, marked)
+    texts = (query.clause("postgresql").text, *(q.clause("postgresql").text for q, _ in also))
+    combined = _UPDATE_AND_INSERT.get(texts)
+    if combined is None:
+        combined = _UPDATE_AND_INSERT[texts] = _reserve_and_insert(texts[0], texts[1:])
+    params = _event_params(run_id, tenant, events)
+    for extra in (update_params, *(p for _, p in also)):
+        clash = params.keys() & extra.keys()
+        assert not clash, f"parameters named twice: {sorted(clash)}"
+        params.update(extra)
+    row = await sql.fetch_one(session, combined, params)
+    if row is None:
+        return None, []
+    return row, _numbered(events, int(row["trace_last_seq_"]), traceparent=row["traceparent"])
 
 
 def _values(e: TraceEvent) -> dict[str, Any]:

@@ -13,8 +13,10 @@ from jobtrace.domain.dispatch.sessions import (
     Welcome,
     WorkerSession,
 )
+from jobtrace.store.db import WRITE_QUEUED as REPORT_QUEUED
 
 __all__ = [
+    "REPORT_QUEUED",
     "Acked",
     "Assign",
     "Cancel",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -61,9 +60,12 @@ class Placement(Leases):
             timeout = await self._dispatch_once()
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
             # cancellation that races with the event being set.
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+            except TimeoutError:
+                if timeout > 0:  # a waiting job may be due (or 5 s passed): look again
+                    self._queue_seen = None
 
     async def _dispatch_once(self) -> float:
         """Assign what can be assigned now; return how long to sleep at most."""
@@ -85,13 +87,32 @@ class Placement(Leases):
             for service in s.services:
                 key = (service, s.tenants)
                 capacity[key] = capacity.get(key, 0) + s.free_slots
+        wanted = frozenset(key for key, slots in capacity.items() if slots)
+        seen = self._queue_seen
+        if seen is not None and wanted <= seen[0] and (seen[1] is None or seen[1] > now):
+            # Only slots came free since the last read, which found (and
+            # claimed) every eligible job of these, and no waiting job is due
+            # yet: nothing to read.
+            return _sleep_until(seen[1], now)
+        self._queue_seen = None
+        wakes = self._wakes
+        drained = True
+        candidates: dict[str, Job] = {}
+        next_us: int | None = None
         async with self._db.read() as db:
-            candidates: dict[str, Job] = {}
+            # A service with no free slot is not read: a slot that frees wakes
+            # the dispatcher, which then reads it. One row more than the slots:
+            # fewer says the queue holds no other eligible job.
             for (service, tenants), slots in capacity.items():
                 if slots:
-                    for job in await store.eligible_jobs(db, service, now, slots, tenants):
+                    jobs, waiting_us = await store.eligible_jobs(
+                        db, service, now, slots + 1, tenants
+                    )
+                    drained = drained and len(jobs) <= slots
+                    for job in jobs:
                         candidates[job.id] = job
-            next_us = await store.next_eligible_us(db, {svc for svc, _ in capacity}, now)
+                    if waiting_us is not None and (next_us is None or waiting_us < next_us):
+                        next_us = waiting_us
         # Pick among the sessions as they are now, after the reads: a worker that
         # connected meanwhile competes (affinity must not lose to a stale view).
         free = [s for s in self.sessions.values() if s.free_slots > 0]
@@ -103,13 +124,19 @@ class Placement(Leases):
             if best is not None:
                 open_slots[best.session_id] -= 1
                 plan.append((job, best))
-        sleep = 5.0 if next_us is None else max(0.0, (next_us - now) / 1e6)
+        if len(plan) < len(candidates):
+            drained = False
         if not plan:
-            return min(sleep, 5.0)
-        await self._claim(plan)
+            if drained and self._wakes == wakes:
+                self._queue_seen = (wanted, next_us)
+            return _sleep_until(next_us, now)
+        if await self._claim(plan) and drained and self._wakes == wakes:
+            self._queue_seen = (wanted, next_us)
         return 0.0  # look again at once: more may have become eligible meanwhile
 
-    async def _claim(self, plan: list[tuple[Job, WorkerSession]]) -> None:
+    async def _claim(self, plan: list[tuple[Job, WorkerSession]]) -> bool:
+        """Claim the plan's jobs for their sessions; whether every one was
+        claimed and handed over."""
         # The claims of the transaction that ran last (a group commit may run
         # an operation more than once), and those handed to their worker.
         claims: list[_Claim] = []
@@ -136,19 +163,25 @@ class Placement(Leases):
             deadline = now + self.lease_ms * 1000
             changed = []
             # Lock order everywhere: workflows, then jobs. Jobs another replica is
-            # claiming right now are skipped, not waited for.
+            # claiming right now are skipped, not waited for (see store.claim_update).
             for workflow_id in sorted({j.workflow_id for j, _ in plan if j.workflow_id}):
                 await store.lock_workflow(db, workflow_id)
-            free = await store.lock_queued(db, [j.id for j, _ in plan])
             for job, session in plan:
-                if session.closed or job.id not in free:
+                if session.closed:
                     continue
-                claimed = await store.claim_job(
-                    db, job.id, session.worker_id, deadline, now, session.session_id, session.holder
+                claimed = await self._life.claim(
+                    db,
+                    tx,
+                    job,
+                    session.worker_id,
+                    deadline,
+                    now,
+                    session.session_id,
+                    session.holder,
+                    by=session.identity.subject,
                 )
                 if claimed is None:
                     continue
-                await self._life.started(db, tx, claimed, now, by=session.identity.subject)
                 context = await store.request_context_for(db, claimed)
                 upstream = await step_data.upstream(db, claimed)
                 assign = Assign(claimed, deadline, context, upstream)
@@ -168,6 +201,7 @@ class Placement(Leases):
             raise
         # Stored, but the stream ended as they committed: given back at once.
         self._unsure([c for c in claims if c.job_id not in delivered])
+        return len(delivered) == len(plan)
 
     def _unsure(self, claims: list[_Claim]) -> None:
         """Remember claims that may be stored but whose worker was not told;
@@ -246,6 +280,12 @@ class Placement(Leases):
                 del self._unsettled[claim.job_id]
             claim.session.claiming.pop(claim.job_id, None)
         self.wake()
+
+
+def _sleep_until(next_us: int | None, now: int) -> float:
+    """How long the dispatcher may sleep: until the next waiting job is due,
+    at most 5 s."""
+    return 5.0 if next_us is None else min(5.0, max(0.0, (next_us - now) / 1e6))
 
 
 def pick_worker(job: Job, free: list[WorkerSession], slots: dict[str, int]) -> WorkerSession | None:

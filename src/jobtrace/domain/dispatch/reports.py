@@ -41,10 +41,28 @@ class Reports(SchedulerState):
         v.raise_if_any()
 
         async def op(db: AsyncSession, tx: Tx) -> None:
-            job = await fenced(db, session, job_id, attempt, "progress")
-            updated = await self._life.progress(
-                db, tx, job, percent, message, now_us(), session.identity.subject
-            )
+            now = now_us()
+            # The common case in one statement: fenced and written under the
+            # job's row lock. Else (refused, or a workflow step) the general path.
+            updated = None
+            if session.tenants is None:
+                updated = await self._life.progress_if_held(
+                    db,
+                    tx,
+                    job_id,
+                    attempt,
+                    session.holder,
+                    session.worker_id,
+                    percent,
+                    message,
+                    now,
+                    session.identity.subject,
+                )
+            if updated is None:
+                job = await fenced(db, session, job_id, attempt, "progress")
+                updated = await self._life.progress(
+                    db, tx, job, percent, message, now, session.identity.subject
+                )
             self._jobs.notify(tx, [updated])
 
         await self._db.write(op)
@@ -235,4 +253,4 @@ class Reports(SchedulerState):
 
     def _release_slot(self, session: WorkerSession, job_id: str) -> None:
         if session.held.pop(job_id, None) is not None:
-            self.wake()
+            self.wake(slot_freed=True)

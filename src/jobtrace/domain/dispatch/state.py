@@ -52,8 +52,21 @@ class SchedulerState:
         self._unsettled: dict[str, _Claim] = {}
         # Leases lost (deadline passed or stream ended), by service (metrics).
         self.lease_expiries: Counter[str] = Counter()
+        # What the last dispatch read found the queue to be: every eligible job
+        # of these (service, tenants) was claimed, and the next waiting one is
+        # due then (None: none waits). Forgotten at every wake but a freed slot.
+        self._queue_seen: tuple[frozenset[tuple[str, frozenset[str] | None]], int | None] | None = (
+            None
+        )
+        self._wakes = 0
 
-    def wake(self) -> None:
+    def wake(self, *, slot_freed: bool = False) -> None:
+        """Wake the dispatcher. Only `slot_freed` (a worker's slot came free,
+        nothing else changed) lets it trust its last look at the queue, when
+        that found every eligible job it could see (see Placement)."""
+        if not slot_freed:
+            self._queue_seen = None
+            self._wakes += 1
         self._wake.set()
 
     def _sessions_changed(self) -> None:

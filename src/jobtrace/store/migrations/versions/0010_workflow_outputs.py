@@ -4,8 +4,7 @@ those outputs (outputs: the results inline up to a bound, the rest by
 reference).
 
 Revision ID: 0010
-Revises: 0008 (0009, developed beside it, comes first once both are merged:
-set down_revision to "0009" then)
+Revises: 0009
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0010"
-down_revision = "0008"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,152 @@
+"""Database statements per job on the hot path, counted at the database's door.
+
+One job at a time: submit, claim, three progress reports, completion (its
+trace events and its signed, chained attestation), through the real server
+and the real worker runtime, on both backends, against a bound per backend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from jobtrace.pb import common_pb2, job_service_pb2
+
+from .conftest import Harness, wait_for
+from .statements import CountingPgProxy, Statements, kinds, traced_sqlite
+from .workers import runtime_worker
+
+# Statements per job (BEGIN/COMMIT not counted), by backend: the bound this
+# suite holds the hot path to. Issue 15 aims at 12; what is left is listed in
+# the README's benchmark notes (PostgreSQL: 6 are NOTIFYs, one per commit; on
+# both, the completion attestation reads the run's annotations, its evidence).
+MAX_STATEMENTS_PER_JOB = {"sqlite": 21, "postgresql": 15}
+WARM_UP_JOBS = 3
+MEASURED_JOBS = 12
+
+
+@contextlib.asynccontextmanager
+async def counting(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, **settings: Any
+) -> AsyncIterator[tuple[Harness, Statements]]:
+    """A server whose every database statement is recorded."""
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        with traced_sqlite(monkeypatch) as seen:
+            async with Harness(db_url, **settings) as h:
+                yield h, seen
+        return
+    proxy = CountingPgProxy(url.host or "127.0.0.1", url.port or 5432)
+    port = await proxy.start()
+    proxied = url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+    try:
+        async with Harness(proxied, **settings) as h:
+            yield h, proxy.statements
+    finally:
+        await proxy.stop()
+
+
+@pytest.fixture
+async def counted(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Harness, Statements]]:
+    async with counting(db_url, monkeypatch) as pair:
+        yield pair
+
+
+def _background(statement: str) -> bool:
+    """Statements a server runs on a clock, whatever its jobs do: storage
+    probes, the supervisor's scans of leases and timeouts (each second), the
+    quota's recount of a tenant's waiting jobs (at most each second)."""
+    s = statement.strip().rstrip(";")
+    return (
+        s.upper() == "SELECT 1"
+        or (s.startswith("SELECT jobs.seq, jobs.id,") and "jobs.state =" in s)
+        or s.startswith("SELECT count(*) AS count_1 FROM (SELECT jobs.seq")
+    )
+
+
+async def test_a_job_costs_a_bounded_number_of_statements(
+    counted: tuple[Harness, Statements], db_url: str
+) -> None:
+    h, seen = counted
+    bound = MAX_STATEMENTS_PER_JOB[make_url(db_url).get_backend_name()]
+    stubs = h.stubs()
+    done: asyncio.Queue[str] = asyncio.Queue()
+
+    async def run(job: Any) -> dict[str, Any]:
+        for step in (1, 2, 3):
+            await job.progress(step * 33.0, f"step {step}")
+        return {"ok": True}
+
+    async with runtime_worker(h.target, {"bench": run}, worker_id="counted") as worker:
+        worker.on_completed = lambda job_id, stored: done.put_nowait(job_id) if stored else None
+
+        async def one_job(i: int) -> None:
+            response = await stubs.jobs.SubmitJob(
+                job_service_pb2.SubmitJobRequest(
+                    request_id=f"count-{i}", job=common_pb2.JobSpec(service="bench")
+                )
+            )
+            assert await asyncio.wait_for(done.get(), 10) == response.job.id
+
+        async def settled() -> bool:
+            # Nothing more arrives for a moment: the dispatcher went back to
+            # sleep after the last completion.
+            before = seen.mark()
+            await asyncio.sleep(0.05)
+            return seen.mark() == before
+
+        for i in range(WARM_UP_JOBS):
+            await one_job(i)
+        await wait_for(settled, timeout=10)
+        mark = seen.mark()
+        for i in range(WARM_UP_JOBS, WARM_UP_JOBS + MEASURED_JOBS):
+            await one_job(i)
+        await wait_for(settled, timeout=10)
+        statements = [s for s in seen.since(mark) if not _background(s)]
+    per_job = len(statements) / MEASURED_JOBS
+    breakdown = "\n".join(
+        f"{n / MEASURED_JOBS:6.2f}  {k}" for k, n in kinds(statements).most_common()
+    )
+    print(f"\n{per_job:.2f} statements per job\n{breakdown}")
+    assert per_job <= bound, f"{per_job:.2f} statements per job (at most {bound}):\n{breakdown}"
+
+
+def _quota_count(statement: str) -> bool:
+    return statement.startswith("SELECT count(*) AS count_1 FROM (SELECT jobs.seq")
+
+
+async def test_the_quota_does_not_count_the_queue_per_submit(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waiting jobs of a tenant are counted (a scan of up to the quota)
+    when the count is a second old or the bound kept since says the quota
+    could be exceeded, not on every submit near the quota."""
+    async with counting(db_url, monkeypatch, max_queued_per_tenant=10) as (h, seen):
+        stubs = h.stubs()
+        mark = seen.mark()
+        started = time.monotonic()
+        for i in range(10):
+            await stubs.jobs.SubmitJob(
+                job_service_pb2.SubmitJobRequest(
+                    request_id=f"quota-{i}", job=common_pb2.JobSpec(service="nobody")
+                )
+            )
+        with pytest.raises(Exception) as refused:
+            await stubs.jobs.SubmitJob(
+                job_service_pb2.SubmitJobRequest(
+                    request_id="quota-10", job=common_pb2.JobSpec(service="nobody")
+                )
+            )
+        assert "QUEUED_JOB_QUOTA" in str(refused.value) or "quota" in str(refused.value)
+        elapsed = time.monotonic() - started
+        counts = sum(1 for s in seen.since(mark) if _quota_count(s))
+    # The first submit's count, the refusal's (twice: a refused operation's
+    # group commit runs again, with savepoints), and one per second passed.
+    assert counts <= 3 + int(elapsed), f"{counts} counts of the queue in {elapsed:.2f}s"
