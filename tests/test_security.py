@@ -172,6 +172,7 @@ async def test_rs256_tokens(db_url: str, tmp_path: Path) -> None:
 # --- the authorization matrix ---------------------------------------------------------
 
 OK, PD, NF, UA = "OK", "PERMISSION_DENIED", "NOT_FOUND", "UNAUTHENTICATED"
+DE = "DEADLINE_EXCEEDED"
 
 # rpc -> expected status per caller: (reader, submitter, worker, admin) of the resource's
 # own tenant, then the same four roles from another tenant. Lists of another tenant
@@ -187,7 +188,12 @@ MATRIX: dict[str, tuple[str, ...]] = {
     "CancelWorkflow": (PD, OK, PD, OK, PD, NF, PD, OK),
     "WatchJob": (OK, OK, PD, OK, NF, NF, PD, OK),
     "WatchWorkflow": (OK, OK, PD, OK, NF, NF, PD, OK),
+    # The job has ended (answered at once); the workflow runs (the wait ends).
+    "AwaitJob": (OK, OK, PD, OK, NF, NF, PD, OK),
+    "AwaitWorkflow": (DE, DE, PD, DE, NF, NF, PD, DE),
     "Connect": (PD, PD, OK, OK, PD, PD, OK, OK),
+    # The job has ended: its own worker (m) is told so; anyone else, nothing.
+    "GetStepResult": (PD, PD, "FAILED_PRECONDITION", PD, PD, PD, NF, PD),
     "AppendTraceEvents": (PD, OK, PD, OK, PD, NF, PD, OK),
     "ListTraceEvents": (OK, OK, PD, OK, NF, NF, PD, OK),
     "StreamTraceEvents": (OK, OK, PD, OK, NF, NF, PD, OK),
@@ -295,7 +301,16 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
         "WatchWorkflow": lambda md: stream_first(
             api.jobs.WatchWorkflow(j.WatchWorkflowRequest(workflow_id=ids["wf"]), metadata=md)
         ),
+        "AwaitJob": lambda md: api.jobs.AwaitJob(j.AwaitJobRequest(job_id=ids["job"]), metadata=md),
+        "AwaitWorkflow": lambda md: api.jobs.AwaitWorkflow(
+            j.AwaitWorkflowRequest(workflow_id=ids["wf"], timeout={"nanos": 50_000_000}),
+            metadata=md,
+        ),
         "Connect": connect,
+        "GetStepResult": lambda md: api.workers.GetStepResult(
+            w.GetStepResultRequest(job_id=ids["job"], attempt=1, worker_id="m", step_name="a"),
+            metadata=md,
+        ),
         "AppendTraceEvents": lambda md: api.trace.AppendTraceEvents(
             # The workflow: still running (the job has ended, and takes no events).
             t.AppendTraceEventsRequest(run_id=ids["wf"], events=[c.TraceEvent(event_key=f"e{n}")]),

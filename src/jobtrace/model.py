@@ -152,12 +152,32 @@ class Job:
 
 
 @dataclass(frozen=True, slots=True)
+class StepResultRef:
+    """Where a step's result is read when it was too large to travel inline."""
+
+    step_name: str
+    job_id: str
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepResults:
+    """Results of some steps of a workflow: step name -> result inline, up to
+    a bound, and a reference for each one that did not fit."""
+
+    inline: JSON = field(default_factory=dict)
+    refs: tuple[StepResultRef, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class WorkflowStep:
     name: str
     job_id: str
     state: RunState
     depends_on: tuple[str, ...]
     attempt: int
+    progress_percent: float = 0.0
+    progress_message: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +200,8 @@ class Workflow:
     step_counts: tuple[int, int] | None = None
     # The authenticated subject that submitted it ('' if stored before 0008).
     submitted_by: str = ""
+    # The results of its output steps, once COMPLETED (left out of a listing).
+    outputs: StepResults | None = None
 
     @property
     def completed_steps(self) -> int:

@@ -281,6 +281,7 @@ class JobSpec(_message.Message):
     AFFINITY_KEYS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     BACKOFF_FIELD_NUMBER: _builtins.int
+    PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """Required. Immutable. The capability a worker must advertise to run this
     job (for example "resize"); 1-128 characters of [A-Za-z0-9._:/-].
@@ -291,6 +292,15 @@ class JobSpec(_message.Message):
     """
     max_attempts: _builtins.int
     """Optional. Attempts before the job fails terminally; 1-100, 0 means 3."""
+    payload_json: _builtins.bytes
+    """Optional. Immutable. The job's input as exact JSON (a UTF-8 JSON object),
+    an alternative to payload that keeps integers integers (1048576, not
+    1048576.0); set at most one of the two (INVALID_ARGUMENT otherwise); same
+    1 MiB bound. Integral numbers that came in a payload Struct are stored as
+    integers. On output the server sets one form only: payload_json instead of
+    payload when the call carries the metadata `jobtrace-json: exact` (as the
+    Python client and worker runtime do), payload otherwise.
+    """
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct:
         """Optional. Immutable. The job's input, handed to the worker as submitted.
@@ -335,10 +345,11 @@ class JobSpec(_message.Message):
         affinity_keys: _abc.Iterable[_builtins.str] | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         backoff: Global___BackoffPolicy | None = ...,
+        payload_json: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backoff", b"backoff", "not_before", b"not_before", "payload", b"payload", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_keys", b"affinity_keys", "backoff", b"backoff", "labels", b"labels", "max_attempts", b"max_attempts", "not_before", b"not_before", "payload", b"payload", "priority", b"priority", "service", b"service", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_keys", b"affinity_keys", "backoff", b"backoff", "labels", b"labels", "max_attempts", b"max_attempts", "not_before", b"not_before", "payload", b"payload", "payload_json", b"payload_json", "priority", b"priority", "service", b"service", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -671,6 +682,7 @@ class Job(_message.Message):
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     FIRST_STARTED_AT_FIELD_NUMBER: _builtins.int
     SUBMITTED_BY_FIELD_NUMBER: _builtins.int
+    RESULT_JSON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The job's id."""
     workflow_id: _builtins.str
@@ -695,6 +707,12 @@ class Job(_message.Message):
     "anonymous" on a server without authentication. A submission
     deduplicated by request_id keeps the first submitter. Empty for a job
     created before jobtrace recorded it (unknown).
+    """
+    result_json: _builtins.bytes
+    """Output only. The result as exact JSON (a UTF-8 JSON object): integers
+    stay integers (a result reported as a Struct has its integral numbers
+    stored as integers). Set instead of result when the call carries the
+    metadata `jobtrace-json: exact` (see JobSpec.payload_json).
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
@@ -770,14 +788,47 @@ class Job(_message.Message):
         traceparent: _builtins.str = ...,
         first_started_at: _timestamp_pb2.Timestamp | None = ...,
         submitted_by: _builtins.str = ...,
+        result_json: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "id", b"id", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "request_id", b"request_id", "result", b"result", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step_name", b"step_name", "submitted_by", b"submitted_by", "tenant", b"tenant", "traceparent", b"traceparent", "updated_at", b"updated_at", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "id", b"id", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "request_id", b"request_id", "result", b"result", "result_json", b"result_json", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step_name", b"step_name", "submitted_by", b"submitted_by", "tenant", b"tenant", "traceparent", b"traceparent", "updated_at", b"updated_at", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class StepResultRef(_message.Message):
+    """Where a step's result is read when it was too large to be carried inline:
+    GetJob(job_id), or WorkerService.GetStepResult from a worker.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_NAME_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    step_name: _builtins.str
+    """Output only. The step's name."""
+    job_id: _builtins.str
+    """Output only. The step's job, whose result it is."""
+    size_bytes: _builtins.int
+    """Output only. The stored size of the result in bytes."""
+    def __init__(
+        self,
+        *,
+        step_name: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "size_bytes", b"size_bytes", "step_name", b"step_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepResultRef: _TypeAlias = StepResultRef  # noqa: Y015
 
 @_typing.final
 class WorkflowStepSpec(_message.Message):
@@ -833,6 +884,7 @@ class WorkflowStep(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. The step's name."""
     job_id: _builtins.str
@@ -845,6 +897,12 @@ class WorkflowStep(_message.Message):
     def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Output only. The steps this one waits for."""
 
+    @_builtins.property
+    def progress(self) -> Global___JobProgress:
+        """Output only. The job's latest progress report (its attempt's; 100 once
+        completed).
+        """
+
     def __init__(
         self,
         *,
@@ -853,10 +911,11 @@ class WorkflowStep(_message.Message):
         state: Global___RunState.ValueType = ...,
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
         attempt: _builtins.int = ...,
+        progress: Global___JobProgress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "depends_on", b"depends_on", "job_id", b"job_id", "name", b"name", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "depends_on", b"depends_on", "job_id", b"job_id", "name", b"name", "progress", b"progress", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -933,6 +992,9 @@ class Workflow(_message.Message):
     FAILURE_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     SUBMITTED_BY_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_JSON_FIELD_NUMBER: _builtins.int
+    OUTPUT_REFS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The workflow's id."""
     name: _builtins.str
@@ -954,6 +1016,11 @@ class Workflow(_message.Message):
     without authentication. A submission deduplicated by request_id keeps
     the first submitter. Empty for a workflow created before jobtrace
     recorded it (unknown).
+    """
+    outputs_json: _builtins.bytes
+    """Output only. outputs as exact JSON (a UTF-8 JSON object): integers stay
+    integers. Set instead of outputs when the call carries the metadata
+    `jobtrace-json: exact` (see JobSpec.payload_json).
     """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkflowStep]:
@@ -987,6 +1054,21 @@ class Workflow(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Output only. The labels it was submitted with."""
 
+    @_builtins.property
+    def outputs(self) -> _struct_pb2.Struct:
+        """Output only. Set when COMPLETED: step name -> result of each output step
+        (those named in SubmitWorkflowRequest.outputs, else every step no other
+        step depends on), up to 256 KiB of results in all; the results that do
+        not fit are in output_refs instead, never cut. Left out of a BASIC
+        listing.
+        """
+
+    @_builtins.property
+    def output_refs(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepResultRef]:
+        """Output only. The output steps whose results did not fit in outputs: read
+        each with GetJob(job_id).
+        """
+
     def __init__(
         self,
         *,
@@ -1005,10 +1087,13 @@ class Workflow(_message.Message):
         failure: Global___Failure | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         submitted_by: _builtins.str = ...,
+        outputs: _struct_pb2.Struct | None = ...,
+        outputs_json: _builtins.bytes = ...,
+        output_refs: _abc.Iterable[Global___StepResultRef] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "progress", b"progress", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "outputs", b"outputs", "progress", b"progress", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "id", b"id", "labels", b"labels", "name", b"name", "priority", b"priority", "progress", b"progress", "request_id", b"request_id", "started_at", b"started_at", "state", b"state", "steps", b"steps", "submitted_by", b"submitted_by", "tenant", b"tenant", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "id", b"id", "labels", b"labels", "name", b"name", "output_refs", b"output_refs", "outputs", b"outputs", "outputs_json", b"outputs_json", "priority", b"priority", "progress", b"progress", "request_id", b"request_id", "started_at", b"started_at", "state", b"state", "steps", b"steps", "submitted_by", b"submitted_by", "tenant", b"tenant", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -179,6 +180,7 @@ class SubmitWorkflowRequest(_message.Message):
     REQUEST_CONTEXT_FIELD_NUMBER: _builtins.int
     ANNOTATIONS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Required. The idempotency key, unique per tenant across jobs and workflows;
     1-256 printable characters.
@@ -207,6 +209,13 @@ class SubmitWorkflowRequest(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Optional. Free labels, same bounds as JobSpec.labels."""
 
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional. The steps whose results make the workflow's outputs; empty
+        means every step no other step depends on. At most 1,000 names, each a
+        step of this workflow, no repeats.
+        """
+
     def __init__(
         self,
         *,
@@ -217,10 +226,11 @@ class SubmitWorkflowRequest(_message.Message):
         request_context: _common_pb2.RequestContext | None = ...,
         annotations: _abc.Iterable[_common_pb2.AnnotationInput] | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        outputs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request_context", b"request_context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "labels", b"labels", "name", b"name", "priority", b"priority", "request_context", b"request_context", "request_id", b"request_id", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "labels", b"labels", "name", b"name", "outputs", b"outputs", "priority", b"priority", "request_context", b"request_context", "request_id", b"request_id", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -677,7 +687,8 @@ class WatchWorkflowResponse(_message.Message):
     @_builtins.property
     def changed_job(self) -> _common_pb2.Job:
         """The step job whose change caused this message; unset for the first
-        snapshot and for changes of the workflow itself.
+        snapshot, for changes of the workflow itself, and when the step changed
+        again before the snapshot was read (the snapshot is then the newer).
         """
 
     def __init__(
@@ -693,3 +704,113 @@ class WatchWorkflowResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchWorkflowResponse: _TypeAlias = WatchWorkflowResponse  # noqa: Y015
+
+@_typing.final
+class AwaitJobRequest(_message.Message):
+    """Request of AwaitJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Required. The job's id."""
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Optional. How long to wait at most; unset or zero means until the call's
+        deadline (or, without one, until the job ends). At most 1 hour.
+        """
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AwaitJobRequest: _TypeAlias = AwaitJobRequest  # noqa: Y015
+
+@_typing.final
+class AwaitJobResponse(_message.Message):
+    """Response of AwaitJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _common_pb2.Job:
+        """The job in its terminal state, with result and result_json when COMPLETED,
+        failure otherwise.
+        """
+
+    def __init__(
+        self,
+        *,
+        job: _common_pb2.Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AwaitJobResponse: _TypeAlias = AwaitJobResponse  # noqa: Y015
+
+@_typing.final
+class AwaitWorkflowRequest(_message.Message):
+    """Request of AwaitWorkflow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    workflow_id: _builtins.str
+    """Required. The workflow's id."""
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Optional. How long to wait at most; as AwaitJobRequest.timeout."""
+
+    def __init__(
+        self,
+        *,
+        workflow_id: _builtins.str = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout", "workflow_id", b"workflow_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AwaitWorkflowRequest: _TypeAlias = AwaitWorkflowRequest  # noqa: Y015
+
+@_typing.final
+class AwaitWorkflowResponse(_message.Message):
+    """Response of AwaitWorkflow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def workflow(self) -> _common_pb2.Workflow:
+        """The workflow in its terminal state with its steps, and its outputs when
+        COMPLETED.
+        """
+
+    def __init__(
+        self,
+        *,
+        workflow: _common_pb2.Workflow | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["workflow", b"workflow"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AwaitWorkflowResponse: _TypeAlias = AwaitWorkflowResponse  # noqa: Y015

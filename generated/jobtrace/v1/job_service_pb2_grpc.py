@@ -85,6 +85,16 @@ class JobServiceStub:
                 request_serializer=jobtrace_dot_v1_dot_job__service__pb2.WatchWorkflowRequest.SerializeToString,
                 response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.WatchWorkflowResponse.FromString,
                 _registered_method=True)
+        self.AwaitJob = channel.unary_unary(
+                '/jobtrace.v1.JobService/AwaitJob',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitJobRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitJobResponse.FromString,
+                _registered_method=True)
+        self.AwaitWorkflow = channel.unary_unary(
+                '/jobtrace.v1.JobService/AwaitWorkflow',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -168,7 +178,31 @@ class JobServiceServicer:
 
     def WatchWorkflow(self, request, context):
         """Streams the workflow: its current snapshot, then one snapshot per change
-        of it or of one of its steps; ends after a terminal state.
+        of it or of one of its steps (state, attempt, progress); ends after a
+        terminal state. A step's progress alone is sent at most once per 250 ms
+        per step, the latest value always; state changes are sent at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AwaitJob(self, request, context):
+        """Waits until the job ends and returns it, with its result or failure
+        (Celery's AsyncResult.get(), Temporal's handle.result()). A job that
+        ended FAILED, CANCELLED, TERMINATED or TIMED_OUT is answered as well: the
+        call succeeds, the job says how it ended. When the wait (timeout, or the
+        call's deadline if sooner) ends first: DEADLINE_EXCEEDED with reason
+        AWAIT_TIMEOUT and the job's current state in the ErrorInfo metadata; call
+        again to keep waiting. Follows the job's change feed (no polling), across
+        replicas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AwaitWorkflow(self, request, context):
+        """Waits until the workflow ends and returns it, with its outputs when it
+        COMPLETED; otherwise as AwaitJob.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -226,6 +260,16 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.WatchWorkflow,
                     request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.WatchWorkflowRequest.FromString,
                     response_serializer=jobtrace_dot_v1_dot_job__service__pb2.WatchWorkflowResponse.SerializeToString,
+            ),
+            'AwaitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.AwaitJob,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitJobRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitJobResponse.SerializeToString,
+            ),
+            'AwaitWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.AwaitWorkflow,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -499,6 +543,60 @@ class JobService:
             '/jobtrace.v1.JobService/WatchWorkflow',
             jobtrace_dot_v1_dot_job__service__pb2.WatchWorkflowRequest.SerializeToString,
             jobtrace_dot_v1_dot_job__service__pb2.WatchWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AwaitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/AwaitJob',
+            jobtrace_dot_v1_dot_job__service__pb2.AwaitJobRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.AwaitJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AwaitWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/AwaitWorkflow',
+            jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowResponse.FromString,
             options,
             channel_credentials,
             insecure,

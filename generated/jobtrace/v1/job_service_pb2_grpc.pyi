@@ -71,7 +71,23 @@ class JobServiceStub:
     """
     WatchWorkflow: _grpc.UnaryStreamMultiCallable[_job_service_pb2.WatchWorkflowRequest, _job_service_pb2.WatchWorkflowResponse]
     """Streams the workflow: its current snapshot, then one snapshot per change
-    of it or of one of its steps; ends after a terminal state.
+    of it or of one of its steps (state, attempt, progress); ends after a
+    terminal state. A step's progress alone is sent at most once per 250 ms
+    per step, the latest value always; state changes are sent at once.
+    """
+    AwaitJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.AwaitJobRequest, _job_service_pb2.AwaitJobResponse]
+    """Waits until the job ends and returns it, with its result or failure
+    (Celery's AsyncResult.get(), Temporal's handle.result()). A job that
+    ended FAILED, CANCELLED, TERMINATED or TIMED_OUT is answered as well: the
+    call succeeds, the job says how it ended. When the wait (timeout, or the
+    call's deadline if sooner) ends first: DEADLINE_EXCEEDED with reason
+    AWAIT_TIMEOUT and the job's current state in the ErrorInfo metadata; call
+    again to keep waiting. Follows the job's change feed (no polling), across
+    replicas.
+    """
+    AwaitWorkflow: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.AwaitWorkflowRequest, _job_service_pb2.AwaitWorkflowResponse]
+    """Waits until the workflow ends and returns it, with its outputs when it
+    COMPLETED; otherwise as AwaitJob.
     """
 
 @_typing.type_check_only
@@ -117,7 +133,23 @@ class JobServiceAsyncStub(JobServiceStub):
     """
     WatchWorkflow: _aio.UnaryStreamMultiCallable[_job_service_pb2.WatchWorkflowRequest, _job_service_pb2.WatchWorkflowResponse]  # type: ignore[assignment]
     """Streams the workflow: its current snapshot, then one snapshot per change
-    of it or of one of its steps; ends after a terminal state.
+    of it or of one of its steps (state, attempt, progress); ends after a
+    terminal state. A step's progress alone is sent at most once per 250 ms
+    per step, the latest value always; state changes are sent at once.
+    """
+    AwaitJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.AwaitJobRequest, _job_service_pb2.AwaitJobResponse]  # type: ignore[assignment]
+    """Waits until the job ends and returns it, with its result or failure
+    (Celery's AsyncResult.get(), Temporal's handle.result()). A job that
+    ended FAILED, CANCELLED, TERMINATED or TIMED_OUT is answered as well: the
+    call succeeds, the job says how it ended. When the wait (timeout, or the
+    call's deadline if sooner) ends first: DEADLINE_EXCEEDED with reason
+    AWAIT_TIMEOUT and the job's current state in the ErrorInfo metadata; call
+    again to keep waiting. Follows the job's change feed (no polling), across
+    replicas.
+    """
+    AwaitWorkflow: _aio.UnaryUnaryMultiCallable[_job_service_pb2.AwaitWorkflowRequest, _job_service_pb2.AwaitWorkflowResponse]  # type: ignore[assignment]
+    """Waits until the workflow ends and returns it, with its outputs when it
+    COMPLETED; otherwise as AwaitJob.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -220,7 +252,35 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_job_service_pb2.WatchWorkflowResponse], _abc.AsyncIterator[_job_service_pb2.WatchWorkflowResponse]]:
         """Streams the workflow: its current snapshot, then one snapshot per change
-        of it or of one of its steps; ends after a terminal state.
+        of it or of one of its steps (state, attempt, progress); ends after a
+        terminal state. A step's progress alone is sent at most once per 250 ms
+        per step, the latest value always; state changes are sent at once.
+        """
+
+    @_abc_1.abstractmethod
+    def AwaitJob(
+        self,
+        request: _job_service_pb2.AwaitJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.AwaitJobResponse, _abc.Awaitable[_job_service_pb2.AwaitJobResponse]]:
+        """Waits until the job ends and returns it, with its result or failure
+        (Celery's AsyncResult.get(), Temporal's handle.result()). A job that
+        ended FAILED, CANCELLED, TERMINATED or TIMED_OUT is answered as well: the
+        call succeeds, the job says how it ended. When the wait (timeout, or the
+        call's deadline if sooner) ends first: DEADLINE_EXCEEDED with reason
+        AWAIT_TIMEOUT and the job's current state in the ErrorInfo metadata; call
+        again to keep waiting. Follows the job's change feed (no polling), across
+        replicas.
+        """
+
+    @_abc_1.abstractmethod
+    def AwaitWorkflow(
+        self,
+        request: _job_service_pb2.AwaitWorkflowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.AwaitWorkflowResponse, _abc.Awaitable[_job_service_pb2.AwaitWorkflowResponse]]:
+        """Waits until the workflow ends and returns it, with its outputs when it
+        COMPLETED; otherwise as AwaitJob.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

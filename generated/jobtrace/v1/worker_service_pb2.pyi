@@ -395,10 +395,16 @@ class CompleteReport(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
+    RESULT_JSON_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Required. The job."""
     attempt: _builtins.int
     """Required. The attempt from the assignment."""
+    result_json: _builtins.bytes
+    """Optional. The result as exact JSON (a UTF-8 JSON object), an alternative
+    to result that keeps integers integers; set at most one of the two; at
+    most 1 MiB.
+    """
     @_builtins.property
     def result(self) -> _struct_pb2.Struct:
         """Optional. The result; at most 1 MiB."""
@@ -409,10 +415,11 @@ class CompleteReport(_message.Message):
         job_id: _builtins.str = ...,
         attempt: _builtins.int = ...,
         result: _struct_pb2.Struct | None = ...,
+        result_json: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "result", b"result", "result_json", b"result_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -573,10 +580,18 @@ class Assignment(_message.Message):
     LEASE_DEADLINE_FIELD_NUMBER: _builtins.int
     REQUEST_CONTEXT_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    UPSTREAM_FIELD_NUMBER: _builtins.int
+    UPSTREAM_JSON_FIELD_NUMBER: _builtins.int
+    UPSTREAM_REFS_FIELD_NUMBER: _builtins.int
     attempt: _builtins.int
     """The attempt number; every report about this job must carry it."""
     traceparent: _builtins.str
     """The W3C traceparent of the submission, if any."""
+    upstream_json: _builtins.bytes
+    """upstream as exact JSON (a UTF-8 JSON object): integers stay integers.
+    Set instead of upstream (and the job's payload_json instead of its
+    payload) when the Connect call carries the metadata `jobtrace-json: exact`.
+    """
     @_builtins.property
     def job(self) -> _common_pb2.Job:
         """The job, with its spec and payload."""
@@ -589,6 +604,19 @@ class Assignment(_message.Message):
     def request_context(self) -> _common_pb2.RequestContext:
         """The request that triggered the job or its workflow."""
 
+    @_builtins.property
+    def upstream(self) -> _struct_pb2.Struct:
+        """Step name -> result of each step this one depends on (a workflow step
+        only), up to 256 KiB of results in all; the results that do not fit are
+        in upstream_refs instead, never cut.
+        """
+
+    @_builtins.property
+    def upstream_refs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.StepResultRef]:
+        """The upstream steps whose results did not fit in upstream: read each with
+        GetStepResult.
+        """
+
     def __init__(
         self,
         *,
@@ -597,10 +625,13 @@ class Assignment(_message.Message):
         lease_deadline: _timestamp_pb2.Timestamp | None = ...,
         request_context: _common_pb2.RequestContext | None = ...,
         traceparent: _builtins.str = ...,
+        upstream: _struct_pb2.Struct | None = ...,
+        upstream_json: _builtins.bytes = ...,
+        upstream_refs: _abc.Iterable[_common_pb2.StepResultRef] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "lease_deadline", b"lease_deadline", "request_context", b"request_context"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "lease_deadline", b"lease_deadline", "request_context", b"request_context", "upstream", b"upstream"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job", b"job", "lease_deadline", b"lease_deadline", "request_context", b"request_context", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job", b"job", "lease_deadline", b"lease_deadline", "request_context", b"request_context", "traceparent", b"traceparent", "upstream", b"upstream", "upstream_json", b"upstream_json", "upstream_refs", b"upstream_refs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -777,3 +808,67 @@ class Drain(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Drain: _TypeAlias = Drain  # noqa: Y015
+
+@_typing.final
+class GetStepResultRequest(_message.Message):
+    """Request of GetStepResult."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    STEP_NAME_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Required. The job the worker holds (a step of the workflow asked about)."""
+    attempt: _builtins.int
+    """Required. Its attempt, from the assignment."""
+    worker_id: _builtins.str
+    """Required. The worker's id, as in its hello."""
+    step_name: _builtins.str
+    """Required. The step whose result is wanted, in the same workflow."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        worker_id: _builtins.str = ...,
+        step_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "step_name", b"step_name", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStepResultRequest: _TypeAlias = GetStepResultRequest  # noqa: Y015
+
+@_typing.final
+class GetStepResultResponse(_message.Message):
+    """Response of GetStepResult."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    RESULT_JSON_FIELD_NUMBER: _builtins.int
+    result_json: _builtins.bytes
+    """The step's result as exact JSON (a UTF-8 JSON object), set instead of
+    result when the call carries the metadata `jobtrace-json: exact`.
+    """
+    @_builtins.property
+    def result(self) -> _struct_pb2.Struct:
+        """The step's result (unless result_json is set)."""
+
+    def __init__(
+        self,
+        *,
+        result: _struct_pb2.Struct | None = ...,
+        result_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "result_json", b"result_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStepResultResponse: _TypeAlias = GetStepResultResponse  # noqa: Y015

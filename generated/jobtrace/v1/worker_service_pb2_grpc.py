@@ -40,6 +40,11 @@ class WorkerServiceStub:
                 request_serializer=jobtrace_dot_v1_dot_worker__service__pb2.ConnectRequest.SerializeToString,
                 response_deserializer=jobtrace_dot_v1_dot_worker__service__pb2.ConnectResponse.FromString,
                 _registered_method=True)
+        self.GetStepResult = channel.unary_unary(
+                '/jobtrace.v1.WorkerService/GetStepResult',
+                request_serializer=jobtrace_dot_v1_dot_worker__service__pb2.GetStepResultRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_worker__service__pb2.GetStepResultResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -56,6 +61,18 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStepResult(self, request, context):
+        """The result of a step of the workflow of a job the worker holds: what an
+        Assignment lists in upstream_refs when the upstream results were too
+        large to carry inline. Same credentials as Connect; the job must be held
+        by this worker (its id, attempt and worker_id as on the stream), else
+        FAILED_PRECONDITION; a step that has not completed is FAILED_PRECONDITION
+        too; an unknown step NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +80,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=jobtrace_dot_v1_dot_worker__service__pb2.ConnectRequest.FromString,
                     response_serializer=jobtrace_dot_v1_dot_worker__service__pb2.ConnectResponse.SerializeToString,
+            ),
+            'GetStepResult': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStepResult,
+                    request_deserializer=jobtrace_dot_v1_dot_worker__service__pb2.GetStepResultRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_worker__service__pb2.GetStepResultResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,6 +115,33 @@ class WorkerService:
             '/jobtrace.v1.WorkerService/Connect',
             jobtrace_dot_v1_dot_worker__service__pb2.ConnectRequest.SerializeToString,
             jobtrace_dot_v1_dot_worker__service__pb2.ConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStepResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.WorkerService/GetStepResult',
+            jobtrace_dot_v1_dot_worker__service__pb2.GetStepResultRequest.SerializeToString,
+            jobtrace_dot_v1_dot_worker__service__pb2.GetStepResultResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,14 @@ class WorkerServiceStub:
     Every report is fenced by (job_id, attempt); terminal reports are
     acknowledged once stored.
     """
+    GetStepResult: _grpc.UnaryUnaryMultiCallable[_worker_service_pb2.GetStepResultRequest, _worker_service_pb2.GetStepResultResponse]
+    """The result of a step of the workflow of a job the worker holds: what an
+    Assignment lists in upstream_refs when the upstream results were too
+    large to carry inline. Same credentials as Connect; the job must be held
+    by this worker (its id, attempt and worker_id as on the stream), else
+    FAILED_PRECONDITION; a step that has not completed is FAILED_PRECONDITION
+    too; an unknown step NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class WorkerServiceAsyncStub(WorkerServiceStub):
@@ -50,6 +58,14 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     answers welcome, then pushes assignments while the worker has free slots.
     Every report is fenced by (job_id, attempt); terminal reports are
     acknowledged once stored.
+    """
+    GetStepResult: _aio.UnaryUnaryMultiCallable[_worker_service_pb2.GetStepResultRequest, _worker_service_pb2.GetStepResultResponse]  # type: ignore[assignment]
+    """The result of a step of the workflow of a job the worker holds: what an
+    Assignment lists in upstream_refs when the upstream results were too
+    large to carry inline. Same credentials as Connect; the job must be held
+    by this worker (its id, attempt and worker_id as on the stream), else
+    FAILED_PRECONDITION; a step that has not completed is FAILED_PRECONDITION
+    too; an unknown step NOT_FOUND.
     """
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -65,6 +81,20 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         answers welcome, then pushes assignments while the worker has free slots.
         Every report is fenced by (job_id, attempt); terminal reports are
         acknowledged once stored.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStepResult(
+        self,
+        request: _worker_service_pb2.GetStepResultRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_service_pb2.GetStepResultResponse, _abc.Awaitable[_worker_service_pb2.GetStepResultResponse]]:
+        """The result of a step of the workflow of a job the worker holds: what an
+        Assignment lists in upstream_refs when the upstream results were too
+        large to carry inline. Same credentials as Connect; the job must be held
+        by this worker (its id, attempt and worker_id as on the stream), else
+        FAILED_PRECONDITION; a step that has not completed is FAILED_PRECONDITION
+        too; an unknown step NOT_FOUND.
         """
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

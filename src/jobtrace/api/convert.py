@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from jobtrace.api.errors import status_code
+from jobtrace.domain import step_data
+from jobtrace.domain.errors import FieldViolation, Invalid
 from jobtrace.domain.jobs import (
     JobSubmission,
     SizedAnnotation,
     StepSubmission,
     WorkflowSubmission,
 )
-from jobtrace.model import JSON, AnnotationInput, Backoff, Failure, Job, JobSpec, Workflow
+from jobtrace.model import (
+    JSON,
+    AnnotationInput,
+    Backoff,
+    Failure,
+    Job,
+    JobSpec,
+    StepResults,
+    Workflow,
+)
 from jobtrace.pb import common_pb2, duration_pb2, struct_pb2, timestamp_pb2
 
 
@@ -55,6 +67,71 @@ def dict_to_struct(d: JSON | None) -> struct_pb2.Struct | None:
     return s
 
 
+def exact_object(
+    field: str, exact: bytes, struct: struct_pb2.Struct, has_struct: bool
+) -> tuple[JSON | None, int]:
+    """A JSON object sent either as exact JSON (`exact`, integers kept) or as a
+    Struct (integral numbers read as integers): (value, its size in bytes);
+    (None, 0) when neither was sent. Both at once, or JSON that is not one
+    object, is INVALID_ARGUMENT naming `field`."""
+    if not exact:
+        if not has_struct:
+            return None, 0
+        return step_data.integral(struct_to_dict(struct)), struct.ByteSize()
+    if has_struct and struct.fields:
+        raise Invalid([FieldViolation(field, "set the Struct or its _json form, not both")])
+    try:
+        value = json.loads(exact, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Invalid([FieldViolation(field, f"not valid UTF-8 JSON: {exc}")]) from None
+    if not isinstance(value, dict):
+        raise Invalid([FieldViolation(field, "must be one JSON object")])
+    return value, len(exact)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def json_bytes(value: JSON | None) -> bytes:
+    """A stored JSON value as exact JSON for the wire; empty for none."""
+    return b"" if value is None else step_data.exact_json(value)
+
+
+def wants_exact_json(context: Any) -> bool:
+    """Whether the caller asked (metadata `jobtrace-json: exact`) for payloads,
+    results and outputs as exact JSON (the *_json fields) instead of Structs.
+    One form only, never both: a 1 MiB payload sent twice would not fit the
+    messages it travels in."""
+    for key, value in context.invocation_metadata() or ():
+        if key == EXACT_JSON_HEADER:
+            return bool(value == "exact")
+    return False
+
+
+EXACT_JSON_HEADER = "jobtrace-json"
+
+
+def json_forms(value: JSON | None, exact: bool) -> tuple[struct_pb2.Struct | None, bytes]:
+    """(Struct, exact JSON) of a JSON object: one of the two, as the caller asked."""
+    if exact:
+        return None, json_bytes(value)
+    return dict_to_struct(value), b""
+
+
+def step_results_to_proto(
+    r: StepResults | None, exact: bool = False
+) -> tuple[Any, bytes, list[Any]]:
+    """(Struct, exact JSON, refs) of some steps' results."""
+    if r is None:
+        return None, b"", []
+    refs = [
+        common_pb2.StepResultRef(step_name=x.step_name, job_id=x.job_id, size_bytes=x.size_bytes)
+        for x in r.refs
+    ]
+    return (*json_forms(r.inline, exact), refs)
+
+
 def value_to_py(v: struct_pb2.Value) -> Any:
     return json_format.MessageToDict(v)
 
@@ -72,18 +149,21 @@ def message_to_dict(m: Message) -> JSON:
 # --- requests -> domain -------------------------------------------------------
 
 
-def spec_from_proto(p: common_pb2.JobSpec) -> tuple[JobSpec, int]:
+def spec_from_proto(p: common_pb2.JobSpec, field: str = "job") -> tuple[JobSpec, int]:
     backoff = Backoff(
         initial_ms=duration_ms(p.backoff.initial_interval),
         multiplier=p.backoff.multiplier,
         maximum_ms=duration_ms(p.backoff.maximum_interval),
+    )
+    payload, payload_bytes = exact_object(
+        f"{field}.payload_json", p.payload_json, p.payload, p.HasField("payload")
     )
     timeout_ms = duration_ms(p.timeout)
     if p.timeout.nanos and not timeout_ms:  # sub-millisecond: round up, never to "none"
         timeout_ms = 1
     spec = JobSpec(
         service=p.service,
-        payload=struct_to_dict(p.payload),
+        payload=payload or {},
         priority=p.priority,
         max_attempts=p.max_attempts,
         timeout_ms=timeout_ms,
@@ -92,7 +172,7 @@ def spec_from_proto(p: common_pb2.JobSpec) -> tuple[JobSpec, int]:
         labels=dict(p.labels),
         backoff=backoff,
     )
-    return spec, p.payload.ByteSize()
+    return spec, payload_bytes
 
 
 def annotation_input_from_proto(p: common_pb2.AnnotationInput) -> SizedAnnotation:
@@ -123,8 +203,10 @@ def job_submission(request: Any, traceparent: str = "") -> JobSubmission:
 
 def workflow_submission(request: Any, traceparent: str = "") -> WorkflowSubmission:
     steps = []
-    for step in request.steps:
-        spec, size = spec_from_proto(step.job) if step.HasField("job") else (None, 0)
+    for i, step in enumerate(request.steps):
+        spec, size = (
+            spec_from_proto(step.job, f"steps[{i}].job") if step.HasField("job") else (None, 0)
+        )
         steps.append(
             StepSubmission(
                 name=step.name,
@@ -145,6 +227,7 @@ def workflow_submission(request: Any, traceparent: str = "") -> WorkflowSubmissi
         annotations=tuple(annotation_input_from_proto(a) for a in request.annotations),
         labels=dict(request.labels),
         traceparent=traceparent,
+        outputs=tuple(request.outputs),
     )
 
 
@@ -192,10 +275,12 @@ def _parse_timestamp(ts: timestamp_pb2.Timestamp, text: str) -> None:
 # --- domain -> responses ------------------------------------------------------
 
 
-def spec_to_proto(spec: JobSpec, *, full: bool = True) -> common_pb2.JobSpec:
+def spec_to_proto(spec: JobSpec, *, full: bool = True, exact: bool = False) -> common_pb2.JobSpec:
+    payload, payload_json = json_forms(spec.payload, exact) if full else (None, b"")
     return common_pb2.JobSpec(
         service=spec.service,
-        payload=dict_to_struct(spec.payload) if full else None,
+        payload=payload,
+        payload_json=payload_json,
         priority=spec.priority,
         max_attempts=spec.max_attempts,
         timeout=ms_to_duration(spec.timeout_ms) if spec.timeout_ms else None,
@@ -222,18 +307,21 @@ def failure_to_proto(f: Failure | None, *, full: bool = True) -> common_pb2.Fail
     )
 
 
-def job_to_proto(job: Job, *, full: bool = True) -> common_pb2.Job:
+def job_to_proto(job: Job, *, full: bool = True, exact: bool = False) -> common_pb2.Job:
     """The job; without `full` (a BASIC listing), without spec.payload,
-    result and failure.details."""
+    result and failure.details; with `exact`, payload and result as exact
+    JSON (payload_json, result_json) instead of Structs."""
+    result, result_json = json_forms(job.result, exact) if full else (None, b"")
     return common_pb2.Job(
         id=job.id,
         workflow_id=job.workflow_id,
         step_name=job.step_name,
-        spec=spec_to_proto(job.spec, full=full),
+        spec=spec_to_proto(job.spec, full=full, exact=exact),
         state=int(job.state),  # type: ignore[arg-type]
         attempt=job.attempt,
         progress=common_pb2.JobProgress(percent=job.progress_percent, message=job.progress_message),
-        result=dict_to_struct(job.result) if full else None,
+        result=result,
+        result_json=result_json,
         failure=failure_to_proto(job.failure, full=full),
         worker_id=job.worker_id,
         created_at=us_to_ts(job.created_us),
@@ -250,11 +338,13 @@ def job_to_proto(job: Job, *, full: bool = True) -> common_pb2.Job:
     )
 
 
-def workflow_to_proto(w: Workflow) -> common_pb2.Workflow:
+def workflow_to_proto(w: Workflow, exact: bool = False) -> common_pb2.Workflow:
     """The workflow; its steps are those it was read with (none in a BASIC
-    listing, whose progress still counts them)."""
+    listing, whose progress still counts them); with `exact`, its outputs as
+    exact JSON."""
     total = w.total_steps
     done = w.completed_steps
+    outputs, outputs_json, output_refs = step_results_to_proto(w.outputs, exact)
     return common_pb2.Workflow(
         id=w.id,
         name=w.name,
@@ -266,6 +356,9 @@ def workflow_to_proto(w: Workflow) -> common_pb2.Workflow:
                 state=int(s.state),  # type: ignore[arg-type]
                 depends_on=list(s.depends_on),
                 attempt=s.attempt,
+                progress=common_pb2.JobProgress(
+                    percent=s.progress_percent, message=s.progress_message
+                ),
             )
             for s in w.steps
         ],
@@ -284,6 +377,9 @@ def workflow_to_proto(w: Workflow) -> common_pb2.Workflow:
         failure=failure_to_proto(w.failure),
         labels=w.labels,
         submitted_by=w.submitted_by,
+        outputs=outputs,
+        outputs_json=outputs_json,
+        output_refs=output_refs,
     )
 
 
@@ -312,18 +408,22 @@ def hello_from_proto(p: Any, principal: Any) -> Any:
     )
 
 
-def outgoing_to_proto(message: Any) -> Any:
+def outgoing_to_proto(message: Any, exact: bool = False) -> Any:
     from jobtrace.domain import dispatch
     from jobtrace.pb import worker_service_pb2 as w
 
     if isinstance(message, dispatch.Assign):
+        upstream, upstream_json, upstream_refs = step_results_to_proto(message.upstream, exact)
         return w.ConnectResponse(
             assignment=w.Assignment(
-                job=job_to_proto(message.job),
+                job=job_to_proto(message.job, exact=exact),
                 attempt=message.job.attempt,
                 lease_deadline=us_to_ts(message.lease_deadline_us),
                 request_context=request_context_to_proto(message.request_context),
                 traceparent=message.job.traceparent,
+                upstream=upstream,
+                upstream_json=upstream_json,
+                upstream_refs=upstream_refs,
             )
         )
     if isinstance(message, dispatch.Acked):

@@ -29,6 +29,7 @@ _CODES: list[tuple[type[de.DomainError], grpc.StatusCode]] = [
     (de.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (de.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (de.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (de.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (de.Internal, grpc.StatusCode.INTERNAL),
     (de.DataLoss, grpc.StatusCode.DATA_LOSS),
 ]

@@ -44,7 +44,10 @@ class JobServicer(pb_grpc.JobServiceServicer):
         job, deduplicated = await self._jobs.submit_job(
             principal.tenant, submission, Caller(principal.subject, principal.may(Role.REVIEWER))
         )
-        return pb.SubmitJobResponse(job=convert.job_to_proto(job), deduplicated=deduplicated)
+        return pb.SubmitJobResponse(
+            job=convert.job_to_proto(job, exact=convert.wants_exact_json(context)),
+            deduplicated=deduplicated,
+        )
 
     @rpc
     async def SubmitWorkflow(
@@ -56,14 +59,17 @@ class JobServicer(pb_grpc.JobServiceServicer):
             principal.tenant, submission, Caller(principal.subject, principal.may(Role.REVIEWER))
         )
         return pb.SubmitWorkflowResponse(
-            workflow=convert.workflow_to_proto(workflow), deduplicated=deduplicated
+            workflow=convert.workflow_to_proto(workflow, convert.wants_exact_json(context)),
+            deduplicated=deduplicated,
         )
 
     @rpc
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.GetJobResponse:
         principal = self._auth.require(context, Role.READER)
         job = await self._jobs.get_job(principal.read_scope, request.job_id)
-        return pb.GetJobResponse(job=convert.job_to_proto(job))
+        return pb.GetJobResponse(
+            job=convert.job_to_proto(job, exact=convert.wants_exact_json(context))
+        )
 
     @rpc
     async def GetWorkflow(
@@ -71,7 +77,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
     ) -> pb.GetWorkflowResponse:
         principal = self._auth.require(context, Role.READER)
         workflow = await self._jobs.get_workflow(principal.read_scope, request.workflow_id)
-        return pb.GetWorkflowResponse(workflow=convert.workflow_to_proto(workflow))
+        return pb.GetWorkflowResponse(
+            workflow=convert.workflow_to_proto(workflow, convert.wants_exact_json(context))
+        )
 
     @rpc
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
@@ -85,7 +93,11 @@ class JobServicer(pb_grpc.JobServiceServicer):
             page_token=request.page_token,
             view=request.view,
             out=self._pages.encoder(
-                lambda j: convert.job_to_proto(j, full=request.view == pb.JOB_VIEW_FULL)
+                lambda j: convert.job_to_proto(
+                    j,
+                    full=request.view == pb.JOB_VIEW_FULL,
+                    exact=convert.wants_exact_json(context),
+                )
             ),
         )
         return pb.ListJobsResponse(jobs=page.items, next_page_token=page.next_page_token)
@@ -102,7 +114,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
             page_size=request.page_size,
             page_token=request.page_token,
             view=request.view,
-            out=self._pages.encoder(convert.workflow_to_proto),
+            out=self._pages.encoder(
+                lambda w: convert.workflow_to_proto(w, convert.wants_exact_json(context))
+            ),
         )
         return pb.ListWorkflowsResponse(workflows=page.items, next_page_token=page.next_page_token)
 
@@ -112,7 +126,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
         job = await self._jobs.cancel_job(
             principal.read_scope, request.job_id, request.reason, principal.subject
         )
-        return pb.CancelJobResponse(job=convert.job_to_proto(job))
+        return pb.CancelJobResponse(
+            job=convert.job_to_proto(job, exact=convert.wants_exact_json(context))
+        )
 
     @rpc
     async def CancelWorkflow(
@@ -122,7 +138,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
         workflow = await self._jobs.cancel_workflow(
             principal.read_scope, request.workflow_id, request.reason, principal.subject
         )
-        return pb.CancelWorkflowResponse(workflow=convert.workflow_to_proto(workflow))
+        return pb.CancelWorkflowResponse(
+            workflow=convert.workflow_to_proto(workflow, convert.wants_exact_json(context))
+        )
 
     @rpc
     async def WatchJob(
@@ -133,7 +151,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
         with self._streams.hold(principal):
             async with aclosing(guarded(self._auth, context, principal, watch)) as jobs:
                 async for job in jobs:
-                    yield pb.WatchJobResponse(job=convert.job_to_proto(job))
+                    yield pb.WatchJobResponse(
+                        job=convert.job_to_proto(job, exact=convert.wants_exact_json(context))
+                    )
 
     @rpc
     async def WatchWorkflow(
@@ -145,6 +165,56 @@ class JobServicer(pb_grpc.JobServiceServicer):
             async with aclosing(guarded(self._auth, context, principal, watch)) as changes:
                 async for workflow, job in changes:
                     yield pb.WatchWorkflowResponse(
-                        workflow=convert.workflow_to_proto(workflow),
-                        changed_job=convert.job_to_proto(job) if job is not None else None,
+                        workflow=convert.workflow_to_proto(
+                            workflow, convert.wants_exact_json(context)
+                        ),
+                        changed_job=convert.job_to_proto(
+                            job, exact=convert.wants_exact_json(context)
+                        )
+                        if job is not None
+                        else None,
                     )
+
+    @rpc
+    async def AwaitJob(self, request: pb.AwaitJobRequest, context: Any) -> pb.AwaitJobResponse:
+        principal = self._auth.require(context, Role.READER)
+        with self._streams.hold(principal):
+            job = await self._jobs.await_job(
+                principal.read_scope, request.job_id, await_seconds(request, context)
+            )
+        return pb.AwaitJobResponse(
+            job=convert.job_to_proto(job, exact=convert.wants_exact_json(context))
+        )
+
+    @rpc
+    async def AwaitWorkflow(
+        self, request: pb.AwaitWorkflowRequest, context: Any
+    ) -> pb.AwaitWorkflowResponse:
+        principal = self._auth.require(context, Role.READER)
+        with self._streams.hold(principal):
+            workflow = await self._jobs.await_workflow(
+                principal.read_scope, request.workflow_id, await_seconds(request, context)
+            )
+        return pb.AwaitWorkflowResponse(
+            workflow=convert.workflow_to_proto(workflow, convert.wants_exact_json(context))
+        )
+
+
+# Answer a little before the call's deadline, so the caller gets AWAIT_TIMEOUT
+# with the current state rather than a bare DEADLINE_EXCEEDED of its own.
+_DEADLINE_MARGIN_S = 0.05
+
+
+def await_seconds(request: Any, context: Any) -> float | None:
+    """How long an Await call waits: its timeout, cut to the call's deadline;
+    None (until the run ends) when it has neither. A negative timeout is left
+    for the domain to refuse."""
+    wait: float | None = None
+    if request.HasField("timeout"):
+        t = request.timeout
+        wait = t.seconds + t.nanos / 1e9 or None
+    remaining = context.time_remaining()
+    if remaining is not None and (wait is None or wait >= 0):
+        cut = max(0.0, remaining - _DEADLINE_MARGIN_S)
+        wait = cut if wait is None else min(wait, cut)
+    return wait

@@ -14,7 +14,7 @@ import grpc
 
 from jobtrace.api import convert
 from jobtrace.api.credentials import CredentialWatch
-from jobtrace.api.errors import to_status
+from jobtrace.api.errors import rpc, to_status
 from jobtrace.api.handlers import MalformedRequest
 from jobtrace.api.limits import StreamLimiter
 from jobtrace.api.wellformed import check_request
@@ -22,6 +22,7 @@ from jobtrace.auth import Authenticator, Role
 from jobtrace.domain import dispatch
 from jobtrace.domain import errors as domain_errors
 from jobtrace.domain.errors import DomainError, FailedPrecondition, Invalid, log_failure
+from jobtrace.domain.worker_identity import WorkerIdentity
 from jobtrace.model import Failure
 from jobtrace.pb import worker_service_pb2 as pb
 from jobtrace.pb import worker_service_pb2_grpc as pb_grpc
@@ -62,6 +63,24 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             # The session ended like a lost stream (its leases handled as such).
             await context.abort_with_status(to_status(watch.lapsed))
 
+    @rpc
+    async def GetStepResult(
+        self, request: pb.GetStepResultRequest, context: Any
+    ) -> pb.GetStepResultResponse:
+        principal = self._auth.require(context, Role.WORKER)
+        identity = WorkerIdentity(
+            principal.tenant, principal.subject, request.worker_id, principal.authenticated
+        )
+        result = await self._scheduler.step_result(
+            identity,
+            None if principal.is_admin else principal.allowed_tenants,
+            request.job_id,
+            request.attempt,
+            request.step_name,
+        )
+        struct, exact = convert.json_forms(result, convert.wants_exact_json(context))
+        return pb.GetStepResultResponse(result=struct, result_json=exact)
+
     async def _session(
         self,
         request_iterator: AsyncIterator[pb.ConnectRequest],
@@ -89,6 +108,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             yield convert.outgoing_to_proto(unexpected(hello.worker_id, first, exc, fatal=True))
             return
         watch.start(lambda error: session.close(f"credentials lapsed: {error.message}"))
+        exact = convert.wants_exact_json(context)
         yield convert.outgoing_to_proto(welcome)
         reader = asyncio.create_task(self._read(request_iterator, session))
         lost = True
@@ -97,7 +117,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 message = await session.next_outgoing()
                 if message is None or watch.check() is not None:
                     break  # nothing is sent once the credentials have lapsed
-                yield convert.outgoing_to_proto(message)
+                yield convert.outgoing_to_proto(message, exact)
             lost = not self._scheduler_draining(session)
         finally:
             reader.cancel()
@@ -234,8 +254,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             return dispatch.Acked(m.message_id, p.job_id, p.attempt)
         if kind == "complete":
             c = m.complete
-            result = convert.struct_to_dict(c.result) if c.HasField("result") else None
-            await s.complete(session, c.job_id, c.attempt, result, c.result.ByteSize())
+            result, size = convert.exact_object(
+                "complete.result_json", c.result_json, c.result, c.HasField("result")
+            )
+            await s.complete(session, c.job_id, c.attempt, result, size)
             return dispatch.Acked(m.message_id, c.job_id, c.attempt)
         if kind == "fail":
             f = m.fail

@@ -17,7 +17,7 @@ from jobtrace import conventions
 from jobtrace.cli import render
 from jobtrace.cli.render import Style, as_json, print_json, state_name, when
 from jobtrace.client import Client, Endpoint
-from jobtrace.client.api import Page
+from jobtrace.client.api import Page, job_payload, job_result
 from jobtrace.client.workflow_file import SCHEMA, load_workflow
 from jobtrace.ids import run_kind
 from jobtrace.pb import attestation_service_pb2, common_pb2
@@ -245,15 +245,19 @@ def describe_job(job: common_pb2.Job, s: Style) -> None:
         ("created", when(job.created_at)),
         ("started", when(job.started_at)),
         ("completed", when(job.completed_at)),
-        ("payload", json.dumps(as_json(job.spec.payload)) if job.spec.HasField("payload") else "-"),
+        ("payload", json.dumps(job_payload(job)) if _has_payload(job) else "-"),
     ]
-    if job.HasField("result"):
-        rows.append(("result", json.dumps(as_json(job.result))))
+    if job.HasField("result") or job.result_json:
+        rows.append(("result", json.dumps(job_result(job))))
     if job.HasField("failure"):
         f = job.failure
         rows.append(("failure", f"{f.code or '-'}: {f.reason} (retryable: {f.retryable})"))
     for key, value in rows:
         print(f"{key:>10}  {value}")
+
+
+def _has_payload(job: common_pb2.Job) -> bool:
+    return bool(job.spec.payload_json) or job.spec.HasField("payload")
 
 
 def describe_workflow(workflow: common_pb2.Workflow, s: Style) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -34,8 +35,29 @@ def exit_code_for(state: int) -> int:
 
 
 def as_json(message: Message) -> dict[str, Any]:
-    """A message in its proto3 JSON form, with the .proto field names."""
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    """A message in its proto3 JSON form, with the .proto field names; exact
+    JSON fields (payload_json, result_json...) shown as the JSON they hold,
+    under the name without _json (not as base64)."""
+    return cast(
+        dict[str, Any],
+        _exact_json(json_format.MessageToDict(message, preserving_proto_field_name=True)),
+    )
+
+
+# The bytes fields that hold exact JSON, shown in place of their Struct twin.
+_EXACT_FIELDS = ("payload_json", "result_json", "outputs_json", "upstream_json")
+
+
+def _exact_json(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_exact_json(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {k: _exact_json(v) for k, v in value.items()}
+    for name in _EXACT_FIELDS:
+        if isinstance(out.get(name), str):
+            out[name.removesuffix("_json")] = json.loads(base64.b64decode(out.pop(name)))
+    return out
 
 
 def print_json(value: Any, out: TextIO | None = None) -> None:

@@ -1,6 +1,15 @@
 """Python clients of jobtrace: typed async and sync API clients and the worker runtime."""
 
-from jobtrace.client.api import Client, Page, RetryPolicy, TracePage, job_spec
+from jobtrace.client.api import (
+    Client,
+    Page,
+    RetryPolicy,
+    TracePage,
+    job_payload,
+    job_result,
+    job_spec,
+    workflow_outputs,
+)
 from jobtrace.client.channel import Endpoint, InsecureTokenWarning
 from jobtrace.client.errors import (
     AlreadyExists,
@@ -14,6 +23,7 @@ from jobtrace.client.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    RunFailed,
     Unauthenticated,
     Unavailable,
 )
@@ -44,12 +54,16 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "RetryPolicy",
+    "RunFailed",
     "SyncClient",
     "SyncJobContext",
     "TracePage",
     "Unauthenticated",
     "Unavailable",
     "Worker",
+    "job_payload",
+    "job_result",
     "job_spec",
     "verify_offline",
+    "workflow_outputs",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import uuid
 from collections.abc import (
@@ -26,10 +27,11 @@ from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from jobtrace.client.channel import DEFAULT_TARGET, Endpoint
-from jobtrace.client.errors import from_rpc_error
+from jobtrace.client.errors import FieldViolation, InvalidInput, RunFailed, from_rpc_error
 from jobtrace.client.inputs import Inputs, message_from
 from jobtrace.pb import (
     attestation_service_pb2,
@@ -46,6 +48,11 @@ from jobtrace.pb import (
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
+
+# The longest single AwaitJob / AwaitWorkflow call; a longer wait makes several.
+AWAIT_ROUND_S = 60.0
+# How long past its own timeout an Await call may take before the client gives up.
+AWAIT_GRACE_S = 10.0
 
 Seconds = float | timedelta
 When = datetime | timestamp_pb2.Timestamp
@@ -189,10 +196,12 @@ class Client:
         delays = self.retry.delays() if retry else iter(())
         while True:
             try:
-                return await method(
-                    request,
-                    timeout=self.timeout,
-                    metadata=self.endpoint.metadata(*extra_metadata),
+                return with_structs(
+                    await method(
+                        request,
+                        timeout=self.timeout,
+                        metadata=self.endpoint.metadata(*extra_metadata),
+                    )
                 )
             except grpc.aio.AioRpcError as err:
                 delay = next(delays, None) if _retryable(err) else None
@@ -213,7 +222,7 @@ class Client:
                     delays = self.retry.delays()  # progress: a fresh retry budget
                     if resume is not None:
                         resume(item)
-                    yield item
+                    yield with_structs(item)
                 return
             except grpc.aio.AioRpcError as err:
                 delay = next(delays, None) if _retryable(err) else None
@@ -285,9 +294,12 @@ class Client:
         request_context: common_pb2.RequestContext | Mapping[str, Any] | None = None,
         annotations: Sequence[common_pb2.AnnotationInput | Mapping[str, Any]] = (),
         traceparent: str | None = None,
+        outputs: Sequence[str] = (),
     ) -> common_pb2.Workflow:
         """Submit a workflow. Steps are WorkflowStepSpec messages or mappings in their
-        JSON form (`{"name": ..., "job": {"service": ...}, "depends_on": [...]}`)."""
+        JSON form (`{"name": ..., "job": {"service": ...}, "depends_on": [...]}`).
+        `outputs` names the steps whose results are the workflow's outputs
+        (default: the steps no other step depends on)."""
         inputs = Inputs()
         request = job_service_pb2.SubmitWorkflowRequest(
             request_id=request_id or _new_request_id(),
@@ -305,6 +317,7 @@ class Client:
                 inputs.message(common_pb2.AnnotationInput, a, f"annotations[{i}]")
                 for i, a in enumerate(annotations)
             ],
+            outputs=list(outputs),
         )
         inputs.done()
         extra = (("traceparent", traceparent),) if traceparent else ()
@@ -426,6 +439,94 @@ class Client:
         async with contextlib.aclosing(stream):
             async for response in stream:
                 yield response
+
+    async def await_job(self, job_id: str, *, timeout: Seconds | None = None) -> common_pb2.Job:
+        """Wait until the job ends and return it (COMPLETED with its result, or
+        FAILED, CANCELLED...: the job says how it ended). `timeout` (seconds)
+        bounds the wait: past it, DeadlineExceeded (reason AWAIT_TIMEOUT); None
+        waits as long as it takes. The server follows the job's changes (no
+        polling); a lost connection is retried."""
+        response: job_service_pb2.AwaitJobResponse = await self._await(
+            self.jobs_stub.AwaitJob,
+            lambda wait: job_service_pb2.AwaitJobRequest(job_id=job_id, timeout=wait),
+            timeout,
+        )
+        return response.job
+
+    async def await_workflow(
+        self, workflow_id: str, *, timeout: Seconds | None = None
+    ) -> common_pb2.Workflow:
+        """Wait until the workflow ends and return it, with its outputs when it
+        COMPLETED; `timeout` as in await_job."""
+        response: job_service_pb2.AwaitWorkflowResponse = await self._await(
+            self.jobs_stub.AwaitWorkflow,
+            lambda wait: job_service_pb2.AwaitWorkflowRequest(
+                workflow_id=workflow_id, timeout=wait
+            ),
+            timeout,
+        )
+        return response.workflow
+
+    async def result(self, job_id: str, *, timeout: Seconds | None = None) -> Any:
+        """The job's result as plain Python values (integers stay ints), once
+        it completes: Celery's `AsyncResult.get()`, Temporal's
+        `handle.result()`. Raises RunFailed when the job ended otherwise,
+        DeadlineExceeded when `timeout` seconds pass first."""
+        job = await self.await_job(job_id, timeout=timeout)
+        if job.state != common_pb2.RUN_STATE_COMPLETED:
+            raise RunFailed.of_job(job)
+        return job_result(job)
+
+    async def outputs(self, workflow_id: str, *, timeout: Seconds | None = None) -> dict[str, Any]:
+        """The workflow's outputs (step name -> result, as plain Python values)
+        once it completes; results too large to travel inline are fetched.
+        Raises RunFailed when the workflow ended otherwise, DeadlineExceeded
+        when `timeout` seconds pass first."""
+        workflow = await self.await_workflow(workflow_id, timeout=timeout)
+        if workflow.state != common_pb2.RUN_STATE_COMPLETED:
+            raise RunFailed.of_workflow(workflow)
+        out = workflow_outputs(workflow)
+        for ref in workflow.output_refs:
+            out[ref.step_name] = job_result(await self.get_job(ref.job_id))
+        return out
+
+    async def _await(
+        self,
+        method: Callable[..., Awaitable[Any]],
+        request: Callable[[duration_pb2.Duration], Message],
+        timeout: Seconds | None,
+    ) -> Any:
+        """One Await call after the other, each at most AWAIT_ROUND_S long (so
+        no proxy takes a silent call for a dead one), until the run ends or
+        `timeout` has passed."""
+        total = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        loop = asyncio.get_running_loop()
+        end = None if total is None else loop.time() + total
+        delays = self.retry.delays()
+        while True:
+            left = AWAIT_ROUND_S if end is None else max(0.0, end - loop.time())
+            wait = min(left, AWAIT_ROUND_S)
+            # Zero means "no timeout" on the wire: the least wait instead.
+            bound = _duration(wait) if wait > 0 else None
+            try:
+                return with_structs(
+                    await method(
+                        request(bound or duration_pb2.Duration(nanos=1)),
+                        # The server answers AWAIT_TIMEOUT at `wait`; the deadline
+                        # only covers a server that does not answer at all.
+                        timeout=wait + AWAIT_GRACE_S,
+                        metadata=self.endpoint.metadata(),
+                    )
+                )
+            except grpc.aio.AioRpcError as err:
+                error = from_rpc_error(err)
+                if error.reason == "AWAIT_TIMEOUT" and (end is None or loop.time() < end):
+                    delays = self.retry.delays()
+                    continue  # this round ended; the wait goes on
+                delay = next(delays, None) if _retryable(err) else None
+                if delay is None:
+                    raise error from err
+                await asyncio.sleep(delay)
 
     # --- TraceService ---------------------------------------------------------------
 
@@ -662,6 +763,63 @@ async def _every(
         token = page.next_page_token
 
 
+# --- reading results ----------------------------------------------------------------
+
+
+def with_structs(message: M) -> M:
+    """The message with the Struct twin of each exact JSON field filled in.
+    The client asks for exact JSON (metadata `jobtrace-json: exact`) and the
+    server sends one form only; code that reads `job.result` or
+    `job.spec.payload` keeps working, and `job_result(job)` reads the exact
+    form (integers as ints)."""
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_MESSAGE:
+            kind = field.message_type
+            if kind is None or kind.full_name.startswith("google.protobuf."):
+                continue
+            if isinstance(value, Message):
+                with_structs(value)
+            elif not kind.GetOptions().map_entry:  # repeated (a map's values are left)
+                for item in value:
+                    with_structs(item)
+        elif field.type == field.TYPE_BYTES and field.name.endswith("_json"):
+            twin = field.name.removesuffix("_json")
+            if twin in message.DESCRIPTOR.fields_by_name and not message.HasField(twin):
+                getattr(message, twin).update(json.loads(value))
+    return message
+
+
+def plain_json(exact: bytes, struct: struct_pb2.Struct | None) -> Any:
+    """A JSON value as plain Python: from its exact JSON when the server sent
+    it (integers stay ints), else from the Struct (whose numbers are floats)."""
+    if exact:
+        return json.loads(exact)
+    if struct is None:
+        return None
+    return json_format.MessageToDict(struct)
+
+
+def job_result(job: common_pb2.Job) -> Any:
+    """A job's result as plain Python values (None before it completes)."""
+    if not job.result_json and not job.HasField("result"):
+        return None
+    return plain_json(job.result_json, job.result)
+
+
+def job_payload(job: common_pb2.Job) -> dict[str, Any]:
+    """A job's payload as plain Python values (integers stay ints)."""
+    spec = job.spec
+    return plain_json(spec.payload_json, spec.payload) or {}
+
+
+def workflow_outputs(workflow: common_pb2.Workflow) -> dict[str, Any]:
+    """The outputs a workflow carries inline (step name -> result); the steps
+    in `workflow.output_refs` are not among them (see Client.outputs)."""
+    if not workflow.outputs_json and not workflow.HasField("outputs"):
+        return {}
+    return plain_json(workflow.outputs_json, workflow.outputs) or {}
+
+
 # --- building requests --------------------------------------------------------------
 
 
@@ -677,10 +835,11 @@ def job_spec(
     labels: Mapping[str, str] | None = None,
     backoff: common_pb2.BackoffPolicy | None = None,
 ) -> common_pb2.JobSpec:
-    """A JobSpec from plain Python values."""
+    """A JobSpec from plain Python values; the payload travels as exact JSON
+    (payload_json), so integers stay integers."""
     return common_pb2.JobSpec(
         service=service,
-        payload=_struct(payload),
+        payload_json=_exact(payload),
         priority=priority,
         max_attempts=max_attempts,
         timeout=_duration(timeout),
@@ -763,6 +922,16 @@ def _message(kind: type[M], value: M | Mapping[str, Any] | None, path: str) -> M
 
 def _required(kind: type[M], value: M | Mapping[str, Any], path: str) -> M:
     return message_from(kind, value, path)
+
+
+def _exact(value: Mapping[str, Any] | None) -> bytes:
+    """A payload as exact JSON; InvalidInput (field `payload`) if JSON cannot hold it."""
+    if value is None:
+        return b""
+    try:
+        return json.dumps(dict(value), separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput([FieldViolation("payload", f"not JSON: {exc}")]) from None
 
 
 def _struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct | None:

@@ -107,7 +107,13 @@ class Endpoint:
 
     def metadata(self, *extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
         auth = (("authorization", f"Bearer {self.token}"),) if self.token else ()
-        return (*auth, *extra)
+        # This client reads payloads, results and outputs as exact JSON: the
+        # server sends the *_json fields instead of the Structs (smaller, and
+        # integers stay integers).
+        return (*auth, EXACT_JSON, *extra)
+
+
+EXACT_JSON = ("jobtrace-json", "exact")
 
 
 def _loopback_target(target: str) -> bool:

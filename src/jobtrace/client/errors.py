@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
@@ -110,6 +111,38 @@ class DeadlineExceeded(JobtraceError):
 
 class DataLoss(JobtraceError):
     """Stored data is damaged (e.g. an attestation row edited by hand)."""
+
+
+class RunFailed(JobtraceError):
+    """A job or workflow that was awaited for its result ended without one:
+    `state` says how (FAILED, CANCELLED, TERMINATED, TIMED_OUT), `failure` why
+    (a jobtrace.v1.Failure), `run` is the Job or Workflow as it ended. Its
+    code is FAILED_PRECONDITION (the call itself succeeded) and its reason
+    RUN_<STATE>, e.g. RUN_FAILED."""
+
+    def __init__(self, run: Any, kind: str) -> None:
+        from jobtrace.pb import common_pb2
+
+        state = common_pb2.RunState.Name(run.state).removeprefix("RUN_STATE_")
+        failure = run.failure
+        why = f": {failure.reason}" if failure.reason else ""
+        super().__init__(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"{kind} {run.id} ended {state}{why}",
+            reason=f"RUN_{state}",
+            metadata={f"{kind}_id": run.id, "state": state, "code": failure.code},
+        )
+        self.run = run
+        self.state = state
+        self.failure = failure
+
+    @classmethod
+    def of_job(cls, job: Any) -> RunFailed:
+        return cls(job, "job")
+
+    @classmethod
+    def of_workflow(cls, workflow: Any) -> RunFailed:
+        return cls(workflow, "workflow")
 
 
 _BY_CODE: dict[grpc.StatusCode, type[JobtraceError]] = {

@@ -68,6 +68,12 @@ class SyncJobContext:
         return self.context.payload
 
     @property
+    def upstream(self) -> dict[str, Any]:
+        """Step name -> result of each step this one depends on (a workflow
+        step only), as plain Python values."""
+        return self.context.upstream
+
+    @property
     def request_context(self) -> common_pb2.RequestContext:
         """The request that caused the job (body, user, metadata)."""
         return self.context.request_context

@@ -154,9 +154,12 @@ class SyncClient:
         request_context: common_pb2.RequestContext | Mapping[str, Any] | None = None,
         annotations: Sequence[common_pb2.AnnotationInput | Mapping[str, Any]] = (),
         traceparent: str | None = None,
+        outputs: Sequence[str] = (),
     ) -> common_pb2.Workflow:
         """Submit a workflow. Steps are WorkflowStepSpec messages or mappings in their
-        JSON form (`{"name": ..., "job": {"service": ...}, "depends_on": [...]}`)."""
+        JSON form (`{"name": ..., "job": {"service": ...}, "depends_on": [...]}`).
+        `outputs` names the steps whose results are the workflow's outputs
+        (default: the steps no other step depends on)."""
         return self._run(
             self.client.submit_workflow(
                 name,
@@ -167,6 +170,7 @@ class SyncClient:
                 request_context=request_context,
                 annotations=annotations,
                 traceparent=traceparent,
+                outputs=outputs,
             )
         )
 
@@ -405,3 +409,30 @@ class SyncClient:
                 view=view,
             )
         )
+
+    # Waiting for results: written out, so help() and type checkers see them.
+
+    def await_job(self, job_id: str, *, timeout: Seconds | None = None) -> common_pb2.Job:
+        """Block until the job ends and return it (COMPLETED with its result, or
+        FAILED, CANCELLED...). `timeout` (seconds) bounds the wait: past it,
+        DeadlineExceeded (reason AWAIT_TIMEOUT); None waits as long as it takes."""
+        return self._run(self.client.await_job(job_id, timeout=timeout))
+
+    def await_workflow(
+        self, workflow_id: str, *, timeout: Seconds | None = None
+    ) -> common_pb2.Workflow:
+        """Block until the workflow ends and return it, with its outputs when it
+        COMPLETED; `timeout` as in await_job."""
+        return self._run(self.client.await_workflow(workflow_id, timeout=timeout))
+
+    def result(self, job_id: str, *, timeout: Seconds | None = None) -> Any:
+        """The job's result as plain Python values (integers stay ints), once it
+        completes. Raises RunFailed when it ended otherwise, DeadlineExceeded
+        when `timeout` seconds pass first."""
+        return self._run(self.client.result(job_id, timeout=timeout))
+
+    def outputs(self, workflow_id: str, *, timeout: Seconds | None = None) -> dict[str, Any]:
+        """The workflow's outputs (step name -> result, plain Python values) once
+        it completes. Raises RunFailed when it ended otherwise, DeadlineExceeded
+        when `timeout` seconds pass first."""
+        return self._run(self.client.outputs(workflow_id, timeout=timeout))

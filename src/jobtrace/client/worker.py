@@ -28,20 +28,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
 import socket
 import threading
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
+from jobtrace.client.api import job_payload, plain_json, with_structs
 from jobtrace.client.channel import Endpoint
 from jobtrace.client.handlers import H, Handler, adapt
 from jobtrace.client.handlers import NonRetryableError as NonRetryableError
@@ -71,6 +73,11 @@ class JobContext:
     # The same, for handlers running in a thread.
     _cancelled_in_threads: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = ""
+    # Step name -> result of each step this one depends on (a workflow step
+    # only), as plain Python values: `ctx.upstream["download"]`. Results too
+    # large to travel with the assignment are fetched before the handler runs.
+    upstream: dict[str, Any] = field(default_factory=dict)
+    _upstream_refs: tuple[common_pb2.StepResultRef, ...] = ()
 
     @property
     def job_id(self) -> str:
@@ -234,6 +241,8 @@ class Worker:
         self._draining = False
         self._stop = asyncio.Event()
         self._call: Any = None
+        self._stub: Any = None
+        self._metadata: Any = None
         self._acked = asyncio.Event()  # set on every ack and when a stream ends
         self._background: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
@@ -366,6 +375,7 @@ class Worker:
         heartbeats: asyncio.Task[None] | None = None
         async with channel:
             stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
+            self._stub, self._metadata = stub, metadata  # for GetStepResult
             call = stub.Connect(requests(), metadata=metadata)
             self._call = call
             try:
@@ -513,13 +523,16 @@ class Worker:
     # --- jobs --------------------------------------------------------------------
 
     def _start(self, a: worker_service_pb2.Assignment) -> None:
+        with_structs(a)  # ctx.job.spec.payload as well as ctx.payload
         ctx = JobContext(
             job=a.job,
             attempt=a.attempt,
-            payload=json_format.MessageToDict(a.job.spec.payload),
+            payload=job_payload(a.job),
             request_context=a.request_context,
             traceparent=a.traceparent,
             _worker=self,
+            upstream=plain_json(a.upstream_json, a.upstream) or {},
+            _upstream_refs=tuple(a.upstream_refs),
         )
         task = asyncio.create_task(self._run_job(ctx))
         self._running[a.job.id] = (ctx, task)
@@ -538,17 +551,18 @@ class Worker:
         try:
             if handler is None:
                 raise NonRetryableError(f"no handler for service {ctx.job.spec.service!r}")
+            await self._fetch_upstream(ctx)
             result = await handler(ctx)
-            body = struct_pb2.Struct()
-            body.update(result or {})
-            if body.ByteSize() > MAX_RESULT_BYTES:
+            # Exact JSON, not a Struct: integers stay integers.
+            body = result_json(result)
+            if len(body) > MAX_RESULT_BYTES:
                 raise NonRetryableError(
-                    f"the result is {body.ByteSize()} bytes; at most {MAX_RESULT_BYTES} are stored",
+                    f"the result is {len(body)} bytes; at most {MAX_RESULT_BYTES} are stored",
                     code="RESULT_TOO_LARGE",
                 )
             report = worker_service_pb2.ConnectRequest(
                 complete=worker_service_pb2.CompleteReport(
-                    job_id=ctx.job.id, attempt=ctx.attempt, result=body
+                    job_id=ctx.job.id, attempt=ctx.attempt, result_json=body
                 )
             )
             self.completed += 1
@@ -571,6 +585,23 @@ class Worker:
             if report is not None:
                 await self._send(report, wait=False, keep=True)
 
+    async def _fetch_upstream(self, ctx: JobContext) -> None:
+        """Read the upstream results the assignment carried by reference (too
+        large to travel inline) into ctx.upstream. A failure fails the attempt
+        (retryable) like any error before the handler's end."""
+        for ref in ctx._upstream_refs:
+            response = await self._stub.GetStepResult(
+                worker_service_pb2.GetStepResultRequest(
+                    job_id=ctx.job.id,
+                    attempt=ctx.attempt,
+                    worker_id=self.worker_id,
+                    step_name=ref.step_name,
+                ),
+                metadata=self._metadata,
+                timeout=UPSTREAM_FETCH_TIMEOUT_S,
+            )
+            ctx.upstream[ref.step_name] = plain_json(response.result_json, response.result)
+
     async def _replace_refused(
         self, report: worker_service_pb2.ConnectRequest, error: worker_service_pb2.StreamError
     ) -> None:
@@ -591,6 +622,18 @@ class Worker:
 
 
 MAX_RESULT_BYTES = 1024 * 1024
+
+
+def result_json(result: Mapping[str, Any] | None) -> bytes:
+    """A handler's result as exact JSON; a value JSON cannot hold (NaN, a
+    set, an object) fails the attempt for good."""
+    try:
+        return json.dumps(dict(result or {}), separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise NonRetryableError(f"the result is not JSON: {exc}", code="RESULT_NOT_JSON") from exc
+
+
+UPSTREAM_FETCH_TIMEOUT_S = 60.0
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 # Answers to a report that mean it was not stored for a reason of the server's
 # (its database unreachable, a fault of its own): the same report may be stored

@@ -70,6 +70,12 @@ class Unavailable(DomainError):
     reason = "UNAVAILABLE"
 
 
+class DeadlineExceeded(DomainError):
+    """A wait the caller bounded ended before what it waited for happened."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+
 class Internal(DomainError):
     """A fault of the server, not of the caller: never raised by a rule, only
     used to answer a message whose handling failed unexpectedly."""

@@ -6,8 +6,9 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
@@ -19,6 +20,7 @@ from jobtrace.domain import lifecycle
 from jobtrace.domain import redact as redact_rules
 from jobtrace.domain.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     NotFound,
     ResourceExhausted,
@@ -63,6 +65,11 @@ MAX_SUBMIT_ANNOTATIONS = 16
 MAX_REASON = 1000
 # Jobs listed in one notice to the other replicas (see Jobs._changed).
 JOBS_PER_NOTICE = 40
+# WatchWorkflow sends a step's progress at most this often (seconds); its
+# state changes go at once.
+STEP_PROGRESS_INTERVAL_S = 0.25
+# The longest wait one AwaitJob / AwaitWorkflow call may ask for (seconds).
+MAX_AWAIT_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +111,8 @@ class WorkflowSubmission:
     annotations: tuple[SizedAnnotation, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)
     traceparent: str = ""
+    # The steps whose results are its outputs (): those no step depends on.
+    outputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +378,13 @@ class Jobs:
                         default_priority=sub.priority,
                     )
                 )
+        claimed_outputs: set[str] = set()
+        for i, name in enumerate(sub.outputs):
+            if name not in seen:
+                v.add(f"outputs[{i}]", f"unknown step {name!r}")
+            elif name in claimed_outputs:
+                v.add(f"outputs[{i}]", f"step {name!r} is named twice")
+            claimed_outputs.add(name)
         if not v.items:
             deps = resolve_dependencies(v, sub.steps)
         v.raise_if_any()
@@ -428,7 +444,7 @@ class Jobs:
                 request_hash=sub.request_hash,
                 created_us=now,
             )
-            await store.insert_workflow(session, workflow, context)
+            await store.insert_workflow(session, workflow, context, sub.outputs)
             # Steps read the request context from their workflow.
             await store.insert_jobs(
                 session, [store.job_values(j, {}, step_index=i) for i, j in enumerate(jobs)]
@@ -758,14 +774,19 @@ class Jobs:
         async with self._db.read() as session:
             return await store.queue_depth(session)
 
-    async def _next_changes(self, sub: Subscription) -> tuple[list[Job], bool]:
-        """Wait for changes. When the server stops, the watch ends UNAVAILABLE (not
-        an empty OK, which would read as "no more changes"): watch again elsewhere."""
+    async def _next_changes(
+        self, sub: Subscription, timeout: float | None = None
+    ) -> tuple[list[Job], bool]:
+        """Wait for changes (at most `timeout` seconds: then none). When the
+        server stops, the watch ends UNAVAILABLE (not an empty OK, which would
+        read as "no more changes"): watch again elsewhere."""
         if not sub.wakeup.is_set():
             stop = asyncio.ensure_future(self.stopping.wait())
             woken = asyncio.ensure_future(sub.wakeup.wait())
             try:
-                await asyncio.wait({stop, woken}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {stop, woken}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
             finally:
                 stop.cancel()
                 woken.cancel()
@@ -773,7 +794,7 @@ class Jobs:
             raise Unavailable("server shutting down; watch again", reason="SHUTTING_DOWN")
         return sub.drain()
 
-    async def watch_job(self, tenant: str | None, job_id: str) -> AsyncIterator[Job]:
+    async def watch_job(self, tenant: str | None, job_id: str) -> AsyncGenerator[Job, None]:
         """The job now, then each change, until a terminal state. Subscribes before
         reading the snapshot so nothing committed in between is missed."""
         with self.feed.subscribe(job_id) as sub:
@@ -790,13 +811,114 @@ class Jobs:
 
     async def watch_workflow(
         self, tenant: str | None, workflow_id: str
-    ) -> AsyncIterator[tuple[Workflow, Job | None]]:
+    ) -> AsyncGenerator[tuple[Workflow, Job | None], None]:
+        """The workflow now, then each change of it or of a step's state or
+        progress, until a terminal state. Progress alone is throttled: at most
+        one message per step per STEP_PROGRESS_INTERVAL_S, and the latest
+        value is always sent (held back, then sent when its time comes)."""
         with self.feed.subscribe(workflow_id) as sub:
             last = await self.get_workflow(tenant, workflow_id)
             yield last, None
+            sent_at: dict[str, float] = {}  # step name -> when its progress was last sent
+            due: float | None = None  # when a held-back progress change is to be sent
+            held_job: Job | None = None
             while not last.state.terminal:
-                items, _ = await self._next_changes(sub)
+                wait = None if due is None else max(0.0, due - time.monotonic())
+                items, _ = await self._next_changes(sub, wait)
+                held_job = items[-1] if items else held_job
                 current = await self.get_workflow(tenant, workflow_id)
-                if current != last:
-                    last = current
-                    yield current, (items[-1] if items else None)
+                if current == last:
+                    due = None
+                    continue
+                now = time.monotonic()
+                moved = _progress_only(last, current)
+                if moved is not None:
+                    next_due = min(sent_at.get(n, -1e9) + STEP_PROGRESS_INTERVAL_S for n in moved)
+                    if next_due > now:
+                        due = next_due
+                        continue
+                    for name in moved:
+                        sent_at[name] = now
+                last, due = current, None
+                yield current, _as_of(held_job, current)
+                held_job = None
+
+    # --- waiting for the end --------------------------------------------------
+
+    async def await_job(self, tenant: str | None, job_id: str, wait_s: float | None) -> Job:
+        """The job once it has ended, followed on its change feed (no polling);
+        DEADLINE_EXCEEDED (AWAIT_TIMEOUT) when `wait_s` seconds pass first. A
+        job that has already ended is answered whatever the wait."""
+        check_wait(wait_s)
+        async with aclosing(self.watch_job(tenant, job_id)) as jobs:
+            last = await anext(jobs)
+            try:
+                async with asyncio.timeout(wait_s):
+                    async for job in jobs:
+                        last = job
+            except TimeoutError:
+                raise _await_timeout("job", job_id, last.state) from None
+        return last
+
+    async def await_workflow(
+        self, tenant: str | None, workflow_id: str, wait_s: float | None
+    ) -> Workflow:
+        """The workflow once it has ended (with its outputs when it completed),
+        followed on its change feed; DEADLINE_EXCEEDED as await_job."""
+        check_wait(wait_s)
+        async with aclosing(self.watch_workflow(tenant, workflow_id)) as changes:
+            last, _ = await anext(changes)
+            try:
+                async with asyncio.timeout(wait_s):
+                    async for workflow, _ in changes:
+                        last = workflow
+            except TimeoutError:
+                raise _await_timeout("workflow", workflow_id, last.state) from None
+        return last
+
+
+def _as_of(job: Job | None, workflow: Workflow) -> Job | None:
+    """The step job that caused a change, if the workflow as read agrees with
+    it: a snapshot read after a later change (the step completed meanwhile)
+    must not be paired with an older state of the step."""
+    if job is None:
+        return None
+    for step in workflow.steps:
+        if step.job_id == job.id:
+            return job if (step.state, step.attempt) == (job.state, job.attempt) else None
+    return None
+
+
+def _progress_only(before: Workflow, after: Workflow) -> list[str] | None:
+    """The steps whose progress changed, when nothing but step progress did
+    (None otherwise)."""
+    if len(before.steps) != len(after.steps):
+        return None
+    moved = []
+    for b, a in zip(before.steps, after.steps, strict=True):
+        if b == a:
+            continue
+        same_but_progress = replace(
+            b, progress_percent=a.progress_percent, progress_message=a.progress_message
+        )
+        if same_but_progress != a:
+            return None
+        moved.append(a.name)
+    if not moved or replace(before, steps=after.steps, updated_us=after.updated_us) != after:
+        return None
+    return moved
+
+
+def check_wait(wait_s: float | None) -> None:
+    v = Violations()
+    if wait_s is not None and not 0 <= wait_s <= MAX_AWAIT_S:
+        v.add("timeout", f"must be between 0 and {MAX_AWAIT_S:g} seconds")
+    v.raise_if_any()
+
+
+def _await_timeout(kind: str, run_id: str, state: RunState) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"{kind} {run_id!r} has not ended yet (it is {state.name}); await it again",
+        reason="AWAIT_TIMEOUT",
+        metadata={f"{kind}_id": run_id, "state": state.name},
+    )

@@ -10,7 +10,7 @@ from dataclasses import replace
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import iso
-from jobtrace.domain import annotated
+from jobtrace.domain import annotated, step_data
 from jobtrace.domain.attest import Attestor
 from jobtrace.domain.evidence import (
     ATTESTATION_DATA_BYTES,
@@ -35,6 +35,7 @@ from jobtrace.model import (
     Job,
     Level,
     RunState,
+    StepResults,
     TraceEvent,
     TraceType,
 )
@@ -730,6 +731,7 @@ class Lifecycle:
                     )
             done_count, total = (await store.step_counts(db, [workflow_id]))[workflow_id]
             if done_count == total:
+                outputs = await self._outputs(db, workflow_id)
                 await store.update_workflow(
                     db,
                     step.workflow_id,
@@ -737,6 +739,7 @@ class Lifecycle:
                     completed_steps=done_count,
                     completed_us=now,
                     updated_us=now,
+                    outputs=codec.step_results_dumps(outputs),
                 )
                 await self.trace.record(
                     db,
@@ -802,6 +805,15 @@ class Lifecycle:
             traceparent=step.traceparent,
         )
         return changed
+
+    async def _outputs(self, db: AsyncSession, workflow_id: str) -> StepResults:
+        """A completing workflow's outputs: the results of the steps it named,
+        or of those no other step depends on."""
+        names = await store.workflow_output_steps(db, workflow_id)
+        if not names:
+            steps = (await store.workflow_steps(db, [workflow_id]))[workflow_id]
+            names = step_data.output_steps([s.name for s in steps], [s.depends_on for s in steps])
+        return await step_data.results_of(db, workflow_id, names)
 
     async def cancel_steps(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from jobtrace.model import Backoff, Failure
+from jobtrace.model import Backoff, Failure, StepResultRef, StepResults
 
 
 def dumps(value: Any) -> str:
@@ -64,3 +64,20 @@ def backoff_loads(text: str) -> Backoff:
             _BACKOFFS.clear()
         _BACKOFFS[text] = found
     return found
+
+
+def step_results_dumps(r: StepResults | None) -> str | None:
+    if r is None:
+        return None
+    return dumps(
+        {"inline": r.inline, "refs": [[x.step_name, x.job_id, x.size_bytes] for x in r.refs]}
+    )
+
+
+def step_results_loads(text: str | None) -> StepResults | None:
+    data = loads(text)
+    if data is None:
+        return None
+    return StepResults(
+        data["inline"], tuple(StepResultRef(n, j, int(size)) for n, j, size in data["refs"])
+    )

@@ -6,7 +6,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import case, delete, func, insert, select, tuple_, update
+from sqlalchemy import LargeBinary, case, cast, delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -443,6 +443,8 @@ _STEP_COLUMNS = (
     JobRow.state,
     JobRow.depends_on,
     JobRow.attempt,
+    JobRow.progress_percent,
+    JobRow.progress_message,
 )
 
 
@@ -468,6 +470,8 @@ async def workflow_steps(
                 state=RunState(r["state"]),
                 depends_on=tuple(codec.loads(r["depends_on"])),
                 attempt=r["attempt"],
+                progress_percent=r["progress_percent"],
+                progress_message=r["progress_message"],
             )
         )
     return out
@@ -499,6 +503,44 @@ async def result_sizes(session: AsyncSession, workflow_id: str) -> list[tuple[st
         .order_by(size, JobRow.step_index)
     )
     return [(i, name, int(n)) for i, name, n in (await session.execute(stmt)).all()]
+
+
+async def step_results(
+    session: AsyncSession, workflow_id: str, step_names: Collection[str], read_up_to: int
+) -> list[tuple[str, str, int, JSON | None]]:
+    """(step name, job id, stored bytes of its result, the result) of each
+    COMPLETED step of these names, in one query on the workflow's index; a
+    result larger than `read_up_to` bytes is not read (None)."""
+    if sql.dialect(session) == "postgresql":
+        size = func.octet_length(JobRow.result)
+    else:
+        size = func.length(cast(JobRow.result, LargeBinary))
+    size = func.coalesce(size, 0)
+    stmt = select(
+        JobRow.step_name,
+        JobRow.id,
+        size,
+        case((size <= read_up_to, JobRow.result), else_=None),
+    ).where(
+        JobRow.workflow_id == workflow_id,
+        JobRow.step_name.in_(sorted(step_names)),
+        JobRow.state == int(RunState.COMPLETED),
+    )
+    return [
+        (name, job_id, int(n), codec.loads(text) if text is not None else None)
+        for name, job_id, n, text in (await session.execute(stmt)).all()
+    ]
+
+
+async def step_result(
+    session: AsyncSession, workflow_id: str, step_name: str
+) -> tuple[RunState, JSON | None] | None:
+    """The state and result of one step of a workflow; None if it has no such step."""
+    stmt = select(JobRow.state, JobRow.result).where(
+        JobRow.workflow_id == workflow_id, JobRow.step_name == step_name
+    )
+    row = (await session.execute(stmt)).first()
+    return None if row is None else (RunState(row[0]), codec.loads(row[1]))
 
 
 async def results(session: AsyncSession, job_ids: Iterable[str]) -> dict[str, JSON]:
@@ -534,10 +576,16 @@ def workflow_from_row(
         seq=row["seq"],
         step_counts=counts,
         submitted_by=row["submitted_by"],
+        outputs=codec.step_results_loads(row["outputs"]) if "outputs" in row else None,
     )
 
 
-async def insert_workflow(session: AsyncSession, workflow: Workflow, request_context: JSON) -> None:
+async def insert_workflow(
+    session: AsyncSession,
+    workflow: Workflow,
+    request_context: JSON,
+    output_steps: Sequence[str] = (),
+) -> None:
     await session.execute(
         insert(WorkflowRow).values(
             id=workflow.id,
@@ -556,8 +604,15 @@ async def insert_workflow(session: AsyncSession, workflow: Workflow, request_con
             started_us=workflow.started_us,
             completed_us=workflow.completed_us,
             submitted_by=workflow.submitted_by,
+            output_steps=codec.dumps(list(output_steps)),
         )
     )
+
+
+async def workflow_output_steps(session: AsyncSession, workflow_id: str) -> list[str]:
+    """The output step names a workflow was submitted with ([]: the default)."""
+    stmt = select(WorkflowRow.output_steps).where(WorkflowRow.id == workflow_id)
+    return list(codec.loads((await session.execute(stmt)).scalar_one()))
 
 
 async def get_workflow_row(
@@ -570,8 +625,10 @@ async def get_workflow_row(
 
 
 WORKFLOWS = WorkflowRow.__table__
-# request_context is read only to hand it to workers and attestations.
+# request_context is read only to hand it to workers and attestations;
+# outputs only for a whole workflow (not a BASIC listing).
 _WORKFLOW_LISTED = [c for c in WORKFLOWS.c if c.name != "request_context"]
+_WORKFLOW_BASIC = [c for c in _WORKFLOW_LISTED if c.name != "outputs"]
 
 
 async def get_workflow(
@@ -617,8 +674,8 @@ async def read_workflows(
     listing = Listing(
         key=WorkflowRow.seq,
         where=where,
-        columns=_WORKFLOW_LISTED,
-        sized=[WorkflowRow.labels, WorkflowRow.failure],
+        columns=_WORKFLOW_LISTED if full else _WORKFLOW_BASIC,
+        sized=[WorkflowRow.labels, WorkflowRow.failure, *([WorkflowRow.outputs] if full else [])],
         descending=True,
         extra_size=step_bytes,
     )

@@ -54,6 +54,10 @@ class WorkflowRow(Base):
     completed_us: Mapped[int] = mapped_column(BigInteger, default=0)
     # The authenticated subject that submitted it; '' when stored before 0008.
     submitted_by: Mapped[str] = mapped_column(Text, default="")
+    # The steps whose results are its outputs, as submitted ([]: the steps no
+    # other step depends on); its outputs once COMPLETED (see StepResults).
+    output_steps: Mapped[str] = mapped_column(Text, default="[]")
+    outputs: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (
         Index("ix_workflows_tenant_seq", "tenant", "seq"),

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
-from jobtrace.domain import lifecycle
+from jobtrace.domain import lifecycle, step_data
 from jobtrace.domain.dispatch.leases import Leases
 from jobtrace.domain.dispatch.sessions import Assign, WorkerSession
 from jobtrace.domain.errors import log_failure
@@ -183,7 +183,8 @@ class Placement(Leases):
                 if claimed is None:
                     continue
                 context = await store.request_context_for(db, claimed)
-                assign = Assign(claimed, deadline, context)
+                upstream = await step_data.upstream(db, claimed)
+                assign = Assign(claimed, deadline, context, upstream)
                 tx.on_commit(lambda a=assign, s=session: hand_over(a, s))  # type: ignore[misc]
                 claims.append(_Claim(claimed.id, claimed.attempt, session))
                 changed.append(claimed)
@@ -259,7 +260,7 @@ class Placement(Leases):
                 # The lease ran while storage was away: it starts now.
                 job = await lifecycle.set_job(db, job, lease_deadline_us=deadline)
                 context = await store.request_context_for(db, job)
-                assign = Assign(job, deadline, context)
+                assign = Assign(job, deadline, context, await step_data.upstream(db, job))
                 tx.on_commit(lambda c=claim, a=assign: deliver(c, a))  # type: ignore[misc]
             self._jobs.notify(tx, changed)
 

@@ -9,13 +9,19 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from jobtrace.clock import now_us
 from jobtrace.domain import annotations as annotation_rules
 from jobtrace.domain import lifecycle
-from jobtrace.domain.dispatch.leases import fenced
+from jobtrace.domain.dispatch.leases import fence, fenced
 from jobtrace.domain.dispatch.sessions import WorkerSession
 from jobtrace.domain.dispatch.state import SchedulerState
-from jobtrace.domain.errors import ResourceExhausted, Violations
+from jobtrace.domain.errors import (
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    Violations,
+)
 from jobtrace.domain.trace import WORKER_TYPES, EventInput, check_event, check_sizes
-from jobtrace.domain.validation import check_size, check_text
-from jobtrace.model import JSON, AnnotationInput, AnnotationScope, Caller, Failure
+from jobtrace.domain.validation import STEP_NAME_RE, check_id, check_size, check_text
+from jobtrace.domain.worker_identity import WorkerIdentity
+from jobtrace.model import JSON, AnnotationInput, AnnotationScope, Caller, Failure, RunState
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Tx
 
@@ -80,6 +86,58 @@ class Reports(SchedulerState):
 
         await self._db.write(op)
         self._release_slot(session, job_id)
+
+    async def step_result(
+        self,
+        identity: WorkerIdentity,
+        tenants: frozenset[str] | None,
+        job_id: str,
+        attempt: int,
+        step_name: str,
+    ) -> JSON | None:
+        """The result of a step of the workflow of a job this worker holds (the
+        upstream results an assignment carried by reference). Fenced like a
+        report: another worker's job, or one of a tenant the worker may not
+        serve, tells nothing."""
+        v = Violations()
+        check_id(v, "job_id", job_id)
+        if not identity.worker_id:
+            v.add("worker_id", "required")
+        if not STEP_NAME_RE.fullmatch(step_name):
+            v.add("step_name", "required: 1-128 characters of [A-Za-z0-9._-]")
+        v.raise_if_any()
+        async with self._db.read() as db:
+            job = fence(
+                await store.get_job(db, job_id),
+                job_id,
+                identity.holder,
+                attempt,
+                "step_result",
+                tenants,
+            )
+            if job.state != RunState.RUNNING:
+                raise FailedPrecondition(
+                    f"job {job_id!r} attempt {attempt} is not running",
+                    reason="JOB_NOT_RUNNING",
+                    metadata={"job_id": job_id, "state": job.state.name},
+                )
+            found = (
+                await store.step_result(db, job.workflow_id, step_name) if job.workflow_id else None
+            )
+        if found is None:
+            raise NotFound(
+                f"job {job_id!r} has no workflow step {step_name!r}",
+                reason="UNKNOWN_STEP",
+                metadata={"job_id": job_id, "step_name": step_name},
+            )
+        state, result = found
+        if state != RunState.COMPLETED:
+            raise FailedPrecondition(
+                f"step {step_name!r} has not completed (it is {state.name})",
+                reason="STEP_NOT_COMPLETED",
+                metadata={"step_name": step_name, "state": state.name},
+            )
+        return result
 
     async def fail(
         self, session: WorkerSession, job_id: str, attempt: int, failure: Failure, retryable: bool

@@ -17,7 +17,7 @@ from jobtrace.domain.validation import (
     check_text,
 )
 from jobtrace.domain.worker_identity import WorkerIdentity
-from jobtrace.model import JSON, Job
+from jobtrace.model import JSON, Job, StepResults
 
 OUTBOX_HIGH_WATER = 1024
 
@@ -39,6 +39,8 @@ class Assign:
     job: Job
     lease_deadline_us: int
     request_context: JSON
+    # The results of the steps a workflow step depends on (None: no such steps).
+    upstream: StepResults | None = None
 
 
 @dataclass(frozen=True, slots=True)
