@@ -195,7 +195,10 @@ class Attestation(_message.Message):
     or standalone job); empty for the first.
     """
     signature: _builtins.bytes
-    """Output only. Ed25519 signature over the digest's bytes."""
+    """Output only. Ed25519 signature (64 bytes) by the key key_id over the raw 32
+    bytes of the SHA-256 digest in digest (the hex after "sha256:", decoded),
+    not over its hex text nor over the statement itself.
+    """
     key_id: _builtins.str
     """Output only. Id of the signing key."""
     chain_sequence: _builtins.int
@@ -270,7 +273,10 @@ class DsseEnvelope(_message.Message):
     """A DSSE envelope holding an in-toto Statement. It is signed by the key that
     signed the attestation (its key_id), so that one public key verifies both;
     only a server that lacks that private key (another replica's key) signs with
-    its active key instead.
+    its active key instead. Each signature is Ed25519 over the DSSE
+    pre-authentication encoding PAE(payload_type, payload) =
+    "DSSEv1" SP LEN(payload_type) SP payload_type SP LEN(payload) SP payload
+    (LEN in ASCII decimal bytes, SP one space), not over the payload alone.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -284,7 +290,7 @@ class DsseEnvelope(_message.Message):
     """"application/vnd.in-toto+json"."""
     @_builtins.property
     def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___DsseSignature]:
-        """Signatures over the DSSE pre-authentication encoding."""
+        """Ed25519 signatures over PAE(payload_type, payload), see above."""
 
     def __init__(
         self,
@@ -312,7 +318,9 @@ class DsseSignature(_message.Message):
     keyid: _builtins.str
     """Id of the signing key."""
     sig: _builtins.bytes
-    """Ed25519 signature."""
+    """Ed25519 signature (64 bytes) over PAE(payload_type, payload) of the
+    envelope.
+    """
     def __init__(
         self,
         *,
