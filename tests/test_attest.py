@@ -408,6 +408,37 @@ async def test_exported_envelope_verifies_offline(harness: Harness, tmp_path: Pa
     assert code == 1 and json.loads(out)["valid"] is False
 
 
+async def test_signatures_cover_what_the_proto_says(harness: Harness) -> None:
+    """Checked with `cryptography` alone, as the proto comments tell a
+    verifier in another language: Attestation.signature is Ed25519 over the
+    raw 32 digest bytes (not the hex text); the envelope's over
+    PAE(payload_type, payload) (not the payload)."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    api = harness.stubs()
+    wf = await run_workflow(harness, api)
+    got = await api.attest.GetAttestation(
+        a.GetAttestationRequest(key=f"workflow-completion:{wf.id}", include_envelope=True)
+    )
+    (signing_key,) = (await api.attest.GetSigningKeys(a.GetSigningKeysRequest())).keys
+    public = Ed25519PublicKey.from_public_bytes(signing_key.public_key)
+    att, env = got.attestation, got.envelope
+    assert att.digest.startswith("sha256:") and len(att.signature) == 64
+    raw = bytes.fromhex(att.digest.removeprefix("sha256:"))
+    assert len(raw) == 32
+    public.verify(att.signature, raw)
+    with pytest.raises(InvalidSignature):
+        public.verify(att.signature, att.digest.removeprefix("sha256:").encode())
+    (sig,) = env.signatures
+    assert sig.keyid == att.key_id == signing_key.key_id and len(sig.sig) == 64
+    kind = env.payload_type.encode()
+    pae = b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(env.payload), env.payload)
+    public.verify(sig.sig, pae)
+    with pytest.raises(InvalidSignature):
+        public.verify(sig.sig, env.payload)
+
+
 async def test_a_workflow_of_near_max_results_keeps_its_evidence_fetchable(
     harness: Harness,
 ) -> None:
