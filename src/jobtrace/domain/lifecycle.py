@@ -10,7 +10,7 @@ from dataclasses import replace
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import iso
-from jobtrace.domain import annotated, step_data
+from jobtrace.domain import annotated, fan_out, step_data
 from jobtrace.domain.attest import Attestor
 from jobtrace.domain.evidence import (
     ATTESTATION_DATA_BYTES,
@@ -25,6 +25,7 @@ from jobtrace.domain.trace import (
     PRIORITY_TECHNICAL,
     Trace,
 )
+from jobtrace.ids import JOB_PREFIX, new_id
 from jobtrace.model import (
     JSON,
     SYSTEM_SUBJECT,
@@ -714,6 +715,11 @@ class Lifecycle:
         # every step's end passes here.
         workflow_id = step.workflow_id
         changed: list[Job] = []
+        child = fan_out.parent_of(step.step_name)
+        if child is not None:
+            parent_changed = await self._child_finished(db, tx, step, child[0], now, by)
+            if parent_changed is not None:
+                return parent_changed
         if step.state == RunState.COMPLETED:
             pending = await store.workflow_steps(db, [workflow_id], states=[RunState.PENDING])
             if pending[workflow_id]:
@@ -725,10 +731,23 @@ class Lifecycle:
                     s.job_id for s in pending[workflow_id] if all(d in done for d in s.depends_on)
                 ]
                 whole = {j.id: j for j in await store.jobs_by_id(db, ready)}
+                fanning = [whole[i] for i in ready if whole[i].for_each is not None]
                 for job_id in ready:
-                    changed.append(
-                        await set_job(db, whole[job_id], state=RunState.QUEUED, updated_us=now)
-                    )
+                    if whole[job_id].for_each is None:
+                        changed.append(
+                            await set_job(db, whole[job_id], state=RunState.QUEUED, updated_us=now)
+                        )
+                ended = False
+                for parent in fanning:
+                    started, parent_ended = await self._fan_out(db, tx, parent, now, by)
+                    changed += started
+                    ended = ended or parent_ended
+                    if parent_ended and started[0].state != RunState.COMPLETED:
+                        break  # it failed its workflow: nothing else starts
+                if ended:
+                    # The step that ended at once (its list was empty, or it
+                    # failed) advanced or ended the workflow itself.
+                    return changed
             done_count, total = (await store.step_counts(db, [workflow_id]))[workflow_id]
             if done_count == total:
                 outputs = await self._outputs(db, workflow_id)
@@ -805,6 +824,107 @@ class Lifecycle:
             traceparent=step.traceparent,
         )
         return changed
+
+    async def _fan_out(
+        self, db: AsyncSession, tx: Tx, parent: Job, now: int, by: str
+    ) -> tuple[list[Job], bool]:
+        """Start a ready fan-out step, in the transaction that completed its
+        last dependency: its children are stored QUEUED and it RUNNING (it
+        runs no attempt itself). Returns what changed and whether the step
+        ended at once: completed with [] (no items) or failed (no list, or
+        too many items), the workflow advanced or ended by that end."""
+        assert parent.for_each is not None and parent.workflow_id
+        upstream = await store.step_result(db, parent.workflow_id, parent.for_each.step)
+        found = fan_out.items(upstream[1] if upstream else None, parent.for_each)
+        if isinstance(found, str):
+            failure = Failure(reason=found, code="FOR_EACH_INVALID")
+            return await self.end_job(db, tx, parent, RunState.FAILED, failure, now, by=by), True
+        if not found:
+            return await self.complete(db, tx, parent, [], now, by), True  # type: ignore[arg-type]
+        payload = parent.spec.payload if isinstance(parent.spec.payload, dict) else {}
+        children = [
+            replace(
+                parent,
+                id=new_id(JOB_PREFIX),
+                spec=replace(parent.spec, payload={**payload, fan_out.ITEM_KEY: item}),
+                state=RunState.QUEUED,
+                created_us=now,
+                updated_us=now,
+                step_name=fan_out.child_name(parent.step_name, i),
+                for_each=None,
+                seq=0,
+            )
+            for i, item in enumerate(found)
+        ]
+        # Listed after every submitted step (MAX_STEPS of them), in item order.
+        await store.insert_jobs(
+            db,
+            [
+                store.job_values(c, {}, step_index=fan_out.CHILD_INDEX_BASE + i)
+                for i, c in enumerate(children)
+            ],
+        )
+        running = await set_job(
+            db,
+            parent,
+            state=RunState.RUNNING,
+            started_us=now,
+            first_started_us=parent.first_started_us or now,
+            updated_us=now,
+            progress_message=f"{len(children)} items",
+        )
+        await self._record(
+            db,
+            tx,
+            parent,
+            self._event(
+                parent,
+                by,
+                type=TraceType.STARTED,
+                category=Category.BUSINESS,
+                message=f"{node_of(parent)} fans out to {len(children)} jobs",
+            ),
+        )
+        await self._workflow_started(db, running, now)
+        return [running, *children], False
+
+    async def _child_finished(
+        self, db: AsyncSession, tx: Tx, child: Job, parent_name: str, now: int, by: str
+    ) -> list[Job] | None:
+        """A fan-out child ended: its step fails when it did not complete and
+        completes with every child's result once all have. None when the
+        step goes on (the workflow's progress is counted as for any step)."""
+        assert child.workflow_id
+        steps = (await store.workflow_steps(db, [child.workflow_id]))[child.workflow_id]
+        parent_step = next((s for s in steps if s.name == parent_name), None)
+        if parent_step is None or parent_step.state.terminal:
+            return []  # the step ended already (its workflow failed or was cancelled)
+        (parent,) = await store.jobs_by_id(db, [parent_step.job_id])
+        if child.state != RunState.COMPLETED:
+            index = fan_out.parent_of(child.step_name)
+            failure = Failure(
+                reason=f"item {index[1] if index else '?'} {child.state.name.lower()}"
+                + (f": {child.failure.reason}" if child.failure else ""),
+                code=child.failure.code if child.failure else child.state.name,
+                attempt=child.attempt,
+            )
+            return await self.end_job(db, tx, parent, RunState.FAILED, failure, now, by=by)
+        children = sorted(
+            (p[1], s)
+            for s in steps
+            if (p := fan_out.parent_of(s.name)) is not None and p[0] == parent_name
+        )
+        if any(s.state != RunState.COMPLETED for _, s in children):
+            return None
+        results = await store.results(db, [s.job_id for _, s in children])
+        return await self.complete(
+            db,
+            tx,
+            parent,
+            [results.get(s.job_id) for _, s in children],  # type: ignore[arg-type]
+            now,
+            by,
+        )
 
     async def _outputs(self, db: AsyncSession, workflow_id: str) -> StepResults:
         """A completing workflow's outputs: the results of the steps it named,

@@ -15,6 +15,7 @@ from jobtrace.model import (
     TERMINAL_STATES,
     Annotation,
     AnnotationScope,
+    ForEach,
     Job,
     JobSpec,
     RunState,
@@ -133,6 +134,9 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         "step_name": job.step_name,
         "step_index": step_index,
         "depends_on": codec.dumps(list(job.depends_on)),
+        "for_each": None
+        if job.for_each is None
+        else codec.dumps({"step": job.for_each.step, "path": job.for_each.path}),
         "service": spec.service,
         "payload": codec.dumps(spec.payload),
         "priority": spec.priority,
@@ -289,9 +293,17 @@ def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
         pending_annotations=row["pending_annotations"],
         first_started_us=row["first_started_us"],
         submitted_by=row["submitted_by"],
+        for_each=_for_each(row["for_each"]),
         request_context=row["request_context"] if context else None,
         chain_head=_chain_head(row) if context else None,
     )
+
+
+def _for_each(text: str | None) -> ForEach | None:
+    if text is None:
+        return None
+    d = codec.loads(text)
+    return ForEach(d["step"], d.get("path", ""))
 
 
 def _chain_head(row: Row) -> tuple[int, str] | None:
@@ -1043,6 +1055,8 @@ async def timed_out_jobs(session: AsyncSession, now: int, limit: int = 500) -> l
         .where(
             JobRow.state == int(RunState.RUNNING),
             JobRow.timeout_ms > 0,
+            # A fan-out step runs no attempt itself: its children time out.
+            JobRow.for_each.is_(None),
             JobRow.started_us + JobRow.timeout_ms * 1000 < now,
         )
         .limit(limit)
