@@ -258,3 +258,29 @@ async def test_the_client_submits_a_dict_step_with_for_each(harness: Harness) ->
             done = await wait_workflow(harness.stubs(), wf.id)
     assert done.state == c.RUN_STATE_COMPLETED, done.failure.reason
     assert json.loads(done.outputs_json) == {"each": [{"double": 2}, {"double": 4}]}
+
+
+async def test_a_child_retries_as_its_job_allows_before_it_fails_the_step(api: Stubs) -> None:
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"], max_concurrency=2)
+    request = fan_out_workflow()
+    request.steps[1].job.max_attempts = 2
+    request.steps[1].job.backoff.initial_interval.FromMilliseconds(1)
+    wf = (await api.jobs.SubmitWorkflow(request)).workflow
+    a = await raw.expect("assignment")
+    await raw.send(
+        complete=w.CompleteReport(job_id=a.job.id, attempt=1, result=struct({"files": ["x"]}))
+    )
+    await raw.expect("ack")
+    child = await raw.expect("assignment")
+    assert child.job.step_name == "each[0]" and child.job.spec.max_attempts == 2
+    error = c.ErrorDetail(message="flaky")
+    await raw.send(fail=w.FailReport(job_id=child.job.id, attempt=1, error=error, retryable=True))
+    again = await raw.expect("assignment")
+    assert (again.job.id, again.attempt) == (child.job.id, 2), "the same child, retried"
+    got = (await api.jobs.GetWorkflow(j.GetWorkflowRequest(workflow_id=wf.id))).workflow
+    assert got.state == c.RUN_STATE_RUNNING, "a retry does not fail the step"
+    await raw.send(fail=w.FailReport(job_id=child.job.id, attempt=2, error=error, retryable=True))
+    done = await wait_workflow(api, wf.id)
+    assert done.state == c.RUN_STATE_FAILED and "item 0 failed: flaky" in done.failure.reason
+    await raw.close()
