@@ -6,6 +6,7 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -840,7 +841,8 @@ class Lifecycle:
             failure = Failure(reason=found, code="FOR_EACH_INVALID")
             return await self.end_job(db, tx, parent, RunState.FAILED, failure, now, by=by), True
         if not found:
-            return await self.complete(db, tx, parent, [], now, by), True  # type: ignore[arg-type]
+            empty: Any = []  # a fan-out step's result is a list
+            return await self.complete(db, tx, parent, empty, now, by), True
         payload = parent.spec.payload if isinstance(parent.spec.payload, dict) else {}
         children = [
             replace(
@@ -895,11 +897,9 @@ class Lifecycle:
         completes with every child's result once all have. None when the
         step goes on (the workflow's progress is counted as for any step)."""
         assert child.workflow_id
-        steps = (await store.workflow_steps(db, [child.workflow_id]))[child.workflow_id]
-        parent_step = next((s for s in steps if s.name == parent_name), None)
-        if parent_step is None or parent_step.state.terminal:
+        parent = await store.step_job(db, child.workflow_id, parent_name)
+        if parent is None or parent.state.terminal:
             return []  # the step ended already (its workflow failed or was cancelled)
-        (parent,) = await store.jobs_by_id(db, [parent_step.job_id])
         if child.state != RunState.COMPLETED:
             index = fan_out.parent_of(child.step_name)
             failure = Failure(
@@ -909,22 +909,15 @@ class Lifecycle:
                 attempt=child.attempt,
             )
             return await self.end_job(db, tx, parent, RunState.FAILED, failure, now, by=by)
-        children = sorted(
-            (p[1], s)
-            for s in steps
-            if (p := fan_out.parent_of(s.name)) is not None and p[0] == parent_name
-        )
-        if any(s.state != RunState.COMPLETED for _, s in children):
+        prefix = fan_out.child_name(parent_name, 0)[:-2]  # "step["
+        done, total = await store.prefixed_counts(db, child.workflow_id, prefix)
+        if done < total:
             return None
-        results = await store.results(db, [s.job_id for _, s in children])
-        return await self.complete(
-            db,
-            tx,
-            parent,
-            [results.get(s.job_id) for _, s in children],  # type: ignore[arg-type]
-            now,
-            by,
-        )
+        found = await store.prefixed_results(db, child.workflow_id, prefix)
+        ordered = sorted(found, key=lambda c: (fan_out.parent_of(c[0]) or ("", 0))[1])
+        # A list, where results are objects: only a fan-out step's is one.
+        results: Any = [r for _, r in ordered]
+        return await self.complete(db, tx, parent, results, now, by)
 
     async def _outputs(self, db: AsyncSession, workflow_id: str) -> StepResults:
         """A completing workflow's outputs: the results of the steps it named,

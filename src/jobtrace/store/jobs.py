@@ -555,6 +555,40 @@ async def step_result(
     return None if row is None else (RunState(row[0]), codec.loads(row[1]))
 
 
+async def step_job(session: AsyncSession, workflow_id: str, step_name: str) -> Job | None:
+    """One step of a workflow, whole, by its name."""
+    stmt = select(JOBS).where(JobRow.workflow_id == workflow_id, JobRow.step_name == step_name)
+    found = await _jobs(session, stmt)
+    return found[0] if found else None
+
+
+def _named_from(prefix: str) -> Any:
+    # substr, not LIKE: step names may hold "_", a LIKE wildcard.
+    return func.substr(JobRow.step_name, 1, len(prefix)) == prefix
+
+
+async def prefixed_counts(session: AsyncSession, workflow_id: str, prefix: str) -> tuple[int, int]:
+    """(completed, all) jobs of a workflow whose step name starts with
+    `prefix` (a fan-out step's children), counted by the database."""
+    completed = func.sum(case((JobRow.state == int(RunState.COMPLETED), 1), else_=0))
+    stmt = select(completed, func.count()).where(
+        JobRow.workflow_id == workflow_id, _named_from(prefix)
+    )
+    row = (await session.execute(stmt)).one()
+    return int(row[0] or 0), int(row[1])
+
+
+async def prefixed_results(
+    session: AsyncSession, workflow_id: str, prefix: str
+) -> list[tuple[str, JSON | None]]:
+    """(step name, result) of the jobs of a workflow whose step name starts
+    with `prefix`."""
+    stmt = select(JobRow.step_name, JobRow.result).where(
+        JobRow.workflow_id == workflow_id, _named_from(prefix)
+    )
+    return [(name, codec.loads(r)) for name, r in (await session.execute(stmt)).all()]
+
+
 async def results(session: AsyncSession, job_ids: Iterable[str]) -> dict[str, JSON]:
     """The results of these jobs, by job id."""
     ids = list(job_ids)
