@@ -284,3 +284,41 @@ async def test_a_child_retries_as_its_job_allows_before_it_fails_the_step(api: S
     done = await wait_workflow(api, wf.id)
     assert done.state == c.RUN_STATE_FAILED and "item 0 failed: flaky" in done.failure.reason
     await raw.close()
+
+
+async def test_two_fan_outs_of_one_step_one_empty_each_run_once(harness: Harness) -> None:
+    api = harness.stubs()
+    runs: list[str] = []
+
+    async def run(ctx: Any) -> dict[str, Any]:
+        runs.append(ctx.job.step_name)
+        if ctx.job.step_name == "list":
+            return {"none": [], "two": ["x", "y"]}
+        return {"got": ctx.item}
+
+    request = j.SubmitWorkflowRequest(
+        request_id="two",
+        name="two",
+        steps=[
+            c.WorkflowStepSpec(name="list", job=c.JobSpec(service="svc")),
+            c.WorkflowStepSpec(
+                name="empty",
+                job=c.JobSpec(service="svc"),
+                depends_on=["list"],
+                for_each=c.ForEach(step="list", path="none"),
+            ),
+            c.WorkflowStepSpec(
+                name="pair",
+                job=c.JobSpec(service="svc"),
+                depends_on=["list"],
+                for_each=c.ForEach(step="list", path="two"),
+            ),
+        ],
+    )
+    async with runtime_worker(harness.target, {"svc": run}, max_concurrency=2):
+        wf = (await api.jobs.SubmitWorkflow(request)).workflow
+        done = await wait_workflow(api, wf.id)
+    assert done.state == c.RUN_STATE_COMPLETED, done.failure.reason
+    assert sorted(runs) == ["list", "pair[0]", "pair[1]"], "each child once"
+    assert [s.name for s in done.steps] == ["list", "empty", "pair", "pair[0]", "pair[1]"]
+    assert json.loads(done.outputs_json) == {"empty": [], "pair": [{"got": "x"}, {"got": "y"}]}

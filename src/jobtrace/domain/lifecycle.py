@@ -738,17 +738,14 @@ class Lifecycle:
                         changed.append(
                             await set_job(db, whole[job_id], state=RunState.QUEUED, updated_us=now)
                         )
-                ended = False
                 for parent in fanning:
-                    started, parent_ended = await self._fan_out(db, tx, parent, now, by)
+                    started, ended = await self._fan_out(db, tx, parent, now, by)
                     changed += started
-                    ended = ended or parent_ended
-                    if parent_ended and started[0].state != RunState.COMPLETED:
-                        break  # it failed its workflow: nothing else starts
-                if ended:
-                    # The step that ended at once (its list was empty, or it
-                    # failed) advanced or ended the workflow itself.
-                    return changed
+                    if ended:
+                        # The step ended at once (its list was empty, or it
+                        # failed) and its end advanced the workflow, starting
+                        # the other ready fan-out steps, or ended it.
+                        return changed
             done_count, total = (await store.step_counts(db, [workflow_id]))[workflow_id]
             if done_count == total:
                 outputs = await self._outputs(db, workflow_id)
