@@ -242,5 +242,12 @@ def test_the_example_workflow_files_pass_the_check() -> None:
 def test_the_schema_in_submit_help_is_itself_a_valid_workflow_file() -> None:
     example = "\n".join(line[2:] for line in SCHEMA.splitlines() if line.startswith("  "))
     workflow = load_workflow(example)
-    assert [s["name"] for s in workflow.steps] == ["download", "transcode", "notify", "audit"]
+    assert [s["name"] for s in workflow.steps] == [
+        "download",
+        "transcode",
+        "notify",
+        "audit",
+        "thumbnail",
+    ]
     assert workflow.steps[1]["job"]["max_attempts"] == 2
+    assert workflow.steps[4]["for_each"] == {"step": "download", "path": "frames"}

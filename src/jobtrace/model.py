@@ -141,6 +141,9 @@ class Job:
     first_started_us: int = 0
     # The authenticated subject that submitted it ('' if stored before 0008).
     submitted_by: str = ""
+    # A fan-out step: what its children run over (None: not a fan-out step;
+    # its children have None too).
+    for_each: ForEach | None = None
     # The triggering request of a standalone job as stored (JSON text), when
     # the row it was read from carried it (a transition's locked row does):
     # its attestation needs no second read. None: not read.
@@ -149,6 +152,15 @@ class Job:
     # digest) as its row records it, when the row was read whole; None: not
     # recorded or not read (see store.attest.chain_head).
     chain_head: tuple[int, str] | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ForEach:
+    """A fan-out step's items: the list at `path` (dotted) in the result of
+    its upstream step `step`."""
+
+    step: str
+    path: str = ""
 
 
 @dataclass(frozen=True, slots=True)

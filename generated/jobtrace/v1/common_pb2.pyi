@@ -840,6 +840,7 @@ class WorkflowStepSpec(_message.Message):
     JOB_FIELD_NUMBER: _builtins.int
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     INDEPENDENT_FIELD_NUMBER: _builtins.int
+    FOR_EACH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required. Unique within the workflow; 1-128 characters of [A-Za-z0-9._-]."""
     independent: _builtins.bool
@@ -857,6 +858,18 @@ class WorkflowStepSpec(_message.Message):
         first step).
         """
 
+    @_builtins.property
+    def for_each(self) -> Global___ForEach:
+        """Optional. Fan-out: run the step's job once per item of a list in the
+        result of an upstream step (one it depends on). Each child job gets the
+        step's payload with the item under the key "item" (the payload must not
+        have that key), is named "<step>[<index>]", and retries as the step's
+        job does. The step completes when every child has, with their results as
+        a list in item order (an empty list completes it at once with []); a
+        child that fails for good fails the step and cancels the rest. More than
+        1,000 items, or a value that is not a list, fails the step.
+        """
+
     def __init__(
         self,
         *,
@@ -864,14 +877,46 @@ class WorkflowStepSpec(_message.Message):
         job: Global___JobSpec | None = ...,
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
         independent: _builtins.bool = ...,
+        for_each: Global___ForEach | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["for_each", b"for_each", "job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["depends_on", b"depends_on", "independent", b"independent", "job", b"job", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["depends_on", b"depends_on", "for_each", b"for_each", "independent", b"independent", "job", b"job", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkflowStepSpec: _TypeAlias = WorkflowStepSpec  # noqa: Y015
+
+@_typing.final
+class ForEach(_message.Message):
+    """Where a fan-out step finds its items."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    step: _builtins.str
+    """Required. The upstream step whose result holds the list; the step must
+    depend on it.
+    """
+    path: _builtins.str
+    """Optional. A dotted path into that result ("files", "batch.items",
+    "pages.0.rows": a number indexes a list); empty: the result itself.
+    At most 256 characters.
+    """
+    def __init__(
+        self,
+        *,
+        step: _builtins.str = ...,
+        path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForEach: _TypeAlias = ForEach  # noqa: Y015
 
 @_typing.final
 class WorkflowStep(_message.Message):

@@ -24,6 +24,7 @@ from jobtrace.model import (
     AnnotationInput,
     Backoff,
     Failure,
+    ForEach,
     Job,
     JobSpec,
     StepResults,
@@ -116,6 +117,9 @@ def json_forms(value: JSON | None, exact: bool) -> tuple[struct_pb2.Struct | Non
     """(Struct, exact JSON) of a JSON object: one of the two, as the caller asked."""
     if exact:
         return None, json_bytes(value)
+    if isinstance(value, list):
+        # A fan-out step's result is a list, which a Struct cannot be.
+        return dict_to_struct({"items": value}), b""
     return dict_to_struct(value), b""
 
 
@@ -214,6 +218,9 @@ def workflow_submission(request: Any, traceparent: str = "") -> WorkflowSubmissi
                 payload_bytes=size,
                 depends_on=tuple(step.depends_on),
                 independent=step.independent,
+                for_each=ForEach(step.for_each.step, step.for_each.path)
+                if step.HasField("for_each")
+                else None,
             )
         )
     return WorkflowSubmission(

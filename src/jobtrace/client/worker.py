@@ -85,6 +85,15 @@ class JobContext:
         return self.job.id
 
     @property
+    def item(self) -> Any:
+        """A fan-out child's item (its step's `for_each` names the list; the
+        child is named "<step>[<index>]" and its payload carries the item
+        under "item"); None for any other job."""
+        if not self.job.step_name.endswith("]"):
+            return None
+        return self.payload.get("item")
+
+    @property
     def cancelled(self) -> bool:
         """Whether the server cancelled this attempt. It turns True just before the
         handler's task is cancelled, so cooperative code that polls it (or that

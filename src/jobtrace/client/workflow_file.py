@@ -42,6 +42,10 @@ are refused with their path (steps[1].job.max_attempts: ...):
     - name: audit
       service: audit
       independent: true            # depends on nothing: starts with the workflow
+    - name: thumbnail              # fan-out: one job per item of a list (at most 1,000)
+      service: thumbnail           #   in the result of a step it depends on; each job
+      depends_on: [download]       #   gets the payload plus its item under "item"
+      for_each: {step: download, path: frames}   # path: dotted, into the result
 """
 
 # Keys of a step that stand for members of its job.

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
 from jobtrace.domain import annotations as annotation_rules
-from jobtrace.domain import lifecycle
+from jobtrace.domain import fan_out, lifecycle
 from jobtrace.domain import redact as redact_rules
 from jobtrace.domain.errors import (
     AlreadyExists,
@@ -48,6 +48,7 @@ from jobtrace.model import (
     AnnotationInput,
     Caller,
     Failure,
+    ForEach,
     Job,
     JobSpec,
     RunState,
@@ -97,6 +98,7 @@ class StepSubmission:
     payload_bytes: int
     depends_on: tuple[str, ...] = ()
     independent: bool = False
+    for_each: ForEach | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +170,32 @@ def _check_annotations(v: Violations, field: str, items: tuple[SizedAnnotation, 
                     f"{field}[{i}].idempotency_key",
                     f"{field}[{first}] already records {key!r} under this idempotency key",
                 )
+
+
+def _check_for_each(v: Violations, i: int, step: StepSubmission, spec: JobSpec) -> None:
+    """A fan-out step's own rules (that it names a step it depends on is
+    checked with its dependencies)."""
+    assert step.for_each is not None
+    where = f"steps[{i}].for_each"
+    if not step.for_each.step:
+        v.add(f"{where}.step", "required: the upstream step whose result holds the list")
+    path = step.for_each.path
+    if len(path) > fan_out.MAX_PATH or (path and not fan_out.PATH_RE.fullmatch(path)):
+        v.add(
+            f"{where}.path",
+            f"a dotted path of [A-Za-z0-9_-] keys, at most {fan_out.MAX_PATH} characters",
+        )
+    if len(step.name) > fan_out.MAX_STEP_NAME:
+        v.add(
+            f"steps[{i}].name",
+            f"a for_each step's name has at most {fan_out.MAX_STEP_NAME} characters",
+        )
+    if isinstance(spec.payload, dict) and fan_out.ITEM_KEY in spec.payload:
+        v.add(
+            f"steps[{i}].job.payload",
+            f"a for_each step's payload must not have the key {fan_out.ITEM_KEY!r}:"
+            " each child gets its item there",
+        )
 
 
 def resolve_dependencies(v: Violations, steps: tuple[StepSubmission, ...]) -> list[tuple[str, ...]]:
@@ -385,8 +413,18 @@ class Jobs:
             elif name in claimed_outputs:
                 v.add(f"outputs[{i}]", f"step {name!r} is named twice")
             claimed_outputs.add(name)
+        for i, step in enumerate(sub.steps):
+            if step.for_each is not None:
+                _check_for_each(v, i, step, specs[i])
         if not v.items:
             deps = resolve_dependencies(v, sub.steps)
+            for i, step in enumerate(sub.steps):
+                if step.for_each is not None and step.for_each.step not in deps[i]:
+                    v.add(
+                        f"steps[{i}].for_each.step",
+                        f"must name a step that step {step.name!r} depends on"
+                        f" (it depends on {', '.join(map(repr, deps[i])) or 'nothing'})",
+                    )
         v.raise_if_any()
 
         async def op(session: AsyncSession, tx: Tx) -> tuple[Workflow, bool]:
@@ -417,6 +455,7 @@ class Jobs:
                     depends_on=step_deps,
                     traceparent=sub.traceparent,
                     submitted_by=caller.subject,
+                    for_each=step.for_each,
                 )
                 for step, spec, step_deps in zip(sub.steps, specs, deps, strict=True)
             ]

@@ -6,11 +6,12 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import iso
-from jobtrace.domain import annotated, step_data
+from jobtrace.domain import annotated, fan_out, step_data
 from jobtrace.domain.attest import Attestor
 from jobtrace.domain.evidence import (
     ATTESTATION_DATA_BYTES,
@@ -25,6 +26,7 @@ from jobtrace.domain.trace import (
     PRIORITY_TECHNICAL,
     Trace,
 )
+from jobtrace.ids import JOB_PREFIX, new_id
 from jobtrace.model import (
     JSON,
     SYSTEM_SUBJECT,
@@ -714,6 +716,11 @@ class Lifecycle:
         # every step's end passes here.
         workflow_id = step.workflow_id
         changed: list[Job] = []
+        child = fan_out.parent_of(step.step_name)
+        if child is not None:
+            parent_changed = await self._child_finished(db, tx, step, child[0], now, by)
+            if parent_changed is not None:
+                return parent_changed
         if step.state == RunState.COMPLETED:
             pending = await store.workflow_steps(db, [workflow_id], states=[RunState.PENDING])
             if pending[workflow_id]:
@@ -725,10 +732,20 @@ class Lifecycle:
                     s.job_id for s in pending[workflow_id] if all(d in done for d in s.depends_on)
                 ]
                 whole = {j.id: j for j in await store.jobs_by_id(db, ready)}
+                fanning = [whole[i] for i in ready if whole[i].for_each is not None]
                 for job_id in ready:
-                    changed.append(
-                        await set_job(db, whole[job_id], state=RunState.QUEUED, updated_us=now)
-                    )
+                    if whole[job_id].for_each is None:
+                        changed.append(
+                            await set_job(db, whole[job_id], state=RunState.QUEUED, updated_us=now)
+                        )
+                for parent in fanning:
+                    started, ended = await self._fan_out(db, tx, parent, now, by)
+                    changed += started
+                    if ended:
+                        # The step ended at once (its list was empty, or it
+                        # failed) and its end advanced the workflow, starting
+                        # the other ready fan-out steps, or ended it.
+                        return changed
             done_count, total = (await store.step_counts(db, [workflow_id]))[workflow_id]
             if done_count == total:
                 outputs = await self._outputs(db, workflow_id)
@@ -805,6 +822,99 @@ class Lifecycle:
             traceparent=step.traceparent,
         )
         return changed
+
+    async def _fan_out(
+        self, db: AsyncSession, tx: Tx, parent: Job, now: int, by: str
+    ) -> tuple[list[Job], bool]:
+        """Start a ready fan-out step, in the transaction that completed its
+        last dependency: its children are stored QUEUED and it RUNNING (it
+        runs no attempt itself). Returns what changed and whether the step
+        ended at once: completed with [] (no items) or failed (no list, or
+        too many items), the workflow advanced or ended by that end."""
+        assert parent.for_each is not None and parent.workflow_id
+        upstream = await store.step_result(db, parent.workflow_id, parent.for_each.step)
+        found = fan_out.items(upstream[1] if upstream else None, parent.for_each)
+        if isinstance(found, str):
+            failure = Failure(reason=found, code="FOR_EACH_INVALID")
+            return await self.end_job(db, tx, parent, RunState.FAILED, failure, now, by=by), True
+        if not found:
+            empty: Any = []  # a fan-out step's result is a list
+            return await self.complete(db, tx, parent, empty, now, by), True
+        payload = parent.spec.payload if isinstance(parent.spec.payload, dict) else {}
+        children = [
+            replace(
+                parent,
+                id=new_id(JOB_PREFIX),
+                spec=replace(parent.spec, payload={**payload, fan_out.ITEM_KEY: item}),
+                state=RunState.QUEUED,
+                created_us=now,
+                updated_us=now,
+                step_name=fan_out.child_name(parent.step_name, i),
+                for_each=None,
+                seq=0,
+            )
+            for i, item in enumerate(found)
+        ]
+        # Listed after every submitted step (MAX_STEPS of them), in item order.
+        await store.insert_jobs(
+            db,
+            [
+                store.job_values(c, {}, step_index=fan_out.CHILD_INDEX_BASE + i)
+                for i, c in enumerate(children)
+            ],
+        )
+        running = await set_job(
+            db,
+            parent,
+            state=RunState.RUNNING,
+            started_us=now,
+            first_started_us=parent.first_started_us or now,
+            updated_us=now,
+            progress_message=f"{len(children)} items",
+        )
+        await self._record(
+            db,
+            tx,
+            parent,
+            self._event(
+                parent,
+                by,
+                type=TraceType.STARTED,
+                category=Category.BUSINESS,
+                message=f"{node_of(parent)} fans out to {len(children)} jobs",
+            ),
+        )
+        await self._workflow_started(db, running, now)
+        return [running, *children], False
+
+    async def _child_finished(
+        self, db: AsyncSession, tx: Tx, child: Job, parent_name: str, now: int, by: str
+    ) -> list[Job] | None:
+        """A fan-out child ended: its step fails when it did not complete and
+        completes with every child's result once all have. None when the
+        step goes on (the workflow's progress is counted as for any step)."""
+        assert child.workflow_id
+        parent = await store.step_job(db, child.workflow_id, parent_name)
+        if parent is None or parent.state.terminal:
+            return []  # the step ended already (its workflow failed or was cancelled)
+        if child.state != RunState.COMPLETED:
+            index = fan_out.parent_of(child.step_name)
+            failure = Failure(
+                reason=f"item {index[1] if index else '?'} {child.state.name.lower()}"
+                + (f": {child.failure.reason}" if child.failure else ""),
+                code=child.failure.code if child.failure else child.state.name,
+                attempt=child.attempt,
+            )
+            return await self.end_job(db, tx, parent, RunState.FAILED, failure, now, by=by)
+        prefix = fan_out.child_name(parent_name, 0)[:-2]  # "step["
+        done, total = await store.prefixed_counts(db, child.workflow_id, prefix)
+        if done < total:
+            return None
+        found = await store.prefixed_results(db, child.workflow_id, prefix)
+        ordered = sorted(found, key=lambda c: (fan_out.parent_of(c[0]) or ("", 0))[1])
+        # A list, where results are objects: only a fan-out step's is one.
+        results: Any = [r for _, r in ordered]
+        return await self.complete(db, tx, parent, results, now, by)
 
     async def _outputs(self, db: AsyncSession, workflow_id: str) -> StepResults:
         """A completing workflow's outputs: the results of the steps it named,

@@ -57,7 +57,8 @@ def output_steps(names: Sequence[str], depends_on: Sequence[Sequence[str]]) -> l
     """The steps whose results are a workflow's outputs by default: those no
     other step depends on, in submission order."""
     needed = {d for deps in depends_on for d in deps}
-    return [n for n in names if n not in needed]
+    # A fan-out step's children ("step[0]", ...) are its result, not outputs.
+    return [n for n in names if n not in needed and not n.endswith("]")]
 
 
 def integral(value: Any) -> Any:

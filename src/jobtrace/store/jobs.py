@@ -15,6 +15,7 @@ from jobtrace.model import (
     TERMINAL_STATES,
     Annotation,
     AnnotationScope,
+    ForEach,
     Job,
     JobSpec,
     RunState,
@@ -133,6 +134,9 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         "step_name": job.step_name,
         "step_index": step_index,
         "depends_on": codec.dumps(list(job.depends_on)),
+        "for_each": None
+        if job.for_each is None
+        else codec.dumps({"step": job.for_each.step, "path": job.for_each.path}),
         "service": spec.service,
         "payload": codec.dumps(spec.payload),
         "priority": spec.priority,
@@ -289,9 +293,17 @@ def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
         pending_annotations=row["pending_annotations"],
         first_started_us=row["first_started_us"],
         submitted_by=row["submitted_by"],
+        for_each=_for_each(row["for_each"]),
         request_context=row["request_context"] if context else None,
         chain_head=_chain_head(row) if context else None,
     )
+
+
+def _for_each(text: str | None) -> ForEach | None:
+    if text is None:
+        return None
+    d = codec.loads(text)
+    return ForEach(d["step"], d.get("path", ""))
 
 
 def _chain_head(row: Row) -> tuple[int, str] | None:
@@ -541,6 +553,40 @@ async def step_result(
     )
     row = (await session.execute(stmt)).first()
     return None if row is None else (RunState(row[0]), codec.loads(row[1]))
+
+
+async def step_job(session: AsyncSession, workflow_id: str, step_name: str) -> Job | None:
+    """One step of a workflow, whole, by its name."""
+    stmt = select(JOBS).where(JobRow.workflow_id == workflow_id, JobRow.step_name == step_name)
+    found = await _jobs(session, stmt)
+    return found[0] if found else None
+
+
+def _named_from(prefix: str) -> Any:
+    # substr, not LIKE: step names may hold "_", a LIKE wildcard.
+    return func.substr(JobRow.step_name, 1, len(prefix)) == prefix
+
+
+async def prefixed_counts(session: AsyncSession, workflow_id: str, prefix: str) -> tuple[int, int]:
+    """(completed, all) jobs of a workflow whose step name starts with
+    `prefix` (a fan-out step's children), counted by the database."""
+    completed = func.sum(case((JobRow.state == int(RunState.COMPLETED), 1), else_=0))
+    stmt = select(completed, func.count()).where(
+        JobRow.workflow_id == workflow_id, _named_from(prefix)
+    )
+    row = (await session.execute(stmt)).one()
+    return int(row[0] or 0), int(row[1])
+
+
+async def prefixed_results(
+    session: AsyncSession, workflow_id: str, prefix: str
+) -> list[tuple[str, JSON | None]]:
+    """(step name, result) of the jobs of a workflow whose step name starts
+    with `prefix`."""
+    stmt = select(JobRow.step_name, JobRow.result).where(
+        JobRow.workflow_id == workflow_id, _named_from(prefix)
+    )
+    return [(name, codec.loads(r)) for name, r in (await session.execute(stmt)).all()]
 
 
 async def results(session: AsyncSession, job_ids: Iterable[str]) -> dict[str, JSON]:
@@ -1043,6 +1089,8 @@ async def timed_out_jobs(session: AsyncSession, now: int, limit: int = 500) -> l
         .where(
             JobRow.state == int(RunState.RUNNING),
             JobRow.timeout_ms > 0,
+            # A fan-out step runs no attempt itself: its children time out.
+            JobRow.for_each.is_(None),
             JobRow.started_us + JobRow.timeout_ms * 1000 < now,
         )
         .limit(limit)

@@ -75,6 +75,8 @@ class JobRow(Base):
     step_name: Mapped[str] = mapped_column(String(128), default="")
     step_index: Mapped[int] = mapped_column(Integer, default=0)
     depends_on: Mapped[str] = mapped_column(Text, default="[]")
+    # A fan-out step's {"step", "path"} (JSON); NULL for any other job.
+    for_each: Mapped[str | None] = mapped_column(Text, nullable=True)
     service: Mapped[str] = mapped_column(String(128))
     payload: Mapped[str] = mapped_column(Text)
     priority: Mapped[int] = mapped_column(Integer)
