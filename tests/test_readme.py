@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import contextlib
 import inspect
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from jobtrace.client import Client, Worker, job_result, workflow_outputs
+from jobtrace.client import Client, job_result, workflow_outputs
 from jobtrace.pb import common_pb2 as c
 
 from .conftest import Harness, wait_for
+from .workers import running
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 README_TARGET = "127.0.0.1:50051"
@@ -64,20 +63,6 @@ async def run_snippet(source: str, namespace: dict[str, Any], name: str) -> None
     outcome = eval(code, namespace)  # the README's own text, compiled above
     if inspect.iscoroutine(outcome):
         await asyncio.wait_for(outcome, timeout=60)
-
-
-@contextlib.asynccontextmanager
-async def running(worker: Worker) -> AsyncIterator[Worker]:
-    """`asyncio.run(worker.run())`, but as a task on the test's loop, connected before yielding."""
-    task = asyncio.create_task(worker.run())
-    try:
-        await wait_for(worker.connected.is_set, timeout=10)
-        yield worker
-    finally:
-        worker.stop()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
 
 
 async def test_readme_download_transcode_notify_retries_shows_progress_and_waits(

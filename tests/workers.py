@@ -86,6 +86,14 @@ async def runtime_worker(
     worker = Worker(target, reconnect_initial=0.05, **options)
     for service, fn in handlers.items():
         worker.handler(service)(fn)
+    async with running(worker):
+        yield worker
+
+
+@contextlib.asynccontextmanager
+async def running(worker: Worker) -> AsyncIterator[Worker]:
+    """`asyncio.run(worker.run())`, but as a task on the test's loop, connected
+    before yielding, stopped after."""
     task = asyncio.create_task(worker.run())
     try:
         await wait_for(worker.connected.is_set, timeout=10)
