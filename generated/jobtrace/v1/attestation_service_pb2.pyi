@@ -783,8 +783,19 @@ class ListAnnotationsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     VIEW_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    ACTOR_KIND_FIELD_NUMBER: _builtins.int
+    RECORDED_BY_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    VALUE_EQUALS_FIELD_NUMBER: _builtins.int
+    VALUE_MIN_FIELD_NUMBER: _builtins.int
+    VALUE_MAX_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """Required. A workflow id or standalone job id."""
+    """Optional. A workflow id or standalone job id; empty lists across every run
+    of the caller's tenant (every tenant for an admin), newest first. With a
+    run, the page is oldest first.
+    """
     key_prefix: _builtins.str
     """Optional. Only keys starting with this, e.g. "decision."."""
     actor_id: _builtins.str
@@ -799,9 +810,38 @@ class ListAnnotationsRequest(_message.Message):
     """Optional. next_page_token of the previous page, with the same filters."""
     view: Global___AnnotationView.ValueType
     """Optional. How much of each annotation to return; unspecified means BASIC."""
+    key: _builtins.str
+    """Optional. Only this exact key, e.g. "decision.confidence"; a valid
+    annotation key (INVALID_ARGUMENT otherwise).
+    """
+    actor_kind: _common_pb2.ActorKind.ValueType
+    """Optional. Only by actors of this kind; UNSPECIFIED means any."""
+    recorded_by: _builtins.str
+    """Optional. Only recorded by this authenticated subject."""
+    job_id: _builtins.str
+    """Optional. Only about this job (a step of a workflow, or a standalone job)."""
+    value_min: _builtins.float
+    """Optional. Only numeric values at or above this; non-numeric values never
+    match. At most value_max.
+    """
+    value_max: _builtins.float
+    """Optional. Only numeric values at or below this; non-numeric values never
+    match.
+    """
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """Optional. Only stored at or after this time."""
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Only stored before this time (exclusive); not before since."""
+
+    @_builtins.property
+    def value_equals(self) -> _struct_pb2.Value:
+        """Optional. Only annotations whose value equals this scalar: a string, a
+        number (numbers compare as doubles) or a bool; other kinds are
+        INVALID_ARGUMENT.
+        """
 
     def __init__(
         self,
@@ -815,12 +855,27 @@ class ListAnnotationsRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         view: Global___AnnotationView.ValueType = ...,
+        key: _builtins.str = ...,
+        actor_kind: _common_pb2.ActorKind.ValueType = ...,
+        recorded_by: _builtins.str = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        job_id: _builtins.str = ...,
+        value_equals: _struct_pb2.Value | None = ...,
+        value_min: _builtins.float | None = ...,
+        value_max: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_value_max", b"_value_max", "_value_min", b"_value_min", "since", b"since", "until", b"until", "value_equals", b"value_equals", "value_max", b"value_max", "value_min", b"value_min"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "attempt", b"attempt", "key_prefix", b"key_prefix", "page_size", b"page_size", "page_token", b"page_token", "run_id", b"run_id", "scope", b"scope", "since", b"since", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_value_max", b"_value_max", "_value_min", b"_value_min", "actor_id", b"actor_id", "actor_kind", b"actor_kind", "attempt", b"attempt", "job_id", b"job_id", "key", b"key", "key_prefix", b"key_prefix", "page_size", b"page_size", "page_token", b"page_token", "recorded_by", b"recorded_by", "run_id", b"run_id", "scope", b"scope", "since", b"since", "until", b"until", "value_equals", b"value_equals", "value_max", b"value_max", "value_min", b"value_min", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__value_max: _TypeAlias = _typing.Literal["value_max"]  # noqa: Y015
+    _WhichOneofArgType__value_max: _TypeAlias = _typing.Literal["_value_max", b"_value_max"]  # noqa: Y015
+    _WhichOneofReturnType__value_min: _TypeAlias = _typing.Literal["value_min"]  # noqa: Y015
+    _WhichOneofArgType__value_min: _TypeAlias = _typing.Literal["_value_min", b"_value_min"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__value_max) -> _WhichOneofReturnType__value_max | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__value_min) -> _WhichOneofReturnType__value_min | None: ...
 
 Global___ListAnnotationsRequest: _TypeAlias = ListAnnotationsRequest  # noqa: Y015
 
@@ -838,7 +893,8 @@ class ListAnnotationsResponse(_message.Message):
     """
     @_builtins.property
     def annotations(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Annotation]:
-        """The page, oldest first. It may hold fewer than page_size annotations when
+        """The page, oldest first within one run, newest first across runs. It may
+        hold fewer than page_size annotations when
         their bytes reached the page budget: only an empty next_page_token ends a
         listing.
         """

@@ -137,12 +137,7 @@ class AttestationServicer(pb_grpc.AttestationServiceServicer):
         principal = self._auth.require(context, Role.READER)
         items, token = await self._annotations.list(
             principal.read_scope,
-            run_id=request.run_id,
-            key_prefix=request.key_prefix,
-            actor_id=request.actor_id,
-            since_us=convert.ts_to_us(request.since) if request.HasField("since") else 0,
-            attempt=request.attempt,
-            scope=request.scope,
+            query=convert.annotation_filter(request),
             page_size=request.page_size,
             page_token=request.page_token,
             view=request.view,

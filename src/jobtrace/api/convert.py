@@ -12,6 +12,7 @@ from google.protobuf.message import Message
 
 from jobtrace.api.errors import status_code
 from jobtrace.domain import step_data
+from jobtrace.domain.annotations import AnnotationFilter
 from jobtrace.domain.errors import FieldViolation, Invalid
 from jobtrace.domain.jobs import (
     JobSubmission,
@@ -30,7 +31,13 @@ from jobtrace.model import (
     StepResults,
     Workflow,
 )
-from jobtrace.pb import common_pb2, duration_pb2, struct_pb2, timestamp_pb2
+from jobtrace.pb import (
+    attestation_service_pb2,
+    common_pb2,
+    duration_pb2,
+    struct_pb2,
+    timestamp_pb2,
+)
 
 
 def request_hash(message: Message) -> str:
@@ -666,3 +673,35 @@ def annotation_input(
         idempotency_key=idempotency_key,
     )
     return item, payload.ByteSize()
+
+
+def annotation_filter(r: attestation_service_pb2.ListAnnotationsRequest) -> AnnotationFilter:
+    """A ListAnnotations request's filters. A value_equals of another kind than
+    string, number or bool is INVALID_ARGUMENT."""
+    equals: str | float | bool | None = None
+    if r.HasField("value_equals"):
+        kind = r.value_equals.WhichOneof("kind")
+        if kind == "string_value":
+            equals = r.value_equals.string_value
+        elif kind == "number_value":
+            equals = r.value_equals.number_value
+        elif kind == "bool_value":
+            equals = r.value_equals.bool_value
+        else:
+            raise Invalid([FieldViolation("value_equals", "must be a string, number or bool")])
+    return AnnotationFilter(
+        run_id=r.run_id,
+        key=r.key,
+        key_prefix=r.key_prefix,
+        actor_id=r.actor_id,
+        actor_kind=r.actor_kind,
+        recorded_by=r.recorded_by,
+        since_us=ts_to_us(r.since) if r.HasField("since") else 0,
+        until_us=ts_to_us(r.until) if r.HasField("until") else 0,
+        job_id=r.job_id,
+        attempt=r.attempt,
+        scope=r.scope,
+        value_equals=equals,
+        value_min=r.value_min if r.HasField("value_min") else None,
+        value_max=r.value_max if r.HasField("value_max") else None,
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -9,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from jobtrace.clock import now_us
 from jobtrace.domain import redact as redact_rules
 from jobtrace.domain.attest import redact, redact_text
-from jobtrace.domain.conventions import check_key_value
+from jobtrace.domain.conventions import KEY_RE, MAX_KEY, check_key_value
 from jobtrace.domain.errors import (
     FieldViolation,
     Invalid,
@@ -33,6 +35,7 @@ from jobtrace.model import (
     TraceEvent,
     TraceType,
 )
+from jobtrace.store import codec
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Database, Tx
 
@@ -270,59 +273,107 @@ class Annotations:
         self,
         tenant: str | None,
         *,
-        run_id: str,
-        key_prefix: str,
-        actor_id: str,
-        since_us: int,
-        attempt: int,
-        scope: int,
+        query: AnnotationFilter,
         page_size: int,
         page_token: str,
         view: int,
         out: Encoder[Annotation, Any],
     ) -> tuple[list[Any], str]:
-        """One page, as `out` encodes it, and the token of the next."""
+        """One page, as `out` encodes it, and the token of the next: of one
+        run oldest first, across runs (no run_id) newest first."""
         v = Violations()
-        if not run_id:
-            v.add("run_id", "required")
         limit = check_page_size(v, "page_size", page_size)
-        if scope not in AnnotationScope.__members__.values():
-            v.add("scope", f"unknown AnnotationScope value {scope}")
-        if attempt < 0:
-            v.add("attempt", "must not be negative")
+        q = check_filter(v, query)
         full = check_view(v, "view", view)
-        filters = {
-            "run_id": run_id,
-            "key_prefix": key_prefix,
-            "actor_id": actor_id,
-            "since": since_us,
-            "attempt": attempt,
-            "scope": scope,
-            "tenant": tenant,
-        }
+        filters = {**dataclasses.asdict(query), "tenant": tenant}
         after = position(self._tokens, v, "page_token", page_token, "annotations", filters)
         v.raise_if_any()
         async with self._db.read() as session:
-            await self._trace.require_run(session, tenant, run_id)
+            if q.run_id:
+                await self._trace.require_run(session, tenant, q.run_id)
             filled = await fill(
                 lambda start, n, max_bytes: store.read_annotations(
                     session,
                     tenant=tenant,
-                    run_id=run_id,
-                    key_prefix=key_prefix,
-                    actor_id=actor_id,
-                    since_us=since_us,
-                    attempt=attempt,
-                    scope=scope,
+                    query=q,
                     after=start,
                     limit=n,
                     max_bytes=max_bytes,
                     full=full,
                 ),
-                start=after,
+                # Newest first reads down from the top: no token, no bound.
+                start=after if q.run_id or after else None,
                 count=limit,
                 out=out,
                 position=lambda a: a.seq,
                 name=lambda a: f"annotation {a.id}",
             )
         return filled.items, self._tokens.next_token("annotations", filters, filled)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AnnotationFilter:
+    """A ListAnnotations request's filters; empty / zero / None match all.
+    `value_equals` is a scalar (str, float or bool) or None."""
+
+    run_id: str = ""
+    key: str = ""
+    key_prefix: str = ""
+    actor_id: str = ""
+    actor_kind: int = 0
+    recorded_by: str = ""
+    since_us: int = 0
+    until_us: int = 0
+    job_id: str = ""
+    attempt: int = 0
+    scope: int = 0
+    value_equals: str | float | bool | None = None
+    value_min: float | None = None
+    value_max: float | None = None
+
+
+def check_filter(v: Violations, f: AnnotationFilter) -> store.AnnotationQuery:
+    """The store's query for these filters; each bad one a violation naming its field."""
+    if f.key and (len(f.key) > MAX_KEY or not KEY_RE.fullmatch(f.key)):
+        v.add("key", "must be a dotted lowercase name such as 'decision.outcome'")
+    check_text(v, "key_prefix", f.key_prefix, MAX_KEY)
+    if f.actor_kind and f.actor_kind not in ACTOR_KINDS:
+        v.add("actor_kind", f"unknown ActorKind value {f.actor_kind}")
+    if f.scope not in AnnotationScope.__members__.values():
+        v.add("scope", f"unknown AnnotationScope value {f.scope}")
+    if f.attempt < 0:
+        v.add("attempt", "must not be negative")
+    if f.since_us and f.until_us and f.until_us < f.since_us:
+        v.add("until", "must not be before since")
+    for name in ("value_min", "value_max"):
+        bound = getattr(f, name)
+        if bound is not None and not math.isfinite(bound):
+            v.add(name, "must be a finite number")
+    if f.value_min is not None and f.value_max is not None and f.value_min > f.value_max:
+        v.add("value_min", "must not be greater than value_max")
+    value_text: str | None = None
+    value_num: float | None = None
+    if isinstance(f.value_equals, bool | str):
+        value_text = codec.dumps(f.value_equals)
+    elif isinstance(f.value_equals, float):
+        if math.isfinite(f.value_equals):
+            value_num = f.value_equals
+        else:
+            v.add("value_equals", "must be a finite number")
+    return store.AnnotationQuery(
+        run_id=f.run_id,
+        key=f.key,
+        key_prefix=f.key_prefix,
+        actor_id=f.actor_id,
+        actor_kind=f.actor_kind,
+        recorded_by=f.recorded_by,
+        since_us=f.since_us,
+        until_us=f.until_us,
+        job_id=f.job_id,
+        attempt=f.attempt,
+        scope=f.scope,
+        value_text=value_text,
+        value_num=value_num,
+        value_min=f.value_min,
+        value_max=f.value_max,
+    )

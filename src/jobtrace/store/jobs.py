@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import LargeBinary, case, cast, delete, func, insert, select, tuple_, update
@@ -800,7 +800,15 @@ def annotation_values(a: Annotation) -> dict[str, Any]:
         "idempotency_key": a.idempotency_key,
         "created_us": a.created_us,
         "recorded_by": a.recorded_by,
+        "value_num": numeric(a.value),
     }
+
+
+def numeric(value: Any) -> float | None:
+    """A number value as a float, for range filters; None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
 
 
 async def insert_pending_annotations(
@@ -1125,41 +1133,46 @@ async def annotations_by_idempotency(
     return {r["key"]: annotation_from_row(r) for r in (await session.execute(stmt)).mappings()}
 
 
+@dataclass(frozen=True, slots=True)
+class AnnotationQuery:
+    """Which annotations a listing reads; empty / zero / None fields match all.
+    `value_text` is a scalar value as stored (codec.dumps); `value_num` a number."""
+
+    run_id: str = ""
+    key: str = ""
+    key_prefix: str = ""
+    actor_id: str = ""
+    actor_kind: int = 0
+    recorded_by: str = ""
+    since_us: int = 0
+    until_us: int = 0
+    job_id: str = ""
+    attempt: int = 0
+    scope: int = 0
+    value_text: str | None = None
+    value_num: float | None = None
+    value_min: float | None = None
+    value_max: float | None = None
+
+
 async def read_annotations(
     session: AsyncSession,
     *,
     tenant: str | None,
-    run_id: str,
-    key_prefix: str,
-    actor_id: str,
-    since_us: int,
-    attempt: int,
-    scope: int,
+    query: AnnotationQuery,
     after: int | None,
     limit: int,
     max_bytes: int,
     full: bool,
 ) -> Chunk[Annotation]:
-    """In the order they were stored (published); payload only when `full`."""
-    where = [AnnotationRow.run_id == run_id]
-    if tenant is not None:
-        where.append(AnnotationRow.tenant == tenant)
-    if key_prefix:
-        escaped = key_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        where.append(AnnotationRow.key.like(escaped + "%", escape="\\"))
-    if actor_id:
-        where.append(AnnotationRow.actor_id == actor_id)
-    if since_us:
-        where.append(AnnotationRow.created_us >= since_us)
-    if attempt:
-        where.append(AnnotationRow.attempt == attempt)
-    if scope:
-        where.append(AnnotationRow.scope == scope)
+    """Of one run in the order they were stored (published); across runs
+    (no run_id) newest first. Payload only when `full`."""
     listing = Listing(
         key=AnnotationRow.seq,
-        where=where,
+        where=annotation_where(tenant, query),
         columns=[c for c in ANNOTATIONS.c if full or c.name != "payload"],
         sized=[AnnotationRow.value, *([AnnotationRow.payload] if full else [])],
+        descending=not query.run_id,
     )
     return await read_chunk(
         session,
@@ -1169,6 +1182,46 @@ async def read_annotations(
         max_bytes=max_bytes,
         build=lambda row: annotation_from_row(row, full=full),
     )
+
+
+def annotation_where(tenant: str | None, q: AnnotationQuery) -> list[Any]:
+    """The conditions of a listing of annotations (each filter on an index of
+    AnnotationRow's, with the tenant)."""
+    where: list[Any] = []
+    if q.run_id:
+        where.append(AnnotationRow.run_id == q.run_id)
+    if tenant is not None:
+        where.append(AnnotationRow.tenant == tenant)
+    if q.key:
+        where.append(AnnotationRow.key == q.key)
+    if q.key_prefix:
+        escaped = q.key_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        where.append(AnnotationRow.key.like(escaped + "%", escape="\\"))
+    if q.actor_id:
+        where.append(AnnotationRow.actor_id == q.actor_id)
+    if q.actor_kind:
+        where.append(AnnotationRow.actor_kind == q.actor_kind)
+    if q.recorded_by:
+        where.append(AnnotationRow.recorded_by == q.recorded_by)
+    if q.since_us:
+        where.append(AnnotationRow.created_us >= q.since_us)
+    if q.until_us:
+        where.append(AnnotationRow.created_us < q.until_us)
+    if q.job_id:
+        where.append(AnnotationRow.job_id == q.job_id)
+    if q.attempt:
+        where.append(AnnotationRow.attempt == q.attempt)
+    if q.scope:
+        where.append(AnnotationRow.scope == q.scope)
+    if q.value_text is not None:
+        where.append(AnnotationRow.value == q.value_text)
+    if q.value_num is not None:
+        where.append(AnnotationRow.value_num == q.value_num)
+    if q.value_min is not None:
+        where.append(AnnotationRow.value_num >= q.value_min)
+    if q.value_max is not None:
+        where.append(AnnotationRow.value_num <= q.value_max)
+    return where
 
 
 async def count_waiting(session: AsyncSession, tenant: str, cap: int) -> int:

@@ -151,6 +151,8 @@ class _AnnotationColumns:
     created_us: Mapped[int] = mapped_column(BigInteger)
     # The authenticated subject that wrote it; '' when stored before 0008.
     recorded_by: Mapped[str] = mapped_column(Text, default="")
+    # The value when it is a number (not a bool), for range filters; else NULL.
+    value_num: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class AnnotationRow(_AnnotationColumns, Base):
@@ -161,6 +163,14 @@ class AnnotationRow(_AnnotationColumns, Base):
     __table_args__ = (
         Index("ix_annotations_run_seq", "run_id", "seq"),
         Index("ix_annotations_run_key", "run_id", "key"),
+        # Listings across runs: newest first in a tenant, by key (and numeric
+        # value), by recording subject, by actor.
+        Index("ix_annotations_tenant_seq", "tenant", "seq"),
+        Index("ix_annotations_tenant_key_seq", "tenant", "key", "seq"),
+        Index("ix_annotations_tenant_key_num", "tenant", "key", "value_num"),
+        Index("ix_annotations_tenant_recorded_by_seq", "tenant", "recorded_by", "seq"),
+        Index("ix_annotations_tenant_actor_seq", "tenant", "actor_id", "seq"),
+        Index("ix_annotations_job_seq", "job_id", "seq"),
         Index(
             "ux_annotations_idempotency",
             "run_id",
