@@ -217,3 +217,24 @@ async def test_cross_run_key_filter_uses_an_index(harness: Harness) -> None:
         await engine.dispose()
     text = " ".join(str(row) for row in plan)
     assert "ix_annotations_tenant_key" in text, text
+
+
+async def test_numbers_stored_before_0012_are_backfilled(db_url: str) -> None:
+    """Annotations written before revision 0012 have no value_num; the
+    migration fills it, so range filters see them."""
+    from .test_worker_stream import migrate_down
+
+    async with Harness(db_url) as h:
+        api = h.stubs()
+        run = await new_run(api, "old")
+        await attach(api, run, {"decision.confidence": 0.25, "decision.outcome": "7", "x.n": -3e-5})
+        await attach(api, run, {"decision.flagged": False, "x.big": 12})
+    await migrate_down(db_url, "0011")
+    async with Harness(db_url) as h:
+        api = h.stubs()
+        assert await across(api, value_max=0.5) == [
+            (run, "x.n", -3e-5),
+            (run, "decision.confidence", 0.25),
+        ]
+        assert await across(api, value_min=10) == [(run, "x.big", 12.0)]
+        assert await across(api, value_equals=value(False)) == [(run, "decision.flagged", False)]
