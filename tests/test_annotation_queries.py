@@ -3,6 +3,7 @@ bad filters and the indexes behind them, through a real server on both backends.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from jobtrace.client import Client, SyncClient
 from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
@@ -238,3 +240,28 @@ async def test_numbers_stored_before_0012_are_backfilled(db_url: str) -> None:
         ]
         assert await across(api, value_min=10) == [(run, "x.big", 12.0)]
         assert await across(api, value_equals=value(False)) == [(run, "decision.flagged", False)]
+
+
+async def test_clients_list_annotations_across_runs(sqlite_harness: Harness) -> None:
+    api = sqlite_harness.stubs()
+    runs = [await new_run(api, f"c{i}") for i in range(3)]
+    for i, run in enumerate(runs):
+        await attach(api, run, {"decision.confidence": i / 4, "decision.outcome": f"o{i}"})
+    async with Client(sqlite_harness.target) as jt:
+        low = [
+            (x.run_id, x.value.number_value)
+            async for x in jt.iter_annotations(
+                key="decision.confidence", value_max=0.3, actor_kind="service", page_size=1
+            )
+        ]
+        assert low == [(runs[1], 0.25), (runs[0], 0.0)]
+        page = await jt.list_annotations(value_equals="o2")
+        assert [x.run_id for x in page.items] == [runs[2]]
+        one = await jt.list_annotations(runs[0])
+        assert [x.key for x in one.items] == ["decision.confidence", "decision.outcome"]
+
+    def use() -> list[str]:
+        with SyncClient(sqlite_harness.target) as jt:
+            return [x.run_id for x in jt.iter_annotations(value_min=0.0, page_size=2)]
+
+    assert await asyncio.to_thread(use) == list(reversed(runs))

@@ -720,26 +720,45 @@ class Client:
 
     async def list_annotations(
         self,
-        run_id: str,
+        run_id: str = "",
         *,
+        key: str = "",
         key_prefix: str = "",
         actor_id: str = "",
+        actor_kind: int | str | None = None,
+        recorded_by: str = "",
         since: When | None = None,
+        until: When | None = None,
+        job_id: str = "",
         attempt: int = 0,
         scope: int | str | None = None,
+        value_equals: str | float | bool | None = None,
+        value_min: float | None = None,
+        value_max: float | None = None,
         page_size: int = 0,
         page_token: str = "",
         view: int | str | None = None,
     ) -> Page[common_pb2.Annotation]:
-        """One page of a run's annotations; `view` "full" returns each whole,
-        the default ("basic") without its payload."""
+        """One page of a run's annotations, oldest first, or without `run_id`
+        of every run the caller may read, newest first. `value_equals` matches
+        a scalar value; `value_min`/`value_max` bound numeric values
+        (inclusive). `view` "full" returns each whole, the default ("basic")
+        without its payload."""
         request = attestation_service_pb2.ListAnnotationsRequest(
             run_id=run_id,
+            key=key,
             key_prefix=key_prefix,
             actor_id=actor_id,
+            actor_kind=_enum(common_pb2.ActorKind, "ACTOR_KIND_", actor_kind),
+            recorded_by=recorded_by,
             since=_timestamp(since),
+            until=_timestamp(until),
+            job_id=job_id,
             attempt=attempt,
             scope=_enum(common_pb2.AnnotationScope, "ANNOTATION_SCOPE_", scope),
+            value_equals=None if value_equals is None else _value(value_equals, "value_equals"),
+            value_min=value_min,
+            value_max=value_max,
             page_size=page_size,
             page_token=page_token,
             view=_enum(attestation_service_pb2.AnnotationView, "ANNOTATION_VIEW_", view),
@@ -748,6 +767,10 @@ class Client:
             self.attest_stub.ListAnnotations, request, retry=True
         )
         return Page(list(response.annotations), response.next_page_token)
+
+    def iter_annotations(self, /, **filters: Any) -> AsyncIterator[common_pb2.Annotation]:
+        """Every annotation matching the filters of list_annotations, page after page."""
+        return _every(self.list_annotations, filters)
 
 
 async def _every(

@@ -383,32 +383,55 @@ class SyncClient:
 
     def list_annotations(
         self,
-        run_id: str,
+        run_id: str = "",
         *,
+        key: str = "",
         key_prefix: str = "",
         actor_id: str = "",
+        actor_kind: int | str | None = None,
+        recorded_by: str = "",
         since: When | None = None,
+        until: When | None = None,
+        job_id: str = "",
         attempt: int = 0,
         scope: int | str | None = None,
+        value_equals: str | float | bool | None = None,
+        value_min: float | None = None,
+        value_max: float | None = None,
         page_size: int = 0,
         page_token: str = "",
         view: int | str | None = None,
     ) -> Page[common_pb2.Annotation]:
-        """One page of a run's annotations; `view` "full" returns each whole,
-        the default ("basic") without its payload."""
+        """One page of a run's annotations, oldest first, or without `run_id`
+        of every run the caller may read, newest first. `value_equals` matches
+        a scalar value; `value_min`/`value_max` bound numeric values
+        (inclusive). `view` "full" returns each whole, the default ("basic")
+        without its payload."""
         return self._run(
             self.client.list_annotations(
                 run_id,
+                key=key,
                 key_prefix=key_prefix,
                 actor_id=actor_id,
+                actor_kind=actor_kind,
+                recorded_by=recorded_by,
                 since=since,
+                until=until,
+                job_id=job_id,
                 attempt=attempt,
                 scope=scope,
+                value_equals=value_equals,
+                value_min=value_min,
+                value_max=value_max,
                 page_size=page_size,
                 page_token=page_token,
                 view=view,
             )
         )
+
+    def iter_annotations(self, /, **filters: Any) -> Iterator[common_pb2.Annotation]:
+        """Every annotation matching the filters of list_annotations, page after page."""
+        return self._iterate(self.client.iter_annotations(**filters))
 
     # Waiting for results: written out, so help() and type checkers see them.
 
