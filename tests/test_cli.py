@@ -290,6 +290,12 @@ async def test_reading_commands_print_json(sqlite_harness: Harness, tmp_path: Pa
     _, out, _ = await jobtrace("annotations", wf_id, "--prefix", "decision.", "--json", target=t)
     values = {a["key"]: a["value"] for a in json.loads(out)["annotations"]}
     assert values == {"decision.outcome": "approve", "decision.confidence": 0.9}
+    _, out, _ = await jobtrace(
+        "annotations", "--key", "decision.confidence", "--max", "0.95", "--json", target=t
+    )
+    assert [(a["run_id"], a["value"]) for a in json.loads(out)["annotations"]] == [(wf_id, 0.9)]
+    _, out, _ = await jobtrace("annotations", "--equals", "approve", target=t)
+    assert "decision.outcome" in out and "decision.confidence" not in out
     _, out, _ = await jobtrace("keys", "list", "--json", target=t)
     assert [k["active"] for k in json.loads(out)["keys"]] == [True]
 

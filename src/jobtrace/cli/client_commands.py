@@ -627,15 +627,39 @@ async def annotate(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def scalar(text: str | None) -> str | float | bool | None:
+    """A --equals value: a JSON number or bool (0.3, true), else the text itself
+    (quote it as JSON, '"0.3"', to match a string that looks like a number)."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(value, bool | str):
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    return text
+
+
 async def annotations_command(args: argparse.Namespace, client: Client) -> int:
     found, token = await collect(
         lambda t: client.list_annotations(
-            args.run_id,
+            args.run_id or "",
+            key=args.key or "",
             key_prefix=args.prefix or "",
             actor_id=args.actor or "",
+            actor_kind=args.actor_kind,
+            recorded_by=args.recorded_by or "",
             since=parse_when(args.since) if args.since else None,
+            until=parse_when(args.until) if args.until else None,
+            job_id=args.job or "",
             attempt=args.attempt,
             scope=args.scope,
+            value_equals=scalar(args.equals),
+            value_min=args.min,
+            value_max=args.max,
             page_size=min(args.limit, 1000),
             page_token=t,
             view=whole(args),
@@ -794,11 +818,25 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
     p.add_argument("--emit-event", action="store_true", help="also record a trace event")
     p.set_defaults(func=run_command(annotate))
 
-    p = sub.add_parser("annotations", parents=[conn, out], help="list a run's annotations")
-    p.add_argument("run_id", help="a workflow id, or a standalone job id")
+    p = sub.add_parser(
+        "annotations",
+        parents=[conn, out],
+        help="list a run's annotations (oldest first), or every run's (newest first)",
+    )
+    p.add_argument(
+        "run_id", nargs="?", default="", help="a workflow id, or a standalone job id; omit: all"
+    )
+    p.add_argument("--key", help="only this exact key, e.g. decision.confidence")
     p.add_argument("--prefix", help="key prefix, e.g. decision.")
     p.add_argument("--actor", help="only by this actor id")
+    p.add_argument("--actor-kind", help="only by actors of this kind: user, service, worker...")
+    p.add_argument("--recorded-by", help="only recorded by this authenticated subject")
     p.add_argument("--since", help="from this time (ISO 8601, or an age: 10m, 2h)")
+    p.add_argument("--until", help="before this time (ISO 8601, or an age: 10m, 2h)")
+    p.add_argument("--job", help="only about this job")
+    p.add_argument("--equals", help="only this scalar value: 0.3, true, approve")
+    p.add_argument("--min", type=float, help="only numeric values at or above this")
+    p.add_argument("--max", type=float, help="only numeric values at or below this")
     p.add_argument("--attempt", type=int, default=0, help="only this attempt")
     p.add_argument("--scope", help="run, step or attempt")
     p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
