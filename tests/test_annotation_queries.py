@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from jobtrace.auth import DEFAULT_TENANT
 from jobtrace.client import Client, SyncClient
 from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2 as c
@@ -197,28 +198,42 @@ async def test_annotations_across_runs_are_tenant_scoped(db_url: str, tmp_path: 
         assert await across(api, reader, recorded_by="submitter-umbrella") == []
 
 
-async def test_cross_run_key_filter_uses_an_index(harness: Harness) -> None:
-    api = harness.stubs()
-    for i in range(20):
-        run = await new_run(api, f"p{i}")
-        await attach(api, run, {"decision.confidence": i / 20, f"other.k{i}": "x"})
-    where = annotation_where("default", AnnotationQuery(key="decision.confidence"))
+async def plan_of(db_url: str, query: AnnotationQuery) -> str:
+    """The database's plan of a cross-run listing's first read (newest first)."""
+    where = annotation_where(DEFAULT_TENANT, query)
     stmt = select(AnnotationRow.seq).where(*where).order_by(AnnotationRow.seq.desc()).limit(10)
-    pg = harness.db_url.startswith("postgresql")
+    pg = db_url.startswith("postgresql")
     dialect = postgresql.dialect() if pg else sqlite.dialect()
     sql = str(stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
-    engine = create_async_engine(harness.db_url)
+    engine = create_async_engine(db_url)
     try:
         async with engine.begin() as conn:
-            if pg:
+            if pg:  # a small table is read whole otherwise
                 await conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
                 plan = (await conn.exec_driver_sql("EXPLAIN " + sql)).fetchall()
             else:
                 plan = (await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)).fetchall()
     finally:
         await engine.dispose()
-    text = " ".join(str(row) for row in plan)
-    assert "ix_annotations_tenant_key" in text, text
+    return " ".join(str(row) for row in plan)
+
+
+async def test_cross_run_filters_use_an_index(harness: Harness) -> None:
+    api = harness.stubs()
+    for i in range(20):
+        run = await new_run(api, f"p{i}")
+        await attach(api, run, {"decision.confidence": i / 20, f"other.k{i}": "x"}, who=f"a{i}")
+    url = harness.db_url
+    plan = await plan_of(url, AnnotationQuery(key="decision.confidence"))
+    assert "ix_annotations_tenant_key" in plan, plan
+    plan = await plan_of(url, AnnotationQuery(key="decision.confidence", value_max=0.5))
+    assert "ix_annotations_tenant_key" in plan, plan
+    plan = await plan_of(url, AnnotationQuery(recorded_by="someone"))
+    assert "ix_annotations_tenant_recorded_by_seq" in plan, plan
+    plan = await plan_of(url, AnnotationQuery(actor_id="a3"))
+    assert "ix_annotations_tenant_actor_seq" in plan, plan
+    plan = await plan_of(url, AnnotationQuery(job_id="job_x"))
+    assert "ix_annotations_job_seq" in plan, plan
 
 
 async def test_numbers_stored_before_0012_are_backfilled(db_url: str) -> None:
