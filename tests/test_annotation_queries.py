@@ -19,11 +19,13 @@ from jobtrace.client import Client, SyncClient
 from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
+from jobtrace.pb import worker_service_pb2 as w
 from jobtrace.store.jobs import AnnotationQuery, annotation_where
 from jobtrace.store.tables import AnnotationRow
 
 from .conftest import Harness, Stubs, expect_error
 from .test_security import bearer, token, write_tokens
+from .workers import RawWorker
 
 
 def value(x: Any) -> struct_pb2.Value:
@@ -280,3 +282,27 @@ async def test_clients_list_annotations_across_runs(sqlite_harness: Harness) -> 
             return [x.run_id for x in jt.iter_annotations(value_min=0.0, page_size=2)]
 
     assert await asyncio.to_thread(use) == list(reversed(runs))
+
+
+async def test_worker_annotations_are_found_by_value_once_published(harness: Harness) -> None:
+    """A worker's annotations wait in pending_annotations until the attempt
+    ends; moved into annotations, they keep their numeric value for the filters."""
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"])
+    run = await new_run(api, "worked")
+    await raw.expect("assignment")
+    await raw.send(
+        annotate=w.AnnotationReport(
+            job_id=run, attempt=1, attributes={"decision.confidence": value(0.2)}
+        )
+    )
+    await raw.expect("ack")
+    assert await across(api, value_max=0.5) == []  # not yet published
+    await raw.send(complete=w.CompleteReport(job_id=run, attempt=1))
+    await raw.expect("ack")
+    assert await across(api, value_max=0.5, actor_kind=c.ACTOR_KIND_WORKER) == [
+        (run, "decision.confidence", 0.2)
+    ]
+    assert await across(api, job_id=run, attempt=1) == [(run, "decision.confidence", 0.2)]
+    await raw.close()
