@@ -4,6 +4,7 @@ bad filters and the indexes behind them, through a real server on both backends.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -306,3 +307,37 @@ async def test_worker_annotations_are_found_by_value_once_published(harness: Har
     ]
     assert await across(api, job_id=run, attempt=1) == [(run, "decision.confidence", 0.2)]
     await raw.close()
+
+
+def test_page_tokens_of_earlier_releases_stay_bound_to_the_same_filters() -> None:
+    """A listing of one run with the filters of earlier releases binds its
+    token to what they bound it to, so a token survives the upgrade; each new
+    filter (value_equals by type too) makes another query."""
+    from jobtrace.domain.annotations import AnnotationFilter, token_filters
+
+    old = {
+        "run_id": "r",
+        "key_prefix": "decision.",
+        "actor_id": "bob",
+        "since": 5,
+        "attempt": 1,
+        "scope": 2,
+        "tenant": "t",
+    }
+    f = AnnotationFilter(
+        run_id="r", key_prefix="decision.", actor_id="bob", since_us=5, attempt=1, scope=2
+    )
+    assert token_filters(f, "t") == old
+    variants = [
+        AnnotationFilter(value_equals=True),
+        AnnotationFilter(value_equals=1.0),
+        AnnotationFilter(value_equals="true"),
+        AnnotationFilter(value_min=0.0),
+        AnnotationFilter(value_max=0.0),
+        AnnotationFilter(key="a.b"),
+        AnnotationFilter(recorded_by="x"),
+        AnnotationFilter(),
+    ]
+    assert len({json.dumps(token_filters(x, "t"), sort_keys=True) for x in variants}) == len(
+        variants
+    )

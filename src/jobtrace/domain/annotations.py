@@ -285,7 +285,7 @@ class Annotations:
         limit = check_page_size(v, "page_size", page_size)
         q = check_filter(v, query)
         full = check_view(v, "view", view)
-        filters = {**dataclasses.asdict(query), "tenant": tenant}
+        filters = token_filters(query, tenant)
         after = position(self._tokens, v, "page_token", page_token, "annotations", filters)
         v.raise_if_any()
         async with self._db.read() as session:
@@ -330,6 +330,28 @@ class AnnotationFilter:
     value_equals: str | float | bool | None = None
     value_min: float | None = None
     value_max: float | None = None
+
+
+def token_filters(f: AnnotationFilter, tenant: str | None) -> dict[str, Any]:
+    """What a page token is bound to: the filters of earlier releases under
+    their names (their tokens stay valid across an upgrade), the others when set."""
+    filters: dict[str, Any] = {
+        "run_id": f.run_id,
+        "key_prefix": f.key_prefix,
+        "actor_id": f.actor_id,
+        "since": f.since_us,
+        "attempt": f.attempt,
+        "scope": f.scope,
+        "tenant": tenant,
+    }
+    default = AnnotationFilter()
+    later = ("key", "actor_kind", "recorded_by", "until_us", "job_id", "value_min", "value_max")
+    for name in later:
+        if getattr(f, name) != getattr(default, name):
+            filters[name] = getattr(f, name)
+    if f.value_equals is not None:  # True and 1.0 are different filters
+        filters["value_equals"] = [type(f.value_equals).__name__, f.value_equals]
+    return filters
 
 
 def check_filter(v: Violations, f: AnnotationFilter) -> store.AnnotationQuery:
