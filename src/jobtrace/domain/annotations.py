@@ -382,20 +382,11 @@ def check_filter(v: Violations, f: AnnotationFilter) -> store.AnnotationQuery:
             value_num = f.value_equals
         else:
             v.add("value_equals", "must be a finite number")
-    return store.AnnotationQuery(
-        run_id=f.run_id,
-        key=f.key,
-        key_prefix=f.key_prefix,
-        actor_id=f.actor_id,
-        actor_kind=f.actor_kind,
-        recorded_by=f.recorded_by,
-        since_us=f.since_us,
-        until_us=f.until_us,
-        job_id=f.job_id,
-        attempt=f.attempt,
-        scope=f.scope,
-        value_text=value_text,
-        value_num=value_num,
-        value_min=f.value_min,
-        value_max=f.value_max,
-    )
+    # Every filter but the value passes through as it is; the value is encoded
+    # as the store compares it.
+    same = {
+        field.name: getattr(f, field.name)
+        for field in dataclasses.fields(store.AnnotationQuery)
+        if field.name not in ("value_text", "value_num")
+    }
+    return store.AnnotationQuery(**same, value_text=value_text, value_num=value_num)

@@ -8,15 +8,12 @@ import logging
 from typing import Any
 
 from jobtrace.clock import now_us
-from jobtrace.domain import lifecycle
 from jobtrace.domain.dispatch.placement import Placement
 from jobtrace.domain.dispatch.reports import Reports
 from jobtrace.domain.dispatch.sessions import Drained, Hello, Welcome, WorkerSession, check_hello
 from jobtrace.domain.dispatch.supervisor import Supervisor
 from jobtrace.domain.errors import FailedPrecondition
-from jobtrace.domain.jobs import Jobs
 from jobtrace.ids import new_id
-from jobtrace.store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -24,29 +21,11 @@ log = logging.getLogger(__name__)
 class Scheduler(Placement, Supervisor, Reports):
     """Dispatches eligible jobs to connected workers and supervises leases."""
 
-    def __init__(
-        self,
-        db: Database,
-        jobs: Jobs,
-        life: lifecycle.Lifecycle,
-        *,
-        lease_ms: int,
-        heartbeat_ms: int,
-        reconnect_grace_ms: int | None = None,
-    ) -> None:
-        super().__init__(
-            db,
-            jobs,
-            life,
-            lease_ms=lease_ms,
-            heartbeat_ms=heartbeat_ms,
-            reconnect_grace_ms=reconnect_grace_ms,
-        )
-        jobs.add_listener(self._on_jobs_changed)
-
     # --- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
+        # Job changes wake the dispatcher and reach the workers holding them.
+        self._jobs.add_listener(self._on_jobs_changed)
         self._tasks = [
             asyncio.create_task(self._dispatch_loop(), name="jobtrace-dispatch"),
             asyncio.create_task(self._supervise_loop(), name="jobtrace-supervise"),
