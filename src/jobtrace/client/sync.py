@@ -54,7 +54,6 @@ class SyncClient:
 
     @classmethod
     def from_env(cls, **options: Any) -> SyncClient:
-        """Settings from JOBTRACE_TARGET, JOBTRACE_TOKEN, JOBTRACE_TLS... (see Endpoint)."""
         sync = cls.__new__(cls)
         sync._start(Client.from_env(**options))
         return sync
@@ -123,8 +122,6 @@ class SyncClient:
         annotations: Sequence[common_pb2.AnnotationInput | Mapping[str, Any]] = (),
         traceparent: str | None = None,
     ) -> common_pb2.Job:
-        """Submit one job. Idempotent by `request_id` (a random one when not given),
-        so a retried submit returns the same job."""
         return self._run(
             self.client.submit_job(
                 service,
@@ -156,10 +153,6 @@ class SyncClient:
         traceparent: str | None = None,
         outputs: Sequence[str] = (),
     ) -> common_pb2.Workflow:
-        """Submit a workflow. Steps are WorkflowStepSpec messages or mappings in their
-        JSON form (`{"name": ..., "job": {"service": ...}, "depends_on": [...]}`).
-        `outputs` names the steps whose results are the workflow's outputs
-        (default: the steps no other step depends on)."""
         return self._run(
             self.client.submit_workflow(
                 name,
@@ -175,11 +168,9 @@ class SyncClient:
         )
 
     def get_job(self, job_id: str) -> common_pb2.Job:
-        """The job now: spec, state, progress, attempt, and its result or failure."""
         return self._run(self.client.get_job(job_id))
 
     def get_workflow(self, workflow_id: str) -> common_pb2.Workflow:
-        """The workflow now, with its steps and their states."""
         return self._run(self.client.get_workflow(workflow_id))
 
     def list_jobs(
@@ -192,11 +183,6 @@ class SyncClient:
         page_token: str = "",
         view: int | str | None = None,
     ) -> Page[common_pb2.Job]:
-        """One page, newest first; `state` is a RunState value or name ("RUNNING").
-        `view` "full" returns each job whole; the default ("basic") leaves out
-        spec.payload, result and failure.details. A page may hold fewer than
-        `page_size` jobs (it is bounded in bytes too): only an empty
-        `next_page_token` ends the listing."""
         return self._run(
             self.client.list_jobs(
                 state=state,
@@ -209,7 +195,6 @@ class SyncClient:
         )
 
     def iter_jobs(self, /, **filters: Any) -> Iterator[common_pb2.Job]:
-        """Every job matching the filters of list_jobs, page after page."""
         return self._iterate(self.client.iter_jobs(**filters))
 
     def list_workflows(
@@ -221,8 +206,6 @@ class SyncClient:
         page_token: str = "",
         view: int | str | None = None,
     ) -> Page[common_pb2.Workflow]:
-        """One page, newest first; `view` "full" returns each workflow with its
-        steps, the default ("basic") without them (progress still counts them)."""
         return self._run(
             self.client.list_workflows(
                 state=state, name=name, page_size=page_size, page_token=page_token, view=view
@@ -230,33 +213,23 @@ class SyncClient:
         )
 
     def iter_workflows(self, /, **filters: Any) -> Iterator[common_pb2.Workflow]:
-        """Every workflow matching the filters of list_workflows, page after page."""
         return self._iterate(self.client.iter_workflows(**filters))
 
     def cancel_job(self, job_id: str, reason: str = "") -> common_pb2.Job:
-        """Cancel a job; its worker hears of it at once. Not retried: a repeat of
-        a cancel that did land would fail as FAILED_PRECONDITION."""
         return self._run(self.client.cancel_job(job_id, reason))
 
     def cancel_workflow(self, workflow_id: str, reason: str = "") -> common_pb2.Workflow:
-        """Cancel a workflow and every step not yet finished; running workers
-        hear of it at once. Not retried (see cancel_job)."""
         return self._run(self.client.cancel_workflow(workflow_id, reason))
 
     def watch_job(self, job_id: str) -> Iterator[common_pb2.Job]:
-        """The job now, then every change, until it ends (a lost connection is
-        reopened; the first snapshot after it is the current state)."""
         return self._iterate(self.client.watch_job(job_id))
 
     def watch_workflow(self, workflow_id: str) -> Iterator[job_service_pb2.WatchWorkflowResponse]:
-        """The workflow now, then every change (with the step that changed), until it ends."""
         return self._iterate(self.client.watch_workflow(workflow_id))
 
     def append_trace_events(
         self, run_id: str, events: Sequence[common_pb2.TraceEvent | Mapping[str, Any]]
     ) -> list[common_pb2.TraceEvent]:
-        """Append up to 1,000 events to a run. Events without an `event_key` get a
-        random one first, so the retried append of a lost answer stores nothing twice."""
         return self._run(self.client.append_trace_events(run_id, events))
 
     def list_trace_events(
@@ -269,11 +242,6 @@ class SyncClient:
         view: int | str | None = None,
         **filters: Any,
     ) -> TracePage:
-        """One page of a run's events after `cursor`. Filters: min_level, category,
-        node_id, type, since, until, milestones_only (enum names or values),
-        min_display_priority (1 low to 10 high).
-        `view` "full" returns each event whole; the default ("basic") leaves
-        out data, output_summary, error.details and error.stack."""
         return self._run(
             self.client.list_trace_events(
                 run_id, cursor=cursor, page_size=page_size, view=view, **filters
@@ -290,9 +258,6 @@ class SyncClient:
         keepalives: bool = False,
         **filters: Any,
     ) -> Iterator[trace_service_pb2.StreamTraceEventsResponse]:
-        """Replay a run's events after `cursor`, then (with `follow`) follow it live
-        until the message that carries its `final_status`. A broken connection
-        is reopened from the last cursor received: no gap, no duplicate."""
         return self._iterate(
             self.client.stream_trace_events(
                 run_id, cursor=cursor, follow=follow, keepalives=keepalives, **filters
@@ -300,18 +265,12 @@ class SyncClient:
         )
 
     def get_run_status(self, run_id: str) -> trace_service_pb2.RunStatus:
-        """The status of a run (a workflow, or a standalone job): state, times,
-        progress and the failure summary."""
         return self._run(self.client.get_run_status(run_id))
 
     def get_attestation(self, key: str) -> attestation_service_pb2.Attestation:
-        """One attestation by key (e.g. "workflow-completion:wf_..."); see
-        export_attestation for its DSSE envelope and verify_offline to check one."""
         return self._run(self.client.get_attestation(key))
 
     def export_attestation(self, key: str) -> dict[str, Any]:
-        """The attestation as a DSSE envelope (in-toto Statement) in its standard
-        JSON form, for `jobtrace attest verify` and other supply-chain verifiers."""
         return self._run(self.client.export_attestation(key))
 
     def list_attestations(
@@ -324,9 +283,6 @@ class SyncClient:
         page_token: str = "",
         view: int | str | None = None,
     ) -> Page[attestation_service_pb2.Attestation]:
-        """Attestations, filtered; `type` is an AttestationType value or name
-        ("workflow_completion", "WORKER_FAILURE"). `view` "full" returns each
-        whole; the default ("basic") leaves out data."""
         return self._run(
             self.client.list_attestations(
                 workflow_id=workflow_id,
@@ -339,13 +295,9 @@ class SyncClient:
         )
 
     def verify_attestation(self, key: str) -> attestation_service_pb2.VerifyAttestationResponse:
-        """The server's verdict on a stored attestation: digest, signature, its
-        place in the hash chain and the annotations it covers."""
         return self._run(self.client.verify_attestation(key))
 
     def get_signing_keys(self) -> list[attestation_service_pb2.SigningKey]:
-        """The server's public signing keys (active and retired), for
-        verify_offline."""
         return self._run(self.client.get_signing_keys())
 
     def attach_annotations(
@@ -362,10 +314,6 @@ class SyncClient:
         idempotency_key: str | None = None,
         emit_event: bool = False,
     ) -> list[common_pb2.Annotation]:
-        """Attach key/value provenance to a run (or one job and attempt). Idempotent
-        by `idempotency_key` (a random one when not given): a retry returns the
-        annotations already stored. jobtrace.conventions names the typed keys
-        and builds checked attributes (`conventions.decision(outcome=...)`)."""
         return self._run(
             self.client.attach_annotations(
                 run_id,
@@ -402,11 +350,6 @@ class SyncClient:
         page_token: str = "",
         view: int | str | None = None,
     ) -> Page[common_pb2.Annotation]:
-        """One page of a run's annotations, oldest first, or without `run_id`
-        of every run the caller may read, newest first. `value_equals` matches
-        a scalar value; `value_min`/`value_max` bound numeric values
-        (inclusive). `view` "full" returns each whole, the default ("basic")
-        without its payload."""
         return self._run(
             self.client.list_annotations(
                 run_id,
@@ -430,7 +373,6 @@ class SyncClient:
         )
 
     def iter_annotations(self, /, **filters: Any) -> Iterator[common_pb2.Annotation]:
-        """Every annotation matching the filters of list_annotations, page after page."""
         return self._iterate(self.client.iter_annotations(**filters))
 
     # Waiting for results: written out, so help() and type checkers see them.
@@ -459,3 +401,10 @@ class SyncClient:
         it completes. Raises RunFailed when it ended otherwise, DeadlineExceeded
         when `timeout` seconds pass first."""
         return self._run(self.client.outputs(workflow_id, timeout=timeout))
+
+
+# A blocking method documents what its Client coroutine does: one text for both.
+for _name, _member in vars(SyncClient).items():
+    _method = getattr(_member, "__func__", _member)  # a classmethod's function
+    if not _name.startswith("_") and callable(_method) and _method.__doc__ is None:
+        _method.__doc__ = getattr(Client, _name).__doc__
