@@ -166,6 +166,33 @@ def check_key(session: AsyncSession, key: Sequence[Any]) -> SearchKey | None:
 _HEAVY = ("output_summary", "data")
 
 
+def match_statement(
+    session: AsyncSession,
+    q: TextQuery,
+    f: SearchFilter,
+    after: SearchKey | None,
+    limit: int,
+    full: bool = False,
+) -> Any:
+    """The read of the index: the key and stored size of each of the next
+    `limit` matching events after `after`, newest stored first."""
+    pg = sql.dialect(session) == "postgresql"
+    keys = _key_columns(session)
+    where = _where(session, q, f)
+    if after is not None:
+        where.append(tuple_(*keys) < tuple_(*after) if pg else _FTS.c.rowid < after[0])
+    heavy = _HEAVY if full else ()
+    size = stored_size(session, [EVENTS.c[n] for n in ("message", "user_message", "error", *heavy)])
+    source: Any = EVENTS if pg else _FTS.join(EVENTS, _ROWID == _FTS.c.rowid)
+    return (
+        select(*keys, size)
+        .select_from(source)
+        .where(*where)
+        .order_by(*(k.desc() for k in keys))
+        .limit(limit)
+    )
+
+
 async def search_events(
     session: AsyncSession,
     q: TextQuery,
@@ -182,22 +209,8 @@ async def search_events(
     read first (one match of the index), the events' columns then."""
     pg = sql.dialect(session) == "postgresql"
     keys = _key_columns(session)
-    where = _where(session, q, f)
-    if after is not None:
-        where.append(tuple_(*keys) < tuple_(*after) if pg else _FTS.c.rowid < after[0])
-    heavy = _HEAVY if full else ()
-    size = stored_size(session, [EVENTS.c[n] for n in ("message", "user_message", "error", *heavy)])
-    source: Any = EVENTS if pg else _FTS.join(EVENTS, _ROWID == _FTS.c.rowid)
     scan = min(limit, SIZE_SCAN)
-    found = (
-        await session.execute(
-            select(*keys, size)
-            .select_from(source)
-            .where(*where)
-            .order_by(*(k.desc() for k in keys))
-            .limit(scan)
-        )
-    ).all()
+    found = (await session.execute(match_statement(session, q, f, after, scan, full))).all()
     picked: list[SearchKey] = []
     total = 0
     for row in found:

@@ -35,10 +35,12 @@ PG_VECTOR = (
 
 SQLITE = (
     # Letters and digits only, as PostgreSQL's [:alnum:] runs; diacritics kept
-    # (PostgreSQL's 'simple' keeps them too).
+    # (PostgreSQL's 'simple' keeps them too). No column sizes: they serve
+    # ranking (bm25) alone, which search does not use (newest first), and
+    # would cost a write per event.
     "CREATE VIRTUAL TABLE trace_events_search USING fts5("
     "message, user_message, content='trace_events', content_rowid='rowid',"
-    " tokenize='unicode61 remove_diacritics 0')",
+    " columnsize=0, tokenize='unicode61 remove_diacritics 0')",
     "CREATE TRIGGER trace_events_search_insert AFTER INSERT ON trace_events BEGIN"
     " INSERT INTO trace_events_search (rowid, message, user_message)"
     " VALUES (new.rowid, new.message, new.user_message); END",
