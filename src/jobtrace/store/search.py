@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, column, exists, literal_column, or_, select, table, text, tuple_
+from sqlalchemy import case, column, exists, literal_column, select, table, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.model import TraceEvent
@@ -136,11 +136,8 @@ def _where(session: AsyncSession, q: TextQuery, f: SearchFilter) -> list[Any]:
         where.append(TraceEventRow.ts_us < f.until_us)
     if f.service:
         # A step's events name its job; a standalone job's run is the job.
-        job = or_(
-            and_(TraceEventRow.job_id != "", JobRow.id == TraceEventRow.job_id),
-            and_(TraceEventRow.job_id == "", JobRow.id == TraceEventRow.run_id),
-        )
-        where.append(exists().where(job, JobRow.service == f.service))
+        job = case((TraceEventRow.job_id != "", TraceEventRow.job_id), else_=TraceEventRow.run_id)
+        where.append(exists().where(JobRow.id == job, JobRow.service == f.service))
     return where
 
 
