@@ -646,3 +646,24 @@ async def test_a_search_reads_the_full_text_index(harness: Harness) -> None:
     else:
         assert "VIRTUAL TABLE INDEX" in shown and "trace_events_search" in shown, shown
         assert "USE TEMP B-TREE" not in shown, shown  # the index gives the order
+
+
+async def test_no_query_reaches_an_engine_as_a_syntax_error(harness: Harness) -> None:
+    """Queries drawn from the characters both engines' syntaxes are made of:
+    each is answered, or refused as INVALID_ARGUMENT; never another status."""
+    import random
+
+    api = harness.stubs()
+    await append(api, await new_run(api, "r"), ev("a", "ab cd é 日 or and not near"))
+    draw = random.Random(17)
+    alphabet = [*"ab cd\"-*OR():^'\\!&|<>é日_.,{}[]+~%@#", "OR", "AND", "NOT", "NEAR"]
+    answered = refused = 0
+    for _ in range(300):
+        query = "".join(draw.choice(alphabet) for _ in range(draw.randint(1, 24)))
+        try:
+            await api.trace.SearchTraceEvents(t.SearchTraceEventsRequest(query=query))
+            answered += 1
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (query, err.details())
+            refused += 1
+    assert answered > 100 and refused > 10
