@@ -529,10 +529,12 @@ class SearchTraceEventsRequest(_message.Message):
                         be negated; a negated term cannot be part of OR)
       cud*              a word starting with these letters (2 or more; not
                         inside quotes)
-    There is no grouping: parentheses are punctuation. An empty query, an
-    unclosed quote, an OR without a term on each side, only negated terms, a
-    prefix shorter than 2 characters, or too long a query is
-    INVALID_ARGUMENT with a field violation on query naming the problem.
+    There is no grouping: parentheses are punctuation. A query with no word
+    (empty, or punctuation alone), an unclosed quote, an OR without a term on
+    each side, only negated terms, a prefix shorter than 2 characters, more
+    than 256 characters or more than 16 terms is INVALID_ARGUMENT with a
+    field violation on query naming the problem; no query reaches a database
+    engine as syntax.
     """
     page_size: _builtins.int
     """Optional. Hits per page; 1-1000, 0 means 100."""
