@@ -5,7 +5,9 @@ sees what store/sql.py runs on the raw connection as well as SQLAlchemy's).
 PostgreSQL: a loopback proxy in front of the server that reads the wire
 protocol from client to server and counts each simple Query and each Execute
 (whatever driver path sent it: SQLAlchemy, asyncpg directly, prepared or not).
-Transaction control (BEGIN, COMMIT, SAVEPOINT...) is left out of the counts.
+Transaction control (BEGIN, COMMIT, SAVEPOINT...) is left out of the counts,
+and so is what SQLite runs inside a statement (triggers, the full-text index:
+see once_per_execution).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sqlite3
 import struct
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -28,6 +30,38 @@ def is_control(statement: str) -> bool:
     return statement.lstrip().upper().startswith(_CONTROL)
 
 
+def once_per_execution(add: Callable[[str], None]) -> Callable[[str], None]:
+    """A trace callback for one sqlite3 connection that passes on each
+    statement once. SQLite traces a write again as it enters each of its
+    triggers, and Python reports that trace as the statement itself, bound
+    values and all: the same text right after it (what runs inside comes
+    between, with a leading "-- "). A write executed anew differs (an
+    executemany's rows hold their own values)."""
+    last = ""
+
+    def trace(statement: str) -> None:
+        nonlocal last
+        if is_nested(statement):
+            return
+        if statement == last and statement.lstrip().upper().startswith(_WRITES):
+            return
+        last = statement
+        add(statement)
+
+    return trace
+
+
+_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+
+def is_nested(statement: str) -> bool:
+    """SQLite traces what runs inside the statement being run (a trigger's
+    body, a virtual table's reads and writes of its own tables, such as the
+    full-text index's) with a leading "-- ": work of the statement the server
+    sent, not one more statement."""
+    return statement.startswith("-- ")
+
+
 class Statements:
     """Every statement seen, in order (thread-safe)."""
 
@@ -36,7 +70,7 @@ class Statements:
         self.seen: list[str] = []
 
     def add(self, statement: str) -> None:
-        if not is_control(statement):
+        if not is_control(statement) and not is_nested(statement):
             with self._lock:
                 self.seen.append(" ".join(statement.split()))
 
@@ -62,7 +96,7 @@ def traced_sqlite(monkeypatch: pytest.MonkeyPatch) -> Iterator[Statements]:
 
     def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
         conn = connect(*args, **kwargs)
-        conn.set_trace_callback(seen.add)
+        conn.set_trace_callback(once_per_execution(seen.add))
         return conn
 
     monkeypatch.setattr(sqlite3, "connect", traced)

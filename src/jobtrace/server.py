@@ -39,6 +39,7 @@ from jobtrace.domain.jobs import Jobs
 from jobtrace.domain.lifecycle import Lifecycle
 from jobtrace.domain.pagination import open_tokens
 from jobtrace.domain.redact import Redaction, UnsafePattern
+from jobtrace.domain.search import TraceSearch
 from jobtrace.domain.trace import Trace
 from jobtrace.metrics import Metrics, StateSample
 from jobtrace.pb import SERVICE_NAMES, service_descriptor
@@ -120,6 +121,7 @@ class JobtraceServer:
         )
         await self.attestor.register_key()
         self.annotations = Annotations(self.db, tokens, self.trace)
+        self.search = TraceSearch(self.db, tokens, self.trace)
         life = Lifecycle(
             self.trace, self.attestor, evidence_budget=data_budget(s.max_message_bytes)
         )
@@ -174,7 +176,7 @@ class JobtraceServer:
         add_service(
             server,
             service_descriptor("TraceService"),
-            TraceServicer(self.trace, auth, streams, pages=pages),
+            TraceServicer(self.trace, auth, streams, pages=pages, search=self.search),
         )
         add_service(
             server,

@@ -497,3 +497,164 @@ class RunProgress(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunProgress: _TypeAlias = RunProgress  # noqa: Y015
+
+@_typing.final
+class SearchTraceEventsRequest(_message.Message):
+    """Request of SearchTraceEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    MIN_LEVEL_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
+    query: _builtins.str
+    """Required. What to find, at most 256 characters and 16 terms. Words are
+    runs of letters and digits, matched whole and without regard to case
+    (no stemming: "oom" does not find "oomed"); punctuation separates words.
+    Every term must match (AND):
+      CUDA OOM          both words, anywhere in the message or user message
+      "out of memory"   the words next to each other, in this order (a
+                        phrase); so is a word with punctuation inside, such
+                        as out-of-memory or job_42
+      timeout OR oom    either term (OR in capitals; "or" is a word)
+      -retry            not this word or phrase (at least one term must not
+                        be negated; a negated term cannot be part of OR)
+      cud*              a word starting with these letters (2 or more; not
+                        inside quotes)
+    There is no grouping: parentheses are punctuation. A query with no word
+    (empty, or punctuation alone), an unclosed quote, an OR without a term on
+    each side, only negated terms, a prefix shorter than 2 characters, more
+    than 256 characters or more than 16 terms is INVALID_ARGUMENT with a
+    field violation on query naming the problem; no query reaches a database
+    engine as syntax.
+    """
+    page_size: _builtins.int
+    """Optional. Hits per page; 1-1000, 0 means 100."""
+    page_token: _builtins.str
+    """Optional. The next_page_token of the previous page; the query and the
+    filters must be the same as they were for it (INVALID_ARGUMENT if not).
+    """
+    run_id: _builtins.str
+    """Optional. Only events of this run (a workflow id or standalone job id);
+    NOT_FOUND when the caller may not read it.
+    """
+    min_level: _common_pb2.Level.ValueType
+    """Optional. Only events at this level or above."""
+    category: _common_pb2.Category.ValueType
+    """Optional. Only events of this category."""
+    type: _common_pb2.TraceEventType.ValueType
+    """Optional. Only events of this type."""
+    service: _builtins.str
+    """Optional. Only events of jobs of this service: every event of a
+    standalone job's run, the events of a workflow's steps that run on it
+    (not the workflow's own events).
+    """
+    view: Global___TraceEventView.ValueType
+    """Optional. How much of each event to return; unspecified means BASIC."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Only events at or after this time (the event's timestamp)."""
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Only events before this time."""
+
+    def __init__(
+        self,
+        *,
+        query: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        min_level: _common_pb2.Level.ValueType = ...,
+        category: _common_pb2.Category.ValueType = ...,
+        type: _common_pb2.TraceEventType.ValueType = ...,
+        service: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        view: Global___TraceEventView.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "min_level", b"min_level", "page_size", b"page_size", "page_token", b"page_token", "query", b"query", "run_id", b"run_id", "service", b"service", "since", b"since", "type", b"type", "until", b"until", "view", b"view"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchTraceEventsRequest: _TypeAlias = SearchTraceEventsRequest  # noqa: Y015
+
+@_typing.final
+class SearchTraceEventsResponse(_message.Message):
+    """Response of SearchTraceEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HITS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass it as page_token for the next page; empty on the last page."""
+    @_builtins.property
+    def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___TraceEventHit]:
+        """The page, newest stored event first. It may hold fewer than page_size
+        hits when their bytes reached the page budget (as ListTraceEvents does).
+        """
+
+    def __init__(
+        self,
+        *,
+        hits: _abc.Iterable[Global___TraceEventHit] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchTraceEventsResponse: _TypeAlias = SearchTraceEventsResponse  # noqa: Y015
+
+@_typing.final
+class TraceEventHit(_message.Message):
+    """One event a search found."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    SNIPPET_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run of the event: a workflow id or a standalone job id."""
+    snippet: _builtins.str
+    """Up to about 200 characters of the message (or of the user message when
+    only it matched) around the first match, on one line (whitespace runs
+    become one space), with "…" where it was cut. Each match is between
+    « and »; a « or » in the text itself shows as ‹ or ›, so every « »
+    pair in a snippet is a match.
+    """
+    @_builtins.property
+    def event(self) -> _common_pb2.TraceEvent:
+        """The event, as ListTraceEvents returns it in the view asked for; its
+        message and user_message are stored redacted, so is what is found.
+        """
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        event: _common_pb2.TraceEvent | None = ...,
+        snippet: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "run_id", b"run_id", "snippet", b"snippet"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TraceEventHit: _TypeAlias = TraceEventHit  # noqa: Y015

@@ -55,6 +55,11 @@ class TraceServiceStub:
                 request_serializer=jobtrace_dot_v1_dot_trace__service__pb2.GetRunStatusRequest.SerializeToString,
                 response_deserializer=jobtrace_dot_v1_dot_trace__service__pb2.GetRunStatusResponse.FromString,
                 _registered_method=True)
+        self.SearchTraceEvents = channel.unary_unary(
+                '/jobtrace.v1.TraceService/SearchTraceEvents',
+                request_serializer=jobtrace_dot_v1_dot_trace__service__pb2.SearchTraceEventsRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_trace__service__pb2.SearchTraceEventsResponse.FromString,
+                _registered_method=True)
 
 
 class TraceServiceServicer:
@@ -103,6 +108,18 @@ class TraceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchTraceEvents(self, request, context):
+        """Finds trace events across runs by the words of their message and
+        user_message (SQLite FTS5, PostgreSQL tsvector with a GIN index), newest
+        stored first, one page at a time, with a highlighted snippet of each.
+        Only events of runs the caller may read; events the retention sweep
+        deleted are no longer found. A query that breaks the search syntax (see
+        SearchTraceEventsRequest.query) is INVALID_ARGUMENT naming the problem.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TraceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +142,11 @@ def add_TraceServiceServicer_to_server(servicer, server):
                     servicer.GetRunStatus,
                     request_deserializer=jobtrace_dot_v1_dot_trace__service__pb2.GetRunStatusRequest.FromString,
                     response_serializer=jobtrace_dot_v1_dot_trace__service__pb2.GetRunStatusResponse.SerializeToString,
+            ),
+            'SearchTraceEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchTraceEvents,
+                    request_deserializer=jobtrace_dot_v1_dot_trace__service__pb2.SearchTraceEventsRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_trace__service__pb2.SearchTraceEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -236,6 +258,33 @@ class TraceService:
             '/jobtrace.v1.TraceService/GetRunStatus',
             jobtrace_dot_v1_dot_trace__service__pb2.GetRunStatusRequest.SerializeToString,
             jobtrace_dot_v1_dot_trace__service__pb2.GetRunStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchTraceEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.TraceService/SearchTraceEvents',
+            jobtrace_dot_v1_dot_trace__service__pb2.SearchTraceEventsRequest.SerializeToString,
+            jobtrace_dot_v1_dot_trace__service__pb2.SearchTraceEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

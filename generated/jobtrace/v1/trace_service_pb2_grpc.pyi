@@ -58,6 +58,14 @@ class TraceServiceStub:
     """
     GetRunStatus: _grpc.UnaryUnaryMultiCallable[_trace_service_pb2.GetRunStatusRequest, _trace_service_pb2.GetRunStatusResponse]
     """Returns the status of a run."""
+    SearchTraceEvents: _grpc.UnaryUnaryMultiCallable[_trace_service_pb2.SearchTraceEventsRequest, _trace_service_pb2.SearchTraceEventsResponse]
+    """Finds trace events across runs by the words of their message and
+    user_message (SQLite FTS5, PostgreSQL tsvector with a GIN index), newest
+    stored first, one page at a time, with a highlighted snippet of each.
+    Only events of runs the caller may read; events the retention sweep
+    deleted are no longer found. A query that breaks the search syntax (see
+    SearchTraceEventsRequest.query) is INVALID_ARGUMENT naming the problem.
+    """
 
 @_typing.type_check_only
 class TraceServiceAsyncStub(TraceServiceStub):
@@ -89,6 +97,14 @@ class TraceServiceAsyncStub(TraceServiceStub):
     """
     GetRunStatus: _aio.UnaryUnaryMultiCallable[_trace_service_pb2.GetRunStatusRequest, _trace_service_pb2.GetRunStatusResponse]  # type: ignore[assignment]
     """Returns the status of a run."""
+    SearchTraceEvents: _aio.UnaryUnaryMultiCallable[_trace_service_pb2.SearchTraceEventsRequest, _trace_service_pb2.SearchTraceEventsResponse]  # type: ignore[assignment]
+    """Finds trace events across runs by the words of their message and
+    user_message (SQLite FTS5, PostgreSQL tsvector with a GIN index), newest
+    stored first, one page at a time, with a highlighted snippet of each.
+    Only events of runs the caller may read; events the retention sweep
+    deleted are no longer found. A query that breaks the search syntax (see
+    SearchTraceEventsRequest.query) is INVALID_ARGUMENT naming the problem.
+    """
 
 class TraceServiceServicer(metaclass=_abc_1.ABCMeta):
     """The execution trace of runs: durable, sequenced, resumable."""
@@ -141,5 +157,19 @@ class TraceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trace_service_pb2.GetRunStatusResponse, _abc.Awaitable[_trace_service_pb2.GetRunStatusResponse]]:
         """Returns the status of a run."""
+
+    @_abc_1.abstractmethod
+    def SearchTraceEvents(
+        self,
+        request: _trace_service_pb2.SearchTraceEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trace_service_pb2.SearchTraceEventsResponse, _abc.Awaitable[_trace_service_pb2.SearchTraceEventsResponse]]:
+        """Finds trace events across runs by the words of their message and
+        user_message (SQLite FTS5, PostgreSQL tsvector with a GIN index), newest
+        stored first, one page at a time, with a highlighted snippet of each.
+        Only events of runs the caller may read; events the retention sweep
+        deleted are no longer found. A query that breaks the search syntax (see
+        SearchTraceEventsRequest.query) is INVALID_ARGUMENT naming the problem.
+        """
 
 def add_TraceServiceServicer_to_server(servicer: TraceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -20,6 +20,7 @@ from jobtrace.domain.jobs import (
     StepSubmission,
     WorkflowSubmission,
 )
+from jobtrace.domain.search import Found, SearchRequest
 from jobtrace.model import (
     JSON,
     AnnotationInput,
@@ -579,6 +580,33 @@ def event_filter(request: Any) -> Any:
         until_us=ts_to_us(request.until) if request.HasField("until") else 0,
         milestones_only=request.milestones_only,
         min_display_priority=request.min_display_priority,
+    )
+
+
+def search_request(request: Any) -> SearchRequest:
+    """A SearchTraceEventsRequest as the domain takes it."""
+    return SearchRequest(
+        query=request.query,
+        page_size=request.page_size,
+        page_token=request.page_token,
+        run_id=request.run_id,
+        min_level=request.min_level,
+        category=request.category,
+        type=request.type,
+        service=request.service,
+        since_us=ts_to_us(request.since) if request.HasField("since") else 0,
+        until_us=ts_to_us(request.until) if request.HasField("until") else 0,
+        view=request.view,
+    )
+
+
+def hit_to_proto(found: Found, *, full: bool) -> Any:
+    from jobtrace.pb import trace_service_pb2 as t
+
+    return t.TraceEventHit(
+        run_id=found.event.run_id,
+        event=event_to_proto(found.event, full=full),
+        snippet=found.snippet,
     )
 
 

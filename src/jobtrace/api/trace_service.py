@@ -1,4 +1,4 @@
-"""TraceService: appends, cursor pages, live streams and run status."""
+"""TraceService: appends, cursor pages, live streams, run status and search."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from jobtrace.api.credentials import guarded
 from jobtrace.api.errors import rpc
 from jobtrace.api.limits import PageBytes, StreamLimiter
 from jobtrace.auth import Authenticator, Role
+from jobtrace.domain.search import TraceSearch
 from jobtrace.domain.trace import Trace
 from jobtrace.pb import trace_service_pb2 as pb
 from jobtrace.pb import trace_service_pb2_grpc as pb_grpc
@@ -18,9 +19,16 @@ from jobtrace.pb import trace_service_pb2_grpc as pb_grpc
 
 class TraceServicer(pb_grpc.TraceServiceServicer):
     def __init__(
-        self, trace: Trace, auth: Authenticator, streams: StreamLimiter, *, pages: PageBytes
+        self,
+        trace: Trace,
+        auth: Authenticator,
+        streams: StreamLimiter,
+        *,
+        pages: PageBytes,
+        search: TraceSearch,
     ) -> None:
         self._trace = trace
+        self._search = search
         self._auth = auth
         self._streams = streams
         self._pages = pages
@@ -95,3 +103,16 @@ class TraceServicer(pb_grpc.TraceServiceServicer):
         principal = self._auth.require(context, Role.READER)
         status = await self._trace.run_status(principal.read_scope, request.run_id)
         return pb.GetRunStatusResponse(status=convert.run_status_to_proto(status))
+
+    @rpc
+    async def SearchTraceEvents(
+        self, request: pb.SearchTraceEventsRequest, context: Any
+    ) -> pb.SearchTraceEventsResponse:
+        principal = self._auth.require(context, Role.READER)
+        full = request.view == pb.TRACE_EVENT_VIEW_FULL
+        found = await self._search.search(
+            principal.read_scope,
+            convert.search_request(request),
+            out=self._pages.encoder(lambda hit: convert.hit_to_proto(hit, full=full)),
+        )
+        return pb.SearchTraceEventsResponse(hits=found.hits, next_page_token=found.next_page_token)

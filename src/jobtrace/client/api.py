@@ -617,6 +617,52 @@ class Client:
         )
         return response.status
 
+    async def search_trace_events(
+        self,
+        query: str,
+        *,
+        run_id: str = "",
+        min_level: int | str | None = None,
+        category: int | str | None = None,
+        type: int | str | None = None,
+        service: str = "",
+        since: When | None = None,
+        until: When | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        view: int | str | None = None,
+    ) -> Page[trace_service_pb2.TraceEventHit]:
+        """One page of the trace events whose message or user message match
+        `query`, across every run the caller may read (or only `run_id`),
+        newest stored first; each hit has its run id, the event and a snippet
+        with every match between « and ». The syntax: words (all must match),
+        "a phrase", a OR b, -excluded, prefix*. Filters: min_level, category,
+        type (enum names or values), service (of the job the event is about),
+        since/until (the event's time). `view` "full" returns each event whole."""
+        request = trace_service_pb2.SearchTraceEventsRequest(
+            query=query,
+            page_size=page_size,
+            page_token=page_token,
+            run_id=run_id,
+            min_level=_enum(common_pb2.Level, "LEVEL_", min_level),
+            category=_enum(common_pb2.Category, "CATEGORY_", category),
+            type=_enum(common_pb2.TraceEventType, "TRACE_EVENT_TYPE_", type),
+            service=service,
+            since=_timestamp(since),
+            until=_timestamp(until),
+            view=_enum(trace_service_pb2.TraceEventView, "TRACE_EVENT_VIEW_", view),
+        )
+        response: trace_service_pb2.SearchTraceEventsResponse = await self._call(
+            self.trace_stub.SearchTraceEvents, request, retry=True
+        )
+        return Page(list(response.hits), response.next_page_token)
+
+    def iter_search_trace_events(
+        self, query: str, /, **filters: Any
+    ) -> AsyncIterator[trace_service_pb2.TraceEventHit]:
+        """Every hit of search_trace_events with these filters, page after page."""
+        return _every(self.search_trace_events, {"query": query, **filters})
+
     # --- AttestationService ------------------------------------------------------------
 
     async def get_attestation(self, key: str) -> attestation_service_pb2.Attestation:

@@ -267,6 +267,42 @@ class SyncClient:
     def get_run_status(self, run_id: str) -> trace_service_pb2.RunStatus:
         return self._run(self.client.get_run_status(run_id))
 
+    def search_trace_events(
+        self,
+        query: str,
+        *,
+        run_id: str = "",
+        min_level: int | str | None = None,
+        category: int | str | None = None,
+        type: int | str | None = None,
+        service: str = "",
+        since: When | None = None,
+        until: When | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        view: int | str | None = None,
+    ) -> Page[trace_service_pb2.TraceEventHit]:
+        return self._run(
+            self.client.search_trace_events(
+                query,
+                run_id=run_id,
+                min_level=min_level,
+                category=category,
+                type=type,
+                service=service,
+                since=since,
+                until=until,
+                page_size=page_size,
+                page_token=page_token,
+                view=view,
+            )
+        )
+
+    def iter_search_trace_events(
+        self, query: str, /, **filters: Any
+    ) -> Iterator[trace_service_pb2.TraceEventHit]:
+        return self._iterate(self.client.iter_search_trace_events(query, **filters))
+
     def get_attestation(self, key: str) -> attestation_service_pb2.Attestation:
         return self._run(self.client.get_attestation(key))
 

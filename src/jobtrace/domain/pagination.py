@@ -9,7 +9,7 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -47,15 +47,39 @@ class PageTokens:
     def decode(self, field: str, token: str, query: str, filters: dict[str, Any]) -> int | None:
         if not token:
             return None
+        position = self._open(field, token, query, filters, "p")
+        if not isinstance(position, int) or position < 0:
+            raise Invalid([FieldViolation(field, "malformed page token")])
+        return position
+
+    def encode_key(self, query: str, filters: dict[str, Any], key: Sequence[int | str]) -> str:
+        """A token of a keyset position of several columns (ints and strings)."""
+        body = json.dumps({"k": list(key), "s": self._scope(query, filters)}).encode()
+        return base64.urlsafe_b64encode(body + self._mac(body)).decode().rstrip("=")
+
+    def decode_key(
+        self, field: str, token: str, query: str, filters: dict[str, Any]
+    ) -> list[int | str] | None:
+        """The position encode_key wrote; None when there is no token."""
+        if not token:
+            return None
+        key = self._open(field, token, query, filters, "k")
+        if not isinstance(key, list) or not all(
+            isinstance(part, int | str) and not isinstance(part, bool) for part in key
+        ):
+            raise Invalid([FieldViolation(field, "malformed page token")])
+        return key
+
+    def _open(self, field: str, token: str, query: str, filters: dict[str, Any], name: str) -> Any:
+        """The position a token holds under `name`, once its signature and the
+        query it is bound to are checked."""
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
             body, mac = raw[:-16], raw[-16:]
             if len(raw) <= 16 or not hmac.compare_digest(mac, self._mac(body)):
                 raise ValueError("bad signature")
             data = json.loads(body)
-            position = data["p"]
-            if not isinstance(position, int) or position < 0:
-                raise ValueError("bad position")
+            position = data[name]
         except (ValueError, KeyError, TypeError) as exc:
             raise Invalid([FieldViolation(field, "malformed page token")]) from exc
         if data.get("s") != self._scope(query, filters):

@@ -251,6 +251,12 @@ class TraceEventRow(Base):
         # The retention sweep deletes by age.
         Index("ix_trace_events_created", "created_us"),
     )
+    # Full-text search (migration 0014, queried in store/search.py) is kept
+    # out of this metadata, each backend's own and maintained by the database
+    # on every insert and delete: PostgreSQL's generated column search_vector
+    # (a tsvector; no insert names it) with its GIN index
+    # ix_trace_events_search, SQLite's FTS5 table trace_events_search with
+    # its triggers.
 
 
 class SigningKeyRow(Base):
