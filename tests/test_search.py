@@ -487,8 +487,8 @@ async def test_snippets_mark_matches_unambiguously(harness: Harness) -> None:
     assert len(far.snippet) <= 220
 
 
-async def test_events_stored_before_0014_are_found(db_url: str) -> None:
-    """Migration 0014 indexes the events already stored."""
+async def test_events_stored_before_0013_are_found(db_url: str) -> None:
+    """Migration 0013 indexes the events already stored."""
     from .test_worker_stream import migrate_down
 
     async with Harness(db_url) as h:

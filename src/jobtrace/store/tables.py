@@ -251,7 +251,7 @@ class TraceEventRow(Base):
         # The retention sweep deletes by age.
         Index("ix_trace_events_created", "created_us"),
     )
-    # Full-text search (migration 0014, queried in store/search.py) is kept
+    # Full-text search (migration 0013, queried in store/search.py) is kept
     # out of this metadata, each backend's own and maintained by the database
     # on every insert and delete: PostgreSQL's generated column search_vector
     # (a tsvector; no insert names it) with its GIN index

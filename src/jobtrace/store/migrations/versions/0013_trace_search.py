@@ -14,7 +14,7 @@ Whatever rebuilds trace_events on SQLite (a batch migration that copies it)
 drops the triggers and renumbers rowids: it must recreate both and run
 INSERT INTO trace_events_search(trace_events_search) VALUES ('rebuild').
 
-Revision ID: 0014
+Revision ID: 0013
 Revises: 0012
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0014"
+revision = "0013"
 down_revision = "0012"
 branch_labels = None
 depends_on = None
