@@ -210,6 +210,7 @@ def _values(e: TraceEvent) -> dict[str, Any]:
         "traceparent": e.traceparent,
         "created_us": e.created_us,
         "recorded_by": e.recorded_by,
+        "duration_us": e.duration_us,
     }
 
 
@@ -244,6 +245,7 @@ def event_from_row(r: Row, *, full: bool = True) -> TraceEvent:
         seq=r["seq"],
         created_us=r["created_us"],
         recorded_by=r["recorded_by"],
+        duration_us=r["duration_us"],
     )
 
 
