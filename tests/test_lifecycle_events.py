@@ -270,7 +270,16 @@ async def test_the_workflow_start_is_a_compare_and_set(db_url: str, harness: Har
                 # The second waits for the first's row lock, then re-checks.
                 await second.begin()
                 racing = asyncio.ensure_future(store.start_workflow(second, wf.id, 2))
-                await asyncio.sleep(0)  # let it reach the lock
+
+                async def blocked() -> bool:
+                    waiting = await execute_sql(
+                        db_url,
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    )
+                    return bool(waiting[0][0])
+
+                await wait_for(blocked, timeout=10, interval=0.02)
                 assert not racing.done()
                 await first.commit()
                 assert await racing is None
@@ -319,3 +328,66 @@ async def test_a_worker_summary_too_large_is_refused_and_changes_nothing(
     end = (await all_events(api, job.id))[-1]
     assert end.type == c.TRACE_EVENT_TYPE_COMPLETED and summary(end) == {"rows": 7}
     await raw.close()
+
+
+async def test_steps_stored_before_0015_get_their_place_in_the_workflow(db_url: str) -> None:
+    """Jobs stored before revision 0015 have no step number: the migration
+    fills it from their position (a fan-out child: its step's) and their
+    workflow's step count, so their next events carry it; events stored
+    before it are read as they were, with no duration."""
+    from .test_worker_stream import migrate_down
+
+    async with Harness(db_url) as h:
+        api = h.stubs()
+        raw = RawWorker(api)
+        await raw.hello("w", ["life"], max_concurrency=4)
+        request = j.SubmitWorkflowRequest(
+            request_id="wf-old",
+            name="old",
+            steps=[
+                c.WorkflowStepSpec(name="list", job=c.JobSpec(service="life")),
+                c.WorkflowStepSpec(
+                    name="each",
+                    job=c.JobSpec(service="life"),
+                    depends_on=["list"],
+                    for_each=c.ForEach(step="list", path="files"),
+                ),
+                c.WorkflowStepSpec(name="sum", job=c.JobSpec(service="life")),
+            ],
+        )
+        wf = (await api.jobs.SubmitWorkflow(request)).workflow
+        first = await raw.expect("assignment")
+        files = struct_pb2.Struct()
+        files.update({"files": ["a", "b"]})
+        await raw.send(complete=w.CompleteReport(job_id=first.job.id, attempt=1, result=files))
+        await raw.expect("ack")
+        await raw.close()
+    await migrate_down(db_url, "0012")
+    async with Harness(db_url) as h:
+        api = h.stubs()
+        rows = await execute_sql(
+            db_url,
+            "SELECT step_name, step_number, total_steps FROM jobs WHERE workflow_id = :w",
+            w=wf.id,
+        )
+        assert sorted(tuple(r) for r in rows) == [
+            ("each", 2, 3),
+            ("each[0]", 2, 3),
+            ("each[1]", 2, 3),
+            ("list", 1, 3),
+            ("sum", 3, 3),
+        ]
+        before = await all_events(api, wf.id)
+        ended = next(e for e in before if e.type == c.TRACE_EVENT_TYPE_COMPLETED)
+        assert ended.node_id == "list" and not ended.HasField("duration")
+        raw = RawWorker(api)
+        await raw.hello("w", ["life"], max_concurrency=4)
+        child = await raw.expect("assignment")
+        assert child.job.step_name.startswith("each[")
+        start = next(
+            e
+            for e in await all_events(api, wf.id)
+            if (e.type, e.node_id) == (c.TRACE_EVENT_TYPE_STARTED, child.job.step_name)
+        )
+        assert (start.step_number, start.total_steps) == (2, 3)
+        await raw.close()
