@@ -873,11 +873,14 @@ class Lifecycle:
                     db, step.workflow_id, step.tenant, RunState.COMPLETED, None, by
                 )
                 self.trace.run_ended(tx, step.workflow_id)
+            elif progressed:
+                # The progress event rides in the workflow's UPDATE statement.
+                update = store.workflow_progress_update(step.workflow_id, done_count, now)
+                await self.trace.record(db, tx, step.tenant, progressed, also=[update])
             else:
                 await store.update_workflow(
                     db, step.workflow_id, completed_steps=done_count, updated_us=now
                 )
-                await self.trace.record(db, tx, step.tenant, progressed)
             return changed
         # A step ended without completing: the workflow fails (or is cancelled)
         # and every step that has not ended is cancelled.

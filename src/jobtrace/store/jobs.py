@@ -799,6 +799,24 @@ async def update_workflow(session: AsyncSession, workflow_id: str, **values: Any
     await session.execute(update(WorkflowRow).where(WorkflowRow.id == workflow_id).values(**values))
 
 
+_WORKFLOW_PROGRESS = Query(
+    "UPDATE workflows SET completed_steps = :wf_completed_steps, updated_us = :wf_updated_us"
+    " WHERE id = :wf_id"
+)
+
+
+def workflow_progress_update(
+    workflow_id: str, completed_steps: int, now: int
+) -> tuple[Query, Params]:
+    """The UPDATE of a workflow's completed steps, to run with its PROGRESS
+    event (store.trace.store_events `also`)."""
+    return _WORKFLOW_PROGRESS, {
+        "wf_id": workflow_id,
+        "wf_completed_steps": completed_steps,
+        "wf_updated_us": now,
+    }
+
+
 async def end_workflow_row(session: AsyncSession, workflow_id: str, **values: Any) -> int:
     """update_workflow for the transition that ends it: its started_us (0: no
     step started), read by the same statement."""
