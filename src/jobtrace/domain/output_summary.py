@@ -30,13 +30,15 @@ def _canonical(value: Any) -> bytes:
 
 
 def derive_now(result: JSON | list[Any] | None, redaction: Redaction) -> JSON:
-    """See `derive`; on the caller's thread."""
+    """See `derive`; on the caller's thread. The summary is not redacted yet:
+    trace.record redacts it with the event."""
     if result is None:
         return {}
-    shown = redact(result, redaction)
-    if len(_canonical(shown)) <= INLINE_BYTES:
-        # A fan-out step's result is a list: a summary is an object.
-        return shown if isinstance(shown, dict) else {"items": shown}
+    if len(_canonical(redact(result, redaction))) <= INLINE_BYTES:
+        # Redacted as it is stored (trace.record redacts every event once:
+        # redacting twice would escape the first pass's markers). A fan-out
+        # step's result is a list: a summary is an object.
+        return result if isinstance(result, dict) else {"items": result}
     raw = _canonical(result)
     summary: JSON = {"sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
     if isinstance(result, dict):
