@@ -265,6 +265,10 @@ async def test_reading_commands_print_json(sqlite_harness: Harness, tmp_path: Pa
     _, out, _ = await jobtrace("trace", "list", wf_id, "--type", "completed", "--json", target=t)
     events = json.loads(out)["events"]
     assert {e["node_id"] for e in events} == {"a", "b", "workflow"}
+    assert all(e["duration"].endswith("s") for e in events), "each says how long it took"
+    _, out, _ = await jobtrace("trace", "list", wf_id, "--type", "completed", target=t)
+    assert re.search(r"COMPLETED +a \[1/2\]: a completed \(took \d+\.\d{3} s\)", out), out
+    assert re.search(r"COMPLETED +workflow: workflow completed .*\(took \d+\.\d{3} s\)", out)
     _, out, _ = await jobtrace("trace", "tail", wf_id, "--json", target=t)
     streamed = [json.loads(line) for line in out.splitlines()]
     assert streamed[-1]["final_status"]["state"] == "RUN_STATE_COMPLETED"

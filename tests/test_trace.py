@@ -792,9 +792,11 @@ async def test_run_status_of_a_workflow(harness: Harness) -> None:
     status = (await api.trace.GetRunStatus(t.GetRunStatusRequest(run_id=wf.id))).status
     assert status.state == c.RUN_STATE_RUNNING and status.HasField("started_at")
     assert (status.progress.completed_actions, status.progress.total_actions) == (1, 2)
-    assert status.history_length == 3 and status.service == ""
+    # a's start, the workflow's (its first step's), a's end, the workflow's
+    # progress (1 of 2 steps), b's start.
+    assert status.history_length == 5 and status.service == ""
     nodes = [e.node_id for e in await all_events(api, wf.id)]
-    assert nodes == ["a", "a", "b"]
+    assert nodes == ["a", "workflow", "a", "workflow", "b"]
     _, info, _ = await expect_error(
         api.trace.GetRunStatus(t.GetRunStatusRequest(run_id=a.job.id)), grpc.StatusCode.NOT_FOUND
     )

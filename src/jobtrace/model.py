@@ -152,6 +152,11 @@ class Job:
     # digest) as its row records it, when the row was read whole; None: not
     # recorded or not read (see store.attest.chain_head).
     chain_head: tuple[int, str] | None = field(default=None, compare=False, repr=False)
+    # A step's number in its workflow's declared order, from 1 (a fan-out
+    # child: its step's), and the workflow's declared steps; 0 and 0 for a
+    # standalone job. Every event of the step carries them.
+    step_number: int = 0
+    total_steps: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +325,9 @@ class TraceEvent:
     created_us: int = 0
     # The authenticated subject whose action caused it (SYSTEM_SUBJECT: none).
     recorded_by: str = ""
+    # How long what a COMPLETED or FAILED event closes ran (an attempt, or a
+    # workflow's run), in microseconds; None on other events.
+    duration_us: int | None = None
 
 
 class AttestationType(enum.IntEnum):

@@ -32,6 +32,7 @@ async def download(ctx: JobContext) -> dict[str, Any]:
     await ctx.log("fetched", data={"stream": "stdout"})
     if ctx.cancelled:
         return {}
+    ctx.set_output_summary({"path": "/tmp/a.mov"})
     return {"path": "/tmp/a.mov", "bytes": 1048576}
 
 
@@ -42,6 +43,7 @@ def transcode(job: common_pb2.Job, ctx: SyncJobContext) -> dict[str, Any]:
             return {}
         ctx.progress(percent, "transcoding")
     ctx.annotate(conventions.decision(outcome="av1", confidence=0.9))
+    ctx.set_output_summary(None)  # the server derives one from the result
     return {"codec": "av1", "job": job.id}
 
 

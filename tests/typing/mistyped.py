@@ -11,6 +11,7 @@ worker = Worker()
 
 @worker.handler("resize")
 async def resize(ctx: JobContext) -> dict[str, int]:
+    ctx.set_output_summary(["width"])  # error: a summary is a mapping
     return {"width": 1}
 
 

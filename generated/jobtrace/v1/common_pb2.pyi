@@ -157,9 +157,13 @@ class _TraceEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TraceE
     TRACE_EVENT_TYPE_UNSPECIFIED: _TraceEventType.ValueType  # 0
     """As a filter: any type. On append: LOG."""
     TRACE_EVENT_TYPE_STARTED: _TraceEventType.ValueType  # 1
-    """A node (step or job) started an attempt."""
+    """A node (step or job) started an attempt; or a workflow started (node
+    "workflow", once, when its first step starts).
+    """
     TRACE_EVENT_TYPE_PROGRESS: _TraceEventType.ValueType  # 2
-    """A node reported progress."""
+    """A node reported progress; or a workflow's step completed (node
+    "workflow": "2 of 4 steps", step_number 2, total_steps 4, percent 50).
+    """
     TRACE_EVENT_TYPE_COMPLETED: _TraceEventType.ValueType  # 3
     """A node completed."""
     TRACE_EVENT_TYPE_FAILED: _TraceEventType.ValueType  # 4
@@ -173,9 +177,13 @@ class TraceEventType(_TraceEventType, metaclass=_TraceEventTypeEnumTypeWrapper):
 TRACE_EVENT_TYPE_UNSPECIFIED: TraceEventType.ValueType  # 0
 """As a filter: any type. On append: LOG."""
 TRACE_EVENT_TYPE_STARTED: TraceEventType.ValueType  # 1
-"""A node (step or job) started an attempt."""
+"""A node (step or job) started an attempt; or a workflow started (node
+"workflow", once, when its first step starts).
+"""
 TRACE_EVENT_TYPE_PROGRESS: TraceEventType.ValueType  # 2
-"""A node reported progress."""
+"""A node reported progress; or a workflow's step completed (node
+"workflow": "2 of 4 steps", step_number 2, total_steps 4, percent 50).
+"""
 TRACE_EVENT_TYPE_COMPLETED: TraceEventType.ValueType  # 3
 """A node completed."""
 TRACE_EVENT_TYPE_FAILED: TraceEventType.ValueType  # 4
@@ -1363,6 +1371,7 @@ class TraceEvent(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     RECORDED_BY_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. Stable id "<run_id>:<sequence>"."""
     sequence: _builtins.int
@@ -1387,9 +1396,17 @@ class TraceEvent(_message.Message):
     user_message: _builtins.str
     """Input, optional. A message meant for end users; at most 10 KB."""
     step_number: _builtins.int
-    """Input, optional. The step's number, from 1."""
+    """Input, optional. The step's number, from 1. The server sets it on every
+    event of a workflow step (its own and its worker's): the step's position
+    in the workflow's declared order (a fan-out child: its step's). On the
+    workflow's own PROGRESS and COMPLETED events: the steps completed so far.
+    0 on a standalone job's events (not a step).
+    """
     total_steps: _builtins.int
-    """Input, optional. The number of steps."""
+    """Input, optional. The number of steps. The server sets it with
+    step_number: the workflow's declared steps (fan-out children are not
+    counted); 0 on a standalone job's events.
+    """
     percent: _builtins.float
     """Input, optional. Progress 0-100."""
     display_priority: _builtins.int
@@ -1436,12 +1453,31 @@ class TraceEvent(_message.Message):
 
     @_builtins.property
     def output_summary(self) -> _struct_pb2.Struct:
-        """Input, optional. A summary of the output; at most 64 KB."""
+        """Input, optional. A summary of the output; at most 64 KB. The server sets
+        it on every COMPLETED event of a job or step it records: the summary the
+        worker sent with its CompleteReport when it sent one, else one derived
+        from the result: the result itself (redacted) when its JSON is at most
+        1 KiB, else {"sha256": hex SHA-256 of the result's canonical JSON (RFC
+        8785, as stored, before redaction), "size": bytes of that JSON, "keys":
+        its first 100 top-level keys in order, "key_count": how many it has}.
+        """
 
     @_builtins.property
     def data(self) -> _struct_pb2.Struct:
         """Input, optional. Free data; data.stream is "stdout" or "stderr" for
         captured output; at most 64 KB.
+        """
+
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """Output only. On every COMPLETED and FAILED event the server records, how
+        long what it closes ran. A job's or step's event closes an attempt: from
+        the attempt's start (its STARTED event's timestamp) to this event's
+        timestamp; zero when no attempt ran (a fan-out step with no items, a step
+        that failed before it started). A workflow's event closes the run: from
+        its start (its STARTED event, when its first step started) to this
+        event's timestamp; zero when no step started. Unset on other events and
+        on events stored before jobtrace recorded it.
         """
 
     def __init__(
@@ -1472,10 +1508,11 @@ class TraceEvent(_message.Message):
         worker_id: _builtins.str = ...,
         traceparent: _builtins.str = ...,
         recorded_by: _builtins.str = ...,
+        duration: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "error", b"error", "output_summary", b"output_summary", "timestamp", b"timestamp"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "duration", b"duration", "error", b"error", "output_summary", b"output_summary", "timestamp", b"timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "category", b"category", "data", b"data", "display_priority", b"display_priority", "error", b"error", "event_key", b"event_key", "id", b"id", "job_id", b"job_id", "level", b"level", "message", b"message", "milestone", b"milestone", "node_id", b"node_id", "output_summary", b"output_summary", "percent", b"percent", "recorded_by", b"recorded_by", "run_id", b"run_id", "sequence", b"sequence", "step_number", b"step_number", "timestamp", b"timestamp", "total_steps", b"total_steps", "traceparent", b"traceparent", "truncated", b"truncated", "type", b"type", "user_message", b"user_message", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "category", b"category", "data", b"data", "display_priority", b"display_priority", "duration", b"duration", "error", b"error", "event_key", b"event_key", "id", b"id", "job_id", b"job_id", "level", b"level", "message", b"message", "milestone", b"milestone", "node_id", b"node_id", "output_summary", b"output_summary", "percent", b"percent", "recorded_by", b"recorded_by", "run_id", b"run_id", "sequence", b"sequence", "step_number", b"step_number", "timestamp", b"timestamp", "total_steps", b"total_steps", "traceparent", b"traceparent", "truncated", b"truncated", "type", b"type", "user_message", b"user_message", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -396,6 +396,7 @@ class CompleteReport(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     RESULT_JSON_FIELD_NUMBER: _builtins.int
+    OUTPUT_SUMMARY_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Required. The job."""
     attempt: _builtins.int
@@ -409,6 +410,14 @@ class CompleteReport(_message.Message):
     def result(self) -> _struct_pb2.Struct:
         """Optional. The result; at most 1 MiB."""
 
+    @_builtins.property
+    def output_summary(self) -> _struct_pb2.Struct:
+        """Optional. A summary of the result for readers of the trace, at most 64
+        KiB serialised (INVALID_ARGUMENT past it); redacted like every trace
+        event. When set, it is the COMPLETED event's output_summary instead of
+        the one the server derives from the result (see TraceEvent).
+        """
+
     def __init__(
         self,
         *,
@@ -416,10 +425,11 @@ class CompleteReport(_message.Message):
         attempt: _builtins.int = ...,
         result: _struct_pb2.Struct | None = ...,
         result_json: _builtins.bytes = ...,
+        output_summary: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["output_summary", b"output_summary", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "result", b"result", "result_json", b"result_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "output_summary", b"output_summary", "result", b"result", "result_json", b"result_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -565,7 +565,14 @@ def event_to_proto(e: Any, *, full: bool = True) -> common_pb2.TraceEvent:
         worker_id=e.worker_id,
         traceparent=e.traceparent,
         recorded_by=e.recorded_by,
+        duration=None if e.duration_us is None else us_to_duration(e.duration_us),
     )
+
+
+def us_to_duration(us: int) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromMicroseconds(us)
+    return d
 
 
 def event_filter(request: Any) -> Any:

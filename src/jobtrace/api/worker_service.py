@@ -257,7 +257,12 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             result, size = convert.exact_object(
                 "complete.result_json", c.result_json, c.result, c.HasField("result")
             )
-            await s.complete(session, c.job_id, c.attempt, result, size)
+            summary = (
+                convert.struct_to_dict(c.output_summary) if c.HasField("output_summary") else None
+            )
+            await s.complete(
+                session, c.job_id, c.attempt, result, size, summary, c.output_summary.ByteSize()
+            )
             return dispatch.Acked(m.message_id, c.job_id, c.attempt)
         if kind == "fail":
             f = m.fail

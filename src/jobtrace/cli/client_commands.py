@@ -397,12 +397,18 @@ def event_line(event: common_pb2.TraceEvent, s: Style) -> str:
         text += f" ({event.user_message})"
     if event.HasField("error") and event.error.message:
         text += f" — {event.error.code + ': ' if event.error.code else ''}{event.error.message}"
+    if event.HasField("duration"):
+        text += f" (took {event.duration.ToMicroseconds() / 1e6:.3f} s)"
     mark = "*" if event.milestone else " "
     kind = common_pb2.TraceEventType.Name(event.type).removeprefix("TRACE_EVENT_TYPE_")
+    # A step's event: its place in the workflow (the workflow's own say it).
+    place = (
+        f" [{event.step_number}/{event.total_steps}]" if event.job_id and event.total_steps else ""
+    )
     return (
         f"{s.dim(str(event.sequence).rjust(5))} {when(event.timestamp)} "
         f"{s.level(event.level, render.level_name(event.level).ljust(8))}{mark}"
-        f"{kind.ljust(9)} {event.node_id}: {text}"
+        f"{kind.ljust(9)} {event.node_id}{place}: {text}"
     )
 
 

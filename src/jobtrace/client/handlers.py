@@ -140,6 +140,10 @@ class SyncJobContext:
         returns once the server accepted them (AnnotationRefused otherwise)."""
         self._call(self.context.annotate(attributes, actor=actor, payload=payload))
 
+    def set_output_summary(self, summary: Mapping[str, Any] | None) -> None:
+        """JobContext.set_output_summary: what the trace shows of the result."""
+        self.context.set_output_summary(summary)
+
     def _call(self, step: Awaitable[None]) -> None:
         async def run() -> None:
             await step

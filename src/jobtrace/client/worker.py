@@ -78,6 +78,8 @@ class JobContext:
     # large to travel with the assignment are fetched before the handler runs.
     upstream: dict[str, Any] = field(default_factory=dict)
     _upstream_refs: tuple[common_pb2.StepResultRef, ...] = ()
+    # What set_output_summary set (None: the server derives one from the result).
+    output_summary: dict[str, Any] | None = None
 
     @property
     def job_id(self) -> str:
@@ -105,6 +107,15 @@ class JobContext:
         task is cancelled then anyway; this is for code outside it, such as a
         task the handler started that must stop (or kill a subprocess) too."""
         await self._cancelled.wait()
+
+    def set_output_summary(self, summary: Mapping[str, Any] | None) -> None:
+        """Say what the trace shows of this attempt's result: its COMPLETED
+        event's output_summary (a JSON object, at most 64 KiB serialised;
+        redacted by the server like every event). Sent with the result when the
+        handler returns; None (the default) lets the server derive one from
+        the result (the result itself when small, else its SHA-256, size and
+        top-level keys). A summary that is not JSON fails the attempt for good."""
+        self.output_summary = None if summary is None else dict(summary)
 
     def _mark_cancelled(self, reason: str) -> None:
         self.cancel_reason = reason
@@ -569,11 +580,17 @@ class Worker:
                     f"the result is {len(body)} bytes; at most {MAX_RESULT_BYTES} are stored",
                     code="RESULT_TOO_LARGE",
                 )
-            report = worker_service_pb2.ConnectRequest(
-                complete=worker_service_pb2.CompleteReport(
-                    job_id=ctx.job.id, attempt=ctx.attempt, result_json=body
-                )
+            complete = worker_service_pb2.CompleteReport(
+                job_id=ctx.job.id, attempt=ctx.attempt, result_json=body
             )
+            if ctx.output_summary is not None:
+                try:
+                    complete.output_summary.update(ctx.output_summary)
+                except (TypeError, ValueError) as exc:
+                    raise NonRetryableError(
+                        f"the output summary is not JSON: {exc}", code="OUTPUT_SUMMARY_NOT_JSON"
+                    ) from exc
+            report = worker_service_pb2.ConnectRequest(complete=complete)
             self.completed += 1
         except asyncio.CancelledError:
             if not ctx.cancelled:

@@ -456,8 +456,12 @@ class Jobs:
                     traceparent=sub.traceparent,
                     submitted_by=caller.subject,
                     for_each=step.for_each,
+                    step_number=number,
+                    total_steps=len(sub.steps),
                 )
-                for step, spec, step_deps in zip(sub.steps, specs, deps, strict=True)
+                for number, (step, spec, step_deps) in enumerate(
+                    zip(sub.steps, specs, deps, strict=True), start=1
+                )
             ]
             workflow = Workflow(
                 id=workflow_id,

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import iso
-from jobtrace.domain import annotated, fan_out, step_data
+from jobtrace.domain import annotated, fan_out, output_summary, step_data
 from jobtrace.domain.attest import Attestor
 from jobtrace.domain.evidence import (
     ATTESTATION_DATA_BYTES,
@@ -124,6 +124,15 @@ def run_of(job: Job) -> str:
 
 def node_of(job: Job) -> str:
     return job.step_name or job.id
+
+
+def attempt_duration_us(job: Job, now: int) -> int:
+    """How long the attempt a transition at `now` closes ran: from its start
+    when `job` (as it was before) is RUNNING, 0 when no attempt is running (a
+    step that ends before it started, a fan-out step with no items)."""
+    if job.state == RunState.RUNNING and job.started_us:
+        return max(0, now - job.started_us)
+    return 0
 
 
 class Lifecycle:
@@ -308,16 +317,21 @@ class Lifecycle:
             )
 
     def _event(self, job: Job, by: str, **fields: object) -> TraceEvent:
-        return TraceEvent(
-            recorded_by=by,
-            run_id=run_of(job),
-            node_id=node_of(job),
-            job_id=job.id,
-            attempt=job.attempt,
-            worker_id=job.worker_id,
-            traceparent=job.traceparent,
-            **fields,  # type: ignore[arg-type]
-        )
+        """An event of `job`; a step's carries its number and its workflow's
+        step count (a standalone job's: 0 and 0)."""
+        values: dict[str, object] = {
+            "recorded_by": by,
+            "run_id": run_of(job),
+            "node_id": node_of(job),
+            "job_id": job.id,
+            "attempt": job.attempt,
+            "worker_id": job.worker_id,
+            "traceparent": job.traceparent,
+            "step_number": job.step_number,
+            "total_steps": job.total_steps,
+        }
+        values.update(fields)
+        return TraceEvent(**values)  # type: ignore[arg-type]
 
     async def _record(self, db: AsyncSession, tx: Tx, job: Job, *events: TraceEvent) -> None:
         await self.trace.record(db, tx, job.tenant, list(events))
@@ -366,6 +380,9 @@ class Lifecycle:
             milestone=True,
             display_priority=PRIORITY_START,
             message=f"{node_of(job)} started (attempt {attempt})",
+            # The attempt's start as the job records it (started_us), so a
+            # COMPLETED or FAILED event's duration spans exactly from here.
+            ts_us=now,
         )
         update = store.claim_update(
             job.id, job.attempt, worker_id, lease_deadline_us, now, session_id, holder
@@ -374,18 +391,43 @@ class Lifecycle:
         if row is None:
             return None
         claimed = store.job_from_row(row, context=True)
-        await self._workflow_started(db, claimed, now)
+        await self._workflow_started(db, tx, claimed, now, by)
         return claimed
 
-    async def _workflow_started(self, db: AsyncSession, job: Job, now: int) -> None:
-        """A step's first start makes its workflow RUNNING."""
+    async def _workflow_started(
+        self, db: AsyncSession, tx: Tx, job: Job, now: int, by: str
+    ) -> None:
+        """A step's first start makes its workflow RUNNING, and records the
+        workflow's STARTED event. The event is tied to the conditional change
+        (QUEUED -> RUNNING, one UPDATE): of steps starting at once, on this
+        replica or others, only the one whose UPDATE changed the row records
+        it, once."""
         if not job.workflow_id:
             return
-        row = await store.get_workflow_row(db, job.workflow_id)
-        if row is not None and row.state == int(RunState.QUEUED):
-            await store.update_workflow(
-                db, job.workflow_id, state=int(RunState.RUNNING), started_us=now, updated_us=now
-            )
+        total = await store.start_workflow(db, job.workflow_id, now)
+        if total is None:
+            return  # started already (or ended)
+        await self.trace.record(
+            db,
+            tx,
+            job.tenant,
+            [
+                TraceEvent(
+                    run_id=job.workflow_id,
+                    node_id=WORKFLOW_NODE,
+                    type=TraceType.STARTED,
+                    category=Category.BUSINESS,
+                    milestone=True,
+                    display_priority=PRIORITY_START,
+                    step_number=0,
+                    total_steps=total,
+                    message=f"workflow started ({total} steps)",
+                    ts_us=now,
+                    traceparent=job.traceparent,
+                    recorded_by=by,
+                )
+            ],
+        )
 
     async def unclaim(self, db: AsyncSession, tx: Tx, job: Job, reason: str, now: int) -> Job:
         """Undo the claim of an attempt that never reached its worker (its stream
@@ -457,10 +499,12 @@ class Lifecycle:
         run = store.one_statement_run(db, job_id)
         if run is None:
             return None
-        tenant, run_id, node_id = run
+        tenant, run_id, node_id, step_number, total_steps = run
         event = TraceEvent(
             run_id=run_id,
             node_id=node_id,
+            step_number=step_number,
+            total_steps=total_steps,
             job_id=job_id,
             attempt=attempt,
             worker_id=worker_id,
@@ -493,8 +537,21 @@ class Lifecycle:
         )
 
     async def complete(
-        self, db: AsyncSession, tx: Tx, job: Job, result: JSON | None, now: int, by: str
+        self,
+        db: AsyncSession,
+        tx: Tx,
+        job: Job,
+        result: JSON | None,
+        now: int,
+        by: str,
+        *,
+        summary: JSON | None = None,
     ) -> list[Job]:
+        """Complete a job with its result. Its COMPLETED event carries the
+        attempt's duration and `summary` (the worker's own) as its
+        output_summary, else one derived from the result (output_summary.derive)."""
+        if summary is None:
+            summary = await output_summary.derive(result, self.trace.redaction)
         changes: dict[str, object] = {
             "state": RunState.COMPLETED,
             "result": result,
@@ -536,6 +593,9 @@ class Lifecycle:
                 display_priority=PRIORITY_OUTCOME,
                 percent=100.0,
                 message=f"{node_of(job)} completed",
+                output_summary=summary,
+                ts_us=now,
+                duration_us=attempt_duration_us(job, now),
             ),
             also=attestation,
         )
@@ -580,6 +640,8 @@ class Lifecycle:
                     Level.ERROR,
                     f"{node_of(job)} attempt {job.attempt} failed: {failure.reason}; "
                     f"retrying in {delay_us / 1e6:g}s",
+                    now=now,
+                    duration_us=attempt_duration_us(job, now),
                 ),
             )
             queued = await self._attest_failure(db, queued, failure, True, by)
@@ -612,7 +674,15 @@ class Lifecycle:
         )
 
     def _failed_event(
-        self, job: Job, by: str, failure: Failure, level: Level, message: str
+        self,
+        job: Job,
+        by: str,
+        failure: Failure,
+        level: Level,
+        message: str,
+        *,
+        now: int,
+        duration_us: int,
     ) -> TraceEvent:
         return self._event(
             job,
@@ -625,6 +695,8 @@ class Lifecycle:
             display_priority=PRIORITY_OUTCOME if level >= Level.CRITICAL else PRIORITY_RETRY,
             message=message,
             error=ErrorInfo(message=failure.reason, code=failure.code, stack=failure.details),
+            ts_us=now,
+            duration_us=duration_us,
         )
 
     async def end_job(
@@ -671,6 +743,8 @@ class Lifecycle:
                 failure or Failure(reason=reason),
                 Level.CRITICAL,
                 f"{node_of(job)} {state.name.lower().replace('_', ' ')}: {reason}",
+                now=now,
+                duration_us=attempt_duration_us(job, now),
             )
         await self._record(db, tx, job, event)
         self.log_after(
@@ -746,10 +820,20 @@ class Lifecycle:
                         # failed) and its end advanced the workflow, starting
                         # the other ready fan-out steps, or ended it.
                         return changed
-            done_count, total = (await store.step_counts(db, [workflow_id]))[workflow_id]
+            # Jobs (fan-out children too), and the declared steps completed.
+            done_count, total, steps_done = await store.step_progress(
+                db, workflow_id, fan_out.CHILD_INDEX_BASE
+            )
+            # The workflow's progress when a declared step (not a fan-out
+            # child, which is an item of its step) completed.
+            progressed = (
+                [self._workflow_progress(step, steps_done, now, by)]
+                if fan_out.parent_of(step.step_name) is None
+                else []
+            )
             if done_count == total:
                 outputs = await self._outputs(db, workflow_id)
-                await store.update_workflow(
+                started_us = await store.end_workflow_row(
                     db,
                     step.workflow_id,
                     state=int(RunState.COMPLETED),
@@ -763,6 +847,7 @@ class Lifecycle:
                     tx,
                     step.tenant,
                     [
+                        *progressed,
                         TraceEvent(
                             run_id=step.workflow_id,
                             node_id=WORKFLOW_NODE,
@@ -771,12 +856,14 @@ class Lifecycle:
                             milestone=True,
                             display_priority=PRIORITY_OUTCOME,
                             percent=100.0,
-                            step_number=done_count,
-                            total_steps=total,
+                            step_number=step.total_steps,
+                            total_steps=step.total_steps,
                             message=f"workflow completed ({done_count} steps)",
                             traceparent=step.traceparent,
                             recorded_by=by,
-                        )
+                            ts_us=now,
+                            duration_us=max(0, now - started_us) if started_us else 0,
+                        ),
                     ],
                 )
                 self._log_workflow(
@@ -786,6 +873,10 @@ class Lifecycle:
                     db, step.workflow_id, step.tenant, RunState.COMPLETED, None, by
                 )
                 self.trace.run_ended(tx, step.workflow_id)
+            elif progressed:
+                # The progress event rides in the workflow's UPDATE statement.
+                update = store.workflow_progress_update(step.workflow_id, done_count, now)
+                await self.trace.record(db, tx, step.tenant, progressed, also=[update])
             else:
                 await store.update_workflow(
                     db, step.workflow_id, completed_steps=done_count, updated_us=now
@@ -822,6 +913,26 @@ class Lifecycle:
             traceparent=step.traceparent,
         )
         return changed
+
+    def _workflow_progress(self, step: Job, done: int, now: int, by: str) -> TraceEvent:
+        """The workflow's PROGRESS event once `step` completed, `done` of its
+        declared steps completed in all."""
+        total = step.total_steps
+        assert step.workflow_id
+        return TraceEvent(
+            run_id=step.workflow_id,
+            node_id=WORKFLOW_NODE,
+            type=TraceType.PROGRESS,
+            category=Category.BUSINESS,
+            percent=100.0 * done / total if total else 100.0,
+            step_number=done,
+            total_steps=total,
+            message=f"{done} of {total} steps",
+            data={"step": step.step_name, "step_number": step.step_number},
+            traceparent=step.traceparent,
+            recorded_by=by,
+            ts_us=now,
+        )
 
     async def _fan_out(
         self, db: AsyncSession, tx: Tx, parent: Job, now: int, by: str
@@ -884,7 +995,7 @@ class Lifecycle:
                 message=f"{node_of(parent)} fans out to {len(children)} jobs",
             ),
         )
-        await self._workflow_started(db, running, now)
+        await self._workflow_started(db, tx, running, now, by)
         return [running, *children], False
 
     async def _child_finished(
@@ -984,7 +1095,7 @@ class Lifecycle:
         by: str,
         traceparent: str = "",
     ) -> None:
-        await store.update_workflow(
+        started_us = await store.end_workflow_row(
             db,
             workflow_id,
             state=int(state),
@@ -1020,6 +1131,9 @@ class Lifecycle:
                 error=ErrorInfo(message=reason, code=failure.code if failure else ""),
                 traceparent=traceparent,
                 recorded_by=by,
+                ts_us=now,
+                # The run's: from its start (its first step's), if it started.
+                duration_us=max(0, now - started_us) if started_us else 0,
             )
         await self.trace.record(db, tx, tenant, [event])
         self._log_workflow(

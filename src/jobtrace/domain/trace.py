@@ -294,11 +294,19 @@ class Trace:
     # --- writing (inside other transactions too) -------------------------------
 
     async def record(
-        self, session: AsyncSession, tx: Tx, tenant: str, events: list[TraceEvent]
+        self,
+        session: AsyncSession,
+        tx: Tx,
+        tenant: str,
+        events: list[TraceEvent],
+        also: Sequence[tuple[Query, Params]] = (),
     ) -> list[TraceEvent]:
         """Store events with their run's next sequence numbers, in this transaction;
-        publish them to live streams once it commits."""
+        publish them to live streams once it commits. `also` (events of one
+        run): writes of other tables, in the same statement where the backend
+        allows (see store.trace.store_events)."""
         if not events:
+            assert not also, "writes ride with events: with none, run them yourself"
             return []
         # Redacted before anything is stored or published: off the event loop
         # when the batch is large (see attest.INLINE_EVIDENCE).
@@ -310,9 +318,10 @@ class Trace:
         by_run: dict[str, list[TraceEvent]] = {}
         for e in events:
             by_run.setdefault(e.run_id, []).append(e)
+        assert not also or len(by_run) == 1, "writes ride with the events of one run"
         for run_id, items in by_run.items():
             numbered = await store.store_events(
-                session, run_id, tenant, [normalize(e, now, 0, tenant) for e in items]
+                session, run_id, tenant, [normalize(e, now, 0, tenant) for e in items], also
             )
             tx.on_commit(lambda r=run_id, n=numbered: self._committed(r, n))  # type: ignore[misc]
             tx.notify({"k": "trace", "run": run_id})

@@ -133,6 +133,8 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         "workflow_id": job.workflow_id,
         "step_name": job.step_name,
         "step_index": step_index,
+        "step_number": job.step_number,
+        "total_steps": job.total_steps,
         "depends_on": codec.dumps(list(job.depends_on)),
         "for_each": None
         if job.for_each is None
@@ -296,6 +298,8 @@ def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
         for_each=_for_each(row["for_each"]),
         request_context=row["request_context"] if context else None,
         chain_head=_chain_head(row) if context else None,
+        step_number=row["step_number"],
+        total_steps=row["total_steps"],
     )
 
 
@@ -339,8 +343,9 @@ async def lock_workflow(session: AsyncSession, workflow_id: str) -> None:
 # oldest entry goes when it is full; a job not found is read first.
 _WORKFLOW_OF: dict[str, str] = {}
 WORKFLOW_OF_MAX = 65_536
-# Likewise (bounded alike) what else of a job never changes: (tenant, step name).
-_IDENTITY_OF: dict[str, tuple[str, str]] = {}
+# Likewise (bounded alike) what else of a job never changes: (tenant, step
+# name, step number, total steps).
+_IDENTITY_OF: dict[str, tuple[str, str, int, int]] = {}
 
 
 def _remember(job: Job) -> Job:
@@ -350,22 +355,23 @@ def _remember(job: Job) -> Job:
             del _WORKFLOW_OF[oldest]
             _IDENTITY_OF.pop(oldest, None)
         _WORKFLOW_OF[job.id] = job.workflow_id
-        _IDENTITY_OF[job.id] = (job.tenant, job.step_name)
+        _IDENTITY_OF[job.id] = (job.tenant, job.step_name, job.step_number, job.total_steps)
     return job
 
 
-def one_statement_run(session: AsyncSession, job_id: str) -> tuple[str, str, str] | None:
-    """(tenant, run id, node id) of a job whose fenced transition may be
-    written by one statement (see progress_update): a job seen lately, and
-    on PostgreSQL a standalone one (a step is locked after its workflow)."""
+def one_statement_run(session: AsyncSession, job_id: str) -> tuple[str, str, str, int, int] | None:
+    """(tenant, run id, node id, step number, total steps) of a job whose
+    fenced transition may be written by one statement (see progress_update):
+    a job seen lately, and on PostgreSQL a standalone one (a step is locked
+    after its workflow)."""
     workflow_id = _WORKFLOW_OF.get(job_id)
     identity = _IDENTITY_OF.get(job_id)
     if workflow_id is None or identity is None:
         return None
     if workflow_id and not _is_sqlite(session):
         return None
-    tenant, step_name = identity
-    return tenant, workflow_id or job_id, step_name or job_id
+    tenant, step_name, step_number, total_steps = identity
+    return tenant, workflow_id or job_id, step_name or job_id, step_number, total_steps
 
 
 async def load_locked(session: AsyncSession, job_id: str, tenant: str | None = None) -> Job | None:
@@ -503,6 +509,22 @@ async def step_counts(
         .group_by(JobRow.workflow_id)
     )
     return {w: (int(done or 0), int(n)) for w, done, n in (await session.execute(stmt)).all()}
+
+
+async def step_progress(
+    session: AsyncSession, workflow_id: str, child_index_base: int
+) -> tuple[int, int, int]:
+    """(completed, all) jobs of a workflow (its steps and their fan-out
+    children, whose step_index is from `child_index_base`), and its declared
+    steps completed: one query."""
+    completed = JobRow.state == int(RunState.COMPLETED)
+    stmt = select(
+        func.sum(case((completed, 1), else_=0)),
+        func.count(),
+        func.sum(case(((JobRow.step_index < child_index_base) & completed, 1), else_=0)),
+    ).where(JobRow.workflow_id == workflow_id)
+    done, total, steps_done = (await session.execute(stmt)).one()
+    return int(done or 0), int(total), int(steps_done or 0)
 
 
 async def result_sizes(session: AsyncSession, workflow_id: str) -> list[tuple[str, str, int]]:
@@ -775,6 +797,52 @@ _UPDATE_JOB_RETURNING: dict[tuple[str, ...], Query] = {}
 
 async def update_workflow(session: AsyncSession, workflow_id: str, **values: Any) -> None:
     await session.execute(update(WorkflowRow).where(WorkflowRow.id == workflow_id).values(**values))
+
+
+_WORKFLOW_PROGRESS = Query(
+    "UPDATE workflows SET completed_steps = :wf_completed_steps, updated_us = :wf_updated_us"
+    " WHERE id = :wf_id"
+)
+
+
+def workflow_progress_update(
+    workflow_id: str, completed_steps: int, now: int
+) -> tuple[Query, Params]:
+    """The UPDATE of a workflow's completed steps, to run with its PROGRESS
+    event (store.trace.store_events `also`)."""
+    return _WORKFLOW_PROGRESS, {
+        "wf_id": workflow_id,
+        "wf_completed_steps": completed_steps,
+        "wf_updated_us": now,
+    }
+
+
+async def end_workflow_row(session: AsyncSession, workflow_id: str, **values: Any) -> int:
+    """update_workflow for the transition that ends it: its started_us (0: no
+    step started), read by the same statement."""
+    stmt = (
+        update(WorkflowRow)
+        .where(WorkflowRow.id == workflow_id)
+        .values(**values)
+        .returning(WorkflowRow.started_us)
+    )
+    return int((await session.execute(stmt)).scalar_one() or 0)
+
+
+async def start_workflow(session: AsyncSession, workflow_id: str, now: int) -> int | None:
+    """QUEUED -> RUNNING, compare-and-set in one UPDATE: the workflow's
+    declared step count if this statement changed it, None if it was not
+    QUEUED (started already, or ended). Concurrent starts, on any replica,
+    change it once: PostgreSQL re-checks the state of a row another
+    transaction updated once that one commits."""
+    stmt = (
+        update(WorkflowRow)
+        .where(WorkflowRow.id == workflow_id, WorkflowRow.state == int(RunState.QUEUED))
+        .values(state=int(RunState.RUNNING), started_us=now, updated_us=now)
+        .returning(WorkflowRow.total_steps)
+    )
+    total = (await session.execute(stmt)).scalar_one_or_none()
+    return None if total is None else int(total)
 
 
 async def insert_annotations(session: AsyncSession, annotations: Sequence[Annotation]) -> None:

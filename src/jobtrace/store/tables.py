@@ -74,6 +74,11 @@ class JobRow(Base):
     workflow_id: Mapped[str] = mapped_column(String(64), default="")
     step_name: Mapped[str] = mapped_column(String(128), default="")
     step_index: Mapped[int] = mapped_column(Integer, default=0)
+    # A step's number in its workflow's declared order, from 1 (a fan-out
+    # child: its step's), and the workflow's declared steps: what every event
+    # of the step carries. 0 for a standalone job.
+    step_number: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int] = mapped_column(Integer, default=0)
     depends_on: Mapped[str] = mapped_column(Text, default="[]")
     # A fan-out step's {"step", "path"} (JSON); NULL for any other job.
     for_each: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -238,6 +243,10 @@ class TraceEventRow(Base):
     # The authenticated subject whose action caused it ("system": the server's
     # own); '' when stored before 0008.
     recorded_by: Mapped[str] = mapped_column(Text, default="")
+    # On a COMPLETED or FAILED event the server records, how long what it
+    # closes ran, in microseconds; NULL on other events and on those stored
+    # before 0015.
+    duration_us: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     __table_args__ = (
         Index(

@@ -68,15 +68,17 @@ def _reserve_and_insert(update: str = "", also: Sequence[str] = ()) -> Query:
     UPDATE of one job RETURNING *), that runs first in the same statement,
     and the events are stored only if it matched a row (they take its
     traceparent); the statement returns the row and the last number. `also`:
-    INSERTs run in the same statement (whether the update matched or not)."""
+    INSERTs (or UPDATEs of other tables) run in the same statement (whether
+    the update matched or not)."""
     names = [n for n in sql.columns(EVENTS) if n != "seq"]
     pg = postgresql.dialect()  # type: ignore[no-untyped-call]
     arrays = ", ".join(f"CAST(:a_{n} AS {EVENTS.c[n].type.compile(dialect=pg)}[])" for n in names)
     quoted = ", ".join(f'"{n}"' for n in names)
+    more = "".join(f" x{i} AS ({text})," for i, text in enumerate(also))
     if not update:
         picked = ", ".join(f"u.{n}" for n in names)
         return Query(
-            "WITH r AS (INSERT INTO trace_runs (run_id, tenant, last_seq)"
+            f"WITH{more} r AS (INSERT INTO trace_runs (run_id, tenant, last_seq)"
             " VALUES (:run_id, :tenant, CAST(:count AS BIGINT))"
             " ON CONFLICT (run_id) DO UPDATE SET last_seq = trace_runs.last_seq + EXCLUDED.last_seq"
             " RETURNING last_seq),"
@@ -86,7 +88,6 @@ def _reserve_and_insert(update: str = "", also: Sequence[str] = ()) -> Query:
             " SELECT last_seq FROM r"
         )
     picked = ", ".join("j.traceparent" if n == "traceparent" else f"u.{n}" for n in names)
-    more = "".join(f" x{i} AS ({text})," for i, text in enumerate(also))
     return Query(
         f"WITH j AS ({update}),{more}"
         " r AS (INSERT INTO trace_runs (run_id, tenant, last_seq)"
@@ -102,6 +103,15 @@ def _reserve_and_insert(update: str = "", also: Sequence[str] = ()) -> Query:
 
 _RESERVE_AND_INSERT = _reserve_and_insert()
 _UPDATE_AND_INSERT: dict[tuple[str, ...], Query] = {}
+_INSERT_WITH: dict[tuple[str, ...], Query] = {}
+
+
+def _merged(params: Params, *more: Params) -> Params:
+    for extra in more:
+        clash = params.keys() & extra.keys()
+        assert not clash, f"parameters named twice: {sorted(clash)}"
+        params.update(extra)
+    return params
 
 
 def _event_params(run_id: str, tenant: str, events: Sequence[TraceEvent]) -> Params:
@@ -119,19 +129,34 @@ def _numbered(events: Sequence[TraceEvent], last: int, **fields: Any) -> list[Tr
 
 
 async def store_events(
-    session: AsyncSession, run_id: str, tenant: str, events: Sequence[TraceEvent]
+    session: AsyncSession,
+    run_id: str,
+    tenant: str,
+    events: Sequence[TraceEvent],
+    also: Sequence[tuple[Query, Params]] = (),
 ) -> list[TraceEvent]:
     """Number events of one run with its next sequence numbers and store them;
     return them numbered. The trace_runs row stays locked until commit, so
     commit order is sequence order per run. One statement on PostgreSQL; two
-    on SQLite (its statements run in-process, in microseconds)."""
+    on SQLite (its statements run in-process, in microseconds). `also`:
+    writes of other tables (with parameters of their own names) run in the
+    same statement on PostgreSQL, before on SQLite."""
     if sql.dialect(session) != "postgresql":
+        for q, p in also:
+            await sql.execute(session, q, p)
         first = await reserve_sequence(session, run_id, tenant, len(events))
         numbered = [replace(e, seq=first + i) for i, e in enumerate(events)]
         await insert_events(session, numbered)
         return numbered
     params = _event_params(run_id, tenant, events)
-    return _numbered(events, int(await sql.scalar(session, _RESERVE_AND_INSERT, params)))
+    query = _RESERVE_AND_INSERT
+    if also:
+        texts = tuple(q.clause("postgresql").text for q, _ in also)
+        query = _INSERT_WITH.get(texts) or _INSERT_WITH.setdefault(
+            texts, _reserve_and_insert("", texts)
+        )
+        params = _merged(params, *(p for _, p in also))
+    return _numbered(events, int(await sql.scalar(session, query, params)))
 
 
 async def update_and_store_events(
@@ -162,11 +187,7 @@ async def update_and_store_events(
     combined = _UPDATE_AND_INSERT.get(texts)
     if combined is None:
         combined = _UPDATE_AND_INSERT[texts] = _reserve_and_insert(texts[0], texts[1:])
-    params = _event_params(run_id, tenant, events)
-    for extra in (update_params, *(p for _, p in also)):
-        clash = params.keys() & extra.keys()
-        assert not clash, f"parameters named twice: {sorted(clash)}"
-        params.update(extra)
+    params = _merged(_event_params(run_id, tenant, events), update_params, *(p for _, p in also))
     row = await sql.fetch_one(session, combined, params)
     if row is None:
         return None, []
@@ -210,6 +231,7 @@ def _values(e: TraceEvent) -> dict[str, Any]:
         "traceparent": e.traceparent,
         "created_us": e.created_us,
         "recorded_by": e.recorded_by,
+        "duration_us": e.duration_us,
     }
 
 
@@ -244,6 +266,7 @@ def event_from_row(r: Row, *, full: bool = True) -> TraceEvent:
         seq=r["seq"],
         created_us=r["created_us"],
         recorded_by=r["recorded_by"],
+        duration_us=r["duration_us"],
     )
 
 

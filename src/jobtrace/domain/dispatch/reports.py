@@ -8,7 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
 from jobtrace.domain import annotations as annotation_rules
-from jobtrace.domain import lifecycle
+from jobtrace.domain import lifecycle, output_summary
 from jobtrace.domain.dispatch.leases import fence, fenced
 from jobtrace.domain.dispatch.sessions import WorkerSession
 from jobtrace.domain.dispatch.state import SchedulerState
@@ -74,15 +74,24 @@ class Reports(SchedulerState):
         attempt: int,
         result: JSON | None,
         result_bytes: int,
+        summary: JSON | None = None,
+        summary_bytes: int = 0,
     ) -> None:
+        """Store an attempt's result; `summary`, the worker's own summary of
+        it (None: derived from the result), is its COMPLETED event's
+        output_summary, redacted like every event."""
         v = Violations()
         check_size(v, "complete.result", result_bytes)
+        check_size(
+            v, "complete.output_summary", summary_bytes, output_summary.MAX_WORKER_SUMMARY_BYTES
+        )
         v.raise_if_any()
 
         async def op(db: AsyncSession, tx: Tx) -> None:
             job = await fenced(db, session, job_id, attempt, "complete")
             by = session.identity.subject
-            self._jobs.notify(tx, await self._life.complete(db, tx, job, result, now_us(), by))
+            changed = await self._life.complete(db, tx, job, result, now_us(), by, summary=summary)
+            self._jobs.notify(tx, changed)
 
         await self._db.write(op)
         self._release_slot(session, job_id)
@@ -185,6 +194,13 @@ class Reports(SchedulerState):
             # it, so no event lands after the run's final one.
             job = await fenced(db, session, job_id, attempt, "trace")
             run_id = lifecycle.run_of(job)
+            # A step's events carry its place in the workflow, as the server's
+            # own do; a standalone job's keep what the worker said (its own steps).
+            place = (
+                {"step_number": job.step_number, "total_steps": job.total_steps}
+                if job.workflow_id
+                else {}
+            )
             events = [
                 replace(
                     item.event,
@@ -195,6 +211,7 @@ class Reports(SchedulerState):
                     worker_id=session.worker_id,
                     traceparent=job.traceparent,
                     recorded_by=session.identity.subject,
+                    **place,  # type: ignore[arg-type]
                 )
                 for item in inputs
             ]
