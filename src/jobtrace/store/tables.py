@@ -245,7 +245,7 @@ class TraceEventRow(Base):
     recorded_by: Mapped[str] = mapped_column(Text, default="")
     # On a COMPLETED or FAILED event the server records, how long what it
     # closes ran, in microseconds; NULL on other events and on those stored
-    # before 0015.
+    # before 0014.
     duration_us: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     __table_args__ = (
