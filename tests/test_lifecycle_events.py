@@ -335,8 +335,8 @@ async def test_a_worker_summary_too_large_is_refused_and_changes_nothing(
     await raw.close()
 
 
-async def test_steps_stored_before_0014_get_their_place_in_the_workflow(db_url: str) -> None:
-    """Jobs stored before revision 0014 have no step number: the migration
+async def test_steps_stored_before_0013_get_their_place_in_the_workflow(db_url: str) -> None:
+    """Jobs stored before revision 0013 have no step number: the migration
     fills it from their position (a fan-out child: its step's) and their
     workflow's step count, so their next events carry it; events stored
     before it are read as they were, with no duration."""
@@ -367,7 +367,7 @@ async def test_steps_stored_before_0014_get_their_place_in_the_workflow(db_url: 
         await raw.send(complete=w.CompleteReport(job_id=first.job.id, attempt=1, result=files))
         await raw.expect("ack")
         await raw.close()
-    await migrate_down(db_url, "0013")
+    await migrate_down(db_url, "0012")
     async with Harness(db_url) as h:
         api = h.stubs()
         rows = await execute_sql(

@@ -487,15 +487,15 @@ async def test_snippets_mark_matches_unambiguously(harness: Harness) -> None:
     assert len(far.snippet) <= 220
 
 
-async def test_events_stored_before_0013_are_found(db_url: str) -> None:
-    """Migration 0013 indexes the events already stored."""
+async def test_events_stored_before_0014_are_found(db_url: str) -> None:
+    """Migration 0014 indexes the events already stored."""
     from .test_worker_stream import migrate_down
 
     async with Harness(db_url) as h:
         api = h.stubs()
         run = await new_run(api, "old")
         await append(api, run, ev("a", "CUDA OOM before the upgrade"))
-    await migrate_down(db_url, "0012")
+    await migrate_down(db_url, "0013")
     async with Harness(db_url) as h:
         api = h.stubs()
         assert await messages(api, "cuda oom") == ["CUDA OOM before the upgrade"]

@@ -22,7 +22,7 @@ E = TypeVar("E")
 MAX_QUERY_CHARS = 256
 MAX_TERMS = 16
 MIN_PREFIX = 2
-# A word, as both engines index it (see migration 0013): a run of letters and
+# A word, as both engines index it (see migration 0014): a run of letters and
 # digits. Anything else separates words.
 WORD_RE = re.compile(r"[^\W_]+")
 # Snippets: about this many characters, starting this far before the first match.

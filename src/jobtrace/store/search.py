@@ -1,6 +1,6 @@
 """Full-text search of trace events: a parsed query in each backend's own
 syntax (FTS5 MATCH, PostgreSQL tsquery) and the keyset reads of its hits,
-newest stored first. The index itself is migration 0013's."""
+newest stored first. The index itself is migration 0014's."""
 
 from __future__ import annotations
 

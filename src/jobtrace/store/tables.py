@@ -245,7 +245,7 @@ class TraceEventRow(Base):
     recorded_by: Mapped[str] = mapped_column(Text, default="")
     # On a COMPLETED or FAILED event the server records, how long what it
     # closes ran, in microseconds; NULL on other events and on those stored
-    # before 0014.
+    # before 0013.
     duration_us: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     __table_args__ = (
@@ -260,7 +260,7 @@ class TraceEventRow(Base):
         # The retention sweep deletes by age.
         Index("ix_trace_events_created", "created_us"),
     )
-    # Full-text search (migration 0013, queried in store/search.py) is kept
+    # Full-text search (migration 0014, queried in store/search.py) is kept
     # out of this metadata, each backend's own and maintained by the database
     # on every insert and delete: PostgreSQL's generated column search_vector
     # (a tsvector; no insert names it) with its GIN index

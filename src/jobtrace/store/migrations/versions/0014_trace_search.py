@@ -14,16 +14,16 @@ Whatever rebuilds trace_events on SQLite (a batch migration that copies it)
 drops the triggers and renumbers rowids: it must recreate both and run
 INSERT INTO trace_events_search(trace_events_search) VALUES ('rebuild').
 
-Revision ID: 0013
-Revises: 0012
+Revision ID: 0014
+Revises: 0013
 """
 
 from __future__ import annotations
 
 from alembic import op
 
-revision = "0013"
-down_revision = "0012"
+revision = "0014"
+down_revision = "0013"
 branch_labels = None
 depends_on = None
 
