@@ -99,9 +99,9 @@ def test_pick_worker_prefers_affinity_over_free_slots() -> None:
     )
     wanted = job(spec=JobSpec(service="svc", affinity_keys=("k",)))
     slots = {roomy.session_id: 8, warm.session_id: 1}
-    assert pick_worker(wanted, [roomy, warm], slots) is warm
+    assert (picked := pick_worker(wanted, [roomy, warm], slots)) and picked.session is warm
     # Without affinity in common, the worker with the most free slots wins.
-    assert pick_worker(job(), [warm, roomy], slots) is roomy
+    assert (picked := pick_worker(job(), [warm, roomy], slots)) and picked.session is roomy
 
 
 def test_pick_worker_skips_workers_that_cannot_take_the_job() -> None:
@@ -114,7 +114,8 @@ def test_pick_worker_skips_workers_that_cannot_take_the_job() -> None:
     assert pick_worker(job(), [other_service, other_tenant, full, closed], slots) is None
     able = session("e")
     slots[able.session_id] = 1
-    assert pick_worker(job(), [other_service, other_tenant, full, closed, able], slots) is able
+    picked = pick_worker(job(), [other_service, other_tenant, full, closed, able], slots)
+    assert picked is not None and picked.session is able and picked.candidates == 1
 
 
 def test_check_hello_lists_every_violation() -> None:

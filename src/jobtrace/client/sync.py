@@ -121,6 +121,8 @@ class SyncClient:
         request_context: common_pb2.RequestContext | Mapping[str, Any] | None = None,
         annotations: Sequence[common_pb2.AnnotationInput | Mapping[str, Any]] = (),
         traceparent: str | None = None,
+        worker_labels: Sequence[common_pb2.LabelRequirement | str] = (),
+        affinity: Mapping[str, float] | None = None,
     ) -> common_pb2.Job:
         return self._run(
             self.client.submit_job(
@@ -137,6 +139,8 @@ class SyncClient:
                 request_context=request_context,
                 annotations=annotations,
                 traceparent=traceparent,
+                worker_labels=worker_labels,
+                affinity=affinity or {},
             )
         )
 

@@ -352,11 +352,14 @@ class Lifecycle:
         holder: str,
         *,
         by: str,
+        placement: JSON | None = None,
     ) -> Job | None:
         """Lease a QUEUED job (as a dispatch read saw it) to a worker session and
         record its start, in one statement where the backend allows: the job
         as claimed, or None with nothing changed if it is no longer QUEUED at
-        that attempt (or another replica is claiming it right now)."""
+        that attempt (or another replica is claiming it right now). The
+        STARTED event's data holds `placement`: why this worker (see
+        dispatch.placement.Picked)."""
         attempt = job.attempt + 1
         event = self._event(
             replace(job, attempt=attempt, worker_id=worker_id),
@@ -366,6 +369,7 @@ class Lifecycle:
             milestone=True,
             display_priority=PRIORITY_START,
             message=f"{node_of(job)} started (attempt {attempt})",
+            data={"placement": placement} if placement is not None else None,
         )
         update = store.claim_update(
             job.id, job.attempt, worker_id, lease_deadline_us, now, session_id, holder
