@@ -8,12 +8,14 @@ with the worker id the server recorded, never with timing."""
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from jobtrace.client import Client, JobContext, label_requirement, parse_requirement
 from jobtrace.pb import common_pb2 as c
@@ -22,6 +24,7 @@ from jobtrace.pb import trace_service_pb2 as t
 from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, Stubs, expect_error, wait_for
+from .procs import jobtrace
 from .workers import RawWorker, runtime_worker
 
 EQ, NE = c.COMPARATOR_EQUAL, c.COMPARATOR_NOT_EQUAL
@@ -383,3 +386,66 @@ async def test_spec_round_trips_and_client_helpers(harness: Harness) -> None:
     with pytest.raises(ValueError, match="compares numbers"):
         parse_requirement("vram_gb>=lots")
     assert parse_requirement("gpu!=t4").comparator == NE
+
+
+async def test_cli_submit_requires_prefers_and_weights(sqlite_harness: Harness) -> None:
+    t = sqlite_harness.target
+    code, out, err = await jobtrace(
+        "submit",
+        "svc",
+        "--require",
+        "gpu=a100",
+        "--require",
+        "vram_gb>=40",
+        "--prefer",
+        "zone=eu:5",
+        "--affinity-weight",
+        "org/model:v2:10",
+        "--json",
+        target=t,
+    )
+    assert code == 0, err
+    spec = json.loads(out)["spec"]
+    assert spec["worker_labels"] == [
+        {"key": "gpu", "value": "a100", "comparator": "COMPARATOR_EQUAL", "required": True},
+        {"key": "vram_gb", "value": 40.0, "comparator": "COMPARATOR_AT_LEAST", "required": True},
+        {"key": "zone", "value": "eu", "comparator": "COMPARATOR_EQUAL", "weight": 5.0},
+    ]
+    assert spec["affinity"] == [{"key": "org/model:v2", "weight": 10.0}]
+    code, _, err = await jobtrace("submit", "svc", "--require", "vram_gb>=lots", target=t)
+    assert code == 2 and "compares numbers" in err and "Traceback" not in err
+    code, _, err = await jobtrace("submit", "svc", "--affinity-weight", "m", target=t)
+    assert code == 2 and "KEY:WEIGHT" in err
+
+
+async def test_waiting_reason_says_not_before_and_dependencies(harness: Harness) -> None:
+    api = harness.stubs()
+    (raw,) = await workers(api, ("w", 1, {}))
+    later = await submit(
+        api, "later", not_before=timestamp_pb2.Timestamp(seconds=int(time.time()) + 3600)
+    )
+    assert (await get(api, later.id)).waiting_reason == c.WAITING_REASON_NOT_BEFORE
+    flow = (
+        await api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(
+                request_id="wf",
+                name="wf",
+                steps=[
+                    c.WorkflowStepSpec(
+                        name="a", job=c.JobSpec(service="svc", worker_labels=[req("gpu", "x")])
+                    ),
+                    c.WorkflowStepSpec(name="b", job=c.JobSpec(service="svc"), depends_on=["a"]),
+                ],
+            )
+        )
+    ).workflow
+    steps = {s.name: s.job_id for s in flow.steps}
+    assert (await get(api, steps["a"])).waiting_reason == c.WAITING_REASON_NO_WORKER_MEETS_LABELS
+    b = await get(api, steps["b"])
+    assert b.state == c.RUN_STATE_PENDING
+    assert b.waiting_reason == c.WAITING_REASON_DEPENDENCIES
+    # A running job waits for nothing.
+    plain = await submit(api, "plain")
+    assert await running_on(api, plain.id) == "w"
+    assert (await get(api, plain.id)).waiting_reason == c.WAITING_REASON_UNSPECIFIED
+    await close(raw)
