@@ -60,7 +60,7 @@ Seconds = float | timedelta
 When = datetime | timestamp_pb2.Timestamp
 
 # No weighted affinity (an immutable default).
-_NO_WEIGHTS: Mapping[str, float] = MappingProxyType({})
+NO_AFFINITY: Mapping[str, float] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +256,7 @@ class Client:
         annotations: Sequence[common_pb2.AnnotationInput | Mapping[str, Any]] = (),
         traceparent: str | None = None,
         worker_labels: Sequence[common_pb2.LabelRequirement | str] = (),
-        affinity: Mapping[str, float] = _NO_WEIGHTS,
+        affinity: Mapping[str, float] = NO_AFFINITY,
     ) -> common_pb2.Job:
         """Submit one job. Idempotent by `request_id` (a random one when not given),
         so a retried submit returns the same job. `worker_labels` are
@@ -869,7 +869,7 @@ def job_spec(
     labels: Mapping[str, str] | None = None,
     backoff: common_pb2.BackoffPolicy | None = None,
     worker_labels: Sequence[common_pb2.LabelRequirement | str] = (),
-    affinity: Mapping[str, float] = _NO_WEIGHTS,
+    affinity: Mapping[str, float] = NO_AFFINITY,
 ) -> common_pb2.JobSpec:
     """A JobSpec from plain Python values; the payload travels as exact JSON
     (payload_json), so integers stay integers. `worker_labels`: requirements
