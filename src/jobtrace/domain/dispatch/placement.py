@@ -194,8 +194,10 @@ class Placement(Leases):
         return learned
 
     def _avoided_workers(self, job: Job) -> frozenset[str]:
-        """Worker ids this job should not go to when another can take it (a
-        retry kept off the worker it failed on); none by default."""
+        """Worker ids (as jobs record them: WorkerSession.worker_id) this job
+        should not go to when another can take it (a retry kept off the worker
+        it failed on, say); none by default. The hook for failure rules'
+        avoid_same_worker."""
         return frozenset()
 
     def waiting_reason(self, job: Job) -> WaitingReason:
