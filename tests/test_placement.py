@@ -412,6 +412,11 @@ async def test_cli_submit_requires_prefers_and_weights(sqlite_harness: Harness) 
         {"key": "zone", "value": "eu", "comparator": "COMPARATOR_EQUAL", "weight": 5.0},
     ]
     assert spec["affinity"] == [{"key": "org/model:v2", "weight": 10.0}]
+    code, out, err = await jobtrace("get", json.loads(out)["id"], target=t)
+    assert code == 0, err
+    assert "waiting  no worker for service" in out
+    assert "requires  gpu=a100, vram_gb>=40, zone=eu (prefer 5)" in out
+    assert "affinity  org/model:v2:10" in out
     code, _, err = await jobtrace("submit", "svc", "--require", "vram_gb>=lots", target=t)
     assert code == 2 and "compares numbers" in err and "Traceback" not in err
     code, _, err = await jobtrace("submit", "svc", "--affinity-weight", "m", target=t)

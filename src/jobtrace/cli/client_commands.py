@@ -272,6 +272,11 @@ def describe_job(job: common_pb2.Job, s: Style) -> None:
         ("id", job.id),
         ("service", job.spec.service),
         ("state", s.state(job.state)),
+    ]
+    if job.waiting_reason:
+        reason = common_pb2.WaitingReason.Name(job.waiting_reason)
+        rows.append(("waiting", reason.removeprefix("WAITING_REASON_").lower().replace("_", " ")))
+    rows += [
         ("attempt", str(job.attempt)),
         ("progress", f"{job.progress.percent:.0f}% {job.progress.message}".rstrip()),
         ("workflow", f"{job.workflow_id} step {job.step_name}" if job.workflow_id else "-"),
@@ -287,8 +292,23 @@ def describe_job(job: common_pb2.Job, s: Style) -> None:
     if job.HasField("failure"):
         f = job.failure
         rows.append(("failure", f"{f.code or '-'}: {f.reason} (retryable: {f.retryable})"))
+    if job.spec.worker_labels:
+        rows.append(("requires", ", ".join(_requirement_text(r) for r in job.spec.worker_labels)))
+    if job.spec.affinity:
+        rows.append(("affinity", ", ".join(f"{a.key}:{a.weight:g}" for a in job.spec.affinity)))
     for key, value in rows:
         print(f"{key:>10}  {value}")
+
+
+_OPS = {0: "=", 1: "=", 2: "!=", 3: ">", 4: ">=", 5: "<", 6: "<="}
+
+
+def _requirement_text(r: common_pb2.LabelRequirement) -> str:
+    """ "gpu=a100", "vram_gb>=40", "zone=eu (prefer 5)"."""
+    kind = r.value.WhichOneof("kind")
+    value = r.value.string_value if kind == "string_value" else f"{r.value.number_value:g}"
+    text = f"{r.key}{_OPS.get(r.comparator, '?')}{value}"
+    return text if r.required else f"{text} (prefer {r.weight:g})"
 
 
 def _has_payload(job: common_pb2.Job) -> bool:

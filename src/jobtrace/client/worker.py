@@ -367,6 +367,7 @@ class Worker:
         outbox: asyncio.Queue[worker_service_pb2.ConnectRequest] = asyncio.Queue()
         self._outbox = outbox
         self._labels_changed = False  # the hello carries the labels as they are
+        self._beat_now.clear()
         hello = worker_service_pb2.WorkerHello(
             worker_id=self.worker_id,
             services=list(self._handlers),
