@@ -897,7 +897,8 @@ class Job(_message.Message):
     waiting_reason: Global___WaitingReason.ValueType
     """Output only. Why a QUEUED (or PENDING) job is not running yet, as the
     replica answering sees its connected workers at the time of the call
-    (unset for any other state). Set by GetJob.
+    (unset for any other state). Set by GetJob and SubmitJob; unset in
+    listings.
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec:

@@ -53,7 +53,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
             principal.tenant, submission, Caller(principal.subject, principal.may(Role.REVIEWER))
         )
         return pb.SubmitJobResponse(
-            job=convert.job_to_proto(job, exact=convert.wants_exact_json(context)),
+            job=convert.job_to_proto(
+                job, exact=convert.wants_exact_json(context), waiting_reason=self._reason(job)
+            ),
             deduplicated=deduplicated,
         )
 
@@ -75,12 +77,15 @@ class JobServicer(pb_grpc.JobServiceServicer):
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.GetJobResponse:
         principal = self._auth.require(context, Role.READER)
         job = await self._jobs.get_job(principal.read_scope, request.job_id)
-        reason = self._waiting(job) if self._waiting is not None else WaitingReason.UNSPECIFIED
         return pb.GetJobResponse(
             job=convert.job_to_proto(
-                job, exact=convert.wants_exact_json(context), waiting_reason=int(reason)
+                job, exact=convert.wants_exact_json(context), waiting_reason=self._reason(job)
             )
         )
+
+    def _reason(self, job: Job) -> int:
+        """Why the job waits, as this replica sees its workers now."""
+        return int(self._waiting(job)) if self._waiting is not None else 0
 
     @rpc
     async def GetWorkflow(
