@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from jobtrace.model import Comparator, JobSpec, LabelRequirement
 
@@ -78,8 +78,7 @@ def describe(req: LabelRequirement) -> str:
     return f"{req.key}{ops.get(req.comparator, '=')}{value}"
 
 
-@dataclass(frozen=True, slots=True)
-class Score:
+class Score(NamedTuple):
     """A worker's score for a job, and what made it."""
 
     score: float

@@ -7,6 +7,7 @@ import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -380,9 +381,9 @@ def _sleep_until(next_us: int | None, now: int) -> float:
     return 5.0 if next_us is None else min(5.0, max(0.0, (next_us - now) / 1e6))
 
 
-@dataclass(frozen=True, slots=True)
-class Picked:
-    """The worker chosen for a job, and why (the STARTED event's `placement`)."""
+class Picked(NamedTuple):
+    """The worker chosen for a job, and why (the STARTED event's `placement`).
+    A NamedTuple: one is built per job dispatched."""
 
     session: WorkerSession
     score: Score
@@ -410,33 +411,34 @@ def pick_worker(
     of the affinity keys cached; a preference, never a wait), then the most
     free slots. A worker in `avoid` (by worker id) only when no other can."""
     spec = job.spec
-    weights = affinity_weights(spec)
     simple = not spec.worker_labels and not spec.affinity
+    weights = None if simple else affinity_weights(spec)
     wanted = set(spec.affinity_keys)
     best: WorkerSession | None = None
-    best_score: tuple[bool, float, int] = (False, -math.inf, -1)
+    best_rank: tuple[bool, float, int] = (False, -math.inf, -1)
     best_detail: Score | None = None
     candidates = 0
     for s in free:
-        if slots[s.session_id] <= 0 or spec.service not in s.services or s.closed:
+        free_slots = slots[s.session_id]
+        if free_slots <= 0 or spec.service not in s.services or s.closed:
             continue
         if s.tenants is not None and job.tenant not in s.tenants:
             continue
         detail: Score | None = None
-        if simple:
-            value = float(len(wanted & s.affinity_keys))
+        if weights is None:
+            value = float(len(wanted & s.affinity_keys)) if wanted else 0.0
         else:
             detail = score(spec, s.labels, s.affinity_keys, weights)
             if detail is None:
                 continue  # a required label does not hold
             value = detail.score
         candidates += 1
-        rank = (s.worker_id not in avoid, value, slots[s.session_id])
-        if rank > best_score:
-            best, best_score, best_detail = s, rank, detail
+        rank = (not avoid or s.worker_id not in avoid, value, free_slots)
+        if rank > best_rank:
+            best, best_rank, best_detail = s, rank, detail
     if best is None:
         return None
     if best_detail is None:
-        keys = tuple(k for k in spec.affinity_keys if k in best.affinity_keys)
+        keys = tuple(k for k in spec.affinity_keys if k in best.affinity_keys) if wanted else ()
         best_detail = Score(float(len(keys)), (), keys)
     return Picked(best, best_detail, candidates)
