@@ -99,9 +99,9 @@ def test_pick_worker_prefers_affinity_over_free_slots() -> None:
     )
     wanted = job(spec=JobSpec(service="svc", affinity_keys=("k",)))
     slots = {roomy.session_id: 8, warm.session_id: 1}
-    assert pick_worker(wanted, [roomy, warm], slots) is warm
+    assert (picked := pick_worker(wanted, [roomy, warm], slots)) and picked.session is warm
     # Without affinity in common, the worker with the most free slots wins.
-    assert pick_worker(job(), [warm, roomy], slots) is roomy
+    assert (picked := pick_worker(job(), [warm, roomy], slots)) and picked.session is roomy
 
 
 def test_pick_worker_skips_workers_that_cannot_take_the_job() -> None:
@@ -114,7 +114,8 @@ def test_pick_worker_skips_workers_that_cannot_take_the_job() -> None:
     assert pick_worker(job(), [other_service, other_tenant, full, closed], slots) is None
     able = session("e")
     slots[able.session_id] = 1
-    assert pick_worker(job(), [other_service, other_tenant, full, closed, able], slots) is able
+    picked = pick_worker(job(), [other_service, other_tenant, full, closed, able], slots)
+    assert picked is not None and picked.session is able and picked.candidates == 1
 
 
 def test_check_hello_lists_every_violation() -> None:
@@ -135,3 +136,58 @@ def test_check_hello_lists_every_violation() -> None:
         "hello.max_concurrency",
         "hello.running[0].attempt",
     }
+
+
+def test_label_requirements_hold_as_documented() -> None:
+    from jobtrace.domain.dispatch.matching import holds, label_number
+    from jobtrace.model import Comparator as C
+    from jobtrace.model import LabelRequirement as R
+
+    labels = {"gpu": "a100", "vram_gb": " 40 ", "big": "1e3", "odd": "nan", "word": "lots"}
+    assert holds(R("gpu", "a100"), labels) and not holds(R("gpu", "A100"), labels)
+    assert holds(R("gpu", "t4", C.NOT_EQUAL), labels)
+    assert holds(R("missing", "x", C.NOT_EQUAL), labels)  # != holds when the label is missing
+    assert not holds(R("missing", "x"), labels)
+    assert not holds(R("missing", 1.0, C.LESS), labels)
+    assert holds(R("vram_gb", 40.0, C.AT_LEAST), labels)
+    assert holds(R("vram_gb", 40.0), labels)  # a number value compares numerically
+    assert not holds(R("vram_gb", 40.0, C.GREATER), labels)
+    assert holds(R("vram_gb", 41.0, C.LESS), labels) and holds(
+        R("vram_gb", 40.0, C.AT_MOST), labels
+    )
+    assert holds(R("big", 999.0, C.GREATER), labels)
+    # A label that is not a number fails every numeric comparison but !=.
+    for key in ("odd", "word"):
+        assert label_number(labels[key]) is None
+        assert not holds(R(key, 0.0, C.AT_LEAST), labels)
+        assert not holds(R(key, 0.0, C.LESS), labels)
+        assert holds(R(key, 0.0, C.NOT_EQUAL), labels)
+    assert label_number("1_000") is None and label_number("inf") is None
+
+
+def test_pick_worker_scores_preferences_and_weighted_affinity() -> None:
+    from jobtrace.model import LabelRequirement as R
+
+    eu = session("eu", slots=1)
+    eu.labels = {"zone": "eu"}
+    warm = session("warm", slots=4, affinity_keys=frozenset({"m"}))
+    spec = JobSpec(
+        service="svc",
+        worker_labels=(R("zone", "eu", weight=3.0),),
+        affinity=(("m", 2.0),),
+    )
+    slots = {eu.session_id: 1, warm.session_id: 4}
+    picked = pick_worker(job(spec=spec), [warm, eu], slots)
+    assert picked is not None and picked.session is eu
+    assert picked.record() == {
+        "worker": eu.worker_id,
+        "score": 3,
+        "matched_labels": ["zone=eu"],
+        "matched_keys": [],
+        "candidates": 2,
+    }
+    # A worker to avoid (a retry's last worker) is taken only when no other can.
+    picked = pick_worker(job(spec=spec), [warm, eu], slots, avoid=frozenset({eu.worker_id}))
+    assert picked is not None and picked.session is warm
+    picked = pick_worker(job(spec=spec), [eu], slots, avoid=frozenset({eu.worker_id}))
+    assert picked is not None and picked.session is eu

@@ -63,6 +63,54 @@ class Backoff:
         return int(min(delay, self.maximum_ms))
 
 
+class Comparator(enum.IntEnum):
+    """How a worker's label is compared with a LabelRequirement's value.
+    Mirrors jobtrace.v1.Comparator by number; UNSPECIFIED is stored as EQUAL."""
+
+    UNSPECIFIED = 0
+    EQUAL = 1
+    NOT_EQUAL = 2
+    GREATER = 3
+    AT_LEAST = 4
+    LESS = 5
+    AT_MOST = 6
+
+    @property
+    def numeric(self) -> bool:
+        """Orders numbers: the value must be a number."""
+        return self in (
+            Comparator.GREATER,
+            Comparator.AT_LEAST,
+            Comparator.LESS,
+            Comparator.AT_MOST,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LabelRequirement:
+    """A label a job wants of its worker: required (every one must hold) or a
+    preference whose weight adds to the score of a worker where it holds.
+    `value` is a string or a number; None only before validation (neither)."""
+
+    key: str
+    value: str | float | None
+    comparator: Comparator = Comparator.EQUAL
+    required: bool = False
+    weight: float = 0.0
+
+
+class WaitingReason(enum.IntEnum):
+    """Why a job is not running yet; mirrors jobtrace.v1.WaitingReason."""
+
+    UNSPECIFIED = 0
+    NO_WORKER_FOR_SERVICE = 1
+    NO_WORKER_MEETS_LABELS = 2
+    ALL_BUSY = 3
+    NOT_BEFORE = 4
+    DEPENDENCIES = 5
+    PAUSED = 6
+
+
 @dataclass(frozen=True, slots=True)
 class JobSpec:
     service: str
@@ -74,6 +122,10 @@ class JobSpec:
     affinity_keys: tuple[str, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)
     backoff: Backoff = field(default_factory=Backoff)
+    # Desired worker labels (required ones and weighted preferences).
+    worker_labels: tuple[LabelRequirement, ...] = ()
+    # Weighted affinity keys: (key, weight) pairs over a worker's cached keys.
+    affinity: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

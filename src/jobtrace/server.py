@@ -166,7 +166,9 @@ class JobtraceServer:
         )
         pages = PageBytes(s.max_message_bytes)
         add_service(
-            server, service_descriptor("JobService"), JobServicer(jobs, auth, streams, pages=pages)
+            server,
+            service_descriptor("JobService"),
+            JobServicer(jobs, auth, streams, pages=pages, waiting=self.scheduler.waiting_reason),
         )
         add_service(
             server,

@@ -72,6 +72,90 @@ RUN_STATE_PENDING: RunState.ValueType  # 8
 """A workflow step waiting for the steps it depends on; not yet eligible."""
 Global___RunState: _TypeAlias = RunState  # noqa: Y015
 
+class _Comparator:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ComparatorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Comparator.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COMPARATOR_UNSPECIFIED: _Comparator.ValueType  # 0
+    """Compares as COMPARATOR_EQUAL (and is returned as such)."""
+    COMPARATOR_EQUAL: _Comparator.ValueType  # 1
+    """The label equals the value (as a number when the value is a number)."""
+    COMPARATOR_NOT_EQUAL: _Comparator.ValueType  # 2
+    """The label is missing or differs from the value."""
+    COMPARATOR_GREATER: _Comparator.ValueType  # 3
+    """The label, read as a number, is greater than the value (a number)."""
+    COMPARATOR_AT_LEAST: _Comparator.ValueType  # 4
+    """The label, read as a number, is at least the value (a number)."""
+    COMPARATOR_LESS: _Comparator.ValueType  # 5
+    """The label, read as a number, is less than the value (a number)."""
+    COMPARATOR_AT_MOST: _Comparator.ValueType  # 6
+    """The label, read as a number, is at most the value (a number)."""
+
+class Comparator(_Comparator, metaclass=_ComparatorEnumTypeWrapper):
+    """How a worker's label is compared with a LabelRequirement's value."""
+
+COMPARATOR_UNSPECIFIED: Comparator.ValueType  # 0
+"""Compares as COMPARATOR_EQUAL (and is returned as such)."""
+COMPARATOR_EQUAL: Comparator.ValueType  # 1
+"""The label equals the value (as a number when the value is a number)."""
+COMPARATOR_NOT_EQUAL: Comparator.ValueType  # 2
+"""The label is missing or differs from the value."""
+COMPARATOR_GREATER: Comparator.ValueType  # 3
+"""The label, read as a number, is greater than the value (a number)."""
+COMPARATOR_AT_LEAST: Comparator.ValueType  # 4
+"""The label, read as a number, is at least the value (a number)."""
+COMPARATOR_LESS: Comparator.ValueType  # 5
+"""The label, read as a number, is less than the value (a number)."""
+COMPARATOR_AT_MOST: Comparator.ValueType  # 6
+"""The label, read as a number, is at most the value (a number)."""
+Global___Comparator: _TypeAlias = Comparator  # noqa: Y015
+
+class _WaitingReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WaitingReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WaitingReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WAITING_REASON_UNSPECIFIED: _WaitingReason.ValueType  # 0
+    """Not waiting for anything known: it is not QUEUED or PENDING, or it is
+    about to be dispatched (a worker that can take it has a free slot).
+    """
+    WAITING_REASON_NO_WORKER_FOR_SERVICE: _WaitingReason.ValueType  # 1
+    """No connected worker runs its service (for its tenant)."""
+    WAITING_REASON_NO_WORKER_MEETS_LABELS: _WaitingReason.ValueType  # 2
+    """Workers run its service but none meets its required worker_labels."""
+    WAITING_REASON_ALL_BUSY: _WaitingReason.ValueType  # 3
+    """Every worker that can take it has no free slot."""
+    WAITING_REASON_NOT_BEFORE: _WaitingReason.ValueType  # 4
+    """Its not_before time (or a retry's backoff) has not come yet."""
+    WAITING_REASON_DEPENDENCIES: _WaitingReason.ValueType  # 5
+    """A workflow step (PENDING) waiting for the steps it depends on."""
+    WAITING_REASON_PAUSED: _WaitingReason.ValueType  # 6
+    """Reserved for paused queues; not set yet."""
+
+class WaitingReason(_WaitingReason, metaclass=_WaitingReasonEnumTypeWrapper):
+    """Why a job is not running yet (see Job.waiting_reason)."""
+
+WAITING_REASON_UNSPECIFIED: WaitingReason.ValueType  # 0
+"""Not waiting for anything known: it is not QUEUED or PENDING, or it is
+about to be dispatched (a worker that can take it has a free slot).
+"""
+WAITING_REASON_NO_WORKER_FOR_SERVICE: WaitingReason.ValueType  # 1
+"""No connected worker runs its service (for its tenant)."""
+WAITING_REASON_NO_WORKER_MEETS_LABELS: WaitingReason.ValueType  # 2
+"""Workers run its service but none meets its required worker_labels."""
+WAITING_REASON_ALL_BUSY: WaitingReason.ValueType  # 3
+"""Every worker that can take it has no free slot."""
+WAITING_REASON_NOT_BEFORE: WaitingReason.ValueType  # 4
+"""Its not_before time (or a retry's backoff) has not come yet."""
+WAITING_REASON_DEPENDENCIES: WaitingReason.ValueType  # 5
+"""A workflow step (PENDING) waiting for the steps it depends on."""
+WAITING_REASON_PAUSED: WaitingReason.ValueType  # 6
+"""Reserved for paused queues; not set yet."""
+Global___WaitingReason: _TypeAlias = WaitingReason  # noqa: Y015
+
 class _ActorKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -290,6 +374,8 @@ class JobSpec(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     BACKOFF_FIELD_NUMBER: _builtins.int
     PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
+    WORKER_LABELS_FIELD_NUMBER: _builtins.int
+    AFFINITY_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """Required. Immutable. The capability a worker must advertise to run this
     job (for example "resize"); 1-128 characters of [A-Za-z0-9._:/-].
@@ -341,6 +427,23 @@ class JobSpec(_message.Message):
     def backoff(self) -> Global___BackoffPolicy:
         """Optional. Delay between attempts; unset means 1 s doubling up to 5 min."""
 
+    @_builtins.property
+    def worker_labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelRequirement]:
+        """Optional. Labels wanted of the worker (as it describes itself now: hello
+        labels, as replaced by its heartbeats); at most 16. Every required one
+        must hold for a worker to take the job; the job waits (QUEUED) while no
+        connected worker meets them. Each other one that holds adds its weight to
+        the worker's score.
+        """
+
+    @_builtins.property
+    def affinity(self) -> _containers.RepeatedCompositeFieldContainer[Global___AffinityWeight]:
+        """Optional. Weighted affinity: cache keys and how much a worker holding
+        each is preferred (its weight adds to the worker's score, beside
+        worker_labels; a key of affinity_keys weighs 1). At most 32 distinct
+        keys of at most 256 characters.
+        """
+
     def __init__(
         self,
         *,
@@ -354,14 +457,90 @@ class JobSpec(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         backoff: Global___BackoffPolicy | None = ...,
         payload_json: _builtins.bytes = ...,
+        worker_labels: _abc.Iterable[Global___LabelRequirement] | None = ...,
+        affinity: _abc.Iterable[Global___AffinityWeight] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backoff", b"backoff", "not_before", b"not_before", "payload", b"payload", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_keys", b"affinity_keys", "backoff", b"backoff", "labels", b"labels", "max_attempts", b"max_attempts", "not_before", b"not_before", "payload", b"payload", "payload_json", b"payload_json", "priority", b"priority", "service", b"service", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity", b"affinity", "affinity_keys", b"affinity_keys", "backoff", b"backoff", "labels", b"labels", "max_attempts", b"max_attempts", "not_before", b"not_before", "payload", b"payload", "payload_json", b"payload_json", "priority", b"priority", "service", b"service", "timeout", b"timeout", "worker_labels", b"worker_labels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class LabelRequirement(_message.Message):
+    """A label wanted of the worker that runs a job, e.g. gpu = "a100" or
+    vram_gb >= 40. A label that is not a number (e.g. "lots") fails every
+    comparison with a number value but NOT_EQUAL.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    COMPARATOR_FIELD_NUMBER: _builtins.int
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Required. The worker label's key; 1-128 printable characters."""
+    comparator: Global___Comparator.ValueType
+    """Optional. How the label is compared; unset means equal."""
+    required: _builtins.bool
+    """Optional. Must hold for a worker to take the job; otherwise a preference."""
+    weight: _builtins.float
+    """Optional. A preference's weight in the worker's score: finite, -1000 to
+    1000; 0 (unset) means 1. Not used for a required one.
+    """
+    @_builtins.property
+    def value(self) -> _struct_pb2.Value:
+        """Required. A string (at most 256 characters; compared as it is) or a
+        finite number (the worker's label is read as a number). The ordering
+        comparators need a number.
+        """
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: _struct_pb2.Value | None = ...,
+        comparator: Global___Comparator.ValueType = ...,
+        required: _builtins.bool = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comparator", b"comparator", "key", b"key", "required", b"required", "value", b"value", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelRequirement: _TypeAlias = LabelRequirement  # noqa: Y015
+
+@_typing.final
+class AffinityWeight(_message.Message):
+    """An affinity key and how much a worker that has it cached is preferred."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Required. The cache key; 1-256 characters."""
+    weight: _builtins.float
+    """Optional. Finite, -1000 to 1000; 0 (unset) means 1."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AffinityWeight: _TypeAlias = AffinityWeight  # noqa: Y015
 
 @_typing.final
 class BackoffPolicy(_message.Message):
@@ -691,6 +870,7 @@ class Job(_message.Message):
     FIRST_STARTED_AT_FIELD_NUMBER: _builtins.int
     SUBMITTED_BY_FIELD_NUMBER: _builtins.int
     RESULT_JSON_FIELD_NUMBER: _builtins.int
+    WAITING_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The job's id."""
     workflow_id: _builtins.str
@@ -721,6 +901,12 @@ class Job(_message.Message):
     stay integers (a result reported as a Struct has its integral numbers
     stored as integers). Set instead of result when the call carries the
     metadata `jobtrace-json: exact` (see JobSpec.payload_json).
+    """
+    waiting_reason: Global___WaitingReason.ValueType
+    """Output only. Why a QUEUED (or PENDING) job is not running yet, as the
+    replica answering sees its connected workers at the time of the call
+    (unset for any other state). Set by GetJob and SubmitJob; unset in
+    listings.
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
@@ -797,10 +983,11 @@ class Job(_message.Message):
         first_started_at: _timestamp_pb2.Timestamp | None = ...,
         submitted_by: _builtins.str = ...,
         result_json: _builtins.bytes = ...,
+        waiting_reason: Global___WaitingReason.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "id", b"id", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "request_id", b"request_id", "result", b"result", "result_json", b"result_json", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step_name", b"step_name", "submitted_by", b"submitted_by", "tenant", b"tenant", "traceparent", b"traceparent", "updated_at", b"updated_at", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "id", b"id", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "request_id", b"request_id", "result", b"result", "result_json", b"result_json", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step_name", b"step_name", "submitted_by", b"submitted_by", "tenant", b"tenant", "traceparent", b"traceparent", "updated_at", b"updated_at", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -211,6 +211,7 @@ class WorkerHeartbeat(_message.Message):
     RUNNING_FIELD_NUMBER: _builtins.int
     AFFINITY_KEYS_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     draining: _builtins.bool
     """Optional. The worker is shutting down: send it no new assignments; the jobs
     it holds keep their leases while it finishes them.
@@ -229,20 +230,74 @@ class WorkerHeartbeat(_message.Message):
         nothing.
         """
 
+    @_builtins.property
+    def labels(self) -> Global___WorkerLabels:
+        """Optional. When set, the worker's labels are now exactly these (a model
+        loaded, memory freed): placement uses them from this heartbeat on, and
+        jobs that wait for such labels are dispatched. Unset: unchanged. Same
+        bounds as WorkerHello.labels; a heartbeat refused for its labels renews
+        nothing.
+        """
+
     def __init__(
         self,
         *,
         running: _abc.Iterable[Global___JobAttempt] | None = ...,
         affinity_keys: _abc.Iterable[_builtins.str] | None = ...,
         draining: _builtins.bool = ...,
+        labels: Global___WorkerLabels | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_keys", b"affinity_keys", "draining", b"draining", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_keys", b"affinity_keys", "draining", b"draining", "labels", b"labels", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerHeartbeat: _TypeAlias = WorkerHeartbeat  # noqa: Y015
+
+@_typing.final
+class WorkerLabels(_message.Message):
+    """A worker's labels, all of them (see WorkerHeartbeat.labels)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    LABELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Optional. At most 64, keys 1-128 characters, values at most 256 characters."""
+
+    def __init__(
+        self,
+        *,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerLabels: _TypeAlias = WorkerLabels  # noqa: Y015
 
 @_typing.final
 class ProgressReport(_message.Message):

@@ -29,6 +29,7 @@ from jobtrace.model import (
     ForEach,
     Job,
     JobSpec,
+    LabelRequirement,
     StepResults,
     Workflow,
 )
@@ -183,8 +184,43 @@ def spec_from_proto(p: common_pb2.JobSpec, field: str = "job") -> tuple[JobSpec,
         affinity_keys=tuple(p.affinity_keys),
         labels=dict(p.labels),
         backoff=backoff,
+        worker_labels=tuple(_requirement_from_proto(r) for r in p.worker_labels),
+        affinity=tuple((a.key, a.weight) for a in p.affinity),
     )
     return spec, payload_bytes
+
+
+def _requirement_from_proto(r: common_pb2.LabelRequirement) -> LabelRequirement:
+    """A requirement as sent; a value that is neither a string nor a number is
+    None, refused by validation."""
+    kind = r.value.WhichOneof("kind")
+    value: str | float | None = None
+    if kind == "string_value":
+        value = r.value.string_value
+    elif kind == "number_value":
+        value = r.value.number_value
+    return LabelRequirement(
+        key=r.key,
+        value=value,
+        comparator=r.comparator,  # type: ignore[arg-type]  # checked by validation
+        required=r.required,
+        weight=r.weight,
+    )
+
+
+def _requirement_to_proto(r: LabelRequirement) -> common_pb2.LabelRequirement:
+    value = (
+        struct_pb2.Value(string_value=r.value)
+        if isinstance(r.value, str)
+        else struct_pb2.Value(number_value=r.value or 0.0)
+    )
+    return common_pb2.LabelRequirement(
+        key=r.key,
+        value=value,
+        comparator=int(r.comparator),  # type: ignore[arg-type]
+        required=r.required,
+        weight=r.weight,
+    )
 
 
 def annotation_input_from_proto(p: common_pb2.AnnotationInput) -> SizedAnnotation:
@@ -302,6 +338,8 @@ def spec_to_proto(spec: JobSpec, *, full: bool = True, exact: bool = False) -> c
         not_before=us_to_ts(spec.not_before_us),
         affinity_keys=list(spec.affinity_keys),
         labels=spec.labels,
+        worker_labels=[_requirement_to_proto(r) for r in spec.worker_labels],
+        affinity=[common_pb2.AffinityWeight(key=k, weight=w) for k, w in spec.affinity],
         backoff=common_pb2.BackoffPolicy(
             initial_interval=ms_to_duration(spec.backoff.initial_ms),
             multiplier=spec.backoff.multiplier,
@@ -322,7 +360,9 @@ def failure_to_proto(f: Failure | None, *, full: bool = True) -> common_pb2.Fail
     )
 
 
-def job_to_proto(job: Job, *, full: bool = True, exact: bool = False) -> common_pb2.Job:
+def job_to_proto(
+    job: Job, *, full: bool = True, exact: bool = False, waiting_reason: int = 0
+) -> common_pb2.Job:
     """The job; without `full` (a BASIC listing), without spec.payload,
     result and failure.details; with `exact`, payload and result as exact
     JSON (payload_json, result_json) instead of Structs."""
@@ -350,6 +390,7 @@ def job_to_proto(job: Job, *, full: bool = True, exact: bool = False) -> common_
         traceparent=job.traceparent,
         first_started_at=us_to_ts(job.first_started_us),
         submitted_by=job.submitted_by,
+        waiting_reason=waiting_reason,  # type: ignore[arg-type]
     )
 
 

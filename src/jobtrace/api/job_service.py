@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -13,7 +13,7 @@ from jobtrace.api.errors import rpc
 from jobtrace.api.limits import PageBytes, StreamLimiter
 from jobtrace.auth import Authenticator, Role
 from jobtrace.domain.jobs import Jobs
-from jobtrace.model import Caller
+from jobtrace.model import Caller, Job, WaitingReason
 from jobtrace.pb import job_service_pb2 as pb
 from jobtrace.pb import job_service_pb2_grpc as pb_grpc
 
@@ -30,9 +30,17 @@ def traceparent(context: Any) -> str:
 
 class JobServicer(pb_grpc.JobServiceServicer):
     def __init__(
-        self, jobs: Jobs, auth: Authenticator, streams: StreamLimiter, *, pages: PageBytes
+        self,
+        jobs: Jobs,
+        auth: Authenticator,
+        streams: StreamLimiter,
+        *,
+        pages: PageBytes,
+        waiting: Callable[[Job], WaitingReason] | None = None,
     ) -> None:
         self._jobs = jobs
+        # Why a job waits, as this replica sees its workers (GetJob).
+        self._waiting = waiting
         self._auth = auth
         self._streams = streams
         self._pages = pages
@@ -45,7 +53,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
             principal.tenant, submission, Caller(principal.subject, principal.may(Role.REVIEWER))
         )
         return pb.SubmitJobResponse(
-            job=convert.job_to_proto(job, exact=convert.wants_exact_json(context)),
+            job=convert.job_to_proto(
+                job, exact=convert.wants_exact_json(context), waiting_reason=self._reason(job)
+            ),
             deduplicated=deduplicated,
         )
 
@@ -68,8 +78,14 @@ class JobServicer(pb_grpc.JobServiceServicer):
         principal = self._auth.require(context, Role.READER)
         job = await self._jobs.get_job(principal.read_scope, request.job_id)
         return pb.GetJobResponse(
-            job=convert.job_to_proto(job, exact=convert.wants_exact_json(context))
+            job=convert.job_to_proto(
+                job, exact=convert.wants_exact_json(context), waiting_reason=self._reason(job)
+            )
         )
+
+    def _reason(self, job: Job) -> int:
+        """Why the job waits, as this replica sees its workers now."""
+        return int(self._waiting(job)) if self._waiting is not None else 0
 
     @rpc
     async def GetWorkflow(

@@ -245,8 +245,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         if kind == "heartbeat":
             hb = m.heartbeat
             running = tuple((r.job_id, r.attempt) for r in hb.running)
+            labels = dict(hb.labels.labels) if hb.HasField("labels") else None
             return await s.heartbeat(
-                session, m.message_id, tuple(hb.affinity_keys), hb.draining, running
+                session, m.message_id, tuple(hb.affinity_keys), hb.draining, running, labels
             )
         if kind == "progress":
             p = m.progress

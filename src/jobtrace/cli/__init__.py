@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--service", action="append", help="service to serve (default demo)")
     worker.add_argument("--concurrency", type=int, default=4, help="jobs at once (default 4)")
     worker.add_argument("--affinity", action="append", help="cached affinity key (repeatable)")
+    worker.add_argument(
+        "--label", action="append", help="KEY=VALUE label jobs may require (repeatable)"
+    )
     worker.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
     worker.add_argument("--log-format", choices=["json", "text"], default="text")
     worker.set_defaults(func=server_commands.worker)

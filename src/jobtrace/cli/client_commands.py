@@ -17,7 +17,7 @@ from jobtrace import conventions
 from jobtrace.cli import render, trace_search
 from jobtrace.cli.render import Style, as_json, print_json, state_name, when
 from jobtrace.client import Client, Endpoint
-from jobtrace.client.api import Page, job_payload, job_result
+from jobtrace.client.api import Page, job_payload, job_result, parse_requirement
 from jobtrace.client.workflow_file import SCHEMA, load_workflow
 from jobtrace.ids import run_kind
 from jobtrace.pb import attestation_service_pb2, common_pb2
@@ -100,6 +100,39 @@ def write_file(path: str, text: str) -> None:
     Path(path).write_text(text)
 
 
+def _weight_suffix(item: str) -> tuple[str, float | None]:
+    """ "text:3.5" -> ("text", 3.5); no number after the last colon -> (item, None)."""
+    head, sep, tail = item.rpartition(":")
+    if sep:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return item, None
+
+
+def parse_placement(
+    required: list[str] | None, preferred: list[str] | None
+) -> list[common_pb2.LabelRequirement]:
+    """--require EXPR and --prefer EXPR[:WEIGHT] as label requirements."""
+    out = [parse_requirement(item) for item in required or []]
+    for item in preferred or []:
+        expr, weight = _weight_suffix(item)
+        out.append(parse_requirement(expr, required=False, weight=weight or 0.0))
+    return out
+
+
+def parse_weights(items: list[str] | None) -> dict[str, float]:
+    """--affinity-weight KEY:WEIGHT (the last colon splits)."""
+    weights: dict[str, float] = {}
+    for item in items or []:
+        key, weight = _weight_suffix(item)
+        if weight is None or not key:
+            raise ValueError(f"--affinity-weight wants KEY:WEIGHT, e.g. my-model:10 (got {item!r})")
+        weights[key] = weight
+    return weights
+
+
 def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
     pairs = {}
     for item in items or []:
@@ -150,6 +183,8 @@ async def submit(args: argparse.Namespace, client: Client) -> int:
             affinity_keys=args.affinity or (),
             labels=parse_pairs(args.label, "--label"),
             request_context=context,
+            worker_labels=parse_placement(args.require, args.prefer),
+            affinity=parse_weights(args.affinity_weight),
         )
         print(f"submitted job for {job.spec.service!r}: {state_name(job.state)}", file=sys.stderr)
         if args.json:
@@ -237,6 +272,11 @@ def describe_job(job: common_pb2.Job, s: Style) -> None:
         ("id", job.id),
         ("service", job.spec.service),
         ("state", s.state(job.state)),
+    ]
+    if job.waiting_reason:
+        reason = common_pb2.WaitingReason.Name(job.waiting_reason)
+        rows.append(("waiting", reason.removeprefix("WAITING_REASON_").lower().replace("_", " ")))
+    rows += [
         ("attempt", str(job.attempt)),
         ("progress", f"{job.progress.percent:.0f}% {job.progress.message}".rstrip()),
         ("workflow", f"{job.workflow_id} step {job.step_name}" if job.workflow_id else "-"),
@@ -252,8 +292,23 @@ def describe_job(job: common_pb2.Job, s: Style) -> None:
     if job.HasField("failure"):
         f = job.failure
         rows.append(("failure", f"{f.code or '-'}: {f.reason} (retryable: {f.retryable})"))
+    if job.spec.worker_labels:
+        rows.append(("requires", ", ".join(_requirement_text(r) for r in job.spec.worker_labels)))
+    if job.spec.affinity:
+        rows.append(("affinity", ", ".join(f"{a.key}:{a.weight:g}" for a in job.spec.affinity)))
     for key, value in rows:
         print(f"{key:>10}  {value}")
+
+
+_OPS = {0: "=", 1: "=", 2: "!=", 3: ">", 4: ">=", 5: "<", 6: "<="}
+
+
+def _requirement_text(r: common_pb2.LabelRequirement) -> str:
+    """ "gpu=a100", "vram_gb>=40", "zone=eu (prefer 5)"."""
+    kind = r.value.WhichOneof("kind")
+    value = r.value.string_value if kind == "string_value" else f"{r.value.number_value:g}"
+    text = f"{r.key}{_OPS.get(r.comparator, '?')}{value}"
+    return text if r.required else f"{text} (prefer {r.weight:g})"
 
 
 def _has_payload(job: common_pb2.Job) -> bool:
@@ -725,6 +780,26 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
     p.add_argument("--not-before", help="earliest start: ISO 8601 time")
     p.add_argument("--affinity", action="append", help="affinity key (repeatable)")
     p.add_argument("--label", action="append", help="KEY=VALUE label (repeatable)")
+    p.add_argument(
+        "--require",
+        action="append",
+        metavar="EXPR",
+        help="worker label the job requires: gpu=a100, zone!=eu, vram_gb>=40 (> >= < <= take"
+        " a number; repeatable)",
+    )
+    p.add_argument(
+        "--prefer",
+        action="append",
+        metavar="EXPR[:WEIGHT]",
+        help="worker label preferred, adding WEIGHT (default 1) to a worker's score:"
+        " zone=eu:5 (repeatable)",
+    )
+    p.add_argument(
+        "--affinity-weight",
+        action="append",
+        metavar="KEY:WEIGHT",
+        help="cached affinity key and its weight in a worker's score: my-model:10 (repeatable)",
+    )
     p.add_argument("--user", help="user id recorded in the request context")
     p.add_argument("--watch", action="store_true", help="then watch it until it ends")
     p.add_argument("--plain", action="store_true", help="with --watch: one line per change")

@@ -108,7 +108,7 @@ def worker(args: argparse.Namespace) -> int:
         )
         return 2
     from jobtrace import logs
-    from jobtrace.cli.client_commands import endpoint_of
+    from jobtrace.cli.client_commands import endpoint_of, parse_pairs
 
     logs.configure(args.log_level, args.log_format)
 
@@ -117,6 +117,7 @@ def worker(args: argparse.Namespace) -> int:
         worker_id=args.worker_id,
         max_concurrency=args.concurrency,
         affinity_keys=tuple(args.affinity or ()),
+        labels=parse_pairs(args.label, "--label"),
     )
 
     async def demo(job: JobContext) -> dict[str, object]:

@@ -8,6 +8,8 @@ from jobtrace.client.api import (
     job_payload,
     job_result,
     job_spec,
+    label_requirement,
+    parse_requirement,
     workflow_outputs,
 )
 from jobtrace.client.channel import Endpoint, InsecureTokenWarning
@@ -64,6 +66,8 @@ __all__ = [
     "job_payload",
     "job_result",
     "job_spec",
+    "label_requirement",
+    "parse_requirement",
     "verify_offline",
     "workflow_outputs",
 ]

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import random
+import re
 import uuid
 from collections.abc import (
     AsyncGenerator,
@@ -24,6 +25,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -56,6 +58,9 @@ AWAIT_GRACE_S = 10.0
 
 Seconds = float | timedelta
 When = datetime | timestamp_pb2.Timestamp
+
+# No weighted affinity (an immutable default).
+NO_AFFINITY: Mapping[str, float] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,9 +255,13 @@ class Client:
         request_context: common_pb2.RequestContext | Mapping[str, Any] | None = None,
         annotations: Sequence[common_pb2.AnnotationInput | Mapping[str, Any]] = (),
         traceparent: str | None = None,
+        worker_labels: Sequence[common_pb2.LabelRequirement | str] = (),
+        affinity: Mapping[str, float] = NO_AFFINITY,
     ) -> common_pb2.Job:
         """Submit one job. Idempotent by `request_id` (a random one when not given),
-        so a retried submit returns the same job."""
+        so a retried submit returns the same job. `worker_labels` are
+        requirements (see `label_requirement`; a string such as "gpu=a100" or
+        "vram_gb>=40" is a required one), `affinity` cache keys by weight."""
         spec = job_spec(
             service,
             payload,
@@ -263,6 +272,8 @@ class Client:
             affinity_keys=affinity_keys,
             labels=labels,
             backoff=backoff,
+            worker_labels=worker_labels,
+            affinity=affinity,
         )
         inputs = Inputs()
         request = job_service_pb2.SubmitJobRequest(
@@ -903,10 +914,16 @@ def job_spec(
     affinity_keys: Sequence[str] = (),
     labels: Mapping[str, str] | None = None,
     backoff: common_pb2.BackoffPolicy | None = None,
+    worker_labels: Sequence[common_pb2.LabelRequirement | str] = (),
+    affinity: Mapping[str, float] = NO_AFFINITY,
 ) -> common_pb2.JobSpec:
     """A JobSpec from plain Python values; the payload travels as exact JSON
-    (payload_json), so integers stay integers."""
+    (payload_json), so integers stay integers. `worker_labels`: requirements
+    (`label_requirement`), a string being a required one ("gpu=a100",
+    "vram_gb>=40"); `affinity`: cache keys by weight."""
     return common_pb2.JobSpec(
+        worker_labels=[parse_requirement(r) if isinstance(r, str) else r for r in worker_labels],
+        affinity=[common_pb2.AffinityWeight(key=k, weight=w) for k, w in affinity.items()],
         service=service,
         payload_json=_exact(payload),
         priority=priority,
@@ -917,6 +934,63 @@ def job_spec(
         labels=dict(labels or {}),
         backoff=backoff,
     )
+
+
+_COMPARATORS = {
+    "=": common_pb2.COMPARATOR_EQUAL,
+    "==": common_pb2.COMPARATOR_EQUAL,
+    "!=": common_pb2.COMPARATOR_NOT_EQUAL,
+    ">": common_pb2.COMPARATOR_GREATER,
+    ">=": common_pb2.COMPARATOR_AT_LEAST,
+    "<": common_pb2.COMPARATOR_LESS,
+    "<=": common_pb2.COMPARATOR_AT_MOST,
+}
+_REQUIREMENT_RE = re.compile(r"(?s)(.+?)(==|!=|>=|<=|=|>|<)(.*)")
+
+
+def label_requirement(
+    key: str,
+    value: str | float,
+    comparator: str = "=",
+    *,
+    required: bool = True,
+    weight: float = 0.0,
+) -> common_pb2.LabelRequirement:
+    """A worker label a job requires (`required`) or prefers (adding `weight`,
+    0 meaning 1, to the score of a worker where it holds). `comparator` is
+    one of = != > >= < <= (the ordering ones need a number `value`)."""
+    if comparator not in _COMPARATORS:
+        raise ValueError(f"unknown comparator {comparator!r} (one of {' '.join(_COMPARATORS)})")
+    v = (
+        struct_pb2.Value(string_value=value)
+        if isinstance(value, str)
+        else struct_pb2.Value(number_value=float(value))
+    )
+    return common_pb2.LabelRequirement(
+        key=key,
+        value=v,
+        comparator=_COMPARATORS[comparator],
+        required=required,
+        weight=weight,
+    )
+
+
+def parse_requirement(
+    text: str, *, required: bool = True, weight: float = 0.0
+) -> common_pb2.LabelRequirement:
+    """A requirement as written: "gpu=a100", "zone!=eu", "vram_gb>=40". With =
+    and != the value is a string; with > >= < <= it must be a number."""
+    m = _REQUIREMENT_RE.fullmatch(text.strip())
+    if m is None or not m.group(1).strip():
+        raise ValueError(f"not a label requirement: {text!r} (e.g. gpu=a100 or vram_gb>=40)")
+    key, op, raw = m.group(1).strip(), m.group(2), m.group(3).strip()
+    if op in ("=", "==", "!="):
+        return label_requirement(key, raw, op, required=required, weight=weight)
+    try:
+        number = float(raw)
+    except ValueError:
+        raise ValueError(f"{text!r}: {op} compares numbers, {raw!r} is not one") from None
+    return label_requirement(key, number, op, required=required, weight=weight)
 
 
 def run_state(value: int | str | None) -> Any:

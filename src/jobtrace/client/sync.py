@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-from jobtrace.client.api import Client, Page, RetryPolicy, Seconds, TracePage, When
+from jobtrace.client.api import NO_AFFINITY, Client, Page, RetryPolicy, Seconds, TracePage, When
 from jobtrace.client.channel import Endpoint
 from jobtrace.pb import attestation_service_pb2, common_pb2, job_service_pb2, trace_service_pb2
 
@@ -121,6 +121,8 @@ class SyncClient:
         request_context: common_pb2.RequestContext | Mapping[str, Any] | None = None,
         annotations: Sequence[common_pb2.AnnotationInput | Mapping[str, Any]] = (),
         traceparent: str | None = None,
+        worker_labels: Sequence[common_pb2.LabelRequirement | str] = (),
+        affinity: Mapping[str, float] = NO_AFFINITY,
     ) -> common_pb2.Job:
         return self._run(
             self.client.submit_job(
@@ -137,6 +139,8 @@ class SyncClient:
                 request_context=request_context,
                 annotations=annotations,
                 traceparent=traceparent,
+                worker_labels=worker_labels,
+                affinity=affinity,
             )
         )
 

@@ -245,6 +245,9 @@ class Worker:
         self.max_concurrency = max_concurrency
         self.affinity_keys = affinity_keys
         self.labels = labels or {}
+        # set_labels: the next heartbeat (sent at once) carries the new labels.
+        self._labels_changed = False
+        self._beat_now = asyncio.Event()
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         self._reconnect = (reconnect_initial, reconnect_max)
@@ -374,6 +377,8 @@ class Worker:
         channel = self.endpoint.channel(self.target)
         outbox: asyncio.Queue[worker_service_pb2.ConnectRequest] = asyncio.Queue()
         self._outbox = outbox
+        self._labels_changed = False  # the hello carries the labels as they are
+        self._beat_now.clear()
         hello = worker_service_pb2.WorkerHello(
             worker_id=self.worker_id,
             services=list(self._handlers),
@@ -448,10 +453,28 @@ class Worker:
                     heartbeats.cancel()
                 call.cancel()
 
+    def set_labels(self, labels: Mapping[str, str]) -> None:
+        """Describe this worker with these labels from now on (a model loaded,
+        memory freed): a heartbeat carrying them is sent at once when
+        connected (the next hello otherwise), and the server places jobs by
+        them from then on, dispatching those that waited for such labels."""
+        self.labels = dict(labels)
+        self._labels_changed = True
+        self._beat_now.set()
+
     async def _heartbeat(self, interval: float) -> None:
         while True:
-            await asyncio.sleep(interval)
-            beat = worker_service_pb2.WorkerHeartbeat(running=self._held(), draining=self._draining)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._beat_now.wait()
+            self._beat_now.clear()
+            labels = None
+            if self._labels_changed:
+                labels = worker_service_pb2.WorkerLabels(labels=self.labels)
+                self._labels_changed = False
+            beat = worker_service_pb2.WorkerHeartbeat(
+                running=self._held(), draining=self._draining, labels=labels
+            )
             await self._send(worker_service_pb2.ConnectRequest(heartbeat=beat), wait=False)
 
     def _held(self) -> list[worker_service_pb2.JobAttempt]:

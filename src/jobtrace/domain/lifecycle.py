@@ -366,11 +366,14 @@ class Lifecycle:
         holder: str,
         *,
         by: str,
+        placement: JSON | None = None,
     ) -> Job | None:
         """Lease a QUEUED job (as a dispatch read saw it) to a worker session and
         record its start, in one statement where the backend allows: the job
         as claimed, or None with nothing changed if it is no longer QUEUED at
-        that attempt (or another replica is claiming it right now)."""
+        that attempt (or another replica is claiming it right now). The
+        STARTED event's data holds `placement`: why this worker (see
+        dispatch.placement.Picked)."""
         attempt = job.attempt + 1
         event = self._event(
             replace(job, attempt=attempt, worker_id=worker_id),
@@ -383,6 +386,7 @@ class Lifecycle:
             # The attempt's start as the job records it (started_us), so a
             # COMPLETED or FAILED event's duration spans exactly from here.
             ts_us=now,
+            data={"placement": placement} if placement is not None else None,
         )
         update = store.claim_update(
             job.id, job.attempt, worker_id, lease_deadline_us, now, session_id, holder

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 
 from jobtrace.domain.errors import Violations
-from jobtrace.model import Backoff, JobSpec, View
+from jobtrace.model import Backoff, Comparator, JobSpec, LabelRequirement, View
 
 # Applied with fullmatch (a "$" would also accept a trailing newline); each reads
 # at most one character past its bound, so the cost never grows with the input.
@@ -30,6 +31,9 @@ MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 MAX_STEPS = 1000
+MAX_WORKER_LABEL_REQUIREMENTS = 16
+MAX_AFFINITY_WEIGHTS = 32
+MAX_PLACEMENT_WEIGHT = 1000.0
 
 
 def printable(value: str) -> bool:
@@ -113,6 +117,8 @@ def normalize_spec(
         v.add(f"{field}.not_before", "must not be before 1970")
     check_affinity(v, f"{field}.affinity_keys", spec.affinity_keys)
     check_labels(v, f"{field}.labels", spec.labels)
+    worker_labels = normalize_requirements(v, f"{field}.worker_labels", spec.worker_labels)
+    affinity = normalize_affinity(v, f"{field}.affinity", spec.affinity)
     backoff = _normalize_backoff(v, f"{field}.backoff", spec.backoff)
     return JobSpec(
         service=spec.service,
@@ -124,7 +130,78 @@ def normalize_spec(
         affinity_keys=tuple(dict.fromkeys(spec.affinity_keys)),
         labels=dict(spec.labels),
         backoff=backoff,
+        worker_labels=worker_labels,
+        affinity=affinity,
     )
+
+
+def _check_weight(v: Violations, field: str, weight: float) -> float:
+    """A placement weight: finite, within +-MAX_PLACEMENT_WEIGHT; 0 (unset) means 1."""
+    if not math.isfinite(weight) or abs(weight) > MAX_PLACEMENT_WEIGHT:
+        v.add(field, f"must be a finite number between -1000 and 1000 (got {weight})")
+    return weight or 1.0
+
+
+def normalize_requirements(
+    v: Violations, field: str, reqs: Sequence[LabelRequirement]
+) -> tuple[LabelRequirement, ...]:
+    """Desired worker labels: keys as a worker's label keys (1-128 printable
+    characters), a string value (at most 256 characters) or a finite number
+    (required by the ordering comparators); UNSPECIFIED compares as EQUAL; a
+    preference's weight 0 means 1 (a required one's weight is not used)."""
+    if len(reqs) > MAX_WORKER_LABEL_REQUIREMENTS:
+        v.add(field, f"at most {MAX_WORKER_LABEL_REQUIREMENTS} entries (got {len(reqs)})")
+        return ()
+    out: list[LabelRequirement] = []
+    for i, req in enumerate(reqs):
+        at = f"{field}[{i}]"
+        if not req.key or len(req.key) > MAX_WORKER_LABEL_KEY or not printable(req.key):
+            v.add(f"{at}.key", f"must be 1-{MAX_WORKER_LABEL_KEY} printable characters")
+        try:
+            cmp = Comparator(req.comparator) or Comparator.EQUAL
+        except ValueError:
+            v.add(f"{at}.comparator", f"unknown comparator {int(req.comparator)}")
+            cmp = Comparator.EQUAL
+        value = req.value
+        if isinstance(value, str):
+            if len(value) > MAX_LABEL_VALUE:
+                v.add(f"{at}.value", f"must be at most {MAX_LABEL_VALUE} characters")
+            if cmp.numeric:
+                v.add(f"{at}.value", f"{cmp.name} compares numbers: the value must be a number")
+        elif isinstance(value, float | int) and not isinstance(value, bool):
+            value = float(value)
+            if not math.isfinite(value):
+                v.add(f"{at}.value", "must be a finite number")
+        else:
+            v.add(f"{at}.value", "required: a string or a number")
+        weight = req.weight
+        if req.required:
+            if not math.isfinite(weight) or abs(weight) > MAX_PLACEMENT_WEIGHT:
+                v.add(f"{at}.weight", "must be a finite number between -1000 and 1000")
+            weight = 0.0
+        else:
+            weight = _check_weight(v, f"{at}.weight", weight)
+        out.append(LabelRequirement(req.key, value, cmp, req.required, weight))
+    return tuple(out)
+
+
+def normalize_affinity(
+    v: Violations, field: str, affinity: Sequence[tuple[str, float]]
+) -> tuple[tuple[str, float], ...]:
+    """Weighted affinity keys: at most 32 distinct keys of 1-256 characters,
+    weights finite within +-1000 (0 means 1)."""
+    if len(affinity) > MAX_AFFINITY_WEIGHTS:
+        v.add(field, f"at most {MAX_AFFINITY_WEIGHTS} entries (got {len(affinity)})")
+        return ()
+    out: dict[str, float] = {}
+    for i, (key, weight) in enumerate(affinity):
+        at = f"{field}[{i}]"
+        if not key or len(key) > MAX_AFFINITY_KEY:
+            v.add(f"{at}.key", f"must be 1-{MAX_AFFINITY_KEY} characters")
+        elif key in out:
+            v.add(f"{at}.key", f"{key[:64]!r} is named twice")
+        out[key] = _check_weight(v, f"{at}.weight", weight)
+    return tuple(out.items())
 
 
 def check_affinity(

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
-from jobtrace.model import Backoff, Failure, StepResultRef, StepResults
+from jobtrace.model import (
+    Backoff,
+    Comparator,
+    Failure,
+    LabelRequirement,
+    StepResultRef,
+    StepResults,
+)
 
 
 def dumps(value: Any) -> str:
@@ -81,3 +89,53 @@ def step_results_loads(text: str | None) -> StepResults | None:
     return StepResults(
         data["inline"], tuple(StepResultRef(n, j, int(size)) for n, j, size in data["refs"])
     )
+
+
+def requirements_dumps(reqs: tuple[LabelRequirement, ...]) -> str:
+    if not reqs:
+        return "[]"
+    return dumps(
+        [
+            {"k": r.key, "v": r.value, "c": int(r.comparator), "r": r.required, "w": r.weight}
+            for r in reqs
+        ]
+    )
+
+
+def requirements_loads(text: str) -> tuple[LabelRequirement, ...]:
+    if text == "[]":
+        return ()
+    return tuple(
+        LabelRequirement(
+            key=d["k"],
+            value=d["v"] if isinstance(d["v"], str) else float(d["v"]),
+            comparator=Comparator(d["c"]),
+            required=d["r"],
+            weight=float(d["w"]),
+        )
+        for d in json.loads(text)
+    )
+
+
+def affinity_dumps(affinity: tuple[tuple[str, float], ...]) -> str:
+    return dumps([[k, w] for k, w in affinity]) if affinity else "[]"
+
+
+def affinity_loads(text: str) -> tuple[tuple[str, float], ...]:
+    if text == "[]":
+        return ()
+    return tuple((k, float(w)) for k, w in json.loads(text))
+
+
+def placement_class(reqs: tuple[LabelRequirement, ...]) -> str:
+    """A short digest of the required ones of `reqs` ('' when none is): jobs of
+    one class can be taken by the same workers, so the dispatch read skips,
+    in SQL, the classes no free worker meets (no head-of-line blocking)."""
+    required = sorted(
+        (r.key, int(r.comparator), "s" if isinstance(r.value, str) else "n", str(r.value))
+        for r in reqs
+        if r.required
+    )
+    if not required:
+        return ""
+    return hashlib.sha256(dumps(required).encode()).hexdigest()[:16]

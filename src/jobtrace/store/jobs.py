@@ -148,6 +148,9 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         "affinity_keys": codec.dumps(list(spec.affinity_keys)),
         "labels": codec.dumps(spec.labels),
         "backoff": codec.backoff_dumps(spec.backoff),
+        "worker_labels": codec.requirements_dumps(spec.worker_labels),
+        "affinity": codec.affinity_dumps(spec.affinity),
+        "placement_class": codec.placement_class(spec.worker_labels),
         "request_context": codec.dumps(request_context),
         "state": int(job.state),
         "attempt": job.attempt,
@@ -271,6 +274,8 @@ def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
             affinity_keys=tuple(codec.loads(row["affinity_keys"])),
             labels=codec.loads(row["labels"]),
             backoff=codec.backoff_loads(row["backoff"]),
+            worker_labels=codec.requirements_loads(row["worker_labels"]),
+            affinity=codec.affinity_loads(row["affinity"]),
         ),
         state=RunState(row["state"]),
         created_us=row["created_us"],
@@ -392,7 +397,15 @@ async def load_locked(session: AsyncSession, job_id: str, tenant: str | None = N
 # What a job listing reads: never request_context (a Job does not carry it),
 # and payload and result only for the FULL view.
 _JOB_HEAVY = ("payload", "result")
-_JOB_SIZED = ("depends_on", "affinity_keys", "labels", "progress_message", "failure")
+_JOB_SIZED = (
+    "depends_on",
+    "affinity_keys",
+    "labels",
+    "worker_labels",
+    "affinity",
+    "progress_message",
+    "failure",
+)
 _JOB_LISTED = [c for c in JOBS.c if c.name != "request_context"]
 
 
@@ -972,7 +985,7 @@ async def annotations_by_id(session: AsyncSession, ids: Sequence[str]) -> dict[s
     return {r["id"]: r for r in (await session.execute(stmt)).mappings()}
 
 
-_ELIGIBLE: dict[int, Query] = {}
+_ELIGIBLE: dict[tuple[int, int], Query] = {}
 
 
 def _in(name: str, count: int) -> str:
@@ -980,15 +993,17 @@ def _in(name: str, count: int) -> str:
     return "(" + ", ".join(f":{name}{i}" for i in range(count)) + ")"
 
 
-def _eligible_query(tenants: int) -> Query:
+def _eligible_query(tenants: int, skipped: int = 0) -> Query:
     """The eligible jobs of a service (a page), and one more row whose job
     columns are NULL and whose last column says when the service's next
     waiting job (not_before or backoff) becomes eligible: one statement for
-    both questions a dispatch round asks."""
+    both questions a dispatch round asks. `skipped` placement classes (of
+    required labels the reading workers do not meet) are left out of both."""
     where = (
         "state = :queued AND service = :service"
         " AND not_before_us <= :now AND next_attempt_us <= :now"
     )
+    skip = f" AND placement_class NOT IN {_in('skip', skipped)}" if skipped else ""
     if tenants >= 0:
         where += f" AND tenant IN {_in('tenant', tenants)}" if tenants else " AND 0 = 1"
     names = [c.name for c in JOBS.columns]
@@ -996,10 +1011,10 @@ def _eligible_query(tenants: int) -> Query:
     nulls = ", ".join("NULL" for _ in names)
     template = (
         f"SELECT {picked}, NULL AS next_eligible_us FROM (SELECT {picked} FROM jobs"
-        f" WHERE {where} ORDER BY priority DESC, seq LIMIT :limit) AS page"
+        f" WHERE {where}{skip} ORDER BY priority DESC, seq LIMIT :limit) AS page"
         f" UNION ALL SELECT {nulls}, (SELECT min({{f}}(not_before_us, next_attempt_us))"
         " FROM jobs WHERE state = :queued AND service = :service"
-        " AND {f}(not_before_us, next_attempt_us) > :now)"
+        f" AND {{f}}(not_before_us, next_attempt_us) > :now{skip})"
     )
     return Query(template.format(f="max"), postgresql=template.format(f="greatest"))
 
@@ -1010,15 +1025,17 @@ async def eligible_jobs(
     now: int,
     limit: int,
     tenants: frozenset[str] | None = None,
+    skip: Collection[str] = (),
 ) -> tuple[list[Job], int | None]:
     """QUEUED jobs of a service that may run now (higher priority first, then
     oldest), and when the next of its waiting (not_before or backoff) jobs
-    becomes eligible (None: none waits)."""
+    becomes eligible (None: none waits); jobs whose placement class is in
+    `skip` are left out of both."""
     names = sorted(tenants) if tenants is not None else None
-    shape = -1 if names is None else len(names)
+    shape = (-1 if names is None else len(names), len(skip))
     q = _ELIGIBLE.get(shape)
     if q is None:
-        q = _ELIGIBLE[shape] = _eligible_query(shape)
+        q = _ELIGIBLE[shape] = _eligible_query(*shape)
     params: dict[str, Any] = {
         "queued": int(RunState.QUEUED),
         "service": service,
@@ -1026,6 +1043,7 @@ async def eligible_jobs(
         "limit": limit,
     }
     params.update((f"tenant{i}", t) for i, t in enumerate(names or ()))
+    params.update((f"skip{i}", c) for i, c in enumerate(sorted(skip)))
     jobs: list[Job] = []
     next_us: int | None = None
     for r in await sql.fetch(session, q, params):

@@ -125,6 +125,12 @@ class JobRow(Base):
     # column): the head is read from the attestations.
     chain_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     chain_digest: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    # JobSpec.worker_labels and JobSpec.affinity (JSON), and the digest of the
+    # required labels ('' when none: see codec.placement_class) that the
+    # dispatch read filters on.
+    worker_labels: Mapped[str] = mapped_column(Text, default="[]")
+    affinity: Mapped[str] = mapped_column(Text, default="[]")
+    placement_class: Mapped[str] = mapped_column(String(32), default="")
 
     __table_args__ = (
         Index("ix_jobs_tenant_seq", "tenant", "seq"),

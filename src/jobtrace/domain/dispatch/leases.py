@@ -25,7 +25,7 @@ from jobtrace.domain.errors import (
     StaleAttempt,
     Violations,
 )
-from jobtrace.domain.validation import MAX_WORKER_AFFINITY_KEYS, check_affinity
+from jobtrace.domain.validation import MAX_WORKER_AFFINITY_KEYS, check_affinity, check_labels
 from jobtrace.model import SYSTEM_SUBJECT, Failure, Job, RunState
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Tx
@@ -291,6 +291,7 @@ class Leases(SchedulerState):
         affinity_keys: tuple[str, ...],
         draining: bool = False,
         running: tuple[tuple[str, int], ...] = (),
+        labels: dict[str, str] | None = None,
     ) -> HeartbeatAcked:
         # Check first: a refused heartbeat changes nothing, not even liveness
         # (a session kept alive by heartbeats that renew no lease would hold
@@ -298,11 +299,19 @@ class Leases(SchedulerState):
         v = Violations()
         check_affinity(v, "heartbeat.affinity_keys", affinity_keys, MAX_WORKER_AFFINITY_KEYS)
         check_running(v, "heartbeat.running", running)
+        if labels is not None:
+            check_labels(v, "heartbeat.labels.labels", labels, free_keys=True)
         v.raise_if_any()
         session.last_heartbeat_us = now_us()
         session.draining = session.draining or draining
         if affinity_keys:
             session.affinity_keys = frozenset(affinity_keys)
+        if labels is not None and labels != session.labels:
+            # Placement uses the labels as they are now: jobs that waited for
+            # these may be taken.
+            session.labels = dict(labels)
+            session.skipped_classes = None
+            self.wake()
         deadline = session.last_heartbeat_us + self.lease_ms * 1000
         held = dict(session.held)
         # Only the leases of the jobs the worker says it runs are renewed: one

@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
 from jobtrace.domain import lifecycle, step_data
 from jobtrace.domain.dispatch.leases import Leases
+from jobtrace.domain.dispatch.matching import Score, affinity_weights, meets, required_of, score
 from jobtrace.domain.dispatch.sessions import Assign, WorkerSession
 from jobtrace.domain.errors import log_failure
-from jobtrace.model import Job, RunState
+from jobtrace.model import JSON, Job, RunState, WaitingReason
+from jobtrace.store import codec
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Tx
 from jobtrace.store.errors import is_transient
 
 log = logging.getLogger(__name__)
+
+# Placement classes (of required labels) remembered at most; past it they are
+# forgotten and learnt again as their jobs are read.
+MAX_KNOWN_CLASSES = 1024
+
+# A dispatch read: service, tenants (None: any), placement classes skipped.
+_ReadKey = tuple[str, frozenset[str] | None, frozenset[str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,12 +94,20 @@ class Placement(Leases):
         if not any(s.free_slots for s in self.sessions.values()):
             return 5.0
         now = now_us()
-        capacity: dict[tuple[str, frozenset[str] | None], int] = {}
+        # One read per service, tenants and placement classes to skip (the
+        # known classes of required labels the worker does not meet): what
+        # the read returns, every worker of its key can take, so a job no free
+        # worker can take never hides those behind it.
+        capacity: dict[_ReadKey, int] = {}
         for s in self.sessions.values():
+            slots = s.free_slots
+            if not slots:
+                continue
+            skip = self._skipped_classes(s)
             for service in s.services:
-                key = (service, s.tenants)
-                capacity[key] = capacity.get(key, 0) + s.free_slots
-        wanted = frozenset(key for key, slots in capacity.items() if slots)
+                key = (service, s.tenants, skip)
+                capacity[key] = capacity.get(key, 0) + slots
+        wanted = frozenset(capacity)
         seen = self._queue_seen
         if seen is not None and wanted <= seen[0] and (seen[1] is None or seen[1] > now):
             # Only slots came free since the last read, which found (and
@@ -103,27 +123,30 @@ class Placement(Leases):
             # A service with no free slot is not read: a slot that frees wakes
             # the dispatcher, which then reads it. One row more than the slots:
             # fewer says the queue holds no other eligible job.
-            for (service, tenants), slots in capacity.items():
-                if slots:
-                    jobs, waiting_us = await store.eligible_jobs(
-                        db, service, now, slots + 1, tenants
-                    )
-                    drained = drained and len(jobs) <= slots
-                    for job in jobs:
-                        candidates[job.id] = job
-                    if waiting_us is not None and (next_us is None or waiting_us < next_us):
-                        next_us = waiting_us
+            for (service, tenants, skip), slots in capacity.items():
+                jobs, waiting_us = await store.eligible_jobs(
+                    db, service, now, slots + 1, tenants, skip
+                )
+                drained = drained and len(jobs) <= slots
+                for job in jobs:
+                    candidates[job.id] = job
+                if waiting_us is not None and (next_us is None or waiting_us < next_us):
+                    next_us = waiting_us
+        # A class of required labels seen for the first time: the next read
+        # skips it where no worker meets it.
+        if self._learn_classes(candidates.values()):
+            drained = False
         # Pick among the sessions as they are now, after the reads: a worker that
         # connected meanwhile competes (affinity must not lose to a stale view).
         free = [s for s in self.sessions.values() if s.free_slots > 0]
         ordered = sorted(candidates.values(), key=lambda j: (-j.spec.priority, j.seq))
-        plan: list[tuple[Job, WorkerSession]] = []
+        plan: list[tuple[Job, WorkerSession, JSON]] = []
         open_slots = {s.session_id: s.free_slots for s in free}
         for job in ordered:
-            best = pick_worker(job, free, open_slots)
-            if best is not None:
-                open_slots[best.session_id] -= 1
-                plan.append((job, best))
+            picked = pick_worker(job, free, open_slots, self._avoided_workers(job))
+            if picked is not None:
+                open_slots[picked.session.session_id] -= 1
+                plan.append((job, picked.session, picked.record()))
         if len(plan) < len(candidates):
             drained = False
         if not plan:
@@ -134,7 +157,76 @@ class Placement(Leases):
             self._queue_seen = (wanted, next_us)
         return 0.0  # look again at once: more may have become eligible meanwhile
 
-    async def _claim(self, plan: list[tuple[Job, WorkerSession]]) -> bool:
+    def _skipped_classes(self, session: WorkerSession) -> frozenset[str]:
+        """The known placement classes whose required labels this worker does
+        not meet (as its labels are now)."""
+        classes = self._placement_classes
+        if not classes:
+            return frozenset()
+        cached = session.skipped_classes
+        if cached is not None and cached[0] == self._classes_version:
+            return cached[1]
+        skip = frozenset(
+            c for c, required in classes.items() if not meets(required, session.labels)
+        )
+        session.skipped_classes = (self._classes_version, skip)
+        return skip
+
+    def _learn_classes(self, jobs: Iterable[Job]) -> bool:
+        """Remember the placement classes of these jobs not known yet; whether
+        one was new (the queue must then be read again, skipping it)."""
+        classes = self._placement_classes
+        learned = False
+        for job in jobs:
+            if not job.spec.worker_labels:
+                continue
+            required = required_of(job.spec)
+            if not required:
+                continue
+            name = codec.placement_class(job.spec.worker_labels)
+            if name not in classes:
+                if len(classes) >= MAX_KNOWN_CLASSES:
+                    classes.clear()  # learnt again as their jobs are read
+                classes[name] = required
+                learned = True
+        if learned:
+            self._classes_version += 1
+            self.wake()
+        return learned
+
+    def _avoided_workers(self, job: Job) -> frozenset[str]:
+        """Worker ids (as jobs record them: WorkerSession.worker_id) this job
+        should not go to when another can take it (a retry kept off the worker
+        it failed on, say); none by default. The hook for failure rules'
+        avoid_same_worker."""
+        return frozenset()
+
+    def waiting_reason(self, job: Job) -> WaitingReason:
+        """Why a job is not running yet, as this replica sees its workers now."""
+        if job.state == RunState.PENDING:
+            return WaitingReason.DEPENDENCIES
+        if job.state != RunState.QUEUED:
+            return WaitingReason.UNSPECIFIED
+        if max(job.spec.not_before_us, job.next_attempt_us) > now_us():
+            return WaitingReason.NOT_BEFORE
+        serving = [
+            s
+            for s in self.sessions.values()
+            if not s.closed
+            and job.spec.service in s.services
+            and (s.tenants is None or job.tenant in s.tenants)
+        ]
+        if not serving:
+            return WaitingReason.NO_WORKER_FOR_SERVICE
+        required = required_of(job.spec)
+        meeting = [s for s in serving if meets(required, s.labels)]
+        if not meeting:
+            return WaitingReason.NO_WORKER_MEETS_LABELS
+        if not any(s.free_slots for s in meeting):
+            return WaitingReason.ALL_BUSY
+        return WaitingReason.UNSPECIFIED
+
+    async def _claim(self, plan: list[tuple[Job, WorkerSession, JSON]]) -> bool:
         """Claim the plan's jobs for their sessions; whether every one was
         claimed and handed over."""
         # The claims of the transaction that ran last (a group commit may run
@@ -164,9 +256,9 @@ class Placement(Leases):
             changed = []
             # Lock order everywhere: workflows, then jobs. Jobs another replica is
             # claiming right now are skipped, not waited for (see store.claim_update).
-            for workflow_id in sorted({j.workflow_id for j, _ in plan if j.workflow_id}):
+            for workflow_id in sorted({j.workflow_id for j, _, _ in plan if j.workflow_id}):
                 await store.lock_workflow(db, workflow_id)
-            for job, session in plan:
+            for job, session, placement in plan:
                 if session.closed:
                     continue
                 claimed = await self._life.claim(
@@ -179,6 +271,7 @@ class Placement(Leases):
                     session.session_id,
                     session.holder,
                     by=session.identity.subject,
+                    placement=placement,
                 )
                 if claimed is None:
                     continue
@@ -288,18 +381,64 @@ def _sleep_until(next_us: int | None, now: int) -> float:
     return 5.0 if next_us is None else min(5.0, max(0.0, (next_us - now) / 1e6))
 
 
-def pick_worker(job: Job, free: list[WorkerSession], slots: dict[str, int]) -> WorkerSession | None:
-    """Among capable workers with a free slot: most affinity keys in common first
-    (a preference, never a wait), then the most free slots."""
+class Picked(NamedTuple):
+    """The worker chosen for a job, and why (the STARTED event's `placement`).
+    A NamedTuple: one is built per job dispatched."""
+
+    session: WorkerSession
+    score: Score
+    candidates: int
+
+    def record(self) -> JSON:
+        score = self.score.score
+        return {
+            "worker": self.session.worker_id,
+            "score": int(score) if score.is_integer() else score,
+            "matched_labels": list(self.score.matched_labels),
+            "matched_keys": list(self.score.matched_keys),
+            "candidates": self.candidates,
+        }
+
+
+def pick_worker(
+    job: Job,
+    free: list[WorkerSession],
+    slots: dict[str, int],
+    avoid: frozenset[str] = frozenset(),
+) -> Picked | None:
+    """Among capable workers with a free slot that meet the job's required
+    labels: the highest score (weights of the preferred labels that hold and
+    of the affinity keys cached; a preference, never a wait), then the most
+    free slots. A worker in `avoid` (by worker id) only when no other can."""
+    spec = job.spec
+    simple = not spec.worker_labels and not spec.affinity
+    weights = None if simple else affinity_weights(spec)
+    wanted = set(spec.affinity_keys)
     best: WorkerSession | None = None
-    best_score: tuple[int, int] = (-1, -1)
-    wanted = set(job.spec.affinity_keys)
+    best_rank: tuple[bool, float, int] = (False, -math.inf, -1)
+    best_detail: Score | None = None
+    candidates = 0
     for s in free:
-        if slots[s.session_id] <= 0 or job.spec.service not in s.services or s.closed:
+        free_slots = slots[s.session_id]
+        if free_slots <= 0 or spec.service not in s.services or s.closed:
             continue
         if s.tenants is not None and job.tenant not in s.tenants:
             continue
-        score = (len(wanted & s.affinity_keys), slots[s.session_id])
-        if score > best_score:
-            best, best_score = s, score
-    return best
+        detail: Score | None = None
+        if weights is None:
+            value = float(len(wanted & s.affinity_keys)) if wanted else 0.0
+        else:
+            detail = score(spec, s.labels, s.affinity_keys, weights)
+            if detail is None:
+                continue  # a required label does not hold
+            value = detail.score
+        candidates += 1
+        rank = (not avoid or s.worker_id not in avoid, value, free_slots)
+        if rank > best_rank:
+            best, best_rank, best_detail = s, rank, detail
+    if best is None:
+        return None
+    if best_detail is None:
+        keys = tuple(k for k in spec.affinity_keys if k in best.affinity_keys) if wanted else ()
+        best_detail = Score(float(len(keys)), (), keys)
+    return Picked(best, best_detail, candidates)

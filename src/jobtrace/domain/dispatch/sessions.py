@@ -120,6 +120,9 @@ class WorkerSession:
     claiming: dict[str, int] = field(default_factory=dict)  # job id -> attempt
     last_heartbeat_us: int = 0
     draining: bool = False
+    # The dispatcher's known placement classes this worker's labels do not
+    # meet, as of a version of that set (None: to work out again).
+    skipped_classes: tuple[int, frozenset[str]] | None = None
     closed: bool = False
     close_reason: str = ""
     # Hello has taken over the leases it resumes (an older session of the same

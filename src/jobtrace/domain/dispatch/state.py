@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from jobtrace.domain import lifecycle
 from jobtrace.domain.dispatch.sessions import WorkerSession
 from jobtrace.domain.jobs import Jobs
+from jobtrace.model import LabelRequirement
 from jobtrace.store.db import Database
 
 if TYPE_CHECKING:
@@ -55,10 +56,16 @@ class SchedulerState:
         # What the last dispatch read found the queue to be: every eligible job
         # of these (service, tenants) was claimed, and the next waiting one is
         # due then (None: none waits). Forgotten at every wake but a freed slot.
-        self._queue_seen: tuple[frozenset[tuple[str, frozenset[str] | None]], int | None] | None = (
-            None
-        )
+        # (The reads are keyed by service, tenants and placement classes skipped.)
+        self._queue_seen: (
+            tuple[frozenset[tuple[str, frozenset[str] | None, frozenset[str]]], int | None] | None
+        ) = None
         self._wakes = 0
+        # The classes of required labels of the jobs the dispatcher has read
+        # (store codec.placement_class -> the required labels): a read skips
+        # those its workers do not meet. The version changes with the set.
+        self._placement_classes: dict[str, tuple[LabelRequirement, ...]] = {}
+        self._classes_version = 0
 
     def wake(self, *, slot_freed: bool = False) -> None:
         """Wake the dispatcher. Only `slot_freed` (a worker's slot came free,
