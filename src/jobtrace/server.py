@@ -39,6 +39,7 @@ from jobtrace.domain.jobs import Jobs
 from jobtrace.domain.lifecycle import Lifecycle
 from jobtrace.domain.pagination import open_tokens
 from jobtrace.domain.redact import Redaction, UnsafePattern
+from jobtrace.domain.summary import RunSummaries
 from jobtrace.domain.trace import Trace
 from jobtrace.metrics import Metrics, StateSample
 from jobtrace.pb import SERVICE_NAMES, service_descriptor
@@ -174,7 +175,9 @@ class JobtraceServer:
         add_service(
             server,
             service_descriptor("TraceService"),
-            TraceServicer(self.trace, auth, streams, pages=pages),
+            TraceServicer(
+                self.trace, auth, streams, pages=pages, summaries=RunSummaries(self.db, self.trace)
+            ),
         )
         add_service(
             server,

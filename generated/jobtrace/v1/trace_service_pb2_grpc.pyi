@@ -58,6 +58,13 @@ class TraceServiceStub:
     """
     GetRunStatus: _grpc.UnaryUnaryMultiCallable[_trace_service_pb2.GetRunStatusRequest, _trace_service_pb2.GetRunStatusResponse]
     """Returns the status of a run."""
+    GetRunSummary: _grpc.UnaryUnaryMultiCallable[_trace_service_pb2.GetRunSummaryRequest, _trace_service_pb2.GetRunSummaryResponse]
+    """Summarises a run from its stored events and its jobs, counted by the
+    database: events by level, by type and by node (step), the milestones,
+    the timeline and, for a workflow, each step's attempts and failures.
+    With workflow_name, the newest run of that name is summarised and the
+    runs before it are listed (recent_runs).
+    """
 
 @_typing.type_check_only
 class TraceServiceAsyncStub(TraceServiceStub):
@@ -89,6 +96,13 @@ class TraceServiceAsyncStub(TraceServiceStub):
     """
     GetRunStatus: _aio.UnaryUnaryMultiCallable[_trace_service_pb2.GetRunStatusRequest, _trace_service_pb2.GetRunStatusResponse]  # type: ignore[assignment]
     """Returns the status of a run."""
+    GetRunSummary: _aio.UnaryUnaryMultiCallable[_trace_service_pb2.GetRunSummaryRequest, _trace_service_pb2.GetRunSummaryResponse]  # type: ignore[assignment]
+    """Summarises a run from its stored events and its jobs, counted by the
+    database: events by level, by type and by node (step), the milestones,
+    the timeline and, for a workflow, each step's attempts and failures.
+    With workflow_name, the newest run of that name is summarised and the
+    runs before it are listed (recent_runs).
+    """
 
 class TraceServiceServicer(metaclass=_abc_1.ABCMeta):
     """The execution trace of runs: durable, sequenced, resumable."""
@@ -141,5 +155,18 @@ class TraceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trace_service_pb2.GetRunStatusResponse, _abc.Awaitable[_trace_service_pb2.GetRunStatusResponse]]:
         """Returns the status of a run."""
+
+    @_abc_1.abstractmethod
+    def GetRunSummary(
+        self,
+        request: _trace_service_pb2.GetRunSummaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trace_service_pb2.GetRunSummaryResponse, _abc.Awaitable[_trace_service_pb2.GetRunSummaryResponse]]:
+        """Summarises a run from its stored events and its jobs, counted by the
+        database: events by level, by type and by node (step), the milestones,
+        the timeline and, for a workflow, each step's attempts and failures.
+        With workflow_name, the newest run of that name is summarised and the
+        runs before it are listed (recent_runs).
+        """
 
 def add_TraceServiceServicer_to_server(servicer: TraceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -11,6 +11,7 @@ from jobtrace.api.credentials import guarded
 from jobtrace.api.errors import rpc
 from jobtrace.api.limits import PageBytes, StreamLimiter
 from jobtrace.auth import Authenticator, Role
+from jobtrace.domain.summary import RunSummaries
 from jobtrace.domain.trace import Trace
 from jobtrace.pb import trace_service_pb2 as pb
 from jobtrace.pb import trace_service_pb2_grpc as pb_grpc
@@ -18,9 +19,16 @@ from jobtrace.pb import trace_service_pb2_grpc as pb_grpc
 
 class TraceServicer(pb_grpc.TraceServiceServicer):
     def __init__(
-        self, trace: Trace, auth: Authenticator, streams: StreamLimiter, *, pages: PageBytes
+        self,
+        trace: Trace,
+        auth: Authenticator,
+        streams: StreamLimiter,
+        *,
+        pages: PageBytes,
+        summaries: RunSummaries,
     ) -> None:
         self._trace = trace
+        self._summaries = summaries
         self._auth = auth
         self._streams = streams
         self._pages = pages
@@ -95,3 +103,20 @@ class TraceServicer(pb_grpc.TraceServiceServicer):
         principal = self._auth.require(context, Role.READER)
         status = await self._trace.run_status(principal.read_scope, request.run_id)
         return pb.GetRunStatusResponse(status=convert.run_status_to_proto(status))
+
+    @rpc
+    async def GetRunSummary(
+        self, request: pb.GetRunSummaryRequest, context: Any
+    ) -> pb.GetRunSummaryResponse:
+        principal = self._auth.require(context, Role.READER)
+        summary, recent = await self._summaries.summarise(
+            principal.read_scope,
+            principal.tenant,
+            run_id=request.run_id,
+            workflow_name=request.workflow_name,
+            recent_runs=request.recent_runs,
+        )
+        return pb.GetRunSummaryResponse(
+            summary=convert.run_summary_to_proto(summary),
+            recent_runs=[convert.recent_run_to_proto(r) for r in recent],
+        )

@@ -1,0 +1,155 @@
+"""Aggregate queries that summarise a run: its events counted by the database
+(never read one by one), its steps' attempts, and the runs of a workflow name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import case, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from jobtrace.model import Level, RunState
+from jobtrace.store.tables import JobRow, TraceEventRow, WorkflowRow
+
+
+@dataclass(frozen=True, slots=True)
+class EventCount:
+    """Events of one (level, type) pair of a run, and when they span."""
+
+    level: int
+    type: int
+    events: int
+    milestones: int
+    first_us: int
+    last_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCount:
+    """Events of one node of a run, those at ERROR or above, and when they span."""
+
+    node_id: str
+    events: int
+    errors: int
+    first_us: int
+    last_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    """What the jobs table says of one job of a run."""
+
+    node_id: str
+    job_id: str
+    step_index: int
+    state: RunState
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class MilestoneRow:
+    seq: int
+    ts_us: int
+    type: int
+    level: int
+    node_id: str
+    message: str
+    user_message: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowRun:
+    """One run of a workflow name, in short."""
+
+    id: str
+    state: RunState
+    created_us: int
+    started_us: int
+    completed_us: int
+
+
+async def event_counts(session: AsyncSession, run_id: str) -> list[EventCount]:
+    """A run's events grouped by (level, type): one range scan of the run's
+    rows on the primary key (run_id, seq), counted by the database."""
+    e = TraceEventRow
+    milestones = func.sum(case((e.milestone.is_(True), 1), else_=0))
+    stmt = (
+        select(e.level, e.type, func.count(), milestones, func.min(e.ts_us), func.max(e.ts_us))
+        .where(e.run_id == run_id)
+        .group_by(e.level, e.type)
+        .order_by(e.level, e.type)
+    )
+    return [
+        EventCount(int(lv), int(ty), int(n), int(m or 0), int(lo), int(hi))
+        for lv, ty, n, m, lo, hi in (await session.execute(stmt)).all()
+    ]
+
+
+async def node_counts(session: AsyncSession, run_id: str) -> list[NodeCount]:
+    """A run's events grouped by node, as event_counts reads them."""
+    e = TraceEventRow
+    errors = func.sum(case((e.level >= int(Level.ERROR), 1), else_=0))
+    stmt = (
+        select(e.node_id, func.count(), errors, func.min(e.ts_us), func.max(e.ts_us))
+        .where(e.run_id == run_id)
+        .group_by(e.node_id)
+        .order_by(e.node_id)
+    )
+    return [
+        NodeCount(str(node), int(n), int(err or 0), int(lo), int(hi))
+        for node, n, err, lo, hi in (await session.execute(stmt)).all()
+    ]
+
+
+async def first_milestones(session: AsyncSession, run_id: str, limit: int) -> list[MilestoneRow]:
+    """A run's first `limit` milestones in sequence order, without their heavy
+    fields (data, output summary, error)."""
+    e = TraceEventRow
+    stmt = (
+        select(e.seq, e.ts_us, e.type, e.level, e.node_id, e.message, e.user_message)
+        .where(e.run_id == run_id, e.milestone.is_(True))
+        .order_by(e.seq)
+        .limit(limit)
+    )
+    return [MilestoneRow(*row) for row in (await session.execute(stmt)).all()]
+
+
+async def run_jobs(session: AsyncSession, run_id: str, *, workflow: bool) -> list[StepRow]:
+    """The jobs of a run (a workflow's steps in step order, or the standalone
+    job itself), from their step columns alone."""
+    j = JobRow
+    where = j.workflow_id == run_id if workflow else j.id == run_id
+    stmt = (
+        select(j.step_name, j.id, j.step_index, j.state, j.attempt)
+        .where(where)
+        .order_by(j.step_index, j.seq)
+    )
+    return [
+        StepRow(
+            node_id=name or job_id, job_id=job_id, step_index=index, state=RunState(s), attempt=a
+        )
+        for name, job_id, index, s, a in (await session.execute(stmt)).all()
+    ]
+
+
+async def runs_of_name(
+    session: AsyncSession, tenant: str, name: str, limit: int
+) -> list[WorkflowRun]:
+    """The newest `limit` runs of a workflow name in a tenant, newest first
+    (ix_workflows_tenant_name_seq)."""
+    w = WorkflowRow
+    stmt = (
+        select(w.id, w.state, w.created_us, w.started_us, w.completed_us)
+        .where(w.tenant == tenant, w.name == name)
+        .order_by(w.seq.desc())
+        .limit(limit)
+    )
+    return [
+        WorkflowRun(id=i, state=RunState(s), created_us=c, started_us=st, completed_us=done)
+        for i, s, c, st, done in (await session.execute(stmt)).all()
+    ]
+
+
+async def workflow_name(session: AsyncSession, workflow_id: str) -> str:
+    stmt = select(WorkflowRow.name).where(WorkflowRow.id == workflow_id)
+    return str((await session.execute(stmt)).scalar_one_or_none() or "")
