@@ -94,7 +94,7 @@ def csv_row(e: common_pb2.TraceEvent) -> list[Any]:
 
 
 def _json_text(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
 
 @contextlib.contextmanager
