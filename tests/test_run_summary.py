@@ -7,12 +7,16 @@ from collections import Counter
 from typing import Any
 
 import grpc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from jobtrace.api.convert import ts_to_us
+from jobtrace.auth import DEFAULT_TENANT
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
 from jobtrace.pb import trace_service_pb2 as t
 from jobtrace.pb import worker_service_pb2 as w
+from jobtrace.store import summary as summary_store
 
 from .conftest import Harness, Stubs, expect_error, wait_for
 from .test_trace import all_events, append, ev
@@ -239,3 +243,41 @@ async def test_bad_summary_requests_are_refused(api: Stubs) -> None:
     step = (await api.jobs.GetWorkflow(j.GetWorkflowRequest(workflow_id=wf))).workflow.steps[0]
     _, info, _ = await expect_error(summary_of(api, run_id=step.job_id), grpc.StatusCode.NOT_FOUND)
     assert info is not None and info.metadata["workflow_id"] == wf
+
+
+async def plan_of(db_url: str, stmt: Any) -> str:
+    """The database's plan of a summary's statement (PostgreSQL told to avoid
+    reading a small table whole, as it would otherwise)."""
+    pg = db_url.startswith("postgresql")
+    dialect = postgresql.dialect() if pg else sqlite.dialect()  # type: ignore[no-untyped-call]
+    sql = str(stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+    engine = create_async_engine(db_url)
+    try:
+        async with engine.begin() as conn:
+            if pg:
+                await conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+                plan = (await conn.exec_driver_sql("EXPLAIN " + sql)).fetchall()
+            else:
+                plan = (await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)).fetchall()
+    finally:
+        await engine.dispose()
+    return " ".join(str(row) for row in plan)
+
+
+async def test_summary_queries_use_an_index(harness: Harness) -> None:
+    api = harness.stubs()
+    for i in range(5):
+        run = await _workflow(api, f"p{i}", f"name{i % 2}")
+        await append(api, run, *(ev(f"e{k}", node_id=f"n{k % 2}") for k in range(5)))
+    url = harness.db_url
+    plan = await plan_of(url, summary_store.runs_of_name_query(DEFAULT_TENANT, "name1", 11))
+    assert "ix_workflows_tenant_name_seq" in plan, plan
+    # A run's events are one range of the primary key (run_id, seq).
+    key = "trace_events_pkey" if url.startswith("postgresql") else "sqlite_autoindex_trace_events"
+    for stmt in (
+        summary_store.event_counts_query(run),
+        summary_store.node_counts_query(run),
+        summary_store.milestones_query(run, 100),
+    ):
+        plan = await plan_of(url, stmt)
+        assert key in plan and "SCAN trace_events" not in plan, plan

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -68,33 +69,41 @@ class WorkflowRun:
     completed_us: int
 
 
-async def event_counts(session: AsyncSession, run_id: str) -> list[EventCount]:
-    """A run's events grouped by (level, type): one range scan of the run's
-    rows on the primary key (run_id, seq), counted by the database."""
+def event_counts_query(run_id: str) -> Any:
     e = TraceEventRow
     milestones = func.sum(case((e.milestone.is_(True), 1), else_=0))
-    stmt = (
+    return (
         select(e.level, e.type, func.count(), milestones, func.min(e.ts_us), func.max(e.ts_us))
         .where(e.run_id == run_id)
         .group_by(e.level, e.type)
         .order_by(e.level, e.type)
     )
+
+
+async def event_counts(session: AsyncSession, run_id: str) -> list[EventCount]:
+    """A run's events grouped by (level, type): one range scan of the run's
+    rows on the primary key (run_id, seq), counted by the database."""
+    stmt = event_counts_query(run_id)
     return [
         EventCount(int(lv), int(ty), int(n), int(m or 0), int(lo), int(hi))
         for lv, ty, n, m, lo, hi in (await session.execute(stmt)).all()
     ]
 
 
-async def node_counts(session: AsyncSession, run_id: str) -> list[NodeCount]:
-    """A run's events grouped by node, as event_counts reads them."""
+def node_counts_query(run_id: str) -> Any:
     e = TraceEventRow
     errors = func.sum(case((e.level >= int(Level.ERROR), 1), else_=0))
-    stmt = (
+    return (
         select(e.node_id, func.count(), errors, func.min(e.ts_us), func.max(e.ts_us))
         .where(e.run_id == run_id)
         .group_by(e.node_id)
         .order_by(e.node_id)
     )
+
+
+async def node_counts(session: AsyncSession, run_id: str) -> list[NodeCount]:
+    """A run's events grouped by node, as event_counts reads them."""
+    stmt = node_counts_query(run_id)
     return [
         NodeCount(str(node), int(n), int(err or 0), int(lo), int(hi))
         for node, n, err, lo, hi in (await session.execute(stmt)).all()
@@ -104,14 +113,18 @@ async def node_counts(session: AsyncSession, run_id: str) -> list[NodeCount]:
 async def first_milestones(session: AsyncSession, run_id: str, limit: int) -> list[MilestoneRow]:
     """A run's first `limit` milestones in sequence order, without their heavy
     fields (data, output summary, error)."""
+    stmt = milestones_query(run_id, limit)
+    return [MilestoneRow(*row) for row in (await session.execute(stmt)).all()]
+
+
+def milestones_query(run_id: str, limit: int) -> Any:
     e = TraceEventRow
-    stmt = (
+    return (
         select(e.seq, e.ts_us, e.type, e.level, e.node_id, e.message, e.user_message)
         .where(e.run_id == run_id, e.milestone.is_(True))
         .order_by(e.seq)
         .limit(limit)
     )
-    return [MilestoneRow(*row) for row in (await session.execute(stmt)).all()]
 
 
 async def run_jobs(session: AsyncSession, run_id: str, *, workflow: bool) -> list[StepRow]:
@@ -137,17 +150,21 @@ async def runs_of_name(
 ) -> list[WorkflowRun]:
     """The newest `limit` runs of a workflow name in a tenant, newest first
     (ix_workflows_tenant_name_seq)."""
+    stmt = runs_of_name_query(tenant, name, limit)
+    return [
+        WorkflowRun(id=i, state=RunState(s), created_us=c, started_us=st, completed_us=done)
+        for i, s, c, st, done in (await session.execute(stmt)).all()
+    ]
+
+
+def runs_of_name_query(tenant: str, name: str, limit: int) -> Any:
     w = WorkflowRow
-    stmt = (
+    return (
         select(w.id, w.state, w.created_us, w.started_us, w.completed_us)
         .where(w.tenant == tenant, w.name == name)
         .order_by(w.seq.desc())
         .limit(limit)
     )
-    return [
-        WorkflowRun(id=i, state=RunState(s), created_us=c, started_us=st, completed_us=done)
-        for i, s, c, st, done in (await session.execute(stmt)).all()
-    ]
 
 
 async def workflow_name(session: AsyncSession, workflow_id: str) -> str:
