@@ -92,11 +92,10 @@ class RunSummaries:
         runs of that name before it, newest first (at most `recent_runs`, 0:
         the default)."""
         v = Violations()
-        if bool(run_id) == bool(workflow_name):
-            v.add(
-                "run_id" if run_id else "run_id|workflow_name",
-                "give exactly one of run_id and workflow_name",
-            )
+        if not run_id and not workflow_name:
+            v.add("run_id", "required: a run id, or a workflow_name instead")
+        elif run_id and workflow_name:
+            v.add("workflow_name", "give run_id or workflow_name, not both")
         if run_id and recent_runs:
             v.add("recent_runs", "only with workflow_name (the runs before its newest)")
         elif not 0 <= recent_runs <= MAX_RECENT_RUNS:
@@ -120,7 +119,7 @@ class RunSummaries:
                     )
                 run_id, recent = runs[0].id, runs[1:]
                 scope = tenant
-            # Every read in one transaction (one snapshot on PostgreSQL).
+            # Every read in one read transaction.
             status = await self._trace.status_in(session, scope, run_id)
             workflow = run_kind(run_id) == "workflow"
             counts = await store.event_counts(session, run_id)
