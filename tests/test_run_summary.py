@@ -275,8 +275,7 @@ async def test_summary_queries_use_an_index(harness: Harness) -> None:
     # A run's events are one range of the primary key (run_id, seq).
     key = "trace_events_pkey" if url.startswith("postgresql") else "sqlite_autoindex_trace_events"
     for stmt in (
-        summary_store.event_counts_query(run),
-        summary_store.node_counts_query(run),
+        summary_store.event_groups_query(run),
         summary_store.milestones_query(run, 100),
     ):
         plan = await plan_of(url, stmt)

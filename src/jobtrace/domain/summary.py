@@ -9,7 +9,7 @@ from jobtrace.domain import fan_out
 from jobtrace.domain.errors import NotFound, Violations
 from jobtrace.domain.trace import RunStatus, Trace
 from jobtrace.ids import run_kind
-from jobtrace.model import RunState
+from jobtrace.model import Level, RunState
 from jobtrace.store import summary as store
 from jobtrace.store.db import Database
 from jobtrace.store.summary import MilestoneRow, WorkflowRun
@@ -122,44 +122,66 @@ class RunSummaries:
             # Every read in one read transaction.
             status = await self._trace.status_in(session, scope, run_id)
             workflow = run_kind(run_id) == "workflow"
-            counts = await store.event_counts(session, run_id)
-            by_node = await store.node_counts(session, run_id)
+            groups = await store.event_groups(session, run_id)
             jobs = await store.run_jobs(session, run_id, workflow=workflow)
             milestones = await store.first_milestones(session, run_id, MAX_MILESTONES)
-            name = await store.workflow_name(session, run_id) if workflow else ""
+            name = workflow_name or (await store.workflow_name(session, run_id) if workflow else "")
+        # Adding up the groups the database counted (a few per node), not events.
         levels: dict[int, int] = {}
         types: dict[int, int] = {}
-        for c in counts:
-            levels[c.level] = levels.get(c.level, 0) + c.events
-            types[c.type] = types.get(c.type, 0) + c.events
-        span = (
-            Span(min(c.first_us for c in counts), max(c.last_us for c in counts))
-            if counts
-            else Span()
-        )
+        for g in groups:
+            levels[g.level] = levels.get(g.level, 0) + g.events
+            types[g.type] = types.get(g.type, 0) + g.events
         return (
             RunSummary(
                 run_id=run_id,
                 status=status,
                 workflow_name=name,
-                total_events=sum(c.events for c in counts),
+                total_events=sum(g.events for g in groups),
                 levels=tuple(sorted(levels.items())),
                 types=tuple(sorted(types.items())),
-                span=span,
-                nodes=_nodes(jobs, by_node, workflow=workflow),
+                span=_span(groups),
+                nodes=_nodes(jobs, groups, workflow=workflow),
                 milestones=tuple(milestones),
-                total_milestones=sum(c.milestones for c in counts),
+                total_milestones=sum(g.milestones for g in groups),
             ),
             recent,
         )
 
 
+def _span(groups: list[store.EventGroup]) -> Span:
+    if not groups:
+        return Span()
+    return Span(min(g.first_us for g in groups), max(g.last_us for g in groups))
+
+
+@dataclass(frozen=True, slots=True)
+class _NodeEvents:
+    events: int
+    errors: int
+    span: Span
+
+
+def _by_node(groups: list[store.EventGroup]) -> dict[str, _NodeEvents]:
+    nodes: dict[str, list[store.EventGroup]] = {}
+    for g in groups:
+        nodes.setdefault(g.node_id, []).append(g)
+    return {
+        node: _NodeEvents(
+            events=sum(g.events for g in mine),
+            errors=sum(g.events for g in mine if g.level >= Level.ERROR),
+            span=_span(mine),
+        )
+        for node, mine in nodes.items()
+    }
+
+
 def _nodes(
-    jobs: list[store.StepRow], counts: list[store.NodeCount], *, workflow: bool
+    jobs: list[store.StepRow], groups: list[store.EventGroup], *, workflow: bool
 ) -> tuple[NodeSummary, ...]:
     """The run's jobs (steps in step order) with their events' counts, then
     the other nodes events named, by name."""
-    by_node = {c.node_id: c for c in counts}
+    by_node = _by_node(groups)
     numbers = {j.node_id: j.step_index + 1 for j in jobs if j.step_index < fan_out.CHILD_INDEX_BASE}
     nodes = []
     for job in jobs:
@@ -175,18 +197,11 @@ def _nodes(
                 state=job.state,
                 events=c.events if c else 0,
                 errors=c.errors if c else 0,
-                span=Span(c.first_us, c.last_us) if c else Span(),
+                span=c.span if c else Span(),
                 attempts=job.attempt,
                 failures=failed_attempts(job.state, job.attempt),
             )
         )
-    for c in sorted(by_node.values(), key=lambda c: c.node_id):
-        nodes.append(
-            NodeSummary(
-                node_id=c.node_id,
-                events=c.events,
-                errors=c.errors,
-                span=Span(c.first_us, c.last_us),
-            )
-        )
+    for node_id, c in sorted(by_node.items()):
+        nodes.append(NodeSummary(node_id=node_id, events=c.events, errors=c.errors, span=c.span))
     return tuple(nodes)

@@ -9,29 +9,20 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from jobtrace.model import Level, RunState
+from jobtrace.model import RunState
 from jobtrace.store.tables import JobRow, TraceEventRow, WorkflowRow
 
 
 @dataclass(frozen=True, slots=True)
-class EventCount:
-    """Events of one (level, type) pair of a run, and when they span."""
+class EventGroup:
+    """Events of one (node, level, type) of a run: how many, how many are
+    milestones, and when they span."""
 
+    node_id: str
     level: int
     type: int
     events: int
     milestones: int
-    first_us: int
-    last_us: int
-
-
-@dataclass(frozen=True, slots=True)
-class NodeCount:
-    """Events of one node of a run, those at ERROR or above, and when they span."""
-
-    node_id: str
-    events: int
-    errors: int
     first_us: int
     last_us: int
 
@@ -69,44 +60,32 @@ class WorkflowRun:
     completed_us: int
 
 
-def event_counts_query(run_id: str) -> Any:
+def event_groups_query(run_id: str) -> Any:
     e = TraceEventRow
     milestones = func.sum(case((e.milestone.is_(True), 1), else_=0))
     return (
-        select(e.level, e.type, func.count(), milestones, func.min(e.ts_us), func.max(e.ts_us))
+        select(
+            e.node_id,
+            e.level,
+            e.type,
+            func.count(),
+            milestones,
+            func.min(e.ts_us),
+            func.max(e.ts_us),
+        )
         .where(e.run_id == run_id)
-        .group_by(e.level, e.type)
-        .order_by(e.level, e.type)
+        .group_by(e.node_id, e.level, e.type)
     )
 
 
-async def event_counts(session: AsyncSession, run_id: str) -> list[EventCount]:
-    """A run's events grouped by (level, type): one range scan of the run's
-    rows on the primary key (run_id, seq), counted by the database."""
-    stmt = event_counts_query(run_id)
+async def event_groups(session: AsyncSession, run_id: str) -> list[EventGroup]:
+    """A run's events grouped by (node, level, type): one range scan of the
+    run's rows on the primary key (run_id, seq), counted by the database; a
+    summary's counts by level, by type and by node all add these groups up."""
+    stmt = event_groups_query(run_id)
     return [
-        EventCount(int(lv), int(ty), int(n), int(m or 0), int(lo), int(hi))
-        for lv, ty, n, m, lo, hi in (await session.execute(stmt)).all()
-    ]
-
-
-def node_counts_query(run_id: str) -> Any:
-    e = TraceEventRow
-    errors = func.sum(case((e.level >= int(Level.ERROR), 1), else_=0))
-    return (
-        select(e.node_id, func.count(), errors, func.min(e.ts_us), func.max(e.ts_us))
-        .where(e.run_id == run_id)
-        .group_by(e.node_id)
-        .order_by(e.node_id)
-    )
-
-
-async def node_counts(session: AsyncSession, run_id: str) -> list[NodeCount]:
-    """A run's events grouped by node, as event_counts reads them."""
-    stmt = node_counts_query(run_id)
-    return [
-        NodeCount(str(node), int(n), int(err or 0), int(lo), int(hi))
-        for node, n, err, lo, hi in (await session.execute(stmt)).all()
+        EventGroup(str(node), int(lv), int(ty), int(n), int(m or 0), int(lo), int(hi))
+        for node, lv, ty, n, m, lo, hi in (await session.execute(stmt)).all()
     ]
 
 
