@@ -175,8 +175,9 @@ async def test_trace_export_writes_every_event_in_order(
     assert out == table.read_text(encoding="utf-8"), "stdout gets the same bytes"
     assert len(list(csv.reader(io.StringIO(out)))) == EVENTS + 1
 
-    code, _, err = await jobtrace("trace", "export", "job_nope", "-o", "-", target=target)
-    assert code == 2 and "not found" in err
+    missing = tmp_path / "missing.csv"
+    code, _, err = await jobtrace("trace", "export", "job_nope", "-o", str(missing), target=target)
+    assert code == 2 and "not found" in err and not missing.exists()
 
 
 async def test_client_export_trace_reads_page_by_page(harness: Harness) -> None:

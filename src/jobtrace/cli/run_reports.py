@@ -110,6 +110,8 @@ def _output(path: str) -> Iterator[TextIO]:
 async def trace_export(args: argparse.Namespace, client: Client) -> int:
     """Every event of the run, page after page, each page written before the
     next is asked for: never the whole run in memory."""
+    # A run that is not there (or not the caller's) leaves no file behind.
+    await client.get_run_status(args.run_id)
     count = 0
     with _output(args.output) as out:
         write: Callable[[common_pb2.TraceEvent], None]
