@@ -19,6 +19,7 @@ from jobtrace.pb import worker_service_pb2 as w
 from jobtrace.store import summary as summary_store
 
 from .conftest import Harness, Stubs, expect_error, wait_for
+from .test_fan_out import fan_out_workflow, struct, wait_workflow
 from .test_trace import all_events, append, ev
 from .workers import RawWorker
 
@@ -280,3 +281,35 @@ async def test_summary_queries_use_an_index(harness: Harness) -> None:
     ):
         plan = await plan_of(url, stmt)
         assert key in plan and "SCAN trace_events" not in plan, plan
+
+
+async def test_fan_out_children_have_their_steps_number_and_count_their_failures(
+    api: Stubs,
+) -> None:
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"], max_concurrency=2)
+    request = fan_out_workflow()
+    request.steps[1].job.max_attempts = 2
+    request.steps[1].job.backoff.initial_interval.FromMilliseconds(1)
+    wf = (await api.jobs.SubmitWorkflow(request)).workflow
+    a = await raw.expect("assignment")
+    await raw.send(
+        complete=w.CompleteReport(job_id=a.job.id, attempt=1, result=struct({"files": ["x"]}))
+    )
+    await raw.expect("ack")
+    child = await raw.expect("assignment")
+    error = c.ErrorDetail(message="flaky")
+    await raw.send(fail=w.FailReport(job_id=child.job.id, attempt=1, error=error, retryable=True))
+    await raw.expect("assignment")
+    await raw.send(fail=w.FailReport(job_id=child.job.id, attempt=2, error=error, retryable=True))
+    await wait_workflow(api, wf.id)
+    summary = (await summary_of(api, run_id=wf.id)).summary
+    check_counts(summary, await all_events(api, wf.id))
+    steps = {n.node_id: n for n in summary.nodes if n.job_id}
+    assert [n.node_id for n in summary.nodes if n.job_id] == ["list", "each", "sum", "each[0]"]
+    assert [steps[s].step_number for s in ("list", "each", "sum", "each[0]")] == [1, 2, 3, 2]
+    failed = steps["each[0]"]
+    assert (failed.state, failed.attempts, failed.failures) == (c.RUN_STATE_FAILED, 2, 2)
+    assert failed.errors == 2 and steps["list"].failures == 0
+    assert steps["sum"].attempts == 0 and steps["sum"].events == 0
+    await raw.close()
