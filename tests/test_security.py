@@ -198,6 +198,7 @@ MATRIX: dict[str, tuple[str, ...]] = {
     "ListTraceEvents": (OK, OK, PD, OK, NF, NF, PD, OK),
     "StreamTraceEvents": (OK, OK, PD, OK, NF, NF, PD, OK),
     "GetRunStatus": (OK, OK, PD, OK, NF, NF, PD, OK),
+    "GetRunSummary": (OK, OK, PD, OK, NF, NF, PD, OK),
     "GetAttestation": (OK, OK, PD, OK, NF, NF, PD, OK),
     "ListAttestations": (OK, OK, PD, OK, OK, OK, PD, OK),
     "VerifyAttestation": (OK, OK, PD, OK, NF, NF, PD, OK),
@@ -325,6 +326,9 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
         "GetRunStatus": lambda md: api.trace.GetRunStatus(
             t.GetRunStatusRequest(run_id=ids["job"]), metadata=md
         ),
+        "GetRunSummary": lambda md: api.trace.GetRunSummary(
+            t.GetRunSummaryRequest(run_id=ids["job"]), metadata=md
+        ),
         "GetAttestation": lambda md: api.attest.GetAttestation(
             a.GetAttestationRequest(key=ids["key"]), metadata=md
         ),
@@ -389,6 +393,37 @@ async def test_lists_never_cross_tenants(secured: Harness) -> None:
         await api.attest.ListAttestations(a.ListAttestationsRequest(), metadata=umbrella_reader)
     ).attestations == []
     assert len((await api.jobs.ListJobs(j.ListJobsRequest(), metadata=other)).jobs) == 2
+
+
+async def test_run_summaries_by_workflow_name_stay_in_the_callers_tenant(
+    secured: Harness,
+) -> None:
+    ids = await _fixture_data(secured)
+    api = secured.stubs()
+
+    async def newest(role: str, tenant: str) -> str:
+        response = await api.trace.GetRunSummary(
+            t.GetRunSummaryRequest(workflow_name="w"), metadata=bearer(token(role, tenant))
+        )
+        return str(response.summary.run_id)
+
+    assert await newest("reader", "acme") == ids["wf"]
+    for role in ("reader", "admin"):  # an admin of another tenant names its own runs
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await newest(role, "umbrella")
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    theirs = (
+        await api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(
+                request_id="u-w",
+                name="w",
+                steps=[c.WorkflowStepSpec(name="a", job=c.JobSpec(service="x"))],
+            ),
+            metadata=bearer(token("submitter", "umbrella")),
+        )
+    ).workflow
+    assert await newest("reader", "umbrella") == theirs.id
+    assert await newest("reader", "acme") == ids["wf"], "acme's newest is still its own"
 
 
 async def test_worker_tokens_are_limited_to_their_services_and_tenants(secured: Harness) -> None:

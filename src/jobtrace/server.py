@@ -40,6 +40,7 @@ from jobtrace.domain.lifecycle import Lifecycle
 from jobtrace.domain.pagination import open_tokens
 from jobtrace.domain.redact import Redaction, UnsafePattern
 from jobtrace.domain.search import TraceSearch
+from jobtrace.domain.summary import RunSummaries
 from jobtrace.domain.trace import Trace
 from jobtrace.metrics import Metrics, StateSample
 from jobtrace.pb import SERVICE_NAMES, service_descriptor
@@ -178,7 +179,14 @@ class JobtraceServer:
         add_service(
             server,
             service_descriptor("TraceService"),
-            TraceServicer(self.trace, auth, streams, pages=pages, search=self.search),
+            TraceServicer(
+                self.trace,
+                auth,
+                streams,
+                pages=pages,
+                search=self.search,
+                summaries=RunSummaries(self.db, self.trace),
+            ),
         )
         add_service(
             server,

@@ -71,6 +71,11 @@ async def submit() -> str:
         envelope = await jt.export_attestation(f"workflow-completion:{workflow.id}")
         verdict: OfflineVerdict = verify_offline(envelope, keys)
         assert verdict.valid, verdict.reason
+        summary = (await jt.get_run_summary(workflow.id)).summary
+        failures: int = sum(node.failures for node in summary.nodes)
+        print(summary.total_events, failures)
+        async for event in jt.export_trace(workflow.id):
+            print(event.sequence, event.message)
         return workflow.id
 
 
@@ -85,6 +90,10 @@ def blocking(job_id: str) -> int:
         for snapshot in jt.watch_job(job.id):
             print(snapshot.state)
         jt.submit_workflow(workflow.name, workflow.steps)
+        recent = jt.get_run_summary(workflow_name="media", recent_runs=5).recent_runs
+        print([run.run_id for run in recent])
+        for event in jt.export_trace(job.id):
+            print(event.sequence)
         return int(job.state)
 
 

@@ -19,6 +19,7 @@ async def misuse(jt: SyncClient) -> None:
     await resize("ctx")  # error: the decorated handler keeps its signature
     jt.get_job(42)  # error: job_id is a str
     jt.cancel_job("job_1", reason=None)  # error: reason is a str
+    jt.get_run_summary(workflow_name="nightly", recent_runs="5")  # error: recent_runs is an int
 
 
 @worker.handler("bad")  # error: not a handler shape

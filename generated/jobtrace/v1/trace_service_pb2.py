@@ -22,47 +22,66 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from jobtrace.v1 import common_pb2 as jobtrace_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fjobtrace/v1/trace_service.proto\x12\x0bjobtrace.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18jobtrace/v1/common.proto\"S\n\x18\x41ppendTraceEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\'\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x17.jobtrace.v1.TraceEvent\"D\n\x19\x41ppendTraceEventsResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.jobtrace.v1.TraceEvent\"\x8f\x03\n\x16ListTraceEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12%\n\tmin_level\x18\x04 \x01(\x0e\x32\x12.jobtrace.v1.Level\x12\'\n\x08\x63\x61tegory\x18\x05 \x01(\x0e\x32\x15.jobtrace.v1.Category\x12\x0f\n\x07node_id\x18\x06 \x01(\t\x12)\n\x04type\x18\x07 \x01(\x0e\x32\x1b.jobtrace.v1.TraceEventType\x12)\n\x05since\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fmilestones_only\x18\n \x01(\x08\x12)\n\x04view\x18\x0b \x01(\x0e\x32\x1b.jobtrace.v1.TraceEventView\x12\x1c\n\x14min_display_priority\x18\x0c \x01(\x05\"e\n\x17ListTraceEventsResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.jobtrace.v1.TraceEvent\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\x12\x0c\n\x04more\x18\x03 \x01(\x08\"\xe3\x02\n\x18StreamTraceEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\x12%\n\tmin_level\x18\x04 \x01(\x0e\x32\x12.jobtrace.v1.Level\x12\'\n\x08\x63\x61tegory\x18\x05 \x01(\x0e\x32\x15.jobtrace.v1.Category\x12\x0f\n\x07node_id\x18\x06 \x01(\t\x12)\n\x04type\x18\x07 \x01(\x0e\x32\x1b.jobtrace.v1.TraceEventType\x12)\n\x05since\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fmilestones_only\x18\n \x01(\x08\x12\x1c\n\x14min_display_priority\x18\x0b \x01(\x05\"\xba\x01\n\x19StreamTraceEventsResponse\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.jobtrace.v1.TraceEventH\x00\x12.\n\x0c\x66inal_status\x18\x02 \x01(\x0b\x32\x16.jobtrace.v1.RunStatusH\x00\x12+\n\tkeepalive\x18\x03 \x01(\x0b\x32\x16.jobtrace.v1.KeepaliveH\x00\x12\x0e\n\x06\x63ursor\x18\x04 \x01(\tB\x06\n\x04kind\"5\n\tKeepalive\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"%\n\x13GetRunStatusRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\">\n\x14GetRunStatusResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.jobtrace.v1.RunStatus\"\x87\x03\n\tRunStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.jobtrace.v1.RunState\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x08progress\x18\x06 \x01(\x0b\x32\x18.jobtrace.v1.RunProgress\x12\x0f\n\x07service\x18\x07 \x01(\t\x12\x16\n\x0ehistory_length\x18\x08 \x01(\x03\x12%\n\x07\x66\x61ilure\x18\t \x01(\x0b\x32\x14.jobtrace.v1.Failure\x12\x36\n\x12\x61ttempt_started_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x0bRunProgress\x12\x19\n\x11\x63ompleted_actions\x18\x01 \x01(\x05\x12\x15\n\rtotal_actions\x18\x02 \x01(\x05\"\xed\x02\n\x18SearchTraceEventsRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12%\n\tmin_level\x18\x05 \x01(\x0e\x32\x12.jobtrace.v1.Level\x12\'\n\x08\x63\x61tegory\x18\x06 \x01(\x0e\x32\x15.jobtrace.v1.Category\x12)\n\x04type\x18\x07 \x01(\x0e\x32\x1b.jobtrace.v1.TraceEventType\x12\x0f\n\x07service\x18\x08 \x01(\t\x12)\n\x05since\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x04view\x18\x0b \x01(\x0e\x32\x1b.jobtrace.v1.TraceEventView\"^\n\x19SearchTraceEventsResponse\x12(\n\x04hits\x18\x01 \x03(\x0b\x32\x1a.jobtrace.v1.TraceEventHit\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"X\n\rTraceEventHit\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12&\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x17.jobtrace.v1.TraceEvent\x12\x0f\n\x07snippet\x18\x03 \x01(\t*i\n\x0eTraceEventView\x12 \n\x1cTRACE_EVENT_VIEW_UNSPECIFIED\x10\x00\x12\x1a\n\x16TRACE_EVENT_VIEW_BASIC\x10\x01\x12\x19\n\x15TRACE_EVENT_VIEW_FULL\x10\x02\x32\xef\x03\n\x0cTraceService\x12\x62\n\x11\x41ppendTraceEvents\x12%.jobtrace.v1.AppendTraceEventsRequest\x1a&.jobtrace.v1.AppendTraceEventsResponse\x12\\\n\x0fListTraceEvents\x12#.jobtrace.v1.ListTraceEventsRequest\x1a$.jobtrace.v1.ListTraceEventsResponse\x12\x64\n\x11StreamTraceEvents\x12%.jobtrace.v1.StreamTraceEventsRequest\x1a&.jobtrace.v1.StreamTraceEventsResponse0\x01\x12S\n\x0cGetRunStatus\x12 .jobtrace.v1.GetRunStatusRequest\x1a!.jobtrace.v1.GetRunStatusResponse\x12\x62\n\x11SearchTraceEvents\x12%.jobtrace.v1.SearchTraceEventsRequest\x1a&.jobtrace.v1.SearchTraceEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fjobtrace/v1/trace_service.proto\x12\x0bjobtrace.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18jobtrace/v1/common.proto\"S\n\x18\x41ppendTraceEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\'\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x17.jobtrace.v1.TraceEvent\"D\n\x19\x41ppendTraceEventsResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.jobtrace.v1.TraceEvent\"\x8f\x03\n\x16ListTraceEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12%\n\tmin_level\x18\x04 \x01(\x0e\x32\x12.jobtrace.v1.Level\x12\'\n\x08\x63\x61tegory\x18\x05 \x01(\x0e\x32\x15.jobtrace.v1.Category\x12\x0f\n\x07node_id\x18\x06 \x01(\t\x12)\n\x04type\x18\x07 \x01(\x0e\x32\x1b.jobtrace.v1.TraceEventType\x12)\n\x05since\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fmilestones_only\x18\n \x01(\x08\x12)\n\x04view\x18\x0b \x01(\x0e\x32\x1b.jobtrace.v1.TraceEventView\x12\x1c\n\x14min_display_priority\x18\x0c \x01(\x05\"e\n\x17ListTraceEventsResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.jobtrace.v1.TraceEvent\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\x12\x0c\n\x04more\x18\x03 \x01(\x08\"\xe3\x02\n\x18StreamTraceEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\x12%\n\tmin_level\x18\x04 \x01(\x0e\x32\x12.jobtrace.v1.Level\x12\'\n\x08\x63\x61tegory\x18\x05 \x01(\x0e\x32\x15.jobtrace.v1.Category\x12\x0f\n\x07node_id\x18\x06 \x01(\t\x12)\n\x04type\x18\x07 \x01(\x0e\x32\x1b.jobtrace.v1.TraceEventType\x12)\n\x05since\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fmilestones_only\x18\n \x01(\x08\x12\x1c\n\x14min_display_priority\x18\x0b \x01(\x05\"\xba\x01\n\x19StreamTraceEventsResponse\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.jobtrace.v1.TraceEventH\x00\x12.\n\x0c\x66inal_status\x18\x02 \x01(\x0b\x32\x16.jobtrace.v1.RunStatusH\x00\x12+\n\tkeepalive\x18\x03 \x01(\x0b\x32\x16.jobtrace.v1.KeepaliveH\x00\x12\x0e\n\x06\x63ursor\x18\x04 \x01(\tB\x06\n\x04kind\"5\n\tKeepalive\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"%\n\x13GetRunStatusRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\">\n\x14GetRunStatusResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.jobtrace.v1.RunStatus\"R\n\x14GetRunSummaryRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rworkflow_name\x18\x02 \x01(\t\x12\x13\n\x0brecent_runs\x18\x03 \x01(\x05\"n\n\x15GetRunSummaryResponse\x12(\n\x07summary\x18\x01 \x01(\x0b\x32\x17.jobtrace.v1.RunSummary\x12+\n\x0brecent_runs\x18\x02 \x03(\x0b\x32\x16.jobtrace.v1.RecentRun\"\xdc\x02\n\nRunSummary\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0b\x32\x16.jobtrace.v1.RunStatus\x12\x15\n\rworkflow_name\x18\x03 \x01(\t\x12\x14\n\x0ctotal_events\x18\x04 \x01(\x03\x12\'\n\x06levels\x18\x05 \x03(\x0b\x32\x17.jobtrace.v1.LevelCount\x12%\n\x05types\x18\x06 \x03(\x0b\x32\x16.jobtrace.v1.TypeCount\x12*\n\x08timeline\x18\x07 \x01(\x0b\x32\x18.jobtrace.v1.RunTimeline\x12\'\n\x05nodes\x18\x08 \x03(\x0b\x32\x18.jobtrace.v1.NodeSummary\x12*\n\nmilestones\x18\t \x03(\x0b\x32\x16.jobtrace.v1.Milestone\x12\x18\n\x10total_milestones\x18\n \x01(\x03\"?\n\nLevelCount\x12!\n\x05level\x18\x01 \x01(\x0e\x32\x12.jobtrace.v1.Level\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x03\"F\n\tTypeCount\x12)\n\x04type\x18\x01 \x01(\x0e\x32\x1b.jobtrace.v1.TraceEventType\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x03\"\xa1\x01\n\x0bRunTimeline\x12\x32\n\x0e\x66irst_event_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_event_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xd9\x01\n\x0bNodeSummary\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bstep_number\x18\x02 \x01(\x05\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.jobtrace.v1.RunState\x12\x0e\n\x06\x65vents\x18\x05 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x03\x12*\n\x08timeline\x18\x07 \x01(\x0b\x32\x18.jobtrace.v1.RunTimeline\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\x05\x12\x10\n\x08\x66\x61ilures\x18\t \x01(\x05\"\xcd\x01\n\tMilestone\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x04type\x18\x03 \x01(\x0e\x32\x1b.jobtrace.v1.TraceEventType\x12!\n\x05level\x18\x04 \x01(\x0e\x32\x12.jobtrace.v1.Level\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x14\n\x0cuser_message\x18\x07 \x01(\t\"\x80\x02\n\tRecentRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.jobtrace.v1.RunState\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x87\x03\n\tRunStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.jobtrace.v1.RunState\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x08progress\x18\x06 \x01(\x0b\x32\x18.jobtrace.v1.RunProgress\x12\x0f\n\x07service\x18\x07 \x01(\t\x12\x16\n\x0ehistory_length\x18\x08 \x01(\x03\x12%\n\x07\x66\x61ilure\x18\t \x01(\x0b\x32\x14.jobtrace.v1.Failure\x12\x36\n\x12\x61ttempt_started_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x0bRunProgress\x12\x19\n\x11\x63ompleted_actions\x18\x01 \x01(\x05\x12\x15\n\rtotal_actions\x18\x02 \x01(\x05\"\xed\x02\n\x18SearchTraceEventsRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12%\n\tmin_level\x18\x05 \x01(\x0e\x32\x12.jobtrace.v1.Level\x12\'\n\x08\x63\x61tegory\x18\x06 \x01(\x0e\x32\x15.jobtrace.v1.Category\x12)\n\x04type\x18\x07 \x01(\x0e\x32\x1b.jobtrace.v1.TraceEventType\x12\x0f\n\x07service\x18\x08 \x01(\t\x12)\n\x05since\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x04view\x18\x0b \x01(\x0e\x32\x1b.jobtrace.v1.TraceEventView\"^\n\x19SearchTraceEventsResponse\x12(\n\x04hits\x18\x01 \x03(\x0b\x32\x1a.jobtrace.v1.TraceEventHit\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"X\n\rTraceEventHit\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12&\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x17.jobtrace.v1.TraceEvent\x12\x0f\n\x07snippet\x18\x03 \x01(\t*i\n\x0eTraceEventView\x12 \n\x1cTRACE_EVENT_VIEW_UNSPECIFIED\x10\x00\x12\x1a\n\x16TRACE_EVENT_VIEW_BASIC\x10\x01\x12\x19\n\x15TRACE_EVENT_VIEW_FULL\x10\x02\x32\xc7\x04\n\x0cTraceService\x12\x62\n\x11\x41ppendTraceEvents\x12%.jobtrace.v1.AppendTraceEventsRequest\x1a&.jobtrace.v1.AppendTraceEventsResponse\x12\\\n\x0fListTraceEvents\x12#.jobtrace.v1.ListTraceEventsRequest\x1a$.jobtrace.v1.ListTraceEventsResponse\x12\x64\n\x11StreamTraceEvents\x12%.jobtrace.v1.StreamTraceEventsRequest\x1a&.jobtrace.v1.StreamTraceEventsResponse0\x01\x12S\n\x0cGetRunStatus\x12 .jobtrace.v1.GetRunStatusRequest\x1a!.jobtrace.v1.GetRunStatusResponse\x12V\n\rGetRunSummary\x12!.jobtrace.v1.GetRunSummaryRequest\x1a\".jobtrace.v1.GetRunSummaryResponse\x12\x62\n\x11SearchTraceEvents\x12%.jobtrace.v1.SearchTraceEventsRequest\x1a&.jobtrace.v1.SearchTraceEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jobtrace.v1.trace_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRACEEVENTVIEW']._serialized_start=2485
-  _globals['_TRACEEVENTVIEW']._serialized_end=2590
-  _globals['_APPENDTRACEEVENTSREQUEST']._serialized_start=107
-  _globals['_APPENDTRACEEVENTSREQUEST']._serialized_end=190
-  _globals['_APPENDTRACEEVENTSRESPONSE']._serialized_start=192
-  _globals['_APPENDTRACEEVENTSRESPONSE']._serialized_end=260
-  _globals['_LISTTRACEEVENTSREQUEST']._serialized_start=263
-  _globals['_LISTTRACEEVENTSREQUEST']._serialized_end=662
-  _globals['_LISTTRACEEVENTSRESPONSE']._serialized_start=664
-  _globals['_LISTTRACEEVENTSRESPONSE']._serialized_end=765
-  _globals['_STREAMTRACEEVENTSREQUEST']._serialized_start=768
-  _globals['_STREAMTRACEEVENTSREQUEST']._serialized_end=1123
-  _globals['_STREAMTRACEEVENTSRESPONSE']._serialized_start=1126
-  _globals['_STREAMTRACEEVENTSRESPONSE']._serialized_end=1312
-  _globals['_KEEPALIVE']._serialized_start=1314
-  _globals['_KEEPALIVE']._serialized_end=1367
-  _globals['_GETRUNSTATUSREQUEST']._serialized_start=1369
-  _globals['_GETRUNSTATUSREQUEST']._serialized_end=1406
-  _globals['_GETRUNSTATUSRESPONSE']._serialized_start=1408
-  _globals['_GETRUNSTATUSRESPONSE']._serialized_end=1470
-  _globals['_RUNSTATUS']._serialized_start=1473
-  _globals['_RUNSTATUS']._serialized_end=1864
-  _globals['_RUNPROGRESS']._serialized_start=1866
-  _globals['_RUNPROGRESS']._serialized_end=1929
-  _globals['_SEARCHTRACEEVENTSREQUEST']._serialized_start=1932
-  _globals['_SEARCHTRACEEVENTSREQUEST']._serialized_end=2297
-  _globals['_SEARCHTRACEEVENTSRESPONSE']._serialized_start=2299
-  _globals['_SEARCHTRACEEVENTSRESPONSE']._serialized_end=2393
-  _globals['_TRACEEVENTHIT']._serialized_start=2395
-  _globals['_TRACEEVENTHIT']._serialized_end=2483
-  _globals['_TRACESERVICE']._serialized_start=2593
-  _globals['_TRACESERVICE']._serialized_end=3088
+  _globals['_TRACEEVENTVIEW']._serialized_start=4052
+  _globals['_TRACEEVENTVIEW']._serialized_end=4157
+  _globals['_APPENDTRACEEVENTSREQUEST']._serialized_start=139
+  _globals['_APPENDTRACEEVENTSREQUEST']._serialized_end=222
+  _globals['_APPENDTRACEEVENTSRESPONSE']._serialized_start=224
+  _globals['_APPENDTRACEEVENTSRESPONSE']._serialized_end=292
+  _globals['_LISTTRACEEVENTSREQUEST']._serialized_start=295
+  _globals['_LISTTRACEEVENTSREQUEST']._serialized_end=694
+  _globals['_LISTTRACEEVENTSRESPONSE']._serialized_start=696
+  _globals['_LISTTRACEEVENTSRESPONSE']._serialized_end=797
+  _globals['_STREAMTRACEEVENTSREQUEST']._serialized_start=800
+  _globals['_STREAMTRACEEVENTSREQUEST']._serialized_end=1155
+  _globals['_STREAMTRACEEVENTSRESPONSE']._serialized_start=1158
+  _globals['_STREAMTRACEEVENTSRESPONSE']._serialized_end=1344
+  _globals['_KEEPALIVE']._serialized_start=1346
+  _globals['_KEEPALIVE']._serialized_end=1399
+  _globals['_GETRUNSTATUSREQUEST']._serialized_start=1401
+  _globals['_GETRUNSTATUSREQUEST']._serialized_end=1438
+  _globals['_GETRUNSTATUSRESPONSE']._serialized_start=1440
+  _globals['_GETRUNSTATUSRESPONSE']._serialized_end=1502
+  _globals['_GETRUNSUMMARYREQUEST']._serialized_start=1504
+  _globals['_GETRUNSUMMARYREQUEST']._serialized_end=1586
+  _globals['_GETRUNSUMMARYRESPONSE']._serialized_start=1588
+  _globals['_GETRUNSUMMARYRESPONSE']._serialized_end=1698
+  _globals['_RUNSUMMARY']._serialized_start=1701
+  _globals['_RUNSUMMARY']._serialized_end=2049
+  _globals['_LEVELCOUNT']._serialized_start=2051
+  _globals['_LEVELCOUNT']._serialized_end=2114
+  _globals['_TYPECOUNT']._serialized_start=2116
+  _globals['_TYPECOUNT']._serialized_end=2186
+  _globals['_RUNTIMELINE']._serialized_start=2189
+  _globals['_RUNTIMELINE']._serialized_end=2350
+  _globals['_NODESUMMARY']._serialized_start=2353
+  _globals['_NODESUMMARY']._serialized_end=2570
+  _globals['_MILESTONE']._serialized_start=2573
+  _globals['_MILESTONE']._serialized_end=2778
+  _globals['_RECENTRUN']._serialized_start=2781
+  _globals['_RECENTRUN']._serialized_end=3037
+  _globals['_RUNSTATUS']._serialized_start=3040
+  _globals['_RUNSTATUS']._serialized_end=3431
+  _globals['_RUNPROGRESS']._serialized_start=3433
+  _globals['_RUNPROGRESS']._serialized_end=3496
+  _globals['_SEARCHTRACEEVENTSREQUEST']._serialized_start=3499
+  _globals['_SEARCHTRACEEVENTSREQUEST']._serialized_end=3864
+  _globals['_SEARCHTRACEEVENTSRESPONSE']._serialized_start=3866
+  _globals['_SEARCHTRACEEVENTSRESPONSE']._serialized_end=3960
+  _globals['_TRACEEVENTHIT']._serialized_start=3962
+  _globals['_TRACEEVENTHIT']._serialized_end=4050
+  _globals['_TRACESERVICE']._serialized_start=4160
+  _globals['_TRACESERVICE']._serialized_end=4743
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -396,6 +397,415 @@ class GetRunStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetRunStatusResponse: _TypeAlias = GetRunStatusResponse  # noqa: Y015
+
+@_typing.final
+class GetRunSummaryRequest(_message.Message):
+    """Request of GetRunSummary. Exactly one of run_id and workflow_name is set;
+    both or neither is INVALID_ARGUMENT.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    WORKFLOW_NAME_FIELD_NUMBER: _builtins.int
+    RECENT_RUNS_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """A workflow id or standalone job id: the run summarised."""
+    workflow_name: _builtins.str
+    """A workflow name: its newest run (by submission) in the caller's tenant is
+    summarised, and the runs of that name before it are listed. NOT_FOUND
+    when the tenant has no workflow of that name.
+    """
+    recent_runs: _builtins.int
+    """Optional, with workflow_name only. How many earlier runs to list in
+    recent_runs: 0 means 10; at most 100; anything else (or a value with
+    run_id) is INVALID_ARGUMENT.
+    """
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        workflow_name: _builtins.str = ...,
+        recent_runs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recent_runs", b"recent_runs", "run_id", b"run_id", "workflow_name", b"workflow_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRunSummaryRequest: _TypeAlias = GetRunSummaryRequest  # noqa: Y015
+
+@_typing.final
+class GetRunSummaryResponse(_message.Message):
+    """Response of GetRunSummary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    RECENT_RUNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def summary(self) -> Global___RunSummary:
+        """Output only. The run summarised."""
+
+    @_builtins.property
+    def recent_runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecentRun]:
+        """Output only. With workflow_name: the runs of that name submitted before
+        the summarised one, newest first, at most the request's recent_runs.
+        Empty with run_id.
+        """
+
+    def __init__(
+        self,
+        *,
+        summary: Global___RunSummary | None = ...,
+        recent_runs: _abc.Iterable[Global___RecentRun] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recent_runs", b"recent_runs", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRunSummaryResponse: _TypeAlias = GetRunSummaryResponse  # noqa: Y015
+
+@_typing.final
+class RunSummary(_message.Message):
+    """What happened in a run, counted from its stored trace events (retention
+    may have removed the oldest) and its jobs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    WORKFLOW_NAME_FIELD_NUMBER: _builtins.int
+    TOTAL_EVENTS_FIELD_NUMBER: _builtins.int
+    LEVELS_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    TIMELINE_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    MILESTONES_FIELD_NUMBER: _builtins.int
+    TOTAL_MILESTONES_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Output only. The run: a workflow id or standalone job id."""
+    workflow_name: _builtins.str
+    """Output only. The workflow's name; empty for a standalone job."""
+    total_events: _builtins.int
+    """Output only. Trace events stored for the run."""
+    total_milestones: _builtins.int
+    """Output only. Milestones stored for the run (may exceed those listed)."""
+    @_builtins.property
+    def status(self) -> Global___RunStatus:
+        """Output only. The run's status, as GetRunStatus returns it."""
+
+    @_builtins.property
+    def levels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LevelCount]:
+        """Output only. Events per level, one entry per level that occurs, in level
+        order.
+        """
+
+    @_builtins.property
+    def types(self) -> _containers.RepeatedCompositeFieldContainer[Global___TypeCount]:
+        """Output only. Events per type, one entry per type that occurs, in type
+        order.
+        """
+
+    @_builtins.property
+    def timeline(self) -> Global___RunTimeline:
+        """Output only. When the run's events span."""
+
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeSummary]:
+        """Output only. One entry per node (a workflow's steps in step order, then
+        other node ids such as "workflow" by name; a job's own node), with the
+        steps that have no events yet.
+        """
+
+    @_builtins.property
+    def milestones(self) -> _containers.RepeatedCompositeFieldContainer[Global___Milestone]:
+        """Output only. The run's first milestones in sequence order, at most 100;
+        the rest are read with ListTraceEvents (milestones_only).
+        """
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        status: Global___RunStatus | None = ...,
+        workflow_name: _builtins.str = ...,
+        total_events: _builtins.int = ...,
+        levels: _abc.Iterable[Global___LevelCount] | None = ...,
+        types: _abc.Iterable[Global___TypeCount] | None = ...,
+        timeline: Global___RunTimeline | None = ...,
+        nodes: _abc.Iterable[Global___NodeSummary] | None = ...,
+        milestones: _abc.Iterable[Global___Milestone] | None = ...,
+        total_milestones: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status", "timeline", b"timeline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["levels", b"levels", "milestones", b"milestones", "nodes", b"nodes", "run_id", b"run_id", "status", b"status", "timeline", b"timeline", "total_events", b"total_events", "total_milestones", b"total_milestones", "types", b"types", "workflow_name", b"workflow_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunSummary: _TypeAlias = RunSummary  # noqa: Y015
+
+@_typing.final
+class LevelCount(_message.Message):
+    """Events of one level."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEVEL_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    level: _common_pb2.Level.ValueType
+    """Output only. The level."""
+    events: _builtins.int
+    """Output only. Events at that level."""
+    def __init__(
+        self,
+        *,
+        level: _common_pb2.Level.ValueType = ...,
+        events: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "level", b"level"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LevelCount: _TypeAlias = LevelCount  # noqa: Y015
+
+@_typing.final
+class TypeCount(_message.Message):
+    """Events of one type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    type: _common_pb2.TraceEventType.ValueType
+    """Output only. The type."""
+    events: _builtins.int
+    """Output only. Events of that type."""
+    def __init__(
+        self,
+        *,
+        type: _common_pb2.TraceEventType.ValueType = ...,
+        events: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TypeCount: _TypeAlias = TypeCount  # noqa: Y015
+
+@_typing.final
+class RunTimeline(_message.Message):
+    """When a run's (or a node's) events span, by their timestamps."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_EVENT_AT_FIELD_NUMBER: _builtins.int
+    LAST_EVENT_AT_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def first_event_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only. Timestamp of the earliest event; unset without events."""
+
+    @_builtins.property
+    def last_event_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only. Timestamp of the latest event; unset without events."""
+
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """Output only. last_event_at - first_event_at (zero for one event); unset
+        without events.
+        """
+
+    def __init__(
+        self,
+        *,
+        first_event_at: _timestamp_pb2.Timestamp | None = ...,
+        last_event_at: _timestamp_pb2.Timestamp | None = ...,
+        duration: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "first_event_at", b"first_event_at", "last_event_at", b"last_event_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "first_event_at", b"first_event_at", "last_event_at", b"last_event_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunTimeline: _TypeAlias = RunTimeline  # noqa: Y015
+
+@_typing.final
+class NodeSummary(_message.Message):
+    """One node (a workflow step, a job, or another node id events named) of a
+    run.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    STEP_NUMBER_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    TIMELINE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """Output only. The node id: a step's name, a standalone job's id, or
+    whatever node id events carry (e.g. "workflow").
+    """
+    step_number: _builtins.int
+    """Output only. The step's position in its workflow, from 1; 0 for a node
+    that is not a workflow step.
+    """
+    job_id: _builtins.str
+    """Output only. The job of the step (or the standalone job); empty for a
+    node without a job.
+    """
+    state: _common_pb2.RunState.ValueType
+    """Output only. The state of the node's job; UNSPECIFIED without a job."""
+    events: _builtins.int
+    """Output only. Events of the node."""
+    errors: _builtins.int
+    """Output only. Events of the node at ERROR or above."""
+    attempts: _builtins.int
+    """Output only. Attempts the job has started (0 before the first)."""
+    failures: _builtins.int
+    """Output only. Attempts that failed: every attempt but the last (a retry
+    follows only a failed or lost attempt), and the last when the job failed,
+    timed out or waits to retry it.
+    """
+    @_builtins.property
+    def timeline(self) -> Global___RunTimeline:
+        """Output only. When the node's events span; unset fields without events."""
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        step_number: _builtins.int = ...,
+        job_id: _builtins.str = ...,
+        state: _common_pb2.RunState.ValueType = ...,
+        events: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        timeline: Global___RunTimeline | None = ...,
+        attempts: _builtins.int = ...,
+        failures: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeline", b"timeline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "errors", b"errors", "events", b"events", "failures", b"failures", "job_id", b"job_id", "node_id", b"node_id", "state", b"state", "step_number", b"step_number", "timeline", b"timeline"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeSummary: _TypeAlias = NodeSummary  # noqa: Y015
+
+@_typing.final
+class Milestone(_message.Message):
+    """A milestone event of a run, in short."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    USER_MESSAGE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Output only. The event's per-run sequence."""
+    type: _common_pb2.TraceEventType.ValueType
+    """Output only. The event's type."""
+    level: _common_pb2.Level.ValueType
+    """Output only. The event's level."""
+    node_id: _builtins.str
+    """Output only. The event's node."""
+    message: _builtins.str
+    """Output only. The event's message."""
+    user_message: _builtins.str
+    """Output only. The event's user-facing message."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. The event's timestamp."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        type: _common_pb2.TraceEventType.ValueType = ...,
+        level: _common_pb2.Level.ValueType = ...,
+        node_id: _builtins.str = ...,
+        message: _builtins.str = ...,
+        user_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "message", b"message", "node_id", b"node_id", "sequence", b"sequence", "time", b"time", "type", b"type", "user_message", b"user_message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Milestone: _TypeAlias = Milestone  # noqa: Y015
+
+@_typing.final
+class RecentRun(_message.Message):
+    """A run of a workflow name, in short (GetRunSummary's recent_runs)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    COMPLETED_AT_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Output only. The workflow id."""
+    state: _common_pb2.RunState.ValueType
+    """Output only. Its state."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When it was submitted."""
+
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When its first step started; unset before."""
+
+    @_builtins.property
+    def completed_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When it ended; unset before."""
+
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """Output only. completed_at - started_at; unset until it has ended after
+        starting.
+        """
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        state: _common_pb2.RunState.ValueType = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        completed_at: _timestamp_pb2.Timestamp | None = ...,
+        duration: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "duration", b"duration", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "duration", b"duration", "run_id", b"run_id", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecentRun: _TypeAlias = RecentRun  # noqa: Y015
 
 @_typing.final
 class RunStatus(_message.Message):

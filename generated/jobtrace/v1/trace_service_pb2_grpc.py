@@ -55,6 +55,11 @@ class TraceServiceStub:
                 request_serializer=jobtrace_dot_v1_dot_trace__service__pb2.GetRunStatusRequest.SerializeToString,
                 response_deserializer=jobtrace_dot_v1_dot_trace__service__pb2.GetRunStatusResponse.FromString,
                 _registered_method=True)
+        self.GetRunSummary = channel.unary_unary(
+                '/jobtrace.v1.TraceService/GetRunSummary',
+                request_serializer=jobtrace_dot_v1_dot_trace__service__pb2.GetRunSummaryRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_trace__service__pb2.GetRunSummaryResponse.FromString,
+                _registered_method=True)
         self.SearchTraceEvents = channel.unary_unary(
                 '/jobtrace.v1.TraceService/SearchTraceEvents',
                 request_serializer=jobtrace_dot_v1_dot_trace__service__pb2.SearchTraceEventsRequest.SerializeToString,
@@ -108,6 +113,17 @@ class TraceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRunSummary(self, request, context):
+        """Summarises a run from its stored events and its jobs, counted by the
+        database: events by level, by type and by node (step), the milestones,
+        the timeline and, for a workflow, each step's attempts and failures.
+        With workflow_name, the newest run of that name is summarised and the
+        runs before it are listed (recent_runs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SearchTraceEvents(self, request, context):
         """Finds trace events across runs by the words of their message and
         user_message (SQLite FTS5, PostgreSQL tsvector with a GIN index), newest
@@ -142,6 +158,11 @@ def add_TraceServiceServicer_to_server(servicer, server):
                     servicer.GetRunStatus,
                     request_deserializer=jobtrace_dot_v1_dot_trace__service__pb2.GetRunStatusRequest.FromString,
                     response_serializer=jobtrace_dot_v1_dot_trace__service__pb2.GetRunStatusResponse.SerializeToString,
+            ),
+            'GetRunSummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunSummary,
+                    request_deserializer=jobtrace_dot_v1_dot_trace__service__pb2.GetRunSummaryRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_trace__service__pb2.GetRunSummaryResponse.SerializeToString,
             ),
             'SearchTraceEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.SearchTraceEvents,
@@ -258,6 +279,33 @@ class TraceService:
             '/jobtrace.v1.TraceService/GetRunStatus',
             jobtrace_dot_v1_dot_trace__service__pb2.GetRunStatusRequest.SerializeToString,
             jobtrace_dot_v1_dot_trace__service__pb2.GetRunStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunSummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.TraceService/GetRunSummary',
+            jobtrace_dot_v1_dot_trace__service__pb2.GetRunSummaryRequest.SerializeToString,
+            jobtrace_dot_v1_dot_trace__service__pb2.GetRunSummaryResponse.FromString,
             options,
             channel_credentials,
             insecure,

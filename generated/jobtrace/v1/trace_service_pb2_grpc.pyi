@@ -58,6 +58,13 @@ class TraceServiceStub:
     """
     GetRunStatus: _grpc.UnaryUnaryMultiCallable[_trace_service_pb2.GetRunStatusRequest, _trace_service_pb2.GetRunStatusResponse]
     """Returns the status of a run."""
+    GetRunSummary: _grpc.UnaryUnaryMultiCallable[_trace_service_pb2.GetRunSummaryRequest, _trace_service_pb2.GetRunSummaryResponse]
+    """Summarises a run from its stored events and its jobs, counted by the
+    database: events by level, by type and by node (step), the milestones,
+    the timeline and, for a workflow, each step's attempts and failures.
+    With workflow_name, the newest run of that name is summarised and the
+    runs before it are listed (recent_runs).
+    """
     SearchTraceEvents: _grpc.UnaryUnaryMultiCallable[_trace_service_pb2.SearchTraceEventsRequest, _trace_service_pb2.SearchTraceEventsResponse]
     """Finds trace events across runs by the words of their message and
     user_message (SQLite FTS5, PostgreSQL tsvector with a GIN index), newest
@@ -97,6 +104,13 @@ class TraceServiceAsyncStub(TraceServiceStub):
     """
     GetRunStatus: _aio.UnaryUnaryMultiCallable[_trace_service_pb2.GetRunStatusRequest, _trace_service_pb2.GetRunStatusResponse]  # type: ignore[assignment]
     """Returns the status of a run."""
+    GetRunSummary: _aio.UnaryUnaryMultiCallable[_trace_service_pb2.GetRunSummaryRequest, _trace_service_pb2.GetRunSummaryResponse]  # type: ignore[assignment]
+    """Summarises a run from its stored events and its jobs, counted by the
+    database: events by level, by type and by node (step), the milestones,
+    the timeline and, for a workflow, each step's attempts and failures.
+    With workflow_name, the newest run of that name is summarised and the
+    runs before it are listed (recent_runs).
+    """
     SearchTraceEvents: _aio.UnaryUnaryMultiCallable[_trace_service_pb2.SearchTraceEventsRequest, _trace_service_pb2.SearchTraceEventsResponse]  # type: ignore[assignment]
     """Finds trace events across runs by the words of their message and
     user_message (SQLite FTS5, PostgreSQL tsvector with a GIN index), newest
@@ -157,6 +171,19 @@ class TraceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trace_service_pb2.GetRunStatusResponse, _abc.Awaitable[_trace_service_pb2.GetRunStatusResponse]]:
         """Returns the status of a run."""
+
+    @_abc_1.abstractmethod
+    def GetRunSummary(
+        self,
+        request: _trace_service_pb2.GetRunSummaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trace_service_pb2.GetRunSummaryResponse, _abc.Awaitable[_trace_service_pb2.GetRunSummaryResponse]]:
+        """Summarises a run from its stored events and its jobs, counted by the
+        database: events by level, by type and by node (step), the milestones,
+        the timeline and, for a workflow, each step's attempts and failures.
+        With workflow_name, the newest run of that name is summarised and the
+        runs before it are listed (recent_runs).
+        """
 
     @_abc_1.abstractmethod
     def SearchTraceEvents(

@@ -677,6 +677,75 @@ def run_status_to_proto(s: Any) -> Any:
     )
 
 
+def _timeline(span: Any) -> Any:
+    from jobtrace.pb import trace_service_pb2 as t
+
+    if not span.first_us and not span.last_us:
+        return t.RunTimeline()
+    return t.RunTimeline(
+        first_event_at=us_to_ts(span.first_us),
+        last_event_at=us_to_ts(span.last_us),
+        duration=us_to_duration(span.duration_us),
+    )
+
+
+def run_summary_to_proto(s: Any) -> Any:
+    """A domain.summary.RunSummary as its message."""
+    from jobtrace.pb import trace_service_pb2 as t
+
+    return t.RunSummary(
+        run_id=s.run_id,
+        status=run_status_to_proto(s.status),
+        workflow_name=s.workflow_name,
+        total_events=s.total_events,
+        levels=[t.LevelCount(level=lv, events=n) for lv, n in s.levels],
+        types=[t.TypeCount(type=ty, events=n) for ty, n in s.types],
+        timeline=_timeline(s.span),
+        nodes=[
+            t.NodeSummary(
+                node_id=n.node_id,
+                step_number=n.step_number,
+                job_id=n.job_id,
+                state=int(n.state),  # type: ignore[arg-type]
+                events=n.events,
+                errors=n.errors,
+                timeline=_timeline(n.span),
+                attempts=n.attempts,
+                failures=n.failures,
+            )
+            for n in s.nodes
+        ],
+        milestones=[
+            t.Milestone(
+                sequence=m.seq,
+                time=us_to_ts(m.ts_us),
+                type=m.type,
+                level=m.level,
+                node_id=m.node_id,
+                message=m.message,
+                user_message=m.user_message,
+            )
+            for m in s.milestones
+        ],
+        total_milestones=s.total_milestones,
+    )
+
+
+def recent_run_to_proto(r: Any) -> Any:
+    """A store.summary.WorkflowRun as a RecentRun."""
+    from jobtrace.pb import trace_service_pb2 as t
+
+    ended = r.started_us and r.completed_us
+    return t.RecentRun(
+        run_id=r.id,
+        state=int(r.state),  # type: ignore[arg-type]
+        created_at=us_to_ts(r.created_us),
+        started_at=us_to_ts(r.started_us),
+        completed_at=us_to_ts(r.completed_us),
+        duration=us_to_duration(max(0, r.completed_us - r.started_us)) if ended else None,
+    )
+
+
 # --- attestations and annotations -----------------------------------------------
 
 

@@ -12,6 +12,7 @@ from jobtrace.api.errors import rpc
 from jobtrace.api.limits import PageBytes, StreamLimiter
 from jobtrace.auth import Authenticator, Role
 from jobtrace.domain.search import TraceSearch
+from jobtrace.domain.summary import RunSummaries
 from jobtrace.domain.trace import Trace
 from jobtrace.pb import trace_service_pb2 as pb
 from jobtrace.pb import trace_service_pb2_grpc as pb_grpc
@@ -26,9 +27,11 @@ class TraceServicer(pb_grpc.TraceServiceServicer):
         *,
         pages: PageBytes,
         search: TraceSearch,
+        summaries: RunSummaries,
     ) -> None:
         self._trace = trace
         self._search = search
+        self._summaries = summaries
         self._auth = auth
         self._streams = streams
         self._pages = pages
@@ -116,3 +119,19 @@ class TraceServicer(pb_grpc.TraceServiceServicer):
             out=self._pages.encoder(lambda hit: convert.hit_to_proto(hit, full=full)),
         )
         return pb.SearchTraceEventsResponse(hits=found.hits, next_page_token=found.next_page_token)
+
+    async def GetRunSummary(
+        self, request: pb.GetRunSummaryRequest, context: Any
+    ) -> pb.GetRunSummaryResponse:
+        principal = self._auth.require(context, Role.READER)
+        summary, recent = await self._summaries.summarise(
+            principal.read_scope,
+            principal.tenant,
+            run_id=request.run_id,
+            workflow_name=request.workflow_name,
+            recent_runs=request.recent_runs,
+        )
+        return pb.GetRunSummaryResponse(
+            summary=convert.run_summary_to_proto(summary),
+            recent_runs=[convert.recent_run_to_proto(r) for r in recent],
+        )

@@ -16,6 +16,7 @@ from typing import Any
 from jobtrace import conventions
 from jobtrace.cli import render, trace_search
 from jobtrace.cli.render import Style, as_json, print_json, state_name, when
+from jobtrace.cli.run_reports import add_trace_reports
 from jobtrace.client import Client, Endpoint
 from jobtrace.client.api import Page, job_payload, job_result, parse_requirement
 from jobtrace.client.workflow_file import SCHEMA, load_workflow
@@ -865,6 +866,7 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
     p.add_argument("--no-follow", action="store_true", help="stop after the replay")
     p.set_defaults(func=run_command(trace_tail))
     trace_search.add_parser(trace, [conn, out, colour], run_command)
+    add_trace_reports(trace, run_command, conn, out, colour)
 
     p = attest.add_parser("get", parents=[conn, out], help="show an attestation by key")
     p.add_argument("key", help="e.g. workflow-completion:wf_...")

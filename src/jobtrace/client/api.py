@@ -674,6 +674,39 @@ class Client:
         """Every hit of search_trace_events with these filters, page after page."""
         return _every(self.search_trace_events, {"query": query, **filters})
 
+    async def get_run_summary(
+        self, run_id: str = "", *, workflow_name: str = "", recent_runs: int = 0
+    ) -> trace_service_pb2.GetRunSummaryResponse:
+        """A run's summary, counted by the server: events by level, type and
+        node (step), milestones, timeline, and each step's attempts and
+        failures. Give a `run_id`, or a `workflow_name`: then its newest run
+        is summarised and `recent_runs` lists up to that many runs before it
+        (0: 10; at most 100), newest first."""
+        request = trace_service_pb2.GetRunSummaryRequest(
+            run_id=run_id, workflow_name=workflow_name, recent_runs=recent_runs
+        )
+        response: trace_service_pb2.GetRunSummaryResponse = await self._call(
+            self.trace_stub.GetRunSummary, request, retry=True
+        )
+        return response
+
+    async def export_trace(
+        self, run_id: str, *, page_size: int = 1000, **filters: Any
+    ) -> AsyncIterator[common_pb2.TraceEvent]:
+        """Every event of a run (each whole, FULL view), in sequence order,
+        page after page through ListTraceEvents: one page in memory at a
+        time, whatever the run's length. Filters as list_trace_events."""
+        cursor = ""
+        while True:
+            page = await self.list_trace_events(
+                run_id, cursor=cursor, page_size=page_size, view="full", **filters
+            )
+            for event in page.events:
+                yield event
+            cursor = page.next_cursor or cursor
+            if not page.more:
+                return
+
     # --- AttestationService ------------------------------------------------------------
 
     async def get_attestation(self, key: str) -> attestation_service_pb2.Attestation:

@@ -307,6 +307,20 @@ class SyncClient:
     ) -> Iterator[trace_service_pb2.TraceEventHit]:
         return self._iterate(self.client.iter_search_trace_events(query, **filters))
 
+    def get_run_summary(
+        self, run_id: str = "", *, workflow_name: str = "", recent_runs: int = 0
+    ) -> trace_service_pb2.GetRunSummaryResponse:
+        return self._run(
+            self.client.get_run_summary(
+                run_id, workflow_name=workflow_name, recent_runs=recent_runs
+            )
+        )
+
+    def export_trace(
+        self, run_id: str, *, page_size: int = 1000, **filters: Any
+    ) -> Iterator[common_pb2.TraceEvent]:
+        return self._iterate(self.client.export_trace(run_id, page_size=page_size, **filters))
+
     def get_attestation(self, key: str) -> attestation_service_pb2.Attestation:
         return self._run(self.client.get_attestation(key))
 

@@ -594,6 +594,11 @@ class Trace:
         async with self._db.read() as session:
             return await self._status(session, tenant, run_id)
 
+    async def status_in(self, session: AsyncSession, tenant: str | None, run_id: str) -> RunStatus:
+        """The status of a run `tenant` (None: any) may see, read in this
+        session (with other reads of the same snapshot); NOT_FOUND otherwise."""
+        return await self._status(session, tenant, run_id)
+
     async def _status(self, session: AsyncSession, tenant: str | None, run_id: str) -> RunStatus:
         await self.require_run(session, tenant, run_id)
         history = await store.history_length(session, run_id)

@@ -62,6 +62,8 @@ class WorkflowRow(Base):
     __table_args__ = (
         Index("ix_workflows_tenant_seq", "tenant", "seq"),
         Index("ix_workflows_tenant_state_seq", "tenant", "state", "seq"),
+        # The runs of a workflow name, newest first (GetRunSummary's recent runs).
+        Index("ix_workflows_tenant_name_seq", "tenant", "name", "seq"),
     )
 
 
