@@ -120,6 +120,7 @@ class TraceServicer(pb_grpc.TraceServiceServicer):
         )
         return pb.SearchTraceEventsResponse(hits=found.hits, next_page_token=found.next_page_token)
 
+    @rpc
     async def GetRunSummary(
         self, request: pb.GetRunSummaryRequest, context: Any
     ) -> pb.GetRunSummaryResponse:
