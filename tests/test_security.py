@@ -199,6 +199,8 @@ MATRIX: dict[str, tuple[str, ...]] = {
     "StreamTraceEvents": (OK, OK, PD, OK, NF, NF, PD, OK),
     "GetRunStatus": (OK, OK, PD, OK, NF, NF, PD, OK),
     "GetRunSummary": (OK, OK, PD, OK, NF, NF, PD, OK),
+    # Of one run: another tenant's run is not found (across runs, nothing of it).
+    "SearchTraceEvents": (OK, OK, PD, OK, NF, NF, PD, OK),
     "GetAttestation": (OK, OK, PD, OK, NF, NF, PD, OK),
     "ListAttestations": (OK, OK, PD, OK, OK, OK, PD, OK),
     "VerifyAttestation": (OK, OK, PD, OK, NF, NF, PD, OK),
@@ -328,6 +330,9 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
         ),
         "GetRunSummary": lambda md: api.trace.GetRunSummary(
             t.GetRunSummaryRequest(run_id=ids["job"]), metadata=md
+        ),
+        "SearchTraceEvents": lambda md: api.trace.SearchTraceEvents(
+            t.SearchTraceEventsRequest(query="started", run_id=ids["job"]), metadata=md
         ),
         "GetAttestation": lambda md: api.attest.GetAttestation(
             a.GetAttestationRequest(key=ids["key"]), metadata=md
