@@ -85,6 +85,7 @@ class Reports(SchedulerState):
             self._jobs.notify(tx, await self._life.complete(db, tx, job, result, now_us(), by))
 
         await self._db.write(op)
+        session.completed += 1
         self._release_slot(session, job_id)
 
     async def step_result(
@@ -158,6 +159,7 @@ class Reports(SchedulerState):
             self._jobs.notify(tx, changed)
 
         await self._db.write(op)
+        session.failed += 1
         self._release_slot(session, job_id)
 
     async def trace_report(
