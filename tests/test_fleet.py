@@ -4,7 +4,9 @@ backends; tenancy; and the registry shared by replicas on PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,29 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 @pytest.fixture
 async def fleet(db_url: str) -> AsyncIterator[Harness]:
-    """Short heartbeats (the registry is written once per interval) and leases."""
-    async with Harness(db_url, lease_seconds=2.0, heartbeat_seconds=0.2) as h:
+    """Short heartbeats (the registry is written once per interval); leases
+    long enough that a worker sending none keeps its session for the test."""
+    async with Harness(db_url, lease_seconds=30.0, heartbeat_seconds=0.2) as h:
         yield h
+
+
+@contextlib.asynccontextmanager
+async def beating(*raws: RawWorker, every: float = 0.2) -> AsyncIterator[None]:
+    """Heartbeats from these workers (holding nothing) while in the block."""
+
+    async def beat() -> None:
+        while True:
+            for raw in raws:
+                await raw.send(heartbeat=w.WorkerHeartbeat())
+            await asyncio.sleep(every)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def workers(api: Stubs, **filters: Any) -> list[w.ConnectedWorker]:
@@ -126,8 +148,12 @@ async def _none(value: Any) -> bool:
     return await value is None
 
 
-async def test_a_lost_lease_is_counted(fleet: Harness) -> None:
-    api = fleet.stubs()
+async def test_a_lost_lease_is_counted(db_url: str) -> None:
+    async with Harness(db_url, lease_seconds=1.0, heartbeat_seconds=0.2) as h:
+        await _lost_lease_is_counted(h.stubs())
+
+
+async def _lost_lease_is_counted(api: Stubs) -> None:
     raw = RawWorker(api)
     await raw.hello("w1", ["svc"])
     job = await submit(api, "a")
@@ -364,3 +390,65 @@ async def test_a_reader_sees_the_workers_that_can_serve_its_tenant(tenancy: Harn
     )
     for raw in connected:
         await raw.close()
+
+
+# --- replicas (PostgreSQL) ---------------------------------------------------------
+
+
+async def test_every_replica_lists_the_whole_fleet_and_a_dead_replicas_workers_expire(
+    pg_url: str, tmp_path: Path
+) -> None:
+    from .test_replicas import client, replicas
+
+    async with (
+        replicas(pg_url, tmp_path, 2) as (a, b),
+        client(a.target) as on_a,
+        client(b.target) as on_b,
+    ):
+        connected: dict[str, RawWorker] = {}
+        for api, name in ((on_a, "a1"), (on_a, "a2"), (on_b, "b1"), (on_b, "b2")):
+            connected[name] = RawWorker(api)
+            await connected[name].hello(name, ["svc"])
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(beating(*connected.values()))
+
+            async def listed(api: Stubs) -> dict[str, str] | None:
+                found = {x.worker_id: x.replica for x in await workers(api)}
+                return found if len(found) == 4 else None
+
+            on_each = [
+                await wait_for(lambda api=api: listed(api), timeout=15) for api in (on_a, on_b)
+            ]
+            assert on_each[0] == on_each[1]
+            by_name = on_each[0]
+            assert by_name["a1"] == by_name["a2"] != by_name["b1"] == by_name["b2"]
+            assert by_name["a1"].partition("/")[0].endswith(f":{a.port}")
+            assert by_name["b1"].partition("/")[0].endswith(f":{b.port}")
+
+            # A watch on A hears of a worker connecting on B.
+            stream = on_a.workers.WatchWorkers(w.WatchWorkersRequest())
+            while (await asyncio.wait_for(stream.read(), 10)).WhichOneof("kind") != "snapshot_done":
+                pass
+            late = RawWorker(on_b)
+            await late.hello("b3", ["svc"])
+            await stack.enter_async_context(beating(late))
+            change = await read_change(stream)
+            assert change.type == w.WORKER_CHANGE_TYPE_CONNECTED
+            assert change.worker.worker_id == "b3"
+
+            # B dies without a word: its workers stay listed until their
+            # expiry (about a lease, 3 s here), then are gone from A's list
+            # and A's watch.
+            b.proc.send_signal(signal.SIGKILL)
+            await b.proc.wait()
+
+            async def only_a() -> bool:
+                return sorted(x.worker_id for x in await workers(on_a)) == ["a1", "a2"]
+
+            await wait_for(only_a, timeout=30, interval=0.2)
+            gone = [await read_change(stream, 30) for _ in range(3)]
+            assert {c.worker.worker_id for c in gone} == {"b1", "b2", "b3"}
+            assert {c.type for c in gone} == {w.WORKER_CHANGE_TYPE_EXPIRED}
+            stream.cancel()
+        for raw in (connected["a1"], connected["a2"]):
+            await raw.close()
