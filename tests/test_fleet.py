@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -452,3 +454,98 @@ async def test_every_replica_lists_the_whole_fleet_and_a_dead_replicas_workers_e
             stream.cancel()
         for raw in (connected["a1"], connected["a2"]):
             await raw.close()
+
+
+# --- the clients and the CLI ----------------------------------------------------
+
+
+@pytest.fixture
+async def sqlite_fleet(sqlite_url: str) -> AsyncIterator[Harness]:
+    async with Harness(sqlite_url, lease_seconds=30.0, heartbeat_seconds=0.2) as h:
+        yield h
+
+
+async def test_the_clients_list_and_watch_workers(sqlite_fleet: Harness) -> None:
+    from jobtrace.client import Client, SyncClient
+
+    api = sqlite_fleet.stubs()
+    gpu, cpu = RawWorker(api), RawWorker(api)
+    await gpu.hello("gpu", ["svc"], labels={"gpu": "a100"})
+    await cpu.hello("cpu", ["svc"])
+    async with Client(sqlite_fleet.target) as jt:
+        await wait_for(lambda: _count(api, 2))
+        page = await jt.list_workers(labels={"gpu": "a100"}, draining=False)
+        assert [x.worker_id for x in page.items] == ["gpu"] and not page.next_page_token
+        assert [x.worker_id async for x in jt.iter_workers(page_size=1)] == ["gpu", "cpu"]
+        watch = jt.watch_workers(service="svc")
+        first = await anext(watch)
+        assert first.change.type == w.WORKER_CHANGE_TYPE_PRESENT
+        assert (await anext(watch)).change.worker.worker_id == "cpu"
+        assert (await anext(watch)).snapshot_done.workers == 2
+        await cpu.close()
+        gone = await asyncio.wait_for(anext(watch), 10)
+        assert gone.change.type == w.WORKER_CHANGE_TYPE_DISCONNECTED
+        await watch.aclose()
+
+    def blocking() -> list[str]:
+        with SyncClient(sqlite_fleet.target) as sync:
+            return [x.worker_id for x in sync.list_workers(service="svc").items]
+
+    assert await asyncio.to_thread(blocking) == ["gpu"]
+    await gpu.close()
+
+
+async def test_jobtrace_workers_prints_a_table_json_and_follows_changes(
+    sqlite_fleet: Harness,
+) -> None:
+    from .procs import jobtrace
+
+    api = sqlite_fleet.stubs()
+    raw = RawWorker(api)
+    await raw.hello("render-1", ["render"], max_concurrency=4, labels={"gpu": "a100"})
+    await wait_for(lambda: _count(api, 1))
+    t = sqlite_fleet.target
+    code, out, err = await jobtrace("workers", target=t)
+    assert code == 0, err
+    header, line = out.splitlines()
+    assert header.split()[:5] == ["WORKER", "SESSION", "REPLICA", "SERVICES", "SLOTS"]
+    assert line.split()[0] == "render-1" and "4/4" in line.split()
+    code, out, _ = await jobtrace("workers", "--json", "--label", "gpu=a100", target=t)
+    listed = json.loads(out)["workers"]
+    assert code == 0 and [x["worker_id"] for x in listed] == ["render-1"]
+    assert listed[0]["labels"] == {"gpu": "a100"} and listed[0]["max_concurrency"] == 4
+    code, out, _ = await jobtrace("workers", "--json", "--draining", "yes", target=t)
+    assert code == 0 and json.loads(out)["workers"] == []
+    code, _, err = await jobtrace("workers", "--label", "gpu", target=t)
+    assert code == 2 and "KEY=VALUE" in err
+    code, _, err = await jobtrace("workers", "--service", "bad service", target=t)
+    assert code == 2 and "filter.service" in err
+
+    # --watch: the snapshot, then each change, one JSON object a line.
+    env = {**os.environ, "JOBTRACE_TARGET": t, "NO_COLOR": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "jobtrace",
+        "workers",
+        "--watch",
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None
+    try:
+
+        async def line() -> dict[str, Any]:
+            read = await asyncio.wait_for(proc.stdout.readline(), 30)  # type: ignore[union-attr]
+            return dict(json.loads(read))
+
+        assert (await line())["change"]["type"] == "WORKER_CHANGE_TYPE_PRESENT"
+        assert (await line())["snapshot_done"]["workers"] == 1
+        await raw.close()
+        gone = await line()
+        assert gone["change"]["type"] == "WORKER_CHANGE_TYPE_DISCONNECTED"
+        assert gone["change"]["worker"]["worker_id"] == "render-1"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 30)
