@@ -549,3 +549,35 @@ async def test_jobtrace_workers_prints_a_table_json_and_follows_changes(
     finally:
         proc.send_signal(signal.SIGINT)
         await asyncio.wait_for(proc.wait(), 30)
+
+
+async def test_gauges_per_service_count_workers_free_slots_and_held_jobs(db_url: str) -> None:
+    from .test_observability import scrape
+
+    async with Harness(
+        db_url, metrics_port=0, metrics_max_services=2, lease_seconds=30.0, heartbeat_seconds=0.2
+    ) as h:
+        api = h.stubs()
+        first, second, third = RawWorker(api), RawWorker(api), RawWorker(api)
+        await first.hello("first", ["a"], max_concurrency=2)
+        job = await submit(api, "a-1", service="a")
+        assert (await first.expect("assignment")).job.id == job.id
+        await second.hello("second", ["a", "b"], max_concurrency=3)
+        await third.hello("third", ["c"])
+        s = await scrape(h.server)
+        gauges = {
+            name: {x.labels["service"]: x.value for x in s.matching(name)}
+            for name in (
+                "jobtrace_workers",
+                "jobtrace_worker_free_slots",
+                "jobtrace_worker_held_jobs",
+            )
+        }
+        # At most 2 services named (a, then b by their workers); c is "(other)".
+        assert gauges == {
+            "jobtrace_workers": {"a": 2, "b": 1, "(other)": 1},
+            "jobtrace_worker_free_slots": {"a": 4, "b": 3, "(other)": 1},
+            "jobtrace_worker_held_jobs": {"a": 1, "b": 0, "(other)": 0},
+        }, gauges
+        for raw in (first, second, third):
+            await raw.close()
