@@ -581,3 +581,32 @@ async def test_gauges_per_service_count_workers_free_slots_and_held_jobs(db_url:
         }, gauges
         for raw in (first, second, third):
             await raw.close()
+
+
+async def test_an_idle_watch_gets_keepalives(sqlite_url: str) -> None:
+    async with Harness(sqlite_url, keepalive_seconds=0.2, heartbeat_seconds=0.2) as h:
+        stream = h.stubs().workers.WatchWorkers(w.WatchWorkersRequest())
+        assert (await asyncio.wait_for(stream.read(), 10)).WhichOneof("kind") == "snapshot_done"
+        idle = await asyncio.wait_for(stream.read(), 10)
+        assert idle.WhichOneof("kind") == "keepalive" and idle.keepalive.time.seconds
+        stream.cancel()
+
+
+async def test_a_watcher_behind_its_buffer_still_gets_every_worker(
+    sqlite_fleet: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its buffer of pending changes a watcher re-reads the whole fleet:
+    changes coalesce, none is lost."""
+    from jobtrace.events import workers as feed
+
+    monkeypatch.setattr(feed, "WATCH_BUFFER", 1)
+    api = sqlite_fleet.stubs()
+    stream = api.workers.WatchWorkers(w.WatchWorkersRequest())
+    assert (await asyncio.wait_for(stream.read(), 10)).snapshot_done.workers == 0
+    raws = [RawWorker(api) for _ in range(5)]
+    await asyncio.gather(*(raw.hello(f"w{i}", ["svc"]) for i, raw in enumerate(raws)))
+    seen = {(await read_change(stream)).worker.worker_id for _ in range(5)}
+    assert seen == {f"w{i}" for i in range(5)}
+    stream.cancel()
+    for raw in raws:
+        await raw.close()

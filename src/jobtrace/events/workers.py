@@ -15,8 +15,8 @@ class WorkerSubscription:
     WATCH_BUFFER they are dropped and `overflowed` set, and the watcher re-reads
     every worker (changes coalesce, the latest state is never missed)."""
 
-    def __init__(self, maxsize: int = WATCH_BUFFER) -> None:
-        self.maxsize = maxsize
+    def __init__(self, maxsize: int | None = None) -> None:
+        self.maxsize = WATCH_BUFFER if maxsize is None else maxsize
         self.changed: set[str] = set()
         self.overflowed = False
         self.wakeup = asyncio.Event()
