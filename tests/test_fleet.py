@@ -610,3 +610,21 @@ async def test_a_watcher_behind_its_buffer_still_gets_every_worker(
     stream.cancel()
     for raw in raws:
         await raw.close()
+
+
+async def test_the_worker_runtime_reports_its_version(sqlite_fleet: Harness) -> None:
+    from jobtrace import __version__
+
+    from .workers import runtime_worker
+
+    async def noop(ctx: Any) -> dict[str, Any]:
+        return {}
+
+    api = sqlite_fleet.stubs()
+    async with (
+        runtime_worker(sqlite_fleet.target, {"svc": noop}, worker_id="default"),
+        runtime_worker(sqlite_fleet.target, {"svc": noop}, worker_id="app", version="app 2.0"),
+    ):
+        await wait_for(lambda: _count(api, 2))
+        versions = {x.worker_id: x.version for x in await workers(api)}
+    assert versions == {"default": f"jobtrace-python/{__version__}", "app": "app 2.0"}
