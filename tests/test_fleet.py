@@ -307,6 +307,18 @@ async def test_a_cancelled_watch_leaves_no_subscriber(fleet: Harness) -> None:
     await wait_for(lambda: feed.subscriber_count == 0)
 
 
+async def test_watchers_are_counted_in_the_metrics(sqlite_url: str) -> None:
+    from .test_observability import scrape, until_metric
+
+    async with Harness(sqlite_url, metrics_port=0) as h:
+        stream = h.stubs().workers.WatchWorkers(w.WatchWorkersRequest())
+        await asyncio.wait_for(stream.read(), 10)
+        s = await scrape(h.server)
+        assert s.value("jobtrace_stream_subscribers", kind="worker_watch") == 1
+        stream.cancel()
+        await until_metric(h, "jobtrace_stream_subscribers", 0, kind="worker_watch")
+
+
 # --- tenancy ------------------------------------------------------------------
 
 

@@ -59,7 +59,8 @@ class StateSample:
     queue_depth: list[tuple[str, str, int]] | None
     connected_workers: int
     active_leases: int
-    # Open live streams by kind: trace_stream, job_watch, workflow_watch, worker_session.
+    # Open live streams by kind: trace_stream, job_watch, workflow_watch,
+    # worker_session, worker_watch.
     subscribers: Mapping[str, int]
     retries: Mapping[str, int] = field(default_factory=dict)  # by service
     lease_expiries: Mapping[str, int] = field(default_factory=dict)  # by service

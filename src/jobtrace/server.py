@@ -137,7 +137,7 @@ class JobtraceServer:
                 None if s.reconnect_grace_seconds is None else int(s.reconnect_grace_seconds * 1000)
             ),
         )
-        self.fleet = Fleet(self.db, tokens, self.scheduler, keepalive_s=s.keepalive_seconds)
+        self.fleet = Fleet(self.db, tokens, self.scheduler, jobs, keepalive_s=s.keepalive_seconds)
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
@@ -302,6 +302,7 @@ class JobtraceServer:
                 "job_watch": watches["job"],
                 "workflow_watch": watches["workflow"],
                 "worker_session": len(sessions),
+                "worker_watch": self.fleet.feed.subscriber_count,
             },
             retries=dict(self.lifecycle.retries),
             lease_expiries=dict(self.scheduler.lease_expiries),

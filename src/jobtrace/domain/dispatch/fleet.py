@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from jobtrace.clock import now_us
 from jobtrace.domain.dispatch.sessions import HeldJobs, WorkerSession
 from jobtrace.domain.errors import Unavailable, Violations, log_failure
+from jobtrace.domain.jobs import Jobs
 from jobtrace.domain.pagination import PageTokens, position
 from jobtrace.domain.validation import SERVICE_RE, check_id, check_labels, check_page_size
 from jobtrace.events.workers import WorkerFeed
@@ -103,10 +104,12 @@ class Fleet:
         db: Database,
         tokens: PageTokens,
         scheduler: Scheduler,
+        jobs: Jobs,
         *,
         keepalive_s: float = 15.0,
     ) -> None:
         self._db = db
+        self._jobs = jobs
         self._tokens = tokens
         self._scheduler = scheduler
         self.keepalive_s = keepalive_s
@@ -128,7 +131,7 @@ class Fleet:
 
     def start(self, replica: str) -> None:
         self.replica = replica
-        self._scheduler._jobs.add_listener(self._on_jobs_changed)
+        self._jobs.add_listener(self._on_jobs_changed)
         self._task = asyncio.create_task(self._write_loop(), name="jobtrace-fleet")
 
     async def stop(self) -> None:
