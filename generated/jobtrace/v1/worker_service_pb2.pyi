@@ -1032,8 +1032,9 @@ class ConnectedWorker(_message.Message):
 
     @_builtins.property
     def last_heartbeat(self) -> _timestamp_pb2.Timestamp:
-        """Output only. Its last heartbeat, as its replica last wrote it (at most one
-        heartbeat interval behind).
+        """Output only. Its last heartbeat as its replica last wrote it: with the
+        session's next change, and at least every half lease (a worker silent for
+        a whole lease is disconnected).
         """
 
     @_builtins.property
