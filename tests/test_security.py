@@ -194,6 +194,9 @@ MATRIX: dict[str, tuple[str, ...]] = {
     "Connect": (PD, PD, OK, OK, PD, PD, OK, OK),
     # The job has ended: its own worker (m) is told so; anyone else, nothing.
     "GetStepResult": (PD, PD, "FAILED_PRECONDITION", PD, PD, PD, NF, PD),
+    # The fleet: readers see the workers that may serve their tenant.
+    "ListWorkers": (OK, OK, PD, OK, OK, OK, PD, OK),
+    "WatchWorkers": (OK, OK, PD, OK, OK, OK, PD, OK),
     "AppendTraceEvents": (PD, OK, PD, OK, PD, NF, PD, OK),
     "ListTraceEvents": (OK, OK, PD, OK, NF, NF, PD, OK),
     "StreamTraceEvents": (OK, OK, PD, OK, NF, NF, PD, OK),
@@ -313,6 +316,10 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
         "GetStepResult": lambda md: api.workers.GetStepResult(
             w.GetStepResultRequest(job_id=ids["job"], attempt=1, worker_id="m", step_name="a"),
             metadata=md,
+        ),
+        "ListWorkers": lambda md: api.workers.ListWorkers(w.ListWorkersRequest(), metadata=md),
+        "WatchWorkers": lambda md: stream_first(
+            api.workers.WatchWorkers(w.WatchWorkersRequest(), metadata=md)
         ),
         "AppendTraceEvents": lambda md: api.trace.AppendTraceEvents(
             # The workflow: still running (the job has ended, and takes no events).

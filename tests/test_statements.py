@@ -62,10 +62,13 @@ async def counted(
 def _background(statement: str) -> bool:
     """Statements a server runs on a clock, whatever its jobs do: storage
     probes, the supervisor's scans of leases and timeouts (each second), the
-    quota's recount of a tenant's waiting jobs (at most each second)."""
+    quota's recount of a tenant's waiting jobs (at most each second), the
+    fleet registry's write of the replica's changed sessions (at most once per
+    heartbeat interval, all sessions in one statement)."""
     s = statement.strip().rstrip(";")
     return (
         s.upper() == "SELECT 1"
+        or s.startswith(("INSERT INTO worker_sessions", "DELETE FROM worker_sessions"))
         or (s.startswith("SELECT jobs.seq, jobs.id,") and "jobs.state =" in s)
         or s.startswith("SELECT count(*) AS count_1 FROM (SELECT jobs.seq")
     )

@@ -59,13 +59,19 @@ class StateSample:
     queue_depth: list[tuple[str, str, int]] | None
     connected_workers: int
     active_leases: int
-    # Open live streams by kind: trace_stream, job_watch, workflow_watch, worker_session.
+    # Open live streams by kind: trace_stream, job_watch, workflow_watch,
+    # worker_session, worker_watch.
     subscribers: Mapping[str, int]
     retries: Mapping[str, int] = field(default_factory=dict)  # by service
     lease_expiries: Mapping[str, int] = field(default_factory=dict)  # by service
     events_appended: int = 0
     events_delivered: int = 0
     stream_catchups: int = 0
+    # By service: this replica's workers that run it, their free slots, and
+    # the jobs of the service they hold.
+    workers: Mapping[str, int] = field(default_factory=dict)
+    free_slots: Mapping[str, int] = field(default_factory=dict)
+    held_jobs: Mapping[str, int] = field(default_factory=dict)
 
 
 Sampler = Callable[[], Coroutine[Any, Any, StateSample]]
@@ -296,6 +302,29 @@ class StateCollector(Collector):
             ),
             self._folded(s.lease_expiries),
         )
+        # Services named by their workers, then their slots and held jobs.
+        self._services.fold(s.workers.items())
+        for name, text, values in (
+            (
+                "jobtrace_workers",
+                "Worker sessions connected to this replica that run the service.",
+                s.workers,
+            ),
+            (
+                "jobtrace_worker_free_slots",
+                "Free slots of this replica's workers that run the service (a slot "
+                "counts for every service its worker runs; none while draining).",
+                s.free_slots,
+            ),
+            (
+                "jobtrace_worker_held_jobs",
+                "Jobs of the service held by workers connected to this replica.",
+                s.held_jobs,
+            ),
+        ):
+            yield _by_label(
+                GaugeMetricFamily(name, text, labels=["service"]), self._labelled(values)
+            )
         yield CounterMetricFamily(
             "jobtrace_trace_events_appended",
             "Trace events stored by this replica (lifecycle, worker and API appends).",
@@ -312,6 +341,14 @@ class StateCollector(Collector):
             "database to recover (a gap, an overflowed buffer, a lost notice).",
             value=s.stream_catchups,
         )
+
+    def _labelled(self, by_service: Mapping[str, int]) -> Mapping[str, int]:
+        """Summed per label value, services past the limit as OTHER_SERVICES
+        (without naming new ones: the workers' services were named first)."""
+        out: Tally[str] = Tally()
+        for service, n in by_service.items():
+            out[self._services.label(service)] += n
+        return out
 
     def _folded(self, by_service: Mapping[str, int]) -> Mapping[str, int]:
         return self._services.fold(by_service.items())

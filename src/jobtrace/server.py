@@ -33,6 +33,7 @@ from jobtrace.config import Settings
 from jobtrace.domain.annotations import Annotations
 from jobtrace.domain.attest import Attestor, Signer
 from jobtrace.domain.dispatch import Scheduler
+from jobtrace.domain.dispatch.fleet import Fleet
 from jobtrace.domain.errors import log_failure
 from jobtrace.domain.evidence import data_budget
 from jobtrace.domain.jobs import Jobs
@@ -139,6 +140,7 @@ class JobtraceServer:
                 None if s.reconnect_grace_seconds is None else int(s.reconnect_grace_seconds * 1000)
             ),
         )
+        self.fleet = Fleet(self.db, tokens, self.scheduler, jobs, keepalive_s=s.keepalive_seconds)
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
@@ -174,7 +176,7 @@ class JobtraceServer:
         add_service(
             server,
             service_descriptor("WorkerService"),
-            WorkerServicer(self.scheduler, auth, streams),
+            WorkerServicer(self.scheduler, auth, streams, self.fleet),
         )
         add_service(
             server,
@@ -233,6 +235,9 @@ class JobtraceServer:
         self._server = server
         await self.db.listen(self._on_notices, self._on_listen_restored)
         self.scheduler.start()
+        # The replica as the fleet view names it: where it listens, and a
+        # random id of this process (two processes on one port differ).
+        self.fleet.start(f"{socket.gethostname()}:{self.port}/{self.db.replica_id}")
         self.trace.start(s.retention_sweep_seconds)
         files.start(s.reload_interval_seconds)
         self._maintenance = asyncio.create_task(
@@ -280,6 +285,7 @@ class JobtraceServer:
         with contextlib.suppress(asyncio.CancelledError):
             await self._maintenance
         await self.scheduler.drain(int(grace * 1000))
+        await self.fleet.stop()
         await self._server.stop(grace)
         self._server = None
         if self.metrics is not None:
@@ -298,6 +304,7 @@ class JobtraceServer:
         """The state metrics report at each scrape (called on the event loop)."""
         sessions = list(self.scheduler.sessions.values())
         watches = self.jobs.feed.subscribers_by_kind()
+        fleet = self.fleet.by_service()
         sample = StateSample(
             queue_depth=None,
             connected_workers=len(sessions),
@@ -307,12 +314,16 @@ class JobtraceServer:
                 "job_watch": watches["job"],
                 "workflow_watch": watches["workflow"],
                 "worker_session": len(sessions),
+                "worker_watch": self.fleet.feed.subscriber_count,
             },
             retries=dict(self.lifecycle.retries),
             lease_expiries=dict(self.scheduler.lease_expiries),
             events_appended=self.trace.events_appended,
             events_delivered=self.trace.events_delivered,
             stream_catchups=self.trace.stream_catchups,
+            workers={service: n for service, (n, _, _) in fleet.items()},
+            free_slots={service: n for service, (_, n, _) in fleet.items()},
+            held_jobs={service: n for service, (_, _, n) in fleet.items()},
         )
         try:
             async with asyncio.timeout(QUEUE_DEPTH_TIMEOUT_S):
@@ -334,6 +345,8 @@ class JobtraceServer:
                 self.trace.remote_events(n.get("run", ""))
             elif kind == "end":
                 self.trace.bus.poke(n.get("run", ""), run_ended=True)
+            elif kind == "workers":
+                self.fleet.feed.poke(n.get("s", []))
 
     def _on_listen_restored(self) -> None:
         """The LISTEN connection was lost and is back; notices sent meanwhile
@@ -341,6 +354,7 @@ class JobtraceServer:
         database, and the dispatcher looks for queued work."""
         self.trace.bus.poke_all()
         self.jobs.feed.poke_all()
+        self.fleet.feed.poke_all()
         self.scheduler.wake()
 
     async def _maintain(self, every_s: float = 60.0) -> None:

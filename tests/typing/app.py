@@ -65,6 +65,11 @@ async def submit() -> str:
             ],
             annotations=[{"attributes": conventions.trigger(source="upload")}],
         )
+        async for worker_change in jt.watch_workers(draining=True):
+            print(worker_change.change.worker.last_heartbeat.ToDatetime())
+            break
+        fleet = await jt.list_workers(page_size=10)
+        print([w.session_id for w in fleet.items], fleet.next_page_token)
         async for change in jt.watch_workflow(workflow.id):
             print(change.workflow.progress.percent)
         keys = await jt.get_signing_keys()
@@ -89,6 +94,13 @@ def blocking(job_id: str) -> int:
             return 2
         for snapshot in jt.watch_job(job.id):
             print(snapshot.state)
+        page = jt.list_workers(service="download", labels={"gpu": "a100"}, draining=False)
+        free: int = sum(w.free_slots for w in page.items)
+        print(free, [h.job_id for w in jt.iter_workers(holding_job=job.id) for h in w.held_jobs])
+        for message in jt.watch_workers(service="download"):
+            if message.WhichOneof("kind") == "change":
+                print(message.change.type, message.change.worker.worker_id)
+            break
         jt.submit_workflow(workflow.name, workflow.steps)
         recent = jt.get_run_summary(workflow_name="media", recent_runs=5).recent_runs
         print([run.run_id for run in recent])

@@ -20,6 +20,8 @@ async def misuse(jt: SyncClient) -> None:
     jt.get_job(42)  # error: job_id is a str
     jt.cancel_job("job_1", reason=None)  # error: reason is a str
     jt.get_run_summary(workflow_name="nightly", recent_runs="5")  # error: recent_runs is an int
+    jt.list_workers(draining="yes")  # error: draining is a bool or None
+    print(jt.list_workers().items[0].no_such_field)  # error: ConnectedWorker has no such field
 
 
 @worker.handler("bad")  # error: not a handler shape

@@ -10,7 +10,9 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from jobtrace.v1 import common_pb2 as _common_pb2
+from jobtrace.v1 import trace_service_pb2 as _trace_service_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -21,6 +23,74 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _DrainingFilter:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DrainingFilterEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DrainingFilter.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DRAINING_FILTER_UNSPECIFIED: _DrainingFilter.ValueType  # 0
+    """Draining or not."""
+    DRAINING_FILTER_DRAINING: _DrainingFilter.ValueType  # 1
+    """Only workers that are draining."""
+    DRAINING_FILTER_NOT_DRAINING: _DrainingFilter.ValueType  # 2
+    """Only workers that are not draining."""
+
+class DrainingFilter(_DrainingFilter, metaclass=_DrainingFilterEnumTypeWrapper):
+    """Whether to match workers by draining."""
+
+DRAINING_FILTER_UNSPECIFIED: DrainingFilter.ValueType  # 0
+"""Draining or not."""
+DRAINING_FILTER_DRAINING: DrainingFilter.ValueType  # 1
+"""Only workers that are draining."""
+DRAINING_FILTER_NOT_DRAINING: DrainingFilter.ValueType  # 2
+"""Only workers that are not draining."""
+Global___DrainingFilter: _TypeAlias = DrainingFilter  # noqa: Y015
+
+class _WorkerChangeType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WorkerChangeTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkerChangeType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WORKER_CHANGE_TYPE_UNSPECIFIED: _WorkerChangeType.ValueType  # 0
+    """Not used."""
+    WORKER_CHANGE_TYPE_PRESENT: _WorkerChangeType.ValueType  # 1
+    """Connected when the watch began (the snapshot)."""
+    WORKER_CHANGE_TYPE_CONNECTED: _WorkerChangeType.ValueType  # 2
+    """Connected (or came to match the filter) since."""
+    WORKER_CHANGE_TYPE_UPDATED: _WorkerChangeType.ValueType  # 3
+    """Changed: held jobs, labels, affinity keys, draining or counts."""
+    WORKER_CHANGE_TYPE_DISCONNECTED: _WorkerChangeType.ValueType  # 4
+    """Its stream ended."""
+    WORKER_CHANGE_TYPE_EXPIRED: _WorkerChangeType.ValueType  # 5
+    """Its replica stopped refreshing it (a replica that died) and its expiry
+    passed.
+    """
+    WORKER_CHANGE_TYPE_UNMATCHED: _WorkerChangeType.ValueType  # 6
+    """It no longer matches the filter (e.g. it started draining)."""
+
+class WorkerChangeType(_WorkerChangeType, metaclass=_WorkerChangeTypeEnumTypeWrapper):
+    """What happened to a worker."""
+
+WORKER_CHANGE_TYPE_UNSPECIFIED: WorkerChangeType.ValueType  # 0
+"""Not used."""
+WORKER_CHANGE_TYPE_PRESENT: WorkerChangeType.ValueType  # 1
+"""Connected when the watch began (the snapshot)."""
+WORKER_CHANGE_TYPE_CONNECTED: WorkerChangeType.ValueType  # 2
+"""Connected (or came to match the filter) since."""
+WORKER_CHANGE_TYPE_UPDATED: WorkerChangeType.ValueType  # 3
+"""Changed: held jobs, labels, affinity keys, draining or counts."""
+WORKER_CHANGE_TYPE_DISCONNECTED: WorkerChangeType.ValueType  # 4
+"""Its stream ended."""
+WORKER_CHANGE_TYPE_EXPIRED: WorkerChangeType.ValueType  # 5
+"""Its replica stopped refreshing it (a replica that died) and its expiry
+passed.
+"""
+WORKER_CHANGE_TYPE_UNMATCHED: WorkerChangeType.ValueType  # 6
+"""It no longer matches the filter (e.g. it started draining)."""
+Global___WorkerChangeType: _TypeAlias = WorkerChangeType  # noqa: Y015
 
 @_typing.final
 class ConnectRequest(_message.Message):
@@ -937,3 +1007,406 @@ class GetStepResultResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStepResultResponse: _TypeAlias = GetStepResultResponse  # noqa: Y015
+
+@_typing.final
+class ConnectedWorker(_message.Message):
+    """A connected worker session, as the fleet registry holds it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
+    SERVICES_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    HELD_JOBS_FIELD_NUMBER: _builtins.int
+    CONNECTED_AT_FIELD_NUMBER: _builtins.int
+    LAST_HEARTBEAT_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    AFFINITY_KEYS_FIELD_NUMBER: _builtins.int
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    LEASE_LOSSES_FIELD_NUMBER: _builtins.int
+    FREE_SLOTS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """Output only. The worker as jobs name it: its id, after its credentials'
+    subject when the caller authenticated ("subject/worker-id").
+    """
+    session_id: _builtins.str
+    """Output only. The session's id (Welcome.session_id)."""
+    replica: _builtins.str
+    """Output only. The server replica the worker's stream is connected to:
+    "host:port/" and a random id the replica chose when it started.
+    """
+    version: _builtins.str
+    """Output only. Its software's version, from its hello ("" if not told)."""
+    max_concurrency: _builtins.int
+    """Output only. Most jobs it holds at once."""
+    draining: _builtins.bool
+    """Output only. Whether it said it is draining (no new assignments)."""
+    completed: _builtins.int
+    """Output only. Jobs it completed since the session opened."""
+    failed: _builtins.int
+    """Output only. Failures it reported since the session opened."""
+    lease_losses: _builtins.int
+    """Output only. Leases it lost (no heartbeat listing the job before the
+    deadline) since the session opened.
+    """
+    free_slots: _builtins.int
+    """Output only. Free slots: max_concurrency less the jobs held; 0 while
+    draining.
+    """
+    @_builtins.property
+    def services(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. The services it runs."""
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Output only. Its labels, as last reported."""
+
+    @_builtins.property
+    def held_jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldJob]:
+        """Output only. The jobs it holds, in the order it took them."""
+
+    @_builtins.property
+    def connected_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the session opened."""
+
+    @_builtins.property
+    def last_heartbeat(self) -> _timestamp_pb2.Timestamp:
+        """Output only. Its last heartbeat as its replica last wrote it: with the
+        session's next change, and at least every half lease (a worker silent for
+        a whole lease is disconnected).
+        """
+
+    @_builtins.property
+    def affinity_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. The affinity keys it reports as cached."""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the registry entry expires unless its replica
+        refreshes it (it does while the stream is open).
+        """
+
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        replica: _builtins.str = ...,
+        services: _abc.Iterable[_builtins.str] | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        version: _builtins.str = ...,
+        max_concurrency: _builtins.int = ...,
+        held_jobs: _abc.Iterable[Global___HeldJob] | None = ...,
+        connected_at: _timestamp_pb2.Timestamp | None = ...,
+        last_heartbeat: _timestamp_pb2.Timestamp | None = ...,
+        draining: _builtins.bool = ...,
+        affinity_keys: _abc.Iterable[_builtins.str] | None = ...,
+        completed: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        lease_losses: _builtins.int = ...,
+        free_slots: _builtins.int = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "expires_at", b"expires_at", "last_heartbeat", b"last_heartbeat"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_keys", b"affinity_keys", "completed", b"completed", "connected_at", b"connected_at", "draining", b"draining", "expires_at", b"expires_at", "failed", b"failed", "free_slots", b"free_slots", "held_jobs", b"held_jobs", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "lease_losses", b"lease_losses", "max_concurrency", b"max_concurrency", "replica", b"replica", "services", b"services", "session_id", b"session_id", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectedWorker: _TypeAlias = ConnectedWorker  # noqa: Y015
+
+@_typing.final
+class HeldJob(_message.Message):
+    """A job a worker holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Output only. The job's id."""
+    attempt: _builtins.int
+    """Output only. The attempt it holds."""
+    service: _builtins.str
+    """Output only. The job's service; "" when not known (an attempt the
+    worker resumed after reconnecting).
+    """
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When it was handed the attempt (or resumed it)."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        service: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "service", b"service", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldJob: _TypeAlias = HeldJob  # noqa: Y015
+
+@_typing.final
+class WorkerFilter(_message.Message):
+    """Which workers to list or watch; every filter set must match."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    HOLDING_JOB_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    """Optional. Only workers that run this service."""
+    draining: Global___DrainingFilter.ValueType
+    """Optional. Only draining workers, or only those that are not."""
+    holding_job: _builtins.str
+    """Optional. Only the worker holding this job."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Optional. Only workers with each of these labels at this value; at most
+        64, keys 1-128 characters, values at most 256 characters.
+        """
+
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        draining: Global___DrainingFilter.ValueType = ...,
+        holding_job: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "holding_job", b"holding_job", "labels", b"labels", "service", b"service"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerFilter: _TypeAlias = WorkerFilter  # noqa: Y015
+
+@_typing.final
+class ListWorkersRequest(_message.Message):
+    """Request of ListWorkers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Optional. Most workers per page; 0 means 100, at most 1,000."""
+    page_token: _builtins.str
+    """Optional. From a previous response's next_page_token, with the same filter."""
+    @_builtins.property
+    def filter(self) -> Global___WorkerFilter:
+        """Optional. Which workers."""
+
+    def __init__(
+        self,
+        *,
+        filter: Global___WorkerFilter | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWorkersRequest: _TypeAlias = ListWorkersRequest  # noqa: Y015
+
+@_typing.final
+class ListWorkersResponse(_message.Message):
+    """Response of ListWorkers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page; "" on the last."""
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectedWorker]:
+        """The workers, in the order they connected."""
+
+    def __init__(
+        self,
+        *,
+        workers: _abc.Iterable[Global___ConnectedWorker] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWorkersResponse: _TypeAlias = ListWorkersResponse  # noqa: Y015
+
+@_typing.final
+class WatchWorkersRequest(_message.Message):
+    """Request of WatchWorkers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def filter(self) -> Global___WorkerFilter:
+        """Optional. Which workers."""
+
+    def __init__(
+        self,
+        *,
+        filter: Global___WorkerFilter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchWorkersRequest: _TypeAlias = WatchWorkersRequest  # noqa: Y015
+
+@_typing.final
+class WatchWorkersResponse(_message.Message):
+    """One message of WatchWorkers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_DONE_FIELD_NUMBER: _builtins.int
+    KEEPALIVE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def change(self) -> Global___WorkerChange:
+        """A worker that matches, or one that no longer does."""
+
+    @_builtins.property
+    def snapshot_done(self) -> Global___WorkerSnapshotDone:
+        """Sent once, after the snapshot's changes: what follows is live."""
+
+    @_builtins.property
+    def keepalive(self) -> _trace_service_pb2.Keepalive:
+        """Sent on an idle stream so proxies and clients know it is alive."""
+
+    def __init__(
+        self,
+        *,
+        change: Global___WorkerChange | None = ...,
+        snapshot_done: Global___WorkerSnapshotDone | None = ...,
+        keepalive: _trace_service_pb2.Keepalive | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "keepalive", b"keepalive", "kind", b"kind", "snapshot_done", b"snapshot_done"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "keepalive", b"keepalive", "kind", b"kind", "snapshot_done", b"snapshot_done"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["change", "snapshot_done", "keepalive"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___WatchWorkersResponse: _TypeAlias = WatchWorkersResponse  # noqa: Y015
+
+@_typing.final
+class WorkerChange(_message.Message):
+    """A change of one worker."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    type: Global___WorkerChangeType.ValueType
+    """What happened."""
+    @_builtins.property
+    def worker(self) -> Global___ConnectedWorker:
+        """The worker as it is now; for a removal (DISCONNECTED, EXPIRED,
+        UNMATCHED), as it was last seen.
+        """
+
+    def __init__(
+        self,
+        *,
+        type: Global___WorkerChangeType.ValueType = ...,
+        worker: Global___ConnectedWorker | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["worker", b"worker"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["type", b"type", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerChange: _TypeAlias = WorkerChange  # noqa: Y015
+
+@_typing.final
+class WorkerSnapshotDone(_message.Message):
+    """The end of WatchWorkers' snapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKERS_FIELD_NUMBER: _builtins.int
+    workers: _builtins.int
+    """How many workers the snapshot held."""
+    def __init__(
+        self,
+        *,
+        workers: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerSnapshotDone: _TypeAlias = WorkerSnapshotDone  # noqa: Y015

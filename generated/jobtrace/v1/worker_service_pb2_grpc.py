@@ -45,6 +45,16 @@ class WorkerServiceStub:
                 request_serializer=jobtrace_dot_v1_dot_worker__service__pb2.GetStepResultRequest.SerializeToString,
                 response_deserializer=jobtrace_dot_v1_dot_worker__service__pb2.GetStepResultResponse.FromString,
                 _registered_method=True)
+        self.ListWorkers = channel.unary_unary(
+                '/jobtrace.v1.WorkerService/ListWorkers',
+                request_serializer=jobtrace_dot_v1_dot_worker__service__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_worker__service__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
+        self.WatchWorkers = channel.unary_stream(
+                '/jobtrace.v1.WorkerService/WatchWorkers',
+                request_serializer=jobtrace_dot_v1_dot_worker__service__pb2.WatchWorkersRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_worker__service__pb2.WatchWorkersResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -73,6 +83,29 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWorkers(self, request, context):
+        """The connected workers of the whole fleet (every replica), a page at a
+        time, in the order they connected. Reader role: a caller sees the workers
+        that may serve its tenant (a worker whose credentials name tenants is
+        shown to those tenants, an unscoped one to all); an admin sees all. A
+        session whose replica stopped refreshing it (a replica that died) is
+        listed until its expiry passes, never after.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchWorkers(self, request, context):
+        """The workers ListWorkers would list, then every change: a worker
+        connecting, changing (its held jobs, labels, keys, draining), and
+        leaving (disconnected, expired, or no longer matching the filter). Sends
+        a keepalive on an idle stream; a reader slower than the changes gets
+        the latest state of each worker, never a stale one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -85,6 +118,16 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.GetStepResult,
                     request_deserializer=jobtrace_dot_v1_dot_worker__service__pb2.GetStepResultRequest.FromString,
                     response_serializer=jobtrace_dot_v1_dot_worker__service__pb2.GetStepResultResponse.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=jobtrace_dot_v1_dot_worker__service__pb2.ListWorkersRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_worker__service__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'WatchWorkers': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchWorkers,
+                    request_deserializer=jobtrace_dot_v1_dot_worker__service__pb2.WatchWorkersRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_worker__service__pb2.WatchWorkersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -142,6 +185,60 @@ class WorkerService:
             '/jobtrace.v1.WorkerService/GetStepResult',
             jobtrace_dot_v1_dot_worker__service__pb2.GetStepResultRequest.SerializeToString,
             jobtrace_dot_v1_dot_worker__service__pb2.GetStepResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.WorkerService/ListWorkers',
+            jobtrace_dot_v1_dot_worker__service__pb2.ListWorkersRequest.SerializeToString,
+            jobtrace_dot_v1_dot_worker__service__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jobtrace.v1.WorkerService/WatchWorkers',
+            jobtrace_dot_v1_dot_worker__service__pb2.WatchWorkersRequest.SerializeToString,
+            jobtrace_dot_v1_dot_worker__service__pb2.WatchWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,

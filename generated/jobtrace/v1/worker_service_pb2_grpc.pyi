@@ -47,6 +47,21 @@ class WorkerServiceStub:
     FAILED_PRECONDITION; a step that has not completed is FAILED_PRECONDITION
     too; an unknown step NOT_FOUND.
     """
+    ListWorkers: _grpc.UnaryUnaryMultiCallable[_worker_service_pb2.ListWorkersRequest, _worker_service_pb2.ListWorkersResponse]
+    """The connected workers of the whole fleet (every replica), a page at a
+    time, in the order they connected. Reader role: a caller sees the workers
+    that may serve its tenant (a worker whose credentials name tenants is
+    shown to those tenants, an unscoped one to all); an admin sees all. A
+    session whose replica stopped refreshing it (a replica that died) is
+    listed until its expiry passes, never after.
+    """
+    WatchWorkers: _grpc.UnaryStreamMultiCallable[_worker_service_pb2.WatchWorkersRequest, _worker_service_pb2.WatchWorkersResponse]
+    """The workers ListWorkers would list, then every change: a worker
+    connecting, changing (its held jobs, labels, keys, draining), and
+    leaving (disconnected, expired, or no longer matching the filter). Sends
+    a keepalive on an idle stream; a reader slower than the changes gets
+    the latest state of each worker, never a stale one.
+    """
 
 @_typing.type_check_only
 class WorkerServiceAsyncStub(WorkerServiceStub):
@@ -66,6 +81,21 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     by this worker (its id, attempt and worker_id as on the stream), else
     FAILED_PRECONDITION; a step that has not completed is FAILED_PRECONDITION
     too; an unknown step NOT_FOUND.
+    """
+    ListWorkers: _aio.UnaryUnaryMultiCallable[_worker_service_pb2.ListWorkersRequest, _worker_service_pb2.ListWorkersResponse]  # type: ignore[assignment]
+    """The connected workers of the whole fleet (every replica), a page at a
+    time, in the order they connected. Reader role: a caller sees the workers
+    that may serve its tenant (a worker whose credentials name tenants is
+    shown to those tenants, an unscoped one to all); an admin sees all. A
+    session whose replica stopped refreshing it (a replica that died) is
+    listed until its expiry passes, never after.
+    """
+    WatchWorkers: _aio.UnaryStreamMultiCallable[_worker_service_pb2.WatchWorkersRequest, _worker_service_pb2.WatchWorkersResponse]  # type: ignore[assignment]
+    """The workers ListWorkers would list, then every change: a worker
+    connecting, changing (its held jobs, labels, keys, draining), and
+    leaving (disconnected, expired, or no longer matching the filter). Sends
+    a keepalive on an idle stream; a reader slower than the changes gets
+    the latest state of each worker, never a stale one.
     """
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -95,6 +125,33 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         by this worker (its id, attempt and worker_id as on the stream), else
         FAILED_PRECONDITION; a step that has not completed is FAILED_PRECONDITION
         too; an unknown step NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWorkers(
+        self,
+        request: _worker_service_pb2.ListWorkersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_service_pb2.ListWorkersResponse, _abc.Awaitable[_worker_service_pb2.ListWorkersResponse]]:
+        """The connected workers of the whole fleet (every replica), a page at a
+        time, in the order they connected. Reader role: a caller sees the workers
+        that may serve its tenant (a worker whose credentials name tenants is
+        shown to those tenants, an unscoped one to all); an admin sees all. A
+        session whose replica stopped refreshing it (a replica that died) is
+        listed until its expiry passes, never after.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchWorkers(
+        self,
+        request: _worker_service_pb2.WatchWorkersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_worker_service_pb2.WatchWorkersResponse], _abc.AsyncIterator[_worker_service_pb2.WatchWorkersResponse]]:
+        """The workers ListWorkers would list, then every change: a worker
+        connecting, changing (its held jobs, labels, keys, draining), and
+        leaving (disconnected, expired, or no longer matching the filter). Sends
+        a keepalive on an idle stream; a reader slower than the changes gets
+        the latest state of each worker, never a stale one.
         """
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

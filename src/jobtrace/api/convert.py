@@ -461,6 +461,7 @@ def hello_from_proto(p: Any, principal: Any) -> Any:
         allowed_services=principal.allowed_services,
         allowed_tenants=None if principal.is_admin else principal.allowed_tenants,
         reviewer=principal.may(Role.REVIEWER),
+        version=p.version,
     )
 
 
@@ -850,3 +851,82 @@ def annotation_filter(r: attestation_service_pb2.ListAnnotationsRequest) -> Anno
         value_min=r.value_min if r.HasField("value_min") else None,
         value_max=r.value_max if r.HasField("value_max") else None,
     )
+
+
+# --- the fleet (WorkerService.ListWorkers / WatchWorkers) -----------------------
+
+
+def worker_filter(f: Any) -> Any:
+    """A WorkerFilter message as the domain's filter; an unknown draining
+    value is refused."""
+    from jobtrace.domain.dispatch.fleet import WorkerFilter
+    from jobtrace.pb import worker_service_pb2 as w
+
+    draining = {
+        w.DRAINING_FILTER_UNSPECIFIED: None,
+        w.DRAINING_FILTER_DRAINING: True,
+        w.DRAINING_FILTER_NOT_DRAINING: False,
+    }
+    if f.draining not in draining:
+        raise Invalid(
+            [
+                FieldViolation(
+                    "filter.draining",
+                    f"unknown value {f.draining}: DRAINING_FILTER_DRAINING or "
+                    "DRAINING_FILTER_NOT_DRAINING, or unset",
+                )
+            ]
+        )
+    return WorkerFilter(
+        service=f.service,
+        labels=dict(f.labels),
+        draining=draining[f.draining],
+        holding_job=f.holding_job,
+    )
+
+
+def worker_to_proto(r: Any) -> Any:
+    from jobtrace.pb import worker_service_pb2 as w
+
+    return w.ConnectedWorker(
+        worker_id=r.worker_id,
+        session_id=r.session_id,
+        replica=r.replica,
+        services=list(r.services),
+        labels=dict(r.labels),
+        version=r.version,
+        max_concurrency=r.max_concurrency,
+        held_jobs=[
+            w.HeldJob(
+                job_id=h.job_id, attempt=h.attempt, since=us_to_ts(h.since_us), service=h.service
+            )
+            for h in r.held
+        ],
+        connected_at=us_to_ts(r.connected_us),
+        last_heartbeat=us_to_ts(r.last_heartbeat_us),
+        draining=r.draining,
+        affinity_keys=list(r.affinity_keys),
+        completed=r.completed,
+        failed=r.failed,
+        lease_losses=r.lease_losses,
+        free_slots=r.free_slots,
+        expires_at=us_to_ts(r.expires_us),
+    )
+
+
+def watch_item_to_proto(item: Any) -> Any:
+    from jobtrace.pb import trace_service_pb2 as t
+    from jobtrace.pb import worker_service_pb2 as w
+
+    if item.change is not None:
+        return w.WatchWorkersResponse(
+            change=w.WorkerChange(
+                type=w.WorkerChangeType.Value(f"WORKER_CHANGE_TYPE_{item.change.name}"),
+                worker=worker_to_proto(item.worker),
+            )
+        )
+    if item.snapshot_done is not None:
+        return w.WatchWorkersResponse(
+            snapshot_done=w.WorkerSnapshotDone(workers=item.snapshot_done)
+        )
+    return w.WatchWorkersResponse(keepalive=t.Keepalive(time=us_to_ts(item.keepalive_us)))

@@ -8,12 +8,13 @@ import contextvars
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import grpc
 
 from jobtrace.api import convert
-from jobtrace.api.credentials import CredentialWatch
+from jobtrace.api.credentials import CredentialWatch, guarded
 from jobtrace.api.errors import rpc, to_status
 from jobtrace.api.handlers import MalformedRequest
 from jobtrace.api.limits import StreamLimiter
@@ -21,6 +22,7 @@ from jobtrace.api.wellformed import check_request
 from jobtrace.auth import Authenticator, Role
 from jobtrace.domain import dispatch
 from jobtrace.domain import errors as domain_errors
+from jobtrace.domain.dispatch.fleet import Fleet
 from jobtrace.domain.errors import DomainError, FailedPrecondition, Invalid, log_failure
 from jobtrace.domain.worker_identity import WorkerIdentity
 from jobtrace.model import Failure
@@ -36,11 +38,16 @@ MAX_IN_FLIGHT = 256
 
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def __init__(
-        self, scheduler: dispatch.Scheduler, auth: Authenticator, streams: StreamLimiter
+        self,
+        scheduler: dispatch.Scheduler,
+        auth: Authenticator,
+        streams: StreamLimiter,
+        fleet: Fleet,
     ) -> None:
         self._scheduler = scheduler
         self._auth = auth
         self._streams = streams
+        self._fleet = fleet
 
     async def Connect(
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: Any
@@ -80,6 +87,32 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         )
         struct, exact = convert.json_forms(result, convert.wants_exact_json(context))
         return pb.GetStepResultResponse(result=struct, result_json=exact)
+
+    @rpc
+    async def ListWorkers(
+        self, request: pb.ListWorkersRequest, context: Any
+    ) -> pb.ListWorkersResponse:
+        principal = self._auth.require(context, Role.READER)
+        workers, token = await self._fleet.list_workers(
+            principal.read_scope,
+            convert.worker_filter(request.filter),
+            request.page_size,
+            request.page_token,
+        )
+        return pb.ListWorkersResponse(
+            workers=[convert.worker_to_proto(w) for w in workers], next_page_token=token
+        )
+
+    @rpc
+    async def WatchWorkers(
+        self, request: pb.WatchWorkersRequest, context: Any
+    ) -> AsyncIterator[pb.WatchWorkersResponse]:
+        principal = self._auth.require(context, Role.READER)
+        watch = self._fleet.watch(principal.read_scope, convert.worker_filter(request.filter))
+        with self._streams.hold(principal):
+            async with aclosing(guarded(self._auth, context, principal, watch)) as items:
+                async for item in items:
+                    yield convert.watch_item_to_proto(item)
 
     async def _session(
         self,

@@ -11,7 +11,7 @@ import sys
 
 import grpc
 
-from jobtrace.cli import client_commands, server_commands
+from jobtrace.cli import client_commands, fleet_commands, server_commands
 from jobtrace.client.errors import JobtraceError
 
 
@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="keys_command", required=True
     )
     client_commands.add_commands(sub, attest, keys)
+    fleet_commands.add_commands(sub)
 
     verify = attest.add_parser(
         "verify",

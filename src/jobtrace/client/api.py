@@ -46,6 +46,8 @@ from jobtrace.pb import (
     timestamp_pb2,
     trace_service_pb2,
     trace_service_pb2_grpc,
+    worker_service_pb2,
+    worker_service_pb2_grpc,
 )
 
 T = TypeVar("T")
@@ -138,6 +140,7 @@ class Client:
         self._jobs: job_service_pb2_grpc.JobServiceStub | None = None
         self._trace: trace_service_pb2_grpc.TraceServiceStub | None = None
         self._attest: attestation_service_pb2_grpc.AttestationServiceStub | None = None
+        self._workers: worker_service_pb2_grpc.WorkerServiceStub | None = None
 
     @classmethod
     def from_env(cls, **options: Any) -> Client:
@@ -167,6 +170,7 @@ class Client:
             self._jobs = job_service_pb2_grpc.JobServiceStub(self._channel)
             self._trace = trace_service_pb2_grpc.TraceServiceStub(self._channel)
             self._attest = attestation_service_pb2_grpc.AttestationServiceStub(self._channel)
+            self._workers = worker_service_pb2_grpc.WorkerServiceStub(self._channel)
         return self._channel
 
     @property
@@ -189,6 +193,13 @@ class Client:
         self._open()
         assert self._attest is not None
         return self._attest
+
+    @property
+    def workers_stub(self) -> worker_service_pb2_grpc.WorkerServiceStub:
+        """The raw grpc stub of WorkerService on this client's channel."""
+        self._open()
+        assert self._workers is not None
+        return self._workers
 
     async def _call(
         self,
@@ -862,6 +873,61 @@ class Client:
         """Every annotation matching the filters of list_annotations, page after page."""
         return _every(self.list_annotations, filters)
 
+    # --- WorkerService: the fleet ---------------------------------------------------
+
+    async def list_workers(
+        self,
+        *,
+        service: str = "",
+        labels: Mapping[str, str] | None = None,
+        draining: bool | None = None,
+        holding_job: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Page[worker_service_pb2.ConnectedWorker]:
+        """One page of the connected workers of the whole fleet (every replica)
+        that the caller's tenant may use, in the order they connected. Every
+        filter given must match: a service they run, labels they carry (all
+        pairs), draining or not (None: either), the job they hold."""
+        request = worker_service_pb2.ListWorkersRequest(
+            filter=worker_filter(service, labels, draining, holding_job),
+            page_size=page_size,
+            page_token=page_token,
+        )
+        response: worker_service_pb2.ListWorkersResponse = await self._call(
+            self.workers_stub.ListWorkers, request, retry=True
+        )
+        return Page(list(response.workers), response.next_page_token)
+
+    def iter_workers(self, /, **filters: Any) -> AsyncIterator[worker_service_pb2.ConnectedWorker]:
+        """Every worker matching the filters of list_workers, page after page."""
+        return _every(self.list_workers, filters)
+
+    async def watch_workers(
+        self,
+        *,
+        service: str = "",
+        labels: Mapping[str, str] | None = None,
+        draining: bool | None = None,
+        holding_job: str = "",
+        keepalives: bool = False,
+    ) -> AsyncIterator[worker_service_pb2.WatchWorkersResponse]:
+        """The matching workers now (changes of type PRESENT, then
+        `snapshot_done`), then every change: CONNECTED, UPDATED, DISCONNECTED,
+        EXPIRED (its replica died), UNMATCHED (it left the filter). Runs until
+        the caller stops reading; a lost connection is reopened and starts over
+        with a fresh snapshot. Filters as in list_workers."""
+        request = worker_service_pb2.WatchWorkersRequest(
+            filter=worker_filter(service, labels, draining, holding_job)
+        )
+        metadata = self.endpoint.metadata()
+        stream = self._stream(lambda: self.workers_stub.WatchWorkers(request, metadata=metadata))
+        async with contextlib.aclosing(stream):
+            async for item in stream:
+                if item.WhichOneof("kind") == "keepalive" and not keepalives:
+                    continue
+                yield item
+
 
 async def _every(
     list_page: Callable[..., Awaitable[Page[T]]], filters: dict[str, Any]
@@ -1024,6 +1090,23 @@ def parse_requirement(
     except ValueError:
         raise ValueError(f"{text!r}: {op} compares numbers, {raw!r} is not one") from None
     return label_requirement(key, number, op, required=required, weight=weight)
+
+
+def worker_filter(
+    service: str = "",
+    labels: Mapping[str, str] | None = None,
+    draining: bool | None = None,
+    holding_job: str = "",
+) -> worker_service_pb2.WorkerFilter:
+    """The WorkerFilter of list_workers and watch_workers."""
+    chosen = {
+        None: worker_service_pb2.DRAINING_FILTER_UNSPECIFIED,
+        True: worker_service_pb2.DRAINING_FILTER_DRAINING,
+        False: worker_service_pb2.DRAINING_FILTER_NOT_DRAINING,
+    }[draining]
+    return worker_service_pb2.WorkerFilter(
+        service=service, labels=dict(labels or {}), draining=chosen, holding_job=holding_job
+    )
 
 
 def run_state(value: int | str | None) -> Any:

@@ -15,7 +15,13 @@ from typing import Any, TypeVar
 
 from jobtrace.client.api import NO_AFFINITY, Client, Page, RetryPolicy, Seconds, TracePage, When
 from jobtrace.client.channel import Endpoint
-from jobtrace.pb import attestation_service_pb2, common_pb2, job_service_pb2, trace_service_pb2
+from jobtrace.pb import (
+    attestation_service_pb2,
+    common_pb2,
+    job_service_pb2,
+    trace_service_pb2,
+    worker_service_pb2,
+)
 
 R = TypeVar("R")
 
@@ -428,6 +434,49 @@ class SyncClient:
 
     def iter_annotations(self, /, **filters: Any) -> Iterator[common_pb2.Annotation]:
         return self._iterate(self.client.iter_annotations(**filters))
+
+    def list_workers(
+        self,
+        *,
+        service: str = "",
+        labels: Mapping[str, str] | None = None,
+        draining: bool | None = None,
+        holding_job: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Page[worker_service_pb2.ConnectedWorker]:
+        return self._run(
+            self.client.list_workers(
+                service=service,
+                labels=labels,
+                draining=draining,
+                holding_job=holding_job,
+                page_size=page_size,
+                page_token=page_token,
+            )
+        )
+
+    def iter_workers(self, /, **filters: Any) -> Iterator[worker_service_pb2.ConnectedWorker]:
+        return self._iterate(self.client.iter_workers(**filters))
+
+    def watch_workers(
+        self,
+        *,
+        service: str = "",
+        labels: Mapping[str, str] | None = None,
+        draining: bool | None = None,
+        holding_job: str = "",
+        keepalives: bool = False,
+    ) -> Iterator[worker_service_pb2.WatchWorkersResponse]:
+        return self._iterate(
+            self.client.watch_workers(
+                service=service,
+                labels=labels,
+                draining=draining,
+                holding_job=holding_job,
+                keepalives=keepalives,
+            )
+        )
 
     # Waiting for results: written out, so help() and type checkers see them.
 

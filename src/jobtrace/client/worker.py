@@ -43,6 +43,7 @@ from typing import Any
 import grpc
 from google.protobuf import struct_pb2
 
+from jobtrace import __version__
 from jobtrace.client.api import job_payload, plain_json, with_structs
 from jobtrace.client.channel import Endpoint
 from jobtrace.client.handlers import H, Handler, adapt
@@ -230,6 +231,7 @@ class Worker:
         endpoint: Endpoint | None = None,
         reconnect_initial: float = 0.2,
         reconnect_max: float = 10.0,
+        version: str | None = None,
     ) -> None:
         # TLS, client certificates and keepalive come with `endpoint`; an explicit
         # target or token overrides its own.
@@ -248,6 +250,9 @@ class Worker:
         # set_labels: the next heartbeat (sent at once) carries the new labels.
         self._labels_changed = False
         self._beat_now = asyncio.Event()
+        # What the fleet view shows as this worker's version (your app's, say);
+        # the runtime's own by default.
+        self.version = f"jobtrace-python/{__version__}" if version is None else version
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         self._reconnect = (reconnect_initial, reconnect_max)
@@ -386,6 +391,7 @@ class Worker:
             labels=self.labels,
             affinity_keys=list(self.affinity_keys),
             running=self._held(),
+            version=self.version,
         )
         await outbox.put(worker_service_pb2.ConnectRequest(hello=hello))
         # Reports not acknowledged on the previous stream are sent again.

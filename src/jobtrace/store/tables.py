@@ -330,3 +330,38 @@ class PrunedAttestationRow(Base):
     key: Mapped[str] = mapped_column(String(200))
     digest: Mapped[str] = mapped_column(String(80))
     pruned_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class WorkerSessionRow(Base):
+    """The fleet registry: one row per connected worker session, written by the
+    replica its stream is connected to (on connect, in batches as it changes,
+    refreshed before `expires_us`, deleted on disconnect). A replica that dies
+    stops refreshing its rows: they are not listed past `expires_us`, and swept."""
+
+    __tablename__ = "worker_sessions"
+    __table_args__ = (
+        Index("ix_worker_sessions_replica", "replica"),
+        Index("ix_worker_sessions_expires", "expires_us"),
+    )
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    session_id: Mapped[str] = mapped_column(String(64), unique=True)
+    replica: Mapped[str] = mapped_column(String(320))
+    # The worker as jobs name it, and its lease holder digest.
+    worker_id: Mapped[str] = mapped_column(Text)
+    holder: Mapped[str] = mapped_column(String(64))
+    # JSON list of the tenants whose jobs it may run; NULL: any tenant.
+    tenants: Mapped[str | None] = mapped_column(Text, nullable=True)
+    services: Mapped[str] = mapped_column(Text)  # JSON list
+    labels: Mapped[str] = mapped_column(Text)  # JSON object
+    version: Mapped[str] = mapped_column(Text, default="")
+    max_concurrency: Mapped[int] = mapped_column(Integer)
+    # JSON list of [job id, attempt, since (us), service].
+    held: Mapped[str] = mapped_column(Text)
+    affinity_keys: Mapped[str] = mapped_column(Text)  # JSON list
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)
+    connected_us: Mapped[int] = mapped_column(BigInteger)
+    last_heartbeat_us: Mapped[int] = mapped_column(BigInteger)
+    expires_us: Mapped[int] = mapped_column(BigInteger)
+    completed: Mapped[int] = mapped_column(BigInteger, default=0)
+    failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    lease_losses: Mapped[int] = mapped_column(BigInteger, default=0)

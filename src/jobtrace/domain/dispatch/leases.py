@@ -267,6 +267,9 @@ class Leases(SchedulerState):
 
         def count_expiry() -> None:
             self.lease_expiries[service] += 1
+            session = self.sessions.get(holder)
+            if session is not None and session.held.get(job_id) == attempt:
+                session.lease_losses += 1
             # A worker still connected here is told to stop the attempt.
             self._revoke(holder, job_id, attempt, lifecycle.LEASE_EXPIRED)
 

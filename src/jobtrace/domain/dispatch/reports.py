@@ -94,6 +94,7 @@ class Reports(SchedulerState):
             self._jobs.notify(tx, changed)
 
         await self._db.write(op)
+        session.completed += 1
         self._release_slot(session, job_id)
 
     async def step_result(
@@ -167,6 +168,7 @@ class Reports(SchedulerState):
             self._jobs.notify(tx, changed)
 
         await self._db.write(op)
+        session.failed += 1
         self._release_slot(session, job_id)
 
     async def trace_report(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
+from jobtrace.clock import now_us
 from jobtrace.domain.errors import DomainError, Violations
 from jobtrace.domain.validation import (
     MAX_CONCURRENCY,
@@ -95,10 +97,33 @@ class Hello:
     allowed_tenants: frozenset[str] | None = None  # None: any
     # Whether its credentials carry the reviewer role (approval.* annotations).
     reviewer: bool = False
+    # The worker software's version, as it says (the fleet view shows it).
+    version: str = ""
 
     @property
     def worker_id(self) -> str:
         return self.identity.name
+
+
+class HeldJobs(dict[str, int]):
+    """Job id -> attempt held, remembering since when each attempt is held
+    (the fleet view shows it)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        now = now_us()
+        self.since: dict[str, tuple[int, int]] = {job: (a, now) for job, a in self.items()}
+
+    def __setitem__(self, job_id: str, attempt: int) -> None:
+        super().__setitem__(job_id, attempt)
+        if self.since.get(job_id, (0, 0))[0] != attempt:
+            self.since[job_id] = (attempt, now_us())
+            if len(self.since) > 2 * len(self) + 64:  # forget those no longer held
+                self.since = {j: v for j, v in self.since.items() if self.get(j) == v[0]}
+
+    def since_us(self, job_id: str, attempt: int) -> int:
+        held = self.since.get(job_id)
+        return held[1] if held is not None and held[0] == attempt else 0
 
 
 @dataclass(eq=False)
@@ -114,7 +139,7 @@ class WorkerSession:
     tenants: frozenset[str] | None = None  # whose jobs it may run; None: any
     # Whether its credentials carry the reviewer role (approval.* annotations).
     reviewer: bool = False
-    held: dict[str, int] = field(default_factory=dict)  # job id -> attempt
+    held: dict[str, int] = field(default_factory=HeldJobs)  # job id -> attempt
     # Claims for this session that its worker has not been told of and that may
     # be stored (Scheduler._unsettled): their slots stay taken until settled.
     claiming: dict[str, int] = field(default_factory=dict)  # job id -> attempt
@@ -123,6 +148,13 @@ class WorkerSession:
     # The dispatcher's known placement classes this worker's labels do not
     # meet, as of a version of that set (None: to work out again).
     skipped_classes: tuple[int, frozenset[str]] | None = None
+    # What the fleet view shows: the worker's version, when it connected, and
+    # what it did since (jobs completed, failures reported, leases lost).
+    version: str = ""
+    connected_us: int = field(default_factory=now_us)
+    completed: int = 0
+    failed: int = 0
+    lease_losses: int = 0
     closed: bool = False
     close_reason: str = ""
     # Hello has taken over the leases it resumes (an older session of the same
@@ -137,6 +169,8 @@ class WorkerSession:
     _space: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.held, HeldJobs):
+            self.held = HeldJobs(self.held)
         self.holder = self.identity.holder
         self.worker_id = self.identity.name
 
@@ -197,6 +231,7 @@ def check_hello(hello: Hello) -> None:
         v.add("hello.max_concurrency", f"must be between 1 and {MAX_CONCURRENCY} (0 means 1)")
     check_labels(v, "hello.labels", hello.labels, free_keys=True)
     check_affinity(v, "hello.affinity_keys", hello.affinity_keys, MAX_WORKER_AFFINITY_KEYS)
+    check_text(v, "hello.version", hello.version, 128)
     check_running(v, "hello.running", hello.running)
     v.raise_if_any()
 

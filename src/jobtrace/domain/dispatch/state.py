@@ -76,6 +76,11 @@ class SchedulerState:
             self._wakes += 1
         self._wake.set()
 
+    @property
+    def session_changes(self) -> asyncio.Event:
+        """Set (and replaced) each time a session has opened or ended."""
+        return self._session_changes
+
     def _sessions_changed(self) -> None:
         """Wake whoever waits for a worker to come back (see _worker_back_or_gone)."""
         self._session_changes.set()
