@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
@@ -183,7 +184,21 @@ def _values(a: Attestation) -> dict[str, Any]:
         "created_us": a.created_us,
         "expire_us": a.expire_us,
         "recorded_by": a.recorded_by,
+        # Copies of what data holds (signed there), for listings.
+        "service": _text(a.data.get("service")) if isinstance(a.data, dict) else "",
+        "user_id": _user(a.data),
     }
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _user(data: Any) -> str:
+    """data's request_context.user_context.user_id; '' when none."""
+    context = data.get("request_context") if isinstance(data, dict) else None
+    user = context.get("user_context") if isinstance(context, dict) else None
+    return _text(user.get("user_id")) if isinstance(user, dict) else ""
 
 
 async def get(session: AsyncSession, key: str, tenant: str | None = None) -> Attestation | None:
@@ -213,31 +228,63 @@ async def pruned_link(session: AsyncSession, chain_id: str, chain_seq: int) -> s
     return (await session.execute(stmt)).scalar()
 
 
+@dataclass(frozen=True, slots=True)
+class AttestationQuery:
+    """Which attestations a listing reads; empty / zero / None match all.
+    `since_us` is inclusive, `until_us` exclusive."""
+
+    workflow_id: str = ""
+    job_id: str = ""
+    type: int = 0
+    state: int = 0
+    service: str = ""
+    user_id: str = ""
+    worker_id: str = ""
+    since_us: int | None = None
+    until_us: int | None = None
+
+
+def attestation_where(tenant: str | None, q: AttestationQuery) -> list[Any]:
+    """The conditions of a listing of attestations, each on an index of
+    AttestationRow's (with the tenant)."""
+    where: list[Any] = []
+    if tenant is not None:
+        where.append(AttestationRow.tenant == tenant)
+    if q.workflow_id:
+        where.append(AttestationRow.workflow_id == q.workflow_id)
+    if q.job_id:
+        where.append(AttestationRow.job_id == q.job_id)
+    if q.type:
+        where.append(AttestationRow.type == q.type)
+    if q.state:
+        where.append(AttestationRow.state == q.state)
+    if q.service:
+        where.append(AttestationRow.service == q.service)
+    if q.user_id:
+        where.append(AttestationRow.user_id == q.user_id)
+    if q.worker_id:
+        where.append(AttestationRow.worker_id == q.worker_id)
+    if q.since_us is not None:
+        where.append(AttestationRow.created_us >= q.since_us)
+    if q.until_us is not None:
+        where.append(AttestationRow.created_us < q.until_us)
+    return where
+
+
 async def read_attestations(
     session: AsyncSession,
     *,
     tenant: str | None,
-    workflow_id: str,
-    job_id: str,
-    type: int,
+    query: AttestationQuery,
     after: int | None,
     limit: int,
     max_bytes: int,
     full: bool,
 ) -> Chunk[Attestation]:
     """In the order they were written; data only when `full`."""
-    where = []
-    if tenant is not None:
-        where.append(AttestationRow.tenant == tenant)
-    if workflow_id:
-        where.append(AttestationRow.workflow_id == workflow_id)
-    if job_id:
-        where.append(AttestationRow.job_id == job_id)
-    if type:
-        where.append(AttestationRow.type == type)
     listing = Listing(
         key=AttestationRow.seq,
-        where=where,
+        where=attestation_where(tenant, query),
         columns=[c for c in ATTESTATIONS.c if full or c.name != "data"],
         sized=[AttestationRow.data] if full else [],
     )

@@ -6,7 +6,18 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import LargeBinary, case, cast, delete, func, insert, select, tuple_, update
+from sqlalchemy import (
+    LargeBinary,
+    case,
+    cast,
+    delete,
+    exists,
+    func,
+    insert,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,9 +38,11 @@ from jobtrace.store.listing import Chunk, Listing, read_chunk, stored_size
 from jobtrace.store.sql import Params, Query, Row
 from jobtrace.store.tables import (
     AnnotationRow,
+    JobLabelRow,
     JobRow,
     Meta,
     PendingAnnotationRow,
+    WorkflowLabelRow,
     WorkflowRow,
 )
 
@@ -124,6 +137,13 @@ async def insert_submission(
     )
 
 
+def user_of(request_context: JSON) -> str:
+    """The user a request context names (user_context.user_id); '' when none."""
+    user = request_context.get("user_context") if isinstance(request_context, dict) else None
+    found = user.get("user_id") if isinstance(user, dict) else None
+    return found if isinstance(found, str) else ""
+
+
 def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str, Any]:
     spec = job.spec
     return {
@@ -169,10 +189,13 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         # A new standalone job's chain is empty; a step's is its workflow's.
         "chain_seq": None if job.workflow_id else 0,
         "chain_digest": None if job.workflow_id else "",
+        "user_id": job.user_id or user_of(request_context),
     }
 
 
 JOBS = JobRow.__table__
+JOB_LABELS = JobLabelRow.__table__
+WORKFLOW_LABELS = WorkflowLabelRow.__table__
 JOB_COLUMNS = sql.columns(JOBS, without=("seq",))
 _INSERT_JOB = sql.insert_query(JOBS, JOB_COLUMNS)
 _INSERT_JOB_RETURNING_SEQ = sql.insert_query(JOBS, JOB_COLUMNS, " RETURNING seq")
@@ -294,6 +317,7 @@ def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
         first_started_us=row["first_started_us"],
         submitted_by=row["submitted_by"],
         for_each=_for_each(row["for_each"]),
+        user_id=row["user_id"] if "user_id" in row else "",
         request_context=row["request_context"] if context else None,
         chain_head=_chain_head(row) if context else None,
     )
@@ -390,32 +414,146 @@ _JOB_SIZED = ("depends_on", "affinity_keys", "labels", "progress_message", "fail
 _JOB_LISTED = [c for c in JOBS.c if c.name != "request_context"]
 
 
+@dataclass(frozen=True, slots=True)
+class RunQuery:
+    """Which jobs or workflows a listing reads; empty / None fields match all.
+    `labels`: pairs that must all be among the run's labels; `created_*_us`:
+    at or after, before (exclusive). `service`, `workflow_id` and `worker_id`
+    filter jobs only, `name` workflows only."""
+
+    state: RunState | None = None
+    service: str = ""
+    workflow_id: str = ""
+    name: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    user_id: str = ""
+    worker_id: str = ""
+    created_after_us: int | None = None
+    created_before_us: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Keyset:
+    """How a listing of runs reads: `key` orders it (a run's seq, or the seq
+    column of the label rows that drive it); `labels` are the conditions on
+    the label rows alone; `runs` those on the runs (joined to the label rows
+    when there are labels)."""
+
+    key: Any
+    labels: list[Any]
+    runs: list[Any]
+
+    @property
+    def where(self) -> list[Any]:
+        return self.labels + self.runs
+
+
+def _keyset(
+    labels_table: Any,
+    ref: str,
+    run_seq: Any,
+    tenant: str | None,
+    q: RunQuery,
+    filters: list[Any],
+) -> _Keyset:
+    """The first label pair drives a listing by labels: its rows of the label
+    table's primary key (tenant, key, value, seq) are walked in seq order,
+    each joined to its run; each further pair is a point lookup in that key."""
+    runs = ([run_seq.table.c.tenant == tenant] if tenant is not None else []) + filters
+    if not q.labels:
+        return _Keyset(run_seq, [], runs)
+    (key, value), *more = q.labels
+    first = labels_table.alias("l0")
+    seq = first.c[ref]
+    where: list[Any] = [first.c.key == key, first.c.value == value]
+    if tenant is not None:
+        where.append(first.c.tenant == tenant)
+    for i, (key, value) in enumerate(more, 1):
+        other = labels_table.alias(f"l{i}")
+        match = [other.c.key == key, other.c.value == value, other.c[ref] == seq]
+        if tenant is not None:
+            match.append(other.c.tenant == tenant)
+        where.append(exists().where(*match))
+    return _Keyset(seq, where, [seq == run_seq, *runs])
+
+
+def job_keyset(tenant: str | None, q: RunQuery) -> _Keyset:
+    """A listing of jobs: each filter served by an index of JobRow's (tenant
+    first), labels by job_labels' primary key."""
+    filters: list[Any] = []
+    if q.state is not None:
+        filters.append(JobRow.state == int(q.state))
+    if q.service:
+        filters.append(JobRow.service == q.service)
+    if q.workflow_id:
+        filters.append(JobRow.workflow_id == q.workflow_id)
+    if q.user_id:
+        filters.append(JobRow.user_id == q.user_id)
+    if q.worker_id:
+        filters.append(JobRow.worker_id == q.worker_id)
+    if q.created_after_us is not None:
+        filters.append(JobRow.created_us >= q.created_after_us)
+    if q.created_before_us is not None:
+        filters.append(JobRow.created_us < q.created_before_us)
+    return _keyset(JOB_LABELS, "job_seq", JobRow.seq, tenant, q, filters)
+
+
+def workflow_keyset(tenant: str | None, q: RunQuery) -> _Keyset:
+    """A listing of workflows, as job_keyset's."""
+    filters: list[Any] = []
+    if q.state is not None:
+        filters.append(WorkflowRow.state == int(q.state))
+    if q.name:
+        filters.append(WorkflowRow.name == q.name)
+    if q.user_id:
+        filters.append(WorkflowRow.user_id == q.user_id)
+    if q.created_after_us is not None:
+        filters.append(WorkflowRow.created_us >= q.created_after_us)
+    if q.created_before_us is not None:
+        filters.append(WorkflowRow.created_us < q.created_before_us)
+    return _keyset(WORKFLOW_LABELS, "workflow_seq", WorkflowRow.seq, tenant, q, filters)
+
+
+async def count_runs(session: AsyncSession, keyset: _Keyset, only_labels: bool) -> int:
+    """How many runs a listing holds over all its pages. Filtered by labels
+    alone (and the tenant), the label rows are counted without their runs:
+    each carries its run's tenant, labels never change and runs are never
+    deleted."""
+    if only_labels:
+        stmt = select(func.count()).select_from(keyset.key.table).where(*keyset.labels)
+    else:
+        stmt = select(func.count()).select_from(keyset.key.table).where(*keyset.where)
+    return int((await session.execute(stmt)).scalar() or 0)
+
+
+async def count_jobs(session: AsyncSession, tenant: str | None, query: RunQuery) -> int:
+    """How many jobs a listing with these filters holds, over all its pages."""
+    only_labels = bool(query.labels) and query == RunQuery(labels=query.labels)
+    return await count_runs(session, job_keyset(tenant, query), only_labels)
+
+
+async def count_workflows(session: AsyncSession, tenant: str | None, query: RunQuery) -> int:
+    """How many workflows a listing with these filters holds, over all its pages."""
+    only_labels = bool(query.labels) and query == RunQuery(labels=query.labels)
+    return await count_runs(session, workflow_keyset(tenant, query), only_labels)
+
+
 async def read_jobs(
     session: AsyncSession,
     *,
     tenant: str | None,
-    state: RunState | None,
-    service: str,
-    workflow_id: str,
+    query: RunQuery,
     after: int | None,
     limit: int,
     max_bytes: int,
     full: bool,
 ) -> Chunk[Job]:
     """Newest first; keyset on seq, which only grows, so pages never shift."""
-    where = []
-    if tenant is not None:
-        where.append(JobRow.tenant == tenant)
-    if state is not None:
-        where.append(JobRow.state == int(state))
-    if service:
-        where.append(JobRow.service == service)
-    if workflow_id:
-        where.append(JobRow.workflow_id == workflow_id)
     heavy = _JOB_HEAVY if full else ()
+    keyset = job_keyset(tenant, query)
     listing = Listing(
-        key=JobRow.seq,
-        where=where,
+        key=keyset.key,
+        where=keyset.where,
         columns=[c for c in _JOB_LISTED if full or c.name not in _JOB_HEAVY],
         sized=[JOBS.c[name] for name in (*_JOB_SIZED, *heavy)],
         descending=True,
@@ -651,6 +789,7 @@ async def insert_workflow(
             completed_us=workflow.completed_us,
             submitted_by=workflow.submitted_by,
             output_steps=codec.dumps(list(output_steps)),
+            user_id=user_of(request_context),
         )
     )
 
@@ -694,8 +833,7 @@ async def read_workflows(
     session: AsyncSession,
     *,
     tenant: str | None,
-    state: RunState | None,
-    name: str,
+    query: RunQuery,
     after: int | None,
     limit: int,
     max_bytes: int,
@@ -703,13 +841,7 @@ async def read_workflows(
 ) -> Chunk[Workflow]:
     """Newest first, keyset on seq. FULL reads the steps (their stored size is
     counted before they are read); BASIC only counts them."""
-    where = []
-    if tenant is not None:
-        where.append(WorkflowRow.tenant == tenant)
-    if state is not None:
-        where.append(WorkflowRow.state == int(state))
-    if name:
-        where.append(WorkflowRow.name == name)
+    keyset = workflow_keyset(tenant, query)
     step_bytes = None
     if full:
         step_bytes = (
@@ -718,8 +850,8 @@ async def read_workflows(
             .scalar_subquery()
         )
     listing = Listing(
-        key=WorkflowRow.seq,
-        where=where,
+        key=keyset.key,
+        where=keyset.where,
         columns=_WORKFLOW_LISTED if full else _WORKFLOW_BASIC,
         sized=[WorkflowRow.labels, WorkflowRow.failure, *([WorkflowRow.outputs] if full else [])],
         descending=True,
