@@ -5,8 +5,11 @@ indexes behind them, through a real server on both backends."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from jobtrace.bench_listing import DAY_US, SPAN_US, TENANT, Rows, store_rows
+from jobtrace.client import Client, SyncClient
 from jobtrace.model import RunState
 from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2 as c
@@ -27,6 +31,7 @@ from jobtrace.store import jobs as job_store
 from jobtrace.store.tables import AttestationRow
 
 from .conftest import Harness, Stubs, expect_error
+from .procs import jobtrace
 from .test_security import bearer, token, write_tokens
 from .workers import RawWorker
 
@@ -509,3 +514,111 @@ async def test_each_run_filter_uses_its_index(harness: Harness) -> None:
         )
         plan = await plan_of(url, stmt)
         assert index in plan, (aq, plan)
+
+
+async def test_clients_and_cli_list_across_runs(sqlite_harness: Harness) -> None:
+    api = sqlite_harness.stubs()
+    s = await seed(api)
+    async with Client(sqlite_harness.target) as jt:
+        page = await jt.list_jobs(labels={"env": "prod"}, include_total=True, page_size=1)
+        assert [x.id for x in page.items] == [s.encode_alice.id] and page.total_size == 2
+        assert (await jt.list_jobs(user_id="alice")).total_size is None
+        by_worker = [x.id async for x in jt.iter_jobs(worker_id="w-1", page_size=1)]
+        assert by_worker == ids(s.render_bob, s.render_alice)
+        recent = await jt.list_jobs(
+            created_after=s.encode_alice.created_at.ToDatetime(tzinfo=UTC), include_total=True
+        )
+        assert recent.total_size == 4  # encode_alice, bare and the two steps
+        flows = await jt.list_workflows(user_id="carol", labels={"env": "prod"}, include_total=True)
+        assert [x.id for x in flows.items] == [s.workflow.id] and flows.total_size == 1
+        failed = [x.key async for x in jt.iter_attestations(state="failed", worker_id="w-1")]
+        assert failed == [f"worker-failure:{s.render_bob.id}:1"]
+        by_user = await jt.list_attestations(user_id="alice", service="render")
+        assert [x.key for x in by_user.items] == [f"worker-completion:{s.render_alice.id}"]
+
+    def use() -> tuple[list[str], int | None]:
+        with SyncClient(sqlite_harness.target) as jt:
+            page = jt.list_jobs(labels={"team": "a"}, include_total=True)
+            keys = [x.key for x in jt.iter_attestations(service="render", page_size=1)]
+            return [x.id for x in page.items] + keys, page.total_size
+
+    listed, total = await asyncio.to_thread(use)
+    assert total == 2 and listed == [
+        *ids(s.render_bob, s.render_alice),
+        f"worker-completion:{s.render_alice.id}",
+        f"worker-failure:{s.render_bob.id}:1",
+    ]
+    t = sqlite_harness.target
+    code, out, err = await jobtrace(
+        "jobs", "--label", "env=prod", "--user", "alice", "--total", "--json", target=t
+    )
+    assert code == 0, err
+    found = json.loads(out)
+    assert [x["id"] for x in found["jobs"]] == ids(s.encode_alice, s.render_alice)
+    assert found["total_size"] == 2
+    code, out, _ = await jobtrace("jobs", "--worker", "w-1", "--since", "1h", "--total", target=t)
+    assert code == 0 and s.render_bob.id in out and "2 shown of 2 matching" in out
+    code, out, _ = await jobtrace("jobs", "--created-before", "2000-01-01", "--json", target=t)
+    assert code == 0 and json.loads(out) == {"jobs": [], "next_page_token": ""}
+    code, out, _ = await jobtrace(
+        "workflows", "--label", "env=prod", "--user", "carol", "--total", "--json", target=t
+    )
+    assert [x["id"] for x in json.loads(out)["workflows"]] == [s.workflow.id]
+    assert json.loads(out)["total_size"] == 1
+    code, out, _ = await jobtrace(
+        "attest", "list", "--state", "failed", "--user", "bob", "--since", "7d", "--json", target=t
+    )
+    assert [x["key"] for x in json.loads(out)["attestations"]] == [
+        f"worker-failure:{s.render_bob.id}:1"
+    ]
+    code, out, _ = await jobtrace(
+        "attest", "list", "--service", "render", "--worker", "w-1", target=t
+    )
+    assert code == 0 and s.render_alice.id in out and s.render_bob.id in out
+    code, _, err = await jobtrace("jobs", "--label", "Bad Key=x", target=t)
+    assert code != 0 and "labels" in err and "Traceback" not in err
+    code, _, err = await jobtrace("jobs", "--since", "yesterday", target=t)
+    assert code != 0 and "not a time" in err and "Traceback" not in err
+
+
+async def test_runs_stored_before_0013_are_found_by_user_label_and_service(db_url: str) -> None:
+    """Jobs, workflows and attestations written before revision 0013 have no
+    user_id or service columns and no label rows; the migration fills them."""
+    from .test_worker_stream import migrate_down
+
+    async with Harness(db_url) as h:
+        s = await seed(h.stubs())
+    await migrate_down(db_url, "0012")
+    async with Harness(db_url) as h:
+        api = h.stubs()
+        steps = [x.job_id for x in s.workflow.steps]
+        assert await job_ids(api, user_id="alice") == ids(s.encode_alice, s.render_alice)
+        assert await job_ids(api, user_id="carol") == list(reversed(steps))
+        assert await job_ids(api, labels={"team": "a", "env": "prod"}) == ids(s.render_alice)
+        assert await job_ids(api, labels={"team": "c"}) == steps[:1]
+        assert await workflow_ids(api, labels={"env": "prod"}, user_id="carol") == [s.workflow.id]
+        assert await attestation_keys(api, user_id="bob", service="render") == [
+            f"worker-failure:{s.render_bob.id}:1"
+        ]
+        # And the trigger files the labels of what comes after.
+        later = await submit(api, "later", "svc", {"team": "a"}, "alice")
+        assert await job_ids(api, labels={"team": "a"}) == ids(later, s.render_bob, s.render_alice)
+
+
+async def test_the_listing_benchmark_runs(tmp_path: Path) -> None:
+    """`jobtrace bench --listing` at a tiny size (the figures come from 50,000)."""
+    from .test_bench import bench
+
+    code, out, err = await bench(
+        "--listing", "--listing-jobs", "300", "--listing-rounds", "2", "--json", timeout=120
+    )
+    assert code == 0, err
+    [result] = json.loads(out)["listing"]
+    assert result["backend"] == "sqlite" and result["jobs"] == 300
+    figures = {f["filter"]: f for f in result["filters"]}
+    assert len(figures) == 19
+    for f in figures.values():
+        assert f["page_p50_ms"] > 0 and f["page_p95_ms"] >= f["page_p50_ms"], f
+    # The reader sees its tenant's nine tenths, counted.
+    assert figures["jobs: tenant only"]["total_size"] == 270
+    assert figures["jobs: user_id"]["total_size"] == figures["jobs: user_id"]["items"]
