@@ -208,6 +208,11 @@ def queries(rows: Rows) -> list[tuple[str, str, Any]]:
         ("jobs: created one day", "ListJobs", j.ListJobsRequest(**day)),
         ("jobs: created_after", "ListJobs", j.ListJobsRequest(created_after=_ts(recent))),
         (
+            "jobs: created last 7 days",
+            "ListJobs",
+            j.ListJobsRequest(created_after=_ts(rows.start_us + 23 * DAY_US)),
+        ),
+        (
             "jobs: user_id+state",
             "ListJobs",
             j.ListJobsRequest(user_id="user-42", state=common_pb2.RUN_STATE_COMPLETED),

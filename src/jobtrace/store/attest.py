@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.model import Attestation, AttestationType, RunState, SigningKey
 from jobtrace.store import codec, sql
-from jobtrace.store.listing import Chunk, Listing, read_chunk
+from jobtrace.store.listing import Chunk, Listing, created_between, read_chunk
 from jobtrace.store.sql import Query, Row
 from jobtrace.store.tables import AttestationRow, PrunedAttestationRow, SigningKeyRow
 
@@ -264,10 +264,7 @@ def attestation_where(tenant: str | None, q: AttestationQuery) -> list[Any]:
         where.append(AttestationRow.user_id == q.user_id)
     if q.worker_id:
         where.append(AttestationRow.worker_id == q.worker_id)
-    if q.since_us is not None:
-        where.append(AttestationRow.created_us >= q.since_us)
-    if q.until_us is not None:
-        where.append(AttestationRow.created_us < q.until_us)
+    where += created_between(AttestationRow.created_us, q.since_us, q.until_us, newest_first=False)
     return where
 
 

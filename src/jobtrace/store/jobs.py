@@ -34,7 +34,7 @@ from jobtrace.model import (
     WorkflowStep,
 )
 from jobtrace.store import codec, sql
-from jobtrace.store.listing import Chunk, Listing, read_chunk, stored_size
+from jobtrace.store.listing import Chunk, Listing, created_between, read_chunk, stored_size
 from jobtrace.store.sql import Params, Query, Row
 from jobtrace.store.tables import (
     AnnotationRow,
@@ -491,10 +491,7 @@ def job_keyset(tenant: str | None, q: RunQuery) -> _Keyset:
         filters.append(JobRow.user_id == q.user_id)
     if q.worker_id:
         filters.append(JobRow.worker_id == q.worker_id)
-    if q.created_after_us is not None:
-        filters.append(JobRow.created_us >= q.created_after_us)
-    if q.created_before_us is not None:
-        filters.append(JobRow.created_us < q.created_before_us)
+    filters += created_between(JobRow.created_us, q.created_after_us, q.created_before_us)
     return _keyset(JOB_LABELS, "job_seq", JobRow.seq, tenant, q, filters)
 
 
@@ -507,10 +504,7 @@ def workflow_keyset(tenant: str | None, q: RunQuery) -> _Keyset:
         filters.append(WorkflowRow.name == q.name)
     if q.user_id:
         filters.append(WorkflowRow.user_id == q.user_id)
-    if q.created_after_us is not None:
-        filters.append(WorkflowRow.created_us >= q.created_after_us)
-    if q.created_before_us is not None:
-        filters.append(WorkflowRow.created_us < q.created_before_us)
+    filters += created_between(WorkflowRow.created_us, q.created_after_us, q.created_before_us)
     return _keyset(WORKFLOW_LABELS, "workflow_seq", WorkflowRow.seq, tenant, q, filters)
 
 

@@ -99,3 +99,26 @@ async def read_chunk(
     rows = (await session.execute(stmt)).mappings().all()
     exhausted = len(picked) == len(sizes) < scan
     return Chunk([build(r) for r in rows], int(picked[-1]), exhausted)
+
+
+def created_between(
+    column: Any, after_us: int | None, before_us: int | None, *, newest_first: bool = True
+) -> list[Any]:
+    """[after_us, before_us) on a creation time. Rows are created in about
+    the order of their seq, so a listing newest first meets the rows a lone
+    lower bound keeps first, walking its tenant's seq index: that bound is
+    then only checked (`column + 0` keeps the planner off the time index,
+    whose range it would read whole and sort). A window, or an upper bound,
+    reads the time index (tenant, created_us): only its rows, then sorted.
+    Oldest first, the same holds of a lone upper bound."""
+    lone = after_us if newest_first else before_us
+    if (after_us is None) == (before_us is None) or lone is None:
+        checked = column
+    else:
+        checked = column + 0
+    where: list[Any] = []
+    if after_us is not None:
+        where.append(checked >= after_us)
+    if before_us is not None:
+        where.append(checked < before_us)
+    return where
