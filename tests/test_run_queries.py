@@ -30,7 +30,7 @@ from jobtrace.store import attest as attest_store
 from jobtrace.store import jobs as job_store
 from jobtrace.store.tables import AttestationRow
 
-from .conftest import Harness, Stubs, expect_error
+from .conftest import Harness, Stubs, execute_sql, expect_error
 from .procs import jobtrace
 from .test_security import bearer, token, write_tokens
 from .workers import RawWorker
@@ -604,6 +604,12 @@ async def test_runs_stored_before_0013_are_found_by_user_label_and_service(db_ur
     async with Harness(db_url) as h:
         s = await seed(h.stubs())
     await migrate_down(db_url, "0012")
+    # Rows tampered with (text that is no JSON, labels that are no object) are
+    # left without a user or labels; they do not stop the upgrade.
+    await execute_sql(
+        db_url, "UPDATE jobs SET request_context = 'not json' WHERE id = :id", id=s.bare.id
+    )
+    await execute_sql(db_url, "UPDATE jobs SET labels = '[1, 2]' WHERE id = :id", id=s.bare.id)
     async with Harness(db_url) as h:
         api = h.stubs()
         steps = [x.job_id for x in s.workflow.steps]

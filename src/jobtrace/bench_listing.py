@@ -168,7 +168,7 @@ async def store_rows(url: str, rows: Rows) -> float:
             made = [rows.job(i) for i in range(start, min(rows.jobs, start + BATCH))]
             async with engine.begin() as conn:
                 await conn.execute(insert(JobRow), [values for values, _ in made])
-                signed = [attest_store._values(a) for _, a in made if a is not None]
+                signed = [attest_store.attestation_values(a) for _, a in made if a is not None]
                 if signed:
                     await conn.execute(insert(AttestationRow), signed)
         for start in range(0, rows.workflows, BATCH):

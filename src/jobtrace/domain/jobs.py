@@ -696,8 +696,6 @@ class Jobs:
         limit = check_page_size(v, "page_size", page_size)
         run_state = _state_filter(v, state)
         full = check_view(v, "view", view)
-        if more.worker_id:
-            v.add("worker_id", "workflows are not listed by worker; list their steps (ListJobs)")
         checked = check_run_filter(v, more)
         filters = {"state": int(state), "name": name, "tenant": tenant, **checked.token_filters()}
         query = store.RunQuery(

@@ -155,14 +155,15 @@ _INSERT_ATTESTATION_PREFIXED = Query(
 def attestation_insert(a: Attestation) -> tuple[Query, dict[str, Any]]:
     """The INSERT of an attestation, to be run with the statement of its
     transition (see store.trace.update_and_store_events)."""
-    return _INSERT_ATTESTATION_PREFIXED, {f"att_{k}": v for k, v in _values(a).items()}
+    return _INSERT_ATTESTATION_PREFIXED, {f"att_{k}": v for k, v in attestation_values(a).items()}
 
 
 async def insert_attestation(session: AsyncSession, a: Attestation) -> None:
-    await sql.execute(session, _INSERT_ATTESTATION, _values(a))
+    await sql.execute(session, _INSERT_ATTESTATION, attestation_values(a))
 
 
-def _values(a: Attestation) -> dict[str, Any]:
+def attestation_values(a: Attestation) -> dict[str, Any]:
+    """The row of an attestation, column by column."""
     return {
         "key": a.key,
         "tenant": a.tenant,

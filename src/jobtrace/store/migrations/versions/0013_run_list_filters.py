@@ -64,13 +64,20 @@ def upgrade() -> None:
         "attestations", sa.Column("service", sa.String(128), nullable=False, server_default="")
     )
     if pg:
-        user = "CAST(request_context AS JSONB) #>> '{user_context,user_id}'"
+        # A row whose text is not JSON (tampered with) is left without, as
+        # SQLite's json_valid leaves it, instead of failing the upgrade.
+        op.execute(
+            "CREATE FUNCTION pg_temp.jobtrace_jsonb(t text) RETURNS jsonb LANGUAGE plpgsql"
+            " IMMUTABLE AS $$ BEGIN RETURN t::jsonb; EXCEPTION WHEN others THEN RETURN NULL;"
+            " END $$"
+        )
+        user = "pg_temp.jobtrace_jsonb(request_context) #>> '{user_context,user_id}'"
         op.execute(f"UPDATE jobs SET user_id = COALESCE({user}, '') WHERE workflow_id = ''")
         op.execute(f"UPDATE workflows SET user_id = COALESCE({user}, '')")
         op.execute(
             "UPDATE attestations SET user_id = COALESCE("
-            "CAST(data AS JSONB) #>> '{request_context,user_context,user_id}', ''),"
-            " service = COALESCE(CAST(data AS JSONB) ->> 'service', '')"
+            "pg_temp.jobtrace_jsonb(data) #>> '{request_context,user_context,user_id}', ''),"
+            " service = COALESCE(pg_temp.jobtrace_jsonb(data) ->> 'service', '')"
         )
     else:
         user = "json_extract(request_context, '$.user_context.user_id')"
@@ -101,7 +108,17 @@ def upgrade() -> None:
             sa.Column(ref, sa.BigInteger(), primary_key=True),
         )
         # Every run's labels so far.
-        each = "jsonb_each_text(CAST(r.labels AS JSONB))" if pg else "json_each(r.labels)"
+        # (Labels that are no JSON object, tampered with, are left out.)
+        if pg:
+            each = (
+                "jsonb_each_text(CASE WHEN jsonb_typeof(pg_temp.jobtrace_jsonb(r.labels))"
+                " = 'object' THEN pg_temp.jobtrace_jsonb(r.labels) END)"
+            )
+        else:
+            each = (
+                "json_each(CASE WHEN json_valid(r.labels) AND json_type(r.labels) = 'object'"
+                " THEN r.labels ELSE '{}' END)"
+            )
         op.execute(
             f"INSERT INTO {labels} (tenant, key, value, {ref}) "
             f"SELECT r.tenant, l.key, l.value, r.seq FROM {runs} r, {each} AS l "
@@ -110,6 +127,8 @@ def upgrade() -> None:
         triggers = _pg_trigger(runs, labels, ref) if pg else [_sqlite_trigger(runs, labels, ref)]
         for statement in triggers:
             op.execute(statement)
+    if pg:
+        op.execute("DROP FUNCTION pg_temp.jobtrace_jsonb(text)")
     for table, name, columns in INDEXES:
         op.create_index(name, table, columns)
 
