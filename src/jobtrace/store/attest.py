@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
@@ -12,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.model import Attestation, AttestationType, RunState, SigningKey
 from jobtrace.store import codec, sql
-from jobtrace.store.listing import Chunk, Listing, created_between, read_chunk
+from jobtrace.store.listing import Chunk, Listing, created_between, read_chunk, unindexed
 from jobtrace.store.sql import Query, Row
 from jobtrace.store.tables import AttestationRow, PrunedAttestationRow, SigningKeyRow
 
@@ -245,28 +247,42 @@ class AttestationQuery:
     until_us: int | None = None
 
 
-def attestation_where(tenant: str | None, q: AttestationQuery) -> list[Any]:
+def attestation_where(
+    tenant: str | None, q: AttestationQuery, *, ranked: bool = False
+) -> list[Any]:
     """The conditions of a listing of attestations, each on an index of
-    AttestationRow's (with the tenant)."""
+    AttestationRow's (with the tenant). `ranked` (SQLite: no statistics)
+    lets only the most selective filter given use its index and checks the
+    others on the rows it yields (unindexed), as store.jobs._keyset does."""
     where: list[Any] = []
     if tenant is not None:
         where.append(AttestationRow.tenant == tenant)
-    if q.workflow_id:
-        where.append(AttestationRow.workflow_id == q.workflow_id)
-    if q.job_id:
-        where.append(AttestationRow.job_id == q.job_id)
-    if q.type:
-        where.append(AttestationRow.type == q.type)
-    if q.state:
-        where.append(AttestationRow.state == q.state)
-    if q.service:
-        where.append(AttestationRow.service == q.service)
-    if q.user_id:
-        where.append(AttestationRow.user_id == q.user_id)
-    if q.worker_id:
-        where.append(AttestationRow.worker_id == q.worker_id)
-    where += created_between(AttestationRow.created_us, q.since_us, q.until_us, newest_first=False)
+    filters: list[tuple[Any, Callable[[Any], list[Any]]]] = []
+    for column, value in (
+        (AttestationRow.job_id, q.job_id),
+        (AttestationRow.workflow_id, q.workflow_id),
+        (AttestationRow.user_id, q.user_id),
+        (AttestationRow.worker_id, q.worker_id),
+        (AttestationRow.service, q.service),
+        (AttestationRow.type, q.type),
+        (AttestationRow.state, q.state),
+    ):
+        if value:
+            filters.append((column, partial(_equal, value=value)))
+    if q.since_us is not None or q.until_us is not None:
+        filters.append(
+            (
+                AttestationRow.created_us,
+                lambda c: created_between(c, q.since_us, q.until_us, newest_first=False),
+            )
+        )
+    for i, (column, conditions) in enumerate(filters):
+        where += conditions(column if i == 0 or not ranked else unindexed(column))
     return where
+
+
+def _equal(column: Any, value: Any) -> list[Any]:
+    return [column == value]
 
 
 async def read_attestations(
@@ -282,7 +298,7 @@ async def read_attestations(
     """In the order they were written; data only when `full`."""
     listing = Listing(
         key=AttestationRow.seq,
-        where=attestation_where(tenant, query),
+        where=attestation_where(tenant, query, ranked=sql.dialect(session) == "sqlite"),
         columns=[c for c in ATTESTATIONS.c if full or c.name != "data"],
         sized=[AttestationRow.data] if full else [],
     )

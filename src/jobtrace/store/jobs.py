@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -34,7 +34,14 @@ from jobtrace.model import (
     WorkflowStep,
 )
 from jobtrace.store import codec, sql
-from jobtrace.store.listing import Chunk, Listing, created_between, read_chunk, stored_size
+from jobtrace.store.listing import (
+    Chunk,
+    Listing,
+    created_between,
+    read_chunk,
+    stored_size,
+    unindexed,
+)
 from jobtrace.store.sql import Params, Query, Row
 from jobtrace.store.tables import (
     AnnotationRow,
@@ -448,64 +455,103 @@ class _Keyset:
         return self.labels + self.runs
 
 
+# One filter of a listing: its column, and its conditions on that column (or
+# on listing.unindexed(column), which no index serves).
+Filter = tuple[Any, Callable[[Any], list[Any]]]
+
+
 def _keyset(
     labels_table: Any,
     ref: str,
     run_seq: Any,
     tenant: str | None,
     q: RunQuery,
-    filters: list[Any],
+    above: list[Filter],
+    below: list[Filter],
+    *,
+    ranked: bool,
 ) -> _Keyset:
     """The first label pair drives a listing by labels: its rows of the label
     table's primary key (tenant, key, value, seq) are walked in seq order,
-    each joined to its run; each further pair is a point lookup in that key."""
-    runs = ([run_seq.table.c.tenant == tenant] if tenant is not None else []) + filters
+    each joined to its run; each further pair is a point lookup in that key.
+
+    `above` and `below` are the other filters, most selective first, ranked
+    above or below labels. `ranked` (SQLite, which keeps no statistics and so
+    cannot tell a user's hundred jobs from a state's thirty thousand) lets
+    only the first filter be served by its index, labels included, and checks
+    the others on the rows it yields. Unranked (PostgreSQL), the planner
+    weighs them with its statistics."""
+    runs = [run_seq.table.c.tenant == tenant] if tenant is not None else []
+    drive = bool(q.labels) and not (ranked and above)
+    for i, (column, conditions) in enumerate(above + below):
+        indexed = not ranked or (i == 0 and not drive)
+        runs += conditions(column if indexed else unindexed(column))
     if not q.labels:
         return _Keyset(run_seq, [], runs)
-    (key, value), *more = q.labels
-    first = labels_table.alias("l0")
-    seq = first.c[ref]
-    where: list[Any] = [first.c.key == key, first.c.value == value]
-    if tenant is not None:
-        where.append(first.c.tenant == tenant)
-    for i, (key, value) in enumerate(more, 1):
+    seq, where = run_seq, []
+    pairs = list(q.labels)
+    if drive:
+        (key, value), *pairs = pairs
+        first = labels_table.alias("l0")
+        seq = first.c[ref]
+        where = [first.c.key == key, first.c.value == value]
+        if tenant is not None:
+            where.append(first.c.tenant == tenant)
+        runs.insert(0, seq == run_seq)
+    for i, (key, value) in enumerate(pairs, 1):
         other = labels_table.alias(f"l{i}")
         match = [other.c.key == key, other.c.value == value, other.c[ref] == seq]
         if tenant is not None:
             match.append(other.c.tenant == tenant)
         where.append(exists().where(*match))
-    return _Keyset(seq, where, [seq == run_seq, *runs])
+    return _Keyset(seq, where, runs)
 
 
-def job_keyset(tenant: str | None, q: RunQuery) -> _Keyset:
+def job_keyset(tenant: str | None, q: RunQuery, *, ranked: bool = False) -> _Keyset:
     """A listing of jobs: each filter served by an index of JobRow's (tenant
-    first), labels by job_labels' primary key."""
-    filters: list[Any] = []
-    if q.state is not None:
-        filters.append(JobRow.state == int(q.state))
-    if q.service:
-        filters.append(JobRow.service == q.service)
+    first), labels by job_labels' primary key; `ranked`: see _keyset."""
+    above: list[Filter] = []
     if q.workflow_id:
-        filters.append(JobRow.workflow_id == q.workflow_id)
+        above.append((JobRow.workflow_id, lambda c: [c == q.workflow_id]))
     if q.user_id:
-        filters.append(JobRow.user_id == q.user_id)
+        above.append((JobRow.user_id, lambda c: [c == q.user_id]))
     if q.worker_id:
-        filters.append(JobRow.worker_id == q.worker_id)
-    filters += created_between(JobRow.created_us, q.created_after_us, q.created_before_us)
-    return _keyset(JOB_LABELS, "job_seq", JobRow.seq, tenant, q, filters)
-
-
-def workflow_keyset(tenant: str | None, q: RunQuery) -> _Keyset:
-    """A listing of workflows, as job_keyset's."""
-    filters: list[Any] = []
+        above.append((JobRow.worker_id, lambda c: [c == q.worker_id]))
+    below: list[Filter] = []
+    if q.service:
+        below.append((JobRow.service, lambda c: [c == q.service]))
     if q.state is not None:
-        filters.append(WorkflowRow.state == int(q.state))
-    if q.name:
-        filters.append(WorkflowRow.name == q.name)
+        below.append((JobRow.state, lambda c: [c == int(q.state or 0)]))
+    if q.created_after_us is not None or q.created_before_us is not None:
+        below.append(
+            (
+                JobRow.created_us,
+                lambda c: created_between(c, q.created_after_us, q.created_before_us),
+            )
+        )
+    return _keyset(JOB_LABELS, "job_seq", JobRow.seq, tenant, q, above, below, ranked=ranked)
+
+
+def workflow_keyset(tenant: str | None, q: RunQuery, *, ranked: bool = False) -> _Keyset:
+    """A listing of workflows, as job_keyset's."""
+    above: list[Filter] = []
     if q.user_id:
-        filters.append(WorkflowRow.user_id == q.user_id)
-    filters += created_between(WorkflowRow.created_us, q.created_after_us, q.created_before_us)
-    return _keyset(WORKFLOW_LABELS, "workflow_seq", WorkflowRow.seq, tenant, q, filters)
+        above.append((WorkflowRow.user_id, lambda c: [c == q.user_id]))
+    below: list[Filter] = []
+    if q.name:
+        below.append((WorkflowRow.name, lambda c: [c == q.name]))
+    if q.state is not None:
+        below.append((WorkflowRow.state, lambda c: [c == int(q.state or 0)]))
+    if q.created_after_us is not None or q.created_before_us is not None:
+        below.append(
+            (
+                WorkflowRow.created_us,
+                lambda c: created_between(c, q.created_after_us, q.created_before_us),
+            )
+        )
+    return _keyset(
+        WORKFLOW_LABELS, "workflow_seq", WorkflowRow.seq, tenant, q, above, below, ranked=ranked
+    )
 
 
 async def count_runs(session: AsyncSession, keyset: _Keyset, only_labels: bool) -> int:
@@ -523,13 +569,15 @@ async def count_runs(session: AsyncSession, keyset: _Keyset, only_labels: bool) 
 async def count_jobs(session: AsyncSession, tenant: str | None, query: RunQuery) -> int:
     """How many jobs a listing with these filters holds, over all its pages."""
     only_labels = bool(query.labels) and query == RunQuery(labels=query.labels)
-    return await count_runs(session, job_keyset(tenant, query), only_labels)
+    keyset = job_keyset(tenant, query, ranked=_is_sqlite(session))
+    return await count_runs(session, keyset, only_labels)
 
 
 async def count_workflows(session: AsyncSession, tenant: str | None, query: RunQuery) -> int:
     """How many workflows a listing with these filters holds, over all its pages."""
     only_labels = bool(query.labels) and query == RunQuery(labels=query.labels)
-    return await count_runs(session, workflow_keyset(tenant, query), only_labels)
+    keyset = workflow_keyset(tenant, query, ranked=_is_sqlite(session))
+    return await count_runs(session, keyset, only_labels)
 
 
 async def read_jobs(
@@ -544,7 +592,7 @@ async def read_jobs(
 ) -> Chunk[Job]:
     """Newest first; keyset on seq, which only grows, so pages never shift."""
     heavy = _JOB_HEAVY if full else ()
-    keyset = job_keyset(tenant, query)
+    keyset = job_keyset(tenant, query, ranked=_is_sqlite(session))
     listing = Listing(
         key=keyset.key,
         where=keyset.where,
@@ -835,7 +883,7 @@ async def read_workflows(
 ) -> Chunk[Workflow]:
     """Newest first, keyset on seq. FULL reads the steps (their stored size is
     counted before they are read); BASIC only counts them."""
-    keyset = workflow_keyset(tenant, query)
+    keyset = workflow_keyset(tenant, query, ranked=_is_sqlite(session))
     step_bytes = None
     if full:
         step_bytes = (

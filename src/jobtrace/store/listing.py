@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import LargeBinary, cast, func, literal, select
+from sqlalchemy import LargeBinary, String, cast, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.store import sql
@@ -107,7 +107,7 @@ def created_between(
     """[after_us, before_us) on a creation time. Rows are created in about
     the order of their seq, so a listing newest first meets the rows a lone
     lower bound keeps first, walking its tenant's seq index: that bound is
-    then only checked (`column + 0` keeps the planner off the time index,
+    then only checked (unindexed: the planner keeps off the time index,
     whose range it would read whole and sort). A window, or an upper bound,
     reads the time index (tenant, created_us): only its rows, then sorted.
     Oldest first, the same holds of a lone upper bound."""
@@ -115,10 +115,19 @@ def created_between(
     if (after_us is None) == (before_us is None) or lone is None:
         checked = column
     else:
-        checked = column + 0
+        checked = unindexed(column)
     where: list[Any] = []
     if after_us is not None:
         where.append(checked >= after_us)
     if before_us is not None:
         where.append(checked < before_us)
     return where
+
+
+def unindexed(column: Any) -> Any:
+    """The column's value as an expression no index serves (`|| ''` for text,
+    `+ 0` for numbers): the planner then only checks it on rows another
+    condition's index yields."""
+    if isinstance(column.type, String):
+        return column.concat("")
+    return column + 0

@@ -67,6 +67,7 @@ class WorkflowRow(Base):
         # Listings by user and by creation time (0013); by label: workflow_labels.
         Index("ix_workflows_tenant_user_seq", "tenant", "user_id", "seq"),
         Index("ix_workflows_tenant_created", "tenant", "created_us"),
+        Index("ix_workflows_tenant_name_seq", "tenant", "name", "seq"),
     )
 
 
@@ -135,6 +136,9 @@ class JobRow(Base):
         Index("ix_jobs_tenant_user_seq", "tenant", "user_id", "seq"),
         Index("ix_jobs_tenant_worker_seq", "tenant", "worker_id", "seq"),
         Index("ix_jobs_tenant_created", "tenant", "created_us"),
+        # (and by service, a filter of earlier releases, until then served
+        # only with a state, by the dispatch index)
+        Index("ix_jobs_tenant_service_seq", "tenant", "service", "seq"),
         Index("ix_jobs_tenant_state_seq", "tenant", "state", "seq"),
         Index("ix_jobs_workflow", "workflow_id", "step_index"),
         # The dispatcher's scan: eligible jobs of a service by priority, then age.

@@ -22,6 +22,8 @@ INDEXES = (
     ("jobs", "ix_jobs_tenant_user_seq", ["tenant", "user_id", "seq"]),
     ("jobs", "ix_jobs_tenant_worker_seq", ["tenant", "worker_id", "seq"]),
     ("jobs", "ix_jobs_tenant_created", ["tenant", "created_us"]),
+    ("jobs", "ix_jobs_tenant_service_seq", ["tenant", "service", "seq"]),
+    ("workflows", "ix_workflows_tenant_name_seq", ["tenant", "name", "seq"]),
     ("workflows", "ix_workflows_tenant_user_seq", ["tenant", "user_id", "seq"]),
     ("workflows", "ix_workflows_tenant_created", ["tenant", "created_us"]),
     ("attestations", "ix_attestations_tenant_seq", ["tenant", "seq"]),
