@@ -545,10 +545,11 @@ async def test_each_run_filter_uses_its_index(harness: Harness) -> None:
     plan = await plan_of(url, stmt)
     assert "ix_attestations_tenant_created" not in plan and "Sort" not in plan, plan
     for aq, index in attestations:
+        key = attest_store.attestation_key(aq)
         stmt = (
-            select(AttestationRow.seq)
+            select(key)
             .where(*attest_store.attestation_where(t, aq, ranked=lite))
-            .order_by(AttestationRow.seq)
+            .order_by(key)
             .limit(101)
         )
         plan = await plan_of(url, stmt)

@@ -281,6 +281,15 @@ def attestation_where(
     return where
 
 
+def attestation_key(q: AttestationQuery) -> Any:
+    """What a listing is ordered by: seq; for a time window that no id
+    serves, an unindexed seq, so that the window is read from the time index
+    and sorted (see store.jobs._keyset), not looked for along seq."""
+    window = q.since_us is not None and q.until_us is not None
+    ids = q.job_id or q.workflow_id or q.user_id or q.worker_id
+    return unindexed(AttestationRow.seq) if window and not ids else AttestationRow.seq
+
+
 def _equal(column: Any, value: Any) -> list[Any]:
     return [column == value]
 
@@ -297,7 +306,7 @@ async def read_attestations(
 ) -> Chunk[Attestation]:
     """In the order they were written; data only when `full`."""
     listing = Listing(
-        key=AttestationRow.seq,
+        key=attestation_key(query),
         where=attestation_where(tenant, query, ranked=sql.dialect(session) == "sqlite"),
         columns=[c for c in ATTESTATIONS.c if full or c.name != "data"],
         sized=[AttestationRow.data] if full else [],

@@ -449,6 +449,8 @@ class _Keyset:
     key: Any
     labels: list[Any]
     runs: list[Any]
+    # What is counted: the driving label rows, or the runs.
+    table: Any
 
     @property
     def where(self) -> list[Any]:
@@ -480,19 +482,27 @@ def _keyset(
     cannot tell a user's hundred jobs from a state's thirty thousand) lets
     only the first filter be served by its index, labels included, and checks
     the others on the rows it yields. Unranked (PostgreSQL), the planner
-    weighs them with its statistics."""
+    weighs them with its statistics.
+
+    A creation window (both bounds) read in seq order would be looked for
+    from the newest row down, however old it is (PostgreSQL's planner bets on
+    it with a LIMIT); unless a filter above labels serves the listing, it is
+    ordered by an unindexed seq: its rows are read from the time index, then
+    sorted."""
     runs = [run_seq.table.c.tenant == tenant] if tenant is not None else []
     drive = bool(q.labels) and not (ranked and above)
     for i, (column, conditions) in enumerate(above + below):
         indexed = not ranked or (i == 0 and not drive)
         runs += conditions(column if indexed else unindexed(column))
     if not q.labels:
-        return _Keyset(run_seq, [], runs)
-    seq, where = run_seq, []
+        window = q.created_after_us is not None and q.created_before_us is not None
+        key = unindexed(run_seq) if window and not above else run_seq
+        return _Keyset(key, [], runs, run_seq.table)
+    seq, where, table = run_seq, [], run_seq.table
     pairs = list(q.labels)
     if drive:
         (key, value), *pairs = pairs
-        first = labels_table.alias("l0")
+        first = table = labels_table.alias("l0")
         seq = first.c[ref]
         where = [first.c.key == key, first.c.value == value]
         if tenant is not None:
@@ -504,7 +514,7 @@ def _keyset(
         if tenant is not None:
             match.append(other.c.tenant == tenant)
         where.append(exists().where(*match))
-    return _Keyset(seq, where, runs)
+    return _Keyset(seq, where, runs, table)
 
 
 def job_keyset(tenant: str | None, q: RunQuery, *, ranked: bool = False) -> _Keyset:
@@ -560,9 +570,9 @@ async def count_runs(session: AsyncSession, keyset: _Keyset, only_labels: bool) 
     each carries its run's tenant, labels never change and runs are never
     deleted."""
     if only_labels:
-        stmt = select(func.count()).select_from(keyset.key.table).where(*keyset.labels)
+        stmt = select(func.count()).select_from(keyset.table).where(*keyset.labels)
     else:
-        stmt = select(func.count()).select_from(keyset.key.table).where(*keyset.where)
+        stmt = select(func.count()).select_from(keyset.table).where(*keyset.where)
     return int((await session.execute(stmt)).scalar() or 0)
 
 

@@ -36,8 +36,9 @@ class Chunk(Generic[T]):
 @dataclass(frozen=True, slots=True)
 class Listing:
     """One keyset listing of a table: which rows (`where`, ordered by `key`, a
-    column that only grows), which columns a view reads, and which of those
-    may be large (their stored sizes bound what one step reads)."""
+    column that only grows, or listing.unindexed of one to keep the planner
+    from reading it in index order), which columns a view reads, and which of
+    those may be large (their stored sizes bound what one step reads)."""
 
     key: Any
     where: Sequence[Any]
