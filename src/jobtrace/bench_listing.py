@@ -178,10 +178,13 @@ async def store_rows(url: str, rows: Rows) -> float:
                     [rows.workflow(i) for i in range(start, min(rows.workflows, start + BATCH))],
                 )
         if engine.dialect.name == "postgresql":
-            # As autovacuum would soon. (SQLite gets no statistics: jobtrace
-            # never runs ANALYZE there, so its plans must be good without.)
-            async with engine.begin() as conn:
-                await conn.execute(text("ANALYZE"))
+            # As autovacuum soon would after so many inserts (statistics, and
+            # the visibility map that index-only scans read). SQLite gets no
+            # statistics: jobtrace never runs ANALYZE there, so its plans
+            # must be good without.
+            async with engine.connect() as conn:
+                auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await auto.execute(text("VACUUM ANALYZE"))
     finally:
         await engine.dispose()
     return time.perf_counter() - began
