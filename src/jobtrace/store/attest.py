@@ -307,6 +307,7 @@ async def read_attestations(
     """In the order they were written; data only when `full`."""
     listing = Listing(
         key=attestation_key(query),
+        row_key=AttestationRow.seq,
         where=attestation_where(tenant, query, ranked=sql.dialect(session) == "sqlite"),
         columns=[c for c in ATTESTATIONS.c if full or c.name != "data"],
         sized=[AttestationRow.data] if full else [],

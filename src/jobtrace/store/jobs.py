@@ -451,6 +451,9 @@ class _Keyset:
     runs: list[Any]
     # What is counted: the driving label rows, or the runs.
     table: Any
+    # The conditions on the runs alone (labels never change): what a row
+    # picked by its size is checked against again when it is read.
+    recheck: list[Any]
 
     @property
     def where(self) -> list[Any]:
@@ -497,8 +500,8 @@ def _keyset(
     if not q.labels:
         window = q.created_after_us is not None and q.created_before_us is not None
         key = unindexed(run_seq) if window and not above else run_seq
-        return _Keyset(key, [], runs, run_seq.table)
-    seq, where, table = run_seq, [], run_seq.table
+        return _Keyset(key, [], runs, run_seq.table, runs)
+    seq, where, table, recheck = run_seq, [], run_seq.table, list(runs)
     pairs = list(q.labels)
     if drive:
         (key, value), *pairs = pairs
@@ -514,7 +517,7 @@ def _keyset(
         if tenant is not None:
             match.append(other.c.tenant == tenant)
         where.append(exists().where(*match))
-    return _Keyset(seq, where, runs, table)
+    return _Keyset(seq, where, runs, table, recheck)
 
 
 def job_keyset(tenant: str | None, q: RunQuery, *, ranked: bool = False) -> _Keyset:
@@ -609,6 +612,8 @@ async def read_jobs(
         columns=[c for c in _JOB_LISTED if full or c.name not in _JOB_HEAVY],
         sized=[JOBS.c[name] for name in (*_JOB_SIZED, *heavy)],
         descending=True,
+        row_key=JobRow.seq,
+        recheck=keyset.recheck,
     )
     return await read_chunk(
         session,
@@ -908,6 +913,8 @@ async def read_workflows(
         sized=[WorkflowRow.labels, WorkflowRow.failure, *([WorkflowRow.outputs] if full else [])],
         descending=True,
         extra_size=step_bytes,
+        row_key=WorkflowRow.seq,
+        recheck=keyset.recheck,
     )
     chunk = await read_chunk(
         session, listing, after=after, limit=limit, max_bytes=max_bytes, build=lambda row: row

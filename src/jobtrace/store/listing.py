@@ -47,6 +47,11 @@ class Listing:
     descending: bool = False
     # Further stored bytes of a row, read elsewhere (a workflow's steps).
     extra_size: Any = None
+    # The picked rows are read by this column (their table's key) when `key`
+    # is another (a label row's, or an unindexed copy), and checked again
+    # only against `recheck` when given (conditions that can change).
+    row_key: Any = None
+    recheck: Sequence[Any] | None = None
 
 
 def stored_size(session: AsyncSession, columns: Sequence[Any]) -> Any:
@@ -96,7 +101,13 @@ async def read_chunk(
         return Chunk([], after, True)
     # The filters again: a row that changed since its size was read is left
     # out, as it would be had the change come before.
-    stmt = select(*listing.columns).where(*listing.where, listing.key.in_(picked)).order_by(order)
+    fetch = listing.key if listing.row_key is None else listing.row_key
+    again = listing.where if listing.recheck is None else listing.recheck
+    stmt = (
+        select(*listing.columns)
+        .where(*again, fetch.in_(picked))
+        .order_by(fetch.desc() if listing.descending else fetch)
+    )
     rows = (await session.execute(stmt)).mappings().all()
     exhausted = len(picked) == len(sizes) < scan
     return Chunk([build(r) for r in rows], int(picked[-1]), exhausted)
