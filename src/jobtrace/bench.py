@@ -949,10 +949,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(postgresql+asyncpg://USER@127.0.0.1:5432/DB; DB is only used to create and drop "
         "jobtrace_bench_<random> databases)",
     )
+    p.add_argument(
+        "--listing",
+        action="store_true",
+        help="instead: store --listing-jobs jobs (a tenth as many workflows, an attestation "
+        "per ended job) straight into SQLite and, with --pg-url, PostgreSQL, then time each "
+        "filter's first page (and with include_total) of ListJobs, ListWorkflows and "
+        "ListAttestations over gRPC, p50/p95",
+    )
+    p.add_argument(
+        "--listing-jobs",
+        type=int,
+        default=50_000,
+        help="--listing: jobs stored (default 50000)",
+    )
+    p.add_argument(
+        "--listing-rounds",
+        type=int,
+        default=30,
+        help="--listing: calls timed per filter, after 2 unmeasured (default 30)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.listing:
+        from jobtrace import bench_listing
+
+        return bench_listing.main(args)
     if args.jobs < 1 or args.jobs > 1_000_000 or args.workers < 1:
         print("jobtrace bench: --jobs must be 1..1000000 and --workers at least 1", file=sys.stderr)
         return 2

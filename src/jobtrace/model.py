@@ -196,6 +196,9 @@ class Job:
     # A fan-out step: what its children run over (None: not a fan-out step;
     # its children have None too).
     for_each: ForEach | None = None
+    # The user it was requested for (request_context.user_context.user_id; a
+    # step's is its workflow's); '' when none or not read.
+    user_id: str = ""
     # The triggering request of a standalone job as stored (JSON text), when
     # the row it was read from carried it (a transition's locked row does):
     # its attestation needs no second read. None: not read.

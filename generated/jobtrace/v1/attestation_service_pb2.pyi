@@ -403,6 +403,12 @@ class ListAttestationsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     VIEW_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
     """Optional. Only attestations of this workflow."""
     job_id: _builtins.str
@@ -415,6 +421,32 @@ class ListAttestationsRequest(_message.Message):
     """Optional. next_page_token of the previous page, with the same filters."""
     view: Global___AttestationView.ValueType
     """Optional. How much of each attestation to return; unspecified means BASIC."""
+    state: _common_pb2.RunState.ValueType
+    """Optional. Only attestations of a run that was in this state when it was
+    attested (e.g. RUN_STATE_FAILED).
+    """
+    service: _builtins.str
+    """Optional. Only attestations of jobs of this service (a workflow's own
+    attestations have none).
+    """
+    user_id: _builtins.str
+    """Optional. Only attestations of runs requested on behalf of this user
+    (request_context.user_context.user_id); at most 256 characters.
+    """
+    worker_id: _builtins.str
+    """Optional. Only attestations of attempts run by this worker id; at most
+    128 characters.
+    """
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Only attestations written at or after this time."""
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Only attestations written before this time (exclusive); not
+        before since.
+        """
+
     def __init__(
         self,
         *,
@@ -424,10 +456,16 @@ class ListAttestationsRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         view: Global___AttestationView.ValueType = ...,
+        state: _common_pb2.RunState.ValueType = ...,
+        service: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        worker_id: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "page_size", b"page_size", "page_token", b"page_token", "type", b"type", "view", b"view", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "page_size", b"page_size", "page_token", b"page_token", "service", b"service", "since", b"since", "state", b"state", "type", b"type", "until", b"until", "user_id", b"user_id", "view", b"view", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -62,6 +62,7 @@ class AttestationServicer(pb_grpc.AttestationServiceServicer):
                     a, full=request.view == pb.ATTESTATION_VIEW_FULL
                 )
             ),
+            more=convert.attestation_filter(request),
         )
         return pb.ListAttestationsResponse(attestations=items, next_page_token=token)
 

@@ -51,6 +51,42 @@ def ts_to_us(ts: timestamp_pb2.Timestamp) -> int:
     return ts.seconds * 1_000_000 + ts.nanos // 1_000
 
 
+def instant(message: Any, name: str) -> tuple[int, int] | None:
+    """A Timestamp field as (seconds, nanos), unchecked; None when unset."""
+    if not message.HasField(name):
+        return None
+    ts = getattr(message, name)
+    return int(ts.seconds), int(ts.nanos)
+
+
+def run_filter(request: Any, *, jobs: bool) -> Any:
+    """ListJobs' or ListWorkflows' filters across runs."""
+    from jobtrace.domain.run_filters import RunFilter
+
+    return RunFilter(
+        labels=dict(request.labels),
+        user_id=request.user_id,
+        worker_id=request.worker_id if jobs else "",
+        created_after=instant(request, "created_after"),
+        created_before=instant(request, "created_before"),
+        include_total=request.include_total,
+    )
+
+
+def attestation_filter(request: Any) -> Any:
+    """ListAttestations' filters across runs."""
+    from jobtrace.domain.run_filters import AttestationFilter
+
+    return AttestationFilter(
+        state=int(request.state),
+        service=request.service,
+        user_id=request.user_id,
+        worker_id=request.worker_id,
+        since=instant(request, "since"),
+        until=instant(request, "until"),
+    )
+
+
 def us_to_ts(us: int) -> timestamp_pb2.Timestamp | None:
     if not us:
         return None

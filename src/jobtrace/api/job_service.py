@@ -115,8 +115,11 @@ class JobServicer(pb_grpc.JobServiceServicer):
                     exact=convert.wants_exact_json(context),
                 )
             ),
+            more=convert.run_filter(request, jobs=True),
         )
-        return pb.ListJobsResponse(jobs=page.items, next_page_token=page.next_page_token)
+        return pb.ListJobsResponse(
+            jobs=page.items, next_page_token=page.next_page_token, total_size=page.total_size or 0
+        )
 
     @rpc
     async def ListWorkflows(
@@ -133,8 +136,13 @@ class JobServicer(pb_grpc.JobServiceServicer):
             out=self._pages.encoder(
                 lambda w: convert.workflow_to_proto(w, convert.wants_exact_json(context))
             ),
+            more=convert.run_filter(request, jobs=False),
         )
-        return pb.ListWorkflowsResponse(workflows=page.items, next_page_token=page.next_page_token)
+        return pb.ListWorkflowsResponse(
+            workflows=page.items,
+            next_page_token=page.next_page_token,
+            total_size=page.total_size or 0,
+        )
 
     @rpc
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.CancelJobResponse:

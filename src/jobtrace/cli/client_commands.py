@@ -355,6 +355,14 @@ async def collect(
     fetch: Callable[[str], Awaitable[Page[Any]]], limit: int
 ) -> tuple[list[Any], str]:
     """Up to `limit` items, page after page; and the token to continue from."""
+    items, token, _ = await collect_counted(fetch, limit)
+    return items, token
+
+
+async def collect_counted(
+    fetch: Callable[[str], Awaitable[Page[Any]]], limit: int
+) -> tuple[list[Any], str, int | None]:
+    """As collect, with the total the last page read counted (None unless asked)."""
     items: list[Any] = []
     token = ""
     while True:
@@ -362,15 +370,41 @@ async def collect(
         items += page.items
         token = page.next_page_token
         if not token or len(items) >= limit:
-            return items[:limit], token if len(items) <= limit else ""
+            return items[:limit], token if len(items) <= limit else "", page.total_size
+
+
+def run_filters(args: argparse.Namespace) -> dict[str, Any]:
+    """The filters across runs that `jobs` and `workflows` share."""
+    return {
+        "labels": parse_pairs(args.label, "--label"),
+        "user_id": args.user or "",
+        "created_after": parse_when(args.since) if args.since else None,
+        "created_before": parse_when(args.until) if args.until else None,
+        "include_total": args.total,
+    }
+
+
+def listed(kind: str, found: list[Any], token: str, total: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {kind: [as_json(x) for x in found], "next_page_token": token}
+    if total is not None:
+        out["total_size"] = total
+    return out
+
+
+def print_total(shown: int, total: int | None) -> None:
+    if total is not None:
+        print(f"{shown} shown of {total} matching")
 
 
 async def jobs(args: argparse.Namespace, client: Client) -> int:
-    found, token = await collect(
+    filters = run_filters(args)
+    found, token, total = await collect_counted(
         lambda t: client.list_jobs(
             state=args.state,
             service=args.service or "",
             workflow_id=args.workflow or "",
+            worker_id=args.worker or "",
+            **filters,
             page_size=min(args.limit, 1000),
             page_token=t,
             view=whole(args),
@@ -378,7 +412,7 @@ async def jobs(args: argparse.Namespace, client: Client) -> int:
         args.limit,
     )
     if args.json:
-        print_json({"jobs": [as_json(j) for j in found], "next_page_token": token})
+        print_json(listed("jobs", found, token, total))
         return 0
     s = Style.choose("auto", sys.stdout)
     render.table(
@@ -396,14 +430,17 @@ async def jobs(args: argparse.Namespace, client: Client) -> int:
             for j in found
         ],
     )
+    print_total(len(found), total)
     return 0
 
 
 async def workflows(args: argparse.Namespace, client: Client) -> int:
-    found, token = await collect(
+    filters = run_filters(args)
+    found, token, total = await collect_counted(
         lambda t: client.list_workflows(
             state=args.state,
             name=args.name or "",
+            **filters,
             page_size=min(args.limit, 1000),
             page_token=t,
             view=whole(args),
@@ -411,7 +448,7 @@ async def workflows(args: argparse.Namespace, client: Client) -> int:
         args.limit,
     )
     if args.json:
-        print_json({"workflows": [as_json(w) for w in found], "next_page_token": token})
+        print_json(listed("workflows", found, token, total))
         return 0
     s = Style.choose("auto", sys.stdout)
     render.table(
@@ -428,6 +465,7 @@ async def workflows(args: argparse.Namespace, client: Client) -> int:
             for w in found
         ],
     )
+    print_total(len(found), total)
     return 0
 
 
@@ -546,6 +584,12 @@ async def attest_list(args: argparse.Namespace, client: Client) -> int:
             workflow_id=args.workflow or "",
             job_id=args.job or "",
             type=args.type,
+            state=args.state,
+            service=args.service or "",
+            user_id=args.user or "",
+            worker_id=args.worker or "",
+            since=parse_when(args.since) if args.since else None,
+            until=parse_when(args.until) if args.until else None,
             page_size=min(args.limit, 1000),
             page_token=t,
             view=whole(args),
@@ -824,14 +868,35 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
     p.add_argument("--reason", default="", help="recorded with the cancellation")
     p.set_defaults(func=run_command(cancel))
 
-    p = sub.add_parser("jobs", parents=[conn, out], help="list jobs, newest first")
+    across = argparse.ArgumentParser(add_help=False)
+    across.add_argument(
+        "--label", action="append", metavar="KEY=VALUE", help="only with this label (repeatable)"
+    )
+    across.add_argument("--user", help="only requested for this user (request context user_id)")
+    across.add_argument(
+        "--since",
+        "--created-after",
+        dest="since",
+        help="only created at or after this time (ISO 8601, or an age: 10m, 2h, 7d)",
+    )
+    across.add_argument(
+        "--until",
+        "--created-before",
+        dest="until",
+        help="only created before this time (ISO 8601, or an age: 10m, 2h, 7d)",
+    )
+    across.add_argument("--total", action="store_true", help="also count every match (all pages)")
+    p = sub.add_parser("jobs", parents=[conn, out, across], help="list jobs, newest first")
     p.add_argument("--state", choices=states, type=str.upper, help="only jobs in this state")
     p.add_argument("--service", help="only jobs of this service")
     p.add_argument("--workflow", help="only the steps of this workflow")
+    p.add_argument("--worker", help="only jobs whose latest attempt ran on this worker id")
     p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     p.set_defaults(func=run_command(jobs))
 
-    p = sub.add_parser("workflows", parents=[conn, out], help="list workflows, newest first")
+    p = sub.add_parser(
+        "workflows", parents=[conn, out, across], help="list workflows, newest first"
+    )
     p.add_argument("--state", choices=states, type=str.upper, help="only workflows in this state")
     p.add_argument("--name", help="only workflows of this name")
     p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
@@ -875,6 +940,12 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
     p.add_argument("--workflow", help="of this workflow")
     p.add_argument("--job", help="of this job")
     p.add_argument("--type", help="e.g. worker_completion, workflow_failure")
+    p.add_argument("--state", choices=states, type=str.upper, help="of runs in this state")
+    p.add_argument("--service", help="of jobs of this service")
+    p.add_argument("--user", help="of runs requested for this user (request context user_id)")
+    p.add_argument("--worker", help="of attempts run by this worker id")
+    p.add_argument("--since", help="written at or after this time (ISO 8601, or an age: 7d)")
+    p.add_argument("--until", help="written before this time (ISO 8601, or an age: 7d)")
     p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     p.set_defaults(func=run_command(attest_list))
     p = attest.add_parser("export", parents=[conn], help="an attestation as a DSSE envelope")

@@ -91,6 +91,9 @@ class Page(Generic[T]):
 
     items: list[T]
     next_page_token: str
+    # Every item matching the filters, over all pages: set when the listing
+    # was asked to count (include_total=True), else None.
+    total_size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,19 +373,34 @@ class Client:
         state: int | str | None = None,
         service: str = "",
         workflow_id: str = "",
+        labels: Mapping[str, str] | None = None,
+        user_id: str = "",
+        worker_id: str = "",
+        created_after: When | None = None,
+        created_before: When | None = None,
+        include_total: bool = False,
         page_size: int = 0,
         page_token: str = "",
         view: int | str | None = None,
     ) -> Page[common_pb2.Job]:
         """One page, newest first; `state` is a RunState value or name ("RUNNING").
-        `view` "full" returns each job whole; the default ("basic") leaves out
-        spec.payload, result and failure.details. A page may hold fewer than
-        `page_size` jobs (it is bounded in bytes too): only an empty
-        `next_page_token` ends the listing."""
+        `labels` must all match; `user_id` is the request context's user (a
+        step's is its workflow's); `worker_id` ran the latest attempt; created
+        in [`created_after`, `created_before`). With `include_total`, the
+        page's `total_size` counts every matching job. `view` "full" returns
+        each job whole; the default ("basic") leaves out spec.payload, result
+        and failure.details. A page may hold fewer than `page_size` jobs (it is
+        bounded in bytes too): only an empty `next_page_token` ends the listing."""
         request = job_service_pb2.ListJobsRequest(
             state=run_state(state),
             service=service,
             workflow_id=workflow_id,
+            labels=dict(labels or {}),
+            user_id=user_id,
+            worker_id=worker_id,
+            created_after=_timestamp(created_after),
+            created_before=_timestamp(created_before),
+            include_total=include_total,
             page_size=page_size,
             page_token=page_token,
             view=_enum(job_service_pb2.JobView, "JOB_VIEW_", view),
@@ -390,7 +408,8 @@ class Client:
         response: job_service_pb2.ListJobsResponse = await self._call(
             self.jobs_stub.ListJobs, request, retry=True
         )
-        return Page(list(response.jobs), response.next_page_token)
+        total = response.total_size if include_total else None
+        return Page(list(response.jobs), response.next_page_token, total)
 
     def iter_jobs(self, /, **filters: Any) -> AsyncIterator[common_pb2.Job]:
         """Every job matching the filters of list_jobs, page after page."""
@@ -401,15 +420,26 @@ class Client:
         *,
         state: int | str | None = None,
         name: str = "",
+        labels: Mapping[str, str] | None = None,
+        user_id: str = "",
+        created_after: When | None = None,
+        created_before: When | None = None,
+        include_total: bool = False,
         page_size: int = 0,
         page_token: str = "",
         view: int | str | None = None,
     ) -> Page[common_pb2.Workflow]:
-        """One page, newest first; `view` "full" returns each workflow with its
-        steps, the default ("basic") without them (progress still counts them)."""
+        """One page, newest first, filtered as list_jobs is; `view` "full"
+        returns each workflow with its steps, the default ("basic") without
+        them (progress still counts them)."""
         request = job_service_pb2.ListWorkflowsRequest(
             state=run_state(state),
             name=name,
+            labels=dict(labels or {}),
+            user_id=user_id,
+            created_after=_timestamp(created_after),
+            created_before=_timestamp(created_before),
+            include_total=include_total,
             page_size=page_size,
             page_token=page_token,
             view=_enum(job_service_pb2.WorkflowView, "WORKFLOW_VIEW_", view),
@@ -417,7 +447,8 @@ class Client:
         response: job_service_pb2.ListWorkflowsResponse = await self._call(
             self.jobs_stub.ListWorkflows, request, retry=True
         )
-        return Page(list(response.workflows), response.next_page_token)
+        total = response.total_size if include_total else None
+        return Page(list(response.workflows), response.next_page_token, total)
 
     def iter_workflows(self, /, **filters: Any) -> AsyncIterator[common_pb2.Workflow]:
         """Every workflow matching the filters of list_workflows, page after page."""
@@ -744,17 +775,31 @@ class Client:
         workflow_id: str = "",
         job_id: str = "",
         type: int | str | None = None,
+        state: int | str | None = None,
+        service: str = "",
+        user_id: str = "",
+        worker_id: str = "",
+        since: When | None = None,
+        until: When | None = None,
         page_size: int = 0,
         page_token: str = "",
         view: int | str | None = None,
     ) -> Page[attestation_service_pb2.Attestation]:
-        """Attestations, filtered; `type` is an AttestationType value or name
-        ("workflow_completion", "WORKER_FAILURE"). `view` "full" returns each
-        whole; the default ("basic") leaves out data."""
+        """Attestations in the order they were written, filtered; `type` is an
+        AttestationType value or name ("workflow_completion",
+        "WORKER_FAILURE"), `state` the attested run's RunState ("FAILED");
+        `user_id` the request context's user; written in [`since`, `until`).
+        `view` "full" returns each whole; the default ("basic") leaves out data."""
         request = attestation_service_pb2.ListAttestationsRequest(
             workflow_id=workflow_id,
             job_id=job_id,
             type=_enum(attestation_service_pb2.AttestationType, "ATTESTATION_TYPE_", type),
+            state=run_state(state),
+            service=service,
+            user_id=user_id,
+            worker_id=worker_id,
+            since=_timestamp(since),
+            until=_timestamp(until),
             page_size=page_size,
             page_token=page_token,
             view=_enum(attestation_service_pb2.AttestationView, "ATTESTATION_VIEW_", view),
@@ -763,6 +808,12 @@ class Client:
             self.attest_stub.ListAttestations, request, retry=True
         )
         return Page(list(response.attestations), response.next_page_token)
+
+    def iter_attestations(
+        self, /, **filters: Any
+    ) -> AsyncIterator[attestation_service_pb2.Attestation]:
+        """Every attestation matching the filters of list_attestations, page after page."""
+        return _every(self.list_attestations, filters)
 
     async def verify_attestation(
         self, key: str

@@ -189,6 +189,12 @@ class SyncClient:
         state: int | str | None = None,
         service: str = "",
         workflow_id: str = "",
+        labels: Mapping[str, str] | None = None,
+        user_id: str = "",
+        worker_id: str = "",
+        created_after: When | None = None,
+        created_before: When | None = None,
+        include_total: bool = False,
         page_size: int = 0,
         page_token: str = "",
         view: int | str | None = None,
@@ -198,6 +204,12 @@ class SyncClient:
                 state=state,
                 service=service,
                 workflow_id=workflow_id,
+                labels=labels,
+                user_id=user_id,
+                worker_id=worker_id,
+                created_after=created_after,
+                created_before=created_before,
+                include_total=include_total,
                 page_size=page_size,
                 page_token=page_token,
                 view=view,
@@ -212,13 +224,27 @@ class SyncClient:
         *,
         state: int | str | None = None,
         name: str = "",
+        labels: Mapping[str, str] | None = None,
+        user_id: str = "",
+        created_after: When | None = None,
+        created_before: When | None = None,
+        include_total: bool = False,
         page_size: int = 0,
         page_token: str = "",
         view: int | str | None = None,
     ) -> Page[common_pb2.Workflow]:
         return self._run(
             self.client.list_workflows(
-                state=state, name=name, page_size=page_size, page_token=page_token, view=view
+                state=state,
+                name=name,
+                labels=labels,
+                user_id=user_id,
+                created_after=created_after,
+                created_before=created_before,
+                include_total=include_total,
+                page_size=page_size,
+                page_token=page_token,
+                view=view,
             )
         )
 
@@ -339,6 +365,12 @@ class SyncClient:
         workflow_id: str = "",
         job_id: str = "",
         type: int | str | None = None,
+        state: int | str | None = None,
+        service: str = "",
+        user_id: str = "",
+        worker_id: str = "",
+        since: When | None = None,
+        until: When | None = None,
         page_size: int = 0,
         page_token: str = "",
         view: int | str | None = None,
@@ -348,11 +380,20 @@ class SyncClient:
                 workflow_id=workflow_id,
                 job_id=job_id,
                 type=type,
+                state=state,
+                service=service,
+                user_id=user_id,
+                worker_id=worker_id,
+                since=since,
+                until=until,
                 page_size=page_size,
                 page_token=page_token,
                 view=view,
             )
         )
+
+    def iter_attestations(self, /, **filters: Any) -> Iterator[attestation_service_pb2.Attestation]:
+        return self._iterate(self.client.iter_attestations(**filters))
 
     def verify_attestation(self, key: str) -> attestation_service_pb2.VerifyAttestationResponse:
         return self._run(self.client.verify_attestation(key))

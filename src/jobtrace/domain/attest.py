@@ -28,6 +28,11 @@ from jobtrace.domain import redact as redact_rules
 from jobtrace.domain.errors import DataLoss, NotFound, Violations
 from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
 from jobtrace.domain.redact import Redaction
+from jobtrace.domain.run_filters import (
+    NO_ATTESTATION_FILTER,
+    AttestationFilter,
+    check_attestation_filter,
+)
 from jobtrace.domain.validation import check_page_size, check_view
 from jobtrace.dsse import (  # the server signs what jobtrace.dsse verifies
     DSSE_PAYLOAD_TYPE,
@@ -802,6 +807,7 @@ class Attestor:
         page_token: str,
         view: int,
         out: Encoder[Attestation, Any],
+        more: AttestationFilter = NO_ATTESTATION_FILTER,
     ) -> tuple[list[Any], str]:
         """One page, as `out` encodes it, and the token of the next."""
         v = Violations()
@@ -809,7 +815,16 @@ class Attestor:
         if type not in AttestationType.__members__.values():
             v.add("type", f"unknown AttestationType value {type}")
         full = check_view(v, "view", view)
-        filters = {"workflow_id": workflow_id, "job_id": job_id, "type": type, "tenant": tenant}
+        query, bound = check_attestation_filter(v, more)
+        query = replace(query, workflow_id=workflow_id, job_id=job_id, type=type)
+        # The filters of earlier releases under their names, the others when set.
+        filters = {
+            "workflow_id": workflow_id,
+            "job_id": job_id,
+            "type": type,
+            "tenant": tenant,
+            **bound,
+        }
         after = position(self._tokens, v, "page_token", page_token, "attestations", filters)
         v.raise_if_any()
         async with self._db.read() as session:
@@ -818,9 +833,7 @@ class Attestor:
                     lambda start, n, max_bytes: store.read_attestations(
                         session,
                         tenant=tenant,
-                        workflow_id=workflow_id,
-                        job_id=job_id,
-                        type=type,
+                        query=query,
                         after=start,
                         limit=n,
                         max_bytes=max_bytes,

@@ -29,6 +29,7 @@ from jobtrace.domain.errors import (
 )
 from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
 from jobtrace.domain.redact import Redaction
+from jobtrace.domain.run_filters import NO_RUN_FILTER, RunFilter, check_run_filter
 from jobtrace.domain.validation import (
     MAX_STEPS,
     STEP_NAME_RE,
@@ -121,6 +122,8 @@ class WorkflowSubmission:
 class Page:
     items: list[Any]
     next_page_token: str
+    # Every matching item, over all pages, when the listing was asked to count.
+    total_size: int | None = None
 
 
 _Run = TypeVar("_Run", Job, Workflow)
@@ -458,6 +461,7 @@ class Jobs:
                     for_each=step.for_each,
                     step_number=number,
                     total_steps=len(sub.steps),
+                    user_id=store.user_of(context),
                 )
                 for number, (step, spec, step_deps) in enumerate(
                     zip(sub.steps, specs, deps, strict=True), start=1
@@ -631,17 +635,31 @@ class Jobs:
         page_token: str,
         view: int,
         out: Encoder[Job, Any],
+        more: RunFilter = NO_RUN_FILTER,
     ) -> Page:
         v = Violations()
         limit = check_page_size(v, "page_size", page_size)
         run_state = _state_filter(v, state)
         full = check_view(v, "view", view)
+        checked = check_run_filter(v, more)
+        # The filters of earlier releases under their names, the others when set.
         filters = {
             "state": int(state),
             "service": service,
             "workflow_id": workflow_id,
             "tenant": tenant,
+            **checked.token_filters(),
         }
+        query = store.RunQuery(
+            state=run_state,
+            service=service,
+            workflow_id=workflow_id,
+            labels=checked.labels,
+            user_id=checked.user_id,
+            worker_id=checked.worker_id,
+            created_after_us=checked.after_us,
+            created_before_us=checked.before_us,
+        )
         return await self._list(
             v,
             "jobs",
@@ -652,15 +670,18 @@ class Jobs:
             lambda session, after, n, max_bytes: store.read_jobs(
                 session,
                 tenant=tenant,
-                state=run_state,
-                service=service,
-                workflow_id=workflow_id,
+                query=query,
                 after=after,
                 limit=n,
                 max_bytes=max_bytes,
                 full=full,
             ),
             kind="job",
+            count=(
+                (lambda session: store.count_jobs(session, tenant, query))
+                if more.include_total
+                else None
+            ),
         )
 
     async def list_workflows(
@@ -673,12 +694,22 @@ class Jobs:
         page_token: str,
         view: int,
         out: Encoder[Workflow, Any],
+        more: RunFilter = NO_RUN_FILTER,
     ) -> Page:
         v = Violations()
         limit = check_page_size(v, "page_size", page_size)
         run_state = _state_filter(v, state)
         full = check_view(v, "view", view)
-        filters = {"state": int(state), "name": name, "tenant": tenant}
+        checked = check_run_filter(v, more)
+        filters = {"state": int(state), "name": name, "tenant": tenant, **checked.token_filters()}
+        query = store.RunQuery(
+            state=run_state,
+            name=name,
+            labels=checked.labels,
+            user_id=checked.user_id,
+            created_after_us=checked.after_us,
+            created_before_us=checked.before_us,
+        )
         return await self._list(
             v,
             "workflows",
@@ -689,14 +720,18 @@ class Jobs:
             lambda session, after, n, max_bytes: store.read_workflows(
                 session,
                 tenant=tenant,
-                state=run_state,
-                name=name,
+                query=query,
                 after=after,
                 limit=n,
                 max_bytes=max_bytes,
                 full=full,
             ),
             kind="workflow",
+            count=(
+                (lambda session: store.count_workflows(session, tenant, query))
+                if more.include_total
+                else None
+            ),
         )
 
     async def _list(
@@ -710,9 +745,12 @@ class Jobs:
         read: Callable[[AsyncSession, int | None, int, int], Awaitable[Chunk[_Run]]],
         *,
         kind: str,
+        count: Callable[[AsyncSession], Awaitable[int]] | None = None,
     ) -> Page:
         """One page of jobs or workflows, newest first, once the request's other
-        fields are checked (a bad page token is reported beside them)."""
+        fields are checked (a bad page token is reported beside them); with
+        `count`, the number of every matching run, read in the same snapshot
+        where the database gives one (PostgreSQL's read transaction)."""
         # Newest first: no token starts from the top (None), not after position 0.
         before = position(self._tokens, v, "page_token", page_token, query, filters) or None
         v.raise_if_any()
@@ -725,7 +763,8 @@ class Jobs:
                 position=lambda run: run.seq,
                 name=lambda run: f"{kind} {run.id}",
             )
-        return Page(filled.items, self._tokens.next_token(query, filters, filled))
+            total = await count(session) if count is not None else None
+        return Page(filled.items, self._tokens.next_token(query, filters, filled), total)
 
     # --- cancellation -----------------------------------------------------
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
@@ -11,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.model import Attestation, AttestationType, RunState, SigningKey
 from jobtrace.store import codec, sql
-from jobtrace.store.listing import Chunk, Listing, read_chunk
+from jobtrace.store.listing import Chunk, Listing, created_between, read_chunk, unindexed
 from jobtrace.store.sql import Query, Row
 from jobtrace.store.tables import AttestationRow, PrunedAttestationRow, SigningKeyRow
 
@@ -154,14 +157,15 @@ _INSERT_ATTESTATION_PREFIXED = Query(
 def attestation_insert(a: Attestation) -> tuple[Query, dict[str, Any]]:
     """The INSERT of an attestation, to be run with the statement of its
     transition (see store.trace.update_and_store_events)."""
-    return _INSERT_ATTESTATION_PREFIXED, {f"att_{k}": v for k, v in _values(a).items()}
+    return _INSERT_ATTESTATION_PREFIXED, {f"att_{k}": v for k, v in attestation_values(a).items()}
 
 
 async def insert_attestation(session: AsyncSession, a: Attestation) -> None:
-    await sql.execute(session, _INSERT_ATTESTATION, _values(a))
+    await sql.execute(session, _INSERT_ATTESTATION, attestation_values(a))
 
 
-def _values(a: Attestation) -> dict[str, Any]:
+def attestation_values(a: Attestation) -> dict[str, Any]:
+    """The row of an attestation, column by column."""
     return {
         "key": a.key,
         "tenant": a.tenant,
@@ -183,7 +187,21 @@ def _values(a: Attestation) -> dict[str, Any]:
         "created_us": a.created_us,
         "expire_us": a.expire_us,
         "recorded_by": a.recorded_by,
+        # Copies of what data holds (signed there), for listings.
+        "service": _text(a.data.get("service")) if isinstance(a.data, dict) else "",
+        "user_id": _user(a.data),
     }
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _user(data: Any) -> str:
+    """data's request_context.user_context.user_id; '' when none."""
+    context = data.get("request_context") if isinstance(data, dict) else None
+    user = context.get("user_context") if isinstance(context, dict) else None
+    return _text(user.get("user_id")) if isinstance(user, dict) else ""
 
 
 async def get(session: AsyncSession, key: str, tenant: str | None = None) -> Attestation | None:
@@ -213,31 +231,84 @@ async def pruned_link(session: AsyncSession, chain_id: str, chain_seq: int) -> s
     return (await session.execute(stmt)).scalar()
 
 
+@dataclass(frozen=True, slots=True)
+class AttestationQuery:
+    """Which attestations a listing reads; empty / zero / None match all.
+    `since_us` is inclusive, `until_us` exclusive."""
+
+    workflow_id: str = ""
+    job_id: str = ""
+    type: int = 0
+    state: int = 0
+    service: str = ""
+    user_id: str = ""
+    worker_id: str = ""
+    since_us: int | None = None
+    until_us: int | None = None
+
+
+def attestation_where(
+    tenant: str | None, q: AttestationQuery, *, ranked: bool = False
+) -> list[Any]:
+    """The conditions of a listing of attestations, each on an index of
+    AttestationRow's (with the tenant). `ranked` (SQLite: no statistics)
+    lets only the most selective filter given use its index and checks the
+    others on the rows it yields (unindexed), as store.jobs._keyset does."""
+    where: list[Any] = []
+    if tenant is not None:
+        where.append(AttestationRow.tenant == tenant)
+    filters: list[tuple[Any, Callable[[Any], list[Any]]]] = []
+    for column, value in (
+        (AttestationRow.job_id, q.job_id),
+        (AttestationRow.workflow_id, q.workflow_id),
+        (AttestationRow.user_id, q.user_id),
+        (AttestationRow.worker_id, q.worker_id),
+        (AttestationRow.service, q.service),
+        (AttestationRow.type, q.type),
+        (AttestationRow.state, q.state),
+    ):
+        if value:
+            filters.append((column, partial(_equal, value=value)))
+    if q.since_us is not None or q.until_us is not None:
+        filters.append(
+            (
+                AttestationRow.created_us,
+                lambda c: created_between(c, q.since_us, q.until_us, newest_first=False),
+            )
+        )
+    for i, (column, conditions) in enumerate(filters):
+        where += conditions(column if i == 0 or not ranked else unindexed(column))
+    return where
+
+
+def attestation_key(q: AttestationQuery) -> Any:
+    """What a listing is ordered by: seq; for a time window that no id
+    serves, an unindexed seq, so that the window is read from the time index
+    and sorted (see store.jobs._keyset), not looked for along seq."""
+    window = q.since_us is not None and q.until_us is not None
+    ids = q.job_id or q.workflow_id or q.user_id or q.worker_id
+    return unindexed(AttestationRow.seq) if window and not ids else AttestationRow.seq
+
+
+def _equal(column: Any, value: Any) -> list[Any]:
+    return [column == value]
+
+
 async def read_attestations(
     session: AsyncSession,
     *,
     tenant: str | None,
-    workflow_id: str,
-    job_id: str,
-    type: int,
+    query: AttestationQuery,
     after: int | None,
     limit: int,
     max_bytes: int,
     full: bool,
 ) -> Chunk[Attestation]:
     """In the order they were written; data only when `full`."""
-    where = []
-    if tenant is not None:
-        where.append(AttestationRow.tenant == tenant)
-    if workflow_id:
-        where.append(AttestationRow.workflow_id == workflow_id)
-    if job_id:
-        where.append(AttestationRow.job_id == job_id)
-    if type:
-        where.append(AttestationRow.type == type)
     listing = Listing(
-        key=AttestationRow.seq,
-        where=where,
+        key=attestation_key(query),
+        row_key=AttestationRow.seq,
+        where=attestation_where(tenant, query, ranked=sql.dialect(session) == "sqlite"),
         columns=[c for c in ATTESTATIONS.c if full or c.name != "data"],
         sized=[AttestationRow.data] if full else [],
     )

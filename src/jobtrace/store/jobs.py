@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import LargeBinary, case, cast, delete, func, insert, select, tuple_, update
+from sqlalchemy import (
+    LargeBinary,
+    case,
+    cast,
+    delete,
+    exists,
+    func,
+    insert,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -23,13 +34,22 @@ from jobtrace.model import (
     WorkflowStep,
 )
 from jobtrace.store import codec, sql
-from jobtrace.store.listing import Chunk, Listing, read_chunk, stored_size
+from jobtrace.store.listing import (
+    Chunk,
+    Listing,
+    created_between,
+    read_chunk,
+    stored_size,
+    unindexed,
+)
 from jobtrace.store.sql import Params, Query, Row
 from jobtrace.store.tables import (
     AnnotationRow,
+    JobLabelRow,
     JobRow,
     Meta,
     PendingAnnotationRow,
+    WorkflowLabelRow,
     WorkflowRow,
 )
 
@@ -124,6 +144,13 @@ async def insert_submission(
     )
 
 
+def user_of(request_context: JSON) -> str:
+    """The user a request context names (user_context.user_id); '' when none."""
+    user = request_context.get("user_context") if isinstance(request_context, dict) else None
+    found = user.get("user_id") if isinstance(user, dict) else None
+    return found if isinstance(found, str) else ""
+
+
 def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str, Any]:
     spec = job.spec
     return {
@@ -174,10 +201,13 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         # A new standalone job's chain is empty; a step's is its workflow's.
         "chain_seq": None if job.workflow_id else 0,
         "chain_digest": None if job.workflow_id else "",
+        "user_id": job.user_id or user_of(request_context),
     }
 
 
 JOBS = JobRow.__table__
+JOB_LABELS = JobLabelRow.__table__
+WORKFLOW_LABELS = WorkflowLabelRow.__table__
 JOB_COLUMNS = sql.columns(JOBS, without=("seq",))
 _INSERT_JOB = sql.insert_query(JOBS, JOB_COLUMNS)
 _INSERT_JOB_RETURNING_SEQ = sql.insert_query(JOBS, JOB_COLUMNS, " RETURNING seq")
@@ -301,6 +331,7 @@ def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
         first_started_us=row["first_started_us"],
         submitted_by=row["submitted_by"],
         for_each=_for_each(row["for_each"]),
+        user_id=row["user_id"] if "user_id" in row else "",
         request_context=row["request_context"] if context else None,
         chain_head=_chain_head(row) if context else None,
         step_number=row["step_number"],
@@ -409,35 +440,199 @@ _JOB_SIZED = (
 _JOB_LISTED = [c for c in JOBS.c if c.name != "request_context"]
 
 
+@dataclass(frozen=True, slots=True)
+class RunQuery:
+    """Which jobs or workflows a listing reads; empty / None fields match all.
+    `labels`: pairs that must all be among the run's labels; `created_*_us`:
+    at or after, before (exclusive). `service`, `workflow_id` and `worker_id`
+    filter jobs only, `name` workflows only."""
+
+    state: RunState | None = None
+    service: str = ""
+    workflow_id: str = ""
+    name: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    user_id: str = ""
+    worker_id: str = ""
+    created_after_us: int | None = None
+    created_before_us: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Keyset:
+    """How a listing of runs reads: `key` orders it (a run's seq, or the seq
+    column of the label rows that drive it); `labels` are the conditions on
+    the label rows alone; `runs` those on the runs (joined to the label rows
+    when there are labels)."""
+
+    key: Any
+    labels: list[Any]
+    runs: list[Any]
+    # What is counted: the driving label rows, or the runs.
+    table: Any
+    # The conditions on the runs alone (labels never change): what a row
+    # picked by its size is checked against again when it is read.
+    recheck: list[Any]
+
+    @property
+    def where(self) -> list[Any]:
+        return self.labels + self.runs
+
+
+# One filter of a listing: its column, and its conditions on that column (or
+# on listing.unindexed(column), which no index serves).
+Filter = tuple[Any, Callable[[Any], list[Any]]]
+
+
+def _keyset(
+    labels_table: Any,
+    ref: str,
+    run_seq: Any,
+    tenant: str | None,
+    q: RunQuery,
+    above: list[Filter],
+    below: list[Filter],
+    *,
+    ranked: bool,
+) -> _Keyset:
+    """The first label pair drives a listing by labels: its rows of the label
+    table's primary key (tenant, key, value, seq) are walked in seq order,
+    each joined to its run; each further pair is a point lookup in that key.
+
+    `above` and `below` are the other filters, most selective first, ranked
+    above or below labels. `ranked` (SQLite, which keeps no statistics and so
+    cannot tell a user's hundred jobs from a state's thirty thousand) lets
+    only the first filter be served by its index, labels included, and checks
+    the others on the rows it yields. Unranked (PostgreSQL), the planner
+    weighs them with its statistics.
+
+    A creation window (both bounds) read in seq order would be looked for
+    from the newest row down, however old it is (PostgreSQL's planner bets on
+    it with a LIMIT); unless a filter above labels serves the listing, it is
+    ordered by an unindexed seq: its rows are read from the time index, then
+    sorted."""
+    runs = [run_seq.table.c.tenant == tenant] if tenant is not None else []
+    drive = bool(q.labels) and not (ranked and above)
+    for i, (column, conditions) in enumerate(above + below):
+        indexed = not ranked or (i == 0 and not drive)
+        runs += conditions(column if indexed else unindexed(column))
+    if not q.labels:
+        window = q.created_after_us is not None and q.created_before_us is not None
+        key = unindexed(run_seq) if window and not above else run_seq
+        return _Keyset(key, [], runs, run_seq.table, runs)
+    seq, where, table, recheck = run_seq, [], run_seq.table, list(runs)
+    pairs = list(q.labels)
+    if drive:
+        (key, value), *pairs = pairs
+        first = table = labels_table.alias("l0")
+        seq = first.c[ref]
+        where = [first.c.key == key, first.c.value == value]
+        if tenant is not None:
+            where.append(first.c.tenant == tenant)
+        runs.insert(0, seq == run_seq)
+    for i, (key, value) in enumerate(pairs, 1):
+        other = labels_table.alias(f"l{i}")
+        match = [other.c.key == key, other.c.value == value, other.c[ref] == seq]
+        if tenant is not None:
+            match.append(other.c.tenant == tenant)
+        where.append(exists().where(*match))
+    return _Keyset(seq, where, runs, table, recheck)
+
+
+def job_keyset(tenant: str | None, q: RunQuery, *, ranked: bool = False) -> _Keyset:
+    """A listing of jobs: each filter served by an index of JobRow's (tenant
+    first), labels by job_labels' primary key; `ranked`: see _keyset."""
+    above: list[Filter] = []
+    if q.workflow_id:
+        above.append((JobRow.workflow_id, lambda c: [c == q.workflow_id]))
+    if q.user_id:
+        above.append((JobRow.user_id, lambda c: [c == q.user_id]))
+    if q.worker_id:
+        above.append((JobRow.worker_id, lambda c: [c == q.worker_id]))
+    below: list[Filter] = []
+    if q.service:
+        below.append((JobRow.service, lambda c: [c == q.service]))
+    if q.state is not None:
+        below.append((JobRow.state, lambda c: [c == int(q.state or 0)]))
+    if q.created_after_us is not None or q.created_before_us is not None:
+        below.append(
+            (
+                JobRow.created_us,
+                lambda c: created_between(c, q.created_after_us, q.created_before_us),
+            )
+        )
+    return _keyset(JOB_LABELS, "job_seq", JobRow.seq, tenant, q, above, below, ranked=ranked)
+
+
+def workflow_keyset(tenant: str | None, q: RunQuery, *, ranked: bool = False) -> _Keyset:
+    """A listing of workflows, as job_keyset's."""
+    above: list[Filter] = []
+    if q.user_id:
+        above.append((WorkflowRow.user_id, lambda c: [c == q.user_id]))
+    below: list[Filter] = []
+    if q.name:
+        below.append((WorkflowRow.name, lambda c: [c == q.name]))
+    if q.state is not None:
+        below.append((WorkflowRow.state, lambda c: [c == int(q.state or 0)]))
+    if q.created_after_us is not None or q.created_before_us is not None:
+        below.append(
+            (
+                WorkflowRow.created_us,
+                lambda c: created_between(c, q.created_after_us, q.created_before_us),
+            )
+        )
+    return _keyset(
+        WORKFLOW_LABELS, "workflow_seq", WorkflowRow.seq, tenant, q, above, below, ranked=ranked
+    )
+
+
+async def count_runs(session: AsyncSession, keyset: _Keyset, only_labels: bool) -> int:
+    """How many runs a listing holds over all its pages. Filtered by labels
+    alone (and the tenant), the label rows are counted without their runs:
+    each carries its run's tenant, labels never change and runs are never
+    deleted."""
+    if only_labels:
+        stmt = select(func.count()).select_from(keyset.table).where(*keyset.labels)
+    else:
+        stmt = select(func.count()).select_from(keyset.table).where(*keyset.where)
+    return int((await session.execute(stmt)).scalar() or 0)
+
+
+async def count_jobs(session: AsyncSession, tenant: str | None, query: RunQuery) -> int:
+    """How many jobs a listing with these filters holds, over all its pages."""
+    only_labels = bool(query.labels) and query == RunQuery(labels=query.labels)
+    keyset = job_keyset(tenant, query, ranked=_is_sqlite(session))
+    return await count_runs(session, keyset, only_labels)
+
+
+async def count_workflows(session: AsyncSession, tenant: str | None, query: RunQuery) -> int:
+    """How many workflows a listing with these filters holds, over all its pages."""
+    only_labels = bool(query.labels) and query == RunQuery(labels=query.labels)
+    keyset = workflow_keyset(tenant, query, ranked=_is_sqlite(session))
+    return await count_runs(session, keyset, only_labels)
+
+
 async def read_jobs(
     session: AsyncSession,
     *,
     tenant: str | None,
-    state: RunState | None,
-    service: str,
-    workflow_id: str,
+    query: RunQuery,
     after: int | None,
     limit: int,
     max_bytes: int,
     full: bool,
 ) -> Chunk[Job]:
     """Newest first; keyset on seq, which only grows, so pages never shift."""
-    where = []
-    if tenant is not None:
-        where.append(JobRow.tenant == tenant)
-    if state is not None:
-        where.append(JobRow.state == int(state))
-    if service:
-        where.append(JobRow.service == service)
-    if workflow_id:
-        where.append(JobRow.workflow_id == workflow_id)
     heavy = _JOB_HEAVY if full else ()
+    keyset = job_keyset(tenant, query, ranked=_is_sqlite(session))
     listing = Listing(
-        key=JobRow.seq,
-        where=where,
+        key=keyset.key,
+        where=keyset.where,
         columns=[c for c in _JOB_LISTED if full or c.name not in _JOB_HEAVY],
         sized=[JOBS.c[name] for name in (*_JOB_SIZED, *heavy)],
         descending=True,
+        row_key=JobRow.seq,
+        recheck=keyset.recheck,
     )
     return await read_chunk(
         session,
@@ -686,6 +881,7 @@ async def insert_workflow(
             completed_us=workflow.completed_us,
             submitted_by=workflow.submitted_by,
             output_steps=codec.dumps(list(output_steps)),
+            user_id=user_of(request_context),
         )
     )
 
@@ -729,8 +925,7 @@ async def read_workflows(
     session: AsyncSession,
     *,
     tenant: str | None,
-    state: RunState | None,
-    name: str,
+    query: RunQuery,
     after: int | None,
     limit: int,
     max_bytes: int,
@@ -738,13 +933,7 @@ async def read_workflows(
 ) -> Chunk[Workflow]:
     """Newest first, keyset on seq. FULL reads the steps (their stored size is
     counted before they are read); BASIC only counts them."""
-    where = []
-    if tenant is not None:
-        where.append(WorkflowRow.tenant == tenant)
-    if state is not None:
-        where.append(WorkflowRow.state == int(state))
-    if name:
-        where.append(WorkflowRow.name == name)
+    keyset = workflow_keyset(tenant, query, ranked=_is_sqlite(session))
     step_bytes = None
     if full:
         step_bytes = (
@@ -753,12 +942,14 @@ async def read_workflows(
             .scalar_subquery()
         )
     listing = Listing(
-        key=WorkflowRow.seq,
-        where=where,
+        key=keyset.key,
+        where=keyset.where,
         columns=_WORKFLOW_LISTED if full else _WORKFLOW_BASIC,
         sized=[WorkflowRow.labels, WorkflowRow.failure, *([WorkflowRow.outputs] if full else [])],
         descending=True,
         extra_size=step_bytes,
+        row_key=WorkflowRow.seq,
+        recheck=keyset.recheck,
     )
     chunk = await read_chunk(
         session, listing, after=after, limit=limit, max_bytes=max_bytes, build=lambda row: row

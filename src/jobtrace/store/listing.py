@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import LargeBinary, cast, func, literal, select
+from sqlalchemy import LargeBinary, String, cast, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.store import sql
@@ -36,8 +36,9 @@ class Chunk(Generic[T]):
 @dataclass(frozen=True, slots=True)
 class Listing:
     """One keyset listing of a table: which rows (`where`, ordered by `key`, a
-    column that only grows), which columns a view reads, and which of those
-    may be large (their stored sizes bound what one step reads)."""
+    column that only grows, or listing.unindexed of one to keep the planner
+    from reading it in index order), which columns a view reads, and which of
+    those may be large (their stored sizes bound what one step reads)."""
 
     key: Any
     where: Sequence[Any]
@@ -46,6 +47,11 @@ class Listing:
     descending: bool = False
     # Further stored bytes of a row, read elsewhere (a workflow's steps).
     extra_size: Any = None
+    # The picked rows are read by this column (their table's key) when `key`
+    # is another (a label row's, or an unindexed copy), and checked again
+    # only against `recheck` when given (conditions that can change).
+    row_key: Any = None
+    recheck: Sequence[Any] | None = None
 
 
 def stored_size(session: AsyncSession, columns: Sequence[Any]) -> Any:
@@ -95,7 +101,45 @@ async def read_chunk(
         return Chunk([], after, True)
     # The filters again: a row that changed since its size was read is left
     # out, as it would be had the change come before.
-    stmt = select(*listing.columns).where(*listing.where, listing.key.in_(picked)).order_by(order)
+    fetch = listing.key if listing.row_key is None else listing.row_key
+    again = listing.where if listing.recheck is None else listing.recheck
+    stmt = (
+        select(*listing.columns)
+        .where(*again, fetch.in_(picked))
+        .order_by(fetch.desc() if listing.descending else fetch)
+    )
     rows = (await session.execute(stmt)).mappings().all()
     exhausted = len(picked) == len(sizes) < scan
     return Chunk([build(r) for r in rows], int(picked[-1]), exhausted)
+
+
+def created_between(
+    column: Any, after_us: int | None, before_us: int | None, *, newest_first: bool = True
+) -> list[Any]:
+    """[after_us, before_us) on a creation time. Rows are created in about
+    the order of their seq, so a listing newest first meets the rows a lone
+    lower bound keeps first, walking its tenant's seq index: that bound is
+    then only checked (unindexed: the planner keeps off the time index,
+    whose range it would read whole and sort). A window, or an upper bound,
+    reads the time index (tenant, created_us): only its rows, then sorted.
+    Oldest first, the same holds of a lone upper bound."""
+    lone = after_us if newest_first else before_us
+    if (after_us is None) == (before_us is None) or lone is None:
+        checked = column
+    else:
+        checked = unindexed(column)
+    where: list[Any] = []
+    if after_us is not None:
+        where.append(checked >= after_us)
+    if before_us is not None:
+        where.append(checked < before_us)
+    return where
+
+
+def unindexed(column: Any) -> Any:
+    """The column's value as an expression no index serves (`|| ''` for text,
+    `+ 0` for numbers): the planner then only checks it on rows another
+    condition's index yields."""
+    if isinstance(column.type, String):
+        return column.concat("")
+    return column + 0

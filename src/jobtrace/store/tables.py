@@ -58,11 +58,17 @@ class WorkflowRow(Base):
     # other step depends on); its outputs once COMPLETED (see StepResults).
     output_steps: Mapped[str] = mapped_column(Text, default="[]")
     outputs: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # request_context.user_context.user_id, for listings by user; '' when none.
+    user_id: Mapped[str] = mapped_column(String(256), default="", server_default="")
 
     __table_args__ = (
         Index("ix_workflows_tenant_seq", "tenant", "seq"),
         Index("ix_workflows_tenant_state_seq", "tenant", "state", "seq"),
-        # The runs of a workflow name, newest first (GetRunSummary's recent runs).
+        # Listings by user and by creation time (0018); by label: workflow_labels.
+        Index("ix_workflows_tenant_user_seq", "tenant", "user_id", "seq"),
+        Index("ix_workflows_tenant_created", "tenant", "created_us"),
+        # The runs of a workflow name, newest first (GetRunSummary's recent
+        # runs, ListWorkflows by name).
         Index("ix_workflows_tenant_name_seq", "tenant", "name", "seq"),
     )
 
@@ -133,9 +139,19 @@ class JobRow(Base):
     worker_labels: Mapped[str] = mapped_column(Text, default="[]")
     affinity: Mapped[str] = mapped_column(Text, default="[]")
     placement_class: Mapped[str] = mapped_column(String(32), default="")
+    # The user the job was requested for: its request_context's
+    # user_context.user_id, or its workflow's for a step; '' when none.
+    user_id: Mapped[str] = mapped_column(String(256), default="", server_default="")
 
     __table_args__ = (
         Index("ix_jobs_tenant_seq", "tenant", "seq"),
+        # Listings by user, by worker and by creation time (0018); by label: job_labels.
+        Index("ix_jobs_tenant_user_seq", "tenant", "user_id", "seq"),
+        Index("ix_jobs_tenant_worker_seq", "tenant", "worker_id", "seq"),
+        Index("ix_jobs_tenant_created", "tenant", "created_us"),
+        # (and by service, a filter of earlier releases, until then served
+        # only with a state, by the dispatch index)
+        Index("ix_jobs_tenant_service_seq", "tenant", "service", "seq"),
         Index("ix_jobs_tenant_state_seq", "tenant", "state", "seq"),
         Index("ix_jobs_workflow", "workflow_id", "step_index"),
         # The dispatcher's scan: eligible jobs of a service by priority, then age.
@@ -143,6 +159,29 @@ class JobRow(Base):
         # The supervisor's scan of leases.
         Index("ix_jobs_lease", "state", "lease_deadline_us"),
     )
+
+
+class JobLabelRow(Base):
+    """One label of a job, for listings by label: written by a trigger on
+    jobs (migration 0018) from the job's labels when it is inserted (labels
+    never change), so no path that stores jobs has to remember it. The primary
+    key is the index of the filter: a tenant's jobs with key=value, by seq."""
+
+    __tablename__ = "job_labels"
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256), primary_key=True)
+    job_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+
+
+class WorkflowLabelRow(Base):
+    """One label of a workflow, as JobLabelRow is of a job."""
+
+    __tablename__ = "workflow_labels"
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256), primary_key=True)
+    workflow_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
 
 
 class _AnnotationColumns:
@@ -312,12 +351,23 @@ class AttestationRow(Base):
     # As data["recorded_by"] (which the signature covers), readable without
     # the data; '' when written before 0008.
     recorded_by: Mapped[str] = mapped_column(Text, default="")
+    # As data["service"] (a job's) and data's request_context user_id, for
+    # listings; '' when none (0018 backfilled them).
+    service: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    user_id: Mapped[str] = mapped_column(String(256), default="", server_default="")
 
     __table_args__ = (
         Index("ux_attestations_chain", "chain_id", "chain_seq", unique=True),
         Index("ix_attestations_workflow", "workflow_id", "seq"),
         Index("ix_attestations_job", "job_id", "seq"),
         Index("ix_attestations_expire", "expire_us"),
+        # Listings across runs (0018), in chain-write order within a tenant.
+        Index("ix_attestations_tenant_seq", "tenant", "seq"),
+        Index("ix_attestations_tenant_state_seq", "tenant", "state", "seq"),
+        Index("ix_attestations_tenant_service_seq", "tenant", "service", "seq"),
+        Index("ix_attestations_tenant_user_seq", "tenant", "user_id", "seq"),
+        Index("ix_attestations_tenant_worker_seq", "tenant", "worker_id", "seq"),
+        Index("ix_attestations_tenant_created", "tenant", "created_us"),
     )
 
 
