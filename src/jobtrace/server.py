@@ -35,6 +35,7 @@ from jobtrace.domain.attest import Attestor, Signer
 from jobtrace.domain.dispatch import Scheduler
 from jobtrace.domain.errors import log_failure
 from jobtrace.domain.evidence import data_budget
+from jobtrace.domain.failure_rules import FailureRules, load_rules_file
 from jobtrace.domain.jobs import Jobs
 from jobtrace.domain.lifecycle import Lifecycle
 from jobtrace.domain.pagination import open_tokens
@@ -87,6 +88,7 @@ class JobtraceServer:
         redaction = _redaction(s)
         files = CredentialFiles.open(s, auth)
         self.credential_files = files
+        rules = _failure_rules(s)
         streams = StreamLimiter(s.max_streams_per_caller)
         self.streams = streams
         if s.metrics_port is not None:
@@ -124,6 +126,14 @@ class JobtraceServer:
             self.trace, self.attestor, evidence_budget=data_budget(s.max_message_bytes)
         )
         self.lifecycle = life
+        if s.failure_rules:
+            life.failure_rules = rules
+            files.watch(
+                "failure rules",
+                Path(s.failure_rules),
+                lambda: load_rules_file(Path(s.failure_rules)),
+                lambda new: self._use_failure_rules(new),
+            )
         jobs = Jobs(self.db, tokens, life, max_queued_per_tenant=s.max_queued_per_tenant)
         self.jobs = jobs
         self.scheduler = Scheduler(
@@ -276,8 +286,13 @@ class JobtraceServer:
         await self.db.close()
         log.info("jobtrace stopped")
 
+    def _use_failure_rules(self, rules: FailureRules) -> str:
+        self.lifecycle.failure_rules = rules  # one assignment: every failure sees old or new
+        return f"{len(rules.rules)} rules in service"
+
     def reload_credentials(self) -> None:
-        """Reload the tokens file, the JWT public key and the TLS files now (SIGHUP);
+        """Reload the tokens file, the JWT public key, the TLS files and the
+        failure rules now (SIGHUP);
         before the server has started there is nothing to reload."""
         if self.credential_files is not None:
             self.credential_files.request_reload()
@@ -297,6 +312,7 @@ class JobtraceServer:
                 "worker_session": len(sessions),
             },
             retries=dict(self.lifecycle.retries),
+            failures=dict(self.lifecycle.failures),
             lease_expiries=dict(self.scheduler.lease_expiries),
             events_appended=self.trace.events_appended,
             events_delivered=self.trace.events_delivered,
@@ -507,6 +523,19 @@ def _redact(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+def _failure_rules(s: Settings) -> FailureRules:
+    """The failure rules file's rules (none without one); OSError, naming the
+    file, the rule and the field, for a file that cannot be used."""
+    if not s.failure_rules:
+        return FailureRules()
+    try:
+        rules = load_rules_file(Path(s.failure_rules))
+    except (OSError, ValueError) as exc:
+        raise OSError(f"cannot load the failure rules: {exc}") from None
+    log.info("failure rules: %d rules from %s", len(rules.rules), s.failure_rules)
+    return rules
 
 
 def _redaction(s: Settings) -> Redaction:

@@ -169,6 +169,7 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         # A new standalone job's chain is empty; a step's is its workflow's.
         "chain_seq": None if job.workflow_id else 0,
         "chain_digest": None if job.workflow_id else "",
+        "avoid_holder": job.avoid_holder,
     }
 
 
@@ -294,6 +295,7 @@ def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
         first_started_us=row["first_started_us"],
         submitted_by=row["submitted_by"],
         for_each=_for_each(row["for_each"]),
+        avoid_holder=row["avoid_holder"],
         request_context=row["request_context"] if context else None,
         chain_head=_chain_head(row) if context else None,
     )

@@ -120,6 +120,9 @@ class JobRow(Base):
     # column): the head is read from the attestations.
     chain_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     chain_digest: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    # The holder (see lease_holder) of the attempt that failed last, when a
+    # failure rule says its retry should go to another worker; '' otherwise.
+    avoid_holder: Mapped[str] = mapped_column(String(64), default="")
 
     __table_args__ = (
         Index("ix_jobs_tenant_seq", "tenant", "seq"),
@@ -130,6 +133,25 @@ class JobRow(Base):
         # The supervisor's scan of leases.
         Index("ix_jobs_lease", "state", "lease_deadline_us"),
     )
+
+
+class FailureRow(Base):
+    """One failed attempt (a worker's failure or a lost lease), with the kind
+    the failure rules gave it ('' unclassified): what the failures summary
+    counts. Written with the failure's transition."""
+
+    __tablename__ = "failures"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    job_id: Mapped[str] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer)
+    service: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(64))
+    code: Mapped[str] = mapped_column(String(128))
+    message: Mapped[str] = mapped_column(Text)
+    failed_us: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_failures_tenant_time", "tenant", "failed_us"),)
 
 
 class _AnnotationColumns:

@@ -290,8 +290,10 @@ def _sleep_until(next_us: int | None, now: int) -> float:
 
 def pick_worker(job: Job, free: list[WorkerSession], slots: dict[str, int]) -> WorkerSession | None:
     """Among capable workers with a free slot: most affinity keys in common first
-    (a preference, never a wait), then the most free slots."""
+    (a preference, never a wait), then the most free slots. The worker a
+    failure rule said to avoid (job.avoid_holder) only when no other can."""
     best: WorkerSession | None = None
+    avoided: WorkerSession | None = None
     best_score: tuple[int, int] = (-1, -1)
     wanted = set(job.spec.affinity_keys)
     for s in free:
@@ -299,7 +301,10 @@ def pick_worker(job: Job, free: list[WorkerSession], slots: dict[str, int]) -> W
             continue
         if s.tenants is not None and job.tenant not in s.tenants:
             continue
+        if job.avoid_holder and s.holder == job.avoid_holder:
+            avoided = s
+            continue
         score = (len(wanted & s.affinity_keys), slots[s.session_id])
         if score > best_score:
             best, best_score = s, score
-    return best
+    return best if best is not None else avoided
