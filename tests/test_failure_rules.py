@@ -13,7 +13,9 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
+from jobtrace.domain.dispatch.placement import pick_worker
 from jobtrace.domain.failure_rules import RulesError, parse_rules
+from jobtrace.model import RunState
 from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
@@ -21,6 +23,7 @@ from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, Stubs, expect_error, wait_for
 from .procs import jobtrace
+from .test_dispatch_rules import job, session
 from .test_observability import scrape
 from .workers import RawWorker
 
@@ -149,6 +152,16 @@ async def test_a_bad_rules_file_refuses_to_start_with_a_precise_message(
     assert code == 1
     assert "cannot load the failure rules" in err
     assert "bad.yaml: rules[0].match.message: bad regular expression '(oops'" in err
+
+
+def test_placement_avoids_the_failed_worker_only_while_another_can_take_the_job() -> None:
+    failed, other = session("failed", slots=8), session("other", slots=1)
+    retry = job(state=RunState.QUEUED, avoid_holder=failed.holder)
+    slots = {failed.session_id: 8, other.session_id: 1}
+    assert pick_worker(job(state=RunState.QUEUED), [failed, other], slots) is failed
+    assert pick_worker(retry, [failed, other], slots) is other
+    slots[other.session_id] = 0  # the other one is busy: no waiting for it
+    assert pick_worker(retry, [failed, other], slots) is failed
 
 
 # --- failures as the rules say ----------------------------------------------------------
@@ -339,3 +352,22 @@ async def test_failures_are_summarised_by_kind_and_service(ruled: Harness) -> No
     assert lines[1].split()[:3] == ["bad_input", "parse", "2"]
     assert lines[2].split()[:3] == ["unclassified", "parse", "1"] and "disk on fire" in lines[2]
     await raw.close()
+
+
+async def test_failure_records_expire_with_the_trace_retention(sqlite_url: str) -> None:
+    async with Harness(sqlite_url, trace_retention_days=1e-9, retention_sweep_seconds=0.05) as h:
+        api = h.stubs()
+        raw = RawWorker(api)
+        await raw.hello("w1", ["svc"])
+        first = await submit(api, "old", "svc", max_attempts=1)
+        await raw.expect("assignment")
+        await fail(raw, first.id, 1, "boom")
+        since = timestamp_pb2.Timestamp()
+        since.FromSeconds(0)
+
+        async def summarized() -> bool:
+            reply = await api.jobs.SummarizeFailures(j.SummarizeFailuresRequest(since=since))
+            return not reply.groups
+
+        await wait_for(summarized, timeout=10)
+        await raw.close()

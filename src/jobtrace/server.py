@@ -30,6 +30,7 @@ from jobtrace.api.worker_service import WorkerServicer
 from jobtrace.auth import Authenticator, JwtSettings
 from jobtrace.auth.reload import CredentialFiles, read_jwt_public_key
 from jobtrace.config import Settings
+from jobtrace.domain import failures
 from jobtrace.domain.annotations import Annotations
 from jobtrace.domain.attest import Attestor, Signer
 from jobtrace.domain.dispatch import Scheduler
@@ -348,7 +349,8 @@ class JobtraceServer:
         self.scheduler.wake()
 
     async def _maintain(self, every_s: float = 60.0) -> None:
-        """Retention of attestations; each sweep is a series of short writes."""
+        """Retention of attestations and failure records; each sweep is a series
+        of short writes."""
         while True:
             try:
                 pruned = await self.attestor.sweep_once()
@@ -356,6 +358,14 @@ class JobtraceServer:
                     log.info("pruned %d expired attestations", pruned)
             except Exception as exc:
                 log_failure(log, exc, "attestation sweep failed; retrying later")
+            try:
+                # Failed attempts are kept as long as trace events (their FAILED events).
+                retention_s = self.settings.trace_retention_days * 86400
+                pruned = await failures.sweep_once(self.db, retention_s)
+                if pruned:
+                    log.info("pruned %d expired failure records", pruned)
+            except Exception as exc:
+                log_failure(log, exc, "failure records sweep failed; retrying later")
             await asyncio.sleep(every_s)
 
     async def wait(self) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from jobtrace.clock import now_us
 from jobtrace.domain.errors import Violations
 from jobtrace.domain.validation import SERVICE_RE
 from jobtrace.model import FailureGroup
 from jobtrace.store import failures as store
-from jobtrace.store.db import Database
+from jobtrace.store.db import Database, Tx
 
 
 async def summarize(
@@ -27,3 +29,18 @@ async def summarize(
     assert since_us is not None
     async with db.read() as session:
         return await store.summarize(session, tenant, since_us, until, service)
+
+
+async def sweep_once(db: Database, retention_s: float, batch: int = 1000) -> int:
+    """Delete failures older than the retention, in short batched writes."""
+    cutoff = now_us() - int(retention_s * 1_000_000)
+    total = 0
+    while True:
+
+        async def op(session: AsyncSession, tx: Tx) -> int:
+            return await store.delete_older_than(session, cutoff, batch)
+
+        deleted = await db.write(op)
+        total += deleted
+        if deleted < batch:
+            return total

@@ -88,3 +88,14 @@ async def summarize(
         )
         for r in rows
     ]
+
+
+_DELETE_OLDER = Query(
+    "DELETE FROM failures WHERE seq IN (SELECT seq FROM failures WHERE failed_us < :cutoff"
+    " ORDER BY failed_us LIMIT :limit)"
+)
+
+
+async def delete_older_than(session: AsyncSession, cutoff_us: int, limit: int) -> int:
+    """Delete up to `limit` of the oldest failures recorded before the cutoff."""
+    return await sql.execute(session, _DELETE_OLDER, {"cutoff": cutoff_us, "limit": limit})

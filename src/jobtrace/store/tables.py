@@ -151,7 +151,11 @@ class FailureRow(Base):
     message: Mapped[str] = mapped_column(Text)
     failed_us: Mapped[int] = mapped_column(BigInteger)
 
-    __table_args__ = (Index("ix_failures_tenant_time", "tenant", "failed_us"),)
+    __table_args__ = (
+        Index("ix_failures_tenant_time", "tenant", "failed_us"),
+        # The retention sweep's (see domain.failures.sweep_once).
+        Index("ix_failures_time", "failed_us"),
+    )
 
 
 class _AnnotationColumns:

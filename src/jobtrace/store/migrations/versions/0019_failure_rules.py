@@ -1,5 +1,5 @@
 """Failure rules: every failed attempt, classified, for the failures summary
-(failures, tenant-scoped by time), and the worker a retry should avoid
+(failures, tenant-scoped by time, kept as long as trace events), and the worker a retry should avoid
 (jobs.avoid_holder).
 
 Revision ID: 0019
@@ -39,9 +39,11 @@ def upgrade() -> None:
         sa.Column("failed_us", sa.BigInteger(), nullable=False),
     )
     op.create_index("ix_failures_tenant_time", "failures", ["tenant", "failed_us"])
+    op.create_index("ix_failures_time", "failures", ["failed_us"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_failures_time", table_name="failures")
     op.drop_index("ix_failures_tenant_time", table_name="failures")
     op.drop_table("failures")
     with op.batch_alter_table("jobs") as batch:
