@@ -46,6 +46,8 @@ rules:
   - match: {code: SLOW}
     kind: throttled
     backoff: {initial: 1h, multiplier: 1, maximum: 2h}
+  - match: {code: LEASE_EXPIRED}
+    kind: worker_lost
 """
 
 
@@ -93,7 +95,11 @@ def rules_file(tmp_path: Path) -> Path:
 @pytest.fixture
 async def ruled(db_url: str, rules_file: Path) -> Any:
     async with Harness(
-        db_url, failure_rules=str(rules_file), metrics_port=0, reload_interval_seconds=0.05
+        db_url,
+        failure_rules=str(rules_file),
+        metrics_port=0,
+        reload_interval_seconds=0.05,
+        reconnect_grace_seconds=0.0,
     ) as h:
         yield h
 
@@ -131,12 +137,17 @@ rules:
     assert problems[5].startswith("rules.yaml: rules[4].backoff.delay: a fixed delay stands alone")
     assert problems[6].startswith("rules.yaml: rules[5].match.message: regular expression")
     assert "not safe" in problems[6] and len(problems) == 7
+    with pytest.raises(RulesError, match=r"^rules.yaml: rules\[0\]: must be a mapping"):
+        parse_rules("rules: [oom]", "rules.yaml")
+    numeric = parse_rules("rules:\n  - {match: {code: [137, E1]}, kind: killed}", "r")
+    assert numeric.rules[0].codes == frozenset({"137", "E1"})
     with pytest.raises(RulesError, match=r"^rules.yaml: unknown fields \['rule'\]"):
         parse_rules("rule: []", "rules.yaml")
     with pytest.raises(RulesError, match=r"^rules.yaml: not valid YAML"):
         parse_rules("rules: [", "rules.yaml")
     rules = parse_rules(RULES, "rules.yaml")
-    assert [r.kind for r in rules.rules] == ["oom", "oom", "bad_input", "transient", "throttled"]
+    kinds = [r.kind for r in rules.rules]
+    assert kinds == ["oom", "oom", "bad_input", "transient", "throttled", "worker_lost"]
 
 
 async def test_a_bad_rules_file_refuses_to_start_with_a_precise_message(
@@ -276,6 +287,22 @@ async def test_a_rules_backoff_sets_when_the_retry_is_due(ruled: Harness) -> Non
     await raw.close()
 
 
+async def test_a_lost_lease_is_classified_by_its_code(ruled: Harness) -> None:
+    api = ruled.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    job = await submit(api, "lost", "svc", max_attempts=3)
+    await raw.expect("assignment")
+    await raw.close()  # no reconnect grace here: the lease is given back at once
+
+    async def requeued() -> c.Job | None:
+        found = await get(api, job.id)
+        return found if found.state == c.RUN_STATE_QUEUED else None
+
+    queued: c.Job = await wait_for(requeued, timeout=10)
+    assert queued.failure.code == "LEASE_EXPIRED" and queued.failure.kind == "worker_lost"
+
+
 # --- reloads ----------------------------------------------------------------------------
 
 
@@ -300,6 +327,17 @@ async def test_a_changed_rules_file_is_reloaded_and_a_broken_one_keeps_the_rules
     done = await ended(api, job.id)
     assert done.failure.kind == "reloaded" and done.state == c.RUN_STATE_FAILED
     await raw.close()
+
+
+async def test_sighup_reloads_the_rules_file(sqlite_url: str, rules_file: Path) -> None:
+    async with Harness(sqlite_url, failure_rules=str(rules_file), reload_interval_seconds=0) as h:
+        server = h.server
+        assert server is not None
+        write(rules_file, "rules:\n  - {match: {code: X}, kind: after_hup}\n")
+        server.reload_credentials()  # what SIGHUP calls (jobtrace serve)
+        await wait_for(
+            lambda: [r.kind for r in server.lifecycle.failure_rules.rules] == ["after_hup"]
+        )
 
 
 # --- the summary ------------------------------------------------------------------------

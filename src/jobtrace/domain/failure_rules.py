@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,10 @@ _UNIT_MS = {"ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 _RULE_FIELDS = {"match", "kind", "retryable", "backoff", "avoid_same_worker"}
 _MATCH_FIELDS = {"service", "code", "message"}
 _BACKOFF_FIELDS = {"initial", "multiplier", "maximum", "delay"}
+
+
+# Reports one problem: the field (dotted, within the rule) and what is wrong.
+Fault = Callable[[str, str], None]
 
 
 class RulesError(ValueError):
@@ -101,14 +106,19 @@ def parse_rules(text: str, source: str) -> FailureRules:
         unknown = sorted(map(str, set(doc) - {"rules"})) if isinstance(doc, dict) else []
         why = f"unknown fields {unknown}" if unknown else "must be a mapping"
         raise RulesError(f"{source}: {why}; expected a mapping with one field, 'rules' (a list)")
-    items = doc.get("rules") or []
+    items = [] if doc.get("rules") is None else doc["rules"]
     if not isinstance(items, list):
         raise RulesError(f"{source}: rules: must be a list of rules")
     if len(items) > MAX_RULES:
         raise RulesError(f"{source}: rules: at most {MAX_RULES} rules (got {len(items)})")
     rules = []
     for i, item in enumerate(items):
-        rule = _rule(item, lambda f, p, i=i: problems.append(f"{source}: rules[{i}].{f}: {p}"))
+
+        def fault(field: str, problem: str, i: int = i) -> None:
+            where = f"rules[{i}].{field}" if field else f"rules[{i}]"
+            problems.append(f"{source}: {where}: {problem}")
+
+        rule = _rule(item, fault)
         if rule is not None:
             rules.append(rule)
     if problems:
@@ -116,9 +126,9 @@ def parse_rules(text: str, source: str) -> FailureRules:
     return FailureRules(tuple(rules))
 
 
-def _rule(item: Any, bad: Any) -> FailureRule | None:
+def _rule(item: Any, bad: Fault) -> FailureRule | None:
     if not isinstance(item, dict):
-        bad("rule", "must be a mapping with match and kind")
+        bad("", "must be a mapping with match and kind")
         return None
     errors: list[str] = []
 
@@ -144,7 +154,11 @@ def _rule(item: Any, bad: Any) -> FailureRule | None:
             fault("match.service", "must be a non-empty glob such as 'llm-*'")
     if "code" in match:
         raw = match["code"]
-        listed = raw if isinstance(raw, list) else [raw]
+        # A code that YAML reads as a number (code: 137) is its text.
+        listed = [
+            str(c) if isinstance(c, int) and not isinstance(c, bool) else c
+            for c in (raw if isinstance(raw, list) else [raw])
+        ]
         if not listed or not all(isinstance(c, str) and c for c in listed):
             fault("match.code", "must be a non-empty code or a list of them")
         else:
@@ -171,7 +185,7 @@ def _rule(item: Any, bad: Any) -> FailureRule | None:
     )
 
 
-def _regex(value: Any, fault: Any) -> re.Pattern[str] | None:
+def _regex(value: Any, fault: Fault) -> re.Pattern[str] | None:
     if not isinstance(value, str) or not value:
         fault("match.message", "must be a non-empty regular expression")
         return None
@@ -187,7 +201,7 @@ def _regex(value: Any, fault: Any) -> re.Pattern[str] | None:
     return pattern
 
 
-def _backoff(value: Any, fault: Any) -> BackoffOverride | None:
+def _backoff(value: Any, fault: Fault) -> BackoffOverride | None:
     if not isinstance(value, dict) or not value:
         fault("backoff", "must be a mapping: initial, multiplier, maximum, or delay alone")
         return None
@@ -221,7 +235,7 @@ def _backoff(value: Any, fault: Any) -> BackoffOverride | None:
     return BackoffOverride(initial, multiplier, maximum)
 
 
-def _duration_ms(value: Any, field: str, bound_ms: int, fault: Any) -> int | None:
+def _duration_ms(value: Any, field: str, bound_ms: int, fault: Fault) -> int | None:
     """A duration: seconds (a number) or text such as 500ms, 1.5s, 2m, 1h."""
     ms: float | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
