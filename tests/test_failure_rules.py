@@ -25,6 +25,7 @@ from .conftest import Harness, Stubs, expect_error, wait_for
 from .procs import jobtrace
 from .test_dispatch_rules import job, session
 from .test_observability import scrape
+from .test_security import bearer, token, write_tokens
 from .workers import RawWorker
 
 RULES = """
@@ -408,4 +409,54 @@ async def test_failure_records_expire_with_the_trace_retention(sqlite_url: str) 
             return not reply.groups
 
         await wait_for(summarized, timeout=10)
+        await raw.close()
+
+
+async def test_the_failures_summary_is_tenant_scoped(
+    sqlite_url: str, tmp_path: Path, rules_file: Path
+) -> None:
+    tokens = tmp_path / "tokens.yaml"
+    write_tokens(tokens)
+    async with Harness(sqlite_url, tokens_file=str(tokens), failure_rules=str(rules_file)) as h:
+        api = h.stubs()
+        for tenant, message in (("acme", "invalid input"), ("umbrella", "boom")):
+            raw = RawWorker(api, metadata=bearer(token("worker", tenant)))
+            await raw.hello(f"w-{tenant}", ["svc"])
+            spec = c.JobSpec(service="svc", max_attempts=1)
+            submitted = await api.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id=tenant, job=spec),
+                metadata=bearer(token("submitter", tenant)),
+            )
+            await raw.expect("assignment")
+            await fail(raw, submitted.job.id, 1, message)
+            await raw.close()
+        since = timestamp_pb2.Timestamp()
+        since.FromSeconds(0)
+
+        async def summary(who: str, tenant: str) -> list[tuple[str, int]]:
+            reply = await api.jobs.SummarizeFailures(
+                j.SummarizeFailuresRequest(since=since), metadata=bearer(token(who, tenant))
+            )
+            return [(g.kind, g.count) for g in reply.groups]
+
+        assert await summary("reader", "acme") == [("bad_input", 1)]
+        assert await summary("reader", "umbrella") == [("", 1)]
+        assert await summary("admin", "acme") == [("", 1), ("bad_input", 1)]
+
+
+async def test_failure_metrics_keep_to_the_service_label_bound(
+    sqlite_url: str, rules_file: Path
+) -> None:
+    async with Harness(
+        sqlite_url, failure_rules=str(rules_file), metrics_port=0, metrics_max_services=0
+    ) as h:
+        api = h.stubs()
+        raw = RawWorker(api)
+        await raw.hello("w1", ["gpu-x"])
+        job = await submit(api, "m", "gpu-x", max_attempts=1)
+        await raw.expect("assignment")
+        await fail(raw, job.id, 1, "oom", code="OOM")
+        metrics = await scrape(h.server)
+        assert metrics.value("jobtrace_job_failures_total", service="(other)", kind="oom") == 1
+        assert not metrics.matching("jobtrace_job_failures_total", service="gpu-x")
         await raw.close()
