@@ -49,6 +49,8 @@ rules:
     backoff: {initial: 1h, multiplier: 1, maximum: 2h}
   - match: {code: LEASE_EXPIRED}
     kind: worker_lost
+  - match: {code: TIMED_OUT}
+    kind: timeout
 """
 
 
@@ -148,7 +150,7 @@ rules:
         parse_rules("rules: [", "rules.yaml")
     rules = parse_rules(RULES, "rules.yaml")
     kinds = [r.kind for r in rules.rules]
-    assert kinds == ["oom", "oom", "bad_input", "transient", "throttled", "worker_lost"]
+    assert kinds == ["oom", "oom", "bad_input", "transient", "throttled", "worker_lost", "timeout"]
 
 
 async def test_a_bad_rules_file_refuses_to_start_with_a_precise_message(
@@ -302,6 +304,26 @@ async def test_a_lost_lease_is_classified_by_its_code(ruled: Harness) -> None:
 
     queued: c.Job = await wait_for(requeued, timeout=10)
     assert queued.failure.code == "LEASE_EXPIRED" and queued.failure.kind == "worker_lost"
+
+
+async def test_a_timed_out_attempt_is_classified_and_summarised(ruled: Harness) -> None:
+    api = ruled.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w1", ["svc"])
+    job = await submit(api, "slow-job", "svc", timeout={"nanos": 300_000_000})
+    await raw.expect("assignment")
+
+    async def timed_out() -> c.Job | None:
+        found = await get(api, job.id)
+        return found if found.state == c.RUN_STATE_TIMED_OUT else None
+
+    done: c.Job = await wait_for(timed_out, timeout=10)
+    assert done.failure.code == "TIMED_OUT" and done.failure.kind == "timeout"
+    since = timestamp_pb2.Timestamp()
+    since.FromSeconds(0)
+    reply = await api.jobs.SummarizeFailures(j.SummarizeFailuresRequest(since=since))
+    assert [(g.kind, g.count, g.last.job_id) for g in reply.groups] == [("timeout", 1, job.id)]
+    await raw.close()
 
 
 # --- reloads ----------------------------------------------------------------------------

@@ -302,8 +302,8 @@ class StateCollector(Collector):
         )
         failures = CounterMetricFamily(
             "jobtrace_job_failures",
-            "Failed attempts (a worker's failure or a lost lease) by service and by the "
-            "kind the failure rules gave them (unclassified when none matched).",
+            "Failed attempts (a worker's failure, a lost lease, a timeout) by service and "
+            "by the kind the failure rules gave them (unclassified when none matched).",
             labels=["service", "kind"],
         )
         self._services.fold((service, n) for (service, _), n in s.failures.items())

@@ -214,10 +214,10 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SummarizeFailures(self, request, context):
-        """Counts the caller's failed attempts (a worker's failure or a lost lease)
-        in a time window, grouped by failure kind (as the server's failure rules
-        classified them; "" when none matched) and service, most failures first,
-        each group with its last failure as an example.
+        """Counts the caller's failed attempts (a worker's failure, a lost lease, a
+        timeout) in a time window, grouped by failure kind (as the server's
+        failure rules classified them; "" when none matched) and service, most
+        failures first, each group with its last failure as an example.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

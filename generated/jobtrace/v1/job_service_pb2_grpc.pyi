@@ -90,10 +90,10 @@ class JobServiceStub:
     COMPLETED; otherwise as AwaitJob.
     """
     SummarizeFailures: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.SummarizeFailuresRequest, _job_service_pb2.SummarizeFailuresResponse]
-    """Counts the caller's failed attempts (a worker's failure or a lost lease)
-    in a time window, grouped by failure kind (as the server's failure rules
-    classified them; "" when none matched) and service, most failures first,
-    each group with its last failure as an example.
+    """Counts the caller's failed attempts (a worker's failure, a lost lease, a
+    timeout) in a time window, grouped by failure kind (as the server's
+    failure rules classified them; "" when none matched) and service, most
+    failures first, each group with its last failure as an example.
     """
 
 @_typing.type_check_only
@@ -158,10 +158,10 @@ class JobServiceAsyncStub(JobServiceStub):
     COMPLETED; otherwise as AwaitJob.
     """
     SummarizeFailures: _aio.UnaryUnaryMultiCallable[_job_service_pb2.SummarizeFailuresRequest, _job_service_pb2.SummarizeFailuresResponse]  # type: ignore[assignment]
-    """Counts the caller's failed attempts (a worker's failure or a lost lease)
-    in a time window, grouped by failure kind (as the server's failure rules
-    classified them; "" when none matched) and service, most failures first,
-    each group with its last failure as an example.
+    """Counts the caller's failed attempts (a worker's failure, a lost lease, a
+    timeout) in a time window, grouped by failure kind (as the server's
+    failure rules classified them; "" when none matched) and service, most
+    failures first, each group with its last failure as an example.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -301,10 +301,10 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _job_service_pb2.SummarizeFailuresRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_job_service_pb2.SummarizeFailuresResponse, _abc.Awaitable[_job_service_pb2.SummarizeFailuresResponse]]:
-        """Counts the caller's failed attempts (a worker's failure or a lost lease)
-        in a time window, grouped by failure kind (as the server's failure rules
-        classified them; "" when none matched) and service, most failures first,
-        each group with its last failure as an example.
+        """Counts the caller's failed attempts (a worker's failure, a lost lease, a
+        timeout) in a time window, grouped by failure kind (as the server's
+        failure rules classified them; "" when none matched) and service, most
+        failures first, each group with its last failure as an example.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -641,6 +641,19 @@ class Lifecycle:
             failed_attempt=True,
         )
 
+    async def attempt_timed_out(
+        self, db: AsyncSession, tx: Tx, job: Job, failure: Failure, now: int
+    ) -> list[Job]:
+        """A running attempt passed the job's timeout: the job ends TIMED_OUT
+        (never retried), its failure classified by the rules (a kind only)."""
+        rule = self.failure_rules.classify(job.spec.service, failure)
+        if rule is not None:
+            failure = replace(failure, kind=rule.kind)
+        await self._record_failure(db, tx, job, failure, now)
+        return await self.end_job(
+            db, tx, job, RunState.TIMED_OUT, failure, now, by=SYSTEM_SUBJECT, failed_attempt=True
+        )
+
     async def _record_failure(
         self, db: AsyncSession, tx: Tx, job: Job, failure: Failure, now: int
     ) -> None:

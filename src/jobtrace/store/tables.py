@@ -136,9 +136,9 @@ class JobRow(Base):
 
 
 class FailureRow(Base):
-    """One failed attempt (a worker's failure or a lost lease), with the kind
-    the failure rules gave it ('' unclassified): what the failures summary
-    counts. Written with the failure's transition."""
+    """One failed attempt (a worker's failure, a lost lease, a timeout), with
+    the kind the failure rules gave it ('' unclassified): what the failures
+    summary counts. Written with the failure's transition."""
 
     __tablename__ = "failures"
     seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
