@@ -600,7 +600,9 @@ class Failure(_message.Message):
     (LEASE_EXPIRED, TIMED_OUT, DEPENDENCY_FAILED, CANCELLED).
     """
     retryable: _builtins.bool
-    """Output only. Whether the worker said the failure could be retried."""
+    """Output only. Whether the worker said the failure could be retried; false
+    as well when a server failure rule says it cannot (see kind).
+    """
     details: _builtins.str
     """Output only. Further detail, such as a stack trace."""
     attempt: _builtins.int
