@@ -191,6 +191,8 @@ MATRIX: dict[str, tuple[str, ...]] = {
     # The job has ended (answered at once); the workflow runs (the wait ends).
     "AwaitJob": (OK, OK, PD, OK, NF, NF, PD, OK),
     "AwaitWorkflow": (DE, DE, PD, DE, NF, NF, PD, DE),
+    # A summary of the caller's own tenant (another tenant's: nothing in it).
+    "SummarizeFailures": (OK, OK, PD, OK, OK, OK, PD, OK),
     "Connect": (PD, PD, OK, OK, PD, PD, OK, OK),
     # The job has ended: its own worker (m) is told so; anyone else, nothing.
     "GetStepResult": (PD, PD, "FAILED_PRECONDITION", PD, PD, PD, NF, PD),
@@ -311,6 +313,9 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
         "AwaitWorkflow": lambda md: api.jobs.AwaitWorkflow(
             j.AwaitWorkflowRequest(workflow_id=ids["wf"], timeout={"nanos": 50_000_000}),
             metadata=md,
+        ),
+        "SummarizeFailures": lambda md: api.jobs.SummarizeFailures(
+            j.SummarizeFailuresRequest(since={"seconds": 1}), metadata=md
         ),
         "Connect": connect,
         "GetStepResult": lambda md: api.workers.GetStepResult(

@@ -69,9 +69,14 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
-    # The tokens file, the JWT public key file and the TLS files are checked for
+    # The tokens file, the JWT public key file, the TLS files and the failure
+    # rules file are checked for
     # changes this often, and reloaded when changed (also on SIGHUP); 0: on SIGHUP only.
     reload_interval_seconds: float = 2.0
+    # Failure rules (YAML): how failed attempts are classified and retried;
+    # see jobtrace.domain.failure_rules. Reloaded as the files above are; a
+    # file that does not load keeps the rules in service.
+    failure_rules: str = ""
     # Open streams (watches, trace streams, worker sessions) one caller may hold.
     max_streams_per_caller: int = 1000
     # Calls (HTTP/2 streams: unary calls and streams alike) one connection may

@@ -48,6 +48,8 @@ SAMPLE_TIMEOUT_S = 5.0
 # The label value that stands for every service past the limit of named ones.
 # Service names cannot contain parentheses, so no real service reads as it.
 OTHER_SERVICES = "(other)"
+# The kind label of failures no failure rule matched.
+UNCLASSIFIED = "unclassified"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,8 @@ class StateSample:
     subscribers: Mapping[str, int]
     retries: Mapping[str, int] = field(default_factory=dict)  # by service
     lease_expiries: Mapping[str, int] = field(default_factory=dict)  # by service
+    # Failed attempts by (service, failure kind; "" unclassified).
+    failures: Mapping[tuple[str, str], int] = field(default_factory=dict)
     events_appended: int = 0
     events_delivered: int = 0
     stream_catchups: int = 0
@@ -325,6 +329,19 @@ class StateCollector(Collector):
             yield _by_label(
                 GaugeMetricFamily(name, text, labels=["service"]), self._labelled(values)
             )
+        failures = CounterMetricFamily(
+            "jobtrace_job_failures",
+            "Failed attempts (a worker's failure, a lost lease, a timeout) by service and "
+            "by the kind the failure rules gave them (unclassified when none matched).",
+            labels=["service", "kind"],
+        )
+        self._services.fold((service, n) for (service, _), n in s.failures.items())
+        by_kind: Tally[tuple[str, str]] = Tally()
+        for (service, kind), n in s.failures.items():
+            by_kind[self._services.label(service), kind or UNCLASSIFIED] += n
+        for key, n in sorted(by_kind.items()):
+            failures.add_metric(list(key), n)
+        yield failures
         yield CounterMetricFamily(
             "jobtrace_trace_events_appended",
             "Trace events stored by this replica (lifecycle, worker and API appends).",

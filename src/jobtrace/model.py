@@ -135,6 +135,23 @@ class Failure:
     retryable: bool = False
     details: str = ""
     attempt: int = 0
+    # What the failure rules classified it as ('' unclassified).
+    kind: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FailureGroup:
+    """Failed attempts of one kind ('' unclassified) and service in a window,
+    with the last of them as an example."""
+
+    kind: str
+    service: str
+    count: int
+    job_id: str
+    attempt: int
+    failed_us: int
+    code: str
+    message: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +216,9 @@ class Job:
     # The user it was requested for (request_context.user_context.user_id; a
     # step's is its workflow's); '' when none or not read.
     user_id: str = ""
+    # Who (a lease holder) the next attempt should not go to when another
+    # worker can take it: set when a failure rule says avoid_same_worker.
+    avoid_holder: str = ""
     # The triggering request of a standalone job as stored (JSON text), when
     # the row it was read from carried it (a transition's locked row does):
     # its attestation needs no second read. None: not read.

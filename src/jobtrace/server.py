@@ -30,12 +30,14 @@ from jobtrace.api.worker_service import WorkerServicer
 from jobtrace.auth import Authenticator, JwtSettings
 from jobtrace.auth.reload import CredentialFiles, read_jwt_public_key
 from jobtrace.config import Settings
+from jobtrace.domain import failures
 from jobtrace.domain.annotations import Annotations
 from jobtrace.domain.attest import Attestor, Signer
 from jobtrace.domain.dispatch import Scheduler
 from jobtrace.domain.dispatch.fleet import Fleet
 from jobtrace.domain.errors import log_failure
 from jobtrace.domain.evidence import data_budget
+from jobtrace.domain.failure_rules import FailureRules, load_rules_file
 from jobtrace.domain.jobs import Jobs
 from jobtrace.domain.lifecycle import Lifecycle
 from jobtrace.domain.pagination import open_tokens
@@ -90,6 +92,7 @@ class JobtraceServer:
         redaction = _redaction(s)
         files = CredentialFiles.open(s, auth)
         self.credential_files = files
+        rules = _failure_rules(s)
         streams = StreamLimiter(s.max_streams_per_caller)
         self.streams = streams
         if s.metrics_port is not None:
@@ -128,6 +131,14 @@ class JobtraceServer:
             self.trace, self.attestor, evidence_budget=data_budget(s.max_message_bytes)
         )
         self.lifecycle = life
+        if s.failure_rules:
+            life.failure_rules = rules
+            files.watch(
+                "failure rules",
+                Path(s.failure_rules),
+                lambda: load_rules_file(Path(s.failure_rules)),
+                lambda new: self._use_failure_rules(new),
+            )
         jobs = Jobs(self.db, tokens, life, max_queued_per_tenant=s.max_queued_per_tenant)
         self.jobs = jobs
         self.scheduler = Scheduler(
@@ -294,8 +305,13 @@ class JobtraceServer:
         await self.db.close()
         log.info("jobtrace stopped")
 
+    def _use_failure_rules(self, rules: FailureRules) -> str:
+        self.lifecycle.failure_rules = rules  # one assignment: every failure sees old or new
+        return f"{len(rules.rules)} rules in service"
+
     def reload_credentials(self) -> None:
-        """Reload the tokens file, the JWT public key and the TLS files now (SIGHUP);
+        """Reload the tokens file, the JWT public key, the TLS files and the
+        failure rules now (SIGHUP);
         before the server has started there is nothing to reload."""
         if self.credential_files is not None:
             self.credential_files.request_reload()
@@ -317,6 +333,7 @@ class JobtraceServer:
                 "worker_watch": self.fleet.feed.subscriber_count,
             },
             retries=dict(self.lifecycle.retries),
+            failures=dict(self.lifecycle.failures),
             lease_expiries=dict(self.scheduler.lease_expiries),
             events_appended=self.trace.events_appended,
             events_delivered=self.trace.events_delivered,
@@ -358,7 +375,8 @@ class JobtraceServer:
         self.scheduler.wake()
 
     async def _maintain(self, every_s: float = 60.0) -> None:
-        """Retention of attestations; each sweep is a series of short writes."""
+        """Retention of attestations and failure records; each sweep is a series
+        of short writes."""
         while True:
             try:
                 pruned = await self.attestor.sweep_once()
@@ -366,6 +384,14 @@ class JobtraceServer:
                     log.info("pruned %d expired attestations", pruned)
             except Exception as exc:
                 log_failure(log, exc, "attestation sweep failed; retrying later")
+            try:
+                # Failed attempts are kept as long as trace events (their FAILED events).
+                retention_s = self.settings.trace_retention_days * 86400
+                pruned = await failures.sweep_once(self.db, retention_s)
+                if pruned:
+                    log.info("pruned %d expired failure records", pruned)
+            except Exception as exc:
+                log_failure(log, exc, "failure records sweep failed; retrying later")
             await asyncio.sleep(every_s)
 
     async def wait(self) -> None:
@@ -533,6 +559,19 @@ def _redact(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+def _failure_rules(s: Settings) -> FailureRules:
+    """The failure rules file's rules (none without one); OSError, naming the
+    file, the rule and the field, for a file that cannot be used."""
+    if not s.failure_rules:
+        return FailureRules()
+    try:
+        rules = load_rules_file(Path(s.failure_rules))
+    except (OSError, ValueError) as exc:
+        raise OSError(f"cannot load the failure rules: {exc}") from None
+    log.info("failure rules: %d rules from %s", len(rules.rules), s.failure_rules)
+    return rules
 
 
 def _redaction(s: Settings) -> Redaction:

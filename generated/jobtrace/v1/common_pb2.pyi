@@ -777,6 +777,7 @@ class Failure(_message.Message):
     RETRYABLE_FIELD_NUMBER: _builtins.int
     DETAILS_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     """Output only. What went wrong in words, e.g. "lease expired" or the worker's
     error message.
@@ -786,11 +787,17 @@ class Failure(_message.Message):
     (LEASE_EXPIRED, TIMED_OUT, DEPENDENCY_FAILED, CANCELLED).
     """
     retryable: _builtins.bool
-    """Output only. Whether the worker said the failure could be retried."""
+    """Output only. Whether the worker said the failure could be retried; false
+    as well when a server failure rule says it cannot (see kind).
+    """
     details: _builtins.str
     """Output only. Further detail, such as a stack trace."""
     attempt: _builtins.int
     """Output only. The attempt that failed."""
+    kind: _builtins.str
+    """Output only. What the server's failure rules classified the failure as
+    (e.g. "oom", "bad_input"); empty when no rule matched or none is set.
+    """
     def __init__(
         self,
         *,
@@ -799,10 +806,11 @@ class Failure(_message.Message):
         retryable: _builtins.bool = ...,
         details: _builtins.str = ...,
         attempt: _builtins.int = ...,
+        kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "code", b"code", "details", b"details", "reason", b"reason", "retryable", b"retryable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "code", b"code", "details", b"details", "kind", b"kind", "reason", b"reason", "retryable", b"retryable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

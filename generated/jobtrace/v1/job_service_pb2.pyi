@@ -944,3 +944,141 @@ class AwaitWorkflowResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AwaitWorkflowResponse: _TypeAlias = AwaitWorkflowResponse  # noqa: Y015
+
+@_typing.final
+class SummarizeFailuresRequest(_message.Message):
+    """Request of SummarizeFailures."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    """Optional. Only failures of jobs of this service."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Required. Failures at or after this time."""
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Failures before this time; unset means now."""
+
+    def __init__(
+        self,
+        *,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        service: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["service", b"service", "since", b"since", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SummarizeFailuresRequest: _TypeAlias = SummarizeFailuresRequest  # noqa: Y015
+
+@_typing.final
+class SummarizeFailuresResponse(_message.Message):
+    """Response of SummarizeFailures."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___FailureGroup]:
+        """One group per (kind, service) with failures in the window, most failures
+        first; at most 1000 groups.
+        """
+
+    def __init__(
+        self,
+        *,
+        groups: _abc.Iterable[Global___FailureGroup] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SummarizeFailuresResponse: _TypeAlias = SummarizeFailuresResponse  # noqa: Y015
+
+@_typing.final
+class FailureGroup(_message.Message):
+    """Failed attempts of one kind and service."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """Output only. The kind the failure rules gave them; "" for failures no
+    rule matched.
+    """
+    service: _builtins.str
+    """Output only. The service of their jobs."""
+    count: _builtins.int
+    """Output only. How many attempts failed so in the window."""
+    @_builtins.property
+    def last(self) -> Global___FailureExample:
+        """Output only. The last of them: its job, attempt, time, code and message."""
+
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        service: _builtins.str = ...,
+        count: _builtins.int = ...,
+        last: Global___FailureExample | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last", b"last"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "kind", b"kind", "last", b"last", "service", b"service"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailureGroup: _TypeAlias = FailureGroup  # noqa: Y015
+
+@_typing.final
+class FailureExample(_message.Message):
+    """One failed attempt, as an example of its group."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Output only. The job whose attempt failed."""
+    attempt: _builtins.int
+    """Output only. The attempt that failed."""
+    code: _builtins.str
+    """Output only. The failure's code (the worker's, or LEASE_EXPIRED)."""
+    message: _builtins.str
+    """Output only. The failure's message, at most 1,000 characters."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When it failed."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "code", b"code", "job_id", b"job_id", "message", b"message", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailureExample: _TypeAlias = FailureExample  # noqa: Y015

@@ -89,6 +89,12 @@ class JobServiceStub:
     """Waits until the workflow ends and returns it, with its outputs when it
     COMPLETED; otherwise as AwaitJob.
     """
+    SummarizeFailures: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.SummarizeFailuresRequest, _job_service_pb2.SummarizeFailuresResponse]
+    """Counts the caller's failed attempts (a worker's failure, a lost lease, a
+    timeout) in a time window, grouped by failure kind (as the server's
+    failure rules classified them; "" when none matched) and service, most
+    failures first, each group with its last failure as an example.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -150,6 +156,12 @@ class JobServiceAsyncStub(JobServiceStub):
     AwaitWorkflow: _aio.UnaryUnaryMultiCallable[_job_service_pb2.AwaitWorkflowRequest, _job_service_pb2.AwaitWorkflowResponse]  # type: ignore[assignment]
     """Waits until the workflow ends and returns it, with its outputs when it
     COMPLETED; otherwise as AwaitJob.
+    """
+    SummarizeFailures: _aio.UnaryUnaryMultiCallable[_job_service_pb2.SummarizeFailuresRequest, _job_service_pb2.SummarizeFailuresResponse]  # type: ignore[assignment]
+    """Counts the caller's failed attempts (a worker's failure, a lost lease, a
+    timeout) in a time window, grouped by failure kind (as the server's
+    failure rules classified them; "" when none matched) and service, most
+    failures first, each group with its last failure as an example.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -281,6 +293,18 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_job_service_pb2.AwaitWorkflowResponse, _abc.Awaitable[_job_service_pb2.AwaitWorkflowResponse]]:
         """Waits until the workflow ends and returns it, with its outputs when it
         COMPLETED; otherwise as AwaitJob.
+        """
+
+    @_abc_1.abstractmethod
+    def SummarizeFailures(
+        self,
+        request: _job_service_pb2.SummarizeFailuresRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.SummarizeFailuresResponse, _abc.Awaitable[_job_service_pb2.SummarizeFailuresResponse]]:
+        """Counts the caller's failed attempts (a worker's failure, a lost lease, a
+        timeout) in a time window, grouped by failure kind (as the server's
+        failure rules classified them; "" when none matched) and service, most
+        failures first, each group with its last failure as an example.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

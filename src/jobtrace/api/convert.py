@@ -26,6 +26,7 @@ from jobtrace.model import (
     AnnotationInput,
     Backoff,
     Failure,
+    FailureGroup,
     ForEach,
     Job,
     JobSpec,
@@ -37,6 +38,7 @@ from jobtrace.pb import (
     attestation_service_pb2,
     common_pb2,
     duration_pb2,
+    job_service_pb2,
     struct_pb2,
     timestamp_pb2,
 )
@@ -393,6 +395,22 @@ def failure_to_proto(f: Failure | None, *, full: bool = True) -> common_pb2.Fail
         retryable=f.retryable,
         details=f.details if full else "",
         attempt=f.attempt,
+        kind=f.kind,
+    )
+
+
+def failure_group(g: FailureGroup) -> job_service_pb2.FailureGroup:
+    return job_service_pb2.FailureGroup(
+        kind=g.kind,
+        service=g.service,
+        count=g.count,
+        last=job_service_pb2.FailureExample(
+            job_id=g.job_id,
+            attempt=g.attempt,
+            time=us_to_ts(g.failed_us),
+            code=g.code,
+            message=g.message,
+        ),
     )
 
 

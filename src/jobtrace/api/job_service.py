@@ -223,6 +223,19 @@ class JobServicer(pb_grpc.JobServiceServicer):
             workflow=convert.workflow_to_proto(workflow, convert.wants_exact_json(context))
         )
 
+    @rpc
+    async def SummarizeFailures(
+        self, request: pb.SummarizeFailuresRequest, context: Any
+    ) -> pb.SummarizeFailuresResponse:
+        principal = self._auth.require(context, Role.READER)
+        groups = await self._jobs.summarize_failures(
+            principal.read_scope,
+            convert.ts_to_us(request.since) if request.HasField("since") else None,
+            convert.ts_to_us(request.until) if request.HasField("until") else None,
+            request.service,
+        )
+        return pb.SummarizeFailuresResponse(groups=[convert.failure_group(g) for g in groups])
+
 
 # Answer a little before the call's deadline, so the caller gets AWAIT_TIMEOUT
 # with the current state rather than a bare DEADLINE_EXCEEDED of its own.

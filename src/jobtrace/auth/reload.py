@@ -1,5 +1,6 @@
 """Reloads the credential files while serving (the tokens file, the JWT public
-key, the TLS certificate and key), on SIGHUP and when one of them changes."""
+key, the TLS certificate and key), and any other file the server watches (the
+failure rules), on SIGHUP and when one of them changes."""
 
 from __future__ import annotations
 
@@ -166,6 +167,16 @@ class CredentialFiles:
         for source in files._sources:
             source.loaded = source.stamps()
         return files
+
+    def watch(
+        self, what: str, path: Path, load: Callable[[], Any], apply: Callable[[Any], str]
+    ) -> None:
+        """Reload another file as these are: `load` (blocking; OSError or
+        ValueError when unusable) and `apply` (on the loop; what changed, for
+        the log). Its current version counts as loaded."""
+        source = _Source(what, (path,), load, apply)
+        source.loaded = source.stamps()
+        self._sources.append(source)
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """TLS credentials whose certificate follows the files (new connections

@@ -77,8 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--reload-interval-seconds",
         type=float,
-        help="check the tokens, JWT key and TLS files for changes this often (default 2; "
-        "0: only on SIGHUP)",
+        help="check the tokens, JWT key, TLS and failure rules files for changes this often "
+        "(default 2; 0: only on SIGHUP)",
+    )
+    serve.add_argument(
+        "--failure-rules",
+        help="YAML file of failure rules (classify failures, retry or not, backoff, "
+        "another worker); reloaded on SIGHUP and on change",
     )
     serve.add_argument("--max-streams-per-caller", type=int, help="default 1000")
     serve.add_argument("--max-queued-per-tenant", type=int, help="default 100000")

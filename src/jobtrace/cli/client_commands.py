@@ -1,5 +1,5 @@
 """CLI commands that talk to a running server: submit, watch, get, cancel, jobs,
-workflows, trace, attest, annotate, annotations, keys list|export."""
+workflows, trace, attest, annotate, annotations, failures, keys list|export."""
 
 from __future__ import annotations
 
@@ -794,6 +794,51 @@ async def annotations_command(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+async def failures_command(args: argparse.Namespace, client: Client) -> int:
+    groups = await client.summarize_failures(
+        parse_when(args.since),
+        until=parse_when(args.until) if args.until else None,
+        service=args.service or "",
+    )
+    if args.json:
+        print_json(
+            {
+                "groups": [
+                    {
+                        "kind": g.kind,
+                        "service": g.service,
+                        "count": g.count,
+                        "last": {
+                            "job_id": g.last.job_id,
+                            "attempt": g.last.attempt,
+                            "time": g.last.time.ToJsonString(),
+                            "code": g.last.code,
+                            "message": g.last.message,
+                        },
+                    }
+                    for g in groups
+                ]
+            }
+        )
+        return 0
+    render.table(
+        ["KIND", "SERVICE", "COUNT", "LAST", "JOB", "CODE", "MESSAGE"],
+        [
+            [
+                g.kind or "unclassified",
+                g.service,
+                str(g.count),
+                when(g.last.time),
+                g.last.job_id,
+                g.last.code or "-",
+                render.shorten(g.last.message, 60),
+            ]
+            for g in groups
+        ],
+    )
+    return 0
+
+
 # --- the parser ---------------------------------------------------------------------
 
 
@@ -996,3 +1041,13 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
     p.add_argument("--scope", help="run, step or attempt")
     p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     p.set_defaults(func=run_command(annotations_command))
+
+    p = sub.add_parser(
+        "failures",
+        parents=[conn, out],
+        help="failed attempts by kind (as the failure rules classify them) and service",
+    )
+    p.add_argument("--since", default="1d", help="from this time (ISO 8601, or an age; 1d)")
+    p.add_argument("--until", help="before this time (ISO 8601, or an age: 10m, 2h)")
+    p.add_argument("--service", help="only failures of this service")
+    p.set_defaults(func=run_command(failures_command))

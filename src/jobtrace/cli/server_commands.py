@@ -42,6 +42,7 @@ def serve(args: argparse.Namespace) -> int:
             "tls_key": args.tls_key,
             "tls_client_ca": args.tls_client_ca,
             "reload_interval_seconds": args.reload_interval_seconds,
+            "failure_rules": args.failure_rules,
             "max_streams_per_caller": args.max_streams_per_caller,
             "max_queued_per_tenant": args.max_queued_per_tenant,
             "stream_stall_seconds": args.stream_stall_seconds,
@@ -71,7 +72,8 @@ def serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        # SIGHUP reloads the credential files (by default it would end the process).
+        # SIGHUP reloads the credential and failure rules files (by default it
+        # would end the process).
         loop.add_signal_handler(signal.SIGHUP, server.reload_credentials)
         await server.start()
         await stop.wait()

@@ -367,6 +367,21 @@ class Client:
         )
         return response.workflow
 
+    async def summarize_failures(
+        self, since: When, *, until: When | None = None, service: str = ""
+    ) -> list[job_service_pb2.FailureGroup]:
+        """Failed attempts (a worker's failure, a lost lease, a timeout) from
+        `since` to `until` (default now), grouped by failure kind ("" when no
+        failure rule matched) and service, most first, each with its last
+        failure."""
+        request = job_service_pb2.SummarizeFailuresRequest(
+            since=_timestamp(since), until=_timestamp(until), service=service
+        )
+        response: job_service_pb2.SummarizeFailuresResponse = await self._call(
+            self.jobs_stub.SummarizeFailures, request, retry=True
+        )
+        return list(response.groups)
+
     async def list_jobs(
         self,
         *,

@@ -183,6 +183,11 @@ class SyncClient:
     def get_workflow(self, workflow_id: str) -> common_pb2.Workflow:
         return self._run(self.client.get_workflow(workflow_id))
 
+    def summarize_failures(
+        self, since: When, *, until: When | None = None, service: str = ""
+    ) -> list[job_service_pb2.FailureGroup]:
+        return self._run(self.client.summarize_failures(since, until=until, service=service))
+
     def list_jobs(
         self,
         *,

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
 from jobtrace.domain import annotations as annotation_rules
-from jobtrace.domain import fan_out, lifecycle
+from jobtrace.domain import failures, fan_out, lifecycle
 from jobtrace.domain import redact as redact_rules
 from jobtrace.domain.errors import (
     AlreadyExists,
@@ -49,6 +49,7 @@ from jobtrace.model import (
     AnnotationInput,
     Caller,
     Failure,
+    FailureGroup,
     ForEach,
     Job,
     JobSpec,
@@ -609,6 +610,12 @@ class Jobs:
                 f"job {job_id!r} not found", reason="JOB_NOT_FOUND", metadata={"job_id": job_id}
             )
         return job
+
+    async def summarize_failures(
+        self, tenant: str | None, since_us: int | None, until_us: int | None, service: str
+    ) -> list[FailureGroup]:
+        """Failed attempts in a window by kind and service (see domain.failures)."""
+        return await failures.summarize(self._db, tenant, since_us, until_us, service)
 
     async def get_workflow(self, tenant: str | None, workflow_id: str) -> Workflow:
         v = Violations()

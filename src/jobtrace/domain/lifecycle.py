@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from jobtrace import conventions
 from jobtrace.clock import iso
 from jobtrace.domain import annotated, fan_out, output_summary, step_data
 from jobtrace.domain.attest import Attestor
@@ -19,6 +20,7 @@ from jobtrace.domain.evidence import (
     fit_outputs,
     member_weight,
 )
+from jobtrace.domain.failure_rules import FailureRules
 from jobtrace.domain.trace import (
     PRIORITY_OUTCOME,
     PRIORITY_RETRY,
@@ -30,6 +32,8 @@ from jobtrace.ids import JOB_PREFIX, new_id
 from jobtrace.model import (
     JSON,
     SYSTEM_SUBJECT,
+    Annotation,
+    AnnotationScope,
     AttestationType,
     Category,
     ErrorInfo,
@@ -43,6 +47,7 @@ from jobtrace.model import (
 )
 from jobtrace.store import attest as attest_store
 from jobtrace.store import codec
+from jobtrace.store import failures as failures_store
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Tx
 from jobtrace.store.sql import Params, Query
@@ -52,6 +57,11 @@ log = logging.getLogger(__name__)
 LEASE_EXPIRED = "lease expired"
 CANCELLED_BY_USER = "Run cancelled by user"
 WORKFLOW_NODE = "workflow"
+# The server's own annotations: key, actor kind (jobtrace.v1.ActorKind SYSTEM)
+# and actor id.
+FAILURE_KIND = conventions.Failure.kind
+ACTOR_KIND_SYSTEM = 4
+SERVER_ACTOR = "jobtrace"
 
 
 async def set_job(session: AsyncSession, job: Job, **changes: object) -> Job:
@@ -148,6 +158,10 @@ class Lifecycle:
         self.evidence_budget = evidence_budget
         # Failed attempts requeued for another attempt, by service (metrics).
         self.retries: Counter[str] = Counter()
+        # Failed attempts by (service, failure kind; "" unclassified) (metrics).
+        self.failures: Counter[tuple[str, str]] = Counter()
+        # The operator's failure rules; replaced whole when their file is reloaded.
+        self.failure_rules = FailureRules()
 
     def log_after(self, tx: Tx, level: int, message: str, job: Job, **fields: object) -> None:
         """Log a transition of `job` once `tx` commits."""
@@ -235,6 +249,7 @@ class Lifecycle:
                     "code": failure.code,
                     "details": failure.details,
                     "retryable": failure.retryable,
+                    **({"kind": failure.kind} if failure.kind else {}),
                 },
                 "will_retry": will_retry,
             },
@@ -622,8 +637,20 @@ class Lifecycle:
         """A failed attempt: retry with backoff while attempts remain and the failure
         is retryable, else fail the job (and its workflow). `by`: the worker's
         subject when it reported the failure, SYSTEM_SUBJECT for a lost lease."""
+        backoff, avoid_holder = job.spec.backoff, ""
+        rule = self.failure_rules.classify(job.spec.service, failure)
+        if rule is not None:
+            # A rule may only take retrying away (the worker's "not retryable"
+            # stands) or change how the retry happens.
+            failure = replace(failure, kind=rule.kind)
+            retryable = retryable and rule.retryable is not False
+            if rule.backoff is not None:
+                backoff = rule.backoff.applied_to(backoff)
+            if rule.avoid_same_worker:
+                avoid_holder = job.lease_holder
+        await self._record_failure(db, tx, job, failure, now)
         if retryable and job.attempt < job.spec.max_attempts:
-            delay_us = job.spec.backoff.delay_ms(job.attempt) * 1000
+            delay_us = backoff.delay_ms(job.attempt) * 1000
             queued = await set_job(
                 db,
                 job,
@@ -632,7 +659,10 @@ class Lifecycle:
                 lease_deadline_us=0,
                 next_attempt_us=now + delay_us,
                 updated_us=now,
+                avoid_holder=avoid_holder,
             )
+            if failure.kind:
+                await self._annotate_kind(db, job, failure.kind, now)
             await self._record(
                 db,
                 tx,
@@ -675,6 +705,66 @@ class Lifecycle:
             now,
             by=by,
             failed_attempt=True,
+        )
+
+    async def attempt_timed_out(
+        self, db: AsyncSession, tx: Tx, job: Job, failure: Failure, now: int
+    ) -> list[Job]:
+        """A running attempt passed the job's timeout: the job ends TIMED_OUT
+        (never retried), its failure classified by the rules (a kind only)."""
+        rule = self.failure_rules.classify(job.spec.service, failure)
+        if rule is not None:
+            failure = replace(failure, kind=rule.kind)
+        await self._record_failure(db, tx, job, failure, now)
+        return await self.end_job(
+            db, tx, job, RunState.TIMED_OUT, failure, now, by=SYSTEM_SUBJECT, failed_attempt=True
+        )
+
+    async def _record_failure(
+        self, db: AsyncSession, tx: Tx, job: Job, failure: Failure, now: int
+    ) -> None:
+        """Keep a failed attempt for the failures summary, and count it."""
+        await failures_store.insert_failure(
+            db,
+            tenant=job.tenant,
+            job_id=job.id,
+            attempt=job.attempt,
+            service=job.spec.service,
+            kind=failure.kind,
+            code=failure.code,
+            message=failure.reason,
+            failed_us=now,
+        )
+        key = (job.spec.service, failure.kind)
+
+        def count() -> None:
+            self.failures[key] += 1
+
+        tx.on_commit(count)
+
+    async def _annotate_kind(self, db: AsyncSession, job: Job, kind: str, now: int) -> None:
+        """The failed attempt's failure.kind annotation, recorded by the server
+        (published at once: the attempt has ended), before its attestation,
+        which then covers it."""
+        await store.insert_annotations(
+            db,
+            [
+                Annotation(
+                    id=new_id("ann"),
+                    tenant=job.tenant,
+                    run_id=run_of(job),
+                    key=FAILURE_KIND,
+                    value=kind,
+                    actor_kind=ACTOR_KIND_SYSTEM,
+                    actor_id=SERVER_ACTOR,
+                    created_us=now,
+                    job_id=job.id,
+                    attempt=job.attempt,
+                    scope=AnnotationScope.ATTEMPT,
+                    scope_id=job.step_name,
+                    recorded_by=SYSTEM_SUBJECT,
+                )
+            ],
         )
 
     def _failed_event(
@@ -760,6 +850,8 @@ class Lifecycle:
             code=failure.code if failure else "",
         )
         if failed_attempt and failure is not None:
+            if failure.kind:
+                await self._annotate_kind(db, job, failure.kind, now)
             ended = await self._attest_failure(db, ended, failure, False, by)
         if state == RunState.CANCELLED and not job.workflow_id:
             # A step's cancellation is in its workflow's attestation.

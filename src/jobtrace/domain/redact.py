@@ -113,6 +113,11 @@ def _unsafe(parsed: Any, repeated: bool) -> str:
     return ""
 
 
+def backtracking_problem(expression: str, flags: int = 0) -> str:
+    """Why a (compiling) regular expression could backtrack without bound, or ""."""
+    return _unsafe(sre_parse.parse(expression, flags), False)
+
+
 @dataclass(frozen=True, slots=True)
 class Redaction:
     """What counts as a secret: the default rules (unless turned off) and the

@@ -34,15 +34,16 @@ def loads(text: str | None) -> Any:
 def failure_dumps(failure: Failure | None) -> str | None:
     if failure is None:
         return None
-    return dumps(
-        {
-            "reason": failure.reason,
-            "code": failure.code,
-            "retryable": failure.retryable,
-            "details": failure.details,
-            "attempt": failure.attempt,
-        }
-    )
+    stored = {
+        "reason": failure.reason,
+        "code": failure.code,
+        "retryable": failure.retryable,
+        "details": failure.details,
+        "attempt": failure.attempt,
+    }
+    if failure.kind:  # only classified failures carry one (rows stay as they were)
+        stored["kind"] = failure.kind
+    return dumps(stored)
 
 
 def failure_loads(text: str | None) -> Failure | None:

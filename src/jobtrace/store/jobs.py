@@ -202,6 +202,7 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         "chain_seq": None if job.workflow_id else 0,
         "chain_digest": None if job.workflow_id else "",
         "user_id": job.user_id or user_of(request_context),
+        "avoid_holder": job.avoid_holder,
     }
 
 
@@ -332,6 +333,7 @@ def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
         submitted_by=row["submitted_by"],
         for_each=_for_each(row["for_each"]),
         user_id=row["user_id"] if "user_id" in row else "",
+        avoid_holder=row["avoid_holder"],
         request_context=row["request_context"] if context else None,
         chain_head=_chain_head(row) if context else None,
         step_number=row["step_number"],

@@ -142,6 +142,9 @@ class JobRow(Base):
     # The user the job was requested for: its request_context's
     # user_context.user_id, or its workflow's for a step; '' when none.
     user_id: Mapped[str] = mapped_column(String(256), default="", server_default="")
+    # The holder (see lease_holder) of the attempt that failed last, when a
+    # failure rule says its retry should go to another worker; '' otherwise.
+    avoid_holder: Mapped[str] = mapped_column(String(64), default="")
 
     __table_args__ = (
         Index("ix_jobs_tenant_seq", "tenant", "seq"),
@@ -182,6 +185,29 @@ class WorkflowLabelRow(Base):
     key: Mapped[str] = mapped_column(String(128), primary_key=True)
     value: Mapped[str] = mapped_column(String(256), primary_key=True)
     workflow_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+
+
+class FailureRow(Base):
+    """One failed attempt (a worker's failure, a lost lease, a timeout), with
+    the kind the failure rules gave it ('' unclassified): what the failures
+    summary counts. Written with the failure's transition."""
+
+    __tablename__ = "failures"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    job_id: Mapped[str] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer)
+    service: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(64))
+    code: Mapped[str] = mapped_column(String(128))
+    message: Mapped[str] = mapped_column(Text)
+    failed_us: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        Index("ix_failures_tenant_time", "tenant", "failed_us"),
+        # The retention sweep's (see domain.failures.sweep_once).
+        Index("ix_failures_time", "failed_us"),
+    )
 
 
 class _AnnotationColumns:

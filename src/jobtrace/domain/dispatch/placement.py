@@ -409,7 +409,8 @@ def pick_worker(
     """Among capable workers with a free slot that meet the job's required
     labels: the highest score (weights of the preferred labels that hold and
     of the affinity keys cached; a preference, never a wait), then the most
-    free slots. A worker in `avoid` (by worker id) only when no other can."""
+    free slots. A worker in `avoid` (by worker id), or the holder a failure
+    rule said to avoid (job.avoid_holder), only when no other can."""
     spec = job.spec
     simple = not spec.worker_labels and not spec.affinity
     weights = None if simple else affinity_weights(spec)
@@ -433,7 +434,12 @@ def pick_worker(
                 continue  # a required label does not hold
             value = detail.score
         candidates += 1
-        rank = (not avoid or s.worker_id not in avoid, value, free_slots)
+        # The worker a failure rule said to avoid (job.avoid_holder), or one in
+        # `avoid`: only when no other can take the job (a retry never waits).
+        avoided = (job.avoid_holder != "" and s.holder == job.avoid_holder) or (
+            bool(avoid) and s.worker_id in avoid
+        )
+        rank = (not avoided, value, free_slots)
         if rank > best_rank:
             best, best_rank, best_detail = s, rank, detail
     if best is None:

@@ -11,7 +11,7 @@ from jobtrace.clock import now_us
 from jobtrace.domain.dispatch.leases import Leases
 from jobtrace.domain.dispatch.sessions import Refused
 from jobtrace.domain.errors import FailedPrecondition, log_failure
-from jobtrace.model import SYSTEM_SUBJECT, Failure, Job, RunState
+from jobtrace.model import Failure, Job, RunState
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Tx
 
@@ -64,16 +64,7 @@ class Supervisor(Leases):
                     code="TIMED_OUT",
                     attempt=job.attempt,
                 )
-                changed += await self._life.end_job(
-                    db,
-                    tx,
-                    job,
-                    RunState.TIMED_OUT,
-                    failure,
-                    now,
-                    by=SYSTEM_SUBJECT,
-                    failed_attempt=True,
-                )
+                changed += await self._life.attempt_timed_out(db, tx, job, failure, now)
             for candidate in await store.expired_leases(db, now):
                 job = await store.load_locked(db, candidate.id)
                 if (
