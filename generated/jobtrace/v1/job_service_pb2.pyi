@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from jobtrace.v1 import common_pb2 as _common_pb2
+from jobtrace.v1 import trace_service_pb2 as _trace_service_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -814,3 +815,194 @@ class AwaitWorkflowResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AwaitWorkflowResponse: _TypeAlias = AwaitWorkflowResponse  # noqa: Y015
+
+@_typing.final
+class WatchRunsRequest(_message.Message):
+    """Request of WatchRuns. Filters combine with AND; a filter on what one kind
+    of run does not have (a workflow has no service, a job no workflow name)
+    leaves that kind out.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _RunKind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _RunKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[WatchRunsRequest._RunKind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        RUN_KIND_UNSPECIFIED: WatchRunsRequest._RunKind.ValueType  # 0
+        """Both jobs and workflows."""
+        RUN_KIND_JOB: WatchRunsRequest._RunKind.ValueType  # 1
+        """Jobs only."""
+        RUN_KIND_WORKFLOW: WatchRunsRequest._RunKind.ValueType  # 2
+        """Workflows only."""
+
+    class RunKind(_RunKind, metaclass=_RunKindEnumTypeWrapper):
+        """Which kinds of run the call follows."""
+
+    RUN_KIND_UNSPECIFIED: WatchRunsRequest.RunKind.ValueType  # 0
+    """Both jobs and workflows."""
+    RUN_KIND_JOB: WatchRunsRequest.RunKind.ValueType  # 1
+    """Jobs only."""
+    RUN_KIND_WORKFLOW: WatchRunsRequest.RunKind.ValueType  # 2
+    """Workflows only."""
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SERVICES_FIELD_NUMBER: _builtins.int
+    WORKFLOW_NAMES_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    INCLUDE_STEPS_FIELD_NUMBER: _builtins.int
+    INCLUDE_ACTIVE_FIELD_NUMBER: _builtins.int
+    kind: Global___WatchRunsRequest.RunKind.ValueType
+    """Optional. Jobs, workflows, or (unspecified) both."""
+    include_steps: _builtins.bool
+    """Optional. When true, the steps of workflows are sent as jobs too; by
+    default only top-level runs are: standalone jobs and workflows (a
+    step's change still updates its workflow).
+    """
+    include_active: _builtins.bool
+    """Optional. When true, the matching runs not yet ended (QUEUED, PENDING,
+    RUNNING) are sent first, oldest first, up to 10,000 of them; then
+    snapshot_end.
+    """
+    @_builtins.property
+    def services(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional. Only jobs of one of these services (workflows are left out);
+        at most 32 entries.
+        """
+
+    @_builtins.property
+    def workflow_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional. Only workflows with one of these names (jobs are left out); at
+        most 32 entries.
+        """
+
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.RunState.ValueType]:
+        """Optional. Only runs whose new state is one of these (RUN_STATE_UNSPECIFIED
+        may not be listed); empty means every state.
+        """
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Optional. Only runs carrying every one of these labels with the same
+        value (a job's spec.labels, a workflow's labels); at most 64 entries,
+        keys and values bounded as in JobSpec.labels.
+        """
+
+    def __init__(
+        self,
+        *,
+        services: _abc.Iterable[_builtins.str] | None = ...,
+        workflow_names: _abc.Iterable[_builtins.str] | None = ...,
+        states: _abc.Iterable[_common_pb2.RunState.ValueType] | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        kind: Global___WatchRunsRequest.RunKind.ValueType = ...,
+        include_steps: _builtins.bool = ...,
+        include_active: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_active", b"include_active", "include_steps", b"include_steps", "kind", b"kind", "labels", b"labels", "services", b"services", "states", b"states", "workflow_names", b"workflow_names"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRunsRequest: _TypeAlias = WatchRunsRequest  # noqa: Y015
+
+@_typing.final
+class WatchRunsResponse(_message.Message):
+    """One message of WatchRuns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_END_FIELD_NUMBER: _builtins.int
+    KEEPALIVE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _common_pb2.Job:
+        """A job as it is now, in the BASIC view."""
+
+    @_builtins.property
+    def workflow(self) -> _common_pb2.Workflow:
+        """A workflow as it is now, in the BASIC view (steps left empty)."""
+
+    @_builtins.property
+    def snapshot_end(self) -> Global___WatchRunsSnapshotEnd:
+        """The first message of every call (after the active runs with
+        include_active): from here on every change is sent.
+        """
+
+    @_builtins.property
+    def keepalive(self) -> _trace_service_pb2.Keepalive:
+        """Sent on an idle stream (every 15 s) so proxies and clients know it is
+        alive.
+        """
+
+    def __init__(
+        self,
+        *,
+        job: _common_pb2.Job | None = ...,
+        workflow: _common_pb2.Workflow | None = ...,
+        snapshot_end: Global___WatchRunsSnapshotEnd | None = ...,
+        keepalive: _trace_service_pb2.Keepalive | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "keepalive", b"keepalive", "kind", b"kind", "snapshot_end", b"snapshot_end", "workflow", b"workflow"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "keepalive", b"keepalive", "kind", b"kind", "snapshot_end", b"snapshot_end", "workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["job", "workflow", "snapshot_end", "keepalive"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___WatchRunsResponse: _TypeAlias = WatchRunsResponse  # noqa: Y015
+
+@_typing.final
+class WatchRunsSnapshotEnd(_message.Message):
+    """The end of WatchRuns' initial snapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_COUNT_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    run_count: _builtins.int
+    """Output only. Runs sent before this message (0 without include_active)."""
+    truncated: _builtins.bool
+    """Output only. True when more runs are active than the snapshot holds
+    (10,000): the snapshot was cut short; narrow the filter to see them all.
+    """
+    def __init__(
+        self,
+        *,
+        run_count: _builtins.int = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_count", b"run_count", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRunsSnapshotEnd: _TypeAlias = WatchRunsSnapshotEnd  # noqa: Y015

@@ -95,6 +95,11 @@ class JobServiceStub:
                 request_serializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowRequest.SerializeToString,
                 response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowResponse.FromString,
                 _registered_method=True)
+        self.WatchRuns = channel.unary_stream(
+                '/jobtrace.v1.JobService/WatchRuns',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -208,6 +213,21 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRuns(self, request, context):
+        """Streams the tenant's runs as they change: a run list's live feed. Each
+        time a run matching the filter changes state or progress (a job's
+        progress report, a workflow's completed steps), the run is sent in its
+        BASIC view, starting from the first message (snapshot_end) on. With
+        include_active, the matching runs not yet ended are sent first. A run's
+        messages never go backwards (updated_at never decreases for one run);
+        quick changes may be coalesced into the latest. Works across replicas.
+        Never ends on its own; a reader that falls behind is ended
+        RESOURCE_EXHAUSTED (READER_STALLED): watch again with include_active.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -270,6 +290,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.AwaitWorkflow,
                     request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowRequest.FromString,
                     response_serializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowResponse.SerializeToString,
+            ),
+            'WatchRuns': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRuns,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -597,6 +622,33 @@ class JobService:
             '/jobtrace.v1.JobService/AwaitWorkflow',
             jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowRequest.SerializeToString,
             jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jobtrace.v1.JobService/WatchRuns',
+            jobtrace_dot_v1_dot_job__service__pb2.WatchRunsRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.WatchRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,

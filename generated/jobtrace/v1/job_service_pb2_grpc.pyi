@@ -89,6 +89,17 @@ class JobServiceStub:
     """Waits until the workflow ends and returns it, with its outputs when it
     COMPLETED; otherwise as AwaitJob.
     """
+    WatchRuns: _grpc.UnaryStreamMultiCallable[_job_service_pb2.WatchRunsRequest, _job_service_pb2.WatchRunsResponse]
+    """Streams the tenant's runs as they change: a run list's live feed. Each
+    time a run matching the filter changes state or progress (a job's
+    progress report, a workflow's completed steps), the run is sent in its
+    BASIC view, starting from the first message (snapshot_end) on. With
+    include_active, the matching runs not yet ended are sent first. A run's
+    messages never go backwards (updated_at never decreases for one run);
+    quick changes may be coalesced into the latest. Works across replicas.
+    Never ends on its own; a reader that falls behind is ended
+    RESOURCE_EXHAUSTED (READER_STALLED): watch again with include_active.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -150,6 +161,17 @@ class JobServiceAsyncStub(JobServiceStub):
     AwaitWorkflow: _aio.UnaryUnaryMultiCallable[_job_service_pb2.AwaitWorkflowRequest, _job_service_pb2.AwaitWorkflowResponse]  # type: ignore[assignment]
     """Waits until the workflow ends and returns it, with its outputs when it
     COMPLETED; otherwise as AwaitJob.
+    """
+    WatchRuns: _aio.UnaryStreamMultiCallable[_job_service_pb2.WatchRunsRequest, _job_service_pb2.WatchRunsResponse]  # type: ignore[assignment]
+    """Streams the tenant's runs as they change: a run list's live feed. Each
+    time a run matching the filter changes state or progress (a job's
+    progress report, a workflow's completed steps), the run is sent in its
+    BASIC view, starting from the first message (snapshot_end) on. With
+    include_active, the matching runs not yet ended are sent first. A run's
+    messages never go backwards (updated_at never decreases for one run);
+    quick changes may be coalesced into the latest. Works across replicas.
+    Never ends on its own; a reader that falls behind is ended
+    RESOURCE_EXHAUSTED (READER_STALLED): watch again with include_active.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -281,6 +303,23 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_job_service_pb2.AwaitWorkflowResponse, _abc.Awaitable[_job_service_pb2.AwaitWorkflowResponse]]:
         """Waits until the workflow ends and returns it, with its outputs when it
         COMPLETED; otherwise as AwaitJob.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchRuns(
+        self,
+        request: _job_service_pb2.WatchRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_job_service_pb2.WatchRunsResponse], _abc.AsyncIterator[_job_service_pb2.WatchRunsResponse]]:
+        """Streams the tenant's runs as they change: a run list's live feed. Each
+        time a run matching the filter changes state or progress (a job's
+        progress report, a workflow's completed steps), the run is sent in its
+        BASIC view, starting from the first message (snapshot_end) on. With
+        include_active, the matching runs not yet ended are sent first. A run's
+        messages never go backwards (updated_at never decreases for one run);
+        quick changes may be coalesced into the latest. Works across replicas.
+        Never ends on its own; a reader that falls behind is ended
+        RESOURCE_EXHAUSTED (READER_STALLED): watch again with include_active.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
