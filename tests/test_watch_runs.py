@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -419,3 +423,84 @@ async def test_a_feed_never_sends_another_tenants_runs(tenants: Harness) -> None
         assert {r.id for r in theirs.runs} == {mine.id}
         assert mine.id not in {r.id for r in ours.runs}
         assert all(r.tenant == "acme" for r in ours.runs)
+
+
+# --- the client and the CLI -------------------------------------------------------------
+
+
+async def test_clients_watch_runs(sqlite_harness: Harness) -> None:
+    from jobtrace.client import Client, SyncClient
+
+    api = sqlite_harness.stubs()
+    active = await submit(api, "a", labels={"team": "a"})
+    async with Client(sqlite_harness.target) as client:
+        changes = client.watch_runs(labels={"team": "a"}, states=["queued", "CANCELLED"])
+        first = await anext(changes)
+        assert first.HasField("snapshot_end") and first.snapshot_end.run_count == 0
+        await api.jobs.CancelJob(j.CancelJobRequest(job_id=active.id))
+        job = await submit(api, "b", labels={"team": "a"})
+        seen = [await anext(changes), await anext(changes)]
+        assert [(m.job.id, m.job.state) for m in seen] == [
+            (active.id, c.RUN_STATE_CANCELLED),
+            (job.id, c.RUN_STATE_QUEUED),
+        ]
+        await changes.aclose()
+
+    def blocking() -> list[str]:
+        with SyncClient(sqlite_harness.target) as jt:
+            snapshot = []
+            for change in jt.watch_runs(include_active=True, kind="job"):
+                if change.HasField("snapshot_end"):
+                    break
+                snapshot.append(change.job.id)
+            return snapshot
+
+    assert await asyncio.to_thread(blocking) == [job.id]
+
+
+async def test_cli_runs_lists_active_runs_and_follows_changes(sqlite_harness: Harness) -> None:
+    from .procs import jobtrace
+
+    api = sqlite_harness.stubs()
+    target = sqlite_harness.target
+    job = await submit(api, "a")
+    ended = await submit(api, "e")
+    await api.jobs.CancelJob(j.CancelJobRequest(job_id=ended.id))
+    wf = await submit_workflow(api, "w", name="nightly")
+    # Without --follow: the active runs, then exit.
+    code, out, err = await jobtrace("runs", "--json", target=target)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [(next(iter(x)), next(iter(x.values()))["id"]) for x in lines] == [
+        ("job", job.id),
+        ("workflow", wf.id),
+    ]
+    code, out, err = await jobtrace("runs", "--kind", "workflow", target=target)
+    assert code == 0, err
+    assert wf.id in out and "nightly" in out and "QUEUED" in out and job.id not in out
+    # A bad filter is refused with the server's reason.
+    code, _, err = await jobtrace("runs", "--service", "s", "--workflow-name", "w", target=target)
+    assert code == 2 and "matches nothing" in err
+    # --follow: the changes as they happen, one JSON object per line.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "jobtrace", "runs", "--follow", "--json", "--changes-only", "--service", "svc"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "JOBTRACE_TARGET": target},
+    )
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert json.loads(line) == {"snapshot_end": {}}
+        await api.jobs.CancelJob(j.CancelJobRequest(job_id=job.id))
+        await submit(api, "other", service="other")
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        change = json.loads(line)["job"]
+        assert (change["id"], change["state"]) == (job.id, "RUN_STATE_CANCELLED")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(proc.wait(), 30)
+    assert code == 130
+    rest = (await proc.stdout.read()).decode()
+    assert rest == "", "the other service's job is not followed"

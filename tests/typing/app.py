@@ -82,6 +82,13 @@ def blocking(job_id: str) -> int:
             return 2
         for snapshot in jt.watch_job(job.id):
             print(snapshot.state)
+        for change in jt.watch_runs(states=["RUNNING"], labels={"team": "a"}, include_active=True):
+            if change.HasField("snapshot_end"):
+                break
+            run: common_pb2.Job | common_pb2.Workflow = (
+                change.job if change.HasField("job") else change.workflow
+            )
+            print(run.id, run.updated_at.ToDatetime())
         jt.submit_workflow(workflow.name, workflow.steps)
         return int(job.state)
 
