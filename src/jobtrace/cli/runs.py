@@ -59,7 +59,7 @@ async def runs_command(args: argparse.Namespace, client: Client) -> int:
         if args.json:
             print_json(as_json(change))
         else:
-            print(run_line(getattr(change, kind), s), flush=True)
+            print(run_line(change.job if kind == "job" else change.workflow, s), flush=True)
     return 0
 
 
