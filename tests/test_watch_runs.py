@@ -181,6 +181,23 @@ async def test_active_runs_come_first_then_every_change_in_order(harness: Harnes
     assert not f.of(done.id)
 
 
+async def test_an_older_state_is_never_sent_after_a_newer_one(harness: Harness) -> None:
+    """A stale change arriving late (as another replica's re-read can race a
+    newer commit) is not sent: a run's messages never go back."""
+    assert harness.server is not None
+    jobs = harness.server.jobs
+    api = harness.stubs()
+    job = await submit(api, "a")
+    queued = await jobs.get_job(None, job.id)
+    async with feed(api) as f:
+        await api.jobs.CancelJob(j.CancelJobRequest(job_id=job.id))
+        await f.until(lambda: f.saw(job.id, c.RUN_STATE_CANCELLED))
+        jobs.feed.publish([queued])
+        later = await submit(api, "z")
+        await f.until(lambda: bool(f.of(later.id)))
+    assert [r.state for r in f.of(job.id)] == [c.RUN_STATE_CANCELLED]
+
+
 async def test_filters_select_runs(harness: Harness) -> None:
     api = harness.stubs()
     async with (
