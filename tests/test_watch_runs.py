@@ -521,3 +521,21 @@ async def test_cli_runs_lists_active_runs_and_follows_changes(sqlite_harness: Ha
     assert code == 130
     rest = (await proc.stdout.read()).decode()
     assert rest == "", "the other service's job is not followed"
+
+
+async def test_a_feed_that_may_have_missed_changes_ends_unavailable(harness: Harness) -> None:
+    """Other replicas' notices may have been lost (the LISTEN connection came
+    back): a feed cannot re-read them, so it ends UNAVAILABLE (CHANGES_LOST)
+    and its reader watches again with include_active."""
+    assert harness.server is not None
+    server = harness.server
+    api = harness.stubs()
+    call = api.jobs.WatchRuns(j.WatchRunsRequest())
+    assert (await call.read()).WhichOneof("kind") == "snapshot_end"
+    server._on_listen_restored()
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await asyncio.wait_for(call.read(), 20)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    info, _ = error_details(ended.value)
+    assert info is not None and info.reason == "CHANGES_LOST"
+    await wait_for(lambda: server.jobs.feed.runs_subscriber_count == 0)

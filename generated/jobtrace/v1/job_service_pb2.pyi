@@ -878,8 +878,9 @@ class WatchRunsRequest(_message.Message):
     kind: Global___WatchRunsRequest.RunKind.ValueType
     """Optional. Jobs, workflows, or (unspecified) both."""
     include_steps: _builtins.bool
-    """Optional. When true, the steps of workflows are sent as jobs too; by
-    default only top-level runs are: standalone jobs and workflows (a
+    """Optional. When true, the steps of workflows are sent as jobs too (a step
+    submitted PENDING, waiting for others, is first sent when it changes);
+    by default only top-level runs are: standalone jobs and workflows (a
     step's change still updates its workflow).
     """
     include_active: _builtins.bool

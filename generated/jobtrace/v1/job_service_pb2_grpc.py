@@ -221,8 +221,11 @@ class JobServiceServicer:
         include_active, the matching runs not yet ended are sent first. A run's
         messages never go backwards (updated_at never decreases for one run);
         quick changes may be coalesced into the latest. Works across replicas.
-        Never ends on its own; a reader that falls behind is ended
-        RESOURCE_EXHAUSTED (READER_STALLED): watch again with include_active.
+        Never ends on its own. A reader that falls behind is ended
+        RESOURCE_EXHAUSTED (READER_STALLED); a server stopping, or one that may
+        have missed other replicas' changes (reason CHANGES_LOST), ends it
+        UNAVAILABLE; lapsed credentials end it UNAUTHENTICATED. Watch again with
+        include_active to catch up.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -97,8 +97,11 @@ class JobServiceStub:
     include_active, the matching runs not yet ended are sent first. A run's
     messages never go backwards (updated_at never decreases for one run);
     quick changes may be coalesced into the latest. Works across replicas.
-    Never ends on its own; a reader that falls behind is ended
-    RESOURCE_EXHAUSTED (READER_STALLED): watch again with include_active.
+    Never ends on its own. A reader that falls behind is ended
+    RESOURCE_EXHAUSTED (READER_STALLED); a server stopping, or one that may
+    have missed other replicas' changes (reason CHANGES_LOST), ends it
+    UNAVAILABLE; lapsed credentials end it UNAUTHENTICATED. Watch again with
+    include_active to catch up.
     """
 
 @_typing.type_check_only
@@ -170,8 +173,11 @@ class JobServiceAsyncStub(JobServiceStub):
     include_active, the matching runs not yet ended are sent first. A run's
     messages never go backwards (updated_at never decreases for one run);
     quick changes may be coalesced into the latest. Works across replicas.
-    Never ends on its own; a reader that falls behind is ended
-    RESOURCE_EXHAUSTED (READER_STALLED): watch again with include_active.
+    Never ends on its own. A reader that falls behind is ended
+    RESOURCE_EXHAUSTED (READER_STALLED); a server stopping, or one that may
+    have missed other replicas' changes (reason CHANGES_LOST), ends it
+    UNAVAILABLE; lapsed credentials end it UNAUTHENTICATED. Watch again with
+    include_active to catch up.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -318,8 +324,11 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         include_active, the matching runs not yet ended are sent first. A run's
         messages never go backwards (updated_at never decreases for one run);
         quick changes may be coalesced into the latest. Works across replicas.
-        Never ends on its own; a reader that falls behind is ended
-        RESOURCE_EXHAUSTED (READER_STALLED): watch again with include_active.
+        Never ends on its own. A reader that falls behind is ended
+        RESOURCE_EXHAUSTED (READER_STALLED); a server stopping, or one that may
+        have missed other replicas' changes (reason CHANGES_LOST), ends it
+        UNAVAILABLE; lapsed credentials end it UNAUTHENTICATED. Watch again with
+        include_active to catch up.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
