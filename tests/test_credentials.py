@@ -176,6 +176,8 @@ async def test_streams_opened_with_a_jwt_end_when_it_expires(db_url: str) -> Non
         trace = api.trace.StreamTraceEvents(
             t.StreamTraceEventsRequest(run_id=first.id, follow=True), metadata=short
         )
+        runs = api.jobs.WatchRuns(j.WatchRunsRequest(), metadata=short)
+        assert (await runs.read()).WhichOneof("kind") == "snapshot_end"
 
         await wait_for(lambda: time.time() >= expires, timeout=10)
         second = (
@@ -188,7 +190,7 @@ async def test_streams_opened_with_a_jwt_end_when_it_expires(db_url: str) -> Non
         assert "token expired" in error.details()
         assigned = [m.assignment.job.id for m in messages if m.WhichOneof("kind") == "assignment"]
         assert second.id not in assigned and not assigned, "an assignment after the expiry"
-        for stream in (watch, trace):
+        for stream in (watch, trace, runs):
             _, error = await read_until_error(stream)
             assert error.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "token expired" in error.details()

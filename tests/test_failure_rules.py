@@ -172,10 +172,15 @@ def test_placement_avoids_the_failed_worker_only_while_another_can_take_the_job(
     failed, other = session("failed", slots=8), session("other", slots=1)
     retry = job(state=RunState.QUEUED, avoid_holder=failed.holder)
     slots = {failed.session_id: 8, other.session_id: 1}
-    assert pick_worker(job(state=RunState.QUEUED), [failed, other], slots) is failed
-    assert pick_worker(retry, [failed, other], slots) is other
+
+    def picked(j: Any) -> Any:
+        chosen = pick_worker(j, [failed, other], slots)
+        return chosen.session if chosen is not None else None
+
+    assert picked(job(state=RunState.QUEUED)) is failed
+    assert picked(retry) is other
     slots[other.session_id] = 0  # the other one is busy: no waiting for it
-    assert pick_worker(retry, [failed, other], slots) is failed
+    assert picked(retry) is failed
 
 
 # --- failures as the rules say ----------------------------------------------------------

@@ -193,6 +193,8 @@ MATRIX: dict[str, tuple[str, ...]] = {
     "AwaitWorkflow": (DE, DE, PD, DE, NF, NF, PD, DE),
     # A summary of the caller's own tenant (another tenant's: nothing in it).
     "SummarizeFailures": (OK, OK, PD, OK, OK, OK, PD, OK),
+    # A feed of the caller's own tenant (an admin's: every tenant).
+    "WatchRuns": (OK, OK, PD, OK, OK, OK, PD, OK),
     "Connect": (PD, PD, OK, OK, PD, PD, OK, OK),
     # The job has ended: its own worker (m) is told so; anyone else, nothing.
     "GetStepResult": (PD, PD, "FAILED_PRECONDITION", PD, PD, PD, NF, PD),
@@ -250,6 +252,15 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
         async for _ in call:
             break
 
+    async def feed_first(md: Any) -> None:
+        call = api.jobs.WatchRuns(j.WatchRunsRequest(include_active=True), metadata=md)
+        try:
+            async for message in call:
+                if message.WhichOneof("kind") == "snapshot_end":
+                    break
+        finally:
+            call.cancel()
+
     async def connect(md: Any) -> None:
         call = api.workers.Connect(metadata=md)
         await call.write(w.ConnectRequest(hello=w.WorkerHello(worker_id=f"x{n}", services=["z"])))
@@ -303,6 +314,7 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
         "ListWorkflows": lambda md: api.jobs.ListWorkflows(j.ListWorkflowsRequest(), metadata=md),
         "CancelJob": fresh_job_cancel,
         "CancelWorkflow": fresh_wf_cancel,
+        "WatchRuns": feed_first,
         "WatchJob": lambda md: stream_first(
             api.jobs.WatchJob(j.WatchJobRequest(job_id=ids["job"]), metadata=md)
         ),

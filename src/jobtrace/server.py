@@ -357,7 +357,7 @@ class JobtraceServer:
             if kind == "jobs":
                 for job_id, workflow_id, state, holder, attempt in n.get("j", []):
                     self.scheduler.remote_change(job_id, state, holder, attempt)
-                    self.jobs.feed.poke(job_id, workflow_id)
+                    self.jobs.feed.remote_change(job_id, workflow_id)
             elif kind == "trace":
                 self.trace.remote_events(n.get("run", ""))
             elif kind == "end":

@@ -101,6 +101,13 @@ def blocking(job_id: str) -> int:
             if message.WhichOneof("kind") == "change":
                 print(message.change.type, message.change.worker.worker_id)
             break
+        for change in jt.watch_runs(states=["RUNNING"], labels={"team": "a"}, include_active=True):
+            if change.HasField("snapshot_end"):
+                break
+            run: common_pb2.Job | common_pb2.Workflow = (
+                change.job if change.HasField("job") else change.workflow
+            )
+            print(run.id, run.updated_at.ToDatetime())
         jt.submit_workflow(workflow.name, workflow.steps)
         recent = jt.get_run_summary(workflow_name="media", recent_runs=5).recent_runs
         print([run.run_id for run in recent])

@@ -23,11 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
-from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from jobtrace.v1 import common_pb2 as jobtrace_dot_v1_dot_common__pb2
+from jobtrace.v1 import trace_service_pb2 as jobtrace_dot_v1_dot_trace__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1djobtrace/v1/job_service.proto\x12\x0bjobtrace.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18jobtrace/v1/common.proto\"\xb2\x01\n\x10SubmitJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x03job\x18\x02 \x01(\x0b\x32\x14.jobtrace.v1.JobSpec\x12\x34\n\x0frequest_context\x18\x03 \x01(\x0b\x32\x1b.jobtrace.v1.RequestContext\x12\x31\n\x0b\x61nnotations\x18\x04 \x03(\x0b\x32\x1c.jobtrace.v1.AnnotationInput\"H\n\x11SubmitJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"\xe2\x02\n\x15SubmitWorkflowRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12,\n\x05steps\x18\x03 \x03(\x0b\x32\x1d.jobtrace.v1.WorkflowStepSpec\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x34\n\x0frequest_context\x18\x05 \x01(\x0b\x32\x1b.jobtrace.v1.RequestContext\x12\x31\n\x0b\x61nnotations\x18\x06 \x03(\x0b\x32\x1c.jobtrace.v1.AnnotationInput\x12>\n\x06labels\x18\x07 \x03(\x0b\x32..jobtrace.v1.SubmitWorkflowRequest.LabelsEntry\x12\x0f\n\x07outputs\x18\x08 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x16SubmitWorkflowResponse\x12\'\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.jobtrace.v1.Workflow\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\x0eGetJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\")\n\x12GetWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\">\n\x13GetWorkflowResponse\x12\'\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.jobtrace.v1.Workflow\"\xb3\x03\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.jobtrace.v1.RunState\x12\x0f\n\x07service\x18\x04 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x05 \x01(\t\x12\"\n\x04view\x18\x06 \x01(\x0e\x32\x14.jobtrace.v1.JobView\x12\x38\n\x06labels\x18\x07 \x03(\x0b\x32(.jobtrace.v1.ListJobsRequest.LabelsEntry\x12\x0f\n\x07user_id\x18\x08 \x01(\t\x12\x11\n\tworker_id\x18\t \x01(\t\x12\x31\n\rcreated_after\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rinclude_total\x18\x0c \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"_\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.jobtrace.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"\x97\x03\n\x14ListWorkflowsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.jobtrace.v1.RunState\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\'\n\x04view\x18\x05 \x01(\x0e\x32\x19.jobtrace.v1.WorkflowView\x12=\n\x06labels\x18\x06 \x03(\x0b\x32-.jobtrace.v1.ListWorkflowsRequest.LabelsEntry\x12\x0f\n\x07user_id\x18\x07 \x01(\t\x12\x31\n\rcreated_after\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rinclude_total\x18\n \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"n\n\x15ListWorkflowsResponse\x12(\n\tworkflows\x18\x01 \x03(\x0b\x32\x15.jobtrace.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x11\x43\x61ncelJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\"<\n\x15\x43\x61ncelWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"A\n\x16\x43\x61ncelWorkflowResponse\x12\'\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.jobtrace.v1.Workflow\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x10WatchJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\"+\n\x14WatchWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\"g\n\x15WatchWorkflowResponse\x12\'\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.jobtrace.v1.Workflow\x12%\n\x0b\x63hanged_job\x18\x02 \x01(\x0b\x32\x10.jobtrace.v1.Job\"M\n\x0f\x41waitJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"1\n\x10\x41waitJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\"W\n\x14\x41waitWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"@\n\x15\x41waitWorkflowResponse\x12\'\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.jobtrace.v1.Workflow\"\x81\x01\n\x18SummarizeFailuresRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07service\x18\x03 \x01(\t\"F\n\x19SummarizeFailuresResponse\x12)\n\x06groups\x18\x01 \x03(\x0b\x32\x19.jobtrace.v1.FailureGroup\"g\n\x0c\x46\x61ilureGroup\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12)\n\x04last\x18\x04 \x01(\x0b\x32\x1b.jobtrace.v1.FailureExample\"z\n\x0e\x46\x61ilureExample\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t*J\n\x07JobView\x12\x18\n\x14JOB_VIEW_UNSPECIFIED\x10\x00\x12\x12\n\x0eJOB_VIEW_BASIC\x10\x01\x12\x11\n\rJOB_VIEW_FULL\x10\x02*^\n\x0cWorkflowView\x12\x1d\n\x19WORKFLOW_VIEW_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKFLOW_VIEW_BASIC\x10\x01\x12\x16\n\x12WORKFLOW_VIEW_FULL\x10\x02\x32\xba\x08\n\nJobService\x12J\n\tSubmitJob\x12\x1d.jobtrace.v1.SubmitJobRequest\x1a\x1e.jobtrace.v1.SubmitJobResponse\x12Y\n\x0eSubmitWorkflow\x12\".jobtrace.v1.SubmitWorkflowRequest\x1a#.jobtrace.v1.SubmitWorkflowResponse\x12\x41\n\x06GetJob\x12\x1a.jobtrace.v1.GetJobRequest\x1a\x1b.jobtrace.v1.GetJobResponse\x12P\n\x0bGetWorkflow\x12\x1f.jobtrace.v1.GetWorkflowRequest\x1a .jobtrace.v1.GetWorkflowResponse\x12G\n\x08ListJobs\x12\x1c.jobtrace.v1.ListJobsRequest\x1a\x1d.jobtrace.v1.ListJobsResponse\x12V\n\rListWorkflows\x12!.jobtrace.v1.ListWorkflowsRequest\x1a\".jobtrace.v1.ListWorkflowsResponse\x12J\n\tCancelJob\x12\x1d.jobtrace.v1.CancelJobRequest\x1a\x1e.jobtrace.v1.CancelJobResponse\x12Y\n\x0e\x43\x61ncelWorkflow\x12\".jobtrace.v1.CancelWorkflowRequest\x1a#.jobtrace.v1.CancelWorkflowResponse\x12I\n\x08WatchJob\x12\x1c.jobtrace.v1.WatchJobRequest\x1a\x1d.jobtrace.v1.WatchJobResponse0\x01\x12X\n\rWatchWorkflow\x12!.jobtrace.v1.WatchWorkflowRequest\x1a\".jobtrace.v1.WatchWorkflowResponse0\x01\x12G\n\x08\x41waitJob\x12\x1c.jobtrace.v1.AwaitJobRequest\x1a\x1d.jobtrace.v1.AwaitJobResponse\x12V\n\rAwaitWorkflow\x12!.jobtrace.v1.AwaitWorkflowRequest\x1a\".jobtrace.v1.AwaitWorkflowResponse\x12\x62\n\x11SummarizeFailures\x12%.jobtrace.v1.SummarizeFailuresRequest\x1a&.jobtrace.v1.SummarizeFailuresResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1djobtrace/v1/job_service.proto\x12\x0bjobtrace.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x18jobtrace/v1/common.proto\x1a\x1fjobtrace/v1/trace_service.proto\"\xb2\x01\n\x10SubmitJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x03job\x18\x02 \x01(\x0b\x32\x14.jobtrace.v1.JobSpec\x12\x34\n\x0frequest_context\x18\x03 \x01(\x0b\x32\x1b.jobtrace.v1.RequestContext\x12\x31\n\x0b\x61nnotations\x18\x04 \x03(\x0b\x32\x1c.jobtrace.v1.AnnotationInput\"H\n\x11SubmitJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"\xe2\x02\n\x15SubmitWorkflowRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12,\n\x05steps\x18\x03 \x03(\x0b\x32\x1d.jobtrace.v1.WorkflowStepSpec\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x34\n\x0frequest_context\x18\x05 \x01(\x0b\x32\x1b.jobtrace.v1.RequestContext\x12\x31\n\x0b\x61nnotations\x18\x06 \x03(\x0b\x32\x1c.jobtrace.v1.AnnotationInput\x12>\n\x06labels\x18\x07 \x03(\x0b\x32..jobtrace.v1.SubmitWorkflowRequest.LabelsEntry\x12\x0f\n\x07outputs\x18\x08 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x16SubmitWorkflowResponse\x12\'\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.jobtrace.v1.Workflow\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\x0eGetJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\")\n\x12GetWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\">\n\x13GetWorkflowResponse\x12\'\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.jobtrace.v1.Workflow\"\xa8\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.jobtrace.v1.RunState\x12\x0f\n\x07service\x18\x04 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x05 \x01(\t\x12\"\n\x04view\x18\x06 \x01(\x0e\x32\x14.jobtrace.v1.JobView\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.jobtrace.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9a\x01\n\x14ListWorkflowsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.jobtrace.v1.RunState\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\'\n\x04view\x18\x05 \x01(\x0e\x32\x19.jobtrace.v1.WorkflowView\"Z\n\x15ListWorkflowsResponse\x12(\n\tworkflows\x18\x01 \x03(\x0b\x32\x15.jobtrace.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x11\x43\x61ncelJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\"<\n\x15\x43\x61ncelWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"A\n\x16\x43\x61ncelWorkflowResponse\x12\'\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.jobtrace.v1.Workflow\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x10WatchJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\"+\n\x14WatchWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\"g\n\x15WatchWorkflowResponse\x12\'\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.jobtrace.v1.Workflow\x12%\n\x0b\x63hanged_job\x18\x02 \x01(\x0b\x32\x10.jobtrace.v1.Job\"M\n\x0f\x41waitJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"1\n\x10\x41waitJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.Job\"W\n\x14\x41waitWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"@\n\x15\x41waitWorkflowResponse\x12\'\n\x08workflow\x18\x01 \x01(\x0b\x32\x15.jobtrace.v1.Workflow\"\xff\x02\n\x10WatchRunsRequest\x12\x10\n\x08services\x18\x01 \x03(\t\x12\x16\n\x0eworkflow_names\x18\x02 \x03(\t\x12%\n\x06states\x18\x03 \x03(\x0e\x32\x15.jobtrace.v1.RunState\x12\x39\n\x06labels\x18\x04 \x03(\x0b\x32).jobtrace.v1.WatchRunsRequest.LabelsEntry\x12\x33\n\x04kind\x18\x05 \x01(\x0e\x32%.jobtrace.v1.WatchRunsRequest.RunKind\x12\x15\n\rinclude_steps\x18\x06 \x01(\x08\x12\x16\n\x0einclude_active\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x07RunKind\x12\x18\n\x14RUN_KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cRUN_KIND_JOB\x10\x01\x12\x15\n\x11RUN_KIND_WORKFLOW\x10\x02\"\xcf\x01\n\x11WatchRunsResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x10.jobtrace.v1.JobH\x00\x12)\n\x08workflow\x18\x02 \x01(\x0b\x32\x15.jobtrace.v1.WorkflowH\x00\x12\x39\n\x0csnapshot_end\x18\x03 \x01(\x0b\x32!.jobtrace.v1.WatchRunsSnapshotEndH\x00\x12+\n\tkeepalive\x18\x04 \x01(\x0b\x32\x16.jobtrace.v1.KeepaliveH\x00\x42\x06\n\x04kind\"<\n\x14WatchRunsSnapshotEnd\x12\x11\n\trun_count\x18\x01 \x01(\x05\x12\x11\n\ttruncated\x18\x02 \x01(\x08*J\n\x07JobView\x12\x18\n\x14JOB_VIEW_UNSPECIFIED\x10\x00\x12\x12\n\x0eJOB_VIEW_BASIC\x10\x01\x12\x11\n\rJOB_VIEW_FULL\x10\x02*^\n\x0cWorkflowView\x12\x1d\n\x19WORKFLOW_VIEW_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKFLOW_VIEW_BASIC\x10\x01\x12\x16\n\x12WORKFLOW_VIEW_FULL\x10\x02\x32\xa4\x08\n\nJobService\x12J\n\tSubmitJob\x12\x1d.jobtrace.v1.SubmitJobRequest\x1a\x1e.jobtrace.v1.SubmitJobResponse\x12Y\n\x0eSubmitWorkflow\x12\".jobtrace.v1.SubmitWorkflowRequest\x1a#.jobtrace.v1.SubmitWorkflowResponse\x12\x41\n\x06GetJob\x12\x1a.jobtrace.v1.GetJobRequest\x1a\x1b.jobtrace.v1.GetJobResponse\x12P\n\x0bGetWorkflow\x12\x1f.jobtrace.v1.GetWorkflowRequest\x1a .jobtrace.v1.GetWorkflowResponse\x12G\n\x08ListJobs\x12\x1c.jobtrace.v1.ListJobsRequest\x1a\x1d.jobtrace.v1.ListJobsResponse\x12V\n\rListWorkflows\x12!.jobtrace.v1.ListWorkflowsRequest\x1a\".jobtrace.v1.ListWorkflowsResponse\x12J\n\tCancelJob\x12\x1d.jobtrace.v1.CancelJobRequest\x1a\x1e.jobtrace.v1.CancelJobResponse\x12Y\n\x0e\x43\x61ncelWorkflow\x12\".jobtrace.v1.CancelWorkflowRequest\x1a#.jobtrace.v1.CancelWorkflowResponse\x12I\n\x08WatchJob\x12\x1c.jobtrace.v1.WatchJobRequest\x1a\x1d.jobtrace.v1.WatchJobResponse0\x01\x12X\n\rWatchWorkflow\x12!.jobtrace.v1.WatchWorkflowRequest\x1a\".jobtrace.v1.WatchWorkflowResponse0\x01\x12G\n\x08\x41waitJob\x12\x1c.jobtrace.v1.AwaitJobRequest\x1a\x1d.jobtrace.v1.AwaitJobResponse\x12V\n\rAwaitWorkflow\x12!.jobtrace.v1.AwaitWorkflowRequest\x1a\".jobtrace.v1.AwaitWorkflowResponse\x12L\n\tWatchRuns\x12\x1d.jobtrace.v1.WatchRunsRequest\x1a\x1e.jobtrace.v1.WatchRunsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,14 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITWORKFLOWREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_SUBMITWORKFLOWREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_LISTJOBSREQUEST_LABELSENTRY']._loaded_options = None
-  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_LISTWORKFLOWSREQUEST_LABELSENTRY']._loaded_options = None
-  _globals['_LISTWORKFLOWSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBVIEW']._serialized_start=3271
-  _globals['_JOBVIEW']._serialized_end=3345
-  _globals['_WORKFLOWVIEW']._serialized_start=3347
-  _globals['_WORKFLOWVIEW']._serialized_end=3441
+  _globals['_WATCHRUNSREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_WATCHRUNSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_JOBVIEW']._serialized_start=2936
+  _globals['_JOBVIEW']._serialized_end=3010
+  _globals['_WORKFLOWVIEW']._serialized_start=3012
+  _globals['_WORKFLOWVIEW']._serialized_end=3106
   _globals['_SUBMITJOBREQUEST']._serialized_start=138
   _globals['_SUBMITJOBREQUEST']._serialized_end=316
   _globals['_SUBMITJOBRESPONSE']._serialized_start=318
@@ -63,49 +61,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETWORKFLOWRESPONSE']._serialized_start=963
   _globals['_GETWORKFLOWRESPONSE']._serialized_end=1025
   _globals['_LISTJOBSREQUEST']._serialized_start=1028
-  _globals['_LISTJOBSREQUEST']._serialized_end=1463
-  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_start=702
-  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_end=747
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1465
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1560
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=1563
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=1970
-  _globals['_LISTWORKFLOWSREQUEST_LABELSENTRY']._serialized_start=702
-  _globals['_LISTWORKFLOWSREQUEST_LABELSENTRY']._serialized_end=747
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=1972
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=2082
-  _globals['_CANCELJOBREQUEST']._serialized_start=2084
-  _globals['_CANCELJOBREQUEST']._serialized_end=2134
-  _globals['_CANCELJOBRESPONSE']._serialized_start=2136
-  _globals['_CANCELJOBRESPONSE']._serialized_end=2186
-  _globals['_CANCELWORKFLOWREQUEST']._serialized_start=2188
-  _globals['_CANCELWORKFLOWREQUEST']._serialized_end=2248
-  _globals['_CANCELWORKFLOWRESPONSE']._serialized_start=2250
-  _globals['_CANCELWORKFLOWRESPONSE']._serialized_end=2315
-  _globals['_WATCHJOBREQUEST']._serialized_start=2317
-  _globals['_WATCHJOBREQUEST']._serialized_end=2350
-  _globals['_WATCHJOBRESPONSE']._serialized_start=2352
-  _globals['_WATCHJOBRESPONSE']._serialized_end=2401
-  _globals['_WATCHWORKFLOWREQUEST']._serialized_start=2403
-  _globals['_WATCHWORKFLOWREQUEST']._serialized_end=2446
-  _globals['_WATCHWORKFLOWRESPONSE']._serialized_start=2448
-  _globals['_WATCHWORKFLOWRESPONSE']._serialized_end=2551
-  _globals['_AWAITJOBREQUEST']._serialized_start=2553
-  _globals['_AWAITJOBREQUEST']._serialized_end=2630
-  _globals['_AWAITJOBRESPONSE']._serialized_start=2632
-  _globals['_AWAITJOBRESPONSE']._serialized_end=2681
-  _globals['_AWAITWORKFLOWREQUEST']._serialized_start=2683
-  _globals['_AWAITWORKFLOWREQUEST']._serialized_end=2770
-  _globals['_AWAITWORKFLOWRESPONSE']._serialized_start=2772
-  _globals['_AWAITWORKFLOWRESPONSE']._serialized_end=2836
-  _globals['_SUMMARIZEFAILURESREQUEST']._serialized_start=2839
-  _globals['_SUMMARIZEFAILURESREQUEST']._serialized_end=2968
-  _globals['_SUMMARIZEFAILURESRESPONSE']._serialized_start=2970
-  _globals['_SUMMARIZEFAILURESRESPONSE']._serialized_end=3040
-  _globals['_FAILUREGROUP']._serialized_start=3042
-  _globals['_FAILUREGROUP']._serialized_end=3145
-  _globals['_FAILUREEXAMPLE']._serialized_start=3147
-  _globals['_FAILUREEXAMPLE']._serialized_end=3269
-  _globals['_JOBSERVICE']._serialized_start=3444
-  _globals['_JOBSERVICE']._serialized_end=4526
+  _globals['_LISTJOBSREQUEST']._serialized_end=1196
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1198
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1273
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=1276
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=1430
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=1432
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=1522
+  _globals['_CANCELJOBREQUEST']._serialized_start=1524
+  _globals['_CANCELJOBREQUEST']._serialized_end=1574
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1576
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1626
+  _globals['_CANCELWORKFLOWREQUEST']._serialized_start=1628
+  _globals['_CANCELWORKFLOWREQUEST']._serialized_end=1688
+  _globals['_CANCELWORKFLOWRESPONSE']._serialized_start=1690
+  _globals['_CANCELWORKFLOWRESPONSE']._serialized_end=1755
+  _globals['_WATCHJOBREQUEST']._serialized_start=1757
+  _globals['_WATCHJOBREQUEST']._serialized_end=1790
+  _globals['_WATCHJOBRESPONSE']._serialized_start=1792
+  _globals['_WATCHJOBRESPONSE']._serialized_end=1841
+  _globals['_WATCHWORKFLOWREQUEST']._serialized_start=1843
+  _globals['_WATCHWORKFLOWREQUEST']._serialized_end=1886
+  _globals['_WATCHWORKFLOWRESPONSE']._serialized_start=1888
+  _globals['_WATCHWORKFLOWRESPONSE']._serialized_end=1991
+  _globals['_AWAITJOBREQUEST']._serialized_start=1993
+  _globals['_AWAITJOBREQUEST']._serialized_end=2070
+  _globals['_AWAITJOBRESPONSE']._serialized_start=2072
+  _globals['_AWAITJOBRESPONSE']._serialized_end=2121
+  _globals['_AWAITWORKFLOWREQUEST']._serialized_start=2123
+  _globals['_AWAITWORKFLOWREQUEST']._serialized_end=2210
+  _globals['_AWAITWORKFLOWRESPONSE']._serialized_start=2212
+  _globals['_AWAITWORKFLOWRESPONSE']._serialized_end=2276
+  _globals['_WATCHRUNSREQUEST']._serialized_start=2279
+  _globals['_WATCHRUNSREQUEST']._serialized_end=2662
+  _globals['_WATCHRUNSREQUEST_LABELSENTRY']._serialized_start=702
+  _globals['_WATCHRUNSREQUEST_LABELSENTRY']._serialized_end=747
+  _globals['_WATCHRUNSREQUEST_RUNKIND']._serialized_start=2586
+  _globals['_WATCHRUNSREQUEST_RUNKIND']._serialized_end=2662
+  _globals['_WATCHRUNSRESPONSE']._serialized_start=2665
+  _globals['_WATCHRUNSRESPONSE']._serialized_end=2872
+  _globals['_WATCHRUNSSNAPSHOTEND']._serialized_start=2874
+  _globals['_WATCHRUNSSNAPSHOTEND']._serialized_end=2934
+  _globals['_JOBSERVICE']._serialized_start=3109
+  _globals['_JOBSERVICE']._serialized_end=4169
 # @@protoc_insertion_point(module_scope)

@@ -95,10 +95,10 @@ class JobServiceStub:
                 request_serializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowRequest.SerializeToString,
                 response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowResponse.FromString,
                 _registered_method=True)
-        self.SummarizeFailures = channel.unary_unary(
-                '/jobtrace.v1.JobService/SummarizeFailures',
-                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.SummarizeFailuresRequest.SerializeToString,
-                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.SummarizeFailuresResponse.FromString,
+        self.WatchRuns = channel.unary_stream(
+                '/jobtrace.v1.JobService/WatchRuns',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsResponse.FromString,
                 _registered_method=True)
 
 
@@ -213,11 +213,19 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def SummarizeFailures(self, request, context):
-        """Counts the caller's failed attempts (a worker's failure, a lost lease, a
-        timeout) in a time window, grouped by failure kind (as the server's
-        failure rules classified them; "" when none matched) and service, most
-        failures first, each group with its last failure as an example.
+    def WatchRuns(self, request, context):
+        """Streams the tenant's runs as they change: a run list's live feed. Each
+        time a run matching the filter changes state or progress (a job's
+        progress report, a workflow's completed steps), the run is sent in its
+        BASIC view, starting from the first message (snapshot_end) on. With
+        include_active, the matching runs not yet ended are sent first. A run's
+        messages never go backwards (updated_at never decreases for one run);
+        quick changes may be coalesced into the latest. Works across replicas.
+        Never ends on its own. A reader that falls behind is ended
+        RESOURCE_EXHAUSTED (READER_STALLED); a server stopping, or one that may
+        have missed other replicas' changes (reason CHANGES_LOST), ends it
+        UNAVAILABLE; lapsed credentials end it UNAUTHENTICATED. Watch again with
+        include_active to catch up.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -286,10 +294,10 @@ def add_JobServiceServicer_to_server(servicer, server):
                     request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowRequest.FromString,
                     response_serializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowResponse.SerializeToString,
             ),
-            'SummarizeFailures': grpc.unary_unary_rpc_method_handler(
-                    servicer.SummarizeFailures,
-                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.SummarizeFailuresRequest.FromString,
-                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.SummarizeFailuresResponse.SerializeToString,
+            'WatchRuns': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRuns,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -628,7 +636,7 @@ class JobService:
             _registered_method=True)
 
     @staticmethod
-    def SummarizeFailures(request,
+    def WatchRuns(request,
             target,
             options=(),
             channel_credentials=None,
@@ -638,12 +646,12 @@ class JobService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
-            '/jobtrace.v1.JobService/SummarizeFailures',
-            jobtrace_dot_v1_dot_job__service__pb2.SummarizeFailuresRequest.SerializeToString,
-            jobtrace_dot_v1_dot_job__service__pb2.SummarizeFailuresResponse.FromString,
+            '/jobtrace.v1.JobService/WatchRuns',
+            jobtrace_dot_v1_dot_job__service__pb2.WatchRunsRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.WatchRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -89,11 +89,19 @@ class JobServiceStub:
     """Waits until the workflow ends and returns it, with its outputs when it
     COMPLETED; otherwise as AwaitJob.
     """
-    SummarizeFailures: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.SummarizeFailuresRequest, _job_service_pb2.SummarizeFailuresResponse]
-    """Counts the caller's failed attempts (a worker's failure, a lost lease, a
-    timeout) in a time window, grouped by failure kind (as the server's
-    failure rules classified them; "" when none matched) and service, most
-    failures first, each group with its last failure as an example.
+    WatchRuns: _grpc.UnaryStreamMultiCallable[_job_service_pb2.WatchRunsRequest, _job_service_pb2.WatchRunsResponse]
+    """Streams the tenant's runs as they change: a run list's live feed. Each
+    time a run matching the filter changes state or progress (a job's
+    progress report, a workflow's completed steps), the run is sent in its
+    BASIC view, starting from the first message (snapshot_end) on. With
+    include_active, the matching runs not yet ended are sent first. A run's
+    messages never go backwards (updated_at never decreases for one run);
+    quick changes may be coalesced into the latest. Works across replicas.
+    Never ends on its own. A reader that falls behind is ended
+    RESOURCE_EXHAUSTED (READER_STALLED); a server stopping, or one that may
+    have missed other replicas' changes (reason CHANGES_LOST), ends it
+    UNAVAILABLE; lapsed credentials end it UNAUTHENTICATED. Watch again with
+    include_active to catch up.
     """
 
 @_typing.type_check_only
@@ -157,11 +165,19 @@ class JobServiceAsyncStub(JobServiceStub):
     """Waits until the workflow ends and returns it, with its outputs when it
     COMPLETED; otherwise as AwaitJob.
     """
-    SummarizeFailures: _aio.UnaryUnaryMultiCallable[_job_service_pb2.SummarizeFailuresRequest, _job_service_pb2.SummarizeFailuresResponse]  # type: ignore[assignment]
-    """Counts the caller's failed attempts (a worker's failure, a lost lease, a
-    timeout) in a time window, grouped by failure kind (as the server's
-    failure rules classified them; "" when none matched) and service, most
-    failures first, each group with its last failure as an example.
+    WatchRuns: _aio.UnaryStreamMultiCallable[_job_service_pb2.WatchRunsRequest, _job_service_pb2.WatchRunsResponse]  # type: ignore[assignment]
+    """Streams the tenant's runs as they change: a run list's live feed. Each
+    time a run matching the filter changes state or progress (a job's
+    progress report, a workflow's completed steps), the run is sent in its
+    BASIC view, starting from the first message (snapshot_end) on. With
+    include_active, the matching runs not yet ended are sent first. A run's
+    messages never go backwards (updated_at never decreases for one run);
+    quick changes may be coalesced into the latest. Works across replicas.
+    Never ends on its own. A reader that falls behind is ended
+    RESOURCE_EXHAUSTED (READER_STALLED); a server stopping, or one that may
+    have missed other replicas' changes (reason CHANGES_LOST), ends it
+    UNAVAILABLE; lapsed credentials end it UNAUTHENTICATED. Watch again with
+    include_active to catch up.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -296,15 +312,23 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
-    def SummarizeFailures(
+    def WatchRuns(
         self,
-        request: _job_service_pb2.SummarizeFailuresRequest,
+        request: _job_service_pb2.WatchRunsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_job_service_pb2.SummarizeFailuresResponse, _abc.Awaitable[_job_service_pb2.SummarizeFailuresResponse]]:
-        """Counts the caller's failed attempts (a worker's failure, a lost lease, a
-        timeout) in a time window, grouped by failure kind (as the server's
-        failure rules classified them; "" when none matched) and service, most
-        failures first, each group with its last failure as an example.
+    ) -> _typing.Union[_abc.Iterator[_job_service_pb2.WatchRunsResponse], _abc.AsyncIterator[_job_service_pb2.WatchRunsResponse]]:
+        """Streams the tenant's runs as they change: a run list's live feed. Each
+        time a run matching the filter changes state or progress (a job's
+        progress report, a workflow's completed steps), the run is sent in its
+        BASIC view, starting from the first message (snapshot_end) on. With
+        include_active, the matching runs not yet ended are sent first. A run's
+        messages never go backwards (updated_at never decreases for one run);
+        quick changes may be coalesced into the latest. Works across replicas.
+        Never ends on its own. A reader that falls behind is ended
+        RESOURCE_EXHAUSTED (READER_STALLED); a server stopping, or one that may
+        have missed other replicas' changes (reason CHANGES_LOST), ends it
+        UNAVAILABLE; lapsed credentials end it UNAUTHENTICATED. Watch again with
+        include_active to catch up.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

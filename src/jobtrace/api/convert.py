@@ -20,6 +20,7 @@ from jobtrace.domain.jobs import (
     StepSubmission,
     WorkflowSubmission,
 )
+from jobtrace.domain.run_feed import RunChange
 from jobtrace.domain.search import Found, SearchRequest
 from jobtrace.model import (
     JSON,
@@ -41,6 +42,7 @@ from jobtrace.pb import (
     job_service_pb2,
     struct_pb2,
     timestamp_pb2,
+    trace_service_pb2,
 )
 
 
@@ -490,6 +492,24 @@ def workflow_to_proto(w: Workflow, exact: bool = False) -> common_pb2.Workflow:
         outputs=outputs,
         outputs_json=outputs_json,
         output_refs=output_refs,
+    )
+
+
+def run_change_to_proto(change: RunChange, exact: bool) -> job_service_pb2.WatchRunsResponse:
+    """One WatchRuns message; runs in the BASIC view."""
+    if change.job is not None:
+        return job_service_pb2.WatchRunsResponse(
+            job=job_to_proto(change.job, full=False, exact=exact)
+        )
+    if change.workflow is not None:
+        return job_service_pb2.WatchRunsResponse(workflow=workflow_to_proto(change.workflow))
+    if change.snapshot_end is not None:
+        count, truncated = change.snapshot_end
+        return job_service_pb2.WatchRunsResponse(
+            snapshot_end=job_service_pb2.WatchRunsSnapshotEnd(run_count=count, truncated=truncated)
+        )
+    return job_service_pb2.WatchRunsResponse(
+        keepalive=trace_service_pb2.Keepalive(time=us_to_ts(change.keepalive_us))
     )
 
 

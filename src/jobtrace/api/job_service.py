@@ -13,6 +13,7 @@ from jobtrace.api.errors import rpc
 from jobtrace.api.limits import PageBytes, StreamLimiter
 from jobtrace.auth import Authenticator, Role
 from jobtrace.domain.jobs import Jobs
+from jobtrace.domain.run_feed import run_filter
 from jobtrace.model import Caller, Job, WaitingReason
 from jobtrace.pb import job_service_pb2 as pb
 from jobtrace.pb import job_service_pb2_grpc as pb_grpc
@@ -235,6 +236,29 @@ class JobServicer(pb_grpc.JobServiceServicer):
             request.service,
         )
         return pb.SummarizeFailuresResponse(groups=[convert.failure_group(g) for g in groups])
+
+    @rpc
+    async def WatchRuns(
+        self, request: pb.WatchRunsRequest, context: Any
+    ) -> AsyncIterator[pb.WatchRunsResponse]:
+        principal = self._auth.require(context, Role.READER)
+        feed = self._jobs.runs.watch(
+            principal.read_scope,
+            run_filter(
+                services=request.services,
+                workflow_names=request.workflow_names,
+                states=request.states,
+                labels=request.labels,
+                kind=request.kind,
+                include_steps=request.include_steps,
+                include_active=request.include_active,
+            ),
+        )
+        exact = convert.wants_exact_json(context)
+        with self._streams.hold(principal):
+            async with aclosing(guarded(self._auth, context, principal, feed)) as changes:
+                async for change in changes:
+                    yield convert.run_change_to_proto(change, exact)
 
 
 # Answer a little before the call's deadline, so the caller gets AWAIT_TIMEOUT

@@ -904,6 +904,10 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
     p.add_argument("--plain", action="store_true", help="one line per change, even on a terminal")
     p.set_defaults(func=run_command(watch_command))
 
+    from jobtrace.cli.runs import add_runs_command  # it builds on this module
+
+    add_runs_command(sub, [conn, out, colour])
+
     p = sub.add_parser("get", parents=[conn, out], help="show a job or workflow")
     p.add_argument("id", help="job id (job_...) or workflow id (wf_...)")
     p.set_defaults(func=run_command(get))

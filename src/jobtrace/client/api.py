@@ -508,6 +508,48 @@ class Client:
             async for response in stream:
                 yield response
 
+    async def watch_runs(
+        self,
+        *,
+        services: Sequence[str] = (),
+        workflow_names: Sequence[str] = (),
+        states: Sequence[int | str] = (),
+        labels: Mapping[str, str] | None = None,
+        kind: int | str | None = None,
+        include_steps: bool = False,
+        include_active: bool = False,
+        keepalives: bool = False,
+    ) -> AsyncIterator[job_service_pb2.WatchRunsResponse]:
+        """The live feed of the tenant's runs: with `include_active`, the
+        matching runs not yet ended first; then a message with `snapshot_end`
+        (from there on every change is sent); then each matching run (a `job`
+        or a `workflow`, BASIC view) each time its state or progress changes,
+        never going back for one run. Filters: `services` (jobs of these
+        services), `workflow_names`, `states` (values or names, "RUNNING"),
+        `labels` (every pair must match), `kind` ("job", "workflow"; default
+        both), `include_steps` (workflow steps as jobs too). Keepalives are
+        left out unless `keepalives`. It never ends on its own; a lost
+        connection is not reopened (changes meanwhile would be missed): it
+        raises, and a new watch with include_active catches up."""
+        request = job_service_pb2.WatchRunsRequest(
+            services=list(services),
+            workflow_names=list(workflow_names),
+            states=[run_state(s) for s in states],
+            labels=dict(labels or {}),
+            kind=_enum(job_service_pb2.WatchRunsRequest.RunKind, "RUN_KIND_", kind),
+            include_steps=include_steps,
+            include_active=include_active,
+        )
+        call = self.jobs_stub.WatchRuns(request, metadata=self.endpoint.metadata())
+        try:
+            async for response in call:
+                if keepalives or response.WhichOneof("kind") != "keepalive":
+                    yield with_structs(response)
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from err
+        finally:
+            call.cancel()
+
     async def await_job(self, job_id: str, *, timeout: Seconds | None = None) -> common_pb2.Job:
         """Wait until the job ends and return it (COMPLETED with its result, or
         FAILED, CANCELLED...: the job says how it ended). `timeout` (seconds)

@@ -268,6 +268,31 @@ class SyncClient:
     def watch_workflow(self, workflow_id: str) -> Iterator[job_service_pb2.WatchWorkflowResponse]:
         return self._iterate(self.client.watch_workflow(workflow_id))
 
+    def watch_runs(
+        self,
+        *,
+        services: Sequence[str] = (),
+        workflow_names: Sequence[str] = (),
+        states: Sequence[int | str] = (),
+        labels: Mapping[str, str] | None = None,
+        kind: int | str | None = None,
+        include_steps: bool = False,
+        include_active: bool = False,
+        keepalives: bool = False,
+    ) -> Iterator[job_service_pb2.WatchRunsResponse]:
+        return self._iterate(
+            self.client.watch_runs(
+                services=services,
+                workflow_names=workflow_names,
+                states=states,
+                labels=labels,
+                kind=kind,
+                include_steps=include_steps,
+                include_active=include_active,
+                keepalives=keepalives,
+            )
+        )
+
     def append_trace_events(
         self, run_id: str, events: Sequence[common_pb2.TraceEvent | Mapping[str, Any]]
     ) -> list[common_pb2.TraceEvent]:

@@ -29,6 +29,7 @@ from jobtrace.domain.errors import (
 )
 from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
 from jobtrace.domain.redact import Redaction
+from jobtrace.domain.run_feed import RunFeed
 from jobtrace.domain.run_filters import NO_RUN_FILTER, RunFilter, check_run_filter
 from jobtrace.domain.validation import (
     MAX_STEPS,
@@ -274,6 +275,8 @@ class Jobs:
         self._listeners: list[ChangeListener] = []
         self.feed = JobFeed()
         self.stopping = asyncio.Event()
+        # The live feeds of runs (WatchRuns).
+        self.runs = RunFeed(db, self.feed, self.stopping)
         self.add_listener(self.feed.publish)
 
     def add_listener(self, listener: ChangeListener) -> None:
