@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from jobtrace.v1 import common_pb2 as _common_pb2
@@ -363,12 +364,38 @@ class ListJobsRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     SERVICE_FIELD_NUMBER: _builtins.int
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
     VIEW_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    INCLUDE_TOTAL_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Optional. Items per page; 1-1000, 0 means 100."""
     page_token: _builtins.str
@@ -381,6 +408,36 @@ class ListJobsRequest(_message.Message):
     """Optional. Only the steps of this workflow."""
     view: Global___JobView.ValueType
     """Optional. How much of each job to return; unspecified means BASIC."""
+    user_id: _builtins.str
+    """Optional. Only jobs requested on behalf of this user: the
+    request_context.user_context.user_id of the job, or of its workflow for a
+    step; at most 256 characters.
+    """
+    worker_id: _builtins.str
+    """Optional. Only jobs whose latest attempt ran (or runs) on this worker id;
+    at most 128 characters.
+    """
+    include_total: _builtins.bool
+    """Optional. When true, total_size counts every job matching the filters
+    (all pages, not only this one); costs one more indexed count.
+    """
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Optional. Only jobs carrying every one of these labels with exactly these
+        values; at most 16 pairs, each key a valid label key, each value at most
+        256 characters. A step carries its own spec's labels, not its workflow's.
+        """
+
+    @_builtins.property
+    def created_after(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Only jobs created at or after this time."""
+
+    @_builtins.property
+    def created_before(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Only jobs created before this time (exclusive); not before
+        created_after.
+        """
+
     def __init__(
         self,
         *,
@@ -390,10 +447,16 @@ class ListJobsRequest(_message.Message):
         service: _builtins.str = ...,
         workflow_id: _builtins.str = ...,
         view: Global___JobView.ValueType = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        user_id: _builtins.str = ...,
+        worker_id: _builtins.str = ...,
+        created_after: _timestamp_pb2.Timestamp | None = ...,
+        created_before: _timestamp_pb2.Timestamp | None = ...,
+        include_total: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "service", b"service", "state", b"state", "view", b"view", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "include_total", b"include_total", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "service", b"service", "state", b"state", "user_id", b"user_id", "view", b"view", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -407,9 +470,14 @@ class ListJobsResponse(_message.Message):
 
     JOBS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token of the next page, which continues right after this one's last item;
     empty on the last page.
+    """
+    total_size: _builtins.int
+    """Output only. With include_total: how many jobs match the filters, over
+    every page, counted when this page was read; 0 otherwise.
     """
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Job]:
@@ -422,10 +490,11 @@ class ListJobsResponse(_message.Message):
         *,
         jobs: _abc.Iterable[_common_pb2.Job] | None = ...,
         next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "next_page_token", b"next_page_token", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -437,11 +506,36 @@ class ListWorkflowsRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     VIEW_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    INCLUDE_TOTAL_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Optional. Items per page; 1-1000, 0 means 100."""
     page_token: _builtins.str
@@ -452,6 +546,31 @@ class ListWorkflowsRequest(_message.Message):
     """Optional. Only workflows with this name."""
     view: Global___WorkflowView.ValueType
     """Optional. How much of each workflow to return; unspecified means BASIC."""
+    user_id: _builtins.str
+    """Optional. Only workflows requested on behalf of this user
+    (request_context.user_context.user_id); at most 256 characters.
+    """
+    include_total: _builtins.bool
+    """Optional. When true, total_size counts every workflow matching the
+    filters (all pages, not only this one); costs one more indexed count.
+    """
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Optional. Only workflows carrying every one of these labels with exactly
+        these values; at most 16 pairs, each key a valid label key, each value at
+        most 256 characters.
+        """
+
+    @_builtins.property
+    def created_after(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Only workflows created at or after this time."""
+
+    @_builtins.property
+    def created_before(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Only workflows created before this time (exclusive); not before
+        created_after.
+        """
+
     def __init__(
         self,
         *,
@@ -460,10 +579,15 @@ class ListWorkflowsRequest(_message.Message):
         state: _common_pb2.RunState.ValueType = ...,
         name: _builtins.str = ...,
         view: Global___WorkflowView.ValueType = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        user_id: _builtins.str = ...,
+        created_after: _timestamp_pb2.Timestamp | None = ...,
+        created_before: _timestamp_pb2.Timestamp | None = ...,
+        include_total: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "include_total", b"include_total", "labels", b"labels", "name", b"name", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "user_id", b"user_id", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -477,9 +601,14 @@ class ListWorkflowsResponse(_message.Message):
 
     WORKFLOWS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token of the next page, which continues right after this one's last item;
     empty on the last page.
+    """
+    total_size: _builtins.int
+    """Output only. With include_total: how many workflows match the filters,
+    over every page, counted when this page was read; 0 otherwise.
     """
     @_builtins.property
     def workflows(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Workflow]:
@@ -492,10 +621,11 @@ class ListWorkflowsResponse(_message.Message):
         *,
         workflows: _abc.Iterable[_common_pb2.Workflow] | None = ...,
         next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "workflows", b"workflows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "total_size", b"total_size", "workflows", b"workflows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -815,6 +945,144 @@ class AwaitWorkflowResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AwaitWorkflowResponse: _TypeAlias = AwaitWorkflowResponse  # noqa: Y015
+
+@_typing.final
+class SummarizeFailuresRequest(_message.Message):
+    """Request of SummarizeFailures."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    """Optional. Only failures of jobs of this service."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Required. Failures at or after this time."""
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Failures before this time; unset means now."""
+
+    def __init__(
+        self,
+        *,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        service: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["service", b"service", "since", b"since", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SummarizeFailuresRequest: _TypeAlias = SummarizeFailuresRequest  # noqa: Y015
+
+@_typing.final
+class SummarizeFailuresResponse(_message.Message):
+    """Response of SummarizeFailures."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___FailureGroup]:
+        """One group per (kind, service) with failures in the window, most failures
+        first; at most 1000 groups.
+        """
+
+    def __init__(
+        self,
+        *,
+        groups: _abc.Iterable[Global___FailureGroup] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SummarizeFailuresResponse: _TypeAlias = SummarizeFailuresResponse  # noqa: Y015
+
+@_typing.final
+class FailureGroup(_message.Message):
+    """Failed attempts of one kind and service."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """Output only. The kind the failure rules gave them; "" for failures no
+    rule matched.
+    """
+    service: _builtins.str
+    """Output only. The service of their jobs."""
+    count: _builtins.int
+    """Output only. How many attempts failed so in the window."""
+    @_builtins.property
+    def last(self) -> Global___FailureExample:
+        """Output only. The last of them: its job, attempt, time, code and message."""
+
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        service: _builtins.str = ...,
+        count: _builtins.int = ...,
+        last: Global___FailureExample | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last", b"last"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "kind", b"kind", "last", b"last", "service", b"service"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailureGroup: _TypeAlias = FailureGroup  # noqa: Y015
+
+@_typing.final
+class FailureExample(_message.Message):
+    """One failed attempt, as an example of its group."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Output only. The job whose attempt failed."""
+    attempt: _builtins.int
+    """Output only. The attempt that failed."""
+    code: _builtins.str
+    """Output only. The failure's code (the worker's, or LEASE_EXPIRED)."""
+    message: _builtins.str
+    """Output only. The failure's message, at most 1,000 characters."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When it failed."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "code", b"code", "job_id", b"job_id", "message", b"message", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailureExample: _TypeAlias = FailureExample  # noqa: Y015
 
 @_typing.final
 class WatchRunsRequest(_message.Message):

@@ -95,6 +95,11 @@ class JobServiceStub:
                 request_serializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowRequest.SerializeToString,
                 response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowResponse.FromString,
                 _registered_method=True)
+        self.SummarizeFailures = channel.unary_unary(
+                '/jobtrace.v1.JobService/SummarizeFailures',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.SummarizeFailuresRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.SummarizeFailuresResponse.FromString,
+                _registered_method=True)
         self.WatchRuns = channel.unary_stream(
                 '/jobtrace.v1.JobService/WatchRuns',
                 request_serializer=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsRequest.SerializeToString,
@@ -213,6 +218,16 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SummarizeFailures(self, request, context):
+        """Counts the caller's failed attempts (a worker's failure, a lost lease, a
+        timeout) in a time window, grouped by failure kind (as the server's
+        failure rules classified them; "" when none matched) and service, most
+        failures first, each group with its last failure as an example.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchRuns(self, request, context):
         """Streams the tenant's runs as they change: a run list's live feed. Each
         time a run matching the filter changes state or progress (a job's
@@ -293,6 +308,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.AwaitWorkflow,
                     request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowRequest.FromString,
                     response_serializer=jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowResponse.SerializeToString,
+            ),
+            'SummarizeFailures': grpc.unary_unary_rpc_method_handler(
+                    servicer.SummarizeFailures,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.SummarizeFailuresRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.SummarizeFailuresResponse.SerializeToString,
             ),
             'WatchRuns': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRuns,
@@ -625,6 +645,33 @@ class JobService:
             '/jobtrace.v1.JobService/AwaitWorkflow',
             jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowRequest.SerializeToString,
             jobtrace_dot_v1_dot_job__service__pb2.AwaitWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SummarizeFailures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/SummarizeFailures',
+            jobtrace_dot_v1_dot_job__service__pb2.SummarizeFailuresRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.SummarizeFailuresResponse.FromString,
             options,
             channel_credentials,
             insecure,

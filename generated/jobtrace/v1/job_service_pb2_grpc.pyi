@@ -89,6 +89,12 @@ class JobServiceStub:
     """Waits until the workflow ends and returns it, with its outputs when it
     COMPLETED; otherwise as AwaitJob.
     """
+    SummarizeFailures: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.SummarizeFailuresRequest, _job_service_pb2.SummarizeFailuresResponse]
+    """Counts the caller's failed attempts (a worker's failure, a lost lease, a
+    timeout) in a time window, grouped by failure kind (as the server's
+    failure rules classified them; "" when none matched) and service, most
+    failures first, each group with its last failure as an example.
+    """
     WatchRuns: _grpc.UnaryStreamMultiCallable[_job_service_pb2.WatchRunsRequest, _job_service_pb2.WatchRunsResponse]
     """Streams the tenant's runs as they change: a run list's live feed. Each
     time a run matching the filter changes state or progress (a job's
@@ -164,6 +170,12 @@ class JobServiceAsyncStub(JobServiceStub):
     AwaitWorkflow: _aio.UnaryUnaryMultiCallable[_job_service_pb2.AwaitWorkflowRequest, _job_service_pb2.AwaitWorkflowResponse]  # type: ignore[assignment]
     """Waits until the workflow ends and returns it, with its outputs when it
     COMPLETED; otherwise as AwaitJob.
+    """
+    SummarizeFailures: _aio.UnaryUnaryMultiCallable[_job_service_pb2.SummarizeFailuresRequest, _job_service_pb2.SummarizeFailuresResponse]  # type: ignore[assignment]
+    """Counts the caller's failed attempts (a worker's failure, a lost lease, a
+    timeout) in a time window, grouped by failure kind (as the server's
+    failure rules classified them; "" when none matched) and service, most
+    failures first, each group with its last failure as an example.
     """
     WatchRuns: _aio.UnaryStreamMultiCallable[_job_service_pb2.WatchRunsRequest, _job_service_pb2.WatchRunsResponse]  # type: ignore[assignment]
     """Streams the tenant's runs as they change: a run list's live feed. Each
@@ -309,6 +321,18 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_job_service_pb2.AwaitWorkflowResponse, _abc.Awaitable[_job_service_pb2.AwaitWorkflowResponse]]:
         """Waits until the workflow ends and returns it, with its outputs when it
         COMPLETED; otherwise as AwaitJob.
+        """
+
+    @_abc_1.abstractmethod
+    def SummarizeFailures(
+        self,
+        request: _job_service_pb2.SummarizeFailuresRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.SummarizeFailuresResponse, _abc.Awaitable[_job_service_pb2.SummarizeFailuresResponse]]:
+        """Counts the caller's failed attempts (a worker's failure, a lost lease, a
+        timeout) in a time window, grouped by failure kind (as the server's
+        failure rules classified them; "" when none matched) and service, most
+        failures first, each group with its last failure as an example.
         """
 
     @_abc_1.abstractmethod
