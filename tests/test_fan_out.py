@@ -13,6 +13,7 @@ from google.protobuf import struct_pb2
 
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
+from jobtrace.pb import trace_service_pb2 as t
 from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, Stubs, expect_error
@@ -322,3 +323,28 @@ async def test_two_fan_outs_of_one_step_one_empty_each_run_once(harness: Harness
     assert sorted(runs) == ["list", "pair[0]", "pair[1]"], "each child once"
     assert [s.name for s in done.steps] == ["list", "empty", "pair", "pair[0]", "pair[1]"]
     assert json.loads(done.outputs_json) == {"empty": [], "pair": [{"got": "x"}, {"got": "y"}]}
+
+
+async def test_a_fan_out_ending_at_once_keeps_the_progress_of_the_step_before(
+    harness: Harness,
+) -> None:
+    """The upstream step's completion is counted in the workflow's progress even
+    when the fan-out it starts ends at once (an empty list): 1 of 3, 2 of 3, 3 of 3."""
+    api = harness.stubs()
+
+    async def run(ctx: Any) -> dict[str, Any]:
+        return {"files": []} if ctx.job.step_name == "list" else {"ok": True}
+
+    async with runtime_worker(harness.target, {"svc": run}):
+        wf = (await api.jobs.SubmitWorkflow(fan_out_workflow("progress"))).workflow
+        done = await wait_workflow(api, wf.id)
+    assert done.state == c.RUN_STATE_COMPLETED, done.failure.reason
+    events = (
+        await api.trace.ListTraceEvents(
+            t.ListTraceEventsRequest(run_id=wf.id, node_id="workflow", page_size=100)
+        )
+    ).events
+    progress = [
+        (e.step_number, e.total_steps) for e in events if e.type == c.TRACE_EVENT_TYPE_PROGRESS
+    ]
+    assert progress == [(1, 3), (2, 3), (3, 3)], progress

@@ -892,6 +892,7 @@ class Lifecycle:
             if parent_changed is not None:
                 return parent_changed
         if step.state == RunState.COMPLETED:
+            progress_recorded = False
             pending = await store.workflow_steps(db, [workflow_id], states=[RunState.PENDING])
             if pending[workflow_id]:
                 completed = await store.workflow_steps(
@@ -903,6 +904,15 @@ class Lifecycle:
                 ]
                 whole = {j.id: j for j in await store.jobs_by_id(db, ready)}
                 fanning = [whole[i] for i in ready if whole[i].for_each is not None]
+                if fanning and fan_out.parent_of(step.step_name) is None:
+                    # A fan-out step may end at once and advance the workflow
+                    # from there: this step's progress goes first.
+                    _, _, steps_now = await store.step_progress(
+                        db, workflow_id, fan_out.CHILD_INDEX_BASE
+                    )
+                    progress = self._workflow_progress(step, steps_now, now, by)
+                    await self.trace.record(db, tx, step.tenant, [progress])
+                    progress_recorded = True
                 for job_id in ready:
                     if whole[job_id].for_each is None:
                         changed.append(
@@ -924,7 +934,7 @@ class Lifecycle:
             # child, which is an item of its step) completed.
             progressed = (
                 [self._workflow_progress(step, steps_done, now, by)]
-                if fan_out.parent_of(step.step_name) is None
+                if fan_out.parent_of(step.step_name) is None and not progress_recorded
                 else []
             )
             if done_count == total:
