@@ -187,7 +187,8 @@ def test_pick_worker_scores_preferences_and_weighted_affinity() -> None:
         "candidates": 2,
     }
     # A worker to avoid (a retry's last worker) is taken only when no other can.
-    picked = pick_worker(job(spec=spec), [warm, eu], slots, avoid=frozenset({eu.worker_id}))
+    retry = job(spec=spec, avoid_holder=eu.holder)
+    picked = pick_worker(retry, [warm, eu], slots)
     assert picked is not None and picked.session is warm
-    picked = pick_worker(job(spec=spec), [eu], slots, avoid=frozenset({eu.worker_id}))
+    picked = pick_worker(retry, [eu], slots)
     assert picked is not None and picked.session is eu

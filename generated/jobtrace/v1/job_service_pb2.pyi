@@ -1060,7 +1060,7 @@ class FailureExample(_message.Message):
     attempt: _builtins.int
     """Output only. The attempt that failed."""
     code: _builtins.str
-    """Output only. The failure's code (the worker's, or LEASE_EXPIRED)."""
+    """Output only. The failure's code (the worker's, LEASE_EXPIRED or TIMED_OUT)."""
     message: _builtins.str
     """Output only. The failure's message, at most 1,000 characters."""
     @_builtins.property

@@ -143,7 +143,7 @@ class Placement(Leases):
         plan: list[tuple[Job, WorkerSession, JSON]] = []
         open_slots = {s.session_id: s.free_slots for s in free}
         for job in ordered:
-            picked = pick_worker(job, free, open_slots, self._avoided_workers(job))
+            picked = pick_worker(job, free, open_slots)
             if picked is not None:
                 open_slots[picked.session.session_id] -= 1
                 plan.append((job, picked.session, picked.record()))
@@ -193,13 +193,6 @@ class Placement(Leases):
             self._classes_version += 1
             self.wake()
         return learned
-
-    def _avoided_workers(self, job: Job) -> frozenset[str]:
-        """Worker ids (as jobs record them: WorkerSession.worker_id) this job
-        should not go to when another can take it (a retry kept off the worker
-        it failed on, say); none by default. The hook for failure rules'
-        avoid_same_worker."""
-        return frozenset()
 
     def waiting_reason(self, job: Job) -> WaitingReason:
         """Why a job is not running yet, as this replica sees its workers now."""
@@ -404,13 +397,12 @@ def pick_worker(
     job: Job,
     free: list[WorkerSession],
     slots: dict[str, int],
-    avoid: frozenset[str] = frozenset(),
 ) -> Picked | None:
     """Among capable workers with a free slot that meet the job's required
     labels: the highest score (weights of the preferred labels that hold and
     of the affinity keys cached; a preference, never a wait), then the most
-    free slots. A worker in `avoid` (by worker id), or the holder a failure
-    rule said to avoid (job.avoid_holder), only when no other can."""
+    free slots. The worker a failure rule said to avoid (job.avoid_holder)
+    only when no other can."""
     spec = job.spec
     simple = not spec.worker_labels and not spec.affinity
     weights = None if simple else affinity_weights(spec)
@@ -434,11 +426,9 @@ def pick_worker(
                 continue  # a required label does not hold
             value = detail.score
         candidates += 1
-        # The worker a failure rule said to avoid (job.avoid_holder), or one in
-        # `avoid`: only when no other can take the job (a retry never waits).
-        avoided = (job.avoid_holder != "" and s.holder == job.avoid_holder) or (
-            bool(avoid) and s.worker_id in avoid
-        )
+        # The worker a failure rule said to avoid: only when no other can take
+        # the job (a retry never waits).
+        avoided = job.avoid_holder != "" and s.holder == job.avoid_holder
         rank = (not avoided, value, free_slots)
         if rank > best_rank:
             best, best_rank, best_detail = s, rank, detail
