@@ -6,7 +6,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
 from jobtrace.domain.errors import Violations
-from jobtrace.domain.validation import SERVICE_RE
+from jobtrace.domain.validation import SERVICE_RE, check_window
 from jobtrace.model import FailureGroup
 from jobtrace.store import failures as store
 from jobtrace.store.db import Database, Tx
@@ -22,8 +22,7 @@ async def summarize(
         v.add("since", "required: failures at or after this time")
     if service and not SERVICE_RE.fullmatch(service):
         v.add("service", "must be a service name: 1-128 characters of [A-Za-z0-9._:/-]")
-    if since_us is not None and until_us is not None and until_us < since_us:
-        v.add("until", "must not be before since")
+    check_window(v, "since", since_us, "until", until_us)
     v.raise_if_any()
     until = now_us() if until_us is None else until_us
     assert since_us is not None

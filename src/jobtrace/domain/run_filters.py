@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobtrace.domain.errors import Violations
-from jobtrace.domain.validation import LABEL_KEY_RE, MAX_LABEL_VALUE, printable
+from jobtrace.domain.validation import check_labels, check_window, printable
 from jobtrace.model import RunState
 from jobtrace.store.attest import AttestationQuery
 
@@ -17,10 +17,6 @@ MAX_LABEL_FILTERS = 16
 MAX_USER_ID = 256
 MAX_WORKER_ID = 128
 MAX_SERVICE = 128
-# google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
-MIN_SECONDS = -62_135_596_800
-MAX_SECONDS = 253_402_300_799
-
 # A point in time as a Timestamp gives it: (seconds, nanos).
 Instant = tuple[int, int]
 
@@ -70,18 +66,12 @@ class CheckedRunFilter:
         return out
 
 
-def check_instant(v: Violations, name: str, instant: Instant | None) -> int | None:
-    """The instant in µs since the epoch; a violation when it is no valid Timestamp."""
+def micros(instant: Instant | None) -> int | None:
+    """The instant in µs since the epoch (a malformed Timestamp never gets
+    here: every request's Timestamps are checked as it arrives, api.wellformed)."""
     if instant is None:
         return None
     seconds, nanos = instant
-    if not MIN_SECONDS <= seconds <= MAX_SECONDS or not 0 <= nanos < 1_000_000_000:
-        v.add(
-            name,
-            "must be a valid Timestamp: seconds within 0001-01-01..9999-12-31 UTC "
-            f"and nanos within 0..999999999 (got seconds={seconds}, nanos={nanos})",
-        )
-        return None
     return seconds * 1_000_000 + nanos // 1_000
 
 
@@ -92,11 +82,9 @@ def check_range(
     before_field: str,
     before: Instant | None,
 ) -> tuple[int | None, int | None]:
-    """[after, before) in µs; a violation when either is malformed or before < after."""
-    after_us = check_instant(v, after_field, after)
-    before_us = check_instant(v, before_field, before)
-    if after_us is not None and before_us is not None and before_us < after_us:
-        v.add(before_field, f"must not be before {after_field}")
+    """[after, before) in µs; a violation when before < after."""
+    after_us, before_us = micros(after), micros(before)
+    check_window(v, after_field, after_us, before_field, before_us)
     return after_us, before_us
 
 
@@ -106,22 +94,8 @@ def check_name(v: Violations, name: str, value: str, limit: int) -> None:
         v.add(name, f"must be at most {limit} printable characters (got {len(value)})")
 
 
-def check_label_filter(v: Violations, name: str, labels: Mapping[str, str]) -> None:
-    if len(labels) > MAX_LABEL_FILTERS:
-        v.add(name, f"at most {MAX_LABEL_FILTERS} label pairs (got {len(labels)})")
-        return
-    for key, value in labels.items():
-        at = f"{name}[{key[:64]!r}]"
-        if not key:
-            v.add(at, "key must not be empty")
-        elif not LABEL_KEY_RE.fullmatch(key):
-            v.add(at, "key must be 1-63 characters of [a-z0-9._/-], starting with [a-z0-9]")
-        if len(value) > MAX_LABEL_VALUE:
-            v.add(at, f"value must be at most {MAX_LABEL_VALUE} characters (got {len(value)})")
-
-
 def check_run_filter(v: Violations, f: RunFilter) -> CheckedRunFilter:
-    check_label_filter(v, "labels", f.labels)
+    check_labels(v, "labels", f.labels, limit=MAX_LABEL_FILTERS, noun="label pairs")
     check_name(v, "user_id", f.user_id, MAX_USER_ID)
     check_name(v, "worker_id", f.worker_id, MAX_WORKER_ID)
     after_us, before_us = check_range(

@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 from jobtrace.domain.errors import FieldViolation, Invalid, ResourceExhausted, Violations
 from jobtrace.domain.pagination import Encoder, PageTokens
 from jobtrace.domain.trace import Trace
-from jobtrace.domain.validation import check_page_size, check_text, check_view
+from jobtrace.domain.validation import check_page_size, check_text, check_view, check_window
 from jobtrace.model import Category, Level, TraceEvent, TraceType
 from jobtrace.store import search as store
 from jobtrace.store.db import Database
@@ -249,8 +249,7 @@ class TraceSearch:
         ):
             if value not in enum_type.__members__.values():
                 v.add(name, f"unknown value {value}")
-        if r.since_us and r.until_us and r.until_us <= r.since_us:
-            v.add("until", "must be after since")
+        check_window(v, "since", r.since_us or None, "until", r.until_us or None, strict=True)
         flt = SearchFilter(
             tenant=tenant,
             run_id=r.run_id,

@@ -60,12 +60,19 @@ def check_text(v: Violations, field: str, value: str, limit: int) -> None:
 
 
 def check_labels(
-    v: Violations, field: str, labels: Mapping[str, str], *, free_keys: bool = False
+    v: Violations,
+    field: str,
+    labels: Mapping[str, str],
+    *,
+    free_keys: bool = False,
+    limit: int = MAX_LABELS,
+    noun: str = "labels",
 ) -> None:
-    """Bounded labels; keys match LABEL_KEY_RE, or with `free_keys` (the labels a
+    """At most `limit` labels (`noun` in the message: "label pairs" for a
+    filter); keys match LABEL_KEY_RE, or with `free_keys` (the labels a
     worker describes itself with) are any 1-MAX_WORKER_LABEL_KEY characters."""
-    if len(labels) > MAX_LABELS:
-        v.add(field, f"at most {MAX_LABELS} labels (got {len(labels)})")
+    if len(labels) > limit:
+        v.add(field, f"at most {limit} {noun} (got {len(labels)})")
         return
     for key, value in labels.items():
         at = f"{field}[{key[:64]!r}]"
@@ -76,6 +83,25 @@ def check_labels(
             v.add(at, "key must be 1-63 characters of [a-z0-9._/-]")
         if len(value) > MAX_LABEL_VALUE:
             v.add(at, f"value must be at most {MAX_LABEL_VALUE} characters")
+
+
+def check_window(
+    v: Violations,
+    since_field: str,
+    since_us: int | None,
+    until_field: str,
+    until_us: int | None,
+    *,
+    strict: bool = False,
+) -> None:
+    """A time window's end (exclusive) is not before its start; with `strict`,
+    it is after it (an empty window is refused too)."""
+    if since_us is None or until_us is None:
+        return
+    if strict and until_us <= since_us:
+        v.add(until_field, f"must be after {since_field}")
+    elif until_us < since_us:
+        v.add(until_field, f"must not be before {since_field}")
 
 
 def check_page_size(v: Violations, field: str, page_size: int) -> int:
