@@ -25,6 +25,8 @@ class RunState(enum.IntEnum):
     TERMINATED = 6
     TIMED_OUT = 7
     PENDING = 8
+    PAUSED = 9
+    WAITING_FOR_HUMAN = 10
 
     @property
     def terminal(self) -> bool:

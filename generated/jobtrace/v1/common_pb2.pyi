@@ -46,6 +46,14 @@ class _RunStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunState.Val
     """Ran past its timeout."""
     RUN_STATE_PENDING: _RunState.ValueType  # 8
     """A workflow step waiting for the steps it depends on; not yet eligible."""
+    RUN_STATE_PAUSED: _RunState.ValueType  # 9
+    """A workflow an operator paused: no new step of it is dispatched (running
+    steps finish) until it is resumed.
+    """
+    RUN_STATE_WAITING_FOR_HUMAN: _RunState.ValueType  # 10
+    """An approval gate step waiting for people to decide; a workflow with such
+    a step and no running one shows it too.
+    """
 
 class RunState(_RunState, metaclass=_RunStateEnumTypeWrapper):
     """The state of a job or of a workflow run. Terminal states are COMPLETED,
@@ -70,6 +78,14 @@ RUN_STATE_TIMED_OUT: RunState.ValueType  # 7
 """Ran past its timeout."""
 RUN_STATE_PENDING: RunState.ValueType  # 8
 """A workflow step waiting for the steps it depends on; not yet eligible."""
+RUN_STATE_PAUSED: RunState.ValueType  # 9
+"""A workflow an operator paused: no new step of it is dispatched (running
+steps finish) until it is resumed.
+"""
+RUN_STATE_WAITING_FOR_HUMAN: RunState.ValueType  # 10
+"""An approval gate step waiting for people to decide; a workflow with such
+a step and no running one shows it too.
+"""
 Global___RunState: _TypeAlias = RunState  # noqa: Y015
 
 class _Comparator:

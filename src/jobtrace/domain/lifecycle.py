@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace import conventions
 from jobtrace.clock import iso
-from jobtrace.domain import annotated, fan_out, output_summary, step_data
+from jobtrace.domain import annotated, fan_out, output_summary, states, step_data
 from jobtrace.domain.attest import Attestor
 from jobtrace.domain.evidence import (
     ATTESTATION_DATA_BYTES,
@@ -71,6 +71,9 @@ async def set_job(session: AsyncSession, job: Job, **changes: object) -> Job:
     (completion, failure, lost or expired lease, timeout, cancel of the job or
     its workflow): the annotations its worker sent become visible in the same
     transaction."""
+    state = changes.get("state", job.state)
+    if state != job.state:
+        states.check_transition(states.RunKind.JOB, job.id, job.state, state)  # type: ignore[arg-type]
     new, values = await _changed(session, job, changes)
     await store.update_job(session, job.id, **values)
     return new
