@@ -186,6 +186,9 @@ MATRIX: dict[str, tuple[str, ...]] = {
     "ListWorkflows": (OK, OK, PD, OK, OK, OK, PD, OK),
     "CancelJob": (PD, OK, PD, OK, PD, NF, PD, OK),
     "CancelWorkflow": (PD, OK, PD, OK, PD, NF, PD, OK),
+    # Who may cancel may terminate.
+    "TerminateJob": (PD, OK, PD, OK, PD, NF, PD, OK),
+    "TerminateWorkflow": (PD, OK, PD, OK, PD, NF, PD, OK),
     "WatchJob": (OK, OK, PD, OK, NF, NF, PD, OK),
     "WatchWorkflow": (OK, OK, PD, OK, NF, NF, PD, OK),
     # The job has ended (answered at once); the workflow runs (the wait ends).
@@ -293,6 +296,31 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
         ).workflow
         await api.jobs.CancelWorkflow(j.CancelWorkflowRequest(workflow_id=wf.id), metadata=md)
 
+    async def fresh_job_terminate(md: Any) -> None:
+        admin = bearer(token("admin", "acme"))
+        job = (
+            await api.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id=f"t{n}", job=c.JobSpec(service="zz")), metadata=admin
+            )
+        ).job
+        await api.jobs.TerminateJob(j.TerminateJobRequest(job_id=job.id), metadata=md)
+
+    async def fresh_wf_terminate(md: Any) -> None:
+        admin = bearer(token("admin", "acme"))
+        wf = (
+            await api.jobs.SubmitWorkflow(
+                j.SubmitWorkflowRequest(
+                    request_id=f"tw{n}",
+                    name="w",
+                    steps=[c.WorkflowStepSpec(name="a", job=c.JobSpec(service="zz"))],
+                ),
+                metadata=admin,
+            )
+        ).workflow
+        await api.jobs.TerminateWorkflow(
+            j.TerminateWorkflowRequest(workflow_id=wf.id), metadata=md
+        )
+
     attrs = {"decision.outcome": struct_pb2.Value(string_value="ok")}
     return {
         "SubmitJob": lambda md: api.jobs.SubmitJob(
@@ -314,6 +342,8 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
         "ListWorkflows": lambda md: api.jobs.ListWorkflows(j.ListWorkflowsRequest(), metadata=md),
         "CancelJob": fresh_job_cancel,
         "CancelWorkflow": fresh_wf_cancel,
+        "TerminateJob": fresh_job_terminate,
+        "TerminateWorkflow": fresh_wf_terminate,
         "WatchRuns": feed_first,
         "WatchJob": lambda md: stream_first(
             api.jobs.WatchJob(j.WatchJobRequest(job_id=ids["job"]), metadata=md)

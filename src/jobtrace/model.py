@@ -296,6 +296,13 @@ class Workflow:
     submitted_by: str = ""
     # The results of its output steps, once COMPLETED (left out of a listing).
     outputs: StepResults | None = None
+    # When it ends TIMED_OUT unless it ended before: its submission plus the
+    # timeout it was submitted with (0: no deadline).
+    deadline_us: int = 0
+
+    @property
+    def timeout_us(self) -> int:
+        return self.deadline_us - self.created_us if self.deadline_us else 0
 
     @property
     def completed_steps(self) -> int:
@@ -415,6 +422,8 @@ class AttestationType(enum.IntEnum):
     WORKFLOW_FAILURE = 4
     WORKFLOW_CANCELLATION = 5
     WORKER_CANCELLATION = 6
+    WORKER_TERMINATION = 8
+    WORKFLOW_TERMINATION = 9
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,15 @@ class _AttestationTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attes
     "worker-cancellation:<job id>". (A workflow's steps are covered by its
     workflow-cancellation.)
     """
+    ATTESTATION_TYPE_WORKER_TERMINATION: _AttestationType.ValueType  # 8
+    """A standalone job was terminated (ended now by an operator, state
+    TERMINATED, without waiting for its worker); key
+    "worker-termination:<job id>".
+    """
+    ATTESTATION_TYPE_WORKFLOW_TERMINATION: _AttestationType.ValueType  # 9
+    """A workflow was terminated (TerminateWorkflow, or TerminateJob of one of
+    its steps), state TERMINATED; key "workflow-termination:<workflow id>".
+    """
 
 class AttestationType(_AttestationType, metaclass=_AttestationTypeEnumTypeWrapper):
     """What an attestation attests."""
@@ -77,6 +86,15 @@ ATTESTATION_TYPE_WORKER_CANCELLATION: AttestationType.ValueType  # 6
 """A standalone job was cancelled, queued or running; key
 "worker-cancellation:<job id>". (A workflow's steps are covered by its
 workflow-cancellation.)
+"""
+ATTESTATION_TYPE_WORKER_TERMINATION: AttestationType.ValueType  # 8
+"""A standalone job was terminated (ended now by an operator, state
+TERMINATED, without waiting for its worker); key
+"worker-termination:<job id>".
+"""
+ATTESTATION_TYPE_WORKFLOW_TERMINATION: AttestationType.ValueType  # 9
+"""A workflow was terminated (TerminateWorkflow, or TerminateJob of one of
+its steps), state TERMINATED; key "workflow-termination:<workflow id>".
 """
 Global___AttestationType: _TypeAlias = AttestationType  # noqa: Y015
 

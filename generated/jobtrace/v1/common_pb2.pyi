@@ -1259,14 +1259,17 @@ class Workflow(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_JSON_FIELD_NUMBER: _builtins.int
     OUTPUT_REFS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The workflow's id."""
     name: _builtins.str
     """Output only. The name it was submitted with."""
     state: Global___RunState.ValueType
     """Output only. RUNNING from its first started step, COMPLETED when every
-    step completed, FAILED when a step failed terminally, CANCELLED when
-    cancelled.
+    step completed, FAILED when a step failed terminally (or timed out:
+    failure.code TIMED_OUT), CANCELLED when cancelled, TERMINATED when
+    terminated, TIMED_OUT past its deadline.
     """
     priority: _builtins.int
     """Output only. The priority it was submitted with."""
@@ -1333,6 +1336,18 @@ class Workflow(_message.Message):
         each with GetJob(job_id).
         """
 
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Output only. The timeout it was submitted with
+        (SubmitWorkflowRequest.timeout); unset when none.
+        """
+
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When a timeout was given: the time (its submission plus the
+        timeout) past which it ends TIMED_OUT unless it ended before.
+        """
+
     def __init__(
         self,
         *,
@@ -1354,10 +1369,12 @@ class Workflow(_message.Message):
         outputs: _struct_pb2.Struct | None = ...,
         outputs_json: _builtins.bytes = ...,
         output_refs: _abc.Iterable[Global___StepResultRef] | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "outputs", b"outputs", "progress", b"progress", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "deadline", b"deadline", "failure", b"failure", "outputs", b"outputs", "progress", b"progress", "started_at", b"started_at", "timeout", b"timeout", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "id", b"id", "labels", b"labels", "name", b"name", "output_refs", b"output_refs", "outputs", b"outputs", "outputs_json", b"outputs_json", "priority", b"priority", "progress", b"progress", "request_id", b"request_id", "started_at", b"started_at", "state", b"state", "steps", b"steps", "submitted_by", b"submitted_by", "tenant", b"tenant", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "deadline", b"deadline", "failure", b"failure", "id", b"id", "labels", b"labels", "name", b"name", "output_refs", b"output_refs", "outputs", b"outputs", "outputs_json", b"outputs_json", "priority", b"priority", "progress", b"progress", "request_id", b"request_id", "started_at", b"started_at", "state", b"state", "steps", b"steps", "submitted_by", b"submitted_by", "tenant", b"tenant", "timeout", b"timeout", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

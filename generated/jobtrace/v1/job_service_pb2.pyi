@@ -183,6 +183,7 @@ class SubmitWorkflowRequest(_message.Message):
     ANNOTATIONS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Required. The idempotency key, unique per tenant across jobs and workflows;
     1-256 printable characters.
@@ -218,6 +219,13 @@ class SubmitWorkflowRequest(_message.Message):
         step of this workflow, no repeats.
         """
 
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Optional. The longest the whole run may take, from its submission: past
+        it the workflow ends TIMED_OUT, its unfinished steps cancelled (their
+        workers told). Positive, at most 7 days; unset means no deadline.
+        """
+
     def __init__(
         self,
         *,
@@ -229,10 +237,11 @@ class SubmitWorkflowRequest(_message.Message):
         annotations: _abc.Iterable[_common_pb2.AnnotationInput] | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         outputs: _abc.Iterable[_builtins.str] | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["request_context", b"request_context"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request_context", b"request_context", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "labels", b"labels", "name", b"name", "outputs", b"outputs", "priority", b"priority", "request_context", b"request_context", "request_id", b"request_id", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "labels", b"labels", "name", b"name", "outputs", b"outputs", "priority", b"priority", "request_context", b"request_context", "request_id", b"request_id", "steps", b"steps", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1275,3 +1284,107 @@ class WatchRunsSnapshotEnd(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchRunsSnapshotEnd: _TypeAlias = WatchRunsSnapshotEnd  # noqa: Y015
+
+@_typing.final
+class TerminateJobRequest(_message.Message):
+    """Request of TerminateJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Required. The job's id."""
+    reason: _builtins.str
+    """Optional. Why; recorded on the job (failure.reason, code TERMINATED),
+    sent to its worker and attested; at most 1,000 characters.
+    """
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TerminateJobRequest: _TypeAlias = TerminateJobRequest  # noqa: Y015
+
+@_typing.final
+class TerminateJobResponse(_message.Message):
+    """Response of TerminateJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _common_pb2.Job:
+        """The job after the terminate: TERMINATED."""
+
+    def __init__(
+        self,
+        *,
+        job: _common_pb2.Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TerminateJobResponse: _TypeAlias = TerminateJobResponse  # noqa: Y015
+
+@_typing.final
+class TerminateWorkflowRequest(_message.Message):
+    """Request of TerminateWorkflow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    workflow_id: _builtins.str
+    """Required. The workflow's id."""
+    reason: _builtins.str
+    """Optional. Why; recorded on the workflow and its unfinished steps, sent to
+    their workers and attested; at most 1,000 characters.
+    """
+    def __init__(
+        self,
+        *,
+        workflow_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "workflow_id", b"workflow_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TerminateWorkflowRequest: _TypeAlias = TerminateWorkflowRequest  # noqa: Y015
+
+@_typing.final
+class TerminateWorkflowResponse(_message.Message):
+    """Response of TerminateWorkflow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def workflow(self) -> _common_pb2.Workflow:
+        """The workflow after the terminate: TERMINATED, with its steps."""
+
+    def __init__(
+        self,
+        *,
+        workflow: _common_pb2.Workflow | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["workflow", b"workflow"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TerminateWorkflowResponse: _TypeAlias = TerminateWorkflowResponse  # noqa: Y015

@@ -105,6 +105,16 @@ class JobServiceStub:
                 request_serializer=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsRequest.SerializeToString,
                 response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsResponse.FromString,
                 _registered_method=True)
+        self.TerminateJob = channel.unary_unary(
+                '/jobtrace.v1.JobService/TerminateJob',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.TerminateJobRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.TerminateJobResponse.FromString,
+                _registered_method=True)
+        self.TerminateWorkflow = channel.unary_unary(
+                '/jobtrace.v1.JobService/TerminateWorkflow',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -246,6 +256,31 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TerminateJob(self, request, context):
+        """Terminates a job: it ends TERMINATED now, an operator's action, without
+        waiting for its worker (whose lease is revoked: it is told on its stream,
+        and its later reports for that attempt are refused FAILED_PRECONDITION).
+        Allowed while PENDING, QUEUED, RUNNING or WAITING_FOR_HUMAN; from any
+        other state FAILED_PRECONDITION naming the current state. A workflow's
+        step terminated ends its workflow TERMINATED too. Attested
+        (WORKER_TERMINATION for a standalone job, WORKFLOW_TERMINATION for a
+        step's workflow).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TerminateWorkflow(self, request, context):
+        """Terminates a workflow: every step that has not ended and the workflow end
+        TERMINATED now, their workers told as in TerminateJob. Allowed while
+        QUEUED, RUNNING, WAITING_FOR_HUMAN or PAUSED; otherwise
+        FAILED_PRECONDITION naming the current state. Attested
+        (WORKFLOW_TERMINATION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -318,6 +353,16 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.WatchRuns,
                     request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsRequest.FromString,
                     response_serializer=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsResponse.SerializeToString,
+            ),
+            'TerminateJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.TerminateJob,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.TerminateJobRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.TerminateJobResponse.SerializeToString,
+            ),
+            'TerminateWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.TerminateWorkflow,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -699,6 +744,60 @@ class JobService:
             '/jobtrace.v1.JobService/WatchRuns',
             jobtrace_dot_v1_dot_job__service__pb2.WatchRunsRequest.SerializeToString,
             jobtrace_dot_v1_dot_job__service__pb2.WatchRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TerminateJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/TerminateJob',
+            jobtrace_dot_v1_dot_job__service__pb2.TerminateJobRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.TerminateJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TerminateWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/TerminateWorkflow',
+            jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowResponse.FromString,
             options,
             channel_credentials,
             insecure,

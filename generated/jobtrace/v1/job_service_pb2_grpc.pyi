@@ -109,6 +109,23 @@ class JobServiceStub:
     UNAVAILABLE; lapsed credentials end it UNAUTHENTICATED. Watch again with
     include_active to catch up.
     """
+    TerminateJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.TerminateJobRequest, _job_service_pb2.TerminateJobResponse]
+    """Terminates a job: it ends TERMINATED now, an operator's action, without
+    waiting for its worker (whose lease is revoked: it is told on its stream,
+    and its later reports for that attempt are refused FAILED_PRECONDITION).
+    Allowed while PENDING, QUEUED, RUNNING or WAITING_FOR_HUMAN; from any
+    other state FAILED_PRECONDITION naming the current state. A workflow's
+    step terminated ends its workflow TERMINATED too. Attested
+    (WORKER_TERMINATION for a standalone job, WORKFLOW_TERMINATION for a
+    step's workflow).
+    """
+    TerminateWorkflow: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.TerminateWorkflowRequest, _job_service_pb2.TerminateWorkflowResponse]
+    """Terminates a workflow: every step that has not ended and the workflow end
+    TERMINATED now, their workers told as in TerminateJob. Allowed while
+    QUEUED, RUNNING, WAITING_FOR_HUMAN or PAUSED; otherwise
+    FAILED_PRECONDITION naming the current state. Attested
+    (WORKFLOW_TERMINATION).
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -190,6 +207,23 @@ class JobServiceAsyncStub(JobServiceStub):
     have missed other replicas' changes (reason CHANGES_LOST), ends it
     UNAVAILABLE; lapsed credentials end it UNAUTHENTICATED. Watch again with
     include_active to catch up.
+    """
+    TerminateJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.TerminateJobRequest, _job_service_pb2.TerminateJobResponse]  # type: ignore[assignment]
+    """Terminates a job: it ends TERMINATED now, an operator's action, without
+    waiting for its worker (whose lease is revoked: it is told on its stream,
+    and its later reports for that attempt are refused FAILED_PRECONDITION).
+    Allowed while PENDING, QUEUED, RUNNING or WAITING_FOR_HUMAN; from any
+    other state FAILED_PRECONDITION naming the current state. A workflow's
+    step terminated ends its workflow TERMINATED too. Attested
+    (WORKER_TERMINATION for a standalone job, WORKFLOW_TERMINATION for a
+    step's workflow).
+    """
+    TerminateWorkflow: _aio.UnaryUnaryMultiCallable[_job_service_pb2.TerminateWorkflowRequest, _job_service_pb2.TerminateWorkflowResponse]  # type: ignore[assignment]
+    """Terminates a workflow: every step that has not ended and the workflow end
+    TERMINATED now, their workers told as in TerminateJob. Allowed while
+    QUEUED, RUNNING, WAITING_FOR_HUMAN or PAUSED; otherwise
+    FAILED_PRECONDITION naming the current state. Attested
+    (WORKFLOW_TERMINATION).
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -353,6 +387,35 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         have missed other replicas' changes (reason CHANGES_LOST), ends it
         UNAVAILABLE; lapsed credentials end it UNAUTHENTICATED. Watch again with
         include_active to catch up.
+        """
+
+    @_abc_1.abstractmethod
+    def TerminateJob(
+        self,
+        request: _job_service_pb2.TerminateJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.TerminateJobResponse, _abc.Awaitable[_job_service_pb2.TerminateJobResponse]]:
+        """Terminates a job: it ends TERMINATED now, an operator's action, without
+        waiting for its worker (whose lease is revoked: it is told on its stream,
+        and its later reports for that attempt are refused FAILED_PRECONDITION).
+        Allowed while PENDING, QUEUED, RUNNING or WAITING_FOR_HUMAN; from any
+        other state FAILED_PRECONDITION naming the current state. A workflow's
+        step terminated ends its workflow TERMINATED too. Attested
+        (WORKER_TERMINATION for a standalone job, WORKFLOW_TERMINATION for a
+        step's workflow).
+        """
+
+    @_abc_1.abstractmethod
+    def TerminateWorkflow(
+        self,
+        request: _job_service_pb2.TerminateWorkflowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.TerminateWorkflowResponse, _abc.Awaitable[_job_service_pb2.TerminateWorkflowResponse]]:
+        """Terminates a workflow: every step that has not ended and the workflow end
+        TERMINATED now, their workers told as in TerminateJob. Allowed while
+        QUEUED, RUNNING, WAITING_FOR_HUMAN or PAUSED; otherwise
+        FAILED_PRECONDITION naming the current state. Attested
+        (WORKFLOW_TERMINATION).
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

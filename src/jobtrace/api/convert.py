@@ -319,7 +319,15 @@ def workflow_submission(request: Any, traceparent: str = "") -> WorkflowSubmissi
         labels=dict(request.labels),
         traceparent=traceparent,
         outputs=tuple(request.outputs),
+        timeout_ms=_workflow_timeout_ms(request.timeout) if request.HasField("timeout") else None,
     )
+
+
+def _workflow_timeout_ms(d: duration_pb2.Duration) -> int:
+    """A set timeout in ms; a positive one under a millisecond rounds up (never
+    to 0, which validation refuses as "not positive")."""
+    ms = duration_ms(d)
+    return 1 if ms == 0 and (d.seconds > 0 or d.nanos > 0) else ms
 
 
 def request_context_to_proto(d: JSON) -> common_pb2.RequestContext:
@@ -492,6 +500,8 @@ def workflow_to_proto(w: Workflow, exact: bool = False) -> common_pb2.Workflow:
         outputs=outputs,
         outputs_json=outputs_json,
         output_refs=output_refs,
+        timeout=us_to_duration(w.timeout_us) if w.deadline_us else None,
+        deadline=us_to_ts(w.deadline_us) if w.deadline_us else None,
     )
 
 

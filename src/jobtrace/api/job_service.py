@@ -168,6 +168,30 @@ class JobServicer(pb_grpc.JobServiceServicer):
         )
 
     @rpc
+    async def TerminateJob(
+        self, request: pb.TerminateJobRequest, context: Any
+    ) -> pb.TerminateJobResponse:
+        principal = self._auth.require(context, Role.SUBMITTER)
+        job = await self._jobs.terminate_job(
+            principal.read_scope, request.job_id, request.reason, principal.subject
+        )
+        return pb.TerminateJobResponse(
+            job=convert.job_to_proto(job, exact=convert.wants_exact_json(context))
+        )
+
+    @rpc
+    async def TerminateWorkflow(
+        self, request: pb.TerminateWorkflowRequest, context: Any
+    ) -> pb.TerminateWorkflowResponse:
+        principal = self._auth.require(context, Role.SUBMITTER)
+        workflow = await self._jobs.terminate_workflow(
+            principal.read_scope, request.workflow_id, request.reason, principal.subject
+        )
+        return pb.TerminateWorkflowResponse(
+            workflow=convert.workflow_to_proto(workflow, convert.wants_exact_json(context))
+        )
+
+    @rpc
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: Any
     ) -> AsyncIterator[pb.WatchJobResponse]:

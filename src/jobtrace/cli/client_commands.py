@@ -1,4 +1,4 @@
-"""CLI commands that talk to a running server: submit, watch, get, cancel, jobs,
+"""CLI commands that talk to a running server: submit, watch, get, cancel, terminate, jobs,
 workflows, trace, attest, annotate, annotations, failures, keys list|export."""
 
 from __future__ import annotations
@@ -216,6 +216,7 @@ async def submit_workflow_file(
         labels=workflow.labels,
         request_context=workflow.request_context,
         annotations=workflow.annotations,
+        timeout=workflow.timeout,
     )
 
 
@@ -257,6 +258,18 @@ async def cancel(args: argparse.Namespace, client: Client) -> int:
         )
     else:
         job = await client.cancel_job(args.id, args.reason)
+        print_json(as_json(job)) if args.json else print(f"{job.id}: {state_name(job.state)}")
+    return 0
+
+
+async def terminate(args: argparse.Namespace, client: Client) -> int:
+    if _kind(args.id) == "workflow":
+        workflow = await client.terminate_workflow(args.id, args.reason)
+        print_json(as_json(workflow)) if args.json else print(
+            f"{workflow.id}: {state_name(workflow.state)}"
+        )
+    else:
+        job = await client.terminate_job(args.id, args.reason)
         print_json(as_json(job)) if args.json else print(f"{job.id}: {state_name(job.state)}")
     return 0
 
@@ -916,6 +929,15 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
     p.add_argument("id", help="job id (job_...) or workflow id (wf_...)")
     p.add_argument("--reason", default="", help="recorded with the cancellation")
     p.set_defaults(func=run_command(cancel))
+
+    p = sub.add_parser(
+        "terminate",
+        parents=[conn, out],
+        help="end a job or workflow now (TERMINATED), without waiting for its workers",
+    )
+    p.add_argument("id", help="job id (job_...) or workflow id (wf_...)")
+    p.add_argument("--reason", default="", help="recorded with the termination")
+    p.set_defaults(func=run_command(terminate))
 
     across = argparse.ArgumentParser(add_help=False)
     across.add_argument(

@@ -320,11 +320,13 @@ class Client:
         annotations: Sequence[common_pb2.AnnotationInput | Mapping[str, Any]] = (),
         traceparent: str | None = None,
         outputs: Sequence[str] = (),
+        timeout: Seconds | None = None,
     ) -> common_pb2.Workflow:
         """Submit a workflow. Steps are WorkflowStepSpec messages or mappings in their
         JSON form (`{"name": ..., "job": {"service": ...}, "depends_on": [...]}`).
         `outputs` names the steps whose results are the workflow's outputs
-        (default: the steps no other step depends on)."""
+        (default: the steps no other step depends on). `timeout` (seconds) is
+        the whole run's, from submission: past it the workflow ends TIMED_OUT."""
         inputs = Inputs()
         request = job_service_pb2.SubmitWorkflowRequest(
             request_id=request_id or _new_request_id(),
@@ -343,6 +345,7 @@ class Client:
                 for i, a in enumerate(annotations)
             ],
             outputs=list(outputs),
+            timeout=_duration(timeout),
         )
         inputs.done()
         extra = (("traceparent", traceparent),) if traceparent else ()
@@ -484,6 +487,25 @@ class Client:
         request = job_service_pb2.CancelWorkflowRequest(workflow_id=workflow_id, reason=reason)
         response: job_service_pb2.CancelWorkflowResponse = await self._call(
             self.jobs_stub.CancelWorkflow, request, retry=False
+        )
+        return response.workflow
+
+    async def terminate_job(self, job_id: str, reason: str = "") -> common_pb2.Job:
+        """Terminate a job: it ends TERMINATED now, without waiting for its
+        worker (which is told to stop; its later reports are refused). Not
+        retried (see cancel_job)."""
+        request = job_service_pb2.TerminateJobRequest(job_id=job_id, reason=reason)
+        response: job_service_pb2.TerminateJobResponse = await self._call(
+            self.jobs_stub.TerminateJob, request, retry=False
+        )
+        return response.job
+
+    async def terminate_workflow(self, workflow_id: str, reason: str = "") -> common_pb2.Workflow:
+        """Terminate a workflow and every step not yet finished: TERMINATED
+        now, their workers told to stop. Not retried (see cancel_job)."""
+        request = job_service_pb2.TerminateWorkflowRequest(workflow_id=workflow_id, reason=reason)
+        response: job_service_pb2.TerminateWorkflowResponse = await self._call(
+            self.jobs_stub.TerminateWorkflow, request, retry=False
         )
         return response.workflow
 

@@ -162,6 +162,7 @@ class SyncClient:
         annotations: Sequence[common_pb2.AnnotationInput | Mapping[str, Any]] = (),
         traceparent: str | None = None,
         outputs: Sequence[str] = (),
+        timeout: Seconds | None = None,
     ) -> common_pb2.Workflow:
         return self._run(
             self.client.submit_workflow(
@@ -174,6 +175,7 @@ class SyncClient:
                 annotations=annotations,
                 traceparent=traceparent,
                 outputs=outputs,
+                timeout=timeout,
             )
         )
 
@@ -261,6 +263,12 @@ class SyncClient:
 
     def cancel_workflow(self, workflow_id: str, reason: str = "") -> common_pb2.Workflow:
         return self._run(self.client.cancel_workflow(workflow_id, reason))
+
+    def terminate_job(self, job_id: str, reason: str = "") -> common_pb2.Job:
+        return self._run(self.client.terminate_job(job_id, reason))
+
+    def terminate_workflow(self, workflow_id: str, reason: str = "") -> common_pb2.Workflow:
+        return self._run(self.client.terminate_workflow(workflow_id, reason))
 
     def watch_job(self, job_id: str) -> Iterator[common_pb2.Job]:
         return self._iterate(self.client.watch_job(job_id))

@@ -19,6 +19,8 @@ are refused with their path (steps[1].job.max_attempts: ...):
   request_id: upload-42            # optional; submitting it again returns the same workflow
   priority: 0                      # optional, -1000..1000; steps with priority 0 take it
   labels: {team: media}            # optional, text values
+  timeout: 3600                    # optional; seconds (or "3600s") for the whole run from
+                                   #   submission, at most 7 days: then it ends TIMED_OUT
   request_context:                 # optional; kept for attestations, handed to every step
     user_context: {user_id: alice}
     body: {upload: 42}
@@ -63,6 +65,8 @@ class WorkflowFile:
     labels: dict[str, str] = field(default_factory=dict)
     request_context: dict[str, Any] | None = None
     annotations: list[dict[str, Any]] = field(default_factory=list)
+    # The whole run's timeout in seconds (None: no deadline).
+    timeout: float | None = None
 
 
 def load_workflow(text: str, *, source: str = "") -> WorkflowFile:
@@ -111,6 +115,7 @@ def workflow_from(doc: object, *, source: str = "") -> WorkflowFile:
         labels=plain.get("labels", {}),
         request_context=plain.get("request_context"),
         annotations=plain.get("annotations", []),
+        timeout=float(plain["timeout"].removesuffix("s")) if "timeout" in plain else None,
     )
 
 

@@ -562,6 +562,8 @@ TYPE_NAMES = {
     AttestationType.WORKFLOW_FAILURE: "workflow_failure",
     AttestationType.WORKFLOW_CANCELLATION: "workflow_cancellation",
     AttestationType.WORKER_CANCELLATION: "worker_cancellation",
+    AttestationType.WORKER_TERMINATION: "worker_termination",
+    AttestationType.WORKFLOW_TERMINATION: "workflow_termination",
 }
 
 

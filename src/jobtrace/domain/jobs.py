@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
 from jobtrace.domain import annotations as annotation_rules
-from jobtrace.domain import failures, fan_out, lifecycle
+from jobtrace.domain import failures, fan_out, lifecycle, states
 from jobtrace.domain import redact as redact_rules
 from jobtrace.domain.errors import (
     AlreadyExists,
@@ -33,6 +33,7 @@ from jobtrace.domain.run_feed import RunFeed
 from jobtrace.domain.run_filters import NO_RUN_FILTER, RunFilter, check_run_filter
 from jobtrace.domain.validation import (
     MAX_STEPS,
+    MAX_TIMEOUT_MS,
     STEP_NAME_RE,
     check_id,
     check_labels,
@@ -47,6 +48,7 @@ from jobtrace.events.feed import JobFeed, Subscription
 from jobtrace.ids import JOB_PREFIX, WORKFLOW_PREFIX, new_id
 from jobtrace.model import (
     JSON,
+    SYSTEM_SUBJECT,
     AnnotationInput,
     Caller,
     Failure,
@@ -118,6 +120,8 @@ class WorkflowSubmission:
     traceparent: str = ""
     # The steps whose results are its outputs (): those no step depends on.
     outputs: tuple[str, ...] = ()
+    # The whole run's timeout from submission (None: not set, no deadline).
+    timeout_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,6 +394,8 @@ class Jobs:
         if not -1000 <= sub.priority <= 1000:
             v.add("priority", "must be between -1000 and 1000")
         check_labels(v, "labels", sub.labels)
+        if sub.timeout_ms is not None and not 0 < sub.timeout_ms <= MAX_TIMEOUT_MS:
+            v.add("timeout", "must be positive and at most 7 days")
         check_size(v, "request_context", sub.context_bytes)
         _check_annotations(v, "annotations", sub.annotations)
         specs: list[JobSpec] = []
@@ -485,6 +491,7 @@ class Jobs:
                 updated_us=now,
                 labels=dict(sub.labels),
                 submitted_by=caller.subject,
+                deadline_us=now + sub.timeout_ms * 1000 if sub.timeout_ms else 0,
             )
             await store.insert_submission(
                 session,
@@ -858,6 +865,148 @@ class Jobs:
             return stored
 
         return await self._db.write(op)
+
+    # --- termination ------------------------------------------------------
+
+    async def terminate_job(self, tenant: str | None, job_id: str, reason: str, by: str) -> Job:
+        """End a job TERMINATED now, without waiting for its worker: the
+        lease is revoked (the worker told once this commits) and its later
+        reports for the attempt are refused (the job has ended). A step's
+        workflow ends TERMINATED with it. `by` is the operator's subject."""
+        v = Violations()
+        check_id(v, "job_id", job_id)
+        check_text(v, "reason", reason, MAX_REASON)
+        v.raise_if_any()
+
+        async def op(session: AsyncSession, tx: Tx) -> Job:
+            job = await store.load_locked(session, job_id, tenant)
+            if job is None:
+                raise NotFound(
+                    f"job {job_id!r} not found", reason="JOB_NOT_FOUND", metadata={"job_id": job_id}
+                )
+            states.require(states.RunKind.JOB, job_id, job.state, states.Action.TERMINATE)
+            failure = Failure(
+                reason=reason or lifecycle.TERMINATED_BY_OPERATOR,
+                code="TERMINATED",
+                attempt=job.attempt,
+            )
+            changed = await self._life.end_job(
+                session, tx, job, RunState.TERMINATED, failure, now_us(), by=by
+            )
+            self._changed(tx, changed)
+            return changed[0]
+
+        return await self._db.write(op)
+
+    async def terminate_workflow(
+        self, tenant: str | None, workflow_id: str, reason: str, by: str
+    ) -> Workflow:
+        """End a workflow and every step not ended yet TERMINATED now, their
+        workers told as in terminate_job."""
+        v = Violations()
+        check_id(v, "workflow_id", workflow_id)
+        check_text(v, "reason", reason, MAX_REASON)
+        v.raise_if_any()
+        why = reason or lifecycle.TERMINATED_BY_OPERATOR
+
+        async def op(session: AsyncSession, tx: Tx) -> Workflow:
+            return await self._end_workflow(
+                session,
+                tx,
+                tenant,
+                workflow_id,
+                states.Action.TERMINATE,
+                Failure(reason=why, code="TERMINATED"),
+                step_code="TERMINATED",
+                by=by,
+            )
+
+        return await self._db.write(op)
+
+    async def _end_workflow(
+        self,
+        session: AsyncSession,
+        tx: Tx,
+        tenant: str | None,
+        workflow_id: str,
+        action: states.Action,
+        failure: Failure,
+        *,
+        step_code: str,
+        by: str,
+    ) -> Workflow:
+        """Under the workflow's lock: check `action` against its state, end
+        its unfinished steps (TERMINATED for a terminate, else CANCELLED) and
+        it in the action's state, with `failure`."""
+        await store.lock_workflow(session, workflow_id)
+        workflow = await store.get_workflow(session, workflow_id, tenant)
+        if workflow is None:
+            raise NotFound(
+                f"workflow {workflow_id!r} not found",
+                reason="WORKFLOW_NOT_FOUND",
+                metadata={"workflow_id": workflow_id},
+            )
+        states.require(states.RunKind.WORKFLOW, workflow_id, workflow.state, action)
+        state = states.ACTION_TARGETS[action]
+        now = now_us()
+        steps = (await store.workflow_jobs(session, [workflow_id], unfinished=True))[workflow_id]
+        changed = await self._life.cancel_steps(
+            session,
+            tx,
+            steps,
+            failure.reason,
+            step_code,
+            now,
+            by=by,
+            state=RunState.TERMINATED if state == RunState.TERMINATED else RunState.CANCELLED,
+        )
+        await self._life.end_workflow(
+            session,
+            tx,
+            workflow_id,
+            workflow.tenant,
+            state,
+            failure,
+            now,
+            by=by,
+            traceparent=await store.workflow_traceparent(session, workflow_id),
+        )
+        self._changed(tx, changed)
+        stored = await store.get_workflow(session, workflow_id)
+        assert stored is not None
+        return stored
+
+    async def time_out_workflow(self, session: AsyncSession, tx: Tx, workflow_id: str) -> bool:
+        """In the supervisor's transaction: end a workflow past its deadline
+        TIMED_OUT, its unfinished steps cancelled. Under its lock, re-read:
+        False when it ended already (another replica, or a step, came first)."""
+        await store.lock_workflow(session, workflow_id)
+        workflow = await store.get_workflow_row(session, workflow_id)
+        if (
+            workflow is None
+            or not states.can(
+                states.RunKind.WORKFLOW, RunState(workflow.state), states.Action.TIME_OUT
+            )
+            or not 0 < workflow.deadline_us < now_us()
+        ):
+            return False
+        timeout_ms = (workflow.deadline_us - workflow.created_us) // 1000
+        failure = Failure(
+            reason=f"workflow timed out: its deadline {iso(workflow.deadline_us)}"
+            f" ({timeout_ms} ms after submission) passed",
+            code="TIMED_OUT",
+        )
+        await self._end_workflow(
+            session,
+            tx,
+            None,
+            workflow_id,
+            states.Action.TIME_OUT,
+            failure,
+            step_code="TIMED_OUT",
+            by=SYSTEM_SUBJECT,
+        )
+        return True
 
     # --- live feeds -------------------------------------------------------
 

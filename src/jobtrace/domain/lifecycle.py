@@ -56,6 +56,13 @@ log = logging.getLogger(__name__)
 
 LEASE_EXPIRED = "lease expired"
 CANCELLED_BY_USER = "Run cancelled by user"
+TERMINATED_BY_OPERATOR = "Run terminated by operator"
+# The warn event (and default reason) of a run an operator ended: cancelled,
+# or terminated (ended at once, its worker not waited for).
+_ENDED_BY_OPERATOR = {
+    RunState.CANCELLED: CANCELLED_BY_USER,
+    RunState.TERMINATED: TERMINATED_BY_OPERATOR,
+}
 WORKFLOW_NODE = "workflow"
 # The server's own annotations: key, actor kind (jobtrace.v1.ActorKind SYSTEM)
 # and actor id.
@@ -275,6 +282,7 @@ class Lifecycle:
         type, prefix = {
             RunState.COMPLETED: (AttestationType.WORKFLOW_COMPLETION, "workflow-completion"),
             RunState.CANCELLED: (AttestationType.WORKFLOW_CANCELLATION, "workflow-cancellation"),
+            RunState.TERMINATED: (AttestationType.WORKFLOW_TERMINATION, "workflow-termination"),
         }.get(state, (AttestationType.WORKFLOW_FAILURE, "workflow-failure"))
         data: JSON = {
             "recorded_by": by,  # signed: who caused it (see Attestation.recorded_by)
@@ -820,7 +828,7 @@ class Lifecycle:
             lease_deadline_us=0,
             next_attempt_us=0,
         )
-        if state == RunState.CANCELLED:
+        if state in _ENDED_BY_OPERATOR:
             event = self._event(
                 job,
                 by,
@@ -829,7 +837,7 @@ class Lifecycle:
                 category=Category.BUSINESS,
                 milestone=True,
                 display_priority=PRIORITY_OUTCOME,
-                message=CANCELLED_BY_USER,
+                message=_ENDED_BY_OPERATOR[state],
                 data={"reason": failure.reason} if failure else None,
             )
         else:
@@ -846,7 +854,7 @@ class Lifecycle:
         await self._record(db, tx, job, event)
         self.log_after(
             tx,
-            logging.INFO if state == RunState.CANCELLED else logging.WARNING,
+            logging.INFO if state in _ENDED_BY_OPERATOR else logging.WARNING,
             f"job {state.name.lower().replace('_', ' ')}",
             job,
             reason=failure.reason if failure else "",
@@ -871,6 +879,24 @@ class Lifecycle:
                     # What it was doing when cancelled: waiting (QUEUED, maybe
                     # for a retry) or running its attempt.
                     "cancelled_while": job.state.name,
+                },
+                by,
+            )
+        if state == RunState.TERMINATED and not job.workflow_id:
+            # A step's termination is in its workflow's attestation.
+            await self._attest_job(
+                db,
+                ended,
+                AttestationType.WORKER_TERMINATION,
+                f"worker-termination:{job.id}",
+                {
+                    "termination": {
+                        "reason": failure.reason if failure else TERMINATED_BY_OPERATOR,
+                        "code": failure.code if failure else "TERMINATED",
+                    },
+                    # What it was doing when terminated: waiting, or running
+                    # the attempt whose worker was not waited for.
+                    "terminated_while": job.state.name,
                 },
                 by,
             )
@@ -991,9 +1017,14 @@ class Lifecycle:
                     db, step.workflow_id, completed_steps=done_count, updated_us=now
                 )
             return changed
-        # A step ended without completing: the workflow fails (or is cancelled)
-        # and every step that has not ended is cancelled.
-        workflow_state = RunState.CANCELLED if step.state == RunState.CANCELLED else RunState.FAILED
+        # A step ended without completing: the workflow fails (or is cancelled,
+        # or terminated, as the step was) and every step that has not ended is
+        # cancelled (terminated). A step that timed out fails it, code TIMED_OUT.
+        workflow_state = (
+            step.state
+            if step.state in (RunState.CANCELLED, RunState.TERMINATED)
+            else RunState.FAILED
+        )
         failure = Failure(
             reason=f"step {step.step_name!r} {step.state.name.lower()}"
             + (f": {step.failure.reason}" if step.failure else ""),
@@ -1009,6 +1040,9 @@ class Lifecycle:
             now,
             by=by,
             quiet=True,
+            state=RunState.TERMINATED
+            if workflow_state == RunState.TERMINATED
+            else RunState.CANCELLED,
         )
         await self.end_workflow(
             db,
@@ -1156,8 +1190,12 @@ class Lifecycle:
         *,
         by: str,
         quiet: bool = False,
+        state: RunState = RunState.CANCELLED,
     ) -> list[Job]:
+        """End the steps not ended yet in `state` (CANCELLED, or TERMINATED),
+        with `reason` and `code` as their failure."""
         changed = []
+        verb = state.name.lower()
         for s in steps:
             if s.state.terminal:
                 continue
@@ -1165,7 +1203,7 @@ class Lifecycle:
                 await set_job(
                     db,
                     s,
-                    state=RunState.CANCELLED,
+                    state=state,
                     completed_us=now,
                     updated_us=now,
                     lease_deadline_us=0,
@@ -1173,7 +1211,7 @@ class Lifecycle:
                     failure=Failure(reason=reason, code=code, attempt=s.attempt),
                 )
             )
-            self.log_after(tx, logging.INFO, "job cancelled", s, reason=reason, code=code)
+            self.log_after(tx, logging.INFO, f"job {verb}", s, reason=reason, code=code)
             if not quiet or s.state == RunState.RUNNING:
                 await self._record(
                     db,
@@ -1186,7 +1224,7 @@ class Lifecycle:
                         level=Level.WARN,
                         category=Category.TECHNICAL,
                         display_priority=PRIORITY_TECHNICAL,
-                        message=f"{node_of(s)} cancelled: {reason}",
+                        message=f"{node_of(s)} {verb}: {reason}",
                     ),
                 )
         return changed
@@ -1212,7 +1250,7 @@ class Lifecycle:
             completed_us=now,
             updated_us=now,
         )
-        if state == RunState.CANCELLED:
+        if state in _ENDED_BY_OPERATOR:
             event = TraceEvent(
                 run_id=workflow_id,
                 node_id=WORKFLOW_NODE,
@@ -1221,7 +1259,7 @@ class Lifecycle:
                 category=Category.BUSINESS,
                 milestone=True,
                 display_priority=PRIORITY_OUTCOME,
-                message=CANCELLED_BY_USER,
+                message=_ENDED_BY_OPERATOR[state],
                 data={"reason": failure.reason} if failure else None,
                 traceparent=traceparent,
                 recorded_by=by,
@@ -1247,7 +1285,7 @@ class Lifecycle:
         await self.trace.record(db, tx, tenant, [event])
         self._log_workflow(
             tx,
-            logging.INFO if state == RunState.CANCELLED else logging.WARNING,
+            logging.INFO if state in _ENDED_BY_OPERATOR else logging.WARNING,
             f"workflow {state.name.lower().replace('_', ' ')}",
             workflow_id,
             tenant,

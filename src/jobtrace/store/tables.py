@@ -14,6 +14,12 @@ class Base(DeclarativeBase):
     pass
 
 
+# The rows of ix_workflows_deadline: unfinished workflows (QUEUED, RUNNING,
+# PAUSED, WAITING_FOR_HUMAN) with a deadline. The supervisor's query repeats
+# this predicate word for word, so both backends use the partial index.
+WORKFLOW_DEADLINE_PENDING = text("deadline_us > 0 AND state IN (1, 2, 9, 10)")
+
+
 class Meta(Base):
     """Server-wide settings that must survive restarts (e.g. the page-token secret)."""
 
@@ -60,8 +66,18 @@ class WorkflowRow(Base):
     outputs: Mapped[str | None] = mapped_column(Text, nullable=True)
     # request_context.user_context.user_id, for listings by user; '' when none.
     user_id: Mapped[str] = mapped_column(String(256), default="", server_default="")
+    # When it ends TIMED_OUT unless it ended before (0: no deadline) (0020).
+    deadline_us: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     __table_args__ = (
+        # The supervisor's scan for workflows past their deadline: only the
+        # unfinished ones with a deadline are in it (0020).
+        Index(
+            "ix_workflows_deadline",
+            "deadline_us",
+            sqlite_where=WORKFLOW_DEADLINE_PENDING,
+            postgresql_where=WORKFLOW_DEADLINE_PENDING,
+        ),
         Index("ix_workflows_tenant_seq", "tenant", "seq"),
         Index("ix_workflows_tenant_state_seq", "tenant", "state", "seq"),
         # Listings by user and by creation time (0018); by label: workflow_labels.

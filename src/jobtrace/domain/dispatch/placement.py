@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 # forgotten and learnt again as their jobs are read.
 MAX_KNOWN_CLASSES = 1024
 
+# An attempt's end that its worker is told of at once (its lease revoked):
+# an operator's cancel or terminate, or the job's (or workflow's) timeout.
+_REVOKING = frozenset({RunState.CANCELLED, RunState.TERMINATED, RunState.TIMED_OUT})
+
 # A dispatch read: service, tenants (None: any), placement classes skipped.
 _ReadKey = tuple[str, frozenset[str] | None, frozenset[str]]
 
@@ -50,7 +54,7 @@ class Placement(Leases):
         for job in jobs:
             if job.state == RunState.QUEUED:
                 wake = True
-            elif job.state in (RunState.CANCELLED, RunState.TIMED_OUT) and job.lease_holder:
+            elif job.state in _REVOKING and job.lease_holder:
                 reason = job.failure.reason if job.failure else job.state.name
                 self._revoke(job.lease_holder, job.id, job.attempt, reason)
         if wake:
@@ -59,10 +63,10 @@ class Placement(Leases):
     def remote_change(self, job_id: str, state: int, holder: str, attempt: int) -> None:
         """Another replica changed a job: wake the dispatcher for queued work, and
         tell the worker here that held the attempt when its lease is gone
-        (cancelled, timed out, expired)."""
+        (cancelled, terminated, timed out, expired)."""
         if state == RunState.QUEUED:
             self.wake()
-        if state in (RunState.CANCELLED, RunState.TIMED_OUT):
+        if state in _REVOKING:
             self._revoke(holder, job_id, attempt, RunState(state).name.lower())
         elif state != RunState.RUNNING:
             self._revoke(holder, job_id, attempt, "the lease was lost")

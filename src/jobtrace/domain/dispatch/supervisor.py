@@ -1,4 +1,5 @@
-"""Supervision: sessions silent for a whole lease, expired leases and timed-out jobs."""
+"""Supervision: sessions silent for a whole lease, expired leases, timed-out
+jobs and workflows past their deadline."""
 
 from __future__ import annotations
 
@@ -83,5 +84,15 @@ class Supervisor(Leases):
             due = bool(
                 await store.timed_out_jobs(db, now, 1) or await store.expired_leases(db, now, 1)
             )
+            # One indexed read (ix_workflows_deadline: unfinished workflows
+            # with a deadline only) per pass.
+            overdue = await store.overdue_workflows(db, now)
         if due:
             await self._db.write(op)
+        for workflow_id in overdue:
+            # One transaction per workflow: a workflow of many steps is a big
+            # one. Exactly once across replicas: decided under its lock.
+            async def time_out(db: AsyncSession, tx: Tx, workflow_id: str = workflow_id) -> bool:
+                return await self._jobs.time_out_workflow(db, tx, workflow_id)
+
+            await self._db.write(time_out)
