@@ -317,9 +317,7 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
                 metadata=admin,
             )
         ).workflow
-        await api.jobs.TerminateWorkflow(
-            j.TerminateWorkflowRequest(workflow_id=wf.id), metadata=md
-        )
+        await api.jobs.TerminateWorkflow(j.TerminateWorkflowRequest(workflow_id=wf.id), metadata=md)
 
     attrs = {"decision.outcome": struct_pb2.Value(string_value="ok")}
     return {

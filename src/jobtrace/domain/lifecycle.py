@@ -138,6 +138,11 @@ def log_on_commit(tx: Tx, level: int, message: str, extra: dict[str, object]) ->
     tx.on_commit(lambda: log.log(level, message, extra=extra))
 
 
+def _said(state: RunState) -> str:
+    """A state in a sentence: "timed out", not "timed_out"."""
+    return state.name.lower().replace("_", " ")
+
+
 def run_of(job: Job) -> str:
     return job.workflow_id or job.id
 
@@ -1026,7 +1031,7 @@ class Lifecycle:
             else RunState.FAILED
         )
         failure = Failure(
-            reason=f"step {step.step_name!r} {step.state.name.lower()}"
+            reason=f"step {step.step_name!r} {_said(step.state)}"
             + (f": {step.failure.reason}" if step.failure else ""),
             code=step.failure.code if step.failure else step.state.name,
             attempt=step.attempt,
@@ -1154,7 +1159,7 @@ class Lifecycle:
         if child.state != RunState.COMPLETED:
             index = fan_out.parent_of(child.step_name)
             failure = Failure(
-                reason=f"item {index[1] if index else '?'} {child.state.name.lower()}"
+                reason=f"item {index[1] if index else '?'} {_said(child.state)}"
                 + (f": {child.failure.reason}" if child.failure else ""),
                 code=child.failure.code if child.failure else child.state.name,
                 attempt=child.attempt,
