@@ -6,6 +6,7 @@ through the real server."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -209,6 +210,22 @@ async def test_terminate_a_running_job_ends_it_now_and_attests_it(harness: Harne
     listed = await attestations(api, type=a.ATTESTATION_TYPE_WORKER_TERMINATION)
     assert [x.key for x in listed] == [attested.key]
     await raw.close()
+
+
+async def test_terminate_one_step_terminates_its_workflow(harness: Harness) -> None:
+    api = harness.stubs()
+    wf = await submit_workflow(
+        api, "one-step", step("a", "nobody"), step("b", "nobody", independent=True)
+    )
+    a_step, b_step = (s.job_id for s in wf.steps)
+    ended = (await api.jobs.TerminateJob(j.TerminateJobRequest(job_id=a_step, reason="bad"))).job
+    assert ended.state == c.RUN_STATE_TERMINATED
+    after = await get_workflow(api, wf.id)
+    assert after.state == c.RUN_STATE_TERMINATED
+    assert after.failure.code == "TERMINATED" and "step 'a' terminated" in after.failure.reason
+    assert (await get_job(api, b_step)).state == c.RUN_STATE_TERMINATED
+    kinds = [(x.entity_type, x.type) for x in await attestations(api, workflow_id=wf.id)]
+    assert kinds == [("workflow", a.ATTESTATION_TYPE_WORKFLOW_TERMINATION)]
 
 
 async def test_terminate_refuses_bad_input_and_ended_runs_changing_nothing(
@@ -463,6 +480,28 @@ async def test_every_state_and_action_pair_is_allowed_or_refused_as_the_table_sa
 # --- the race -------------------------------------------------------------------------
 
 ROUNDS = 20
+# The refusals a loser of the race may get.
+REFUSED = {"JOB_TERMINAL", "STALE_ATTEMPT", "DUPLICATE_REPORT"}
+
+
+async def _operator(call: Any, state: RunState) -> RunState | None:
+    """An operator's cancel or terminate: the state it left, None if refused."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as err:
+        assert err.code() == FP, err
+        info, _ = error_details(err)
+        assert info is not None and info.reason in REFUSED, info
+        return None
+    return state
+
+
+async def _worker_completes(raw: RawWorker, job_id: str, attempt: int) -> RunState | None:
+    error = await report(raw, complete=w.CompleteReport(job_id=job_id, attempt=attempt))
+    if error is None:
+        return S.COMPLETED
+    assert error.code == FP.value[0] and error.reason in REFUSED, error
+    return None
 
 
 async def test_cancel_terminate_and_completion_race_one_wins(harness: Harness) -> None:
@@ -473,29 +512,10 @@ async def test_cancel_terminate_and_completion_race_one_wins(harness: Harness) -
     for n in range(ROUNDS):
         job = await submit_job(api, f"race{n}")
         attempt = (await assigned(raw, job.id)).attempt
-        refused = {"JOB_TERMINAL", "STALE_ATTEMPT", "DUPLICATE_REPORT"}
-
-        async def operator(call: Any, state: RunState) -> RunState | None:
-            try:
-                await call
-            except grpc.aio.AioRpcError as err:
-                assert err.code() == FP, err
-                info, _ = error_details(err)
-                assert info is not None and info.reason in refused, info
-                return None
-            return state
-
-        async def worker() -> RunState | None:
-            error = await report(raw, complete=w.CompleteReport(job_id=job.id, attempt=attempt))
-            if error is None:
-                return S.COMPLETED
-            assert error.code == FP.value[0] and error.reason in refused, error
-            return None
-
         results = await asyncio.gather(
-            operator(api.jobs.CancelJob(j.CancelJobRequest(job_id=job.id)), S.CANCELLED),
-            operator(api.jobs.TerminateJob(j.TerminateJobRequest(job_id=job.id)), S.TERMINATED),
-            worker(),
+            _operator(api.jobs.CancelJob(j.CancelJobRequest(job_id=job.id)), S.CANCELLED),
+            _operator(api.jobs.TerminateJob(j.TerminateJobRequest(job_id=job.id)), S.TERMINATED),
+            _worker_completes(raw, job.id, attempt),
         )
         won = [r for r in results if r is not None]
         assert len(won) == 1, (n, results)
@@ -512,3 +532,84 @@ async def test_cancel_terminate_and_completion_race_one_wins(harness: Harness) -
         winners[won[0].name] = winners.get(won[0].name, 0) + 1
     assert sum(winners.values()) == ROUNDS
     await raw.close()
+
+
+# --- across replicas ------------------------------------------------------------------
+
+
+async def test_terminate_reaches_a_worker_on_another_replica_and_a_deadline_fires_once(
+    pg_url: str, tmp_path: Path
+) -> None:
+    from .test_replicas import client, replicas
+
+    async with (
+        replicas(pg_url, tmp_path, 2) as (a_replica, b_replica),
+        client(a_replica.target) as on_a,
+        client(b_replica.target) as on_b,
+    ):
+        raw = RawWorker(on_a)
+        await raw.hello("w", ["svc"])
+        job = await submit_job(on_b, "x")
+        await assigned(raw, job.id)
+        await on_b.jobs.TerminateJob(j.TerminateJobRequest(job_id=job.id))
+        notice = await cancel_notice(raw, job.id)
+        assert notice.reason == "terminated"  # told as a termination, not a lost lease
+        # Both replicas' supervisors see the deadline pass: one ends the run.
+        wf = await submit_workflow(
+            on_a, "late", step("a", "nobody"), timeout=duration_pb2.Duration(nanos=1_000_000)
+        )
+        await workflow_in(on_b, wf.id, c.RUN_STATE_TIMED_OUT)
+        kinds = [(x.entity_type, x.type) for x in await attestations(on_b, workflow_id=wf.id)]
+        assert kinds == [("workflow", a.ATTESTATION_TYPE_WORKFLOW_FAILURE)]
+        ends = [e for e in await events(on_a, wf.id) if e.node_id == "workflow"]
+        assert [e.type for e in ends] == [c.TRACE_EVENT_TYPE_FAILED]
+        await raw.close()
+
+
+# --- the supervisor's scan and the migration -------------------------------------------
+
+
+async def test_the_deadline_scan_uses_its_partial_index(harness: Harness) -> None:
+    from jobtrace.clock import now_us
+    from jobtrace.store import jobs as store
+
+    from .test_run_queries import plan_of
+
+    api = harness.stubs()
+    for i in range(20):  # some rows, with and without deadlines
+        extra = {"timeout": duration_pb2.Duration(seconds=3600)} if i % 2 else {}
+        await submit_workflow(api, f"p{i}", step("a", "nobody"), **extra)
+    plan = await plan_of(harness.db_url, store.overdue_workflows_query(now_us(), 100))
+    assert "ix_workflows_deadline" in plan, plan
+
+
+async def test_migration_0020_downgrades_and_upgrades(db_url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import inspect
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from jobtrace.store.db import MIGRATIONS
+
+    async with Harness(db_url):  # migrated to head
+        pass
+    engine = create_async_engine(db_url)
+
+    def migrate(connection: Any, target: str, down: bool) -> list[str]:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        (command.downgrade if down else command.upgrade)(config, target)
+        return [col["name"] for col in inspect(connection).get_columns("workflows")]
+
+    try:
+        async with engine.begin() as conn:
+            assert "deadline_us" not in await conn.run_sync(migrate, "0019", True)
+        async with engine.begin() as conn:
+            assert "deadline_us" in await conn.run_sync(migrate, "0020", False)
+            indexes = await conn.run_sync(
+                lambda sync: [i["name"] for i in inspect(sync).get_indexes("workflows")]
+            )
+            assert "ix_workflows_deadline" in indexes
+    finally:
+        await engine.dispose()

@@ -1388,17 +1388,21 @@ async def timed_out_jobs(session: AsyncSession, now: int, limit: int = 500) -> l
     return await _jobs(session, stmt)
 
 
-async def overdue_workflows(session: AsyncSession, now: int, limit: int = 100) -> list[str]:
+def overdue_workflows_query(now: int, limit: int) -> Any:
     """Unfinished workflows past their deadline, soonest first. Its WHERE is
     ix_workflows_deadline's predicate word for word (a partial index is used
     only when the query implies it), plus the range on its column."""
-    stmt = (
+    return (
         select(WorkflowRow.id)
         .where(WORKFLOW_DEADLINE_PENDING, WorkflowRow.deadline_us < now)
         .order_by(WorkflowRow.deadline_us)
         .limit(limit)
     )
-    return list((await session.execute(stmt)).scalars())
+
+
+async def overdue_workflows(session: AsyncSession, now: int, limit: int = 100) -> list[str]:
+    """See overdue_workflows_query."""
+    return list((await session.execute(overdue_workflows_query(now, limit))).scalars())
 
 
 _JOB_CONTEXT = Query("SELECT request_context FROM jobs WHERE id = :id")
