@@ -613,3 +613,45 @@ async def test_migration_0020_downgrades_and_upgrades(db_url: str) -> None:
             assert "ix_workflows_deadline" in indexes
     finally:
         await engine.dispose()
+
+
+# --- the command line and the clients ------------------------------------------------
+
+
+async def test_cli_terminates_and_a_workflow_file_takes_a_timeout(
+    sqlite_harness: Harness, tmp_path: Path
+) -> None:
+    import json
+
+    from jobtrace.client import Client
+
+    from .procs import jobtrace
+
+    target = sqlite_harness.target
+    workflow_file = tmp_path / "wf.yaml"
+    workflow_file.write_text(
+        "name: report\ntimeout: 3600\nsteps:\n  - {name: a, service: nobody}\n"
+    )
+    code, out, err = await jobtrace("submit", "--workflow", str(workflow_file), target=target)
+    assert code == 0, err
+    wf_id = out.splitlines()[0].strip()
+    _, out, _ = await jobtrace("get", wf_id, "--json", target=target)
+    assert json.loads(out)["timeout"] == "3600s"
+    code, out, err = await jobtrace(
+        "terminate", wf_id, "--reason", "wrong input", "--json", target=target
+    )
+    assert code == 0, err
+    ended = json.loads(out)
+    assert ended["state"] == "RUN_STATE_TERMINATED"
+    assert ended["failure"]["reason"] == "wrong input"
+    code, _, err = await jobtrace("terminate", wf_id, target=target)
+    assert code == 2 and "TERMINATED" in err, err
+    async with Client(target) as client:
+        job = await client.submit_job("nobody")
+        workflow = await client.submit_workflow(
+            "w", [{"name": "a", "job": {"service": "x"}}], timeout=60
+        )
+        assert workflow.timeout.seconds == 60
+        assert (await client.terminate_workflow(workflow.id)).state == c.RUN_STATE_TERMINATED
+    code, out, err = await jobtrace("terminate", job.id, target=target)
+    assert code == 0 and out.strip() == f"{job.id}: TERMINATED", (out, err)
