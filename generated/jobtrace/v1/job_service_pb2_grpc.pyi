@@ -109,6 +109,26 @@ class JobServiceStub:
     UNAVAILABLE; lapsed credentials end it UNAUTHENTICATED. Watch again with
     include_active to catch up.
     """
+    RerunWorkflow: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.RerunWorkflowRequest, _job_service_pb2.RerunWorkflowResponse]
+    """Starts a new run of an ended workflow (COMPLETED, FAILED, CANCELLED,
+    TERMINATED or TIMED_OUT; any other state is FAILED_PRECONDITION naming
+    it): the same definition (steps and payloads as stored, priority,
+    labels, outputs) and request context. The steps upstream of the rerun
+    point are carried over (COMPLETED, reused_from naming the parent's job:
+    their results, attestations and annotations are referenced, not
+    copied); the others run again as new jobs with fresh attempts. The new
+    run records parent_run_id and root_run_id, and the annotations
+    trigger.source = "rerun", trigger.reason and trigger.parent_run_id in
+    the transaction that creates it; its attestation names its parent's
+    (predicate parent: {run_id, attestation_digest}). The old run does not
+    change. Idempotent by request_id like SubmitWorkflow.
+    """
+    RerunJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.RerunJobRequest, _job_service_pb2.RerunJobResponse]
+    """Starts a new run of an ended standalone job (as RerunWorkflow: the same
+    spec and request context, a new job with fresh attempts, lineage,
+    trigger annotations, the parent named by its attestations). A workflow
+    step is rerun with its workflow: INVALID_ARGUMENT.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -190,6 +210,26 @@ class JobServiceAsyncStub(JobServiceStub):
     have missed other replicas' changes (reason CHANGES_LOST), ends it
     UNAVAILABLE; lapsed credentials end it UNAUTHENTICATED. Watch again with
     include_active to catch up.
+    """
+    RerunWorkflow: _aio.UnaryUnaryMultiCallable[_job_service_pb2.RerunWorkflowRequest, _job_service_pb2.RerunWorkflowResponse]  # type: ignore[assignment]
+    """Starts a new run of an ended workflow (COMPLETED, FAILED, CANCELLED,
+    TERMINATED or TIMED_OUT; any other state is FAILED_PRECONDITION naming
+    it): the same definition (steps and payloads as stored, priority,
+    labels, outputs) and request context. The steps upstream of the rerun
+    point are carried over (COMPLETED, reused_from naming the parent's job:
+    their results, attestations and annotations are referenced, not
+    copied); the others run again as new jobs with fresh attempts. The new
+    run records parent_run_id and root_run_id, and the annotations
+    trigger.source = "rerun", trigger.reason and trigger.parent_run_id in
+    the transaction that creates it; its attestation names its parent's
+    (predicate parent: {run_id, attestation_digest}). The old run does not
+    change. Idempotent by request_id like SubmitWorkflow.
+    """
+    RerunJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.RerunJobRequest, _job_service_pb2.RerunJobResponse]  # type: ignore[assignment]
+    """Starts a new run of an ended standalone job (as RerunWorkflow: the same
+    spec and request context, a new job with fresh attempts, lineage,
+    trigger annotations, the parent named by its attestations). A workflow
+    step is rerun with its workflow: INVALID_ARGUMENT.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -353,6 +393,38 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         have missed other replicas' changes (reason CHANGES_LOST), ends it
         UNAVAILABLE; lapsed credentials end it UNAUTHENTICATED. Watch again with
         include_active to catch up.
+        """
+
+    @_abc_1.abstractmethod
+    def RerunWorkflow(
+        self,
+        request: _job_service_pb2.RerunWorkflowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.RerunWorkflowResponse, _abc.Awaitable[_job_service_pb2.RerunWorkflowResponse]]:
+        """Starts a new run of an ended workflow (COMPLETED, FAILED, CANCELLED,
+        TERMINATED or TIMED_OUT; any other state is FAILED_PRECONDITION naming
+        it): the same definition (steps and payloads as stored, priority,
+        labels, outputs) and request context. The steps upstream of the rerun
+        point are carried over (COMPLETED, reused_from naming the parent's job:
+        their results, attestations and annotations are referenced, not
+        copied); the others run again as new jobs with fresh attempts. The new
+        run records parent_run_id and root_run_id, and the annotations
+        trigger.source = "rerun", trigger.reason and trigger.parent_run_id in
+        the transaction that creates it; its attestation names its parent's
+        (predicate parent: {run_id, attestation_digest}). The old run does not
+        change. Idempotent by request_id like SubmitWorkflow.
+        """
+
+    @_abc_1.abstractmethod
+    def RerunJob(
+        self,
+        request: _job_service_pb2.RerunJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.RerunJobResponse, _abc.Awaitable[_job_service_pb2.RerunJobResponse]]:
+        """Starts a new run of an ended standalone job (as RerunWorkflow: the same
+        spec and request context, a new job with fresh attempts, lineage,
+        trigger annotations, the parent named by its attestations). A workflow
+        step is rerun with its workflow: INVALID_ARGUMENT.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -60,9 +60,17 @@ class WorkflowRow(Base):
     outputs: Mapped[str | None] = mapped_column(Text, nullable=True)
     # request_context.user_context.user_id, for listings by user; '' when none.
     user_id: Mapped[str] = mapped_column(String(256), default="", server_default="")
+    # A rerun's lineage (0022): the run it reruns, the first run of its
+    # chain, why; '' for a run that is no rerun.
+    parent_run_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    root_run_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    rerun_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
 
     __table_args__ = (
         Index("ix_workflows_tenant_seq", "tenant", "seq"),
+        # Listings of a run's reruns, one level or the whole chain (0022).
+        Index("ix_workflows_tenant_parent_seq", "tenant", "parent_run_id", "seq"),
+        Index("ix_workflows_tenant_root_seq", "tenant", "root_run_id", "seq"),
         Index("ix_workflows_tenant_state_seq", "tenant", "state", "seq"),
         # Listings by user and by creation time (0018); by label: workflow_labels.
         Index("ix_workflows_tenant_user_seq", "tenant", "user_id", "seq"),
@@ -145,9 +153,18 @@ class JobRow(Base):
     # The holder (see lease_holder) of the attempt that failed last, when a
     # failure rule says its retry should go to another worker; '' otherwise.
     avoid_holder: Mapped[str] = mapped_column(String(64), default="")
+    # A standalone job's rerun lineage (0022), as a workflow's; '' otherwise.
+    parent_run_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    root_run_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    # A step a workflow rerun carried over: the parent run's job whose
+    # result, attestations and annotations it references; '' otherwise.
+    reused_from: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
     __table_args__ = (
         Index("ix_jobs_tenant_seq", "tenant", "seq"),
+        # Listings of a job's reruns, one level or the whole chain (0022).
+        Index("ix_jobs_tenant_parent_seq", "tenant", "parent_run_id", "seq"),
+        Index("ix_jobs_tenant_root_seq", "tenant", "root_run_id", "seq"),
         # Listings by user, by worker and by creation time (0018); by label: job_labels.
         Index("ix_jobs_tenant_user_seq", "tenant", "user_id", "seq"),
         Index("ix_jobs_tenant_worker_seq", "tenant", "worker_id", "seq"),
