@@ -297,9 +297,7 @@ async def test_rerun_job_runs_a_failed_job_again_with_lineage(harness: Harness) 
         api, f"worker-completion:{second.id}", first.id, f"worker-failure:{first.id}:1"
     )
     # A chain of job reruns by root and parent.
-    third = (
-        await api.jobs.RerunJob(j.RerunJobRequest(job_id=second.id, request_id="rj2"))
-    ).job
+    third = (await api.jobs.RerunJob(j.RerunJobRequest(job_id=second.id, request_id="rj2"))).job
     assert (third.parent_run_id, third.root_run_id) == (second.id, first.id)
     page = await api.jobs.ListJobs(j.ListJobsRequest(root_run_id=first.id))
     assert {x.id for x in page.jobs} == {second.id, third.id}

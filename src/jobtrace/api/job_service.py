@@ -243,7 +243,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
     ) -> pb.RerunWorkflowResponse:
         principal = self._auth.require(context, Role.SUBMITTER)
         workflow, deduplicated = await self._jobs.rerun_workflow(
-            principal.tenant,
+            principal.read_scope,
             request.workflow_id,
             convert.rerun_request(request, traceparent(context)),
             Caller(principal.subject, principal.may(Role.REVIEWER)),
@@ -257,7 +257,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
     async def RerunJob(self, request: pb.RerunJobRequest, context: Any) -> pb.RerunJobResponse:
         principal = self._auth.require(context, Role.SUBMITTER)
         job, deduplicated = await self._jobs.rerun_job(
-            principal.tenant,
+            principal.read_scope,
             request.job_id,
             convert.rerun_request(request, traceparent(context)),
             Caller(principal.subject, principal.may(Role.REVIEWER)),

@@ -568,23 +568,17 @@ class Jobs:
     # --- reruns -------------------------------------------------------------
 
     async def rerun_workflow(
-        self, tenant: str, workflow_id: str, req: RerunRequest, caller: Caller
+        self, tenant: str | None, workflow_id: str, req: RerunRequest, caller: Caller
     ) -> tuple[Workflow, bool]:
-        """A new run of an ended workflow of `tenant` (see domain.reruns): the
-        run as stored, and whether an identical earlier rerun (same
-        request_id and request) had created it. The parent does not change."""
+        """A new run of an ended workflow (see domain.reruns) of `tenant`
+        (None: any, an admin's), in the workflow's tenant: the run as stored,
+        and whether an identical earlier rerun (same request_id and request,
+        in that tenant) had created it. The parent does not change."""
         v = Violations()
         reruns.check(v, "workflow_id", workflow_id, req)
         v.raise_if_any()
 
         async def op(session: AsyncSession, tx: Tx) -> tuple[Workflow, bool]:
-            existing = await self._existing(
-                session, tenant, req.request_id, req.request_hash, "workflow"
-            )
-            if existing is not None:
-                found = await store.get_workflow(session, existing)
-                assert found is not None
-                return found, True
             await store.lock_workflow(session, workflow_id)
             parent = await store.get_workflow_row(session, workflow_id, tenant)
             if parent is None:
@@ -593,6 +587,13 @@ class Jobs:
                     reason="WORKFLOW_NOT_FOUND",
                     metadata={"workflow_id": workflow_id},
                 )
+            existing = await self._existing(
+                session, parent.tenant, req.request_id, req.request_hash, "workflow"
+            )
+            if existing is not None:
+                found = await store.get_workflow(session, existing)
+                assert found is not None
+                return found, True
             states.require(
                 states.RunKind.WORKFLOW, workflow_id, RunState(parent.state), states.Action.RERUN
             )
@@ -603,7 +604,7 @@ class Jobs:
                 if fan_out.parent_of(j.step_name) is None
             ]
             again = reruns.rerun_set(workflow_id, old, req)
-            await self._admit(session, tenant, len(again))
+            await self._admit(session, parent.tenant, len(again))
             now = now_us()
             new_id_ = new_id(WORKFLOW_PREFIX)
             context = codec.loads(parent.request_context) or {}
@@ -613,7 +614,7 @@ class Jobs:
             parent_run_id, root_run_id = reruns.lineage(workflow_id, parent.root_run_id)
             workflow = Workflow(
                 id=new_id_,
-                tenant=tenant,
+                tenant=parent.tenant,
                 request_id=req.request_id,
                 name=parent.name,
                 state=RunState.QUEUED,
@@ -664,17 +665,18 @@ class Jobs:
                 extra={
                     "workflow_id": workflow.id,
                     "parent_run_id": workflow_id,
-                    "tenant": tenant,
+                    "tenant": workflow.tenant,
                 },
             )
         return result
 
     async def rerun_job(
-        self, tenant: str, job_id: str, req: RerunRequest, caller: Caller
+        self, tenant: str | None, job_id: str, req: RerunRequest, caller: Caller
     ) -> tuple[Job, bool]:
-        """A new run of an ended standalone job of `tenant`: the same spec and
-        request context, a new job with fresh attempts; the job as stored, and
-        whether an identical earlier rerun had created it."""
+        """A new run of an ended standalone job of `tenant` (None: any), in the
+        job's tenant: the same spec and request context, a new job with fresh
+        attempts; the job as stored, and whether an identical earlier rerun
+        had created it."""
         v = Violations()
         reruns.check(v, "job_id", job_id, req)
         if req.from_steps or req.failed_only:
@@ -682,18 +684,17 @@ class Jobs:
         v.raise_if_any()
 
         async def op(session: AsyncSession, tx: Tx) -> tuple[Job, bool]:
-            existing = await self._existing(
-                session, tenant, req.request_id, req.request_hash, "job"
-            )
-            if existing is not None:
-                found = await store.get_job(session, existing)
-                assert found is not None
-                return found, True
             parent = await store.load_locked(session, job_id, tenant)
             if parent is None:
                 raise NotFound(
                     f"job {job_id!r} not found", reason="JOB_NOT_FOUND", metadata={"job_id": job_id}
                 )
+            home = parent.tenant
+            existing = await self._existing(session, home, req.request_id, req.request_hash, "job")
+            if existing is not None:
+                found = await store.get_job(session, existing)
+                assert found is not None
+                return found, True
             if parent.workflow_id:
                 step = Violations()
                 step.add(
@@ -703,12 +704,12 @@ class Jobs:
                 )
                 step.raise_if_any()
             states.require(states.RunKind.JOB, job_id, parent.state, states.Action.RERUN)
-            await self._admit(session, tenant, 1)
+            await self._admit(session, home, 1)
             now = now_us()
             parent_run_id, root_run_id = reruns.lineage(job_id, parent.root_run_id)
             job = Job(
                 id=new_id(JOB_PREFIX),
-                tenant=tenant,
+                tenant=home,
                 request_id=req.request_id,
                 spec=parent.spec,
                 state=RunState.QUEUED,
@@ -722,9 +723,9 @@ class Jobs:
             context = codec.loads(parent.request_context or "{}") or {}
             stored = await store.insert_job_if_new(session, job, context, req.request_hash)
             if stored is None:  # a concurrent identical rerun won
-                self._unadmit(tenant, 1)
+                self._unadmit(home, 1)
                 existing = await self._existing(
-                    session, tenant, req.request_id, req.request_hash, "job"
+                    session, home, req.request_id, req.request_hash, "job"
                 )
                 assert existing is not None
                 found = await store.get_job(session, existing)
@@ -735,7 +736,7 @@ class Jobs:
                 annotation_rules.build(
                     reruns.trigger(job_id, req.reason, caller.subject),
                     recorded_by=caller.subject,
-                    tenant=tenant,
+                    tenant=home,
                     run_id=job.id,
                     now_us=now,
                     redaction=self._life.trace.redaction,
