@@ -3,17 +3,21 @@ both backends, with a raw worker whose assignments prove which steps ran."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2
 
+from jobtrace.client import Client, SyncClient
 from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
 from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, Stubs, expect_error
+from .procs import jobtrace
 from .workers import RawWorker
 
 
@@ -350,3 +354,109 @@ async def test_rerun_refusals(harness: Harness) -> None:
     # Nothing was stored by the refusals.
     page = await api.jobs.ListWorkflows(j.ListWorkflowsRequest())
     assert [x.id for x in page.workflows] == [wf.id]
+
+
+async def test_a_fan_out_step_is_carried_over_or_rerun_whole(harness: Harness) -> None:
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"])
+    seen: list[w.Assignment] = []
+    fan = c.WorkflowStepSpec(
+        name="f",
+        job=c.JobSpec(service="svc", max_attempts=1),
+        depends_on=["l"],
+        for_each=c.ForEach(step="l", path="items"),
+    )
+    first = (
+        await api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(
+                request_id="wf", name="fan", steps=[step("l"), fan, step("z", "f")]
+            )
+        )
+    ).workflow
+    outcome: dict[str, Any] = {
+        "l": {"items": [1, 2]},
+        "f[0]": {"n": 1},
+        "f[1]": {"n": 2},
+        "z": RuntimeError("z broke"),
+    }
+    for _ in range(4):
+        await run(raw, seen, outcome)
+    first = await ended(api, first.id)
+    assert first.state == c.RUN_STATE_FAILED
+    old = {s.name: s for s in first.steps}
+
+    # failed_only: l and f (with its result; not its children) are carried over.
+    second = (await rerun(api, first.id, "r1", failed_only=True)).workflow
+    assert [s.name for s in second.steps] == ["l", "f", "z"]
+    assert [s.reused_from for s in second.steps] == [old["l"].job_id, old["f"].job_id, ""]
+    outcome["z"] = {"z": 1}
+    await run(raw, seen, outcome)
+    assert (seen[-1].job.workflow_id, seen[-1].job.step_name) == (second.id, "z")
+    assert upstream(seen[-1]) == {"f": [{"n": 1}, {"n": 2}]}
+    assert (await ended(api, second.id)).state == c.RUN_STATE_COMPLETED
+
+    # From f: l is carried over and f fans out at once over l's reused result.
+    third = (await rerun(api, second.id, "r2", from_steps=["f"])).workflow
+    assert {s.name: s.state for s in third.steps}["f"] == c.RUN_STATE_RUNNING
+    outcome.update({"f[0]": {"n": 10}, "f[1]": {"n": 20}, "z": {"z": 2}})
+    for _ in range(3):
+        await run(raw, seen, outcome)
+    assert [(x.job.workflow_id, x.job.step_name) for x in seen[-3:]] == [
+        (third.id, "f[0]"),
+        (third.id, "f[1]"),
+        (third.id, "z"),
+    ]
+    assert json_format.MessageToDict(seen[-3].job.spec.payload) == {"item": 1}
+    assert upstream(seen[-1]) == {"f": [{"n": 10}, {"n": 20}]}
+    third = await ended(api, third.id)
+    assert third.state == c.RUN_STATE_COMPLETED
+    assert json_format.MessageToDict(third.outputs) == {"z": {"z": 2}}
+    await raw.close()
+
+
+async def test_clients_and_cli_rerun_and_list_lineage(sqlite_harness: Harness) -> None:
+    api = sqlite_harness.stubs()
+    t = sqlite_harness.target
+    wf = (
+        await api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(request_id="wf", name="two", steps=[step("a"), step("b", "a")])
+        )
+    ).workflow
+    await api.jobs.CancelWorkflow(j.CancelWorkflowRequest(workflow_id=wf.id))
+    async with Client(t) as jt:
+        # From b, but a never completed (the run was cancelled): both run again.
+        again = await jt.rerun_workflow(wf.id, from_steps=["b"], reason="retry")
+        assert again.parent_run_id == wf.id and again.rerun_reason == "retry"
+        assert [s.reused_from for s in again.steps] == ["", ""]
+        same = await jt.rerun_workflow(wf.id, request_id="fixed")
+        assert same.id == (await jt.rerun_workflow(wf.id, request_id="fixed")).id
+        page = await jt.list_workflows(root_run_id=wf.id, include_total=True)
+        assert page.total_size == 2
+
+    def use() -> tuple[int | None, int]:
+        with SyncClient(t) as jt:
+            job = jt.submit_job("nobody")
+            jt.cancel_job(job.id)
+            rerun = jt.rerun_job(job.id, reason="by hand")
+            assert rerun.parent_run_id == job.id
+            listed = jt.list_jobs(parent_run_id=job.id, include_total=True)
+            flows = jt.list_workflows(parent_run_id=wf.id)
+            return listed.total_size, len(flows.items)
+
+    assert await asyncio.to_thread(use) == (1, 2)
+    code, out, err = await jobtrace("rerun", wf.id, "--reason", "cli", "--json", target=t)
+    assert code == 0, err
+    made = json.loads(out)
+    assert made["parent_run_id"] == wf.id and made["rerun_reason"] == "cli"
+    code, out, _ = await jobtrace("workflows", "--root", wf.id, "--json", target=t)
+    assert code == 0 and len(json.loads(out)["workflows"]) == 3
+    code, out, _ = await jobtrace("workflows", "--parent", made["id"], "--total", target=t)
+    assert code == 0 and "0 shown of 0 matching" in out
+    code, out, err = await jobtrace("rerun", wf.id, "--from", "a", "b", "--reason", "x", target=t)
+    assert code == 0, err
+    assert f"(rerun of {wf.id})" in out and "runs again: a, b" in out
+    code, _, err = await jobtrace("rerun", wf.id, "--from", "nope", target=t)
+    assert code != 0 and "nope" in err and "Traceback" not in err
+    code, _, err = await jobtrace("rerun", wf.steps[0].job_id, target=t)
+    assert code != 0 and "rerun the workflow" in err and "Traceback" not in err

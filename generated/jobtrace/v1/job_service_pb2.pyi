@@ -1333,9 +1333,14 @@ class RerunWorkflowRequest(_message.Message):
     @_builtins.property
     def from_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Optional. Run these steps again, and every step downstream of them; the
-        others are carried over. Each a declared step of the workflow (not a
-        fan-out child), at most 1,000, no repeats. Not with failed_only. Neither
-        set: the whole workflow runs again (no step is carried over).
+        other COMPLETED steps are carried over (a step that did not complete
+        runs again, with its downstream, wherever the rerun point is). Each a
+        declared step of the workflow (not a fan-out child), at most 1,000, no
+        repeats; an unknown name is INVALID_ARGUMENT naming it. Not with
+        failed_only. Neither set: the whole workflow runs again (no step is
+        carried over). A fan-out step is carried over or rerun whole: carried
+        over, its result (its children's, in item order) is reused and its
+        children are not; rerun, it fans out anew.
         """
 
     def __init__(

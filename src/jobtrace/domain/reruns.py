@@ -4,7 +4,9 @@ it runs again, and the new run's lineage and trigger annotations.
 A rerun point is `from_steps` (those steps and everything downstream of
 them run again), `failed_only` (every declared step that did not complete,
 and everything downstream), or neither (the whole workflow, nothing carried
-over). A carried-over step is stored in the new run as a COMPLETED step whose
+over). Only a COMPLETED step is ever carried over: with from_steps, a step
+upstream of them that did not complete (cancelled with its run, say) runs
+again too. A carried-over step is stored in the new run as a COMPLETED step whose
 `reused_from` names the parent run's job: its result, attestations and
 annotations are that job's, referenced (never copied). A fan-out step is a
 unit: carried over, it brings its result (its children's, in item order)
@@ -57,7 +59,8 @@ def check(v: Violations, id_field: str, run_id: str, req: RerunRequest) -> None:
 
 def rerun_set(workflow_id: str, steps: Sequence[Job], req: RerunRequest) -> set[str]:
     """The declared steps (`steps`, in submission order) the new run runs
-    again: the rerun point and everything downstream of it. INVALID_ARGUMENT
+    again: the rerun point, the steps that did not complete, and everything
+    downstream of them. INVALID_ARGUMENT
     naming each unknown from_steps name; FAILED_PRECONDITION
     (NOTHING_TO_RERUN) for failed_only when every step completed."""
     names = [s.step_name for s in steps]
@@ -72,7 +75,9 @@ def rerun_set(workflow_id: str, steps: Sequence[Job], req: RerunRequest) -> set[
                     f" (its steps: {', '.join(names)})"[:1000],
                 )
         v.raise_if_any()
-        start = set(req.from_steps)
+        # A step that did not complete has no result to carry over: it runs
+        # again wherever the rerun point is.
+        start = set(req.from_steps) | {s.step_name for s in steps if s.state != RunState.COMPLETED}
     elif req.failed_only:
         start = {s.step_name for s in steps if s.state != RunState.COMPLETED}
         if not start:
