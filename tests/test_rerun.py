@@ -14,6 +14,7 @@ from jobtrace.client import Client, SyncClient
 from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
+from jobtrace.pb import trace_service_pb2 as tr
 from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, Stubs, expect_error
@@ -186,6 +187,17 @@ async def test_rerun_from_a_failed_step_reuses_upstream_and_keeps_lineage(
     carried = (await api.jobs.GetJob(j.GetJobRequest(job_id=new["b"].job_id))).job
     assert carried.state == c.RUN_STATE_COMPLETED and carried.attempt == 0
     assert carried.reused_from == old["b"].job_id and carried.workflow_id == second.id
+    assert carried.request_id == "r1"
+    # The new run's trace starts with what it reruns and why.
+    events = await api.trace.ListTraceEvents(
+        tr.ListTraceEventsRequest(run_id=second.id, view=tr.TRACE_EVENT_VIEW_FULL)
+    )
+    assert events.events[0].message == f"rerun of {first.id}: fixed c"
+    assert json_format.MessageToDict(events.events[0].data) == {
+        "parent_run_id": first.id,
+        "carried_over": ["a", "b"],
+        "runs_again": ["c", "d"],
+    }
 
     # Same request_id, same request: the same run. Different request: conflict.
     again = await rerun(api, first.id, "r1", from_steps=["c"], reason="fixed c")
@@ -284,6 +296,8 @@ async def test_rerun_job_runs_a_failed_job_again_with_lineage(harness: Harness) 
     assert json_format.MessageToDict(second.spec.payload) == {"n": 1}
     await run(raw, seen, {"job": {"ok": True}})
     assert seen[-1].job.id == second.id and seen[-1].attempt == 1
+    events = await api.trace.ListTraceEvents(tr.ListTraceEventsRequest(run_id=second.id))
+    assert events.events[0].message == f"rerun of {first.id}: retry by hand"
     second = (await api.jobs.AwaitJob(j.AwaitJobRequest(job_id=second.id))).job
     assert second.state == c.RUN_STATE_COMPLETED
     again = await api.jobs.RerunJob(

@@ -608,9 +608,7 @@ class Jobs:
             now = now_us()
             new_id_ = new_id(WORKFLOW_PREFIX)
             context = codec.loads(parent.request_context) or {}
-            jobs = [
-                _rerun_step(j, new_id_, now, caller, again, req.traceparent, context) for j in old
-            ]
+            jobs = [_rerun_step(j, new_id_, now, caller, again, req, context) for j in old]
             parent_run_id, root_run_id = reruns.lineage(workflow_id, parent.root_run_id)
             workflow = Workflow(
                 id=new_id_,
@@ -643,6 +641,24 @@ class Jobs:
                 request_hash=req.request_hash,
                 annotations=[reruns.trigger(workflow_id, req.reason, caller.subject)],
                 caller=caller,
+            )
+            carried = [j.step_name for j in jobs if j.reused_from]
+            await self._life.trace.record(
+                session,
+                tx,
+                workflow.tenant,
+                [
+                    reruns.created_event(
+                        new_id_,
+                        lifecycle.WORKFLOW_NODE,
+                        workflow_id,
+                        req,
+                        carried,
+                        [j.step_name for j in jobs if not j.reused_from],
+                        now,
+                        caller.subject,
+                    )
+                ],
             )
             # A fan-out step whose dependencies were all carried over fans
             # out now: no step completion of this run will start it.
@@ -741,6 +757,12 @@ class Jobs:
                     now_us=now,
                     redaction=self._life.trace.redaction,
                 ),
+            )
+            await self._life.trace.record(
+                session,
+                tx,
+                home,
+                [reruns.created_event(job.id, job.id, job_id, req, (), (), now, caller.subject)],
             )
             self._changed(tx, [stored])
             return stored, False
@@ -1194,7 +1216,7 @@ def _rerun_step(
     now: int,
     caller: Caller,
     again: set[str],
-    traceparent: str,
+    req: RerunRequest,
     context: JSON,
 ) -> Job:
     """A declared step of the parent run as a step of its rerun: run again
@@ -1204,7 +1226,7 @@ def _rerun_step(
     step = Job(
         id=new_id(JOB_PREFIX),
         tenant=old.tenant,
-        request_id=old.request_id,
+        request_id=req.request_id,
         spec=old.spec,
         state=RunState.PENDING,
         created_us=now,
@@ -1212,7 +1234,7 @@ def _rerun_step(
         workflow_id=workflow_id,
         step_name=old.step_name,
         depends_on=old.depends_on,
-        traceparent=traceparent or old.traceparent,
+        traceparent=req.traceparent or old.traceparent,
         submitted_by=caller.subject,
         for_each=old.for_each,
         step_number=old.step_number,

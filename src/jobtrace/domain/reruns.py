@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from jobtrace import conventions
 from jobtrace.domain.errors import FailedPrecondition, Violations
 from jobtrace.domain.validation import MAX_STEPS, check_id, check_request_id, check_text
-from jobtrace.model import AnnotationInput, Job, RunState
+from jobtrace.model import AnnotationInput, Category, Job, RunState, TraceEvent, TraceType
 
 MAX_REASON = 1000
 # ActorKind.USER (jobtrace.v1.ActorKind): a rerun's trigger is the caller's.
@@ -117,4 +117,33 @@ def trigger(parent_id: str, reason: str, subject: str) -> AnnotationInput:
             parent_run_id=parent_id,
             actor_id=subject or "anonymous",
         ),
+    )
+
+
+def created_event(
+    run_id: str,
+    node_id: str,
+    parent_id: str,
+    req: RerunRequest,
+    carried: Sequence[str],
+    fresh: Sequence[str],
+    now_us: int,
+    by: str,
+) -> TraceEvent:
+    """The new run's first trace event: what it reruns, why, and (a
+    workflow's) which steps it carries over and runs again."""
+    message = f"rerun of {parent_id}" + (f": {req.reason}" if req.reason else "")
+    data: dict[str, object] = {"parent_run_id": parent_id}
+    if carried or fresh:
+        data.update(carried_over=list(carried), runs_again=list(fresh))
+    return TraceEvent(
+        run_id=run_id,
+        node_id=node_id,
+        type=TraceType.LOG,
+        category=Category.BUSINESS,
+        message=message[:1000],
+        data=data,
+        traceparent=req.traceparent,
+        recorded_by=by,
+        ts_us=now_us,
     )
