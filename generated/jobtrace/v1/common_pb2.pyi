@@ -947,10 +947,12 @@ class Job(_message.Message):
     """
     reused_from: _builtins.str
     """Output only. Set on a step a workflow rerun carried over from its
-    parent run (COMPLETED without running): the parent's job whose result,
-    attestations and annotations it is (referenced, not copied: read the
-    result and evidence from that job; the workflow's inputs to downstream
-    steps and its outputs read them through it). Empty for a job that ran.
+    parent run (COMPLETED without running, attempt 0): the earlier job that
+    ran it, whose result, attestations and annotations it is. They are
+    referenced, not copied: this job has no result of its own (read it, and
+    the evidence, from that job); the rerun's downstream steps receive it as
+    input and its outputs include it, read through this reference. Empty
+    for a job that runs.
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec:

@@ -259,16 +259,19 @@ class JobServiceServicer:
     def RerunWorkflow(self, request, context):
         """Starts a new run of an ended workflow (COMPLETED, FAILED, CANCELLED,
         TERMINATED or TIMED_OUT; any other state is FAILED_PRECONDITION naming
-        it): the same definition (steps and payloads as stored, priority,
-        labels, outputs) and request context. The steps upstream of the rerun
-        point are carried over (COMPLETED, reused_from naming the parent's job:
-        their results, attestations and annotations are referenced, not
-        copied); the others run again as new jobs with fresh attempts. The new
-        run records parent_run_id and root_run_id, and the annotations
-        trigger.source = "rerun", trigger.reason and trigger.parent_run_id in
-        the transaction that creates it; its attestation names its parent's
-        (predicate parent: {run_id, attestation_digest}). The old run does not
-        change. Idempotent by request_id like SubmitWorkflow.
+        it), in the workflow's tenant: the same definition (steps and payloads
+        as stored, priority, labels, outputs) and request context. The
+        completed steps upstream of the rerun point are carried over
+        (COMPLETED, reused_from naming the job that ran them: their results,
+        attestations and annotations are referenced, not copied); the others
+        run again as new jobs with fresh attempts (from 1). The new run records
+        parent_run_id and root_run_id, and the annotations trigger.source =
+        "rerun", trigger.reason, trigger.parent_run_id and trigger.actor.id in
+        the transaction that creates it; its trace starts with a LOG event
+        naming the parent and the steps carried over and run again; its
+        attestation names its parent's last one (data.parent: {run_id,
+        attestation_digest}). The old run does not change. Idempotent by
+        request_id like SubmitWorkflow.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
