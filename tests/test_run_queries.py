@@ -276,6 +276,8 @@ async def test_page_tokens_are_bound_to_the_new_filters(harness: Harness) -> Non
         ("jobs", {"labels": {"team": "a"}}, {}),
         ("jobs", {"user_id": "alice"}, {"user_id": "bob"}),
         ("jobs", {"worker_id": "w-1"}, {"worker_id": "w-2"}),
+        ("jobs", {}, {"parent_run_id": "job_x"}),
+        ("jobs", {}, {"root_run_id": "job_x"}),
         ("jobs", {"created_after": s.render_alice.created_at}, {}),
         (
             "jobs",
@@ -345,6 +347,8 @@ async def test_bad_run_filters_name_the_field(harness: Harness) -> None:
         ({"user_id": "u" * 257}, "user_id"),
         ({"user_id": "a\nb"}, "user_id"),
         ({"worker_id": "w" * 129}, "worker_id"),
+        ({"parent_run_id": "j" * 65}, "parent_run_id"),
+        ({"root_run_id": "a\tb"}, "root_run_id"),
         ({"created_after": ts(2000), "created_before": ts(1000)}, "created_before"),
         ({"created_after": ts(0, -1)}, "created_after"),
         ({"created_before": ts(0, 1_000_000_000)}, "created_before"),
@@ -367,6 +371,8 @@ async def test_bad_run_filters_name_the_field(harness: Harness) -> None:
         ({"labels": too_many}, "labels"),
         ({"created_after": ts(2000), "created_before": ts(1999, 999_999_999)}, "created_before"),
         ({"user_id": "u" * 257}, "user_id"),
+        ({"parent_run_id": "w" * 65}, "parent_run_id"),
+        ({"root_run_id": "w" * 65}, "root_run_id"),
     ]
     for filters, field in workflow_cases:
         _, _, violations = await expect_error(
@@ -482,6 +488,13 @@ async def test_each_run_filter_uses_its_index(harness: Harness) -> None:
             job_store.RunQuery(user_id="user-42", labels=(("env", "prod"),)),
             "ix_jobs_tenant_user_seq",
         ),
+        # A run's reruns (0021): one level, the chain, the chain in a state.
+        (job_store.RunQuery(parent_run_id="job_x"), "ix_jobs_tenant_parent_seq"),
+        (job_store.RunQuery(root_run_id="job_x"), "ix_jobs_tenant_root_seq"),
+        (
+            job_store.RunQuery(root_run_id="job_x", state=RunState.FAILED),
+            "ix_jobs_tenant_root_seq",
+        ),
         (
             job_store.RunQuery(service="svc-3", state=RunState.COMPLETED),
             # PostgreSQL may read the dispatch index (state, service) and sort.
@@ -512,6 +525,12 @@ async def test_each_run_filter_uses_its_index(harness: Harness) -> None:
             "ix_workflows_tenant_created",
         ),
         (job_store.RunQuery(labels=(("batch", "b-1"),)), "workflow_labels"),
+        (job_store.RunQuery(parent_run_id="wf_x"), "ix_workflows_tenant_parent_seq"),
+        (job_store.RunQuery(root_run_id="wf_x"), "ix_workflows_tenant_root_seq"),
+        (
+            job_store.RunQuery(root_run_id="wf_x", name="nightly-3"),
+            "ix_workflows_tenant_root_seq",
+        ),
     ]
     for query, index in workflows:
         plan = await plan_of(url, first_page(job_store.workflow_keyset(t, query, ranked=lite)))

@@ -198,6 +198,9 @@ MATRIX: dict[str, tuple[str, ...]] = {
     "SummarizeFailures": (OK, OK, PD, OK, OK, OK, PD, OK),
     # A feed of the caller's own tenant (an admin's: every tenant).
     "WatchRuns": (OK, OK, PD, OK, OK, OK, PD, OK),
+    # A new run of an ended one, in the run's tenant (an admin's: any).
+    "RerunWorkflow": (PD, OK, PD, OK, PD, NF, PD, OK),
+    "RerunJob": (PD, OK, PD, OK, PD, NF, PD, OK),
     "Connect": (PD, PD, OK, OK, PD, PD, OK, OK),
     # The job has ended: its own worker (m) is told so; anyone else, nothing.
     "GetStepResult": (PD, PD, "FAILED_PRECONDITION", PD, PD, PD, NF, PD),
@@ -319,8 +322,29 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
         ).workflow
         await api.jobs.TerminateWorkflow(j.TerminateWorkflowRequest(workflow_id=wf.id), metadata=md)
 
+    async def ended_wf_rerun(md: Any) -> None:
+        admin = bearer(token("admin", "acme"))
+        wf = (
+            await api.jobs.SubmitWorkflow(
+                j.SubmitWorkflowRequest(
+                    request_id=f"rw{n}",
+                    name="w",
+                    steps=[c.WorkflowStepSpec(name="a", job=c.JobSpec(service="zz"))],
+                ),
+                metadata=admin,
+            )
+        ).workflow
+        await api.jobs.CancelWorkflow(j.CancelWorkflowRequest(workflow_id=wf.id), metadata=admin)
+        await api.jobs.RerunWorkflow(
+            j.RerunWorkflowRequest(workflow_id=wf.id, request_id=f"rr{n}"), metadata=md
+        )
+
     attrs = {"decision.outcome": struct_pb2.Value(string_value="ok")}
     return {
+        "RerunWorkflow": ended_wf_rerun,
+        "RerunJob": lambda md: api.jobs.RerunJob(
+            j.RerunJobRequest(job_id=ids["job"], request_id=f"rj{n}"), metadata=md
+        ),
         "SubmitJob": lambda md: api.jobs.SubmitJob(
             j.SubmitJobRequest(request_id=f"s{n}", job=c.JobSpec(service="zz")), metadata=md
         ),

@@ -234,6 +234,12 @@ class Job:
     # standalone job. Every event of the step carries them.
     step_number: int = 0
     total_steps: int = 0
+    # A standalone job's rerun lineage: the job it reruns and the first job
+    # of its chain ('' when it is no rerun).
+    parent_run_id: str = ""
+    root_run_id: str = ""
+    # A step a workflow rerun carried over: the parent run's job it reuses.
+    reused_from: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +278,8 @@ class WorkflowStep:
     attempt: int
     progress_percent: float = 0.0
     progress_message: str = ""
+    # Carried over by a rerun: the parent run's job it reuses ('' otherwise).
+    reused_from: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +311,12 @@ class Workflow:
     @property
     def timeout_us(self) -> int:
         return self.deadline_us - self.created_us if self.deadline_us else 0
+
+    # A rerun's lineage: the run it reruns, the first run of its chain, why
+    # ('' when it is no rerun).
+    parent_run_id: str = ""
+    root_run_id: str = ""
+    rerun_reason: str = ""
 
     @property
     def completed_steps(self) -> int:

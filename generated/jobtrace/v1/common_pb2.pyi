@@ -895,6 +895,9 @@ class Job(_message.Message):
     SUBMITTED_BY_FIELD_NUMBER: _builtins.int
     RESULT_JSON_FIELD_NUMBER: _builtins.int
     WAITING_REASON_FIELD_NUMBER: _builtins.int
+    PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
+    ROOT_RUN_ID_FIELD_NUMBER: _builtins.int
+    REUSED_FROM_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The job's id."""
     workflow_id: _builtins.str
@@ -931,6 +934,25 @@ class Job(_message.Message):
     replica answering sees its connected workers at the time of the call
     (unset for any other state). Set by GetJob and SubmitJob; unset in
     listings.
+    """
+    parent_run_id: _builtins.str
+    """Output only. The job this one reruns (RerunJob): a standalone job whose
+    spec and request context it repeats; empty for a job that is no rerun
+    and for a workflow step (its workflow carries the lineage).
+    """
+    root_run_id: _builtins.str
+    """Output only. The first job of this job's chain of reruns (the parent's
+    root_run_id, or the parent itself when that is no rerun); empty for a
+    job that is no rerun.
+    """
+    reused_from: _builtins.str
+    """Output only. Set on a step a workflow rerun carried over from its
+    parent run (COMPLETED without running, attempt 0): the earlier job that
+    ran it, whose result, attestations and annotations it is. They are
+    referenced, not copied: this job has no result of its own (read it, and
+    the evidence, from that job); the rerun's downstream steps receive it as
+    input and its outputs include it, read through this reference. Empty
+    for a job that runs.
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
@@ -1008,10 +1030,13 @@ class Job(_message.Message):
         submitted_by: _builtins.str = ...,
         result_json: _builtins.bytes = ...,
         waiting_reason: Global___WaitingReason.ValueType = ...,
+        parent_run_id: _builtins.str = ...,
+        root_run_id: _builtins.str = ...,
+        reused_from: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "id", b"id", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "request_id", b"request_id", "result", b"result", "result_json", b"result_json", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step_name", b"step_name", "submitted_by", b"submitted_by", "tenant", b"tenant", "traceparent", b"traceparent", "updated_at", b"updated_at", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "id", b"id", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "parent_run_id", b"parent_run_id", "progress", b"progress", "request_id", b"request_id", "result", b"result", "result_json", b"result_json", "reused_from", b"reused_from", "root_run_id", b"root_run_id", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step_name", b"step_name", "submitted_by", b"submitted_by", "tenant", b"tenant", "traceparent", b"traceparent", "updated_at", b"updated_at", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1149,6 +1174,7 @@ class WorkflowStep(_message.Message):
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
+    REUSED_FROM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. The step's name."""
     job_id: _builtins.str
@@ -1157,6 +1183,11 @@ class WorkflowStep(_message.Message):
     """Output only. The job's state."""
     attempt: _builtins.int
     """Output only. The job's current or last attempt."""
+    reused_from: _builtins.str
+    """Output only. Set when a rerun carried this step over from the parent
+    run: the parent's job that ran it (see Job.reused_from). Empty for a
+    step that runs in this run.
+    """
     @_builtins.property
     def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Output only. The steps this one waits for."""
@@ -1176,10 +1207,11 @@ class WorkflowStep(_message.Message):
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
         attempt: _builtins.int = ...,
         progress: Global___JobProgress | None = ...,
+        reused_from: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "depends_on", b"depends_on", "job_id", b"job_id", "name", b"name", "progress", b"progress", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "depends_on", b"depends_on", "job_id", b"job_id", "name", b"name", "progress", b"progress", "reused_from", b"reused_from", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1261,6 +1293,9 @@ class Workflow(_message.Message):
     OUTPUT_REFS_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
+    ROOT_RUN_ID_FIELD_NUMBER: _builtins.int
+    RERUN_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The workflow's id."""
     name: _builtins.str
@@ -1288,6 +1323,20 @@ class Workflow(_message.Message):
     """Output only. outputs as exact JSON (a UTF-8 JSON object): integers stay
     integers. Set instead of outputs when the call carries the metadata
     `jobtrace-json: exact` (see JobSpec.payload_json).
+    """
+    parent_run_id: _builtins.str
+    """Output only. The run this one reruns (RerunWorkflow); empty for a
+    workflow that is no rerun.
+    """
+    root_run_id: _builtins.str
+    """Output only. The first run of this run's chain of reruns (the parent's
+    root_run_id, or the parent itself when that is no rerun); empty for a
+    workflow that is no rerun.
+    """
+    rerun_reason: _builtins.str
+    """Output only. Why it was rerun, as RerunWorkflowRequest.reason gave it
+    (also its trigger.reason annotation); empty for a workflow that is no
+    rerun.
     """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkflowStep]:
@@ -1371,10 +1420,13 @@ class Workflow(_message.Message):
         output_refs: _abc.Iterable[Global___StepResultRef] | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        parent_run_id: _builtins.str = ...,
+        root_run_id: _builtins.str = ...,
+        rerun_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "deadline", b"deadline", "failure", b"failure", "outputs", b"outputs", "progress", b"progress", "started_at", b"started_at", "timeout", b"timeout", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "deadline", b"deadline", "failure", b"failure", "id", b"id", "labels", b"labels", "name", b"name", "output_refs", b"output_refs", "outputs", b"outputs", "outputs_json", b"outputs_json", "priority", b"priority", "progress", b"progress", "request_id", b"request_id", "started_at", b"started_at", "state", b"state", "steps", b"steps", "submitted_by", b"submitted_by", "tenant", b"tenant", "timeout", b"timeout", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "deadline", b"deadline", "failure", b"failure", "id", b"id", "labels", b"labels", "name", b"name", "output_refs", b"output_refs", "outputs", b"outputs", "outputs_json", b"outputs_json", "parent_run_id", b"parent_run_id", "priority", b"priority", "progress", b"progress", "request_id", b"request_id", "rerun_reason", b"rerun_reason", "root_run_id", b"root_run_id", "started_at", b"started_at", "state", b"state", "steps", b"steps", "submitted_by", b"submitted_by", "tenant", b"tenant", "timeout", b"timeout", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

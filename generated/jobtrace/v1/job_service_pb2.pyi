@@ -405,6 +405,8 @@ class ListJobsRequest(_message.Message):
     CREATED_AFTER_FIELD_NUMBER: _builtins.int
     CREATED_BEFORE_FIELD_NUMBER: _builtins.int
     INCLUDE_TOTAL_FIELD_NUMBER: _builtins.int
+    PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
+    ROOT_RUN_ID_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Optional. Items per page; 1-1000, 0 means 100."""
     page_token: _builtins.str
@@ -429,6 +431,14 @@ class ListJobsRequest(_message.Message):
     include_total: _builtins.bool
     """Optional. When true, total_size counts every job matching the filters
     (all pages, not only this one); costs one more indexed count.
+    """
+    parent_run_id: _builtins.str
+    """Optional. Only the jobs that rerun this job (RerunJob), one level; at
+    most 64 characters.
+    """
+    root_run_id: _builtins.str
+    """Optional. Only the reruns, at any depth, of the chain that started with
+    this job (not the job itself); at most 64 characters.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -462,10 +472,12 @@ class ListJobsRequest(_message.Message):
         created_after: _timestamp_pb2.Timestamp | None = ...,
         created_before: _timestamp_pb2.Timestamp | None = ...,
         include_total: _builtins.bool = ...,
+        parent_run_id: _builtins.str = ...,
+        root_run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "include_total", b"include_total", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "service", b"service", "state", b"state", "user_id", b"user_id", "view", b"view", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "include_total", b"include_total", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "parent_run_id", b"parent_run_id", "root_run_id", b"root_run_id", "service", b"service", "state", b"state", "user_id", b"user_id", "view", b"view", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -545,6 +557,8 @@ class ListWorkflowsRequest(_message.Message):
     CREATED_AFTER_FIELD_NUMBER: _builtins.int
     CREATED_BEFORE_FIELD_NUMBER: _builtins.int
     INCLUDE_TOTAL_FIELD_NUMBER: _builtins.int
+    PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
+    ROOT_RUN_ID_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Optional. Items per page; 1-1000, 0 means 100."""
     page_token: _builtins.str
@@ -562,6 +576,14 @@ class ListWorkflowsRequest(_message.Message):
     include_total: _builtins.bool
     """Optional. When true, total_size counts every workflow matching the
     filters (all pages, not only this one); costs one more indexed count.
+    """
+    parent_run_id: _builtins.str
+    """Optional. Only the workflows that rerun this workflow (RerunWorkflow),
+    one level; at most 64 characters.
+    """
+    root_run_id: _builtins.str
+    """Optional. Only the reruns, at any depth, of the chain that started with
+    this workflow (not the workflow itself); at most 64 characters.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -593,10 +615,12 @@ class ListWorkflowsRequest(_message.Message):
         created_after: _timestamp_pb2.Timestamp | None = ...,
         created_before: _timestamp_pb2.Timestamp | None = ...,
         include_total: _builtins.bool = ...,
+        parent_run_id: _builtins.str = ...,
+        root_run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "include_total", b"include_total", "labels", b"labels", "name", b"name", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "user_id", b"user_id", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "include_total", b"include_total", "labels", b"labels", "name", b"name", "page_size", b"page_size", "page_token", b"page_token", "parent_run_id", b"parent_run_id", "root_run_id", b"root_run_id", "state", b"state", "user_id", b"user_id", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1388,3 +1412,151 @@ class TerminateWorkflowResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TerminateWorkflowResponse: _TypeAlias = TerminateWorkflowResponse  # noqa: Y015
+
+@_typing.final
+class RerunWorkflowRequest(_message.Message):
+    """Request of RerunWorkflow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    FROM_STEPS_FIELD_NUMBER: _builtins.int
+    FAILED_ONLY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    workflow_id: _builtins.str
+    """Required. The ended workflow to run again."""
+    failed_only: _builtins.bool
+    """Optional. Run again every declared step that did not complete, and every
+    step downstream of them; the completed others are carried over. Not
+    with from_steps. FAILED_PRECONDITION (NOTHING_TO_RERUN) when every step
+    completed.
+    """
+    request_id: _builtins.str
+    """Required. The idempotency key, unique per tenant across jobs, workflows
+    and reruns; 1-256 printable characters. The same key with the same
+    request returns the same new run (deduplicated); with a different
+    request it is ALREADY_EXISTS.
+    """
+    reason: _builtins.str
+    """Optional. Why it is rerun: recorded as rerun_reason and the
+    trigger.reason annotation ("rerun" when empty); at most 1,000
+    characters.
+    """
+    @_builtins.property
+    def from_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional. Run these steps again, and every step downstream of them; the
+        other COMPLETED steps are carried over (a step that did not complete
+        runs again, with its downstream, wherever the rerun point is). Each a
+        declared step of the workflow (not a fan-out child), at most 1,000, no
+        repeats; an unknown name is INVALID_ARGUMENT naming it. Not with
+        failed_only. Neither set: the whole workflow runs again (no step is
+        carried over). A fan-out step is carried over or rerun whole: carried
+        over, its result (its children's, in item order) is reused and its
+        children are not; rerun, it fans out anew.
+        """
+
+    def __init__(
+        self,
+        *,
+        workflow_id: _builtins.str = ...,
+        from_steps: _abc.Iterable[_builtins.str] | None = ...,
+        failed_only: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_only", b"failed_only", "from_steps", b"from_steps", "reason", b"reason", "request_id", b"request_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerunWorkflowRequest: _TypeAlias = RerunWorkflowRequest  # noqa: Y015
+
+@_typing.final
+class RerunWorkflowResponse(_message.Message):
+    """Response of RerunWorkflow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    DEDUPLICATED_FIELD_NUMBER: _builtins.int
+    deduplicated: _builtins.bool
+    """True when request_id matched an identical earlier rerun."""
+    @_builtins.property
+    def workflow(self) -> _common_pb2.Workflow:
+        """The new run, or the one an identical earlier rerun created."""
+
+    def __init__(
+        self,
+        *,
+        workflow: _common_pb2.Workflow | None = ...,
+        deduplicated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["workflow", b"workflow"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deduplicated", b"deduplicated", "workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerunWorkflowResponse: _TypeAlias = RerunWorkflowResponse  # noqa: Y015
+
+@_typing.final
+class RerunJobRequest(_message.Message):
+    """Request of RerunJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Required. The ended standalone job to run again."""
+    request_id: _builtins.str
+    """Required. The idempotency key, as RerunWorkflowRequest.request_id."""
+    reason: _builtins.str
+    """Optional. Why it is rerun: recorded as the trigger.reason annotation
+    ("rerun" when empty); at most 1,000 characters.
+    """
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerunJobRequest: _TypeAlias = RerunJobRequest  # noqa: Y015
+
+@_typing.final
+class RerunJobResponse(_message.Message):
+    """Response of RerunJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    DEDUPLICATED_FIELD_NUMBER: _builtins.int
+    deduplicated: _builtins.bool
+    """True when request_id matched an identical earlier rerun."""
+    @_builtins.property
+    def job(self) -> _common_pb2.Job:
+        """The new job, or the one an identical earlier rerun created."""
+
+    def __init__(
+        self,
+        *,
+        job: _common_pb2.Job | None = ...,
+        deduplicated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deduplicated", b"deduplicated", "job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerunJobResponse: _TypeAlias = RerunJobResponse  # noqa: Y015

@@ -115,6 +115,16 @@ class JobServiceStub:
                 request_serializer=jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowRequest.SerializeToString,
                 response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowResponse.FromString,
                 _registered_method=True)
+        self.RerunWorkflow = channel.unary_unary(
+                '/jobtrace.v1.JobService/RerunWorkflow',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowResponse.FromString,
+                _registered_method=True)
+        self.RerunJob = channel.unary_unary(
+                '/jobtrace.v1.JobService/RerunJob',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.RerunJobRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.RerunJobResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -281,6 +291,37 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RerunWorkflow(self, request, context):
+        """Starts a new run of an ended workflow (COMPLETED, FAILED, CANCELLED,
+        TERMINATED or TIMED_OUT; any other state is FAILED_PRECONDITION naming
+        it), in the workflow's tenant: the same definition (steps and payloads
+        as stored, priority, labels, outputs) and request context. The
+        completed steps upstream of the rerun point are carried over
+        (COMPLETED, reused_from naming the job that ran them: their results,
+        attestations and annotations are referenced, not copied); the others
+        run again as new jobs with fresh attempts (from 1). The new run records
+        parent_run_id and root_run_id, and the annotations trigger.source =
+        "rerun", trigger.reason, trigger.parent_run_id and trigger.actor.id in
+        the transaction that creates it; its trace starts with a LOG event
+        naming the parent and the steps carried over and run again; its
+        attestation names its parent's last one (data.parent: {run_id,
+        attestation_digest}). The old run does not change. Idempotent by
+        request_id like SubmitWorkflow.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RerunJob(self, request, context):
+        """Starts a new run of an ended standalone job (as RerunWorkflow: the same
+        spec and request context, a new job with fresh attempts, lineage,
+        trigger annotations, the parent named by its attestations). A workflow
+        step is rerun with its workflow: INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -363,6 +404,16 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.TerminateWorkflow,
                     request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowRequest.FromString,
                     response_serializer=jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowResponse.SerializeToString,
+            ),
+            'RerunWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.RerunWorkflow,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowResponse.SerializeToString,
+            ),
+            'RerunJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RerunJob,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.RerunJobRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.RerunJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -798,6 +849,60 @@ class JobService:
             '/jobtrace.v1.JobService/TerminateWorkflow',
             jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowRequest.SerializeToString,
             jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerunWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/RerunWorkflow',
+            jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerunJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/RerunJob',
+            jobtrace_dot_v1_dot_job__service__pb2.RerunJobRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.RerunJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

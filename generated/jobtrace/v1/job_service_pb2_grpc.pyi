@@ -126,6 +126,29 @@ class JobServiceStub:
     FAILED_PRECONDITION naming the current state. Attested
     (WORKFLOW_TERMINATION).
     """
+    RerunWorkflow: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.RerunWorkflowRequest, _job_service_pb2.RerunWorkflowResponse]
+    """Starts a new run of an ended workflow (COMPLETED, FAILED, CANCELLED,
+    TERMINATED or TIMED_OUT; any other state is FAILED_PRECONDITION naming
+    it), in the workflow's tenant: the same definition (steps and payloads
+    as stored, priority, labels, outputs) and request context. The
+    completed steps upstream of the rerun point are carried over
+    (COMPLETED, reused_from naming the job that ran them: their results,
+    attestations and annotations are referenced, not copied); the others
+    run again as new jobs with fresh attempts (from 1). The new run records
+    parent_run_id and root_run_id, and the annotations trigger.source =
+    "rerun", trigger.reason, trigger.parent_run_id and trigger.actor.id in
+    the transaction that creates it; its trace starts with a LOG event
+    naming the parent and the steps carried over and run again; its
+    attestation names its parent's last one (data.parent: {run_id,
+    attestation_digest}). The old run does not change. Idempotent by
+    request_id like SubmitWorkflow.
+    """
+    RerunJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.RerunJobRequest, _job_service_pb2.RerunJobResponse]
+    """Starts a new run of an ended standalone job (as RerunWorkflow: the same
+    spec and request context, a new job with fresh attempts, lineage,
+    trigger annotations, the parent named by its attestations). A workflow
+    step is rerun with its workflow: INVALID_ARGUMENT.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -224,6 +247,29 @@ class JobServiceAsyncStub(JobServiceStub):
     QUEUED, RUNNING, WAITING_FOR_HUMAN or PAUSED; otherwise
     FAILED_PRECONDITION naming the current state. Attested
     (WORKFLOW_TERMINATION).
+    """
+    RerunWorkflow: _aio.UnaryUnaryMultiCallable[_job_service_pb2.RerunWorkflowRequest, _job_service_pb2.RerunWorkflowResponse]  # type: ignore[assignment]
+    """Starts a new run of an ended workflow (COMPLETED, FAILED, CANCELLED,
+    TERMINATED or TIMED_OUT; any other state is FAILED_PRECONDITION naming
+    it), in the workflow's tenant: the same definition (steps and payloads
+    as stored, priority, labels, outputs) and request context. The
+    completed steps upstream of the rerun point are carried over
+    (COMPLETED, reused_from naming the job that ran them: their results,
+    attestations and annotations are referenced, not copied); the others
+    run again as new jobs with fresh attempts (from 1). The new run records
+    parent_run_id and root_run_id, and the annotations trigger.source =
+    "rerun", trigger.reason, trigger.parent_run_id and trigger.actor.id in
+    the transaction that creates it; its trace starts with a LOG event
+    naming the parent and the steps carried over and run again; its
+    attestation names its parent's last one (data.parent: {run_id,
+    attestation_digest}). The old run does not change. Idempotent by
+    request_id like SubmitWorkflow.
+    """
+    RerunJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.RerunJobRequest, _job_service_pb2.RerunJobResponse]  # type: ignore[assignment]
+    """Starts a new run of an ended standalone job (as RerunWorkflow: the same
+    spec and request context, a new job with fresh attempts, lineage,
+    trigger annotations, the parent named by its attestations). A workflow
+    step is rerun with its workflow: INVALID_ARGUMENT.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -416,6 +462,41 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         QUEUED, RUNNING, WAITING_FOR_HUMAN or PAUSED; otherwise
         FAILED_PRECONDITION naming the current state. Attested
         (WORKFLOW_TERMINATION).
+        """
+
+    @_abc_1.abstractmethod
+    def RerunWorkflow(
+        self,
+        request: _job_service_pb2.RerunWorkflowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.RerunWorkflowResponse, _abc.Awaitable[_job_service_pb2.RerunWorkflowResponse]]:
+        """Starts a new run of an ended workflow (COMPLETED, FAILED, CANCELLED,
+        TERMINATED or TIMED_OUT; any other state is FAILED_PRECONDITION naming
+        it), in the workflow's tenant: the same definition (steps and payloads
+        as stored, priority, labels, outputs) and request context. The
+        completed steps upstream of the rerun point are carried over
+        (COMPLETED, reused_from naming the job that ran them: their results,
+        attestations and annotations are referenced, not copied); the others
+        run again as new jobs with fresh attempts (from 1). The new run records
+        parent_run_id and root_run_id, and the annotations trigger.source =
+        "rerun", trigger.reason, trigger.parent_run_id and trigger.actor.id in
+        the transaction that creates it; its trace starts with a LOG event
+        naming the parent and the steps carried over and run again; its
+        attestation names its parent's last one (data.parent: {run_id,
+        attestation_digest}). The old run does not change. Idempotent by
+        request_id like SubmitWorkflow.
+        """
+
+    @_abc_1.abstractmethod
+    def RerunJob(
+        self,
+        request: _job_service_pb2.RerunJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.RerunJobResponse, _abc.Awaitable[_job_service_pb2.RerunJobResponse]]:
+        """Starts a new run of an ended standalone job (as RerunWorkflow: the same
+        spec and request context, a new job with fresh attempts, lineage,
+        trigger annotations, the parent named by its attestations). A workflow
+        step is rerun with its workflow: INVALID_ARGUMENT.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -20,6 +20,7 @@ from jobtrace.domain.jobs import (
     StepSubmission,
     WorkflowSubmission,
 )
+from jobtrace.domain.reruns import RerunRequest
 from jobtrace.domain.run_feed import RunChange
 from jobtrace.domain.search import Found, SearchRequest
 from jobtrace.model import (
@@ -74,6 +75,8 @@ def run_filter(request: Any, *, jobs: bool) -> Any:
         created_after=instant(request, "created_after"),
         created_before=instant(request, "created_before"),
         include_total=request.include_total,
+        parent_run_id=request.parent_run_id,
+        root_run_id=request.root_run_id,
     )
 
 
@@ -289,6 +292,19 @@ def job_submission(request: Any, traceparent: str = "") -> JobSubmission:
     )
 
 
+def rerun_request(request: Any, traceparent: str = "") -> RerunRequest:
+    """A RerunWorkflowRequest or RerunJobRequest for the domain."""
+    workflow = isinstance(request, job_service_pb2.RerunWorkflowRequest)
+    return RerunRequest(
+        request_id=request.request_id,
+        request_hash=request_hash(request),
+        reason=request.reason,
+        from_steps=tuple(request.from_steps) if workflow else (),
+        failed_only=request.failed_only if workflow else False,
+        traceparent=traceparent,
+    )
+
+
 def workflow_submission(request: Any, traceparent: str = "") -> WorkflowSubmission:
     steps = []
     for i, step in enumerate(request.steps):
@@ -455,6 +471,9 @@ def job_to_proto(
         first_started_at=us_to_ts(job.first_started_us),
         submitted_by=job.submitted_by,
         waiting_reason=waiting_reason,  # type: ignore[arg-type]
+        parent_run_id=job.parent_run_id,
+        root_run_id=job.root_run_id,
+        reused_from=job.reused_from,
     )
 
 
@@ -479,6 +498,7 @@ def workflow_to_proto(w: Workflow, exact: bool = False) -> common_pb2.Workflow:
                 progress=common_pb2.JobProgress(
                     percent=s.progress_percent, message=s.progress_message
                 ),
+                reused_from=s.reused_from,
             )
             for s in w.steps
         ],
@@ -502,6 +522,9 @@ def workflow_to_proto(w: Workflow, exact: bool = False) -> common_pb2.Workflow:
         output_refs=output_refs,
         timeout=us_to_duration(w.timeout_us) if w.deadline_us else None,
         deadline=us_to_ts(w.deadline_us) if w.deadline_us else None,
+        parent_run_id=w.parent_run_id,
+        root_run_id=w.root_run_id,
+        rerun_reason=w.rerun_reason,
     )
 
 

@@ -262,6 +262,38 @@ class JobServicer(pb_grpc.JobServiceServicer):
         return pb.SummarizeFailuresResponse(groups=[convert.failure_group(g) for g in groups])
 
     @rpc
+    async def RerunWorkflow(
+        self, request: pb.RerunWorkflowRequest, context: Any
+    ) -> pb.RerunWorkflowResponse:
+        principal = self._auth.require(context, Role.SUBMITTER)
+        workflow, deduplicated = await self._jobs.rerun_workflow(
+            principal.read_scope,
+            request.workflow_id,
+            convert.rerun_request(request, traceparent(context)),
+            Caller(principal.subject, principal.may(Role.REVIEWER)),
+        )
+        return pb.RerunWorkflowResponse(
+            workflow=convert.workflow_to_proto(workflow, convert.wants_exact_json(context)),
+            deduplicated=deduplicated,
+        )
+
+    @rpc
+    async def RerunJob(self, request: pb.RerunJobRequest, context: Any) -> pb.RerunJobResponse:
+        principal = self._auth.require(context, Role.SUBMITTER)
+        job, deduplicated = await self._jobs.rerun_job(
+            principal.read_scope,
+            request.job_id,
+            convert.rerun_request(request, traceparent(context)),
+            Caller(principal.subject, principal.may(Role.REVIEWER)),
+        )
+        return pb.RerunJobResponse(
+            job=convert.job_to_proto(
+                job, exact=convert.wants_exact_json(context), waiting_reason=self._reason(job)
+            ),
+            deduplicated=deduplicated,
+        )
+
+    @rpc
     async def WatchRuns(
         self, request: pb.WatchRunsRequest, context: Any
     ) -> AsyncIterator[pb.WatchRunsResponse]:

@@ -1,4 +1,4 @@
-"""CLI commands that talk to a running server: submit, watch, get, cancel, terminate, jobs,
+"""CLI commands that talk to a running server: submit, watch, get, cancel, terminate, rerun, jobs,
 workflows, trace, attest, annotate, annotations, failures, keys list|export."""
 
 from __future__ import annotations
@@ -274,6 +274,36 @@ async def terminate(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+async def rerun(args: argparse.Namespace, client: Client) -> int:
+    """A new run of an ended job or workflow, with its lineage."""
+    if _kind(args.id) == "workflow":
+        workflow = await client.rerun_workflow(
+            args.id,
+            from_steps=args.from_steps or (),
+            failed_only=args.failed_only,
+            reason=args.reason,
+            request_id=args.request_id,
+        )
+        if args.json:
+            print_json(as_json(workflow))
+            return 0
+        print(f"{workflow.id}: {state_name(workflow.state)} (rerun of {workflow.parent_run_id})")
+        reused = [s.name for s in workflow.steps if s.reused_from]
+        fresh = [s.name for s in workflow.steps if not s.reused_from]
+        if reused:
+            print("carried over: " + ", ".join(reused))
+        print("runs again: " + ", ".join(fresh))
+        return 0
+    if args.from_steps or args.failed_only:
+        raise ValueError("--from and --failed-only are for a workflow; a job is rerun whole")
+    job = await client.rerun_job(args.id, reason=args.reason, request_id=args.request_id)
+    if args.json:
+        print_json(as_json(job))
+    else:
+        print(f"{job.id}: {state_name(job.state)} (rerun of {job.parent_run_id})")
+    return 0
+
+
 def _kind(run_id: str) -> str:
     kind = run_kind(run_id)
     if not kind:
@@ -417,6 +447,8 @@ async def jobs(args: argparse.Namespace, client: Client) -> int:
             service=args.service or "",
             workflow_id=args.workflow or "",
             worker_id=args.worker or "",
+            parent_run_id=args.parent or "",
+            root_run_id=args.root or "",
             **filters,
             page_size=min(args.limit, 1000),
             page_token=t,
@@ -453,6 +485,8 @@ async def workflows(args: argparse.Namespace, client: Client) -> int:
         lambda t: client.list_workflows(
             state=args.state,
             name=args.name or "",
+            parent_run_id=args.parent or "",
+            root_run_id=args.root or "",
             **filters,
             page_size=min(args.limit, 1000),
             page_token=t,
@@ -939,6 +973,29 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
     p.add_argument("--reason", default="", help="recorded with the termination")
     p.set_defaults(func=run_command(terminate))
 
+    p = sub.add_parser(
+        "rerun",
+        parents=[conn, out],
+        help="run an ended job or workflow again, as a new run with lineage",
+    )
+    p.add_argument("id", help="job id (job_...) or workflow id (wf_...)")
+    p.add_argument(
+        "--from",
+        dest="from_steps",
+        nargs="+",
+        action="extend",
+        metavar="STEP",
+        help="run these steps and everything downstream again; carry the others over",
+    )
+    p.add_argument(
+        "--failed-only",
+        action="store_true",
+        help="run the steps that did not complete (and downstream) again",
+    )
+    p.add_argument("--reason", default="", help="why (recorded as trigger.reason)")
+    p.add_argument("--request-id", help="idempotency key (default: a new one)")
+    p.set_defaults(func=run_command(rerun))
+
     across = argparse.ArgumentParser(add_help=False)
     across.add_argument(
         "--label", action="append", metavar="KEY=VALUE", help="only with this label (repeatable)"
@@ -962,6 +1019,8 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
     p.add_argument("--service", help="only jobs of this service")
     p.add_argument("--workflow", help="only the steps of this workflow")
     p.add_argument("--worker", help="only jobs whose latest attempt ran on this worker id")
+    p.add_argument("--parent", help="only the reruns of this job (one level)")
+    p.add_argument("--root", help="only the reruns, at any depth, of the chain started by this job")
     p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     p.set_defaults(func=run_command(jobs))
 
@@ -970,6 +1029,10 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
     )
     p.add_argument("--state", choices=states, type=str.upper, help="only workflows in this state")
     p.add_argument("--name", help="only workflows of this name")
+    p.add_argument("--parent", help="only the reruns of this workflow (one level)")
+    p.add_argument(
+        "--root", help="only the reruns, at any depth, of the chain started by this workflow"
+    )
     p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     p.set_defaults(func=run_command(workflows))
 

@@ -400,6 +400,8 @@ class Client:
         page_size: int = 0,
         page_token: str = "",
         view: int | str | None = None,
+        parent_run_id: str = "",
+        root_run_id: str = "",
     ) -> Page[common_pb2.Job]:
         """One page, newest first; `state` is a RunState value or name ("RUNNING").
         `labels` must all match; `user_id` is the request context's user (a
@@ -408,7 +410,9 @@ class Client:
         page's `total_size` counts every matching job. `view` "full" returns
         each job whole; the default ("basic") leaves out spec.payload, result
         and failure.details. A page may hold fewer than `page_size` jobs (it is
-        bounded in bytes too): only an empty `next_page_token` ends the listing."""
+        bounded in bytes too): only an empty `next_page_token` ends the listing.
+        `parent_run_id`: the reruns of that job (one level); `root_run_id`:
+        every rerun of the chain that started with it."""
         request = job_service_pb2.ListJobsRequest(
             state=run_state(state),
             service=service,
@@ -422,6 +426,8 @@ class Client:
             page_size=page_size,
             page_token=page_token,
             view=_enum(job_service_pb2.JobView, "JOB_VIEW_", view),
+            parent_run_id=parent_run_id,
+            root_run_id=root_run_id,
         )
         response: job_service_pb2.ListJobsResponse = await self._call(
             self.jobs_stub.ListJobs, request, retry=True
@@ -446,10 +452,13 @@ class Client:
         page_size: int = 0,
         page_token: str = "",
         view: int | str | None = None,
+        parent_run_id: str = "",
+        root_run_id: str = "",
     ) -> Page[common_pb2.Workflow]:
         """One page, newest first, filtered as list_jobs is; `view` "full"
         returns each workflow with its steps, the default ("basic") without
-        them (progress still counts them)."""
+        them (progress still counts them). `parent_run_id`: the reruns of that
+        workflow (one level); `root_run_id`: every rerun of its chain."""
         request = job_service_pb2.ListWorkflowsRequest(
             state=run_state(state),
             name=name,
@@ -461,6 +470,8 @@ class Client:
             page_size=page_size,
             page_token=page_token,
             view=_enum(job_service_pb2.WorkflowView, "WORKFLOW_VIEW_", view),
+            parent_run_id=parent_run_id,
+            root_run_id=root_run_id,
         )
         response: job_service_pb2.ListWorkflowsResponse = await self._call(
             self.jobs_stub.ListWorkflows, request, retry=True
@@ -508,6 +519,54 @@ class Client:
             self.jobs_stub.TerminateWorkflow, request, retry=False
         )
         return response.workflow
+
+    async def rerun_workflow(
+        self,
+        workflow_id: str,
+        *,
+        from_steps: Sequence[str] = (),
+        failed_only: bool = False,
+        reason: str = "",
+        request_id: str | None = None,
+        traceparent: str | None = None,
+    ) -> common_pb2.Workflow:
+        """A new run of an ended workflow: `from_steps` (those steps and
+        everything downstream run again, the others are carried over),
+        `failed_only` (the steps that did not complete, and downstream), or
+        neither (the whole workflow again). Its parent_run_id and root_run_id
+        name its lineage. Idempotent by `request_id` (one is made when not
+        given), so a lost answer is retried safely."""
+        request = job_service_pb2.RerunWorkflowRequest(
+            workflow_id=workflow_id,
+            from_steps=list(from_steps),
+            failed_only=failed_only,
+            reason=reason,
+            request_id=request_id or _new_request_id(),
+        )
+        extra = (("traceparent", traceparent),) if traceparent else ()
+        response: job_service_pb2.RerunWorkflowResponse = await self._call(
+            self.jobs_stub.RerunWorkflow, request, retry=True, extra_metadata=extra
+        )
+        return response.workflow
+
+    async def rerun_job(
+        self,
+        job_id: str,
+        *,
+        reason: str = "",
+        request_id: str | None = None,
+        traceparent: str | None = None,
+    ) -> common_pb2.Job:
+        """A new run of an ended standalone job (same spec and request
+        context), as rerun_workflow."""
+        request = job_service_pb2.RerunJobRequest(
+            job_id=job_id, reason=reason, request_id=request_id or _new_request_id()
+        )
+        extra = (("traceparent", traceparent),) if traceparent else ()
+        response: job_service_pb2.RerunJobResponse = await self._call(
+            self.jobs_stub.RerunJob, request, retry=True, extra_metadata=extra
+        )
+        return response.job
 
     async def watch_job(self, job_id: str) -> AsyncIterator[common_pb2.Job]:
         """The job now, then every change, until it ends (a lost connection is

@@ -205,6 +205,8 @@ class SyncClient:
         page_size: int = 0,
         page_token: str = "",
         view: int | str | None = None,
+        parent_run_id: str = "",
+        root_run_id: str = "",
     ) -> Page[common_pb2.Job]:
         return self._run(
             self.client.list_jobs(
@@ -220,6 +222,8 @@ class SyncClient:
                 page_size=page_size,
                 page_token=page_token,
                 view=view,
+                parent_run_id=parent_run_id,
+                root_run_id=root_run_id,
             )
         )
 
@@ -239,6 +243,8 @@ class SyncClient:
         page_size: int = 0,
         page_token: str = "",
         view: int | str | None = None,
+        parent_run_id: str = "",
+        root_run_id: str = "",
     ) -> Page[common_pb2.Workflow]:
         return self._run(
             self.client.list_workflows(
@@ -252,6 +258,8 @@ class SyncClient:
                 page_size=page_size,
                 page_token=page_token,
                 view=view,
+                parent_run_id=parent_run_id,
+                root_run_id=root_run_id,
             )
         )
 
@@ -269,6 +277,41 @@ class SyncClient:
 
     def terminate_workflow(self, workflow_id: str, reason: str = "") -> common_pb2.Workflow:
         return self._run(self.client.terminate_workflow(workflow_id, reason))
+
+    def rerun_workflow(
+        self,
+        workflow_id: str,
+        *,
+        from_steps: Sequence[str] = (),
+        failed_only: bool = False,
+        reason: str = "",
+        request_id: str | None = None,
+        traceparent: str | None = None,
+    ) -> common_pb2.Workflow:
+        return self._run(
+            self.client.rerun_workflow(
+                workflow_id,
+                from_steps=from_steps,
+                failed_only=failed_only,
+                reason=reason,
+                request_id=request_id,
+                traceparent=traceparent,
+            )
+        )
+
+    def rerun_job(
+        self,
+        job_id: str,
+        *,
+        reason: str = "",
+        request_id: str | None = None,
+        traceparent: str | None = None,
+    ) -> common_pb2.Job:
+        return self._run(
+            self.client.rerun_job(
+                job_id, reason=reason, request_id=request_id, traceparent=traceparent
+            )
+        )
 
     def watch_job(self, job_id: str) -> Iterator[common_pb2.Job]:
         return self._iterate(self.client.watch_job(job_id))

@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
 from jobtrace.domain import annotations as annotation_rules
-from jobtrace.domain import failures, fan_out, lifecycle, states
+from jobtrace.domain import failures, fan_out, lifecycle, reruns, states
 from jobtrace.domain import redact as redact_rules
 from jobtrace.domain.errors import (
     AlreadyExists,
@@ -29,6 +29,7 @@ from jobtrace.domain.errors import (
 )
 from jobtrace.domain.pagination import Encoder, PageTokens, fill, position
 from jobtrace.domain.redact import Redaction
+from jobtrace.domain.reruns import RerunRequest
 from jobtrace.domain.run_feed import RunFeed
 from jobtrace.domain.run_filters import NO_RUN_FILTER, RunFilter, check_run_filter
 from jobtrace.domain.validation import (
@@ -60,6 +61,7 @@ from jobtrace.model import (
     Workflow,
     WorkflowStep,
 )
+from jobtrace.store import codec
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Database, Tx
 from jobtrace.store.listing import Chunk
@@ -493,38 +495,17 @@ class Jobs:
                 submitted_by=caller.subject,
                 deadline_us=now + sub.timeout_ms * 1000 if sub.timeout_ms else 0,
             )
-            await store.insert_submission(
+            stored = await self._write_workflow(
                 session,
-                tenant=tenant,
-                request_id=sub.request_id,
-                kind="workflow",
-                entity_id=workflow_id,
+                tx,
+                workflow,
+                jobs,
+                context=context,
+                outputs=sub.outputs,
                 request_hash=sub.request_hash,
-                created_us=now,
+                annotations=[s.item for s in sub.annotations],
+                caller=caller,
             )
-            await store.insert_workflow(session, workflow, context, sub.outputs)
-            # Steps read the request context from their workflow.
-            await store.insert_jobs(
-                session, [store.job_values(j, {}, step_index=i) for i, j in enumerate(jobs)]
-            )
-            await store.insert_annotations(
-                session,
-                [
-                    a
-                    for s in sub.annotations
-                    for a in annotation_rules.build(
-                        s.item,
-                        recorded_by=caller.subject,
-                        tenant=tenant,
-                        run_id=workflow_id,
-                        now_us=now,
-                        redaction=self._life.trace.redaction,
-                    )
-                ],
-            )
-            stored = await store.get_workflow(session, workflow_id)
-            assert stored is not None
-            self._changed(tx, [j for j in jobs if j.state == RunState.QUEUED])
             return stored, False
 
         result: tuple[Workflow, bool] = await self._write_submission(op)
@@ -538,6 +519,262 @@ class Jobs:
                     "steps": len(workflow.steps),
                 },
             )
+        return result
+
+    async def _write_workflow(
+        self,
+        session: AsyncSession,
+        tx: Tx,
+        workflow: Workflow,
+        jobs: list[Job],
+        *,
+        context: JSON,
+        outputs: Sequence[str],
+        request_hash: str,
+        annotations: Sequence[AnnotationInput],
+        caller: Caller,
+    ) -> Workflow:
+        """Store a new workflow run (a submission's or a rerun's): its request
+        id, its row, its steps (jobs, in declared order) and its annotations,
+        in one transaction; the QUEUED steps are announced once it commits."""
+        now = workflow.created_us
+        await store.insert_submission(
+            session,
+            tenant=workflow.tenant,
+            request_id=workflow.request_id,
+            kind="workflow",
+            entity_id=workflow.id,
+            request_hash=request_hash,
+            created_us=now,
+        )
+        await store.insert_workflow(session, workflow, context, outputs)
+        # Steps read the request context from their workflow.
+        await store.insert_jobs(
+            session, [store.job_values(j, {}, step_index=i) for i, j in enumerate(jobs)]
+        )
+        await store.insert_annotations(
+            session,
+            [
+                a
+                for item in annotations
+                for a in annotation_rules.build(
+                    item,
+                    recorded_by=caller.subject,
+                    tenant=workflow.tenant,
+                    run_id=workflow.id,
+                    now_us=now,
+                    redaction=self._life.trace.redaction,
+                )
+            ],
+        )
+        stored = await store.get_workflow(session, workflow.id)
+        assert stored is not None
+        self._changed(tx, [j for j in jobs if j.state == RunState.QUEUED])
+        return stored
+
+    # --- reruns -------------------------------------------------------------
+
+    async def rerun_workflow(
+        self, tenant: str | None, workflow_id: str, req: RerunRequest, caller: Caller
+    ) -> tuple[Workflow, bool]:
+        """A new run of an ended workflow (see domain.reruns) of `tenant`
+        (None: any, an admin's), in the workflow's tenant: the run as stored,
+        and whether an identical earlier rerun (same request_id and request,
+        in that tenant) had created it. The parent does not change."""
+        v = Violations()
+        reruns.check(v, "workflow_id", workflow_id, req)
+        v.raise_if_any()
+
+        async def op(session: AsyncSession, tx: Tx) -> tuple[Workflow, bool]:
+            await store.lock_workflow(session, workflow_id)
+            parent = await store.get_workflow_row(session, workflow_id, tenant)
+            if parent is None:
+                raise NotFound(
+                    f"workflow {workflow_id!r} not found",
+                    reason="WORKFLOW_NOT_FOUND",
+                    metadata={"workflow_id": workflow_id},
+                )
+            existing = await self._existing(
+                session, parent.tenant, req.request_id, req.request_hash, "workflow"
+            )
+            if existing is not None:
+                found = await store.get_workflow(session, existing)
+                assert found is not None
+                return found, True
+            states.require(
+                states.RunKind.WORKFLOW, workflow_id, RunState(parent.state), states.Action.RERUN
+            )
+            # The declared steps, whole (a fan-out step's children are its result).
+            old = [
+                j
+                for j in (await store.workflow_jobs(session, [workflow_id]))[workflow_id]
+                if fan_out.parent_of(j.step_name) is None
+            ]
+            again = reruns.rerun_set(workflow_id, old, req)
+            await self._admit(session, parent.tenant, len(again))
+            now = now_us()
+            new_id_ = new_id(WORKFLOW_PREFIX)
+            context = codec.loads(parent.request_context) or {}
+            jobs = [_rerun_step(j, new_id_, now, caller, again, req, context) for j in old]
+            parent_run_id, root_run_id = reruns.lineage(workflow_id, parent.root_run_id)
+            workflow = Workflow(
+                id=new_id_,
+                tenant=parent.tenant,
+                request_id=req.request_id,
+                name=parent.name,
+                state=RunState.QUEUED,
+                priority=parent.priority,
+                steps=tuple(
+                    WorkflowStep(
+                        j.step_name, j.id, j.state, j.depends_on, 0, 0.0, "", j.reused_from
+                    )
+                    for j in jobs
+                ),
+                created_us=now,
+                updated_us=now,
+                labels=codec.loads(parent.labels),
+                submitted_by=caller.subject,
+                parent_run_id=parent_run_id,
+                root_run_id=root_run_id,
+                rerun_reason=req.reason,
+            )
+            stored = await self._write_workflow(
+                session,
+                tx,
+                workflow,
+                jobs,
+                context=context,
+                outputs=codec.loads(parent.output_steps),
+                request_hash=req.request_hash,
+                annotations=[reruns.trigger(workflow_id, req.reason, caller.subject)],
+                caller=caller,
+            )
+            carried = [j.step_name for j in jobs if j.reused_from]
+            await self._life.trace.record(
+                session,
+                tx,
+                workflow.tenant,
+                [
+                    reruns.created_event(
+                        new_id_,
+                        lifecycle.WORKFLOW_NODE,
+                        workflow_id,
+                        req,
+                        carried,
+                        [j.step_name for j in jobs if not j.reused_from],
+                        now,
+                        caller.subject,
+                    )
+                ],
+            )
+            # A fan-out step whose dependencies were all carried over fans
+            # out now: no step completion of this run will start it.
+            done = {j.step_name for j in jobs if j.state == RunState.COMPLETED}
+            for j in jobs:
+                if j.state == RunState.PENDING and all(d in done for d in j.depends_on):
+                    started, _ = await self._life.start_fan_out(session, tx, j, now, caller.subject)
+                    self._changed(tx, started)
+            if any(j.for_each is not None and j.state == RunState.PENDING for j in jobs):
+                reread = await store.get_workflow(session, new_id_)
+                assert reread is not None
+                stored = reread
+            return stored, False
+
+        result: tuple[Workflow, bool] = await self._write_submission(op)
+        workflow, deduplicated = result
+        if not deduplicated:
+            log.info(
+                "workflow rerun",
+                extra={
+                    "workflow_id": workflow.id,
+                    "parent_run_id": workflow_id,
+                    "tenant": workflow.tenant,
+                },
+            )
+        return result
+
+    async def rerun_job(
+        self, tenant: str | None, job_id: str, req: RerunRequest, caller: Caller
+    ) -> tuple[Job, bool]:
+        """A new run of an ended standalone job of `tenant` (None: any), in the
+        job's tenant: the same spec and request context, a new job with fresh
+        attempts; the job as stored, and whether an identical earlier rerun
+        had created it."""
+        v = Violations()
+        reruns.check(v, "job_id", job_id, req)
+        if req.from_steps or req.failed_only:
+            v.add("from_steps", "a job has no steps: rerun it whole")
+        v.raise_if_any()
+
+        async def op(session: AsyncSession, tx: Tx) -> tuple[Job, bool]:
+            parent = await store.load_locked(session, job_id, tenant)
+            if parent is None:
+                raise NotFound(
+                    f"job {job_id!r} not found", reason="JOB_NOT_FOUND", metadata={"job_id": job_id}
+                )
+            home = parent.tenant
+            existing = await self._existing(session, home, req.request_id, req.request_hash, "job")
+            if existing is not None:
+                found = await store.get_job(session, existing)
+                assert found is not None
+                return found, True
+            if parent.workflow_id:
+                step = Violations()
+                step.add(
+                    "job_id",
+                    f"job {job_id!r} is step {parent.step_name!r} of workflow"
+                    f" {parent.workflow_id!r}: rerun the workflow (RerunWorkflow from_steps)",
+                )
+                step.raise_if_any()
+            states.require(states.RunKind.JOB, job_id, parent.state, states.Action.RERUN)
+            await self._admit(session, home, 1)
+            now = now_us()
+            parent_run_id, root_run_id = reruns.lineage(job_id, parent.root_run_id)
+            job = Job(
+                id=new_id(JOB_PREFIX),
+                tenant=home,
+                request_id=req.request_id,
+                spec=parent.spec,
+                state=RunState.QUEUED,
+                created_us=now,
+                updated_us=now,
+                traceparent=req.traceparent or parent.traceparent,
+                submitted_by=caller.subject,
+                parent_run_id=parent_run_id,
+                root_run_id=root_run_id,
+            )
+            context = codec.loads(parent.request_context or "{}") or {}
+            stored = await store.insert_job_if_new(session, job, context, req.request_hash)
+            if stored is None:  # a concurrent identical rerun won
+                self._unadmit(home, 1)
+                existing = await self._existing(
+                    session, home, req.request_id, req.request_hash, "job"
+                )
+                assert existing is not None
+                found = await store.get_job(session, existing)
+                assert found is not None
+                return found, True
+            await store.insert_annotations(
+                session,
+                annotation_rules.build(
+                    reruns.trigger(job_id, req.reason, caller.subject),
+                    recorded_by=caller.subject,
+                    tenant=home,
+                    run_id=job.id,
+                    now_us=now,
+                    redaction=self._life.trace.redaction,
+                ),
+            )
+            await self._life.trace.record(
+                session,
+                tx,
+                home,
+                [reruns.created_event(job.id, job.id, job_id, req, (), (), now, caller.subject)],
+            )
+            self._changed(tx, [stored])
+            return stored, False
+
+        result: tuple[Job, bool] = await self._write_submission(op)
         return result
 
     async def _write_submission(self, op: Any) -> Any:
@@ -676,6 +913,8 @@ class Jobs:
             worker_id=checked.worker_id,
             created_after_us=checked.after_us,
             created_before_us=checked.before_us,
+            parent_run_id=checked.parent_run_id,
+            root_run_id=checked.root_run_id,
         )
         return await self._list(
             v,
@@ -726,6 +965,8 @@ class Jobs:
             user_id=checked.user_id,
             created_after_us=checked.after_us,
             created_before_us=checked.before_us,
+            parent_run_id=checked.parent_run_id,
+            root_run_id=checked.root_run_id,
         )
         return await self._list(
             v,
@@ -1116,6 +1357,51 @@ class Jobs:
             except TimeoutError:
                 raise _await_timeout("workflow", workflow_id, last.state) from None
         return last
+
+
+def _rerun_step(
+    old: Job,
+    workflow_id: str,
+    now: int,
+    caller: Caller,
+    again: set[str],
+    req: RerunRequest,
+    context: JSON,
+) -> Job:
+    """A declared step of the parent run as a step of its rerun: run again
+    (a new job, fresh attempts; QUEUED when every dependency is carried
+    over, else PENDING) or carried over (COMPLETED, reused_from the old job,
+    no result of its own: it is read through reused_from)."""
+    step = Job(
+        id=new_id(JOB_PREFIX),
+        tenant=old.tenant,
+        request_id=req.request_id,
+        spec=old.spec,
+        state=RunState.PENDING,
+        created_us=now,
+        updated_us=now,
+        workflow_id=workflow_id,
+        step_name=old.step_name,
+        depends_on=old.depends_on,
+        traceparent=req.traceparent or old.traceparent,
+        submitted_by=caller.subject,
+        for_each=old.for_each,
+        step_number=old.step_number,
+        total_steps=old.total_steps,
+        user_id=store.user_of(context),
+    )
+    if old.step_name not in again:
+        return replace(
+            step,
+            state=RunState.COMPLETED,
+            completed_us=now,
+            progress_percent=100.0,
+            reused_from=old.reused_from or old.id,
+        )
+    ready = not any(d in again for d in old.depends_on)
+    if ready and old.for_each is None:
+        return replace(step, state=RunState.QUEUED)
+    return step
 
 
 def _as_of(job: Job | None, workflow: Workflow) -> Job | None:

@@ -160,6 +160,14 @@ def attempt_duration_us(job: Job, now: int) -> int:
     return 0
 
 
+async def parent_evidence(db: AsyncSession, parent_run_id: str) -> JSON:
+    """What a rerun's attestation says of the run it reruns: its id and the
+    digest of its last attestation (the head of its chain: the parent ended,
+    so its chain no longer grows; '' if it has none, e.g. pruned)."""
+    _, digest = await attest_store.chain_head(db, parent_run_id)
+    return {"run_id": parent_run_id, "attestation_digest": digest}
+
+
 class Lifecycle:
     """Every transition of a job and its workflow, with the trace events and the
     attestations it produces, all in the caller's transaction."""
@@ -218,6 +226,8 @@ class Lifecycle:
             "completed_at": iso(job.completed_us),
             **extra,
         }
+        if job.parent_run_id:
+            data["parent"] = await parent_evidence(db, job.parent_run_id)
         covers = annotated.selector(
             run_id=run_of(job), workflow_id=job.workflow_id, job_id=job.id, attempt=job.attempt
         )
@@ -296,7 +306,13 @@ class Lifecycle:
             "total_steps": len(steps),
             "completed_steps": sum(1 for s in steps if s.state == RunState.COMPLETED),
             "steps": {
-                s.name: {"job_id": s.job_id, "state": s.state.name, "attempt": s.attempt}
+                s.name: {
+                    "job_id": s.job_id,
+                    "state": s.state.name,
+                    "attempt": s.attempt,
+                    # Carried over by a rerun: the parent run's job it is.
+                    **({"reused_from": s.reused_from} if s.reused_from else {}),
+                }
                 for s in steps
             },
             "created_at": iso(row.created_us),
@@ -305,6 +321,8 @@ class Lifecycle:
         }
         if failure is not None:
             data["failure"] = {"reason": failure.reason, "code": failure.code}
+        if row.parent_run_id:
+            data["parent"] = await parent_evidence(db, row.parent_run_id)
         # Each completed step's result, as many as the budget holds (up to
         # MAX_STEPS results of up to 1 MiB each would not fit any response).
         outputs = [
@@ -1145,6 +1163,14 @@ class Lifecycle:
         )
         await self._workflow_started(db, tx, running, now, by)
         return [running, *children], False
+
+    async def start_fan_out(
+        self, db: AsyncSession, tx: Tx, parent: Job, now: int, by: str
+    ) -> tuple[list[Job], bool]:
+        """Start a fan-out step whose dependencies are done without a step
+        completing in this transaction (a rerun carried them over); see
+        _fan_out."""
+        return await self._fan_out(db, tx, parent, now, by)
 
     async def _child_finished(
         self, db: AsyncSession, tx: Tx, child: Job, parent_name: str, now: int, by: str

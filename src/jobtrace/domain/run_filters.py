@@ -17,6 +17,7 @@ MAX_LABEL_FILTERS = 16
 MAX_USER_ID = 256
 MAX_WORKER_ID = 128
 MAX_SERVICE = 128
+MAX_RUN_ID = 64
 # A point in time as a Timestamp gives it: (seconds, nanos).
 Instant = tuple[int, int]
 
@@ -33,6 +34,9 @@ class RunFilter:
     created_after: Instant | None = None
     created_before: Instant | None = None
     include_total: bool = False
+    # A run's reruns: one level (parent_run_id), or its whole chain (root_run_id).
+    parent_run_id: str = ""
+    root_run_id: str = ""
 
 
 NO_RUN_FILTER = RunFilter()
@@ -47,6 +51,8 @@ class CheckedRunFilter:
     worker_id: str
     after_us: int | None
     before_us: int | None
+    parent_run_id: str = ""
+    root_run_id: str = ""
 
     def token_filters(self) -> dict[str, Any]:
         """What a page token is bound to besides a listing's older filters:
@@ -63,6 +69,10 @@ class CheckedRunFilter:
             out["after_us"] = self.after_us
         if self.before_us is not None:
             out["before_us"] = self.before_us
+        if self.parent_run_id:
+            out["parent_run_id"] = self.parent_run_id
+        if self.root_run_id:
+            out["root_run_id"] = self.root_run_id
         return out
 
 
@@ -98,6 +108,8 @@ def check_run_filter(v: Violations, f: RunFilter) -> CheckedRunFilter:
     check_labels(v, "labels", f.labels, limit=MAX_LABEL_FILTERS, noun="label pairs")
     check_name(v, "user_id", f.user_id, MAX_USER_ID)
     check_name(v, "worker_id", f.worker_id, MAX_WORKER_ID)
+    check_name(v, "parent_run_id", f.parent_run_id, MAX_RUN_ID)
+    check_name(v, "root_run_id", f.root_run_id, MAX_RUN_ID)
     after_us, before_us = check_range(
         v, "created_after", f.created_after, "created_before", f.created_before
     )
@@ -107,6 +119,8 @@ def check_run_filter(v: Violations, f: RunFilter) -> CheckedRunFilter:
         worker_id=f.worker_id,
         after_us=after_us,
         before_us=before_us,
+        parent_run_id=f.parent_run_id,
+        root_run_id=f.root_run_id,
     )
 
 

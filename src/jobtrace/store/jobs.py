@@ -20,6 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from jobtrace.model import (
     JSON,
@@ -204,6 +205,9 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         "chain_digest": None if job.workflow_id else "",
         "user_id": job.user_id or user_of(request_context),
         "avoid_holder": job.avoid_holder,
+        "parent_run_id": job.parent_run_id,
+        "root_run_id": job.root_run_id,
+        "reused_from": job.reused_from,
     }
 
 
@@ -339,6 +343,9 @@ def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
         chain_head=_chain_head(row) if context else None,
         step_number=row["step_number"],
         total_steps=row["total_steps"],
+        parent_run_id=row["parent_run_id"],
+        root_run_id=row["root_run_id"],
+        reused_from=row["reused_from"],
     )
 
 
@@ -459,6 +466,9 @@ class RunQuery:
     worker_id: str = ""
     created_after_us: int | None = None
     created_before_us: int | None = None
+    # A run's reruns: one level (parent), or its whole chain (root).
+    parent_run_id: str = ""
+    root_run_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,6 +556,11 @@ def job_keyset(tenant: str | None, q: RunQuery, *, ranked: bool = False) -> _Key
     """A listing of jobs: each filter served by an index of JobRow's (tenant
     first), labels by job_labels' primary key; `ranked`: see _keyset."""
     above: list[Filter] = []
+    # A run's reruns are few: these come first.
+    if q.root_run_id:
+        above.append((JobRow.root_run_id, lambda c: [c == q.root_run_id]))
+    if q.parent_run_id:
+        above.append((JobRow.parent_run_id, lambda c: [c == q.parent_run_id]))
     if q.workflow_id:
         above.append((JobRow.workflow_id, lambda c: [c == q.workflow_id]))
     if q.user_id:
@@ -570,6 +585,11 @@ def job_keyset(tenant: str | None, q: RunQuery, *, ranked: bool = False) -> _Key
 def workflow_keyset(tenant: str | None, q: RunQuery, *, ranked: bool = False) -> _Keyset:
     """A listing of workflows, as job_keyset's."""
     above: list[Filter] = []
+    # A run's reruns are few: these come first.
+    if q.root_run_id:
+        above.append((WorkflowRow.root_run_id, lambda c: [c == q.root_run_id]))
+    if q.parent_run_id:
+        above.append((WorkflowRow.parent_run_id, lambda c: [c == q.parent_run_id]))
     if q.user_id:
         above.append((WorkflowRow.user_id, lambda c: [c == q.user_id]))
     below: list[Filter] = []
@@ -674,6 +694,7 @@ _STEP_COLUMNS = (
     JobRow.attempt,
     JobRow.progress_percent,
     JobRow.progress_message,
+    JobRow.reused_from,
 )
 
 
@@ -701,6 +722,7 @@ async def workflow_steps(
                 attempt=r["attempt"],
                 progress_percent=r["progress_percent"],
                 progress_message=r["progress_message"],
+                reused_from=r["reused_from"],
             )
         )
     return out
@@ -738,12 +760,25 @@ async def step_progress(
     return int(done or 0), int(total), int(steps_done or 0)
 
 
+# A step a rerun carried over holds no result of its own: it is read from the
+# parent run's job it reuses (jobs.reused_from), joined as _SOURCE.
+_SOURCE = aliased(JobRow, name="source")
+_WITH_SOURCE = JobRow.__table__.outerjoin(
+    _SOURCE, (JobRow.reused_from != "") & (_SOURCE.id == JobRow.reused_from)
+)
+# The job whose result a step's is, and that result.
+_RESULT_JOB = func.coalesce(_SOURCE.id, JobRow.id)
+_RESULT = func.coalesce(_SOURCE.result, JobRow.result)
+
+
 async def result_sizes(session: AsyncSession, workflow_id: str) -> list[tuple[str, str, int]]:
     """(job id, step name, stored bytes of its result) of each completed step
-    of a workflow, smallest result first; no result is read."""
-    size = stored_size(session, [JobRow.result])
+    of a workflow, smallest result first; no result is read. A carried-over
+    step's is its source's (that job's id, its result's size)."""
+    size = stored_size(session, [_RESULT])
     stmt = (
-        select(JobRow.id, JobRow.step_name, size)
+        select(_RESULT_JOB, JobRow.step_name, size)
+        .select_from(_WITH_SOURCE)
         .where(JobRow.workflow_id == workflow_id, JobRow.state == int(RunState.COMPLETED))
         .order_by(size, JobRow.step_index)
     )
@@ -755,21 +790,26 @@ async def step_results(
 ) -> list[tuple[str, str, int, JSON | None]]:
     """(step name, job id, stored bytes of its result, the result) of each
     COMPLETED step of these names, in one query on the workflow's index; a
-    result larger than `read_up_to` bytes is not read (None)."""
+    result larger than `read_up_to` bytes is not read (None). A carried-over
+    step's result is its source job's, and that job is named."""
     if sql.dialect(session) == "postgresql":
-        size = func.octet_length(JobRow.result)
+        size = func.octet_length(_RESULT)
     else:
-        size = func.length(cast(JobRow.result, LargeBinary))
+        size = func.length(cast(_RESULT, LargeBinary))
     size = func.coalesce(size, 0)
-    stmt = select(
-        JobRow.step_name,
-        JobRow.id,
-        size,
-        case((size <= read_up_to, JobRow.result), else_=None),
-    ).where(
-        JobRow.workflow_id == workflow_id,
-        JobRow.step_name.in_(sorted(step_names)),
-        JobRow.state == int(RunState.COMPLETED),
+    stmt = (
+        select(
+            JobRow.step_name,
+            _RESULT_JOB,
+            size,
+            case((size <= read_up_to, _RESULT), else_=None),
+        )
+        .select_from(_WITH_SOURCE)
+        .where(
+            JobRow.workflow_id == workflow_id,
+            JobRow.step_name.in_(sorted(step_names)),
+            JobRow.state == int(RunState.COMPLETED),
+        )
     )
     return [
         (name, job_id, int(n), codec.loads(text) if text is not None else None)
@@ -780,9 +820,12 @@ async def step_results(
 async def step_result(
     session: AsyncSession, workflow_id: str, step_name: str
 ) -> tuple[RunState, JSON | None] | None:
-    """The state and result of one step of a workflow; None if it has no such step."""
-    stmt = select(JobRow.state, JobRow.result).where(
-        JobRow.workflow_id == workflow_id, JobRow.step_name == step_name
+    """The state and result of one step of a workflow (a carried-over
+    step's: its source job's); None if it has no such step."""
+    stmt = (
+        select(JobRow.state, _RESULT)
+        .select_from(_WITH_SOURCE)
+        .where(JobRow.workflow_id == workflow_id, JobRow.step_name == step_name)
     )
     row = (await session.execute(stmt)).first()
     return None if row is None else (RunState(row[0]), codec.loads(row[1]))
@@ -857,6 +900,9 @@ def workflow_from_row(
         submitted_by=row["submitted_by"],
         outputs=codec.step_results_loads(row["outputs"]) if "outputs" in row else None,
         deadline_us=row["deadline_us"] if "deadline_us" in row else 0,
+        parent_run_id=row["parent_run_id"],
+        root_run_id=row["root_run_id"],
+        rerun_reason=row["rerun_reason"],
     )
 
 
@@ -887,6 +933,9 @@ async def insert_workflow(
             output_steps=codec.dumps(list(output_steps)),
             user_id=user_of(request_context),
             deadline_us=workflow.deadline_us,
+            parent_run_id=workflow.parent_run_id,
+            root_run_id=workflow.root_run_id,
+            rerun_reason=workflow.rerun_reason,
         )
     )
 

@@ -68,6 +68,11 @@ class WorkflowRow(Base):
     user_id: Mapped[str] = mapped_column(String(256), default="", server_default="")
     # When it ends TIMED_OUT unless it ended before (0: no deadline) (0020).
     deadline_us: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # A rerun's lineage (0021): the run it reruns, the first run of its
+    # chain, why; '' for a run that is no rerun.
+    parent_run_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    root_run_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    rerun_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
 
     __table_args__ = (
         # The supervisor's scan for workflows past their deadline: only the
@@ -79,6 +84,9 @@ class WorkflowRow(Base):
             postgresql_where=WORKFLOW_DEADLINE_PENDING,
         ),
         Index("ix_workflows_tenant_seq", "tenant", "seq"),
+        # Listings of a run's reruns, one level or the whole chain (0021).
+        Index("ix_workflows_tenant_parent_seq", "tenant", "parent_run_id", "seq"),
+        Index("ix_workflows_tenant_root_seq", "tenant", "root_run_id", "seq"),
         Index("ix_workflows_tenant_state_seq", "tenant", "state", "seq"),
         # Listings by user and by creation time (0018); by label: workflow_labels.
         Index("ix_workflows_tenant_user_seq", "tenant", "user_id", "seq"),
@@ -161,9 +169,18 @@ class JobRow(Base):
     # The holder (see lease_holder) of the attempt that failed last, when a
     # failure rule says its retry should go to another worker; '' otherwise.
     avoid_holder: Mapped[str] = mapped_column(String(64), default="")
+    # A standalone job's rerun lineage (0021), as a workflow's; '' otherwise.
+    parent_run_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    root_run_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    # A step a workflow rerun carried over: the parent run's job whose
+    # result, attestations and annotations it references; '' otherwise.
+    reused_from: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
     __table_args__ = (
         Index("ix_jobs_tenant_seq", "tenant", "seq"),
+        # Listings of a job's reruns, one level or the whole chain (0021).
+        Index("ix_jobs_tenant_parent_seq", "tenant", "parent_run_id", "seq"),
+        Index("ix_jobs_tenant_root_seq", "tenant", "root_run_id", "seq"),
         # Listings by user, by worker and by creation time (0018); by label: job_labels.
         Index("ix_jobs_tenant_user_seq", "tenant", "user_id", "seq"),
         Index("ix_jobs_tenant_worker_seq", "tenant", "worker_id", "seq"),
