@@ -105,6 +105,11 @@ class JobServiceStub:
                 request_serializer=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsRequest.SerializeToString,
                 response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsResponse.FromString,
                 _registered_method=True)
+        self.CancelRuns = channel.unary_unary(
+                '/jobtrace.v1.JobService/CancelRuns',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -246,6 +251,25 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelRuns(self, request, context):
+        """Cancels, in bulk (an incident's tool), every run matching a filter that
+        may still be cancelled: workflows with their unfinished steps, and jobs,
+        each through the same state check and events as CancelWorkflow and
+        CancelJob. Runs are taken in pages, oldest matching run last (newest
+        first, by their order of submission): a run submitted after the
+        operation started is not taken. With dry_run nothing changes: the call
+        counts the matching runs and returns a sample. Otherwise the call is one
+        step of an operation named by its request_id: it stops after `limit`
+        runs or shortly before its deadline (done false), and the same request
+        re-sent goes on after the last run handled, never handling one twice,
+        and reports the operation's totals. A run that ended meanwhile is
+        skipped, not failed. Needs at least one filter (INVALID_ARGUMENT);
+        callers touch only their tenant's runs (admins: every tenant's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -318,6 +342,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.WatchRuns,
                     request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsRequest.FromString,
                     response_serializer=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsResponse.SerializeToString,
+            ),
+            'CancelRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRuns,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -699,6 +728,33 @@ class JobService:
             '/jobtrace.v1.JobService/WatchRuns',
             jobtrace_dot_v1_dot_job__service__pb2.WatchRunsRequest.SerializeToString,
             jobtrace_dot_v1_dot_job__service__pb2.WatchRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/CancelRuns',
+            jobtrace_dot_v1_dot_job__service__pb2.CancelRunsRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.CancelRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,

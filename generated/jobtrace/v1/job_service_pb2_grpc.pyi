@@ -109,6 +109,21 @@ class JobServiceStub:
     UNAVAILABLE; lapsed credentials end it UNAUTHENTICATED. Watch again with
     include_active to catch up.
     """
+    CancelRuns: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.CancelRunsRequest, _job_service_pb2.CancelRunsResponse]
+    """Cancels, in bulk (an incident's tool), every run matching a filter that
+    may still be cancelled: workflows with their unfinished steps, and jobs,
+    each through the same state check and events as CancelWorkflow and
+    CancelJob. Runs are taken in pages, oldest matching run last (newest
+    first, by their order of submission): a run submitted after the
+    operation started is not taken. With dry_run nothing changes: the call
+    counts the matching runs and returns a sample. Otherwise the call is one
+    step of an operation named by its request_id: it stops after `limit`
+    runs or shortly before its deadline (done false), and the same request
+    re-sent goes on after the last run handled, never handling one twice,
+    and reports the operation's totals. A run that ended meanwhile is
+    skipped, not failed. Needs at least one filter (INVALID_ARGUMENT);
+    callers touch only their tenant's runs (admins: every tenant's).
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -190,6 +205,21 @@ class JobServiceAsyncStub(JobServiceStub):
     have missed other replicas' changes (reason CHANGES_LOST), ends it
     UNAVAILABLE; lapsed credentials end it UNAUTHENTICATED. Watch again with
     include_active to catch up.
+    """
+    CancelRuns: _aio.UnaryUnaryMultiCallable[_job_service_pb2.CancelRunsRequest, _job_service_pb2.CancelRunsResponse]  # type: ignore[assignment]
+    """Cancels, in bulk (an incident's tool), every run matching a filter that
+    may still be cancelled: workflows with their unfinished steps, and jobs,
+    each through the same state check and events as CancelWorkflow and
+    CancelJob. Runs are taken in pages, oldest matching run last (newest
+    first, by their order of submission): a run submitted after the
+    operation started is not taken. With dry_run nothing changes: the call
+    counts the matching runs and returns a sample. Otherwise the call is one
+    step of an operation named by its request_id: it stops after `limit`
+    runs or shortly before its deadline (done false), and the same request
+    re-sent goes on after the last run handled, never handling one twice,
+    and reports the operation's totals. A run that ended meanwhile is
+    skipped, not failed. Needs at least one filter (INVALID_ARGUMENT);
+    callers touch only their tenant's runs (admins: every tenant's).
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -353,6 +383,27 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         have missed other replicas' changes (reason CHANGES_LOST), ends it
         UNAVAILABLE; lapsed credentials end it UNAUTHENTICATED. Watch again with
         include_active to catch up.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelRuns(
+        self,
+        request: _job_service_pb2.CancelRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.CancelRunsResponse, _abc.Awaitable[_job_service_pb2.CancelRunsResponse]]:
+        """Cancels, in bulk (an incident's tool), every run matching a filter that
+        may still be cancelled: workflows with their unfinished steps, and jobs,
+        each through the same state check and events as CancelWorkflow and
+        CancelJob. Runs are taken in pages, oldest matching run last (newest
+        first, by their order of submission): a run submitted after the
+        operation started is not taken. With dry_run nothing changes: the call
+        counts the matching runs and returns a sample. Otherwise the call is one
+        step of an operation named by its request_id: it stops after `limit`
+        runs or shortly before its deadline (done false), and the same request
+        re-sent goes on after the last run handled, never handling one twice,
+        and reports the operation's totals. A run that ended meanwhile is
+        skipped, not failed. Needs at least one filter (INVALID_ARGUMENT);
+        callers touch only their tenant's runs (admins: every tenant's).
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -458,6 +458,10 @@ class RunQuery:
     worker_id: str = ""
     created_after_us: int | None = None
     created_before_us: int | None = None
+    # Only runs in one of these states (with `state`, both hold); () all.
+    states: tuple[RunState, ...] = ()
+    # Jobs only: leave workflow steps out (standalone jobs only).
+    standalone: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,6 +560,10 @@ def job_keyset(tenant: str | None, q: RunQuery, *, ranked: bool = False) -> _Key
         below.append((JobRow.service, lambda c: [c == q.service]))
     if q.state is not None:
         below.append((JobRow.state, lambda c: [c == int(q.state or 0)]))
+    if q.states:
+        below.append((JobRow.state, lambda c: [c.in_([int(s) for s in q.states])]))
+    if q.standalone:
+        below.append((JobRow.workflow_id, lambda c: [c == ""]))
     if q.created_after_us is not None or q.created_before_us is not None:
         below.append(
             (
@@ -576,6 +584,8 @@ def workflow_keyset(tenant: str | None, q: RunQuery, *, ranked: bool = False) ->
         below.append((WorkflowRow.name, lambda c: [c == q.name]))
     if q.state is not None:
         below.append((WorkflowRow.state, lambda c: [c == int(q.state or 0)]))
+    if q.states:
+        below.append((WorkflowRow.state, lambda c: [c.in_([int(s) for s in q.states])]))
     if q.created_after_us is not None or q.created_before_us is not None:
         below.append(
             (
