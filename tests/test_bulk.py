@@ -6,7 +6,9 @@ handled twice; runs that end meanwhile are skipped; bad requests are refused."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,6 +17,7 @@ from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
 
 from .conftest import Harness, Stubs, execute_sql, expect_error
+from .test_security import bearer, token, write_tokens
 
 CANCELLED_EVENT = "Run cancelled by user"
 JOB = j.WatchRunsRequest.RUN_KIND_JOB
@@ -228,7 +231,7 @@ async def test_bulk_cancel_of_workflows_cancels_their_steps(harness: Harness) ->
 async def test_bad_bulk_cancels_are_refused_and_change_nothing(harness: Harness) -> None:
     api = harness.stubs()
     ids = await submit_jobs(api, "svc-x", 3, "x")
-    _, info, violations = await expect_error(
+    _, _, violations = await expect_error(
         api.jobs.CancelRuns(j.CancelRunsRequest(request_id="all")),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
@@ -256,9 +259,7 @@ async def test_bad_bulk_cancels_are_refused_and_change_nothing(harness: Harness)
     await expect_error(
         api.jobs.CancelRuns(
             j.CancelRunsRequest(
-                filter=j.BulkRunFilter(
-                    service="svc-x", kind=j.WatchRunsRequest.RUN_KIND_WORKFLOW
-                )
+                filter=j.BulkRunFilter(service="svc-x", kind=j.WatchRunsRequest.RUN_KIND_WORKFLOW)
             )
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -271,3 +272,97 @@ async def test_bad_bulk_cancels_are_refused_and_change_nothing(harness: Harness)
         j.CancelRunsRequest(filter=by_service("svc-x"), request_id="all")
     )
     assert ok.done and ok.cancelled == 3
+
+
+async def test_a_bulk_cancel_touches_only_the_callers_tenant(db_url: str, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.yaml"
+    write_tokens(tokens)
+    async with Harness(db_url, tokens_file=str(tokens)) as h:
+        api = h.stubs()
+        acme, umbrella = bearer(token("submitter", "acme")), bearer(token("submitter", "umbrella"))
+
+        async def submit_as(md: Any, rid: str) -> str:
+            request = j.SubmitJobRequest(request_id=rid, job=c.JobSpec(service="svc-t"))
+            return (await api.jobs.SubmitJob(request, metadata=md)).job.id
+
+        ours = [await submit_as(acme, f"t{i}") for i in range(4)]
+        theirs = [await submit_as(umbrella, f"t{i}") for i in range(3)]
+        request = j.CancelRunsRequest(filter=by_service("svc-t"), request_id="same-key")
+        await expect_error(
+            api.jobs.CancelRuns(request, metadata=bearer(token("reader", "umbrella"))),
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
+        admin_dry = await api.jobs.CancelRuns(
+            j.CancelRunsRequest(filter=by_service("svc-t"), dry_run=True),
+            metadata=bearer(token("admin", "acme")),
+        )
+        assert admin_dry.matched == 7  # an admin's scope: every tenant
+        done = await api.jobs.CancelRuns(request, metadata=umbrella)
+        assert done.done and done.cancelled == 3
+        # The same request id in another tenant is another operation.
+        mine = await api.jobs.CancelRuns(request, metadata=acme)
+        assert mine.done and mine.cancelled == 4 and mine.handled == 4
+        for md, ids in ((acme, ours), (umbrella, theirs)):
+            for job_id in ids:
+                job = (await api.jobs.GetJob(j.GetJobRequest(job_id=job_id), metadata=md)).job
+                assert job.state == c.RUN_STATE_CANCELLED
+                assert job.failure.reason == "Run cancelled by user"
+
+
+async def test_cli_cancel_runs_shows_asks_and_cancels(sqlite_harness: Harness) -> None:
+    from .procs import jobtrace
+
+    api = sqlite_harness.stubs()
+    ids = await submit_jobs(api, "svc-cli", 5, "cli")
+    await submit_jobs(api, "svc-keep", 2, "keep")
+    target = sqlite_harness.target
+
+    code, out, _ = await jobtrace("cancel-runs", "--service", "svc-cli", "--dry-run", target=target)
+    assert code == 0 and out.startswith("5 runs match and would be cancelled")
+    code, out, _ = await jobtrace(
+        "cancel-runs", "--service", "svc-cli", "--dry-run", "--json", target=target
+    )
+    dry = json.loads(out)
+    assert dry["matched"] == "5" and len(dry["sample"]) == 5
+    # Without --yes and no terminal to ask on: refused, nothing cancelled.
+    code, _, err = await jobtrace("cancel-runs", "--service", "svc-cli", target=target)
+    assert code == 2 and "pass --yes" in err
+    assert await count_jobs(api, state=c.RUN_STATE_CANCELLED) == 0
+    code, _, err = await jobtrace("cancel-runs", target=target)
+    assert code == 2 and "needs at least one filter" in err
+
+    code, out, err = await jobtrace(
+        "cancel-runs",
+        "--service",
+        "svc-cli",
+        "--state",
+        "QUEUED",
+        "--reason",
+        "incident 9",
+        "--yes",
+        "--batch",
+        "2",
+        target=target,
+    )
+    assert code == 0, err
+    assert "cancelled 5, skipped 0, failed 0" in out and ": done" in out
+    for job_id in ids:
+        job = (await api.jobs.GetJob(j.GetJobRequest(job_id=job_id))).job
+        assert job.state == c.RUN_STATE_CANCELLED and job.failure.reason == "incident 9"
+    assert await count_jobs(api, service="svc-keep", state=c.RUN_STATE_QUEUED) == 2
+    request_id = err.split()[1]
+    code, out, _ = await jobtrace(
+        "cancel-runs",
+        "--service",
+        "svc-cli",
+        "--state",
+        "QUEUED",
+        "--reason",
+        "incident 9",
+        "--request-id",
+        request_id,
+        "--json",
+        target=target,
+    )
+    again = json.loads(out)
+    assert code == 0 and again["done"] and again["cancelled"] == "5" and "handled" not in again
