@@ -366,3 +366,27 @@ async def test_cli_cancel_runs_shows_asks_and_cancels(sqlite_harness: Harness) -
     )
     again = json.loads(out)
     assert code == 0 and again["done"] and again["cancelled"] == "5" and "handled" not in again
+
+
+async def test_interrupted_and_concurrent_calls_of_one_operation_cancel_each_run_once(
+    harness: Harness,
+) -> None:
+    api = harness.stubs()
+    ids = await submit_jobs(api, "svc-r", 120, "r")
+    request = j.CancelRunsRequest(filter=by_service("svc-r"), request_id="op-r", page_size=10)
+    # A call cut short by its deadline (wherever it was: answered not done,
+    # or DEADLINE_EXCEEDED while a run was being cancelled) ...
+    try:
+        first = await api.jobs.CancelRuns(request, timeout=0.3)
+        assert first.done or first.handled < 120
+    except grpc.aio.AioRpcError as err:
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # ... then two calls of the same operation at once ...
+    both = await asyncio.gather(api.jobs.CancelRuns(request), api.jobs.CancelRuns(request))
+    assert all(r.done for r in both)
+    # ... took every run once between them.
+    final = await api.jobs.CancelRuns(request)
+    assert (final.done, final.cancelled, final.skipped, final.failed) == (True, 120, 0, 0)
+    assert await count_jobs(api, service="svc-r", state=c.RUN_STATE_CANCELLED) == 120
+    events = await cancel_events(harness.db_url)
+    assert {k: n for k, n in events.items() if k in set(ids)} == dict.fromkeys(ids, 1)

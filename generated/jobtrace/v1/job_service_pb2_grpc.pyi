@@ -113,11 +113,13 @@ class JobServiceStub:
     """Cancels, in bulk (an incident's tool), every run matching a filter that
     may still be cancelled: workflows with their unfinished steps, and jobs,
     each through the same state check and events as CancelWorkflow and
-    CancelJob. Runs are taken in pages, oldest matching run last (newest
-    first, by their order of submission): a run submitted after the
-    operation started is not taken. With dry_run nothing changes: the call
-    counts the matching runs and returns a sample. Otherwise the call is one
-    step of an operation named by its request_id: it stops after `limit`
+    CancelJob. Runs are taken in pages, workflows first, then jobs, each
+    newest first by their order of submission (a run submitted after the
+    operation read its kind's first page is not taken). With dry_run nothing
+    changes: the call counts the matching runs and returns a sample.
+    Otherwise the call is one step of an operation named by its request_id
+    (each run is cancelled in its own transaction, which also records the
+    operation's progress past it): it stops after `limit`
     runs or shortly before its deadline (done false), and the same request
     re-sent goes on after the last run handled, never handling one twice,
     and reports the operation's totals. A run that ended meanwhile is
@@ -210,11 +212,13 @@ class JobServiceAsyncStub(JobServiceStub):
     """Cancels, in bulk (an incident's tool), every run matching a filter that
     may still be cancelled: workflows with their unfinished steps, and jobs,
     each through the same state check and events as CancelWorkflow and
-    CancelJob. Runs are taken in pages, oldest matching run last (newest
-    first, by their order of submission): a run submitted after the
-    operation started is not taken. With dry_run nothing changes: the call
-    counts the matching runs and returns a sample. Otherwise the call is one
-    step of an operation named by its request_id: it stops after `limit`
+    CancelJob. Runs are taken in pages, workflows first, then jobs, each
+    newest first by their order of submission (a run submitted after the
+    operation read its kind's first page is not taken). With dry_run nothing
+    changes: the call counts the matching runs and returns a sample.
+    Otherwise the call is one step of an operation named by its request_id
+    (each run is cancelled in its own transaction, which also records the
+    operation's progress past it): it stops after `limit`
     runs or shortly before its deadline (done false), and the same request
     re-sent goes on after the last run handled, never handling one twice,
     and reports the operation's totals. A run that ended meanwhile is
@@ -394,11 +398,13 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         """Cancels, in bulk (an incident's tool), every run matching a filter that
         may still be cancelled: workflows with their unfinished steps, and jobs,
         each through the same state check and events as CancelWorkflow and
-        CancelJob. Runs are taken in pages, oldest matching run last (newest
-        first, by their order of submission): a run submitted after the
-        operation started is not taken. With dry_run nothing changes: the call
-        counts the matching runs and returns a sample. Otherwise the call is one
-        step of an operation named by its request_id: it stops after `limit`
+        CancelJob. Runs are taken in pages, workflows first, then jobs, each
+        newest first by their order of submission (a run submitted after the
+        operation read its kind's first page is not taken). With dry_run nothing
+        changes: the call counts the matching runs and returns a sample.
+        Otherwise the call is one step of an operation named by its request_id
+        (each run is cancelled in its own transaction, which also records the
+        operation's progress past it): it stops after `limit`
         runs or shortly before its deadline (done false), and the same request
         re-sent goes on after the last run handled, never handling one twice,
         and reports the operation's totals. A run that ended meanwhile is

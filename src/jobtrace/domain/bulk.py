@@ -384,7 +384,12 @@ class BulkOperations:
         checked = plan(Violations(), step, scope, request)
         if request.dry_run:
             return await self._dry_run(scope, checked)
-        stop_at = None if time_left_s is None else time.monotonic() + time_left_s
+        # Stop in time to answer: DEADLINE_MARGIN_S before the deadline, or a
+        # fifth of a shorter call's time.
+        stop_at = None
+        if time_left_s is not None:
+            margin = min(DEADLINE_MARGIN_S, time_left_s / 5)
+            stop_at = time.monotonic() + time_left_s - margin
         request_id = request.request_id or new_id("bulk")
         op = await self._open(step, tenant, request_id, checked, by)
         handled = 0
@@ -398,8 +403,8 @@ class BulkOperations:
             for run in chunk.items:
                 if handled >= checked.limit or _late(stop_at):
                     break
-                op = await self._take(step, tenant, request_id, phase.name, run, ctx)
-                handled += 1
+                op, ours = await self._take(step, tenant, request_id, phase.name, run, ctx)
+                handled += ours
             else:
                 if chunk.exhausted:
                     op = await self._advance(
@@ -507,28 +512,29 @@ class BulkOperations:
         phase: str,
         run: BulkRun,
         ctx: StepContext,
-    ) -> BulkProgress:
+    ) -> tuple[BulkProgress, bool]:
         """Act on one run and record it, in one transaction; a refusal is
         recorded (skipped or failed) in a second one. Either way only while
-        the operation has not passed the run (another call may have)."""
+        the operation has not passed the run (another call may have: then
+        False, nothing done)."""
 
-        async def act(session: AsyncSession, tx: Tx) -> BulkProgress:
+        async def act(session: AsyncSession, tx: Tx) -> tuple[BulkProgress, bool]:
             op = await _locked(session, tenant, request_id)
             if not _ahead(op, phase, run.seq):
-                return op
+                return op, False
             await step.act(session, tx, run, ctx)
             op.touched += 1
-            return await _moved(session, op, phase, run.seq)
+            return await _moved(session, op, phase, run.seq), True
 
         try:
             return await self._db.write(act)
         except DomainError as error:
             refusal = error
 
-        async def record(session: AsyncSession, tx: Tx) -> BulkProgress:
+        async def record(session: AsyncSession, tx: Tx) -> tuple[BulkProgress, bool]:
             op = await _locked(session, tenant, request_id)
             if not _ahead(op, phase, run.seq):
-                return op
+                return op, False
             why = _skip_reason(refusal)
             if why is not None:
                 op.skipped += 1
@@ -545,7 +551,7 @@ class BulkOperations:
                             "message": refusal.message[:1000],
                         }
                     )
-            return await _moved(session, op, phase, run.seq)
+            return await _moved(session, op, phase, run.seq), True
 
         return await self._db.write(record)
 
@@ -576,7 +582,7 @@ class BulkOperations:
 
 
 def _late(stop_at: float | None) -> bool:
-    return stop_at is not None and time.monotonic() >= stop_at - DEADLINE_MARGIN_S
+    return stop_at is not None and time.monotonic() >= stop_at
 
 
 async def _locked(session: AsyncSession, tenant: str, request_id: str) -> BulkProgress:
