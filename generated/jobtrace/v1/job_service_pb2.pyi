@@ -1330,9 +1330,9 @@ class BulkRunFilter(_message.Message):
     ListJobsRequest.user_id; at most 256 characters.
     """
     include_steps: _builtins.bool
-    """Optional. When true, workflow steps are taken as jobs too (a step
-    cancelled alone fails its workflow as CancelJob does); by default only
-    standalone jobs are (cancelling a workflow cancels its steps).
+    """Optional. When true, workflow steps are taken as jobs too (each as
+    CancelJob of the step would: its workflow reacts as to that); by default
+    only standalone jobs are (cancelling a workflow cancels its steps).
     """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.RunState.ValueType]:
