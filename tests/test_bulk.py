@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from jobtrace.client import Client, SyncClient
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
 
@@ -390,3 +391,26 @@ async def test_interrupted_and_concurrent_calls_of_one_operation_cancel_each_run
     assert await count_jobs(api, service="svc-r", state=c.RUN_STATE_CANCELLED) == 120
     events = await cancel_events(harness.db_url)
     assert {k: n for k, n in events.items() if k in set(ids)} == dict.fromkeys(ids, 1)
+
+
+async def test_the_clients_cancel_runs_until_done(sqlite_harness: Harness) -> None:
+    api = sqlite_harness.stubs()
+    ids = await submit_jobs(api, "svc-py", 7, "py")
+    await submit_jobs(api, "svc-py-other", 2, "pyo")
+    async with Client(sqlite_harness.target) as jt:
+        dry = await jt.cancel_runs(service="svc-py", states=["QUEUED"], dry_run=True)
+        assert dry.matched == 7 and not dry.request_id
+        # A request id of the client's own: its retries are the same operation.
+        done = await jt.cancel_runs(service="svc-py", limit=3, until_done=True, reason="py")
+        assert done.done and done.cancelled == 7 and done.request_id.startswith("bulk-")
+
+    def sync_dry_run() -> int:
+        with SyncClient(sqlite_harness.target) as sync:
+            return sync.cancel_runs(
+                kind="job", labels=None, service="svc-py-other", dry_run=True
+            ).matched
+
+    assert await asyncio.to_thread(sync_dry_run) == 2
+    for job_id in ids:
+        job = (await api.jobs.GetJob(j.GetJobRequest(job_id=job_id))).job
+        assert job.state == c.RUN_STATE_CANCELLED and job.failure.reason == "py"
