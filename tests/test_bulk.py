@@ -414,3 +414,22 @@ async def test_the_clients_cancel_runs_until_done(sqlite_harness: Harness) -> No
     for job_id in ids:
         job = (await api.jobs.GetJob(j.GetJobRequest(job_id=job_id))).job
         assert job.state == c.RUN_STATE_CANCELLED and job.failure.reason == "py"
+
+
+async def test_an_operation_resumes_after_a_server_restart(db_url: str) -> None:
+    async with Harness(db_url) as h:
+        api = h.stubs()
+        ids = await submit_jobs(api, "svc-restart", 40, "restart")
+        request = j.CancelRunsRequest(
+            filter=by_service("svc-restart"), request_id="op-restart", limit=15, page_size=4
+        )
+        first = await api.jobs.CancelRuns(request)
+        assert (first.done, first.cancelled) == (False, 15)
+        await h.stop()
+        await h.start()
+        api = h.stubs()
+        request.limit = 0
+        rest = await api.jobs.CancelRuns(request)
+        assert (rest.done, rest.handled, rest.cancelled) == (True, 25, 40)
+        events = await cancel_events(h.db_url)
+        assert {k: n for k, n in events.items() if k in set(ids)} == dict.fromkeys(ids, 1)
