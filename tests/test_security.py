@@ -189,6 +189,8 @@ MATRIX: dict[str, tuple[str, ...]] = {
     # Who may cancel may terminate.
     "TerminateJob": (PD, OK, PD, OK, PD, NF, PD, OK),
     "TerminateWorkflow": (PD, OK, PD, OK, PD, NF, PD, OK),
+    # CancelJob's role, over the caller's own tenant (an admin's: every tenant).
+    "CancelRuns": (PD, OK, PD, OK, PD, OK, PD, OK),
     "WatchJob": (OK, OK, PD, OK, NF, NF, PD, OK),
     "WatchWorkflow": (OK, OK, PD, OK, NF, NF, PD, OK),
     # The job has ended (answered at once); the workflow runs (the wait ends).
@@ -366,6 +368,9 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
         "CancelWorkflow": fresh_wf_cancel,
         "TerminateJob": fresh_job_terminate,
         "TerminateWorkflow": fresh_wf_terminate,
+        "CancelRuns": lambda md: api.jobs.CancelRuns(
+            j.CancelRunsRequest(filter=j.BulkRunFilter(service=f"zz-bulk{n}")), metadata=md
+        ),
         "WatchRuns": feed_first,
         "WatchJob": lambda md: stream_first(
             api.jobs.WatchJob(j.WatchJobRequest(job_id=ids["job"]), metadata=md)

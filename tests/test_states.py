@@ -49,3 +49,15 @@ def test_allowed_actions_pass() -> None:
     states.require(RunKind.WORKFLOW, "wf_1", RunState.PAUSED, Action.RESUME)
     assert states.can(RunKind.JOB, RunState.WAITING_FOR_HUMAN, Action.APPROVE)
     assert not states.can(RunKind.JOB, RunState.QUEUED, Action.PAUSE)
+
+
+def test_a_narrower_condition_refuses_other_allowed_states_as_a_state_refusal() -> None:
+    queued = frozenset({RunState.QUEUED})
+    states.require_among(RunKind.JOB, "job_1", RunState.QUEUED, Action.CANCEL, queued)
+    states.require_among(RunKind.JOB, "job_1", RunState.RUNNING, Action.CANCEL, frozenset())
+    with pytest.raises(FailedPrecondition) as info:
+        states.require_among(RunKind.JOB, "job_1", RunState.RUNNING, Action.CANCEL, queued)
+    assert info.value.reason == "JOB_STATE" and "needs QUEUED" in info.value.message
+    with pytest.raises(FailedPrecondition) as info:
+        states.require_among(RunKind.JOB, "job_1", RunState.COMPLETED, Action.CANCEL, queued)
+    assert info.value.reason == "JOB_TERMINAL"

@@ -1560,3 +1560,339 @@ class RerunJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RerunJobResponse: _TypeAlias = RerunJobResponse  # noqa: Y015
+
+@_typing.final
+class BulkRunFilter(_message.Message):
+    """Which runs a bulk operation (CancelRuns) works through. Filters combine
+    with AND, with ListJobs' and ListWorkflows' meaning; a filter on what one
+    kind of run does not have (a workflow has no service, a job no workflow
+    name) leaves that kind out.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    KIND_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    WORKFLOW_NAME_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    INCLUDE_STEPS_FIELD_NUMBER: _builtins.int
+    kind: Global___WatchRunsRequest.RunKind.ValueType
+    """Optional. Jobs, workflows, or (unspecified) both."""
+    service: _builtins.str
+    """Optional. Only jobs of this service (workflows are left out); at most
+    128 characters.
+    """
+    workflow_name: _builtins.str
+    """Optional. Only workflows with this name (jobs are left out); at most 256
+    characters.
+    """
+    user_id: _builtins.str
+    """Optional. Only runs requested on behalf of this user, as in
+    ListJobsRequest.user_id; at most 256 characters.
+    """
+    include_steps: _builtins.bool
+    """Optional. When true, workflow steps are taken as jobs too (each as
+    CancelJob of the step would: its workflow reacts as to that); by default
+    only standalone jobs are (cancelling a workflow cancels its steps).
+    """
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.RunState.ValueType]:
+        """Optional. Only runs in one of these states; each must be a state the
+        action may be taken from (for a cancel: PENDING, QUEUED, RUNNING,
+        WAITING_FOR_HUMAN, and PAUSED for workflows); empty means all of those.
+        At most 10 entries.
+        """
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Optional. Only runs carrying every one of these labels with exactly these
+        values (a job's spec.labels, a workflow's labels); at most 16 pairs,
+        bounded as in ListJobsRequest.labels.
+        """
+
+    @_builtins.property
+    def created_after(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Only runs created at or after this time."""
+
+    @_builtins.property
+    def created_before(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Only runs created before this time (exclusive); not before
+        created_after.
+        """
+
+    def __init__(
+        self,
+        *,
+        kind: Global___WatchRunsRequest.RunKind.ValueType = ...,
+        states: _abc.Iterable[_common_pb2.RunState.ValueType] | None = ...,
+        service: _builtins.str = ...,
+        workflow_name: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        user_id: _builtins.str = ...,
+        created_after: _timestamp_pb2.Timestamp | None = ...,
+        created_before: _timestamp_pb2.Timestamp | None = ...,
+        include_steps: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "include_steps", b"include_steps", "kind", b"kind", "labels", b"labels", "service", b"service", "states", b"states", "user_id", b"user_id", "workflow_name", b"workflow_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BulkRunFilter: _TypeAlias = BulkRunFilter  # noqa: Y015
+
+@_typing.final
+class BulkRun(_message.Message):
+    """A run a bulk operation matched."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Output only. The job's or workflow's id."""
+    kind: Global___WatchRunsRequest.RunKind.ValueType
+    """Output only. RUN_KIND_JOB or RUN_KIND_WORKFLOW."""
+    state: _common_pb2.RunState.ValueType
+    """Output only. Its state when it was read."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        kind: Global___WatchRunsRequest.RunKind.ValueType = ...,
+        state: _common_pb2.RunState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "run_id", b"run_id", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BulkRun: _TypeAlias = BulkRun  # noqa: Y015
+
+@_typing.final
+class BulkRunFailure(_message.Message):
+    """A run a bulk operation could not act on (an error other than the run
+    having ended or moved to a state the action is not taken from, which are
+    skips).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Output only. The job's or workflow's id."""
+    kind: Global___WatchRunsRequest.RunKind.ValueType
+    """Output only. RUN_KIND_JOB or RUN_KIND_WORKFLOW."""
+    code: _builtins.str
+    """Output only. The gRPC status code's name, e.g. "NOT_FOUND"."""
+    reason: _builtins.str
+    """Output only. The error's reason (ErrorInfo.reason), e.g. "JOB_NOT_FOUND"."""
+    message: _builtins.str
+    """Output only. The error's message."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        kind: Global___WatchRunsRequest.RunKind.ValueType = ...,
+        code: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "kind", b"kind", "message", b"message", "reason", b"reason", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BulkRunFailure: _TypeAlias = BulkRunFailure  # noqa: Y015
+
+@_typing.final
+class CancelRunsRequest(_message.Message):
+    """Request of CancelRuns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    """Optional. When true, nothing changes: matched counts the runs a real
+    call would take now, sample shows some of them.
+    """
+    reason: _builtins.str
+    """Optional. Why; recorded on every run cancelled and sent to its worker;
+    at most 1,000 characters.
+    """
+    request_id: _builtins.str
+    """Optional. The operation's idempotency key, 1-256 printable characters,
+    per tenant: the same request re-sent (after a deadline, a lost
+    connection, a restart, or done false) goes on where the operation
+    stopped and reports its totals; the same key with another filter or
+    reason is ALREADY_EXISTS (IDEMPOTENCY_CONFLICT). Empty: the server makes
+    one and returns it. Ignored with dry_run.
+    """
+    limit: _builtins.int
+    """Optional. The most runs this call handles (cancelled, skipped or
+    failed); 1-10,000, 0 means 1,000.
+    """
+    page_size: _builtins.int
+    """Optional. Runs read per page (each run is then acted on in its own
+    transaction); 1-500, 0 means 100.
+    """
+    @_builtins.property
+    def filter(self) -> Global___BulkRunFilter:
+        """Required. Which runs: at least one of states, service, workflow_name,
+        labels, user_id, created_after, created_before (so that nobody cancels
+        everything by accident: to mean every run, give a created_before).
+        """
+
+    def __init__(
+        self,
+        *,
+        filter: Global___BulkRunFilter | None = ...,
+        dry_run: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "filter", b"filter", "limit", b"limit", "page_size", b"page_size", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelRunsRequest: _TypeAlias = CancelRunsRequest  # noqa: Y015
+
+@_typing.final
+class CancelRunsResponse(_message.Message):
+    """Response of CancelRuns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SkippedReasonsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MATCHED_FIELD_NUMBER: _builtins.int
+    SAMPLE_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    SKIPPED_REASONS_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    HANDLED_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Output only. The operation's idempotency key (the request's, or the one
+    the server made): re-send the request with it to go on. Empty with
+    dry_run.
+    """
+    matched: _builtins.int
+    """Output only. dry_run: how many runs match now (and may be cancelled).
+    Otherwise: how many runs the operation has taken, over all its calls
+    (cancelled + skipped + failed).
+    """
+    cancelled: _builtins.int
+    """Output only. Runs the operation cancelled, over all its calls."""
+    skipped: _builtins.int
+    """Output only. Runs the operation skipped, over all its calls: they had
+    ended, or left the states the filter names, before their turn.
+    """
+    failed: _builtins.int
+    """Output only. Runs the operation failed to cancel, over all its calls."""
+    done: _builtins.bool
+    """Output only. True when no matching run is left to take; false when the
+    call stopped at its limit or its deadline: re-send it to go on.
+    """
+    handled: _builtins.int
+    """Output only. Runs this call took (the operation's totals above include
+    earlier calls').
+    """
+    @_builtins.property
+    def sample(self) -> _containers.RepeatedCompositeFieldContainer[Global___BulkRun]:
+        """Output only. dry_run: up to 20 of the matching runs, in the order a real
+        call takes them. Empty otherwise.
+        """
+
+    @_builtins.property
+    def skipped_reasons(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Output only. The skipped runs by why: "ENDED" (the run had ended),
+        "STATE" (it had moved to a state the filter does not take).
+        """
+
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___BulkRunFailure]:
+        """Output only. The first 100 of those failures."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        matched: _builtins.int = ...,
+        sample: _abc.Iterable[Global___BulkRun] | None = ...,
+        cancelled: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        skipped_reasons: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        failed: _builtins.int = ...,
+        failures: _abc.Iterable[Global___BulkRunFailure] | None = ...,
+        done: _builtins.bool = ...,
+        handled: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "done", b"done", "failed", b"failed", "failures", b"failures", "handled", b"handled", "matched", b"matched", "request_id", b"request_id", "sample", b"sample", "skipped", b"skipped", "skipped_reasons", b"skipped_reasons"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelRunsResponse: _TypeAlias = CancelRunsResponse  # noqa: Y015

@@ -125,6 +125,11 @@ class JobServiceStub:
                 request_serializer=jobtrace_dot_v1_dot_job__service__pb2.RerunJobRequest.SerializeToString,
                 response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.RerunJobResponse.FromString,
                 _registered_method=True)
+        self.CancelRuns = channel.unary_unary(
+                '/jobtrace.v1.JobService/CancelRuns',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -322,6 +327,27 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelRuns(self, request, context):
+        """Cancels, in bulk (an incident's tool), every run matching a filter that
+        may still be cancelled: workflows with their unfinished steps, and jobs,
+        each through the same state check and events as CancelWorkflow and
+        CancelJob. Runs are taken in pages, workflows first, then jobs, each
+        newest first by their order of submission (a run submitted after the
+        operation read its kind's first page is not taken). With dry_run nothing
+        changes: the call counts the matching runs and returns a sample.
+        Otherwise the call is one step of an operation named by its request_id
+        (each run is cancelled in its own transaction, which also records the
+        operation's progress past it): it stops after `limit`
+        runs or shortly before its deadline (done false), and the same request
+        re-sent goes on after the last run handled, never handling one twice,
+        and reports the operation's totals. A run that ended meanwhile is
+        skipped, not failed. Needs at least one filter (INVALID_ARGUMENT);
+        callers touch only their tenant's runs (admins: every tenant's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -414,6 +440,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.RerunJob,
                     request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.RerunJobRequest.FromString,
                     response_serializer=jobtrace_dot_v1_dot_job__service__pb2.RerunJobResponse.SerializeToString,
+            ),
+            'CancelRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRuns,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -903,6 +934,33 @@ class JobService:
             '/jobtrace.v1.JobService/RerunJob',
             jobtrace_dot_v1_dot_job__service__pb2.RerunJobRequest.SerializeToString,
             jobtrace_dot_v1_dot_job__service__pb2.RerunJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/CancelRuns',
+            jobtrace_dot_v1_dot_job__service__pb2.CancelRunsRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.CancelRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -149,6 +149,23 @@ class JobServiceStub:
     trigger annotations, the parent named by its attestations). A workflow
     step is rerun with its workflow: INVALID_ARGUMENT.
     """
+    CancelRuns: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.CancelRunsRequest, _job_service_pb2.CancelRunsResponse]
+    """Cancels, in bulk (an incident's tool), every run matching a filter that
+    may still be cancelled: workflows with their unfinished steps, and jobs,
+    each through the same state check and events as CancelWorkflow and
+    CancelJob. Runs are taken in pages, workflows first, then jobs, each
+    newest first by their order of submission (a run submitted after the
+    operation read its kind's first page is not taken). With dry_run nothing
+    changes: the call counts the matching runs and returns a sample.
+    Otherwise the call is one step of an operation named by its request_id
+    (each run is cancelled in its own transaction, which also records the
+    operation's progress past it): it stops after `limit`
+    runs or shortly before its deadline (done false), and the same request
+    re-sent goes on after the last run handled, never handling one twice,
+    and reports the operation's totals. A run that ended meanwhile is
+    skipped, not failed. Needs at least one filter (INVALID_ARGUMENT);
+    callers touch only their tenant's runs (admins: every tenant's).
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -270,6 +287,23 @@ class JobServiceAsyncStub(JobServiceStub):
     spec and request context, a new job with fresh attempts, lineage,
     trigger annotations, the parent named by its attestations). A workflow
     step is rerun with its workflow: INVALID_ARGUMENT.
+    """
+    CancelRuns: _aio.UnaryUnaryMultiCallable[_job_service_pb2.CancelRunsRequest, _job_service_pb2.CancelRunsResponse]  # type: ignore[assignment]
+    """Cancels, in bulk (an incident's tool), every run matching a filter that
+    may still be cancelled: workflows with their unfinished steps, and jobs,
+    each through the same state check and events as CancelWorkflow and
+    CancelJob. Runs are taken in pages, workflows first, then jobs, each
+    newest first by their order of submission (a run submitted after the
+    operation read its kind's first page is not taken). With dry_run nothing
+    changes: the call counts the matching runs and returns a sample.
+    Otherwise the call is one step of an operation named by its request_id
+    (each run is cancelled in its own transaction, which also records the
+    operation's progress past it): it stops after `limit`
+    runs or shortly before its deadline (done false), and the same request
+    re-sent goes on after the last run handled, never handling one twice,
+    and reports the operation's totals. A run that ended meanwhile is
+    skipped, not failed. Needs at least one filter (INVALID_ARGUMENT);
+    callers touch only their tenant's runs (admins: every tenant's).
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -497,6 +531,29 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         spec and request context, a new job with fresh attempts, lineage,
         trigger annotations, the parent named by its attestations). A workflow
         step is rerun with its workflow: INVALID_ARGUMENT.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelRuns(
+        self,
+        request: _job_service_pb2.CancelRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.CancelRunsResponse, _abc.Awaitable[_job_service_pb2.CancelRunsResponse]]:
+        """Cancels, in bulk (an incident's tool), every run matching a filter that
+        may still be cancelled: workflows with their unfinished steps, and jobs,
+        each through the same state check and events as CancelWorkflow and
+        CancelJob. Runs are taken in pages, workflows first, then jobs, each
+        newest first by their order of submission (a run submitted after the
+        operation read its kind's first page is not taken). With dry_run nothing
+        changes: the call counts the matching runs and returns a sample.
+        Otherwise the call is one step of an operation named by its request_id
+        (each run is cancelled in its own transaction, which also records the
+        operation's progress past it): it stops after `limit`
+        runs or shortly before its deadline (done false), and the same request
+        re-sent goes on after the last run handled, never handling one twice,
+        and reports the operation's totals. A run that ended meanwhile is
+        skipped, not failed. Needs at least one filter (INVALID_ARGUMENT);
+        callers touch only their tenant's runs (admins: every tenant's).
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

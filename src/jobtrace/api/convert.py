@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 from jobtrace.api.errors import status_code
 from jobtrace.domain import step_data
 from jobtrace.domain.annotations import AnnotationFilter
+from jobtrace.domain.bulk import BulkFilter, BulkRequest, BulkResult
 from jobtrace.domain.errors import FieldViolation, Invalid
 from jobtrace.domain.jobs import (
     JobSubmission,
@@ -23,6 +24,7 @@ from jobtrace.domain.jobs import (
 from jobtrace.domain.reruns import RerunRequest
 from jobtrace.domain.run_feed import RunChange
 from jobtrace.domain.search import Found, SearchRequest
+from jobtrace.domain.states import RunKind
 from jobtrace.model import (
     JSON,
     AnnotationInput,
@@ -77,6 +79,68 @@ def run_filter(request: Any, *, jobs: bool) -> Any:
         include_total=request.include_total,
         parent_run_id=request.parent_run_id,
         root_run_id=request.root_run_id,
+    )
+
+
+def bulk_request(request: job_service_pb2.CancelRunsRequest) -> BulkRequest:
+    """CancelRuns' request as the domain's BulkRequest."""
+    f = request.filter
+    return BulkRequest(
+        filter=BulkFilter(
+            kind=int(f.kind),
+            states=tuple(int(s) for s in f.states),
+            service=f.service,
+            workflow_name=f.workflow_name,
+            labels=dict(f.labels),
+            user_id=f.user_id,
+            created_after=instant(f, "created_after"),
+            created_before=instant(f, "created_before"),
+            include_steps=f.include_steps,
+        ),
+        dry_run=request.dry_run,
+        reason=request.reason,
+        request_id=request.request_id,
+        limit=int(request.limit),
+        page_size=int(request.page_size),
+    )
+
+
+def bulk_kind(kind: RunKind) -> job_service_pb2.WatchRunsRequest.RunKind.ValueType:
+    """A kind of run as WatchRunsRequest.RunKind."""
+    jpb = job_service_pb2.WatchRunsRequest
+    return jpb.RUN_KIND_JOB if kind is RunKind.JOB else jpb.RUN_KIND_WORKFLOW
+
+
+def cancel_runs_response(result: BulkResult) -> job_service_pb2.CancelRunsResponse:
+    """A bulk result as CancelRunsResponse."""
+    jpb = job_service_pb2
+    return jpb.CancelRunsResponse(
+        request_id=result.request_id,
+        matched=result.matched,
+        sample=[
+            jpb.BulkRun(
+                run_id=r.id,
+                kind=bulk_kind(r.kind),
+                state=common_pb2.RunState.ValueType(int(r.state)),
+            )
+            for r in result.sample
+        ],
+        cancelled=result.touched,
+        skipped=result.skipped,
+        skipped_reasons=dict(result.skipped_reasons),
+        failed=result.failed,
+        failures=[
+            jpb.BulkRunFailure(
+                run_id=f.run_id,
+                kind=bulk_kind(f.kind),
+                code=f.code,
+                reason=f.reason,
+                message=f.message,
+            )
+            for f in result.failures
+        ],
+        done=result.done,
+        handled=result.handled,
     )
 
 

@@ -192,6 +192,21 @@ class JobServicer(pb_grpc.JobServiceServicer):
         )
 
     @rpc
+    async def CancelRuns(
+        self, request: pb.CancelRunsRequest, context: Any
+    ) -> pb.CancelRunsResponse:
+        # CancelJob's role, over the caller's tenant (an admin's: every tenant).
+        principal = self._auth.require(context, Role.SUBMITTER)
+        result = await self._jobs.cancel_runs(
+            principal.read_scope,
+            principal.tenant,
+            principal.subject,
+            convert.bulk_request(request),
+            context.time_remaining(),
+        )
+        return convert.cancel_runs_response(result)
+
+    @rpc
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: Any
     ) -> AsyncIterator[pb.WatchJobResponse]:

@@ -568,6 +568,62 @@ class Client:
         )
         return response.job
 
+    async def cancel_runs(
+        self,
+        *,
+        kind: int | str | None = None,
+        states: Sequence[int | str] = (),
+        service: str = "",
+        workflow_name: str = "",
+        labels: Mapping[str, str] | None = None,
+        user_id: str = "",
+        created_after: When | None = None,
+        created_before: When | None = None,
+        include_steps: bool = False,
+        dry_run: bool = False,
+        reason: str = "",
+        request_id: str = "",
+        limit: int = 0,
+        page_size: int = 0,
+        until_done: bool = False,
+    ) -> job_service_pb2.CancelRunsResponse:
+        """Cancel in bulk the runs matching the filters (at least one):
+        `kind` "job" or "workflow" (default both), `states` (values or names),
+        `service` (jobs), `workflow_name` (workflows), `labels`, `user_id`,
+        created in [`created_after`, `created_before`); `include_steps` takes
+        workflow steps as jobs too. `dry_run` changes nothing: `matched`
+        counts the runs, `sample` shows some. Otherwise one call of the
+        operation `request_id` (a new random one when empty: the response
+        names it), which stops after `limit` runs (default 1,000) or near the
+        deadline with `done` False; re-send with the same request_id (or pass
+        `until_done`, which does) to go on: no run is handled twice, and the
+        counts are the operation's totals. Safe to retry: the request id
+        makes it idempotent."""
+        request = job_service_pb2.CancelRunsRequest(
+            filter=job_service_pb2.BulkRunFilter(
+                kind=_enum(job_service_pb2.WatchRunsRequest.RunKind, "RUN_KIND_", kind),
+                states=[run_state(s) for s in states],
+                service=service,
+                workflow_name=workflow_name,
+                labels=dict(labels or {}),
+                user_id=user_id,
+                created_after=_timestamp(created_after),
+                created_before=_timestamp(created_before),
+                include_steps=include_steps,
+            ),
+            dry_run=dry_run,
+            reason=reason,
+            request_id=request_id or ("" if dry_run else f"bulk-{uuid.uuid4()}"),
+            limit=limit,
+            page_size=page_size,
+        )
+        while True:
+            response: job_service_pb2.CancelRunsResponse = await self._call(
+                self.jobs_stub.CancelRuns, request, retry=True
+            )
+            if response.done or not until_done:
+                return response
+
     async def watch_job(self, job_id: str) -> AsyncIterator[common_pb2.Job]:
         """The job now, then every change, until it ends (a lost connection is
         reopened; the first snapshot after it is the current state)."""

@@ -313,6 +313,46 @@ class SyncClient:
             )
         )
 
+    def cancel_runs(
+        self,
+        *,
+        kind: int | str | None = None,
+        states: Sequence[int | str] = (),
+        service: str = "",
+        workflow_name: str = "",
+        labels: Mapping[str, str] | None = None,
+        user_id: str = "",
+        created_after: When | None = None,
+        created_before: When | None = None,
+        include_steps: bool = False,
+        dry_run: bool = False,
+        reason: str = "",
+        request_id: str = "",
+        limit: int = 0,
+        page_size: int = 0,
+        until_done: bool = False,
+    ) -> job_service_pb2.CancelRunsResponse:
+        """Client.cancel_runs."""
+        return self._run(
+            self.client.cancel_runs(
+                kind=kind,
+                states=states,
+                service=service,
+                workflow_name=workflow_name,
+                labels=labels,
+                user_id=user_id,
+                created_after=created_after,
+                created_before=created_before,
+                include_steps=include_steps,
+                dry_run=dry_run,
+                reason=reason,
+                request_id=request_id,
+                limit=limit,
+                page_size=page_size,
+                until_done=until_done,
+            )
+        )
+
     def watch_job(self, job_id: str) -> Iterator[common_pb2.Job]:
         return self._iterate(self.client.watch_job(job_id))
 

@@ -18,10 +18,17 @@ from jobtrace.clock import now_us
 from jobtrace.domain import annotations as annotation_rules
 from jobtrace.domain import failures, fan_out, lifecycle, reruns, states
 from jobtrace.domain import redact as redact_rules
+from jobtrace.domain.bulk import (
+    BulkOperations,
+    BulkRequest,
+    BulkResult,
+    BulkRun,
+    BulkStep,
+    StepContext,
+)
 from jobtrace.domain.errors import (
     AlreadyExists,
     DeadlineExceeded,
-    FailedPrecondition,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -283,6 +290,8 @@ class Jobs:
         self.stopping = asyncio.Event()
         # The live feeds of runs (WatchRuns).
         self.runs = RunFeed(db, self.feed, self.stopping)
+        # Bulk operations over runs (CancelRuns).
+        self.bulk = BulkOperations(db)
         self.add_listener(self.feed.publish)
 
     def add_listener(self, listener: ChangeListener) -> None:
@@ -1032,29 +1041,36 @@ class Jobs:
         check_id(v, "job_id", job_id)
         check_text(v, "reason", reason, MAX_REASON)
         v.raise_if_any()
+        return await self._db.write(
+            lambda session, tx: self.cancel_job_in(session, tx, tenant, job_id, reason, by)
+        )
 
-        async def op(session: AsyncSession, tx: Tx) -> Job:
-            job = await store.load_locked(session, job_id, tenant)
-            if job is None:
-                raise NotFound(
-                    f"job {job_id!r} not found", reason="JOB_NOT_FOUND", metadata={"job_id": job_id}
-                )
-            if job.state.terminal:
-                raise FailedPrecondition(
-                    f"job {job_id!r} already ended {job.state.name}",
-                    reason="JOB_TERMINAL",
-                    metadata={"job_id": job_id, "state": job.state.name},
-                )
-            failure = Failure(
-                reason=reason or CANCELLED_BY_USER, code="CANCELLED", attempt=job.attempt
+    async def cancel_job_in(
+        self,
+        session: AsyncSession,
+        tx: Tx,
+        tenant: str | None,
+        job_id: str,
+        reason: str,
+        by: str,
+        *,
+        only: frozenset[RunState] = frozenset(),
+    ) -> Job:
+        """Cancel a job inside a write (its checked inputs): the state check
+        under the job's lock. `only`: refuse unless the job is in one of
+        these states too (a bulk cancel's filter, checked again)."""
+        job = await store.load_locked(session, job_id, tenant)
+        if job is None:
+            raise NotFound(
+                f"job {job_id!r} not found", reason="JOB_NOT_FOUND", metadata={"job_id": job_id}
             )
-            changed = await self._life.end_job(
-                session, tx, job, RunState.CANCELLED, failure, now_us(), by=by
-            )
-            self._changed(tx, changed)
-            return changed[0]
-
-        return await self._db.write(op)
+        states.require_among(states.RunKind.JOB, job_id, job.state, states.Action.CANCEL, only)
+        failure = Failure(reason=reason or CANCELLED_BY_USER, code="CANCELLED", attempt=job.attempt)
+        changed = await self._life.end_job(
+            session, tx, job, RunState.CANCELLED, failure, now_us(), by=by
+        )
+        self._changed(tx, changed)
+        return changed[0]
 
     async def cancel_workflow(
         self, tenant: str | None, workflow_id: str, reason: str, by: str
@@ -1064,48 +1080,94 @@ class Jobs:
         check_id(v, "workflow_id", workflow_id)
         check_text(v, "reason", reason, MAX_REASON)
         v.raise_if_any()
-
-        async def op(session: AsyncSession, tx: Tx) -> Workflow:
-            await store.lock_workflow(session, workflow_id)
-            workflow = await store.get_workflow(session, workflow_id, tenant)
-            if workflow is None:
-                raise NotFound(
-                    f"workflow {workflow_id!r} not found",
-                    reason="WORKFLOW_NOT_FOUND",
-                    metadata={"workflow_id": workflow_id},
-                )
-            if workflow.state.terminal:
-                raise FailedPrecondition(
-                    f"workflow {workflow_id!r} already ended {workflow.state.name}",
-                    reason="WORKFLOW_TERMINAL",
-                    metadata={"workflow_id": workflow_id, "state": workflow.state.name},
-                )
-            now = now_us()
-            why = reason or CANCELLED_BY_USER
-            # Only the steps a cancel changes are read whole (not every result).
-            steps = (await store.workflow_jobs(session, [workflow_id], unfinished=True))[
-                workflow_id
-            ]
-            changed = await self._life.cancel_steps(
-                session, tx, steps, why, "CANCELLED", now, by=by
+        return await self._db.write(
+            lambda session, tx: self.cancel_workflow_in(
+                session, tx, tenant, workflow_id, reason, by
             )
-            await self._life.end_workflow(
-                session,
-                tx,
-                workflow_id,
-                workflow.tenant,
-                RunState.CANCELLED,
-                Failure(reason=why, code="CANCELLED"),
-                now,
-                by=by,
-                traceparent=await store.workflow_traceparent(session, workflow_id),
-            )
-            self._changed(tx, changed)
-            stored = await store.get_workflow(session, workflow_id)
-            assert stored is not None
-            return stored
+        )
 
-        return await self._db.write(op)
+    async def cancel_workflow_in(
+        self,
+        session: AsyncSession,
+        tx: Tx,
+        tenant: str | None,
+        workflow_id: str,
+        reason: str,
+        by: str,
+        *,
+        only: frozenset[RunState] = frozenset(),
+    ) -> Workflow:
+        """Cancel a workflow and its unfinished steps inside a write, as
+        cancel_job_in: the state check under the workflow's lock."""
+        await store.lock_workflow(session, workflow_id)
+        workflow = await store.get_workflow(session, workflow_id, tenant)
+        if workflow is None:
+            raise NotFound(
+                f"workflow {workflow_id!r} not found",
+                reason="WORKFLOW_NOT_FOUND",
+                metadata={"workflow_id": workflow_id},
+            )
+        states.require_among(
+            states.RunKind.WORKFLOW, workflow_id, workflow.state, states.Action.CANCEL, only
+        )
+        now = now_us()
+        why = reason or CANCELLED_BY_USER
+        # Only the steps a cancel changes are read whole (not every result).
+        steps = (await store.workflow_jobs(session, [workflow_id], unfinished=True))[workflow_id]
+        changed = await self._life.cancel_steps(session, tx, steps, why, "CANCELLED", now, by=by)
+        await self._life.end_workflow(
+            session,
+            tx,
+            workflow_id,
+            workflow.tenant,
+            RunState.CANCELLED,
+            Failure(reason=why, code="CANCELLED"),
+            now,
+            by=by,
+            traceparent=await store.workflow_traceparent(session, workflow_id),
+        )
+        self._changed(tx, changed)
+        stored = await store.get_workflow(session, workflow_id)
+        assert stored is not None
+        return stored
+
+    # --- in bulk ----------------------------------------------------------
+
+    def cancel_step(self) -> BulkStep:
+        """CancelRuns' action on one run: CancelJob's or CancelWorkflow's,
+        inside the bulk operation's transaction for the run."""
+
+        async def act(session: AsyncSession, tx: Tx, run: BulkRun, ctx: StepContext) -> None:
+            if run.kind is states.RunKind.JOB:
+                await self.cancel_job_in(
+                    session, tx, ctx.scope, run.id, ctx.reason, ctx.by, only=ctx.only
+                )
+            else:
+                await self.cancel_workflow_in(
+                    session, tx, ctx.scope, run.id, ctx.reason, ctx.by, only=ctx.only
+                )
+
+        return BulkStep("cancel", states.Action.CANCEL, act)
+
+    async def cancel_runs(
+        self,
+        scope: str | None,
+        tenant: str,
+        by: str,
+        request: BulkRequest,
+        time_left_s: float | None = None,
+    ) -> BulkResult:
+        """Cancel the runs a filter matches, in bulk (see domain.bulk): `scope`
+        the tenant whose runs it may touch (None: every tenant's), `tenant`
+        the one its request id belongs to, `by` the caller's subject."""
+        return await self.bulk.run(
+            self.cancel_step(),
+            scope=scope,
+            tenant=tenant,
+            by=by,
+            request=request,
+            time_left_s=time_left_s,
+        )
 
     # --- termination ------------------------------------------------------
 

@@ -137,3 +137,14 @@ def check_transition(kind: RunKind, run_id: str, current: RunState, target: RunS
 
 def can(kind: RunKind, current: RunState, action: Action) -> bool:
     return current in allowed_from(kind, action)
+
+
+def require_among(
+    kind: RunKind, run_id: str, current: RunState, action: Action, among: frozenset[RunState]
+) -> None:
+    """As require, and refuse too unless `current` is among `among` when it
+    is given: a caller's narrower condition (a bulk operation's state filter,
+    checked again under the run's lock)."""
+    require(kind, run_id, current, action)
+    if among and current not in among:
+        raise _refused(kind, run_id, current, action.value, allowed_from(kind, action) & among)

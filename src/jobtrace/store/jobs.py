@@ -469,6 +469,10 @@ class RunQuery:
     # A run's reruns: one level (parent), or its whole chain (root).
     parent_run_id: str = ""
     root_run_id: str = ""
+    # Only runs in one of these states (with `state`, both hold); () all.
+    states: tuple[RunState, ...] = ()
+    # Jobs only: leave workflow steps out (standalone jobs only).
+    standalone: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -572,6 +576,10 @@ def job_keyset(tenant: str | None, q: RunQuery, *, ranked: bool = False) -> _Key
         below.append((JobRow.service, lambda c: [c == q.service]))
     if q.state is not None:
         below.append((JobRow.state, lambda c: [c == int(q.state or 0)]))
+    if q.states:
+        below.append((JobRow.state, lambda c: [c.in_([int(s) for s in q.states])]))
+    if q.standalone:
+        below.append((JobRow.workflow_id, lambda c: [c == ""]))
     if q.created_after_us is not None or q.created_before_us is not None:
         below.append(
             (
@@ -597,6 +605,8 @@ def workflow_keyset(tenant: str | None, q: RunQuery, *, ranked: bool = False) ->
         below.append((WorkflowRow.name, lambda c: [c == q.name]))
     if q.state is not None:
         below.append((WorkflowRow.state, lambda c: [c == int(q.state or 0)]))
+    if q.states:
+        below.append((WorkflowRow.state, lambda c: [c.in_([int(s) for s in q.states])]))
     if q.created_after_us is not None or q.created_before_us is not None:
         below.append(
             (

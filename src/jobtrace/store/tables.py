@@ -243,6 +243,34 @@ class FailureRow(Base):
     )
 
 
+class BulkOperationRow(Base):
+    """One bulk operation (CancelRuns) per (tenant, request id): what it works
+    through (its action, and a digest of its filter and reason: the same key
+    with another is a conflict), and how far it got. `phase` is the kind of
+    run it is at ("workflows", then "jobs"; "done" at the end), `cursor` the
+    seq of the last run of that phase it handled (runs are taken newest
+    first, so the next is below it; NULL: none yet). Counts are the
+    operation's totals; `skipped_reasons` a JSON object of counts by reason,
+    `failures` a JSON list of the first failures."""
+
+    __tablename__ = "bulk_operations"
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    action: Mapped[str] = mapped_column(String(32))
+    filter_digest: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    phase: Mapped[str] = mapped_column(String(16))
+    cursor: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    touched: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    skipped: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    skipped_reasons: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
+    failed: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    failures: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+    created_by: Mapped[str] = mapped_column(String(256), default="", server_default="")
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    updated_us: Mapped[int] = mapped_column(BigInteger)
+
+
 class _AnnotationColumns:
     """What an annotation is, published or pending."""
 
