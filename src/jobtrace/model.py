@@ -176,6 +176,57 @@ class AnnotationInput:
     idempotency_key: str = ""
 
 
+class OnTimeout(enum.IntEnum):
+    """What an approval gate's timeout means; mirrors jobtrace.v1.OnTimeout."""
+
+    UNSPECIFIED = 0
+    FAIL = 1
+    REJECT = 2
+
+
+class OnReject(enum.IntEnum):
+    """What a rejection of an approval gate means; mirrors jobtrace.v1.OnReject."""
+
+    UNSPECIFIED = 0
+    FAIL = 1
+    SKIP = 2
+
+
+class Disposition(enum.IntEnum):
+    """A decision on an approval gate; mirrors jobtrace.v1.ApprovalDisposition."""
+
+    UNSPECIFIED = 0
+    APPROVED = 1
+    REJECTED = 2
+
+
+# An approval gate's approver entry that admits any principal with the
+# reviewer role.
+ANY_REVIEWER = "role:reviewer"
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalGate:
+    """A workflow step that people decide instead of a worker (defaults applied)."""
+
+    approvers: tuple[str, ...]
+    min_approvals: int = 1
+    timeout_ms: int = 0
+    on_timeout: OnTimeout = OnTimeout.FAIL
+    policy_version: str = ""
+    on_reject: OnReject = OnReject.FAIL
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalDecision:
+    """One approver's decision on a gate: `approver` is the authenticated subject."""
+
+    approver: str
+    disposition: Disposition
+    comment: str
+    decided_us: int
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     id: str
@@ -234,6 +285,11 @@ class Job:
     # standalone job. Every event of the step carries them.
     step_number: int = 0
     total_steps: int = 0
+    # An approval gate step: the gate, the decisions so far, and while it
+    # waits with a timeout, when it times out (0: none). None: a job step.
+    approval: ApprovalGate | None = None
+    decisions: tuple[ApprovalDecision, ...] = ()
+    gate_deadline_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +328,10 @@ class WorkflowStep:
     attempt: int
     progress_percent: float = 0.0
     progress_message: str = ""
+    # An approval gate step: as Job.approval, Job.decisions, Job.gate_deadline_us.
+    approval: ApprovalGate | None = None
+    decisions: tuple[ApprovalDecision, ...] = ()
+    gate_deadline_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,6 +475,7 @@ class AttestationType(enum.IntEnum):
     WORKFLOW_FAILURE = 4
     WORKFLOW_CANCELLATION = 5
     WORKER_CANCELLATION = 6
+    APPROVAL = 7
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
 from jobtrace.domain import annotations as annotation_rules
-from jobtrace.domain import failures, fan_out, lifecycle
+from jobtrace.domain import approvals, failures, fan_out, lifecycle
 from jobtrace.domain import redact as redact_rules
 from jobtrace.domain.errors import (
     AlreadyExists,
@@ -48,6 +48,7 @@ from jobtrace.ids import JOB_PREFIX, WORKFLOW_PREFIX, new_id
 from jobtrace.model import (
     JSON,
     AnnotationInput,
+    ApprovalGate,
     Caller,
     Failure,
     FailureGroup,
@@ -102,6 +103,8 @@ class StepSubmission:
     depends_on: tuple[str, ...] = ()
     independent: bool = False
     for_each: ForEach | None = None
+    # An approval gate instead of a job (set exactly one of spec and approval).
+    approval: ApprovalGate | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +281,8 @@ class Jobs:
         # The live feeds of runs (WatchRuns).
         self.runs = RunFeed(db, self.feed, self.stopping)
         self.add_listener(self.feed.publish)
+        # Approval gate steps: decisions, pending gates, timeouts.
+        self.approvals = approvals.Approvals(db, tokens, life, self._changed)
 
     def add_listener(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
@@ -393,6 +398,7 @@ class Jobs:
         check_size(v, "request_context", sub.context_bytes)
         _check_annotations(v, "annotations", sub.annotations)
         specs: list[JobSpec] = []
+        gates: dict[int, ApprovalGate] = {}
         seen: set[str] = set()
         for i, step in enumerate(sub.steps):
             if not STEP_NAME_RE.fullmatch(step.name):
@@ -400,8 +406,17 @@ class Jobs:
             elif step.name in seen:
                 v.add(f"steps[{i}].name", f"duplicate step name {step.name!r}")
             seen.add(step.name)
-            if step.spec is None:
-                v.add(f"steps[{i}].job", "required")
+            if step.approval is not None:
+                gates[i] = approvals.check_gate(v, f"steps[{i}].approval", step.approval)
+                if step.spec is not None:
+                    v.add(f"steps[{i}]", "set one of job and approval, not both")
+                if step.for_each is not None:
+                    v.add(f"steps[{i}].for_each", "an approval gate cannot fan out")
+                specs.append(
+                    JobSpec(service=approvals.GATE_SERVICE, priority=sub.priority, max_attempts=1)
+                )
+            elif step.spec is None:
+                v.add(f"steps[{i}].job", "required: set job (or approval for an approval gate)")
                 specs.append(JobSpec(service=""))
             else:
                 specs.append(
@@ -455,6 +470,7 @@ class Jobs:
                     request_id=sub.request_id,
                     spec=spec,
                     state=RunState.PENDING if step_deps else RunState.QUEUED,
+                    approval=gates.get(number - 1),
                     created_us=now,
                     updated_us=now,
                     workflow_id=workflow_id,
@@ -471,12 +487,28 @@ class Jobs:
                     zip(sub.steps, specs, deps, strict=True), start=1
                 )
             ]
+            # A gate that depends on nothing waits for people from the start.
+            jobs = [
+                replace(
+                    j,
+                    state=RunState.WAITING_FOR_HUMAN,
+                    started_us=now,
+                    gate_deadline_us=now + j.approval.timeout_ms * 1000
+                    if j.approval.timeout_ms
+                    else 0,
+                )
+                if j.approval is not None and j.state == RunState.QUEUED
+                else j
+                for j in jobs
+            ]
+            gated = any(j.state == RunState.WAITING_FOR_HUMAN for j in jobs)
+            idle = not any(j.state == RunState.QUEUED for j in jobs)
             workflow = Workflow(
                 id=workflow_id,
                 tenant=tenant,
                 request_id=sub.request_id,
                 name=sub.name,
-                state=RunState.QUEUED,
+                state=RunState.WAITING_FOR_HUMAN if gated and idle else RunState.QUEUED,
                 priority=sub.priority,
                 steps=tuple(
                     WorkflowStep(j.step_name, j.id, j.state, j.depends_on, 0) for j in jobs
@@ -515,9 +547,19 @@ class Jobs:
                     )
                 ],
             )
+            waiting = [j for j in jobs if j.state == RunState.WAITING_FOR_HUMAN]
+            if waiting:
+                await self._life.trace.record(
+                    session,
+                    tx,
+                    tenant,
+                    [self._life.gate_waiting_event(j, caller.subject) for j in waiting],
+                )
             stored = await store.get_workflow(session, workflow_id)
             assert stored is not None
-            self._changed(tx, [j for j in jobs if j.state == RunState.QUEUED])
+            self._changed(
+                tx, [j for j in jobs if j.state in (RunState.QUEUED, RunState.WAITING_FOR_HUMAN)]
+            )
             return stored, False
 
         result: tuple[Workflow, bool] = await self._write_submission(op)

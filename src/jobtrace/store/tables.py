@@ -145,6 +145,12 @@ class JobRow(Base):
     # The holder (see lease_holder) of the attempt that failed last, when a
     # failure rule says its retry should go to another worker; '' otherwise.
     avoid_holder: Mapped[str] = mapped_column(String(64), default="")
+    # An approval gate step (0023): the gate (JSON; NULL for a job step), its
+    # decisions so far (JSON list), and while it waits with a timeout, when it
+    # times out (0: none).
+    approval: Mapped[str | None] = mapped_column(Text, nullable=True)
+    approval_decisions: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+    gate_deadline_us: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     __table_args__ = (
         Index("ix_jobs_tenant_seq", "tenant", "seq"),
@@ -161,6 +167,8 @@ class JobRow(Base):
         Index("ix_jobs_dispatch", "state", "service", "priority", "seq"),
         # The supervisor's scan of leases.
         Index("ix_jobs_lease", "state", "lease_deadline_us"),
+        # The supervisor's scan of approval gates past their timeout.
+        Index("ix_jobs_gate_deadline", "state", "gate_deadline_us"),
     )
 
 
