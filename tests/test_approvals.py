@@ -4,6 +4,7 @@ with tokens (both backends)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
 
 from .conftest import Harness, Stubs, error_details, wait_for
+from .procs import jobtrace
 from .workers import runtime_worker
 
 # subject -> roles (tenant acme; "mallory" is of tenant umbrella).
@@ -394,6 +396,37 @@ async def test_a_gate_after_a_running_step_and_cancel(gated: Harness) -> None:
         assert step_of(running, "review").state == c.RUN_STATE_WAITING_FOR_HUMAN
         release.set()
         await until(api, wf.id, c.RUN_STATE_WAITING_FOR_HUMAN)
+    # The CLI: the gates bob may decide, and a decision.
+    code, out, err = await jobtrace(
+        "pending-approvals", "--json", "--token", "tok-bob", target=gated.target
+    )
+    assert code == 0, err
+    assert [(p["workflow_id"], p["step"]) for p in json.loads(out)["approvals"]] == [
+        (wf.id, "review")
+    ]
+    code, out, err = await jobtrace("pending-approvals", "--token", "tok-bob", target=gated.target)
+    assert code == 0 and wf.id in out and "0/1" in out, out
+    cli_wf = await submit(api, "by-cli", [c.WorkflowStepSpec(name="review", approval=gate("bob"))])
+    code, out, err = await jobtrace(
+        "approve",
+        cli_wf.id,
+        "review",
+        "--comment",
+        "ok",
+        "--json",
+        "--token",
+        "tok-bob",
+        target=gated.target,
+    )
+    assert code == 0, err
+    decided = json.loads(out)
+    assert decided["step"]["state"] == "RUN_STATE_COMPLETED"
+    assert decided["workflow"]["state"] == "RUN_STATE_COMPLETED"
+    code, out, err = await jobtrace(
+        "approve", cli_wf.id, "review", "--reject", "--token", "tok-bob", target=gated.target
+    )
+    assert code == 2 and "COMPLETED" in err, err
+
     cancelled = (
         await api.jobs.CancelWorkflow(
             j.CancelWorkflowRequest(workflow_id=wf.id), metadata=md("ops")

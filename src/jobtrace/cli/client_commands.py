@@ -908,6 +908,10 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
 
     add_runs_command(sub, [conn, out, colour])
 
+    from jobtrace.cli.approvals import add_approval_commands  # it builds on this module
+
+    add_approval_commands(sub, [conn, out])
+
     p = sub.add_parser("get", parents=[conn, out], help="show a job or workflow")
     p.add_argument("id", help="job id (job_...) or workflow id (wf_...)")
     p.set_defaults(func=run_command(get))
