@@ -111,6 +111,7 @@ class WaitingReason(enum.IntEnum):
     NOT_BEFORE = 4
     DEPENDENCIES = 5
     PAUSED = 6
+    APPROVAL = 7
 
 
 @dataclass(frozen=True, slots=True)

@@ -150,6 +150,10 @@ class _WaitingReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Waiting
     """A workflow step (PENDING) waiting for the steps it depends on."""
     WAITING_REASON_PAUSED: _WaitingReason.ValueType  # 6
     """Reserved for paused queues; not set yet."""
+    WAITING_REASON_APPROVAL: _WaitingReason.ValueType  # 7
+    """An approval gate step (WAITING_FOR_HUMAN): it waits for its approvers
+    to decide (JobService.ApproveStep), not for a worker.
+    """
 
 class WaitingReason(_WaitingReason, metaclass=_WaitingReasonEnumTypeWrapper):
     """Why a job is not running yet (see Job.waiting_reason)."""
@@ -170,6 +174,10 @@ WAITING_REASON_DEPENDENCIES: WaitingReason.ValueType  # 5
 """A workflow step (PENDING) waiting for the steps it depends on."""
 WAITING_REASON_PAUSED: WaitingReason.ValueType  # 6
 """Reserved for paused queues; not set yet."""
+WAITING_REASON_APPROVAL: WaitingReason.ValueType  # 7
+"""An approval gate step (WAITING_FOR_HUMAN): it waits for its approvers
+to decide (JobService.ApproveStep), not for a worker.
+"""
 Global___WaitingReason: _TypeAlias = WaitingReason  # noqa: Y015
 
 class _OnTimeout:
@@ -1004,10 +1012,10 @@ class Job(_message.Message):
     metadata `jobtrace-json: exact` (see JobSpec.payload_json).
     """
     waiting_reason: Global___WaitingReason.ValueType
-    """Output only. Why a QUEUED (or PENDING) job is not running yet, as the
-    replica answering sees its connected workers at the time of the call
-    (unset for any other state). Set by GetJob and SubmitJob; unset in
-    listings.
+    """Output only. Why a QUEUED (or PENDING, or WAITING_FOR_HUMAN: APPROVAL)
+    job is not running yet, as the replica answering sees its connected
+    workers at the time of the call (unset for any other state). Set by
+    GetJob and SubmitJob; unset in listings.
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
@@ -1502,7 +1510,9 @@ class Workflow(_message.Message):
     state: Global___RunState.ValueType
     """Output only. RUNNING from its first started step, COMPLETED when every
     step completed, FAILED when a step failed terminally, CANCELLED when
-    cancelled.
+    cancelled. WAITING_FOR_HUMAN while an approval gate step waits and no
+    step is queued or running (back to RUNNING, or QUEUED if no step ever
+    started, when one is queued again).
     """
     priority: _builtins.int
     """Output only. The priority it was submitted with."""

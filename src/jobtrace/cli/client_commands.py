@@ -331,7 +331,13 @@ def describe_workflow(workflow: common_pb2.Workflow, s: Style) -> None:
         ["  STEP", "STATE", "ATTEMPT", "JOB", "DEPENDS ON"],
         [
             [
-                "  " + step.name,
+                "  "
+                + step.name
+                + (
+                    f" (approval {step.approval.approvals}/{step.approval.gate.min_approvals})"
+                    if step.HasField("approval")
+                    else ""
+                ),
                 s.state(step.state),
                 str(step.attempt),
                 step.job_id,
