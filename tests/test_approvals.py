@@ -495,3 +495,17 @@ async def test_bad_gates_are_invalid_and_store_nothing(gated: Harness) -> None:
         assert field in [f for f, _ in violations], (field, violations)
     listed = await api.jobs.ListWorkflows(j.ListWorkflowsRequest(), metadata=md("bob"))
     assert list(listed.workflows) == []
+
+
+async def test_migration_0023_goes_down_and_up(gated: Harness) -> None:
+    """Revision 0023's columns and index come and go on both backends."""
+    from .test_worker_stream import migrate_down
+
+    await gated.stop()
+    await migrate_down(gated.db_url, "0019")
+    await gated.start()  # migrates up again
+    api = gated.stubs()
+    wf = await submit(api, "after", [c.WorkflowStepSpec(name="review", approval=gate("bob"))])
+    assert wf.state == c.RUN_STATE_WAITING_FOR_HUMAN
+    decided = await decide(api, "bob", wf.id, "review")
+    assert decided.workflow.state == c.RUN_STATE_COMPLETED

@@ -1057,9 +1057,7 @@ class Lifecycle:
     ) -> list[Job]:
         """A gate rejected (FAILED) or past its timeout (TIMED_OUT): its
         workflow fails as after any step that did not complete."""
-        if decisions != gate.decisions:
-            gate = await set_job(db, gate, decisions=decisions)
-        gate = await set_job(db, gate, gate_deadline_us=0)
+        gate = await set_job(db, gate, decisions=decisions, gate_deadline_us=0)
         return await self.end_job(db, tx, gate, state, failure, now, by=by)
 
     async def _step_finished(
