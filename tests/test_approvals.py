@@ -456,6 +456,36 @@ async def test_a_gate_after_a_running_step_and_cancel(gated: Harness) -> None:
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "CANCELLED" in (err.details() or "")
 
+    # Two approvals and a cancel at once: the first to take the run's lock wins;
+    # the others see the state it left (and record nothing).
+    for round_ in range(3):
+        raced = await submit(
+            api, f"race{round_}", [c.WorkflowStepSpec(name="review", approval=gate("bob", "carol"))]
+        )
+        outcomes = await asyncio.gather(
+            decide(api, "bob", raced.id, "review"),
+            decide(api, "carol", raced.id, "review"),
+            api.jobs.CancelWorkflow(
+                j.CancelWorkflowRequest(workflow_id=raced.id), metadata=md("ops")
+            ),
+            return_exceptions=True,
+        )
+        won = [o for o in outcomes if not isinstance(o, BaseException)]
+        lost = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+        assert len(won) == 1 and len(lost) == 2, outcomes
+        assert all(o.code() == grpc.StatusCode.FAILED_PRECONDITION for o in lost)
+        final = await workflow(api, raced.id)
+        decisions = step_of(final, "review").approval.decisions
+        if isinstance(won[0], j.ApproveStepResponse):
+            assert final.state == c.RUN_STATE_COMPLETED and len(decisions) == 1
+        else:
+            assert final.state == c.RUN_STATE_CANCELLED and len(decisions) == 0
+        attested = await api.attest.ListAttestations(
+            a.ListAttestationsRequest(workflow_id=raced.id, type=a.ATTESTATION_TYPE_APPROVAL),
+            metadata=md("bob"),
+        )
+        assert len(attested.attestations) == len(decisions)
+
 
 BAD_GATES = [
     (c.WorkflowStepSpec(name="g", job=job("x"), approval=gate("bob")), "steps[0]"),
