@@ -78,6 +78,13 @@ async def test_the_readme_tour_works_as_written(tmp_path: Path) -> None:
             env=env,
             stderr=asyncio.subprocess.DEVNULL,
         )
+        # The tour's approval gate: approved by its own lines when the README
+        # has them, else here, as a reviewer would from another terminal.
+        approver = (
+            None
+            if re.search(r"\$J approve\b", commands)
+            else asyncio.create_task(_approve_the_tour(env["JOBTRACE_TARGET"]))
+        )
         tour = await asyncio.create_subprocess_exec(
             "/bin/bash",
             "-euo",
@@ -92,13 +99,16 @@ async def test_the_readme_tour_works_as_written(tmp_path: Path) -> None:
         out, _ = await asyncio.wait_for(tour.communicate(), 90)
         text = out.decode()
         assert tour.returncode == 0, text
+        if approver is not None:
+            await asyncio.wait_for(approver, 30)
     finally:
         for proc in (worker, serve):
             if proc is not None and proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
         codes = [await asyncio.wait_for(p.wait(), 30) for p in (worker, serve) if p is not None]
     assert codes == [0, 0], "the worker and the server stop cleanly on SIGTERM"
-    assert re.search(r"workflow wf_\w+ 'tour': COMPLETED \(4/4 steps completed\)", text)
+    assert re.search(r"workflow wf_\w+ 'tour': COMPLETED \(5/5 steps completed\)", text)
+    assert re.search(r"approval:wf_\w+:review:1", text), "the gate's decision is attested"
     assert text.count("worker-completion:job_") == 4 and "workflow-completion:wf_" in text
     assert re.search(
         r"workflow-completion:wf_\w+: valid \(signature, chain and annotations\)", text
@@ -106,6 +116,18 @@ async def test_the_readme_tour_works_as_written(tmp_path: Path) -> None:
     last = text.rstrip().splitlines()[-1]
     assert last.startswith("valid (signature and digest"), "the offline verification is last"
     assert json.loads((tmp_path / "tour.dsse.json").read_text())["payloadType"]
+
+
+async def _approve_the_tour(target: str) -> None:
+    """Approve the tour's gate once it waits (the tour's server has no tokens:
+    its anonymous caller is an admin, a reviewer)."""
+    async with Client(target) as jt:
+
+        async def pending() -> list[Any]:
+            return (await jt.list_pending_approvals()).items
+
+        gate, *_ = await wait_for(pending, timeout=60)
+        await jt.approve_step(gate.workflow_id, gate.step, comment="approved by the tour's test")
 
 
 async def _listening_port(stderr: asyncio.StreamReader) -> int:

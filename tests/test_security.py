@@ -222,6 +222,9 @@ MATRIX: dict[str, tuple[str, ...]] = {
     "GetSigningKeys": (OK, OK, PD, OK, OK, OK, PD, OK),
     "AttachAnnotations": (PD, OK, PD, OK, PD, NF, PD, OK),
     "ListAnnotations": (OK, OK, PD, OK, NF, NF, PD, OK),
+    # Reviewers only (an admin is one): a fresh gate open to any reviewer.
+    "ApproveStep": (PD, PD, PD, OK, PD, PD, PD, OK),
+    "ListPendingApprovals": (PD, PD, PD, OK, PD, PD, PD, OK),
 }
 
 
@@ -341,6 +344,29 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
             j.RerunWorkflowRequest(workflow_id=wf.id, request_id=f"rr{n}"), metadata=md
         )
 
+    async def fresh_gate_approve(md: Any) -> None:
+        admin = bearer(token("admin", "acme"))
+        wf = (
+            await api.jobs.SubmitWorkflow(
+                j.SubmitWorkflowRequest(
+                    request_id=f"ag{n}",
+                    name="w",
+                    steps=[
+                        c.WorkflowStepSpec(
+                            name="gate", approval=c.ApprovalGate(approvers=["role:reviewer"])
+                        )
+                    ],
+                ),
+                metadata=admin,
+            )
+        ).workflow
+        await api.jobs.ApproveStep(
+            j.ApproveStepRequest(
+                workflow_id=wf.id, step="gate", disposition=c.APPROVAL_DISPOSITION_APPROVED
+            ),
+            metadata=md,
+        )
+
     attrs = {"decision.outcome": struct_pb2.Value(string_value="ok")}
     return {
         "RerunWorkflow": ended_wf_rerun,
@@ -435,6 +461,10 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
         ),
         "ListAnnotations": lambda md: api.attest.ListAnnotations(
             a.ListAnnotationsRequest(run_id=ids["job"]), metadata=md
+        ),
+        "ApproveStep": fresh_gate_approve,
+        "ListPendingApprovals": lambda md: api.jobs.ListPendingApprovals(
+            j.ListPendingApprovalsRequest(), metadata=md
         ),
     }
 

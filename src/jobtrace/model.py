@@ -111,6 +111,7 @@ class WaitingReason(enum.IntEnum):
     NOT_BEFORE = 4
     DEPENDENCIES = 5
     PAUSED = 6
+    APPROVAL = 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +175,57 @@ class AnnotationInput:
     attributes: JSON
     payload: JSON | None = None
     idempotency_key: str = ""
+
+
+class OnTimeout(enum.IntEnum):
+    """What an approval gate's timeout means; mirrors jobtrace.v1.OnTimeout."""
+
+    UNSPECIFIED = 0
+    FAIL = 1
+    REJECT = 2
+
+
+class OnReject(enum.IntEnum):
+    """What a rejection of an approval gate means; mirrors jobtrace.v1.OnReject."""
+
+    UNSPECIFIED = 0
+    FAIL = 1
+    SKIP = 2
+
+
+class Disposition(enum.IntEnum):
+    """A decision on an approval gate; mirrors jobtrace.v1.ApprovalDisposition."""
+
+    UNSPECIFIED = 0
+    APPROVED = 1
+    REJECTED = 2
+
+
+# An approval gate's approver entry that admits any principal with the
+# reviewer role.
+ANY_REVIEWER = "role:reviewer"
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalGate:
+    """A workflow step that people decide instead of a worker (defaults applied)."""
+
+    approvers: tuple[str, ...]
+    min_approvals: int = 1
+    timeout_ms: int = 0
+    on_timeout: OnTimeout = OnTimeout.FAIL
+    policy_version: str = ""
+    on_reject: OnReject = OnReject.FAIL
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalDecision:
+    """One approver's decision on a gate: `approver` is the authenticated subject."""
+
+    approver: str
+    disposition: Disposition
+    comment: str
+    decided_us: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +292,11 @@ class Job:
     root_run_id: str = ""
     # A step a workflow rerun carried over: the parent run's job it reuses.
     reused_from: str = ""
+    # An approval gate step: the gate, the decisions so far, and while it
+    # waits with a timeout, when it times out (0: none). None: a job step.
+    approval: ApprovalGate | None = None
+    decisions: tuple[ApprovalDecision, ...] = ()
+    gate_deadline_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +337,10 @@ class WorkflowStep:
     progress_message: str = ""
     # Carried over by a rerun: the parent run's job it reuses ('' otherwise).
     reused_from: str = ""
+    # An approval gate step: as Job.approval, Job.decisions, Job.gate_deadline_us.
+    approval: ApprovalGate | None = None
+    decisions: tuple[ApprovalDecision, ...] = ()
+    gate_deadline_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,6 +497,7 @@ class AttestationType(enum.IntEnum):
     WORKFLOW_FAILURE = 4
     WORKFLOW_CANCELLATION = 5
     WORKER_CANCELLATION = 6
+    APPROVAL = 7
     WORKER_TERMINATION = 8
     WORKFLOW_TERMINATION = 9
 

@@ -51,6 +51,14 @@ class _AttestationTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attes
     "worker-cancellation:<job id>". (A workflow's steps are covered by its
     workflow-cancellation.)
     """
+    ATTESTATION_TYPE_APPROVAL: _AttestationType.ValueType  # 7
+    """A decision on an approval gate, by the authenticated subject that made
+    it; key "approval:<workflow id>:<step>:<n>" (n: the gate's n-th
+    decision, from 1), in the workflow's chain. data.approval holds the
+    approver, disposition, comment, policy version and the gate's outcome
+    so far; the workflow's own attestation lists the approvals
+    (data.approvals: key and digest of each).
+    """
     ATTESTATION_TYPE_WORKER_TERMINATION: _AttestationType.ValueType  # 8
     """A standalone job was terminated (ended now by an operator, state
     TERMINATED, without waiting for its worker); key
@@ -86,6 +94,14 @@ ATTESTATION_TYPE_WORKER_CANCELLATION: AttestationType.ValueType  # 6
 """A standalone job was cancelled, queued or running; key
 "worker-cancellation:<job id>". (A workflow's steps are covered by its
 workflow-cancellation.)
+"""
+ATTESTATION_TYPE_APPROVAL: AttestationType.ValueType  # 7
+"""A decision on an approval gate, by the authenticated subject that made
+it; key "approval:<workflow id>:<step>:<n>" (n: the gate's n-th
+decision, from 1), in the workflow's chain. data.approval holds the
+approver, disposition, comment, policy version and the gate's outcome
+so far; the workflow's own attestation lists the approvals
+(data.approvals: key and digest of each).
 """
 ATTESTATION_TYPE_WORKER_TERMINATION: AttestationType.ValueType  # 8
 """A standalone job was terminated (ended now by an operator, state

@@ -150,6 +150,10 @@ class _WaitingReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Waiting
     """A workflow step (PENDING) waiting for the steps it depends on."""
     WAITING_REASON_PAUSED: _WaitingReason.ValueType  # 6
     """Reserved for paused queues; not set yet."""
+    WAITING_REASON_APPROVAL: _WaitingReason.ValueType  # 7
+    """An approval gate step (WAITING_FOR_HUMAN): it waits for its approvers
+    to decide (JobService.ApproveStep), not for a worker.
+    """
 
 class WaitingReason(_WaitingReason, metaclass=_WaitingReasonEnumTypeWrapper):
     """Why a job is not running yet (see Job.waiting_reason)."""
@@ -170,7 +174,87 @@ WAITING_REASON_DEPENDENCIES: WaitingReason.ValueType  # 5
 """A workflow step (PENDING) waiting for the steps it depends on."""
 WAITING_REASON_PAUSED: WaitingReason.ValueType  # 6
 """Reserved for paused queues; not set yet."""
+WAITING_REASON_APPROVAL: WaitingReason.ValueType  # 7
+"""An approval gate step (WAITING_FOR_HUMAN): it waits for its approvers
+to decide (JobService.ApproveStep), not for a worker.
+"""
 Global___WaitingReason: _TypeAlias = WaitingReason  # noqa: Y015
+
+class _OnTimeout:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OnTimeoutEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OnTimeout.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ON_TIMEOUT_UNSPECIFIED: _OnTimeout.ValueType  # 0
+    """As ON_TIMEOUT_FAIL."""
+    ON_TIMEOUT_FAIL: _OnTimeout.ValueType  # 1
+    """The gate is TIMED_OUT and its workflow fails."""
+    ON_TIMEOUT_REJECT: _OnTimeout.ValueType  # 2
+    """The timeout is a rejection (by the server): on_reject applies."""
+
+class OnTimeout(_OnTimeout, metaclass=_OnTimeoutEnumTypeWrapper):
+    """What the timeout of an approval gate means."""
+
+ON_TIMEOUT_UNSPECIFIED: OnTimeout.ValueType  # 0
+"""As ON_TIMEOUT_FAIL."""
+ON_TIMEOUT_FAIL: OnTimeout.ValueType  # 1
+"""The gate is TIMED_OUT and its workflow fails."""
+ON_TIMEOUT_REJECT: OnTimeout.ValueType  # 2
+"""The timeout is a rejection (by the server): on_reject applies."""
+Global___OnTimeout: _TypeAlias = OnTimeout  # noqa: Y015
+
+class _OnReject:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OnRejectEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OnReject.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ON_REJECT_UNSPECIFIED: _OnReject.ValueType  # 0
+    """As ON_REJECT_FAIL."""
+    ON_REJECT_FAIL: _OnReject.ValueType  # 1
+    """The gate FAILS (code APPROVAL_REJECTED) and its workflow fails."""
+    ON_REJECT_SKIP: _OnReject.ValueType  # 2
+    """The gate COMPLETES without approval: its result is {"approved": false,
+    "skipped": true, ...} and the steps after it run (they may read it).
+    """
+
+class OnReject(_OnReject, metaclass=_OnRejectEnumTypeWrapper):
+    """What a rejection of an approval gate means."""
+
+ON_REJECT_UNSPECIFIED: OnReject.ValueType  # 0
+"""As ON_REJECT_FAIL."""
+ON_REJECT_FAIL: OnReject.ValueType  # 1
+"""The gate FAILS (code APPROVAL_REJECTED) and its workflow fails."""
+ON_REJECT_SKIP: OnReject.ValueType  # 2
+"""The gate COMPLETES without approval: its result is {"approved": false,
+"skipped": true, ...} and the steps after it run (they may read it).
+"""
+Global___OnReject: _TypeAlias = OnReject  # noqa: Y015
+
+class _ApprovalDisposition:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ApprovalDispositionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ApprovalDisposition.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    APPROVAL_DISPOSITION_UNSPECIFIED: _ApprovalDisposition.ValueType  # 0
+    """Invalid."""
+    APPROVAL_DISPOSITION_APPROVED: _ApprovalDisposition.ValueType  # 1
+    """The approver approves."""
+    APPROVAL_DISPOSITION_REJECTED: _ApprovalDisposition.ValueType  # 2
+    """The approver rejects."""
+
+class ApprovalDisposition(_ApprovalDisposition, metaclass=_ApprovalDispositionEnumTypeWrapper):
+    """A decision on an approval gate."""
+
+APPROVAL_DISPOSITION_UNSPECIFIED: ApprovalDisposition.ValueType  # 0
+"""Invalid."""
+APPROVAL_DISPOSITION_APPROVED: ApprovalDisposition.ValueType  # 1
+"""The approver approves."""
+APPROVAL_DISPOSITION_REJECTED: ApprovalDisposition.ValueType  # 2
+"""The approver rejects."""
+Global___ApprovalDisposition: _TypeAlias = ApprovalDisposition  # noqa: Y015
 
 class _ActorKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -898,6 +982,7 @@ class Job(_message.Message):
     PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
     ROOT_RUN_ID_FIELD_NUMBER: _builtins.int
     REUSED_FROM_FIELD_NUMBER: _builtins.int
+    APPROVAL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The job's id."""
     workflow_id: _builtins.str
@@ -930,10 +1015,10 @@ class Job(_message.Message):
     metadata `jobtrace-json: exact` (see JobSpec.payload_json).
     """
     waiting_reason: Global___WaitingReason.ValueType
-    """Output only. Why a QUEUED (or PENDING) job is not running yet, as the
-    replica answering sees its connected workers at the time of the call
-    (unset for any other state). Set by GetJob and SubmitJob; unset in
-    listings.
+    """Output only. Why a QUEUED (or PENDING, or WAITING_FOR_HUMAN: APPROVAL)
+    job is not running yet, as the replica answering sees its connected
+    workers at the time of the call (unset for any other state). Set by
+    GetJob and SubmitJob; unset in listings.
     """
     parent_run_id: _builtins.str
     """Output only. The job this one reruns (RerunJob): a standalone job whose
@@ -1004,6 +1089,12 @@ class Job(_message.Message):
         followed; unset before the first start.
         """
 
+    @_builtins.property
+    def approval(self) -> Global___ApprovalStatus:
+        """Output only. For an approval gate step: the gate and its decisions (its
+        spec is then empty but for the placeholder service "approval").
+        """
+
     def __init__(
         self,
         *,
@@ -1033,10 +1124,11 @@ class Job(_message.Message):
         parent_run_id: _builtins.str = ...,
         root_run_id: _builtins.str = ...,
         reused_from: _builtins.str = ...,
+        approval: Global___ApprovalStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "id", b"id", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "parent_run_id", b"parent_run_id", "progress", b"progress", "request_id", b"request_id", "result", b"result", "result_json", b"result_json", "reused_from", b"reused_from", "root_run_id", b"root_run_id", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step_name", b"step_name", "submitted_by", b"submitted_by", "tenant", b"tenant", "traceparent", b"traceparent", "updated_at", b"updated_at", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "id", b"id", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "parent_run_id", b"parent_run_id", "progress", b"progress", "request_id", b"request_id", "result", b"result", "result_json", b"result_json", "reused_from", b"reused_from", "root_run_id", b"root_run_id", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step_name", b"step_name", "submitted_by", b"submitted_by", "tenant", b"tenant", "traceparent", b"traceparent", "updated_at", b"updated_at", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1085,6 +1177,7 @@ class WorkflowStepSpec(_message.Message):
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     INDEPENDENT_FIELD_NUMBER: _builtins.int
     FOR_EACH_FIELD_NUMBER: _builtins.int
+    APPROVAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required. Unique within the workflow; 1-128 characters of [A-Za-z0-9._-]."""
     independent: _builtins.bool
@@ -1114,6 +1207,15 @@ class WorkflowStepSpec(_message.Message):
         1,000 items, or a value that is not a list, fails the step.
         """
 
+    @_builtins.property
+    def approval(self) -> Global___ApprovalGate:
+        """Optional. Makes the step an approval gate instead of a job: no worker
+        runs it; once its dependencies completed it is WAITING_FOR_HUMAN until
+        enough approvers decide (JobService.ApproveStep) or its timeout passes.
+        Set exactly one of job and approval (INVALID_ARGUMENT otherwise); a gate
+        cannot be a fan-out step.
+        """
+
     def __init__(
         self,
         *,
@@ -1122,14 +1224,150 @@ class WorkflowStepSpec(_message.Message):
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
         independent: _builtins.bool = ...,
         for_each: Global___ForEach | None = ...,
+        approval: Global___ApprovalGate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["for_each", b"for_each", "job", b"job"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "for_each", b"for_each", "job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["depends_on", b"depends_on", "for_each", b"for_each", "independent", b"independent", "job", b"job", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "depends_on", b"depends_on", "for_each", b"for_each", "independent", b"independent", "job", b"job", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkflowStepSpec: _TypeAlias = WorkflowStepSpec  # noqa: Y015
+
+@_typing.final
+class ApprovalGate(_message.Message):
+    """An approval gate: a workflow step that people decide instead of a worker.
+    Approved (min_approvals distinct approvers approved) it COMPLETES with the
+    decisions as its result and the workflow goes on; a rejection fails it
+    (and the workflow) unless on_reject is SKIP.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVERS_FIELD_NUMBER: _builtins.int
+    MIN_APPROVALS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    ON_TIMEOUT_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    ON_REJECT_FIELD_NUMBER: _builtins.int
+    min_approvals: _builtins.int
+    """Optional. Distinct approvals that approve the gate; 1-32, 0 means 1. When
+    approvers are all subjects, at most their number.
+    """
+    on_timeout: Global___OnTimeout.ValueType
+    """Optional. What a timeout means; unset means FAIL."""
+    policy_version: _builtins.str
+    """Optional. The approval policy's version, recorded with every decision
+    (annotation approval.policy.version); at most 128 characters.
+    """
+    on_reject: Global___OnReject.ValueType
+    """Optional. What a rejection means; unset means FAIL."""
+    @_builtins.property
+    def approvers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Required. Who may decide: authenticated subjects, or "role:reviewer"
+        (any principal with the reviewer role). Every decider needs the
+        reviewer role as well. 1-32 distinct entries of 1-256 characters.
+        """
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Optional. How long the gate waits for decisions once it is waiting;
+        unset means no limit; 1 s to 30 days.
+        """
+
+    def __init__(
+        self,
+        *,
+        approvers: _abc.Iterable[_builtins.str] | None = ...,
+        min_approvals: _builtins.int = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        on_timeout: Global___OnTimeout.ValueType = ...,
+        policy_version: _builtins.str = ...,
+        on_reject: Global___OnReject.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvers", b"approvers", "min_approvals", b"min_approvals", "on_reject", b"on_reject", "on_timeout", b"on_timeout", "policy_version", b"policy_version", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalGate: _TypeAlias = ApprovalGate  # noqa: Y015
+
+@_typing.final
+class ApprovalDecision(_message.Message):
+    """One approver's decision on an approval gate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVER_FIELD_NUMBER: _builtins.int
+    DISPOSITION_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    DECIDED_AT_FIELD_NUMBER: _builtins.int
+    approver: _builtins.str
+    """Output only. The authenticated subject that decided."""
+    disposition: Global___ApprovalDisposition.ValueType
+    """Output only. What it decided."""
+    comment: _builtins.str
+    """Output only. Its comment (redacted as evidence is)."""
+    @_builtins.property
+    def decided_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When it was recorded."""
+
+    def __init__(
+        self,
+        *,
+        approver: _builtins.str = ...,
+        disposition: Global___ApprovalDisposition.ValueType = ...,
+        comment: _builtins.str = ...,
+        decided_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approver", b"approver", "comment", b"comment", "decided_at", b"decided_at", "disposition", b"disposition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalDecision: _TypeAlias = ApprovalDecision  # noqa: Y015
+
+@_typing.final
+class ApprovalStatus(_message.Message):
+    """An approval gate step: its definition and the decisions so far."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GATE_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    approvals: _builtins.int
+    """Output only. Distinct approvers that approved."""
+    @_builtins.property
+    def gate(self) -> Global___ApprovalGate:
+        """Output only. The gate as submitted (defaults applied)."""
+
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApprovalDecision]:
+        """Output only. The decisions so far, oldest first."""
+
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """Output only. While WAITING_FOR_HUMAN with a timeout: when it times out."""
+
+    def __init__(
+        self,
+        *,
+        gate: Global___ApprovalGate | None = ...,
+        decisions: _abc.Iterable[Global___ApprovalDecision] | None = ...,
+        approvals: _builtins.int = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "gate", b"gate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "deadline", b"deadline", "decisions", b"decisions", "gate", b"gate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalStatus: _TypeAlias = ApprovalStatus  # noqa: Y015
 
 @_typing.final
 class ForEach(_message.Message):
@@ -1175,6 +1413,7 @@ class WorkflowStep(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     REUSED_FROM_FIELD_NUMBER: _builtins.int
+    APPROVAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. The step's name."""
     job_id: _builtins.str
@@ -1198,6 +1437,10 @@ class WorkflowStep(_message.Message):
         completed).
         """
 
+    @_builtins.property
+    def approval(self) -> Global___ApprovalStatus:
+        """Output only. For an approval gate step: the gate and its decisions."""
+
     def __init__(
         self,
         *,
@@ -1208,10 +1451,11 @@ class WorkflowStep(_message.Message):
         attempt: _builtins.int = ...,
         progress: Global___JobProgress | None = ...,
         reused_from: _builtins.str = ...,
+        approval: Global___ApprovalStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "depends_on", b"depends_on", "job_id", b"job_id", "name", b"name", "progress", b"progress", "reused_from", b"reused_from", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "attempt", b"attempt", "depends_on", b"depends_on", "job_id", b"job_id", "name", b"name", "progress", b"progress", "reused_from", b"reused_from", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1304,7 +1548,9 @@ class Workflow(_message.Message):
     """Output only. RUNNING from its first started step, COMPLETED when every
     step completed, FAILED when a step failed terminally (or timed out:
     failure.code TIMED_OUT), CANCELLED when cancelled, TERMINATED when
-    terminated, TIMED_OUT past its deadline.
+    terminated, TIMED_OUT past its deadline. WAITING_FOR_HUMAN while an
+    approval gate step waits and no step is queued or running (back to
+    RUNNING, or QUEUED if no step ever started, when one is queued again).
     """
     priority: _builtins.int
     """Output only. The priority it was submitted with."""

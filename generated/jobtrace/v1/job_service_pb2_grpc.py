@@ -130,6 +130,16 @@ class JobServiceStub:
                 request_serializer=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsRequest.SerializeToString,
                 response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsResponse.FromString,
                 _registered_method=True)
+        self.ApproveStep = channel.unary_unary(
+                '/jobtrace.v1.JobService/ApproveStep',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.ApproveStepRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.ApproveStepResponse.FromString,
+                _registered_method=True)
+        self.ListPendingApprovals = channel.unary_unary(
+                '/jobtrace.v1.JobService/ListPendingApprovals',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -348,6 +358,30 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApproveStep(self, request, context):
+        """Decides an approval gate step (WAITING_FOR_HUMAN) of a workflow. The
+        caller needs the reviewer role and must be one of the gate's approvers
+        (by subject, or "role:reviewer"): PERMISSION_DENIED otherwise. One
+        decision per approver per gate (ALREADY_EXISTS for a second). The
+        decision is recorded as approval.* annotations by the caller's subject
+        and attested (ATTESTATION_TYPE_APPROVAL). min_approvals approvals
+        complete the gate and the workflow goes on; a rejection fails it (and the
+        workflow) unless its on_reject is SKIP. A step that is not waiting is
+        FAILED_PRECONDITION naming its state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPendingApprovals(self, request, context):
+        """Lists the approval gates waiting for people that the caller may decide
+        (it needs the reviewer role; gates it decided already are left out), of
+        its tenant, oldest first, with keyset pagination.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -445,6 +479,16 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.CancelRuns,
                     request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsRequest.FromString,
                     response_serializer=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsResponse.SerializeToString,
+            ),
+            'ApproveStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveStep,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.ApproveStepRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.ApproveStepResponse.SerializeToString,
+            ),
+            'ListPendingApprovals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPendingApprovals,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -961,6 +1005,60 @@ class JobService:
             '/jobtrace.v1.JobService/CancelRuns',
             jobtrace_dot_v1_dot_job__service__pb2.CancelRunsRequest.SerializeToString,
             jobtrace_dot_v1_dot_job__service__pb2.CancelRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/ApproveStep',
+            jobtrace_dot_v1_dot_job__service__pb2.ApproveStepRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.ApproveStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPendingApprovals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/ListPendingApprovals',
+            jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsResponse.FromString,
             options,
             channel_credentials,
             insecure,

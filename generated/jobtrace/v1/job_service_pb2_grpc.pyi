@@ -166,6 +166,22 @@ class JobServiceStub:
     skipped, not failed. Needs at least one filter (INVALID_ARGUMENT);
     callers touch only their tenant's runs (admins: every tenant's).
     """
+    ApproveStep: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ApproveStepRequest, _job_service_pb2.ApproveStepResponse]
+    """Decides an approval gate step (WAITING_FOR_HUMAN) of a workflow. The
+    caller needs the reviewer role and must be one of the gate's approvers
+    (by subject, or "role:reviewer"): PERMISSION_DENIED otherwise. One
+    decision per approver per gate (ALREADY_EXISTS for a second). The
+    decision is recorded as approval.* annotations by the caller's subject
+    and attested (ATTESTATION_TYPE_APPROVAL). min_approvals approvals
+    complete the gate and the workflow goes on; a rejection fails it (and the
+    workflow) unless its on_reject is SKIP. A step that is not waiting is
+    FAILED_PRECONDITION naming its state.
+    """
+    ListPendingApprovals: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListPendingApprovalsRequest, _job_service_pb2.ListPendingApprovalsResponse]
+    """Lists the approval gates waiting for people that the caller may decide
+    (it needs the reviewer role; gates it decided already are left out), of
+    its tenant, oldest first, with keyset pagination.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -304,6 +320,22 @@ class JobServiceAsyncStub(JobServiceStub):
     and reports the operation's totals. A run that ended meanwhile is
     skipped, not failed. Needs at least one filter (INVALID_ARGUMENT);
     callers touch only their tenant's runs (admins: every tenant's).
+    """
+    ApproveStep: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ApproveStepRequest, _job_service_pb2.ApproveStepResponse]  # type: ignore[assignment]
+    """Decides an approval gate step (WAITING_FOR_HUMAN) of a workflow. The
+    caller needs the reviewer role and must be one of the gate's approvers
+    (by subject, or "role:reviewer"): PERMISSION_DENIED otherwise. One
+    decision per approver per gate (ALREADY_EXISTS for a second). The
+    decision is recorded as approval.* annotations by the caller's subject
+    and attested (ATTESTATION_TYPE_APPROVAL). min_approvals approvals
+    complete the gate and the workflow goes on; a rejection fails it (and the
+    workflow) unless its on_reject is SKIP. A step that is not waiting is
+    FAILED_PRECONDITION naming its state.
+    """
+    ListPendingApprovals: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListPendingApprovalsRequest, _job_service_pb2.ListPendingApprovalsResponse]  # type: ignore[assignment]
+    """Lists the approval gates waiting for people that the caller may decide
+    (it needs the reviewer role; gates it decided already are left out), of
+    its tenant, oldest first, with keyset pagination.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -554,6 +586,34 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         and reports the operation's totals. A run that ended meanwhile is
         skipped, not failed. Needs at least one filter (INVALID_ARGUMENT);
         callers touch only their tenant's runs (admins: every tenant's).
+        """
+
+    @_abc_1.abstractmethod
+    def ApproveStep(
+        self,
+        request: _job_service_pb2.ApproveStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ApproveStepResponse, _abc.Awaitable[_job_service_pb2.ApproveStepResponse]]:
+        """Decides an approval gate step (WAITING_FOR_HUMAN) of a workflow. The
+        caller needs the reviewer role and must be one of the gate's approvers
+        (by subject, or "role:reviewer"): PERMISSION_DENIED otherwise. One
+        decision per approver per gate (ALREADY_EXISTS for a second). The
+        decision is recorded as approval.* annotations by the caller's subject
+        and attested (ATTESTATION_TYPE_APPROVAL). min_approvals approvals
+        complete the gate and the workflow goes on; a rejection fails it (and the
+        workflow) unless its on_reject is SKIP. A step that is not waiting is
+        FAILED_PRECONDITION naming its state.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPendingApprovals(
+        self,
+        request: _job_service_pb2.ListPendingApprovalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ListPendingApprovalsResponse, _abc.Awaitable[_job_service_pb2.ListPendingApprovalsResponse]]:
+        """Lists the approval gates waiting for people that the caller may decide
+        (it needs the reviewer role; gates it decided already are left out), of
+        its tenant, oldest first, with keyset pagination.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

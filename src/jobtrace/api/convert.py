@@ -28,6 +28,8 @@ from jobtrace.domain.states import RunKind
 from jobtrace.model import (
     JSON,
     AnnotationInput,
+    ApprovalDecision,
+    ApprovalGate,
     Backoff,
     Failure,
     FailureGroup,
@@ -385,6 +387,7 @@ def workflow_submission(request: Any, traceparent: str = "") -> WorkflowSubmissi
                 for_each=ForEach(step.for_each.step, step.for_each.path)
                 if step.HasField("for_each")
                 else None,
+                approval=gate_from_proto(step.approval) if step.HasField("approval") else None,
             )
         )
     return WorkflowSubmission(
@@ -408,6 +411,63 @@ def _workflow_timeout_ms(d: duration_pb2.Duration) -> int:
     to 0, which validation refuses as "not positive")."""
     ms = duration_ms(d)
     return 1 if ms == 0 and (d.seconds > 0 or d.nanos > 0) else ms
+
+
+def gate_from_proto(g: common_pb2.ApprovalGate) -> ApprovalGate:
+    """As submitted: checked (and defaults applied) by domain.approvals.check_gate;
+    enum values outside the enums are kept as numbers for it to refuse."""
+    return ApprovalGate(
+        approvers=tuple(g.approvers),
+        min_approvals=g.min_approvals,
+        timeout_ms=duration_ms(g.timeout) if g.HasField("timeout") else 0,
+        on_timeout=g.on_timeout,  # type: ignore[arg-type]
+        policy_version=g.policy_version,
+        on_reject=g.on_reject,  # type: ignore[arg-type]
+    )
+
+
+def gate_to_proto(g: ApprovalGate) -> common_pb2.ApprovalGate:
+    return common_pb2.ApprovalGate(
+        approvers=list(g.approvers),
+        min_approvals=g.min_approvals,
+        timeout=ms_to_duration(g.timeout_ms) if g.timeout_ms else None,
+        on_timeout=int(g.on_timeout),  # type: ignore[arg-type]
+        policy_version=g.policy_version,
+        on_reject=int(g.on_reject),  # type: ignore[arg-type]
+    )
+
+
+def approval_status_to_proto(
+    gate: ApprovalGate | None, decisions: tuple[ApprovalDecision, ...], deadline_us: int
+) -> common_pb2.ApprovalStatus | None:
+    """A gate step's ApprovalStatus; None for a job step."""
+    if gate is None:
+        return None
+    return common_pb2.ApprovalStatus(
+        gate=gate_to_proto(gate),
+        decisions=[
+            common_pb2.ApprovalDecision(
+                approver=d.approver,
+                disposition=int(d.disposition),  # type: ignore[arg-type]
+                comment=d.comment,
+                decided_at=us_to_ts(d.decided_us),
+            )
+            for d in decisions
+        ],
+        approvals=len({d.approver for d in decisions if d.disposition == 1}),
+        deadline=us_to_ts(deadline_us),
+    )
+
+
+def pending_approval_to_proto(gate: Job) -> job_service_pb2.PendingApproval:
+    return job_service_pb2.PendingApproval(
+        workflow_id=gate.workflow_id,
+        step=gate.step_name,
+        job_id=gate.id,
+        approval=approval_status_to_proto(gate.approval, gate.decisions, gate.gate_deadline_us),
+        waiting_since=us_to_ts(gate.started_us),
+        tenant=gate.tenant,
+    )
 
 
 def request_context_to_proto(d: JSON) -> common_pb2.RequestContext:
@@ -538,6 +598,7 @@ def job_to_proto(
         parent_run_id=job.parent_run_id,
         root_run_id=job.root_run_id,
         reused_from=job.reused_from,
+        approval=approval_status_to_proto(job.approval, job.decisions, job.gate_deadline_us),
     )
 
 
@@ -563,6 +624,7 @@ def workflow_to_proto(w: Workflow, exact: bool = False) -> common_pb2.Workflow:
                     percent=s.progress_percent, message=s.progress_message
                 ),
                 reused_from=s.reused_from,
+                approval=approval_status_to_proto(s.approval, s.decisions, s.gate_deadline_us),
             )
             for s in w.steps
         ],

@@ -331,6 +331,41 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 async for change in changes:
                     yield convert.run_change_to_proto(change, exact)
 
+    @rpc
+    async def ApproveStep(
+        self, request: pb.ApproveStepRequest, context: Any
+    ) -> pb.ApproveStepResponse:
+        principal = self._auth.require(context, Role.REVIEWER)
+        workflow, step = await self._jobs.approvals.approve(
+            principal.read_scope,
+            request.workflow_id,
+            request.step,
+            request.disposition,
+            request.comment,
+            Caller(principal.subject, principal.may(Role.REVIEWER)),
+        )
+        exact = convert.wants_exact_json(context)
+        return pb.ApproveStepResponse(
+            workflow=convert.workflow_to_proto(workflow, exact),
+            step=convert.job_to_proto(step, exact=exact),
+        )
+
+    @rpc
+    async def ListPendingApprovals(
+        self, request: pb.ListPendingApprovalsRequest, context: Any
+    ) -> pb.ListPendingApprovalsResponse:
+        principal = self._auth.require(context, Role.REVIEWER)
+        page = await self._jobs.approvals.pending(
+            principal.read_scope,
+            Caller(principal.subject, principal.may(Role.REVIEWER)),
+            request.page_size,
+            request.page_token,
+        )
+        return pb.ListPendingApprovalsResponse(
+            approvals=[convert.pending_approval_to_proto(g) for g in page.items],
+            next_page_token=page.next_page_token,
+        )
+
 
 # Answer a little before the call's deadline, so the caller gets AWAIT_TIMEOUT
 # with the current state rather than a bare DEADLINE_EXCEEDED of its own.

@@ -1,5 +1,6 @@
 """Command line: `jobtrace serve | worker | submit | watch | get | cancel | terminate | rerun |
-jobs | workflows | trace | attest | annotate | annotations | keys | token | bench`.
+approve | pending-approvals | jobs | workflows | trace | attest | annotate | annotations | keys |
+token | bench`.
 
 Exit codes: 0 success; 1 a watched run did not complete, or an attestation is
 invalid; 2 a usage error or a failed call; 3 a watched run was cancelled."""

@@ -374,7 +374,13 @@ def describe_workflow(workflow: common_pb2.Workflow, s: Style) -> None:
         ["  STEP", "STATE", "ATTEMPT", "JOB", "DEPENDS ON"],
         [
             [
-                "  " + step.name,
+                "  "
+                + step.name
+                + (
+                    f" (approval {step.approval.approvals}/{step.approval.gate.min_approvals})"
+                    if step.HasField("approval")
+                    else ""
+                ),
                 s.state(step.state),
                 str(step.attempt),
                 step.job_id,
@@ -954,6 +960,10 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
     from jobtrace.cli.runs import add_runs_command  # it builds on this module
 
     add_runs_command(sub, [conn, out, colour])
+
+    from jobtrace.cli.approvals import add_approval_commands  # it builds on this module
+
+    add_approval_commands(sub, [conn, out])
 
     p = sub.add_parser("get", parents=[conn, out], help="show a job or workflow")
     p.add_argument("id", help="job id (job_...) or workflow id (wf_...)")

@@ -624,6 +624,47 @@ class Client:
             if response.done or not until_done:
                 return response
 
+    async def approve_step(
+        self, workflow_id: str, step: str, *, approve: bool = True, comment: str = ""
+    ) -> job_service_pb2.ApproveStepResponse:
+        """Decide an approval gate step (WAITING_FOR_HUMAN) of a workflow:
+        approve it, or with approve=False reject it; the decision is recorded
+        (and attested) as the caller's, who needs the reviewer role and must be
+        one of the gate's approvers. Returns the workflow and the gate step
+        after the decision. Not retried: a second decision of the same caller
+        is ALREADY_EXISTS."""
+        request = job_service_pb2.ApproveStepRequest(
+            workflow_id=workflow_id,
+            step=step,
+            disposition=common_pb2.APPROVAL_DISPOSITION_APPROVED
+            if approve
+            else common_pb2.APPROVAL_DISPOSITION_REJECTED,
+            comment=comment,
+        )
+        response: job_service_pb2.ApproveStepResponse = await self._call(
+            self.jobs_stub.ApproveStep, request, retry=False
+        )
+        return response
+
+    async def list_pending_approvals(
+        self, *, page_size: int = 0, page_token: str = ""
+    ) -> Page[job_service_pb2.PendingApproval]:
+        """One page of the approval gates waiting that the caller may decide
+        (and has not), oldest first."""
+        request = job_service_pb2.ListPendingApprovalsRequest(
+            page_size=page_size, page_token=page_token
+        )
+        response: job_service_pb2.ListPendingApprovalsResponse = await self._call(
+            self.jobs_stub.ListPendingApprovals, request, retry=True
+        )
+        return Page(list(response.approvals), response.next_page_token)
+
+    def iter_pending_approvals(
+        self, /, **filters: Any
+    ) -> AsyncIterator[job_service_pb2.PendingApproval]:
+        """Every pending approval of list_pending_approvals, page after page."""
+        return _every(self.list_pending_approvals, filters)
+
     async def watch_job(self, job_id: str) -> AsyncIterator[common_pb2.Job]:
         """The job now, then every change, until it ends (a lost connection is
         reopened; the first snapshot after it is the current state)."""

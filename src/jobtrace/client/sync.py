@@ -353,6 +353,25 @@ class SyncClient:
             )
         )
 
+    def approve_step(
+        self, workflow_id: str, step: str, *, approve: bool = True, comment: str = ""
+    ) -> job_service_pb2.ApproveStepResponse:
+        return self._run(
+            self.client.approve_step(workflow_id, step, approve=approve, comment=comment)
+        )
+
+    def list_pending_approvals(
+        self, *, page_size: int = 0, page_token: str = ""
+    ) -> Page[job_service_pb2.PendingApproval]:
+        return self._run(
+            self.client.list_pending_approvals(page_size=page_size, page_token=page_token)
+        )
+
+    def iter_pending_approvals(
+        self, /, **filters: Any
+    ) -> Iterator[job_service_pb2.PendingApproval]:
+        return self._iterate(self.client.iter_pending_approvals(**filters))
+
     def watch_job(self, job_id: str) -> Iterator[common_pb2.Job]:
         return self._iterate(self.client.watch_job(job_id))
 

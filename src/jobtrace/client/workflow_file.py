@@ -48,6 +48,15 @@ are refused with their path (steps[1].job.max_attempts: ...):
       service: thumbnail           #   in the result of a step it depends on; each job
       depends_on: [download]       #   gets the payload plus its item under "item"
       for_each: {step: download, path: frames}   # path: dotted, into the result
+    - name: review                 # an approval gate instead of a job: no worker runs
+      depends_on: [transcode]      #   it; it waits (WAITING_FOR_HUMAN) for people to
+      approval:                    #   decide (jobtrace approve WF review [--reject])
+        approvers: [alice, "role:reviewer"]   # subjects, or any reviewer; deciders
+        min_approvals: 1           #   need the reviewer role; distinct approvals needed
+        timeout: 86400             # optional: seconds (or "86400s") of waiting at most
+        on_timeout: fail           # fail (default): TIMED_OUT; reject: as a rejection
+        on_reject: fail            # fail (default): the workflow fails; skip: the gate
+        policy_version: change-3   #   completes unapproved and the next steps run
 """
 
 # Keys of a step that stand for members of its job.
@@ -121,6 +130,12 @@ def workflow_from(doc: object, *, source: str = "") -> WorkflowFile:
 
 def _expand(step: object, where: str, violations: list[FieldViolation]) -> object:
     """A step with its shorthand (`service:`, `payload:`) moved into its job."""
+    if isinstance(step, Mapping) and "approval" in step:
+        if "job" in step or any(k in step for k in _SHORTHAND):
+            violations.append(
+                FieldViolation(where, "an approval gate runs no job: set approval or a job")
+            )
+            return {k: v for k, v in step.items() if k not in ("job", *_SHORTHAND)}
     if not isinstance(step, Mapping) or not any(k in step for k in _SHORTHAND):
         return step
     step = dict(step)

@@ -562,6 +562,7 @@ TYPE_NAMES = {
     AttestationType.WORKFLOW_FAILURE: "workflow_failure",
     AttestationType.WORKFLOW_CANCELLATION: "workflow_cancellation",
     AttestationType.WORKER_CANCELLATION: "worker_cancellation",
+    AttestationType.APPROVAL: "approval",
     AttestationType.WORKER_TERMINATION: "worker_termination",
     AttestationType.WORKFLOW_TERMINATION: "workflow_termination",
 }

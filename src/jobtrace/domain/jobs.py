@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
 from jobtrace.domain import annotations as annotation_rules
-from jobtrace.domain import failures, fan_out, lifecycle, reruns, states
+from jobtrace.domain import approvals, failures, fan_out, lifecycle, reruns, states
 from jobtrace.domain import redact as redact_rules
 from jobtrace.domain.bulk import (
     BulkOperations,
@@ -58,6 +58,7 @@ from jobtrace.model import (
     JSON,
     SYSTEM_SUBJECT,
     AnnotationInput,
+    ApprovalGate,
     Caller,
     Failure,
     FailureGroup,
@@ -113,6 +114,8 @@ class StepSubmission:
     depends_on: tuple[str, ...] = ()
     independent: bool = False
     for_each: ForEach | None = None
+    # An approval gate instead of a job (set exactly one of spec and approval).
+    approval: ApprovalGate | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +296,8 @@ class Jobs:
         # Bulk operations over runs (CancelRuns).
         self.bulk = BulkOperations(db)
         self.add_listener(self.feed.publish)
+        # Approval gate steps: decisions, pending gates, timeouts.
+        self.approvals = approvals.Approvals(db, tokens, life, self._changed)
 
     def add_listener(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
@@ -410,6 +415,7 @@ class Jobs:
         check_size(v, "request_context", sub.context_bytes)
         _check_annotations(v, "annotations", sub.annotations)
         specs: list[JobSpec] = []
+        gates: dict[int, ApprovalGate] = {}
         seen: set[str] = set()
         for i, step in enumerate(sub.steps):
             if not STEP_NAME_RE.fullmatch(step.name):
@@ -417,8 +423,17 @@ class Jobs:
             elif step.name in seen:
                 v.add(f"steps[{i}].name", f"duplicate step name {step.name!r}")
             seen.add(step.name)
-            if step.spec is None:
-                v.add(f"steps[{i}].job", "required")
+            if step.approval is not None:
+                gates[i] = approvals.check_gate(v, f"steps[{i}].approval", step.approval)
+                if step.spec is not None:
+                    v.add(f"steps[{i}]", "set one of job and approval, not both")
+                if step.for_each is not None:
+                    v.add(f"steps[{i}].for_each", "an approval gate cannot fan out")
+                specs.append(
+                    JobSpec(service=approvals.GATE_SERVICE, priority=sub.priority, max_attempts=1)
+                )
+            elif step.spec is None:
+                v.add(f"steps[{i}].job", "required: set job (or approval for an approval gate)")
                 specs.append(JobSpec(service=""))
             else:
                 specs.append(
@@ -472,6 +487,7 @@ class Jobs:
                     request_id=sub.request_id,
                     spec=spec,
                     state=RunState.PENDING if step_deps else RunState.QUEUED,
+                    approval=gates.get(number - 1),
                     created_us=now,
                     updated_us=now,
                     workflow_id=workflow_id,
@@ -488,12 +504,28 @@ class Jobs:
                     zip(sub.steps, specs, deps, strict=True), start=1
                 )
             ]
+            # A gate that depends on nothing waits for people from the start.
+            jobs = [
+                replace(
+                    j,
+                    state=RunState.WAITING_FOR_HUMAN,
+                    started_us=now,
+                    gate_deadline_us=now + j.approval.timeout_ms * 1000
+                    if j.approval.timeout_ms
+                    else 0,
+                )
+                if j.approval is not None and j.state == RunState.QUEUED
+                else j
+                for j in jobs
+            ]
+            gated = any(j.state == RunState.WAITING_FOR_HUMAN for j in jobs)
+            idle = not any(j.state == RunState.QUEUED for j in jobs)
             workflow = Workflow(
                 id=workflow_id,
                 tenant=tenant,
                 request_id=sub.request_id,
                 name=sub.name,
-                state=RunState.QUEUED,
+                state=RunState.WAITING_FOR_HUMAN if gated and idle else RunState.QUEUED,
                 priority=sub.priority,
                 steps=tuple(
                     WorkflowStep(j.step_name, j.id, j.state, j.depends_on, 0) for j in jobs
@@ -576,9 +608,19 @@ class Jobs:
                 )
             ],
         )
+        waiting = [j for j in jobs if j.state == RunState.WAITING_FOR_HUMAN]
+        if waiting:
+            await self._life.trace.record(
+                session,
+                tx,
+                workflow.tenant,
+                [self._life.gate_waiting_event(j, caller.subject) for j in waiting],
+            )
         stored = await store.get_workflow(session, workflow.id)
         assert stored is not None
-        self._changed(tx, [j for j in jobs if j.state == RunState.QUEUED])
+        self._changed(
+            tx, [j for j in jobs if j.state in (RunState.QUEUED, RunState.WAITING_FOR_HUMAN)]
+        )
         return stored
 
     # --- reruns -------------------------------------------------------------
@@ -626,12 +668,17 @@ class Jobs:
             context = codec.loads(parent.request_context) or {}
             jobs = [_rerun_step(j, new_id_, now, caller, again, req, context) for j in old]
             parent_run_id, root_run_id = reruns.lineage(workflow_id, parent.root_run_id)
+            gated = any(j.state == RunState.WAITING_FOR_HUMAN for j in jobs)
+            idle = not any(j.state == RunState.QUEUED for j in jobs)
+            # The same whole-run timeout as the parent's, from the rerun's creation.
+            timeout_us = parent.deadline_us - parent.created_us if parent.deadline_us else 0
             workflow = Workflow(
                 id=new_id_,
                 tenant=parent.tenant,
                 request_id=req.request_id,
                 name=parent.name,
-                state=RunState.QUEUED,
+                state=RunState.WAITING_FOR_HUMAN if gated and idle else RunState.QUEUED,
+                deadline_us=now + timeout_us if timeout_us else 0,
                 priority=parent.priority,
                 steps=tuple(
                     WorkflowStep(
@@ -1451,6 +1498,7 @@ def _rerun_step(
         step_number=old.step_number,
         total_steps=old.total_steps,
         user_id=store.user_of(context),
+        approval=old.approval,
     )
     if old.step_name not in again:
         return replace(
@@ -1461,6 +1509,15 @@ def _rerun_step(
             reused_from=old.reused_from or old.id,
         )
     ready = not any(d in again for d in old.depends_on)
+    if ready and old.approval is not None:
+        # An approval gate run again waits for people again, from now.
+        timeout_us = old.approval.timeout_ms * 1000
+        return replace(
+            step,
+            state=RunState.WAITING_FOR_HUMAN,
+            started_us=now,
+            gate_deadline_us=now + timeout_us if timeout_us else 0,
+        )
     if ready and old.for_each is None:
         return replace(step, state=RunState.QUEUED)
     return step

@@ -34,6 +34,7 @@ from jobtrace.model import (
     SYSTEM_SUBJECT,
     Annotation,
     AnnotationScope,
+    ApprovalDecision,
     AttestationType,
     Category,
     ErrorInfo,
@@ -114,6 +115,8 @@ async def _changed(
             values["result"] = None if value is None else codec.dumps(value)
         elif name == "chain_head":
             values["chain_seq"], values["chain_digest"] = value  # type: ignore[misc]
+        elif name == "decisions":
+            values["approval_decisions"] = store.decisions_dumps(value)  # type: ignore[arg-type]
         else:  # record fields are named like their columns
             values[name] = value
     return new, values
@@ -323,6 +326,10 @@ class Lifecycle:
             data["failure"] = {"reason": failure.reason, "code": failure.code}
         if row.parent_run_id:
             data["parent"] = await parent_evidence(db, row.parent_run_id)
+        relied = await attest_store.approvals_of(db, workflow_id)
+        if relied:
+            # The approval decisions (their attestations in this chain) it relied on.
+            data["approvals"] = relied
         # Each completed step's result, as many as the budget holds (up to
         # MAX_STEPS results of up to 1 MiB each would not fit any response).
         outputs = [
@@ -927,6 +934,181 @@ class Lifecycle:
             self.trace.run_ended(tx, job.id)
         return [ended, *await self._step_finished(db, tx, ended, now, by)]
 
+    # --- approval gates (the rules: domain/approvals.py) -------------------
+
+    async def gate_waits(self, db: AsyncSession, tx: Tx, gate: Job, now: int, by: str) -> Job:
+        """A gate whose dependencies completed: WAITING_FOR_HUMAN, its timeout
+        (if any) counted from now."""
+        assert gate.approval is not None
+        timeout_ms = gate.approval.timeout_ms
+        waiting = await set_job(
+            db,
+            gate,
+            state=RunState.WAITING_FOR_HUMAN,
+            started_us=now,
+            updated_us=now,
+            gate_deadline_us=now + timeout_ms * 1000 if timeout_ms else 0,
+        )
+        await self._record(db, tx, gate, self.gate_waiting_event(waiting, by))
+        return waiting
+
+    def gate_waiting_event(self, gate: Job, by: str) -> TraceEvent:
+        assert gate.approval is not None
+        rules = gate.approval
+        return self._event(
+            gate,
+            by,
+            type=TraceType.LOG,
+            category=Category.BUSINESS,
+            milestone=True,
+            display_priority=PRIORITY_START,
+            message=f"{node_of(gate)} waits for approval "
+            f"({rules.min_approvals} of {', '.join(rules.approvers)})",
+            data={"approvers": list(rules.approvers), "min_approvals": rules.min_approvals},
+            ts_us=gate.updated_us,
+        )
+
+    async def workflow_waiting(self, db: AsyncSession, workflow_id: str, now: int) -> None:
+        """A workflow with a waiting gate and no step queued or running is
+        WAITING_FOR_HUMAN; it goes back to RUNNING (QUEUED if no step ever
+        started) when work is queued again. A paused or ended one is left be."""
+        found = await store.workflow_state(db, workflow_id)
+        if found is None:
+            return
+        current, started_us = found
+        if current.terminal or current == RunState.PAUSED:
+            return
+        waiting, active = await store.gate_counts(db, workflow_id)
+        if waiting and not active:
+            target = RunState.WAITING_FOR_HUMAN
+        elif current == RunState.WAITING_FOR_HUMAN:
+            target = RunState.RUNNING if started_us else RunState.QUEUED
+        else:
+            return
+        if target != current:
+            states.check_transition(states.RunKind.WORKFLOW, workflow_id, current, target)
+            await store.update_workflow(db, workflow_id, state=int(target), updated_us=now)
+
+    async def attest_approval(
+        self, db: AsyncSession, gate: Job, number: int, approval: JSON, by: str
+    ) -> None:
+        """Attest the `number`-th decision on a gate, in its workflow's chain;
+        it covers the annotations that recorded it (their attempt: `number`)."""
+        assert gate.workflow_id
+        await self.attestor.attest(
+            db,
+            key=f"approval:{gate.workflow_id}:{gate.step_name}:{number}",
+            type=AttestationType.APPROVAL,
+            tenant=gate.tenant,
+            entity_type="job",
+            entity_id=gate.id,
+            chain_id=gate.workflow_id,
+            state=gate.state,
+            data={
+                "recorded_by": by,
+                "request_context": await store.request_context_for(db, gate),
+                "step_name": gate.step_name,
+                "approval": approval,
+            },
+            workflow_id=gate.workflow_id,
+            job_id=gate.id,
+            attempt=number,
+            annotations=await annotated.evidence(
+                db,
+                annotated.selector(
+                    run_id=gate.workflow_id,
+                    workflow_id=gate.workflow_id,
+                    job_id=gate.id,
+                    attempt=number,
+                ),
+            ),
+            recorded_by=by,
+        )
+
+    async def gate_decision(
+        self,
+        db: AsyncSession,
+        tx: Tx,
+        gate: Job,
+        decisions: tuple[ApprovalDecision, ...],
+        now: int,
+        by: str,
+        message: str,
+    ) -> list[Job]:
+        """A decision that leaves the gate waiting (more approvals needed)."""
+        kept = await set_job(db, gate, decisions=decisions, updated_us=now)
+        await self._record(
+            db,
+            tx,
+            gate,
+            self._event(gate, by, type=TraceType.LOG, category=Category.BUSINESS, message=message),
+        )
+        return [kept]
+
+    async def gate_completed(
+        self,
+        db: AsyncSession,
+        tx: Tx,
+        gate: Job,
+        decisions: tuple[ApprovalDecision, ...],
+        result: JSON,
+        now: int,
+        by: str,
+    ) -> list[Job]:
+        """A gate approved (or skipped after a rejection): COMPLETED with
+        `result`, and its workflow goes on as after any step."""
+        done = await set_job(
+            db,
+            gate,
+            state=RunState.COMPLETED,
+            result=result,
+            decisions=decisions,
+            completed_us=now,
+            updated_us=now,
+            gate_deadline_us=0,
+            failure=None,
+            progress_percent=100.0,
+        )
+        verdict = "approved" if result.get("approved") else "skipped (not approved)"
+        await self._record(
+            db,
+            tx,
+            gate,
+            self._event(
+                gate,
+                by,
+                type=TraceType.COMPLETED,
+                category=Category.BUSINESS,
+                milestone=True,
+                display_priority=PRIORITY_OUTCOME,
+                percent=100.0,
+                message=f"{node_of(gate)} {verdict}",
+                output_summary={
+                    "approved": result.get("approved"),
+                    "skipped": result.get("skipped"),
+                },
+                ts_us=now,
+            ),
+        )
+        self.log_after(tx, logging.INFO, f"approval gate {verdict}", gate)
+        return [done, *await self._step_finished(db, tx, done, now, by)]
+
+    async def gate_ended(
+        self,
+        db: AsyncSession,
+        tx: Tx,
+        gate: Job,
+        decisions: tuple[ApprovalDecision, ...],
+        state: RunState,
+        failure: Failure,
+        now: int,
+        by: str,
+    ) -> list[Job]:
+        """A gate rejected (FAILED) or past its timeout (TIMED_OUT): its
+        workflow fails as after any step that did not complete."""
+        gate = await set_job(db, gate, decisions=decisions, gate_deadline_us=0)
+        return await self.end_job(db, tx, gate, state, failure, now, by=by)
+
     async def _step_finished(
         self, db: AsyncSession, tx: Tx, step: Job, now: int, by: str
     ) -> list[Job]:
@@ -966,7 +1148,9 @@ class Lifecycle:
                     await self.trace.record(db, tx, step.tenant, [progress])
                     progress_recorded = True
                 for job_id in ready:
-                    if whole[job_id].for_each is None:
+                    if whole[job_id].approval is not None:
+                        changed.append(await self.gate_waits(db, tx, whole[job_id], now, by))
+                    elif whole[job_id].for_each is None:
                         changed.append(
                             await set_job(db, whole[job_id], state=RunState.QUEUED, updated_us=now)
                         )
@@ -1039,6 +1223,8 @@ class Lifecycle:
                 await store.update_workflow(
                     db, step.workflow_id, completed_steps=done_count, updated_us=now
                 )
+            if done_count != total:
+                await self.workflow_waiting(db, step.workflow_id, now)
             return changed
         # A step ended without completing: the workflow fails (or is cancelled,
         # or terminated, as the step was) and every step that has not ended is

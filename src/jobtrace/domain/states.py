@@ -59,7 +59,8 @@ JOB_TRANSITIONS: Mapping[RunState, frozenset[RunState]] = {
 WORKFLOW_TRANSITIONS: Mapping[RunState, frozenset[RunState]] = {
     S.QUEUED: frozenset({S.RUNNING, S.WAITING_FOR_HUMAN, S.PAUSED, *_ENDINGS, S.TIMED_OUT}),
     S.RUNNING: frozenset({S.WAITING_FOR_HUMAN, S.PAUSED, *_ENDINGS, S.TIMED_OUT}),
-    S.WAITING_FOR_HUMAN: frozenset({S.RUNNING, S.PAUSED, *_ENDINGS, S.TIMED_OUT}),
+    # Back to QUEUED when its gate is decided before any step started.
+    S.WAITING_FOR_HUMAN: frozenset({S.QUEUED, S.RUNNING, S.PAUSED, *_ENDINGS, S.TIMED_OUT}),
     S.PAUSED: frozenset({S.QUEUED, S.RUNNING, S.WAITING_FOR_HUMAN, *_ENDINGS, S.TIMED_OUT}),
     **{t: frozenset() for t in TERMINAL_STATES},
 }

@@ -388,3 +388,25 @@ async def key(session: AsyncSession, key_id: str) -> SigningKey | None:
     stmt = select(SigningKeyRow).where(SigningKeyRow.key_id == key_id)
     row = (await session.execute(stmt)).scalar_one_or_none()
     return None if row is None else _key_from_row(row)
+
+
+async def approvals_of(session: AsyncSession, workflow_id: str) -> list[dict[str, Any]]:
+    """The approval decisions attested in a workflow's chain, in chain order:
+    key, digest, step job and who recorded each (ix_attestations_workflow)."""
+    stmt = (
+        select(
+            AttestationRow.key,
+            AttestationRow.digest,
+            AttestationRow.job_id,
+            AttestationRow.recorded_by,
+        )
+        .where(
+            AttestationRow.workflow_id == workflow_id,
+            AttestationRow.type == int(AttestationType.APPROVAL),
+        )
+        .order_by(AttestationRow.seq)
+    )
+    return [
+        {"key": key, "digest": digest, "job_id": job_id, "recorded_by": by}
+        for key, digest, job_id, by in (await session.execute(stmt)).all()
+    ]

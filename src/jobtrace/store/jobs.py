@@ -27,9 +27,14 @@ from jobtrace.model import (
     TERMINAL_STATES,
     Annotation,
     AnnotationScope,
+    ApprovalDecision,
+    ApprovalGate,
+    Disposition,
     ForEach,
     Job,
     JobSpec,
+    OnReject,
+    OnTimeout,
     RunState,
     Workflow,
     WorkflowStep,
@@ -153,6 +158,51 @@ def user_of(request_context: JSON) -> str:
     return found if isinstance(found, str) else ""
 
 
+def gate_dumps(gate: ApprovalGate | None) -> str | None:
+    if gate is None:
+        return None
+    return codec.dumps(
+        {
+            "approvers": list(gate.approvers),
+            "min_approvals": gate.min_approvals,
+            "timeout_ms": gate.timeout_ms,
+            "on_timeout": int(gate.on_timeout),
+            "policy_version": gate.policy_version,
+            "on_reject": int(gate.on_reject),
+        }
+    )
+
+
+def gate_loads(text: str | None) -> ApprovalGate | None:
+    if text is None:
+        return None
+    d = codec.loads(text)
+    return ApprovalGate(
+        approvers=tuple(d["approvers"]),
+        min_approvals=d["min_approvals"],
+        timeout_ms=d["timeout_ms"],
+        on_timeout=OnTimeout(d["on_timeout"]),
+        policy_version=d["policy_version"],
+        on_reject=OnReject(d["on_reject"]),
+    )
+
+
+def decisions_dumps(decisions: Sequence[ApprovalDecision]) -> str:
+    return codec.dumps(
+        [
+            {"by": d.approver, "d": int(d.disposition), "c": d.comment, "at": d.decided_us}
+            for d in decisions
+        ]
+    )
+
+
+def decisions_loads(text: str | None) -> tuple[ApprovalDecision, ...]:
+    return tuple(
+        ApprovalDecision(d["by"], Disposition(d["d"]), d["c"], d["at"])
+        for d in codec.loads(text or "[]")
+    )
+
+
 def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str, Any]:
     spec = job.spec
     return {
@@ -208,6 +258,9 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         "parent_run_id": job.parent_run_id,
         "root_run_id": job.root_run_id,
         "reused_from": job.reused_from,
+        "approval": gate_dumps(job.approval),
+        "approval_decisions": decisions_dumps(job.decisions),
+        "gate_deadline_us": job.gate_deadline_us,
     }
 
 
@@ -346,6 +399,9 @@ def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
         parent_run_id=row["parent_run_id"],
         root_run_id=row["root_run_id"],
         reused_from=row["reused_from"],
+        approval=gate_loads(row["approval"]),
+        decisions=decisions_loads(row["approval_decisions"]),
+        gate_deadline_us=row["gate_deadline_us"],
     )
 
 
@@ -705,6 +761,9 @@ _STEP_COLUMNS = (
     JobRow.progress_percent,
     JobRow.progress_message,
     JobRow.reused_from,
+    JobRow.approval,
+    JobRow.approval_decisions,
+    JobRow.gate_deadline_us,
 )
 
 
@@ -733,6 +792,9 @@ async def workflow_steps(
                 progress_percent=r["progress_percent"],
                 progress_message=r["progress_message"],
                 reused_from=r["reused_from"],
+                approval=gate_loads(r["approval"]),
+                decisions=decisions_loads(r["approval_decisions"]),
+                gate_deadline_us=r["gate_deadline_us"],
             )
         )
     return out
@@ -1095,6 +1157,13 @@ async def end_workflow_row(session: AsyncSession, workflow_id: str, **values: An
         .returning(WorkflowRow.started_us)
     )
     return int((await session.execute(stmt)).scalar_one() or 0)
+
+
+async def workflow_state(session: AsyncSession, workflow_id: str) -> tuple[RunState, int] | None:
+    """A workflow's state and started_us, read by column (not the ORM row)."""
+    stmt = select(WorkflowRow.state, WorkflowRow.started_us).where(WorkflowRow.id == workflow_id)
+    row = (await session.execute(stmt)).first()
+    return None if row is None else (RunState(row[0]), int(row[1] or 0))
 
 
 async def start_workflow(session: AsyncSession, workflow_id: str, now: int) -> int | None:
@@ -1462,6 +1531,47 @@ def overdue_workflows_query(now: int, limit: int) -> Any:
 async def overdue_workflows(session: AsyncSession, now: int, limit: int = 100) -> list[str]:
     """See overdue_workflows_query."""
     return list((await session.execute(overdue_workflows_query(now, limit))).scalars())
+
+
+async def timed_out_gates(session: AsyncSession, now: int, limit: int = 500) -> list[Job]:
+    """Approval gates waiting past their timeout (ix_jobs_gate_deadline)."""
+    stmt = (
+        select(JOBS)
+        .where(
+            JobRow.state == int(RunState.WAITING_FOR_HUMAN),
+            JobRow.gate_deadline_us > 0,
+            JobRow.gate_deadline_us < now,
+        )
+        .limit(limit)
+    )
+    return await _jobs(session, stmt)
+
+
+async def waiting_gates(
+    session: AsyncSession, tenant: str | None, after: int, limit: int
+) -> list[Job]:
+    """Approval gates WAITING_FOR_HUMAN after position `after` (seq), oldest
+    first (ix_jobs_tenant_state_seq)."""
+    where = [JobRow.state == int(RunState.WAITING_FOR_HUMAN), JobRow.seq > after]
+    if tenant is not None:
+        where.append(JobRow.tenant == tenant)
+    cols = [c for c in JOBS.c if c.name not in ("payload", "result", "request_context")]
+    stmt = select(*cols).where(*where).order_by(JobRow.seq).limit(limit)
+    return [
+        job_from_row({**r, "payload": "{}", "result": None}, full=False)
+        for r in (await session.execute(stmt)).mappings()
+    ]
+
+
+async def gate_counts(session: AsyncSession, workflow_id: str) -> tuple[int, int]:
+    """(steps WAITING_FOR_HUMAN, steps QUEUED or RUNNING) of a workflow."""
+    waiting = JobRow.state == int(RunState.WAITING_FOR_HUMAN)
+    active = JobRow.state.in_([int(RunState.QUEUED), int(RunState.RUNNING)])
+    stmt = select(
+        func.sum(case((waiting, 1), else_=0)), func.sum(case((active, 1), else_=0))
+    ).where(JobRow.workflow_id == workflow_id)
+    w, a = (await session.execute(stmt)).one()
+    return int(w or 0), int(a or 0)
 
 
 _JOB_CONTEXT = Query("SELECT request_context FROM jobs WHERE id = :id")

@@ -175,6 +175,12 @@ class JobRow(Base):
     # A step a workflow rerun carried over: the parent run's job whose
     # result, attestations and annotations it references; '' otherwise.
     reused_from: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    # An approval gate step (0023): the gate (JSON; NULL for a job step), its
+    # decisions so far (JSON list), and while it waits with a timeout, when it
+    # times out (0: none).
+    approval: Mapped[str | None] = mapped_column(Text, nullable=True)
+    approval_decisions: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+    gate_deadline_us: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     __table_args__ = (
         Index("ix_jobs_tenant_seq", "tenant", "seq"),
@@ -194,6 +200,8 @@ class JobRow(Base):
         Index("ix_jobs_dispatch", "state", "service", "priority", "seq"),
         # The supervisor's scan of leases.
         Index("ix_jobs_lease", "state", "lease_deadline_us"),
+        # The supervisor's scan of approval gates past their timeout.
+        Index("ix_jobs_gate_deadline", "state", "gate_deadline_us"),
     )
 
 

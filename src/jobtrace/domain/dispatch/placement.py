@@ -202,6 +202,8 @@ class Placement(Leases):
         """Why a job is not running yet, as this replica sees its workers now."""
         if job.state == RunState.PENDING:
             return WaitingReason.DEPENDENCIES
+        if job.state == RunState.WAITING_FOR_HUMAN:
+            return WaitingReason.APPROVAL
         if job.state != RunState.QUEUED:
             return WaitingReason.UNSPECIFIED
         if max(job.spec.not_before_us, job.next_attempt_us) > now_us():

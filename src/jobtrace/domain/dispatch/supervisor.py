@@ -1,5 +1,5 @@
 """Supervision: sessions silent for a whole lease, expired leases, timed-out
-jobs and workflows past their deadline."""
+jobs, workflows past their deadline and approval gates past their timeout."""
 
 from __future__ import annotations
 
@@ -55,6 +55,8 @@ class Supervisor(Leases):
 
         async def op(db: AsyncSession, tx: Tx) -> None:
             changed: list[Job] = []
+            # Approval gates past their timeout (each re-read under its lock).
+            changed += await self._jobs.approvals.time_out(db, tx, now)
             for candidate in await store.timed_out_jobs(db, now):
                 # Re-read under lock: another replica may have handled it already.
                 job = await store.load_locked(db, candidate.id)
@@ -82,7 +84,9 @@ class Supervisor(Leases):
 
         async with self._db.read() as db:
             due = bool(
-                await store.timed_out_jobs(db, now, 1) or await store.expired_leases(db, now, 1)
+                await store.timed_out_jobs(db, now, 1)
+                or await store.expired_leases(db, now, 1)
+                or await store.timed_out_gates(db, now, 1)
             )
             # One indexed read (ix_workflows_deadline: unfinished workflows
             # with a deadline only) per pass.
