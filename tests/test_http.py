@@ -749,3 +749,53 @@ async def test_event_source_keepalive_and_resume_after_the_server_drops(sqlite_u
                             if messages(resumed) == ["m-b"]:
                                 break
             assert messages(resumed) == ["m-b"]
+
+
+async def test_compressed_requests_are_bounded_by_the_message_limit(sqlite_url: str) -> None:
+    import gzip
+
+    limit = 64 * 1024
+    async with Harness(sqlite_url, http_listen=HTTP, max_message_bytes=limit) as h:
+        async with httpx.AsyncClient(base_url=h.http_url, timeout=10) as http:
+            path = "/jobtrace.v1.JobService/GetJob"
+            small = gzip.compress(b'{"job_id":"job_x"}')
+            headers = {"content-type": "application/json", "content-encoding": "gzip"}
+            answer = await http.post(path, content=small, headers=headers)
+            assert (answer.status_code, answer.json()["code"]) == (404, "not_found")
+            # 1 MiB that compresses to about 1 KiB: refused (inflating stops at the limit).
+            bomb = gzip.compress(b'{"job_id":"' + b"x" * (1024 * 1024) + b'"}')
+            assert len(bomb) < limit
+            answer = await http.post(path, content=bomb, headers=headers)
+            assert (answer.status_code, answer.json()["code"]) == (429, "resource_exhausted")
+
+
+async def test_stopping_the_server_ends_http_streams(sqlite_url: str) -> None:
+    h = Harness(sqlite_url, http_listen=HTTP)
+    await h.start()
+    try:
+        api = h.stubs()
+        run = (
+            await api.jobs.SubmitJob(
+                j.SubmitJobRequest(request_id="stop", job=c.JobSpec(service="svc"))
+            )
+        ).job.id
+        async with httpx.AsyncClient(base_url=h.http_url, timeout=30) as http:
+
+            async def sse() -> int:
+                async with http.stream("GET", f"/v1/runs/{run}/events?follow=true") as response:
+                    return len([e async for e in sse_events(response)])
+
+            async def watch() -> Answer:
+                return await call(
+                    http, method_of("JobService", "WatchJob"), j.WatchJobRequest(job_id=run)
+                )
+
+            streams = [asyncio.create_task(sse()), asyncio.create_task(watch())]
+            assert h.server is not None
+            server = h.server
+            await wait_for(lambda: server.streams.open_streams() == 2)
+            await h.stop(grace=1.0)
+            async with asyncio.timeout(10):
+                await asyncio.gather(*streams, return_exceptions=True)
+    finally:
+        await h.stop()
