@@ -394,7 +394,19 @@ async def test_server_stream_over_http1_with_json_envelopes(
     assert states[-1] == c.RUN_STATE_CANCELLED
 
 
-async def test_worker_service_is_not_served_over_http(client: httpx.AsyncClient) -> None:
+async def test_worker_service_is_not_served_over_http(
+    web: Harness, client: httpx.AsyncClient
+) -> None:
+    assert (await client.get("/")).status_code == 404
+
+    async def console(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"console"})
+
+    # Not even through a fallback (where the console's assets are served).
+    assert web.server is not None and web.server.http is not None
+    web.server.http.app.fallback = console
+    assert (await client.get("/")).text == "console"
     for method in service_descriptor("WorkerService").methods:
         response = await client.post(
             f"/jobtrace.v1.WorkerService/{method.name}",

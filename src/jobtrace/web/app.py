@@ -105,8 +105,9 @@ class HttpApp:
         self._origins = frozenset(o.rstrip("/") for o in cors_origins)
         self._max_body = max_message_bytes
         self._stall_s = stall_s
-        # More routes (the console's assets) may be added: path -> app.
-        self.extra: dict[str, ASGIApp] = {}
+        # Where a request no route takes goes (the console's assets, say);
+        # None: 404.
+        self.fallback: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -132,10 +133,14 @@ class HttpApp:
         if match is not None:
             await self._events(match["run_id"], scope, receive, send, cors)
             return
-        service, _, _ = path.lstrip("/").partition("/")
+        service, _, rpc = path.lstrip("/").partition("/")
         app = self._services.get(service) if service else None
-        if app is None:
-            app = self.extra.get(path)
+        # `/<package.Service>/<Method>` of a service not served here (WorkerService,
+        # health, reflection) is 404 whatever the fallback serves.
+        is_rpc = "." in service and bool(rpc) and "/" not in rpc
+        if app is None and self.fallback is not None and not is_rpc:
+            await self.fallback(scope, receive, _with_headers(send, cors))
+            return
         if app is None:
             await _respond(send, 404, b"not found\n", [(b"content-type", b"text/plain"), *cors])
             return
