@@ -220,6 +220,7 @@ class EventsEndpoint:
                         log.warning(
                             "%s: reader stalled for %g s; stream ended", METHOD, self._stall_s
                         )
+                        gone = True  # no end either: the connection is dropped
                         return
                     if item.WhichOneof("kind") == "final_status":
                         return
