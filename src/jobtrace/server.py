@@ -328,7 +328,7 @@ class JobtraceServer:
         await self.scheduler.drain(int(grace * 1000))
         await self.fleet.stop()
         if self.http is not None:
-            http_stop = asyncio.ensure_future(self.http.stop())
+            http_stop = asyncio.ensure_future(self.http.stop(grace))
         await self._server.stop(grace)
         self._server = None
         if self.http is not None:

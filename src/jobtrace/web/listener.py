@@ -170,11 +170,15 @@ class HttpListener:
                 raise OSError("the HTTP listener stopped while starting")
             await asyncio.sleep(0.01)
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let requests in progress finish within `grace_s`
+        (the start's grace when None), then cancel what is left."""
         if self._server is None or self._task is None:
             if self._sock is not None:
                 self._sock.close()
             return
+        if grace_s is not None:
+            self._server.config.timeout_graceful_shutdown = max(1, math.ceil(grace_s))
         self._server.should_exit = True
         try:
             await self._task
