@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## Create .venv and install the pinned dependencies
 
-run: $(STAMP) ## Serve on 127.0.0.1:50051 with ./jobtrace.db
-	$(BIN)/jobtrace serve
+run: $(STAMP) ## Serve gRPC on 127.0.0.1:50051 and HTTP (Connect, EventSource) on 127.0.0.1:8080 with ./jobtrace.db
+	$(BIN)/jobtrace serve --http-listen 127.0.0.1:8080
 
 generate: $(STAMP) ## Regenerate generated/ from proto/
 	$(BIN)/python scripts/generate.py generated

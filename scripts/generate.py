@@ -1,4 +1,5 @@
-"""Generate (or check) the Python stubs in generated/ from proto/ with grpcio-tools."""
+"""Generate (or check) the Python stubs in generated/ from proto/ with grpcio-tools:
+messages, gRPC stubs, their type stubs, and the Connect services (connect-python)."""
 
 from __future__ import annotations
 
@@ -30,10 +31,12 @@ def generate(out: Path) -> None:
         f"-I{well_known}",
         f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
+        f"--plugin=protoc-gen-connect-python={bin_dir / 'protoc-gen-connect-python'}",
         f"--python_out={out}",
         f"--grpc_python_out={out}",
         f"--mypy_out={out}",
         f"--mypy_grpc_out={out}",
+        f"--connect-python_out={out}",
         *protos,
     ]
     subprocess.run(cmd, check=True, cwd=PROTO_ROOT)

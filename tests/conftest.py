@@ -99,6 +99,12 @@ class Harness:
         assert self.server is not None
         return f"127.0.0.1:{self.server.port}"
 
+    @property
+    def http_url(self) -> str:
+        """The HTTP listener's base URL (start the server with http_listen="127.0.0.1:0")."""
+        assert self.server is not None and self.server.http_port is not None
+        return f"http://127.0.0.1:{self.server.http_port}"
+
     def stubs(self) -> Stubs:
         channel = grpc.aio.insecure_channel(self.target)
         self._channels.append(channel)

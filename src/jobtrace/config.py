@@ -97,6 +97,19 @@ class Settings:
     # nothing for this long ends RESOURCE_EXHAUSTED (READER_STALLED), releasing
     # what it holds.
     stream_stall_seconds: float = 30.0
+    # The HTTP listener, HOST:PORT (port 0 picks a free one); empty: off.
+    # JobService, TraceService and AttestationService over Connect (JSON and
+    # binary, server streams over HTTP/1.1) and an EventSource endpoint of a
+    # run's trace, in the same process as the gRPC server and under the same
+    # authentication and limits. Plaintext: beyond loopback it needs
+    # credentials and --allow-insecure-auth, like a gRPC listener without TLS.
+    http_listen: str = ""
+    # Origins (scheme://host[:port]) whose pages may call the HTTP listener
+    # (CORS); none by default.
+    cors_origins: tuple[str, ...] = ()
+    # An EventSource stream is closed after this long (the browser reconnects
+    # and resumes with Last-Event-ID); 0: never.
+    http_max_stream_seconds: float = 0.0
     # Logging level name.
     log_level: str = "INFO"
     # Log lines: "json" (one object per line) or "text".

@@ -12,7 +12,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -50,6 +50,9 @@ from jobtrace.pb import SERVICE_NAMES, service_descriptor
 from jobtrace.store.db import Database
 from jobtrace.store.statement_count import StatementCounter
 
+if TYPE_CHECKING:
+    from jobtrace.web.listener import HttpListener
+
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -79,6 +82,9 @@ class JobtraceServer:
         self.shutting_down = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self.credential_files: CredentialFiles | None = None
+        # The HTTP listener (settings.http_listen) and its bound port, once serving.
+        self.http: HttpListener | None = None
+        self.http_port: int | None = None
 
     async def start(self) -> int:
         s = self.settings
@@ -179,20 +185,13 @@ class JobtraceServer:
             maximum_concurrent_rpcs=s.max_concurrent_calls,
         )
         pages = PageBytes(s.max_message_bytes)
-        add_service(
-            server,
-            service_descriptor("JobService"),
-            JobServicer(jobs, auth, streams, pages=pages, waiting=self.scheduler.waiting_reason),
-        )
-        add_service(
-            server,
-            service_descriptor("WorkerService"),
-            WorkerServicer(self.scheduler, auth, streams, self.fleet),
-        )
-        add_service(
-            server,
-            service_descriptor("TraceService"),
-            TraceServicer(
+        # One servicer per service, answering gRPC and (--http-listen) Connect calls.
+        servicers: dict[str, Any] = {
+            "JobService": JobServicer(
+                jobs, auth, streams, pages=pages, waiting=self.scheduler.waiting_reason
+            ),
+            "WorkerService": WorkerServicer(self.scheduler, auth, streams, self.fleet),
+            "TraceService": TraceServicer(
                 self.trace,
                 auth,
                 streams,
@@ -200,12 +199,12 @@ class JobtraceServer:
                 search=self.search,
                 summaries=RunSummaries(self.db, self.trace),
             ),
-        )
-        add_service(
-            server,
-            service_descriptor("AttestationService"),
-            AttestationServicer(self.attestor, self.annotations, auth, pages=pages),
-        )
+            "AttestationService": AttestationServicer(
+                self.attestor, self.annotations, auth, pages=pages
+            ),
+        }
+        for name, servicer in servicers.items():
+            add_service(server, service_descriptor(name), servicer)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if os.environ.get("JOBTRACE_BENCH_NOOP") == "1":
             # `jobtrace bench` measures the gRPC ceiling against this empty handler.
@@ -231,6 +230,25 @@ class JobtraceServer:
         if self.port == 0:
             await self.db.close()
             raise OSError(f"could not listen on {s.listen} (address in use or invalid)") from cause
+        if s.http_listen:
+            from jobtrace.web.listener import HttpListener
+
+            self.http = HttpListener(
+                s.http_listen,
+                servicers,
+                max_message_bytes=s.max_message_bytes,
+                max_concurrent_calls=s.max_concurrent_calls,
+                cors_origins=s.cors_origins,
+                stall_s=s.stream_stall_seconds,
+                max_stream_s=s.http_max_stream_seconds or None,
+                metrics=self.metrics,
+            )
+            try:
+                self.http_port = self.http.bind()
+            except OSError:
+                self.http = None
+                await self.db.close()
+                raise
         if self.metrics is not None and s.metrics_port is not None:
             self.metrics.sample_state(self._sample_state, asyncio.get_running_loop())
             try:
@@ -240,10 +258,15 @@ class JobtraceServer:
                     idle_timeout_s=s.metrics_idle_timeout_seconds,
                 )
             except OSError:
+                if self.http is not None:
+                    await self.http.stop()
+                    self.http = None
                 await self.db.close()
                 raise
         await server.start()
         self._server = server
+        if self.http is not None:
+            await self.http.start(s.shutdown_grace_seconds)
         await self.db.listen(self._on_notices, self._on_listen_restored)
         self.scheduler.start()
         # The replica as the fleet view names it: where it listens, and a
@@ -270,6 +293,13 @@ class JobtraceServer:
             loop_kind,
             extra={"port": self.port, "metrics_port": self.metrics_port, "event_loop": loop_kind},
         )
+        if self.http is not None:
+            log.info(
+                "HTTP (Connect, EventSource) on http://%s:%d/",
+                listen_host(s.http_listen),
+                self.http_port,
+                extra={"http_port": self.http_port},
+            )
         if self.metrics_port is not None:
             log.info(
                 "metrics on http://%s:%d/metrics",
@@ -297,8 +327,14 @@ class JobtraceServer:
             await self._maintenance
         await self.scheduler.drain(int(grace * 1000))
         await self.fleet.stop()
+        if self.http is not None:
+            http_stop = asyncio.ensure_future(self.http.stop())
         await self._server.stop(grace)
         self._server = None
+        if self.http is not None:
+            await http_stop
+            self.http = None
+            self.http_port = None
         if self.metrics is not None:
             await self.metrics.close()
             self.metrics_port = None
@@ -469,6 +505,8 @@ def check_exposure(s: Settings, auth: Authenticator, resolve: Resolver = resolve
     --allow-insecure-auth says so. Beyond loopback: any address the host
     resolves to is not a loopback address; a host that does not resolve is an
     error."""
+    if s.http_listen:
+        check_http_exposure(s, auth, resolve)
     if auth.enabled:
         if s.tls_cert:
             return
@@ -503,6 +541,34 @@ def check_exposure(s: Settings, auth: Authenticator, resolve: Resolver = resolve
                 f"{addresses}, not a loopback address; configure "
                 "--tokens-file or --jwt-* (and --tls-cert/--tls-key), or use 127.0.0.1"
             )
+
+
+def check_http_exposure(s: Settings, auth: Authenticator, resolve: Resolver = resolve) -> None:
+    """The HTTP listener under the same rule as a gRPC listener without TLS
+    (it is plaintext): beyond loopback only with credentials configured and
+    --allow-insecure-auth."""
+    outside = _outside("listen for HTTP on", s.http_listen, listen_host(s.http_listen), resolve)
+    if outside is None:
+        return
+    name, addresses = outside
+    if not auth.enabled:
+        raise OSError(
+            f"refusing to listen for HTTP on {s.http_listen} without authentication: {name!r} "
+            f"resolves to {addresses}, not a loopback address; configure --tokens-file or "
+            "--jwt-*, or use 127.0.0.1"
+        )
+    if not s.allow_insecure_auth:
+        raise OSError(
+            f"refusing to accept tokens over plaintext HTTP on {s.http_listen}: {name!r} "
+            f"resolves to {addresses}, not a loopback address; use 127.0.0.1 (behind a TLS "
+            "proxy), or pass --allow-insecure-auth"
+        )
+    log.warning(
+        "--allow-insecure-auth: accepting tokens over plaintext HTTP on %s (%r resolves to %s)",
+        s.http_listen,
+        name,
+        addresses,
+    )
 
 
 def _outside(action: str, where: str, host: str, resolve: Resolver) -> tuple[str, str] | None:

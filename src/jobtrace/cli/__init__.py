@@ -102,6 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="end a stream whose reader takes nothing this long (default 30)",
     )
+    serve.add_argument(
+        "--http-listen",
+        metavar="HOST:PORT",
+        help="also serve Connect (JSON/binary) and EventSource over HTTP here, e.g. "
+        "127.0.0.1:8080 (default off; '' turns it off)",
+    )
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="let pages from ORIGIN (scheme://host[:port]) call the HTTP listener (repeatable)",
+    )
+    serve.add_argument(
+        "--http-max-stream-seconds",
+        type=float,
+        help="close an EventSource stream after this long; it resumes (default 0: never)",
+    )
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     serve.add_argument("--log-format", choices=["json", "text"], help="default json")
     serve.add_argument(

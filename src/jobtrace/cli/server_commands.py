@@ -56,6 +56,9 @@ def serve(args: argparse.Namespace) -> int:
             "redact_keys": tuple(args.redact_key) if args.redact_key else None,
             "redact_headers": tuple(args.redact_header) if args.redact_header else None,
             "no_default_redaction": args.no_default_redaction,
+            "http_listen": args.http_listen,
+            "cors_origins": tuple(args.cors_origin) if args.cors_origin else None,
+            "http_max_stream_seconds": args.http_max_stream_seconds,
         }
     )
     from jobtrace import logs
