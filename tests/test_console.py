@@ -81,6 +81,10 @@ async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Con
         f"sqlite+aiosqlite:///{db}",
         http_listen="127.0.0.1:0",
         http_max_stream_seconds=SSE_MAX_STREAM_S,
+        # A resumed stream with nothing new gets a keepalive before it is
+        # ended (the listener answers 500 to a stream it ends before its
+        # first frame, and EventSource gives up on a 500).
+        keepalive_seconds=0.5,
     )
     await harness.start()
     gates: dict[str, asyncio.Event] = {}
@@ -314,6 +318,8 @@ async def test_a_cancel_from_the_console_reaches_the_worker(console: Console) ->
 async def test_the_trace_resumes_with_last_event_id_after_the_server_drops_it(
     console: Console,
 ) -> None:
+    from playwright.async_api import expect
+
     page = console.page
     job = await submit_hold(console.api, "job-resume")
     await page.goto(f"{console.base}/#/runs/{job.id}")
@@ -330,20 +336,16 @@ async def test_the_trace_resumes_with_last_event_id_after_the_server_drops_it(
 
     lines = page.locator("#trace-lines li")
     await append(1, 3)
-    await page.wait_for_function("document.querySelectorAll('#trace-lines li').length >= 4")
+    await expect(lines.nth(3)).to_be_attached()  # STARTED and the 3 lines
     # The server ends the stream after SSE_MAX_STREAM_S; EventSource reconnects
     # by itself, sending Last-Event-ID.
-    await page.wait_for_function("window.jobtraceConsole.trace.opens >= 2")
+    await wait_for(lambda: opens(page, 2), timeout=DEADLINE_MS / 1000, interval=0.05)
     await append(4, 3)
-    await page.wait_for_function(
-        "[...document.querySelectorAll('#trace-lines li')].some(li => li.textContent.includes('line 6'))"
-    )
+    await expect(lines.filter(has_text="line 6")).to_have_count(1)
     # And once more, across a second drop.
-    await page.wait_for_function("window.jobtraceConsole.trace.opens >= 3")
+    await wait_for(lambda: opens(page, 3), timeout=DEADLINE_MS / 1000, interval=0.05)
     await append(7, 2)
-    await page.wait_for_function(
-        "[...document.querySelectorAll('#trace-lines li')].some(li => li.textContent.includes('line 8'))"
-    )
+    await expect(lines.filter(has_text="line 8")).to_have_count(1)
     sequences = [int(s) for s in await lines.evaluate_all("els => els.map(e => e.dataset.sequence)")]
     assert sequences == list(range(1, len(sequences) + 1)), "no gap and no repeat across reconnects"
     stats = await page.evaluate("window.jobtraceConsole.trace")
@@ -379,6 +381,12 @@ async def test_phone_width_has_no_horizontal_scroll(console: Console) -> None:
         await page.set_viewport_size({"width": 1280, "height": 800})
     assert await no_horizontal_scroll(page)
     console.assert_no_errors()
+
+
+async def opens(page: Any, at_least: int) -> bool:
+    """Whether the page's EventSource has opened at least this many times."""
+    count: int = await page.evaluate("window.jobtraceConsole.trace.opens")
+    return count >= at_least
 
 
 async def no_horizontal_scroll(page: Any) -> bool:

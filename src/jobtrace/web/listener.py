@@ -12,6 +12,7 @@ from typing import Any
 
 import uvicorn
 
+from jobtrace import console
 from jobtrace.metrics import Metrics
 from jobtrace.pb import service_descriptor
 from jobtrace.web.app import ASGIApp, HttpApp
@@ -93,12 +94,15 @@ class HttpListener:
         max_stream_s: float | None,
         metrics: Metrics | None,
     ) -> None:
+        apps = connect_apps(servicers, max_message_bytes=max_message_bytes, metrics=metrics)
         self.app = HttpApp(
-            connect_apps(servicers, max_message_bytes=max_message_bytes, metrics=metrics),
+            apps,
             EventsEndpoint(servicers["TraceService"], stall_s=stall_s, max_stream_s=max_stream_s),
             cors_origins=cors_origins,
             max_message_bytes=max_message_bytes,
         )
+        # The web console's files at / and /console/* (jobtrace.console).
+        self.app.extra.update(console.routes(apps))
         self._address = address
         self._max_concurrent = max_concurrent_calls
         self._sock: socket.socket | None = None
