@@ -95,7 +95,9 @@ async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Con
         test to open its gate."""
         name = str(ctx.payload.get("gate", ctx.job.step_name))
         await ctx.progress(40, f"{name}: half way")
-        await ctx.log(f"{name}: started work", category="business", user_message=f"{name} is running")
+        await ctx.log(
+            f"{name}: started work", category="business", user_message=f"{name} is running"
+        )
         await ctx.log(f"{name}: technical detail", level="debug", category="technical")
         await gates.setdefault(name, asyncio.Event()).wait()
         await ctx.log(f"{name}: done", category="business", milestone=True)
@@ -131,7 +133,9 @@ async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Con
             gates=gates,
             cancels=cancels,
         )
-        page.on("console", lambda m: m.type == "error" and state.errors.append(f"console: {m.text}"))
+        page.on(
+            "console", lambda m: m.type == "error" and state.errors.append(f"console: {m.text}")
+        )
         page.on("pageerror", lambda e: state.errors.append(f"pageerror: {e}"))
         yield state
 
@@ -270,7 +274,9 @@ async def test_an_attestation_verifies_and_its_envelope_downloads(console: Conso
     await expect(verdict).to_contain_text("signature ✓")
     await row.get_by_role("button", name="DSSE envelope").click()
     link = row.locator(".download a")
-    await expect(link).to_have_attribute("download", re.compile(r"^workflow-completion_wf_\S+\.dsse\.json$"))
+    await expect(link).to_have_attribute(
+        "download", re.compile(r"^workflow-completion_wf_\S+\.dsse\.json$")
+    )
     envelope = await page.evaluate(
         "async (href) => (await fetch(href)).json()", await link.get_attribute("href")
     )
@@ -346,7 +352,9 @@ async def test_the_trace_resumes_with_last_event_id_after_the_server_drops_it(
     await wait_for(lambda: opens(page, 3), timeout=DEADLINE_MS / 1000, interval=0.05)
     await append(7, 2)
     await expect(lines.filter(has_text="line 8")).to_have_count(1)
-    sequences = [int(s) for s in await lines.evaluate_all("els => els.map(e => e.dataset.sequence)")]
+    sequences = [
+        int(s) for s in await lines.evaluate_all("els => els.map(e => e.dataset.sequence)")
+    ]
     assert sequences == list(range(1, len(sequences) + 1)), "no gap and no repeat across reconnects"
     stats = await page.evaluate("window.jobtraceConsole.trace")
     assert stats["duplicates"] == 0, f"the server replayed events already seen: {stats}"

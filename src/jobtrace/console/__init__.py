@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable
 from functools import cache
 from importlib import resources
 from typing import Any
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PREFIX = "/console/"
 STATIC = resources.files(__package__) / "static"
@@ -51,7 +51,11 @@ SECURITY_HEADERS = [
 # The services the console may call over Connect; WorkerService (its fleet
 # views) only where the listener says it serves it.
 CONSOLE_SERVICES = ("JobService", "TraceService", "AttestationService", "WorkerService")
-DEFAULT_SERVED = ("jobtrace.v1.JobService", "jobtrace.v1.TraceService", "jobtrace.v1.AttestationService")
+DEFAULT_SERVED = (
+    "jobtrace.v1.JobService",
+    "jobtrace.v1.TraceService",
+    "jobtrace.v1.AttestationService",
+)
 
 
 def handles(path: str) -> bool:
@@ -93,7 +97,9 @@ def features(served: Iterable[str] | None = None) -> dict[str, list[str]]:
     return out
 
 
-def make_app(served: Iterable[str] | None = None) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+def make_app(
+    served: Iterable[str] | None = None,
+) -> App:
     """The console's ASGI app; `served`: the full names of the services the
     Connect listener mounts (None: see features)."""
     names = None if served is None else tuple(served)
@@ -150,7 +156,9 @@ async def _respond(
 app = make_app()
 
 
-def routes(served: Iterable[str] | None = None) -> dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]]:
+def routes(
+    served: Iterable[str] | None = None,
+) -> dict[str, App]:
     """Exact path -> ASGI app for every path of the console: `/`,
     `/index.html`, `/console/features.json` and each static file, for a
     listener that routes by exact path. `served` as in make_app."""

@@ -37,6 +37,7 @@ export function runsView(main) {
     h("option", { value: "workflow" }, "workflows"), h("option", { value: "job" }, "jobs"));
   const historyBody = h("tbody", { id: "history-runs" });
   const historyStatus = h("p.muted", { role: "status" });
+  const refresh = h("button", { type: "button" }, "Refresh");
   const prev = h("button", { type: "button", disabled: true }, "◀ Newer");
   const next = h("button", { type: "button", disabled: true }, "Older ▶");
   const pageLabel = h("span.page", {}, "page 1");
@@ -51,7 +52,7 @@ export function runsView(main) {
       h("div.section-head", {}, h("h3", { id: "history-h" }, "History"),
         h("div.field.inline", {}, h("label", { for: "h-kind" }, "Show"), historyKind)),
       runTable("Run history", historyBody),
-      h("div.pager", {}, prev, pageLabel, next), historyStatus),
+      h("div.pager", {}, prev, pageLabel, next, refresh), historyStatus),
   );
 
   // ---- live list
@@ -63,6 +64,7 @@ export function runsView(main) {
     rows.clear();
     liveBody.replaceChildren();
     liveEmpty.hidden = false;
+    liveTable.hidden = true;
     stopLive = follow("JobService", "WatchRuns", () => {
       const request = { includeActive: true };
       if (filters.state) request.states = [`RUN_STATE_${filters.state}`];
@@ -105,6 +107,7 @@ export function runsView(main) {
     }
     rows.set(id, { row, updated });
     liveEmpty.hidden = true;
+    liveTable.hidden = false;
   }
 
   // ---- history
@@ -144,6 +147,7 @@ export function runsView(main) {
 
   prev.addEventListener("click", () => { if (page > 0) { page -= 1; loadHistory(); } });
   next.addEventListener("click", () => { if (tokens[page + 1]) { page += 1; loadHistory(); } });
+  refresh.addEventListener("click", () => loadHistory());
   historyKind.addEventListener("change", () => { tokens = [""]; page = 0; loadHistory(); });
 
   function readFilters() {
