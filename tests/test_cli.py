@@ -49,7 +49,8 @@ async def test_the_readme_tour_works_as_written(tmp_path: Path) -> None:
     setup, commands = tour_blocks()
     assert setup == ["make run", ".venv/bin/jobtrace worker --demo"]
     recipe = re.search(r"^run:.*\n\t(.+)$", (ROOT / "Makefile").read_text(), re.M)
-    assert recipe is not None and recipe.group(1).strip() == "$(BIN)/jobtrace serve"
+    assert recipe is not None
+    assert recipe.group(1).strip() == "$(BIN)/jobtrace serve --http-listen 127.0.0.1:8080"
     # A working copy as a newcomer has it: .venv/bin/jobtrace and examples/.
     bin_dir = tmp_path / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
@@ -61,9 +62,16 @@ async def test_the_readme_tour_works_as_written(tmp_path: Path) -> None:
     env["JOBTRACE_DB"] = str(tmp_path / "jobtrace.db")  # what `make run` uses, in tmp
     env.pop("JOBTRACE_TARGET", None)
 
-    # `make run` is `$(BIN)/jobtrace serve` (checked above).
+    # `make run` is `$(BIN)/jobtrace serve --http-listen 127.0.0.1:8080` (checked
+    # above); here its HTTP listener takes a free port.
     serve = await asyncio.create_subprocess_exec(
-        str(launcher), "serve", cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE
+        str(launcher),
+        "serve",
+        "--http-listen",
+        "127.0.0.1:0",
+        cwd=tmp_path,
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
     )
     worker = None
     try:

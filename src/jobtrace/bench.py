@@ -701,6 +701,7 @@ async def bench(args: argparse.Namespace) -> Results:
         "grpc_floor": args.floor,
         "ceiling_seconds": args.ceiling_seconds,
         "latency_jobs": args.latency_jobs if args.latency else 0,
+        "http_listen": args.http_listen,
     }
     results = Results(params)
     tmp = Path(tempfile.mkdtemp(prefix="jobtrace-bench-"))
@@ -713,8 +714,10 @@ async def bench(args: argparse.Namespace) -> Results:
             targets = args.target.split(",")
         else:
             db = args.db or f"sqlite+aiosqlite:///{tmp / 'bench.db'}"
+            # --http-listen: the same run with the HTTP listener on (it must cost gRPC nothing).
+            extra = ["--http-listen", args.http_listen] if args.http_listen else []
             for r in range(max(1, args.replicas)):
-                servers.append(await start_server(db, tmp / f"key{r}", []))
+                servers.append(await start_server(db, tmp / f"key{r}", extra))
             targets = [s.target for s in servers]
         done_files = [tmp / f"done-{i}.txt" for i in range(args.workers)]
         workers = await start_workers(targets, done_files, args.worker_concurrency)
@@ -968,6 +971,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=30,
         help="--listing: calls timed per filter, after 2 unmeasured (default 30)",
+    )
+    p.add_argument(
+        "--http-listen",
+        metavar="HOST:PORT",
+        default="",
+        help="start the server(s) with this HTTP listener on (127.0.0.1:0: any free port), "
+        "to compare gRPC figures with and without it",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 

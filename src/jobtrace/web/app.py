@@ -3,6 +3,8 @@ EventSource endpoint, CORS and the request size limit."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -12,10 +14,13 @@ from connectrpc.errors import ConnectError
 from google.protobuf.json_format import ParseError
 from google.protobuf.message import DecodeError
 
+from jobtrace.api.delivery import reader_stalled
 from jobtrace.domain.errors import FieldViolation, Invalid
 from jobtrace.web.context import error_from_domain
 from jobtrace.web.errors import error_body, http_status
 from jobtrace.web.sse import EVENTS_PATH, EventsEndpoint
+
+log = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -92,14 +97,17 @@ class HttpApp:
         *,
         cors_origins: Iterable[str] = (),
         max_message_bytes: int,
+        stall_s: float = 30.0,
     ) -> None:
         install_safe_codecs()
         self._services = dict(services)
         self._events = events
         self._origins = frozenset(o.rstrip("/") for o in cors_origins)
         self._max_body = max_message_bytes
-        # More routes (the console's assets) may be added: path -> app.
-        self.extra: dict[str, ASGIApp] = {}
+        self._stall_s = stall_s
+        # Where a request no route takes goes (the console's assets, say);
+        # None: 404.
+        self.fallback: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -125,14 +133,18 @@ class HttpApp:
         if match is not None:
             await self._events(match["run_id"], scope, receive, send, cors)
             return
-        service, _, _ = path.lstrip("/").partition("/")
+        service, _, rpc = path.lstrip("/").partition("/")
         app = self._services.get(service) if service else None
-        if app is None:
-            app = self.extra.get(path)
+        # `/<package.Service>/<Method>` of a service not served here (WorkerService,
+        # health, reflection) is 404 whatever the fallback serves.
+        is_rpc = "." in service and bool(rpc) and "/" not in rpc
+        if app is None and self.fallback is not None and not is_rpc:
+            await self.fallback(scope, receive, _with_headers(send, cors))
+            return
         if app is None:
             await _respond(send, 404, b"not found\n", [(b"content-type", b"text/plain"), *cors])
             return
-        await app(scope, self._limited(receive), _with_headers(send, cors))
+        await app(scope, self._limited(receive), self._guarded(_with_headers(send, cors), path))
 
     def _limited(self, receive: Receive) -> Receive:
         """The request body, refused RESOURCE_EXHAUSTED once it exceeds the
@@ -153,6 +165,28 @@ class HttpApp:
             return message
 
         return read
+
+    def _guarded(self, send: Send, method: str) -> Send:
+        """Responses written under the stall limit (--stream-stall-seconds),
+        as gRPC streams are (api/delivery.py): a reader that takes nothing
+        for that long ends its call RESOURCE_EXHAUSTED (READER_STALLED), and
+        the servicer's stream is closed, releasing what it holds."""
+        stall_s = self._stall_s
+        stalled = False
+
+        async def sender(message: dict[str, Any]) -> None:
+            nonlocal stalled
+            if stalled:
+                return  # the end of a stream no one reads
+            try:
+                async with asyncio.timeout(stall_s):
+                    await send(message)
+            except TimeoutError:
+                stalled = True
+                log.warning("%s: reader stalled for %g s; stream ended", method, stall_s)
+                raise error_from_domain(reader_stalled(stall_s)) from None
+
+        return sender
 
     async def _preflight(self, send: Send, origin: str, allowed: bool) -> None:
         if not allowed:

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import logging
 import math
 import socket
+import zlib
 from collections.abc import Generator, Iterable, Mapping
 from typing import Any
 
 import uvicorn
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
 
 from jobtrace import console
 from jobtrace.metrics import Metrics
 from jobtrace.pb import service_descriptor
-from jobtrace.web.app import ASGIApp, HttpApp
+from jobtrace.web.app import ASGIApp, HttpApp, malformed
 from jobtrace.web.services import Delegate
 from jobtrace.web.sse import EventsEndpoint
 
@@ -47,6 +51,34 @@ def connect_apps(
         delegate = Delegate(descriptor, servicers[name], metrics)
         apps[descriptor.full_name] = generated[name](delegate, read_max_bytes=max_message_bytes)
     return apps
+
+
+class BoundedGzip:
+    """gzip for Connect messages, whose decompression stops at the largest
+    message: a small compressed request cannot expand past the limit in
+    memory (connect-python checks the size only after decompressing)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max = max_bytes
+
+    def name(self) -> str:
+        return "gzip"
+
+    def compress(self, data: bytes | bytearray | memoryview) -> bytes:
+        return gzip.compress(bytes(data), compresslevel=6)
+
+    def decompress(self, data: bytes | bytearray | memoryview) -> bytes:
+        inflater = zlib.decompressobj(wbits=31)
+        try:
+            out = inflater.decompress(bytes(data), self._max + 1)
+        except zlib.error as exc:
+            raise malformed(f"bad gzip data: {exc}") from None
+        if len(out) > self._max or inflater.unconsumed_tail:
+            raise ConnectError(
+                Code.RESOURCE_EXHAUSTED,
+                f"request message larger than the limit of {self._max} bytes",
+            )
+        return out
 
 
 class _Server(uvicorn.Server):
@@ -100,6 +132,7 @@ class HttpListener:
             EventsEndpoint(servicers["TraceService"], stall_s=stall_s, max_stream_s=max_stream_s),
             cors_origins=cors_origins,
             max_message_bytes=max_message_bytes,
+            stall_s=stall_s,
         )
         # The web console's files at / and /console/* (jobtrace.console).
         self.app.extra.update(console.routes(apps))

@@ -17,8 +17,9 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from jobtrace import logs
 from jobtrace.api.interceptor import REQUEST_ID_RE
+from jobtrace.domain.errors import DeadlineExceeded
 from jobtrace.metrics import Metrics
-from jobtrace.web.context import HttpCallContext
+from jobtrace.web.context import HttpCallContext, error_from_domain
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,9 @@ def _request_id(context: HttpCallContext) -> str:
 
 
 def _deadline_exceeded() -> ConnectError:
-    return ConnectError(Code.DEADLINE_EXCEEDED, "deadline exceeded")
+    return error_from_domain(
+        DeadlineExceeded("deadline exceeded: the call took longer than connect-timeout-ms")
+    )
 
 
 class Delegate:

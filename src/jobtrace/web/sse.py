@@ -153,6 +153,23 @@ class EventsEndpoint:
         except Invalid as exc:
             await _error(send, error_from_domain(exc), extra_headers)
             return
+        try:
+            # Who may read the run, and that it exists, decided by the
+            # servicer (the rules of GetRunStatus and StreamTraceEvents are
+            # the same): refused here with an HTTP status; the stream's own
+            # refusals (too many streams) and its end (credentials lapsed)
+            # come as an `error` event once the stream is open.
+            await self._servicer.GetRunStatus(pb.GetRunStatusRequest(run_id=run_id), context)
+        except ConnectError as exc:
+            await _error(send, exc, extra_headers)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [*SSE_HEADERS, *extra_headers],
+            }
+        )
         responses = self._servicer.StreamTraceEvents(request, context)
         # The stream runs in this task; a client that leaves cancels it (the
         # servicer's cleanup runs: its stream slot and subscription are freed).
@@ -170,7 +187,6 @@ class EventsEndpoint:
         watcher = asyncio.create_task(watch_disconnect(), name="jobtrace-sse-disconnect")
         loop = asyncio.get_running_loop()
         deadline = None if not self._max_stream_s else loop.time() + self._max_stream_s
-        started = False
         try:
             async with contextlib.aclosing(responses):
                 while True:
@@ -181,15 +197,6 @@ class EventsEndpoint:
                         return  # the longest a stream may stay open: the client resumes
                     except StopAsyncIteration:
                         return
-                    if not started:
-                        await send(
-                            {
-                                "type": "http.response.start",
-                                "status": 200,
-                                "headers": [*SSE_HEADERS, *extra_headers],
-                            }
-                        )
-                        started = True
                     body = format_event(item)
                     try:
                         async with asyncio.timeout(self._stall_s):
@@ -208,11 +215,7 @@ class EventsEndpoint:
                 return
             raise
         except ConnectError as exc:
-            if not started:
-                await _error(send, exc, extra_headers)
-                started = True
-                return
-            # Mid-stream (credentials lapsed): an `error` event, then the end.
+            # An `error` event (the Connect error JSON), then the end.
             with contextlib.suppress(Exception):
                 await send(
                     {
@@ -225,7 +228,7 @@ class EventsEndpoint:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-            if started and not gone:
+            if not gone:
                 with contextlib.suppress(Exception):
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
