@@ -81,10 +81,6 @@ async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Con
         f"sqlite+aiosqlite:///{db}",
         http_listen="127.0.0.1:0",
         http_max_stream_seconds=SSE_MAX_STREAM_S,
-        # A resumed stream with nothing new gets a keepalive before it is
-        # ended (the listener answers 500 to a stream it ends before its
-        # first frame, and EventSource gives up on a 500).
-        keepalive_seconds=0.5,
     )
     await harness.start()
     gates: dict[str, asyncio.Event] = {}

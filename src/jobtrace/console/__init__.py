@@ -7,8 +7,9 @@ EventSource endpoint, as any browser app would; this module only hands out its
 files, plus `/console/features.json`: the RPCs the server's contract has, so
 that the console shows an action's button only where its RPC exists.
 
-`app` is an ASGI application; the listener's app calls it for every path that
-`handles` accepts.
+`make_app` builds its ASGI application, which the HTTP listener calls for
+every request no other route takes (its `fallback`): it answers `/`,
+`/index.html` and `/console/<file>`, and 404 to anything else.
 """
 
 from __future__ import annotations
@@ -151,18 +152,3 @@ async def _respond(
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head else body})
-
-
-app = make_app()
-
-
-def routes(
-    served: Iterable[str] | None = None,
-) -> dict[str, App]:
-    """Exact path -> ASGI app for every path of the console: `/`,
-    `/index.html`, `/console/features.json` and each static file, for a
-    listener that routes by exact path. `served` as in make_app."""
-    console = make_app(served)
-    paths = ["/", "/index.html", PREFIX + "features.json"]
-    paths += [PREFIX + entry.name for entry in STATIC.iterdir() if _file(entry.name) is not None]
-    return dict.fromkeys(paths, console)

@@ -135,7 +135,7 @@ class HttpListener:
             stall_s=stall_s,
         )
         # The web console's files at / and /console/* (jobtrace.console).
-        self.app.extra.update(console.routes(apps))
+        self.app.fallback = console.make_app(apps)
         self._address = address
         self._max_concurrent = max_concurrent_calls
         self._sock: socket.socket | None = None
