@@ -28,6 +28,7 @@ from jobtrace.pb import job_service_pb2 as j
 from jobtrace.pb import trace_service_pb2 as t
 
 from .conftest import Harness, Stubs, wait_for
+from .test_security import ISSUER, SECRET, bearer, make_jwt, token, write_tokens
 from .workers import running
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -68,7 +69,8 @@ class Console:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Console]:
+async def browser() -> AsyncIterator[Any]:
+    """One headless Chromium for the module (Debian's, never Playwright's own)."""
     problem = browser_problem()
     if problem:
         if os.environ.get("JOBTRACE_REQUIRE_BROWSER") == "1":
@@ -76,19 +78,27 @@ async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Con
         pytest.skip(problem)
     from playwright.async_api import async_playwright
 
-    db = tmp_path_factory.mktemp("console") / "jobtrace.db"
-    harness = Harness(
-        f"sqlite+aiosqlite:///{db}",
-        http_listen="127.0.0.1:0",
-        http_max_stream_seconds=SSE_MAX_STREAM_S,
-    )
+    async with async_playwright() as pw:
+        chromium = await pw.chromium.launch(executable_path=shutil.which("chromium"), headless=True)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+@contextlib.asynccontextmanager
+async def console_on(
+    browser: Any, db: Path, worker_token: str | None = None, **settings: Any
+) -> AsyncIterator[Console]:
+    """A server with its HTTP listener, a worker runtime serving console.step
+    (progress, trace lines, then a gate the test opens) and console.hold (runs
+    until cancelled, recording what its worker was told), and a fresh page."""
+    harness = Harness(f"sqlite+aiosqlite:///{db}", http_listen="127.0.0.1:0", **settings)
     await harness.start()
     gates: dict[str, asyncio.Event] = {}
     cancels: dict[str, str] = {}
 
     async def step(ctx: JobContext) -> dict[str, Any]:
-        """A step that reports progress and trace lines, then waits for the
-        test to open its gate."""
         name = str(ctx.payload.get("gate", ctx.job.step_name))
         await ctx.progress(40, f"{name}: half way")
         await ctx.log(
@@ -100,7 +110,6 @@ async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Con
         return {"step": name}
 
     async def hold(ctx: JobContext) -> dict[str, Any]:
-        """Runs until cancelled; records what the worker was told."""
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
@@ -109,16 +118,16 @@ async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Con
             raise
         return {}
 
-    worker = Worker(harness.target, worker_id="console-worker", reconnect_initial=0.05)
+    worker = Worker(
+        harness.target, worker_id="console-worker", reconnect_initial=0.05, token=worker_token
+    )
     worker.handler("console.step")(step)
     worker.handler("console.hold")(hold)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(harness.stop)
         await stack.enter_async_context(running(worker))
-        pw = await stack.enter_async_context(async_playwright())
-        browser = await pw.chromium.launch(executable_path=shutil.which("chromium"), headless=True)
-        stack.push_async_callback(browser.close)
         context = await browser.new_context(viewport={"width": 1280, "height": 800})
+        stack.push_async_callback(context.close)
         page = await context.new_page()
         page.set_default_timeout(DEADLINE_MS)
         state = Console(
@@ -133,6 +142,17 @@ async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Con
             "console", lambda m: m.type == "error" and state.errors.append(f"console: {m.text}")
         )
         page.on("pageerror", lambda e: state.errors.append(f"pageerror: {e}"))
+        try:
+            yield state
+        finally:
+            for gate in gates.values():
+                gate.set()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def console(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Console]:
+    db = tmp_path_factory.mktemp("console") / "jobtrace.db"
+    async with console_on(browser, db, http_max_stream_seconds=SSE_MAX_STREAM_S) as state:
         yield state
 
 
@@ -399,3 +419,79 @@ async def no_horizontal_scroll(page: Any) -> bool:
     )
     viewport: int = await page.evaluate("window.innerWidth")
     return width <= viewport
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def secured(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Console]:
+    """The console of a server with authentication (a tokens file and JWTs)."""
+    folder = tmp_path_factory.mktemp("secured")
+    write_tokens(folder / "tokens.yaml")
+    async with console_on(
+        browser,
+        folder / "jobtrace.db",
+        worker_token=token("worker", "acme"),
+        tokens_file=str(folder / "tokens.yaml"),
+        jwt_secret=SECRET,
+        jwt_issuer=ISSUER,
+    ) as state:
+        yield state
+
+
+async def use_token(page: Any, value: str) -> None:
+    await page.get_by_text("Access token").click()
+    await page.get_by_label("Bearer token").fill(value)
+    await page.get_by_role("button", name="Use token").click()
+    await page.get_by_text("Access token").click()
+
+
+async def test_with_auth_the_token_stays_in_session_storage_and_actions_follow_roles(
+    secured: Console,
+) -> None:
+    from playwright.async_api import expect
+
+    page = secured.page
+    submitter = bearer(token("submitter", "acme"))
+    job = (
+        await secured.api.jobs.SubmitJob(
+            j.SubmitJobRequest(request_id="auth-hold", job=c.JobSpec(service="console.hold")),
+            metadata=submitter,
+        )
+    ).job
+    # No token: the live list says why it is empty.
+    await page.goto(secured.base + "/")
+    await expect(page.locator("#live-status")).to_contain_text("unauthenticated")
+
+    # A reader's JWT: its roles claim hides the actions up front.
+    await use_token(page, make_jwt(roles=["reader"]))
+    await expect(page.locator("#live-status")).to_have_text("● live")
+    await expect(page.locator(f'#live-runs tr[data-run-id="{job.id}"]')).to_be_visible()
+    await page.goto(f"{secured.base}/#/runs/{job.id}")
+    await expect(page.locator("#run-summary [data-state]").first).to_have_attribute(
+        "data-state", "RUNNING"
+    )
+    # The trace streams through EventSource with ?access_token= (no header).
+    await expect(page.locator('#trace-lines li[data-type="started"]')).to_have_count(1)
+    await expect(page.locator('#run-actions [data-action="cancel"]')).to_have_count(0)
+
+    # A reader's opaque token: offered, refused by the server, then hidden.
+    await use_token(page, token("reader", "acme"))
+    cancel = page.locator('#run-actions [data-action="cancel"]')
+    await cancel.click()
+    await expect(page.locator("#action-status")).to_contain_text("permission denied")
+    await expect(cancel).to_have_count(0)
+    assert job.id not in secured.cancels
+
+    # The token lives in this tab's session storage, never in the URL or local storage.
+    assert token("reader", "acme") not in page.url
+    stored = await page.evaluate("[sessionStorage.getItem('jobtrace.token'), localStorage.length]")
+    assert stored == [token("reader", "acme"), 0]
+
+    # A submitter may cancel: the worker hears of it.
+    await use_token(page, token("submitter", "acme"))
+    await page.locator('#run-actions [data-action="cancel"]').click()
+    await wait_for(lambda: job.id in secured.cancels, timeout=DEADLINE_MS / 1000)
+    await expect(page.locator("#run-summary [data-state]").first).to_have_attribute(
+        "data-state", "CANCELLED"
+    )
+    # The only errors the page logged are the refusals the server answered.
+    assert all("401" in e or "403" in e for e in secured.errors), secured.errors

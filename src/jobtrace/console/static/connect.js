@@ -191,3 +191,38 @@ export function follow(service, method, request, { onMessage, onState, restartOn
   })();
   return () => controller.abort();
 }
+
+// The roles a JWT token claims (its `roles`), read without checking its
+// signature: a hint for which buttons to show, never a permission (the server
+// decides). null when unknown: no token, or an opaque one (a tokens file's).
+export function tokenRoles() {
+  const parts = getToken().split(".");
+  if (parts.length !== 3) return null;
+  try {
+    const b64 = parts[1].replace(/-/g, "+").replace(/_/g, "/");
+    const claims = JSON.parse(atob(b64.padEnd(Math.ceil(b64.length / 4) * 4, "=")));
+    const roles = claims.roles;
+    if (typeof roles === "string") return [roles];
+    return Array.isArray(roles) ? roles.map(String) : [];
+  } catch {
+    return null;
+  }
+}
+
+// What each role may do besides its own name (as the server's auth says).
+const IMPLIES = { admin: ["reader", "submitter", "worker", "reviewer", "admin"], submitter: ["reader", "submitter"] };
+
+// Whether to offer what needs `role`: yes unless the token's roles say no,
+// and no once the server refused it to this token (PERMISSION_DENIED).
+const refused = new Map(); // token -> Set of methods refused
+export function mayCall(method, role) {
+  if (refused.get(getToken())?.has(method)) return false;
+  const roles = tokenRoles();
+  if (roles === null) return true;
+  return roles.some((r) => r === role || (IMPLIES[r] || []).includes(role));
+}
+export function refusedTo(method) {
+  const token = getToken();
+  if (!refused.has(token)) refused.set(token, new Set());
+  refused.get(token).add(method);
+}

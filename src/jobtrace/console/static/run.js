@@ -1,7 +1,7 @@
 // One run: its state and actions, the workflow's steps as a dependency graph
 // (WatchWorkflow), the live trace (EventSource), annotations, attestations
 // (with Verify and the DSSE download), and request context and payload.
-import { f, features, follow, has, unary } from "./connect.js";
+import { f, features, follow, has, mayCall, refusedTo, unary } from "./connect.js";
 import {
   announce, between, durationMs, enumName, errorText, fmtDuration, h, isTerminal, jsonBlock,
   progressBar, replaceChildren, runKind, runLink, stateBadge, stateName, statusLine, timeEl,
@@ -148,9 +148,11 @@ function renderSummary(el, run, kind) {
     h("dl.facts", {}, facts.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])));
 }
 
-// ---- actions: Cancel always (when the RPC is there); the others when the
-// server's contract has their RPCs. A PERMISSION_DENIED hides the button.
-const denied = new Set();
+// ---- actions: each shown when the listener serves its RPC, the run's state
+// allows it, and the caller may (every run action needs the submitter role:
+// a JWT's roles claim hides them up front; a PERMISSION_DENIED hides them for
+// this token from then on).
+const ACTION_ROLE = "submitter";
 
 function actionList(kind, runId) {
   const reasonOf = () => document.getElementById("action-reason")?.value.trim() || "";
@@ -192,7 +194,7 @@ async function renderActions(el, status, run, kind, runId) {
   }
   for (const action of actionList(kind, runId)) {
     let button = el.querySelector(`[data-action="${action.id}"]`);
-    const wanted = !denied.has(action.method) && action.when(state) && known.includes(action.method);
+    const wanted = known.includes(action.method) && action.when(state) && mayCall(action.method, ACTION_ROLE);
     if (!wanted) { button?.remove(); continue; }
     if (button) continue;
     button = h("button", { type: "button", dataset: { action: action.id } }, action.label);
@@ -209,7 +211,7 @@ async function renderActions(el, status, run, kind, runId) {
         }
       } catch (err) {
         if (err.code === "permission_denied" || err.code === "unimplemented") {
-          denied.add(action.method);
+          refusedTo(action.method);
           button.remove();
         }
         statusLine(status, `${action.label} refused: ${errorText(err)}`, "error");
@@ -332,7 +334,7 @@ async function renderStepDetail(el, step, job, workflow) {
   const approve = h("div.actions");
   replaceChildren(el, h("h4", {}, `Step ${name}`),
     h("dl.facts", {}, rows.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])), approve);
-  if (stateName(f(step, "state")) === "WAITING_FOR_HUMAN" && !denied.has("ApproveStep")
+  if (stateName(f(step, "state")) === "WAITING_FOR_HUMAN" && mayCall("ApproveStep", "reviewer")
       && await has("JobService", "ApproveStep")) {
     const status = h("p", { role: "status" });
     const decide = (disposition, label) => h("button", { type: "button", dataset: { action: label.toLowerCase() },
@@ -343,7 +345,7 @@ async function renderStepDetail(el, step, job, workflow) {
             comment: document.getElementById("action-reason")?.value.trim() || "" });
           statusLine(status, `${label}: recorded.`, "ok");
         } catch (err) {
-          if (err.code === "permission_denied") { denied.add("ApproveStep"); event.target.remove(); }
+          if (err.code === "permission_denied") { refusedTo("ApproveStep"); approve.replaceChildren(status); }
           statusLine(status, `${label} refused: ${errorText(err)}`, "error");
         }
       } }, label);
