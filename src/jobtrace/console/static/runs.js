@@ -66,8 +66,9 @@ export function runsView(main) {
     liveEmpty.hidden = false;
     liveTable.hidden = true;
     stopLive = follow("JobService", "WatchRuns", () => {
+      // The state filter applies here, not on the server: a run that leaves
+      // the state must leave the list too, and the server would not say.
       const request = { includeActive: true };
-      if (filters.state) request.states = [`RUN_STATE_${filters.state}`];
       if (filters.kind) request.kind = filters.kind === "job" ? "RUN_KIND_JOB" : "RUN_KIND_WORKFLOW";
       if (filters.service) request.services = [filters.service];
       if (filters.name) request.workflowNames = [filters.name];
@@ -93,6 +94,15 @@ export function runsView(main) {
     const updated = Date.parse(f(run, "updated_at") || 0) || 0;
     const known = rows.get(id);
     if (known && known.updated > updated) return; // never go backwards
+    if (filters.state && stateName(f(run, "state")) !== filters.state) {
+      if (known) {
+        known.row.remove();
+        rows.delete(id);
+        liveEmpty.hidden = rows.size > 0;
+        liveTable.hidden = rows.size === 0;
+      }
+      return;
+    }
     const row = runRow(run, kind);
     if (known) {
       known.row.replaceWith(row);

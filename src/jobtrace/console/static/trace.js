@@ -40,6 +40,8 @@ export function traceView(host, runId) {
 
   const seen = new Set();
   const rows = [];
+  let shown = 0;
+  const count = () => { counter.textContent = `${shown} of ${rows.length} events shown`; };
 
   function visible(event) {
     const min = LEVELS.indexOf(level.value);
@@ -53,13 +55,13 @@ export function traceView(host, runId) {
   }
 
   function refilter() {
-    let shown = 0;
+    shown = 0;
     for (const { row, event } of rows) {
       row.hidden = !visible(event);
       if (!row.hidden) shown += 1;
     }
     empty.hidden = shown > 0;
-    counter.textContent = `${shown} of ${rows.length} events shown`;
+    count();
     if (followBox.checked) scrollToEnd();
   }
 
@@ -94,13 +96,14 @@ export function traceView(host, runId) {
       extra.length ? h("span.muted", {}, ` (${extra.join(", ")})`) : null));
     rows.push({ row, event });
     list.append(row);
-    if (rows.length > MAX_EVENTS) {
+    row.hidden = !visible(event);
+    if (!row.hidden) { shown += 1; empty.hidden = true; }
+    if (rows.length > MAX_EVENTS) { // keep the newest
       const old = rows.shift();
+      if (!old.row.hidden) shown -= 1;
       old.row.remove();
     }
-    row.hidden = !visible(event);
-    if (!row.hidden) empty.hidden = true;
-    counter.textContent = `${rows.filter((r) => !r.row.hidden).length} of ${rows.length} events shown`;
+    count();
     if (followBox.checked) scrollToEnd();
   }
 
