@@ -193,6 +193,12 @@ async def test_console_loads_without_errors(console: Console) -> None:
     await expect(page.get_by_role("heading", name="Runs", exact=True)).to_be_visible()
     await expect(page.locator("#live-status")).to_have_text("● live")
     await expect(page.locator("#history-runs")).to_be_attached()
+    # Workers: this listener does not serve WorkerService, and the page says so
+    # without calling it (features.json lists the RPCs it serves).
+    await page.get_by_role("link", name="Workers").click()
+    await expect(page.locator("#workers-status")).to_contain_text("does not serve the fleet")
+    await page.get_by_role("link", name="Runs", exact=True).click()
+    await expect(page.locator("#live-status")).to_have_text("● live")
     console.assert_no_errors()
 
 
