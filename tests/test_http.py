@@ -713,6 +713,10 @@ async def test_event_source_replays_follows_resumes_and_ends_with_status(db_url:
             assert messages(resumed) == ["m-d", "m-e"]
             assert resumed[-1]["event"] == "status"
             assert json.loads(resumed[-1]["data"])["state"] == "RUN_STATE_CANCELLED"
+            # An EventSource reconnecting after the end is told to stop (204).
+            assert resumed[-1]["id"].endswith(".end")
+            again = await http.get(url, headers={"Last-Event-ID": resumed[-1]["id"]})
+            assert again.status_code == 204
             # The same resume point as a query parameter, without follow: the rest and the end.
             query = await http.get(f"/v1/runs/{run}/events?last_event_id={last_id}")
             tail = [e async for e in sse_events(query) if "comment" not in e]

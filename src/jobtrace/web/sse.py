@@ -51,6 +51,9 @@ FILTERS = (
 )
 _PREFIXES = {"min_level": "LEVEL_", "category": "CATEGORY_", "type": "TRACE_EVENT_TYPE_"}
 TYPE_PREFIX = "TRACE_EVENT_TYPE_"
+# The id of the final `status` event is the cursor with this suffix (cursors
+# are unpadded base64url: never a dot).
+END_SUFFIX = ".end"
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -73,7 +76,11 @@ def format_event(item: pb.StreamTraceEventsResponse) -> bytes:
             f"id: {item.cursor}\nevent: {event_name(item.event)}\ndata: {_json(item.event)}\n\n"
         ).encode()
     if kind == "final_status":
-        return f"id: {item.cursor}\nevent: status\ndata: {_json(item.final_status)}\n\n".encode()
+        # Its id says "ended": a reconnect with it is answered 204, which
+        # tells an EventSource to stop reconnecting.
+        return (
+            f"id: {item.cursor}{END_SUFFIX}\nevent: status\ndata: {_json(item.final_status)}\n\n"
+        ).encode()
     return b": keepalive\n\n"
 
 
@@ -100,9 +107,8 @@ def stream_request(
             else:
                 value = value.upper()
         fields[json_format_name(name)] = value
-    cursor = last_event_id or (query.get("last_event_id") or [""])[-1]
-    if cursor:
-        fields["cursor"] = cursor
+    if last_event_id:
+        fields["cursor"] = last_event_id
     request = pb.StreamTraceEventsRequest()
     try:
         json_format.ParseDict(fields, request)
@@ -142,6 +148,9 @@ class EventsEndpoint:
         if token and not any(k.lower() == "authorization" for k, _ in headers):
             headers.append(("authorization", f"Bearer {token}"))
         last_event_id = next((v for k, v in headers if k.lower() == "last-event-id"), "")
+        last_event_id = last_event_id or (query.get("last_event_id") or [""])[-1]
+        ended = last_event_id.endswith(END_SUFFIX)
+        last_event_id = last_event_id.removesuffix(END_SUFFIX)
         client = scope.get("client")
         context = HttpCallContext(headers, peer=f"{client[0]}:{client[1]}" if client else None)
         logs.bind_request(logs.new_request_id(), METHOD)
@@ -162,6 +171,10 @@ class EventsEndpoint:
             await self._servicer.GetRunStatus(pb.GetRunStatusRequest(run_id=run_id), context)
         except ConnectError as exc:
             await _error(send, exc, extra_headers)
+            return
+        if ended:
+            # The client has had the final status: nothing more will come.
+            await _plain(send, 204, b"", extra_headers)
             return
         await send(
             {
@@ -207,6 +220,7 @@ class EventsEndpoint:
                         log.warning(
                             "%s: reader stalled for %g s; stream ended", METHOD, self._stall_s
                         )
+                        gone = True  # no end either: the connection is dropped
                         return
                     if item.WhichOneof("kind") == "final_status":
                         return
