@@ -285,6 +285,7 @@ async def test_a_run_shows_its_graph_and_its_trace_streams_in(console: Console) 
     await page.locator('#steps .node[data-step="parse"]').click()
     await expect(page.locator("#step-detail")).to_contain_text("Step parse")
     await expect(page.locator("#step-detail")).to_contain_text("console-worker")
+    await expect(page.locator("#step-detail")).to_contain_text('"gate": "wf-trace.parse"')
     stats = await page.evaluate("window.jobtraceConsole.trace")
     assert stats["duplicates"] == 0, stats
     console.assert_no_errors()

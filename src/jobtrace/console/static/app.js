@@ -55,5 +55,8 @@ function setupToken() {
 }
 
 setupToken();
-window.addEventListener("hashchange", route);
+window.addEventListener("hashchange", () => {
+  route();
+  main.focus({ preventScroll: false }); // a screen reader starts at the new view
+});
 route();

@@ -254,7 +254,10 @@ function renderGraph(host, workflow, jobs, onSelect, selected) {
     layers.map((layer, depth) => h("li.layer", {},
       h("span.layer-label", {}, `depth ${depth}`),
       h("ul", {}, layer.map((step) => h("li", {}, stepNode(step, jobs, onSelect, selected)))))));
+  // A redraw must not take keyboard focus away from the node that had it.
+  const focused = host.contains(document.activeElement) ? document.activeElement.dataset.step : null;
   replaceChildren(host, svg, grid);
+  if (focused) host.querySelector(`.node[data-step="${CSS.escape(focused)}"]`)?.focus();
   requestAnimationFrame(() => drawEdges(host, svg, steps));
   if (!host.dataset.observed) {
     host.dataset.observed = "1";
@@ -332,8 +335,19 @@ async function renderStepDetail(el, step, job, workflow) {
   const failure = f(job, "failure");
   if (failure && f(failure, "reason")) rows.push(["Failure", `${f(failure, "code") || ""} ${f(failure, "reason")}`]);
   const approve = h("div.actions");
+  const payload = h("div.payload");
   replaceChildren(el, h("h4", {}, `Step ${name}`),
-    h("dl.facts", {}, rows.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])), approve);
+    h("dl.facts", {}, rows.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])), approve, payload);
+  if (jobId && el.dataset.payloadOf !== jobId) {
+    el.dataset.payloadOf = jobId;
+    el.payload = undefined;
+    unary("JobService", "GetJob", { jobId })
+      .then((response) => { el.payload = payloadOf(f(f(response, "job"), "spec")); })
+      .catch((err) => { el.payload = { error: errorText(err) }; })
+      .finally(() => { if (el.dataset.payloadOf === jobId) showPayload(el); });
+  } else {
+    showPayload(el);
+  }
   if (stateName(f(step, "state")) === "WAITING_FOR_HUMAN" && mayCall("ApproveStep", "reviewer")
       && await has("JobService", "ApproveStep")) {
     const status = h("p", { role: "status" });
@@ -351,6 +365,27 @@ async function renderStepDetail(el, step, job, workflow) {
       } }, label);
     approve.append(decide("APPROVAL_DISPOSITION_APPROVED", "Approve"),
       decide("APPROVAL_DISPOSITION_REJECTED", "Reject"), status);
+  }
+}
+
+function showPayload(el) {
+  const host = el.querySelector(".payload");
+  if (!host || el.payload === undefined) return;
+  replaceChildren(host, h("h4", {}, "Payload (as GetJob returns it)"),
+    el.payload && el.payload.error ? h("p.error", {}, el.payload.error) : jsonBlock(el.payload, "step payload"));
+}
+
+// A JobSpec's payload: the Struct, or the exact JSON (base64 bytes) when the
+// server sent that form.
+function payloadOf(spec) {
+  const payload = f(spec, "payload");
+  if (payload !== undefined) return payload;
+  const exact = f(spec, "payload_json");
+  if (!exact) return {};
+  try {
+    return JSON.parse(new TextDecoder().decode(Uint8Array.from(atob(exact), (ch) => ch.charCodeAt(0))));
+  } catch {
+    return exact;
   }
 }
 
@@ -490,13 +525,8 @@ async function renderContext(el, runId, kind, attestations) {
   if (kind === "job" && !(latest && f(latest, "data")?.job_payload !== undefined)) {
     try {
       const response = await unary("JobService", "GetJob", { jobId: runId });
-      const spec = f(f(response, "job"), "spec") || {};
-      let payload = f(spec, "payload");
-      const exact = f(spec, "payload_json");
-      if (payload === undefined && exact) {
-        try { payload = JSON.parse(new TextDecoder().decode(Uint8Array.from(atob(exact), (c) => c.charCodeAt(0)))); } catch { payload = exact; }
-      }
-      parts.push(h("h4", {}, "Payload (as GetJob returns it)"), jsonBlock(payload ?? {}, "payload"));
+      const payload = payloadOf(f(f(response, "job"), "spec") || {});
+      parts.push(h("h4", {}, "Payload (as GetJob returns it)"), jsonBlock(payload, "payload"));
     } catch (err) {
       parts.push(h("p.error", {}, `Could not read the job: ${errorText(err)}`));
     }
