@@ -4,7 +4,7 @@ listener at `/` and `/console/*`.
 The console is plain HTML, CSS and ES modules (no build step, nothing from a
 CDN). It reads and acts only through the public Connect API and the
 EventSource endpoint, as any browser app would; this module only hands out its
-files, plus `/console/features.json`: the RPCs the server's contract has, so
+files, plus `/console/features.json`: the RPCs the listener serves, so
 that the console shows an action's button only where its RPC exists.
 
 `make_app` builds its ASGI application, which the HTTP listener calls for
