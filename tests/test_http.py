@@ -397,7 +397,8 @@ async def test_server_stream_over_http1_with_json_envelopes(
 async def test_worker_service_is_not_served_over_http(
     web: Harness, client: httpx.AsyncClient
 ) -> None:
-    assert (await client.get("/")).status_code == 404
+    # The listener's own fallback serves the console's page.
+    assert (await client.get("/")).headers["content-type"].startswith("text/html")
 
     async def console(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})

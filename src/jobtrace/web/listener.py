@@ -16,6 +16,7 @@ import uvicorn
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
+from jobtrace import console
 from jobtrace.metrics import Metrics
 from jobtrace.pb import service_descriptor
 from jobtrace.web.app import ASGIApp, HttpApp, malformed
@@ -125,13 +126,16 @@ class HttpListener:
         max_stream_s: float | None,
         metrics: Metrics | None,
     ) -> None:
+        apps = connect_apps(servicers, max_message_bytes=max_message_bytes, metrics=metrics)
         self.app = HttpApp(
-            connect_apps(servicers, max_message_bytes=max_message_bytes, metrics=metrics),
+            apps,
             EventsEndpoint(servicers["TraceService"], stall_s=stall_s, max_stream_s=max_stream_s),
             cors_origins=cors_origins,
             max_message_bytes=max_message_bytes,
             stall_s=stall_s,
         )
+        # The web console's files at / and /console/* (jobtrace.console).
+        self.app.fallback = console.make_app(apps)
         self._address = address
         self._max_concurrent = max_concurrent_calls
         self._sock: socket.socket | None = None
