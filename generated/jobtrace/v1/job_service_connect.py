@@ -59,6 +59,27 @@ class JobService(Protocol):
     def watch_runs(self, request: jobtrace_dot_v1_dot_job__service__pb2.WatchRunsRequest, ctx: RequestContext) -> AsyncIterator[jobtrace_dot_v1_dot_job__service__pb2.WatchRunsResponse]:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    async def terminate_job(self, request: jobtrace_dot_v1_dot_job__service__pb2.TerminateJobRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.TerminateJobResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def terminate_workflow(self, request: jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def rerun_workflow(self, request: jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def rerun_job(self, request: jobtrace_dot_v1_dot_job__service__pb2.RerunJobRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.RerunJobResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def cancel_runs(self, request: jobtrace_dot_v1_dot_job__service__pb2.CancelRunsRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.CancelRunsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def approve_step(self, request: jobtrace_dot_v1_dot_job__service__pb2.ApproveStepRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.ApproveStepResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def list_pending_approvals(self, request: jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
 
 class JobServiceASGIApplication(ConnectASGIApplication[JobService]):
     def __init__(self, service: JobService | AsyncGenerator[JobService], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -204,6 +225,76 @@ class JobServiceASGIApplication(ConnectASGIApplication[JobService]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.watch_runs,
+                ),
+                "/jobtrace.v1.JobService/TerminateJob": Endpoint.unary(
+                    method=MethodInfo(
+                        name="TerminateJob",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.TerminateJobRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.TerminateJobResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.terminate_job,
+                ),
+                "/jobtrace.v1.JobService/TerminateWorkflow": Endpoint.unary(
+                    method=MethodInfo(
+                        name="TerminateWorkflow",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.terminate_workflow,
+                ),
+                "/jobtrace.v1.JobService/RerunWorkflow": Endpoint.unary(
+                    method=MethodInfo(
+                        name="RerunWorkflow",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.rerun_workflow,
+                ),
+                "/jobtrace.v1.JobService/RerunJob": Endpoint.unary(
+                    method=MethodInfo(
+                        name="RerunJob",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.RerunJobRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.RerunJobResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.rerun_job,
+                ),
+                "/jobtrace.v1.JobService/CancelRuns": Endpoint.unary(
+                    method=MethodInfo(
+                        name="CancelRuns",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.cancel_runs,
+                ),
+                "/jobtrace.v1.JobService/ApproveStep": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ApproveStep",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.ApproveStepRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.ApproveStepResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.approve_step,
+                ),
+                "/jobtrace.v1.JobService/ListPendingApprovals": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListPendingApprovals",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.list_pending_approvals,
                 ),
             },
             interceptors=interceptors,
@@ -498,6 +589,146 @@ class JobServiceClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    async def terminate_job(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.TerminateJobRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.TerminateJobResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="TerminateJob",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.TerminateJobRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.TerminateJobResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def terminate_workflow(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="TerminateWorkflow",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def rerun_workflow(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RerunWorkflow",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def rerun_job(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.RerunJobRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.RerunJobResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RerunJob",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.RerunJobRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.RerunJobResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def cancel_runs(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.CancelRunsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.CancelRunsResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CancelRuns",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def approve_step(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.ApproveStepRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.ApproveStepResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ApproveStep",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.ApproveStepRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.ApproveStepResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def list_pending_approvals(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListPendingApprovals",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
 
 class JobServiceSync(Protocol):
     def submit_job(self, request: jobtrace_dot_v1_dot_job__service__pb2.SubmitJobRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.SubmitJobResponse:
@@ -527,6 +758,20 @@ class JobServiceSync(Protocol):
     def summarize_failures(self, request: jobtrace_dot_v1_dot_job__service__pb2.SummarizeFailuresRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.SummarizeFailuresResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def watch_runs(self, request: jobtrace_dot_v1_dot_job__service__pb2.WatchRunsRequest, ctx: RequestContext) -> Iterator[jobtrace_dot_v1_dot_job__service__pb2.WatchRunsResponse]:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def terminate_job(self, request: jobtrace_dot_v1_dot_job__service__pb2.TerminateJobRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.TerminateJobResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def terminate_workflow(self, request: jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def rerun_workflow(self, request: jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def rerun_job(self, request: jobtrace_dot_v1_dot_job__service__pb2.RerunJobRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.RerunJobResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def cancel_runs(self, request: jobtrace_dot_v1_dot_job__service__pb2.CancelRunsRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.CancelRunsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def approve_step(self, request: jobtrace_dot_v1_dot_job__service__pb2.ApproveStepRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.ApproveStepResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def list_pending_approvals(self, request: jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -673,6 +918,76 @@ class JobServiceWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.watch_runs,
+                ),
+                "/jobtrace.v1.JobService/TerminateJob": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="TerminateJob",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.TerminateJobRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.TerminateJobResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.terminate_job,
+                ),
+                "/jobtrace.v1.JobService/TerminateWorkflow": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="TerminateWorkflow",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.terminate_workflow,
+                ),
+                "/jobtrace.v1.JobService/RerunWorkflow": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="RerunWorkflow",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.rerun_workflow,
+                ),
+                "/jobtrace.v1.JobService/RerunJob": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="RerunJob",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.RerunJobRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.RerunJobResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.rerun_job,
+                ),
+                "/jobtrace.v1.JobService/CancelRuns": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="CancelRuns",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.cancel_runs,
+                ),
+                "/jobtrace.v1.JobService/ApproveStep": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ApproveStep",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.ApproveStepRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.ApproveStepResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.approve_step,
+                ),
+                "/jobtrace.v1.JobService/ListPendingApprovals": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListPendingApprovals",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.list_pending_approvals,
                 ),
             },
             interceptors=interceptors,
@@ -961,6 +1276,146 @@ class JobServiceClientSync(ConnectClientSync):
                 service_name="jobtrace.v1.JobService",
                 input=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsRequest,
                 output=jobtrace_dot_v1_dot_job__service__pb2.WatchRunsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def terminate_job(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.TerminateJobRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.TerminateJobResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="TerminateJob",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.TerminateJobRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.TerminateJobResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def terminate_workflow(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="TerminateWorkflow",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.TerminateWorkflowResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def rerun_workflow(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RerunWorkflow",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.RerunWorkflowResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def rerun_job(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.RerunJobRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.RerunJobResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RerunJob",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.RerunJobRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.RerunJobResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def cancel_runs(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.CancelRunsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.CancelRunsResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CancelRuns",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.CancelRunsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def approve_step(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.ApproveStepRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.ApproveStepResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ApproveStep",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.ApproveStepRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.ApproveStepResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def list_pending_approvals(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListPendingApprovals",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,
