@@ -93,9 +93,7 @@ async def all_workflows(api: Stubs, **filters: Any) -> list[c.Workflow]:
 
 async def trigger(api: Stubs, run_id: str) -> dict[str, str]:
     page = await api.attest.ListAnnotations(a.ListAnnotationsRequest(run_id=run_id))
-    return {
-        x.key: x.value.string_value for x in page.annotations if x.key.startswith("trigger.")
-    }
+    return {x.key: x.value.string_value for x in page.annotations if x.key.startswith("trigger.")}
 
 
 async def test_bulk_rerun_dry_runs_resumes_and_reruns_each_run_once(harness: Harness) -> None:
