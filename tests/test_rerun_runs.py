@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,6 +23,7 @@ from jobtrace.pb import job_service_pb2 as j
 from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, Stubs, execute_sql, expect_error
+from .test_security import bearer, token, write_tokens
 from .workers import RawWorker
 
 JOB = j.WatchRunsRequest.RUN_KIND_JOB
@@ -323,3 +325,42 @@ async def test_clients_and_cli_rerun_runs(sqlite_harness: Harness) -> None:
 
     # The reruns are QUEUED; their parents still match (ended, and counted).
     assert await asyncio.to_thread(sync_dry_run) == 2
+
+
+async def test_a_bulk_rerun_touches_only_the_callers_tenant(db_url: str, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.yaml"
+    write_tokens(tokens)
+    async with Harness(db_url, tokens_file=str(tokens)) as h:
+        api = h.stubs()
+        acme, umbrella = bearer(token("submitter", "acme")), bearer(token("submitter", "umbrella"))
+
+        async def ended_as(md: Any, rid: str) -> str:
+            request = j.SubmitJobRequest(request_id=rid, job=c.JobSpec(service="svc-t"))
+            job_id = (await api.jobs.SubmitJob(request, metadata=md)).job.id
+            await api.jobs.CancelJob(j.CancelJobRequest(job_id=job_id), metadata=md)
+            return job_id
+
+        ours = [await ended_as(acme, f"t{i}") for i in range(4)]
+        theirs = [await ended_as(umbrella, f"t{i}") for i in range(3)]
+        cancelled = j.BulkRunFilter(service="svc-t", states=[c.RUN_STATE_CANCELLED])
+        request = j.RerunRunsRequest(filter=cancelled, request_id="same-key")
+        await expect_error(
+            api.jobs.RerunRuns(request, metadata=bearer(token("reader", "acme"))),
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
+        mine = await api.jobs.RerunRuns(request, metadata=acme)
+        assert (mine.done, mine.rerun) == (True, 4)
+        assert {r.run_id for r in mine.reruns} == set(ours)
+        # An admin's scope is every tenant; each new run is in its parent's.
+        admin = await api.jobs.RerunRuns(
+            j.RerunRunsRequest(filter=cancelled, request_id="admin-key"),
+            metadata=bearer(token("admin", "acme")),
+        )
+        assert (admin.done, admin.rerun) == (True, 7)
+        for r in admin.reruns:
+            md = acme if r.run_id in ours else umbrella
+            job = (await api.jobs.GetJob(j.GetJobRequest(job_id=r.new_run_id), metadata=md)).job
+            assert job.parent_run_id == r.run_id and job.tenant == (
+                "acme" if md is acme else "umbrella"
+            )
+        assert {r.run_id for r in admin.reruns} == {*ours, *theirs}
