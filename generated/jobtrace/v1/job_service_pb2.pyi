@@ -2238,10 +2238,9 @@ class RerunRunsResponse(_message.Message):
 
     @_builtins.property
     def skipped_reasons(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Output only. The skipped runs by why: "STATE" (the run had left the
-        states the filter names), "RERUN_EXISTS" (a run with its rerun's
-        request_id existed already), "NOTHING_TO_RERUN" (failed_only, and every
-        step of the workflow completed).
+        """Output only. The skipped runs by why: "RERUN_EXISTS" (a run with its
+        rerun's request_id existed already), "NOTHING_TO_RERUN" (failed_only,
+        and every step of the workflow completed).
         """
 
     @_builtins.property
