@@ -191,6 +191,8 @@ MATRIX: dict[str, tuple[str, ...]] = {
     "TerminateWorkflow": (PD, OK, PD, OK, PD, NF, PD, OK),
     # CancelJob's role, over the caller's own tenant (an admin's: every tenant).
     "CancelRuns": (PD, OK, PD, OK, PD, OK, PD, OK),
+    # RerunJob's role, over the caller's own tenant (an admin's: every tenant).
+    "RerunRuns": (PD, OK, PD, OK, PD, OK, PD, OK),
     "WatchJob": (OK, OK, PD, OK, NF, NF, PD, OK),
     "WatchWorkflow": (OK, OK, PD, OK, NF, NF, PD, OK),
     # The job has ended (answered at once); the workflow runs (the wait ends).
@@ -396,6 +398,9 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
         "TerminateWorkflow": fresh_wf_terminate,
         "CancelRuns": lambda md: api.jobs.CancelRuns(
             j.CancelRunsRequest(filter=j.BulkRunFilter(service=f"zz-bulk{n}")), metadata=md
+        ),
+        "RerunRuns": lambda md: api.jobs.RerunRuns(
+            j.RerunRunsRequest(filter=j.BulkRunFilter(service=f"zz-rerun{n}")), metadata=md
         ),
         "WatchRuns": feed_first,
         "WatchJob": lambda md: stream_first(

@@ -2064,3 +2064,214 @@ class ListPendingApprovalsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListPendingApprovalsResponse: _TypeAlias = ListPendingApprovalsResponse  # noqa: Y015
+
+@_typing.final
+class RerunRunsRequest(_message.Message):
+    """Request of RerunRuns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    FAILED_ONLY_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    """Optional. When true, nothing changes: matched counts the runs a real
+    call would take now, sample shows some of them.
+    """
+    reason: _builtins.str
+    """Optional. Why; recorded on every new run as rerun_reason and the
+    trigger.reason annotation ("rerun" when empty); at most 1,000
+    characters.
+    """
+    request_id: _builtins.str
+    """Optional. The operation's idempotency key, 1-191 printable characters
+    (each new run's request_id is it, "/" and the parent run's id), per
+    tenant: the same request re-sent goes on where the operation stopped and
+    reports its totals; the same key with another filter, reason or
+    failed_only is ALREADY_EXISTS (IDEMPOTENCY_CONFLICT). Empty: the server
+    makes one and returns it. Ignored with dry_run.
+    """
+    limit: _builtins.int
+    """Optional. The most runs this call handles (rerun, skipped or failed);
+    1-10,000, 0 means 1,000.
+    """
+    page_size: _builtins.int
+    """Optional. Runs read per page (each run is then rerun in its own
+    transaction); 1-500, 0 means 100.
+    """
+    failed_only: _builtins.bool
+    """Optional. Workflows: run again only the declared steps that did not
+    complete, and their downstream, carrying the completed others over (as
+    RerunWorkflowRequest.failed_only; a workflow whose every step completed
+    is skipped, "NOTHING_TO_RERUN"). False: each workflow runs again whole.
+    Jobs are always rerun whole.
+    """
+    @_builtins.property
+    def filter(self) -> Global___BulkRunFilter:
+        """Required. Which runs: at least one of states, service, workflow_name,
+        labels, user_id, created_after, created_before (to mean every ended run,
+        give a created_before). states: each an ended state (INVALID_ARGUMENT
+        otherwise); empty means all of them. include_steps must be false.
+        """
+
+    def __init__(
+        self,
+        *,
+        filter: Global___BulkRunFilter | None = ...,
+        dry_run: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        failed_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "failed_only", b"failed_only", "filter", b"filter", "limit", b"limit", "page_size", b"page_size", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerunRunsRequest: _TypeAlias = RerunRunsRequest  # noqa: Y015
+
+@_typing.final
+class BulkRerun(_message.Message):
+    """A rerun RerunRuns created: the ended run and its new run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    NEW_RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Output only. The run rerun (the new run's parent_run_id)."""
+    kind: Global___WatchRunsRequest.RunKind.ValueType
+    """Output only. RUN_KIND_JOB or RUN_KIND_WORKFLOW."""
+    new_run_id: _builtins.str
+    """Output only. The new run's id."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        kind: Global___WatchRunsRequest.RunKind.ValueType = ...,
+        new_run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "new_run_id", b"new_run_id", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BulkRerun: _TypeAlias = BulkRerun  # noqa: Y015
+
+@_typing.final
+class RerunRunsResponse(_message.Message):
+    """Response of RerunRuns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SkippedReasonsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MATCHED_FIELD_NUMBER: _builtins.int
+    SAMPLE_FIELD_NUMBER: _builtins.int
+    RERUN_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    SKIPPED_REASONS_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    HANDLED_FIELD_NUMBER: _builtins.int
+    RERUNS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Output only. The operation's idempotency key (the request's, or the one
+    the server made): re-send the request with it to go on. Empty with
+    dry_run.
+    """
+    matched: _builtins.int
+    """Output only. dry_run: how many runs match now (and may be rerun).
+    Otherwise: how many runs the operation has taken, over all its calls
+    (rerun + skipped + failed).
+    """
+    rerun: _builtins.int
+    """Output only. Runs the operation rerun (a new run created), over all its
+    calls.
+    """
+    skipped: _builtins.int
+    """Output only. Runs the operation skipped, over all its calls."""
+    failed: _builtins.int
+    """Output only. Runs the operation failed to rerun, over all its calls."""
+    done: _builtins.bool
+    """Output only. True when no matching run is left to take; false when the
+    call stopped at its limit or its deadline: re-send it to go on.
+    """
+    handled: _builtins.int
+    """Output only. Runs this call took (the operation's totals above include
+    earlier calls').
+    """
+    @_builtins.property
+    def sample(self) -> _containers.RepeatedCompositeFieldContainer[Global___BulkRun]:
+        """Output only. dry_run: up to 20 of the matching runs, in the order a real
+        call takes them. Empty otherwise.
+        """
+
+    @_builtins.property
+    def skipped_reasons(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Output only. The skipped runs by why: "RERUN_EXISTS" (a run with its
+        rerun's request_id existed already), "NOTHING_TO_RERUN" (failed_only,
+        and every step of the workflow completed).
+        """
+
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___BulkRunFailure]:
+        """Output only. The first 100 of those failures."""
+
+    @_builtins.property
+    def reruns(self) -> _containers.RepeatedCompositeFieldContainer[Global___BulkRerun]:
+        """Output only. The new runs this call created (not earlier calls'), in
+        the order it created them; at most the first 100.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        matched: _builtins.int = ...,
+        sample: _abc.Iterable[Global___BulkRun] | None = ...,
+        rerun: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        skipped_reasons: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        failed: _builtins.int = ...,
+        failures: _abc.Iterable[Global___BulkRunFailure] | None = ...,
+        done: _builtins.bool = ...,
+        handled: _builtins.int = ...,
+        reruns: _abc.Iterable[Global___BulkRerun] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "failed", b"failed", "failures", b"failures", "handled", b"handled", "matched", b"matched", "request_id", b"request_id", "rerun", b"rerun", "reruns", b"reruns", "sample", b"sample", "skipped", b"skipped", "skipped_reasons", b"skipped_reasons"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerunRunsResponse: _TypeAlias = RerunRunsResponse  # noqa: Y015

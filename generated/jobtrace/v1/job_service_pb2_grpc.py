@@ -140,6 +140,11 @@ class JobServiceStub:
                 request_serializer=jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsRequest.SerializeToString,
                 response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsResponse.FromString,
                 _registered_method=True)
+        self.RerunRuns = channel.unary_unary(
+                '/jobtrace.v1.JobService/RerunRuns',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.RerunRunsRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.RerunRunsResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -382,6 +387,27 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RerunRuns(self, request, context):
+        """Reruns, in bulk (an incident's tool), every ended run matching a filter:
+        workflows as RerunWorkflow (whole, or with failed_only only the steps
+        that did not complete) and standalone jobs as RerunJob, each new run
+        with the same lineage (parent_run_id, root_run_id), trigger annotations
+        (trigger.source = "rerun", trigger.reason = the request's reason) and
+        first trace event as theirs. Runs are matched, paged, dry-run and
+        resumed as in CancelRuns, in the same order; the states a rerun is taken
+        from are the ended ones (COMPLETED, FAILED, CANCELLED, TERMINATED,
+        TIMED_OUT): a live state in the filter is INVALID_ARGUMENT. Each new run's request_id is "<request_id>/<run id>":
+        a run whose rerun under that key exists already (a resumed or re-sent
+        operation, a RerunJob or RerunWorkflow with that key) is skipped
+        ("RERUN_EXISTS"), never rerun twice. Workflow steps are rerun with their
+        workflow: filter.include_steps is INVALID_ARGUMENT. Callers touch only
+        their tenant's runs (admins: every tenant's; each new run is in its
+        parent's tenant).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -489,6 +515,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ListPendingApprovals,
                     request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsRequest.FromString,
                     response_serializer=jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsResponse.SerializeToString,
+            ),
+            'RerunRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.RerunRuns,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.RerunRunsRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.RerunRunsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1059,6 +1090,33 @@ class JobService:
             '/jobtrace.v1.JobService/ListPendingApprovals',
             jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsRequest.SerializeToString,
             jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerunRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/RerunRuns',
+            jobtrace_dot_v1_dot_job__service__pb2.RerunRunsRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.RerunRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,

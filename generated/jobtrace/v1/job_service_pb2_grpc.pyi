@@ -182,6 +182,23 @@ class JobServiceStub:
     (it needs the reviewer role; gates it decided already are left out), of
     its tenant, oldest first, with keyset pagination.
     """
+    RerunRuns: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.RerunRunsRequest, _job_service_pb2.RerunRunsResponse]
+    """Reruns, in bulk (an incident's tool), every ended run matching a filter:
+    workflows as RerunWorkflow (whole, or with failed_only only the steps
+    that did not complete) and standalone jobs as RerunJob, each new run
+    with the same lineage (parent_run_id, root_run_id), trigger annotations
+    (trigger.source = "rerun", trigger.reason = the request's reason) and
+    first trace event as theirs. Runs are matched, paged, dry-run and
+    resumed as in CancelRuns, in the same order; the states a rerun is taken
+    from are the ended ones (COMPLETED, FAILED, CANCELLED, TERMINATED,
+    TIMED_OUT): a live state in the filter is INVALID_ARGUMENT. Each new run's request_id is "<request_id>/<run id>":
+    a run whose rerun under that key exists already (a resumed or re-sent
+    operation, a RerunJob or RerunWorkflow with that key) is skipped
+    ("RERUN_EXISTS"), never rerun twice. Workflow steps are rerun with their
+    workflow: filter.include_steps is INVALID_ARGUMENT. Callers touch only
+    their tenant's runs (admins: every tenant's; each new run is in its
+    parent's tenant).
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -336,6 +353,23 @@ class JobServiceAsyncStub(JobServiceStub):
     """Lists the approval gates waiting for people that the caller may decide
     (it needs the reviewer role; gates it decided already are left out), of
     its tenant, oldest first, with keyset pagination.
+    """
+    RerunRuns: _aio.UnaryUnaryMultiCallable[_job_service_pb2.RerunRunsRequest, _job_service_pb2.RerunRunsResponse]  # type: ignore[assignment]
+    """Reruns, in bulk (an incident's tool), every ended run matching a filter:
+    workflows as RerunWorkflow (whole, or with failed_only only the steps
+    that did not complete) and standalone jobs as RerunJob, each new run
+    with the same lineage (parent_run_id, root_run_id), trigger annotations
+    (trigger.source = "rerun", trigger.reason = the request's reason) and
+    first trace event as theirs. Runs are matched, paged, dry-run and
+    resumed as in CancelRuns, in the same order; the states a rerun is taken
+    from are the ended ones (COMPLETED, FAILED, CANCELLED, TERMINATED,
+    TIMED_OUT): a live state in the filter is INVALID_ARGUMENT. Each new run's request_id is "<request_id>/<run id>":
+    a run whose rerun under that key exists already (a resumed or re-sent
+    operation, a RerunJob or RerunWorkflow with that key) is skipped
+    ("RERUN_EXISTS"), never rerun twice. Workflow steps are rerun with their
+    workflow: filter.include_steps is INVALID_ARGUMENT. Callers touch only
+    their tenant's runs (admins: every tenant's; each new run is in its
+    parent's tenant).
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -614,6 +648,29 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists the approval gates waiting for people that the caller may decide
         (it needs the reviewer role; gates it decided already are left out), of
         its tenant, oldest first, with keyset pagination.
+        """
+
+    @_abc_1.abstractmethod
+    def RerunRuns(
+        self,
+        request: _job_service_pb2.RerunRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.RerunRunsResponse, _abc.Awaitable[_job_service_pb2.RerunRunsResponse]]:
+        """Reruns, in bulk (an incident's tool), every ended run matching a filter:
+        workflows as RerunWorkflow (whole, or with failed_only only the steps
+        that did not complete) and standalone jobs as RerunJob, each new run
+        with the same lineage (parent_run_id, root_run_id), trigger annotations
+        (trigger.source = "rerun", trigger.reason = the request's reason) and
+        first trace event as theirs. Runs are matched, paged, dry-run and
+        resumed as in CancelRuns, in the same order; the states a rerun is taken
+        from are the ended ones (COMPLETED, FAILED, CANCELLED, TERMINATED,
+        TIMED_OUT): a live state in the filter is INVALID_ARGUMENT. Each new run's request_id is "<request_id>/<run id>":
+        a run whose rerun under that key exists already (a resumed or re-sent
+        operation, a RerunJob or RerunWorkflow with that key) is skipped
+        ("RERUN_EXISTS"), never rerun twice. Workflow steps are rerun with their
+        workflow: filter.include_steps is INVALID_ARGUMENT. Callers touch only
+        their tenant's runs (admins: every tenant's; each new run is in its
+        parent's tenant).
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

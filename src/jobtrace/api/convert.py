@@ -84,8 +84,10 @@ def run_filter(request: Any, *, jobs: bool) -> Any:
     )
 
 
-def bulk_request(request: job_service_pb2.CancelRunsRequest) -> BulkRequest:
-    """CancelRuns' request as the domain's BulkRequest."""
+def bulk_request(
+    request: job_service_pb2.CancelRunsRequest | job_service_pb2.RerunRunsRequest,
+) -> BulkRequest:
+    """CancelRuns' or RerunRuns' request as the domain's BulkRequest."""
     f = request.filter
     return BulkRequest(
         filter=BulkFilter(
@@ -143,6 +145,27 @@ def cancel_runs_response(result: BulkResult) -> job_service_pb2.CancelRunsRespon
         ],
         done=result.done,
         handled=result.handled,
+    )
+
+
+def rerun_runs_response(result: BulkResult) -> job_service_pb2.RerunRunsResponse:
+    """A bulk result as RerunRunsResponse (the same fields as CancelRuns')."""
+    cancel = cancel_runs_response(result)
+    return job_service_pb2.RerunRunsResponse(
+        request_id=cancel.request_id,
+        matched=cancel.matched,
+        sample=cancel.sample,
+        rerun=cancel.cancelled,
+        skipped=cancel.skipped,
+        skipped_reasons=cancel.skipped_reasons,
+        failed=cancel.failed,
+        failures=cancel.failures,
+        done=cancel.done,
+        handled=cancel.handled,
+        reruns=[
+            job_service_pb2.BulkRerun(run_id=run.id, kind=bulk_kind(run.kind), new_run_id=new)
+            for run, new in result.made
+        ],
     )
 
 

@@ -207,6 +207,20 @@ class JobServicer(pb_grpc.JobServiceServicer):
         return convert.cancel_runs_response(result)
 
     @rpc
+    async def RerunRuns(self, request: pb.RerunRunsRequest, context: Any) -> pb.RerunRunsResponse:
+        # RerunJob's role, over the caller's tenant (an admin's: every tenant).
+        principal = self._auth.require(context, Role.SUBMITTER)
+        result = await self._jobs.rerun_runs(
+            principal.read_scope,
+            principal.tenant,
+            Caller(principal.subject, principal.may(Role.REVIEWER)),
+            convert.bulk_request(request),
+            failed_only=request.failed_only,
+            time_left_s=context.time_remaining(),
+        )
+        return convert.rerun_runs_response(result)
+
+    @rpc
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: Any
     ) -> AsyncIterator[pb.WatchJobResponse]:

@@ -1,6 +1,7 @@
-"""`jobtrace cancel-runs`: cancel in bulk the runs a filter matches (CancelRuns),
-after showing how many match and asking (or with --yes); --dry-run only
-shows them. Interrupted, it resumes with --request-id."""
+"""`jobtrace cancel-runs` and `jobtrace rerun-runs`: cancel (CancelRuns) or
+rerun (RerunRuns) in bulk the runs a filter matches, after showing how many
+match and asking (or with --yes); --dry-run only shows them. Interrupted,
+they resume with --request-id."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from jobtrace.pb import common_pb2, job_service_pb2
 
 
 def _filters(args: argparse.Namespace) -> dict[str, Any]:
-    return {
+    steps = {"include_steps": args.steps} if hasattr(args, "steps") else {}
+    return steps | {
         "kind": args.kind,
         "states": args.state or (),
         "service": args.service or "",
@@ -26,7 +28,6 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
         "user_id": args.user or "",
         "created_after": parse_when(args.since) if args.since else None,
         "created_before": parse_when(args.until) if args.until else None,
-        "include_steps": args.steps,
     }
 
 
@@ -34,8 +35,18 @@ def _kind_name(kind: int) -> str:
     return "workflow" if kind == job_service_pb2.WatchRunsRequest.RUN_KIND_WORKFLOW else "job"
 
 
-def describe_dry_run(response: job_service_pb2.CancelRunsResponse) -> str:
-    lines = [f"{response.matched} runs match and would be cancelled"]
+Response = job_service_pb2.CancelRunsResponse | job_service_pb2.RerunRunsResponse
+
+
+def _verb(response: Response) -> tuple[str, int]:
+    """What the operation did ("cancelled", "rerun") and to how many runs."""
+    if isinstance(response, job_service_pb2.RerunRunsResponse):
+        return "rerun", response.rerun
+    return "cancelled", response.cancelled
+
+
+def describe_dry_run(response: Response) -> str:
+    lines = [f"{response.matched} runs match and would be {_verb(response)[0]}"]
     lines += [
         f"  {r.run_id}  {_kind_name(r.kind).ljust(8)}  {state_name(r.state)}"
         for r in response.sample
@@ -45,15 +56,18 @@ def describe_dry_run(response: job_service_pb2.CancelRunsResponse) -> str:
     return "\n".join(lines)
 
 
-def describe_result(response: job_service_pb2.CancelRunsResponse) -> str:
+def describe_result(response: Response) -> str:
     skipped = ", ".join(f"{k.lower()}: {n}" for k, n in sorted(response.skipped_reasons.items()))
+    verb, count = _verb(response)
     lines = [
         f"operation {response.request_id}: {'done' if response.done else 'not done'}",
-        f"  cancelled {response.cancelled}, skipped {response.skipped}"
+        f"  {verb} {count}, skipped {response.skipped}"
         + (f" ({skipped})" if skipped else "")
         + f", failed {response.failed}",
     ]
     lines += [f"  failed {f.run_id}: {f.code} {f.message}" for f in response.failures]
+    if isinstance(response, job_service_pb2.RerunRunsResponse):
+        lines += [f"  rerun {r.run_id} as {r.new_run_id}" for r in response.reruns]
     if not response.done:
         lines.append(f"  go on with: --request-id {response.request_id}")
     return "\n".join(lines)
@@ -127,3 +141,85 @@ def add_cancel_runs_command(sub: Any, parents: list[argparse.ArgumentParser]) ->
         "--batch", type=int, default=0, help="runs per call (1-10000; default the server's 1000)"
     )
     p.set_defaults(func=run_command(cancel_runs_command))
+
+
+async def rerun_runs_command(args: argparse.Namespace, client: Client) -> int:
+    filters = _filters(args)
+    options = {"reason": args.reason, "failed_only": args.failed_only}
+    if args.dry_run or not (args.yes or args.request_id):
+        dry = await client.rerun_runs(**filters, **options, dry_run=True)
+        if args.dry_run:
+            print_json(as_json(dry)) if args.json else print(describe_dry_run(dry))
+            return 0
+        print(describe_dry_run(dry), file=sys.stderr)
+        if dry.matched == 0:
+            if args.json:
+                print_json(as_json(dry))
+            return 0
+        if not sys.stdin.isatty():
+            print("not rerunning: pass --yes to rerun without asking", file=sys.stderr)
+            return 2
+        answer = await asyncio.to_thread(input, f"Rerun these {dry.matched} runs? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing rerun", file=sys.stderr)
+            return 2
+    request_id = args.request_id or f"cli-{uuid.uuid4()}"
+    if not args.json:
+        print(f"operation {request_id} (resume with --request-id {request_id})", file=sys.stderr)
+    response = await client.rerun_runs(
+        **filters, **options, request_id=request_id, limit=args.batch, until_done=True
+    )
+    print_json(as_json(response)) if args.json else print(describe_result(response))
+    return 0 if response.failed == 0 else 1
+
+
+def add_rerun_runs_command(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    rs = common_pb2
+    ended = [
+        state_name(v)
+        for v in (
+            rs.RUN_STATE_COMPLETED,
+            rs.RUN_STATE_FAILED,
+            rs.RUN_STATE_CANCELLED,
+            rs.RUN_STATE_TERMINATED,
+            rs.RUN_STATE_TIMED_OUT,
+        )
+    ]
+    p = sub.add_parser(
+        "rerun-runs",
+        parents=parents,
+        help="rerun in bulk the ended runs a filter matches (asks first; --dry-run only counts)",
+        description="Rerun every ended run matching the filters (at least one; they combine "
+        "with AND): standalone jobs as `rerun-job` and workflows as `rerun-workflow` "
+        "(whole, or with --failed-only only the steps that did not complete), each new "
+        "run with lineage and trigger annotations carrying --reason. Shows how many "
+        "match and asks first unless --yes. Interrupted, run it again with the "
+        "--request-id it printed: it goes on where it stopped and reruns nothing twice.",
+    )
+    p.add_argument(
+        "--state", action="append", choices=ended, type=str.upper, help="in this state (repeat)"
+    )
+    p.add_argument("--service", help="only jobs of this service")
+    p.add_argument("--name", help="only workflows of this name")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE", help="with this label (repeat)")
+    p.add_argument("--user", help="only requested for this user (request context user_id)")
+    p.add_argument("--since", help="only created at or after this time (ISO 8601, or an age: 2h)")
+    p.add_argument("--until", help="only created before this time (ISO 8601, or an age: 10m)")
+    p.add_argument("--kind", choices=["job", "workflow"], help="only jobs, or only workflows")
+    p.add_argument(
+        "--failed-only",
+        action="store_true",
+        help="workflows: run again only the steps that did not complete (and downstream)",
+    )
+    p.add_argument("--reason", default="", help="recorded on every new run (trigger.reason)")
+    p.add_argument("--dry-run", action="store_true", help="only count and show the matching runs")
+    p.add_argument("--yes", "-y", action="store_true", help="rerun without asking")
+    p.add_argument(
+        "--request-id",
+        default="",
+        help="the operation to go on with (it was printed); implies --yes",
+    )
+    p.add_argument(
+        "--batch", type=int, default=0, help="runs per call (1-10000; default the server's 1000)"
+    )
+    p.set_defaults(func=run_command(rerun_runs_command))

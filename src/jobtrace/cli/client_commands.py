@@ -1006,9 +1006,13 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
     p.add_argument("--request-id", help="idempotency key (default: a new one)")
     p.set_defaults(func=run_command(rerun))
 
-    from jobtrace.cli.bulk import add_cancel_runs_command  # it builds on this module
+    from jobtrace.cli.bulk import (  # it builds on this module
+        add_cancel_runs_command,
+        add_rerun_runs_command,
+    )
 
     add_cancel_runs_command(sub, [conn, out])
+    add_rerun_runs_command(sub, [conn, out])
 
     across = argparse.ArgumentParser(add_help=False)
     across.add_argument(

@@ -600,16 +600,16 @@ class Client:
         counts are the operation's totals. Safe to retry: the request id
         makes it idempotent."""
         request = job_service_pb2.CancelRunsRequest(
-            filter=job_service_pb2.BulkRunFilter(
-                kind=_enum(job_service_pb2.WatchRunsRequest.RunKind, "RUN_KIND_", kind),
-                states=[run_state(s) for s in states],
-                service=service,
-                workflow_name=workflow_name,
-                labels=dict(labels or {}),
-                user_id=user_id,
-                created_after=_timestamp(created_after),
-                created_before=_timestamp(created_before),
-                include_steps=include_steps,
+            filter=_bulk_filter(
+                kind,
+                states,
+                service,
+                workflow_name,
+                labels,
+                user_id,
+                created_after,
+                created_before,
+                include_steps,
             ),
             dry_run=dry_run,
             reason=reason,
@@ -620,6 +620,58 @@ class Client:
         while True:
             response: job_service_pb2.CancelRunsResponse = await self._call(
                 self.jobs_stub.CancelRuns, request, retry=True
+            )
+            if response.done or not until_done:
+                return response
+
+    async def rerun_runs(
+        self,
+        *,
+        kind: int | str | None = None,
+        states: Sequence[int | str] = (),
+        service: str = "",
+        workflow_name: str = "",
+        labels: Mapping[str, str] | None = None,
+        user_id: str = "",
+        created_after: When | None = None,
+        created_before: When | None = None,
+        failed_only: bool = False,
+        dry_run: bool = False,
+        reason: str = "",
+        request_id: str = "",
+        limit: int = 0,
+        page_size: int = 0,
+        until_done: bool = False,
+    ) -> job_service_pb2.RerunRunsResponse:
+        """Rerun in bulk the ended runs matching the filters (at least one;
+        `states` only ended ones), as cancel_runs: standalone jobs as
+        rerun_job, workflows as rerun_workflow (whole, or with `failed_only`
+        only their steps that did not complete). Each new run has lineage and
+        trigger annotations with `reason`; `reruns` names the new runs this
+        call created. Re-sending with the same request_id (or `until_done`)
+        goes on and never reruns a run twice."""
+        request = job_service_pb2.RerunRunsRequest(
+            filter=_bulk_filter(
+                kind,
+                states,
+                service,
+                workflow_name,
+                labels,
+                user_id,
+                created_after,
+                created_before,
+                False,
+            ),
+            dry_run=dry_run,
+            reason=reason,
+            request_id=request_id or ("" if dry_run else f"bulk-{uuid.uuid4()}"),
+            limit=limit,
+            page_size=page_size,
+            failed_only=failed_only,
+        )
+        while True:
+            response: job_service_pb2.RerunRunsResponse = await self._call(
+                self.jobs_stub.RerunRuns, request, retry=True
             )
             if response.done or not until_done:
                 return response
@@ -1515,3 +1567,28 @@ def _new_request_id() -> str:
 
 def _retryable(err: grpc.aio.AioRpcError) -> bool:
     return bool(err.code() == grpc.StatusCode.UNAVAILABLE)
+
+
+def _bulk_filter(
+    kind: int | str | None,
+    states: Sequence[int | str],
+    service: str,
+    workflow_name: str,
+    labels: Mapping[str, str] | None,
+    user_id: str,
+    created_after: When | None,
+    created_before: When | None,
+    include_steps: bool,
+) -> job_service_pb2.BulkRunFilter:
+    """A bulk operation's filter (cancel_runs, rerun_runs)."""
+    return job_service_pb2.BulkRunFilter(
+        kind=_enum(job_service_pb2.WatchRunsRequest.RunKind, "RUN_KIND_", kind),
+        states=[run_state(s) for s in states],
+        service=service,
+        workflow_name=workflow_name,
+        labels=dict(labels or {}),
+        user_id=user_id,
+        created_after=_timestamp(created_after),
+        created_before=_timestamp(created_before),
+        include_steps=include_steps,
+    )

@@ -353,6 +353,46 @@ class SyncClient:
             )
         )
 
+    def rerun_runs(
+        self,
+        *,
+        kind: int | str | None = None,
+        states: Sequence[int | str] = (),
+        service: str = "",
+        workflow_name: str = "",
+        labels: Mapping[str, str] | None = None,
+        user_id: str = "",
+        created_after: When | None = None,
+        created_before: When | None = None,
+        failed_only: bool = False,
+        dry_run: bool = False,
+        reason: str = "",
+        request_id: str = "",
+        limit: int = 0,
+        page_size: int = 0,
+        until_done: bool = False,
+    ) -> job_service_pb2.RerunRunsResponse:
+        """Client.rerun_runs."""
+        return self._run(
+            self.client.rerun_runs(
+                kind=kind,
+                states=states,
+                service=service,
+                workflow_name=workflow_name,
+                labels=labels,
+                user_id=user_id,
+                created_after=created_after,
+                created_before=created_before,
+                failed_only=failed_only,
+                dry_run=dry_run,
+                reason=reason,
+                request_id=request_id,
+                limit=limit,
+                page_size=page_size,
+                until_done=until_done,
+            )
+        )
+
     def approve_step(
         self, workflow_id: str, step: str, *, approve: bool = True, comment: str = ""
     ) -> job_service_pb2.ApproveStepResponse:

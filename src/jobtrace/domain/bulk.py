@@ -1,4 +1,4 @@
-"""Bulk operations over runs (CancelRuns; RerunRuns to come): which runs a
+"""Bulk operations over runs (CancelRuns, RerunRuns): which runs a
 filter matches, taking them in pages, and an operation's progress, so that
 an interrupted call resumes where it stopped and no run is handled twice.
 
@@ -12,16 +12,20 @@ resumed or concurrent call with the same request id sees the cursor and
 skips a run another call handled (the run's idempotency key is the
 operation's request id and the run's place in its order). A run that ended,
 or left the filter's states, before its turn is skipped, not failed: the
-step's state check runs under the run's lock (states.require_among).
+step's state check runs under the run's lock (states.require_among). A
+step may name other refusals that mean "nothing to do for this run"
+(BulkStep.skips): they are skips too, counted under their reason.
 
 A step is an action on one run inside that transaction: `act(session, tx,
-run, ctx)`, raising a domain error to refuse. CancelRuns plugs in
-Jobs.cancel_job_in / cancel_workflow_in (jobs.cancel_step). RerunRuns plugs
-in the same way: a BulkStep named "rerun" with Action.RERUN (the state
-table gives the ended states it may be taken from) whose act calls the
-rerun domain's in-transaction function, submitting the new run with
-ctx.run_key(run) (request id + run id) as its submission's request id, so
-that even a rerun whose progress was lost is deduplicated by submissions."""
+run, ctx)`, raising a domain error to refuse, and returning the id of the
+run it made, if any (the call reports the first MAX_MADE_KEPT of them).
+CancelRuns plugs in Jobs.cancel_job_in / cancel_workflow_in
+(jobs.cancel_step). RerunRuns plugs in the same way (jobs.rerun_step): a
+BulkStep named "rerun" with Action.RERUN (the state table gives the ended
+states it may be taken from) whose act calls Jobs.rerun_job_in /
+rerun_workflow_in, submitting the new run with ctx.run_key(run) (request id
++ run id) as its submission's request id, so that even a rerun whose
+progress was lost is deduplicated by submissions (skipped, RERUN_EXISTS)."""
 
 from __future__ import annotations
 
@@ -65,6 +69,9 @@ DEFAULT_PAGE_SIZE = 100
 SAMPLE_SIZE = 20
 # Failures an operation keeps (their count goes on).
 MAX_FAILURES_KEPT = 100
+# Runs a step made (a rerun's new runs) one call reports.
+MAX_MADE_KEPT = 100
+MAX_REQUEST_ID = 256
 MAX_STATES = 10
 MAX_WORKFLOW_NAME = 256
 MAX_REASON = 1000
@@ -148,7 +155,16 @@ class BulkStep:
 
     name: str
     action: states.Action
-    act: Callable[[AsyncSession, Tx, BulkRun, StepContext], Awaitable[None]]
+    act: Callable[[AsyncSession, Tx, BulkRun, StepContext], Awaitable[str | None]]
+    # FAILED_PRECONDITION reasons that mean nothing is to be done for the
+    # run: skipped under that reason, not failed.
+    skips: frozenset[str] = frozenset()
+    # What else the operation's request id is bound to (the step's options).
+    options: Mapping[str, Any] = field(default_factory=dict)
+    # Whether workflow steps may be taken as jobs (filter.include_steps).
+    takes_steps: bool = True
+    # Room the operation's request id leaves for the runs' keys.
+    max_request_id: int = MAX_REQUEST_ID
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +190,8 @@ class BulkResult:
     failures: tuple[BulkFailure, ...] = ()
     done: bool = False
     handled: int = 0
+    # (run, the run the step made of it) for this call, first MAX_MADE_KEPT.
+    made: tuple[tuple[BulkRun, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,8 +293,15 @@ def plan(v: Violations, step: BulkStep, scope: str | None, req: BulkRequest) -> 
     if not 1 <= page_size <= MAX_PAGE_SIZE:
         v.add("page_size", f"must be between 1 and {MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})")
     check_text(v, "reason", req.reason, MAX_REASON)
-    if req.request_id and (len(req.request_id) > 256 or not printable(req.request_id)):
-        v.add("request_id", "must be 1-256 printable characters")
+    if req.request_id and (
+        len(req.request_id) > step.max_request_id or not printable(req.request_id)
+    ):
+        v.add("request_id", f"must be 1-{step.max_request_id} printable characters")
+    if f.include_steps and not step.takes_steps:
+        v.add(
+            "filter.include_steps",
+            f"a bulk {step.name} takes workflows whole, not their steps: leave it false",
+        )
     v.raise_if_any()
     phases = []
     for kind in kinds:
@@ -312,7 +337,7 @@ def _digest(
 ) -> str:
     """What an operation's request id is bound to: its action, scope, filter
     and reason (not limit or page size, which may change between calls)."""
-    bound = {
+    bound: dict[str, Any] = {
         "action": step.name,
         "scope": scope,
         "kind": f.kind,
@@ -326,6 +351,8 @@ def _digest(
         "include_steps": f.include_steps,
         "reason": req.reason,
     }
+    if step.options:  # (absent otherwise: earlier operations' digests hold)
+        bound["options"] = dict(step.options)
     text = json.dumps(bound, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -342,10 +369,13 @@ def _ahead(op: BulkProgress, phase: str, seq: int) -> bool:
     return op.cursor is None or op.cursor > seq
 
 
-def _skip_reason(error: DomainError) -> str | None:
+def _skip_reason(step: BulkStep, error: DomainError) -> str | None:
     """A refusal of the state check: the run ended, or is in a state the
-    filter does not take. Anything else is a failure."""
+    filter does not take; or one the step names as nothing to do. Anything
+    else is a failure."""
     if isinstance(error, FailedPrecondition):
+        if error.reason in step.skips:
+            return error.reason
         if error.reason.endswith("_TERMINAL"):
             return SKIP_ENDED
         if error.reason.endswith("_STATE"):
@@ -393,6 +423,7 @@ class BulkOperations:
         request_id = request.request_id or new_id("bulk")
         op = await self._open(step, tenant, request_id, checked, by)
         handled = 0
+        made: list[tuple[BulkRun, str]] = []
         while op.state != "done" and handled < checked.limit and not _late(stop_at):
             phase = checked.phase(op.phase)
             if phase is None:  # stored by a release with other phases: go on
@@ -403,8 +434,10 @@ class BulkOperations:
             for run in chunk.items:
                 if handled >= checked.limit or _late(stop_at):
                     break
-                op, ours = await self._take(step, tenant, request_id, phase.name, run, ctx)
+                op, ours, new = await self._take(step, tenant, request_id, phase.name, run, ctx)
                 handled += ours
+                if new is not None and len(made) < MAX_MADE_KEPT:
+                    made.append((run, new))
             else:
                 if chunk.exhausted:
                     op = await self._advance(
@@ -432,6 +465,7 @@ class BulkOperations:
             ),
             done=op.state == "done",
             handled=handled,
+            made=tuple(made),
         )
 
     async def _page(
@@ -512,30 +546,30 @@ class BulkOperations:
         phase: str,
         run: BulkRun,
         ctx: StepContext,
-    ) -> tuple[BulkProgress, bool]:
+    ) -> tuple[BulkProgress, bool, str | None]:
         """Act on one run and record it, in one transaction; a refusal is
         recorded (skipped or failed) in a second one. Either way only while
         the operation has not passed the run (another call may have: then
-        False, nothing done)."""
+        False, nothing done). Also the id of the run the step made, if any."""
 
-        async def act(session: AsyncSession, tx: Tx) -> tuple[BulkProgress, bool]:
+        async def act(session: AsyncSession, tx: Tx) -> tuple[BulkProgress, bool, str | None]:
             op = await _locked(session, tenant, request_id)
             if not _ahead(op, phase, run.seq):
-                return op, False
-            await step.act(session, tx, run, ctx)
+                return op, False, None
+            new = await step.act(session, tx, run, ctx)
             op.touched += 1
-            return await _moved(session, op, phase, run.seq), True
+            return await _moved(session, op, phase, run.seq), True, new
 
         try:
             return await self._db.write(act)
         except DomainError as error:
             refusal = error
 
-        async def record(session: AsyncSession, tx: Tx) -> tuple[BulkProgress, bool]:
+        async def record(session: AsyncSession, tx: Tx) -> tuple[BulkProgress, bool, None]:
             op = await _locked(session, tenant, request_id)
             if not _ahead(op, phase, run.seq):
-                return op, False
-            why = _skip_reason(refusal)
+                return op, False, None
+            why = _skip_reason(step, refusal)
             if why is not None:
                 op.skipped += 1
                 op.skipped_reasons[why] = op.skipped_reasons.get(why, 0) + 1
@@ -551,7 +585,7 @@ class BulkOperations:
                             "message": refusal.message[:1000],
                         }
                     )
-            return await _moved(session, op, phase, run.seq), True
+            return await _moved(session, op, phase, run.seq), True, None
 
         return await self._db.write(record)
 

@@ -635,108 +635,11 @@ class Jobs:
         v = Violations()
         reruns.check(v, "workflow_id", workflow_id, req)
         v.raise_if_any()
-
-        async def op(session: AsyncSession, tx: Tx) -> tuple[Workflow, bool]:
-            await store.lock_workflow(session, workflow_id)
-            parent = await store.get_workflow_row(session, workflow_id, tenant)
-            if parent is None:
-                raise NotFound(
-                    f"workflow {workflow_id!r} not found",
-                    reason="WORKFLOW_NOT_FOUND",
-                    metadata={"workflow_id": workflow_id},
-                )
-            existing = await self._existing(
-                session, parent.tenant, req.request_id, req.request_hash, "workflow"
+        result: tuple[Workflow, bool] = await self._write_submission(
+            lambda session, tx: self.rerun_workflow_in(
+                session, tx, tenant, workflow_id, req, caller
             )
-            if existing is not None:
-                found = await store.get_workflow(session, existing)
-                assert found is not None
-                return found, True
-            states.require(
-                states.RunKind.WORKFLOW, workflow_id, RunState(parent.state), states.Action.RERUN
-            )
-            # The declared steps, whole (a fan-out step's children are its result).
-            old = [
-                j
-                for j in (await store.workflow_jobs(session, [workflow_id]))[workflow_id]
-                if fan_out.parent_of(j.step_name) is None
-            ]
-            again = reruns.rerun_set(workflow_id, old, req)
-            await self._admit(session, parent.tenant, len(again))
-            now = now_us()
-            new_id_ = new_id(WORKFLOW_PREFIX)
-            context = codec.loads(parent.request_context) or {}
-            jobs = [_rerun_step(j, new_id_, now, caller, again, req, context) for j in old]
-            parent_run_id, root_run_id = reruns.lineage(workflow_id, parent.root_run_id)
-            gated = any(j.state == RunState.WAITING_FOR_HUMAN for j in jobs)
-            idle = not any(j.state == RunState.QUEUED for j in jobs)
-            # The same whole-run timeout as the parent's, from the rerun's creation.
-            timeout_us = parent.deadline_us - parent.created_us if parent.deadline_us else 0
-            workflow = Workflow(
-                id=new_id_,
-                tenant=parent.tenant,
-                request_id=req.request_id,
-                name=parent.name,
-                state=RunState.WAITING_FOR_HUMAN if gated and idle else RunState.QUEUED,
-                deadline_us=now + timeout_us if timeout_us else 0,
-                priority=parent.priority,
-                steps=tuple(
-                    WorkflowStep(
-                        j.step_name, j.id, j.state, j.depends_on, 0, 0.0, "", j.reused_from
-                    )
-                    for j in jobs
-                ),
-                created_us=now,
-                updated_us=now,
-                labels=codec.loads(parent.labels),
-                submitted_by=caller.subject,
-                parent_run_id=parent_run_id,
-                root_run_id=root_run_id,
-                rerun_reason=req.reason,
-            )
-            stored = await self._write_workflow(
-                session,
-                tx,
-                workflow,
-                jobs,
-                context=context,
-                outputs=codec.loads(parent.output_steps),
-                request_hash=req.request_hash,
-                annotations=[reruns.trigger(workflow_id, req.reason, caller.subject)],
-                caller=caller,
-            )
-            carried = [j.step_name for j in jobs if j.reused_from]
-            await self._life.trace.record(
-                session,
-                tx,
-                workflow.tenant,
-                [
-                    reruns.created_event(
-                        new_id_,
-                        lifecycle.WORKFLOW_NODE,
-                        workflow_id,
-                        req,
-                        carried,
-                        [j.step_name for j in jobs if not j.reused_from],
-                        now,
-                        caller.subject,
-                    )
-                ],
-            )
-            # A fan-out step whose dependencies were all carried over fans
-            # out now: no step completion of this run will start it.
-            done = {j.step_name for j in jobs if j.state == RunState.COMPLETED}
-            for j in jobs:
-                if j.state == RunState.PENDING and all(d in done for d in j.depends_on):
-                    started, _ = await self._life.start_fan_out(session, tx, j, now, caller.subject)
-                    self._changed(tx, started)
-            if any(j.for_each is not None and j.state == RunState.PENDING for j in jobs):
-                reread = await store.get_workflow(session, new_id_)
-                assert reread is not None
-                stored = reread
-            return stored, False
-
-        result: tuple[Workflow, bool] = await self._write_submission(op)
+        )
         workflow, deduplicated = result
         if not deduplicated:
             log.info(
@@ -748,6 +651,122 @@ class Jobs:
                 },
             )
         return result
+
+    async def rerun_workflow_in(
+        self,
+        session: AsyncSession,
+        tx: Tx,
+        tenant: str | None,
+        workflow_id: str,
+        req: RerunRequest,
+        caller: Caller,
+        *,
+        only: frozenset[RunState] = frozenset(),
+    ) -> tuple[Workflow, bool]:
+        """Rerun a workflow inside a write (its checked inputs), as
+        rerun_workflow: the idempotency and state checks under the
+        workflow's lock. `only`: refuse unless the workflow is in one of
+        these states too (a bulk rerun's filter, checked again)."""
+        await store.lock_workflow(session, workflow_id)
+        parent = await store.get_workflow_row(session, workflow_id, tenant)
+        if parent is None:
+            raise NotFound(
+                f"workflow {workflow_id!r} not found",
+                reason="WORKFLOW_NOT_FOUND",
+                metadata={"workflow_id": workflow_id},
+            )
+        existing = await self._existing(
+            session, parent.tenant, req.request_id, req.request_hash, "workflow"
+        )
+        if existing is not None:
+            found = await store.get_workflow(session, existing)
+            assert found is not None
+            return found, True
+        states.require_among(
+            states.RunKind.WORKFLOW,
+            workflow_id,
+            RunState(parent.state),
+            states.Action.RERUN,
+            only,
+        )
+        # The declared steps, whole (a fan-out step's children are its result).
+        old = [
+            j
+            for j in (await store.workflow_jobs(session, [workflow_id]))[workflow_id]
+            if fan_out.parent_of(j.step_name) is None
+        ]
+        again = reruns.rerun_set(workflow_id, old, req)
+        await self._admit(session, parent.tenant, len(again))
+        now = now_us()
+        new_id_ = new_id(WORKFLOW_PREFIX)
+        context = codec.loads(parent.request_context) or {}
+        jobs = [_rerun_step(j, new_id_, now, caller, again, req, context) for j in old]
+        parent_run_id, root_run_id = reruns.lineage(workflow_id, parent.root_run_id)
+        gated = any(j.state == RunState.WAITING_FOR_HUMAN for j in jobs)
+        idle = not any(j.state == RunState.QUEUED for j in jobs)
+        # The same whole-run timeout as the parent's, from the rerun's creation.
+        timeout_us = parent.deadline_us - parent.created_us if parent.deadline_us else 0
+        workflow = Workflow(
+            id=new_id_,
+            tenant=parent.tenant,
+            request_id=req.request_id,
+            name=parent.name,
+            state=RunState.WAITING_FOR_HUMAN if gated and idle else RunState.QUEUED,
+            deadline_us=now + timeout_us if timeout_us else 0,
+            priority=parent.priority,
+            steps=tuple(
+                WorkflowStep(j.step_name, j.id, j.state, j.depends_on, 0, 0.0, "", j.reused_from)
+                for j in jobs
+            ),
+            created_us=now,
+            updated_us=now,
+            labels=codec.loads(parent.labels),
+            submitted_by=caller.subject,
+            parent_run_id=parent_run_id,
+            root_run_id=root_run_id,
+            rerun_reason=req.reason,
+        )
+        stored = await self._write_workflow(
+            session,
+            tx,
+            workflow,
+            jobs,
+            context=context,
+            outputs=codec.loads(parent.output_steps),
+            request_hash=req.request_hash,
+            annotations=[reruns.trigger(workflow_id, req.reason, caller.subject)],
+            caller=caller,
+        )
+        carried = [j.step_name for j in jobs if j.reused_from]
+        await self._life.trace.record(
+            session,
+            tx,
+            workflow.tenant,
+            [
+                reruns.created_event(
+                    new_id_,
+                    lifecycle.WORKFLOW_NODE,
+                    workflow_id,
+                    req,
+                    carried,
+                    [j.step_name for j in jobs if not j.reused_from],
+                    now,
+                    caller.subject,
+                )
+            ],
+        )
+        # A fan-out step whose dependencies were all carried over fans
+        # out now: no step completion of this run will start it.
+        done = {j.step_name for j in jobs if j.state == RunState.COMPLETED}
+        for j in jobs:
+            if j.state == RunState.PENDING and all(d in done for d in j.depends_on):
+                started, _ = await self._life.start_fan_out(session, tx, j, now, caller.subject)
+                self._changed(tx, started)
+        if any(j.for_each is not None and j.state == RunState.PENDING for j in jobs):
+            reread = await store.get_workflow(session, new_id_)
+            assert reread is not None
+            stored = reread
+        return stored, False
 
     async def rerun_job(
         self, tenant: str | None, job_id: str, req: RerunRequest, caller: Caller
@@ -761,77 +780,89 @@ class Jobs:
         if req.from_steps or req.failed_only:
             v.add("from_steps", "a job has no steps: rerun it whole")
         v.raise_if_any()
-
-        async def op(session: AsyncSession, tx: Tx) -> tuple[Job, bool]:
-            parent = await store.load_locked(session, job_id, tenant)
-            if parent is None:
-                raise NotFound(
-                    f"job {job_id!r} not found", reason="JOB_NOT_FOUND", metadata={"job_id": job_id}
-                )
-            home = parent.tenant
-            existing = await self._existing(session, home, req.request_id, req.request_hash, "job")
-            if existing is not None:
-                found = await store.get_job(session, existing)
-                assert found is not None
-                return found, True
-            if parent.workflow_id:
-                step = Violations()
-                step.add(
-                    "job_id",
-                    f"job {job_id!r} is step {parent.step_name!r} of workflow"
-                    f" {parent.workflow_id!r}: rerun the workflow (RerunWorkflow from_steps)",
-                )
-                step.raise_if_any()
-            states.require(states.RunKind.JOB, job_id, parent.state, states.Action.RERUN)
-            await self._admit(session, home, 1)
-            now = now_us()
-            parent_run_id, root_run_id = reruns.lineage(job_id, parent.root_run_id)
-            job = Job(
-                id=new_id(JOB_PREFIX),
-                tenant=home,
-                request_id=req.request_id,
-                spec=parent.spec,
-                state=RunState.QUEUED,
-                created_us=now,
-                updated_us=now,
-                traceparent=req.traceparent or parent.traceparent,
-                submitted_by=caller.subject,
-                parent_run_id=parent_run_id,
-                root_run_id=root_run_id,
-            )
-            context = codec.loads(parent.request_context or "{}") or {}
-            stored = await store.insert_job_if_new(session, job, context, req.request_hash)
-            if stored is None:  # a concurrent identical rerun won
-                self._unadmit(home, 1)
-                existing = await self._existing(
-                    session, home, req.request_id, req.request_hash, "job"
-                )
-                assert existing is not None
-                found = await store.get_job(session, existing)
-                assert found is not None
-                return found, True
-            await store.insert_annotations(
-                session,
-                annotation_rules.build(
-                    reruns.trigger(job_id, req.reason, caller.subject),
-                    recorded_by=caller.subject,
-                    tenant=home,
-                    run_id=job.id,
-                    now_us=now,
-                    redaction=self._life.trace.redaction,
-                ),
-            )
-            await self._life.trace.record(
-                session,
-                tx,
-                home,
-                [reruns.created_event(job.id, job.id, job_id, req, (), (), now, caller.subject)],
-            )
-            self._changed(tx, [stored])
-            return stored, False
-
-        result: tuple[Job, bool] = await self._write_submission(op)
+        result: tuple[Job, bool] = await self._write_submission(
+            lambda session, tx: self.rerun_job_in(session, tx, tenant, job_id, req, caller)
+        )
         return result
+
+    async def rerun_job_in(
+        self,
+        session: AsyncSession,
+        tx: Tx,
+        tenant: str | None,
+        job_id: str,
+        req: RerunRequest,
+        caller: Caller,
+        *,
+        only: frozenset[RunState] = frozenset(),
+    ) -> tuple[Job, bool]:
+        """Rerun a standalone job inside a write (its checked inputs), as
+        rerun_job: the idempotency and state checks under the job's lock.
+        `only` as in rerun_workflow_in."""
+        parent = await store.load_locked(session, job_id, tenant)
+        if parent is None:
+            raise NotFound(
+                f"job {job_id!r} not found", reason="JOB_NOT_FOUND", metadata={"job_id": job_id}
+            )
+        home = parent.tenant
+        existing = await self._existing(session, home, req.request_id, req.request_hash, "job")
+        if existing is not None:
+            found = await store.get_job(session, existing)
+            assert found is not None
+            return found, True
+        if parent.workflow_id:
+            step = Violations()
+            step.add(
+                "job_id",
+                f"job {job_id!r} is step {parent.step_name!r} of workflow"
+                f" {parent.workflow_id!r}: rerun the workflow (RerunWorkflow from_steps)",
+            )
+            step.raise_if_any()
+        states.require_among(states.RunKind.JOB, job_id, parent.state, states.Action.RERUN, only)
+        await self._admit(session, home, 1)
+        now = now_us()
+        parent_run_id, root_run_id = reruns.lineage(job_id, parent.root_run_id)
+        job = Job(
+            id=new_id(JOB_PREFIX),
+            tenant=home,
+            request_id=req.request_id,
+            spec=parent.spec,
+            state=RunState.QUEUED,
+            created_us=now,
+            updated_us=now,
+            traceparent=req.traceparent or parent.traceparent,
+            submitted_by=caller.subject,
+            parent_run_id=parent_run_id,
+            root_run_id=root_run_id,
+        )
+        context = codec.loads(parent.request_context or "{}") or {}
+        stored = await store.insert_job_if_new(session, job, context, req.request_hash)
+        if stored is None:  # a concurrent identical rerun won
+            self._unadmit(home, 1)
+            existing = await self._existing(session, home, req.request_id, req.request_hash, "job")
+            assert existing is not None
+            found = await store.get_job(session, existing)
+            assert found is not None
+            return found, True
+        await store.insert_annotations(
+            session,
+            annotation_rules.build(
+                reruns.trigger(job_id, req.reason, caller.subject),
+                recorded_by=caller.subject,
+                tenant=home,
+                run_id=job.id,
+                now_us=now,
+                redaction=self._life.trace.redaction,
+            ),
+        )
+        await self._life.trace.record(
+            session,
+            tx,
+            home,
+            [reruns.created_event(job.id, job.id, job_id, req, (), (), now, caller.subject)],
+        )
+        self._changed(tx, [stored])
+        return stored, False
 
     async def _write_submission(self, op: Any) -> Any:
         """A concurrent submission of the same request id on another replica
@@ -1212,6 +1243,74 @@ class Jobs:
             scope=scope,
             tenant=tenant,
             by=by,
+            request=request,
+            time_left_s=time_left_s,
+        )
+
+    def rerun_step(self, caller: Caller, failed_only: bool) -> BulkStep:
+        """RerunRuns' action on one run: RerunJob's or RerunWorkflow's (whole,
+        or failed_only), inside the bulk operation's transaction for the run,
+        its request id the run's key in the operation. A rerun that exists
+        under that key (this operation's, or a RerunJob / RerunWorkflow sent
+        with it) is a skip (RERUN_EXISTS), never a second rerun."""
+
+        async def act(session: AsyncSession, tx: Tx, run: BulkRun, ctx: StepContext) -> str:
+            key = ctx.run_key(run)
+            job = run.kind is states.RunKind.JOB
+            req = RerunRequest(
+                request_id=key,
+                request_hash=reruns.bulk_request_hash(
+                    run.kind.value, run.id, ctx.reason, failed_only and not job
+                ),
+                reason=ctx.reason,
+                failed_only=failed_only and not job,
+            )
+            try:
+                made: Job | Workflow
+                if job:
+                    made, existed = await self.rerun_job_in(
+                        session, tx, ctx.scope, run.id, req, caller, only=ctx.only
+                    )
+                else:
+                    made, existed = await self.rerun_workflow_in(
+                        session, tx, ctx.scope, run.id, req, caller, only=ctx.only
+                    )
+            except AlreadyExists as error:  # the key names another request
+                if error.reason != "IDEMPOTENCY_CONFLICT":
+                    raise
+                existing = error.metadata.get("existing_id", "")
+                raise reruns.rerun_exists(run.id, key, existing) from error
+            if existed:
+                raise reruns.rerun_exists(run.id, key, made.id)
+            return made.id
+
+        return BulkStep(
+            "rerun",
+            states.Action.RERUN,
+            act,
+            skips=frozenset({reruns.RERUN_EXISTS, reruns.NOTHING_TO_RERUN}),
+            options={"failed_only": True} if failed_only else {},
+            takes_steps=False,
+            max_request_id=reruns.MAX_BULK_REQUEST_ID,
+        )
+
+    async def rerun_runs(
+        self,
+        scope: str | None,
+        tenant: str,
+        caller: Caller,
+        request: BulkRequest,
+        *,
+        failed_only: bool = False,
+        time_left_s: float | None = None,
+    ) -> BulkResult:
+        """Rerun the ended runs a filter matches, in bulk (see domain.bulk),
+        as cancel_runs; each new run is in its parent's tenant."""
+        return await self.bulk.run(
+            self.rerun_step(caller, failed_only),
+            scope=scope,
+            tenant=tenant,
+            by=caller.subject,
             request=request,
             time_left_s=time_left_s,
         )

@@ -14,6 +14,8 @@ and none of its children; run again, it fans out anew."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +28,12 @@ MAX_REASON = 1000
 # ActorKind.USER (jobtrace.v1.ActorKind): a rerun's trigger is the caller's.
 ACTOR_KIND_USER = 1
 TRIGGER_SOURCE = "rerun"
+# Refusals a bulk rerun counts as skips: the run's rerun exists, or (failed_only)
+# every step of the workflow completed.
+RERUN_EXISTS = "RERUN_EXISTS"
+NOTHING_TO_RERUN = "NOTHING_TO_RERUN"
+# A bulk rerun's request id: room for "/" and a run id in each rerun's (256).
+MAX_BULK_REQUEST_ID = 256 - 1 - 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +91,7 @@ def rerun_set(workflow_id: str, steps: Sequence[Job], req: RerunRequest) -> set[
         if not start:
             raise FailedPrecondition(
                 f"workflow {workflow_id!r}: every step completed, none failed to rerun",
-                reason="NOTHING_TO_RERUN",
+                reason=NOTHING_TO_RERUN,
                 metadata={"workflow_id": workflow_id},
             )
     else:
@@ -98,6 +106,32 @@ def rerun_set(workflow_id: str, steps: Sequence[Job], req: RerunRequest) -> set[
                 again.add(s.step_name)
                 grew = True
     return again
+
+
+def bulk_request_hash(kind: str, run_id: str, reason: str, failed_only: bool) -> str:
+    """What a bulk rerun's submission of one run is (its idempotency hash)."""
+    text = json.dumps(
+        {
+            "bulk": "rerun",
+            "kind": kind,
+            "run_id": run_id,
+            "reason": reason,
+            "failed_only": failed_only,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def rerun_exists(run_id: str, key: str, existing_id: str) -> FailedPrecondition:
+    """A bulk rerun's refusal of a run whose rerun key is taken already."""
+    return FailedPrecondition(
+        f"run {run_id!r} has a rerun under request_id {key!r} already"
+        + (f" ({existing_id})" if existing_id else ""),
+        reason=RERUN_EXISTS,
+        metadata={"run_id": run_id, "request_id": key, "existing_id": existing_id},
+    )
 
 
 def lineage(parent_id: str, parent_root: str) -> tuple[str, str]:
