@@ -80,6 +80,9 @@ class JobService(Protocol):
     async def list_pending_approvals(self, request: jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    async def rerun_runs(self, request: jobtrace_dot_v1_dot_job__service__pb2.RerunRunsRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.RerunRunsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
 
 class JobServiceASGIApplication(ConnectASGIApplication[JobService]):
     def __init__(self, service: JobService | AsyncGenerator[JobService], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -295,6 +298,16 @@ class JobServiceASGIApplication(ConnectASGIApplication[JobService]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.list_pending_approvals,
+                ),
+                "/jobtrace.v1.JobService/RerunRuns": Endpoint.unary(
+                    method=MethodInfo(
+                        name="RerunRuns",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.RerunRunsRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.RerunRunsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.rerun_runs,
                 ),
             },
             interceptors=interceptors,
@@ -729,6 +742,26 @@ class JobServiceClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    async def rerun_runs(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.RerunRunsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.RerunRunsResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RerunRuns",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.RerunRunsRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.RerunRunsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
 
 class JobServiceSync(Protocol):
     def submit_job(self, request: jobtrace_dot_v1_dot_job__service__pb2.SubmitJobRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.SubmitJobResponse:
@@ -772,6 +805,8 @@ class JobServiceSync(Protocol):
     def approve_step(self, request: jobtrace_dot_v1_dot_job__service__pb2.ApproveStepRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.ApproveStepResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def list_pending_approvals(self, request: jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def rerun_runs(self, request: jobtrace_dot_v1_dot_job__service__pb2.RerunRunsRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.RerunRunsResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -988,6 +1023,16 @@ class JobServiceWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.list_pending_approvals,
+                ),
+                "/jobtrace.v1.JobService/RerunRuns": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="RerunRuns",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.RerunRunsRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.RerunRunsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.rerun_runs,
                 ),
             },
             interceptors=interceptors,
@@ -1416,6 +1461,26 @@ class JobServiceClientSync(ConnectClientSync):
                 service_name="jobtrace.v1.JobService",
                 input=jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsRequest,
                 output=jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def rerun_runs(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.RerunRunsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.RerunRunsResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RerunRuns",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.RerunRunsRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.RerunRunsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,
