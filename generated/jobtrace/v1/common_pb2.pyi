@@ -149,7 +149,9 @@ class _WaitingReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Waiting
     WAITING_REASON_DEPENDENCIES: _WaitingReason.ValueType  # 5
     """A workflow step (PENDING) waiting for the steps it depends on."""
     WAITING_REASON_PAUSED: _WaitingReason.ValueType  # 6
-    """Reserved for paused queues; not set yet."""
+    """Its workflow (PauseWorkflow) or its queue (PauseQueue) is paused: it is
+    not dispatched until resumed.
+    """
 
 class WaitingReason(_WaitingReason, metaclass=_WaitingReasonEnumTypeWrapper):
     """Why a job is not running yet (see Job.waiting_reason)."""
@@ -169,7 +171,9 @@ WAITING_REASON_NOT_BEFORE: WaitingReason.ValueType  # 4
 WAITING_REASON_DEPENDENCIES: WaitingReason.ValueType  # 5
 """A workflow step (PENDING) waiting for the steps it depends on."""
 WAITING_REASON_PAUSED: WaitingReason.ValueType  # 6
-"""Reserved for paused queues; not set yet."""
+"""Its workflow (PauseWorkflow) or its queue (PauseQueue) is paused: it is
+not dispatched until resumed.
+"""
 Global___WaitingReason: _TypeAlias = WaitingReason  # noqa: Y015
 
 class _ActorKind:
@@ -895,6 +899,7 @@ class Job(_message.Message):
     SUBMITTED_BY_FIELD_NUMBER: _builtins.int
     RESULT_JSON_FIELD_NUMBER: _builtins.int
     WAITING_REASON_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The job's id."""
     workflow_id: _builtins.str
@@ -931,6 +936,10 @@ class Job(_message.Message):
     replica answering sees its connected workers at the time of the call
     (unset for any other state). Set by GetJob and SubmitJob; unset in
     listings.
+    """
+    held: _builtins.bool
+    """Output only. True while its workflow is paused (PauseWorkflow): it is not
+    dispatched, whatever its state, until the workflow is resumed.
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
@@ -1008,10 +1017,11 @@ class Job(_message.Message):
         submitted_by: _builtins.str = ...,
         result_json: _builtins.bytes = ...,
         waiting_reason: Global___WaitingReason.ValueType = ...,
+        held: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "id", b"id", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "request_id", b"request_id", "result", b"result", "result_json", b"result_json", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step_name", b"step_name", "submitted_by", b"submitted_by", "tenant", b"tenant", "traceparent", b"traceparent", "updated_at", b"updated_at", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "held", b"held", "id", b"id", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "request_id", b"request_id", "result", b"result", "result_json", b"result_json", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step_name", b"step_name", "submitted_by", b"submitted_by", "tenant", b"tenant", "traceparent", b"traceparent", "updated_at", b"updated_at", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1259,6 +1269,8 @@ class Workflow(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_JSON_FIELD_NUMBER: _builtins.int
     OUTPUT_REFS_FIELD_NUMBER: _builtins.int
+    PAUSED_AT_FIELD_NUMBER: _builtins.int
+    PAUSE_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The workflow's id."""
     name: _builtins.str
@@ -1285,6 +1297,10 @@ class Workflow(_message.Message):
     """Output only. outputs as exact JSON (a UTF-8 JSON object): integers stay
     integers. Set instead of outputs when the call carries the metadata
     `jobtrace-json: exact` (see JobSpec.payload_json).
+    """
+    pause_reason: _builtins.str
+    """Output only. Why it was paused, as PauseWorkflow was told; empty when
+    paused_at is unset.
     """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkflowStep]:
@@ -1333,6 +1349,12 @@ class Workflow(_message.Message):
         each with GetJob(job_id).
         """
 
+    @_builtins.property
+    def paused_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When it was paused (PauseWorkflow); unset when it is not
+        PAUSED (a run that ended while paused keeps it).
+        """
+
     def __init__(
         self,
         *,
@@ -1354,10 +1376,12 @@ class Workflow(_message.Message):
         outputs: _struct_pb2.Struct | None = ...,
         outputs_json: _builtins.bytes = ...,
         output_refs: _abc.Iterable[Global___StepResultRef] | None = ...,
+        paused_at: _timestamp_pb2.Timestamp | None = ...,
+        pause_reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "outputs", b"outputs", "progress", b"progress", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "outputs", b"outputs", "paused_at", b"paused_at", "progress", b"progress", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "id", b"id", "labels", b"labels", "name", b"name", "output_refs", b"output_refs", "outputs", b"outputs", "outputs_json", b"outputs_json", "priority", b"priority", "progress", b"progress", "request_id", b"request_id", "started_at", b"started_at", "state", b"state", "steps", b"steps", "submitted_by", b"submitted_by", "tenant", b"tenant", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "id", b"id", "labels", b"labels", "name", b"name", "output_refs", b"output_refs", "outputs", b"outputs", "outputs_json", b"outputs_json", "pause_reason", b"pause_reason", "paused_at", b"paused_at", "priority", b"priority", "progress", b"progress", "request_id", b"request_id", "started_at", b"started_at", "state", b"state", "steps", b"steps", "submitted_by", b"submitted_by", "tenant", b"tenant", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,6 +23,7 @@ from jobtrace.domain.jobs import (
 from jobtrace.domain.run_feed import RunChange
 from jobtrace.domain.search import Found, SearchRequest
 from jobtrace.model import (
+    HELD_BY_WORKFLOW,
     JSON,
     AnnotationInput,
     Backoff,
@@ -32,6 +33,7 @@ from jobtrace.model import (
     Job,
     JobSpec,
     LabelRequirement,
+    QueueState,
     StepResults,
     Workflow,
 )
@@ -447,6 +449,7 @@ def job_to_proto(
         first_started_at=us_to_ts(job.first_started_us),
         submitted_by=job.submitted_by,
         waiting_reason=waiting_reason,  # type: ignore[arg-type]
+        held=bool(job.held & HELD_BY_WORKFLOW),
     )
 
 
@@ -492,6 +495,21 @@ def workflow_to_proto(w: Workflow, exact: bool = False) -> common_pb2.Workflow:
         outputs=outputs,
         outputs_json=outputs_json,
         output_refs=output_refs,
+        paused_at=us_to_ts(w.paused_us),
+        pause_reason=w.pause_reason,
+    )
+
+
+def queue_to_proto(q: QueueState) -> job_service_pb2.Queue:
+    return job_service_pb2.Queue(
+        tenant=q.tenant,
+        service=q.service,
+        paused=q.paused,
+        paused_by=q.paused_by,
+        paused_at=us_to_ts(q.paused_us),
+        pause_reason=q.reason,
+        queued=q.queued,
+        running=q.running,
     )
 
 

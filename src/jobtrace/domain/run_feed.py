@@ -25,7 +25,7 @@ MAX_WORKFLOW_NAME = 256
 MAX_SNAPSHOT_RUNS = 10_000
 MAX_SNAPSHOT_ROWS = 50_000
 SNAPSHOT_PAGE = 500
-ACTIVE_STATES = (RunState.QUEUED, RunState.PENDING, RunState.RUNNING)
+ACTIVE_STATES = (RunState.QUEUED, RunState.PENDING, RunState.RUNNING, RunState.PAUSED)
 # Runs whose last sent version a feed remembers (to never send one backwards);
 # the oldest is forgotten first.
 MAX_TRACKED_RUNS = 10_000

@@ -20,6 +20,7 @@ from jobtrace.domain.errors import log_failure
 from jobtrace.model import JSON, Job, RunState, WaitingReason
 from jobtrace.store import codec
 from jobtrace.store import jobs as store
+from jobtrace.store import pause as pause_store
 from jobtrace.store.db import Tx
 from jobtrace.store.errors import is_transient
 
@@ -120,12 +121,20 @@ class Placement(Leases):
         candidates: dict[str, Job] = {}
         next_us: int | None = None
         async with self._db.read() as db:
+            if self._paused_stale:
+                self._paused_stale = False
+                try:
+                    self.paused_queues = await pause_store.paused_queues(db)
+                except BaseException:
+                    self._paused_stale = True
+                    raise
+            paused = self.paused_queues
             # A service with no free slot is not read: a slot that frees wakes
             # the dispatcher, which then reads it. One row more than the slots:
             # fewer says the queue holds no other eligible job.
             for (service, tenants, skip), slots in capacity.items():
                 jobs, waiting_us = await store.eligible_jobs(
-                    db, service, now, slots + 1, tenants, skip
+                    db, service, now, slots + 1, tenants, skip, _paused(paused, service, tenants)
                 )
                 drained = drained and len(jobs) <= slots
                 for job in jobs:
@@ -153,8 +162,13 @@ class Placement(Leases):
             if drained and self._wakes == wakes:
                 self._queue_seen = (wanted, next_us)
             return _sleep_until(next_us, now)
-        if await self._claim(plan) and drained and self._wakes == wakes:
-            self._queue_seen = (wanted, next_us)
+        if await self._claim(plan):
+            if drained and self._wakes == wakes:
+                self._queue_seen = (wanted, next_us)
+        else:
+            # A claim refused: taken by another replica, or its queue paused
+            # there (a notice on its way): the paused queues are read again.
+            self._paused_stale = True
         return 0.0  # look again at once: more may have become eligible meanwhile
 
     def _skipped_classes(self, session: WorkerSession) -> frozenset[str]:
@@ -196,6 +210,10 @@ class Placement(Leases):
 
     def waiting_reason(self, job: Job) -> WaitingReason:
         """Why a job is not running yet, as this replica sees its workers now."""
+        if job.state in (RunState.PENDING, RunState.QUEUED) and (
+            job.held or job.tenant in self.paused_queues.get(job.spec.service, ())
+        ):
+            return WaitingReason.PAUSED
         if job.state == RunState.PENDING:
             return WaitingReason.DEPENDENCIES
         if job.state != RunState.QUEUED:
@@ -366,6 +384,14 @@ class Placement(Leases):
                 del self._unsettled[claim.job_id]
             claim.session.claiming.pop(claim.job_id, None)
         self.wake()
+
+
+def _paused(
+    paused: dict[str, frozenset[str]], service: str, tenants: frozenset[str] | None
+) -> frozenset[str]:
+    """The tenants whose queue of `service` is paused, of those a read covers."""
+    found = paused.get(service, frozenset())
+    return found if tenants is None or not found else found & tenants
 
 
 def _sleep_until(next_us: int | None, now: int) -> float:

@@ -1,0 +1,205 @@
+"""Pausing runs: a paused workflow dispatches no new step, a paused queue no
+job, until resumed; refusals name the state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+
+from jobtrace.pb import common_pb2 as c
+from jobtrace.pb import job_service_pb2 as j
+from jobtrace.pb import trace_service_pb2 as t
+from jobtrace.pb import worker_service_pb2 as w
+
+from .conftest import Harness, Stubs, wait_for
+from .workers import RawWorker
+
+
+async def _workflow(api: Stubs, rid: str, names: list[str], service: str = "svc") -> c.Workflow:
+    steps = [
+        c.WorkflowStepSpec(
+            name=n, job=c.JobSpec(service=service), depends_on=[names[i - 1]] if i else []
+        )
+        for i, n in enumerate(names)
+    ]
+    request = j.SubmitWorkflowRequest(request_id=rid, name="chain", steps=steps)
+    return (await api.jobs.SubmitWorkflow(request)).workflow
+
+
+async def _job(api: Stubs, rid: str, service: str) -> c.Job:
+    request = j.SubmitJobRequest(request_id=rid, job=c.JobSpec(service=service))
+    return (await api.jobs.SubmitJob(request)).job
+
+
+async def _get(api: Stubs, job_id: str) -> c.Job:
+    return (await api.jobs.GetJob(j.GetJobRequest(job_id=job_id))).job
+
+
+async def _wf(api: Stubs, workflow_id: str) -> c.Workflow:
+    return (await api.jobs.GetWorkflow(j.GetWorkflowRequest(workflow_id=workflow_id))).workflow
+
+
+async def _complete(worker: RawWorker, assignment: w.Assignment) -> None:
+    await worker.send(
+        complete=w.CompleteReport(job_id=assignment.job.id, attempt=assignment.attempt)
+    )
+    await worker.expect("ack")
+
+
+async def _refused(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+async def test_a_paused_workflow_dispatches_no_new_step_until_resumed(db_url: str) -> None:
+    async with Harness(db_url) as h:
+        api = h.stubs()
+        worker = RawWorker(api)
+        await worker.hello("w", ["svc"], max_concurrency=1)
+        wf = await _workflow(api, "chain", ["a", "b", "c"])
+        first = await worker.expect("assignment")
+        assert first.job.step_name == "a"
+
+        paused = (
+            await api.jobs.PauseWorkflow(
+                j.PauseWorkflowRequest(workflow_id=wf.id, reason="maintenance")
+            )
+        ).workflow
+        assert paused.state == c.RUN_STATE_PAUSED
+        assert paused.pause_reason == "maintenance" and paused.HasField("paused_at")
+
+        # The running step finishes and its completion records; the next
+        # step is queued, held.
+        await _complete(worker, first)
+        now = await _wf(api, wf.id)
+        states = {s.name: s.state for s in now.steps}
+        assert states == {
+            "a": c.RUN_STATE_COMPLETED,
+            "b": c.RUN_STATE_QUEUED,
+            "c": c.RUN_STATE_PENDING,
+        }
+        assert now.state == c.RUN_STATE_PAUSED and now.progress.completed_steps == 1
+        b_id = next(s.job_id for s in now.steps if s.name == "b")
+        b = await _get(api, b_id)
+        assert b.held and b.waiting_reason == c.WAITING_REASON_PAUSED
+
+        # The dispatcher has had its chance: a younger job of the same service
+        # goes to the same free worker, b (older, same priority) does not.
+        other = await _job(api, "other", "svc")
+        given = await worker.expect("assignment")
+        assert given.job.id == other.id
+        await _complete(worker, given)
+        b = await _get(api, b_id)
+        assert b.state == c.RUN_STATE_QUEUED and b.attempt == 0
+
+        resumed = (
+            await api.jobs.ResumeWorkflow(j.ResumeWorkflowRequest(workflow_id=wf.id))
+        ).workflow
+        assert resumed.state == c.RUN_STATE_RUNNING
+        assert not resumed.HasField("paused_at") and resumed.pause_reason == ""
+        for name in ("b", "c"):
+            given = await worker.expect("assignment")
+            assert given.job.step_name == name and not given.job.held
+            await _complete(worker, given)
+        done = await wait_for(lambda: _wf_in(api, wf.id, c.RUN_STATE_COMPLETED), timeout=10)
+        assert done.progress.completed_steps == 3
+
+        events = (
+            await api.trace.ListTraceEvents(t.ListTraceEventsRequest(run_id=wf.id, page_size=200))
+        ).events
+        said = [(e.message, e.recorded_by) for e in events if e.node_id == "workflow"]
+        assert ("workflow paused: maintenance", "anonymous") in said
+        assert ("workflow resumed", "anonymous") in said
+        await worker.close()
+
+
+async def _wf_in(api: Stubs, workflow_id: str, state: int) -> c.Workflow | None:
+    found = await _wf(api, workflow_id)
+    return found if found.state == state else None
+
+
+async def test_pause_and_resume_are_refused_from_other_states(db_url: str) -> None:
+    async with Harness(db_url) as h:
+        api = h.stubs()
+        wf = await _workflow(api, "wf", ["a"])
+        refused = await _refused(
+            api.jobs.ResumeWorkflow(j.ResumeWorkflowRequest(workflow_id=wf.id))
+        )
+        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "QUEUED" in (refused.details() or "")
+
+        # Paused from QUEUED (no step started): resumed to QUEUED.
+        await api.jobs.PauseWorkflow(j.PauseWorkflowRequest(workflow_id=wf.id))
+        again = await _refused(api.jobs.PauseWorkflow(j.PauseWorkflowRequest(workflow_id=wf.id)))
+        assert again.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "PAUSED" in (again.details() or "")
+        back = (await api.jobs.ResumeWorkflow(j.ResumeWorkflowRequest(workflow_id=wf.id))).workflow
+        assert back.state == c.RUN_STATE_QUEUED
+
+        await api.jobs.CancelWorkflow(j.CancelWorkflowRequest(workflow_id=wf.id))
+        ended = await _refused(api.jobs.PauseWorkflow(j.PauseWorkflowRequest(workflow_id=wf.id)))
+        assert ended.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "CANCELLED" in (ended.details() or "")
+        missing = await _refused(
+            api.jobs.PauseWorkflow(j.PauseWorkflowRequest(workflow_id="wf_missing"))
+        )
+        assert missing.code() == grpc.StatusCode.NOT_FOUND
+
+        # A paused workflow whose last running step completes completes.
+        worker = RawWorker(api)
+        await worker.hello("w", ["svc"])
+        one = await _workflow(api, "one", ["only"])
+        given = await worker.expect("assignment")
+        await api.jobs.PauseWorkflow(j.PauseWorkflowRequest(workflow_id=one.id, reason="x"))
+        await _complete(worker, given)
+        done = await _wf(api, one.id)
+        assert done.state == c.RUN_STATE_COMPLETED
+        await worker.close()
+
+
+async def test_a_paused_queue_holds_its_jobs_until_resumed(db_url: str) -> None:
+    async with Harness(db_url) as h:
+        api = h.stubs()
+        before = await _job(api, "before", "svc")
+        queue = (
+            await api.jobs.PauseQueue(j.PauseQueueRequest(service="svc", reason="db migration"))
+        ).queue
+        assert queue.paused and queue.paused_by == "anonymous" and queue.queued == 1
+        again = await _refused(api.jobs.PauseQueue(j.PauseQueueRequest(service="svc")))
+        assert again.code() == grpc.StatusCode.FAILED_PRECONDITION
+        after = await _job(api, "after", "svc")  # submitted while paused: held too
+
+        worker = RawWorker(api)
+        await worker.hello("w", ["svc", "other"], max_concurrency=1)
+        # The dispatcher has had its chance: a younger job of another service
+        # goes to the free worker, the paused queue's older jobs do not.
+        other = await _job(api, "other", "other")
+        given = await worker.expect("assignment")
+        assert given.job.id == other.id
+        await _complete(worker, given)
+        for job in (before, after):
+            now = await _get(api, job.id)
+            assert now.state == c.RUN_STATE_QUEUED
+            assert now.waiting_reason == c.WAITING_REASON_PAUSED
+
+        listed = (await api.jobs.ListQueues(j.ListQueuesRequest())).queues
+        by_service = {q.service: q for q in listed}
+        svc = by_service["svc"]
+        assert svc.paused and svc.pause_reason == "db migration" and svc.queued == 2
+        assert svc.HasField("paused_at")
+        assert "other" not in by_service or not by_service["other"].paused
+
+        resumed = (await api.jobs.ResumeQueue(j.ResumeQueueRequest(service="svc"))).queue
+        assert not resumed.paused and not resumed.HasField("paused_at")
+        for job in (before, after):
+            given = await worker.expect("assignment")
+            assert given.job.id == job.id
+            await _complete(worker, given)
+        not_paused = await _refused(api.jobs.ResumeQueue(j.ResumeQueueRequest(service="svc")))
+        assert not_paused.code() == grpc.StatusCode.FAILED_PRECONDITION
+        bad = await _refused(api.jobs.PauseQueue(j.PauseQueueRequest(service="")))
+        assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+        await worker.close()
