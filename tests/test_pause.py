@@ -3,17 +3,21 @@ job, until resumed; refusals name the state."""
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import grpc
 import pytest
 
+from jobtrace.client import Client
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
 from jobtrace.pb import trace_service_pb2 as t
 from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, Stubs, wait_for
+from .procs import jobtrace
 from .workers import RawWorker
 
 
@@ -203,3 +207,37 @@ async def test_a_paused_queue_holds_its_jobs_until_resumed(db_url: str) -> None:
         bad = await _refused(api.jobs.PauseQueue(j.PauseQueueRequest(service="")))
         assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
         await worker.close()
+
+
+async def test_cli_and_client_pause_resume_and_list_queues(sqlite_harness: Harness) -> None:
+    target = sqlite_harness.target
+    async with Client(target) as jt:
+        wf = await jt.submit_workflow("chain", [{"name": "a", "job": {"service": "svc"}}])
+        code, out, err = await jobtrace("pause", wf.id, "--reason", "look", "--json", target=target)
+        assert code == 0, err
+        shown = json.loads(out)
+        assert shown["state"] == "RUN_STATE_PAUSED" and shown["pause_reason"] == "look"
+        code, out, err = await jobtrace("get", wf.id, target=target)
+        assert code == 0 and "paused" in out and "look" in out, out + err
+        code, out, err = await jobtrace("resume", wf.id, target=target)
+        assert code == 0 and out.strip() == f"{wf.id}: QUEUED", out + err
+        refused, _, err = await jobtrace("resume", wf.id, target=target)
+        assert refused == 2 and "QUEUED" in err
+
+        code, out, err = await jobtrace("queues", "pause", "svc", "--reason", "mig", target=target)
+        assert code == 0 and "paused (1 queued)" in out, out + err
+        code, out, err = await jobtrace("queues", "--json", target=target)
+        assert code == 0, err
+        (svc,) = [q for q in json.loads(out)["queues"] if q["service"] == "svc"]
+        assert svc["paused"] and svc["pause_reason"] == "mig" and svc["paused_by"] == "anonymous"
+        code, out, err = await jobtrace("queues", target=target)
+        assert code == 0 and re.search(r"default\s+svc\s+paused\s+1\s+0\s+anonymous", out), out
+        listed = await jt.list_queues()
+        assert [q.paused for q in listed if q.service == "svc"] == [True]
+        resumed = await jt.resume_queue("svc")
+        assert not resumed.paused
+        code, out, err = await jobtrace("queues", "resume", "svc", target=target)
+        assert code == 2 and "not paused" in err
+        paused = await jt.pause_workflow(wf.id, "again")
+        assert paused.state == c.RUN_STATE_PAUSED
+        assert (await jt.resume_workflow(wf.id)).state == c.RUN_STATE_QUEUED
