@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,6 +19,7 @@ from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, Stubs, wait_for
 from .procs import jobtrace
+from .test_replicas import client, replicas
 from .workers import RawWorker
 
 
@@ -241,3 +243,74 @@ async def test_cli_and_client_pause_resume_and_list_queues(sqlite_harness: Harne
         paused = await jt.pause_workflow(wf.id, "again")
         assert paused.state == c.RUN_STATE_PAUSED
         assert (await jt.resume_workflow(wf.id)).state == c.RUN_STATE_QUEUED
+
+
+async def test_pauses_and_resumes_reach_every_replica(pg_url: str, tmp_path: Path) -> None:
+    """Paused and resumed on B, dispatched (or not) by A, whose worker is there."""
+    async with (
+        replicas(pg_url, tmp_path, 2) as (a, b),
+        client(a.target) as on_a,
+        client(b.target) as on_b,
+    ):
+        worker = RawWorker(on_a)
+        await worker.hello("w", ["svc", "other"], max_concurrency=1)
+
+        await on_b.jobs.PauseQueue(j.PauseQueueRequest(service="svc", reason="r"))
+        held = await _job(on_b, "held", "svc")
+        other = await _job(on_b, "other", "other")
+        given = await worker.expect("assignment")
+        assert given.job.id == other.id  # A's dispatcher ran, and skipped `held`
+        await _complete(worker, given)
+        await wait_for(lambda: _waiting(on_a, held.id, c.WAITING_REASON_PAUSED), timeout=10)
+        assert (await _get(on_a, held.id)).state == c.RUN_STATE_QUEUED
+        await on_b.jobs.ResumeQueue(j.ResumeQueueRequest(service="svc"))
+        # Woken by B's notice (the dispatcher's own look-again is 5 s away).
+        given = await worker.expect("assignment", timeout=4)
+        assert given.job.id == held.id
+        await _complete(worker, given)
+
+        wf = await _workflow(on_b, "wf", ["a", "b"])
+        first = await worker.expect("assignment")
+        await on_b.jobs.PauseWorkflow(j.PauseWorkflowRequest(workflow_id=wf.id))
+        await _complete(worker, first)
+        other = await _job(on_b, "other-2", "other")
+        given = await worker.expect("assignment")
+        assert given.job.id == other.id
+        await _complete(worker, given)
+        await on_b.jobs.ResumeWorkflow(j.ResumeWorkflowRequest(workflow_id=wf.id))
+        given = await worker.expect("assignment", timeout=4)
+        assert given.job.step_name == "b"
+        await _complete(worker, given)
+        await wait_for(lambda: _wf_in(on_a, wf.id, c.RUN_STATE_COMPLETED), timeout=10)
+        await worker.close()
+
+
+async def _waiting(api: Stubs, job_id: str, reason: int) -> bool:
+    return (await _get(api, job_id)).waiting_reason == reason
+
+
+async def test_watchers_see_a_pause_and_a_resume(db_url: str) -> None:
+    async with Harness(db_url) as h:
+        api = h.stubs()
+        wf = await _workflow(api, "watched", ["a", "b"])
+        watch = api.jobs.WatchWorkflow(j.WatchWorkflowRequest(workflow_id=wf.id))
+        assert (await watch.read()).workflow.state == c.RUN_STATE_QUEUED
+        runs = api.jobs.WatchRuns(j.WatchRunsRequest(kind=j.WatchRunsRequest.RUN_KIND_WORKFLOW))
+        assert (await runs.read()).WhichOneof("kind") == "snapshot_end"
+
+        async def next_state(call: Any) -> int:
+            while True:
+                message = await call.read()
+                if isinstance(message, j.WatchWorkflowResponse):
+                    return int(message.workflow.state)
+                if message.WhichOneof("kind") == "workflow":
+                    return int(message.workflow.state)
+
+        await api.jobs.PauseWorkflow(j.PauseWorkflowRequest(workflow_id=wf.id, reason="why"))
+        assert await next_state(watch) == c.RUN_STATE_PAUSED
+        assert await next_state(runs) == c.RUN_STATE_PAUSED
+        await api.jobs.ResumeWorkflow(j.ResumeWorkflowRequest(workflow_id=wf.id))
+        assert await next_state(watch) == c.RUN_STATE_QUEUED
+        assert await next_state(runs) == c.RUN_STATE_QUEUED
+        watch.cancel()
+        runs.cancel()

@@ -86,10 +86,22 @@ class Placement(Leases):
         try:
             if self._unsettled:
                 await self._settle_claims()
+            if self._paused_stale:
+                await self._read_paused_queues()
             return await self._assign_eligible()
         except Exception as exc:
             log_failure(log, exc, "dispatch failed; retrying")
             return 0.5
+
+    async def _read_paused_queues(self) -> None:
+        """Read the paused queues again (see SchedulerState.paused_queues)."""
+        self._paused_stale = False
+        try:
+            async with self._db.read() as db:
+                self.paused_queues = await pause_store.paused_queues(db)
+        except BaseException:
+            self._paused_stale = True
+            raise
 
     async def _assign_eligible(self) -> float:
         if not any(s.free_slots for s in self.sessions.values()):
@@ -121,13 +133,6 @@ class Placement(Leases):
         candidates: dict[str, Job] = {}
         next_us: int | None = None
         async with self._db.read() as db:
-            if self._paused_stale:
-                self._paused_stale = False
-                try:
-                    self.paused_queues = await pause_store.paused_queues(db)
-                except BaseException:
-                    self._paused_stale = True
-                    raise
             paused = self.paused_queues
             # A service with no free slot is not read: a slot that frees wakes
             # the dispatcher, which then reads it. One row more than the slots:
