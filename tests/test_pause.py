@@ -314,3 +314,30 @@ async def test_watchers_see_a_pause_and_a_resume(db_url: str) -> None:
         assert await next_state(runs) == c.RUN_STATE_QUEUED
         watch.cancel()
         runs.cancel()
+
+
+async def test_the_pause_migration_goes_down_and_up(db_url: str) -> None:
+    """Revision 0021 downgrades (a paused queue and a workflow's pause
+    columns are dropped) and upgrades again on a database that used them."""
+    from .test_worker_stream import migrate_down
+
+    h = Harness(db_url)
+    await h.start()
+    try:
+        api = h.stubs()
+        wf = await _workflow(api, "mig", ["a"])
+        await api.jobs.PauseWorkflow(j.PauseWorkflowRequest(workflow_id=wf.id, reason="x"))
+        await api.jobs.PauseQueue(j.PauseQueueRequest(service="svc"))
+    finally:
+        await h.stop()
+    await migrate_down(db_url, "0019")
+    await h.start()  # migrates up again
+    try:
+        api = h.stubs()
+        assert not [
+            q for q in (await api.jobs.ListQueues(j.ListQueuesRequest())).queues if q.paused
+        ]
+        again = await _wf(api, wf.id)
+        assert not again.HasField("paused_at")
+    finally:
+        await h.stop()

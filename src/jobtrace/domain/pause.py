@@ -196,9 +196,8 @@ class Pauses:
                     reason="QUEUE_NOT_PAUSED",
                     metadata={"tenant": tenant, "service": service},
                 )
-            released = await pause_store.release_queue(session, tenant, service, now_us())
+            await pause_store.release_queue(session, tenant, service)
             self._announce(tx)
-            self._jobs.notify(tx, released)
             return await self._queue(session, tenant, service)
 
         return await self._db.write(op)

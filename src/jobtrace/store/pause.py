@@ -144,21 +144,20 @@ async def hold_queued(session: AsyncSession, tenant: str, service: str) -> int:
     )
 
 
-async def release_queue(session: AsyncSession, tenant: str, service: str, now: int) -> list[Job]:
-    """Clear HELD_BY_QUEUE on a queue's jobs: the QUEUED ones of them (to
-    wake the dispatchers)."""
-    stmt = (
-        update(JobRow)
-        .where(
-            JobRow.tenant == tenant,
-            JobRow.service == service,
-            JobRow.held.op("&")(HELD_BY_QUEUE) != 0,
-        )
-        .values(held=JobRow.held.op("&")(HELD_BY_WORKFLOW))
-        .returning(*JOBS.c)
+_RELEASE_QUEUE = sql.Query(
+    "UPDATE jobs SET held = held & :keep WHERE tenant = :tenant AND service = :service"
+    " AND (held & :bit) != 0"
+)
+
+
+async def release_queue(session: AsyncSession, tenant: str, service: str) -> int:
+    """Clear HELD_BY_QUEUE on a queue's jobs (how many). The dispatchers are
+    woken by the queue's notice, not by one per job: a queue may hold many."""
+    return await sql.execute(
+        session,
+        _RELEASE_QUEUE,
+        {"keep": HELD_BY_WORKFLOW, "bit": HELD_BY_QUEUE, "tenant": tenant, "service": service},
     )
-    jobs = [job_from_row(r) for r in (await session.execute(stmt)).mappings()]
-    return [j for j in jobs if j.state == RunState.QUEUED]
 
 
 async def paused_queues(session: AsyncSession) -> dict[str, frozenset[str]]:

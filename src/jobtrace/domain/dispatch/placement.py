@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 # Placement classes (of required labels) remembered at most; past it they are
 # forgotten and learnt again as their jobs are read.
 MAX_KNOWN_CLASSES = 1024
+# A refused claim has the paused queues read again at most this often (s).
+PAUSED_REREAD_S = 1.0
 
 # A dispatch read: service, tenants (None: any), placement classes skipped.
 _ReadKey = tuple[str, frozenset[str] | None, frozenset[str]]
@@ -96,6 +99,7 @@ class Placement(Leases):
     async def _read_paused_queues(self) -> None:
         """Read the paused queues again (see SchedulerState.paused_queues)."""
         self._paused_stale = False
+        self._paused_read_at = time.monotonic()
         try:
             async with self._db.read() as db:
                 self.paused_queues = await pause_store.paused_queues(db)
@@ -170,9 +174,10 @@ class Placement(Leases):
         if await self._claim(plan):
             if drained and self._wakes == wakes:
                 self._queue_seen = (wanted, next_us)
-        else:
+        elif time.monotonic() - self._paused_read_at > PAUSED_REREAD_S:
             # A claim refused: taken by another replica, or its queue paused
-            # there (a notice on its way): the paused queues are read again.
+            # there (its notice on the way, or lost): the paused queues are
+            # read again, at most once per PAUSED_REREAD_S.
             self._paused_stale = True
         return 0.0  # look again at once: more may have become eligible meanwhile
 

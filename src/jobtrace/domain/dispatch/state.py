@@ -73,6 +73,7 @@ class SchedulerState:
         # queue_pauses itself (see domain.pause).
         self.paused_queues: dict[str, frozenset[str]] = {}
         self._paused_stale = True
+        self._paused_read_at = 0.0  # time.monotonic() of the last read
 
     def wake(self, *, slot_freed: bool = False) -> None:
         """Wake the dispatcher. Only `slot_freed` (a worker's slot came free,
@@ -86,6 +87,7 @@ class SchedulerState:
     def queues_changed(self) -> None:
         """A queue was paused or resumed (here or elsewhere): read them again."""
         self._paused_stale = True
+        self._paused_read_at = 0.0  # time.monotonic() of the last read
         self.wake()
 
     @property
