@@ -1406,7 +1406,7 @@ Global___PauseQueueRequest: _TypeAlias = PauseQueueRequest  # noqa: Y015
 
 @_typing.final
 class PauseQueueResponse(_message.Message):
-    """Response of PauseQueueRequest."""
+    """Response of PauseQueue."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
