@@ -341,3 +341,38 @@ async def test_the_pause_migration_goes_down_and_up(db_url: str) -> None:
         assert not again.HasField("paused_at")
     finally:
         await h.stop()
+
+
+async def test_a_claim_read_before_a_pause_is_refused_by_the_claim_itself(db_url: str) -> None:
+    """The dispatcher read a job, then its workflow (or its queue) was paused:
+    the claim re-checks in its own statement and changes nothing."""
+    from jobtrace.store import jobs as store
+
+    async with Harness(db_url) as h:
+        server = h.server
+        assert server is not None
+        api = h.stubs()
+        wf = await _workflow(api, "stale", ["a"])
+        standalone = await _job(api, "stale-job", "other")
+        async with server.db.read() as db:
+            seen = {
+                j.id: j for j in await store.jobs_by_id(db, [wf.steps[0].job_id, standalone.id])
+            }
+        await api.jobs.PauseWorkflow(j.PauseWorkflowRequest(workflow_id=wf.id))
+        await api.jobs.PauseQueue(j.PauseQueueRequest(service="other"))
+
+        async def claim(job_id: str) -> Any:
+            async def op(db: Any, tx: Any) -> Any:
+                return await server.lifecycle.claim(
+                    db, tx, seen[job_id], "w", 1, 1, "ses", "holder", by="w"
+                )
+
+            return await server.db.write(op)
+
+        assert await claim(wf.steps[0].job_id) is None
+        assert await claim(standalone.id) is None
+        for job_id in seen:
+            assert (await _get(api, job_id)).state == c.RUN_STATE_QUEUED
+        # Resumed, the same claim goes through.
+        await api.jobs.ResumeQueue(j.ResumeQueueRequest(service="other"))
+        assert (await claim(standalone.id)) is not None
