@@ -10,7 +10,7 @@ statement.
 
 A paused queue is a row of queue_pauses. Each replica keeps the set of paused
 queues (read again after its own pause or resume, on another replica's
-notice, when a claim was refused, and after a lost LISTEN connection) and its
+notice, after a lost LISTEN connection, and every 5 s when idle) and its
 dispatch read leaves their jobs out; the claim statement checks queue_pauses
 itself, so a stale set costs a refused claim, never a dispatched job.
 Guarantee: once PauseQueue returns, no job of the queue is claimed (a claim

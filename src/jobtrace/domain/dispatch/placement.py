@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -30,8 +29,8 @@ log = logging.getLogger(__name__)
 # Placement classes (of required labels) remembered at most; past it they are
 # forgotten and learnt again as their jobs are read.
 MAX_KNOWN_CLASSES = 1024
-# A refused claim has the paused queues read again at most this often (s).
-PAUSED_REREAD_S = 1.0
+# The longest the dispatcher sleeps without a wake-up (s).
+IDLE_S = 5.0
 
 # A dispatch read: service, tenants (None: any), placement classes skipped.
 _ReadKey = tuple[str, frozenset[str] | None, frozenset[str]]
@@ -82,6 +81,10 @@ class Placement(Leases):
             except TimeoutError:
                 if timeout > 0:  # a waiting job may be due (or 5 s passed): look again
                     self._queue_seen = None
+                if timeout >= IDLE_S:
+                    # Idle: the paused queues are read again too (notices
+                    # keep them; this bounds how stale a lost one leaves them).
+                    self._paused_stale = True
 
     async def _dispatch_once(self) -> float:
         """Assign what can be assigned now; return how long to sleep at most."""
@@ -99,7 +102,6 @@ class Placement(Leases):
     async def _read_paused_queues(self) -> None:
         """Read the paused queues again (see SchedulerState.paused_queues)."""
         self._paused_stale = False
-        self._paused_read_at = time.monotonic()
         try:
             async with self._db.read() as db:
                 self.paused_queues = await pause_store.paused_queues(db)
@@ -109,7 +111,7 @@ class Placement(Leases):
 
     async def _assign_eligible(self) -> float:
         if not any(s.free_slots for s in self.sessions.values()):
-            return 5.0
+            return IDLE_S
         now = now_us()
         # One read per service, tenants and placement classes to skip (the
         # known classes of required labels the worker does not meet): what
@@ -171,14 +173,8 @@ class Placement(Leases):
             if drained and self._wakes == wakes:
                 self._queue_seen = (wanted, next_us)
             return _sleep_until(next_us, now)
-        if await self._claim(plan):
-            if drained and self._wakes == wakes:
-                self._queue_seen = (wanted, next_us)
-        elif time.monotonic() - self._paused_read_at > PAUSED_REREAD_S:
-            # A claim refused: taken by another replica, or its queue paused
-            # there (its notice on the way, or lost): the paused queues are
-            # read again, at most once per PAUSED_REREAD_S.
-            self._paused_stale = True
+        if await self._claim(plan) and drained and self._wakes == wakes:
+            self._queue_seen = (wanted, next_us)
         return 0.0  # look again at once: more may have become eligible meanwhile
 
     def _skipped_classes(self, session: WorkerSession) -> frozenset[str]:
@@ -406,8 +402,8 @@ def _paused(
 
 def _sleep_until(next_us: int | None, now: int) -> float:
     """How long the dispatcher may sleep: until the next waiting job is due,
-    at most 5 s."""
-    return 5.0 if next_us is None else min(5.0, max(0.0, (next_us - now) / 1e6))
+    at most IDLE_S."""
+    return IDLE_S if next_us is None else min(IDLE_S, max(0.0, (next_us - now) / 1e6))
 
 
 class Picked(NamedTuple):

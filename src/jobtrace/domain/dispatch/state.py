@@ -68,12 +68,11 @@ class SchedulerState:
         self._classes_version = 0
         # The paused queues (service -> tenants) as last read, and whether
         # they must be read again before the next dispatch read (a pause or
-        # resume here or on another replica, a refused claim, a lost LISTEN
-        # connection). Stale, they cost a refused claim: the claim checks
-        # queue_pauses itself (see domain.pause).
+        # resume here or on another replica, a lost LISTEN connection, an
+        # idle dispatcher's look-again). Stale, they cost a refused claim:
+        # the claim checks queue_pauses itself (see domain.pause).
         self.paused_queues: dict[str, frozenset[str]] = {}
         self._paused_stale = True
-        self._paused_read_at = 0.0  # time.monotonic() of the last read
 
     def wake(self, *, slot_freed: bool = False) -> None:
         """Wake the dispatcher. Only `slot_freed` (a worker's slot came free,
@@ -87,7 +86,6 @@ class SchedulerState:
     def queues_changed(self) -> None:
         """A queue was paused or resumed (here or elsewhere): read them again."""
         self._paused_stale = True
-        self._paused_read_at = 0.0  # time.monotonic() of the last read
         self.wake()
 
     @property
