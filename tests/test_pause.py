@@ -376,3 +376,48 @@ async def test_a_claim_read_before_a_pause_is_refused_by_the_claim_itself(db_url
         # Resumed, the same claim goes through.
         await api.jobs.ResumeQueue(j.ResumeQueueRequest(service="other"))
         assert (await claim(standalone.id)) is not None
+
+
+async def test_a_resume_between_a_pauses_two_transactions_leaves_nothing_held(
+    db_url: str,
+) -> None:
+    """PauseQueue commits its row, then marks the queue's jobs in a second
+    transaction: a ResumeQueue that commits in between must not find them
+    held again afterwards."""
+    from jobtrace.store import jobs as store
+
+    async with Harness(db_url) as h:
+        server = h.server
+        assert server is not None
+        api = h.stubs()
+        job = await _job(api, "queued", "svc")
+        pauses = server.pauses
+        db = server.db
+
+        class Between:
+            """The database, with a ResumeQueue run before PauseQueue's second write."""
+
+            writes = 0
+
+            async def write(self, op: Any) -> Any:
+                Between.writes += 1
+                if Between.writes == 2:
+                    pauses._db = db  # the resume writes as usual
+                    await pauses.resume_queue("default", "svc", "anonymous")
+                return await db.write(op)
+
+            def read(self) -> Any:
+                return db.read()
+
+        pauses._db = Between()  # type: ignore[assignment]
+        try:
+            await api.jobs.PauseQueue(j.PauseQueueRequest(service="svc"))
+        finally:
+            pauses._db = db
+        assert Between.writes == 2
+        async with db.read() as session:
+            (stored,) = await store.jobs_by_id(session, [job.id])
+        assert stored.held == 0
+        assert not [
+            q for q in (await api.jobs.ListQueues(j.ListQueuesRequest())).queues if q.paused
+        ]

@@ -20,7 +20,8 @@ claim whose statement began before the row committed (and so does not see
 it) either holds its job's row lock, so the marking waits for it to commit,
 or finds the job marked when it locks it, and is refused; a job queued after
 the marking began is queued after the row committed, and every claim that
-can see it sees the row."""
+can see it sees the row. The marking and ResumeQueue both lock the pause's
+row first, so a resume between the two transactions leaves nothing held."""
 
 from __future__ import annotations
 
@@ -178,7 +179,10 @@ class Pauses:
             self._announce(tx)
 
         async def mark(session: AsyncSession, tx: Tx) -> QueueState:
-            await pause_store.hold_queued(session, tenant, service)
+            # Only while it is still paused: a ResumeQueue that committed in
+            # between released the queue, and must not find it held again.
+            if await pause_store.lock_queue_pause(session, tenant, service):
+                await pause_store.hold_queued(session, tenant, service)
             return await self._queue(session, tenant, service)
 
         await self._db.write(record)

@@ -103,6 +103,18 @@ async def get_queue_pause(session: AsyncSession, tenant: str, service: str) -> Q
     return None if row is None else _queue_state(row)
 
 
+async def lock_queue_pause(session: AsyncSession, tenant: str, service: str) -> bool:
+    """Row-lock a queue's pause (PostgreSQL; SQLite's single writer needs
+    none): whether the queue is paused. ResumeQueue's DELETE takes the same
+    lock, so marking a queue's jobs and releasing them never interleave."""
+    stmt = (
+        select(QueuePauseRow.tenant)
+        .where(QueuePauseRow.tenant == tenant, QueuePauseRow.service == service)
+        .with_for_update()
+    )
+    return (await session.execute(stmt)).scalar() is not None
+
+
 async def insert_queue_pause(
     session: AsyncSession, tenant: str, service: str, by: str, reason: str, now: int
 ) -> None:
