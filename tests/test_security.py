@@ -205,6 +205,14 @@ MATRIX: dict[str, tuple[str, ...]] = {
     # A new run of an ended one, in the run's tenant (an admin's: any).
     "RerunWorkflow": (PD, OK, PD, OK, PD, NF, PD, OK),
     "RerunJob": (PD, OK, PD, OK, PD, NF, PD, OK),
+    # As CancelWorkflow (a fresh workflow each; resume: one paused by an admin).
+    "PauseWorkflow": (PD, OK, PD, OK, PD, NF, PD, OK),
+    "ResumeWorkflow": (PD, OK, PD, OK, PD, NF, PD, OK),
+    # Admins only; an admin of another tenant may name the tenant (resume
+    # names acme; a pause, its own tenant's queue).
+    "PauseQueue": (PD, PD, PD, OK, PD, PD, PD, OK),
+    "ResumeQueue": (PD, PD, PD, OK, PD, PD, PD, OK),
+    "ListQueues": (OK, OK, PD, OK, OK, OK, PD, OK),
     "Connect": (PD, PD, OK, OK, PD, PD, OK, OK),
     # The job has ended: its own worker (m) is told so; anyone else, nothing.
     "GetStepResult": (PD, PD, "FAILED_PRECONDITION", PD, PD, PD, NF, PD),
@@ -369,8 +377,40 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
             metadata=md,
         )
 
+    async def fresh_wf(md: Any, *, paused: bool) -> None:
+        admin = bearer(token("admin", "acme"))
+        wf = (
+            await api.jobs.SubmitWorkflow(
+                j.SubmitWorkflowRequest(
+                    request_id=f"pw{n}",
+                    name="w",
+                    steps=[c.WorkflowStepSpec(name="a", job=c.JobSpec(service="zz"))],
+                ),
+                metadata=admin,
+            )
+        ).workflow
+        if paused:
+            await api.jobs.PauseWorkflow(j.PauseWorkflowRequest(workflow_id=wf.id), metadata=admin)
+            await api.jobs.ResumeWorkflow(j.ResumeWorkflowRequest(workflow_id=wf.id), metadata=md)
+        else:
+            await api.jobs.PauseWorkflow(j.PauseWorkflowRequest(workflow_id=wf.id), metadata=md)
+
+    async def paused_queue_resume(md: Any) -> None:
+        admin = bearer(token("admin", "acme"))
+        await api.jobs.PauseQueue(j.PauseQueueRequest(service=f"q{n}"), metadata=admin)
+        await api.jobs.ResumeQueue(
+            j.ResumeQueueRequest(service=f"q{n}", tenant="acme"), metadata=md
+        )
+
     attrs = {"decision.outcome": struct_pb2.Value(string_value="ok")}
     return {
+        "PauseWorkflow": lambda md: fresh_wf(md, paused=False),
+        "ResumeWorkflow": lambda md: fresh_wf(md, paused=True),
+        "PauseQueue": lambda md: api.jobs.PauseQueue(
+            j.PauseQueueRequest(service=f"q{n}", reason="r"), metadata=md
+        ),
+        "ResumeQueue": paused_queue_resume,
+        "ListQueues": lambda md: api.jobs.ListQueues(j.ListQueuesRequest(), metadata=md),
         "RerunWorkflow": ended_wf_rerun,
         "RerunJob": lambda md: api.jobs.RerunJob(
             j.RerunJobRequest(job_id=ids["job"], request_id=f"rj{n}"), metadata=md

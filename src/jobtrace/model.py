@@ -168,6 +168,21 @@ class Caller:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueState:
+    """A queue (a tenant's jobs of one service): paused or not, and its jobs
+    waiting and running."""
+
+    tenant: str
+    service: str
+    paused: bool = False
+    paused_by: str = ""
+    paused_us: int = 0
+    reason: str = ""
+    queued: int = 0
+    running: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class AnnotationInput:
     actor_kind: int
     actor_id: str
@@ -297,6 +312,15 @@ class Job:
     approval: ApprovalGate | None = None
     decisions: tuple[ApprovalDecision, ...] = ()
     gate_deadline_us: int = 0
+    # Why it may not be dispatched, whatever its state: HELD_BY_WORKFLOW while
+    # its workflow is paused, HELD_BY_QUEUE when its queue was paused while it
+    # was QUEUED (a bit each; 0: not held). See domain.pause.
+    held: int = 0
+
+
+# Job.held bits.
+HELD_BY_WORKFLOW = 1
+HELD_BY_QUEUE = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +402,10 @@ class Workflow:
     parent_run_id: str = ""
     root_run_id: str = ""
     rerun_reason: str = ""
+    # When and why it was paused (0 and '': not paused; a run that ended
+    # while paused keeps them).
+    paused_us: int = 0
+    pause_reason: str = ""
 
     @property
     def completed_steps(self) -> int:

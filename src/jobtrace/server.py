@@ -41,6 +41,7 @@ from jobtrace.domain.failure_rules import FailureRules, load_rules_file
 from jobtrace.domain.jobs import Jobs
 from jobtrace.domain.lifecycle import Lifecycle
 from jobtrace.domain.pagination import open_tokens
+from jobtrace.domain.pause import QUEUES_NOTICE, Pauses
 from jobtrace.domain.redact import Redaction, UnsafePattern
 from jobtrace.domain.search import TraceSearch
 from jobtrace.domain.summary import RunSummaries
@@ -158,6 +159,7 @@ class JobtraceServer:
             ),
         )
         self.fleet = Fleet(self.db, tokens, self.scheduler, jobs, keepalive_s=s.keepalive_seconds)
+        self.pauses = Pauses(self.db, jobs, life, self.scheduler.queues_changed)
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
@@ -188,7 +190,12 @@ class JobtraceServer:
         # One servicer per service, answering gRPC and (--http-listen) Connect calls.
         servicers: dict[str, Any] = {
             "JobService": JobServicer(
-                jobs, auth, streams, pages=pages, waiting=self.scheduler.waiting_reason
+                jobs,
+                auth,
+                streams,
+                pages=pages,
+                waiting=self.scheduler.waiting_reason,
+                pauses=self.pauses,
             ),
             "WorkerService": WorkerServicer(self.scheduler, auth, streams, self.fleet),
             "TraceService": TraceServicer(
@@ -400,6 +407,8 @@ class JobtraceServer:
                 self.trace.bus.poke(n.get("run", ""), run_ended=True)
             elif kind == "workers":
                 self.fleet.feed.poke(n.get("s", []))
+            elif kind == QUEUES_NOTICE:
+                self.scheduler.queues_changed()
 
     def _on_listen_restored(self) -> None:
         """The LISTEN connection was lost and is back; notices sent meanwhile
@@ -408,7 +417,7 @@ class JobtraceServer:
         self.trace.bus.poke_all()
         self.jobs.feed.poke_all()
         self.fleet.feed.poke_all()
-        self.scheduler.wake()
+        self.scheduler.queues_changed()
 
     async def _maintain(self, every_s: float = 60.0) -> None:
         """Retention of attestations and failure records; each sweep is a series

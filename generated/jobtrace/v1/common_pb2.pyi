@@ -149,7 +149,9 @@ class _WaitingReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Waiting
     WAITING_REASON_DEPENDENCIES: _WaitingReason.ValueType  # 5
     """A workflow step (PENDING) waiting for the steps it depends on."""
     WAITING_REASON_PAUSED: _WaitingReason.ValueType  # 6
-    """Reserved for paused queues; not set yet."""
+    """Its workflow (PauseWorkflow) or its queue (PauseQueue) is paused: it is
+    not dispatched until resumed.
+    """
     WAITING_REASON_APPROVAL: _WaitingReason.ValueType  # 7
     """An approval gate step (WAITING_FOR_HUMAN): it waits for its approvers
     to decide (JobService.ApproveStep), not for a worker.
@@ -173,7 +175,9 @@ WAITING_REASON_NOT_BEFORE: WaitingReason.ValueType  # 4
 WAITING_REASON_DEPENDENCIES: WaitingReason.ValueType  # 5
 """A workflow step (PENDING) waiting for the steps it depends on."""
 WAITING_REASON_PAUSED: WaitingReason.ValueType  # 6
-"""Reserved for paused queues; not set yet."""
+"""Its workflow (PauseWorkflow) or its queue (PauseQueue) is paused: it is
+not dispatched until resumed.
+"""
 WAITING_REASON_APPROVAL: WaitingReason.ValueType  # 7
 """An approval gate step (WAITING_FOR_HUMAN): it waits for its approvers
 to decide (JobService.ApproveStep), not for a worker.
@@ -983,6 +987,7 @@ class Job(_message.Message):
     ROOT_RUN_ID_FIELD_NUMBER: _builtins.int
     REUSED_FROM_FIELD_NUMBER: _builtins.int
     APPROVAL_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The job's id."""
     workflow_id: _builtins.str
@@ -1038,6 +1043,10 @@ class Job(_message.Message):
     the evidence, from that job); the rerun's downstream steps receive it as
     input and its outputs include it, read through this reference. Empty
     for a job that runs.
+    """
+    held: _builtins.bool
+    """Output only. True while its workflow is paused (PauseWorkflow): it is not
+    dispatched, whatever its state, until the workflow is resumed.
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
@@ -1125,10 +1134,11 @@ class Job(_message.Message):
         root_run_id: _builtins.str = ...,
         reused_from: _builtins.str = ...,
         approval: Global___ApprovalStatus | None = ...,
+        held: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "id", b"id", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "parent_run_id", b"parent_run_id", "progress", b"progress", "request_id", b"request_id", "result", b"result", "result_json", b"result_json", "reused_from", b"reused_from", "root_run_id", b"root_run_id", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step_name", b"step_name", "submitted_by", b"submitted_by", "tenant", b"tenant", "traceparent", b"traceparent", "updated_at", b"updated_at", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "held", b"held", "id", b"id", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "parent_run_id", b"parent_run_id", "progress", b"progress", "request_id", b"request_id", "result", b"result", "result_json", b"result_json", "reused_from", b"reused_from", "root_run_id", b"root_run_id", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step_name", b"step_name", "submitted_by", b"submitted_by", "tenant", b"tenant", "traceparent", b"traceparent", "updated_at", b"updated_at", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1540,6 +1550,8 @@ class Workflow(_message.Message):
     PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
     ROOT_RUN_ID_FIELD_NUMBER: _builtins.int
     RERUN_REASON_FIELD_NUMBER: _builtins.int
+    PAUSED_AT_FIELD_NUMBER: _builtins.int
+    PAUSE_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The workflow's id."""
     name: _builtins.str
@@ -1583,6 +1595,10 @@ class Workflow(_message.Message):
     """Output only. Why it was rerun, as RerunWorkflowRequest.reason gave it
     (also its trigger.reason annotation); empty for a workflow that is no
     rerun.
+    """
+    pause_reason: _builtins.str
+    """Output only. Why it was paused, as PauseWorkflow was told; empty when
+    paused_at is unset.
     """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkflowStep]:
@@ -1643,6 +1659,12 @@ class Workflow(_message.Message):
         timeout) past which it ends TIMED_OUT unless it ended before.
         """
 
+    @_builtins.property
+    def paused_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When it was paused (PauseWorkflow); unset when it is not
+        PAUSED (a run that ended while paused keeps it).
+        """
+
     def __init__(
         self,
         *,
@@ -1669,10 +1691,12 @@ class Workflow(_message.Message):
         parent_run_id: _builtins.str = ...,
         root_run_id: _builtins.str = ...,
         rerun_reason: _builtins.str = ...,
+        paused_at: _timestamp_pb2.Timestamp | None = ...,
+        pause_reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "deadline", b"deadline", "failure", b"failure", "outputs", b"outputs", "progress", b"progress", "started_at", b"started_at", "timeout", b"timeout", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "deadline", b"deadline", "failure", b"failure", "outputs", b"outputs", "paused_at", b"paused_at", "progress", b"progress", "started_at", b"started_at", "timeout", b"timeout", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "deadline", b"deadline", "failure", b"failure", "id", b"id", "labels", b"labels", "name", b"name", "output_refs", b"output_refs", "outputs", b"outputs", "outputs_json", b"outputs_json", "parent_run_id", b"parent_run_id", "priority", b"priority", "progress", b"progress", "request_id", b"request_id", "rerun_reason", b"rerun_reason", "root_run_id", b"root_run_id", "started_at", b"started_at", "state", b"state", "steps", b"steps", "submitted_by", b"submitted_by", "tenant", b"tenant", "timeout", b"timeout", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "deadline", b"deadline", "failure", b"failure", "id", b"id", "labels", b"labels", "name", b"name", "output_refs", b"output_refs", "outputs", b"outputs", "outputs_json", b"outputs_json", "parent_run_id", b"parent_run_id", "pause_reason", b"pause_reason", "paused_at", b"paused_at", "priority", b"priority", "progress", b"progress", "request_id", b"request_id", "rerun_reason", b"rerun_reason", "root_run_id", b"root_run_id", "started_at", b"started_at", "state", b"state", "steps", b"steps", "submitted_by", b"submitted_by", "tenant", b"tenant", "timeout", b"timeout", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

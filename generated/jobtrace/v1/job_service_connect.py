@@ -83,6 +83,21 @@ class JobService(Protocol):
     async def rerun_runs(self, request: jobtrace_dot_v1_dot_job__service__pb2.RerunRunsRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.RerunRunsResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    async def pause_workflow(self, request: jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def resume_workflow(self, request: jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def pause_queue(self, request: jobtrace_dot_v1_dot_job__service__pb2.PauseQueueRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.PauseQueueResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def resume_queue(self, request: jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def list_queues(self, request: jobtrace_dot_v1_dot_job__service__pb2.ListQueuesRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.ListQueuesResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
 
 class JobServiceASGIApplication(ConnectASGIApplication[JobService]):
     def __init__(self, service: JobService | AsyncGenerator[JobService], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -308,6 +323,56 @@ class JobServiceASGIApplication(ConnectASGIApplication[JobService]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.rerun_runs,
+                ),
+                "/jobtrace.v1.JobService/PauseWorkflow": Endpoint.unary(
+                    method=MethodInfo(
+                        name="PauseWorkflow",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.pause_workflow,
+                ),
+                "/jobtrace.v1.JobService/ResumeWorkflow": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ResumeWorkflow",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.resume_workflow,
+                ),
+                "/jobtrace.v1.JobService/PauseQueue": Endpoint.unary(
+                    method=MethodInfo(
+                        name="PauseQueue",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.PauseQueueRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.PauseQueueResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.pause_queue,
+                ),
+                "/jobtrace.v1.JobService/ResumeQueue": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ResumeQueue",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.resume_queue,
+                ),
+                "/jobtrace.v1.JobService/ListQueues": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListQueues",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.ListQueuesRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.ListQueuesResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.list_queues,
                 ),
             },
             interceptors=interceptors,
@@ -762,6 +827,106 @@ class JobServiceClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    async def pause_workflow(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="PauseWorkflow",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def resume_workflow(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ResumeWorkflow",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def pause_queue(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.PauseQueueRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.PauseQueueResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="PauseQueue",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.PauseQueueRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.PauseQueueResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def resume_queue(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ResumeQueue",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def list_queues(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.ListQueuesRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.ListQueuesResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListQueues",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.ListQueuesRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.ListQueuesResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
 
 class JobServiceSync(Protocol):
     def submit_job(self, request: jobtrace_dot_v1_dot_job__service__pb2.SubmitJobRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.SubmitJobResponse:
@@ -807,6 +972,16 @@ class JobServiceSync(Protocol):
     def list_pending_approvals(self, request: jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.ListPendingApprovalsResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def rerun_runs(self, request: jobtrace_dot_v1_dot_job__service__pb2.RerunRunsRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.RerunRunsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def pause_workflow(self, request: jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def resume_workflow(self, request: jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def pause_queue(self, request: jobtrace_dot_v1_dot_job__service__pb2.PauseQueueRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.PauseQueueResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def resume_queue(self, request: jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def list_queues(self, request: jobtrace_dot_v1_dot_job__service__pb2.ListQueuesRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.ListQueuesResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -1033,6 +1208,56 @@ class JobServiceWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.rerun_runs,
+                ),
+                "/jobtrace.v1.JobService/PauseWorkflow": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="PauseWorkflow",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.pause_workflow,
+                ),
+                "/jobtrace.v1.JobService/ResumeWorkflow": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ResumeWorkflow",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.resume_workflow,
+                ),
+                "/jobtrace.v1.JobService/PauseQueue": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="PauseQueue",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.PauseQueueRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.PauseQueueResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.pause_queue,
+                ),
+                "/jobtrace.v1.JobService/ResumeQueue": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ResumeQueue",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.resume_queue,
+                ),
+                "/jobtrace.v1.JobService/ListQueues": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListQueues",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.ListQueuesRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.ListQueuesResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.list_queues,
                 ),
             },
             interceptors=interceptors,
@@ -1481,6 +1706,106 @@ class JobServiceClientSync(ConnectClientSync):
                 service_name="jobtrace.v1.JobService",
                 input=jobtrace_dot_v1_dot_job__service__pb2.RerunRunsRequest,
                 output=jobtrace_dot_v1_dot_job__service__pb2.RerunRunsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def pause_workflow(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="PauseWorkflow",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def resume_workflow(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ResumeWorkflow",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def pause_queue(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.PauseQueueRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.PauseQueueResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="PauseQueue",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.PauseQueueRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.PauseQueueResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def resume_queue(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ResumeQueue",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def list_queues(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.ListQueuesRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.ListQueuesResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListQueues",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.ListQueuesRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.ListQueuesResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,

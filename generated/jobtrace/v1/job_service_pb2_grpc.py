@@ -145,6 +145,31 @@ class JobServiceStub:
                 request_serializer=jobtrace_dot_v1_dot_job__service__pb2.RerunRunsRequest.SerializeToString,
                 response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.RerunRunsResponse.FromString,
                 _registered_method=True)
+        self.PauseWorkflow = channel.unary_unary(
+                '/jobtrace.v1.JobService/PauseWorkflow',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowResponse.FromString,
+                _registered_method=True)
+        self.ResumeWorkflow = channel.unary_unary(
+                '/jobtrace.v1.JobService/ResumeWorkflow',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowResponse.FromString,
+                _registered_method=True)
+        self.PauseQueue = channel.unary_unary(
+                '/jobtrace.v1.JobService/PauseQueue',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.PauseQueueRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.PauseQueueResponse.FromString,
+                _registered_method=True)
+        self.ResumeQueue = channel.unary_unary(
+                '/jobtrace.v1.JobService/ResumeQueue',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueResponse.FromString,
+                _registered_method=True)
+        self.ListQueues = channel.unary_unary(
+                '/jobtrace.v1.JobService/ListQueues',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.ListQueuesRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.ListQueuesResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -408,6 +433,58 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseWorkflow(self, request, context):
+        """Pauses a workflow: no new step of it is dispatched (its waiting steps stay
+        QUEUED or PENDING with waiting_reason PAUSED); steps already running
+        finish, their completions are recorded and may queue the next steps,
+        which wait too, and may end the whole run. Needs the workflow QUEUED,
+        RUNNING or WAITING_FOR_HUMAN (FAILED_PRECONDITION naming its state
+        otherwise). A step whose claim committed before the pause runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeWorkflow(self, request, context):
+        """Resumes a PAUSED workflow where it stopped: it is again in the state it
+        was paused from (RUNNING once a step has started), and its waiting steps
+        are dispatched at once, on every replica. FAILED_PRECONDITION naming the
+        state when it is not PAUSED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseQueue(self, request, context):
+        """Pauses a queue (a tenant's jobs of one service): none of its QUEUED jobs,
+        nor any submitted or queued again while it is paused, is dispatched until
+        ResumeQueue; running jobs finish. Once the call returns no job of the
+        queue is claimed (a claim that committed before it runs). Admin only
+        (PERMISSION_DENIED otherwise). Pausing a paused queue is
+        FAILED_PRECONDITION (QUEUE_PAUSED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeQueue(self, request, context):
+        """Resumes a paused queue: its jobs are dispatched at once, on every
+        replica. Admin only. FAILED_PRECONDITION (QUEUE_NOT_PAUSED) when it is
+        not paused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListQueues(self, request, context):
+        """Lists the queues of the caller's tenant (an admin's: of every tenant):
+        each (tenant, service) with jobs waiting or running, and every paused one,
+        with who paused it, when and why.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -520,6 +597,31 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.RerunRuns,
                     request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.RerunRunsRequest.FromString,
                     response_serializer=jobtrace_dot_v1_dot_job__service__pb2.RerunRunsResponse.SerializeToString,
+            ),
+            'PauseWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseWorkflow,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowResponse.SerializeToString,
+            ),
+            'ResumeWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeWorkflow,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowResponse.SerializeToString,
+            ),
+            'PauseQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseQueue,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.PauseQueueRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.PauseQueueResponse.SerializeToString,
+            ),
+            'ResumeQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeQueue,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueResponse.SerializeToString,
+            ),
+            'ListQueues': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQueues,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.ListQueuesRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.ListQueuesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1117,6 +1219,141 @@ class JobService:
             '/jobtrace.v1.JobService/RerunRuns',
             jobtrace_dot_v1_dot_job__service__pb2.RerunRunsRequest.SerializeToString,
             jobtrace_dot_v1_dot_job__service__pb2.RerunRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/PauseWorkflow',
+            jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.PauseWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/ResumeWorkflow',
+            jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.ResumeWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/PauseQueue',
+            jobtrace_dot_v1_dot_job__service__pb2.PauseQueueRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.PauseQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/ResumeQueue',
+            jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQueues(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/ListQueues',
+            jobtrace_dot_v1_dot_job__service__pb2.ListQueuesRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.ListQueuesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -199,6 +199,38 @@ class JobServiceStub:
     their tenant's runs (admins: every tenant's; each new run is in its
     parent's tenant).
     """
+    PauseWorkflow: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.PauseWorkflowRequest, _job_service_pb2.PauseWorkflowResponse]
+    """Pauses a workflow: no new step of it is dispatched (its waiting steps stay
+    QUEUED or PENDING with waiting_reason PAUSED); steps already running
+    finish, their completions are recorded and may queue the next steps,
+    which wait too, and may end the whole run. Needs the workflow QUEUED,
+    RUNNING or WAITING_FOR_HUMAN (FAILED_PRECONDITION naming its state
+    otherwise). A step whose claim committed before the pause runs.
+    """
+    ResumeWorkflow: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ResumeWorkflowRequest, _job_service_pb2.ResumeWorkflowResponse]
+    """Resumes a PAUSED workflow where it stopped: it is again in the state it
+    was paused from (RUNNING once a step has started), and its waiting steps
+    are dispatched at once, on every replica. FAILED_PRECONDITION naming the
+    state when it is not PAUSED.
+    """
+    PauseQueue: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.PauseQueueRequest, _job_service_pb2.PauseQueueResponse]
+    """Pauses a queue (a tenant's jobs of one service): none of its QUEUED jobs,
+    nor any submitted or queued again while it is paused, is dispatched until
+    ResumeQueue; running jobs finish. Once the call returns no job of the
+    queue is claimed (a claim that committed before it runs). Admin only
+    (PERMISSION_DENIED otherwise). Pausing a paused queue is
+    FAILED_PRECONDITION (QUEUE_PAUSED).
+    """
+    ResumeQueue: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ResumeQueueRequest, _job_service_pb2.ResumeQueueResponse]
+    """Resumes a paused queue: its jobs are dispatched at once, on every
+    replica. Admin only. FAILED_PRECONDITION (QUEUE_NOT_PAUSED) when it is
+    not paused.
+    """
+    ListQueues: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListQueuesRequest, _job_service_pb2.ListQueuesResponse]
+    """Lists the queues of the caller's tenant (an admin's: of every tenant):
+    each (tenant, service) with jobs waiting or running, and every paused one,
+    with who paused it, when and why.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -370,6 +402,38 @@ class JobServiceAsyncStub(JobServiceStub):
     workflow: filter.include_steps is INVALID_ARGUMENT. Callers touch only
     their tenant's runs (admins: every tenant's; each new run is in its
     parent's tenant).
+    """
+    PauseWorkflow: _aio.UnaryUnaryMultiCallable[_job_service_pb2.PauseWorkflowRequest, _job_service_pb2.PauseWorkflowResponse]  # type: ignore[assignment]
+    """Pauses a workflow: no new step of it is dispatched (its waiting steps stay
+    QUEUED or PENDING with waiting_reason PAUSED); steps already running
+    finish, their completions are recorded and may queue the next steps,
+    which wait too, and may end the whole run. Needs the workflow QUEUED,
+    RUNNING or WAITING_FOR_HUMAN (FAILED_PRECONDITION naming its state
+    otherwise). A step whose claim committed before the pause runs.
+    """
+    ResumeWorkflow: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ResumeWorkflowRequest, _job_service_pb2.ResumeWorkflowResponse]  # type: ignore[assignment]
+    """Resumes a PAUSED workflow where it stopped: it is again in the state it
+    was paused from (RUNNING once a step has started), and its waiting steps
+    are dispatched at once, on every replica. FAILED_PRECONDITION naming the
+    state when it is not PAUSED.
+    """
+    PauseQueue: _aio.UnaryUnaryMultiCallable[_job_service_pb2.PauseQueueRequest, _job_service_pb2.PauseQueueResponse]  # type: ignore[assignment]
+    """Pauses a queue (a tenant's jobs of one service): none of its QUEUED jobs,
+    nor any submitted or queued again while it is paused, is dispatched until
+    ResumeQueue; running jobs finish. Once the call returns no job of the
+    queue is claimed (a claim that committed before it runs). Admin only
+    (PERMISSION_DENIED otherwise). Pausing a paused queue is
+    FAILED_PRECONDITION (QUEUE_PAUSED).
+    """
+    ResumeQueue: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ResumeQueueRequest, _job_service_pb2.ResumeQueueResponse]  # type: ignore[assignment]
+    """Resumes a paused queue: its jobs are dispatched at once, on every
+    replica. Admin only. FAILED_PRECONDITION (QUEUE_NOT_PAUSED) when it is
+    not paused.
+    """
+    ListQueues: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListQueuesRequest, _job_service_pb2.ListQueuesResponse]  # type: ignore[assignment]
+    """Lists the queues of the caller's tenant (an admin's: of every tenant):
+    each (tenant, service) with jobs waiting or running, and every paused one,
+    with who paused it, when and why.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -671,6 +735,68 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         workflow: filter.include_steps is INVALID_ARGUMENT. Callers touch only
         their tenant's runs (admins: every tenant's; each new run is in its
         parent's tenant).
+        """
+
+    @_abc_1.abstractmethod
+    def PauseWorkflow(
+        self,
+        request: _job_service_pb2.PauseWorkflowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.PauseWorkflowResponse, _abc.Awaitable[_job_service_pb2.PauseWorkflowResponse]]:
+        """Pauses a workflow: no new step of it is dispatched (its waiting steps stay
+        QUEUED or PENDING with waiting_reason PAUSED); steps already running
+        finish, their completions are recorded and may queue the next steps,
+        which wait too, and may end the whole run. Needs the workflow QUEUED,
+        RUNNING or WAITING_FOR_HUMAN (FAILED_PRECONDITION naming its state
+        otherwise). A step whose claim committed before the pause runs.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeWorkflow(
+        self,
+        request: _job_service_pb2.ResumeWorkflowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ResumeWorkflowResponse, _abc.Awaitable[_job_service_pb2.ResumeWorkflowResponse]]:
+        """Resumes a PAUSED workflow where it stopped: it is again in the state it
+        was paused from (RUNNING once a step has started), and its waiting steps
+        are dispatched at once, on every replica. FAILED_PRECONDITION naming the
+        state when it is not PAUSED.
+        """
+
+    @_abc_1.abstractmethod
+    def PauseQueue(
+        self,
+        request: _job_service_pb2.PauseQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.PauseQueueResponse, _abc.Awaitable[_job_service_pb2.PauseQueueResponse]]:
+        """Pauses a queue (a tenant's jobs of one service): none of its QUEUED jobs,
+        nor any submitted or queued again while it is paused, is dispatched until
+        ResumeQueue; running jobs finish. Once the call returns no job of the
+        queue is claimed (a claim that committed before it runs). Admin only
+        (PERMISSION_DENIED otherwise). Pausing a paused queue is
+        FAILED_PRECONDITION (QUEUE_PAUSED).
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeQueue(
+        self,
+        request: _job_service_pb2.ResumeQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ResumeQueueResponse, _abc.Awaitable[_job_service_pb2.ResumeQueueResponse]]:
+        """Resumes a paused queue: its jobs are dispatched at once, on every
+        replica. Admin only. FAILED_PRECONDITION (QUEUE_NOT_PAUSED) when it is
+        not paused.
+        """
+
+    @_abc_1.abstractmethod
+    def ListQueues(
+        self,
+        request: _job_service_pb2.ListQueuesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ListQueuesResponse, _abc.Awaitable[_job_service_pb2.ListQueuesResponse]]:
+        """Lists the queues of the caller's tenant (an admin's: of every tenant):
+        each (tenant, service) with jobs waiting or running, and every paused one,
+        with who paused it, when and why.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

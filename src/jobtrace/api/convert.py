@@ -26,6 +26,7 @@ from jobtrace.domain.run_feed import RunChange
 from jobtrace.domain.search import Found, SearchRequest
 from jobtrace.domain.states import RunKind
 from jobtrace.model import (
+    HELD_BY_WORKFLOW,
     JSON,
     AnnotationInput,
     ApprovalDecision,
@@ -37,6 +38,7 @@ from jobtrace.model import (
     Job,
     JobSpec,
     LabelRequirement,
+    QueueState,
     StepResults,
     Workflow,
 )
@@ -622,6 +624,7 @@ def job_to_proto(
         root_run_id=job.root_run_id,
         reused_from=job.reused_from,
         approval=approval_status_to_proto(job.approval, job.decisions, job.gate_deadline_us),
+        held=bool(job.held & HELD_BY_WORKFLOW),
     )
 
 
@@ -674,6 +677,21 @@ def workflow_to_proto(w: Workflow, exact: bool = False) -> common_pb2.Workflow:
         parent_run_id=w.parent_run_id,
         root_run_id=w.root_run_id,
         rerun_reason=w.rerun_reason,
+        paused_at=us_to_ts(w.paused_us),
+        pause_reason=w.pause_reason,
+    )
+
+
+def queue_to_proto(q: QueueState) -> job_service_pb2.Queue:
+    return job_service_pb2.Queue(
+        tenant=q.tenant,
+        service=q.service,
+        paused=q.paused,
+        paused_by=q.paused_by,
+        paused_at=us_to_ts(q.paused_us),
+        pause_reason=q.reason,
+        queued=q.queued,
+        running=q.running,
     )
 
 

@@ -13,6 +13,7 @@ from jobtrace.api.errors import rpc
 from jobtrace.api.limits import PageBytes, StreamLimiter
 from jobtrace.auth import Authenticator, Role
 from jobtrace.domain.jobs import Jobs
+from jobtrace.domain.pause import Pauses
 from jobtrace.domain.run_feed import run_filter
 from jobtrace.model import Caller, Job, WaitingReason
 from jobtrace.pb import job_service_pb2 as pb
@@ -38,8 +39,10 @@ class JobServicer(pb_grpc.JobServiceServicer):
         *,
         pages: PageBytes,
         waiting: Callable[[Job], WaitingReason] | None = None,
+        pauses: Pauses,
     ) -> None:
         self._jobs = jobs
+        self._pauses = pauses
         # Why a job waits, as this replica sees its workers (GetJob).
         self._waiting = waiting
         self._auth = auth
@@ -379,6 +382,58 @@ class JobServicer(pb_grpc.JobServiceServicer):
             approvals=[convert.pending_approval_to_proto(g) for g in page.items],
             next_page_token=page.next_page_token,
         )
+
+    @rpc
+    async def PauseWorkflow(
+        self, request: pb.PauseWorkflowRequest, context: Any
+    ) -> pb.PauseWorkflowResponse:
+        principal = self._auth.require(context, Role.SUBMITTER)
+        workflow = await self._pauses.pause_workflow(
+            principal.read_scope, request.workflow_id, request.reason, principal.subject
+        )
+        return pb.PauseWorkflowResponse(
+            workflow=convert.workflow_to_proto(workflow, convert.wants_exact_json(context))
+        )
+
+    @rpc
+    async def ResumeWorkflow(
+        self, request: pb.ResumeWorkflowRequest, context: Any
+    ) -> pb.ResumeWorkflowResponse:
+        principal = self._auth.require(context, Role.SUBMITTER)
+        workflow = await self._pauses.resume_workflow(
+            principal.read_scope, request.workflow_id, principal.subject
+        )
+        return pb.ResumeWorkflowResponse(
+            workflow=convert.workflow_to_proto(workflow, convert.wants_exact_json(context))
+        )
+
+    @rpc
+    async def PauseQueue(
+        self, request: pb.PauseQueueRequest, context: Any
+    ) -> pb.PauseQueueResponse:
+        principal = self._auth.require(context, Role.ADMIN)
+        queue = await self._pauses.pause_queue(
+            request.tenant or principal.tenant, request.service, request.reason, principal.subject
+        )
+        return pb.PauseQueueResponse(queue=convert.queue_to_proto(queue))
+
+    @rpc
+    async def ResumeQueue(
+        self, request: pb.ResumeQueueRequest, context: Any
+    ) -> pb.ResumeQueueResponse:
+        principal = self._auth.require(context, Role.ADMIN)
+        queue = await self._pauses.resume_queue(
+            request.tenant or principal.tenant, request.service, principal.subject
+        )
+        return pb.ResumeQueueResponse(queue=convert.queue_to_proto(queue))
+
+    @rpc
+    async def ListQueues(
+        self, request: pb.ListQueuesRequest, context: Any
+    ) -> pb.ListQueuesResponse:
+        principal = self._auth.require(context, Role.READER)
+        queues = await self._pauses.list_queues(principal.read_scope)
+        return pb.ListQueuesResponse(queues=[convert.queue_to_proto(q) for q in queues])
 
 
 # Answer a little before the call's deadline, so the caller gets AWAIT_TIMEOUT

@@ -1,6 +1,6 @@
 """Command line: `jobtrace serve | worker | submit | watch | get | cancel | terminate | rerun |
-approve | pending-approvals | jobs | workflows | trace | attest | annotate | annotations | keys |
-token | bench`.
+pause | resume | queues | approve | pending-approvals | jobs | workflows | trace | attest |
+annotate | annotations | keys | token | bench`.
 
 Exit codes: 0 success; 1 a watched run did not complete, or an attestation is
 invalid; 2 a usage error or a failed call; 3 a watched run was cancelled."""
@@ -12,7 +12,7 @@ import sys
 
 import grpc
 
-from jobtrace.cli import client_commands, fleet_commands, server_commands
+from jobtrace.cli import client_commands, fleet_commands, pause_commands, server_commands
 from jobtrace.client.errors import JobtraceError
 
 
@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     client_commands.add_commands(sub, attest, keys)
     fleet_commands.add_commands(sub)
+    pause_commands.add_commands(sub)
 
     verify = attest.add_parser(
         "verify",

@@ -368,6 +368,9 @@ def describe_workflow(workflow: common_pb2.Workflow, s: Style) -> None:
     print(f"{'submitter':>10}  {workflow.submitted_by or '-'}")
     print(f"{'created':>10}  {when(workflow.created_at)}")
     print(f"{'completed':>10}  {when(workflow.completed_at)}")
+    if workflow.HasField("paused_at"):
+        why = f": {workflow.pause_reason}" if workflow.pause_reason else ""
+        print(f"{'paused':>10}  {when(workflow.paused_at)}{why}")
     if workflow.HasField("failure"):
         print(f"{'failure':>10}  {workflow.failure.code or '-'}: {workflow.failure.reason}")
     render.table(

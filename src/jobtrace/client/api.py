@@ -717,6 +717,52 @@ class Client:
         """Every pending approval of list_pending_approvals, page after page."""
         return _every(self.list_pending_approvals, filters)
 
+    async def pause_workflow(self, workflow_id: str, reason: str = "") -> common_pb2.Workflow:
+        """Pause a workflow: no new step of it is dispatched until
+        resume_workflow; running steps finish. Not retried (a pause that took
+        effect would be refused the second time)."""
+        request = job_service_pb2.PauseWorkflowRequest(workflow_id=workflow_id, reason=reason)
+        response: job_service_pb2.PauseWorkflowResponse = await self._call(
+            self.jobs_stub.PauseWorkflow, request, retry=False
+        )
+        return response.workflow
+
+    async def resume_workflow(self, workflow_id: str) -> common_pb2.Workflow:
+        """Resume a paused workflow where it stopped. Not retried (see pause_workflow)."""
+        request = job_service_pb2.ResumeWorkflowRequest(workflow_id=workflow_id)
+        response: job_service_pb2.ResumeWorkflowResponse = await self._call(
+            self.jobs_stub.ResumeWorkflow, request, retry=False
+        )
+        return response.workflow
+
+    async def pause_queue(
+        self, service: str, reason: str = "", *, tenant: str = ""
+    ) -> job_service_pb2.Queue:
+        """Pause a queue (the jobs of one service of the caller's tenant, or
+        of `tenant`): none is dispatched until resume_queue. Admins only. Not
+        retried."""
+        request = job_service_pb2.PauseQueueRequest(service=service, reason=reason, tenant=tenant)
+        response: job_service_pb2.PauseQueueResponse = await self._call(
+            self.jobs_stub.PauseQueue, request, retry=False
+        )
+        return response.queue
+
+    async def resume_queue(self, service: str, *, tenant: str = "") -> job_service_pb2.Queue:
+        """Resume a paused queue: its jobs are dispatched at once. Admins only. Not retried."""
+        request = job_service_pb2.ResumeQueueRequest(service=service, tenant=tenant)
+        response: job_service_pb2.ResumeQueueResponse = await self._call(
+            self.jobs_stub.ResumeQueue, request, retry=False
+        )
+        return response.queue
+
+    async def list_queues(self) -> list[job_service_pb2.Queue]:
+        """The queues (tenant and service) with jobs waiting or running, and
+        the paused ones: who paused them, when and why."""
+        response: job_service_pb2.ListQueuesResponse = await self._call(
+            self.jobs_stub.ListQueues, job_service_pb2.ListQueuesRequest(), retry=True
+        )
+        return list(response.queues)
+
     async def watch_job(self, job_id: str) -> AsyncIterator[common_pb2.Job]:
         """The job now, then every change, until it ends (a lost connection is
         reopened; the first snapshot after it is the current state)."""

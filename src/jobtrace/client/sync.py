@@ -412,6 +412,23 @@ class SyncClient:
     ) -> Iterator[job_service_pb2.PendingApproval]:
         return self._iterate(self.client.iter_pending_approvals(**filters))
 
+    def pause_workflow(self, workflow_id: str, reason: str = "") -> common_pb2.Workflow:
+        return self._run(self.client.pause_workflow(workflow_id, reason))
+
+    def resume_workflow(self, workflow_id: str) -> common_pb2.Workflow:
+        return self._run(self.client.resume_workflow(workflow_id))
+
+    def pause_queue(
+        self, service: str, reason: str = "", *, tenant: str = ""
+    ) -> job_service_pb2.Queue:
+        return self._run(self.client.pause_queue(service, reason, tenant=tenant))
+
+    def resume_queue(self, service: str, *, tenant: str = "") -> job_service_pb2.Queue:
+        return self._run(self.client.resume_queue(service, tenant=tenant))
+
+    def list_queues(self) -> list[job_service_pb2.Queue]:
+        return self._run(self.client.list_queues())
+
     def watch_job(self, job_id: str) -> Iterator[common_pb2.Job]:
         return self._iterate(self.client.watch_job(job_id))
 

@@ -30,6 +30,7 @@ ACTIVE_STATES = (
     RunState.PENDING,
     RunState.RUNNING,
     RunState.WAITING_FOR_HUMAN,
+    RunState.PAUSED,
 )
 # Runs whose last sent version a feed remembers (to never send one backwards);
 # the oldest is forgotten first.

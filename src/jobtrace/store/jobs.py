@@ -261,6 +261,7 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         "approval": gate_dumps(job.approval),
         "approval_decisions": decisions_dumps(job.decisions),
         "gate_deadline_us": job.gate_deadline_us,
+        "held": job.held,
     }
 
 
@@ -402,6 +403,7 @@ def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
         approval=gate_loads(row["approval"]),
         decisions=decisions_loads(row["approval_decisions"]),
         gate_deadline_us=row["gate_deadline_us"],
+        held=row["held"],
     )
 
 
@@ -975,6 +977,8 @@ def workflow_from_row(
         parent_run_id=row["parent_run_id"],
         root_run_id=row["root_run_id"],
         rerun_reason=row["rerun_reason"],
+        paused_us=row["paused_us"],
+        pause_reason=row["pause_reason"],
     )
 
 
@@ -1309,7 +1313,7 @@ async def annotations_by_id(session: AsyncSession, ids: Sequence[str]) -> dict[s
     return {r["id"]: r for r in (await session.execute(stmt)).mappings()}
 
 
-_ELIGIBLE: dict[tuple[int, int], Query] = {}
+_ELIGIBLE: dict[tuple[int, int, int], Query] = {}
 
 
 def _in(name: str, count: int) -> str:
@@ -1317,17 +1321,22 @@ def _in(name: str, count: int) -> str:
     return "(" + ", ".join(f":{name}{i}" for i in range(count)) + ")"
 
 
-def _eligible_query(tenants: int, skipped: int = 0) -> Query:
+def _eligible_query(tenants: int, skipped: int = 0, paused: int = 0) -> Query:
     """The eligible jobs of a service (a page), and one more row whose job
     columns are NULL and whose last column says when the service's next
     waiting job (not_before or backoff) becomes eligible: one statement for
     both questions a dispatch round asks. `skipped` placement classes (of
-    required labels the reading workers do not meet) are left out of both."""
+    required labels the reading workers do not meet) and the `paused`
+    tenants' jobs (their queue of this service is paused) are left out of
+    both; held jobs (held != 0) are never eligible, a range of the dispatch
+    index of their own."""
     where = (
-        "state = :queued AND service = :service"
+        "state = :queued AND service = :service AND held = 0"
         " AND not_before_us <= :now AND next_attempt_us <= :now"
     )
     skip = f" AND placement_class NOT IN {_in('skip', skipped)}" if skipped else ""
+    if paused:
+        skip += f" AND tenant NOT IN {_in('paused', paused)}"
     if tenants >= 0:
         where += f" AND tenant IN {_in('tenant', tenants)}" if tenants else " AND 0 = 1"
     names = [c.name for c in JOBS.columns]
@@ -1337,7 +1346,7 @@ def _eligible_query(tenants: int, skipped: int = 0) -> Query:
         f"SELECT {picked}, NULL AS next_eligible_us FROM (SELECT {picked} FROM jobs"
         f" WHERE {where}{skip} ORDER BY priority DESC, seq LIMIT :limit) AS page"
         f" UNION ALL SELECT {nulls}, (SELECT min({{f}}(not_before_us, next_attempt_us))"
-        " FROM jobs WHERE state = :queued AND service = :service"
+        " FROM jobs WHERE state = :queued AND service = :service AND held = 0"
         f" AND {{f}}(not_before_us, next_attempt_us) > :now{skip})"
     )
     return Query(template.format(f="max"), postgresql=template.format(f="greatest"))
@@ -1350,13 +1359,14 @@ async def eligible_jobs(
     limit: int,
     tenants: frozenset[str] | None = None,
     skip: Collection[str] = (),
+    paused: Collection[str] = (),
 ) -> tuple[list[Job], int | None]:
     """QUEUED jobs of a service that may run now (higher priority first, then
     oldest), and when the next of its waiting (not_before or backoff) jobs
     becomes eligible (None: none waits); jobs whose placement class is in
-    `skip` are left out of both."""
+    `skip`, of the `paused` tenants, or held, are left out of both."""
     names = sorted(tenants) if tenants is not None else None
-    shape = (-1 if names is None else len(names), len(skip))
+    shape = (-1 if names is None else len(names), len(skip), len(paused))
     q = _ELIGIBLE.get(shape)
     if q is None:
         q = _ELIGIBLE[shape] = _eligible_query(*shape)
@@ -1368,6 +1378,7 @@ async def eligible_jobs(
     }
     params.update((f"tenant{i}", t) for i, t in enumerate(names or ()))
     params.update((f"skip{i}", c) for i, c in enumerate(sorted(skip)))
+    params.update((f"paused{i}", t) for i, t in enumerate(sorted(paused)))
     jobs: list[Job] = []
     next_us: int | None = None
     for r in await sql.fetch(session, q, params):
@@ -1416,10 +1427,24 @@ _CLAIM_SET = (
 )
 # A job another replica is claiming right now (its row locked) is skipped, not
 # waited for: the lock is taken, SKIP LOCKED, by the claim's own statement.
+# The claim re-checks, in the same statement, that the job is not held (its
+# workflow or its queue paused: a pause that wrote its held bit first wins,
+# PostgreSQL re-checking a row another transaction changed) and that its
+# queue is not paused (queue_pauses, a primary-key probe: jobs queued after a
+# queue was paused carry no held bit). See domain.pause for the guarantee.
+_NOT_PAUSED = (
+    " AND held = 0 AND NOT EXISTS (SELECT 1 FROM queue_pauses p"
+    " WHERE p.tenant = jobs.tenant AND p.service = jobs.service)"
+)
 _CLAIM_AT = Query(
-    _CLAIM_SET + " WHERE id = :id AND state = :queued AND attempt = :seen_attempt RETURNING *",
+    _CLAIM_SET
+    + " WHERE id = :id AND state = :queued AND attempt = :seen_attempt"
+    + _NOT_PAUSED
+    + " RETURNING *",
     postgresql=_CLAIM_SET + " WHERE id = (SELECT id FROM jobs WHERE id = :id AND state = :queued"
-    " FOR UPDATE SKIP LOCKED) AND state = :queued AND attempt = :seen_attempt RETURNING *",
+    " AND held = 0 FOR UPDATE SKIP LOCKED) AND state = :queued AND attempt = :seen_attempt"
+    + _NOT_PAUSED
+    + " RETURNING *",
 )
 
 

@@ -73,6 +73,12 @@ class WorkflowRow(Base):
     parent_run_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
     root_run_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
     rerun_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # While PAUSED (and after a run that ended paused): when and why it was
+    # paused, and the state it was paused from (what ResumeWorkflow goes
+    # back to); 0, '' and 0 when it was never paused or has been resumed.
+    paused_us: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    pause_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
+    paused_from: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         # The supervisor's scan for workflows past their deadline: only the
@@ -181,6 +187,11 @@ class JobRow(Base):
     approval: Mapped[str | None] = mapped_column(Text, nullable=True)
     approval_decisions: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
     gate_deadline_us: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # 1 while its workflow is paused: never dispatched (the dispatch read and
+    # the claim both require 0). Set on every unfinished step by the pause,
+    # kept through a step's moves (PENDING -> QUEUED, a retry), inherited by
+    # fan-out children, cleared by the resume.
+    held: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         Index("ix_jobs_tenant_seq", "tenant", "seq"),
@@ -196,13 +207,27 @@ class JobRow(Base):
         Index("ix_jobs_tenant_service_seq", "tenant", "service", "seq"),
         Index("ix_jobs_tenant_state_seq", "tenant", "state", "seq"),
         Index("ix_jobs_workflow", "workflow_id", "step_index"),
-        # The dispatcher's scan: eligible jobs of a service by priority, then age.
-        Index("ix_jobs_dispatch", "state", "service", "priority", "seq"),
+        # The dispatcher's scan: eligible jobs of a service by priority, then
+        # age; held jobs (a paused workflow's) are a range of their own.
+        Index("ix_jobs_dispatch", "state", "service", "held", "priority", "seq"),
         # The supervisor's scan of leases.
         Index("ix_jobs_lease", "state", "lease_deadline_us"),
         # The supervisor's scan of approval gates past their timeout.
         Index("ix_jobs_gate_deadline", "state", "gate_deadline_us"),
     )
+
+
+class QueuePauseRow(Base):
+    """A paused queue: a tenant's jobs of one service are not dispatched
+    while this row exists (PauseQueue writes it, ResumeQueue deletes it)."""
+
+    __tablename__ = "queue_pauses"
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    service: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # The authenticated subject that paused it, when, and why.
+    paused_by: Mapped[str] = mapped_column(Text)
+    paused_us: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(Text)
 
 
 class JobLabelRow(Base):

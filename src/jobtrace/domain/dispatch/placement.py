@@ -20,6 +20,7 @@ from jobtrace.domain.errors import log_failure
 from jobtrace.model import JSON, Job, RunState, WaitingReason
 from jobtrace.store import codec
 from jobtrace.store import jobs as store
+from jobtrace.store import pause as pause_store
 from jobtrace.store.db import Tx
 from jobtrace.store.errors import is_transient
 
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 # Placement classes (of required labels) remembered at most; past it they are
 # forgotten and learnt again as their jobs are read.
 MAX_KNOWN_CLASSES = 1024
+# The longest the dispatcher sleeps without a wake-up (s).
+IDLE_S = 5.0
 
 # An attempt's end that its worker is told of at once (its lease revoked):
 # an operator's cancel or terminate, or the job's (or workflow's) timeout.
@@ -82,6 +85,10 @@ class Placement(Leases):
             except TimeoutError:
                 if timeout > 0:  # a waiting job may be due (or 5 s passed): look again
                     self._queue_seen = None
+                if timeout >= IDLE_S:
+                    # Idle: the paused queues are read again too (notices
+                    # keep them; this bounds how stale a lost one leaves them).
+                    self._paused_stale = True
 
     async def _dispatch_once(self) -> float:
         """Assign what can be assigned now; return how long to sleep at most."""
@@ -89,14 +96,26 @@ class Placement(Leases):
         try:
             if self._unsettled:
                 await self._settle_claims()
+            if self._paused_stale:
+                await self._read_paused_queues()
             return await self._assign_eligible()
         except Exception as exc:
             log_failure(log, exc, "dispatch failed; retrying")
             return 0.5
 
+    async def _read_paused_queues(self) -> None:
+        """Read the paused queues again (see SchedulerState.paused_queues)."""
+        self._paused_stale = False
+        try:
+            async with self._db.read() as db:
+                self.paused_queues = await pause_store.paused_queues(db)
+        except BaseException:
+            self._paused_stale = True
+            raise
+
     async def _assign_eligible(self) -> float:
         if not any(s.free_slots for s in self.sessions.values()):
-            return 5.0
+            return IDLE_S
         now = now_us()
         # One read per service, tenants and placement classes to skip (the
         # known classes of required labels the worker does not meet): what
@@ -124,12 +143,13 @@ class Placement(Leases):
         candidates: dict[str, Job] = {}
         next_us: int | None = None
         async with self._db.read() as db:
+            paused = self.paused_queues
             # A service with no free slot is not read: a slot that frees wakes
             # the dispatcher, which then reads it. One row more than the slots:
             # fewer says the queue holds no other eligible job.
             for (service, tenants, skip), slots in capacity.items():
                 jobs, waiting_us = await store.eligible_jobs(
-                    db, service, now, slots + 1, tenants, skip
+                    db, service, now, slots + 1, tenants, skip, _paused(paused, service, tenants)
                 )
                 drained = drained and len(jobs) <= slots
                 for job in jobs:
@@ -200,6 +220,10 @@ class Placement(Leases):
 
     def waiting_reason(self, job: Job) -> WaitingReason:
         """Why a job is not running yet, as this replica sees its workers now."""
+        if job.state in (RunState.PENDING, RunState.QUEUED) and (
+            job.held or job.tenant in self.paused_queues.get(job.spec.service, ())
+        ):
+            return WaitingReason.PAUSED
         if job.state == RunState.PENDING:
             return WaitingReason.DEPENDENCIES
         if job.state == RunState.WAITING_FOR_HUMAN:
@@ -374,10 +398,18 @@ class Placement(Leases):
         self.wake()
 
 
+def _paused(
+    paused: dict[str, frozenset[str]], service: str, tenants: frozenset[str] | None
+) -> frozenset[str]:
+    """The tenants whose queue of `service` is paused, of those a read covers."""
+    found = paused.get(service, frozenset())
+    return found if tenants is None or not found else found & tenants
+
+
 def _sleep_until(next_us: int | None, now: int) -> float:
     """How long the dispatcher may sleep: until the next waiting job is due,
-    at most 5 s."""
-    return 5.0 if next_us is None else min(5.0, max(0.0, (next_us - now) / 1e6))
+    at most IDLE_S."""
+    return IDLE_S if next_us is None else min(IDLE_S, max(0.0, (next_us - now) / 1e6))
 
 
 class Picked(NamedTuple):

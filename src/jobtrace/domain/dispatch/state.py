@@ -66,6 +66,13 @@ class SchedulerState:
         # those its workers do not meet. The version changes with the set.
         self._placement_classes: dict[str, tuple[LabelRequirement, ...]] = {}
         self._classes_version = 0
+        # The paused queues (service -> tenants) as last read, and whether
+        # they must be read again before the next dispatch read (a pause or
+        # resume here or on another replica, a lost LISTEN connection, an
+        # idle dispatcher's look-again). Stale, they cost a refused claim:
+        # the claim checks queue_pauses itself (see domain.pause).
+        self.paused_queues: dict[str, frozenset[str]] = {}
+        self._paused_stale = True
 
     def wake(self, *, slot_freed: bool = False) -> None:
         """Wake the dispatcher. Only `slot_freed` (a worker's slot came free,
@@ -75,6 +82,11 @@ class SchedulerState:
             self._queue_seen = None
             self._wakes += 1
         self._wake.set()
+
+    def queues_changed(self) -> None:
+        """A queue was paused or resumed (here or elsewhere): read them again."""
+        self._paused_stale = True
+        self.wake()
 
     @property
     def session_changes(self) -> asyncio.Event:
