@@ -449,8 +449,14 @@ async def test_worker_protocol_is_not_served_over_http_its_fleet_reads_are(
     web: Harness, client: httpx.AsyncClient
 ) -> None:
     api = web.stubs()
-    # The listener's own fallback serves the console's page.
+    # The listener's own fallback serves the console's page, whose features
+    # list only the RPCs served: of WorkerService, the fleet reads.
     assert (await client.get("/")).headers["content-type"].startswith("text/html")
+    features = (await client.get("/console/features.json")).json()["services"]
+    assert features["jobtrace.v1.WorkerService"] == ["ListWorkers", "WatchWorkers"]
+    assert features["jobtrace.v1.JobService"] == [
+        m.name for m in service_descriptor("JobService").methods
+    ]
     # A worker, connected over gRPC (the only way a worker connects).
     worker = RawWorker(api)
     try:
