@@ -29,7 +29,7 @@ from jobtrace.pb import trace_service_pb2 as t
 
 from .conftest import Harness, Stubs, wait_for
 from .test_security import ISSUER, SECRET, bearer, make_jwt, token, write_tokens
-from .workers import running
+from .workers import running, runtime_worker
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -38,6 +38,8 @@ DEADLINE_MS = 15_000
 # The server ends every EventSource stream after this long; the page's
 # EventSource reconnects with Last-Event-ID (Chromium waits about 3 s first).
 SSE_MAX_STREAM_S = 2.0
+# The heartbeat interval of the module's server (seconds).
+FLEET_TICK_S = 1.0
 
 
 def browser_problem() -> str:
@@ -152,7 +154,11 @@ async def console_on(
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def console(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Console]:
     db = tmp_path_factory.mktemp("console") / "jobtrace.db"
-    async with console_on(browser, db, http_max_stream_seconds=SSE_MAX_STREAM_S) as state:
+    # Heartbeats each second: the fleet registry (the Workers page) takes a
+    # worker's changes at most once per heartbeat interval.
+    async with console_on(
+        browser, db, http_max_stream_seconds=SSE_MAX_STREAM_S, heartbeat_seconds=FLEET_TICK_S
+    ) as state:
         yield state
 
 
@@ -193,10 +199,13 @@ async def test_console_loads_without_errors(console: Console) -> None:
     await expect(page.get_by_role("heading", name="Runs", exact=True)).to_be_visible()
     await expect(page.locator("#live-status")).to_have_text("● live")
     await expect(page.locator("#history-runs")).to_be_attached()
-    # Workers: this listener does not serve WorkerService, and the page says so
-    # without calling it (features.json lists the RPCs it serves).
+    # Workers: the listener serves the fleet reads (features.json lists them),
+    # and the module's worker is there.
     await page.get_by_role("link", name="Workers").click()
-    await expect(page.locator("#workers-status")).to_contain_text("does not serve the fleet")
+    await expect(page.locator("#workers-status")).to_have_text("● live")
+    await expect(page.locator('#workers tr[data-worker="console-worker"]')).to_contain_text(
+        "console.hold"
+    )
     await page.get_by_role("link", name="Runs", exact=True).click()
     await expect(page.locator("#live-status")).to_have_text("● live")
     console.assert_no_errors()
@@ -419,6 +428,66 @@ async def test_phone_width_has_no_horizontal_scroll(console: Console) -> None:
             console.gate(f"wf-phone.{name}").set()
         await page.set_viewport_size({"width": 1280, "height": 800})
     assert await no_horizontal_scroll(page)
+    console.assert_no_errors()
+
+
+async def test_the_workers_page_shows_a_worker_and_what_it_holds_live(console: Console) -> None:
+    from playwright.async_api import expect
+
+    page = console.page
+    await page.goto(f"{console.base}/#/workers")
+    await expect(page.locator("#workers-status")).to_have_text("● live", timeout=DEADLINE_MS)
+    await expect(page.locator('#workers tr[data-worker="console-worker"]')).to_be_visible(
+        timeout=DEADLINE_MS
+    )
+    # A mark that a reload would wipe: the page must change without one.
+    await page.evaluate("window.__noReload = true")
+    release = asyncio.Event()
+
+    async def fleet(ctx: JobContext) -> dict[str, Any]:
+        await release.wait()
+        return {"done": True}
+
+    row = page.locator('#workers tr[data-worker="fleet-worker"]')
+    try:
+        async with runtime_worker(
+            console.harness.target,
+            {"console.fleet": fleet},
+            worker_id="fleet-worker",
+            max_concurrency=2,
+            labels={"pool": "browser"},
+        ):
+            # It connects: its row appears, with its services, labels and slots.
+            await expect(row).to_be_visible(timeout=DEADLINE_MS)
+            await expect(row).to_contain_text("console.fleet", timeout=DEADLINE_MS)
+            await expect(row).to_contain_text("pool=browser", timeout=DEADLINE_MS)
+            await expect(row).to_contain_text("2 of 2 slots free", timeout=DEADLINE_MS)
+            await expect(row).to_contain_text("nothing", timeout=DEADLINE_MS)
+            # A job it runs shows in its held list while it runs.
+            job = (
+                await console.api.jobs.SubmitJob(
+                    j.SubmitJobRequest(
+                        request_id="fleet-held", job=c.JobSpec(service="console.fleet")
+                    )
+                )
+            ).job
+            held = row.locator(f'a[href="#/runs/{job.id}"]')
+            await expect(held).to_be_visible(timeout=DEADLINE_MS)
+            await expect(row).to_contain_text("attempt 1", timeout=DEADLINE_MS)
+            await expect(row).to_contain_text("1 of 2 slots free", timeout=DEADLINE_MS)
+            # Done: the worker holds nothing again and counts it.
+            release.set()
+            await expect(held).to_have_count(0, timeout=DEADLINE_MS)
+            await expect(row).to_contain_text("nothing", timeout=DEADLINE_MS)
+            await expect(row).to_contain_text("1 done", timeout=DEADLINE_MS)
+        # Disconnected: its row goes.
+        await expect(row).to_have_count(0, timeout=DEADLINE_MS)
+    finally:
+        release.set()
+    await expect(page.locator('#workers tr[data-worker="console-worker"]')).to_be_visible(
+        timeout=DEADLINE_MS
+    )
+    assert await page.evaluate("window.__noReload === true")
     console.assert_no_errors()
 
 

@@ -77,6 +77,19 @@ async def test_features_name_the_rpcs_of_the_served_services_only() -> None:
     assert "VerifyAttestation" in services["jobtrace.v1.AttestationService"]
 
 
+def test_features_list_only_the_served_rpcs_of_a_service() -> None:
+    served = console.features(
+        {
+            "jobtrace.v1.JobService": None,
+            "jobtrace.v1.WorkerService": frozenset({"WatchWorkers", "ListWorkers"}),
+        }
+    )
+    assert set(served) == {"jobtrace.v1.JobService", "jobtrace.v1.WorkerService"}
+    # In the contract's order; the worker protocol (Connect, GetStepResult) not listed.
+    assert served["jobtrace.v1.WorkerService"] == ["ListWorkers", "WatchWorkers"]
+    assert "CancelJob" in served["jobtrace.v1.JobService"]
+
+
 async def test_every_shipped_file_is_served() -> None:
     for entry in console.STATIC.iterdir():
         status, _, body = await get(f"/console/{entry.name}")

@@ -32,10 +32,13 @@ from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
 from jobtrace.pb import service_descriptor
 from jobtrace.pb import trace_service_pb2 as t
+from jobtrace.pb import worker_service_pb2 as w
 from jobtrace.server import Authenticator, check_exposure
-from jobtrace.web.listener import HTTP_SERVICES
+from jobtrace.web.listener import HTTP_METHODS, HTTP_SERVICES, served_methods
 
 from .conftest import Harness, Stubs, wait_for
+from .test_security import MATRIX, ROLES, token, write_tokens
+from .workers import RawWorker
 
 HTTP = "127.0.0.1:0"
 JSON = "json"
@@ -195,7 +198,7 @@ async def client(web: Harness) -> AsyncIterator[httpx.AsyncClient]:
 async def _fixtures(api: Stubs) -> dict[str, str]:
     """Runs and records the table of requests refers to."""
     ids: dict[str, str] = {}
-    for name in ("run", "cancel-json", "cancel-proto", "attested"):
+    for name in ("run", "cancel-json", "cancel-proto", "attested", "term-json", "term-proto"):
         job = await api.jobs.SubmitJob(
             j.SubmitJobRequest(request_id=f"conf-{name}", job=c.JobSpec(service="svc"))
         )
@@ -209,6 +212,30 @@ async def _fixtures(api: Stubs) -> dict[str, str]:
             )
         )
         ids[f"wf-{codec}"] = wf.workflow.id
+        for kind in ("term", "ended"):
+            other = await api.jobs.SubmitWorkflow(
+                j.SubmitWorkflowRequest(
+                    request_id=f"conf-{kind}-wf-{codec}",
+                    name="conformance",
+                    steps=[c.WorkflowStepSpec(name="a", job=c.JobSpec(service="svc"))],
+                )
+            )
+            ids[f"{kind}-wf-{codec}"] = other.workflow.id
+        await api.jobs.CancelWorkflow(
+            j.CancelWorkflowRequest(workflow_id=ids[f"ended-wf-{codec}"], reason="ended")
+        )
+        gated = await api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(
+                request_id=f"conf-gated-{codec}",
+                name="gated",
+                steps=[
+                    c.WorkflowStepSpec(
+                        name="gate", approval=c.ApprovalGate(approvers=["role:reviewer"])
+                    )
+                ],
+            )
+        )
+        ids[f"gated-{codec}"] = gated.workflow.id
     await api.trace.AppendTraceEvents(
         t.AppendTraceEventsRequest(
             run_id=ids["run"], events=[c.TraceEvent(event_key="k0", message="hello conformance")]
@@ -242,6 +269,25 @@ def _table(ids: dict[str, str], codec: str) -> dict[str, Callable[[], Message]]:
         "WatchWorkflow": lambda: j.WatchWorkflowRequest(workflow_id=wf),
         "AwaitJob": lambda: j.AwaitJobRequest(job_id=ids[f"cancel-{codec}"]),
         "AwaitWorkflow": lambda: j.AwaitWorkflowRequest(workflow_id=wf),
+        "TerminateJob": lambda: j.TerminateJobRequest(job_id=ids[f"term-{codec}"], reason="t"),
+        "TerminateWorkflow": lambda: j.TerminateWorkflowRequest(
+            workflow_id=ids[f"term-wf-{codec}"], reason="t"
+        ),
+        "RerunJob": lambda: j.RerunJobRequest(job_id=ids["attested"], request_id=f"rr-{codec}"),
+        "RerunWorkflow": lambda: j.RerunWorkflowRequest(
+            workflow_id=ids[f"ended-wf-{codec}"], request_id=f"rw-{codec}"
+        ),
+        "CancelRuns": lambda: j.CancelRunsRequest(
+            filter=j.BulkRunFilter(service="svc"), dry_run=True
+        ),
+        "RerunRuns": lambda: j.RerunRunsRequest(
+            filter=j.BulkRunFilter(service="svc"), dry_run=True
+        ),
+        "ApproveStep": lambda: j.ApproveStepRequest(
+            workflow_id=ids[f"gated-{codec}"],
+            step="gate",
+            disposition=c.APPROVAL_DISPOSITION_APPROVED,
+        ),
         "SummarizeFailures": lambda: j.SummarizeFailuresRequest(
             since=timestamp_pb2.Timestamp(seconds=int(time.time()) - 3600)
         ),
@@ -272,7 +318,8 @@ async def test_every_connect_rpc_answers_json_and_binary_as_grpc_does(
     ids = await _fixtures(api)
     covered = 0
     for service in HTTP_SERVICES:
-        for method in service_descriptor(service).methods:
+        for name in served_methods(service):
+            method = method_of(service, name)
             empty = GetMessageClass(method.input_type)()
             expected = await grpc_code(api, method, empty)
             for codec in (JSON, PROTO):
@@ -300,7 +347,11 @@ async def test_every_connect_rpc_answers_json_and_binary_as_grpc_does(
                 if not method.server_streaming:
                     assert answer.status == 200 and len(answer.messages) == 1
             covered += 1
-    assert covered == sum(len(service_descriptor(s).methods) for s in HTTP_SERVICES)
+    # Every RPC of the services served whole, and exactly the fleet reads of
+    # WorkerService.
+    whole = [s for s, methods in HTTP_METHODS.items() if methods is None]
+    assert HTTP_METHODS["WorkerService"] == {"ListWorkers", "WatchWorkers"}
+    assert covered == sum(len(service_descriptor(s).methods) for s in whole) + 2
 
 
 async def test_errors_carry_the_grpc_codes_and_details(
@@ -394,29 +445,127 @@ async def test_server_stream_over_http1_with_json_envelopes(
     assert states[-1] == c.RUN_STATE_CANCELLED
 
 
-async def test_worker_service_is_not_served_over_http(
+async def test_worker_protocol_is_not_served_over_http_its_fleet_reads_are(
     web: Harness, client: httpx.AsyncClient
 ) -> None:
-    # The listener's own fallback serves the console's page.
+    api = web.stubs()
+    # The listener's own fallback serves the console's page, whose features
+    # list only the RPCs served: of WorkerService, the fleet reads.
     assert (await client.get("/")).headers["content-type"].startswith("text/html")
+    features = (await client.get("/console/features.json")).json()["services"]
+    assert features["jobtrace.v1.WorkerService"] == ["ListWorkers", "WatchWorkers"]
+    assert features["jobtrace.v1.JobService"] == [
+        m.name for m in service_descriptor("JobService").methods
+    ]
+    # A worker, connected over gRPC (the only way a worker connects).
+    worker = RawWorker(api)
+    try:
+        await worker.hello("w-http", ["svc.fleet"], max_concurrency=2, labels={"zone": "a"})
 
+        async def listed_over_grpc() -> w.ListWorkersResponse | None:
+            found = await api.workers.ListWorkers(w.ListWorkersRequest())
+            return found if found.workers else None
+
+        # ListWorkers: JSON and binary, the same answer as over gRPC.
+        expected = await wait_for(listed_over_grpc)
+        assert [x.worker_id for x in expected.workers] == ["w-http"]
+        list_workers = method_of("WorkerService", "ListWorkers")
+        for codec in (JSON, PROTO):
+            answer = await call(client, list_workers, w.ListWorkersRequest(), codec)
+            assert answer.code == "ok", answer.error
+            assert answer.messages == [expected]
+        # proto JSON names, as the console reads them.
+        response = await client.post(
+            "/jobtrace.v1.WorkerService/ListWorkers",
+            content=b"{}",
+            headers={"content-type": "application/json"},
+        )
+        listed = response.json()["workers"][0]
+        assert listed["workerId"] == "w-http" and listed["services"] == ["svc.fleet"]
+        assert listed["maxConcurrency"] == 2 and listed["labels"] == {"zone": "a"}
+        assert "connectedAt" in listed and "sessionId" in listed
+        # A filter that matches nothing: nothing, as over gRPC.
+        none = await call(
+            client,
+            list_workers,
+            w.ListWorkersRequest(filter=w.WorkerFilter(service="nope")),
+            JSON,
+        )
+        assert none.code == "ok" and list(none.messages[0].workers) == []  # type: ignore[attr-defined]
+    finally:
+        await worker.close()
+
+    # Connect and GetStepResult are not routed at all (404, not unimplemented),
+    # not even through a fallback (where the console's assets are served).
     async def console(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"console"})
 
-    # Not even through a fallback (where the console's assets are served).
     assert web.server is not None and web.server.http is not None
     web.server.http.app.fallback = console
     assert (await client.get("/")).text == "console"
-    for method in service_descriptor("WorkerService").methods:
-        response = await client.post(
-            f"/jobtrace.v1.WorkerService/{method.name}",
-            content=b"{}",
-            headers={"content-type": "application/json"},
-        )
-        assert response.status_code == 404
+    for name in ("Connect", "GetStepResult"):
+        for kind in ("application/json", "application/proto", "application/connect+json"):
+            response = await client.post(
+                f"/jobtrace.v1.WorkerService/{name}",
+                content=b"{}",
+                headers={"content-type": kind},
+            )
+            assert response.status_code == 404, (name, kind, response.text)
+            assert response.text == "not found\n"
+    served = {m.name for m in service_descriptor("WorkerService").methods} - {
+        "Connect",
+        "GetStepResult",
+    }
+    assert served == {"ListWorkers", "WatchWorkers"}
     response = await client.get("/grpc.health.v1.Health/Check")
     assert response.status_code == 404
+
+
+async def read_frames(response: httpx.Response) -> AsyncIterator[tuple[int, bytes]]:
+    """The envelopes of a streamed Connect response, as they arrive."""
+    buffer = b""
+    async for chunk in response.aiter_raw():
+        buffer += chunk
+        while len(buffer) >= 5:
+            flags, size = struct.unpack(">BI", buffer[:5])
+            if len(buffer) < 5 + size:
+                break
+            frame, buffer = buffer[5 : 5 + size], buffer[5 + size :]
+            yield flags, frame
+
+
+async def test_watch_workers_streams_over_http1(web: Harness, client: httpx.AsyncClient) -> None:
+    api = web.stubs()
+    changes: list[tuple[str, str]] = []
+    worker: RawWorker | None = None
+    try:
+        async with client.stream(
+            "POST",
+            "/jobtrace.v1.WorkerService/WatchWorkers",
+            content=envelope(b"{}"),
+            headers={"content-type": "application/connect+json", "connect-timeout-ms": "15000"},
+        ) as response:
+            assert response.status_code == 200
+            assert response.http_version == "HTTP/1.1"
+            assert response.headers["content-type"] == "application/connect+json"
+            async for flags, frame in read_frames(response):
+                assert flags == 0, frame
+                message = json.loads(frame)
+                if "snapshotDone" in message:
+                    # Live: a worker connecting now shows up on this stream.
+                    assert changes == []
+                    worker = RawWorker(api)
+                    await worker.hello("w-watch", ["svc.watch"])
+                elif "change" in message:
+                    change = message["change"]
+                    changes.append((change["type"], change["worker"]["workerId"]))
+                    assert change["worker"]["services"] == ["svc.watch"]
+                    break
+    finally:
+        if worker is not None:
+            await worker.close()
+    assert changes == [("WORKER_CHANGE_TYPE_CONNECTED", "w-watch")]
 
 
 async def test_without_http_listen_there_is_no_http(sqlite_url: str) -> None:
@@ -600,6 +749,90 @@ async def test_bearer_tokens_roles_and_tenancy_as_over_grpc(secured: Harness) ->
         assert (
             await http.get(f"/v1/runs/{job_id}/events?access_token=tok-reader-umbrella")
         ).status_code == 404
+
+
+async def watch_workers_code(http: httpx.AsyncClient, tok: str) -> tuple[str, list[str]]:
+    """WatchWorkers over HTTP with a token: its code in the test_security
+    MATRIX's spelling ("OK" once the snapshot is done) and the snapshot's
+    worker ids."""
+    seen: list[str] = []
+    async with http.stream(
+        "POST",
+        "/jobtrace.v1.WorkerService/WatchWorkers",
+        content=envelope(b"{}"),
+        headers={
+            "content-type": "application/connect+json",
+            "authorization": f"Bearer {tok}",
+            "connect-timeout-ms": "15000",
+        },
+    ) as response:
+        assert response.status_code == 200
+        async for flags, frame in read_frames(response):
+            message = json.loads(frame)
+            if flags == 2:
+                return message["error"]["code"].upper(), seen
+            if "snapshotDone" in message:
+                return "OK", seen
+            if "change" in message:
+                seen.append(message["change"]["worker"]["workerId"])
+    raise AssertionError("the stream ended without an end-of-stream message")
+
+
+async def test_fleet_reads_follow_the_grpc_roles_and_tenancy(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """ListWorkers and WatchWorkers over HTTP answer each role and tenant as
+    test_security's MATRIX says gRPC does, with the same workers."""
+    tokens = tmp_path / "tokens.yaml"
+    write_tokens(tokens)
+    async with Harness(sqlite_url, http_listen=HTTP, tokens_file=str(tokens)) as h:
+        api = h.stubs()
+        worker = RawWorker(api, metadata=(("authorization", f"Bearer {token('worker', 'acme')}"),))
+        try:
+            await worker.hello("w-acme", ["svc.auth"])
+            admin = (("authorization", f"Bearer {token('admin', 'acme')}"),)
+
+            async def registered() -> bool:
+                found = await api.workers.ListWorkers(w.ListWorkersRequest(), metadata=admin)
+                return bool(found.workers)
+
+            await wait_for(registered)
+            callers = [(role, tenant) for tenant in ("acme", "umbrella") for role in ROLES]
+            list_workers = method_of("WorkerService", "ListWorkers")
+            async with httpx.AsyncClient(base_url=h.http_url, timeout=20) as http:
+                missing = await call(http, list_workers, w.ListWorkersRequest())
+                assert (missing.code, missing.reason()) == ("unauthenticated", "TOKEN_MISSING")
+                for (role, tenant), lists, watches in zip(
+                    callers, MATRIX["ListWorkers"], MATRIX["WatchWorkers"], strict=True
+                ):
+                    tok = token(role, tenant)
+                    md = (("authorization", f"Bearer {tok}"),)
+                    try:
+                        over_grpc = await api.workers.ListWorkers(
+                            w.ListWorkersRequest(), metadata=md
+                        )
+                        grpc_ids = [x.worker_id for x in over_grpc.workers]
+                    except grpc.aio.AioRpcError as err:
+                        assert err.code().name == lists, (role, tenant)
+                        grpc_ids = []
+                    for codec in (JSON, PROTO):
+                        answer = await call(
+                            http,
+                            list_workers,
+                            w.ListWorkersRequest(),
+                            codec,
+                            {"authorization": f"Bearer {tok}"},
+                        )
+                        assert answer.code.upper() == lists, (role, tenant, codec, answer.error)
+                        if lists == "OK":
+                            ids = [x.worker_id for x in answer.messages[0].workers]  # type: ignore[attr-defined]
+                            assert ids == grpc_ids, (role, tenant, codec)
+                    code, ids = await watch_workers_code(http, tok)
+                    assert code == watches, (role, tenant)
+                    if watches == "OK":
+                        assert ids == grpc_ids, (role, tenant)
+        finally:
+            await worker.close()
 
 
 async def test_event_source_query_token_works_and_is_never_logged(

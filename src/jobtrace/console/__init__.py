@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -50,7 +50,7 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
 ]
 # The services the console may call over Connect; WorkerService (its fleet
-# views) only where the listener says it serves it.
+# reads) only where the listener says it serves them.
 CONSOLE_SERVICES = ("JobService", "TraceService", "AttestationService", "WorkerService")
 DEFAULT_SERVED = (
     "jobtrace.v1.JobService",
@@ -79,13 +79,29 @@ def _file(name: str) -> tuple[bytes, bytes, bytes] | None:
     return body, kind.encode(), etag.encode()
 
 
-def features(served: Iterable[str] | None = None) -> dict[str, list[str]]:
-    """Service name -> its RPC names, from the contract compiled into this
-    server, of the services the listener serves (`served`: full service
-    names; None: JobService, TraceService and AttestationService)."""
+Served = Iterable[str] | Mapping[str, Iterable[str] | None]
+
+
+def _served(served: Served | None) -> dict[str, frozenset[str] | None]:
+    """Full service name -> the RPC names served (None: all of them)."""
+    if served is None:
+        return {name: None for name in DEFAULT_SERVED}
+    if isinstance(served, Mapping):
+        return {
+            name: None if methods is None else frozenset(methods)
+            for name, methods in served.items()
+        }
+    return {name: None for name in served}
+
+
+def features(served: Served | None = None) -> dict[str, list[str]]:
+    """Service name -> its RPC names served, in the contract's order, from the
+    contract compiled into this server. `served`: full service names (all of
+    their RPCs), or full service name -> the RPC names the listener serves
+    (None: all); None: JobService, TraceService and AttestationService."""
     from jobtrace.pb import service_descriptor
 
-    wanted = set(DEFAULT_SERVED if served is None else served)
+    wanted = _served(served)
     out: dict[str, list[str]] = {}
     for name in CONSOLE_SERVICES:
         try:
@@ -94,17 +110,19 @@ def features(served: Iterable[str] | None = None) -> dict[str, list[str]]:
             continue
         if service.full_name not in wanted:
             continue
-        out[service.full_name] = [m.name for m in service.methods]
+        methods = wanted[service.full_name]
+        out[service.full_name] = [
+            m.name for m in service.methods if methods is None or m.name in methods
+        ]
     return out
 
 
 def make_app(
-    served: Iterable[str] | None = None,
+    served: Served | None = None,
 ) -> App:
-    """The console's ASGI app; `served`: the full names of the services the
-    Connect listener mounts (None: see features)."""
-    names = None if served is None else tuple(served)
-    feature_body = json.dumps({"services": features(names)}, sort_keys=True).encode()
+    """The console's ASGI app; `served`: what the Connect listener serves
+    (see features)."""
+    feature_body = json.dumps({"services": features(served)}, sort_keys=True).encode()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -85,8 +85,10 @@ def install_safe_codecs() -> None:
 
 class HttpApp:
     """Routes `/<package.Service>/<Method>` to that service's Connect
-    application and `/v1/runs/{run_id}/events` to the EventSource endpoint;
-    everything else is 404 (WorkerService is not mounted). Requests with an
+    application, when `methods` lists that method for it (None: every method
+    of a mounted service), and `/v1/runs/{run_id}/events` to the EventSource
+    endpoint; everything else is 404 (WorkerService's worker protocol, health,
+    reflection: not routed at all, whatever the fallback serves). Requests with an
     `Origin` get CORS headers only when the origin is in `cors_origins`;
     preflights from other origins are refused (403)."""
 
@@ -95,12 +97,19 @@ class HttpApp:
         services: Mapping[str, ASGIApp],
         events: EventsEndpoint,
         *,
+        methods: Mapping[str, Iterable[str] | None] | None = None,
         cors_origins: Iterable[str] = (),
         max_message_bytes: int,
         stall_s: float = 30.0,
     ) -> None:
         install_safe_codecs()
         self._services = dict(services)
+        self._methods: dict[str, frozenset[str] | None] = {
+            name: None
+            if methods is None or methods.get(name) is None
+            else frozenset(methods[name] or ())
+            for name in self._services
+        }
         self._events = events
         self._origins = frozenset(o.rstrip("/") for o in cors_origins)
         self._max_body = max_message_bytes
@@ -135,8 +144,11 @@ class HttpApp:
             return
         service, _, rpc = path.lstrip("/").partition("/")
         app = self._services.get(service) if service else None
-        # `/<package.Service>/<Method>` of a service not served here (WorkerService,
-        # health, reflection) is 404 whatever the fallback serves.
+        served = self._methods.get(service)
+        if app is not None and served is not None and rpc not in served:
+            app = None  # a method of a mounted service not served over HTTP
+        # `/<package.Service>/<Method>` not served here (WorkerService's
+        # worker protocol, health, reflection) is 404 whatever the fallback serves.
         is_rpc = "." in service and bool(rpc) and "/" not in rpc
         if app is None and self.fallback is not None and not is_rpc:
             await self.fallback(scope, receive, _with_headers(send, cors))

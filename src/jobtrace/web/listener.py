@@ -25,8 +25,25 @@ from jobtrace.web.sse import EventsEndpoint
 
 log = logging.getLogger(__name__)
 
-# The services served over HTTP (WorkerService stays gRPC-only).
-HTTP_SERVICES = ("JobService", "TraceService", "AttestationService")
+# What the HTTP listener serves, in one place: service -> None (every RPC) or
+# the RPC names served. WorkerService's worker protocol (Connect, and
+# GetStepResult, which only workers call) stays gRPC-only; its fleet reads are
+# served for the console. An RPC not listed is not routed at all (404).
+HTTP_METHODS: dict[str, frozenset[str] | None] = {
+    "JobService": None,
+    "TraceService": None,
+    "AttestationService": None,
+    "WorkerService": frozenset({"ListWorkers", "WatchWorkers"}),
+}
+HTTP_SERVICES = tuple(HTTP_METHODS)
+
+
+def served_methods(service: str) -> tuple[str, ...]:
+    """The RPC names of `service` (short name) served over HTTP, in proto order."""
+    allowed = HTTP_METHODS.get(service, frozenset())
+    return tuple(
+        m.name for m in service_descriptor(service).methods if allowed is None or m.name in allowed
+    )
 
 
 def connect_apps(
@@ -38,19 +55,30 @@ def connect_apps(
         attestation_service_connect,
         job_service_connect,
         trace_service_connect,
+        worker_service_connect,
     )
 
     generated = {
         "JobService": job_service_connect.JobServiceASGIApplication,
         "TraceService": trace_service_connect.TraceServiceASGIApplication,
         "AttestationService": attestation_service_connect.AttestationServiceASGIApplication,
+        "WorkerService": worker_service_connect.WorkerServiceASGIApplication,
     }
     apps: dict[str, ASGIApp] = {}
     for name in HTTP_SERVICES:
         descriptor = service_descriptor(name)
-        delegate = Delegate(descriptor, servicers[name], metrics)
+        delegate = Delegate(descriptor, servicers[name], metrics, served=served_methods(name))
         apps[descriptor.full_name] = generated[name](delegate, read_max_bytes=max_message_bytes)
     return apps
+
+
+def http_routes() -> dict[str, frozenset[str]]:
+    """Full service name -> the RPC names served over HTTP (what HttpApp
+    routes and the console's features.json lists)."""
+    return {
+        service_descriptor(name).full_name: frozenset(served_methods(name))
+        for name in HTTP_SERVICES
+    }
 
 
 class BoundedGzip:
@@ -130,12 +158,13 @@ class HttpListener:
         self.app = HttpApp(
             apps,
             EventsEndpoint(servicers["TraceService"], stall_s=stall_s, max_stream_s=max_stream_s),
+            methods=http_routes(),
             cors_origins=cors_origins,
             max_message_bytes=max_message_bytes,
             stall_s=stall_s,
         )
         # The web console's files at / and /console/* (jobtrace.console).
-        self.app.fallback = console.make_app(apps)
+        self.app.fallback = console.make_app(http_routes())
         self._address = address
         self._max_concurrent = max_concurrent_calls
         self._sock: socket.socket | None = None

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from connectrpc.code import Code
@@ -59,16 +59,28 @@ class Delegate:
     RPC with an HttpCallContext, under the caller's deadline, in the log
     context (request id, method) a gRPC call gets, counted in the RPC
     metrics as gRPC calls are. Built from the service descriptor, so an RPC
-    added to the proto is served over HTTP with no change here."""
+    added to the proto is served over HTTP with no change here.
+
+    `served`: the RPC names served over HTTP (None: all). Every other method
+    (and any client or bidi stream, which HTTP/1.1 cannot carry) gets a
+    function that refuses, so the generated application, which reads each
+    method eagerly, still builds; HttpApp does not route to them at all."""
 
     def __init__(
-        self, descriptor: ServiceDescriptor, servicer: Any, metrics: Metrics | None = None
+        self,
+        descriptor: ServiceDescriptor,
+        servicer: Any,
+        metrics: Metrics | None = None,
+        *,
+        served: Iterable[str] | None = None,
     ) -> None:
+        allowed = None if served is None else frozenset(served)
         self._methods: dict[str, Callable[..., Any]] = {}
         for method in descriptor.methods:
-            if method.client_streaming:
-                continue  # not over HTTP/1.1 (none of the mounted services has one)
             full = f"/{descriptor.full_name}/{method.name}"
+            if method.client_streaming or (allowed is not None and method.name not in allowed):
+                self._methods[snake_case(method.name)] = _refused(full, method.server_streaming)
+                continue
             behavior = getattr(servicer, method.name)
             kind = "server_stream" if method.server_streaming else "unary"
             counters = metrics.rpc(full, kind) if metrics is not None else None
@@ -82,6 +94,26 @@ class Delegate:
             return self._methods[name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+def _refused(method: str, streaming: bool) -> Callable[..., Any]:
+    """A method not served over HTTP: NOT_FOUND, should a request reach it."""
+
+    def error() -> ConnectError:
+        return ConnectError(Code.NOT_FOUND, f"{method} is not served over HTTP")
+
+    if streaming:
+
+        async def stream(request: Any, ctx: RequestContext[Any, Any]) -> AsyncIterator[Any]:
+            raise error()
+            yield  # an async generator, as the generated code expects
+
+        return stream
+
+    async def call(request: Any, ctx: RequestContext[Any, Any]) -> Any:
+        raise error()
+
+    return call
 
 
 def _unary(

@@ -28,7 +28,7 @@ export function workersView(main) {
 
   (async () => {
     if (!(await has("WorkerService", "WatchWorkers"))) {
-      statusLine(status, "This server does not serve the fleet over HTTP (WorkerService is gRPC-only here): "
+      statusLine(status, "This server does not serve the fleet over HTTP (WorkerService.WatchWorkers): "
         + "use `jobtrace workers` instead.", "failed");
       empty.hidden = true;
       table.hidden = true;
