@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -488,6 +489,290 @@ async def test_the_workers_page_shows_a_worker_and_what_it_holds_live(console: C
         timeout=DEADLINE_MS
     )
     assert await page.evaluate("window.__noReload === true")
+    console.assert_no_errors()
+
+
+# ---- operator actions on a workflow: approve and reject a gate, pause and
+# resume, terminate, rerun (each button against the real RPC).
+
+
+async def submit_gated(api: Stubs, rid: str, *, job_step: bool = True) -> c.Workflow:
+    """build (a console.step the test opens at gate `<rid>.build`) -> review
+    (an approval gate any reviewer may decide)."""
+    steps = []
+    if job_step:
+        spec = c.JobSpec(service="console.step")
+        spec.payload.update({"gate": f"{rid}.build"})
+        steps.append(c.WorkflowStepSpec(name="build", job=spec))
+    steps.append(
+        c.WorkflowStepSpec(
+            name="review",
+            approval=c.ApprovalGate(approvers=["role:reviewer"]),
+            depends_on=["build"] if job_step else [],
+        )
+    )
+    response = await api.jobs.SubmitWorkflow(
+        j.SubmitWorkflowRequest(request_id=rid, name="gated-release", steps=steps)
+    )
+    return response.workflow
+
+
+async def get_workflow(api: Stubs, workflow_id: str) -> c.Workflow:
+    response = await api.jobs.GetWorkflow(j.GetWorkflowRequest(workflow_id=workflow_id))
+    return response.workflow
+
+
+async def in_state(api: Stubs, workflow_id: str, state: int) -> bool:
+    return (await get_workflow(api, workflow_id)).state == state
+
+
+def summary_state(page: Any) -> Any:
+    return page.locator("#run-summary [data-state]").first
+
+
+async def open_waiting_gate(console: Console, rid: str) -> c.Workflow:
+    """A gated workflow whose build the test completes, shown on the page with
+    its review gate selected: waiting for approval."""
+    from playwright.async_api import expect
+
+    page = console.page
+    workflow = await submit_gated(console.api, rid)
+    await page.goto(f"{console.base}/#/runs/{workflow.id}")
+    gate = page.locator('#steps .node[data-step="review"]')
+    await expect(gate).to_have_attribute("data-state", "PENDING")
+    console.gate(f"{rid}.build").set()
+    await expect(gate).to_have_attribute("data-state", "WAITING_FOR_HUMAN")
+    await expect(summary_state(page)).to_have_attribute("data-state", "WAITING_FOR_HUMAN")
+    await expect(summary_state(page)).to_have_text("✋ waiting for approval")
+    await gate.click()
+    detail = page.locator("#step-detail")
+    await expect(detail).to_contain_text("Step review")
+    await expect(detail).to_contain_text("waiting for approval")
+    await expect(detail).to_contain_text("role:reviewer")
+    await expect(detail).to_contain_text("0 of 1 approval")
+    return workflow
+
+
+async def test_approve_from_the_console_completes_the_gate_and_the_workflow(
+    console: Console,
+) -> None:
+    from google.protobuf import json_format
+    from playwright.async_api import expect
+
+    from jobtrace.pb import attestation_service_pb2 as a
+
+    page = console.page
+    workflow = await open_waiting_gate(console, "wf-approve")
+    detail = page.locator("#step-detail")
+    await detail.get_by_label("Comment").fill("ship it, checked in the browser")
+    await detail.get_by_role("button", name="Approve").click()
+    await expect(page.locator('#steps .node[data-step="review"]')).to_have_attribute(
+        "data-state", "COMPLETED"
+    )
+    await expect(summary_state(page)).to_have_attribute("data-state", "COMPLETED")
+    # The decision, with its comment, in the gate's detail.
+    decision = detail.locator('.decisions li[data-disposition="approved"]')
+    await expect(decision).to_contain_text("ship it, checked in the browser")
+    await expect(detail.get_by_role("button", name="Approve")).to_have_count(0)
+    done = await get_workflow(console.api, workflow.id)
+    assert done.state == c.RUN_STATE_COMPLETED
+    review = next(s for s in done.steps if s.name == "review")
+    assert review.state == c.RUN_STATE_COMPLETED
+    [decided] = review.approval.decisions
+    assert decided.disposition == c.APPROVAL_DISPOSITION_APPROVED
+    assert decided.comment == "ship it, checked in the browser"
+    # Recorded as approval.* annotations by the caller's subject (no auth: the
+    # local admin), the comment in their payload.
+    annotations = (
+        await console.api.attest.ListAnnotations(
+            a.ListAnnotationsRequest(
+                run_id=workflow.id, key_prefix="approval.", view=a.ANNOTATION_VIEW_FULL
+            )
+        )
+    ).annotations
+    assert annotations, "the decision is recorded as annotations"
+    by_key = {n.key: n for n in annotations}
+    disposition = by_key["approval.disposition"]
+    assert disposition.value.string_value == "approved"
+    assert disposition.scope_id == "review"
+    assert disposition.recorded_by == decided.approver != ""
+    assert disposition.actor.id == decided.approver
+    assert list(by_key["approval.approvers"].value.list_value.values)[0].string_value == (
+        decided.approver
+    )
+    payload = json_format.MessageToDict(disposition.payload)
+    assert payload == {"comment": "ship it, checked in the browser"}
+    console.assert_no_errors()
+
+
+async def test_reject_from_the_console_fails_the_workflow(console: Console) -> None:
+    from playwright.async_api import expect
+
+    page = console.page
+    workflow = await open_waiting_gate(console, "wf-reject")
+    detail = page.locator("#step-detail")
+    await detail.get_by_label("Comment").fill("not today")
+    await detail.get_by_role("button", name="Reject").click()
+    await expect(page.locator('#steps .node[data-step="review"]')).to_have_attribute(
+        "data-state", "FAILED"
+    )
+    await expect(summary_state(page)).to_have_attribute("data-state", "FAILED")
+    await expect(detail.locator('.decisions li[data-disposition="rejected"]')).to_contain_text(
+        "not today"
+    )
+    failed = await get_workflow(console.api, workflow.id)
+    assert failed.state == c.RUN_STATE_FAILED
+    # An ended run offers a rerun, no longer pause, cancel or terminate.
+    actions = page.locator("#run-actions")
+    await expect(actions.locator('[data-action="rerun"]')).to_have_count(1)
+    for gone in ("cancel", "terminate", "pause", "resume"):
+        await expect(actions.locator(f'[data-action="{gone}"]')).to_have_count(0)
+    console.assert_no_errors()
+
+
+async def test_pause_and_resume_from_the_console(console: Console) -> None:
+    from playwright.async_api import expect
+
+    page = console.page
+    workflow = await submit_gated(console.api, "wf-pause")
+    await page.goto(f"{console.base}/#/runs/{workflow.id}")
+    await expect(page.locator('#steps .node[data-step="build"]')).to_have_attribute(
+        "data-state", "RUNNING"
+    )
+    actions = page.locator("#run-actions")
+    await expect(actions.locator('[data-action="resume"]')).to_have_count(0)
+    await page.get_by_label("Reason").fill("maintenance window")
+    await actions.get_by_role("button", name="Pause").click()
+    await expect(summary_state(page)).to_have_attribute("data-state", "PAUSED")
+    await expect(summary_state(page)).to_have_text("⏸ paused")
+    paused = await get_workflow(console.api, workflow.id)
+    assert paused.state == c.RUN_STATE_PAUSED
+    # Paused: Resume instead of Pause; still live (cancel, terminate); no rerun.
+    await expect(actions.locator('[data-action="pause"]')).to_have_count(0)
+    await expect(actions.locator('[data-action="rerun"]')).to_have_count(0)
+    await expect(actions.locator('[data-action="terminate"]')).to_have_count(1)
+    # The runs list shows it live, with a readable badge.
+    await page.goto(f"{console.base}/#/runs")
+    row = page.locator(f'#live-runs tr[data-run-id="{workflow.id}"]')
+    await expect(row).to_have_attribute("data-live", "true")
+    await expect(row.locator("[data-state]")).to_have_text("⏸ paused")
+    await page.goto(f"{console.base}/#/runs/{workflow.id}")
+    await actions.get_by_role("button", name="Resume").click()
+    await expect(summary_state(page)).to_have_attribute("data-state", "RUNNING")
+    resumed = await get_workflow(console.api, workflow.id)
+    assert resumed.state == c.RUN_STATE_RUNNING
+    await expect(actions.locator('[data-action="pause"]')).to_have_count(1)
+    # Done with it: the build ends, the gate waits; terminate it from here.
+    console.gate("wf-pause.build").set()
+    await expect(summary_state(page)).to_have_attribute("data-state", "WAITING_FOR_HUMAN")
+    await console.api.jobs.TerminateWorkflow(
+        j.TerminateWorkflowRequest(workflow_id=workflow.id, reason="test done")
+    )
+    console.assert_no_errors()
+
+
+async def test_a_refused_action_shows_the_servers_reason(console: Console) -> None:
+    """The run ends between the page's last news and the click: the page still
+    offers Pause, and shows the server's FAILED_PRECONDITION when it refuses."""
+    from google.protobuf import json_format
+    from playwright.async_api import expect
+
+    page = console.page
+    workflow = await submit_gated(console.api, "wf-race")
+    await wait_for(lambda: in_state(console.api, workflow.id, c.RUN_STATE_RUNNING))
+    running_now = await get_workflow(console.api, workflow.id)
+    # The page's watch sees the run RUNNING, then its stream ends: no later news.
+    message = json.dumps({"workflow": json_format.MessageToDict(running_now)}).encode()
+    stream = b"\x00" + len(message).to_bytes(4, "big") + message + b"\x02\x00\x00\x00\x02{}"
+    watch = "**/jobtrace.v1.JobService/WatchWorkflow"
+
+    async def frozen(route: Any) -> None:
+        await route.fulfill(status=200, content_type="application/connect+json", body=stream)
+
+    await page.route(watch, frozen)
+    try:
+        await page.goto(f"{console.base}/#/runs/{workflow.id}")
+        await expect(summary_state(page)).to_have_attribute("data-state", "RUNNING")
+        pause = page.locator('#run-actions [data-action="pause"]')
+        await expect(pause).to_have_count(1)
+        await console.api.jobs.TerminateWorkflow(
+            j.TerminateWorkflowRequest(workflow_id=workflow.id, reason="raced")
+        )
+        await pause.click()
+        status = page.locator("#action-status")
+        await expect(status).to_contain_text("Pause refused: failed precondition")
+        await expect(status).to_contain_text("TERMINATED")
+        await expect(status).to_have_attribute("data-kind", "error")
+    finally:
+        await page.unroute(watch)
+        console.gate("wf-race.build").set()
+    # The only error the page logged is the refusal the server answered.
+    assert all("status of 400" in e for e in console.errors), console.errors
+    console.errors.clear()
+
+
+async def test_terminate_from_the_console_reaches_the_worker(console: Console) -> None:
+    from playwright.async_api import expect
+
+    page = console.page
+    workflow = (
+        await console.api.jobs.SubmitWorkflow(
+            j.SubmitWorkflowRequest(
+                request_id="wf-terminate",
+                name="long-haul",
+                steps=[c.WorkflowStepSpec(name="hold", job=c.JobSpec(service="console.hold"))],
+            )
+        )
+    ).workflow
+    await page.goto(f"{console.base}/#/runs/{workflow.id}")
+    await expect(page.locator('#steps .node[data-step="hold"]')).to_have_attribute(
+        "data-state", "RUNNING"
+    )
+    job_id = workflow.steps[0].job_id
+    await page.get_by_label("Reason").fill("terminated by the browser test")
+    await page.locator("#run-actions").get_by_role("button", name="Terminate").click()
+    await expect(summary_state(page)).to_have_attribute("data-state", "TERMINATED")
+    await wait_for(lambda: job_id in console.cancels, timeout=DEADLINE_MS / 1000)
+    assert "terminated by the browser test" in console.cancels[job_id]
+    assert (await get_workflow(console.api, workflow.id)).state == c.RUN_STATE_TERMINATED
+    await expect(page.locator('#steps .node[data-step="hold"]')).to_have_attribute(
+        "data-state", "TERMINATED"
+    )
+    console.assert_no_errors()
+
+
+async def test_rerun_from_the_console_links_the_new_run(console: Console) -> None:
+    from playwright.async_api import expect
+
+    page = console.page
+    old = await submit_gated(console.api, "wf-rerun", job_step=False)
+    await wait_for(lambda: in_state(console.api, old.id, c.RUN_STATE_WAITING_FOR_HUMAN))
+    await console.api.jobs.ApproveStep(
+        j.ApproveStepRequest(
+            workflow_id=old.id, step="review", disposition=c.APPROVAL_DISPOSITION_REJECTED
+        )
+    )
+    await page.goto(f"{console.base}/#/runs/{old.id}")
+    await expect(summary_state(page)).to_have_attribute("data-state", "FAILED")
+    await page.get_by_label("Reason").fill("try again")
+    await page.locator("#run-actions").get_by_role("button", name="Rerun").click()
+    link = page.locator("#action-status #rerun-link")
+    await expect(link).to_have_text(re.compile(r"^wf_"))
+    new_id = await link.text_content()
+    assert new_id and new_id != old.id
+    reruns = (
+        await console.api.jobs.ListWorkflows(j.ListWorkflowsRequest(parent_run_id=old.id))
+    ).workflows
+    assert [w.id for w in reruns] == [new_id]
+    assert reruns[0].parent_run_id == old.id
+    await link.click()
+    await expect(page.locator("h2 code")).to_have_text(new_id)
+    await expect(page.locator('#steps .node[data-step="review"]')).to_have_attribute(
+        "data-state", "WAITING_FOR_HUMAN"
+    )
+    await console.api.jobs.TerminateWorkflow(
+        j.TerminateWorkflowRequest(workflow_id=new_id, reason="test done")
+    )
     console.assert_no_errors()
 
 

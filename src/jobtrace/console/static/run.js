@@ -4,7 +4,7 @@
 import { f, features, follow, has, mayCall, refusedTo, unary } from "./connect.js";
 import {
   announce, between, durationMs, enumName, errorText, fmtDuration, h, isTerminal, jsonBlock,
-  progressBar, replaceChildren, runKind, runLink, stateBadge, stateName, statusLine, timeEl,
+  progressBar, replaceChildren, runKind, runLink, stateBadge, stateName, stateWords, statusLine, timeEl,
 } from "./util.js";
 import { traceView } from "./trace.js";
 
@@ -50,22 +50,30 @@ export function runView(main, runId) {
   const renderAll = () => {
     if (!current) return;
     renderSummary(summary, current, kind);
-    renderActions(actions, actionStatus, current, kind, runId);
+    renderActions(actions, actionStatus, current, kind, runId, onRun);
     if (kind === "workflow") renderGraph(graph, current, jobs, selectStep, selectedStep);
   };
+
+  function showStep() {
+    const step = (f(current, "steps") || []).find((s) => f(s, "name") === selectedStep);
+    if (step) renderStepDetail(stepDetail, step, jobs.get(f(step, "job_id")), current, onRun);
+  }
 
   function selectStep(name) {
     selectedStep = name;
     renderAll();
-    const step = (f(current, "steps") || []).find((s) => f(s, "name") === name);
-    if (step) renderStepDetail(stepDetail, step, jobs.get(f(step, "job_id")), current);
+    showStep();
   }
 
   function onRun(run) {
+    // Never backwards: a call's answer may arrive after the watch's newer news.
+    const seen = Date.parse(f(current, "updated_at") || "") || 0;
+    if (current && (Date.parse(f(run, "updated_at") || "") || 0) < seen) return;
     const wasEnded = ended;
     current = run;
     ended = isTerminal(f(run, "state"));
     renderAll();
+    if (selectedStep) showStep();
     if (ended && !wasEnded) {
       announce(`run ${stateName(f(run, "state")).toLowerCase()}`);
       loadAnnotations(annotations, runId);
@@ -92,7 +100,7 @@ export function runView(main, runId) {
         const changed = f(message, "changed_job");
         if (changed) jobs.set(f(changed, "id"), changed);
         if (run) onRun(run);
-        if (changed && selectedStep) selectStep(selectedStep);
+        else if (changed && selectedStep) showStep();
       },
       onState(state, err) {
         const text = { connecting: "connecting…", live: "● live", retrying: `reconnecting (${errorText(err)})`,
@@ -149,44 +157,54 @@ function renderSummary(el, run, kind) {
 }
 
 // ---- actions: each shown when the listener serves its RPC, the run's state
-// allows it, and the caller may (every run action needs the submitter role:
-// a JWT's roles claim hides them up front; a PERMISSION_DENIED hides them for
-// this token from then on).
+// allows it (as the server's state machine, domain/states.py ACTIONS, says),
+// and the caller may (every run action needs the submitter role: a JWT's
+// roles claim hides them up front; a PERMISSION_DENIED hides them for this
+// token from then on). A refusal (FAILED_PRECONDITION: the run moved on
+// meanwhile) shows the server's words.
 const ACTION_ROLE = "submitter";
+const LIVE_JOB = ["PENDING", "QUEUED", "RUNNING", "WAITING_FOR_HUMAN"];
+const LIVE_WORKFLOW = ["QUEUED", "RUNNING", "WAITING_FOR_HUMAN", "PAUSED"];
+const PAUSABLE = ["QUEUED", "RUNNING", "WAITING_FOR_HUMAN"];
+const among = (states) => (s) => states.includes(stateName(s));
+
+// Every rerun is a new idempotency key: a second click is a second rerun.
+const requestId = () => `console-${crypto.randomUUID()}`;
 
 function actionList(kind, runId) {
   const reasonOf = () => document.getElementById("action-reason")?.value.trim() || "";
   if (kind === "workflow") {
     return [
-      { id: "cancel", label: "Cancel", method: "CancelWorkflow", when: (s) => !isTerminal(s),
+      { id: "cancel", label: "Cancel", method: "CancelWorkflow", when: among(LIVE_WORKFLOW),
         request: () => ({ workflowId: runId, reason: reasonOf() || "cancelled from the console" }) },
-      { id: "terminate", label: "Terminate", method: "TerminateWorkflow", when: (s) => !isTerminal(s),
+      { id: "terminate", label: "Terminate", method: "TerminateWorkflow", when: among(LIVE_WORKFLOW),
         request: () => ({ workflowId: runId, reason: reasonOf() || "terminated from the console" }) },
-      { id: "pause", label: "Pause", method: "PauseWorkflow",
-        when: (s) => ["QUEUED", "RUNNING", "WAITING_FOR_HUMAN", "PENDING"].includes(stateName(s)),
-        request: () => ({ workflowId: runId, reason: reasonOf() }) },
-      { id: "resume", label: "Resume", method: "ResumeWorkflow", when: (s) => stateName(s) === "PAUSED",
+      { id: "pause", label: "Pause", method: "PauseWorkflow", when: among(PAUSABLE),
+        request: () => ({ workflowId: runId, reason: reasonOf() || "paused from the console" }) },
+      { id: "resume", label: "Resume", method: "ResumeWorkflow", when: among(["PAUSED"]),
         request: () => ({ workflowId: runId }) },
-      { id: "rerun", label: "Rerun", method: "RerunWorkflow", when: (s) => isTerminal(s),
-        request: () => ({ workflowId: runId, requestId: `console-${crypto.randomUUID()}`, reason: reasonOf() }),
+      { id: "rerun", label: "Rerun", method: "RerunWorkflow", when: isTerminal,
+        request: () => ({ workflowId: runId, requestId: requestId(), reason: reasonOf() }),
         result: "workflow" },
     ];
   }
   return [
-    { id: "cancel", label: "Cancel", method: "CancelJob", when: (s) => !isTerminal(s),
+    { id: "cancel", label: "Cancel", method: "CancelJob", when: among(LIVE_JOB),
       request: () => ({ jobId: runId, reason: reasonOf() || "cancelled from the console" }) },
-    { id: "terminate", label: "Terminate", method: "TerminateJob", when: (s) => !isTerminal(s),
+    { id: "terminate", label: "Terminate", method: "TerminateJob", when: among(LIVE_JOB),
       request: () => ({ jobId: runId, reason: reasonOf() || "terminated from the console" }) },
-    { id: "rerun", label: "Rerun", method: "RerunJob", when: (s) => isTerminal(s),
-      request: () => ({ jobId: runId, requestId: `console-${crypto.randomUUID()}`, reason: reasonOf() }),
+    // A workflow's step is rerun with its workflow (RerunJob refuses it).
+    { id: "rerun", label: "Rerun", method: "RerunJob", when: (s, run) => isTerminal(s) && !f(run, "workflow_id"),
+      request: () => ({ jobId: runId, requestId: requestId(), reason: reasonOf() }),
       result: "job" },
   ];
 }
 
-async function renderActions(el, status, run, kind, runId) {
+async function renderActions(el, status, run, kind, runId, onRun) {
   el.latestRun = run;
   const known = (await features()).services?.["jobtrace.v1.JobService"] || [];
-  const state = f(el.latestRun, "state"); // the newest, should renders cross
+  const latest = el.latestRun; // the newest: renders that crossed the await agree
+  const state = f(latest, "state");
   // From here on no await: two renders cannot interleave and add a button twice.
   if (!el.querySelector("#action-reason")) {
     el.append(h("label", { for: "action-reason" }, "Reason"),
@@ -194,7 +212,8 @@ async function renderActions(el, status, run, kind, runId) {
   }
   for (const action of actionList(kind, runId)) {
     let button = el.querySelector(`[data-action="${action.id}"]`);
-    const wanted = known.includes(action.method) && action.when(state) && mayCall(action.method, ACTION_ROLE);
+    const wanted = known.includes(action.method) && action.when(state, latest)
+      && mayCall(action.method, ACTION_ROLE);
     if (!wanted) { button?.remove(); continue; }
     if (button) continue;
     button = h("button", { type: "button", dataset: { action: action.id } }, action.label);
@@ -205,9 +224,16 @@ async function renderActions(el, status, run, kind, runId) {
         const response = await unary("JobService", action.method, action.request());
         if (action.result) {
           const created = f(response, action.result);
-          replaceChildren(status, `${action.label}: new run `, runLink(f(created, "id")));
+          const id = f(created, "id");
+          replaceChildren(status, `${action.label}: new run `,
+            h("a", { id: "rerun-link", href: `#/runs/${encodeURIComponent(id)}` }, id));
+          status.dataset.kind = "ok";
+          status.dataset.newRun = id;
         } else {
-          statusLine(status, `${action.label}: sent.`, "ok");
+          statusLine(status, `${action.label}: done.`, "ok");
+          // The run as the call left it, before the watch says so.
+          const after = f(response, kind);
+          if (after && f(after, "id") === runId) onRun(after);
         }
       } catch (err) {
         if (err.code === "permission_denied" || err.code === "unimplemented") {
@@ -276,6 +302,10 @@ function stepNode(step, jobs, onSelect, selected) {
   const duration = started ? fmtDuration(between(started, f(job, "completed_at"))) : "";
   const deps = f(step, "depends_on") || [];
   const percent = stateName(state) === "COMPLETED" ? 100 : f(f(step, "progress"), "percent", 0);
+  const approval = f(step, "approval");
+  const meta = approval
+    ? `approval gate · ${approvalCount(approval)}`
+    : [`attempt ${f(step, "attempt", 0)}`, duration ? ` · ${duration}` : ""];
   return h("button.node", {
     type: "button", "data-step": name, "data-state": stateName(state),
     "aria-pressed": selected === name ? "true" : "false",
@@ -284,7 +314,7 @@ function stepNode(step, jobs, onSelect, selected) {
   h("span.node-name", {}, name),
   stateBadge(state),
   progressBar(percent, `progress of step ${name}`),
-  h("span.node-meta", {}, `attempt ${f(step, "attempt", 0)}`, duration ? ` · ${duration}` : ""),
+  h("span.node-meta", {}, meta),
   h("span.node-deps", {}, deps.length ? `after ${deps.join(", ")}` : "no dependencies"));
 }
 
@@ -322,23 +352,61 @@ function drawEdges(host, svg, steps) {
   }
 }
 
-async function renderStepDetail(el, step, job, workflow) {
+// "1 of 2 approvals": how far an approval gate has got.
+function approvalCount(approval) {
+  const need = f(f(approval, "gate"), "min_approvals", 0) || 1;
+  return `${f(approval, "approvals", 0)} of ${need} approval${need === 1 ? "" : "s"}`;
+}
+
+// An approval gate's approvers and the decisions so far.
+function approvalFacts(approval, state) {
+  const gate = f(approval, "gate") || {};
+  const rows = [
+    ["Gate", stateWords(state)],
+    ["Approvers", (f(gate, "approvers") || []).map((a) => h("span.tag", {}, a))],
+    ["Approvals", approvalCount(approval)],
+  ];
+  if (f(approval, "deadline")) rows.push(["Deadline", timeEl(f(approval, "deadline"))]);
+  const decisions = f(approval, "decisions") || [];
+  rows.push(["Decisions", decisions.length
+    ? h("ul.decisions", {}, decisions.map((d) => {
+      const verdict = enumName(f(d, "disposition"), "APPROVAL_DISPOSITION");
+      return h("li", { dataset: { approver: f(d, "approver") || "", disposition: verdict } },
+        `${verdict === "approved" ? "✓" : "✗"} ${verdict} by ${f(d, "approver") || "?"}`,
+        f(d, "comment") ? `: “${f(d, "comment")}”` : "", " ", timeEl(f(d, "decided_at")));
+    }))
+    : "none yet"]);
+  return rows;
+}
+
+async function renderStepDetail(el, step, job, workflow, onRun) {
   const name = f(step, "name");
   const jobId = f(step, "job_id");
+  const state = f(step, "state");
+  const approval = f(step, "approval");
+  // Redraw only on news: a redraw would drop a comment being typed.
+  const key = JSON.stringify([step, job || null]);
+  if (el.dataset.renderedKey === key) return;
+  el.dataset.renderedKey = key;
   const started = f(job, "first_started_at") || f(job, "started_at");
-  const rows = [
-    ["Job", runLink(jobId)], ["State", stateBadge(f(step, "state"))],
-    ["Attempt", String(f(step, "attempt", 0))], ["Worker", f(job, "worker_id") || "—"],
-    ["Started", timeEl(started)], ["Ended", timeEl(f(job, "completed_at"))],
-    ["Duration", fmtDuration(between(started, f(job, "completed_at"))) || "—"],
-  ];
+  const rows = [["Job", runLink(jobId)], ["State", stateBadge(state)]];
+  if (approval) {
+    rows.push(...approvalFacts(approval, state));
+  } else {
+    rows.push(["Attempt", String(f(step, "attempt", 0))], ["Worker", f(job, "worker_id") || "—"],
+      ["Started", timeEl(started)], ["Ended", timeEl(f(job, "completed_at"))],
+      ["Duration", fmtDuration(between(started, f(job, "completed_at"))) || "—"]);
+  }
   const failure = f(job, "failure");
   if (failure && f(failure, "reason")) rows.push(["Failure", `${f(failure, "code") || ""} ${f(failure, "reason")}`]);
-  const approve = h("div.actions");
+  const approve = h("div.actions.approve", { role: "group", "aria-label": `Decide step ${name}` });
+  approve.hidden = true;
   const payload = h("div.payload");
   replaceChildren(el, h("h4", {}, `Step ${name}`),
     h("dl.facts", {}, rows.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])), approve, payload);
-  if (jobId && el.dataset.payloadOf !== jobId) {
+  if (approval) {
+    el.dataset.payloadOf = "";
+  } else if (jobId && el.dataset.payloadOf !== jobId) {
     el.dataset.payloadOf = jobId;
     el.payload = undefined;
     unary("JobService", "GetJob", { jobId })
@@ -348,24 +416,44 @@ async function renderStepDetail(el, step, job, workflow) {
   } else {
     showPayload(el);
   }
-  if (stateName(f(step, "state")) === "WAITING_FOR_HUMAN" && mayCall("ApproveStep", "reviewer")
-      && await has("JobService", "ApproveStep")) {
-    const status = h("p", { role: "status" });
-    const decide = (disposition, label) => h("button", { type: "button", dataset: { action: label.toLowerCase() },
-      onclick: async (event) => {
-        try {
-          await unary("JobService", "ApproveStep", {
-            workflowId: f(workflow, "id"), step: name, disposition,
-            comment: document.getElementById("action-reason")?.value.trim() || "" });
-          statusLine(status, `${label}: recorded.`, "ok");
-        } catch (err) {
-          if (err.code === "permission_denied") { refusedTo("ApproveStep"); approve.replaceChildren(status); }
-          statusLine(status, `${label} refused: ${errorText(err)}`, "error");
-        }
-      } }, label);
-    approve.append(decide("APPROVAL_DISPOSITION_APPROVED", "Approve"),
-      decide("APPROVAL_DISPOSITION_REJECTED", "Reject"), status);
+  // The comment field and the decision's status line outlive redraws of the
+  // detail (kept on the element, per step): a refusal stays readable when the
+  // gate moves on.
+  if (el.approvalStep !== name) {
+    el.approvalStep = name;
+    el.comment = h("input", { id: "approval-comment", type: "text", maxlength: "1000", autocomplete: "off" });
+    el.approvalStatus = h("p.approval-status", { id: "approval-status", role: "status" });
   }
+  const status = el.approvalStatus;
+  if (status.textContent) { approve.append(status); approve.hidden = false; }
+  if (stateName(state) !== "WAITING_FOR_HUMAN" || !mayCall("ApproveStep", "reviewer")) return;
+  if (!(await has("JobService", "ApproveStep")) || el.dataset.renderedKey !== key) return;
+  const decide = (disposition, label) => h("button", { type: "button", dataset: { action: label.toLowerCase() },
+    onclick: async (event) => {
+      const button = event.currentTarget;
+      button.disabled = true;
+      statusLine(status, `${label}…`);
+      try {
+        const response = await unary("JobService", "ApproveStep", {
+          workflowId: f(workflow, "id"), step: name, disposition, comment: el.comment.value.trim() });
+        statusLine(status, `${label}: recorded.`, "ok");
+        el.comment.value = "";
+        const after = f(response, "workflow");
+        if (after) onRun(after);
+      } catch (err) {
+        if (err.code === "permission_denied" || err.code === "unimplemented") {
+          refusedTo("ApproveStep");
+          approve.querySelectorAll("button").forEach((b) => b.remove());
+        }
+        statusLine(status, `${label} refused: ${errorText(err)}`, "error");
+      } finally {
+        button.disabled = false;
+      }
+    } }, label);
+  approve.append(h("label", { for: "approval-comment" }, "Comment"), el.comment,
+    decide("APPROVAL_DISPOSITION_APPROVED", "Approve"),
+    decide("APPROVAL_DISPOSITION_REJECTED", "Reject"), status);
+  approve.hidden = false;
 }
 
 function showPayload(el) {

@@ -2,8 +2,8 @@
 // and the paged history (ListJobs / ListWorkflows with page tokens).
 import { f, follow, unary } from "./connect.js";
 import {
-  STATES, announce, errorText, h, isTerminal, progressBar, replaceChildren, runLink, stateBadge,
-  stateName, statusLine, timeEl,
+  STATES, announce, errorText, h, isLive, isTerminal, progressBar, replaceChildren, runLink, stateBadge,
+  stateName, stateWords, statusLine, timeEl,
 } from "./util.js";
 
 const LIVE_LIMIT = 200;
@@ -12,7 +12,7 @@ const PAGE_SIZE = 25;
 export function runsView(main) {
   const filters = { state: "", kind: "", service: "", name: "" };
   const stateOptions = [h("option", { value: "" }, "any state"),
-    ...STATES.map((s) => h("option", { value: s }, s.replace(/_/g, " ").toLowerCase()))];
+    ...STATES.map((s) => h("option", { value: s }, stateWords(s)))];
   const form = h("form.filters", { "aria-label": "Run filters" },
     h("div.field", {}, h("label", { for: "f-state" }, "State"),
       h("select", { id: "f-state", name: "state" }, stateOptions)),
@@ -113,7 +113,7 @@ export function runsView(main) {
         rows.delete(last.dataset.runId);
         last.remove();
       }
-      announce(`${kind} ${f(run, "name") || f(f(run, "spec"), "service") || id} ${stateName(f(run, "state")).toLowerCase()}`);
+      announce(`${kind} ${f(run, "name") || f(f(run, "spec"), "service") || id} ${stateWords(f(run, "state"))}`);
     }
     rows.set(id, { row, updated });
     liveEmpty.hidden = true;
@@ -216,7 +216,7 @@ function runRow(run, kind) {
     percent = isTerminal(state) && stateName(state) === "COMPLETED" ? 100 : f(f(run, "progress"), "percent", 0);
     detail = `attempt ${f(run, "attempt", 0)}`;
   }
-  return h("tr", { dataset: { runId: id, kind, state: stateName(state) } },
+  return h("tr", { dataset: { runId: id, kind, state: stateName(state), live: String(isLive(state)) } },
     h("th", { scope: "row" },
       h("span.kind", {}, kind === "workflow" ? "workflow" : "job"), " ",
       runLink(id, title), h("div.id", {}, id)),

@@ -52,12 +52,20 @@ export function stateName(value) {
   return String(value).replace(/^RUN_STATE_/, "");
 }
 export const isTerminal = (state) => TERMINAL.has(stateName(state));
+// Live: not ended (PAUSED and WAITING_FOR_HUMAN runs are live too).
+export const isLive = (state) => STATES.includes(stateName(state)) && !isTerminal(state);
+
+// A state as words: WAITING_FOR_HUMAN is a gate (or a workflow) waiting for approval.
+const STATE_WORDS = { WAITING_FOR_HUMAN: "waiting for approval" };
+export function stateWords(value) {
+  const name = stateName(value);
+  return STATE_WORDS[name] || name.replace(/_/g, " ").toLowerCase();
+}
 
 export function stateBadge(value) {
   const name = stateName(value);
   return h(`span.badge.state-${name.toLowerCase()}`, { "data-state": name },
-    h("span", { "aria-hidden": "true" }, STATE_MARK[name] || "?"), " ",
-    name.replace(/_/g, " ").toLowerCase());
+    h("span", { "aria-hidden": "true" }, STATE_MARK[name] || "?"), " ", stateWords(name));
 }
 
 export function enumName(value, prefix) {
