@@ -79,8 +79,10 @@ async def browser() -> AsyncIterator[Any]:
         if os.environ.get("JOBTRACE_REQUIRE_BROWSER") == "1":
             pytest.fail(f"JOBTRACE_REQUIRE_BROWSER=1 but {problem}")
         pytest.skip(problem)
-    from playwright.async_api import async_playwright
+    from playwright.async_api import async_playwright, expect
 
+    # The deadline of every expect() too (Playwright's default is 5 s).
+    expect.set_options(timeout=DEADLINE_MS)
     async with async_playwright() as pw:
         chromium = await pw.chromium.launch(executable_path=shutil.which("chromium"), headless=True)
         try:
@@ -597,9 +599,8 @@ async def test_approve_from_the_console_completes_the_gate_and_the_workflow(
     assert disposition.scope_id == "review"
     assert disposition.recorded_by == decided.approver != ""
     assert disposition.actor.id == decided.approver
-    assert list(by_key["approval.approvers"].value.list_value.values)[0].string_value == (
-        decided.approver
-    )
+    approvers = [v.string_value for v in by_key["approval.approvers"].value.list_value.values]
+    assert approvers == [decided.approver]
     payload = json_format.MessageToDict(disposition.payload)
     assert payload == {"comment": "ship it, checked in the browser"}
     console.assert_no_errors()
