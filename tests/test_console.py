@@ -532,7 +532,9 @@ def summary_state(page: Any) -> Any:
     return page.locator("#run-summary [data-state]").first
 
 
-async def open_waiting_gate(console: Console, rid: str) -> c.Workflow:
+async def open_waiting_gate(
+    console: Console, rid: str, *, from_summary: bool = False
+) -> c.Workflow:
     """A gated workflow whose build the test completes, shown on the page with
     its review gate selected: waiting for approval."""
     from playwright.async_api import expect
@@ -546,7 +548,11 @@ async def open_waiting_gate(console: Console, rid: str) -> c.Workflow:
     await expect(gate).to_have_attribute("data-state", "WAITING_FOR_HUMAN")
     await expect(summary_state(page)).to_have_attribute("data-state", "WAITING_FOR_HUMAN")
     await expect(summary_state(page)).to_have_text("✋ waiting for approval")
-    await gate.click()
+    # The gate opens from its graph node, or from the summary's list of waiting gates.
+    if from_summary:
+        await page.locator('#run-summary button[data-gate="review"]').click()
+    else:
+        await gate.click()
     detail = page.locator("#step-detail")
     await expect(detail).to_contain_text("Step review")
     await expect(detail).to_contain_text("waiting for approval")
@@ -576,6 +582,7 @@ async def test_approve_from_the_console_completes_the_gate_and_the_workflow(
     decision = detail.locator('.decisions li[data-disposition="approved"]')
     await expect(decision).to_contain_text("ship it, checked in the browser")
     await expect(detail.get_by_role("button", name="Approve")).to_have_count(0)
+    await expect(page.locator("#annotations")).to_contain_text("approval.disposition")
     done = await get_workflow(console.api, workflow.id)
     assert done.state == c.RUN_STATE_COMPLETED
     review = next(s for s in done.steps if s.name == "review")
@@ -610,7 +617,7 @@ async def test_reject_from_the_console_fails_the_workflow(console: Console) -> N
     from playwright.async_api import expect
 
     page = console.page
-    workflow = await open_waiting_gate(console, "wf-reject")
+    workflow = await open_waiting_gate(console, "wf-reject", from_summary=True)
     detail = page.locator("#step-detail")
     await detail.get_by_label("Comment").fill("not today")
     await detail.get_by_role("button", name="Reject").click()
@@ -768,6 +775,7 @@ async def test_rerun_from_the_console_links_the_new_run(console: Console) -> Non
     assert reruns[0].parent_run_id == old.id
     await link.click()
     await expect(page.locator("h2 code")).to_have_text(new_id)
+    await expect(page.locator(f'#run-summary a[href="#/runs/{old.id}"]')).to_be_visible()
     await expect(page.locator('#steps .node[data-step="review"]')).to_have_attribute(
         "data-state", "WAITING_FOR_HUMAN"
     )

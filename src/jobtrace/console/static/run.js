@@ -49,7 +49,7 @@ export function runView(main, runId) {
 
   const renderAll = () => {
     if (!current) return;
-    renderSummary(summary, current, kind);
+    renderSummary(summary, current, kind, selectStep);
     renderActions(actions, actionStatus, current, kind, runId, onRun);
     if (kind === "workflow") renderGraph(graph, current, jobs, selectStep, selectedStep);
   };
@@ -111,13 +111,15 @@ export function runView(main, runId) {
       },
     }));
   loadJobs();
+  // A decision on a gate is recorded as annotations at once.
+  stepDetail.addEventListener("decided", () => loadAnnotations(annotations, runId));
   stops.push(traceView(traceHost, runId));
   loadAnnotations(annotations, runId);
   loadAttestations(attestations, context, runId, kind, null);
   return () => stops.forEach((stop) => stop());
 }
 
-function renderSummary(el, run, kind) {
+function renderSummary(el, run, kind, onSelect) {
   const state = f(run, "state");
   const facts = [];
   let percent;
@@ -126,6 +128,13 @@ function renderSummary(el, run, kind) {
     percent = f(progress, "percent", 0);
     facts.push(["Name", f(run, "name")],
       ["Steps", `${f(progress, "completed_steps", 0)} of ${f(progress, "total_steps", 0)} completed`]);
+    // The gates waiting for people: each opens its step (and its Approve/Reject).
+    const waiting = (f(run, "steps") || []).filter((s) => stateName(f(s, "state")) === "WAITING_FOR_HUMAN");
+    if (waiting.length) {
+      facts.push(["Waiting for approval", waiting.map((s) => h("button.link", {
+        type: "button", dataset: { gate: f(s, "name") }, onclick: () => onSelect(f(s, "name")),
+      }, `step ${f(s, "name")}`))]);
+    }
   } else {
     const spec = f(run, "spec") || {};
     percent = stateName(state) === "COMPLETED" ? 100 : f(f(run, "progress"), "percent", 0);
@@ -134,7 +143,9 @@ function renderSummary(el, run, kind) {
     const message = f(f(run, "progress"), "message");
     if (message) facts.push(["Progress", message]);
     if (f(run, "workflow_id")) facts.push(["Workflow", runLink(f(run, "workflow_id"))]);
+    if (f(run, "approval")) facts.push(...approvalFacts(f(run, "approval"), state));
   }
+  if (f(run, "parent_run_id")) facts.push(["Rerun of", runLink(f(run, "parent_run_id"))]);
   const started = f(run, "first_started_at") || f(run, "started_at");
   facts.push(
     ["Created", timeEl(f(run, "created_at"))],
@@ -440,6 +451,7 @@ async function renderStepDetail(el, step, job, workflow, onRun) {
         el.comment.value = "";
         const after = f(response, "workflow");
         if (after) onRun(after);
+        el.dispatchEvent(new CustomEvent("decided"));
       } catch (err) {
         if (err.code === "permission_denied" || err.code === "unimplemented") {
           refusedTo("ApproveStep");
