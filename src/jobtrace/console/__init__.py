@@ -51,11 +51,18 @@ SECURITY_HEADERS = [
 ]
 # The services the console may call over Connect; WorkerService (its fleet
 # views) only where the listener says it serves it.
-CONSOLE_SERVICES = ("JobService", "TraceService", "AttestationService", "WorkerService")
+CONSOLE_SERVICES = (
+    "JobService",
+    "TraceService",
+    "AttestationService",
+    "WorkerService",
+    "ScheduleService",
+)
 DEFAULT_SERVED = (
     "jobtrace.v1.JobService",
     "jobtrace.v1.TraceService",
     "jobtrace.v1.AttestationService",
+    "jobtrace.v1.ScheduleService",
 )
 
 
