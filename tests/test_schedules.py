@@ -427,3 +427,68 @@ async def test_bad_inputs_store_nothing(sqlite_url: str, key: str) -> None:
         assert list(listed.schedules) == []
     finally:
         await r.stop()
+
+
+async def test_typed_clients(sqlite_url: str, key: str) -> None:
+    from jobtrace.client import Client, SyncClient
+
+    clock = ManualClock(at("2026-01-01T00:00:00+00:00"))
+    r = await Replica(sqlite_url, clock, key).start()
+    assert r.server is not None
+    target = f"127.0.0.1:{r.server.port}"
+    try:
+        async with Client(target) as client:
+            made = await client.create_schedule(schedule("typed", cron="0 3 * * *"))
+            assert made.next_run_time.ToJsonString() == "2026-01-01T03:00:00Z"
+            assert (await client.get_schedule("typed")).id == "typed"
+            assert [x.id async for x in client.iter_schedules()] == ["typed"]
+            assert (await client.pause_schedule("typed")).paused
+            assert not (await client.resume_schedule("typed")).paused
+            upd = schedule("typed", cron="0 4 * * *")
+            assert (await client.update_schedule(upd)).cron == "0 4 * * *"
+            fired = await client.trigger_schedule("typed", request_id="t1")
+            assert fired.run_id.startswith("job_")
+
+        def blocking() -> None:
+            with SyncClient(target) as sync:
+                assert sync.list_schedules().items[0].id == "typed"
+                again = sync.trigger_schedule("typed", request_id="t1")
+                assert again.deduplicated and again.run_id == fired.run_id
+                sync.delete_schedule("typed")
+                assert sync.list_schedules().items == []
+
+        await asyncio.to_thread(blocking)
+    finally:
+        await r.stop()
+
+
+async def test_migration_0024_downgrades_and_upgrades(db_url: str, key: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import inspect
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from jobtrace.store.db import MIGRATIONS
+
+    r = await Replica(db_url, ManualClock(), key).start()  # migrated to head
+    await r.stop()
+    engine = create_async_engine(db_url)
+
+    def migrate(connection: Any, target: str, down: bool) -> list[str]:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        (command.downgrade if down else command.upgrade)(config, target)
+        return list(inspect(connection).get_table_names())
+
+    try:
+        async with engine.begin() as conn:
+            assert "schedules" not in await conn.run_sync(migrate, "0023", True)
+        async with engine.begin() as conn:
+            assert "schedules" in await conn.run_sync(migrate, "0024", False)
+            indexes = await conn.run_sync(
+                lambda sync: [i["name"] for i in inspect(sync).get_indexes("schedules")]
+            )
+            assert "ix_schedules_due" in indexes
+    finally:
+        await engine.dispose()
