@@ -492,3 +492,45 @@ async def test_migration_0024_downgrades_and_upgrades(db_url: str, key: str) -> 
             assert "ix_schedules_due" in indexes
     finally:
         await engine.dispose()
+
+
+async def test_cli_schedules(sqlite_url: str, key: str, tmp_path: Path) -> None:
+    import json
+
+    from .procs import jobtrace
+
+    clock = ManualClock(at("2026-01-01T00:00:00+00:00"))
+    r = await Replica(sqlite_url, clock, key).start()
+    assert r.server is not None
+    target = f"127.0.0.1:{r.server.port}"
+    try:
+        spec = tmp_path / "nightly.yaml"
+        spec.write_text(
+            "id: nightly\ncron: '30 2 * * *'\ntime_zone: Europe/Berlin\n"
+            "overlap_policy: OVERLAP_POLICY_ALLOW_ALL\njob: {job: {service: report}}\n"
+        )
+        code, out, err = await jobtrace("schedules", "create", str(spec), "--json", target=target)
+        assert code == 0, err
+        made = json.loads(out)
+        assert made["id"] == "nightly" and made["next_run_time"] == "2026-01-01T01:30:00Z"
+        code, out, err = await jobtrace("schedules", "list", target=target)
+        assert code == 0 and "nightly" in out and "30 2 * * * (Europe/Berlin)" in out, err
+        code, out, _ = await jobtrace("schedules", "pause", "nightly", "--json", target=target)
+        assert json.loads(out)["paused"] is True
+        code, out, _ = await jobtrace("schedules", "resume", "nightly", target=target)
+        assert code == 0 and "active" in out
+        code, out, err = await jobtrace("schedules", "trigger", "nightly", target=target)
+        assert code == 0 and out.strip().startswith("job_"), err
+        run_id = out.strip()
+        code, out, _ = await jobtrace("schedules", "get", "nightly", "--json", target=target)
+        assert json.loads(out)["last_run_id"] == run_id
+        code, out, _ = await jobtrace("schedules", "delete", "nightly", target=target)
+        assert code == 0
+        code, _, err = await jobtrace("schedules", "get", "nightly", target=target)
+        assert code != 0 and "not found" in err
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("id: bad\ncron: 'not cron'\njob: {job: {service: report}}\n")
+        code, _, err = await jobtrace("schedules", "create", str(bad), target=target)
+        assert code != 0 and "schedule.cron" in err
+    finally:
+        await r.stop()
