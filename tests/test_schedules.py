@@ -28,7 +28,7 @@ from jobtrace.pb import (
 from jobtrace.pb import schedule_service_pb2 as spb
 from jobtrace.pb import schedule_service_pb2_grpc as spb_grpc
 from jobtrace.server import JobtraceServer
-from tests.conftest import expect_error
+from tests.conftest import expect_error, wait_for
 
 
 def at(text: str) -> int:
@@ -41,12 +41,12 @@ class Replica:
         self.server: JobtraceServer | None = None
         self.channel: grpc.aio.Channel | None = None
 
-    async def start(self) -> Replica:
+    async def start(self, scan_seconds: float = 0) -> Replica:
         settings = Settings(
             listen="127.0.0.1:0",
             db=self.db_url,
             signing_key_file=self.key,
-            schedule_scan_seconds=0,
+            schedule_scan_seconds=scan_seconds,
         )
         self.server = JobtraceServer(settings, clock=self.clock)
         await self.server.start()
@@ -147,6 +147,41 @@ async def test_cron_ticks_once_across_two_scanners_and_a_restart(db_url: str, ke
         await a.stop()
         if b is not None:
             await b.stop()
+
+
+async def test_every_replica_scans_on_its_own(db_url: str, key: str) -> None:
+    """The scanners' own loops (every 20 ms here) fire the ticks: with two
+    replicas on PostgreSQL (one on SQLite), each tick once."""
+    clock = ManualClock(at("2026-01-01T00:00:00+00:00"))
+    replicas = [await Replica(db_url, clock, key).start(scan_seconds=0.02)]
+    try:
+        if db_url.startswith("postgresql"):
+            replicas.append(await Replica(db_url, clock, key).start(scan_seconds=0.02))
+        r = replicas[0]
+        await r.schedules.CreateSchedule(
+            spb.CreateScheduleRequest(
+                schedule=schedule(
+                    "loop", interval=minutes(1), overlap_policy=spb.OVERLAP_POLICY_ALLOW_ALL
+                )
+            )
+        )
+        for n in (1, 2, 3):
+            clock.advance(60)
+            await wait_for(lambda n=n: _count(r, n), timeout=10)
+        # A few more passes of every loop at this time change nothing.
+        for replica in replicas:
+            await replica.scan()
+        jobs = await runs(r)
+        assert sorted(j.request_id for j in jobs) == [
+            f"schedule:loop:{at('2026-01-01T00:00:00+00:00') + m * 60_000_000}" for m in (1, 2, 3)
+        ]
+    finally:
+        for replica in replicas:
+            await replica.stop()
+
+
+async def _count(r: Replica, n: int) -> bool:
+    return len(await runs(r)) >= n
 
 
 def second_scanner(r: Replica) -> Schedules:
