@@ -569,3 +569,39 @@ async def test_cli_schedules(sqlite_url: str, key: str, tmp_path: Path) -> None:
         assert code != 0 and "schedule.cron" in err
     finally:
         await r.stop()
+
+
+async def test_jitter_delays_each_tick_the_same_on_every_replica(sqlite_url: str, key: str) -> None:
+    from jobtrace.domain.schedules import jitter_of
+
+    start = at("2026-01-01T00:00:00+00:00")
+    clock = ManualClock(start)
+    r = await Replica(sqlite_url, clock, key).start()
+    try:
+        await r.schedules.CreateSchedule(
+            spb.CreateScheduleRequest(
+                schedule=schedule(
+                    "jit",
+                    interval=minutes(10),
+                    jitter=minutes(5),
+                    overlap_policy=spb.OVERLAP_POLICY_ALLOW_ALL,
+                )
+            )
+        )
+        row = {"tenant": "default", "id": "jit", "jitter_us": 300_000_000}
+        for k in (1, 2, 3):
+            tick = start + k * 600_000_000
+            delay = jitter_of(row, tick)
+            assert 0 <= delay < 300_000_000
+            if delay:
+                clock.set(tick + delay - 1)
+                await r.scan()
+                assert len(await runs(r)) == k - 1
+            clock.set(tick + delay)
+            await r.scan()
+            jobs = await runs(r)
+            assert len(jobs) == k
+            assert f"schedule:jit:{tick}" in {j.request_id for j in jobs}
+        assert len({jitter_of(row, start + k * 600_000_000) for k in range(1, 20)}) > 1
+    finally:
+        await r.stop()

@@ -38,7 +38,8 @@ async def change(
     still that one (compare-and-set). True when a row changed."""
     stmt = update(ScheduleRow).where(ScheduleRow.tenant == tenant, ScheduleRow.id == schedule_id)
     if next_tick_us is not None:
-        stmt = stmt.where(ScheduleRow.next_tick_us == next_tick_us)
+        # A scanner's advance: not over a pause (nor a change) made meanwhile.
+        stmt = stmt.where(ScheduleRow.next_tick_us == next_tick_us, ScheduleRow.paused.is_(False))
     result = await session.execute(stmt.values(**values))
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
@@ -89,7 +90,11 @@ async def due(session: AsyncSession, now: int, limit: int) -> list[Row]:
     """Active schedules whose tick (with jitter) is due (ix_schedules_due)."""
     stmt = (
         select(ScheduleRow)
-        .where(ScheduleRow.due_us.is_not(None), ScheduleRow.due_us <= now)
+        .where(
+            ScheduleRow.due_us.is_not(None),
+            ScheduleRow.due_us <= now,
+            ScheduleRow.paused.is_(False),
+        )
         .order_by(ScheduleRow.due_us)
         .limit(limit)
     )
