@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from jobtrace.clock import ManualClock
+from jobtrace.clock import Clock, ManualClock
 from jobtrace.config import Settings
 from jobtrace.domain.schedules import Schedules, next_tick
 from jobtrace.pb import (
@@ -36,7 +36,7 @@ def at(text: str) -> int:
 
 
 class Replica:
-    def __init__(self, db_url: str, clock: ManualClock, key: str) -> None:
+    def __init__(self, db_url: str, clock: Clock, key: str) -> None:
         self.db_url, self.clock, self.key = db_url, clock, key
         self.server: JobtraceServer | None = None
         self.channel: grpc.aio.Channel | None = None
@@ -96,12 +96,14 @@ async def test_cron_ticks_once_across_two_scanners_and_a_restart(db_url: str, ke
     a = await Replica(db_url, clock, key).start()
     b: Replica | None = None
     try:
+        # The other replica's clock runs 20 s ahead (a clock skew).
+        skewed = Skewed(clock, 20_000_000)
         if db_url.startswith("postgresql"):
-            b = await Replica(db_url, clock, key).start()
+            b = await Replica(db_url, skewed, key).start()
             assert b.server is not None
             other: Schedules = b.server.schedules
         else:
-            other = second_scanner(a)
+            other = second_scanner(a, skewed)
         created = await a.schedules.CreateSchedule(
             spb.CreateScheduleRequest(
                 schedule=schedule(
@@ -120,7 +122,7 @@ async def test_cron_ticks_once_across_two_scanners_and_a_restart(db_url: str, ke
         await a.stop()
         a = await Replica(db_url, clock, key).start()
         if b is None:
-            other = second_scanner(a)
+            other = second_scanner(a, skewed)
         clock.set(at("2026-01-01T00:15:00+00:00"))
         await asyncio.gather(a.scan(), other.scan_once())
         jobs = await runs(a)
@@ -184,13 +186,21 @@ async def _count(r: Replica, n: int) -> bool:
     return len(await runs(r)) >= n
 
 
-def second_scanner(r: Replica) -> Schedules:
+def second_scanner(r: Replica, clock: Clock) -> Schedules:
     """SQLite: a second scanner in the same process, on the same database."""
     from jobtrace.api.schedule_service import build
 
     assert r.server is not None
     s = r.server
-    return Schedules(s.db, s.schedules._tokens, s.jobs, build, clock=r.clock)
+    return Schedules(s.db, s.schedules._tokens, s.jobs, build, clock=clock)
+
+
+class Skewed(Clock):
+    def __init__(self, base: Clock, offset_us: int) -> None:
+        self.base, self.offset_us = base, offset_us
+
+    def now_us(self) -> int:
+        return self.base.now_us() + self.offset_us
 
 
 async def test_catch_up_policies_after_downtime(db_url: str, key: str) -> None:
