@@ -124,9 +124,9 @@ class Schedule(_message.Message):
     description: _builtins.str
     """Optional. Free text; at most 1,024 characters."""
     cron: _builtins.str
-    """A standard five-field cron expression (minute hour day-of-month month
-    day-of-week), evaluated in time_zone. Set exactly one of cron and
-    interval. Wall times a spring-forward day skips run at the first instant
+    """Required unless interval is set. A standard five-field cron expression
+    (minute hour day-of-month month day-of-week), evaluated in time_zone; at
+    most 256 characters. Set exactly one of cron and interval. Wall times a spring-forward day skips run at the first instant
     after the gap (02:30 in Europe/Berlin on that day runs at 03:00); wall
     times a fall-back day repeats run once, at their first occurrence.
     """
@@ -156,9 +156,9 @@ class Schedule(_message.Message):
     """
     @_builtins.property
     def interval(self) -> _duration_pb2.Duration:
-        """A fixed interval between ticks, from the schedule's creation (or last
-        update); at least 1 second, at most 366 days. Set exactly one of cron and
-        interval.
+        """Required unless cron is set. A fixed interval between ticks, from the
+        schedule's creation (or last update); at least 1 second, at most 366
+        days. Set exactly one of cron and interval.
         """
 
     @_builtins.property
@@ -171,20 +171,22 @@ class Schedule(_message.Message):
 
     @_builtins.property
     def catch_up_window(self) -> _duration_pb2.Duration:
-        """How far back missed ticks are caught up: required (positive, at most 7
-        days) with CATCH_UP_POLICY_ALL; optional with LAST (unset: any age); not
-        allowed with NONE. At most 1,000 ticks are caught up at once.
+        """Optional with CATCH_UP_POLICY_LAST (unset: any age), required with ALL,
+        not allowed with NONE. How far back missed ticks are caught up; positive,
+        at most 7 days. At most 1,000 ticks are caught up at once.
         """
 
     @_builtins.property
     def job(self) -> _job_service_pb2.SubmitJobRequest:
         """A job: as SubmitJob's request, with request_id left empty (each tick
-        sets its own).
+        sets its own) and at most 15 annotations (the tick adds one).
         """
 
     @_builtins.property
     def workflow(self) -> _job_service_pb2.SubmitWorkflowRequest:
-        """A workflow: as SubmitWorkflow's request, with request_id left empty."""
+        """A workflow: as SubmitWorkflow's request, with request_id left empty
+        and at most 15 annotations.
+        """
 
     @_builtins.property
     def next_run_time(self) -> _timestamp_pb2.Timestamp:
