@@ -615,3 +615,49 @@ async def test_jitter_delays_each_tick_the_same_on_every_replica(sqlite_url: str
         assert len({jitter_of(row, start + k * 600_000_000) for k in range(1, 20)}) > 1
     finally:
         await r.stop()
+
+
+async def test_a_workflow_template_and_cancel_other(db_url: str, key: str) -> None:
+    clock = ManualClock(at("2026-01-01T00:00:00+00:00"))
+    r = await Replica(db_url, clock, key).start()
+    try:
+        template = job_service_pb2.SubmitWorkflowRequest(
+            name="nightly-report",
+            steps=[
+                common_pb2.WorkflowStepSpec(name="a", job=common_pb2.JobSpec(service="wf-a")),
+                common_pb2.WorkflowStepSpec(name="b", job=common_pb2.JobSpec(service="wf-b")),
+            ],
+            labels={"team": "reports"},
+        )
+        made = await r.schedules.CreateSchedule(
+            spb.CreateScheduleRequest(
+                schedule=spb.Schedule(
+                    id="wf",
+                    cron="0 * * * *",
+                    overlap_policy=spb.OVERLAP_POLICY_CANCEL_OTHER,
+                    workflow=template,
+                )
+            )
+        )
+        assert made.schedule.workflow.name == "nightly-report"
+        clock.set(at("2026-01-01T01:00:00+00:00"))
+        await r.scan()
+        clock.set(at("2026-01-01T02:00:00+00:00"))
+        await r.scan()
+        listed = await r.jobs.ListWorkflows(job_service_pb2.ListWorkflowsRequest())
+        by_request = {w.request_id: w for w in listed.workflows}
+        first = by_request[f"schedule:wf:{at('2026-01-01T01:00:00+00:00')}"]
+        second = by_request[f"schedule:wf:{at('2026-01-01T02:00:00+00:00')}"]
+        assert first.state == common_pb2.RUN_STATE_CANCELLED
+        assert second.state == common_pb2.RUN_STATE_QUEUED
+        got = await r.schedules.GetSchedule(spb.GetScheduleRequest(schedule_id="wf"))
+        assert got.schedule.last_run_id == second.id
+        assert got.schedule.last_run_state == common_pb2.RUN_STATE_QUEUED
+        notes = await r.attest.ListAnnotations(
+            attestation_service_pb2.ListAnnotationsRequest(run_id=second.id, key_prefix="trigger.")
+        )
+        assert {n.key: n.value.string_value for n in notes.annotations}["trigger.source"] == (
+            "schedule"
+        )
+    finally:
+        await r.stop()
