@@ -470,6 +470,25 @@ async def test_bad_inputs_store_nothing(sqlite_url: str, key: str) -> None:
         )
         listed = await r.schedules.ListSchedules(spb.ListSchedulesRequest())
         assert list(listed.schedules) == []
+        # Pages, by id.
+        for sid in ("p3", "p1", "p2"):
+            await r.schedules.CreateSchedule(
+                spb.CreateScheduleRequest(schedule=schedule(sid, cron="0 2 * * *"))
+            )
+        page = await r.schedules.ListSchedules(spb.ListSchedulesRequest(page_size=2))
+        assert [x.id for x in page.schedules] == ["p1", "p2"] and page.next_page_token
+        page = await r.schedules.ListSchedules(
+            spb.ListSchedulesRequest(page_size=2, page_token=page.next_page_token)
+        )
+        assert [x.id for x in page.schedules] == ["p3"] and not page.next_page_token
+        await expect_error(
+            r.schedules.ListSchedules(spb.ListSchedulesRequest(page_size=5000)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        await expect_error(
+            r.schedules.ListSchedules(spb.ListSchedulesRequest(page_token="forged")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
     finally:
         await r.stop()
 
