@@ -680,3 +680,45 @@ async def test_a_workflow_template_and_cancel_other(db_url: str, key: str) -> No
         )
     finally:
         await r.stop()
+
+
+async def test_a_replica_dying_between_submit_and_advance_loses_no_tick(
+    db_url: str, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run was submitted but the next tick not advanced (the replica died):
+    its claim expires and the next pass submits the same tick again, which
+    finds the run already there; the tick runs once."""
+    from jobtrace.store import schedules as store
+
+    clock = ManualClock(at("2026-01-01T00:00:00+00:00"))
+    r = await Replica(db_url, clock, key).start()
+    try:
+        await r.schedules.CreateSchedule(
+            spb.CreateScheduleRequest(schedule=schedule("crash", interval=minutes(1)))
+        )
+        real = store.change
+
+        async def dies(*args: Any, **kwargs: Any) -> bool:
+            if kwargs.get("next_tick_us") is not None:
+                raise ConnectionError("replica died before the advance")
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(store, "change", dies)
+        clock.advance(60)
+        await r.scan()
+        assert len(await runs(r)) == 1
+        monkeypatch.setattr(store, "change", real)
+        # Still claimed: another pass before the claim expires does nothing.
+        await r.scan()
+        got = await r.schedules.GetSchedule(spb.GetScheduleRequest(schedule_id="crash"))
+        assert got.schedule.next_run_time.ToJsonString() == "2026-01-01T00:01:00Z"
+        # The claim expires (30 s): the tick is redone, found, and advanced.
+        clock.advance(31)
+        await r.scan()
+        jobs = await runs(r)
+        assert [j.request_id for j in jobs] == [f"schedule:crash:{at('2026-01-01T00:01:00+00:00')}"]
+        got = await r.schedules.GetSchedule(spb.GetScheduleRequest(schedule_id="crash"))
+        assert got.schedule.next_run_time.ToJsonString() == "2026-01-01T00:02:00Z"
+        assert got.schedule.last_run_id == jobs[0].id
+    finally:
+        await r.stop()
