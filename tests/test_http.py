@@ -30,6 +30,8 @@ from jobtrace.config import Settings
 from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
+from jobtrace.pb import schedule_service_pb2 as sch
+from jobtrace.pb import schedule_service_pb2_grpc as sch_grpc
 from jobtrace.pb import service_descriptor
 from jobtrace.pb import trace_service_pb2 as t
 from jobtrace.pb import worker_service_pb2 as w
@@ -244,7 +246,16 @@ async def _fixtures(api: Stubs) -> dict[str, str]:
     await api.jobs.CancelJob(j.CancelJobRequest(job_id=ids["attested"], reason="attest"))
     listed = await api.attest.ListAttestations(a.ListAttestationsRequest(job_id=ids["attested"]))
     ids["key"] = listed.attestations[0].key
+    await sch_grpc.ScheduleServiceStub(api.channel).CreateSchedule(
+        sch.CreateScheduleRequest(schedule=_schedule("conformance"))
+    )
     return ids
+
+
+def _schedule(sid: str) -> sch.Schedule:
+    return sch.Schedule(
+        id=sid, cron="0 3 * * *", job=j.SubmitJobRequest(job=c.JobSpec(service="svc"))
+    )
 
 
 def _table(ids: dict[str, str], codec: str) -> dict[str, Callable[[], Message]]:
@@ -308,6 +319,13 @@ def _table(ids: dict[str, str], codec: str) -> dict[str, Callable[[], Message]]:
             attributes={f"review.checked_{codec}": value},
         ),
         "ListAnnotations": lambda: a.ListAnnotationsRequest(run_id=run),
+        "CreateSchedule": lambda: sch.CreateScheduleRequest(schedule=_schedule(f"s-{codec}")),
+        "GetSchedule": lambda: sch.GetScheduleRequest(schedule_id="conformance"),
+        "UpdateSchedule": lambda: sch.UpdateScheduleRequest(schedule=_schedule("conformance")),
+        "DeleteSchedule": lambda: sch.DeleteScheduleRequest(schedule_id=f"s-{codec}"),
+        "PauseSchedule": lambda: sch.PauseScheduleRequest(schedule_id="conformance"),
+        "ResumeSchedule": lambda: sch.ResumeScheduleRequest(schedule_id="conformance"),
+        "TriggerSchedule": lambda: sch.TriggerScheduleRequest(schedule_id="conformance"),
     }
 
 

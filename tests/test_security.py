@@ -20,6 +20,8 @@ from jobtrace.auth import hash_token
 from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
+from jobtrace.pb import schedule_service_pb2 as s
+from jobtrace.pb import schedule_service_pb2_grpc as s_grpc
 from jobtrace.pb import trace_service_pb2 as t
 from jobtrace.pb import worker_service_pb2 as w
 
@@ -235,7 +237,21 @@ MATRIX: dict[str, tuple[str, ...]] = {
     # Reviewers only (an admin is one): a fresh gate open to any reviewer.
     "ApproveStep": (PD, PD, PD, OK, PD, PD, PD, OK),
     "ListPendingApprovals": (PD, PD, PD, OK, PD, PD, PD, OK),
+    # Schedules live in one tenant (their ids are per tenant): another
+    # tenant's caller, an admin too, does not find them.
+    "CreateSchedule": (PD, OK, PD, OK, PD, OK, PD, OK),
+    "GetSchedule": (OK, OK, PD, OK, NF, NF, PD, NF),
+    "ListSchedules": (OK, OK, PD, OK, OK, OK, PD, OK),
+    "UpdateSchedule": (PD, OK, PD, OK, PD, NF, PD, NF),
+    "DeleteSchedule": (PD, OK, PD, OK, PD, NF, PD, NF),
+    "PauseSchedule": (PD, OK, PD, OK, PD, NF, PD, NF),
+    "ResumeSchedule": (PD, OK, PD, OK, PD, NF, PD, NF),
+    "TriggerSchedule": (PD, OK, PD, OK, PD, NF, PD, NF),
 }
+
+
+def schedule_of(sid: str) -> s.Schedule:
+    return s.Schedule(id=sid, cron="0 3 * * *", job=j.SubmitJobRequest(job=c.JobSpec(service="zz")))
 
 
 async def _fixture_data(h: Harness) -> dict[str, str]:
@@ -265,6 +281,9 @@ async def _fixture_data(h: Harness) -> dict[str, str]:
     await worker.write(w.ConnectRequest(complete=w.CompleteReport(job_id=job.id, attempt=1)))
     assert (await worker.read()).WhichOneof("kind") == "ack"
     worker.cancel()
+    await s_grpc.ScheduleServiceStub(api.channel).CreateSchedule(
+        s.CreateScheduleRequest(schedule=schedule_of("s1")), metadata=md
+    )
     return {"job": job.id, "wf": wf.id, "key": f"worker-completion:{job.id}"}
 
 
@@ -322,6 +341,15 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
             )
         ).job
         await api.jobs.TerminateJob(j.TerminateJobRequest(job_id=job.id), metadata=md)
+
+    schedules = s_grpc.ScheduleServiceStub(api.channel)
+
+    async def fresh_schedule_delete(md: Any) -> None:
+        admin = bearer(token("admin", "acme"))
+        await schedules.CreateSchedule(
+            s.CreateScheduleRequest(schedule=schedule_of(f"d{n}")), metadata=admin
+        )
+        await schedules.DeleteSchedule(s.DeleteScheduleRequest(schedule_id=f"d{n}"), metadata=md)
 
     async def fresh_wf_terminate(md: Any) -> None:
         admin = bearer(token("admin", "acme"))
@@ -511,6 +539,26 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
         "ListPendingApprovals": lambda md: api.jobs.ListPendingApprovals(
             j.ListPendingApprovalsRequest(), metadata=md
         ),
+        "CreateSchedule": lambda md: schedules.CreateSchedule(
+            s.CreateScheduleRequest(schedule=schedule_of(f"c{n}")), metadata=md
+        ),
+        "GetSchedule": lambda md: schedules.GetSchedule(
+            s.GetScheduleRequest(schedule_id="s1"), metadata=md
+        ),
+        "ListSchedules": lambda md: schedules.ListSchedules(s.ListSchedulesRequest(), metadata=md),
+        "UpdateSchedule": lambda md: schedules.UpdateSchedule(
+            s.UpdateScheduleRequest(schedule=schedule_of("s1")), metadata=md
+        ),
+        "DeleteSchedule": fresh_schedule_delete,
+        "PauseSchedule": lambda md: schedules.PauseSchedule(
+            s.PauseScheduleRequest(schedule_id="s1"), metadata=md
+        ),
+        "ResumeSchedule": lambda md: schedules.ResumeSchedule(
+            s.ResumeScheduleRequest(schedule_id="s1"), metadata=md
+        ),
+        "TriggerSchedule": lambda md: schedules.TriggerSchedule(
+            s.TriggerScheduleRequest(schedule_id="s1"), metadata=md
+        ),
     }
 
 
@@ -519,8 +567,8 @@ async def test_authorization_matrix(secured: Harness) -> None:
     api = secured.stubs()
     all_rpcs = {
         m.name
-        for s in (j, w, t, a)
-        for svc in s.DESCRIPTOR.services_by_name.values()
+        for module in (j, w, t, a, s)
+        for svc in module.DESCRIPTOR.services_by_name.values()
         for m in svc.methods
     }
     assert set(MATRIX) == all_rpcs, "every RPC is in the table"
@@ -554,6 +602,10 @@ async def test_lists_never_cross_tenants(secured: Harness) -> None:
         await api.attest.ListAttestations(a.ListAttestationsRequest(), metadata=umbrella_reader)
     ).attestations == []
     assert len((await api.jobs.ListJobs(j.ListJobsRequest(), metadata=other)).jobs) == 2
+    schedules = s_grpc.ScheduleServiceStub(api.channel)
+    for caller in (umbrella_reader, other):
+        listed = await schedules.ListSchedules(s.ListSchedulesRequest(), metadata=caller)
+        assert list(listed.schedules) == []
 
 
 async def test_run_summaries_by_workflow_name_stay_in_the_callers_tenant(

@@ -16,3 +16,27 @@ def iso(us: int) -> str:
     if not us:
         return ""
     return dt.datetime.fromtimestamp(us / 1e6, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+class Clock:
+    """The wall clock, as an object a component can be given (the schedule
+    scanner); tests give a ManualClock instead and move time themselves."""
+
+    def now_us(self) -> int:
+        return now_us()
+
+
+class ManualClock(Clock):
+    """Virtual time for tests: it stands still until advanced."""
+
+    def __init__(self, start_us: int | None = None) -> None:
+        self._now = now_us() if start_us is None else start_us
+
+    def now_us(self) -> int:
+        return self._now
+
+    def set(self, us: int) -> None:
+        self._now = us
+
+    def advance(self, seconds: float) -> None:
+        self._now += int(seconds * 1_000_000)

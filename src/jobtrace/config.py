@@ -110,6 +110,9 @@ class Settings:
     # An EventSource stream is closed after this long (the browser reconnects
     # and resumes with Last-Event-ID); 0: never.
     http_max_stream_seconds: float = 0.0
+    # How often each replica's scanner looks for due schedule ticks; 0: off
+    # (this replica fires no schedule; others still do).
+    schedule_scan_seconds: float = 1.0
     # Logging level name.
     log_level: str = "INFO"
     # Log lines: "json" (one object per line) or "text".

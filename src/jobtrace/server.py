@@ -25,10 +25,12 @@ from jobtrace.api.health import follow_storage
 from jobtrace.api.interceptor import CallObserver
 from jobtrace.api.job_service import JobServicer
 from jobtrace.api.limits import PageBytes, StreamLimiter
+from jobtrace.api.schedule_service import ScheduleServicer, build
 from jobtrace.api.trace_service import TraceServicer
 from jobtrace.api.worker_service import WorkerServicer
 from jobtrace.auth import Authenticator, JwtSettings
 from jobtrace.auth.reload import CredentialFiles, read_jwt_public_key
+from jobtrace.clock import Clock
 from jobtrace.config import Settings
 from jobtrace.domain import failures
 from jobtrace.domain.annotations import Annotations
@@ -43,6 +45,7 @@ from jobtrace.domain.lifecycle import Lifecycle
 from jobtrace.domain.pagination import open_tokens
 from jobtrace.domain.pause import QUEUES_NOTICE, Pauses
 from jobtrace.domain.redact import Redaction, UnsafePattern
+from jobtrace.domain.schedules import Schedules
 from jobtrace.domain.search import TraceSearch
 from jobtrace.domain.summary import RunSummaries
 from jobtrace.domain.trace import Trace
@@ -66,8 +69,12 @@ UNBOUNDED_MS = 2**31 - 1
 class JobtraceServer:
     """One jobtrace replica: start() binds and serves, stop() drains and closes."""
 
-    def __init__(self, settings: Settings, *, resolve: Resolver | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, resolve: Resolver | None = None, clock: Clock | None = None
+    ) -> None:
         self.settings = settings
+        # The schedule scanner's clock (tests give a ManualClock).
+        self.clock = clock or Clock()
         # How host names become addresses for the exposure check (tests fake it).
         self._resolve = resolve
         self.db = Database(
@@ -160,6 +167,7 @@ class JobtraceServer:
         )
         self.fleet = Fleet(self.db, tokens, self.scheduler, jobs, keepalive_s=s.keepalive_seconds)
         self.pauses = Pauses(self.db, jobs, life, self.scheduler.queues_changed)
+        self.schedules = Schedules(self.db, tokens, jobs, build, clock=self.clock)
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
@@ -209,6 +217,7 @@ class JobtraceServer:
             "AttestationService": AttestationServicer(
                 self.attestor, self.annotations, auth, pages=pages
             ),
+            "ScheduleService": ScheduleServicer(self.schedules, auth),
         }
         for name, servicer in servicers.items():
             add_service(server, service_descriptor(name), servicer)
@@ -280,6 +289,8 @@ class JobtraceServer:
         # random id of this process (two processes on one port differ).
         self.fleet.start(f"{socket.gethostname()}:{self.port}/{self.db.replica_id}")
         self.trace.start(s.retention_sweep_seconds)
+        if s.schedule_scan_seconds > 0:
+            self.schedules.start(s.schedule_scan_seconds)
         files.start(s.reload_interval_seconds)
         self._maintenance = asyncio.create_task(
             self._maintain(s.retention_sweep_seconds), name="jobtrace-retention"
@@ -326,6 +337,7 @@ class JobtraceServer:
         await self.health.enter_graceful_shutdown()
         self.shutting_down.set()
         self.jobs.stopping.set()
+        await self.schedules.stop()
         await self.trace.stop()
         if self.credential_files is not None:
             await self.credential_files.stop()

@@ -157,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="close a metrics connection idle this long (default 10)",
     )
+    serve.add_argument(
+        "--schedule-scan-seconds",
+        type=float,
+        help="how often this replica fires due schedule ticks (default 1; 0: never)",
+    )
     serve.set_defaults(func=server_commands.serve)
 
     worker = sub.add_parser("worker", parents=[conn], help="run a worker")

@@ -968,6 +968,10 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
 
     add_approval_commands(sub, [conn, out])
 
+    from jobtrace.cli.schedules import add_schedule_commands
+
+    add_schedule_commands(sub, [conn, out])
+
     p = sub.add_parser("get", parents=[conn, out], help="show a job or workflow")
     p.add_argument("id", help="job id (job_...) or workflow id (wf_...)")
     p.set_defaults(func=run_command(get))

@@ -52,6 +52,7 @@ def serve(args: argparse.Namespace) -> int:
             "metrics_host": args.metrics_host,
             "metrics_max_services": args.metrics_max_services,
             "metrics_idle_timeout_seconds": args.metrics_idle_timeout_seconds,
+            "schedule_scan_seconds": args.schedule_scan_seconds,
             "log_format": args.log_format,
             "redact_keys": tuple(args.redact_key) if args.redact_key else None,
             "redact_headers": tuple(args.redact_header) if args.redact_header else None,

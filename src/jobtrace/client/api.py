@@ -42,6 +42,8 @@ from jobtrace.pb import (
     duration_pb2,
     job_service_pb2,
     job_service_pb2_grpc,
+    schedule_service_pb2,
+    schedule_service_pb2_grpc,
     struct_pb2,
     timestamp_pb2,
     trace_service_pb2,
@@ -144,6 +146,7 @@ class Client:
         self._trace: trace_service_pb2_grpc.TraceServiceStub | None = None
         self._attest: attestation_service_pb2_grpc.AttestationServiceStub | None = None
         self._workers: worker_service_pb2_grpc.WorkerServiceStub | None = None
+        self._schedules: schedule_service_pb2_grpc.ScheduleServiceStub | None = None
 
     @classmethod
     def from_env(cls, **options: Any) -> Client:
@@ -174,6 +177,7 @@ class Client:
             self._trace = trace_service_pb2_grpc.TraceServiceStub(self._channel)
             self._attest = attestation_service_pb2_grpc.AttestationServiceStub(self._channel)
             self._workers = worker_service_pb2_grpc.WorkerServiceStub(self._channel)
+            self._schedules = schedule_service_pb2_grpc.ScheduleServiceStub(self._channel)
         return self._channel
 
     @property
@@ -203,6 +207,13 @@ class Client:
         self._open()
         assert self._workers is not None
         return self._workers
+
+    @property
+    def schedules_stub(self) -> schedule_service_pb2_grpc.ScheduleServiceStub:
+        """The raw grpc stub of ScheduleService on this client's channel."""
+        self._open()
+        assert self._schedules is not None
+        return self._schedules
 
     async def _call(
         self,
@@ -762,6 +773,90 @@ class Client:
             self.jobs_stub.ListQueues, job_service_pb2.ListQueuesRequest(), retry=True
         )
         return list(response.queues)
+
+    # --- schedules ------------------------------------------------------------
+
+    async def create_schedule(
+        self, schedule: schedule_service_pb2.Schedule
+    ) -> schedule_service_pb2.Schedule:
+        """Create a schedule (idempotent by its id: the same definition again
+        returns the existing one; a different one is ALREADY_EXISTS). Retried."""
+        request = schedule_service_pb2.CreateScheduleRequest(schedule=schedule)
+        response: schedule_service_pb2.CreateScheduleResponse = await self._call(
+            self.schedules_stub.CreateSchedule, request, retry=True
+        )
+        return response.schedule
+
+    async def get_schedule(self, schedule_id: str) -> schedule_service_pb2.Schedule:
+        """One schedule, with its last and next run."""
+        request = schedule_service_pb2.GetScheduleRequest(schedule_id=schedule_id)
+        response: schedule_service_pb2.GetScheduleResponse = await self._call(
+            self.schedules_stub.GetSchedule, request, retry=True
+        )
+        return response.schedule
+
+    async def list_schedules(
+        self, *, page_size: int = 0, page_token: str = ""
+    ) -> Page[schedule_service_pb2.Schedule]:
+        """One page of the tenant's schedules, by id."""
+        request = schedule_service_pb2.ListSchedulesRequest(
+            page_size=page_size, page_token=page_token
+        )
+        response: schedule_service_pb2.ListSchedulesResponse = await self._call(
+            self.schedules_stub.ListSchedules, request, retry=True
+        )
+        return Page(list(response.schedules), response.next_page_token)
+
+    def iter_schedules(self, /, **filters: Any) -> AsyncIterator[schedule_service_pb2.Schedule]:
+        """Every schedule of list_schedules, page after page."""
+        return _every(self.list_schedules, filters)
+
+    async def update_schedule(
+        self, schedule: schedule_service_pb2.Schedule
+    ) -> schedule_service_pb2.Schedule:
+        """Replace a schedule's definition (schedule.id names it). Retried: the
+        same replacement twice is the same."""
+        request = schedule_service_pb2.UpdateScheduleRequest(schedule=schedule)
+        response: schedule_service_pb2.UpdateScheduleResponse = await self._call(
+            self.schedules_stub.UpdateSchedule, request, retry=True
+        )
+        return response.schedule
+
+    async def delete_schedule(self, schedule_id: str) -> None:
+        """Delete a schedule (its runs are kept). Not retried: a repeat of a
+        delete that did land would be NOT_FOUND."""
+        request = schedule_service_pb2.DeleteScheduleRequest(schedule_id=schedule_id)
+        await self._call(self.schedules_stub.DeleteSchedule, request, retry=False)
+
+    async def pause_schedule(self, schedule_id: str) -> schedule_service_pb2.Schedule:
+        """Pause a schedule (no tick fires until resumed)."""
+        request = schedule_service_pb2.PauseScheduleRequest(schedule_id=schedule_id)
+        response: schedule_service_pb2.PauseScheduleResponse = await self._call(
+            self.schedules_stub.PauseSchedule, request, retry=True
+        )
+        return response.schedule
+
+    async def resume_schedule(self, schedule_id: str) -> schedule_service_pb2.Schedule:
+        """Resume a paused schedule from now."""
+        request = schedule_service_pb2.ResumeScheduleRequest(schedule_id=schedule_id)
+        response: schedule_service_pb2.ResumeScheduleResponse = await self._call(
+            self.schedules_stub.ResumeSchedule, request, retry=True
+        )
+        return response.schedule
+
+    async def trigger_schedule(
+        self, schedule_id: str, *, request_id: str | None = None
+    ) -> schedule_service_pb2.TriggerScheduleResponse:
+        """Start the schedule's run now; the run id (and whether an earlier
+        trigger of the same request_id had started it). A request id is
+        generated when none is given, so the call is retried safely."""
+        request = schedule_service_pb2.TriggerScheduleRequest(
+            schedule_id=schedule_id, request_id=request_id or str(uuid.uuid4())
+        )
+        response: schedule_service_pb2.TriggerScheduleResponse = await self._call(
+            self.schedules_stub.TriggerSchedule, request, retry=True
+        )
+        return response
 
     async def watch_job(self, job_id: str) -> AsyncIterator[common_pb2.Job]:
         """The job now, then every change, until it ends (a lost connection is

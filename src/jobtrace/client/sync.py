@@ -19,6 +19,7 @@ from jobtrace.pb import (
     attestation_service_pb2,
     common_pb2,
     job_service_pb2,
+    schedule_service_pb2,
     trace_service_pb2,
     worker_service_pb2,
 )
@@ -428,6 +429,41 @@ class SyncClient:
 
     def list_queues(self) -> list[job_service_pb2.Queue]:
         return self._run(self.client.list_queues())
+
+    def create_schedule(
+        self, schedule: schedule_service_pb2.Schedule
+    ) -> schedule_service_pb2.Schedule:
+        return self._run(self.client.create_schedule(schedule))
+
+    def get_schedule(self, schedule_id: str) -> schedule_service_pb2.Schedule:
+        return self._run(self.client.get_schedule(schedule_id))
+
+    def list_schedules(
+        self, *, page_size: int = 0, page_token: str = ""
+    ) -> Page[schedule_service_pb2.Schedule]:
+        return self._run(self.client.list_schedules(page_size=page_size, page_token=page_token))
+
+    def iter_schedules(self, /, **filters: Any) -> Iterator[schedule_service_pb2.Schedule]:
+        return self._iterate(self.client.iter_schedules(**filters))
+
+    def update_schedule(
+        self, schedule: schedule_service_pb2.Schedule
+    ) -> schedule_service_pb2.Schedule:
+        return self._run(self.client.update_schedule(schedule))
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        self._run(self.client.delete_schedule(schedule_id))
+
+    def pause_schedule(self, schedule_id: str) -> schedule_service_pb2.Schedule:
+        return self._run(self.client.pause_schedule(schedule_id))
+
+    def resume_schedule(self, schedule_id: str) -> schedule_service_pb2.Schedule:
+        return self._run(self.client.resume_schedule(schedule_id))
+
+    def trigger_schedule(
+        self, schedule_id: str, *, request_id: str | None = None
+    ) -> schedule_service_pb2.TriggerScheduleResponse:
+        return self._run(self.client.trigger_schedule(schedule_id, request_id=request_id))
 
     def watch_job(self, job_id: str) -> Iterator[common_pb2.Job]:
         return self._iterate(self.client.watch_job(job_id))

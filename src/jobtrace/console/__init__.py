@@ -50,12 +50,19 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
 ]
 # The services the console may call over Connect; WorkerService (its fleet
-# reads) only where the listener says it serves them.
-CONSOLE_SERVICES = ("JobService", "TraceService", "AttestationService", "WorkerService")
+# views) only where the listener says it serves it.
+CONSOLE_SERVICES = (
+    "JobService",
+    "TraceService",
+    "AttestationService",
+    "WorkerService",
+    "ScheduleService",
+)
 DEFAULT_SERVED = (
     "jobtrace.v1.JobService",
     "jobtrace.v1.TraceService",
     "jobtrace.v1.AttestationService",
+    "jobtrace.v1.ScheduleService",
 )
 
 

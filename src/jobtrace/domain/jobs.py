@@ -327,7 +327,8 @@ class Jobs:
 
     # --- submission -------------------------------------------------------
 
-    async def submit_job(self, tenant: str, sub: JobSubmission, caller: Caller) -> tuple[Job, bool]:
+    def check_job(self, sub: JobSubmission, caller: Caller) -> JobSpec:
+        """SubmitJob's checks of a submission (nothing stored): its normalized spec."""
         for a in sub.annotations:
             annotation_rules.check_authority(a.item, caller)
         v = Violations()
@@ -336,6 +337,10 @@ class Jobs:
         check_size(v, "request_context", sub.context_bytes)
         _check_annotations(v, "annotations", sub.annotations)
         v.raise_if_any()
+        return spec
+
+    async def submit_job(self, tenant: str, sub: JobSubmission, caller: Caller) -> tuple[Job, bool]:
+        spec = self.check_job(sub, caller)
 
         async def op(session: AsyncSession, tx: Tx) -> tuple[Job, bool]:
             now = now_us()
@@ -393,9 +398,11 @@ class Jobs:
             )
         return result
 
-    async def submit_workflow(
-        self, tenant: str, sub: WorkflowSubmission, caller: Caller
-    ) -> tuple[Workflow, bool]:
+    def check_workflow(
+        self, sub: WorkflowSubmission, caller: Caller
+    ) -> tuple[list[JobSpec], dict[int, ApprovalGate], list[tuple[str, ...]]]:
+        """SubmitWorkflow's checks of a submission (nothing stored): the steps'
+        normalized specs, their approval gates and dependencies."""
         for a in sub.annotations:
             annotation_rules.check_authority(a.item, caller)
         v = Violations()
@@ -465,6 +472,12 @@ class Jobs:
                         f" (it depends on {', '.join(map(repr, deps[i])) or 'nothing'})",
                     )
         v.raise_if_any()
+        return specs, gates, deps
+
+    async def submit_workflow(
+        self, tenant: str, sub: WorkflowSubmission, caller: Caller
+    ) -> tuple[Workflow, bool]:
+        specs, gates, deps = self.check_workflow(sub, caller)
 
         async def op(session: AsyncSession, tx: Tx) -> tuple[Workflow, bool]:
             existing = await self._existing(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Float, Index, Integer, String, Text, text
+from sqlalchemy import BigInteger, Boolean, Float, Index, Integer, LargeBinary, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # SQLite only makes INTEGER PRIMARY KEY an alias of rowid (autoincrementing);
@@ -535,3 +535,42 @@ class WorkerSessionRow(Base):
     completed: Mapped[int] = mapped_column(BigInteger, default=0)
     failed: Mapped[int] = mapped_column(BigInteger, default=0)
     lease_losses: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class ScheduleRow(Base):
+    """A schedule (migration 0024): a job or workflow template (the serialized
+    SubmitJobRequest / SubmitWorkflowRequest, request_id empty) and when it
+    runs. `due_us` is the next tick plus its jitter (NULL while paused), read
+    by every replica's scanner; `claim_until_us` is the scanner's claim."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (
+        Index("ix_schedules_due", "due_us"),
+        Index("ix_schedules_buffered", "buffered_us"),
+    )
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    cron: Mapped[str] = mapped_column(String(256), default="")
+    time_zone: Mapped[str] = mapped_column(String(64), default="")
+    interval_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    jitter_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    overlap: Mapped[int] = mapped_column(Integer, default=0)
+    catch_up: Mapped[int] = mapped_column(Integer, default=0)
+    catch_up_window_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    kind: Mapped[str] = mapped_column(String(16))
+    template: Mapped[bytes] = mapped_column(LargeBinary)
+    definition_hash: Mapped[str] = mapped_column(String(64))
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Interval schedules tick at anchor_us + k * interval_us.
+    anchor_us: Mapped[int] = mapped_column(BigInteger)
+    next_tick_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    due_us: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    claim_until_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_run_id: Mapped[str] = mapped_column(String(64), default="")
+    last_run_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    skipped_ticks: Mapped[int] = mapped_column(BigInteger, default=0)
+    buffered_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    owner: Mapped[str] = mapped_column(Text)
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    updated_us: Mapped[int] = mapped_column(BigInteger)

@@ -34,6 +34,7 @@ HTTP_METHODS: dict[str, frozenset[str] | None] = {
     "TraceService": None,
     "AttestationService": None,
     "WorkerService": frozenset({"ListWorkers", "WatchWorkers"}),
+    "ScheduleService": None,
 }
 HTTP_SERVICES = tuple(HTTP_METHODS)
 
@@ -54,6 +55,7 @@ def connect_apps(
     from jobtrace.v1 import (
         attestation_service_connect,
         job_service_connect,
+        schedule_service_connect,
         trace_service_connect,
         worker_service_connect,
     )
@@ -63,6 +65,7 @@ def connect_apps(
         "TraceService": trace_service_connect.TraceServiceASGIApplication,
         "AttestationService": attestation_service_connect.AttestationServiceASGIApplication,
         "WorkerService": worker_service_connect.WorkerServiceASGIApplication,
+        "ScheduleService": schedule_service_connect.ScheduleServiceASGIApplication,
     }
     apps: dict[str, ASGIApp] = {}
     for name in HTTP_SERVICES:
