@@ -441,6 +441,7 @@ class Worker:
                 yield reports[0] if len(reports) == 1 else batch_of(reports)
                 if after is not None:
                     self.messages_sent += 1
+                    self.reports_sent += after.WhichOneof("kind") in BATCHABLE
                     yield after
 
         heartbeats: asyncio.Task[None] | None = None
@@ -549,11 +550,13 @@ class Worker:
         first: worker_service_pb2.ConnectRequest,
     ) -> tuple[list[worker_service_pb2.ConnectRequest], worker_service_pb2.ConnectRequest | None]:
         """The reports queued within the report window from `first` on (at most
-        the server's batch size), coalesced where asked; and the message that
-        is not a report and ended the window early, if any (sent right after)."""
+        the server's batch size and MAX_BATCH_BYTES), coalesced where asked;
+        and the message that ended the window early (not a report, or one
+        that would make the batch too large), if any, sent right after."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.report_window_ms / 1000
         reports = [first]
+        size = first.ByteSize()
         after: worker_service_pb2.ConnectRequest | None = None
         while len(reports) < self._max_batch:
             try:
@@ -567,8 +570,9 @@ class Worker:
                         message = await outbox.get()
                 except TimeoutError:
                     break
-            if message.WhichOneof("kind") not in BATCHABLE:
-                after = message
+            size += message.ByteSize()
+            if message.WhichOneof("kind") not in BATCHABLE or size > MAX_BATCH_BYTES:
+                after = message  # sent alone, right after the batch
                 break
             reports.append(message)
         return self._coalesce(reports), after
@@ -803,6 +807,9 @@ class Worker:
 
 
 MAX_RESULT_BYTES = 1024 * 1024
+# Most bytes of reports in one batch: well under the server's message limit
+# (8 MiB by default), so a batch of large results is never refused whole.
+MAX_BATCH_BYTES = 2 * 1024 * 1024
 # The reports a ReportBatch carries.
 BATCHABLE = frozenset({"progress", "trace", "annotate", "complete", "fail"})
 
