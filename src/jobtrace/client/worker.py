@@ -227,7 +227,12 @@ class Worker:
     one worker taking a whole queue from its peers; it is also what
     `jobtrace worker --concurrency` defaults to. Plain `def` handlers run in a
     thread pool of this size: for CPU-bound ones, use about one per core (or
-    run several worker processes)."""
+    run several worker processes).
+
+    `report_window_ms` (default 5; 0 turns it off): the reports queued within
+    this window after the first go out as one batch, when the server takes
+    batches (a window with one report sends it alone). Progress reports are
+    never merged unless sent with `ctx.progress(..., coalesce=True)`."""
 
     def __init__(
         self,
