@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 from google.protobuf import struct_pb2
 
+from jobtrace.client.worker import DEFAULT_REPORT_WINDOW_MS
 from jobtrace.pb import (
     common_pb2,
     job_service_pb2,
@@ -137,12 +138,20 @@ async def stop_server(server: Server) -> None:
 # --- the bench worker (a separate process) -------------------------------------------
 
 
-async def worker_main(target: str, log: Any, concurrency: int) -> None:
+async def worker_main(
+    target: str, log: Any, concurrency: int, window_ms: float = DEFAULT_REPORT_WINDOW_MS
+) -> None:
     """Runs 'bench' jobs (3 progress reports, then complete) and writes a line per
-    stored completion: '<job id> <unix time>'."""
+    stored completion: '<job id> <unix time>'. Reports queued within `window_ms`
+    go out as one batch (0: one message per report)."""
     from jobtrace.client.worker import JobContext, Worker
 
-    worker = Worker(target, worker_id=f"bench-{os.getpid()}", max_concurrency=concurrency)
+    worker = Worker(
+        target,
+        worker_id=f"bench-{os.getpid()}",
+        max_concurrency=concurrency,
+        report_window_ms=window_ms,
+    )
 
     def completed(job_id: str, stored: bool) -> None:
         if stored:
@@ -614,7 +623,10 @@ async def trace_fanout(
 
 
 async def start_workers(
-    targets: list[str], done_files: list[Path], concurrency: int
+    targets: list[str],
+    done_files: list[Path],
+    concurrency: int,
+    window_ms: float = DEFAULT_REPORT_WINDOW_MS,
 ) -> list[asyncio.subprocess.Process]:
     """Worker processes, one per completions file, returned once each is up."""
     workers = [
@@ -626,6 +638,7 @@ async def start_workers(
             targets[i % len(targets)],
             str(done),
             str(concurrency),
+            str(window_ms),
         )
         for i, done in enumerate(done_files)
     ]
@@ -668,7 +681,9 @@ async def grpc_floor(args: argparse.Namespace, tmp: Path, results: Results) -> N
     workers: list[asyncio.subprocess.Process] = []
     try:
         done_files = [tmp / f"floor-done-{i}.txt" for i in range(args.workers)]
-        workers = await start_workers([server.target], done_files, args.worker_concurrency)
+        workers = await start_workers(
+            [server.target], done_files, args.worker_concurrency, args.report_window_ms
+        )
         floor = Results({})
         await run_jobs(
             [server.target], args.jobs, args.concurrency, done_files, floor, args.max_seconds
@@ -676,7 +691,9 @@ async def grpc_floor(args: argparse.Namespace, tmp: Path, results: Results) -> N
         results.floor_jobs_per_s = floor.jobs_per_s
         if args.latency:
             await stop_workers(workers)
-            workers = await start_workers([server.target], [tmp / "floor-one.txt"], 1)
+            workers = await start_workers(
+                [server.target], [tmp / "floor-one.txt"], 1, args.report_window_ms
+            )
             results.floor_latency_ms = await one_at_a_time(
                 server.target, args.latency_jobs, args.latency_seconds
             )
@@ -690,6 +707,7 @@ async def bench(args: argparse.Namespace) -> Results:
         "jobs": args.jobs,
         "workers": args.workers,
         "worker_concurrency": args.worker_concurrency,
+        "report_window_ms": args.report_window_ms,
         "subscribers": args.subscribers,
         "replicas": args.replicas,
         "db": args.db or "sqlite (temporary)",
@@ -720,7 +738,9 @@ async def bench(args: argparse.Namespace) -> Results:
                 servers.append(await start_server(db, tmp / f"key{r}", extra))
             targets = [s.target for s in servers]
         done_files = [tmp / f"done-{i}.txt" for i in range(args.workers)]
-        workers = await start_workers(targets, done_files, args.worker_concurrency)
+        workers = await start_workers(
+            targets, done_files, args.worker_concurrency, args.report_window_ms
+        )
         (
             results.unary_ceiling_rps,
             results.unary_p50_ms,
@@ -738,7 +758,7 @@ async def bench(args: argparse.Namespace) -> Results:
         )
         if args.latency:
             await stop_workers(workers)
-            workers = await start_workers(targets[:1], [tmp / "one.txt"], 1)
+            workers = await start_workers(targets[:1], [tmp / "one.txt"], 1, args.report_window_ms)
             results.latency_ms = await one_at_a_time(
                 targets[0], args.latency_jobs, args.latency_seconds
             )
@@ -891,6 +911,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=50.0, help="trace events per second")
     p.add_argument("--trace-seconds", type=float, default=5.0, help="trace phase length")
     p.add_argument("--concurrency", type=int, default=32, help="submits in flight")
+    p.add_argument(
+        "--report-window-ms",
+        type=float,
+        default=DEFAULT_REPORT_WINDOW_MS,
+        help="the workers' report window: reports queued within it go out as one batch "
+        f"(default {DEFAULT_REPORT_WINDOW_MS:g}; 0: one message per report)",
+    )
     p.add_argument("--db", help="database URL (default: a temporary SQLite file)")
     p.add_argument("--replicas", type=int, default=1, help="server processes (PostgreSQL)")
     p.add_argument("--target", help="benchmark running server(s) instead (HOST:PORT[,...])")
@@ -1001,6 +1028,9 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if not 0 <= args.report_window_ms <= 1000:
+        print("jobtrace bench: --report-window-ms must be 0..1000", file=sys.stderr)
+        return 2
     if not 1 <= args.latency_jobs <= 100_000:
         print("jobtrace bench: --latency-jobs must be 1..100000", file=sys.stderr)
         return 2
@@ -1025,9 +1055,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+    if len(sys.argv) in (5, 6) and sys.argv[1] == "--worker":
+        window = float(sys.argv[5]) if len(sys.argv) == 6 else DEFAULT_REPORT_WINDOW_MS
         with open(sys.argv[3], "a", buffering=1) as completions:
-            asyncio.run(worker_main(sys.argv[2], completions, int(sys.argv[4])))
+            asyncio.run(worker_main(sys.argv[2], completions, int(sys.argv[4]), window))
     elif sys.argv[1:] == ["--floor-server"]:
         asyncio.run(floor_server_main())
     else:

@@ -188,11 +188,15 @@ async def run_backend(
         pids = [s.proc.pid for s in servers]
         if not jobs:
             if latency:
-                workers = await b.start_workers(targets[:1], [tmp / f"{tag}-one.txt"], 1)
+                workers = await b.start_workers(
+                    targets[:1], [tmp / f"{tag}-one.txt"], 1, args.report_window_ms
+                )
                 await one_at_a_time(args, fig, targets)
             return
         done = [tmp / f"{tag}-done-{i}.txt" for i in range(args.workers)]
-        workers = await b.start_workers(targets, done, args.worker_concurrency)
+        workers = await b.start_workers(
+            targets, done, args.worker_concurrency, args.report_window_ms
+        )
         if ceiling:
             fig.ceiling = await b.unary_ceiling(targets[0], args.ceiling_seconds, args.concurrency)
         before = await b.read_statements(targets)
@@ -210,7 +214,9 @@ async def run_backend(
         )
         if latency:
             await b.stop_workers(workers)
-            workers = await b.start_workers(targets[:1], [tmp / f"{tag}-one.txt"], 1)
+            workers = await b.start_workers(
+                targets[:1], [tmp / f"{tag}-one.txt"], 1, args.report_window_ms
+            )
             await one_at_a_time(args, fig, targets)
     finally:
         await b.stop_workers(workers)
@@ -415,6 +421,7 @@ def summary(args: argparse.Namespace, rounds: list[dict[str, Figures]]) -> dict[
             "jobs": args.jobs,
             "workers": args.workers,
             "worker_concurrency": args.worker_concurrency,
+            "report_window_ms": args.report_window_ms,
             "submit_concurrency": args.concurrency,
             "latency_jobs": args.latency_jobs if args.latency else 0,
             "latency_seconds": args.latency_seconds,

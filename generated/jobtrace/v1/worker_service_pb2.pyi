@@ -105,6 +105,7 @@ class ConnectRequest(_message.Message):
     ANNOTATE_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
     FAIL_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     MESSAGE_ID_FIELD_NUMBER: _builtins.int
     message_id: _builtins.int
     """Optional. A worker-chosen number echoed by the server's ack or error about
@@ -140,6 +141,15 @@ class ConnectRequest(_message.Message):
     def fail(self) -> Global___FailReport:
         """A held job failed."""
 
+    @_builtins.property
+    def batch(self) -> Global___ReportBatch:
+        """Several reports in one message (a worker whose Welcome.max_batch is
+        not 0). Answered by one ConnectResponse.acks once every report in it
+        is handled; an empty batch, more than Welcome.max_batch reports, or
+        a message_id used twice in it refuses the whole batch with a
+        StreamError (message_kind "batch", INVALID_ARGUMENT).
+        """
+
     def __init__(
         self,
         *,
@@ -150,13 +160,14 @@ class ConnectRequest(_message.Message):
         annotate: Global___AnnotationReport | None = ...,
         complete: Global___CompleteReport | None = ...,
         fail: Global___FailReport | None = ...,
+        batch: Global___ReportBatch | None = ...,
         message_id: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["annotate", b"annotate", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "progress", b"progress", "trace", b"trace"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["annotate", b"annotate", "batch", b"batch", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "progress", b"progress", "trace", b"trace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotate", b"annotate", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "message_id", b"message_id", "progress", b"progress", "trace", b"trace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotate", b"annotate", "batch", b"batch", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "message_id", b"message_id", "progress", b"progress", "trace", b"trace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "heartbeat", "progress", "trace", "annotate", "complete", "fail"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "heartbeat", "progress", "trace", "annotate", "complete", "fail", "batch"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -195,6 +206,7 @@ class WorkerHello(_message.Message):
     AFFINITY_KEYS_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    ACCEPTS_BATCHES_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Required. Stable id of the worker process; a reconnect with the same id
     may resume its leases; 1-128 characters.
@@ -203,6 +215,11 @@ class WorkerHello(_message.Message):
     """Optional. Most jobs held at once; 1-1000, 0 means 1."""
     version: _builtins.str
     """Optional. The worker software's version."""
+    accepts_batches: _builtins.bool
+    """Optional. The worker takes ConnectResponse.assignments (several jobs in
+    one message when it has several free slots). Unset: one Assignment per
+    message.
+    """
     @_builtins.property
     def services(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Required. The services this worker can run; 1-256 entries."""
@@ -237,14 +254,99 @@ class WorkerHello(_message.Message):
         affinity_keys: _abc.Iterable[_builtins.str] | None = ...,
         running: _abc.Iterable[Global___JobAttempt] | None = ...,
         version: _builtins.str = ...,
+        accepts_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_keys", b"affinity_keys", "labels", b"labels", "max_concurrency", b"max_concurrency", "running", b"running", "services", b"services", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "affinity_keys", b"affinity_keys", "labels", b"labels", "max_concurrency", b"max_concurrency", "running", b"running", "services", b"services", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerHello: _TypeAlias = WorkerHello  # noqa: Y015
+
+@_typing.final
+class ReportBatch(_message.Message):
+    """Several reports of a worker, sent in one ConnectRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchedReport]:
+        """Required. 1 to Welcome.max_batch (500) reports. Reports about the same
+        job are handled in this order; reports about different jobs may be
+        stored together, in one transaction. Each is fenced and validated on
+        its own: a refused report refuses only itself.
+        """
+
+    def __init__(
+        self,
+        *,
+        reports: _abc.Iterable[Global___BatchedReport] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reports", b"reports"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportBatch: _TypeAlias = ReportBatch  # noqa: Y015
+
+@_typing.final
+class BatchedReport(_message.Message):
+    """One report of a ReportBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    TRACE_FIELD_NUMBER: _builtins.int
+    ANNOTATE_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    FAIL_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.int
+    """Required. A worker-chosen number, distinct within the batch, echoed by
+    the Ack or ReportError about this report.
+    """
+    @_builtins.property
+    def progress(self) -> Global___ProgressReport:
+        """Progress of a held job."""
+
+    @_builtins.property
+    def trace(self) -> Global___TraceReport:
+        """Trace events of a held job."""
+
+    @_builtins.property
+    def annotate(self) -> Global___AnnotationReport:
+        """Annotations of a held job."""
+
+    @_builtins.property
+    def complete(self) -> Global___CompleteReport:
+        """A held job finished."""
+
+    @_builtins.property
+    def fail(self) -> Global___FailReport:
+        """A held job failed."""
+
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.int = ...,
+        progress: Global___ProgressReport | None = ...,
+        trace: Global___TraceReport | None = ...,
+        annotate: Global___AnnotationReport | None = ...,
+        complete: Global___CompleteReport | None = ...,
+        fail: Global___FailReport | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["annotate", b"annotate", "complete", b"complete", "fail", b"fail", "kind", b"kind", "progress", b"progress", "trace", b"trace"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotate", b"annotate", "complete", b"complete", "fail", b"fail", "kind", b"kind", "message_id", b"message_id", "progress", b"progress", "trace", b"trace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["progress", "trace", "annotate", "complete", "fail"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___BatchedReport: _TypeAlias = BatchedReport  # noqa: Y015
 
 @_typing.final
 class JobAttempt(_message.Message):
@@ -609,6 +711,8 @@ class ConnectResponse(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
     HEARTBEAT_ACK_FIELD_NUMBER: _builtins.int
+    ACKS_FIELD_NUMBER: _builtins.int
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """Answer to hello."""
@@ -637,6 +741,14 @@ class ConnectResponse(_message.Message):
     def heartbeat_ack(self) -> Global___HeartbeatAck:
         """Answer to a heartbeat."""
 
+    @_builtins.property
+    def acks(self) -> Global___Acks:
+        """Answer to a ReportBatch: every report in it, acknowledged or refused."""
+
+    @_builtins.property
+    def assignments(self) -> Global___Assignments:
+        """Several jobs to run (a worker whose hello said accepts_batches)."""
+
     def __init__(
         self,
         *,
@@ -647,16 +759,122 @@ class ConnectResponse(_message.Message):
         error: Global___StreamError | None = ...,
         drain: Global___Drain | None = ...,
         heartbeat_ack: Global___HeartbeatAck | None = ...,
+        acks: Global___Acks | None = ...,
+        assignments: Global___Assignments | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assignment", b"assignment", "cancel", b"cancel", "drain", b"drain", "error", b"error", "heartbeat_ack", b"heartbeat_ack", "kind", b"kind", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "acks", b"acks", "assignment", b"assignment", "assignments", b"assignments", "cancel", b"cancel", "drain", b"drain", "error", b"error", "heartbeat_ack", b"heartbeat_ack", "kind", b"kind", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assignment", b"assignment", "cancel", b"cancel", "drain", b"drain", "error", b"error", "heartbeat_ack", b"heartbeat_ack", "kind", b"kind", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "acks", b"acks", "assignment", b"assignment", "assignments", b"assignments", "cancel", b"cancel", "drain", b"drain", "error", b"error", "heartbeat_ack", b"heartbeat_ack", "kind", b"kind", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "assignment", "cancel", "ack", "error", "drain", "heartbeat_ack"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "assignment", "cancel", "ack", "error", "drain", "heartbeat_ack", "acks", "assignments"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class Acks(_message.Message):
+    """Answer to a ReportBatch, sent once every report in it is handled (complete
+    and fail reports stored).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACKS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Ack]:
+        """The reports accepted (and, for complete and fail, stored), in batch order."""
+
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReportError]:
+        """The reports refused, in batch order; stored state is unchanged by each."""
+
+    def __init__(
+        self,
+        *,
+        acks: _abc.Iterable[Global___Ack] | None = ...,
+        errors: _abc.Iterable[Global___ReportError] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "errors", b"errors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Acks: _TypeAlias = Acks  # noqa: Y015
+
+@_typing.final
+class ReportError(_message.Message):
+    """A report of a ReportBatch was refused; the fields mean what StreamError's do."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_KIND_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.int
+    """The message_id of the refused report (BatchedReport.message_id)."""
+    message_kind: _builtins.str
+    """Which report kind was refused, e.g. "complete"; "" for a report with no
+    kind set.
+    """
+    job_id: _builtins.str
+    """The job it was about."""
+    attempt: _builtins.int
+    """The attempt it was about."""
+    code: _builtins.int
+    """A google.rpc.Code number, e.g. 9 for FAILED_PRECONDITION (stale attempt)."""
+    reason: _builtins.str
+    """A stable UPPER_SNAKE reason, e.g. STALE_ATTEMPT."""
+    message: _builtins.str
+    """What was wrong, in words."""
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.int = ...,
+        message_kind: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        code: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "code", b"code", "job_id", b"job_id", "message", b"message", "message_id", b"message_id", "message_kind", b"message_kind", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportError: _TypeAlias = ReportError  # noqa: Y015
+
+@_typing.final
+class Assignments(_message.Message):
+    """Several jobs to run, each as a single Assignment would carry it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Assignment]:
+        """The jobs; 1 to the worker's free slots."""
+
+    def __init__(
+        self,
+        *,
+        assignments: _abc.Iterable[Global___Assignment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Assignments: _TypeAlias = Assignments  # noqa: Y015
 
 @_typing.final
 class Welcome(_message.Message):
@@ -669,8 +887,13 @@ class Welcome(_message.Message):
     LEASE_DURATION_FIELD_NUMBER: _builtins.int
     RESUMED_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """A new id for this session."""
+    max_batch: _builtins.int
+    """Most reports a ReportBatch may carry (500); 0: this server takes no
+    batches (send one report per message).
+    """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
         """How often to send heartbeats."""
@@ -695,10 +918,11 @@ class Welcome(_message.Message):
         lease_duration: _duration_pb2.Duration | None = ...,
         resumed: _abc.Iterable[Global___JobAttempt] | None = ...,
         revoked: _abc.Iterable[Global___JobAttempt] | None = ...,
+        max_batch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "resumed", b"resumed", "revoked", b"revoked", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "max_batch", b"max_batch", "resumed", b"resumed", "revoked", b"revoked", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -736,6 +736,23 @@ def hello_from_proto(p: Any, principal: Any) -> Any:
         allowed_tenants=None if principal.is_admin else principal.allowed_tenants,
         reviewer=principal.may(Role.REVIEWER),
         version=p.version,
+        accepts_batches=p.accepts_batches,
+    )
+
+
+def assignment_to_proto(message: Any, exact: bool = False) -> Any:
+    from jobtrace.pb import worker_service_pb2 as w
+
+    upstream, upstream_json, upstream_refs = step_results_to_proto(message.upstream, exact)
+    return w.Assignment(
+        job=job_to_proto(message.job, exact=exact),
+        attempt=message.job.attempt,
+        lease_deadline=us_to_ts(message.lease_deadline_us),
+        request_context=request_context_to_proto(message.request_context),
+        traceparent=message.job.traceparent,
+        upstream=upstream,
+        upstream_json=upstream_json,
+        upstream_refs=upstream_refs,
     )
 
 
@@ -744,17 +761,32 @@ def outgoing_to_proto(message: Any, exact: bool = False) -> Any:
     from jobtrace.pb import worker_service_pb2 as w
 
     if isinstance(message, dispatch.Assign):
-        upstream, upstream_json, upstream_refs = step_results_to_proto(message.upstream, exact)
+        return w.ConnectResponse(assignment=assignment_to_proto(message, exact))
+    if isinstance(message, dispatch.AssignMany):
         return w.ConnectResponse(
-            assignment=w.Assignment(
-                job=job_to_proto(message.job, exact=exact),
-                attempt=message.job.attempt,
-                lease_deadline=us_to_ts(message.lease_deadline_us),
-                request_context=request_context_to_proto(message.request_context),
-                traceparent=message.job.traceparent,
-                upstream=upstream,
-                upstream_json=upstream_json,
-                upstream_refs=upstream_refs,
+            assignments=w.Assignments(
+                assignments=[assignment_to_proto(a, exact) for a in message.assigns]
+            )
+        )
+    if isinstance(message, dispatch.BatchAnswer):
+        return w.ConnectResponse(
+            acks=w.Acks(
+                acks=[
+                    w.Ack(message_id=a.message_id, job_id=a.job_id, attempt=a.attempt)
+                    for a in message.acked
+                ],
+                errors=[
+                    w.ReportError(
+                        message_id=r.message_id,
+                        message_kind=r.kind,
+                        job_id=r.job_id,
+                        attempt=r.attempt,
+                        code=int(status_code(r.error).value[0]),
+                        reason=r.error.reason,
+                        message=r.error.message,
+                    )
+                    for r in message.refused
+                ],
             )
         )
     if isinstance(message, dispatch.Acked):
@@ -799,6 +831,7 @@ def outgoing_to_proto(message: Any, exact: bool = False) -> Any:
                 lease_duration=ms_to_duration(message.lease_ms),
                 resumed=[w.JobAttempt(job_id=j, attempt=a) for j, a in message.resumed],
                 revoked=[w.JobAttempt(job_id=j, attempt=a) for j, a in message.revoked],
+                max_batch=message.max_batch,
             )
         )
     if isinstance(message, dispatch.Drained):

@@ -23,7 +23,13 @@ from jobtrace.auth import Authenticator, Role
 from jobtrace.domain import dispatch
 from jobtrace.domain import errors as domain_errors
 from jobtrace.domain.dispatch.fleet import Fleet
-from jobtrace.domain.errors import DomainError, FailedPrecondition, Invalid, log_failure
+from jobtrace.domain.errors import (
+    DomainError,
+    FailedPrecondition,
+    FieldViolation,
+    Invalid,
+    log_failure,
+)
 from jobtrace.domain.worker_identity import WorkerIdentity
 from jobtrace.model import Failure
 from jobtrace.pb import worker_service_pb2 as pb
@@ -171,20 +177,17 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         runners: set[asyncio.Task[None]] = set()
         slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         try:
-            async for message in request_iterator:
+            async for received in request_iterator:
                 if session.closed:
                     break
-                await slots.acquire()
-                key = _order_key(message)
-                waiting = queues.get(key)
-                if waiting is not None:  # its runner takes it after the earlier ones
-                    waiting.messages.append(message)
-                    waiting.arrived.set()
-                    continue
-                queues[key] = _KeyQueue(message)
-                runner = asyncio.create_task(self._run_queue(session, key, queues, slots))
-                runners.add(runner)
-                runner.add_done_callback(runners.discard)
+                items: list[Any] = (
+                    self._batch_items(session, received)
+                    if received.WhichOneof("kind") == "batch"
+                    else [received]
+                )
+                for message in items:
+                    await slots.acquire()
+                    self._enqueue(session, message, queues, runners, slots)
             # Half-closed: what was received is still handled (and acknowledged).
             if runners:
                 await asyncio.wait(list(runners), timeout=30)
@@ -200,6 +203,66 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 runner.cancel()
             # The worker half-closed or went away: end the session.
             session.close(session.close_reason or "worker closed the stream")
+
+    def _batch_items(
+        self, session: dispatch.WorkerSession, message: pb.ConnectRequest
+    ) -> list[_Item]:
+        """A batch's reports, each to be handled like a report of its own (in
+        order per job) and answered in the batch's one Acks; a malformed batch
+        (empty, too long, a message id twice) is refused whole."""
+        reports = message.batch.reports
+        problem = ""
+        if not reports:
+            problem = f"batch.reports: required: 1 to {dispatch.MAX_BATCH_REPORTS} reports"
+        elif len(reports) > dispatch.MAX_BATCH_REPORTS:
+            problem = (
+                f"batch.reports: at most {dispatch.MAX_BATCH_REPORTS} reports per batch "
+                f"(got {len(reports)})"
+            )
+        else:
+            seen: set[int] = set()
+            for i, report in enumerate(reports):
+                if report.message_id in seen:
+                    problem = (
+                        f"batch.reports[{i}].message_id: {report.message_id} "
+                        "is used twice in the batch"
+                    )
+                    break
+                seen.add(report.message_id)
+        if problem:
+            error = Invalid(
+                [FieldViolation(problem.split(":", 1)[0], problem.split(": ", 1)[1])],
+                message=f"malformed batch: {problem}",
+            )
+            session.send(refused(message, error))
+            return []
+        answer = _BatchAnswer(session, len(reports))
+        items = []
+        for i, report in enumerate(reports):
+            kind = report.WhichOneof("kind")
+            body = getattr(report, kind) if kind else None
+            items.append(_Item(kind or "", body, report.message_id, answer, i))
+        return items
+
+    def _enqueue(
+        self,
+        session: dispatch.WorkerSession,
+        message: Any,
+        queues: dict[str, _KeyQueue],
+        runners: set[asyncio.Task[None]],
+        slots: asyncio.Semaphore,
+    ) -> None:
+        """Queue one message (or batched report) behind those of its job."""
+        key = _order_key(message)
+        waiting = queues.get(key)
+        if waiting is not None:  # its runner takes it after the earlier ones
+            waiting.messages.append(message)
+            waiting.arrived.set()
+            return
+        queues[key] = _KeyQueue(message)
+        runner = asyncio.create_task(self._run_queue(session, key, queues, slots))
+        runners.add(runner)
+        runner.add_done_callback(runners.discard)
 
     async def _run_queue(
         self,
@@ -261,7 +324,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         except Exception:  # not answered; the job's later messages still are
             log.exception("worker %s: handling a message failed", session.worker_id)
 
-    async def _process(self, session: dispatch.WorkerSession, message: pb.ConnectRequest) -> None:
+    async def _process(self, session: dispatch.WorkerSession, message: Any) -> None:
+        if isinstance(message, _Item):
+            await self._process_item(session, message)
+            return
         try:
             check_request(message)
             reply = await self._handle(session, message)
@@ -271,6 +337,31 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             reply = unexpected(session.worker_id, message, exc)
         if reply is not None:
             await session.send_reply(reply)
+
+    async def _process_item(self, session: dispatch.WorkerSession, item: _Item) -> None:
+        """One report of a batch: handled as if sent alone, answered in the batch's Acks."""
+        reply: dispatch.Acked | dispatch.Refused
+        try:
+            if item.body is None:
+                raise Invalid(
+                    [FieldViolation(f"batch.reports[{item.index}]", "set one of the report kinds")],
+                    message=f"batch.reports[{item.index}]: empty report",
+                )
+            check_request(item.body)
+            reply = await self._report(session, item.kind, item.body, item.message_id)
+        except DomainError as exc:
+            reply = item.refused(exc)
+        except Exception as exc:  # a fault of ours: answered, logged, stream kept
+            log_failure(
+                log,
+                exc,
+                "worker %s: handling a batched %s failed",
+                session.worker_id,
+                item.kind or "report",
+                extra={"worker_id": session.worker_id, "message_kind": item.kind},
+            )
+            reply = item.refused(domain_errors.unexpected(exc))
+        await item.answer.put(item.index, reply)
 
     async def _handle(self, session: dispatch.WorkerSession, m: pb.ConnectRequest) -> Any:
         kind = m.WhichOneof("kind")
@@ -282,12 +373,27 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             return await s.heartbeat(
                 session, m.message_id, tuple(hb.affinity_keys), hb.draining, running, labels
             )
+        if kind in _REPORTS:
+            return await self._report(session, kind, getattr(m, kind), m.message_id)
+        if kind == "hello":
+            raise FailedPrecondition(
+                "hello was already sent on this stream", reason="DUPLICATE_HELLO"
+            )
+        if isinstance(m, MalformedRequest):
+            raise Invalid([], message=f"malformed message: {m.reason}")
+        raise Invalid([], message="empty message: set one of the ConnectRequest kinds")
+
+    async def _report(
+        self, session: dispatch.WorkerSession, kind: str, body: Any, message_id: int
+    ) -> dispatch.Acked:
+        """Handle one report (alone or from a batch); its ack once handled."""
+        s = self._scheduler
         if kind == "progress":
-            p = m.progress
+            p = body
             await s.progress(session, p.job_id, p.attempt, p.percent, p.message)
-            return dispatch.Acked(m.message_id, p.job_id, p.attempt)
+            return dispatch.Acked(message_id, p.job_id, p.attempt)
         if kind == "complete":
-            c = m.complete
+            c = body
             result, size = convert.exact_object(
                 "complete.result_json", c.result_json, c.result, c.HasField("result")
             )
@@ -297,9 +403,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             await s.complete(
                 session, c.job_id, c.attempt, result, size, summary, c.output_summary.ByteSize()
             )
-            return dispatch.Acked(m.message_id, c.job_id, c.attempt)
+            return dispatch.Acked(message_id, c.job_id, c.attempt)
         if kind == "fail":
-            f = m.fail
+            f = body
             failure = Failure(
                 reason=f.error.message,
                 code=f.error.code,
@@ -308,27 +414,63 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 attempt=f.attempt,
             )
             await s.fail(session, f.job_id, f.attempt, failure, f.retryable)
-            return dispatch.Acked(m.message_id, f.job_id, f.attempt)
-        if kind == "hello":
-            raise FailedPrecondition(
-                "hello was already sent on this stream", reason="DUPLICATE_HELLO"
-            )
+            return dispatch.Acked(message_id, f.job_id, f.attempt)
         if kind == "trace":
-            t = m.trace
+            t = body
             inputs = [convert.event_input_from_proto(e) for e in t.events]
             await s.trace_report(session, t.job_id, t.attempt, inputs)
-            return dispatch.Acked(m.message_id, t.job_id, t.attempt)
+            return dispatch.Acked(message_id, t.job_id, t.attempt)
         if kind == "annotate":
-            a = m.annotate
+            a = body
             actor = a.actor if a.HasField("actor") else _worker_actor(session.worker_id)
             item, size = convert.annotation_input(
                 actor, a.attributes, a.payload, a.HasField("payload")
             )
             await s.annotate(session, a.job_id, a.attempt, item, size)
-            return dispatch.Acked(m.message_id, a.job_id, a.attempt)
-        if isinstance(m, MalformedRequest):
-            raise Invalid([], message=f"malformed message: {m.reason}")
-        raise Invalid([], message="empty message: set one of the ConnectRequest kinds")
+            return dispatch.Acked(message_id, a.job_id, a.attempt)
+        raise Invalid([], message=f"unknown report kind {kind!r}")
+
+
+_REPORTS = frozenset({"progress", "trace", "annotate", "complete", "fail"})
+
+
+class _BatchAnswer:
+    """Collects the answers to a batch's reports; the last one sends the Acks."""
+
+    __slots__ = ("left", "replies", "session")
+
+    def __init__(self, session: dispatch.WorkerSession, size: int) -> None:
+        self.session = session
+        self.replies: list[dispatch.Acked | dispatch.Refused | None] = [None] * size
+        self.left = size
+
+    async def put(self, index: int, reply: dispatch.Acked | dispatch.Refused) -> None:
+        self.replies[index] = reply
+        self.left -= 1
+        if self.left == 0:
+            acked = [r for r in self.replies if isinstance(r, dispatch.Acked)]
+            failed = [r for r in self.replies if isinstance(r, dispatch.Refused)]
+            await self.session.send_reply(dispatch.BatchAnswer(acked, failed))
+
+
+class _Item:
+    """One report of a batch, queued like a message of its own."""
+
+    __slots__ = ("answer", "body", "index", "kind", "message_id")
+
+    def __init__(
+        self, kind: str, body: Any, message_id: int, answer: _BatchAnswer, index: int
+    ) -> None:
+        self.kind = kind
+        self.body = body
+        self.message_id = message_id
+        self.answer = answer
+        self.index = index
+
+    def refused(self, exc: DomainError) -> dispatch.Refused:
+        job_id = getattr(self.body, "job_id", "")
+        attempt = getattr(self.body, "attempt", 0)
+        return dispatch.Refused(self.message_id, self.kind, job_id, attempt, exc)
 
 
 class _KeyQueue:
@@ -343,6 +485,8 @@ class _KeyQueue:
 
 def _order_key(message: Any) -> str:
     """Messages with the same key are handled in arrival order."""
+    if isinstance(message, _Item):
+        return getattr(message.body, "job_id", "") or message.kind
     kind = message.WhichOneof("kind") or ""
     job_id = getattr(getattr(message, kind, None), "job_id", "") if kind else ""
     return job_id or kind

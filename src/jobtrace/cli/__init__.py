@@ -169,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--worker-id", help="stable worker id (default host-pid)")
     worker.add_argument("--service", action="append", help="service to serve (default demo)")
     worker.add_argument("--concurrency", type=int, default=4, help="jobs at once (default 4)")
+    worker.add_argument(
+        "--report-window-ms",
+        type=float,
+        default=5.0,
+        help="send the reports queued within this window as one batch (default 5; 0: off)",
+    )
     worker.add_argument("--affinity", action="append", help="cached affinity key (repeatable)")
     worker.add_argument(
         "--label", action="append", help="KEY=VALUE label jobs may require (repeatable)"

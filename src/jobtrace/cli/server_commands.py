@@ -117,6 +117,9 @@ def worker(args: argparse.Namespace) -> int:
     from jobtrace.cli.client_commands import endpoint_of, parse_pairs
 
     logs.configure(args.log_level, args.log_format)
+    if not 0 <= args.report_window_ms <= 1000:
+        print("jobtrace worker: --report-window-ms must be between 0 and 1000", file=sys.stderr)
+        return 2
 
     worker = Worker(
         endpoint=endpoint_of(args),
@@ -124,6 +127,7 @@ def worker(args: argparse.Namespace) -> int:
         max_concurrency=args.concurrency,
         affinity_keys=tuple(args.affinity or ()),
         labels=parse_pairs(args.label, "--label"),
+        report_window_ms=args.report_window_ms,
     )
 
     async def demo(job: JobContext) -> dict[str, object]:

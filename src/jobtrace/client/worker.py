@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 # The default of Worker.max_concurrency; see there.
 DEFAULT_CONCURRENCY = 4
+# The default of Worker.report_window_ms (and `jobtrace worker --report-window-ms`).
+DEFAULT_REPORT_WINDOW_MS = 5.0
 
 
 @dataclass
@@ -123,14 +125,22 @@ class JobContext:
         self._cancelled.set()
         self._cancelled_in_threads.set()
 
-    async def progress(self, percent: float, message: str = "") -> None:
+    async def progress(self, percent: float, message: str = "", *, coalesce: bool = False) -> None:
         """Report progress (0-100). Best effort: while the worker is reconnecting
-        the report is dropped (the next one carries the newer state)."""
+        the report is dropped (the next one carries the newer state). Every
+        report is a trace event; with `coalesce=True`, one still waiting to be
+        sent (within the worker's report window) when the next coalescing one
+        of this job comes is replaced by it, so only the latest percent is
+        stored (never without asking: people read those events)."""
         report = worker_service_pb2.ProgressReport(
             job_id=self.job.id, attempt=self.attempt, percent=percent, message=message
         )
         with contextlib.suppress(ConnectionError):
-            await self._worker._send(worker_service_pb2.ConnectRequest(progress=report), wait=False)
+            await self._worker._send(
+                worker_service_pb2.ConnectRequest(progress=report),
+                wait=False,
+                coalesce=coalesce,
+            )
 
     async def log(
         self,
@@ -217,7 +227,12 @@ class Worker:
     one worker taking a whole queue from its peers; it is also what
     `jobtrace worker --concurrency` defaults to. Plain `def` handlers run in a
     thread pool of this size: for CPU-bound ones, use about one per core (or
-    run several worker processes)."""
+    run several worker processes).
+
+    `report_window_ms` (default 5; 0 turns it off): the reports queued within
+    this window after the first go out as one batch, when the server takes
+    batches (a window with one report sends it alone). Progress reports are
+    never merged unless sent with `ctx.progress(..., coalesce=True)`."""
 
     def __init__(
         self,
@@ -232,6 +247,7 @@ class Worker:
         reconnect_initial: float = 0.2,
         reconnect_max: float = 10.0,
         version: str | None = None,
+        report_window_ms: float = DEFAULT_REPORT_WINDOW_MS,
     ) -> None:
         # TLS, client certificates and keepalive come with `endpoint`; an explicit
         # target or token overrides its own.
@@ -255,6 +271,17 @@ class Worker:
         self.version = f"jobtrace-python/{__version__}" if version is None else version
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        if not 0 <= report_window_ms <= 1000:
+            raise ValueError(f"report_window_ms must be between 0 and 1000, got {report_window_ms}")
+        # Reports queued within this window go out as one batch (0: each alone).
+        self.report_window_ms = report_window_ms
+        # Most reports per batch the connected server takes (0: no batches).
+        self._max_batch = 0
+        # Progress reports that may be replaced by a later one of their job.
+        self._coalescable: set[int] = set()
+        # What went on the stream: messages, and the reports they carried.
+        self.messages_sent = 0
+        self.reports_sent = 0
         self._reconnect = (reconnect_initial, reconnect_max)
         self._handlers: dict[str, Handler] = {}
         self._threads: ThreadPoolExecutor | None = None  # for plain `def` handlers
@@ -392,7 +419,10 @@ class Worker:
             affinity_keys=list(self.affinity_keys),
             running=self._held(),
             version=self.version,
+            accepts_batches=True,
         )
+        self._max_batch = 0  # until this server's welcome says
+        self._coalescable.clear()  # what the last stream did not send is gone
         await outbox.put(worker_service_pb2.ConnectRequest(hello=hello))
         # Reports not acknowledged on the previous stream are sent again.
         for message in self._unacked.values():
@@ -401,7 +431,23 @@ class Worker:
         async def requests() -> AsyncIterator[worker_service_pb2.ConnectRequest]:
             while True:
                 message = await outbox.get()
-                yield message
+                if (
+                    self.report_window_ms <= 0
+                    or self._max_batch < 2
+                    or message.WhichOneof("kind") not in BATCHABLE
+                ):
+                    self.messages_sent += 1
+                    self.reports_sent += message.WhichOneof("kind") in BATCHABLE
+                    yield message
+                    continue
+                reports, after = await self._collect(outbox, message)
+                self.messages_sent += 1
+                self.reports_sent += len(reports)
+                yield reports[0] if len(reports) == 1 else batch_of(reports)
+                if after is not None:
+                    self.messages_sent += 1
+                    self.reports_sent += after.WhichOneof("kind") in BATCHABLE
+                    yield after
 
         heartbeats: asyncio.Task[None] | None = None
         async with channel:
@@ -425,8 +471,14 @@ class Worker:
                         heartbeats = asyncio.create_task(self._heartbeat(interval.total_seconds()))
                         for revoked in response.welcome.revoked:
                             self._cancel(revoked.job_id, "lease revoked after reconnect")
+                        self._max_batch = response.welcome.max_batch
                     elif kind == "assignment":
                         self._start(response.assignment)
+                    elif kind == "assignments":
+                        for assignment in response.assignments.assignments:
+                            self._start(assignment)
+                    elif kind == "acks":
+                        self._settle_batch(response.acks)
                     elif kind == "cancel":
                         self._cancel(response.cancel.job_id, response.cancel.reason)
                     elif kind == "heartbeat_ack":
@@ -497,11 +549,94 @@ class Worker:
                 held.setdefault(body.job_id, body.attempt)
         return [worker_service_pb2.JobAttempt(job_id=j, attempt=a) for j, a in held.items()]
 
+    async def _collect(
+        self,
+        outbox: asyncio.Queue[worker_service_pb2.ConnectRequest],
+        first: worker_service_pb2.ConnectRequest,
+    ) -> tuple[list[worker_service_pb2.ConnectRequest], worker_service_pb2.ConnectRequest | None]:
+        """The reports queued within the report window from `first` on (at most
+        the server's batch size and MAX_BATCH_BYTES), coalesced where asked;
+        and the message that ended the window early (not a report, or one
+        that would make the batch too large), if any, sent right after."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.report_window_ms / 1000
+        reports = [first]
+        size = first.ByteSize()
+        after: worker_service_pb2.ConnectRequest | None = None
+        while len(reports) < self._max_batch:
+            try:
+                message = outbox.get_nowait()
+            except asyncio.QueueEmpty:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(left):
+                        message = await outbox.get()
+                except TimeoutError:
+                    break
+            size += message.ByteSize()
+            if message.WhichOneof("kind") not in BATCHABLE or size > MAX_BATCH_BYTES:
+                after = message  # sent alone, right after the batch
+                break
+            reports.append(message)
+        return self._coalesce(reports), after
+
+    def _coalesce(
+        self, reports: list[worker_service_pb2.ConnectRequest]
+    ) -> list[worker_service_pb2.ConnectRequest]:
+        """A progress report sent with coalesce=True replaces the previous one
+        of its job in this window when that one was sent so too and nothing
+        else of the job came between (the order per job stays as sent)."""
+        if not self._coalescable:
+            return reports
+        out: list[worker_service_pb2.ConnectRequest] = []
+        last: dict[str, int] = {}  # job id -> index in out of its latest report
+        replaceable: set[int] = set()  # indexes in out of coalescing progress
+        for report in reports:
+            kind = report.WhichOneof("kind")
+            job_id = getattr(report, kind).job_id if kind else ""
+            coalescing = report.message_id in self._coalescable
+            self._coalescable.discard(report.message_id)
+            previous = last.get(job_id)
+            if coalescing and previous is not None and previous in replaceable:
+                out[previous] = report
+                continue
+            last[job_id] = len(out)
+            if coalescing:
+                replaceable.add(len(out))
+            out.append(report)
+        return out
+
+    def _settle_batch(self, acks: worker_service_pb2.Acks) -> None:
+        """The answer to a batch: each report settled as its own ack or error would."""
+        for ack in acks.acks:
+            self._settle(ack.message_id, worker_service_pb2.ConnectResponse(ack=ack))
+        for e in acks.errors:
+            error = worker_service_pb2.StreamError(
+                message_id=e.message_id,
+                message_kind=e.message_kind,
+                job_id=e.job_id,
+                attempt=e.attempt,
+                code=e.code,
+                reason=e.reason,
+                message=e.message,
+            )
+            _log_refusal(error)
+            self._settle(e.message_id, worker_service_pb2.ConnectResponse(error=error))
+
     async def _send(
-        self, message: worker_service_pb2.ConnectRequest, *, wait: bool, keep: bool = False
+        self,
+        message: worker_service_pb2.ConnectRequest,
+        *,
+        wait: bool,
+        keep: bool = False,
+        coalesce: bool = False,
     ) -> worker_service_pb2.ConnectResponse | None:
         self._next_id += 1
         message.message_id = self._next_id
+        if coalesce and self._outbox is not None:
+            self._coalescable.add(message.message_id)
         future: asyncio.Future[worker_service_pb2.ConnectResponse] | None = None
         if wait:
             future = asyncio.get_running_loop().create_future()
@@ -677,6 +812,23 @@ class Worker:
 
 
 MAX_RESULT_BYTES = 1024 * 1024
+# Most bytes of reports in one batch: well under the server's message limit
+# (8 MiB by default), so a batch of large results is never refused whole.
+MAX_BATCH_BYTES = 2 * 1024 * 1024
+# The reports a ReportBatch carries.
+BATCHABLE = frozenset({"progress", "trace", "annotate", "complete", "fail"})
+
+
+def batch_of(
+    reports: list[worker_service_pb2.ConnectRequest],
+) -> worker_service_pb2.ConnectRequest:
+    """Several reports as one ReportBatch, each with its own message id."""
+    batch = worker_service_pb2.ReportBatch()
+    for report in reports:
+        kind = report.WhichOneof("kind") or ""
+        item = batch.reports.add(message_id=report.message_id)
+        getattr(item, kind).CopyFrom(getattr(report, kind))
+    return worker_service_pb2.ConnectRequest(batch=batch)
 
 
 def result_json(result: Mapping[str, Any] | None) -> bytes:

@@ -2,8 +2,11 @@
 
 from jobtrace.domain.dispatch.scheduler import Scheduler
 from jobtrace.domain.dispatch.sessions import (
+    MAX_BATCH_REPORTS,
     Acked,
     Assign,
+    AssignMany,
+    BatchAnswer,
     Cancel,
     Drained,
     HeartbeatAcked,
@@ -16,9 +19,12 @@ from jobtrace.domain.dispatch.sessions import (
 from jobtrace.store.db import WRITE_QUEUED as REPORT_QUEUED
 
 __all__ = [
+    "MAX_BATCH_REPORTS",
     "REPORT_QUEUED",
     "Acked",
     "Assign",
+    "AssignMany",
+    "BatchAnswer",
     "Cancel",
     "Drained",
     "HeartbeatAcked",

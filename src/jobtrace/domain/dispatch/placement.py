@@ -15,7 +15,7 @@ from jobtrace.clock import now_us
 from jobtrace.domain import lifecycle, step_data
 from jobtrace.domain.dispatch.leases import Leases
 from jobtrace.domain.dispatch.matching import Score, affinity_weights, meets, required_of, score
-from jobtrace.domain.dispatch.sessions import Assign, WorkerSession
+from jobtrace.domain.dispatch.sessions import Assign, AssignMany, WorkerSession
 from jobtrace.domain.errors import log_failure
 from jobtrace.model import JSON, Job, RunState, WaitingReason
 from jobtrace.store import codec
@@ -257,26 +257,34 @@ class Placement(Leases):
         claims: list[_Claim] = []
         delivered: set[str] = set()
 
-        def hand_over(assign: Assign, session: WorkerSession) -> None:
+        def hand_over(assigns: list[Assign], session: WorkerSession) -> None:
             # Runs right after the commit, in commit order: a cancel committed
             # later finds the job held and reaches the worker.
             if session.closed:
-                return  # the worker never saw the job: settled below
-            delivered.add(assign.job.id)
-            session.held[assign.job.id] = assign.job.attempt
-            session.send(assign)
+                return  # the worker never saw the jobs: settled below
+            for assign in assigns:
+                delivered.add(assign.job.id)
+                session.held[assign.job.id] = assign.job.attempt
+            if session.accepts_batches and len(assigns) > 1:
+                session.send(AssignMany(assigns))  # its free slots' jobs in one message
+            else:
+                for assign in assigns:
+                    session.send(assign)
             if log.isEnabledFor(logging.INFO):
-                job = assign.job
-                log.info(
-                    "job assigned",
-                    extra={**lifecycle.job_log_fields(job), "worker_id": session.worker_id},
-                )
+                for assign in assigns:
+                    job = assign.job
+                    log.info(
+                        "job assigned",
+                        extra={**lifecycle.job_log_fields(job), "worker_id": session.worker_id},
+                    )
 
         async def op(db: AsyncSession, tx: Tx) -> None:
             claims.clear()
             now = now_us()
             deadline = now + self.lease_ms * 1000
             changed = []
+            # Each session's jobs, handed over together after the commit.
+            handed: dict[str, tuple[WorkerSession, list[Assign]]] = {}
             # Lock order everywhere: workflows, then jobs. Jobs another replica is
             # claiming right now are skipped, not waited for (see store.claim_update).
             for workflow_id in sorted({j.workflow_id for j, _, _ in plan if j.workflow_id}):
@@ -301,9 +309,11 @@ class Placement(Leases):
                 context = await store.request_context_for(db, claimed)
                 upstream = await step_data.upstream(db, claimed)
                 assign = Assign(claimed, deadline, context, upstream)
-                tx.on_commit(lambda a=assign, s=session: hand_over(a, s))  # type: ignore[misc]
+                handed.setdefault(session.session_id, (session, []))[1].append(assign)
                 claims.append(_Claim(claimed.id, claimed.attempt, session))
                 changed.append(claimed)
+            for session, assigns in handed.values():
+                tx.on_commit(lambda a=assigns, s=session: hand_over(a, s))  # type: ignore[misc]
             self._jobs.notify(tx, changed)
 
         try:

@@ -63,6 +63,7 @@ class Scheduler(Placement, Supervisor, Reports):
             labels=dict(hello.labels),
             tenants=hello.allowed_tenants,
             reviewer=hello.reviewer,
+            accepts_batches=hello.accepts_batches,
             version=hello.version,
             last_heartbeat_us=now_us(),
             # The claimed jobs take their slots while their leases are checked.

@@ -22,6 +22,8 @@ from jobtrace.domain.worker_identity import WorkerIdentity
 from jobtrace.model import JSON, Job, StepResults
 
 OUTBOX_HIGH_WATER = 1024
+# Most reports one ReportBatch may carry (Welcome.max_batch).
+MAX_BATCH_REPORTS = 500
 
 
 # --- messages to a worker (the api turns them into ConnectResponse) -----------
@@ -34,6 +36,8 @@ class Welcome:
     lease_ms: int
     resumed: list[tuple[str, int]]
     revoked: list[tuple[str, int]]
+    # Most reports per batch this server takes (0: none).
+    max_batch: int = MAX_BATCH_REPORTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,13 @@ class Assign:
     request_context: JSON
     # The results of the steps a workflow step depends on (None: no such steps).
     upstream: StepResults | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AssignMany:
+    """Several jobs for a worker that takes them in one message."""
+
+    assigns: list[Assign]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +88,31 @@ class Refused:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchAnswer:
+    """The answer to a batch of reports: each one acknowledged or refused
+    (a Refused here is never fatal), in batch order."""
+
+    acked: list[Acked]
+    refused: list[Refused]
+
+
+@dataclass(frozen=True, slots=True)
 class Drained:
     reason: str
     grace_ms: int
 
 
-Outgoing = Welcome | Assign | Cancel | Acked | HeartbeatAcked | Refused | Drained
+Outgoing = (
+    Welcome
+    | Assign
+    | AssignMany
+    | Cancel
+    | Acked
+    | HeartbeatAcked
+    | Refused
+    | BatchAnswer
+    | Drained
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +129,8 @@ class Hello:
     reviewer: bool = False
     # The worker software's version, as it says (the fleet view shows it).
     version: str = ""
+    # It takes several assignments in one message.
+    accepts_batches: bool = False
 
     @property
     def worker_id(self) -> str:
@@ -139,6 +171,8 @@ class WorkerSession:
     tenants: frozenset[str] | None = None  # whose jobs it may run; None: any
     # Whether its credentials carry the reviewer role (approval.* annotations).
     reviewer: bool = False
+    # It takes several assignments in one message (WorkerHello.accepts_batches).
+    accepts_batches: bool = False
     held: dict[str, int] = field(default_factory=HeldJobs)  # job id -> attempt
     # Claims for this session that its worker has not been told of and that may
     # be stored (Scheduler._unsettled): their slots stay taken until settled.
