@@ -59,7 +59,7 @@ test: $(STAMP) check-generated ## Contract checks and the whole test suite
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
 	$(BIN)/mypy src
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: $(STAMP) ## Run the benchmark with its defaults
 	$(BIN)/jobtrace bench
