@@ -7,6 +7,9 @@ PROTOS := $(wildcard proto/jobtrace/v1/*.proto)
 # The released contract. Every change must be additive against it; refresh it
 # (make baseline) only in a commit that says it releases.
 BASELINE := proto/baseline/jobtrace-v1.binpb
+# Test processes (pytest-xdist). The tests mostly wait (on timers, the network,
+# the database), so more processes than cores pays; 0 runs them in this one.
+TEST_WORKERS ?= 3
 
 .DEFAULT_GOAL := help
 .PHONY: help venv run test generate check-generated breaking baseline lint fmt bench clean
@@ -56,7 +59,7 @@ test: $(STAMP) check-generated ## Contract checks and the whole test suite
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
 	$(BIN)/mypy src
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: $(STAMP) ## Run the benchmark with its defaults
 	$(BIN)/jobtrace bench

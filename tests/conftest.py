@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,9 +161,11 @@ async def _pg_admin(sql: str) -> None:
         await conn.close()
 
 
-@pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    """A fresh PostgreSQL database for one test (so runs never collide)."""
+def _pg_base() -> str:
+    return PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+
+
+async def _fresh_pg(template: str | None = None) -> AsyncIterator[str]:
     problem = await pg_problem()
     if problem:
         if require_pg():
@@ -170,12 +174,67 @@ async def pg_url() -> AsyncIterator[str]:
     import uuid
 
     name = f"jt_{uuid.uuid4().hex[:12]}"
-    await _pg_admin(f"CREATE DATABASE {name}")
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    await _pg_admin(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
     try:
-        yield f"{base}/{name}"
+        yield f"{_pg_base()}/{name}"
     finally:
         await _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL database for one test (so runs never collide):
+    the server that starts on it runs every migration."""
+    async for url in _fresh_pg():
+        yield url
+
+
+# This session's (this xdist worker's) migrated template database, made on first use.
+_PG_TEMPLATE: str | None = None
+
+
+async def _pg_template() -> str:
+    """A database that every migration has run on, once per session: a copy of it
+    (CREATE DATABASE ... TEMPLATE, a file copy) is what a server would make of an
+    empty database, without running the migrations again in every test."""
+    global _PG_TEMPLATE
+    if _PG_TEMPLATE is None:
+        import uuid
+
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        from jobtrace.store.db import _upgrade
+
+        name = f"jt_template_{uuid.uuid4().hex[:12]}"
+        await _pg_admin(f"CREATE DATABASE {name}")
+        engine = create_async_engine(f"{_pg_base()}/{name}")
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(_upgrade)
+        except BaseException:
+            await engine.dispose()
+            await _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            raise
+        await engine.dispose()  # a template may have no connections while copied
+        _PG_TEMPLATE = name
+    return _PG_TEMPLATE
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_pg_template() -> Iterator[None]:
+    yield
+    if _PG_TEMPLATE is not None:
+        asyncio.run(_pg_admin(f"DROP DATABASE IF EXISTS {_PG_TEMPLATE} WITH (FORCE)"))
+
+
+@pytest.fixture
+async def pg_migrated_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database for one test with the schema at head: a copy
+    of the session's template (the server's start finds nothing to migrate)."""
+    problem = await pg_problem()
+    template = "" if problem else await _pg_template()
+    async for url in _fresh_pg(template or None):
+        yield url
 
 
 @pytest.fixture
@@ -183,12 +242,48 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'jobtrace.db'}"
 
 
+# This session's SQLite database that every migration has run on, made on first use.
+_SQLITE_TEMPLATE: Path | None = None
+
+
+def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SQLite file a server makes of a new database (every migration run,
+    through the server's own engine), once per session, for db_url to copy."""
+    global _SQLITE_TEMPLATE
+    if _SQLITE_TEMPLATE is None:
+        from jobtrace.store.db import _sqlite_engine, _upgrade
+
+        path = tmp_path_factory.mktemp("sqlite-template") / "jobtrace.db"
+
+        async def migrate() -> None:
+            engine = _sqlite_engine(f"sqlite+aiosqlite:///{path}", write=True)
+            try:
+                async with engine.begin() as conn:
+                    await conn.run_sync(_upgrade)
+            finally:
+                await engine.dispose()
+
+        # In a thread of its own: asyncio.run must not touch the test's event loop.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, migrate()).result()
+        _SQLITE_TEMPLATE = path
+    return _SQLITE_TEMPLATE
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Every test that takes a database runs on both backends."""
+def db_url(
+    request: pytest.FixtureRequest, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """Every test that takes a database runs on both backends, each on a new
+    database with the schema at head (a copy of the session's migrated
+    template; `sqlite_url` and `pg_url` are empty, for what the migrations do)."""
     if request.param == "sqlite":
+        template = _sqlite_template(tmp_path_factory)
+        for suffix in ("", "-wal", "-shm"):
+            if (source := Path(f"{template}{suffix}")).exists():
+                shutil.copyfile(source, tmp_path / f"jobtrace.db{suffix}")
         return f"sqlite+aiosqlite:///{tmp_path / 'jobtrace.db'}"
-    return str(request.getfixturevalue("pg_url"))
+    return str(request.getfixturevalue("pg_migrated_url"))
 
 
 @pytest.fixture

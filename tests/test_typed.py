@@ -42,17 +42,23 @@ def strict_mypy(path: Path, cache: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+# The mypy tests share a cache (the second runs warm): one xdist worker runs them both.
+MYPY = pytest.mark.xdist_group("mypy")
+
+
 @pytest.fixture(scope="module")
 def mypy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("mypy-cache")
 
 
+@MYPY
 def test_a_users_app_passes_mypy_strict(mypy_cache: Path) -> None:
     done = strict_mypy(TYPING / "app.py", mypy_cache)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "py.typed" not in done.stdout
 
 
+@MYPY
 def test_mypy_strict_reports_mistakes_in_a_users_app(mypy_cache: Path) -> None:
     source = TYPING / "mistyped.py"
     marked = {
