@@ -32,7 +32,9 @@ from .conftest import Harness, Stubs, wait_for
 from .test_security import ISSUER, SECRET, bearer, make_jwt, token, write_tokens
 from .workers import running, runtime_worker
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+# One shared server, worker and browser for the module: keep its tests on one
+# xdist worker (make test runs in parallel).
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.xdist_group("browser")]
 
 # Generous deadlines: a browser on a loaded CI machine.
 DEADLINE_MS = 15_000
