@@ -157,6 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="close a metrics connection idle this long (default 10)",
     )
+    serve.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export traces, the heartbeat and metrics over OTLP/gRPC to URL "
+        "(default: OTEL_EXPORTER_OTLP_ENDPOINT; off when unset)",
+    )
+    serve.add_argument(
+        "--otlp-heartbeat-seconds",
+        type=float,
+        help="export the heartbeat and metrics this often (default "
+        "OTEL_METRIC_EXPORT_INTERVAL, else 15)",
+    )
+    serve.add_argument(
+        "--deployment-environment",
+        help="the deployment.environment resource attribute of exported telemetry",
+    )
     serve.set_defaults(func=server_commands.serve)
 
     worker = sub.add_parser("worker", parents=[conn], help="run a worker")
