@@ -84,10 +84,6 @@ async def set_job(session: AsyncSession, job: Job, **changes: object) -> Job:
         states.check_transition(states.RunKind.JOB, job.id, job.state, state)  # type: ignore[arg-type]
     new, values = await _changed(session, job, changes)
     await store.update_job(session, job.id, **values)
-    if state != job.state:
-        traced = spans_of(session)  # OTLP on: the attempt's and run's spans when they end
-        if traced is not None:
-            traced[0].job_changed(traced[1], job, new, now_us())
     return new
 
 
@@ -109,6 +105,10 @@ async def _changed(
     an ended attempt's annotations are published here."""
     job = await _publish_if_ending(session, job, changes)
     new = replace(job, **changes)  # type: ignore[arg-type]
+    if new.state != job.state:
+        traced = spans_of(session)  # OTLP on: the attempt's and run's spans when they end
+        if traced is not None:
+            traced[0].job_changed(traced[1], job, new, now_us())
     values: dict[str, object] = {}
     for name, value in changes.items():
         if name == "state":
