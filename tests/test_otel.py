@@ -27,6 +27,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from jobtrace import tracing
 from jobtrace.client.api import Client
+from jobtrace.client.sync import SyncClient
 
 from .conftest import Harness, wait_for
 from .workers import terminate
@@ -326,4 +327,33 @@ async def test_nothing_is_exported_when_otlp_is_off(sqlite_url: str, collector: 
     assert {resource.get("service.instance.id") for _, _, resource in collector.metrics} == {
         instance
     }
+    await asyncio.to_thread(provider.shutdown)
+
+
+async def test_the_clients_send_the_current_span_as_traceparent(sqlite_harness: Harness) -> None:
+    """Without OTLP anywhere: the async and the sync client send the caller's
+    current span (OpenTelemetry API) as the traceparent a run keeps; an
+    explicit traceparent wins."""
+    tracer, provider = caller_tracer(None)
+    explicit = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    async with Client(sqlite_harness.target) as jt:
+        with tracer.start_as_current_span("caller") as span:
+            job = await jt.submit_job("svc", {})
+            named = await jt.submit_job("svc", {}, traceparent=explicit)
+        untraced = await jt.submit_job("svc", {})
+    context = span.get_span_context()
+    assert job.traceparent == (
+        f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+    )
+    assert named.traceparent == explicit
+    assert untraced.traceparent == ""
+
+    def sync_submit() -> str:
+        with SyncClient(sqlite_harness.target) as sync, tracer.start_as_current_span("sync") as s:
+            submitted = sync.submit_job("svc", {})
+            sc = s.get_span_context()
+            assert submitted.traceparent.startswith(f"00-{sc.trace_id:032x}-{sc.span_id:016x}-")
+            return submitted.id
+
+    assert await asyncio.to_thread(sync_submit)
     await asyncio.to_thread(provider.shutdown)

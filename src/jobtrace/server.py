@@ -91,6 +91,15 @@ class JobtraceServer:
         self.telemetry: Telemetry | None = None
 
     async def start(self) -> int:
+        try:
+            return await self._start()
+        except BaseException:
+            if self.telemetry is not None:  # started before the failure: stop its threads
+                await asyncio.to_thread(self.telemetry.shutdown)
+                self.telemetry = None
+            raise
+
+    async def _start(self) -> int:
         s = self.settings
         auth = build_authenticator(s)
         check_exposure(s, auth, self._resolve or resolve)
