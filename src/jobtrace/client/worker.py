@@ -736,8 +736,7 @@ def _handler_span(ctx: JobContext, worker_id: str) -> Iterator[None]:
     Without an SDK set up it is OpenTelemetry's no-op span, which still
     carries the attempt's context to the code inside."""
     parent = _PROPAGATOR.extract({"traceparent": ctx.traceparent}) if ctx.traceparent else None
-    tracer = trace.get_tracer("jobtrace.worker", __version__)
-    with tracer.start_as_current_span(
+    with _TRACER.start_as_current_span(
         f"handle {ctx.job.spec.service}",
         context=parent,
         kind=trace.SpanKind.CONSUMER,
@@ -752,6 +751,8 @@ def _handler_span(ctx: JobContext, worker_id: str) -> Iterator[None]:
 
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+# A proxy until a provider is set (then it reports to that provider).
+_TRACER = trace.get_tracer("jobtrace.worker", __version__)
 
 
 def result_json(result: Mapping[str, Any] | None) -> bytes:
