@@ -126,6 +126,17 @@ class Settings:
     metrics_max_services: int = 200
     # A metrics connection that sends nothing for this long is closed.
     metrics_idle_timeout_seconds: float = 10.0
+    # OpenTelemetry over OTLP/gRPC (spans per RPC, run and attempt; the
+    # service.heartbeat gauge; the Prometheus metrics): the collector's
+    # endpoint, e.g. http://127.0.0.1:4317 (plaintext) or https://...; empty:
+    # the standard OTEL_EXPORTER_OTLP_* variables, off when none is set.
+    otlp_endpoint: str = ""
+    # How often the heartbeat and the metrics are exported, seconds; None:
+    # OTEL_METRIC_EXPORT_INTERVAL (milliseconds), else 15.
+    otlp_heartbeat_seconds: float | None = None
+    # The resource attribute deployment.environment (e.g. "production");
+    # empty: as OTEL_RESOURCE_ATTRIBUTES says, if it does.
+    deployment_environment: str = ""
     # Redaction of evidence (attestations, trace events, annotations): member
     # names matching these regular expressions (any case) are secrets too, and
     # so are these header names; see jobtrace.domain.redact. As environment

@@ -53,8 +53,10 @@ from jobtrace.metrics import Metrics, StateSample
 from jobtrace.pb import SERVICE_NAMES, service_descriptor
 from jobtrace.store.db import Database
 from jobtrace.store.statement_count import StatementCounter
+from jobtrace.tracing import enabled as otlp_enabled
 
 if TYPE_CHECKING:
+    from jobtrace.otel import Telemetry
     from jobtrace.web.listener import HttpListener
 
 log = logging.getLogger(__name__)
@@ -93,8 +95,19 @@ class JobtraceServer:
         # The HTTP listener (settings.http_listen) and its bound port, once serving.
         self.http: HttpListener | None = None
         self.http_port: int | None = None
+        # OpenTelemetry (settings.otlp_endpoint or OTEL_EXPORTER_OTLP_*), once started.
+        self.telemetry: Telemetry | None = None
 
     async def start(self) -> int:
+        try:
+            return await self._start()
+        except BaseException:
+            if self.telemetry is not None:  # started before the failure: stop its threads
+                await asyncio.to_thread(self.telemetry.shutdown)
+                self.telemetry = None
+            raise
+
+    async def _start(self) -> int:
         s = self.settings
         auth = build_authenticator(s)
         check_exposure(s, auth, self._resolve or resolve)
@@ -117,8 +130,25 @@ class JobtraceServer:
                     "--metrics-idle-timeout-seconds must be positive and "
                     "--metrics-max-services not negative"
                 )
+        otlp = otlp_enabled(s.otlp_endpoint)
+        if s.metrics_port is not None or otlp:
+            # OTLP exports the same registry (served over HTTP only with a port).
             self.metrics = Metrics(max_services=s.metrics_max_services)
             self.db.on_batch = self.metrics.batch_committed
+        if otlp:
+            from jobtrace import otel
+
+            assert self.metrics is not None
+            self.telemetry = otel.start(
+                otel.Options(
+                    endpoint=s.otlp_endpoint,
+                    service_name=otel.SERVER_SERVICE_NAME,
+                    interval_s=s.otlp_heartbeat_seconds,
+                    environment=s.deployment_environment,
+                ),
+                self.metrics.registry,
+            )
+            self.db.spans = self.telemetry.run_spans()
         counting = os.environ.get("JOBTRACE_BENCH_COUNT_STATEMENTS") == "1"
         if counting:
             self.db.statement_counter = StatementCounter()
@@ -145,6 +175,7 @@ class JobtraceServer:
             self.trace, self.attestor, evidence_budget=data_budget(s.max_message_bytes)
         )
         self.lifecycle = life
+        life.spans = self.db.spans
         if s.failure_rules:
             life.failure_rules = rules
             files.watch(
@@ -189,9 +220,14 @@ class JobtraceServer:
         observer = CallObserver(self.metrics, stall_s=s.stream_stall_seconds)
         # Calls in progress, whole server: past this, a new call is answered
         # RESOURCE_EXHAUSTED at once (its memory is freed at once too).
+        interceptors: list[Any] = [observer]
+        if self.telemetry is not None:
+            # Inside the observer: the instrumentation wraps the servicers'
+            # own handlers (its stream wrapper is an async generator).
+            interceptors.append(self.telemetry.server_interceptor())
         server = grpc.aio.server(
             options=options,
-            interceptors=[observer],
+            interceptors=interceptors,
             maximum_concurrent_rpcs=s.max_concurrent_calls,
         )
         pages = PageBytes(s.max_message_bytes)
@@ -205,7 +241,9 @@ class JobtraceServer:
                 waiting=self.scheduler.waiting_reason,
                 pauses=self.pauses,
             ),
-            "WorkerService": WorkerServicer(self.scheduler, auth, streams, self.fleet),
+            "WorkerService": WorkerServicer(
+                self.scheduler, auth, streams, self.fleet, traced=self.telemetry is not None
+            ),
             "TraceService": TraceServicer(
                 self.trace,
                 auth,
@@ -265,8 +303,9 @@ class JobtraceServer:
                 self.http = None
                 await self.db.close()
                 raise
-        if self.metrics is not None and s.metrics_port is not None:
+        if self.metrics is not None:
             self.metrics.sample_state(self._sample_state, asyncio.get_running_loop())
+        if self.metrics is not None and s.metrics_port is not None:
             try:
                 self.metrics_port = self.metrics.serve(
                     s.metrics_host or listen_host(s.listen),
@@ -357,6 +396,10 @@ class JobtraceServer:
         if self.metrics is not None:
             await self.metrics.close()
             self.metrics_port = None
+        if self.telemetry is not None:
+            # Flushes the batched spans and a last export of the metrics.
+            await asyncio.to_thread(self.telemetry.shutdown)
+            self.telemetry = None
         await self.db.close()
         log.info("jobtrace stopped")
 

@@ -10,6 +10,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from jobtrace import tracing
 from jobtrace.api.errors import status_code
 from jobtrace.domain import step_data
 from jobtrace.domain.annotations import AnnotationFilter
@@ -740,32 +741,45 @@ def hello_from_proto(p: Any, principal: Any) -> Any:
     )
 
 
-def assignment_to_proto(message: Any, exact: bool = False) -> Any:
+def assignment_to_proto(message: Any, exact: bool = False, traced: bool = False) -> Any:
+    """An Assign as an Assignment; see outgoing_to_proto for `traced`."""
     from jobtrace.pb import worker_service_pb2 as w
 
+    job = message.job
+    traceparent = (
+        tracing.attempt_traceparent(
+            job.traceparent, job.id, job.workflow_id, job.attempt, derive=True
+        )
+        if traced
+        else job.traceparent
+    )
     upstream, upstream_json, upstream_refs = step_results_to_proto(message.upstream, exact)
     return w.Assignment(
         job=job_to_proto(message.job, exact=exact),
         attempt=message.job.attempt,
         lease_deadline=us_to_ts(message.lease_deadline_us),
         request_context=request_context_to_proto(message.request_context),
-        traceparent=message.job.traceparent,
+        traceparent=traceparent,
         upstream=upstream,
         upstream_json=upstream_json,
         upstream_refs=upstream_refs,
     )
 
 
-def outgoing_to_proto(message: Any, exact: bool = False) -> Any:
+def outgoing_to_proto(message: Any, exact: bool = False, traced: bool = False) -> Any:
+    """A message to a worker. With `traced` (OTLP on), an assignment's
+    traceparent is the context of the attempt's span (the run's trace, the
+    span id derived from the job and attempt: jobtrace.tracing), so the
+    worker's handler span is its child; otherwise the submission's."""
     from jobtrace.domain import dispatch
     from jobtrace.pb import worker_service_pb2 as w
 
     if isinstance(message, dispatch.Assign):
-        return w.ConnectResponse(assignment=assignment_to_proto(message, exact))
+        return w.ConnectResponse(assignment=assignment_to_proto(message, exact, traced))
     if isinstance(message, dispatch.AssignMany):
         return w.ConnectResponse(
             assignments=w.Assignments(
-                assignments=[assignment_to_proto(a, exact) for a in message.assigns]
+                assignments=[assignment_to_proto(a, exact, traced) for a in message.assigns]
             )
         )
     if isinstance(message, dispatch.BatchAnswer):

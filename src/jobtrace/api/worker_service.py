@@ -49,8 +49,12 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         auth: Authenticator,
         streams: StreamLimiter,
         fleet: Fleet,
+        *,
+        traced: bool = False,
     ) -> None:
         self._scheduler = scheduler
+        # OTLP on: assignments carry the attempt span's context (see convert).
+        self._traced = traced
         self._auth = auth
         self._streams = streams
         self._fleet = fleet
@@ -156,7 +160,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 message = await session.next_outgoing()
                 if message is None or watch.check() is not None:
                     break  # nothing is sent once the credentials have lapsed
-                yield convert.outgoing_to_proto(message, exact)
+                yield convert.outgoing_to_proto(message, exact, self._traced)
             lost = not self._scheduler_draining(session)
         finally:
             reader.cancel()

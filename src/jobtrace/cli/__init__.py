@@ -162,6 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="how often this replica fires due schedule ticks (default 1; 0: never)",
     )
+    serve.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export traces, the heartbeat and metrics over OTLP/gRPC to URL "
+        "(default: OTEL_EXPORTER_OTLP_ENDPOINT; off when unset)",
+    )
+    serve.add_argument(
+        "--otlp-heartbeat-seconds",
+        type=float,
+        help="export the heartbeat and metrics this often (default "
+        "OTEL_METRIC_EXPORT_INTERVAL, else 15)",
+    )
+    serve.add_argument(
+        "--deployment-environment",
+        help="the deployment.environment resource attribute of exported telemetry",
+    )
     serve.set_defaults(func=server_commands.serve)
 
     worker = sub.add_parser("worker", parents=[conn], help="run a worker")

@@ -60,6 +60,9 @@ def serve(args: argparse.Namespace) -> int:
             "http_listen": args.http_listen,
             "cors_origins": tuple(args.cors_origin) if args.cors_origin else None,
             "http_max_stream_seconds": args.http_max_stream_seconds,
+            "otlp_endpoint": args.otlp_endpoint,
+            "otlp_heartbeat_seconds": args.otlp_heartbeat_seconds,
+            "deployment_environment": args.deployment_environment,
         }
     )
     from jobtrace import logs

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from opentelemetry import propagate, trace
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -110,7 +111,20 @@ class Endpoint:
         # This client reads payloads, results and outputs as exact JSON: the
         # server sends the *_json fields instead of the Structs (smaller, and
         # integers stay integers).
-        return (*auth, EXACT_JSON, *extra)
+        return (*auth, EXACT_JSON, *extra, *trace_context(extra))
+
+
+def trace_context(extra: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str], ...]:
+    """The current OpenTelemetry context as metadata (traceparent, and
+    tracestate or baggage as the configured propagators write them), when a
+    span is active and the call does not name its own traceparent."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return ()
+    if any(key == "traceparent" for key, _ in extra):
+        return ()
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple(carrier.items())
 
 
 EXACT_JSON = ("jobtrace-json", "exact")

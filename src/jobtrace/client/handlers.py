@@ -5,6 +5,7 @@ handlers, which run in a thread pool."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
@@ -162,7 +163,11 @@ def adapt(service: str, fn: Callable[..., Any], threads: Callable[[], Executor])
         loop = asyncio.get_running_loop()
         sync_ctx = SyncJobContext(ctx, loop)
         args = (ctx.job, sync_ctx) if arity == 2 else (sync_ctx,)
-        result = await loop.run_in_executor(threads(), lambda: fn(*args))
+        # In a copy of this task's context: the handler's OpenTelemetry span
+        # (and log context) is current in the thread too.
+        result = await loop.run_in_executor(
+            threads(), functools.partial(contextvars.copy_context().run, fn, *args)
+        )
         if inspect.isawaitable(result):
             if inspect.iscoroutine(result):
                 result.close()

@@ -13,6 +13,8 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+from opentelemetry import context as otel_context
+
 from jobtrace.client.api import NO_AFFINITY, Client, Page, RetryPolicy, Seconds, TracePage, When
 from jobtrace.client.channel import Endpoint
 from jobtrace.pb import (
@@ -78,8 +80,16 @@ class SyncClient:
         if self._closed:
             raise RuntimeError("the client is closed")
 
+        # The caller's OpenTelemetry context (its current span) goes with the
+        # call to the loop thread, so the call's metadata carries it.
+        caller = otel_context.get_current()
+
         async def run() -> R:
-            return await step
+            token = otel_context.attach(caller)
+            try:
+                return await step
+            finally:
+                otel_context.detach(token)
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
 

@@ -35,13 +35,15 @@ import random
 import socket
 import threading
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from jobtrace import __version__
 from jobtrace.client.api import job_payload, plain_json, with_structs
@@ -340,7 +342,17 @@ class Worker:
 
     async def run(self) -> None:
         """Connect and serve until stop() (or drain()) finishes; reconnect with
-        exponential backoff and jitter when the stream breaks."""
+        exponential backoff and jitter when the stream breaks. With OTLP
+        configured (OTEL_EXPORTER_OTLP_ENDPOINT, ...), the process exports its
+        handler spans and heartbeat (see start_telemetry)."""
+        telemetry = start_telemetry()
+        try:
+            await self._serve()
+        finally:
+            if telemetry is not None:
+                await asyncio.to_thread(telemetry.tracer_provider.force_flush)
+
+    async def _serve(self) -> None:
         delay = self._reconnect[0]
         while not self._stop.is_set():
             try:
@@ -736,7 +748,8 @@ class Worker:
             if handler is None:
                 raise NonRetryableError(f"no handler for service {ctx.job.spec.service!r}")
             await self._fetch_upstream(ctx)
-            result = await handler(ctx)
+            with _handler_span(ctx, self.worker_id):
+                result = await handler(ctx)
             # Exact JSON, not a Struct: integers stay integers.
             body = result_json(result)
             if len(body) > MAX_RESULT_BYTES:
@@ -829,6 +842,70 @@ def batch_of(
         item = batch.reports.add(message_id=report.message_id)
         getattr(item, kind).CopyFrom(getattr(report, kind))
     return worker_service_pb2.ConnectRequest(batch=batch)
+
+
+_telemetry: Any = None
+_telemetry_lock = threading.Lock()
+
+
+def start_telemetry() -> Any:
+    """When OTLP is configured by the standard variables (OTEL_EXPORTER_OTLP_*,
+    OTEL_SERVICE_NAME, OTEL_METRIC_EXPORT_INTERVAL, OTEL_RESOURCE_ATTRIBUTES),
+    set up OpenTelemetry's SDK for this process once: the global tracer and
+    meter providers (so a handler's own instrumented code exports too), the
+    service.heartbeat gauge, service.name "jobtrace-worker" by default. Left
+    alone when the process has set a provider of its own, or OTLP is not
+    configured (then nothing of the SDK is loaded). jobtrace.otel.Telemetry or None."""
+    global _telemetry
+    from jobtrace import tracing
+
+    if not tracing.enabled():
+        return None
+    with _telemetry_lock:
+        if _telemetry is not None:
+            return _telemetry
+        from opentelemetry import metrics
+
+        from jobtrace import otel
+
+        if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+            return None  # the application set up OpenTelemetry itself
+        try:
+            telemetry = otel.start(otel.Options(service_name=otel.WORKER_SERVICE_NAME))
+        except OSError as exc:
+            log.error("OTLP export is off: %s", exc)
+            return None
+        trace.set_tracer_provider(telemetry.tracer_provider)
+        metrics.set_meter_provider(telemetry.meter_provider)
+        _telemetry = telemetry
+        return telemetry
+
+
+@contextlib.contextmanager
+def _handler_span(ctx: JobContext, worker_id: str) -> Iterator[None]:
+    """The handler's span, current while it runs: its parent the attempt's
+    context the assignment carries (the server's attempt span when it
+    exports over OTLP), so spans of the handler's own code join the trace.
+    Without an SDK set up it is OpenTelemetry's no-op span, which still
+    carries the attempt's context to the code inside."""
+    parent = _PROPAGATOR.extract({"traceparent": ctx.traceparent}) if ctx.traceparent else None
+    with _TRACER.start_as_current_span(
+        f"handle {ctx.job.spec.service}",
+        context=parent,
+        kind=trace.SpanKind.CONSUMER,
+        attributes={
+            "jobtrace.job.id": ctx.job.id,
+            "jobtrace.attempt": ctx.attempt,
+            "jobtrace.service": ctx.job.spec.service,
+            "jobtrace.worker.id": worker_id,
+        },
+    ):
+        yield
+
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+# A proxy until a provider is set (then it reports to that provider).
+_TRACER = trace.get_tracer("jobtrace.worker", __version__)
 
 
 def result_json(result: Mapping[str, Any] | None) -> bytes:

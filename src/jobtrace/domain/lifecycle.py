@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace import conventions
-from jobtrace.clock import iso
+from jobtrace.clock import iso, now_us
 from jobtrace.domain import annotated, fan_out, output_summary, states, step_data
 from jobtrace.domain.attest import Attestor
 from jobtrace.domain.evidence import (
@@ -50,7 +50,7 @@ from jobtrace.store import attest as attest_store
 from jobtrace.store import codec
 from jobtrace.store import failures as failures_store
 from jobtrace.store import jobs as store
-from jobtrace.store.db import Tx
+from jobtrace.store.db import Tx, spans_of
 from jobtrace.store.sql import Params, Query
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,10 @@ async def _changed(
     an ended attempt's annotations are published here."""
     job = await _publish_if_ending(session, job, changes)
     new = replace(job, **changes)  # type: ignore[arg-type]
+    if new.state != job.state:
+        traced = spans_of(session)  # OTLP on: the attempt's and run's spans when they end
+        if traced is not None:
+            traced[0].job_changed(traced[1], job, new, now_us())
     values: dict[str, object] = {}
     for name, value in changes.items():
         if name == "state":
@@ -188,6 +192,16 @@ class Lifecycle:
         self.failures: Counter[tuple[str, str]] = Counter()
         # The operator's failure rules; replaced whole when their file is reloaded.
         self.failure_rules = FailureRules()
+        # OTLP on: jobtrace.otel.RunSpans (a workflow's span when it ends).
+        self.spans: Any = None
+
+    async def _workflow_span(
+        self, db: AsyncSession, tx: Tx, workflow_id: str, state: RunState, now: int
+    ) -> None:
+        """OTLP on: the span of a workflow that ends now (one read of its row)."""
+        if self.spans is not None:
+            fields = await store.workflow_span_fields(db, workflow_id)
+            self.spans.workflow_ended(tx, workflow_id, fields, state, now)
 
     def log_after(self, tx: Tx, level: int, message: str, job: Job, **fields: object) -> None:
         """Log a transition of `job` once `tx` commits."""
@@ -1215,6 +1229,7 @@ class Lifecycle:
                     db, step.workflow_id, step.tenant, RunState.COMPLETED, None, by
                 )
                 self.trace.run_ended(tx, step.workflow_id)
+                await self._workflow_span(db, tx, step.workflow_id, RunState.COMPLETED, now)
             elif progressed:
                 # The progress event rides in the workflow's UPDATE statement.
                 update = store.workflow_progress_update(step.workflow_id, done_count, now)
@@ -1510,3 +1525,4 @@ class Lifecycle:
         )
         await self._attest_workflow(db, workflow_id, tenant, state, failure, by)
         self.trace.run_ended(tx, workflow_id)
+        await self._workflow_span(db, tx, workflow_id, state, now)

@@ -58,6 +58,16 @@ class Tx:
 
 WriteOp = Callable[[AsyncSession, Tx], Awaitable[T]]
 
+# session.info key of (Database.spans, the running operation's Tx) when OTLP is on.
+SPANS_KEY = "jobtrace_spans"
+
+
+def spans_of(session: AsyncSession) -> tuple[Any, Tx] | None:
+    """The run spans recorder and the Tx of the write running in `session`,
+    when OTLP is on (None otherwise: nothing to record)."""
+    return session.sync_session.info.get(SPANS_KEY)
+
+
 # Set by a caller that wants to know when its write is queued (not yet
 # committed): Database.write resolves the future as it queues the operation.
 # Operations run in queue order, so a caller may start its next, dependent
@@ -110,6 +120,10 @@ class Database:
         # Called with the number of operations of each committed transaction
         # (metrics); runs on the event loop, must be cheap and must not raise.
         self.on_batch: Callable[[int], None] | None = None
+        # OpenTelemetry's run and attempt spans (jobtrace.otel.RunSpans) when
+        # OTLP is on: a write operation finds them, and its Tx, in its
+        # session's info (spans_of), to record spans once it commits.
+        self.spans: Any = None
         self.replica_id = os.urandom(6).hex()
         self._listener: Any = None
         self._listening: asyncio.Task[None] | None = None
@@ -259,7 +273,7 @@ class Database:
                 await session.begin()
                 for item in batch:
                     try:
-                        outcomes.append((True, await item.op(session, item.tx)))
+                        outcomes.append((True, await self._op(item, session)))
                     except Exception as exc:
                         raise _BatchFailed(exc) from exc
                 await self._send_notices(session, [n for i in batch for n in i.tx._notices])
@@ -384,13 +398,18 @@ class Database:
                 outcomes = [(False, exc)]
             self._settle([item], outcomes)
 
+    async def _op(self, item: _Pending[T], session: AsyncSession) -> T:
+        if self.spans is not None:
+            session.info[SPANS_KEY] = (self.spans, item.tx)
+        return await item.op(session, item.tx)
+
     async def _run_batch(self, batch: list[_Pending[Any]]) -> list[tuple[bool, Any]]:
         assert self._writes is not None
         outcomes: list[tuple[bool, Any]] = []
         async with self._writes() as session, session.begin():
             for item in batch:
                 try:
-                    outcomes.append((True, await item.op(session, item.tx)))
+                    outcomes.append((True, await self._op(item, session)))
                 except Exception as exc:
                     raise _BatchFailed(exc) from exc
             if not self.is_sqlite:
@@ -412,7 +431,7 @@ class Database:
                         # literal SQL (store.sql) runs on the connection directly.
                         await session.connection()
                         try:
-                            result = await item.op(session, item.tx)
+                            result = await self._op(item, session)
                         except Exception as exc:
                             # Its error is its caller's answer; a failure to roll
                             # back the savepoint is the batch's (and propagates).

@@ -1170,6 +1170,25 @@ async def workflow_state(session: AsyncSession, workflow_id: str) -> tuple[RunSt
     return None if row is None else (RunState(row[0]), int(row[1] or 0))
 
 
+async def workflow_span_fields(
+    session: AsyncSession, workflow_id: str
+) -> tuple[str, int, int, str] | None:
+    """What a workflow's OpenTelemetry span needs: (tenant, created_us,
+    started_us, traceparent of its steps); read only when OTLP is on."""
+    stmt = select(WorkflowRow.tenant, WorkflowRow.created_us, WorkflowRow.started_us).where(
+        WorkflowRow.id == workflow_id
+    )
+    row = (await session.execute(stmt)).first()
+    if row is None:
+        return None
+    return (
+        str(row[0]),
+        int(row[1] or 0),
+        int(row[2] or 0),
+        await workflow_traceparent(session, workflow_id),
+    )
+
+
 async def start_workflow(session: AsyncSession, workflow_id: str, now: int) -> int | None:
     """QUEUED -> RUNNING, compare-and-set in one UPDATE: the workflow's
     declared step count if this statement changed it, None if it was not
