@@ -68,11 +68,13 @@ def _background(statement: str) -> bool:
     quota's recount of a tenant's waiting jobs (at most each second), the
     fleet registry's write of the replica's changed sessions (at most once per
     heartbeat interval, all sessions in one statement), the schedule
-    scanner's reads of due schedules (each second)."""
+    scanner's reads of due schedules and the supervisor's read of workflows
+    past their deadline (each second)."""
     s = statement.strip().rstrip(";")
     return (
         s.upper() == "SELECT 1"
         or s.startswith("SELECT schedules.")
+        or (s.startswith("SELECT workflows.id") and "workflows.deadline_us <" in s)
         or s.startswith(("INSERT INTO worker_sessions", "DELETE FROM worker_sessions"))
         or (s.startswith("SELECT jobs.seq, jobs.id,") and "jobs.state =" in s)
         or s.startswith("SELECT count(*) AS count_1 FROM (SELECT jobs.seq")
