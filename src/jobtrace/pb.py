@@ -9,6 +9,8 @@ from jobtrace.v1 import (
     common_pb2,
     job_service_pb2,
     job_service_pb2_grpc,
+    schedule_service_pb2,
+    schedule_service_pb2_grpc,
     trace_service_pb2,
     trace_service_pb2_grpc,
     worker_service_pb2,
@@ -22,6 +24,8 @@ __all__ = [
     "duration_pb2",
     "job_service_pb2",
     "job_service_pb2_grpc",
+    "schedule_service_pb2",
+    "schedule_service_pb2_grpc",
     "struct_pb2",
     "timestamp_pb2",
     "trace_service_pb2",
@@ -35,11 +39,18 @@ SERVICE_NAMES = (
     worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
     trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name,
     attestation_service_pb2.DESCRIPTOR.services_by_name["AttestationService"].full_name,
+    schedule_service_pb2.DESCRIPTOR.services_by_name["ScheduleService"].full_name,
 )
 
 
 def service_descriptor(name: str) -> ServiceDescriptor:
-    for module in (job_service_pb2, worker_service_pb2, trace_service_pb2, attestation_service_pb2):
+    for module in (
+        job_service_pb2,
+        worker_service_pb2,
+        trace_service_pb2,
+        attestation_service_pb2,
+        schedule_service_pb2,
+    ):
         if name in module.DESCRIPTOR.services_by_name:
             found: ServiceDescriptor = module.DESCRIPTOR.services_by_name[name]
             return found

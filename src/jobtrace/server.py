@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jobtrace.api.attestation_service import AttestationServicer
+from jobtrace.api.flow_service import FlowServicer
 from jobtrace.api.handlers import add_service
 from jobtrace.api.health import follow_storage
 from jobtrace.api.interceptor import CallObserver
@@ -38,6 +39,7 @@ from jobtrace.domain.dispatch.fleet import Fleet
 from jobtrace.domain.errors import log_failure
 from jobtrace.domain.evidence import data_budget
 from jobtrace.domain.failure_rules import FailureRules, load_rules_file
+from jobtrace.domain.flow import RateLimits
 from jobtrace.domain.jobs import Jobs
 from jobtrace.domain.lifecycle import Lifecycle
 from jobtrace.domain.pagination import open_tokens
@@ -209,6 +211,7 @@ class JobtraceServer:
             "AttestationService": AttestationServicer(
                 self.attestor, self.annotations, auth, pages=pages
             ),
+            "ScheduleService": FlowServicer(RateLimits(self.db), auth),
         }
         for name, servicer in servicers.items():
             add_service(server, service_descriptor(name), servicer)

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
 from jobtrace.domain import annotations as annotation_rules
-from jobtrace.domain import approvals, failures, fan_out, lifecycle, reruns, states
+from jobtrace.domain import approvals, failures, fan_out, flow, lifecycle, reruns, states
 from jobtrace.domain import redact as redact_rules
 from jobtrace.domain.bulk import (
     BulkOperations,
@@ -338,6 +338,8 @@ class Jobs:
         v.raise_if_any()
 
         async def op(session: AsyncSession, tx: Tx) -> tuple[Job, bool]:
+            if spec.rate_limits:
+                await flow.check_known(session, tenant, [("job", spec)])
             now = now_us()
             job = Job(
                 id=new_id(JOB_PREFIX),
@@ -467,6 +469,9 @@ class Jobs:
         v.raise_if_any()
 
         async def op(session: AsyncSession, tx: Tx) -> tuple[Workflow, bool]:
+            await flow.check_known(
+                session, tenant, [(f"steps[{i}].job", s) for i, s in enumerate(specs)]
+            )
             existing = await self._existing(
                 session, tenant, sub.request_id, sub.request_hash, "workflow"
             )

@@ -26,7 +26,7 @@ from jobtrace.web.sse import EventsEndpoint
 log = logging.getLogger(__name__)
 
 # The services served over HTTP (WorkerService stays gRPC-only).
-HTTP_SERVICES = ("JobService", "TraceService", "AttestationService")
+HTTP_SERVICES = ("JobService", "TraceService", "AttestationService", "ScheduleService")
 
 
 def connect_apps(
@@ -37,6 +37,7 @@ def connect_apps(
     from jobtrace.v1 import (
         attestation_service_connect,
         job_service_connect,
+        schedule_service_connect,
         trace_service_connect,
     )
 
@@ -44,6 +45,7 @@ def connect_apps(
         "JobService": job_service_connect.JobServiceASGIApplication,
         "TraceService": trace_service_connect.TraceServiceASGIApplication,
         "AttestationService": attestation_service_connect.AttestationServiceASGIApplication,
+        "ScheduleService": schedule_service_connect.ScheduleServiceASGIApplication,
     }
     apps: dict[str, ASGIApp] = {}
     for name in HTTP_SERVICES:
