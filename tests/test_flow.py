@@ -258,3 +258,62 @@ async def test_concurrency_key_cancel_newest_and_cancel_oldest(harness: Harness)
     old = await _get(api, o1.id)
     assert old.state == c.RUN_STATE_CANCELLED and old.failure.code == "CONCURRENCY_LIMIT"
     await worker.close()
+
+
+async def test_cli_rate_limits_and_submit_flags(harness: Harness, tmp_path: Any) -> None:
+    import json
+
+    from .procs import jobtrace
+
+    target = harness.target
+    code, out, err = await jobtrace(
+        "rate-limits", "create", "openai", "10/s", "--burst", "20", "--json", target=target
+    )
+    assert code == 0, err
+    assert json.loads(out)["burst"] == 20
+    code, out, err = await jobtrace("rate-limits", "create", "db", "600/m", target=target)
+    assert code == 0 and "db: 600/60s, burst 600" in out, err
+    code, out, err = await jobtrace("rate-limits", "--json", target=target)
+    assert [x["key"] for x in json.loads(out)["rate_limits"]] == ["db", "openai"]
+    code, out, err = await jobtrace("rate-limits", target=target)
+    assert "openai" in out and "10/1s" in out
+    code, out, err = await jobtrace(
+        "submit",
+        "svc",
+        '{"user_id": "u1"}',
+        "--rate-limit",
+        "openai@{user_id}:2",
+        "--rate-limit",
+        "db",
+        "--concurrency",
+        "user:{user_id}:1:cancel_oldest",
+        "--json",
+        target=target,
+    )
+    assert code == 0, err
+    job = json.loads(out)
+    assert job["rate_limit_keys"] == ["openai/u1", "db"]
+    assert job["concurrency_key"] == "user:u1"
+    assert job["spec"]["concurrency"]["strategy"] == "STRATEGY_CANCEL_OLDEST"
+    code, out, err = await jobtrace("submit", "svc", "{}", "--rate-limit", "nope", target=target)
+    assert code != 0 and "job.rate_limits[0].key" in err
+    flow_file = tmp_path / "wf.yaml"
+    flow_file.write_text(
+        "name: limited\n"
+        "steps:\n"
+        "  - name: a\n"
+        "    job:\n"
+        "      service: svc\n"
+        "      payload: {user_id: u2}\n"
+        "      rate_limits: [{key: openai, partition: '{user_id}'}]\n"
+        "      concurrency: {key: 'user:{user_id}', max_running: 2, strategy: cancel_newest}\n"
+    )
+    code, out, err = await jobtrace("submit", "--workflow", str(flow_file), "--json", target=target)
+    assert code == 0, err
+    step = json.loads(out)["steps"][0]
+    code, out, err = await jobtrace("get", step["job_id"], "--json", target=target)
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["rate_limit_keys"] == ["openai/u2"] and got["concurrency_key"] == "user:u2"
+    code, out, err = await jobtrace("rate-limits", "delete", "db", target=target)
+    assert code == 0 and "db: deleted" in out
