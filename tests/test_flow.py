@@ -317,3 +317,37 @@ async def test_cli_rate_limits_and_submit_flags(harness: Harness, tmp_path: Any)
     assert got["rate_limit_keys"] == ["openai/u2"] and got["concurrency_key"] == "user:u2"
     code, out, err = await jobtrace("rate-limits", "delete", "db", target=target)
     assert code == 0 and "db: deleted" in out
+
+
+async def test_the_flow_migration_goes_down_and_up(db_url: str) -> None:
+    """Revision 0025 downgrades (limits, buckets, slots and the jobs' flow
+    columns dropped) and upgrades again on a database that used them."""
+    from .test_worker_stream import migrate_down
+
+    h = Harness(db_url)
+    await h.start()
+    try:
+        api = h.stubs()
+        await _create(api, "mig", 5, 1000)
+        worker = RawWorker(api)
+        await worker.hello("w", ["svc"], max_concurrency=2)
+        job = await _submit(
+            api,
+            "mig",
+            {"u": "x"},
+            rate_limits=[c.RateLimitUse(key="mig")],
+            concurrency=CK(key="{u}", max_running=1),
+        )
+        await worker.expect("assignment")  # a bucket and a slot row exist
+        await worker.close()
+    finally:
+        await h.stop()
+    await migrate_down(db_url, "0024")
+    await h.start()  # migrates up again
+    try:
+        api = h.stubs()
+        assert not (await _limits(api).ListRateLimits(s.ListRateLimitsRequest())).rate_limits
+        again = await _get(api, job.id)
+        assert not again.rate_limit_keys and not again.concurrency_key
+    finally:
+        await h.stop()
