@@ -30,6 +30,7 @@ from jobtrace.config import Settings
 from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
+from jobtrace.pb import schedule_service_pb2 as sc
 from jobtrace.pb import service_descriptor
 from jobtrace.pb import trace_service_pb2 as t
 from jobtrace.server import Authenticator, check_exposure
@@ -262,6 +263,14 @@ def _table(ids: dict[str, str], codec: str) -> dict[str, Callable[[], Message]]:
             attributes={f"review.checked_{codec}": value},
         ),
         "ListAnnotations": lambda: a.ListAnnotationsRequest(run_id=run),
+        "CreateRateLimit": lambda: sc.CreateRateLimitRequest(
+            rate_limit=sc.RateLimit(key=f"http-{codec}", count=5, period={"seconds": 1})
+        ),
+        "GetRateLimit": lambda: sc.GetRateLimitRequest(key=f"http-{codec}"),
+        "UpdateRateLimit": lambda: sc.UpdateRateLimitRequest(
+            rate_limit=sc.RateLimit(key=f"http-{codec}", count=6, period={"seconds": 1})
+        ),
+        "DeleteRateLimit": lambda: sc.DeleteRateLimitRequest(key=f"http-{codec}"),
     }
 
 

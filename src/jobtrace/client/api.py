@@ -797,6 +797,7 @@ class Client:
         return response.rate_limit
 
     async def get_rate_limit(self, key: str) -> schedule_service_pb2.RateLimit:
+        """One rate limit of the caller's tenant (NotFound if none)."""
         request = schedule_service_pb2.GetRateLimitRequest(key=key)
         response: schedule_service_pb2.GetRateLimitResponse = await self._call(
             self.schedules_stub.GetRateLimit, request, retry=True

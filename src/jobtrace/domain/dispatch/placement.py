@@ -164,18 +164,23 @@ class Placement(Leases):
             # A service with no free slot is not read: a slot that frees wakes
             # the dispatcher, which then reads it. One row more than the slots:
             # fewer says the queue holds no other eligible job.
+            caps = self.flow_read_cap
             for (service, tenants, skip), slots in capacity.items():
+                limit = slots + 1
+                cap = caps.get(service) if caps else None
+                if cap is not None and cap < limit:
+                    limit = cap
                 jobs, waiting_us = await store.eligible_jobs(
                     db,
                     service,
                     now,
-                    slots + 1,
+                    limit,
                     tenants,
                     skip,
                     _paused(paused, service, tenants),
                     blocked,
                 )
-                drained = drained and len(jobs) <= slots
+                drained = drained and len(jobs) < limit
                 for job in jobs:
                     if blocked and _flow_blocked(job, blocked):
                         continue  # blocked by a key other than the one the read skips
@@ -305,8 +310,11 @@ class Placement(Leases):
         # an operation more than once), and those handed to their worker.
         claims: list[_Claim] = []
         delivered: set[str] = set()
-        # Flow keys a claim found blocked (applied once the write is over).
+        # Flow keys a claim found blocked (applied once the write is over),
+        # and by service, the flow-controlled jobs started where one was.
         blocks: dict[str, tuple[int, WaitingReason]] = {}
+        flow_started: dict[str, int] = {}
+        blocked_services: set[str] = set()
 
         def hand_over(assign: Assign, session: WorkerSession) -> None:
             # Runs right after the commit, in commit order: a cancel committed
@@ -326,6 +334,8 @@ class Placement(Leases):
         async def op(db: AsyncSession, tx: Tx) -> None:
             claims.clear()
             blocks.clear()
+            flow_started.clear()
+            blocked_services.clear()
             now = now_us()
             deadline = now + self.lease_ms * 1000
             changed: list[Job] = []
@@ -345,6 +355,7 @@ class Placement(Leases):
                     verdict = await flow.admit(db, job, now)
                     if verdict.blocked:
                         blocks[verdict.blocked] = (verdict.until_us, verdict.reason)
+                        blocked_services.add(job.spec.service)
                         continue
                     if verdict.cancel_self:
                         changed.extend(
@@ -366,6 +377,8 @@ class Placement(Leases):
                 if claimed is None:
                     continue
                 if verdict is not None:
+                    service = job.spec.service
+                    flow_started[service] = flow_started.get(service, 0) + 1
                     await flow.started(db, job, verdict, now)
                     for running_id in verdict.cancel:  # CANCEL_OLDEST
                         changed.extend(
@@ -392,6 +405,15 @@ class Placement(Leases):
         if blocks:
             self.flow_blocked.update(blocks)
             self._queue_seen = None
+        caps = self.flow_read_cap
+        for service in {job.spec.service for job, _, _ in plan}:
+            started = flow_started.get(service, 0)
+            if service in blocked_services:
+                caps[service] = started + 2
+            elif started and service in caps:
+                caps[service] = 2 * max(caps[service], started)  # all started: read more
+            elif caps:
+                caps.pop(service, None)  # no flow-controlled job in the way
         # Stored, but the stream ended as they committed: given back at once.
         self._unsure([c for c in claims if c.job_id not in delivered])
         return len(delivered) == len(plan)

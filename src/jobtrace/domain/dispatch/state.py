@@ -79,6 +79,11 @@ class SchedulerState:
         # again; a full key: until one of its jobs ends, seen here, or at most
         # flow.FULL_RETRY_US); empty while no flow-controlled job waits.
         self.flow_blocked: dict[str, tuple[int, WaitingReason]] = {}
+        # Services whose last claim found a flow key blocked: their next read
+        # asks for this many rows at most (what the claim could start, and
+        # 2 more), not a page per free slot: the rows past the tokens would
+        # only be read to be skipped. A read that fills the cap looks again.
+        self.flow_read_cap: dict[str, int] = {}
 
     def wake(self, *, slot_freed: bool = False) -> None:
         """Wake the dispatcher. Only `slot_freed` (a worker's slot came free,
