@@ -180,19 +180,23 @@ async def test_a_rate_limit_holds_across_two_replicas(pg_url: str) -> None:
                 api = a if i % 2 else b
                 jobs.append(await _submit(api, f"x{i}", rate_limits=[c.RateLimitUse(key="shared")]))
             started: list[str] = []
+            all_started = asyncio.Event()
 
             async def drain(worker: RawWorker) -> None:
-                while True:
-                    try:
-                        got = await worker.expect("assignment", timeout=1.0)
-                    except TimeoutError:
-                        if len(started) >= len(jobs):
-                            return
-                        continue
+                while True:  # ended (cancelled) once every job has started
+                    got = await worker.expect("assignment", timeout=30)
                     await worker.send(complete=c_complete(got))
                     started.append(got.job.id)
+                    if len(started) == len(jobs):
+                        all_started.set()
 
-            await asyncio.wait_for(asyncio.gather(drain(wa), drain(wb)), 30)
+            drains = [asyncio.create_task(drain(wa)), asyncio.create_task(drain(wb))]
+            try:
+                await asyncio.wait_for(all_started.wait(), 30)
+            finally:
+                for task in drains:
+                    task.cancel()
+                await asyncio.gather(*drains, return_exceptions=True)
             assert sorted(started) == sorted(x.id for x in jobs)
             runs = [await _get(a, x.id) for x in jobs]
             _check_starts([_us(r.first_started_at) for r in runs], 10 / 1e6, 3)
