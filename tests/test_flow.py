@@ -355,3 +355,28 @@ async def test_the_flow_migration_goes_down_and_up(db_url: str) -> None:
         assert not again.rate_limit_keys and not again.concurrency_key
     finally:
         await h.stop()
+
+
+async def test_a_partitioned_limit_has_a_bucket_per_payload_value(harness: Harness) -> None:
+    api = harness.stubs()
+    await _create(api, "per-user", 1, 3_600_000, 1)  # one an hour per user
+    worker = RawWorker(api)
+    await worker.hello("w", ["svc"], max_concurrency=4)
+    use = [c.RateLimitUse(key="per-user", partition="{user_id}")]
+    a1 = await _submit(api, "a1", {"user_id": "a"}, rate_limits=use)
+    assert (await worker.expect("assignment")).job.id == a1.id
+    a2 = await _submit(api, "a2", {"user_id": "a"}, rate_limits=use)
+    b1 = await _submit(api, "b1", {"user_id": "b"}, rate_limits=use)
+    assert (await worker.expect("assignment")).job.id == b1.id  # its own bucket
+
+    async def limited() -> bool:
+        got = await _get(api, a2.id)
+        return got.waiting_reason == c.WAITING_REASON_RATE_LIMITED
+
+    await wait_for(limited, timeout=5)
+    assert (await _get(api, a2.id)).state == c.RUN_STATE_QUEUED
+    # Deleting the limit lifts it: the waiting job starts (dispatchers look
+    # at an empty bucket again within a second).
+    await _limits(api).DeleteRateLimit(s.DeleteRateLimitRequest(key="per-user"))
+    assert (await worker.expect("assignment", timeout=10)).job.id == a2.id
+    await worker.close()

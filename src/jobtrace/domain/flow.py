@@ -53,8 +53,8 @@ MAX_COUNT = 1_000_000
 MAX_PERIOD_US = 24 * 3600 * 1_000_000
 # A bucket or slot row another replica's claim holds: look again this soon (s).
 LOCKED_RETRY_US = 5_000
-# A full QUEUE key is looked at again at least this often even when no end
-# of one of its jobs was seen here (an end on another replica).
+# A full QUEUE key, or an empty bucket, is looked at again at least this
+# often (a job's end on another replica, a limit changed or deleted).
 FULL_RETRY_US = 1_000_000
 CONCURRENCY_CODE = "CONCURRENCY_LIMIT"
 
@@ -230,8 +230,10 @@ async def admit(session: AsyncSession, job: Job, now: int) -> Verdict:
             return Verdict(key, now + LOCKED_RETRY_US, WaitingReason.RATE_LIMITED)
         assert isinstance(bucket, store.Bucket)
         if bucket.tokens < use.units:
-            wait = (use.units - bucket.tokens) / bucket.per_us
-            return Verdict(key, now + max(1, int(wait) + 1), WaitingReason.RATE_LIMITED)
+            # Looked at again when the tokens are due, or within a second
+            # (a limit changed or deleted meanwhile is seen then).
+            wait = min(FULL_RETRY_US, int((use.units - bucket.tokens) / bucket.per_us) + 1)
+            return Verdict(key, now + wait, WaitingReason.RATE_LIMITED)
         bucket.tokens -= use.units
         verdict.buckets.append(bucket)
     return verdict
@@ -240,7 +242,7 @@ async def admit(session: AsyncSession, job: Job, now: int) -> Verdict:
 async def started(session: AsyncSession, job: Job, verdict: Verdict, now: int) -> None:
     """The job was claimed: write its buckets back."""
     for bucket in verdict.buckets:
-        await store.take(session, job.tenant, bucket, now)
+        await store.take(session, job.tenant, bucket)
 
 
 class RateLimits:

@@ -190,14 +190,19 @@ _LIMIT_EXISTS = sql.Query("SELECT 1 FROM rate_limits WHERE tenant = :tenant AND 
 class Bucket:
     """A bucket as the claim read it (locked on PostgreSQL), refilled to `now`."""
 
-    __slots__ = ("burst", "key", "partition", "per_us", "tokens")
+    __slots__ = ("as_of_us", "burst", "key", "partition", "per_us", "tokens")
 
-    def __init__(self, key: str, partition: str, tokens: float, per_us: float, burst: int):
+    def __init__(
+        self, key: str, partition: str, tokens: float, per_us: float, burst: int, as_of_us: int
+    ):
         self.key = key
         self.partition = partition
         self.tokens = tokens
         self.per_us = per_us
         self.burst = burst
+        # When the tokens were counted: never before the row's time (a claim
+        # whose clock read came before another's commit must not move it back).
+        self.as_of_us = as_of_us
 
 
 async def lock_bucket(
@@ -223,8 +228,9 @@ async def lock_bucket(
             return None
     per_us = row["count"] / row["period_us"]
     burst = int(row["burst"])
-    tokens = min(float(burst), float(row["tokens"]) + max(0, now - row["updated_us"]) * per_us)
-    return Bucket(key, partition, tokens, per_us, burst)
+    counted = int(row["updated_us"])
+    tokens = min(float(burst), float(row["tokens"]) + max(0, now - counted) * per_us)
+    return Bucket(key, partition, tokens, per_us, burst, max(now, counted))
 
 
 _TAKE = sql.Query(
@@ -233,14 +239,14 @@ _TAKE = sql.Query(
 )
 
 
-async def take(session: AsyncSession, tenant: str, bucket: Bucket, now: int) -> None:
+async def take(session: AsyncSession, tenant: str, bucket: Bucket) -> None:
     """Write back a bucket after its tokens were taken (bucket.tokens)."""
     await sql.execute(
         session,
         _TAKE,
         {
             "tokens": bucket.tokens,
-            "now": now,
+            "now": bucket.as_of_us,
             "tenant": tenant,
             "key": bucket.key,
             "partition": bucket.partition,
