@@ -30,6 +30,7 @@ from jobtrace.config import Settings
 from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
+from jobtrace.pb import schedule_service_pb2 as sc
 from jobtrace.pb import schedule_service_pb2 as sch
 from jobtrace.pb import schedule_service_pb2_grpc as sch_grpc
 from jobtrace.pb import service_descriptor
@@ -326,6 +327,14 @@ def _table(ids: dict[str, str], codec: str) -> dict[str, Callable[[], Message]]:
         "PauseSchedule": lambda: sch.PauseScheduleRequest(schedule_id="conformance"),
         "ResumeSchedule": lambda: sch.ResumeScheduleRequest(schedule_id="conformance"),
         "TriggerSchedule": lambda: sch.TriggerScheduleRequest(schedule_id="conformance"),
+        "CreateRateLimit": lambda: sc.CreateRateLimitRequest(
+            rate_limit=sc.RateLimit(key=f"http-{codec}", count=5, period={"seconds": 1})
+        ),
+        "GetRateLimit": lambda: sc.GetRateLimitRequest(key=f"http-{codec}"),
+        "UpdateRateLimit": lambda: sc.UpdateRateLimitRequest(
+            rate_limit=sc.RateLimit(key=f"http-{codec}", count=6, period={"seconds": 1})
+        ),
+        "DeleteRateLimit": lambda: sc.DeleteRateLimitRequest(key=f"http-{codec}"),
     }
 
 

@@ -13,7 +13,7 @@ import grpc
 import jwt
 import pytest
 import yaml
-from google.protobuf import struct_pb2
+from google.protobuf import duration_pb2, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobtrace.auth import hash_token
@@ -21,7 +21,9 @@ from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2 as c
 from jobtrace.pb import job_service_pb2 as j
 from jobtrace.pb import schedule_service_pb2 as s
+from jobtrace.pb import schedule_service_pb2 as sc
 from jobtrace.pb import schedule_service_pb2_grpc as s_grpc
+from jobtrace.pb import schedule_service_pb2_grpc as sc_grpc
 from jobtrace.pb import trace_service_pb2 as t
 from jobtrace.pb import worker_service_pb2 as w
 
@@ -215,6 +217,14 @@ MATRIX: dict[str, tuple[str, ...]] = {
     "PauseQueue": (PD, PD, PD, OK, PD, PD, PD, OK),
     "ResumeQueue": (PD, PD, PD, OK, PD, PD, PD, OK),
     "ListQueues": (OK, OK, PD, OK, OK, OK, PD, OK),
+    # Rate limits belong to the caller's tenant: admins write them (another
+    # tenant's admin creates its own, and finds no "rl" to change); readers
+    # read them.
+    "CreateRateLimit": (PD, PD, PD, OK, PD, PD, PD, OK),
+    "GetRateLimit": (OK, OK, PD, OK, NF, NF, PD, NF),
+    "ListRateLimits": (OK, OK, PD, OK, OK, OK, PD, OK),
+    "UpdateRateLimit": (PD, PD, PD, OK, PD, PD, PD, NF),
+    "DeleteRateLimit": (PD, PD, PD, OK, PD, PD, PD, NF),
     "Connect": (PD, PD, OK, OK, PD, PD, OK, OK),
     # The job has ended: its own worker (m) is told so; anyone else, nothing.
     "GetStepResult": (PD, PD, "FAILED_PRECONDITION", PD, PD, PD, NF, PD),
@@ -283,6 +293,12 @@ async def _fixture_data(h: Harness) -> dict[str, str]:
     worker.cancel()
     await s_grpc.ScheduleServiceStub(api.channel).CreateSchedule(
         s.CreateScheduleRequest(schedule=schedule_of("s1")), metadata=md
+    )
+    await sc_grpc.ScheduleServiceStub(api.channel).CreateRateLimit(
+        sc.CreateRateLimitRequest(
+            rate_limit=sc.RateLimit(key="rl", count=5, period=duration_pb2.Duration(seconds=1))
+        ),
+        metadata=bearer(token("admin", "acme")),
     )
     return {"job": job.id, "wf": wf.id, "key": f"worker-completion:{job.id}"}
 
@@ -431,7 +447,30 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
         )
 
     attrs = {"decision.outcome": struct_pb2.Value(string_value="ok")}
+    limits = sc_grpc.ScheduleServiceStub(api.channel)
+
+    def limit(key: str) -> sc.RateLimit:
+        return sc.RateLimit(key=key, count=5, period=duration_pb2.Duration(seconds=1))
+
+    async def fresh_limit_delete(md: Any) -> None:
+        admin = bearer(token("admin", "acme"))
+        await limits.CreateRateLimit(
+            sc.CreateRateLimitRequest(rate_limit=limit(f"d{n}")), metadata=admin
+        )
+        await limits.DeleteRateLimit(sc.DeleteRateLimitRequest(key=f"d{n}"), metadata=md)
+
     return {
+        "CreateRateLimit": lambda md: limits.CreateRateLimit(
+            sc.CreateRateLimitRequest(rate_limit=limit(f"c{n}")), metadata=md
+        ),
+        "GetRateLimit": lambda md: limits.GetRateLimit(
+            sc.GetRateLimitRequest(key="rl"), metadata=md
+        ),
+        "ListRateLimits": lambda md: limits.ListRateLimits(sc.ListRateLimitsRequest(), metadata=md),
+        "UpdateRateLimit": lambda md: limits.UpdateRateLimit(
+            sc.UpdateRateLimitRequest(rate_limit=limit("rl")), metadata=md
+        ),
+        "DeleteRateLimit": fresh_limit_delete,
         "PauseWorkflow": lambda md: fresh_wf(md, paused=False),
         "ResumeWorkflow": lambda md: fresh_wf(md, paused=True),
         "PauseQueue": lambda md: api.jobs.PauseQueue(

@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import struct_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
 from jobtrace.client.worker import DEFAULT_REPORT_WINDOW_MS
 from jobtrace.pb import (
     common_pb2,
     job_service_pb2,
     job_service_pb2_grpc,
+    schedule_service_pb2,
+    schedule_service_pb2_grpc,
     trace_service_pb2,
     trace_service_pb2_grpc,
 )
@@ -352,6 +354,11 @@ class Results:
     server_cpu_s: float | None = None
     latency_ms: list[float] = field(default_factory=list)
     floor_latency_ms: list[float] = field(default_factory=list)
+    # --rate-limit: the limit (tokens/s, burst) every job used, and the
+    # completion times (s) of the jobs.
+    rate_limit: int = 0
+    rate_limit_burst: int = 0
+    completion_times: list[float] = field(default_factory=list)
 
 
 async def bounded(step: Any, seconds: float, phase: str) -> Any:
@@ -511,8 +518,10 @@ async def run_jobs(
     done_files: list[Path],
     results: Results,
     max_seconds: float = MAX_SECONDS,
+    rate_limit: str = "",
 ) -> None:
     channels = [grpc.aio.insecure_channel(t) for t in targets]
+    uses = [common_pb2.RateLimitUse(key=rate_limit)] if rate_limit else []
     stubs = [job_service_pb2_grpc.JobServiceStub(c) for c in channels]
     submitted: dict[str, float] = {}
     queue = iter(range(jobs))
@@ -525,7 +534,7 @@ async def run_jobs(
             payload.update({"i": i})
             request = job_service_pb2.SubmitJobRequest(
                 request_id=f"bench-{run_id}-{i}",
-                job=common_pb2.JobSpec(service="bench", payload=payload),
+                job=common_pb2.JobSpec(service="bench", payload=payload, rate_limits=uses),
             )
             t0 = time.time()
             response = await stub.SubmitJob(request, timeout=30)
@@ -551,6 +560,7 @@ async def run_jobs(
     for channel in channels:
         await channel.close()
     results.completed = len(completions)
+    results.completion_times = sorted(completions.values())
     if completions:
         results.jobs_per_s = len(completions) / (max(completions.values()) - start)
         results.e2e_ms = [
@@ -746,10 +756,24 @@ async def bench(args: argparse.Namespace) -> Results:
             results.unary_p50_ms,
             results.unary_p99_ms,
         ) = await unary_ceiling(targets[0], args.ceiling_seconds, args.concurrency)
+        limit_key = ""
+        if args.rate_limit:
+            limit_key = f"bench-{os.urandom(4).hex()}"
+            results.rate_limit = args.rate_limit
+            results.rate_limit_burst = args.rate_limit_burst
+            await create_rate_limit(targets[0], limit_key, args.rate_limit, args.rate_limit_burst)
         before = await read_statements(targets)
         pids = [s.proc.pid for s in servers]
         cpu_before = cpu_total(pids)
-        await run_jobs(targets, args.jobs, args.concurrency, done_files, results, args.max_seconds)
+        await run_jobs(
+            targets,
+            args.jobs,
+            args.concurrency,
+            done_files,
+            results,
+            args.max_seconds,
+            limit_key,
+        )
         cpu_after = cpu_total(pids)
         if cpu_before is not None and cpu_after is not None:
             results.server_cpu_s = cpu_after - cpu_before
@@ -770,6 +794,27 @@ async def bench(args: argparse.Namespace) -> Results:
             await stop_server(s)
         results.server_peak_rss_mb = max((s.peak_rss_mb for s in servers), default=0.0)
     return results
+
+
+async def create_rate_limit(target: str, key: str, per_s: int, burst: int) -> None:
+    """--rate-limit: a limit of `per_s` tokens a second for the jobs to use."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = schedule_service_pb2_grpc.ScheduleServiceStub(channel)
+        limit = schedule_service_pb2.RateLimit(
+            key=key, count=per_s, period=duration_pb2.Duration(seconds=1), burst=burst
+        )
+        await stub.CreateRateLimit(
+            schedule_service_pb2.CreateRateLimitRequest(rate_limit=limit), timeout=30
+        )
+
+
+def achieved_rate(times: list[float], burst: int) -> float | None:
+    """Jobs/s once the burst is spent: the completions after the first
+    `burst` ones, over the time from the burst's last to the last."""
+    if len(times) <= burst + 1:
+        return None
+    span = times[-1] - times[burst]
+    return (len(times) - 1 - burst) / span if span > 0 else None
 
 
 def summary(r: Results) -> dict[str, Any]:
@@ -835,6 +880,16 @@ def summary(r: Results) -> dict[str, Any]:
     }
     one = out["one_at_a_time"]
     one["p50_vs_grpc_alone"] = ratio(one["p50_ms"], one["grpc_alone_p50_ms"], 2)
+    if r.rate_limit:
+        achieved = achieved_rate(r.completion_times, r.rate_limit_burst)
+        share_of = ratio(achieved, float(r.rate_limit))
+        out["rate_limit"] = {
+            "limit_per_s": r.rate_limit,
+            "burst": r.rate_limit_burst,
+            "achieved_per_s": round(achieved, 2) if achieved else None,
+            "achieved_vs_limit": share_of,
+            "within_10_percent": share_of is not None and abs(share_of - 1) <= 0.10,
+        }
     return out
 
 
@@ -895,6 +950,17 @@ def print_table(s: dict[str, Any]) -> None:
                 f"gRPC alone {show(one['grpc_alone_p50_ms'])} / "
                 f"{show(one['grpc_alone_p99_ms'], ' ms')}; p50 {show(one['p50_vs_grpc_alone'])} x"
                 f" ({one['jobs']} jobs, submit -> completion seen by WatchJob)",
+            )
+        )
+    limited = s.get("rate_limit")
+    if limited:
+        rows.append(
+            (
+                "rate-limited jobs/s",
+                show(limited["achieved_per_s"]),
+                f"limit {limited['limit_per_s']}/s, burst {limited['burst']}:"
+                f" {show(limited['achieved_vs_limit'])} x the limit"
+                f" ({'within' if limited['within_10_percent'] else 'NOT within'} 10%)",
             )
         )
     width = max(len(r[0]) for r in rows)
@@ -1005,6 +1071,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="",
         help="start the server(s) with this HTTP listener on (127.0.0.1:0: any free port), "
         "to compare gRPC figures with and without it",
+    )
+    p.add_argument(
+        "--rate-limit",
+        type=int,
+        default=0,
+        metavar="N",
+        help="create a rate limit of N jobs a second and submit every job using it; report"
+        " the rate achieved once its burst is spent (it should be within 10%% of N)",
+    )
+    p.add_argument(
+        "--rate-limit-burst",
+        type=int,
+        default=1,
+        metavar="B",
+        help="--rate-limit: the limit's burst (default 1)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 

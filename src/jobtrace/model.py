@@ -112,6 +112,8 @@ class WaitingReason(enum.IntEnum):
     DEPENDENCIES = 5
     PAUSED = 6
     APPROVAL = 7
+    RATE_LIMITED = 8
+    CONCURRENCY_LIMIT = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +131,64 @@ class JobSpec:
     worker_labels: tuple[LabelRequirement, ...] = ()
     # Weighted affinity keys: (key, weight) pairs over a worker's cached keys.
     affinity: tuple[tuple[str, float], ...] = ()
+    # Flow control (see domain.flow): rate-limit uses and a concurrency key,
+    # each with its template resolved from the payload at submission.
+    rate_limits: tuple[RateLimitUse, ...] = ()
+    concurrency: Concurrency | None = None
+
+
+class ConcurrencyStrategy(enum.IntEnum):
+    """Mirrors jobtrace.v1.ConcurrencyKey.Strategy."""
+
+    UNSPECIFIED = 0
+    QUEUE = 1
+    CANCEL_NEWEST = 2
+    CANCEL_OLDEST = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitUse:
+    """A job's use of a named rate limit: `units` tokens of the bucket of
+    partition `resolved` (the `partition` template resolved; '' the shared
+    bucket)."""
+
+    key: str
+    units: int = 1
+    partition: str = ""
+    resolved: str = ""
+
+    @property
+    def bucket(self) -> str:
+        return self.key if not self.partition else f"{self.key}/{self.resolved}"
+
+
+@dataclass(frozen=True, slots=True)
+class Concurrency:
+    """A job's concurrency key: the template `key`, resolved to `resolved`."""
+
+    key: str
+    max_running: int
+    strategy: ConcurrencyStrategy = ConcurrencyStrategy.QUEUE
+    resolved: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A named rate limit: `count` tokens per `period_us`, at most `burst`."""
+
+    key: str
+    count: int
+    period_us: int
+    burst: int
+    tenant: str = ""
+    created_by: str = ""
+    created_us: int = 0
+    updated_us: int = 0
+
+    @property
+    def per_us(self) -> float:
+        """Tokens added per microsecond."""
+        return self.count / self.period_us
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,7 @@ from jobtrace.domain.dispatch.fleet import Fleet
 from jobtrace.domain.errors import log_failure
 from jobtrace.domain.evidence import data_budget
 from jobtrace.domain.failure_rules import FailureRules, load_rules_file
+from jobtrace.domain.flow import RateLimits
 from jobtrace.domain.jobs import Jobs
 from jobtrace.domain.lifecycle import Lifecycle
 from jobtrace.domain.pagination import open_tokens
@@ -255,7 +256,7 @@ class JobtraceServer:
             "AttestationService": AttestationServicer(
                 self.attestor, self.annotations, auth, pages=pages
             ),
-            "ScheduleService": ScheduleServicer(self.schedules, auth),
+            "ScheduleService": ScheduleServicer(self.schedules, RateLimits(self.db), auth),
         }
         for name, servicer in servicers.items():
             add_service(server, service_descriptor(name), servicer)

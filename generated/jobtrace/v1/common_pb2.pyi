@@ -156,6 +156,14 @@ class _WaitingReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Waiting
     """An approval gate step (WAITING_FOR_HUMAN): it waits for its approvers
     to decide (JobService.ApproveStep), not for a worker.
     """
+    WAITING_REASON_RATE_LIMITED: _WaitingReason.ValueType  # 8
+    """One of its rate limits (JobSpec.rate_limits) has too few tokens: it
+    starts when the bucket has refilled.
+    """
+    WAITING_REASON_CONCURRENCY_LIMIT: _WaitingReason.ValueType  # 9
+    """Its concurrency key (JobSpec.concurrency, strategy QUEUE) is full: it
+    starts when one of the key's running jobs ends.
+    """
 
 class WaitingReason(_WaitingReason, metaclass=_WaitingReasonEnumTypeWrapper):
     """Why a job is not running yet (see Job.waiting_reason)."""
@@ -181,6 +189,14 @@ not dispatched until resumed.
 WAITING_REASON_APPROVAL: WaitingReason.ValueType  # 7
 """An approval gate step (WAITING_FOR_HUMAN): it waits for its approvers
 to decide (JobService.ApproveStep), not for a worker.
+"""
+WAITING_REASON_RATE_LIMITED: WaitingReason.ValueType  # 8
+"""One of its rate limits (JobSpec.rate_limits) has too few tokens: it
+starts when the bucket has refilled.
+"""
+WAITING_REASON_CONCURRENCY_LIMIT: WaitingReason.ValueType  # 9
+"""Its concurrency key (JobSpec.concurrency, strategy QUEUE) is full: it
+starts when one of the key's running jobs ends.
 """
 Global___WaitingReason: _TypeAlias = WaitingReason  # noqa: Y015
 
@@ -480,6 +496,8 @@ class JobSpec(_message.Message):
     PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
     WORKER_LABELS_FIELD_NUMBER: _builtins.int
     AFFINITY_FIELD_NUMBER: _builtins.int
+    RATE_LIMITS_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """Required. Immutable. The capability a worker must advertise to run this
     job (for example "resize"); 1-128 characters of [A-Za-z0-9._:/-].
@@ -548,6 +566,23 @@ class JobSpec(_message.Message):
         keys of at most 256 characters.
         """
 
+    @_builtins.property
+    def rate_limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___RateLimitUse]:
+        """Optional. Immutable. Named rate limits (ScheduleService.CreateRateLimit)
+        this job takes tokens from when it starts; at most 8, distinct (key,
+        partition). The job is dispatched only when every one of its buckets
+        holds its units (it waits QUEUED, waiting_reason RATE_LIMITED, until
+        they refill). An unknown limit key is INVALID_ARGUMENT at submission.
+        """
+
+    @_builtins.property
+    def concurrency(self) -> Global___ConcurrencyKey:
+        """Optional. Immutable. At most max_running RUNNING jobs of the tenant with
+        the same resolved key; what happens to a job whose key is full is the
+        key's strategy. Checked when the job would start (at claim), across
+        replicas.
+        """
+
     def __init__(
         self,
         *,
@@ -563,14 +598,136 @@ class JobSpec(_message.Message):
         payload_json: _builtins.bytes = ...,
         worker_labels: _abc.Iterable[Global___LabelRequirement] | None = ...,
         affinity: _abc.Iterable[Global___AffinityWeight] | None = ...,
+        rate_limits: _abc.Iterable[Global___RateLimitUse] | None = ...,
+        concurrency: Global___ConcurrencyKey | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["backoff", b"backoff", "not_before", b"not_before", "payload", b"payload", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backoff", b"backoff", "concurrency", b"concurrency", "not_before", b"not_before", "payload", b"payload", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity", b"affinity", "affinity_keys", b"affinity_keys", "backoff", b"backoff", "labels", b"labels", "max_attempts", b"max_attempts", "not_before", b"not_before", "payload", b"payload", "payload_json", b"payload_json", "priority", b"priority", "service", b"service", "timeout", b"timeout", "worker_labels", b"worker_labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity", b"affinity", "affinity_keys", b"affinity_keys", "backoff", b"backoff", "concurrency", b"concurrency", "labels", b"labels", "max_attempts", b"max_attempts", "not_before", b"not_before", "payload", b"payload", "payload_json", b"payload_json", "priority", b"priority", "rate_limits", b"rate_limits", "service", b"service", "timeout", b"timeout", "worker_labels", b"worker_labels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class RateLimitUse(_message.Message):
+    """A job's use of a named rate limit (a token bucket per tenant, limit and
+    partition, held in the database for the whole cluster).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Required. The limit's key, as created (ScheduleService.CreateRateLimit);
+    1-128 characters of [A-Za-z0-9._:/-].
+    """
+    units: _builtins.int
+    """Optional. Tokens the job takes when it starts; 1-1000, 0 means 1. More
+    than the limit's burst is INVALID_ARGUMENT (it could never start).
+    """
+    partition: _builtins.str
+    """Optional. A template resolved from the payload's top-level keys when
+    the job is submitted ("{user_id}": that key's value; "{{" and "}}" are
+    literal braces); each resolved partition has its own bucket with the
+    limit's rate and burst. Empty: the limit's one shared bucket. A template
+    naming a key the payload lacks (or whose value is an object or list) is
+    INVALID_ARGUMENT. At most 256 characters, resolved at most 256.
+    """
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        units: _builtins.int = ...,
+        partition: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "partition", b"partition", "units", b"units"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimitUse: _TypeAlias = RateLimitUse  # noqa: Y015
+
+@_typing.final
+class ConcurrencyKey(_message.Message):
+    """A concurrency key: at most max_running RUNNING jobs of a tenant share it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Strategy:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ConcurrencyKey._Strategy.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STRATEGY_UNSPECIFIED: ConcurrencyKey._Strategy.ValueType  # 0
+        """Same as STRATEGY_QUEUE."""
+        STRATEGY_QUEUE: ConcurrencyKey._Strategy.ValueType  # 1
+        """The job waits QUEUED (waiting_reason CONCURRENCY_LIMIT) until one of
+        the key's running jobs ends, then starts in queue order.
+        """
+        STRATEGY_CANCEL_NEWEST: ConcurrencyKey._Strategy.ValueType  # 2
+        """The job is cancelled (CANCELLED, failure code CONCURRENCY_LIMIT) when
+        dispatch reaches it while the key is full: the newest arrival loses,
+        the running ones keep going.
+        """
+        STRATEGY_CANCEL_OLDEST: ConcurrencyKey._Strategy.ValueType  # 3
+        """The key's running job that started first is cancelled (CANCELLED,
+        failure code CONCURRENCY_LIMIT; its worker is told as by CancelJob) and
+        this job starts in its place.
+        """
+
+    class Strategy(_Strategy, metaclass=_StrategyEnumTypeWrapper):
+        """What happens to a job that would start while its key is full."""
+
+    STRATEGY_UNSPECIFIED: ConcurrencyKey.Strategy.ValueType  # 0
+    """Same as STRATEGY_QUEUE."""
+    STRATEGY_QUEUE: ConcurrencyKey.Strategy.ValueType  # 1
+    """The job waits QUEUED (waiting_reason CONCURRENCY_LIMIT) until one of
+    the key's running jobs ends, then starts in queue order.
+    """
+    STRATEGY_CANCEL_NEWEST: ConcurrencyKey.Strategy.ValueType  # 2
+    """The job is cancelled (CANCELLED, failure code CONCURRENCY_LIMIT) when
+    dispatch reaches it while the key is full: the newest arrival loses,
+    the running ones keep going.
+    """
+    STRATEGY_CANCEL_OLDEST: ConcurrencyKey.Strategy.ValueType  # 3
+    """The key's running job that started first is cancelled (CANCELLED,
+    failure code CONCURRENCY_LIMIT; its worker is told as by CancelJob) and
+    this job starts in its place.
+    """
+
+    KEY_FIELD_NUMBER: _builtins.int
+    MAX_RUNNING_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Required. A template resolved from the payload's top-level keys when the
+    job is submitted (for example "user:{user_id}"); the same rules as
+    RateLimitUse.partition. 1-256 characters, resolved at most 256.
+    """
+    max_running: _builtins.int
+    """Required. RUNNING jobs of the tenant with this resolved key at most;
+    1-10000.
+    """
+    strategy: Global___ConcurrencyKey.Strategy.ValueType
+    """Optional. Default STRATEGY_QUEUE."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        max_running: _builtins.int = ...,
+        strategy: Global___ConcurrencyKey.Strategy.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "max_running", b"max_running", "strategy", b"strategy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConcurrencyKey: _TypeAlias = ConcurrencyKey  # noqa: Y015
 
 @_typing.final
 class LabelRequirement(_message.Message):
@@ -988,6 +1145,8 @@ class Job(_message.Message):
     REUSED_FROM_FIELD_NUMBER: _builtins.int
     APPROVAL_FIELD_NUMBER: _builtins.int
     HELD_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_KEYS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The job's id."""
     workflow_id: _builtins.str
@@ -1048,6 +1207,10 @@ class Job(_message.Message):
     """Output only. True while its workflow is paused (PauseWorkflow): it is not
     dispatched, whatever its state, until the workflow is resumed.
     """
+    concurrency_key: _builtins.str
+    """Output only. The job's concurrency key as resolved from its payload at
+    submission (JobSpec.concurrency.key); empty without one.
+    """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
         """Output only. The spec as submitted (with defaults applied)."""
@@ -1104,6 +1267,13 @@ class Job(_message.Message):
         spec is then empty but for the placeholder service "approval").
         """
 
+    @_builtins.property
+    def rate_limit_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. The buckets the job takes tokens from, as resolved at
+        submission: "KEY" for a limit's shared bucket, "KEY/PARTITION" for a
+        partition's (JobSpec.rate_limits, in order).
+        """
+
     def __init__(
         self,
         *,
@@ -1135,10 +1305,12 @@ class Job(_message.Message):
         reused_from: _builtins.str = ...,
         approval: Global___ApprovalStatus | None = ...,
         held: _builtins.bool = ...,
+        concurrency_key: _builtins.str = ...,
+        rate_limit_keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "held", b"held", "id", b"id", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "parent_run_id", b"parent_run_id", "progress", b"progress", "request_id", b"request_id", "result", b"result", "result_json", b"result_json", "reused_from", b"reused_from", "root_run_id", b"root_run_id", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step_name", b"step_name", "submitted_by", b"submitted_by", "tenant", b"tenant", "traceparent", b"traceparent", "updated_at", b"updated_at", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "attempt", b"attempt", "completed_at", b"completed_at", "concurrency_key", b"concurrency_key", "created_at", b"created_at", "failure", b"failure", "first_started_at", b"first_started_at", "held", b"held", "id", b"id", "lease_deadline", b"lease_deadline", "next_attempt_at", b"next_attempt_at", "parent_run_id", b"parent_run_id", "progress", b"progress", "rate_limit_keys", b"rate_limit_keys", "request_id", b"request_id", "result", b"result", "result_json", b"result_json", "reused_from", b"reused_from", "root_run_id", b"root_run_id", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step_name", b"step_name", "submitted_by", b"submitted_by", "tenant", b"tenant", "traceparent", b"traceparent", "updated_at", b"updated_at", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -41,6 +41,21 @@ class ScheduleService(Protocol):
     async def trigger_schedule(self, request: jobtrace_dot_v1_dot_schedule__service__pb2.TriggerScheduleRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_schedule__service__pb2.TriggerScheduleResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    async def create_rate_limit(self, request: jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def get_rate_limit(self, request: jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def list_rate_limits(self, request: jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def update_rate_limit(self, request: jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def delete_rate_limit(self, request: jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
 
 class ScheduleServiceASGIApplication(ConnectASGIApplication[ScheduleService]):
     def __init__(self, service: ScheduleService | AsyncGenerator[ScheduleService], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -126,6 +141,56 @@ class ScheduleServiceASGIApplication(ConnectASGIApplication[ScheduleService]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.trigger_schedule,
+                ),
+                "/jobtrace.v1.ScheduleService/CreateRateLimit": Endpoint.unary(
+                    method=MethodInfo(
+                        name="CreateRateLimit",
+                        service_name="jobtrace.v1.ScheduleService",
+                        input=jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitRequest,
+                        output=jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.create_rate_limit,
+                ),
+                "/jobtrace.v1.ScheduleService/GetRateLimit": Endpoint.unary(
+                    method=MethodInfo(
+                        name="GetRateLimit",
+                        service_name="jobtrace.v1.ScheduleService",
+                        input=jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitRequest,
+                        output=jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.get_rate_limit,
+                ),
+                "/jobtrace.v1.ScheduleService/ListRateLimits": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListRateLimits",
+                        service_name="jobtrace.v1.ScheduleService",
+                        input=jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsRequest,
+                        output=jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.list_rate_limits,
+                ),
+                "/jobtrace.v1.ScheduleService/UpdateRateLimit": Endpoint.unary(
+                    method=MethodInfo(
+                        name="UpdateRateLimit",
+                        service_name="jobtrace.v1.ScheduleService",
+                        input=jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitRequest,
+                        output=jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.update_rate_limit,
+                ),
+                "/jobtrace.v1.ScheduleService/DeleteRateLimit": Endpoint.unary(
+                    method=MethodInfo(
+                        name="DeleteRateLimit",
+                        service_name="jobtrace.v1.ScheduleService",
+                        input=jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitRequest,
+                        output=jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.delete_rate_limit,
                 ),
             },
             interceptors=interceptors,
@@ -300,6 +365,106 @@ class ScheduleServiceClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    async def create_rate_limit(
+        self,
+        request: jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CreateRateLimit",
+                service_name="jobtrace.v1.ScheduleService",
+                input=jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitRequest,
+                output=jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def get_rate_limit(
+        self,
+        request: jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetRateLimit",
+                service_name="jobtrace.v1.ScheduleService",
+                input=jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitRequest,
+                output=jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def list_rate_limits(
+        self,
+        request: jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListRateLimits",
+                service_name="jobtrace.v1.ScheduleService",
+                input=jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsRequest,
+                output=jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def update_rate_limit(
+        self,
+        request: jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="UpdateRateLimit",
+                service_name="jobtrace.v1.ScheduleService",
+                input=jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitRequest,
+                output=jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def delete_rate_limit(
+        self,
+        request: jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="DeleteRateLimit",
+                service_name="jobtrace.v1.ScheduleService",
+                input=jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitRequest,
+                output=jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
 
 class ScheduleServiceSync(Protocol):
     def create_schedule(self, request: jobtrace_dot_v1_dot_schedule__service__pb2.CreateScheduleRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_schedule__service__pb2.CreateScheduleResponse:
@@ -317,6 +482,16 @@ class ScheduleServiceSync(Protocol):
     def resume_schedule(self, request: jobtrace_dot_v1_dot_schedule__service__pb2.ResumeScheduleRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_schedule__service__pb2.ResumeScheduleResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def trigger_schedule(self, request: jobtrace_dot_v1_dot_schedule__service__pb2.TriggerScheduleRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_schedule__service__pb2.TriggerScheduleResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def create_rate_limit(self, request: jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def get_rate_limit(self, request: jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def list_rate_limits(self, request: jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def update_rate_limit(self, request: jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def delete_rate_limit(self, request: jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -403,6 +578,56 @@ class ScheduleServiceWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.trigger_schedule,
+                ),
+                "/jobtrace.v1.ScheduleService/CreateRateLimit": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="CreateRateLimit",
+                        service_name="jobtrace.v1.ScheduleService",
+                        input=jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitRequest,
+                        output=jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.create_rate_limit,
+                ),
+                "/jobtrace.v1.ScheduleService/GetRateLimit": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="GetRateLimit",
+                        service_name="jobtrace.v1.ScheduleService",
+                        input=jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitRequest,
+                        output=jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.get_rate_limit,
+                ),
+                "/jobtrace.v1.ScheduleService/ListRateLimits": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListRateLimits",
+                        service_name="jobtrace.v1.ScheduleService",
+                        input=jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsRequest,
+                        output=jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.list_rate_limits,
+                ),
+                "/jobtrace.v1.ScheduleService/UpdateRateLimit": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="UpdateRateLimit",
+                        service_name="jobtrace.v1.ScheduleService",
+                        input=jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitRequest,
+                        output=jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.update_rate_limit,
+                ),
+                "/jobtrace.v1.ScheduleService/DeleteRateLimit": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="DeleteRateLimit",
+                        service_name="jobtrace.v1.ScheduleService",
+                        input=jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitRequest,
+                        output=jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.delete_rate_limit,
                 ),
             },
             interceptors=interceptors,
@@ -571,6 +796,106 @@ class ScheduleServiceClientSync(ConnectClientSync):
                 service_name="jobtrace.v1.ScheduleService",
                 input=jobtrace_dot_v1_dot_schedule__service__pb2.TriggerScheduleRequest,
                 output=jobtrace_dot_v1_dot_schedule__service__pb2.TriggerScheduleResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def create_rate_limit(
+        self,
+        request: jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CreateRateLimit",
+                service_name="jobtrace.v1.ScheduleService",
+                input=jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitRequest,
+                output=jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def get_rate_limit(
+        self,
+        request: jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetRateLimit",
+                service_name="jobtrace.v1.ScheduleService",
+                input=jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitRequest,
+                output=jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def list_rate_limits(
+        self,
+        request: jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListRateLimits",
+                service_name="jobtrace.v1.ScheduleService",
+                input=jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsRequest,
+                output=jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def update_rate_limit(
+        self,
+        request: jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="UpdateRateLimit",
+                service_name="jobtrace.v1.ScheduleService",
+                input=jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitRequest,
+                output=jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def delete_rate_limit(
+        self,
+        request: jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="DeleteRateLimit",
+                service_name="jobtrace.v1.ScheduleService",
+                input=jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitRequest,
+                output=jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,

@@ -33,7 +33,8 @@ class ScheduleServiceStub:
     replicas, a restart or a clock skew never start a tick twice. Runs carry the
     annotations trigger.source = "schedule", trigger.schedule_id and
     trigger.scheduled_time, and are submitted as the schedule's owner (the
-    subject that created it).
+    subject that created it). The same service holds the named rate limits
+    jobs take tokens from (JobSpec.rate_limits).
     """
 
     def __init__(self, channel):
@@ -82,6 +83,31 @@ class ScheduleServiceStub:
                 request_serializer=jobtrace_dot_v1_dot_schedule__service__pb2.TriggerScheduleRequest.SerializeToString,
                 response_deserializer=jobtrace_dot_v1_dot_schedule__service__pb2.TriggerScheduleResponse.FromString,
                 _registered_method=True)
+        self.CreateRateLimit = channel.unary_unary(
+                '/jobtrace.v1.ScheduleService/CreateRateLimit',
+                request_serializer=jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitResponse.FromString,
+                _registered_method=True)
+        self.GetRateLimit = channel.unary_unary(
+                '/jobtrace.v1.ScheduleService/GetRateLimit',
+                request_serializer=jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitResponse.FromString,
+                _registered_method=True)
+        self.ListRateLimits = channel.unary_unary(
+                '/jobtrace.v1.ScheduleService/ListRateLimits',
+                request_serializer=jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsResponse.FromString,
+                _registered_method=True)
+        self.UpdateRateLimit = channel.unary_unary(
+                '/jobtrace.v1.ScheduleService/UpdateRateLimit',
+                request_serializer=jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitResponse.FromString,
+                _registered_method=True)
+        self.DeleteRateLimit = channel.unary_unary(
+                '/jobtrace.v1.ScheduleService/DeleteRateLimit',
+                request_serializer=jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitResponse.FromString,
+                _registered_method=True)
 
 
 class ScheduleServiceServicer:
@@ -92,7 +118,8 @@ class ScheduleServiceServicer:
     replicas, a restart or a clock skew never start a tick twice. Runs carry the
     annotations trigger.source = "schedule", trigger.schedule_id and
     trigger.scheduled_time, and are submitted as the schedule's owner (the
-    subject that created it).
+    subject that created it). The same service holds the named rate limits
+    jobs take tokens from (JobSpec.rate_limits).
     """
 
     def CreateSchedule(self, request, context):
@@ -160,6 +187,49 @@ class ScheduleServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateRateLimit(self, request, context):
+        """Rate limits (flow control): named token buckets that jobs take tokens
+        from (JobSpec.rate_limits). A limit belongs to the caller's tenant;
+        admins create, update and delete limits, readers get and list them.
+        Creates a named rate limit (a token bucket per partition: `count` tokens
+        per `period`, holding at most `burst`). ALREADY_EXISTS if the tenant has
+        a limit with that key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRateLimit(self, request, context):
+        """Returns one rate limit of the caller's tenant; NOT_FOUND if none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRateLimits(self, request, context):
+        """Lists the caller's tenant's rate limits by key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateRateLimit(self, request, context):
+        """Changes a limit's rate and burst; its buckets keep their tokens (capped
+        at the new burst) and refill at the new rate from now. NOT_FOUND if none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRateLimit(self, request, context):
+        """Deletes a limit and its buckets. Queued jobs that use it are no longer
+        limited by it; new submissions naming it are INVALID_ARGUMENT. NOT_FOUND
+        if none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScheduleServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +273,31 @@ def add_ScheduleServiceServicer_to_server(servicer, server):
                     request_deserializer=jobtrace_dot_v1_dot_schedule__service__pb2.TriggerScheduleRequest.FromString,
                     response_serializer=jobtrace_dot_v1_dot_schedule__service__pb2.TriggerScheduleResponse.SerializeToString,
             ),
+            'CreateRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRateLimit,
+                    request_deserializer=jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitResponse.SerializeToString,
+            ),
+            'GetRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRateLimit,
+                    request_deserializer=jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitResponse.SerializeToString,
+            ),
+            'ListRateLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRateLimits,
+                    request_deserializer=jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsResponse.SerializeToString,
+            ),
+            'UpdateRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateRateLimit,
+                    request_deserializer=jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitResponse.SerializeToString,
+            ),
+            'DeleteRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRateLimit,
+                    request_deserializer=jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'jobtrace.v1.ScheduleService', rpc_method_handlers)
@@ -219,7 +314,8 @@ class ScheduleService:
     replicas, a restart or a clock skew never start a tick twice. Runs carry the
     annotations trigger.source = "schedule", trigger.schedule_id and
     trigger.scheduled_time, and are submitted as the schedule's owner (the
-    subject that created it).
+    subject that created it). The same service holds the named rate limits
+    jobs take tokens from (JobSpec.rate_limits).
     """
 
     @staticmethod
@@ -428,6 +524,141 @@ class ScheduleService:
             '/jobtrace.v1.ScheduleService/TriggerSchedule',
             jobtrace_dot_v1_dot_schedule__service__pb2.TriggerScheduleRequest.SerializeToString,
             jobtrace_dot_v1_dot_schedule__service__pb2.TriggerScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.ScheduleService/CreateRateLimit',
+            jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitRequest.SerializeToString,
+            jobtrace_dot_v1_dot_schedule__service__pb2.CreateRateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.ScheduleService/GetRateLimit',
+            jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitRequest.SerializeToString,
+            jobtrace_dot_v1_dot_schedule__service__pb2.GetRateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRateLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.ScheduleService/ListRateLimits',
+            jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsRequest.SerializeToString,
+            jobtrace_dot_v1_dot_schedule__service__pb2.ListRateLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.ScheduleService/UpdateRateLimit',
+            jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitRequest.SerializeToString,
+            jobtrace_dot_v1_dot_schedule__service__pb2.UpdateRateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.ScheduleService/DeleteRateLimit',
+            jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitRequest.SerializeToString,
+            jobtrace_dot_v1_dot_schedule__service__pb2.DeleteRateLimitResponse.FromString,
             options,
             channel_credentials,
             insecure,

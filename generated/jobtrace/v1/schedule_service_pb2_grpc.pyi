@@ -34,7 +34,8 @@ class ScheduleServiceStub:
     replicas, a restart or a clock skew never start a tick twice. Runs carry the
     annotations trigger.source = "schedule", trigger.schedule_id and
     trigger.scheduled_time, and are submitted as the schedule's owner (the
-    subject that created it).
+    subject that created it). The same service holds the named rate limits
+    jobs take tokens from (JobSpec.rate_limits).
     """
 
     @_typing.overload
@@ -71,6 +72,27 @@ class ScheduleServiceStub:
     paused; the next tick is unchanged. Idempotent by request_id. Needs the
     submitter role.
     """
+    CreateRateLimit: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.CreateRateLimitRequest, _schedule_service_pb2.CreateRateLimitResponse]
+    """Rate limits (flow control): named token buckets that jobs take tokens
+    from (JobSpec.rate_limits). A limit belongs to the caller's tenant;
+    admins create, update and delete limits, readers get and list them.
+    Creates a named rate limit (a token bucket per partition: `count` tokens
+    per `period`, holding at most `burst`). ALREADY_EXISTS if the tenant has
+    a limit with that key.
+    """
+    GetRateLimit: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.GetRateLimitRequest, _schedule_service_pb2.GetRateLimitResponse]
+    """Returns one rate limit of the caller's tenant; NOT_FOUND if none."""
+    ListRateLimits: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.ListRateLimitsRequest, _schedule_service_pb2.ListRateLimitsResponse]
+    """Lists the caller's tenant's rate limits by key."""
+    UpdateRateLimit: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.UpdateRateLimitRequest, _schedule_service_pb2.UpdateRateLimitResponse]
+    """Changes a limit's rate and burst; its buckets keep their tokens (capped
+    at the new burst) and refill at the new rate from now. NOT_FOUND if none.
+    """
+    DeleteRateLimit: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.DeleteRateLimitRequest, _schedule_service_pb2.DeleteRateLimitResponse]
+    """Deletes a limit and its buckets. Queued jobs that use it are no longer
+    limited by it; new submissions naming it are INVALID_ARGUMENT. NOT_FOUND
+    if none.
+    """
 
 @_typing.type_check_only
 class ScheduleServiceAsyncStub(ScheduleServiceStub):
@@ -81,7 +103,8 @@ class ScheduleServiceAsyncStub(ScheduleServiceStub):
     replicas, a restart or a clock skew never start a tick twice. Runs carry the
     annotations trigger.source = "schedule", trigger.schedule_id and
     trigger.scheduled_time, and are submitted as the schedule's owner (the
-    subject that created it).
+    subject that created it). The same service holds the named rate limits
+    jobs take tokens from (JobSpec.rate_limits).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -115,6 +138,27 @@ class ScheduleServiceAsyncStub(ScheduleServiceStub):
     paused; the next tick is unchanged. Idempotent by request_id. Needs the
     submitter role.
     """
+    CreateRateLimit: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.CreateRateLimitRequest, _schedule_service_pb2.CreateRateLimitResponse]  # type: ignore[assignment]
+    """Rate limits (flow control): named token buckets that jobs take tokens
+    from (JobSpec.rate_limits). A limit belongs to the caller's tenant;
+    admins create, update and delete limits, readers get and list them.
+    Creates a named rate limit (a token bucket per partition: `count` tokens
+    per `period`, holding at most `burst`). ALREADY_EXISTS if the tenant has
+    a limit with that key.
+    """
+    GetRateLimit: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.GetRateLimitRequest, _schedule_service_pb2.GetRateLimitResponse]  # type: ignore[assignment]
+    """Returns one rate limit of the caller's tenant; NOT_FOUND if none."""
+    ListRateLimits: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.ListRateLimitsRequest, _schedule_service_pb2.ListRateLimitsResponse]  # type: ignore[assignment]
+    """Lists the caller's tenant's rate limits by key."""
+    UpdateRateLimit: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.UpdateRateLimitRequest, _schedule_service_pb2.UpdateRateLimitResponse]  # type: ignore[assignment]
+    """Changes a limit's rate and burst; its buckets keep their tokens (capped
+    at the new burst) and refill at the new rate from now. NOT_FOUND if none.
+    """
+    DeleteRateLimit: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.DeleteRateLimitRequest, _schedule_service_pb2.DeleteRateLimitResponse]  # type: ignore[assignment]
+    """Deletes a limit and its buckets. Queued jobs that use it are no longer
+    limited by it; new submissions naming it are INVALID_ARGUMENT. NOT_FOUND
+    if none.
+    """
 
 class ScheduleServiceServicer(metaclass=_abc_1.ABCMeta):
     """Schedules: a job or workflow template submitted on a cron expression (in an
@@ -124,7 +168,8 @@ class ScheduleServiceServicer(metaclass=_abc_1.ABCMeta):
     replicas, a restart or a clock skew never start a tick twice. Runs carry the
     annotations trigger.source = "schedule", trigger.schedule_id and
     trigger.scheduled_time, and are submitted as the schedule's owner (the
-    subject that created it).
+    subject that created it). The same service holds the named rate limits
+    jobs take tokens from (JobSpec.rate_limits).
     """
 
     @_abc_1.abstractmethod
@@ -203,6 +248,57 @@ class ScheduleServiceServicer(metaclass=_abc_1.ABCMeta):
         """Submits the schedule's run now, whatever its overlap policy and even when
         paused; the next tick is unchanged. Idempotent by request_id. Needs the
         submitter role.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateRateLimit(
+        self,
+        request: _schedule_service_pb2.CreateRateLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_schedule_service_pb2.CreateRateLimitResponse, _abc.Awaitable[_schedule_service_pb2.CreateRateLimitResponse]]:
+        """Rate limits (flow control): named token buckets that jobs take tokens
+        from (JobSpec.rate_limits). A limit belongs to the caller's tenant;
+        admins create, update and delete limits, readers get and list them.
+        Creates a named rate limit (a token bucket per partition: `count` tokens
+        per `period`, holding at most `burst`). ALREADY_EXISTS if the tenant has
+        a limit with that key.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRateLimit(
+        self,
+        request: _schedule_service_pb2.GetRateLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_schedule_service_pb2.GetRateLimitResponse, _abc.Awaitable[_schedule_service_pb2.GetRateLimitResponse]]:
+        """Returns one rate limit of the caller's tenant; NOT_FOUND if none."""
+
+    @_abc_1.abstractmethod
+    def ListRateLimits(
+        self,
+        request: _schedule_service_pb2.ListRateLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_schedule_service_pb2.ListRateLimitsResponse, _abc.Awaitable[_schedule_service_pb2.ListRateLimitsResponse]]:
+        """Lists the caller's tenant's rate limits by key."""
+
+    @_abc_1.abstractmethod
+    def UpdateRateLimit(
+        self,
+        request: _schedule_service_pb2.UpdateRateLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_schedule_service_pb2.UpdateRateLimitResponse, _abc.Awaitable[_schedule_service_pb2.UpdateRateLimitResponse]]:
+        """Changes a limit's rate and burst; its buckets keep their tokens (capped
+        at the new burst) and refill at the new rate from now. NOT_FOUND if none.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteRateLimit(
+        self,
+        request: _schedule_service_pb2.DeleteRateLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_schedule_service_pb2.DeleteRateLimitResponse, _abc.Awaitable[_schedule_service_pb2.DeleteRateLimitResponse]]:
+        """Deletes a limit and its buckets. Queued jobs that use it are no longer
+        limited by it; new submissions naming it are INVALID_ARGUMENT. NOT_FOUND
+        if none.
         """
 
 def add_ScheduleServiceServicer_to_server(servicer: ScheduleServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -33,6 +33,7 @@ from jobtrace.model import (
     ApprovalDecision,
     ApprovalGate,
     Backoff,
+    Concurrency,
     Failure,
     FailureGroup,
     ForEach,
@@ -40,6 +41,8 @@ from jobtrace.model import (
     JobSpec,
     LabelRequirement,
     QueueState,
+    RateLimit,
+    RateLimitUse,
     StepResults,
     Workflow,
 )
@@ -48,6 +51,7 @@ from jobtrace.pb import (
     common_pb2,
     duration_pb2,
     job_service_pb2,
+    schedule_service_pb2,
     struct_pb2,
     timestamp_pb2,
     trace_service_pb2,
@@ -321,6 +325,14 @@ def spec_from_proto(p: common_pb2.JobSpec, field: str = "job") -> tuple[JobSpec,
         backoff=backoff,
         worker_labels=tuple(_requirement_from_proto(r) for r in p.worker_labels),
         affinity=tuple((a.key, a.weight) for a in p.affinity),
+        rate_limits=tuple(RateLimitUse(u.key, u.units, u.partition) for u in p.rate_limits),
+        concurrency=Concurrency(
+            p.concurrency.key,
+            p.concurrency.max_running,
+            p.concurrency.strategy,  # type: ignore[arg-type]  # checked by validation
+        )
+        if p.HasField("concurrency")
+        else None,
     )
     return spec, payload_bytes
 
@@ -559,6 +571,17 @@ def spec_to_proto(spec: JobSpec, *, full: bool = True, exact: bool = False) -> c
             multiplier=spec.backoff.multiplier,
             maximum_interval=ms_to_duration(spec.backoff.maximum_ms),
         ),
+        rate_limits=[
+            common_pb2.RateLimitUse(key=u.key, units=u.units, partition=u.partition)
+            for u in spec.rate_limits
+        ],
+        concurrency=None
+        if spec.concurrency is None
+        else common_pb2.ConcurrencyKey(
+            key=spec.concurrency.key,
+            max_running=spec.concurrency.max_running,
+            strategy=int(spec.concurrency.strategy),  # type: ignore[arg-type]
+        ),
     )
 
 
@@ -626,7 +649,27 @@ def job_to_proto(
         reused_from=job.reused_from,
         approval=approval_status_to_proto(job.approval, job.decisions, job.gate_deadline_us),
         held=bool(job.held & HELD_BY_WORKFLOW),
+        concurrency_key="" if job.spec.concurrency is None else job.spec.concurrency.resolved,
+        rate_limit_keys=[u.bucket for u in job.spec.rate_limits],
     )
+
+
+def rate_limit_to_proto(limit: RateLimit) -> schedule_service_pb2.RateLimit:
+    return schedule_service_pb2.RateLimit(
+        key=limit.key,
+        count=limit.count,
+        period=us_to_duration(limit.period_us),
+        burst=limit.burst,
+        tenant=limit.tenant,
+        created_by=limit.created_by,
+        create_time=us_to_ts(limit.created_us),
+        update_time=us_to_ts(limit.updated_us),
+    )
+
+
+def rate_limit_from_proto(p: schedule_service_pb2.RateLimit) -> RateLimit:
+    period_us = p.period.seconds * 1_000_000 + p.period.nanos // 1000
+    return RateLimit(key=p.key, count=p.count, period_us=period_us, burst=p.burst)
 
 
 def workflow_to_proto(w: Workflow, exact: bool = False) -> common_pb2.Workflow:

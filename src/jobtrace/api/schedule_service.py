@@ -6,13 +6,14 @@ from typing import Any
 
 from jobtrace.api import convert
 from jobtrace.api.errors import rpc
+from jobtrace.api.flow_service import FlowServicer
 from jobtrace.auth import Authenticator, Role
+from jobtrace.domain.flow import RateLimits
 from jobtrace.domain.jobs import JobSubmission, WorkflowSubmission
 from jobtrace.domain.schedules import Schedule, ScheduleDef, Schedules
 from jobtrace.model import Caller
 from jobtrace.pb import common_pb2, job_service_pb2, struct_pb2
 from jobtrace.pb import schedule_service_pb2 as pb
-from jobtrace.pb import schedule_service_pb2_grpc as pb_grpc
 
 # The actor of the trigger annotations a schedule adds to its runs.
 SCHEDULER_ACTOR = "jobtrace-scheduler"
@@ -111,10 +112,12 @@ def schedule_to_proto(s: Schedule) -> pb.Schedule:
     return out
 
 
-class ScheduleServicer(pb_grpc.ScheduleServiceServicer):
-    def __init__(self, schedules: Schedules, auth: Authenticator) -> None:
+class ScheduleServicer(FlowServicer):
+    """ScheduleService: schedules, and the rate limits (FlowServicer's RPCs)."""
+
+    def __init__(self, schedules: Schedules, limits: RateLimits, auth: Authenticator) -> None:
+        super().__init__(limits, auth)
         self._schedules = schedules
-        self._auth = auth
 
     @rpc
     async def CreateSchedule(

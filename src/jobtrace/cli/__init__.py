@@ -12,7 +12,13 @@ import sys
 
 import grpc
 
-from jobtrace.cli import client_commands, fleet_commands, pause_commands, server_commands
+from jobtrace.cli import (
+    client_commands,
+    fleet_commands,
+    flow_commands,
+    pause_commands,
+    server_commands,
+)
 from jobtrace.client.errors import JobtraceError
 
 
@@ -208,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     client_commands.add_commands(sub, attest, keys)
     fleet_commands.add_commands(sub)
     pause_commands.add_commands(sub)
+    flow_commands.add_commands(sub)
 
     verify = attest.add_parser(
         "verify",

@@ -18,7 +18,14 @@ from jobtrace.cli import render, trace_search
 from jobtrace.cli.render import Style, as_json, print_json, state_name, when
 from jobtrace.cli.run_reports import add_trace_reports
 from jobtrace.client import Client, Endpoint
-from jobtrace.client.api import Page, job_payload, job_result, parse_requirement
+from jobtrace.client.api import (
+    Page,
+    concurrency_key,
+    job_payload,
+    job_result,
+    parse_requirement,
+    rate_limit_use,
+)
 from jobtrace.client.workflow_file import SCHEMA, load_workflow
 from jobtrace.ids import run_kind
 from jobtrace.pb import attestation_service_pb2, common_pb2
@@ -186,6 +193,8 @@ async def submit(args: argparse.Namespace, client: Client) -> int:
             request_context=context,
             worker_labels=parse_placement(args.require, args.prefer),
             affinity=parse_weights(args.affinity_weight),
+            rate_limits=[rate_limit_use(x) for x in args.rate_limit or ()],
+            concurrency=concurrency_key(args.concurrency) if args.concurrency else None,
         )
         print(f"submitted job for {job.spec.service!r}: {state_name(job.state)}", file=sys.stderr)
         if args.json:
@@ -945,6 +954,20 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
         action="append",
         metavar="KEY:WEIGHT",
         help="cached affinity key and its weight in a worker's score: my-model:10 (repeatable)",
+    )
+    p.add_argument(
+        "--rate-limit",
+        action="append",
+        metavar="KEY[@PARTITION][:UNITS]",
+        help="take UNITS (default 1) tokens of the named rate limit KEY when it starts;"
+        " @PARTITION, a template of payload keys such as @{user_id}, gives each value its"
+        " own bucket (repeatable)",
+    )
+    p.add_argument(
+        "--concurrency",
+        metavar="KEY:MAX[:STRATEGY]",
+        help="at most MAX running jobs with the key (a template of payload keys such as"
+        " user:{user_id}); STRATEGY when full: queue (default), cancel_newest, cancel_oldest",
     )
     p.add_argument("--user", help="user id recorded in the request context")
     p.add_argument("--watch", action="store_true", help="then watch it until it ends")

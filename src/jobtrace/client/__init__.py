@@ -5,11 +5,13 @@ from jobtrace.client.api import (
     Page,
     RetryPolicy,
     TracePage,
+    concurrency_key,
     job_payload,
     job_result,
     job_spec,
     label_requirement,
     parse_requirement,
+    rate_limit_use,
     workflow_outputs,
 )
 from jobtrace.client.channel import Endpoint, InsecureTokenWarning
@@ -63,11 +65,13 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Worker",
+    "concurrency_key",
     "job_payload",
     "job_result",
     "job_spec",
     "label_requirement",
     "parse_requirement",
+    "rate_limit_use",
     "verify_offline",
     "workflow_outputs",
 ]

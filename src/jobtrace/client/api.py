@@ -202,18 +202,18 @@ class Client:
         return self._attest
 
     @property
-    def workers_stub(self) -> worker_service_pb2_grpc.WorkerServiceStub:
-        """The raw grpc stub of WorkerService on this client's channel."""
-        self._open()
-        assert self._workers is not None
-        return self._workers
-
-    @property
     def schedules_stub(self) -> schedule_service_pb2_grpc.ScheduleServiceStub:
         """The raw grpc stub of ScheduleService on this client's channel."""
         self._open()
         assert self._schedules is not None
         return self._schedules
+
+    @property
+    def workers_stub(self) -> worker_service_pb2_grpc.WorkerServiceStub:
+        """The raw grpc stub of WorkerService on this client's channel."""
+        self._open()
+        assert self._workers is not None
+        return self._workers
 
     async def _call(
         self,
@@ -282,11 +282,16 @@ class Client:
         traceparent: str | None = None,
         worker_labels: Sequence[common_pb2.LabelRequirement | str] = (),
         affinity: Mapping[str, float] = NO_AFFINITY,
+        rate_limits: Sequence[common_pb2.RateLimitUse | str] = (),
+        concurrency: common_pb2.ConcurrencyKey | str | None = None,
     ) -> common_pb2.Job:
         """Submit one job. Idempotent by `request_id` (a random one when not given),
         so a retried submit returns the same job. `worker_labels` are
         requirements (see `label_requirement`; a string such as "gpu=a100" or
-        "vram_gb>=40" is a required one), `affinity` cache keys by weight."""
+        "vram_gb>=40" is a required one), `affinity` cache keys by weight;
+        `rate_limits` uses of named limits ("openai", "openai@{user_id}:2", see
+        `rate_limit_use`), `concurrency` a key ("user:{user_id}:1:cancel_oldest",
+        see `concurrency_key`)."""
         spec = job_spec(
             service,
             payload,
@@ -299,6 +304,8 @@ class Client:
             backoff=backoff,
             worker_labels=worker_labels,
             affinity=affinity,
+            rate_limits=rate_limits,
+            concurrency=concurrency,
         )
         inputs = Inputs()
         request = job_service_pb2.SubmitJobRequest(
@@ -857,6 +864,61 @@ class Client:
             self.schedules_stub.TriggerSchedule, request, retry=True
         )
         return response
+
+    # --- rate limits (ScheduleService) -----------------------------------------
+
+    async def create_rate_limit(
+        self, key: str, count: int, per: Seconds = 1.0, *, burst: int = 0
+    ) -> schedule_service_pb2.RateLimit:
+        """Create a named rate limit of the caller's tenant: `count` tokens per
+        `per` seconds, holding at most `burst` (0: count). Admins only."""
+        request = schedule_service_pb2.CreateRateLimitRequest(
+            rate_limit=_rate_limit(key, count, per, burst)
+        )
+        response: schedule_service_pb2.CreateRateLimitResponse = await self._call(
+            self.schedules_stub.CreateRateLimit, request, retry=False
+        )
+        return response.rate_limit
+
+    async def get_rate_limit(self, key: str) -> schedule_service_pb2.RateLimit:
+        """One rate limit of the caller's tenant (NotFound if none)."""
+        request = schedule_service_pb2.GetRateLimitRequest(key=key)
+        response: schedule_service_pb2.GetRateLimitResponse = await self._call(
+            self.schedules_stub.GetRateLimit, request, retry=True
+        )
+        return response.rate_limit
+
+    async def list_rate_limits(self) -> list[schedule_service_pb2.RateLimit]:
+        """Every rate limit of the caller's tenant, by key (all pages)."""
+        found: list[schedule_service_pb2.RateLimit] = []
+        token = ""
+        while True:
+            request = schedule_service_pb2.ListRateLimitsRequest(page_size=1000, page_token=token)
+            response: schedule_service_pb2.ListRateLimitsResponse = await self._call(
+                self.schedules_stub.ListRateLimits, request, retry=True
+            )
+            found.extend(response.rate_limits)
+            token = response.next_page_token
+            if not token:
+                return found
+
+    async def update_rate_limit(
+        self, key: str, count: int, per: Seconds = 1.0, *, burst: int = 0
+    ) -> schedule_service_pb2.RateLimit:
+        """Change a limit's rate and burst (its buckets keep their tokens,
+        capped at the new burst). Admins only."""
+        request = schedule_service_pb2.UpdateRateLimitRequest(
+            rate_limit=_rate_limit(key, count, per, burst)
+        )
+        response: schedule_service_pb2.UpdateRateLimitResponse = await self._call(
+            self.schedules_stub.UpdateRateLimit, request, retry=True
+        )
+        return response.rate_limit
+
+    async def delete_rate_limit(self, key: str) -> None:
+        """Delete a limit and its buckets. Admins only."""
+        request = schedule_service_pb2.DeleteRateLimitRequest(key=key)
+        await self._call(self.schedules_stub.DeleteRateLimit, request, retry=False)
 
     async def watch_job(self, job_id: str) -> AsyncIterator[common_pb2.Job]:
         """The job now, then every change, until it ends (a lost connection is
@@ -1494,12 +1556,17 @@ def job_spec(
     backoff: common_pb2.BackoffPolicy | None = None,
     worker_labels: Sequence[common_pb2.LabelRequirement | str] = (),
     affinity: Mapping[str, float] = NO_AFFINITY,
+    rate_limits: Sequence[common_pb2.RateLimitUse | str] = (),
+    concurrency: common_pb2.ConcurrencyKey | str | None = None,
 ) -> common_pb2.JobSpec:
     """A JobSpec from plain Python values; the payload travels as exact JSON
     (payload_json), so integers stay integers. `worker_labels`: requirements
     (`label_requirement`), a string being a required one ("gpu=a100",
-    "vram_gb>=40"); `affinity`: cache keys by weight."""
+    "vram_gb>=40"); `affinity`: cache keys by weight; `rate_limits` and
+    `concurrency`: see `rate_limit_use` and `concurrency_key`."""
     return common_pb2.JobSpec(
+        rate_limits=[rate_limit_use(u) if isinstance(u, str) else u for u in rate_limits],
+        concurrency=concurrency_key(concurrency) if isinstance(concurrency, str) else concurrency,
         worker_labels=[parse_requirement(r) if isinstance(r, str) else r for r in worker_labels],
         affinity=[common_pb2.AffinityWeight(key=k, weight=w) for k, w in affinity.items()],
         service=service,
@@ -1512,6 +1579,40 @@ def job_spec(
         labels=dict(labels or {}),
         backoff=backoff,
     )
+
+
+_UNITS_RE = re.compile(r"(?s)(.+):([0-9]+)")
+_STRATEGIES = {
+    "queue": common_pb2.ConcurrencyKey.STRATEGY_QUEUE,
+    "cancel_newest": common_pb2.ConcurrencyKey.STRATEGY_CANCEL_NEWEST,
+    "cancel_oldest": common_pb2.ConcurrencyKey.STRATEGY_CANCEL_OLDEST,
+}
+
+
+def rate_limit_use(text: str) -> common_pb2.RateLimitUse:
+    """A job's use of a named rate limit from text: "KEY[@PARTITION][:UNITS]",
+    for example "openai", "openai:2", "openai@{user_id}" (a bucket per user:
+    the partition template is resolved from the payload by the server)."""
+    units = 0
+    m = _UNITS_RE.fullmatch(text)
+    if m is not None:
+        text, units = m.group(1), int(m.group(2))
+    key, _, partition = text.partition("@")
+    return common_pb2.RateLimitUse(key=key, units=units, partition=partition)
+
+
+def concurrency_key(text: str) -> common_pb2.ConcurrencyKey:
+    """A concurrency key from text: "KEY:MAX[:STRATEGY]", STRATEGY one of
+    queue (the default), cancel_newest, cancel_oldest; the KEY template
+    ("user:{user_id}") is resolved from the payload by the server."""
+    strategy = common_pb2.ConcurrencyKey.STRATEGY_UNSPECIFIED
+    head, _, last = text.rpartition(":")
+    if head and last.lower() in _STRATEGIES:
+        strategy, text = _STRATEGIES[last.lower()], head
+    m = _UNITS_RE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"{text!r}: expected KEY:MAX[:STRATEGY], e.g. 'user:{{user_id}}:1'")
+    return common_pb2.ConcurrencyKey(key=m.group(1), max_running=int(m.group(2)), strategy=strategy)
 
 
 _COMPARATORS = {
@@ -1684,6 +1785,10 @@ def _value(value: Any, path: str) -> struct_pb2.Value:
     if isinstance(value, struct_pb2.Value):
         return value
     return message_from(struct_pb2.Value, value, path)
+
+
+def _rate_limit(key: str, count: int, per: Seconds, burst: int) -> schedule_service_pb2.RateLimit:
+    return schedule_service_pb2.RateLimit(key=key, count=count, period=_duration(per), burst=burst)
 
 
 def _duration(value: Seconds | None) -> duration_pb2.Duration | None:

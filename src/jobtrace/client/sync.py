@@ -140,6 +140,8 @@ class SyncClient:
         traceparent: str | None = None,
         worker_labels: Sequence[common_pb2.LabelRequirement | str] = (),
         affinity: Mapping[str, float] = NO_AFFINITY,
+        rate_limits: Sequence[common_pb2.RateLimitUse | str] = (),
+        concurrency: common_pb2.ConcurrencyKey | str | None = None,
     ) -> common_pb2.Job:
         return self._run(
             self.client.submit_job(
@@ -158,6 +160,8 @@ class SyncClient:
                 traceparent=traceparent,
                 worker_labels=worker_labels,
                 affinity=affinity,
+                rate_limits=rate_limits,
+                concurrency=concurrency,
             )
         )
 
@@ -474,6 +478,25 @@ class SyncClient:
         self, schedule_id: str, *, request_id: str | None = None
     ) -> schedule_service_pb2.TriggerScheduleResponse:
         return self._run(self.client.trigger_schedule(schedule_id, request_id=request_id))
+
+    def create_rate_limit(
+        self, key: str, count: int, per: Seconds = 1.0, *, burst: int = 0
+    ) -> schedule_service_pb2.RateLimit:
+        return self._run(self.client.create_rate_limit(key, count, per, burst=burst))
+
+    def get_rate_limit(self, key: str) -> schedule_service_pb2.RateLimit:
+        return self._run(self.client.get_rate_limit(key))
+
+    def list_rate_limits(self) -> list[schedule_service_pb2.RateLimit]:
+        return self._run(self.client.list_rate_limits())
+
+    def update_rate_limit(
+        self, key: str, count: int, per: Seconds = 1.0, *, burst: int = 0
+    ) -> schedule_service_pb2.RateLimit:
+        return self._run(self.client.update_rate_limit(key, count, per, burst=burst))
+
+    def delete_rate_limit(self, key: str) -> None:
+        self._run(self.client.delete_rate_limit(key))
 
     def watch_job(self, job_id: str) -> Iterator[common_pb2.Job]:
         return self._iterate(self.client.watch_job(job_id))

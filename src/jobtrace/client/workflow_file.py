@@ -38,6 +38,12 @@ are refused with their path (steps[1].job.max_attempts: ...):
         max_attempts: 2            # attempts in all (0: 3); retries belong to the job
         timeout: 600               # seconds per attempt, or "600s"
         backoff: {initial_interval: 1s, multiplier: 2, maximum_interval: 60s}
+        rate_limits:               # named limits (jobtrace rate-limits) it takes tokens
+          - {key: gpu-minutes, units: 2, partition: "{codec}"}   #   of; partition: a
+        concurrency:               #   bucket per payload value; at most max_running
+          key: "codec:{codec}"     #   running with the resolved key; when full:
+          max_running: 4           #   queue (wait), cancel_newest, cancel_oldest
+          strategy: queue
       depends_on: [download]       # default: the previous step
     - name: notify                 # no depends_on: after the previous step
       service: notify

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
 from jobtrace.domain import annotations as annotation_rules
-from jobtrace.domain import approvals, failures, fan_out, lifecycle, reruns, states
+from jobtrace.domain import approvals, failures, fan_out, flow, lifecycle, reruns, states
 from jobtrace.domain import redact as redact_rules
 from jobtrace.domain.bulk import (
     BulkOperations,
@@ -343,6 +343,8 @@ class Jobs:
         spec = self.check_job(sub, caller)
 
         async def op(session: AsyncSession, tx: Tx) -> tuple[Job, bool]:
+            if spec.rate_limits:
+                await flow.check_known(session, tenant, [("job", spec)])
             now = now_us()
             job = Job(
                 id=new_id(JOB_PREFIX),
@@ -480,6 +482,9 @@ class Jobs:
         specs, gates, deps = self.check_workflow(sub, caller)
 
         async def op(session: AsyncSession, tx: Tx) -> tuple[Workflow, bool]:
+            await flow.check_known(
+                session, tenant, [(f"steps[{i}].job", s) for i, s in enumerate(specs)]
+            )
             existing = await self._existing(
                 session, tenant, sub.request_id, sub.request_hash, "workflow"
             )

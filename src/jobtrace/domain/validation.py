@@ -6,6 +6,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
+from jobtrace.domain import flow
 from jobtrace.domain.errors import Violations
 from jobtrace.model import Backoff, Comparator, JobSpec, LabelRequirement, View
 
@@ -146,6 +147,7 @@ def normalize_spec(
     worker_labels = normalize_requirements(v, f"{field}.worker_labels", spec.worker_labels)
     affinity = normalize_affinity(v, f"{field}.affinity", spec.affinity)
     backoff = _normalize_backoff(v, f"{field}.backoff", spec.backoff)
+    rate_limits, concurrency = flow.normalize(v, field, spec)
     return JobSpec(
         service=spec.service,
         payload=spec.payload,
@@ -158,6 +160,8 @@ def normalize_spec(
         backoff=backoff,
         worker_labels=worker_labels,
         affinity=affinity,
+        rate_limits=rate_limits,
+        concurrency=concurrency,
     )
 
 

@@ -40,6 +40,7 @@ from jobtrace.model import (
     WorkflowStep,
 )
 from jobtrace.store import codec, sql
+from jobtrace.store import flow as flow_store
 from jobtrace.store.listing import (
     Chunk,
     Listing,
@@ -262,6 +263,9 @@ def job_values(job: Job, request_context: JSON, step_index: int = 0) -> dict[str
         "approval_decisions": decisions_dumps(job.decisions),
         "gate_deadline_us": job.gate_deadline_us,
         "held": job.held,
+        "flow": flow_store.dumps(spec),
+        "flow_key": flow_store.flow_key(job.tenant, spec),
+        "concurrency_key": "" if spec.concurrency is None else spec.concurrency.resolved,
     }
 
 
@@ -350,6 +354,8 @@ def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
     """A job from its row (any mapping of column name to value); without
     `full`, a row read without payload and result (both left empty); with
     `context`, a whole row: the job carries its request_context."""
+    flow = row["flow"]
+    rate_limits, concurrency = flow_store.loads(flow) if flow else ((), None)
     return Job(
         id=row["id"],
         tenant=row["tenant"],
@@ -366,6 +372,8 @@ def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
             backoff=codec.backoff_loads(row["backoff"]),
             worker_labels=codec.requirements_loads(row["worker_labels"]),
             affinity=codec.affinity_loads(row["affinity"]),
+            rate_limits=rate_limits,
+            concurrency=concurrency,
         ),
         state=RunState(row["state"]),
         created_us=row["created_us"],
@@ -1332,7 +1340,7 @@ async def annotations_by_id(session: AsyncSession, ids: Sequence[str]) -> dict[s
     return {r["id"]: r for r in (await session.execute(stmt)).mappings()}
 
 
-_ELIGIBLE: dict[tuple[int, int, int], Query] = {}
+_ELIGIBLE: dict[tuple[int, int, int, int], Query] = {}
 
 
 def _in(name: str, count: int) -> str:
@@ -1340,7 +1348,7 @@ def _in(name: str, count: int) -> str:
     return "(" + ", ".join(f":{name}{i}" for i in range(count)) + ")"
 
 
-def _eligible_query(tenants: int, skipped: int = 0, paused: int = 0) -> Query:
+def _eligible_query(tenants: int, skipped: int = 0, paused: int = 0, blocked: int = 0) -> Query:
     """The eligible jobs of a service (a page), and one more row whose job
     columns are NULL and whose last column says when the service's next
     waiting job (not_before or backoff) becomes eligible: one statement for
@@ -1356,6 +1364,8 @@ def _eligible_query(tenants: int, skipped: int = 0, paused: int = 0) -> Query:
     skip = f" AND placement_class NOT IN {_in('skip', skipped)}" if skipped else ""
     if paused:
         skip += f" AND tenant NOT IN {_in('paused', paused)}"
+    if blocked:  # flow-controlled jobs whose bucket or key the dispatcher knows blocked
+        skip += f" AND flow_key NOT IN {_in('blocked', blocked)}"
     if tenants >= 0:
         where += f" AND tenant IN {_in('tenant', tenants)}" if tenants else " AND 0 = 1"
     names = [c.name for c in JOBS.columns]
@@ -1379,13 +1389,14 @@ async def eligible_jobs(
     tenants: frozenset[str] | None = None,
     skip: Collection[str] = (),
     paused: Collection[str] = (),
+    blocked: Collection[str] = (),
 ) -> tuple[list[Job], int | None]:
     """QUEUED jobs of a service that may run now (higher priority first, then
     oldest), and when the next of its waiting (not_before or backoff) jobs
     becomes eligible (None: none waits); jobs whose placement class is in
     `skip`, of the `paused` tenants, or held, are left out of both."""
     names = sorted(tenants) if tenants is not None else None
-    shape = (-1 if names is None else len(names), len(skip), len(paused))
+    shape = (-1 if names is None else len(names), len(skip), len(paused), len(blocked))
     q = _ELIGIBLE.get(shape)
     if q is None:
         q = _ELIGIBLE[shape] = _eligible_query(*shape)
@@ -1398,6 +1409,7 @@ async def eligible_jobs(
     params.update((f"tenant{i}", t) for i, t in enumerate(names or ()))
     params.update((f"skip{i}", c) for i, c in enumerate(sorted(skip)))
     params.update((f"paused{i}", t) for i, t in enumerate(sorted(paused)))
+    params.update((f"blocked{i}", k) for i, k in enumerate(sorted(blocked)))
     jobs: list[Job] = []
     next_us: int | None = None
     for r in await sql.fetch(session, q, params):

@@ -192,6 +192,13 @@ class JobRow(Base):
     # kept through a step's moves (PENDING -> QUEUED, a retry), inherited by
     # fan-out children, cleared by the resume.
     held: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Flow control (0026): the job's resolved rate-limit uses and concurrency
+    # (JSON, see store.flow; '' for a job with neither: the claim of such a
+    # job never looks at flow tables), the key the dispatcher skips while it
+    # knows it blocked ('' when none), and the resolved concurrency key.
+    flow: Mapped[str] = mapped_column(Text, default="", server_default="")
+    flow_key: Mapped[str] = mapped_column(String(512), default="", server_default="")
+    concurrency_key: Mapped[str] = mapped_column(String(256), default="", server_default="")
 
     __table_args__ = (
         Index("ix_jobs_tenant_seq", "tenant", "seq"),
@@ -214,7 +221,46 @@ class JobRow(Base):
         Index("ix_jobs_lease", "state", "lease_deadline_us"),
         # The supervisor's scan of approval gates past their timeout.
         Index("ix_jobs_gate_deadline", "state", "gate_deadline_us"),
+        # The claim's count of a concurrency key's RUNNING jobs (0026).
+        Index("ix_jobs_concurrency", "tenant", "concurrency_key", "state"),
     )
+
+
+class RateLimitRow(Base):
+    """A named rate limit of a tenant (ScheduleService.CreateRateLimit):
+    `count` tokens per `period_us`, at most `burst`."""
+
+    __tablename__ = "rate_limits"
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    period_us: Mapped[int] = mapped_column(BigInteger)
+    burst: Mapped[int] = mapped_column(BigInteger)
+    created_by: Mapped[str] = mapped_column(Text)
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    updated_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class RateBucketRow(Base):
+    """A token bucket of a rate limit's partition ('' the shared one): its
+    tokens as of updated_us, refilled lazily by the claim that reads it
+    (row-locked on PostgreSQL)."""
+
+    __tablename__ = "rate_buckets"
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    partition: Mapped[str] = mapped_column(String(256), primary_key=True)
+    tokens: Mapped[float] = mapped_column(Float)
+    updated_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class ConcurrencySlotRow(Base):
+    """One row per concurrency key in use: the claim of a job with the key
+    locks it (PostgreSQL) while it counts the key's RUNNING jobs."""
+
+    __tablename__ = "concurrency_slots"
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[str] = mapped_column(String(256), primary_key=True)
 
 
 class QueuePauseRow(Base):

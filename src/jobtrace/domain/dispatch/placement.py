@@ -5,19 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jobtrace.clock import now_us
-from jobtrace.domain import lifecycle, step_data
+from jobtrace.domain import flow, lifecycle, step_data
 from jobtrace.domain.dispatch.leases import Leases
 from jobtrace.domain.dispatch.matching import Score, affinity_weights, meets, required_of, score
 from jobtrace.domain.dispatch.sessions import Assign, AssignMany, WorkerSession
 from jobtrace.domain.errors import log_failure
-from jobtrace.model import JSON, Job, RunState, WaitingReason
+from jobtrace.model import JSON, SYSTEM_SUBJECT, Failure, Job, RunState, WaitingReason
 from jobtrace.store import codec
 from jobtrace.store import jobs as store
 from jobtrace.store import pause as pause_store
@@ -60,6 +60,14 @@ class Placement(Leases):
             elif job.state in _REVOKING and job.lease_holder:
                 reason = job.failure.reason if job.failure else job.state.name
                 self._revoke(job.lease_holder, job.id, job.attempt, reason)
+            if (
+                job.spec.concurrency is not None
+                and self.flow_blocked
+                and job.state != RunState.RUNNING
+            ):
+                key = flow.concurrency_flow_key(job.tenant, job.spec.concurrency.resolved)
+                if self.flow_blocked.pop(key, None) is not None:
+                    wake = True  # a slot of a full key came free
         if wake:
             self.wake()
 
@@ -68,6 +76,12 @@ class Placement(Leases):
         tell the worker here that held the attempt when its lease is gone
         (cancelled, terminated, timed out, expired)."""
         if state == RunState.QUEUED:
+            self.wake()
+        elif state != RunState.RUNNING and self.flow_blocked:
+            # A job ended on another replica: it may have held a full
+            # concurrency key (which, this notice does not say).
+            for key in [k for k, (_, why) in self.flow_blocked.items() if _is_key_block(why)]:
+                del self.flow_blocked[key]
             self.wake()
         if state in _REVOKING:
             self._revoke(holder, job_id, attempt, RunState(state).name.lower())
@@ -142,17 +156,34 @@ class Placement(Leases):
         drained = True
         candidates: dict[str, Job] = {}
         next_us: int | None = None
+        blocked = self._flow_blocks(now)
+        if blocked:
+            next_us = min(until for until, _ in self.flow_blocked.values())
         async with self._db.read() as db:
             paused = self.paused_queues
             # A service with no free slot is not read: a slot that frees wakes
             # the dispatcher, which then reads it. One row more than the slots:
             # fewer says the queue holds no other eligible job.
+            caps = self.flow_read_cap
             for (service, tenants, skip), slots in capacity.items():
+                limit = slots + 1
+                cap = caps.get(service) if caps else None
+                if cap is not None and cap < limit:
+                    limit = cap
                 jobs, waiting_us = await store.eligible_jobs(
-                    db, service, now, slots + 1, tenants, skip, _paused(paused, service, tenants)
+                    db,
+                    service,
+                    now,
+                    limit,
+                    tenants,
+                    skip,
+                    _paused(paused, service, tenants),
+                    blocked,
                 )
-                drained = drained and len(jobs) <= slots
+                drained = drained and len(jobs) < limit
                 for job in jobs:
+                    if blocked and _flow_blocked(job, blocked):
+                        continue  # blocked by a key other than the one the read skips
                     candidates[job.id] = job
                 if waiting_us is not None and (next_us is None or waiting_us < next_us):
                     next_us = waiting_us
@@ -218,6 +249,25 @@ class Placement(Leases):
             self.wake()
         return learned
 
+    def _flow_blocks(self, now: int) -> frozenset[str]:
+        """The flow keys blocked now (those whose time has come are dropped)."""
+        blocks = self.flow_blocked
+        if not blocks:
+            return frozenset()
+        for key in [k for k, (until, _) in blocks.items() if until <= now]:
+            del blocks[key]
+        return frozenset(blocks)
+
+    def _flow_wait(self, job: Job) -> WaitingReason:
+        """RATE_LIMITED or CONCURRENCY_LIMIT when a claim here found one of the
+        job's buckets or its concurrency key blocked; UNSPECIFIED otherwise."""
+        now = now_us()
+        for key in _flow_keys(job):
+            found = self.flow_blocked.get(key)
+            if found is not None and found[0] > now:
+                return found[1]
+        return WaitingReason.UNSPECIFIED
+
     def waiting_reason(self, job: Job) -> WaitingReason:
         """Why a job is not running yet, as this replica sees its workers now."""
         if job.state in (RunState.PENDING, RunState.QUEUED) and (
@@ -232,6 +282,10 @@ class Placement(Leases):
             return WaitingReason.UNSPECIFIED
         if max(job.spec.not_before_us, job.next_attempt_us) > now_us():
             return WaitingReason.NOT_BEFORE
+        if self.flow_blocked and (job.spec.rate_limits or job.spec.concurrency):
+            reason = self._flow_wait(job)
+            if reason:
+                return reason
         serving = [
             s
             for s in self.sessions.values()
@@ -256,6 +310,11 @@ class Placement(Leases):
         # an operation more than once), and those handed to their worker.
         claims: list[_Claim] = []
         delivered: set[str] = set()
+        # Flow keys a claim found blocked (applied once the write is over),
+        # and by service, the flow-controlled jobs started where one was.
+        blocks: dict[str, tuple[int, WaitingReason]] = {}
+        flow_started: dict[str, int] = {}
+        blocked_services: set[str] = set()
 
         def hand_over(assigns: list[Assign], session: WorkerSession) -> None:
             # Runs right after the commit, in commit order: a cancel committed
@@ -280,9 +339,12 @@ class Placement(Leases):
 
         async def op(db: AsyncSession, tx: Tx) -> None:
             claims.clear()
+            blocks.clear()
+            flow_started.clear()
+            blocked_services.clear()
             now = now_us()
             deadline = now + self.lease_ms * 1000
-            changed = []
+            changed: list[Job] = []
             # Each session's jobs, handed over together after the commit.
             handed: dict[str, tuple[WorkerSession, list[Assign]]] = {}
             # Lock order everywhere: workflows, then jobs. Jobs another replica is
@@ -292,6 +354,22 @@ class Placement(Leases):
             for job, session, placement in plan:
                 if session.closed:
                     continue
+                verdict: flow.Verdict | None = None
+                if job.spec.rate_limits or job.spec.concurrency is not None:
+                    # Only flow-controlled jobs pay for this (their rows locked
+                    # until the commit on PostgreSQL).
+                    if _flow_blocked(job, blocks):
+                        continue
+                    verdict = await flow.admit(db, job, now)
+                    if verdict.blocked:
+                        blocks[verdict.blocked] = (verdict.until_us, verdict.reason)
+                        blocked_services.add(job.spec.service)
+                        continue
+                    if verdict.cancel_self:
+                        changed.extend(
+                            await self._flow_cancel(db, tx, job.id, RunState.QUEUED, now)
+                        )
+                        continue
                 claimed = await self._life.claim(
                     db,
                     tx,
@@ -306,6 +384,14 @@ class Placement(Leases):
                 )
                 if claimed is None:
                     continue
+                if verdict is not None:
+                    service = job.spec.service
+                    flow_started[service] = flow_started.get(service, 0) + 1
+                    await flow.started(db, job, verdict, now)
+                    for running_id in verdict.cancel:  # CANCEL_OLDEST
+                        changed.extend(
+                            await self._flow_cancel(db, tx, running_id, RunState.RUNNING, now)
+                        )
                 context = await store.request_context_for(db, claimed)
                 upstream = await step_data.upstream(db, claimed)
                 assign = Assign(claimed, deadline, context, upstream)
@@ -319,15 +405,47 @@ class Placement(Leases):
         try:
             await self._db.write(op)
         except Exception:
+            self.flow_blocked.update(blocks)
             # Storage failed at or during COMMIT (a connection lost as it
             # committed, say): the claims may be stored though their workers
             # were not told. Their jobs would sit RUNNING until their leases
             # expire, so they are looked at again once storage answers.
             self._unsure(claims)
             raise
+        if blocks:
+            self.flow_blocked.update(blocks)
+            self._queue_seen = None
+        caps = self.flow_read_cap
+        for service in {job.spec.service for job, _, _ in plan}:
+            started = flow_started.get(service, 0)
+            if service in blocked_services:
+                caps[service] = started + 2
+            elif started and service in caps:
+                caps[service] = 2 * max(caps[service], started)  # all started: read more
+            elif caps:
+                caps.pop(service, None)  # no flow-controlled job in the way
         # Stored, but the stream ended as they committed: given back at once.
         self._unsure([c for c in claims if c.job_id not in delivered])
         return len(delivered) == len(plan)
+
+    async def _flow_cancel(
+        self, db: AsyncSession, tx: Tx, job_id: str, expected: RunState, now: int
+    ) -> list[Job]:
+        """Cancel a job a concurrency key's strategy gives up (CANCEL_NEWEST:
+        the QUEUED job dispatch reached; CANCEL_OLDEST: the key's RUNNING job
+        that started first, whose worker is told as by CancelJob)."""
+        job = await store.load_locked(db, job_id)
+        if job is None or job.state != expected:
+            return []
+        key = job.spec.concurrency.resolved if job.spec.concurrency else ""
+        failure = Failure(
+            reason=f"concurrency key {key!r} is full ({expected.name.lower()} job given up)",
+            code=flow.CONCURRENCY_CODE,
+            attempt=job.attempt,
+        )
+        return await self._life.end_job(
+            db, tx, job, RunState.CANCELLED, failure, now, by=SYSTEM_SUBJECT
+        )
 
     def _unsure(self, claims: list[_Claim]) -> None:
         """Remember claims that may be stored but whose worker was not told;
@@ -414,6 +532,25 @@ def _paused(
     """The tenants whose queue of `service` is paused, of those a read covers."""
     found = paused.get(service, frozenset())
     return found if tenants is None or not found else found & tenants
+
+
+def _flow_keys(job: Job) -> list[str]:
+    """The flow keys (domain.flow) of a job: its buckets and its concurrency key."""
+    keys = [f"{job.tenant}\x1fr\x1f{u.bucket}" for u in job.spec.rate_limits]
+    if job.spec.concurrency is not None:
+        keys.append(flow.concurrency_flow_key(job.tenant, job.spec.concurrency.resolved))
+    return keys
+
+
+def _flow_blocked(job: Job, blocked: Collection[str]) -> bool:
+    """Whether one of a flow-controlled job's keys is blocked."""
+    if not job.spec.rate_limits and job.spec.concurrency is None:
+        return False
+    return any(k in blocked for k in _flow_keys(job))
+
+
+def _is_key_block(reason: WaitingReason) -> bool:
+    return reason == WaitingReason.CONCURRENCY_LIMIT
 
 
 def _sleep_until(next_us: int | None, now: int) -> float:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from jobtrace.domain import lifecycle
 from jobtrace.domain.dispatch.sessions import WorkerSession
 from jobtrace.domain.jobs import Jobs
-from jobtrace.model import LabelRequirement
+from jobtrace.model import LabelRequirement, WaitingReason
 from jobtrace.store.db import Database
 
 if TYPE_CHECKING:
@@ -73,6 +73,17 @@ class SchedulerState:
         # the claim checks queue_pauses itself (see domain.pause).
         self.paused_queues: dict[str, frozenset[str]] = {}
         self._paused_stale = True
+        # Flow control (domain.flow): the buckets and concurrency keys a claim
+        # here found blocked (flow key -> until when (us), why). The dispatch
+        # read skips their jobs until then (a bucket: when it holds a token
+        # again; a full key: until one of its jobs ends, seen here, or at most
+        # flow.FULL_RETRY_US); empty while no flow-controlled job waits.
+        self.flow_blocked: dict[str, tuple[int, WaitingReason]] = {}
+        # Services whose last claim found a flow key blocked: their next read
+        # asks for this many rows at most (what the claim could start, and
+        # 2 more), not a page per free slot: the rows past the tokens would
+        # only be read to be skipped. A read that fills the cap looks again.
+        self.flow_read_cap: dict[str, int] = {}
 
     def wake(self, *, slot_freed: bool = False) -> None:
         """Wake the dispatcher. Only `slot_freed` (a worker's slot came free,
