@@ -248,6 +248,8 @@ def test_the_schema_in_submit_help_is_itself_a_valid_workflow_file() -> None:
         "notify",
         "audit",
         "thumbnail",
+        "review",
     ]
     assert workflow.steps[1]["job"]["max_attempts"] == 2
+    assert workflow.steps[5]["approval"]["approvers"]
     assert workflow.steps[4]["for_each"] == {"step": "download", "path": "frames"}
