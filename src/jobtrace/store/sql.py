@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 from collections.abc import Sequence
 from typing import Any, cast
@@ -88,6 +89,38 @@ def insert_query(table: Any, names: Sequence[str], suffix: str = "") -> Query:
     quoted = ", ".join(f'"{n}"' for n in names)
     params = ", ".join(f":{n}" for n in names)
     return Query(f"INSERT INTO {table.name} ({quoted}) VALUES ({params}){suffix}")
+
+
+# Bound parameters in one multi-row statement: under both SQLite's limit
+# (32,766) and PostgreSQL's wire protocol's (32,767).
+MAX_PARAMS = 30_000
+
+
+def rows_per_statement(names: Sequence[str]) -> int:
+    """How many rows of these columns one multi-row statement may hold."""
+    return max(1, MAX_PARAMS // max(1, len(names)))
+
+
+@functools.lru_cache(maxsize=64)
+def _multi_row(table_name: str, names: tuple[str, ...], count: int, suffix: str) -> Query:
+    quoted = ", ".join(f'"{n}"' for n in names)
+    rows = ", ".join("(" + ", ".join(f":{n}__{i}" for n in names) + ")" for i in range(count))
+    return Query(f"INSERT INTO {table_name} ({quoted}) VALUES {rows}{suffix}")
+
+
+def multi_row(
+    table: Any, names: tuple[str, ...], rows: Sequence[Params], suffix: str = ""
+) -> list[tuple[Query, Params]]:
+    """INSERTs of many rows, each statement with as many rows as its
+    parameters allow (see MAX_PARAMS): one statement per such chunk, not one
+    per row. Each returns its statement and its parameters."""
+    step = rows_per_statement(names)
+    out: list[tuple[Query, Params]] = []
+    for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
+        params = {f"{n}__{i}": row[n] for i, row in enumerate(chunk) for n in names}
+        out.append((_multi_row(table.name, names, len(chunk), suffix), params))
+    return out
 
 
 def dialect(session: AsyncSession) -> str:
