@@ -5,9 +5,7 @@ dispatch to workers; the client's chunking and the CLI's --bulk."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -262,3 +260,81 @@ async def test_a_bulk_insert_costs_a_few_statements_not_some_per_job(
     bound = 0.05 if make_url(db_url).get_backend_name() == "postgresql" else 0.02
     assert per_bulk <= bound, bulk
     assert per_bulk * 20 < per_single
+
+
+async def test_the_client_chunks_a_large_input_and_keeps_its_order(
+    sqlite_harness: Harness,
+) -> None:
+    async with Client(sqlite_harness.target) as client:
+        calls: list[int] = []
+        stub = client.jobs_stub
+        real = stub.SubmitJobs
+
+        def counted(request: j.SubmitJobsRequest, **kw: Any) -> Any:
+            calls.append(len(request.items))
+            return real(request, **kw)
+
+        stub.SubmitJobs = counted  # type: ignore[method-assign]
+        items: list[Any] = [
+            {"service": "bulk", "payload": {"i": i}, "request_id": f"c-{i}"} for i in range(2500)
+        ]
+        items[7] = {"request_id": "c-7", "job": {"service": "bulk", "payload": {"i": 7}}}
+        seen: list[int] = []
+        results = await client.submit_jobs(items, concurrency=3, on_progress=seen.append)
+        assert sorted(calls) == [500, 1000, 1000]
+        assert [r.job.request_id for r in results] == [f"c-{i}" for i in range(2500)]
+        assert [r.job.spec.payload["i"] for r in results] == list(range(2500))
+        assert seen[-1] == 2500 and not any(r.deduplicated for r in results)
+
+        # A failed chunk names the caller's items, not the chunk's.
+        calls.clear()
+        bad: list[Any] = [{"service": "bulk", "request_id": f"d-{i}"} for i in range(2500)]
+        bad[2100]["service"] = ""
+        with pytest.raises(InvalidArgument) as caught:
+            await client.submit_jobs(bad, chunk=1000, concurrency=1)
+        assert [v.field for v in caught.value.violations] == ["items[2100].job.service"]
+        assert caught.value.metadata["first_item"] == "2000"
+        # Malformed input is refused before any call, by item.
+        calls.clear()
+        with pytest.raises(InvalidArgument) as caught:
+            await client.submit_jobs([{"service": "bulk"}, {"servce": "bulk"}])
+        assert caught.value.violations[0].field.startswith("items[1]")
+        assert calls == []
+
+        wfs = await client.submit_workflows(
+            [
+                {"name": "w", "steps": [{"name": "a", "job": {"service": "bulk"}}]}
+                for _ in range(150)
+            ]
+        )
+        assert len(wfs) == 150 and len({r.workflow.id for r in wfs}) == 150
+
+
+async def test_cli_submits_a_jsonl_file_in_bulk(sqlite_harness: Harness, tmp_path: Path) -> None:
+    from .procs import jobtrace
+
+    path = tmp_path / "jobs.jsonl"
+    lines = [
+        json.dumps({"service": "bulk", "payload": {"i": i}, "request_id": f"cli-{i}"})
+        for i in range(1500)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    code, out, err = await jobtrace(
+        "submit", "--bulk", str(path), "--json", target=sqlite_harness.target
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    assert (summary["submitted"], summary["new"], summary["deduplicated"]) == (1500, 1500, 0)
+    assert [r["job"]["request_id"] for r in summary["results"]][:3] == ["cli-0", "cli-1", "cli-2"]
+    assert "1500/1500 jobs" in err and "1500 new, 0 deduplicated, 0 refused" in err
+    # Again, plain: every line deduplicated, one job id per line.
+    code, out, err = await jobtrace("submit", "--bulk", str(path), target=sqlite_harness.target)
+    assert code == 0 and len(out.split()) == 1500
+    assert "0 new, 1500 deduplicated" in err
+    # A bad line is named by its line number; nothing is sent.
+    path.write_text(lines[0] + "\n" + json.dumps({"servce": "x"}) + "\nnot json\n")
+    code, out, err = await jobtrace("submit", "--bulk", str(path), target=sqlite_harness.target)
+    assert code != 0 and "line 3" in err
+    path.write_text(lines[0] + "\n" + json.dumps({"servce": "x"}) + "\n")
+    code, out, err = await jobtrace("submit", "--bulk", str(path), target=sqlite_harness.target)
+    assert code != 0 and "line 2" in err, err
