@@ -137,12 +137,33 @@ async def stop_server(server: Server) -> None:
 # --- the bench worker (a separate process) -------------------------------------------
 
 
-async def worker_main(target: str, log: Any, concurrency: int) -> None:
+def worker_options(report_window_ms: int | None) -> dict[str, Any]:
+    """The Worker's report window, when it has one (batched worker traffic) and
+    one is asked for; nothing otherwise, so the bench runs on either runtime."""
+    import inspect
+
+    from jobtrace.client.worker import Worker
+
+    if report_window_ms is None:
+        return {}
+    if "report_window_ms" in inspect.signature(Worker).parameters:
+        return {"report_window_ms": report_window_ms}
+    return {}
+
+
+async def worker_main(
+    target: str, log: Any, concurrency: int, report_window_ms: int | None = None
+) -> None:
     """Runs 'bench' jobs (3 progress reports, then complete) and writes a line per
     stored completion: '<job id> <unix time>'."""
     from jobtrace.client.worker import JobContext, Worker
 
-    worker = Worker(target, worker_id=f"bench-{os.getpid()}", max_concurrency=concurrency)
+    worker = Worker(
+        target,
+        worker_id=f"bench-{os.getpid()}",
+        max_concurrency=concurrency,
+        **worker_options(report_window_ms),
+    )
 
     def completed(job_id: str, stored: bool) -> None:
         if stored:
@@ -614,9 +635,15 @@ async def trace_fanout(
 
 
 async def start_workers(
-    targets: list[str], done_files: list[Path], concurrency: int
+    targets: list[str],
+    done_files: list[Path],
+    concurrency: int,
+    *,
+    report_window_ms: int | None = None,
 ) -> list[asyncio.subprocess.Process]:
-    """Worker processes, one per completions file, returned once each is up."""
+    """Worker processes, one per completions file, returned once each is up;
+    `report_window_ms` passed on to the Worker if its runtime takes one."""
+    window = [] if report_window_ms is None else [str(report_window_ms)]
     workers = [
         await asyncio.create_subprocess_exec(
             sys.executable,
@@ -626,6 +653,7 @@ async def start_workers(
             targets[i % len(targets)],
             str(done),
             str(concurrency),
+            *window,
         )
         for i, done in enumerate(done_files)
     ]
@@ -979,6 +1007,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="start the server(s) with this HTTP listener on (127.0.0.1:0: any free port), "
         "to compare gRPC figures with and without it",
     )
+    p.add_argument(
+        "--bulk",
+        type=int,
+        metavar="N",
+        help="instead: N jobs submitted one per SubmitJob call, then N through SubmitJobs in"
+        " chunks, on one server (SQLite, or --db; with --pg-url PostgreSQL too) and the same"
+        " workers; jobs/s and submit -> complete p50/p99 of both side by side, every job"
+        " checked completed, traced and attested",
+    )
+    p.add_argument(
+        "--chunk", type=int, default=1000, help="--bulk: jobs per SubmitJobs call (default 1000)"
+    )
+    p.add_argument(
+        "--bulk-concurrency",
+        type=int,
+        default=4,
+        help="--bulk: SubmitJobs calls in flight (default 4)",
+    )
+    p.add_argument(
+        "--report-window-ms",
+        type=int,
+        default=None,
+        help="--bulk: the workers' report window (batched reports), when the worker runtime"
+        " has one; unset: its default",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -1004,6 +1057,10 @@ def main(args: argparse.Namespace) -> int:
     if not 1 <= args.latency_jobs <= 100_000:
         print("jobtrace bench: --latency-jobs must be 1..100000", file=sys.stderr)
         return 2
+    if args.bulk is not None:
+        from jobtrace import bench_bulk
+
+        return bench_bulk.main(args)
     if args.compare_backends or args.pg_url:
         from jobtrace import bench_compare
 
@@ -1025,9 +1082,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+    if len(sys.argv) in (5, 6) and sys.argv[1] == "--worker":
+        window = int(sys.argv[5]) if len(sys.argv) == 6 else None
         with open(sys.argv[3], "a", buffering=1) as completions:
-            asyncio.run(worker_main(sys.argv[2], completions, int(sys.argv[4])))
+            asyncio.run(worker_main(sys.argv[2], completions, int(sys.argv[4]), window))
     elif sys.argv[1:] == ["--floor-server"]:
         asyncio.run(floor_server_main())
     else:
