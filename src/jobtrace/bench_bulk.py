@@ -293,6 +293,10 @@ def main(args: argparse.Namespace) -> int:
         if problem:
             print(f"jobtrace bench: {problem}", file=sys.stderr)
             return 2
+    # The servers' statement counting (on by default for `jobtrace bench`) is
+    # off: this bench reports no statement counts, and SQLite's trace hook
+    # renders each multi-row INSERT with its thousands of values.
+    os.environ.setdefault("JOBTRACE_BENCH_COUNT_STATEMENTS", "0")
     try:
         s = asyncio.run(run(args))
     except b.PhaseTimeout as exc:
