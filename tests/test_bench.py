@@ -242,3 +242,30 @@ async def test_a_phase_past_its_time_bound_is_reported() -> None:
         "--ceiling-seconds", "0.2",
     )  # fmt: skip
     assert code == 1 and "did not finish within 1 s" in err
+
+
+async def test_bulk_bench_runs_both_paths_side_by_side_with_every_job_accounted_for() -> None:
+    """`--bulk N`: SubmitJob and SubmitJobs (here in chunks of 25) on one
+    server and the same workers; every job of both checked completed, traced
+    and attested in the database; on PostgreSQL too when it is there."""
+    problem = await pg_problem()
+    if problem and require_pg():
+        pytest.fail(f"JOBTRACE_REQUIRE_PG=1 but {problem}")
+    pg = (
+        []
+        if problem
+        else ["--pg-url", PG_ADMIN_URL.replace("postgresql://", "postgresql+asyncpg://")]
+    )
+    code, out, err = await bench(
+        "--bulk", "60", "--chunk", "25", "--workers", "1", "--report-window-ms", "2", *pg, "--json"
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["params"]["chunk"] == 25 and result["params"]["report_window_ms"] == 2
+    for backend in ["sqlite"] + ([] if problem else ["postgresql"]):
+        for path in ("single", "bulk"):
+            p = result[backend][path]
+            assert p["completed"] == 60 and p["jobs_per_s"] > 0, (backend, path)
+            assert p["checks"] == {"completed": 60, "traced": 60, "attested": 60}
+            assert 0 < p["e2e_p50_ms"] <= p["e2e_p99_ms"]
+        assert result[backend]["bulk_vs_single_jobs_per_s"] > 0

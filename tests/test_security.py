@@ -184,6 +184,9 @@ DE = "DEADLINE_EXCEEDED"
 MATRIX: dict[str, tuple[str, ...]] = {
     "SubmitJob": (PD, OK, PD, OK, PD, OK, PD, OK),
     "SubmitWorkflow": (PD, OK, PD, OK, PD, OK, PD, OK),
+    # SubmitJob's and SubmitWorkflow's role, in the caller's own tenant.
+    "SubmitJobs": (PD, OK, PD, OK, PD, OK, PD, OK),
+    "SubmitWorkflows": (PD, OK, PD, OK, PD, OK, PD, OK),
     "GetJob": (OK, OK, PD, OK, NF, NF, PD, OK),
     "GetWorkflow": (OK, OK, PD, OK, NF, NF, PD, OK),
     "ListJobs": (OK, OK, PD, OK, OK, OK, PD, OK),
@@ -490,6 +493,27 @@ def _calls(api: Stubs, ids: dict[str, str], n: int) -> dict[str, Callable[[Any],
                 request_id=f"sw{n}",
                 name="w",
                 steps=[c.WorkflowStepSpec(name="a", job=c.JobSpec(service="zz"))],
+            ),
+            metadata=md,
+        ),
+        "SubmitJobs": lambda md: api.jobs.SubmitJobs(
+            j.SubmitJobsRequest(
+                items=[
+                    j.SubmitJobRequest(request_id=f"sj{n}-{i}", job=c.JobSpec(service="zz"))
+                    for i in range(2)
+                ]
+            ),
+            metadata=md,
+        ),
+        "SubmitWorkflows": lambda md: api.jobs.SubmitWorkflows(
+            j.SubmitWorkflowsRequest(
+                items=[
+                    j.SubmitWorkflowRequest(
+                        request_id=f"sws{n}",
+                        name="w",
+                        steps=[c.WorkflowStepSpec(name="a", job=c.JobSpec(service="zz"))],
+                    )
+                ]
             ),
             metadata=md,
         ),

@@ -638,7 +638,8 @@ async def start_workers(
     concurrency: int,
     window_ms: float = DEFAULT_REPORT_WINDOW_MS,
 ) -> list[asyncio.subprocess.Process]:
-    """Worker processes, one per completions file, returned once each is up."""
+    """Worker processes, one per completions file, returned once each is up;
+    their report window is `window_ms` (0: one message per report)."""
     workers = [
         await asyncio.create_subprocess_exec(
             sys.executable,
@@ -1087,6 +1088,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="B",
         help="--rate-limit: the limit's burst (default 1)",
     )
+    p.add_argument(
+        "--bulk",
+        type=int,
+        metavar="N",
+        help="instead: N jobs submitted one per SubmitJob call, then N through SubmitJobs in"
+        " chunks, on one server (SQLite, or --db; with --pg-url PostgreSQL too) and the same"
+        " workers; jobs/s and submit -> complete p50/p99 of both side by side, every job"
+        " checked completed, traced and attested",
+    )
+    p.add_argument(
+        "--chunk", type=int, default=1000, help="--bulk: jobs per SubmitJobs call (default 1000)"
+    )
+    p.add_argument(
+        "--bulk-concurrency",
+        type=int,
+        default=4,
+        help="--bulk: SubmitJobs calls in flight (default 4)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -1115,6 +1134,10 @@ def main(args: argparse.Namespace) -> int:
     if not 1 <= args.latency_jobs <= 100_000:
         print("jobtrace bench: --latency-jobs must be 1..100000", file=sys.stderr)
         return 2
+    if args.bulk is not None:
+        from jobtrace import bench_bulk
+
+        return bench_bulk.main(args)
     if args.compare_backends or args.pg_url:
         from jobtrace import bench_compare
 

@@ -98,6 +98,12 @@ class JobService(Protocol):
     async def list_queues(self, request: jobtrace_dot_v1_dot_job__service__pb2.ListQueuesRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.ListQueuesResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    async def submit_jobs(self, request: jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def submit_workflows(self, request: jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
 
 class JobServiceASGIApplication(ConnectASGIApplication[JobService]):
     def __init__(self, service: JobService | AsyncGenerator[JobService], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -373,6 +379,26 @@ class JobServiceASGIApplication(ConnectASGIApplication[JobService]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.list_queues,
+                ),
+                "/jobtrace.v1.JobService/SubmitJobs": Endpoint.unary(
+                    method=MethodInfo(
+                        name="SubmitJobs",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.submit_jobs,
+                ),
+                "/jobtrace.v1.JobService/SubmitWorkflows": Endpoint.unary(
+                    method=MethodInfo(
+                        name="SubmitWorkflows",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.submit_workflows,
                 ),
             },
             interceptors=interceptors,
@@ -927,6 +953,46 @@ class JobServiceClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    async def submit_jobs(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SubmitJobs",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def submit_workflows(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SubmitWorkflows",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
 
 class JobServiceSync(Protocol):
     def submit_job(self, request: jobtrace_dot_v1_dot_job__service__pb2.SubmitJobRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.SubmitJobResponse:
@@ -982,6 +1048,10 @@ class JobServiceSync(Protocol):
     def resume_queue(self, request: jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.ResumeQueueResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def list_queues(self, request: jobtrace_dot_v1_dot_job__service__pb2.ListQueuesRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.ListQueuesResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def submit_jobs(self, request: jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def submit_workflows(self, request: jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsRequest, ctx: RequestContext) -> jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -1258,6 +1328,26 @@ class JobServiceWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.list_queues,
+                ),
+                "/jobtrace.v1.JobService/SubmitJobs": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="SubmitJobs",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.submit_jobs,
+                ),
+                "/jobtrace.v1.JobService/SubmitWorkflows": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="SubmitWorkflows",
+                        service_name="jobtrace.v1.JobService",
+                        input=jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsRequest,
+                        output=jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.submit_workflows,
                 ),
             },
             interceptors=interceptors,
@@ -1806,6 +1896,46 @@ class JobServiceClientSync(ConnectClientSync):
                 service_name="jobtrace.v1.JobService",
                 input=jobtrace_dot_v1_dot_job__service__pb2.ListQueuesRequest,
                 output=jobtrace_dot_v1_dot_job__service__pb2.ListQueuesResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def submit_jobs(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SubmitJobs",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def submit_workflows(
+        self,
+        request: jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SubmitWorkflows",
+                service_name="jobtrace.v1.JobService",
+                input=jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsRequest,
+                output=jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,

@@ -2572,3 +2572,241 @@ class Queue(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Queue: _TypeAlias = Queue  # noqa: Y015
+
+@_typing.final
+class SubmitJobsRequest(_message.Message):
+    """Request of SubmitJobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitJobRequest]:
+        """Required. 1 to 1,000 jobs, each a SubmitJob request; the whole request
+        under the server's message size limit.
+        """
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___SubmitJobRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitJobsRequest: _TypeAlias = SubmitJobsRequest  # noqa: Y015
+
+@_typing.final
+class SubmitItemError(_message.Message):
+    """Why one item of a bulk submission was not stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """Output only. The google.rpc.Code the item would have had as a call of
+    its own (6, ALREADY_EXISTS, for a conflicting request_id).
+    """
+    reason: _builtins.str
+    """Output only. The reason, as in ErrorInfo ("IDEMPOTENCY_CONFLICT")."""
+    message: _builtins.str
+    """Output only. What went wrong, for people."""
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Output only. As ErrorInfo.metadata (existing_id, existing_kind)."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "metadata", b"metadata", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitItemError: _TypeAlias = SubmitItemError  # noqa: Y015
+
+@_typing.final
+class SubmitJobResult(_message.Message):
+    """One item's outcome in SubmitJobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    DEDUPLICATED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    deduplicated: _builtins.bool
+    """Output only. True when the item's request_id matched an identical
+    earlier submission (or an earlier identical item of the same call).
+    """
+    @_builtins.property
+    def job(self) -> _common_pb2.Job:
+        """Output only. The job, new or the one an identical earlier submission
+        created; unset when error is set.
+        """
+
+    @_builtins.property
+    def error(self) -> Global___SubmitItemError:
+        """Output only. Set when the item was not stored (a conflicting
+        request_id); the other items are unaffected.
+        """
+
+    def __init__(
+        self,
+        *,
+        job: _common_pb2.Job | None = ...,
+        deduplicated: _builtins.bool = ...,
+        error: Global___SubmitItemError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deduplicated", b"deduplicated", "error", b"error", "job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitJobResult: _TypeAlias = SubmitJobResult  # noqa: Y015
+
+@_typing.final
+class SubmitJobsResponse(_message.Message):
+    """Response of SubmitJobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitJobResult]:
+        """Output only. One result per item, in the order of the items."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SubmitJobResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitJobsResponse: _TypeAlias = SubmitJobsResponse  # noqa: Y015
+
+@_typing.final
+class SubmitWorkflowsRequest(_message.Message):
+    """Request of SubmitWorkflows."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitWorkflowRequest]:
+        """Required. 1 to 100 workflows, each a SubmitWorkflow request; the whole
+        request under the server's message size limit.
+        """
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___SubmitWorkflowRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitWorkflowsRequest: _TypeAlias = SubmitWorkflowsRequest  # noqa: Y015
+
+@_typing.final
+class SubmitWorkflowResult(_message.Message):
+    """One item's outcome in SubmitWorkflows."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    DEDUPLICATED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    deduplicated: _builtins.bool
+    """Output only. True when the item's request_id matched an identical
+    earlier submission (or an earlier identical item of the same call).
+    """
+    @_builtins.property
+    def workflow(self) -> _common_pb2.Workflow:
+        """Output only. The workflow, new or the one an identical earlier
+        submission created; unset when error is set.
+        """
+
+    @_builtins.property
+    def error(self) -> Global___SubmitItemError:
+        """Output only. Set when the item was not stored (a conflicting
+        request_id); the other items are unaffected.
+        """
+
+    def __init__(
+        self,
+        *,
+        workflow: _common_pb2.Workflow | None = ...,
+        deduplicated: _builtins.bool = ...,
+        error: Global___SubmitItemError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "workflow", b"workflow"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deduplicated", b"deduplicated", "error", b"error", "workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitWorkflowResult: _TypeAlias = SubmitWorkflowResult  # noqa: Y015
+
+@_typing.final
+class SubmitWorkflowsResponse(_message.Message):
+    """Response of SubmitWorkflows."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitWorkflowResult]:
+        """Output only. One result per item, in the order of the items."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SubmitWorkflowResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitWorkflowsResponse: _TypeAlias = SubmitWorkflowsResponse  # noqa: Y015

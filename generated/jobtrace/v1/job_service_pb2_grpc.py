@@ -170,6 +170,16 @@ class JobServiceStub:
                 request_serializer=jobtrace_dot_v1_dot_job__service__pb2.ListQueuesRequest.SerializeToString,
                 response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.ListQueuesResponse.FromString,
                 _registered_method=True)
+        self.SubmitJobs = channel.unary_unary(
+                '/jobtrace.v1.JobService/SubmitJobs',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsResponse.FromString,
+                _registered_method=True)
+        self.SubmitWorkflows = channel.unary_unary(
+                '/jobtrace.v1.JobService/SubmitWorkflows',
+                request_serializer=jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsRequest.SerializeToString,
+                response_deserializer=jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -485,6 +495,35 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJobs(self, request, context):
+        """Submits 1 to 1,000 standalone jobs in one call, each item as SubmitJob
+        would take it (its own request_id, request context, annotations), in the
+        caller's tenant. Validated as a whole: any invalid item is
+        INVALID_ARGUMENT whose BadRequest names every bad field by its item
+        ("items[12].job.service"), and nothing is stored. The jobs are stored in
+        one transaction (the tenant's queued-job quota counts them together:
+        RESOURCE_EXHAUSTED stores nothing) and are dispatched once it commits.
+        Each item is idempotent by its own request_id: an identical earlier
+        submission answers that item with the existing job (deduplicated); a
+        request_id used earlier for a different request answers that item with
+        an error (ALREADY_EXISTS, IDEMPOTENCY_CONFLICT) and stores nothing for
+        it, while the other items are stored. Items of one call that share a
+        request_id must be identical (then they are one job, each answered with
+        it; the later ones deduplicated), else INVALID_ARGUMENT naming them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitWorkflows(self, request, context):
+        """Submits 1 to 100 workflows in one call, each item as SubmitWorkflow
+        would take it; validated, stored, deduplicated and answered per item as
+        in SubmitJobs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -622,6 +661,16 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ListQueues,
                     request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.ListQueuesRequest.FromString,
                     response_serializer=jobtrace_dot_v1_dot_job__service__pb2.ListQueuesResponse.SerializeToString,
+            ),
+            'SubmitJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJobs,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsResponse.SerializeToString,
+            ),
+            'SubmitWorkflows': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitWorkflows,
+                    request_deserializer=jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsRequest.FromString,
+                    response_serializer=jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1354,6 +1403,60 @@ class JobService:
             '/jobtrace.v1.JobService/ListQueues',
             jobtrace_dot_v1_dot_job__service__pb2.ListQueuesRequest.SerializeToString,
             jobtrace_dot_v1_dot_job__service__pb2.ListQueuesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/SubmitJobs',
+            jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.SubmitJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitWorkflows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobtrace.v1.JobService/SubmitWorkflows',
+            jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsRequest.SerializeToString,
+            jobtrace_dot_v1_dot_job__service__pb2.SubmitWorkflowsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -231,6 +231,27 @@ class JobServiceStub:
     each (tenant, service) with jobs waiting or running, and every paused one,
     with who paused it, when and why.
     """
+    SubmitJobs: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.SubmitJobsRequest, _job_service_pb2.SubmitJobsResponse]
+    """Submits 1 to 1,000 standalone jobs in one call, each item as SubmitJob
+    would take it (its own request_id, request context, annotations), in the
+    caller's tenant. Validated as a whole: any invalid item is
+    INVALID_ARGUMENT whose BadRequest names every bad field by its item
+    ("items[12].job.service"), and nothing is stored. The jobs are stored in
+    one transaction (the tenant's queued-job quota counts them together:
+    RESOURCE_EXHAUSTED stores nothing) and are dispatched once it commits.
+    Each item is idempotent by its own request_id: an identical earlier
+    submission answers that item with the existing job (deduplicated); a
+    request_id used earlier for a different request answers that item with
+    an error (ALREADY_EXISTS, IDEMPOTENCY_CONFLICT) and stores nothing for
+    it, while the other items are stored. Items of one call that share a
+    request_id must be identical (then they are one job, each answered with
+    it; the later ones deduplicated), else INVALID_ARGUMENT naming them.
+    """
+    SubmitWorkflows: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.SubmitWorkflowsRequest, _job_service_pb2.SubmitWorkflowsResponse]
+    """Submits 1 to 100 workflows in one call, each item as SubmitWorkflow
+    would take it; validated, stored, deduplicated and answered per item as
+    in SubmitJobs.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -434,6 +455,27 @@ class JobServiceAsyncStub(JobServiceStub):
     """Lists the queues of the caller's tenant (an admin's: of every tenant):
     each (tenant, service) with jobs waiting or running, and every paused one,
     with who paused it, when and why.
+    """
+    SubmitJobs: _aio.UnaryUnaryMultiCallable[_job_service_pb2.SubmitJobsRequest, _job_service_pb2.SubmitJobsResponse]  # type: ignore[assignment]
+    """Submits 1 to 1,000 standalone jobs in one call, each item as SubmitJob
+    would take it (its own request_id, request context, annotations), in the
+    caller's tenant. Validated as a whole: any invalid item is
+    INVALID_ARGUMENT whose BadRequest names every bad field by its item
+    ("items[12].job.service"), and nothing is stored. The jobs are stored in
+    one transaction (the tenant's queued-job quota counts them together:
+    RESOURCE_EXHAUSTED stores nothing) and are dispatched once it commits.
+    Each item is idempotent by its own request_id: an identical earlier
+    submission answers that item with the existing job (deduplicated); a
+    request_id used earlier for a different request answers that item with
+    an error (ALREADY_EXISTS, IDEMPOTENCY_CONFLICT) and stores nothing for
+    it, while the other items are stored. Items of one call that share a
+    request_id must be identical (then they are one job, each answered with
+    it; the later ones deduplicated), else INVALID_ARGUMENT naming them.
+    """
+    SubmitWorkflows: _aio.UnaryUnaryMultiCallable[_job_service_pb2.SubmitWorkflowsRequest, _job_service_pb2.SubmitWorkflowsResponse]  # type: ignore[assignment]
+    """Submits 1 to 100 workflows in one call, each item as SubmitWorkflow
+    would take it; validated, stored, deduplicated and answered per item as
+    in SubmitJobs.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -797,6 +839,39 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists the queues of the caller's tenant (an admin's: of every tenant):
         each (tenant, service) with jobs waiting or running, and every paused one,
         with who paused it, when and why.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitJobs(
+        self,
+        request: _job_service_pb2.SubmitJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.SubmitJobsResponse, _abc.Awaitable[_job_service_pb2.SubmitJobsResponse]]:
+        """Submits 1 to 1,000 standalone jobs in one call, each item as SubmitJob
+        would take it (its own request_id, request context, annotations), in the
+        caller's tenant. Validated as a whole: any invalid item is
+        INVALID_ARGUMENT whose BadRequest names every bad field by its item
+        ("items[12].job.service"), and nothing is stored. The jobs are stored in
+        one transaction (the tenant's queued-job quota counts them together:
+        RESOURCE_EXHAUSTED stores nothing) and are dispatched once it commits.
+        Each item is idempotent by its own request_id: an identical earlier
+        submission answers that item with the existing job (deduplicated); a
+        request_id used earlier for a different request answers that item with
+        an error (ALREADY_EXISTS, IDEMPOTENCY_CONFLICT) and stores nothing for
+        it, while the other items are stored. Items of one call that share a
+        request_id must be identical (then they are one job, each answered with
+        it; the later ones deduplicated), else INVALID_ARGUMENT naming them.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitWorkflows(
+        self,
+        request: _job_service_pb2.SubmitWorkflowsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.SubmitWorkflowsResponse, _abc.Awaitable[_job_service_pb2.SubmitWorkflowsResponse]]:
+        """Submits 1 to 100 workflows in one call, each item as SubmitWorkflow
+        would take it; validated, stored, deduplicated and answered per item as
+        in SubmitJobs.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

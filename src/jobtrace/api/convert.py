@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -15,7 +16,7 @@ from jobtrace.api.errors import status_code
 from jobtrace.domain import step_data
 from jobtrace.domain.annotations import AnnotationFilter
 from jobtrace.domain.bulk import BulkFilter, BulkRequest, BulkResult
-from jobtrace.domain.errors import FieldViolation, Invalid
+from jobtrace.domain.errors import DomainError, FieldViolation, Invalid
 from jobtrace.domain.jobs import (
     JobSubmission,
     SizedAnnotation,
@@ -393,6 +394,39 @@ def job_submission(request: Any, traceparent: str = "") -> JobSubmission:
         context_bytes=request.request_context.ByteSize(),
         annotations=tuple(annotation_input_from_proto(a) for a in request.annotations),
         traceparent=traceparent,
+    )
+
+
+T = TypeVar("T")
+
+
+def bulk_items(
+    items: Sequence[Any], convert: Callable[[Any], T]
+) -> tuple[list[T | None], list[FieldViolation]]:
+    """Each item of a bulk submission converted; an item that does not
+    convert (a payload that is not a JSON object, say) is None, its
+    violations named by its index ("items[3].job.payload_json")."""
+    out: list[T | None] = []
+    invalid: list[FieldViolation] = []
+    for i, item in enumerate(items):
+        try:
+            out.append(convert(item))
+        except Invalid as exc:
+            out.append(None)
+            invalid.extend(
+                FieldViolation(f"items[{i}].{v.field}" if v.field else f"items[{i}]", v.description)
+                for v in exc.violations
+            )
+    return out, invalid
+
+
+def item_error(error: DomainError) -> job_service_pb2.SubmitItemError:
+    """One bulk item's error, as its own call's status would say it."""
+    return job_service_pb2.SubmitItemError(
+        code=status_code(error).value[0],
+        reason=error.reason,
+        message=error.message,
+        metadata=error.metadata,
     )
 
 

@@ -78,6 +78,62 @@ class JobServicer(pb_grpc.JobServiceServicer):
         )
 
     @rpc
+    async def SubmitJobs(
+        self, request: pb.SubmitJobsRequest, context: Any
+    ) -> pb.SubmitJobsResponse:
+        principal = self._auth.require(context, Role.SUBMITTER)
+        parent = traceparent(context)
+        items, invalid = convert.bulk_items(
+            request.items, lambda item: convert.job_submission(item, parent)
+        )
+        results = await self._jobs.submit_jobs(
+            principal.tenant,
+            items,
+            Caller(principal.subject, principal.may(Role.REVIEWER)),
+            invalid,
+        )
+        exact = convert.wants_exact_json(context)
+        return pb.SubmitJobsResponse(
+            results=[
+                pb.SubmitJobResult(
+                    job=convert.job_to_proto(r.run, exact=exact, waiting_reason=self._reason(r.run))
+                    if r.run is not None
+                    else None,
+                    deduplicated=r.deduplicated,
+                    error=convert.item_error(r.error) if r.error is not None else None,
+                )
+                for r in results
+            ]
+        )
+
+    @rpc
+    async def SubmitWorkflows(
+        self, request: pb.SubmitWorkflowsRequest, context: Any
+    ) -> pb.SubmitWorkflowsResponse:
+        principal = self._auth.require(context, Role.SUBMITTER)
+        parent = traceparent(context)
+        items, invalid = convert.bulk_items(
+            request.items, lambda item: convert.workflow_submission(item, parent)
+        )
+        results = await self._jobs.submit_workflows(
+            principal.tenant,
+            items,
+            Caller(principal.subject, principal.may(Role.REVIEWER)),
+            invalid,
+        )
+        exact = convert.wants_exact_json(context)
+        return pb.SubmitWorkflowsResponse(
+            results=[
+                pb.SubmitWorkflowResult(
+                    workflow=convert.workflow_to_proto(r.run, exact) if r.run is not None else None,
+                    deduplicated=r.deduplicated,
+                    error=convert.item_error(r.error) if r.error is not None else None,
+                )
+                for r in results
+            ]
+        )
+
+    @rpc
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.GetJobResponse:
         principal = self._auth.require(context, Role.READER)
         job = await self._jobs.get_job(principal.read_scope, request.job_id)

@@ -155,6 +155,12 @@ def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
 
 
 async def submit(args: argparse.Namespace, client: Client) -> int:
+    if args.bulk:
+        if args.service or args.workflow:
+            raise ValueError("give one of SERVICE, --workflow FILE and --bulk FILE")
+        from jobtrace.cli.bulk_submit import submit_bulk
+
+        return await submit_bulk(args, client)
     if args.workflow:
         if args.service:
             raise ValueError("give either SERVICE (a job) or --workflow FILE, not both")
@@ -928,6 +934,22 @@ def add_commands(sub: Any, attest: Any, keys: Any) -> None:
     p.add_argument("payload", nargs="?", help="the job's payload as a JSON object")
     p.add_argument("--payload-file", help="read the payload from a JSON file (- for stdin)")
     p.add_argument("--workflow", metavar="FILE", help="submit the workflow a YAML/JSON file holds")
+    p.add_argument(
+        "--bulk",
+        metavar="FILE",
+        help="submit the jobs a JSONL file holds (- for stdin), one JSON object per line:"
+        ' {"service": ..., "payload": {...}, "request_id": ...} and any other JobSpec field,'
+        " request_context, annotations; through SubmitJobs, in chunks",
+    )
+    p.add_argument(
+        "--chunk", type=int, default=1000, help="with --bulk: jobs per call (1-1000, default 1000)"
+    )
+    p.add_argument(
+        "--bulk-concurrency",
+        type=int,
+        default=4,
+        help="with --bulk: calls in flight (default 4)",
+    )
     p.add_argument("--request-id", help="idempotency key (default: random)")
     p.add_argument("--priority", type=int, default=0, help="higher runs first")
     p.add_argument("--max-attempts", type=int, default=0, help="attempts in all (default 3)")

@@ -33,7 +33,13 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from jobtrace.client.channel import DEFAULT_TARGET, Endpoint
-from jobtrace.client.errors import FieldViolation, InvalidInput, RunFailed, from_rpc_error
+from jobtrace.client.errors import (
+    FieldViolation,
+    InvalidInput,
+    JobtraceError,
+    RunFailed,
+    from_rpc_error,
+)
 from jobtrace.client.inputs import Inputs, message_from
 from jobtrace.pb import (
     attestation_service_pb2,
@@ -55,6 +61,9 @@ from jobtrace.pb import (
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
 
+# Items per SubmitJobs / SubmitWorkflows call (the server's limits).
+MAX_BULK_JOBS = 1000
+MAX_BULK_WORKFLOWS = 100
 # The longest single AwaitJob / AwaitWorkflow call; a longer wait makes several.
 AWAIT_ROUND_S = 60.0
 # How long past its own timeout an Await call may take before the client gives up.
@@ -371,6 +380,119 @@ class Client:
             self.jobs_stub.SubmitWorkflow, request, retry=True, extra_metadata=extra
         )
         return response.workflow
+
+    async def submit_jobs(
+        self,
+        items: Sequence[job_service_pb2.SubmitJobRequest | Mapping[str, Any]],
+        *,
+        chunk: int = MAX_BULK_JOBS,
+        concurrency: int = 4,
+        traceparent: str | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> list[job_service_pb2.SubmitJobResult]:
+        """Submit many jobs through SubmitJobs: the items in calls of at most
+        `chunk` (1-1,000), `concurrency` calls in flight; one result per item,
+        in the order of `items` (each with its job, `deduplicated`, or the
+        item's own error: a request_id used before for another request). An
+        item is a SubmitJobRequest or a mapping: either its JSON form
+        (`{"request_id": ..., "job": {...}}`) or a flat one, a JobSpec's
+        fields with request_id, request_context and annotations beside them
+        (`{"service": "resize", "payload": {...}, "request_id": "r1"}`). An
+        item without request_id gets a random one. Every item is checked
+        before any call (InvalidInput naming `items[i]...`). A failed call
+        raises its error with its violations and metadata naming items by
+        their index in `items` (metadata first_item: where its chunk began);
+        calls already answered stay stored. `on_progress` is called with the
+        number of items answered so far after each call."""
+        requests = bulk_job_requests(items)
+        return await self._bulk(
+            self.jobs_stub.SubmitJobs,
+            job_service_pb2.SubmitJobsRequest,
+            requests,
+            limit=MAX_BULK_JOBS,
+            chunk=chunk,
+            concurrency=concurrency,
+            traceparent=traceparent,
+            on_progress=on_progress,
+        )
+
+    async def submit_workflows(
+        self,
+        items: Sequence[job_service_pb2.SubmitWorkflowRequest | Mapping[str, Any]],
+        *,
+        chunk: int = MAX_BULK_WORKFLOWS,
+        concurrency: int = 4,
+        traceparent: str | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> list[job_service_pb2.SubmitWorkflowResult]:
+        """Submit many workflows through SubmitWorkflows, in calls of at most
+        `chunk` (1-100), as submit_jobs. An item is a SubmitWorkflowRequest or
+        its JSON form (`{"name": ..., "steps": [...], "request_id": ...}`)."""
+        inputs = Inputs()
+        requests = [
+            inputs.message(job_service_pb2.SubmitWorkflowRequest, item, f"items[{i}]")
+            for i, item in enumerate(items)
+        ]
+        inputs.done()
+        for r in requests:
+            if not r.request_id:
+                r.request_id = _new_request_id()
+        return await self._bulk(
+            self.jobs_stub.SubmitWorkflows,
+            job_service_pb2.SubmitWorkflowsRequest,
+            requests,
+            limit=MAX_BULK_WORKFLOWS,
+            chunk=chunk,
+            concurrency=concurrency,
+            traceparent=traceparent,
+            on_progress=on_progress,
+        )
+
+    async def _bulk(
+        self,
+        method: Callable[..., Awaitable[Any]],
+        kind: Callable[..., Any],
+        requests: Sequence[Message],
+        *,
+        limit: int,
+        chunk: int,
+        concurrency: int,
+        traceparent: str | None,
+        on_progress: Callable[[int], None] | None,
+    ) -> list[Any]:
+        if not 1 <= chunk <= limit:
+            raise InvalidInput(f"chunk must be between 1 and {limit} (got {chunk})")
+        if concurrency < 1:
+            raise InvalidInput(f"concurrency must be at least 1 (got {concurrency})")
+        extra = (("traceparent", traceparent),) if traceparent else ()
+        results: list[Any] = [None] * len(requests)
+        gate = asyncio.Semaphore(concurrency)
+        done = 0
+
+        async def one(start: int) -> None:
+            nonlocal done
+            part = requests[start : start + chunk]
+            async with gate:
+                try:
+                    response = await self._call(
+                        method, kind(items=part), retry=True, extra_metadata=extra
+                    )
+                except JobtraceError as err:
+                    raise _shifted(err, start, len(part)) from err
+            results[start : start + len(part)] = list(response.results)
+            done += len(part)
+            if on_progress is not None:
+                on_progress(done)
+
+        tasks = [asyncio.ensure_future(one(start)) for start in range(0, len(requests), chunk)]
+        try:
+            for task in asyncio.as_completed(tasks):
+                await task  # the first failure raises; the others are cancelled
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return results
 
     async def get_job(self, job_id: str) -> common_pb2.Job:
         """The job now: spec, state, progress, attempt, and its result or failure."""
@@ -1805,6 +1927,65 @@ def _timestamp(value: When | None) -> timestamp_pb2.Timestamp | None:
     ts = timestamp_pb2.Timestamp()
     ts.FromDatetime(value)
     return ts
+
+
+# The keys of a flat bulk job item that belong to SubmitJobRequest, not JobSpec.
+_REQUEST_KEYS = ("request_id", "requestId", "request_context", "requestContext", "annotations")
+
+
+def bulk_job_requests(
+    items: Sequence[job_service_pb2.SubmitJobRequest | Mapping[str, Any]],
+) -> list[job_service_pb2.SubmitJobRequest]:
+    """submit_jobs' items as SubmitJobRequests (see there), each with a
+    request_id; InvalidInput naming every bad field by its item
+    (`items[3].servce: unknown field`) when any is malformed."""
+    inputs = Inputs()
+    out: list[job_service_pb2.SubmitJobRequest] = []
+    for i, item in enumerate(items):
+        path = f"items[{i}]"
+        if isinstance(item, job_service_pb2.SubmitJobRequest) or (
+            isinstance(item, Mapping) and "job" in item
+        ):
+            request = inputs.message(job_service_pb2.SubmitJobRequest, item, path)
+        elif isinstance(item, Mapping):
+            spec = {k: v for k, v in item.items() if k not in _REQUEST_KEYS}
+            outer = {k: v for k, v in item.items() if k in _REQUEST_KEYS}
+            request = inputs.message(job_service_pb2.SubmitJobRequest, outer, path)
+            request.job.CopyFrom(inputs.message(common_pb2.JobSpec, spec, path))
+        else:
+            inputs.violations.append(
+                FieldViolation(
+                    path, f"must be a mapping or a SubmitJobRequest, got {type(item).__name__}"
+                )
+            )
+            request = job_service_pb2.SubmitJobRequest()
+        if not request.request_id:
+            request.request_id = _new_request_id()
+        out.append(request)
+    inputs.done()
+    return out
+
+
+_ITEM_INDEX = re.compile(r"items\[(\d+)\]")
+
+
+def _shifted(err: JobtraceError, start: int, count: int) -> JobtraceError:
+    """A bulk call's error with the items it names counted from the start of
+    the caller's input, not of the call's chunk."""
+
+    def shift(text: str) -> str:
+        return _ITEM_INDEX.sub(lambda m: f"items[{int(m.group(1)) + start}]", text)
+
+    shifted = JobtraceError.__new__(type(err))
+    JobtraceError.__init__(
+        shifted,
+        err.code,
+        f"items {start}-{start + count - 1}: {shift(err.message)}",
+        reason=err.reason,
+        metadata={**err.metadata, "first_item": str(start)},
+        violations=tuple(FieldViolation(shift(v.field), v.description) for v in err.violations),
+    )
+    return shifted
 
 
 def _new_request_id() -> str:

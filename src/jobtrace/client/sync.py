@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
 
-from jobtrace.client.api import NO_AFFINITY, Client, Page, RetryPolicy, Seconds, TracePage, When
+from jobtrace.client.api import (
+    MAX_BULK_JOBS,
+    MAX_BULK_WORKFLOWS,
+    NO_AFFINITY,
+    Client,
+    Page,
+    RetryPolicy,
+    Seconds,
+    TracePage,
+    When,
+)
 from jobtrace.client.channel import Endpoint
 from jobtrace.pb import (
     attestation_service_pb2,
@@ -325,6 +335,46 @@ class SyncClient:
         return self._run(
             self.client.rerun_job(
                 job_id, reason=reason, request_id=request_id, traceparent=traceparent
+            )
+        )
+
+    def submit_jobs(
+        self,
+        items: Sequence[job_service_pb2.SubmitJobRequest | Mapping[str, Any]],
+        *,
+        chunk: int = MAX_BULK_JOBS,
+        concurrency: int = 4,
+        traceparent: str | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> list[job_service_pb2.SubmitJobResult]:
+        """Client.submit_jobs (on_progress is called on the client's thread)."""
+        return self._run(
+            self.client.submit_jobs(
+                items,
+                chunk=chunk,
+                concurrency=concurrency,
+                traceparent=traceparent,
+                on_progress=on_progress,
+            )
+        )
+
+    def submit_workflows(
+        self,
+        items: Sequence[job_service_pb2.SubmitWorkflowRequest | Mapping[str, Any]],
+        *,
+        chunk: int = MAX_BULK_WORKFLOWS,
+        concurrency: int = 4,
+        traceparent: str | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> list[job_service_pb2.SubmitWorkflowResult]:
+        """Client.submit_workflows."""
+        return self._run(
+            self.client.submit_workflows(
+                items,
+                chunk=chunk,
+                concurrency=concurrency,
+                traceparent=traceparent,
+                on_progress=on_progress,
             )
         )
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -29,6 +29,8 @@ from jobtrace.domain.bulk import (
 from jobtrace.domain.errors import (
     AlreadyExists,
     DeadlineExceeded,
+    DomainError,
+    FieldViolation,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -136,6 +138,23 @@ class WorkflowSubmission:
     timeout_ms: int | None = None
 
 
+# Items of one SubmitJobs / SubmitWorkflows call.
+MAX_BULK_JOBS = 1000
+MAX_BULK_WORKFLOWS = 100
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult(Generic[R]):
+    """One item's outcome in a bulk submission: its run (new, or an identical
+    earlier submission's: deduplicated), or the error that kept it out."""
+
+    run: R | None
+    deduplicated: bool = False
+    error: DomainError | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     items: list[Any]
@@ -172,6 +191,152 @@ def complete_request_context(
     metadata.setdefault("timestamp", iso(received_us))
     out["metadata"] = metadata
     return out
+
+
+def check_job_submission(v: Violations, sub: JobSubmission) -> JobSpec:
+    """A job submission's violations (into v, fields named as in
+    SubmitJobRequest); its spec normalized."""
+    check_request_id(v, "request_id", sub.request_id)
+    spec = normalize_spec(v, "job", sub.spec, sub.payload_bytes)
+    check_size(v, "request_context", sub.context_bytes)
+    _check_annotations(v, "annotations", sub.annotations)
+    return spec
+
+
+def check_workflow_submission(
+    v: Violations, sub: WorkflowSubmission
+) -> tuple[list[JobSpec], dict[int, ApprovalGate], list[tuple[str, ...]]]:
+    """A workflow submission's violations (into v, fields named as in
+    SubmitWorkflowRequest); its steps' specs normalized, its approval gates by
+    step index, each step's dependencies (valid only without violations)."""
+    check_request_id(v, "request_id", sub.request_id)
+    if not sub.name:
+        v.add("name", "required")
+    check_text(v, "name", sub.name, 256)
+    if not sub.steps:
+        v.add("steps", "required: at least one step")
+    elif len(sub.steps) > MAX_STEPS:
+        v.add("steps", f"at most {MAX_STEPS} steps (got {len(sub.steps)})")
+    if not -1000 <= sub.priority <= 1000:
+        v.add("priority", "must be between -1000 and 1000")
+    check_labels(v, "labels", sub.labels)
+    if sub.timeout_ms is not None and not 0 < sub.timeout_ms <= MAX_TIMEOUT_MS:
+        v.add("timeout", "must be positive and at most 7 days")
+    check_size(v, "request_context", sub.context_bytes)
+    _check_annotations(v, "annotations", sub.annotations)
+    specs: list[JobSpec] = []
+    gates: dict[int, ApprovalGate] = {}
+    seen: set[str] = set()
+    for i, step in enumerate(sub.steps):
+        if not STEP_NAME_RE.fullmatch(step.name):
+            v.add(f"steps[{i}].name", "required: 1-128 characters of [A-Za-z0-9._-]")
+        elif step.name in seen:
+            v.add(f"steps[{i}].name", f"duplicate step name {step.name!r}")
+        seen.add(step.name)
+        if step.approval is not None:
+            gates[i] = approvals.check_gate(v, f"steps[{i}].approval", step.approval)
+            if step.spec is not None:
+                v.add(f"steps[{i}]", "set one of job and approval, not both")
+            if step.for_each is not None:
+                v.add(f"steps[{i}].for_each", "an approval gate cannot fan out")
+            specs.append(
+                JobSpec(service=approvals.GATE_SERVICE, priority=sub.priority, max_attempts=1)
+            )
+        elif step.spec is None:
+            v.add(f"steps[{i}].job", "required: set job (or approval for an approval gate)")
+            specs.append(JobSpec(service=""))
+        else:
+            specs.append(
+                normalize_spec(
+                    v,
+                    f"steps[{i}].job",
+                    step.spec,
+                    step.payload_bytes,
+                    default_priority=sub.priority,
+                )
+            )
+    claimed_outputs: set[str] = set()
+    for i, name in enumerate(sub.outputs):
+        if name not in seen:
+            v.add(f"outputs[{i}]", f"unknown step {name!r}")
+        elif name in claimed_outputs:
+            v.add(f"outputs[{i}]", f"step {name!r} is named twice")
+        claimed_outputs.add(name)
+    for i, step in enumerate(sub.steps):
+        if step.for_each is not None:
+            _check_for_each(v, i, step, specs[i])
+    deps: list[tuple[str, ...]] = [() for _ in sub.steps]
+    if not v.items:
+        deps = resolve_dependencies(v, sub.steps)
+        for i, step in enumerate(sub.steps):
+            if step.for_each is not None and step.for_each.step not in deps[i]:
+                v.add(
+                    f"steps[{i}].for_each.step",
+                    f"must name a step that step {step.name!r} depends on"
+                    f" (it depends on {', '.join(map(repr, deps[i])) or 'nothing'})",
+                )
+    return specs, gates, deps
+
+
+def _bulk_violations(
+    v: Violations,
+    kind: str,
+    limit: int,
+    items: Sequence[Any],
+    invalid: Sequence[FieldViolation],
+    check: Callable[[Violations, Any], Any],
+) -> list[Any]:
+    """Check every item of a bulk submission, naming each violation by its
+    item ("items[12].job.service"); `invalid` are those found converting the
+    items (named so already; their items are None). Items sharing a
+    request_id must be identical. Returns each item's check result."""
+    if not items:
+        v.add("items", f"required: 1 to {limit} {kind}s")
+    elif len(items) > limit:
+        v.add("items", f"at most {limit} {kind}s per call (got {len(items)})")
+        return []
+    v.items.extend(invalid)
+    checked: list[Any] = []
+    first: dict[str, int] = {}
+    for i, sub in enumerate(items):
+        if sub is None:
+            checked.append(None)
+            continue
+        own = Violations()
+        checked.append(check(own, sub))
+        for item in own.items:
+            v.add(f"items[{i}].{item.field}" if item.field else f"items[{i}]", item.description)
+        at = first.setdefault(sub.request_id, i)
+        if at != i and items[at] is not None and items[at].request_hash != sub.request_hash:
+            v.add(
+                f"items[{i}].request_id",
+                f"request_id {sub.request_id!r} is also items[{at}].request_id, with a"
+                " different request: items sharing a request_id must be identical",
+            )
+            v.add(
+                f"items[{at}].request_id",
+                f"request_id {sub.request_id!r} is also items[{i}].request_id, with a"
+                " different request",
+            )
+    v.items.sort(key=lambda f: _item_order(f.field))
+    return checked
+
+
+def _item_order(field_name: str) -> tuple[int, str]:
+    if field_name.startswith("items["):
+        number = field_name[6:].split("]", 1)[0]
+        if number.isdigit():
+            return int(number), field_name
+    return -1, field_name
+
+
+def _conflict(found: Any, request_id: str) -> AlreadyExists:
+    kind, entity_id = str(found["kind"]), str(found["entity_id"])
+    return AlreadyExists(
+        f"request_id {request_id!r} was already used for a different request ({kind} {entity_id})",
+        reason="IDEMPOTENCY_CONFLICT",
+        metadata={"existing_id": entity_id, "existing_kind": kind},
+    )
 
 
 def _check_annotations(v: Violations, field: str, items: tuple[SizedAnnotation, ...]) -> None:
@@ -332,10 +497,7 @@ class Jobs:
         for a in sub.annotations:
             annotation_rules.check_authority(a.item, caller)
         v = Violations()
-        check_request_id(v, "request_id", sub.request_id)
-        spec = normalize_spec(v, "job", sub.spec, sub.payload_bytes)
-        check_size(v, "request_context", sub.context_bytes)
-        _check_annotations(v, "annotations", sub.annotations)
+        spec = check_job_submission(v, sub)
         v.raise_if_any()
         return spec
 
@@ -408,71 +570,7 @@ class Jobs:
         for a in sub.annotations:
             annotation_rules.check_authority(a.item, caller)
         v = Violations()
-        check_request_id(v, "request_id", sub.request_id)
-        if not sub.name:
-            v.add("name", "required")
-        check_text(v, "name", sub.name, 256)
-        if not sub.steps:
-            v.add("steps", "required: at least one step")
-        elif len(sub.steps) > MAX_STEPS:
-            v.add("steps", f"at most {MAX_STEPS} steps (got {len(sub.steps)})")
-        if not -1000 <= sub.priority <= 1000:
-            v.add("priority", "must be between -1000 and 1000")
-        check_labels(v, "labels", sub.labels)
-        if sub.timeout_ms is not None and not 0 < sub.timeout_ms <= MAX_TIMEOUT_MS:
-            v.add("timeout", "must be positive and at most 7 days")
-        check_size(v, "request_context", sub.context_bytes)
-        _check_annotations(v, "annotations", sub.annotations)
-        specs: list[JobSpec] = []
-        gates: dict[int, ApprovalGate] = {}
-        seen: set[str] = set()
-        for i, step in enumerate(sub.steps):
-            if not STEP_NAME_RE.fullmatch(step.name):
-                v.add(f"steps[{i}].name", "required: 1-128 characters of [A-Za-z0-9._-]")
-            elif step.name in seen:
-                v.add(f"steps[{i}].name", f"duplicate step name {step.name!r}")
-            seen.add(step.name)
-            if step.approval is not None:
-                gates[i] = approvals.check_gate(v, f"steps[{i}].approval", step.approval)
-                if step.spec is not None:
-                    v.add(f"steps[{i}]", "set one of job and approval, not both")
-                if step.for_each is not None:
-                    v.add(f"steps[{i}].for_each", "an approval gate cannot fan out")
-                specs.append(
-                    JobSpec(service=approvals.GATE_SERVICE, priority=sub.priority, max_attempts=1)
-                )
-            elif step.spec is None:
-                v.add(f"steps[{i}].job", "required: set job (or approval for an approval gate)")
-                specs.append(JobSpec(service=""))
-            else:
-                specs.append(
-                    normalize_spec(
-                        v,
-                        f"steps[{i}].job",
-                        step.spec,
-                        step.payload_bytes,
-                        default_priority=sub.priority,
-                    )
-                )
-        claimed_outputs: set[str] = set()
-        for i, name in enumerate(sub.outputs):
-            if name not in seen:
-                v.add(f"outputs[{i}]", f"unknown step {name!r}")
-            elif name in claimed_outputs:
-                v.add(f"outputs[{i}]", f"step {name!r} is named twice")
-            claimed_outputs.add(name)
-        for i, step in enumerate(sub.steps):
-            if step.for_each is not None:
-                _check_for_each(v, i, step, specs[i])
-        if not v.items:
-            deps = resolve_dependencies(v, sub.steps)
-            for i, step in enumerate(sub.steps):
-                if step.for_each is not None and step.for_each.step not in deps[i]:
-                    v.add(
-                        f"steps[{i}].for_each.step",
-                        f"must name a step that step {step.name!r} depends on"
-                        f" (it depends on {', '.join(map(repr, deps[i])) or 'nothing'})",
-                    )
+        specs, gates, deps = check_workflow_submission(v, sub)
         v.raise_if_any()
         return specs, gates, deps
 
@@ -493,67 +591,7 @@ class Jobs:
                 assert workflow is not None
                 return workflow, True
             await self._admit(session, tenant, len(sub.steps))
-            now = now_us()
-            workflow_id = new_id(WORKFLOW_PREFIX)
-            context = complete_request_context(
-                sub.request_context, sub.request_id, now, self._life.trace.redaction
-            )
-            jobs = [
-                Job(
-                    id=new_id(JOB_PREFIX),
-                    tenant=tenant,
-                    request_id=sub.request_id,
-                    spec=spec,
-                    state=RunState.PENDING if step_deps else RunState.QUEUED,
-                    approval=gates.get(number - 1),
-                    created_us=now,
-                    updated_us=now,
-                    workflow_id=workflow_id,
-                    step_name=step.name,
-                    depends_on=step_deps,
-                    traceparent=sub.traceparent,
-                    submitted_by=caller.subject,
-                    for_each=step.for_each,
-                    step_number=number,
-                    total_steps=len(sub.steps),
-                    user_id=store.user_of(context),
-                )
-                for number, (step, spec, step_deps) in enumerate(
-                    zip(sub.steps, specs, deps, strict=True), start=1
-                )
-            ]
-            # A gate that depends on nothing waits for people from the start.
-            jobs = [
-                replace(
-                    j,
-                    state=RunState.WAITING_FOR_HUMAN,
-                    started_us=now,
-                    gate_deadline_us=now + j.approval.timeout_ms * 1000
-                    if j.approval.timeout_ms
-                    else 0,
-                )
-                if j.approval is not None and j.state == RunState.QUEUED
-                else j
-                for j in jobs
-            ]
-            gated = any(j.state == RunState.WAITING_FOR_HUMAN for j in jobs)
-            idle = not any(j.state == RunState.QUEUED for j in jobs)
-            workflow = Workflow(
-                id=workflow_id,
-                tenant=tenant,
-                request_id=sub.request_id,
-                name=sub.name,
-                state=RunState.WAITING_FOR_HUMAN if gated and idle else RunState.QUEUED,
-                priority=sub.priority,
-                steps=tuple(
-                    WorkflowStep(j.step_name, j.id, j.state, j.depends_on, 0) for j in jobs
-                ),
-                created_us=now,
-                updated_us=now,
-                labels=dict(sub.labels),
-                submitted_by=caller.subject,
-                deadline_us=now + sub.timeout_ms * 1000 if sub.timeout_ms else 0,
-            )
+            workflow, jobs, context = self._new_workflow(tenant, sub, specs, gates, deps, caller)
             stored = await self._write_workflow(
                 session,
                 tx,
@@ -579,6 +617,266 @@ class Jobs:
                 },
             )
         return result
+
+    async def submit_jobs(
+        self,
+        tenant: str,
+        items: Sequence[JobSubmission | None],
+        caller: Caller,
+        invalid: Sequence[FieldViolation] = (),
+    ) -> list[ItemResult[Job]]:
+        """Submit 1 to MAX_BULK_JOBS jobs in one transaction (SubmitJobs): every
+        item checked first (any violation: Invalid naming each by its item,
+        nothing stored); each item idempotent by its own request_id, a
+        conflicting one answered with its error while the others are stored;
+        the new jobs written in a few multi-row statements, admitted against
+        the quota together, announced (dispatched) once, at commit."""
+        for sub in items:
+            for a in sub.annotations if sub is not None else ():
+                annotation_rules.check_authority(a.item, caller)
+        v = Violations()
+        specs = _bulk_violations(v, "job", MAX_BULK_JOBS, items, invalid, check_job_submission)
+        v.raise_if_any()
+        subs = [s for s in items if s is not None]
+        unique: dict[str, tuple[JobSubmission, JobSpec]] = {}
+        for sub, spec in zip(subs, specs, strict=True):
+            unique.setdefault(sub.request_id, (sub, spec))
+
+        limited = [(f"items[{i}].job", spec) for i, spec in enumerate(specs) if spec.rate_limits]
+
+        async def op(session: AsyncSession, tx: Tx) -> dict[str, ItemResult[Job]]:
+            if limited:  # a rate limit named must exist, as for SubmitJob
+                await flow.check_known(session, tenant, limited)
+            now = now_us()
+            found = await store.get_submissions(session, tenant, list(unique))
+            out: dict[str, ItemResult[Job]] = {}
+            earlier: dict[str, str] = {}
+            new: list[tuple[Job, JSON]] = []
+            notes: list[Any] = []
+            redaction = self._life.trace.redaction
+            for request_id, (sub, spec) in unique.items():
+                row = found.get(request_id)
+                if row is not None:
+                    if row["kind"] != "job" or row["request_hash"] != sub.request_hash:
+                        out[request_id] = ItemResult(None, error=_conflict(row, request_id))
+                    else:
+                        earlier[request_id] = str(row["entity_id"])
+                    continue
+                job = Job(
+                    id=new_id(JOB_PREFIX),
+                    tenant=tenant,
+                    request_id=request_id,
+                    spec=spec,
+                    state=RunState.QUEUED,
+                    created_us=now,
+                    updated_us=now,
+                    traceparent=sub.traceparent,
+                    submitted_by=caller.subject,
+                )
+                context = complete_request_context(sub.request_context, request_id, now, redaction)
+                new.append((job, context))
+                notes.extend(
+                    a
+                    for s in sub.annotations
+                    for a in annotation_rules.build(
+                        s.item,
+                        recorded_by=caller.subject,
+                        tenant=tenant,
+                        run_id=job.id,
+                        now_us=now,
+                        redaction=redaction,
+                    )
+                )
+            if new:
+                await self._admit(session, tenant, len(new))
+                await store.insert_submissions(
+                    session,
+                    [
+                        {
+                            "tenant": tenant,
+                            "request_id": job.request_id,
+                            "kind": "job",
+                            "entity_id": job.id,
+                            "request_hash": unique[job.request_id][0].request_hash,
+                            "created_us": now,
+                        }
+                        for job, _ in new
+                    ],
+                )
+            stored = await store.insert_new_jobs(session, new)
+            await store.insert_annotations_bulk(session, notes)
+            for job in stored:
+                out[job.request_id] = ItemResult(job)
+            existing = await store.jobs_as_stored(session, earlier.values())
+            for request_id, job_id in earlier.items():
+                out[request_id] = ItemResult(existing[job_id], deduplicated=True)
+            self._changed(tx, stored)
+            return out
+
+        by_id: dict[str, ItemResult[Job]] = await self._write_submission(op)
+        results: list[ItemResult[Job]] = []
+        answered: set[str] = set()
+        for sub in subs:
+            result = by_id[sub.request_id]
+            if sub.request_id in answered and result.run is not None:
+                result = replace(result, deduplicated=True)  # an earlier item's job
+            answered.add(sub.request_id)
+            results.append(result)
+        created = sum(1 for r in by_id.values() if r.run is not None and not r.deduplicated)
+        if created:
+            log.info("jobs submitted", extra={"tenant": tenant, "jobs": created})
+        return results
+
+    async def submit_workflows(
+        self,
+        tenant: str,
+        items: Sequence[WorkflowSubmission | None],
+        caller: Caller,
+        invalid: Sequence[FieldViolation] = (),
+    ) -> list[ItemResult[Workflow]]:
+        """Submit 1 to MAX_BULK_WORKFLOWS workflows in one transaction
+        (SubmitWorkflows), checked, deduplicated and answered per item as in
+        submit_jobs; the quota admits all their steps together."""
+        for sub in items:
+            for a in sub.annotations if sub is not None else ():
+                annotation_rules.check_authority(a.item, caller)
+        v = Violations()
+        checked = _bulk_violations(
+            v, "workflow", MAX_BULK_WORKFLOWS, items, invalid, check_workflow_submission
+        )
+        v.raise_if_any()
+        subs = [s for s in items if s is not None]
+        unique: dict[str, tuple[WorkflowSubmission, Any]] = {}
+        for sub, parts in zip(subs, checked, strict=True):
+            unique.setdefault(sub.request_id, (sub, parts))
+
+        limited = [
+            (f"items[{i}].steps[{k}].job", spec)
+            for i, parts in enumerate(checked)
+            for k, spec in enumerate(parts[0])
+            if spec.rate_limits
+        ]
+
+        async def op(session: AsyncSession, tx: Tx) -> dict[str, ItemResult[Workflow]]:
+            if limited:  # a rate limit named must exist, as for SubmitWorkflow
+                await flow.check_known(session, tenant, limited)
+            found = await store.get_submissions(session, tenant, list(unique))
+            out: dict[str, ItemResult[Workflow]] = {}
+            fresh: list[tuple[WorkflowSubmission, Any]] = []
+            for request_id, (sub, parts) in unique.items():
+                row = found.get(request_id)
+                if row is None:
+                    fresh.append((sub, parts))
+                elif row["kind"] != "workflow" or row["request_hash"] != sub.request_hash:
+                    out[request_id] = ItemResult(None, error=_conflict(row, request_id))
+                else:
+                    workflow = await store.get_workflow(session, str(row["entity_id"]))
+                    assert workflow is not None
+                    out[request_id] = ItemResult(workflow, deduplicated=True)
+            if fresh:
+                await self._admit(session, tenant, sum(len(sub.steps) for sub, _ in fresh))
+            for sub, (specs, gates, deps) in fresh:
+                workflow, jobs, context = self._new_workflow(
+                    tenant, sub, specs, gates, deps, caller
+                )
+                out[sub.request_id] = ItemResult(
+                    await self._write_workflow(
+                        session,
+                        tx,
+                        workflow,
+                        jobs,
+                        context=context,
+                        outputs=sub.outputs,
+                        request_hash=sub.request_hash,
+                        annotations=[s.item for s in sub.annotations],
+                        caller=caller,
+                    )
+                )
+            return out
+
+        by_id: dict[str, ItemResult[Workflow]] = await self._write_submission(op)
+        results: list[ItemResult[Workflow]] = []
+        answered: set[str] = set()
+        for sub in subs:
+            result = by_id[sub.request_id]
+            if sub.request_id in answered and result.run is not None:
+                result = replace(result, deduplicated=True)
+            answered.add(sub.request_id)
+            results.append(result)
+        created = sum(1 for r in by_id.values() if r.run is not None and not r.deduplicated)
+        if created:
+            log.info("workflows submitted", extra={"tenant": tenant, "workflows": created})
+        return results
+
+    def _new_workflow(
+        self,
+        tenant: str,
+        sub: WorkflowSubmission,
+        specs: list[JobSpec],
+        gates: dict[int, ApprovalGate],
+        deps: list[tuple[str, ...]],
+        caller: Caller,
+    ) -> tuple[Workflow, list[Job], JSON]:
+        """A checked submission's new workflow, its steps' jobs and its
+        request context, not stored yet."""
+        now = now_us()
+        workflow_id = new_id(WORKFLOW_PREFIX)
+        context = complete_request_context(
+            sub.request_context, sub.request_id, now, self._life.trace.redaction
+        )
+        jobs = [
+            Job(
+                id=new_id(JOB_PREFIX),
+                tenant=tenant,
+                request_id=sub.request_id,
+                spec=spec,
+                state=RunState.PENDING if step_deps else RunState.QUEUED,
+                approval=gates.get(number - 1),
+                created_us=now,
+                updated_us=now,
+                workflow_id=workflow_id,
+                step_name=step.name,
+                depends_on=step_deps,
+                traceparent=sub.traceparent,
+                submitted_by=caller.subject,
+                for_each=step.for_each,
+                step_number=number,
+                total_steps=len(sub.steps),
+                user_id=store.user_of(context),
+            )
+            for number, (step, spec, step_deps) in enumerate(
+                zip(sub.steps, specs, deps, strict=True), start=1
+            )
+        ]
+        # A gate that depends on nothing waits for people from the start.
+        jobs = [
+            replace(
+                j,
+                state=RunState.WAITING_FOR_HUMAN,
+                started_us=now,
+                gate_deadline_us=now + j.approval.timeout_ms * 1000 if j.approval.timeout_ms else 0,
+            )
+            if j.approval is not None and j.state == RunState.QUEUED
+            else j
+            for j in jobs
+        ]
+        gated = any(j.state == RunState.WAITING_FOR_HUMAN for j in jobs)
+        idle = not any(j.state == RunState.QUEUED for j in jobs)
+        workflow = Workflow(
+            id=workflow_id,
+            tenant=tenant,
+            request_id=sub.request_id,
+            name=sub.name,
+            state=RunState.WAITING_FOR_HUMAN if gated and idle else RunState.QUEUED,
+            priority=sub.priority,
+            steps=tuple(WorkflowStep(j.step_name, j.id, j.state, j.depends_on, 0) for j in jobs),
+            created_us=now,
+            updated_us=now,
+            labels=dict(sub.labels),
+            submitted_by=caller.subject,
+            deadline_us=now + sub.timeout_ms * 1000 if sub.timeout_ms else 0,
+        )
+        return workflow, jobs, context
 
     async def _write_workflow(
         self,

@@ -57,6 +57,7 @@ from jobtrace.store.tables import (
     JobRow,
     Meta,
     PendingAnnotationRow,
+    Submission,
     WorkflowLabelRow,
     WorkflowRow,
 )
@@ -150,6 +151,63 @@ async def insert_submission(
             "created_us": created_us,
         },
     )
+
+
+SUBMISSIONS = Submission.__table__
+_SUBMISSION_COLUMNS = ("tenant", "request_id", "kind", "entity_id", "request_hash", "created_us")
+# Request ids looked up per statement (get_submissions).
+_IDS_PER_LOOKUP = 1000
+
+
+async def get_submissions(
+    session: AsyncSession, tenant: str, request_ids: Sequence[str]
+) -> dict[str, Row]:
+    """The earlier submissions of these request ids (request_id -> its kind,
+    entity_id and request_hash); one statement per 1,000 ids."""
+    found: dict[str, Row] = {}
+    ids = list(dict.fromkeys(request_ids))
+    for start in range(0, len(ids), _IDS_PER_LOOKUP):
+        chunk = ids[start : start + _IDS_PER_LOOKUP]
+        names = ", ".join(f":r{i}" for i in range(len(chunk)))
+        q = _lookup_query(len(chunk), names)
+        params: Params = {"tenant": tenant, **{f"r{i}": r for i, r in enumerate(chunk)}}
+        for row in await sql.fetch(session, q, params):
+            found[str(row["request_id"])] = row
+    return found
+
+
+_LOOKUPS: dict[int, Query] = {}
+
+
+def _lookup_query(count: int, names: str) -> Query:
+    q = _LOOKUPS.get(count)
+    if q is None:
+        if len(_LOOKUPS) > 64:
+            _LOOKUPS.clear()
+        q = _LOOKUPS[count] = Query(
+            "SELECT request_id, kind, entity_id, request_hash FROM submissions"
+            f" WHERE tenant = :tenant AND request_id IN ({names})"
+        )
+    return q
+
+
+async def insert_submissions(session: AsyncSession, rows: Sequence[Params]) -> None:
+    """Record many request ids (each row: tenant, request_id, kind, entity_id,
+    request_hash, created_us) in multi-row statements. A request id recorded
+    already (a concurrent submission) raises IntegrityError: nothing stored."""
+    for q, params in sql.multi_row(SUBMISSIONS, _SUBMISSION_COLUMNS, rows):
+        await sql.execute(session, q, params)
+
+
+async def insert_new_jobs(session: AsyncSession, jobs: Sequence[tuple[Job, JSON]]) -> list[Job]:
+    """Store new jobs (each with its request context) in multi-row statements;
+    return them as insert_job does, in the same order."""
+    values = [job_values(job, context) for job, context in jobs]
+    seqs: dict[str, int] = {}
+    for q, params in sql.multi_row(JOBS, JOB_COLUMNS, values, " RETURNING id, seq"):
+        for row in await sql.fetch(session, q, params):
+            seqs[str(row["id"])] = int(row["seq"])
+    return [_stored(job, v, seqs[job.id]) for (job, _), v in zip(jobs, values, strict=True)]
 
 
 def user_of(request_context: JSON) -> str:
@@ -1542,6 +1600,27 @@ async def jobs_by_id(session: AsyncSession, job_ids: Iterable[str]) -> list[Job]
     if not ids:
         return []
     return await _jobs(session, select(JOBS).where(JobRow.id.in_(ids)))
+
+
+async def jobs_as_stored(session: AsyncSession, job_ids: Iterable[str]) -> dict[str, Job]:
+    """These jobs as get_job reads them (request context included), by id;
+    one statement."""
+    ids = list(job_ids)
+    if not ids:
+        return {}
+    rows = (await session.execute(select(JOBS).where(JobRow.id.in_(ids)))).mappings()
+    return {str(r["id"]): _remember(job_from_row(r, context=True)) for r in rows}
+
+
+ANNOTATIONS = AnnotationRow.__table__
+
+
+async def insert_annotations_bulk(session: AsyncSession, annotations: Sequence[Annotation]) -> None:
+    """insert_annotations in multi-row statements (not one per annotation)."""
+    if annotations:
+        rows = [annotation_values(a) for a in annotations]
+        for q, params in sql.multi_row(ANNOTATIONS, tuple(rows[0]), rows):
+            await sql.execute(session, q, params)
 
 
 async def expired_leases(session: AsyncSession, now: int, limit: int = 500) -> list[Job]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 from collections.abc import Sequence
 from typing import Any, cast
@@ -62,7 +63,8 @@ class Query:
     def clause(self, dialect: str) -> TextClause:
         return self._clauses[dialect]
 
-    def pg_args(self, params: Params) -> list[Any]:
+    def pg_args(self, params: Params | list[Any]) -> list[Any]:
+        assert isinstance(params, dict)
         return [params[n] for n in self.pg_names]
 
 
@@ -88,6 +90,69 @@ def insert_query(table: Any, names: Sequence[str], suffix: str = "") -> Query:
     quoted = ", ".join(f'"{n}"' for n in names)
     params = ", ".join(f":{n}" for n in names)
     return Query(f"INSERT INTO {table.name} ({quoted}) VALUES ({params}){suffix}")
+
+
+# Bound parameters in one multi-row statement: under both SQLite's limit
+# (32,766) and PostgreSQL's wire protocol's (32,767).
+MAX_PARAMS = 30_000
+
+
+def rows_per_statement(names: Sequence[str]) -> int:
+    """How many rows of these columns one multi-row statement may hold."""
+    return max(1, MAX_PARAMS // max(1, len(names)))
+
+
+class Positional:
+    """A statement with positional parameters (SQLite's ?, PostgreSQL's $n),
+    its parameters a list: what a statement of thousands of parameters needs
+    (SQLite looks each :name up among the names before it when it prepares a
+    statement: quadratic in their number)."""
+
+    __slots__ = ("pg_sql", "sqlite")
+
+    def __init__(self, sqlite: str, pg: str) -> None:
+        self.sqlite = sqlite
+        self.pg_sql = pg
+
+    def clause(self, dialect: str) -> TextClause:
+        raise NotImplementedError("positional statements run on the driver's connection")
+
+    def pg_args(self, params: Any) -> list[Any]:
+        return list(params)
+
+
+@functools.lru_cache(maxsize=64)
+def _multi_row(table_name: str, names: tuple[str, ...], count: int, suffix: str) -> Positional:
+    quoted = ", ".join(f'"{n}"' for n in names)
+    width = len(names)
+    head = f"INSERT INTO {table_name} ({quoted}) VALUES "
+    row = "(" + ", ".join("?" for _ in names) + ")"
+    sqlite = head + ", ".join(row for _ in range(count)) + suffix
+    pg = (
+        head
+        + ", ".join(
+            "(" + ", ".join(f"${i * width + k + 1}" for k in range(width)) + ")"
+            for i in range(count)
+        )
+        + suffix
+    )
+    return Positional(sqlite, pg)
+
+
+def multi_row(
+    table: Any, names: tuple[str, ...], rows: Sequence[Params], suffix: str = ""
+) -> list[tuple[Any, list[Any]]]:
+    """INSERTs of many rows, each statement with as many rows as its
+    parameters allow (see MAX_PARAMS): one statement per such chunk, not one
+    per row. Each returns its statement and its parameters (run them with
+    fetch or execute)."""
+    step = rows_per_statement(names)
+    out: list[tuple[Any, list[Any]]] = []
+    for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
+        params = [row[n] for row in chunk for n in names]
+        out.append((_multi_row(table.name, names, len(chunk), suffix), params))
+    return out
 
 
 def dialect(session: AsyncSession) -> str:
@@ -136,7 +201,7 @@ class _Asyncpg:
                         raise
         return adapter._connection
 
-    async def _wrapped(self, q: Query, args: Any, error: Exception) -> Exception:
+    async def _wrapped(self, q: Query | Positional, args: Any, error: Exception) -> Exception:
         """asyncpg's error (or the adapter's translation of it, as BEGIN raises)
         as SQLAlchemy raises it from session.execute."""
         translated: Exception = error
@@ -184,7 +249,7 @@ class _Asyncpg:
             await asyncio.sleep(_SETTLE_STEP_S)
         return bool(connection.is_closed())
 
-    async def fetch(self, q: Query, params: Params) -> list[Row]:
+    async def fetch(self, q: Query | Positional, params: Params | list[Any]) -> list[Row]:
         args = q.pg_args(params)
         try:
             conn = await self._connection()
@@ -195,7 +260,7 @@ class _Asyncpg:
                 raise
             raise wrapped from exc
 
-    async def change(self, q: Query, params: Params) -> int:
+    async def change(self, q: Query | Positional, params: Params | list[Any]) -> int:
         args = q.pg_args(params)
         try:
             conn = await self._connection()
@@ -250,7 +315,9 @@ async def _asyncpg(session: AsyncSession) -> _Asyncpg | None:
     return cast(_Asyncpg | None, found)
 
 
-async def fetch(session: AsyncSession, q: Query, params: Params) -> list[Row]:
+async def fetch(
+    session: AsyncSession, q: Query | Positional, params: Params | list[Any]
+) -> list[Row]:
     """Every row the statement returns."""
     conn = await _inline(session)
     if conn is None:
@@ -280,7 +347,7 @@ async def scalar(session: AsyncSession, q: Query, params: Params) -> Any:
     return rows[0][0] if rows else None
 
 
-async def execute(session: AsyncSession, q: Query, params: Params) -> int:
+async def execute(session: AsyncSession, q: Query | Positional, params: Params | list[Any]) -> int:
     """Run a statement that returns no rows; the number of rows it changed."""
     conn = await _inline(session)
     if conn is None:
