@@ -215,7 +215,7 @@ async def _fixtures(api: Stubs) -> dict[str, str]:
             )
         )
         ids[f"wf-{codec}"] = wf.workflow.id
-        for kind in ("term", "ended"):
+        for kind in ("term", "ended", "pause"):
             other = await api.jobs.SubmitWorkflow(
                 j.SubmitWorkflowRequest(
                     request_id=f"conf-{kind}-wf-{codec}",
@@ -294,6 +294,24 @@ def _table(ids: dict[str, str], codec: str) -> dict[str, Callable[[], Message]]:
         ),
         "RerunRuns": lambda: j.RerunRunsRequest(
             filter=j.BulkRunFilter(service="svc"), dry_run=True
+        ),
+        "PauseWorkflow": lambda: j.PauseWorkflowRequest(
+            workflow_id=ids[f"pause-wf-{codec}"], reason="p"
+        ),
+        "ResumeWorkflow": lambda: j.ResumeWorkflowRequest(workflow_id=ids[f"pause-wf-{codec}"]),
+        "PauseQueue": lambda: j.PauseQueueRequest(service=f"q-{codec}", reason="p"),
+        "ResumeQueue": lambda: j.ResumeQueueRequest(service=f"q-{codec}"),
+        "SubmitJobs": lambda: j.SubmitJobsRequest(
+            items=[j.SubmitJobRequest(request_id=f"bulk-{codec}", job=c.JobSpec(service="svc"))]
+        ),
+        "SubmitWorkflows": lambda: j.SubmitWorkflowsRequest(
+            items=[
+                j.SubmitWorkflowRequest(
+                    request_id=f"bulk-wf-{codec}",
+                    name="w",
+                    steps=[c.WorkflowStepSpec(name="a", job=c.JobSpec(service="svc"))],
+                )
+            ]
         ),
         "ApproveStep": lambda: j.ApproveStepRequest(
             workflow_id=ids[f"gated-{codec}"],
