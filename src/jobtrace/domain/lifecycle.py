@@ -72,6 +72,28 @@ ACTOR_KIND_SYSTEM = 4
 SERVER_ACTOR = "jobtrace"
 
 
+# A standalone job cancelled or terminated: its attestation's type, key prefix,
+# the data's keys, and the reason and code when no failure says them.
+_STOPPED: dict[RunState, tuple[AttestationType, str, str, str, str, str]] = {
+    RunState.CANCELLED: (
+        AttestationType.WORKER_CANCELLATION,
+        "worker-cancellation",
+        "cancellation",
+        "cancelled_while",
+        CANCELLED_BY_USER,
+        "CANCELLED",
+    ),
+    RunState.TERMINATED: (
+        AttestationType.WORKER_TERMINATION,
+        "worker-termination",
+        "termination",
+        "terminated_while",
+        TERMINATED_BY_OPERATOR,
+        "TERMINATED",
+    ),
+}
+
+
 async def set_job(session: AsyncSession, job: Job, **changes: object) -> Job:
     """Write the changed fields of a job and return the new record.
 
@@ -908,39 +930,24 @@ class Lifecycle:
             if failure.kind:
                 await self._annotate_kind(db, job, failure.kind, now)
             ended = await self._attest_failure(db, ended, failure, False, by)
-        if state == RunState.CANCELLED and not job.workflow_id:
-            # A step's cancellation is in its workflow's attestation.
+        stopped = _STOPPED.get(state)
+        if stopped is not None and not job.workflow_id:
+            # A step's cancellation or termination is in its workflow's attestation.
+            kind, prefix, what, while_key, default_reason, default_code = stopped
             await self._attest_job(
                 db,
                 ended,
-                AttestationType.WORKER_CANCELLATION,
-                f"worker-cancellation:{job.id}",
+                kind,
+                f"{prefix}:{job.id}",
                 {
-                    "cancellation": {
-                        "reason": failure.reason if failure else CANCELLED_BY_USER,
-                        "code": failure.code if failure else "CANCELLED",
+                    what: {
+                        "reason": failure.reason if failure else default_reason,
+                        "code": failure.code if failure else default_code,
                     },
-                    # What it was doing when cancelled: waiting (QUEUED, maybe
-                    # for a retry) or running its attempt.
-                    "cancelled_while": job.state.name,
-                },
-                by,
-            )
-        if state == RunState.TERMINATED and not job.workflow_id:
-            # A step's termination is in its workflow's attestation.
-            await self._attest_job(
-                db,
-                ended,
-                AttestationType.WORKER_TERMINATION,
-                f"worker-termination:{job.id}",
-                {
-                    "termination": {
-                        "reason": failure.reason if failure else TERMINATED_BY_OPERATOR,
-                        "code": failure.code if failure else "TERMINATED",
-                    },
-                    # What it was doing when terminated: waiting, or running
-                    # the attempt whose worker was not waited for.
-                    "terminated_while": job.state.name,
+                    # What it was doing then: waiting (QUEUED, maybe for a
+                    # retry) or running the attempt (whose worker a terminate
+                    # does not wait for).
+                    while_key: job.state.name,
                 },
                 by,
             )
