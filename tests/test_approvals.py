@@ -539,3 +539,45 @@ async def test_migration_0023_goes_down_and_up(gated: Harness) -> None:
     assert wf.state == c.RUN_STATE_WAITING_FOR_HUMAN
     decided = await decide(api, "bob", wf.id, "review")
     assert decided.workflow.state == c.RUN_STATE_COMPLETED
+
+
+async def test_a_gate_decided_while_paused_leaves_the_resumed_workflow_running(
+    gated: Harness,
+) -> None:
+    """What happened while a workflow was paused decides its state on resume:
+    a gate approved meanwhile queued work, so the resumed run is not
+    WAITING_FOR_HUMAN; it runs, records its start and completes."""
+    api = gated.stubs()
+    wf = await submit(
+        api,
+        "paused-gate",
+        [
+            c.WorkflowStepSpec(name="review", approval=gate("alice")),
+            c.WorkflowStepSpec(name="ship", job=job("ship"), depends_on=["review"]),
+        ],
+    )
+    assert wf.state == c.RUN_STATE_WAITING_FOR_HUMAN
+    await api.jobs.PauseWorkflow(j.PauseWorkflowRequest(workflow_id=wf.id), metadata=md("ops"))
+    await decide(api, "alice", wf.id, "review")
+    paused = await workflow(api, wf.id)
+    assert paused.state == c.RUN_STATE_PAUSED
+    assert step_of(paused, "ship").state == c.RUN_STATE_QUEUED
+    resumed = (
+        await api.jobs.ResumeWorkflow(
+            j.ResumeWorkflowRequest(workflow_id=wf.id), metadata=md("ops")
+        )
+    ).workflow
+    assert resumed.state == c.RUN_STATE_QUEUED, c.RunState.Name(resumed.state)
+    release = asyncio.Event()
+
+    async def ship(ctx: JobContext) -> dict[str, Any]:
+        await release.wait()
+        return {}
+
+    async with runtime_worker(gated.target, {"ship": ship}, token="tok-robot"):
+        running = await until(api, wf.id, c.RUN_STATE_RUNNING)
+        assert step_of(running, "ship").state == c.RUN_STATE_RUNNING
+        assert running.HasField("started_at")
+        release.set()
+        done = await until(api, wf.id, c.RUN_STATE_COMPLETED)
+    assert done.started_at.ToNanoseconds() > 0

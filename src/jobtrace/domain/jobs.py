@@ -1079,6 +1079,8 @@ class Jobs:
                 started, _ = await self._life.start_fan_out(session, tx, j, now, caller.subject)
                 self._changed(tx, started)
         if any(j.for_each is not None and j.state == RunState.PENDING for j in jobs):
+            # Its children are work: a run created waiting for a gate is not.
+            await self._life.workflow_waiting(session, new_id_, now)
             reread = await store.get_workflow(session, new_id_)
             assert reread is not None
             stored = reread

@@ -110,6 +110,9 @@ class Pauses:
             now = now_us()
             await pause_store.resume_workflow_row(session, workflow_id, target, now)
             released = await pause_store.release_steps(session, workflow_id, now)
+            # What happened while paused decides too: a gate decided (work
+            # queued: not WAITING_FOR_HUMAN) or come to wait (only a gate left).
+            await self._life.workflow_waiting(session, workflow_id, now)
             await self._event(session, tx, workflow, "workflow resumed", by, now, None)
             # QUEUED jobs among them wake the dispatcher here and, by their
             # notice, on every other replica.

@@ -437,6 +437,8 @@ class Placement(Leases):
         job = await store.load_locked(db, job_id)
         if job is None or job.state != expected:
             return []
+        if expected == RunState.QUEUED and job.held:
+            return []  # its workflow (or queue) was paused meanwhile: it waits
         key = job.spec.concurrency.resolved if job.spec.concurrency else ""
         failure = Failure(
             reason=f"concurrency key {key!r} is full ({expected.name.lower()} job given up)",
