@@ -345,12 +345,15 @@ async def test_steps_stored_before_0013_get_their_place_in_the_workflow(db_url: 
     async with Harness(db_url) as h:
         api = h.stubs()
         raw = RawWorker(api)
-        await raw.hello("w", ["life"], max_concurrency=4)
+        # Only the first step's service: the fan-out children it queues stay
+        # queued for the worker after the migration (none is leased to this
+        # stream as it closes).
+        await raw.hello("w", ["life-list"], max_concurrency=4)
         request = j.SubmitWorkflowRequest(
             request_id="wf-old",
             name="old",
             steps=[
-                c.WorkflowStepSpec(name="list", job=c.JobSpec(service="life")),
+                c.WorkflowStepSpec(name="list", job=c.JobSpec(service="life-list")),
                 c.WorkflowStepSpec(
                     name="each",
                     job=c.JobSpec(service="life"),
