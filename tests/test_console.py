@@ -308,7 +308,19 @@ async def test_a_run_shows_its_graph_and_its_trace_streams_in(console: Console) 
 async def test_an_attestation_verifies_and_its_envelope_downloads(console: Console) -> None:
     from playwright.async_api import expect
 
-    page = console.page  # still on wf-trace, which has completed
+    # The run the graph test drove (submitted again: the same run, by its
+    # request id; or anew if this module's server is a fresh one), completed,
+    # opened on its own page: this test does not lean on the one before.
+    workflow = await submit_workflow(console.api, "wf-trace")
+    for name in ("fetch", "parse", "index", "publish"):
+        console.gate(f"wf-trace.{name}").set()
+
+    async def completed() -> bool:
+        return (await get_workflow(console.api, workflow.id)).state == c.RUN_STATE_COMPLETED
+
+    await wait_for(completed, timeout=30)
+    page = console.page
+    await page.goto(f"{console.base}/#/runs/{workflow.id}")
     key_prefix = "workflow-completion:"
     row = page.locator(f'#attestations tr[data-key^="{key_prefix}"]')
     await expect(row).to_have_count(1)
