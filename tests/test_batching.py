@@ -144,6 +144,44 @@ async def test_a_batch_of_mixed_reports_refuses_only_its_stale_report(harness: H
     await raw.close()
 
 
+async def test_progress_reports_written_together_keep_each_jobs_order(harness: Harness) -> None:
+    """A batch of progress reports of several jobs (three each, and one of
+    an attempt not started among them) is written together (store: one UPDATE for the distinct
+    jobs of a round): every job ends at its last percent with its PROGRESS
+    events in the order sent, and only the report of an attempt that does
+    not exist is refused."""
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"], max_concurrency=8, accepts_batches=True)
+    jobs = [await submit(api, f"merge-{i}") for i in range(6)]
+    assert set(await take_assignments(raw, 6)) == {x.id for x in jobs}
+    reports = []
+    for percent in (10.0, 20.0, 30.0):
+        for x in jobs:
+            reports.append(
+                report(
+                    len(reports) + 1,
+                    progress=w.ProgressReport(
+                        job_id=x.id, attempt=1, percent=percent, message=f"at {percent:g}"
+                    ),
+                )
+            )
+    unknown = report(99, progress=w.ProgressReport(job_id=jobs[2].id, attempt=2, percent=99))
+    reports.insert(7, unknown)
+    await raw.send(batch=w.ReportBatch(reports=reports))
+    acks = await raw.expect("acks")
+    assert sorted(x.message_id for x in acks.acks) == list(range(1, 19))
+    assert [(e.message_id, e.reason) for e in acks.errors] == [(99, "UNKNOWN_ATTEMPT")]
+    for x in jobs:
+        stored = await get(api, x.id)
+        assert (stored.progress.percent, stored.progress.message) == (30.0, "at 30")
+        trail = [e for e in await events_of(api, x.id) if e.type == c.TRACE_EVENT_TYPE_PROGRESS]
+        assert [e.percent for e in trail] == [10.0, 20.0, 30.0]
+        assert [e.sequence for e in trail] == sorted(e.sequence for e in trail)
+        assert len({e.sequence for e in trail}) == 3
+    await raw.close()
+
+
 async def test_a_malformed_batch_is_refused_whole(harness: Harness) -> None:
     api = harness.stubs()
     raw = RawWorker(api)

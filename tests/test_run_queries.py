@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf import timestamp_pb2
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -497,10 +498,10 @@ async def test_each_run_filter_uses_its_index(harness: Harness) -> None:
         ),
         (
             job_store.RunQuery(service="svc-3", state=RunState.COMPLETED),
-            # PostgreSQL may read the dispatch index (state, service) and sort.
+            # PostgreSQL may read an index of the dispatcher (state, service) and sort.
             "ix_jobs_tenant_service_seq"
             if lite
-            else ("ix_jobs_tenant_service_seq", "ix_jobs_dispatch"),
+            else ("ix_jobs_tenant_service_seq", "ix_jobs_dispatch", "ix_jobs_waiting"),
         ),
     ]
     for query, index in jobs:
@@ -687,3 +688,102 @@ async def test_the_listing_benchmark_runs(tmp_path: Path) -> None:
     # The reader sees its tenant's nine tenths, counted.
     assert figures["jobs: tenant only"]["total_size"] == 270
     assert figures["jobs: user_id"]["total_size"] == figures["jobs: user_id"]["items"]
+
+
+async def test_the_dispatch_read_neither_sorts_nor_scans_the_queue(harness: Harness) -> None:
+    """The dispatcher's read of a deep queue is the dispatch index's first
+    rows (no sort of every queued job) and its "next due" a seek in
+    ix_jobs_waiting (no scan of them), on both backends (revision 0027)."""
+    items = [
+        j.SubmitJobRequest(
+            request_id=f"plan-{i}",
+            job=c.JobSpec(service="plan", priority=i % 3, not_before=_later(i % 4 == 0)),
+        )
+        for i in range(400)
+    ]
+    results = (await harness.stubs().jobs.SubmitJobs(j.SubmitJobsRequest(items=items))).results
+    assert len(results) == 400 and not any(r.HasField("error") for r in results)
+    url = harness.db_url
+    pg = url.startswith("postgresql")
+    query = job_store._eligible_query(-1).clause("postgresql" if pg else "sqlite").text
+    params = {"queued": int(RunState.QUEUED), "service": "'plan'", "now": int(time.time() * 1e6)}
+    params["limit"] = 10
+    for name, value in params.items():
+        query = query.replace(f":{name}", str(value))
+    rows = await execute_sql(url, query)
+    due = [r[-1] for r in rows if r[-1] is not None]
+    assert len(rows) == 11 and len(due) == 1 and due[0] > params["now"], rows
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            if pg:  # with statistics, as autovacuum keeps them
+                await conn.exec_driver_sql("ANALYZE jobs")
+                await conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+                plan = " ".join(r[0] for r in await conn.exec_driver_sql("EXPLAIN " + query))
+            else:
+                raw = await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query)
+                plan = " ".join(str(r) for r in raw)
+    finally:
+        await engine.dispose()
+    assert "ix_jobs_dispatch" in plan and "ix_jobs_waiting" in plan, plan
+    assert "TEMP B-TREE" not in plan and "Sort" not in plan, plan
+
+
+def _later(waits: bool) -> timestamp_pb2.Timestamp | None:
+    """An hour from now for a job that waits; None for one eligible now."""
+    if not waits:
+        return None
+    at = timestamp_pb2.Timestamp()
+    at.FromSeconds(int(time.time()) + 3600)
+    return at
+
+
+async def test_progress_of_many_jobs_looks_each_up_by_its_key(harness: Harness) -> None:
+    """The multi-row progress UPDATE (reports merged by the group commit)
+    walks its list and finds each job by its id key, never the RUNNING jobs
+    once per report, on both backends."""
+    url = harness.db_url
+    pg = url.startswith("postgresql")
+    query = job_store._PROGRESS_MANY.clause("postgresql" if pg else "sqlite").text
+    literals = {
+        ":now": "1",
+        ":running": str(int(RunState.RUNNING)),
+        ":items": """'[["job_a", 1, "h", 50.0, "m"], ["job_b", 1, "h", 50.0, "m"]]'""",
+        ":ids": "ARRAY['job_a', 'job_b']",
+        ":attempts": "ARRAY[1, 1]",
+        ":holders": "ARRAY['h', 'h']",
+        ":percents": "ARRAY[50.0, 50.0]",
+        ":messages": "ARRAY['m', 'm']",
+    }
+    for name, value in literals.items():
+        query = query.replace(name, value)
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            if pg:  # as for a table too large to read whole
+                await conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+                plan = " ".join(r[0] for r in await conn.exec_driver_sql("EXPLAIN " + query))
+            else:
+                raw = await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query)
+                plan = " ".join(str(r) for r in raw)
+    finally:
+        await engine.dispose()
+    key = "jobs_id_key" if pg else "sqlite_autoindex_jobs_1 (id=?)"  # jobs.id is unique
+    assert key in plan, plan
+    assert "ix_jobs_gate_deadline" not in plan and "ix_jobs_lease" not in plan, plan
+
+
+async def test_progress_updates_are_heap_only_on_postgresql(harness: Harness) -> None:
+    """jobs and trace_runs leave room on their pages (revision 0027), so a
+    running job's progress reports (which change no indexed column) are
+    heap-only updates on PostgreSQL, not new entries in each of its indexes."""
+    if not harness.db_url.startswith("postgresql"):
+        pytest.skip("a PostgreSQL storage parameter")
+    rows = await execute_sql(
+        harness.db_url,
+        "SELECT relname, reloptions FROM pg_class WHERE relname IN ('jobs', 'trace_runs')",
+    )
+    assert {name: list(options or []) for name, options in rows} == {
+        "jobs": ["fillfactor=50"],
+        "trace_runs": ["fillfactor=50"],
+    }

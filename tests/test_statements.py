@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from jobtrace.pb import common_pb2, job_service_pb2
+from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, wait_for
 from .statements import CountingPgProxy, Statements, kinds, traced_sqlite
@@ -160,3 +161,42 @@ async def test_the_quota_does_not_count_the_queue_per_submit(
     # The first submit's count, the refusal's (twice: a refused operation's
     # group commit runs again, with savepoints), and one per second passed.
     assert counts <= 3 + int(elapsed), f"{counts} counts of the queue in {elapsed:.2f}s"
+
+
+async def test_progress_reports_queued_together_share_their_statements(
+    counted: tuple[Harness, Statements],
+) -> None:
+    """A batch of progress reports of many jobs is written by a few multi-row
+    statements (the group commit merges adjacent reports: one UPDATE of the
+    jobs, one reservation of their runs' sequence numbers, one INSERT of the
+    events), not by a few statements per report."""
+    from .test_batching import report, take_assignments
+    from .workers import RawWorker
+
+    h, seen = counted
+    api = h.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"], max_concurrency=24, accepts_batches=True)
+    jobs = [
+        (
+            await api.jobs.SubmitJob(
+                job_service_pb2.SubmitJobRequest(
+                    request_id=f"merged-{i}", job=common_pb2.JobSpec(service="svc")
+                )
+            )
+        ).job.id
+        for i in range(24)
+    ]
+    assert set(await take_assignments(raw, 24)) == set(jobs)
+    mark = seen.mark()
+    batch = [
+        report(i + 1, progress=w.ProgressReport(job_id=job_id, attempt=1, percent=50))
+        for i, job_id in enumerate(jobs)
+    ]
+    await raw.send(batch=w.ReportBatch(reports=batch))
+    acks = await raw.expect("acks")
+    assert len(acks.acks) == 24 and not acks.errors
+    writes = [s for s in seen.since(mark) if "progress_percent" in s and s.startswith("UPDATE")]
+    # Merged as they were queued: a few rounds at most, never one per report.
+    assert 1 <= len(writes) <= 4, writes
+    await raw.close()

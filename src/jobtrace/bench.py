@@ -140,19 +140,25 @@ async def stop_server(server: Server) -> None:
 # --- the bench worker (a separate process) -------------------------------------------
 
 
+# start_workers' window for workers from before batches (see worker_main).
+OLD_STYLE = -1.0
+
+
 async def worker_main(
     target: str, log: Any, concurrency: int, window_ms: float = DEFAULT_REPORT_WINDOW_MS
 ) -> None:
     """Runs 'bench' jobs (3 progress reports, then complete) and writes a line per
     stored completion: '<job id> <unix time>'. Reports queued within `window_ms`
-    go out as one batch (0: one message per report)."""
+    go out as one batch (0: one message per report; below 0: a worker from
+    before batches, one message per report and per assignment)."""
     from jobtrace.client.worker import JobContext, Worker
 
     worker = Worker(
         target,
         worker_id=f"bench-{os.getpid()}",
         max_concurrency=concurrency,
-        report_window_ms=window_ms,
+        report_window_ms=max(window_ms, 0.0),
+        accepts_batches=window_ms >= 0,
     )
 
     def completed(job_id: str, stored: bool) -> None:
@@ -639,7 +645,8 @@ async def start_workers(
     window_ms: float = DEFAULT_REPORT_WINDOW_MS,
 ) -> list[asyncio.subprocess.Process]:
     """Worker processes, one per completions file, returned once each is up;
-    their report window is `window_ms` (0: one message per report)."""
+    their report window is `window_ms` (0: one message per report; OLD_STYLE:
+    no batches at all, as a worker from before them)."""
     workers = [
         await asyncio.create_subprocess_exec(
             sys.executable,
@@ -1092,10 +1099,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--bulk",
         type=int,
         metavar="N",
-        help="instead: N jobs submitted one per SubmitJob call, then N through SubmitJobs in"
-        " chunks, on one server (SQLite, or --db; with --pg-url PostgreSQL too) and the same"
-        " workers; jobs/s and submit -> complete p50/p99 of both side by side, every job"
-        " checked completed, traced and attested",
+        help="instead: N jobs submitted one per SubmitJob call and run by workers without"
+        " batches, then N through SubmitJobs in chunks and run by batching workers, on one"
+        " server (SQLite, or --db; with --pg-url PostgreSQL too); jobs/s and submit ->"
+        " complete p50/p99 of both side by side, every job checked completed, traced and"
+        " attested",
     )
     p.add_argument(
         "--chunk", type=int, default=1000, help="--bulk: jobs per SubmitJobs call (default 1000)"

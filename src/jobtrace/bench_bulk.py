@@ -1,5 +1,6 @@
-"""`jobtrace bench --bulk N`: the same jobs submitted one per SubmitJob call and
-in SubmitJobs chunks, on one server and the same workers, side by side: jobs/s
+"""`jobtrace bench --bulk N`: the same jobs on one server, first by the single
+path (one SubmitJob call per job, run by workers from before batches) then by
+the bulk path (SubmitJobs chunks, run by batching workers), side by side: jobs/s
 end to end and submit -> complete latency of both, with the same guarantees
 checked in the database after each (every job stored COMPLETED, traced and
 attested). SQLite (a temporary file, or --db), and with --pg-url PostgreSQL on a
@@ -157,9 +158,11 @@ async def phase(
 ) -> Phase:
     prefix = f"bench-{kind}-{os.urandom(4).hex()}"
     done_files = [tmp / f"{prefix}-{i}.txt" for i in range(args.workers)]
-    workers = await b.start_workers(
-        [target], done_files, args.worker_concurrency, args.report_window_ms
-    )
+    # The single path is today's: SubmitJob per job, and workers from before
+    # batches (a message per report and per assignment). The bulk path's
+    # workers batch (args.report_window_ms).
+    window = b.OLD_STYLE if kind.endswith("single") else args.report_window_ms
+    workers = await b.start_workers([target], done_files, args.worker_concurrency, window)
     out = Phase(jobs=jobs)
     try:
         start = time.time()

@@ -234,7 +234,10 @@ class Worker:
     `report_window_ms` (default 5; 0 turns it off): the reports queued within
     this window after the first go out as one batch, when the server takes
     batches (a window with one report sends it alone). Progress reports are
-    never merged unless sent with `ctx.progress(..., coalesce=True)`."""
+    never merged unless sent with `ctx.progress(..., coalesce=True)`.
+    `accepts_batches` (default True): the server may hand several jobs over
+    in one message; False, with a window of 0, is a worker from before
+    batches (one message per report and per job)."""
 
     def __init__(
         self,
@@ -250,6 +253,7 @@ class Worker:
         reconnect_max: float = 10.0,
         version: str | None = None,
         report_window_ms: float = DEFAULT_REPORT_WINDOW_MS,
+        accepts_batches: bool = True,
     ) -> None:
         # TLS, client certificates and keepalive come with `endpoint`; an explicit
         # target or token overrides its own.
@@ -277,6 +281,7 @@ class Worker:
             raise ValueError(f"report_window_ms must be between 0 and 1000, got {report_window_ms}")
         # Reports queued within this window go out as one batch (0: each alone).
         self.report_window_ms = report_window_ms
+        self.accepts_batches = accepts_batches
         # Most reports per batch the connected server takes (0: no batches).
         self._max_batch = 0
         # Progress reports that may be replaced by a later one of their job.
@@ -431,7 +436,7 @@ class Worker:
             affinity_keys=list(self.affinity_keys),
             running=self._held(),
             version=self.version,
-            accepts_batches=True,
+            accepts_batches=self.accepts_batches,
         )
         self._max_batch = 0  # until this server's welcome says
         self._coalescable.clear()  # what the last stream did not send is gone

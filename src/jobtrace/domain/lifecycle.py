@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -51,7 +51,7 @@ from jobtrace.store import codec
 from jobtrace.store import failures as failures_store
 from jobtrace.store import jobs as store
 from jobtrace.store.db import Tx, spans_of
-from jobtrace.store.sql import Params, Query
+from jobtrace.store.sql import Params, Query, Row
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,44 @@ async def parent_evidence(db: AsyncSession, parent_run_id: str) -> JSON:
     so its chain no longer grows; '' if it has none, e.g. pruned)."""
     _, digest = await attest_store.chain_head(db, parent_run_id)
     return {"run_id": parent_run_id, "attestation_digest": digest}
+
+
+@dataclass(frozen=True, slots=True)
+class HeldProgress:
+    """A progress report of an attempt whose lease `holder` holds, written
+    by the operation whose Tx is `tx` (see Lifecycle.progress_many_if_held)."""
+
+    tx: Tx
+    job_id: str
+    attempt: int
+    holder: str
+    worker_id: str
+    percent: float
+    message: str
+    by: str
+
+
+def _held_progress_event(db: AsyncSession, r: HeldProgress) -> tuple[str, TraceEvent] | None:
+    """The tenant and PROGRESS event of a report whose job may take the
+    one-statement path (store.one_statement_run); None when it may not."""
+    run = store.one_statement_run(db, r.job_id)
+    if run is None:
+        return None
+    tenant, run_id, node_id, step_number, total_steps = run
+    return tenant, TraceEvent(
+        run_id=run_id,
+        node_id=node_id,
+        step_number=step_number,
+        total_steps=total_steps,
+        job_id=r.job_id,
+        attempt=r.attempt,
+        worker_id=r.worker_id,
+        type=TraceType.PROGRESS,
+        category=Category.BUSINESS,
+        percent=r.percent,
+        message=r.message or f"{node_id} at {r.percent:g}%",
+        recorded_by=r.by,
+    )
 
 
 class Lifecycle:
@@ -574,45 +612,46 @@ class Lifecycle:
         await self.progressed(db, tx, updated, percent, message, by)
         return updated
 
-    async def progress_if_held(
-        self,
-        db: AsyncSession,
-        tx: Tx,
-        job_id: str,
-        attempt: int,
-        holder: str,
-        worker_id: str,
-        percent: float,
-        message: str,
-        now: int,
-        by: str,
-    ) -> Job | None:
-        """Progress of an attempt whose lease `holder` holds, fenced and written
-        with its trace event in one statement under the job's row lock (where
-        the store allows it for this job): the job as updated, or None with
-        nothing changed (refused, or not for this path): the caller then takes
-        the general one (load_locked, fence, progress), which says why."""
-        run = store.one_statement_run(db, job_id)
-        if run is None:
+    async def progress_if_held(self, db: AsyncSession, report: HeldProgress) -> Job | None:
+        """Progress of an attempt whose lease `report.holder` holds, fenced and
+        written with its trace event in one statement under the job's row lock
+        (where the store allows it for this job): the job as updated, or None
+        with nothing changed (refused, or not for this path): the caller then
+        takes the general one (load_locked, fence, progress), which says why."""
+        prepared = _held_progress_event(db, report)
+        if prepared is None:
             return None
-        tenant, run_id, node_id, step_number, total_steps = run
-        event = TraceEvent(
-            run_id=run_id,
-            node_id=node_id,
-            step_number=step_number,
-            total_steps=total_steps,
-            job_id=job_id,
-            attempt=attempt,
-            worker_id=worker_id,
-            type=TraceType.PROGRESS,
-            category=Category.BUSINESS,
-            percent=percent,
-            message=message or f"{node_id} at {percent:g}%",
-            recorded_by=by,
+        tenant, event = prepared
+        update = store.progress_update(
+            report.job_id, report.attempt, report.holder, report.percent, report.message, now_us()
         )
-        update = store.progress_update(job_id, attempt, holder, percent, message, now)
-        row = await self.trace.record_after_update(db, tx, tenant, [event], update)
+        row = await self.trace.record_after_update(db, report.tx, tenant, [event], update)
         return None if row is None else store.job_from_row(row, context=True)
+
+    async def progress_many_if_held(
+        self, db: AsyncSession, reports: Sequence[HeldProgress]
+    ) -> list[Job | None]:
+        """Progress of several attempts of distinct jobs, each as
+        progress_if_held writes one (fenced, with its trace event), in three
+        statements for all: each job as updated, or None with nothing of it
+        changed (refused, or not for this path): the caller then takes the
+        general path for that report, which says why."""
+        items: list[tuple[Tx, str, TraceEvent]] = []
+        updates: list[tuple[str, int, str, float, str]] = []
+        for r in reports:
+            prepared = _held_progress_event(db, r)
+            if prepared is None:
+                continue
+            items.append((r.tx, *prepared))
+            updates.append((r.job_id, r.attempt, r.holder, r.percent, r.message))
+        rows: dict[str, Row] = {}
+        if items:
+            update = store.progress_many_update(db, updates, now_us())
+            rows = await self.trace.record_after_update_many(db, update, items)
+        return [
+            None if (row := rows.get(r.job_id)) is None else store.job_from_row(row, context=True)
+            for r in reports
+        ]
 
     async def progressed(
         self, db: AsyncSession, tx: Tx, job: Job, percent: float, message: str, by: str

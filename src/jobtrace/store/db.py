@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import contextvars
@@ -57,6 +58,29 @@ class Tx:
 
 
 WriteOp = Callable[[AsyncSession, Tx], Awaitable[T]]
+
+# The most operations one run_merged call takes.
+MAX_MERGED = 256
+
+
+class MergeableOp(abc.ABC, Generic[T]):
+    """A write operation that the group commit may run together with the
+    operations of the same class queued right behind it, in one run_merged
+    call in the same transaction (one statement for all of them, say).
+    Alone (a batch of one, another operation queued in between, or the
+    retry with a savepoint per operation) it is called as any operation."""
+
+    @abc.abstractmethod
+    async def __call__(self, db: AsyncSession, tx: Tx) -> T: ...
+
+    @classmethod
+    @abc.abstractmethod
+    async def run_merged(cls, db: AsyncSession, ops: list[tuple[Any, Tx]]) -> list[T]:
+        """Run these operations (of this class, queued one after the other,
+        each with its Tx) with the effects of calling each in turn: their
+        results in the same order. Raising fails them all, as an operation
+        that raises fails its group commit (which then runs each alone)."""
+
 
 # session.info key of (Database.spans, the running operation's Tx) when OTLP is on.
 SPANS_KEY = "jobtrace_spans"
@@ -271,11 +295,7 @@ class Database:
             outcomes: list[tuple[bool, Any]] = []
             try:
                 await session.begin()
-                for item in batch:
-                    try:
-                        outcomes.append((True, await self._op(item, session)))
-                    except Exception as exc:
-                        raise _BatchFailed(exc) from exc
+                outcomes = await self._run_ops(batch, session)
                 await self._send_notices(session, [n for i in batch for n in i.tx._notices])
             except BaseException:
                 await session.close()  # rolls back
@@ -398,6 +418,39 @@ class Database:
                 outcomes = [(False, exc)]
             self._settle([item], outcomes)
 
+    async def _run_ops(
+        self, batch: list[_Pending[Any]], session: AsyncSession
+    ) -> list[tuple[bool, Any]]:
+        """Every operation of the batch, in queue order, in `session`'s
+        transaction; adjacent MergeableOps of one class in one run_merged call.
+        _BatchFailed as soon as one raises."""
+        outcomes: list[tuple[bool, Any]] = []
+        i = 0
+        while i < len(batch):
+            item = batch[i]
+            kind = type(item.op) if isinstance(item.op, MergeableOp) else None
+            j = i + 1
+            while (
+                kind is not None
+                and j < len(batch)
+                and j - i < MAX_MERGED
+                and type(batch[j].op) is kind
+            ):
+                j += 1
+            try:
+                if kind is None or j == i + 1:
+                    outcomes.append((True, await self._op(item, session)))
+                else:
+                    group = batch[i:j]
+                    if self.spans is not None:
+                        session.info[SPANS_KEY] = (self.spans, item.tx)
+                    results = await kind.run_merged(session, [(g.op, g.tx) for g in group])
+                    outcomes.extend((True, r) for r in results)
+            except Exception as exc:
+                raise _BatchFailed(exc) from exc
+            i = j
+        return outcomes
+
     async def _op(self, item: _Pending[T], session: AsyncSession) -> T:
         if self.spans is not None:
             session.info[SPANS_KEY] = (self.spans, item.tx)
@@ -405,13 +458,8 @@ class Database:
 
     async def _run_batch(self, batch: list[_Pending[Any]]) -> list[tuple[bool, Any]]:
         assert self._writes is not None
-        outcomes: list[tuple[bool, Any]] = []
         async with self._writes() as session, session.begin():
-            for item in batch:
-                try:
-                    outcomes.append((True, await self._op(item, session)))
-                except Exception as exc:
-                    raise _BatchFailed(exc) from exc
+            outcomes = await self._run_ops(batch, session)
             if not self.is_sqlite:
                 await self._send_notices(session, [n for i in batch for n in i.tx._notices])
         self._committed(len(batch))

@@ -1432,11 +1432,22 @@ def _eligible_query(tenants: int, skipped: int = 0, paused: int = 0, blocked: in
     template = (
         f"SELECT {picked}, NULL AS next_eligible_us FROM (SELECT {picked} FROM jobs"
         f" WHERE {where}{skip} ORDER BY priority DESC, seq LIMIT :limit) AS page"
-        f" UNION ALL SELECT {nulls}, (SELECT min({{f}}(not_before_us, next_attempt_us))"
-        " FROM jobs WHERE state = :queued AND service = :service AND held = 0"
-        f" AND {{f}}(not_before_us, next_attempt_us) > :now{skip})"
+        # The next due: a seek in ix_jobs_waiting, whose expression this
+        # spells exactly as the index does.
+        f" UNION ALL SELECT {nulls}, (SELECT {{due}} FROM jobs"
+        " WHERE state = :queued AND service = :service AND held = 0"
+        f" AND {{due}} > :now{skip} ORDER BY {{due}} LIMIT 1)"
     )
-    return Query(template.format(f="max"), postgresql=template.format(f="greatest"))
+    return Query(
+        template.format(due=_DUE["sqlite"]), postgresql=template.format(due=_DUE["postgresql"])
+    )
+
+
+# When a queued job becomes eligible, as ix_jobs_waiting (revision 0027) indexes it.
+_DUE = {
+    "sqlite": "max(not_before_us, next_attempt_us)",
+    "postgresql": "greatest(not_before_us, next_attempt_us)",
+}
 
 
 async def eligible_jobs(
@@ -1505,6 +1516,53 @@ def progress_update(
         "message": message,
         "now": now,
     }
+
+
+# Progress of several attempts in one statement: each row's (job id, attempt,
+# holder, percent, message) fenced as _PROGRESS_IF_HELD fences one.
+_PROGRESS_MANY_SET = (
+    "UPDATE jobs SET progress_percent = v.percent, progress_message = v.message,"
+    " updated_us = :now FROM "
+)
+_PROGRESS_MANY_WHERE = (
+    " WHERE jobs.id = v.id AND jobs.attempt = v.attempt AND jobs.lease_holder = v.holder AND "
+)
+_PROGRESS_MANY = Query(
+    _PROGRESS_MANY_SET
+    + "(SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS attempt,"
+    " json_extract(value, '$[2]') AS holder, json_extract(value, '$[3]') AS percent,"
+    " json_extract(value, '$[4]') AS message FROM json_each(:items)) AS v"
+    + _PROGRESS_MANY_WHERE
+    # +state is no index term: SQLite walks the list and finds each job by
+    # its primary key (not each RUNNING job, for each entry of the list).
+    + "+jobs.state = :running RETURNING *",
+    # id = ANY and state + 0 (no index term either): the jobs found by
+    # primary key, whatever the estimates of unnest and of RUNNING jobs.
+    postgresql=_PROGRESS_MANY_SET
+    + "unnest(CAST(:ids AS TEXT[]), CAST(:attempts AS INTEGER[]), CAST(:holders AS TEXT[]),"
+    " CAST(:percents AS FLOAT8[]), CAST(:messages AS TEXT[]))"
+    " AS v(id, attempt, holder, percent, message)"
+    + _PROGRESS_MANY_WHERE
+    + "jobs.id = ANY(CAST(:ids AS TEXT[])) AND jobs.state + 0 = :running RETURNING jobs.*",
+)
+
+
+def progress_many_update(
+    session: AsyncSession, reports: Sequence[tuple[str, int, str, float, str]], now: int
+) -> tuple[Query, Params]:
+    """The fenced progress UPDATE of several RUNNING attempts at once, each
+    (job id, attempt, holder, percent, message) as progress_update writes
+    one, for distinct jobs: RETURNING each job it matched as updated (one it
+    did not match: refused, nothing of it changed). To run with their trace
+    events (store.trace.update_many_and_store_events)."""
+    ordered = sorted(reports)  # row locks in id order, as everywhere
+    params: Params = {"now": now, "running": int(RunState.RUNNING)}
+    if _is_sqlite(session):
+        params["items"] = codec.dumps([list(r) for r in ordered])
+    else:
+        for i, name in enumerate(("ids", "attempts", "holders", "percents", "messages")):
+            params[name] = [r[i] for r in ordered]
+    return _PROGRESS_MANY, params
 
 
 _CLAIM_SET = (

@@ -215,8 +215,10 @@ class JobRow(Base):
         Index("ix_jobs_tenant_state_seq", "tenant", "state", "seq"),
         Index("ix_jobs_workflow", "workflow_id", "step_index"),
         # The dispatcher's scan: eligible jobs of a service by priority, then
-        # age; held jobs (a paused workflow's) are a range of their own.
-        Index("ix_jobs_dispatch", "state", "service", "held", "priority", "seq"),
+        # age, in the index's order (0027); held jobs (a paused workflow's)
+        # are a range of their own. Its "next due" seek is ix_jobs_waiting, an
+        # index on an expression spelt per dialect (migration 0027 only).
+        Index("ix_jobs_dispatch", "state", "service", "held", text("priority DESC"), "seq"),
         # The supervisor's scan of leases.
         Index("ix_jobs_lease", "state", "lease_deadline_us"),
         # The supervisor's scan of approval gates past their timeout.

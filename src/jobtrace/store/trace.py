@@ -194,6 +194,74 @@ async def update_and_store_events(
     return row, _numbered(events, int(row["trace_last_seq_"]), traceparent=row["traceparent"])
 
 
+async def update_many_and_store_events(
+    session: AsyncSession, update: tuple[Query, Params], events: Sequence[TraceEvent]
+) -> tuple[dict[str, Row], list[TraceEvent]]:
+    """Run `update` (an UPDATE of several jobs RETURNING *) and store the
+    events of the jobs it matched (an event's job_id names its job; it takes
+    that job's traceparent), numbered per run as store_events numbers one
+    run's: the rows as updated by job id, and the events as stored. Events of
+    a job it did not match are dropped: nothing of that job changed. Three
+    statements, whatever the number of jobs and runs."""
+    query, params = update
+    rows = {r["id"]: r for r in await sql.fetch(session, query, params)}
+    kept = [
+        replace(e, traceparent=rows[e.job_id]["traceparent"]) for e in events if e.job_id in rows
+    ]
+    return rows, await store_runs_events(session, kept)
+
+
+_RESERVE_MANY = Query(
+    "INSERT INTO trace_runs (run_id, tenant, last_seq)"
+    " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
+    " json_extract(value, '$[2]') FROM json_each(:runs) WHERE true"
+    " ON CONFLICT (run_id) DO UPDATE SET last_seq = trace_runs.last_seq + excluded.last_seq"
+    " RETURNING run_id, last_seq",
+    postgresql="INSERT INTO trace_runs (run_id, tenant, last_seq)"
+    " SELECT * FROM unnest(CAST(:run_ids AS TEXT[]), CAST(:tenants AS TEXT[]),"
+    " CAST(:counts AS BIGINT[])) ORDER BY 1"
+    " ON CONFLICT (run_id) DO UPDATE SET last_seq = trace_runs.last_seq + EXCLUDED.last_seq"
+    " RETURNING run_id, last_seq",
+)
+
+
+async def store_runs_events(
+    session: AsyncSession, events: Sequence[TraceEvent]
+) -> list[TraceEvent]:
+    """Store events of any number of runs, each run's numbered with its next
+    sequence numbers in the order given: one statement reserves every run's
+    numbers (their trace_runs rows locked until commit, in run id order, as
+    store_events locks one) and one inserts the events. Return them numbered."""
+    if not events:
+        return []
+    counts: dict[str, list[Any]] = {}
+    for e in events:
+        found = counts.get(e.run_id)
+        if found is None:
+            counts[e.run_id] = [e.tenant, 1]
+        else:
+            found[1] += 1
+    runs = sorted(counts)
+    params: Params
+    if sql.dialect(session) == "postgresql":
+        params = {
+            "run_ids": runs,
+            "tenants": [counts[r][0] for r in runs],
+            "counts": [counts[r][1] for r in runs],
+        }
+    else:
+        params = {"runs": codec.dumps([[r, *counts[r]] for r in runs])}
+    reserved = await sql.fetch(session, _RESERVE_MANY, params)
+    following = {r["run_id"]: int(r["last_seq"]) - counts[r["run_id"]][1] + 1 for r in reserved}
+    numbered = []
+    for e in events:
+        seq = following[e.run_id]
+        following[e.run_id] = seq + 1
+        numbered.append(replace(e, seq=seq))
+    await insert_events(session, numbered)
+    return numbered
+
+
 def _values(e: TraceEvent) -> dict[str, Any]:
     return {
         "run_id": e.run_id,

@@ -18,12 +18,13 @@ from jobtrace.domain.errors import (
     ResourceExhausted,
     Violations,
 )
+from jobtrace.domain.lifecycle import HeldProgress
 from jobtrace.domain.trace import WORKER_TYPES, EventInput, check_event, check_sizes
 from jobtrace.domain.validation import STEP_NAME_RE, check_id, check_size, check_text
 from jobtrace.domain.worker_identity import WorkerIdentity
-from jobtrace.model import JSON, AnnotationInput, AnnotationScope, Caller, Failure, RunState
+from jobtrace.model import JSON, AnnotationInput, AnnotationScope, Caller, Failure, Job, RunState
 from jobtrace.store import jobs as store
-from jobtrace.store.db import Tx
+from jobtrace.store.db import MergeableOp, Tx
 
 MAX_ATTEMPT_ANNOTATIONS = 1000
 
@@ -39,33 +40,7 @@ class Reports(SchedulerState):
             v.add("progress.percent", "must be between 0 and 100")
         check_text(v, "progress.message", message, 10_000)
         v.raise_if_any()
-
-        async def op(db: AsyncSession, tx: Tx) -> None:
-            now = now_us()
-            # The common case in one statement: fenced and written under the
-            # job's row lock. Else (refused, or a workflow step) the general path.
-            updated = None
-            if session.tenants is None:
-                updated = await self._life.progress_if_held(
-                    db,
-                    tx,
-                    job_id,
-                    attempt,
-                    session.holder,
-                    session.worker_id,
-                    percent,
-                    message,
-                    now,
-                    session.identity.subject,
-                )
-            if updated is None:
-                job = await fenced(db, session, job_id, attempt, "progress")
-                updated = await self._life.progress(
-                    db, tx, job, percent, message, now, session.identity.subject
-                )
-            self._jobs.notify(tx, [updated])
-
-        await self._db.write(op)
+        await self._db.write(_Progress(self, session, job_id, attempt, percent, message))
 
     async def complete(
         self,
@@ -273,3 +248,81 @@ class Reports(SchedulerState):
     def _release_slot(self, session: WorkerSession, job_id: str) -> None:
         if session.held.pop(job_id, None) is not None:
             self.wake(slot_freed=True)
+
+
+class _Progress(MergeableOp[None]):
+    """The write of one progress report. Reports queued one after the other
+    (a busy worker's batch, or many workers at once) are merged: the common
+    case of all of them (fenced and written under each job's row lock) in
+    three statements (Lifecycle.progress_many_if_held)."""
+
+    __slots__ = ("attempt", "job_id", "message", "percent", "reports", "session")
+
+    def __init__(
+        self,
+        reports: Reports,
+        session: WorkerSession,
+        job_id: str,
+        attempt: int,
+        percent: float,
+        message: str,
+    ) -> None:
+        self.reports = reports
+        self.session = session
+        self.job_id = job_id
+        self.attempt = attempt
+        self.percent = percent
+        self.message = message
+
+    def _held(self, tx: Tx) -> HeldProgress:
+        s = self.session
+        return HeldProgress(
+            tx,
+            self.job_id,
+            self.attempt,
+            s.holder,
+            s.worker_id,
+            self.percent,
+            self.message,
+            s.identity.subject,
+        )
+
+    async def __call__(self, db: AsyncSession, tx: Tx) -> None:
+        updated = None
+        if self.session.tenants is None:  # one statement on PostgreSQL
+            updated = await self.reports._life.progress_if_held(db, self._held(tx))
+        await self._done(db, tx, updated)
+
+    async def _done(self, db: AsyncSession, tx: Tx, updated: Job | None) -> None:
+        """Notify the job as updated; None (refused, or not for the one-statement
+        path: a workflow step, say): the general path, which says why."""
+        if updated is None:
+            job = await fenced(db, self.session, self.job_id, self.attempt, "progress")
+            updated = await self.reports._life.progress(
+                db, tx, job, self.percent, self.message, now_us(), self.session.identity.subject
+            )
+        self.reports._jobs.notify(tx, [updated])
+
+    @classmethod
+    async def run_merged(cls, db: AsyncSession, ops: list[tuple[_Progress, Tx]]) -> list[None]:
+        # In rounds of distinct jobs (a job's reports apply in queue order).
+        pending = ops
+        while pending:
+            seen: set[str] = set()
+            now: list[tuple[_Progress, Tx]] = []
+            later: list[tuple[_Progress, Tx]] = []
+            for op, tx in pending:
+                (later if op.job_id in seen else now).append((op, tx))
+                seen.add(op.job_id)
+            fast = [(op, tx) for op, tx in now if op.session.tenants is None]
+            if len(fast) == 1:
+                await fast[0][0](db, fast[0][1])
+                now = [(op, tx) for op, tx in now if op.session.tenants is not None]
+                fast = []
+            life = ops[0][0].reports._life
+            updated = await life.progress_many_if_held(db, [op._held(tx) for op, tx in fast])
+            found = {op.job_id: job for (op, _), job in zip(fast, updated, strict=True)}
+            for op, tx in now:
+                await op._done(db, tx, found.get(op.job_id))
+            pending = later
+        return [None] * len(ops)
