@@ -428,16 +428,23 @@ async def test_listings_across_runs_are_tenant_scoped(db_url: str, tmp_path: Pat
         assert len(await job_ids(api, admin, user_id="alice")) == 4
 
 
-async def plan_of(db_url: str, stmt: Any) -> str:
-    """The database's plan of a statement (PostgreSQL without sequential scans,
-    which a small table gets otherwise)."""
+async def plan_of(db_url: str, stmt: Any, *, analyze: bool = False) -> str:
+    """The database's plan of a statement (or of SQL text with its values
+    written in), PostgreSQL without sequential scans, which a small table
+    gets otherwise (`analyze`: with statistics, as autovacuum keeps them)."""
     pg = db_url.startswith("postgresql")
     dialect = postgresql.dialect() if pg else sqlite.dialect()  # type: ignore[no-untyped-call]
-    sql = str(stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+    sql = (
+        stmt
+        if isinstance(stmt, str)
+        else str(stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+    )
     engine = create_async_engine(db_url)
     try:
         async with engine.begin() as conn:
             if pg:
+                if analyze:
+                    await conn.exec_driver_sql("ANALYZE jobs")
                 await conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
                 plan = (await conn.exec_driver_sql("EXPLAIN " + sql)).fetchall()
             else:
@@ -713,18 +720,7 @@ async def test_the_dispatch_read_neither_sorts_nor_scans_the_queue(harness: Harn
     rows = await execute_sql(url, query)
     due = [r[-1] for r in rows if r[-1] is not None]
     assert len(rows) == 11 and len(due) == 1 and due[0] > params["now"], rows
-    engine = create_async_engine(url)
-    try:
-        async with engine.begin() as conn:
-            if pg:  # with statistics, as autovacuum keeps them
-                await conn.exec_driver_sql("ANALYZE jobs")
-                await conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
-                plan = " ".join(r[0] for r in await conn.exec_driver_sql("EXPLAIN " + query))
-            else:
-                raw = await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query)
-                plan = " ".join(str(r) for r in raw)
-    finally:
-        await engine.dispose()
+    plan = await plan_of(url, query, analyze=True)
     assert "ix_jobs_dispatch" in plan and "ix_jobs_waiting" in plan, plan
     assert "TEMP B-TREE" not in plan and "Sort" not in plan, plan
 
@@ -757,17 +753,7 @@ async def test_progress_of_many_jobs_looks_each_up_by_its_key(harness: Harness) 
     }
     for name, value in literals.items():
         query = query.replace(name, value)
-    engine = create_async_engine(url)
-    try:
-        async with engine.begin() as conn:
-            if pg:  # as for a table too large to read whole
-                await conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
-                plan = " ".join(r[0] for r in await conn.exec_driver_sql("EXPLAIN " + query))
-            else:
-                raw = await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query)
-                plan = " ".join(str(r) for r in raw)
-    finally:
-        await engine.dispose()
+    plan = await plan_of(url, query)
     key = "jobs_id_key" if pg else "sqlite_autoindex_jobs_1 (id=?)"  # jobs.id is unique
     assert key in plan, plan
     assert "ix_jobs_gate_deadline" not in plan and "ix_jobs_lease" not in plan, plan

@@ -79,7 +79,9 @@ class MergeableOp(abc.ABC, Generic[T]):
         """Run these operations (of this class, queued one after the other,
         each with its Tx) with the effects of calling each in turn: their
         results in the same order. Raising fails them all, as an operation
-        that raises fails its group commit (which then runs each alone)."""
+        that raises fails its group commit (which then runs each alone). As
+        they commit or fail together, their after-commit hooks and notices may
+        all go on the last one's Tx (the one the run spans are recorded on)."""
 
 
 # session.info key of (Database.spans, the running operation's Tx) when OTLP is on.
@@ -442,8 +444,8 @@ class Database:
                     outcomes.append((True, await self._op(item, session)))
                 else:
                     group = batch[i:j]
-                    if self.spans is not None:
-                        session.info[SPANS_KEY] = (self.spans, item.tx)
+                    if self.spans is not None:  # see MergeableOp.run_merged
+                        session.info[SPANS_KEY] = (self.spans, group[-1].tx)
                     results = await kind.run_merged(session, [(g.op, g.tx) for g in group])
                     outcomes.extend((True, r) for r in results)
             except Exception as exc:

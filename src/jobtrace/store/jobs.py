@@ -1555,7 +1555,7 @@ def progress_many_update(
     one, for distinct jobs: RETURNING each job it matched as updated (one it
     did not match: refused, nothing of it changed). To run with their trace
     events (store.trace.update_many_and_store_events)."""
-    ordered = sorted(reports)  # row locks in id order, as everywhere
+    ordered = sorted(reports)
     params: Params = {"now": now, "running": int(RunState.RUNNING)}
     if _is_sqlite(session):
         params["items"] = codec.dumps([list(r) for r in ordered])

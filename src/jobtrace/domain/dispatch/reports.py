@@ -305,24 +305,28 @@ class _Progress(MergeableOp[None]):
 
     @classmethod
     async def run_merged(cls, db: AsyncSession, ops: list[tuple[_Progress, Tx]]) -> list[None]:
+        # Every hook on the last operation's Tx (the group commits, or fails,
+        # whole), in the order they are written: a run's events are published
+        # in sequence order, whichever of the group's reports they came from.
+        tx = ops[-1][1]
+        life = ops[0][0].reports._life
         # In rounds of distinct jobs (a job's reports apply in queue order).
-        pending = ops
+        pending = [op for op, _ in ops]
         while pending:
             seen: set[str] = set()
-            now: list[tuple[_Progress, Tx]] = []
-            later: list[tuple[_Progress, Tx]] = []
-            for op, tx in pending:
-                (later if op.job_id in seen else now).append((op, tx))
+            now: list[_Progress] = []
+            later: list[_Progress] = []
+            for op in pending:
+                (later if op.job_id in seen else now).append(op)
                 seen.add(op.job_id)
-            fast = [(op, tx) for op, tx in now if op.session.tenants is None]
-            if len(fast) == 1:
-                await fast[0][0](db, fast[0][1])
-                now = [(op, tx) for op, tx in now if op.session.tenants is not None]
-                fast = []
-            life = ops[0][0].reports._life
-            updated = await life.progress_many_if_held(db, [op._held(tx) for op, tx in fast])
-            found = {op.job_id: job for (op, _), job in zip(fast, updated, strict=True)}
-            for op, tx in now:
+            fast = [op for op in now if op.session.tenants is None]
+            found: dict[str, Job | None] = {}
+            if len(fast) == 1:  # one statement on PostgreSQL
+                found[fast[0].job_id] = await life.progress_if_held(db, fast[0]._held(tx))
+            elif fast:
+                updated = await life.progress_many_if_held(db, [op._held(tx) for op in fast])
+                found = {op.job_id: job for op, job in zip(fast, updated, strict=True)}
+            for op in now:
                 await op._done(db, tx, found.get(op.job_id))
             pending = later
         return [None] * len(ops)
