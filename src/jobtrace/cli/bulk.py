@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from jobtrace.cli.client_commands import parse_pairs, parse_when, run_command
@@ -73,10 +74,20 @@ def describe_result(response: Response) -> str:
     return "\n".join(lines)
 
 
-async def cancel_runs_command(args: argparse.Namespace, client: Client) -> int:
-    filters = _filters(args)
+async def _run_in_bulk(
+    args: argparse.Namespace,
+    call: Callable[..., Awaitable[Response]],
+    options: dict[str, Any],
+    verbs: tuple[str, str, str],
+) -> int:
+    """Cancel or rerun (`call`: the client's cancel_runs or rerun_runs, with
+    these `options` besides the filters): the matching runs shown first and
+    asked for (unless --yes or --request-id), then the operation until done.
+    `verbs`: the action as in "not cancelling", "to cancel", "nothing cancelled"."""
+    doing, do, done = verbs
+    filters = _filters(args) | options
     if args.dry_run or not (args.yes or args.request_id):
-        dry = await client.cancel_runs(**filters, dry_run=True, reason=args.reason)
+        dry = await call(**filters, dry_run=True)
         if args.dry_run:
             print_json(as_json(dry)) if args.json else print(describe_dry_run(dry))
             return 0
@@ -86,24 +97,25 @@ async def cancel_runs_command(args: argparse.Namespace, client: Client) -> int:
                 print_json(as_json(dry))
             return 0
         if not sys.stdin.isatty():
-            print("not cancelling: pass --yes to cancel without asking", file=sys.stderr)
+            print(f"not {doing}: pass --yes to {do} without asking", file=sys.stderr)
             return 2
-        answer = await asyncio.to_thread(input, f"Cancel these {dry.matched} runs? [y/N] ")
+        answer = await asyncio.to_thread(
+            input, f"{do.capitalize()} these {dry.matched} runs? [y/N] "
+        )
         if answer.strip().lower() not in ("y", "yes"):
-            print("nothing cancelled", file=sys.stderr)
+            print(f"nothing {done}", file=sys.stderr)
             return 2
     request_id = args.request_id or f"cli-{uuid.uuid4()}"
     if not args.json:
         print(f"operation {request_id} (resume with --request-id {request_id})", file=sys.stderr)
-    response = await client.cancel_runs(
-        **filters,
-        reason=args.reason,
-        request_id=request_id,
-        limit=args.batch,
-        until_done=True,
-    )
+    response = await call(**filters, request_id=request_id, limit=args.batch, until_done=True)
     print_json(as_json(response)) if args.json else print(describe_result(response))
     return 0 if response.failed == 0 else 1
+
+
+async def cancel_runs_command(args: argparse.Namespace, client: Client) -> int:
+    verbs = ("cancelling", "cancel", "cancelled")
+    return await _run_in_bulk(args, client.cancel_runs, {"reason": args.reason}, verbs)
 
 
 def add_cancel_runs_command(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -144,33 +156,8 @@ def add_cancel_runs_command(sub: Any, parents: list[argparse.ArgumentParser]) ->
 
 
 async def rerun_runs_command(args: argparse.Namespace, client: Client) -> int:
-    filters = _filters(args)
     options = {"reason": args.reason, "failed_only": args.failed_only}
-    if args.dry_run or not (args.yes or args.request_id):
-        dry = await client.rerun_runs(**filters, **options, dry_run=True)
-        if args.dry_run:
-            print_json(as_json(dry)) if args.json else print(describe_dry_run(dry))
-            return 0
-        print(describe_dry_run(dry), file=sys.stderr)
-        if dry.matched == 0:
-            if args.json:
-                print_json(as_json(dry))
-            return 0
-        if not sys.stdin.isatty():
-            print("not rerunning: pass --yes to rerun without asking", file=sys.stderr)
-            return 2
-        answer = await asyncio.to_thread(input, f"Rerun these {dry.matched} runs? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            print("nothing rerun", file=sys.stderr)
-            return 2
-    request_id = args.request_id or f"cli-{uuid.uuid4()}"
-    if not args.json:
-        print(f"operation {request_id} (resume with --request-id {request_id})", file=sys.stderr)
-    response = await client.rerun_runs(
-        **filters, **options, request_id=request_id, limit=args.batch, until_done=True
-    )
-    print_json(as_json(response)) if args.json else print(describe_result(response))
-    return 0 if response.failed == 0 else 1
+    return await _run_in_bulk(args, client.rerun_runs, options, ("rerunning", "rerun", "rerun"))
 
 
 def add_rerun_runs_command(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
