@@ -15,7 +15,7 @@ from jobtrace.pb import trace_service_pb2 as t
 from jobtrace.pb import worker_service_pb2 as w
 
 from .conftest import Harness, Stubs, wait_for
-from .test_worker_stream import QUICK_RETRY, notes, submit, value
+from .test_worker_stream import QUICK_RETRY, notes, scheduler_of, submit, value
 from .test_workers import get
 from .workers import RawWorker, runtime_worker
 
@@ -298,8 +298,13 @@ async def test_the_runtime_batches_within_its_window_and_coalesces_only_when_ask
         assert [(e.message) for e in last] == ["step 10"]
         assert (await get(api, coalesced.id)).state == c.RUN_STATE_COMPLETED
 
-    # Window 0: one message per report, nothing coalesced.
-    async with runtime_worker(harness.target, {"burst": burst}, report_window_ms=0) as worker:
+    # Window 0 without batches (a worker from before them): one message per
+    # report, nothing coalesced, and the server hands it one job per message.
+    async with runtime_worker(
+        harness.target, {"burst": burst}, report_window_ms=0, accepts_batches=False
+    ) as worker:
+        sessions = scheduler_of(harness).sessions.values()
+        assert [s.accepts_batches for s in sessions if s.worker_id == worker.worker_id] == [False]
         messages, reports = worker.messages_sent, worker.reports_sent
         plain = await submit(api, "plain", service="burst", payload=struct({"coalesce": 1}))
         await wait_for(lambda: job_done(api, plain.id), timeout=10)
