@@ -200,3 +200,39 @@ async def test_progress_reports_queued_together_share_their_statements(
     # Merged as they were queued: a few rounds at most, never one per report.
     assert 1 <= len(writes) <= 4, writes
     await raw.close()
+
+
+async def test_a_dispatch_round_claims_its_jobs_together(
+    counted: tuple[Harness, Statements],
+) -> None:
+    """Standalone jobs a dispatch round hands out are claimed by one multi-row
+    UPDATE (with one reservation and one INSERT of their STARTED events), not
+    one claim statement per job; every job is then RUNNING with its event."""
+    from .test_batching import events_of, take_assignments
+    from .workers import RawWorker
+
+    h, seen = counted
+    api = h.stubs()
+    items = [
+        job_service_pb2.SubmitJobRequest(
+            request_id=f"round-{i}", job=common_pb2.JobSpec(service="round")
+        )
+        for i in range(16)
+    ]
+    jobs = [
+        r.job.id
+        for r in (await api.jobs.SubmitJobs(job_service_pb2.SubmitJobsRequest(items=items))).results
+    ]
+    mark = seen.mark()
+    raw = RawWorker(api)
+    await raw.hello("w", ["round"], max_concurrency=16, accepts_batches=True)
+    got = await take_assignments(raw, 16)
+    assert set(got) == set(jobs) and {x.attempt for x in got.values()} == {1}
+    claims = [s for s in seen.since(mark) if "attempt = attempt + 1" in s]
+    assert 1 <= len(claims) <= 2, claims  # the round (a worker's slots may open in two)
+    for job_id in jobs[:3]:
+        started = [
+            e for e in await events_of(api, job_id) if e.type == common_pb2.TRACE_EVENT_TYPE_STARTED
+        ]
+        assert [(e.attempt, e.worker_id) for e in started] == [(1, "w")]
+    await raw.close()

@@ -198,6 +198,19 @@ async def parent_evidence(db: AsyncSession, parent_run_id: str) -> JSON:
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimOf:
+    """A claim of a job (as the dispatch read saw it) for a worker session
+    (see Lifecycle.claim_many)."""
+
+    job: Job
+    worker_id: str
+    session_id: str
+    holder: str
+    by: str
+    placement: JSON | None
+
+
+@dataclass(frozen=True, slots=True)
 class HeldProgress:
     """A progress report of an attempt whose lease `holder` holds, written
     by the operation whose Tx is `tx` (see Lifecycle.progress_many_if_held)."""
@@ -504,8 +517,51 @@ class Lifecycle:
         that attempt (or another replica is claiming it right now). The
         STARTED event's data holds `placement`: why this worker (see
         dispatch.placement.Picked)."""
+        event = self._started(job, worker_id, now, by, placement)
+        update = store.claim_update(
+            job.id, job.attempt, worker_id, lease_deadline_us, now, session_id, holder
+        )
+        row = await self.trace.record_after_update(db, tx, job.tenant, [event], update)
+        if row is None:
+            return None
+        claimed = store.job_from_row(row, context=True)
+        await self._workflow_started(db, tx, claimed, now, by)
+        return claimed
+
+    async def claim_many(
+        self,
+        db: AsyncSession,
+        tx: Tx,
+        claims: Sequence[ClaimOf],
+        lease_deadline_us: int,
+        now: int,
+    ) -> list[Job | None]:
+        """Claims of several distinct standalone jobs, each as claim makes one
+        (its STARTED event included), in three statements for all: each job
+        as claimed, or None with nothing of it changed."""
+        items = [
+            (tx, c.job.tenant, self._started(c.job, c.worker_id, now, c.by, c.placement))
+            for c in claims
+        ]
+        update = store.claim_many_update(
+            db,
+            [(c.job.id, c.job.attempt, c.worker_id, c.holder, c.session_id) for c in claims],
+            lease_deadline_us,
+            now,
+        )
+        rows = await self.trace.record_after_update_many(db, update, items)
+        return [
+            None if (row := rows.get(c.job.id)) is None else store.job_from_row(row, context=True)
+            for c in claims
+        ]
+
+    def _started(
+        self, job: Job, worker_id: str, now: int, by: str, placement: JSON | None
+    ) -> TraceEvent:
+        """The STARTED event of a claim of `job` (as read, before its claim)
+        for `worker_id`; its data holds `placement` (why this worker)."""
         attempt = job.attempt + 1
-        event = self._event(
+        return self._event(
             replace(job, attempt=attempt, worker_id=worker_id),
             by,
             type=TraceType.STARTED,
@@ -518,15 +574,6 @@ class Lifecycle:
             ts_us=now,
             data={"placement": placement} if placement is not None else None,
         )
-        update = store.claim_update(
-            job.id, job.attempt, worker_id, lease_deadline_us, now, session_id, holder
-        )
-        row = await self.trace.record_after_update(db, tx, job.tenant, [event], update)
-        if row is None:
-            return None
-        claimed = store.job_from_row(row, context=True)
-        await self._workflow_started(db, tx, claimed, now, by)
-        return claimed
 
     async def _workflow_started(
         self, db: AsyncSession, tx: Tx, job: Job, now: int, by: str

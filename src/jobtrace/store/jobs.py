@@ -1595,6 +1595,62 @@ _CLAIM_AT = Query(
 )
 
 
+# Claims of several jobs in one statement, each row's (id, attempt seen,
+# worker id, holder, session) compare-and-set as _CLAIM_AT sets one; the
+# same SET with the per-job values taken from the list.
+_CLAIM_MANY_SET = (
+    _CLAIM_SET.replace(":worker_id", "v.worker_id")
+    .replace(":holder", "v.holder")
+    .replace(":session_id", "v.session_id")
+    + " FROM "
+)
+_CLAIM_MANY = Query(
+    _CLAIM_MANY_SET
+    + "(SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS seen_attempt,"
+    " json_extract(value, '$[2]') AS worker_id, json_extract(value, '$[3]') AS holder,"
+    " json_extract(value, '$[4]') AS session_id FROM json_each(:items)) AS v"
+    # +state: found by primary key, walking the list (see _PROGRESS_MANY).
+    " WHERE jobs.id = v.id AND +jobs.state = :queued AND jobs.attempt = v.seen_attempt"
+    + _NOT_PAUSED
+    + " RETURNING *",
+    postgresql=_CLAIM_MANY_SET
+    + "unnest(CAST(:ids AS TEXT[]), CAST(:seen AS INTEGER[]), CAST(:workers AS TEXT[]),"
+    " CAST(:holders AS TEXT[]), CAST(:sessions AS TEXT[]))"
+    " AS v(id, seen_attempt, worker_id, holder, session_id)"
+    " WHERE jobs.id = v.id AND jobs.id IN (SELECT id FROM jobs WHERE id = ANY(CAST(:ids AS TEXT[]))"
+    " AND state = :queued AND held = 0 FOR UPDATE SKIP LOCKED)"
+    " AND jobs.state = :queued AND jobs.attempt = v.seen_attempt"
+    + _NOT_PAUSED
+    + " RETURNING jobs.*",
+)
+
+
+def claim_many_update(
+    session: AsyncSession,
+    claims: Sequence[tuple[str, int, str, str, str]],
+    lease_deadline_us: int,
+    now: int,
+) -> tuple[Query, Params]:
+    """Claims of several distinct QUEUED jobs at once, each (job id, attempt
+    the dispatch read saw, worker id, holder, session id) as claim_update
+    makes one: RETURNING each job claimed (one not returned: not claimed,
+    nothing of it changed). To run with their STARTED events
+    (store.trace.update_many_and_store_events)."""
+    ordered = sorted(claims)
+    params: Params = {
+        "running": int(RunState.RUNNING),
+        "queued": int(RunState.QUEUED),
+        "lease_deadline_us": lease_deadline_us,
+        "now": now,
+    }
+    if _is_sqlite(session):
+        params["items"] = codec.dumps([list(c) for c in ordered])
+    else:
+        for i, name in enumerate(("ids", "seen", "workers", "holders", "sessions")):
+            params[name] = [c[i] for c in ordered]
+    return _CLAIM_MANY, params
+
+
 def claim_update(
     job_id: str,
     attempt: int,

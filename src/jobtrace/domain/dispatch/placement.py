@@ -351,10 +351,36 @@ class Placement(Leases):
             # claiming right now are skipped, not waited for (see store.claim_update).
             for workflow_id in sorted({j.workflow_id for j, _, _ in plan if j.workflow_id}):
                 await store.lock_workflow(db, workflow_id)
+            # Standalone jobs without flow control are claimed together.
+            together = [
+                lifecycle.ClaimOf(
+                    job,
+                    session.worker_id,
+                    session.session_id,
+                    session.holder,
+                    session.identity.subject,
+                    placement,
+                )
+                for job, session, placement in plan
+                if not session.closed and _plain(job)
+            ]
+            claimed_together: dict[str, Job | None] = {}
+            if len(together) > 1:
+                for c, got in zip(
+                    together,
+                    await self._life.claim_many(db, tx, together, deadline, now),
+                    strict=True,
+                ):
+                    claimed_together[c.job.id] = got
             for job, session, placement in plan:
                 if session.closed:
                     continue
                 verdict: flow.Verdict | None = None
+                if job.id in claimed_together:
+                    claimed = claimed_together[job.id]
+                    if claimed is not None:
+                        await self._assign(db, handed, claims, changed, session, claimed, deadline)
+                    continue
                 if job.spec.rate_limits or job.spec.concurrency is not None:
                     # Only flow-controlled jobs pay for this (their rows locked
                     # until the commit on PostgreSQL).
@@ -392,12 +418,7 @@ class Placement(Leases):
                         changed.extend(
                             await self._flow_cancel(db, tx, running_id, RunState.RUNNING, now)
                         )
-                context = await store.request_context_for(db, claimed)
-                upstream = await step_data.upstream(db, claimed)
-                assign = Assign(claimed, deadline, context, upstream)
-                handed.setdefault(session.session_id, (session, []))[1].append(assign)
-                claims.append(_Claim(claimed.id, claimed.attempt, session))
-                changed.append(claimed)
+                await self._assign(db, handed, claims, changed, session, claimed, deadline)
             for session, assigns in handed.values():
                 tx.on_commit(lambda a=assigns, s=session: hand_over(a, s))  # type: ignore[misc]
             self._jobs.notify(tx, changed)
@@ -427,6 +448,25 @@ class Placement(Leases):
         # Stored, but the stream ended as they committed: given back at once.
         self._unsure([c for c in claims if c.job_id not in delivered])
         return len(delivered) == len(plan)
+
+    @staticmethod
+    async def _assign(
+        db: AsyncSession,
+        handed: dict[str, tuple[WorkerSession, list[Assign]]],
+        claims: list[_Claim],
+        changed: list[Job],
+        session: WorkerSession,
+        claimed: Job,
+        deadline: int,
+    ) -> None:
+        """A claimed job's assignment, handed to its session's worker after the
+        commit (with the session's others); the claim remembered until then."""
+        context = await store.request_context_for(db, claimed)
+        upstream = await step_data.upstream(db, claimed)
+        assign = Assign(claimed, deadline, context, upstream)
+        handed.setdefault(session.session_id, (session, []))[1].append(assign)
+        claims.append(_Claim(claimed.id, claimed.attempt, session))
+        changed.append(claimed)
 
     async def _flow_cancel(
         self, db: AsyncSession, tx: Tx, job_id: str, expected: RunState, now: int
@@ -625,3 +665,9 @@ def pick_worker(
         keys = tuple(k for k in spec.affinity_keys if k in best.affinity_keys) if wanted else ()
         best_detail = Score(float(len(keys)), (), keys)
     return Picked(best, best_detail, candidates)
+
+
+def _plain(job: Job) -> bool:
+    """A standalone job without flow control: claimed with the others of its
+    dispatch round in one statement (Lifecycle.claim_many)."""
+    return not job.workflow_id and not job.spec.rate_limits and job.spec.concurrency is None
