@@ -312,3 +312,44 @@ async def test_beyond_the_listed_items_the_digest_still_covers_every_annotation(
         harness.db_url, "UPDATE annotations SET value = '7' WHERE id = :id", id=notes[0].id
     )
     assert list((await verify(api, att.key)).changed_annotation_ids) == [notes[0].id]
+
+
+async def test_completions_written_together_vouch_each_for_its_own_annotations(
+    harness: Harness,
+) -> None:
+    """Completions of one batch are written together (their jobs and their
+    runs' annotations read at once): each attestation still covers exactly
+    its own job's annotations, a worker's pending ones (published by the
+    completion) and a run-level one alike, and verifies."""
+    from .test_batching import report, take_assignments
+    from .test_worker_stream import submit
+
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"], max_concurrency=6, accepts_batches=True)
+    jobs = [(await submit(api, f"together-{i}")).id for i in range(6)]
+    await take_assignments(raw, 6)
+    await attach(api, jobs[1], {"review.by": "alice"})
+    batch = [
+        report(
+            1,
+            annotate=w.AnnotationReport(
+                job_id=jobs[0], attempt=1, attributes={"review.note": value("mine")}
+            ),
+        ),
+        *[
+            report(2 + i, complete=w.CompleteReport(job_id=x, attempt=1))
+            for i, x in enumerate(jobs)
+        ],
+    ]
+    await raw.send(batch=w.ReportBatch(reports=batch))
+    acks = await raw.expect("acks")
+    assert len(acks.acks) == 7 and not acks.errors, acks.errors
+    for i, job_id in enumerate(jobs):
+        key = f"worker-completion:{job_id}"
+        block = block_of(await get(api, key))
+        want = {0: ["review.note"], 1: ["review.by"]}.get(i, [])
+        assert [item["key"] for item in block["items"]] == want, (i, block)
+        assert block["run_id"] == job_id and block["count"] == len(want)
+        assert (await verify(api, key)).valid
+    await raw.close()

@@ -197,6 +197,12 @@ async def test_terminated_sessions_and_too_many_connections_are_unavailable(
 LONG_LEASE_S = 60.0  # far beyond each test: no lease expires, nothing is retried
 
 
+def _is_claim(op: Any) -> bool:
+    """Whether a queued write is a dispatch claim (a function; other
+    operations may be objects: store.db.MergeableOp)."""
+    return getattr(op, "__qualname__", "").startswith("Placement._claim.")
+
+
 def cut_claim_commits(
     monkeypatch: pytest.MonkeyPatch,
     h: Harness,
@@ -218,7 +224,7 @@ def cut_claim_commits(
     cut: list[str] = []
 
     async def run_batch(batch: list[Any]) -> list[tuple[bool, Any]]:
-        claims = any(item.op.__qualname__.startswith("Placement._claim.") for item in batch)
+        claims = any(_is_claim(item.op) for item in batch)
         if cut or not claims:
             return await real_run_batch(batch)
         if stored:
@@ -233,7 +239,7 @@ def cut_claim_commits(
     real_commit = db._commit_session
 
     async def commit_session(batch: list[Any], session: Any) -> None:
-        claims = any(item.op.__qualname__.startswith("Placement._claim.") for item in batch)
+        claims = any(_is_claim(item.op) for item in batch)
         if cut or not claims:
             return await real_commit(batch, session)
         if stored:

@@ -236,3 +236,43 @@ async def test_a_dispatch_round_claims_its_jobs_together(
         ]
         assert [(e.attempt, e.worker_id) for e in started] == [(1, "w")]
     await raw.close()
+
+
+async def test_completions_queued_together_read_their_jobs_together(
+    counted: tuple[Harness, Statements],
+) -> None:
+    """A batch of completions of standalone jobs reads (and locks) its jobs
+    with one statement and their runs' annotations with another, not one
+    read of each per completion; every job then COMPLETED and attested."""
+    from .test_batching import report, take_assignments
+    from .workers import RawWorker
+
+    h, seen = counted
+    api = h.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"], max_concurrency=16, accepts_batches=True)
+    items = [
+        job_service_pb2.SubmitJobRequest(
+            request_id=f"done-{i}", job=common_pb2.JobSpec(service="svc")
+        )
+        for i in range(16)
+    ]
+    response = await api.jobs.SubmitJobs(job_service_pb2.SubmitJobsRequest(items=items))
+    jobs = [r.job.id for r in response.results]
+    assert set(await take_assignments(raw, 16)) == set(jobs)
+    mark = seen.mark()
+    batch = [
+        report(i + 1, complete=w.CompleteReport(job_id=job_id, attempt=1))
+        for i, job_id in enumerate(jobs)
+    ]
+    await raw.send(batch=w.ReportBatch(reports=batch))
+    acks = await raw.expect("acks")
+    assert len(acks.acks) == 16 and not acks.errors
+    statements = seen.since(mark)
+    job_reads = [s for s in statements if s.startswith("SELECT * FROM jobs")]
+    annotation_reads = [s for s in statements if s.startswith("SELECT * FROM annotations")]
+    assert 1 <= len(job_reads) <= 4 and 1 <= len(annotation_reads) <= 4, statements
+    for job_id in jobs:
+        got = await api.jobs.GetJob(job_service_pb2.GetJobRequest(job_id=job_id))
+        assert got.job.state == common_pb2.RUN_STATE_COMPLETED
+    await raw.close()

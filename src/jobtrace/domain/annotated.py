@@ -94,11 +94,25 @@ async def covered(session: AsyncSession, sel: JSON, limit: int) -> list[Row]:
     )
 
 
-async def evidence(session: AsyncSession, sel: JSON) -> JSON:
+def matching(rows: Sequence[Row], sel: JSON) -> list[Row]:
+    """The rows of a run's annotations (all of them, in publication order)
+    that `sel` matches, as `covered` reads them."""
+    job_id, attempts = sel["job_id"], sel["attempts"]
+    return [
+        r
+        for r in rows
+        if r["run_id"] == sel["run_id"]
+        and r["attempt"] in attempts
+        and (not job_id or r["job_id"] == job_id)
+    ]
+
+
+async def evidence(session: AsyncSession, sel: JSON, run_rows: Sequence[Row] | None = None) -> JSON:
     """data["annotations"] of an attestation being written: the selector, the
     count and digest of every annotation it matches, and (id, key, sha256) of the
-    first MAX_LISTED. Read in the caller's transaction."""
-    rows = await covered(session, sel, 2**62)
+    first MAX_LISTED. Read in the caller's transaction, or taken from
+    `run_rows`: every annotation of the run, read in it already."""
+    rows = await covered(session, sel, 2**62) if run_rows is None else matching(run_rows, sel)
     canon = [canonical(_decode(r)) for r in rows]
     return {
         "version": VERSION,

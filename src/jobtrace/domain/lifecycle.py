@@ -292,6 +292,7 @@ class Lifecycle:
         *,
         keep_head: bool = True,
         fold: list[tuple[Query, Params]] | None = None,
+        run_annotations: Sequence[Row] | None = None,
     ) -> tuple[int, str] | None:
         """Attest a job's transition. A standalone job's row records the head
         of its chain: read from the (locked) job as loaded when it has it, else
@@ -299,7 +300,9 @@ class Lifecycle:
         or, without `keep_head`, returned for the caller's own UPDATE of the
         row in this transaction (it must write it). A step's chain is its
         workflow's: None. With `fold`, the attestation's INSERT is appended
-        there, for the caller to run in this transaction (_set_and_record)."""
+        there, for the caller to run in this transaction (_set_and_record).
+        `run_annotations`: every annotation of the job's run, read in this
+        transaction already (see annotated.evidence)."""
         context = await store.request_context_for(db, job)
         data: JSON = {
             "recorded_by": by,  # signed: who caused it (see Attestation.recorded_by)
@@ -335,7 +338,7 @@ class Lifecycle:
             job_id=job.id,
             worker_id=job.worker_id,
             attempt=job.attempt,
-            annotations=await annotated.evidence(db, covers),
+            annotations=await annotated.evidence(db, covers, run_annotations),
             recorded_by=by,
             head=None if job.workflow_id else job.chain_head,
             insert=fold is None,
@@ -728,12 +731,17 @@ class Lifecycle:
         by: str,
         *,
         summary: JSON | None = None,
+        run_annotations: Sequence[Row] | None = None,
     ) -> list[Job]:
         """Complete a job with its result. Its COMPLETED event carries the
         attempt's duration and `summary` (the worker's own) as its
-        output_summary, else one derived from the result (output_summary.derive)."""
+        output_summary, else one derived from the result (output_summary.derive).
+        `run_annotations`: as _attest_job takes them (a job with no pending
+        annotations, whose completion publishes none)."""
         if summary is None:
             summary = await output_summary.derive(result, self.trace.redaction)
+        if job.pending_annotations:
+            run_annotations = None  # published below: read them as they are then
         changes: dict[str, object] = {
             "state": RunState.COMPLETED,
             "result": result,
@@ -758,6 +766,7 @@ class Lifecycle:
             by,
             keep_head=False,
             fold=attestation,
+            run_annotations=run_annotations,
         )
         if head is not None:
             changes["chain_head"] = head

@@ -559,6 +559,51 @@ async def load_locked(session: AsyncSession, job_id: str, tenant: str | None = N
     return await get_job(session, job_id, tenant, for_update=True)
 
 
+def is_standalone(job_id: str) -> bool:
+    """Whether a job seen lately is a standalone one (False: a step, or not
+    seen lately: unknown)."""
+    return _WORKFLOW_OF.get(job_id) == ""
+
+
+_LOCK_MANY = Query(
+    "SELECT * FROM jobs WHERE id IN (SELECT value FROM json_each(:ids)) ORDER BY id",
+    postgresql="SELECT * FROM jobs WHERE id = ANY(CAST(:id_list AS TEXT[])) ORDER BY id FOR UPDATE",
+)
+
+
+async def load_locked_many(session: AsyncSession, job_ids: Sequence[str]) -> dict[str, Job]:
+    """Standalone jobs read under their row locks (taken in id order), as
+    load_locked reads one, by id; an id not found is left out."""
+    ordered = sorted(job_ids)
+    params: Params = {"ids": codec.dumps(ordered)} if _is_sqlite(session) else {"id_list": ordered}
+    return {
+        r["id"]: _remember(job_from_row(r, context=True))
+        for r in await sql.fetch(session, _LOCK_MANY, params)
+    }
+
+
+_ANNOTATIONS_OF_RUNS = Query(
+    "SELECT * FROM annotations WHERE run_id IN (SELECT value FROM json_each(:runs)) ORDER BY seq",
+    postgresql="SELECT * FROM annotations WHERE run_id = ANY(CAST(:run_list AS TEXT[]))"
+    " ORDER BY seq",
+)
+
+
+async def annotations_of_runs(
+    session: AsyncSession, run_ids: Sequence[str]
+) -> dict[str, list[Row]]:
+    """Rows (mappings) of these runs' annotations, by run, each run's in
+    publication (seq) order: what attested_annotations reads of each, at once."""
+    ordered = sorted(run_ids)
+    params: Params = (
+        {"runs": codec.dumps(ordered)} if _is_sqlite(session) else {"run_list": ordered}
+    )
+    found: dict[str, list[Row]] = {r: [] for r in ordered}
+    for row in await sql.fetch(session, _ANNOTATIONS_OF_RUNS, params):
+        found[row["run_id"]].append(row)
+    return found
+
+
 # What a job listing reads: never request_context (a Job does not carry it),
 # and payload and result only for the FULL view.
 _JOB_HEAVY = ("payload", "result")

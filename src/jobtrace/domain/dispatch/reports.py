@@ -25,6 +25,7 @@ from jobtrace.domain.worker_identity import WorkerIdentity
 from jobtrace.model import JSON, AnnotationInput, AnnotationScope, Caller, Failure, Job, RunState
 from jobtrace.store import jobs as store
 from jobtrace.store.db import MergeableOp, Tx
+from jobtrace.store.sql import Row
 
 MAX_ATTEMPT_ANNOTATIONS = 1000
 
@@ -62,13 +63,7 @@ class Reports(SchedulerState):
         )
         v.raise_if_any()
 
-        async def op(db: AsyncSession, tx: Tx) -> None:
-            job = await fenced(db, session, job_id, attempt, "complete")
-            by = session.identity.subject
-            changed = await self._life.complete(db, tx, job, result, now_us(), by, summary=summary)
-            self._jobs.notify(tx, changed)
-
-        await self._db.write(op)
+        await self._db.write(_Complete(self, session, job_id, attempt, result, summary))
         session.completed += 1
         self._release_slot(session, job_id)
 
@@ -328,5 +323,84 @@ class _Progress(MergeableOp[None]):
                 found = {op.job_id: job for op, job in zip(fast, updated, strict=True)}
             for op in now:
                 await op._done(db, tx, found.get(op.job_id))
+            pending = later
+        return [None] * len(ops)
+
+
+class _Complete(MergeableOp[None]):
+    """The write of one completion. Completions queued one after the other
+    are merged: the standalone jobs of a round are read (locked) with one
+    statement and their runs' annotations (the attestations' evidence) with
+    another, then each is completed as alone (its UPDATE, COMPLETED event and
+    attestation in one statement on PostgreSQL)."""
+
+    __slots__ = ("attempt", "job_id", "reports", "result", "session", "summary")
+
+    def __init__(
+        self,
+        reports: Reports,
+        session: WorkerSession,
+        job_id: str,
+        attempt: int,
+        result: JSON | None,
+        summary: JSON | None,
+    ) -> None:
+        self.reports = reports
+        self.session = session
+        self.job_id = job_id
+        self.attempt = attempt
+        self.result = result
+        self.summary = summary
+
+    async def __call__(self, db: AsyncSession, tx: Tx) -> None:
+        await self._finish(
+            db, tx, await fenced(db, self.session, self.job_id, self.attempt, "complete")
+        )
+
+    async def _finish(
+        self, db: AsyncSession, tx: Tx, job: Job, run_annotations: list[Row] | None = None
+    ) -> None:
+        changed = await self.reports._life.complete(
+            db,
+            tx,
+            job,
+            self.result,
+            now_us(),
+            self.session.identity.subject,
+            summary=self.summary,
+            run_annotations=run_annotations,
+        )
+        self.reports._jobs.notify(tx, changed)
+
+    @classmethod
+    async def run_merged(cls, db: AsyncSession, ops: list[tuple[_Complete, Tx]]) -> list[None]:
+        tx = ops[-1][1]  # every hook on it, in order (see _Progress.run_merged)
+        pending = [op for op, _ in ops]
+        while pending:
+            seen: set[str] = set()
+            now: list[_Complete] = []
+            later: list[_Complete] = []
+            for op in pending:
+                (later if op.job_id in seen else now).append(op)
+                seen.add(op.job_id)
+            read = [
+                op.job_id
+                for op in now
+                if op.session.tenants is None and store.is_standalone(op.job_id)
+            ]
+            jobs: dict[str, Job] = {}
+            notes: dict[str, list[Row]] = {}
+            if len(read) > 1:
+                jobs = await store.load_locked_many(db, read)
+                quiet = [j.id for j in jobs.values() if not j.pending_annotations]
+                notes = await store.annotations_of_runs(db, quiet) if quiet else {}
+            for op in now:
+                found = jobs.get(op.job_id)
+                if found is None:
+                    await op(db, tx)  # read alone (and refused there if it must be)
+                    continue
+                s = op.session
+                job = fence(found, op.job_id, s.holder, op.attempt, "complete", s.tenants)
+                await op._finish(db, tx, job, notes.get(job.id))
             pending = later
         return [None] * len(ops)
