@@ -527,7 +527,7 @@ class Lifecycle:
         row = await self.trace.record_after_update(db, tx, job.tenant, [event], update)
         if row is None:
             return None
-        claimed = store.job_from_row(row, context=True)
+        claimed = store.remember(store.job_from_row(row, context=True))
         await self._workflow_started(db, tx, claimed, now, by)
         return claimed
 
@@ -554,7 +554,9 @@ class Lifecycle:
         )
         rows = await self.trace.record_after_update_many(db, update, items)
         return [
-            None if (row := rows.get(c.job.id)) is None else store.job_from_row(row, context=True)
+            None
+            if (row := rows.get(c.job.id)) is None
+            else store.remember(store.job_from_row(row, context=True))
             for c in claims
         ]
 

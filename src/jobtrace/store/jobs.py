@@ -518,6 +518,12 @@ WORKFLOW_OF_MAX = 65_536
 _IDENTITY_OF: dict[str, tuple[str, str, int, int]] = {}
 
 
+def remember(job: Job) -> Job:
+    """Note a job read or written (its workflow and identity, for the
+    one-statement paths); the job itself."""
+    return _remember(job)
+
+
 def _remember(job: Job) -> Job:
     if job.id not in _WORKFLOW_OF:
         if len(_WORKFLOW_OF) >= WORKFLOW_OF_MAX:
@@ -573,35 +579,49 @@ _LOCK_MANY = Query(
 
 async def load_locked_many(session: AsyncSession, job_ids: Sequence[str]) -> dict[str, Job]:
     """Standalone jobs read under their row locks (taken in id order), as
-    load_locked reads one, by id; an id not found is left out."""
+    load_locked reads one, by id; an id not found, or a workflow step's
+    (locked after its workflow: see load_locked), is left out."""
     ordered = sorted(job_ids)
     params: Params = {"ids": codec.dumps(ordered)} if _is_sqlite(session) else {"id_list": ordered}
-    return {
-        r["id"]: _remember(job_from_row(r, context=True))
-        for r in await sql.fetch(session, _LOCK_MANY, params)
-    }
+    rows = await sql.fetch(session, _LOCK_MANY, params)
+    jobs = [_remember(job_from_row(r, context=True)) for r in rows]
+    return {job.id: job for job in jobs if not job.workflow_id}
 
 
+# A standalone job's attestation covers its run's annotations of attempt 0
+# (run-level) and of the attempt (see domain.annotated.selector).
 _ANNOTATIONS_OF_RUNS = Query(
-    "SELECT * FROM annotations WHERE run_id IN (SELECT value FROM json_each(:runs)) ORDER BY seq",
-    postgresql="SELECT * FROM annotations WHERE run_id = ANY(CAST(:run_list AS TEXT[]))"
-    " ORDER BY seq",
+    "SELECT a.* FROM json_each(:runs) AS r JOIN annotations AS a"
+    " ON a.run_id = json_extract(r.value, '$[0]')"
+    " AND a.attempt IN (0, json_extract(r.value, '$[1]')) ORDER BY a.seq",
+    postgresql="SELECT a.* FROM unnest(CAST(:run_list AS TEXT[]), CAST(:attempts AS INTEGER[]))"
+    " AS r(run_id, attempt) JOIN annotations AS a ON a.run_id = r.run_id"
+    " AND a.attempt IN (0, r.attempt) ORDER BY a.seq",
 )
 
 
 async def annotations_of_runs(
-    session: AsyncSession, run_ids: Sequence[str]
+    session: AsyncSession, runs: Sequence[tuple[str, int]]
 ) -> dict[str, list[Row]]:
-    """Rows (mappings) of these runs' annotations, by run, each run's in
+    """Rows (mappings) of the annotations of these (standalone job's run,
+    attempt), run-level ones and the attempt's, by run, each run's in
     publication (seq) order: what attested_annotations reads of each, at once."""
-    ordered = sorted(run_ids)
-    params: Params = (
-        {"runs": codec.dumps(ordered)} if _is_sqlite(session) else {"run_list": ordered}
-    )
-    found: dict[str, list[Row]] = {r: [] for r in ordered}
+    ordered = sorted(runs)
+    params = _list_params(session, ordered, "runs", ("run_list", "attempts"))
+    found: dict[str, list[Row]] = {r: [] for r, _ in ordered}
     for row in await sql.fetch(session, _ANNOTATIONS_OF_RUNS, params):
         found[row["run_id"]].append(row)
     return found
+
+
+def _list_params(
+    session: AsyncSession, rows: Sequence[Sequence[Any]], sqlite_name: str, pg_names: Sequence[str]
+) -> Params:
+    """A list of rows as a statement takes it: on SQLite one JSON array of
+    arrays (read with json_each), on PostgreSQL one array per column (unnest)."""
+    if _is_sqlite(session):
+        return {sqlite_name: codec.dumps([list(r) for r in rows])}
+    return {name: [r[i] for r in rows] for i, name in enumerate(pg_names)}
 
 
 # What a job listing reads: never request_context (a Job does not carry it),
@@ -1600,13 +1620,9 @@ def progress_many_update(
     one, for distinct jobs: RETURNING each job it matched as updated (one it
     did not match: refused, nothing of it changed). To run with their trace
     events (store.trace.update_many_and_store_events)."""
-    ordered = sorted(reports)
-    params: Params = {"now": now, "running": int(RunState.RUNNING)}
-    if _is_sqlite(session):
-        params["items"] = codec.dumps([list(r) for r in ordered])
-    else:
-        for i, name in enumerate(("ids", "attempts", "holders", "percents", "messages")):
-            params[name] = [r[i] for r in ordered]
+    names = ("ids", "attempts", "holders", "percents", "messages")
+    params = _list_params(session, sorted(reports), "items", names)
+    params.update(now=now, running=int(RunState.RUNNING))
     return _PROGRESS_MANY, params
 
 
@@ -1681,18 +1697,14 @@ def claim_many_update(
     makes one: RETURNING each job claimed (one not returned: not claimed,
     nothing of it changed). To run with their STARTED events
     (store.trace.update_many_and_store_events)."""
-    ordered = sorted(claims)
-    params: Params = {
-        "running": int(RunState.RUNNING),
-        "queued": int(RunState.QUEUED),
-        "lease_deadline_us": lease_deadline_us,
-        "now": now,
-    }
-    if _is_sqlite(session):
-        params["items"] = codec.dumps([list(c) for c in ordered])
-    else:
-        for i, name in enumerate(("ids", "seen", "workers", "holders", "sessions")):
-            params[name] = [c[i] for c in ordered]
+    names = ("ids", "seen", "workers", "holders", "sessions")
+    params = _list_params(session, sorted(claims), "items", names)
+    params.update(
+        running=int(RunState.RUNNING),
+        queued=int(RunState.QUEUED),
+        lease_deadline_us=lease_deadline_us,
+        now=now,
+    )
     return _CLAIM_MANY, params
 
 

@@ -373,14 +373,16 @@ class Placement(Leases):
                 ):
                     claimed_together[c.job.id] = got
             for job, session, placement in plan:
-                if session.closed:
-                    continue
-                verdict: flow.Verdict | None = None
                 if job.id in claimed_together:
+                    # Claimed: handed over, or (its session closed meanwhile)
+                    # settled after the commit, like any claim.
                     claimed = claimed_together[job.id]
                     if claimed is not None:
                         await self._assign(db, handed, claims, changed, session, claimed, deadline)
                     continue
+                if session.closed:
+                    continue
+                verdict: flow.Verdict | None = None
                 if job.spec.rate_limits or job.spec.concurrency is not None:
                     # Only flow-controlled jobs pay for this (their rows locked
                     # until the commit on PostgreSQL).

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
+from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -305,15 +307,7 @@ class _Progress(MergeableOp[None]):
         # in sequence order, whichever of the group's reports they came from.
         tx = ops[-1][1]
         life = ops[0][0].reports._life
-        # In rounds of distinct jobs (a job's reports apply in queue order).
-        pending = [op for op, _ in ops]
-        while pending:
-            seen: set[str] = set()
-            now: list[_Progress] = []
-            later: list[_Progress] = []
-            for op in pending:
-                (later if op.job_id in seen else now).append(op)
-                seen.add(op.job_id)
+        for now in _rounds([op for op, _ in ops]):
             fast = [op for op in now if op.session.tenants is None]
             found: dict[str, Job | None] = {}
             if len(fast) == 1:  # one statement on PostgreSQL
@@ -323,7 +317,6 @@ class _Progress(MergeableOp[None]):
                 found = {op.job_id: job for op, job in zip(fast, updated, strict=True)}
             for op in now:
                 await op._done(db, tx, found.get(op.job_id))
-            pending = later
         return [None] * len(ops)
 
 
@@ -375,14 +368,7 @@ class _Complete(MergeableOp[None]):
     @classmethod
     async def run_merged(cls, db: AsyncSession, ops: list[tuple[_Complete, Tx]]) -> list[None]:
         tx = ops[-1][1]  # every hook on it, in order (see _Progress.run_merged)
-        pending = [op for op, _ in ops]
-        while pending:
-            seen: set[str] = set()
-            now: list[_Complete] = []
-            later: list[_Complete] = []
-            for op in pending:
-                (later if op.job_id in seen else now).append(op)
-                seen.add(op.job_id)
+        for now in _rounds([op for op, _ in ops]):
             read = [
                 op.job_id
                 for op in now
@@ -392,7 +378,7 @@ class _Complete(MergeableOp[None]):
             notes: dict[str, list[Row]] = {}
             if len(read) > 1:
                 jobs = await store.load_locked_many(db, read)
-                quiet = [j.id for j in jobs.values() if not j.pending_annotations]
+                quiet = [(j.id, j.attempt) for j in jobs.values() if not j.pending_annotations]
                 notes = await store.annotations_of_runs(db, quiet) if quiet else {}
             for op in now:
                 found = jobs.get(op.job_id)
@@ -402,5 +388,23 @@ class _Complete(MergeableOp[None]):
                 s = op.session
                 job = fence(found, op.job_id, s.holder, op.attempt, "complete", s.tenants)
                 await op._finish(db, tx, job, notes.get(job.id))
-            pending = later
         return [None] * len(ops)
+
+
+_Op = TypeVar("_Op", _Progress, _Complete)
+
+
+def _rounds(ops: list[_Op]) -> Iterator[list[_Op]]:
+    """Merged reports in rounds of distinct jobs, each round's in queue
+    order: a job's second report is in the round after its first, so a job's
+    reports apply in the order they were queued."""
+    pending = ops
+    while pending:
+        seen: set[str] = set()
+        now: list[_Op] = []
+        later: list[_Op] = []
+        for op in pending:
+            (later if op.job_id in seen else now).append(op)
+            seen.add(op.job_id)
+        yield now
+        pending = later
