@@ -190,19 +190,32 @@ def redact_event(e: TraceEvent, r: Redaction) -> TraceEvent:
         return e
     error = e.error
     if error is not None:
-        error = replace(
+        clean = replace(
             error,
             message=redact_text(error.message, r),
             details=redact_text(error.details, r),
             stack=redact_text(error.stack, r),
         )
+        error = error if clean == error else clean
+    message = redact_text(e.message, r)
+    user_message = redact_text(e.user_message, r)
+    summary = None if e.output_summary is None else redact(e.output_summary, r)
+    data = None if e.data is None else redact(e.data, r)
+    if (
+        error is e.error
+        and message == e.message
+        and user_message == e.user_message
+        and summary == e.output_summary
+        and data == e.data
+    ):
+        return e  # nothing to redact (most events): no copy
     return replace(
         e,
-        message=redact_text(e.message, r),
-        user_message=redact_text(e.user_message, r),
+        message=message,
+        user_message=user_message,
         error=error,
-        output_summary=None if e.output_summary is None else redact(e.output_summary, r),
-        data=None if e.data is None else redact(e.data, r),
+        output_summary=summary,
+        data=data,
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -205,10 +205,9 @@ async def update_many_and_store_events(
     statements, whatever the number of jobs and runs."""
     query, params = update
     rows = {r["id"]: r for r in await sql.fetch(session, query, params)}
-    kept = [
-        replace(e, traceparent=rows[e.job_id]["traceparent"]) for e in events if e.job_id in rows
-    ]
-    return rows, await store_runs_events(session, kept)
+    kept = [e for e in events if e.job_id in rows]
+    traceparents = {job_id: row["traceparent"] for job_id, row in rows.items()}
+    return rows, await store_runs_events(session, kept, traceparents)
 
 
 _RESERVE_MANY = Query(
@@ -226,12 +225,15 @@ _RESERVE_MANY = Query(
 
 
 async def store_runs_events(
-    session: AsyncSession, events: Sequence[TraceEvent]
+    session: AsyncSession,
+    events: Sequence[TraceEvent],
+    traceparents: Mapping[str, str] | None = None,
 ) -> list[TraceEvent]:
     """Store events of any number of runs, each run's numbered with its next
     sequence numbers in the order given: one statement reserves every run's
     numbers (their trace_runs rows locked until commit, in run id order, as
-    store_events locks one) and one inserts the events. Return them numbered."""
+    store_events locks one) and one inserts the events. Return them numbered
+    (and with `traceparents`, each with its job's traceparent)."""
     if not events:
         return []
     counts: dict[str, list[Any]] = {}
@@ -257,7 +259,10 @@ async def store_runs_events(
     for e in events:
         seq = following[e.run_id]
         following[e.run_id] = seq + 1
-        numbered.append(replace(e, seq=seq))
+        if traceparents is None:
+            numbered.append(replace(e, seq=seq))
+        else:
+            numbered.append(replace(e, seq=seq, traceparent=traceparents[e.job_id]))
     await insert_events(session, numbered)
     return numbered
 
