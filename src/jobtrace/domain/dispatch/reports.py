@@ -247,13 +247,25 @@ class Reports(SchedulerState):
             self.wake(slot_freed=True)
 
 
-class _Progress(MergeableOp[None]):
+class _Report(MergeableOp[None]):
+    """The write of one report of a session's worker about (job, attempt)."""
+
+    __slots__ = ("attempt", "job_id", "reports", "session")
+
+    def __init__(self, reports: Reports, session: WorkerSession, job_id: str, attempt: int) -> None:
+        self.reports = reports
+        self.session = session
+        self.job_id = job_id
+        self.attempt = attempt
+
+
+class _Progress(_Report):
     """The write of one progress report. Reports queued one after the other
     (a busy worker's batch, or many workers at once) are merged: the common
     case of all of them (fenced and written under each job's row lock) in
     three statements (Lifecycle.progress_many_if_held)."""
 
-    __slots__ = ("attempt", "job_id", "message", "percent", "reports", "session")
+    __slots__ = ("message", "percent")
 
     def __init__(
         self,
@@ -264,10 +276,7 @@ class _Progress(MergeableOp[None]):
         percent: float,
         message: str,
     ) -> None:
-        self.reports = reports
-        self.session = session
-        self.job_id = job_id
-        self.attempt = attempt
+        super().__init__(reports, session, job_id, attempt)
         self.percent = percent
         self.message = message
 
@@ -320,14 +329,14 @@ class _Progress(MergeableOp[None]):
         return [None] * len(ops)
 
 
-class _Complete(MergeableOp[None]):
+class _Complete(_Report):
     """The write of one completion. Completions queued one after the other
     are merged: the standalone jobs of a round are read (locked) with one
     statement and their runs' annotations (the attestations' evidence) with
     another, then each is completed as alone (its UPDATE, COMPLETED event and
     attestation in one statement on PostgreSQL)."""
 
-    __slots__ = ("attempt", "job_id", "reports", "result", "session", "summary")
+    __slots__ = ("result", "summary")
 
     def __init__(
         self,
@@ -338,10 +347,7 @@ class _Complete(MergeableOp[None]):
         result: JSON | None,
         summary: JSON | None,
     ) -> None:
-        self.reports = reports
-        self.session = session
-        self.job_id = job_id
-        self.attempt = attempt
+        super().__init__(reports, session, job_id, attempt)
         self.result = result
         self.summary = summary
 
@@ -391,7 +397,7 @@ class _Complete(MergeableOp[None]):
         return [None] * len(ops)
 
 
-_Op = TypeVar("_Op", _Progress, _Complete)
+_Op = TypeVar("_Op", bound=_Report)
 
 
 def _rounds(ops: list[_Op]) -> Iterator[list[_Op]]:
