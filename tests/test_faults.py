@@ -347,6 +347,55 @@ async def test_a_claim_stored_for_a_worker_that_left_is_queued_again_without_cou
     assert any("never reached its worker" in message for _, _, message in trace), trace
 
 
+async def test_jobs_claimed_together_for_a_worker_that_left_meanwhile_are_given_back(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dispatch round claims two standalone jobs together, and their
+    worker's stream ends while that transaction is still open: the stored
+    claims are undone at once, without counting an attempt (each job allowed
+    one runs, as attempt 1, on the next worker), not left RUNNING until the
+    lease expires."""
+    async with Harness(db_url, lease_seconds=LONG_LEASE_S) as h:
+        assert h.server is not None
+        scheduler = h.server.scheduler
+        api = h.stubs()
+        jobs = [(await submit(api, f"t{i}", max_attempts=1)).id for i in range(2)]
+        life = scheduler._life
+        real = life.claim_many
+        closed: list[str] = []
+
+        async def claim_many(*args: Any, **kwargs: Any) -> Any:
+            got = await real(*args, **kwargs)
+            if not closed:  # the worker's stream ends now, mid-transaction
+                for session in list(scheduler.sessions.values()):
+                    session.close("the test ends its stream")
+                    closed.append(session.worker_id)
+            return got
+
+        monkeypatch.setattr(life, "claim_many", claim_many)
+        gone = RawWorker(api)
+        await gone.hello("gone", ["svc"], max_concurrency=2)
+        await wait_for(lambda: closed, timeout=10)
+
+        other = RawWorker(api)
+        await other.hello("other", ["svc"], max_concurrency=2)
+        got: dict[str, int] = {}
+        while len(got) < 2:
+            message = await other.recv(timeout=20)
+            if message.WhichOneof("kind") == "assignment":
+                got[message.assignment.job.id] = message.assignment.attempt
+        assert got == {job_id: 1 for job_id in jobs}
+        for job_id in jobs:
+            await other.send(complete=w.CompleteReport(job_id=job_id, attempt=1))
+            await other.expect("ack")
+        await other.close()
+        await gone.close()
+        for job_id in jobs:
+            done = (await api.jobs.GetJob(j.GetJobRequest(job_id=job_id))).job
+            assert done.state == c.RUN_STATE_COMPLETED and done.attempt == 1, done
+    assert closed == ["gone"]
+
+
 async def test_a_claim_that_was_not_stored_leaves_its_job_to_be_dispatched_as_usual(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
