@@ -13,8 +13,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from google.protobuf import struct_pb2
 from sqlalchemy.engine import make_url
 
+from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2, job_service_pb2
 from jobtrace.pb import worker_service_pb2 as w
 
@@ -262,13 +264,17 @@ async def test_a_dispatch_round_claims_its_jobs_together(
     await raw.close()
 
 
-async def test_completions_queued_together_read_their_jobs_together(
+async def test_completions_queued_together_are_read_and_written_together(
     counted: tuple[Harness, Statements],
 ) -> None:
     """A batch of completions of standalone jobs reads (and locks) its jobs
-    with one statement and their runs' annotations with another, not one
-    read of each per completion; every job then COMPLETED and attested."""
-    from .test_batching import report, take_assignments
+    with one statement and their runs' annotations with another, and writes
+    them with one UPDATE of the jobs, one INSERT (an executemany) of their
+    COMPLETED events and one of their attestations, not a read and a write
+    per completion;
+    every job then COMPLETED, its COMPLETED event numbered after its
+    STARTED, and attested."""
+    from .test_batching import events_of, report, take_assignments
     from .workers import RawWorker
 
     h, seen = counted
@@ -286,7 +292,7 @@ async def test_completions_queued_together_read_their_jobs_together(
     assert set(await take_assignments(raw, 16)) == set(jobs)
     mark = seen.mark()
     batch = [
-        report(i + 1, complete=w.CompleteReport(job_id=job_id, attempt=1))
+        report(i + 1, complete=w.CompleteReport(job_id=job_id, attempt=1, result=_result(i)))
         for i, job_id in enumerate(jobs)
     ]
     async with writer_held(h, queued=16):  # the 16 completions queue up together
@@ -299,7 +305,32 @@ async def test_completions_queued_together_read_their_jobs_together(
         s for s in statements if s.startswith("SELECT") and "annotations" in s.split(" WHERE")[0]
     ]
     assert len(job_reads) == 1 and len(annotation_reads) == 1, statements
-    for job_id in jobs:
+    job_writes = [s for s in statements if s.startswith("UPDATE jobs SET")]
+    event_writes = [s for s in statements if s.startswith("INSERT INTO trace_events ")]
+    attestation_writes = [s for s in statements if s.startswith("INSERT INTO attestations")]
+    assert len(job_writes) == 1 and "completed_us" in job_writes[0], statements
+    # One executemany each, which both backends' counters see as a statement per row.
+    assert len(event_writes) == len(attestation_writes) == 16, statements
+    for i, job_id in enumerate(jobs):  # each job's own result, state and stamps
         got = await api.jobs.GetJob(job_service_pb2.GetJobRequest(job_id=job_id))
         assert got.job.state == common_pb2.RUN_STATE_COMPLETED
+        assert got.job.result == _result(i) and got.job.progress.percent == 100.0
+        assert got.job.HasField("completed_at")
+        events = await events_of(api, job_id)
+        assert events[0].type == common_pb2.TRACE_EVENT_TYPE_STARTED
+        assert events[-1].type == common_pb2.TRACE_EVENT_TYPE_COMPLETED
+        assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+        assert events[-1].job_id == job_id and events[-1].attempt == 1
+        listed = await api.attest.ListAttestations(a.ListAttestationsRequest(job_id=job_id))
+        assert [x.type for x in listed.attestations] == [a.ATTESTATION_TYPE_WORKER_COMPLETION]
+        verdict = await api.attest.VerifyAttestation(
+            a.VerifyAttestationRequest(key=listed.attestations[0].key)
+        )
+        assert verdict.valid and verdict.signature_valid and verdict.chain_valid, verdict.reason
     await raw.close()
+
+
+def _result(i: int) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update({"i": i, "text": f"result of {i}", "nested": {"ok": i % 2 == 0}})
+    return out

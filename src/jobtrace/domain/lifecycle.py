@@ -211,6 +211,20 @@ class ClaimOf:
 
 
 @dataclass(frozen=True, slots=True)
+class Completing:
+    """A completion of a locked, fenced job (see Lifecycle.complete_many):
+    its result, when (now), by whom, the worker's output summary (None:
+    derived), and its run's annotations as _attest_job takes them."""
+
+    job: Job
+    result: JSON | None
+    now: int
+    by: str
+    summary: JSON | None = None
+    run_annotations: Sequence[Row] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class HeldProgress:
     """A progress report of an attempt whose lease `holder` holds, written
     by the operation whose Tx is `tx` (see Lifecycle.progress_many_if_held)."""
@@ -740,6 +754,50 @@ class Lifecycle:
         output_summary, else one derived from the result (output_summary.derive).
         `run_annotations`: as _attest_job takes them (a job with no pending
         annotations, whose completion publishes none)."""
+        c = Completing(job, result, now, by, summary, run_annotations)
+        job, changes, event, attestation = await self._completion(db, c)
+        done = await self._set_and_record(db, tx, job, changes, event, also=attestation)
+        return await self._completed(db, tx, job, done, now, by)
+
+    async def complete_many(
+        self, db: AsyncSession, tx: Tx, items: Sequence[Completing]
+    ) -> list[list[Job]]:
+        """Complete several distinct standalone jobs (each locked, fenced, with
+        no pending annotations), each as complete does (its COMPLETED event,
+        its attestation, the new head of its chain), written together: one
+        UPDATE of every job, one reservation and one INSERT of their events,
+        one INSERT of their attestations. What complete returns, per item."""
+        prepared = [await self._completion(db, c) for c in items]
+        rows: list[tuple[str, dict[str, object]]] = []
+        done: list[Job] = []
+        events: list[tuple[Tx, str, TraceEvent]] = []
+        also: list[tuple[Query, Params]] = []
+        for job, changes, event, attestation in prepared:
+            assert not job.workflow_id and not job.pending_annotations, job.id
+            new, values = await _changed(db, job, changes)
+            rows.append((job.id, values))
+            done.append(new)
+            events.append((tx, job.tenant, event))
+            also.extend(attestation)
+        if rows:
+            update = store.jobs_update_many(db, rows)
+            written = await self.trace.record_after_update_many(db, update, events, also)
+            missed = [job_id for job_id, _ in rows if job_id not in written]
+            assert not missed, f"jobs {missed} vanished under their lock"
+        return [
+            await self._completed(db, tx, job, new, c.now, c.by)
+            for (job, *_), new, c in zip(prepared, done, items, strict=True)
+        ]
+
+    async def _completion(
+        self, db: AsyncSession, c: Completing
+    ) -> tuple[Job, dict[str, object], TraceEvent, list[tuple[Query, Params]]]:
+        """What completing `c.job` writes: the job as it is then (its pending
+        annotations published), its changes, its COMPLETED event and the
+        INSERT of its attestation (sealed before the job's UPDATE, so that
+        the UPDATE also records the new head of its attestation chain)."""
+        job, result, now = c.job, c.result, c.now
+        summary, run_annotations = c.summary, c.run_annotations
         if summary is None:
             summary = await output_summary.derive(result, self.trace.redaction)
         if job.pending_annotations:
@@ -754,9 +812,7 @@ class Lifecycle:
             "progress_percent": 100.0,
         }
         # The attempt's annotations are published first: the attestation
-        # vouches for them. It is sealed before the job's UPDATE, so that one
-        # statement also records the new head of its attestation chain (same
-        # transaction, job row locked).
+        # vouches for them.
         job = await _publish_if_ending(db, job, changes)
         attestation: list[tuple[Query, Params]] = []
         head = await self._attest_job(
@@ -765,33 +821,34 @@ class Lifecycle:
             AttestationType.WORKER_COMPLETION,
             f"worker-completion:{job.id}",
             {"result": result},
-            by,
+            c.by,
             keep_head=False,
             fold=attestation,
             run_annotations=run_annotations,
         )
         if head is not None:
             changes["chain_head"] = head
-        done = await self._set_and_record(
-            db,
-            tx,
+        event = self._event(
             job,
-            changes,
-            self._event(
-                job,
-                by,
-                type=TraceType.COMPLETED,
-                category=Category.BUSINESS,
-                milestone=True,
-                display_priority=PRIORITY_OUTCOME,
-                percent=100.0,
-                message=f"{node_of(job)} completed",
-                output_summary=summary,
-                ts_us=now,
-                duration_us=attempt_duration_us(job, now),
-            ),
-            also=attestation,
+            c.by,
+            type=TraceType.COMPLETED,
+            category=Category.BUSINESS,
+            milestone=True,
+            display_priority=PRIORITY_OUTCOME,
+            percent=100.0,
+            message=f"{node_of(job)} completed",
+            output_summary=summary,
+            ts_us=now,
+            duration_us=attempt_duration_us(job, now),
         )
+        return job, changes, event, attestation
+
+    async def _completed(
+        self, db: AsyncSession, tx: Tx, job: Job, done: Job, now: int, by: str
+    ) -> list[Job]:
+        """After a job's completion is written (`job` before it, `done` after):
+        its log line and its run's end once committed, and its workflow
+        advanced. The jobs changed: `done` first."""
         self.log_after(tx, logging.INFO, "job completed", job, worker_id=job.worker_id)
         if not job.workflow_id:
             self.trace.run_ended(tx, job.id)

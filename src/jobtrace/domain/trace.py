@@ -373,13 +373,15 @@ class Trace:
         session: AsyncSession,
         update: tuple[Query, Params],
         items: Sequence[tuple[Tx, str, TraceEvent]],
+        also: Sequence[tuple[Query, Params]] = (),
     ) -> dict[str, Row]:
         """Run `update` (an UPDATE of several jobs RETURNING *) and record, for
         each job it matched, that job's event (items: the writing operation's
         Tx, the tenant and the event, one per job, named by its job_id), as
         record_after_update does for one job, in three statements for all:
         the rows as updated by job id; a job it did not match has nothing
-        changed and nothing recorded."""
+        changed and nothing recorded. `also`: INSERTs to run too, as
+        store.trace.update_many_and_store_events runs them."""
         events = await off_loop_if_large(
             [_evidence_of(e) for _, _, e in items],
             _redact_events,
@@ -390,7 +392,7 @@ class Trace:
         normalized = [
             normalize(e, now, 0, tenant) for (_, tenant, _), e in zip(items, events, strict=True)
         ]
-        rows, numbered = await store.update_many_and_store_events(session, update, normalized)
+        rows, numbered = await store.update_many_and_store_events(session, update, normalized, also)
         stored = {e.job_id: e for e in numbered}
         for tx, _, event in items:
             done = stored.get(event.job_id)

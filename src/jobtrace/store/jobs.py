@@ -1260,6 +1260,46 @@ def job_update(job_id: str, values: dict[str, Any]) -> tuple[Query, Params]:
 _UPDATE_JOB_RETURNING: dict[tuple[str, ...], Query] = {}
 
 
+def jobs_update_many(
+    session: AsyncSession, rows: Sequence[tuple[str, dict[str, object]]]
+) -> tuple[Query, Params]:
+    """The UPDATE of several jobs, each row (job id, its column values; every
+    row the same columns, in the same order) as job_update writes one, in one
+    statement RETURNING each job's id and traceparent (to run with their
+    transitions' trace events: store.trace.update_many_and_store_events).
+    The jobs must be locked (the UPDATE cannot miss one)."""
+    columns = tuple(rows[0][1])
+    if any(tuple(values) != columns for _, values in rows):
+        raise ValueError("the rows of one UPDATE set the same columns")
+    q = _UPDATE_JOBS_RETURNING.get(columns)
+    if q is None:
+        if not set(columns) <= set(JOB_COLUMNS) - {"id"}:
+            raise ValueError(f"not a job column: {sorted(set(columns) - set(JOB_COLUMNS))}")
+        assignments = ", ".join(f"{c} = v.{c}" for c in columns)
+        picked = ", ".join(
+            f"json_extract(value, '$[{i}]') AS {c}" for i, c in enumerate(("id", *columns))
+        )
+        q = _UPDATE_JOBS_RETURNING[columns] = Query(
+            f"UPDATE jobs SET {assignments} FROM (SELECT {picked} FROM json_each(:items)) AS v"
+            " WHERE jobs.id = v.id RETURNING jobs.id, jobs.traceparent",
+            # Each row typed as the jobs table's, by column name; the jobs
+            # found by primary key (id = ANY), whatever the estimate of the list.
+            postgresql=f"UPDATE jobs SET {assignments}"
+            " FROM json_populate_recordset(NULL::jobs, CAST(:items AS JSON)) AS v"
+            " WHERE jobs.id = v.id AND jobs.id = ANY(CAST(:ids AS TEXT[]))"
+            " RETURNING jobs.id, jobs.traceparent",
+        )
+    if _is_sqlite(session):
+        return q, {"items": codec.dumps([[job_id, *values.values()] for job_id, values in rows])}
+    return q, {
+        "items": codec.dumps([{**values, "id": job_id} for job_id, values in rows]),
+        "ids": [job_id for job_id, _ in rows],
+    }
+
+
+_UPDATE_JOBS_RETURNING: dict[tuple[str, ...], Query] = {}
+
+
 async def update_workflow(session: AsyncSession, workflow_id: str, **values: Any) -> None:
     await session.execute(update(WorkflowRow).where(WorkflowRow.id == workflow_id).values(**values))
 

@@ -195,19 +195,31 @@ async def update_and_store_events(
 
 
 async def update_many_and_store_events(
-    session: AsyncSession, update: tuple[Query, Params], events: Sequence[TraceEvent]
+    session: AsyncSession,
+    update: tuple[Query, Params],
+    events: Sequence[TraceEvent],
+    also: Sequence[tuple[Query, Params]] = (),
 ) -> tuple[dict[str, Row], list[TraceEvent]]:
-    """Run `update` (an UPDATE of several jobs RETURNING *) and store the
-    events of the jobs it matched (an event's job_id names its job; it takes
-    that job's traceparent), numbered per run as store_events numbers one
-    run's: the rows as updated by job id, and the events as stored. Events of
-    a job it did not match are dropped: nothing of that job changed. Three
-    statements, whatever the number of jobs and runs."""
+    """Run `update` (an UPDATE of several jobs RETURNING at least id and
+    traceparent) and store the events of the jobs it matched (an event's
+    job_id names its job; it takes that job's traceparent), numbered per run
+    as store_events numbers one run's: the rows as updated by job id, and the
+    events as stored. Events of a job it did not match are dropped: nothing
+    of that job changed. Three statements, whatever the number of jobs and
+    runs. `also`: INSERTs (of other tables) to run too, whatever the update
+    matched (so with an update of locked rows, which cannot miss), one
+    statement (an executemany) per distinct query."""
     query, params = update
     rows = {r["id"]: r for r in await sql.fetch(session, query, params)}
     kept = [e for e in events if e.job_id in rows]
     traceparents = {job_id: row["traceparent"] for job_id, row in rows.items()}
-    return rows, await store_runs_events(session, kept, traceparents)
+    stored = await store_runs_events(session, kept, traceparents)
+    grouped: dict[Query, list[Params]] = {}
+    for q, p in also:
+        grouped.setdefault(q, []).append(p)
+    for q, many in grouped.items():
+        await sql.execute_many(session, q, many)
+    return rows, stored
 
 
 _RESERVE_MANY = Query(

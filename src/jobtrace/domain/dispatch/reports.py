@@ -20,7 +20,7 @@ from jobtrace.domain.errors import (
     ResourceExhausted,
     Violations,
 )
-from jobtrace.domain.lifecycle import HeldProgress
+from jobtrace.domain.lifecycle import Completing, HeldProgress
 from jobtrace.domain.trace import WORKER_TYPES, EventInput, check_event, check_sizes
 from jobtrace.domain.validation import STEP_NAME_RE, check_id, check_size, check_text
 from jobtrace.domain.worker_identity import WorkerIdentity
@@ -333,8 +333,9 @@ class _Complete(_Report):
     """The write of one completion. Completions queued one after the other
     are merged: the standalone jobs of a round are read (locked) with one
     statement and their runs' annotations (the attestations' evidence) with
-    another, then each is completed as alone (its UPDATE, COMPLETED event and
-    attestation in one statement on PostgreSQL)."""
+    another, then those with no pending annotations are written together
+    (Lifecycle.complete_many: one UPDATE, their events, their attestations);
+    any other completes as alone."""
 
     __slots__ = ("result", "summary")
 
@@ -386,6 +387,7 @@ class _Complete(_Report):
                 jobs = await store.load_locked_many(db, read)
                 quiet = [(j.id, j.attempt) for j in jobs.values() if not j.pending_annotations]
                 notes = await store.annotations_of_runs(db, quiet) if quiet else {}
+            together: list[tuple[_Complete, Completing]] = []
             for op in now:
                 found = jobs.get(op.job_id)
                 if found is None:
@@ -393,7 +395,18 @@ class _Complete(_Report):
                     continue
                 s = op.session
                 job = fence(found, op.job_id, s.holder, op.attempt, "complete", s.tenants)
-                await op._finish(db, tx, job, notes.get(job.id))
+                if job.pending_annotations:  # published first: this one alone
+                    await op._finish(db, tx, job)
+                    continue
+                by = s.identity.subject
+                c = Completing(job, op.result, now_us(), by, op.summary, notes[job.id])
+                together.append((op, c))
+            if together:
+                changed = await together[0][0].reports._life.complete_many(
+                    db, tx, [c for _, c in together]
+                )
+                for (op, _), jobs_changed in zip(together, changed, strict=True):
+                    op.reports._jobs.notify(tx, jobs_changed)
         return [None] * len(ops)
 
 
