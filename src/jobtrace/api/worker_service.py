@@ -9,6 +9,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from functools import partial
 from typing import Any
 
 import grpc
@@ -298,8 +299,11 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                     handling.add(task)
                     task.add_done_callback(handling.discard)
                     task.add_done_callback(lambda _t: slots.release())
-                    # Until its write is queued (or it is answered without one).
-                    await asyncio.wait((task, queued), return_when=asyncio.FIRST_COMPLETED)
+                    # Until its write is queued (or it is answered without one):
+                    # a callback, not asyncio.wait (its waiter and callbacks on
+                    # both, per message).
+                    task.add_done_callback(partial(_settle, queued))
+                    await queued
                 if not handling:
                     break
                 # Wait for an answer, or for the next message of the key.
@@ -525,3 +529,10 @@ def refused(message: pb.ConnectRequest, exc: DomainError, fatal: bool = False) -
     job_id = getattr(body, "job_id", "")
     attempt = getattr(body, "attempt", 0)
     return dispatch.Refused(message.message_id, kind, job_id, attempt, exc, fatal)
+
+
+def _settle(queued: asyncio.Future[None], _task: asyncio.Task[None]) -> None:
+    """A message's task ended before its write was queued (it had none, or
+    was refused first): its runner goes on."""
+    if not queued.done():
+        queued.set_result(None)

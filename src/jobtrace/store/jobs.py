@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -412,6 +413,9 @@ def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
     """A job from its row (any mapping of column name to value); without
     `full`, a row read without payload and result (both left empty); with
     `context`, a whole row: the job carries its request_context."""
+    if type(row) is sqlite3.Row:
+        # Its lookups by name scan the columns (some 50 here): one dict instead.
+        row = dict(zip(row.keys(), row, strict=True))
     flow = row["flow"]
     rate_limits, concurrency = flow_store.loads(flow) if flow else ((), None)
     return Job(
