@@ -759,6 +759,24 @@ async def test_progress_of_many_jobs_looks_each_up_by_its_key(harness: Harness) 
     assert "ix_jobs_gate_deadline" not in plan and "ix_jobs_lease" not in plan, plan
 
 
+async def test_jobs_written_together_are_each_found_by_key(harness: Harness) -> None:
+    """The multi-row UPDATE of merged completions (store.jobs_update_many)
+    walks its rows and finds each job by its id key, on both backends."""
+    url = harness.db_url
+    pg = url.startswith("postgresql")
+    query = job_store.jobs_update_many_query(("state", "result", "completed_us"))
+    text = query.clause("postgresql" if pg else "sqlite").text
+    items = (
+        """'[{"id": "job_a", "state": 3, "result": "{}", "completed_us": 1}]'"""
+        if pg
+        else """'[["job_a", 3, "{}", 1], ["job_b", 3, null, 1]]'"""
+    )
+    text = text.replace(":items", items).replace(":ids", "ARRAY['job_a']")
+    plan = await plan_of(url, text, analyze=True)
+    key = "jobs_id_key" if pg else "sqlite_autoindex_jobs_1 (id=?)"  # jobs.id is unique
+    assert key in plan, plan
+
+
 async def test_progress_updates_are_heap_only_on_postgresql(harness: Harness) -> None:
     """jobs and trace_runs leave room on their pages (revision 0027), so a
     running job's progress reports (which change no indexed column) are

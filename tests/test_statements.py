@@ -12,15 +12,17 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf import struct_pb2
 from sqlalchemy.engine import make_url
 
 from jobtrace.pb import attestation_service_pb2 as a
 from jobtrace.pb import common_pb2, job_service_pb2
+from jobtrace.pb import trace_service_pb2 as t
 from jobtrace.pb import worker_service_pb2 as w
 
-from .conftest import Harness, wait_for
+from .conftest import Harness, execute_sql, wait_for
 from .statements import CountingPgProxy, Statements, kinds, traced_sqlite
 from .workers import runtime_worker
 
@@ -271,9 +273,10 @@ async def test_completions_queued_together_are_read_and_written_together(
     with one statement and their runs' annotations with another, and writes
     them with one UPDATE of the jobs, one INSERT (an executemany) of their
     COMPLETED events and one of their attestations, not a read and a write
-    per completion;
-    every job then COMPLETED, its COMPLETED event numbered after its
-    STARTED, and attested."""
+    per completion; every job then COMPLETED with its own result, its
+    COMPLETED event numbered after its STARTED and carrying its own
+    traceparent, its run ended for those following it, and attested, the
+    head of its attestation chain recorded on its row."""
     from .test_batching import events_of, report, take_assignments
     from .workers import RawWorker
 
@@ -281,14 +284,17 @@ async def test_completions_queued_together_are_read_and_written_together(
     api = h.stubs()
     raw = RawWorker(api)
     await raw.hello("w", ["svc"], max_concurrency=16, accepts_batches=True)
-    items = [
-        job_service_pb2.SubmitJobRequest(
-            request_id=f"done-{i}", job=common_pb2.JobSpec(service="svc")
-        )
+    jobs = [  # each with its own W3C traceparent
+        (
+            await api.jobs.SubmitJob(
+                job_service_pb2.SubmitJobRequest(
+                    request_id=f"done-{i}", job=common_pb2.JobSpec(service="svc")
+                ),
+                metadata=(("traceparent", _traceparent(i)),),
+            )
+        ).job.id
         for i in range(16)
     ]
-    response = await api.jobs.SubmitJobs(job_service_pb2.SubmitJobsRequest(items=items))
-    jobs = [r.job.id for r in response.results]
     assert set(await take_assignments(raw, 16)) == set(jobs)
     mark = seen.mark()
     batch = [
@@ -321,12 +327,70 @@ async def test_completions_queued_together_are_read_and_written_together(
         assert events[-1].type == common_pb2.TRACE_EVENT_TYPE_COMPLETED
         assert [e.sequence for e in events] == list(range(1, len(events) + 1))
         assert events[-1].job_id == job_id and events[-1].attempt == 1
+        assert {e.traceparent for e in events} == {_traceparent(i)}
         listed = await api.attest.ListAttestations(a.ListAttestationsRequest(job_id=job_id))
-        assert [x.type for x in listed.attestations] == [a.ATTESTATION_TYPE_WORKER_COMPLETION]
-        verdict = await api.attest.VerifyAttestation(
-            a.VerifyAttestationRequest(key=listed.attestations[0].key)
-        )
+        [attested] = listed.attestations
+        assert attested.type == a.ATTESTATION_TYPE_WORKER_COMPLETION
+        verdict = await api.attest.VerifyAttestation(a.VerifyAttestationRequest(key=attested.key))
         assert verdict.valid and verdict.signature_valid and verdict.chain_valid, verdict.reason
+        head = await execute_sql(
+            h.db_url, "SELECT chain_seq, chain_digest FROM jobs WHERE id = :id", id=job_id
+        )
+        assert tuple(head[0]) == (attested.chain_sequence, attested.digest) == (1, attested.digest)
+    await raw.close()
+
+
+async def test_completions_written_together_end_their_runs_for_their_followers(
+    harness: Harness,
+) -> None:
+    """Whoever follows a run sees its COMPLETED event and then its end when
+    its completion is written with others' (Lifecycle.complete_many)."""
+    from .test_batching import report, take_assignments
+    from .workers import RawWorker
+
+    api = harness.stubs()
+    raw = RawWorker(api)
+    await raw.hello("w", ["svc"], max_concurrency=8, accepts_batches=True)
+    items = [
+        job_service_pb2.SubmitJobRequest(
+            request_id=f"end-{i}", job=common_pb2.JobSpec(service="svc")
+        )
+        for i in range(8)
+    ]
+    response = await api.jobs.SubmitJobs(job_service_pb2.SubmitJobsRequest(items=items))
+    jobs = [r.job.id for r in response.results]
+    assert set(await take_assignments(raw, 8)) == set(jobs)
+    calls = [
+        api.trace.StreamTraceEvents(t.StreamTraceEventsRequest(run_id=job_id, follow=True))
+        for job_id in jobs
+    ]
+    for call in calls:  # each reader has the STARTED event: it follows the run live
+        first = await call.read()
+        assert first.event.type == common_pb2.TRACE_EVENT_TYPE_STARTED, first
+
+    async def rest(call: Any) -> tuple[list[Any], Any]:
+        events, final = [], None
+        while (message := await call.read()) is not grpc.aio.EOF:
+            if message.HasField("event"):
+                events.append(message.event)
+            elif message.HasField("final_status"):
+                final = message.final_status
+        return events, final
+
+    following = [asyncio.create_task(rest(call)) for call in calls]
+    batch = [
+        report(i + 1, complete=w.CompleteReport(job_id=job_id, attempt=1))
+        for i, job_id in enumerate(jobs)
+    ]
+    async with writer_held(harness, queued=8):  # the 8 completions queue up together
+        await raw.send(batch=w.ReportBatch(reports=batch))
+    acks = await raw.expect("acks")
+    assert len(acks.acks) == 8 and not acks.errors
+    async with asyncio.timeout(30):
+        for reader in following:
+            streamed, final = await reader
+            assert final is not None and final.state == common_pb2.RUN_STATE_COMPLETED
+            assert [e.type for e in streamed] == [common_pb2.TRACE_EVENT_TYPE_COMPLETED]
     await raw.close()
 
 
@@ -334,3 +398,7 @@ def _result(i: int) -> struct_pb2.Struct:
     out = struct_pb2.Struct()
     out.update({"i": i, "text": f"result of {i}", "nested": {"ok": i % 2 == 0}})
     return out
+
+
+def _traceparent(i: int) -> str:
+    return f"00-{i + 1:032x}-{i + 1:016x}-01"

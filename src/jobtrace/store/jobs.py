@@ -1275,6 +1275,20 @@ def jobs_update_many(
     columns = tuple(rows[0][1])
     if any(tuple(values) != columns for _, values in rows):
         raise ValueError("the rows of one UPDATE set the same columns")
+    q = jobs_update_many_query(columns)
+    if _is_sqlite(session):
+        return q, {"items": codec.dumps([[job_id, *values.values()] for job_id, values in rows])}
+    return q, {
+        "items": codec.dumps([{**values, "id": job_id} for job_id, values in rows]),
+        "ids": [job_id for job_id, _ in rows],
+    }
+
+
+_UPDATE_JOBS_RETURNING: dict[tuple[str, ...], Query] = {}
+
+
+def jobs_update_many_query(columns: tuple[str, ...]) -> Query:
+    """jobs_update_many's statement for these columns (built once)."""
     q = _UPDATE_JOBS_RETURNING.get(columns)
     if q is None:
         if not set(columns) <= set(JOB_COLUMNS) - {"id"}:
@@ -1293,15 +1307,7 @@ def jobs_update_many(
             " WHERE jobs.id = v.id AND jobs.id = ANY(CAST(:ids AS TEXT[]))"
             " RETURNING jobs.id, jobs.traceparent",
         )
-    if _is_sqlite(session):
-        return q, {"items": codec.dumps([[job_id, *values.values()] for job_id, values in rows])}
-    return q, {
-        "items": codec.dumps([{**values, "id": job_id} for job_id, values in rows]),
-        "ids": [job_id for job_id, _ in rows],
-    }
-
-
-_UPDATE_JOBS_RETURNING: dict[tuple[str, ...], Query] = {}
+    return q
 
 
 async def update_workflow(session: AsyncSession, workflow_id: str, **values: Any) -> None:
