@@ -493,6 +493,25 @@ class Lifecycle:
         values.update(fields)
         return TraceEvent(**values)  # type: ignore[arg-type]
 
+    def _completed_event(
+        self, job: Job, by: str, message: str, summary: JSON | None, now: int, **fields: object
+    ) -> TraceEvent:
+        """The COMPLETED event of a job (or an approval gate step): an outcome
+        milestone at 100%, with its output summary."""
+        return self._event(
+            job,
+            by,
+            type=TraceType.COMPLETED,
+            category=Category.BUSINESS,
+            milestone=True,
+            display_priority=PRIORITY_OUTCOME,
+            percent=100.0,
+            message=message,
+            output_summary=summary,
+            ts_us=now,
+            **fields,
+        )
+
     async def _record(self, db: AsyncSession, tx: Tx, job: Job, *events: TraceEvent) -> None:
         await self.trace.record(db, tx, job.tenant, list(events))
 
@@ -828,17 +847,12 @@ class Lifecycle:
         )
         if head is not None:
             changes["chain_head"] = head
-        event = self._event(
+        event = self._completed_event(
             job,
             c.by,
-            type=TraceType.COMPLETED,
-            category=Category.BUSINESS,
-            milestone=True,
-            display_priority=PRIORITY_OUTCOME,
-            percent=100.0,
-            message=f"{node_of(job)} completed",
-            output_summary=summary,
-            ts_us=now,
+            f"{node_of(job)} completed",
+            summary,
+            now,
             duration_us=attempt_duration_us(job, now),
         )
         return job, changes, event, attestation
@@ -1249,20 +1263,12 @@ class Lifecycle:
             db,
             tx,
             gate,
-            self._event(
+            self._completed_event(
                 gate,
                 by,
-                type=TraceType.COMPLETED,
-                category=Category.BUSINESS,
-                milestone=True,
-                display_priority=PRIORITY_OUTCOME,
-                percent=100.0,
-                message=f"{node_of(gate)} {verdict}",
-                output_summary={
-                    "approved": result.get("approved"),
-                    "skipped": result.get("skipped"),
-                },
-                ts_us=now,
+                f"{node_of(gate)} {verdict}",
+                {"approved": result.get("approved"), "skipped": result.get("skipped")},
+                now,
             ),
         )
         self.log_after(tx, logging.INFO, f"approval gate {verdict}", gate)

@@ -375,7 +375,8 @@ class Trace:
         items: Sequence[tuple[Tx, str, TraceEvent]],
         also: Sequence[tuple[Query, Params]] = (),
     ) -> dict[str, Row]:
-        """Run `update` (an UPDATE of several jobs RETURNING *) and record, for
+        """Run `update` (an UPDATE of several jobs RETURNING at least their id
+        and traceparent) and record, for
         each job it matched, that job's event (items: the writing operation's
         Tx, the tenant and the event, one per job, named by its job_id), as
         record_after_update does for one job, in three statements for all:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -413,9 +412,7 @@ def job_from_row(row: Row, *, full: bool = True, context: bool = False) -> Job:
     """A job from its row (any mapping of column name to value); without
     `full`, a row read without payload and result (both left empty); with
     `context`, a whole row: the job carries its request_context."""
-    if type(row) is sqlite3.Row:
-        # Its lookups by name scan the columns (some 50 here): one dict instead.
-        row = dict(zip(row.keys(), row, strict=True))
+    row = sql.by_name(row)  # some 50 columns
     flow = row["flow"]
     rate_limits, concurrency = flow_store.loads(flow) if flow else ((), None)
     return Job(
@@ -1252,8 +1249,7 @@ def job_update(job_id: str, values: dict[str, Any]) -> tuple[Query, Params]:
     columns = tuple(values)
     q = _UPDATE_JOB_RETURNING.get(columns)
     if q is None:
-        if not set(columns) <= set(JOB_COLUMNS) - {"id"}:
-            raise ValueError(f"not a job column: {sorted(set(columns) - set(JOB_COLUMNS))}")
+        _check_updatable(columns)
         assignments = ", ".join(f"{c} = :{c}" for c in columns)
         q = _UPDATE_JOB_RETURNING[columns] = Query(
             f"UPDATE jobs SET {assignments} WHERE id = :job_id_ RETURNING *"
@@ -1262,6 +1258,12 @@ def job_update(job_id: str, values: dict[str, Any]) -> tuple[Query, Params]:
 
 
 _UPDATE_JOB_RETURNING: dict[tuple[str, ...], Query] = {}
+
+
+def _check_updatable(columns: tuple[str, ...]) -> None:
+    """Columns an UPDATE of a job may set (its id is not one)."""
+    if not set(columns) <= set(JOB_COLUMNS) - {"id"}:
+        raise ValueError(f"not a job column: {sorted(set(columns) - set(JOB_COLUMNS))}")
 
 
 def jobs_update_many(
@@ -1291,8 +1293,7 @@ def jobs_update_many_query(columns: tuple[str, ...]) -> Query:
     """jobs_update_many's statement for these columns (built once)."""
     q = _UPDATE_JOBS_RETURNING.get(columns)
     if q is None:
-        if not set(columns) <= set(JOB_COLUMNS) - {"id"}:
-            raise ValueError(f"not a job column: {sorted(set(columns) - set(JOB_COLUMNS))}")
+        _check_updatable(columns)
         assignments = ", ".join(f"{c} = v.{c}" for c in columns)
         picked = ", ".join(
             f"json_extract(value, '$[{i}]') AS {c}" for i, c in enumerate(("id", *columns))

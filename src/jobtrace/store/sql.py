@@ -23,7 +23,8 @@ import asyncio
 import contextlib
 import functools
 import re
-from collections.abc import Sequence
+import sqlite3
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from sqlalchemy import text
@@ -326,6 +327,15 @@ async def fetch(
             return await pg.fetch(q, params)
         return list((await session.execute(q.clause(dialect(session)), params)).mappings())
     return conn.fetch(q.sqlite, params)
+
+
+def by_name(row: Row) -> Mapping[str, Any]:
+    """A row to read many columns of by name: SQLite's as a dict (a
+    sqlite3.Row finds a name by scanning its columns, and `in` tests its
+    values, not its names), any other backend's as it is."""
+    if type(row) is sqlite3.Row:
+        return dict(zip(row.keys(), row, strict=True))
+    return cast(Mapping[str, Any], row)
 
 
 async def fetch_one(session: AsyncSession, q: Query, params: Params) -> Row | None:

@@ -375,6 +375,7 @@ class _Complete(_Report):
     @classmethod
     async def run_merged(cls, db: AsyncSession, ops: list[tuple[_Complete, Tx]]) -> list[None]:
         tx = ops[-1][1]  # every hook on it, in order (see _Progress.run_merged)
+        life = ops[0][0].reports._life
         for now in _rounds([op for op, _ in ops]):
             read = [
                 op.job_id
@@ -402,9 +403,7 @@ class _Complete(_Report):
                 c = Completing(job, op.result, now_us(), by, op.summary, notes[job.id])
                 together.append((op, c))
             if together:
-                changed = await together[0][0].reports._life.complete_many(
-                    db, tx, [c for _, c in together]
-                )
+                changed = await life.complete_many(db, tx, [c for _, c in together])
                 for (op, _), jobs_changed in zip(together, changed, strict=True):
                     op.reports._jobs.notify(tx, jobs_changed)
         return [None] * len(ops)
